@@ -1,0 +1,126 @@
+"""Random-weight checkpoints in the real architecture, for tests and benchmarks.
+
+Model weights can never be downloaded where finbot is developed, so tests and benchmarks build
+their own: a `MistralForCausalLM` of any size with the real Mistral v1 tokenizer shipped by the
+`mistral-common` package, plus a random LoRA adapter with the production adapter's
+hyper-parameters (rank 32, alpha 8, dropout 0.05, attention + MLP projections and lm_head).
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import torch
+
+ADAPTER_TARGET_MODULES = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj", "lm_head"]
+ADAPTER_RANK = 32
+ADAPTER_ALPHA = 8
+ADAPTER_DROPOUT = 0.05
+
+# Mistral-7B-v0.1's published tokenizer_config.json (the fields that change tokenization).
+MISTRAL_TOKENIZER_CONFIG = {
+    "tokenizer_class": "LlamaTokenizer",
+    "add_bos_token": True,
+    "add_eos_token": False,
+    "legacy": True,
+    "bos_token": "<s>",
+    "eos_token": "</s>",
+    "unk_token": "<unk>",
+    "pad_token": None,
+    "model_max_length": 32768,
+    "spaces_between_special_tokens": False,
+}
+
+
+def mistral_v1_tokenizer_file() -> Path:
+    import mistral_common
+
+    return Path(mistral_common.__file__).parent / "data" / "tokenizer.model.v1"
+
+
+def write_mistral_tokenizer(out_dir: Path) -> None:
+    out_dir.mkdir(parents=True, exist_ok=True)
+    shutil.copy(mistral_v1_tokenizer_file(), out_dir / "tokenizer.model")
+    (out_dir / "tokenizer_config.json").write_text(json.dumps(MISTRAL_TOKENIZER_CONFIG, indent=2))
+    (out_dir / "special_tokens_map.json").write_text(
+        json.dumps({"bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>"})
+    )
+
+
+def tiny_mistral_config(num_hidden_layers: int = 2, hidden_size: int = 64):  # noqa: ANN201
+    from transformers import MistralConfig
+
+    return MistralConfig(
+        vocab_size=32000,
+        hidden_size=hidden_size,
+        intermediate_size=hidden_size * 2,
+        num_hidden_layers=num_hidden_layers,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=4096,
+        sliding_window=None,
+        bos_token_id=1,
+        eos_token_id=2,
+    )
+
+
+def mistral_7b_config():  # noqa: ANN201
+    """The exact shape of Mistral-7B-v0.1 (and so of komt-mistral-7b-v1)."""
+    from transformers import MistralConfig
+
+    return MistralConfig(
+        vocab_size=32000,
+        hidden_size=4096,
+        intermediate_size=14336,
+        num_hidden_layers=32,
+        num_attention_heads=32,
+        num_key_value_heads=8,
+        max_position_embeddings=32768,
+        rope_theta=10000.0,
+        sliding_window=4096,
+        rms_norm_eps=1e-5,
+        bos_token_id=1,
+        eos_token_id=2,
+    )
+
+
+def build_random_checkpoint(
+    out_dir: Path,
+    config=None,  # noqa: ANN001 - a transformers MistralConfig
+    seed: int = 0,
+    lora_init_std: float = 0.02,
+    dtype: torch.dtype = torch.bfloat16,
+) -> tuple[Path, Path]:
+    """Write `out_dir/base` (model + tokenizer) and `out_dir/adapter` (LoRA); return both paths.
+
+    The adapter's B matrices are random too (PEFT initialises them to zero), so the adapter
+    really changes the function and tests can tell a merged model from a plain base.
+    """
+    from peft import LoraConfig, get_peft_model
+    from transformers import MistralForCausalLM
+
+    config = config or tiny_mistral_config()
+    base_dir, adapter_dir = out_dir / "base", out_dir / "adapter"
+    torch.manual_seed(seed)
+    model = MistralForCausalLM(config).to(dtype)
+    model.save_pretrained(base_dir)
+    write_mistral_tokenizer(base_dir)
+
+    lora = LoraConfig(
+        r=ADAPTER_RANK,
+        lora_alpha=ADAPTER_ALPHA,
+        lora_dropout=ADAPTER_DROPOUT,
+        target_modules=ADAPTER_TARGET_MODULES,
+        bias="none",
+        task_type="CAUSAL_LM",
+    )
+    peft_model = get_peft_model(model, lora)
+    with torch.no_grad():
+        for name, param in peft_model.named_parameters():
+            if "lora_B" in name:
+                param.normal_(0.0, lora_init_std)
+    peft_model.peft_config["default"].base_model_name_or_path = str(base_dir)
+    peft_model.save_pretrained(adapter_dir)
+    return base_dir, adapter_dir
