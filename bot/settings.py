@@ -35,7 +35,8 @@ class FinbotSettings(BaseSettings):
     top_k: int = Field(50, ge=0)
     max_new_tokens: int = Field(256, ge=1)
     max_prompt_tokens: int = Field(3072, ge=64)
-    generation_timeout_s: float = Field(300, gt=0)
+    # Questions answered at the same time; the engine batches or serialises them.
+    generation_workers: int = Field(4, ge=1)
     # The fake engine answers without a model: for load tests and for trying the Slack side without a GPU.
     fake_reply: str = "테스트 답변입니다. 질문: {question} (이전 대화 {history_turns}개)"
     fake_tokens_per_second: float = Field(0, ge=0)

@@ -1,0 +1,77 @@
+"""Mentions, thread follow-ups and DMs: every way a user asks finbot a question in conversation."""
+
+from __future__ import annotations
+
+import logging
+import re
+from typing import Any
+
+from slack_bolt import App, BoltContext
+from slack_sdk import WebClient
+
+from bot.replies import AnswerService, IncomingQuestion
+from storage.conversations import ConversationStore
+
+logger = logging.getLogger(__name__)
+
+# Message subtypes that carry a user's new words; all others (edits, deletions, joins,
+# bot posts, channel topic changes…) are not questions.
+QUESTION_SUBTYPES = {None, "thread_broadcast", "file_share"}
+
+
+def strip_bot_mention(text: str, bot_user_id: str | None) -> str:
+    if bot_user_id:
+        text = re.sub(rf"<@{re.escape(bot_user_id)}(\|[^>]*)?>", " ", text)
+    return text.strip()
+
+
+def _question_from(event: dict[str, Any], team_id: str, bot_user_id: str | None) -> IncomingQuestion:
+    return IncomingQuestion(
+        team_id=team_id,
+        channel_id=event["channel"],
+        thread_ts=event.get("thread_ts") or event["ts"],
+        message_ts=event["ts"],
+        user_id=event.get("user"),
+        text=strip_bot_mention(event.get("text") or "", bot_user_id),
+    )
+
+
+def _team_of(body: dict[str, Any], event: dict[str, Any]) -> str:
+    return body.get("team_id") or event.get("team") or "unknown-team"
+
+
+def register(app: App, answers: AnswerService, store: ConversationStore) -> None:
+    def first_delivery(body: dict[str, Any]) -> bool:
+        """Slack retries an event it thinks we missed; the database remembers every event id."""
+        event_id = body.get("event_id")
+        if event_id is None:
+            return True
+        if store.claim_event(event_id):
+            return True
+        logger.info("event %s already handled; ignoring redelivery", event_id)
+        return False
+
+    @app.event("app_mention")
+    def on_mention(body: dict[str, Any], event: dict[str, Any], client: WebClient, context: BoltContext) -> None:
+        if event.get("bot_id") or not first_delivery(body):
+            return
+        answers.submit(client, _question_from(event, _team_of(body, event), context.bot_user_id))
+
+    @app.event("message")
+    def on_message(body: dict[str, Any], event: dict[str, Any], client: WebClient, context: BoltContext) -> None:
+        if event.get("subtype") not in QUESTION_SUBTYPES or event.get("bot_id"):
+            return
+        is_dm = event.get("channel_type") == "im"
+        bot_user_id = context.bot_user_id
+        if not is_dm:
+            if bot_user_id and f"<@{bot_user_id}" in (event.get("text") or ""):
+                return  # the app_mention event for this same message answers it
+            thread_ts = event.get("thread_ts")
+            if thread_ts is None:
+                return
+            team_id = _team_of(body, event)
+            if store.find_conversation(team_id, event["channel"], thread_ts) is None:
+                return  # a thread finbot is not part of
+        if not first_delivery(body):
+            return
+        answers.submit(client, _question_from(event, _team_of(body, event), bot_user_id))

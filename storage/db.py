@@ -1,0 +1,100 @@
+"""Engine, session and migration helpers; everything takes a plain database URL."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from alembic import command
+from alembic.config import Config
+from alembic.runtime.migration import MigrationContext
+from sqlalchemy import Engine, create_engine, event
+from sqlalchemy.engine import make_url
+from sqlalchemy.orm import Session, sessionmaker
+
+import migrations
+
+SQLITE_BUSY_TIMEOUT_MS = 5000
+
+
+def _is_memory_sqlite(database: str | None) -> bool:
+    return (
+        not database
+        or database == ":memory:"
+        or database.startswith("file::memory:")
+        or "mode=memory" in database
+    )
+
+
+def _ensure_sqlite_directory(url: str) -> None:
+    # SQLite creates the file but not its directory; a fresh checkout would fail on first start.
+    parsed = make_url(url)
+    if parsed.get_backend_name() == "sqlite" and not _is_memory_sqlite(parsed.database):
+        assert parsed.database is not None
+        Path(parsed.database).expanduser().parent.mkdir(parents=True, exist_ok=True)
+
+
+def create_db_engine(url: str) -> Engine:
+    """Create an engine; SQLite connections get the pragmas that make multi-process use safe."""
+    parsed = make_url(url)
+    if parsed.get_backend_name() != "sqlite":
+        # pre_ping so a long-lived bot survives the server dropping idle connections.
+        return create_engine(url, pool_pre_ping=True)
+
+    in_memory = _is_memory_sqlite(parsed.database)
+    _ensure_sqlite_directory(url)
+
+    engine = create_engine(url)
+
+    @event.listens_for(engine, "connect")
+    def _set_sqlite_pragmas(dbapi_connection: Any, connection_record: Any) -> None:
+        cursor = dbapi_connection.cursor()
+        try:
+            # WAL lets readers proceed while the bot writes; meaningless (and refused) for :memory:.
+            if not in_memory:
+                cursor.execute("PRAGMA journal_mode=WAL")
+            # SQLite ignores foreign keys (and so ON DELETE CASCADE) unless asked per connection.
+            cursor.execute("PRAGMA foreign_keys=ON")
+            # Wait for another process's write lock instead of failing at once with "database is locked".
+            cursor.execute(f"PRAGMA busy_timeout={SQLITE_BUSY_TIMEOUT_MS}")
+        finally:
+            cursor.close()
+
+    return engine
+
+
+def make_session_factory(engine: Engine) -> sessionmaker[Session]:
+    # Callers read attributes after the short transactions commit; expiring would force reloads.
+    return sessionmaker(bind=engine, expire_on_commit=False)
+
+
+def migrations_directory() -> Path:
+    # Found from the package, not the working directory, so installed copies and tests both work.
+    return Path(migrations.__file__).parent
+
+
+def alembic_config(url: str) -> Config:
+    config = Config()
+    config.set_main_option("script_location", str(migrations_directory()))
+    # ConfigParser treats '%' as interpolation; URL-encoded passwords contain it.
+    config.set_main_option("sqlalchemy.url", url.replace("%", "%%"))
+    return config
+
+
+def upgrade_database(url: str, revision: str = "head") -> None:
+    # Migrations open their own engine (see migrations/env.py), so the directory is made here too.
+    _ensure_sqlite_directory(url)
+    command.upgrade(alembic_config(url), revision)
+
+
+def downgrade_database(url: str, revision: str = "base") -> None:
+    command.downgrade(alembic_config(url), revision)
+
+
+def current_revision(url: str) -> str | None:
+    engine = create_db_engine(url)
+    try:
+        with engine.connect() as connection:
+            return MigrationContext.configure(connection).get_current_revision()
+    finally:
+        engine.dispose()

@@ -1,0 +1,95 @@
+"""The Alembic migrations build exactly the schema the models describe, on a real SQLite file."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from alembic.autogenerate import compare_metadata
+from alembic.runtime.migration import MigrationContext
+from sqlalchemy import inspect, text
+
+from storage.db import create_db_engine, current_revision, downgrade_database, upgrade_database
+from storage.models import Base
+
+TABLES = {"conversations", "messages", "processed_events"}
+
+
+@pytest.fixture
+def db_url(tmp_path: Path) -> str:
+    # A nested directory also checks that create_db_engine/upgrade create missing parents.
+    return f"sqlite:///{tmp_path / 'data' / 'finbot.db'}"
+
+
+def _tables(url: str) -> set[str]:
+    engine = create_db_engine(url)
+    try:
+        return set(inspect(engine).get_table_names()) - {"alembic_version"}
+    finally:
+        engine.dispose()
+
+
+def test_upgrade_empty_database_creates_tables(db_url: str) -> None:
+    assert current_revision(db_url) is None
+    upgrade_database(db_url)
+    assert _tables(db_url) == TABLES
+    assert current_revision(db_url) == "0001"
+
+
+def test_models_and_migrations_agree(db_url: str) -> None:
+    upgrade_database(db_url)
+    engine = create_db_engine(db_url)
+    try:
+        with engine.connect() as connection:
+            context = MigrationContext.configure(connection, opts={"compare_type": True})
+            diffs = compare_metadata(context, Base.metadata)
+    finally:
+        engine.dispose()
+    assert diffs == []
+
+
+def test_migrated_schema_has_cascade_and_unique_constraints(db_url: str) -> None:
+    upgrade_database(db_url)
+    engine = create_db_engine(db_url)
+    try:
+        inspector = inspect(engine)
+        foreign_keys = {fk["constrained_columns"][0]: fk for fk in inspector.get_foreign_keys("messages")}
+        uniques = {tuple(uq["column_names"]) for uq in inspector.get_unique_constraints("messages")}
+    finally:
+        engine.dispose()
+    assert foreign_keys["conversation_id"]["options"].get("ondelete") == "CASCADE"
+    assert foreign_keys["conversation_id"]["referred_table"] == "conversations"
+    assert foreign_keys["reply_to_id"]["referred_table"] == "messages"
+    assert ("conversation_id", "role", "slack_ts") in uniques
+
+
+def test_downgrade_to_base_and_upgrade_again(db_url: str) -> None:
+    upgrade_database(db_url)
+    downgrade_database(db_url, "base")
+    assert _tables(db_url) == set()
+    assert current_revision(db_url) is None
+    upgrade_database(db_url)
+    assert _tables(db_url) == TABLES
+    assert current_revision(db_url) == "0001"
+
+
+def test_sqlite_connections_use_wal_and_foreign_keys(db_url: str) -> None:
+    engine = create_db_engine(db_url)
+    try:
+        with engine.connect() as connection:
+            assert connection.execute(text("PRAGMA journal_mode")).scalar() == "wal"
+            assert connection.execute(text("PRAGMA foreign_keys")).scalar() == 1
+            assert connection.execute(text("PRAGMA busy_timeout")).scalar() == 5000
+    finally:
+        engine.dispose()
+    assert Path(db_url.removeprefix("sqlite:///")).parent.is_dir()
+
+
+def test_in_memory_sqlite_skips_wal_but_keeps_foreign_keys() -> None:
+    engine = create_db_engine("sqlite://")
+    try:
+        with engine.connect() as connection:
+            assert connection.execute(text("PRAGMA journal_mode")).scalar() == "memory"
+            assert connection.execute(text("PRAGMA foreign_keys")).scalar() == 1
+    finally:
+        engine.dispose()

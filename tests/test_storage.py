@@ -1,0 +1,182 @@
+"""ConversationStore against a real, migrated SQLite file."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+import pytest
+from sqlalchemy import Engine, delete, func, select
+from sqlalchemy.orm import Session, sessionmaker
+
+from storage.conversations import ConversationStore
+from storage.db import create_db_engine, make_session_factory, upgrade_database
+from storage.models import Conversation, Message, ProcessedEvent
+
+
+@pytest.fixture
+def db_url(tmp_path: Path) -> str:
+    url = f"sqlite:///{tmp_path / 'finbot.db'}"
+    upgrade_database(url)
+    return url
+
+
+@pytest.fixture
+def engine(db_url: str):
+    engine = create_db_engine(db_url)
+    yield engine
+    engine.dispose()
+
+
+@pytest.fixture
+def session_factory(engine: Engine) -> sessionmaker[Session]:
+    return make_session_factory(engine)
+
+
+@pytest.fixture
+def store(session_factory: sessionmaker[Session]) -> ConversationStore:
+    return ConversationStore(session_factory)
+
+
+def _answered(store: ConversationStore, conversation_id: int, question: str, answer: str, ts: str) -> int:
+    question_id = store.add_user_message(conversation_id, question, "U1", ts)
+    assert question_id is not None
+    store.add_assistant_message(conversation_id, answer, question_id, f"{ts}1")
+    return question_id
+
+
+def test_claim_event_only_once_even_from_a_second_process(store: ConversationStore, db_url: str) -> None:
+    assert store.claim_event("Ev001") is True
+    assert store.claim_event("Ev001") is False
+
+    # A separate engine and session factory stand in for a second bot process on the same file.
+    other_engine = create_db_engine(db_url)
+    try:
+        other = ConversationStore(make_session_factory(other_engine))
+        assert other.claim_event("Ev001") is False
+        assert other.claim_event("Ev002") is True
+    finally:
+        other_engine.dispose()
+    assert store.claim_event("Ev002") is False
+    assert store.claim_event("Ev003") is True
+
+
+def test_get_or_create_conversation_is_idempotent(store: ConversationStore, session_factory) -> None:
+    assert store.find_conversation("T1", "C1", "100.1") is None
+    first = store.get_or_create_conversation("T1", "C1", "100.1")
+    assert store.get_or_create_conversation("T1", "C1", "100.1") == first
+    assert store.find_conversation("T1", "C1", "100.1") == first
+    # Any differing key part is a different thread.
+    assert store.get_or_create_conversation("T1", "C1", "100.2") != first
+    assert store.get_or_create_conversation("T1", "C2", "100.1") != first
+    assert store.get_or_create_conversation("T2", "C1", "100.1") != first
+    with session_factory() as session:
+        assert session.scalar(select(func.count()).select_from(Conversation)) == 4
+
+
+def test_duplicate_user_message_returns_none(store: ConversationStore) -> None:
+    conversation_id = store.get_or_create_conversation("T1", "C1", "100.1")
+    first = store.add_user_message(conversation_id, "금리가 뭐야?", "U1", "100.1")
+    assert isinstance(first, int)
+    assert store.add_user_message(conversation_id, "금리가 뭐야?", "U1", "100.1") is None
+    # Messages without a Slack ts never collide with each other.
+    assert store.add_user_message(conversation_id, "a", None, None) is not None
+    assert store.add_user_message(conversation_id, "b", None, None) is not None
+    # The same ts in another thread is a different message.
+    other = store.get_or_create_conversation("T1", "C1", "200.1")
+    assert store.add_user_message(other, "금리가 뭐야?", "U1", "100.1") is not None
+
+    stored = store.messages(conversation_id)
+    assert [(m.role, m.text, m.slack_ts, m.status) for m in stored] == [
+        ("user", "금리가 뭐야?", "100.1", "received"),
+        ("user", "a", None, "received"),
+        ("user", "b", None, "received"),
+    ]
+
+
+def test_user_message_for_missing_conversation_raises(store: ConversationStore) -> None:
+    # A foreign-key failure must not be mistaken for a duplicate (returning None would hide a bug).
+    with pytest.raises(Exception, match="FOREIGN KEY"):
+        store.add_user_message(9999, "x", "U1", "1.1")
+
+
+def test_status_transitions_and_answer_marks_question(store: ConversationStore) -> None:
+    conversation_id = store.get_or_create_conversation("T1", "C1", "100.1")
+    question_id = store.add_user_message(conversation_id, "환율?", "U1", "100.1")
+    assert question_id is not None
+    store.set_status(question_id, "generating")
+    assert store.messages(conversation_id)[0].status == "generating"
+    store.set_status(question_id, "failed", error="timeout")
+    assert store.messages(conversation_id)[0].status == "failed"
+
+    answer_id = store.add_assistant_message(conversation_id, "1300원입니다.", question_id, "100.2")
+    question, answer = store.messages(conversation_id)
+    assert question.status == "answered"
+    assert (answer.id, answer.role, answer.status, answer.reply_to_id) == (
+        answer_id,
+        "assistant",
+        "answered",
+        question_id,
+    )
+
+    with pytest.raises(ValueError):
+        store.set_status(question_id, "bogus")
+    with pytest.raises(LookupError):
+        store.set_status(123456, "failed")
+    with pytest.raises(ValueError):
+        store.add_assistant_message(conversation_id, "x", answer_id, None)  # not a user message
+
+
+def test_history_pairs_only_answered_questions_in_order(store: ConversationStore) -> None:
+    conversation_id = store.get_or_create_conversation("T1", "C1", "100.1")
+    other_id = store.get_or_create_conversation("T1", "C1", "900.1")
+    q1 = _answered(store, conversation_id, "q1", "a1", "101")
+    unanswered = store.add_user_message(conversation_id, "q-lost", "U1", "102")
+    assert unanswered is not None
+    store.set_status(unanswered, "failed", error="boom")
+    q3 = _answered(store, conversation_id, "q3", "a3", "103")
+    _answered(store, other_id, "other-q", "other-a", "104")
+    current = store.add_user_message(conversation_id, "q-now", "U1", "105")
+    assert current is not None
+
+    assert store.history(conversation_id) == [("q1", "a1"), ("q3", "a3")]
+    assert store.history(conversation_id, before_message_id=current) == [("q1", "a1"), ("q3", "a3")]
+    assert store.history(conversation_id, before_message_id=q3) == [("q1", "a1")]
+    assert store.history(conversation_id, before_message_id=q1) == []
+    assert store.history(other_id) == [("other-q", "other-a")]
+
+
+def test_deleting_conversation_cascades_messages(store: ConversationStore, session_factory) -> None:
+    conversation_id = store.get_or_create_conversation("T1", "C1", "100.1")
+    _answered(store, conversation_id, "q1", "a1", "101")
+    keep_id = store.get_or_create_conversation("T1", "C1", "200.1")
+    _answered(store, keep_id, "q2", "a2", "201")
+
+    # A Core DELETE bypasses ORM cascades, so only the database's ON DELETE CASCADE can remove them.
+    with session_factory() as session:
+        session.execute(delete(Conversation).where(Conversation.id == conversation_id))
+        session.commit()
+    with session_factory() as session:
+        remaining = session.scalars(select(Message.conversation_id)).all()
+    assert remaining == [keep_id, keep_id]
+    assert store.messages(conversation_id) == []
+
+
+def test_timestamps_are_timezone_aware_utc(store: ConversationStore, session_factory) -> None:
+    before = datetime.now(UTC)
+    store.claim_event("Ev-time")
+    conversation_id = store.get_or_create_conversation("T1", "C1", "100.1")
+    _answered(store, conversation_id, "q1", "a1", "101")
+    after = datetime.now(UTC)
+
+    with session_factory() as session:
+        conversation = session.get_one(Conversation, conversation_id)
+        event = session.get_one(ProcessedEvent, "Ev-time")
+        stamps = [conversation.created_at, conversation.updated_at, event.received_at]
+    stamps += [m.created_at for m in store.messages(conversation_id)]
+    for stamp in stamps:
+        assert stamp.tzinfo is not None
+        assert stamp.utcoffset() == timedelta(0)
+        assert before <= stamp <= after
+    # Adding messages bumps the conversation's updated_at past its creation.
+    assert conversation.updated_at >= conversation.created_at
