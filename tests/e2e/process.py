@@ -16,6 +16,8 @@ def finbot_env(**settings: str) -> dict[str, str]:
         key: value
         for key, value in os.environ.items()
         if not key.startswith(("SLACK_", "DATABASE_", "ENGINE", "BASE_MODEL", "ADAPTER", "FAKE_"))
+        # slack-sdk tunnels through a proxy if one is set, which a local fake Slack cannot answer.
+        and key.lower() not in ("http_proxy", "https_proxy", "all_proxy")
     }
     env.update(
         HF_HUB_OFFLINE="1",
