@@ -6,10 +6,11 @@ latest revision, which `tests/test_migrations.py` checks with autogenerate's com
 
 from __future__ import annotations
 
-from datetime import UTC, datetime
+from datetime import UTC, date, datetime
 
 from sqlalchemy import (
     CheckConstraint,
+    Date,
     DateTime,
     ForeignKey,
     Integer,
@@ -115,6 +116,9 @@ class Message(Base):
         ForeignKey("messages.id", ondelete="SET NULL"), index=True
     )
     error: Mapped[str | None] = mapped_column(Text)
+    # For a user question: the bot's placeholder/streamed reply message, so an answer interrupted
+    # by a restart can be completed in place instead of leaving "답변을 준비하고 있어요…" forever.
+    reply_ts: Mapped[str | None] = mapped_column(String(64))
     created_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
 
     conversation: Mapped[Conversation] = relationship(back_populates="messages")
@@ -127,3 +131,81 @@ class ProcessedEvent(Base):
 
     event_id: Mapped[str] = mapped_column(String(128), primary_key=True)
     received_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
+
+
+class Feedback(Base):
+    """A 👍/👎 vote on one answer; one vote per user per answer, a second click changes it."""
+
+    __tablename__ = "feedback"
+    __table_args__ = (
+        UniqueConstraint("message_id", "slack_user"),
+        CheckConstraint("vote IN (-1, 1)", name="vote"),
+    )
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    # The assistant message voted on; its reply_to_id leads to the question.
+    message_id: Mapped[int] = mapped_column(ForeignKey("messages.id", ondelete="CASCADE"))
+    slack_user: Mapped[str] = mapped_column(String(64))
+    vote: Mapped[int] = mapped_column(Integer)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
+    updated_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow, onupdate=utcnow)
+
+
+class TermLookup(Base):
+    """Stored answers of /용어 lookups, so a repeated lookup costs no GPU time."""
+
+    __tablename__ = "term_lookups"
+
+    term_key: Mapped[str] = mapped_column(String(200), primary_key=True)
+    term: Mapped[str] = mapped_column(String(200))
+    answer: Mapped[str] = mapped_column(Text)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
+
+
+class QAChannel(Base):
+    """Channels where every top-level question is answered without a mention."""
+
+    __tablename__ = "qa_channels"
+
+    team_id: Mapped[str] = mapped_column(String(64), primary_key=True)
+    channel_id: Mapped[str] = mapped_column(String(64), primary_key=True)
+    added_by: Mapped[str | None] = mapped_column(String(64))
+    added_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
+
+
+class TermPost(Base):
+    """The term of the day in one channel on one date.
+
+    The row is the claim: it is inserted before generation starts, and the unique
+    (channel, date) makes a restart, a retried job or a second instance unable to post twice.
+    """
+
+    __tablename__ = "term_posts"
+    __table_args__ = (
+        UniqueConstraint("channel_id", "post_date"),
+        CheckConstraint("status IN ('claimed', 'posted', 'failed')", name="status"),
+    )
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    channel_id: Mapped[str] = mapped_column(String(64))
+    post_date: Mapped[date] = mapped_column(Date)
+    term: Mapped[str] = mapped_column(String(200))
+    term_key: Mapped[str] = mapped_column(String(200))
+    category: Mapped[str | None] = mapped_column(String(64))
+    status: Mapped[str] = mapped_column(String(16), default="claimed")
+    explanation: Mapped[str | None] = mapped_column(Text)
+    slack_ts: Mapped[str | None] = mapped_column(String(64))
+    claimed_by: Mapped[str | None] = mapped_column(String(128))
+    error: Mapped[str | None] = mapped_column(Text)
+    claimed_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
+    posted_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
+
+
+class TermPin(Base):
+    """An operator's choice of term for a date, in every term-of-the-day channel."""
+
+    __tablename__ = "term_pins"
+
+    post_date: Mapped[date] = mapped_column(Date, primary_key=True)
+    term: Mapped[str] = mapped_column(String(200))
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
