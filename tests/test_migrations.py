@@ -12,7 +12,16 @@ from sqlalchemy import inspect, text
 from storage.db import create_db_engine, current_revision, downgrade_database, upgrade_database
 from storage.models import Base
 
-TABLES = {"conversations", "messages", "processed_events"}
+TABLES = {
+    "conversations",
+    "messages",
+    "processed_events",
+    "feedback",
+    "term_lookups",
+    "qa_channels",
+    "term_posts",
+    "term_pins",
+}
 
 
 @pytest.fixture
