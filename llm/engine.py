@@ -20,7 +20,7 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 
-EngineChoice = Literal["auto", "reference", "fast", "low-memory", "fake"]
+EngineChoice = Literal["auto", "reference", "fast", "low-memory", "openai", "fake"]
 
 
 @dataclass(frozen=True)
