@@ -4,13 +4,17 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
+from datetime import timedelta
+from typing import Any
 
 from slack_bolt import App
 from slack_sdk import WebClient
 
+from bot.allowlist import register_allowlist
 from bot.listeners import messages
 from bot.replies import AnswerService
 from bot.settings import FinbotSettings
+from bot.term_of_day import TermOfDayService, register_today_subcommand
 from llm.engine import GenerationEngine
 from storage.conversations import ConversationStore
 from storage.db import create_db_engine, make_session_factory
@@ -23,10 +27,89 @@ class Finbot:
     app: App
     answers: AnswerService
     store: ConversationStore
+    term_of_day: TermOfDayService | None = None
 
 
 def build_store(settings: FinbotSettings) -> ConversationStore:
     return ConversationStore(make_session_factory(create_db_engine(settings.database_url)))
+
+
+def build_term_of_day(
+    settings: FinbotSettings, engine: GenerationEngine, store: ConversationStore, client: WebClient
+) -> TermOfDayService:
+    """The 오늘의 금융용어 service (its own database engine; the claims need no shared session)."""
+    from bot.term_catalog import load_terms
+    from bot.term_of_day import TermOfDayConfig
+    from storage.term_posts import TermPostStore
+
+    config = TermOfDayConfig(
+        channels=settings.term_of_day_channel_ids(),
+        timezone=settings.timezone,
+        post_time=settings.term_of_day_post_time(),
+        include_weekends=settings.term_of_day_include_weekends,
+        include_holidays=settings.term_of_day_include_holidays,
+        catch_up_grace=timedelta(minutes=settings.term_of_day_grace_minutes),
+        stale_after=timedelta(minutes=settings.term_of_day_stale_claim_minutes),
+        generation_attempts=settings.term_of_day_generation_attempts,
+    )
+    posts = TermPostStore(make_session_factory(create_db_engine(settings.database_url)))
+    return TermOfDayService(
+        config=config,
+        posts=posts,
+        conversations=store,
+        engine=engine,
+        client=client,
+        terms=load_terms(),
+        sampling=settings.sampling_params(),
+        max_prompt_tokens=settings.max_prompt_tokens,
+    )
+
+
+def slack_experience_options(settings: FinbotSettings) -> dict[str, Any]:
+    """AnswerService options for streaming, splitting and rate limits (see "# Slack experience")."""
+    from bot.rate_limits import QuestionRateLimiter
+    from bot.streaming import StreamingModes, StreamSettings
+
+    return {
+        "stream_settings": StreamSettings(
+            flush_seconds=settings.stream_flush_seconds,
+            flush_chars=settings.stream_flush_chars,
+            message_limit=settings.slack_message_max_chars,
+        ),
+        "streaming_modes": StreamingModes(native_enabled=settings.slack_native_streaming),
+        "rate_limiter": QuestionRateLimiter(
+            settings.rate_limit_per_user, settings.rate_limit_per_channel, settings.rate_limit_window_s
+        ),
+    }
+
+
+def register_slack_experience(
+    app: App, settings: FinbotSettings, answers: AnswerService, store: ConversationStore
+) -> None:
+    """Messages, Q&A channels, the assistant pane, the term slash command and button clicks."""
+    from bot.listeners import actions, assistant, slash
+    from bot.term_catalog import load_terms
+    from storage.feedback import FeedbackStore
+    from storage.qa_channels import QAChannelStore
+    from storage.term_lookups import TermLookupStore
+
+    session_factory = store._session_factory  # one database engine for all of the bot's stores
+    qa_channels = QAChannelStore(session_factory)
+    configured_qa = settings.qa_channel_ids()
+
+    def is_qa_channel(team_id: str, channel_id: str) -> bool:
+        return channel_id in configured_qa or qa_channels.is_qa_channel(team_id, channel_id)
+
+    messages.register(
+        app, answers, store, is_qa_channel=is_qa_channel, answer_other_bots=settings.answer_other_bots
+    )
+    assistant.register(app, answers, store)
+    max_age = timedelta(hours=settings.term_lookup_max_age_hours) if settings.term_lookup_max_age_hours else None
+    terms = slash.TermLookupService(
+        answers, TermLookupStore(session_factory), load_terms(), max_age, settings.term_lookup_visibility
+    )
+    slash.register(app, settings.slash_command, terms, qa_channels)
+    actions.register(app, answers.questions, FeedbackStore(session_factory), terms)
 
 
 def build_app(settings: FinbotSettings, engine: GenerationEngine, store: ConversationStore | None = None) -> Finbot:
@@ -53,6 +136,10 @@ def build_app(settings: FinbotSettings, engine: GenerationEngine, store: Convers
         settings.sampling_params(),
         settings.max_prompt_tokens,
         workers=settings.generation_workers,
+        **slack_experience_options(settings),
     )
-    messages.register(app, answers, store)
-    return Finbot(app=app, answers=answers, store=store)
+    register_allowlist(app, settings.allowed_team_id_set(), settings.allowed_channel_id_set())
+    register_slack_experience(app, settings, answers, store)
+    term_of_day = build_term_of_day(settings, engine, store, client)
+    register_today_subcommand(term_of_day)  # `/용어 오늘`
+    return Finbot(app=app, answers=answers, store=store, term_of_day=term_of_day)

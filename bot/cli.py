@@ -63,12 +63,14 @@ def command_ask(settings: FinbotSettings, question: str) -> int:
 
 def command_run(settings: FinbotSettings) -> int:
     from bot.app import build_app
+    from bot.recovery import finish_in_flight, recover_on_startup
     from storage.db import upgrade_database
 
     upgrade_database(settings.database_url)
     engine = build_engine_from(settings)
     finbot = build_app(settings, engine)
     stop = threading.Event()
+    scheduler = build_scheduler(settings, finbot)
 
     def request_stop(signum: int, _frame: object) -> None:
         logger.info("received %s, shutting down", signal.Signals(signum).name)
@@ -76,6 +78,7 @@ def command_run(settings: FinbotSettings) -> int:
 
     signal.signal(signal.SIGTERM, request_stop)
     signal.signal(signal.SIGINT, request_stop)
+    recover_on_startup(settings, finbot)
 
     if settings.slack_mode == "socket":
         from slack_bolt.adapter.socket_mode import SocketModeHandler
@@ -87,6 +90,7 @@ def command_run(settings: FinbotSettings) -> int:
             finbot.app, settings.slack_app_token.get_secret_value(), web_client=finbot.app.client
         )
         handler.connect()
+        scheduler.start()
         logger.info("finbot is ready (Socket Mode, engine %s)", engine.name)
         stop.wait()
         handler.close()
@@ -99,10 +103,142 @@ def command_run(settings: FinbotSettings) -> int:
             name="finbot-http",
         )
         server.start()
+        scheduler.start()
         stop.wait()
-    finbot.answers.shutdown(wait=True)
+    scheduler.shutdown(wait=True)
+    finish_in_flight(finbot.answers, settings.shutdown_deadline_s)
     engine.close()
     logger.info("finbot stopped")
+    return 0
+
+
+def build_scheduler(settings: FinbotSettings, finbot):  # noqa: ANN001, ANN201 - bot.app.Finbot -> FinbotScheduler
+    """The background scheduler with every scheduled feature's jobs (started by command_run)."""
+    from bot.scheduler import FinbotScheduler
+    from bot.term_of_day import schedule_term_of_day
+    from storage.db import create_db_engine, make_session_factory
+    from storage.retention import schedule_retention
+
+    scheduler = FinbotScheduler(settings.timezone)
+    schedule_retention(
+        scheduler, make_session_factory(create_db_engine(settings.database_url)),
+        settings.retention_days, settings.processed_event_retention_days,
+    )
+    if finbot.term_of_day is not None:
+        schedule_term_of_day(scheduler, finbot.term_of_day)
+    return scheduler
+
+
+def command_term_today(settings: FinbotSettings, dry_run: bool) -> int:
+    """Post today's term in every TERM_OF_DAY_CHANNELS channel now (same claim: never twice a day)."""
+    from datetime import datetime
+    from zoneinfo import ZoneInfo
+
+    from bot.business_days import holiday_name, is_business_day
+    from bot.term_catalog import choose_next_term, load_terms
+    from storage.db import create_db_engine, make_session_factory, upgrade_database
+    from storage.term_posts import TermPostStore
+
+    channels = settings.term_of_day_channel_ids()
+    if not channels:
+        print("TERM_OF_DAY_CHANNELS is empty: no channel to post in (see .env.example)", file=sys.stderr)
+        return 2
+    upgrade_database(settings.database_url)
+    today = datetime.now(ZoneInfo(settings.timezone)).date()
+    posting_day = is_business_day(
+        today,
+        include_weekends=settings.term_of_day_include_weekends,
+        include_holidays=settings.term_of_day_include_holidays,
+    )
+    if dry_run:
+        posts = TermPostStore(make_session_factory(create_db_engine(settings.database_url)))
+        terms = load_terms()
+        if not posting_day:
+            print(f"{today}: not a posting day ({holiday_name(today) or 'weekend'}); nothing would be posted")
+        for channel in channels:
+            existing = posts.get(channel, today)
+            if existing is not None:
+                print(f"{today} {channel}: already {existing.status}: {existing.term} ({existing.category})")
+                continue
+            term = choose_next_term(terms, posts.channel_history(channel, today), today, posts.pinned_term(today))
+            print(f"{today} {channel}: would post {term.term} ({term.category})")
+        return 0
+    if not posting_day:
+        print(f"{today} is not a posting day ({holiday_name(today) or 'weekend'}); nothing posted", file=sys.stderr)
+        return 1
+    if settings.slack_bot_token is None:
+        print("SLACK_BOT_TOKEN is not set (see .env.example)", file=sys.stderr)
+        return 2
+    from slack_sdk import WebClient
+
+    from bot.app import build_store, build_term_of_day
+
+    engine = build_engine_from(settings)
+    try:
+        client = WebClient(token=settings.slack_bot_token.get_secret_value(), base_url=settings.slack_api_url)
+        service = build_term_of_day(settings, engine, build_store(settings), client)
+        outcomes = service.post_today()
+    finally:
+        engine.close()
+    for outcome in outcomes:
+        detail = f" ({outcome.reason})" if outcome.reason else ""
+        print(f"{outcome.day} {outcome.channel_id}: {outcome.status} {outcome.term or ''} {outcome.slack_ts or ''}{detail}")
+    return 1 if any(outcome.status == "failed" for outcome in outcomes) else 0
+
+
+def command_term_history(settings: FinbotSettings, channel: str | None, limit: int) -> int:
+    from storage.db import create_db_engine, make_session_factory, upgrade_database
+    from storage.term_posts import TermPostStore
+
+    upgrade_database(settings.database_url)
+    posts = TermPostStore(make_session_factory(create_db_engine(settings.database_url)))
+    for post in posts.history(channel, limit):
+        note = f"  [{post.error}]" if post.error else ""
+        print(f"{post.post_date}  {post.channel_id}  {post.status:<7}  {post.term} ({post.category})  {post.slack_ts or '-'}{note}")
+    return 0
+
+
+def command_term_pin(settings: FinbotSettings, day: str, term: str) -> int:
+    from datetime import date
+
+    from bot.term_catalog import find_term, load_terms
+    from storage.db import create_db_engine, make_session_factory, upgrade_database
+    from storage.term_posts import TermPostStore
+
+    try:
+        pin_date = date.fromisoformat(day)
+    except ValueError:
+        print(f"not a date: {day!r} (expected YYYY-MM-DD)", file=sys.stderr)
+        return 2
+    if not term.strip():
+        print("the term is empty", file=sys.stderr)
+        return 2
+    upgrade_database(settings.database_url)
+    posts = TermPostStore(make_session_factory(create_db_engine(settings.database_url)))
+    posts.pin(pin_date, term.strip())
+    found = find_term(load_terms(), term)
+    if found is None:
+        print(f"note: {term!r} is not in the catalog; it will be posted with category 기타")
+    already = posts.posts_on(pin_date)
+    if already:
+        print(f"note: {len(already)} channel(s) already claimed {pin_date}; the pin applies only to the others")
+    print(f"pinned {found.term if found else term.strip()} for {pin_date}")
+    return 0
+
+
+def command_feedback_export(settings: FinbotSettings, output: str) -> int:
+    """Write every 👍/👎 vote with its question and answer as JSON lines (for evaluating the model)."""
+    from storage.db import create_db_engine, make_session_factory, upgrade_database
+    from storage.feedback import FeedbackStore
+
+    upgrade_database(settings.database_url)
+    store = FeedbackStore(make_session_factory(create_db_engine(settings.database_url)))
+    if output == "-":
+        count = store.export_jsonl(sys.stdout)
+    else:
+        with open(output, "w", encoding="utf-8") as out:
+            count = store.export_jsonl(out)
+    logger.info("exported %d feedback vote(s) to %s", count, "stdout" if output == "-" else output)
     return 0
 
 
@@ -116,6 +252,24 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     db_commands = db.add_subparsers(dest="db_command", required=True)
     upgrade = db_commands.add_parser("upgrade", help="apply migrations")
     upgrade.add_argument("revision", nargs="?", default="head")
+    term = commands.add_parser("term", help="오늘의 금융용어 (term of the day)")
+    term_commands = term.add_subparsers(dest="term_command", required=True)
+    today = term_commands.add_parser("today", help="post today's term now (once per channel per day)")
+    today.add_argument("--dry-run", action="store_true", help="only show what would be posted")
+    history = term_commands.add_parser("history", help="list posted terms, newest first")
+    history.add_argument("--channel")
+    history.add_argument("--limit", type=int, default=50)
+    pin = term_commands.add_parser("pin", help="choose the term for a date")
+    pin.add_argument("date", help="YYYY-MM-DD")
+    pin.add_argument("term")
+    export = commands.add_parser(
+        "export-merged", help="write the merged bf16 checkpoint (base + LoRA, safetensors, tokenizer) for vLLM"
+    )
+    export.add_argument("out_dir")
+    feedback = commands.add_parser("feedback", help="👍/👎 votes on answers")
+    feedback_commands = feedback.add_subparsers(dest="feedback_command", required=True)
+    feedback_export = feedback_commands.add_parser("export", help="write every vote as JSONL")
+    feedback_export.add_argument("--output", "-o", default="-", help="file to write (default: stdout)")
     return parser.parse_args(argv)
 
 
@@ -127,6 +281,19 @@ def main(argv: Sequence[str] | None = None) -> int:
         return command_db_upgrade(settings, args.revision)
     if args.command == "ask":
         return command_ask(settings, args.question)
+    if args.command == "export-merged":
+        from llm.export import export_merged
+
+        export_merged(settings.base_model, settings.adapter, args.out_dir, device=settings.device)
+        return 0
+    if args.command == "feedback":
+        return command_feedback_export(settings, args.output)
+    if args.command == "term":
+        if args.term_command == "today":
+            return command_term_today(settings, args.dry_run)
+        if args.term_command == "history":
+            return command_term_history(settings, args.channel, args.limit)
+        return command_term_pin(settings, args.date, args.term)
     return command_run(settings)
 
 

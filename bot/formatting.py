@@ -129,3 +129,55 @@ def to_mrkdwn(text: str) -> str:
     text = _INLINE_CODE_RE.sub(lambda m: stash(f"{m.group(1)}{_escape(m.group(2))}{m.group(1)}"), text)
     text = _convert_prose(text)
     return _PLACEHOLDER_RE.sub(lambda m: code[int(m.group(1))], text)
+
+
+def escape_for_stream(text: str) -> str:
+    """The escaping of `to_mrkdwn` alone, for showing text while it is generated.
+
+    Appending is only safe if the escaped form of a prefix is a prefix of the escaped whole; that
+    holds except for a trailing ``@`` (whether it gets a word joiner depends on the next
+    character), so a trailing ``@`` is held back until more text arrives.
+    """
+    text = _SENTINELS_RE.sub("", text)
+    if text.endswith("@"):
+        text = text[:-1]
+    return _escape(text)
+
+
+_PARAGRAPH_RE = re.compile(r"\n\s*\n")
+_LINE_RE = re.compile(r"\n")
+_SENTENCE_RE = re.compile(r"(?<=[.!?。])\s+|(?<=[다요죠까])\.\s*")
+_SPACE_RE = re.compile(r"\s+")
+
+
+def split_message(text: str, limit: int) -> list[str]:
+    """Split `text` into pieces of at most `limit` characters for separate Slack messages.
+
+    Cuts at the last paragraph break that fits, else a line break, else a sentence end, else a
+    space, and only as a last resort in the middle of a word. Pieces are stripped; none is empty.
+    """
+    if limit <= 0:
+        raise ValueError("limit must be positive")
+    pieces: list[str] = []
+    rest = text.strip()
+    while len(rest) > limit:
+        window = rest[: limit + 1]
+        cut = None
+        for pattern in (_PARAGRAPH_RE, _LINE_RE, _SENTENCE_RE, _SPACE_RE):
+            ends = [m for m in pattern.finditer(window) if 0 < m.start() <= limit and m.start() >= limit // 3]
+            if ends:
+                match = ends[-1]
+                # Keep a sentence's final period with the sentence.
+                cut = match.start() if pattern is not _SENTENCE_RE else max(match.start(), 1)
+                if pattern is _SENTENCE_RE and window[match.start() : match.start() + 1] == ".":
+                    cut = match.start() + 1
+                break
+        if cut is None:
+            cut = limit
+        piece = rest[:cut].strip()
+        if piece:
+            pieces.append(piece)
+        rest = rest[cut:].strip()
+    if rest:
+        pieces.append(rest)
+    return pieces

@@ -1,23 +1,34 @@
-"""Answering a question in its Slack thread: store it, show progress, generate, post, store the answer."""
+"""Answering a question in its Slack thread: store it, show progress, stream the answer, store it."""
 
 from __future__ import annotations
 
 import logging
 import threading
+from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
+from typing import Any, TypeVar
 
 from slack_sdk import WebClient
 from slack_sdk.errors import SlackApiError
 
 from bot import messages_ko
-from bot.formatting import to_mrkdwn
-from llm.answering import answer_question
+from bot.formatting import split_message, to_mrkdwn
+from bot.rate_limits import QuestionRateLimiter
+from bot.streaming import AnswerStreamer, ReplyTarget, StreamingModes, StreamSettings
+from llm.answering import stream_raw_answer
+from llm.cleaning import clean_answer
 from llm.engine import GenerationEngine, SamplingParams
 from llm.errors import EngineBusyError, PromptTooLongError
 from storage.conversations import ConversationStore
+from storage.questions import QuestionStore
 
 logger = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+FEEDBACK_UP_ACTION = "finbot_feedback_up"
+FEEDBACK_DOWN_ACTION = "finbot_feedback_down"
 
 
 @dataclass(frozen=True)
@@ -35,6 +46,39 @@ class IncomingQuestion:
         return f"{self.team_id}/{self.channel_id}/{self.thread_ts}"
 
 
+@dataclass(frozen=True)
+class _Job:
+    target: ReplyTarget
+    conversation_id: int
+    message_id: int
+    text: str
+    placeholder_ts: str | None
+
+
+def feedback_blocks(question_id: int) -> list[dict[str, Any]]:
+    """👍/👎 buttons under an answer; the value is the question's id (its answer is looked up)."""
+    return [
+        {
+            "type": "actions",
+            "block_id": "finbot_feedback",
+            "elements": [
+                {
+                    "type": "button",
+                    "action_id": FEEDBACK_UP_ACTION,
+                    "text": {"type": "plain_text", "text": "👍", "emoji": True},
+                    "value": str(question_id),
+                },
+                {
+                    "type": "button",
+                    "action_id": FEEDBACK_DOWN_ACTION,
+                    "text": {"type": "plain_text", "text": "👎", "emoji": True},
+                    "value": str(question_id),
+                },
+            ],
+        }
+    ]
+
+
 class AnswerService:
     """Owns the generation workers so Bolt's listener threads return at once."""
 
@@ -45,6 +89,11 @@ class AnswerService:
         params: SamplingParams,
         max_prompt_tokens: int,
         workers: int = 4,
+        *,
+        questions: QuestionStore | None = None,
+        stream_settings: StreamSettings | None = None,
+        streaming_modes: StreamingModes | None = None,
+        rate_limiter: QuestionRateLimiter | None = None,
     ) -> None:
         self._store = store
         self._engine = engine
@@ -52,15 +101,35 @@ class AnswerService:
         self._max_prompt_tokens = max_prompt_tokens
         self._executor = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="finbot-answer")
         self._closed = threading.Event()
+        # The conversation store's sessions serve the question lookups too.
+        self._questions = questions or QuestionStore(store._session_factory)
+        self._stream_settings = stream_settings or StreamSettings()
+        self._modes = streaming_modes or StreamingModes()
+        self._rate_limiter = rate_limiter
 
-    def submit(self, client: WebClient, question: IncomingQuestion) -> Future[None] | None:
+    @property
+    def questions(self) -> QuestionStore:
+        return self._questions
+
+    def submit(
+        self, client: WebClient, question: IncomingQuestion, *, placeholder: bool = True
+    ) -> Future[None] | None:
         """Store the question, acknowledge it in the thread and generate in the background.
 
-        Returns None when nothing is to be done (empty question, or a Slack message already stored).
+        `placeholder=False` skips the "thinking" message (the assistant pane shows a status instead).
+        Returns None when nothing is to be done (empty question, rate limit, or a Slack message
+        already stored).
         """
         if not question.text.strip():
             self._post(client, question, messages_ko.EMPTY_QUESTION)
             return None
+        if self._rate_limiter is not None:
+            exceeded = self._rate_limiter.check(question.team_id, question.channel_id, question.user_id)
+            if exceeded is not None:
+                logger.info("%s rate limit reached by %s in %s", exceeded, question.user_id, question.thread_ref)
+                text = messages_ko.RATE_LIMITED_USER if exceeded == "user" else messages_ko.RATE_LIMITED_CHANNEL
+                self._post(client, question, text)
+                return None
         conversation_id = self._store.get_or_create_conversation(
             question.team_id, question.channel_id, question.thread_ts
         )
@@ -70,72 +139,114 @@ class AnswerService:
         if message_id is None:
             logger.info("message %s in %s already stored; not answering twice", question.message_ts, question.thread_ref)
             return None
-        placeholder_ts = self._post(client, question, messages_ko.THINKING)
-        return self._executor.submit(
-            self._answer, client, question, conversation_id, message_id, placeholder_ts
+        placeholder_ts = self._post(client, question, messages_ko.THINKING) if placeholder else None
+        if placeholder_ts is not None:
+            self._questions.set_reply_ts(message_id, placeholder_ts)
+        job = _Job(
+            target=ReplyTarget(
+                question.team_id, question.channel_id, question.thread_ts, question.user_id, question.thread_ref
+            ),
+            conversation_id=conversation_id,
+            message_id=message_id,
+            text=question.text,
+            placeholder_ts=placeholder_ts,
         )
+        return self._executor.submit(self._answer, client, job)
+
+    def answer_stored(self, client: WebClient, message_id: int) -> Future[None] | None:
+        """Answer the already-stored question `message_id` (e.g. one interrupted by a restart).
+
+        Reuses its stored reply message (``reply_ts``, the placeholder or a half-streamed answer)
+        when there is one, else posts a placeholder and stores its ts. Returns None when there is
+        no such question or it is already answered.
+        """
+        stored = self._questions.get(message_id)
+        if stored is None:
+            logger.warning("no stored question with id %d; nothing to answer", message_id)
+            return None
+        if stored.status == "answered":
+            logger.info("question %d is already answered", message_id)
+            return None
+        target = ReplyTarget(
+            stored.team_id, stored.channel_id, stored.thread_ts, stored.slack_user,
+            f"{stored.team_id}/{stored.channel_id}/{stored.thread_ts}",
+        )
+        placeholder_ts = stored.reply_ts
+        if placeholder_ts is None:
+            placeholder_ts = self._post_to(client, target, messages_ko.THINKING)
+            if placeholder_ts is not None:
+                self._questions.set_reply_ts(message_id, placeholder_ts)
+        job = _Job(target, stored.conversation_id, stored.id, stored.text, placeholder_ts)
+        return self._executor.submit(self._answer, client, job)
+
+    def run_in_background(self, function: Callable[..., T], *args: Any) -> Future[T]:
+        """Run `function` on the generation workers (for work that calls the engine)."""
+        return self._executor.submit(function, *args)
+
+    def generate(self, prompt_question: str) -> str:
+        """A cleaned answer to `prompt_question` without history and without Slack (blocking)."""
+        raw = "".join(stream_raw_answer(self._engine, [], prompt_question, self._params, self._max_prompt_tokens))
+        return clean_answer(raw)
 
     def shutdown(self, wait: bool = True) -> None:
         self._closed.set()
         self._executor.shutdown(wait=wait, cancel_futures=not wait)
 
-    def _answer(
-        self,
-        client: WebClient,
-        question: IncomingQuestion,
-        conversation_id: int,
-        message_id: int,
-        placeholder_ts: str | None,
-    ) -> None:
-        self._store.set_status(message_id, "generating")
+    def _answer(self, client: WebClient, job: _Job) -> None:
+        target = job.target
+        self._store.set_status(job.message_id, "generating")
+        streamer = AnswerStreamer(
+            client,
+            target,
+            self._modes,
+            self._stream_settings,
+            placeholder_ts=job.placeholder_ts,
+            on_reply_ts=lambda ts: self._questions.set_reply_ts(job.message_id, ts),
+        )
+        raw = ""
         try:
-            history = self._store.history(conversation_id, before_message_id=message_id)
-            answer = answer_question(
-                self._engine, history, question.text, self._params, self._max_prompt_tokens
-            )
+            history = self._store.history(job.conversation_id, before_message_id=job.message_id)
+            for chunk in stream_raw_answer(self._engine, history, job.text, self._params, self._max_prompt_tokens):
+                raw += chunk
+                streamer.feed(raw)
         except PromptTooLongError as error:
-            logger.warning("question in %s is too long: %s", question.thread_ref, error)
-            self._store.set_status(message_id, "failed", str(error))
-            self._post_or_update(client, question, placeholder_ts, messages_ko.QUESTION_TOO_LONG)
+            logger.warning("question in %s is too long: %s", target.thread_ref, error)
+            self._store.set_status(job.message_id, "failed", str(error))
+            streamer.fail(messages_ko.QUESTION_TOO_LONG)
             return
         except EngineBusyError as error:
-            logger.warning("engine busy, question in %s deferred to the user: %s", question.thread_ref, error)
-            self._store.set_status(message_id, "failed", "engine busy")
-            self._post_or_update(client, question, placeholder_ts, messages_ko.ENGINE_BUSY)
+            logger.warning("engine busy, question in %s deferred to the user: %s", target.thread_ref, error)
+            self._store.set_status(job.message_id, "failed", "engine busy")
+            streamer.fail(messages_ko.ENGINE_BUSY)
             return
         except Exception as error:
-            logger.exception("generation failed for question %d in %s", message_id, question.thread_ref)
-            self._store.set_status(message_id, "failed", repr(error))
-            self._post_or_update(client, question, placeholder_ts, messages_ko.GENERATION_FAILED)
+            logger.exception("generation failed for question %d in %s", job.message_id, target.thread_ref)
+            self._store.set_status(job.message_id, "failed", repr(error))
+            streamer.fail(messages_ko.GENERATION_FAILED)
             return
 
-        if not answer:
-            answer = messages_ko.EMPTY_ANSWER
-        posted_ts = self._post_or_update(client, question, placeholder_ts, to_mrkdwn(answer))
-        self._store.add_assistant_message(conversation_id, answer, reply_to_id=message_id, slack_ts=posted_ts)
-        logger.info("answered question %d in %s (%d chars)", message_id, question.thread_ref, len(answer))
+        answer = clean_answer(raw) or messages_ko.EMPTY_ANSWER
+        pieces = split_message(to_mrkdwn(answer), self._stream_settings.message_limit)
+        posted_ts = streamer.finish(pieces, feedback_blocks(job.message_id))
+        self._store.add_assistant_message(job.conversation_id, answer, reply_to_id=job.message_id, slack_ts=posted_ts)
+        logger.info(
+            "answered question %d in %s (%d chars, %d message(s), %s)",
+            job.message_id, target.thread_ref, len(answer), len(pieces), streamer.mode,
+        )
 
     def _post(self, client: WebClient, question: IncomingQuestion, text: str) -> str | None:
+        target = ReplyTarget(
+            question.team_id, question.channel_id, question.thread_ts, question.user_id, question.thread_ref
+        )
+        return self._post_to(client, target, text)
+
+    @staticmethod
+    def _post_to(client: WebClient, target: ReplyTarget, text: str) -> str | None:
         try:
             response = client.chat_postMessage(
-                channel=question.channel_id, thread_ts=question.thread_ts, text=text, unfurl_links=False
+                channel=target.channel_id, thread_ts=target.thread_ts, text=text, unfurl_links=False
             )
         except SlackApiError as error:
-            logger.error("could not post in %s: %s", question.thread_ref, error.response.get("error"))
+            logger.error("could not post in %s: %s", target.thread_ref, error.response.get("error"))
             return None
         return response.get("ts")
-
-    def _post_or_update(
-        self, client: WebClient, question: IncomingQuestion, placeholder_ts: str | None, text: str
-    ) -> str | None:
-        """Replace the placeholder with the final text; post anew if the placeholder is gone."""
-        if placeholder_ts is not None:
-            try:
-                client.chat_update(channel=question.channel_id, ts=placeholder_ts, text=text)
-                return placeholder_ts
-            except SlackApiError as error:
-                logger.warning(
-                    "could not update placeholder in %s (%s); posting instead",
-                    question.thread_ref, error.response.get("error"),
-                )
-        return self._post(client, question, text)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from datetime import time
 from typing import Literal
 
 from pydantic import Field, SecretStr
@@ -44,6 +45,94 @@ class FinbotSettings(BaseSettings):
     # Behaviour
     timezone: str = "Asia/Seoul"
     log_level: str = "INFO"
+
+    # Slack experience
+    # Native streaming (chat.startStream…); a workspace that refuses it gets chat.update edits instead.
+    slack_native_streaming: bool = True
+    # Streamed text is sent in batches: at most every this many seconds, or sooner after this many characters.
+    stream_flush_seconds: float = Field(0.7, gt=0)
+    stream_flush_chars: int = Field(300, ge=1)
+    # Longer answers are split into several messages at paragraph or sentence boundaries.
+    slack_message_max_chars: int = Field(3000, ge=100, le=3000)
+    # The term lookup slash command, as registered in the Slack app (see slack-app-manifest.yaml).
+    slash_command: str = Field("/term", pattern=r"^/\S{1,31}$")
+    # channel: lookups are posted for everyone in the channel; ephemeral: only the caller sees them.
+    term_lookup_visibility: Literal["channel", "ephemeral"] = "channel"
+    # A stored term explanation is reused this long before it is generated again (0 = forever).
+    term_lookup_max_age_hours: float = Field(24 * 30, ge=0)
+    # Q&A channels: top-level questions are answered without a mention (comma-separated ids;
+    # more can be added in Slack with the slash command).
+    qa_channels: str = ""
+    # Questions per user and per channel within the window (0 = unlimited).
+    rate_limit_per_user: int = Field(10, ge=0)
+    rate_limit_per_channel: int = Field(30, ge=0)
+    rate_limit_window_s: float = Field(60, gt=0)
+    # Answer messages from other bots (never its own).
+    answer_other_bots: bool = False
+
+    def qa_channel_ids(self) -> frozenset[str]:
+        return frozenset(item.strip() for item in self.qa_channels.split(",") if item.strip())
+
+    # Term of the day (오늘의 금융용어); nothing is scheduled while no channel is set.
+    # Channel ids, comma-separated (e.g. "C0123,C0456").
+    term_of_day_channels: str = ""
+    # Local time (TIMEZONE) of the daily post, HH:MM.
+    term_of_day_time: str = Field("09:00", pattern=r"^([01]\d|2[0-3]):[0-5]\d$")
+    term_of_day_include_weekends: bool = False
+    term_of_day_include_holidays: bool = False
+    # A bot that was down at the post time still posts when it starts within this many minutes (same day only).
+    term_of_day_grace_minutes: int = Field(360, ge=1, le=24 * 60)
+    # A claim left unfinished this long by a crashed instance may be taken over (after checking Slack).
+    term_of_day_stale_claim_minutes: int = Field(30, ge=5)
+    term_of_day_generation_attempts: int = Field(3, ge=1, le=10)
+
+    def term_of_day_channel_ids(self) -> tuple[str, ...]:
+        return tuple(channel.strip() for channel in self.term_of_day_channels.split(",") if channel.strip())
+
+    def term_of_day_post_time(self) -> time:
+        hour, minute = self.term_of_day_time.split(":")
+        return time(int(hour), int(minute))
+
+    # Reliability and scale-out
+    # ENGINE=openai: an OpenAI-compatible completions server (e.g. vLLM), URL up to and including /v1.
+    openai_base_url: str = "http://localhost:8000/v1"
+    openai_model: str = "finbot"
+    openai_api_key: SecretStr | None = None
+    # Seconds for one whole answer (also the longest silence between streamed chunks).
+    openai_timeout_s: float = Field(120, gt=0)
+    # ids: the exact prompt token ids (vLLM); text: the decoded [INST]…[/INST] prompt, for servers that only take text.
+    openai_prompt_format: Literal["ids", "text"] = "ids"
+    openai_stream: bool = True
+    # Questions a crash left unanswered are answered on start-up if younger than this; older ones get an apology.
+    recovery_max_age_minutes: int = Field(30, ge=0)
+    # Questions in progress younger than this are presumed owned by another live instance and left alone.
+    recovery_min_age_s: float = Field(120, ge=0)
+    # On SIGTERM: stop taking events, then wait at most this long for answers in flight.
+    shutdown_deadline_s: float = Field(30, ge=0)
+    # Conversations untouched this long are purged daily (0 = keep forever); Slack event ids kept this many days.
+    retention_days: int = Field(90, ge=0)
+    processed_event_retention_days: int = Field(7, ge=1)
+    # Optional allow-lists (comma-separated ids); empty = every workspace / channel the app is in.
+    allowed_team_ids: str = ""
+    allowed_channel_ids: str = ""
+
+    def openai_engine_config(self):  # noqa: ANN201 - llm.openai_engine.OpenAIEngineConfig
+        from llm.openai_engine import OpenAIEngineConfig
+
+        return OpenAIEngineConfig(
+            base_url=self.openai_base_url,
+            model=self.openai_model,
+            api_key=self.openai_api_key.get_secret_value() if self.openai_api_key else None,
+            timeout_s=self.openai_timeout_s,
+            prompt_format=self.openai_prompt_format,
+            stream=self.openai_stream,
+        )
+
+    def allowed_team_id_set(self) -> frozenset[str]:
+        return frozenset(item.strip() for item in self.allowed_team_ids.split(",") if item.strip())
+
+    def allowed_channel_id_set(self) -> frozenset[str]:
+        return frozenset(item.strip() for item in self.allowed_channel_ids.split(",") if item.strip())
 
     def sampling_params(self) -> SamplingParams:
         return SamplingParams(

@@ -23,10 +23,15 @@ def resolve_device(device: str) -> str:
 
 
 def resolve_engine_choice(choice: EngineChoice, device: str) -> EngineChoice:
-    """`auto` serves the reference path until a faster mode is available for the device."""
+    """`auto` is `fast` on a CUDA device and `reference` elsewhere.
+
+    `fast` needs CUDA for what makes it fast (bf16 weights, CUDA graphs); on the CPU it would only
+    be a slower copy of the reference, so the CPU keeps the seed's exact path. `device` is the
+    resolved device string ("cuda:0", "cpu", ...), so this is testable without a GPU.
+    """
     if choice != "auto":
         return choice
-    return "reference"
+    return "fast" if device.startswith("cuda") else "reference"
 
 
 def load_tokenizer(base_model: str) -> PreTrainedTokenizerBase:
@@ -74,7 +79,24 @@ def build_engine(
     device: str = "auto",
     fake_reply: str = "",
     fake_tokens_per_second: float = 0,
+    *,
+    max_batch: int | None = None,
+    max_seq_len: int = 2048,
+    max_queue: int = 32,
+    cuda_graphs: bool = True,
+    compile_kernels: bool = True,
 ) -> GenerationEngine:
+    """Load the model for `choice` and return a ready engine (warm-up/graph capture included).
+
+    Knobs for `fast` and `low-memory` (ignored by `reference` and `fake`):
+    - `max_batch`: concurrent requests in the running batch (default 16 fast, 2 low-memory);
+      with `max_seq_len` it sizes the KV cache: 128 KiB per token slot for Mistral-7B in bf16,
+      16 x 2048 = 4.3 GB.
+    - `max_seq_len`: prompt + answer tokens per request (prompts longer than this fail).
+    - `max_queue`: requests waiting for a slot before `EngineBusyError`.
+    - `cuda_graphs`: capture decode steps in CUDA graphs at start-up.
+    - `compile_kernels`: fuse element-wise decode pieces with torch.compile (falls back if it fails).
+    """
     device = resolve_device(device)
     choice = resolve_engine_choice(choice, device)
     started = time.monotonic()
@@ -83,6 +105,21 @@ def build_engine(
         engine: GenerationEngine = FakeEngine(tokenizer, fake_reply, fake_tokens_per_second)
     elif choice == "reference":
         engine = HFGenerateEngine(load_reference_model(base_model, adapter, device), tokenizer)
+    elif choice in ("fast", "low-memory"):
+        from llm.fast import build_fast_engine, build_low_memory_engine
+
+        model = load_reference_model(base_model, adapter, device)
+        build = build_fast_engine if choice == "fast" else build_low_memory_engine
+        engine = build(
+            model,
+            tokenizer,
+            max_batch=max_batch or (16 if choice == "fast" else 2),
+            max_seq_len=max_seq_len,
+            max_queue=max_queue,
+            cuda_graphs=cuda_graphs,
+            compile_kernels=compile_kernels,
+        )
+        del model
     else:
         raise ValueError(f"engine mode {choice!r} is not available in this build")
     logger.info("engine %s ready on %s in %.1f s", engine.name, device, time.monotonic() - started)

@@ -1,4 +1,4 @@
-"""The Alembic migrations build exactly the schema the models describe, on a real SQLite file."""
+"""The Alembic migrations build exactly the schema the models describe, on SQLite and PostgreSQL."""
 
 from __future__ import annotations
 
@@ -32,9 +32,18 @@ def _head(db_url: str) -> str | None:
     return ScriptDirectory.from_config(alembic_config(db_url)).get_current_head()
 
 
+pytest_plugins = ["tests.postgres"]
+
+
 @pytest.fixture
-def db_url(tmp_path: Path) -> str:
-    # A nested directory also checks that create_db_engine/upgrade create missing parents.
+def db_url(database_url: str) -> str:
+    # Both backends; the SQLite file sits in a missing directory, which also checks that
+    # create_db_engine/upgrade create missing parents.
+    return database_url
+
+
+@pytest.fixture
+def sqlite_url(tmp_path: Path) -> str:
     return f"sqlite:///{tmp_path / 'data' / 'finbot.db'}"
 
 
@@ -90,7 +99,8 @@ def test_downgrade_to_base_and_upgrade_again(db_url: str) -> None:
     assert current_revision(db_url) == _head(db_url)
 
 
-def test_sqlite_connections_use_wal_and_foreign_keys(db_url: str) -> None:
+def test_sqlite_connections_use_wal_and_foreign_keys(sqlite_url: str) -> None:
+    db_url = sqlite_url
     engine = create_db_engine(db_url)
     try:
         with engine.connect() as connection:

@@ -1,24 +1,25 @@
-"""ConversationStore against a real, migrated SQLite file."""
+"""ConversationStore against a real, migrated database: a SQLite file and a PostgreSQL server."""
 
 from __future__ import annotations
 
 from datetime import UTC, datetime, timedelta
-from pathlib import Path
 
 import pytest
 from sqlalchemy import Engine, delete, func, select
+from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, sessionmaker
 
 from storage.conversations import ConversationStore
 from storage.db import create_db_engine, make_session_factory, upgrade_database
 from storage.models import Conversation, Message, ProcessedEvent
 
+pytest_plugins = ["tests.postgres"]
+
 
 @pytest.fixture
-def db_url(tmp_path: Path) -> str:
-    url = f"sqlite:///{tmp_path / 'finbot.db'}"
-    upgrade_database(url)
-    return url
+def db_url(database_url: str) -> str:
+    upgrade_database(database_url)
+    return database_url
 
 
 @pytest.fixture
@@ -96,7 +97,7 @@ def test_duplicate_user_message_returns_none(store: ConversationStore) -> None:
 
 def test_user_message_for_missing_conversation_raises(store: ConversationStore) -> None:
     # A foreign-key failure must not be mistaken for a duplicate (returning None would hide a bug).
-    with pytest.raises(Exception, match="FOREIGN KEY"):
+    with pytest.raises(IntegrityError, match="(?i)foreign key"):
         store.add_user_message(9999, "x", "U1", "1.1")
 
 
@@ -180,3 +181,25 @@ def test_timestamps_are_timezone_aware_utc(store: ConversationStore, session_fac
         assert before <= stamp <= after
     # Adding messages bumps the conversation's updated_at past its creation.
     assert conversation.updated_at >= conversation.created_at
+
+
+def test_concurrent_claims_from_two_engines_have_one_winner(db_url: str) -> None:
+    """Two "processes" (separate engines and pools) race for the same event ids at once."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    engines = [create_db_engine(db_url), create_db_engine(db_url)]
+    try:
+        stores = [ConversationStore(make_session_factory(e)) for e in engines]
+        event_ids = [f"EvRace{i}" for i in range(40)]
+        with ThreadPoolExecutor(max_workers=8) as pool:
+            results = list(
+                pool.map(lambda job: (job[1], stores[job[0]].claim_event(job[1])),
+                         [(k, event_id) for event_id in event_ids for k in (0, 1, 0, 1)])
+            )
+    finally:
+        for e in engines:
+            e.dispose()
+    winners: dict[str, int] = {}
+    for event_id, won in results:
+        winners[event_id] = winners.get(event_id, 0) + int(won)
+    assert winners == {event_id: 1 for event_id in event_ids}

@@ -1,9 +1,10 @@
-"""Mentions, thread follow-ups and DMs: every way a user asks finbot a question in conversation."""
+"""Mentions, thread follow-ups, DMs and Q&A channels: every way a user asks finbot in conversation."""
 
 from __future__ import annotations
 
 import logging
 import re
+from collections.abc import Callable
 from typing import Any
 
 from slack_bolt import App, BoltContext
@@ -17,6 +18,8 @@ logger = logging.getLogger(__name__)
 # Message subtypes that carry a user's new words; all others (edits, deletions, joins,
 # bot posts, channel topic changes…) are not questions.
 QUESTION_SUBTYPES = {None, "thread_broadcast", "file_share"}
+
+QAChannelCheck = Callable[[str, str], bool]
 
 
 def strip_bot_mention(text: str, bot_user_id: str | None) -> str:
@@ -40,7 +43,25 @@ def _team_of(body: dict[str, Any], event: dict[str, Any]) -> str:
     return body.get("team_id") or event.get("team") or "unknown-team"
 
 
-def register(app: App, answers: AnswerService, store: ConversationStore) -> None:
+def is_from_ignored_bot(event: dict[str, Any], context: BoltContext, answer_other_bots: bool) -> bool:
+    """finbot never answers itself; other bots only when configured to."""
+    if not event.get("bot_id") and event.get("subtype") != "bot_message":
+        return False
+    if event.get("bot_id") and event.get("bot_id") == context.bot_id:
+        return True
+    if event.get("user") and event.get("user") == context.bot_user_id:
+        return True
+    return not answer_other_bots
+
+
+def register(
+    app: App,
+    answers: AnswerService,
+    store: ConversationStore,
+    *,
+    is_qa_channel: QAChannelCheck | None = None,
+    answer_other_bots: bool = False,
+) -> None:
     def first_delivery(body: dict[str, Any]) -> bool:
         """Slack retries an event it thinks we missed; the database remembers every event id."""
         event_id = body.get("event_id")
@@ -53,24 +74,30 @@ def register(app: App, answers: AnswerService, store: ConversationStore) -> None
 
     @app.event("app_mention")
     def on_mention(body: dict[str, Any], event: dict[str, Any], client: WebClient, context: BoltContext) -> None:
-        if event.get("bot_id") or not first_delivery(body):
+        if is_from_ignored_bot(event, context, answer_other_bots) or not first_delivery(body):
             return
         answers.submit(client, _question_from(event, _team_of(body, event), context.bot_user_id))
 
     @app.event("message")
     def on_message(body: dict[str, Any], event: dict[str, Any], client: WebClient, context: BoltContext) -> None:
-        if event.get("subtype") not in QUESTION_SUBTYPES or event.get("bot_id"):
-            return
+        subtype = event.get("subtype")
+        allowed = QUESTION_SUBTYPES | ({"bot_message"} if answer_other_bots else set())
+        if subtype not in allowed or is_from_ignored_bot(event, context, answer_other_bots):
+            return  # edits, deletions, joins… of answered questions change nothing
         is_dm = event.get("channel_type") == "im"
         bot_user_id = context.bot_user_id
         if not is_dm:
             if bot_user_id and f"<@{bot_user_id}" in (event.get("text") or ""):
                 return  # the app_mention event for this same message answers it
+            team_id = _team_of(body, event)
             thread_ts = event.get("thread_ts")
             if thread_ts is None:
-                return
-            team_id = _team_of(body, event)
-            if store.find_conversation(team_id, event["channel"], thread_ts) is None:
+                # Top level: only Q&A channels answer without a mention, and only words, not bare files.
+                if is_qa_channel is None or not is_qa_channel(team_id, event["channel"]):
+                    return
+                if not (event.get("text") or "").strip():
+                    return
+            elif store.find_conversation(team_id, event["channel"], thread_ts) is None:
                 return  # a thread finbot is not part of
         if not first_delivery(body):
             return

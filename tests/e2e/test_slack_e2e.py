@@ -41,8 +41,9 @@ class RunningBot:
     def wait_for_answer(self, channel: str, thread_ts: str, count: int = 1) -> list[dict]:
         def finished() -> list[dict] | None:
             answers = self.answers(channel, thread_ts)
-            done = [a for a in answers if a.get("text") and a["text"] != messages_ko.THINKING]
-            return answers if len(done) >= count else None
+            # A finished answer carries the 👍/👎 buttons; the placeholder and streamed views do not.
+            done = [a for a in answers if a.get("blocks")]
+            return done if len(done) >= count else None
 
         return self.fake.wait_for(finished, timeout=30, description=f"{count} answer(s) in {channel}/{thread_ts}")
 
@@ -92,10 +93,12 @@ def test_mention_follow_up_retry_and_dm(running_bot: RunningBot):
     thread = mention["ts"]
 
     [answer] = running_bot.wait_for_answer("C1", thread)
-    # Progress was shown at once, then replaced by the answer in the same message.
+    # Progress was shown at once, then replaced by the streamed answer (the placeholder is deleted).
     first_post = fake.calls_to("chat.postMessage")[0]
     assert first_post.params["text"] == messages_ko.THINKING
     assert first_post.params["thread_ts"] == thread
+    assert fake.message("C1", first_post.response["ts"]) is None
+    assert fake.calls_to("chat.startStream") and fake.calls_to("chat.stopStream")
     text = answer["text"]
     assert "중앙은행의 역할에 대해서 설명해줄래? 질문에 답해요" in text
     assert "이전 대화는 0개예요" in text

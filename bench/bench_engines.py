@@ -1,0 +1,488 @@
+"""Benchmark the seed's path and finbot's engine modes on a random Mistral-7B (GPU, device tool).
+
+Builds the model itself (exact Mistral-7B-v0.1 shape, bf16 weights drawn on the GPU), quantizes
+it the way the seed's loader does (bnb NF4, double quant, bf16 compute), adds a random LoRA of the
+seed's shape (r=32, alpha=8, attention + MLP + lm_head, float32 adapter weights as PEFT loads them),
+then measures, in one process:
+
+- seed: that PeftModel through HF generate, batch 1 (64 forced tokens, to save device time);
+- low-memory: the same 4-bit modules under finbot's static-cache decoder and CUDA graphs;
+- fast: dequantized + merged bf16 model under the same decoder (this consumes the 4-bit model).
+
+Per case: single-stream tok/s (256 forced new tokens), 16 staggered concurrent requests (total
+tok/s, per-request latency p50/p95), time to first token for a 1,500-token prompt, peak GPU
+memory, start-up time incl. warm-up; fidelity (KL vs the seed path) over a Korean paragraph.
+One JSON object per case on stdout (and in --out), a table last.
+
+    python bench/bench_engines.py --commit $(git rev-parse HEAD) --tokenizer-file .tok/tokenizer.model.v1
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import os
+import statistics
+import sys
+import tempfile
+import threading
+import time
+import traceback
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import torch  # noqa: E402
+
+from llm.engine import SamplingParams  # noqa: E402
+
+SAMPLING = SamplingParams(temperature=0.9, top_p=0.8, top_k=50, max_new_tokens=256)
+RESULTS: list[dict] = []
+
+
+def emit(case: dict, out_dir: Path | None) -> None:
+    RESULTS.append(case)
+    print("RESULT " + json.dumps(case), flush=True)
+    if out_dir is not None:
+        (out_dir / "cases.jsonl").open("a").write(json.dumps(case) + "\n")
+
+
+def gb(n: float) -> float:
+    return round(n / 1e9, 2)
+
+
+def sync() -> None:
+    torch.cuda.synchronize()
+
+
+def make_tokenizer(tokenizer_file: str | None, directory: Path):  # noqa: ANN201
+    import shutil
+
+    from transformers import AutoTokenizer
+
+    import llm.synthetic as synthetic
+
+    if tokenizer_file:
+        directory.mkdir(parents=True, exist_ok=True)
+        shutil.copy(tokenizer_file, directory / "tokenizer.model")
+        (directory / "tokenizer_config.json").write_text(json.dumps(synthetic.MISTRAL_TOKENIZER_CONFIG))
+        (directory / "special_tokens_map.json").write_text(
+            json.dumps({"bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>"})
+        )
+    else:
+        synthetic.write_mistral_tokenizer(directory)
+    return AutoTokenizer.from_pretrained(directory)
+
+
+def build_seed_model(seed: int = 0):  # noqa: ANN201
+    """Random 7B in bf16 on the GPU -> bnb NF4 (double quant) in place -> random LoRA (PeftModel)."""
+    import bitsandbytes as bnb
+    from peft import LoraConfig, get_peft_model
+    from transformers import MistralForCausalLM
+
+    from llm.synthetic import (
+        ADAPTER_ALPHA,
+        ADAPTER_DROPOUT,
+        ADAPTER_RANK,
+        ADAPTER_TARGET_MODULES,
+        mistral_7b_config,
+    )
+
+    torch.manual_seed(seed)
+    config = mistral_7b_config()
+    default = torch.get_default_dtype()
+    torch.set_default_dtype(torch.bfloat16)
+    try:
+        with torch.device("cuda:0"):
+            model = MistralForCausalLM(config)
+    finally:
+        torch.set_default_dtype(default)
+    model.eval()
+    for block in model.model.layers:
+        for parent in (block.self_attn, block.mlp):
+            for name, child in list(parent.named_children()):
+                if not isinstance(child, torch.nn.Linear):
+                    continue
+                q = bnb.nn.Linear4bit(
+                    child.in_features, child.out_features, bias=False,
+                    compute_dtype=torch.bfloat16, compress_statistics=True, quant_type="nf4",
+                    device="meta",
+                )
+                q.weight = bnb.nn.Params4bit(
+                    child.weight.data, requires_grad=False, compress_statistics=True,
+                    quant_type="nf4", module=q,
+                ).to("cuda:0")  # quantizes, exactly as from_pretrained's bnb path does
+                setattr(parent, name, q)
+                del child
+    model.is_loaded_in_4bit = True
+    torch.cuda.empty_cache()
+    lora = LoraConfig(
+        r=ADAPTER_RANK, lora_alpha=ADAPTER_ALPHA, lora_dropout=ADAPTER_DROPOUT,
+        target_modules=ADAPTER_TARGET_MODULES, bias="none", task_type="CAUSAL_LM",
+    )
+    peft_model = get_peft_model(model, lora)
+    with torch.no_grad():
+        for name, param in peft_model.named_parameters():
+            param.requires_grad_(False)
+            if "lora_B" in name:
+                param.normal_(0.0, 0.02)
+    peft_model.eval()
+    return peft_model
+
+
+def random_prompt(tokenizer, length: int, generator: torch.Generator) -> list[int]:  # noqa: ANN001
+    body = torch.randint(100, 31000, (length - 1,), generator=generator).tolist()
+    return [tokenizer.bos_token_id, *body]
+
+
+# --- measurements on a BatchingEngine ---------------------------------------------------------
+
+
+def single_stream(engine, prompt: list[int], tokens: int) -> dict:  # noqa: ANN001
+    params = SamplingParams(max_new_tokens=tokens)
+    start = time.perf_counter()
+    times = []
+    for _ in engine.stream_tokens(prompt, params, ignore_eos=True):
+        times.append(time.perf_counter())
+    total = times[-1] - start
+    decode = (len(times) - 1) / (times[-1] - times[0]) if len(times) > 1 else 0.0
+    return {
+        "new_tokens": len(times), "seconds": round(total, 3), "tok_s": round(len(times) / total, 1),
+        "decode_tok_s": round(decode, 1), "ttft_ms": round((times[0] - start) * 1000, 1),
+    }
+
+
+def staggered(engine, tokenizer, n: int, tokens: int, gap_s: float, seed: int = 1) -> dict:  # noqa: ANN001
+    generator = torch.Generator().manual_seed(seed)
+    prompts = [
+        random_prompt(tokenizer, int(torch.randint(64, 512, (1,), generator=generator)), generator)
+        for _ in range(n)
+    ]
+    latencies: list[float] = [0.0] * n
+    counts = [0] * n
+    ttfts = [0.0] * n
+    errors: list[str] = []
+
+    def worker(i: int) -> None:
+        started = time.perf_counter()
+        try:
+            for _ in engine.stream_tokens(prompts[i], SamplingParams(max_new_tokens=tokens), ignore_eos=True):
+                if counts[i] == 0:
+                    ttfts[i] = time.perf_counter() - started
+                counts[i] += 1
+        except Exception as error:  # noqa: BLE001
+            errors.append(repr(error))
+        latencies[i] = time.perf_counter() - started
+
+    threads = [threading.Thread(target=worker, args=(i,)) for i in range(n)]
+    start = time.perf_counter()
+    for thread in threads:
+        thread.start()
+        time.sleep(gap_s)
+    for thread in threads:
+        thread.join()
+    wall = time.perf_counter() - start
+    ordered = sorted(latencies)
+    return {
+        "requests": n, "gap_s": gap_s, "new_tokens_each": tokens, "total_tokens": sum(counts),
+        "wall_s": round(wall, 2), "total_tok_s": round(sum(counts) / wall, 1),
+        "latency_p50_s": round(statistics.median(ordered), 2),
+        "latency_p95_s": round(ordered[min(n - 1, int(round(0.95 * (n - 1))))], 2),
+        "ttft_p50_ms": round(statistics.median(ttfts) * 1000, 1), "errors": errors,
+    }
+
+
+def ttft(engine, prompt: list[int], repeats: int = 3) -> float:  # noqa: ANN001
+    """Median over prompts of 1500, 1501, ... tokens (a new length each: no per-shape caching)."""
+    values = []
+    for extra in range(repeats):
+        start = time.perf_counter()
+        ids = prompt + prompt[1 : 1 + extra]
+        next(iter(engine.stream_tokens(ids, SamplingParams(max_new_tokens=1), ignore_eos=True)))
+        values.append(time.perf_counter() - start)
+    return round(statistics.median(values) * 1000, 1)
+
+
+def graph_step_times(engine) -> dict:  # noqa: ANN001
+    """Profile: pure decode step time (graph replay + logits to float) at a few buckets."""
+    graphs = engine.scheduler.model.graphs
+    out = {}
+    for n, kv in [(1, 256), (1, 2048), (16, 512), (16, 2048)]:
+        if n > graphs.max_batch or kv > graphs.max_seq_len:
+            continue
+        tokens, positions = [1] * n, [kv - 1] * n
+        for _ in range(3):
+            graphs.decode(tokens, positions)
+        sync()
+        start = time.perf_counter()
+        for _ in range(20):
+            graphs.decode(tokens, positions)
+        sync()
+        out[f"b{n}_kv{kv}_ms"] = round((time.perf_counter() - start) / 20 * 1000, 3)
+    out.update(matmul_floor(graphs.decoder))
+    return out
+
+
+def matmul_floor(decoder) -> dict:  # noqa: ANN001
+    """Profile: only the weight matmuls of one batch-1 step (all layers + lm_head) in a CUDA graph.
+    Its time over the step's time is what the non-matmul kernels cost; bytes/time is the achieved
+    weight bandwidth."""
+    from llm.mistral_decoder import DenseLayer
+
+    if not isinstance(decoder.layers[0], DenseLayer) or decoder.device.type != "cuda":
+        return {}
+    layers = decoder.layers
+    x = torch.randn(1, decoder.config.hidden_size, dtype=decoder.dtype, device=decoder.device)
+    xi = torch.randn(1, decoder.config.intermediate_size, dtype=decoder.dtype, device=decoder.device)
+
+    def run() -> torch.Tensor:
+        acc = x
+        for layer in layers:
+            layer.qkv(x), layer.o(x), layer.gate_up(x)
+            acc = layer.down(xi)
+        return decoder.lm_head(acc)
+
+    weight_bytes = sum(
+        t.numel() * t.element_size()
+        for layer in layers for t in (layer.w_qkv, layer.w_o, layer.w_gate_up, layer.w_down)
+    ) + decoder.embed.numel() * decoder.embed.element_size()
+    with torch.inference_mode():
+        run()
+        sync()
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            run()
+        for _ in range(3):
+            graph.replay()
+        sync()
+        start = time.perf_counter()
+        for _ in range(20):
+            graph.replay()
+        sync()
+    seconds = (time.perf_counter() - start) / 20
+    copy_src = torch.empty(2 * 1024**3, dtype=torch.uint8, device="cuda")
+    copy_dst = torch.empty_like(copy_src)
+    copy_dst.copy_(copy_src)
+    sync()
+    start = time.perf_counter()
+    for _ in range(5):
+        copy_dst.copy_(copy_src)
+    sync()
+    copy_tb_s = 2 * copy_src.numel() * 5 / (time.perf_counter() - start) / 1e12
+    del copy_src, copy_dst
+    return {
+        "b1_matmuls_only_ms": round(seconds * 1000, 3),
+        "weight_gb_per_token": round(weight_bytes / 1e9, 2),
+        "matmul_achieved_tb_s": round(weight_bytes / seconds / 1e12, 2),
+        "copy_tb_s": round(copy_tb_s, 2),
+        "bandwidth_floor_ms": round(weight_bytes / (copy_tb_s * 1e12) * 1000, 3),
+    }
+
+
+def profile_steps(engine, prompt: list[int], out_dir: Path | None) -> dict:  # noqa: ANN001
+    """torch.profiler over 32 tokens of one stream: where the step time goes (GPU kernels vs host)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        list(engine.stream_tokens(prompt, SamplingParams(max_new_tokens=32), ignore_eos=True))
+    table = prof.key_averages().table(sort_by="cuda_time_total", row_limit=25)
+    if out_dir is not None:
+        (out_dir / f"profile_{engine.name}.txt").write_text(table)
+    events = prof.key_averages()
+    cuda_total = sum(getattr(e, "self_device_time_total", 0) or 0 for e in events) / 1e3
+    return {"profiled_tokens": 32, "gpu_kernel_ms_total": round(cuda_total, 1)}
+
+
+def bench_batching_engine(name: str, build, tokenizer, args, reference_logits, korean_ids) -> dict:  # noqa: ANN001
+    from llm.fidelity import kl_summary, teacher_forced_decode_logits
+
+    case: dict = {"case": name}
+    torch.cuda.reset_peak_memory_stats()
+    sync()
+    start = time.perf_counter()
+    engine = build()
+    sync()
+    case["startup_s"] = round(time.perf_counter() - start, 2)
+    case["startup_peak_gb"] = gb(torch.cuda.max_memory_allocated())
+    case["engine_info"] = engine.info
+    try:
+        step_model = engine.scheduler.model
+        with torch.inference_mode():
+            prefill_logits = step_model.decoder.prefill(0, torch.tensor(korean_ids), all_logits=True)
+            case["fidelity_prefill"] = kl_summary(reference_logits, prefill_logits)
+            del prefill_logits
+            decoded = teacher_forced_decode_logits(step_model, korean_ids)
+            case["fidelity_decode"] = kl_summary(reference_logits, decoded)
+            del decoded
+        case["step_profile"] = graph_step_times(engine)
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()  # serving peak: without the profile's copy buffers
+        generator = torch.Generator().manual_seed(0)
+        short = random_prompt(tokenizer, 32, generator)
+        single_stream(engine, short, 16)  # warm the Python side
+        case["single"] = single_stream(engine, short, args.single_tokens if name == "fast" else args.low_tokens)
+        try:
+            case["profile"] = profile_steps(engine, short, args.out_dir)
+        except Exception as error:  # noqa: BLE001
+            case["profile"] = {"error": repr(error)}
+        long_prompt = random_prompt(tokenizer, 1500, generator)
+        case["ttft_1500_ms"] = ttft(engine, long_prompt)
+        if name == "fast":
+            case["staggered"] = staggered(engine, tokenizer, 16, 256, args.gap)
+            case["staggered_gap_100ms"] = staggered(engine, tokenizer, 16, 256, 0.1)
+        else:
+            case["staggered"] = staggered(engine, tokenizer, 4, 64, args.gap)
+        case["serving_peak_gb"] = gb(torch.cuda.max_memory_allocated())
+        case["serving_peak_reserved_gb"] = gb(torch.cuda.max_memory_reserved())
+        case["resident_gb"] = gb(torch.cuda.memory_allocated())
+    finally:
+        engine.close()
+        torch.cuda.empty_cache()
+    return case
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--commit", default="unknown")
+    parser.add_argument("--tokenizer-file", default=None)
+    parser.add_argument("--out", default=os.environ.get("OUT"))
+    parser.add_argument("--results", default=None, help="also write the results file here")
+    parser.add_argument("--cases", default="seed,low-memory,fast")
+    parser.add_argument("--seed-tokens", type=int, default=64)
+    parser.add_argument("--single-tokens", type=int, default=256)
+    parser.add_argument("--low-tokens", type=int, default=128)
+    parser.add_argument("--gap", type=float, default=0.02, help="seconds between staggered arrivals")
+    parser.add_argument("--no-compile", action="store_true")
+    args = parser.parse_args()
+    out_dir = Path(args.out) if args.out else None
+    args.out_dir = out_dir
+    if out_dir:
+        out_dir.mkdir(parents=True, exist_ok=True)
+    cases = args.cases.split(",")
+    device_name = torch.cuda.get_device_name(0)
+    meta = {
+        "case": "meta", "commit": args.commit, "device": device_name,
+        "date": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"), "torch": torch.__version__,
+    }
+    try:
+        import bitsandbytes
+        import peft
+        import transformers
+
+        meta.update(transformers=transformers.__version__, peft=peft.__version__, bitsandbytes=bitsandbytes.__version__)
+    except Exception as error:  # noqa: BLE001
+        meta["import_error"] = repr(error)
+    emit(meta, out_dir)
+
+    from llm.fidelity import KOREAN_FINANCE_TEXT
+
+    tokenizer = make_tokenizer(args.tokenizer_file, Path(tempfile.mkdtemp()) / "tok")
+    korean_ids = tokenizer(KOREAN_FINANCE_TEXT).input_ids
+    started = time.perf_counter()
+    model = build_seed_model()
+    sync()
+    emit({"case": "build", "seconds": round(time.perf_counter() - started, 1),
+          "allocated_gb": gb(torch.cuda.memory_allocated()), "korean_positions": len(korean_ids)}, out_dir)
+
+    with torch.inference_mode():
+        reference_logits = model(torch.tensor([korean_ids], device="cuda:0")).logits[0].float()
+
+    if "seed" in cases:
+        case: dict = {"case": "seed"}
+        try:
+            generator = torch.Generator().manual_seed(0)
+            prompt = torch.tensor([random_prompt(tokenizer, 32, generator)], device="cuda:0")
+            torch.cuda.reset_peak_memory_stats()
+            kwargs = dict(do_sample=True, temperature=0.9, top_p=0.8, top_k=50,
+                          pad_token_id=tokenizer.eos_token_id)
+            with torch.inference_mode():
+                model.generate(input_ids=prompt, attention_mask=torch.ones_like(prompt),
+                               max_new_tokens=4, **kwargs)  # warm-up
+                sync()
+                start = time.perf_counter()
+                out = model.generate(input_ids=prompt, attention_mask=torch.ones_like(prompt),
+                                     max_new_tokens=args.seed_tokens, min_new_tokens=args.seed_tokens, **kwargs)
+                sync()
+                seconds = time.perf_counter() - start
+                new = out.shape[1] - prompt.shape[1]
+                case["single"] = {"new_tokens": new, "seconds": round(seconds, 2), "tok_s": round(new / seconds, 1)}
+                long_prompt = torch.tensor([random_prompt(tokenizer, 1500, generator)], device="cuda:0")
+                start = time.perf_counter()
+                model.generate(input_ids=long_prompt, attention_mask=torch.ones_like(long_prompt),
+                               max_new_tokens=1, **kwargs)
+                sync()
+                case["ttft_1500_ms"] = round((time.perf_counter() - start) * 1000, 1)
+            case["serving_peak_gb"] = gb(torch.cuda.max_memory_allocated())
+        except Exception:  # noqa: BLE001
+            case["error"] = traceback.format_exc(limit=5)
+        emit(case, out_dir)
+
+    no_compile = args.no_compile
+    if "low-memory" in cases:
+        from llm.fast import build_low_memory_engine
+
+        try:
+            case = bench_batching_engine(
+                "low-memory",
+                lambda: build_low_memory_engine(model, tokenizer, max_batch=2, max_seq_len=2048,
+                                                compile_kernels=not no_compile),
+                tokenizer, args, reference_logits, korean_ids,
+            )
+        except Exception:  # noqa: BLE001
+            case = {"case": "low-memory", "error": traceback.format_exc(limit=8)}
+        emit(case, out_dir)
+
+    if "fast" in cases:
+        from llm.fast import build_fast_engine
+
+        try:
+            case = bench_batching_engine(
+                "fast",
+                lambda: build_fast_engine(model, tokenizer, max_batch=16, max_seq_len=2048,
+                                          compile_kernels=not no_compile, free_source=True),
+                tokenizer, args, reference_logits, korean_ids,
+            )
+        except Exception:  # noqa: BLE001
+            case = {"case": "fast", "error": traceback.format_exc(limit=8)}
+        emit(case, out_dir)
+
+    results = {"meta": meta, "cases": RESULTS[1:]}
+    text = json.dumps(results, indent=2)
+    if out_dir:
+        stamp = dt.date.today().isoformat()
+        slug = device_name.lower().replace(" ", "-")
+        (out_dir / f"{stamp}-{slug}.json").write_text(text)
+    if args.results:
+        Path(args.results).write_text(text)
+    print_table()
+
+
+def print_table() -> None:
+    rows = [("case", "1-stream tok/s", "16-stag tok/s", "p50/p95 s", "TTFT1500 ms", "peak GB", "startup s", "KL mean/max")]
+    for case in RESULTS:
+        if case["case"] in ("meta", "build"):
+            continue
+        if "error" in case:
+            rows.append((case["case"], "ERROR", case["error"].strip().splitlines()[-1][:60], "", "", "", "", ""))
+            continue
+        single = case.get("single", {})
+        stag = case.get("staggered", {})
+        fid = case.get("fidelity_decode", {})
+        rows.append((
+            case["case"],
+            f"{single.get('tok_s', '')} (dec {single.get('decode_tok_s', '-')})",
+            f"{stag.get('total_tok_s', '-')} (n={stag.get('requests', '-')})",
+            f"{stag.get('latency_p50_s', '-')}/{stag.get('latency_p95_s', '-')}",
+            str(case.get("ttft_1500_ms", "-")),
+            f"{case.get('serving_peak_gb', '-')} (start {case.get('startup_peak_gb', '-')})",
+            str(case.get("startup_s", "-")),
+            f"{fid.get('kl_mean', '-'):.2e}/{fid.get('kl_max', 0):.2e}" if fid else "-",
+        ))
+    widths = [max(len(str(r[i])) for r in rows) for i in range(len(rows[0]))]
+    for row in rows:
+        print(" | ".join(str(v).ljust(w) for v, w in zip(row, widths, strict=True)))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,232 @@
+"""Load test of the real `finbot run` process through the fake Slack server (no GPU, no network).
+
+100 mentions in 100 threads within 10 s, then one follow-up per thread as soon as its first
+answer is final, answered by the fake engine at a fixed speed (so what is measured is the bot's
+own overhead: events, database, Slack calls, formatting). Reports JSON:
+
+- answered / lost / duplicated questions;
+- p50/p95 seconds from event to first visible bot message (placeholder or stream start), to the
+  first answer text, and to the final answer;
+- the bot process's CPU time per question (user + system, from /proc via psutil), start-up excluded.
+
+    python bench/load_bot.py                      # defaults: 100 threads, 10 s, 40 tokens/s fake engine, 16 workers
+    python bench/load_bot.py --threads 100 --spread 10 --tokens-per-second 40 --workers 16 --out bench/results/load.json
+
+`--engine-env KEY=VALUE` passes extra settings (e.g. ENGINE=fast on a GPU machine with BASE_MODEL/ADAPTER).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import signal
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO_ROOT))
+
+from bot import messages_ko  # noqa: E402
+from tests.e2e.process import start_finbot  # noqa: E402
+from tests.fakes.slack_server import FakeSlack  # noqa: E402
+
+REPLY = "답변 {question} 입니다. " + " ".join(["기준금리는", "중앙은행이", "정하는", "정책금리예요."] * 5)
+
+
+def percentile(values: list[float], q: float) -> float | None:
+    if not values:
+        return None
+    ordered = sorted(values)
+    index = min(len(ordered) - 1, max(0, round(q / 100 * (len(ordered) - 1))))
+    return round(ordered[index], 4)
+
+
+def summary(values: list[float]) -> dict[str, Any]:
+    return {"n": len(values), "p50_s": percentile(values, 50), "p95_s": percentile(values, 95),
+            "max_s": round(max(values), 4) if values else None}
+
+
+def build_tokenizer_dir(root: Path) -> Path:
+    from llm.synthetic import write_mistral_tokenizer
+
+    directory = root / "tokenizer"
+    write_mistral_tokenizer(directory)
+    return directory
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--threads", type=int, default=100)
+    parser.add_argument("--spread", type=float, default=10.0, help="seconds over which the mentions arrive")
+    parser.add_argument("--tokens-per-second", type=float, default=40.0, help="fake engine speed (words/s)")
+    parser.add_argument("--workers", type=int, default=16, help="GENERATION_WORKERS (enough that answers do not queue)")
+    parser.add_argument("--timeout", type=float, default=180.0)
+    parser.add_argument("--database-url", default=None, help="default: a fresh SQLite file")
+    parser.add_argument("--engine-env", action="append", default=[], metavar="KEY=VALUE")
+    parser.add_argument("--out", type=Path, default=None)
+    args = parser.parse_args(argv)
+
+    import psutil
+
+    root = Path(tempfile.mkdtemp(prefix="finbot-load-"))
+    log = root / "finbot.log"
+    extra = dict(item.split("=", 1) for item in args.engine_env)
+    with FakeSlack() as fake:
+        settings = {
+            "SLACK_BOT_TOKEN": fake.bot_token, "SLACK_APP_TOKEN": fake.app_token, "SLACK_API_URL": fake.api_url,
+            "DATABASE_URL": args.database_url or f"sqlite:///{root / 'finbot.db'}",
+            "ENGINE": "fake", "BASE_MODEL": str(build_tokenizer_dir(root)),
+            "FAKE_REPLY": REPLY, "FAKE_TOKENS_PER_SECOND": str(args.tokens_per_second),
+            "GENERATION_WORKERS": str(args.workers), "LOG_LEVEL": "WARNING",
+            # The load comes from a handful of users in one channel, like a busy team; don't rate-limit it.
+            "RATE_LIMIT_PER_USER": "0", "RATE_LIMIT_PER_CHANNEL": "0",
+            **extra,
+        }
+        process = start_finbot("run", cwd=root, log_path=log, **settings)
+        try:
+            fake.wait_connected(timeout=120)
+            time.sleep(1.0)  # let start-up work settle before the CPU baseline
+            bot = psutil.Process(process.pid)
+            cpu_before = bot.cpu_times()
+
+            sent: dict[tuple[str, int], float] = {}  # (thread_ts, turn) -> event sent time
+            threads: list[str] = []
+            follow_ups_sent: set[str] = set()
+            lock = threading.Lock()
+
+            def bot_messages(thread_ts: str) -> list[dict]:
+                return [m for m in fake.messages(channel="CLOAD", thread_ts=thread_ts) if m.get("bot_id") == fake.bot_id]
+
+            def final(message: dict) -> bool:
+                return message.get("text") not in ("", messages_ko.THINKING) and message.get("stream_state") != "streaming"
+
+            def follow_up_loop(stop: threading.Event) -> None:
+                while not stop.is_set():
+                    with lock:
+                        pending = [t for t in threads if t not in follow_ups_sent]
+                    for thread_ts in pending:
+                        got = bot_messages(thread_ts)
+                        if got and final(got[0]) and "질문1-" in got[0].get("text", ""):
+                            event = fake.message_event(f"질문2-{thread_ts} 그럼 환율은?", channel="CLOAD",
+                                                       thread_ts=thread_ts, user="U2")
+                            with lock:
+                                follow_ups_sent.add(thread_ts)
+                                sent[(thread_ts, 2)] = time.time()
+                            fake.send_event(event)
+                    time.sleep(0.1)
+
+            stop = threading.Event()
+            follower = threading.Thread(target=follow_up_loop, args=(stop,), daemon=True)
+            follower.start()
+            load_started = time.time()
+            for index in range(args.threads):
+                due = load_started + index * args.spread / args.threads
+                time.sleep(max(0.0, due - time.time()))
+                ts = fake.next_ts()
+                mention = fake.mention_event(f"<@{fake.bot_user_id}> 질문1-{ts} 기준금리가 뭐야?",
+                                             channel="CLOAD", ts=ts, user=f"U{index % 7}")
+                with lock:
+                    sent[(ts, 1)] = time.time()
+                    threads.append(ts)
+                fake.send_event(mention)
+            mentions_done = time.time() - load_started
+
+            def complete() -> bool:
+                with lock:
+                    if len(follow_ups_sent) < len(threads):
+                        return False
+                return all(len(got := bot_messages(t)) >= 2 and all(final(m) for m in got) for t in threads)
+
+            deadline = time.time() + args.timeout
+            while time.time() < deadline and not complete():
+                time.sleep(0.1)
+            time.sleep(1.0)  # late duplicates would show up now
+            stop.set()
+            cpu_after = bot.cpu_times()
+        finally:
+            process.send_signal(signal.SIGTERM)
+            exit_code = process.wait(timeout=60)
+
+        # Per question: which bot message answers it, and when it became visible / got text / was final.
+        by_ts: dict[str, list[float]] = {}
+        first_text: dict[str, float] = {}
+        # Every new bot message per thread (placeholder or stream start), for "first visible".
+        posts: dict[str, list[float]] = {}
+        for call in fake.calls:
+            if not call.response or not call.response.get("ok"):
+                continue
+            if call.method in ("chat.postMessage", "chat.startStream") and call.params.get("thread_ts"):
+                posts.setdefault(str(call.params["thread_ts"]), []).append(call.at)
+            ts = call.response.get("ts") or call.params.get("ts")
+            if ts is None or call.params.get("channel") != "CLOAD":
+                continue
+            by_ts.setdefault(str(ts), []).append(call.at)
+            text = str(call.params.get("text") or "") + str(call.params.get("markdown_text") or "")
+            chunks = call.params.get("chunks")
+            if isinstance(chunks, list):
+                text += "".join(str(c.get("text", "")) for c in chunks if isinstance(c, dict))
+            if text.strip() and text != messages_ko.THINKING and str(ts) not in first_text:
+                first_text[str(ts)] = call.at
+
+        to_visible: list[float] = []
+        to_text: list[float] = []
+        to_final: list[float] = []
+        answered = lost = duplicated = 0
+        for thread_ts in threads:
+            messages = bot_messages(thread_ts)
+            for turn in (1, 2):
+                if (thread_ts, turn) not in sent:
+                    lost += 1
+                    continue
+                marker = f"질문{turn}-{thread_ts}"
+                matching = [m for m in messages if marker in (m.get("text") or "")]
+                if not matching:
+                    lost += 1
+                    continue
+                answered += 1
+                duplicated += len(matching) - 1
+                times = by_ts.get(matching[0]["ts"], [])
+                started_at = sent[(thread_ts, turn)]
+                visible = [at for at in posts.get(thread_ts, []) if at >= started_at]
+                if visible:
+                    to_visible.append(min(visible) - started_at)
+                if times:
+                    to_final.append(max(times) - started_at)
+                if matching[0]["ts"] in first_text:
+                    to_text.append(first_text[matching[0]["ts"]] - sent[(thread_ts, turn)])
+            duplicated += max(0, len(messages) - 2)
+
+        questions = 2 * len(threads)
+        cpu_s = (cpu_after.user - cpu_before.user) + (cpu_after.system - cpu_before.system)
+        answer_seconds = len(REPLY.split(" ")) / args.tokens_per_second
+        result = {
+            "bench": "load_bot",
+            "threads": len(threads),
+            "questions": questions,
+            "mentions_sent_in_s": round(mentions_done, 2),
+            "fake_engine": {"tokens_per_second": args.tokens_per_second, "answer_s": round(answer_seconds, 2),
+                            "workers": args.workers},
+            "answered": answered,
+            "lost": lost,
+            "duplicated": duplicated,
+            "event_to_first_visible": summary(to_visible),
+            "event_to_first_text": summary(to_text),
+            "event_to_final": summary(to_final),
+            "bot_cpu_s_total": round(cpu_s, 3),
+            "bot_cpu_ms_per_question": round(1000 * cpu_s / max(1, answered), 2),
+            "exit_code": exit_code,
+            "settings": {k: v for k, v in settings.items() if not k.startswith("SLACK_")},
+        }
+    print(json.dumps(result, ensure_ascii=False, indent=2))
+    if args.out:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps(result, ensure_ascii=False, indent=2))
+    return 0 if lost == 0 and duplicated == 0 and exit_code == 0 else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,336 @@
+"""Showing an answer in Slack while it is generated, within Slack's rate limits.
+
+Two ways, chosen per workspace:
+
+* native streaming (``chat.startStream``/``appendStream``/``stopStream`` through slack-sdk's
+  ``chat_stream`` helper): the answer grows in one message, like chat assistants do;
+* a posted message edited with ``chat.update``: used after a workspace refused native streaming
+  once (remembered for the life of the process), and when a started stream breaks off.
+
+Appends are batched (every `flush_seconds` or `flush_chars` characters). A ``ratelimited`` reply
+postpones the next flush by its ``Retry-After`` while text keeps accumulating, so nothing is lost;
+the final calls wait and retry. The streamed view shows the raw model text (escaped so nothing can
+ping); the final message is the cleaned answer, which replaces the streamed view.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any, Literal, TypeVar
+
+from slack_sdk import WebClient
+from slack_sdk.errors import SlackApiError
+from slack_sdk.web.chat_stream import ChatStream
+
+from bot.formatting import escape_for_stream, split_message, to_mrkdwn
+
+logger = logging.getLogger(__name__)
+
+T = TypeVar("T")
+Mode = Literal["native", "update"]
+
+STREAMING_CURSOR = " \u258d"  # ▍ after the text while it is still being written (chat.update path)
+MAX_RETRY_AFTER_SECONDS = 30.0
+
+
+def is_rate_limited(error: SlackApiError) -> bool:
+    return error.response.get("error") == "ratelimited" or error.response.status_code == 429
+
+
+def retry_after_seconds(error: SlackApiError, default: float = 1.0) -> float:
+    headers = error.response.headers or {}
+    value = headers.get("Retry-After") or headers.get("retry-after")
+    try:
+        return min(max(float(value), 0.0), MAX_RETRY_AFTER_SECONDS) if value is not None else default
+    except (TypeError, ValueError):
+        return default
+
+
+def call_with_backoff(
+    call: Callable[[], T],
+    what: str,
+    thread_ref: str,
+    attempts: int = 5,
+    sleep: Callable[[float], None] = time.sleep,
+) -> T:
+    """Run a Slack call, waiting out ``ratelimited`` replies (Retry-After) up to `attempts` times."""
+    for attempt in range(1, attempts + 1):
+        try:
+            return call()
+        except SlackApiError as error:
+            if not is_rate_limited(error) or attempt == attempts:
+                raise
+            delay = retry_after_seconds(error)
+            logger.warning("%s in %s rate-limited; retrying in %.1fs (attempt %d)", what, thread_ref, delay, attempt)
+            sleep(delay)
+    raise AssertionError("unreachable")
+
+
+class StreamingModes:
+    """Remembers the workspaces that refused native streaming."""
+
+    def __init__(self, native_enabled: bool = True) -> None:
+        self._native_enabled = native_enabled
+        self._refused: set[str] = set()
+        self._lock = threading.Lock()
+
+    def mode_for(self, team_id: str) -> Mode:
+        with self._lock:
+            return "native" if self._native_enabled and team_id not in self._refused else "update"
+
+    def refuse(self, team_id: str) -> None:
+        with self._lock:
+            self._refused.add(team_id)
+
+
+@dataclass(frozen=True)
+class ReplyTarget:
+    team_id: str
+    channel_id: str
+    thread_ts: str
+    user_id: str | None
+    thread_ref: str
+
+
+@dataclass(frozen=True)
+class StreamSettings:
+    flush_seconds: float = 0.7
+    flush_chars: int = 300
+    message_limit: int = 3000
+
+
+class AnswerStreamer:
+    """One answer's Slack message(s): shows growing text, then the final answer.
+
+    `placeholder_ts` is an existing bot message to reuse (the "thinking" placeholder);
+    `on_reply_ts` is told the ts of the message that holds the answer whenever it changes.
+    """
+
+    def __init__(
+        self,
+        client: WebClient,
+        target: ReplyTarget,
+        modes: StreamingModes,
+        settings: StreamSettings,
+        placeholder_ts: str | None = None,
+        on_reply_ts: Callable[[str], None] | None = None,
+        clock: Callable[[], float] = time.monotonic,
+        sleep: Callable[[float], None] = time.sleep,
+    ) -> None:
+        self._client = client
+        self._target = target
+        self._modes = modes
+        self._settings = settings
+        self._mode: Mode = modes.mode_for(target.team_id)
+        self._placeholder_ts = placeholder_ts
+        self._on_reply_ts = on_reply_ts
+        self._clock = clock
+        self._sleep = sleep
+        self._stream: ChatStream | None = None
+        self._stream_ts: str | None = None
+        self._handed = 0  # characters of the escaped view handed to the native stream
+        self._raw = ""
+        self._shown_raw_len = 0
+        self._last_flush: float | None = None
+        self._not_before = 0.0
+
+    @property
+    def mode(self) -> Mode:
+        return self._mode
+
+    @property
+    def reply_ts(self) -> str | None:
+        return self._stream_ts if self._mode == "native" else self._placeholder_ts
+
+    # ------------------------------------------------------------------ while generating
+
+    def feed(self, raw_so_far: str) -> None:
+        """The model's raw text so far; flushes to Slack when a batch is due."""
+        self._raw = raw_so_far
+        now = self._clock()
+        if now < self._not_before:
+            return
+        pending = len(raw_so_far) - self._shown_raw_len
+        if pending <= 0:
+            return
+        due = (
+            self._last_flush is None
+            or now - self._last_flush >= self._settings.flush_seconds
+            or pending >= self._settings.flush_chars
+        )
+        if due:
+            self._flush(now)
+
+    def _flush(self, now: float) -> None:
+        self._last_flush = now
+        try:
+            if self._mode == "native":
+                self._flush_native()
+            else:
+                self._flush_update()
+            self._shown_raw_len = len(self._raw)
+        except SlackApiError as error:
+            if is_rate_limited(error):
+                delay = retry_after_seconds(error)
+                self._not_before = now + delay
+                logger.warning(
+                    "streaming in %s rate-limited; next update in %.1fs", self._target.thread_ref, delay
+                )
+                return
+            self._on_stream_error(error)
+
+    def _flush_native(self) -> None:
+        view = escape_for_stream(self._raw)
+        delta = view[self._handed :]
+        if self._stream is None:
+            kwargs: dict[str, Any] = {}
+            if not self._target.channel_id.startswith("D") and self._target.user_id:
+                # Slack requires the recipient when streaming into a channel.
+                kwargs = {"recipient_team_id": self._target.team_id, "recipient_user_id": self._target.user_id}
+            # buffer_size=1: the batching happens here, so every append is sent at once.
+            self._stream = self._client.chat_stream(
+                channel=self._target.channel_id, thread_ts=self._target.thread_ts, buffer_size=1, **kwargs
+            )
+        self._handed += len(delta)
+        # A failed call leaves the text in the helper's buffer; the next append sends it along.
+        self._stream.append(markdown_text=delta)
+        if self._stream_ts is None and self._stream.ts is not None:
+            self._stream_ts = self._stream.ts
+            self._started_native()
+
+    def _started_native(self) -> None:
+        assert self._stream_ts is not None
+        if self._on_reply_ts is not None:
+            self._on_reply_ts(self._stream_ts)
+        if self._placeholder_ts is not None:
+            try:
+                self._client.chat_delete(channel=self._target.channel_id, ts=self._placeholder_ts)
+            except SlackApiError as error:
+                logger.warning(
+                    "could not delete placeholder in %s: %s", self._target.thread_ref, error.response.get("error")
+                )
+            self._placeholder_ts = None
+
+    def _on_stream_error(self, error: SlackApiError) -> None:
+        code = error.response.get("error")
+        if self._mode == "native" and self._stream_ts is None:
+            logger.warning(
+                "workspace %s refused native streaming (%s); using chat.update there from now on (%s)",
+                self._target.team_id, code, self._target.thread_ref,
+            )
+            self._modes.refuse(self._target.team_id)
+            self._switch_to_update(None)
+        elif self._mode == "native":
+            logger.warning("stream in %s broke off (%s); finishing with chat.update", self._target.thread_ref, code)
+            self._switch_to_update(self._stream_ts)
+        else:
+            logger.warning("could not show progress in %s: %s", self._target.thread_ref, code)
+            return
+        try:
+            self._flush_update()
+            self._shown_raw_len = len(self._raw)
+        except SlackApiError as second:
+            logger.warning("could not show progress in %s: %s", self._target.thread_ref, second.response.get("error"))
+
+    def _switch_to_update(self, message_ts: str | None) -> None:
+        self._mode = "update"
+        self._stream = None
+        if message_ts is not None:
+            self._placeholder_ts = message_ts
+
+    def _flush_update(self) -> None:
+        pieces = split_message(to_mrkdwn(self._raw), self._settings.message_limit - len(STREAMING_CURSOR))
+        if not pieces:
+            return
+        self._show(pieces[0] + STREAMING_CURSOR)
+
+    def _show(self, text: str, blocks: Sequence[dict[str, Any]] | None = None, wait: bool = False) -> str | None:
+        """Put `text` in the reply message (editing it, or posting it when there is none)."""
+
+        def update() -> Any:
+            return self._client.chat_update(
+                channel=self._target.channel_id, ts=self._placeholder_ts, text=text, blocks=blocks or []
+            )
+
+        def post() -> Any:
+            return self._client.chat_postMessage(
+                channel=self._target.channel_id, thread_ts=self._target.thread_ts, text=text,
+                blocks=blocks or None, unfurl_links=False,
+            )
+
+        if self._placeholder_ts is not None:
+            try:
+                if wait:
+                    call_with_backoff(update, "chat.update", self._target.thread_ref, sleep=self._sleep)
+                else:
+                    update()
+                return self._placeholder_ts
+            except SlackApiError as error:
+                if is_rate_limited(error) and not wait:
+                    raise
+                if error.response.get("error") not in ("message_not_found", "cant_update_message", "edit_window_closed"):
+                    raise
+                logger.warning("reply message in %s is gone (%s); posting anew", self._target.thread_ref,
+                               error.response.get("error"))
+        response = call_with_backoff(post, "chat.postMessage", self._target.thread_ref, sleep=self._sleep) if wait else post()
+        self._placeholder_ts = response.get("ts")
+        if self._placeholder_ts is not None and self._on_reply_ts is not None:
+            self._on_reply_ts(self._placeholder_ts)
+        return self._placeholder_ts
+
+    # ------------------------------------------------------------------ the end
+
+    def _stop_native(self) -> None:
+        """Send the tail still buffered or unsent and close the stream, waiting out rate limits."""
+        assert self._stream is not None
+        view = escape_for_stream(self._raw)
+        tail = view[self._handed :]
+        self._handed = len(view)
+        stream = self._stream
+        first = [True]
+
+        def stop() -> Any:
+            # The helper keeps text it could not send in its buffer, so a retry sends it again.
+            text = tail if first[0] else None
+            first[0] = False
+            return stream.stop(markdown_text=text)
+
+        call_with_backoff(stop, "chat.stopStream", self._target.thread_ref, sleep=self._sleep)
+
+    def finish(self, pieces: Sequence[str], last_blocks: Sequence[dict[str, Any]] | None = None) -> str | None:
+        """Replace the view with the final answer `pieces` (one Slack message each).
+
+        The last piece carries `last_blocks` (below a section holding its text). Returns the ts of
+        the first message of the answer (the one that was streamed into), or None if Slack
+        could not be reached.
+        """
+        if self._mode == "native" and self._stream is not None and self._stream_ts is not None:
+            try:
+                self._stop_native()
+            except SlackApiError as error:
+                logger.warning("could not stop stream in %s: %s", self._target.thread_ref, error.response.get("error"))
+            self._switch_to_update(self._stream_ts)
+        first_ts: str | None = None
+        for index, piece in enumerate(pieces):
+            blocks: list[dict[str, Any]] | None = None
+            if index == len(pieces) - 1 and last_blocks:
+                blocks = [{"type": "section", "text": {"type": "mrkdwn", "text": piece}}, *last_blocks]
+            try:
+                ts = self._show(piece, blocks, wait=True)
+            except SlackApiError as error:
+                logger.error("could not post the answer in %s: %s", self._target.thread_ref, error.response.get("error"))
+                return first_ts
+            if index == 0:
+                first_ts = ts
+            # Later pieces are new messages in the thread; the reply ts stays the first one.
+            self._placeholder_ts = None
+            self._on_reply_ts = None
+        return first_ts
+
+    def fail(self, text: str) -> str | None:
+        """Show an apology (or any final notice) instead of an answer."""
+        return self.finish([text])

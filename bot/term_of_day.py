@@ -1,0 +1,494 @@
+"""오늘의 금융용어: post one term with the model's explanation per channel per Korean business day.
+
+One run for a (channel, day) goes:
+
+1. business day? (`bot.business_days`, weekends/holidays switchable) and inside the posting window
+   [post time, post time + grace) of *today* in the configured timezone? A job that fires late, or
+   a bot that starts later the same day, still posts within the grace; after it, or on another
+   day, nothing is posted: yesterday's term is never posted today.
+2. choose the term (`choose_next_term`: the operator's pin for the date, else no repeats within the
+   channel's history in the database until the catalog is exhausted).
+3. claim (channel, day) in the database *before* generating (`TermPostStore.claim`). A second
+   instance, a retried job or a second thread gets None and does nothing. A claim still 'claimed'
+   after `stale_after` belongs to a crashed instance and is taken over, but the new owner first
+   looks in the channel's history for a post carrying this day's metadata (the crashed owner may
+   have posted and died before recording it) and only posts when there is none.
+4. generate with a definition-first instruction in the seed's prompt form, cleaned; bounded
+   retries, then a fallback text (the term and a short Korean note) rather than nothing.
+5. confirm the claim is still ours, post the Block Kit message, record it, and store the thread as
+   a conversation whose first turn is "<term>이(가) 뭐야?" → explanation, so follow-ups in the thread
+   are answered like any conversation with the term as history.
+
+Everything takes an injected `now()` (timezone-aware), so tests run any day at any time instantly.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+import time as time_module
+import uuid
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from datetime import date, datetime, time, timedelta
+from typing import Any
+from zoneinfo import ZoneInfo
+
+from slack_sdk import WebClient
+
+from bot import messages_ko
+from bot.business_days import holiday_name, is_business_day, next_business_day
+from bot.formatting import to_mrkdwn
+from bot.scheduler import FinbotScheduler
+from bot.term_catalog import Term, choose_next_term, find_term, normalize_term_key
+from llm.answering import stream_raw_answer
+from llm.cleaning import clean_answer
+from llm.engine import GenerationEngine, SamplingParams
+from storage.conversations import ConversationStore
+from storage.term_posts import Claim, StoredTermPost, TermPostStore
+
+logger = logging.getLogger(__name__)
+
+# Slack's limits: a section's text and a header's plain text.
+SECTION_TEXT_LIMIT = 3000
+HEADER_TEXT_LIMIT = 150
+# Marks our posts in Slack so a takeover of a stale claim can see whether the crashed owner posted.
+METADATA_EVENT_TYPE = "finbot_term_of_day"
+TERM_OF_DAY_JOB_ID = "term-of-day"
+TERM_OF_DAY_CATCH_UP_JOB_ID = "term-of-day-catch-up"
+TODAY_SUBCOMMAND = "오늘"
+_WEEKDAYS_KO = "월화수목금토일"
+
+
+# ---------------------------------------------------------------------------- Korean text helpers
+
+
+def _last_hangul_has_batchim(text: str) -> bool | None:
+    """Whether the last Hangul syllable in `text` ends in a consonant; None without Hangul."""
+    for char in reversed(text):
+        code = ord(char) - 0xAC00
+        if 0 <= code < 11172:
+            return code % 28 != 0
+        if char.isalnum():
+            return None  # ends in Latin letters or digits: the reading (and so the particle) is unknown
+    return None
+
+
+def with_particle(word: str, consonant_form: str, vowel_form: str) -> str:
+    """`word` with the right particle: 기준금리가 / 환율이; both forms ("이(가)") when it can't tell."""
+    batchim = _last_hangul_has_batchim(word)
+    if batchim is None:
+        return f"{word}{consonant_form}({vowel_form})"
+    return word + (consonant_form if batchim else vowel_form)
+
+
+def term_question(term: str) -> str:
+    """The first user turn of the post's thread, e.g. "기준금리가 뭐야?"."""
+    return f"{with_particle(term, '이', '가')} 뭐야?"
+
+
+def definition_instruction(term: str) -> str:
+    """The definition-first instruction sent to the model (wrapped as `[INST]... [/INST]`)."""
+    quoted = with_particle(f"'{term}'", "이라는", "라는")
+    return f"{quoted} 금융·경제 용어의 뜻을 먼저 한두 문장으로 정의하고, 예시와 함께 쉽게 설명해줘."
+
+
+def korean_date(day: date) -> str:
+    return f"{day.year}년 {day.month}월 {day.day}일 ({_WEEKDAYS_KO[day.weekday()]})"
+
+
+# ---------------------------------------------------------------------------- Block Kit
+
+
+def split_for_sections(text: str, limit: int = SECTION_TEXT_LIMIT) -> list[str]:
+    """Split mrkdwn into chunks of at most `limit` characters, at paragraph, line or space boundaries."""
+    chunks: list[str] = []
+    rest = text.strip()
+    while len(rest) > limit:
+        window = rest[:limit]
+        cut = max(window.rfind("\n\n"), window.rfind("\n"))
+        if cut < limit // 2:
+            cut = window.rfind(" ")
+        if cut < limit // 2:
+            cut = limit
+        chunks.append(rest[:cut].rstrip())
+        rest = rest[cut:].lstrip()
+    if rest:
+        chunks.append(rest)
+    return chunks
+
+
+def build_post(term: Term, explanation: str, day: date) -> tuple[str, list[dict[str, Any]]]:
+    """(fallback text, blocks) of the term-of-the-day message; `explanation` is cleaned model text."""
+    title = term.term if not term.english else f"{term.term} ({term.english})"
+    header = messages_ko.TERM_OF_DAY_HEADER.format(term=title)
+    if len(header) > HEADER_TEXT_LIMIT:
+        header = header[: HEADER_TEXT_LIMIT - 1] + "…"
+    blocks: list[dict[str, Any]] = [{"type": "header", "text": {"type": "plain_text", "text": header, "emoji": True}}]
+    for chunk in split_for_sections(to_mrkdwn(explanation)):
+        blocks.append({"type": "section", "text": {"type": "mrkdwn", "text": chunk}})
+    blocks.append(
+        {
+            "type": "context",
+            "elements": [
+                {
+                    "type": "mrkdwn",
+                    "text": messages_ko.TERM_OF_DAY_CONTEXT.format(category=term.category, date=korean_date(day)),
+                }
+            ],
+        }
+    )
+    blocks.append({"type": "divider"})
+    blocks.append({"type": "context", "elements": [{"type": "mrkdwn", "text": messages_ko.TERM_OF_DAY_INVITE}]})
+    text = messages_ko.TERM_OF_DAY_TEXT.format(term=title)
+    return text, blocks
+
+
+@dataclass(frozen=True)
+class TodayMessage:
+    """What `/용어 오늘` answers: blocks when there is a post, otherwise only a Korean text."""
+
+    text: str
+    blocks: list[dict[str, Any]] | None = None
+
+    def as_payload(self) -> dict[str, Any]:
+        payload: dict[str, Any] = {"text": self.text}
+        if self.blocks is not None:
+            payload["blocks"] = self.blocks
+        return payload
+
+
+# ---------------------------------------------------------------------------- the service
+
+
+@dataclass(frozen=True)
+class TermOfDayConfig:
+    channels: tuple[str, ...]
+    timezone: str = "Asia/Seoul"
+    post_time: time = time(9, 0)
+    include_weekends: bool = False
+    include_holidays: bool = False
+    # How long after the post time a late job or a later start still posts (same day only).
+    catch_up_grace: timedelta = timedelta(hours=6)
+    # A claim still 'claimed' this long after it was made (or confirmed) belongs to a dead instance.
+    stale_after: timedelta = timedelta(minutes=30)
+    generation_attempts: int = 3
+    retry_delay: timedelta = timedelta(seconds=5)
+
+    @property
+    def tz(self) -> ZoneInfo:
+        return ZoneInfo(self.timezone)
+
+
+@dataclass(frozen=True)
+class PostOutcome:
+    channel_id: str
+    day: date
+    # posted | fallback (posted without a generated explanation) | skipped | failed
+    status: str
+    term: str | None = None
+    slack_ts: str | None = None
+    reason: str | None = None
+
+
+def default_instance_id() -> str:
+    return f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"[:128]
+
+
+@dataclass
+class TermOfDayService:
+    config: TermOfDayConfig
+    posts: TermPostStore
+    conversations: ConversationStore
+    engine: GenerationEngine
+    client: WebClient
+    terms: Sequence[Term]
+    sampling: SamplingParams = field(default_factory=SamplingParams)
+    max_prompt_tokens: int = 3072
+    now: Callable[[], datetime] | None = None
+    instance_id: str = field(default_factory=default_instance_id)
+    sleep: Callable[[float], None] = time_module.sleep
+    _team_id: str | None = field(default=None, init=False, repr=False)
+
+    # ------------------------------------------------------------------ clock and calendar
+
+    def current_time(self) -> datetime:
+        now = self.now() if self.now is not None else datetime.now(self.config.tz)
+        if now.tzinfo is None:
+            raise ValueError("the term-of-the-day clock must return timezone-aware datetimes")
+        return now.astimezone(self.config.tz)
+
+    def is_posting_day(self, day: date) -> bool:
+        return is_business_day(
+            day, include_weekends=self.config.include_weekends, include_holidays=self.config.include_holidays
+        )
+
+    def post_time_on(self, day: date) -> datetime:
+        return datetime.combine(day, self.config.post_time, tzinfo=self.config.tz)
+
+    def due_day(self, now: datetime | None = None) -> date | None:
+        """Today's date when a post is due now (a posting day, inside the window), else None."""
+        now = (now or self.current_time()).astimezone(self.config.tz)
+        day = now.date()
+        if not self.is_posting_day(day):
+            return None
+        start = self.post_time_on(day)
+        return day if start <= now < start + self.config.catch_up_grace else None
+
+    # ------------------------------------------------------------------ jobs
+
+    def run_due(self) -> list[PostOutcome]:
+        """The scheduled job (and the startup catch-up): post in every channel if today's post is due."""
+        now = self.current_time()
+        day = self.due_day(now)
+        if day is None:
+            logger.info("term of the day: nothing due at %s", now.isoformat(timespec="minutes"))
+            return []
+        return self.post_all(day)
+
+    def post_today(self) -> list[PostOutcome]:
+        """Post today's term now, whatever the time of day (CLI); still only on posting days."""
+        day = self.current_time().date()
+        if not self.is_posting_day(day):
+            logger.info("term of the day: %s is not a posting day (%s)", day, holiday_name(day) or "weekend")
+            return [PostOutcome(channel, day, "skipped", reason="not a posting day") for channel in self.config.channels]
+        return self.post_all(day)
+
+    def post_all(self, day: date) -> list[PostOutcome]:
+        outcomes = []
+        for channel in self.config.channels:
+            try:
+                outcomes.append(self.post_in_channel(channel, day))
+            except Exception as error:  # one channel's trouble must not stop the others
+                logger.exception("term of the day: posting in %s on %s failed", channel, day)
+                outcomes.append(PostOutcome(channel, day, "failed", reason=repr(error)))
+        return outcomes
+
+    def choose_term(self, channel_id: str, day: date) -> Term:
+        history = self.posts.channel_history(channel_id, before=day)
+        return choose_next_term(self.terms, history, day, pinned=self.posts.pinned_term(day))
+
+    def post_in_channel(self, channel_id: str, day: date) -> PostOutcome:
+        if day != self.current_time().date():
+            # The claim is for a date; posting another day's term would be "yesterday's term today".
+            raise ValueError(f"refusing to post the term of {day} on {self.current_time().date()}")
+        term = self.choose_term(channel_id, day)
+        now = self.current_time()
+        claim = self.posts.claim(
+            channel_id,
+            day,
+            term=term.term,
+            term_key=term.key,
+            category=term.category,
+            claimed_by=self.instance_id,
+            now=now,
+            stale_before=now - self.config.stale_after,
+        )
+        if claim is None:
+            existing = self.posts.get(channel_id, day)
+            logger.info(
+                "term of the day: %s on %s already %s by %s; not posting",
+                channel_id, day, existing.status if existing else "claimed", existing.claimed_by if existing else "?",
+            )
+            return PostOutcome(channel_id, day, "skipped", term=existing.term if existing else None, reason="claimed")
+        if claim.taken_over:
+            logger.warning("term of the day: took over a stale claim for %s on %s", channel_id, day)
+            found = self._find_existing_post(claim)
+            if found is not None:
+                return found
+        # A taken-over claim keeps the term its first owner chose.
+        term = self._term_of(claim.post)
+        explanation, error = self.generate_explanation(term)
+        return self._post(claim, term, explanation, error)
+
+    # ------------------------------------------------------------------ generation
+
+    def generate_explanation(self, term: Term) -> tuple[str, str | None]:
+        """(explanation, None) or, after the bounded retries, (fallback text, why it failed)."""
+        instruction = definition_instruction(term.term)
+        prompt_text = f"[INST]{instruction} [/INST]"
+        last_error = "no attempt made"
+        attempts = max(1, self.config.generation_attempts)
+        for attempt in range(1, attempts + 1):
+            try:
+                raw = "".join(
+                    stream_raw_answer(self.engine, [], instruction, self.sampling, self.max_prompt_tokens)
+                )
+                answer = clean_answer(raw, prompt_text=prompt_text)
+                if answer.strip():
+                    return answer, None
+                last_error = "the model returned an empty answer"
+            except Exception as error:
+                last_error = f"{type(error).__name__}: {error}"
+            logger.warning(
+                "term of the day: generating %r failed (attempt %d/%d): %s", term.term, attempt, attempts, last_error
+            )
+            if attempt < attempts and self.config.retry_delay > timedelta(0):
+                self.sleep(self.config.retry_delay.total_seconds())
+        logger.error("term of the day: posting %r with the fallback text; last error: %s", term.term, last_error)
+        fallback = messages_ko.TERM_OF_DAY_FALLBACK.format(question=term_question(term.term))
+        return fallback, f"generation failed after {attempts} attempt(s): {last_error}"
+
+    # ------------------------------------------------------------------ posting
+
+    def _term_of(self, post: StoredTermPost) -> Term:
+        found = find_term(self.terms, post.term)
+        if found is not None and found.key == normalize_term_key(post.term_key):
+            return found
+        return Term(term=post.term, category=post.category or "기타", english=None)
+
+    def _post(self, claim: Claim, term: Term, explanation: str, error: str | None) -> PostOutcome:
+        post = claim.post
+        if not self.posts.confirm_claim(post.id, self.instance_id, self.current_time()):
+            logger.warning(
+                "term of the day: our claim for %s on %s was taken over while generating; not posting",
+                post.channel_id, post.post_date,
+            )
+            return PostOutcome(post.channel_id, post.post_date, "skipped", term=term.term, reason="claim lost")
+        text, blocks = build_post(term, explanation, post.post_date)
+        try:
+            response = self.client.chat_postMessage(
+                channel=post.channel_id,
+                text=text,
+                blocks=blocks,
+                unfurl_links=False,
+                unfurl_media=False,
+                metadata={
+                    "event_type": METADATA_EVENT_TYPE,
+                    "event_payload": {"post_date": post.post_date.isoformat(), "term": term.term},
+                },
+            )
+            slack_ts = str(response["ts"])
+        except Exception as slack_error:
+            reason = f"Slack post failed: {type(slack_error).__name__}: {slack_error}"
+            logger.error("term of the day: %s in %s on %s", reason, post.channel_id, post.post_date)
+            self.posts.mark_failed(post.id, self.instance_id, reason, explanation=explanation)
+            return PostOutcome(post.channel_id, post.post_date, "failed", term=term.term, reason=reason)
+        self.posts.mark_posted(
+            post.id, self.instance_id, slack_ts=slack_ts, explanation=explanation, now=self.current_time(), error=error
+        )
+        logger.info(
+            "term of the day: posted %r in %s on %s (ts %s%s)",
+            term.term, post.channel_id, post.post_date, slack_ts, ", fallback text" if error else "",
+        )
+        self._start_conversation(post.channel_id, slack_ts, term, explanation)
+        status = "fallback" if error else "posted"
+        return PostOutcome(post.channel_id, post.post_date, status, term=term.term, slack_ts=slack_ts, reason=error)
+
+    def team_id(self) -> str:
+        if self._team_id is None:
+            self._team_id = str(self.client.auth_test()["team_id"])
+        return self._team_id
+
+    def _start_conversation(self, channel_id: str, slack_ts: str, term: Term, explanation: str) -> None:
+        """The post's thread becomes a conversation whose first turn is the term and its explanation."""
+        try:
+            conversation_id = self.conversations.get_or_create_conversation(self.team_id(), channel_id, slack_ts)
+            question_id = self.conversations.add_user_message(conversation_id, term_question(term.term), None, None)
+            if question_id is not None:
+                self.conversations.add_assistant_message(conversation_id, explanation, question_id, slack_ts)
+        except Exception:
+            # The post is out and recorded; only thread follow-ups lose their context.
+            logger.exception("term of the day: storing the thread of %s in %s failed", slack_ts, channel_id)
+
+    def _find_existing_post(self, claim: Claim) -> PostOutcome | None:
+        """After taking over a stale claim: did the crashed owner post before it died?
+
+        Returns an outcome when it did (recorded as posted) or when that can't be checked (recorded
+        as failed: not posting is the only way to be sure of never posting twice); None when the
+        channel has no post for the day and posting is safe.
+        """
+        post = claim.post
+        oldest = datetime.combine(post.post_date, time(0), tzinfo=self.config.tz).timestamp()
+        try:
+            cursor: str | None = None
+            while True:
+                response = self.client.conversations_history(
+                    channel=post.channel_id, oldest=f"{oldest:.6f}", include_all_metadata=True, limit=200, cursor=cursor
+                )
+                for message in response.get("messages") or []:
+                    metadata = message.get("metadata") or {}
+                    payload = metadata.get("event_payload") or {}
+                    if (
+                        metadata.get("event_type") == METADATA_EVENT_TYPE
+                        and payload.get("post_date") == post.post_date.isoformat()
+                    ):
+                        ts = str(message["ts"])
+                        logger.warning(
+                            "term of the day: the crashed owner had already posted %s in %s; recording it",
+                            ts, post.channel_id,
+                        )
+                        self.posts.mark_posted(
+                            post.id, self.instance_id, slack_ts=ts, explanation=post.explanation or "",
+                            now=self.current_time(), error="recovered from a stale claim",
+                        )
+                        return PostOutcome(post.channel_id, post.post_date, "skipped", term=post.term, slack_ts=ts,
+                                           reason="already posted by a crashed instance")
+                cursor = (response.get("response_metadata") or {}).get("next_cursor") or None
+                if not cursor:
+                    return None
+        except Exception as error:
+            reason = f"could not check the channel for an earlier post: {type(error).__name__}: {error}"
+            logger.error("term of the day: %s (%s on %s); not posting", reason, post.channel_id, post.post_date)
+            self.posts.mark_failed(post.id, self.instance_id, reason)
+            return PostOutcome(post.channel_id, post.post_date, "failed", term=post.term, reason=reason)
+
+    # ------------------------------------------------------------------ /용어 오늘
+
+    def today_message(self, channel_id: str | None = None) -> TodayMessage:
+        """Today's term for anyone who missed it: this channel's post, else any channel's post today."""
+        day = self.current_time().date()
+        posted = [p for p in self.posts.posts_on(day) if p.status == "posted"]
+        mine = [p for p in posted if p.channel_id == channel_id]
+        chosen = (mine or posted or [None])[0]
+        if chosen is not None:
+            text, blocks = build_post(self._term_of(chosen), chosen.explanation or "", day)
+            return TodayMessage(text=text, blocks=blocks)
+        if not self.is_posting_day(day):
+            next_day = korean_date(
+                next_business_day(
+                    day, include_weekends=self.config.include_weekends, include_holidays=self.config.include_holidays
+                )
+            )
+            name = holiday_name(day)
+            if name is None:
+                return TodayMessage(text=messages_ko.TERM_OF_DAY_WEEKEND.format(next_day=next_day))
+            return TodayMessage(
+                text=messages_ko.TERM_OF_DAY_HOLIDAY.format(holiday=with_particle(name, "이라", "라"), next_day=next_day)
+            )
+        if not self.config.channels:
+            return TodayMessage(text=messages_ko.TERM_OF_DAY_NOT_CONFIGURED)
+        return TodayMessage(text=messages_ko.TERM_OF_DAY_NOT_YET.format(time=self.config.post_time.strftime("%H:%M")))
+
+
+def today_term_message(service: TermOfDayService, channel_id: str | None = None) -> dict[str, Any]:
+    """`/용어 오늘`: the Slack payload ({"text", "blocks"?}) showing today's term or why there is none."""
+    return service.today_message(channel_id).as_payload()
+
+
+def schedule_term_of_day(scheduler: FinbotScheduler, service: TermOfDayService) -> bool:
+    """Add the daily job and the startup catch-up; False (nothing scheduled) without channels."""
+    config = service.config
+    if not config.channels:
+        logger.info("term of the day: TERM_OF_DAY_CHANNELS is empty; not scheduling it")
+        return False
+    # The job checks the window itself, so APScheduler's misfire grace only has to be as wide.
+    scheduler.add_daily_job(TERM_OF_DAY_JOB_ID, service.run_due, at=config.post_time, misfire_grace=config.catch_up_grace)
+    scheduler.add_startup_job(TERM_OF_DAY_CATCH_UP_JOB_ID, service.run_due)
+    return True
+
+
+def register_today_subcommand(service: TermOfDayService) -> None:
+    """`/용어 오늘` (through the slash command's subcommand registry): today's term, only to the asker."""
+    from bot.listeners.slash import SlashRequest, register_subcommand
+
+    def today(request: SlashRequest) -> None:
+        try:
+            payload = today_term_message(service, request.channel_id)
+        except Exception:
+            logger.exception("term of the day: /%s 오늘 failed", request.command)
+            payload = {"text": messages_ko.TERM_OF_DAY_LOOKUP_FAILED}
+        request.respond(**payload, response_type="ephemeral")
+
+    register_subcommand(TODAY_SUBCOMMAND, today)

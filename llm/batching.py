@@ -1,0 +1,483 @@
+"""Continuous batching: one scheduler thread steps a slot-based model for all running requests.
+
+A request arriving while others generate is prefilled into a free slot between two decode steps
+and joins the next step; it does not wait for the running answers to finish. The scheduler only
+needs a `StepModel` (prefill one prompt into a slot; one decode step for slots 0..n-1), so its
+logic runs on the CPU with the tiny model in CI exactly as it runs on the GPU with CUDA graphs.
+
+Guarantees:
+- bounded waiting queue: `submit` raises `EngineBusyError` when it is full;
+- per-request cancellation: the caller's `threading.Event`, or a consumer that stops iterating,
+  frees the slot at the next step;
+- isolation: a request whose prefill or sampling fails gets a `GenerationError`; the others go
+  on. A failing decode step (the whole batch) fails the requests in it, and the scheduler keeps
+  serving new ones;
+- sampling per request with its own `SamplingParams` (temperature, top-k, top-p in HF's order;
+  greedy; an optional per-request seed); EOS ends a request and is not emitted;
+- the stream yields whole characters only (`IncrementalDecoder`).
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import queue
+import threading
+from collections import deque
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Protocol
+
+import torch
+
+from llm.engine import GenerationEngine, IncrementalDecoder, SamplingParams
+from llm.errors import EngineBusyError, GenerationError
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase
+
+logger = logging.getLogger(__name__)
+
+
+class StepModel(Protocol):
+    """What the scheduler drives. Slot i of `decode` is row i of its inputs and output."""
+
+    max_batch: int
+    max_seq_len: int
+    # optional: `device` (where decode's token input should live; CPU if absent)
+
+    def prefill(self, slot: int, prompt_ids: Sequence[int]) -> torch.Tensor:
+        """Write the prompt into the slot's KV cache; float32 logits [V] of its last position."""
+        ...
+
+    def decode(self, tokens: torch.Tensor, positions: Sequence[int]) -> torch.Tensor:
+        """Feed tokens[i] (a long tensor, possibly on the device) at positions[i] into slot i;
+        float32 logits [len(tokens), V]. May return before the device has finished."""
+        ...
+
+    def close(self) -> None: ...
+
+
+class DecoderStepModel:
+    """`StepModel` over `MistralDecoder` + `DecodeGraphs` (graphs on CUDA, eager elsewhere)."""
+
+    def __init__(self, graphs) -> None:  # noqa: ANN001 - llm.mistral_decoder.DecodeGraphs
+        self.graphs = graphs
+        self.decoder = graphs.decoder
+        self.device = graphs.decoder.device
+        self.max_batch = graphs.max_batch
+        self.max_seq_len = graphs.max_seq_len
+
+    def prefill(self, slot: int, prompt_ids: Sequence[int]) -> torch.Tensor:
+        ids = torch.tensor(list(prompt_ids), dtype=torch.long)
+        return self.decoder.prefill(slot, ids)
+
+    def decode(self, tokens: torch.Tensor, positions: Sequence[int]) -> torch.Tensor:
+        return self.graphs.decode(tokens, positions)
+
+    def close(self) -> None:
+        self.graphs.close()
+
+
+# --- sampling -----------------------------------------------------------------------------------
+
+
+def _to_host(tokens: torch.Tensor) -> list[int]:
+    # Wait with the GIL released (Stream.synchronize drops it; .tolist() alone would hold it while the
+    # GPU works), so consumer threads can stream text meanwhile.
+    if tokens.device.type == "cuda":
+        torch.cuda.current_stream(tokens.device).synchronize()
+    return tokens.tolist()
+
+
+_PARAM_CACHE: dict = {}
+
+
+def _param_tensors(
+    params: tuple[SamplingParams, ...], vocab: int, device: torch.device
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, int]:
+    """Per-row sampling settings on the device, cached per batch composition (no per-step copies)."""
+    key = (params, vocab, str(device))
+    cached = _PARAM_CACHE.get(key)
+    if cached is not None:
+        return cached
+    for p in params:
+        if not p.greedy and not (p.temperature > 0 and 0 < p.top_p <= 1 and p.top_k >= 0):
+            raise ValueError(f"invalid sampling params {p}")
+    ks = [min(p.top_k, vocab) if p.top_k > 0 else vocab for p in params]
+    host = torch.tensor(
+        [[1.0 if p.greedy else p.temperature for p in params], [p.top_p for p in params], ks,
+         [float(p.greedy) for p in params]],
+        dtype=torch.float32,
+    )
+    if torch.device(device).type == "cuda":
+        host = host.pin_memory()
+    host = host.to(device, non_blocking=True)
+    cached = (host[0], host[1], host[2], host[3].bool(), max(ks))
+    if len(_PARAM_CACHE) > 256:
+        _PARAM_CACHE.clear()
+    _PARAM_CACHE[key] = cached
+    return cached
+
+
+def sample_next(
+    logits: torch.Tensor, params: Sequence[SamplingParams], generators: Sequence[torch.Generator | None]
+) -> list[int]:
+    """`sample_tokens`, waited for and returned as Python ints."""
+    return _to_host(sample_tokens(logits, params, generators))
+
+
+def sample_tokens(
+    logits: torch.Tensor, params: Sequence[SamplingParams], generators: Sequence[torch.Generator | None]
+) -> torch.Tensor:
+    """One token per row of float32 `logits` [n, V], each row with its own params.
+
+    Same semantics as HF generate's warpers in their order: temperature, then top-k, then top-p
+    (keep the smallest set of most likely tokens whose mass reaches top_p, at least one); greedy
+    rows take the argmax. Uniforms come from the row's own generator when it has a seed.
+    """
+    n, vocab = logits.shape
+    device = logits.device
+    if all(p.greedy for p in params):
+        return logits.argmax(dim=-1)
+    temperature, top_p, top_k, greedy, k_max = _param_tensors(tuple(params), vocab, device)
+    if any(g is not None for g in generators):
+        host = torch.empty(n, dtype=torch.float32, pin_memory=torch.device(device).type == "cuda")
+        for row, generator in enumerate(generators):
+            host[row] = torch.rand((), generator=generator) if generator is not None else torch.rand(())
+        u = host.to(device, non_blocking=True)
+    else:
+        u = torch.rand(n, device=device)
+
+    values, indices = torch.topk(logits / temperature[:, None], k_max, dim=-1)  # sorted, descending
+    rank = torch.arange(k_max, device=device)[None, :]
+    values = values.masked_fill(rank >= top_k[:, None], float("-inf"))
+    probs = torch.softmax(values, dim=-1)
+    mass_before = torch.cumsum(probs, dim=-1) - probs
+    keep = (mass_before < top_p[:, None]) | (rank == 0)
+    probs = probs * keep
+    cdf = torch.cumsum(probs, dim=-1)
+    target = (u * cdf[:, -1]).unsqueeze(1)
+    choice = torch.searchsorted(cdf, target, right=True).clamp_(max=k_max - 1)
+    sampled = indices.gather(1, choice).squeeze(1)
+    return torch.where(greedy, logits.argmax(dim=-1), sampled)
+
+
+# --- requests and scheduler ---------------------------------------------------------------------
+
+_END = object()
+_IDLE_ROW = SamplingParams(greedy=True)
+
+
+@dataclass
+class _Request:
+    id: int
+    prompt: list[int]
+    params: SamplingParams
+    user_cancel: threading.Event | None
+    ignore_eos: bool
+    cancel: threading.Event = field(default_factory=threading.Event)
+    out: queue.SimpleQueue = field(default_factory=queue.SimpleQueue)
+    generator: torch.Generator | None = None
+    slot: int = -1
+    position: int = 0  # where the next decode step feeds this request's token
+    host_token: int | None = None  # a token to feed that is known on the host (after prefill)
+    launched: int = 0  # tokens sampled or being sampled (processed or in flight)
+    generated: int = 0  # tokens processed
+    done: bool = False
+
+    def cancelled(self) -> bool:
+        return self.cancel.is_set() or (self.user_cancel is not None and self.user_cancel.is_set())
+
+
+class BatchScheduler:
+    """Owns the model and one worker thread; see the module docstring."""
+
+    def __init__(
+        self,
+        model: StepModel,
+        eos_token_id: int | None,
+        max_queue: int = 32,
+        name: str = "batch",
+        idle_wait_s: float = 0.05,
+    ) -> None:
+        self.model = model
+        self.eos_token_id = eos_token_id
+        self.max_queue = max_queue
+        self.name = name
+        self._idle_wait_s = idle_wait_s
+        self._ids = itertools.count()
+        self._waiting: deque[_Request] = deque()
+        self._slots: list[_Request | None] = [None] * model.max_batch
+        self._wake = threading.Condition()
+        self._stopping = False
+        self._inflight: tuple[list[_Request], torch.Tensor, torch.Tensor, object] | None = None
+        self.steps = 0
+        self._thread = threading.Thread(target=self._run, name=f"{name}-scheduler", daemon=True)
+        self._thread.start()
+
+    # -- caller side --
+
+    def submit(
+        self,
+        prompt_ids: Sequence[int],
+        params: SamplingParams,
+        cancel: threading.Event | None = None,
+        ignore_eos: bool = False,
+    ) -> _Request:
+        prompt = [int(t) for t in prompt_ids]
+        if not prompt:
+            raise GenerationError(f"{self.name}: empty prompt")
+        if len(prompt) >= self.model.max_seq_len:
+            raise GenerationError(
+                f"{self.name}: prompt of {len(prompt)} tokens leaves no room in max_seq_len "
+                f"{self.model.max_seq_len}"
+            )
+        request = _Request(next(self._ids), prompt, params, cancel, ignore_eos)
+        if params.seed is not None and not params.greedy:
+            request.generator = torch.Generator().manual_seed(params.seed)
+        with self._wake:
+            if self._stopping:
+                raise GenerationError(f"{self.name}: engine is closed")
+            if len(self._waiting) >= self.max_queue:
+                raise EngineBusyError(f"{self.name}: {len(self._waiting)} requests already waiting")
+            self._waiting.append(request)
+            self._wake.notify()
+        return request
+
+    def tokens(self, request: _Request) -> Iterator[int]:
+        """The request's new token ids as they come. Stopping early cancels the request."""
+        try:
+            while True:
+                try:
+                    item = request.out.get(timeout=1.0)
+                except queue.Empty:
+                    if not self._thread.is_alive():
+                        raise GenerationError(f"{self.name}: scheduler thread died") from None
+                    continue
+                if item is _END:
+                    return
+                if isinstance(item, BaseException):
+                    raise item
+                yield item
+        finally:
+            request.cancel.set()
+            with self._wake:
+                self._wake.notify()
+
+    @property
+    def active(self) -> int:
+        return sum(r is not None for r in self._slots)
+
+    @property
+    def waiting(self) -> int:
+        return len(self._waiting)
+
+    def close(self) -> None:
+        with self._wake:
+            self._stopping = True
+            self._wake.notify()
+        self._thread.join(timeout=30)
+        error = GenerationError(f"{self.name}: engine closed")
+        for request in list(self._waiting) + [r for r in self._slots if r is not None]:
+            self._finish(request, error)
+        self._waiting.clear()
+        self.model.close()
+
+    # -- worker side --
+
+    def _finish(self, request: _Request, error: BaseException | None = None) -> None:
+        if request.done:
+            return
+        request.done = True
+        request.out.put(error if error is not None else _END)
+        if 0 <= request.slot < len(self._slots) and self._slots[request.slot] is request:
+            self._slots[request.slot] = None
+
+    def _emit(self, request: _Request, token: int) -> None:
+        """Record a sampled token; end the request on EOS, its token limit or the cache end."""
+        request.generated += 1
+        if token == self.eos_token_id and not request.ignore_eos:
+            self._finish(request)
+            return
+        request.out.put(token)
+        if request.generated >= request.params.max_new_tokens or request.position >= self.model.max_seq_len:
+            self._finish(request)
+
+    def _admit(self) -> None:
+        while True:
+            with self._wake:
+                free = next((i for i, r in enumerate(self._slots) if r is None), None)
+                if free is None or not self._waiting:
+                    return
+                request = self._waiting.popleft()
+            if request.cancelled():
+                self._finish(request)
+                continue
+            request.slot = free
+            self._slots[free] = request
+            try:
+                if request.params.max_new_tokens <= 0:
+                    self._finish(request)
+                    continue
+                logits = self.model.prefill(free, request.prompt)
+                request.position = len(request.prompt)
+                token = sample_next(logits[None], [request.params], [request.generator])[0]
+                request.launched = 1
+                request.host_token = token
+                self._emit(request, token)
+            except Exception as error:  # this request only
+                logger.exception("%s: request %d failed in prefill", self.name, request.id)
+                self._finish(request, GenerationError(f"{self.name}: prefill failed: {error!r}"))
+                if isinstance(error, torch.cuda.OutOfMemoryError):
+                    torch.cuda.empty_cache()
+
+    def _step(self) -> None:
+        """Launch decode step t (+ its sampling) on the device, then, while it runs, hand out the
+        tokens of step t-1. Step t's input tokens are step t-1's samples, still on the device, so
+        the host never stalls the GPU between steps. A request that ends at t-1 (EOS, cancel) has
+        one wasted row in step t, which is dropped."""
+        for request in [r for r in self._slots if r is not None]:
+            if request.cancelled():
+                self._finish(request)
+        launched = self._launch()
+        previous, self._inflight = self._inflight, launched
+        if previous is not None:
+            self._deliver(*previous)
+
+    def _launch(self) -> tuple[list[_Request], torch.Tensor, torch.Tensor, object] | None:
+        running = [
+            r for r in self._slots
+            if r is not None and not r.done
+            and r.launched < r.params.max_new_tokens and r.position < self.model.max_seq_len
+        ]
+        if not running:
+            return None
+        n = max(r.slot for r in running) + 1
+        positions = [0] * n
+        for request in running:
+            positions[request.slot] = request.position
+        try:
+            tokens = self._input_tokens(running, n)
+            logits = self.model.decode(tokens, positions)
+        except Exception as error:  # the whole batch's step failed: fail its requests, keep serving
+            logger.exception("%s: decode step failed for %d requests", self.name, len(running))
+            for request in running:
+                self._finish(request, GenerationError(f"{self.name}: decode failed: {error!r}"))
+            return None
+        self.steps += 1
+        for request in running:
+            request.position += 1
+            request.launched += 1
+        # Sample every row 0..n-1 (idle rows greedily, result unused) so that row == slot and the
+        # samples can feed the next step as they are: no index tensors, no host round trip.
+        by_slot: list[_Request | None] = [None] * n
+        for request in running:
+            by_slot[request.slot] = request
+        params = [r.params if r is not None else _IDLE_ROW for r in by_slot]
+        generators = [r.generator if r is not None else None for r in by_slot]
+        try:
+            sampled = sample_tokens(logits, params, generators)
+        except Exception:  # find the culprit(s): sample row by row
+            parts = []
+            for index, request in enumerate(by_slot):
+                try:
+                    parts.append(sample_tokens(logits[index : index + 1], [params[index]], [generators[index]]))
+                except Exception as error:
+                    if request is not None:
+                        self._finish(request, GenerationError(f"{self.name}: sampling failed: {error!r}"))
+                    parts.append(torch.zeros(1, dtype=torch.long, device=logits.device))
+            sampled = torch.cat(parts)
+        if sampled.device.type == "cuda":
+            host = torch.empty(sampled.shape, dtype=sampled.dtype, pin_memory=True)
+            host.copy_(sampled, non_blocking=True)
+            ready = torch.cuda.Event()
+            ready.record()
+        else:
+            host, ready = sampled, None
+        return running, sampled, host, ready
+
+    def _input_tokens(self, running: list[_Request], n: int) -> torch.Tensor:
+        """This step's input per slot: the previous step's sample (still on the device), or the
+        host-known token of a request that was just prefilled. Only asynchronous device work."""
+        previous = self._inflight
+        device = previous[1].device if previous is not None else getattr(self.model, "device", "cpu")
+        tokens = torch.zeros(n, dtype=torch.long, device=device)
+        if previous is not None:
+            m = min(n, previous[1].shape[0])
+            tokens[:m] = previous[1][:m]
+        for request in running:
+            if request.host_token is not None:
+                tokens[request.slot] = request.host_token  # a fill kernel, no copy
+                request.host_token = None
+        return tokens
+
+    def _deliver(self, requests: list[_Request], sampled: torch.Tensor, host: torch.Tensor, ready) -> None:  # noqa: ANN001
+        if ready is not None:
+            ready.synchronize()  # releases the GIL while the GPU finishes
+        tokens = host.tolist()
+        for request in requests:
+            if not request.done:
+                self._emit(request, tokens[request.slot])
+
+    def _run(self) -> None:
+        while True:
+            with self._wake:
+                if self._stopping:
+                    return
+                if not self._waiting and self.active == 0 and self._inflight is None:
+                    self._wake.wait(self._idle_wait_s)
+                    continue
+            try:
+                self._admit()
+                self._step()
+            except Exception:  # never let the worker die: fail what is running and go on
+                logger.exception("%s: scheduler step failed", self.name)
+                self._inflight = None
+                for request in [r for r in self._slots if r is not None]:
+                    self._finish(request, GenerationError(f"{self.name}: internal scheduler error"))
+
+
+class BatchingEngine(GenerationEngine):
+    """`GenerationEngine` over a `BatchScheduler` (the `fast` and `low-memory` modes)."""
+
+    def __init__(
+        self,
+        model: StepModel,
+        tokenizer: PreTrainedTokenizerBase,
+        name: str,
+        max_queue: int = 32,
+        info: dict | None = None,
+    ) -> None:
+        self.tokenizer = tokenizer
+        self.name = name
+        self.info = dict(info or {})
+        self.scheduler = BatchScheduler(model, tokenizer.eos_token_id, max_queue=max_queue, name=name)
+
+    def stream_tokens(
+        self,
+        prompt_ids: Sequence[int],
+        params: SamplingParams,
+        cancel: threading.Event | None = None,
+        ignore_eos: bool = False,
+    ) -> Iterator[int]:
+        """New token ids (EOS excluded) as they are sampled; `ignore_eos` forces the full length."""
+        request = self.scheduler.submit(prompt_ids, params, cancel, ignore_eos=ignore_eos)
+        yield from self.scheduler.tokens(request)
+
+    def stream(
+        self,
+        prompt_ids: Sequence[int],
+        params: SamplingParams,
+        cancel: threading.Event | None = None,
+    ) -> Iterator[str]:
+        decoder = IncrementalDecoder(self.tokenizer)
+        for token in self.stream_tokens(prompt_ids, params, cancel):
+            if delta := decoder.push(token):
+                yield delta
+        # A stream cut short (cancel, token limit) can end inside a character: drop the partial bytes.
+        if tail := decoder.flush().rstrip("\ufffd"):
+            yield tail
+
+    def close(self) -> None:
+        self.scheduler.close()

@@ -1,0 +1,238 @@
+"""Building the `fast` and `low-memory` serving modes from the seed's model.
+
+Both start from exactly what the seed loads (`load_reference_model`: NF4 + double-quant base via
+bitsandbytes, LoRA as an unmerged `PeftModel`).
+
+`fast`: every bnb `Linear4bit` is dequantized (giving the very bf16 matrix the seed multiplies
+with), the LoRA delta `scaling * B @ A` is added in float32 (lm_head included) and the sum is
+rounded once to bf16. The served model therefore computes dequant(W_nf4) + BA, the function the
+adapter was trained against, without 225 adapter calls per token. q/k/v and gate/up are fused,
+the source modules are freed layer by layer (peak ~ the bf16 model), and decoding runs through
+`MistralDecoder` with a static KV cache and CUDA graphs captured at start-up.
+
+`low-memory`: the same decoder and graphs, but every projection stays the seed's own PEFT module
+over the 4-bit weight (bnb's 4-bit kernels, the adapter unmerged in its own dtype), so memory stays
+at the seed's ~4.5 GB plus the KV cache.
+"""
+
+from __future__ import annotations
+
+import copy
+import gc
+import logging
+import time
+from typing import TYPE_CHECKING
+
+import torch
+from torch import nn
+
+from llm.batching import BatchingEngine, DecoderStepModel
+from llm.mistral_decoder import DecodeGraphs, DecoderConfig, DenseLayer, MistralDecoder, ModuleLayer
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase
+
+logger = logging.getLogger(__name__)
+
+_ATTN = ("q_proj", "k_proj", "v_proj", "o_proj")
+_MLP = ("gate_proj", "up_proj", "down_proj")
+
+
+def _causal_lm(model: nn.Module) -> nn.Module:
+    """The `MistralForCausalLM` inside a PeftModel (or the model itself)."""
+    from peft import PeftModel
+
+    if isinstance(model, PeftModel):
+        return model.base_model.model
+    return model
+
+
+def base_weight(layer: nn.Module) -> torch.Tensor:
+    """A plain or bnb 4-bit Linear's weight as a dense tensor (dequantized as bnb's own matmul does)."""
+    weight = layer.weight
+    quant_state = getattr(weight, "quant_state", None)
+    if quant_state is not None:
+        import bitsandbytes.functional as bnbf
+
+        data = weight.data
+        if getattr(quant_state, "packing_format_for_cpu", False):  # bnb repacks for its CPU kernel
+            from bitsandbytes.nn.modules import _convert_weight_packed_for_cpu_inverse
+
+            data, quant_state = _convert_weight_packed_for_cpu_inverse(data, copy.copy(quant_state))
+        return bnbf.dequantize_4bit(data, quant_state)
+    return weight.data
+
+
+def merged_weight(module: nn.Module, dtype: torch.dtype) -> torch.Tensor:
+    """dequant(W) + sum over active adapters of scaling * B @ A, summed in float32, rounded once."""
+    from peft.tuners.lora import LoraLayer
+
+    if not isinstance(module, LoraLayer):
+        return base_weight(module).to(dtype)
+    if getattr(module, "merged", False):
+        raise ValueError("adapter is already merged into a (quantized) base layer")
+    if getattr(module, "disable_adapters", False):
+        return base_weight(module.get_base_layer()).to(dtype)
+    weight = base_weight(module.get_base_layer()).to(torch.float32)
+    for adapter in module.active_adapters:
+        if adapter not in module.lora_A:
+            continue
+        if module.use_dora.get(adapter, False) or getattr(module, "lora_variant", {}).get(adapter):
+            raise ValueError(f"adapter {adapter!r} uses a LoRA variant this merge does not support")
+        a = module.lora_A[adapter].weight.to(torch.float32)
+        b = module.lora_B[adapter].weight.to(torch.float32)
+        weight = weight + module.scaling[adapter] * (b @ a)
+    return weight.to(dtype)
+
+
+def _free(parent: nn.Module, names: tuple[str, ...]) -> None:
+    for name in names:
+        setattr(parent, name, nn.Identity())
+
+
+def build_merged_decoder(
+    model: nn.Module,
+    max_batch: int,
+    max_seq_len: int,
+    dtype: torch.dtype | None = None,
+    free_source: bool = False,
+    compile_kernels: bool = False,
+) -> MistralDecoder:
+    """A dense `MistralDecoder` with the LoRA merged. `free_source` empties the source model's
+    projections as it goes (the model is unusable afterwards) so the peak stays near one copy."""
+    lm = _causal_lm(model)
+    config = DecoderConfig.from_hf(lm.config)
+    embed = lm.model.embed_tokens.weight.data
+    dtype = dtype or embed.dtype
+    layers = []
+    with torch.no_grad():
+        for index, block in enumerate(lm.model.layers):
+            attn, mlp = block.self_attn, block.mlp
+            layer = DenseLayer(
+                input_norm=block.input_layernorm.weight.data.to(dtype),
+                post_norm=block.post_attention_layernorm.weight.data.to(dtype),
+                qkv=torch.cat([merged_weight(getattr(attn, n), dtype) for n in _ATTN[:3]]),
+                o=merged_weight(attn.o_proj, dtype),
+                gate_up=torch.cat([merged_weight(getattr(mlp, n), dtype) for n in _MLP[:2]]),
+                down=merged_weight(mlp.down_proj, dtype),
+            )
+            layers.append(layer)
+            if free_source:
+                _free(attn, _ATTN)
+                _free(mlp, _MLP)
+                if index % 4 == 3:  # bnb's Params4bit <-> Linear4bit reference cycle needs the GC
+                    gc.collect()
+        lm_head_weight = merged_weight(lm.lm_head, dtype)
+        if free_source:
+            lm.lm_head = nn.Identity()
+        embed = embed.to(dtype)
+        final_norm = lm.model.norm.weight.data.to(dtype)
+    if free_source:
+        gc.collect()
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+
+    def lm_head(x: torch.Tensor) -> torch.Tensor:
+        return torch.nn.functional.linear(x, lm_head_weight)
+
+    return MistralDecoder(
+        config, embed, layers, final_norm, lm_head, max_batch, max_seq_len, compile_kernels=compile_kernels
+    )
+
+
+def build_module_decoder(
+    model: nn.Module, max_batch: int, max_seq_len: int, compile_kernels: bool = False
+) -> MistralDecoder:
+    """A `MistralDecoder` whose projections are the model's own modules (4-bit + unmerged LoRA)."""
+    lm = _causal_lm(model)
+    config = DecoderConfig.from_hf(lm.config)
+    layers = []
+    for block in lm.model.layers:
+        attn, mlp = block.self_attn, block.mlp
+        layers.append(
+            ModuleLayer(
+                block.input_layernorm.weight.data,
+                block.post_attention_layernorm.weight.data,
+                attn.q_proj, attn.k_proj, attn.v_proj, attn.o_proj,
+                mlp.gate_proj, mlp.up_proj, mlp.down_proj,
+            )
+        )
+    return MistralDecoder(
+        config,
+        lm.model.embed_tokens.weight.data,
+        layers,
+        lm.model.norm.weight.data,
+        lm.lm_head,
+        max_batch,
+        max_seq_len,
+        compile_kernels=compile_kernels,
+    )
+
+
+def _warm_up(graphs: DecodeGraphs, compile_kernels: bool) -> dict:
+    """Compile (optional) and capture all buckets; fall back to plainer settings if that fails."""
+    info: dict = {"cuda_graphs": False, "compiled_kernels": False}
+    decoder = graphs.decoder
+    started = time.monotonic()
+    if graphs.use_graphs:
+        attempts = [True, False] if compile_kernels else [False]
+        for compiled in attempts:
+            try:
+                if compiled:
+                    decoder.enable_compiled_kernels()
+                else:
+                    decoder.disable_compiled_kernels()
+                graphs.capture()
+                info.update(cuda_graphs=True, compiled_kernels=compiled)
+                break
+            except Exception as error:  # e.g. no Triton/compiler on this machine
+                logger.warning("graph capture (compiled=%s) failed, falling back: %r", compiled, error)
+                graphs._graphs.clear()
+                info[f"capture_error_compiled_{compiled}"] = repr(error)
+                torch.cuda.synchronize()
+        else:
+            decoder.disable_compiled_kernels()
+            graphs.use_graphs = False
+    # one real prefill + decode so the first request pays no lazy initialisation
+    decoder.prefill(0, torch.tensor([1, 2, 3]))
+    graphs.decode([1], [3])
+    info["warm_up_s"] = round(time.monotonic() - started, 2)
+    info["buckets"] = {"batch": graphs.batch_buckets, "kv_len": graphs.kv_buckets}
+    info["kv_cache_gb"] = round(decoder.kv_cache_bytes / 1e9, 3)
+    return info
+
+
+def build_fast_engine(
+    model: nn.Module,
+    tokenizer: PreTrainedTokenizerBase,
+    max_batch: int = 16,
+    max_seq_len: int = 2048,
+    max_queue: int = 32,
+    cuda_graphs: bool = True,
+    compile_kernels: bool = True,
+    dtype: torch.dtype | None = None,
+    free_source: bool = True,
+) -> BatchingEngine:
+    """`fast` mode from the seed's model (consumed when `free_source`)."""
+    decoder = build_merged_decoder(model, max_batch, max_seq_len, dtype=dtype, free_source=free_source)
+    graphs = DecodeGraphs(decoder, use_graphs=cuda_graphs)
+    info = _warm_up(graphs, compile_kernels)
+    return BatchingEngine(DecoderStepModel(graphs), tokenizer, name="fast", max_queue=max_queue, info=info)
+
+
+def build_low_memory_engine(
+    model: nn.Module,
+    tokenizer: PreTrainedTokenizerBase,
+    max_batch: int = 2,
+    max_seq_len: int = 2048,
+    max_queue: int = 32,
+    cuda_graphs: bool = True,
+    compile_kernels: bool = True,
+) -> BatchingEngine:
+    """`low-memory` mode: the seed's 4-bit modules as they are, under the graph-captured decoder."""
+    decoder = build_module_decoder(model, max_batch, max_seq_len)
+    graphs = DecodeGraphs(decoder, use_graphs=cuda_graphs)
+    info = _warm_up(graphs, compile_kernels)
+    return BatchingEngine(
+        DecoderStepModel(graphs), tokenizer, name="low-memory", max_queue=max_queue, info=info
+    )

@@ -1,0 +1,431 @@
+"""A small Mistral decoder with a static, slot-based KV cache, for continuous batching.
+
+It computes exactly what `transformers`' `MistralForCausalLM` computes (same RMSNorm in float32,
+same rotary tables, same GQA attention, residual stream in the weights' dtype), but is laid out for
+serving: the KV cache is allocated once as `[max_batch, kv_heads, max_seq_len, head_dim]` per
+layer, every request owns one *slot* (a row of that cache), a prompt is prefilled into its slot
+eagerly, and one decode step advances every slot `0..n-1` by one token, each at its own position.
+
+The decode step is a pure function of a few static buffers, so on CUDA `DecodeGraphs` captures it
+once per (batch bucket, KV-length bucket) at start-up and afterwards only replays graphs: no
+recompilation and no per-kernel launch overhead per request. On the CPU the same step runs
+eagerly, which is what CI tests.
+
+Projections are pluggable (`DenseLayer`: bf16 weights with the LoRA merged, q/k/v and gate/up
+fused; `ModuleLayer`: any callables, e.g. PEFT's 4-bit LoRA layers for the low-memory mode).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch.nn.attention import SDPBackend, sdpa_kernel
+
+logger = logging.getLogger(__name__)
+
+Projection = Callable[[torch.Tensor], torch.Tensor]
+
+# Prefill lengths vary per request: cuDNN's attention builds a plan per new shape (tens of ms,
+# measured as slow TTFT under staggered load), flash / memory-efficient attention do not.
+_PREFILL_BACKENDS = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
+
+
+@dataclass(frozen=True)
+class DecoderConfig:
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    rms_norm_eps: float
+    rope_theta: float
+    sliding_window: int | None
+
+    @classmethod
+    def from_hf(cls, config) -> DecoderConfig:  # noqa: ANN001 - a transformers MistralConfig
+        head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+        rope_theta = getattr(config, "rope_theta", None)
+        if rope_theta is None:  # transformers 5 keeps it in rope_parameters
+            rope_theta = (getattr(config, "rope_parameters", None) or {}).get("rope_theta", 10000.0)
+        return cls(
+            vocab_size=config.vocab_size,
+            hidden_size=config.hidden_size,
+            intermediate_size=config.intermediate_size,
+            num_layers=config.num_hidden_layers,
+            num_heads=config.num_attention_heads,
+            num_kv_heads=config.num_key_value_heads,
+            head_dim=head_dim,
+            rms_norm_eps=config.rms_norm_eps,
+            rope_theta=float(rope_theta),
+            sliding_window=getattr(config, "sliding_window", None),
+        )
+
+
+class DenseLayer:
+    """One decoder layer's projections as plain weight matrices (q/k/v and gate/up fused)."""
+
+    def __init__(
+        self,
+        input_norm: torch.Tensor,
+        post_norm: torch.Tensor,
+        qkv: torch.Tensor,
+        o: torch.Tensor,
+        gate_up: torch.Tensor,
+        down: torch.Tensor,
+    ) -> None:
+        self.input_norm, self.post_norm = input_norm, post_norm
+        self.w_qkv, self.w_o, self.w_gate_up, self.w_down = qkv, o, gate_up, down
+
+    def qkv(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, self.w_qkv)
+
+    def o(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, self.w_o)
+
+    def gate_up(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, self.w_gate_up)
+
+    def down(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, self.w_down)
+
+
+class ModuleLayer:
+    """One decoder layer's projections as callables (e.g. PEFT LoRA layers over bnb 4-bit)."""
+
+    def __init__(
+        self,
+        input_norm: torch.Tensor,
+        post_norm: torch.Tensor,
+        q: Projection,
+        k: Projection,
+        v: Projection,
+        o: Projection,
+        gate: Projection,
+        up: Projection,
+        down: Projection,
+    ) -> None:
+        self.input_norm, self.post_norm = input_norm, post_norm
+        self._q, self._k, self._v, self._o = q, k, v, o
+        self._gate, self._up, self._down = gate, up, down
+
+    def qkv(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.cat([self._q(x), self._k(x), self._v(x)], dim=-1)
+
+    def o(self, x: torch.Tensor) -> torch.Tensor:
+        return self._o(x)
+
+    def gate_up(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.cat([self._gate(x), self._up(x)], dim=-1)
+
+    def down(self, x: torch.Tensor) -> torch.Tensor:
+        return self._down(x)
+
+
+Layer = DenseLayer | ModuleLayer
+
+
+# --- element-wise pieces (optionally torch.compile'd; matmuls stay in cuBLAS / bnb) -------------
+
+
+def _rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    # Exactly MistralRMSNorm: statistics in float32, cast back, then scale in the input dtype.
+    xf = x.to(torch.float32)
+    xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
+    return weight * xf.to(x.dtype)
+
+
+def _add_rms_norm(
+    h: torch.Tensor, delta: torch.Tensor, weight: torch.Tensor, eps: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    h = h + delta
+    return h, _rms_norm(h, weight, eps)
+
+
+def _rotate_half(x: torch.Tensor) -> torch.Tensor:
+    half = x.shape[-1] // 2
+    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+
+
+def _rope_decode(
+    qkv: torch.Tensor,
+    cos_table: torch.Tensor,
+    sin_table: torch.Tensor,
+    positions: torch.Tensor,
+    num_heads: int,
+    num_kv_heads: int,
+    head_dim: int,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """qkv [n, (H+2K)*D] -> q [n, K, H/K, D], k [n, K, D], v [n, K, D] with rotary applied."""
+    n = qkv.shape[0]
+    q_size, kv_size = num_heads * head_dim, num_kv_heads * head_dim
+    q = qkv[:, :q_size].reshape(n, num_heads, head_dim)
+    k = qkv[:, q_size : q_size + kv_size].reshape(n, num_kv_heads, head_dim)
+    v = qkv[:, q_size + kv_size :].reshape(n, num_kv_heads, head_dim)
+    cos = cos_table[positions].unsqueeze(1)
+    sin = sin_table[positions].unsqueeze(1)
+    q = q * cos + _rotate_half(q) * sin
+    k = k * cos + _rotate_half(k) * sin
+    return q.reshape(n, num_kv_heads, num_heads // num_kv_heads, head_dim), k, v
+
+
+def _silu_mul(gate_up: torch.Tensor) -> torch.Tensor:
+    gate, up = gate_up.chunk(2, dim=-1)
+    return F.silu(gate) * up
+
+
+class MistralDecoder:
+    """Weights + static KV cache + eager prefill/decode. See the module docstring."""
+
+    def __init__(
+        self,
+        config: DecoderConfig,
+        embed: torch.Tensor,
+        layers: Sequence[Layer],
+        final_norm: torch.Tensor,
+        lm_head: Projection,
+        max_batch: int,
+        max_seq_len: int,
+        compile_kernels: bool = False,
+    ) -> None:
+        if config.sliding_window is not None and max_seq_len > config.sliding_window:
+            raise ValueError(
+                f"max_seq_len {max_seq_len} exceeds the sliding window {config.sliding_window}; "
+                "this decoder implements full attention only"
+            )
+        self.config = config
+        self.embed = embed
+        self.layers = list(layers)
+        self.final_norm = final_norm
+        self.lm_head = lm_head
+        self.max_batch = max_batch
+        self.max_seq_len = max_seq_len
+        self.device = embed.device
+        self.dtype = embed.dtype
+        shape = (max_batch, config.num_kv_heads, max_seq_len, config.head_dim)
+        self.k_cache = [torch.zeros(shape, dtype=self.dtype, device=self.device) for _ in self.layers]
+        self.v_cache = [torch.zeros(shape, dtype=self.dtype, device=self.device) for _ in self.layers]
+        # Rotary tables as transformers builds them: float32 angles, cos/sin cast to the dtype.
+        inv_freq = 1.0 / (
+            config.rope_theta
+            ** (torch.arange(0, config.head_dim, 2, dtype=torch.int64).to(torch.float32) / config.head_dim)
+        )
+        angles = torch.arange(max_seq_len, dtype=torch.float32)[:, None] * inv_freq[None, :]
+        emb = torch.cat((angles, angles), dim=-1)
+        self.cos = emb.cos().to(self.dtype).to(self.device)
+        self.sin = emb.sin().to(self.dtype).to(self.device)
+        self.scale = 1.0 / math.sqrt(config.head_dim)
+
+        self._norm: Callable = _rms_norm
+        self._add_norm: Callable = _add_rms_norm
+        self._rope: Callable = _rope_decode
+        self._silu_mul: Callable = _silu_mul
+        if compile_kernels:
+            self.enable_compiled_kernels()
+
+    def enable_compiled_kernels(self) -> None:
+        """Fuse the element-wise pieces of the decode step with Inductor (one compile, any shape)."""
+        self._norm = torch.compile(_rms_norm, dynamic=True)
+        self._add_norm = torch.compile(_add_rms_norm, dynamic=True)
+        self._rope = torch.compile(_rope_decode, dynamic=True)
+        self._silu_mul = torch.compile(_silu_mul, dynamic=True)
+
+    def disable_compiled_kernels(self) -> None:
+        self._norm, self._add_norm, self._rope, self._silu_mul = (
+            _rms_norm, _add_rms_norm, _rope_decode, _silu_mul,
+        )
+
+    @property
+    def kv_cache_bytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in self.k_cache + self.v_cache)
+
+    # --- prefill: one prompt into one slot, eagerly (any length, no graphs) ---------------------
+
+    @torch.inference_mode()
+    def prefill(self, slot: int, token_ids: torch.Tensor, all_logits: bool = False) -> torch.Tensor:
+        """Fill `slot`'s cache with `token_ids` [T]; return float32 logits of the last position
+        [V] (or of every position [T, V] with `all_logits`)."""
+        cfg = self.config
+        length = int(token_ids.shape[0])
+        if not 0 < length <= self.max_seq_len:
+            raise ValueError(f"prompt of {length} tokens does not fit max_seq_len {self.max_seq_len}")
+        if not 0 <= slot < self.max_batch:
+            raise ValueError(f"slot {slot} out of range")
+        token_ids = token_ids.to(self.device)
+        group = cfg.num_heads // cfg.num_kv_heads
+        q_size, kv_size = cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim
+        cos, sin = self.cos[:length][None, None], self.sin[:length][None, None]
+        h = F.embedding(token_ids, self.embed)[None]  # [1, T, H]
+        for index, layer in enumerate(self.layers):
+            x = _rms_norm(h, layer.input_norm, cfg.rms_norm_eps)
+            qkv = layer.qkv(x)
+            q = qkv[..., :q_size].view(1, length, cfg.num_heads, cfg.head_dim).transpose(1, 2)
+            k = qkv[..., q_size : q_size + kv_size].view(1, length, cfg.num_kv_heads, cfg.head_dim).transpose(1, 2)
+            v = qkv[..., q_size + kv_size :].view(1, length, cfg.num_kv_heads, cfg.head_dim).transpose(1, 2)
+            q = q * cos + _rotate_half(q) * sin
+            k = k * cos + _rotate_half(k) * sin
+            self.k_cache[index][slot, :, :length] = k[0]
+            self.v_cache[index][slot, :, :length] = v[0]
+            with sdpa_kernel(_PREFILL_BACKENDS):
+                attn = F.scaled_dot_product_attention(
+                    q,
+                    k.repeat_interleave(group, dim=1),
+                    v.repeat_interleave(group, dim=1),
+                    is_causal=True,
+                    scale=self.scale,
+                )
+            attn = attn.transpose(1, 2).reshape(1, length, q_size)
+            h = h + layer.o(attn)
+            x = _rms_norm(h, layer.post_norm, cfg.rms_norm_eps)
+            h = h + layer.down(_silu_mul(layer.gate_up(x)))
+        if not all_logits:
+            h = h[:, -1:]
+        h = _rms_norm(h, self.final_norm, cfg.rms_norm_eps)
+        logits = self.lm_head(h)[0].float()
+        return logits if all_logits else logits[0]
+
+    # --- decode: one token for each of slots 0..n-1, each at its own position ------------------
+
+    def decode_step(
+        self, tokens: torch.Tensor, positions: torch.Tensor, kv_len: int
+    ) -> torch.Tensor:
+        """tokens, positions [n] (slot i = row i); attends to cache positions < kv_len that are
+        <= the row's own position. Returns logits [n, V] in the weights' dtype. Pure function of
+        its inputs and the cache: safe to capture in a CUDA graph."""
+        cfg = self.config
+        n = tokens.shape[0]
+        eps = cfg.rms_norm_eps
+        rows = torch.arange(n, device=tokens.device)
+        mask = (torch.arange(kv_len, device=tokens.device)[None, :] <= positions[:, None])[:, None, None, :]
+        h = F.embedding(tokens, self.embed)  # [n, H]
+        x = self._norm(h, self.layers[0].input_norm, eps)
+        for index, layer in enumerate(self.layers):
+            q, k, v = self._rope(
+                layer.qkv(x), self.cos, self.sin, positions, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+            )
+            k_cache, v_cache = self.k_cache[index], self.v_cache[index]
+            k_cache[rows, :, positions] = k
+            v_cache[rows, :, positions] = v
+            attn = F.scaled_dot_product_attention(
+                q, k_cache[:n, :, :kv_len], v_cache[:n, :, :kv_len], attn_mask=mask, scale=self.scale
+            )  # [n, K, G, D]: the G query heads of a KV group attend as G "query positions"
+            h, x = self._add_norm(h, layer.o(attn.reshape(n, -1)), layer.post_norm, eps)
+            next_norm = self.layers[index + 1].input_norm if index + 1 < len(self.layers) else self.final_norm
+            h, x = self._add_norm(h, layer.down(self._silu_mul(layer.gate_up(x))), next_norm, eps)
+        return self.lm_head(x)
+
+    def close(self) -> None:
+        self.k_cache.clear()
+        self.v_cache.clear()
+        self.layers.clear()
+
+
+def _buckets(limit: int, start: int) -> list[int]:
+    sizes, size = [], start
+    while size < limit:
+        sizes.append(size)
+        size *= 2
+    sizes.append(limit)
+    return sizes
+
+
+class DecodeGraphs:
+    """Runs `MistralDecoder.decode_step` through CUDA graphs captured per (batch, KV-length) bucket.
+
+    All graphs are captured in `capture()` (start-up); `decode()` only copies inputs into static
+    buffers and replays. Without CUDA (or with `use_graphs=False`) it runs the step eagerly on the
+    same buckets, so the bucketing logic is exercised on the CPU too.
+    """
+
+    def __init__(
+        self,
+        decoder: MistralDecoder,
+        use_graphs: bool = True,
+        batch_buckets: Sequence[int] | None = None,
+        kv_buckets: Sequence[int] | None = None,
+    ) -> None:
+        self.decoder = decoder
+        self.max_batch = decoder.max_batch
+        self.max_seq_len = decoder.max_seq_len
+        self.use_graphs = use_graphs and decoder.device.type == "cuda"
+        self.batch_buckets = sorted(batch_buckets or _buckets(decoder.max_batch, 1))
+        self.kv_buckets = sorted(kv_buckets or _buckets(decoder.max_seq_len, min(256, decoder.max_seq_len)))
+        if self.batch_buckets[-1] != self.max_batch or self.kv_buckets[-1] != self.max_seq_len:
+            raise ValueError("the largest buckets must equal max_batch and max_seq_len")
+        device = decoder.device
+        self._tokens = torch.zeros(self.max_batch, dtype=torch.long, device=device)
+        self._positions = torch.zeros(self.max_batch, dtype=torch.long, device=device)
+        self._graphs: dict[tuple[int, int], tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
+        self.captured = False
+
+    def _bucket(self, buckets: Sequence[int], value: int) -> int:
+        for size in buckets:
+            if size >= value:
+                return size
+        raise ValueError(f"{value} exceeds the largest bucket {buckets[-1]}")
+
+    @torch.inference_mode()
+    def capture(self) -> None:
+        """Warm up (compile) and capture every bucket. Largest first, sharing one memory pool."""
+        if not self.use_graphs:
+            return
+        pool = torch.cuda.graph_pool_handle()
+        stream = torch.cuda.Stream()
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream):
+            for n in reversed(self.batch_buckets):
+                for kv_len in reversed(self.kv_buckets):
+                    self._positions.zero_()
+                    self._tokens.zero_()
+                    for _ in range(2):  # compile + warm cuBLAS/Inductor for this shape
+                        self.decoder.decode_step(self._tokens[:n], self._positions[:n], kv_len)
+                    stream.synchronize()
+                    graph = torch.cuda.CUDAGraph()
+                    with torch.cuda.graph(graph, pool=pool, stream=stream):
+                        out = self.decoder.decode_step(self._tokens[:n], self._positions[:n], kv_len)
+                    self._graphs[(n, kv_len)] = (graph, out)
+        torch.cuda.current_stream().wait_stream(stream)
+        torch.cuda.synchronize()
+        self.captured = True
+
+    @torch.inference_mode()
+    def decode(self, tokens: Sequence[int] | torch.Tensor, positions: Sequence[int]) -> torch.Tensor:
+        """One step for slots 0..len(tokens)-1. `tokens` may be a device tensor (the previous
+        step's samples, never copied through the host). Returns float32 logits [len(tokens), V]."""
+        n = len(tokens)
+        if not 0 < n <= self.max_batch:
+            raise ValueError(f"batch of {n} outside 1..{self.max_batch}")
+        top = max(positions)
+        if top >= self.max_seq_len:
+            raise ValueError(f"position {top} outside the KV cache of {self.max_seq_len}")
+        n_bucket = self._bucket(self.batch_buckets, n)
+        kv_bucket = self._bucket(self.kv_buckets, top + 1)
+        padded_positions = list(positions) + [0] * (n_bucket - n)
+        if isinstance(tokens, torch.Tensor):
+            self._tokens[:n].copy_(tokens, non_blocking=True)
+            if n_bucket > n:
+                self._tokens[n:n_bucket].zero_()
+            pinned = self._positions.device.type == "cuda"
+            self._positions[:n_bucket].copy_(
+                torch.tensor(padded_positions, dtype=torch.long, pin_memory=pinned), non_blocking=True
+            )
+        else:
+            host = torch.tensor([list(tokens) + [0] * (n_bucket - n), padded_positions], dtype=torch.long)
+            self._tokens[:n_bucket].copy_(host[0], non_blocking=True)
+            self._positions[:n_bucket].copy_(host[1], non_blocking=True)
+        if self.captured:
+            graph, out = self._graphs[(n_bucket, kv_bucket)]
+            graph.replay()
+        else:
+            out = self.decoder.decode_step(self._tokens[:n_bucket], self._positions[:n_bucket], kv_bucket)
+        return out[:n].float()
+
+    def close(self) -> None:
+        self._graphs.clear()
+        self.decoder.close()

@@ -1,0 +1,72 @@
+"""Looking up a stored question by id, and remembering the bot's reply message for it.
+
+Used to answer an already-stored question (crash recovery, retries): everything needed to reply
+in the right Slack thread is read back from the database.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from sqlalchemy import select, update
+from sqlalchemy.orm import Session, sessionmaker
+
+from storage.models import Conversation, Message
+
+
+@dataclass(frozen=True)
+class StoredQuestion:
+    id: int
+    conversation_id: int
+    team_id: str
+    channel_id: str
+    thread_ts: str
+    text: str
+    slack_user: str | None
+    slack_ts: str | None
+    status: str
+    reply_ts: str | None
+
+
+class QuestionStore:
+    def __init__(self, session_factory: sessionmaker[Session]) -> None:
+        self._session_factory = session_factory
+
+    def get(self, message_id: int) -> StoredQuestion | None:
+        """The user message `message_id` with its thread; None if absent or not a question."""
+        with self._session_factory() as session:
+            row = session.execute(
+                select(Message, Conversation)
+                .join(Conversation, Conversation.id == Message.conversation_id)
+                .where(Message.id == message_id, Message.role == "user")
+            ).first()
+            if row is None:
+                return None
+            message, conversation = row
+            return StoredQuestion(
+                id=message.id,
+                conversation_id=conversation.id,
+                team_id=conversation.team_id,
+                channel_id=conversation.channel_id,
+                thread_ts=conversation.thread_ts,
+                text=message.text,
+                slack_user=message.slack_user,
+                slack_ts=message.slack_ts,
+                status=message.status,
+                reply_ts=message.reply_ts,
+            )
+
+    def set_reply_ts(self, message_id: int, reply_ts: str | None) -> None:
+        with self._session_factory() as session:
+            session.execute(update(Message).where(Message.id == message_id).values(reply_ts=reply_ts))
+            session.commit()
+
+    def answer_of(self, question_id: int) -> int | None:
+        """The id of the latest assistant message answering `question_id`."""
+        with self._session_factory() as session:
+            return session.scalar(
+                select(Message.id)
+                .where(Message.reply_to_id == question_id, Message.role == "assistant")
+                .order_by(Message.id.desc())
+                .limit(1)
+            )

@@ -1,0 +1,68 @@
+"""Fidelity of `fast` (and `low-memory`) against the reference path, on the GPU (device tool).
+
+Run: FINBOT_TOKENIZER_FILE=.tok/tokenizer.model.v1 python -m pytest tests/gpu -s
+The random-7B numbers come from bench/bench_engines.py (one model build for both).
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from llm.fidelity import KOREAN_FINANCE_TEXT, kl_summary, teacher_forced_decode_logits
+from llm.loading import load_reference_model, load_tokenizer
+
+pytestmark = pytest.mark.gpu
+
+
+@pytest.fixture(scope="module")
+def tiny_reference(tiny_checkpoint):
+    model = load_reference_model(str(tiny_checkpoint.base_dir), str(tiny_checkpoint.adapter_dir), "cuda:0")
+    return model, load_tokenizer(str(tiny_checkpoint.base_dir))
+
+
+@pytest.mark.parametrize("mode", ["fast", "low-memory"])
+def test_tiny_kl_and_greedy_agreement(tiny_reference, mode):
+    from llm.fast import build_fast_engine, build_low_memory_engine
+
+    model, tokenizer = tiny_reference
+    ids = tokenizer(KOREAN_FINANCE_TEXT).input_ids
+    assert len(ids) >= 300, len(ids)
+    with torch.inference_mode():
+        reference = model(torch.tensor([ids], device="cuda:0")).logits[0].float()
+        prompt = torch.tensor([ids[:40]], device="cuda:0")
+        ref_greedy = model.generate(
+            input_ids=prompt, attention_mask=torch.ones_like(prompt), do_sample=False,
+            max_new_tokens=32, min_new_tokens=32, pad_token_id=tokenizer.eos_token_id,
+        )[0, 40:].tolist()
+    if mode == "fast":
+        engine = build_fast_engine(model, tokenizer, max_batch=4, max_seq_len=1024, free_source=False,
+                                   compile_kernels=False)
+    else:
+        engine = build_low_memory_engine(model, tokenizer, max_batch=4, max_seq_len=1024, compile_kernels=False)
+    try:
+        step_model = engine.scheduler.model
+        prefill = step_model.decoder.prefill(0, torch.tensor(ids), all_logits=True)
+        decoded = teacher_forced_decode_logits(step_model, ids, slot=1)
+        from llm.engine import SamplingParams
+
+        greedy = list(engine.stream_tokens(ids[:40], SamplingParams(greedy=True, max_new_tokens=32), ignore_eos=True))
+    finally:
+        engine.close()
+    agree = 0
+    for a, b in zip(ref_greedy, greedy, strict=True):
+        if a != b:
+            break
+        agree += 1
+    result = {
+        "model": "tiny", "mode": mode, "engine_info": engine.info,
+        "prefill_path": kl_summary(reference, prefill),
+        "decode_path": kl_summary(reference, decoded),
+        "greedy_agreeing_prefix": agree,
+    }
+    print("FIDELITY " + json.dumps(result))
+    assert result["prefill_path"]["kl_mean"] <= 0.01
+    assert result["decode_path"]["kl_mean"] <= 0.01
+    assert agree >= 32, (ref_greedy, greedy)

@@ -1,0 +1,265 @@
+"""The continuous-batching scheduler with the tiny model on the CPU, and its sampler."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import pytest
+import torch
+
+from llm.batching import BatchingEngine, DecoderStepModel, sample_next
+from llm.engine import SamplingParams
+from llm.errors import EngineBusyError, GenerationError
+from llm.fast import build_merged_decoder
+from llm.loading import load_reference_model, load_tokenizer
+from llm.mistral_decoder import DecodeGraphs
+
+GREEDY = SamplingParams(greedy=True, max_new_tokens=24)
+
+
+class RecordingModel:
+    """Wraps a StepModel: records batch sizes, and can fail on demand."""
+
+    def __init__(self, inner) -> None:
+        self.inner = inner
+        self.max_batch, self.max_seq_len = inner.max_batch, inner.max_seq_len
+        self.decode_sizes: list[int] = []
+        self.fail_prefill_on: int | None = None  # a token id that makes prefill fail
+        self.fail_next_decode = False
+        self.prefill_gate: threading.Event | None = None
+
+    def prefill(self, slot, prompt_ids):
+        if self.prefill_gate is not None:
+            self.prefill_gate.wait(10)
+        if self.fail_prefill_on is not None and self.fail_prefill_on in prompt_ids:
+            raise RuntimeError("injected prefill fault")
+        return self.inner.prefill(slot, prompt_ids)
+
+    def decode(self, tokens, positions):
+        if self.fail_next_decode:
+            self.fail_next_decode = False
+            raise RuntimeError("injected decode fault")
+        self.decode_sizes.append(sum(1 for p in positions if p > 0))
+        return self.inner.decode(tokens, positions)
+
+    def close(self):
+        self.inner.close()
+
+
+@pytest.fixture(scope="module")
+def tiny(tiny_checkpoint):
+    model = load_reference_model(str(tiny_checkpoint.base_dir), str(tiny_checkpoint.adapter_dir), "cpu")
+    return model, load_tokenizer(str(tiny_checkpoint.base_dir))
+
+
+def make_engine(tiny, max_batch=4, max_queue=8):
+    model, tokenizer = tiny
+    decoder = build_merged_decoder(model, max_batch=max_batch, max_seq_len=256, dtype=torch.float32)
+    recording = RecordingModel(DecoderStepModel(DecodeGraphs(decoder, use_graphs=False)))
+    return BatchingEngine(recording, tokenizer, name="test", max_queue=max_queue), recording
+
+
+def prompts(tokenizer, n):
+    texts = ["코스피 전망은?", "금리가 오르면 채권 가격은?", "환율 1,400원의 의미", "ETF와 펀드의 차이",
+             "배당주 투자 방법", "인플레이션이란?", "GDP 성장률", "적금과 예금"]
+    return [tokenizer(texts[i % len(texts)]).input_ids for i in range(n)]
+
+
+def run_alone(engine, prompt, params=GREEDY):
+    return list(engine.stream_tokens(prompt, params, ignore_eos=True))
+
+
+def test_concurrent_requests_all_complete_and_join_the_running_batch(tiny):
+    engine, recording = make_engine(tiny, max_batch=4)
+    try:
+        tokenizer = engine.tokenizer
+        ps = prompts(tokenizer, 6)
+        alone = [run_alone(engine, p) for p in ps]
+        recording.decode_sizes.clear()
+        results: dict[int, list[int]] = {}
+
+        def worker(i):
+            results[i] = run_alone(engine, ps[i])
+
+        threads = [threading.Thread(target=worker, args=(i,)) for i in range(6)]
+        for thread in threads:
+            thread.start()
+            time.sleep(0.01)
+        for thread in threads:
+            thread.join(60)
+        assert sorted(results) == list(range(6))
+        for i in range(6):
+            assert len(results[i]) == GREEDY.max_new_tokens
+            assert results[i] == alone[i], f"request {i} changed when batched"
+        # requests that arrived while others ran were decoded together with them
+        assert max(recording.decode_sizes) > 1
+        assert engine.scheduler.active == 0
+    finally:
+        engine.close()
+
+
+def test_cancel_event_stops_one_request_only(tiny):
+    engine, _ = make_engine(tiny)
+    try:
+        ps = prompts(engine.tokenizer, 3)
+        long = SamplingParams(greedy=True, max_new_tokens=150)
+        cancel = threading.Event()
+        results: dict[int, list[int]] = {}
+
+        def worker(i):
+            got = []
+            for token in engine.stream_tokens(ps[i], long, cancel=cancel if i == 1 else None, ignore_eos=True):
+                got.append(token)
+                if i == 1 and len(got) == 5:
+                    cancel.set()
+            results[i] = got
+
+        threads = [threading.Thread(target=worker, args=(i,)) for i in range(3)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(60)
+        assert len(results[0]) == 150 and len(results[2]) == 150
+        assert 5 <= len(results[1]) < 150
+    finally:
+        engine.close()
+
+
+def test_consumer_that_stops_iterating_frees_its_slot(tiny):
+    engine, _ = make_engine(tiny, max_batch=1)
+    try:
+        p = prompts(engine.tokenizer, 1)[0]
+        stream = engine.stream(p, SamplingParams(max_new_tokens=200, seed=1))
+        next(stream)
+        stream.close()  # consumer walks away
+        deadline = time.monotonic() + 5
+        while engine.scheduler.active and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert engine.scheduler.active == 0
+        # the single slot is usable again
+        assert len(run_alone(engine, p)) == GREEDY.max_new_tokens
+    finally:
+        engine.close()
+
+
+def test_failing_request_does_not_kill_the_others(tiny):
+    engine, recording = make_engine(tiny)
+    try:
+        ps = prompts(engine.tokenizer, 3)
+        poison = 31999
+        recording.fail_prefill_on = poison
+        ps[1] = [*ps[1], poison]
+        outcomes: dict[int, object] = {}
+
+        def worker(i):
+            try:
+                outcomes[i] = run_alone(engine, ps[i])
+            except GenerationError as error:
+                outcomes[i] = error
+
+        threads = [threading.Thread(target=worker, args=(i,)) for i in range(3)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(60)
+        assert isinstance(outcomes[1], GenerationError)
+        assert len(outcomes[0]) == len(outcomes[2]) == GREEDY.max_new_tokens
+    finally:
+        engine.close()
+
+
+def test_failed_decode_step_fails_its_batch_but_engine_keeps_serving(tiny):
+    engine, recording = make_engine(tiny)
+    try:
+        p = prompts(engine.tokenizer, 1)[0]
+        recording.fail_next_decode = True
+        with pytest.raises(GenerationError):
+            run_alone(engine, p)
+        assert len(run_alone(engine, p)) == GREEDY.max_new_tokens
+    finally:
+        engine.close()
+
+
+def test_full_queue_raises_engine_busy(tiny):
+    engine, recording = make_engine(tiny, max_batch=1, max_queue=2)
+    gate = threading.Event()
+    recording.prefill_gate = gate
+    try:
+        p = prompts(engine.tokenizer, 1)[0]
+        first = engine.scheduler.submit(p, GREEDY)  # taken by the worker, blocked in prefill
+        deadline = time.monotonic() + 5
+        while engine.scheduler.waiting and time.monotonic() < deadline:
+            time.sleep(0.01)
+        queued = [engine.scheduler.submit(p, GREEDY) for _ in range(2)]
+        with pytest.raises(EngineBusyError):
+            engine.scheduler.submit(p, GREEDY)
+        with pytest.raises(EngineBusyError):
+            next(engine.stream(p, GREEDY))
+        gate.set()
+        for request in [first, *queued]:
+            assert len(list(engine.scheduler.tokens(request))) >= 1
+    finally:
+        gate.set()
+        engine.close()
+
+
+def test_eos_ends_a_request_and_is_not_emitted(tiny):
+    engine, _ = make_engine(tiny)
+    try:
+        p = prompts(engine.tokenizer, 1)[0]
+        forced = run_alone(engine, p, SamplingParams(greedy=True, max_new_tokens=10))
+        # make the 4th greedy token the EOS id: the stream must stop before it
+        engine.scheduler.eos_token_id = forced[3]
+        got = list(engine.stream_tokens(p, SamplingParams(greedy=True, max_new_tokens=10)))
+        assert got == forced[:3]
+    finally:
+        engine.close()
+
+
+def test_sampler_respects_top_k_top_p_greedy_and_seed():
+    torch.manual_seed(0)
+    logits = torch.randn(4, 1000)
+    top3 = set(logits[0].topk(3).indices.tolist())
+    params = [
+        SamplingParams(top_k=3, top_p=1.0, temperature=1.0),
+        SamplingParams(top_k=0, top_p=1e-6, temperature=0.9),  # top-p keeps only the best token
+        SamplingParams(greedy=True),
+        SamplingParams(top_k=50, top_p=0.8, temperature=0.9, seed=7),
+    ]
+    seen = set()
+    for _ in range(200):
+        out = sample_next(logits, params, [None, None, None, torch.Generator().manual_seed(7)])
+        seen.add(out[0])
+        assert out[1] == int(logits[1].argmax())
+        assert out[2] == int(logits[2].argmax())
+    assert seen <= top3 and len(seen) > 1
+    a = [sample_next(logits[3:], params[3:], [torch.Generator().manual_seed(7)])[0] for _ in range(3)]
+    assert len(set(a)) == 1  # a seeded request is reproducible
+    with pytest.raises(ValueError):
+        sample_next(logits[:1], [SamplingParams(temperature=0.0)], [None])
+
+
+def test_sampler_matches_hf_warpers_distribution():
+    """Kept set and probabilities equal HF's temperature -> top-k -> top-p processors."""
+    from transformers.generation.logits_process import (
+        TemperatureLogitsWarper,
+        TopKLogitsWarper,
+        TopPLogitsWarper,
+    )
+
+    torch.manual_seed(1)
+    logits = torch.randn(1, 500) * 3
+    scores = logits.clone()
+    for warper in (TemperatureLogitsWarper(0.9), TopKLogitsWarper(50), TopPLogitsWarper(0.8)):
+        scores = warper(None, scores)
+    expected = torch.softmax(scores, dim=-1)[0]
+    counts = torch.zeros(500)
+    params = [SamplingParams()] * 256
+    batch = logits.expand(256, -1).contiguous()
+    for _ in range(40):
+        for token in sample_next(batch, params, [None] * 256):
+            counts[token] += 1
+    assert set(counts.nonzero().flatten().tolist()) <= set(expected.nonzero().flatten().tolist())
+    empirical = counts / counts.sum()
+    assert (empirical - expected).abs().sum() < 0.08

@@ -1,0 +1,130 @@
+"""Mode selection, the LoRA merge and the custom decoder, on the tiny model (CPU)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from llm.fast import build_merged_decoder, build_module_decoder
+from llm.loading import load_reference_model, resolve_engine_choice
+from llm.mistral_decoder import DecodeGraphs
+
+KOREAN = "한국은행은 기준금리를 연 3.50%로 동결했습니다. 코스피는 외국인 매수에 힘입어 상승 마감했다."
+
+
+def test_auto_is_fast_on_cuda_and_reference_on_cpu():
+    assert resolve_engine_choice("auto", "cuda:0") == "fast"
+    assert resolve_engine_choice("auto", "cuda") == "fast"
+    assert resolve_engine_choice("auto", "cpu") == "reference"
+    for explicit in ("reference", "fast", "low-memory", "fake"):
+        assert resolve_engine_choice(explicit, "cuda:0") == explicit
+        assert resolve_engine_choice(explicit, "cpu") == explicit
+
+
+@pytest.fixture(scope="module")
+def reference_model(tiny_checkpoint):
+    return load_reference_model(str(tiny_checkpoint.base_dir), str(tiny_checkpoint.adapter_dir), "cpu")
+
+
+@pytest.fixture(scope="module")
+def korean_ids(mistral_tokenizer):
+    return mistral_tokenizer(KOREAN).input_ids
+
+
+def _peft_logits(model, ids: list[int], adapter: bool = True) -> torch.Tensor:
+    with torch.no_grad():
+        if adapter:
+            return model(torch.tensor([ids])).logits[0].float()
+        with model.disable_adapter():
+            return model(torch.tensor([ids])).logits[0].float()
+
+
+def test_merged_model_matches_peft_over_4bit_base(reference_model, korean_ids):
+    """The merged bf16->float32 model computes dequant(W_nf4) + scaling*B@A: PeftModel's function."""
+    from bitsandbytes.nn import Linear4bit
+
+    lm = reference_model.base_model.model
+    assert isinstance(lm.model.layers[0].self_attn.q_proj.get_base_layer(), Linear4bit)
+    expected = _peft_logits(reference_model, korean_ids)
+    decoder = build_merged_decoder(reference_model, max_batch=1, max_seq_len=256, dtype=torch.float32)
+    merged = decoder.prefill(0, torch.tensor(korean_ids), all_logits=True)
+    error = (merged - expected).abs().max().item()
+    # PeftModel computes in bf16, the merged copy in float32: rounding only.
+    assert error < 0.03, error
+    # ...and the adapter's own effect is far larger, so a wrong merge (scaling, lm_head) would fail.
+    adapter_effect = (_peft_logits(reference_model, korean_ids, adapter=False) - expected).abs().max().item()
+    assert adapter_effect > 5 * error, (adapter_effect, error)
+    # the model is still usable (free_source=False)
+    assert torch.equal(_peft_logits(reference_model, korean_ids), expected)
+
+
+def test_merged_lm_head_includes_adapter(reference_model):
+    from llm.fast import merged_weight
+
+    head = reference_model.base_model.model.lm_head
+    plain = head.get_base_layer().weight.float()
+    merged = merged_weight(head, torch.float32)
+    delta = head.scaling["default"] * head.lora_B["default"].weight.float() @ head.lora_A["default"].weight.float()
+    torch.testing.assert_close(merged, plain + delta)
+
+
+def test_low_memory_decoder_matches_peft(reference_model, korean_ids):
+    decoder = build_module_decoder(reference_model, max_batch=1, max_seq_len=256)
+    logits = decoder.prefill(0, torch.tensor(korean_ids), all_logits=True)
+    torch.testing.assert_close(logits, _peft_logits(reference_model, korean_ids), atol=2e-2, rtol=0)
+
+
+def test_decoder_matches_hf_with_batches_of_different_lengths(tiny_checkpoint, mistral_tokenizer):
+    """Ragged prompts prefilled into their slots, then decoded together one token a step at
+    different positions, give HF MistralForCausalLM's logits at every step."""
+    from transformers import MistralForCausalLM
+
+    hf = MistralForCausalLM.from_pretrained(tiny_checkpoint.base_dir, dtype=torch.float32).eval()
+    texts = [KOREAN, "금리 인상", "The KOSPI index rose 1.2% on Tuesday as chip stocks rallied."]
+    sequences = [mistral_tokenizer(t).input_ids for t in texts]
+    prompt_lengths = [len(s) - 6 for s in sequences]
+    decoder = build_merged_decoder(hf, max_batch=4, max_seq_len=128, dtype=torch.float32)
+    graphs = DecodeGraphs(decoder, use_graphs=False, kv_buckets=[32, 64, 128])
+    for slot, (ids, length) in enumerate(zip(sequences, prompt_lengths, strict=True)):
+        last = decoder.prefill(slot, torch.tensor(ids[:length]))
+        with torch.no_grad():
+            expected = hf(torch.tensor([ids])).logits[0]
+        torch.testing.assert_close(last, expected[length - 1], atol=1e-4, rtol=1e-4)
+    with torch.no_grad():
+        full = [hf(torch.tensor([ids])).logits[0] for ids in sequences]
+    for step in range(5):
+        positions = [length + step for length in prompt_lengths]
+        tokens = [ids[p] for ids, p in zip(sequences, positions, strict=True)]
+        logits = graphs.decode(tokens, positions)
+        for row in range(len(sequences)):
+            torch.testing.assert_close(logits[row], full[row][positions[row]], atol=1e-4, rtol=1e-4)
+
+
+def test_decode_rejects_positions_beyond_cache(reference_model):
+    decoder = build_merged_decoder(reference_model, max_batch=2, max_seq_len=64, dtype=torch.float32)
+    graphs = DecodeGraphs(decoder, use_graphs=False)
+    with pytest.raises(ValueError):
+        graphs.decode([1], [64])
+    with pytest.raises(ValueError):
+        decoder.prefill(0, torch.ones(65, dtype=torch.long))
+
+
+@pytest.mark.parametrize("mode", ["fast", "low-memory"])
+def test_build_engine_wires_the_new_modes_and_knobs(tiny_checkpoint, mode):
+    from llm.batching import BatchingEngine
+    from llm.engine import SamplingParams
+    from llm.loading import build_engine
+
+    engine = build_engine(
+        mode, str(tiny_checkpoint.base_dir), str(tiny_checkpoint.adapter_dir), "cpu",
+        max_batch=3, max_seq_len=128, max_queue=5, cuda_graphs=True, compile_kernels=True,
+    )
+    try:
+        assert isinstance(engine, BatchingEngine) and engine.name == mode
+        assert engine.scheduler.model.max_batch == 3 and engine.scheduler.model.max_seq_len == 128
+        assert engine.scheduler.max_queue == 5
+        assert engine.info["cuda_graphs"] is False  # no CUDA here: eager steps, same scheduler
+        text = engine.generate(engine.tokenizer("코스피").input_ids, SamplingParams(max_new_tokens=8, seed=3))
+        assert isinstance(text, str) and "\ufffd" not in text
+    finally:
+        engine.close()
