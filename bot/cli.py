@@ -34,6 +34,12 @@ def build_engine_from(settings: FinbotSettings):  # noqa: ANN201 - llm.engine.Ge
         device=settings.device,
         fake_reply=settings.fake_reply,
         fake_tokens_per_second=settings.fake_tokens_per_second,
+        max_batch=settings.engine_max_batch or None,
+        max_seq_len=settings.engine_max_seq_len,
+        max_queue=settings.engine_max_queue,
+        cuda_graphs=settings.engine_cuda_graphs,
+        compile_kernels=settings.engine_compile_kernels,
+        openai_config=settings.openai_engine_config() if settings.engine == "openai" else None,
     )
 
 

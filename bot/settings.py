@@ -5,7 +5,7 @@ from __future__ import annotations
 from datetime import time
 from typing import Literal
 
-from pydantic import Field, SecretStr
+from pydantic import Field, SecretStr, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from llm.engine import EngineChoice, SamplingParams
@@ -35,7 +35,17 @@ class FinbotSettings(BaseSettings):
     top_p: float = Field(0.8, gt=0, le=1)
     top_k: int = Field(50, ge=0)
     max_new_tokens: int = Field(256, ge=1)
-    max_prompt_tokens: int = Field(3072, ge=64)
+    # Older turns of a thread are dropped, oldest first, to keep the prompt within this budget.
+    # Prompt plus answer must fit ENGINE_MAX_SEQ_LEN (checked at start-up).
+    max_prompt_tokens: int = Field(1792, ge=64)
+    # fast / low-memory engines: requests decoded together (0 = the mode's default: 16 fast,
+    # 2 low-memory), tokens per request (sizes the KV cache: 128 KiB per token slot for Mistral-7B),
+    # requests waiting for a slot before users are told to retry, CUDA graphs and kernel fusion.
+    engine_max_batch: int = Field(0, ge=0)
+    engine_max_seq_len: int = Field(2048, ge=128)
+    engine_max_queue: int = Field(32, ge=1)
+    engine_cuda_graphs: bool = True
+    engine_compile_kernels: bool = True
     # Questions answered at the same time; the engine batches or serialises them.
     generation_workers: int = Field(4, ge=1)
     # The fake engine answers without a model: for load tests and for trying the Slack side without a GPU.
@@ -69,6 +79,15 @@ class FinbotSettings(BaseSettings):
     rate_limit_window_s: float = Field(60, gt=0)
     # Answer messages from other bots (never its own).
     answer_other_bots: bool = False
+
+    @model_validator(mode="after")
+    def _prompt_and_answer_fit_the_engine(self) -> FinbotSettings:
+        if self.max_prompt_tokens + self.max_new_tokens > self.engine_max_seq_len:
+            raise ValueError(
+                f"MAX_PROMPT_TOKENS ({self.max_prompt_tokens}) + MAX_NEW_TOKENS ({self.max_new_tokens}) "
+                f"must not exceed ENGINE_MAX_SEQ_LEN ({self.engine_max_seq_len})"
+            )
+        return self
 
     def qa_channel_ids(self) -> frozenset[str]:
         return frozenset(item.strip() for item in self.qa_channels.split(",") if item.strip())

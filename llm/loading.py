@@ -11,6 +11,8 @@ from llm.engine import EngineChoice, FakeEngine, GenerationEngine, HFGenerateEng
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
 
+    from llm.openai_engine import OpenAIEngineConfig
+
 logger = logging.getLogger(__name__)
 
 
@@ -85,6 +87,7 @@ def build_engine(
     max_queue: int = 32,
     cuda_graphs: bool = True,
     compile_kernels: bool = True,
+    openai_config: OpenAIEngineConfig | None = None,
 ) -> GenerationEngine:
     """Load the model for `choice` and return a ready engine (warm-up/graph capture included).
 
@@ -96,6 +99,9 @@ def build_engine(
     - `max_queue`: requests waiting for a slot before `EngineBusyError`.
     - `cuda_graphs`: capture decode steps in CUDA graphs at start-up.
     - `compile_kernels`: fuse element-wise decode pieces with torch.compile (falls back if it fails).
+
+    `openai` sends the prompt ids to a remote OpenAI-compatible server (`openai_config`); only the
+    tokenizer is loaded here, from `base_model`.
     """
     device = resolve_device(device)
     choice = resolve_engine_choice(choice, device)
@@ -120,6 +126,10 @@ def build_engine(
             compile_kernels=compile_kernels,
         )
         del model
+    elif choice == "openai":
+        from llm.openai_engine import build_openai_engine
+
+        engine = build_openai_engine(tokenizer, openai_config)
     else:
         raise ValueError(f"engine mode {choice!r} is not available in this build")
     logger.info("engine %s ready on %s in %.1f s", engine.name, device, time.monotonic() - started)

@@ -105,7 +105,7 @@ def test_hostile_corpus_end_to_end(tmp_path: Path, tiny_checkpoint):
             SLACK_BOT_TOKEN=fake.bot_token, SLACK_APP_TOKEN=fake.app_token, SLACK_API_URL=fake.api_url,
             DATABASE_URL=f"sqlite:///{tmp_path / 'finbot.db'}", ENGINE="fake",
             BASE_MODEL=str(tiny_checkpoint.base_dir), FAKE_REPLY="받은 질문: {question}",
-            GENERATION_WORKERS="8", MAX_PROMPT_TOKENS="3072",
+            GENERATION_WORKERS="8", MAX_PROMPT_TOKENS="3072", ENGINE_MAX_SEQ_LEN="4096",
         )
         try:
             fake.wait_connected(timeout=60)

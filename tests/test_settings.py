@@ -1,0 +1,35 @@
+"""Settings that operators get wrong fail at start-up with a clear message, not mid-conversation."""
+
+from __future__ import annotations
+
+import pytest
+from pydantic import ValidationError
+
+from bot.cli import build_engine_from
+from bot.settings import FinbotSettings
+
+
+def test_defaults_follow_the_model_card(monkeypatch):
+    monkeypatch.chdir("/")  # no developer .env
+    settings = FinbotSettings()
+    params = settings.sampling_params()
+    assert (params.temperature, params.top_p, params.top_k, params.max_new_tokens) == (0.9, 0.8, 50, 256)
+    assert settings.timezone == "Asia/Seoul"
+    assert settings.max_prompt_tokens + settings.max_new_tokens <= settings.engine_max_seq_len
+
+
+def test_a_prompt_budget_the_engine_cannot_hold_is_rejected(monkeypatch):
+    monkeypatch.setenv("MAX_PROMPT_TOKENS", "3072")
+    with pytest.raises(ValidationError, match="ENGINE_MAX_SEQ_LEN"):
+        FinbotSettings(_env_file=None)
+
+
+def test_openai_engine_is_built_from_settings(monkeypatch, tiny_checkpoint):
+    from llm.openai_engine import OpenAIEngine
+
+    monkeypatch.setenv("ENGINE", "openai")
+    monkeypatch.setenv("BASE_MODEL", str(tiny_checkpoint.base_dir))
+    monkeypatch.setenv("OPENAI_BASE_URL", "http://127.0.0.1:9/v1")
+    engine = build_engine_from(FinbotSettings(_env_file=None))
+    assert isinstance(engine, OpenAIEngine)
+    assert engine.tokenizer.bos_token_id == 1
