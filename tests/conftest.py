@@ -18,6 +18,9 @@ import pytest  # noqa: E402
 
 from llm.synthetic import build_random_checkpoint, write_mistral_tokenizer  # noqa: E402
 
+# `database_url`: each storage test runs on a SQLite file and on a throwaway PostgreSQL server.
+pytest_plugins = ["tests.postgres"]
+
 
 @dataclass(frozen=True)
 class TinyCheckpoint:

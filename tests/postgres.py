@@ -1,6 +1,6 @@
 """A throwaway PostgreSQL server for tests, and the `database_url` fixture over SQLite and PostgreSQL.
 
-Use with `pytest_plugins = ["tests.postgres"]` at the top of a test module.
+Registered for every test module by `pytest_plugins` in tests/conftest.py.
 
 The server is started once per test session with the PostgreSQL binaries found on the machine
 (`initdb`, `pg_ctl`; `.ci/run` installs Debian's `postgresql` package when they are missing) in a

@@ -32,9 +32,6 @@ def _head(db_url: str) -> str | None:
     return ScriptDirectory.from_config(alembic_config(db_url)).get_current_head()
 
 
-pytest_plugins = ["tests.postgres"]
-
-
 @pytest.fixture
 def db_url(database_url: str) -> str:
     # Both backends; the SQLite file sits in a missing directory, which also checks that

@@ -16,8 +16,6 @@ from storage.models import Message, utcnow
 from tests.e2e.process import start_finbot
 from tests.fakes.slack_server import FakeSlack
 
-pytest_plugins = ["tests.postgres"]
-
 
 class RecordingAnswers:
     def __init__(self) -> None:

@@ -12,8 +12,6 @@ from storage.db import create_db_engine, make_session_factory, upgrade_database
 from storage.models import Conversation, Feedback, Message, ProcessedEvent
 from storage.retention import RETENTION_JOB_ID, purge_expired, schedule_retention
 
-pytest_plugins = ["tests.postgres"]
-
 NOW = datetime(2026, 6, 1, 12, 0, tzinfo=UTC)
 
 

@@ -13,8 +13,6 @@ from storage.conversations import ConversationStore
 from storage.db import create_db_engine, make_session_factory, upgrade_database
 from storage.models import Conversation, Message, ProcessedEvent
 
-pytest_plugins = ["tests.postgres"]
-
 
 @pytest.fixture
 def db_url(database_url: str) -> str:

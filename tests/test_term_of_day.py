@@ -10,7 +10,6 @@ import threading
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from datetime import date, datetime, time, timedelta
-from pathlib import Path
 from zoneinfo import ZoneInfo
 
 import pytest
@@ -81,11 +80,6 @@ class Instance:
     conversations: ConversationStore
     posts: TermPostStore
     sleeps: list[float] = field(default_factory=list)
-
-
-@pytest.fixture
-def database_url(tmp_path: Path) -> str:
-    return f"sqlite:///{tmp_path / 'finbot.db'}"
 
 
 @pytest.fixture

@@ -1,7 +1,7 @@
 """TermPostStore against a real, migrated database: the (channel, date) claim is the exactly-once guard.
 
-Written against `database_url` only (no SQLite specifics), so the same tests can run on PostgreSQL
-once the fixture is parametrized over backends.
+Runs on every backend of the `database_url` fixture (tests/postgres.py): a SQLite file and a real
+PostgreSQL server.
 """
 
 from __future__ import annotations
@@ -9,7 +9,6 @@ from __future__ import annotations
 import threading
 from collections.abc import Iterator
 from datetime import UTC, date, datetime, timedelta
-from pathlib import Path
 
 import pytest
 from sqlalchemy.orm import Session, sessionmaker
@@ -19,11 +18,6 @@ from storage.term_posts import TermPostStore
 
 DAY = date(2026, 2, 19)
 T0 = datetime(2026, 2, 19, 0, 0, tzinfo=UTC)  # 09:00 in Seoul
-
-
-@pytest.fixture
-def database_url(tmp_path: Path) -> str:
-    return f"sqlite:///{tmp_path / 'finbot.db'}"
 
 
 @pytest.fixture

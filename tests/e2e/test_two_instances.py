@@ -18,7 +18,6 @@ from bot import messages_ko
 from tests.e2e.process import start_finbot
 from tests.fakes.slack_server import FakeSlack
 
-pytest_plugins = ["tests.postgres"]
 pytestmark = pytest.mark.e2e
 
 QUESTIONS = 20
