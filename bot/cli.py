@@ -101,21 +101,41 @@ def command_run(settings: FinbotSettings) -> int:
         stop.wait()
         handler.close()
     else:
-        logger.info("finbot is ready (HTTP mode on %s:%d, engine %s)", settings.http_host, settings.http_port, engine.name)
-        server = threading.Thread(
-            target=finbot.app.start,
-            kwargs={"port": settings.http_port, "path": "/slack/events", "http_server_logger_enabled": False},
-            daemon=True,
-            name="finbot-http",
-        )
-        server.start()
+        server = make_http_server(finbot.app, settings.http_host, settings.http_port)
+        threading.Thread(target=server.serve_forever, daemon=True, name="finbot-http").start()
         scheduler.start()
+        logger.info("finbot is ready (HTTP mode on %s:%d, engine %s)", settings.http_host, settings.http_port, engine.name)
         stop.wait()
+        server.shutdown()  # no new requests; questions already taken are finished below
     scheduler.shutdown(wait=True)
     finish_in_flight(finbot.answers, settings.shutdown_deadline_s)
     engine.close()
     logger.info("finbot stopped")
     return 0
+
+
+def make_http_server(app, host: str, port: int):  # noqa: ANN001, ANN201 - slack_bolt.App -> WSGIServer
+    """A threaded WSGI server for Slack's requests on /slack/events (signatures verified by Bolt).
+
+    Bolt's own `App.start` is a development server that cannot bind a chosen interface or be
+    stopped; the standard library's WSGI server with one thread per request can.
+    """
+    from socketserver import ThreadingMixIn
+    from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
+
+    from slack_bolt.adapter.wsgi import SlackRequestHandler
+
+    class ThreadingWSGIServer(ThreadingMixIn, WSGIServer):
+        daemon_threads = True
+
+    class QuietRequestHandler(WSGIRequestHandler):
+        def log_message(self, format: str, *args: object) -> None:  # noqa: A002 - stdlib signature
+            logger.debug("http %s", format % args)
+
+    return make_server(
+        host, port, SlackRequestHandler(app, path="/slack/events"),
+        server_class=ThreadingWSGIServer, handler_class=QuietRequestHandler,
+    )
 
 
 def build_scheduler(settings: FinbotSettings, finbot):  # noqa: ANN001, ANN201 - bot.app.Finbot -> FinbotScheduler

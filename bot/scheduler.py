@@ -88,7 +88,8 @@ class FinbotScheduler:
 
     def next_run_time(self, job_id: str) -> datetime | None:
         job = self._scheduler.get_job(job_id)
-        return None if job is None else job.next_run_time
+        # Jobs added before start() are pending and have no next_run_time attribute yet.
+        return None if job is None else getattr(job, "next_run_time", None)
 
     def job_ids(self) -> list[str]:
         return [job.id for job in self._scheduler.get_jobs()]
