@@ -208,7 +208,7 @@ def graph_step_times(engine) -> dict:  # noqa: ANN001
     """Profile: pure decode step time (graph replay + logits to float) at a few buckets."""
     graphs = engine.scheduler.model.graphs
     out = {}
-    for n, kv in [(1, 256), (1, 2048), (16, 512), (16, 2048)]:
+    for n, kv in [(1, 256), (1, 2048), (16, 512), (16, 1024), (16, 2048)]:
         if n > graphs.max_batch or kv > graphs.max_seq_len:
             continue
         tokens, positions = [1] * n, [kv - 1] * n
@@ -220,7 +220,35 @@ def graph_step_times(engine) -> dict:  # noqa: ANN001
             graphs.decode(tokens, positions)
         sync()
         out[f"b{n}_kv{kv}_ms"] = round((time.perf_counter() - start) / 20 * 1000, 3)
-    out.update(matmul_floor(graphs.decoder))
+    decoder = graphs.decoder
+    out.update(matmul_floor(decoder))
+    plan, fused = decoder.gemm_plan, decoder.fused_rope_kv
+    if plan is not None or fused:
+        # Before/after in the same process: the same step with cuBLAS + PyTorch rope/KV writes.
+        from llm.mistral_decoder import DecodeGraphs
+
+        decoder.disable_triton()
+        try:
+            out["cublas_" + "b1_matmuls_only_ms"] = matmul_floor(decoder).get("b1_matmuls_only_ms")
+            base = DecodeGraphs(decoder, batch_buckets=[1, graphs.max_batch],
+                                kv_buckets=[256, 512, 1024, graphs.max_seq_len])
+            base.capture()
+            for n, kv in [(1, 256), (1, 2048), (16, 512), (16, 1024), (16, 2048)]:
+                if n > base.max_batch or kv > base.max_seq_len:
+                    continue
+                tokens, positions = [1] * n, [kv - 1] * n
+                for _ in range(3):
+                    base.decode(tokens, positions)
+                sync()
+                start = time.perf_counter()
+                for _ in range(20):
+                    base.decode(tokens, positions)
+                sync()
+                out[f"cublas_b{n}_kv{kv}_ms"] = round((time.perf_counter() - start) / 20 * 1000, 3)
+            base._graphs.clear()  # not base.close(): that would free the shared decoder
+        finally:
+            decoder.fused_rope_kv = fused
+            decoder.set_gemm_plan(plan)
     return out
 
 
@@ -354,6 +382,7 @@ def main() -> None:
     parser.add_argument("--low-tokens", type=int, default=128)
     parser.add_argument("--gap", type=float, default=0.02, help="seconds between staggered arrivals")
     parser.add_argument("--no-compile", action="store_true")
+    parser.add_argument("--no-triton", action="store_true", help="fast mode without the Triton kernels")
     args = parser.parse_args()
     out_dir = Path(args.out) if args.out else None
     args.out_dir = out_dir
@@ -440,7 +469,8 @@ def main() -> None:
             case = bench_batching_engine(
                 "fast",
                 lambda: build_fast_engine(model, tokenizer, max_batch=16, max_seq_len=2048,
-                                          compile_kernels=not no_compile, free_source=True),
+                                          compile_kernels=not no_compile, free_source=True,
+                                          triton_kernels=not args.no_triton),
                 tokenizer, args, reference_logits, korean_ids,
             )
         except Exception:  # noqa: BLE001

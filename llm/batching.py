@@ -1,7 +1,8 @@
 """Continuous batching: one scheduler thread steps a slot-based model for all running requests.
 
 A request arriving while others generate is prefilled into a free slot between two decode steps
-and joins the next step; it does not wait for the running answers to finish. The scheduler only
+and joins the next step; it does not wait for the running answers to finish. Requests that
+queued up meanwhile are prefilled together when the model offers `prefill_many`. The scheduler only
 needs a `StepModel` (prefill one prompt into a slot; one decode step for slots 0..n-1), so its
 logic runs on the CPU with the tiny model in CI exactly as it runs on the GPU with CUDA graphs.
 
@@ -71,6 +72,10 @@ class DecoderStepModel:
     def prefill(self, slot: int, prompt_ids: Sequence[int]) -> torch.Tensor:
         ids = torch.tensor(list(prompt_ids), dtype=torch.long)
         return self.decoder.prefill(slot, ids)
+
+    def prefill_many(self, slots: Sequence[int], prompts: Sequence[Sequence[int]]) -> torch.Tensor:
+        """Optional `StepModel` method: prompts into their slots in one forward; logits [n, V]."""
+        return self.decoder.prefill_many(slots, [torch.tensor(list(p), dtype=torch.long) for p in prompts])
 
     def decode(self, tokens: torch.Tensor, positions: Sequence[int]) -> torch.Tensor:
         return self.graphs.decode(tokens, positions)
@@ -304,33 +309,61 @@ class BatchScheduler:
         if request.generated >= request.params.max_new_tokens or request.position >= self.model.max_seq_len:
             self._finish(request)
 
+    # Prompt tokens prefilled together at most (bounds the activations and the decode stall).
+    prefill_token_budget = 2048
+
     def _admit(self) -> None:
+        """Move waiting requests into free slots and prefill them. Requests that arrived together
+        (they queued during a decode step) are prefilled in one forward when the model offers
+        `prefill_many`: the 7B weights are read once for all of them instead of once each."""
         while True:
+            batch: list[_Request] = []
+            tokens = 0
             with self._wake:
-                free = next((i for i, r in enumerate(self._slots) if r is None), None)
-                if free is None or not self._waiting:
-                    return
-                request = self._waiting.popleft()
-            if request.cancelled():
-                self._finish(request)
-                continue
-            request.slot = free
-            self._slots[free] = request
-            try:
-                if request.params.max_new_tokens <= 0:
-                    self._finish(request)
+                free = [i for i, r in enumerate(self._slots) if r is None]
+                while free and self._waiting:
+                    request = self._waiting[0]
+                    if batch and tokens + len(request.prompt) > self.prefill_token_budget:
+                        break
+                    self._waiting.popleft()
+                    if request.cancelled() or request.params.max_new_tokens <= 0:
+                        self._finish(request)
+                        continue
+                    request.slot = free.pop(0)
+                    self._slots[request.slot] = request
+                    batch.append(request)
+                    tokens += len(request.prompt)
+            if not batch:
+                return
+            if len(batch) > 1 and hasattr(self.model, "prefill_many"):
+                try:
+                    logits = self.model.prefill_many([r.slot for r in batch], [r.prompt for r in batch])
+                    sampled = sample_next(logits, [r.params for r in batch], [r.generator for r in batch])
+                except Exception:  # retry one by one: only a culprit fails
+                    logger.exception("%s: batched prefill failed; prefilling one by one", self.name)
+                else:
+                    for request, token in zip(batch, sampled, strict=True):
+                        self._started(request, token)
                     continue
-                logits = self.model.prefill(free, request.prompt)
-                request.position = len(request.prompt)
-                token = sample_next(logits[None], [request.params], [request.generator])[0]
-                request.launched = 1
-                request.host_token = token
-                self._emit(request, token)
-            except Exception as error:  # this request only
-                logger.exception("%s: request %d failed in prefill", self.name, request.id)
-                self._finish(request, GenerationError(f"{self.name}: prefill failed: {error!r}"))
-                if isinstance(error, torch.cuda.OutOfMemoryError):
-                    torch.cuda.empty_cache()
+            for request in batch:
+                self._prefill_one(request)
+
+    def _started(self, request: _Request, token: int) -> None:
+        request.position = len(request.prompt)
+        request.launched = 1
+        request.host_token = token
+        self._emit(request, token)
+
+    def _prefill_one(self, request: _Request) -> None:
+        try:
+            logits = self.model.prefill(request.slot, request.prompt)
+            token = sample_next(logits[None], [request.params], [request.generator])[0]
+            self._started(request, token)
+        except Exception as error:  # this request only
+            logger.exception("%s: request %d failed in prefill", self.name, request.id)
+            self._finish(request, GenerationError(f"{self.name}: prefill failed: {error!r}"))
+            if isinstance(error, torch.cuda.OutOfMemoryError):
+                torch.cuda.empty_cache()
 
     def _step(self) -> None:
         """Launch decode step t (+ its sampling) on the device, then, while it runs, hand out the

@@ -27,7 +27,14 @@ import torch
 from torch import nn
 
 from llm.batching import BatchingEngine, DecoderStepModel
-from llm.mistral_decoder import DecodeGraphs, DecoderConfig, DenseLayer, MistralDecoder, ModuleLayer
+from llm.mistral_decoder import (
+    DecodeGraphs,
+    DecoderConfig,
+    DenseHead,
+    DenseLayer,
+    MistralDecoder,
+    ModuleLayer,
+)
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
@@ -132,11 +139,8 @@ def build_merged_decoder(
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
 
-    def lm_head(x: torch.Tensor) -> torch.Tensor:
-        return torch.nn.functional.linear(x, lm_head_weight)
-
     return MistralDecoder(
-        config, embed, layers, final_norm, lm_head, max_batch, max_seq_len, compile_kernels=compile_kernels
+        config, embed, layers, final_norm, DenseHead(lm_head_weight), max_batch, max_seq_len, compile_kernels=compile_kernels
     )
 
 
@@ -169,29 +173,45 @@ def build_module_decoder(
     )
 
 
-def _warm_up(graphs: DecodeGraphs, compile_kernels: bool) -> dict:
-    """Compile (optional) and capture all buckets; fall back to plainer settings if that fails."""
-    info: dict = {"cuda_graphs": False, "compiled_kernels": False}
+def _warm_up(graphs: DecodeGraphs, compile_kernels: bool, triton: bool = False) -> dict:
+    """Compile (optional), pick Triton kernels (optional, CUDA only) and capture all buckets;
+    fall back to plainer settings if that fails."""
+    info: dict = {"cuda_graphs": False, "compiled_kernels": False, "triton": False}
     decoder = graphs.decoder
     started = time.monotonic()
     if graphs.use_graphs:
-        attempts = [True, False] if compile_kernels else [False]
-        for compiled in attempts:
+        use_triton = False
+        if triton:
+            try:  # times Triton vs cuBLAS per (projection, batch bucket) before any capture
+                info["triton_plan"] = decoder.enable_triton(graphs.batch_buckets)
+                use_triton = decoder.fused_rope_kv
+            except Exception as error:  # e.g. a Triton that cannot compile for this GPU
+                logger.warning("Triton kernels unavailable, using cuBLAS + PyTorch: %r", error)
+                info["triton_error"] = repr(error)
+                decoder.disable_triton()
+        attempts = [(c, t) for c in ([True, False] if compile_kernels else [False])
+                    for t in ([True, False] if use_triton else [False])]
+        for compiled, with_triton in attempts:
             try:
                 if compiled:
                     decoder.enable_compiled_kernels()
                 else:
                     decoder.disable_compiled_kernels()
+                if not with_triton:
+                    decoder.disable_triton()
                 graphs.capture()
-                info.update(cuda_graphs=True, compiled_kernels=compiled)
+                info.update(cuda_graphs=True, compiled_kernels=compiled, triton=with_triton)
                 break
             except Exception as error:  # e.g. no Triton/compiler on this machine
-                logger.warning("graph capture (compiled=%s) failed, falling back: %r", compiled, error)
+                logger.warning(
+                    "graph capture (compiled=%s, triton=%s) failed, falling back: %r", compiled, with_triton, error
+                )
                 graphs._graphs.clear()
-                info[f"capture_error_compiled_{compiled}"] = repr(error)
+                info[f"capture_error_compiled_{compiled}_triton_{with_triton}"] = repr(error)
                 torch.cuda.synchronize()
         else:
             decoder.disable_compiled_kernels()
+            decoder.disable_triton()
             graphs.use_graphs = False
     # one real prefill + decode so the first request pays no lazy initialisation
     decoder.prefill(0, torch.tensor([1, 2, 3]))
@@ -200,6 +220,16 @@ def _warm_up(graphs: DecodeGraphs, compile_kernels: bool) -> dict:
     info["buckets"] = {"batch": graphs.batch_buckets, "kv_len": graphs.kv_buckets}
     info["kv_cache_gb"] = round(decoder.kv_cache_bytes / 1e9, 3)
     return info
+
+
+def _kv_buckets(max_seq_len: int, step: int = 256) -> list[int] | None:
+    """KV-length buckets every 256 tokens: a batch's attention reads the cache up to its bucket,
+    so at batch 16 the doubling buckets (..., 512, 1024, 2048) read up to 2x the KV needed.
+    More buckets only cost capture time (the graphs share one memory pool)."""
+    if max_seq_len <= step:
+        return None
+    sizes = list(range(step, max_seq_len, step))
+    return [*sizes, max_seq_len]
 
 
 def build_fast_engine(
@@ -212,11 +242,13 @@ def build_fast_engine(
     compile_kernels: bool = True,
     dtype: torch.dtype | None = None,
     free_source: bool = True,
+    triton_kernels: bool = True,
 ) -> BatchingEngine:
-    """`fast` mode from the seed's model (consumed when `free_source`)."""
+    """`fast` mode from the seed's model (consumed when `free_source`). `triton_kernels`: the
+    decode step's Triton GEMMs (where faster than cuBLAS) and fused rotary + KV write (CUDA)."""
     decoder = build_merged_decoder(model, max_batch, max_seq_len, dtype=dtype, free_source=free_source)
-    graphs = DecodeGraphs(decoder, use_graphs=cuda_graphs)
-    info = _warm_up(graphs, compile_kernels)
+    graphs = DecodeGraphs(decoder, use_graphs=cuda_graphs, kv_buckets=_kv_buckets(max_seq_len))
+    info = _warm_up(graphs, compile_kernels, triton=triton_kernels)
     return BatchingEngine(DecoderStepModel(graphs), tokenizer, name="fast", max_queue=max_queue, info=info)
 
 

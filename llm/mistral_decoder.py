@@ -26,6 +26,8 @@ import torch
 import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
+from llm import triton_kernels
+
 logger = logging.getLogger(__name__)
 
 Projection = Callable[[torch.Tensor], torch.Tensor]
@@ -69,7 +71,13 @@ class DecoderConfig:
 
 
 class DenseLayer:
-    """One decoder layer's projections as plain weight matrices (q/k/v and gate/up fused)."""
+    """One decoder layer's projections as plain weight matrices (q/k/v and gate/up fused).
+
+    `plan` (shared by all layers, set by `MistralDecoder.enable_triton`) routes decode-sized
+    matmuls to the Triton skinny GEMM where it measured faster than cuBLAS; prefill-sized inputs
+    and everything on the CPU stay F.linear."""
+
+    plan: triton_kernels.GemmPlan | None = None
 
     def __init__(
         self,
@@ -83,17 +91,44 @@ class DenseLayer:
         self.input_norm, self.post_norm = input_norm, post_norm
         self.w_qkv, self.w_o, self.w_gate_up, self.w_down = qkv, o, gate_up, down
 
+    def _linear(self, x: torch.Tensor, w: torch.Tensor, name: str) -> torch.Tensor:
+        return _planned_linear(self.plan, x, w, name)
+
     def qkv(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(x, self.w_qkv)
+        return self._linear(x, self.w_qkv, "qkv")
 
     def o(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(x, self.w_o)
+        return self._linear(x, self.w_o, "o")
 
     def gate_up(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(x, self.w_gate_up)
+        return self._linear(x, self.w_gate_up, "gate_up")
 
     def down(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(x, self.w_down)
+        return self._linear(x, self.w_down, "down")
+
+
+def _planned_linear(
+    plan: triton_kernels.GemmPlan | None, x: torch.Tensor, w: torch.Tensor, name: str
+) -> torch.Tensor:
+    if plan is not None and x.dim() == 2:
+        config = plan.get(name, x.shape[0])
+        if config is not None:
+            return triton_kernels.skinny_matmul(x, w, config)
+    return F.linear(x, w)
+
+
+class DenseHead:
+    """The (merged) lm_head as a weight matrix, routed through the same plan as the layers."""
+
+    plan: triton_kernels.GemmPlan | None = None
+
+    def __init__(self, weight: torch.Tensor) -> None:
+        self.weight = weight
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dim() == 2:
+            return _planned_linear(self.plan, x, self.weight, "lm_head")
+        return F.linear(x, self.weight)
 
 
 class ModuleLayer:
@@ -226,6 +261,9 @@ class MistralDecoder:
         self._add_norm: Callable = _add_rms_norm
         self._rope: Callable = _rope_decode
         self._silu_mul: Callable = _silu_mul
+        # Triton decode kernels (CUDA only, `enable_triton`): fused rotary + KV-cache write.
+        self.fused_rope_kv = False
+        self.gemm_plan: triton_kernels.GemmPlan | None = None
         if compile_kernels:
             self.enable_compiled_kernels()
 
@@ -240,6 +278,42 @@ class MistralDecoder:
         self._norm, self._add_norm, self._rope, self._silu_mul = (
             _rms_norm, _add_rms_norm, _rope_decode, _silu_mul,
         )
+
+    def enable_triton(self, batch_sizes: Sequence[int], tune_gemm: bool = True) -> dict:
+        """Switch the decode step to the Triton kernels (before graph capture): the fused
+        rotary + KV write, and per (projection, batch size) the faster of Triton and cuBLAS,
+        timed here. Returns what was chosen. No-op without CUDA + Triton."""
+        if not triton_kernels.available(self.device):
+            return {"triton": False}
+        self.fused_rope_kv = True
+        info: dict = {"triton": True, "fused_rope_kv": True}
+        dense = [layer for layer in self.layers if isinstance(layer, DenseLayer)]
+        if tune_gemm and dense and len(dense) == len(self.layers):
+            plan = triton_kernels.GemmPlan()
+            weights = {
+                "qkv": [layer.w_qkv for layer in dense],
+                "o": [layer.w_o for layer in dense],
+                "gate_up": [layer.w_gate_up for layer in dense],
+                "down": [layer.w_down for layer in dense],
+            }
+            if isinstance(self.lm_head, DenseHead):
+                weights["lm_head"] = [self.lm_head.weight]
+            plan.tune(weights, batch_sizes)
+            self.set_gemm_plan(plan)
+            info["gemm"] = plan.summary()
+        return info
+
+    def set_gemm_plan(self, plan: triton_kernels.GemmPlan | None) -> None:
+        self.gemm_plan = plan
+        for layer in self.layers:
+            if isinstance(layer, DenseLayer):
+                layer.plan = plan
+        if isinstance(self.lm_head, DenseHead):
+            self.lm_head.plan = plan
+
+    def disable_triton(self) -> None:
+        self.fused_rope_kv = False
+        self.set_gemm_plan(None)
 
     @property
     def kv_cache_bytes(self) -> int:
@@ -290,6 +364,57 @@ class MistralDecoder:
         logits = self.lm_head(h)[0].float()
         return logits if all_logits else logits[0]
 
+    @torch.inference_mode()
+    def prefill_many(self, slots: Sequence[int], prompts: Sequence[torch.Tensor]) -> torch.Tensor:
+        """Several prompts into their slots in one forward: the projections run once over all
+        prompts' tokens (one weight read instead of one per prompt), attention per prompt.
+        Same per-token function as `prefill`. Returns float32 last-position logits [n, V]."""
+        cfg = self.config
+        lengths = [int(p.shape[0]) for p in prompts]
+        if len(slots) != len(prompts) or len(set(slots)) != len(slots):
+            raise ValueError("one distinct slot per prompt")
+        for slot, length in zip(slots, lengths, strict=True):
+            if not 0 < length <= self.max_seq_len:
+                raise ValueError(f"prompt of {length} tokens does not fit max_seq_len {self.max_seq_len}")
+            if not 0 <= slot < self.max_batch:
+                raise ValueError(f"slot {slot} out of range")
+        ids = torch.cat([p.to(torch.long) for p in prompts]).to(self.device)
+        total = int(ids.shape[0])
+        positions = torch.cat([torch.arange(n) for n in lengths]).to(self.device)
+        starts = [sum(lengths[:i]) for i in range(len(lengths))]
+        group = cfg.num_heads // cfg.num_kv_heads
+        q_size, kv_size = cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim
+        cos, sin = self.cos[positions][None, None], self.sin[positions][None, None]
+        h = F.embedding(ids, self.embed)[None]  # [1, T, H]
+        for index, layer in enumerate(self.layers):
+            x = _rms_norm(h, layer.input_norm, cfg.rms_norm_eps)
+            qkv = layer.qkv(x)
+            q = qkv[..., :q_size].view(1, total, cfg.num_heads, cfg.head_dim).transpose(1, 2)
+            k = qkv[..., q_size : q_size + kv_size].view(1, total, cfg.num_kv_heads, cfg.head_dim).transpose(1, 2)
+            v = qkv[..., q_size + kv_size :].view(1, total, cfg.num_kv_heads, cfg.head_dim).transpose(1, 2)
+            q = q * cos + _rotate_half(q) * sin
+            k = k * cos + _rotate_half(k) * sin
+            parts = []
+            for slot, start, length in zip(slots, starts, lengths, strict=True):
+                ks, vs = k[:, :, start : start + length], v[:, :, start : start + length]
+                self.k_cache[index][slot, :, :length] = ks[0]
+                self.v_cache[index][slot, :, :length] = vs[0]
+                with sdpa_kernel(_PREFILL_BACKENDS):
+                    parts.append(F.scaled_dot_product_attention(
+                        q[:, :, start : start + length],
+                        ks.repeat_interleave(group, dim=1),
+                        vs.repeat_interleave(group, dim=1),
+                        is_causal=True,
+                        scale=self.scale,
+                    ))
+            attn = torch.cat(parts, dim=2).transpose(1, 2).reshape(1, total, q_size)
+            h = h + layer.o(attn)
+            x = _rms_norm(h, layer.post_norm, cfg.rms_norm_eps)
+            h = h + layer.down(_silu_mul(layer.gate_up(x)))
+        last = torch.tensor([s + n - 1 for s, n in zip(starts, lengths, strict=True)], device=self.device)
+        h = _rms_norm(h[:, last], self.final_norm, cfg.rms_norm_eps)
+        return self.lm_head(h)[0].float()
+
     # --- decode: one token for each of slots 0..n-1, each at its own position ------------------
 
     def decode_step(
@@ -302,16 +427,27 @@ class MistralDecoder:
         n = tokens.shape[0]
         eps = cfg.rms_norm_eps
         rows = torch.arange(n, device=tokens.device)
-        mask = (torch.arange(kv_len, device=tokens.device)[None, :] <= positions[:, None])[:, None, None, :]
+        visible = (torch.arange(kv_len, device=tokens.device)[None, :] <= positions[:, None])[:, None, None, :]
+        # Additive mask in the activations' dtype, built once per step: a boolean mask made SDPA
+        # (cuDNN) convert it to a float bias in every layer (3 extra kernels x 32 layers, profile).
+        mask = torch.zeros(visible.shape, dtype=self.dtype, device=tokens.device).masked_fill_(
+            ~visible, float("-inf")
+        )
         h = F.embedding(tokens, self.embed)  # [n, H]
         x = self._norm(h, self.layers[0].input_norm, eps)
         for index, layer in enumerate(self.layers):
-            q, k, v = self._rope(
-                layer.qkv(x), self.cos, self.sin, positions, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
-            )
             k_cache, v_cache = self.k_cache[index], self.v_cache[index]
-            k_cache[rows, :, positions] = k
-            v_cache[rows, :, positions] = v
+            if self.fused_rope_kv:  # one launch instead of rope + two index_put kernels
+                q = triton_kernels.rope_kv_write(
+                    layer.qkv(x), self.cos, self.sin, positions, k_cache, v_cache,
+                    cfg.num_heads, cfg.num_kv_heads, cfg.head_dim,
+                ).view(n, cfg.num_kv_heads, cfg.num_heads // cfg.num_kv_heads, cfg.head_dim)
+            else:
+                q, k, v = self._rope(
+                    layer.qkv(x), self.cos, self.sin, positions, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+                )
+                k_cache[rows, :, positions] = k
+                v_cache[rows, :, positions] = v
             attn = F.scaled_dot_product_attention(
                 q, k_cache[:n, :, :kv_len], v_cache[:n, :, :kv_len], attn_mask=mask, scale=self.scale
             )  # [n, K, G, D]: the G query heads of a KV group attend as G "query positions"
@@ -389,6 +525,7 @@ class DecodeGraphs:
                     graph = torch.cuda.CUDAGraph()
                     with torch.cuda.graph(graph, pool=pool, stream=stream):
                         out = self.decoder.decode_step(self._tokens[:n], self._positions[:n], kv_len)
+                    graph.replay()  # upload now: a graph's first launch costs extra (not per request)
                     self._graphs[(n, kv_len)] = (graph, out)
         torch.cuda.current_stream().wait_stream(stream)
         torch.cuda.synchronize()

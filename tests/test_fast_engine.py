@@ -128,3 +128,44 @@ def test_build_engine_wires_the_new_modes_and_knobs(tiny_checkpoint, mode):
         assert isinstance(text, str) and "\ufffd" not in text
     finally:
         engine.close()
+
+
+def test_prefill_many_equals_one_by_one(reference_model, korean_ids):
+    """Prompts prefilled together give each prompt's own logits and KV cache rows."""
+    decoder = build_merged_decoder(reference_model, max_batch=3, max_seq_len=256, dtype=torch.float32)
+    prompts = [torch.tensor(korean_ids[:n]) for n in (len(korean_ids), 5, 17)]
+    expected = [decoder.prefill(slot, p) for slot, p in enumerate(prompts)]
+    k_expected = [c.clone() for c in decoder.k_cache]
+    v_expected = [c.clone() for c in decoder.v_cache]
+    for cache in decoder.k_cache + decoder.v_cache:
+        cache.zero_()
+    got = decoder.prefill_many([2, 0, 1], [prompts[2], prompts[0], prompts[1]])
+    torch.testing.assert_close(got, torch.stack([expected[2], expected[0], expected[1]]), atol=1e-4, rtol=1e-4)
+    for layer in range(len(decoder.layers)):
+        torch.testing.assert_close(decoder.k_cache[layer], k_expected[layer], atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(decoder.v_cache[layer], v_expected[layer], atol=1e-5, rtol=1e-5)
+
+
+def test_scheduler_prefills_queued_arrivals_together(reference_model, korean_ids, mistral_tokenizer):
+    """Requests queued while the worker is busy are prefilled in one batch and decode as they
+    would alone (greedy: identical tokens)."""
+    from llm.batching import BatchingEngine, DecoderStepModel
+    from llm.engine import SamplingParams
+
+    decoder = build_merged_decoder(reference_model, max_batch=4, max_seq_len=256, dtype=torch.float32)
+    model = DecoderStepModel(DecodeGraphs(decoder, use_graphs=False))
+    calls: list[int] = []
+    original = model.prefill_many
+    model.prefill_many = lambda slots, prompts: calls.append(len(slots)) or original(slots, prompts)
+    engine = BatchingEngine(model, mistral_tokenizer, name="t")
+    params = SamplingParams(greedy=True, max_new_tokens=6)
+    prompts = [korean_ids[:n] for n in (9, 14, 21)]
+    try:
+        alone = [list(engine.stream_tokens(p, params, ignore_eos=True)) for p in prompts]
+        with engine.scheduler._wake:  # hold the worker so all three queue up
+            requests = [engine.scheduler.submit(p, params, ignore_eos=True) for p in prompts]
+        together = [list(engine.scheduler.tokens(r)) for r in requests]
+    finally:
+        engine.close()
+    assert together == alone
+    assert 3 in calls, calls

@@ -1,0 +1,283 @@
+"""Decode-only Triton kernels for the `fast` mode (CUDA only; everything here is optional).
+
+Why: at batch 1..16 a decode step is a chain of weight-streaming matrix products. cuBLAS picks
+split-K kernels for the 4096-wide projections (q/k/v, o) that reach only ~1.2-1.8 TB/s on an H100
+(bench/NOTES.md), and the rotary embedding + the two KV-cache writes are three launches per layer.
+
+- `skinny_matmul(x, w, config)`: y = x @ w.T for x [M<=16, K] and w [N, K] in bf16 with float32
+  accumulation (the same function as F.linear, a different summation order). M == 1 uses a
+  multiply-reduce tile loop (no tensor cores needed for a GEMV); M > 1 pads M to 16 and uses tl.dot.
+- `GemmPlan`: at start-up, per (projection, batch bucket), times every Triton config against
+  cuBLAS inside CUDA graphs over all 32 layers' weights (so the L2 cache does not flatter anyone)
+  and keeps the faster. Where cuBLAS wins, F.linear is used as before.
+- `rope_kv_write(...)`: rotary on q and k, then k and v written straight into the KV cache at each
+  row's position, in one launch instead of three.
+
+On the CPU (CI) Triton is absent or has no GPU backend: `available()` is False and callers keep
+their eager PyTorch paths.
+"""
+
+# Triton kernel arguments are pointers / ints typed by Triton itself, not Python annotations.
+# ruff: noqa: ANN001
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+logger = logging.getLogger(__name__)
+
+try:  # Triton ships with CUDA builds of PyTorch only.
+    import triton
+    import triton.language as tl
+
+    _HAVE_TRITON = True
+except Exception:  # noqa: BLE001 - any import failure means "no Triton path"
+    _HAVE_TRITON = False
+
+
+def available(device: torch.device) -> bool:
+    """Triton kernels can run on `device` (a CUDA device with a working Triton)."""
+    return _HAVE_TRITON and torch.device(device).type == "cuda" and torch.cuda.is_available()
+
+
+@dataclass(frozen=True)
+class GemmConfig:
+    block_n: int
+    block_k: int
+    num_warps: int
+    num_stages: int
+
+    def fits(self, n: int, k: int) -> bool:
+        return k % self.block_k == 0 and n >= self.block_n
+
+
+# Few configs on purpose: each one is a Triton compile at start-up (~1 s).
+GEMV_CONFIGS = (  # M == 1: multiply-reduce, enough programs to keep every SM's loads in flight
+    GemmConfig(8, 512, 4, 1),
+    GemmConfig(16, 512, 8, 1),
+    GemmConfig(4, 1024, 4, 1),
+    GemmConfig(32, 256, 8, 1),
+    GemmConfig(4, 1024, 4, 3),
+    GemmConfig(8, 512, 4, 3),
+    GemmConfig(2, 2048, 4, 1),  # won every M == 1 shape in run 2 (qkv, o, gate_up, down, lm_head)
+    GemmConfig(1, 2048, 4, 1),
+    GemmConfig(2, 2048, 8, 1),
+    GemmConfig(4, 2048, 8, 1),
+)
+DOT_CONFIGS = (  # 1 < M <= 16: tl.dot on a 16-row tile, software-pipelined loads
+    GemmConfig(16, 256, 4, 4),
+    GemmConfig(32, 256, 4, 4),
+    GemmConfig(64, 128, 4, 4),
+    GemmConfig(16, 512, 4, 3),
+)
+MAX_M = 16
+
+
+if _HAVE_TRITON:
+
+    @triton.jit
+    def _gemv_kernel(
+        x_ptr, w_ptr, y_ptr, N, K, stride_w, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr
+    ):
+        # One program = BLOCK_N output features; K is a multiple of BLOCK_K (checked on the host).
+        pid = tl.program_id(0)
+        offs_n = pid * BLOCK_N + tl.arange(0, BLOCK_N)
+        n_mask = offs_n < N
+        offs_k = tl.arange(0, BLOCK_K)
+        acc = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
+        w_rows = w_ptr + offs_n[:, None].to(tl.int64) * stride_w
+        for k0 in range(0, K, BLOCK_K):
+            k = k0 + offs_k
+            x = tl.load(x_ptr + k).to(tl.float32)
+            w = tl.load(w_rows + k[None, :], mask=n_mask[:, None], other=0.0).to(tl.float32)
+            acc += w * x[None, :]
+        y = tl.sum(acc, axis=1)
+        tl.store(y_ptr + offs_n, y.to(y_ptr.dtype.element_ty), mask=n_mask)
+
+    @triton.jit
+    def _skinny_dot_kernel(
+        x_ptr, w_ptr, y_ptr, M, N, K, stride_x, stride_w, stride_y,
+        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    ):
+        pid = tl.program_id(0)
+        offs_m = tl.arange(0, BLOCK_M)
+        offs_n = pid * BLOCK_N + tl.arange(0, BLOCK_N)
+        offs_k = tl.arange(0, BLOCK_K)
+        m_mask = offs_m < M
+        n_mask = offs_n < N
+        x_rows = x_ptr + offs_m[:, None] * stride_x
+        w_rows = w_ptr + offs_n[:, None].to(tl.int64) * stride_w
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        for k0 in range(0, K, BLOCK_K):
+            k = k0 + offs_k
+            x = tl.load(x_rows + k[None, :], mask=m_mask[:, None], other=0.0)
+            w = tl.load(w_rows + k[None, :], mask=n_mask[:, None], other=0.0)
+            acc = tl.dot(x, tl.trans(w), acc)  # bf16 x bf16 -> float32 accumulate
+        y_ptrs = y_ptr + offs_m[:, None] * stride_y + offs_n[None, :]
+        tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=m_mask[:, None] & n_mask[None, :])
+
+    @triton.jit
+    def _rope_kv_kernel(
+        qkv_ptr, cos_ptr, sin_ptr, pos_ptr, q_ptr, k_cache_ptr, v_cache_ptr,
+        stride_qkv, stride_cb, stride_ch, stride_cs,
+        NUM_HEADS: tl.constexpr, NUM_KV: tl.constexpr, HEAD_DIM: tl.constexpr,
+    ):
+        # grid (rows, NUM_HEADS + 2 * NUM_KV): one program per (row, q/k/v head)
+        row = tl.program_id(0)
+        head = tl.program_id(1)
+        HALF: tl.constexpr = HEAD_DIM // 2
+        d = tl.arange(0, HALF)
+        pos = tl.load(pos_ptr + row)
+        src = qkv_ptr + row * stride_qkv + head * HEAD_DIM
+        x1 = tl.load(src + d).to(tl.float32)
+        x2 = tl.load(src + HALF + d).to(tl.float32)
+        if head < NUM_HEADS + NUM_KV:  # q and k heads: x * cos + rotate_half(x) * sin
+            c1 = tl.load(cos_ptr + pos * HEAD_DIM + d).to(tl.float32)
+            c2 = tl.load(cos_ptr + pos * HEAD_DIM + HALF + d).to(tl.float32)
+            s1 = tl.load(sin_ptr + pos * HEAD_DIM + d).to(tl.float32)
+            s2 = tl.load(sin_ptr + pos * HEAD_DIM + HALF + d).to(tl.float32)
+            o1 = x1 * c1 - x2 * s1
+            o2 = x2 * c2 + x1 * s2
+        else:
+            o1 = x1
+            o2 = x2
+        if head < NUM_HEADS:
+            dst = q_ptr + row * (NUM_HEADS * HEAD_DIM) + head * HEAD_DIM
+        elif head < NUM_HEADS + NUM_KV:
+            dst = k_cache_ptr + row * stride_cb + (head - NUM_HEADS) * stride_ch + pos * stride_cs
+        else:
+            dst = v_cache_ptr + row * stride_cb + (head - NUM_HEADS - NUM_KV) * stride_ch + pos * stride_cs
+        tl.store(dst + d, o1.to(q_ptr.dtype.element_ty))
+        tl.store(dst + HALF + d, o2.to(q_ptr.dtype.element_ty))
+
+
+def skinny_matmul(x: torch.Tensor, w: torch.Tensor, config: GemmConfig) -> torch.Tensor:
+    """x [M, K] @ w [N, K].T with float32 accumulation, for 1 <= M <= 16 (see module docstring)."""
+    m, k = x.shape
+    n = w.shape[0]
+    x = x.contiguous()
+    y = torch.empty((m, n), dtype=x.dtype, device=x.device)
+    grid = (triton.cdiv(n, config.block_n),)
+    if m == 1:
+        _gemv_kernel[grid](
+            x, w, y, n, k, w.stride(0), BLOCK_N=config.block_n, BLOCK_K=config.block_k,
+            num_warps=config.num_warps, num_stages=config.num_stages,
+        )
+    else:
+        _skinny_dot_kernel[grid](
+            x, w, y, m, n, k, x.stride(0), w.stride(0), y.stride(0),
+            BLOCK_M=MAX_M, BLOCK_N=config.block_n, BLOCK_K=config.block_k,
+            num_warps=config.num_warps, num_stages=config.num_stages,
+        )
+    return y
+
+
+def rope_kv_write(
+    qkv: torch.Tensor,
+    cos: torch.Tensor,
+    sin: torch.Tensor,
+    positions: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    num_heads: int,
+    num_kv_heads: int,
+    head_dim: int,
+) -> torch.Tensor:
+    """Rotary on q/k of `qkv` [n, (H+2K)*D]; k, v stored in the caches' rows 0..n-1 at
+    `positions`; returns rotated q [n, H*D]. Rotary in float32, rounded once to the dtype."""
+    n = qkv.shape[0]
+    assert qkv.stride(1) == 1 and cos.is_contiguous() and sin.is_contiguous()
+    assert k_cache.stride() == v_cache.stride() and k_cache.stride(3) == 1
+    q = torch.empty((n, num_heads * head_dim), dtype=qkv.dtype, device=qkv.device)
+    _rope_kv_kernel[(n, num_heads + 2 * num_kv_heads)](
+        qkv, cos, sin, positions, q, k_cache, v_cache,
+        qkv.stride(0), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
+        NUM_HEADS=num_heads, NUM_KV=num_kv_heads, HEAD_DIM=head_dim, num_warps=1,
+    )
+    return q
+
+
+def _graph_time_ms(fn: Callable[[], object], replays: int = 10) -> float:
+    """Median time of one replay of a CUDA graph of `fn` (launch gaps excluded, as in decode)."""
+    fn()  # compile / pick algorithms outside the capture
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        fn()
+    for _ in range(2):
+        graph.replay()
+    times = []
+    for _ in range(replays):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        graph.replay()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end))
+    del graph
+    return sorted(times)[len(times) // 2]
+
+
+def _run_all(
+    x: torch.Tensor, mats: Sequence[torch.Tensor], reps: int, config: GemmConfig | None
+) -> Callable[[], list[torch.Tensor]]:
+    """x @ w.T for every w (a projection of every layer), by cuBLAS (None) or a Triton config."""
+    if config is None:
+        return lambda: [F.linear(x, w) for w in mats for _ in range(reps)]
+    return lambda: [skinny_matmul(x, w, config) for w in mats for _ in range(reps)]
+
+
+class GemmPlan:
+    """Per (projection name, batch bucket): a Triton `GemmConfig`, or None for cuBLAS."""
+
+    def __init__(self) -> None:
+        self.choice: dict[tuple[str, int], GemmConfig | None] = {}
+        self.timings: dict[str, dict[str, float]] = {}
+
+    def get(self, name: str, m: int) -> GemmConfig | None:
+        return self.choice.get((name, m))
+
+    @torch.inference_mode()
+    def tune(self, weights: dict[str, Sequence[torch.Tensor]], batch_sizes: Sequence[int]) -> None:
+        """Time cuBLAS and each fitting Triton config on every weight of a projection (one graph
+        of all layers), per batch size; keep the fastest. A config that fails is skipped."""
+        started = time.monotonic()
+        for name, mats in weights.items():
+            n, k = mats[0].shape
+            reps = max(1, 8 // len(mats))  # lm_head: one 262 MB matrix, a few times
+            for m in batch_sizes:
+                if m > MAX_M:
+                    continue
+                x = torch.randn(m, k, dtype=mats[0].dtype, device=mats[0].device)
+                results: dict[str, float] = {"cublas": _graph_time_ms(_run_all(x, mats, reps, None))}
+                best: GemmConfig | None = None
+                best_ms = results["cublas"]
+                for config in GEMV_CONFIGS if m == 1 else DOT_CONFIGS:
+                    if not config.fits(n, k):
+                        continue
+                    label = f"triton_{config.block_n}x{config.block_k}_w{config.num_warps}_s{config.num_stages}"
+                    try:
+                        ms = _graph_time_ms(_run_all(x, mats, reps, config))
+                    except Exception as error:  # noqa: BLE001 - a config the compiler rejects
+                        logger.warning("triton config %s failed for %s: %r", label, name, error)
+                        continue
+                    results[label] = ms
+                    if ms < best_ms * 0.98:  # a Triton kernel must win clearly to replace cuBLAS
+                        best, best_ms = config, ms
+                self.choice[(name, m)] = best
+                self.timings[f"{name}_m{m}"] = {key: round(v / (len(mats) * reps) * 1000, 2)
+                                                for key, v in results.items()}  # us per matmul
+        self.tune_s = round(time.monotonic() - started, 2)
+
+    def summary(self) -> dict:
+        return {
+            "tune_s": getattr(self, "tune_s", None),
+            "choice": {f"{name}_m{m}": (None if c is None else c.__dict__) for (name, m), c in self.choice.items()},
+            "us_per_matmul": self.timings,
+        }
