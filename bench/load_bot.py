@@ -7,7 +7,13 @@ own overhead: events, database, Slack calls, formatting). Reports JSON:
 - answered / lost / duplicated questions;
 - p50/p95 seconds from event to first visible bot message (placeholder or stream start), to the
   first answer text, and to the final answer;
-- the bot process's CPU time per question (user + system, from /proc via psutil), start-up excluded.
+- the bot process's CPU time per question: user + system CPU seconds of the `finbot run` process
+  (psutil, from /proc) between just before the first mention and the end of the load, divided by the
+  answered questions (start-up excluded). An idle baseline (the same process's CPU rate over
+  `--idle-seconds` with no traffic: Socket Mode pings, the scheduler) is measured first and reported,
+  and also subtracted in a separate "net" figure. The whole load is repeated `--runs` times (a fresh
+  bot and database each time); the p50 and mean over runs are reported (one process-wide CPU total
+  per run cannot be split per message, so "p50" is over runs, not over single messages).
 
     python bench/load_bot.py                      # defaults: 100 threads, 10 s, 40 tokens/s fake engine, 16 workers
     python bench/load_bot.py --threads 100 --spread 10 --tokens-per-second 40 --workers 16 --out bench/results/load.json
@@ -20,6 +26,7 @@ from __future__ import annotations
 import argparse
 import json
 import signal
+import statistics
 import sys
 import tempfile
 import threading
@@ -68,8 +75,50 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--database-url", default=None, help="default: a fresh SQLite file")
     parser.add_argument("--engine-env", action="append", default=[], metavar="KEY=VALUE")
     parser.add_argument("--out", type=Path, default=None)
+    parser.add_argument("--runs", type=int, default=3, help="repeat the whole load (fresh bot each time)")
+    parser.add_argument("--idle-seconds", type=float, default=3.0, help="idle CPU baseline before the load")
+    parser.add_argument("--py-spy", type=Path, default=None, metavar="OUT",
+                        help="also sample the bot with `py-spy record --gil` during the load (collapsed stacks to OUT)")
     args = parser.parse_args(argv)
+    runs = [run_once(args) for _ in range(max(1, args.runs))]
+    per_question = [r["bot_cpu_ms_per_question"] for r in runs]
+    net = [r["bot_cpu_ms_per_question_net_of_idle"] for r in runs]
+    result = {
+        **runs[0],
+        "runs": len(runs),
+        "latencies_and_settings_from": "run 1 (every run's figures are under per_run)",
+        "answered": sum(r["answered"] for r in runs),
+        "lost": sum(r["lost"] for r in runs),
+        "duplicated": sum(r["duplicated"] for r in runs),
+        "exit_code": max(r["exit_code"] for r in runs),
+        "bot_cpu_ms_per_question": {
+            "p50_over_runs": round(statistics.median(per_question), 2),
+            "mean_over_runs": round(statistics.mean(per_question), 2),
+            "per_run": per_question,
+        },
+        "bot_cpu_ms_per_question_net_of_idle": {
+            "p50_over_runs": round(statistics.median(net), 2),
+            "mean_over_runs": round(statistics.mean(net), 2),
+            "per_run": net,
+        },
+        "cpu_method": (
+            "user+system CPU seconds of the `finbot run` process (psutil/proc) from just before the first "
+            "mention until all answers were final plus 1 s, divided by the questions answered in that run; "
+            "start-up excluded. 'net_of_idle' subtracts the idle CPU rate (measured over idle_seconds with no "
+            "traffic before the load) times the load's duration. p50/mean are over runs."
+        ),
+        "per_run": [{k: r[k] for k in ("answered", "lost", "duplicated", "event_to_first_visible", "event_to_first_text",
+                                        "event_to_final", "bot_cpu_s_total", "bot_cpu_ms_per_question",
+                                        "bot_idle_cpu_ms_per_s", "load_s", "exit_code")} for r in runs],
+    }
+    print(json.dumps(result, ensure_ascii=False, indent=2))
+    if args.out:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps(result, ensure_ascii=False, indent=2))
+    return 0 if result["lost"] == 0 and result["duplicated"] == 0 and result["exit_code"] == 0 else 1
 
+
+def run_once(args: argparse.Namespace) -> dict[str, Any]:
     import psutil
 
     root = Path(tempfile.mkdtemp(prefix="finbot-load-"))
@@ -91,7 +140,18 @@ def main(argv: list[str] | None = None) -> int:
             fake.wait_connected(timeout=120)
             time.sleep(1.0)  # let start-up work settle before the CPU baseline
             bot = psutil.Process(process.pid)
-            cpu_before = bot.cpu_times()
+            idle_before, idle_started = bot.cpu_times(), time.monotonic()
+            time.sleep(args.idle_seconds)
+            idle_after, idle_s = bot.cpu_times(), time.monotonic() - idle_started
+            idle_rate = ((idle_after.user - idle_before.user) + (idle_after.system - idle_before.system)) / idle_s
+            cpu_before, cpu_started = bot.cpu_times(), time.monotonic()
+            profiler = None
+            if args.py_spy:
+                import subprocess
+
+                profiler = subprocess.Popen(["py-spy", "record", "--pid", str(process.pid), "--gil", "--rate", "250",
+                                             "--format", "raw", "--output", str(args.py_spy)],
+                                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
 
             sent: dict[tuple[str, int], float] = {}  # (thread_ts, turn) -> event sent time
             threads: list[str] = []
@@ -146,7 +206,10 @@ def main(argv: list[str] | None = None) -> int:
                 time.sleep(0.1)
             time.sleep(1.0)  # late duplicates would show up now
             stop.set()
-            cpu_after = bot.cpu_times()
+            cpu_after, load_s = bot.cpu_times(), time.monotonic() - cpu_started
+            if profiler is not None:
+                profiler.send_signal(signal.SIGINT)
+                profiler.wait(timeout=60)
         finally:
             process.send_signal(signal.SIGTERM)
             exit_code = process.wait(timeout=60)
@@ -218,14 +281,13 @@ def main(argv: list[str] | None = None) -> int:
             "event_to_final": summary(to_final),
             "bot_cpu_s_total": round(cpu_s, 3),
             "bot_cpu_ms_per_question": round(1000 * cpu_s / max(1, answered), 2),
+            "bot_idle_cpu_ms_per_s": round(1000 * idle_rate, 2),
+            "load_s": round(load_s, 2),
+            "bot_cpu_ms_per_question_net_of_idle": round(1000 * (cpu_s - idle_rate * load_s) / max(1, answered), 2),
             "exit_code": exit_code,
             "settings": {k: v for k, v in settings.items() if not k.startswith("SLACK_")},
         }
-    print(json.dumps(result, ensure_ascii=False, indent=2))
-    if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps(result, ensure_ascii=False, indent=2))
-    return 0 if lost == 0 and duplicated == 0 and exit_code == 0 else 1
+    return result
 
 
 if __name__ == "__main__":

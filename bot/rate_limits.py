@@ -21,6 +21,10 @@ class SlidingWindow:
         self._hits: dict[str, deque[float]] = {}
         self._lock = threading.Lock()
 
+    @property
+    def limited(self) -> bool:
+        return self._limit > 0
+
     def _recent(self, key: str, now: float) -> deque[float]:
         hits = self._hits.setdefault(key, deque())
         while hits and now - hits[0] >= self._window:
@@ -55,8 +59,15 @@ class QuestionRateLimiter:
         self._channels = SlidingWindow(per_channel, window_seconds, clock)
         self._lock = threading.Lock()
 
+    @property
+    def active(self) -> bool:
+        """False when both limits are off (0): `check` then always allows."""
+        return self._users.limited or self._channels.limited
+
     def check(self, team_id: str, channel_id: str, user_id: str | None) -> Exceeded | None:
         """None (and the question is counted) when allowed; otherwise which limit was exceeded."""
+        if not self.active:
+            return None
         user_key = f"{team_id}/{user_id}" if user_id else None
         channel_key = f"{team_id}/{channel_id}"
         with self._lock:

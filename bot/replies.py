@@ -46,6 +46,11 @@ class IncomingQuestion:
         return f"{self.team_id}/{self.channel_id}/{self.thread_ts}"
 
 
+# The "thinking" placeholder is posted only if no answer text has appeared this long after the
+# question was stored: an answer that starts at once needs no placeholder (and no deletion of it).
+PLACEHOLDER_DELAY_S = 0.5
+
+
 @dataclass(frozen=True)
 class _Job:
     target: ReplyTarget
@@ -53,6 +58,36 @@ class _Job:
     message_id: int
     text: str
     placeholder_ts: str | None
+    # The placeholder that is posted if the answer has not started in time (armed when stored,
+    # so a question waiting for a free worker still gets one).
+    deferred_placeholder: _DeferredPlaceholder | None = None
+
+
+class _DeferredPlaceholder:
+    """Posts the placeholder from a timer unless the answer starts first; `settle` decides the race."""
+
+    def __init__(self, post: Callable[[], str | None], delay: float) -> None:
+        self._post = post
+        self._lock = threading.Lock()
+        self._settled = False
+        self._ts: str | None = None
+        self._timer = threading.Timer(delay, self._fire)
+        self._timer.daemon = True
+        self._timer.name = "finbot-placeholder"
+        self._timer.start()
+
+    def _fire(self) -> None:
+        with self._lock:
+            if not self._settled:
+                self._settled = True
+                self._ts = self._post()
+
+    def settle(self) -> str | None:
+        """No placeholder from now on; returns the ts of one already posted (waits for a post in flight)."""
+        self._timer.cancel()
+        with self._lock:
+            self._settled = True
+            return self._ts
 
 
 def feedback_blocks(question_id: int) -> list[dict[str, Any]]:
@@ -112,14 +147,30 @@ class AnswerService:
         return self._questions
 
     def submit(
-        self, client: WebClient, question: IncomingQuestion, *, placeholder: bool = True
+        self,
+        client: WebClient,
+        question: IncomingQuestion,
+        *,
+        placeholder: bool = True,
+        event_id: str | None = None,
     ) -> Future[None] | None:
         """Store the question, acknowledge it in the thread and generate in the background.
 
-        `placeholder=False` skips the "thinking" message (the assistant pane shows a status instead).
-        Returns None when nothing is to be done (empty question, rate limit, or a Slack message
-        already stored).
+        `placeholder=False` skips the "thinking" message (the assistant pane shows a status instead);
+        otherwise it is posted only when no answer text appears within `PLACEHOLDER_DELAY_S`.
+        `event_id` (the Slack event's) is claimed here, in the same transaction that stores the
+        question; a redelivered event is ignored. Returns None when nothing is to be done (event
+        already handled, empty question, rate limit, or a Slack message already stored).
         """
+        if event_id is not None and (
+            not question.text.strip() or (self._rate_limiter is not None and self._rate_limiter.active)
+        ):
+            # These paths reply without storing anything, so the claim is its own transaction,
+            # made before the rate limiter counts the question.
+            if not self._store.claim_event(event_id):
+                logger.info("event %s already handled; ignoring redelivery", event_id)
+                return None
+            event_id = None
         if not question.text.strip():
             self._post(client, question, messages_ko.EMPTY_QUESTION)
             return None
@@ -130,26 +181,37 @@ class AnswerService:
                 text = messages_ko.RATE_LIMITED_USER if exceeded == "user" else messages_ko.RATE_LIMITED_CHANNEL
                 self._post(client, question, text)
                 return None
-        conversation_id = self._store.get_or_create_conversation(
-            question.team_id, question.channel_id, question.thread_ts
+        stored = self._store.store_question(
+            question.team_id, question.channel_id, question.thread_ts,
+            question.text, question.user_id, question.message_ts, event_id=event_id,
         )
-        message_id = self._store.add_user_message(
-            conversation_id, question.text, question.user_id, question.message_ts
-        )
-        if message_id is None:
-            logger.info("message %s in %s already stored; not answering twice", question.message_ts, question.thread_ref)
+        if stored is None:
+            logger.info(
+                "event %s / message %s in %s already handled; not answering twice",
+                event_id, question.message_ts, question.thread_ref,
+            )
             return None
-        placeholder_ts = self._post(client, question, messages_ko.THINKING) if placeholder else None
-        if placeholder_ts is not None:
-            self._questions.set_reply_ts(message_id, placeholder_ts)
+        conversation_id, message_id = stored
+        target = ReplyTarget(
+            question.team_id, question.channel_id, question.thread_ts, question.user_id, question.thread_ref
+        )
+        deferred: _DeferredPlaceholder | None = None
+        if placeholder:
+
+            def post_placeholder() -> str | None:
+                ts = self._post_to(client, target, messages_ko.THINKING)
+                if ts is not None:
+                    self._questions.set_reply_ts(message_id, ts)
+                return ts
+
+            deferred = _DeferredPlaceholder(post_placeholder, PLACEHOLDER_DELAY_S)
         job = _Job(
-            target=ReplyTarget(
-                question.team_id, question.channel_id, question.thread_ts, question.user_id, question.thread_ref
-            ),
+            target=target,
             conversation_id=conversation_id,
             message_id=message_id,
             text=question.text,
-            placeholder_ts=placeholder_ts,
+            placeholder_ts=None,
+            deferred_placeholder=deferred,
         )
         return self._executor.submit(self._answer, client, job)
 
@@ -194,7 +256,13 @@ class AnswerService:
 
     def _answer(self, client: WebClient, job: _Job) -> None:
         target = job.target
-        self._store.set_status(job.message_id, "generating")
+        deferred = job.deferred_placeholder
+        try:
+            history = self._store.start_answer(job.message_id, job.conversation_id)
+        except BaseException:
+            if deferred is not None:
+                deferred.settle()
+            raise
         streamer = AnswerStreamer(
             client,
             target,
@@ -203,28 +271,41 @@ class AnswerService:
             placeholder_ts=job.placeholder_ts,
             on_reply_ts=lambda ts: self._questions.set_reply_ts(job.message_id, ts),
         )
+
+        def settle_placeholder() -> None:
+            nonlocal deferred
+            if deferred is not None:
+                placeholder_ts = deferred.settle()
+                deferred = None
+                if placeholder_ts is not None:
+                    streamer.adopt_placeholder(placeholder_ts)
+
         raw = ""
         try:
-            history = self._store.history(job.conversation_id, before_message_id=job.message_id)
             for chunk in stream_raw_answer(self._engine, history, job.text, self._params, self._max_prompt_tokens):
                 raw += chunk
+                settle_placeholder()
                 streamer.feed(raw)
         except PromptTooLongError as error:
             logger.warning("question in %s is too long: %s", target.thread_ref, error)
+            settle_placeholder()
             self._store.set_status(job.message_id, "failed", str(error))
             streamer.fail(messages_ko.QUESTION_TOO_LONG)
             return
         except EngineBusyError as error:
             logger.warning("engine busy, question in %s deferred to the user: %s", target.thread_ref, error)
+            settle_placeholder()
             self._store.set_status(job.message_id, "failed", "engine busy")
             streamer.fail(messages_ko.ENGINE_BUSY)
             return
         except Exception as error:
             logger.exception("generation failed for question %d in %s", job.message_id, target.thread_ref)
+            settle_placeholder()
             self._store.set_status(job.message_id, "failed", repr(error))
             streamer.fail(messages_ko.GENERATION_FAILED)
             return
 
+        settle_placeholder()
         answer = clean_answer(raw) or messages_ko.EMPTY_ANSWER
         pieces = split_message(to_mrkdwn(answer), self._stream_settings.message_limit)
         posted_ts = streamer.finish(pieces, feedback_blocks(job.message_id))

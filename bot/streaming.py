@@ -16,6 +16,7 @@ ping); the final message is the cleaned answer, which replaces the streamed view
 from __future__ import annotations
 
 import logging
+import re
 import threading
 import time
 from collections.abc import Callable, Sequence
@@ -34,6 +35,9 @@ T = TypeVar("T")
 Mode = Literal["native", "update"]
 
 STREAMING_CURSOR = " \u258d"  # ▍ after the text while it is still being written (chat.update path)
+# Where Markdown (the streamed view) and mrkdwn (the final answer) could render the same text
+# differently: emphasis, code, quotes, headings, lists, links, escapes and line breaks.
+_MARKUP_CHARS = re.compile(r"[*_~`>#|\\\[\]\n\r\u2060]|^\s*(?:[-+]|\d+[.)])\s")
 MAX_RETRY_AFTER_SECONDS = 30.0
 
 
@@ -146,6 +150,11 @@ class AnswerStreamer:
     def reply_ts(self) -> str | None:
         return self._stream_ts if self._mode == "native" else self._placeholder_ts
 
+    def adopt_placeholder(self, ts: str) -> None:
+        """Reuse the placeholder message `ts`, posted after this streamer was made (before any text)."""
+        if self._placeholder_ts is None and self._stream is None:
+            self._placeholder_ts = ts
+
     # ------------------------------------------------------------------ while generating
 
     def feed(self, raw_so_far: str) -> None:
@@ -185,7 +194,11 @@ class AnswerStreamer:
 
     def _flush_native(self) -> None:
         view = escape_for_stream(self._raw)
-        delta = view[self._handed :]
+        # Trailing whitespace waits for the text after it: it shows nothing, and the final answer
+        # (stripped) can then still be what the stream already holds (see `finish`).
+        delta = view[self._handed : len(view.rstrip())]
+        if not delta:
+            return
         if self._stream is None:
             kwargs: dict[str, Any] = {}
             if not self._target.channel_id.startswith("D") and self._target.user_id:
@@ -284,12 +297,20 @@ class AnswerStreamer:
 
     # ------------------------------------------------------------------ the end
 
-    def _stop_native(self) -> None:
-        """Send the tail still buffered or unsent and close the stream, waiting out rate limits."""
+    def _stop_native(self, final_text: str | None = None, blocks: Sequence[dict[str, Any]] | None = None) -> None:
+        """Send the tail still buffered or unsent and close the stream, waiting out rate limits.
+
+        With `final_text` (which the streamed view must be a prefix of), the stream ends with exactly
+        that text and `blocks` below it: the final answer without a chat.update.
+        """
         assert self._stream is not None
-        view = escape_for_stream(self._raw)
-        tail = view[self._handed :]
-        self._handed = len(view)
+        if final_text is None:
+            view = escape_for_stream(self._raw)
+            tail = view[self._handed :]
+            self._handed = len(view)
+        else:
+            tail = final_text[self._handed :]
+            self._handed = len(final_text)
         stream = self._stream
         first = [True]
 
@@ -297,9 +318,22 @@ class AnswerStreamer:
             # The helper keeps text it could not send in its buffer, so a retry sends it again.
             text = tail if first[0] else None
             first[0] = False
-            return stream.stop(markdown_text=text)
+            return stream.stop(markdown_text=text, blocks=list(blocks) if blocks else None)
 
         call_with_backoff(stop, "chat.stopStream", self._target.thread_ref, sleep=self._sleep)
+
+    def _foldable(self, pieces: Sequence[str]) -> str | None:
+        """The final text, if the stream can simply end with it (see `finish`); else None."""
+        if len(pieces) != 1:
+            return None
+        final = pieces[0]
+        if _MARKUP_CHARS.search(final):
+            return None
+        # Everything handed to the stream so far must already be exactly the start of the answer.
+        view = escape_for_stream(self._raw)
+        if self._handed > len(final) or view[: self._handed] != final[: self._handed]:
+            return None
+        return final
 
     def finish(self, pieces: Sequence[str], last_blocks: Sequence[dict[str, Any]] | None = None) -> str | None:
         """Replace the view with the final answer `pieces` (one Slack message each).
@@ -309,7 +343,14 @@ class AnswerStreamer:
         could not be reached.
         """
         if self._mode == "native" and self._stream is not None and self._stream_ts is not None:
+            final = self._foldable(pieces)
             try:
+                if final is not None:
+                    # The streamed text already is the final answer: the stream ends with it and
+                    # the buttons, and no chat.update has to replace it.
+                    self._stop_native(final, last_blocks)
+                    self._stream = None
+                    return self._stream_ts
                 self._stop_native()
             except SlackApiError as error:
                 logger.warning("could not stop stream in %s: %s", self._target.thread_ref, error.response.get("error"))

@@ -2,18 +2,70 @@
 
 Every method runs its own short transaction so that no session outlives a Slack event and
 several bot processes can share one database safely.
+
+The per-question hot path (`store_question`, `start_answer`, `add_assistant_message`,
+`set_status`) runs prebuilt Core statements on a plain connection: building ORM statements and
+aliases and running the unit of work for every message cost more CPU than the queries themselves.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 from datetime import datetime
+from typing import Any
 
-from sqlalchemy import select, update
+from sqlalchemy import Connection, Engine, and_, bindparam, insert, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, aliased, sessionmaker
 
 from storage.models import USER_STATUSES, Conversation, Message, ProcessedEvent, utcnow
+
+_QUESTION = aliased(Message, name="question")
+_ANSWER = aliased(Message, name="answer")
+_HISTORY = (
+    select(_QUESTION.id, _QUESTION.text, _ANSWER.text)
+    .join(_ANSWER, _ANSWER.reply_to_id == _QUESTION.id)
+    .where(
+        _QUESTION.conversation_id == bindparam("conversation_id"),
+        _QUESTION.role == "user",
+        _ANSWER.role == "assistant",
+    )
+    .order_by(_QUESTION.id, _ANSWER.id)
+)
+_HISTORY_BEFORE = _HISTORY.where(_QUESTION.id < bindparam("before_id"))
+_FIND_CONVERSATION = select(Conversation.id).where(
+    Conversation.team_id == bindparam("team_id"),
+    Conversation.channel_id == bindparam("channel_id"),
+    Conversation.thread_ts == bindparam("thread_ts"),
+)
+_USER_MESSAGE_ID = select(Message.id).where(
+    Message.conversation_id == bindparam("conversation_id"),
+    Message.role == "user",
+    Message.slack_ts == bindparam("slack_ts"),
+)
+_EVENT_CLAIMED = select(ProcessedEvent.event_id).where(ProcessedEvent.event_id == bindparam("event_id"))
+_INSERT_EVENT = insert(ProcessedEvent)
+_INSERT_CONVERSATION = insert(Conversation)
+_INSERT_MESSAGE = insert(Message)
+# Bind names differ from the column names: those are reserved for the SET clause.
+_TOUCH = update(Conversation).where(Conversation.id == bindparam("b_conversation_id")).values(
+    updated_at=bindparam("b_now")
+)
+_SET_STATUS = update(Message).where(Message.id == bindparam("b_message_id")).values(
+    status=bindparam("b_status"), error=bindparam("b_error")
+)
+# Marks a question answered only if it is a user message of the given conversation.
+_MARK_ANSWERED = (
+    update(Message)
+    .where(
+        and_(
+            Message.id == bindparam("b_message_id"),
+            Message.conversation_id == bindparam("b_conversation_id"),
+            Message.role == "user",
+        )
+    )
+    .values(status="answered", error=None)
+)
 
 
 @dataclass(frozen=True)
@@ -31,6 +83,14 @@ class StoredMessage:
 class ConversationStore:
     def __init__(self, session_factory: sessionmaker[Session]) -> None:
         self._session_factory = session_factory
+        bind = session_factory.kw.get("bind")
+        self._engine: Engine | None = bind if isinstance(bind, Engine) else None
+
+    def _begin(self) -> Any:
+        """A connection in a transaction committed on exit (rolled back on an exception)."""
+        if self._engine is not None:
+            return self._engine.begin()
+        return _SessionConnection(self._session_factory)
 
     def claim_event(self, event_id: str) -> bool:
         """Return True exactly once per event id, even across processes.
@@ -38,18 +98,76 @@ class ConversationStore:
         The primary key does the arbitration: a SELECT-then-INSERT would let two processes
         both see "absent" and both answer Slack's retry.
         """
-        with self._session_factory() as session:
-            session.add(ProcessedEvent(event_id=event_id))
+        try:
+            with self._begin() as connection:
+                connection.execute(_INSERT_EVENT, {"event_id": event_id})
+        except IntegrityError:
+            return False
+        return True
+
+    def store_question(
+        self,
+        team_id: str,
+        channel_id: str,
+        thread_ts: str,
+        text: str,
+        slack_user: str | None,
+        slack_ts: str | None,
+        event_id: str | None = None,
+    ) -> tuple[int, int] | None:
+        """Claim `event_id`, find or create the thread's conversation and store the question as
+        'received', all in one transaction; returns (conversation id, message id).
+
+        None when the event was already claimed or this Slack message is already stored. Nothing
+        is half done: a failure leaves neither the claim nor the question behind, so Slack's retry
+        of the event is answered.
+        """
+        for attempt in (1, 2):
             try:
-                session.commit()
+                with self._begin() as connection:
+                    # The claim goes first: the write lock is taken before anything is read.
+                    if event_id is not None:
+                        connection.execute(_INSERT_EVENT, {"event_id": event_id})
+                    now = utcnow()
+                    conversation_id = connection.scalar(
+                        _FIND_CONVERSATION, {"team_id": team_id, "channel_id": channel_id, "thread_ts": thread_ts}
+                    )
+                    if conversation_id is None:
+                        conversation_id = connection.execute(
+                            _INSERT_CONVERSATION,
+                            {"team_id": team_id, "channel_id": channel_id, "thread_ts": thread_ts,
+                             "created_at": now, "updated_at": now},
+                        ).inserted_primary_key[0]
+                    else:
+                        connection.execute(_TOUCH, {"b_conversation_id": conversation_id, "b_now": now})
+                    message_id = connection.execute(
+                        _INSERT_MESSAGE,
+                        {"conversation_id": conversation_id, "role": "user", "text": text, "slack_user": slack_user,
+                         "slack_ts": slack_ts, "status": "received", "created_at": now},
+                    ).inserted_primary_key[0]
+                    return int(conversation_id), int(message_id)
             except IntegrityError:
-                session.rollback()
-                return False
-            return True
+                # Why? An event already claimed or a message already stored means "not again";
+                # else another process created the same thread between our SELECT and INSERT.
+                with self._begin() as connection:
+                    if event_id is not None and connection.scalar(_EVENT_CLAIMED, {"event_id": event_id}):
+                        return None
+                    existing = connection.scalar(
+                        _FIND_CONVERSATION, {"team_id": team_id, "channel_id": channel_id, "thread_ts": thread_ts}
+                    )
+                    if slack_ts is not None and existing is not None and connection.scalar(
+                        _USER_MESSAGE_ID, {"conversation_id": existing, "slack_ts": slack_ts}
+                    ) is not None:
+                        return None
+                if attempt == 2:
+                    raise
+        raise AssertionError("unreachable")
 
     def find_conversation(self, team_id: str, channel_id: str, thread_ts: str) -> int | None:
-        with self._session_factory() as session:
-            return self._find_conversation(session, team_id, channel_id, thread_ts)
+        with self._begin() as connection:
+            return connection.scalar(
+                _FIND_CONVERSATION, {"team_id": team_id, "channel_id": channel_id, "thread_ts": thread_ts}
+            )
 
     def get_or_create_conversation(self, team_id: str, channel_id: str, thread_ts: str) -> int:
         with self._session_factory() as session:
@@ -99,14 +217,25 @@ class ConversationStore:
     def set_status(self, message_id: int, status: str, error: str | None = None) -> None:
         if status not in USER_STATUSES:
             raise ValueError(f"unknown status {status!r}; expected one of {USER_STATUSES}")
-        with self._session_factory() as session:
-            # The error is overwritten too, so a retried question does not keep an old failure text.
-            result = session.execute(
-                update(Message).where(Message.id == message_id).values(status=status, error=error)
-            )
-            if result.rowcount == 0:
-                raise LookupError(f"no message with id {message_id}")
-            session.commit()
+        with self._begin() as connection:
+            self._set_status(connection, message_id, status, error)
+
+    def start_answer(self, message_id: int, conversation_id: int) -> list[tuple[str, str]]:
+        """Mark question `message_id` 'generating' and return its thread's earlier (question, answer)
+        pairs (see `history`), in one transaction."""
+        with self._begin() as connection:
+            self._set_status(connection, message_id, "generating", None)
+            rows = connection.execute(
+                _HISTORY_BEFORE, {"conversation_id": conversation_id, "before_id": message_id}
+            ).all()
+        return self._pairs(rows)
+
+    @staticmethod
+    def _set_status(connection: Connection, message_id: int, status: str, error: str | None) -> None:
+        # The error is overwritten too, so a retried question does not keep an old failure text.
+        result = connection.execute(_SET_STATUS, {"b_message_id": message_id, "b_status": status, "b_error": error})
+        if result.rowcount == 0:
+            raise LookupError(f"no message with id {message_id}")
 
     def add_assistant_message(
         self, conversation_id: int, text: str, reply_to_id: int, slack_ts: str | None
@@ -116,45 +245,36 @@ class ConversationStore:
         Done in one transaction so a crash can never leave an answer whose question still looks
         unanswered (and would be answered again) or vice versa.
         """
-        with self._session_factory() as session:
-            question = session.get(Message, reply_to_id)
-            if question is None or question.conversation_id != conversation_id or question.role != "user":
+        with self._begin() as connection:
+            marked = connection.execute(
+                _MARK_ANSWERED, {"b_message_id": reply_to_id, "b_conversation_id": conversation_id}
+            )
+            if marked.rowcount == 0:
                 raise ValueError(
                     f"message {reply_to_id} is not a user message of conversation {conversation_id}"
                 )
-            answer = Message(
-                conversation_id=conversation_id,
-                role="assistant",
-                text=text,
-                slack_ts=slack_ts,
-                status="answered",
-                reply_to_id=reply_to_id,
-            )
-            session.add(answer)
-            question.status = "answered"
-            question.error = None
-            self._touch(session, conversation_id)
-            session.commit()
-            return answer.id
+            now = utcnow()
+            answer_id = connection.execute(
+                _INSERT_MESSAGE,
+                {"conversation_id": conversation_id, "role": "assistant", "text": text, "slack_user": None,
+                 "slack_ts": slack_ts, "status": "answered", "reply_to_id": reply_to_id, "created_at": now},
+            ).inserted_primary_key[0]
+            connection.execute(_TOUCH, {"b_conversation_id": conversation_id, "b_now": now})
+            return int(answer_id)
 
     def history(self, conversation_id: int, before_message_id: int | None = None) -> list[tuple[str, str]]:
         """(question, answer) pairs that were answered, oldest first, for building the prompt."""
-        question = aliased(Message)
-        answer = aliased(Message)
-        statement = (
-            select(question.id, question.text, answer.text)
-            .join(answer, answer.reply_to_id == question.id)
-            .where(
-                question.conversation_id == conversation_id,
-                question.role == "user",
-                answer.role == "assistant",
-            )
-            .order_by(question.id, answer.id)
-        )
-        if before_message_id is not None:
-            statement = statement.where(question.id < before_message_id)
-        with self._session_factory() as session:
-            rows = session.execute(statement).all()
+        with self._begin() as connection:
+            if before_message_id is None:
+                rows = connection.execute(_HISTORY, {"conversation_id": conversation_id}).all()
+            else:
+                rows = connection.execute(
+                    _HISTORY_BEFORE, {"conversation_id": conversation_id, "before_id": before_message_id}
+                ).all()
+        return self._pairs(rows)
+
+    @staticmethod
+    def _pairs(rows: Any) -> list[tuple[str, str]]:
         # Should a question ever get two answers, the later one wins (dicts keep first-insertion order).
         pairs: dict[int, tuple[str, str]] = {}
         for question_id, question_text, answer_text in rows:
@@ -183,26 +303,33 @@ class ConversationStore:
     @staticmethod
     def _find_conversation(session: Session, team_id: str, channel_id: str, thread_ts: str) -> int | None:
         return session.scalar(
-            select(Conversation.id).where(
-                Conversation.team_id == team_id,
-                Conversation.channel_id == channel_id,
-                Conversation.thread_ts == thread_ts,
-            )
+            _FIND_CONVERSATION, {"team_id": team_id, "channel_id": channel_id, "thread_ts": thread_ts}
         )
 
     @staticmethod
     def _user_message_exists(session: Session, conversation_id: int, slack_ts: str) -> bool:
-        found = session.scalar(
-            select(Message.id).where(
-                Message.conversation_id == conversation_id,
-                Message.role == "user",
-                Message.slack_ts == slack_ts,
-            )
-        )
+        found = session.scalar(_USER_MESSAGE_ID, {"conversation_id": conversation_id, "slack_ts": slack_ts})
         return found is not None
 
     @staticmethod
     def _touch(session: Session, conversation_id: int) -> None:
-        session.execute(
-            update(Conversation).where(Conversation.id == conversation_id).values(updated_at=utcnow())
-        )
+        session.execute(_TOUCH, {"b_conversation_id": conversation_id, "b_now": utcnow()})
+
+
+class _SessionConnection:
+    """`Engine.begin()` for a session factory without an engine bound: the session's connection."""
+
+    def __init__(self, session_factory: sessionmaker[Session]) -> None:
+        self._session = session_factory()
+
+    def __enter__(self) -> Connection:
+        return self._session.connection()
+
+    def __exit__(self, exc_type: object, exc: object, traceback: object) -> None:
+        try:
+            if exc_type is None:
+                self._session.commit()
+            else:
+                self._session.rollback()
+        finally:
+            self._session.close()

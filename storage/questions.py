@@ -8,10 +8,13 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from sqlalchemy import select, update
+from sqlalchemy import Engine, bindparam, select, update
 from sqlalchemy.orm import Session, sessionmaker
 
 from storage.models import Conversation, Message
+
+# A bind name unlike the column's: that one is reserved for the SET clause.
+_SET_REPLY_TS = update(Message).where(Message.id == bindparam("b_message_id")).values(reply_ts=bindparam("b_reply_ts"))
 
 
 @dataclass(frozen=True)
@@ -31,6 +34,8 @@ class StoredQuestion:
 class QuestionStore:
     def __init__(self, session_factory: sessionmaker[Session]) -> None:
         self._session_factory = session_factory
+        bind = session_factory.kw.get("bind")
+        self._engine: Engine | None = bind if isinstance(bind, Engine) else None
 
     def get(self, message_id: int) -> StoredQuestion | None:
         """The user message `message_id` with its thread; None if absent or not a question."""
@@ -57,8 +62,13 @@ class QuestionStore:
             )
 
     def set_reply_ts(self, message_id: int, reply_ts: str | None) -> None:
+        params = {"b_message_id": message_id, "b_reply_ts": reply_ts}
+        if self._engine is not None:  # a plain Core statement: this runs for every answer
+            with self._engine.begin() as connection:
+                connection.execute(_SET_REPLY_TS, params)
+            return
         with self._session_factory() as session:
-            session.execute(update(Message).where(Message.id == message_id).values(reply_ts=reply_ts))
+            session.execute(_SET_REPLY_TS, params)
             session.commit()
 
     def answer_of(self, question_id: int) -> int | None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import logging
 import re
 from collections.abc import Callable
@@ -22,9 +23,14 @@ QUESTION_SUBTYPES = {None, "thread_broadcast", "file_share"}
 QAChannelCheck = Callable[[str, str], bool]
 
 
+@functools.lru_cache(maxsize=64)
+def _mention_pattern(bot_user_id: str) -> re.Pattern[str]:
+    return re.compile(rf"<@{re.escape(bot_user_id)}(\|[^>]*)?>")
+
+
 def strip_bot_mention(text: str, bot_user_id: str | None) -> str:
     if bot_user_id:
-        text = re.sub(rf"<@{re.escape(bot_user_id)}(\|[^>]*)?>", " ", text)
+        text = _mention_pattern(bot_user_id).sub(" ", text)
     return text.strip()
 
 
@@ -62,21 +68,16 @@ def register(
     is_qa_channel: QAChannelCheck | None = None,
     answer_other_bots: bool = False,
 ) -> None:
-    def first_delivery(body: dict[str, Any]) -> bool:
-        """Slack retries an event it thinks we missed; the database remembers every event id."""
-        event_id = body.get("event_id")
-        if event_id is None:
-            return True
-        if store.claim_event(event_id):
-            return True
-        logger.info("event %s already handled; ignoring redelivery", event_id)
-        return False
+    # Slack retries an event it thinks we missed; the database remembers every event id. The
+    # event id is claimed in the same transaction that stores the question (see `submit`).
 
     @app.event("app_mention")
     def on_mention(body: dict[str, Any], event: dict[str, Any], client: WebClient, context: BoltContext) -> None:
-        if is_from_ignored_bot(event, context, answer_other_bots) or not first_delivery(body):
+        if is_from_ignored_bot(event, context, answer_other_bots):
             return
-        answers.submit(client, _question_from(event, _team_of(body, event), context.bot_user_id))
+        answers.submit(
+            client, _question_from(event, _team_of(body, event), context.bot_user_id), event_id=body.get("event_id")
+        )
 
     @app.event("message")
     def on_message(body: dict[str, Any], event: dict[str, Any], client: WebClient, context: BoltContext) -> None:
@@ -99,6 +100,4 @@ def register(
                     return
             elif store.find_conversation(team_id, event["channel"], thread_ts) is None:
                 return  # a thread finbot is not part of
-        if not first_delivery(body):
-            return
-        answers.submit(client, _question_from(event, _team_of(body, event), bot_user_id))
+        answers.submit(client, _question_from(event, _team_of(body, event), bot_user_id), event_id=body.get("event_id"))

@@ -19,6 +19,7 @@ import pytest
 from bot import messages_ko
 from bot.listeners.slash import REGENERATE_ACTION
 from bot.replies import FEEDBACK_DOWN_ACTION, FEEDBACK_UP_ACTION
+from bot.streaming import STREAMING_CURSOR
 from tests.e2e.process import run_finbot, start_finbot
 from tests.fakes.slack_server import ApiCall, FakeSlack
 
@@ -173,10 +174,13 @@ def test_refused_streaming_falls_back_to_chat_update_per_workspace(bot: Bot):
             [answer] = bot.wait_answers("CF1", threads[-1])
             assert answer["text"].startswith(f"{question} 질문에 답해요.")
             assert answer["text"].endswith("마지막 문장이에요.")
-            # The placeholder itself became the answer, edited in place.
-            placeholder = [c for c in fake.calls_to("chat.postMessage") if c.params.get("thread_ts") == threads[-1]][0]
-            assert placeholder.params["text"] == messages_ko.THINKING
-            assert answer["ts"] == placeholder.response["ts"]
+            # The answer started at once (no "thinking" placeholder first): the first progress view
+            # posted became the answer, edited in place.
+            [posted] = [c for c in fake.calls_to("chat.postMessage") if c.params.get("thread_ts") == threads[-1]]
+            shown = posted.params["text"]
+            assert shown != messages_ko.THINKING and shown.endswith(STREAMING_CURSOR)
+            assert question.startswith(shown.removesuffix(STREAMING_CURSOR).strip())
+            assert answer["ts"] == posted.response["ts"]
         starts = [c for c in fake.calls_to("chat.startStream") if c.params.get("channel") == "CF1"]
         assert len(starts) == 1  # refused once, remembered for the workspace
         updates = [c for c in fake.calls_to("chat.update") if c.params.get("channel") == "CF1"]
