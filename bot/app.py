@@ -9,6 +9,7 @@ from typing import Any
 
 from slack_bolt import App
 from slack_sdk import WebClient
+from sqlalchemy.orm import Session, sessionmaker
 
 from bot.allowlist import register_allowlist
 from bot.listeners import messages
@@ -17,7 +18,7 @@ from bot.settings import FinbotSettings
 from bot.term_of_day import TermOfDayService, register_today_subcommand
 from llm.engine import GenerationEngine
 from storage.conversations import ConversationStore
-from storage.db import create_db_engine, make_session_factory
+from storage.db import open_database
 
 logger = logging.getLogger(__name__)
 
@@ -29,15 +30,16 @@ class Finbot:
     store: ConversationStore
     term_of_day: TermOfDayService | None = None
 
-
-def build_store(settings: FinbotSettings) -> ConversationStore:
-    return ConversationStore(make_session_factory(create_db_engine(settings.database_url)))
+    @property
+    def session_factory(self) -> sessionmaker[Session]:
+        """The one database engine every store of this process shares."""
+        return self.store.session_factory
 
 
 def build_term_of_day(
     settings: FinbotSettings, engine: GenerationEngine, store: ConversationStore, client: WebClient
 ) -> TermOfDayService:
-    """The 오늘의 금융용어 service (its own database engine; the claims need no shared session)."""
+    """The 오늘의 금융용어 service, on the conversation store's database."""
     from bot.term_catalog import load_terms
     from bot.term_of_day import TermOfDayConfig
     from storage.term_posts import TermPostStore
@@ -52,7 +54,7 @@ def build_term_of_day(
         stale_after=timedelta(minutes=settings.term_of_day_stale_claim_minutes),
         generation_attempts=settings.term_of_day_generation_attempts,
     )
-    posts = TermPostStore(make_session_factory(create_db_engine(settings.database_url)))
+    posts = TermPostStore(store.session_factory)
     return TermOfDayService(
         config=config,
         posts=posts,
@@ -93,7 +95,7 @@ def register_slack_experience(
     from storage.qa_channels import QAChannelStore
     from storage.term_lookups import TermLookupStore
 
-    session_factory = store._session_factory  # one database engine for all of the bot's stores
+    session_factory = store.session_factory
     qa_channels = QAChannelStore(session_factory)
     configured_qa = settings.qa_channel_ids()
 
@@ -121,7 +123,6 @@ def build_app(settings: FinbotSettings, engine: GenerationEngine, store: Convers
     if settings.slack_mode == "http" and not signing_secret:
         raise ValueError("SLACK_SIGNING_SECRET is required in HTTP mode: Slack's requests are verified with it")
     app = App(
-        token=bot_token,
         client=client,
         # Socket Mode needs no signing secret; HTTP mode verifies every request with it.
         signing_secret=signing_secret or "",
@@ -129,7 +130,7 @@ def build_app(settings: FinbotSettings, engine: GenerationEngine, store: Convers
         # Ack first, then run the listener: Slack's 3-second deadline never depends on the model.
         process_before_response=False,
     )
-    store = store or build_store(settings)
+    store = store or ConversationStore(open_database(settings.database_url))
     answers = AnswerService(
         store,
         engine,

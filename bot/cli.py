@@ -142,12 +142,11 @@ def build_scheduler(settings: FinbotSettings, finbot):  # noqa: ANN001, ANN201 -
     """The background scheduler with every scheduled feature's jobs (started by command_run)."""
     from bot.scheduler import FinbotScheduler
     from bot.term_of_day import schedule_term_of_day
-    from storage.db import create_db_engine, make_session_factory
     from storage.retention import schedule_retention
 
     scheduler = FinbotScheduler(settings.timezone)
     schedule_retention(
-        scheduler, make_session_factory(create_db_engine(settings.database_url)),
+        scheduler, finbot.session_factory,
         settings.retention_days, settings.processed_event_retention_days,
     )
     if finbot.term_of_day is not None:
@@ -162,7 +161,7 @@ def command_term_today(settings: FinbotSettings, dry_run: bool) -> int:
 
     from bot.business_days import holiday_name, is_business_day
     from bot.term_catalog import choose_next_term, load_terms
-    from storage.db import create_db_engine, make_session_factory, upgrade_database
+    from storage.db import open_database, upgrade_database
     from storage.term_posts import TermPostStore
 
     channels = settings.term_of_day_channel_ids()
@@ -177,7 +176,7 @@ def command_term_today(settings: FinbotSettings, dry_run: bool) -> int:
         include_holidays=settings.term_of_day_include_holidays,
     )
     if dry_run:
-        posts = TermPostStore(make_session_factory(create_db_engine(settings.database_url)))
+        posts = TermPostStore(open_database(settings.database_url))
         terms = load_terms()
         if not posting_day:
             print(f"{today}: not a posting day ({holiday_name(today) or 'weekend'}); nothing would be posted")
@@ -197,12 +196,13 @@ def command_term_today(settings: FinbotSettings, dry_run: bool) -> int:
         return 2
     from slack_sdk import WebClient
 
-    from bot.app import build_store, build_term_of_day
+    from bot.app import build_term_of_day
+    from storage.conversations import ConversationStore
 
     engine = build_engine_from(settings)
     try:
         client = WebClient(token=settings.slack_bot_token.get_secret_value(), base_url=settings.slack_api_url)
-        service = build_term_of_day(settings, engine, build_store(settings), client)
+        service = build_term_of_day(settings, engine, ConversationStore(open_database(settings.database_url)), client)
         outcomes = service.post_today()
     finally:
         engine.close()
@@ -213,11 +213,11 @@ def command_term_today(settings: FinbotSettings, dry_run: bool) -> int:
 
 
 def command_term_history(settings: FinbotSettings, channel: str | None, limit: int) -> int:
-    from storage.db import create_db_engine, make_session_factory, upgrade_database
+    from storage.db import open_database, upgrade_database
     from storage.term_posts import TermPostStore
 
     upgrade_database(settings.database_url)
-    posts = TermPostStore(make_session_factory(create_db_engine(settings.database_url)))
+    posts = TermPostStore(open_database(settings.database_url))
     for post in posts.history(channel, limit):
         note = f"  [{post.error}]" if post.error else ""
         print(f"{post.post_date}  {post.channel_id}  {post.status:<7}  {post.term} ({post.category})  {post.slack_ts or '-'}{note}")
@@ -228,7 +228,7 @@ def command_term_pin(settings: FinbotSettings, day: str, term: str) -> int:
     from datetime import date
 
     from bot.term_catalog import find_term, load_terms
-    from storage.db import create_db_engine, make_session_factory, upgrade_database
+    from storage.db import open_database, upgrade_database
     from storage.term_posts import TermPostStore
 
     try:
@@ -240,7 +240,7 @@ def command_term_pin(settings: FinbotSettings, day: str, term: str) -> int:
         print("the term is empty", file=sys.stderr)
         return 2
     upgrade_database(settings.database_url)
-    posts = TermPostStore(make_session_factory(create_db_engine(settings.database_url)))
+    posts = TermPostStore(open_database(settings.database_url))
     posts.pin(pin_date, term.strip())
     found = find_term(load_terms(), term)
     if found is None:
@@ -254,11 +254,11 @@ def command_term_pin(settings: FinbotSettings, day: str, term: str) -> int:
 
 def command_feedback_export(settings: FinbotSettings, output: str) -> int:
     """Write every 👍/👎 vote with its question and answer as JSON lines (for evaluating the model)."""
-    from storage.db import create_db_engine, make_session_factory, upgrade_database
+    from storage.db import open_database, upgrade_database
     from storage.feedback import FeedbackStore
 
     upgrade_database(settings.database_url)
-    store = FeedbackStore(make_session_factory(create_db_engine(settings.database_url)))
+    store = FeedbackStore(open_database(settings.database_url))
     if output == "-":
         count = store.export_jsonl(sys.stdout)
     else:

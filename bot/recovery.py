@@ -160,12 +160,9 @@ def recover_interrupted(
 
 def recover_on_startup(settings: object, finbot: object) -> RecoveryResult | None:
     """`finbot run`'s start-up pass (settings: FinbotSettings, finbot: bot.app.Finbot); never raises."""
-    from storage.db import create_db_engine, make_session_factory
-
     try:
-        session_factory = make_session_factory(create_db_engine(settings.database_url))  # type: ignore[attr-defined]
         return recover_interrupted(
-            session_factory,
+            finbot.session_factory,  # type: ignore[attr-defined]
             finbot.answers,  # type: ignore[attr-defined]
             finbot.app.client,  # type: ignore[attr-defined]
             max_age=timedelta(minutes=settings.recovery_max_age_minutes),  # type: ignore[attr-defined]

@@ -137,7 +137,7 @@ class AnswerService:
         self._executor = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="finbot-answer")
         self._closed = threading.Event()
         # The conversation store's sessions serve the question lookups too.
-        self._questions = questions or QuestionStore(store._session_factory)
+        self._questions = questions or QuestionStore(store.session_factory)
         self._stream_settings = stream_settings or StreamSettings()
         self._modes = streaming_modes or StreamingModes()
         self._rate_limiter = rate_limiter

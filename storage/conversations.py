@@ -86,6 +86,11 @@ class ConversationStore:
         bind = session_factory.kw.get("bind")
         self._engine: Engine | None = bind if isinstance(bind, Engine) else None
 
+    @property
+    def session_factory(self) -> sessionmaker[Session]:
+        """For the other stores of the same process, so they share one engine and pool."""
+        return self._session_factory
+
     def _begin(self) -> Any:
         """A connection in a transaction committed on exit (rolled back on an exception)."""
         if self._engine is not None:

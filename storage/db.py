@@ -8,7 +8,7 @@ from typing import Any
 from alembic import command
 from alembic.config import Config
 from alembic.runtime.migration import MigrationContext
-from sqlalchemy import Engine, create_engine, event
+from sqlalchemy import Engine, create_engine, event, text
 from sqlalchemy.engine import make_url
 from sqlalchemy.orm import Session, sessionmaker
 
@@ -68,6 +68,15 @@ def make_session_factory(engine: Engine) -> sessionmaker[Session]:
     return sessionmaker(bind=engine, expire_on_commit=False)
 
 
+def open_database(url: str) -> sessionmaker[Session]:
+    """The session factory a process uses for all of its stores: one engine, one connection pool."""
+    return make_session_factory(create_db_engine(url))
+
+
+# Any fixed 64-bit number, the same in every finbot process ("finbot" in ASCII).
+MIGRATION_LOCK_ID = 0x66696E626F74
+
+
 def migrations_directory() -> Path:
     # Found from the package, not the working directory, so installed copies and tests both work.
     return Path(migrations.__file__).parent
@@ -84,7 +93,21 @@ def alembic_config(url: str) -> Config:
 def upgrade_database(url: str, revision: str = "head") -> None:
     # Migrations open their own engine (see migrations/env.py), so the directory is made here too.
     _ensure_sqlite_directory(url)
-    command.upgrade(alembic_config(url), revision)
+    if make_url(url).get_backend_name() != "postgresql":
+        command.upgrade(alembic_config(url), revision)
+        return
+    # Several bot processes sharing one PostgreSQL database may start at the same moment: a
+    # session-level advisory lock lets one migrate while the others wait, then find nothing to do.
+    engine = create_db_engine(url)
+    try:
+        with engine.connect() as lock_connection:
+            lock_connection.execute(text("SELECT pg_advisory_lock(:id)"), {"id": MIGRATION_LOCK_ID})
+            try:
+                command.upgrade(alembic_config(url), revision)
+            finally:
+                lock_connection.execute(text("SELECT pg_advisory_unlock(:id)"), {"id": MIGRATION_LOCK_ID})
+    finally:
+        engine.dispose()
 
 
 def downgrade_database(url: str, revision: str = "base") -> None:

@@ -117,3 +117,34 @@ def test_in_memory_sqlite_skips_wal_but_keeps_foreign_keys() -> None:
             assert connection.execute(text("PRAGMA foreign_keys")).scalar() == 1
     finally:
         engine.dispose()
+
+
+def test_instances_starting_together_on_postgresql_migrate_once(db_url: str) -> None:
+    import threading
+
+    from tests.postgres import is_postgres
+
+    if not is_postgres(db_url):
+        pytest.skip("several instances share a database only on PostgreSQL")
+    errors: list[BaseException] = []
+
+    def start_instance() -> None:
+        try:
+            upgrade_database(db_url)
+        except BaseException as error:  # reported below, with the thread's exception
+            errors.append(error)
+
+    # Without the advisory lock both would create the same tables and one would fail.
+    threads = [threading.Thread(target=start_instance) for _ in range(3)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=60)
+    assert errors == []
+    assert current_revision(db_url) == _head(db_url)
+    engine = create_db_engine(db_url)
+    try:
+        with engine.connect() as connection:
+            assert connection.execute(text("select count(*) from alembic_version")).scalar() == 1
+    finally:
+        engine.dispose()
