@@ -72,6 +72,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--tokens-per-second", type=float, default=40.0, help="fake engine speed (words/s)")
     parser.add_argument("--workers", type=int, default=16, help="GENERATION_WORKERS (enough that answers do not queue)")
     parser.add_argument("--timeout", type=float, default=180.0)
+    parser.add_argument("--connect-timeout", type=float, default=120.0,
+                        help="start-up allowance (a real model loads and warms up first)")
     parser.add_argument("--database-url", default=None, help="default: a fresh SQLite file")
     parser.add_argument("--engine-env", action="append", default=[], metavar="KEY=VALUE")
     parser.add_argument("--out", type=Path, default=None)
@@ -128,7 +130,9 @@ def run_once(args: argparse.Namespace) -> dict[str, Any]:
         settings = {
             "SLACK_BOT_TOKEN": fake.bot_token, "SLACK_APP_TOKEN": fake.app_token, "SLACK_API_URL": fake.api_url,
             "DATABASE_URL": args.database_url or f"sqlite:///{root / 'finbot.db'}",
-            "ENGINE": "fake", "BASE_MODEL": str(build_tokenizer_dir(root)),
+            "ENGINE": "fake",
+            # A real engine (--engine-env ENGINE=fast BASE_MODEL=...) brings its own tokenizer.
+            "BASE_MODEL": extra.get("BASE_MODEL") or str(build_tokenizer_dir(root)),
             "FAKE_REPLY": REPLY, "FAKE_TOKENS_PER_SECOND": str(args.tokens_per_second),
             "GENERATION_WORKERS": str(args.workers), "LOG_LEVEL": "WARNING",
             # The load comes from a handful of users in one channel, like a busy team; don't rate-limit it.
@@ -137,7 +141,7 @@ def run_once(args: argparse.Namespace) -> dict[str, Any]:
         }
         process = start_finbot("run", cwd=root, log_path=log, **settings)
         try:
-            fake.wait_connected(timeout=120)
+            fake.wait_connected(timeout=args.connect_timeout)
             time.sleep(1.0)  # let start-up work settle before the CPU baseline
             bot = psutil.Process(process.pid)
             idle_before, idle_started = bot.cpu_times(), time.monotonic()

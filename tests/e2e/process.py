@@ -24,7 +24,8 @@ def finbot_env(**settings: str) -> dict[str, str]:
         TRANSFORMERS_OFFLINE="1",
         TOKENIZERS_PARALLELISM="false",
         PYTHONUNBUFFERED="1",
-        PYTHONPATH=str(REPO_ROOT),
+        # The repository first; anything already on the path (e.g. wheels unpacked elsewhere) after it.
+        PYTHONPATH=os.pathsep.join(filter(None, [str(REPO_ROOT), os.environ.get("PYTHONPATH")])),
     )
     env.update(settings)
     return env
