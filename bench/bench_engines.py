@@ -207,23 +207,28 @@ def ttft(engine, prompt: list[int], repeats: int = 3) -> float:  # noqa: ANN001
 def graph_step_times(engine) -> dict:  # noqa: ANN001
     """Profile: pure decode step time (graph replay + logits to float) at a few buckets."""
     graphs = engine.scheduler.model.graphs
+    decoder = graphs.decoder
     out = {}
-    for n, kv in [(1, 256), (1, 2048), (16, 512), (16, 1024), (16, 2048)]:
+    for n, kv in [(1, 256), (1, 2048), (16, 256), (16, 512), (16, 1024), (16, 2048)]:
         if n > graphs.max_batch or kv > graphs.max_seq_len:
             continue
         tokens, positions = [1] * n, [kv - 1] * n
-        for _ in range(3):
-            graphs.decode(tokens, positions)
-        sync()
-        start = time.perf_counter()
-        for _ in range(20):
-            graphs.decode(tokens, positions)
-        sync()
-        out[f"b{n}_kv{kv}_ms"] = round((time.perf_counter() - start) / 20 * 1000, 3)
-    decoder = graphs.decoder
+        aliased = _profile_tables(decoder, n, kv)
+        try:
+            for _ in range(3):
+                graphs.decode(tokens, positions)
+            sync()
+            start = time.perf_counter()
+            for _ in range(20):
+                graphs.decode(tokens, positions)
+            sync()
+        finally:
+            _clear_profile_tables(decoder, n)
+        key = f"b{n}_kv{kv}_ms" + ("_aliased_blocks" if aliased else "")
+        out[key] = round((time.perf_counter() - start) / 20 * 1000, 3)
     out.update(matmul_floor(decoder))
     plan, fused = decoder.gemm_plan, decoder.fused_rope_kv
-    if plan is not None or fused:
+    if (plan is not None or fused) and not decoder.paged:  # run 6's same-run cuBLAS baseline
         # Before/after in the same process: the same step with cuBLAS + PyTorch rope/KV writes.
         from llm.mistral_decoder import DecodeGraphs
 
@@ -250,6 +255,51 @@ def graph_step_times(engine) -> dict:  # noqa: ANN001
             decoder.fused_rope_kv = fused
             decoder.set_gemm_plan(plan)
     return out
+
+
+def prefill_times(decoder, tokenizer) -> dict:  # noqa: ANN001
+    """Profile: one prompt's prefill alone (median of 3, synchronised), outside the scheduler."""
+    generator = torch.Generator().manual_seed(5)
+    out = {}
+    with torch.inference_mode():
+        for length in (32, 512, 1500):
+            ids = torch.tensor(random_prompt(tokenizer, length, generator))
+            times = []
+            for _ in range(4):
+                sync()
+                start = time.perf_counter()
+                decoder.prefill(0, ids)
+                sync()
+                times.append(time.perf_counter() - start)
+            out[f"t{length}"] = round(sorted(times[1:])[1] * 1000, 2)
+    decoder.kv_release(0)
+    return out
+
+
+def _profile_tables(decoder, n: int, kv: int) -> bool:  # noqa: ANN001
+    """Paged cache: give rows 0..n-1 block tables for kv tokens straight from the pool (timing
+    only, content irrelevant), bypassing the allocator. Blocks repeat (aliased, so partly L2
+    resident) when n x kv exceeds the pool. Returns whether they do."""
+    kv_state = decoder.kv
+    if kv_state is None:
+        return False
+    pages = -(-kv // kv_state.block_size)
+    usable = kv_state.num_blocks - 1
+    for row in range(n):
+        decoder.kv_release(row)  # e.g. the fidelity prefill's blocks go back to the pool first
+    for row in range(n):
+        blocks = [1 + (row * pages + i) % usable for i in range(pages)]
+        kv_state.blocks[row] = blocks
+        kv_state.table[row].zero_()
+        kv_state.table[row, :pages] = torch.tensor(blocks, dtype=torch.int32)
+    return n * pages > usable
+
+
+def _clear_profile_tables(decoder, n: int) -> None:  # noqa: ANN001
+    if decoder.kv is not None:
+        for row in range(n):
+            decoder.kv.blocks[row] = []
+            decoder.kv.table[row].zero_()
 
 
 def matmul_floor(decoder) -> dict:  # noqa: ANN001
@@ -334,6 +384,20 @@ def bench_batching_engine(name: str, build, tokenizer, args, reference_logits, k
     case["startup_s"] = round(time.perf_counter() - start, 2)
     case["startup_peak_gb"] = gb(torch.cuda.max_memory_allocated())
     case["engine_info"] = engine.info
+    decoder = engine.scheduler.model.decoder
+    weight_bytes = sum(
+        t.numel() * t.element_size()
+        for layer in decoder.layers
+        for t in (getattr(layer, name, None) for name in ("w_qkv", "w_o", "w_gate_up", "w_down"))
+        if t is not None
+    )
+    head = getattr(decoder.lm_head, "weight", None)
+    weight_bytes += decoder.embed.numel() * decoder.embed.element_size()
+    weight_bytes += head.numel() * head.element_size() if head is not None else 0
+    case["memory"] = {
+        "weights_gb": gb(weight_bytes), "kv_cache_gb": gb(decoder.kv_cache_bytes),
+        "allocated_after_startup_gb": gb(torch.cuda.memory_allocated()),
+    }
     try:
         step_model = engine.scheduler.model
         with torch.inference_mode():
@@ -343,6 +407,7 @@ def bench_batching_engine(name: str, build, tokenizer, args, reference_logits, k
             decoded = teacher_forced_decode_logits(step_model, korean_ids)
             case["fidelity_decode"] = kl_summary(reference_logits, decoded)
             del decoded
+        case["prefill_ms"] = prefill_times(step_model.decoder, tokenizer)
         case["step_profile"] = graph_step_times(engine)
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()  # serving peak: without the profile's copy buffers
@@ -357,11 +422,23 @@ def bench_batching_engine(name: str, build, tokenizer, args, reference_logits, k
         long_prompt = random_prompt(tokenizer, 1500, generator)
         case["ttft_1500_ms"] = ttft(engine, long_prompt)
         if name == "fast":
+            serving_peak = torch.cuda.max_memory_allocated()
+            torch.cuda.reset_peak_memory_stats()  # peak while serving the 16 staggered requests
             case["staggered"] = staggered(engine, tokenizer, 16, 256, args.gap)
+            case["memory"]["staggered_peak_gb"] = gb(torch.cuda.max_memory_allocated())
+            case["memory"]["staggered_peak_reserved_gb"] = gb(torch.cuda.max_memory_reserved())
+            case["staggered"]["preemptions"] = engine.scheduler.preemptions
             case["staggered_gap_100ms"] = staggered(engine, tokenizer, 16, 256, 0.1)
+            case["staggered_gap_100ms"]["preemptions"] = engine.scheduler.preemptions
+            torch.cuda.synchronize()
+            case["memory"]["single_ttft_peak_gb"] = gb(serving_peak)
         else:
             case["staggered"] = staggered(engine, tokenizer, 4, 64, args.gap)
-        case["serving_peak_gb"] = gb(torch.cuda.max_memory_allocated())
+        # serving peak: max over the single stream, profile, TTFT and staggered phases
+        case["serving_peak_gb"] = max(
+            gb(torch.cuda.max_memory_allocated()), case["memory"].get("single_ttft_peak_gb", 0),
+            case["memory"].get("staggered_peak_gb", 0),
+        )
         case["serving_peak_reserved_gb"] = gb(torch.cuda.max_memory_reserved())
         case["resident_gb"] = gb(torch.cuda.memory_allocated())
     finally:
@@ -383,6 +460,9 @@ def main() -> None:
     parser.add_argument("--gap", type=float, default=0.02, help="seconds between staggered arrivals")
     parser.add_argument("--no-compile", action="store_true")
     parser.add_argument("--no-triton", action="store_true", help="fast mode without the Triton kernels")
+    parser.add_argument("--static-kv", action="store_true", help="fast mode with run 6's static KV cache")
+    parser.add_argument("--paged-kv", action="store_true", help="fast mode with the paged KV cache")
+    parser.add_argument("--kv-cache-tokens", type=int, default=None, help="fast: paged KV token budget")
     args = parser.parse_args()
     out_dir = Path(args.out) if args.out else None
     args.out_dir = out_dir
@@ -415,7 +495,8 @@ def main() -> None:
           "allocated_gb": gb(torch.cuda.memory_allocated()), "korean_positions": len(korean_ids)}, out_dir)
 
     with torch.inference_mode():
-        reference_logits = model(torch.tensor([korean_ids], device="cuda:0")).logits[0].float()
+        # Kept on the CPU: 47 MB on the GPU would be counted in every serving peak below.
+        reference_logits = model(torch.tensor([korean_ids], device="cuda:0")).logits[0].float().cpu()
 
     if "seed" in cases:
         case: dict = {"case": "seed"}
@@ -470,7 +551,8 @@ def main() -> None:
                 "fast",
                 lambda: build_fast_engine(model, tokenizer, max_batch=16, max_seq_len=2048,
                                           compile_kernels=not no_compile, free_source=True,
-                                          triton_kernels=not args.no_triton),
+                                          triton_kernels=not args.no_triton, paged_kv=args.paged_kv and not args.static_kv,
+                                          kv_cache_tokens=args.kv_cache_tokens),
                 tokenizer, args, reference_logits, korean_ids,
             )
         except Exception:  # noqa: BLE001

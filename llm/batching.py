@@ -15,7 +15,16 @@ Guarantees:
   serving new ones;
 - sampling per request with its own `SamplingParams` (temperature, top-k, top-p in HF's order;
   greedy; an optional per-request seed); EOS ends a request and is not emitted;
-- the stream yields whole characters only (`IncrementalDecoder`).
+- the stream yields whole characters only (`IncrementalDecoder`);
+- paged KV cache (a model with `kv_paged`): a request is admitted only when blocks for its prompt
+  (+ the first decode position) are free, with one block of growth headroom kept per running
+  request; otherwise it waits at the head of the queue (FIFO, no overtaking). A running request
+  that cannot get a block for its next position is handled by *preemption with recompute*: the
+  in-flight step is settled, then the most recently admitted requests are evicted (blocks freed,
+  put back at the head of the queue) until the others can grow. An evicted request keeps its
+  emitted tokens and its sampler; on re-admission prompt + emitted tokens are prefilled and it
+  continues where it stopped, so the client sees one uninterrupted stream (only later). The
+  oldest request always fits (the pool holds at least max_seq_len tokens), so this terminates.
 """
 
 from __future__ import annotations
@@ -46,6 +55,8 @@ class StepModel(Protocol):
     max_batch: int
     max_seq_len: int
     # optional: `device` (where decode's token input should live; CPU if absent)
+    # optional, paged KV: `kv_paged` True, `kv_block_size`, `kv_reserve(slot, tokens) -> bool`,
+    # `kv_release(slot)`, `kv_free_tokens() -> int`
 
     def prefill(self, slot: int, prompt_ids: Sequence[int]) -> torch.Tensor:
         """Write the prompt into the slot's KV cache; float32 logits [V] of its last position."""
@@ -68,6 +79,18 @@ class DecoderStepModel:
         self.device = graphs.decoder.device
         self.max_batch = graphs.max_batch
         self.max_seq_len = graphs.max_seq_len
+        self.kv_paged = self.decoder.paged
+        self.kv_block_size = self.decoder.kv.block_size if self.decoder.kv is not None else 0
+
+    def kv_reserve(self, slot: int, tokens: int) -> bool:
+        return self.decoder.kv_reserve(slot, tokens)
+
+    def kv_release(self, slot: int) -> None:
+        self.decoder.kv_release(slot)
+
+    def kv_free_tokens(self) -> int:
+        kv = self.decoder.kv
+        return kv.free_tokens if kv is not None else 1 << 60
 
     def prefill(self, slot: int, prompt_ids: Sequence[int]) -> torch.Tensor:
         ids = torch.tensor(list(prompt_ids), dtype=torch.long)
@@ -190,6 +213,10 @@ class _Request:
     launched: int = 0  # tokens sampled or being sampled (processed or in flight)
     generated: int = 0  # tokens processed
     done: bool = False
+    history: list[int] = field(default_factory=list)  # emitted tokens (re-prefilled after preemption)
+    last_token: int | None = None  # the latest sample (the next step's input)
+    order: int = 0  # admission sequence: preemption evicts the youngest first
+    preempted: int = 0
 
     def cancelled(self) -> bool:
         return self.cancel.is_set() or (self.user_cancel is not None and self.user_cancel.is_set())
@@ -218,6 +245,9 @@ class BatchScheduler:
         self._stopping = False
         self._inflight: tuple[list[_Request], torch.Tensor, torch.Tensor, object] | None = None
         self.steps = 0
+        self.preemptions = 0
+        self._admissions = itertools.count()
+        self._paged = bool(getattr(model, "kv_paged", False))
         self._thread = threading.Thread(target=self._run, name=f"{name}-scheduler", daemon=True)
         self._thread.start()
 
@@ -298,13 +328,17 @@ class BatchScheduler:
         request.out.put(error if error is not None else _END)
         if 0 <= request.slot < len(self._slots) and self._slots[request.slot] is request:
             self._slots[request.slot] = None
+            if self._paged:  # the device may still run a step on these blocks: stream order
+                self.model.kv_release(request.slot)  # makes any later writer wait for it
 
     def _emit(self, request: _Request, token: int) -> None:
         """Record a sampled token; end the request on EOS, its token limit or the cache end."""
         request.generated += 1
+        request.last_token = token
         if token == self.eos_token_id and not request.ignore_eos:
             self._finish(request)
             return
+        request.history.append(token)
         request.out.put(token)
         if request.generated >= request.params.max_new_tokens or request.position >= self.model.max_seq_len:
             self._finish(request)
@@ -323,21 +357,26 @@ class BatchScheduler:
                 free = [i for i, r in enumerate(self._slots) if r is None]
                 while free and self._waiting:
                     request = self._waiting[0]
-                    if batch and tokens + len(request.prompt) > self.prefill_token_budget:
+                    length = len(request.prompt) + len(request.history)
+                    if batch and tokens + length > self.prefill_token_budget:
                         break
-                    self._waiting.popleft()
                     if request.cancelled() or request.params.max_new_tokens <= 0:
+                        self._waiting.popleft()
                         self._finish(request)
                         continue
+                    if self._paged and not self._kv_admit(free[0], length + 1):
+                        break  # waits at the head of the queue until blocks are freed
+                    self._waiting.popleft()
                     request.slot = free.pop(0)
+                    request.order = next(self._admissions)
                     self._slots[request.slot] = request
                     batch.append(request)
-                    tokens += len(request.prompt)
+                    tokens += length
             if not batch:
                 return
             if len(batch) > 1 and hasattr(self.model, "prefill_many"):
                 try:
-                    logits = self.model.prefill_many([r.slot for r in batch], [r.prompt for r in batch])
+                    logits = self.model.prefill_many([r.slot for r in batch], [r.prompt + r.history for r in batch])
                     sampled = sample_next(logits, [r.params for r in batch], [r.generator for r in batch])
                 except Exception:  # retry one by one: only a culprit fails
                     logger.exception("%s: batched prefill failed; prefilling one by one", self.name)
@@ -348,15 +387,26 @@ class BatchScheduler:
             for request in batch:
                 self._prefill_one(request)
 
+    def _kv_admit(self, slot: int, tokens: int) -> bool:
+        """Reserve blocks for a new request's prefill + first decode position, keeping one block of
+        growth headroom per running (or just admitted) request so admissions rarely force a
+        preemption a few steps later."""
+        self.model.kv_release(slot)  # leftovers of direct prefill calls (warm-up, fidelity checks)
+        headroom = sum(r is not None for r in self._slots) * self.model.kv_block_size
+        if self.model.kv_free_tokens() < tokens + headroom:
+            return False
+        return self.model.kv_reserve(slot, tokens)
+
     def _started(self, request: _Request, token: int) -> None:
-        request.position = len(request.prompt)
-        request.launched = 1
+        # After a preemption the prefill covered prompt + history: continue from there.
+        request.position = len(request.prompt) + len(request.history)
+        request.launched = request.generated + 1
         request.host_token = token
         self._emit(request, token)
 
     def _prefill_one(self, request: _Request) -> None:
         try:
-            logits = self.model.prefill(request.slot, request.prompt)
+            logits = self.model.prefill(request.slot, request.prompt + request.history)
             token = sample_next(logits[None], [request.params], [request.generator])[0]
             self._started(request, token)
         except Exception as error:  # this request only
@@ -373,10 +423,48 @@ class BatchScheduler:
         for request in [r for r in self._slots if r is not None]:
             if request.cancelled():
                 self._finish(request)
+        if self._paged:
+            self._grow()
         launched = self._launch()
         previous, self._inflight = self._inflight, launched
         if previous is not None:
             self._deliver(*previous)
+
+    def _decoding(self) -> list[_Request]:
+        """Requests that take a row in the next step, oldest admission first."""
+        return sorted(
+            (r for r in self._slots
+             if r is not None and not r.done
+             and r.launched < r.params.max_new_tokens and r.position < self.model.max_seq_len),
+            key=lambda r: r.order,
+        )
+
+    def _grow(self) -> None:
+        """Blocks for every decoding request's next position; preempt (see module docstring)
+        when the pool is out of blocks."""
+        if all(self.model.kv_reserve(r.slot, r.position + 1) for r in self._decoding()):
+            return
+        if self._inflight is not None:  # settle step t-1 so every sampled token is on the host
+            previous, self._inflight = self._inflight, None
+            self._deliver(*previous)
+            for request in self._slots:
+                if request is not None and not request.done:
+                    request.host_token = request.last_token  # fed from the host, not the device
+        running = self._decoding()
+        while running and not all(self.model.kv_reserve(r.slot, r.position + 1) for r in running):
+            self._preempt(running.pop())  # the youngest
+
+    def _preempt(self, request: _Request) -> None:
+        logger.info("%s: KV cache full, preempting request %d after %d tokens",
+                    self.name, request.id, request.generated)
+        self.preemptions += 1
+        request.preempted += 1
+        self.model.kv_release(request.slot)
+        self._slots[request.slot] = None
+        request.slot = -1
+        request.host_token = None
+        with self._wake:
+            self._waiting.appendleft(request)
 
     def _launch(self) -> tuple[list[_Request], torch.Tensor, torch.Tensor, object] | None:
         running = [

@@ -104,8 +104,11 @@ def build_merged_decoder(
     dtype: torch.dtype | None = None,
     free_source: bool = False,
     compile_kernels: bool = False,
+    kv_cache_tokens: int | None = None,
+    kv_block_size: int = 32,
 ) -> MistralDecoder:
-    """A dense `MistralDecoder` with the LoRA merged. `free_source` empties the source model's
+    """A dense `MistralDecoder` with the LoRA merged (paged KV cache of `kv_cache_tokens` tokens
+    in `kv_block_size`-token blocks, or the static per-slot cache when None). `free_source` empties the source model's
     projections as it goes (the model is unusable afterwards) so the peak stays near one copy."""
     lm = _causal_lm(model)
     config = DecoderConfig.from_hf(lm.config)
@@ -140,7 +143,8 @@ def build_merged_decoder(
             torch.cuda.empty_cache()
 
     return MistralDecoder(
-        config, embed, layers, final_norm, DenseHead(lm_head_weight), max_batch, max_seq_len, compile_kernels=compile_kernels
+        config, embed, layers, final_norm, DenseHead(lm_head_weight), max_batch, max_seq_len,
+        compile_kernels=compile_kernels, kv_cache_tokens=kv_cache_tokens, kv_block_size=kv_block_size,
     )
 
 
@@ -216,9 +220,15 @@ def _warm_up(graphs: DecodeGraphs, compile_kernels: bool, triton: bool = False) 
     # one real prefill + decode so the first request pays no lazy initialisation
     decoder.prefill(0, torch.tensor([1, 2, 3]))
     graphs.decode([1], [3])
+    decoder.kv_release(0)
     info["warm_up_s"] = round(time.monotonic() - started, 2)
     info["buckets"] = {"batch": graphs.batch_buckets, "kv_len": graphs.kv_buckets}
     info["kv_cache_gb"] = round(decoder.kv_cache_bytes / 1e9, 3)
+    info["kv_paged"] = decoder.paged
+    if decoder.kv is not None:
+        info["kv_cache_tokens"] = (decoder.kv.num_blocks - 1) * decoder.kv.block_size
+        info["kv_block_size"] = decoder.kv.block_size
+        info["paged_attention"] = "triton" if decoder.reads_real_lengths else "torch-gather"
     return info
 
 
@@ -232,6 +242,14 @@ def _kv_buckets(max_seq_len: int, step: int = 256) -> list[int] | None:
     return [*sizes, max_seq_len]
 
 
+# Default KV token budget of `fast` with `paged_kv` (all requests together). 128 KiB per token for
+# Mistral-7B in bf16: 9,216 tokens = 1.21 GB; with the 14.48 GB of weights and ~0.33 GB of
+# activations, graph buffers and workspaces, run 7 measured a 16.02 GB serving peak (8,704 tokens
+# would give ~15.95 GB). It holds 16 requests of ~570 tokens (prompt + answer) at once; the bench's
+# 16 staggered requests need up to ~9,300, so one was preempted and resumed.
+FAST_KV_CACHE_TOKENS = 9216
+
+
 def build_fast_engine(
     model: nn.Module,
     tokenizer: PreTrainedTokenizerBase,
@@ -243,10 +261,24 @@ def build_fast_engine(
     dtype: torch.dtype | None = None,
     free_source: bool = True,
     triton_kernels: bool = True,
+    paged_kv: bool = False,
+    kv_cache_tokens: int | None = None,
+    kv_block_size: int = 32,
 ) -> BatchingEngine:
     """`fast` mode from the seed's model (consumed when `free_source`). `triton_kernels`: the
-    decode step's Triton GEMMs (where faster than cuBLAS) and fused rotary + KV write (CUDA)."""
-    decoder = build_merged_decoder(model, max_batch, max_seq_len, dtype=dtype, free_source=free_source)
+    decode step's Triton GEMMs (where faster than cuBLAS), fused rotary + KV write and paged
+    decode attention (CUDA). `paged_kv`: a block-allocated KV cache of `kv_cache_tokens` tokens
+    shared by all requests (default `FAST_KV_CACHE_TOKENS`, at most max_batch x max_seq_len, at
+    least max_seq_len); False (default): the static max_batch x max_seq_len cache of run 6.
+    Paged is not the default yet: in run 7 (bench/NOTES.md) it was faster for one stream and
+    used 3.1 GB less, but 3 % slower on the 16 staggered requests at this token budget."""
+    tokens = None
+    if paged_kv:
+        tokens = kv_cache_tokens or min(FAST_KV_CACHE_TOKENS, max_batch * max_seq_len)
+    decoder = build_merged_decoder(
+        model, max_batch, max_seq_len, dtype=dtype, free_source=free_source,
+        kv_cache_tokens=tokens, kv_block_size=kv_block_size,
+    )
     graphs = DecodeGraphs(decoder, use_graphs=cuda_graphs, kv_buckets=_kv_buckets(max_seq_len))
     info = _warm_up(graphs, compile_kernels, triton=triton_kernels)
     return BatchingEngine(DecoderStepModel(graphs), tokenizer, name="fast", max_queue=max_queue, info=info)

@@ -11,6 +11,14 @@ once per (batch bucket, KV-length bucket) at start-up and afterwards only replay
 recompilation and no per-kernel launch overhead per request. On the CPU the same step runs
 eagerly, which is what CI tests.
 
+With `kv_cache_tokens` the cache is *paged* instead (`PagedKV`): one pool of fixed-size blocks
+per layer, `[num_blocks, kv_heads, block_size, head_dim]`, sized by a token budget shared by all
+requests; a slot owns a list of blocks that grows with the request, and the block tables and
+positions are static device buffers, so the same CUDA graphs serve any mix of lengths. Decode
+attention then reads only each row's real length (Triton flash-decoding kernel on CUDA; a
+gather-by-table + SDPA reference path elsewhere). Block 0 is a scratch block: idle and padded rows
+of a step write their (unused) K/V there.
+
 Projections are pluggable (`DenseLayer`: bf16 weights with the LoRA merged, q/k/v and gate/up
 fused; `ModuleLayer`: any callables, e.g. PEFT's 4-bit LoRA layers for the low-memory mode).
 """
@@ -35,6 +43,8 @@ Projection = Callable[[torch.Tensor], torch.Tensor]
 # Prefill lengths vary per request: cuDNN's attention builds a plan per new shape (tens of ms,
 # measured as slow TTFT under staggered load), flash / memory-efficient attention do not.
 _PREFILL_BACKENDS = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
+# Prompt rows per norm/projection/MLP call in prefill (bounds the activations; see `_rowwise`).
+_PREFILL_CHUNK = 512
 
 
 @dataclass(frozen=True)
@@ -215,6 +225,46 @@ def _silu_mul(gate_up: torch.Tensor) -> torch.Tensor:
     return F.silu(gate) * up
 
 
+
+class PagedKV:
+    """Host-side block allocator of a paged KV cache (one per decoder; every layer uses the same
+    block ids). Block 0 is never handed out: rows without a request point at it."""
+
+    def __init__(self, num_blocks: int, block_size: int, max_batch: int, max_seq_len: int) -> None:
+        self.block_size = block_size
+        self.num_blocks = num_blocks
+        self.max_blocks = -(-max_seq_len // block_size)
+        self.free: list[int] = list(range(num_blocks - 1, 0, -1))  # pop() hands out low ids first
+        self.blocks: list[list[int]] = [[] for _ in range(max_batch)]
+        # The tables as the kernels read them (int32, one row per slot); copied to the device per step.
+        self.table = torch.zeros((max_batch, self.max_blocks), dtype=torch.int32)
+
+    @property
+    def free_tokens(self) -> int:
+        return len(self.free) * self.block_size
+
+    def ensure(self, slot: int, tokens: int) -> bool:
+        """Give `slot` blocks for `tokens` positions; all or nothing (False: not enough free)."""
+        owned = self.blocks[slot]
+        need = -(-tokens // self.block_size) - len(owned)
+        if need <= 0:
+            return True
+        if len(owned) + need > self.max_blocks or need > len(self.free):
+            return False
+        for _ in range(need):
+            block = self.free.pop()
+            self.table[slot, len(owned)] = block
+            owned.append(block)
+        return True
+
+    def release(self, slot: int) -> None:
+        owned = self.blocks[slot]
+        if owned:
+            self.free.extend(reversed(owned))
+            owned.clear()
+            self.table[slot].zero_()
+
+
 class MistralDecoder:
     """Weights + static KV cache + eager prefill/decode. See the module docstring."""
 
@@ -228,6 +278,8 @@ class MistralDecoder:
         max_batch: int,
         max_seq_len: int,
         compile_kernels: bool = False,
+        kv_cache_tokens: int | None = None,
+        kv_block_size: int = 32,
     ) -> None:
         if config.sliding_window is not None and max_seq_len > config.sliding_window:
             raise ValueError(
@@ -243,7 +295,21 @@ class MistralDecoder:
         self.max_seq_len = max_seq_len
         self.device = embed.device
         self.dtype = embed.dtype
-        shape = (max_batch, config.num_kv_heads, max_seq_len, config.head_dim)
+        self.paged = kv_cache_tokens is not None
+        self.kv: PagedKV | None = None
+        if self.paged:
+            if kv_block_size < 16 or kv_block_size & (kv_block_size - 1):
+                raise ValueError("kv_block_size must be a power of two >= 16 (the kernel's tl.dot tile)")
+            # One request must always fit, or a lone request could never grow (no preemption target).
+            tokens = max(int(kv_cache_tokens), max_seq_len)
+            num_blocks = -(-tokens // kv_block_size) + 1  # + the scratch block 0
+            self.kv = PagedKV(num_blocks, kv_block_size, max_batch, max_seq_len)
+            shape = (num_blocks, config.num_kv_heads, kv_block_size, config.head_dim)
+            self.block_table = torch.zeros(
+                (max_batch, self.kv.max_blocks), dtype=torch.int32, device=self.device
+            )
+        else:
+            shape = (max_batch, config.num_kv_heads, max_seq_len, config.head_dim)
         self.k_cache = [torch.zeros(shape, dtype=self.dtype, device=self.device) for _ in self.layers]
         self.v_cache = [torch.zeros(shape, dtype=self.dtype, device=self.device) for _ in self.layers]
         # Rotary tables as transformers builds them: float32 angles, cos/sin cast to the dtype.
@@ -319,6 +385,75 @@ class MistralDecoder:
     def kv_cache_bytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in self.k_cache + self.v_cache)
 
+    @property
+    def reads_real_lengths(self) -> bool:
+        """Decode attention costs each row's own length (paged + Triton), not the KV bucket's."""
+        return self.paged and self.fused_rope_kv
+
+    def kv_reserve(self, slot: int, tokens: int) -> bool:
+        """Blocks for `tokens` positions of `slot` (always True for the static cache)."""
+        if self.kv is None:
+            return tokens <= self.max_seq_len
+        return self.kv.ensure(slot, tokens)
+
+    def kv_release(self, slot: int) -> None:
+        if self.kv is not None:
+            self.kv.release(slot)
+
+    def _prompt_kv_index(self, slot: int, length: int) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """(block ids, offsets) on the device for positions 0..length-1 of `slot` (paged only).
+        Built on the device from a pinned, non-blocking copy of the slot's table row: no
+        host-device synchronisation per prompt."""
+        if self.kv is None:
+            return None
+        if not self.kv.ensure(slot, length):
+            raise RuntimeError(f"KV cache full: no blocks for a {length}-token prompt")
+        block_size = self.kv.block_size
+        row = self.kv.table[slot, : -(-length // block_size)].clone()
+        if self.device.type == "cuda":
+            row = row.pin_memory()
+        row = row.to(self.device, non_blocking=True)
+        positions = torch.arange(length, device=self.device)
+        # A gather, not repeat_interleave (whose CUDA version may sync to size its output).
+        return row.long()[torch.div(positions, block_size, rounding_mode="floor")], positions % block_size
+
+    def _write_prompt_kv(
+        self, index: int, slot: int, k: torch.Tensor, v: torch.Tensor,
+        where: tuple[torch.Tensor, torch.Tensor] | None,
+    ) -> None:
+        """k, v [K, T, D] of one prompt into the cache of layer `index`."""
+        if where is None:
+            length = k.shape[1]
+            self.k_cache[index][slot, :, :length] = k
+            self.v_cache[index][slot, :, :length] = v
+        else:
+            blocks, offsets = where
+            self.k_cache[index][blocks, :, offsets] = k.transpose(0, 1)
+            self.v_cache[index][blocks, :, offsets] = v.transpose(0, 1)
+
+    def _rowwise(self, fn: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, features: int) -> torch.Tensor:
+        """fn over x [1, T, H] in chunks of `_PREFILL_CHUNK` rows (fn is row-wise: same result).
+        Bounds the prefill transients - float32 RMSNorm temporaries and T x 28,672 gate/up
+        activations - that otherwise make a long prompt the serving memory peak."""
+        if x.shape[1] <= _PREFILL_CHUNK:
+            return fn(x)
+        out = x.new_empty((*x.shape[:-1], features))
+        for start in range(0, x.shape[1], _PREFILL_CHUNK):
+            out[:, start : start + _PREFILL_CHUNK] = fn(x[:, start : start + _PREFILL_CHUNK])
+        return out
+
+    def _prefill_qkv(self, layer: Layer, h: torch.Tensor) -> torch.Tensor:
+        cfg = self.config
+        width = (cfg.num_heads + 2 * cfg.num_kv_heads) * cfg.head_dim
+        return self._rowwise(lambda c: layer.qkv(_rms_norm(c, layer.input_norm, cfg.rms_norm_eps)), h, width)
+
+    def _mlp(self, layer: Layer, h: torch.Tensor) -> torch.Tensor:
+        """h + MLP(norm(h)) for prefill, row-chunked (see `_rowwise`)."""
+        eps = self.config.rms_norm_eps
+        return h + self._rowwise(
+            lambda c: layer.down(_silu_mul(layer.gate_up(_rms_norm(c, layer.post_norm, eps)))), h, h.shape[-1]
+        )
+
     # --- prefill: one prompt into one slot, eagerly (any length, no graphs) ---------------------
 
     @torch.inference_mode()
@@ -332,20 +467,19 @@ class MistralDecoder:
         if not 0 <= slot < self.max_batch:
             raise ValueError(f"slot {slot} out of range")
         token_ids = token_ids.to(self.device)
+        where = self._prompt_kv_index(slot, length)
         group = cfg.num_heads // cfg.num_kv_heads
         q_size, kv_size = cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim
         cos, sin = self.cos[:length][None, None], self.sin[:length][None, None]
         h = F.embedding(token_ids, self.embed)[None]  # [1, T, H]
         for index, layer in enumerate(self.layers):
-            x = _rms_norm(h, layer.input_norm, cfg.rms_norm_eps)
-            qkv = layer.qkv(x)
+            qkv = self._prefill_qkv(layer, h)
             q = qkv[..., :q_size].view(1, length, cfg.num_heads, cfg.head_dim).transpose(1, 2)
             k = qkv[..., q_size : q_size + kv_size].view(1, length, cfg.num_kv_heads, cfg.head_dim).transpose(1, 2)
             v = qkv[..., q_size + kv_size :].view(1, length, cfg.num_kv_heads, cfg.head_dim).transpose(1, 2)
             q = q * cos + _rotate_half(q) * sin
             k = k * cos + _rotate_half(k) * sin
-            self.k_cache[index][slot, :, :length] = k[0]
-            self.v_cache[index][slot, :, :length] = v[0]
+            self._write_prompt_kv(index, slot, k[0], v[0], where)
             with sdpa_kernel(_PREFILL_BACKENDS):
                 attn = F.scaled_dot_product_attention(
                     q,
@@ -355,9 +489,7 @@ class MistralDecoder:
                     scale=self.scale,
                 )
             attn = attn.transpose(1, 2).reshape(1, length, q_size)
-            h = h + layer.o(attn)
-            x = _rms_norm(h, layer.post_norm, cfg.rms_norm_eps)
-            h = h + layer.down(_silu_mul(layer.gate_up(x)))
+            h = self._mlp(layer, h + layer.o(attn))
         if not all_logits:
             h = h[:, -1:]
         h = _rms_norm(h, self.final_norm, cfg.rms_norm_eps)
@@ -378,6 +510,7 @@ class MistralDecoder:
                 raise ValueError(f"prompt of {length} tokens does not fit max_seq_len {self.max_seq_len}")
             if not 0 <= slot < self.max_batch:
                 raise ValueError(f"slot {slot} out of range")
+        wheres = [self._prompt_kv_index(slot, length) for slot, length in zip(slots, lengths, strict=True)]
         ids = torch.cat([p.to(torch.long) for p in prompts]).to(self.device)
         total = int(ids.shape[0])
         positions = torch.cat([torch.arange(n) for n in lengths]).to(self.device)
@@ -387,18 +520,16 @@ class MistralDecoder:
         cos, sin = self.cos[positions][None, None], self.sin[positions][None, None]
         h = F.embedding(ids, self.embed)[None]  # [1, T, H]
         for index, layer in enumerate(self.layers):
-            x = _rms_norm(h, layer.input_norm, cfg.rms_norm_eps)
-            qkv = layer.qkv(x)
+            qkv = self._prefill_qkv(layer, h)
             q = qkv[..., :q_size].view(1, total, cfg.num_heads, cfg.head_dim).transpose(1, 2)
             k = qkv[..., q_size : q_size + kv_size].view(1, total, cfg.num_kv_heads, cfg.head_dim).transpose(1, 2)
             v = qkv[..., q_size + kv_size :].view(1, total, cfg.num_kv_heads, cfg.head_dim).transpose(1, 2)
             q = q * cos + _rotate_half(q) * sin
             k = k * cos + _rotate_half(k) * sin
             parts = []
-            for slot, start, length in zip(slots, starts, lengths, strict=True):
+            for slot, start, length, where in zip(slots, starts, lengths, wheres, strict=True):
                 ks, vs = k[:, :, start : start + length], v[:, :, start : start + length]
-                self.k_cache[index][slot, :, :length] = ks[0]
-                self.v_cache[index][slot, :, :length] = vs[0]
+                self._write_prompt_kv(index, slot, ks[0], vs[0], where)
                 with sdpa_kernel(_PREFILL_BACKENDS):
                     parts.append(F.scaled_dot_product_attention(
                         q[:, :, start : start + length],
@@ -408,9 +539,7 @@ class MistralDecoder:
                         scale=self.scale,
                     ))
             attn = torch.cat(parts, dim=2).transpose(1, 2).reshape(1, total, q_size)
-            h = h + layer.o(attn)
-            x = _rms_norm(h, layer.post_norm, cfg.rms_norm_eps)
-            h = h + layer.down(_silu_mul(layer.gate_up(x)))
+            h = self._mlp(layer, h + layer.o(attn))
         last = torch.tensor([s + n - 1 for s, n in zip(starts, lengths, strict=True)], device=self.device)
         h = _rms_norm(h[:, last], self.final_norm, cfg.rms_norm_eps)
         return self.lm_head(h)[0].float()
@@ -426,6 +555,8 @@ class MistralDecoder:
         cfg = self.config
         n = tokens.shape[0]
         eps = cfg.rms_norm_eps
+        if self.paged:
+            return self._decode_step_paged(tokens, positions, kv_len)
         rows = torch.arange(n, device=tokens.device)
         visible = (torch.arange(kv_len, device=tokens.device)[None, :] <= positions[:, None])[:, None, None, :]
         # Additive mask in the activations' dtype, built once per step: a boolean mask made SDPA
@@ -451,6 +582,52 @@ class MistralDecoder:
             attn = F.scaled_dot_product_attention(
                 q, k_cache[:n, :, :kv_len], v_cache[:n, :, :kv_len], attn_mask=mask, scale=self.scale
             )  # [n, K, G, D]: the G query heads of a KV group attend as G "query positions"
+            h, x = self._add_norm(h, layer.o(attn.reshape(n, -1)), layer.post_norm, eps)
+            next_norm = self.layers[index + 1].input_norm if index + 1 < len(self.layers) else self.final_norm
+            h, x = self._add_norm(h, layer.down(self._silu_mul(layer.gate_up(x))), next_norm, eps)
+        return self.lm_head(x)
+
+    def _decode_step_paged(self, tokens: torch.Tensor, positions: torch.Tensor, kv_len: int) -> torch.Tensor:
+        """`decode_step` over the paged pool. Rows with position 0 are idle (a real decode position
+        is >= 1, after a prompt): their table row is replaced by the scratch block in the graph."""
+        cfg = self.config
+        n = tokens.shape[0]
+        eps = cfg.rms_norm_eps
+        table = torch.where(positions[:, None] > 0, self.block_table[:n], 0)
+        triton_attn = self.fused_rope_kv
+        if not triton_attn:  # reference path: gather each row's first kv_len positions by table
+            block_size = self.kv.block_size
+            pages = -(-kv_len // block_size)
+            rows = torch.arange(n, device=tokens.device)
+            page_of = table.long()[rows, torch.div(positions, block_size, rounding_mode="floor")]
+            offset = positions % block_size
+            gather = table[:, :pages].long()
+            visible = (torch.arange(kv_len, device=tokens.device)[None, :] <= positions[:, None])[:, None, None, :]
+            mask = torch.zeros(visible.shape, dtype=self.dtype, device=tokens.device).masked_fill_(
+                ~visible, float("-inf")
+            )
+        h = F.embedding(tokens, self.embed)
+        x = self._norm(h, self.layers[0].input_norm, eps)
+        for index, layer in enumerate(self.layers):
+            k_pool, v_pool = self.k_cache[index], self.v_cache[index]
+            if triton_attn:
+                q = triton_kernels.rope_kv_write_paged(
+                    layer.qkv(x), self.cos, self.sin, positions, table, k_pool, v_pool,
+                    cfg.num_heads, cfg.num_kv_heads, cfg.head_dim,
+                )
+                attn = triton_kernels.paged_decode_attention(
+                    q, k_pool, v_pool, table, positions, self.scale, cfg.num_heads
+                )
+            else:
+                q, k, v = self._rope(
+                    layer.qkv(x), self.cos, self.sin, positions, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+                )
+                k_pool[page_of, :, offset] = k
+                v_pool[page_of, :, offset] = v
+                # [n, pages, K, bs, D] -> [n, K, pages * bs, D], cut to kv_len
+                keys = k_pool[gather].transpose(1, 2).reshape(n, cfg.num_kv_heads, -1, cfg.head_dim)[:, :, :kv_len]
+                values = v_pool[gather].transpose(1, 2).reshape(n, cfg.num_kv_heads, -1, cfg.head_dim)[:, :, :kv_len]
+                attn = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, scale=self.scale)
             h, x = self._add_norm(h, layer.o(attn.reshape(n, -1)), layer.post_norm, eps)
             next_norm = self.layers[index + 1].input_norm if index + 1 < len(self.layers) else self.final_norm
             h, x = self._add_norm(h, layer.down(self._silu_mul(layer.gate_up(x))), next_norm, eps)
@@ -506,6 +683,10 @@ class DecodeGraphs:
                 return size
         raise ValueError(f"{value} exceeds the largest bucket {buckets[-1]}")
 
+    def _capture_kv_buckets(self) -> list[int]:
+        # The paged Triton attention reads each row's own length: one graph per batch bucket does.
+        return [self.max_seq_len] if self.decoder.reads_real_lengths else list(self.kv_buckets)
+
     @torch.inference_mode()
     def capture(self) -> None:
         """Warm up (compile) and capture every bucket. Largest first, sharing one memory pool."""
@@ -516,7 +697,7 @@ class DecodeGraphs:
         stream.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(stream):
             for n in reversed(self.batch_buckets):
-                for kv_len in reversed(self.kv_buckets):
+                for kv_len in reversed(self._capture_kv_buckets()):
                     self._positions.zero_()
                     self._tokens.zero_()
                     for _ in range(2):  # compile + warm cuBLAS/Inductor for this shape
@@ -542,7 +723,17 @@ class DecodeGraphs:
         if top >= self.max_seq_len:
             raise ValueError(f"position {top} outside the KV cache of {self.max_seq_len}")
         n_bucket = self._bucket(self.batch_buckets, n)
-        kv_bucket = self._bucket(self.kv_buckets, top + 1)
+        kv_bucket = self._bucket(self._capture_kv_buckets(), top + 1)
+        decoder = self.decoder
+        if decoder.kv is not None:
+            for row, position in enumerate(positions):
+                if position > 0 and not decoder.kv.ensure(row, position + 1):
+                    raise RuntimeError(f"KV cache full: slot {row} cannot grow to {position + 1} tokens")
+            # A fresh pinned copy per step: the previous step's copy may still be in flight.
+            table = decoder.kv.table[:n_bucket]
+            if decoder.device.type == "cuda":
+                table = table.pin_memory()
+            decoder.block_table[:n_bucket].copy_(table, non_blocking=True)
         padded_positions = list(positions) + [0] * (n_bucket - n)
         if isinstance(tokens, torch.Tensor):
             self._tokens[:n].copy_(tokens, non_blocking=True)

@@ -281,3 +281,198 @@ class GemmPlan:
             "choice": {f"{name}_m{m}": (None if c is None else c.__dict__) for (name, m), c in self.choice.items()},
             "us_per_matmul": self.timings,
         }
+
+
+# --- paged KV cache: rotary + KV write into blocks, and decode attention over block tables -------
+#
+# Pool layout per layer: [num_blocks, kv_heads, block_size, head_dim] (one block of one head is a
+# contiguous block_size x head_dim tile). `table` [n, max_blocks] int32 maps a row's logical block
+# i (tokens i*block_size ...) to a pool block; block 0 is a scratch block that idle rows point at.
+
+if _HAVE_TRITON:
+
+    @triton.jit
+    def _rope_kv_paged_kernel(
+        qkv_ptr, cos_ptr, sin_ptr, pos_ptr, table_ptr, q_ptr, k_pool_ptr, v_pool_ptr,
+        stride_qkv, stride_tab, stride_pb, stride_ph, stride_pt,
+        NUM_HEADS: tl.constexpr, NUM_KV: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_SIZE: tl.constexpr,
+    ):
+        # Same arithmetic as _rope_kv_kernel; only the K/V destination goes through the block table.
+        row = tl.program_id(0)
+        head = tl.program_id(1)
+        HALF: tl.constexpr = HEAD_DIM // 2
+        d = tl.arange(0, HALF)
+        pos = tl.load(pos_ptr + row)
+        src = qkv_ptr + row * stride_qkv + head * HEAD_DIM
+        x1 = tl.load(src + d).to(tl.float32)
+        x2 = tl.load(src + HALF + d).to(tl.float32)
+        if head < NUM_HEADS + NUM_KV:
+            c1 = tl.load(cos_ptr + pos * HEAD_DIM + d).to(tl.float32)
+            c2 = tl.load(cos_ptr + pos * HEAD_DIM + HALF + d).to(tl.float32)
+            s1 = tl.load(sin_ptr + pos * HEAD_DIM + d).to(tl.float32)
+            s2 = tl.load(sin_ptr + pos * HEAD_DIM + HALF + d).to(tl.float32)
+            o1 = x1 * c1 - x2 * s1
+            o2 = x2 * c2 + x1 * s2
+        else:
+            o1 = x1
+            o2 = x2
+        block = tl.load(table_ptr + row * stride_tab + pos // BLOCK_SIZE).to(tl.int64)
+        slot_off = block * stride_pb + (pos % BLOCK_SIZE) * stride_pt
+        if head < NUM_HEADS:
+            dst = q_ptr + row * (NUM_HEADS * HEAD_DIM) + head * HEAD_DIM
+        elif head < NUM_HEADS + NUM_KV:
+            dst = k_pool_ptr + slot_off + (head - NUM_HEADS) * stride_ph
+        else:
+            dst = v_pool_ptr + slot_off + (head - NUM_HEADS - NUM_KV) * stride_ph
+        tl.store(dst + d, o1.to(q_ptr.dtype.element_ty))
+        tl.store(dst + HALF + d, o2.to(q_ptr.dtype.element_ty))
+
+    @triton.jit
+    def _paged_attn_kernel(
+        q_ptr, k_pool_ptr, v_pool_ptr, table_ptr, pos_ptr, acc_ptr, ml_ptr, scale,
+        stride_tab, stride_pb, stride_ph, stride_pt,
+        NUM_KV: tl.constexpr, GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, HEAD_DIM: tl.constexpr,
+        BLOCK_SIZE: tl.constexpr, PAGES_PER_SPLIT: tl.constexpr, SPLITS: tl.constexpr,
+    ):
+        # grid (rows, kv heads, splits). One program: the GROUP query heads of one KV head against
+        # pages [split * PAGES_PER_SPLIT, ...) of the row, stopping at the row's real length
+        # (position + 1). Online softmax in float32; partial (acc, max, sum) per split.
+        row = tl.program_id(0)
+        kvh = tl.program_id(1)
+        split = tl.program_id(2)
+        length = tl.load(pos_ptr + row).to(tl.int32) + 1
+        n_pages = tl.cdiv(length, BLOCK_SIZE)
+        first = split * PAGES_PER_SPLIT
+        if first >= n_pages:
+            return  # the reduce kernel only reads splits that hold tokens
+        last = tl.minimum(first + PAGES_PER_SPLIT, n_pages)
+        g = tl.arange(0, GROUP_PAD)
+        d = tl.arange(0, HEAD_DIM)
+        t = tl.arange(0, BLOCK_SIZE)
+        g_mask = g < GROUP
+        q_rows = q_ptr + (row * NUM_KV * GROUP + kvh * GROUP + g[:, None]) * HEAD_DIM + d[None, :]
+        q = tl.load(q_rows, mask=g_mask[:, None], other=0.0)  # [GROUP_PAD, D]: tl.dot needs >= 16 rows
+        m = tl.full([GROUP_PAD], float("-inf"), tl.float32)
+        s_sum = tl.zeros([GROUP_PAD], tl.float32)
+        acc = tl.zeros([GROUP_PAD, HEAD_DIM], tl.float32)
+        tile = t[:, None] * stride_pt + d[None, :]
+        for page in range(first, last):
+            block = tl.load(table_ptr + row * stride_tab + page).to(tl.int64)
+            base = block * stride_pb + kvh * stride_ph
+            valid = (page * BLOCK_SIZE + t) < length
+            # Positions past the row's length in its last block hold stale data: never load them
+            # (0 * a stale NaN in P @ V would poison the row).
+            k = tl.load(k_pool_ptr + base + tile, mask=valid[:, None], other=0.0)
+            v = tl.load(v_pool_ptr + base + tile, mask=valid[:, None], other=0.0)
+            s = tl.dot(q, tl.trans(k)) * scale  # [GROUP_PAD, BLOCK_SIZE] float32
+            s = tl.where(valid[None, :], s, float("-inf"))
+            m_new = tl.maximum(m, tl.max(s, 1))  # finite: every visited page holds >= 1 token
+            alpha = tl.exp(m - m_new)
+            p = tl.exp(s - m_new[:, None])
+            s_sum = s_sum * alpha + tl.sum(p, 1)
+            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+            m = m_new
+        base_out = ((row * NUM_KV + kvh) * SPLITS + split) * GROUP
+        tl.store(acc_ptr + (base_out + g[:, None]) * HEAD_DIM + d[None, :], acc, mask=g_mask[:, None])
+        tl.store(ml_ptr + (base_out + g) * 2, m, mask=g_mask)
+        tl.store(ml_ptr + (base_out + g) * 2 + 1, s_sum, mask=g_mask)
+
+    @triton.jit
+    def _paged_reduce_kernel(
+        acc_ptr, ml_ptr, pos_ptr, out_ptr,
+        NUM_KV: tl.constexpr, GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_SIZE: tl.constexpr,
+        PAGES_PER_SPLIT: tl.constexpr, SPLITS: tl.constexpr, SPLITS_PAD: tl.constexpr,
+    ):
+        # grid (rows, kv heads * GROUP): combine the splits that hold tokens (log-sum-exp weights).
+        row = tl.program_id(0)
+        head = tl.program_id(1)
+        kvh = head // GROUP
+        g = head % GROUP
+        length = tl.load(pos_ptr + row).to(tl.int32) + 1
+        active = tl.cdiv(tl.cdiv(length, BLOCK_SIZE), PAGES_PER_SPLIT)
+        s = tl.arange(0, SPLITS_PAD)
+        d = tl.arange(0, HEAD_DIM)
+        s_mask = s < active
+        idx = ((row * NUM_KV + kvh) * SPLITS + s) * GROUP + g
+        m = tl.load(ml_ptr + idx * 2, mask=s_mask, other=float("-inf"))
+        total = tl.load(ml_ptr + idx * 2 + 1, mask=s_mask, other=0.0)
+        m_max = tl.max(m, 0)
+        w = tl.where(s_mask, tl.exp(m - m_max), 0.0)
+        acc = tl.load(acc_ptr + idx[:, None] * HEAD_DIM + d[None, :], mask=s_mask[:, None], other=0.0)
+        out = tl.sum(acc * w[:, None], 0) / tl.sum(total * w, 0)
+        tl.store(out_ptr + (row * NUM_KV * GROUP + head) * HEAD_DIM + d, out.to(out_ptr.dtype.element_ty))
+
+
+def rope_kv_write_paged(
+    qkv: torch.Tensor,
+    cos: torch.Tensor,
+    sin: torch.Tensor,
+    positions: torch.Tensor,
+    table: torch.Tensor,
+    k_pool: torch.Tensor,
+    v_pool: torch.Tensor,
+    num_heads: int,
+    num_kv_heads: int,
+    head_dim: int,
+) -> torch.Tensor:
+    """`rope_kv_write` for a paged pool [blocks, K, block_size, D]: row i's k/v go to block
+    table[i, pos // block_size], offset pos % block_size. Returns rotated q [n, H*D]."""
+    n = qkv.shape[0]
+    assert qkv.stride(1) == 1 and cos.is_contiguous() and sin.is_contiguous()
+    assert k_pool.stride() == v_pool.stride() and k_pool.stride(3) == 1 and table.stride(1) == 1
+    q = torch.empty((n, num_heads * head_dim), dtype=qkv.dtype, device=qkv.device)
+    _rope_kv_paged_kernel[(n, num_heads + 2 * num_kv_heads)](
+        qkv, cos, sin, positions, table, q, k_pool, v_pool,
+        qkv.stride(0), table.stride(0), k_pool.stride(0), k_pool.stride(1), k_pool.stride(2),
+        NUM_HEADS=num_heads, NUM_KV=num_kv_heads, HEAD_DIM=head_dim, BLOCK_SIZE=k_pool.shape[2],
+        num_warps=1,
+    )
+    return q
+
+
+def pages_per_split(batch: int, num_kv_heads: int) -> int:
+    """Flash-decoding split size: small batches need several programs per (row, head) to fill
+    the 132 SMs; at batch 16 x 8 heads, long splits keep the partials (and the reduce) small."""
+    programs = batch * num_kv_heads
+    if programs <= 16:
+        return 2
+    if programs <= 64:
+        return 4
+    return 8
+
+
+def paged_decode_attention(
+    q: torch.Tensor,
+    k_pool: torch.Tensor,
+    v_pool: torch.Tensor,
+    table: torch.Tensor,
+    positions: torch.Tensor,
+    scale: float,
+    num_heads: int,
+    split_pages: int | None = None,
+) -> torch.Tensor:
+    """One decode token per row against its paged KV: q [n, H*D] (GQA: H = K * group), pool
+    [blocks, K, block_size, D], table [n, max_blocks] int32, positions [n] (the row attends to
+    positions 0..pos). Reads only the row's own pages; float32 softmax. Returns [n, H*D]."""
+    n = q.shape[0]
+    _, num_kv, block_size, head_dim = k_pool.shape
+    group = num_heads // num_kv
+    max_blocks = table.shape[1]
+    split_pages = split_pages or pages_per_split(n, num_kv)
+    splits = triton.cdiv(max_blocks, split_pages)
+    acc = torch.empty((n, num_kv, splits, group, head_dim), dtype=torch.float32, device=q.device)
+    ml = torch.empty((n, num_kv, splits, group, 2), dtype=torch.float32, device=q.device)
+    out = torch.empty((n, num_heads * head_dim), dtype=q.dtype, device=q.device)
+    assert q.is_contiguous() and k_pool.stride() == v_pool.stride() and k_pool.stride(3) == 1
+    _paged_attn_kernel[(n, num_kv, splits)](
+        q, k_pool, v_pool, table, positions, acc, ml, scale,
+        table.stride(0), k_pool.stride(0), k_pool.stride(1), k_pool.stride(2),
+        NUM_KV=num_kv, GROUP=group, GROUP_PAD=max(16, triton.next_power_of_2(group)), HEAD_DIM=head_dim,
+        BLOCK_SIZE=block_size, PAGES_PER_SPLIT=split_pages, SPLITS=splits, num_warps=4, num_stages=2,
+    )
+    _paged_reduce_kernel[(n, num_heads)](
+        acc, ml, positions, out,
+        NUM_KV=num_kv, GROUP=group, HEAD_DIM=head_dim, BLOCK_SIZE=block_size,
+        PAGES_PER_SPLIT=split_pages, SPLITS=splits, SPLITS_PAD=triton.next_power_of_2(splits), num_warps=1,
+    )
+    return out

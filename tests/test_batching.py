@@ -46,6 +46,11 @@ class RecordingModel:
     def close(self):
         self.inner.close()
 
+    def __getattr__(self, name):  # kv_paged, kv_reserve, ... of the wrapped model (not prefill_many)
+        if name.startswith("kv_"):
+            return getattr(self.inner, name)
+        raise AttributeError(name)
+
 
 @pytest.fixture(scope="module")
 def tiny(tiny_checkpoint):
@@ -53,9 +58,10 @@ def tiny(tiny_checkpoint):
     return model, load_tokenizer(str(tiny_checkpoint.base_dir))
 
 
-def make_engine(tiny, max_batch=4, max_queue=8):
+def make_engine(tiny, max_batch=4, max_queue=8, kv_cache_tokens=None):
     model, tokenizer = tiny
-    decoder = build_merged_decoder(model, max_batch=max_batch, max_seq_len=256, dtype=torch.float32)
+    decoder = build_merged_decoder(model, max_batch=max_batch, max_seq_len=256, dtype=torch.float32,
+                                   kv_cache_tokens=kv_cache_tokens, kv_block_size=16)
     recording = RecordingModel(DecoderStepModel(DecodeGraphs(decoder, use_graphs=False)))
     return BatchingEngine(recording, tokenizer, name="test", max_queue=max_queue), recording
 
@@ -95,6 +101,59 @@ def test_concurrent_requests_all_complete_and_join_the_running_batch(tiny):
         # requests that arrived while others ran were decoded together with them
         assert max(recording.decode_sizes) > 1
         assert engine.scheduler.active == 0
+    finally:
+        engine.close()
+
+
+def _run_concurrently(engine, ps, params):
+    results: dict[int, list[int]] = {}
+
+    def worker(i):
+        results[i] = list(engine.stream_tokens(ps[i], params, ignore_eos=True))
+
+    threads = [threading.Thread(target=worker, args=(i,)) for i in range(len(ps))]
+    for thread in threads:
+        thread.start()
+        time.sleep(0.005)
+    for thread in threads:
+        thread.join(120)
+    return results
+
+
+def test_paged_cache_preempts_the_youngest_and_resumes_it_unchanged(tiny):
+    """A 256-token pool for 4 requests that grow to ~90 tokens each: requests must be preempted
+    (blocks freed, re-prefilled with their emitted tokens later) and every stream still equals
+    the request decoded alone; all blocks are back in the pool at the end."""
+    engine, recording = make_engine(tiny, max_batch=4, kv_cache_tokens=256)
+    params = SamplingParams(greedy=True, max_new_tokens=80)
+    try:
+        ps = prompts(engine.tokenizer, 4)
+        alone = [run_alone(engine, p, params) for p in ps]
+        assert engine.scheduler.preemptions == 0
+        results = _run_concurrently(engine, ps, params)
+        assert sorted(results) == [0, 1, 2, 3]
+        for i in range(4):
+            assert results[i] == alone[i], f"request {i} changed by preemption"
+        assert engine.scheduler.preemptions > 0
+        assert max(recording.decode_sizes) > 1
+        assert recording.inner.kv_free_tokens() == 256 and engine.scheduler.active == 0
+    finally:
+        engine.close()
+
+
+def test_paged_cache_keeps_a_prompt_waiting_until_blocks_free(tiny):
+    """Two 200-token prompts in a 256-token pool: the second waits in the queue (no preemption
+    needed, never decoded together) and both complete."""
+    engine, recording = make_engine(tiny, max_batch=4, kv_cache_tokens=256)
+    params = SamplingParams(greedy=True, max_new_tokens=20)
+    try:
+        base = engine.tokenizer("코스피 전망은? " * 40).input_ids[:200]
+        ps = [base, [*base[:199], 1234]]
+        alone = [run_alone(engine, p, params) for p in ps]
+        recording.decode_sizes.clear()
+        results = _run_concurrently(engine, ps, params)
+        assert [results[0], results[1]] == alone
+        assert max(recording.decode_sizes) == 1 and engine.scheduler.preemptions == 0
     finally:
         engine.close()
 

@@ -74,16 +74,19 @@ def test_low_memory_decoder_matches_peft(reference_model, korean_ids):
     torch.testing.assert_close(logits, _peft_logits(reference_model, korean_ids), atol=2e-2, rtol=0)
 
 
-def test_decoder_matches_hf_with_batches_of_different_lengths(tiny_checkpoint, mistral_tokenizer):
+@pytest.mark.parametrize("kv_cache_tokens", [None, 160], ids=["static", "paged"])
+def test_decoder_matches_hf_with_batches_of_different_lengths(tiny_checkpoint, mistral_tokenizer, kv_cache_tokens):
     """Ragged prompts prefilled into their slots, then decoded together one token a step at
-    different positions, give HF MistralForCausalLM's logits at every step."""
+    different positions, give HF MistralForCausalLM's logits at every step. Paged: 16-token
+    blocks, so prompts and steps cross block boundaries, and slot 3 stays idle (scratch block)."""
     from transformers import MistralForCausalLM
 
     hf = MistralForCausalLM.from_pretrained(tiny_checkpoint.base_dir, dtype=torch.float32).eval()
     texts = [KOREAN, "금리 인상", "The KOSPI index rose 1.2% on Tuesday as chip stocks rallied."]
     sequences = [mistral_tokenizer(t).input_ids for t in texts]
     prompt_lengths = [len(s) - 6 for s in sequences]
-    decoder = build_merged_decoder(hf, max_batch=4, max_seq_len=128, dtype=torch.float32)
+    decoder = build_merged_decoder(hf, max_batch=4, max_seq_len=128, dtype=torch.float32,
+                                   kv_cache_tokens=kv_cache_tokens, kv_block_size=16)
     graphs = DecodeGraphs(decoder, use_graphs=False, kv_buckets=[32, 64, 128])
     for slot, (ids, length) in enumerate(zip(sequences, prompt_lengths, strict=True)):
         last = decoder.prefill(slot, torch.tensor(ids[:length]))
@@ -98,6 +101,29 @@ def test_decoder_matches_hf_with_batches_of_different_lengths(tiny_checkpoint, m
         logits = graphs.decode(tokens, positions)
         for row in range(len(sequences)):
             torch.testing.assert_close(logits[row], full[row][positions[row]], atol=1e-4, rtol=1e-4)
+    if kv_cache_tokens is not None:  # blocks interleave across slots: the tables did the work
+        assert decoder.kv.blocks[0] and 0 not in sum(decoder.kv.blocks, [])
+        for slot in range(4):
+            decoder.kv_release(slot)
+        assert decoder.kv.free_tokens == 160
+
+
+def test_paged_pool_allocates_all_or_nothing_and_never_hands_out_the_scratch_block(reference_model):
+    decoder = build_merged_decoder(reference_model, max_batch=2, max_seq_len=64, dtype=torch.float32,
+                                   kv_cache_tokens=64, kv_block_size=16)
+    kv = decoder.kv
+    assert kv.num_blocks == 5 and kv.free_tokens == 64
+    assert decoder.kv_reserve(0, 40)  # 3 blocks
+    assert not decoder.kv_reserve(1, 17)  # needs 2, 1 free: nothing taken
+    assert kv.free_tokens == 16 and kv.blocks[1] == []
+    assert decoder.kv_reserve(1, 16)
+    assert sorted(kv.blocks[0] + kv.blocks[1]) == [1, 2, 3, 4]
+    assert kv.table[0, :3].tolist() == kv.blocks[0] and kv.table[0, 3] == 0
+    decoder.kv_release(0)
+    assert kv.free_tokens == 48 and kv.table[0].abs().sum() == 0
+    with pytest.raises(RuntimeError):
+        decoder.prefill(1, torch.ones(64, dtype=torch.long))  # 4 blocks: slot 1 owns 1, 3 free: ok
+        decoder.prefill(0, torch.ones(20, dtype=torch.long))  # now nothing is free
 
 
 def test_decode_rejects_positions_beyond_cache(reference_model):
@@ -130,9 +156,11 @@ def test_build_engine_wires_the_new_modes_and_knobs(tiny_checkpoint, mode):
         engine.close()
 
 
-def test_prefill_many_equals_one_by_one(reference_model, korean_ids):
+@pytest.mark.parametrize("kv_cache_tokens", [None, 512], ids=["static", "paged"])
+def test_prefill_many_equals_one_by_one(reference_model, korean_ids, kv_cache_tokens):
     """Prompts prefilled together give each prompt's own logits and KV cache rows."""
-    decoder = build_merged_decoder(reference_model, max_batch=3, max_seq_len=256, dtype=torch.float32)
+    decoder = build_merged_decoder(reference_model, max_batch=3, max_seq_len=256, dtype=torch.float32,
+                                   kv_cache_tokens=kv_cache_tokens, kv_block_size=16)
     prompts = [torch.tensor(korean_ids[:n]) for n in (len(korean_ids), 5, 17)]
     expected = [decoder.prefill(slot, p) for slot, p in enumerate(prompts)]
     k_expected = [c.clone() for c in decoder.k_cache]
@@ -169,3 +197,36 @@ def test_scheduler_prefills_queued_arrivals_together(reference_model, korean_ids
         engine.close()
     assert together == alone
     assert 3 in calls, calls
+
+
+def test_chunked_prefill_rows_equal_one_pass(reference_model, monkeypatch):
+    """Prefill runs norms/projections/MLP in row chunks (memory); the function is unchanged."""
+    import llm.mistral_decoder as md
+
+    decoder = build_merged_decoder(reference_model, max_batch=2, max_seq_len=1200, dtype=torch.float32,
+                                   kv_cache_tokens=2400, kv_block_size=16)
+    ids = torch.randint(3, 30000, (1100,), generator=torch.Generator().manual_seed(0))
+    chunked = decoder.prefill(0, ids, all_logits=True)
+    monkeypatch.setattr(md, "_PREFILL_CHUNK", 4096)
+    whole = decoder.prefill(1, ids, all_logits=True)
+    torch.testing.assert_close(chunked, whole, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(decoder.k_cache[0][decoder.kv.blocks[0]], decoder.k_cache[0][decoder.kv.blocks[1]])
+
+
+def test_build_engine_paged_kv_knob(tiny_checkpoint):
+    from llm.engine import SamplingParams
+    from llm.loading import build_engine
+
+    engine = build_engine(
+        "fast", str(tiny_checkpoint.base_dir), str(tiny_checkpoint.adapter_dir), "cpu",
+        max_batch=3, max_seq_len=128, paged_kv=True, kv_cache_tokens=200, kv_block_size=16,
+    )
+    try:
+        info = engine.info
+        assert info["kv_paged"] is True and info["kv_block_size"] == 16
+        assert info["kv_cache_tokens"] == 208  # whole blocks
+        assert info["paged_attention"] == "torch-gather"  # no CUDA here
+        text = engine.generate(engine.tokenizer("코스피").input_ids, SamplingParams(max_new_tokens=8, seed=3))
+        assert isinstance(text, str) and "\ufffd" not in text
+    finally:
+        engine.close()
