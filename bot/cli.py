@@ -39,6 +39,8 @@ def build_engine_from(settings: FinbotSettings):  # noqa: ANN201 - llm.engine.Ge
         max_queue=settings.engine_max_queue,
         cuda_graphs=settings.engine_cuda_graphs,
         compile_kernels=settings.engine_compile_kernels,
+        paged_kv=settings.engine_paged_kv,
+        kv_cache_tokens=settings.engine_kv_cache_tokens or None,
         openai_config=settings.openai_engine_config() if settings.engine == "openai" else None,
     )
 
