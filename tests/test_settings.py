@@ -33,3 +33,25 @@ def test_openai_engine_is_built_from_settings(monkeypatch, tiny_checkpoint):
     engine = build_engine_from(FinbotSettings(_env_file=None))
     assert isinstance(engine, OpenAIEngine)
     assert engine.tokenizer.bos_token_id == 1
+
+
+def test_every_setting_is_documented_in_env_example_with_its_default(monkeypatch):
+    from pathlib import Path
+
+    example = Path(__file__).resolve().parents[1] / ".env.example"
+    documented = {}
+    for line in example.read_text(encoding="utf-8").splitlines():
+        if line and not line.startswith("#") and "=" in line:
+            key, value = line.split("=", 1)
+            documented[key] = value
+    fields = {name.upper(): field for name, field in FinbotSettings.model_fields.items()}
+    assert set(fields) == set(documented)
+
+    # Loading the example as it is must give exactly the defaults (secrets left empty).
+    monkeypatch.chdir(example.parent)
+    from_example = FinbotSettings(_env_file=example)
+    defaults = FinbotSettings(_env_file=None)
+    for name in FinbotSettings.model_fields:
+        if name.startswith("slack_") and name.endswith(("token", "secret")) or name == "openai_api_key":
+            continue
+        assert getattr(from_example, name) == getattr(defaults, name), name
