@@ -3,9 +3,16 @@
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from tests.fakes.slack_server import FakeSlack
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 
@@ -46,3 +53,35 @@ def start_finbot(*args: str, cwd: Path, log_path: Path, **settings: str) -> subp
     return subprocess.Popen(
         finbot_command(*args), cwd=cwd, env=finbot_env(**settings), stdout=log, stderr=subprocess.STDOUT
     )
+
+
+def slack_settings(fake: FakeSlack) -> dict[str, str]:
+    """The settings that point finbot at a fake Slack server."""
+    return {"SLACK_BOT_TOKEN": fake.bot_token, "SLACK_APP_TOKEN": fake.app_token, "SLACK_API_URL": fake.api_url}
+
+
+@contextmanager
+def running_finbot(
+    fake: FakeSlack, cwd: Path, log_path: Path | None = None, stop_timeout: float = 30, **settings: str
+) -> Iterator[subprocess.Popen[bytes]]:
+    """`finbot run` connected in Socket Mode to `fake`; stopped with SIGTERM on exit.
+
+    On the way out it checks what every run must get right whatever the test: a clean exit, no
+    traceback, and no Slack token in the operator's log.
+    """
+    log_path = log_path or cwd / "finbot.log"
+    process = start_finbot("run", cwd=cwd, log_path=log_path, **{**slack_settings(fake), **settings})
+    try:
+        fake.wait_connected(timeout=60)
+        yield process
+    finally:
+        process.send_signal(signal.SIGTERM)
+        try:
+            exit_code = process.wait(timeout=stop_timeout)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            raise
+    output = log_path.read_text(errors="replace")
+    assert exit_code == 0, output[-5000:]
+    assert "Traceback" not in output, output[-5000:]
+    assert fake.bot_token not in output and fake.app_token not in output

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import re
-import signal
 import time
 from pathlib import Path
 from typing import Any
@@ -17,7 +16,7 @@ from typing import Any
 import pytest
 
 from bot import messages_ko
-from tests.e2e.process import start_finbot
+from tests.e2e.process import running_finbot
 from tests.fakes.slack_server import FakeSlack
 
 pytestmark = pytest.mark.e2e
@@ -99,83 +98,76 @@ def test_corpus_is_big_enough():
 def test_hostile_corpus_end_to_end(tmp_path: Path, tiny_checkpoint):
     started = time.monotonic()
     log = tmp_path / "finbot.log"
-    with FakeSlack() as fake:
-        process = start_finbot(
-            "run", cwd=tmp_path, log_path=log,
-            SLACK_BOT_TOKEN=fake.bot_token, SLACK_APP_TOKEN=fake.app_token, SLACK_API_URL=fake.api_url,
+    with (
+        FakeSlack() as fake,
+        running_finbot(
+            fake, tmp_path, log,
             DATABASE_URL=f"sqlite:///{tmp_path / 'finbot.db'}", ENGINE="fake",
             BASE_MODEL=str(tiny_checkpoint.base_dir), FAKE_REPLY="받은 질문: {question}",
             GENERATION_WORKERS="8", MAX_PROMPT_TOKENS="3072", ENGINE_MAX_SEQ_LEN="4096",
+        ) as process,
+    ):
+        # A thread finbot is part of, for the edits, deletions and other bots' posts to land in.
+        seen = fake.mention_event(f"<@{fake.bot_user_id}> 기준 스레드", channel="CSEEN")
+        fake.send_event(seen)
+        fake.wait_for(lambda: fake.messages(channel="CSEEN", thread_ts=seen["ts"]), timeout=30,
+                      description="answer in the seen thread")
+        fake.wait_for(
+            lambda: all(m.get("text") != messages_ko.THINKING
+                        for m in fake.messages(channel="CSEEN", thread_ts=seen["ts"])),
+            timeout=30, description="seen thread settled",
         )
-        try:
-            fake.wait_connected(timeout=60)
-            # A thread finbot is part of, for the edits, deletions and other bots' posts to land in.
-            seen = fake.mention_event(f"<@{fake.bot_user_id}> 기준 스레드", channel="CSEEN")
-            fake.send_event(seen)
-            fake.wait_for(lambda: fake.messages(channel="CSEEN", thread_ts=seen["ts"]), timeout=30,
-                          description="answer in the seen thread")
-            fake.wait_for(
-                lambda: all(m.get("text") != messages_ko.THINKING
-                            for m in fake.messages(channel="CSEEN", thread_ts=seen["ts"])),
-                timeout=30, description="seen thread settled",
-            )
-            seen_count = len(fake.messages(channel="CSEEN", thread_ts=seen["ts"]))
+        seen_count = len(fake.messages(channel="CSEEN", thread_ts=seen["ts"]))
 
-            # The whole corpus at once, as a burst.
-            placed: list[tuple[dict, str, str]] = []
-            envelopes = []
-            for index, item in enumerate(CORPUS):
-                event, channel, thread = _event(fake, index, item, seen["ts"])
-                envelopes.append(fake.send_event(event))
-                placed.append((item, channel, thread))
-            for envelope in envelopes:
-                fake.wait_acked(envelope, timeout=20)
+        # The whole corpus at once, as a burst.
+        placed: list[tuple[dict, str, str]] = []
+        envelopes = []
+        for index, item in enumerate(CORPUS):
+            event, channel, thread = _event(fake, index, item, seen["ts"])
+            envelopes.append(fake.send_event(event))
+            placed.append((item, channel, thread))
+        for envelope in envelopes:
+            fake.wait_acked(envelope, timeout=20)
 
-            def replies(channel: str, thread: str) -> list[dict]:
-                return [m for m in fake.messages(channel=channel, thread_ts=thread) if m.get("bot_id") == fake.bot_id]
+        def replies(channel: str, thread: str) -> list[dict]:
+            return [m for m in fake.messages(channel=channel, thread_ts=thread) if m.get("bot_id") == fake.bot_id]
 
-            def settled() -> bool:
-                for item, channel, thread in placed:
-                    if item["expect"] != "reply":
-                        continue
-                    got = replies(channel, thread)
-                    if not got or any(m.get("text") in ("", messages_ko.THINKING) for m in got):
-                        return False
-                    if any(m.get("stream_state") == "streaming" for m in got):
-                        return False
-                return True
-
-            fake.wait_for(settled, timeout=45, description="every corpus item answered")
-            time.sleep(1.0)  # give wrongly handled ignored items the time to show up
-            assert process.poll() is None, "finbot crashed:\n" + log.read_text(errors="replace")[-5000:]
-
-            problems = []
+        def settled() -> bool:
             for item, channel, thread in placed:
-                got = replies(channel, thread) if item["kind"] not in (
-                    "bot_message", "message_changed", "message_deleted", "message_replied") else []
-                if item["expect"] == "reply" and len(got) != 1:
-                    problems.append(f"{item['name']}: {len(got)} replies")
-                if item["expect"] == "ignore" and got:
-                    problems.append(f"{item['name']}: answered though it should be ignored: {got[0].get('text')!r}")
-            if len(fake.messages(channel="CSEEN", thread_ts=seen["ts"])) != seen_count:
-                problems.append("edits, deletions or other bots' messages were answered in the seen thread")
-            assert problems == []
+                if item["expect"] != "reply":
+                    continue
+                got = replies(channel, thread)
+                if not got or any(m.get("text") in ("", messages_ko.THINKING) for m in got):
+                    return False
+                if any(m.get("stream_state") == "streaming" for m in got):
+                    return False
+            return True
 
-            # Nothing the bot sent can notify anyone.
-            for call in fake.calls:
-                for key in TEXT_PARAMS:
-                    value = call.params.get(key)
-                    if isinstance(value, str):
-                        assert not PING.search(value), f"{call.method} pings: {value[:300]!r}"
-            by_name = {item["name"]: (channel, thread) for item, channel, thread in placed}
-            assert replies(*by_name["empty_mention"])[0]["text"] == messages_ko.EMPTY_QUESTION
-            assert replies(*by_name["very_long_40000"])[0]["text"] == messages_ko.QUESTION_TOO_LONG
-            echoed = replies(*by_name["channel_ping"])[0]["text"]
-            assert "&lt;!channel&gt;" in echoed and "기준금리가 뭐야?" in echoed
-        finally:
-            process.send_signal(signal.SIGTERM)
-            exit_code = process.wait(timeout=30)
-        output = log.read_text(errors="replace")
-        assert exit_code == 0, output[-5000:]
-        assert "Traceback" not in output, output[-5000:]
+        fake.wait_for(settled, timeout=45, description="every corpus item answered")
+        time.sleep(1.0)  # give wrongly handled ignored items the time to show up
+        assert process.poll() is None, "finbot crashed:\n" + log.read_text(errors="replace")[-5000:]
+
+        problems = []
+        for item, channel, thread in placed:
+            got = replies(channel, thread) if item["kind"] not in (
+                "bot_message", "message_changed", "message_deleted", "message_replied") else []
+            if item["expect"] == "reply" and len(got) != 1:
+                problems.append(f"{item['name']}: {len(got)} replies")
+            if item["expect"] == "ignore" and got:
+                problems.append(f"{item['name']}: answered though it should be ignored: {got[0].get('text')!r}")
+        if len(fake.messages(channel="CSEEN", thread_ts=seen["ts"])) != seen_count:
+            problems.append("edits, deletions or other bots' messages were answered in the seen thread")
+        assert problems == []
+
+        # Nothing the bot sent can notify anyone.
+        for call in fake.calls:
+            for key in TEXT_PARAMS:
+                value = call.params.get(key)
+                if isinstance(value, str):
+                    assert not PING.search(value), f"{call.method} pings: {value[:300]!r}"
+        by_name = {item["name"]: (channel, thread) for item, channel, thread in placed}
+        assert replies(*by_name["empty_mention"])[0]["text"] == messages_ko.EMPTY_QUESTION
+        assert replies(*by_name["very_long_40000"])[0]["text"] == messages_ko.QUESTION_TOO_LONG
+        echoed = replies(*by_name["channel_ping"])[0]["text"]
+        assert "&lt;!channel&gt;" in echoed and "기준금리가 뭐야?" in echoed
     assert time.monotonic() - started < 60

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import signal
 import sqlite3
 import time
 from collections.abc import Iterator
@@ -12,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from bot import messages_ko
-from tests.e2e.process import start_finbot
+from tests.e2e.process import running_finbot
 from tests.fakes.slack_server import FakeSlack
 
 pytestmark = pytest.mark.e2e
@@ -56,33 +55,19 @@ class RunningBot:
 def running_bot(tmp_path: Path, tiny_checkpoint) -> Iterator[RunningBot]:
     database = tmp_path / "finbot.db"
     log = tmp_path / "finbot.log"
-    with FakeSlack() as fake:
-        process = start_finbot(
-            "run",
-            cwd=tmp_path,
-            log_path=log,
-            SLACK_BOT_TOKEN=fake.bot_token,
-            SLACK_APP_TOKEN=fake.app_token,
-            SLACK_API_URL=fake.api_url,
+    with (
+        FakeSlack() as fake,
+        running_finbot(
+            fake,
+            tmp_path,
+            log,
             DATABASE_URL=f"sqlite:///{database}",
             ENGINE="fake",
             BASE_MODEL=str(tiny_checkpoint.base_dir),
             FAKE_REPLY=FAKE_REPLY,
-        )
-        try:
-            fake.wait_connected(timeout=60)
-            yield RunningBot(fake=fake, database=database, log=log)
-        finally:
-            process.send_signal(signal.SIGTERM)
-            try:
-                exit_code = process.wait(timeout=20)
-            except Exception:
-                process.kill()
-                raise
-            output = log.read_text(errors="replace")
-            assert exit_code == 0, output
-            # Operators read these logs; the tokens must never be in them.
-            assert fake.bot_token not in output and fake.app_token not in output
+        ),
+    ):
+        yield RunningBot(fake=fake, database=database, log=log)
 
 
 def test_mention_follow_up_retry_and_dm(running_bot: RunningBot):

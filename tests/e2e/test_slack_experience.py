@@ -7,7 +7,6 @@ whole module; each test uses its own channels and users so they do not interfere
 from __future__ import annotations
 
 import json
-import signal
 import sqlite3
 import time
 from collections.abc import Iterator
@@ -20,7 +19,7 @@ from bot import messages_ko
 from bot.listeners.slash import REGENERATE_ACTION
 from bot.replies import FEEDBACK_DOWN_ACTION, FEEDBACK_UP_ACTION
 from bot.streaming import STREAMING_CURSOR
-from tests.e2e.process import run_finbot, start_finbot
+from tests.e2e.process import run_finbot, running_finbot, slack_settings
 from tests.fakes.slack_server import ApiCall, FakeSlack
 
 pytestmark = pytest.mark.e2e
@@ -63,9 +62,7 @@ def bot(tmp_path_factory: pytest.TempPathFactory, tiny_checkpoint) -> Iterator[B
     log = tmp_path / "finbot.log"
     with FakeSlack() as fake:
         settings = dict(
-            SLACK_BOT_TOKEN=fake.bot_token,
-            SLACK_APP_TOKEN=fake.app_token,
-            SLACK_API_URL=fake.api_url,
+            **slack_settings(fake),
             DATABASE_URL=f"sqlite:///{database}",
             ENGINE="fake",
             BASE_MODEL=str(tiny_checkpoint.base_dir),
@@ -78,20 +75,8 @@ def bot(tmp_path_factory: pytest.TempPathFactory, tiny_checkpoint) -> Iterator[B
             RATE_LIMIT_PER_USER="3",
             RATE_LIMIT_WINDOW_S="600",
         )
-        process = start_finbot("run", cwd=tmp_path, log_path=log, **settings)
-        try:
-            fake.wait_connected(timeout=60)
+        with running_finbot(fake, tmp_path, log, **settings):
             yield Bot(fake=fake, database=database, log=log, settings=settings)
-        finally:
-            process.send_signal(signal.SIGTERM)
-            try:
-                exit_code = process.wait(timeout=20)
-            except Exception:
-                process.kill()
-                raise
-            output = log.read_text(errors="replace")
-            assert exit_code == 0, output
-            assert fake.bot_token not in output and fake.app_token not in output
 
 
 def _chunk_text(call: ApiCall) -> str:

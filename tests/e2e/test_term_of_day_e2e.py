@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-import signal
 import sqlite3
 from pathlib import Path
 
 import pytest
 
-from tests.e2e.process import run_finbot, start_finbot
+from tests.e2e.process import run_finbot, running_finbot, slack_settings
 from tests.fakes.slack_server import FakeSlack
 
 pytestmark = pytest.mark.e2e
@@ -20,9 +19,7 @@ def test_term_today_posts_once_and_a_thread_follow_up_carries_the_term_as_histor
     database = tmp_path / "finbot.db"
     with FakeSlack() as fake:
         settings = dict(
-            SLACK_BOT_TOKEN=fake.bot_token,
-            SLACK_APP_TOKEN=fake.app_token,
-            SLACK_API_URL=fake.api_url,
+            **slack_settings(fake),
             DATABASE_URL=f"sqlite:///{database}",
             ENGINE="fake",
             BASE_MODEL=str(tiny_checkpoint.base_dir),
@@ -53,9 +50,7 @@ def test_term_today_posts_once_and_a_thread_follow_up_carries_the_term_as_histor
         assert history.returncode == 0 and term in history.stdout and "posted" in history.stdout
 
         log = tmp_path / "finbot.log"
-        process = start_finbot("run", cwd=tmp_path, log_path=log, **settings)
-        try:
-            fake.wait_connected(timeout=60)
+        with running_finbot(fake, tmp_path, log, **settings):
             follow_up = fake.message_event("예시를 하나 더 들어줘", channel="C1", thread_ts=post["ts"])
             fake.send_event(follow_up, event_id="EvTermFollowUp")
             answer = fake.wait_for_message(
@@ -77,12 +72,7 @@ def test_term_today_posts_once_and_a_thread_follow_up_carries_the_term_as_histor
             )
             assert response["response_type"] == "ephemeral"
             assert response["blocks"] == post["blocks"]
-        finally:
-            process.send_signal(signal.SIGTERM)
-            exit_code = process.wait(timeout=20)
         output = log.read_text(errors="replace")
-        assert exit_code == 0, output
         assert "scheduler started" in output
         # The startup catch-up of `finbot run` may fall inside today's window; it must not post again.
         assert len([m for m in fake.messages(channel="C1") if m.get("thread_ts") is None]) == 1
-        assert fake.bot_token not in output
