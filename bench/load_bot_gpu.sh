@@ -4,6 +4,8 @@
 # with bench/load_bot.py. Needs carried wheels: .whl (bitsandbytes) and .whl2 (the bot's own
 # dependencies missing on the GPU image), and .tok/tokenizer.model.v1 (see bench/NOTES.md).
 set -euo pipefail
+# Everything also goes to $OUT, so a run cut off by the device's time limit still reports how far it got.
+exec > >(tee "${OUT:-.}/load_bot_gpu.log") 2>&1
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl .whl2/*.whl
 export PYTHONPATH="/tmp/site:$PWD" PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1
 started=$(date +%s)
