@@ -597,21 +597,7 @@ class FakeSlack:
         """An ``app_mention`` event; ``text`` gets a leading ``<@BOT>`` unless it already mentions it."""
         mention = f"<@{self.bot_user_id}>"
         full_text = text if mention in text else f"{mention} {text}"
-        ts = ts or self.next_ts()
-        event: JsonDict = {
-            "type": "app_mention",
-            "user": user,
-            "text": full_text,
-            "ts": ts,
-            "client_msg_id": str(uuid.uuid4()),
-            "team": self.team_id,
-            "blocks": [_rich_text_block(full_text)],
-            "channel": channel,
-            "event_ts": ts,
-        }
-        if thread_ts:
-            event["thread_ts"] = thread_ts
-        return event
+        return self._user_event("app_mention", full_text, user, channel, ts, thread_ts)
 
     def message_event(
         self,
@@ -626,9 +612,18 @@ class FakeSlack:
         """A ``message`` event (channel defaults to C123, or D123 for ``channel_type="im"``)."""
         if channel is None:
             channel = "D123" if channel_type == "im" else "C123"
+        event = self._user_event("message", text, user, channel, ts, thread_ts)
+        event["channel_type"] = channel_type
+        event.update(extra)
+        return event
+
+    def _user_event(
+        self, event_type: str, text: str, user: str, channel: str, ts: str | None, thread_ts: str | None
+    ) -> JsonDict:
+        """What Slack sends for a person's message, as an ``app_mention`` or a ``message`` event."""
         ts = ts or self.next_ts()
         event: JsonDict = {
-            "type": "message",
+            "type": event_type,
             "user": user,
             "text": text,
             "ts": ts,
@@ -637,11 +632,9 @@ class FakeSlack:
             "blocks": [_rich_text_block(text)],
             "channel": channel,
             "event_ts": ts,
-            "channel_type": channel_type,
         }
         if thread_ts:
             event["thread_ts"] = thread_ts
-        event.update(extra)
         return event
 
     # ------------------------------------------------------------------ internals (any thread)
