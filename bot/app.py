@@ -137,6 +137,7 @@ def build_app(settings: FinbotSettings, engine: GenerationEngine, store: Convers
         settings.sampling_params(),
         settings.max_prompt_tokens,
         workers=settings.generation_workers,
+        timeout_s=settings.generation_timeout_s,
         **slack_experience_options(settings),
     )
     register_allowlist(app, settings.allowed_team_id_set(), settings.allowed_channel_id_set())

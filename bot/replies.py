@@ -129,8 +129,10 @@ class AnswerService:
         stream_settings: StreamSettings | None = None,
         streaming_modes: StreamingModes | None = None,
         rate_limiter: QuestionRateLimiter | None = None,
+        timeout_s: float = 120,
     ) -> None:
         self._store = store
+        self._timeout_s = timeout_s
         self._engine = engine
         self._params = params
         self._max_prompt_tokens = max_prompt_tokens
@@ -281,11 +283,26 @@ class AnswerService:
                     streamer.adopt_placeholder(placeholder_ts)
 
         raw = ""
+        # The engine checks `cancel` between tokens, so a stuck or runaway answer frees its slot.
+        cancel = threading.Event()
+        deadline = threading.Timer(self._timeout_s, cancel.set)
+        deadline.daemon = True
+        deadline.start()
         try:
-            for chunk in stream_raw_answer(self._engine, history, job.text, self._params, self._max_prompt_tokens):
+            for chunk in stream_raw_answer(
+                self._engine, history, job.text, self._params, self._max_prompt_tokens, cancel
+            ):
                 raw += chunk
                 settle_placeholder()
                 streamer.feed(raw)
+            if cancel.is_set():
+                raise TimeoutError(f"no complete answer within {self._timeout_s:g} s")
+        except TimeoutError as error:
+            logger.error("generation timed out for question %d in %s: %s", job.message_id, target.thread_ref, error)
+            settle_placeholder()
+            self._store.set_status(job.message_id, "failed", str(error))
+            streamer.fail(messages_ko.GENERATION_TIMED_OUT)
+            return
         except PromptTooLongError as error:
             logger.warning("question in %s is too long: %s", target.thread_ref, error)
             settle_placeholder()
@@ -304,6 +321,9 @@ class AnswerService:
             self._store.set_status(job.message_id, "failed", repr(error))
             streamer.fail(messages_ko.GENERATION_FAILED)
             return
+
+        finally:
+            deadline.cancel()
 
         settle_placeholder()
         answer = clean_answer(raw) or messages_ko.EMPTY_ANSWER

@@ -52,6 +52,8 @@ class FinbotSettings(BaseSettings):
     engine_kv_cache_tokens: int = Field(0, ge=0)
     # Questions answered at the same time; the engine batches or serialises them.
     generation_workers: int = Field(4, ge=1)
+    # An answer still generating after this many seconds is stopped and the user gets an apology.
+    generation_timeout_s: float = Field(120, gt=0)
     # The fake engine answers without a model: for load tests and for trying the Slack side without a GPU.
     fake_reply: str = "테스트 답변입니다. 질문: {question} (이전 대화 {history_turns}개)"
     fake_tokens_per_second: float = Field(0, ge=0)
