@@ -45,6 +45,18 @@ def build_engine_from(settings: FinbotSettings):  # noqa: ANN201 - llm.engine.Ge
     )
 
 
+def load_engine_or_explain(settings: FinbotSettings):  # noqa: ANN201 - GenerationEngine | None
+    """The engine, or None after telling the operator why the model could not be loaded."""
+    try:
+        return build_engine_from(settings)
+    except (OSError, ValueError) as error:  # missing files, no hub access, a bad setting
+        logger.error(
+            "could not load the model (ENGINE=%s, BASE_MODEL=%s, ADAPTER=%s): %s",
+            settings.engine, settings.base_model, settings.adapter, error,
+        )
+        return None
+
+
 def command_db_upgrade(settings: FinbotSettings, revision: str) -> int:
     from storage.db import current_revision, upgrade_database
 
@@ -57,7 +69,9 @@ def command_ask(settings: FinbotSettings, question: str) -> int:
     from llm.answering import answer_question
     from llm.errors import PromptTooLongError
 
-    engine = build_engine_from(settings)
+    engine = load_engine_or_explain(settings)
+    if engine is None:
+        return 1
     try:
         answer = answer_question(engine, [], question, settings.sampling_params(), settings.max_prompt_tokens)
     except PromptTooLongError:
@@ -74,8 +88,13 @@ def command_run(settings: FinbotSettings) -> int:
     from bot.recovery import finish_in_flight, recover_on_startup
     from storage.db import upgrade_database
 
+    if missing := settings.missing_slack_settings():
+        logger.error("cannot start: %s not set (see .env.example)", ", ".join(missing))
+        return 2
     upgrade_database(settings.database_url)
-    engine = build_engine_from(settings)
+    engine = load_engine_or_explain(settings)
+    if engine is None:
+        return 1
     finbot = build_app(settings, engine)
     stop = threading.Event()
     scheduler = build_scheduler(settings, finbot)
@@ -91,9 +110,7 @@ def command_run(settings: FinbotSettings) -> int:
     if settings.slack_mode == "socket":
         from slack_bolt.adapter.socket_mode import SocketModeHandler
 
-        if settings.slack_app_token is None:
-            logger.error("SLACK_APP_TOKEN is required in Socket Mode (see .env.example)")
-            return 2
+        assert settings.slack_app_token is not None  # checked by missing_slack_settings above
         handler = SocketModeHandler(
             finbot.app, settings.slack_app_token.get_secret_value(), web_client=finbot.app.client
         )

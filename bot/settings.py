@@ -5,7 +5,7 @@ from __future__ import annotations
 from datetime import time
 from typing import Literal
 
-from pydantic import Field, SecretStr, model_validator
+from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from llm.engine import EngineChoice, SamplingParams
@@ -85,6 +85,21 @@ class FinbotSettings(BaseSettings):
     rate_limit_window_s: float = Field(60, gt=0)
     # Answer messages from other bots (never its own).
     answer_other_bots: bool = False
+
+    @field_validator("slack_bot_token", "slack_app_token", "slack_signing_secret", "openai_api_key", mode="before")
+    @classmethod
+    def _blank_secret_is_unset(cls, value: object) -> object:
+        # `.env.example` leaves them as `KEY=`; an empty token is a missing token, not a valid one.
+        return None if isinstance(value, str) and not value.strip() else value
+
+    def missing_slack_settings(self) -> list[str]:
+        """What `finbot run` needs and lacks, checked before minutes are spent loading the model."""
+        missing = [] if self.slack_bot_token else ["SLACK_BOT_TOKEN"]
+        if self.slack_mode == "socket" and not self.slack_app_token:
+            missing.append("SLACK_APP_TOKEN (Socket Mode)")
+        if self.slack_mode == "http" and not self.slack_signing_secret:
+            missing.append("SLACK_SIGNING_SECRET (HTTP mode)")
+        return missing
 
     @model_validator(mode="after")
     def _prompt_and_answer_fit_the_engine(self) -> FinbotSettings:

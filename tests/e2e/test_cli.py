@@ -49,3 +49,23 @@ def test_ask_with_an_overlong_question_explains_in_korean(tmp_path, tiny_checkpo
     )
     assert result.returncode == 2
     assert "질문이 너무 길어서" in result.stderr
+
+
+def test_run_without_slack_tokens_says_what_is_missing_before_loading_a_model(tmp_path):
+    (tmp_path / ".env").write_text("SLACK_BOT_TOKEN=\nSLACK_APP_TOKEN=\n")  # as copied from .env.example
+    result = run_finbot("run", cwd=tmp_path, timeout=60, DATABASE_URL=f"sqlite:///{tmp_path / 'finbot.db'}")
+    assert result.returncode == 2
+    assert "cannot start: SLACK_BOT_TOKEN, SLACK_APP_TOKEN (Socket Mode) not set" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_a_model_that_cannot_be_loaded_is_reported_without_a_traceback(tmp_path):
+    result = run_finbot(
+        "run", cwd=tmp_path, timeout=120,
+        SLACK_BOT_TOKEN="xoxb-test", SLACK_APP_TOKEN="xapp-test", DATABASE_URL=f"sqlite:///{tmp_path / 'finbot.db'}",
+        ENGINE="reference", BASE_MODEL=str(tmp_path / "no-such-model"), ADAPTER=str(tmp_path / "no-such-adapter"),
+    )
+    assert result.returncode == 1
+    assert "could not load the model (ENGINE=reference" in result.stderr
+    assert "Traceback" not in result.stderr
+    assert "xoxb-test" not in result.stderr
