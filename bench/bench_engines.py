@@ -204,6 +204,18 @@ def ttft(engine, prompt: list[int], repeats: int = 3) -> float:  # noqa: ANN001
     return round(statistics.median(values) * 1000, 1)
 
 
+def _time_decode_ms(graphs, tokens: list[int], positions: list[int], warmup: int = 3, repeats: int = 20) -> float:  # noqa: ANN001
+    """Milliseconds per graph-replayed decode step: the mean of `repeats` replays after a warm-up."""
+    for _ in range(warmup):
+        graphs.decode(tokens, positions)
+    sync()
+    start = time.perf_counter()
+    for _ in range(repeats):
+        graphs.decode(tokens, positions)
+    sync()
+    return round((time.perf_counter() - start) / repeats * 1000, 3)
+
+
 def graph_step_times(engine) -> dict:  # noqa: ANN001
     """Profile: pure decode step time (graph replay + logits to float) at a few buckets."""
     graphs = engine.scheduler.model.graphs
@@ -215,17 +227,10 @@ def graph_step_times(engine) -> dict:  # noqa: ANN001
         tokens, positions = [1] * n, [kv - 1] * n
         aliased = _profile_tables(decoder, n, kv)
         try:
-            for _ in range(3):
-                graphs.decode(tokens, positions)
-            sync()
-            start = time.perf_counter()
-            for _ in range(20):
-                graphs.decode(tokens, positions)
-            sync()
+            step_ms = _time_decode_ms(graphs, tokens, positions)
         finally:
             _clear_profile_tables(decoder, n)
-        key = f"b{n}_kv{kv}_ms" + ("_aliased_blocks" if aliased else "")
-        out[key] = round((time.perf_counter() - start) / 20 * 1000, 3)
+        out[f"b{n}_kv{kv}_ms" + ("_aliased_blocks" if aliased else "")] = step_ms
     out.update(matmul_floor(decoder))
     plan, fused = decoder.gemm_plan, decoder.fused_rope_kv
     if (plan is not None or fused) and not decoder.paged:  # run 6's same-run cuBLAS baseline
@@ -241,15 +246,7 @@ def graph_step_times(engine) -> dict:  # noqa: ANN001
             for n, kv in [(1, 256), (1, 2048), (16, 512), (16, 1024), (16, 2048)]:
                 if n > base.max_batch or kv > base.max_seq_len:
                     continue
-                tokens, positions = [1] * n, [kv - 1] * n
-                for _ in range(3):
-                    base.decode(tokens, positions)
-                sync()
-                start = time.perf_counter()
-                for _ in range(20):
-                    base.decode(tokens, positions)
-                sync()
-                out[f"cublas_b{n}_kv{kv}_ms"] = round((time.perf_counter() - start) / 20 * 1000, 3)
+                out[f"cublas_b{n}_kv{kv}_ms"] = _time_decode_ms(base, [1] * n, [kv - 1] * n)
             base._graphs.clear()  # not base.close(): that would free the shared decoder
         finally:
             decoder.fused_rope_kv = fused

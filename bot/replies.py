@@ -299,29 +299,20 @@ class AnswerService:
                 raise TimeoutError(f"no complete answer within {self._timeout_s:g} s")
         except TimeoutError as error:
             logger.error("generation timed out for question %d in %s: %s", job.message_id, target.thread_ref, error)
-            settle_placeholder()
-            self._store.set_status(job.message_id, "failed", str(error))
-            streamer.fail(messages_ko.GENERATION_TIMED_OUT)
+            self._fail(job, streamer, settle_placeholder, str(error), messages_ko.GENERATION_TIMED_OUT)
             return
         except PromptTooLongError as error:
             logger.warning("question in %s is too long: %s", target.thread_ref, error)
-            settle_placeholder()
-            self._store.set_status(job.message_id, "failed", str(error))
-            streamer.fail(messages_ko.QUESTION_TOO_LONG)
+            self._fail(job, streamer, settle_placeholder, str(error), messages_ko.QUESTION_TOO_LONG)
             return
         except EngineBusyError as error:
             logger.warning("engine busy, question in %s deferred to the user: %s", target.thread_ref, error)
-            settle_placeholder()
-            self._store.set_status(job.message_id, "failed", "engine busy")
-            streamer.fail(messages_ko.ENGINE_BUSY)
+            self._fail(job, streamer, settle_placeholder, "engine busy", messages_ko.ENGINE_BUSY)
             return
         except Exception as error:
             logger.exception("generation failed for question %d in %s", job.message_id, target.thread_ref)
-            settle_placeholder()
-            self._store.set_status(job.message_id, "failed", repr(error))
-            streamer.fail(messages_ko.GENERATION_FAILED)
+            self._fail(job, streamer, settle_placeholder, repr(error), messages_ko.GENERATION_FAILED)
             return
-
         finally:
             deadline.cancel()
 
@@ -334,6 +325,19 @@ class AnswerService:
             "answered question %d in %s (%d chars, %d message(s), %s)",
             job.message_id, target.thread_ref, len(answer), len(pieces), streamer.mode,
         )
+
+    def _fail(
+        self,
+        job: _Job,
+        streamer: AnswerStreamer,
+        settle_placeholder: Callable[[], None],
+        reason: str,
+        user_message: str,
+    ) -> None:
+        """The question stays stored, marked failed with the operator's reason; the user gets `user_message`."""
+        settle_placeholder()
+        self._store.set_status(job.message_id, "failed", reason)
+        streamer.fail(user_message)
 
     def _post(self, client: WebClient, question: IncomingQuestion, text: str) -> str | None:
         target = ReplyTarget(

@@ -460,47 +460,17 @@ class MistralDecoder:
     def prefill(self, slot: int, token_ids: torch.Tensor, all_logits: bool = False) -> torch.Tensor:
         """Fill `slot`'s cache with `token_ids` [T]; return float32 logits of the last position
         [V] (or of every position [T, V] with `all_logits`)."""
-        cfg = self.config
-        length = int(token_ids.shape[0])
-        if not 0 < length <= self.max_seq_len:
-            raise ValueError(f"prompt of {length} tokens does not fit max_seq_len {self.max_seq_len}")
-        if not 0 <= slot < self.max_batch:
-            raise ValueError(f"slot {slot} out of range")
-        token_ids = token_ids.to(self.device)
-        where = self._prompt_kv_index(slot, length)
-        group = cfg.num_heads // cfg.num_kv_heads
-        q_size, kv_size = cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim
-        cos, sin = self.cos[:length][None, None], self.sin[:length][None, None]
-        h = F.embedding(token_ids, self.embed)[None]  # [1, T, H]
-        for index, layer in enumerate(self.layers):
-            qkv = self._prefill_qkv(layer, h)
-            q = qkv[..., :q_size].view(1, length, cfg.num_heads, cfg.head_dim).transpose(1, 2)
-            k = qkv[..., q_size : q_size + kv_size].view(1, length, cfg.num_kv_heads, cfg.head_dim).transpose(1, 2)
-            v = qkv[..., q_size + kv_size :].view(1, length, cfg.num_kv_heads, cfg.head_dim).transpose(1, 2)
-            q = q * cos + _rotate_half(q) * sin
-            k = k * cos + _rotate_half(k) * sin
-            self._write_prompt_kv(index, slot, k[0], v[0], where)
-            with sdpa_kernel(_PREFILL_BACKENDS):
-                attn = F.scaled_dot_product_attention(
-                    q,
-                    k.repeat_interleave(group, dim=1),
-                    v.repeat_interleave(group, dim=1),
-                    is_causal=True,
-                    scale=self.scale,
-                )
-            attn = attn.transpose(1, 2).reshape(1, length, q_size)
-            h = self._mlp(layer, h + layer.o(attn))
-        if not all_logits:
-            h = h[:, -1:]
-        h = _rms_norm(h, self.final_norm, cfg.rms_norm_eps)
-        logits = self.lm_head(h)[0].float()
+        logits = self.prefill_many([slot], [token_ids], all_logits=all_logits)
         return logits if all_logits else logits[0]
 
     @torch.inference_mode()
-    def prefill_many(self, slots: Sequence[int], prompts: Sequence[torch.Tensor]) -> torch.Tensor:
+    def prefill_many(
+        self, slots: Sequence[int], prompts: Sequence[torch.Tensor], all_logits: bool = False
+    ) -> torch.Tensor:
         """Several prompts into their slots in one forward: the projections run once over all
         prompts' tokens (one weight read instead of one per prompt), attention per prompt.
-        Same per-token function as `prefill`. Returns float32 last-position logits [n, V]."""
+        Returns float32 last-position logits [n, V], or with `all_logits` those of every prompt
+        token, prompts concatenated [sum(T), V] (the fidelity checks compare every position)."""
         cfg = self.config
         lengths = [int(p.shape[0]) for p in prompts]
         if len(slots) != len(prompts) or len(set(slots)) != len(slots):
@@ -540,8 +510,10 @@ class MistralDecoder:
                     ))
             attn = torch.cat(parts, dim=2).transpose(1, 2).reshape(1, total, q_size)
             h = self._mlp(layer, h + layer.o(attn))
-        last = torch.tensor([s + n - 1 for s, n in zip(starts, lengths, strict=True)], device=self.device)
-        h = _rms_norm(h[:, last], self.final_norm, cfg.rms_norm_eps)
+        if not all_logits:
+            last = torch.tensor([s + n - 1 for s, n in zip(starts, lengths, strict=True)], device=self.device)
+            h = h[:, last]
+        h = _rms_norm(h, self.final_norm, cfg.rms_norm_eps)
         return self.lm_head(h)[0].float()
 
     # --- decode: one token for each of slots 0..n-1, each at its own position ------------------

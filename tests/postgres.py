@@ -25,6 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+from sqlalchemy.orm import Session, sessionmaker
 
 SQLITE = "sqlite"
 POSTGRESQL = "postgresql"
@@ -164,6 +165,17 @@ def database_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str
         yield url
     finally:
         server.drop_database(url)
+
+
+@pytest.fixture
+def session_factory(database_url: str) -> Iterator[sessionmaker[Session]]:
+    """Sessions on a migrated database of each backend, the engine disposed afterwards."""
+    from storage.db import create_db_engine, make_session_factory, upgrade_database
+
+    upgrade_database(database_url)
+    engine = create_db_engine(database_url)
+    yield make_session_factory(engine)
+    engine.dispose()
 
 
 def is_postgres(url: str) -> bool:

@@ -25,14 +25,6 @@ class RecordingAnswers:
         self.calls.append(message_id)
 
 
-@pytest.fixture
-def session_factory(database_url: str):
-    upgrade_database(database_url)
-    engine = create_db_engine(database_url)
-    yield make_session_factory(engine)
-    engine.dispose()
-
-
 def _question(session_factory, thread_ts: str, status: str, age: timedelta, reply_ts: str | None = None) -> int:
     store = ConversationStore(session_factory)
     conversation_id = store.get_or_create_conversation("T0001", "C1", thread_ts)

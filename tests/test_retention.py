@@ -8,19 +8,10 @@ import pytest
 from sqlalchemy import func, select, update
 
 from storage.conversations import ConversationStore
-from storage.db import create_db_engine, make_session_factory, upgrade_database
 from storage.models import Conversation, Feedback, Message, ProcessedEvent
 from storage.retention import RETENTION_JOB_ID, purge_expired, schedule_retention
 
 NOW = datetime(2026, 6, 1, 12, 0, tzinfo=UTC)
-
-
-@pytest.fixture
-def session_factory(database_url: str):
-    upgrade_database(database_url)
-    engine = create_db_engine(database_url)
-    yield make_session_factory(engine)
-    engine.dispose()
 
 
 def _thread(store: ConversationStore, session_factory, thread_ts: str, age: timedelta) -> int:
