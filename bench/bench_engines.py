@@ -254,22 +254,33 @@ def graph_step_times(engine) -> dict:  # noqa: ANN001
     return out
 
 
-def prefill_times(decoder, tokenizer) -> dict:  # noqa: ANN001
-    """Profile: one prompt's prefill alone (median of 3, synchronised), outside the scheduler."""
+def prefill_times(graphs, tokenizer) -> dict:  # noqa: ANN001
+    """Profile: one prompt's prefill alone (median of 3, synchronised), outside the scheduler:
+    `tN` as serving runs it (a captured bucket where one fits), `eager_tN` the eager exact-length
+    forward, `rows4_t128` four 128-token prompts in one bucket."""
     generator = torch.Generator().manual_seed(5)
+    decoder = graphs.decoder
     out = {}
+
+    def timed(run) -> float:  # noqa: ANN001
+        times = []
+        for _ in range(4):
+            sync()
+            start = time.perf_counter()
+            run()
+            sync()
+            times.append(time.perf_counter() - start)
+        return round(sorted(times[1:])[1] * 1000, 2)
+
     with torch.inference_mode():
-        for length in (32, 512, 1500):
+        for length in (32, 288, 512, 1500):
             ids = torch.tensor(random_prompt(tokenizer, length, generator))
-            times = []
-            for _ in range(4):
-                sync()
-                start = time.perf_counter()
-                decoder.prefill(0, ids)
-                sync()
-                times.append(time.perf_counter() - start)
-            out[f"t{length}"] = round(sorted(times[1:])[1] * 1000, 2)
-    decoder.kv_release(0)
+            out[f"t{length}"] = timed(lambda ids=ids: graphs.prefill_many([0], [ids]))
+            out[f"eager_t{length}"] = timed(lambda ids=ids: decoder.prefill(0, ids))
+        four = [torch.tensor(random_prompt(tokenizer, 128, generator)) for _ in range(4)]
+        out["rows4_t128"] = timed(lambda: graphs.prefill_many([0, 1, 2, 3], four))
+    for slot in range(4):
+        decoder.kv_release(slot)
     return out
 
 
@@ -404,7 +415,7 @@ def bench_batching_engine(name: str, build, tokenizer, args, reference_logits, k
             decoded = teacher_forced_decode_logits(step_model, korean_ids)
             case["fidelity_decode"] = kl_summary(reference_logits, decoded)
             del decoded
-        case["prefill_ms"] = prefill_times(step_model.decoder, tokenizer)
+        case["prefill_ms"] = prefill_times(step_model.graphs, tokenizer)
         case["step_profile"] = graph_step_times(engine)
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()  # serving peak: without the profile's copy buffers

@@ -93,12 +93,11 @@ class DecoderStepModel:
         return kv.free_tokens if kv is not None else 1 << 60
 
     def prefill(self, slot: int, prompt_ids: Sequence[int]) -> torch.Tensor:
-        ids = torch.tensor(list(prompt_ids), dtype=torch.long)
-        return self.decoder.prefill(slot, ids)
+        return self.prefill_many([slot], [prompt_ids])[0]
 
     def prefill_many(self, slots: Sequence[int], prompts: Sequence[Sequence[int]]) -> torch.Tensor:
         """Optional `StepModel` method: prompts into their slots in one forward; logits [n, V]."""
-        return self.decoder.prefill_many(slots, [torch.tensor(list(p), dtype=torch.long) for p in prompts])
+        return self.graphs.prefill_many(slots, [torch.tensor(list(p), dtype=torch.long) for p in prompts])
 
     def decode(self, tokens: torch.Tensor, positions: Sequence[int]) -> torch.Tensor:
         return self.graphs.decode(tokens, positions)

@@ -218,11 +218,15 @@ def _warm_up(graphs: DecodeGraphs, compile_kernels: bool, triton: bool = False) 
             decoder.disable_triton()
             graphs.use_graphs = False
     # one real prefill + decode so the first request pays no lazy initialisation
-    decoder.prefill(0, torch.tensor([1, 2, 3]))
+    graphs.prefill_many([0], [torch.tensor([1, 2, 3])])
     graphs.decode([1], [3])
     decoder.kv_release(0)
     info["warm_up_s"] = round(time.monotonic() - started, 2)
     info["buckets"] = {"batch": graphs.batch_buckets, "kv_len": graphs.kv_buckets}
+    info["prefill_graphs"] = len(graphs._prefill_graphs)
+    if graphs.bucketed_prefill:
+        info["prefill_buckets"] = {"rows": graphs.prefill_rows, "length": graphs.prefill_lengths,
+                                   "token_budget": graphs.prefill_token_budget}
     info["kv_cache_gb"] = round(decoder.kv_cache_bytes / 1e9, 3)
     info["kv_paged"] = decoder.paged
     if decoder.kv is not None:
@@ -279,7 +283,9 @@ def build_fast_engine(
         model, max_batch, max_seq_len, dtype=dtype, free_source=free_source,
         kv_cache_tokens=tokens, kv_block_size=kv_block_size,
     )
-    graphs = DecodeGraphs(decoder, use_graphs=cuda_graphs, kv_buckets=_kv_buckets(max_seq_len))
+    graphs = DecodeGraphs(
+        decoder, use_graphs=cuda_graphs, kv_buckets=_kv_buckets(max_seq_len), bucketed_prefill=True
+    )
     info = _warm_up(graphs, compile_kernels, triton=triton_kernels)
     return BatchingEngine(DecoderStepModel(graphs), tokenizer, name="fast", max_queue=max_queue, info=info)
 

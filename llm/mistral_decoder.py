@@ -309,7 +309,8 @@ class MistralDecoder:
                 (max_batch, self.kv.max_blocks), dtype=torch.int32, device=self.device
             )
         else:
-            shape = (max_batch, config.num_kv_heads, max_seq_len, config.head_dim)
+            # + one scratch row: the padding rows of a bucketed prefill (`prefill_padded`) write there.
+            shape = (max_batch + 1, config.num_kv_heads, max_seq_len, config.head_dim)
         self.k_cache = [torch.zeros(shape, dtype=self.dtype, device=self.device) for _ in self.layers]
         self.v_cache = [torch.zeros(shape, dtype=self.dtype, device=self.device) for _ in self.layers]
         # Rotary tables as transformers builds them: float32 angles, cos/sin cast to the dtype.
@@ -516,6 +517,70 @@ class MistralDecoder:
         h = _rms_norm(h, self.final_norm, cfg.rms_norm_eps)
         return self.lm_head(h)[0].float()
 
+    @property
+    def scratch_slot(self) -> int:
+        """Where padding rows of `prefill_padded` write: the static cache's extra row (the paged
+        cache's scratch block 0 is reached through all-zero table rows instead)."""
+        return self.max_batch
+
+    def prefill_destination(self, slots: Sequence[int], lengths: Sequence[int], rows: int) -> torch.Tensor:
+        """Host tensor telling `prefill_padded` where each of `rows` padded rows writes: the slot
+        ids (padding rows: the scratch slot), or for the paged cache the slots' block-table rows
+        after reserving blocks for `lengths` (padding rows all zero: the scratch block)."""
+        if self.kv is None:
+            dest = torch.full((rows,), self.scratch_slot, dtype=torch.long)
+            dest[: len(slots)] = torch.tensor(list(slots), dtype=torch.long)
+            return dest
+        for slot, length in zip(slots, lengths, strict=True):
+            if not self.kv.ensure(slot, length):
+                raise RuntimeError(f"KV cache full: no blocks for a {length}-token prompt")
+        dest = torch.zeros((rows, self.kv.max_blocks), dtype=torch.int32)
+        dest[: len(slots)] = self.kv.table[list(slots)]
+        return dest
+
+    @torch.inference_mode()
+    def prefill_padded(self, ids: torch.Tensor, last: torch.Tensor, dest: torch.Tensor) -> torch.Tensor:
+        """Prompts padded to one length in one forward: ids [P, T] (each row's tokens first, then
+        padding), last [P] (index of each row's last real token), dest from `prefill_destination`.
+        K/V of all T positions are written: a row's padding lands past its prompt, where decode
+        overwrites a position before it ever reads it, or in scratch. Causal attention keeps every
+        real token blind to the padding after it, so each row computes what `prefill` computes.
+        Returns float32 logits [P, V] at `last`. A pure function of its inputs and the cache:
+        `DecodeGraphs` captures it once per (P, T) bucket."""
+        cfg = self.config
+        rows, length = ids.shape
+        group = cfg.num_heads // cfg.num_kv_heads
+        q_size, kv_size = cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim
+        cos, sin = self.cos[:length][None, None], self.sin[:length][None, None]
+        if self.kv is not None:
+            positions = torch.arange(length, device=ids.device)
+            blocks = dest.long()[:, torch.div(positions, self.kv.block_size, rounding_mode="floor")]  # [P, T]
+            offsets = (positions % self.kv.block_size)[None, :].expand(rows, length)
+        h = F.embedding(ids.reshape(1, rows * length), self.embed)  # [1, P*T, H]
+        for index, layer in enumerate(self.layers):
+            qkv = self._prefill_qkv(layer, h).view(rows, length, -1)
+            q = qkv[..., :q_size].view(rows, length, cfg.num_heads, cfg.head_dim).transpose(1, 2)
+            k = qkv[..., q_size : q_size + kv_size].view(rows, length, cfg.num_kv_heads, cfg.head_dim).transpose(1, 2)
+            v = qkv[..., q_size + kv_size :].view(rows, length, cfg.num_kv_heads, cfg.head_dim).transpose(1, 2)
+            q = q * cos + _rotate_half(q) * sin
+            k = k * cos + _rotate_half(k) * sin
+            if self.kv is None:
+                self.k_cache[index][dest, :, :length] = k
+                self.v_cache[index][dest, :, :length] = v
+            else:
+                self.k_cache[index][blocks, :, offsets] = k.transpose(1, 2)
+                self.v_cache[index][blocks, :, offsets] = v.transpose(1, 2)
+            with sdpa_kernel(_PREFILL_BACKENDS):
+                attn = F.scaled_dot_product_attention(
+                    q, k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1),
+                    is_causal=True, scale=self.scale,
+                )
+            attn = attn.transpose(1, 2).reshape(1, rows * length, q_size)
+            h = self._mlp(layer, h + layer.o(attn))
+        h = h.view(rows, length, -1)[torch.arange(rows, device=ids.device), last]  # [P, H]
+        h = _rms_norm(h, self.final_norm, cfg.rms_norm_eps)
+        return self.lm_head(h).float()
+
     # --- decode: one token for each of slots 0..n-1, each at its own position ------------------
 
     def decode_step(
@@ -611,6 +676,12 @@ class MistralDecoder:
         self.layers.clear()
 
 
+def _prefill_length_buckets(max_seq_len: int) -> list[int]:
+    """Padded prompt lengths of the captured prefills: at most 50 % padding (33 % from 256 up)."""
+    steps = [32, 64, 128, 256, 384, 512, 768, 1024, 1536, 2048, 3072, 4096, 6144, 8192]
+    return [size for size in steps if size < max_seq_len] + [max_seq_len]
+
+
 def _buckets(limit: int, start: int) -> list[int]:
     sizes, size = [], start
     while size < limit:
@@ -634,6 +705,8 @@ class DecodeGraphs:
         use_graphs: bool = True,
         batch_buckets: Sequence[int] | None = None,
         kv_buckets: Sequence[int] | None = None,
+        bucketed_prefill: bool = False,
+        prefill_token_budget: int = 2048,
     ) -> None:
         self.decoder = decoder
         self.max_batch = decoder.max_batch
@@ -648,6 +721,18 @@ class DecodeGraphs:
         self._positions = torch.zeros(self.max_batch, dtype=torch.long, device=device)
         self._graphs: dict[tuple[int, int], tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
         self.captured = False
+        # Bucketed prefill: prompts padded to (rows, length) buckets of at most
+        # `prefill_token_budget` tokens, one CUDA graph per bucket. An eager prefill of a short
+        # prompt is bound by the host launching ~1,500 kernels (34 ms for 32 tokens, run 7),
+        # a stall every running answer waits through.
+        self.bucketed_prefill = bucketed_prefill
+        self.prefill_token_budget = prefill_token_budget
+        self.prefill_lengths = _prefill_length_buckets(decoder.max_seq_len)
+        self.prefill_rows = _buckets(decoder.max_batch, 1)
+        self._prefill_ids = torch.zeros(prefill_token_budget, dtype=torch.long, device=device)
+        self._prefill_last = torch.zeros(self.max_batch, dtype=torch.long, device=device)
+        self._prefill_dest = decoder.prefill_destination([], [], self.max_batch).to(device)
+        self._prefill_graphs: dict[tuple[int, int], tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
 
     def _bucket(self, buckets: Sequence[int], value: int) -> int:
         for size in buckets:
@@ -680,9 +765,100 @@ class DecodeGraphs:
                         out = self.decoder.decode_step(self._tokens[:n], self._positions[:n], kv_len)
                     graph.replay()  # upload now: a graph's first launch costs extra (not per request)
                     self._graphs[(n, kv_len)] = (graph, out)
+            if self.bucketed_prefill:
+                try:
+                    self._capture_prefill(pool, stream)
+                except Exception as error:  # keep the decode graphs; prefill runs eagerly
+                    logger.warning("prefill graph capture failed, prefilling eagerly: %r", error)
+                    self._prefill_graphs.clear()
+                    self.bucketed_prefill = False
+                    stream.synchronize()
         torch.cuda.current_stream().wait_stream(stream)
         torch.cuda.synchronize()
         self.captured = True
+
+    def prefill_shapes(self) -> list[tuple[int, int]]:
+        """(rows, length) of every prefill bucket, largest first."""
+        shapes = [
+            (rows, length) for length in self.prefill_lengths for rows in self.prefill_rows
+            if rows * length <= self.prefill_token_budget
+        ]
+        return sorted(shapes, key=lambda shape: (-shape[0] * shape[1], -shape[1]))
+
+    def _prefill_buffers(self, rows: int, length: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        return self._prefill_ids[: rows * length].view(rows, length), self._prefill_last[:rows], self._prefill_dest[:rows]
+
+    def _capture_prefill(self, pool, stream: torch.cuda.Stream) -> None:  # noqa: ANN001 - a graph pool handle
+        self._prefill_dest.copy_(self.decoder.prefill_destination([], [], self.max_batch))  # all scratch
+        for rows, length in self.prefill_shapes():
+            ids, last, dest = self._prefill_buffers(rows, length)
+            ids.zero_()
+            last.zero_()
+            self.decoder.prefill_padded(ids, last, dest)  # warm cuBLAS / attention for this shape
+            stream.synchronize()
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph, pool=pool, stream=stream):
+                out = self.decoder.prefill_padded(ids, last, dest)
+            graph.replay()
+            self._prefill_graphs[(rows, length)] = (graph, out)
+
+    def _prefill_bucket(self, count: int, longest: int) -> tuple[int, int] | None:
+        """The smallest (rows, length) bucket for `count` prompts of up to `longest` tokens."""
+        if count > self.prefill_rows[-1] or longest > self.prefill_lengths[-1]:
+            return None
+        rows = self._bucket(self.prefill_rows, count)
+        length = self._bucket(self.prefill_lengths, longest)
+        return (rows, length) if rows * length <= self.prefill_token_budget else None
+
+    @torch.inference_mode()
+    def prefill_many(self, slots: Sequence[int], prompts: Sequence[torch.Tensor]) -> torch.Tensor:
+        """`MistralDecoder.prefill_many` (float32 last-position logits [n, V]), through the
+        prefill buckets when `bucketed_prefill`: prompts are grouped in arrival order into as few
+        buckets as fit the token budget, each group one graph replay (eager off CUDA). A prompt
+        longer than every bucket is prefilled eagerly on its own."""
+        if not self.bucketed_prefill:
+            return self.decoder.prefill_many(slots, prompts)
+        lengths = [int(p.shape[0]) for p in prompts]
+        outputs: list[torch.Tensor] = []
+        start = 0
+        while start < len(prompts):
+            end = start + 1
+            while end < len(prompts) and self._prefill_bucket(end + 1 - start, max(lengths[start : end + 1])):
+                end += 1
+            bucket = self._prefill_bucket(end - start, max(lengths[start:end]))
+            if bucket is None:
+                outputs.append(self.decoder.prefill_many(slots[start:end], prompts[start:end]))
+            else:
+                outputs.append(self._prefill_padded(slots[start:end], prompts[start:end], *bucket))
+            start = end
+        return outputs[0] if len(outputs) == 1 else torch.cat(outputs)
+
+    def _prefill_padded(
+        self, slots: Sequence[int], prompts: Sequence[torch.Tensor], rows: int, length: int
+    ) -> torch.Tensor:
+        decoder = self.decoder
+        lengths = [int(p.shape[0]) for p in prompts]
+        for slot, n in zip(slots, lengths, strict=True):
+            if not 0 <= slot < self.max_batch or n < 1:
+                raise ValueError(f"slot {slot} out of range or empty prompt")
+        dest = decoder.prefill_destination(slots, lengths, rows)
+        host = torch.zeros(rows * length + rows, dtype=torch.long)  # ids, then last indices
+        for row, prompt in enumerate(prompts):
+            host[row * length : row * length + lengths[row]] = prompt.to(torch.long)
+            host[rows * length + row] = lengths[row] - 1
+        ids, last, dest_buffer = self._prefill_buffers(rows, length)
+        pinned = decoder.device.type == "cuda"
+        if pinned:
+            host, dest = host.pin_memory(), dest.pin_memory()
+        ids.view(-1).copy_(host[: rows * length], non_blocking=True)
+        last.copy_(host[rows * length :], non_blocking=True)
+        dest_buffer.copy_(dest, non_blocking=True)
+        captured = self._prefill_graphs.get((rows, length))
+        if captured is None:
+            return decoder.prefill_padded(ids, last, dest_buffer)[: len(prompts)]
+        graph, out = captured
+        graph.replay()
+        return out[: len(prompts)].clone()  # the next replay overwrites `out`
 
     @torch.inference_mode()
     def decode(self, tokens: Sequence[int] | torch.Tensor, positions: Sequence[int]) -> torch.Tensor:
@@ -728,4 +904,5 @@ class DecodeGraphs:
 
     def close(self) -> None:
         self._graphs.clear()
+        self._prefill_graphs.clear()
         self.decoder.close()

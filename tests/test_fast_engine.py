@@ -230,3 +230,50 @@ def test_build_engine_paged_kv_knob(tiny_checkpoint):
         assert isinstance(text, str) and "\ufffd" not in text
     finally:
         engine.close()
+
+
+@pytest.mark.parametrize("kv_cache_tokens", [None, 512], ids=["static", "paged"])
+def test_bucketed_prefill_equals_exact_prefill(reference_model, korean_ids, kv_cache_tokens):
+    """The padded prefill the CUDA graphs replay gives each prompt the logits and KV cache rows of
+    an exact-length prefill, groups prompts into buckets within the token budget, and its padding
+    never reaches a real slot's cache (only positions past each prompt, or scratch)."""
+    decoder = build_merged_decoder(reference_model, max_batch=4, max_seq_len=256, dtype=torch.float32,
+                                   kv_cache_tokens=kv_cache_tokens, kv_block_size=16)
+    exact = DecodeGraphs(decoder, use_graphs=False)
+    bucketed = DecodeGraphs(decoder, use_graphs=False, bucketed_prefill=True, prefill_token_budget=128)
+    assert bucketed.prefill_lengths == [32, 64, 128, 256]
+    assert (2, 64) in bucketed.prefill_shapes() and (4, 64) not in bucketed.prefill_shapes()
+    lengths = (20, 5, 30, 40)  # three fit (4, 32); with the fourth they would need (4, 64) > 128
+    prompts = [torch.tensor((korean_ids * 3)[:n]) for n in lengths]
+    slots = [3, 0, 2, 1]
+    calls: list[tuple[int, int]] = []
+    padded = decoder.prefill_padded
+    decoder.prefill_padded = lambda ids, last, dest: calls.append(tuple(ids.shape)) or padded(ids, last, dest)
+
+    def written(slot: int, length: int, layer: int = 0) -> torch.Tensor:
+        if decoder.kv is None:
+            return decoder.k_cache[layer][slot, :, :length].clone()
+        blocks = decoder.kv.blocks[slot]
+        rows = decoder.k_cache[layer][blocks].transpose(0, 1).reshape(decoder.config.num_kv_heads, -1, decoder.config.head_dim)
+        return rows[:, :length].clone()
+
+    expected = exact.prefill_many(slots, prompts)
+    expected_kv = [written(slot, n) for slot, n in zip(slots, lengths, strict=True)]
+    for cache in decoder.k_cache + decoder.v_cache:
+        cache.zero_()
+    for slot in slots:
+        decoder.kv_release(slot)
+    got = bucketed.prefill_many(slots, prompts)
+    torch.testing.assert_close(got, expected, atol=1e-4, rtol=1e-4)
+    assert calls == [(4, 32), (1, 64)]
+    for slot, n, kv in zip(slots, lengths, expected_kv, strict=True):
+        torch.testing.assert_close(written(slot, n), kv, atol=1e-5, rtol=1e-5)
+    if decoder.kv is None:  # padding rows went to the scratch row, never to a free slot
+        assert decoder.k_cache[0][decoder.scratch_slot].abs().sum() > 0
+    # a prompt longer than the budget's largest single bucket is prefilled exactly (eagerly)
+    calls.clear()
+    long_prompt = torch.tensor((korean_ids * 20)[:200])
+    torch.testing.assert_close(
+        bucketed.prefill_many([0], [long_prompt]), exact.prefill_many([1], [long_prompt]), atol=1e-4, rtol=1e-4
+    )
+    assert calls == []

@@ -66,3 +66,35 @@ def test_tiny_kl_and_greedy_agreement(tiny_reference, mode):
     assert result["prefill_path"]["kl_mean"] <= 0.01
     assert result["decode_path"]["kl_mean"] <= 0.01
     assert agree >= 32, (ref_greedy, greedy)
+
+
+@pytest.mark.parametrize("paged", [False, True], ids=["static", "paged"])
+def test_prefill_graphs_equal_eager_prefill(tiny_reference, paged):
+    """The captured prefill buckets give the logits and KV cache of the eager exact-length
+    prefill, for one prompt and for several prompts grouped into one bucket."""
+    from llm.fast import build_fast_engine
+
+    model, tokenizer = tiny_reference
+    ids = tokenizer(KOREAN_FINANCE_TEXT).input_ids
+    engine = build_fast_engine(model, tokenizer, max_batch=4, max_seq_len=1024, free_source=False,
+                               compile_kernels=False, paged_kv=paged)
+    try:
+        graphs = engine.scheduler.model.graphs
+        decoder = graphs.decoder
+        assert engine.info["prefill_graphs"] == len(graphs.prefill_shapes()) > 10, engine.info
+        prompts = [torch.tensor(ids[:n]) for n in (300, 7, 45)]
+        slots = [2, 0, 1]
+        with torch.inference_mode():
+            eager = decoder.prefill_many(slots, prompts)
+            keys = [decoder.k_cache[-1].clone()] if not paged else None
+            captured = graphs.prefill_many(slots, prompts)
+            single = graphs.prefill_many([3], [prompts[1]])
+        torch.testing.assert_close(captured, eager, atol=2e-2, rtol=2e-2)
+        torch.testing.assert_close(single[0], eager[1], atol=2e-2, rtol=2e-2)
+        if keys is not None:
+            for slot, prompt in zip(slots, prompts, strict=True):
+                n = prompt.shape[0]
+                torch.testing.assert_close(decoder.k_cache[-1][slot, :, :n], keys[0][slot, :, :n], atol=2e-2, rtol=2e-2)
+        print("PREFILL_GRAPHS " + json.dumps({"paged": paged, "max_abs_diff": (captured - eager).abs().max().item()}))
+    finally:
+        engine.close()
