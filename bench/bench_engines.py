@@ -176,6 +176,8 @@ def staggered(engine, tokenizer, n: int, tokens: int, gap_s: float, seed: int = 
         latencies[i] = time.perf_counter() - started
 
     threads = [threading.Thread(target=worker, args=(i,)) for i in range(n)]
+    scheduler = engine.scheduler
+    profile_before, steps_before = dict(scheduler.profile), scheduler.steps
     start = time.perf_counter()
     for thread in threads:
         thread.start()
@@ -189,7 +191,12 @@ def staggered(engine, tokenizer, n: int, tokens: int, gap_s: float, seed: int = 
         "wall_s": round(wall, 2), "total_tok_s": round(sum(counts) / wall, 1),
         "latency_p50_s": round(statistics.median(ordered), 2),
         "latency_p95_s": round(ordered[min(n - 1, int(round(0.95 * (n - 1))))], 2),
-        "ttft_p50_ms": round(statistics.median(ttfts) * 1000, 1), "errors": errors,
+        "ttft_p50_ms": round(statistics.median(ttfts) * 1000, 1), "latency_max_s": round(ordered[-1], 2),
+        "errors": errors,
+        # the scheduler thread's time: decode steps, prefills, and how long it waited on the GPU
+        "scheduler": {"steps": scheduler.steps - steps_before, **{
+            key: round(value - profile_before[key], 3) for key, value in scheduler.profile.items()
+        }},
     }
 
 

@@ -33,6 +33,7 @@ import itertools
 import logging
 import queue
 import threading
+import time
 from collections import deque
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
@@ -245,6 +246,10 @@ class BatchScheduler:
         self._inflight: tuple[list[_Request], torch.Tensor, torch.Tensor, object] | None = None
         self.steps = 0
         self.preemptions = 0
+        # Host-side time profile (seconds, cumulative): where the worker thread spends its time.
+        # `deliver_wait_s` is the wait for the device to finish a step: near zero means the host,
+        # not the GPU, limits the step rate.
+        self.profile = {"prefill_s": 0.0, "prefills": 0, "launch_s": 0.0, "deliver_wait_s": 0.0, "deliver_s": 0.0}
         self._admissions = itertools.count()
         self._paged = bool(getattr(model, "kv_paged", False))
         self._thread = threading.Thread(target=self._run, name=f"{name}-scheduler", daemon=True)
@@ -373,18 +378,26 @@ class BatchScheduler:
                     tokens += length
             if not batch:
                 return
-            if len(batch) > 1 and hasattr(self.model, "prefill_many"):
-                try:
-                    logits = self.model.prefill_many([r.slot for r in batch], [r.prompt + r.history for r in batch])
-                    sampled = sample_next(logits, [r.params for r in batch], [r.generator for r in batch])
-                except Exception:  # retry one by one: only a culprit fails
-                    logger.exception("%s: batched prefill failed; prefilling one by one", self.name)
-                else:
-                    for request, token in zip(batch, sampled, strict=True):
-                        self._started(request, token)
-                    continue
-            for request in batch:
-                self._prefill_one(request)
+            started = time.perf_counter()
+            try:
+                self._prefill_batch(batch)
+            finally:
+                self.profile["prefill_s"] += time.perf_counter() - started
+                self.profile["prefills"] += len(batch)
+
+    def _prefill_batch(self, batch: list[_Request]) -> None:
+        if len(batch) > 1 and hasattr(self.model, "prefill_many"):
+            try:
+                logits = self.model.prefill_many([r.slot for r in batch], [r.prompt + r.history for r in batch])
+                sampled = sample_next(logits, [r.params for r in batch], [r.generator for r in batch])
+            except Exception:  # retry one by one: only a culprit fails
+                logger.exception("%s: batched prefill failed; prefilling one by one", self.name)
+            else:
+                for request, token in zip(batch, sampled, strict=True):
+                    self._started(request, token)
+                return
+        for request in batch:
+            self._prefill_one(request)
 
     def _kv_admit(self, slot: int, tokens: int) -> bool:
         """Reserve blocks for a new request's prefill + first decode position, keeping one block of
@@ -424,7 +437,9 @@ class BatchScheduler:
                 self._finish(request)
         if self._paged:
             self._grow()
+        started = time.perf_counter()
         launched = self._launch()
+        self.profile["launch_s"] += time.perf_counter() - started
         previous, self._inflight = self._inflight, launched
         if previous is not None:
             self._deliver(*previous)
@@ -533,12 +548,16 @@ class BatchScheduler:
         return tokens
 
     def _deliver(self, requests: list[_Request], sampled: torch.Tensor, host: torch.Tensor, ready) -> None:  # noqa: ANN001
+        started = time.perf_counter()
         if ready is not None:
             ready.synchronize()  # releases the GIL while the GPU finishes
+        waited = time.perf_counter()
         tokens = host.tolist()
         for request in requests:
             if not request.done:
                 self._emit(request, tokens[request.slot])
+        self.profile["deliver_wait_s"] += waited - started
+        self.profile["deliver_s"] += time.perf_counter() - waited
 
     def _run(self) -> None:
         while True:
