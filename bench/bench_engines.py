@@ -476,7 +476,7 @@ def main() -> None:
     parser.add_argument("--no-compile", action="store_true")
     parser.add_argument("--no-triton", action="store_true", help="fast mode without the Triton kernels")
     parser.add_argument("--static-kv", action="store_true", help="fast mode with run 6's static KV cache")
-    parser.add_argument("--paged-kv", action="store_true", help="fast mode with the paged KV cache")
+    parser.add_argument("--paged-kv", action="store_true", help="fast mode with the paged KV cache (the default)")
     parser.add_argument("--kv-cache-tokens", type=int, default=None, help="fast: paged KV token budget")
     args = parser.parse_args()
     out_dir = Path(args.out) if args.out else None
@@ -566,7 +566,7 @@ def main() -> None:
                 "fast",
                 lambda: build_fast_engine(model, tokenizer, max_batch=16, max_seq_len=2048,
                                           compile_kernels=not no_compile, free_source=True,
-                                          triton_kernels=not args.no_triton, paged_kv=args.paged_kv and not args.static_kv,
+                                          triton_kernels=not args.no_triton, paged_kv=not args.static_kv,
                                           kv_cache_tokens=args.kv_cache_tokens),
                 tokenizer, args, reference_logits, korean_ids,
             )

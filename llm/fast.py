@@ -246,12 +246,13 @@ def _kv_buckets(max_seq_len: int, step: int = 256) -> list[int] | None:
     return [*sizes, max_seq_len]
 
 
-# Default KV token budget of `fast` with `paged_kv` (all requests together). 128 KiB per token for
-# Mistral-7B in bf16: 9,216 tokens = 1.21 GB; with the 14.48 GB of weights and ~0.33 GB of
-# activations, graph buffers and workspaces, run 7 measured a 16.02 GB serving peak (8,704 tokens
-# would give ~15.95 GB). It holds 16 requests of ~570 tokens (prompt + answer) at once; the bench's
-# 16 staggered requests need up to ~9,300, so one was preempted and resumed.
-FAST_KV_CACHE_TOKENS = 9216
+# Default KV token budget of `fast` (paged, all requests together). 128 KiB per token for
+# Mistral-7B in bf16: 9,728 tokens = 1.28 GB; with the 14.48 GB of weights, graph buffers and
+# workspaces run 8 measured a 15.93 GB allocated serving peak (prefill runs in CUDA graphs, so its
+# activations stay in the graph pool: 16.44 GB reserved). It holds 16 requests of ~600 tokens
+# (prompt + answer) at once: the bench's 16 staggered requests (up to 9,376 tokens) run without
+# preemption; 8,192 tokens (15.69 GB) preempted twice and lost 19 % of the throughput (run 8a).
+FAST_KV_CACHE_TOKENS = 9728
 
 
 def build_fast_engine(
@@ -265,17 +266,17 @@ def build_fast_engine(
     dtype: torch.dtype | None = None,
     free_source: bool = True,
     triton_kernels: bool = True,
-    paged_kv: bool = False,
+    paged_kv: bool = True,
     kv_cache_tokens: int | None = None,
     kv_block_size: int = 32,
 ) -> BatchingEngine:
     """`fast` mode from the seed's model (consumed when `free_source`). `triton_kernels`: the
     decode step's Triton GEMMs (where faster than cuBLAS), fused rotary + KV write and paged
-    decode attention (CUDA). `paged_kv`: a block-allocated KV cache of `kv_cache_tokens` tokens
-    shared by all requests (default `FAST_KV_CACHE_TOKENS`, at most max_batch x max_seq_len, at
-    least max_seq_len); False (default): the static max_batch x max_seq_len cache of run 6.
-    Paged is not the default yet: in run 7 (bench/NOTES.md) it was faster for one stream and
-    used 3.1 GB less, but 3 % slower on the 16 staggered requests at this token budget."""
+    decode attention (CUDA). `paged_kv` (default): a block-allocated KV cache of `kv_cache_tokens`
+    tokens shared by all requests (default `FAST_KV_CACHE_TOKENS`, at most max_batch x
+    max_seq_len, at least max_seq_len); False: the static max_batch x max_seq_len cache (4.3 GB
+    at 16 x 2048 instead of 1.3 GB; run 8 measured it 5 % slower on the 16 staggered requests).
+    Prompts are prefilled through CUDA graphs captured per (rows, length) bucket."""
     tokens = None
     if paged_kv:
         tokens = kv_cache_tokens or min(FAST_KV_CACHE_TOKENS, max_batch * max_seq_len)

@@ -88,7 +88,7 @@ def build_engine(
     cuda_graphs: bool = True,
     compile_kernels: bool = True,
     openai_config: OpenAIEngineConfig | None = None,
-    paged_kv: bool = False,
+    paged_kv: bool = True,
     kv_cache_tokens: int | None = None,
     kv_block_size: int = 32,
 ) -> GenerationEngine:
@@ -102,9 +102,9 @@ def build_engine(
     - `max_queue`: requests waiting for a slot before `EngineBusyError`.
     - `cuda_graphs`: capture decode steps in CUDA graphs at start-up.
     - `compile_kernels`: fuse element-wise decode pieces with torch.compile (falls back if it fails).
-    - `paged_kv` (fast only, default off): a block-allocated KV cache shared by all requests,
-      sized by `kv_cache_tokens` (default 9,216 tokens = 1.2 GB: fast's peak ~16.0 GB instead of
-      19.1) in blocks of `kv_block_size` tokens; requests wait (or the youngest is preempted and
+    - `paged_kv` (fast only, default on): a block-allocated KV cache shared by all requests,
+      sized by `kv_cache_tokens` (default 9,728 tokens = 1.3 GB: fast's peak 15.9 GB instead of
+      19.2) in blocks of `kv_block_size` tokens; requests wait (or the youngest is preempted and
       later resumed) when it is full. Off: the static max_batch x max_seq_len cache (4.3 GB).
 
     `openai` sends the prompt ids to a remote OpenAI-compatible server (`openai_config`); only the

@@ -23,9 +23,12 @@ import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import pytest
-from sqlalchemy.orm import Session, sessionmaker
+
+if TYPE_CHECKING:  # imported lazily: the GPU image that runs tests/gpu has no SQLAlchemy
+    from sqlalchemy.orm import Session, sessionmaker
 
 SQLITE = "sqlite"
 POSTGRESQL = "postgresql"

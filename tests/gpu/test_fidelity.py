@@ -23,7 +23,7 @@ def tiny_reference(tiny_checkpoint):
     return model, load_tokenizer(str(tiny_checkpoint.base_dir))
 
 
-@pytest.mark.parametrize("mode", ["fast", "fast-paged", "low-memory"])
+@pytest.mark.parametrize("mode", ["fast", "fast-static", "low-memory"])
 def test_tiny_kl_and_greedy_agreement(tiny_reference, mode):
     from llm.fast import build_fast_engine, build_low_memory_engine
 
@@ -37,9 +37,9 @@ def test_tiny_kl_and_greedy_agreement(tiny_reference, mode):
             input_ids=prompt, attention_mask=torch.ones_like(prompt), do_sample=False,
             max_new_tokens=32, min_new_tokens=32, pad_token_id=tokenizer.eos_token_id,
         )[0, 40:].tolist()
-    if mode.startswith("fast"):  # fast-paged: block tables + the Triton paged decode attention
+    if mode.startswith("fast"):  # fast: block tables + the Triton paged decode attention
         engine = build_fast_engine(model, tokenizer, max_batch=4, max_seq_len=1024, free_source=False,
-                                   compile_kernels=False, paged_kv=mode == "fast-paged")
+                                   compile_kernels=False, paged_kv=mode == "fast")
     else:
         engine = build_low_memory_engine(model, tokenizer, max_batch=4, max_seq_len=1024, compile_kernels=False)
     try:
