@@ -139,6 +139,9 @@ def run_once(args: argparse.Namespace) -> dict[str, Any]:
             "RATE_LIMIT_PER_USER": "0", "RATE_LIMIT_PER_CHANNEL": "0",
             **extra,
         }
+        # The fake engine's reply quotes the question, so an answer is found by its marker; a real
+        # model's is not: then the thread's k-th bot message is the answer to its k-th question.
+        by_marker = settings["ENGINE"] == "fake"
         process = start_finbot("run", cwd=root, log_path=log, **settings)
         try:
             fake.wait_connected(timeout=args.connect_timeout)
@@ -174,7 +177,7 @@ def run_once(args: argparse.Namespace) -> dict[str, Any]:
                         pending = [t for t in threads if t not in follow_ups_sent]
                     for thread_ts in pending:
                         got = bot_messages(thread_ts)
-                        if got and final(got[0]) and "질문1-" in got[0].get("text", ""):
+                        if got and final(got[0]) and (not by_marker or "질문1-" in got[0].get("text", "")):
                             event = fake.message_event(f"질문2-{thread_ts} 그럼 환율은?", channel="CLOAD",
                                                        thread_ts=thread_ts, user="U2")
                             with lock:
@@ -250,7 +253,10 @@ def run_once(args: argparse.Namespace) -> dict[str, Any]:
                     lost += 1
                     continue
                 marker = f"질문{turn}-{thread_ts}"
-                matching = [m for m in messages if marker in (m.get("text") or "")]
+                if by_marker:
+                    matching = [m for m in messages if marker in (m.get("text") or "")]
+                else:
+                    matching = messages[turn - 1 : turn] if len(messages) >= turn and final(messages[turn - 1]) else []
                 if not matching:
                     lost += 1
                     continue
@@ -276,7 +282,9 @@ def run_once(args: argparse.Namespace) -> dict[str, Any]:
             "questions": questions,
             "mentions_sent_in_s": round(mentions_done, 2),
             "fake_engine": {"tokens_per_second": args.tokens_per_second, "answer_s": round(answer_seconds, 2),
-                            "workers": args.workers},
+                            "workers": args.workers} if by_marker else None,
+            "workers": args.workers,
+            "answers_matched_by": "question marker" if by_marker else "order in thread",
             "answered": answered,
             "lost": lost,
             "duplicated": duplicated,
@@ -291,6 +299,9 @@ def run_once(args: argparse.Namespace) -> dict[str, Any]:
             "exit_code": exit_code,
             "settings": {k: v for k, v in settings.items() if not k.startswith("SLACK_")},
         }
+    if lost or exit_code:  # the operator's log says why
+        lines = log.read_text(errors="replace").splitlines()
+        print(f"--- last lines of {log} ---", *lines[-60:], sep="\n", file=sys.stderr)
     return result
 
 

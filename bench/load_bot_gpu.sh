@@ -19,6 +19,6 @@ build_random_checkpoint(
 )
 PY
 echo "random 7B checkpoint written in $(( $(date +%s) - started )) s"
-python3 bench/load_bot.py --runs 1 --connect-timeout 420 --timeout 300 --idle-seconds 2 \
+python3 bench/load_bot.py --runs 1 --connect-timeout 420 --timeout 150 --idle-seconds 2 \
     --engine-env ENGINE=fast --engine-env BASE_MODEL=/tmp/random-7b/base --engine-env ADAPTER=/tmp/random-7b/adapter \
     --out "${OUT:-.}/load_bot_fast.json"
