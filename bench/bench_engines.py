@@ -284,9 +284,10 @@ def prefill_times(graphs, tokenizer) -> dict:  # noqa: ANN001
             ids = torch.tensor(random_prompt(tokenizer, length, generator))
             out[f"t{length}"] = timed(lambda ids=ids: graphs.prefill_many([0], [ids]))
             out[f"eager_t{length}"] = timed(lambda ids=ids: decoder.prefill(0, ids))
-        four = [torch.tensor(random_prompt(tokenizer, 128, generator)) for _ in range(4)]
-        out["rows4_t128"] = timed(lambda: graphs.prefill_many([0, 1, 2, 3], four))
-    for slot in range(4):
+        rows = min(4, graphs.max_batch)
+        several = [torch.tensor(random_prompt(tokenizer, 128, generator)) for _ in range(rows)]
+        out[f"rows{rows}_t128"] = timed(lambda: graphs.prefill_many(list(range(rows)), several))
+    for slot in range(rows):
         decoder.kv_release(slot)
     return out
 
