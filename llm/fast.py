@@ -145,6 +145,7 @@ def build_merged_decoder(
     return MistralDecoder(
         config, embed, layers, final_norm, DenseHead(lm_head_weight), max_batch, max_seq_len,
         compile_kernels=compile_kernels, kv_cache_tokens=kv_cache_tokens, kv_block_size=kv_block_size,
+        scratch_row=True,  # for the bucketed (graph-captured) prefill of `fast`
     )
 
 

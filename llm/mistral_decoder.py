@@ -280,6 +280,7 @@ class MistralDecoder:
         compile_kernels: bool = False,
         kv_cache_tokens: int | None = None,
         kv_block_size: int = 32,
+        scratch_row: bool = False,
     ) -> None:
         if config.sliding_window is not None and max_seq_len > config.sliding_window:
             raise ValueError(
@@ -296,6 +297,7 @@ class MistralDecoder:
         self.device = embed.device
         self.dtype = embed.dtype
         self.paged = kv_cache_tokens is not None
+        self.has_scratch = self.paged or scratch_row
         self.kv: PagedKV | None = None
         if self.paged:
             if kv_block_size < 16 or kv_block_size & (kv_block_size - 1):
@@ -309,8 +311,8 @@ class MistralDecoder:
                 (max_batch, self.kv.max_blocks), dtype=torch.int32, device=self.device
             )
         else:
-            # + one scratch row: the padding rows of a bucketed prefill (`prefill_padded`) write there.
-            shape = (max_batch + 1, config.num_kv_heads, max_seq_len, config.head_dim)
+            # `scratch_row`: one more row, where the padding rows of a bucketed prefill write.
+            shape = (max_batch + int(scratch_row), config.num_kv_heads, max_seq_len, config.head_dim)
         self.k_cache = [torch.zeros(shape, dtype=self.dtype, device=self.device) for _ in self.layers]
         self.v_cache = [torch.zeros(shape, dtype=self.dtype, device=self.device) for _ in self.layers]
         # Rotary tables as transformers builds them: float32 angles, cos/sin cast to the dtype.
@@ -725,13 +727,17 @@ class DecodeGraphs:
         # `prefill_token_budget` tokens, one CUDA graph per bucket. An eager prefill of a short
         # prompt is bound by the host launching ~1,500 kernels (34 ms for 32 tokens, run 7),
         # a stall every running answer waits through.
+        if bucketed_prefill and not decoder.has_scratch:
+            raise ValueError("bucketed prefill needs a paged cache or a static one with scratch_row=True")
         self.bucketed_prefill = bucketed_prefill
         self.prefill_token_budget = prefill_token_budget
         self.prefill_lengths = _prefill_length_buckets(decoder.max_seq_len)
         self.prefill_rows = _buckets(decoder.max_batch, 1)
         self._prefill_ids = torch.zeros(prefill_token_budget, dtype=torch.long, device=device)
         self._prefill_last = torch.zeros(self.max_batch, dtype=torch.long, device=device)
-        self._prefill_dest = decoder.prefill_destination([], [], self.max_batch).to(device)
+        self._prefill_dest = (
+            decoder.prefill_destination([], [], self.max_batch).to(device) if bucketed_prefill else None
+        )
         self._prefill_graphs: dict[tuple[int, int], tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
 
     def _bucket(self, buckets: Sequence[int], value: int) -> int:
