@@ -123,6 +123,25 @@ if _HAVE_TRITON:
         tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=m_mask[:, None] & n_mask[None, :])
 
     @triton.jit
+    def _rotated_head(src, cos_ptr, sin_ptr, pos, d, rotate, HEAD_DIM: tl.constexpr):
+        """One head's two halves in float32; q and k heads (`rotate`) get x * cos + rotate_half(x) * sin
+        at `pos`, v heads pass through."""
+        HALF: tl.constexpr = HEAD_DIM // 2
+        x1 = tl.load(src + d).to(tl.float32)
+        x2 = tl.load(src + HALF + d).to(tl.float32)
+        if rotate:
+            c1 = tl.load(cos_ptr + pos * HEAD_DIM + d).to(tl.float32)
+            c2 = tl.load(cos_ptr + pos * HEAD_DIM + HALF + d).to(tl.float32)
+            s1 = tl.load(sin_ptr + pos * HEAD_DIM + d).to(tl.float32)
+            s2 = tl.load(sin_ptr + pos * HEAD_DIM + HALF + d).to(tl.float32)
+            o1 = x1 * c1 - x2 * s1
+            o2 = x2 * c2 + x1 * s2
+        else:
+            o1 = x1
+            o2 = x2
+        return o1, o2
+
+    @triton.jit
     def _rope_kv_kernel(
         qkv_ptr, cos_ptr, sin_ptr, pos_ptr, q_ptr, k_cache_ptr, v_cache_ptr,
         stride_qkv, stride_cb, stride_ch, stride_cs,
@@ -134,19 +153,8 @@ if _HAVE_TRITON:
         HALF: tl.constexpr = HEAD_DIM // 2
         d = tl.arange(0, HALF)
         pos = tl.load(pos_ptr + row)
-        src = qkv_ptr + row * stride_qkv + head * HEAD_DIM
-        x1 = tl.load(src + d).to(tl.float32)
-        x2 = tl.load(src + HALF + d).to(tl.float32)
-        if head < NUM_HEADS + NUM_KV:  # q and k heads: x * cos + rotate_half(x) * sin
-            c1 = tl.load(cos_ptr + pos * HEAD_DIM + d).to(tl.float32)
-            c2 = tl.load(cos_ptr + pos * HEAD_DIM + HALF + d).to(tl.float32)
-            s1 = tl.load(sin_ptr + pos * HEAD_DIM + d).to(tl.float32)
-            s2 = tl.load(sin_ptr + pos * HEAD_DIM + HALF + d).to(tl.float32)
-            o1 = x1 * c1 - x2 * s1
-            o2 = x2 * c2 + x1 * s2
-        else:
-            o1 = x1
-            o2 = x2
+        o1, o2 = _rotated_head(qkv_ptr + row * stride_qkv + head * HEAD_DIM, cos_ptr, sin_ptr, pos, d,
+                               head < NUM_HEADS + NUM_KV, HEAD_DIM)
         if head < NUM_HEADS:
             dst = q_ptr + row * (NUM_HEADS * HEAD_DIM) + head * HEAD_DIM
         elif head < NUM_HEADS + NUM_KV:
@@ -297,25 +305,14 @@ if _HAVE_TRITON:
         stride_qkv, stride_tab, stride_pb, stride_ph, stride_pt,
         NUM_HEADS: tl.constexpr, NUM_KV: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_SIZE: tl.constexpr,
     ):
-        # Same arithmetic as _rope_kv_kernel; only the K/V destination goes through the block table.
+        # As _rope_kv_kernel; only the K/V destination goes through the block table.
         row = tl.program_id(0)
         head = tl.program_id(1)
         HALF: tl.constexpr = HEAD_DIM // 2
         d = tl.arange(0, HALF)
         pos = tl.load(pos_ptr + row)
-        src = qkv_ptr + row * stride_qkv + head * HEAD_DIM
-        x1 = tl.load(src + d).to(tl.float32)
-        x2 = tl.load(src + HALF + d).to(tl.float32)
-        if head < NUM_HEADS + NUM_KV:
-            c1 = tl.load(cos_ptr + pos * HEAD_DIM + d).to(tl.float32)
-            c2 = tl.load(cos_ptr + pos * HEAD_DIM + HALF + d).to(tl.float32)
-            s1 = tl.load(sin_ptr + pos * HEAD_DIM + d).to(tl.float32)
-            s2 = tl.load(sin_ptr + pos * HEAD_DIM + HALF + d).to(tl.float32)
-            o1 = x1 * c1 - x2 * s1
-            o2 = x2 * c2 + x1 * s2
-        else:
-            o1 = x1
-            o2 = x2
+        o1, o2 = _rotated_head(qkv_ptr + row * stride_qkv + head * HEAD_DIM, cos_ptr, sin_ptr, pos, d,
+                               head < NUM_HEADS + NUM_KV, HEAD_DIM)
         block = tl.load(table_ptr + row * stride_tab + pos // BLOCK_SIZE).to(tl.int64)
         slot_off = block * stride_pb + (pos % BLOCK_SIZE) * stride_pt
         if head < NUM_HEADS:
