@@ -15,7 +15,7 @@ Guarantees:
   serving new ones;
 - sampling per request with its own `SamplingParams` (temperature, top-k, top-p in HF's order;
   greedy; an optional per-request seed); EOS ends a request and is not emitted;
-- the stream yields whole characters only (`IncrementalDecoder`);
+- the stream yields whole characters only (`text_deltas`);
 - paged KV cache (a model with `kv_paged`): a request is admitted only when blocks for its prompt
   (+ the first decode position) are free, with one block of growth headroom kept per running
   request; otherwise it waits at the head of the queue (FIFO, no overtaking). A running request
@@ -41,7 +41,7 @@ from typing import TYPE_CHECKING, Protocol
 
 import torch
 
-from llm.engine import GenerationEngine, IncrementalDecoder, SamplingParams
+from llm.engine import GenerationEngine, SamplingParams, text_deltas
 from llm.errors import EngineBusyError, GenerationError
 
 if TYPE_CHECKING:
@@ -610,13 +610,7 @@ class BatchingEngine(GenerationEngine):
         params: SamplingParams,
         cancel: threading.Event | None = None,
     ) -> Iterator[str]:
-        decoder = IncrementalDecoder(self.tokenizer)
-        for token in self.stream_tokens(prompt_ids, params, cancel):
-            if delta := decoder.push(token):
-                yield delta
-        # A stream cut short (cancel, token limit) can end inside a character: drop the partial bytes.
-        if tail := decoder.flush().rstrip("\ufffd"):
-            yield tail
+        yield from text_deltas(self.tokenizer, self.stream_tokens(prompt_ids, params, cancel))
 
     def close(self) -> None:
         self.scheduler.close()

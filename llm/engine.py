@@ -11,7 +11,7 @@ import logging
 import threading
 import time
 from abc import ABC, abstractmethod
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Literal
 
@@ -37,28 +37,46 @@ class SamplingParams:
 class IncrementalDecoder:
     """Turns a growing list of token ids into text deltas that never split a character.
 
-    Decoding the whole suffix each time keeps SentencePiece's spacing rules exact; a trailing
-    U+FFFD means the last token ended inside a multi-byte character, so that text is held back
-    until the rest of its bytes arrive.
+    Each push decodes only a short window: the tokens since the last emitted delta plus the ones
+    before it back to the previous delta (their text is subtracted again), which keeps
+    SentencePiece's spacing rules exact without re-decoding the whole answer per token. A
+    trailing U+FFFD means the last token ended inside a multi-byte character, so that text is held
+    back until the rest of its bytes arrive.
     """
 
     def __init__(self, tokenizer: PreTrainedTokenizerBase) -> None:
         self._tokenizer = tokenizer
         self._ids: list[int] = []
-        self._emitted = 0
+        self._prefix = 0  # window start: the token after the delta before last
+        self._read = 0  # tokens up to here have been emitted as text
+
+    def _decode(self, start: int, end: int | None = None) -> str:
+        return self._tokenizer.decode(self._ids[start:end], skip_special_tokens=False)
 
     def push(self, token_id: int) -> str:
         self._ids.append(token_id)
-        text = self._tokenizer.decode(self._ids, skip_special_tokens=False)
-        if text.endswith("\ufffd"):
+        prefix = self._decode(self._prefix, self._read)
+        text = self._decode(self._prefix)
+        if text.endswith("\ufffd") or len(text) <= len(prefix):
             return ""
-        delta, self._emitted = text[self._emitted :], len(text)
-        return delta
+        self._prefix, self._read = self._read, len(self._ids)
+        return text[len(prefix) :]
 
     def flush(self) -> str:
-        text = self._tokenizer.decode(self._ids, skip_special_tokens=False)
-        delta, self._emitted = text[self._emitted :], len(text)
-        return delta
+        """The text not yet emitted; bytes of a character cut off by the end are dropped."""
+        text = self._decode(self._prefix)[len(self._decode(self._prefix, self._read)) :]
+        self._prefix = self._read = len(self._ids)
+        return text.rstrip("\ufffd")
+
+
+def text_deltas(tokenizer: PreTrainedTokenizerBase, token_ids: Iterable[int]) -> Iterator[str]:
+    """Whole-character text chunks for a stream of token ids (what every engine yields)."""
+    decoder = IncrementalDecoder(tokenizer)
+    for token_id in token_ids:
+        if delta := decoder.push(token_id):
+            yield delta
+    if tail := decoder.flush():
+        yield tail
 
 
 class GenerationEngine(ABC):
@@ -192,22 +210,19 @@ class HFGenerateEngine(GenerationEngine):
                 tokens.put(error)
                 tokens.put(None)
 
-        worker = threading.Thread(target=run, name=f"{self.name}-generate", daemon=True)
-        worker.start()
-        decoder = IncrementalDecoder(self.tokenizer)
-        eos_id = self.tokenizer.eos_token_id
-        try:
+        def generated() -> Iterator[int]:
             while (item := tokens.get()) is not None:
                 if isinstance(item, BaseException):
                     from llm.errors import GenerationError
 
                     raise GenerationError(f"{self.name} generation failed: {item!r}") from item
-                if item == eos_id:
-                    continue
-                if delta := decoder.push(item):
-                    yield delta
-            if tail := decoder.flush():
-                yield tail
+                if item != self.tokenizer.eos_token_id:
+                    yield item
+
+        worker = threading.Thread(target=run, name=f"{self.name}-generate", daemon=True)
+        worker.start()
+        try:
+            yield from text_deltas(self.tokenizer, generated())
         finally:
             cancel.set()  # a consumer that stops early frees the model for the next request
             worker.join()

@@ -224,7 +224,7 @@ def _warm_up(graphs: DecodeGraphs, compile_kernels: bool, triton: bool = False) 
     decoder.kv_release(0)
     info["warm_up_s"] = round(time.monotonic() - started, 2)
     info["buckets"] = {"batch": graphs.batch_buckets, "kv_len": graphs.kv_buckets}
-    info["prefill_graphs"] = len(graphs._prefill_graphs)
+    info["prefill_graphs"] = graphs.prefill_graph_count
     if graphs.bucketed_prefill:
         info["prefill_buckets"] = {"rows": graphs.prefill_rows, "length": graphs.prefill_lengths,
                                    "token_budget": graphs.prefill_token_budget}

@@ -3,13 +3,15 @@
 It computes exactly what `transformers`' `MistralForCausalLM` computes (same RMSNorm in float32,
 same rotary tables, same GQA attention, residual stream in the weights' dtype), but is laid out for
 serving: the KV cache is allocated once as `[max_batch, kv_heads, max_seq_len, head_dim]` per
-layer, every request owns one *slot* (a row of that cache), a prompt is prefilled into its slot
-eagerly, and one decode step advances every slot `0..n-1` by one token, each at its own position.
+layer, every request owns one *slot* (a row of that cache), prompts are prefilled into their slots
+(padded to one length, several at once), and one decode step advances every slot `0..n-1` by one
+token, each at its own position.
 
-The decode step is a pure function of a few static buffers, so on CUDA `DecodeGraphs` captures it
-once per (batch bucket, KV-length bucket) at start-up and afterwards only replays graphs: no
-recompilation and no per-kernel launch overhead per request. On the CPU the same step runs
-eagerly, which is what CI tests.
+The decode step and the padded prefill are pure functions of a few static buffers, so on CUDA
+`DecodeGraphs` captures them once per bucket - (batch, KV length) for decode, (prompts, prompt
+length) for prefill - at start-up and afterwards only replays graphs: no recompilation and no
+per-kernel launch overhead per request. On the CPU the same functions run eagerly on the same
+buckets, which is what CI tests.
 
 With `kv_cache_tokens` the cache is *paged* instead (`PagedKV`): one pool of fixed-size blocks
 per layer, `[num_blocks, kv_heads, block_size, head_dim]`, sized by a token budget shared by all
@@ -266,7 +268,7 @@ class PagedKV:
 
 
 class MistralDecoder:
-    """Weights + static KV cache + eager prefill/decode. See the module docstring."""
+    """Weights + KV cache + prefill/decode as plain (eager) functions. See the module docstring."""
 
     def __init__(
         self,
@@ -403,37 +405,6 @@ class MistralDecoder:
         if self.kv is not None:
             self.kv.release(slot)
 
-    def _prompt_kv_index(self, slot: int, length: int) -> tuple[torch.Tensor, torch.Tensor] | None:
-        """(block ids, offsets) on the device for positions 0..length-1 of `slot` (paged only).
-        Built on the device from a pinned, non-blocking copy of the slot's table row: no
-        host-device synchronisation per prompt."""
-        if self.kv is None:
-            return None
-        if not self.kv.ensure(slot, length):
-            raise RuntimeError(f"KV cache full: no blocks for a {length}-token prompt")
-        block_size = self.kv.block_size
-        row = self.kv.table[slot, : -(-length // block_size)].clone()
-        if self.device.type == "cuda":
-            row = row.pin_memory()
-        row = row.to(self.device, non_blocking=True)
-        positions = torch.arange(length, device=self.device)
-        # A gather, not repeat_interleave (whose CUDA version may sync to size its output).
-        return row.long()[torch.div(positions, block_size, rounding_mode="floor")], positions % block_size
-
-    def _write_prompt_kv(
-        self, index: int, slot: int, k: torch.Tensor, v: torch.Tensor,
-        where: tuple[torch.Tensor, torch.Tensor] | None,
-    ) -> None:
-        """k, v [K, T, D] of one prompt into the cache of layer `index`."""
-        if where is None:
-            length = k.shape[1]
-            self.k_cache[index][slot, :, :length] = k
-            self.v_cache[index][slot, :, :length] = v
-        else:
-            blocks, offsets = where
-            self.k_cache[index][blocks, :, offsets] = k.transpose(0, 1)
-            self.v_cache[index][blocks, :, offsets] = v.transpose(0, 1)
-
     def _rowwise(self, fn: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, features: int) -> torch.Tensor:
         """fn over x [1, T, H] in chunks of `_PREFILL_CHUNK` rows (fn is row-wise: same result).
         Bounds the prefill transients - float32 RMSNorm temporaries and T x 28,672 gate/up
@@ -457,67 +428,7 @@ class MistralDecoder:
             lambda c: layer.down(_silu_mul(layer.gate_up(_rms_norm(c, layer.post_norm, eps)))), h, h.shape[-1]
         )
 
-    # --- prefill: one prompt into one slot, eagerly (any length, no graphs) ---------------------
-
-    @torch.inference_mode()
-    def prefill(self, slot: int, token_ids: torch.Tensor, all_logits: bool = False) -> torch.Tensor:
-        """Fill `slot`'s cache with `token_ids` [T]; return float32 logits of the last position
-        [V] (or of every position [T, V] with `all_logits`)."""
-        logits = self.prefill_many([slot], [token_ids], all_logits=all_logits)
-        return logits if all_logits else logits[0]
-
-    @torch.inference_mode()
-    def prefill_many(
-        self, slots: Sequence[int], prompts: Sequence[torch.Tensor], all_logits: bool = False
-    ) -> torch.Tensor:
-        """Several prompts into their slots in one forward: the projections run once over all
-        prompts' tokens (one weight read instead of one per prompt), attention per prompt.
-        Returns float32 last-position logits [n, V], or with `all_logits` those of every prompt
-        token, prompts concatenated [sum(T), V] (the fidelity checks compare every position)."""
-        cfg = self.config
-        lengths = [int(p.shape[0]) for p in prompts]
-        if len(slots) != len(prompts) or len(set(slots)) != len(slots):
-            raise ValueError("one distinct slot per prompt")
-        for slot, length in zip(slots, lengths, strict=True):
-            if not 0 < length <= self.max_seq_len:
-                raise ValueError(f"prompt of {length} tokens does not fit max_seq_len {self.max_seq_len}")
-            if not 0 <= slot < self.max_batch:
-                raise ValueError(f"slot {slot} out of range")
-        wheres = [self._prompt_kv_index(slot, length) for slot, length in zip(slots, lengths, strict=True)]
-        ids = torch.cat([p.to(torch.long) for p in prompts]).to(self.device)
-        total = int(ids.shape[0])
-        positions = torch.cat([torch.arange(n) for n in lengths]).to(self.device)
-        starts = [sum(lengths[:i]) for i in range(len(lengths))]
-        group = cfg.num_heads // cfg.num_kv_heads
-        q_size, kv_size = cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim
-        cos, sin = self.cos[positions][None, None], self.sin[positions][None, None]
-        h = F.embedding(ids, self.embed)[None]  # [1, T, H]
-        for index, layer in enumerate(self.layers):
-            qkv = self._prefill_qkv(layer, h)
-            q = qkv[..., :q_size].view(1, total, cfg.num_heads, cfg.head_dim).transpose(1, 2)
-            k = qkv[..., q_size : q_size + kv_size].view(1, total, cfg.num_kv_heads, cfg.head_dim).transpose(1, 2)
-            v = qkv[..., q_size + kv_size :].view(1, total, cfg.num_kv_heads, cfg.head_dim).transpose(1, 2)
-            q = q * cos + _rotate_half(q) * sin
-            k = k * cos + _rotate_half(k) * sin
-            parts = []
-            for slot, start, length, where in zip(slots, starts, lengths, wheres, strict=True):
-                ks, vs = k[:, :, start : start + length], v[:, :, start : start + length]
-                self._write_prompt_kv(index, slot, ks[0], vs[0], where)
-                with sdpa_kernel(_PREFILL_BACKENDS):
-                    parts.append(F.scaled_dot_product_attention(
-                        q[:, :, start : start + length],
-                        ks.repeat_interleave(group, dim=1),
-                        vs.repeat_interleave(group, dim=1),
-                        is_causal=True,
-                        scale=self.scale,
-                    ))
-            attn = torch.cat(parts, dim=2).transpose(1, 2).reshape(1, total, q_size)
-            h = self._mlp(layer, h + layer.o(attn))
-        if not all_logits:
-            last = torch.tensor([s + n - 1 for s, n in zip(starts, lengths, strict=True)], device=self.device)
-            h = h[:, last]
-        h = _rms_norm(h, self.final_norm, cfg.rms_norm_eps)
-        return self.lm_head(h)[0].float()
+    # --- prefill: prompts padded to one length, written into their slots ------------------------
 
     @property
     def scratch_slot(self) -> int:
@@ -526,9 +437,14 @@ class MistralDecoder:
         return self.max_batch
 
     def prefill_destination(self, slots: Sequence[int], lengths: Sequence[int], rows: int) -> torch.Tensor:
-        """Host tensor telling `prefill_padded` where each of `rows` padded rows writes: the slot
-        ids (padding rows: the scratch slot), or for the paged cache the slots' block-table rows
+        """Host tensor telling the prefill where each of `rows` padded rows writes: the slot ids
+        (padding rows: the scratch slot), or for the paged cache the slots' block-table rows
         after reserving blocks for `lengths` (padding rows all zero: the scratch block)."""
+        for slot, length in zip(slots, lengths, strict=True):
+            if not 0 <= slot < self.max_batch:
+                raise ValueError(f"slot {slot} out of range")
+            if not 0 < length <= self.max_seq_len:
+                raise ValueError(f"prompt of {length} tokens does not fit max_seq_len {self.max_seq_len}")
         if self.kv is None:
             dest = torch.full((rows,), self.scratch_slot, dtype=torch.long)
             dest[: len(slots)] = torch.tensor(list(slots), dtype=torch.long)
@@ -540,15 +456,11 @@ class MistralDecoder:
         dest[: len(slots)] = self.kv.table[list(slots)]
         return dest
 
-    @torch.inference_mode()
-    def prefill_padded(self, ids: torch.Tensor, last: torch.Tensor, dest: torch.Tensor) -> torch.Tensor:
-        """Prompts padded to one length in one forward: ids [P, T] (each row's tokens first, then
-        padding), last [P] (index of each row's last real token), dest from `prefill_destination`.
-        K/V of all T positions are written: a row's padding lands past its prompt, where decode
-        overwrites a position before it ever reads it, or in scratch. Causal attention keeps every
-        real token blind to the padding after it, so each row computes what `prefill` computes.
-        Returns float32 logits [P, V] at `last`. A pure function of its inputs and the cache:
-        `DecodeGraphs` captures it once per (P, T) bucket."""
+    def _prefill_hidden(self, ids: torch.Tensor, dest: torch.Tensor) -> torch.Tensor:
+        """The layers over prompts padded to one length, ids [P, T] -> hidden states [P, T, H],
+        K/V of all T positions written as `dest` says. A row's padding lands past its prompt,
+        where decode overwrites a position before it ever reads it, or in scratch; causal
+        attention keeps every real token blind to the padding after it."""
         cfg = self.config
         rows, length = ids.shape
         group = cfg.num_heads // cfg.num_kv_heads
@@ -579,9 +491,43 @@ class MistralDecoder:
                 )
             attn = attn.transpose(1, 2).reshape(1, rows * length, q_size)
             h = self._mlp(layer, h + layer.o(attn))
-        h = h.view(rows, length, -1)[torch.arange(rows, device=ids.device), last]  # [P, H]
-        h = _rms_norm(h, self.final_norm, cfg.rms_norm_eps)
-        return self.lm_head(h).float()
+        return h.view(rows, length, -1)
+
+    def _logits(self, h: torch.Tensor) -> torch.Tensor:
+        return self.lm_head(_rms_norm(h, self.final_norm, self.config.rms_norm_eps)).float()
+
+    @torch.inference_mode()
+    def prefill_padded(self, ids: torch.Tensor, last: torch.Tensor, dest: torch.Tensor) -> torch.Tensor:
+        """Prompts padded to one bucket: ids [P, T], last [P] (index of each row's last real
+        token), dest from `prefill_destination`. Returns float32 logits [P, V] at `last`. A pure
+        function of its inputs and the cache: `DecodeGraphs` captures it once per (P, T) bucket."""
+        h = self._prefill_hidden(ids, dest)
+        return self._logits(h[torch.arange(ids.shape[0], device=ids.device), last])
+
+    @torch.inference_mode()
+    def prefill(self, slot: int, token_ids: torch.Tensor, all_logits: bool = False) -> torch.Tensor:
+        """Fill `slot`'s cache with `token_ids` [T]; return float32 logits of the last position
+        [V] (or of every position [T, V] with `all_logits`)."""
+        logits = self.prefill_many([slot], [token_ids], all_logits=all_logits)
+        return logits if all_logits else logits[0]
+
+    @torch.inference_mode()
+    def prefill_many(
+        self, slots: Sequence[int], prompts: Sequence[torch.Tensor], all_logits: bool = False
+    ) -> torch.Tensor:
+        """Several prompts into their slots in one forward, eagerly, padded to the longest: the
+        projections run once over all prompts' tokens (one weight read instead of one per
+        prompt). Returns float32 last-position logits [n, V], or with `all_logits` those of every
+        prompt token, prompts concatenated [sum(T), V] (the fidelity checks compare every position)."""
+        lengths = [int(p.shape[0]) for p in prompts]
+        if len(slots) != len(prompts) or len(set(slots)) != len(slots):
+            raise ValueError("one distinct slot per prompt")
+        dest = self.prefill_destination(slots, lengths, len(slots)).to(self.device)
+        ids, last = pad_prompts(prompts, len(prompts), max(lengths))
+        h = self._prefill_hidden(ids.to(self.device), dest)
+        if all_logits:
+            return self._logits(torch.cat([h[row, :n] for row, n in enumerate(lengths)]))
+        return self._logits(h[torch.arange(len(prompts), device=self.device), last.to(self.device)])
 
     # --- decode: one token for each of slots 0..n-1, each at its own position ------------------
 
@@ -676,6 +622,17 @@ class MistralDecoder:
         self.k_cache.clear()
         self.v_cache.clear()
         self.layers.clear()
+
+
+def pad_prompts(prompts: Sequence[torch.Tensor], rows: int, length: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Host tensors for a padded prefill: ids [rows, length] (each prompt first, zeros after;
+    rows past the prompts all zeros) and the index of each row's last prompt token [rows]."""
+    ids = torch.zeros((rows, length), dtype=torch.long)
+    last = torch.zeros(rows, dtype=torch.long)
+    for row, prompt in enumerate(prompts):
+        ids[row, : prompt.shape[0]] = prompt.to(torch.long)
+        last[row] = prompt.shape[0] - 1
+    return ids, last
 
 
 def _prefill_length_buckets(max_seq_len: int) -> list[int]:
@@ -783,6 +740,10 @@ class DecodeGraphs:
         torch.cuda.synchronize()
         self.captured = True
 
+    @property
+    def prefill_graph_count(self) -> int:
+        return len(self._prefill_graphs)
+
     def prefill_shapes(self) -> list[tuple[int, int]]:
         """(rows, length) of every prefill bucket, largest first."""
         shapes = [
@@ -843,22 +804,11 @@ class DecodeGraphs:
         self, slots: Sequence[int], prompts: Sequence[torch.Tensor], rows: int, length: int
     ) -> torch.Tensor:
         decoder = self.decoder
-        lengths = [int(p.shape[0]) for p in prompts]
-        for slot, n in zip(slots, lengths, strict=True):
-            if not 0 <= slot < self.max_batch or n < 1:
-                raise ValueError(f"slot {slot} out of range or empty prompt")
-        dest = decoder.prefill_destination(slots, lengths, rows)
-        host = torch.zeros(rows * length + rows, dtype=torch.long)  # ids, then last indices
-        for row, prompt in enumerate(prompts):
-            host[row * length : row * length + lengths[row]] = prompt.to(torch.long)
-            host[rows * length + row] = lengths[row] - 1
+        dest = decoder.prefill_destination(slots, [int(p.shape[0]) for p in prompts], rows)
+        host_ids, host_last = pad_prompts(prompts, rows, length)
         ids, last, dest_buffer = self._prefill_buffers(rows, length)
-        pinned = decoder.device.type == "cuda"
-        if pinned:
-            host, dest = host.pin_memory(), dest.pin_memory()
-        ids.view(-1).copy_(host[: rows * length], non_blocking=True)
-        last.copy_(host[rows * length :], non_blocking=True)
-        dest_buffer.copy_(dest, non_blocking=True)
+        for buffer, host in ((ids, host_ids), (last, host_last), (dest_buffer, dest)):
+            buffer.copy_(host.pin_memory() if decoder.device.type == "cuda" else host, non_blocking=True)
         captured = self._prefill_graphs.get((rows, length))
         if captured is None:
             return decoder.prefill_padded(ids, last, dest_buffer)[: len(prompts)]

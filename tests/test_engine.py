@@ -29,6 +29,31 @@ def test_incremental_decoder_emits_whole_characters_only(mistral_tokenizer):
     assert any(token.startswith("<0x") for token in mistral_tokenizer.convert_ids_to_tokens(ids))
 
 
+def test_incremental_decoder_matches_a_full_decode_and_decodes_short_windows(mistral_tokenizer):
+    """Random token streams (spaces, newlines, byte tokens, Hangul, digits): the deltas add up to
+    the full decode, and no push decodes more than a few tokens, however long the answer."""
+    import random
+
+    rng = random.Random(7)
+    korean = mistral_tokenizer(KOREAN * 3, add_special_tokens=False)["input_ids"]
+    decoded_lengths: list[int] = []
+    decode = mistral_tokenizer.decode
+
+    class CountingTokenizer:
+        def decode(self, ids, **kwargs):  # noqa: ANN001, ANN003, ANN202
+            decoded_lengths.append(len(ids))
+            return decode(ids, **kwargs)
+
+    for _ in range(20):
+        ids = [rng.choice(korean) if rng.random() < 0.6 else rng.randrange(3, 32000) for _ in range(300)]
+        decoder = IncrementalDecoder(CountingTokenizer())
+        chunks = [decoder.push(token_id) for token_id in ids]
+        text = "".join(chunks) + decoder.flush()
+        assert text == decode(ids, skip_special_tokens=False).rstrip("\ufffd")
+        assert all("\ufffd" not in chunk[-1:] for chunk in chunks)
+    assert max(decoded_lengths) <= 12, max(decoded_lengths)
+
+
 def test_reference_path_is_the_seeds_4bit_peft_model(reference_engine):
     from bitsandbytes.nn import Linear4bit
     from peft import PeftModel
