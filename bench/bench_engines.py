@@ -57,37 +57,20 @@ def sync() -> None:
 
 
 def make_tokenizer(tokenizer_file: str | None, directory: Path):  # noqa: ANN201
-    import shutil
-
     from transformers import AutoTokenizer
 
-    import llm.synthetic as synthetic
+    from llm.synthetic import write_mistral_tokenizer
 
-    if tokenizer_file:
-        directory.mkdir(parents=True, exist_ok=True)
-        shutil.copy(tokenizer_file, directory / "tokenizer.model")
-        (directory / "tokenizer_config.json").write_text(json.dumps(synthetic.MISTRAL_TOKENIZER_CONFIG))
-        (directory / "special_tokens_map.json").write_text(
-            json.dumps({"bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>"})
-        )
-    else:
-        synthetic.write_mistral_tokenizer(directory)
+    write_mistral_tokenizer(directory, Path(tokenizer_file) if tokenizer_file else None)
     return AutoTokenizer.from_pretrained(directory)
 
 
 def build_seed_model(seed: int = 0):  # noqa: ANN201
     """Random 7B in bf16 on the GPU -> bnb NF4 (double quant) in place -> random LoRA (PeftModel)."""
     import bitsandbytes as bnb
-    from peft import LoraConfig, get_peft_model
     from transformers import MistralForCausalLM
 
-    from llm.synthetic import (
-        ADAPTER_ALPHA,
-        ADAPTER_DROPOUT,
-        ADAPTER_RANK,
-        ADAPTER_TARGET_MODULES,
-        mistral_7b_config,
-    )
+    from llm.synthetic import add_random_lora, mistral_7b_config
 
     torch.manual_seed(seed)
     config = mistral_7b_config()
@@ -117,16 +100,8 @@ def build_seed_model(seed: int = 0):  # noqa: ANN201
                 del child
     model.is_loaded_in_4bit = True
     torch.cuda.empty_cache()
-    lora = LoraConfig(
-        r=ADAPTER_RANK, lora_alpha=ADAPTER_ALPHA, lora_dropout=ADAPTER_DROPOUT,
-        target_modules=ADAPTER_TARGET_MODULES, bias="none", task_type="CAUSAL_LM",
-    )
-    peft_model = get_peft_model(model, lora)
-    with torch.no_grad():
-        for name, param in peft_model.named_parameters():
-            param.requires_grad_(False)
-            if "lora_B" in name:
-                param.normal_(0.0, 0.02)
+    peft_model = add_random_lora(model, std=0.02)
+    peft_model.requires_grad_(False)
     peft_model.eval()
     return peft_model
 

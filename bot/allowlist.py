@@ -7,7 +7,7 @@ does not retry them) and dropped before any listener runs. Empty lists allow eve
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from typing import Any
 
 from slack_bolt import BoltRequest, BoltResponse
@@ -36,11 +36,8 @@ def _channel_of(body: dict[str, Any]) -> str | None:
 
 
 def allowlist_middleware(
-    team_ids: Iterable[str] = (), channel_ids: Iterable[str] = ()
+    allowed_teams: frozenset[str] = frozenset(), allowed_channels: frozenset[str] = frozenset()
 ) -> Callable[[BoltRequest, BoltResponse, Callable[[], BoltResponse]], BoltResponse | None]:
-    allowed_teams = frozenset(team_ids)
-    allowed_channels = frozenset(channel_ids)
-
     def allowlist(req: BoltRequest, resp: BoltResponse, next: Callable[[], BoltResponse]) -> BoltResponse | None:  # noqa: A002 - Bolt's argument name
         body = req.body or {}
         team = _team_of(body)
@@ -57,8 +54,7 @@ def allowlist_middleware(
     return allowlist
 
 
-def register_allowlist(app: Any, team_ids: Iterable[str], channel_ids: Iterable[str]) -> None:  # noqa: ANN401
+def register_allowlist(app: Any, team_ids: frozenset[str], channel_ids: frozenset[str]) -> None:  # noqa: ANN401
     """Add the middleware to a Bolt app when either list is set (nothing otherwise)."""
-    team_ids, channel_ids = frozenset(team_ids), frozenset(channel_ids)
     if team_ids or channel_ids:
         app.use(allowlist_middleware(team_ids, channel_ids))

@@ -15,6 +15,7 @@ from bot.allowlist import register_allowlist
 from bot.listeners import messages
 from bot.replies import AnswerService
 from bot.settings import FinbotSettings
+from bot.term_catalog import TermCatalog, load_terms
 from bot.term_of_day import TermOfDayService, register_today_subcommand
 from llm.engine import GenerationEngine
 from storage.conversations import ConversationStore
@@ -37,10 +38,17 @@ class Finbot:
 
 
 def build_term_of_day(
-    settings: FinbotSettings, engine: GenerationEngine, store: ConversationStore, client: WebClient
+    settings: FinbotSettings,
+    engine: GenerationEngine | None,
+    store: ConversationStore,
+    client: WebClient,
+    terms: TermCatalog | None = None,
 ) -> TermOfDayService:
-    """The 오늘의 금융용어 service, on the conversation store's database."""
-    from bot.term_catalog import load_terms
+    """The 오늘의 금융용어 service, on the conversation store's database.
+
+    `engine` may be None for a service that only plans (`finbot term today --dry-run`); `terms`
+    defaults to the shipped catalog.
+    """
     from bot.term_of_day import TermOfDayConfig
     from storage.term_posts import TermPostStore
 
@@ -61,7 +69,7 @@ def build_term_of_day(
         conversations=store,
         engine=engine,
         client=client,
-        terms=load_terms(),
+        terms=terms if terms is not None else TermCatalog(load_terms()),
         sampling=settings.sampling_params(),
         max_prompt_tokens=settings.max_prompt_tokens,
     )
@@ -86,11 +94,10 @@ def slack_experience_options(settings: FinbotSettings) -> dict[str, Any]:
 
 
 def register_slack_experience(
-    app: App, settings: FinbotSettings, answers: AnswerService, store: ConversationStore
+    app: App, settings: FinbotSettings, answers: AnswerService, store: ConversationStore, catalog: TermCatalog
 ) -> None:
     """Messages, Q&A channels, the assistant pane, the term slash command and button clicks."""
     from bot.listeners import actions, assistant, slash
-    from bot.term_catalog import load_terms
     from storage.feedback import FeedbackStore
     from storage.qa_channels import QAChannelStore
     from storage.term_lookups import TermLookupStore
@@ -108,7 +115,7 @@ def register_slack_experience(
     assistant.register(app, answers, store)
     max_age = timedelta(hours=settings.term_lookup_max_age_hours) if settings.term_lookup_max_age_hours else None
     terms = slash.TermLookupService(
-        answers, TermLookupStore(session_factory), load_terms(), max_age, settings.term_lookup_visibility
+        answers, TermLookupStore(session_factory), catalog, max_age, settings.term_lookup_visibility
     )
     slash.register(app, settings.slash_command, terms, qa_channels)
     actions.register(app, answers.questions, FeedbackStore(session_factory), terms)
@@ -141,7 +148,9 @@ def build_app(settings: FinbotSettings, engine: GenerationEngine, store: Convers
         **slack_experience_options(settings),
     )
     register_allowlist(app, settings.allowed_team_id_set(), settings.allowed_channel_id_set())
-    register_slack_experience(app, settings, answers, store)
-    term_of_day = build_term_of_day(settings, engine, store, client)
+    # Parsed and indexed once: `/용어` and the term of the day share it.
+    catalog = TermCatalog(load_terms())
+    register_slack_experience(app, settings, answers, store, catalog)
+    term_of_day = build_term_of_day(settings, engine, store, client, catalog)
     register_today_subcommand(term_of_day)  # `/용어 오늘`
     return Finbot(app=app, answers=answers, store=store, term_of_day=term_of_day)

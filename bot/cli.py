@@ -175,53 +175,44 @@ def build_scheduler(settings: FinbotSettings, finbot):  # noqa: ANN001, ANN201 -
 
 def command_term_today(settings: FinbotSettings, dry_run: bool) -> int:
     """Post today's term in every TERM_OF_DAY_CHANNELS channel now (same claim: never twice a day)."""
-    from datetime import datetime
-    from zoneinfo import ZoneInfo
+    from slack_sdk import WebClient
 
-    from bot.business_days import holiday_name, is_business_day
-    from bot.term_catalog import choose_next_term, load_terms
+    from bot.app import build_term_of_day
+    from bot.business_days import holiday_name
+    from storage.conversations import ConversationStore
     from storage.db import open_database, upgrade_database
-    from storage.term_posts import TermPostStore
 
     channels = settings.term_of_day_channel_ids()
     if not channels:
         print("TERM_OF_DAY_CHANNELS is empty: no channel to post in (see .env.example)", file=sys.stderr)
         return 2
     upgrade_database(settings.database_url)
-    today = datetime.now(ZoneInfo(settings.timezone)).date()
-    posting_day = is_business_day(
-        today,
-        include_weekends=settings.term_of_day_include_weekends,
-        include_holidays=settings.term_of_day_include_holidays,
-    )
+    token = settings.slack_bot_token.get_secret_value() if settings.slack_bot_token else None
+    client = WebClient(token=token, base_url=settings.slack_api_url)
+    # No engine yet: a dry run never generates, and on a day off the model need not be loaded.
+    service = build_term_of_day(settings, None, ConversationStore(open_database(settings.database_url)), client)
+    today = service.current_time().date()
+    posting_day = service.is_posting_day(today)
     if dry_run:
-        posts = TermPostStore(open_database(settings.database_url))
-        terms = load_terms()
         if not posting_day:
             print(f"{today}: not a posting day ({holiday_name(today) or 'weekend'}); nothing would be posted")
         for channel in channels:
-            existing = posts.get(channel, today)
+            existing = service.posts.get(channel, today)
             if existing is not None:
                 print(f"{today} {channel}: already {existing.status}: {existing.term} ({existing.category})")
                 continue
-            term = choose_next_term(terms, posts.channel_history(channel, today), today, posts.pinned_term(today))
+            term = service.choose_term(channel, today)
             print(f"{today} {channel}: would post {term.term} ({term.category})")
         return 0
     if not posting_day:
         print(f"{today} is not a posting day ({holiday_name(today) or 'weekend'}); nothing posted", file=sys.stderr)
         return 1
-    if settings.slack_bot_token is None:
+    if token is None:
         print("SLACK_BOT_TOKEN is not set (see .env.example)", file=sys.stderr)
         return 2
-    from slack_sdk import WebClient
-
-    from bot.app import build_term_of_day
-    from storage.conversations import ConversationStore
-
     engine = build_engine_from(settings)
+    service.engine = engine
     try:
-        client = WebClient(token=settings.slack_bot_token.get_secret_value(), base_url=settings.slack_api_url)
-        service = build_term_of_day(settings, engine, ConversationStore(open_database(settings.database_url)), client)
         outcomes = service.post_today()
     finally:
         engine.close()

@@ -16,6 +16,8 @@ GENERATION_FAILED = (
     "죄송해요, 답변을 만드는 중에 문제가 생겼어요. 질문은 저장해 두었으니 잠시 후 다시 질문해 주세요."
 )
 EMPTY_ANSWER = "죄송해요, 이 질문에는 알맞은 답변을 만들지 못했어요. 조금 다르게 질문해 주시겠어요?"
+# A question a restart interrupted too long ago to answer it still (see bot/recovery.py).
+ANSWER_INTERRUPTED = "답변이 중단되었어요, 다시 질문해 주세요."
 
 # 오늘의 금융용어 (term of the day)
 TERM_OF_DAY_TITLE = "오늘의 금융용어"

@@ -21,10 +21,6 @@ class SlidingWindow:
         self._hits: dict[str, deque[float]] = {}
         self._lock = threading.Lock()
 
-    @property
-    def limited(self) -> bool:
-        return self._limit > 0
-
     def _recent(self, key: str, now: float) -> deque[float]:
         hits = self._hits.setdefault(key, deque())
         while hits and now - hits[0] >= self._window:
@@ -46,7 +42,13 @@ class SlidingWindow:
 
 
 class QuestionRateLimiter:
-    """Checks both limits and counts a question against both only when both allow it."""
+    """Per-user and per-channel limits; a question is counted against both only once it is accepted.
+
+    Checking (`exceeded`) and counting (`hit`) are separate so that a question is counted only after
+    it was stored: one that failed to store, or a Slack redelivery of one already stored, never
+    uses up the asker's quota. Questions checked at the same moment can therefore overshoot a limit
+    by the few in flight, which is fine for a guard against monopolising the GPU.
+    """
 
     def __init__(
         self,
@@ -57,25 +59,27 @@ class QuestionRateLimiter:
     ) -> None:
         self._users = SlidingWindow(per_user, window_seconds, clock)
         self._channels = SlidingWindow(per_channel, window_seconds, clock)
+        # Both windows are counted together, so neither is ever seen with only one of them hit.
         self._lock = threading.Lock()
 
-    @property
-    def active(self) -> bool:
-        """False when both limits are off (0): `check` then always allows."""
-        return self._users.limited or self._channels.limited
+    @staticmethod
+    def _keys(team_id: str, channel_id: str, user_id: str | None) -> tuple[str | None, str]:
+        return (f"{team_id}/{user_id}" if user_id else None), f"{team_id}/{channel_id}"
 
-    def check(self, team_id: str, channel_id: str, user_id: str | None) -> Exceeded | None:
-        """None (and the question is counted) when allowed; otherwise which limit was exceeded."""
-        if not self.active:
-            return None
-        user_key = f"{team_id}/{user_id}" if user_id else None
-        channel_key = f"{team_id}/{channel_id}"
+    def exceeded(self, team_id: str, channel_id: str, user_id: str | None) -> Exceeded | None:
+        """Which limit another question would exceed, or None when it is allowed; counts nothing."""
+        user_key, channel_key = self._keys(team_id, channel_id, user_id)
         with self._lock:
             if user_key is not None and not self._users.allows(user_key):
                 return "user"
             if not self._channels.allows(channel_key):
                 return "channel"
+            return None
+
+    def hit(self, team_id: str, channel_id: str, user_id: str | None) -> None:
+        """Count an accepted question against both limits."""
+        user_key, channel_key = self._keys(team_id, channel_id, user_id)
+        with self._lock:
             if user_key is not None:
                 self._users.hit(user_key)
             self._channels.hit(channel_key)
-            return None

@@ -15,16 +15,18 @@ from __future__ import annotations
 
 import logging
 import os
-import socket
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import TYPE_CHECKING
 
 from slack_sdk import WebClient
-from slack_sdk.errors import SlackApiError
 from sqlalchemy import or_, select, update
 from sqlalchemy.orm import Session, sessionmaker
 
+from bot import messages_ko
+from bot.streaming import AnswerStreamer, ReplyTarget, StreamingModes, StreamSettings
+from bot.term_of_day import default_instance_id
+from storage.conversations import ConversationStore
 from storage.models import Conversation, Message, utcnow
 
 if TYPE_CHECKING:
@@ -32,7 +34,6 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 
-INTERRUPTED = "답변이 중단되었어요, 다시 질문해 주세요."
 CLAIM_PREFIX = "recovery claimed by "
 PENDING = ("received", "generating")
 
@@ -54,12 +55,8 @@ class _Pending:
     thread_ts: str
 
     @property
-    def thread_ref(self) -> str:
-        return f"{self.team_id}/{self.channel_id}/{self.thread_ts}"
-
-
-def instance_name() -> str:
-    return f"{socket.gethostname()}:{os.getpid()}"
+    def target(self) -> ReplyTarget:
+        return ReplyTarget(self.team_id, self.channel_id, self.thread_ts, None)
 
 
 def _pending(session_factory: sessionmaker[Session], older_than: datetime) -> list[_Pending]:
@@ -98,21 +95,11 @@ def _claim(session_factory: sessionmaker[Session], question: _Pending, owner: st
 
 
 def _apologise(client: WebClient, question: _Pending) -> None:
-    if question.reply_ts is not None:
-        try:
-            client.chat_update(channel=question.channel_id, ts=question.reply_ts, text=INTERRUPTED)
-            return
-        except SlackApiError as error:
-            logger.warning(
-                "could not update reply of question %d in %s (%s); posting instead",
-                question.id, question.thread_ref, error.response.get("error"),
-            )
-    try:
-        client.chat_postMessage(
-            channel=question.channel_id, thread_ts=question.thread_ts, text=INTERRUPTED, unfurl_links=False
-        )
-    except SlackApiError as error:
-        logger.error("could not post the interruption notice in %s: %s", question.thread_ref, error.response.get("error"))
+    """The notice replaces the stored reply message (placeholder or half an answer), else is posted."""
+    streamer = AnswerStreamer(
+        client, question.target, StreamingModes(native_enabled=False), StreamSettings(), placeholder_ts=question.reply_ts
+    )
+    streamer.fail(messages_ko.ANSWER_INTERRUPTED)
 
 
 def recover_interrupted(
@@ -127,7 +114,8 @@ def recover_interrupted(
 ) -> RecoveryResult:
     """Re-answer (younger than `max_age`) or apologise for every interrupted question older than `min_age`."""
     now = now or utcnow()
-    owner = owner or instance_name()
+    owner = owner or default_instance_id()
+    store = ConversationStore(session_factory)
     reanswered: list[int] = []
     apologised: list[int] = []
     for question in _pending(session_factory, now - min_age):
@@ -136,21 +124,17 @@ def recover_interrupted(
         if now - question.created_at > max_age:
             logger.warning(
                 "question %d in %s was interrupted %s ago; telling the user to ask again",
-                question.id, question.thread_ref, now - question.created_at,
+                question.id, question.target.thread_ref, now - question.created_at,
             )
             _apologise(client, question)
-            with session_factory() as session:
-                session.execute(
-                    update(Message).where(Message.id == question.id).values(status="failed", error="interrupted by a restart")
-                )
-                session.commit()
+            store.set_status(question.id, "failed", "interrupted by a restart")
             apologised.append(question.id)
             continue
-        logger.info("re-answering question %d in %s, interrupted by a restart", question.id, question.thread_ref)
+        logger.info("re-answering question %d in %s, interrupted by a restart", question.id, question.target.thread_ref)
         try:
             answers.answer_stored(client, question.id)
         except Exception:
-            logger.exception("could not resubmit question %d in %s", question.id, question.thread_ref)
+            logger.exception("could not resubmit question %d in %s", question.id, question.target.thread_ref)
             continue
         reanswered.append(question.id)
     if reanswered or apologised:

@@ -16,8 +16,7 @@ from bot import messages_ko
 from bot.formatting import split_message, to_mrkdwn
 from bot.rate_limits import QuestionRateLimiter
 from bot.streaming import AnswerStreamer, ReplyTarget, StreamingModes, StreamSettings
-from llm.answering import stream_raw_answer
-from llm.cleaning import clean_answer
+from llm.answering import answer_question, clean_reply, stream_raw_answer
 from llm.engine import GenerationEngine, SamplingParams
 from llm.errors import EngineBusyError, PromptTooLongError
 from storage.conversations import ConversationStore
@@ -41,9 +40,9 @@ class IncomingQuestion:
     text: str
 
     @property
-    def thread_ref(self) -> str:
-        """How operators find the thread in logs."""
-        return f"{self.team_id}/{self.channel_id}/{self.thread_ts}"
+    def target(self) -> ReplyTarget:
+        """Where the reply goes: the question's thread."""
+        return ReplyTarget(self.team_id, self.channel_id, self.thread_ts, self.user_id)
 
 
 # The "thinking" placeholder is posted only if no answer text has appeared this long after the
@@ -137,7 +136,6 @@ class AnswerService:
         self._params = params
         self._max_prompt_tokens = max_prompt_tokens
         self._executor = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="finbot-answer")
-        self._closed = threading.Event()
         # The conversation store's sessions serve the question lookups too.
         self._questions = questions or QuestionStore(store.session_factory)
         self._stream_settings = stream_settings or StreamSettings()
@@ -155,34 +153,29 @@ class AnswerService:
         *,
         placeholder: bool = True,
         event_id: str | None = None,
+        on_stored: Callable[[], None] | None = None,
     ) -> Future[None] | None:
         """Store the question, acknowledge it in the thread and generate in the background.
 
         `placeholder=False` skips the "thinking" message (the assistant pane shows a status instead);
         otherwise it is posted only when no answer text appears within `PLACEHOLDER_DELAY_S`.
-        `event_id` (the Slack event's) is claimed here, in the same transaction that stores the
-        question; a redelivered event is ignored. Returns None when nothing is to be done (event
-        already handled, empty question, rate limit, or a Slack message already stored).
+        `event_id` (the Slack event's) is claimed in the transaction that stores the question, so a
+        question that failed to store is still answered when Slack retries the event, and a
+        redelivery of a stored one is ignored. `on_stored` runs once the question is stored, before
+        it is queued (never for a redelivery or a refused question). Returns None when nothing is
+        to be done (event already handled, empty question, rate limit, or a Slack message already
+        stored).
         """
-        if event_id is not None and (
-            not question.text.strip() or (self._rate_limiter is not None and self._rate_limiter.active)
-        ):
-            # These paths reply without storing anything, so the claim is its own transaction,
-            # made before the rate limiter counts the question.
-            if not self._store.claim_event(event_id):
+        target = question.target
+        refusal = self._refusal(question)
+        if refusal is not None:
+            # Nothing is stored for a refused question, so its claim is a transaction of its own;
+            # it keeps a redelivered event from getting the same reply twice.
+            if event_id is not None and not self._store.claim_event(event_id):
                 logger.info("event %s already handled; ignoring redelivery", event_id)
                 return None
-            event_id = None
-        if not question.text.strip():
-            self._post(client, question, messages_ko.EMPTY_QUESTION)
+            self._post_to(client, target, refusal)
             return None
-        if self._rate_limiter is not None:
-            exceeded = self._rate_limiter.check(question.team_id, question.channel_id, question.user_id)
-            if exceeded is not None:
-                logger.info("%s rate limit reached by %s in %s", exceeded, question.user_id, question.thread_ref)
-                text = messages_ko.RATE_LIMITED_USER if exceeded == "user" else messages_ko.RATE_LIMITED_CHANNEL
-                self._post(client, question, text)
-                return None
         stored = self._store.store_question(
             question.team_id, question.channel_id, question.thread_ts,
             question.text, question.user_id, question.message_ts, event_id=event_id,
@@ -190,13 +183,18 @@ class AnswerService:
         if stored is None:
             logger.info(
                 "event %s / message %s in %s already handled; not answering twice",
-                event_id, question.message_ts, question.thread_ref,
+                event_id, question.message_ts, target.thread_ref,
             )
             return None
+        if self._rate_limiter is not None:
+            self._rate_limiter.hit(question.team_id, question.channel_id, question.user_id)
         conversation_id, message_id = stored
-        target = ReplyTarget(
-            question.team_id, question.channel_id, question.thread_ts, question.user_id, question.thread_ref
-        )
+        if on_stored is not None:
+            try:
+                on_stored()
+            except Exception:
+                # The question is stored; it must still be answered.
+                logger.exception("on_stored hook failed for question %d in %s", message_id, target.thread_ref)
         deferred: _DeferredPlaceholder | None = None
         if placeholder:
 
@@ -217,6 +215,18 @@ class AnswerService:
         )
         return self._executor.submit(self._answer, client, job)
 
+    def _refusal(self, question: IncomingQuestion) -> str | None:
+        """The reply to a question that is not to be answered (empty, over a rate limit), else None."""
+        if not question.text.strip():
+            return messages_ko.EMPTY_QUESTION
+        if self._rate_limiter is None:
+            return None
+        exceeded = self._rate_limiter.exceeded(question.team_id, question.channel_id, question.user_id)
+        if exceeded is None:
+            return None
+        logger.info("%s rate limit reached by %s in %s", exceeded, question.user_id, question.target.thread_ref)
+        return messages_ko.RATE_LIMITED_USER if exceeded == "user" else messages_ko.RATE_LIMITED_CHANNEL
+
     def answer_stored(self, client: WebClient, message_id: int) -> Future[None] | None:
         """Answer the already-stored question `message_id` (e.g. one interrupted by a restart).
 
@@ -231,10 +241,7 @@ class AnswerService:
         if stored.status == "answered":
             logger.info("question %d is already answered", message_id)
             return None
-        target = ReplyTarget(
-            stored.team_id, stored.channel_id, stored.thread_ts, stored.slack_user,
-            f"{stored.team_id}/{stored.channel_id}/{stored.thread_ts}",
-        )
+        target = ReplyTarget(stored.team_id, stored.channel_id, stored.thread_ts, stored.slack_user)
         placeholder_ts = stored.reply_ts
         if placeholder_ts is None:
             placeholder_ts = self._post_to(client, target, messages_ko.THINKING)
@@ -249,11 +256,9 @@ class AnswerService:
 
     def generate(self, prompt_question: str) -> str:
         """A cleaned answer to `prompt_question` without history and without Slack (blocking)."""
-        raw = "".join(stream_raw_answer(self._engine, [], prompt_question, self._params, self._max_prompt_tokens))
-        return clean_answer(raw)
+        return answer_question(self._engine, [], prompt_question, self._params, self._max_prompt_tokens)
 
     def shutdown(self, wait: bool = True) -> None:
-        self._closed.set()
         self._executor.shutdown(wait=wait, cancel_futures=not wait)
 
     def _answer(self, client: WebClient, job: _Job) -> None:
@@ -317,10 +322,12 @@ class AnswerService:
             deadline.cancel()
 
         settle_placeholder()
-        answer = clean_answer(raw) or messages_ko.EMPTY_ANSWER
+        answer = clean_reply(raw, job.text) or messages_ko.EMPTY_ANSWER
         pieces = split_message(to_mrkdwn(answer), self._stream_settings.message_limit)
-        posted_ts = streamer.finish(pieces, feedback_blocks(job.message_id))
-        self._store.add_assistant_message(job.conversation_id, answer, reply_to_id=job.message_id, slack_ts=posted_ts)
+        # Saved before the final message shows the 👍/👎 buttons, which look the answer up: a quick
+        # click must find it. The bot's message ts is already on the question (`reply_ts`).
+        self._store.add_assistant_message(job.conversation_id, answer, reply_to_id=job.message_id, slack_ts=None)
+        streamer.finish(pieces, feedback_blocks(job.message_id))
         logger.info(
             "answered question %d in %s (%d chars, %d message(s), %s)",
             job.message_id, target.thread_ref, len(answer), len(pieces), streamer.mode,
@@ -338,12 +345,6 @@ class AnswerService:
         settle_placeholder()
         self._store.set_status(job.message_id, "failed", reason)
         streamer.fail(user_message)
-
-    def _post(self, client: WebClient, question: IncomingQuestion, text: str) -> str | None:
-        target = ReplyTarget(
-            question.team_id, question.channel_id, question.thread_ts, question.user_id, question.thread_ref
-        )
-        return self._post_to(client, target, text)
 
     @staticmethod
     def _post_to(client: WebClient, target: ReplyTarget, text: str) -> str | None:

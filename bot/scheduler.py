@@ -30,17 +30,16 @@ from apscheduler.triggers.date import DateTrigger
 logger = logging.getLogger(__name__)
 
 
-def daily_trigger(at: time, timezone: str, day_of_week: str | None = None) -> CronTrigger:
-    """A trigger firing every day (or on `day_of_week`, cron syntax such as "mon-fri") at `at`, local time."""
-    return CronTrigger(
-        hour=at.hour, minute=at.minute, second=at.second, day_of_week=day_of_week, timezone=ZoneInfo(timezone)
-    )
+def daily_trigger(at: time, timezone: str) -> CronTrigger:
+    """A trigger firing every day at `at`, local time."""
+    return CronTrigger(hour=at.hour, minute=at.minute, second=at.second, timezone=ZoneInfo(timezone))
 
 
 class FinbotScheduler:
-    def __init__(self, timezone: str, *, scheduler: BackgroundScheduler | None = None) -> None:
+    def __init__(self, timezone: str) -> None:
         self.timezone = ZoneInfo(timezone)
-        self._scheduler = scheduler or BackgroundScheduler(
+        # Every job: missed runs coalesced into one, never two runs of a job at once.
+        self._scheduler = BackgroundScheduler(
             timezone=self.timezone,
             job_defaults={"coalesce": True, "max_instances": 1},
         )
@@ -53,12 +52,11 @@ class FinbotScheduler:
         *,
         at: time,
         misfire_grace: timedelta = timedelta(hours=1),
-        day_of_week: str | None = None,
     ) -> None:
         """Run `func()` every day at `at` in the scheduler's timezone; replaces a job with the same id."""
         self._scheduler.add_job(
             func,
-            trigger=daily_trigger(at, str(self.timezone), day_of_week),
+            trigger=daily_trigger(at, str(self.timezone)),
             id=job_id,
             name=job_id,
             replace_existing=True,
@@ -67,12 +65,6 @@ class FinbotScheduler:
             max_instances=1,
         )
         logger.info("scheduled daily job %s at %s (%s)", job_id, at.strftime("%H:%M"), self.timezone)
-
-    def add_interval_job(self, job_id: str, func: Callable[[], object], *, every: timedelta) -> None:
-        """Run `func()` every `every` (e.g. housekeeping); replaces a job with the same id."""
-        self._scheduler.add_job(
-            func, "interval", seconds=every.total_seconds(), id=job_id, name=job_id, replace_existing=True
-        )
 
     def add_startup_job(self, job_id: str, func: Callable[[], object], *, delay: timedelta = timedelta(0)) -> None:
         """Run `func()` once, `delay` after the scheduler starts (e.g. a catch-up after downtime)."""

@@ -11,6 +11,11 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 from llm.engine import EngineChoice, SamplingParams
 
 
+def _id_list(value: str) -> tuple[str, ...]:
+    """The ids of a comma-separated setting, in order; blanks (e.g. a trailing comma) are skipped."""
+    return tuple(item for item in (part.strip() for part in value.split(",")) if item)
+
+
 class FinbotSettings(BaseSettings):
     model_config = SettingsConfigDict(env_file=".env", env_file_encoding="utf-8", extra="ignore")
 
@@ -111,7 +116,7 @@ class FinbotSettings(BaseSettings):
         return self
 
     def qa_channel_ids(self) -> frozenset[str]:
-        return frozenset(item.strip() for item in self.qa_channels.split(",") if item.strip())
+        return frozenset(_id_list(self.qa_channels))
 
     # Term of the day (오늘의 금융용어); nothing is scheduled while no channel is set.
     # Channel ids, comma-separated (e.g. "C0123,C0456").
@@ -127,7 +132,7 @@ class FinbotSettings(BaseSettings):
     term_of_day_generation_attempts: int = Field(3, ge=1, le=10)
 
     def term_of_day_channel_ids(self) -> tuple[str, ...]:
-        return tuple(channel.strip() for channel in self.term_of_day_channels.split(",") if channel.strip())
+        return _id_list(self.term_of_day_channels)
 
     def term_of_day_post_time(self) -> time:
         hour, minute = self.term_of_day_time.split(":")
@@ -169,10 +174,10 @@ class FinbotSettings(BaseSettings):
         )
 
     def allowed_team_id_set(self) -> frozenset[str]:
-        return frozenset(item.strip() for item in self.allowed_team_ids.split(",") if item.strip())
+        return frozenset(_id_list(self.allowed_team_ids))
 
     def allowed_channel_id_set(self) -> frozenset[str]:
-        return frozenset(item.strip() for item in self.allowed_channel_ids.split(",") if item.strip())
+        return frozenset(_id_list(self.allowed_channel_ids))
 
     def sampling_params(self) -> SamplingParams:
         return SamplingParams(

@@ -97,7 +97,11 @@ class ReplyTarget:
     channel_id: str
     thread_ts: str
     user_id: str | None
-    thread_ref: str
+
+    @property
+    def thread_ref(self) -> str:
+        """How operators find the thread in logs."""
+        return f"{self.team_id}/{self.channel_id}/{self.thread_ts}"
 
 
 @dataclass(frozen=True)
@@ -145,10 +149,6 @@ class AnswerStreamer:
     @property
     def mode(self) -> Mode:
         return self._mode
-
-    @property
-    def reply_ts(self) -> str | None:
-        return self._stream_ts if self._mode == "native" else self._placeholder_ts
 
     def adopt_placeholder(self, ts: str) -> None:
         """Reuse the placeholder message `ts`, posted after this streamer was made (before any text)."""

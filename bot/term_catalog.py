@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from datetime import date
 from importlib import resources
 from pathlib import Path
-from typing import TextIO
+from typing import TextIO, overload
 
 CATEGORIES: tuple[str, ...] = (
     "통화정책",
@@ -135,9 +135,50 @@ def _alias_index(terms: Iterable[Term]) -> dict[str, Term]:
     return index
 
 
+class TermCatalog(Sequence[Term]):
+    """An immutable sequence of terms whose alias index is built once.
+
+    Building the index costs about a millisecond for the shipped catalog; a long-lived service
+    holds one of these so that each `/용어` lookup and each post pays only a dict lookup.
+    """
+
+    __slots__ = ("_index", "_terms")
+
+    def __init__(self, terms: Iterable[Term]) -> None:
+        self._terms = tuple(terms)
+        self._index = _alias_index(self._terms)
+
+    @overload
+    def __getitem__(self, position: int) -> Term: ...
+
+    @overload
+    def __getitem__(self, position: slice) -> tuple[Term, ...]: ...
+
+    def __getitem__(self, position: int | slice) -> Term | tuple[Term, ...]:
+        return self._terms[position]
+
+    def __len__(self) -> int:
+        return len(self._terms)
+
+    def __repr__(self) -> str:
+        return f"TermCatalog({len(self._terms)} terms)"
+
+    def find(self, text: str) -> Term | None:
+        """The term that `text` names (by any alias), or None."""
+        return self._index.get(normalize_term_key(text))
+
+
+def as_catalog(terms: Sequence[Term]) -> TermCatalog:
+    """`terms` itself when it already is a catalog (no index rebuilt), else a new one."""
+    return terms if isinstance(terms, TermCatalog) else TermCatalog(terms)
+
+
 def find_term(terms: Sequence[Term], text: str) -> Term | None:
-    """The catalog term that `text` names (by any alias), or None."""
-    return _alias_index(terms).get(normalize_term_key(text))
+    """The catalog term that `text` names (by any alias), or None.
+
+    Given a `TermCatalog` this is a dict lookup; a plain list is indexed on every call.
+    """
+    return as_catalog(terms).find(text)
 
 
 def choose_next_term(
@@ -159,31 +200,31 @@ def choose_next_term(
     - Among the remaining terms the pick is a hash of the date and the cycle number: reproducible for
       the same inputs (a retried or restarted job picks the same term), but not alphabetical.
     """
+    catalog = as_catalog(terms)
     if pinned is not None and normalize_term_key(pinned):
-        found = find_term(terms, pinned)
+        found = catalog.find(pinned)
         if found is not None:
             return found
         return Term(term=unicodedata.normalize("NFC", pinned).strip(), category=OTHER_CATEGORY, english=None)
-    if not terms:
+    if not catalog:
         raise ValueError("choose_next_term: the term catalog is empty")
 
-    index = _alias_index(terms)
-    catalog: dict[str, Term] = {}
-    for term in terms:
-        catalog.setdefault(term.key, term)
+    by_key: dict[str, Term] = {}
+    for term in catalog:
+        by_key.setdefault(term.key, term)
 
     cycle = 0
     posted_in_cycle: set[str] = set()
     for entry in already_posted:
-        match = index.get(normalize_term_key(entry))
+        match = catalog.find(entry)
         if match is None:
             continue
         posted_in_cycle.add(match.key)
-        if len(posted_in_cycle) >= len(catalog):
+        if len(posted_in_cycle) >= len(by_key):
             cycle += 1
             posted_in_cycle.clear()
 
     # Sorted by key so the pick depends on the catalog's content, not on the CSV's row order.
-    remaining = sorted(key for key in catalog if key not in posted_in_cycle)
+    remaining = sorted(key for key in by_key if key not in posted_in_cycle)
     digest = hashlib.sha256(f"{day.isoformat()}|cycle {cycle}".encode()).digest()
-    return catalog[remaining[int.from_bytes(digest[:8], "big") % len(remaining)]]
+    return by_key[remaining[int.from_bytes(digest[:8], "big") % len(remaining)]]

@@ -39,11 +39,10 @@ from slack_sdk import WebClient
 
 from bot import messages_ko
 from bot.business_days import holiday_name, is_business_day, next_business_day
-from bot.formatting import to_mrkdwn
+from bot.formatting import split_message, to_mrkdwn
 from bot.scheduler import FinbotScheduler
-from bot.term_catalog import Term, choose_next_term, find_term, normalize_term_key
-from llm.answering import stream_raw_answer
-from llm.cleaning import clean_answer
+from bot.term_catalog import Term, as_catalog, choose_next_term, find_term, normalize_term_key
+from llm.answering import answer_question
 from llm.engine import GenerationEngine, SamplingParams
 from storage.conversations import ConversationStore
 from storage.term_posts import Claim, StoredTermPost, TermPostStore
@@ -101,24 +100,6 @@ def korean_date(day: date) -> str:
 # ---------------------------------------------------------------------------- Block Kit
 
 
-def split_for_sections(text: str, limit: int = SECTION_TEXT_LIMIT) -> list[str]:
-    """Split mrkdwn into chunks of at most `limit` characters, at paragraph, line or space boundaries."""
-    chunks: list[str] = []
-    rest = text.strip()
-    while len(rest) > limit:
-        window = rest[:limit]
-        cut = max(window.rfind("\n\n"), window.rfind("\n"))
-        if cut < limit // 2:
-            cut = window.rfind(" ")
-        if cut < limit // 2:
-            cut = limit
-        chunks.append(rest[:cut].rstrip())
-        rest = rest[cut:].lstrip()
-    if rest:
-        chunks.append(rest)
-    return chunks
-
-
 def build_post(term: Term, explanation: str, day: date) -> tuple[str, list[dict[str, Any]]]:
     """(fallback text, blocks) of the term-of-the-day message; `explanation` is cleaned model text."""
     title = term.term if not term.english else f"{term.term} ({term.english})"
@@ -126,7 +107,7 @@ def build_post(term: Term, explanation: str, day: date) -> tuple[str, list[dict[
     if len(header) > HEADER_TEXT_LIMIT:
         header = header[: HEADER_TEXT_LIMIT - 1] + "…"
     blocks: list[dict[str, Any]] = [{"type": "header", "text": {"type": "plain_text", "text": header, "emoji": True}}]
-    for chunk in split_for_sections(to_mrkdwn(explanation)):
+    for chunk in split_message(to_mrkdwn(explanation), SECTION_TEXT_LIMIT):
         blocks.append({"type": "section", "text": {"type": "mrkdwn", "text": chunk}})
     blocks.append(
         {
@@ -201,7 +182,8 @@ class TermOfDayService:
     config: TermOfDayConfig
     posts: TermPostStore
     conversations: ConversationStore
-    engine: GenerationEngine
+    # None for a service that only plans (`finbot term today --dry-run`): no model is loaded.
+    engine: GenerationEngine | None
     client: WebClient
     terms: Sequence[Term]
     sampling: SamplingParams = field(default_factory=SamplingParams)
@@ -210,6 +192,10 @@ class TermOfDayService:
     instance_id: str = field(default_factory=default_instance_id)
     sleep: Callable[[float], None] = time_module.sleep
     _team_id: str | None = field(default=None, init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        # Indexed once here: every post and every `/용어 오늘` looks terms up by alias.
+        self.terms = as_catalog(self.terms)
 
     # ------------------------------------------------------------------ clock and calendar
 
@@ -273,6 +259,8 @@ class TermOfDayService:
         if day != self.current_time().date():
             # The claim is for a date; posting another day's term would be "yesterday's term today".
             raise ValueError(f"refusing to post the term of {day} on {self.current_time().date()}")
+        # Before the claim: a claim that can never be filled would block the day until it is stale.
+        self._require_engine()
         term = self.choose_term(channel_id, day)
         now = self.current_time()
         claim = self.posts.claim(
@@ -304,18 +292,21 @@ class TermOfDayService:
 
     # ------------------------------------------------------------------ generation
 
+    def _require_engine(self) -> GenerationEngine:
+        if self.engine is None:
+            raise RuntimeError("this term-of-the-day service has no engine: it can only plan, not post")
+        return self.engine
+
     def generate_explanation(self, term: Term) -> tuple[str, str | None]:
         """(explanation, None) or, after the bounded retries, (fallback text, why it failed)."""
+        # Outside the retries: a missing engine is a wiring mistake, not a failed generation.
+        engine = self._require_engine()
         instruction = definition_instruction(term.term)
-        prompt_text = f"[INST]{instruction} [/INST]"
         last_error = "no attempt made"
         attempts = max(1, self.config.generation_attempts)
         for attempt in range(1, attempts + 1):
             try:
-                raw = "".join(
-                    stream_raw_answer(self.engine, [], instruction, self.sampling, self.max_prompt_tokens)
-                )
-                answer = clean_answer(raw, prompt_text=prompt_text)
+                answer = answer_question(engine, [], instruction, self.sampling, self.max_prompt_tokens)
                 if answer.strip():
                     return answer, None
                 last_error = "the model returned an empty answer"
@@ -384,9 +375,12 @@ class TermOfDayService:
     def _start_conversation(self, channel_id: str, slack_ts: str, term: Term, explanation: str) -> None:
         """The post's thread becomes a conversation whose first turn is the term and its explanation."""
         try:
-            conversation_id = self.conversations.get_or_create_conversation(self.team_id(), channel_id, slack_ts)
-            question_id = self.conversations.add_user_message(conversation_id, term_question(term.term), None, None)
-            if question_id is not None:
+            # The question has no Slack message of its own (no user, no ts) and no event to claim.
+            stored = self.conversations.store_question(
+                self.team_id(), channel_id, slack_ts, term_question(term.term), None, None
+            )
+            if stored is not None:
+                conversation_id, question_id = stored
                 self.conversations.add_assistant_message(conversation_id, explanation, question_id, slack_ts)
         except Exception:
             # The post is out and recorded; only thread follow-ups lose their context.

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import re
 import unicodedata
+from collections import Counter
+from collections.abc import Iterable, Sequence
 
 _TAG_RE = re.compile(r"<s>|</s>|\[\s*/?\s*INST\s*\]", re.IGNORECASE)
 _OPEN_INST_RE = re.compile(r"\[\s*INST\s*\]", re.IGNORECASE)
@@ -101,16 +103,19 @@ def _ends_cleanly(text: str) -> bool:
     last_line = lines[-1] if lines else ""
     if _HEADING_RE.match(last_line) or unicodedata.category(text[-1]) == "So":  # a heading, an emoji
         return True
-    if _ends_with_sentence(text) or _KOREAN_END_RE.search(text):
+    if _ends_sentence(text):
         return True
     # In a list of bare items ("- 예금", "- 적금") the last item has no period either; only when the
     # item before it ended properly is a period-less last item a sign of a cut.
     if not _LIST_ITEM_RE.match(last_line):
         return False
     previous_item = next((line.rstrip() for line in reversed(lines[:-1]) if _LIST_ITEM_RE.match(line)), None)
-    return previous_item is None or not (
-        _ends_with_sentence(previous_item) or _KOREAN_END_RE.search(previous_item)
-    )
+    return previous_item is None or not _ends_sentence(previous_item)
+
+
+def _ends_sentence(text: str) -> bool:
+    """Whether `text` closes a sentence, by punctuation or by a polite Korean verb ending."""
+    return _ends_with_sentence(text) or bool(_KOREAN_END_RE.search(text))
 
 
 def _ends_with_sentence(text: str) -> bool:
@@ -181,49 +186,45 @@ def _collapse_repetition(text: str) -> str:
     return _collapse_prose(text)
 
 
+class _RepeatFilter:
+    """Which lines (or sentences) of a text to keep when the model repeats itself.
+
+    A copy of the item kept just before it goes, and so does any later copy of an item that
+    appears `_LOOP_COUNT` times or more in the whole text. Counts and "seen" span the whole text;
+    "just before" spans only one run of items passed to `keep`.
+    """
+
+    def __init__(self, keys: Iterable[str]) -> None:
+        self._counts = Counter(keys)
+        self._seen: set[str] = set()
+
+    def keep(self, items: Sequence[str], keys: Sequence[str]) -> list[str]:
+        kept: list[str] = []
+        previous: str | None = None
+        for item, key in zip(items, keys, strict=True):
+            if key and _is_substantial(key):
+                looping = self._counts[key] >= _LOOP_COUNT and len(key.replace(" ", "")) >= _MIN_REPEAT_CHARS
+                if key == previous or (looping and key in self._seen):
+                    continue
+                self._seen.add(key)
+            # A blank item in between does not make two copies any less back to back.
+            if key:
+                previous = key
+            kept.append(item)
+        return kept
+
+
 def _collapse_prose(text: str) -> str:
     lines = text.split("\n")
     line_keys = [_loop_key(line) for line in lines]
-    line_counts: dict[str, int] = {}
-    for key in line_keys:
-        line_counts[key] = line_counts.get(key, 0) + 1
+    kept_lines = _RepeatFilter(line_keys).keep(lines, line_keys)
 
-    seen_lines: set[str] = set()
-    kept_lines: list[str] = []
-    previous_key: str | None = None
-    for line, key in zip(lines, line_keys, strict=True):
-        if key and _is_substantial(key):
-            looping = line_counts[key] >= _LOOP_COUNT and len(key.replace(" ", "")) >= _MIN_REPEAT_CHARS
-            if key == previous_key or (looping and key in seen_lines):
-                continue
-            seen_lines.add(key)
-        if key:
-            previous_key = key
-        kept_lines.append(line)
-
-    sentence_counts: dict[str, int] = {}
     split_lines = [_split_sentences(line) for line in kept_lines]
-    for sentences in split_lines:
-        for sentence in sentences:
-            key = _loop_key(sentence)
-            sentence_counts[key] = sentence_counts.get(key, 0) + 1
-
-    seen_sentences: set[str] = set()
+    sentence_keys = [[_loop_key(sentence) for sentence in sentences] for sentences in split_lines]
+    sentence_filter = _RepeatFilter(key for keys in sentence_keys for key in keys)
     out_lines: list[str] = []
-    for sentences in split_lines:
-        kept: list[str] = []
-        previous = None
-        for sentence in sentences:
-            key = _loop_key(sentence)
-            if key and _is_substantial(key):
-                looping = (
-                    sentence_counts[key] >= _LOOP_COUNT and len(key.replace(" ", "")) >= _MIN_REPEAT_CHARS
-                )
-                if key == previous or (looping and key in seen_sentences):
-                    continue
-                seen_sentences.add(key)
-            previous = key
-            kept.append(sentence)
+    for sentences, keys in zip(split_lines, sentence_keys, strict=True):
+        kept = sentence_filter.keep(sentences, keys)
         if len(kept) == len(sentences):
             out_lines.append("".join(sentences))
         elif joined := "".join(kept).rstrip():

@@ -21,7 +21,8 @@ if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
 
 
-def _user_segment(text: str) -> str:
+def user_segment(text: str) -> str:
+    """One user turn as the model sees it, ``[INST]text [/INST]``; also what an echo of it looks like."""
     # No space after [INST] but one before [/INST]: the seed's (and the fine-tune's) layout.
     return f"[INST]{text.strip()} [/INST]"
 
@@ -49,7 +50,7 @@ def encode_prompt(
     if bos_id is None or eos_id is None:
         raise ValueError("the tokenizer needs both a BOS and an EOS token")
 
-    (question_ids,) = _encode(tokenizer, [_user_segment(question)])
+    (question_ids,) = _encode(tokenizer, [user_segment(question)])
     used = 1 + len(question_ids)
     if used > max_prompt_tokens:
         raise PromptTooLongError(used, max_prompt_tokens)
@@ -59,7 +60,7 @@ def encode_prompt(
     # and older turns past that point are never tokenized at all.
     kept: list[list[int]] = []
     for user_text, assistant_text in reversed(history):
-        user_ids, answer_ids = _encode(tokenizer, [_user_segment(user_text), assistant_text.strip()])
+        user_ids, answer_ids = _encode(tokenizer, [user_segment(user_text), assistant_text.strip()])
         turn_ids = [*user_ids, *answer_ids, eos_id]
         if used + len(turn_ids) > max_prompt_tokens:
             break

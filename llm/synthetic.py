@@ -102,7 +102,6 @@ def build_random_checkpoint(
     really changes the function and tests can tell a merged model from a plain base.
     `device="cuda"` initialises a 7B model in seconds instead of minutes on the CPU.
     """
-    from peft import LoraConfig, get_peft_model
     from transformers import MistralForCausalLM
 
     config = config or tiny_mistral_config()
@@ -112,6 +111,22 @@ def build_random_checkpoint(
         model = MistralForCausalLM(config).to(dtype)
     model.save_pretrained(base_dir)
     write_mistral_tokenizer(base_dir, tokenizer_file)
+
+    peft_model = add_random_lora(model, std=lora_init_std)
+    peft_model.peft_config["default"].base_model_name_or_path = str(base_dir)
+    peft_model.save_pretrained(adapter_dir)
+    return base_dir, adapter_dir
+
+
+def add_random_lora(model, std: float = 0.02):  # noqa: ANN001, ANN201 - transformers model -> peft PeftModel
+    """Wrap `model` in a LoRA of the production adapter's shape, with random B matrices too.
+
+    PEFT initialises B to zero, which would leave the function unchanged; drawing it lets tests
+    tell a merged model from a plain base and gives benchmarks a realistic adapter. The draws come
+    from torch's global RNG, not a seed of their own: callers seed once before building the model,
+    so a given seed keeps giving the same checkpoint as before this was shared.
+    """
+    from peft import LoraConfig, get_peft_model
 
     lora = LoraConfig(
         r=ADAPTER_RANK,
@@ -125,7 +140,5 @@ def build_random_checkpoint(
     with torch.no_grad():
         for name, param in peft_model.named_parameters():
             if "lora_B" in name:
-                param.normal_(0.0, lora_init_std)
-    peft_model.peft_config["default"].base_model_name_or_path = str(base_dir)
-    peft_model.save_pretrained(adapter_dir)
-    return base_dir, adapter_dir
+                param.normal_(0.0, std)
+    return peft_model

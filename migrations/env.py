@@ -6,9 +6,11 @@ from logging.config import fileConfig
 from typing import Any
 
 from alembic import context
-from sqlalchemy import Connection, create_engine, event
+from sqlalchemy import create_engine, event
+from sqlalchemy.engine import make_url
 from sqlalchemy.pool import NullPool
 
+from storage.db import SQLITE_BUSY_TIMEOUT_MS
 from storage.models import Base, UTCDateTime
 
 config = context.config
@@ -51,25 +53,13 @@ def run_migrations_offline() -> None:
         url=url,
         literal_binds=True,
         dialect_opts={"paramstyle": "named"},
-        **_context_options(url.split(":", 1)[0].split("+", 1)[0]),
+        **_context_options(make_url(url).get_backend_name()),
     )
     with context.begin_transaction():
         context.run_migrations()
 
 
-def _run_with_connection(connection: Connection) -> None:
-    context.configure(connection=connection, **_context_options(connection.dialect.name))
-    with context.begin_transaction():
-        context.run_migrations()
-
-
 def run_migrations_online() -> None:
-    # A caller (e.g. a test) may hand over its own connection through config.attributes.
-    connection = config.attributes.get("connection")
-    if connection is not None:
-        _run_with_connection(connection)
-        return
-
     engine = create_engine(_url(), poolclass=NullPool)
     if engine.dialect.name == "sqlite":
 
@@ -80,12 +70,14 @@ def run_migrations_online() -> None:
             # would cascade-delete its children's rows, so migrations run with them off.
             cursor.execute("PRAGMA foreign_keys=OFF")
             # The bot may be running against the same file; wait for its locks rather than fail.
-            cursor.execute("PRAGMA busy_timeout=5000")
+            cursor.execute(f"PRAGMA busy_timeout={SQLITE_BUSY_TIMEOUT_MS}")
             cursor.close()
 
     try:
         with engine.connect() as connection:
-            _run_with_connection(connection)
+            context.configure(connection=connection, **_context_options(connection.dialect.name))
+            with context.begin_transaction():
+                context.run_migrations()
     finally:
         engine.dispose()
 

@@ -14,10 +14,11 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import Connection, Engine, and_, bindparam, insert, select, update
+from sqlalchemy import Connection, and_, bindparam, insert, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, aliased, sessionmaker
 
+from storage.db import bound_engine
 from storage.models import USER_STATUSES, Conversation, Message, ProcessedEvent, utcnow
 
 _QUESTION = aliased(Message, name="question")
@@ -83,19 +84,12 @@ class StoredMessage:
 class ConversationStore:
     def __init__(self, session_factory: sessionmaker[Session]) -> None:
         self._session_factory = session_factory
-        bind = session_factory.kw.get("bind")
-        self._engine: Engine | None = bind if isinstance(bind, Engine) else None
+        self._engine = bound_engine(session_factory)
 
     @property
     def session_factory(self) -> sessionmaker[Session]:
         """For the other stores of the same process, so they share one engine and pool."""
         return self._session_factory
-
-    def _begin(self) -> Any:
-        """A connection in a transaction committed on exit (rolled back on an exception)."""
-        if self._engine is not None:
-            return self._engine.begin()
-        return _SessionConnection(self._session_factory)
 
     def claim_event(self, event_id: str) -> bool:
         """Return True exactly once per event id, even across processes.
@@ -104,7 +98,7 @@ class ConversationStore:
         both see "absent" and both answer Slack's retry.
         """
         try:
-            with self._begin() as connection:
+            with self._engine.begin() as connection:
                 connection.execute(_INSERT_EVENT, {"event_id": event_id})
         except IntegrityError:
             return False
@@ -129,7 +123,7 @@ class ConversationStore:
         """
         for attempt in (1, 2):
             try:
-                with self._begin() as connection:
+                with self._engine.begin() as connection:
                     # The claim goes first: the write lock is taken before anything is read.
                     if event_id is not None:
                         connection.execute(_INSERT_EVENT, {"event_id": event_id})
@@ -154,7 +148,7 @@ class ConversationStore:
             except IntegrityError:
                 # Why? An event already claimed or a message already stored means "not again";
                 # else another process created the same thread between our SELECT and INSERT.
-                with self._begin() as connection:
+                with self._engine.begin() as connection:
                     if event_id is not None and connection.scalar(_EVENT_CLAIMED, {"event_id": event_id}):
                         return None
                     existing = connection.scalar(
@@ -169,66 +163,21 @@ class ConversationStore:
         raise AssertionError("unreachable")
 
     def find_conversation(self, team_id: str, channel_id: str, thread_ts: str) -> int | None:
-        with self._begin() as connection:
+        with self._engine.begin() as connection:
             return connection.scalar(
                 _FIND_CONVERSATION, {"team_id": team_id, "channel_id": channel_id, "thread_ts": thread_ts}
             )
 
-    def get_or_create_conversation(self, team_id: str, channel_id: str, thread_ts: str) -> int:
-        with self._session_factory() as session:
-            existing = self._find_conversation(session, team_id, channel_id, thread_ts)
-            if existing is not None:
-                return existing
-            conversation = Conversation(team_id=team_id, channel_id=channel_id, thread_ts=thread_ts)
-            session.add(conversation)
-            try:
-                session.commit()
-            except IntegrityError:
-                # Another process created the same thread between our SELECT and INSERT.
-                session.rollback()
-                existing = self._find_conversation(session, team_id, channel_id, thread_ts)
-                if existing is None:
-                    raise
-                return existing
-            return conversation.id
-
-    def add_user_message(
-        self, conversation_id: int, text: str, slack_user: str | None, slack_ts: str | None
-    ) -> int | None:
-        """Store a question as 'received'; None when this Slack message was already stored."""
-        with self._session_factory() as session:
-            message = Message(
-                conversation_id=conversation_id,
-                role="user",
-                text=text,
-                slack_user=slack_user,
-                slack_ts=slack_ts,
-                status="received",
-            )
-            session.add(message)
-            try:
-                # Flushing first makes the duplicate (or FK) error surface here rather than in _touch.
-                session.flush()
-                self._touch(session, conversation_id)
-                session.commit()
-            except IntegrityError:
-                session.rollback()
-                # Only a duplicate means "already stored"; e.g. a missing conversation must still raise.
-                if slack_ts is not None and self._user_message_exists(session, conversation_id, slack_ts):
-                    return None
-                raise
-            return message.id
-
     def set_status(self, message_id: int, status: str, error: str | None = None) -> None:
         if status not in USER_STATUSES:
             raise ValueError(f"unknown status {status!r}; expected one of {USER_STATUSES}")
-        with self._begin() as connection:
+        with self._engine.begin() as connection:
             self._set_status(connection, message_id, status, error)
 
     def start_answer(self, message_id: int, conversation_id: int) -> list[tuple[str, str]]:
         """Mark question `message_id` 'generating' and return its thread's earlier (question, answer)
         pairs (see `history`), in one transaction."""
-        with self._begin() as connection:
+        with self._engine.begin() as connection:
             self._set_status(connection, message_id, "generating", None)
             rows = connection.execute(
                 _HISTORY_BEFORE, {"conversation_id": conversation_id, "before_id": message_id}
@@ -250,7 +199,7 @@ class ConversationStore:
         Done in one transaction so a crash can never leave an answer whose question still looks
         unanswered (and would be answered again) or vice versa.
         """
-        with self._begin() as connection:
+        with self._engine.begin() as connection:
             marked = connection.execute(
                 _MARK_ANSWERED, {"b_message_id": reply_to_id, "b_conversation_id": conversation_id}
             )
@@ -269,7 +218,7 @@ class ConversationStore:
 
     def history(self, conversation_id: int, before_message_id: int | None = None) -> list[tuple[str, str]]:
         """(question, answer) pairs that were answered, oldest first, for building the prompt."""
-        with self._begin() as connection:
+        with self._engine.begin() as connection:
             if before_message_id is None:
                 rows = connection.execute(_HISTORY, {"conversation_id": conversation_id}).all()
             else:
@@ -304,37 +253,3 @@ class ConversationStore:
                 )
                 for row in rows
             ]
-
-    @staticmethod
-    def _find_conversation(session: Session, team_id: str, channel_id: str, thread_ts: str) -> int | None:
-        return session.scalar(
-            _FIND_CONVERSATION, {"team_id": team_id, "channel_id": channel_id, "thread_ts": thread_ts}
-        )
-
-    @staticmethod
-    def _user_message_exists(session: Session, conversation_id: int, slack_ts: str) -> bool:
-        found = session.scalar(_USER_MESSAGE_ID, {"conversation_id": conversation_id, "slack_ts": slack_ts})
-        return found is not None
-
-    @staticmethod
-    def _touch(session: Session, conversation_id: int) -> None:
-        session.execute(_TOUCH, {"b_conversation_id": conversation_id, "b_now": utcnow()})
-
-
-class _SessionConnection:
-    """`Engine.begin()` for a session factory without an engine bound: the session's connection."""
-
-    def __init__(self, session_factory: sessionmaker[Session]) -> None:
-        self._session = session_factory()
-
-    def __enter__(self) -> Connection:
-        return self._session.connection()
-
-    def __exit__(self, exc_type: object, exc: object, traceback: object) -> None:
-        try:
-            if exc_type is None:
-                self._session.commit()
-            else:
-                self._session.rollback()
-        finally:
-            self._session.close()

@@ -68,6 +68,15 @@ def make_session_factory(engine: Engine) -> sessionmaker[Session]:
     return sessionmaker(bind=engine, expire_on_commit=False)
 
 
+def bound_engine(session_factory: sessionmaker[Session]) -> Engine:
+    """The engine of a factory from `make_session_factory`, for stores that run Core statements on
+    a plain connection (cheaper than a session on the per-message hot path)."""
+    bind = session_factory.kw.get("bind")
+    if not isinstance(bind, Engine):
+        raise TypeError(f"the session factory is not bound to an engine (bind={bind!r}); use make_session_factory")
+    return bind
+
+
 def open_database(url: str) -> sessionmaker[Session]:
     """The session factory a process uses for all of its stores: one engine, one connection pool."""
     return make_session_factory(create_db_engine(url))

@@ -7,10 +7,10 @@ from collections.abc import Iterator
 from typing import IO, Any
 
 from sqlalchemy import select
-from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, aliased, sessionmaker
 
 from storage.models import Conversation, Feedback, Message, utcnow
+from storage.upsert import insert_on_conflict
 
 
 class FeedbackStore:
@@ -20,42 +20,25 @@ class FeedbackStore:
     def vote(self, answer_id: int, slack_user: str, vote: int) -> bool:
         """Record `vote` (+1/-1) of `slack_user` on assistant message `answer_id`.
 
+        The caller passes an answer id (`QuestionStore.answer_of` only returns assistant messages).
         Returns True when a new vote was stored, False when an earlier vote was changed.
         """
         if vote not in (-1, 1):
             raise ValueError(f"vote must be -1 or 1, got {vote}")
+        now = utcnow()
         with self._session_factory() as session:
-            answer = session.get(Message, answer_id)
-            if answer is None or answer.role != "assistant":
-                raise LookupError(f"message {answer_id} is not an answer")
-            existing = self._find(session, answer_id, slack_user)
-            if existing is not None:
-                existing.vote = vote
-                existing.updated_at = utcnow()
-                session.commit()
-                return False
-            session.add(Feedback(message_id=answer_id, slack_user=slack_user, vote=vote))
-            try:
-                session.commit()
-                return True
-            except IntegrityError:
-                # A concurrent first click of the same user: the row exists now, change it.
-                session.rollback()
-                existing = self._find(session, answer_id, slack_user)
-                if existing is None:
-                    raise
-                existing.vote = vote
-                existing.updated_at = utcnow()
-                session.commit()
-                return False
-
-    def votes(self) -> list[tuple[int, str, int]]:
-        """(answer id, user, vote) of every vote, oldest first."""
-        with self._session_factory() as session:
-            rows = session.execute(
-                select(Feedback.message_id, Feedback.slack_user, Feedback.vote).order_by(Feedback.id)
-            ).all()
-            return [(row[0], row[1], row[2]) for row in rows]
+            # One statement, so a double click racing with itself changes the vote instead of failing.
+            statement = insert_on_conflict(
+                session,
+                Feedback,
+                {"message_id": answer_id, "slack_user": slack_user, "vote": vote, "created_at": now, "updated_at": now},
+                key=("message_id", "slack_user"),
+                update=("vote", "updated_at"),
+            )
+            created_at = session.scalar(statement.returning(Feedback.created_at))
+            session.commit()
+        # A changed vote keeps its first click's created_at; only a new row carries ours.
+        return created_at == now
 
     def export_rows(self) -> Iterator[dict[str, Any]]:
         """Every vote with its answer, question and thread, for evaluating the model."""
@@ -92,9 +75,3 @@ class FeedbackStore:
             out.write(json.dumps(row, ensure_ascii=False) + "\n")
             count += 1
         return count
-
-    @staticmethod
-    def _find(session: Session, answer_id: int, slack_user: str) -> Feedback | None:
-        return session.scalar(
-            select(Feedback).where(Feedback.message_id == answer_id, Feedback.slack_user == slack_user)
-        )

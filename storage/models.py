@@ -35,6 +35,14 @@ NAMING_CONVENTION: dict[str, str] = {
 
 USER_STATUSES: tuple[str, ...] = ("received", "generating", "answered", "failed")
 ROLES: tuple[str, ...] = ("user", "assistant")
+TERM_POST_STATUSES: tuple[str, ...] = ("claimed", "posted", "failed")
+
+
+def _one_of(column: str, values: tuple[str, ...]) -> str:
+    # Must render exactly as the migrations typed it (e.g. "role IN ('user', 'assistant')"): the
+    # constraints already exist, and tests/test_migrations.py compares the texts.
+    quoted = ", ".join(f"'{value}'" for value in values)
+    return f"{column} IN ({quoted})"
 
 
 def utcnow() -> datetime:
@@ -97,8 +105,8 @@ class Message(Base):
     __table_args__ = (
         # NULL slack_ts compares unequal, so messages not (yet) posted to Slack never collide.
         UniqueConstraint("conversation_id", "role", "slack_ts"),
-        CheckConstraint("role IN ('user', 'assistant')", name="role"),
-        CheckConstraint("status IN ('received', 'generating', 'answered', 'failed')", name="status"),
+        CheckConstraint(_one_of("role", ROLES), name="role"),
+        CheckConstraint(_one_of("status", USER_STATUSES), name="status"),
     )
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
@@ -183,7 +191,7 @@ class TermPost(Base):
     __tablename__ = "term_posts"
     __table_args__ = (
         UniqueConstraint("channel_id", "post_date"),
-        CheckConstraint("status IN ('claimed', 'posted', 'failed')", name="status"),
+        CheckConstraint(_one_of("status", TERM_POST_STATUSES), name="status"),
     )
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True)

@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-from sqlalchemy import delete, select
-from sqlalchemy.exc import IntegrityError
+from sqlalchemy import delete
 from sqlalchemy.orm import Session, sessionmaker
 
 from storage.models import QAChannel
+from storage.upsert import insert_on_conflict
 
 
 class QAChannelStore:
@@ -20,15 +20,17 @@ class QAChannelStore:
     def add(self, team_id: str, channel_id: str, added_by: str | None) -> bool:
         """True when added, False when it already was a Q&A channel."""
         with self._session_factory() as session:
-            if session.get(QAChannel, (team_id, channel_id)) is not None:
-                return False
-            session.add(QAChannel(team_id=team_id, channel_id=channel_id, added_by=added_by))
-            try:
-                session.commit()
-            except IntegrityError:
-                session.rollback()
-                return False
-            return True
+            # DO NOTHING rather than SELECT-then-INSERT: two simultaneous "켜기" must not fail.
+            added = session.scalar(
+                insert_on_conflict(
+                    session,
+                    QAChannel,
+                    {"team_id": team_id, "channel_id": channel_id, "added_by": added_by},
+                    key=("team_id", "channel_id"),
+                ).returning(QAChannel.channel_id)
+            )
+            session.commit()
+            return added is not None
 
     def remove(self, team_id: str, channel_id: str) -> bool:
         with self._session_factory() as session:
@@ -37,7 +39,3 @@ class QAChannelStore:
             )
             session.commit()
             return bool(result.rowcount)
-
-    def channels(self, team_id: str) -> list[str]:
-        with self._session_factory() as session:
-            return list(session.scalars(select(QAChannel.channel_id).where(QAChannel.team_id == team_id)))

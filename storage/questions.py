@@ -8,9 +8,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from sqlalchemy import Engine, bindparam, select, update
+from sqlalchemy import bindparam, select, update
 from sqlalchemy.orm import Session, sessionmaker
 
+from storage.db import bound_engine
 from storage.models import Conversation, Message
 
 # A bind name unlike the column's: that one is reserved for the SET clause.
@@ -34,8 +35,7 @@ class StoredQuestion:
 class QuestionStore:
     def __init__(self, session_factory: sessionmaker[Session]) -> None:
         self._session_factory = session_factory
-        bind = session_factory.kw.get("bind")
-        self._engine: Engine | None = bind if isinstance(bind, Engine) else None
+        self._engine = bound_engine(session_factory)
 
     def get(self, message_id: int) -> StoredQuestion | None:
         """The user message `message_id` with its thread; None if absent or not a question."""
@@ -62,14 +62,9 @@ class QuestionStore:
             )
 
     def set_reply_ts(self, message_id: int, reply_ts: str | None) -> None:
-        params = {"b_message_id": message_id, "b_reply_ts": reply_ts}
-        if self._engine is not None:  # a plain Core statement: this runs for every answer
-            with self._engine.begin() as connection:
-                connection.execute(_SET_REPLY_TS, params)
-            return
-        with self._session_factory() as session:
-            session.execute(_SET_REPLY_TS, params)
-            session.commit()
+        # A plain Core statement: this runs for every answer.
+        with self._engine.begin() as connection:
+            connection.execute(_SET_REPLY_TS, {"b_message_id": message_id, "b_reply_ts": reply_ts})
 
     def answer_of(self, question_id: int) -> int | None:
         """The id of the latest assistant message answering `question_id`."""

@@ -79,9 +79,11 @@ def schedule_retention(
 ) -> bool:
     """Add the daily purge to a `bot.scheduler.FinbotScheduler` (04:30 local by default).
 
-    Safe with several instances: each runs the same idempotent DELETEs. Returns False when
-    retention is switched off (`days` == 0 and nothing else to purge).
+    Safe with several instances: each runs the same idempotent DELETEs. Returns False, scheduling
+    nothing, when retention is switched off (`days` and `event_days` both 0: nothing to purge).
     """
+    if days <= 0 and event_days <= 0:
+        return False
 
     def run() -> None:
         try:

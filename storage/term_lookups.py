@@ -8,6 +8,7 @@ from datetime import datetime, timedelta
 from sqlalchemy.orm import Session, sessionmaker
 
 from storage.models import TermLookup, utcnow
+from storage.upsert import insert_on_conflict
 
 
 @dataclass(frozen=True)
@@ -35,5 +36,14 @@ class TermLookupStore:
     def put(self, term_key: str, term: str, answer: str) -> None:
         """Store (or replace) the answer for `term_key`; its lifetime starts now."""
         with self._session_factory() as session:
-            session.merge(TermLookup(term_key=term_key, term=term, answer=answer, created_at=utcnow()))
+            # Two lookups of the same new term may finish together; the later answer simply wins.
+            session.execute(
+                insert_on_conflict(
+                    session,
+                    TermLookup,
+                    {"term_key": term_key, "term": term, "answer": answer, "created_at": utcnow()},
+                    key=("term_key",),
+                    update=("term", "answer", "created_at"),
+                )
+            )
             session.commit()

@@ -20,12 +20,14 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from datetime import date, datetime
+from typing import Any
 
 from sqlalchemy import select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, sessionmaker
 
 from storage.models import TermPin, TermPost
+from storage.upsert import insert_on_conflict
 
 
 @dataclass(frozen=True)
@@ -116,7 +118,8 @@ class TermPostStore:
         with self._session_factory() as session:
             # The term is kept as the crashed owner chose it: the choice is deterministic anyway, and
             # the history must not change under a post that may already be visible in Slack.
-            result = session.execute(
+            # RETURNING hands back the row this UPDATE won, with no second read that could race.
+            taken = session.scalars(
                 update(TermPost)
                 .where(
                     TermPost.channel_id == channel_id,
@@ -125,25 +128,14 @@ class TermPostStore:
                     TermPost.claimed_at < stale_before,
                 )
                 .values(claimed_by=claimed_by, claimed_at=now)
-            )
+                .returning(TermPost)
+            ).one_or_none()
             session.commit()
-            if result.rowcount != 1:
-                return None
-            taken = session.scalars(
-                select(TermPost).where(TermPost.channel_id == channel_id, TermPost.post_date == post_date)
-            ).one()
-            return Claim(_stored(taken), taken_over=True)
+            return Claim(_stored(taken), taken_over=True) if taken is not None else None
 
     def confirm_claim(self, post_id: int, claimed_by: str, now: datetime) -> bool:
         """Refresh our claim right before posting; False when it is no longer ours to post."""
-        with self._session_factory() as session:
-            result = session.execute(
-                update(TermPost)
-                .where(TermPost.id == post_id, TermPost.claimed_by == claimed_by, TermPost.status == "claimed")
-                .values(claimed_at=now)
-            )
-            session.commit()
-            return result.rowcount == 1
+        return self._update_own_claim(post_id, claimed_by, claimed_at=now)
 
     def mark_posted(
         self,
@@ -156,22 +148,24 @@ class TermPostStore:
         error: str | None = None,
     ) -> bool:
         """Record the Slack post; `error` keeps why generation fell back, if it did."""
-        with self._session_factory() as session:
-            result = session.execute(
-                update(TermPost)
-                .where(TermPost.id == post_id, TermPost.claimed_by == claimed_by, TermPost.status == "claimed")
-                .values(status="posted", slack_ts=slack_ts, explanation=explanation, posted_at=now, error=error)
-            )
-            session.commit()
-            return result.rowcount == 1
+        return self._update_own_claim(
+            post_id, claimed_by, status="posted", slack_ts=slack_ts, explanation=explanation, posted_at=now, error=error
+        )
 
     def mark_failed(self, post_id: int, claimed_by: str, error: str, explanation: str | None = None) -> bool:
         """The Slack post itself failed; the day stays claimed (status 'failed') so nothing retries blindly."""
+        return self._update_own_claim(post_id, claimed_by, status="failed", error=error, explanation=explanation)
+
+    def _update_own_claim(self, post_id: int, claimed_by: str, **values: Any) -> bool:
+        """Set `values` on our claim; False when it was taken over or is no longer 'claimed'.
+
+        The conditions sit in the UPDATE itself, so an owner that was overtaken can never write.
+        """
         with self._session_factory() as session:
             result = session.execute(
                 update(TermPost)
                 .where(TermPost.id == post_id, TermPost.claimed_by == claimed_by, TermPost.status == "claimed")
-                .values(status="failed", error=error, explanation=explanation)
+                .values(**values)
             )
             session.commit()
             return result.rowcount == 1
@@ -220,18 +214,13 @@ class TermPostStore:
     def pin(self, post_date: date, term: str) -> None:
         """Set (or replace) the operator's term for a date."""
         with self._session_factory() as session:
-            existing = session.get(TermPin, post_date)
-            if existing is None:
-                session.add(TermPin(post_date=post_date, term=term))
-            else:
-                existing.term = term
-            try:
-                session.commit()
-            except IntegrityError:
-                # Two operators pinned the same date at once; the last one wins, as with an update.
-                session.rollback()
-                session.execute(update(TermPin).where(TermPin.post_date == post_date).values(term=term))
-                session.commit()
+            # Two operators pinning the same date at once: the last one wins, as with an update.
+            session.execute(
+                insert_on_conflict(
+                    session, TermPin, {"post_date": post_date, "term": term}, key=("post_date",), update=("term",)
+                )
+            )
+            session.commit()
 
     def pinned_term(self, post_date: date) -> str | None:
         with self._session_factory() as session:

@@ -86,7 +86,10 @@ def test_reference_sampling_is_reproducible_with_a_seed(reference_engine, mistra
     prompt_ids = mistral_tokenizer("[INST]환율이 뭐야? [/INST]")["input_ids"]
     first = reference_engine.generate(prompt_ids, SamplingParams(max_new_tokens=10, seed=7))
     second = reference_engine.generate(prompt_ids, SamplingParams(max_new_tokens=10, seed=7))
+    other_seed = reference_engine.generate(prompt_ids, SamplingParams(max_new_tokens=10, seed=8))
+    greedy = reference_engine.generate(prompt_ids, SamplingParams(max_new_tokens=10, greedy=True))
     assert first == second
+    assert other_seed != first and greedy != first  # it really samples
 
 
 def test_cancel_stops_generation_early(reference_engine, mistral_tokenizer):

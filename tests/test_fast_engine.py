@@ -61,11 +61,15 @@ def test_merged_model_matches_peft_over_4bit_base(reference_model, korean_ids):
 def test_merged_lm_head_includes_adapter(reference_model):
     from llm.fast import merged_weight
 
-    head = reference_model.base_model.model.lm_head
-    plain = head.get_base_layer().weight.float()
+    head = reference_model.base_model.model.lm_head  # PEFT's LoRA layer (eval: no dropout)
     merged = merged_weight(head, torch.float32)
-    delta = head.scaling["default"] * head.lora_B["default"].weight.float() @ head.lora_A["default"].weight.float()
-    torch.testing.assert_close(merged, plain + delta)
+    x = torch.randn(5, merged.shape[1], generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        peft_out = head(x.to(head.get_base_layer().weight.dtype)).float()
+        base_out = head.get_base_layer()(x.to(head.get_base_layer().weight.dtype)).float()
+    ours = x @ merged.T
+    error = (ours - peft_out).abs().max().item()
+    assert error < 0.05 * (peft_out - base_out).abs().max().item(), error  # the adapter's effect is in
 
 
 def test_low_memory_decoder_matches_peft(reference_model, korean_ids):
@@ -121,9 +125,11 @@ def test_paged_pool_allocates_all_or_nothing_and_never_hands_out_the_scratch_blo
     assert kv.table[0, :3].tolist() == kv.blocks[0] and kv.table[0, 3] == 0
     decoder.kv_release(0)
     assert kv.free_tokens == 48 and kv.table[0].abs().sum() == 0
-    with pytest.raises(RuntimeError):
-        decoder.prefill(1, torch.ones(64, dtype=torch.long))  # 4 blocks: slot 1 owns 1, 3 free: ok
+    decoder.prefill(1, torch.ones(64, dtype=torch.long))  # 4 blocks: slot 1 owns 1, 3 free: ok
+    assert kv.free_tokens == 0 and len(kv.blocks[1]) == 4
+    with pytest.raises(RuntimeError, match="KV cache full"):
         decoder.prefill(0, torch.ones(20, dtype=torch.long))  # now nothing is free
+    assert kv.blocks[0] == []
 
 
 def test_decode_rejects_positions_beyond_cache(reference_model):

@@ -126,8 +126,7 @@ def test_inline_code_kept():
 
 
 def test_horizontal_rule_not_a_bullet():
-    out = to_mrkdwn("위\n* * *\n아래\n---")
-    assert "•" not in out and "_" not in out
+    assert to_mrkdwn("위\n* * *\n아래\n---") == "위\n──────────\n아래\n──────────"
 
 
 def test_plain_korean_unchanged():

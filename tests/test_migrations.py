@@ -86,6 +86,29 @@ def test_migrated_schema_has_cascade_and_unique_constraints(db_url: str) -> None
     assert ("conversation_id", "role", "slack_ts") in uniques
 
 
+def test_check_constraints_match_the_migrations_text(sqlite_url: str) -> None:
+    """Autogenerate does not compare CHECK texts; SQLite keeps them verbatim, so compare them there."""
+    from sqlalchemy import CheckConstraint
+
+    upgrade_database(sqlite_url)
+    engine = create_db_engine(sqlite_url)
+    try:
+        inspector = inspect(engine)
+        migrated = {
+            (table, check["name"]): check["sqltext"] for table in TABLES for check in inspector.get_check_constraints(table)
+        }
+    finally:
+        engine.dispose()
+    modelled = {
+        (table.name, constraint.name): str(constraint.sqltext)
+        for table in Base.metadata.tables.values()
+        for constraint in table.constraints
+        if isinstance(constraint, CheckConstraint)
+    }
+    assert modelled == migrated
+    assert len(modelled) == 4
+
+
 def test_downgrade_to_base_and_upgrade_again(db_url: str) -> None:
     upgrade_database(db_url)
     downgrade_database(db_url, "base")

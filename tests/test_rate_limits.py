@@ -5,13 +5,28 @@ from bot.rate_limits import QuestionRateLimiter
 def test_user_and_channel_limits_slide():
     now = [0.0]
     limiter = QuestionRateLimiter(per_user=2, per_channel=3, window_seconds=10, clock=lambda: now[0])
-    assert limiter.check("T", "C", "U1") is None
-    assert limiter.check("T", "C", "U1") is None
-    assert limiter.check("T", "C", "U1") == "user"
-    assert limiter.check("T", "C", "U2") is None
-    assert limiter.check("T", "C", "U3") == "channel"
+
+    def ask(user: str) -> str | None:
+        exceeded = limiter.exceeded("T", "C", user)
+        if exceeded is None:
+            limiter.hit("T", "C", user)
+        return exceeded
+
+    assert ask("U1") is None
+    assert ask("U1") is None
+    assert ask("U1") == "user"
+    assert ask("U2") is None
+    assert ask("U3") == "channel"
     now[0] = 10.0
-    assert limiter.check("T", "C", "U1") is None
+    assert ask("U1") is None
+
+
+def test_checking_counts_nothing_only_hits_do():
+    limiter = QuestionRateLimiter(per_user=1, per_channel=0, window_seconds=10, clock=lambda: 0.0)
+    assert [limiter.exceeded("T", "C", "U1") for _ in range(3)] == [None, None, None]
+    limiter.hit("T", "C", "U1")
+    assert limiter.exceeded("T", "C", "U1") == "user"
+    assert limiter.exceeded("T", "C", "U2") is None  # other users and the unlimited channel
 
 
 def test_split_message_prefers_sentence_ends_and_respects_the_limit():

@@ -9,7 +9,8 @@ import pytest
 from slack_sdk import WebClient
 from sqlalchemy import update
 
-from bot.recovery import INTERRUPTED, recover_interrupted
+from bot.messages_ko import ANSWER_INTERRUPTED
+from bot.recovery import recover_interrupted
 from storage.conversations import ConversationStore
 from storage.db import create_db_engine, make_session_factory, upgrade_database
 from storage.models import Message, utcnow
@@ -26,9 +27,9 @@ class RecordingAnswers:
 
 
 def _question(session_factory, thread_ts: str, status: str, age: timedelta, reply_ts: str | None = None) -> int:
-    store = ConversationStore(session_factory)
-    conversation_id = store.get_or_create_conversation("T0001", "C1", thread_ts)
-    message_id = store.add_user_message(conversation_id, f"질문 {thread_ts}", "U1", thread_ts)
+    stored = ConversationStore(session_factory).store_question("T0001", "C1", thread_ts, f"질문 {thread_ts}", "U1", thread_ts)
+    assert stored is not None
+    message_id = stored[1]
     with session_factory() as session:
         session.execute(
             update(Message).where(Message.id == message_id)
@@ -57,8 +58,8 @@ def test_recent_are_reanswered_old_get_an_apology_and_each_only_once(session_fac
         assert sorted(result.reanswered) == sorted(answers.calls) == [recent_received, recent_generating]
         assert sorted(result.apologised) == [old_with_reply, old_without]
         # The stored reply message was reused; the other got a new message in its thread.
-        assert fake.messages(channel="C1", thread_ts="100.1")[-1]["text"] == INTERRUPTED
-        assert [m["text"] for m in fake.messages(channel="C1", thread_ts="100.2")] == [INTERRUPTED]
+        assert fake.messages(channel="C1", thread_ts="100.1")[-1]["text"] == ANSWER_INTERRUPTED
+        assert [m["text"] for m in fake.messages(channel="C1", thread_ts="100.2")] == [ANSWER_INTERRUPTED]
         with session_factory() as session:
             statuses = dict(session.query(Message.id, Message.status).all())
         assert statuses[old_with_reply] == statuses[old_without] == "failed"
@@ -105,7 +106,7 @@ def test_finbot_run_answers_a_question_interrupted_by_a_crash(tmp_path, tiny_che
             assert process.wait(timeout=30) == 0, log.read_text(errors="replace")
         thread = fake.messages(channel="C1", thread_ts="500.1")
         assert len(thread) == 1 and "질문 500.1" in thread[0]["text"]  # the placeholder itself was completed
-        assert [m["text"] for m in fake.messages(channel="C1", thread_ts="600.1")] == [INTERRUPTED]
+        assert [m["text"] for m in fake.messages(channel="C1", thread_ts="600.1")] == [ANSWER_INTERRUPTED]
         with session_factory() as session:
             assert session.get(Message, question).status == "answered"
             assert session.get(Message, stale).status == "failed"

@@ -15,8 +15,9 @@ NOW = datetime(2026, 6, 1, 12, 0, tzinfo=UTC)
 
 
 def _thread(store: ConversationStore, session_factory, thread_ts: str, age: timedelta) -> int:
-    conversation_id = store.get_or_create_conversation("T1", "C1", thread_ts)
-    question = store.add_user_message(conversation_id, "질문", "U1", thread_ts)
+    stored = store.store_question("T1", "C1", thread_ts, "질문", "U1", thread_ts)
+    assert stored is not None
+    conversation_id, question = stored
     answer = store.add_assistant_message(conversation_id, "답", question, thread_ts + "9")
     with session_factory() as session:
         session.add(Feedback(message_id=answer, slack_user="U2", vote=1))
@@ -71,8 +72,19 @@ def test_scheduled_daily():
     from bot.scheduler import FinbotScheduler
 
     scheduler = FinbotScheduler("Asia/Seoul")
-    assert schedule_retention(scheduler, session_factory=None, days=90, event_days=7, at=time(4, 30))
+    assert schedule_retention(scheduler, session_factory=None, days=90, event_days=7, at=time(4, 30)) is True
     job = scheduler._scheduler.get_job(RETENTION_JOB_ID)
     assert job is not None
     fields = {field.name: str(field) for field in job.trigger.fields}
     assert (fields["hour"], fields["minute"]) == ("4", "30")
+
+
+def test_not_scheduled_when_switched_off():
+    from bot.scheduler import FinbotScheduler
+
+    scheduler = FinbotScheduler("Asia/Seoul")
+    assert schedule_retention(scheduler, session_factory=None, days=0, event_days=0) is False
+    assert scheduler._scheduler.get_job(RETENTION_JOB_ID) is None
+    # Event ids alone still need purging.
+    assert schedule_retention(scheduler, session_factory=None, days=0, event_days=7) is True
+    assert scheduler._scheduler.get_job(RETENTION_JOB_ID) is not None

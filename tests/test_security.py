@@ -94,8 +94,10 @@ def test_correctly_signed_request_is_accepted_and_answered(http_bot: HttpBot):
     fake = http_bot.fake
     mention = fake.mention_event("기준금리가 뭐야?", channel="C1")
     assert http_bot.post(http_bot.envelope(mention)) == 200
-    reply = fake.wait_for_message(channel="C1", thread_ts=mention["ts"], timeout=30)
-    assert reply is not None
+    reply = fake.wait_for_message(
+        channel="C1", thread_ts=mention["ts"], match=lambda m: "테스트 답변입니다" in (m.get("text") or ""), timeout=30
+    )
+    assert reply["text"].startswith("테스트 답변입니다. 질문: 기준금리가 뭐야?")  # the answer, not an apology
 
 
 @pytest.mark.parametrize(

@@ -6,7 +6,6 @@ from datetime import UTC, datetime, timedelta
 
 import pytest
 from sqlalchemy import Engine, delete, func, select
-from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, sessionmaker
 
 from storage.conversations import ConversationStore
@@ -37,9 +36,16 @@ def store(session_factory: sessionmaker[Session]) -> ConversationStore:
     return ConversationStore(session_factory)
 
 
-def _answered(store: ConversationStore, conversation_id: int, question: str, answer: str, ts: str) -> int:
-    question_id = store.add_user_message(conversation_id, question, "U1", ts)
-    assert question_id is not None
+def _ask(store: ConversationStore, thread_ts: str, question: str, ts: str | None, team: str = "T1",
+         channel: str = "C1") -> tuple[int, int]:
+    """Store a question in thread `thread_ts`; (conversation id, message id)."""
+    stored = store.store_question(team, channel, thread_ts, question, "U1", ts)
+    assert stored is not None
+    return stored
+
+
+def _answered(store: ConversationStore, thread_ts: str, question: str, answer: str, ts: str) -> int:
+    conversation_id, question_id = _ask(store, thread_ts, question, ts)
     store.add_assistant_message(conversation_id, answer, question_id, f"{ts}1")
     return question_id
 
@@ -60,49 +66,47 @@ def test_claim_event_only_once_even_from_a_second_process(store: ConversationSto
     assert store.claim_event("Ev003") is True
 
 
-def test_get_or_create_conversation_is_idempotent(store: ConversationStore, session_factory) -> None:
+def test_store_question_creates_one_conversation_per_thread(store: ConversationStore, session_factory) -> None:
     assert store.find_conversation("T1", "C1", "100.1") is None
-    first = store.get_or_create_conversation("T1", "C1", "100.1")
-    assert store.get_or_create_conversation("T1", "C1", "100.1") == first
+    first, _ = _ask(store, "100.1", "q1", "100.1")
+    assert _ask(store, "100.1", "q2", "100.2")[0] == first
     assert store.find_conversation("T1", "C1", "100.1") == first
     # Any differing key part is a different thread.
-    assert store.get_or_create_conversation("T1", "C1", "100.2") != first
-    assert store.get_or_create_conversation("T1", "C2", "100.1") != first
-    assert store.get_or_create_conversation("T2", "C1", "100.1") != first
+    assert _ask(store, "100.2", "q", "100.2")[0] != first
+    assert _ask(store, "100.1", "q", "100.1", channel="C2")[0] != first
+    assert _ask(store, "100.1", "q", "100.1", team="T2")[0] != first
     with session_factory() as session:
         assert session.scalar(select(func.count()).select_from(Conversation)) == 4
 
 
-def test_duplicate_user_message_returns_none(store: ConversationStore) -> None:
-    conversation_id = store.get_or_create_conversation("T1", "C1", "100.1")
-    first = store.add_user_message(conversation_id, "금리가 뭐야?", "U1", "100.1")
-    assert isinstance(first, int)
-    assert store.add_user_message(conversation_id, "금리가 뭐야?", "U1", "100.1") is None
+def test_duplicate_question_returns_none(store: ConversationStore) -> None:
+    conversation_id, first = _ask(store, "100.1", "금리가 뭐야?", "100.1")
+    assert store.store_question("T1", "C1", "100.1", "금리가 뭐야?", "U1", "100.1") is None
     # Messages without a Slack ts never collide with each other.
-    assert store.add_user_message(conversation_id, "a", None, None) is not None
-    assert store.add_user_message(conversation_id, "b", None, None) is not None
+    assert _ask(store, "100.1", "a", None) != _ask(store, "100.1", "b", None)
     # The same ts in another thread is a different message.
-    other = store.get_or_create_conversation("T1", "C1", "200.1")
-    assert store.add_user_message(other, "금리가 뭐야?", "U1", "100.1") is not None
+    other_id, _ = _ask(store, "200.1", "금리가 뭐야?", "100.1")
+    assert other_id != conversation_id
 
     stored = store.messages(conversation_id)
-    assert [(m.role, m.text, m.slack_ts, m.status) for m in stored] == [
-        ("user", "금리가 뭐야?", "100.1", "received"),
-        ("user", "a", None, "received"),
-        ("user", "b", None, "received"),
+    assert [(m.id == first, m.role, m.text, m.slack_ts, m.status) for m in stored] == [
+        (True, "user", "금리가 뭐야?", "100.1", "received"),
+        (False, "user", "a", None, "received"),
+        (False, "user", "b", None, "received"),
     ]
 
 
-def test_user_message_for_missing_conversation_raises(store: ConversationStore) -> None:
-    # A foreign-key failure must not be mistaken for a duplicate (returning None would hide a bug).
-    with pytest.raises(IntegrityError, match="(?i)foreign key"):
-        store.add_user_message(9999, "x", "U1", "1.1")
+def test_an_event_id_stores_its_question_once(store: ConversationStore) -> None:
+    stored = store.store_question("T1", "C1", "100.1", "q", "U1", "100.1", event_id="Ev1")
+    assert stored is not None
+    # Slack's retry of the event, even with another ts, and a later claim of the same id.
+    assert store.store_question("T1", "C1", "100.1", "q", "U1", "100.9", event_id="Ev1") is None
+    assert store.claim_event("Ev1") is False
+    assert [m.id for m in store.messages(stored[0])] == [stored[1]]
 
 
 def test_status_transitions_and_answer_marks_question(store: ConversationStore) -> None:
-    conversation_id = store.get_or_create_conversation("T1", "C1", "100.1")
-    question_id = store.add_user_message(conversation_id, "환율?", "U1", "100.1")
-    assert question_id is not None
+    conversation_id, question_id = _ask(store, "100.1", "환율?", "100.1")
     store.set_status(question_id, "generating")
     assert store.messages(conversation_id)[0].status == "generating"
     store.set_status(question_id, "failed", error="timeout")
@@ -127,16 +131,15 @@ def test_status_transitions_and_answer_marks_question(store: ConversationStore) 
 
 
 def test_history_pairs_only_answered_questions_in_order(store: ConversationStore) -> None:
-    conversation_id = store.get_or_create_conversation("T1", "C1", "100.1")
-    other_id = store.get_or_create_conversation("T1", "C1", "900.1")
-    q1 = _answered(store, conversation_id, "q1", "a1", "101")
-    unanswered = store.add_user_message(conversation_id, "q-lost", "U1", "102")
-    assert unanswered is not None
+    q1 = _answered(store, "100.1", "q1", "a1", "101")
+    conversation_id = store.find_conversation("T1", "C1", "100.1")
+    assert conversation_id is not None
+    _, unanswered = _ask(store, "100.1", "q-lost", "102")
     store.set_status(unanswered, "failed", error="boom")
-    q3 = _answered(store, conversation_id, "q3", "a3", "103")
-    _answered(store, other_id, "other-q", "other-a", "104")
-    current = store.add_user_message(conversation_id, "q-now", "U1", "105")
-    assert current is not None
+    q3 = _answered(store, "100.1", "q3", "a3", "103")
+    _answered(store, "900.1", "other-q", "other-a", "104")
+    other_id = store.find_conversation("T1", "C1", "900.1")
+    _, current = _ask(store, "100.1", "q-now", "105")
 
     assert store.history(conversation_id) == [("q1", "a1"), ("q3", "a3")]
     assert store.history(conversation_id, before_message_id=current) == [("q1", "a1"), ("q3", "a3")]
@@ -146,10 +149,10 @@ def test_history_pairs_only_answered_questions_in_order(store: ConversationStore
 
 
 def test_deleting_conversation_cascades_messages(store: ConversationStore, session_factory) -> None:
-    conversation_id = store.get_or_create_conversation("T1", "C1", "100.1")
-    _answered(store, conversation_id, "q1", "a1", "101")
-    keep_id = store.get_or_create_conversation("T1", "C1", "200.1")
-    _answered(store, keep_id, "q2", "a2", "201")
+    _answered(store, "100.1", "q1", "a1", "101")
+    conversation_id = store.find_conversation("T1", "C1", "100.1")
+    _answered(store, "200.1", "q2", "a2", "201")
+    keep_id = store.find_conversation("T1", "C1", "200.1")
 
     # A Core DELETE bypasses ORM cascades, so only the database's ON DELETE CASCADE can remove them.
     with session_factory() as session:
@@ -164,8 +167,8 @@ def test_deleting_conversation_cascades_messages(store: ConversationStore, sessi
 def test_timestamps_are_timezone_aware_utc(store: ConversationStore, session_factory) -> None:
     before = datetime.now(UTC)
     store.claim_event("Ev-time")
-    conversation_id = store.get_or_create_conversation("T1", "C1", "100.1")
-    _answered(store, conversation_id, "q1", "a1", "101")
+    _answered(store, "100.1", "q1", "a1", "101")
+    conversation_id = store.find_conversation("T1", "C1", "100.1")
     after = datetime.now(UTC)
 
     with session_factory() as session:
@@ -177,8 +180,8 @@ def test_timestamps_are_timezone_aware_utc(store: ConversationStore, session_fac
         assert stamp.tzinfo is not None
         assert stamp.utcoffset() == timedelta(0)
         assert before <= stamp <= after
-    # Adding messages bumps the conversation's updated_at past its creation.
-    assert conversation.updated_at >= conversation.created_at
+    # Adding messages bumps the conversation's updated_at (retention purges by it).
+    assert conversation.updated_at >= max(m.created_at for m in store.messages(conversation_id))
 
 
 def test_concurrent_claims_from_two_engines_have_one_winner(db_url: str) -> None:
@@ -201,3 +204,12 @@ def test_concurrent_claims_from_two_engines_have_one_winner(db_url: str) -> None
     for event_id, won in results:
         winners[event_id] = winners.get(event_id, 0) + int(won)
     assert winners == {event_id: 1 for event_id in event_ids}
+
+
+def test_stores_need_a_session_factory_bound_to_an_engine() -> None:
+    # They run Core statements on the engine's connections; failing here beats failing mid-answer.
+    from storage.questions import QuestionStore
+
+    for store_class in (ConversationStore, QuestionStore):
+        with pytest.raises(TypeError, match="make_session_factory"):
+            store_class(sessionmaker())

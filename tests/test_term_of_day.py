@@ -7,6 +7,7 @@ No test sleeps for the schedule: the clock is a value the test sets, and the job
 from __future__ import annotations
 
 import threading
+import time as time_module
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from datetime import date, datetime, time, timedelta
@@ -29,7 +30,6 @@ from bot.term_of_day import (
     build_post,
     definition_instruction,
     schedule_term_of_day,
-    split_for_sections,
     term_question,
     today_term_message,
 )
@@ -70,6 +70,18 @@ class FailingEngine(GenerationEngine):
     def stream(self, prompt_ids, params, cancel=None):
         self.calls += 1
         raise RuntimeError("CUDA out of memory (simulated)")
+
+
+class RecordingEngine(FakeEngine):
+    """The fake engine, keeping the prompt ids it was given."""
+
+    def __init__(self, tokenizer, reply_template: str) -> None:
+        super().__init__(tokenizer, reply_template)
+        self.prompts: list[list[int]] = []
+
+    def stream(self, prompt_ids, params, cancel=None):
+        self.prompts.append(list(prompt_ids))
+        return super().stream(prompt_ids, params, cancel)
 
 
 @dataclass
@@ -299,6 +311,17 @@ def test_a_misfired_job_running_after_midnight_does_not_post_yesterdays_term(mak
 # ---------------------------------------------------------------------------- generation and the post
 
 
+def test_a_service_without_an_engine_plans_but_never_claims(make_instance, fake_slack):
+    day = date(2026, 3, 3)
+    bot = make_instance(Clock(at(day)))
+    bot.service.engine = None  # as `finbot term today --dry-run` builds it
+    assert bot.service.choose_term("C1", day) in TERMS
+    [outcome] = bot.service.run_due()
+    assert outcome.status == "failed" and "no engine" in (outcome.reason or "")
+    # No claim was left behind to block the day once an engine is there.
+    assert bot.posts.get("C1", day) is None and fake_slack.calls_to("chat.postMessage") == []
+
+
 def test_generation_failure_is_retried_a_bounded_number_of_times_then_a_fallback_is_posted(
     make_instance, fake_slack, mistral_tokenizer, caplog
 ):
@@ -348,6 +371,18 @@ def test_the_post_reaches_slack_as_block_kit_and_its_thread_is_a_conversation(ma
     assert stored.explanation.startswith(f"**{instruction}**")
 
 
+def test_the_prompt_is_the_seed_layout_and_an_echo_of_it_is_not_posted(make_instance, fake_slack, mistral_tokenizer):
+    # The model repeats the instruction and its [/INST] before answering: the echo must go.
+    engine = RecordingEngine(mistral_tokenizer, "{question} [/INST] 기준금리는 중앙은행이 정하는 금리입니다.")
+    day = date(2026, 3, 3)
+    bot = make_instance(Clock(at(day)), terms=[TERMS[0]], engine=engine)
+    [outcome] = bot.service.run_due()
+    assert outcome.status == "posted"
+    instruction = definition_instruction("기준금리")
+    assert engine.prompts == [mistral_tokenizer(f"[INST]{instruction} [/INST]")["input_ids"]]
+    assert bot.posts.get("C1", day).explanation == "기준금리는 중앙은행이 정하는 금리입니다."
+
+
 def test_long_explanations_are_split_into_sections_within_slacks_limit():
     paragraph = "금리는 돈의 가격입니다. " * 40
     explanation = "\n\n".join([paragraph] * 10)
@@ -356,7 +391,9 @@ def test_long_explanations_are_split_into_sections_within_slacks_limit():
     assert len(sections) > 1
     assert all(len(text) <= SECTION_TEXT_LIMIT for text in sections)
     assert "".join(sections).replace("\n", "").replace(" ", "") == explanation.replace("\n", "").replace(" ", "")
-    assert split_for_sections("가" * 7000) == ["가" * 3000, "가" * 3000, "가" * 1000]
+    # Without any break to cut at, the text is still cut to the limit and nothing is lost.
+    _, blocks = build_post(Term("금리", "통화정책", None), "가" * 7000, date(2026, 3, 3))
+    assert [b["text"]["text"] for b in blocks if b["type"] == "section"] == ["가" * 3000, "가" * 3000, "가" * 1000]
 
 
 def test_particles_follow_the_last_syllable():
@@ -398,33 +435,40 @@ def test_the_daily_trigger_fires_at_nine_seoul_time():
 
 
 def test_scheduling_adds_the_daily_job_with_the_grace_and_a_startup_catch_up(make_instance):
-    bot = make_instance(Clock(at(date(2026, 3, 3))), catch_up_grace=timedelta(minutes=90))
+    bot = make_instance(Clock(at(date(2026, 3, 3))), catch_up_grace=timedelta(minutes=90), post_time=time(7, 30))
     scheduler = FinbotScheduler("Asia/Seoul")
     assert schedule_term_of_day(scheduler, bot.service)
     assert set(scheduler.job_ids()) == {TERM_OF_DAY_JOB_ID, TERM_OF_DAY_CATCH_UP_JOB_ID}
     job = scheduler._scheduler.get_job(TERM_OF_DAY_JOB_ID)
     assert job.misfire_grace_time == 90 * 60 and job.coalesce
-    assert str(job.trigger) == str(daily_trigger(time(9, 0), "Asia/Seoul"))
+    # the configured time, not the default 09:00
+    assert job.trigger.get_next_fire_time(None, at(date(2026, 3, 3), 7, 0)) == at(date(2026, 3, 3), 7, 30)
 
     quiet = make_instance(Clock(at(date(2026, 3, 3))), channels=())
     other = FinbotScheduler("Asia/Seoul")
     assert not schedule_term_of_day(other, quiet.service) and other.job_ids() == []
 
 
-def test_a_started_scheduler_runs_the_startup_job_and_survives_job_errors():
+def test_a_started_scheduler_runs_the_startup_job_and_survives_job_errors(caplog):
     scheduler = FinbotScheduler("Asia/Seoul")
-    ran = threading.Event()
+    ran, broke = threading.Event(), threading.Event()
 
     def broken() -> None:
+        broke.set()
         raise RuntimeError("boom")
 
     scheduler.add_startup_job("broken", broken)
     scheduler.add_startup_job("catch-up", ran.set)
     scheduler.add_daily_job("daily", ran.set, at=time(9, 0))
-    scheduler.start()
-    try:
-        assert ran.wait(5)
-        assert scheduler.running and scheduler.next_run_time("daily") is not None
-    finally:
-        scheduler.shutdown()
+    with caplog.at_level("ERROR"):
+        scheduler.start()
+        try:
+            assert broke.wait(5) and ran.wait(5)
+            deadline = time_module.monotonic() + 5
+            while "job broken failed" not in caplog.text and time_module.monotonic() < deadline:
+                time_module.sleep(0.01)
+            assert "job broken failed" in caplog.text and "boom" in caplog.text  # the operator sees why
+            assert scheduler.running and scheduler.next_run_time("daily") is not None
+        finally:
+            scheduler.shutdown()
     assert not scheduler.running

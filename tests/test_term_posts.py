@@ -92,6 +92,8 @@ def test_a_stale_claim_is_taken_over_once_and_a_fresh_one_never(store: TermPostS
     assert claim(other_store, "b", now=T0 + timedelta(seconds=30), stale_before=T0 - timedelta(minutes=1)) is None
     taken = claim(other_store, "b", now=T0 + timedelta(minutes=31), stale_before=cutoff)
     assert taken is not None and taken.taken_over and taken.post.claimed_by == "b"
+    # The returned post is the row as the takeover left it, the crashed owner's term included.
+    assert (taken.post.claimed_at, taken.post.status, taken.post.term) == (T0 + timedelta(minutes=31), "claimed", "기준금리")
     # The takeover refreshed claimed_at, so a third instance with the same cutoff cannot take it again.
     assert claim(store, "c", now=T0 + timedelta(minutes=32), stale_before=cutoff) is None
     # The crashed owner, should it wake up, can neither confirm nor record its post.

@@ -9,7 +9,7 @@ from __future__ import annotations
 import logging
 from typing import Any
 
-from slack_bolt import App, Assistant, BoltContext, SetStatus, SetSuggestedPrompts, SetTitle
+from slack_bolt import App, Assistant, SetStatus, SetSuggestedPrompts, SetTitle
 from slack_sdk import WebClient
 from slack_sdk.errors import SlackApiError
 
@@ -50,16 +50,11 @@ def build_assistant(answers: AnswerService, store: ConversationStore) -> Assista
         payload: dict[str, Any],
         body: dict[str, Any],
         client: WebClient,
-        context: BoltContext,
         set_status: SetStatus,
         set_title: SetTitle,
     ) -> None:
         event = payload
         if event.get("subtype") not in (None, "file_share"):
-            return
-        event_id = body.get("event_id")
-        if event_id is not None and not store.claim_event(event_id):
-            logger.info("event %s already handled; ignoring redelivery", event_id)
             return
         team_id = body.get("team_id") or event.get("team") or "unknown-team"
         question = IncomingQuestion(
@@ -71,14 +66,20 @@ def build_assistant(answers: AnswerService, store: ConversationStore) -> Assista
             text=(event.get("text") or "").strip(),
         )
         first_question = store.find_conversation(team_id, question.channel_id, question.thread_ts) is None
-        try:
-            if first_question and question.text:
-                set_title(thread_title(question.text))
-            if question.text:
+
+        def show_progress() -> None:
+            # Only once the question is stored: a redelivered event must not leave a status behind
+            # that no answer will ever clear.
+            try:
+                if first_question:
+                    set_title(thread_title(question.text))
                 set_status(messages_ko.ASSISTANT_STATUS)
-        except SlackApiError as error:
-            logger.warning("assistant status/title failed in %s: %s", question.thread_ref, error.response.get("error"))
-        answers.submit(client, question, placeholder=False)
+            except SlackApiError as error:
+                logger.warning(
+                    "assistant status/title failed in %s: %s", question.target.thread_ref, error.response.get("error")
+                )
+
+        answers.submit(client, question, placeholder=False, event_id=body.get("event_id"), on_stored=show_progress)
 
     return assistant
 

@@ -49,15 +49,13 @@ def _team_of(body: dict[str, Any], event: dict[str, Any]) -> str:
     return body.get("team_id") or event.get("team") or "unknown-team"
 
 
-def is_from_ignored_bot(event: dict[str, Any], context: BoltContext, answer_other_bots: bool) -> bool:
-    """finbot never answers itself; other bots only when configured to."""
-    if not event.get("bot_id") and event.get("subtype") != "bot_message":
-        return False
-    if event.get("bot_id") and event.get("bot_id") == context.bot_id:
-        return True
-    if event.get("user") and event.get("user") == context.bot_user_id:
-        return True
-    return not answer_other_bots
+def is_from_ignored_bot(event: dict[str, Any], answer_other_bots: bool) -> bool:
+    """Other bots are answered only when configured to.
+
+    finbot's own messages never get this far: Bolt's self-event middleware (on by default, see
+    `bot.app.build_app`) acknowledges and drops them before any listener.
+    """
+    return (bool(event.get("bot_id")) or event.get("subtype") == "bot_message") and not answer_other_bots
 
 
 def register(
@@ -70,10 +68,11 @@ def register(
 ) -> None:
     # Slack retries an event it thinks we missed; the database remembers every event id. The
     # event id is claimed in the same transaction that stores the question (see `submit`).
+    question_subtypes = QUESTION_SUBTYPES | ({"bot_message"} if answer_other_bots else set())
 
     @app.event("app_mention")
     def on_mention(body: dict[str, Any], event: dict[str, Any], client: WebClient, context: BoltContext) -> None:
-        if is_from_ignored_bot(event, context, answer_other_bots):
+        if is_from_ignored_bot(event, answer_other_bots):
             return
         answers.submit(
             client, _question_from(event, _team_of(body, event), context.bot_user_id), event_id=body.get("event_id")
@@ -81,23 +80,21 @@ def register(
 
     @app.event("message")
     def on_message(body: dict[str, Any], event: dict[str, Any], client: WebClient, context: BoltContext) -> None:
-        subtype = event.get("subtype")
-        allowed = QUESTION_SUBTYPES | ({"bot_message"} if answer_other_bots else set())
-        if subtype not in allowed or is_from_ignored_bot(event, context, answer_other_bots):
+        if event.get("subtype") not in question_subtypes or is_from_ignored_bot(event, answer_other_bots):
             return  # edits, deletions, joins… of answered questions change nothing
-        is_dm = event.get("channel_type") == "im"
         bot_user_id = context.bot_user_id
-        if not is_dm:
-            if bot_user_id and f"<@{bot_user_id}" in (event.get("text") or ""):
+        text = event.get("text") or ""
+        team_id = _team_of(body, event)
+        if event.get("channel_type") != "im":
+            if bot_user_id and f"<@{bot_user_id}" in text:
                 return  # the app_mention event for this same message answers it
-            team_id = _team_of(body, event)
             thread_ts = event.get("thread_ts")
             if thread_ts is None:
-                # Top level: only Q&A channels answer without a mention, and only words, not bare files.
-                if is_qa_channel is None or not is_qa_channel(team_id, event["channel"]):
-                    return
-                if not (event.get("text") or "").strip():
+                # Top level: only Q&A channels answer without a mention, and only words, not bare
+                # files. The database lookup comes last: every top-level message in every channel
+                # finbot is in arrives here.
+                if not text.strip() or is_qa_channel is None or not is_qa_channel(team_id, event["channel"]):
                     return
             elif store.find_conversation(team_id, event["channel"], thread_ts) is None:
                 return  # a thread finbot is not part of
-        answers.submit(client, _question_from(event, _team_of(body, event), bot_user_id), event_id=body.get("event_id"))
+        answers.submit(client, _question_from(event, team_id, bot_user_id), event_id=body.get("event_id"))

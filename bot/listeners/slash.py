@@ -51,15 +51,13 @@ class SlashRequest:
     """One slash command invocation, after ack()."""
 
     command: str  # as typed, e.g. "/term"
-    subcommand: str  # the first word of the text ("" when none)
-    args: str  # the text after the subcommand
+    args: str  # the text after the subcommand (its first word)
     text: str  # the whole text after the command
     team_id: str
     channel_id: str
     user_id: str
     client: WebClient
     respond: Respond
-    payload: dict[str, Any]
 
 
 SubcommandHandler = Callable[[SlashRequest], None]
@@ -199,7 +197,6 @@ def register(app: App, command: str, terms: TermLookupService, qa_channels: QACh
         subcommand, args = parse_text(text)
         request = SlashRequest(
             command=command.get("command") or "/term",
-            subcommand=subcommand,
             args=args,
             text=text.strip(),
             team_id=command.get("team_id") or "unknown-team",
@@ -207,7 +204,6 @@ def register(app: App, command: str, terms: TermLookupService, qa_channels: QACh
             user_id=command.get("user_id") or "",
             client=client,
             respond=respond,
-            payload=command,
         )
         if not subcommand:
             _usage(request)

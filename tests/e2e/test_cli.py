@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import sqlite3
+from datetime import datetime
+from zoneinfo import ZoneInfo
 
 import pytest
 
@@ -69,3 +71,24 @@ def test_a_model_that_cannot_be_loaded_is_reported_without_a_traceback(tmp_path)
     assert "could not load the model (ENGINE=reference" in result.stderr
     assert "Traceback" not in result.stderr
     assert "xoxb-test" not in result.stderr
+
+
+def test_term_today_dry_run_shows_the_choice_without_a_model_or_slack(tmp_path):
+    settings = dict(
+        DATABASE_URL=f"sqlite:///{tmp_path / 'finbot.db'}",
+        # Loading this would fail: a dry run must not need the model, nor a Slack token.
+        ENGINE="reference", BASE_MODEL=str(tmp_path / "no-such-model"), SLACK_BOT_TOKEN="",
+        TERM_OF_DAY_CHANNELS="C1,C2", TERM_OF_DAY_INCLUDE_WEEKENDS="true", TERM_OF_DAY_INCLUDE_HOLIDAYS="true",
+    )
+    today = datetime.now(ZoneInfo("Asia/Seoul")).date().isoformat()
+    pinned = run_finbot("term", "pin", today, "기준금리", cwd=tmp_path, **settings)
+    assert pinned.returncode == 0, pinned.stderr
+    result = run_finbot("term", "today", "--dry-run", cwd=tmp_path, **settings)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.splitlines() == [
+        f"{today} C1: would post 기준금리 (통화정책)",
+        f"{today} C2: would post 기준금리 (통화정책)",
+    ]
+    assert "Traceback" not in result.stderr
+    # Nothing was claimed: the dry run only looked.
+    assert sqlite3.connect(tmp_path / "finbot.db").execute("select count(*) from term_posts").fetchone() == (0,)

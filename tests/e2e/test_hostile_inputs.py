@@ -161,8 +161,9 @@ def test_hostile_corpus_end_to_end(tmp_path: Path, tiny_checkpoint):
 
         # Nothing the bot sent can notify anyone.
         for call in fake.calls:
-            for key in TEXT_PARAMS:
-                value = call.params.get(key)
+            texts = [call.params.get(key) for key in TEXT_PARAMS]
+            texts += [chunk.get("text") for chunk in call.params.get("chunks") or [] if isinstance(chunk, dict)]
+            for value in texts:
                 if isinstance(value, str):
                     assert not PING.search(value), f"{call.method} pings: {value[:300]!r}"
         by_name = {item["name"]: (channel, thread) for item, channel, thread in placed}

@@ -208,7 +208,7 @@ def test_assistant_pane(bot: Bot):
 
     question = fake.message_event("인플레이션과 디플레이션의 차이는?", user="UAS", channel="DAS",
                                   channel_type="im", thread_ts=thread_ts)
-    fake.send_event(question)
+    fake.send_event(question, event_id="EvAssistant1")
     [answer] = bot.wait_answers("DAS", thread_ts)
     assert answer["text"].startswith("인플레이션과 디플레이션의 차이는? 질문에 답해요.")
     [title] = fake.calls_to("assistant.threads.setTitle")
@@ -218,6 +218,13 @@ def test_assistant_pane(bot: Bot):
     # A status instead of a placeholder message in the pane.
     assert messages_ko.THINKING not in [c.params.get("text") for c in fake.calls_to("chat.postMessage")
                                          if c.params.get("channel") == "DAS"]
+
+    # Slack redelivers the event: no second answer, and no status that no answer would clear.
+    replies = bot.bot_messages("DAS", thread_ts)  # the greeting and the answer
+    fake.wait_acked(fake.send_event(question, event_id="EvAssistant1", retry_attempt=1, retry_reason="timeout"))
+    time.sleep(1.0)  # give a wrongly handled retry the time to show up
+    assert bot.bot_messages("DAS", thread_ts) == replies
+    assert len(fake.calls_to("assistant.threads.setStatus")) == len(statuses)
 
 
 def _responses(fake: FakeSlack, envelope: str) -> list[dict]:
