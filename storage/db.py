@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import sqlite3
 from pathlib import Path
 from typing import Any
 
@@ -34,6 +36,11 @@ def _ensure_sqlite_directory(url: str) -> None:
         Path(parsed.database).expanduser().parent.mkdir(parents=True, exist_ok=True)
 
 
+def _journal_mode(cursor: Any) -> str:
+    row = cursor.execute("PRAGMA journal_mode").fetchone()
+    return str(row[0]).lower() if row else ""
+
+
 def create_db_engine(url: str) -> Engine:
     """Create an engine; SQLite connections get the pragmas that make multi-process use safe."""
     parsed = make_url(url)
@@ -50,13 +57,19 @@ def create_db_engine(url: str) -> Engine:
     def _set_sqlite_pragmas(dbapi_connection: Any, connection_record: Any) -> None:
         cursor = dbapi_connection.cursor()
         try:
-            # WAL lets readers proceed while the bot writes; meaningless (and refused) for :memory:.
-            if not in_memory:
-                cursor.execute("PRAGMA journal_mode=WAL")
-            # SQLite ignores foreign keys (and so ON DELETE CASCADE) unless asked per connection.
-            cursor.execute("PRAGMA foreign_keys=ON")
             # Wait for another process's write lock instead of failing at once with "database is locked".
             cursor.execute(f"PRAGMA busy_timeout={SQLITE_BUSY_TIMEOUT_MS}")
+            # SQLite ignores foreign keys (and so ON DELETE CASCADE) unless asked per connection.
+            cursor.execute("PRAGMA foreign_keys=ON")
+            # WAL lets readers proceed while the bot writes; meaningless (and refused) for :memory:.
+            # The mode is stored in the file, so it is switched only once: asking for it again on
+            # every new connection fails at once with "database is locked" (the busy timeout does
+            # not apply) whenever another connection is writing at that moment.
+            if not in_memory and _journal_mode(cursor) != "wal":
+                # If someone is writing right now, this connection works in the old mode and a
+                # later one switches (upgrade_database switches before any bot connection).
+                with contextlib.suppress(sqlite3.OperationalError):
+                    cursor.execute("PRAGMA journal_mode=WAL")
         finally:
             cursor.close()
 
@@ -102,7 +115,17 @@ def alembic_config(url: str) -> Config:
 def upgrade_database(url: str, revision: str = "head") -> None:
     # Migrations open their own engine (see migrations/env.py), so the directory is made here too.
     _ensure_sqlite_directory(url)
-    if make_url(url).get_backend_name() != "postgresql":
+    backend = make_url(url).get_backend_name()
+    if backend == "sqlite":
+        # Switch the file to WAL once, on this single connection, before the migrations and
+        # before any of the bot's connections exist.
+        engine = create_db_engine(url)
+        try:
+            with engine.connect():
+                pass
+        finally:
+            engine.dispose()
+    if backend != "postgresql":
         command.upgrade(alembic_config(url), revision)
         return
     # Several bot processes sharing one PostgreSQL database may start at the same moment: a

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sqlite3
 from pathlib import Path
 
 import pytest
@@ -130,6 +131,28 @@ def test_sqlite_connections_use_wal_and_foreign_keys(sqlite_url: str) -> None:
     finally:
         engine.dispose()
     assert Path(db_url.removeprefix("sqlite:///")).parent.is_dir()
+
+
+def test_a_new_connection_opens_while_another_process_writes(sqlite_url: str) -> None:
+    """A bot under load opens pooled connections while others write: opening one must not fail
+    with "database is locked" (it did, now and then, when every connect asked for WAL again)."""
+    upgrade_database(sqlite_url)
+    path = sqlite_url.removeprefix("sqlite:///")
+    # The migrated file is already WAL, so no connection needs to switch it later.
+    with sqlite3.connect(path) as probe:
+        assert probe.execute("PRAGMA journal_mode").fetchone() == ("wal",)
+    writer = sqlite3.connect(path, isolation_level=None)
+    engine = create_db_engine(sqlite_url)
+    try:
+        writer.execute("BEGIN IMMEDIATE")
+        writer.execute("INSERT INTO qa_channels (team_id, channel_id, added_by, added_at) VALUES ('T1', 'C1', 'U1', '2026-01-01')")
+        with engine.connect() as connection:
+            # WAL readers see the last committed state while the write is in progress.
+            assert connection.execute(text("SELECT count(*) FROM qa_channels")).scalar() == 0
+        writer.execute("COMMIT")
+    finally:
+        writer.close()
+        engine.dispose()
 
 
 def test_in_memory_sqlite_skips_wal_but_keeps_foreign_keys() -> None:

@@ -72,7 +72,10 @@ def test_concurrent_claims_from_threads_have_one_winner(store: TermPostStore, ot
     def contend(index: int) -> None:
         target = store if index % 2 else other_store
         barrier.wait()
-        result = claim(target, f"worker-{index}")
+        try:
+            result: object = claim(target, f"worker-{index}")
+        except Exception as error:  # noqa: BLE001 - reported by the assertion below, with its cause
+            result = error
         with lock:
             results.append(result)
 
@@ -81,6 +84,8 @@ def test_concurrent_claims_from_threads_have_one_winner(store: TermPostStore, ot
         thread.start()
     for thread in threads:
         thread.join(timeout=30)
+    errors = [r for r in results if isinstance(r, Exception)]
+    assert errors == []
     winners = [r for r in results if r is not None]
     assert len(results) == 8 and len(winners) == 1
 
