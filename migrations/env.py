@@ -10,7 +10,7 @@ from sqlalchemy import create_engine, event
 from sqlalchemy.engine import make_url
 from sqlalchemy.pool import NullPool
 
-from storage.db import SQLITE_BUSY_TIMEOUT_MS
+from storage.db import SQLITE_BUSY_TIMEOUT_MS, use_wal
 from storage.models import Base, UTCDateTime
 
 config = context.config
@@ -71,6 +71,7 @@ def run_migrations_online() -> None:
             cursor.execute("PRAGMA foreign_keys=OFF")
             # The bot may be running against the same file; wait for its locks rather than fail.
             cursor.execute(f"PRAGMA busy_timeout={SQLITE_BUSY_TIMEOUT_MS}")
+            use_wal(cursor)
             cursor.close()
 
     try:

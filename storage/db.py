@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
-import sqlite3
 from pathlib import Path
 from typing import Any
 
@@ -36,9 +34,16 @@ def _ensure_sqlite_directory(url: str) -> None:
         Path(parsed.database).expanduser().parent.mkdir(parents=True, exist_ok=True)
 
 
-def _journal_mode(cursor: Any) -> str:
-    row = cursor.execute("PRAGMA journal_mode").fetchone()
-    return str(row[0]).lower() if row else ""
+def use_wal(cursor: Any) -> None:
+    """Put a SQLite file in WAL mode, which lets readers proceed while the bot writes.
+
+    The mode is stored in the file, so it is switched only when it is not WAL yet: asking again on
+    every new connection fails at once with "database is locked" (the busy timeout does not apply)
+    whenever another connection is writing at that moment. The migrations switch the file first,
+    on their single connection, before any bot connection exists.
+    """
+    if str(cursor.execute("PRAGMA journal_mode").fetchone()[0]).lower() != "wal":
+        cursor.execute("PRAGMA journal_mode=WAL")
 
 
 def create_db_engine(url: str) -> Engine:
@@ -61,15 +66,9 @@ def create_db_engine(url: str) -> Engine:
             cursor.execute(f"PRAGMA busy_timeout={SQLITE_BUSY_TIMEOUT_MS}")
             # SQLite ignores foreign keys (and so ON DELETE CASCADE) unless asked per connection.
             cursor.execute("PRAGMA foreign_keys=ON")
-            # WAL lets readers proceed while the bot writes; meaningless (and refused) for :memory:.
-            # The mode is stored in the file, so it is switched only once: asking for it again on
-            # every new connection fails at once with "database is locked" (the busy timeout does
-            # not apply) whenever another connection is writing at that moment.
-            if not in_memory and _journal_mode(cursor) != "wal":
-                # If someone is writing right now, this connection works in the old mode and a
-                # later one switches (upgrade_database switches before any bot connection).
-                with contextlib.suppress(sqlite3.OperationalError):
-                    cursor.execute("PRAGMA journal_mode=WAL")
+            # Meaningless (and refused) for :memory:.
+            if not in_memory:
+                use_wal(cursor)
         finally:
             cursor.close()
 
@@ -115,17 +114,7 @@ def alembic_config(url: str) -> Config:
 def upgrade_database(url: str, revision: str = "head") -> None:
     # Migrations open their own engine (see migrations/env.py), so the directory is made here too.
     _ensure_sqlite_directory(url)
-    backend = make_url(url).get_backend_name()
-    if backend == "sqlite":
-        # Switch the file to WAL once, on this single connection, before the migrations and
-        # before any of the bot's connections exist.
-        engine = create_db_engine(url)
-        try:
-            with engine.connect():
-                pass
-        finally:
-            engine.dispose()
-    if backend != "postgresql":
+    if make_url(url).get_backend_name() != "postgresql":
         command.upgrade(alembic_config(url), revision)
         return
     # Several bot processes sharing one PostgreSQL database may start at the same moment: a

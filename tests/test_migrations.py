@@ -139,8 +139,11 @@ def test_a_new_connection_opens_while_another_process_writes(sqlite_url: str) ->
     upgrade_database(sqlite_url)
     path = sqlite_url.removeprefix("sqlite:///")
     # The migrated file is already WAL, so no connection needs to switch it later.
-    with sqlite3.connect(path) as probe:
+    probe = sqlite3.connect(path)
+    try:
         assert probe.execute("PRAGMA journal_mode").fetchone() == ("wal",)
+    finally:
+        probe.close()
     writer = sqlite3.connect(path, isolation_level=None)
     engine = create_db_engine(sqlite_url)
     try:
