@@ -8,6 +8,7 @@ import signal
 import sys
 import threading
 from collections.abc import Sequence
+from datetime import timedelta
 
 from bot.settings import FinbotSettings
 
@@ -85,7 +86,7 @@ def command_ask(settings: FinbotSettings, question: str) -> int:
 
 def command_run(settings: FinbotSettings) -> int:
     from bot.app import build_app
-    from bot.recovery import finish_in_flight, recover_on_startup
+    from bot.recovery import RecoveryLoop, shut_down
     from storage.db import upgrade_database
 
     if missing := settings.missing_slack_settings():
@@ -105,7 +106,20 @@ def command_run(settings: FinbotSettings) -> int:
 
     signal.signal(signal.SIGTERM, request_stop)
     signal.signal(signal.SIGINT, request_stop)
-    recover_on_startup(settings, finbot)
+    recovery: RecoveryLoop | None = None
+    if finbot.answers.leases is not None:
+        recovery = RecoveryLoop(
+            finbot.answers.leases,
+            finbot.answers,
+            finbot.app.client,
+            max_age=timedelta(minutes=settings.recovery_max_age_minutes),
+            max_attempts=settings.recovery_max_attempts,
+            legacy_min_age=timedelta(seconds=settings.recovery_min_age_s),
+            interval_s=settings.question_lease_s / 3,
+        )
+        # The first pass runs now: questions a killed or stopped process left are answered at once.
+        recovery.tick()
+        recovery.start()
 
     if settings.slack_mode == "socket":
         from slack_bolt.adapter.socket_mode import SocketModeHandler
@@ -127,7 +141,7 @@ def command_run(settings: FinbotSettings) -> int:
         stop.wait()
         server.shutdown()  # no new requests; questions already taken are finished below
     scheduler.shutdown(wait=True)
-    finish_in_flight(finbot.answers, settings.shutdown_deadline_s)
+    shut_down(finbot.answers, recovery, settings.shutdown_deadline_s)
     engine.close()
     logger.info("finbot stopped")
     return 0

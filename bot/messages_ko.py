@@ -18,6 +18,11 @@ GENERATION_FAILED = (
 EMPTY_ANSWER = "죄송해요, 이 질문에는 알맞은 답변을 만들지 못했어요. 조금 다르게 질문해 주시겠어요?"
 # A question a restart interrupted too long ago to answer it still (see bot/recovery.py).
 ANSWER_INTERRUPTED = "답변이 중단되었어요, 다시 질문해 주세요."
+# Left in the reply message when a restart interrupts an answer; the next instance replaces it
+# with the whole answer within seconds.
+ANSWER_RESUMING = "finbot이 잠시 재시작하고 있어요. 곧 이 자리에서 답변을 이어서 드릴게요… ⏳"
+# A question that stopped every instance that tried to answer it (see RECOVERY_MAX_ATTEMPTS).
+ANSWER_GAVE_UP = "죄송해요, 이 질문에는 답변을 드리지 못했어요. 질문을 조금 바꿔서 다시 물어봐 주시겠어요?"
 
 # 오늘의 금융용어 (term of the day)
 TERM_OF_DAY_TITLE = "오늘의 금융용어"

@@ -1,184 +1,211 @@
-"""Crash recovery: questions a previous run left 'received' or 'generating' are not dropped.
+"""No question lost: leases renewed, abandoned questions taken over, shutdowns that hand work on.
 
-On start-up, each interrupted question is either answered again in its thread (reusing the stored
-reply message through `AnswerService.answer_stored`) or, when it is older than
-RECOVERY_MAX_AGE_MINUTES (the user has long moved on), gets a short apology in its thread and is
-marked failed.
+Every question an instance stores is leased to it (storage.leases). A background loop in every
+`finbot run`, from start-up on and every `interval_s`:
 
-Several instances may start at once on one database, and a running instance may be in the middle
-of answering. So a question is only considered interrupted when it is older than `min_age`
-(RECOVERY_MIN_AGE_S; a live instance finishes an answer well within it), and each one is claimed
-with an atomic conditional UPDATE before anything is posted: exactly one instance recovers it.
+1. renews the leases of the questions this instance is answering or has queued;
+2. takes over questions whose lease ran out (their instance was killed, lost its database or
+   hangs), whose owner is a dead process of this machine (a kill followed by a restart: taken at
+   once, not after the lease), or that were stored before leases existed. The takeover is one
+   conditional UPDATE, so exactly one instance wins each question.
+
+A question taken over is answered again in its thread, reusing its stored reply message (the
+placeholder, the half-streamed answer or the "continuing shortly" notice), so no second answer
+appears beside a half one. One older than `max_age` (the user has long moved on) or taken over
+more than `max_attempts` times (it keeps killing whoever answers it) gets a short apology there
+instead and is marked failed.
+
+A graceful shutdown (`shut_down`) stops taking questions over, releases the queued ones at once,
+gives running answers the shutdown deadline, then interrupts them: each closes its message with
+a notice and releases its question, which the next start or another instance picks up at once.
 """
 
 from __future__ import annotations
 
 import logging
 import os
-from dataclasses import dataclass
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import TYPE_CHECKING
 
 from slack_sdk import WebClient
-from sqlalchemy import or_, select, update
-from sqlalchemy.orm import Session, sessionmaker
 
 from bot import messages_ko
+from bot.instance import owner_is_gone
 from bot.streaming import AnswerStreamer, ReplyTarget, StreamingModes, StreamSettings
-from bot.term_of_day import default_instance_id
 from storage.conversations import ConversationStore
-from storage.models import Conversation, Message, utcnow
+from storage.leases import QuestionLeases, UnfinishedQuestion
+from storage.models import utcnow
 
 if TYPE_CHECKING:
     from bot.replies import AnswerService
 
 logger = logging.getLogger(__name__)
 
-CLAIM_PREFIX = "recovery claimed by "
-PENDING = ("received", "generating")
 
-
-@dataclass(frozen=True)
+@dataclass
 class RecoveryResult:
-    reanswered: list[int]
-    apologised: list[int]
+    reanswered: list[int] = field(default_factory=list)
+    apologised: list[int] = field(default_factory=list)
 
 
-@dataclass(frozen=True)
-class _Pending:
-    id: int
-    status: str
-    created_at: datetime
-    reply_ts: str | None
-    team_id: str
-    channel_id: str
-    thread_ts: str
-
-    @property
-    def target(self) -> ReplyTarget:
-        return ReplyTarget(self.team_id, self.channel_id, self.thread_ts, None)
-
-
-def _pending(session_factory: sessionmaker[Session], older_than: datetime) -> list[_Pending]:
-    with session_factory() as session:
-        rows = session.execute(
-            select(Message, Conversation)
-            .join(Conversation, Conversation.id == Message.conversation_id)
-            .where(
-                Message.role == "user",
-                Message.status.in_(PENDING),
-                Message.created_at <= older_than,
-                or_(Message.error.is_(None), Message.error.not_like(CLAIM_PREFIX + "%")),
-            )
-            .order_by(Message.id)
-        ).all()
-        return [
-            _Pending(m.id, m.status, m.created_at, m.reply_ts, c.team_id, c.channel_id, c.thread_ts)
-            for m, c in rows
-        ]
-
-
-def _claim(session_factory: sessionmaker[Session], question: _Pending, owner: str) -> bool:
-    """Atomically take the question; False when another instance (or the live answer) got there first."""
-    with session_factory() as session:
-        result = session.execute(
-            update(Message)
-            .where(
-                Message.id == question.id,
-                Message.status == question.status,
-                or_(Message.error.is_(None), Message.error.not_like(CLAIM_PREFIX + "%")),
-            )
-            .values(status="received", error=f"{CLAIM_PREFIX}{owner}")
-        )
-        session.commit()
-        return result.rowcount == 1
-
-
-def _apologise(client: WebClient, question: _Pending) -> None:
+def _apologise(client: WebClient, question: UnfinishedQuestion, text: str) -> None:
     """The notice replaces the stored reply message (placeholder or half an answer), else is posted."""
+    target = ReplyTarget(question.team_id, question.channel_id, question.thread_ts, None)
     streamer = AnswerStreamer(
-        client, question.target, StreamingModes(native_enabled=False), StreamSettings(), placeholder_ts=question.reply_ts
+        client, target, StreamingModes(native_enabled=False), StreamSettings(), placeholder_ts=question.reply_ts
     )
-    streamer.fail(messages_ko.ANSWER_INTERRUPTED)
+    if streamer.fail(text) is None:
+        raise RuntimeError(f"could not post the notice in {question.thread_ref}")
 
 
-def recover_interrupted(
-    session_factory: sessionmaker[Session],
-    answers: AnswerService,
-    client: WebClient,
-    *,
-    max_age: timedelta,
-    min_age: timedelta = timedelta(0),
-    now: datetime | None = None,
-    owner: str | None = None,
-) -> RecoveryResult:
-    """Re-answer (younger than `max_age`) or apologise for every interrupted question older than `min_age`."""
-    now = now or utcnow()
-    owner = owner or default_instance_id()
-    store = ConversationStore(session_factory)
-    reanswered: list[int] = []
-    apologised: list[int] = []
-    for question in _pending(session_factory, now - min_age):
-        if not _claim(session_factory, question, owner):
-            continue
-        if now - question.created_at > max_age:
-            logger.warning(
-                "question %d in %s was interrupted %s ago; telling the user to ask again",
-                question.id, question.target.thread_ref, now - question.created_at,
-            )
-            _apologise(client, question)
-            store.set_status(question.id, "failed", "interrupted by a restart")
-            apologised.append(question.id)
-            continue
-        logger.info("re-answering question %d in %s, interrupted by a restart", question.id, question.target.thread_ref)
+class RecoveryLoop:
+    """Renews this instance's leases and finishes abandoned questions, every `interval_s`."""
+
+    def __init__(
+        self,
+        leases: QuestionLeases,
+        answers: AnswerService,
+        client: WebClient,
+        *,
+        max_age: timedelta,
+        max_attempts: int = 3,
+        legacy_min_age: timedelta = timedelta(minutes=2),
+        interval_s: float = 10.0,
+        is_gone: Callable[[str], bool] = owner_is_gone,
+    ) -> None:
+        self._leases = leases
+        self._answers = answers
+        self._client = client
+        self._store = ConversationStore(answers.questions.session_factory)
+        self._max_age = max_age
+        self._max_attempts = max_attempts
+        self._legacy_min_age = legacy_min_age
+        self._interval_s = interval_s
+        self._is_gone = is_gone
+        self._sweeping = threading.Event()
+        self._sweeping.set()
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    # ------------------------------------------------------------------ one pass
+
+    def tick(self, now: datetime | None = None) -> RecoveryResult:
+        """Renew our leases, then (unless shutting down) take over abandoned questions; never raises."""
         try:
-            answers.answer_stored(client, question.id)
-        except Exception:
-            logger.exception("could not resubmit question %d in %s", question.id, question.target.thread_ref)
-            continue
-        reanswered.append(question.id)
-    if reanswered or apologised:
-        logger.info("recovery: %d question(s) re-answered, %d apologised for", len(reanswered), len(apologised))
-    return RecoveryResult(reanswered=reanswered, apologised=apologised)
+            self._leases.renew(now)
+        except Exception as error:
+            logger.warning("could not renew question leases (retrying in %.0f s): %s", self._interval_s, error)
+        if not self._sweeping.is_set():
+            return RecoveryResult()
+        try:
+            return self.sweep(now)
+        except Exception as error:
+            logger.warning("recovery sweep failed (retrying in %.0f s): %s", self._interval_s, error)
+            return RecoveryResult()
 
+    def sweep(self, now: datetime | None = None) -> RecoveryResult:
+        now = now or utcnow()
+        result = RecoveryResult()
+        mine_in_progress = self._answers.active_questions()
+        for question in self._leases.abandoned(
+            now=now, legacy_before=now - self._legacy_min_age, owner_is_gone=self._is_gone
+        ):
+            if question.owner == self._leases.owner and question.id in mine_in_progress:
+                continue
+            gone = question.owner not in (None, self._leases.owner) and self._is_gone(question.owner)
+            if not self._leases.take_over(question, owner_gone=gone, now=now):
+                continue
+            self._finish(question, now, gone, result)
+        if result.reanswered or result.apologised:
+            logger.info(
+                "recovery: %d question(s) re-answered, %d apologised for", len(result.reanswered), len(result.apologised)
+            )
+        return result
 
-def recover_on_startup(settings: object, finbot: object) -> RecoveryResult | None:
-    """`finbot run`'s start-up pass (settings: FinbotSettings, finbot: bot.app.Finbot); never raises."""
-    try:
-        return recover_interrupted(
-            finbot.session_factory,  # type: ignore[attr-defined]
-            finbot.answers,  # type: ignore[attr-defined]
-            finbot.app.client,  # type: ignore[attr-defined]
-            max_age=timedelta(minutes=settings.recovery_max_age_minutes),  # type: ignore[attr-defined]
-            min_age=timedelta(seconds=settings.recovery_min_age_s),  # type: ignore[attr-defined]
+    def _finish(self, question: UnfinishedQuestion, now: datetime, gone: bool, result: RecoveryResult) -> None:
+        why = (
+            "its instance is gone" if gone
+            else "it had no owner" if question.owner is None
+            else "its lease ran out" if question.owner != self._leases.owner
+            else "this instance's own lease ran out"
         )
-    except Exception:
-        logger.exception("crash recovery failed; interrupted questions stay stored for the next start")
-        return None
+        age = now - question.created_at
+        attempts = question.attempts + 1
+        notice: str | None = None
+        if age > self._max_age:
+            notice, reason = messages_ko.ANSWER_INTERRUPTED, f"interrupted {age} ago"
+        elif attempts > self._max_attempts:
+            notice, reason = messages_ko.ANSWER_GAVE_UP, f"taken over {attempts} times"
+        if notice is not None:
+            logger.warning("question %d in %s: taken over (%s) but %s; telling the user",
+                           question.id, question.thread_ref, why, reason)
+            try:
+                _apologise(self._client, question, notice)
+            except Exception as error:
+                logger.error("could not apologise for question %d in %s (retrying later): %s",
+                             question.id, question.thread_ref, error)
+                self._leases.release([question.id])
+                return
+            self._store.set_status(question.id, "failed", f"recovery: {reason}")
+            result.apologised.append(question.id)
+            return
+        logger.info("question %d in %s: taken over (%s), answering it again (attempt %d)",
+                    question.id, question.thread_ref, why, attempts)
+        try:
+            self._answers.answer_stored(self._client, question.id)
+        except Exception as error:
+            logger.error("could not resubmit question %d in %s (retrying later): %s",
+                         question.id, question.thread_ref, error)
+            self._leases.release([question.id])
+            return
+        result.reanswered.append(question.id)
+
+    # ------------------------------------------------------------------ the loop
+
+    def start(self) -> None:
+        """Run `tick` every `interval_s` on a background thread (the caller runs the first one)."""
+        self._thread = threading.Thread(target=self._run, name="finbot-recovery", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while not self._stop.wait(self._interval_s):
+            self.tick()
+
+    def stop_sweeping(self) -> None:
+        """Keep renewing our leases, take nothing over (a shutdown has begun)."""
+        self._sweeping.clear()
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout=30)
 
 
-def finish_in_flight(answers: AnswerService, deadline_s: float) -> None:
-    """Graceful shutdown: wait up to `deadline_s` for answers in flight, then stop regardless.
+def shut_down(answers: AnswerService, recovery: RecoveryLoop | None, deadline_s: float) -> None:
+    """Graceful shutdown: nothing taken over any more, nothing left owned, no stream left open.
 
-    Questions still unanswered at the deadline stay 'received'/'generating' in the database and
-    are recovered by the next start (or by another instance's start-up pass). Past the deadline
-    the process exits at once: worker threads blocked in generation would otherwise hold the
-    interpreter open.
+    Past the deadline (plus the interruption's own grace) the process exits at once: a worker
+    blocked inside the engine would otherwise hold the interpreter open. Its question has been
+    released by then, so the next instance answers it.
     """
-    import threading
-
-    done = threading.Event()
-
-    def wait_for_answers() -> None:
-        answers.shutdown(wait=True)
-        done.set()
-
-    threading.Thread(target=wait_for_answers, name="finbot-shutdown", daemon=True).start()
-    if done.wait(deadline_s):
+    if recovery is not None:
+        recovery.stop_sweeping()
+    all_stopped = answers.stop_gracefully(deadline_s)
+    if recovery is not None:
+        recovery.stop()
+    if answers.leases is not None:
+        try:
+            released = answers.leases.release()
+        except Exception as error:
+            logger.error("could not release question leases; they expire on their own: %s", error)
+        else:
+            if released:
+                logger.info("released %d unfinished question(s) for the next instance", released)
+    if all_stopped:
         return
-    logger.warning(
-        "answers still in flight after the %.0f s shutdown deadline; exiting, they are recovered on the next start",
-        deadline_s,
-    )
+    logger.warning("an answer did not stop after the shutdown deadline; exiting, the next instance answers it")
     logging.shutdown()
     os._exit(0)

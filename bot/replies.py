@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
@@ -19,7 +20,8 @@ from bot.streaming import AnswerStreamer, ReplyTarget, StreamingModes, StreamSet
 from llm.answering import answer_question, clean_reply, stream_raw_answer
 from llm.engine import GenerationEngine, SamplingParams
 from llm.errors import EngineBusyError, PromptTooLongError
-from storage.conversations import ConversationStore
+from storage.conversations import ConversationStore, LeaseLostError
+from storage.leases import QuestionLeases
 from storage.questions import QuestionStore
 
 logger = logging.getLogger(__name__)
@@ -129,8 +131,20 @@ class AnswerService:
         streaming_modes: StreamingModes | None = None,
         rate_limiter: QuestionRateLimiter | None = None,
         timeout_s: float = 120,
+        leases: QuestionLeases | None = None,
     ) -> None:
         self._store = store
+        # With leases, every question this service stores or takes over is owned by this instance
+        # (see storage.leases); without (tests, one-off tools) questions have no owner.
+        self._leases = leases
+        self._owner = leases.owner if leases is not None else None
+        # Questions being answered right now, with the event that stops their generation.
+        self._active: dict[int, threading.Event] = {}
+        # Questions waiting for a worker, with their placeholder timers.
+        self._queued: dict[int, _Job] = {}
+        self._jobs_lock = threading.Lock()
+        # Set when a shutdown interrupts answers: they hand their questions on instead of failing.
+        self._stopping = threading.Event()
         self._timeout_s = timeout_s
         self._engine = engine
         self._params = params
@@ -145,6 +159,15 @@ class AnswerService:
     @property
     def questions(self) -> QuestionStore:
         return self._questions
+
+    @property
+    def leases(self) -> QuestionLeases | None:
+        return self._leases
+
+    def active_questions(self) -> set[int]:
+        """Questions this process is generating an answer for, or has queued."""
+        with self._jobs_lock:
+            return set(self._active) | set(self._queued)
 
     def submit(
         self,
@@ -179,6 +202,7 @@ class AnswerService:
         stored = self._store.store_question(
             question.team_id, question.channel_id, question.thread_ts,
             question.text, question.user_id, question.message_ts, event_id=event_id,
+            owner=self._owner, lease_until=self._leases.lease_until() if self._leases is not None else None,
         )
         if stored is None:
             logger.info(
@@ -213,7 +237,7 @@ class AnswerService:
             placeholder_ts=None,
             deferred_placeholder=deferred,
         )
-        return self._executor.submit(self._answer, client, job)
+        return self._enqueue(client, job)
 
     def _refusal(self, question: IncomingQuestion) -> str | None:
         """The reply to a question that is not to be answered (empty, over a rate limit), else None."""
@@ -248,7 +272,24 @@ class AnswerService:
             if placeholder_ts is not None:
                 self._questions.set_reply_ts(message_id, placeholder_ts)
         job = _Job(target, stored.conversation_id, stored.id, stored.text, placeholder_ts)
-        return self._executor.submit(self._answer, client, job)
+        return self._enqueue(client, job)
+
+    def _enqueue(self, client: WebClient, job: _Job) -> Future[None] | None:
+        with self._jobs_lock:
+            self._queued[job.message_id] = job
+        try:
+            return self._executor.submit(self._answer, client, job)
+        except RuntimeError:
+            # Shutting down: the question stays stored and unfinished, for the next owner.
+            with self._jobs_lock:
+                self._queued.pop(job.message_id, None)
+            if job.deferred_placeholder is not None:
+                job.deferred_placeholder.settle()
+            if self._leases is not None:
+                self._leases.release([job.message_id])
+            logger.info("question %d in %s left for the next instance: shutting down", job.message_id,
+                        job.target.thread_ref)
+            return None
 
     def run_in_background(self, function: Callable[..., T], *args: Any) -> Future[T]:
         """Run `function` on the generation workers (for work that calls the engine)."""
@@ -261,11 +302,71 @@ class AnswerService:
     def shutdown(self, wait: bool = True) -> None:
         self._executor.shutdown(wait=wait, cancel_futures=not wait)
 
+    def stop_gracefully(self, deadline_s: float, interrupt_wait_s: float = 10.0) -> bool:
+        """Shut down without losing a question; True when no worker is left running.
+
+        Questions still waiting for a worker are given up at once (their leases released, so the
+        next start or another instance answers them immediately). Answers in progress get
+        `deadline_s` to finish; then they are interrupted: each closes its Slack message with a
+        "continuing shortly" notice (no stream left open) and releases its question.
+        """
+        self._executor.shutdown(wait=False, cancel_futures=True)
+        with self._jobs_lock:
+            # The executor dropped the queued jobs; those it had started already are in _active.
+            waiting = [job for message_id, job in self._queued.items() if message_id not in self._active]
+            for job in waiting:
+                self._queued.pop(job.message_id, None)
+        for job in waiting:
+            if job.deferred_placeholder is not None:
+                job.deferred_placeholder.settle()
+        if waiting and self._leases is not None:
+            self._leases.release([job.message_id for job in waiting])
+            logger.info("shutdown: %d queued question(s) released for the next instance", len(waiting))
+        if self._wait_idle(deadline_s):
+            return True
+        with self._jobs_lock:
+            interrupted = list(self._active.items())
+        logger.warning(
+            "shutdown: %d answer(s) still running after %.0f s; interrupting them, they continue after the restart",
+            len(interrupted), deadline_s,
+        )
+        self._stopping.set()
+        for _message_id, cancel in interrupted:
+            cancel.set()
+        return self._wait_idle(interrupt_wait_s)
+
+    def _wait_idle(self, timeout_s: float) -> bool:
+        deadline = time.monotonic() + timeout_s
+        while True:
+            with self._jobs_lock:
+                if not self._active and not self._queued:
+                    return True
+            if time.monotonic() >= deadline:
+                return False
+            time.sleep(0.05)
+
     def _answer(self, client: WebClient, job: _Job) -> None:
+        cancel = threading.Event()
+        with self._jobs_lock:
+            self._queued.pop(job.message_id, None)
+            self._active[job.message_id] = cancel
+        try:
+            self._answer_owned(client, job, cancel)
+        finally:
+            with self._jobs_lock:
+                self._active.pop(job.message_id, None)
+
+    def _answer_owned(self, client: WebClient, job: _Job, cancel: threading.Event) -> None:
         target = job.target
         deferred = job.deferred_placeholder
         try:
-            history = self._store.start_answer(job.message_id, job.conversation_id)
+            history = self._store.start_answer(job.message_id, job.conversation_id, owner=self._owner)
+        except LeaseLostError:
+            if deferred is not None:
+                deferred.settle()
+            logger.info("question %d in %s was taken over by another instance; not answering it here",
+                        job.message_id, target.thread_ref)
+            return
         except BaseException:
             if deferred is not None:
                 deferred.settle()
@@ -289,17 +390,20 @@ class AnswerService:
 
         raw = ""
         # The engine checks `cancel` between tokens, so a stuck or runaway answer frees its slot.
-        cancel = threading.Event()
         deadline = threading.Timer(self._timeout_s, cancel.set)
         deadline.daemon = True
         deadline.start()
         try:
-            for chunk in stream_raw_answer(
+            generation = stream_raw_answer(
                 self._engine, history, job.text, self._params, self._max_prompt_tokens, cancel
-            ):
+            )
+            for chunk in generation:
                 raw += chunk
                 settle_placeholder()
                 streamer.feed(raw)
+            if cancel.is_set() and self._stopping.is_set():
+                self._hand_on(job, streamer, settle_placeholder)
+                return
             if cancel.is_set():
                 raise TimeoutError(f"no complete answer within {self._timeout_s:g} s")
         except TimeoutError as error:
@@ -322,16 +426,38 @@ class AnswerService:
             deadline.cancel()
 
         settle_placeholder()
-        answer = clean_reply(raw, job.text) or messages_ko.EMPTY_ANSWER
+        answer = clean_reply(raw, job.text, generation.finish_reason) or messages_ko.EMPTY_ANSWER
         pieces = split_message(to_mrkdwn(answer), self._stream_settings.message_limit)
         # Saved before the final message shows the 👍/👎 buttons, which look the answer up: a quick
         # click must find it. The bot's message ts is already on the question (`reply_ts`).
-        self._store.add_assistant_message(job.conversation_id, answer, reply_to_id=job.message_id, slack_ts=None)
+        try:
+            self._store.add_assistant_message(
+                job.conversation_id, answer, reply_to_id=job.message_id, slack_ts=None, owner=self._owner
+            )
+        except LeaseLostError:
+            # Our lease ran out (the database was out of reach for longer than it) and another
+            # instance is answering in this message now: leave it to that one.
+            logger.warning("question %d in %s was taken over while this instance answered it; dropping this answer",
+                           job.message_id, target.thread_ref)
+            return
         streamer.finish(pieces, feedback_blocks(job.message_id))
         logger.info(
             "answered question %d in %s (%d chars, %d message(s), %s)",
             job.message_id, target.thread_ref, len(answer), len(pieces), streamer.mode,
         )
+
+    def _hand_on(self, job: _Job, streamer: AnswerStreamer, settle_placeholder: Callable[[], None]) -> None:
+        """Interrupted by a shutdown: close the message with a notice and release the question.
+
+        The message's ts stays stored as the question's reply message, so whoever answers next
+        replaces this notice (and the half answer before it) with the whole answer.
+        """
+        settle_placeholder()
+        streamer.fail(messages_ko.ANSWER_RESUMING)
+        if self._leases is not None:
+            self._leases.release([job.message_id])
+        logger.info("question %d in %s interrupted by the shutdown; released for the next instance",
+                    job.message_id, job.target.thread_ref)
 
     def _fail(
         self,

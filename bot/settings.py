@@ -148,12 +148,19 @@ class FinbotSettings(BaseSettings):
     # ids: the exact prompt token ids (vLLM); text: the decoded [INST]…[/INST] prompt, for servers that only take text.
     openai_prompt_format: Literal["ids", "text"] = "ids"
     openai_stream: bool = True
-    # Questions a crash left unanswered are answered on start-up if younger than this; older ones get an apology.
+    # An instance owns the questions it answers for this long, renewing every third of it; a killed
+    # instance's questions are taken over by a live one (or by itself after a restart) once it runs out.
+    question_lease_s: float = Field(30, ge=3, le=600)
+    # Questions a fault left unanswered are answered again if younger than this; older ones get an apology.
     recovery_max_age_minutes: int = Field(30, ge=0)
-    # Questions in progress younger than this are presumed owned by another live instance and left alone.
+    # A question taken over more often than this (it stops every instance answering it) gets an apology.
+    recovery_max_attempts: int = Field(3, ge=1, le=20)
+    # Unfinished questions stored by a finbot without leases (before 0003) are presumed owned by a live
+    # old instance for this long.
     recovery_min_age_s: float = Field(120, ge=0)
-    # On SIGTERM: stop taking events, then wait at most this long for answers in flight.
-    shutdown_deadline_s: float = Field(30, ge=0)
+    # On SIGTERM: stop taking events, then wait at most this long for answers in flight; answers still
+    # running are interrupted and continued by the next instance (keep it under the orchestrator's grace).
+    shutdown_deadline_s: float = Field(20, ge=0)
     # Conversations untouched this long are purged daily (0 = keep forever); Slack event ids kept this many days.
     retention_days: int = Field(90, ge=0)
     processed_event_retention_days: int = Field(7, ge=1)

@@ -25,10 +25,7 @@ Everything takes an injected `now()` (timezone-aware), so tests run any day at a
 from __future__ import annotations
 
 import logging
-import os
-import socket
 import time as time_module
-import uuid
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import date, datetime, time, timedelta
@@ -40,6 +37,7 @@ from slack_sdk import WebClient
 from bot import messages_ko
 from bot.business_days import holiday_name, is_business_day, next_business_day
 from bot.formatting import split_message, to_mrkdwn
+from bot.instance import current_instance_id, owner_is_gone
 from bot.scheduler import FinbotScheduler
 from bot.term_catalog import Term, as_catalog, choose_next_term, find_term, normalize_term_key
 from llm.answering import answer_question
@@ -174,7 +172,7 @@ class PostOutcome:
 
 
 def default_instance_id() -> str:
-    return f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"[:128]
+    return current_instance_id()
 
 
 @dataclass
@@ -272,6 +270,7 @@ class TermOfDayService:
             claimed_by=self.instance_id,
             now=now,
             stale_before=now - self.config.stale_after,
+            owner_is_gone=owner_is_gone,
         )
         if claim is None:
             existing = self.posts.get(channel_id, day)

@@ -65,8 +65,27 @@ _MARK_ANSWERED = (
             Message.role == "user",
         )
     )
-    .values(status="answered", error=None)
+    .values(status="answered", error=None, lease_expires_at=None)
 )
+# The same, only while the question is still unfinished and ours (see storage.leases).
+_MARK_ANSWERED_OWNED = _MARK_ANSWERED.where(
+    Message.owner == bindparam("b_owner"), Message.status.in_(("received", "generating"))
+)
+# A released lease (expired) is no longer ours to start: another instance may be taking it over.
+_START_OWNED = (
+    update(Message)
+    .where(
+        Message.id == bindparam("b_message_id"),
+        Message.owner == bindparam("b_owner"),
+        Message.status.in_(("received", "generating")),
+        Message.lease_expires_at > bindparam("b_now"),
+    )
+    .values(status="generating", error=None)
+)
+
+
+class LeaseLostError(Exception):
+    """The question was taken over by another instance (our lease ran out); it is theirs to answer."""
 
 
 @dataclass(frozen=True)
@@ -113,9 +132,13 @@ class ConversationStore:
         slack_user: str | None,
         slack_ts: str | None,
         event_id: str | None = None,
+        *,
+        owner: str | None = None,
+        lease_until: datetime | None = None,
     ) -> tuple[int, int] | None:
         """Claim `event_id`, find or create the thread's conversation and store the question as
-        'received', all in one transaction; returns (conversation id, message id).
+        'received', all in one transaction; returns (conversation id, message id). `owner` and
+        `lease_until` make it that instance's to answer (see storage.leases).
 
         None when the event was already claimed or this Slack message is already stored. Nothing
         is half done: a failure leaves neither the claim nor the question behind, so Slack's retry
@@ -142,7 +165,8 @@ class ConversationStore:
                     message_id = connection.execute(
                         _INSERT_MESSAGE,
                         {"conversation_id": conversation_id, "role": "user", "text": text, "slack_user": slack_user,
-                         "slack_ts": slack_ts, "status": "received", "created_at": now},
+                         "slack_ts": slack_ts, "status": "received", "created_at": now,
+                         "owner": owner, "lease_expires_at": lease_until, "attempts": 0},
                     ).inserted_primary_key[0]
                     return int(conversation_id), int(message_id)
             except IntegrityError:
@@ -174,11 +198,22 @@ class ConversationStore:
         with self._engine.begin() as connection:
             self._set_status(connection, message_id, status, error)
 
-    def start_answer(self, message_id: int, conversation_id: int) -> list[tuple[str, str]]:
+    def start_answer(
+        self, message_id: int, conversation_id: int, owner: str | None = None
+    ) -> list[tuple[str, str]]:
         """Mark question `message_id` 'generating' and return its thread's earlier (question, answer)
-        pairs (see `history`), in one transaction."""
+        pairs (see `history`), in one transaction.
+
+        With `owner`, only while the question is unfinished and still that instance's: else
+        `LeaseLostError` (another instance took it over, or it was finished meanwhile).
+        """
         with self._engine.begin() as connection:
-            self._set_status(connection, message_id, "generating", None)
+            if owner is None:
+                self._set_status(connection, message_id, "generating", None)
+            elif connection.execute(
+                _START_OWNED, {"b_message_id": message_id, "b_owner": owner, "b_now": utcnow()}
+            ).rowcount == 0:
+                raise LeaseLostError(f"question {message_id} is no longer {owner}'s to answer")
             rows = connection.execute(
                 _HISTORY_BEFORE, {"conversation_id": conversation_id, "before_id": message_id}
             ).all()
@@ -192,17 +227,26 @@ class ConversationStore:
             raise LookupError(f"no message with id {message_id}")
 
     def add_assistant_message(
-        self, conversation_id: int, text: str, reply_to_id: int, slack_ts: str | None
+        self, conversation_id: int, text: str, reply_to_id: int, slack_ts: str | None, owner: str | None = None
     ) -> int:
         """Store an answer and mark its question answered, atomically.
 
         Done in one transaction so a crash can never leave an answer whose question still looks
-        unanswered (and would be answered again) or vice versa.
+        unanswered (and would be answered again) or vice versa. With `owner`, only while the
+        question is still that instance's: else `LeaseLostError` and nothing is stored.
         """
         with self._engine.begin() as connection:
-            marked = connection.execute(
-                _MARK_ANSWERED, {"b_message_id": reply_to_id, "b_conversation_id": conversation_id}
-            )
+            if owner is not None:
+                marked = connection.execute(
+                    _MARK_ANSWERED_OWNED,
+                    {"b_message_id": reply_to_id, "b_conversation_id": conversation_id, "b_owner": owner},
+                )
+                if marked.rowcount == 0:
+                    raise LeaseLostError(f"question {reply_to_id} is no longer {owner}'s to answer")
+            else:
+                marked = connection.execute(
+                    _MARK_ANSWERED, {"b_message_id": reply_to_id, "b_conversation_id": conversation_id}
+                )
             if marked.rowcount == 0:
                 raise ValueError(
                     f"message {reply_to_id} is not a user message of conversation {conversation_id}"

@@ -13,6 +13,7 @@ from sqlalchemy import (
     Date,
     DateTime,
     ForeignKey,
+    Index,
     Integer,
     MetaData,
     String,
@@ -107,6 +108,8 @@ class Message(Base):
         UniqueConstraint("conversation_id", "role", "slack_ts"),
         CheckConstraint(_one_of("role", ROLES), name="role"),
         CheckConstraint(_one_of("status", USER_STATUSES), name="status"),
+        # The recovery sweep looks for unfinished questions whose lease ran out, every few seconds.
+        Index("ix_messages_status_lease", "status", "lease_expires_at"),
     )
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
@@ -127,6 +130,12 @@ class Message(Base):
     # For a user question: the bot's placeholder/streamed reply message, so an answer interrupted
     # by a restart can be completed in place instead of leaving "답변을 준비하고 있어요…" forever.
     reply_ts: Mapped[str | None] = mapped_column(String(64))
+    # For an unfinished question: the instance answering it and until when that claim holds. The
+    # owner renews the lease while it works; once it has run out, any instance may take over.
+    owner: Mapped[str | None] = mapped_column(String(128))
+    lease_expires_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
+    # Takeovers so far: a question that kills every process answering it is not retried forever.
+    attempts: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
     created_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
 
     conversation: Mapped[Conversation] = relationship(back_populates="messages")

@@ -37,6 +37,10 @@ class QuestionStore:
         self._session_factory = session_factory
         self._engine = bound_engine(session_factory)
 
+    @property
+    def session_factory(self) -> sessionmaker[Session]:
+        return self._session_factory
+
     def get(self, message_id: int) -> StoredQuestion | None:
         """The user message `message_id` with its thread; None if absent or not a question."""
         with self._session_factory() as session:

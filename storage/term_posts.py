@@ -18,11 +18,12 @@ Every method runs its own short transaction, so several processes can share one 
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import date, datetime
 from typing import Any
 
-from sqlalchemy import select, update
+from sqlalchemy import or_, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, sessionmaker
 
@@ -90,11 +91,14 @@ class TermPostStore:
         claimed_by: str,
         now: datetime,
         stale_before: datetime | None = None,
+        owner_is_gone: Callable[[str], bool] | None = None,
     ) -> Claim | None:
         """Claim (channel, date) for this instance; None when someone else holds or finished it.
 
         With `stale_before`, a row still 'claimed' since before that instant is taken over
-        atomically (its crashed owner never confirmed it; see the module docstring).
+        atomically (its crashed owner never confirmed it; see the module docstring). So is one
+        whose owner `owner_is_gone` says is dead, whatever its age: a killed process that is
+        restarted picks its day up at once instead of after the stale cutoff.
         """
         with self._session_factory() as session:
             row = TermPost(
@@ -113,9 +117,23 @@ class TermPostStore:
                 return Claim(_stored(row))
             except IntegrityError:
                 session.rollback()
-        if stale_before is None:
+        if stale_before is None and owner_is_gone is None:
             return None
         with self._session_factory() as session:
+            abandoned = []
+            if stale_before is not None:
+                abandoned.append(TermPost.claimed_at < stale_before)
+            if owner_is_gone is not None:
+                holder = session.scalar(
+                    select(TermPost.claimed_by).where(
+                        TermPost.channel_id == channel_id, TermPost.post_date == post_date, TermPost.status == "claimed"
+                    )
+                )
+                if holder is not None and holder != claimed_by and owner_is_gone(holder):
+                    # Only that same dead holder: a takeover by anyone else changes claimed_by.
+                    abandoned.append(TermPost.claimed_by == holder)
+            if not abandoned:
+                return None
             # The term is kept as the crashed owner chose it: the choice is deterministic anyway, and
             # the history must not change under a post that may already be visible in Slack.
             # RETURNING hands back the row this UPDATE won, with no second read that could race.
@@ -125,7 +143,7 @@ class TermPostStore:
                     TermPost.channel_id == channel_id,
                     TermPost.post_date == post_date,
                     TermPost.status == "claimed",
-                    TermPost.claimed_at < stale_before,
+                    or_(*abandoned),
                 )
                 .values(claimed_by=claimed_by, claimed_at=now)
                 .returning(TermPost)

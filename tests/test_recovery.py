@@ -1,149 +1,206 @@
-"""Crash recovery: interrupted questions are re-answered or get an apology, exactly once."""
+"""Leases and the recovery sweep: abandoned questions are finished exactly once, live ones are left alone.
+
+Runs on every backend of the `session_factory` fixture (a SQLite file and a real PostgreSQL).
+"""
 
 from __future__ import annotations
 
-import signal
+import subprocess
+import threading
+from collections.abc import Iterator
 from datetime import timedelta
 
 import pytest
 from slack_sdk import WebClient
 from sqlalchemy import update
+from sqlalchemy.orm import Session, sessionmaker
 
-from bot.messages_ko import ANSWER_INTERRUPTED
-from bot.recovery import recover_interrupted
-from storage.conversations import ConversationStore
-from storage.db import create_db_engine, make_session_factory, upgrade_database
+from bot.instance import current_instance_id, owner_is_gone
+from bot.messages_ko import ANSWER_GAVE_UP, ANSWER_INTERRUPTED
+from bot.recovery import RecoveryLoop
+from storage.conversations import ConversationStore, LeaseLostError
+from storage.db import create_db_engine, make_session_factory
+from storage.leases import QuestionLeases
 from storage.models import Message, utcnow
-from tests.e2e.process import start_finbot
+from storage.questions import QuestionStore
 from tests.fakes.slack_server import FakeSlack
+
+LEASE = timedelta(seconds=30)
+ELSEWHERE = "other-host:4242:123@1"  # an owner on another machine: only its lease can tell it is gone
 
 
 class RecordingAnswers:
-    def __init__(self) -> None:
+    """What RecoveryLoop needs of AnswerService; records the questions it is asked to answer again."""
+
+    def __init__(self, session_factory: sessionmaker[Session], active: set[int] | None = None) -> None:
+        self.questions = QuestionStore(session_factory)
         self.calls: list[int] = []
+        self._active = active or set()
+
+    def active_questions(self) -> set[int]:
+        return set(self._active)
 
     def answer_stored(self, client: WebClient, message_id: int) -> None:
         self.calls.append(message_id)
 
 
-def _question(session_factory, thread_ts: str, status: str, age: timedelta, reply_ts: str | None = None) -> int:
+def _question(
+    session_factory: sessionmaker[Session],
+    thread_ts: str,
+    *,
+    owner: str | None,
+    lease_left: timedelta | None,
+    age: timedelta = timedelta(seconds=5),
+    status: str = "generating",
+    reply_ts: str | None = None,
+    attempts: int = 0,
+) -> int:
     stored = ConversationStore(session_factory).store_question("T0001", "C1", thread_ts, f"질문 {thread_ts}", "U1", thread_ts)
     assert stored is not None
-    message_id = stored[1]
+    now = utcnow()
     with session_factory() as session:
         session.execute(
-            update(Message).where(Message.id == message_id)
-            .values(status=status, created_at=utcnow() - age, reply_ts=reply_ts)
+            update(Message).where(Message.id == stored[1]).values(
+                status=status, owner=owner, created_at=now - age, reply_ts=reply_ts, attempts=attempts,
+                lease_expires_at=None if lease_left is None else now + lease_left,
+            )
         )
         session.commit()
-    return message_id
+    return stored[1]
 
 
-def test_recent_are_reanswered_old_get_an_apology_and_each_only_once(session_factory):
+def _statuses(session_factory: sessionmaker[Session]) -> dict[int, str]:
+    with session_factory() as session:
+        return dict(session.query(Message.id, Message.status).all())
+
+
+def _dead_local_owner() -> str:
+    """The instance id a process of this machine had, after that process has exited."""
+    child = subprocess.run(
+        ["python3", "-c", "import bot.instance as i; print(i.current_instance_id())"],
+        capture_output=True, text=True, check=True, cwd=str(__import__("pathlib").Path(__file__).parents[1]),
+    )
+    return child.stdout.strip()
+
+
+def test_a_dead_process_of_this_machine_is_gone_a_live_one_or_another_machine_is_not():
+    dead = _dead_local_owner()
+    assert dead != current_instance_id()
+    assert owner_is_gone(dead)
+    assert not owner_is_gone(current_instance_id())
+    assert not owner_is_gone(ELSEWHERE)
+    assert not owner_is_gone("not an instance id")
+
+
+def test_the_sweep_takes_over_exactly_the_abandoned_questions(session_factory):
+    dead = _dead_local_owner()
     with FakeSlack() as fake:
         client = WebClient(base_url=fake.api_url, token=fake.bot_token)
-        placeholder = client.chat_postMessage(channel="C1", thread_ts="100.1", text="답변을 준비하고 있어요…")["ts"]
-        recent_received = _question(session_factory, "200.1", "received", timedelta(minutes=3))
-        recent_generating = _question(session_factory, "200.2", "generating", timedelta(minutes=5))
-        too_fresh = _question(session_factory, "200.3", "generating", timedelta(seconds=10))
-        old_with_reply = _question(session_factory, "100.1", "generating", timedelta(hours=2), reply_ts=placeholder)
-        old_without = _question(session_factory, "100.2", "received", timedelta(days=1))
-        answered = _question(session_factory, "300.1", "answered", timedelta(minutes=3))
-        failed = _question(session_factory, "300.2", "failed", timedelta(minutes=3))
+        placeholder = client.chat_postMessage(channel="C1", thread_ts="100.1", text="반쯤 쓴 답변 ▍")["ts"]
+        expired = _question(session_factory, "200.1", owner=ELSEWHERE, lease_left=-timedelta(seconds=1))
+        live_elsewhere = _question(session_factory, "200.2", owner=ELSEWHERE, lease_left=timedelta(seconds=20))
+        killed_here = _question(session_factory, "200.3", owner=dead, lease_left=timedelta(seconds=25), status="received")
+        legacy_old = _question(session_factory, "200.4", owner=None, lease_left=None, age=timedelta(minutes=5))
+        legacy_fresh = _question(session_factory, "200.5", owner=None, lease_left=None, age=timedelta(seconds=10))
+        too_old = _question(session_factory, "100.1", owner=ELSEWHERE, lease_left=-LEASE, age=timedelta(hours=2),
+                            reply_ts=placeholder)
+        poison = _question(session_factory, "300.1", owner=ELSEWHERE, lease_left=-LEASE, attempts=3)
+        answered = _question(session_factory, "300.2", owner=ELSEWHERE, lease_left=-LEASE, status="answered")
+        failed = _question(session_factory, "300.3", owner=ELSEWHERE, lease_left=-LEASE, status="failed")
 
-        answers = RecordingAnswers()
-        result = recover_interrupted(
-            session_factory, answers, client, max_age=timedelta(minutes=30), min_age=timedelta(minutes=1), owner="a"
-        )
-        assert sorted(result.reanswered) == sorted(answers.calls) == [recent_received, recent_generating]
-        assert sorted(result.apologised) == [old_with_reply, old_without]
-        # The stored reply message was reused; the other got a new message in its thread.
-        assert fake.messages(channel="C1", thread_ts="100.1")[-1]["text"] == ANSWER_INTERRUPTED
-        assert [m["text"] for m in fake.messages(channel="C1", thread_ts="100.2")] == [ANSWER_INTERRUPTED]
+        leases = QuestionLeases(session_factory, "me:1:1@1", LEASE)
+        answers = RecordingAnswers(session_factory)
+        loop = RecoveryLoop(leases, answers, client, max_age=timedelta(minutes=30), max_attempts=3,
+                            legacy_min_age=timedelta(minutes=2))
+        result = loop.sweep()
+
+        assert sorted(result.reanswered) == sorted(answers.calls) == sorted([expired, killed_here, legacy_old])
+        assert sorted(result.apologised) == sorted([too_old, poison])
+        # The apology replaced the half-written message instead of appearing beside it.
+        assert [m["text"] for m in fake.messages(channel="C1", thread_ts="100.1")] == [ANSWER_INTERRUPTED]
+        assert [m["text"] for m in fake.messages(channel="C1", thread_ts="300.1")] == [ANSWER_GAVE_UP]
+        statuses = _statuses(session_factory)
+        assert statuses[too_old] == statuses[poison] == "failed"
+        assert statuses[live_elsewhere] == "generating" and statuses[legacy_fresh] == "generating"
+        assert statuses[answered] == "answered" and statuses[failed] == "failed"
         with session_factory() as session:
-            statuses = dict(session.query(Message.id, Message.status).all())
-        assert statuses[old_with_reply] == statuses[old_without] == "failed"
-        assert statuses[too_fresh] == "generating" and statuses[answered] == "answered" and statuses[failed] == "failed"
+            taken = session.get(Message, expired)
+            assert (taken.owner, taken.status, taken.attempts) == ("me:1:1@1", "received", 1)
+            assert taken.lease_expires_at > utcnow() + LEASE - timedelta(seconds=5)
 
-        # A second instance starting right after finds nothing left to claim.
-        other = RecordingAnswers()
-        again = recover_interrupted(
-            session_factory, other, client, max_age=timedelta(minutes=30), min_age=timedelta(minutes=1), owner="b"
-        )
+        # Another instance sweeping right after finds nothing left: every question had one taker.
+        other = RecordingAnswers(session_factory)
+        again = RecoveryLoop(QuestionLeases(session_factory, "you:2:2@1", LEASE), other, client,
+                             max_age=timedelta(minutes=30), legacy_min_age=timedelta(minutes=2)).sweep()
         assert (again.reanswered, again.apologised, other.calls) == ([], [], [])
-        assert len(fake.messages(channel="C1", thread_ts="100.2")) == 1
+        assert len(fake.messages(channel="C1", thread_ts="300.1")) == 1
 
 
-@pytest.mark.e2e
-def test_finbot_run_answers_a_question_interrupted_by_a_crash(tmp_path, tiny_checkpoint):
-    database = tmp_path / "finbot.db"
-    url = f"sqlite:///{database}"
-    upgrade_database(url)
-    engine = create_db_engine(url)
-    session_factory = make_session_factory(engine)
-    with FakeSlack() as fake:
-        client = WebClient(base_url=fake.api_url, token=fake.bot_token)
-        placeholder = client.chat_postMessage(channel="C1", thread_ts="500.1", text="답변을 준비하고 있어요…")["ts"]
-        question = _question(session_factory, "500.1", "generating", timedelta(minutes=2), reply_ts=placeholder)
-        stale = _question(session_factory, "600.1", "received", timedelta(hours=3))
-        log = tmp_path / "finbot.log"
-        process = start_finbot(
-            "run", cwd=tmp_path, log_path=log,
-            SLACK_BOT_TOKEN=fake.bot_token, SLACK_APP_TOKEN=fake.app_token, SLACK_API_URL=fake.api_url,
-            DATABASE_URL=url, ENGINE="fake", BASE_MODEL=str(tiny_checkpoint.base_dir),
-            FAKE_REPLY="복구된 답변: {question}", RECOVERY_MIN_AGE_S="0",
-        )
+def test_a_renewed_lease_is_never_taken_and_a_released_one_is_taken_at_once(session_factory):
+    owner = QuestionLeases(session_factory, "owner:1:1@1", timedelta(seconds=2))
+    store = ConversationStore(session_factory)
+    stored = store.store_question("T0001", "C1", "1.1", "질문", "U1", "1.1", owner=owner.owner,
+                                  lease_until=owner.lease_until())
+    assert stored is not None
+    question_id = stored[1]
+    taker = QuestionLeases(session_factory, "taker:2:2@1", LEASE)
+    later = utcnow() + timedelta(seconds=3)
+    found = taker.abandoned(now=later, legacy_before=later)
+    assert [q.id for q in found] == [question_id]
+    # The owner renews between the taker's read and its UPDATE: the takeover must fail.
+    assert owner.renew(now=later) == 1
+    assert not taker.take_over(found[0], owner_gone=False, now=later)
+    # Released at shutdown: taken at once, no lease to wait for.
+    assert owner.release() == 1
+    now = utcnow() + timedelta(milliseconds=1)
+    released = taker.abandoned(now=now, legacy_before=now - timedelta(minutes=2))
+    assert [q.id for q in released] == [question_id]
+    assert taker.take_over(released[0], owner_gone=False, now=now)
+    # The old owner can neither start nor store an answer for a question it lost.
+    with pytest.raises(LeaseLostError):
+        store.start_answer(question_id, stored[0], owner=owner.owner)
+    with pytest.raises(LeaseLostError):
+        store.add_assistant_message(stored[0], "늦은 답변", reply_to_id=question_id, slack_ts=None, owner=owner.owner)
+    store.start_answer(question_id, stored[0], owner=taker.owner)
+    store.add_assistant_message(stored[0], "답변", reply_to_id=question_id, slack_ts=None, owner=taker.owner)
+    assert _statuses(session_factory)[question_id] == "answered"
+    assert taker.abandoned(now=utcnow() + timedelta(hours=1), legacy_before=utcnow()) == []
+
+
+@pytest.fixture
+def second_factory(session_factory: sessionmaker[Session]) -> Iterator[sessionmaker[Session]]:
+    """A second instance: its own engine and pool on the same database."""
+    engine = create_db_engine(session_factory.kw["bind"].url.render_as_string(hide_password=False))
+    try:
+        yield make_session_factory(engine)
+    finally:
+        engine.dispose()
+
+
+def test_concurrent_sweeps_of_several_instances_answer_each_question_once(session_factory, second_factory):
+    ids = [_question(session_factory, f"{400 + i}.1", owner=ELSEWHERE, lease_left=-LEASE) for i in range(5)]
+    barrier = threading.Barrier(6)
+    calls: list[tuple[str, int]] = []
+    errors: list[BaseException] = []
+    lock = threading.Lock()
+
+    def sweep(index: int) -> None:
+        factory = session_factory if index % 2 else second_factory
+        answers = RecordingAnswers(factory)
+        loop = RecoveryLoop(QuestionLeases(factory, f"i{index}:1:1@1", LEASE), answers,
+                            WebClient(base_url="http://127.0.0.1:9/"), max_age=timedelta(minutes=30))
+        barrier.wait()
         try:
-            fake.wait_for(
-                lambda: "복구된 답변" in fake.messages(channel="C1", thread_ts="500.1")[-1]["text"],
-                timeout=60, description="recovered answer in place of the placeholder",
-            )
-            fake.wait_for(
-                lambda: fake.messages(channel="C1", thread_ts="600.1"), timeout=30, description="apology"
-            )
-        finally:
-            process.send_signal(signal.SIGTERM)
-            assert process.wait(timeout=30) == 0, log.read_text(errors="replace")
-        thread = fake.messages(channel="C1", thread_ts="500.1")
-        assert len(thread) == 1 and "질문 500.1" in thread[0]["text"]  # the placeholder itself was completed
-        assert [m["text"] for m in fake.messages(channel="C1", thread_ts="600.1")] == [ANSWER_INTERRUPTED]
-        with session_factory() as session:
-            assert session.get(Message, question).status == "answered"
-            assert session.get(Message, stale).status == "failed"
-    engine.dispose()
+            loop.sweep()
+        except BaseException as error:  # noqa: BLE001 - reported below with its cause
+            errors.append(error)
+        with lock:
+            calls.extend((f"i{index}", call) for call in answers.calls)
 
-
-@pytest.mark.e2e
-def test_sigterm_stops_within_the_deadline_and_leaves_the_question_for_recovery(tmp_path, tiny_checkpoint):
-    import sqlite3
-    import time
-
-    database = tmp_path / "finbot.db"
-    log = tmp_path / "finbot.log"
-    with FakeSlack() as fake:
-        process = start_finbot(
-            "run", cwd=tmp_path, log_path=log,
-            SLACK_BOT_TOKEN=fake.bot_token, SLACK_APP_TOKEN=fake.app_token, SLACK_API_URL=fake.api_url,
-            DATABASE_URL=f"sqlite:///{database}", ENGINE="fake", BASE_MODEL=str(tiny_checkpoint.base_dir),
-            FAKE_REPLY="아주 " * 200, FAKE_TOKENS_PER_SECOND="5", SHUTDOWN_DEADLINE_S="1",
-        )
-        try:
-            fake.wait_connected(timeout=60)
-            mention = fake.mention_event("느린 답변", channel="C1")
-            fake.send_event(mention)
-            fake.wait_for(
-                lambda: sqlite3.connect(database).execute(
-                    "select count(*) from messages where status='generating'").fetchone()[0] == 1,
-                timeout=30, description="generation started",
-            )
-            started = time.monotonic()
-            process.send_signal(signal.SIGTERM)
-            assert process.wait(timeout=20) == 0
-            assert time.monotonic() - started < 8
-        finally:
-            if process.poll() is None:
-                process.kill()
-    output = log.read_text(errors="replace")
-    assert "shutdown deadline" in output
-    statuses = sqlite3.connect(database).execute("select status from messages").fetchall()
-    assert statuses == [("generating",)]  # kept for the next start's recovery
+    threads = [threading.Thread(target=sweep, args=(i,)) for i in range(6)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=60)
+    assert errors == []
+    assert sorted(call for _, call in calls) == sorted(ids)
