@@ -2,7 +2,9 @@
 
 Safety comes first: Slack treats ``&``, ``<`` and ``>`` as control characters, so escaping them
 makes ``<!channel>``, ``<!here>``, ``<@U123>``, ``<#C123>`` and ``<http://x|label>`` links
-impossible in anything the model writes. Bare ``@channel``/``@here``/``@everyone`` (and user
+impossible in anything the model writes. Control characters and bidi overrides are dropped
+(`llm.cleaning.strip_control_characters`), so nothing the model writes can garble the message
+or make it display in another order than it reads. Bare ``@channel``/``@here``/``@everyone`` (and user
 group handles) would still notify people if a message were ever posted with ``link_names`` or
 ``parse=full``, so a WORD JOINER (U+2060, invisible) goes after every ``@`` that starts a word.
 
@@ -14,6 +16,8 @@ left alone apart from the escaping, so nothing inside code is reformatted.
 from __future__ import annotations
 
 import re
+
+from llm.cleaning import strip_control_characters
 
 __all__ = ["to_mrkdwn"]
 
@@ -102,7 +106,8 @@ def to_mrkdwn(text: str) -> str:
     """Return `text` (model output, Markdown-ish) as Slack mrkdwn that cannot mention or link.
 
     - ``&``, ``<``, ``>`` become ``&amp;``, ``&lt;``, ``&gt;`` everywhere, code included;
-      ``@`` at the start of a word gets an invisible word joiner so it cannot notify anyone.
+      ``@`` at the start of a word gets an invisible word joiner so it cannot notify anyone;
+      control characters and bidi overrides are removed, line ends become ``\n``.
     - ``**b**``/``__b__`` become ``*b*``; ``*i*`` becomes ``_i_``; ``~~s~~`` becomes ``~s~``.
     - ``#``-headings become bold lines; ``-``/``*``/``+`` bullets become ``•`` (indentation kept);
       numbered lists are left as they are.
@@ -111,7 +116,7 @@ def to_mrkdwn(text: str) -> str:
       (mrkdwn would show it as the first code line) and a fence left open by a cut-off answer
       is closed.
     """
-    text = _SENTINELS_RE.sub("", text.replace("\r\n", "\n"))
+    text = _SENTINELS_RE.sub("", strip_control_characters(text))
     code: list[str] = []
 
     def stash(rendered: str) -> str:
@@ -136,9 +141,10 @@ def escape_for_stream(text: str) -> str:
 
     Appending is only safe if the escaped form of a prefix is a prefix of the escaped whole; that
     holds except for a trailing ``@`` (whether it gets a word joiner depends on the next
-    character), so a trailing ``@`` is held back until more text arrives.
+    character), so a trailing ``@`` is held back until more text arrives. Control characters go
+    as in `to_mrkdwn` (character by character, so that keeps prefixes too).
     """
-    text = _SENTINELS_RE.sub("", text)
+    text = _SENTINELS_RE.sub("", strip_control_characters(text))
     if text.endswith("@"):
         text = text[:-1]
     return _escape(text)

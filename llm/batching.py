@@ -15,6 +15,8 @@ Guarantees:
   serving new ones;
 - sampling per request with its own `SamplingParams` (temperature, top-k, top-p in HF's order;
   greedy; an optional per-request seed); EOS ends a request and is not emitted;
+- every request ends with a `FinishReason` ("eos", "length" for max_new_tokens or the cache end,
+  "cancelled"), which the token stream returns and `stream`'s `Generation` holds;
 - the stream yields whole characters only (`text_deltas`);
 - paged KV cache (a model with `kv_paged`): a request is admitted only when blocks for its prompt
   (+ the first decode position) are free, with one block of growth headroom kept per running
@@ -35,13 +37,13 @@ import queue
 import threading
 import time
 from collections import deque
-from collections.abc import Iterator, Sequence
+from collections.abc import Generator, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Protocol
 
 import torch
 
-from llm.engine import GenerationEngine, SamplingParams, text_deltas
+from llm.engine import FinishReason, Generation, GenerationEngine, SamplingParams, text_deltas
 from llm.errors import EngineBusyError, GenerationError
 
 if TYPE_CHECKING:
@@ -217,6 +219,8 @@ class _Request:
     last_token: int | None = None  # the latest sample (the next step's input)
     order: int = 0  # admission sequence: preemption evicts the youngest first
     preempted: int = 0
+    # Set by the worker before `_END` is queued (the queue orders the write before the read).
+    finish_reason: FinishReason = "eos"
 
     def cancelled(self) -> bool:
         return self.cancel.is_set() or (self.user_cancel is not None and self.user_cancel.is_set())
@@ -284,8 +288,9 @@ class BatchScheduler:
             self._wake.notify()
         return request
 
-    def tokens(self, request: _Request) -> Iterator[int]:
-        """The request's new token ids as they come. Stopping early cancels the request."""
+    def tokens(self, request: _Request) -> Generator[int, None, FinishReason]:
+        """The request's new token ids as they come, then (as the generator's return value) why it
+        ended. Stopping early cancels the request."""
         try:
             while True:
                 try:
@@ -295,7 +300,7 @@ class BatchScheduler:
                         raise GenerationError(f"{self.name}: scheduler thread died") from None
                     continue
                 if item is _END:
-                    return
+                    return request.finish_reason
                 if isinstance(item, BaseException):
                     raise item
                 yield item
@@ -325,10 +330,13 @@ class BatchScheduler:
 
     # -- worker side --
 
-    def _finish(self, request: _Request, error: BaseException | None = None) -> None:
+    def _finish(
+        self, request: _Request, error: BaseException | None = None, *, reason: FinishReason = "error"
+    ) -> None:
         if request.done:
             return
         request.done = True
+        request.finish_reason = "error" if error is not None else reason
         request.out.put(error if error is not None else _END)
         if 0 <= request.slot < len(self._slots) and self._slots[request.slot] is request:
             self._slots[request.slot] = None
@@ -340,12 +348,13 @@ class BatchScheduler:
         request.generated += 1
         request.last_token = token
         if token == self.eos_token_id and not request.ignore_eos:
-            self._finish(request)
+            self._finish(request, reason="eos")
             return
         request.history.append(token)
         request.out.put(token)
+        # The end of the KV cache is a token limit too: either way the answer may stop mid-sentence.
         if request.generated >= request.params.max_new_tokens or request.position >= self.model.max_seq_len:
-            self._finish(request)
+            self._finish(request, reason="length")
 
     # Prompt tokens prefilled together at most (bounds the activations and the decode stall).
     prefill_token_budget = 2048
@@ -366,7 +375,7 @@ class BatchScheduler:
                         break
                     if request.cancelled() or request.params.max_new_tokens <= 0:
                         self._waiting.popleft()
-                        self._finish(request)
+                        self._finish(request, reason="cancelled" if request.cancelled() else "length")
                         continue
                     if self._paged and not self._kv_admit(free[0], length + 1):
                         break  # waits at the head of the queue until blocks are freed
@@ -434,7 +443,7 @@ class BatchScheduler:
         one wasted row in step t, which is dropped."""
         for request in [r for r in self._slots if r is not None]:
             if request.cancelled():
-                self._finish(request)
+                self._finish(request, reason="cancelled")
         if self._paged:
             self._grow()
         started = time.perf_counter()
@@ -599,18 +608,25 @@ class BatchingEngine(GenerationEngine):
         params: SamplingParams,
         cancel: threading.Event | None = None,
         ignore_eos: bool = False,
-    ) -> Iterator[int]:
-        """New token ids (EOS excluded) as they are sampled; `ignore_eos` forces the full length."""
+    ) -> Generator[int, None, FinishReason]:
+        """New token ids (EOS excluded) as they are sampled, returning the `FinishReason`;
+        `ignore_eos` forces the full length."""
         request = self.scheduler.submit(prompt_ids, params, cancel, ignore_eos=ignore_eos)
-        yield from self.scheduler.tokens(request)
+        return (yield from self.scheduler.tokens(request))
 
     def stream(
         self,
         prompt_ids: Sequence[int],
         params: SamplingParams,
         cancel: threading.Event | None = None,
-    ) -> Iterator[str]:
-        yield from text_deltas(self.tokenizer, self.stream_tokens(prompt_ids, params, cancel))
+    ) -> Generation:
+        return Generation(self._text(prompt_ids, params, cancel))
+
+    def _text(
+        self, prompt_ids: Sequence[int], params: SamplingParams, cancel: threading.Event | None
+    ) -> Generator[str, None, FinishReason]:
+        reason = yield from text_deltas(self.tokenizer, self.stream_tokens(prompt_ids, params, cancel))
+        return reason or "eos"
 
     def close(self) -> None:
         self.scheduler.close()

@@ -1,9 +1,12 @@
-"""Tidy a raw model answer before it is shown: echoes, stray tags, cut-offs and loops.
+"""Tidy a raw model answer before it is shown: echoes, stray tags, cut-offs, loops, control characters.
 
 Everything here is regex work on the decoded text (no tokenizer, no model), so it is cheap
 enough to run on every answer. The rules are Korean-aware: sentence ends are detected from
 punctuation and from the polite verb endings (``...니다``, ``...요``) that Korean answers close
 with even when the model leaves out the final period.
+
+An unfinished last sentence is trimmed only when the token limit cut the answer: an answer the
+model ended itself (EOS) may well close on a list item, a URL or "출처: 한국은행", and is kept whole.
 """
 
 from __future__ import annotations
@@ -13,6 +16,11 @@ import unicodedata
 from collections import Counter
 from collections.abc import Iterable, Sequence
 
+# Characters no Slack message should carry: C0 controls other than tab and newline (a carriage
+# return is turned into a newline first), DEL, C1 controls, and the bidirectional marks, embeddings,
+# overrides and isolates (U+061C, U+200E/F, U+202A-E, U+2066-9), which can make text display in
+# an order other than the one it was written in ("Trojan Source").
+_CONTROL_RE = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f-\x9f\u061c\u200e\u200f\u202a-\u202e\u2066-\u2069]")
 _TAG_RE = re.compile(r"<s>|</s>|\[\s*/?\s*INST\s*\]", re.IGNORECASE)
 _OPEN_INST_RE = re.compile(r"\[\s*INST\s*\]", re.IGNORECASE)
 _CLOSE_INST_RE = re.compile(r"\[\s*/\s*INST\s*\]", re.IGNORECASE)
@@ -43,6 +51,15 @@ _TRAILING_SPACE_RE = re.compile(r"[ \t]+$", re.MULTILINE)
 _MIN_REPEAT_CHARS = 8
 # How often a line or sentence may appear, not back to back, before it counts as a loop.
 _LOOP_COUNT = 3
+
+
+def strip_control_characters(text: str) -> str:
+    """`text` without control and bidi-override characters; CR LF and lone CR become LF.
+
+    Per character (CR LF counts as one line end), so the result for a prefix of a text is a prefix
+    of the result for the whole: safe for text shown while it is still being generated.
+    """
+    return _CONTROL_RE.sub("", text.replace("\r\n", "\n").replace("\r", "\n"))
 
 
 def _canon(text: str) -> str:
@@ -77,7 +94,9 @@ def _strip_prompt_echo(text: str, prompt_text: str) -> str | None:
     return text[tail_end:] if closed else None
 
 
-def _remove_echo_and_invented_turns(text: str, prompt_text: str | None) -> str:
+def _remove_echo_and_invented_turns(text: str, prompt_text: str | None) -> tuple[str, bool]:
+    """The answer without a leading echo of the prompt and without turns the model invented after
+    it, and whether such an invented turn was cut off (the answer then ended before it)."""
     rest = None
     if prompt_text is not None:
         rest = _strip_prompt_echo(text, prompt_text)
@@ -92,8 +111,8 @@ def _remove_echo_and_invented_turns(text: str, prompt_text: str | None) -> str:
     # A new [INST] after the answer is the model writing the user's next message: the answer
     # ends there.
     if invented := _OPEN_INST_RE.search(text):
-        text = text[: invented.start()]
-    return text
+        return text[: invented.start()], True
+    return text, False
 
 
 def _ends_cleanly(text: str) -> bool:
@@ -239,22 +258,27 @@ def _tidy(text: str) -> str:
     return text.strip()
 
 
-def clean_answer(text: str, prompt_text: str | None = None) -> str:
+def clean_answer(text: str, prompt_text: str | None = None, cut_by_token_limit: bool = False) -> str:
     """Return the user-facing answer from raw model output.
 
     `prompt_text` is the decoded prompt (tags and spacing are ignored when matching); when the
     output begins with it, it is removed. Without it, a leading ``[INST]...[/INST]`` echo is
     still recognised. The answer ends where the model starts inventing a new ``[INST]`` turn;
-    leftover tags are dropped, an answer cut off by the token limit is trimmed back to its last
-    complete sentence, and runaway repetition is collapsed to the first occurrence. A non-empty
-    answer never comes back empty: when every rule would remove everything, the tag-free text
-    is returned as is.
+    leftover tags and control characters are dropped, and runaway repetition is collapsed to the
+    first occurrence. Only when `cut_by_token_limit` (the engine stopped at its token limit, finish
+    reason "length") is an unfinished last sentence trimmed back to the last complete one: an
+    answer the model ended itself keeps its last line, whatever it ends with. A non-empty answer
+    never comes back empty: when every rule would remove everything, the tag-free text is
+    returned as is.
     """
-    text = text.replace("\r\n", "\n").replace("\r", "\n")
+    text = strip_control_characters(text)
     fallback = _tidy(_TAG_RE.sub("", text))
-    answer = _tidy(_TAG_RE.sub("", _remove_echo_and_invented_turns(text, prompt_text)))
+    answer, ended_before_invented_turn = _remove_echo_and_invented_turns(text, prompt_text)
+    answer = _tidy(_TAG_RE.sub("", answer))
     if not answer:
         return fallback
-    answer = _trim_cut_off(answer)
+    # When the model went on to invent the user's next turn, the limit cut that turn, not the answer.
+    if cut_by_token_limit and not ended_before_invented_turn:
+        answer = _trim_cut_off(answer)
     answer = _collapse_repetition(answer)
     return _tidy(answer) or fallback

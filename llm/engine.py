@@ -2,7 +2,9 @@
 
 The bot depends only on `GenerationEngine`: prompt token ids in, text chunks out. Chunks are
 always whole characters (a Korean syllable often spans several byte-fallback tokens), so a
-caller can show them as they come.
+caller can show them as they come. Once the chunks run out, the `Generation` they came from says
+why generation stopped (`FinishReason`): only an answer the token limit cut off may end
+mid-sentence, so cleaning trims an unfinished last sentence only then.
 """
 
 from __future__ import annotations
@@ -11,9 +13,10 @@ import logging
 import threading
 import time
 from abc import ABC, abstractmethod
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Generator, Iterable, Iterator, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Literal
+from types import TracebackType
+from typing import TYPE_CHECKING, Literal, TypeVar
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
@@ -21,6 +24,73 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 EngineChoice = Literal["auto", "reference", "fast", "low-memory", "openai", "fake"]
+
+# Why an engine stopped generating:
+# - "eos": the model ended its answer (EOS token), so the text is whole;
+# - "length": the token limit (max_new_tokens, or the context window) cut it: it may end mid-sentence;
+# - "stop": a stop string or stop token the server was given matched; the text is whole up to it;
+# - "cancelled": the caller's cancel event, or a consumer that stopped iterating, ended it early;
+# - "error": generation failed (the exception is raised to the consumer), or a remote server
+#   ended the stream without saying why.
+FinishReason = Literal["eos", "length", "stop", "cancelled", "error"]
+
+_R = TypeVar("_R")
+
+
+class Generation(Iterator[str]):
+    """One answer being generated: iterate it for the text chunks, then read `finish_reason`.
+
+    Wraps a generator of whole-character chunks whose return value is the `FinishReason`, so that
+    callers keep iterating plain text (``"".join(engine.stream(...))`` and ``for chunk in ...`` work
+    as before) and can still learn afterwards whether the text is complete. `finish_reason` is
+    None until the chunks run out; it is "error" when the generator raised (the exception still
+    reaches the consumer) and "cancelled" when the consumer closed the generation early.
+
+    Any other iterable of chunks (e.g. a third-party engine's own generator) may be wrapped as
+    well; one that returns no reason leaves `finish_reason` None ("not said") after it ends.
+    """
+
+    def __init__(self, chunks: Generator[str, None, FinishReason] | Iterable[str]) -> None:
+        self._chunks: Iterator[str] = iter(chunks)
+        self.finish_reason: FinishReason | None = None
+        self.finished = False
+
+    def __iter__(self) -> Generation:
+        return self
+
+    def __next__(self) -> str:
+        if self.finished:
+            raise StopIteration(self.finish_reason)
+        try:
+            return next(self._chunks)
+        except StopIteration as stop:
+            self._end(stop.value)
+            # Re-raised with the reason so `reason = yield from generation` works in a wrapper too.
+            raise StopIteration(self.finish_reason) from None
+        except BaseException:
+            self._end("error")
+            raise
+
+    def close(self) -> None:
+        """Stop generating (frees the engine's slot or lock); the reason becomes "cancelled"."""
+        if self.finished:
+            return
+        self._end("cancelled")
+        close = getattr(self._chunks, "close", None)
+        if close is not None:
+            close()
+
+    def __enter__(self) -> Generation:
+        return self
+
+    def __exit__(
+        self, kind: type[BaseException] | None, error: BaseException | None, trace: TracebackType | None
+    ) -> None:
+        self.close()
+
+    def _end(self, reason: FinishReason | None) -> None:
+        self.finished = True
+        self.finish_reason = reason
 
 
 @dataclass(frozen=True)
@@ -69,14 +139,33 @@ class IncrementalDecoder:
         return text.rstrip("\ufffd")
 
 
-def text_deltas(tokenizer: PreTrainedTokenizerBase, token_ids: Iterable[int]) -> Iterator[str]:
-    """Whole-character text chunks for a stream of token ids (what every engine yields)."""
+def text_deltas(
+    tokenizer: PreTrainedTokenizerBase, token_ids: Generator[int, None, _R] | Iterable[int]
+) -> Generator[str, None, _R | None]:
+    """Whole-character text chunks for a stream of token ids (what every engine yields).
+
+    Returns what `token_ids` returned (an engine's finish reason; None for a plain iterable), so
+    the reason survives decoding. Closing this generator closes `token_ids` too, which is how a
+    consumer that walks away frees the engine's slot.
+    """
     decoder = IncrementalDecoder(tokenizer)
-    for token_id in token_ids:
-        if delta := decoder.push(token_id):
-            yield delta
+    tokens = iter(token_ids)
+    try:
+        while True:
+            try:
+                token_id = next(tokens)
+            except StopIteration as stop:
+                result = stop.value
+                break
+            if delta := decoder.push(token_id):
+                yield delta
+    finally:
+        close = getattr(tokens, "close", None)
+        if close is not None:
+            close()
     if tail := decoder.flush():
         yield tail
+    return result
 
 
 class GenerationEngine(ABC):
@@ -91,8 +180,10 @@ class GenerationEngine(ABC):
         prompt_ids: Sequence[int],
         params: SamplingParams,
         cancel: threading.Event | None = None,
-    ) -> Iterator[str]:
-        """Yield the new text as whole-character chunks until EOS, the token limit or `cancel`."""
+    ) -> Generation:
+        """The new text as whole-character chunks until EOS, the token limit or `cancel`; the
+        returned `Generation` holds the `FinishReason` once iterated. Nothing runs (and nothing
+        is raised) before the first chunk is asked for."""
 
     def generate(self, prompt_ids: Sequence[int], params: SamplingParams) -> str:
         return "".join(self.stream(prompt_ids, params))
@@ -123,17 +214,25 @@ class FakeEngine(GenerationEngine):
         prompt_ids: Sequence[int],
         params: SamplingParams,
         cancel: threading.Event | None = None,
-    ) -> Iterator[str]:
+    ) -> Generation:
+        return Generation(self._words(prompt_ids, params, cancel))
+
+    def _words(
+        self, prompt_ids: Sequence[int], params: SamplingParams, cancel: threading.Event | None
+    ) -> Generator[str, None, FinishReason]:
         prompt = self.tokenizer.decode(list(prompt_ids), skip_special_tokens=True)
         turns = prompt.split("[INST]")
         question = turns[-1].removesuffix("[/INST]").strip()
         reply = self._reply_template.format(question=question, history_turns=len(turns) - 2)
-        for word in reply.split(" ")[: params.max_new_tokens]:
+        # One word stands for one token, so max_new_tokens cuts the reply as it would a model's.
+        words = reply.split(" ")
+        for word in words[: params.max_new_tokens]:
             if cancel is not None and cancel.is_set():
-                return
+                return "cancelled"
             if self._seconds_per_chunk:
                 time.sleep(self._seconds_per_chunk)
             yield word + " "
+        return "length" if len(words) > params.max_new_tokens else "eos"
 
 
 class HFGenerateEngine(GenerationEngine):
@@ -155,7 +254,19 @@ class HFGenerateEngine(GenerationEngine):
         prompt_ids: Sequence[int],
         params: SamplingParams,
         cancel: threading.Event | None = None,
-    ) -> Iterator[str]:
+    ) -> Generation:
+        return Generation(self._generate(prompt_ids, params, cancel))
+
+    def _eos_ids(self) -> set[int]:
+        """Tokens that end generation: the tokenizer's EOS and any the model's generation config adds."""
+        ids = {self.tokenizer.eos_token_id}
+        configured = getattr(getattr(self.model, "generation_config", None), "eos_token_id", None)
+        ids.update(configured if isinstance(configured, list | tuple) else [configured])
+        return {int(i) for i in ids if i is not None}
+
+    def _generate(
+        self, prompt_ids: Sequence[int], params: SamplingParams, cancel: threading.Event | None
+    ) -> Generator[str, None, FinishReason]:
         import queue
 
         import torch
@@ -163,7 +274,10 @@ class HFGenerateEngine(GenerationEngine):
         from transformers.generation.streamers import BaseStreamer
 
         tokens: queue.Queue[int | None | BaseException] = queue.Queue()
-        cancel = cancel or threading.Event()
+        # Our own flag for "the consumer is gone": setting the caller's `cancel` instead would tell
+        # the caller its answer was cancelled when it had merely finished.
+        stop = threading.Event()
+        eos_ids = self._eos_ids()
 
         class _TokenQueueStreamer(BaseStreamer):
             def __init__(self) -> None:
@@ -181,7 +295,8 @@ class HFGenerateEngine(GenerationEngine):
 
         class _StopOnCancel(StoppingCriteria):
             def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor, **kwargs: object) -> torch.Tensor:
-                return torch.full((input_ids.shape[0],), cancel.is_set(), dtype=torch.bool, device=input_ids.device)
+                stopped = stop.is_set() or (cancel is not None and cancel.is_set())
+                return torch.full((input_ids.shape[0],), stopped, dtype=torch.bool, device=input_ids.device)
 
         device = next(self.model.parameters()).device
         input_ids = torch.tensor([list(prompt_ids)], dtype=torch.long, device=device)
@@ -210,19 +325,29 @@ class HFGenerateEngine(GenerationEngine):
                 tokens.put(error)
                 tokens.put(None)
 
-        def generated() -> Iterator[int]:
+        def generated() -> Generator[int, None, FinishReason]:
+            count, last = 0, None
             while (item := tokens.get()) is not None:
                 if isinstance(item, BaseException):
                     from llm.errors import GenerationError
 
                     raise GenerationError(f"{self.name} generation failed: {item!r}") from item
-                if item != self.tokenizer.eos_token_id:
+                count, last = count + 1, item
+                if item not in eos_ids:
                     yield item
+            if last in eos_ids:
+                return "eos"
+            if count < params.max_new_tokens and cancel is not None and cancel.is_set():
+                return "cancelled"
+            # Otherwise one of generate's length limits ended it: max_new_tokens (or, in principle,
+            # the model config's max_length/max_time), so the text may stop mid-sentence.
+            return "length"
 
         worker = threading.Thread(target=run, name=f"{self.name}-generate", daemon=True)
         worker.start()
         try:
-            yield from text_deltas(self.tokenizer, generated())
+            reason = yield from text_deltas(self.tokenizer, generated())
         finally:
-            cancel.set()  # a consumer that stops early frees the model for the next request
+            stop.set()  # a consumer that stops early frees the model for the next request
             worker.join()
+        return reason or "eos"

@@ -20,6 +20,11 @@ whole characters (a trailing U+FFFD from a server that split a multi-byte charac
 until the rest arrives). Timeouts, connection errors and bad responses raise `GenerationError`;
 HTTP 429 and 503 (server overloaded) raise `EngineBusyError`.
 
+Why the server stopped comes from the choice's `finish_reason`: "length" is the token limit;
+"stop" is the model's EOS unless vLLM's `stop_reason` names a stop string (then "stop"); a
+stream that ends without any reason, or with one we do not know, reports "error" (the text is
+handed over as is, but nothing vouches that it is complete).
+
 Only the standard library's HTTP client is used, so this engine adds no dependency.
 """
 
@@ -33,11 +38,11 @@ import threading
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Iterator, Sequence
+from collections.abc import Generator, Iterator, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Literal
 
-from llm.engine import GenerationEngine, SamplingParams
+from llm.engine import FinishReason, Generation, GenerationEngine, SamplingParams
 from llm.errors import EngineBusyError, GenerationError
 
 if TYPE_CHECKING:
@@ -126,7 +131,12 @@ class OpenAIEngine(GenerationEngine):
         prompt_ids: Sequence[int],
         params: SamplingParams,
         cancel: threading.Event | None = None,
-    ) -> Iterator[str]:
+    ) -> Generation:
+        return Generation(self._generate(prompt_ids, params, cancel))
+
+    def _generate(
+        self, prompt_ids: Sequence[int], params: SamplingParams, cancel: threading.Event | None
+    ) -> Generator[str, None, FinishReason]:
         started = time.monotonic()
         deadline = started + self.config.timeout_s
         body = self.request_body(prompt_ids, params, stream=self.config.stream)
@@ -134,25 +144,30 @@ class OpenAIEngine(GenerationEngine):
         try:
             _set_read_timeout(response, _remaining(deadline, self._url))
             if not self.config.stream:
-                yield from _whole_chars(iter([self._read_whole(response, deadline)]))
-                return
-            yield from _whole_chars(self._read_events(response, deadline, cancel))
+                text, reason = self._read_whole(response, deadline)
+                yield from _whole_chars(iter([text]))
+                return reason
+            reason = yield from _whole_chars(self._read_events(response, deadline, cancel))
+            return reason or "error"
         finally:
             response.close()
 
-    def _read_whole(self, response: http.client.HTTPResponse, deadline: float) -> str:
+    def _read_whole(self, response: http.client.HTTPResponse, deadline: float) -> tuple[str, FinishReason]:
         try:
             payload = json.loads(response.read())
         except (OSError, http.client.HTTPException, ValueError) as error:
             raise _read_error(error, self._url, deadline) from None
-        return _choice_text(payload, self._url)
+        choice = _choice(payload, self._url)
+        return str(choice.get("text") or ""), _finish_reason(choice)
 
     def _read_events(
         self, response: http.client.HTTPResponse, deadline: float, cancel: threading.Event | None
-    ) -> Iterator[str]:
+    ) -> Generator[str, None, FinishReason]:
+        # vLLM puts finish_reason on the last choice chunk and only then sends [DONE].
+        reason: FinishReason = "error"
         while True:
             if cancel is not None and cancel.is_set():
-                return
+                return "cancelled"
             _set_read_timeout(response, _remaining(deadline, self._url))
             try:
                 line = response.readline()
@@ -167,15 +182,17 @@ class OpenAIEngine(GenerationEngine):
                 continue  # event:/id: fields carry nothing we use
             data = line[5:].strip()
             if data == b"[DONE]":
-                return
+                return reason
             try:
                 payload = json.loads(data)
             except ValueError:
                 raise GenerationError(f"inference server at {self._url} sent a malformed event: {data[:200]!r}") from None
             if "error" in payload:
                 raise GenerationError(f"inference server at {self._url} failed mid-stream: {payload['error']}")
-            text = _choice_text(payload, self._url)
-            if text:
+            choice = _choice(payload, self._url)
+            if choice.get("finish_reason") is not None:
+                reason = _finish_reason(choice)
+            if text := str(choice.get("text") or ""):
                 yield text
 
 
@@ -198,12 +215,30 @@ def _read_error(error: BaseException, url: str, deadline: float) -> GenerationEr
     return GenerationError(f"reading from inference server at {url} failed: {error!r}")
 
 
-def _choice_text(payload: dict[str, Any], url: str) -> str:
+def _choice(payload: dict[str, Any], url: str) -> dict[str, Any]:
     try:
         choice = payload["choices"][0]
     except (KeyError, IndexError, TypeError):
         raise GenerationError(f"inference server at {url} sent no choices: {str(payload)[:200]}") from None
-    return str(choice.get("text") or "")
+    if not isinstance(choice, dict):
+        raise GenerationError(f"inference server at {url} sent a malformed choice: {str(choice)[:200]}")
+    return choice
+
+
+def _finish_reason(choice: dict[str, Any]) -> FinishReason:
+    """finbot's `FinishReason` for an OpenAI/vLLM completion choice.
+
+    OpenAI says "stop" both for the model's EOS and for a matched stop sequence; vLLM tells them
+    apart with `stop_reason` (None for EOS, the matched string, or a stop token id, which is an
+    end-of-answer token like EOS). Anything else ("abort", a content filter, none at all) gives
+    no assurance that the text is complete: "error".
+    """
+    reason = choice.get("finish_reason")
+    if reason == "length":
+        return "length"
+    if reason == "stop":
+        return "stop" if isinstance(choice.get("stop_reason"), str) else "eos"
+    return "error"
 
 
 def _error_detail(error: urllib.error.HTTPError) -> str:
@@ -220,10 +255,18 @@ def _error_detail(error: urllib.error.HTTPError) -> str:
         return raw[:300]
 
 
-def _whole_chars(chunks: Iterator[str]) -> Iterator[str]:
-    """Hold back a trailing U+FFFD (a split multi-byte character) until the next chunk completes it."""
+def _whole_chars(chunks: Iterator[str] | Generator[str, None, FinishReason]) -> Generator[str, None, FinishReason | None]:
+    """Hold back a trailing U+FFFD (a split multi-byte character) until the next chunk completes it.
+
+    Returns what `chunks` returned (the finish reason; None for a plain iterator).
+    """
     pending = ""
-    for chunk in chunks:
+    while True:
+        try:
+            chunk = next(chunks)
+        except StopIteration as stop:
+            reason = stop.value
+            break
         pending += chunk
         cut = len(pending)
         while cut and pending[cut - 1] == "\ufffd":
@@ -233,6 +276,7 @@ def _whole_chars(chunks: Iterator[str]) -> Iterator[str]:
             pending = pending[cut:]
     if pending:
         yield pending
+    return reason
 
 
 def build_openai_engine(tokenizer: PreTrainedTokenizerBase, config: OpenAIEngineConfig | None = None) -> OpenAIEngine:

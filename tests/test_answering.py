@@ -13,10 +13,10 @@ def test_user_segment_is_the_seed_layout():
 
 def test_clean_reply_strips_an_echo_of_the_question_alone():
     raw = "금리가 뭐야? [/INST] 금리는 돈의 가격입니다."
-    assert clean_reply(raw, "금리가 뭐야?") == "금리는 돈의 가격입니다."
-    assert clean_reply("[INST]금리가 뭐야? [/INST] 금리는 돈의 가격입니다.", "금리가 뭐야?") == "금리는 돈의 가격입니다."
+    assert clean_reply(raw, "금리가 뭐야?", "eos") == "금리는 돈의 가격입니다."
+    assert clean_reply("[INST]금리가 뭐야? [/INST] 금리는 돈의 가격입니다.", "금리가 뭐야?", "eos") == "금리는 돈의 가격입니다."
     # An answer that merely opens with the question's words keeps them.
-    assert clean_reply("금리는 돈의 가격입니다.", "금리") == "금리는 돈의 가격입니다."
+    assert clean_reply("금리는 돈의 가격입니다.", "금리", "eos") == "금리는 돈의 가격입니다."
 
 
 def test_answer_question_cleans_what_the_engine_wrote(mistral_tokenizer):

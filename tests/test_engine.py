@@ -3,11 +3,21 @@
 from __future__ import annotations
 
 import threading
+from collections.abc import Generator
 
 import pytest
 import torch
 
-from llm.engine import FakeEngine, HFGenerateEngine, IncrementalDecoder, SamplingParams
+from bot.settings import FinbotSettings
+from llm.answering import answer_question
+from llm.engine import (
+    FakeEngine,
+    FinishReason,
+    Generation,
+    HFGenerateEngine,
+    IncrementalDecoder,
+    SamplingParams,
+)
 from llm.loading import load_reference_model, load_tokenizer
 
 KOREAN = "중앙은행은 통화정책을 통해 물가 안정을 도모합니다. 환율·금리 🙂 漢字 mixed English."
@@ -110,3 +120,114 @@ def test_fake_engine_reports_what_reached_it(mistral_tokenizer):
     follow_up = first_turn + mistral_tokenizer("답이에요", add_special_tokens=False)["input_ids"] + [2]
     follow_up += mistral_tokenizer("[INST]그럼 금리는? [/INST]", add_special_tokens=False)["input_ids"]
     assert engine.generate(follow_up, SamplingParams()).strip() == "답: 그럼 금리는? / 이전 1개"
+
+
+# --- why generation stopped -----------------------------------------------------------------------
+
+
+def _greedy_ids(engine: HFGenerateEngine, prompt_ids: list[int], n: int) -> list[int]:
+    with torch.inference_mode():
+        output = engine.model.generate(
+            input_ids=torch.tensor([prompt_ids]), do_sample=False, max_new_tokens=n, pad_token_id=2
+        )
+    return output[0][len(prompt_ids) :].tolist()
+
+
+def test_generation_reports_its_finish_reason_only_once_iterated(mistral_tokenizer):
+    engine = FakeEngine(mistral_tokenizer, "금리는 돈의 가격입니다.")
+    generation = engine.stream(mistral_tokenizer("[INST]금리? [/INST]")["input_ids"], SamplingParams())
+    assert isinstance(generation, Generation)
+    assert generation.finish_reason is None
+    assert "".join(generation).strip() == "금리는 돈의 가격입니다."
+    assert generation.finish_reason == "eos"
+
+
+def test_generation_reports_error_and_cancelled():
+    def failing() -> Generator[str, None, FinishReason]:
+        yield "금리는 "
+        raise RuntimeError("CUDA out of memory")
+
+    generation = Generation(failing())
+    with pytest.raises(RuntimeError):
+        list(generation)
+    assert generation.finish_reason == "error"
+
+    closed: list[bool] = []
+
+    def endless() -> Generator[str, None, FinishReason]:
+        try:
+            while True:
+                yield "가"
+        finally:
+            closed.append(True)
+
+    generation = Generation(endless())
+    next(generation)
+    generation.close()  # the consumer walked away: the engine side is closed too
+    assert generation.finish_reason == "cancelled" and closed == [True]
+
+
+def test_fake_engine_finish_reasons(mistral_tokenizer):
+    engine = FakeEngine(mistral_tokenizer, "하나 둘 셋 넷")
+    prompt_ids = mistral_tokenizer("[INST]세어 봐 [/INST]")["input_ids"]
+    whole = engine.stream(prompt_ids, SamplingParams(max_new_tokens=4))
+    assert "".join(whole).split() == ["하나", "둘", "셋", "넷"] and whole.finish_reason == "eos"
+    cut = engine.stream(prompt_ids, SamplingParams(max_new_tokens=2))
+    assert "".join(cut).split() == ["하나", "둘"] and cut.finish_reason == "length"
+    cancel = threading.Event()
+    cancelled = engine.stream(prompt_ids, SamplingParams(), cancel)
+    assert next(cancelled) == "하나 "
+    cancel.set()
+    assert list(cancelled) == [] and cancelled.finish_reason == "cancelled"
+
+
+def test_default_fake_reply_reaches_the_user_whole(mistral_tokenizer):
+    """The shipped fake reply ends in "(이전 대화 N개)", no sentence punctuation: the engine ended it
+    (EOS), so cleaning must not cut it off as if the token limit had."""
+    engine = FakeEngine(mistral_tokenizer, FinbotSettings.model_fields["fake_reply"].default)
+    answer = answer_question(engine, [], "금리가 뭐야?", SamplingParams(), 4096)
+    assert answer == "테스트 답변입니다. 질문: 금리가 뭐야? (이전 대화 0개)"
+    follow_up = answer_question(engine, [("금리가 뭐야?", answer)], "환율은?", SamplingParams(), 4096)
+    assert follow_up == "테스트 답변입니다. 질문: 환율은? (이전 대화 1개)"
+
+
+def test_an_answer_the_token_limit_cut_still_ends_at_its_last_complete_sentence(mistral_tokenizer):
+    engine = FakeEngine(mistral_tokenizer, "금리는 돈의 가격입니다. 금리가 오르면 대출 이자가 늘어납니다.")
+    answer = answer_question(engine, [], "금리가 뭐야?", SamplingParams(max_new_tokens=5), 4096)
+    assert answer == "금리는 돈의 가격입니다."
+
+
+def test_reference_engine_reports_length_and_leaves_the_callers_cancel_alone(reference_engine, mistral_tokenizer):
+    prompt_ids = mistral_tokenizer("[INST]기준금리가 뭐야? [/INST]")["input_ids"]
+    assert 2 not in _greedy_ids(reference_engine, prompt_ids, 6)  # random weights: no EOS this early
+    cancel = threading.Event()
+    generation = reference_engine.stream(prompt_ids, SamplingParams(max_new_tokens=6, greedy=True), cancel)
+    assert "".join(generation)
+    assert generation.finish_reason == "length"
+    # The caller's event means "give up": an answer that simply finished must not look timed out.
+    assert not cancel.is_set()
+
+
+def test_reference_engine_reports_eos(reference_engine, mistral_tokenizer):
+    prompt_ids = mistral_tokenizer("[INST]기준금리가 뭐야? [/INST]")["input_ids"]
+    greedy = _greedy_ids(reference_engine, prompt_ids, 6)
+    config = reference_engine.model.generation_config
+    original = config.eos_token_id
+    config.eos_token_id = greedy[3]  # the 4th greedy token now ends the answer, as EOS would
+    try:
+        generation = reference_engine.stream(prompt_ids, SamplingParams(max_new_tokens=6, greedy=True))
+        text = "".join(generation)
+    finally:
+        config.eos_token_id = original
+    assert generation.finish_reason == "eos"
+    assert text == mistral_tokenizer.decode(greedy[:3])  # the end token itself is not text
+
+
+def test_reference_engine_reports_cancelled(reference_engine, mistral_tokenizer):
+    prompt_ids = mistral_tokenizer("[INST]환율이 뭐야? [/INST]")["input_ids"]
+    cancel = threading.Event()
+    generation = reference_engine.stream(prompt_ids, SamplingParams(max_new_tokens=200, greedy=True), cancel)
+    next(generation)
+    cancel.set()
+    list(generation)
+    assert generation.finish_reason == "cancelled"

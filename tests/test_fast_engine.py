@@ -161,8 +161,12 @@ def test_build_engine_wires_the_new_modes_and_knobs(tiny_checkpoint, mode):
         if mode == "fast":
             assert engine.info["kv_block_size"] == 16 and engine.info["kv_cache_tokens"] == 208  # whole blocks
             assert engine.info["paged_attention"] == "torch-gather"  # no CUDA here
-        text = engine.generate(engine.tokenizer("코스피").input_ids, SamplingParams(max_new_tokens=8, seed=3))
+        prompt = engine.tokenizer("코스피").input_ids
+        text = engine.generate(prompt, SamplingParams(max_new_tokens=8, seed=3))
         assert isinstance(text, str) and "\ufffd" not in text
+        # the per-request seed reaches the built engine: same seed, same text; another seed, another
+        assert engine.generate(prompt, SamplingParams(max_new_tokens=8, seed=3)) == text
+        assert engine.generate(prompt, SamplingParams(max_new_tokens=8, seed=4)) != text
     finally:
         engine.close()
 
@@ -276,3 +280,39 @@ def test_bucketed_prefill_equals_exact_prefill(reference_model, korean_ids, kv_c
         bucketed.prefill_many([0], [long_prompt]), exact.prefill_many([1], [long_prompt]), atol=1e-4, rtol=1e-4
     )
     assert calls == []
+
+
+def test_batching_engine_reports_why_each_answer_stopped(reference_model, mistral_tokenizer, korean_ids):
+    """eos when the model ended it, length at max_new_tokens or at the end of the KV cache,
+    cancelled on the caller's event: the fast/low-memory engines tell the cleaning step whether an
+    answer may end mid-sentence."""
+    import threading
+
+    from llm.batching import BatchingEngine, DecoderStepModel
+    from llm.engine import SamplingParams
+
+    decoder = build_merged_decoder(reference_model, max_batch=2, max_seq_len=64, dtype=torch.float32)
+    engine = BatchingEngine(DecoderStepModel(DecodeGraphs(decoder, use_graphs=False)), mistral_tokenizer, name="t")
+    greedy = SamplingParams(greedy=True, max_new_tokens=8)
+    prompt = korean_ids[:10]
+    try:
+        forced = list(engine.stream_tokens(prompt, greedy, ignore_eos=True))
+        assert mistral_tokenizer.eos_token_id not in forced  # random weights: no EOS this early
+
+        cut = engine.stream(prompt, greedy)
+        assert "".join(cut) and cut.finish_reason == "length"
+
+        long_prompt = (korean_ids * 3)[:60]  # 4 positions left in the 64-token cache
+        cache_end = engine.stream(long_prompt, SamplingParams(greedy=True, max_new_tokens=50))
+        assert "".join(cache_end) and cache_end.finish_reason == "length"
+
+        engine.scheduler.eos_token_id = forced[3]  # the 4th greedy token now ends the answer
+        ended = engine.stream(prompt, greedy)
+        assert "".join(ended) == mistral_tokenizer.decode(forced[:3]) and ended.finish_reason == "eos"
+
+        cancel = threading.Event()
+        cancelled = engine.stream(prompt, SamplingParams(greedy=True, max_new_tokens=50), cancel)
+        cancel.set()
+        assert list(cancelled) == [] and cancelled.finish_reason == "cancelled"
+    finally:
+        engine.close()

@@ -1,4 +1,7 @@
-"""to_mrkdwn: model text can never mention or link in Slack, and Markdown reads as mrkdwn."""
+"""to_mrkdwn: model text can never mention or link in Slack, and Markdown reads as mrkdwn.
+
+Neither the final message nor the view streamed while the answer is written carries control
+characters or bidi overrides."""
 
 from __future__ import annotations
 
@@ -6,7 +9,7 @@ import re
 
 import pytest
 
-from bot.formatting import to_mrkdwn
+from bot.formatting import escape_for_stream, to_mrkdwn
 
 WJ = "\u2060"
 ZWSP = "\u200b"
@@ -138,3 +141,30 @@ def test_private_use_sentinels_in_input_cannot_corrupt_output():
     out = to_mrkdwn("\ue0000\ue001 `code` **b**")
     assert re.search("[\ue000-\ue002]", out) is None
     assert out == "0 `code` *b*"
+
+
+# A model (or a question echoed into the answer) can emit terminal escapes, NULs, C1 controls and
+# bidi overrides: U+202E makes "gpj.exe" read as "exe.jpg", and a Slack client shows such text in
+# another order than it reads.
+CONTROLLED = (
+    "금리는\x00 돈의 \x1b[31m가격\x7f입니다.\r\n"
+    "파일: \u202egpj.exe\u202c, \u2067주의\u2069\x85\u200e\r"
+    "`코드\x08` 끝\x0b"
+)
+CONTROL_CHARS = re.compile("[\x00-\x08\x0b-\x1f\x7f-\x9f\u200e\u200f\u202a-\u202e\u2066-\u2069]")
+
+
+def test_control_characters_and_bidi_overrides_never_reach_the_final_message():
+    out = to_mrkdwn(CONTROLLED)
+    assert CONTROL_CHARS.search(out) is None
+    assert out == "금리는 돈의 [31m가격입니다.\n파일: gpj.exe, 주의\n`코드` 끝"
+
+
+def test_control_characters_and_bidi_overrides_never_reach_the_streamed_view():
+    shown = ""
+    for end in range(1, len(CONTROLLED) + 1):
+        view = escape_for_stream(CONTROLLED[:end])
+        assert CONTROL_CHARS.search(view) is None, repr(view)
+        assert view.startswith(shown)  # still safe to append: a CR that turns out to be CR LF included
+        shown = view
+    assert shown == to_mrkdwn(CONTROLLED)

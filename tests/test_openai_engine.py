@@ -116,6 +116,40 @@ def test_cancel_stops_reading(mistral_tokenizer, server):
     cancel.set()
     assert first == "기준"
     assert list(stream) == []
+    assert stream.finish_reason == "cancelled"
+
+
+@pytest.mark.parametrize("streaming", [True, False], ids=["streamed", "whole"])
+@pytest.mark.parametrize(
+    ("finish_reason", "stop_reason", "expected"),
+    [
+        ("stop", None, "eos"),  # vLLM: the model's EOS
+        ("stop", 2, "eos"),  # a stop token id: an end-of-answer token like EOS
+        ("stop", "\n\n", "stop"),  # a stop string matched
+        ("length", None, "length"),
+        ("abort", None, "error"),  # aborted on the server: nothing says the text is complete
+        (None, None, "error"),  # the server never said why it stopped
+    ],
+)
+def test_finish_reason_from_the_server(mistral_tokenizer, server, streaming, finish_reason, stop_reason, expected):
+    server.finish_reason, server.stop_reason = finish_reason, stop_reason
+    generation = _engine(mistral_tokenizer, server, stream=streaming).stream([1, 2], PARAMS)
+    assert generation.finish_reason is None
+    assert "".join(generation) == "기준금리는 중앙은행이 정해요."
+    assert generation.finish_reason == expected
+
+
+def test_a_remote_answer_ended_by_the_model_is_kept_whole_and_one_cut_by_max_tokens_is_trimmed(
+    mistral_tokenizer, server
+):
+    from llm.answering import answer_question
+
+    server.reply_chunks = ["기준금리는 ", "한국은행이 ", "정합니다.\n", "출처: ", "한국은행"]
+    answer = answer_question(_engine(mistral_tokenizer, server), [], "기준금리?", PARAMS, 3072)
+    assert answer == "기준금리는 한국은행이 정합니다.\n출처: 한국은행"
+    server.finish_reason = "length"
+    answer = answer_question(_engine(mistral_tokenizer, server), [], "기준금리?", PARAMS, 3072)
+    assert answer == "기준금리는 한국은행이 정합니다."
 
 
 def test_split_characters_are_held_back_until_complete():

@@ -1,8 +1,10 @@
 """A local fake OpenAI-compatible completions server (the subset of vLLM's API finbot uses).
 
 Runs aiohttp on 127.0.0.1 in a background thread. Every request body is recorded in
-``requests``; ``reply`` sets the text answered (split into ``chunks`` for streaming), and
-``fail_next(status)`` / ``delay`` / ``stall_after`` inject errors and slowness.
+``requests``; ``reply_chunks`` sets the text answered (one event each when streaming),
+``finish_reason`` / ``stop_reason`` what the last choice says about why it ended (as vLLM does:
+the reason rides on the last text chunk; None leaves it out), and ``fail_next(status)`` /
+``delay`` / ``stall_after`` inject errors and slowness.
 """
 
 from __future__ import annotations
@@ -23,6 +25,8 @@ class FakeOpenAI:
     delay: float = 0.0  # before the response starts
     stall_after: int | None = None  # stream this many chunks, then hang
     mid_stream_error: bool = False
+    finish_reason: str | None = "stop"
+    stop_reason: str | int | None = None
     requests: list[dict[str, Any]] = field(default_factory=list)
     headers: list[dict[str, str]] = field(default_factory=list)
     _faults: list[int] = field(default_factory=list)
@@ -81,17 +85,26 @@ class FakeOpenAI:
         if not body.get("stream"):
             return web.json_response(
                 {"id": "cmpl-1", "object": "text_completion", "model": body.get("model"),
-                 "choices": [{"index": 0, "text": "".join(self.reply_chunks), "finish_reason": "stop"}]}
+                 "choices": [{"index": 0, "text": "".join(self.reply_chunks), **self._ending()}]}
             )
         response = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
         await response.prepare(request)
         await response.write(b": keep-alive\n\n")
-        for index, chunk in enumerate(self.reply_chunks):
+        chunks = self.reply_chunks or [""]  # an empty answer still gets its closing event
+        for index, chunk in enumerate(chunks):
             if self.stall_after is not None and index >= self.stall_after:
                 await asyncio.sleep(3600)
-            event = {"id": "cmpl-1", "object": "text_completion", "choices": [{"index": 0, "text": chunk}]}
+            last = index == len(chunks) - 1 and not self.mid_stream_error
+            choice = {"index": 0, "text": chunk, **(self._ending() if last else {"finish_reason": None})}
+            event = {"id": "cmpl-1", "object": "text_completion", "choices": [choice]}
             await response.write(f"data: {json.dumps(event, ensure_ascii=False)}\n\n".encode())
         if self.mid_stream_error:
             await response.write(b'data: {"error": {"message": "engine died"}}\n\n')
         await response.write(b"data: [DONE]\n\n")
         return response
+
+    def _ending(self) -> dict[str, Any]:
+        """The closing choice's fields (vLLM's `stop_reason` only with a reason to go with it)."""
+        if self.finish_reason is None:
+            return {}
+        return {"finish_reason": self.finish_reason, "stop_reason": self.stop_reason}
