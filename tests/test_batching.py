@@ -28,6 +28,7 @@ class RecordingModel:
         self.fail_prefill_on: int | None = None  # a token id that makes prefill fail
         self.fail_next_decode = False
         self.prefill_gate: threading.Event | None = None
+        self.decode_delay = 0.0  # seconds per decode step: a slow model, so a run-away request shows
 
     def prefill(self, slot, prompt_ids):
         if self.prefill_gate is not None:
@@ -41,6 +42,8 @@ class RecordingModel:
             self.fail_next_decode = False
             raise RuntimeError("injected decode fault")
         self.decode_sizes.append(sum(1 for p in positions if p > 0))
+        if self.decode_delay:
+            time.sleep(self.decode_delay)
         return self.inner.decode(tokens, positions)
 
     def close(self):
@@ -141,6 +144,72 @@ def test_paged_cache_preempts_the_youngest_and_resumes_it_unchanged(tiny):
         engine.close()
 
 
+def test_preemption_evicts_the_youngest_request_and_the_oldest_streams_on(tiny):
+    """Two requests outgrow a 256-token pool together: the one admitted last is paused (preempted)
+    and resumed later; the one that has been answering longest is never interrupted."""
+    engine, _ = make_engine(tiny, max_batch=2, kv_cache_tokens=256)
+    params = SamplingParams(greedy=True, max_new_tokens=150)  # ~160 tokens = 10 blocks each, 16 in the pool
+    try:
+        older_prompt, younger_prompt = prompts(engine.tokenizer, 2)
+        with engine.scheduler._wake:  # hold the worker: both are admitted in one go, in this order
+            older = engine.scheduler.submit(older_prompt, params, ignore_eos=True)
+            younger = engine.scheduler.submit(younger_prompt, params, ignore_eos=True)
+        older_tokens = list(engine.scheduler.tokens(older))
+        younger_tokens = list(engine.scheduler.tokens(younger))
+        assert len(older_tokens) == len(younger_tokens) == 150
+        assert engine.scheduler.preemptions >= 1
+        assert older.preempted == 0, f"the oldest request was preempted {older.preempted} time(s)"
+        assert younger.preempted >= 1
+    finally:
+        engine.close()
+
+
+def test_paged_admission_keeps_a_block_of_growth_headroom_per_running_request(tiny):
+    """A prompt that would take the pool's last free blocks waits while another request runs:
+    admitting it would leave the running request no block to grow into and force a preemption
+    (a whole prompt recomputed) a few tokens later."""
+    engine, recording = make_engine(tiny, max_batch=2, kv_cache_tokens=256)
+    params = SamplingParams(greedy=True, max_new_tokens=20)
+    try:
+        ids = engine.tokenizer("코스피 전망은? " * 40).input_ids
+        running_prompt, newcomer_prompt = ids[:100], ids[:130]
+        # 16 blocks of 16 tokens. The running request takes 7 (100 prompt + 1 decode position),
+        # leaving 9 = 144 tokens: room for the newcomer's 131, not for 131 + one block of headroom.
+        with engine.scheduler._wake:
+            running = engine.scheduler.submit(running_prompt, params, ignore_eos=True)
+            newcomer = engine.scheduler.submit(newcomer_prompt, params, ignore_eos=True)
+        assert len(list(engine.scheduler.tokens(running))) == 20
+        assert len(list(engine.scheduler.tokens(newcomer))) == 20
+        preemptions = engine.scheduler.preemptions
+        assert preemptions == 0, f"admitting the newcomer forced {preemptions} preemption(s)"
+        assert max(recording.decode_sizes) == 1  # the newcomer waited instead of joining
+        assert recording.inner.kv_free_tokens() == 256
+    finally:
+        engine.close()
+
+
+def test_a_per_request_seed_gives_the_same_text_alone_and_batched(tiny):
+    """SamplingParams.seed: the same seed samples the same text, whether the request runs alone or
+    in a batch with other sampled requests; another seed samples another text."""
+    engine, _ = make_engine(tiny, max_batch=4)
+    seeded = SamplingParams(max_new_tokens=24, seed=7)
+    try:
+        p, *others = prompts(engine.tokenizer, 3)
+        alone = engine.generate(p, seeded)
+        assert engine.generate(p, seeded) == alone
+        assert engine.generate(p, SamplingParams(max_new_tokens=24, seed=8)) != alone
+        with engine.scheduler._wake:  # decoded together, the others drawing random numbers too
+            requests = [
+                engine.scheduler.submit(others[0], SamplingParams(max_new_tokens=24)),
+                engine.scheduler.submit(p, seeded),
+                engine.scheduler.submit(others[1], SamplingParams(max_new_tokens=24, seed=99)),
+            ]
+        batched = [engine.tokenizer.decode(list(engine.scheduler.tokens(r))) for r in requests]
+        assert batched[1] == alone
+    finally:
+        engine.close()
+
+
 def test_paged_cache_keeps_a_prompt_waiting_until_blocks_free(tiny):
     """Two 200-token prompts in a 256-token pool: the second waits in the queue (no preemption
     needed, never decoded together) and both complete."""
@@ -186,17 +255,26 @@ def test_cancel_event_stops_one_request_only(tiny):
 
 
 def test_consumer_that_stops_iterating_frees_its_slot(tiny):
-    engine, _ = make_engine(tiny, max_batch=1)
+    """A consumer that walks away (a Slack reply abandoned mid-stream) cancels its request: the
+    scheduler stops stepping it within a few steps, long before max_new_tokens, and frees the slot."""
+    engine, recording = make_engine(tiny, max_batch=1)
+    recording.decode_delay = 0.02  # running on to max_new_tokens would take 4 s more
     try:
         p = prompts(engine.tokenizer, 1)[0]
-        stream = engine.stream(p, SamplingParams(max_new_tokens=200, seed=1))
+        steps_before = engine.scheduler.steps
+        stream = engine.stream(p, SamplingParams(max_new_tokens=200, seed=1))  # what the bot reads
         next(stream)
         stream.close()  # consumer walks away
-        deadline = time.monotonic() + 5
+        deadline = time.monotonic() + 10
         while engine.scheduler.active and time.monotonic() < deadline:
             time.sleep(0.01)
         assert engine.scheduler.active == 0
+        steps = engine.scheduler.steps - steps_before
+        assert steps < 50, f"{steps} decode steps for a request whose consumer left after its first text (of 200)"
+        time.sleep(0.1)
+        assert engine.scheduler.steps - steps_before == steps  # nothing is stepped any more
         # the single slot is usable again
+        recording.decode_delay = 0.0
         assert len(run_alone(engine, p)) == GREEDY.max_new_tokens
     finally:
         engine.close()

@@ -141,3 +141,25 @@ def test_question_exactly_at_budget_fits(mistral_tokenizer):
     assert encode_prompt(mistral_tokenizer, [], question, len(expected)) == expected
     with pytest.raises(PromptTooLongError):
         encode_prompt(mistral_tokenizer, [], question, len(expected) - 1)
+
+
+def test_a_turn_that_does_not_fit_drops_every_older_turn_too(mistral_tokenizer):
+    """The kept history is the most recent turns, contiguous: once one turn does not fit, no
+    older (shorter) turn is slipped in after it, or the model would see a conversation with a gap."""
+    old = ("아주 오래된 짧은 질문", "짧은 답")
+    long_middle = ("중간 질문입니다", "금리와 환율, 물가의 관계를 아주 길게 설명하는 답변입니다. " * 20)
+    recent = ("최근 질문", "최근 답")
+    question = "마지막 질문"
+    question_ids = _segment(mistral_tokenizer, f"[INST]{question} [/INST]")
+    old_len, long_len, recent_len = (
+        len(_turn_ids(mistral_tokenizer, user, answer)) for user, answer in (old, long_middle, recent)
+    )
+    assert long_len > old_len + 20  # the long turn alone is what breaks the budget
+
+    # Room for the recent and the old turn together, not for the long one in between.
+    budget = 1 + len(question_ids) + recent_len + old_len
+    ids = encode_prompt(mistral_tokenizer, [old, long_middle, recent], question, budget)
+    text = mistral_tokenizer.decode(ids)
+    assert "오래된" not in text, f"an older turn was kept after a newer one was dropped: {text}"
+    assert "최근 질문" in text and "중간 질문" not in text
+    assert ids == [BOS] + _turn_ids(mistral_tokenizer, *recent) + question_ids

@@ -7,6 +7,7 @@ from pydantic import ValidationError
 
 from bot.cli import build_engine_from
 from bot.settings import FinbotSettings
+from llm.engine import SamplingParams
 
 
 def test_defaults_follow_the_model_card(monkeypatch):
@@ -16,6 +17,18 @@ def test_defaults_follow_the_model_card(monkeypatch):
     assert (params.temperature, params.top_p, params.top_k, params.max_new_tokens) == (0.9, 0.8, 50, 256)
     assert settings.timezone == "Asia/Seoul"
     assert settings.max_prompt_tokens + settings.max_new_tokens <= settings.engine_max_seq_len
+
+
+def test_sampling_params_default_to_the_model_card_too(monkeypatch):
+    """`SamplingParams()` is used as it is (the term of the day's default, engine benchmarks) and
+    must sample like the settings do: the model card's temperature 0.9, top_p 0.8, top_k 50,
+    256 new tokens, no fixed seed."""
+    params = SamplingParams()
+    assert (params.temperature, params.top_p, params.top_k, params.max_new_tokens) == (0.9, 0.8, 50, 256)
+    assert params.seed is None and not params.greedy
+    for name in ("TEMPERATURE", "TOP_P", "TOP_K", "MAX_NEW_TOKENS"):
+        monkeypatch.delenv(name, raising=False)
+    assert FinbotSettings(_env_file=None).sampling_params() == params
 
 
 def test_a_prompt_budget_the_engine_cannot_hold_is_rejected(monkeypatch):

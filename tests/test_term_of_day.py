@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import threading
 import time as time_module
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from datetime import date, datetime, time, timedelta
 from zoneinfo import ZoneInfo
@@ -261,6 +261,42 @@ def test_a_takeover_records_the_post_a_crashed_owner_already_made_instead_of_pos
     assert len(fake_slack.calls_to("chat.postMessage")) == 1
     stored = bot.posts.get("C1", day)
     assert (stored.status, stored.slack_ts) == ("posted", first.slack_ts)
+
+
+class TakeoverWhileGenerating(FakeEngine):
+    """Generates so slowly that the claim goes stale: another instance takes it over and posts
+    before this answer is done."""
+
+    def __init__(self, tokenizer, clock: Clock, other: Callable[[], Instance]) -> None:
+        super().__init__(tokenizer, "기준금리는 중앙은행이 정하는 금리입니다.")
+        self.clock, self.other = clock, other
+        self.other_outcomes: list[str] = []
+
+    def stream(self, prompt_ids, params, cancel=None):
+        self.clock.value += timedelta(minutes=31)  # past the 30-minute stale time
+        self.other_outcomes.extend(o.status for o in self.other().service.run_due())
+        return super().stream(prompt_ids, params, cancel)
+
+
+def test_a_claim_taken_over_while_generating_is_not_posted_by_its_first_owner(
+    make_instance, fake_slack, mistral_tokenizer
+):
+    day = date(2026, 3, 5)
+    clock = Clock(at(day, 9, 0))
+    second: list[Instance] = []
+    engine = TakeoverWhileGenerating(mistral_tokenizer, clock, lambda: second[0])
+    first = make_instance(clock, engine=engine)
+    second.append(make_instance(clock))
+    [outcome] = first.service.run_due()
+    assert engine.other_outcomes == ["posted"]  # the second instance took the stale claim and posted
+    # One term of the day in the channel, the second instance's, and the record says so.
+    posted = [c.params.get("text") for c in fake_slack.calls_to("chat.postMessage")]
+    assert len(posted) == 1, f"the day's term was posted {len(posted)} times: {posted}"
+    [post] = posts_in(fake_slack)
+    assert (outcome.status, outcome.reason) == ("skipped", "claim lost")
+    stored = first.posts.get("C1", day)
+    assert (stored.status, stored.slack_ts) == ("posted", post["ts"])
+    assert stored.claimed_by == second[0].service.instance_id
 
 
 def test_a_takeover_that_cannot_check_slack_does_not_post(make_instance, fake_slack):
