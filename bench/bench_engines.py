@@ -5,9 +5,15 @@ it the way the seed's loader does (bnb NF4, double quant, bf16 compute), adds a 
 seed's shape (r=32, alpha=8, attention + MLP + lm_head, float32 adapter weights as PEFT loads them),
 then measures, in one process:
 
-- seed: that PeftModel through HF generate, batch 1 (64 forced tokens, to save device time);
-- low-memory: the same 4-bit modules under finbot's static-cache decoder and CUDA graphs;
-- fast: dequantized + merged bf16 model under the same decoder (this consumes the 4-bit model).
+- seed-literal: the seed's code as written: the bf16 checkpoint saved, reloaded with
+  `from_pretrained(quantization_config=BitsAndBytesConfig(nf4, double quant, bf16 compute))`, the
+  adapter saved and loaded with `PeftModel.from_pretrained`, HF generate of 256 forced tokens with
+  the card's sampling, warm-up outside the timing, best of 2; every mode's ratio to it is printed;
+- seed: the in-memory PeftModel through HF generate (64 tokens), the reference logits' source;
+- nf4: the seed's NF4 bytes + unmerged LoRA under finbot's decoder and the fused NF4 kernels;
+- low-memory: the same 4-bit PEFT modules under finbot's decoder and CUDA graphs;
+- fast: dequantized + merged bf16 model under the same decoder.
+Each mode gets a fresh build of the same random model (same seed, ~3 s): `nf4` and `fast` consume it.
 
 Per case: single-stream tok/s (256 forced new tokens), 16 staggered concurrent requests (total
 tok/s, per-request latency p50/p95), time to first token for a 1,500-token prompt, peak GPU
@@ -298,8 +304,9 @@ def matmul_floor(decoder) -> dict:  # noqa: ANN001
     Its time over the step's time is what the non-matmul kernels cost; bytes/time is the achieved
     weight bandwidth."""
     from llm.mistral_decoder import DenseLayer
+    from llm.nf4 import NF4Layer
 
-    if not isinstance(decoder.layers[0], DenseLayer) or decoder.device.type != "cuda":
+    if not isinstance(decoder.layers[0], DenseLayer | NF4Layer) or decoder.device.type != "cuda":
         return {}
     layers = decoder.layers
     x = torch.randn(1, decoder.config.hidden_size, dtype=decoder.dtype, device=decoder.device)
@@ -312,10 +319,15 @@ def matmul_floor(decoder) -> dict:  # noqa: ANN001
             acc = layer.down(xi)
         return decoder.lm_head(acc)
 
-    weight_bytes = sum(
-        t.numel() * t.element_size()
-        for layer in layers for t in (layer.w_qkv, layer.w_o, layer.w_gate_up, layer.w_down)
-    ) + decoder.embed.numel() * decoder.embed.element_size()
+    if isinstance(layers[0], NF4Layer):
+        weight_bytes = sum(layer.nbytes for layer in layers) + decoder.lm_head.lora.nbytes
+    else:
+        weight_bytes = sum(
+            t.numel() * t.element_size()
+            for layer in layers for t in (layer.w_qkv, layer.w_o, layer.w_gate_up, layer.w_down)
+        )
+    # the lm_head's bf16 weight (the embedding is gathered, not streamed)
+    weight_bytes += decoder.embed.numel() * decoder.embed.element_size()
     with torch.inference_mode():
         run()
         sync()
@@ -383,6 +395,9 @@ def bench_batching_engine(name: str, build, tokenizer, args, reference_logits, k
         if t is not None
     )
     head = getattr(decoder.lm_head, "weight", None)
+    weight_bytes += sum(getattr(layer, "nbytes", 0) for layer in decoder.layers)  # nf4 layers
+    head_lora = getattr(decoder.lm_head, "lora", None)
+    weight_bytes += head_lora.nbytes if head_lora is not None else 0
     weight_bytes += decoder.embed.numel() * decoder.embed.element_size()
     weight_bytes += head.numel() * head.element_size() if head is not None else 0
     case["memory"] = {
@@ -405,14 +420,16 @@ def bench_batching_engine(name: str, build, tokenizer, args, reference_logits, k
         generator = torch.Generator().manual_seed(0)
         short = random_prompt(tokenizer, 32, generator)
         single_stream(engine, short, 16)  # warm the Python side
-        case["single"] = single_stream(engine, short, args.single_tokens if name == "fast" else args.low_tokens)
+        case["single"] = single_stream(
+            engine, short, args.single_tokens if name in ("fast", "nf4") else args.low_tokens
+        )
         try:
             case["profile"] = profile_steps(engine, short, args.out_dir)
         except Exception as error:  # noqa: BLE001
             case["profile"] = {"error": repr(error)}
         long_prompt = random_prompt(tokenizer, 1500, generator)
         case["ttft_1500_ms"] = ttft(engine, long_prompt)
-        if name == "fast":
+        if name in ("fast", "nf4"):
             serving_peak = torch.cuda.max_memory_allocated()
             torch.cuda.reset_peak_memory_stats()  # peak while serving the 16 staggered requests
             case["staggered"] = staggered(engine, tokenizer, 16, 256, args.gap)
@@ -444,7 +461,7 @@ def main() -> None:
     parser.add_argument("--tokenizer-file", default=None)
     parser.add_argument("--out", default=os.environ.get("OUT"))
     parser.add_argument("--results", default=None, help="also write the results file here")
-    parser.add_argument("--cases", default="seed,low-memory,fast")
+    parser.add_argument("--cases", default="seed-literal,seed,nf4,low-memory,fast")
     parser.add_argument("--seed-tokens", type=int, default=64)
     parser.add_argument("--single-tokens", type=int, default=256)
     parser.add_argument("--low-tokens", type=int, default=128)
@@ -479,6 +496,14 @@ def main() -> None:
 
     tokenizer = make_tokenizer(args.tokenizer_file, Path(tempfile.mkdtemp()) / "tok")
     korean_ids = tokenizer(KOREAN_FINANCE_TEXT).input_ids
+    if "seed-literal" in cases:
+        try:
+            case = seed_literal(tokenizer)
+        except Exception:  # noqa: BLE001
+            case = {"case": "seed-literal", "error": traceback.format_exc(limit=8)}
+        emit(case, out_dir)
+        free_gpu()
+
     started = time.perf_counter()
     model = build_seed_model()
     sync()
@@ -520,36 +545,30 @@ def main() -> None:
         emit(case, out_dir)
 
     no_compile = args.no_compile
-    if "low-memory" in cases:
-        from llm.fast import build_low_memory_engine
-
+    builders = {
+        "nf4": lambda m: __import__("llm.nf4", fromlist=["build_nf4_engine"]).build_nf4_engine(
+            m, tokenizer, max_batch=16, max_seq_len=2048, compile_kernels=not no_compile, free_source=True,
+            triton_kernels=not args.no_triton, kv_cache_tokens=args.kv_cache_tokens),
+        "low-memory": lambda m: __import__("llm.fast", fromlist=["build_low_memory_engine"]).build_low_memory_engine(
+            m, tokenizer, max_batch=2, max_seq_len=2048, compile_kernels=not no_compile),
+        "fast": lambda m: __import__("llm.fast", fromlist=["build_fast_engine"]).build_fast_engine(
+            m, tokenizer, max_batch=16, max_seq_len=2048, compile_kernels=not no_compile, free_source=True,
+            triton_kernels=not args.no_triton, paged_kv=not args.static_kv, kv_cache_tokens=args.kv_cache_tokens),
+    }
+    for name in [c for c in cases if c in builders]:
+        if model is None:  # the previous mode consumed it: the same random model again (same seed)
+            free_gpu()
+            model = build_seed_model()
+        source, model = model, None
         try:
-            case = bench_batching_engine(
-                "low-memory",
-                lambda: build_low_memory_engine(model, tokenizer, max_batch=2, max_seq_len=2048,
-                                                compile_kernels=not no_compile),
-                tokenizer, args, reference_logits, korean_ids,
-            )
+            case = bench_batching_engine(name, lambda src=source, n=name: builders[n](src), tokenizer, args,
+                                         reference_logits, korean_ids)
         except Exception:  # noqa: BLE001
-            case = {"case": "low-memory", "error": traceback.format_exc(limit=8)}
+            case = {"case": name, "error": traceback.format_exc(limit=8)}
+        del source
         emit(case, out_dir)
 
-    if "fast" in cases:
-        from llm.fast import build_fast_engine
-
-        try:
-            case = bench_batching_engine(
-                "fast",
-                lambda: build_fast_engine(model, tokenizer, max_batch=16, max_seq_len=2048,
-                                          compile_kernels=not no_compile, free_source=True,
-                                          triton_kernels=not args.no_triton, paged_kv=not args.static_kv,
-                                          kv_cache_tokens=args.kv_cache_tokens),
-                tokenizer, args, reference_logits, korean_ids,
-            )
-        except Exception:  # noqa: BLE001
-            case = {"case": "fast", "error": traceback.format_exc(limit=8)}
-        emit(case, out_dir)
-
+    add_ratios()
     results = {"meta": meta, "cases": RESULTS[1:]}
     text = json.dumps(results, indent=2)
     if out_dir:
@@ -559,15 +578,136 @@ def main() -> None:
     if args.results:
         Path(args.results).write_text(text)
     print_table()
+    if out_dir:
+        write_chart(out_dir / "engines.png")
+
+
+def free_gpu() -> None:
+    import gc
+
+    gc.collect()
+    torch.cuda.empty_cache()
+
+
+def seed_literal(tokenizer) -> dict:  # noqa: ANN001
+    """The seed's code path as the model card writes it, on a saved random checkpoint of the real shape."""
+    import shutil
+
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig, MistralForCausalLM
+
+    from llm.synthetic import add_random_lora, mistral_7b_config
+
+    case: dict = {"case": "seed-literal"}
+    root = Path(tempfile.mkdtemp(prefix="seed-literal-"))
+    try:
+        started = time.perf_counter()
+        torch.manual_seed(0)
+        default = torch.get_default_dtype()
+        torch.set_default_dtype(torch.bfloat16)
+        try:
+            with torch.device("cuda:0"):
+                model = MistralForCausalLM(mistral_7b_config())
+        finally:
+            torch.set_default_dtype(default)
+        model.save_pretrained(root / "base")
+        adapter = add_random_lora(model, std=0.02)
+        adapter.save_pretrained(root / "adapter")
+        del adapter, model
+        free_gpu()
+        case["checkpoint_write_s"] = round(time.perf_counter() - started, 1)
+
+        # --- the seed's code, as written ---
+        started = time.perf_counter()
+        bnb_config = BitsAndBytesConfig(
+            load_in_4bit=True, bnb_4bit_use_double_quant=True, bnb_4bit_quant_type="nf4",
+            bnb_4bit_compute_dtype=torch.bfloat16,
+        )
+        model = AutoModelForCausalLM.from_pretrained(root / "base", quantization_config=bnb_config, device_map={"": 0})
+        model = PeftModel.from_pretrained(model, root / "adapter")
+        model.eval()
+        sync()
+        case["load_s"] = round(time.perf_counter() - started, 1)
+        inputs = tokenizer("[INST]기준금리가 뭐야? [/INST]", return_tensors="pt").to("cuda:0")
+        kwargs = dict(do_sample=True, temperature=0.9, top_p=0.8, top_k=50, pad_token_id=tokenizer.eos_token_id)
+        torch.cuda.reset_peak_memory_stats()
+        with torch.inference_mode():
+            model.generate(**inputs, max_new_tokens=8, **kwargs)  # warm-up, outside the timing
+            runs = []
+            for _ in range(2):
+                sync()
+                start = time.perf_counter()
+                # Random weights rarely say EOS; forced to 256 so every run times the same work.
+                out = model.generate(**inputs, max_new_tokens=256, min_new_tokens=256, **kwargs)
+                sync()
+                runs.append(time.perf_counter() - start)
+        new = out.shape[1] - inputs["input_ids"].shape[1]
+        best = min(runs)
+        case["single"] = {"new_tokens": new, "seconds": round(best, 2), "tok_s": round(new / best, 1),
+                          "runs_s": [round(r, 2) for r in runs]}
+        case["serving_peak_gb"] = gb(torch.cuda.max_memory_allocated())
+        del model
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
+    return case
+
+
+def add_ratios() -> None:
+    """Every case's speed as a multiple of the seed's literal path and of `fast`, same call."""
+    by_name = {c["case"]: c for c in RESULTS if "single" in c}
+    seed = by_name.get("seed-literal", {}).get("single", {}).get("tok_s")
+    fast = by_name.get("fast", {})
+    for case in by_name.values():
+        ratios = {}
+        tok_s = case["single"].get("tok_s")
+        if seed and tok_s:
+            ratios["single_vs_seed_literal"] = round(tok_s / seed, 2)
+        if fast.get("single", {}).get("tok_s") and tok_s:
+            ratios["single_vs_fast"] = round(tok_s / fast["single"]["tok_s"], 2)
+        stag, fast_stag = case.get("staggered", {}), fast.get("staggered", {})
+        if stag.get("requests") == 16 and fast_stag.get("total_tok_s"):
+            ratios["staggered16_vs_fast"] = round(stag["total_tok_s"] / fast_stag["total_tok_s"], 2)
+        case["ratios"] = ratios
+
+
+def write_chart(path: Path) -> None:
+    """Bar chart of one-stream tok/s, 16-request tok/s and peak GPU memory per case (PNG)."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return
+    cases = [c for c in RESULTS if "single" in c]
+    names = [c["case"] for c in cases]
+    panels = [
+        ("1 stream, tok/s", [c["single"].get("tok_s", 0) for c in cases]),
+        ("16 staggered requests, total tok/s", [c.get("staggered", {}).get("total_tok_s", 0)
+                                                if c.get("staggered", {}).get("requests") == 16 else 0 for c in cases]),
+        ("peak GPU memory, GB", [c.get("serving_peak_gb", 0) for c in cases]),
+    ]
+    figure, axes = plt.subplots(1, 3, figsize=(15, 4.5))
+    for axis, (title, values) in zip(axes, panels, strict=True):
+        bars = axis.bar(names, values, color=["#999999" if n.startswith("seed") else "#1f77b4" if n == "nf4"
+                                              else "#ff7f0e" for n in names])
+        axis.bar_label(bars, fmt="%.1f", fontsize=8)
+        axis.set_title(title)
+        axis.tick_params(axis="x", rotation=20)
+    meta = RESULTS[0]
+    figure.suptitle(f"finbot engines on {meta.get('device')} (random Mistral-7B + LoRA r=32, commit {meta.get('commit')})")
+    figure.tight_layout()
+    figure.savefig(path, dpi=110)
 
 
 def print_table() -> None:
-    rows = [("case", "1-stream tok/s", "16-stag tok/s", "p50/p95 s", "TTFT1500 ms", "peak GB", "startup s", "KL mean/max")]
+    rows = [("case", "1-stream tok/s", "16-stag tok/s", "p50/p95 s", "TTFT1500 ms", "peak GB", "startup s",
+             "KL mean/max", "x seed / x fast")]
     for case in RESULTS:
         if case["case"] in ("meta", "build"):
             continue
         if "error" in case:
-            rows.append((case["case"], "ERROR", case["error"].strip().splitlines()[-1][:60], "", "", "", "", ""))
+            rows.append((case["case"], "ERROR", case["error"].strip().splitlines()[-1][:60], "", "", "", "", "", ""))
             continue
         single = case.get("single", {})
         stag = case.get("staggered", {})
@@ -581,6 +721,7 @@ def print_table() -> None:
             f"{case.get('serving_peak_gb', '-')} (start {case.get('startup_peak_gb', '-')})",
             str(case.get("startup_s", "-")),
             f"{fid.get('kl_mean', '-'):.2e}/{fid.get('kl_max', 0):.2e}" if fid else "-",
+            f"{case.get('ratios', {}).get('single_vs_seed_literal', '-')} / {case.get('ratios', {}).get('single_vs_fast', '-')}",
         ))
     widths = [max(len(str(r[i])) for r in rows) for i in range(len(rows[0]))]
     for row in rows:

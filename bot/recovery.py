@@ -32,7 +32,7 @@ from typing import TYPE_CHECKING
 
 from slack_sdk import WebClient
 
-from bot import messages_ko
+from bot import messages_ko, metrics
 from bot.instance import owner_is_gone
 from bot.streaming import AnswerStreamer, ReplyTarget, StreamingModes, StreamSettings
 from storage.conversations import ConversationStore
@@ -98,6 +98,10 @@ class RecoveryLoop:
             self._leases.renew(now)
         except Exception as error:
             logger.warning("could not renew question leases (retrying in %.0f s): %s", self._interval_s, error)
+        try:
+            self._answers.store_unsaved_answers()
+        except Exception as error:  # noqa: BLE001 - retried at the next tick
+            logger.warning("could not store answers kept while the database was away: %s", error)
         if not self._sweeping.is_set():
             return RecoveryResult()
         try:
@@ -150,6 +154,7 @@ class RecoveryLoop:
                 self._leases.release([question.id])
                 return
             self._store.set_status(question.id, "failed", f"recovery: {reason}")
+            metrics.question_apologised()
             result.apologised.append(question.id)
             return
         logger.info("question %d in %s: taken over (%s), answering it again (attempt %d)",
@@ -161,6 +166,7 @@ class RecoveryLoop:
                          question.id, question.thread_ref, error)
             self._leases.release([question.id])
             return
+        metrics.question_recovered()
         result.reanswered.append(question.id)
 
     # ------------------------------------------------------------------ the loop
@@ -196,6 +202,11 @@ def shut_down(answers: AnswerService, recovery: RecoveryLoop | None, deadline_s:
     all_stopped = answers.stop_gracefully(deadline_s)
     if recovery is not None:
         recovery.stop()
+    try:
+        if answers.store_unsaved_answers():
+            logger.error("some answers shown in Slack could not be stored; their questions may be answered again")
+    except Exception as error:  # noqa: BLE001 - the database is still away
+        logger.error("could not store answers kept while the database was away: %s", error)
     if answers.leases is not None:
         try:
             released = answers.leases.release()

@@ -12,14 +12,16 @@ from typing import Any, TypeVar
 
 from slack_sdk import WebClient
 from slack_sdk.errors import SlackApiError
+from sqlalchemy.exc import SQLAlchemyError
 
-from bot import messages_ko
+from bot import messages_ko, metrics
 from bot.formatting import split_message, to_mrkdwn
 from bot.rate_limits import QuestionRateLimiter
 from bot.streaming import AnswerStreamer, ReplyTarget, StreamingModes, StreamSettings
 from llm.answering import answer_question, clean_reply, stream_raw_answer
 from llm.engine import GenerationEngine, SamplingParams
 from llm.errors import EngineBusyError, PromptTooLongError
+from storage.answer_timings import AnswerTimingStore
 from storage.conversations import ConversationStore, LeaseLostError
 from storage.leases import QuestionLeases
 from storage.questions import QuestionStore
@@ -62,6 +64,9 @@ class _Job:
     # The placeholder that is posted if the answer has not started in time (armed when stored,
     # so a question waiting for a free worker still gets one).
     deferred_placeholder: _DeferredPlaceholder | None = None
+    # When the question's event arrived (time.monotonic), for the latency metrics; None for a
+    # question stored earlier (taken over, or resumed after a restart).
+    received_at: float | None = None
 
 
 class _DeferredPlaceholder:
@@ -132,8 +137,13 @@ class AnswerService:
         rate_limiter: QuestionRateLimiter | None = None,
         timeout_s: float = 120,
         leases: QuestionLeases | None = None,
+        timings: AnswerTimingStore | None = None,
     ) -> None:
         self._store = store
+        # Time to first text per answered question, for the admins' median in the Home tab.
+        self._timings = timings
+        # When the engine last produced answer text (time.monotonic): /readyz needs no probe then.
+        self._last_engine_output = float("-inf")
         # With leases, every question this service stores or takes over is owned by this instance
         # (see storage.leases); without (tests, one-off tools) questions have no owner.
         self._leases = leases
@@ -145,6 +155,8 @@ class AnswerService:
         self._jobs_lock = threading.Lock()
         # Set when a shutdown interrupts answers: they hand their questions on instead of failing.
         self._stopping = threading.Event()
+        # Answers shown but not stored (database unreachable): (conversation, answer, question).
+        self._unsaved: list[tuple[int, str, int]] = []
         self._timeout_s = timeout_s
         self._engine = engine
         self._params = params
@@ -169,6 +181,16 @@ class AnswerService:
         with self._jobs_lock:
             return set(self._active) | set(self._queued)
 
+    def pipeline_counts(self) -> dict[str, int]:
+        """Questions waiting for a worker and being answered (the metrics' in-progress gauge)."""
+        with self._jobs_lock:
+            answering = len(self._active)
+            waiting = len(set(self._queued) - set(self._active))
+        return {"waiting": waiting, "answering": answering}
+
+    def seconds_since_engine_output(self) -> float:
+        return time.monotonic() - self._last_engine_output
+
     def submit(
         self,
         client: WebClient,
@@ -189,6 +211,7 @@ class AnswerService:
         to be done (event already handled, empty question, rate limit, or a Slack message already
         stored).
         """
+        received_at = time.monotonic()
         target = question.target
         refusal = self._refusal(question)
         if refusal is not None:
@@ -197,6 +220,7 @@ class AnswerService:
             if event_id is not None and not self._store.claim_event(event_id):
                 logger.info("event %s already handled; ignoring redelivery", event_id)
                 return None
+            metrics.question_refused("empty" if refusal == messages_ko.EMPTY_QUESTION else "rate_limit")
             self._post_to(client, target, refusal)
             return None
         stored = self._store.store_question(
@@ -236,6 +260,7 @@ class AnswerService:
             text=question.text,
             placeholder_ts=None,
             deferred_placeholder=deferred,
+            received_at=received_at,
         )
         return self._enqueue(client, job)
 
@@ -352,9 +377,38 @@ class AnswerService:
             self._active[job.message_id] = cancel
         try:
             self._answer_owned(client, job, cancel)
+        except Exception as error:
+            # Not the user's fault and not the engine's (those are handled inside): hand the
+            # question on, so a sweep answers it again (or apologises after RECOVERY_MAX_ATTEMPTS).
+            logger.error("answering question %d in %s failed: %r; leaving it for recovery",
+                         job.message_id, job.target.thread_ref, error)
+            if self._leases is not None:
+                try:
+                    self._leases.release([job.message_id])
+                except Exception as release_error:  # noqa: BLE001 - its lease then simply runs out
+                    logger.warning("could not release question %d: %r", job.message_id, release_error)
         finally:
             with self._jobs_lock:
                 self._active.pop(job.message_id, None)
+
+    def store_unsaved_answers(self) -> int:
+        """Store answers the database could not take when they were shown; returns how many are left."""
+        with self._jobs_lock:
+            pending, self._unsaved = self._unsaved, []
+        left = []
+        for conversation_id, answer, message_id in pending:
+            try:
+                self._store.add_assistant_message(
+                    conversation_id, answer, reply_to_id=message_id, slack_ts=None, owner=self._owner
+                )
+                logger.info("stored the answer to question %d after the database came back", message_id)
+            except LeaseLostError:
+                logger.warning("question %d was taken over before its answer could be stored", message_id)
+            except SQLAlchemyError:
+                left.append((conversation_id, answer, message_id))
+        with self._jobs_lock:
+            self._unsaved.extend(left)
+            return len(self._unsaved)
 
     def _answer_owned(self, client: WebClient, job: _Job, cancel: threading.Event) -> None:
         target = job.target
@@ -389,6 +443,7 @@ class AnswerService:
                     streamer.adopt_placeholder(placeholder_ts)
 
         raw = ""
+        first_chunk_at: float | None = None
         # The engine checks `cancel` between tokens, so a stuck or runaway answer frees its slot.
         deadline = threading.Timer(self._timeout_s, cancel.set)
         deadline.daemon = True
@@ -399,6 +454,9 @@ class AnswerService:
             )
             for chunk in generation:
                 raw += chunk
+                self._last_engine_output = time.monotonic()
+                if first_chunk_at is None:
+                    first_chunk_at = self._last_engine_output
                 settle_placeholder()
                 streamer.feed(raw)
             if cancel.is_set() and self._stopping.is_set():
@@ -408,22 +466,27 @@ class AnswerService:
                 raise TimeoutError(f"no complete answer within {self._timeout_s:g} s")
         except TimeoutError as error:
             logger.error("generation timed out for question %d in %s: %s", job.message_id, target.thread_ref, error)
+            metrics.question_failed("timeout")
             self._fail(job, streamer, settle_placeholder, str(error), messages_ko.GENERATION_TIMED_OUT)
             return
         except PromptTooLongError as error:
             logger.warning("question in %s is too long: %s", target.thread_ref, error)
+            metrics.question_refused("too_long")
             self._fail(job, streamer, settle_placeholder, str(error), messages_ko.QUESTION_TOO_LONG)
             return
         except EngineBusyError as error:
             logger.warning("engine busy, question in %s deferred to the user: %s", target.thread_ref, error)
+            metrics.question_refused("busy")
             self._fail(job, streamer, settle_placeholder, "engine busy", messages_ko.ENGINE_BUSY)
             return
         except Exception as error:
             logger.exception("generation failed for question %d in %s", job.message_id, target.thread_ref)
+            metrics.question_failed("engine_error")
             self._fail(job, streamer, settle_placeholder, repr(error), messages_ko.GENERATION_FAILED)
             return
         finally:
             deadline.cancel()
+        generation_ended_at = time.monotonic()
 
         settle_placeholder()
         answer = clean_reply(raw, job.text, generation.finish_reason) or messages_ko.EMPTY_ANSWER
@@ -440,11 +503,57 @@ class AnswerService:
             logger.warning("question %d in %s was taken over while this instance answered it; dropping this answer",
                            job.message_id, target.thread_ref)
             return
+        except SQLAlchemyError as error:
+            # The user still gets the answer; it is stored when the database is back (the recovery
+            # loop retries), and it gets no 👍/👎 until then (they look the stored answer up).
+            logger.error("could not store the answer to question %d in %s (%s); showing it and retrying the store",
+                         job.message_id, target.thread_ref, type(error).__name__)
+            with self._jobs_lock:
+                self._unsaved.append((job.conversation_id, answer, job.message_id))
+            streamer.finish(pieces)
+            return
         streamer.finish(pieces, feedback_blocks(job.message_id))
         logger.info(
             "answered question %d in %s (%d chars, %d message(s), %s)",
             job.message_id, target.thread_ref, len(answer), len(pieces), streamer.mode,
         )
+        self._record_answered(job, raw, streamer, first_chunk_at, generation_ended_at)
+
+    def _record_answered(
+        self,
+        job: _Job,
+        raw: str,
+        streamer: AnswerStreamer,
+        first_chunk_at: float | None,
+        generation_ended_at: float,
+    ) -> None:
+        """Metrics and the stored time to first text of an answered question; never fails the answer."""
+        finished_at = time.monotonic()
+        # No text streamed before the end (a short answer, or Slack refusing updates): the final
+        # message was the first text the user saw.
+        first_text_at = streamer.first_text_at if streamer.first_text_at is not None else finished_at
+        received = job.received_at
+        try:
+            tokens = len(self._engine.tokenizer.encode(raw, add_special_tokens=False)) if raw else 0
+        except Exception:  # a tokenizer that cannot count must not cost the user the answer
+            tokens = 0
+        metrics.question_answered(
+            first_text_s=first_text_at - received if received is not None else None,
+            answer_s=finished_at - received if received is not None else None,
+            tokens=tokens,
+            generation_s=generation_ended_at - first_chunk_at if first_chunk_at is not None else None,
+        )
+        if self._timings is None or received is None:
+            return
+        try:
+            self._timings.record(
+                job.message_id,
+                first_text_ms=round((first_text_at - received) * 1000),
+                answer_ms=round((finished_at - received) * 1000),
+                tokens=tokens,
+            )
+        except Exception as error:
+            logger.warning("could not store the timing of question %d: %s", job.message_id, error)
 
     def _hand_on(self, job: _Job, streamer: AnswerStreamer, settle_placeholder: Callable[[], None]) -> None:
         """Interrupted by a shutdown: close the message with a notice and release the question.

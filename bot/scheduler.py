@@ -26,6 +26,7 @@ from apscheduler.events import EVENT_JOB_ERROR, EVENT_JOB_MISSED, JobExecutionEv
 from apscheduler.schedulers.background import BackgroundScheduler
 from apscheduler.triggers.cron import CronTrigger
 from apscheduler.triggers.date import DateTrigger
+from apscheduler.triggers.interval import IntervalTrigger
 
 logger = logging.getLogger(__name__)
 
@@ -77,6 +78,23 @@ class FinbotScheduler:
             # A one-off run must not be dropped as "missed" because start() came a little later.
             misfire_grace_time=None,
         )
+
+    def add_interval_job(self, job_id: str, func: Callable[[], object], *, every: timedelta) -> None:
+        """Run `func()` every `every` from now on (a missed run is skipped, not made up)."""
+        self._scheduler.add_job(
+            func,
+            trigger=IntervalTrigger(seconds=max(1, int(every.total_seconds())), timezone=self.timezone),
+            id=job_id,
+            name=job_id,
+            replace_existing=True,
+        )
+
+    def remove_job(self, job_id: str) -> bool:
+        """Unschedule `job_id`; False when there was no such job."""
+        if self._scheduler.get_job(job_id) is None:
+            return False
+        self._scheduler.remove_job(job_id)
+        return True
 
     def next_run_time(self, job_id: str) -> datetime | None:
         job = self._scheduler.get_job(job_id)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from datetime import time
 from typing import Literal
 
@@ -9,6 +10,8 @@ from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from llm.engine import EngineChoice, SamplingParams
+
+LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
 
 
 def _id_list(value: str) -> tuple[str, ...]:
@@ -26,7 +29,10 @@ class FinbotSettings(BaseSettings):
     slack_api_url: str = "https://slack.com/api/"
     slack_mode: Literal["socket", "http"] = "socket"
     http_host: str = "0.0.0.0"
-    http_port: int = 3000
+    http_port: int = Field(3000, ge=1, le=65535)
+    # `finbot run` checks the tokens with Slack before loading the model; while Slack cannot be
+    # reached it retries with backoff (saying so) for this many seconds, then gives up.
+    slack_startup_timeout_s: float = Field(120, ge=0)
 
     # Storage
     database_url: str = "sqlite:///finbot.db"
@@ -62,6 +68,17 @@ class FinbotSettings(BaseSettings):
     # The fake engine answers without a model: for load tests and for trying the Slack side without a GPU.
     fake_reply: str = "테스트 답변입니다. 질문: {question} (이전 대화 {history_turns}개)"
     fake_tokens_per_second: float = Field(0, ge=0)
+    # Fault tests: questions containing these texts fail in the fake engine like a GPU does,
+    # ";"-separated KIND:TEXT rules, KIND oom (out of memory) or cuda (see llm/fault_injection.py).
+    fake_fail_on: str = ""
+
+    @field_validator("fake_fail_on")
+    @classmethod
+    def _fail_on_rules_parse(cls, value: str) -> str:
+        from llm.fault_injection import parse_fail_on
+
+        parse_fail_on(value)  # a rule without text is refused at start-up, not at the first question
+        return value
 
     # Behaviour
     timezone: str = "Asia/Seoul"
@@ -96,6 +113,77 @@ class FinbotSettings(BaseSettings):
     def _blank_secret_is_unset(cls, value: object) -> object:
         # `.env.example` leaves them as `KEY=`; an empty token is a missing token, not a valid one.
         return None if isinstance(value, str) and not value.strip() else value
+
+    @field_validator("timezone")
+    @classmethod
+    def _known_time_zone(cls, value: str) -> str:
+        from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
+
+        try:
+            ZoneInfo(value)
+        except (ZoneInfoNotFoundError, ValueError):
+            raise ValueError("not a time zone name; use an IANA name such as Asia/Seoul or UTC") from None
+        return value
+
+    @field_validator("log_level")
+    @classmethod
+    def _known_log_level(cls, value: str) -> str:
+        if value.strip().upper() not in LOG_LEVELS:
+            raise ValueError(f"must be one of {', '.join(LOG_LEVELS)}")
+        return value.strip().upper()
+
+    @field_validator("device")
+    @classmethod
+    def _device_name(cls, value: str) -> str:
+        if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", value.strip()):
+            raise ValueError("must be auto, cpu, cuda or cuda:N (e.g. cuda:1)")
+        return value.strip()
+
+    @field_validator("database_url")
+    @classmethod
+    def _database_url_parses(cls, value: str) -> str:
+        from sqlalchemy.engine import make_url
+        from sqlalchemy.exc import ArgumentError
+
+        try:
+            url = make_url(value)
+        except ArgumentError:
+            raise ValueError(
+                "not a database URL; use sqlite:///finbot.db or postgresql+psycopg://user:password@host/finbot"
+            ) from None
+        # From the scheme's text: asking SQLAlchemy for the driver would import it, or fail on a typo.
+        backend, _, driver = url.drivername.partition("+")
+        if backend == "postgres":
+            raise ValueError("the scheme is postgresql+psycopg://, not postgres://") from None
+        if backend == "postgresql" and driver not in ("", "psycopg"):
+            raise ValueError(
+                f"finbot ships the psycopg driver; write postgresql+psycopg:// instead of {url.drivername}://"
+            )
+        if backend not in ("sqlite", "postgresql"):
+            raise ValueError(f"{backend} is not supported; use sqlite:///… or postgresql+psycopg://…")
+        return value
+
+    @field_validator("slack_api_url", "openai_base_url")
+    @classmethod
+    def _http_url(cls, value: str) -> str:
+        from urllib.parse import urlsplit
+
+        parts = urlsplit(value.strip())
+        if parts.scheme not in ("http", "https") or not parts.netloc:
+            raise ValueError("must be a URL starting with http:// or https://")
+        return value.strip()
+
+    @field_validator("term_of_day_channels", "qa_channels", "allowed_channel_ids", "allowed_team_ids")
+    @classmethod
+    def _slack_ids(cls, value: str) -> str:
+        for item in _id_list(value):
+            if item.startswith("#"):
+                raise ValueError(
+                    f"{item} is a channel name; use the channel ID (C…), shown at the bottom of the channel's details"
+                )
+            if not re.fullmatch(r"[A-Z0-9]+", item):
+                raise ValueError(f"{item!r} is not a Slack ID (capital letters and digits, e.g. C0123ABCD)")
+        return value
 
     def missing_slack_settings(self) -> list[str]:
         """What `finbot run` needs and lacks, checked before minutes are spent loading the model."""
@@ -185,6 +273,15 @@ class FinbotSettings(BaseSettings):
 
     def allowed_channel_id_set(self) -> frozenset[str]:
         return frozenset(_id_list(self.allowed_channel_ids))
+
+    # Operations: Prometheus metrics, /healthz and /readyz on this port (0 = off), in both Slack modes.
+    metrics_port: int = Field(9400, ge=0, le=65535)
+    metrics_host: str = "0.0.0.0"
+    # People who see the admin part of the Home tab and may use its controls (comma-separated user ids).
+    admin_user_ids: str = ""
+
+    def admin_user_id_set(self) -> frozenset[str]:
+        return frozenset(_id_list(self.admin_user_ids))
 
     def sampling_params(self) -> SamplingParams:
         return SamplingParams(

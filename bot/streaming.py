@@ -9,24 +9,29 @@ Two ways, chosen per workspace:
 
 Appends are batched (every `flush_seconds` or `flush_chars` characters). A ``ratelimited`` reply
 postpones the next flush by its ``Retry-After`` while text keeps accumulating, so nothing is lost;
-the final calls wait and retry. The streamed view shows the raw model text (escaped so nothing can
+the final calls wait and retry. Slack answering HTTP 5xx or not being reachable is retried with
+backoff by the bot's WebClient (bot/app.py) and, for the final calls, here too, for about
+`SERVER_ERROR_BUDGET_S` in all. The streamed view shows the raw model text (escaped so nothing can
 ping); the final message is the cleaned answer, which replaces the streamed view.
 """
 
 from __future__ import annotations
 
 import logging
+import random
 import re
 import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal, TypeVar
+from urllib.error import HTTPError, URLError
 
 from slack_sdk import WebClient
 from slack_sdk.errors import SlackApiError
 from slack_sdk.web.chat_stream import ChatStream
 
+from bot import metrics
 from bot.formatting import escape_for_stream, split_message, to_mrkdwn
 
 logger = logging.getLogger(__name__)
@@ -39,10 +44,44 @@ STREAMING_CURSOR = " \u258d"  # ▍ after the text while it is still being writt
 # differently: emphasis, code, quotes, headings, lists, links, escapes and line breaks.
 _MARKUP_CHARS = re.compile(r"[*_~`>#|\\\[\]\n\r\u2060]|^\s*(?:[-+]|\d+[.)])\s")
 MAX_RETRY_AFTER_SECONDS = 30.0
+# How long a call that ends an answer keeps retrying Slack's server errors and connection failures
+# (the WebClient's own retries, bot/app.py, count towards it), and the backoff between attempts.
+SERVER_ERROR_BUDGET_S = 30.0
+SERVER_ERROR_FIRST_DELAY_S = 0.5
+SERVER_ERROR_MAX_DELAY_S = 5.0
+# Connection failures that may be retried: refused, reset, or not reachable (urllib's URLError is
+# an OSError). A timed-out call is not among them: Slack may have done it.
+RETRYABLE_CONNECTION_ERRORS: tuple[type[OSError], ...] = (ConnectionError, URLError)
 
 
 def is_rate_limited(error: SlackApiError) -> bool:
     return error.response.get("error") == "ratelimited" or error.response.status_code == 429
+
+
+def is_server_error(error: SlackApiError) -> bool:
+    """Slack (or a proxy in front of it) answered HTTP 5xx: worth retrying after a while."""
+    return 500 <= (error.response.status_code or 0) <= 599
+
+
+def is_retryable_connection_error(error: BaseException) -> bool:
+    # urllib's HTTPError is a URLError too, but it carries an HTTP answer: not a connection failure.
+    return isinstance(error, RETRYABLE_CONNECTION_ERRORS) and not isinstance(error, HTTPError)
+
+
+def server_error_delay(failures: int) -> float:
+    """Seconds to wait after the `failures`-th failure in a row: 0.5, 1, 2, 4, then 5 (plus up to 10 %
+    jitter, so that many waiting calls do not all come back at the same moment)."""
+    base = min(SERVER_ERROR_FIRST_DELAY_S * 2 ** max(failures - 1, 0), SERVER_ERROR_MAX_DELAY_S)
+    return base * (1 + 0.1 * random.random())
+
+
+def describe_slack_error(error: BaseException) -> str:
+    """A short reason for the operator's log (the Slack error code, or the HTTP status); never a token."""
+    if isinstance(error, SlackApiError):
+        code = error.response.get("error") if isinstance(error.response.data, dict) else None
+        status = error.response.status_code
+        return f"HTTP {status} {code}" if status and status != 200 else str(code)
+    return f"{type(error).__name__}: {error}"
 
 
 def retry_after_seconds(error: SlackApiError, default: float = 1.0) -> float:
@@ -60,18 +99,60 @@ def call_with_backoff(
     thread_ref: str,
     attempts: int = 5,
     sleep: Callable[[float], None] = time.sleep,
+    clock: Callable[[], float] = time.monotonic,
+    server_error_budget_s: float = SERVER_ERROR_BUDGET_S,
 ) -> T:
-    """Run a Slack call, waiting out ``ratelimited`` replies (Retry-After) up to `attempts` times."""
-    for attempt in range(1, attempts + 1):
+    """Run a Slack call, waiting out ``ratelimited`` replies (Retry-After) up to `attempts` times,
+    and HTTP 5xx answers and connection failures with backoff until `server_error_budget_s` after
+    the first attempt.
+
+    The bot's WebClient already retries 5xx and connection failures for about as long (bot/app.py);
+    its retries count towards the budget, so a call is not retried for twice the time. A client
+    without those retries (e.g. in tests) gets them here. Retrying a call whose first attempt Slack
+    did carry out despite the error would repeat it (a second message for chat.postMessage); a 5xx
+    almost always means it was not carried out, and an answer lost is worse than a rare duplicate.
+    """
+    started = clock()
+    rate_limited = 0
+    failures = 0
+    while True:
         try:
             return call()
         except SlackApiError as error:
-            if not is_rate_limited(error) or attempt == attempts:
+            if is_rate_limited(error):
+                rate_limited += 1
+                if rate_limited >= attempts:
+                    raise
+                delay = retry_after_seconds(error)
+                metrics.slack_retry(what, "ratelimited")
+                logger.warning(
+                    "%s in %s rate-limited; retrying in %.1fs (attempt %d)", what, thread_ref, delay, rate_limited
+                )
+            elif is_server_error(error):
+                failures += 1
+                delay = server_error_delay(failures)
+                if clock() - started + delay > server_error_budget_s:
+                    raise
+                metrics.slack_retry(what, f"http_{error.response.status_code}")
+                logger.warning(
+                    "%s in %s failed (%s); retrying in %.1fs (attempt %d)",
+                    what, thread_ref, describe_slack_error(error), delay, failures,
+                )
+            else:
                 raise
-            delay = retry_after_seconds(error)
-            logger.warning("%s in %s rate-limited; retrying in %.1fs (attempt %d)", what, thread_ref, delay, attempt)
-            sleep(delay)
-    raise AssertionError("unreachable")
+        except OSError as error:
+            if not is_retryable_connection_error(error):
+                raise
+            failures += 1
+            delay = server_error_delay(failures)
+            if clock() - started + delay > server_error_budget_s:
+                raise
+            metrics.slack_retry(what, "connection_error")
+            logger.warning(
+                "%s in %s failed (%s); retrying in %.1fs (attempt %d)",
+                what, thread_ref, describe_slack_error(error), delay, failures,
+            )
+        sleep(delay)
 
 
 class StreamingModes:
@@ -145,6 +226,8 @@ class AnswerStreamer:
         self._shown_raw_len = 0
         self._last_flush: float | None = None
         self._not_before = 0.0
+        # When answer text first showed in Slack (`clock` time), for the time-to-first-text metric.
+        self.first_text_at: float | None = None
 
     @property
     def mode(self) -> Mode:
@@ -190,7 +273,24 @@ class AnswerStreamer:
                     "streaming in %s rate-limited; next update in %.1fs", self._target.thread_ref, delay
                 )
                 return
+            if is_server_error(error):
+                # Slack is having trouble (the WebClient has retried already); not a refusal of
+                # streaming. Text keeps accumulating and the next batch carries it.
+                self._postpone(now, error)
+                return
             self._on_stream_error(error)
+        except OSError as error:
+            if not is_retryable_connection_error(error):
+                raise
+            self._postpone(now, error)
+
+    def _postpone(self, now: float, error: BaseException) -> None:
+        delay = SERVER_ERROR_MAX_DELAY_S
+        self._not_before = now + delay
+        logger.warning(
+            "streaming in %s failed (%s); next update in %.1fs", self._target.thread_ref,
+            describe_slack_error(error), delay,
+        )
 
     def _flush_native(self) -> None:
         view = escape_for_stream(self._raw)
@@ -211,6 +311,8 @@ class AnswerStreamer:
         self._handed += len(delta)
         # A failed call leaves the text in the helper's buffer; the next append sends it along.
         self._stream.append(markdown_text=delta)
+        if self.first_text_at is None:
+            self.first_text_at = self._clock()
         if self._stream_ts is None and self._stream.ts is not None:
             self._stream_ts = self._stream.ts
             self._started_native()
@@ -260,6 +362,8 @@ class AnswerStreamer:
         if not pieces:
             return
         self._show(pieces[0] + STREAMING_CURSOR)
+        if self.first_text_at is None:
+            self.first_text_at = self._clock()
 
     def _show(self, text: str, blocks: Sequence[dict[str, Any]] | None = None, wait: bool = False) -> str | None:
         """Put `text` in the reply message (editing it, or posting it when there is none)."""
@@ -278,7 +382,9 @@ class AnswerStreamer:
         if self._placeholder_ts is not None:
             try:
                 if wait:
-                    call_with_backoff(update, "chat.update", self._target.thread_ref, sleep=self._sleep)
+                    call_with_backoff(
+                        update, "chat.update", self._target.thread_ref, sleep=self._sleep, clock=self._clock
+                    )
                 else:
                     update()
                 return self._placeholder_ts
@@ -289,7 +395,12 @@ class AnswerStreamer:
                     raise
                 logger.warning("reply message in %s is gone (%s); posting anew", self._target.thread_ref,
                                error.response.get("error"))
-        response = call_with_backoff(post, "chat.postMessage", self._target.thread_ref, sleep=self._sleep) if wait else post()
+        if wait:
+            response = call_with_backoff(
+                post, "chat.postMessage", self._target.thread_ref, sleep=self._sleep, clock=self._clock
+            )
+        else:
+            response = post()
         self._placeholder_ts = response.get("ts")
         if self._placeholder_ts is not None and self._on_reply_ts is not None:
             self._on_reply_ts(self._placeholder_ts)
@@ -320,7 +431,7 @@ class AnswerStreamer:
             first[0] = False
             return stream.stop(markdown_text=text, blocks=list(blocks) if blocks else None)
 
-        call_with_backoff(stop, "chat.stopStream", self._target.thread_ref, sleep=self._sleep)
+        call_with_backoff(stop, "chat.stopStream", self._target.thread_ref, sleep=self._sleep, clock=self._clock)
 
     def _foldable(self, pieces: Sequence[str]) -> str | None:
         """The final text, if the stream can simply end with it (see `finish`); else None."""
@@ -352,8 +463,8 @@ class AnswerStreamer:
                     self._stream = None
                     return self._stream_ts
                 self._stop_native()
-            except SlackApiError as error:
-                logger.warning("could not stop stream in %s: %s", self._target.thread_ref, error.response.get("error"))
+            except (SlackApiError, OSError) as error:
+                logger.warning("could not stop stream in %s: %s", self._target.thread_ref, describe_slack_error(error))
             self._switch_to_update(self._stream_ts)
         first_ts: str | None = None
         for index, piece in enumerate(pieces):
@@ -362,8 +473,9 @@ class AnswerStreamer:
                 blocks = [{"type": "section", "text": {"type": "mrkdwn", "text": piece}}, *last_blocks]
             try:
                 ts = self._show(piece, blocks, wait=True)
-            except SlackApiError as error:
-                logger.error("could not post the answer in %s: %s", self._target.thread_ref, error.response.get("error"))
+            except (SlackApiError, OSError) as error:
+                # Retried with backoff for SERVER_ERROR_BUDGET_S already (see call_with_backoff).
+                logger.error("could not post the answer in %s: %s", self._target.thread_ref, describe_slack_error(error))
                 return first_ts
             if index == 0:
                 first_ts = ts

@@ -27,14 +27,14 @@ from __future__ import annotations
 import logging
 import time as time_module
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import date, datetime, time, timedelta
 from typing import Any
 from zoneinfo import ZoneInfo
 
 from slack_sdk import WebClient
 
-from bot import messages_ko
+from bot import messages_ko, metrics
 from bot.business_days import holiday_name, is_business_day, next_business_day
 from bot.formatting import split_message, to_mrkdwn
 from bot.instance import current_instance_id, owner_is_gone
@@ -43,6 +43,7 @@ from bot.term_catalog import Term, as_catalog, choose_next_term, find_term, norm
 from llm.answering import answer_question
 from llm.engine import GenerationEngine, SamplingParams
 from storage.conversations import ConversationStore
+from storage.stored_settings import StoredSettingStore
 from storage.term_posts import Claim, StoredTermPost, TermPostStore
 
 logger = logging.getLogger(__name__)
@@ -54,6 +55,12 @@ HEADER_TEXT_LIMIT = 150
 METADATA_EVENT_TYPE = "finbot_term_of_day"
 TERM_OF_DAY_JOB_ID = "term-of-day"
 TERM_OF_DAY_CATCH_UP_JOB_ID = "term-of-day-catch-up"
+TERM_OF_DAY_SETTINGS_JOB_ID = "term-of-day-settings"
+# Admins' overrides of TERM_OF_DAY_CHANNELS and TERM_OF_DAY_TIME (Home tab, storage.stored_settings).
+CHANNELS_SETTING = "term_of_day.channels"
+TIME_SETTING = "term_of_day.time"
+# Other instances on the database pick an admin's change up this often (the one it was made on: at once).
+SETTINGS_REFRESH_INTERVAL = timedelta(seconds=30)
 TODAY_SUBCOMMAND = "오늘"
 _WEEKDAYS_KO = "월화수목금토일"
 
@@ -189,11 +196,90 @@ class TermOfDayService:
     now: Callable[[], datetime] | None = None
     instance_id: str = field(default_factory=default_instance_id)
     sleep: Callable[[float], None] = time_module.sleep
+    # Admins' overrides of the channels and the time (Home tab); None: the environment's only.
+    stored_settings: StoredSettingStore | None = None
     _team_id: str | None = field(default=None, init=False, repr=False)
+    # The scheduler this service's jobs are on, once scheduled (`schedule_term_of_day`).
+    _scheduler: FinbotScheduler | None = field(default=None, init=False, repr=False)
+    _env_config: TermOfDayConfig | None = field(default=None, init=False, repr=False)
+    overridden: bool = field(default=False, init=False)
 
     def __post_init__(self) -> None:
         # Indexed once here: every post and every `/용어 오늘` looks terms up by alias.
         self.terms = as_catalog(self.terms)
+        self._env_config = self.config
+
+    # ------------------------------------------------------------------ settings from the Home tab
+
+    def refresh_settings(self) -> bool:
+        """Apply the stored channels and time (or the environment's, when none are stored); reschedules
+        the daily job when they changed. True when something changed. Runs every
+        SETTINGS_REFRESH_INTERVAL, and at once after an admin's change on this instance."""
+        assert self._env_config is not None
+        stored = self.stored_settings.values((CHANNELS_SETTING, TIME_SETTING)) if self.stored_settings else {}
+        channels, post_time = self._env_config.channels, self._env_config.post_time
+        if CHANNELS_SETTING in stored:
+            channels = tuple(c for c in (p.strip() for p in stored[CHANNELS_SETTING].split(",")) if c)
+        if TIME_SETTING in stored:
+            try:
+                post_time = time.fromisoformat(stored[TIME_SETTING])
+            except ValueError:
+                logger.warning("term of the day: stored time %r is not HH:MM; using %s",
+                               stored[TIME_SETTING], post_time.strftime("%H:%M"))
+        self.overridden = bool(stored)
+        if (channels, post_time) == (self.config.channels, self.config.post_time):
+            return False
+        self.config = replace(self.config, channels=channels, post_time=post_time)
+        logger.info(
+            "term of the day: now in %s at %s (%s)", ", ".join(channels) or "no channel",
+            post_time.strftime("%H:%M"), "set in the Home tab" if stored else "from the environment",
+        )
+        self.apply_schedule()
+        return True
+
+    def refresh_settings_or_warn(self) -> None:
+        """`refresh_settings` for the scheduler: a database outage is a warning, retried next time."""
+        try:
+            self.refresh_settings()
+        except Exception as error:
+            logger.warning("term of the day: could not read the stored settings (retrying in %.0f s): %s",
+                           SETTINGS_REFRESH_INTERVAL.total_seconds(), error)
+
+    def change_settings(
+        self, *, channels: Sequence[str] | None = None, post_time: time | None = None, by: str | None = None
+    ) -> None:
+        """Store an admin's channels and/or time; they apply on this instance at once."""
+        if self.stored_settings is None:
+            raise RuntimeError("this term-of-the-day service has no settings store")
+        if channels is not None:
+            self.stored_settings.set(CHANNELS_SETTING, ",".join(channels), by)
+        if post_time is not None:
+            self.stored_settings.set(TIME_SETTING, post_time.strftime("%H:%M"), by)
+        self.refresh_settings()
+
+    def reset_settings(self, by: str | None = None) -> None:
+        """Back to TERM_OF_DAY_CHANNELS and TERM_OF_DAY_TIME."""
+        if self.stored_settings is not None:
+            self.stored_settings.reset((CHANNELS_SETTING, TIME_SETTING))
+            logger.info("term of the day: settings reset to the environment's by %s", by)
+        self.refresh_settings()
+
+    def apply_schedule(self) -> bool:
+        """(Re)schedule the daily post at the current time, with a catch-up run now (a post that is
+        already due, e.g. for a channel just added after the post time, goes out at once; claims
+        keep it to one per channel and day). Without channels the daily job is removed."""
+        scheduler = self._scheduler
+        if scheduler is None:
+            return False
+        config = self.config
+        if not config.channels:
+            scheduler.remove_job(TERM_OF_DAY_JOB_ID)
+            logger.info("term of the day: no channel set (TERM_OF_DAY_CHANNELS or the Home tab); not scheduling it")
+            return False
+        # The job checks the window itself, so APScheduler's misfire grace only has to be as wide.
+        scheduler.add_daily_job(TERM_OF_DAY_JOB_ID, self.run_due, at=config.post_time, misfire_grace=config.catch_up_grace)
+        scheduler.add_startup_job(TERM_OF_DAY_CATCH_UP_JOB_ID, self.run_due)
+        return True
 
     # ------------------------------------------------------------------ clock and calendar
 
@@ -247,6 +333,7 @@ class TermOfDayService:
             except Exception as error:  # one channel's trouble must not stop the others
                 logger.exception("term of the day: posting in %s on %s failed", channel, day)
                 outcomes.append(PostOutcome(channel, day, "failed", reason=repr(error)))
+            metrics.term_of_day_post(outcomes[-1].status)
         return outcomes
 
     def choose_term(self, channel_id: str, day: date) -> Term:
@@ -461,15 +548,19 @@ def today_term_message(service: TermOfDayService, channel_id: str | None = None)
 
 
 def schedule_term_of_day(scheduler: FinbotScheduler, service: TermOfDayService) -> bool:
-    """Add the daily job and the startup catch-up; False (nothing scheduled) without channels."""
-    config = service.config
-    if not config.channels:
-        logger.info("term of the day: TERM_OF_DAY_CHANNELS is empty; not scheduling it")
-        return False
-    # The job checks the window itself, so APScheduler's misfire grace only has to be as wide.
-    scheduler.add_daily_job(TERM_OF_DAY_JOB_ID, service.run_due, at=config.post_time, misfire_grace=config.catch_up_grace)
-    scheduler.add_startup_job(TERM_OF_DAY_CATCH_UP_JOB_ID, service.run_due)
-    return True
+    """Add the daily job and the startup catch-up; False (nothing scheduled) without channels.
+
+    With a settings store, the admins' stored channels and time apply from the start and are
+    re-read every SETTINGS_REFRESH_INTERVAL, so a change made through another instance reaches
+    this one's schedule too.
+    """
+    service._scheduler = scheduler
+    if service.stored_settings is not None:
+        service.refresh_settings_or_warn()
+        scheduler.add_interval_job(
+            TERM_OF_DAY_SETTINGS_JOB_ID, service.refresh_settings_or_warn, every=SETTINGS_REFRESH_INTERVAL
+        )
+    return service.apply_schedule()
 
 
 def register_today_subcommand(service: TermOfDayService) -> None:

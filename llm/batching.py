@@ -95,6 +95,11 @@ class DecoderStepModel:
         kv = self.decoder.kv
         return kv.free_tokens if kv is not None else 1 << 60
 
+    def kv_capacity_tokens(self) -> int:
+        """Token positions the KV cache holds (paged: its blocks but the scratch block 0)."""
+        kv = self.decoder.kv
+        return (kv.num_blocks - 1) * kv.block_size if kv is not None else self.max_batch * self.max_seq_len
+
     def prefill(self, slot: int, prompt_ids: Sequence[int]) -> torch.Tensor:
         return self.prefill_many([slot], [prompt_ids])[0]
 
@@ -316,6 +321,18 @@ class BatchScheduler:
     @property
     def waiting(self) -> int:
         return len(self._waiting)
+
+    def kv_usage(self) -> tuple[int, int] | None:
+        """(token positions in use, capacity) of the KV cache; None when the model does not say.
+        Read without the worker's lock: a monitoring figure may be one step old."""
+        capacity = getattr(self.model, "kv_capacity_tokens", None)
+        if capacity is None:
+            return None
+        if self._paged:
+            total = capacity()
+            return total - self.model.kv_free_tokens(), total
+        # A static cache reserves max_seq_len per slot; in use is what the running requests filled.
+        return sum(r.position for r in list(self._slots) if r is not None), capacity()
 
     def close(self) -> None:
         with self._wake:
@@ -627,6 +644,13 @@ class BatchingEngine(GenerationEngine):
     ) -> Generator[str, None, FinishReason]:
         reason = yield from text_deltas(self.tokenizer, self.stream_tokens(prompt_ids, params, cancel))
         return reason or "eos"
+
+    def stats(self) -> dict[str, float]:
+        stats: dict[str, float] = {"queue_depth": self.scheduler.waiting, "running_requests": self.scheduler.active}
+        usage = self.scheduler.kv_usage()
+        if usage is not None:
+            stats["kv_cache_used_tokens"], stats["kv_cache_capacity_tokens"] = usage
+        return stats
 
     def close(self) -> None:
         self.scheduler.close()

@@ -23,7 +23,7 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 
-EngineChoice = Literal["auto", "reference", "fast", "low-memory", "openai", "fake"]
+EngineChoice = Literal["auto", "reference", "nf4", "fast", "low-memory", "openai", "fake"]
 
 # Why an engine stopped generating:
 # - "eos": the model ended its answer (EOS token), so the text is whole;
@@ -188,6 +188,11 @@ class GenerationEngine(ABC):
     def generate(self, prompt_ids: Sequence[int], params: SamplingParams) -> str:
         return "".join(self.stream(prompt_ids, params))
 
+    def stats(self) -> dict[str, float]:
+        """Load figures for monitoring, any of: queue_depth, running_requests, kv_cache_used_tokens,
+        kv_cache_capacity_tokens. Cheap and thread-safe; {} from an engine that does not know them."""
+        return {}
+
     def close(self) -> None:  # noqa: B027 - optional hook
         """Release GPU memory and background threads."""
 
@@ -208,6 +213,11 @@ class FakeEngine(GenerationEngine):
         self.tokenizer = tokenizer
         self._reply_template = reply_template
         self._seconds_per_chunk = 1 / tokens_per_second if tokens_per_second > 0 else 0.0
+        self._running = 0
+        self._running_lock = threading.Lock()
+
+    def stats(self) -> dict[str, float]:
+        return {"running_requests": self._running}
 
     def stream(
         self,
@@ -226,12 +236,18 @@ class FakeEngine(GenerationEngine):
         reply = self._reply_template.format(question=question, history_turns=len(turns) - 2)
         # One word stands for one token, so max_new_tokens cuts the reply as it would a model's.
         words = reply.split(" ")
-        for word in words[: params.max_new_tokens]:
-            if cancel is not None and cancel.is_set():
-                return "cancelled"
-            if self._seconds_per_chunk:
-                time.sleep(self._seconds_per_chunk)
-            yield word + " "
+        with self._running_lock:
+            self._running += 1
+        try:
+            for word in words[: params.max_new_tokens]:
+                if cancel is not None and cancel.is_set():
+                    return "cancelled"
+                if self._seconds_per_chunk:
+                    time.sleep(self._seconds_per_chunk)
+                yield word + " "
+        finally:
+            with self._running_lock:
+                self._running -= 1
         return "length" if len(words) > params.max_new_tokens else "eos"
 
 

@@ -42,6 +42,22 @@ def load_tokenizer(base_model: str) -> PreTrainedTokenizerBase:
     return AutoTokenizer.from_pretrained(base_model)
 
 
+def load_fake_tokenizer(base_model: str) -> PreTrainedTokenizerBase:
+    """The fake engine's tokenizer, never from the hub: `ENGINE=fake` must work with no network.
+
+    A model directory's own tokenizer when `base_model` is one (tests use their tiny checkpoint's);
+    otherwise Mistral's v1 tokenizer as shipped by mistral-common (the base model's), read without
+    importing transformers, so that the fake engine starts in a second.
+    """
+    from pathlib import Path
+
+    if Path(base_model).expanduser().is_dir():
+        return load_tokenizer(str(Path(base_model).expanduser()))
+    from llm.mistral_tokenizer import BundledMistralTokenizer
+
+    return BundledMistralTokenizer()  # type: ignore[return-value] - the subset of the interface finbot uses
+
+
 def load_reference_model(base_model: str | None, adapter: str, device: str):  # noqa: ANN201
     """The seed's loading path: NF4 4-bit base with double quantization and bf16 compute,
     the LoRA adapter on top as an unmerged `PeftModel`.
@@ -82,6 +98,7 @@ def build_engine(
     fake_reply: str = "",
     fake_tokens_per_second: float = 0,
     *,
+    fake_fail_on: str = "",
     max_batch: int | None = None,
     max_seq_len: int = 2048,
     max_queue: int = 32,
@@ -107,29 +124,41 @@ def build_engine(
       19.2) in blocks of `kv_block_size` tokens; requests wait (or the youngest is preempted and
       later resumed) when it is full. Off: the static max_batch x max_seq_len cache (4.3 GB).
 
+    `fake_fail_on` (fake only, for fault tests) makes chosen questions fail like a GPU does, see
+    `llm.fault_injection`.
+
     `openai` sends the prompt ids to a remote OpenAI-compatible server (`openai_config`); only the
     tokenizer is loaded here, from `base_model`.
     """
+    if choice == "fake" and device == "auto":
+        device = "cpu"  # no model on any device: not even torch needs importing
     device = resolve_device(device)
     choice = resolve_engine_choice(choice, device)
     started = time.monotonic()
-    tokenizer = load_tokenizer(base_model)
+    tokenizer = load_fake_tokenizer(base_model) if choice == "fake" else load_tokenizer(base_model)
     if choice == "fake":
         engine: GenerationEngine = FakeEngine(tokenizer, fake_reply, fake_tokens_per_second)
+        if fake_fail_on:
+            from llm.fault_injection import with_faults
+
+            engine = with_faults(engine, fake_fail_on)
     elif choice == "reference":
         engine = HFGenerateEngine(load_reference_model(base_model, adapter, device), tokenizer)
-    elif choice in ("fast", "low-memory"):
+    elif choice in ("fast", "low-memory", "nf4"):
         from llm.fast import build_fast_engine, build_low_memory_engine
+        from llm.nf4 import build_nf4_engine
 
         model = load_reference_model(base_model, adapter, device)
         kwargs: dict = {}
         if choice == "fast":
             kwargs = {"paged_kv": paged_kv, "kv_cache_tokens": kv_cache_tokens, "kv_block_size": kv_block_size}
-        build = build_fast_engine if choice == "fast" else build_low_memory_engine
+        elif choice == "nf4":
+            kwargs = {"kv_cache_tokens": kv_cache_tokens, "kv_block_size": kv_block_size}
+        build = {"fast": build_fast_engine, "low-memory": build_low_memory_engine, "nf4": build_nf4_engine}[choice]
         engine = build(
             model,
             tokenizer,
-            max_batch=max_batch or (16 if choice == "fast" else 2),
+            max_batch=max_batch or (2 if choice == "low-memory" else 16),
             max_seq_len=max_seq_len,
             max_queue=max_queue,
             cuda_graphs=cuda_graphs,

@@ -8,46 +8,28 @@ hyper-parameters (rank 32, alpha 8, dropout 0.05, attention + MLP projections an
 
 from __future__ import annotations
 
-import json
-import shutil
 from pathlib import Path
 
 import torch
+
+from llm.mistral_tokenizer import MISTRAL_TOKENIZER_CONFIG, write_tokenizer_dir  # noqa: F401 - re-exported
+from llm.mistral_tokenizer import mistral_v1_tokenizer_file as bundled_tokenizer_file
 
 ADAPTER_TARGET_MODULES = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj", "lm_head"]
 ADAPTER_RANK = 32
 ADAPTER_ALPHA = 8
 ADAPTER_DROPOUT = 0.05
 
-# Mistral-7B-v0.1's published tokenizer_config.json (the fields that change tokenization).
-MISTRAL_TOKENIZER_CONFIG = {
-    "tokenizer_class": "LlamaTokenizer",
-    "add_bos_token": True,
-    "add_eos_token": False,
-    "legacy": True,
-    "bos_token": "<s>",
-    "eos_token": "</s>",
-    "unk_token": "<unk>",
-    "pad_token": None,
-    "model_max_length": 32768,
-    "spaces_between_special_tokens": False,
-}
-
 
 def mistral_v1_tokenizer_file() -> Path:
-    import mistral_common
-
-    return Path(mistral_common.__file__).parent / "data" / "tokenizer.model.v1"
+    # A name of this module (not only of llm.mistral_tokenizer) so that GPU tests can point it at a
+    # carried copy of the file where mistral-common is not installed (tests/gpu/conftest.py).
+    return bundled_tokenizer_file()
 
 
 def write_mistral_tokenizer(out_dir: Path, tokenizer_file: Path | None = None) -> None:
     """`tokenizer_file` defaults to mistral-common's copy (pass one where that package is absent)."""
-    out_dir.mkdir(parents=True, exist_ok=True)
-    shutil.copy(tokenizer_file or mistral_v1_tokenizer_file(), out_dir / "tokenizer.model")
-    (out_dir / "tokenizer_config.json").write_text(json.dumps(MISTRAL_TOKENIZER_CONFIG, indent=2))
-    (out_dir / "special_tokens_map.json").write_text(
-        json.dumps({"bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>"})
-    )
+    write_tokenizer_dir(out_dir, tokenizer_file or mistral_v1_tokenizer_file())
 
 
 def tiny_mistral_config(num_hidden_layers: int = 2, hidden_size: int = 64):  # noqa: ANN201

@@ -18,7 +18,7 @@ from sqlalchemy import Connection, and_, bindparam, insert, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, aliased, sessionmaker
 
-from storage.db import bound_engine
+from storage.db import bound_engine, retry_on_disconnect
 from storage.models import USER_STATUSES, Conversation, Message, ProcessedEvent, utcnow
 
 _QUESTION = aliased(Message, name="question")
@@ -81,6 +81,22 @@ _START_OWNED = (
         Message.lease_expires_at > bindparam("b_now"),
     )
     .values(status="generating", error=None)
+)
+
+
+_QUESTION_ROW = aliased(Message, name="asked")
+# The answer an instance stored for its own question (the question answered and still owned by it).
+_OWN_ANSWER = (
+    select(Message.id)
+    .join(_QUESTION_ROW, _QUESTION_ROW.id == Message.reply_to_id)
+    .where(
+        Message.reply_to_id == bindparam("b_question_id"),
+        Message.role == "assistant",
+        _QUESTION_ROW.status == "answered",
+        _QUESTION_ROW.owner == bindparam("b_owner"),
+    )
+    .order_by(Message.id.desc())
+    .limit(1)
 )
 
 
@@ -192,12 +208,14 @@ class ConversationStore:
                 _FIND_CONVERSATION, {"team_id": team_id, "channel_id": channel_id, "thread_ts": thread_ts}
             )
 
+    @retry_on_disconnect
     def set_status(self, message_id: int, status: str, error: str | None = None) -> None:
         if status not in USER_STATUSES:
             raise ValueError(f"unknown status {status!r}; expected one of {USER_STATUSES}")
         with self._engine.begin() as connection:
             self._set_status(connection, message_id, status, error)
 
+    @retry_on_disconnect
     def start_answer(
         self, message_id: int, conversation_id: int, owner: str | None = None
     ) -> list[tuple[str, str]]:
@@ -226,6 +244,7 @@ class ConversationStore:
         if result.rowcount == 0:
             raise LookupError(f"no message with id {message_id}")
 
+    @retry_on_disconnect
     def add_assistant_message(
         self, conversation_id: int, text: str, reply_to_id: int, slack_ts: str | None, owner: str | None = None
     ) -> int:
@@ -242,6 +261,10 @@ class ConversationStore:
                     {"b_message_id": reply_to_id, "b_conversation_id": conversation_id, "b_owner": owner},
                 )
                 if marked.rowcount == 0:
+                    # A retry after a commit whose reply was lost finds its own answer stored already.
+                    existing = connection.execute(_OWN_ANSWER, {"b_question_id": reply_to_id, "b_owner": owner}).first()
+                    if existing is not None:
+                        return int(existing[0])
                     raise LeaseLostError(f"question {reply_to_id} is no longer {owner}'s to answer")
             else:
                 marked = connection.execute(

@@ -2,19 +2,53 @@
 
 from __future__ import annotations
 
+import functools
+import logging
+import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, ParamSpec, TypeVar
 
 from alembic import command
 from alembic.config import Config
 from alembic.runtime.migration import MigrationContext
 from sqlalchemy import Engine, create_engine, event, text
 from sqlalchemy.engine import make_url
+from sqlalchemy.exc import DBAPIError
 from sqlalchemy.orm import Session, sessionmaker
 
 import migrations
 
+logger = logging.getLogger(__name__)
+
+P = ParamSpec("P")
+R = TypeVar("R")
+
 SQLITE_BUSY_TIMEOUT_MS = 5000
+# A database server restarting (or failing over) refuses connections for a few seconds. Opening a
+# connection (a new one, or the one replacing a connection that `pool_pre_ping` found dead) is
+# retried with backoff (0.5, 1, 2, 4, then 5 s) for about this long before the caller sees the error,
+# so a store call made during a restart waits for the server instead of failing.
+CONNECT_RETRY_BUDGET_S = 30.0
+CONNECT_RETRY_MAX_DELAY_S = 5.0
+# What a server that is down, starting or stopping answers (libpq's messages, lowercased). Anything
+# else (a wrong password, a missing database) fails at once: waiting would not help.
+_TRANSIENT_CONNECT_ERRORS = (
+    "connection refused",
+    "could not connect",
+    "no such file or directory",  # the Unix socket is gone while the server is down
+    "the database system is starting up",
+    "the database system is shutting down",
+    "the database system is in recovery mode",
+    "the database system is not yet accepting connections",
+    "server closed the connection unexpectedly",
+    "terminating connection",
+    "connection reset",
+    "connection timed out",
+    "timeout expired",
+    "no route to host",
+    "network is unreachable",
+)
 
 
 def _is_memory_sqlite(database: str | None) -> bool:
@@ -46,12 +80,91 @@ def use_wal(cursor: Any) -> None:
         cursor.execute("PRAGMA journal_mode=WAL")
 
 
+def is_transient_connect_error(error: BaseException) -> bool:
+    """Whether a failed connection attempt may succeed a few seconds later (the server restarting)."""
+    message = str(error).lower()
+    return any(text in message for text in _TRANSIENT_CONNECT_ERRORS)
+
+
+def _first_line(error: BaseException) -> str:
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    return lines[0] if lines else type(error).__name__
+
+
+def retry_connects(
+    engine: Engine, budget_s: float = CONNECT_RETRY_BUDGET_S, sleep: Callable[[float], None] = time.sleep
+) -> None:
+    """Make `engine` retry opening connections while the server is unreachable, for `budget_s`.
+
+    One WARNING line per retry. Together with ``pool_pre_ping`` (a pooled connection is tested
+    before use and replaced when the server dropped it) a store call made while the server restarts
+    waits for it and then runs on a fresh connection.
+    """
+
+    @event.listens_for(engine, "do_connect")
+    def _connect_with_retries(dialect: Any, connection_record: Any, cargs: Any, cparams: Any) -> Any:
+        started = time.monotonic()
+        failures = 0
+        while True:
+            try:
+                return dialect.connect(*cargs, **cparams)
+            except dialect.loaded_dbapi.OperationalError as error:
+                if not is_transient_connect_error(error):
+                    raise
+                failures += 1
+                delay = min(0.5 * 2 ** (failures - 1), CONNECT_RETRY_MAX_DELAY_S)
+                if time.monotonic() - started + delay > budget_s:
+                    raise
+                logger.warning(
+                    "database unreachable (%s); retrying the connection in %.1f s (retry %d)",
+                    _first_line(error), delay, failures,
+                )
+                sleep(delay)
+
+
+def is_disconnect(error: BaseException) -> bool:
+    """A statement failed because the connection to the server was lost (SQLAlchemy invalidated it)."""
+    return isinstance(error, DBAPIError) and bool(error.connection_invalidated)
+
+
+def retry_on_disconnect(function: Callable[P, R]) -> Callable[P, R]:
+    """Run a store method once more when its connection was lost in the middle of it.
+
+    The transaction was rolled back by the server, unless the connection broke during COMMIT:
+    then nobody knows whether it committed, so only decorate methods whose second run is harmless
+    after a first one that did commit (an UPDATE to a fixed state, an insert guarded by a unique
+    key that the method treats as "already done"). The second run opens a new connection, which
+    waits for a restarting server (see `retry_connects`).
+    """
+
+    @functools.wraps(function)
+    def wrapper(*args: P.args, **kwargs: P.kwargs) -> R:
+        try:
+            return function(*args, **kwargs)
+        except DBAPIError as error:
+            if not is_disconnect(error):
+                raise
+            logger.warning(
+                "database connection lost during %s (%s); trying once more",
+                function.__qualname__, _first_line(error.orig or error),
+            )
+            return function(*args, **kwargs)
+
+    return wrapper
+
+
 def create_db_engine(url: str) -> Engine:
-    """Create an engine; SQLite connections get the pragmas that make multi-process use safe."""
+    """Create an engine; SQLite connections get the pragmas that make multi-process use safe.
+
+    A server database (PostgreSQL) gets ``pool_pre_ping`` (a connection the server dropped, e.g.
+    by restarting, is replaced before use instead of failing the statement) and connection retries
+    while the server is unreachable (`retry_connects`).
+    """
     parsed = make_url(url)
     if parsed.get_backend_name() != "sqlite":
-        # pre_ping so a long-lived bot survives the server dropping idle connections.
-        return create_engine(url, pool_pre_ping=True)
+        engine = create_engine(url, pool_pre_ping=True)
+        retry_connects(engine)
+        return engine
 
     in_memory = _is_memory_sqlite(parsed.database)
     _ensure_sqlite_directory(url)

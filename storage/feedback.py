@@ -4,13 +4,28 @@ from __future__ import annotations
 
 import json
 from collections.abc import Iterator
+from dataclasses import dataclass
+from datetime import datetime
 from typing import IO, Any
 
-from sqlalchemy import select
+from sqlalchemy import case, func, select
 from sqlalchemy.orm import Session, aliased, sessionmaker
 
 from storage.models import Conversation, Feedback, Message, utcnow
 from storage.upsert import insert_on_conflict
+
+
+@dataclass(frozen=True)
+class RatedAnswer:
+    """An answer with its votes, for the admins' review list."""
+
+    answer_id: int
+    question: str
+    channel_id: str
+    thread_ts: str
+    question_ts: str | None
+    ups: int
+    downs: int
 
 
 class FeedbackStore:
@@ -75,3 +90,37 @@ class FeedbackStore:
             out.write(json.dumps(row, ensure_ascii=False) + "\n")
             count += 1
         return count
+
+    def counts_since(self, since: datetime) -> tuple[int, int]:
+        """(👍, 👎) votes cast or changed since `since`."""
+        with self._session_factory() as session:
+            rows = session.execute(
+                select(Feedback.vote, func.count()).where(Feedback.updated_at >= since).group_by(Feedback.vote)
+            ).all()
+        counts = dict(rows)
+        return counts.get(1, 0), counts.get(-1, 0)
+
+    def worst_rated(self, since: datetime, limit: int = 5) -> list[RatedAnswer]:
+        """Answers with a 👎 voted since `since`, most disliked first (net score, then 👎 count)."""
+        ups = func.sum(case((Feedback.vote > 0, 1), else_=0))
+        downs = func.sum(case((Feedback.vote < 0, 1), else_=0))
+        votes = (
+            select(Feedback.message_id, ups.label("ups"), downs.label("downs"))
+            .where(Feedback.updated_at >= since)
+            .group_by(Feedback.message_id)
+            .having(downs > 0)
+            .subquery()
+        )
+        answer = aliased(Message)
+        question = aliased(Message)
+        statement = (
+            select(answer.id, question.text, Conversation.channel_id, Conversation.thread_ts, question.slack_ts,
+                   votes.c.ups, votes.c.downs)
+            .join(votes, votes.c.message_id == answer.id)
+            .join(Conversation, Conversation.id == answer.conversation_id)
+            .join(question, question.id == answer.reply_to_id)
+            .order_by((votes.c.ups - votes.c.downs).asc(), votes.c.downs.desc(), answer.id.desc())
+            .limit(limit)
+        )
+        with self._session_factory() as session:
+            return [RatedAnswer(*row) for row in session.execute(statement).all()]

@@ -19,7 +19,7 @@ from datetime import datetime, timedelta
 from sqlalchemy import and_, or_, select, update
 from sqlalchemy.orm import Session, sessionmaker
 
-from storage.db import bound_engine
+from storage.db import bound_engine, retry_on_disconnect
 from storage.models import Conversation, Message, utcnow
 
 UNFINISHED: tuple[str, ...] = ("received", "generating")
@@ -57,6 +57,7 @@ class QuestionLeases:
     def lease_until(self, now: datetime | None = None) -> datetime:
         return (now or utcnow()) + self.lease
 
+    @retry_on_disconnect
     def renew(self, now: datetime | None = None) -> int:
         """Extend every unfinished question this instance owns; returns how many."""
         with self._engine.begin() as connection:
@@ -66,6 +67,7 @@ class QuestionLeases:
                 .values(lease_expires_at=self.lease_until(now))
             ).rowcount
 
+    @retry_on_disconnect
     def release(self, message_ids: Collection[int] | None = None, now: datetime | None = None) -> int:
         """Give up our unfinished questions (all, or `message_ids`): any instance may take them at once."""
         conditions = [Message.owner == self.owner, Message.role == "user", Message.status.in_(UNFINISHED)]

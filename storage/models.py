@@ -226,3 +226,28 @@ class TermPin(Base):
     post_date: Mapped[date] = mapped_column(Date, primary_key=True)
     term: Mapped[str] = mapped_column(String(200))
     created_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
+
+
+class AnswerTiming(Base):
+    """How long one answered question took, from its event's arrival: for the admins' Home tab."""
+
+    __tablename__ = "answer_timings"
+
+    # The question (a user message); deleted with it by retention.
+    question_id: Mapped[int] = mapped_column(ForeignKey("messages.id", ondelete="CASCADE"), primary_key=True)
+    first_text_ms: Mapped[int] = mapped_column(Integer)
+    answer_ms: Mapped[int] = mapped_column(Integer)
+    tokens: Mapped[int] = mapped_column(Integer)
+    # The Home tab's statistics cover recent days.
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow, index=True)
+
+
+class StoredSetting(Base):
+    """An admin's setting made in the Home tab; it overrides the environment's until reset."""
+
+    __tablename__ = "stored_settings"
+
+    key: Mapped[str] = mapped_column(String(64), primary_key=True)
+    value: Mapped[str] = mapped_column(Text)
+    updated_by: Mapped[str | None] = mapped_column(String(64))
+    updated_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from sqlalchemy import delete
+from sqlalchemy import delete, select
 from sqlalchemy.orm import Session, sessionmaker
 
 from storage.models import QAChannel
@@ -16,6 +16,13 @@ class QAChannelStore:
     def is_qa_channel(self, team_id: str, channel_id: str) -> bool:
         with self._session_factory() as session:
             return session.get(QAChannel, (team_id, channel_id)) is not None
+
+    def channels(self, team_id: str) -> list[str]:
+        """The workspace's Q&A channels turned on in Slack, oldest first."""
+        with self._session_factory() as session:
+            return list(session.scalars(
+                select(QAChannel.channel_id).where(QAChannel.team_id == team_id).order_by(QAChannel.added_at)
+            ).all())
 
     def add(self, team_id: str, channel_id: str, added_by: str | None) -> bool:
         """True when added, False when it already was a Q&A channel."""

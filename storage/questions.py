@@ -7,11 +7,12 @@ in the right Slack thread is read back from the database.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from datetime import datetime
 
-from sqlalchemy import bindparam, select, update
+from sqlalchemy import bindparam, func, select, update
 from sqlalchemy.orm import Session, sessionmaker
 
-from storage.db import bound_engine
+from storage.db import bound_engine, retry_on_disconnect
 from storage.models import Conversation, Message
 
 # A bind name unlike the column's: that one is reserved for the SET clause.
@@ -30,6 +31,18 @@ class StoredQuestion:
     slack_ts: str | None
     status: str
     reply_ts: str | None
+
+
+@dataclass(frozen=True)
+class AskedQuestion:
+    """One of a user's questions as the Home tab lists it."""
+
+    channel_id: str
+    thread_ts: str
+    slack_ts: str
+    text: str
+    status: str
+    created_at: datetime
 
 
 class QuestionStore:
@@ -65,6 +78,7 @@ class QuestionStore:
                 reply_ts=message.reply_ts,
             )
 
+    @retry_on_disconnect
     def set_reply_ts(self, message_id: int, reply_ts: str | None) -> None:
         # A plain Core statement: this runs for every answer.
         with self._engine.begin() as connection:
@@ -79,3 +93,31 @@ class QuestionStore:
                 .order_by(Message.id.desc())
                 .limit(1)
             )
+
+    def recent_by_user(self, team_id: str, slack_user: str, limit: int = 5) -> list[AskedQuestion]:
+        """The user's latest questions in this workspace, newest first."""
+        with self._session_factory() as session:
+            rows = session.execute(
+                select(Conversation.channel_id, Conversation.thread_ts, Message.slack_ts, Message.text,
+                       Message.status, Message.created_at)
+                .join(Conversation, Conversation.id == Message.conversation_id)
+                .where(
+                    Conversation.team_id == team_id,
+                    Message.slack_user == slack_user,
+                    Message.role == "user",
+                    Message.slack_ts.is_not(None),
+                )
+                .order_by(Message.id.desc())
+                .limit(limit)
+            ).all()
+        return [AskedQuestion(*row) for row in rows]
+
+    def counts_since(self, since: datetime) -> dict[str, int]:
+        """Questions people asked since `since`, by status (received, generating, answered, failed)."""
+        with self._session_factory() as session:
+            rows = session.execute(
+                select(Message.status, func.count())
+                .where(Message.role == "user", Message.slack_user.is_not(None), Message.created_at >= since)
+                .group_by(Message.status)
+            ).all()
+        return {status: count for status, count in rows}

@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from datetime import date, datetime
 from typing import Any
 
-from sqlalchemy import or_, select, update
+from sqlalchemy import delete, or_, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, sessionmaker
 
@@ -244,3 +244,21 @@ class TermPostStore:
         with self._session_factory() as session:
             pin = session.get(TermPin, post_date)
             return pin.term if pin is not None else None
+
+    def pins_from(self, first_date: date, limit: int = 20) -> list[tuple[date, str]]:
+        """(date, term) of the pins on `first_date` or later, soonest first."""
+        with self._session_factory() as session:
+            rows = session.execute(
+                select(TermPin.post_date, TermPin.term)
+                .where(TermPin.post_date >= first_date)
+                .order_by(TermPin.post_date)
+                .limit(limit)
+            ).all()
+        return [(row[0], row[1]) for row in rows]
+
+    def unpin(self, post_date: date) -> bool:
+        """Remove the pin of `post_date`; False when there was none."""
+        with self._session_factory() as session:
+            result = session.execute(delete(TermPin).where(TermPin.post_date == post_date))
+            session.commit()
+            return bool(result.rowcount)

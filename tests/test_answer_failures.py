@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 from slack_sdk import WebClient
 
-from bot import messages_ko
+from bot import messages_ko, metrics
 from bot.replies import AnswerService, IncomingQuestion
 from llm.engine import FakeEngine, GenerationEngine, SamplingParams
 from llm.errors import EngineBusyError
@@ -72,15 +72,25 @@ def _status(store: ConversationStore, channel: str, thread: str) -> tuple[str, s
 
 
 @pytest.mark.parametrize(
-    ("error", "reply", "logged"),
+    ("error", "reply", "logged", "counted"),
     [
-        (RuntimeError("CUDA out of memory"), messages_ko.GENERATION_FAILED, "CUDA out of memory"),
-        (EngineBusyError("queue full"), messages_ko.ENGINE_BUSY, "engine busy"),
+        (RuntimeError("CUDA out of memory"), messages_ko.GENERATION_FAILED, "CUDA out of memory",
+         ("failed", "engine_error")),
+        (EngineBusyError("queue full"), messages_ko.ENGINE_BUSY, "engine busy", ("refused", "busy")),
     ],
 )
 def test_engine_errors_get_a_polite_reply_and_others_are_still_answered(
-    store, mistral_tokenizer, error, reply, logged
+    store, mistral_tokenizer, error, reply, logged, counted
 ) -> None:
+
+    def counts() -> tuple[float | None, float | None]:
+        sample = metrics.REGISTRY.get_sample_value
+        return (
+            sample("finbot_questions_total", {"outcome": counted[0], "reason": counted[1]}),
+            sample("finbot_questions_total", {"outcome": "answered", "reason": ""}),
+        )
+
+    before = counts()
     service = AnswerService(store, FailingEngine(mistral_tokenizer, error), SamplingParams(), 512, workers=2)
     with FakeSlack() as fake:
         failed = _ask(service, fake, "C1", "이 질문은 실패해요")
@@ -91,6 +101,8 @@ def test_engine_errors_get_a_polite_reply_and_others_are_still_answered(
     status, reason = _status(store, "C1", failed)
     assert status == "failed" and logged in reason
     assert _status(store, "C1", fine)[0] == "answered"
+    # finbot_questions_total counts each once under its outcome (see bot/metrics.py).
+    assert counts() == (before[0] + 1, before[1] + 1)
 
 
 def test_an_answer_past_the_timeout_is_stopped_with_an_apology(store, mistral_tokenizer) -> None:

@@ -341,6 +341,39 @@ def test_full_queue_raises_engine_busy(tiny):
         engine.close()
 
 
+@pytest.mark.parametrize("kv_cache_tokens", [256, None], ids=["paged", "static"])
+def test_stats_report_the_queue_the_running_requests_and_kv_cache_use(tiny, kv_cache_tokens):
+    """What /metrics shows of the engine (finbot_engine_queue_depth, _running_requests, _kv_cache_*)."""
+    engine, recording = make_engine(tiny, max_batch=1, max_queue=4, kv_cache_tokens=kv_cache_tokens)
+    gate = threading.Event()
+    recording.prefill_gate = gate
+    try:
+        idle = engine.stats()
+        capacity = idle["kv_cache_capacity_tokens"]
+        assert idle["queue_depth"] == 0 and idle["running_requests"] == 0 and idle["kv_cache_used_tokens"] == 0
+        assert capacity == (256 if kv_cache_tokens else 1 * 256)  # the pool, or max_batch x max_seq_len
+        p = prompts(engine.tokenizer, 1)[0]
+        first = engine.scheduler.submit(p, GREEDY)  # admitted, then held in prefill
+        queued = [engine.scheduler.submit(p, GREEDY) for _ in range(2)]
+        deadline = time.monotonic() + 5
+        while engine.stats()["running_requests"] < 1 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        busy = engine.stats()
+        assert busy["queue_depth"] == 2 and busy["running_requests"] == 1
+        if kv_cache_tokens:
+            assert 0 < busy["kv_cache_used_tokens"] <= capacity  # blocks reserved at admission
+        gate.set()
+        for request in [first, *queued]:
+            list(engine.scheduler.tokens(request))
+        deadline = time.monotonic() + 5
+        while engine.stats()["running_requests"] and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert engine.stats() == idle
+    finally:
+        gate.set()
+        engine.close()
+
+
 def test_eos_ends_a_request_and_is_not_emitted(tiny):
     engine, _ = make_engine(tiny)
     try:

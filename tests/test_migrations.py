@@ -22,6 +22,8 @@ TABLES = {
     "qa_channels",
     "term_posts",
     "term_pins",
+    "answer_timings",
+    "stored_settings",
 }
 
 

@@ -10,7 +10,7 @@ from slack_bolt import Ack, App, Respond
 from slack_sdk import WebClient
 from slack_sdk.errors import SlackApiError
 
-from bot import messages_ko
+from bot import messages_ko, metrics
 from bot.listeners.slash import REGENERATE_ACTION, TermLookupService
 from bot.replies import FEEDBACK_DOWN_ACTION, FEEDBACK_UP_ACTION
 from storage.feedback import FeedbackStore
@@ -38,6 +38,7 @@ def register(app: App, questions: QuestionStore, feedback: FeedbackStore, terms:
             text = messages_ko.FEEDBACK_MISSING
         else:
             new = feedback.vote(answer_id, user, vote)
+            metrics.feedback_vote(vote)
             logger.info(
                 "feedback %+d by %s on answer %d (%s) in %s/%s",
                 vote, user, answer_id, "new" if new else "changed", channel, thread_ts,

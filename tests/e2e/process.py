@@ -22,7 +22,7 @@ def finbot_env(**settings: str) -> dict[str, str]:
     env = {
         key: value
         for key, value in os.environ.items()
-        if not key.startswith(("SLACK_", "DATABASE_", "ENGINE", "BASE_MODEL", "ADAPTER", "FAKE_"))
+        if not key.startswith(("SLACK_", "DATABASE_", "ENGINE", "BASE_MODEL", "ADAPTER", "FAKE_", "METRICS_"))
         # slack-sdk tunnels through a proxy if one is set, which a local fake Slack cannot answer.
         and key.lower() not in ("http_proxy", "https_proxy", "all_proxy")
     }
@@ -33,6 +33,8 @@ def finbot_env(**settings: str) -> dict[str, str]:
         PYTHONUNBUFFERED="1",
         # The repository first; anything already on the path (e.g. wheels unpacked elsewhere) after it.
         PYTHONPATH=os.pathsep.join(filter(None, [str(REPO_ROOT), os.environ.get("PYTHONPATH")])),
+        # Off unless a test asks for a port: processes of parallel tests would fight over 9400.
+        METRICS_PORT="0",
     )
     env.update(settings)
     return env

@@ -51,6 +51,12 @@ JsonDict = dict[str, Any]
 ResponseOverride = JsonDict | Callable[["ApiCall"], JsonDict | None]
 
 APP_ID = "A0001"
+# The bot scopes slack-app-manifest.yaml asks for; auth.test reports the granted ones in its
+# X-OAuth-Scopes header, as Slack does (``FakeSlack.bot_scopes`` changes what is granted).
+MANIFEST_BOT_SCOPES = (
+    "app_mentions:read", "chat:write", "channels:history", "groups:history",
+    "im:history", "mpim:history", "assistant:write", "commands",
+)
 
 # Form-encoded requests carry these as JSON strings; decode them so params look like the JSON style.
 _JSON_FIELDS = frozenset(
@@ -87,6 +93,19 @@ class _Fault:
     status: int
     retry_after: int | None
     remaining: int
+
+
+@dataclass
+class _Outage:
+    """Web API answering HTTP 5xx until ``until`` (time.monotonic) for ``methods`` (None: every method)."""
+
+    status: int
+    until: float
+    methods: frozenset[str] | None
+    json_body: bool
+
+    def applies(self, method: str) -> bool:
+        return time.monotonic() < self.until and (self.methods is None or method in self.methods)
 
 
 @dataclass
@@ -149,6 +168,7 @@ class FakeSlack:
         self.team_name = team_name
         self.bot_name = bot_name
         self._nudge_interval = nudge_interval
+        self.bot_scopes: list[str] = list(MANIFEST_BOT_SCOPES)
 
         self._lock = threading.RLock()
         self._ts_base = int(time.time()) if ts_base is None else ts_base
@@ -159,6 +179,7 @@ class FakeSlack:
         self._records: dict[tuple[str, str], _Record] = {}
         self._ephemerals: list[JsonDict] = []
         self._faults: dict[str, list[_Fault]] = {}
+        self._outage: _Outage | None = None
         self._overrides: dict[str, ResponseOverride] = {}
         self._users: dict[str, JsonDict] = {}
         self._tickets: set[str] = set()
@@ -168,6 +189,8 @@ class FakeSlack:
         self._acks: dict[str, _Ack] = {}
         self.socket_messages: list[JsonDict] = []  # every text frame the clients sent (acks included)
         self.responses: list[JsonDict] = []  # bodies POSTed to response_url
+        self._home_views: dict[str, JsonDict] = {}  # views.publish: the latest Home tab per user
+        self.opened_views: list[JsonDict] = []  # views.open: every modal opened, oldest first
 
         self._loop: asyncio.AbstractEventLoop | None = None
         self._thread: threading.Thread | None = None
@@ -414,6 +437,48 @@ class FakeSlack:
         """
         with self._lock:
             self._faults.setdefault(method, []).append(_Fault(error, status, retry_after, times))
+
+    def fail_server_errors(
+        self,
+        status: int = 503,
+        seconds: float = 20.0,
+        methods: str | list[str] | tuple[str, ...] | set[str] | frozenset[str] | None = None,
+        *,
+        json_body: bool = True,
+    ) -> None:
+        """An outage: for ``seconds`` from now, Web API calls answer HTTP ``status`` (a 5xx).
+
+        ``methods`` limits it to those methods (None: every Web API method, ``auth.test`` and
+        ``apps.connections.open`` included). ``json_body=True`` answers ``{"ok": false, "error":
+        ...}`` as Slack's API does; False answers an HTML error page, as a load balancer in front of
+        it does. The request fails before it has any effect (nothing is stored), which is what a
+        real 5xx usually means; a retried ``chat.postMessage`` therefore cannot show up twice here.
+        Socket Mode connections are not touched (see ``drop_connections``). A later call replaces
+        the outage; ``end_server_errors`` ends it early.
+        """
+        if not 500 <= status <= 599:
+            raise ValueError(f"not a server error status: {status}")
+        if isinstance(methods, str):
+            methods = [methods]
+        with self._lock:
+            self._outage = _Outage(
+                status, time.monotonic() + seconds, None if methods is None else frozenset(methods), json_body
+            )
+
+    def end_server_errors(self) -> None:
+        """End an outage started by ``fail_server_errors`` now."""
+        with self._lock:
+            self._outage = None
+
+    @property
+    def server_errors_active(self) -> bool:
+        with self._lock:
+            return self._outage is not None and time.monotonic() < self._outage.until
+
+    def server_error_calls(self, method: str | None = None) -> list[ApiCall]:
+        """The Web API calls answered with a 5xx (by an outage), optionally of one method."""
+        with self._lock:
+            return [c for c in self.calls if c.status >= 500 and (method is None or c.method == method)]
 
     def set_response_override(self, method: str, response: ResponseOverride | None) -> None:
         """Replace the response of ``method``: a dict (returned as is), or a callable taking the
@@ -790,6 +855,11 @@ class FakeSlack:
         call = ApiCall(method, params, token)
 
         with self._lock:
+            outage = self._outage if self._outage is not None and self._outage.applies(method) else None
+        if outage is not None:
+            return self._server_error(call, outage)
+
+        with self._lock:
             faults = self._faults.get(method)
             fault = faults[0] if faults else None
             if fault is not None:
@@ -822,6 +892,17 @@ class FakeSlack:
             result = {"ok": False, "error": e.error}
         return self._reply(call, result)
 
+    def _server_error(self, call: ApiCall, outage: _Outage) -> web.Response:
+        error = "service_unavailable" if outage.status == 503 else "internal_error"
+        if outage.json_body:
+            return self._reply(call, {"ok": False, "error": error}, outage.status)
+        call.status = outage.status
+        call.response = None
+        with self._lock:
+            self.calls.append(call)
+        page = f"<html><body><h1>{outage.status} {error.replace('_', ' ')}</h1></body></html>"
+        return web.Response(status=outage.status, text=page, content_type="text/html")
+
     def _reply(
         self, call: ApiCall, body: JsonDict, status: int = 200, headers: dict[str, str] | None = None
     ) -> web.Response:
@@ -829,6 +910,8 @@ class FakeSlack:
         call.response = copy.deepcopy(body)
         with self._lock:
             self.calls.append(call)
+            if call.method == "auth.test" and call.token == self.bot_token:
+                headers = {**(headers or {}), "X-OAuth-Scopes": ",".join(self.bot_scopes)}
         return web.json_response(body, status=status, headers=headers, dumps=_dumps)
 
     # ------------------------------------------------------------------ Web API methods
@@ -1133,6 +1216,52 @@ class FakeSlack:
             rec.data["stream_state"] = "stopped"
             msg = rec.data
             return {"ok": True, "channel": msg["channel"], "ts": msg["ts"], "message": self._public(msg)}
+
+    # ------------------------------------------------------------------ views (App Home, modals)
+
+    def home_view(self, user_id: str) -> JsonDict | None:
+        """The Home tab last published for `user_id` (views.publish), or None."""
+        with self._lock:
+            view = self._home_views.get(user_id)
+            return copy.deepcopy(view) if view is not None else None
+
+    def home_opened_event(self, user: str = "U123", tab: str = "home") -> JsonDict:
+        """An ``app_home_opened`` event (the user opened the app's Home or Messages tab)."""
+        return {"type": "app_home_opened", "user": user, "channel": "D" + user[1:], "tab": tab,
+                "event_ts": self.next_ts()}
+
+    def _view_param(self, params: JsonDict, view_type: str) -> JsonDict:
+        view = params.get("view")
+        if isinstance(view, str):
+            try:
+                view = json.loads(view)
+            except ValueError:
+                raise _ApiError("invalid_arguments") from None
+        if not isinstance(view, dict) or view.get("type") != view_type:
+            raise _ApiError("invalid_arguments")
+        if len(view.get("blocks") or []) > 100:
+            raise _ApiError("invalid_blocks")  # Slack's limit for Home tabs and modals
+        stored = copy.deepcopy(view)
+        stored.update({"id": "V" + uuid.uuid4().hex[:10].upper(), "team_id": self.team_id, "app_id": self.app_id,
+                       "state": {"values": {}}})
+        return stored
+
+    def _api_views_publish(self, params: JsonDict) -> JsonDict:
+        user_id = params.get("user_id")
+        if not user_id:
+            raise _ApiError("invalid_arguments")
+        view = self._view_param(params, "home")
+        with self._lock:
+            self._home_views[str(user_id)] = view
+        return {"ok": True, "view": copy.deepcopy(view)}
+
+    def _api_views_open(self, params: JsonDict) -> JsonDict:
+        if not params.get("trigger_id"):
+            raise _ApiError("invalid_trigger_id")
+        view = self._view_param(params, "modal")
+        with self._lock:
+            self.opened_views.append(view)
+        return {"ok": True, "view": copy.deepcopy(view)}
 
 
 class _ApiError(Exception):
