@@ -203,13 +203,18 @@ class NF4Projection:
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         flat = x.reshape(-1, x.shape[-1])
-        if self.use_kernels and flat.shape[0] <= MAX_KERNEL_ROWS:
+        if self.use_kernels and flat.shape[0] <= MAX_KERNEL_ROWS and not self._plan_prefers_reference(flat.shape[0]):
             from llm import nf4_kernels
 
             out = nf4_kernels.nf4_lora_linear(flat, self.weight, self.lora, self.round_lora_first)
         else:
             out = self.reference(flat)
         return out.reshape(*x.shape[:-1], out.shape[-1])
+
+    def _plan_prefers_reference(self, rows: int) -> bool:
+        from llm import nf4_kernels
+
+        return nf4_kernels.PLAN.use_reference(rows, *self.weight.shape)
 
     def base(self, x: torch.Tensor) -> torch.Tensor:
         n = self.weight.shape[0]

@@ -59,6 +59,7 @@ class NF4Config:
 
 # Few on purpose: each is a Triton compile at start-up.
 FMA_CONFIGS = (  # 1-4 rows: multiply-reduce on the CUDA cores (a GEMV needs no tensor cores)
+    NF4Config(1, 2048, 4, 1),
     NF4Config(2, 1024, 4, 1),
     NF4Config(4, 512, 4, 2),
     NF4Config(8, 256, 4, 2),
@@ -102,11 +103,45 @@ if _HAVE_TRITON:
         tl.store(out_ptr + 2 * offs + 1, lo, mask=mask)
 
     @triton.jit
-    def _lora_a_kernel(
+    def _lora_a_fma_kernel(
+        x_ptr, a_ptr, t_ptr, M, K, RT, stride_x, K_PER_SPLIT,
+        BLOCK_M: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr,
+    ):
+        # t[split, m, r] = sum over this split's K range of float32(x[m, k]) * a[r, k], for M <= 4
+        pid_r = tl.program_id(0)
+        split = tl.program_id(1)
+        offs_r = pid_r * BLOCK_R + tl.arange(0, BLOCK_R)
+        offs_k = tl.arange(0, BLOCK_K)
+        r_mask = offs_r < RT
+        a_rows = a_ptr + offs_r[:, None].to(tl.int64) * K
+        acc0 = tl.zeros((BLOCK_R, BLOCK_K), dtype=tl.float32)
+        acc1 = tl.zeros((BLOCK_R, BLOCK_K), dtype=tl.float32)
+        acc2 = tl.zeros((BLOCK_R, BLOCK_K), dtype=tl.float32)
+        acc3 = tl.zeros((BLOCK_R, BLOCK_K), dtype=tl.float32)
+        k_start = split * K_PER_SPLIT
+        for k0 in range(k_start, k_start + K_PER_SPLIT, BLOCK_K):
+            k = k0 + offs_k
+            a = tl.load(a_rows + k[None, :], mask=r_mask[:, None], other=0.0)
+            acc0 += a * tl.load(x_ptr + k).to(tl.float32)[None, :]
+            if BLOCK_M > 1:
+                acc1 += a * tl.load(x_ptr + stride_x + k, mask=(k >= 0) & (M > 1), other=0.0).to(tl.float32)[None, :]
+            if BLOCK_M > 2:
+                acc2 += a * tl.load(x_ptr + 2 * stride_x + k, mask=(k >= 0) & (M > 2), other=0.0).to(tl.float32)[None, :]
+                acc3 += a * tl.load(x_ptr + 3 * stride_x + k, mask=(k >= 0) & (M > 3), other=0.0).to(tl.float32)[None, :]
+        t_row = t_ptr + split * M * RT + offs_r
+        tl.store(t_row, tl.sum(acc0, axis=1), mask=r_mask)
+        if BLOCK_M > 1:
+            tl.store(t_row + RT, tl.sum(acc1, axis=1), mask=r_mask & (M > 1))
+        if BLOCK_M > 2:
+            tl.store(t_row + 2 * RT, tl.sum(acc2, axis=1), mask=r_mask & (M > 2))
+            tl.store(t_row + 3 * RT, tl.sum(acc3, axis=1), mask=r_mask & (M > 3))
+
+    @triton.jit
+    def _lora_a_dot_kernel(
         x_ptr, a_ptr, t_ptr, M, K, RT, stride_x, K_PER_SPLIT,
         BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr,
     ):
-        # t[split, m, r] = sum over this split's K range of float32(x[m, k]) * a[r, k]
+        # The same for 5..16 rows: a 16-row tile, float32 products (no TF32, as PEFT's float32 LoRA)
         pid_r = tl.program_id(0)
         split = tl.program_id(1)
         offs_m = tl.arange(0, 16)
@@ -125,61 +160,114 @@ if _HAVE_TRITON:
         tl.store(t_ptrs, acc, mask=m_mask[:, None] & r_mask[None, :])
 
     @triton.jit
-    def _nf4_lora_kernel(
+    def _dequant_tile(packed_ptr, absmax_ptr, code_ptr, rows, k0, offs_b, K):
+        """A [rows, BLOCK_K/2] tile of bytes as its high and low values: bf16(code[nibble] * absmax)."""
+        byte = tl.load(packed_ptr + rows[:, None] * (K // 2) + (k0 // 2 + offs_b)[None, :]).to(tl.int32)
+        # 64 values = 32 bytes share an absmax: neighbouring lanes read the same word (a broadcast).
+        scale = tl.load(absmax_ptr + rows[:, None] * (K // 64) + ((k0 // 2 + offs_b) // 32)[None, :])
+        w_hi = (tl.load(code_ptr + (byte >> 4)) * scale).to(tl.bfloat16)
+        w_lo = (tl.load(code_ptr + (byte & 15)) * scale).to(tl.bfloat16)
+        return w_hi, w_lo
+
+    @triton.jit
+    def _row_fma(acc, x_ptr, stride_x, m, M, k0, offs_k, w_hi, w_lo, HALF: tl.constexpr):
+        # x read contiguously, then split into the values the high and low nibbles multiply
+        x = tl.load(x_ptr + m * stride_x + k0 + offs_k, mask=(offs_k >= 0) & (m < M), other=0.0).to(tl.float32)
+        x_even, x_odd = tl.split(tl.reshape(x, (HALF, 2)))
+        return acc + w_hi.to(tl.float32) * x_even[None, :] + w_lo.to(tl.float32) * x_odd[None, :]
+
+    @triton.jit
+    def _finish(base, u, ROUND_LORA_FIRST: tl.constexpr):
+        if ROUND_LORA_FIRST:  # PEFT's bnb layer: LoRA output to bf16, then the bf16 sum
+            return (base.to(tl.float32) + u.to(tl.bfloat16).to(tl.float32)).to(tl.bfloat16)
+        return (base.to(tl.float32) + u).to(tl.bfloat16)  # PEFT's plain Linear: one rounding
+
+    @triton.jit
+    def _row_out(acc, m, M, t_ptr, RT, part, b, offs_r, offs_n, y_ptr, stride_y, scaling,
+                 T_SPLITS: tl.constexpr, RANK: tl.constexpr, ROUND_LORA_FIRST: tl.constexpr):
+        valid = m < M
+        base = tl.sum(acc, axis=1).to(tl.bfloat16)
+        t = tl.zeros((RANK,), dtype=tl.float32)
+        for split in range(T_SPLITS):
+            t += tl.load(t_ptr + split * M * RT + m * RT + part * RANK + offs_r, mask=(offs_r >= 0) & valid, other=0.0)
+        u = tl.sum(b * t[None, :], axis=1) * scaling
+        tl.store(y_ptr + m * stride_y + offs_n, _finish(base, u, ROUND_LORA_FIRST), mask=(offs_n >= 0) & valid)
+
+    @triton.jit
+    def _nf4_gemv_kernel(
         x_ptr, packed_ptr, absmax_ptr, code_ptr, t_ptr, b_ptr, y_ptr,
         M, N, K, stride_x, stride_y, scaling, SEG1, SEG2, RT,
         T_SPLITS: tl.constexpr, RANK: tl.constexpr,
-        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-        USE_DOT: tl.constexpr, ROUND_LORA_FIRST: tl.constexpr,
+        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, ROUND_LORA_FIRST: tl.constexpr,
     ):
+        # 1..4 rows: multiply-reduce on the CUDA cores, one 2-D accumulator per row
         HALF: tl.constexpr = BLOCK_K // 2
-        SCALES: tl.constexpr = BLOCK_K // 64
         n0 = tl.program_id(0) * BLOCK_N
         offs_n = n0 + tl.arange(0, BLOCK_N)
-        offs_m = tl.arange(0, BLOCK_M)
         offs_b = tl.arange(0, HALF)
-        offs_s = tl.arange(0, SCALES)
-        m_mask = offs_m < M
+        offs_k = tl.arange(0, BLOCK_K)
         rows = offs_n.to(tl.int64)
-        p_rows = packed_ptr + rows[:, None] * (K // 2)
-        s_rows = absmax_ptr + rows[:, None] * (K // 64)
-        x_rows = x_ptr + offs_m[:, None] * stride_x
-        if USE_DOT:
-            acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-        else:
-            acc3 = tl.zeros((BLOCK_M, BLOCK_N, HALF), dtype=tl.float32)
+        acc0 = tl.zeros((BLOCK_N, HALF), dtype=tl.float32)
+        acc1 = tl.zeros((BLOCK_N, HALF), dtype=tl.float32)
+        acc2 = tl.zeros((BLOCK_N, HALF), dtype=tl.float32)
+        acc3 = tl.zeros((BLOCK_N, HALF), dtype=tl.float32)
         for k0 in range(0, K, BLOCK_K):
-            byte = tl.load(p_rows + (k0 // 2 + offs_b)[None, :]).to(tl.int32)
-            scale = tl.load(s_rows + (k0 // 64 + offs_s)[None, :])
-            scale = tl.reshape(tl.broadcast_to(scale[:, :, None], (BLOCK_N, SCALES, 32)), (BLOCK_N, HALF))
-            # The dequantized weights are the bf16 values bitsandbytes would produce.
-            w_hi = (tl.load(code_ptr + (byte >> 4)) * scale).to(tl.bfloat16)
-            w_lo = (tl.load(code_ptr + (byte & 15)) * scale).to(tl.bfloat16)
-            x_even = tl.load(x_rows + (k0 + 2 * offs_b)[None, :], mask=m_mask[:, None], other=0.0)
-            x_odd = tl.load(x_rows + (k0 + 2 * offs_b + 1)[None, :], mask=m_mask[:, None], other=0.0)
-            if USE_DOT:
-                acc = tl.dot(x_even, tl.trans(w_hi), acc)
-                acc = tl.dot(x_odd, tl.trans(w_lo), acc)
-            else:
-                acc3 += x_even.to(tl.float32)[:, None, :] * w_hi.to(tl.float32)[None, :, :]
-                acc3 += x_odd.to(tl.float32)[:, None, :] * w_lo.to(tl.float32)[None, :, :]
-        if not USE_DOT:
-            acc = tl.sum(acc3, axis=2)
-        base = acc.to(tl.bfloat16)
+            w_hi, w_lo = _dequant_tile(packed_ptr, absmax_ptr, code_ptr, rows, k0, offs_b, K)
+            acc0 = _row_fma(acc0, x_ptr, stride_x, 0, M, k0, offs_k, w_hi, w_lo, HALF)
+            if BLOCK_M > 1:
+                acc1 = _row_fma(acc1, x_ptr, stride_x, 1, M, k0, offs_k, w_hi, w_lo, HALF)
+            if BLOCK_M > 2:
+                acc2 = _row_fma(acc2, x_ptr, stride_x, 2, M, k0, offs_k, w_hi, w_lo, HALF)
+                acc3 = _row_fma(acc3, x_ptr, stride_x, 3, M, k0, offs_k, w_hi, w_lo, HALF)
         # LoRA epilogue. A tile never straddles two fused parts (BLOCK_N divides their boundaries).
         part = (n0 >= SEG1).to(tl.int32) + (n0 >= SEG2).to(tl.int32)
         offs_r = tl.arange(0, RANK)
-        t = tl.zeros((BLOCK_M, RANK), dtype=tl.float32)
+        b = tl.load(b_ptr + rows[:, None] * RANK + offs_r[None, :])
+        _row_out(acc0, 0, M, t_ptr, RT, part, b, offs_r, offs_n, y_ptr, stride_y, scaling,
+                 T_SPLITS, RANK, ROUND_LORA_FIRST)
+        if BLOCK_M > 1:
+            _row_out(acc1, 1, M, t_ptr, RT, part, b, offs_r, offs_n, y_ptr, stride_y, scaling,
+                     T_SPLITS, RANK, ROUND_LORA_FIRST)
+        if BLOCK_M > 2:
+            _row_out(acc2, 2, M, t_ptr, RT, part, b, offs_r, offs_n, y_ptr, stride_y, scaling,
+                     T_SPLITS, RANK, ROUND_LORA_FIRST)
+            _row_out(acc3, 3, M, t_ptr, RT, part, b, offs_r, offs_n, y_ptr, stride_y, scaling,
+                     T_SPLITS, RANK, ROUND_LORA_FIRST)
+
+    @triton.jit
+    def _nf4_dot_kernel(
+        x_ptr, packed_ptr, absmax_ptr, code_ptr, t_ptr, b_ptr, y_ptr,
+        M, N, K, stride_x, stride_y, scaling, SEG1, SEG2, RT,
+        T_SPLITS: tl.constexpr, RANK: tl.constexpr,
+        BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, ROUND_LORA_FIRST: tl.constexpr,
+    ):
+        # 5..16 rows: the dequantized tile (high/low values interleaved back) into tl.dot
+        HALF: tl.constexpr = BLOCK_K // 2
+        n0 = tl.program_id(0) * BLOCK_N
+        offs_n = n0 + tl.arange(0, BLOCK_N)
+        offs_m = tl.arange(0, 16)
+        offs_b = tl.arange(0, HALF)
+        offs_k = tl.arange(0, BLOCK_K)
+        m_mask = offs_m < M
+        rows = offs_n.to(tl.int64)
+        x_rows = x_ptr + offs_m[:, None] * stride_x
+        acc = tl.zeros((16, BLOCK_N), dtype=tl.float32)
+        for k0 in range(0, K, BLOCK_K):
+            w_hi, w_lo = _dequant_tile(packed_ptr, absmax_ptr, code_ptr, rows, k0, offs_b, K)
+            w = tl.reshape(tl.join(w_hi, w_lo), (BLOCK_N, BLOCK_K))
+            x = tl.load(x_rows + (k0 + offs_k)[None, :], mask=m_mask[:, None], other=0.0)
+            acc = tl.dot(x, tl.trans(w), acc)
+        base = acc.to(tl.bfloat16)
+        part = (n0 >= SEG1).to(tl.int32) + (n0 >= SEG2).to(tl.int32)
+        offs_r = tl.arange(0, RANK)
+        t = tl.zeros((16, RANK), dtype=tl.float32)
         for split in range(T_SPLITS):
             t += tl.load(t_ptr + split * M * RT + offs_m[:, None] * RT + part * RANK + offs_r[None, :],
                          mask=m_mask[:, None], other=0.0)
         b = tl.load(b_ptr + rows[:, None] * RANK + offs_r[None, :])
-        u = tl.sum(t[:, None, :] * b[None, :, :], axis=2) * scaling
-        if ROUND_LORA_FIRST:  # PEFT's bnb layer: LoRA output to bf16, then the bf16 sum
-            y = (base.to(tl.float32) + u.to(tl.bfloat16).to(tl.float32)).to(tl.bfloat16)
-        else:  # PEFT's plain Linear: the float32 sum rounded once
-            y = (base.to(tl.float32) + u).to(tl.bfloat16)
-        tl.store(y_ptr + offs_m[:, None] * stride_y + offs_n[None, :], y, mask=m_mask[:, None])
+        u = tl.dot(t, tl.trans(b), input_precision="ieee") * scaling
+        tl.store(y_ptr + offs_m[:, None] * stride_y + offs_n[None, :], _finish(base, u, ROUND_LORA_FIRST),
+                 mask=m_mask[:, None])
 
 
 def dequantize(
@@ -198,6 +286,12 @@ class NF4Plan:
 
     def __init__(self) -> None:
         self._choice: dict[tuple[int, int, int], NF4Config] = {}
+        # Where dequantizing into cuBLAS measured faster than the fused kernel (batched rows).
+        self._reference: set[tuple[int, int, int]] = set()
+        self.timings_ms: dict[str, float] = {}
+
+    def use_reference(self, rows: int, n: int, k: int) -> bool:
+        return (_block_m(rows), n, k) in self._reference
 
     def get(self, rows: int, n: int, k: int) -> NF4Config | None:
         return self._choice.get((_block_m(rows), n, k))
@@ -206,7 +300,8 @@ class NF4Plan:
         self._choice[(_block_m(rows), n, k)] = config
 
     def summary(self) -> dict[str, str]:
-        return {f"m{m}_{n}x{k}": f"{c.block_n}x{c.block_k}w{c.num_warps}s{c.num_stages}"
+        return {f"m{m}_{n}x{k}": "dequant+cublas" if (m, n, k) in self._reference
+                else f"{c.block_n}x{c.block_k}w{c.num_warps}s{c.num_stages}"
                 for (m, n, k), c in sorted(self._choice.items())}
 
 
@@ -236,30 +331,57 @@ def nf4_lora_linear(
     config = config or PLAN.get(m, n, k) or default_config(m, n, k, boundaries)
     x = x.contiguous()
     rt = lora.a.shape[0]
-    splits = config.lora_splits
-    while k % (splits * 64):
-        splits //= 2
+    block_m = _block_m(m)
+    a_block_k = 128 if k % 128 == 0 else 64
+    splits = next(s for s in (16, 8, 4, 2, 1) if k % (s * a_block_k) == 0)
     t = torch.empty((splits, m, rt), dtype=torch.float32, device=x.device)
-    block_r = 32 if rt >= 32 else 16
-    _lora_a_kernel[(triton.cdiv(rt, block_r), splits)](
-        x, lora.a, t, m, k, rt, x.stride(0), k // splits, BLOCK_R=block_r, BLOCK_K=64, num_warps=4,
-    )
+    a_grid = (triton.cdiv(rt, 16), splits)
+    if block_m == MAX_ROWS:
+        _lora_a_dot_kernel[a_grid](x, lora.a, t, m, k, rt, x.stride(0), k // splits,
+                                   BLOCK_R=16, BLOCK_K=a_block_k, num_warps=4)
+    else:
+        _lora_a_fma_kernel[a_grid](x, lora.a, t, m, k, rt, x.stride(0), k // splits,
+                                   BLOCK_M=block_m, BLOCK_R=16, BLOCK_K=a_block_k, num_warps=4)
     y = torch.empty((m, n), dtype=torch.bfloat16, device=x.device)
     seg1 = boundaries[0] if len(boundaries) > 0 else n
     seg2 = boundaries[1] if len(boundaries) > 1 else n
-    block_m = _block_m(m)
-    _nf4_lora_kernel[(n // config.block_n,)](
-        x, weight.packed, weight.absmax, weight.code, t, lora.b, y,
-        m, n, k, x.stride(0), y.stride(0), lora.scaling, seg1, seg2, rt,
-        T_SPLITS=splits, RANK=lora.rank, BLOCK_M=block_m, BLOCK_N=config.block_n, BLOCK_K=config.block_k,
-        USE_DOT=block_m == MAX_ROWS, ROUND_LORA_FIRST=round_lora_first,
-        num_warps=config.num_warps, num_stages=config.num_stages,
-    )
+    args = (x, weight.packed, weight.absmax, weight.code, t, lora.b, y,
+            m, n, k, x.stride(0), y.stride(0), lora.scaling, seg1, seg2, rt)
+    grid = (n // config.block_n,)
+    if block_m == MAX_ROWS:
+        _nf4_dot_kernel[grid](*args, T_SPLITS=splits, RANK=lora.rank, BLOCK_N=config.block_n,
+                              BLOCK_K=config.block_k, ROUND_LORA_FIRST=round_lora_first,
+                              num_warps=config.num_warps, num_stages=config.num_stages)
+    else:
+        _nf4_gemv_kernel[grid](*args, T_SPLITS=splits, RANK=lora.rank, BLOCK_M=block_m, BLOCK_N=config.block_n,
+                               BLOCK_K=config.block_k, ROUND_LORA_FIRST=round_lora_first,
+                               num_warps=config.num_warps, num_stages=config.num_stages)
     return y
 
 
-def tune(projections: dict[str, list], rows_buckets: Sequence[int], repeats: int = 3) -> dict[str, str]:
-    """Time every fitting config per (projection, rows bucket) over all layers; keep the fastest."""
+def _graph_ms(run, repeats: int) -> float:  # noqa: ANN001 - a callable launching kernels
+    """GPU time of `run` replayed from a CUDA graph (what serving does: no launch overhead)."""
+    run()  # compile + allocate outside the capture
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        run()
+    graph.replay()
+    torch.cuda.synchronize()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(repeats):
+        graph.replay()
+    end.record()
+    torch.cuda.synchronize()
+    del graph
+    return start.elapsed_time(end) / repeats
+
+
+def tune(projections: dict[str, list], rows_buckets: Sequence[int], repeats: int = 5) -> dict[str, object]:
+    """Per (projection, rows bucket), time every fitting config - and, for batched rows, dequantize +
+    cuBLAS - over all layers' weights inside a CUDA graph (so neither launch overhead nor the L2
+    cache flatters anyone); keep the fastest."""
     for name, group in projections.items():
         first = group[0]
         n, k = first.weight.shape
@@ -272,17 +394,9 @@ def tune(projections: dict[str, list], rows_buckets: Sequence[int], repeats: int
             best: tuple[float, NF4Config] | None = None
             for config in candidates:
                 try:
-                    for p in group[:2]:  # compile + warm
-                        nf4_lora_linear(x, p.weight, p.lora, p.round_lora_first, config)
-                    torch.cuda.synchronize()
-                    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-                    start.record()
-                    for _ in range(repeats):
-                        for p in group:
-                            nf4_lora_linear(x, p.weight, p.lora, p.round_lora_first, config)
-                    end.record()
-                    torch.cuda.synchronize()
-                    ms = start.elapsed_time(end) / repeats
+                    ms = _graph_ms(lambda c=config, x=x, group=group: [
+                        nf4_lora_linear(x, p.weight, p.lora, p.round_lora_first, c) for p in group
+                    ], repeats)
                 except Exception as error:  # noqa: BLE001 - a config that cannot compile here
                     logger.warning("nf4 config %s failed for %s: %r", config, name, error)
                     continue
@@ -290,5 +404,11 @@ def tune(projections: dict[str, list], rows_buckets: Sequence[int], repeats: int
                     best = (ms, config)
             if best is not None:
                 PLAN.set(rows, n, k, best[1])
-                logger.info("nf4 %s rows<=%d: %s (%.3f ms over %d layers)", name, rows, best[1], best[0], len(group))
-    return PLAN.summary()
+                PLAN.timings_ms[f"{name}_m{rows}"] = round(best[0], 3)
+            if rows > 1:  # batched rows: dequantize + cuBLAS may beat the fused kernel
+                ms = _graph_ms(lambda x=x, group=group: [p.reference(x) for p in group], repeats)
+                PLAN.timings_ms[f"{name}_m{rows}_dequant_cublas"] = round(ms, 3)
+                if best is None or ms < best[0]:
+                    PLAN._reference.add((rows, n, k))
+            torch.cuda.empty_cache()
+    return {**PLAN.summary(), "ms_per_step_all_layers": dict(PLAN.timings_ms)}

@@ -1,0 +1,91 @@
+"""Micro-benchmark of the `nf4` decode kernels on random 7B-shaped weights (GPU, device tool).
+
+For each projection of one Mistral-7B layer (q/k/v, o, gate/up, down) and 1, 4 and 16 rows: time
+of the fused kernel (every config), of dequantize + cuBLAS, and of `fast`'s bf16 F.linear, with the
+bytes each reads and the achieved TB/s. Prints JSON lines.
+
+    python bench/nf4_kernels.py
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+
+from llm import nf4_kernels  # noqa: E402
+from llm.nf4 import LoraParts, NF4Matrix, NF4Projection  # noqa: E402
+
+SHAPES = {"qkv": ([4096, 1024, 1024], 4096), "o": ([4096], 4096), "gate_up": ([14336, 14336], 4096),
+          "down": ([4096], 14336)}
+LAYERS = 8  # distinct copies, so the L2 cache does not hold the weights between calls
+
+
+def timed(function, repeats: int = 10) -> float:  # noqa: ANN001
+    function()
+    torch.cuda.synchronize()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(repeats):
+        function()
+    end.record()
+    torch.cuda.synchronize()
+    return start.elapsed_time(end) / repeats * 1000  # microseconds per call (all LAYERS)
+
+
+def projection(parts: list[int], cols: int, seed: int) -> NF4Projection:
+    import bitsandbytes as bnb
+
+    matrices = []
+    for i, rows in enumerate(parts):
+        torch.manual_seed(seed * 10 + i)
+        weight = torch.randn(rows, cols, dtype=torch.bfloat16, device="cuda") * 0.02
+        param = bnb.nn.Params4bit(weight.cpu(), requires_grad=False, compress_statistics=True, quant_type="nf4")
+        matrices.append(NF4Matrix.from_bnb(param.to("cuda")))
+    a = torch.randn(32 * len(parts), cols, device="cuda") * 0.02
+    b = torch.randn(sum(parts), 32, device="cuda") * 0.02
+    segments, row = [], 0
+    for i, rows in enumerate(parts):
+        segments.append((row, row + rows, 32 * i))
+        row += rows
+    return NF4Projection(NF4Matrix.concat(matrices), LoraParts(a, b, tuple(segments), 32, 0.25))
+
+
+def measure(name: str, parts: list[int], cols: int) -> None:
+    group = [projection(parts, cols, seed) for seed in range(LAYERS)]
+    dense = [torch.randn(sum(parts), cols, dtype=torch.bfloat16, device="cuda") for _ in range(LAYERS)]
+    n, k = group[0].weight.shape
+    nf4_bytes = group[0].weight.nbytes + group[0].lora.nbytes
+    boundaries = [s for s, _, _ in group[0].lora.segments[1:]]
+    for rows in (1, 4, 16):
+        x = torch.randn(rows, cols, dtype=torch.bfloat16, device="cuda")
+        result: dict = {"projection": name, "rows": rows, "nf4_mb": round(nf4_bytes / 1e6, 1),
+                        "bf16_mb": round(n * k * 2 / 1e6, 1)}
+
+        def fused(config: nf4_kernels.NF4Config, x: torch.Tensor = x) -> list:
+            return [nf4_kernels.nf4_lora_linear(x, p.weight, p.lora, True, config) for p in group]
+
+        for config in nf4_kernels._candidates(rows, n, k, boundaries):
+            us = timed(lambda c=config: fused(c)) / LAYERS
+            result[f"fused_{config.block_n}x{config.block_k}w{config.num_warps}s{config.num_stages}_us"] = round(us, 1)
+        result["dequant_cublas_us"] = round(timed(lambda x=x: [p.reference(x) for p in group]) / LAYERS, 1)
+        result["bf16_cublas_us"] = round(timed(lambda x=x: [F.linear(x, w) for w in dense]) / LAYERS, 1)
+        best = min(v for key, v in result.items() if key.startswith("fused_"))
+        result["best_fused_tb_s"] = round(nf4_bytes / (best * 1e-6) / 1e12, 2)
+        result["bf16_tb_s"] = round(n * k * 2 / (result["bf16_cublas_us"] * 1e-6) / 1e12, 2)
+        print(json.dumps(result), flush=True)
+
+
+def main() -> None:
+    for name, (parts, cols) in SHAPES.items():
+        measure(name, parts, cols)
+        torch.cuda.empty_cache()
+
+
+if __name__ == "__main__":
+    main()
