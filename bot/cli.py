@@ -38,6 +38,30 @@ _CHATTY_LIBRARIES = (
     "alembic", "apscheduler", "slack_bolt", "slack_sdk", "urllib3", "httpx", "httpcore", "filelock",
     "transformers", "huggingface_hub", "peft", "accelerate", "bitsandbytes", "torch", "py.warnings",
 )
+_OWN_LOGGERS = ("finbot", "bot", "llm", "storage", "migrations", "bench", "__main__")
+# Errors a library logs about a failure its caller handles and reports itself (slack-sdk's web client
+# logs every failed request before raising it to finbot's retries).
+_REDUNDANT_LOGGERS = ("slack_sdk.web.base_client",)
+
+
+class _ThirdPartyFilter(logging.Filter):
+    """Lets finbot's records through; other libraries' only from `level` on.
+
+    A filter on the handler rather than logger levels alone: Bolt sets its loggers' levels from
+    the root logger's whenever it creates one, after finbot configured logging.
+    """
+
+    def __init__(self, level: int) -> None:
+        super().__init__()
+        self._level = level
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        name = record.name
+        if name.split(".", 1)[0] in _OWN_LOGGERS:
+            return True
+        if name.startswith(_REDUNDANT_LOGGERS) and self._level > logging.DEBUG:
+            return record.levelno >= logging.CRITICAL
+        return record.levelno >= self._level
 
 
 def configure_logging(level: str) -> None:
@@ -48,6 +72,8 @@ def configure_logging(level: str) -> None:
     debug = logging.getLogger().level <= logging.DEBUG
     # Python warnings become log records, so that the level decides about them too.
     logging.captureWarnings(True)
+    for handler in logging.getLogger().handlers:
+        handler.addFilter(_ThirdPartyFilter(logging.INFO if debug else logging.ERROR))
     for name in _CHATTY_LIBRARIES:
         # Even at DEBUG never below INFO: slack_sdk logs requests, tokens included, at DEBUG.
         logging.getLogger(name).setLevel(logging.INFO if debug else logging.ERROR)
@@ -106,7 +132,7 @@ def check_engine_device(settings: FinbotSettings) -> None:
         raise FinbotError(f"{what} needs a CUDA GPU, and none is visible ({build}); {NO_GPU_FIX}", EXIT_USAGE)
 
 
-def prepare_model_files(settings: FinbotSettings, *, tokenizer_only: bool = False) -> None:
+def prepare_model_files(settings: FinbotSettings, *, tokenizer_only: bool = False) -> str:
     """Fail in seconds, naming the alternatives, when the model's files cannot be had (see llm.model_files)."""
     from llm.model_files import (
         ModelFilesError,
@@ -129,21 +155,33 @@ def prepare_model_files(settings: FinbotSettings, *, tokenizer_only: bool = Fals
     if preparation.cache_only and not hub.HF_HUB_OFFLINE:
         os.environ["HF_HUB_OFFLINE"] = "1"  # peft reads the variable itself
         use_cache_only()
-    logger.info("loading the model: %s", describe_sources(preparation.statuses))
+    return describe_sources(preparation.statuses)
 
 
-def load_engine_or_explain(settings: FinbotSettings, *, require_openai_server: bool = False):  # noqa: ANN201 - GenerationEngine
+def check_model_ready(settings: FinbotSettings) -> str:
+    """What loading the model needs and can be checked in seconds: a GPU if the engine needs one, the
+    files. Returns what will be loaded, for the log line when loading starts."""
+    check_engine_device(settings)
+    if settings.engine != "fake":
+        files = prepare_model_files(settings, tokenizer_only=settings.engine == "openai")
+        # The GPU engines warm up (CUDA graphs, kernels) before they are ready: part of this step.
+        warm_up = "; then warm-up" if settings.engine in ("fast", "low-memory", "nf4") else ""
+        return f"ENGINE={settings.engine}, {files}{warm_up}"
+    if Path(settings.base_model).expanduser().is_dir():
+        return f"ENGINE=fake, template answers, the tokenizer of {settings.base_model}"
+    return "ENGINE=fake, template answers, Mistral's v1 tokenizer from mistral-common (no download)"
+
+
+def load_engine_or_explain(  # noqa: ANN201 - GenerationEngine
+    settings: FinbotSettings, *, require_openai_server: bool = False, checked: str | None = None
+):
     """The engine, ready; raises `FinbotError` (one line) when the model cannot be loaded.
 
     `require_openai_server`: with ENGINE=openai, a server that does not answer is an error (the
     terminal commands); `finbot run` only warns, its users get an apology until the server is up.
+    `checked`: what `check_model_ready` returned, when it already ran.
     """
-    check_engine_device(settings)
-    if settings.engine == "fake":
-        if not Path(settings.base_model).expanduser().is_dir():
-            logger.info("fake engine: template answers, Mistral's v1 tokenizer from mistral-common (no download)")
-    else:
-        prepare_model_files(settings, tokenizer_only=settings.engine == "openai")
+    loading = checked or check_model_ready(settings)
     if settings.engine == "openai":
         from bot.doctor import probe_openai_server
 
@@ -156,6 +194,7 @@ def load_engine_or_explain(settings: FinbotSettings, *, require_openai_server: b
             if require_openai_server:
                 raise FinbotError(message)
             logger.warning("%s; questions get an apology until it answers", message)
+    logger.info("loading the model: %s", loading)
     try:
         return build_engine_from(settings)
     except (OSError, ValueError, ImportError) as error:  # missing or broken files, a bad setting
@@ -293,17 +332,20 @@ def command_run(settings: FinbotSettings) -> int:
     if missing := settings.missing_slack_settings():
         logger.error("cannot start: %s not set (see .env.example)", ", ".join(missing))
         return 2
-    # Before minutes of model loading: a refused token stops here, an unreachable Slack is waited for.
-    identity = wait_for_slack(settings)
-    logger.info("Slack: signed in as @%s in %s (%s)", identity.user, identity.team, identity.team_id)
     try:
-        # /healthz answers from here on (while the model loads); /readyz once everything is up.
+        # /healthz answers from here on (while Slack is waited for and the model loads); /readyz
+        # once everything is up. A taken port stops the start before any of that.
         monitoring = Monitoring.start(settings)
     except MonitoringPortError as error:
         logger.error("cannot start: %s", error)
         return 2
+    # Before minutes of model loading, the checks that take seconds: the model's files are there (or
+    # the reason they are not), a refused token stops here, an unreachable Slack is waited for.
+    model = check_model_ready(settings)
+    identity = wait_for_slack(settings)
+    logger.info("Slack: signed in as @%s in %s (%s)", identity.user, identity.team, identity.team_id)
     migrate_database(settings)
-    engine = load_engine_or_explain(settings)
+    engine = load_engine_or_explain(settings, checked=model)
     if engine is None:
         return 1
     finbot = build_app(settings, engine)
@@ -657,6 +699,9 @@ def build_parser() -> argparse.ArgumentParser:
     feedback_commands = feedback.add_subparsers(dest="feedback_command", required=True, metavar="COMMAND")
     feedback_export = feedback_commands.add_parser("export", help="write every vote as JSONL")
     feedback_export.add_argument("--output", "-o", default="-", metavar="FILE", help="file to write (default: stdout)")
+    # A missing command is then reported with the commands to choose from, not an internal name.
+    for group in (commands, db_commands, term_commands, feedback_commands):
+        group.metavar = "{" + ",".join(group.choices) + "}"
     return parser
 
 

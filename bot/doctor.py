@@ -19,10 +19,13 @@ import urllib.request
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TextIO
+from typing import TYPE_CHECKING, TextIO
 
 from bot.errors import describe_database_error, describe_settings_error, first_line, redact_url
 from bot.settings import FinbotSettings
+
+if TYPE_CHECKING:
+    from slack_sdk import WebClient
 
 logger = logging.getLogger(__name__)
 
@@ -81,6 +84,18 @@ def _quiet() -> Iterator[None]:
 # ---------------------------------------------------------------------------------- checks
 
 
+def _can_create_in(folder: Path) -> bool:
+    """Whether files and folders can be made in `folder`: tried (and removed at once), since
+    permissions alone do not tell (root, read-only mounts, /proc)."""
+    import tempfile
+
+    try:
+        with tempfile.TemporaryDirectory(dir=folder, prefix=".finbot-doctor-"):
+            return True
+    except OSError:
+        return False
+
+
 def check_database(settings: FinbotSettings) -> list[Check]:
     from alembic.script import ScriptDirectory
     from sqlalchemy import create_engine
@@ -96,8 +111,12 @@ def check_database(settings: FinbotSettings) -> list[Check]:
     if parsed.get_backend_name() == "sqlite" and parsed.database and parsed.database != ":memory:":
         path = Path(parsed.database).expanduser()
         if not path.exists():
-            return [Check("database", False, f"{shown}: no database file yet",
-                          "finbot db upgrade creates it (finbot run does too, at start)")]
+            # A fresh install: `finbot run` creates the file, if it may write there.
+            folder = next((parent for parent in path.parents if parent.exists()), Path("."))
+            if _can_create_in(folder):
+                return [Check("database", True, f"{shown}: no database yet; finbot run creates it")]
+            return [Check("database", False, f"{shown}: no database yet, and {folder} is not writable",
+                          "point DATABASE_URL at a writable folder (or create it with the right owner)")]
     head = ScriptDirectory.from_config(alembic_config(url)).get_current_head()
     known = {script.revision for script in ScriptDirectory.from_config(alembic_config(url)).walk_revisions()}
     connect_args = {"connect_timeout": 5} if parsed.get_backend_name() == "postgresql" else {}
@@ -115,8 +134,7 @@ def check_database(settings: FinbotSettings) -> list[Check]:
     if current == head:
         return [Check("database", True, f"{shown}: reachable, at the latest revision {head}")]
     if current is None:
-        return [Check("database", False, f"{shown}: reachable but empty (no finbot tables)",
-                      "finbot db upgrade (finbot run also migrates at start)")]
+        return [Check("database", True, f"{shown}: reachable and empty; finbot run creates the tables")]
     if current not in known:
         return [Check("database", False, f"{shown}: at revision {current}, unknown to this finbot",
                       "a newer finbot migrated it: run that version (or restore a matching backup)")]
@@ -125,11 +143,17 @@ def check_database(settings: FinbotSettings) -> list[Check]:
 
 
 def check_slack(settings: FinbotSettings) -> list[Check]:
+    """The bot token and its scopes, then how Slack reaches finbot (Socket Mode or HTTP); the first
+    row is always the bot token's."""
+    rows = _check_bot_token(settings)
+    return rows + _check_connection(settings)
+
+
+def _check_bot_token(settings: FinbotSettings) -> list[Check]:
     from slack_sdk.errors import SlackApiError
 
     from bot.slack_check import auth_test, error_code, token_fix, transient_reason, web_client
 
-    rows: list[Check] = []
     token = settings.slack_bot_token.get_secret_value() if settings.slack_bot_token else None
     if token is None:
         return [Check("Slack bot token", False, "SLACK_BOT_TOKEN is not set", token_fix("SLACK_BOT_TOKEN", None, None))]
@@ -146,8 +170,7 @@ def check_slack(settings: FinbotSettings) -> list[Check]:
         return [Check("Slack bot token", False,
                       f"Slack unreachable at SLACK_API_URL={settings.slack_api_url}: {transient_reason(error)}",
                       "check the network or proxy (HTTPS_PROXY) and SLACK_API_URL")]
-    rows.append(Check("Slack bot token", True, f"valid: @{identity.user} in {identity.team} ({identity.team_id})"))
-
+    rows = [Check("Slack bot token", True, f"valid: @{identity.user} in {identity.team} ({identity.team_id})")]
     needed = manifest_bot_scopes()
     if identity.scopes is None:
         rows.append(Check("Slack scopes", None, "Slack did not report the granted scopes"))
@@ -157,7 +180,15 @@ def check_slack(settings: FinbotSettings) -> list[Check]:
                           "and reinstall the app"))
     else:
         rows.append(Check("Slack scopes", True, f"all {len(needed)} scopes of slack-app-manifest.yaml granted"))
+    return rows
 
+
+def _check_connection(settings: FinbotSettings) -> list[Check]:
+    from slack_sdk.errors import SlackApiError
+
+    from bot.slack_check import error_code, token_fix, transient_reason, web_client
+
+    rows: list[Check] = []
     if settings.slack_mode == "http":
         if settings.slack_signing_secret:
             rows.append(Check("Slack requests", True, "HTTP mode: SLACK_SIGNING_SECRET is set"))
@@ -223,7 +254,7 @@ def check_channels(settings: FinbotSettings) -> list[Check]:
     return rows
 
 
-def _membership_from_history(client, channel: str, name: str, setting: str) -> Check:  # noqa: ANN001 - WebClient
+def _membership_from_history(client: WebClient, channel: str, name: str, setting: str) -> Check:
     """Without channels:read, reading one message (channels:history, granted) tells membership apart."""
     from slack_sdk.errors import SlackApiError
 

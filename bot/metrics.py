@@ -117,9 +117,14 @@ def finbot_version() -> str:
         return "unknown"
 
 
-def process_started(engine_choice: str) -> None:
+def process_started(engine: str) -> None:
+    """The start time and version; `engine` is the ENGINE setting until the engine is loaded (then its name)."""
     START_TIME.set(time.time())
-    BUILD.info({"version": finbot_version(), "engine": engine_choice})
+    describe_engine(engine)
+
+
+def describe_engine(engine: str) -> None:
+    BUILD.info({"version": finbot_version(), "engine": engine})
 
 
 # ---------------------------------------------------------------------------------------- questions

@@ -142,8 +142,10 @@ class AnswerService:
         self._store = store
         # Time to first text per answered question, for the admins' median in the Home tab.
         self._timings = timings
-        # When the engine last produced answer text (time.monotonic): /readyz needs no probe then.
+        # When the engine last produced answer text and last failed (time.monotonic): /readyz needs
+        # no probe while answers flow, and always probes after a failure.
         self._last_engine_output = float("-inf")
+        self._last_engine_failure = float("-inf")
         # With leases, every question this service stores or takes over is owned by this instance
         # (see storage.leases); without (tests, one-off tools) questions have no owner.
         self._leases = leases
@@ -189,6 +191,9 @@ class AnswerService:
         return {"waiting": waiting, "answering": answering}
 
     def seconds_since_engine_output(self) -> float:
+        """Since the engine last produced answer text; infinite when it failed since."""
+        if self._last_engine_failure >= self._last_engine_output:
+            return float("inf")
         return time.monotonic() - self._last_engine_output
 
     def submit(
@@ -466,6 +471,7 @@ class AnswerService:
                 raise TimeoutError(f"no complete answer within {self._timeout_s:g} s")
         except TimeoutError as error:
             logger.error("generation timed out for question %d in %s: %s", job.message_id, target.thread_ref, error)
+            self._last_engine_failure = time.monotonic()
             metrics.question_failed("timeout")
             self._fail(job, streamer, settle_placeholder, str(error), messages_ko.GENERATION_TIMED_OUT)
             return
@@ -480,7 +486,10 @@ class AnswerService:
             self._fail(job, streamer, settle_placeholder, "engine busy", messages_ko.ENGINE_BUSY)
             return
         except Exception as error:
-            logger.exception("generation failed for question %d in %s", job.message_id, target.thread_ref)
+            # One line for the operator (out of memory, a device error...); the stack only at DEBUG.
+            logger.error("generation failed for question %d in %s: %r", job.message_id, target.thread_ref, error,
+                         exc_info=logger.isEnabledFor(logging.DEBUG))
+            self._last_engine_failure = time.monotonic()
             metrics.question_failed("engine_error")
             self._fail(job, streamer, settle_placeholder, repr(error), messages_ko.GENERATION_FAILED)
             return

@@ -173,7 +173,7 @@ class FinbotSettings(BaseSettings):
             raise ValueError("must be a URL starting with http:// or https://")
         return value.strip()
 
-    @field_validator("term_of_day_channels", "qa_channels", "allowed_channel_ids", "allowed_team_ids")
+    @field_validator("term_of_day_channels", "qa_channels", "allowed_channel_ids", "allowed_team_ids", "admin_user_ids")
     @classmethod
     def _slack_ids(cls, value: str) -> str:
         for item in _id_list(value):
@@ -200,6 +200,15 @@ class FinbotSettings(BaseSettings):
             raise ValueError(
                 f"MAX_PROMPT_TOKENS ({self.max_prompt_tokens}) + MAX_NEW_TOKENS ({self.max_new_tokens}) "
                 f"must not exceed ENGINE_MAX_SEQ_LEN ({self.engine_max_seq_len})"
+            )
+        return self
+
+    @model_validator(mode="after")
+    def _transformers_serve_takes_text(self) -> FinbotSettings:
+        if self.openai_server == "transformers" and self.openai_prompt_format != "text":
+            raise ValueError(
+                f"OPENAI_PROMPT_FORMAT={self.openai_prompt_format} does not work with OPENAI_SERVER=transformers: "
+                "`transformers serve` takes text prompts only; set OPENAI_PROMPT_FORMAT=text"
             )
         return self
 
@@ -236,6 +245,8 @@ class FinbotSettings(BaseSettings):
     # ids: the exact prompt token ids (vLLM); text: the decoded [INST]…[/INST] prompt, for servers that only take text.
     openai_prompt_format: Literal["ids", "text"] = "ids"
     openai_stream: bool = True
+    # vllm (and servers that take vLLM's extra sampling fields) or transformers (`transformers serve`).
+    openai_server: Literal["vllm", "transformers"] = "vllm"
     # An instance owns the questions it answers for this long, renewing every third of it; a killed
     # instance's questions are taken over by a live one (or by itself after a restart) once it runs out.
     question_lease_s: float = Field(30, ge=3, le=600)
@@ -266,6 +277,7 @@ class FinbotSettings(BaseSettings):
             timeout_s=self.openai_timeout_s,
             prompt_format=self.openai_prompt_format,
             stream=self.openai_stream,
+            server=self.openai_server,
         )
 
     def allowed_team_id_set(self) -> frozenset[str]:

@@ -554,12 +554,12 @@ def schedule_term_of_day(scheduler: FinbotScheduler, service: TermOfDayService) 
     re-read every SETTINGS_REFRESH_INTERVAL, so a change made through another instance reaches
     this one's schedule too.
     """
-    service._scheduler = scheduler
     if service.stored_settings is not None:
-        service.refresh_settings_or_warn()
+        service.refresh_settings_or_warn()  # before the scheduler is attached: jobs are added once, below
         scheduler.add_interval_job(
             TERM_OF_DAY_SETTINGS_JOB_ID, service.refresh_settings_or_warn, every=SETTINGS_REFRESH_INTERVAL
         )
+    service._scheduler = scheduler
     return service.apply_schedule()
 
 

@@ -263,7 +263,8 @@ def clean_answer(text: str, prompt_text: str | None = None, cut_by_token_limit: 
 
     `prompt_text` is the decoded prompt (tags and spacing are ignored when matching); when the
     output begins with it, it is removed. Without it, a leading ``[INST]...[/INST]`` echo is
-    still recognised. The answer ends where the model starts inventing a new ``[INST]`` turn;
+    still recognised. The answer ends where the model starts inventing a new ``[INST]`` turn or
+    writes a textual ``</s>``;
     leftover tags and control characters are dropped, and runaway repetition is collapsed to the
     first occurrence. Only when `cut_by_token_limit` (the engine stopped at its token limit, finish
     reason "length") is an unfinished last sentence trimmed back to the last complete one: an
@@ -274,6 +275,11 @@ def clean_answer(text: str, prompt_text: str | None = None, cut_by_token_limit: 
     text = strip_control_characters(text)
     fallback = _tidy(_TAG_RE.sub("", text))
     answer, ended_before_invented_turn = _remove_echo_and_invented_turns(text, prompt_text)
+    # A textual end-of-sequence tag after the answer is the model's own end: what follows it is
+    # not part of the answer (the tokenizer split EOS into characters, so generation went on).
+    end_tag = re.search(r"</s>", answer, re.IGNORECASE)
+    if end_tag is not None and answer[: end_tag.start()].strip():
+        answer = answer[: end_tag.start()]
     answer = _tidy(_TAG_RE.sub("", answer))
     if not answer:
         return fallback

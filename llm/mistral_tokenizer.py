@@ -102,13 +102,22 @@ class BundledMistralTokenizer:
         special = {self.bos_token_id: self.bos_token, self.eos_token_id: self.eos_token}
         parts: list[str] = []
         run: list[int] = []
+
+        def flush() -> None:
+            text = self._processor.decode(run)
+            # SentencePiece drops a piece's leading "▁" at the start of every decode; transformers
+            # only at the start of the whole text, so a run after a special token keeps its space.
+            if run and any(parts) and self._processor.id_to_piece(run[0]).startswith("\u2581"):
+                text = " " + text
+            parts.append(text)
+            run.clear()
+
         for token_id in ids:
             if token_id in special:
-                parts.append(self._processor.decode(run))
-                run = []
+                flush()
                 if not skip_special_tokens:
                     parts.append(special[token_id])
             else:
                 run.append(int(token_id))
-        parts.append(self._processor.decode(run))
+        flush()
         return "".join(parts)

@@ -15,7 +15,10 @@ with the server's chat template) in one of two forms:
   and a server parses a `</s>` typed by a user as a real end of turn, which the ids form prevents.
 
 Sampling follows the adapter card: temperature, top_p, and top_k (a vLLM extension, sent as an
-extra body field), `max_tokens`. Streaming uses server-sent events; chunks handed to the bot are
+extra body field), `max_tokens`. `server="transformers"` (`transformers serve`, whose
+/v1/completions refuses fields outside OpenAI's schema with HTTP 422 and samples only when the
+model's generation config says so) gets top_k and `do_sample` in its `generation_config` field
+instead; it takes text prompts only. Streaming uses server-sent events; chunks handed to the bot are
 whole characters (a trailing U+FFFD from a server that split a multi-byte character is held back
 until the rest arrives). Timeouts, connection errors and bad responses raise `GenerationError`;
 HTTP 429 and 503 (server overloaded) raise `EngineBusyError`.
@@ -23,7 +26,9 @@ HTTP 429 and 503 (server overloaded) raise `EngineBusyError`.
 Why the server stopped comes from the choice's `finish_reason`: "length" is the token limit;
 "stop" is the model's EOS unless vLLM's `stop_reason` names a stop string (then "stop"); a
 stream that ends without any reason, or with one we do not know, reports "error" (the text is
-handed over as is, but nothing vouches that it is complete).
+handed over as is, but nothing vouches that it is complete). vLLM ends a stream with
+`data: [DONE]`; `transformers serve` just closes it after the chunk with the finish_reason,
+which is as good an end. A stream closed before any finish_reason is an error (the server died).
 
 Only the standard library's HTTP client is used, so this engine adds no dependency.
 """
@@ -65,6 +70,8 @@ class OpenAIEngineConfig:
     connect_timeout_s: float = 5.0
     prompt_format: Literal["ids", "text"] = "ids"
     stream: bool = True
+    # Who serves /v1/completions: vLLM (and servers like it), or `transformers serve`.
+    server: Literal["vllm", "transformers"] = "vllm"
 
 
 class OpenAIEngine(GenerationEngine):
@@ -86,7 +93,15 @@ class OpenAIEngine(GenerationEngine):
             "max_tokens": params.max_new_tokens,
             "stream": stream,
         }
-        if params.greedy:
+        if self.config.server == "transformers":
+            # Only OpenAI's fields are accepted; HF generation settings travel as a JSON string.
+            extra = {"do_sample": False} if params.greedy else {"do_sample": True, "top_k": params.top_k}
+            body["generation_config"] = json.dumps(extra)
+            if params.greedy:
+                body.update(temperature=0.0, top_p=1.0)
+            else:
+                body.update(temperature=params.temperature, top_p=params.top_p)
+        elif params.greedy:
             body.update(temperature=0.0, top_p=1.0, top_k=-1)
         else:
             # top_k is not in OpenAI's schema; vLLM reads it from the body (0 would mean "none" in HF).
@@ -165,6 +180,7 @@ class OpenAIEngine(GenerationEngine):
     ) -> Generator[str, None, FinishReason]:
         # vLLM puts finish_reason on the last choice chunk and only then sends [DONE].
         reason: FinishReason = "error"
+        finished = False
         while True:
             if cancel is not None and cancel.is_set():
                 return "cancelled"
@@ -174,7 +190,9 @@ class OpenAIEngine(GenerationEngine):
             except (OSError, http.client.HTTPException) as error:
                 raise _read_error(error, self._url, deadline) from None
             if not line:
-                raise GenerationError(f"inference server at {self._url} closed the stream before [DONE]")
+                if finished:
+                    return reason  # transformers serve sends no [DONE] after the last chunk
+                raise GenerationError(f"inference server at {self._url} closed the stream before its end")
             line = line.strip()
             if not line or line.startswith(b":"):
                 continue  # keep-alive or comment
@@ -192,6 +210,7 @@ class OpenAIEngine(GenerationEngine):
             choice = _choice(payload, self._url)
             if choice.get("finish_reason") is not None:
                 reason = _finish_reason(choice)
+                finished = True
             if text := str(choice.get("text") or ""):
                 yield text
 

@@ -215,3 +215,9 @@ def test_strip_control_characters_keeps_korean_emoji_and_formatting_characters()
     text = "중앙은행 🙂 漢字 — “인용” \u200b\u2060 end\n\tindent"
     assert strip_control_characters(text) == text
     assert strip_control_characters("a\r\nb\rc") == "a\nb\nc"
+
+
+def test_a_textual_end_tag_ends_the_answer_even_when_the_model_went_on():
+    assert clean_answer("기준금리는 정책금리예요.</s> 그리고 이어서", cut_by_token_limit=False) == "기준금리는 정책금리예요."
+    # ...but a tag before any answer text is only dropped
+    assert clean_answer("</s>기준금리는 정책금리예요.") == "기준금리는 정책금리예요."

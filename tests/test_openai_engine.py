@@ -161,3 +161,28 @@ def test_answering_pipeline_uses_the_remote_engine(mistral_tokenizer, server):
 
     answer = answer_question(_engine(mistral_tokenizer, server), [], "기준금리?", PARAMS, 3072)
     assert answer.startswith("기준금리는 중앙은행이")
+
+
+def test_transformers_serve_gets_sampling_in_its_generation_config_and_may_end_without_done(mistral_tokenizer, server):
+    """`transformers serve` answers 422 to fields outside OpenAI's schema (top_k), samples only with
+    do_sample, and closes a stream after its finish_reason without `data: [DONE]`."""
+    import json
+
+    server.send_done = False
+    engine = OpenAIEngine(mistral_tokenizer, OpenAIEngineConfig(
+        base_url=server.base_url, model="/models/finbot-merged", timeout_s=5, prompt_format="text", server="transformers",
+    ))
+    generation = engine.stream(_prompt(mistral_tokenizer), PARAMS)
+    assert "".join(generation) == "기준금리는 중앙은행이 정해요."
+    assert generation.finish_reason == "eos"
+    engine.generate(_prompt(mistral_tokenizer), SamplingParams(greedy=True, max_new_tokens=5))
+    sampled, greedy = server.requests
+    assert "top_k" not in sampled and "top_k" not in greedy
+    assert json.loads(sampled["generation_config"]) == {"do_sample": True, "top_k": 50}
+    assert (sampled["temperature"], sampled["top_p"], sampled["max_tokens"]) == (0.9, 0.8, 77)
+    assert json.loads(greedy["generation_config"]) == {"do_sample": False} and greedy["temperature"] == 0.0
+
+    # A stream closed before any finish_reason is a dead server, whatever the flavour.
+    server.finish_reason = None
+    with pytest.raises(GenerationError, match="closed the stream before its end"):
+        list(engine.stream(_prompt(mistral_tokenizer), PARAMS))

@@ -508,3 +508,41 @@ def test_a_started_scheduler_runs_the_startup_job_and_survives_job_errors(caplog
         finally:
             scheduler.shutdown()
     assert not scheduler.running
+
+
+def test_admin_settings_from_the_home_tab_override_the_environment_on_every_instance(make_instance):
+    """An admin's channels and time (stored_settings) apply at once where they were made, reach another
+    instance on its next refresh (its daily job moves too), and a reset brings the environment's back."""
+    from bot.term_of_day import TERM_OF_DAY_SETTINGS_JOB_ID
+    from storage.stored_settings import StoredSettingStore
+
+    clock = Clock(at(date(2026, 3, 3), 8, 0))
+    here, there = make_instance(clock), make_instance(clock)
+    schedulers = []
+    for instance in (here, there):
+        instance.service.stored_settings = StoredSettingStore(instance.posts._session_factory)
+        scheduler = FinbotScheduler("Asia/Seoul")
+        assert schedule_term_of_day(scheduler, instance.service)
+        scheduler.start()  # a running scheduler, as in `finbot run`: jobs are rescheduled in place
+        assert TERM_OF_DAY_SETTINGS_JOB_ID in scheduler.job_ids()
+        schedulers.append(scheduler)
+
+    def fires(scheduler: FinbotScheduler) -> datetime:
+        return scheduler._scheduler.get_job(TERM_OF_DAY_JOB_ID).trigger.get_next_fire_time(None, clock())
+
+    assert fires(schedulers[1]) == at(date(2026, 3, 3), 9, 0)
+    here.service.change_settings(channels=["C7", "C8"], post_time=time(10, 30), by="UADMIN")
+    assert (here.service.config.channels, here.service.config.post_time) == (("C7", "C8"), time(10, 30))
+    assert here.service.overridden and fires(schedulers[0]) == at(date(2026, 3, 3), 10, 30)
+    assert there.service.config.channels == ("C1",)  # not yet: its refresh runs every 30 s
+    assert there.service.refresh_settings()
+    assert there.service.config.channels == ("C7", "C8") and fires(schedulers[1]) == at(date(2026, 3, 3), 10, 30)
+
+    # No channel at all: nothing is scheduled any more; a reset brings back C1 at 09:00.
+    here.service.change_settings(channels=[], by="UADMIN")
+    assert TERM_OF_DAY_JOB_ID not in schedulers[0].job_ids()
+    here.service.reset_settings(by="UADMIN")
+    assert (here.service.config.channels, here.service.config.post_time) == (("C1",), time(9, 0))
+    assert not here.service.overridden and fires(schedulers[0]) == at(date(2026, 3, 3), 9, 0)
+    for scheduler in schedulers:
+        scheduler.shutdown()

@@ -169,7 +169,6 @@ def bot(tmp_path_factory: pytest.TempPathFactory, tiny_checkpoint) -> Iterator[B
         finbot_process(
             fake,
             cwd,
-            allowed_traceback=INJECTED,
             DATABASE_URL=f"sqlite:///{cwd / 'finbot.db'}",
             ENGINE="fake",
             BASE_MODEL=str(tiny_checkpoint.base_dir),
@@ -312,6 +311,10 @@ def test_engine_failure_gets_an_apology_and_the_next_question_is_answered(
         bot, "select count(*) from messages where role = 'assistant' and reply_to_id = "
         "(select id from messages where slack_ts = ?)", thread,
     ) == [(0,)]
+
+    # The operator gets one line naming the fault, not a stack trace.
+    failure_lines = [line for line in bot.log_text().splitlines() if "generation failed for question" in line]
+    assert failure_lines and all(INJECTED in line and " ERROR " in line for line in failure_lines), failure_lines
 
     # The same process answers the next question, in the same channel.
     question = "그럼 채권은 뭐야?"

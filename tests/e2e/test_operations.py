@@ -155,6 +155,8 @@ class Monitored:
                 return response.status, response.read()
         except urllib.error.HTTPError as error:
             return error.code, error.read()
+        except OSError:  # not listening yet
+            return 0, b""
 
     def metrics_text(self) -> str:
         status, body = self.get("/metrics")
@@ -170,7 +172,7 @@ class Monitored:
 
     def readyz(self) -> tuple[int, dict]:
         status, body = self.get("/readyz")
-        return status, json.loads(body)
+        return status, json.loads(body) if status else {"ready": None}
 
     def wait_readiness(self, ready: bool, failing: str | None = None, timeout: float = 60) -> dict:
         def matches() -> dict | None:
@@ -333,3 +335,43 @@ def test_readyz_follows_the_database_and_slack_and_healthz_stays_up(monitored: M
     assert "readiness: not ready" in log and "readiness: ready" in log
     if monitored.postgres is None:
         pytest.skip("the database part needs PostgreSQL (initdb, pg_ctl); the Slack part ran")
+
+
+def test_a_taken_metrics_port_stops_the_start_with_a_message_naming_the_setting(tmp_path: Path):
+    from tests.e2e.process import run_finbot
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        result = run_finbot(
+            "run", cwd=tmp_path, timeout=60,
+            SLACK_BOT_TOKEN="xoxb-test", SLACK_APP_TOKEN="xapp-test", METRICS_PORT=str(port),
+            METRICS_HOST="127.0.0.1", DATABASE_URL=f"sqlite:///{tmp_path / 'finbot.db'}", ENGINE="fake",
+        )
+    output = result.stdout + result.stderr
+    assert result.returncode == 2, output
+    assert f"METRICS_PORT={port} on METRICS_HOST=127.0.0.1 is already in use" in output
+    assert "METRICS_PORT=0" in output and "Traceback" not in output
+    assert not (tmp_path / "finbot.db").exists()  # stopped before touching the database or the model
+
+
+def test_http_mode_serves_the_same_checks_next_to_slacks_request_port(tmp_path: Path, tiny_checkpoint):
+    metrics_port, http_port = free_port(), free_port()
+    with FakeSlack() as fake:
+        process = start_finbot(
+            "run", cwd=tmp_path, log_path=tmp_path / "finbot.log",
+            SLACK_MODE="http", HTTP_HOST="127.0.0.1", HTTP_PORT=str(http_port), SLACK_SIGNING_SECRET="s3cret",
+            SLACK_BOT_TOKEN=fake.bot_token, SLACK_API_URL=fake.api_url,
+            DATABASE_URL=f"sqlite:///{tmp_path / 'finbot.db'}", ENGINE="fake", BASE_MODEL=str(tiny_checkpoint.base_dir),
+            METRICS_PORT=str(metrics_port), METRICS_HOST="127.0.0.1",
+        )
+        try:
+            monitored = Monitored(Bot(fake, tmp_path / "finbot.log"), metrics_port, None)
+            report = monitored.wait_readiness(True, timeout=90)
+            assert report["checks"] == {"database": "ok", "slack": "ok", "engine": "ok"}  # the probe ran
+            assert monitored.get("/healthz") == (200, b"ok\n")
+        finally:
+            process.send_signal(signal.SIGTERM)
+            assert process.wait(timeout=60) == 0
+    assert "Traceback" not in (tmp_path / "finbot.log").read_text()

@@ -27,6 +27,8 @@ class FakeOpenAI:
     mid_stream_error: bool = False
     finish_reason: str | None = "stop"
     stop_reason: str | int | None = None
+    # vLLM ends a stream with `data: [DONE]`; `transformers serve` just closes it.
+    send_done: bool = True
     requests: list[dict[str, Any]] = field(default_factory=list)
     headers: list[dict[str, str]] = field(default_factory=list)
     _faults: list[int] = field(default_factory=list)
@@ -100,7 +102,8 @@ class FakeOpenAI:
             await response.write(f"data: {json.dumps(event, ensure_ascii=False)}\n\n".encode())
         if self.mid_stream_error:
             await response.write(b'data: {"error": {"message": "engine died"}}\n\n')
-        await response.write(b"data: [DONE]\n\n")
+        if self.send_done:
+            await response.write(b"data: [DONE]\n\n")
         return response
 
     def _ending(self) -> dict[str, Any]:
