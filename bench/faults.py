@@ -22,9 +22,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import shlex
-import shutil
 import signal
 import sqlite3
 import statistics
@@ -43,6 +40,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bot import messages_ko  # noqa: E402
 from tests.e2e.process import finbot_command, finbot_env, slack_settings, start_finbot  # noqa: E402
 from tests.fakes.slack_server import FakeSlack  # noqa: E402
+from tests.postgres import RestartablePostgres, find_pg_bin_dir, restartable_postgres_server  # noqa: E402
 
 LAST_WORDS = "이상으로 답변을 마칩니다."
 FAKE_REPLY = "답변 시작: {question}. " + "설명을 이어서 드립니다. " * 12 + LAST_WORDS
@@ -60,55 +58,8 @@ FAULTS = (
 # ---------------------------------------------------------------------------------------- databases
 
 
-@dataclass
-class Postgres:
-    """A private PostgreSQL server that can be stopped and started again (for `db_restart`)."""
-
-    bin_dir: Path
-    root: Path
-    host: str = "127.0.0.1"
-    port: int = 0
-    _options: str = ""
-
-    def _pg_ctl(self, *args: str) -> None:
-        from tests.postgres import _run_as
-
-        user = self.root.owner() if os.geteuid() == 0 else None
-        subprocess.run(
-            [str(self.bin_dir / "pg_ctl"), "-D", str(self.root / "data"), *args], check=True, capture_output=True,
-            cwd=self.root, env={**os.environ, "LC_ALL": "C.UTF-8", "LANG": "C.UTF-8"}, timeout=60,
-            **_run_as(user),  # type: ignore[arg-type]
-        )
-
-    def stop(self, mode: str = "fast") -> None:
-        opts = (self.root / "data" / "postmaster.opts").read_text().strip()
-        self._options = shlex.join(shlex.split(opts)[3:])  # without the binary and its "-D DIR"
-        self._pg_ctl("-m", mode, "-w", "stop")
-
-    def start(self) -> None:
-        self._pg_ctl("-l", str(self.root / "postgres.log"), "-o", self._options, "-w", "-t", "60", "start")
-
-    def new_database(self) -> str:
-        from tests.postgres import PostgresServer
-
-        return PostgresServer(self.host, self.port).create_database()
-
-
-@contextmanager
-def postgres() -> Iterator[Postgres]:
-    from tests.postgres import find_pg_bin_dir, start_postgres
-
-    bin_dir = find_pg_bin_dir()
-    if bin_dir is None:
-        raise SystemExit("PostgreSQL server binaries (initdb, pg_ctl) not found; use --backends sqlite")
-    root = Path(tempfile.mkdtemp(prefix="finbot-faults-pg-"))
-    os.chmod(root, 0o755)
-    server, stop = start_postgres(bin_dir, root)
-    try:
-        yield Postgres(bin_dir, root, server.host, server.port)
-    finally:
-        stop()
-        shutil.rmtree(root, ignore_errors=True)
+def new_database(pg: RestartablePostgres) -> str:
+    return pg.server.create_database()
 
 
 # ---------------------------------------------------------------------------------------- one round
@@ -205,7 +156,7 @@ def kill(process: subprocess.Popen[bytes], how: signal.Signals) -> None:
     process.wait(timeout=60)
 
 
-def run_fault(fault: str, round_: Round, questions: int, pg: Postgres | None) -> float:
+def run_fault(fault: str, round_: Round, questions: int, pg: RestartablePostgres | None) -> float:
     """Inject `fault` while `questions` are being answered; returns the fault's time (monotonic)."""
     if fault in ("sigterm_restart", "kill9_restart"):
         first = round_.start("first")
@@ -241,7 +192,7 @@ def run_fault(fault: str, round_: Round, questions: int, pg: Postgres | None) ->
     elif fault == "db_restart":
         assert pg is not None
         pg.stop()
-        time.sleep(2)
+        time.sleep(2)  # connections fail meanwhile; the bot must retry, not crash
         pg.start()
     else:
         raise ValueError(f"unknown fault {fault}")
@@ -294,9 +245,9 @@ def _term_statuses(database_url: str) -> list[str]:
         engine.dispose()
 
 
-def one_round(fault: str, backend: str, questions: int, pg: Postgres | None, tokenizer: Path) -> dict[str, Any]:
+def one_round(fault: str, backend: str, questions: int, pg: RestartablePostgres | None, tokenizer: Path) -> dict[str, Any]:
     root = Path(tempfile.mkdtemp(prefix=f"finbot-fault-{fault}-"))
-    database_url = pg.new_database() if backend == "postgresql" and pg else f"sqlite:///{root / 'finbot.db'}"
+    database_url = new_database(pg) if backend == "postgresql" and pg else f"sqlite:///{root / 'finbot.db'}"
     with FakeSlack() as fake:
         settings = {
             **slack_settings(fake), "DATABASE_URL": database_url, "ENGINE": "fake", "BASE_MODEL": str(tokenizer),
@@ -393,11 +344,13 @@ def main(argv: list[str] | None = None) -> int:
 
 
 @contextmanager
-def _maybe_postgres(wanted: bool) -> Iterator[Postgres | None]:
+def _maybe_postgres(wanted: bool) -> Iterator[RestartablePostgres | None]:
     if not wanted:
         yield None
         return
-    with postgres() as pg:
+    if find_pg_bin_dir() is None:
+        raise SystemExit("PostgreSQL server binaries (initdb, pg_ctl) not found; use --backends sqlite")
+    with restartable_postgres_server() as pg:
         yield pg
 
 

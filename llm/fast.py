@@ -285,11 +285,16 @@ def build_fast_engine(
         model, max_batch, max_seq_len, dtype=dtype, free_source=free_source,
         kv_cache_tokens=tokens, kv_block_size=kv_block_size,
     )
-    graphs = DecodeGraphs(
-        decoder, use_graphs=cuda_graphs, kv_buckets=_kv_buckets(max_seq_len), bucketed_prefill=True
-    )
+    graphs = serving_graphs(decoder, max_seq_len, cuda_graphs)
     info = _warm_up(graphs, compile_kernels, triton=triton_kernels)
     return BatchingEngine(DecoderStepModel(graphs), tokenizer, name="fast", max_queue=max_queue, info=info)
+
+
+def serving_graphs(decoder: MistralDecoder, max_seq_len: int, cuda_graphs: bool) -> DecodeGraphs:
+    """The decode and bucketed-prefill graphs every batched serving mode runs (`fast`, `nf4`)."""
+    return DecodeGraphs(
+        decoder, use_graphs=cuda_graphs, kv_buckets=_kv_buckets(max_seq_len), bucketed_prefill=True
+    )
 
 
 def build_low_memory_engine(

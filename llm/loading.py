@@ -134,6 +134,11 @@ def build_engine(
         device = "cpu"  # no model on any device: not even torch needs importing
     device = resolve_device(device)
     choice = resolve_engine_choice(choice, device)
+    if choice == "low-memory":
+        logger.warning(
+            "ENGINE=low-memory is retired in favour of ENGINE=nf4 (the same 4-bit weights: faster, 16 answers "
+            "at once, closer to the reference); it is kept for this release only"
+        )
     started = time.monotonic()
     tokenizer = load_fake_tokenizer(base_model) if choice == "fake" else load_tokenizer(base_model)
     if choice == "fake":

@@ -368,11 +368,6 @@ def disable_nf4_kernels(decoder: MistralDecoder) -> None:
             projection.use_kernels = False
 
 
-# Default KV token budget of `nf4` (paged): the same 9,728 tokens as `fast`, so the 16 staggered
-# requests of the bench run without preemption.
-NF4_KV_CACHE_TOKENS = 9728
-
-
 def build_nf4_engine(
     model: nn.Module,
     tokenizer: PreTrainedTokenizerBase,
@@ -393,17 +388,15 @@ def build_nf4_engine(
 
     from llm import nf4_kernels
     from llm.batching import BatchingEngine, DecoderStepModel
-    from llm.fast import _kv_buckets, _warm_up
-    from llm.mistral_decoder import DecodeGraphs
+    from llm.fast import FAST_KV_CACHE_TOKENS, _warm_up, serving_graphs
 
     started = time.monotonic()
-    tokens = kv_cache_tokens or min(NF4_KV_CACHE_TOKENS, max_batch * max_seq_len)
+    # The same pool as `fast`: the bench's 16 staggered requests run without preemption.
+    tokens = kv_cache_tokens or min(FAST_KV_CACHE_TOKENS, max_batch * max_seq_len)
     decoder = build_nf4_decoder(
         model, max_batch, max_seq_len, free_source=free_source, kv_cache_tokens=tokens, kv_block_size=kv_block_size
     )
-    graphs = DecodeGraphs(
-        decoder, use_graphs=cuda_graphs, kv_buckets=_kv_buckets(max_seq_len), bucketed_prefill=True
-    )
+    graphs = serving_graphs(decoder, max_seq_len, cuda_graphs)
     info: dict = {"nf4_kernels": False}
     if triton_kernels and enable_nf4_kernels(decoder):
         try:

@@ -15,13 +15,15 @@ from __future__ import annotations
 import glob
 import os
 import pwd
+import shlex
 import shutil
 import socket
 import subprocess
 import tempfile
 import uuid
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from contextlib import contextmanager
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -183,3 +185,48 @@ def session_factory(database_url: str) -> Iterator[sessionmaker[Session]]:
 
 def is_postgres(url: str) -> bool:
     return url.startswith("postgresql")
+
+
+@dataclass
+class RestartablePostgres:
+    """A private PostgreSQL server (tests/postgres.py's) that a test may stop and start again."""
+
+    server: PostgresServer
+    bin_dir: Path
+    root: Path
+    options: str = field(default="", init=False)
+
+    def _pg_ctl(self, *args: str) -> None:
+        # As the user tests/postgres.py runs the server as (the owner of its directory) when root.
+        user = self.root.owner() if os.geteuid() == 0 else None
+        subprocess.run(
+            [str(self.bin_dir / "pg_ctl"), "-D", str(self.root / "data"), *args],
+            check=True, capture_output=True, cwd=self.root,
+            env={**os.environ, "LC_ALL": "C.UTF-8", "LANG": "C.UTF-8"}, timeout=60,
+            **_run_as(user),  # type: ignore[arg-type]
+        )
+
+    def stop(self) -> None:
+        # The server's own command line (port, socket directory, settings) for the next start.
+        opts = (self.root / "data" / "postmaster.opts").read_text().strip()
+        self.options = shlex.join(shlex.split(opts)[3:])  # drops the binary and its "-D DIR"
+        self._pg_ctl("-m", "fast", "-w", "stop")
+
+    def start(self) -> None:
+        self._pg_ctl("-l", str(self.root / "postgres.log"), "-o", self.options, "-w", "-t", "60", "start")
+
+
+@contextmanager
+def restartable_postgres_server() -> Iterator[RestartablePostgres]:
+    """A private server, like `postgres_server`'s, that its user may stop and start again."""
+    bin_dir = find_pg_bin_dir()
+    if bin_dir is None:
+        raise RuntimeError("PostgreSQL server binaries (initdb, pg_ctl) not found")
+    root = Path(tempfile.mkdtemp(prefix="finbot-pg-restart-"))
+    os.chmod(root, 0o755)
+    server, stop = start_postgres(bin_dir, root)
+    try:
+        yield RestartablePostgres(server, bin_dir, root)
+    finally:
+        stop()
+        shutil.rmtree(root, ignore_errors=True)

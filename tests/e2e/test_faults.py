@@ -17,16 +17,13 @@ from __future__ import annotations
 
 import os
 import re
-import shlex
-import shutil
 import signal
 import sqlite3
 import subprocess
-import tempfile
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager, suppress
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -35,7 +32,7 @@ from bot import messages_ko
 from bot.formatting import to_mrkdwn
 from tests.e2e.process import slack_settings, start_finbot
 from tests.fakes.slack_server import FakeSlack
-from tests.postgres import PostgresServer, _run_as, find_pg_bin_dir, start_postgres
+from tests.postgres import RestartablePostgres, find_pg_bin_dir, restartable_postgres_server
 
 pytestmark = pytest.mark.e2e
 
@@ -326,52 +323,16 @@ def test_engine_failure_gets_an_apology_and_the_next_question_is_answered(
 # 4. PostgreSQL restarted
 
 
-@dataclass
-class RestartablePostgres:
-    """A private PostgreSQL server (tests/postgres.py's) that a test may stop and start again."""
-
-    server: PostgresServer
-    bin_dir: Path
-    root: Path
-    options: str = field(default="", init=False)
-
-    def _pg_ctl(self, *args: str) -> None:
-        # As the user tests/postgres.py runs the server as (the owner of its directory) when root.
-        user = self.root.owner() if os.geteuid() == 0 else None
-        subprocess.run(
-            [str(self.bin_dir / "pg_ctl"), "-D", str(self.root / "data"), *args],
-            check=True, capture_output=True, cwd=self.root,
-            env={**os.environ, "LC_ALL": "C.UTF-8", "LANG": "C.UTF-8"}, timeout=60,
-            **_run_as(user),  # type: ignore[arg-type]
-        )
-
-    def stop(self) -> None:
-        # The server's own command line (port, socket directory, settings) for the next start.
-        opts = (self.root / "data" / "postmaster.opts").read_text().strip()
-        self.options = shlex.join(shlex.split(opts)[3:])  # drops the binary and its "-D DIR"
-        self._pg_ctl("-m", "fast", "-w", "stop")
-
-    def start(self) -> None:
-        self._pg_ctl("-l", str(self.root / "postgres.log"), "-o", self.options, "-w", "-t", "60", "start")
-
-
 @pytest.fixture
 def restartable_postgres() -> Iterator[RestartablePostgres]:
-    bin_dir = find_pg_bin_dir()
-    if bin_dir is None:
+    if find_pg_bin_dir() is None:
         pytest.skip("PostgreSQL server binaries (initdb, pg_ctl) not found; .ci/run installs Debian's postgresql")
     try:
         import psycopg  # noqa: F401
     except ImportError:
         pytest.skip("the psycopg driver is not installed (pip install -e '.[test]')")
-    root = Path(tempfile.mkdtemp(prefix="finbot-pg-restart-"))
-    os.chmod(root, 0o755)
-    server, stop = start_postgres(bin_dir, root)
-    try:
-        yield RestartablePostgres(server, bin_dir, root)
-    finally:
-        stop()
-        shutil.rmtree(root, ignore_errors=True)
+    with restartable_postgres_server() as server:
+        yield server
 
 
 def test_postgres_restart_mid_answer_answer_stored_after_reconnecting(
