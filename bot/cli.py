@@ -456,19 +456,20 @@ def command_term_today(settings: FinbotSettings, dry_run: bool) -> int:
     from storage.conversations import ConversationStore
     from storage.db import open_database
 
-    channels = settings.term_of_day_channel_ids()
-    if not channels and not dry_run:
-        raise FinbotError(
-            "TERM_OF_DAY_CHANNELS is empty: no channel to post in. Set it to channel IDs (see .env.example), "
-            "or see today's term with: finbot term today --dry-run",
-            EXIT_USAGE,
-        )
     migrate_database(settings, announce=False)
     from bot.app import build_web_client
 
     client = build_web_client(settings)  # the bot's own retries on Slack's server errors
     # No engine yet: a dry run never generates, and on a day off the model need not be loaded.
     service = build_term_of_day(settings, None, ConversationStore(open_database(settings.database_url)), client)
+    # The channels in force: an admin's choice in the Home tab, else TERM_OF_DAY_CHANNELS.
+    channels = service.config.channels
+    if not channels and not dry_run:
+        raise FinbotError(
+            "TERM_OF_DAY_CHANNELS is empty (and no channels were set in the Home tab): no channel to post in. "
+            "Set it to channel IDs (see .env.example), or see today's term with: finbot term today --dry-run",
+            EXIT_USAGE,
+        )
     today = service.current_time().date()
     posting_day = service.is_posting_day(today)
     if dry_run:
