@@ -190,7 +190,11 @@ def test_an_admin_sees_the_week_and_controls_act_at_once_and_forged_actions_are_
                            "selected_time": earlier.strftime("%H:%M")}, view=view)
     post = fake.wait_for_message(channel="CTOD", timeout=30)
     assert messages_ko.TERM_OF_DAY_TITLE in post["blocks"][0]["text"]["text"]
-    [(term,)] = home_bot.rows("select term from term_posts where channel_id = 'CTOD' and status = 'posted'")
+    # The post is recorded right after Slack took it: wait for that, not only for the message.
+    [(term,)] = fake.wait_for(
+        lambda: home_bot.rows("select term from term_posts where channel_id = 'CTOD' and status = 'posted'"),
+        timeout=15, description="the post recorded",
+    )
     assert f"scheduled daily job term-of-day at {earlier.strftime('%H:%M')}" in home_bot.log.read_text()
     # Everyone's Home tab shows today's term now.
     assert term in _text(home_bot.open_home(USER))
