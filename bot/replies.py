@@ -313,13 +313,18 @@ class AnswerService:
             # Shutting down: the question stays stored and unfinished, for the next owner.
             with self._jobs_lock:
                 self._queued.pop(job.message_id, None)
+            self._hand_back([job])
+            return None
+
+    def _hand_back(self, jobs: list[_Job]) -> None:
+        """Questions this instance will not answer: no placeholder from now on, leases released at
+        once so the next start or another instance takes them without waiting for the lease."""
+        for job in jobs:
             if job.deferred_placeholder is not None:
                 job.deferred_placeholder.settle()
-            if self._leases is not None:
-                self._leases.release([job.message_id])
-            logger.info("question %d in %s left for the next instance: shutting down", job.message_id,
-                        job.target.thread_ref)
-            return None
+        if jobs and self._leases is not None:
+            self._leases.release([job.message_id for job in jobs])
+            logger.info("%d queued question(s) released for the next instance", len(jobs))
 
     def run_in_background(self, function: Callable[..., T], *args: Any) -> Future[T]:
         """Run `function` on the generation workers (for work that calls the engine)."""
@@ -346,12 +351,7 @@ class AnswerService:
             waiting = [job for message_id, job in self._queued.items() if message_id not in self._active]
             for job in waiting:
                 self._queued.pop(job.message_id, None)
-        for job in waiting:
-            if job.deferred_placeholder is not None:
-                job.deferred_placeholder.settle()
-        if waiting and self._leases is not None:
-            self._leases.release([job.message_id for job in waiting])
-            logger.info("shutdown: %d queued question(s) released for the next instance", len(waiting))
+        self._hand_back(waiting)
         if self._wait_idle(deadline_s):
             return True
         with self._jobs_lock:

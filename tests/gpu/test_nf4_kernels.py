@@ -1,5 +1,5 @@
-"""`nf4` mode on the GPU: bit-exact dequantization, the fused kernels against the reference path,
-and fidelity + greedy agreement on the tiny model (device tool; skipped without CUDA)."""
+"""`nf4` mode on the GPU: bit-exact dequantization and the fused kernels against the reference path
+(device tool; skipped without CUDA). Its tiny-model fidelity is in test_fidelity.py with the other modes."""
 
 from __future__ import annotations
 
@@ -7,9 +7,6 @@ import json
 
 import pytest
 import torch
-
-from llm.fidelity import KOREAN_FINANCE_TEXT, kl_summary, teacher_forced_decode_logits
-from llm.loading import load_reference_model, load_tokenizer
 
 pytestmark = pytest.mark.gpu
 
@@ -74,45 +71,3 @@ def test_fused_kernel_equals_the_reference_path(rows, name):
         assert (diff > 0).float().mean().item() < 0.05, config
         worst = max(worst, diff.max().item())
     print("NF4_KERNEL " + json.dumps({"name": name, "rows": rows, "max_abs_diff": worst}))
-
-
-@pytest.fixture(scope="module")
-def tiny_reference(tiny_checkpoint):
-    model = load_reference_model(str(tiny_checkpoint.base_dir), str(tiny_checkpoint.adapter_dir), "cuda:0")
-    return model, load_tokenizer(str(tiny_checkpoint.base_dir))
-
-
-def test_nf4_tiny_kl_and_greedy_agreement(tiny_reference):
-    from llm.engine import SamplingParams
-    from llm.nf4 import build_nf4_engine
-
-    model, tokenizer = tiny_reference
-    ids = tokenizer(KOREAN_FINANCE_TEXT).input_ids
-    with torch.inference_mode():
-        reference = model(torch.tensor([ids], device="cuda:0")).logits[0].float()
-        prompt = torch.tensor([ids[:40]], device="cuda:0")
-        ref_greedy = model.generate(
-            input_ids=prompt, attention_mask=torch.ones_like(prompt), do_sample=False,
-            max_new_tokens=32, min_new_tokens=32, pad_token_id=tokenizer.eos_token_id,
-        )[0, 40:].tolist()
-    engine = build_nf4_engine(model, tokenizer, max_batch=4, max_seq_len=1024, free_source=False,
-                              compile_kernels=False, kv_cache_tokens=2048)
-    try:
-        step_model = engine.scheduler.model
-        prefill = step_model.decoder.prefill(0, torch.tensor(ids), all_logits=True)
-        decoded = teacher_forced_decode_logits(step_model, ids, slot=1)
-        greedy = list(engine.stream_tokens(ids[:40], SamplingParams(greedy=True, max_new_tokens=32), ignore_eos=True))
-    finally:
-        engine.close()
-    agree = 0
-    for a, b in zip(ref_greedy, greedy, strict=True):
-        if a != b:
-            break
-        agree += 1
-    result = {"model": "tiny", "mode": "nf4", "engine_info": engine.info,
-              "prefill_path": kl_summary(reference, prefill), "decode_path": kl_summary(reference, decoded),
-              "greedy_agreeing_prefix": agree}
-    print("FIDELITY " + json.dumps(result))
-    assert engine.info["nf4_kernels"] is True, engine.info
-    assert result["prefill_path"]["kl_mean"] <= 0.001 and result["decode_path"]["kl_mean"] <= 0.001
-    assert agree >= 32, (ref_greedy, greedy)
