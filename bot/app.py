@@ -176,7 +176,6 @@ def register_home(app: App, settings: FinbotSettings, answers: AnswerService, te
     """The App Home tab (bot/home.py): for everyone, and the admin part for ADMIN_USER_IDS."""
     from bot.home import HomeService
     from bot.listeners import home
-    from storage.answer_timings import AnswerTimingStore
     from storage.feedback import FeedbackStore
     from storage.qa_channels import QAChannelStore
 

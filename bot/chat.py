@@ -6,8 +6,9 @@ thread's (storage.conversations), so trying finbot here shows what Slack users w
 Korean notices included.
 
 On a terminal the answer is shown while it is generated, as whole characters, the way Slack
-shows it: the cleaned text so far, which may shrink at the end (e.g. an unfinished last sentence
-is dropped when the token limit cut the answer), so the shown text is then rewritten in place.
+shows it: the model's text so far, then the cleaned answer, which may differ at the end (e.g. an
+unfinished last sentence is dropped when the token limit cut the answer), so the shown text is
+then rewritten in place.
 Piped into another program, only the final answer is written.
 """
 
@@ -204,7 +205,7 @@ class TerminalAnswerer:
         self._timeout_s = timeout_s
 
     def answer(self, history: Sequence[tuple[str, str]], question: str, view: TerminalView) -> TerminalReply:
-        """Generate, showing the cleaned text so far in `view`; the caller finishes the view.
+        """Generate, showing the text so far in `view`; the caller finishes the view with the cleaned answer.
 
         Ctrl-C (KeyboardInterrupt) stops the generation and reaches the caller.
         """
@@ -222,7 +223,9 @@ class TerminalAnswerer:
             view.show(for_terminal(messages_ko.THINKING))
             for chunk in generation:
                 raw += chunk
-                view.show(clean_reply(raw, question, None))
+                # As in Slack: the raw text while it is written, the cleaned answer once it is done
+                # (re-cleaning everything per chunk would cost the square of the answer's length).
+                view.show(raw)
             if cancel.is_set():
                 return TerminalReply(
                     None, messages_ko.GENERATION_TIMED_OUT, f"no complete answer within {self._timeout_s:g} s"

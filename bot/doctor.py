@@ -117,8 +117,9 @@ def check_database(settings: FinbotSettings) -> list[Check]:
                 return [Check("database", True, f"{shown}: no database yet; finbot run creates it")]
             return [Check("database", False, f"{shown}: no database yet, and {folder} is not writable",
                           "point DATABASE_URL at a writable folder (or create it with the right owner)")]
-    head = ScriptDirectory.from_config(alembic_config(url)).get_current_head()
-    known = {script.revision for script in ScriptDirectory.from_config(alembic_config(url)).walk_revisions()}
+    scripts = ScriptDirectory.from_config(alembic_config(url))
+    head = scripts.get_current_head()
+    known = {script.revision for script in scripts.walk_revisions()}
     connect_args = {"connect_timeout": 5} if parsed.get_backend_name() == "postgresql" else {}
     engine = create_engine(url, poolclass=NullPool, connect_args=connect_args)
     try:

@@ -32,6 +32,7 @@ from typing import TYPE_CHECKING
 from prometheus_client.exposition import choose_encoder
 
 from bot import metrics
+from bot.errors import first_line
 
 if TYPE_CHECKING:
     from bot.app import Finbot
@@ -158,8 +159,8 @@ class Readiness:
 
 
 def _short(error: BaseException) -> str:
-    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
-    return f"{type(error).__name__}: {lines[0]}" if lines else type(error).__name__
+    name = type(error).__name__
+    return f"{name}: {first_line(error)}" if str(error).strip() else name
 
 
 # ------------------------------------------------------------------------------------ the checks

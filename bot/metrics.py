@@ -13,6 +13,7 @@ GPU figures are read at scrape time (`EngineCollector`), never pushed.
 
 from __future__ import annotations
 
+import functools
 import logging
 import sys
 import time
@@ -110,6 +111,7 @@ START_TIME = Gauge("finbot_start_time_seconds", "When this finbot process starte
 BUILD = Info("finbot_build", "finbot's version and the engine it serves with.", registry=REGISTRY)
 
 
+@functools.cache
 def finbot_version() -> str:
     try:
         return package_version("finbot")

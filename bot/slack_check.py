@@ -123,10 +123,10 @@ def wait_for_slack(
         except SlackApiError as error:
             reason = transient_reason(error)
             if reason is None:
-                failed = checking
+                failed, code = checking, error_code(error)
                 token = bot_token if failed == "SLACK_BOT_TOKEN" else app_token
                 raise FinbotError(
-                    f"Slack refused {failed} ({error_code(error)}): {token_fix(failed, error_code(error), token)}",
+                    f"Slack refused {failed} ({code}): {token_fix(failed, code, token)}",
                     EXIT_USAGE,
                 ) from None
         except (URLError, OSError) as error:

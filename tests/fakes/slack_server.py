@@ -45,18 +45,14 @@ from typing import Any, TypeVar
 
 from aiohttp import WSCloseCode, WSMsgType, web
 
+from bot.doctor import MANIFEST_BOT_SCOPES
+
 T = TypeVar("T")
 
 JsonDict = dict[str, Any]
 ResponseOverride = JsonDict | Callable[["ApiCall"], JsonDict | None]
 
 APP_ID = "A0001"
-# The bot scopes slack-app-manifest.yaml asks for; auth.test reports the granted ones in its
-# X-OAuth-Scopes header, as Slack does (``FakeSlack.bot_scopes`` changes what is granted).
-MANIFEST_BOT_SCOPES = (
-    "app_mentions:read", "chat:write", "channels:history", "groups:history",
-    "im:history", "mpim:history", "assistant:write", "commands",
-)
 
 # Form-encoded requests carry these as JSON strings; decode them so params look like the JSON style.
 _JSON_FIELDS = frozenset(
@@ -168,6 +164,8 @@ class FakeSlack:
         self.team_name = team_name
         self.bot_name = bot_name
         self._nudge_interval = nudge_interval
+        # The scopes slack-app-manifest.yaml asks for (bot/doctor.py's list, checked against the manifest by
+        # tests/test_first_minutes.py); auth.test reports them in X-OAuth-Scopes, as Slack does.
         self.bot_scopes: list[str] = list(MANIFEST_BOT_SCOPES)
 
         self._lock = threading.RLock()
