@@ -4,7 +4,7 @@ For each projection of one Mistral-7B layer (q/k/v, o, gate/up, down) and 1, 4 a
 of the fused kernel (every config), of dequantize + cuBLAS, and of `fast`'s bf16 F.linear, with the
 bytes each reads and the achieved TB/s. Prints JSON lines.
 
-    python bench/nf4_kernels.py
+    python bench/nf4_kernels.py [ROWS, e.g. 1,4,16]
 """
 
 from __future__ import annotations
@@ -23,19 +23,14 @@ from llm.nf4 import LoraParts, NF4Matrix, NF4Projection  # noqa: E402
 
 SHAPES = {"qkv": ([4096, 1024, 1024], 4096), "o": ([4096], 4096), "gate_up": ([14336, 14336], 4096),
           "down": ([4096], 14336)}
+ROWS = tuple(int(r) for r in sys.argv[1].split(",")) if len(sys.argv) > 1 else (1, 4, 16)
 LAYERS = 8  # distinct copies, so the L2 cache does not hold the weights between calls
 
 
 def timed(function, repeats: int = 10) -> float:  # noqa: ANN001
-    function()
-    torch.cuda.synchronize()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    start.record()
-    for _ in range(repeats):
-        function()
-    end.record()
-    torch.cuda.synchronize()
-    return start.elapsed_time(end) / repeats * 1000  # microseconds per call (all LAYERS)
+    """Microseconds per call of all LAYERS, replayed from a CUDA graph as serving runs it (no launch
+    overhead: Python's launch cost would otherwise dominate these microsecond kernels)."""
+    return nf4_kernels._graph_ms(function, repeats) * 1000
 
 
 def projection(parts: list[int], cols: int, seed: int) -> NF4Projection:
@@ -62,7 +57,7 @@ def measure(name: str, parts: list[int], cols: int) -> None:
     n, k = group[0].weight.shape
     nf4_bytes = group[0].weight.nbytes + group[0].lora.nbytes
     boundaries = [s for s, _, _ in group[0].lora.segments[1:]]
-    for rows in (1, 4, 16):
+    for rows in ROWS:
         x = torch.randn(rows, cols, dtype=torch.bfloat16, device="cuda")
         result: dict = {"projection": name, "rows": rows, "nf4_mb": round(nf4_bytes / 1e6, 1),
                         "bf16_mb": round(n * k * 2 / 1e6, 1)}
@@ -72,7 +67,9 @@ def measure(name: str, parts: list[int], cols: int) -> None:
 
         for config in nf4_kernels._candidates(rows, n, k, boundaries):
             us = timed(lambda c=config: fused(c)) / LAYERS
-            result[f"fused_{config.block_n}x{config.block_k}w{config.num_warps}s{config.num_stages}_us"] = round(us, 1)
+            result[f"fused_{config.label}_us"] = round(us, 1)
+        result["lora_a_only_us"] = round(timed(lambda x=x, rows=rows: [nf4_kernels.lora_a_product(
+            x, p.lora, nf4_kernels._block_m(rows), rows > 4) for p in group]) / LAYERS, 1)
         result["dequant_cublas_us"] = round(timed(lambda x=x: [p.reference(x) for p in group]) / LAYERS, 1)
         result["bf16_cublas_us"] = round(timed(lambda x=x: [F.linear(x, w) for w in dense]) / LAYERS, 1)
         best = min(v for key, v in result.items() if key.startswith("fused_"))

@@ -9,6 +9,11 @@
   16-row tile above. The LoRA's `A` product (float32, shared by the fused q/k/v or gate/up parts)
   is one small split-K kernel before; its `B` product, the scaling and PEFT's roundings (base
   output to bf16, LoRA output to bf16, their sum to bf16) are the GEMV's epilogue.
+- The "lut" kernels (the fast ones) never look a value up in memory: per 64-value block, each thread
+  computes the 16 possible weights once (`bf16(code[i] * absmax)`, the same float32 product and
+  rounding) into registers, split into a low-byte and a high-byte table, and then decodes 8
+  nibbles at a time with `prmt` byte permutes (PTX, `lut_asm`): ~4 instructions per weight where
+  a gather from the code table cost ~20.
 - `NF4Plan`: per (projection, batch bucket), the fastest kernel configuration, timed at start-up
   over all layers' weights.
 
@@ -52,32 +57,63 @@ class NF4Config:
     num_warps: int
     num_stages: int
     lora_splits: int = 8
+    # "gather": the code table read per value; "lut": prmt register lookups. "_dot": a 16-row
+    # tl.dot tile (any 1..16 rows), else multiply-adds on the CUDA cores (1..4 rows).
+    kind: str = "gather"
+
+    @property
+    def dot(self) -> bool:
+        return self.kind.endswith("_dot")
+
+    @property
+    def label(self) -> str:
+        return f"{self.kind}_{self.block_n}x{self.block_k}w{self.num_warps}s{self.num_stages}"
 
     def fits(self, n: int, k: int, boundaries: Sequence[int]) -> bool:
         return k % self.block_k == 0 and n % self.block_n == 0 and all(b % self.block_n == 0 for b in boundaries)
 
 
 # Few on purpose: each is a Triton compile at start-up.
-FMA_CONFIGS = (  # 1-4 rows: multiply-reduce on the CUDA cores (a GEMV needs no tensor cores)
-    NF4Config(1, 2048, 4, 1),
-    NF4Config(2, 1024, 4, 1),
+FMA_CONFIGS = (  # 2-4 rows, reading the code table per value (the LUT kernels below win for 1 row)
     NF4Config(4, 512, 4, 2),
     NF4Config(8, 256, 4, 2),
-    NF4Config(4, 1024, 8, 1),
 )
 DOT_CONFIGS = (  # 5-16 rows: tl.dot on a 16-row tile
-    NF4Config(16, 256, 4, 3),
-    NF4Config(32, 256, 4, 3),
-    NF4Config(64, 128, 4, 3),
+    NF4Config(16, 256, 4, 3, kind="gather_dot"),
+)
+# 1-4 rows; block_k spans 32-value slices, one per thread, each thread holding block_n rows of its
+# slices (fewer for more rows: every row of x needs its own accumulators).
+LUT_FMA_CONFIGS = {
+    1: (NF4Config(8, 4096, 4, 1, kind="lut"), NF4Config(8, 2048, 2, 1, kind="lut"),
+        NF4Config(8, 2048, 2, 3, kind="lut"), NF4Config(16, 2048, 4, 3, kind="lut"),
+        NF4Config(8, 1024, 1, 3, kind="lut"), NF4Config(8, 1024, 1, 1, kind="lut"),
+        NF4Config(16, 4096, 8, 1, kind="lut"), NF4Config(8, 2048, 4, 1, kind="lut"),
+        NF4Config(4, 1024, 1, 3, kind="lut")),
+    2: (NF4Config(4, 4096, 4, 1, kind="lut"), NF4Config(2, 4096, 4, 1, kind="lut"),
+        NF4Config(4, 2048, 4, 1, kind="lut"), NF4Config(2, 2048, 4, 1, kind="lut")),
+    4: (NF4Config(2, 4096, 4, 1, kind="lut"), NF4Config(1, 4096, 4, 1, kind="lut"),
+        NF4Config(2, 2048, 4, 1, kind="lut"), NF4Config(1, 2048, 4, 1, kind="lut")),
+}
+LUT_DOT_CONFIGS = (  # 2-16 rows
+    NF4Config(32, 256, 4, 2, kind="lut_dot"),
+    NF4Config(32, 512, 4, 2, kind="lut_dot"),
 )
 # Only where nothing above fits (small models, e.g. the tests' tiny one).
-SMALL_CONFIGS = (NF4Config(16, 64, 4, 1),)
+SMALL_CONFIGS = (NF4Config(16, 64, 4, 1, kind="gather_dot"),)
 MAX_ROWS = 16
 
 
 def _candidates(rows: int, n: int, k: int, boundaries: Sequence[int]) -> list[NF4Config]:
-    configs = DOT_CONFIGS if _block_m(rows) == MAX_ROWS else FMA_CONFIGS
-    return [c for c in configs if c.fits(n, k, boundaries)] or [c for c in SMALL_CONFIGS if c.fits(n, k, boundaries)]
+    block_m = _block_m(rows)
+    if block_m == 1:
+        configs = LUT_FMA_CONFIGS[1]
+    elif block_m == MAX_ROWS:
+        configs = DOT_CONFIGS + LUT_DOT_CONFIGS
+    else:
+        configs = LUT_FMA_CONFIGS[block_m] + FMA_CONFIGS + LUT_DOT_CONFIGS
+    fitting = [c for c in configs if c.fits(n, k, boundaries)]
+    # The small fallback is a 16-row tile: it serves any row count.
+    return fitting or [c for c in SMALL_CONFIGS if c.fits(n, k, boundaries)]
 
 
 def supports(n: int, k: int, boundaries: Sequence[int], rank: int) -> bool:
@@ -87,6 +123,78 @@ def supports(n: int, k: int, boundaries: Sequence[int], rank: int) -> bool:
 
 def _block_m(rows: int) -> int:
     return 1 if rows == 1 else 2 if rows == 2 else 4 if rows <= 4 else MAX_ROWS
+
+
+LUT_WORDS = 4  # 32-bit words per asm call (32 values, half a block): one absmax, its table built once
+
+
+def lut_asm(code: Sequence[float]) -> str:
+    """PTX decoding LUT_WORDS words of packed NF4 (8 values each) that share one absmax.
+
+    Operands: outputs $0..$31 (value i of word j at j * 8 + i: the float32 bit pattern of its bf16
+    weight), then the words $32..$35, then the absmax's bit pattern $36.
+    First the 16 weights this block can hold, `cvt.rn.bf16x2(code[i] * absmax)` (float32 product,
+    one round-to-nearest-even: bitsandbytes' own arithmetic), as a low-byte table L0..L3 and a
+    high-byte table H0..H3 (byte e of the pair (L0, L1) is entry e's low byte, (L2, L3) entries 8-15).
+    Then per word: `prmt` picks 4 bytes out of 8 by the nibbles' low 3 bits, twice (entries 0-7 and
+    8-15), and a third `prmt` keeps the right one by each nibble's bit 3.
+
+    bitsandbytes packs value 2j in the high nibble of byte j, 2j + 1 in the low one: nibble p of a
+    little-endian word is value p ^ 1."""
+    import struct
+
+    if len(code) != 16:
+        raise ValueError("an NF4 code table has 16 entries")
+    hexes = [f"0f{struct.unpack('<I', struct.pack('<f', float(v)))[0]:08X}" for v in code]
+    scale = 8 * LUT_WORDS + LUT_WORDS
+    lines = [
+        "{",
+        ".reg .f32 sf, p<16>;",
+        ".reg .b32 q<8>, L<4>, H<4>, sel, hs, a, b, lo, hi, P;",
+        f"mov.b32 sf, ${scale};",
+    ]
+    lines += [f"mul.rn.f32 p{i}, sf, {hexes[i]};" for i in range(16)]
+    lines += [f"cvt.rn.bf16x2.f32 q{i}, p{2 * i + 1}, p{2 * i};" for i in range(8)]  # entry 2i in the low half
+    for t in range(4):
+        lines += [f"prmt.b32 L{t}, q{2 * t}, q{2 * t + 1}, 0x6420;", f"prmt.b32 H{t}, q{2 * t}, q{2 * t + 1}, 0x7531;"]
+    for word in range(LUT_WORDS):
+        lines += [
+            f"and.b32 sel, ${8 * LUT_WORDS + word}, 0x77777777;",
+            f"shr.b32 hs, ${8 * LUT_WORDS + word}, 1;",
+            "and.b32 hs, hs, 0x44444444;",
+            "or.b32 hs, hs, 0x32103210;",  # nibble p selects byte p of the low or (bit 3) the high lookup
+        ]
+        for half in range(2):
+            if half:
+                lines += ["shr.b32 sel, sel, 16;", "shr.b32 hs, hs, 16;"]
+            lines += [
+                "prmt.b32 a, L0, L1, sel;", "prmt.b32 b, L2, L3, sel;", "prmt.b32 lo, a, b, hs;",
+                "prmt.b32 a, H0, H1, sel;", "prmt.b32 b, H2, H3, sel;", "prmt.b32 hi, a, b, hs;",
+            ]
+            for pair, selector in ((0, "0x4051"), (2, "0x6273")):
+                value = 4 * half + pair  # P = value | value + 1 << 16, a bf16 pair (value sits in nibble value ^ 1)
+                lines += [
+                    f"prmt.b32 P, lo, hi, {selector};",
+                    f"shl.b32 ${word * 8 + value}, P, 16;",
+                    f"and.b32 ${word * 8 + value + 1}, P, 0xFFFF0000;",
+                ]
+    lines.append("}")
+    return "\n".join(lines)
+
+
+LUT_DEQUANT_ROWS, LUT_DEQUANT_COLS = 16, 256
+LUT_CONSTRAINTS = ",".join(["=r"] * (8 * LUT_WORDS) + ["r"] * (LUT_WORDS + 1))
+
+
+def _lut_asm_for(code: torch.Tensor) -> str:
+    # By address: reading the table back from the GPU inside a graph capture is not allowed.
+    key = (code.device.index, code.data_ptr())
+    if key not in _ASM_CACHE:
+        _ASM_CACHE[key] = lut_asm(code.tolist())
+    return _ASM_CACHE[key]
+
+
+_ASM_CACHE: dict[tuple[int | None, int], str] = {}
 
 
 if _HAVE_TRITON:
@@ -183,10 +291,10 @@ if _HAVE_TRITON:
         return (base.to(tl.float32) + u).to(tl.bfloat16)  # PEFT's plain Linear: one rounding
 
     @triton.jit
-    def _row_out(acc, m, M, t_ptr, RT, part, b, offs_r, offs_n, y_ptr, stride_y, scaling,
+    def _row_out(row_sum, m, M, t_ptr, RT, part, b, offs_r, offs_n, y_ptr, stride_y, scaling,
                  T_SPLITS: tl.constexpr, RANK: tl.constexpr, ROUND_LORA_FIRST: tl.constexpr):
         valid = m < M
-        base = tl.sum(acc, axis=1).to(tl.bfloat16)
+        base = row_sum.to(tl.bfloat16)
         t = tl.zeros((RANK,), dtype=tl.float32)
         for split in range(T_SPLITS):
             t += tl.load(t_ptr + split * M * RT + m * RT + part * RANK + offs_r, mask=(offs_r >= 0) & valid, other=0.0)
@@ -223,15 +331,15 @@ if _HAVE_TRITON:
         part = (n0 >= SEG1).to(tl.int32) + (n0 >= SEG2).to(tl.int32)
         offs_r = tl.arange(0, RANK)
         b = tl.load(b_ptr + rows[:, None] * RANK + offs_r[None, :])
-        _row_out(acc0, 0, M, t_ptr, RT, part, b, offs_r, offs_n, y_ptr, stride_y, scaling,
+        _row_out(tl.sum(acc0, axis=1), 0, M, t_ptr, RT, part, b, offs_r, offs_n, y_ptr, stride_y, scaling,
                  T_SPLITS, RANK, ROUND_LORA_FIRST)
         if BLOCK_M > 1:
-            _row_out(acc1, 1, M, t_ptr, RT, part, b, offs_r, offs_n, y_ptr, stride_y, scaling,
+            _row_out(tl.sum(acc1, axis=1), 1, M, t_ptr, RT, part, b, offs_r, offs_n, y_ptr, stride_y, scaling,
                      T_SPLITS, RANK, ROUND_LORA_FIRST)
         if BLOCK_M > 2:
-            _row_out(acc2, 2, M, t_ptr, RT, part, b, offs_r, offs_n, y_ptr, stride_y, scaling,
+            _row_out(tl.sum(acc2, axis=1), 2, M, t_ptr, RT, part, b, offs_r, offs_n, y_ptr, stride_y, scaling,
                      T_SPLITS, RANK, ROUND_LORA_FIRST)
-            _row_out(acc3, 3, M, t_ptr, RT, part, b, offs_r, offs_n, y_ptr, stride_y, scaling,
+            _row_out(tl.sum(acc3, axis=1), 3, M, t_ptr, RT, part, b, offs_r, offs_n, y_ptr, stride_y, scaling,
                      T_SPLITS, RANK, ROUND_LORA_FIRST)
 
     @triton.jit
@@ -270,11 +378,176 @@ if _HAVE_TRITON:
                  mask=m_mask[:, None])
 
 
+    @triton.jit
+    def _lut_decode(word, scale, ASM: tl.constexpr, CONSTRAINTS: tl.constexpr):
+        """Pointers to the first word of 32-value slices (and to their absmax) -> 32 tensors of the
+        same shape: value i of word j at j * 8 + i (float32 bit patterns of the bf16 weights). Each
+        slice is one thread's: its table is built once."""
+        return tl.inline_asm_elementwise(
+            ASM, CONSTRAINTS,
+            [tl.load(word), tl.load(word + 1), tl.load(word + 2), tl.load(word + 3),
+             tl.load(scale).to(tl.uint32, bitcast=True)],
+            dtype=(tl.uint32, tl.uint32, tl.uint32, tl.uint32, tl.uint32, tl.uint32, tl.uint32, tl.uint32,
+                   tl.uint32, tl.uint32, tl.uint32, tl.uint32, tl.uint32, tl.uint32, tl.uint32, tl.uint32,
+                   tl.uint32, tl.uint32, tl.uint32, tl.uint32, tl.uint32, tl.uint32, tl.uint32, tl.uint32,
+                   tl.uint32, tl.uint32, tl.uint32, tl.uint32, tl.uint32, tl.uint32, tl.uint32, tl.uint32),
+            is_pure=True, pack=1,
+        )
+
+    @triton.jit
+    def _slice_pointers(words_ptr, absmax_ptr, rows, k0, offs_h, row_words, row_blocks):
+        """[N, H] pointers to slice h of each row from column k0 (an absmax per 64 values = 2 slices)."""
+        word = words_ptr + rows[:, None] * row_words + (k0 // 8 + offs_h * 4)[None, :]
+        scale = absmax_ptr + rows[:, None] * row_blocks + (k0 // 64 + offs_h // 2)[None, :]
+        return word, scale
+
+    @triton.jit
+    def _f32(bits):
+        return bits.to(tl.float32, bitcast=True)
+
+    @triton.jit
+    def _lut_row_fma(acc, x_row, x_offs, valid, values):
+        # x_offs: [1, H] offsets of each slice's first x value; value i of word j multiplies x + 8j + i
+        mask = (x_offs >= 0) & valid
+        for v in tl.static_range(32):
+            acc += tl.load(x_row + x_offs + v, mask=mask, other=0.0).to(tl.float32) * _f32(values[v])
+        return acc
+
+    @triton.jit
+    def _bf16(bits):
+        return bits.to(tl.float32, bitcast=True).to(tl.bfloat16)  # exact: they are bf16 values
+
+    @triton.jit
+    def _lut_tile(values, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+        """The 32 value tensors [N, H] as one bf16 [N, BLOCK_K] tile (value v = 8j + i of slice h at
+        column 32h + v). `tl.join` appends its axis as the fastest one, so the pairs are joined from
+        the highest bit of v down: the last join separates even and odd v."""
+        p0, p1, p2, p3, p4, p5, p6, p7, p8, p9, p10, p11, p12, p13, p14, p15 = (
+            tl.join(_bf16(values[0]), _bf16(values[16])),
+            tl.join(_bf16(values[1]), _bf16(values[17])),
+            tl.join(_bf16(values[2]), _bf16(values[18])),
+            tl.join(_bf16(values[3]), _bf16(values[19])),
+            tl.join(_bf16(values[4]), _bf16(values[20])),
+            tl.join(_bf16(values[5]), _bf16(values[21])),
+            tl.join(_bf16(values[6]), _bf16(values[22])),
+            tl.join(_bf16(values[7]), _bf16(values[23])),
+            tl.join(_bf16(values[8]), _bf16(values[24])),
+            tl.join(_bf16(values[9]), _bf16(values[25])),
+            tl.join(_bf16(values[10]), _bf16(values[26])),
+            tl.join(_bf16(values[11]), _bf16(values[27])),
+            tl.join(_bf16(values[12]), _bf16(values[28])),
+            tl.join(_bf16(values[13]), _bf16(values[29])),
+            tl.join(_bf16(values[14]), _bf16(values[30])),
+            tl.join(_bf16(values[15]), _bf16(values[31])),
+        )
+        q0, q1, q2, q3 = tl.join(p0, p8), tl.join(p1, p9), tl.join(p2, p10), tl.join(p3, p11)
+        q4, q5, q6, q7 = tl.join(p4, p12), tl.join(p5, p13), tl.join(p6, p14), tl.join(p7, p15)
+        r0, r1, r2, r3 = tl.join(q0, q4), tl.join(q1, q5), tl.join(q2, q6), tl.join(q3, q7)
+        s0, s1 = tl.join(r0, r2), tl.join(r1, r3)
+        return tl.reshape(tl.join(s0, s1), (BLOCK_N, BLOCK_K))
+
+    @triton.jit
+    def _lut_dequant_kernel(words_ptr, absmax_ptr, out_ptr, K, row_words, row_blocks, ASM: tl.constexpr,
+                            CONSTRAINTS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+        rows = (tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)).to(tl.int64)
+        k0 = tl.program_id(1) * BLOCK_K
+        word, scale = _slice_pointers(words_ptr, absmax_ptr, rows, k0, tl.arange(0, BLOCK_K // 32), row_words,
+                                      row_blocks)
+        tile = _lut_tile(_lut_decode(word, scale, ASM, CONSTRAINTS), BLOCK_N, BLOCK_K)
+        tl.store(out_ptr + rows[:, None] * K + (k0 + tl.arange(0, BLOCK_K))[None, :], tile)
+
+    @triton.jit
+    def _nf4_lut_gemv_kernel(
+        x_ptr, words_ptr, absmax_ptr, t_ptr, b_ptr, y_ptr,
+        M, N, stride_x, stride_y, scaling, SEG1, SEG2, RT,
+        K: tl.constexpr, T_SPLITS: tl.constexpr, RANK: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+        BLOCK_K: tl.constexpr, ROUND_LORA_FIRST: tl.constexpr, ASM: tl.constexpr, CONSTRAINTS: tl.constexpr,
+    ):
+        # 1..4 rows: every thread decodes its 32-value slices once and multiply-adds them per row.
+        # Tiles are [slices, rows]: with no contiguous axis to go by, Triton spreads the threads along
+        # the first one, so each thread holds all BLOCK_N rows of its slices and reuses its x values.
+        # K is a constant: the rows' addresses become immediate offsets of one base (fewer registers).
+        H: tl.constexpr = BLOCK_K // 32
+        n0 = tl.program_id(0) * BLOCK_N
+        offs_n = n0 + tl.arange(0, BLOCK_N)
+        rows = offs_n.to(tl.int64)
+        offs_h = tl.arange(0, H)
+        x_offs = (offs_h * 32)[:, None]
+        word = words_ptr + rows[None, :] * (K // 8) + (offs_h * 4)[:, None]
+        scale = absmax_ptr + rows[None, :] * (K // 64) + (offs_h // 2)[:, None]
+        acc0 = tl.zeros((H, BLOCK_N), dtype=tl.float32)
+        acc1 = tl.zeros((H, BLOCK_N), dtype=tl.float32)
+        acc2 = tl.zeros((H, BLOCK_N), dtype=tl.float32)
+        acc3 = tl.zeros((H, BLOCK_N), dtype=tl.float32)
+        for k0 in range(0, K, BLOCK_K):
+            values = _lut_decode(word + k0 // 8, scale + k0 // 64, ASM, CONSTRAINTS)
+            acc0 = _lut_row_fma(acc0, x_ptr + k0, x_offs, M > 0, values)
+            if BLOCK_M > 1:
+                acc1 = _lut_row_fma(acc1, x_ptr + stride_x + k0, x_offs, M > 1, values)
+            if BLOCK_M > 2:
+                acc2 = _lut_row_fma(acc2, x_ptr + 2 * stride_x + k0, x_offs, M > 2, values)
+                acc3 = _lut_row_fma(acc3, x_ptr + 3 * stride_x + k0, x_offs, M > 3, values)
+        part = (n0 >= SEG1).to(tl.int32) + (n0 >= SEG2).to(tl.int32)
+        offs_r = tl.arange(0, RANK)
+        b = tl.load(b_ptr + rows[:, None] * RANK + offs_r[None, :])
+        _row_out(tl.sum(acc0, axis=0), 0, M, t_ptr, RT, part, b, offs_r, offs_n, y_ptr, stride_y, scaling,
+                 T_SPLITS, RANK, ROUND_LORA_FIRST)
+        if BLOCK_M > 1:
+            _row_out(tl.sum(acc1, axis=0), 1, M, t_ptr, RT, part, b, offs_r, offs_n, y_ptr, stride_y, scaling,
+                     T_SPLITS, RANK, ROUND_LORA_FIRST)
+        if BLOCK_M > 2:
+            _row_out(tl.sum(acc2, axis=0), 2, M, t_ptr, RT, part, b, offs_r, offs_n, y_ptr, stride_y, scaling,
+                     T_SPLITS, RANK, ROUND_LORA_FIRST)
+            _row_out(tl.sum(acc3, axis=0), 3, M, t_ptr, RT, part, b, offs_r, offs_n, y_ptr, stride_y, scaling,
+                     T_SPLITS, RANK, ROUND_LORA_FIRST)
+
+    @triton.jit
+    def _nf4_lut_dot_kernel(
+        x_ptr, words_ptr, absmax_ptr, t_ptr, b_ptr, y_ptr,
+        M, N, K, stride_x, stride_y, scaling, SEG1, SEG2, RT, row_words, row_blocks,
+        T_SPLITS: tl.constexpr, RANK: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+        ROUND_LORA_FIRST: tl.constexpr, ASM: tl.constexpr, CONSTRAINTS: tl.constexpr,
+    ):
+        # 5..16 rows: the decoded tile into tl.dot
+        n0 = tl.program_id(0) * BLOCK_N
+        offs_n = n0 + tl.arange(0, BLOCK_N)
+        offs_m = tl.arange(0, 16)
+        offs_k = tl.arange(0, BLOCK_K)
+        m_mask = offs_m < M
+        rows = offs_n.to(tl.int64)
+        x_rows = x_ptr + offs_m[:, None] * stride_x
+        acc = tl.zeros((16, BLOCK_N), dtype=tl.float32)
+        for k0 in range(0, K, BLOCK_K):
+            word, scale = _slice_pointers(words_ptr, absmax_ptr, rows, k0, tl.arange(0, BLOCK_K // 32), row_words,
+                                          row_blocks)
+            w = _lut_tile(_lut_decode(word, scale, ASM, CONSTRAINTS), BLOCK_N, BLOCK_K)
+            x = tl.load(x_rows + (k0 + offs_k)[None, :], mask=m_mask[:, None], other=0.0)
+            acc = tl.dot(x, tl.trans(w), acc)
+        base = acc.to(tl.bfloat16)
+        part = (n0 >= SEG1).to(tl.int32) + (n0 >= SEG2).to(tl.int32)
+        offs_r = tl.arange(0, RANK)
+        t = tl.zeros((16, RANK), dtype=tl.float32)
+        for split in range(T_SPLITS):
+            t += tl.load(t_ptr + split * M * RT + offs_m[:, None] * RT + part * RANK + offs_r[None, :],
+                         mask=m_mask[:, None], other=0.0)
+        b = tl.load(b_ptr + rows[:, None] * RANK + offs_r[None, :])
+        u = tl.dot(t, tl.trans(b), input_precision="ieee") * scaling
+        tl.store(y_ptr + offs_m[:, None] * stride_y + offs_n[None, :], _finish(base, u, ROUND_LORA_FIRST),
+                 mask=m_mask[:, None])
+
+
 def dequantize(
     packed: torch.Tensor, absmax: torch.Tensor, code: torch.Tensor, dtype: torch.dtype = torch.bfloat16
 ) -> torch.Tensor:
     n, half = packed.shape
     out = torch.empty((n, half * 2), dtype=dtype, device=packed.device)
+    if dtype == torch.bfloat16 and n % LUT_DEQUANT_ROWS == 0 and (half * 2) % LUT_DEQUANT_COLS == 0:
+        k = half * 2
+        _lut_dequant_kernel[(n // LUT_DEQUANT_ROWS, k // LUT_DEQUANT_COLS)](
+            packed.view(torch.int32), absmax, out, k, k // 8, k // 64, ASM=_lut_asm_for(code),
+            CONSTRAINTS=LUT_CONSTRAINTS,
+            BLOCK_N=LUT_DEQUANT_ROWS, BLOCK_K=LUT_DEQUANT_COLS, num_warps=4)
+        return out
     n_bytes = packed.numel()
     block = 1024
     _dequant_kernel[(triton.cdiv(n_bytes, block),)](packed, absmax, code, out, n_bytes, BLOCK=block)
@@ -301,7 +574,7 @@ class NF4Plan:
 
     def summary(self) -> dict[str, str]:
         return {f"m{m}_{n}x{k}": "dequant+cublas" if (m, n, k) in self._reference
-                else f"{c.block_n}x{c.block_k}w{c.num_warps}s{c.num_stages}"
+                else c.label
                 for (m, n, k), c in sorted(self._choice.items())}
 
 
@@ -313,6 +586,24 @@ def default_config(rows: int, n: int, k: int, boundaries: Sequence[int]) -> NF4C
     if not candidates:
         raise ValueError(f"no NF4 kernel configuration fits a {n}x{k} weight")
     return candidates[0]
+
+
+def lora_a_product(x: torch.Tensor, lora: LoraParts, block_m: int, dot: bool) -> tuple[torch.Tensor, int]:
+    """Partial sums (split-K) of x @ A.T in float32, [splits, rows, sum of ranks]; the GEMV's epilogue
+    adds the splits up."""
+    m, k = x.shape
+    rt = lora.a.shape[0]
+    a_block_k = 128 if k % 128 == 0 else 64
+    splits = next(s for s in (16, 8, 4, 2, 1) if k % (s * a_block_k) == 0)
+    t = torch.empty((splits, m, rt), dtype=torch.float32, device=x.device)
+    a_grid = (triton.cdiv(rt, 16), splits)
+    if dot:
+        _lora_a_dot_kernel[a_grid](x, lora.a, t, m, k, rt, x.stride(0), k // splits,
+                                   BLOCK_R=16, BLOCK_K=a_block_k, num_warps=4)
+    else:
+        _lora_a_fma_kernel[a_grid](x, lora.a, t, m, k, rt, x.stride(0), k // splits,
+                                   BLOCK_M=block_m, BLOCK_R=16, BLOCK_K=a_block_k, num_warps=4)
+    return t, splits
 
 
 def nf4_lora_linear(
@@ -332,23 +623,27 @@ def nf4_lora_linear(
     x = x.contiguous()
     rt = lora.a.shape[0]
     block_m = _block_m(m)
-    a_block_k = 128 if k % 128 == 0 else 64
-    splits = next(s for s in (16, 8, 4, 2, 1) if k % (s * a_block_k) == 0)
-    t = torch.empty((splits, m, rt), dtype=torch.float32, device=x.device)
-    a_grid = (triton.cdiv(rt, 16), splits)
-    if block_m == MAX_ROWS:
-        _lora_a_dot_kernel[a_grid](x, lora.a, t, m, k, rt, x.stride(0), k // splits,
-                                   BLOCK_R=16, BLOCK_K=a_block_k, num_warps=4)
-    else:
-        _lora_a_fma_kernel[a_grid](x, lora.a, t, m, k, rt, x.stride(0), k // splits,
-                                   BLOCK_M=block_m, BLOCK_R=16, BLOCK_K=a_block_k, num_warps=4)
+    t, splits = lora_a_product(x, lora, block_m, config.dot)
     y = torch.empty((m, n), dtype=torch.bfloat16, device=x.device)
     seg1 = boundaries[0] if len(boundaries) > 0 else n
     seg2 = boundaries[1] if len(boundaries) > 1 else n
     args = (x, weight.packed, weight.absmax, weight.code, t, lora.b, y,
             m, n, k, x.stride(0), y.stride(0), lora.scaling, seg1, seg2, rt)
     grid = (n // config.block_n,)
-    if block_m == MAX_ROWS:
+    if config.kind.startswith("lut"):
+        words = weight.packed.view(torch.int32)
+        asm = _lut_asm_for(weight.code)
+        common = dict(T_SPLITS=splits, RANK=lora.rank, BLOCK_N=config.block_n, BLOCK_K=config.block_k,
+                      ROUND_LORA_FIRST=round_lora_first, ASM=asm, CONSTRAINTS=LUT_CONSTRAINTS,
+                      num_warps=config.num_warps, num_stages=config.num_stages)
+        if config.dot:
+            _nf4_lut_dot_kernel[grid](x, words, weight.absmax, t, lora.b, y, m, n, k, x.stride(0), y.stride(0),
+                                      lora.scaling, seg1, seg2, rt, k // 8, k // 64, **common)
+        else:
+            _nf4_lut_gemv_kernel[grid](x, words, weight.absmax, t, lora.b, y, m, n, x.stride(0), y.stride(0),
+                                       lora.scaling, seg1, seg2, rt, K=k, BLOCK_M=block_m, **common)
+        return y
+    if config.dot:
         _nf4_dot_kernel[grid](*args, T_SPLITS=splits, RANK=lora.rank, BLOCK_N=config.block_n,
                               BLOCK_K=config.block_k, ROUND_LORA_FIRST=round_lora_first,
                               num_warps=config.num_warps, num_stages=config.num_stages)
