@@ -404,6 +404,10 @@ def bench_batching_engine(name: str, build, tokenizer, args, reference_logits, k
         "weights_gb": gb(weight_bytes), "kv_cache_gb": gb(decoder.kv_cache_bytes),
         "allocated_after_startup_gb": gb(torch.cuda.memory_allocated()),
     }
+    if name == "nf4":  # every kernel configuration the start-up tuner timed, not only the winners
+        from llm import nf4_kernels
+
+        case["nf4_candidates_ms_per_step"] = dict(nf4_kernels.CANDIDATE_MS)
     try:
         step_model = engine.scheduler.model
         with torch.inference_mode():
