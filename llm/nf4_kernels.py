@@ -60,6 +60,7 @@ class NF4Config:
     # "gather": the code table read per value; "lut": prmt register lookups. "_dot": a 16-row
     # tl.dot tile (any 1..16 rows), else multiply-adds on the CUDA cores (1..4 rows).
     kind: str = "gather"
+    prefetch: bool = False  # lut GEMV: the next K slice's words loaded before this one is decoded
 
     @property
     def dot(self) -> bool:
@@ -67,7 +68,7 @@ class NF4Config:
 
     @property
     def label(self) -> str:
-        return f"{self.kind}_{self.block_n}x{self.block_k}w{self.num_warps}s{self.num_stages}"
+        return f"{self.kind}_{self.block_n}x{self.block_k}w{self.num_warps}s{self.num_stages}" + ("p" * self.prefetch)
 
     def fits(self, n: int, k: int, boundaries: Sequence[int]) -> bool:
         return k % self.block_k == 0 and n % self.block_n == 0 and all(b % self.block_n == 0 for b in boundaries)
@@ -86,8 +87,8 @@ DOT_CONFIGS = (  # 5-16 rows: tl.dot on a 16-row tile
 LUT_FMA_CONFIGS = {
     1: (NF4Config(8, 4096, 4, 1, kind="lut"), NF4Config(16, 4096, 8, 1, kind="lut"),
         NF4Config(8, 2048, 4, 1, kind="lut"), NF4Config(8, 2048, 2, 1, kind="lut"),
-        NF4Config(8, 2048, 2, 3, kind="lut"), NF4Config(16, 2048, 4, 3, kind="lut"),
-        NF4Config(8, 1024, 1, 3, kind="lut")),
+        NF4Config(8, 2048, 4, 1, kind="lut", prefetch=True), NF4Config(4, 2048, 2, 1, kind="lut", prefetch=True),
+        NF4Config(4, 1024, 1, 1, kind="lut", prefetch=True)),
     2: (NF4Config(4, 4096, 4, 1, kind="lut"), NF4Config(4, 2048, 4, 1, kind="lut")),
     4: (),  # measured slower than the code-table kernels and the tl.dot tile at 4 rows
 }
@@ -377,20 +378,24 @@ if _HAVE_TRITON:
 
 
     @triton.jit
-    def _lut_decode(word, scale, ASM: tl.constexpr, CONSTRAINTS: tl.constexpr):
-        """Pointers to the first word of 32-value slices (and to their absmax) -> 32 tensors of the
-        same shape: value i of word j at j * 8 + i (float32 bit patterns of the bf16 weights). Each
-        slice is one thread's: its table is built once."""
+    def _lut_asm(w0, w1, w2, w3, scale, ASM: tl.constexpr, CONSTRAINTS: tl.constexpr):
+        """The 4 words of 32-value slices and their absmax -> 32 tensors of the same shape: value i of
+        word j at j * 8 + i (float32 bit patterns of the bf16 weights). Each slice is one thread's:
+        its table is built once."""
         return tl.inline_asm_elementwise(
-            ASM, CONSTRAINTS,
-            [tl.load(word), tl.load(word + 1), tl.load(word + 2), tl.load(word + 3),
-             tl.load(scale).to(tl.uint32, bitcast=True)],
+            ASM, CONSTRAINTS, [w0, w1, w2, w3, scale.to(tl.uint32, bitcast=True)],
             dtype=(tl.uint32, tl.uint32, tl.uint32, tl.uint32, tl.uint32, tl.uint32, tl.uint32, tl.uint32,
                    tl.uint32, tl.uint32, tl.uint32, tl.uint32, tl.uint32, tl.uint32, tl.uint32, tl.uint32,
                    tl.uint32, tl.uint32, tl.uint32, tl.uint32, tl.uint32, tl.uint32, tl.uint32, tl.uint32,
                    tl.uint32, tl.uint32, tl.uint32, tl.uint32, tl.uint32, tl.uint32, tl.uint32, tl.uint32),
             is_pure=True, pack=1,
         )
+
+    @triton.jit
+    def _lut_decode(word, scale, ASM: tl.constexpr, CONSTRAINTS: tl.constexpr):
+        """Pointers to the first word of 32-value slices (and to their absmax) -> their 32 values."""
+        return _lut_asm(tl.load(word), tl.load(word + 1), tl.load(word + 2), tl.load(word + 3), tl.load(scale),
+                        ASM, CONSTRAINTS)
 
     @triton.jit
     def _slice_pointers(words_ptr, absmax_ptr, rows, k0, offs_h, row_words, row_blocks):
@@ -410,6 +415,16 @@ if _HAVE_TRITON:
         for v in tl.static_range(32):
             acc += tl.load(x_row + x_offs + v, mask=mask, other=0.0).to(tl.float32) * _f32(values[v])
         return acc
+
+    @triton.jit
+    def _lut_rows_fma(acc0, acc1, acc2, acc3, x_ptr, stride_x, x_offs, M, values, BLOCK_M: tl.constexpr):
+        acc0 = _lut_row_fma(acc0, x_ptr, x_offs, M > 0, values)
+        if BLOCK_M > 1:
+            acc1 = _lut_row_fma(acc1, x_ptr + stride_x, x_offs, M > 1, values)
+        if BLOCK_M > 2:
+            acc2 = _lut_row_fma(acc2, x_ptr + 2 * stride_x, x_offs, M > 2, values)
+            acc3 = _lut_row_fma(acc3, x_ptr + 3 * stride_x, x_offs, M > 3, values)
+        return acc0, acc1, acc2, acc3
 
     @triton.jit
     def _bf16(bits):
@@ -460,6 +475,7 @@ if _HAVE_TRITON:
         M, N, stride_x, stride_y, scaling, SEG1, SEG2, RT,
         K: tl.constexpr, T_SPLITS: tl.constexpr, RANK: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
         BLOCK_K: tl.constexpr, ROUND_LORA_FIRST: tl.constexpr, ASM: tl.constexpr, CONSTRAINTS: tl.constexpr,
+        PREFETCH: tl.constexpr,
     ):
         # 1..4 rows: every thread decodes its 32-value slices once and multiply-adds them per row.
         # Tiles are [slices, rows]: with no contiguous axis to go by, Triton spreads the threads along
@@ -477,14 +493,22 @@ if _HAVE_TRITON:
         acc1 = tl.zeros((H, BLOCK_N), dtype=tl.float32)
         acc2 = tl.zeros((H, BLOCK_N), dtype=tl.float32)
         acc3 = tl.zeros((H, BLOCK_N), dtype=tl.float32)
-        for k0 in range(0, K, BLOCK_K):
-            values = _lut_decode(word + k0 // 8, scale + k0 // 64, ASM, CONSTRAINTS)
-            acc0 = _lut_row_fma(acc0, x_ptr + k0, x_offs, M > 0, values)
-            if BLOCK_M > 1:
-                acc1 = _lut_row_fma(acc1, x_ptr + stride_x + k0, x_offs, M > 1, values)
-            if BLOCK_M > 2:
-                acc2 = _lut_row_fma(acc2, x_ptr + 2 * stride_x + k0, x_offs, M > 2, values)
-                acc3 = _lut_row_fma(acc3, x_ptr + 3 * stride_x + k0, x_offs, M > 3, values)
+        if PREFETCH:  # the next slice's words are loaded before this one is decoded (latency hidden)
+            w0, w1, w2, w3, ws = tl.load(word), tl.load(word + 1), tl.load(word + 2), tl.load(word + 3), tl.load(scale)
+            for k0 in range(0, K, BLOCK_K):
+                k1 = (k0 + BLOCK_K) % K  # the last one re-reads the first slice: an L2 hit, unused
+                n0_, n1_, n2_, n3_ = (tl.load(word + k1 // 8), tl.load(word + k1 // 8 + 1),
+                                      tl.load(word + k1 // 8 + 2), tl.load(word + k1 // 8 + 3))
+                ns = tl.load(scale + k1 // 64)
+                values = _lut_asm(w0, w1, w2, w3, ws, ASM, CONSTRAINTS)
+                acc0, acc1, acc2, acc3 = _lut_rows_fma(acc0, acc1, acc2, acc3, x_ptr + k0, stride_x, x_offs, M,
+                                                       values, BLOCK_M)
+                w0, w1, w2, w3, ws = n0_, n1_, n2_, n3_, ns
+        else:
+            for k0 in range(0, K, BLOCK_K):
+                values = _lut_decode(word + k0 // 8, scale + k0 // 64, ASM, CONSTRAINTS)
+                acc0, acc1, acc2, acc3 = _lut_rows_fma(acc0, acc1, acc2, acc3, x_ptr + k0, stride_x, x_offs, M,
+                                                       values, BLOCK_M)
         part = (n0 >= SEG1).to(tl.int32) + (n0 >= SEG2).to(tl.int32)
         offs_r = tl.arange(0, RANK)
         b = tl.load(b_ptr + rows[:, None] * RANK + offs_r[None, :])
@@ -641,7 +665,8 @@ def nf4_lora_linear(
                                       lora.scaling, seg1, seg2, rt, k // 8, k // 64, **common)
         else:
             _nf4_lut_gemv_kernel[grid](x, words, weight.absmax, t, lora.b, y, m, n, x.stride(0), y.stride(0),
-                                       lora.scaling, seg1, seg2, rt, K=k, BLOCK_M=block_m, **common)
+                                       lora.scaling, seg1, seg2, rt, K=k, BLOCK_M=block_m,
+                                       PREFETCH=config.prefetch and k > config.block_k, **common)
         return y
     if config.dot:
         _nf4_dot_kernel[grid](*args, T_SPLITS=splits, RANK=lora.rank, BLOCK_N=config.block_n,
