@@ -12,8 +12,8 @@
 - The "lut" kernels (the fast ones) never look a value up in memory: per 64-value block, each thread
   computes the 16 possible weights once (`bf16(code[i] * absmax)`, the same float32 product and
   rounding) into registers, split into a low-byte and a high-byte table, and then decodes 8
-  nibbles at a time with `prmt` byte permutes (PTX, `lut_asm`): ~4 instructions per weight where
-  a gather from the code table cost ~20.
+  nibbles at a time with `prmt` byte permutes (PTX, `lut_asm`): ~8 instructions per weight, table
+  and multiply-add included (SASS), where the code-table gather kernels take ~21.
 - `NF4Plan`: per (projection, batch bucket), the fastest kernel configuration, timed at start-up
   over all layers' weights.
 
@@ -68,7 +68,8 @@ class NF4Config:
 
     @property
     def label(self) -> str:
-        return f"{self.kind}_{self.block_n}x{self.block_k}w{self.num_warps}s{self.num_stages}" + ("p" * self.prefetch)
+        prefetch = "p" if self.prefetch else ""
+        return f"{self.kind}_{self.block_n}x{self.block_k}w{self.num_warps}s{self.num_stages}{prefetch}"
 
     def fits(self, n: int, k: int, boundaries: Sequence[int]) -> bool:
         return k % self.block_k == 0 and n % self.block_n == 0 and all(b % self.block_n == 0 for b in boundaries)
