@@ -5,6 +5,7 @@ of the fused kernel (every config), of dequantize + cuBLAS, and of `fast`'s bf16
 bytes each reads and the achieved TB/s. Prints JSON lines.
 
     python bench/nf4_kernels.py [ROWS, e.g. 1,4,16]
+    python bench/nf4_kernels.py --profile PROJECTION ROWS CONFIG   (a target for Nsight Compute)
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ from llm.nf4 import LoraParts, NF4Matrix, NF4Projection  # noqa: E402
 
 SHAPES = {"qkv": ([4096, 1024, 1024], 4096), "o": ([4096], 4096), "gate_up": ([14336, 14336], 4096),
           "down": ([4096], 14336)}
-ROWS = tuple(int(r) for r in sys.argv[1].split(",")) if len(sys.argv) > 1 else (1, 4, 16)
+ROWS = tuple(int(r) for r in sys.argv[1].split(",")) if len(sys.argv) > 1 and sys.argv[1][0].isdigit() else (1, 4, 16)
 LAYERS = 8  # distinct copies, so the L2 cache does not hold the weights between calls
 
 
@@ -78,7 +79,25 @@ def measure(name: str, parts: list[int], cols: int) -> None:
         print(json.dumps(result), flush=True)
 
 
+def profile_target(name: str, rows: int, label: str) -> None:
+    """A few eager calls of one kernel configuration on one projection, for Nsight Compute:
+    `ncu --kernel-name regex:nf4 --launch-skip 4 --launch-count 1 python bench/nf4_kernels.py
+    --profile gate_up 1 lut_8x4096w4s1`."""
+    parts, cols = SHAPES[name]
+    target = projection(parts, cols, seed=0)
+    n, k = target.weight.shape
+    boundaries = [s for s, _, _ in target.lora.segments[1:]]
+    config = next(c for c in nf4_kernels._candidates(rows, n, k, boundaries) if c.label == label)
+    x = torch.randn(rows, cols, dtype=torch.bfloat16, device="cuda")
+    for _ in range(4):
+        nf4_kernels.nf4_lora_linear(x, target.weight, target.lora, True, config)
+    torch.cuda.synchronize()
+
+
 def main() -> None:
+    if len(sys.argv) > 1 and sys.argv[1] == "--profile":
+        profile_target(sys.argv[2], int(sys.argv[3]), sys.argv[4])
+        return
     for name, (parts, cols) in SHAPES.items():
         measure(name, parts, cols)
         torch.cuda.empty_cache()
