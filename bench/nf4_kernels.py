@@ -66,9 +66,15 @@ def measure(name: str, parts: list[int], cols: int) -> None:
         def fused(config: nf4_kernels.NF4Config, x: torch.Tensor = x) -> list:
             return [nf4_kernels.nf4_lora_linear(x, p.weight, p.lora, True, config) for p in group]
 
+        reference = group[0].reference(x).float()
+        tolerance = 2 * reference.abs().max().item() * 2**-8  # as tests/gpu: one bf16 rounding step
+        wrong = []
         for config in nf4_kernels._candidates(rows, n, k, boundaries):
+            if (fused(config)[0].float() - reference).abs().max().item() > tolerance:
+                wrong.append(config.label)
             us = timed(lambda c=config: fused(c)) / LAYERS
             result[f"fused_{config.label}_us"] = round(us, 1)
+        result["configs_disagreeing_with_reference"] = wrong
         result["lora_a_only_us"] = round(timed(lambda x=x, rows=rows: [nf4_kernels.lora_a_product(
             x, p.lora, nf4_kernels._block_m(rows), rows > 4) for p in group]) / LAYERS, 1)
         result["dequant_cublas_us"] = round(timed(lambda x=x: [p.reference(x) for p in group]) / LAYERS, 1)

@@ -61,6 +61,7 @@ class NF4Config:
     # tl.dot tile (any 1..16 rows), else multiply-adds on the CUDA cores (1..4 rows).
     kind: str = "gather"
     prefetch: bool = False  # lut GEMV: the next K slice's words loaded before this one is decoded
+    xperm: bool = False  # lut GEMV, one row: x read value-major (written by the LoRA A kernel)
 
     @property
     def dot(self) -> bool:
@@ -68,8 +69,8 @@ class NF4Config:
 
     @property
     def label(self) -> str:
-        prefetch = "p" if self.prefetch else ""
-        return f"{self.kind}_{self.block_n}x{self.block_k}w{self.num_warps}s{self.num_stages}{prefetch}"
+        flags = ("p" if self.prefetch else "") + ("x" if self.xperm else "")
+        return f"{self.kind}_{self.block_n}x{self.block_k}w{self.num_warps}s{self.num_stages}{flags}"
 
     def fits(self, n: int, k: int, boundaries: Sequence[int]) -> bool:
         return k % self.block_k == 0 and n % self.block_n == 0 and all(b % self.block_n == 0 for b in boundaries)
@@ -87,9 +88,8 @@ DOT_CONFIGS = (  # 5-16 rows: tl.dot on a 16-row tile
 # slices (fewer for more rows: every row of x needs its own accumulators).
 LUT_FMA_CONFIGS = {
     1: (NF4Config(8, 4096, 4, 1, kind="lut"), NF4Config(16, 4096, 8, 1, kind="lut"),
-        NF4Config(8, 2048, 4, 1, kind="lut"), NF4Config(8, 2048, 2, 1, kind="lut"),
-        NF4Config(8, 2048, 4, 1, kind="lut", prefetch=True), NF4Config(4, 2048, 2, 1, kind="lut", prefetch=True),
-        NF4Config(4, 1024, 1, 1, kind="lut", prefetch=True)),
+        NF4Config(8, 2048, 2, 1, kind="lut"), NF4Config(8, 4096, 4, 1, kind="lut", xperm=True),
+        NF4Config(16, 4096, 8, 1, kind="lut", xperm=True), NF4Config(8, 2048, 2, 1, kind="lut", xperm=True)),
     2: (NF4Config(4, 4096, 4, 1, kind="lut"), NF4Config(4, 2048, 4, 1, kind="lut")),
     4: (),  # measured slower than the code-table kernels and the tl.dot tile at 4 rows
 }
@@ -212,10 +212,12 @@ if _HAVE_TRITON:
 
     @triton.jit
     def _lora_a_fma_kernel(
-        x_ptr, a_ptr, t_ptr, M, K, RT, stride_x, K_PER_SPLIT,
-        BLOCK_M: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr,
+        x_ptr, a_ptr, t_ptr, xperm_ptr, M, K, RT, stride_x, K_PER_SPLIT,
+        BLOCK_M: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr, WRITE_XPERM: tl.constexpr,
     ):
-        # t[split, m, r] = sum over this split's K range of float32(x[m, k]) * a[r, k], for M <= 4
+        # t[split, m, r] = sum over this split's K range of float32(x[m, k]) * a[r, k], for M <= 4.
+        # WRITE_XPERM (one row): also float32(x) value-major for the LUT GEMV, xperm[(k % 32) * (K / 32)
+        # + k / 32]: its threads, one per 32-value slice, then read each value index coalesced.
         pid_r = tl.program_id(0)
         split = tl.program_id(1)
         offs_r = pid_r * BLOCK_R + tl.arange(0, BLOCK_R)
@@ -230,7 +232,10 @@ if _HAVE_TRITON:
         for k0 in range(k_start, k_start + K_PER_SPLIT, BLOCK_K):
             k = k0 + offs_k
             a = tl.load(a_rows + k[None, :], mask=r_mask[:, None], other=0.0)
-            acc0 += a * tl.load(x_ptr + k).to(tl.float32)[None, :]
+            x0 = tl.load(x_ptr + k).to(tl.float32)
+            acc0 += a * x0[None, :]
+            if WRITE_XPERM:
+                tl.store(xperm_ptr + (k % 32) * (K // 32) + k // 32, x0, mask=(k >= 0) & (pid_r == 0))
             if BLOCK_M > 1:
                 acc1 += a * tl.load(x_ptr + stride_x + k, mask=(k >= 0) & (M > 1), other=0.0).to(tl.float32)[None, :]
             if BLOCK_M > 2:
@@ -410,21 +415,23 @@ if _HAVE_TRITON:
         return bits.to(tl.float32, bitcast=True)
 
     @triton.jit
-    def _lut_row_fma(acc, x_row, x_offs, valid, values):
-        # x_offs: [1, H] offsets of each slice's first x value; value i of word j multiplies x + 8j + i
+    def _lut_row_fma(acc, x_row, x_offs, valid, values, V_STRIDE: tl.constexpr):
+        # x_offs: [H, 1] offsets of each slice's first x value; value v (= 8j + i: value i of word j)
+        # is V_STRIDE further per v (1 as x comes, K / 32 value-major)
         mask = (x_offs >= 0) & valid
         for v in tl.static_range(32):
-            acc += tl.load(x_row + x_offs + v, mask=mask, other=0.0).to(tl.float32) * _f32(values[v])
+            acc += tl.load(x_row + x_offs + v * V_STRIDE, mask=mask, other=0.0).to(tl.float32) * _f32(values[v])
         return acc
 
     @triton.jit
-    def _lut_rows_fma(acc0, acc1, acc2, acc3, x_ptr, stride_x, x_offs, M, values, BLOCK_M: tl.constexpr):
-        acc0 = _lut_row_fma(acc0, x_ptr, x_offs, M > 0, values)
+    def _lut_rows_fma(acc0, acc1, acc2, acc3, x_ptr, stride_x, x_offs, M, values, BLOCK_M: tl.constexpr,
+                      V_STRIDE: tl.constexpr):
+        acc0 = _lut_row_fma(acc0, x_ptr, x_offs, M > 0, values, V_STRIDE)
         if BLOCK_M > 1:
-            acc1 = _lut_row_fma(acc1, x_ptr + stride_x, x_offs, M > 1, values)
+            acc1 = _lut_row_fma(acc1, x_ptr + stride_x, x_offs, M > 1, values, V_STRIDE)
         if BLOCK_M > 2:
-            acc2 = _lut_row_fma(acc2, x_ptr + 2 * stride_x, x_offs, M > 2, values)
-            acc3 = _lut_row_fma(acc3, x_ptr + 3 * stride_x, x_offs, M > 3, values)
+            acc2 = _lut_row_fma(acc2, x_ptr + 2 * stride_x, x_offs, M > 2, values, V_STRIDE)
+            acc3 = _lut_row_fma(acc3, x_ptr + 3 * stride_x, x_offs, M > 3, values, V_STRIDE)
         return acc0, acc1, acc2, acc3
 
     @triton.jit
@@ -476,7 +483,7 @@ if _HAVE_TRITON:
         M, N, stride_x, stride_y, scaling, SEG1, SEG2, RT,
         K: tl.constexpr, T_SPLITS: tl.constexpr, RANK: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
         BLOCK_K: tl.constexpr, ROUND_LORA_FIRST: tl.constexpr, ASM: tl.constexpr, CONSTRAINTS: tl.constexpr,
-        PREFETCH: tl.constexpr,
+        PREFETCH: tl.constexpr, XPERM: tl.constexpr,
     ):
         # 1..4 rows: every thread decodes its 32-value slices once and multiply-adds them per row.
         # Tiles are [slices, rows]: with no contiguous axis to go by, Triton spreads the threads along
@@ -487,7 +494,14 @@ if _HAVE_TRITON:
         offs_n = n0 + tl.arange(0, BLOCK_N)
         rows = offs_n.to(tl.int64)
         offs_h = tl.arange(0, H)
-        x_offs = (offs_h * 32)[:, None]
+        if XPERM:  # x value-major (float32, one row): value v of slice h at v * K / 32 + h, coalesced
+            x_offs = offs_h[:, None]
+            V_STRIDE: tl.constexpr = K // 32
+            K_SCALE: tl.constexpr = 32
+        else:
+            x_offs = (offs_h * 32)[:, None]
+            V_STRIDE: tl.constexpr = 1
+            K_SCALE: tl.constexpr = 1
         word = words_ptr + rows[None, :] * (K // 8) + (offs_h * 4)[:, None]
         scale = absmax_ptr + rows[None, :] * (K // 64) + (offs_h // 2)[:, None]
         acc0 = tl.zeros((H, BLOCK_N), dtype=tl.float32)
@@ -502,14 +516,14 @@ if _HAVE_TRITON:
                                       tl.load(word + k1 // 8 + 2), tl.load(word + k1 // 8 + 3))
                 ns = tl.load(scale + k1 // 64)
                 values = _lut_asm(w0, w1, w2, w3, ws, ASM, CONSTRAINTS)
-                acc0, acc1, acc2, acc3 = _lut_rows_fma(acc0, acc1, acc2, acc3, x_ptr + k0, stride_x, x_offs, M,
-                                                       values, BLOCK_M)
+                acc0, acc1, acc2, acc3 = _lut_rows_fma(acc0, acc1, acc2, acc3, x_ptr + k0 // K_SCALE, stride_x,
+                                                       x_offs, M, values, BLOCK_M, V_STRIDE)
                 w0, w1, w2, w3, ws = n0_, n1_, n2_, n3_, ns
         else:
             for k0 in range(0, K, BLOCK_K):
                 values = _lut_decode(word + k0 // 8, scale + k0 // 64, ASM, CONSTRAINTS)
-                acc0, acc1, acc2, acc3 = _lut_rows_fma(acc0, acc1, acc2, acc3, x_ptr + k0, stride_x, x_offs, M,
-                                                       values, BLOCK_M)
+                acc0, acc1, acc2, acc3 = _lut_rows_fma(acc0, acc1, acc2, acc3, x_ptr + k0 // K_SCALE, stride_x,
+                                                       x_offs, M, values, BLOCK_M, V_STRIDE)
         part = (n0 >= SEG1).to(tl.int32) + (n0 >= SEG2).to(tl.int32)
         offs_r = tl.arange(0, RANK)
         b = tl.load(b_ptr + rows[:, None] * RANK + offs_r[None, :])
@@ -613,9 +627,11 @@ def default_config(rows: int, n: int, k: int, boundaries: Sequence[int]) -> NF4C
     return candidates[0]
 
 
-def lora_a_product(x: torch.Tensor, lora: LoraParts, block_m: int, dot: bool) -> tuple[torch.Tensor, int]:
+def lora_a_product(
+    x: torch.Tensor, lora: LoraParts, block_m: int, dot: bool, xperm: torch.Tensor | None = None
+) -> tuple[torch.Tensor, int]:
     """Partial sums (split-K) of x @ A.T in float32, [splits, rows, sum of ranks]; the GEMV's epilogue
-    adds the splits up."""
+    adds the splits up. With `xperm` (one row), x is also written there value-major (float32)."""
     m, k = x.shape
     rt = lora.a.shape[0]
     a_block_k = 128 if k % 128 == 0 else 64
@@ -626,8 +642,9 @@ def lora_a_product(x: torch.Tensor, lora: LoraParts, block_m: int, dot: bool) ->
         _lora_a_dot_kernel[a_grid](x, lora.a, t, m, k, rt, x.stride(0), k // splits,
                                    BLOCK_R=16, BLOCK_K=a_block_k, num_warps=4)
     else:
-        _lora_a_fma_kernel[a_grid](x, lora.a, t, m, k, rt, x.stride(0), k // splits,
-                                   BLOCK_M=block_m, BLOCK_R=16, BLOCK_K=a_block_k, num_warps=4)
+        _lora_a_fma_kernel[a_grid](x, lora.a, t, t if xperm is None else xperm, m, k, rt, x.stride(0), k // splits,
+                                   BLOCK_M=block_m, BLOCK_R=16, BLOCK_K=a_block_k,
+                                   WRITE_XPERM=xperm is not None, num_warps=4)
     return t, splits
 
 
@@ -648,7 +665,8 @@ def nf4_lora_linear(
     x = x.contiguous()
     rt = lora.a.shape[0]
     block_m = _block_m(m)
-    t, splits = lora_a_product(x, lora, block_m, config.dot)
+    xperm = torch.empty((k,), dtype=torch.float32, device=x.device) if config.xperm and m == 1 else None
+    t, splits = lora_a_product(x, lora, block_m, config.dot, xperm)
     y = torch.empty((m, n), dtype=torch.bfloat16, device=x.device)
     seg1 = boundaries[0] if len(boundaries) > 0 else n
     seg2 = boundaries[1] if len(boundaries) > 1 else n
@@ -665,9 +683,10 @@ def nf4_lora_linear(
             _nf4_lut_dot_kernel[grid](x, words, weight.absmax, t, lora.b, y, m, n, k, x.stride(0), y.stride(0),
                                       lora.scaling, seg1, seg2, rt, k // 8, k // 64, **common)
         else:
-            _nf4_lut_gemv_kernel[grid](x, words, weight.absmax, t, lora.b, y, m, n, x.stride(0), y.stride(0),
-                                       lora.scaling, seg1, seg2, rt, K=k, BLOCK_M=block_m,
-                                       PREFETCH=config.prefetch and k > config.block_k, **common)
+            _nf4_lut_gemv_kernel[grid](x if xperm is None else xperm, words, weight.absmax, t, lora.b, y, m, n,
+                                       x.stride(0), y.stride(0), lora.scaling, seg1, seg2, rt, K=k, BLOCK_M=block_m,
+                                       PREFETCH=config.prefetch and k > config.block_k, XPERM=xperm is not None,
+                                       **common)
         return y
     if config.dot:
         _nf4_dot_kernel[grid](*args, T_SPLITS=splits, RANK=lora.rank, BLOCK_N=config.block_n,
