@@ -685,17 +685,19 @@ def write_chart(path: Path) -> None:
         return
     cases = [c for c in RESULTS if "single" in c]
     names = [c["case"] for c in cases]
-    panels = [
-        ("1 stream, tok/s", [c["single"].get("tok_s", 0) for c in cases]),
-        ("16 staggered requests, total tok/s", [c.get("staggered", {}).get("total_tok_s", 0)
-                                                if c.get("staggered", {}).get("requests") == 16 else 0 for c in cases]),
-        ("peak GPU memory, GB", [c.get("serving_peak_gb", 0) for c in cases]),
+    panels = [  # None: not measured for that case (the seed's code serves one request at a time)
+        ("1 stream, tok/s", [c["single"].get("tok_s") for c in cases]),
+        ("16 staggered requests, total tok/s", [c.get("staggered", {}).get("total_tok_s")
+                                                if c.get("staggered", {}).get("requests") == 16 else None
+                                                for c in cases]),
+        ("peak GPU memory, GB", [c.get("serving_peak_gb") for c in cases]),
     ]
     figure, axes = plt.subplots(1, 3, figsize=(15, 4.5))
     for axis, (title, values) in zip(axes, panels, strict=True):
-        bars = axis.bar(names, values, color=["#999999" if n.startswith("seed") else "#1f77b4" if n == "nf4"
-                                              else "#ff7f0e" for n in names])
-        axis.bar_label(bars, fmt="%.1f", fontsize=8)
+        bars = axis.bar(names, [v or 0 for v in values],
+                        color=["#999999" if n.startswith("seed") else "#1f77b4" if n == "nf4" else "#ff7f0e"
+                               for n in names])
+        axis.bar_label(bars, labels=["not measured" if v is None else f"{v:.1f}" for v in values], fontsize=8)
         axis.set_title(title)
         axis.tick_params(axis="x", rotation=20)
     meta = RESULTS[0]
