@@ -211,8 +211,9 @@ def rope_kv_write(
     return q
 
 
-def _graph_time_ms(fn: Callable[[], object], replays: int = 10) -> float:
-    """Median time of one replay of a CUDA graph of `fn` (launch gaps excluded, as in decode)."""
+def graph_time_ms(fn: Callable[[], object], replays: int = 10) -> float:
+    """Median time of one replay of a CUDA graph of `fn` (launch gaps excluded, as in decode; the tuners
+    here and in `llm.nf4_kernels`, and the kernel benches, time with it)."""
     fn()  # compile / pick algorithms outside the capture
     torch.cuda.synchronize()
     graph = torch.cuda.CUDAGraph()
@@ -263,7 +264,7 @@ class GemmPlan:
                 if m > MAX_M:
                     continue
                 x = torch.randn(m, k, dtype=mats[0].dtype, device=mats[0].device)
-                results: dict[str, float] = {"cublas": _graph_time_ms(_run_all(x, mats, reps, None))}
+                results: dict[str, float] = {"cublas": graph_time_ms(_run_all(x, mats, reps, None))}
                 best: GemmConfig | None = None
                 best_ms = results["cublas"]
                 for config in GEMV_CONFIGS if m == 1 else DOT_CONFIGS:
@@ -271,7 +272,7 @@ class GemmPlan:
                         continue
                     label = f"triton_{config.block_n}x{config.block_k}_w{config.num_warps}_s{config.num_stages}"
                     try:
-                        ms = _graph_time_ms(_run_all(x, mats, reps, config))
+                        ms = graph_time_ms(_run_all(x, mats, reps, config))
                     except Exception as error:  # noqa: BLE001 - a config the compiler rejects
                         logger.warning("triton config %s failed for %s: %r", label, name, error)
                         continue

@@ -119,23 +119,6 @@ def test_rope_kv_write_paged_matches_eager():
     assert int((~torch.isnan(k_pool)).sum()) == n * kv_heads * dim
 
 
-def _time_ms(fn, replays=20):
-    fn()
-    torch.cuda.synchronize()
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        fn()
-    graph.replay()
-    torch.cuda.synchronize()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    start.record()
-    for _ in range(replays):
-        graph.replay()
-    end.record()
-    end.synchronize()
-    return start.elapsed_time(end) / replays
-
-
 def test_report_paged_attention_time_against_static_sdpa():
     """Not a pass/fail target: one layer's decode attention, batch 16, GQA 32/8, d 128. Run 6
     read the static cache up to the KV bucket with a masked SDPA; the paged kernel reads each
@@ -148,19 +131,19 @@ def test_report_paged_attention_time_against_static_sdpa():
         k_static = torch.randn(n, kv_heads, kv, dim, device="cuda").to(torch.bfloat16)
         v_static = torch.randn_like(k_static)
         mask = torch.zeros(n, 1, 1, kv, dtype=torch.bfloat16, device="cuda")
-        report[f"sdpa_static_b16_kv{kv}_us"] = round(1000 * _time_ms(
+        report[f"sdpa_static_b16_kv{kv}_us"] = round(1000 * tk.graph_time_ms(
             lambda k=k_static, v=v_static, m=mask: F.scaled_dot_product_attention(q4, k, v, attn_mask=m)), 1)
         del k_static, v_static
         for label, lengths in (("full", [kv] * n), ("mix", [max(1, kv * (i + 1) // n) for i in range(n)])):
             k_pool, v_pool, table = _random_paged(lengths, kv_heads, dim, 32, seed=kv)
             positions = torch.tensor(lengths, device="cuda") - 1
-            report[f"paged_b16_kv{kv}_{label}_us"] = round(1000 * _time_ms(
+            report[f"paged_b16_kv{kv}_{label}_us"] = round(1000 * tk.graph_time_ms(
                 lambda k=k_pool, v=v_pool, t=table, p=positions:
                 tk.paged_decode_attention(q, k, v, t, p, dim**-0.5, heads)), 1)
     q1 = q[:1].contiguous()
     for kv in (256, 2048):
         k_pool, v_pool, table = _random_paged([kv], kv_heads, dim, 32, seed=kv)
         positions = torch.tensor([kv - 1], device="cuda")
-        report[f"paged_b1_kv{kv}_us"] = round(1000 * _time_ms(
+        report[f"paged_b1_kv{kv}_us"] = round(1000 * tk.graph_time_ms(
             lambda k=k_pool, v=v_pool, t=table, p=positions: tk.paged_decode_attention(q1, k, v, t, p, dim**-0.5, heads)), 1)
     print("PAGED_ATTENTION_TIMES " + json.dumps(report))
