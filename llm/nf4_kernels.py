@@ -34,6 +34,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from llm import nf4_mma
 from llm.triton_kernels import graph_time_ms
 
 if TYPE_CHECKING:
@@ -61,7 +62,8 @@ class NF4Config:
     num_warps: int
     num_stages: int
     # "gather": the code table read per value; "lut": prmt register lookups. "_dot": a 16-row
-    # tl.dot tile (any 1..16 rows), else multiply-adds on the CUDA cores (1..4 rows).
+    # tl.dot tile (any 1..16 rows), else multiply-adds on the CUDA cores (1..4 rows). "mma": the
+    # CUDA C++ tensor-core kernel of `llm.nf4_mma` (any 1..16 rows; block_k is its lane group).
     kind: str = "gather"
     xperm: bool = False  # lut GEMV: x read value-major (written by the LoRA A kernel)
 
@@ -97,6 +99,8 @@ LUT_DOT_CONFIGS = (  # 2-16 rows; 64-row tiles take Hopper's warpgroup MMA (wide
     NF4Config(64, 256, 4, 2, kind="lut_dot"),
     NF4Config(64, 128, 4, 2, kind="lut_dot"),
 )
+# 1..16 rows, where NVRTC and sm_80+ are there (llm.nf4_mma); num_warps split K inside a block.
+MMA_CONFIGS = tuple(NF4Config(nf4_mma.TILE_N, nf4_mma.GROUP, warps, 1, kind="mma") for warps in nf4_mma.WARP_CHOICES)
 # Only where nothing above fits (small models, e.g. the tests' tiny one).
 SMALL_CONFIGS = (NF4Config(16, 64, 4, 1, kind="gather_dot"),)
 MAX_ROWS = 16
@@ -111,8 +115,14 @@ def _candidates(rows: int, n: int, k: int, boundaries: Sequence[int]) -> list[NF
     else:
         configs = FMA_CONFIGS + LUT_DOT_CONFIGS
     fitting = [c for c in configs if c.fits(n, k, boundaries)]
+    if _mma_available():
+        fitting += [c for c in MMA_CONFIGS if c.fits(n, k, boundaries)]
     # The small fallback is a 16-row tile: it serves any row count.
     return fitting or [c for c in SMALL_CONFIGS if c.fits(n, k, boundaries)]
+
+
+def _mma_available() -> bool:
+    return torch.cuda.is_available() and nf4_mma.available("cuda")
 
 
 def supports(n: int, k: int, boundaries: Sequence[int], rank: int) -> bool:
@@ -586,22 +596,23 @@ def default_config(rows: int, n: int, k: int, boundaries: Sequence[int]) -> NF4C
 
 
 def lora_a_product(
-    x: torch.Tensor, lora: LoraParts, block_m: int, dot: bool, xperm: torch.Tensor | None = None
+    x: torch.Tensor, lora: LoraParts, block_m: int, dot: bool, xperm: torch.Tensor | None = None,
+    max_splits: int = 16, block_r: int = 16,
 ) -> tuple[torch.Tensor, int]:
     """Partial sums (split-K) of x @ A.T in float32, [splits, rows, sum of ranks]; the GEMV's epilogue
     adds the splits up. With `xperm` (one row), x is also written there value-major (float32)."""
     m, k = x.shape
     rt = lora.a.shape[0]
     a_block_k = 128 if k % 128 == 0 else 64
-    splits = next(s for s in (16, 8, 4, 2, 1) if k % (s * a_block_k) == 0)
+    splits = next(s for s in (16, 8, 4, 2, 1) if s <= max_splits and k % (s * a_block_k) == 0)
     t = torch.empty((splits, m, rt), dtype=torch.float32, device=x.device)
-    a_grid = (triton.cdiv(rt, 16), splits)
+    a_grid = (triton.cdiv(rt, block_r), splits)
     if dot:
         _lora_a_dot_kernel[a_grid](x, lora.a, t, m, k, rt, x.stride(0), k // splits,
-                                   BLOCK_R=16, BLOCK_K=a_block_k, num_warps=4)
+                                   BLOCK_R=block_r, BLOCK_K=a_block_k, num_warps=4)
     else:
         _lora_a_fma_kernel[a_grid](x, lora.a, t, t if xperm is None else xperm, m, k, rt, x.stride(0), k // splits,
-                                   BLOCK_M=block_m, BLOCK_R=16, BLOCK_K=a_block_k,
+                                   BLOCK_M=block_m, BLOCK_R=block_r, BLOCK_K=a_block_k,
                                    WRITE_XPERM=xperm is not None, num_warps=4)
     return t, splits
 
@@ -623,6 +634,11 @@ def nf4_lora_linear(
     x = x.contiguous()
     rt = lora.a.shape[0]
     block_m = _block_m(m)
+    if config.kind == "mma":
+        # more, smaller blocks for the A product: at one row it is latency, not bandwidth
+        t, _ = lora_a_product(x, lora, block_m, block_m == MAX_ROWS, max_splits=nf4_mma.lora_splits_cap(m),
+                              block_r=16 if block_m == MAX_ROWS else 8)
+        return nf4_mma.nf4_mma_linear(x, weight, lora, t, round_lora_first, config.num_warps)
     xperm = torch.empty((k,), dtype=torch.float32, device=x.device) if config.xperm else None
     t, splits = lora_a_product(x, lora, block_m, config.dot, xperm)
     y = torch.empty((m, n), dtype=torch.bfloat16, device=x.device)
