@@ -220,13 +220,22 @@ if _HAVE_TRITON:
         tl.store(out_ptr + 2 * offs + 1, lo, mask=mask)
 
     @triton.jit
+    def _fragment_offsets(m, k):
+        """Where x[m, k] goes in the tensor-core kernel's x buffer (`llm.nf4_mma`): each warp-wide
+        load there is 256 contiguous bytes, the 4 values of every lane's MMA operand in lane order."""
+        lane = (m % 8) * 4 + (k % 256) // 64
+        return (((k // 256) * 2 + m // 8) * 16 + (k % 64) // 4) * 128 + lane * 4 + k % 4
+
+    @triton.jit
     def _lora_a_fma_kernel(
-        x_ptr, a_ptr, t_ptr, xperm_ptr, M, K, RT, stride_x, K_PER_SPLIT,
+        x_ptr, a_ptr, t_ptr, xperm_ptr, xq_ptr, M, K, RT, stride_x, K_PER_SPLIT,
         BLOCK_M: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr, WRITE_XPERM: tl.constexpr,
+        WRITE_XQ: tl.constexpr,
     ):
         # t[split, m, r] = sum over this split's K range of float32(x[m, k]) * a[r, k], for M <= 4.
         # WRITE_XPERM (one row): also float32(x) value-major for the LUT GEMV, xperm[(k % 32) * (K / 32)
         # + k / 32]: its threads, one per 32-value slice, then read each value index coalesced.
+        # WRITE_XQ: also x in the tensor-core kernel's operand order (_fragment_offsets).
         pid_r = tl.program_id(0)
         split = tl.program_id(1)
         offs_r = pid_r * BLOCK_R + tl.arange(0, BLOCK_R)
@@ -241,15 +250,25 @@ if _HAVE_TRITON:
         for k0 in range(k_start, k_start + K_PER_SPLIT, BLOCK_K):
             k = k0 + offs_k
             a = tl.load(a_rows + k[None, :], mask=r_mask[:, None], other=0.0)
-            x0 = tl.load(x_ptr + k).to(tl.float32)
-            acc0 += a * x0[None, :]
+            x0 = tl.load(x_ptr + k)
+            acc0 += a * x0.to(tl.float32)[None, :]
             if WRITE_XPERM:
-                tl.store(xperm_ptr + (k % 32) * (K // 32) + k // 32, x0, mask=(k >= 0) & (pid_r == 0))
+                tl.store(xperm_ptr + (k % 32) * (K // 32) + k // 32, x0.to(tl.float32), mask=(k >= 0) & (pid_r == 0))
+            if WRITE_XQ:
+                tl.store(xq_ptr + _fragment_offsets(0, k), x0, mask=(k >= 0) & (pid_r == 0))
             if BLOCK_M > 1:
-                acc1 += a * tl.load(x_ptr + stride_x + k, mask=(k >= 0) & (M > 1), other=0.0).to(tl.float32)[None, :]
+                x1 = tl.load(x_ptr + stride_x + k, mask=(k >= 0) & (M > 1), other=0.0)
+                acc1 += a * x1.to(tl.float32)[None, :]
+                if WRITE_XQ:
+                    tl.store(xq_ptr + _fragment_offsets(1, k), x1, mask=(k >= 0) & (pid_r == 0) & (M > 1))
             if BLOCK_M > 2:
-                acc2 += a * tl.load(x_ptr + 2 * stride_x + k, mask=(k >= 0) & (M > 2), other=0.0).to(tl.float32)[None, :]
-                acc3 += a * tl.load(x_ptr + 3 * stride_x + k, mask=(k >= 0) & (M > 3), other=0.0).to(tl.float32)[None, :]
+                x2 = tl.load(x_ptr + 2 * stride_x + k, mask=(k >= 0) & (M > 2), other=0.0)
+                x3 = tl.load(x_ptr + 3 * stride_x + k, mask=(k >= 0) & (M > 3), other=0.0)
+                acc2 += a * x2.to(tl.float32)[None, :]
+                acc3 += a * x3.to(tl.float32)[None, :]
+                if WRITE_XQ:
+                    tl.store(xq_ptr + _fragment_offsets(2, k), x2, mask=(k >= 0) & (pid_r == 0) & (M > 2))
+                    tl.store(xq_ptr + _fragment_offsets(3, k), x3, mask=(k >= 0) & (pid_r == 0) & (M > 3))
         t_row = t_ptr + split * M * RT + offs_r
         tl.store(t_row, tl.sum(acc0, axis=1), mask=r_mask)
         if BLOCK_M > 1:
@@ -260,8 +279,8 @@ if _HAVE_TRITON:
 
     @triton.jit
     def _lora_a_dot_kernel(
-        x_ptr, a_ptr, t_ptr, M, K, RT, stride_x, K_PER_SPLIT,
-        BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr,
+        x_ptr, a_ptr, t_ptr, xq_ptr, M, K, RT, stride_x, K_PER_SPLIT,
+        BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr, WRITE_XQ: tl.constexpr,
     ):
         # The same for 5..16 rows: a 16-row tile, float32 products (no TF32, as PEFT's float32 LoRA)
         pid_r = tl.program_id(0)
@@ -275,6 +294,9 @@ if _HAVE_TRITON:
         k_start = split * K_PER_SPLIT
         for k0 in range(k_start, k_start + K_PER_SPLIT, BLOCK_K):
             x = tl.load(x_ptr + offs_m[:, None] * stride_x + (k0 + offs_k)[None, :], mask=m_mask[:, None], other=0.0)
+            if WRITE_XQ:
+                tl.store(xq_ptr + _fragment_offsets(offs_m[:, None], (k0 + offs_k)[None, :]), x,
+                         mask=m_mask[:, None] & (pid_r == 0))
             a = tl.load(a_ptr + offs_r[:, None].to(tl.int64) * K + (k0 + offs_k)[None, :], mask=r_mask[:, None],
                         other=0.0)
             acc = tl.dot(x.to(tl.float32), tl.trans(a), acc, input_precision="ieee")
@@ -597,10 +619,11 @@ def default_config(rows: int, n: int, k: int, boundaries: Sequence[int]) -> NF4C
 
 def lora_a_product(
     x: torch.Tensor, lora: LoraParts, block_m: int, dot: bool, xperm: torch.Tensor | None = None,
-    max_splits: int = 16, block_r: int = 16,
+    max_splits: int = 16, block_r: int = 16, xq: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, int]:
     """Partial sums (split-K) of x @ A.T in float32, [splits, rows, sum of ranks]; the GEMV's epilogue
-    adds the splits up. With `xperm` (one row), x is also written there value-major (float32)."""
+    adds the splits up. With `xperm` (one row), x is also written there value-major (float32); with
+    `xq`, in the tensor-core kernel's operand order."""
     m, k = x.shape
     rt = lora.a.shape[0]
     a_block_k = 128 if k % 128 == 0 else 64
@@ -608,12 +631,12 @@ def lora_a_product(
     t = torch.empty((splits, m, rt), dtype=torch.float32, device=x.device)
     a_grid = (triton.cdiv(rt, block_r), splits)
     if dot:
-        _lora_a_dot_kernel[a_grid](x, lora.a, t, m, k, rt, x.stride(0), k // splits,
-                                   BLOCK_R=block_r, BLOCK_K=a_block_k, num_warps=4)
+        _lora_a_dot_kernel[a_grid](x, lora.a, t, t if xq is None else xq, m, k, rt, x.stride(0), k // splits,
+                                   BLOCK_R=block_r, BLOCK_K=a_block_k, WRITE_XQ=xq is not None, num_warps=4)
     else:
-        _lora_a_fma_kernel[a_grid](x, lora.a, t, t if xperm is None else xperm, m, k, rt, x.stride(0), k // splits,
-                                   BLOCK_M=block_m, BLOCK_R=block_r, BLOCK_K=a_block_k,
-                                   WRITE_XPERM=xperm is not None, num_warps=4)
+        _lora_a_fma_kernel[a_grid](x, lora.a, t, t if xperm is None else xperm, t if xq is None else xq, m, k, rt,
+                                   x.stride(0), k // splits, BLOCK_M=block_m, BLOCK_R=block_r, BLOCK_K=a_block_k,
+                                   WRITE_XPERM=xperm is not None, WRITE_XQ=xq is not None, num_warps=4)
     return t, splits
 
 
@@ -635,10 +658,11 @@ def nf4_lora_linear(
     rt = lora.a.shape[0]
     block_m = _block_m(m)
     if config.kind == "mma":
-        # more, smaller blocks for the A product: at one row it is latency, not bandwidth
+        # more, smaller blocks for the A product: it is latency, not bandwidth
+        xq = torch.empty((16 * k,), dtype=torch.bfloat16, device=x.device)
         t, _ = lora_a_product(x, lora, block_m, block_m == MAX_ROWS, max_splits=nf4_mma.lora_splits_cap(m),
-                              block_r=16 if block_m == MAX_ROWS else 8)
-        return nf4_mma.nf4_mma_linear(x, weight, lora, t, round_lora_first, config.num_warps)
+                              block_r=8, xq=xq)
+        return nf4_mma.nf4_mma_linear(xq, m, weight, lora, t, round_lora_first, config.num_warps)
     xperm = torch.empty((k,), dtype=torch.float32, device=x.device) if config.xperm else None
     t, splits = lora_a_product(x, lora, block_m, config.dot, xperm)
     y = torch.empty((m, n), dtype=torch.bfloat16, device=x.device)

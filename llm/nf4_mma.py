@@ -13,7 +13,8 @@ as bitsandbytes stored them. So each lane:
   product and single rounding of `dequantize_4bit`, so the weights are bit for bit bitsandbytes'),
   as a low-byte and a high-byte table (`llm.nf4_kernels.lut_asm` does the same in Triton),
 - turns each 32-bit word (8 nibbles) into two MMAs' B operands with 8 `prmt` byte permutes,
-- reads the matching x values as they lie in memory: 4 consecutive bf16 of a row per MMA.
+- reads the matching x values with one coalesced load per MMA: the LoRA `A` kernel, which reads x
+  anyway, also writes it in this operand order.
 The same kernel serves 1 and 16 rows for the same weight traffic. The warps of a block split K and
 add up through shared memory; the epilogue adds the LoRA's `B` product with PEFT's roundings
 (float32 `B @ t * scaling`, rounded to bf16 and added to the bf16 base output), as the Triton
@@ -106,7 +107,7 @@ __device__ __forceinline__ void block_tables(float scale, u32 (&L)[4], u32 (&H)[
 // A = W (16 features x 16 inputs), B = x.T (16 inputs x 8 rows of x). Lane (g, t) holds features g
 // and g + 8 and x row g; blocks of 16 features, WARPS warps splitting K.
 extern "C" __global__ void __launch_bounds__(WARPS * 32)
-nf4_mma_kernel(const uint4* __restrict__ words, const float* __restrict__ absmax, const u16* __restrict__ x,
+nf4_mma_kernel(const uint4* __restrict__ words, const float* __restrict__ absmax, const uint2* __restrict__ xq,
                const float* __restrict__ t_part, const float* __restrict__ lora_b, u16* __restrict__ y,
                int M, int K, int ldy, double scaling, int seg1, int seg2, int RT, int t_splits,
                int round_lora_first) {
@@ -123,10 +124,9 @@ nf4_mma_kernel(const uint4* __restrict__ words, const float* __restrict__ absmax
     const uint4* words_high = words_low + (size_t)8 * (K >> 5);
     const float* absmax_low = absmax + (size_t)(n0 + g) * (K >> 6) + t;
     const float* absmax_high = absmax_low + (size_t)8 * (K >> 6);
-    // x rows past M read row 0: their output columns are never stored
-    const u16* x_rows[SETS];
-#pragma unroll
-    for (int set = 0; set < SETS; ++set) x_rows[set] = x + (size_t)(8 * set + g < M ? 8 * set + g : 0) * K + 64 * t;
+    // x in operand order (written by the LoRA A kernel): per (group, set of 8 rows, MMA), each
+    // lane's 4 values, in lane order. Rows past M hold anything: their outputs are never stored.
+    const uint2* x_lane = xq + lane;
 
     // The LoRA's inputs first, so that their loads overlap the weights': this block's 16 rows of B
     // (contiguous) and t = x @ A.T for its part, the split-K partial sums added up.
@@ -171,9 +171,7 @@ nf4_mma_kernel(const uint4* __restrict__ words, const float* __restrict__ absmax
         block_tables(scale_high, L_high, H_high);
         const u32 low[8] = {w[0].x, w[0].y, w[0].z, w[0].w, w[1].x, w[1].y, w[1].z, w[1].w};
         const u32 high[8] = {w[2].x, w[2].y, w[2].z, w[2].w, w[3].x, w[3].y, w[3].z, w[3].w};
-        const uint2* x_group[SETS];  // 4 x values per MMA: + 64 t + 256 group + 8 i + 4 h
-#pragma unroll
-        for (int set = 0; set < SETS; ++set) x_group[set] = reinterpret_cast<const uint2*>(x_rows[set] + group * 256);
+        const uint2* x_group = x_lane + group * (2 * 16 * 32);
 #pragma unroll
         for (int i = 0; i < 8; ++i) {
             // nibble p of a word is value p ^ 1 (bitsandbytes: high nibble first); nibble p picks
@@ -187,7 +185,7 @@ nf4_mma_kernel(const uint4* __restrict__ words, const float* __restrict__ absmax
                 decode_half(L_high, H_high, h ? sel_high >> 16 : sel_high, h ? pick_high >> 16 : pick_high, a1, a3);
 #pragma unroll
                 for (int set = 0; set < SETS; ++set) {
-                    const uint2 b = __ldg(x_group[set] + 2 * i + h);
+                    const uint2 b = __ldg(x_group + (set * 16 + 2 * i + h) * 32);
                     mma(acc[set], a0, a1, a2, a3, b.x, b.y);
                 }
             }
@@ -262,26 +260,25 @@ def lora_splits_cap(rows: int) -> int:
 
 
 def nf4_mma_linear(
-    x: torch.Tensor,
+    xq: torch.Tensor,
+    m: int,
     weight: NF4Matrix,
     lora: LoraParts,
     t: torch.Tensor,
     round_lora_first: bool,
     warps: int,
 ) -> torch.Tensor:
-    """y = x @ dequant(W).T + scaling * B(t) with PEFT's roundings; `t` holds the split-K partial
-    sums of x @ A.T ([splits, rows, sum of ranks], float32)."""
-    m, k = x.shape
-    n = weight.packed.shape[0]
-    if x.data_ptr() % 16:  # the kernel reads x 8 bytes at a time
-        x = x.clone()
+    """y = x @ dequant(W).T + scaling * B(t) with PEFT's roundings, for the m rows of x that `xq`
+    holds in operand order (16 * K values, `llm.nf4_kernels._fragment_offsets`); `t` holds the
+    split-K partial sums of x @ A.T ([splits, rows, sum of ranks], float32)."""
+    n, k = weight.shape
     boundaries = [start for start, _, _ in lora.segments[1:]]
     seg1 = boundaries[0] if len(boundaries) > 0 else n
     seg2 = boundaries[1] if len(boundaries) > 1 else n
     rows = 8 if m <= 8 else 16
     kernel = _kernel(weight.code, warps, rows, lora.rank)
-    y = torch.empty((m, n), dtype=torch.bfloat16, device=x.device)
+    y = torch.empty((m, n), dtype=torch.bfloat16, device=xq.device)
     kernel(grid=(n // TILE_N, 1, 1), block=(warps * 32, 1, 1),
-           args=[weight.packed, weight.absmax, x, t, lora.b, y, m, k, y.stride(0), float(lora.scaling),
+           args=[weight.packed, weight.absmax, xq, t, lora.b, y, m, k, y.stride(0), float(lora.scaling),
                  seg1, seg2, lora.a.shape[0], t.shape[0], int(round_lora_first)])
     return y
