@@ -660,7 +660,7 @@ def nf4_lora_linear(
     if config.kind == "mma":
         # more, smaller blocks for the A product: it is latency, not bandwidth
         xq = torch.empty((16 * k,), dtype=torch.bfloat16, device=x.device)
-        t, _ = lora_a_product(x, lora, block_m, block_m == MAX_ROWS, max_splits=nf4_mma.lora_splits_cap(m),
+        t, _ = lora_a_product(x, lora, block_m, block_m == MAX_ROWS, max_splits=nf4_mma.lora_splits_cap(m, n, lora.rank),
                               block_r=8, xq=xq)
         return nf4_mma.nf4_mma_linear(xq, m, weight, lora, t, round_lora_first, config.num_warps)
     xperm = torch.empty((k,), dtype=torch.float32, device=x.device) if config.xperm else None

@@ -125,8 +125,11 @@ nf4_mma_kernel(const uint4* __restrict__ words, const float* __restrict__ absmax
     const float* absmax_low = absmax + (size_t)(n0 + g) * (K >> 6) + t;
     const float* absmax_high = absmax_low + (size_t)8 * (K >> 6);
     // x in operand order (written by the LoRA A kernel): per (group, set of 8 rows, MMA), each
-    // lane's 4 values, in lane order. Rows past M hold anything: their outputs are never stored.
-    const uint2* x_lane = xq + lane;
+    // lane's 4 values, in lane order. Lanes of rows past M (whose outputs are never stored) read
+    // row 0's, so that a load of few rows touches few sectors.
+    const uint2* x_lane[SETS];
+#pragma unroll
+    for (int set = 0; set < SETS; ++set) x_lane[set] = xq + (8 * set + g < M ? set * 16 * 32 + lane : t);
 
     // The LoRA's inputs first, so that their loads overlap the weights': this block's 16 rows of B
     // (contiguous) and t = x @ A.T for its part, the split-K partial sums added up.
@@ -171,7 +174,6 @@ nf4_mma_kernel(const uint4* __restrict__ words, const float* __restrict__ absmax
         block_tables(scale_high, L_high, H_high);
         const u32 low[8] = {w[0].x, w[0].y, w[0].z, w[0].w, w[1].x, w[1].y, w[1].z, w[1].w};
         const u32 high[8] = {w[2].x, w[2].y, w[2].z, w[2].w, w[3].x, w[3].y, w[3].z, w[3].w};
-        const uint2* x_group = x_lane + group * (2 * 16 * 32);
 #pragma unroll
         for (int i = 0; i < 8; ++i) {
             // nibble p of a word is value p ^ 1 (bitsandbytes: high nibble first); nibble p picks
@@ -185,7 +187,7 @@ nf4_mma_kernel(const uint4* __restrict__ words, const float* __restrict__ absmax
                 decode_half(L_high, H_high, h ? sel_high >> 16 : sel_high, h ? pick_high >> 16 : pick_high, a1, a3);
 #pragma unroll
                 for (int set = 0; set < SETS; ++set) {
-                    const uint2 b = __ldg(x_group + (set * 16 + 2 * i + h) * 32);
+                    const uint2 b = __ldg(x_lane[set] + group * (2 * 16 * 32) + (2 * i + h) * 32);
                     mma(acc[set], a0, a1, a2, a3, b.x, b.y);
                 }
             }
@@ -253,10 +255,18 @@ def _kernel(code: torch.Tensor, warps: int, rows: int, rank: int) -> Callable:
     return _KERNELS[key]
 
 
-def lora_splits_cap(rows: int) -> int:
-    """At most this many LoRA `A` split-K partial sums: every block of the kernel adds them up for
-    its part, so rows x splits stays small (at 16 rows, 4 splits keep the A product's blocks busy)."""
-    return max(4, 16 // rows)
+T_SUM_BYTES = 16 << 20  # what all blocks together may read of the LoRA A partial sums, per call
+
+
+def lora_splits_cap(rows: int, n: int, rank: int) -> int:
+    """At most this many LoRA `A` split-K partial sums (a power of two, 1..16): every block of the
+    kernel adds them up for its rows, so their traffic grows with blocks x rows x splits, while
+    more splits keep the A product's own blocks busy."""
+    per_split = (n // TILE_N) * rows * rank * 4
+    cap = 16
+    while cap > 1 and cap * per_split > T_SUM_BYTES:
+        cap //= 2
+    return cap
 
 
 def nf4_mma_linear(
