@@ -16,6 +16,10 @@
   and multiply-add included (SASS), where the code-table gather kernels take ~21. They serve one
   row (a GEMV), 2-16 rows (a 64-row warpgroup-MMA tile) and prompt-time dequantization; 2-4 rows
   may still measure faster on the code-table multiply-reduce.
+- The "mma" configurations run `llm.nf4_mma`'s CUDA C++ kernel (the same tables and permutes, the
+  decoded weights fed straight into tensor-core `mma.sync`): one kernel for 1..16 rows whose cost
+  hardly grows with the rows; the LoRA `A` kernel also writes x in its operand order. Run 12 served
+  it for every projection and batch size but one.
 - `NF4Plan`: per (projection, batch bucket), the fastest kernel configuration, timed at start-up
   over all layers' weights among those that match the reference path.
 

@@ -1,0 +1,53 @@
+"""`llm.nf4_mma` on the CPU: the generated CUDA source and the kernel's sizing rules (the kernel itself
+runs in tests/gpu/test_nf4_kernels.py, against the reference path, for 1..16 rows)."""
+
+from __future__ import annotations
+
+import re
+import struct
+
+import pytest
+import torch
+
+from llm import nf4_mma
+
+NF4_CODE = [-1.0, -0.6961928009986877, -0.5250730514526367, -0.39491748809814453, -0.28444138169288635,
+            -0.18477343022823334, -0.09105003625154495, 0.0, 0.07958029955625534, 0.16093020141124725,
+            0.24611230194568634, 0.33791524171829224, 0.44070982933044434, 0.5626170039176941,
+            0.7229568362236023, 1.0]
+
+
+def _float32(value: float) -> float:
+    return struct.unpack("<f", struct.pack("<f", value))[0]
+
+
+def test_the_source_carries_the_code_table_exactly():
+    # The weights are bf16(code[i] * absmax): a code value off by one float32 ulp changes weights.
+    source = nf4_mma.source(NF4_CODE, warps=8, rows=8, rank=32)
+    table = re.search(r"CODE_TABLE\[16\] = \{([^}]*)\}", source).group(1)
+    values = [float.fromhex(v.strip().rstrip("f")) for v in table.split(",")]
+    assert values == [_float32(v) for v in NF4_CODE]
+    assert "#define WARPS 8" in source and "#define ROWS 8" in source and "#define RANK 32" in source
+
+
+@pytest.mark.parametrize(("warps", "rows", "rank", "code"), [(3, 8, 32, NF4_CODE), (8, 12, 32, NF4_CODE),
+                                                             (8, 8, 0, NF4_CODE), (8, 8, 32, NF4_CODE[:8])])
+def test_no_source_for_a_shape_the_kernel_does_not_handle(warps, rows, rank, code):
+    with pytest.raises(ValueError):
+        nf4_mma.source(code, warps, rows, rank)
+
+
+@pytest.mark.parametrize("n", [4096, 6144, 28672])
+@pytest.mark.parametrize("rows", [1, 2, 4, 16])
+def test_lora_splits_keep_the_partial_sum_traffic_bounded(n, rows):
+    cap = nf4_mma.lora_splits_cap(rows, n, rank=32)
+    per_split = (n // nf4_mma.TILE_N) * rows * 32 * 4
+    assert cap in (1, 2, 4, 8, 16)
+    assert cap == 1 or cap * per_split <= nf4_mma.T_SUM_BYTES
+    assert cap == 16 or 2 * cap * per_split > nf4_mma.T_SUM_BYTES  # as many as the bound allows
+
+
+def test_not_available_without_cuda():
+    assert not nf4_mma.available("cpu")
+    if not torch.cuda.is_available():
+        assert not nf4_mma.available("cuda")
