@@ -244,14 +244,20 @@ def available(device: torch.device | str) -> bool:
 
 
 _KERNELS: dict[tuple, Callable] = {}
+_CODE_VALUES: dict[tuple[int | None, int], tuple[float, ...]] = {}
 
 
 def _kernel(code: torch.Tensor, warps: int, rows: int, rank: int) -> Callable:
-    # By address, as the Triton kernels' table: reading it back inside a graph capture is not allowed.
-    key = (code.device.index, code.data_ptr(), warps, rows, rank)
+    # Every layer holds its own copy of the (same) code table: one compile per distinct table. The
+    # values are read once per address, before any graph capture (the tuner runs every layer first):
+    # reading them back inside a capture is not allowed.
+    address = (code.device.index, code.data_ptr())
+    if address not in _CODE_VALUES:
+        _CODE_VALUES[address] = tuple(code.tolist())
+    key = (code.device.index, _CODE_VALUES[address], warps, rows, rank)
     if key not in _KERNELS:
         with torch.cuda.device(code.device):
-            _KERNELS[key] = torch.cuda._compile_kernel(source(code.tolist(), warps, rows, rank), "nf4_mma_kernel")
+            _KERNELS[key] = torch.cuda._compile_kernel(source(key[1], warps, rows, rank), "nf4_mma_kernel")
     return _KERNELS[key]
 
 
