@@ -33,8 +33,9 @@ if TYPE_CHECKING:
     from llm.nf4 import LoraParts, NF4Matrix
 
 GROUP = 256  # inputs per lane group: 4 absmax blocks of 64, one per lane of a quad
-TILE_N = 16  # output features per block (one MMA's m)
+TILE_N = 16  # output features per tile (one MMA's m); a block has 1 or 2 tiles
 WARP_CHOICES = (4, 8, 16)
+TILE_CHOICES = (1, 2)  # 2: every x load feeds twice the MMAs (x traffic halved, more registers)
 
 _SOURCE = r"""
 typedef unsigned int u32;
@@ -105,25 +106,30 @@ __device__ __forceinline__ void block_tables(float scale, u32 (&L)[4], u32 (&H)[
 }
 
 // A = W (16 features x 16 inputs), B = x.T (16 inputs x 8 rows of x). Lane (g, t) holds features g
-// and g + 8 and x row g; blocks of 16 features, WARPS warps splitting K.
+// and g + 8 of each of TILES 16-feature tiles, and x row g (+ 8 per set); WARPS warps split K.
 extern "C" __global__ void __launch_bounds__(WARPS * 32)
 nf4_mma_kernel(const uint4* __restrict__ words, const float* __restrict__ absmax, const uint2* __restrict__ xq,
                const float* __restrict__ t_part, const float* __restrict__ lora_b, u16* __restrict__ y,
                int M, int K, int ldy, double scaling, int seg1, int seg2, int RT, int t_splits,
                int round_lora_first) {
     constexpr int SETS = ROWS / 8;  // MMAs per A operand: x rows 0-7, 8-15
-    __shared__ float partial[WARPS][32][4 * SETS];
+    constexpr int HALVES = 2 * TILES;  // 8-feature halves of the block; half q is features 8 q + g
+    constexpr int FEATURES = 16 * TILES;
+    __shared__ float partial[WARPS][32][4 * SETS * TILES];
     __shared__ float t_sum[ROWS][RANK];
-    __shared__ float b_tile[16][RANK];
+    __shared__ float b_tile[FEATURES][RANK];
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
     const int g = lane >> 2, t = lane & 3;
-    const int n0 = blockIdx.x * 16;
+    const int n0 = blockIdx.x * FEATURES;
     const int groups = K >> 8;
     // a feature's lane data: bytes 128 * group + 32 * t of its row (two uint4), absmax block 4 * group + t
-    const uint4* words_low = words + (size_t)(n0 + g) * (K >> 5) + 2 * t;
-    const uint4* words_high = words_low + (size_t)8 * (K >> 5);
-    const float* absmax_low = absmax + (size_t)(n0 + g) * (K >> 6) + t;
-    const float* absmax_high = absmax_low + (size_t)8 * (K >> 6);
+    const uint4* lane_words[HALVES];
+    const float* lane_absmax[HALVES];
+#pragma unroll
+    for (int q = 0; q < HALVES; ++q) {
+        lane_words[q] = words + (size_t)(n0 + 8 * q + g) * (K >> 5) + 2 * t;
+        lane_absmax[q] = absmax + (size_t)(n0 + 8 * q + g) * (K >> 6) + t;
+    }
     // x in operand order (written by the LoRA A kernel): per (group, set of 8 rows, MMA), each
     // lane's 4 values, in lane order. Lanes of rows past M (whose outputs are never stored) read
     // row 0's, so that a load of few rows touches few sectors.
@@ -131,10 +137,11 @@ nf4_mma_kernel(const uint4* __restrict__ words, const float* __restrict__ absmax
 #pragma unroll
     for (int set = 0; set < SETS; ++set) x_lane[set] = xq + (8 * set + g < M ? set * 16 * 32 + lane : t);
 
-    // The LoRA's inputs first, so that their loads overlap the weights': this block's 16 rows of B
+    // The LoRA's inputs first, so that their loads overlap the weights': this block's rows of B
     // (contiguous) and t = x @ A.T for its part, the split-K partial sums added up.
     const int part = (n0 >= seg1) + (n0 >= seg2);
-    for (int i = threadIdx.x; i < 16 * RANK; i += WARPS * 32) b_tile[i / RANK][i % RANK] = lora_b[(size_t)n0 * RANK + i];
+    for (int i = threadIdx.x; i < FEATURES * RANK; i += WARPS * 32)
+        b_tile[i / RANK][i % RANK] = lora_b[(size_t)n0 * RANK + i];
     for (int i = threadIdx.x; i < M * RANK; i += WARPS * 32) {
         const int m = i / RANK, r = i % RANK;
         float sum = 0.f;
@@ -143,70 +150,84 @@ nf4_mma_kernel(const uint4* __restrict__ words, const float* __restrict__ absmax
         t_sum[m][r] = sum;
     }
 
-    float acc[SETS][4];
+    float acc[TILES][SETS][4];
 #pragma unroll
-    for (int set = 0; set < SETS; ++set) acc[set][0] = acc[set][1] = acc[set][2] = acc[set][3] = 0.f;
+    for (int j = 0; j < TILES; ++j)
+#pragma unroll
+        for (int set = 0; set < SETS; ++set) acc[j][set][0] = acc[j][set][1] = acc[j][set][2] = acc[j][set][3] = 0.f;
     int group = warp;
-    uint4 w[4] = {};
-    float scale_low = 0.f, scale_high = 0.f;
-    if (group < groups) {
-        w[0] = load_streaming(words_low + 8 * group);
-        w[1] = load_streaming(words_low + 8 * group + 1);
-        w[2] = load_streaming(words_high + 8 * group);
-        w[3] = load_streaming(words_high + 8 * group + 1);
-        scale_low = __ldg(absmax_low + 4 * group);
-        scale_high = __ldg(absmax_high + 4 * group);
+    uint4 w[HALVES][2];
+    float scale[HALVES];
+#pragma unroll
+    for (int q = 0; q < HALVES; ++q) {
+        const bool any = group < groups;
+        w[q][0] = any ? load_streaming(lane_words[q] + 8 * group) : make_uint4(0u, 0u, 0u, 0u);
+        w[q][1] = any ? load_streaming(lane_words[q] + 8 * group + 1) : make_uint4(0u, 0u, 0u, 0u);
+        scale[q] = any ? __ldg(lane_absmax[q] + 4 * group) : 0.f;
     }
     for (; group < groups; group += WARPS) {
         const int next = group + WARPS;
-        uint4 nw[4] = {};
-        float next_low = 0.f, next_high = 0.f;
-        if (next < groups) {  // the next group's bytes are in flight while this one computes
-            nw[0] = load_streaming(words_low + 8 * next);
-            nw[1] = load_streaming(words_low + 8 * next + 1);
-            nw[2] = load_streaming(words_high + 8 * next);
-            nw[3] = load_streaming(words_high + 8 * next + 1);
-            next_low = __ldg(absmax_low + 4 * next);
-            next_high = __ldg(absmax_high + 4 * next);
+        const bool more = next < groups;
+        uint4 nw[HALVES][2];
+        float next_scale[HALVES];
+#pragma unroll
+        for (int q = 0; q < HALVES; ++q) {  // the next group's bytes are in flight while this one computes
+            nw[q][0] = more ? load_streaming(lane_words[q] + 8 * next) : make_uint4(0u, 0u, 0u, 0u);
+            nw[q][1] = more ? load_streaming(lane_words[q] + 8 * next + 1) : make_uint4(0u, 0u, 0u, 0u);
+            next_scale[q] = more ? __ldg(lane_absmax[q] + 4 * next) : 0.f;
         }
-        u32 L_low[4], H_low[4], L_high[4], H_high[4];
-        block_tables(scale_low, L_low, H_low);
-        block_tables(scale_high, L_high, H_high);
-        const u32 low[8] = {w[0].x, w[0].y, w[0].z, w[0].w, w[1].x, w[1].y, w[1].z, w[1].w};
-        const u32 high[8] = {w[2].x, w[2].y, w[2].z, w[2].w, w[3].x, w[3].y, w[3].z, w[3].w};
+        u32 L[HALVES][4], H[HALVES][4];
+#pragma unroll
+        for (int q = 0; q < HALVES; ++q) block_tables(scale[q], L[q], H[q]);
 #pragma unroll
         for (int i = 0; i < 8; ++i) {
             // nibble p of a word is value p ^ 1 (bitsandbytes: high nibble first); nibble p picks
             // byte p of the entries-0..7 lookup or, by its bit 3, of the entries-8..15 one
-            const u32 sel_low = low[i] & 0x77777777u, pick_low = and_or(low[i] >> 1, 0x44444444u, 0x32103210u);
-            const u32 sel_high = high[i] & 0x77777777u, pick_high = and_or(high[i] >> 1, 0x44444444u, 0x32103210u);
+            u32 sel[HALVES], pick[HALVES];
+#pragma unroll
+            for (int q = 0; q < HALVES; ++q) {
+                const uint4 v = w[q][i >> 2];
+                const u32 word = (i & 3) == 0 ? v.x : (i & 3) == 1 ? v.y : (i & 3) == 2 ? v.z : v.w;
+                sel[q] = word & 0x77777777u;
+                pick[q] = and_or(word >> 1, 0x44444444u, 0x32103210u);
+            }
 #pragma unroll
             for (int h = 0; h < 2; ++h) {
-                u32 a0, a1, a2, a3;
-                decode_half(L_low, H_low, h ? sel_low >> 16 : sel_low, h ? pick_low >> 16 : pick_low, a0, a2);
-                decode_half(L_high, H_high, h ? sel_high >> 16 : sel_high, h ? pick_high >> 16 : pick_high, a1, a3);
+                uint2 b[SETS];
 #pragma unroll
-                for (int set = 0; set < SETS; ++set) {
-                    const uint2 b = __ldg(x_lane[set] + group * (2 * 16 * 32) + (2 * i + h) * 32);
-                    mma(acc[set], a0, a1, a2, a3, b.x, b.y);
+                for (int set = 0; set < SETS; ++set) b[set] = __ldg(x_lane[set] + group * (2 * 16 * 32) + (2 * i + h) * 32);
+#pragma unroll
+                for (int j = 0; j < TILES; ++j) {
+                    u32 a0, a1, a2, a3;
+                    decode_half(L[2 * j], H[2 * j], h ? sel[2 * j] >> 16 : sel[2 * j],
+                                h ? pick[2 * j] >> 16 : pick[2 * j], a0, a2);
+                    decode_half(L[2 * j + 1], H[2 * j + 1], h ? sel[2 * j + 1] >> 16 : sel[2 * j + 1],
+                                h ? pick[2 * j + 1] >> 16 : pick[2 * j + 1], a1, a3);
+#pragma unroll
+                    for (int set = 0; set < SETS; ++set) mma(acc[j][set], a0, a1, a2, a3, b[set].x, b[set].y);
                 }
             }
         }
 #pragma unroll
-        for (int j = 0; j < 4; ++j) w[j] = nw[j];
-        scale_low = next_low;
-        scale_high = next_high;
+        for (int q = 0; q < HALVES; ++q) {
+            w[q][0] = nw[q][0];
+            w[q][1] = nw[q][1];
+            scale[q] = next_scale[q];
+        }
     }
 
 #pragma unroll
-    for (int set = 0; set < SETS; ++set)
+    for (int j = 0; j < TILES; ++j)
 #pragma unroll
-        for (int i = 0; i < 4; ++i) partial[warp][lane][4 * set + i] = acc[set][i];
+        for (int set = 0; set < SETS; ++set)
+#pragma unroll
+            for (int i = 0; i < 4; ++i) partial[warp][lane][(j * SETS + set) * 4 + i] = acc[j][set][i];
     __syncthreads();
-    for (int i = threadIdx.x; i < M * 16; i += WARPS * 32) {
-        const int m = i >> 4, f = i & 15;
-        // D[f][m] (set m / 8) sits in lane (f % 8) * 4 + (m % 8) / 2, register (f / 8) * 2 + m % 2
-        const int lane_of = (f & 7) * 4 + ((m & 7) >> 1), reg = 4 * (m >> 3) + (f >> 3) * 2 + (m & 1);
+    for (int i = threadIdx.x; i < M * FEATURES; i += WARPS * 32) {
+        const int m = i / FEATURES, f = i % FEATURES, j = f >> 4, ff = f & 15;
+        // D[ff][m] of tile j (set m / 8) sits in lane (ff % 8) * 4 + (m % 8) / 2, register (ff / 8) * 2 + m % 2
+        const int lane_of = (ff & 7) * 4 + ((m & 7) >> 1);
+        const int reg = (j * SETS + (m >> 3)) * 4 + (ff >> 3) * 2 + (m & 1);
         float base = 0.f;
 #pragma unroll
         for (int v = 0; v < WARPS; ++v) base += partial[v][lane_of][reg];
@@ -222,15 +243,16 @@ nf4_mma_kernel(const uint4* __restrict__ words, const float* __restrict__ absmax
 """
 
 
-def source(code: Sequence[float], warps: int, rows: int, rank: int) -> str:
-    """The kernel's CUDA source for one NF4 code table, warps per block, row tile (8 or 16) and rank."""
+def source(code: Sequence[float], warps: int, rows: int, rank: int, tiles: int = 1) -> str:
+    """The kernel's CUDA source for one NF4 code table, warps per block, row tile (8 or 16), rank and
+    16-feature tiles per warp."""
     if len(code) != 16:
         raise ValueError("an NF4 code table has 16 entries")
-    if warps not in WARP_CHOICES or rows not in (8, 16) or rank <= 0:
-        raise ValueError(f"no nf4 MMA kernel for {warps} warps, {rows} rows, rank {rank}")
+    if warps not in WARP_CHOICES or rows not in (8, 16) or rank <= 0 or tiles not in TILE_CHOICES:
+        raise ValueError(f"no nf4 MMA kernel for {warps} warps, {rows} rows, rank {rank}, {tiles} tiles")
     # exact: hexadecimal literals of the float32 values
     values = ", ".join(f"{struct.unpack('<f', struct.pack('<f', float(v)))[0].hex()}f" for v in code)
-    header = (f"#define WARPS {warps}\n#define ROWS {rows}\n#define RANK {rank}\n"
+    header = (f"#define WARPS {warps}\n#define ROWS {rows}\n#define RANK {rank}\n#define TILES {tiles}\n"
               f"__device__ __constant__ float CODE_TABLE[16] = {{{values}}};\n#define CODE CODE_TABLE\n")
     return header + _SOURCE
 
@@ -247,17 +269,17 @@ _KERNELS: dict[tuple, Callable] = {}
 _CODE_VALUES: dict[tuple[int | None, int], tuple[float, ...]] = {}
 
 
-def _kernel(code: torch.Tensor, warps: int, rows: int, rank: int) -> Callable:
+def _kernel(code: torch.Tensor, warps: int, rows: int, rank: int, tiles: int) -> Callable:
     # Every layer holds its own copy of the (same) code table: one compile per distinct table. The
     # values are read once per address, before any graph capture (the tuner runs every layer first):
     # reading them back inside a capture is not allowed.
     address = (code.device.index, code.data_ptr())
     if address not in _CODE_VALUES:
         _CODE_VALUES[address] = tuple(code.tolist())
-    key = (code.device.index, _CODE_VALUES[address], warps, rows, rank)
+    key = (code.device.index, _CODE_VALUES[address], warps, rows, rank, tiles)
     if key not in _KERNELS:
         with torch.cuda.device(code.device):
-            _KERNELS[key] = torch.cuda._compile_kernel(source(key[1], warps, rows, rank), "nf4_mma_kernel")
+            _KERNELS[key] = torch.cuda._compile_kernel(source(key[1], warps, rows, rank, tiles), "nf4_mma_kernel")
     return _KERNELS[key]
 
 
@@ -283,6 +305,7 @@ def nf4_mma_linear(
     t: torch.Tensor,
     round_lora_first: bool,
     warps: int,
+    tiles: int = 1,
 ) -> torch.Tensor:
     """y = x @ dequant(W).T + scaling * B(t) with PEFT's roundings, for the m rows of x that `xq`
     holds in operand order (16 * K values, `llm.nf4_kernels._fragment_offsets`); `t` holds the
@@ -292,9 +315,9 @@ def nf4_mma_linear(
     seg1 = boundaries[0] if len(boundaries) > 0 else n
     seg2 = boundaries[1] if len(boundaries) > 1 else n
     rows = 8 if m <= 8 else 16
-    kernel = _kernel(weight.code, warps, rows, lora.rank)
+    kernel = _kernel(weight.code, warps, rows, lora.rank, tiles)
     y = torch.empty((m, n), dtype=torch.bfloat16, device=xq.device)
-    kernel(grid=(n // TILE_N, 1, 1), block=(warps * 32, 1, 1),
+    kernel(grid=(n // (TILE_N * tiles), 1, 1), block=(warps * 32, 1, 1),
            args=[weight.packed, weight.absmax, xq, t, lora.b, y, m, k, y.stride(0), float(lora.scaling),
                  seg1, seg2, lora.a.shape[0], t.shape[0], int(round_lora_first)])
     return y

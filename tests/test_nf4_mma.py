@@ -28,13 +28,16 @@ def test_the_source_carries_the_code_table_exactly():
     values = [float.fromhex(v.strip().rstrip("f")) for v in table.split(",")]
     assert values == [_float32(v) for v in NF4_CODE]
     assert "#define WARPS 8" in source and "#define ROWS 8" in source and "#define RANK 32" in source
+    assert "#define TILES 1" in source
 
 
-@pytest.mark.parametrize(("warps", "rows", "rank", "code"), [(3, 8, 32, NF4_CODE), (8, 12, 32, NF4_CODE),
-                                                             (8, 8, 0, NF4_CODE), (8, 8, 32, NF4_CODE[:8])])
-def test_no_source_for_a_shape_the_kernel_does_not_handle(warps, rows, rank, code):
+@pytest.mark.parametrize(("warps", "rows", "rank", "tiles", "code"), [
+    (3, 8, 32, 1, NF4_CODE), (8, 12, 32, 1, NF4_CODE), (8, 8, 0, 1, NF4_CODE), (8, 8, 32, 3, NF4_CODE),
+    (8, 8, 32, 1, NF4_CODE[:8]),
+])
+def test_no_source_for_a_shape_the_kernel_does_not_handle(warps, rows, rank, tiles, code):
     with pytest.raises(ValueError):
-        nf4_mma.source(code, warps, rows, rank)
+        nf4_mma.source(code, warps, rows, rank, tiles)
 
 
 @pytest.mark.parametrize("n", [4096, 6144, 28672])
