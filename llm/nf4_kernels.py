@@ -108,6 +108,9 @@ LUT_DOT_CONFIGS = (  # 2-16 rows; 64-row tiles take Hopper's warpgroup MMA (wide
 MMA_CONFIGS = tuple(NF4Config(nf4_mma.TILE_N, nf4_mma.GROUP, warps, 1, kind="mma") for warps in nf4_mma.WARP_CHOICES) + (
     NF4Config(2 * nf4_mma.TILE_N, nf4_mma.GROUP, 4, 1, kind="mma"),
     NF4Config(2 * nf4_mma.TILE_N, nf4_mma.GROUP, 8, 1, kind="mma"),
+    # num_stages > 1: weights num_stages - 1 groups ahead through cp.async (shared memory)
+    NF4Config(nf4_mma.TILE_N, nf4_mma.GROUP, 4, 3, kind="mma"),
+    NF4Config(nf4_mma.TILE_N, nf4_mma.GROUP, 4, 4, kind="mma"),
 )
 # Only where nothing above fits (small models, e.g. the tests' tiny one).
 SMALL_CONFIGS = (NF4Config(16, 64, 4, 1, kind="gather_dot"),)
@@ -671,7 +674,8 @@ def nf4_lora_linear(
         t, _ = lora_a_product(x, lora, block_m, block_m == MAX_ROWS, max_splits=nf4_mma.lora_splits_cap(m, n, lora.rank),
                               block_r=8, xq=xq)
         return nf4_mma.nf4_mma_linear(xq, m, weight, lora, t, round_lora_first, config.num_warps,
-                                      config.block_n // nf4_mma.TILE_N)
+                                      config.block_n // nf4_mma.TILE_N,
+                                      config.num_stages if config.num_stages > 1 else 0)
     xperm = torch.empty((k,), dtype=torch.float32, device=x.device) if config.xperm else None
     t, splits = lora_a_product(x, lora, block_m, config.dot, xperm)
     y = torch.empty((m, n), dtype=torch.bfloat16, device=x.device)

@@ -105,6 +105,61 @@ __device__ __forceinline__ void block_tables(float scale, u32 (&L)[4], u32 (&H)[
     }
 }
 
+// cp.async: global -> shared without registers, so that many groups can be in flight
+__device__ __forceinline__ u32 smem_address(const void* p) {
+    u32 a;
+    asm("{ .reg .u64 t; cvta.to.shared.u64 t, %1; cvt.u32.u64 %0, t; }" : "=r"(a) : "l"(p));
+    return a;
+}
+__device__ __forceinline__ void copy16(void* dst, const void* src) {
+    asm volatile("cp.async.cg.shared.global [%0], [%1], 16;" ::"r"(smem_address(dst)), "l"(src) : "memory");
+}
+__device__ __forceinline__ void copy4(void* dst, const void* src) {
+    asm volatile("cp.async.ca.shared.global [%0], [%1], 4;" ::"r"(smem_address(dst)), "l"(src) : "memory");
+}
+__device__ __forceinline__ void copies_commit() { asm volatile("cp.async.commit_group;" ::: "memory"); }
+template <int N>
+__device__ __forceinline__ void copies_wait() { asm volatile("cp.async.wait_group %0;" ::"n"(N) : "memory"); }
+
+// One group of 256 inputs: each half's block tables, then 16 MMA steps (x values in operand order).
+__device__ __forceinline__ void group_mma(const uint4 (&w)[2 * TILES][2], const float (&scale)[2 * TILES],
+                                          const uint2* const (&x_lane)[ROWS / 8], int group,
+                                          float (&acc)[TILES][ROWS / 8][4]) {
+    constexpr int SETS = ROWS / 8, HALVES = 2 * TILES;
+    u32 L[HALVES][4], H[HALVES][4];
+#pragma unroll
+    for (int q = 0; q < HALVES; ++q) block_tables(scale[q], L[q], H[q]);
+#pragma unroll
+    for (int i = 0; i < 8; ++i) {
+        // nibble p of a word is value p ^ 1 (bitsandbytes: high nibble first); nibble p picks
+        // byte p of the entries-0..7 lookup or, by its bit 3, of the entries-8..15 one
+        u32 sel[HALVES], pick[HALVES];
+#pragma unroll
+        for (int q = 0; q < HALVES; ++q) {
+            const uint4 v = w[q][i >> 2];
+            const u32 word = (i & 3) == 0 ? v.x : (i & 3) == 1 ? v.y : (i & 3) == 2 ? v.z : v.w;
+            sel[q] = word & 0x77777777u;
+            pick[q] = and_or(word >> 1, 0x44444444u, 0x32103210u);
+        }
+#pragma unroll
+        for (int h = 0; h < 2; ++h) {
+            uint2 b[SETS];
+#pragma unroll
+            for (int set = 0; set < SETS; ++set) b[set] = __ldg(x_lane[set] + group * (2 * 16 * 32) + (2 * i + h) * 32);
+#pragma unroll
+            for (int j = 0; j < TILES; ++j) {
+                u32 a0, a1, a2, a3;
+                decode_half(L[2 * j], H[2 * j], h ? sel[2 * j] >> 16 : sel[2 * j],
+                            h ? pick[2 * j] >> 16 : pick[2 * j], a0, a2);
+                decode_half(L[2 * j + 1], H[2 * j + 1], h ? sel[2 * j + 1] >> 16 : sel[2 * j + 1],
+                            h ? pick[2 * j + 1] >> 16 : pick[2 * j + 1], a1, a3);
+#pragma unroll
+                for (int set = 0; set < SETS; ++set) mma(acc[j][set], a0, a1, a2, a3, b[set].x, b[set].y);
+            }
+        }
+    }
+}
+
 // A = W (16 features x 16 inputs), B = x.T (16 inputs x 8 rows of x). Lane (g, t) holds features g
 // and g + 8 of each of TILES 16-feature tiles, and x row g (+ 8 per set); WARPS warps split K.
 extern "C" __global__ void __launch_bounds__(WARPS * 32)
@@ -155,6 +210,8 @@ nf4_mma_kernel(const uint4* __restrict__ words, const float* __restrict__ absmax
     for (int j = 0; j < TILES; ++j)
 #pragma unroll
         for (int set = 0; set < SETS; ++set) acc[j][set][0] = acc[j][set][1] = acc[j][set][2] = acc[j][set][3] = 0.f;
+#if STAGES == 0
+    // The next group's bytes in registers while this one computes.
     int group = warp;
     uint4 w[HALVES][2];
     float scale[HALVES];
@@ -171,43 +228,12 @@ nf4_mma_kernel(const uint4* __restrict__ words, const float* __restrict__ absmax
         uint4 nw[HALVES][2];
         float next_scale[HALVES];
 #pragma unroll
-        for (int q = 0; q < HALVES; ++q) {  // the next group's bytes are in flight while this one computes
+        for (int q = 0; q < HALVES; ++q) {
             nw[q][0] = more ? load_streaming(lane_words[q] + 8 * next) : make_uint4(0u, 0u, 0u, 0u);
             nw[q][1] = more ? load_streaming(lane_words[q] + 8 * next + 1) : make_uint4(0u, 0u, 0u, 0u);
             next_scale[q] = more ? __ldg(lane_absmax[q] + 4 * next) : 0.f;
         }
-        u32 L[HALVES][4], H[HALVES][4];
-#pragma unroll
-        for (int q = 0; q < HALVES; ++q) block_tables(scale[q], L[q], H[q]);
-#pragma unroll
-        for (int i = 0; i < 8; ++i) {
-            // nibble p of a word is value p ^ 1 (bitsandbytes: high nibble first); nibble p picks
-            // byte p of the entries-0..7 lookup or, by its bit 3, of the entries-8..15 one
-            u32 sel[HALVES], pick[HALVES];
-#pragma unroll
-            for (int q = 0; q < HALVES; ++q) {
-                const uint4 v = w[q][i >> 2];
-                const u32 word = (i & 3) == 0 ? v.x : (i & 3) == 1 ? v.y : (i & 3) == 2 ? v.z : v.w;
-                sel[q] = word & 0x77777777u;
-                pick[q] = and_or(word >> 1, 0x44444444u, 0x32103210u);
-            }
-#pragma unroll
-            for (int h = 0; h < 2; ++h) {
-                uint2 b[SETS];
-#pragma unroll
-                for (int set = 0; set < SETS; ++set) b[set] = __ldg(x_lane[set] + group * (2 * 16 * 32) + (2 * i + h) * 32);
-#pragma unroll
-                for (int j = 0; j < TILES; ++j) {
-                    u32 a0, a1, a2, a3;
-                    decode_half(L[2 * j], H[2 * j], h ? sel[2 * j] >> 16 : sel[2 * j],
-                                h ? pick[2 * j] >> 16 : pick[2 * j], a0, a2);
-                    decode_half(L[2 * j + 1], H[2 * j + 1], h ? sel[2 * j + 1] >> 16 : sel[2 * j + 1],
-                                h ? pick[2 * j + 1] >> 16 : pick[2 * j + 1], a1, a3);
-#pragma unroll
-                    for (int set = 0; set < SETS; ++set) mma(acc[j][set], a0, a1, a2, a3, b[set].x, b[set].y);
-                }
-            }
-        }
+        group_mma(w, scale, x_lane, group, acc);
 #pragma unroll
         for (int q = 0; q < HALVES; ++q) {
             w[q][0] = nw[q][0];
@@ -215,6 +241,43 @@ nf4_mma_kernel(const uint4* __restrict__ words, const float* __restrict__ absmax
             scale[q] = next_scale[q];
         }
     }
+#else
+    // STAGES - 1 groups ahead in shared memory (cp.async). Each lane copies and reads back only
+    // its own bytes, so waiting for its own copies is all the synchronisation needed.
+    __shared__ __align__(16) uint4 stage_words[STAGES][WARPS][32][2 * HALVES];
+    __shared__ float stage_absmax[STAGES][WARPS][32][HALVES];
+    auto issue = [&](int grp, int slot) {
+#pragma unroll
+        for (int q = 0; q < HALVES; ++q) {
+            copy16(&stage_words[slot][warp][lane][2 * q], lane_words[q] + 8 * grp);
+            copy16(&stage_words[slot][warp][lane][2 * q + 1], lane_words[q] + 8 * grp + 1);
+            copy4(&stage_absmax[slot][warp][lane][q], lane_absmax[q] + 4 * grp);
+        }
+    };
+#pragma unroll
+    for (int s = 0; s < STAGES - 1; ++s) {
+        if (warp + s * WARPS < groups) issue(warp + s * WARPS, s);
+        copies_commit();  // one (possibly empty) commit group per step keeps the count uniform
+    }
+    int slot = 0;
+    for (int group = warp; group < groups; group += WARPS) {
+        const int ahead = group + (STAGES - 1) * WARPS;
+        if (ahead < groups) issue(ahead, slot == 0 ? STAGES - 1 : slot - 1);
+        copies_commit();
+        copies_wait<STAGES - 1>();  // this group's copies have landed
+        uint4 w[HALVES][2];
+        float scale[HALVES];
+#pragma unroll
+        for (int q = 0; q < HALVES; ++q) {
+            w[q][0] = stage_words[slot][warp][lane][2 * q];
+            w[q][1] = stage_words[slot][warp][lane][2 * q + 1];
+            scale[q] = stage_absmax[slot][warp][lane][q];
+        }
+        group_mma(w, scale, x_lane, group, acc);
+        slot = slot == STAGES - 1 ? 0 : slot + 1;
+    }
+    copies_wait<0>();
+#endif
 
 #pragma unroll
     for (int j = 0; j < TILES; ++j)
@@ -243,16 +306,20 @@ nf4_mma_kernel(const uint4* __restrict__ words, const float* __restrict__ absmax
 """
 
 
-def source(code: Sequence[float], warps: int, rows: int, rank: int, tiles: int = 1) -> str:
-    """The kernel's CUDA source for one NF4 code table, warps per block, row tile (8 or 16), rank and
-    16-feature tiles per warp."""
+def source(code: Sequence[float], warps: int, rows: int, rank: int, tiles: int = 1, stages: int = 0) -> str:
+    """The kernel's CUDA source for one NF4 code table, warps per block, row tile (8 or 16), rank,
+    16-feature tiles per warp and pipeline stages (0: the next group in registers; 3 or 4: groups
+    ahead in shared memory through cp.async, 4 warps and 1 tile, within 48 KB of shared memory)."""
     if len(code) != 16:
         raise ValueError("an NF4 code table has 16 entries")
     if warps not in WARP_CHOICES or rows not in (8, 16) or rank <= 0 or tiles not in TILE_CHOICES:
         raise ValueError(f"no nf4 MMA kernel for {warps} warps, {rows} rows, rank {rank}, {tiles} tiles")
+    if stages not in (0, 3, 4) or (stages and (warps != 4 or tiles != 1)):
+        raise ValueError(f"no nf4 MMA kernel with {stages} stages for {warps} warps and {tiles} tiles")
     # exact: hexadecimal literals of the float32 values
     values = ", ".join(f"{struct.unpack('<f', struct.pack('<f', float(v)))[0].hex()}f" for v in code)
     header = (f"#define WARPS {warps}\n#define ROWS {rows}\n#define RANK {rank}\n#define TILES {tiles}\n"
+              f"#define STAGES {stages}\n"
               f"__device__ __constant__ float CODE_TABLE[16] = {{{values}}};\n#define CODE CODE_TABLE\n")
     return header + _SOURCE
 
@@ -269,17 +336,18 @@ _KERNELS: dict[tuple, Callable] = {}
 _CODE_VALUES: dict[tuple[int | None, int], tuple[float, ...]] = {}
 
 
-def _kernel(code: torch.Tensor, warps: int, rows: int, rank: int, tiles: int) -> Callable:
+def _kernel(code: torch.Tensor, warps: int, rows: int, rank: int, tiles: int, stages: int) -> Callable:
     # Every layer holds its own copy of the (same) code table: one compile per distinct table. The
     # values are read once per address, before any graph capture (the tuner runs every layer first):
     # reading them back inside a capture is not allowed.
     address = (code.device.index, code.data_ptr())
     if address not in _CODE_VALUES:
         _CODE_VALUES[address] = tuple(code.tolist())
-    key = (code.device.index, _CODE_VALUES[address], warps, rows, rank, tiles)
+    key = (code.device.index, _CODE_VALUES[address], warps, rows, rank, tiles, stages)
     if key not in _KERNELS:
         with torch.cuda.device(code.device):
-            _KERNELS[key] = torch.cuda._compile_kernel(source(key[1], warps, rows, rank, tiles), "nf4_mma_kernel")
+            _KERNELS[key] = torch.cuda._compile_kernel(source(key[1], warps, rows, rank, tiles, stages),
+                                                       "nf4_mma_kernel")
     return _KERNELS[key]
 
 
@@ -306,6 +374,7 @@ def nf4_mma_linear(
     round_lora_first: bool,
     warps: int,
     tiles: int = 1,
+    stages: int = 0,
 ) -> torch.Tensor:
     """y = x @ dequant(W).T + scaling * B(t) with PEFT's roundings, for the m rows of x that `xq`
     holds in operand order (16 * K values, `llm.nf4_kernels._fragment_offsets`); `t` holds the
@@ -315,7 +384,7 @@ def nf4_mma_linear(
     seg1 = boundaries[0] if len(boundaries) > 0 else n
     seg2 = boundaries[1] if len(boundaries) > 1 else n
     rows = 8 if m <= 8 else 16
-    kernel = _kernel(weight.code, warps, rows, lora.rank, tiles)
+    kernel = _kernel(weight.code, warps, rows, lora.rank, tiles, stages)
     y = torch.empty((m, n), dtype=torch.bfloat16, device=xq.device)
     kernel(grid=(n // (TILE_N * tiles), 1, 1), block=(warps * 32, 1, 1),
            args=[weight.packed, weight.absmax, xq, t, lora.b, y, m, k, y.stride(0), float(lora.scaling),

@@ -31,13 +31,20 @@ def test_the_source_carries_the_code_table_exactly():
     assert "#define TILES 1" in source
 
 
-@pytest.mark.parametrize(("warps", "rows", "rank", "tiles", "code"), [
-    (3, 8, 32, 1, NF4_CODE), (8, 12, 32, 1, NF4_CODE), (8, 8, 0, 1, NF4_CODE), (8, 8, 32, 3, NF4_CODE),
-    (8, 8, 32, 1, NF4_CODE[:8]),
+@pytest.mark.parametrize(("warps", "rows", "rank", "tiles", "stages", "code"), [
+    (3, 8, 32, 1, 0, NF4_CODE), (8, 12, 32, 1, 0, NF4_CODE), (8, 8, 0, 1, 0, NF4_CODE), (8, 8, 32, 3, 0, NF4_CODE),
+    (8, 8, 32, 1, 0, NF4_CODE[:8]),
+    # the cp.async pipeline's shared memory fits 48 KB with 4 warps and 1 tile only
+    (8, 8, 32, 1, 4, NF4_CODE), (4, 16, 32, 2, 3, NF4_CODE), (4, 8, 32, 1, 2, NF4_CODE),
 ])
-def test_no_source_for_a_shape_the_kernel_does_not_handle(warps, rows, rank, tiles, code):
+def test_no_source_for_a_shape_the_kernel_does_not_handle(warps, rows, rank, tiles, stages, code):
     with pytest.raises(ValueError):
-        nf4_mma.source(code, warps, rows, rank, tiles)
+        nf4_mma.source(code, warps, rows, rank, tiles, stages)
+
+
+def test_the_pipelined_source_for_the_tuners_candidates():
+    for stages in (3, 4):
+        assert f"#define STAGES {stages}" in nf4_mma.source(NF4_CODE, 4, 16, 32, 1, stages)
 
 
 @pytest.mark.parametrize("n", [4096, 6144, 28672])
