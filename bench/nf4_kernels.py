@@ -4,7 +4,7 @@ For each projection of one Mistral-7B layer (q/k/v, o, gate/up, down) and 1, 4 a
 of the fused kernel (every config), of dequantize + cuBLAS, and of `fast`'s bf16 F.linear, with the
 bytes each reads and the achieved TB/s. Prints JSON lines.
 
-    python bench/nf4_kernels.py [ROWS, e.g. 1,4,16]
+    python bench/nf4_kernels.py [ROWS, e.g. 1,4,16] [--pipelined]
     python bench/nf4_kernels.py --profile PROJECTION ROWS CONFIG   (a target for Nsight Compute)
 """
 
@@ -54,7 +54,7 @@ def projection(parts: list[int], cols: int, seed: int) -> NF4Projection:
     return NF4Projection(NF4Matrix.concat(matrices), LoraParts(a, b, tuple(segments), 32, 0.25))
 
 
-def measure(name: str, parts: list[int], cols: int, rows_counts: Sequence[int]) -> None:
+def measure(name: str, parts: list[int], cols: int, rows_counts: Sequence[int], pipelined: bool = False) -> None:
     group = [projection(parts, cols, seed) for seed in range(LAYERS)]
     dense = [torch.randn(sum(parts), cols, dtype=torch.bfloat16, device="cuda") for _ in range(LAYERS)]
     n, k = group[0].weight.shape
@@ -70,7 +70,8 @@ def measure(name: str, parts: list[int], cols: int, rows_counts: Sequence[int]) 
 
         reference = group[0].reference(x)
         wrong = []
-        for config in nf4_kernels._candidates(rows, n, k, boundaries):
+        extra = [c for c in nf4_kernels.PIPELINED_MMA_CONFIGS if pipelined and c.fits(n, k, boundaries)]
+        for config in nf4_kernels._candidates(rows, n, k, boundaries) + extra:
             if not nf4_kernels.matches_reference(fused(config)[0], reference):
                 wrong.append(config.label)
             us = timed(lambda c=config: fused(c)) / LAYERS
@@ -108,6 +109,8 @@ def main() -> None:
     parser.add_argument("rows", nargs="?", default="1,4,16", help="row counts to time, e.g. 1,4,16")
     parser.add_argument("--profile", nargs=3, metavar=("PROJECTION", "ROWS", "CONFIG"),
                         help=f"only run one configuration (an Nsight Compute target); projections: {', '.join(SHAPES)}")
+    parser.add_argument("--pipelined", action="store_true",
+                        help="also check and time the cp.async MMA configurations the tuner does not serve yet")
     args = parser.parse_args()
     if args.profile:
         name, rows, label = args.profile
@@ -120,7 +123,7 @@ def main() -> None:
     except ValueError:
         parser.error(f"rows must be comma-separated numbers, got {args.rows!r}")
     for name, (parts, cols) in SHAPES.items():
-        measure(name, parts, cols, rows_counts)
+        measure(name, parts, cols, rows_counts, args.pipelined)
         torch.cuda.empty_cache()
 
 

@@ -108,7 +108,11 @@ LUT_DOT_CONFIGS = (  # 2-16 rows; 64-row tiles take Hopper's warpgroup MMA (wide
 MMA_CONFIGS = tuple(NF4Config(nf4_mma.TILE_N, nf4_mma.GROUP, warps, 1, kind="mma") for warps in nf4_mma.WARP_CHOICES) + (
     NF4Config(2 * nf4_mma.TILE_N, nf4_mma.GROUP, 4, 1, kind="mma"),
     NF4Config(2 * nf4_mma.TILE_N, nf4_mma.GROUP, 8, 1, kind="mma"),
-    # num_stages > 1: weights num_stages - 1 groups ahead through cp.async (shared memory)
+)
+# num_stages > 1: the weights num_stages - 1 groups ahead through cp.async (shared memory). Compiled
+# for sm_90 and reviewed, but not yet run on a GPU: never served until tests/gpu and
+# `bench/nf4_kernels.py --pipelined` have checked and timed them (bench/NOTES.md, run 12).
+PIPELINED_MMA_CONFIGS = (
     NF4Config(nf4_mma.TILE_N, nf4_mma.GROUP, 4, 3, kind="mma"),
     NF4Config(nf4_mma.TILE_N, nf4_mma.GROUP, 4, 4, kind="mma"),
 )

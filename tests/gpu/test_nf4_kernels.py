@@ -71,3 +71,37 @@ def test_fused_kernel_equals_the_reference_path(rows, name):
         assert (diff > 0).float().mean().item() < 0.05, config
         worst = max(worst, diff.max().item())
     print("NF4_KERNEL " + json.dumps({"name": name, "rows": rows, "max_abs_diff": worst}))
+
+
+_PIPELINED_CHECK = """
+import json, sys, torch
+sys.path.insert(0, {root!r})
+from tests.gpu.test_nf4_kernels import _projection
+from llm import nf4_kernels
+worst = {{}}
+for name, parts, cols in (("qkv", [(4096, 0), (1024, 0), (1024, 0)], 4096), ("down", [(4096, 0)], 14336)):
+    projection = _projection(parts, cols)
+    for rows in (1, 3, 16):
+        x = torch.randn(rows, cols, dtype=torch.bfloat16, device="cuda:0")
+        reference = projection.reference(x)
+        for config in nf4_kernels.PIPELINED_MMA_CONFIGS:
+            out = nf4_kernels.nf4_lora_linear(x, projection.weight, projection.lora, True, config)
+            assert nf4_kernels.matches_reference(out, reference), (name, rows, config)
+            key = f"{{name}}_m{{rows}}_{{config.label}}"
+            worst[key] = (out.float() - reference.float()).abs().max().item()
+print("NF4_PIPELINED " + json.dumps(worst))
+"""
+
+
+def test_pipelined_mma_configs_equal_the_reference_path():
+    """The cp.async MMA configurations, not served until this passes on a GPU: in a process of its
+    own, so that a memory fault cannot take the other GPU tests' CUDA context with it."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = str(Path(__file__).resolve().parents[2])
+    result = subprocess.run([sys.executable, "-c", _PIPELINED_CHECK.format(root=root)], capture_output=True,
+                            text=True, timeout=600)
+    print(result.stdout[-2000:])
+    assert result.returncode == 0, result.stderr[-3000:]
