@@ -71,7 +71,9 @@ def measure(name: str, parts: list[int], cols: int, rows_counts: Sequence[int], 
         reference = group[0].reference(x)
         wrong = []
         extra = [c for c in nf4_kernels.PIPELINED_MMA_CONFIGS if pipelined and c.fits(n, k, boundaries)]
-        for config in nf4_kernels._candidates(rows, n, k, boundaries) + extra:
+        served = nf4_kernels._candidates(rows, n, k, boundaries)
+        fallbacks = nf4_kernels._candidates(rows, n, k, boundaries, mma=False)  # where NVRTC / sm_80 are missing
+        for config in dict.fromkeys(served + fallbacks + extra):
             if not nf4_kernels.matches_reference(fused(config)[0], reference):
                 wrong.append(config.label)
             us = timed(lambda c=config: fused(c)) / LAYERS
@@ -95,7 +97,8 @@ def profile_target(name: str, rows: int, label: str) -> None:
     target = projection(parts, cols, seed=0)
     n, k = target.weight.shape
     boundaries = [s for s, _, _ in target.lora.segments[1:]]
-    configs = {c.label: c for c in nf4_kernels._candidates(rows, n, k, boundaries)}
+    configs = {c.label: c for c in nf4_kernels._candidates(rows, n, k, boundaries)
+               + nf4_kernels._candidates(rows, n, k, boundaries, mma=False) + list(nf4_kernels.PIPELINED_MMA_CONFIGS)}
     if label not in configs:
         raise SystemExit(f"no configuration {label!r} for {name} at {rows} rows; there are: {', '.join(configs)}")
     x = torch.randn(rows, cols, dtype=torch.bfloat16, device="cuda")

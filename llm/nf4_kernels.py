@@ -14,12 +14,13 @@
   rounding) into registers, split into a low-byte and a high-byte table, and then decodes 8
   nibbles at a time with `prmt` byte permutes (PTX, `lut_asm`): ~8 instructions per weight, table
   and multiply-add included (SASS), where the code-table gather kernels take ~21. They serve one
-  row (a GEMV), 2-16 rows (a 64-row warpgroup-MMA tile) and prompt-time dequantization; 2-4 rows
-  may still measure faster on the code-table multiply-reduce.
+  row (a GEMV), 2-16 rows (a 64-row warpgroup-MMA tile) and prompt-time dequantization.
 - The "mma" configurations run `llm.nf4_mma`'s CUDA C++ kernel (the same tables and permutes, the
   decoded weights fed straight into tensor-core `mma.sync`): one kernel for 1..16 rows whose cost
   hardly grows with the rows; the LoRA `A` kernel also writes x in its operand order. Run 12 served
-  it for every projection and batch size but one.
+  it for every projection and batch size but one (`o` at one row: the LUT GEMV). Where it runs,
+  2-16 rows time it alone; the Triton kernels above are the fallback where it cannot (no NVRTC,
+  a GPU older than sm_80, or a failed check) and the default for an untuned weight.
 - `NF4Plan`: per (projection, batch bucket), the fastest kernel configuration, timed at start-up
   over all layers' weights among those that match the reference path.
 
@@ -32,6 +33,7 @@ On the CPU Triton is absent: `available()` is False and `llm.nf4` keeps its PyTo
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
@@ -121,17 +123,23 @@ SMALL_CONFIGS = (NF4Config(16, 64, 4, 1, kind="gather_dot"),)
 MAX_ROWS = 16
 
 
-def _candidates(rows: int, n: int, k: int, boundaries: Sequence[int]) -> list[NF4Config]:
+def _candidates(rows: int, n: int, k: int, boundaries: Sequence[int], mma: bool | None = None) -> list[NF4Config]:
+    """The configurations the tuner times for this weight and rows bucket. Where the tensor-core
+    kernel runs (`mma`, by default: NVRTC and sm_80+ here), 2-16 rows take it alone: in run 12 it
+    was 1.7-4.4 x as fast as every Triton kernel there. With `mma=False`, the Triton kernels: the
+    tuner's fallback when no MMA configuration compiles or matches the reference on this GPU."""
+    mma = _mma_available() if mma is None else mma
     block_m = _block_m(rows)
+    mma_configs = [c for c in MMA_CONFIGS if c.fits(n, k, boundaries)] if mma else []
+    if mma_configs and block_m > 1:
+        return mma_configs
     if block_m == 1:
         configs = LUT_GEMV_CONFIGS
     elif block_m == MAX_ROWS:
         configs = LUT_DOT_CONFIGS
     else:
         configs = FMA_CONFIGS + LUT_DOT_CONFIGS
-    fitting = [c for c in configs if c.fits(n, k, boundaries)]
-    if _mma_available():
-        fitting += [c for c in MMA_CONFIGS if c.fits(n, k, boundaries)]
+    fitting = [c for c in configs if c.fits(n, k, boundaries)] + mma_configs
     # The small fallback is a 16-row tile: it serves any row count.
     return fitting or [c for c in SMALL_CONFIGS if c.fits(n, k, boundaries)]
 
@@ -626,7 +634,9 @@ CANDIDATE_MS: dict[str, float] = {}  # every config the tuner timed (ms per step
 
 
 def default_config(rows: int, n: int, k: int, boundaries: Sequence[int]) -> NF4Config:
-    candidates = _candidates(rows, n, k, boundaries)
+    """For a weight the tuner did not see: a Triton kernel (the CUDA one is served only once the tuner
+    has checked it on this GPU)."""
+    candidates = _candidates(rows, n, k, boundaries, mma=False)
     if not candidates:
         raise ValueError(f"no NF4 kernel configuration fits a {n}x{k} weight")
     return candidates[0]
@@ -720,11 +730,37 @@ def matches_reference(out: torch.Tensor, reference: torch.Tensor) -> bool:
     return (out.float() - reference.float()).abs().max().item() <= tolerance
 
 
+def _fastest(name: str, group: list, rows: int, candidates: Sequence[NF4Config], x: torch.Tensor,
+             reference: torch.Tensor, replays: int) -> tuple[float, NF4Config] | None:
+    """The fastest of `candidates` over all layers of `group`, among those that compile here and
+    match the reference path on the first layer."""
+    first = group[0]
+    best: tuple[float, NF4Config] | None = None
+    for config in candidates:
+        try:
+            out = nf4_lora_linear(x, first.weight, first.lora, first.round_lora_first, config)
+            if not matches_reference(out, reference):
+                logger.warning("nf4 config %s computes wrong results for %s here; skipped", config.label, name)
+                continue
+            ms = graph_time_ms(lambda c=config: [
+                nf4_lora_linear(x, p.weight, p.lora, p.round_lora_first, c) for p in group
+            ], replays)
+        except Exception as error:  # noqa: BLE001 - a config that cannot compile here
+            logger.warning("nf4 config %s failed for %s: %r", config.label, name, error)
+            continue
+        CANDIDATE_MS[f"{name}_m{rows}_{config.label}"] = round(ms, 3)
+        if best is None or ms < best[0]:
+            best = (ms, config)
+    return best
+
+
 def tune(projections: dict[str, list], rows_buckets: Sequence[int], replays: int = 5) -> dict[str, object]:
     """Per (projection, rows bucket), time every fitting config - and, for batched rows, dequantize +
     cuBLAS - over all layers' weights inside a CUDA graph (so neither launch overhead nor the L2
     cache flatters anyone); keep the fastest of those that match the reference path on the first
-    layer (a config this GPU or Triton gets wrong is never served)."""
+    layer (a config this GPU or Triton gets wrong is never served). Where no tensor-core config
+    does, the Triton ones are timed instead."""
+    started = time.perf_counter()
     for name, group in projections.items():
         first = group[0]
         n, k = first.weight.shape
@@ -735,22 +771,12 @@ def tune(projections: dict[str, list], rows_buckets: Sequence[int], replays: int
                 continue
             x = torch.randn((rows, k), dtype=torch.bfloat16, device=first.weight.packed.device)
             reference = first.reference(x)
-            best: tuple[float, NF4Config] | None = None
-            for config in candidates:
-                try:
-                    out = nf4_lora_linear(x, first.weight, first.lora, first.round_lora_first, config)
-                    if not matches_reference(out, reference):
-                        logger.warning("nf4 config %s computes wrong results for %s here; skipped", config.label, name)
-                        continue
-                    ms = graph_time_ms(lambda c=config, x=x, group=group: [
-                        nf4_lora_linear(x, p.weight, p.lora, p.round_lora_first, c) for p in group
-                    ], replays)
-                except Exception as error:  # noqa: BLE001 - a config that cannot compile here
-                    logger.warning("nf4 config %s failed for %s: %r", config, name, error)
-                    continue
-                CANDIDATE_MS[f"{name}_m{rows}_{config.label}"] = round(ms, 3)
-                if best is None or ms < best[0]:
-                    best = (ms, config)
+            best = _fastest(name, group, rows, candidates, x, reference, replays)
+            if best is None and any(c.kind == "mma" for c in candidates):
+                logger.warning("nf4: no tensor-core kernel works for %s at %d rows here; timing the Triton ones",
+                               name, rows)
+                best = _fastest(name, group, rows, _candidates(rows, n, k, boundaries, mma=False), x, reference,
+                                replays)
             if best is not None:
                 PLAN.set(rows, n, k, best[1])
                 PLAN.timings_ms[f"{name}_m{rows}"] = round(best[0], 3)
@@ -760,4 +786,5 @@ def tune(projections: dict[str, list], rows_buckets: Sequence[int], replays: int
                 if best is None or ms < best[0]:
                     PLAN._reference.add((rows, n, k))
             torch.cuda.empty_cache()
-    return {**PLAN.summary(), "ms_per_step_all_layers": dict(PLAN.timings_ms)}
+    return {**PLAN.summary(), "ms_per_step_all_layers": dict(PLAN.timings_ms),
+            "tune_s": round(time.perf_counter() - started, 1)}

@@ -61,3 +61,27 @@ def test_not_available_without_cuda():
     assert not nf4_mma.available("cpu")
     if not torch.cuda.is_available():
         assert not nf4_mma.available("cuda")
+
+
+SHAPES = [(6144, 4096, [4096, 5120]), (4096, 4096, []), (28672, 4096, [14336]), (4096, 14336, [])]
+
+
+@pytest.mark.parametrize(("n", "k", "boundaries"), SHAPES)
+def test_batches_take_the_tensor_core_kernel_alone_and_one_row_keeps_the_lut_gemv(n, k, boundaries):
+    from llm import nf4_kernels
+
+    for rows in (2, 3, 4, 7, 16):
+        assert {c.kind for c in nf4_kernels._candidates(rows, n, k, boundaries, mma=True)} == {"mma"}
+    one_row = {c.kind for c in nf4_kernels._candidates(1, n, k, boundaries, mma=True)}
+    assert "mma" in one_row and "lut" in one_row  # run 12: the LUT GEMV still won `o` at one row
+
+
+@pytest.mark.parametrize(("n", "k", "boundaries"), SHAPES)
+def test_fallbacks_and_defaults_are_triton_kernels(n, k, boundaries):
+    # where NVRTC or sm_80 is missing, or the tuner did not see a weight: never the unchecked CUDA kernel
+    from llm import nf4_kernels
+
+    for rows in (1, 2, 4, 16):
+        assert all(c.kind != "mma" for c in nf4_kernels._candidates(rows, n, k, boundaries, mma=False))
+        assert nf4_kernels.default_config(rows, n, k, boundaries).kind != "mma"
+    assert not set(nf4_kernels.PIPELINED_MMA_CONFIGS) & set(nf4_kernels.MMA_CONFIGS)
