@@ -745,6 +745,8 @@ def _fastest(name: str, group: list, rows: int, candidates: Sequence[NF4Config],
             ms = graph_time_ms(lambda c=config: [
                 nf4_lora_linear(x, p.weight, p.lora, p.round_lora_first, c) for p in group
             ], replays)
+        except nf4_mma.MmaUnavailable:
+            continue  # logged once, where the compile failed
         except Exception as error:  # noqa: BLE001 - a config that cannot compile here
             logger.warning("nf4 config %s failed for %s: %r", config.label, name, error)
             continue
@@ -773,8 +775,9 @@ def tune(projections: dict[str, list], rows_buckets: Sequence[int], replays: int
             reference = first.reference(x)
             best = _fastest(name, group, rows, candidates, x, reference, replays)
             if best is None and any(c.kind == "mma" for c in candidates):
-                logger.warning("nf4: no tensor-core kernel works for %s at %d rows here; timing the Triton ones",
-                               name, rows)
+                if nf4_mma.disabled_reason() is None:
+                    logger.warning("nf4: no tensor-core kernel matches the reference for %s at %d rows here; "
+                                   "timing the Triton ones", name, rows)
                 best = _fastest(name, group, rows, _candidates(rows, n, k, boundaries, mma=False), x, reference,
                                 replays)
             if best is not None:
@@ -786,5 +789,10 @@ def tune(projections: dict[str, list], rows_buckets: Sequence[int], replays: int
                 if best is None or ms < best[0]:
                     PLAN._reference.add((rows, n, k))
             torch.cuda.empty_cache()
-    return {**PLAN.summary(), "ms_per_step_all_layers": dict(PLAN.timings_ms),
-            "tune_s": round(time.perf_counter() - started, 1)}
+    summary = PLAN.summary()
+    tensor_core = sum(label.startswith("mma") for label in summary.values())
+    seconds = round(time.perf_counter() - started, 1)
+    logger.info("nf4 kernels tuned in %.1f s: the tensor-core kernel serves %d of %d projection x batch-size "
+                "choices%s", seconds, tensor_core, len(summary),
+                f" (off: {nf4_mma.disabled_reason()})" if nf4_mma.disabled_reason() else "")
+    return {**summary, "ms_per_step_all_layers": dict(PLAN.timings_ms), "tune_s": seconds}

@@ -23,6 +23,7 @@ kernels' epilogue does.
 
 from __future__ import annotations
 
+import logging
 import struct
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING
@@ -31,6 +32,8 @@ import torch
 
 if TYPE_CHECKING:
     from llm.nf4 import LoraParts, NF4Matrix
+
+logger = logging.getLogger(__name__)
 
 GROUP = 256  # inputs per lane group: 4 absmax blocks of 64, one per lane of a quad
 TILE_N = 16  # output features per tile (one MMA's m); a block has 1 or 2 tiles
@@ -324,12 +327,38 @@ def source(code: Sequence[float], warps: int, rows: int, rank: int, tiles: int =
     return header + _SOURCE
 
 
+class MmaUnavailable(RuntimeError):
+    """The kernel cannot be compiled here (no NVRTC, an NVRTC that refuses it): already logged once."""
+
+
+_DISABLED: str | None = None  # why the kernel cannot be compiled here, once a compile has failed
+
+
 def available(device: torch.device | str) -> bool:
-    """Tensor-core MMA (sm_80 or newer) and NVRTC through PyTorch."""
+    """Tensor-core MMA (sm_80 or newer) and NVRTC through PyTorch, and no compile has failed."""
     device = torch.device(device)
     if device.type != "cuda" or not torch.cuda.is_available() or not hasattr(torch.cuda, "_compile_kernel"):
         return False
-    return torch.cuda.get_device_capability(device) >= (8, 0)
+    return _DISABLED is None and torch.cuda.get_device_capability(device) >= (8, 0)
+
+
+def disabled_reason() -> str | None:
+    return _DISABLED
+
+
+def _compile(source_text: str) -> Callable:
+    """One NVRTC compile. The first failure turns the kernel off for this process, with one WARNING
+    line for the operator (the Triton kernels serve instead)."""
+    global _DISABLED
+    if _DISABLED is not None:
+        raise MmaUnavailable(_DISABLED)
+    try:
+        return torch.cuda._compile_kernel(source_text, "nf4_mma_kernel")
+    except Exception as error:  # noqa: BLE001 - NVRTC missing or refusing: any failure means "not here"
+        _DISABLED = (str(error).strip().splitlines() or [type(error).__name__])[0][:300]
+        logger.warning("nf4: the tensor-core kernel cannot be compiled here (%s); the Triton kernels serve instead",
+                       _DISABLED)
+        raise MmaUnavailable(_DISABLED) from error
 
 
 _KERNELS: dict[tuple, Callable] = {}
@@ -346,8 +375,7 @@ def _kernel(code: torch.Tensor, warps: int, rows: int, rank: int, tiles: int, st
     key = (code.device.index, _CODE_VALUES[address], warps, rows, rank, tiles, stages)
     if key not in _KERNELS:
         with torch.cuda.device(code.device):
-            _KERNELS[key] = torch.cuda._compile_kernel(source(key[1], warps, rows, rank, tiles, stages),
-                                                       "nf4_mma_kernel")
+            _KERNELS[key] = _compile(source(key[1], warps, rows, rank, tiles, stages))
     return _KERNELS[key]
 
 

@@ -85,3 +85,25 @@ def test_fallbacks_and_defaults_are_triton_kernels(n, k, boundaries):
         assert all(c.kind != "mma" for c in nf4_kernels._candidates(rows, n, k, boundaries, mma=False))
         assert nf4_kernels.default_config(rows, n, k, boundaries).kind != "mma"
     assert not set(nf4_kernels.PIPELINED_MMA_CONFIGS) & set(nf4_kernels.MMA_CONFIGS)
+
+
+def test_a_failed_compile_turns_the_kernel_off_with_one_warning(monkeypatch, caplog):
+    # NVRTC missing or refusing the source (it cannot run here; its PyTorch entry point is replaced)
+    calls = []
+
+    def refuse(source_text: str, name: str) -> None:
+        calls.append(name)
+        raise RuntimeError("nvrtc: error: failed to open libnvrtc-builtins.so.13.0\nmore detail")
+
+    monkeypatch.setattr(nf4_mma, "_DISABLED", None)
+    monkeypatch.setattr(torch.cuda, "_compile_kernel", refuse, raising=False)
+    source = nf4_mma.source(NF4_CODE, 4, 8, 32)
+    with caplog.at_level("WARNING", logger="llm.nf4_mma"):
+        for _ in range(3):
+            with pytest.raises(nf4_mma.MmaUnavailable):
+                nf4_mma._compile(source)
+    assert calls == ["nf4_mma_kernel"]  # not retried for every candidate and layer
+    assert nf4_mma.disabled_reason() == "nvrtc: error: failed to open libnvrtc-builtins.so.13.0"
+    warnings = [r for r in caplog.records if r.levelname == "WARNING"]
+    assert len(warnings) == 1 and "Triton kernels serve instead" in warnings[0].getMessage()
+    assert "\n" not in warnings[0].getMessage()
