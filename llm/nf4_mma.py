@@ -44,6 +44,9 @@ _SOURCE = r"""
 typedef unsigned int u32;
 typedef unsigned short u16;
 
+// PTX helpers. NF4_EMULATE (tests/fakes/cuda_emulation.hpp) swaps in plain C++ ones, so that the
+// kernel's own text runs on a CPU in the tests.
+#ifndef NF4_EMULATE
 __device__ __forceinline__ u32 prmt(u32 a, u32 b, u32 s) {
     u32 d;
     asm("prmt.b32 %0, %1, %2, %3;" : "=r"(d) : "r"(a), "r"(b), "r"(s));
@@ -78,14 +81,15 @@ __device__ __forceinline__ uint4 load_streaming(const uint4* p) {
     return v;
 }
 
-__device__ __forceinline__ float f32(u16 h) { return __uint_as_float(((u32)h) << 16); }
-
 __device__ __forceinline__ void mma(float (&d)[4], u32 a0, u32 a1, u32 a2, u32 a3, u32 b0, u32 b1) {
     asm("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
         "{%0,%1,%2,%3};"
         : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
         : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
 }
+#endif  // NF4_EMULATE
+
+__device__ __forceinline__ float f32(u16 h) { return __uint_as_float(((u32)h) << 16); }
 
 // One 32-bit word's half (4 values: 4h..4h+3) as two bf16x2 MMA registers, from the block's tables.
 __device__ __forceinline__ void decode_half(const u32 (&L)[4], const u32 (&H)[4], u32 sel, u32 pick, u32& first,
@@ -108,6 +112,7 @@ __device__ __forceinline__ void block_tables(float scale, u32 (&L)[4], u32 (&H)[
     }
 }
 
+#ifndef NF4_EMULATE
 // cp.async: global -> shared without registers, so that many groups can be in flight
 __device__ __forceinline__ u32 smem_address(const void* p) {
     u32 a;
@@ -123,6 +128,7 @@ __device__ __forceinline__ void copy4(void* dst, const void* src) {
 __device__ __forceinline__ void copies_commit() { asm volatile("cp.async.commit_group;" ::: "memory"); }
 template <int N>
 __device__ __forceinline__ void copies_wait() { asm volatile("cp.async.wait_group %0;" ::"n"(N) : "memory"); }
+#endif  // NF4_EMULATE
 
 // One group of 256 inputs: each half's block tables, then 16 MMA steps (x values in operand order).
 __device__ __forceinline__ void group_mma(const uint4 (&w)[2 * TILES][2], const float (&scale)[2 * TILES],
@@ -380,6 +386,17 @@ def _kernel(code: torch.Tensor, warps: int, rows: int, rank: int, tiles: int, st
 
 
 T_SUM_BYTES = 16 << 20  # what all blocks together may read of the LoRA A partial sums, per call
+
+
+def operand_order(x: torch.Tensor) -> torch.Tensor:
+    """x ([rows <= 16, K]) as the kernel reads it, 16 * K values (rows past x's zero): per group of
+    256 inputs, set of 8 rows and MMA step, each lane's 4 values in lane order. The LoRA `A` kernel
+    writes the same (`llm.nf4_kernels._fragment_offsets`); this is its reference."""
+    rows, k = x.shape
+    padded = x.new_zeros((16, k))
+    padded[:rows] = x
+    # input k = 256 group + 64 t + 4 step + j of row 8 set + g  ->  [group, set, step, g, t, j]
+    return padded.reshape(2, 8, k // GROUP, 4, 16, 4).permute(2, 0, 4, 1, 3, 5).reshape(-1)
 
 
 def lora_splits_cap(rows: int, n: int, rank: int) -> int:

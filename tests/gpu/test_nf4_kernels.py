@@ -108,3 +108,17 @@ def test_pipelined_mma_configs_equal_the_reference_path():
                             text=True, timeout=600)
     print(result.stdout[-2000:])
     assert result.returncode == 0, result.stderr[-3000:]
+
+
+@pytest.mark.parametrize("rows", [1, 3, 4, 7, 16])
+def test_the_lora_a_kernel_writes_x_in_the_mma_operand_order(rows):
+    # llm.nf4_mma.operand_order is the layout the CUDA kernel was checked against on the CPU
+    # (tests/test_nf4_mma_emulated.py); the Triton LoRA A kernels must write exactly that.
+    from llm import nf4_kernels, nf4_mma
+
+    projection = _projection([(1024, 0)], 4096)
+    x = torch.randn(rows, 4096, dtype=torch.bfloat16, device="cuda:0")
+    xq = torch.zeros(16 * 4096, dtype=torch.bfloat16, device="cuda:0")
+    block_m = nf4_kernels._block_m(rows)
+    nf4_kernels.lora_a_product(x, projection.lora, block_m, block_m == nf4_kernels.MAX_ROWS, block_r=8, xq=xq)
+    assert torch.equal(xq, nf4_mma.operand_order(x))

@@ -1,0 +1,104 @@
+"""The tensor-core kernel's own CUDA text, run on the CPU (tests/fakes/cuda_emulation.hpp: one
+std::thread per CUDA thread, mma.sync from the PTX ISA's fragment layout), against the reference
+path: the lane-to-weight mapping, the x operand order, the K split across warps, both pipelines
+and the LoRA epilogue. The real kernel runs in tests/gpu/test_nf4_kernels.py on a GPU."""
+
+from __future__ import annotations
+
+import ctypes
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+import torch
+
+from llm import nf4_kernels, nf4_mma
+from llm.nf4 import LoraParts, NF4Matrix, NF4Projection
+
+pytestmark = pytest.mark.skipif(shutil.which("g++") is None, reason="needs g++ to build the emulated kernel")
+
+NF4_CODE = [-1.0, -0.6961928009986877, -0.5250730514526367, -0.39491748809814453, -0.28444138169288635,
+            -0.18477343022823334, -0.09105003625154495, 0.0, 0.07958029955625534, 0.16093020141124725,
+            0.24611230194568634, 0.33791524171829224, 0.44070982933044434, 0.5626170039176941,
+            0.7229568362236023, 1.0]
+HEADER = Path(__file__).parent / "fakes" / "cuda_emulation.hpp"
+LAUNCHER = r"""
+extern "C" void launch(int grid, int threads, const void* words, const float* absmax, const void* xq,
+                       const float* t_part, const float* lora_b, void* y, int M, int K, int ldy, double scaling,
+                       int seg1, int seg2, int RT, int t_splits, int round_lora_first) {
+    launch_blocks(grid, threads, [=] {
+        nf4_mma_kernel((const uint4*)words, absmax, (const uint2*)xq, t_part, lora_b, (u16*)y, M, K, ldy, scaling,
+                       seg1, seg2, RT, t_splits, round_lora_first);
+    });
+}
+"""
+RANK = 32
+
+
+def _build(tmp_path_factory: pytest.TempPathFactory, warps: int, rows: int, tiles: int, stages: int) -> ctypes.CDLL:
+    folder = tmp_path_factory.mktemp(f"nf4_w{warps}_r{rows}_t{tiles}_s{stages}")
+    text = (f'#define NF4_EMULATE\n#include "{HEADER}"\n' + nf4_mma.source(NF4_CODE, warps, rows, RANK, tiles, stages)
+            + LAUNCHER)
+    (folder / "kernel.cpp").write_text(text)
+    built = subprocess.run(
+        ["g++", "-O1", "-std=c++20", "-shared", "-fPIC", "-pthread", "-ffp-contract=off", "-Wno-unknown-pragmas",
+         "-o", str(folder / "kernel.so"), str(folder / "kernel.cpp")],
+        capture_output=True, text=True,
+    )
+    assert built.returncode == 0, built.stderr[-3000:]
+    library = ctypes.CDLL(str(folder / "kernel.so"))
+    library.launch.argtypes = [ctypes.c_int, ctypes.c_int] + [ctypes.c_void_p] * 6 + [
+        ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_double] + [ctypes.c_int] * 5
+    return library
+
+
+def _projection(n: int, k: int, seed: int) -> NF4Projection:
+    g = torch.Generator().manual_seed(seed)
+    weight = NF4Matrix(
+        packed=torch.randint(0, 256, (n, k // 2), dtype=torch.uint8, generator=g),
+        absmax=torch.rand((n, k // 64), generator=g) * 0.05 + 0.005,
+        code=torch.tensor(NF4_CODE, dtype=torch.float32),
+    )
+    half = n // 2  # two parts, as gate/up: each its own A rows and B
+    lora = LoraParts(
+        a=torch.randn((2 * RANK, k), generator=g) * 0.02,
+        b=torch.randn((n, RANK), generator=g) * 0.02,
+        segments=((0, half, 0), (half, n, RANK)),
+        rank=RANK,
+        scaling=0.25,
+    )
+    return NF4Projection(weight, lora)
+
+
+def _run(library: ctypes.CDLL, projection: NF4Projection, x: torch.Tensor, warps: int, tiles: int) -> torch.Tensor:
+    m, k = x.shape
+    n = projection.weight.shape[0]
+    lora = projection.lora
+    xq = nf4_mma.operand_order(x).contiguous()
+    cut = k // 2  # two split-K partial sums, as the LoRA A kernel leaves them
+    t_part = torch.stack([x[:, :cut].float() @ lora.a[:, :cut].T, x[:, cut:].float() @ lora.a[:, cut:].T]).contiguous()
+    y = torch.full((m, n), float("nan"), dtype=torch.bfloat16)
+    library.launch(n // (16 * tiles), warps * 32, projection.weight.packed.data_ptr(),
+                   projection.weight.absmax.data_ptr(), xq.data_ptr(), t_part.data_ptr(), lora.b.data_ptr(),
+                   y.data_ptr(), m, k, n, lora.scaling, lora.segments[1][0], n, lora.a.shape[0], 2, 1)
+    return y
+
+
+# (warps, tiles, stages): the register pipeline, two tiles per warp, and the cp.async pipeline
+VARIANTS = [(4, 1, 0), (8, 2, 0), (4, 1, 4)]
+
+
+@pytest.mark.parametrize(("warps", "tiles", "stages"), VARIANTS)
+@pytest.mark.parametrize("rows", [1, 3, 11, 16])
+def test_the_kernel_text_computes_the_reference_function(tmp_path_factory, warps, tiles, stages, rows):
+    library = _build(tmp_path_factory, warps, 8 if rows <= 8 else 16, tiles, stages)
+    # 5 groups of 256 inputs: some warps get two, some one, some none. The cp.async pipeline gets 21:
+    # 5-6 per warp, so that its ring of stages wraps around.
+    k = 256 * (21 if stages else 5)
+    projection = _projection(n=64, k=k, seed=rows)
+    x = torch.randn((rows, k), generator=torch.Generator().manual_seed(100 + rows)).to(torch.bfloat16)
+    out = _run(library, projection, x, warps, tiles)
+    reference = projection.reference(x)
+    assert not out.isnan().any()  # every output written
+    assert nf4_kernels.matches_reference(out, reference), (out.float() - reference.float()).abs().max()
