@@ -3,22 +3,24 @@
 A CUDA C++ kernel, compiled at start-up with NVRTC (`torch.cuda._compile_kernel`), because it needs
 what Triton does not let a kernel choose: which lane holds which weight of an `mma.sync` operand.
 
-One `mma.m16n8k16` multiplies 16 rows of x (padded with zeros) by 8 output features x 16 inputs.
-The reduction order over k is free as long as x and W use the same one, so the kernel picks it to
-suit the weights: in a group of 256 inputs, the lane (g, t) of a warp supplies, for feature g, the 4
-values of each of 16 MMAs from one 64-value absmax block (block t), 32 contiguous bytes of its row
-as bitsandbytes stored them. So each lane:
-- loads its 32 bytes and one absmax (no repacking at load time),
-- builds that block's 16 possible weights once, `cvt.rn.bf16x2(code[i] * absmax)` (the float32
+One `mma.m16n8k16` multiplies 16 output features x 16 inputs of W (the A operand) by 8 rows of x
+(B; a second MMA takes rows 9-16). The reduction order over k is free as long as x and W use the
+same one, so the kernel picks it to suit the weights: in a group of 256 inputs, lane (g, t) of a
+warp supplies, for features g and g + 8, the 4 values of each of 16 MMAs from one 64-value absmax
+block (block t): 32 contiguous bytes of each row, as bitsandbytes stored them. So each lane:
+- loads its 2 x 32 bytes and 2 absmax values (no repacking at load time),
+- builds each block's 16 possible weights once, `cvt.rn.bf16x2(code[i] * absmax)` (the float32
   product and single rounding of `dequantize_4bit`, so the weights are bit for bit bitsandbytes'),
   as a low-byte and a high-byte table (`llm.nf4_kernels.lut_asm` does the same in Triton),
-- turns each 32-bit word (8 nibbles) into two MMAs' B operands with 8 `prmt` byte permutes,
+- turns each 32-bit word (8 nibbles) into two MMAs' A registers with 8 `prmt` byte permutes,
 - reads the matching x values with one coalesced load per MMA: the LoRA `A` kernel, which reads x
-  anyway, also writes it in this operand order.
-The same kernel serves 1 and 16 rows for the same weight traffic. The warps of a block split K and
-add up through shared memory; the epilogue adds the LoRA's `B` product with PEFT's roundings
-(float32 `B @ t * scaling`, rounded to bf16 and added to the bf16 base output), as the Triton
-kernels' epilogue does.
+  anyway, also writes it in this operand order (`operand_order`).
+The decode is shared by all rows, so 1 and 16 rows cost nearly the same weight work. The warps of a
+block split K and add up through shared memory; the epilogue adds the LoRA's `B` product with
+PEFT's roundings (float32 `B @ t * scaling`, rounded to bf16 and added to the bf16 base output), as
+the Triton kernels' epilogue does. Variants: 1 or 2 feature tiles per warp, and the next group in
+registers or (not yet served) several groups ahead in shared memory through cp.async.
+tests/test_nf4_mma_emulated.py runs this CUDA text on the CPU; tests/gpu runs it on a GPU.
 """
 
 from __future__ import annotations
@@ -385,9 +387,6 @@ def _kernel(code: torch.Tensor, warps: int, rows: int, rank: int, tiles: int, st
     return _KERNELS[key]
 
 
-T_SUM_BYTES = 16 << 20  # what all blocks together may read of the LoRA A partial sums, per call
-
-
 def operand_order(x: torch.Tensor) -> torch.Tensor:
     """x ([rows <= 16, K]) as the kernel reads it, 16 * K values (rows past x's zero): per group of
     256 inputs, set of 8 rows and MMA step, each lane's 4 values in lane order. The LoRA `A` kernel
@@ -397,6 +396,9 @@ def operand_order(x: torch.Tensor) -> torch.Tensor:
     padded[:rows] = x
     # input k = 256 group + 64 t + 4 step + j of row 8 set + g  ->  [group, set, step, g, t, j]
     return padded.reshape(2, 8, k // GROUP, 4, 16, 4).permute(2, 0, 4, 1, 3, 5).reshape(-1)
+
+
+T_SUM_BYTES = 16 << 20  # what all blocks together may read of the LoRA A partial sums, per call
 
 
 def lora_splits_cap(rows: int, n: int, rank: int) -> int:
