@@ -24,13 +24,19 @@ NF4_CODE = [-1.0, -0.6961928009986877, -0.5250730514526367, -0.39491748809814453
             0.7229568362236023, 1.0]
 HEADER = Path(__file__).parent / "fakes" / "cuda_emulation.hpp"
 LAUNCHER = r"""
-extern "C" void launch(int grid, int threads, const void* words, const float* absmax, const void* xq,
+extern "C" void add_buffer(const void* begin, long bytes) {
+    global_buffers.push_back({static_cast<const char*>(begin), static_cast<const char*>(begin) + bytes});
+}
+// Returns the number of out-of-bounds global reads.
+extern "C" long launch(int grid, int threads, const void* words, const float* absmax, const void* xq,
                        const float* t_part, const float* lora_b, void* y, int M, int K, int ldy, double scaling,
                        int seg1, int seg2, int RT, int t_splits, int round_lora_first) {
+    out_of_bounds_reads = 0;
     launch_blocks(grid, threads, [=] {
         nf4_mma_kernel((const uint4*)words, absmax, (const uint2*)xq, t_part, lora_b, (u16*)y, M, K, ldy, scaling,
                        seg1, seg2, RT, t_splits, round_lora_first);
     });
+    return out_of_bounds_reads;
 }
 """
 RANK = 32
@@ -48,6 +54,8 @@ def _build(tmp_path_factory: pytest.TempPathFactory, warps: int, rows: int, tile
     )
     assert built.returncode == 0, built.stderr[-3000:]
     library = ctypes.CDLL(str(folder / "kernel.so"))
+    library.add_buffer.argtypes = [ctypes.c_void_p, ctypes.c_long]
+    library.launch.restype = ctypes.c_long
     library.launch.argtypes = [ctypes.c_int, ctypes.c_int] + [ctypes.c_void_p] * 6 + [
         ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_double] + [ctypes.c_int] * 5
     return library
@@ -79,9 +87,12 @@ def _run(library: ctypes.CDLL, projection: NF4Projection, x: torch.Tensor, warps
     cut = k // 2  # two split-K partial sums, as the LoRA A kernel leaves them
     t_part = torch.stack([x[:, :cut].float() @ lora.a[:, :cut].T, x[:, cut:].float() @ lora.a[:, cut:].T]).contiguous()
     y = torch.full((m, n), float("nan"), dtype=torch.bfloat16)
-    library.launch(n // (16 * tiles), warps * 32, projection.weight.packed.data_ptr(),
+    for buffer in (projection.weight.packed, projection.weight.absmax, xq, t_part, lora.b):
+        library.add_buffer(buffer.data_ptr(), buffer.numel() * buffer.element_size())
+    out_of_bounds = library.launch(n // (16 * tiles), warps * 32, projection.weight.packed.data_ptr(),
                    projection.weight.absmax.data_ptr(), xq.data_ptr(), t_part.data_ptr(), lora.b.data_ptr(),
                    y.data_ptr(), m, k, n, lora.scaling, lora.segments[1][0], n, lora.a.shape[0], 2, 1)
+    assert out_of_bounds == 0, f"{out_of_bounds} global reads outside the kernel's buffers"
     return y
 
 
