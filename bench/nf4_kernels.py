@@ -59,7 +59,7 @@ def measure(name: str, parts: list[int], cols: int, rows_counts: Sequence[int], 
     dense = [torch.randn(sum(parts), cols, dtype=torch.bfloat16, device="cuda") for _ in range(LAYERS)]
     n, k = group[0].weight.shape
     nf4_bytes = group[0].weight.nbytes + group[0].lora.nbytes
-    boundaries = [s for s, _, _ in group[0].lora.segments[1:]]
+    boundaries = group[0].lora.boundaries
     for rows in rows_counts:
         x = torch.randn(rows, cols, dtype=torch.bfloat16, device="cuda")
         result: dict = {"projection": name, "rows": rows, "nf4_mb": round(nf4_bytes / 1e6, 1),
@@ -70,17 +70,15 @@ def measure(name: str, parts: list[int], cols: int, rows_counts: Sequence[int], 
 
         reference = group[0].reference(x)
         wrong = []
-        extra = [c for c in nf4_kernels.PIPELINED_MMA_CONFIGS if pipelined and c.fits(n, k, boundaries)]
-        served = nf4_kernels._candidates(rows, n, k, boundaries)
-        fallbacks = nf4_kernels._candidates(rows, n, k, boundaries, mma=False)  # where NVRTC / sm_80 are missing
-        for config in dict.fromkeys(served + fallbacks + extra):
+        for config in nf4_kernels.all_configs(rows, n, k, boundaries, pipelined):
             if not nf4_kernels.matches_reference(fused(config)[0], reference):
                 wrong.append(config.label)
             us = timed(lambda c=config: fused(c)) / LAYERS
             result[f"fused_{config.label}_us"] = round(us, 1)
         result["configs_disagreeing_with_reference"] = wrong
-        result["lora_a_only_us"] = round(timed(lambda x=x, rows=rows: [nf4_kernels.lora_a_product(
-            x, p.lora, nf4_kernels._block_m(rows), rows > 4) for p in group]) / LAYERS, 1)
+        # the LoRA A kernel as the tensor-core configurations run it (it also writes x in their order)
+        result["lora_a_only_us"] = round(timed(lambda x=x: [nf4_kernels.mma_inputs(x, n, p.lora)
+                                                              for p in group]) / LAYERS, 1)
         result["dequant_cublas_us"] = round(timed(lambda x=x: [p.reference(x) for p in group]) / LAYERS, 1)
         result["bf16_cublas_us"] = round(timed(lambda x=x: [F.linear(x, w) for w in dense]) / LAYERS, 1)
         best = min(v for key, v in result.items() if key.startswith("fused_"))
@@ -96,9 +94,7 @@ def profile_target(name: str, rows: int, label: str) -> None:
     parts, cols = SHAPES[name]
     target = projection(parts, cols, seed=0)
     n, k = target.weight.shape
-    boundaries = [s for s, _, _ in target.lora.segments[1:]]
-    configs = {c.label: c for c in nf4_kernels._candidates(rows, n, k, boundaries)
-               + nf4_kernels._candidates(rows, n, k, boundaries, mma=False) + list(nf4_kernels.PIPELINED_MMA_CONFIGS)}
+    configs = {c.label: c for c in nf4_kernels.all_configs(rows, n, k, target.lora.boundaries, pipelined=True)}
     if label not in configs:
         raise SystemExit(f"no configuration {label!r} for {name} at {rows} rows; there are: {', '.join(configs)}")
     x = torch.randn(rows, cols, dtype=torch.bfloat16, device="cuda")
@@ -115,6 +111,8 @@ def main() -> None:
     parser.add_argument("--pipelined", action="store_true",
                         help="also check and time the cp.async MMA configurations the tuner does not serve yet")
     args = parser.parse_args()
+    if not torch.cuda.is_available():
+        parser.error("needs a CUDA GPU: run it through the device tool (bench/NOTES.md, Reproduce)")
     if args.profile:
         name, rows, label = args.profile
         if name not in SHAPES or not rows.isdigit():

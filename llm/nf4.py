@@ -175,6 +175,17 @@ class LoraParts:
     def nbytes(self) -> int:
         return self.a.numel() * self.a.element_size() + self.b.numel() * self.b.element_size()
 
+    @property
+    def boundaries(self) -> list[int]:
+        """The first output row of every part but the first (where a kernel tile must not straddle)."""
+        return [start for start, _, _ in self.segments[1:]]
+
+    def part_starts(self, n: int) -> tuple[int, int]:
+        """The second and third parts' first rows, n where there is none: the kernels' SEG1, SEG2
+        (a fused projection has at most three parts)."""
+        starts = self.boundaries + [n, n]
+        return starts[0], starts[1]
+
     def delta(self, x: torch.Tensor) -> torch.Tensor:
         """scaling * B(A(x)) in the adapter's dtype, [rows, N] (PEFT's `lora_B(lora_A(x)) * scaling`)."""
         t = F.linear(x.to(self.a.dtype), self.a)
@@ -356,8 +367,7 @@ def enable_nf4_kernels(decoder: MistralDecoder) -> bool:
     for layer in decoder.layers:
         for projection in layer.projections.values():
             n, k = projection.weight.shape
-            boundaries = [start for start, _, _ in projection.lora.segments[1:]]
-            projection.use_kernels = nf4_kernels.supports(n, k, boundaries, projection.lora.rank)
+            projection.use_kernels = nf4_kernels.supports(n, k, projection.lora.boundaries, projection.lora.rank)
             enabled = enabled or projection.use_kernels
     return enabled
 

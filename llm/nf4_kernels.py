@@ -32,6 +32,7 @@ On the CPU Triton is absent: `available()` is False and `llm.nf4` keeps its PyTo
 
 from __future__ import annotations
 
+import functools
 import logging
 import time
 from collections.abc import Sequence
@@ -144,8 +145,17 @@ def _candidates(rows: int, n: int, k: int, boundaries: Sequence[int], mma: bool 
     return fitting or [c for c in SMALL_CONFIGS if c.fits(n, k, boundaries)]
 
 
+def all_configs(rows: int, n: int, k: int, boundaries: Sequence[int], pipelined: bool = False) -> list[NF4Config]:
+    """Every configuration that can run this weight at this row count: the served candidates, the
+    Triton fallbacks and, with `pipelined`, the cp.async ones not served yet (the GPU tests and the
+    kernel bench check and time them all)."""
+    extra = [c for c in PIPELINED_MMA_CONFIGS if c.fits(n, k, boundaries)] if pipelined else []
+    return list(dict.fromkeys(_candidates(rows, n, k, boundaries) + _candidates(rows, n, k, boundaries, mma=False)
+                              + extra))
+
+
 def _mma_available() -> bool:
-    return torch.cuda.is_available() and nf4_mma.available("cuda")
+    return nf4_mma.available("cuda")
 
 
 def supports(n: int, k: int, boundaries: Sequence[int], rank: int) -> bool:
@@ -219,14 +229,12 @@ LUT_CONSTRAINTS = ",".join(["=r"] * (8 * LUT_WORDS) + ["r"] * (LUT_WORDS + 1))
 
 
 def _lut_asm_for(code: torch.Tensor) -> str:
-    # By address: reading the table back from the GPU inside a graph capture is not allowed.
-    key = (code.device.index, code.data_ptr())
-    if key not in _ASM_CACHE:
-        _ASM_CACHE[key] = lut_asm(code.tolist())
-    return _ASM_CACHE[key]
+    return _lut_asm_of(nf4_mma.code_values(code))
 
 
-_ASM_CACHE: dict[tuple[int | None, int], str] = {}
+@functools.cache
+def _lut_asm_of(values: tuple[float, ...]) -> str:  # one per distinct table, not per layer's copy
+    return lut_asm(values)
 
 
 if _HAVE_TRITON:
@@ -665,6 +673,18 @@ def lora_a_product(
     return t, splits
 
 
+def mma_inputs(x: torch.Tensor, n: int, lora: LoraParts) -> tuple[torch.Tensor, torch.Tensor]:
+    """What the tensor-core kernel reads besides the weights, from one LoRA `A` kernel: x in its
+    operand order and the split-K partial sums of x @ A.T (more, smaller blocks than the Triton
+    kernels' A product: it is latency-bound, not bandwidth-bound)."""
+    m, k = x.shape
+    xq = torch.empty((16 * k,), dtype=torch.bfloat16, device=x.device)
+    block_m = _block_m(m)
+    t, _ = lora_a_product(x, lora, block_m, block_m == MAX_ROWS, max_splits=nf4_mma.lora_splits_cap(m, n, lora.rank),
+                          block_r=8, xq=xq)
+    return xq, t
+
+
 def nf4_lora_linear(
     x: torch.Tensor,
     weight: NF4Matrix,
@@ -677,24 +697,19 @@ def nf4_lora_linear(
     n = weight.packed.shape[0]
     if not 1 <= m <= MAX_ROWS:
         raise ValueError(f"the NF4 kernel takes 1..{MAX_ROWS} rows, got {m}")
-    boundaries = [start for start, _, _ in lora.segments[1:]]
-    config = config or PLAN.get(m, n, k) or default_config(m, n, k, boundaries)
+    config = config or PLAN.get(m, n, k) or default_config(m, n, k, lora.boundaries)
     x = x.contiguous()
     rt = lora.a.shape[0]
     block_m = _block_m(m)
+    seg1, seg2 = lora.part_starts(n)
     if config.kind == "mma":
-        # more, smaller blocks for the A product: it is latency, not bandwidth
-        xq = torch.empty((16 * k,), dtype=torch.bfloat16, device=x.device)
-        t, _ = lora_a_product(x, lora, block_m, block_m == MAX_ROWS, max_splits=nf4_mma.lora_splits_cap(m, n, lora.rank),
-                              block_r=8, xq=xq)
-        return nf4_mma.nf4_mma_linear(xq, m, weight, lora, t, round_lora_first, config.num_warps,
+        xq, t = mma_inputs(x, n, lora)
+        return nf4_mma.nf4_mma_linear(xq, m, weight, lora, t, seg1, seg2, round_lora_first, config.num_warps,
                                       config.block_n // nf4_mma.TILE_N,
                                       config.num_stages if config.num_stages > 1 else 0)
     xperm = torch.empty((k,), dtype=torch.float32, device=x.device) if config.xperm else None
     t, splits = lora_a_product(x, lora, block_m, config.dot, xperm)
     y = torch.empty((m, n), dtype=torch.bfloat16, device=x.device)
-    seg1 = boundaries[0] if len(boundaries) > 0 else n
-    seg2 = boundaries[1] if len(boundaries) > 1 else n
     args = (x, weight.packed, weight.absmax, weight.code, t, lora.b, y,
             m, n, k, x.stride(0), y.stride(0), lora.scaling, seg1, seg2, rt)
     grid = (n // config.block_n,)
@@ -766,7 +781,7 @@ def tune(projections: dict[str, list], rows_buckets: Sequence[int], replays: int
     for name, group in projections.items():
         first = group[0]
         n, k = first.weight.shape
-        boundaries = [start for start, _, _ in first.lora.segments[1:]]
+        boundaries = first.lora.boundaries
         for rows in sorted({_block_m(r) for r in rows_buckets}):
             candidates = _candidates(rows, n, k, boundaries)
             if not candidates:

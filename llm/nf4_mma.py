@@ -373,14 +373,18 @@ _KERNELS: dict[tuple, Callable] = {}
 _CODE_VALUES: dict[tuple[int | None, int], tuple[float, ...]] = {}
 
 
-def _kernel(code: torch.Tensor, warps: int, rows: int, rank: int, tiles: int, stages: int) -> Callable:
-    # Every layer holds its own copy of the (same) code table: one compile per distinct table. The
-    # values are read once per address, before any graph capture (the tuner runs every layer first):
-    # reading them back inside a capture is not allowed.
+def code_values(code: torch.Tensor) -> tuple[float, ...]:
+    """An NF4 code table's values, read back once per tensor, before any graph capture (the tuner
+    runs every layer first): reading from the GPU inside a capture is not allowed. Every layer holds
+    its own copy of the same table, so the kernels built from it are keyed by these values."""
     address = (code.device.index, code.data_ptr())
     if address not in _CODE_VALUES:
         _CODE_VALUES[address] = tuple(code.tolist())
-    key = (code.device.index, _CODE_VALUES[address], warps, rows, rank, tiles, stages)
+    return _CODE_VALUES[address]
+
+
+def _kernel(code: torch.Tensor, warps: int, rows: int, rank: int, tiles: int, stages: int) -> Callable:
+    key = (code.device.index, code_values(code), warps, rows, rank, tiles, stages)
     if key not in _KERNELS:
         with torch.cuda.device(code.device):
             _KERNELS[key] = _compile(source(key[1], warps, rows, rank, tiles, stages))
@@ -418,6 +422,8 @@ def nf4_mma_linear(
     weight: NF4Matrix,
     lora: LoraParts,
     t: torch.Tensor,
+    seg1: int,
+    seg2: int,
     round_lora_first: bool,
     warps: int,
     tiles: int = 1,
@@ -425,11 +431,9 @@ def nf4_mma_linear(
 ) -> torch.Tensor:
     """y = x @ dequant(W).T + scaling * B(t) with PEFT's roundings, for the m rows of x that `xq`
     holds in operand order (16 * K values, `llm.nf4_kernels._fragment_offsets`); `t` holds the
-    split-K partial sums of x @ A.T ([splits, rows, sum of ranks], float32)."""
+    split-K partial sums of x @ A.T ([splits, rows, sum of ranks], float32); rows from seg1 and from
+    seg2 on belong to the LoRA's second and third parts."""
     n, k = weight.shape
-    boundaries = [start for start, _, _ in lora.segments[1:]]
-    seg1 = boundaries[0] if len(boundaries) > 0 else n
-    seg2 = boundaries[1] if len(boundaries) > 1 else n
     rows = 8 if m <= 8 else 16
     kernel = _kernel(weight.code, warps, rows, lora.rank, tiles, stages)
     y = torch.empty((m, n), dtype=torch.bfloat16, device=xq.device)

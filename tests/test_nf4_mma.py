@@ -107,3 +107,19 @@ def test_a_failed_compile_turns_the_kernel_off_with_one_warning(monkeypatch, cap
     warnings = [r for r in caplog.records if r.levelname == "WARNING"]
     assert len(warnings) == 1 and "Triton kernels serve instead" in warnings[0].getMessage()
     assert "\n" not in warnings[0].getMessage()
+
+
+def test_part_starts_tell_the_kernels_where_each_lora_part_begins():
+    from llm.nf4 import LoraParts
+
+    def lora(*sizes: int) -> LoraParts:
+        segments, row = [], 0
+        for i, size in enumerate(sizes):
+            segments.append((row, row + size, 32 * i))
+            row += size
+        return LoraParts(torch.zeros(1), torch.zeros(1), tuple(segments), 32, 0.25)
+
+    assert lora(4096, 1024, 1024).part_starts(6144) == (4096, 5120)  # q/k/v
+    assert lora(14336, 14336).part_starts(28672) == (14336, 28672)  # gate/up
+    assert lora(4096).part_starts(4096) == (4096, 4096)  # one part: every row is in it
+    assert lora(4096, 1024, 1024).boundaries == [4096, 5120]

@@ -91,7 +91,7 @@ def _run(library: ctypes.CDLL, projection: NF4Projection, x: torch.Tensor, warps
         library.add_buffer(buffer.data_ptr(), buffer.numel() * buffer.element_size())
     out_of_bounds = library.launch(n // (16 * tiles), warps * 32, projection.weight.packed.data_ptr(),
                    projection.weight.absmax.data_ptr(), xq.data_ptr(), t_part.data_ptr(), lora.b.data_ptr(),
-                   y.data_ptr(), m, k, n, lora.scaling, lora.segments[1][0], n, lora.a.shape[0], 2, 1)
+                   y.data_ptr(), m, k, n, lora.scaling, *lora.part_starts(n), lora.a.shape[0], 2, 1)
     assert out_of_bounds == 0, f"{out_of_bounds} global reads outside the kernel's buffers"
     return y
 

@@ -61,12 +61,9 @@ def test_fused_kernel_equals_the_reference_path(rows, name):
     x = torch.randn(rows, cols, dtype=torch.bfloat16, device="cuda:0")
     reference = projection.reference(x)
     n, k = projection.weight.shape
-    boundaries = [s for s, _, _ in projection.lora.segments[1:]]
     worst = 0.0
     # the served candidates and the Triton fallbacks (served where the tensor-core kernel cannot run)
-    configs = dict.fromkeys(nf4_kernels._candidates(rows, n, k, boundaries)
-                            + nf4_kernels._candidates(rows, n, k, boundaries, mma=False))
-    for config in configs:
+    for config in nf4_kernels.all_configs(rows, n, k, projection.lora.boundaries):
         fused = nf4_kernels.nf4_lora_linear(x, projection.weight, projection.lora, True, config)
         diff = (fused.float() - reference.float()).abs()
         # Only the float32 summation order differs: a bf16 rounding step at most, rarely.
