@@ -4,7 +4,7 @@ For each projection of one Mistral-7B layer (q/k/v, o, gate/up, down) and 1, 4 a
 of the fused kernel (every config), of dequantize + cuBLAS, and of `fast`'s bf16 F.linear, with the
 bytes each reads and the achieved TB/s. Prints JSON lines.
 
-    python bench/nf4_kernels.py [ROWS, e.g. 1,4,16] [--pipelined]
+    python bench/nf4_kernels.py [ROWS, e.g. 1,4,16]
     python bench/nf4_kernels.py --profile PROJECTION ROWS CONFIG   (a target for Nsight Compute)
 """
 
@@ -54,7 +54,7 @@ def projection(parts: list[int], cols: int, seed: int) -> NF4Projection:
     return NF4Projection(NF4Matrix.concat(matrices), LoraParts(a, b, tuple(segments), 32, 0.25))
 
 
-def measure(name: str, parts: list[int], cols: int, rows_counts: Sequence[int], pipelined: bool = False) -> None:
+def measure(name: str, parts: list[int], cols: int, rows_counts: Sequence[int]) -> None:
     group = [projection(parts, cols, seed) for seed in range(LAYERS)]
     dense = [torch.randn(sum(parts), cols, dtype=torch.bfloat16, device="cuda") for _ in range(LAYERS)]
     n, k = group[0].weight.shape
@@ -70,14 +70,14 @@ def measure(name: str, parts: list[int], cols: int, rows_counts: Sequence[int], 
 
         reference = group[0].reference(x)
         wrong = []
-        for config in nf4_kernels.all_configs(rows, n, k, boundaries, pipelined):
+        for config in nf4_kernels.all_configs(rows, n, k, boundaries):
             if not nf4_kernels.matches_reference(fused(config)[0], reference):
                 wrong.append(config.label)
             us = timed(lambda c=config: fused(c)) / LAYERS
             result[f"fused_{config.label}_us"] = round(us, 1)
         result["configs_disagreeing_with_reference"] = wrong
         # the LoRA A kernel as the tensor-core configurations run it (it also writes x in their order)
-        result["lora_a_only_us"] = round(timed(lambda x=x: [nf4_kernels.mma_inputs(x, n, p.lora)
+        result["lora_a_only_us"] = round(timed(lambda x=x: [nf4_kernels.mma_inputs(x, p.lora)
                                                               for p in group]) / LAYERS, 1)
         result["dequant_cublas_us"] = round(timed(lambda x=x: [p.reference(x) for p in group]) / LAYERS, 1)
         result["bf16_cublas_us"] = round(timed(lambda x=x: [F.linear(x, w) for w in dense]) / LAYERS, 1)
@@ -94,7 +94,7 @@ def profile_target(name: str, rows: int, label: str) -> None:
     parts, cols = SHAPES[name]
     target = projection(parts, cols, seed=0)
     n, k = target.weight.shape
-    configs = {c.label: c for c in nf4_kernels.all_configs(rows, n, k, target.lora.boundaries, pipelined=True)}
+    configs = {c.label: c for c in nf4_kernels.all_configs(rows, n, k, target.lora.boundaries)}
     if label not in configs:
         raise SystemExit(f"no configuration {label!r} for {name} at {rows} rows; there are: {', '.join(configs)}")
     x = torch.randn(rows, cols, dtype=torch.bfloat16, device="cuda")
@@ -108,8 +108,6 @@ def main() -> None:
     parser.add_argument("rows", nargs="?", default="1,4,16", help="row counts to time, e.g. 1,4,16")
     parser.add_argument("--profile", nargs=3, metavar=("PROJECTION", "ROWS", "CONFIG"),
                         help=f"only run one configuration (an Nsight Compute target); projections: {', '.join(SHAPES)}")
-    parser.add_argument("--pipelined", action="store_true",
-                        help="also check and time the cp.async MMA configurations the tuner does not serve yet")
     args = parser.parse_args()
     if not torch.cuda.is_available():
         parser.error("needs a CUDA GPU: run it through the device tool (bench/NOTES.md, Reproduce)")
@@ -124,7 +122,7 @@ def main() -> None:
     except ValueError:
         parser.error(f"rows must be comma-separated numbers, got {args.rows!r}")
     for name, (parts, cols) in SHAPES.items():
-        measure(name, parts, cols, rows_counts, args.pipelined)
+        measure(name, parts, cols, rows_counts)
         torch.cuda.empty_cache()
 
 

@@ -26,7 +26,7 @@ import copy
 import gc
 import logging
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 import torch
@@ -132,6 +132,9 @@ class LoraParts:
     segments: tuple[tuple[int, int, int], ...]
     rank: int
     scaling: float
+    # The tensor-core path's LoRA `A` kernel: how many programs of each rank block have finished
+    # (back to 0 after every call). Per projection, so that no two kernels ever share counters.
+    arrivals: torch.Tensor | None = field(default=None, repr=False, compare=False)
 
     @classmethod
     def from_peft(cls, modules: Sequence[nn.Module]) -> LoraParts | None:

@@ -17,7 +17,8 @@
   row (a GEMV), 2-16 rows (a 64-row warpgroup-MMA tile) and prompt-time dequantization.
 - The "mma" configurations run `llm.nf4_mma`'s CUDA C++ kernel (the same tables and permutes, the
   decoded weights fed straight into tensor-core `mma.sync`): one kernel for 1..16 rows whose cost
-  hardly grows with the rows; the LoRA `A` kernel also writes x in its operand order. Run 12 served
+  hardly grows with the rows. One LoRA `A` kernel before it (`mma_inputs`) writes x in its operand
+  order and t = x @ A.T whole (its last program per rank block adds the groups up). Run 12 served
   it for every projection and batch size but one (`o` at one row: the LUT GEMV). Where it runs,
   2-16 rows time it alone; the Triton kernels above are the fallback where it cannot (no NVRTC,
   a GPU older than sm_80, or a failed check) and the default for an untuned weight.
@@ -73,6 +74,7 @@ class NF4Config:
     # CUDA C++ tensor-core kernel of `llm.nf4_mma` (any 1..16 rows; block_k is its lane group).
     kind: str = "gather"
     xperm: bool = False  # lut GEMV: x read value-major (written by the LoRA A kernel)
+    prefetch_x: bool = False  # mma: each warp prefetches its next group's x into L1
 
     @property
     def dot(self) -> bool:
@@ -80,8 +82,8 @@ class NF4Config:
 
     @property
     def label(self) -> str:
-        xperm = "x" if self.xperm else ""
-        return f"{self.kind}_{self.block_n}x{self.block_k}w{self.num_warps}s{self.num_stages}{xperm}"
+        suffix = ("x" if self.xperm else "") + ("p" if self.prefetch_x else "")
+        return f"{self.kind}_{self.block_n}x{self.block_k}w{self.num_warps}s{self.num_stages}{suffix}"
 
     def fits(self, n: int, k: int, boundaries: Sequence[int]) -> bool:
         return k % self.block_k == 0 and n % self.block_n == 0 and all(b % self.block_n == 0 for b in boundaries)
@@ -106,18 +108,17 @@ LUT_DOT_CONFIGS = (  # 2-16 rows; 64-row tiles take Hopper's warpgroup MMA (wide
     NF4Config(64, 256, 4, 2, kind="lut_dot"),
     NF4Config(64, 128, 4, 2, kind="lut_dot"),
 )
-# 1..16 rows, where NVRTC and sm_80+ are there (llm.nf4_mma); num_warps split K inside a block.
-# block_n = 16 features per tile x tiles per warp.
-MMA_CONFIGS = tuple(NF4Config(nf4_mma.TILE_N, nf4_mma.GROUP, warps, 1, kind="mma") for warps in nf4_mma.WARP_CHOICES) + (
-    NF4Config(2 * nf4_mma.TILE_N, nf4_mma.GROUP, 4, 1, kind="mma"),
-    NF4Config(2 * nf4_mma.TILE_N, nf4_mma.GROUP, 8, 1, kind="mma"),
-)
-# num_stages > 1: the weights num_stages - 1 groups ahead through cp.async (shared memory). Compiled
-# for sm_90 and reviewed, but not yet run on a GPU: never served until tests/gpu and
-# `bench/nf4_kernels.py --pipelined` have checked and timed them (bench/NOTES.md, run 12).
-PIPELINED_MMA_CONFIGS = (
-    NF4Config(nf4_mma.TILE_N, nf4_mma.GROUP, 4, 3, kind="mma"),
-    NF4Config(nf4_mma.TILE_N, nf4_mma.GROUP, 4, 4, kind="mma"),
+# 1..16 rows, where NVRTC and sm_80+ are there (llm.nf4_mma); num_warps split K inside a block,
+# block_n = 16 features per tile x tiles per warp, num_stages = groups of weights in registers ahead
+# of the one computed; "p": x prefetched into L1. Run 13 retired the cp.async pipeline (weights 2-3
+# groups ahead in shared memory): 10-30 % slower than these everywhere (bench/NOTES.md).
+MMA_CONFIGS = tuple(
+    NF4Config(nf4_mma.TILE_N * tiles, nf4_mma.GROUP, warps, ahead, kind="mma", prefetch_x=prefetch)
+    for warps, tiles, ahead, prefetch in (
+        (4, 1, 1, False), (8, 1, 1, False), (16, 1, 1, False), (4, 2, 1, False), (8, 2, 1, False),
+        (4, 1, 1, True), (8, 1, 1, True), (4, 2, 1, True),
+        (4, 1, 2, False), (8, 1, 2, False), (4, 1, 2, True), (8, 1, 2, True),
+    )
 )
 # Only where nothing above fits (small models, e.g. the tests' tiny one).
 SMALL_CONFIGS = (NF4Config(16, 64, 4, 1, kind="gather_dot"),)
@@ -145,13 +146,10 @@ def _candidates(rows: int, n: int, k: int, boundaries: Sequence[int], mma: bool 
     return fitting or [c for c in SMALL_CONFIGS if c.fits(n, k, boundaries)]
 
 
-def all_configs(rows: int, n: int, k: int, boundaries: Sequence[int], pipelined: bool = False) -> list[NF4Config]:
-    """Every configuration that can run this weight at this row count: the served candidates, the
-    Triton fallbacks and, with `pipelined`, the cp.async ones not served yet (the GPU tests and the
-    kernel bench check and time them all)."""
-    extra = [c for c in PIPELINED_MMA_CONFIGS if c.fits(n, k, boundaries)] if pipelined else []
-    return list(dict.fromkeys(_candidates(rows, n, k, boundaries) + _candidates(rows, n, k, boundaries, mma=False)
-                              + extra))
+def all_configs(rows: int, n: int, k: int, boundaries: Sequence[int]) -> list[NF4Config]:
+    """Every configuration that can run this weight at this row count: the served candidates and the
+    Triton fallbacks (the GPU tests and the kernel bench check and time them all)."""
+    return list(dict.fromkeys(_candidates(rows, n, k, boundaries) + _candidates(rows, n, k, boundaries, mma=False)))
 
 
 def _mma_available() -> bool:
@@ -333,6 +331,49 @@ if _HAVE_TRITON:
             acc = tl.dot(x.to(tl.float32), tl.trans(a), acc, input_precision="ieee")
         t_ptrs = t_ptr + split * M * RT + offs_m[:, None] * RT + offs_r[None, :]
         tl.store(t_ptrs, acc, mask=m_mask[:, None] & r_mask[None, :])
+
+    @triton.jit
+    def _lora_a_mma_kernel(
+        x_ptr, a_ptr, part_ptr, t_ptr, arrivals_ptr, xq_ptr, M, K, RT, stride_x,
+        ROWS: tl.constexpr, XQ_ROWS: tl.constexpr, BLOCK_R: tl.constexpr, CHUNK: tl.constexpr,
+        GROUPS_P2: tl.constexpr,
+    ):
+        # The tensor-core kernel's inputs besides the weights, one 256-input group per program:
+        # - t = float32(x) @ A.T, whole: each program stores its group's partial sums, and the last
+        #   of an r block to arrive adds all groups' up in group order (the same result whichever
+        #   program is last) and resets its arrival count for the next call;
+        # - x in operand order (nf4_mma.operand_order): the [XQ_ROWS, 256] tile, rows 8 set + g and
+        #   inputs 64 t + 4 step + j, is the contiguous [set, step, g, t, j] run at 4096 * group.
+        pid_r = tl.program_id(0)
+        group = tl.program_id(1)
+        groups = tl.num_programs(1)
+        if pid_r == 0:
+            offs_q = tl.arange(0, XQ_ROWS)
+            offs_g = group * 256 + tl.arange(0, 256)
+            tile = tl.load(x_ptr + offs_q[:, None] * stride_x + offs_g[None, :], mask=offs_q[:, None] < M, other=0.0)
+            tile = tl.permute(tl.reshape(tile, (XQ_ROWS // 8, 8, 4, 16, 4)), (0, 3, 1, 2, 4))
+            tl.store(xq_ptr + group * 4096 + tl.arange(0, XQ_ROWS * 256), tl.reshape(tile, (XQ_ROWS * 256,)))
+        offs_m = tl.arange(0, ROWS)
+        offs_r = pid_r * BLOCK_R + tl.arange(0, BLOCK_R)
+        m_mask = offs_m < M
+        r_mask = offs_r < RT
+        part = tl.zeros((ROWS, BLOCK_R), dtype=tl.float32)
+        for c in tl.static_range(256 // CHUNK):
+            offs_k = group * 256 + c * CHUNK + tl.arange(0, CHUNK)
+            x = tl.load(x_ptr + offs_m[:, None] * stride_x + offs_k[None, :], mask=m_mask[:, None], other=0.0)
+            a = tl.load(a_ptr + offs_r[:, None].to(tl.int64) * K + offs_k[None, :], mask=r_mask[:, None], other=0.0)
+            part += tl.sum(x.to(tl.float32)[:, None, :] * a[None, :, :], axis=2)
+        out_mask = m_mask[:, None] & r_mask[None, :]
+        tl.store(part_ptr + (group * M + offs_m[:, None]) * RT + offs_r[None, :], part, mask=out_mask)
+        tl.debug_barrier()  # every thread's partial sums stored before the release below
+        arrived = tl.atomic_add(arrivals_ptr + pid_r, 1, sem="acq_rel", scope="gpu")
+        if arrived == groups - 1:
+            offs_s = tl.arange(0, GROUPS_P2)
+            parts = tl.load(part_ptr + (offs_s[:, None, None] * M + offs_m[None, :, None]) * RT + offs_r[None, None, :],
+                            mask=(offs_s[:, None, None] < groups) & out_mask[None, :, :], other=0.0,
+                            cache_modifier=".cg")
+            tl.store(t_ptr + offs_m[:, None] * RT + offs_r[None, :], tl.sum(parts, axis=0), mask=out_mask)
+            tl.atomic_xchg(arrivals_ptr + pid_r, 0)
 
     @triton.jit
     def _dequant_tile(packed_ptr, absmax_ptr, code_ptr, rows, k0, offs_b, K):
@@ -673,15 +714,28 @@ def lora_a_product(
     return t, splits
 
 
-def mma_inputs(x: torch.Tensor, n: int, lora: LoraParts) -> tuple[torch.Tensor, torch.Tensor]:
-    """What the tensor-core kernel reads besides the weights, from one LoRA `A` kernel: x in its
-    operand order and the split-K partial sums of x @ A.T (more, smaller blocks than the Triton
-    kernels' A product: it is latency-bound, not bandwidth-bound)."""
+MMA_LORA_BLOCK_R = 8  # ranks per LoRA `A` program of the tensor-core path: enough programs to fill the GPU
+
+
+def mma_inputs(x: torch.Tensor, lora: LoraParts) -> tuple[torch.Tensor, torch.Tensor]:
+    """What the tensor-core kernel reads besides the weights, from one kernel: x in its operand
+    order (16 * K values) and t = float32(x) @ A.T ([1, rows, sum of ranks]: one program per
+    256-input group and rank block, the groups' sums added up by the last to finish)."""
     m, k = x.shape
+    rt = lora.a.shape[0]
+    groups = k // nf4_mma.GROUP
+    r_blocks = triton.cdiv(rt, MMA_LORA_BLOCK_R)
+    if lora.arrivals is None or lora.arrivals.device != x.device or lora.arrivals.numel() < r_blocks:
+        lora.arrivals = torch.zeros(r_blocks, dtype=torch.int32, device=x.device)
     xq = torch.empty((16 * k,), dtype=torch.bfloat16, device=x.device)
-    block_m = _block_m(m)
-    t, _ = lora_a_product(x, lora, block_m, block_m == MAX_ROWS, max_splits=nf4_mma.lora_splits_cap(m, n, lora.rank),
-                          block_r=8, xq=xq)
+    part = torch.empty((groups, m, rt), dtype=torch.float32, device=x.device)
+    t = torch.empty((1, m, rt), dtype=torch.float32, device=x.device)
+    rows = _block_m(m)
+    _lora_a_mma_kernel[(r_blocks, groups)](
+        x, lora.a, part, t, lora.arrivals, xq, m, k, rt, x.stride(0),
+        ROWS=rows, XQ_ROWS=8 if m <= 8 else 16, BLOCK_R=MMA_LORA_BLOCK_R, CHUNK=min(64, 8192 // (rows * MMA_LORA_BLOCK_R)),
+        GROUPS_P2=triton.next_power_of_2(groups), num_warps=4,
+    )
     return xq, t
 
 
@@ -703,10 +757,10 @@ def nf4_lora_linear(
     block_m = _block_m(m)
     seg1, seg2 = lora.part_starts(n)
     if config.kind == "mma":
-        xq, t = mma_inputs(x, n, lora)
+        xq, t = mma_inputs(x, lora)
         return nf4_mma.nf4_mma_linear(xq, m, weight, lora, t, seg1, seg2, round_lora_first, config.num_warps,
-                                      config.block_n // nf4_mma.TILE_N,
-                                      config.num_stages if config.num_stages > 1 else 0)
+                                      config.block_n // nf4_mma.TILE_N, config.prefetch_x,
+                                      config.num_stages)
     xperm = torch.empty((k,), dtype=torch.float32, device=x.device) if config.xperm else None
     t, splits = lora_a_product(x, lora, block_m, config.dot, xperm)
     y = torch.empty((m, n), dtype=torch.bfloat16, device=x.device)

@@ -18,8 +18,10 @@ block (block t): 32 contiguous bytes of each row, as bitsandbytes stored them. S
 The decode is shared by all rows, so 1 and 16 rows cost nearly the same weight work. The warps of a
 block split K and add up through shared memory; the epilogue adds the LoRA's `B` product with
 PEFT's roundings (float32 `B @ t * scaling`, rounded to bf16 and added to the bf16 base output), as
-the Triton kernels' epilogue does. Variants: 1 or 2 feature tiles per warp, and the next group in
-registers or (not yet served) several groups ahead in shared memory through cp.async.
+the Triton kernels' epilogue does. Variants: 1 or 2 feature tiles per warp, 1 or 2 groups' weights
+in registers ahead of the one computed (bytes in flight are what one row waits on), and whether each
+warp prefetches its next group's x into L1 (what batches of 9-16 rows wait on).
+The LoRA `A` kernel before it (`llm.nf4_kernels.mma_inputs`) leaves t whole (one split).
 tests/test_nf4_mma_emulated.py runs this CUDA text on the CPU; tests/gpu runs it on a GPU.
 """
 
@@ -115,22 +117,15 @@ __device__ __forceinline__ void block_tables(float scale, u32 (&L)[4], u32 (&H)[
 }
 
 #ifndef NF4_EMULATE
-// cp.async: global -> shared without registers, so that many groups can be in flight
-__device__ __forceinline__ u32 smem_address(const void* p) {
-    u32 a;
-    asm("{ .reg .u64 t; cvta.to.shared.u64 t, %1; cvt.u32.u64 %0, t; }" : "=r"(a) : "l"(p));
-    return a;
-}
-__device__ __forceinline__ void copy16(void* dst, const void* src) {
-    asm volatile("cp.async.cg.shared.global [%0], [%1], 16;" ::"r"(smem_address(dst)), "l"(src) : "memory");
-}
-__device__ __forceinline__ void copy4(void* dst, const void* src) {
-    asm volatile("cp.async.ca.shared.global [%0], [%1], 4;" ::"r"(smem_address(dst)), "l"(src) : "memory");
-}
-__device__ __forceinline__ void copies_commit() { asm volatile("cp.async.commit_group;" ::: "memory"); }
-template <int N>
-__device__ __forceinline__ void copies_wait() { asm volatile("cp.async.wait_group %0;" ::"n"(N) : "memory"); }
+// A hint: the 128-byte line at p into L1, where a later load will find it
+__device__ __forceinline__ void prefetch_l1(const void* p) { asm volatile("prefetch.global.L1 [%0];" ::"l"(p)); }
 #endif  // NF4_EMULATE
+
+// One group's weight bytes and absmax values, as one lane holds them
+struct LaneGroup {
+    uint4 w[2 * TILES][2];
+    float scale[2 * TILES];
+};
 
 // One group of 256 inputs: each half's block tables, then 16 MMA steps (x values in operand order).
 __device__ __forceinline__ void group_mma(const uint4 (&w)[2 * TILES][2], const float (&scale)[2 * TILES],
@@ -221,73 +216,53 @@ nf4_mma_kernel(const uint4* __restrict__ words, const float* __restrict__ absmax
     for (int j = 0; j < TILES; ++j)
 #pragma unroll
         for (int set = 0; set < SETS; ++set) acc[j][set][0] = acc[j][set][1] = acc[j][set][2] = acc[j][set][3] = 0.f;
-#if STAGES == 0
+    // A group's bytes for this lane (zeros past the last group)
+    auto fetch = [&](int grp) {
+        LaneGroup lane_group;
+        const bool any = grp < groups;
+#pragma unroll
+        for (int q = 0; q < HALVES; ++q) {
+            lane_group.w[q][0] = any ? load_streaming(lane_words[q] + 8 * grp) : make_uint4(0u, 0u, 0u, 0u);
+            lane_group.w[q][1] = any ? load_streaming(lane_words[q] + 8 * grp + 1) : make_uint4(0u, 0u, 0u, 0u);
+            lane_group.scale[q] = any ? __ldg(lane_absmax[q] + 4 * grp) : 0.f;
+        }
+        return lane_group;
+    };
+    // A group's x, from L2 into L1 before its loads: one line per lane, only the lines that hold
+    // rows below M (rows 8 set + g, lane (g, t): half h of a step's 256 bytes holds rows 8 set + 4 h .. + 3).
+    auto prefetch_x = [&](int grp) {
+#if PREFETCH_X
+        if (grp < groups) {
+            const int step = lane >> 1, half = lane & 1;
+#pragma unroll
+            for (int set = 0; set < SETS; ++set)
+                if (8 * set + 4 * half < M) prefetch_l1(xq + (grp * 2 + set) * (16 * 32) + step * 32 + half * 16);
+        }
+#endif
+    };
+#if AHEAD == 1
     // The next group's bytes in registers while this one computes.
-    int group = warp;
-    uint4 w[HALVES][2];
-    float scale[HALVES];
-#pragma unroll
-    for (int q = 0; q < HALVES; ++q) {
-        const bool any = group < groups;
-        w[q][0] = any ? load_streaming(lane_words[q] + 8 * group) : make_uint4(0u, 0u, 0u, 0u);
-        w[q][1] = any ? load_streaming(lane_words[q] + 8 * group + 1) : make_uint4(0u, 0u, 0u, 0u);
-        scale[q] = any ? __ldg(lane_absmax[q] + 4 * group) : 0.f;
-    }
-    for (; group < groups; group += WARPS) {
-        const int next = group + WARPS;
-        const bool more = next < groups;
-        uint4 nw[HALVES][2];
-        float next_scale[HALVES];
-#pragma unroll
-        for (int q = 0; q < HALVES; ++q) {
-            nw[q][0] = more ? load_streaming(lane_words[q] + 8 * next) : make_uint4(0u, 0u, 0u, 0u);
-            nw[q][1] = more ? load_streaming(lane_words[q] + 8 * next + 1) : make_uint4(0u, 0u, 0u, 0u);
-            next_scale[q] = more ? __ldg(lane_absmax[q] + 4 * next) : 0.f;
-        }
-        group_mma(w, scale, x_lane, group, acc);
-#pragma unroll
-        for (int q = 0; q < HALVES; ++q) {
-            w[q][0] = nw[q][0];
-            w[q][1] = nw[q][1];
-            scale[q] = next_scale[q];
-        }
+    LaneGroup current = fetch(warp);
+    for (int group = warp; group < groups; group += WARPS) {
+        const LaneGroup next = fetch(group + WARPS);
+        prefetch_x(group + WARPS);
+        group_mma(current.w, current.scale, x_lane, group, acc);
+        current = next;
     }
 #else
-    // STAGES - 1 groups ahead in shared memory (cp.async). Each lane copies and reads back only
-    // its own bytes, so waiting for its own copies is all the synchronisation needed.
-    __shared__ __align__(16) uint4 stage_words[STAGES][WARPS][32][2 * HALVES];
-    __shared__ float stage_absmax[STAGES][WARPS][32][HALVES];
-    auto issue = [&](int grp, int slot) {
-#pragma unroll
-        for (int q = 0; q < HALVES; ++q) {
-            copy16(&stage_words[slot][warp][lane][2 * q], lane_words[q] + 8 * grp);
-            copy16(&stage_words[slot][warp][lane][2 * q + 1], lane_words[q] + 8 * grp + 1);
-            copy4(&stage_absmax[slot][warp][lane][q], lane_absmax[q] + 4 * grp);
-        }
-    };
-#pragma unroll
-    for (int s = 0; s < STAGES - 1; ++s) {
-        if (warp + s * WARPS < groups) issue(warp + s * WARPS, s);
-        copies_commit();  // one (possibly empty) commit group per step keeps the count uniform
+    // The next two groups' bytes in registers while this one computes (twice the bytes in flight).
+    LaneGroup first = fetch(warp), second = fetch(warp + WARPS);
+    for (int group = warp; group < groups; group += 2 * WARPS) {
+        const LaneGroup third = fetch(group + 2 * WARPS);
+        prefetch_x(group + WARPS);
+        group_mma(first.w, first.scale, x_lane, group, acc);
+        if (group + WARPS >= groups) break;
+        const LaneGroup fourth = fetch(group + 3 * WARPS);
+        prefetch_x(group + 2 * WARPS);
+        group_mma(second.w, second.scale, x_lane, group + WARPS, acc);
+        first = third;
+        second = fourth;
     }
-    int slot = 0;
-    for (int group = warp; group < groups; group += WARPS) {
-        const int ahead = group + (STAGES - 1) * WARPS;
-        if (ahead < groups) issue(ahead, slot == 0 ? STAGES - 1 : slot - 1);
-        copies_commit();
-        copies_wait<STAGES - 1>();  // this group's copies have landed
-        uint4 w[HALVES][2];
-        float scale[HALVES];
-#pragma unroll
-        for (int q = 0; q < HALVES; ++q) {
-            w[q][0] = stage_words[slot][warp][lane][2 * q];
-            w[q][1] = stage_words[slot][warp][lane][2 * q + 1];
-            scale[q] = stage_absmax[slot][warp][lane][q];
-        }
-        group_mma(w, scale, x_lane, group, acc);
-        slot = slot == STAGES - 1 ? 0 : slot + 1;
-    }
-    copies_wait<0>();
 #endif
 
 #pragma unroll
@@ -317,20 +292,20 @@ nf4_mma_kernel(const uint4* __restrict__ words, const float* __restrict__ absmax
 """
 
 
-def source(code: Sequence[float], warps: int, rows: int, rank: int, tiles: int = 1, stages: int = 0) -> str:
+def source(code: Sequence[float], warps: int, rows: int, rank: int, tiles: int = 1, prefetch_x: bool = False,
+           ahead: int = 1) -> str:
     """The kernel's CUDA source for one NF4 code table, warps per block, row tile (8 or 16), rank,
-    16-feature tiles per warp and pipeline stages (0: the next group in registers; 3 or 4: groups
-    ahead in shared memory through cp.async, 4 warps and 1 tile, within 48 KB of shared memory)."""
+    16-feature tiles per warp, whether each warp prefetches its next group's x into L1, and how many
+    groups' weight bytes each warp holds in registers ahead of the one it computes (1 or 2)."""
     if len(code) != 16:
         raise ValueError("an NF4 code table has 16 entries")
-    if warps not in WARP_CHOICES or rows not in (8, 16) or rank <= 0 or tiles not in TILE_CHOICES:
-        raise ValueError(f"no nf4 MMA kernel for {warps} warps, {rows} rows, rank {rank}, {tiles} tiles")
-    if stages not in (0, 3, 4) or (stages and (warps != 4 or tiles != 1)):
-        raise ValueError(f"no nf4 MMA kernel with {stages} stages for {warps} warps and {tiles} tiles")
+    if warps not in WARP_CHOICES or rows not in (8, 16) or rank <= 0 or tiles not in TILE_CHOICES or ahead not in (1, 2):
+        raise ValueError(f"no nf4 MMA kernel for {warps} warps, {rows} rows, rank {rank}, {tiles} tiles, "
+                         f"{ahead} groups ahead")
     # exact: hexadecimal literals of the float32 values
     values = ", ".join(f"{struct.unpack('<f', struct.pack('<f', float(v)))[0].hex()}f" for v in code)
     header = (f"#define WARPS {warps}\n#define ROWS {rows}\n#define RANK {rank}\n#define TILES {tiles}\n"
-              f"#define STAGES {stages}\n"
+              f"#define PREFETCH_X {int(prefetch_x)}\n#define AHEAD {ahead}\n"
               f"__device__ __constant__ float CODE_TABLE[16] = {{{values}}};\n#define CODE CODE_TABLE\n")
     return header + _SOURCE
 
@@ -383,11 +358,11 @@ def code_values(code: torch.Tensor) -> tuple[float, ...]:
     return _CODE_VALUES[address]
 
 
-def _kernel(code: torch.Tensor, warps: int, rows: int, rank: int, tiles: int, stages: int) -> Callable:
-    key = (code.device.index, code_values(code), warps, rows, rank, tiles, stages)
+def _kernel(code: torch.Tensor, warps: int, rows: int, rank: int, tiles: int, prefetch_x: bool, ahead: int) -> Callable:
+    key = (code.device.index, code_values(code), warps, rows, rank, tiles, prefetch_x, ahead)
     if key not in _KERNELS:
         with torch.cuda.device(code.device):
-            _KERNELS[key] = _compile(source(key[1], warps, rows, rank, tiles, stages))
+            _KERNELS[key] = _compile(source(key[1], warps, rows, rank, tiles, prefetch_x, ahead))
     return _KERNELS[key]
 
 
@@ -402,20 +377,6 @@ def operand_order(x: torch.Tensor) -> torch.Tensor:
     return padded.reshape(2, 8, k // GROUP, 4, 16, 4).permute(2, 0, 4, 1, 3, 5).reshape(-1)
 
 
-T_SUM_BYTES = 16 << 20  # what all blocks together may read of the LoRA A partial sums, per call
-
-
-def lora_splits_cap(rows: int, n: int, rank: int) -> int:
-    """At most this many LoRA `A` split-K partial sums (a power of two, 1..16): every block of the
-    kernel adds them up for its rows, so their traffic grows with blocks x rows x splits, while
-    more splits keep the A product's own blocks busy."""
-    per_split = (n // TILE_N) * rows * rank * 4
-    cap = 16
-    while cap > 1 and cap * per_split > T_SUM_BYTES:
-        cap //= 2
-    return cap
-
-
 def nf4_mma_linear(
     xq: torch.Tensor,
     m: int,
@@ -427,7 +388,8 @@ def nf4_mma_linear(
     round_lora_first: bool,
     warps: int,
     tiles: int = 1,
-    stages: int = 0,
+    prefetch_x: bool = False,
+    ahead: int = 1,
 ) -> torch.Tensor:
     """y = x @ dequant(W).T + scaling * B(t) with PEFT's roundings, for the m rows of x that `xq`
     holds in operand order (16 * K values, `llm.nf4_kernels._fragment_offsets`); `t` holds the
@@ -435,7 +397,7 @@ def nf4_mma_linear(
     seg2 on belong to the LoRA's second and third parts."""
     n, k = weight.shape
     rows = 8 if m <= 8 else 16
-    kernel = _kernel(weight.code, warps, rows, lora.rank, tiles, stages)
+    kernel = _kernel(weight.code, warps, rows, lora.rank, tiles, prefetch_x, ahead)
     y = torch.empty((m, n), dtype=torch.bfloat16, device=xq.device)
     kernel(grid=(n // (TILE_N * tiles), 1, 1), block=(warps * 32, 1, 1),
            args=[weight.packed, weight.absmax, xq, t, lora.b, y, m, k, y.stride(0), float(lora.scaling),

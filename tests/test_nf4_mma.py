@@ -31,30 +31,18 @@ def test_the_source_carries_the_code_table_exactly():
     assert "#define TILES 1" in source
 
 
-@pytest.mark.parametrize(("warps", "rows", "rank", "tiles", "stages", "code"), [
-    (3, 8, 32, 1, 0, NF4_CODE), (8, 12, 32, 1, 0, NF4_CODE), (8, 8, 0, 1, 0, NF4_CODE), (8, 8, 32, 3, 0, NF4_CODE),
-    (8, 8, 32, 1, 0, NF4_CODE[:8]),
-    # the cp.async pipeline's shared memory fits 48 KB with 4 warps and 1 tile only
-    (8, 8, 32, 1, 4, NF4_CODE), (4, 16, 32, 2, 3, NF4_CODE), (4, 8, 32, 1, 2, NF4_CODE),
+@pytest.mark.parametrize(("warps", "rows", "rank", "tiles", "code"), [
+    (3, 8, 32, 1, NF4_CODE), (8, 12, 32, 1, NF4_CODE), (8, 8, 0, 1, NF4_CODE), (8, 8, 32, 3, NF4_CODE),
+    (8, 8, 32, 1, NF4_CODE[:8]),
 ])
-def test_no_source_for_a_shape_the_kernel_does_not_handle(warps, rows, rank, tiles, stages, code):
+def test_no_source_for_a_shape_the_kernel_does_not_handle(warps, rows, rank, tiles, code):
     with pytest.raises(ValueError):
-        nf4_mma.source(code, warps, rows, rank, tiles, stages)
+        nf4_mma.source(code, warps, rows, rank, tiles)
 
 
-def test_the_pipelined_source_for_the_tuners_candidates():
-    for stages in (3, 4):
-        assert f"#define STAGES {stages}" in nf4_mma.source(NF4_CODE, 4, 16, 32, 1, stages)
-
-
-@pytest.mark.parametrize("n", [4096, 6144, 28672])
-@pytest.mark.parametrize("rows", [1, 2, 4, 16])
-def test_lora_splits_keep_the_partial_sum_traffic_bounded(n, rows):
-    cap = nf4_mma.lora_splits_cap(rows, n, rank=32)
-    per_split = (n // nf4_mma.TILE_N) * rows * 32 * 4
-    assert cap in (1, 2, 4, 8, 16)
-    assert cap == 1 or cap * per_split <= nf4_mma.T_SUM_BYTES
-    assert cap == 16 or 2 * cap * per_split > nf4_mma.T_SUM_BYTES  # as many as the bound allows
+def test_the_x_prefetch_is_a_switch_of_the_source():
+    assert "#define PREFETCH_X 1" in nf4_mma.source(NF4_CODE, 4, 16, 32, 1, prefetch_x=True)
+    assert "#define PREFETCH_X 0" in nf4_mma.source(NF4_CODE, 4, 16, 32, 1)
 
 
 def test_not_available_without_cuda():
@@ -84,7 +72,6 @@ def test_fallbacks_and_defaults_are_triton_kernels(n, k, boundaries):
     for rows in (1, 2, 4, 16):
         assert all(c.kind != "mma" for c in nf4_kernels._candidates(rows, n, k, boundaries, mma=False))
         assert nf4_kernels.default_config(rows, n, k, boundaries).kind != "mma"
-    assert not set(nf4_kernels.PIPELINED_MMA_CONFIGS) & set(nf4_kernels.MMA_CONFIGS)
 
 
 def test_a_failed_compile_turns_the_kernel_off_with_one_warning(monkeypatch, caplog):

@@ -1,7 +1,7 @@
 """The tensor-core kernel's own CUDA text, run on the CPU (tests/fakes/cuda_emulation.hpp: one
 std::thread per CUDA thread, mma.sync from the PTX ISA's fragment layout), against the reference
-path: the lane-to-weight mapping, the x operand order, the K split across warps, both pipelines
-and the LoRA epilogue. The real kernel runs in tests/gpu/test_nf4_kernels.py on a GPU."""
+path: the lane-to-weight mapping, the x operand order, the K split across warps, the x prefetch
+(its addresses checked) and the LoRA epilogue. The real kernel runs in tests/gpu/test_nf4_kernels.py on a GPU."""
 
 from __future__ import annotations
 
@@ -42,9 +42,11 @@ extern "C" long launch(int grid, int threads, const void* words, const float* ab
 RANK = 32
 
 
-def _build(tmp_path_factory: pytest.TempPathFactory, warps: int, rows: int, tiles: int, stages: int) -> ctypes.CDLL:
-    folder = tmp_path_factory.mktemp(f"nf4_w{warps}_r{rows}_t{tiles}_s{stages}")
-    text = (f'#define NF4_EMULATE\n#include "{HEADER}"\n' + nf4_mma.source(NF4_CODE, warps, rows, RANK, tiles, stages)
+def _build(tmp_path_factory: pytest.TempPathFactory, warps: int, rows: int, tiles: int, prefetch: bool,
+           ahead: int) -> ctypes.CDLL:
+    folder = tmp_path_factory.mktemp(f"nf4_w{warps}_r{rows}_t{tiles}_p{int(prefetch)}_a{ahead}")
+    text = (f'#define NF4_EMULATE\n#include "{HEADER}"\n'
+            + nf4_mma.source(NF4_CODE, warps, rows, RANK, tiles, prefetch, ahead)
             + LAUNCHER)
     (folder / "kernel.cpp").write_text(text)
     built = subprocess.run(
@@ -96,17 +98,19 @@ def _run(library: ctypes.CDLL, projection: NF4Projection, x: torch.Tensor, warps
     return y
 
 
-# (warps, tiles, stages): the register pipeline, two tiles per warp, and the cp.async pipeline
-VARIANTS = [(4, 1, 0), (8, 2, 0), (4, 1, 4)]
+# (warps, tiles, x prefetch, groups ahead): one tile, two tiles per warp, the x prefetch, and two
+# groups of weights in registers ahead
+VARIANTS = [(4, 1, False, 1), (8, 2, False, 1), (4, 1, True, 1), (4, 2, True, 2)]
 
 
-@pytest.mark.parametrize(("warps", "tiles", "stages"), VARIANTS)
+@pytest.mark.parametrize(("warps", "tiles", "prefetch", "ahead"), VARIANTS)
 @pytest.mark.parametrize("rows", [1, 3, 11, 16])
-def test_the_kernel_text_computes_the_reference_function(tmp_path_factory, warps, tiles, stages, rows):
-    library = _build(tmp_path_factory, warps, 8 if rows <= 8 else 16, tiles, stages)
-    # 5 groups of 256 inputs: some warps get two, some one, some none. The cp.async pipeline gets 21:
-    # 5-6 per warp, so that its ring of stages wraps around.
-    k = 256 * (21 if stages else 5)
+def test_the_kernel_text_computes_the_reference_function(tmp_path_factory, warps, tiles, prefetch, ahead, rows):
+    library = _build(tmp_path_factory, warps, 8 if rows <= 8 else 16, tiles, prefetch, ahead)
+    # 5 groups of 256 inputs: some warps get two, some one, some none; with the prefetch, 9 or 11:
+    # a warp prefetches several times, its last group none, and two groups ahead ends on either half
+    # of its loop.
+    k = 256 * ((9 if ahead == 1 else 11) if prefetch else 5)
     projection = _projection(n=64, k=k, seed=rows)
     x = torch.randn((rows, k), generator=torch.Generator().manual_seed(100 + rows)).to(torch.bfloat16)
     out = _run(library, projection, x, warps, tiles)

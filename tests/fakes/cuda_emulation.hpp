@@ -97,15 +97,7 @@ inline u16 bf16(float v) {  // round to nearest even (no NaNs here)
 inline u32 bf16x2(float lo, float hi) { return (u32)bf16(lo) | ((u32)bf16(hi) << 16); }
 inline u32 and_or(u32 a, u32 b, u32 c) { return (a & b) | c; }
 inline uint4 load_streaming(const uint4* p) { return __ldg(p); }
-inline void copy16(void* dst, const void* src) {
-    if (check_read(src, 16)) std::memcpy(dst, src, 16);
-}
-inline void copy4(void* dst, const void* src) {
-    if (check_read(src, 4)) std::memcpy(dst, src, 4);
-}
-inline void copies_commit() {}
-template <int N>
-inline void copies_wait() {}
+inline void prefetch_l1(const void* p) { check_read(p, 128); }  // a hint; its line must exist
 
 // ---- warps and blocks ---------------------------------------------------------------------------
 struct WarpExchange {
