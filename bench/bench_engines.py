@@ -375,6 +375,20 @@ def profile_steps(engine, prompt: list[int], out_dir: Path | None) -> dict:  # n
     return {"profiled_tokens": 32, "gpu_kernel_ms_total": round(cuda_total, 1)}
 
 
+def profile_prefill(engine, prompt: list[int], out_dir: Path | None) -> dict:  # noqa: ANN001
+    """torch.profiler over one long prompt's prefill and first token: where the TTFT goes."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        list(engine.stream_tokens(prompt, SamplingParams(max_new_tokens=1), ignore_eos=True))
+    if out_dir is not None:
+        table = prof.key_averages().table(sort_by="cuda_time_total", row_limit=30)
+        (out_dir / f"profile_prefill_{engine.name}.txt").write_text(table)
+    events = prof.key_averages()
+    return {"prompt_tokens": len(prompt),
+            "gpu_kernel_ms_total": round(sum(getattr(e, "self_device_time_total", 0) or 0 for e in events) / 1e3, 1)}
+
+
 def bench_batching_engine(name: str, build, tokenizer, args, reference_logits, korean_ids) -> dict:  # noqa: ANN001
     from llm.fidelity import kl_summary, teacher_forced_decode_logits
 
@@ -433,6 +447,11 @@ def bench_batching_engine(name: str, build, tokenizer, args, reference_logits, k
             case["profile"] = {"error": repr(error)}
         long_prompt = random_prompt(tokenizer, 1500, generator)
         case["ttft_1500_ms"] = ttft(engine, long_prompt)
+        if name in ("fast", "nf4"):
+            try:
+                case["prefill_profile"] = profile_prefill(engine, long_prompt, args.out_dir)
+            except Exception as error:  # noqa: BLE001
+                case["prefill_profile"] = {"error": repr(error)}
         if name in ("fast", "nf4"):
             serving_peak = torch.cuda.max_memory_allocated()
             torch.cuda.reset_peak_memory_stats()  # peak while serving the 16 staggered requests

@@ -217,12 +217,14 @@ class NF4Projection:
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         flat = x.reshape(-1, x.shape[-1])
-        if self.use_kernels and flat.shape[0] <= MAX_KERNEL_ROWS and not self._plan_prefers_reference(flat.shape[0]):
+        if not self.use_kernels:
+            out = self.reference(flat)
+        elif flat.shape[0] <= MAX_KERNEL_ROWS and not self._plan_prefers_reference(flat.shape[0]):
             from llm import nf4_kernels
 
             out = nf4_kernels.nf4_lora_linear(flat, self.weight, self.lora, self.round_lora_first)
         else:
-            out = self.reference(flat)
+            out = self.prompt(flat)
         return out.reshape(*x.shape[:-1], out.shape[-1])
 
     def _plan_prefers_reference(self, rows: int) -> bool:
@@ -239,6 +241,14 @@ class NF4Projection:
              for r in range(0, n, self.dequant_rows)],
             dim=-1,
         )
+
+    def prompt(self, x: torch.Tensor) -> torch.Tensor:
+        """The reference function for many rows, on the GPU kernels' prompt path where it fits."""
+        from llm import nf4_kernels
+
+        if not nf4_kernels.prompt_path_fits(self.weight.shape[0], self.dequant_rows, self.lora.boundaries):
+            return self.reference(x)
+        return nf4_kernels.nf4_prompt_linear(x, self.weight, self.lora, self.round_lora_first, self.dequant_rows)
 
     def reference(self, x: torch.Tensor) -> torch.Tensor:
         base = self.base(x)

@@ -41,6 +41,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import torch
+import torch.nn.functional as F
 
 from llm import nf4_mma
 from llm.triton_kernels import graph_time_ms
@@ -374,6 +375,30 @@ if _HAVE_TRITON:
                             cache_modifier=".cg")
             tl.store(t_ptr + offs_m[:, None] * RT + offs_r[None, :], tl.sum(parts, axis=0), mask=out_mask)
             tl.atomic_xchg(arrivals_ptr + pid_r, 0)
+
+    @triton.jit
+    def _lora_b_out_kernel(
+        base_ptr, t_ptr, b_ptr, out_ptr, M, N_CHUNK, col0, stride_base, stride_out, RT, scaling, SEG1, SEG2,
+        RANK: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, ROUND_LORA_FIRST: tl.constexpr,
+    ):
+        # A prompt's output columns col0.. (a dequantized chunk's cuBLAS product `base`): base + the
+        # LoRA's B product with PEFT's roundings, written straight into the full output (no float32
+        # [rows, N] intermediates, no concatenation). Tiles never straddle two LoRA parts.
+        offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+        offs_j = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+        n0 = col0 + tl.program_id(1) * BLOCK_N
+        part = (n0 >= SEG1).to(tl.int32) + (n0 >= SEG2).to(tl.int32)
+        offs_r = tl.arange(0, RANK)
+        m_mask = offs_m < M
+        j_mask = offs_j < N_CHUNK
+        t = tl.load(t_ptr + offs_m[:, None] * RT + part * RANK + offs_r[None, :], mask=m_mask[:, None], other=0.0)
+        b = tl.load(b_ptr + (col0 + offs_j)[:, None].to(tl.int64) * RANK + offs_r[None, :], mask=j_mask[:, None],
+                    other=0.0)
+        u = tl.dot(t.to(tl.float32), tl.trans(b.to(tl.float32)), input_precision="ieee") * scaling
+        mask = m_mask[:, None] & j_mask[None, :]
+        base = tl.load(base_ptr + offs_m[:, None].to(tl.int64) * stride_base + offs_j[None, :], mask=mask, other=0.0)
+        tl.store(out_ptr + offs_m[:, None].to(tl.int64) * stride_out + (col0 + offs_j)[None, :],
+                 _finish(base, u, ROUND_LORA_FIRST), mask=mask)
 
     @triton.jit
     def _dequant_tile(packed_ptr, absmax_ptr, code_ptr, rows, k0, offs_b, K):
@@ -737,6 +762,35 @@ def mma_inputs(x: torch.Tensor, lora: LoraParts) -> tuple[torch.Tensor, torch.Te
         GROUPS_P2=triton.next_power_of_2(groups), num_warps=4,
     )
     return xq, t
+
+
+PROMPT_TILE = 64  # rows and output columns per program of the prompt path's LoRA B kernel
+
+
+def prompt_path_fits(n: int, dequant_rows: int, boundaries: Sequence[int]) -> bool:
+    """The prompt path's tiles never straddle a dequantized chunk or a LoRA part."""
+    return dequant_rows % PROMPT_TILE == 0 and all(b % PROMPT_TILE == 0 for b in boundaries)
+
+
+def nf4_prompt_linear(
+    x: torch.Tensor, weight: NF4Matrix, lora: LoraParts, round_lora_first: bool, dequant_rows: int
+) -> torch.Tensor:
+    """y = x @ dequant(W).T + scaling * B(A(x)) with PEFT's roundings, for a prompt's many rows: each
+    chunk of `dequant_rows` weight rows dequantized for cuBLAS (bounded scratch), its product and
+    the LoRA's B product summed into the output by one kernel. The A product is PEFT's own call."""
+    m, k = x.shape
+    n = weight.shape[0]
+    t = F.linear(x.to(lora.a.dtype), lora.a)  # every part's low-rank input at once, [rows, sum of ranks]
+    out = torch.empty((m, n), dtype=x.dtype, device=x.device)
+    seg1, seg2 = lora.part_starts(n)
+    for col0 in range(0, n, dequant_rows):
+        rows = min(dequant_rows, n - col0)
+        base = F.linear(x, weight.dequantize(x.dtype, slice(col0, col0 + rows)))
+        _lora_b_out_kernel[(triton.cdiv(m, PROMPT_TILE), triton.cdiv(rows, PROMPT_TILE))](
+            base, t, lora.b, out, m, rows, col0, base.stride(0), out.stride(0), t.shape[1], lora.scaling, seg1, seg2,
+            RANK=lora.rank, BLOCK_M=PROMPT_TILE, BLOCK_N=PROMPT_TILE, ROUND_LORA_FIRST=round_lora_first, num_warps=4,
+        )
+    return out
 
 
 def nf4_lora_linear(

@@ -73,6 +73,25 @@ def test_fused_kernel_equals_the_reference_path(rows, name):
     print("NF4_KERNEL " + json.dumps({"name": name, "rows": rows, "max_abs_diff": worst}))
 
 
+@pytest.mark.parametrize("rows", [17, 300])
+@pytest.mark.parametrize("name", ["qkv", "gate_up", "down"])
+@pytest.mark.parametrize("round_first", [True, False])
+def test_the_prompt_path_equals_the_reference_path(rows, name, round_first):
+    # Prompts: chunked dequantize + cuBLAS, the LoRA B product and PEFT's roundings in one kernel
+    # writing the output (gate/up: 7 chunks of 4,096 weight rows, two LoRA parts).
+    shapes = {"qkv": ([(4096, 0), (1024, 0), (1024, 0)], 4096), "gate_up": ([(14336, 0), (14336, 0)], 4096),
+              "down": ([(4096, 0)], 14336)}
+    parts, cols = shapes[name]
+    projection = _projection(parts, cols, round_first=round_first)
+    projection.use_kernels = True
+    x = torch.randn(rows, cols, dtype=torch.bfloat16, device="cuda:0")
+    reference = projection.reference(x)
+    out = projection(x)
+    diff = (out.float() - reference.float()).abs()
+    assert diff.max().item() <= 2 * reference.float().abs().max().item() * 2**-8, diff.max()
+    assert (diff > 0).float().mean().item() < 0.01
+
+
 @pytest.mark.parametrize("rows", [1, 3, 4, 7, 9, 16])
 @pytest.mark.parametrize("k", [4096, 14336])
 def test_the_tensor_core_paths_lora_a_kernel(rows, k):
