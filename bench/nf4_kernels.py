@@ -77,7 +77,7 @@ def measure(name: str, parts: list[int], cols: int, rows_counts: Sequence[int]) 
             result[f"fused_{config.label}_us"] = round(us, 1)
         result["configs_disagreeing_with_reference"] = wrong
         # the LoRA A kernel as the tensor-core configurations run it (it also writes x in their order)
-        result["lora_a_only_us"] = round(timed(lambda x=x: [nf4_kernels.mma_inputs(x, p.lora)
+        result["lora_a_only_us"] = round(timed(lambda x=x: [nf4_kernels.mma_inputs(x, n, p.lora)
                                                               for p in group]) / LAYERS, 1)
         result["dequant_cublas_us"] = round(timed(lambda x=x: [p.reference(x) for p in group]) / LAYERS, 1)
         result["bf16_cublas_us"] = round(timed(lambda x=x: [F.linear(x, w) for w in dense]) / LAYERS, 1)

@@ -358,12 +358,13 @@ if _HAVE_TRITON:
         offs_r = pid_r * BLOCK_R + tl.arange(0, BLOCK_R)
         m_mask = offs_m < M
         r_mask = offs_r < RT
-        part = tl.zeros((ROWS, BLOCK_R), dtype=tl.float32)
+        products = tl.zeros((ROWS, BLOCK_R, CHUNK), dtype=tl.float32)  # added up across threads once, at the end
         for c in tl.static_range(256 // CHUNK):
             offs_k = group * 256 + c * CHUNK + tl.arange(0, CHUNK)
             x = tl.load(x_ptr + offs_m[:, None] * stride_x + offs_k[None, :], mask=m_mask[:, None], other=0.0)
             a = tl.load(a_ptr + offs_r[:, None].to(tl.int64) * K + offs_k[None, :], mask=r_mask[:, None], other=0.0)
-            part += tl.sum(x.to(tl.float32)[:, None, :] * a[None, :, :], axis=2)
+            products += x.to(tl.float32)[:, None, :] * a[None, :, :]
+        part = tl.sum(products, axis=2)
         out_mask = m_mask[:, None] & r_mask[None, :]
         tl.store(part_ptr + (group * M + offs_m[:, None]) * RT + offs_r[None, :], part, mask=out_mask)
         tl.debug_barrier()  # every thread's partial sums stored before the release below
@@ -740,25 +741,45 @@ def lora_a_product(
 
 
 MMA_LORA_BLOCK_R = 8  # ranks per LoRA `A` program of the tensor-core path: enough programs to fill the GPU
+T_SUM_BYTES = 16 << 20  # 1-4 rows: what all tensor-core blocks together may read of the split-K partial sums
 
 
-def mma_inputs(x: torch.Tensor, lora: LoraParts) -> tuple[torch.Tensor, torch.Tensor]:
-    """What the tensor-core kernel reads besides the weights, from one kernel: x in its operand
-    order (16 * K values) and t = float32(x) @ A.T ([1, rows, sum of ranks]: one program per
-    256-input group and rank block, the groups' sums added up by the last to finish)."""
+def lora_splits_cap(rows: int, n: int, rank: int) -> int:
+    """1-4 rows: at most this many LoRA `A` split-K partial sums (a power of two, 1..16). Every block
+    of the tensor-core kernel adds them up for its rows, so their traffic grows with blocks x rows x
+    splits, while more splits keep the A product's own blocks busy."""
+    per_split = (n // nf4_mma.TILE_N) * rows * rank * 4
+    cap = 16
+    while cap > 1 and cap * per_split > T_SUM_BYTES:
+        cap //= 2
+    return cap
+
+
+def mma_inputs(x: torch.Tensor, n: int, lora: LoraParts) -> tuple[torch.Tensor, torch.Tensor]:
+    """What the tensor-core kernel reads besides the weights, from one LoRA `A` kernel: x in its
+    operand order (16 * K values) and t = float32(x) @ A.T as split-K partial sums [splits, rows,
+    sum of ranks], which the kernel adds up.
+    - 1-4 rows: a few splits (the partial-sum traffic bound above), the multiply-add kernel (run 13:
+      2-3 us, where whole sums cost 5).
+    - 5-16 rows: t whole, one program per 256-input group and rank block, the groups' sums added up
+      by the last program of each rank block to finish (run 13: 11-16 us, where the split kernel
+      took 9-29 with the few splits every block can afford to add up)."""
     m, k = x.shape
     rt = lora.a.shape[0]
+    xq = torch.empty((16 * k,), dtype=torch.bfloat16, device=x.device)
+    if m <= 4:
+        t, _ = lora_a_product(x, lora, _block_m(m), False, max_splits=lora_splits_cap(m, n, lora.rank),
+                              block_r=MMA_LORA_BLOCK_R, xq=xq)
+        return xq, t
     groups = k // nf4_mma.GROUP
     r_blocks = triton.cdiv(rt, MMA_LORA_BLOCK_R)
     if lora.arrivals is None or lora.arrivals.device != x.device or lora.arrivals.numel() < r_blocks:
         lora.arrivals = torch.zeros(r_blocks, dtype=torch.int32, device=x.device)
-    xq = torch.empty((16 * k,), dtype=torch.bfloat16, device=x.device)
     part = torch.empty((groups, m, rt), dtype=torch.float32, device=x.device)
     t = torch.empty((1, m, rt), dtype=torch.float32, device=x.device)
-    rows = _block_m(m)
     _lora_a_mma_kernel[(r_blocks, groups)](
         x, lora.a, part, t, lora.arrivals, xq, m, k, rt, x.stride(0),
-        ROWS=rows, XQ_ROWS=8 if m <= 8 else 16, BLOCK_R=MMA_LORA_BLOCK_R, CHUNK=min(64, 8192 // (rows * MMA_LORA_BLOCK_R)),
+        ROWS=MAX_ROWS, XQ_ROWS=8 if m <= 8 else 16, BLOCK_R=MMA_LORA_BLOCK_R, CHUNK=64,
         GROUPS_P2=triton.next_power_of_2(groups), num_warps=4,
     )
     return xq, t
@@ -811,7 +832,7 @@ def nf4_lora_linear(
     block_m = _block_m(m)
     seg1, seg2 = lora.part_starts(n)
     if config.kind == "mma":
-        xq, t = mma_inputs(x, lora)
+        xq, t = mma_inputs(x, n, lora)
         return nf4_mma.nf4_mma_linear(xq, m, weight, lora, t, seg1, seg2, round_lora_first, config.num_warps,
                                       config.block_n // nf4_mma.TILE_N, config.prefetch_x,
                                       config.num_stages)

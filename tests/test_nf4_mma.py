@@ -45,6 +45,18 @@ def test_the_x_prefetch_is_a_switch_of_the_source():
     assert "#define PREFETCH_X 0" in nf4_mma.source(NF4_CODE, 4, 16, 32, 1)
 
 
+@pytest.mark.parametrize("n", [4096, 6144, 28672])
+@pytest.mark.parametrize("rows", [1, 2, 4])
+def test_lora_splits_keep_the_partial_sum_traffic_bounded(n, rows):
+    from llm import nf4_kernels
+
+    cap = nf4_kernels.lora_splits_cap(rows, n, rank=32)
+    per_split = (n // nf4_mma.TILE_N) * rows * 32 * 4
+    assert cap in (1, 2, 4, 8, 16)
+    assert cap == 1 or cap * per_split <= nf4_kernels.T_SUM_BYTES
+    assert cap == 16 or 2 * cap * per_split > nf4_kernels.T_SUM_BYTES  # as many as the bound allows
+
+
 def test_not_available_without_cuda():
     assert not nf4_mma.available("cpu")
     if not torch.cuda.is_available():
