@@ -809,8 +809,7 @@ def nf4_prompt_linear(
         base = F.linear(x, weight.dequantize(x.dtype, slice(col0, col0 + rows)))
         _lora_b_out_kernel[(triton.cdiv(m, PROMPT_TILE), triton.cdiv(rows, PROMPT_TILE))](
             base, t, lora.b, out, m, rows, col0, base.stride(0), out.stride(0), t.shape[1], lora.scaling, seg1, seg2,
-            RANK=lora.rank, BLOCK_M=PROMPT_TILE, BLOCK_N=PROMPT_TILE, ROUND_LORA_FIRST=round_lora_first,
-            num_warps=8,  # 4 warps hold the 64 x 64 tile in ~240 registers a thread (sm_90 SASS): 2 blocks per SM
+            RANK=lora.rank, BLOCK_M=PROMPT_TILE, BLOCK_N=PROMPT_TILE, ROUND_LORA_FIRST=round_lora_first, num_warps=4,
         )
     return out
 
