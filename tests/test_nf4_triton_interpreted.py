@@ -1,0 +1,100 @@
+"""The `nf4` tensor-core path's Triton kernels, run on the CPU by Triton's interpreter
+(`TRITON_INTERPRET=1`, numpy): the LoRA `A` kernels that lay x out in the CUDA kernel's operand
+order and leave t = x @ A.T split or whole, and the prompt path's LoRA `B` kernel. The interpreter
+runs a grid's programs one after another, so the last-arrival sum is checked here for what it
+computes, and on a GPU (tests/gpu/test_nf4_kernels.py) for the concurrency. It is read at import,
+hence one subprocess per check."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+pytestmark = pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="needs Triton's interpreter")
+
+ROOT = Path(__file__).resolve().parents[1]
+
+LORA_A_CHECK = """
+import json, torch
+from llm import nf4_kernels, nf4_mma
+from llm.nf4 import LoraParts
+
+torch.manual_seed(0)
+k, rt = 768, 96  # 3 groups of 256 inputs (not a power of two), three LoRA parts of rank 32
+lora = LoraParts(a=torch.randn(rt, k) * 0.02, b=torch.randn(3 * 64, 32) * 0.02,
+                 segments=((0, 64, 0), (64, 128, 32), (128, 192, 64)), rank=32, scaling=0.25)
+report = {}
+for rows in (1, 3, 5, 9, 16):
+    x = torch.randn(rows, k).to(torch.bfloat16)
+    row_of_value = nf4_mma.operand_order(torch.arange(16)[:, None].expand(16, k).float())
+    real = row_of_value < rows  # the CUDA kernel reads only real rows' values
+    calls = [nf4_kernels.mma_inputs(x, 4096, lora) for _ in range(2)]
+    xq, t = calls[0]
+    report[rows] = {
+        "xq_equal": bool(torch.equal(xq[real], nf4_mma.operand_order(x)[real])),
+        "t_error": (t.sum(0).double() - x.double() @ lora.a.double().T).abs().max().item(),
+        "splits": t.shape[0],
+        "repeatable": bool(torch.equal(calls[1][1], t)),
+        "arrivals": None if lora.arrivals is None else int(lora.arrivals.abs().sum()),
+    }
+print(json.dumps(report))
+"""
+
+PROMPT_CHECK = """
+import json, torch
+from llm import nf4_kernels
+from llm.nf4 import LoraParts, NF4Matrix, NF4Projection
+
+torch.manual_seed(1)
+code = torch.linspace(-1, 1, 16)
+n, k = 320, 256
+weight = NF4Matrix(packed=torch.randint(0, 256, (n, k // 2), dtype=torch.uint8),
+                   absmax=torch.rand((n, k // 64)) * 0.05 + 0.005, code=code)
+lora = LoraParts(a=torch.randn(64, k) * 0.02, b=torch.randn(n, 32) * 0.2, segments=((0, 192, 0), (192, n, 32)),
+                 rank=32, scaling=0.25)
+x = torch.randn(70, k).to(torch.bfloat16)
+report = {}
+for round_first in (True, False):
+    projection = NF4Projection(weight, lora, round_lora_first=round_first, dequant_rows=128)  # 3 chunks
+    out = nf4_kernels.nf4_prompt_linear(x, weight, lora, round_first, 128)
+    reference = projection.reference(x)
+    without_lora = projection.base(x)
+    report[str(round_first)] = {
+        # the interpreter rounds float32 to bf16 by truncation: one bf16 step apart at most
+        "max_error": (out.float() - reference.float()).abs().max().item(),
+        "step": reference.float().abs().max().item() * 2**-7,
+        "lora_size": (reference.float() - without_lora.float()).abs().max().item(),
+    }
+print(json.dumps(report))
+"""
+
+
+def _interpreted(script: str) -> dict:
+    env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": str(ROOT)}
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, cwd=ROOT,
+                            timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return json.loads(result.stdout.strip().splitlines()[-1])
+
+
+def test_the_lora_a_kernels_lay_out_x_and_sum_t_for_the_tensor_core_kernel():
+    report = _interpreted(LORA_A_CHECK)
+    for rows, case in report.items():
+        assert case["xq_equal"], rows
+        assert case["t_error"] < 1e-5, (rows, case)
+        assert case["repeatable"], rows
+        if int(rows) > 4:  # the whole-sum kernel: one split, its arrival counters back at zero
+            assert case["splits"] == 1 and case["arrivals"] == 0, (rows, case)
+
+
+def test_the_prompt_paths_lora_b_kernel_adds_the_lora_as_peft_does():
+    report = _interpreted(PROMPT_CHECK)
+    for round_first, case in report.items():
+        assert case["lora_size"] > 10 * case["step"], case  # a missing or misplaced LoRA would show
+        assert case["max_error"] <= case["step"], (round_first, case)
