@@ -1,8 +1,11 @@
-"""Triton kernels for `nf4` mode: bitsandbytes' packed NF4 weights read as they are (CUDA only).
+"""Triton kernels for `nf4` mode: bitsandbytes' packed NF4 weights read as they are (CUDA; on a CPU
+only through Triton's interpreter, which tests/test_nf4_triton_interpreted.py uses).
 
 - `dequantize(packed, absmax, code)`: bf16(code[nibble] * absmax) for every value, bit for bit
   `bitsandbytes.functional.dequantize_4bit` (float32 product, one round-to-nearest-even to bf16).
-  Prompts multiply such a dequantized chunk with cuBLAS.
+- `nf4_prompt_linear(x, weight, lora, ...)`: the same function for a prompt's rows: each chunk of
+  weight rows dequantized for cuBLAS, then one kernel adds the LoRA's `B` product with PEFT's
+  roundings and writes the chunk's columns of the output.
 - `nf4_lora_linear(x, weight, lora)`: y = x @ dequant(W).T + LoRA for 1..16 rows (a decode step).
   The weight bytes are streamed once: each tile is dequantized in registers (the same bf16 values)
   and multiplied with float32 accumulation - a multiply-reduce for up to 4 rows, `tl.dot` on a
