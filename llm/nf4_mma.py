@@ -21,7 +21,8 @@ PEFT's roundings (float32 `B @ t * scaling`, rounded to bf16 and added to the bf
 the Triton kernels' epilogue does. Variants: 1 or 2 feature tiles per warp, 1 or 2 groups' weights
 in registers ahead of the one computed (bytes in flight are what one row waits on), and whether each
 warp prefetches its next group's x into L1 (what batches of 9-16 rows wait on).
-The LoRA `A` kernel before it (`llm.nf4_kernels.mma_inputs`) leaves t whole (one split).
+The LoRA `A` kernel before it (`llm.nf4_kernels.mma_inputs`) leaves t as a few split-K partial
+sums (1-4 rows) or whole (5-16 rows); the prologue adds the splits up.
 tests/test_nf4_mma_emulated.py runs this CUDA text on the CPU; tests/gpu runs it on a GPU.
 """
 

@@ -3,7 +3,7 @@
 // One std::thread per CUDA thread, one block at a time (so `__shared__` can be `static`), a barrier
 // per warp for `mma.sync` (each lane publishes its fragments, then computes its own accumulators
 // from everyone's, as the PTX ISA lays the m16n8k16 operands out) and one per block for
-// `__syncthreads`. cp.async copies land at once. The PTX helpers are replaced by C++ ones with
+// `__syncthreads`. Prefetches only check their address. The PTX helpers are replaced by C++ ones with
 // the same arithmetic (prmt's byte selection and sign mode, round-to-nearest-even to bf16).
 #pragma once
 
