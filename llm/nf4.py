@@ -219,7 +219,7 @@ class NF4Projection:
         flat = x.reshape(-1, x.shape[-1])
         if not self.use_kernels:
             out = self.reference(flat)
-        elif flat.shape[0] <= MAX_KERNEL_ROWS and not self._plan_prefers_reference(flat.shape[0]):
+        elif flat.shape[0] <= MAX_KERNEL_ROWS and not self._plan_prefers_dequantizing(flat.shape[0]):
             from llm import nf4_kernels
 
             out = nf4_kernels.nf4_lora_linear(flat, self.weight, self.lora, self.round_lora_first)
@@ -227,7 +227,7 @@ class NF4Projection:
             out = self.prompt(flat)
         return out.reshape(*x.shape[:-1], out.shape[-1])
 
-    def _plan_prefers_reference(self, rows: int) -> bool:
+    def _plan_prefers_dequantizing(self, rows: int) -> bool:
         from llm import nf4_kernels
 
         return nf4_kernels.PLAN.use_reference(rows, *self.weight.shape)

@@ -312,8 +312,7 @@ if _HAVE_TRITON:
 
     @triton.jit
     def _lora_a_dot_kernel(
-        x_ptr, a_ptr, t_ptr, xq_ptr, M, K, RT, stride_x, K_PER_SPLIT,
-        BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr, WRITE_XQ: tl.constexpr,
+        x_ptr, a_ptr, t_ptr, M, K, RT, stride_x, K_PER_SPLIT, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr,
     ):
         # The same for 5..16 rows: a 16-row tile, float32 products (no TF32, as PEFT's float32 LoRA)
         pid_r = tl.program_id(0)
@@ -327,9 +326,6 @@ if _HAVE_TRITON:
         k_start = split * K_PER_SPLIT
         for k0 in range(k_start, k_start + K_PER_SPLIT, BLOCK_K):
             x = tl.load(x_ptr + offs_m[:, None] * stride_x + (k0 + offs_k)[None, :], mask=m_mask[:, None], other=0.0)
-            if WRITE_XQ:
-                tl.store(xq_ptr + _fragment_offsets(offs_m[:, None], (k0 + offs_k)[None, :]), x,
-                         mask=m_mask[:, None] & (pid_r == 0))
             a = tl.load(a_ptr + offs_r[:, None].to(tl.int64) * K + (k0 + offs_k)[None, :], mask=r_mask[:, None],
                         other=0.0)
             acc = tl.dot(x.to(tl.float32), tl.trans(a), acc, input_precision="ieee")
@@ -339,8 +335,7 @@ if _HAVE_TRITON:
     @triton.jit
     def _lora_a_mma_kernel(
         x_ptr, a_ptr, part_ptr, t_ptr, arrivals_ptr, xq_ptr, M, K, RT, stride_x,
-        ROWS: tl.constexpr, XQ_ROWS: tl.constexpr, BLOCK_R: tl.constexpr, CHUNK: tl.constexpr,
-        GROUPS_P2: tl.constexpr,
+        XQ_ROWS: tl.constexpr, BLOCK_R: tl.constexpr, GROUPS_P2: tl.constexpr,
     ):
         # The tensor-core kernel's inputs besides the weights, one 256-input group per program:
         # - t = float32(x) @ A.T, whole: each program stores its group's partial sums, and the last
@@ -357,13 +352,13 @@ if _HAVE_TRITON:
             tile = tl.load(x_ptr + offs_q[:, None] * stride_x + offs_g[None, :], mask=offs_q[:, None] < M, other=0.0)
             tile = tl.permute(tl.reshape(tile, (XQ_ROWS // 8, 8, 4, 16, 4)), (0, 3, 1, 2, 4))
             tl.store(xq_ptr + group * 4096 + tl.arange(0, XQ_ROWS * 256), tl.reshape(tile, (XQ_ROWS * 256,)))
-        offs_m = tl.arange(0, ROWS)
+        offs_m = tl.arange(0, 16)  # 5..16 rows
         offs_r = pid_r * BLOCK_R + tl.arange(0, BLOCK_R)
         m_mask = offs_m < M
         r_mask = offs_r < RT
-        products = tl.zeros((ROWS, BLOCK_R, CHUNK), dtype=tl.float32)  # added up across threads once, at the end
-        for c in tl.static_range(256 // CHUNK):
-            offs_k = group * 256 + c * CHUNK + tl.arange(0, CHUNK)
+        products = tl.zeros((16, BLOCK_R, 64), dtype=tl.float32)  # added up across threads once, at the end
+        for c in tl.static_range(4):
+            offs_k = group * 256 + c * 64 + tl.arange(0, 64)
             x = tl.load(x_ptr + offs_m[:, None] * stride_x + offs_k[None, :], mask=m_mask[:, None], other=0.0)
             a = tl.load(a_ptr + offs_r[:, None].to(tl.int64) * K + offs_k[None, :], mask=r_mask[:, None], other=0.0)
             products += x.to(tl.float32)[:, None, :] * a[None, :, :]
@@ -688,7 +683,7 @@ class NF4Plan:
 
     def __init__(self) -> None:
         self._choice: dict[tuple[int, int, int], NF4Config] = {}
-        # Where dequantizing into cuBLAS measured faster than the fused kernel (batched rows).
+        # Where dequantizing into cuBLAS (the prompt path) measured faster than the fused kernel.
         self._reference: set[tuple[int, int, int]] = set()
         self.timings_ms: dict[str, float] = {}
 
@@ -726,7 +721,7 @@ def lora_a_product(
 ) -> tuple[torch.Tensor, int]:
     """Partial sums (split-K) of x @ A.T in float32, [splits, rows, sum of ranks]; the GEMV's epilogue
     adds the splits up. With `xperm` (one row), x is also written there value-major (float32); with
-    `xq`, in the tensor-core kernel's operand order."""
+    `xq` (1-4 rows), in the tensor-core kernel's operand order."""
     m, k = x.shape
     rt = lora.a.shape[0]
     a_block_k = 128 if k % 128 == 0 else 64
@@ -734,8 +729,10 @@ def lora_a_product(
     t = torch.empty((splits, m, rt), dtype=torch.float32, device=x.device)
     a_grid = (triton.cdiv(rt, block_r), splits)
     if dot:
-        _lora_a_dot_kernel[a_grid](x, lora.a, t, t if xq is None else xq, m, k, rt, x.stride(0), k // splits,
-                                   BLOCK_R=block_r, BLOCK_K=a_block_k, WRITE_XQ=xq is not None, num_warps=4)
+        if xq is not None:
+            raise ValueError("x in operand order comes from the multiply-add kernel (1-4 rows) only")
+        _lora_a_dot_kernel[a_grid](x, lora.a, t, m, k, rt, x.stride(0), k // splits, BLOCK_R=block_r,
+                                   BLOCK_K=a_block_k, num_warps=4)
     else:
         _lora_a_fma_kernel[a_grid](x, lora.a, t, t if xperm is None else xperm, t if xq is None else xq, m, k, rt,
                                    x.stride(0), k // splits, BLOCK_M=block_m, BLOCK_R=block_r, BLOCK_K=a_block_k,
@@ -782,8 +779,7 @@ def mma_inputs(x: torch.Tensor, n: int, lora: LoraParts) -> tuple[torch.Tensor, 
     t = torch.empty((1, m, rt), dtype=torch.float32, device=x.device)
     _lora_a_mma_kernel[(r_blocks, groups)](
         x, lora.a, part, t, lora.arrivals, xq, m, k, rt, x.stride(0),
-        ROWS=MAX_ROWS, XQ_ROWS=8 if m <= 8 else 16, BLOCK_R=MMA_LORA_BLOCK_R, CHUNK=64,
-        GROUPS_P2=triton.next_power_of_2(groups), num_warps=4,
+        XQ_ROWS=8 if m <= 8 else 16, BLOCK_R=MMA_LORA_BLOCK_R, GROUPS_P2=triton.next_power_of_2(groups), num_warps=4,
     )
     return xq, t
 
@@ -930,8 +926,8 @@ def tune(projections: dict[str, list], rows_buckets: Sequence[int], replays: int
             if best is not None:
                 PLAN.set(rows, n, k, best[1])
                 PLAN.timings_ms[f"{name}_m{rows}"] = round(best[0], 3)
-            if rows > 1:  # batched rows: dequantize + cuBLAS may beat the fused kernel
-                ms = graph_time_ms(lambda x=x, group=group: [p.reference(x) for p in group], replays)
+            if rows > 1:  # batched rows: dequantize + cuBLAS (the prompt path) may beat the fused kernel
+                ms = graph_time_ms(lambda x=x, group=group: [p.prompt(x) for p in group], replays)
                 PLAN.timings_ms[f"{name}_m{rows}_dequant_cublas"] = round(ms, 3)
                 if best is None or ms < best[0]:
                     PLAN._reference.add((rows, n, k))
