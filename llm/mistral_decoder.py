@@ -46,7 +46,7 @@ Projection = Callable[[torch.Tensor], torch.Tensor]
 # measured as slow TTFT under staggered load), flash / memory-efficient attention do not.
 _PREFILL_BACKENDS = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
 # Prompt rows per norm/projection/MLP call in prefill (bounds the activations; see `_rowwise`).
-_PREFILL_CHUNK = 512
+PREFILL_CHUNK = 512
 
 
 @dataclass(frozen=True)
@@ -283,6 +283,7 @@ class MistralDecoder:
         kv_cache_tokens: int | None = None,
         kv_block_size: int = 32,
         scratch_row: bool = False,
+        prefill_chunk: int = PREFILL_CHUNK,
     ) -> None:
         if config.sliding_window is not None and max_seq_len > config.sliding_window:
             raise ValueError(
@@ -296,6 +297,7 @@ class MistralDecoder:
         self.lm_head = lm_head
         self.max_batch = max_batch
         self.max_seq_len = max_seq_len
+        self.prefill_chunk = prefill_chunk
         self.device = embed.device
         self.dtype = embed.dtype
         self.paged = kv_cache_tokens is not None
@@ -406,14 +408,15 @@ class MistralDecoder:
             self.kv.release(slot)
 
     def _rowwise(self, fn: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, features: int) -> torch.Tensor:
-        """fn over x [1, T, H] in chunks of `_PREFILL_CHUNK` rows (fn is row-wise: same result).
+        """fn over x [1, T, H] in chunks of `prefill_chunk` rows (fn is row-wise: same result).
         Bounds the prefill transients - float32 RMSNorm temporaries and T x 28,672 gate/up
         activations - that otherwise make a long prompt the serving memory peak."""
-        if x.shape[1] <= _PREFILL_CHUNK:
+        chunk = self.prefill_chunk
+        if x.shape[1] <= chunk:
             return fn(x)
         out = x.new_empty((*x.shape[:-1], features))
-        for start in range(0, x.shape[1], _PREFILL_CHUNK):
-            out[:, start : start + _PREFILL_CHUNK] = fn(x[:, start : start + _PREFILL_CHUNK])
+        for start in range(0, x.shape[1], chunk):
+            out[:, start : start + chunk] = fn(x[:, start : start + chunk])
         return out
 
     def _prefill_qkv(self, layer: Layer, h: torch.Tensor) -> torch.Tensor:

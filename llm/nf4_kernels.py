@@ -393,11 +393,34 @@ if _HAVE_TRITON:
         t = tl.load(t_ptr + offs_m[:, None] * RT + part * RANK + offs_r[None, :], mask=m_mask[:, None], other=0.0)
         b = tl.load(b_ptr + (col0 + offs_j)[:, None].to(tl.int64) * RANK + offs_r[None, :], mask=j_mask[:, None],
                     other=0.0)
-        u = tl.dot(t.to(tl.float32), tl.trans(b.to(tl.float32)), input_precision="ieee") * scaling
+        # float32 on the tensor cores, split in three TF32 products: float32's accuracy (the
+        # product rounds to bf16 next) at a fraction of the CUDA-core multiply-adds' time
+        u = tl.dot(t.to(tl.float32), tl.trans(b.to(tl.float32)), input_precision="tf32x3") * scaling
         mask = m_mask[:, None] & j_mask[None, :]
         base = tl.load(base_ptr + offs_m[:, None].to(tl.int64) * stride_base + offs_j[None, :], mask=mask, other=0.0)
         tl.store(out_ptr + offs_m[:, None].to(tl.int64) * stride_out + (col0 + offs_j)[None, :],
                  _finish(base, u, ROUND_LORA_FIRST), mask=mask)
+
+    @triton.jit
+    def _lora_a_prompt_kernel(
+        x_ptr, a_ptr, t_ptr, M, K, stride_x, RT,
+        BLOCK_M: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr,
+    ):
+        # t = x @ A.T for a prompt's rows, every part at once: bf16 x read as it is (exact in
+        # TF32), float32 A split in TF32 products, float32 sums - what PEFT's float32 product of
+        # x cast to float32 computes, without the cast's copy or a thin float32 GEMM.
+        offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+        offs_r = tl.arange(0, BLOCK_R)
+        offs_k = tl.arange(0, BLOCK_K)
+        m_mask = offs_m < M
+        r_mask = offs_r < RT
+        acc = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
+        for k0 in range(0, K, BLOCK_K):
+            x = tl.load(x_ptr + offs_m[:, None].to(tl.int64) * stride_x + (k0 + offs_k)[None, :],
+                        mask=m_mask[:, None], other=0.0)
+            a = tl.load(a_ptr + offs_r[None, :] * K + (k0 + offs_k)[:, None], mask=r_mask[None, :], other=0.0)
+            acc = tl.dot(x.to(tl.float32), a, acc, input_precision="tf32x3")
+        tl.store(t_ptr + offs_m[:, None] * RT + offs_r[None, :], acc, mask=m_mask[:, None] & r_mask[None, :])
 
     @triton.jit
     def _dequant_tile(packed_ptr, absmax_ptr, code_ptr, rows, k0, offs_b, K):
@@ -685,10 +708,16 @@ class NF4Plan:
         self._choice: dict[tuple[int, int, int], NF4Config] = {}
         # Where dequantizing into cuBLAS (the prompt path) measured faster than the fused kernel.
         self._reference: set[tuple[int, int, int]] = set()
+        # Per weight shape, up to how many prompt rows the fused kernel in 16-row pieces measured
+        # faster than dequantizing (short prompts: the weight read 2-4 times beats writing it in bf16).
+        self._piece_rows: dict[tuple[int, int], int] = {}
         self.timings_ms: dict[str, float] = {}
 
     def use_reference(self, rows: int, n: int, k: int) -> bool:
         return (_block_m(rows), n, k) in self._reference
+
+    def use_pieces(self, rows: int, n: int, k: int) -> bool:
+        return rows <= self._piece_rows.get((n, k), 0)
 
     def get(self, rows: int, n: int, k: int) -> NF4Config | None:
         return self._choice.get((_block_m(rows), n, k))
@@ -697,9 +726,11 @@ class NF4Plan:
         self._choice[(_block_m(rows), n, k)] = config
 
     def summary(self) -> dict[str, str]:
-        return {f"m{m}_{n}x{k}": "dequant+cublas" if (m, n, k) in self._reference
-                else c.label
-                for (m, n, k), c in sorted(self._choice.items())}
+        choices = {f"m{m}_{n}x{k}": "dequant+cublas" if (m, n, k) in self._reference
+                   else c.label
+                   for (m, n, k), c in sorted(self._choice.items())}
+        pieces = {f"pieces_{n}x{k}": f"up to {rows} rows" for (n, k), rows in sorted(self._piece_rows.items())}
+        return {**choices, **pieces}
 
 
 PLAN = NF4Plan()
@@ -792,15 +823,34 @@ def prompt_path_fits(n: int, dequant_rows: int, boundaries: Sequence[int]) -> bo
     return dequant_rows % PROMPT_TILE == 0 and all(b % PROMPT_TILE == 0 for b in boundaries)
 
 
+PROMPT_A_ROWS = 32  # rows per program of the prompt path's LoRA A kernel
+PROMPT_A_K = 64
+
+
+def lora_a_prompt(x: torch.Tensor, lora: LoraParts) -> torch.Tensor:
+    """t = x @ A.T in float32 for a prompt's bf16 rows ([rows, sum of ranks]): every part's
+    low-rank input at once, PEFT's product, in one kernel (float32 A where K tiles evenly)."""
+    m, k = x.shape
+    rt = lora.a.shape[0]
+    if lora.a.dtype != torch.float32 or x.dtype != torch.bfloat16 or k % PROMPT_A_K or x.stride(1) != 1:
+        return F.linear(x.to(lora.a.dtype), lora.a)
+    t = torch.empty((m, rt), dtype=torch.float32, device=x.device)
+    _lora_a_prompt_kernel[(triton.cdiv(m, PROMPT_A_ROWS),)](
+        x, lora.a, t, m, k, x.stride(0), rt,
+        BLOCK_M=PROMPT_A_ROWS, BLOCK_R=max(16, triton.next_power_of_2(rt)), BLOCK_K=PROMPT_A_K, num_warps=4,
+    )
+    return t
+
+
 def nf4_prompt_linear(
     x: torch.Tensor, weight: NF4Matrix, lora: LoraParts, round_lora_first: bool, dequant_rows: int
 ) -> torch.Tensor:
     """y = x @ dequant(W).T + scaling * B(A(x)) with PEFT's roundings, for a prompt's many rows: each
     chunk of `dequant_rows` weight rows dequantized for cuBLAS (bounded scratch), its product and
-    the LoRA's B product summed into the output by one kernel. The A product is PEFT's own call."""
+    the LoRA's B product summed into the output by one kernel; the A product is one kernel before."""
     m, k = x.shape
     n = weight.shape[0]
-    t = F.linear(x.to(lora.a.dtype), lora.a)  # every part's low-rank input at once, [rows, sum of ranks]
+    t = lora_a_prompt(x, lora)
     out = torch.empty((m, n), dtype=x.dtype, device=x.device)
     seg1, seg2 = lora.part_starts(n)
     for col0 in range(0, n, dequant_rows):
@@ -899,6 +949,28 @@ def _fastest(name: str, group: list, rows: int, candidates: Sequence[NF4Config],
     return best
 
 
+PIECE_ROWS = (32, 64)  # the prompt row counts prefill buckets produce that 16-row pieces may serve
+
+
+def _tune_pieces(name: str, group: list, n: int, k: int, replays: int) -> None:
+    """Short prompts: the fused kernel over 16-row pieces against dequantizing, timed per row count."""
+    if PLAN.get(MAX_ROWS, n, k) is None or PLAN.use_reference(MAX_ROWS, n, k):
+        return
+    for rows in PIECE_ROWS:
+        x = torch.randn((rows, k), dtype=torch.bfloat16, device=group[0].weight.packed.device)
+        if not matches_reference(group[0].pieces(x), group[0].reference(x)):
+            logger.warning("nf4: the %d-row pieces of %s do not match the reference; not served", rows, name)
+            return
+        pieces_ms = graph_time_ms(lambda x=x: [p.pieces(x) for p in group], replays)
+        dequant_ms = graph_time_ms(lambda x=x: [p.prompt(x) for p in group], replays)
+        PLAN.timings_ms[f"{name}_m{rows}_pieces"] = round(pieces_ms, 3)
+        PLAN.timings_ms[f"{name}_m{rows}_dequant_cublas"] = round(dequant_ms, 3)
+        if pieces_ms >= dequant_ms:
+            return
+        PLAN._piece_rows[(n, k)] = rows
+        torch.cuda.empty_cache()
+
+
 def tune(projections: dict[str, list], rows_buckets: Sequence[int], replays: int = 5) -> dict[str, object]:
     """Per (projection, rows bucket), time every fitting config - and, for batched rows, dequantize +
     cuBLAS - over all layers' weights inside a CUDA graph (so neither launch overhead nor the L2
@@ -932,10 +1004,12 @@ def tune(projections: dict[str, list], rows_buckets: Sequence[int], replays: int
                 if best is None or ms < best[0]:
                     PLAN._reference.add((rows, n, k))
             torch.cuda.empty_cache()
+        _tune_pieces(name, group, n, k, replays)
     summary = PLAN.summary()
-    tensor_core = sum(label.startswith("mma") for label in summary.values())
+    choices = [label for key, label in summary.items() if key.startswith("m")]
+    tensor_core = sum(label.startswith("mma") for label in choices)
     seconds = round(time.perf_counter() - started, 1)
     logger.info("nf4 kernels tuned in %.1f s: the tensor-core kernel serves %d of %d projection x batch-size "
-                "choices%s", seconds, tensor_core, len(summary),
+                "choices%s", seconds, tensor_core, len(choices),
                 f" (off: {nf4_mma.disabled_reason()})" if nf4_mma.disabled_reason() else "")
     return {**summary, "ms_per_step_all_layers": dict(PLAN.timings_ms), "tune_s": seconds}

@@ -228,15 +228,13 @@ def test_scheduler_prefills_queued_arrivals_together(reference_model, korean_ids
     assert 3 in calls, calls
 
 
-def test_chunked_prefill_rows_equal_one_pass(reference_model, monkeypatch):
+def test_chunked_prefill_rows_equal_one_pass(reference_model):
     """Prefill runs norms/projections/MLP in row chunks (memory); the function is unchanged."""
-    import llm.mistral_decoder as md
-
     decoder = build_merged_decoder(reference_model, max_batch=2, max_seq_len=1200, dtype=torch.float32,
                                    kv_cache_tokens=2400, kv_block_size=16)
     ids = torch.randint(3, 30000, (1100,), generator=torch.Generator().manual_seed(0))
     chunked = decoder.prefill(0, ids, all_logits=True)
-    monkeypatch.setattr(md, "_PREFILL_CHUNK", 4096)
+    decoder.prefill_chunk = 4096
     whole = decoder.prefill(1, ids, all_logits=True)
     torch.testing.assert_close(chunked, whole, atol=1e-4, rtol=1e-4)
     torch.testing.assert_close(decoder.k_cache[0][decoder.kv.blocks[0]], decoder.k_cache[0][decoder.kv.blocks[1]])

@@ -71,6 +71,11 @@ for round_first in (True, False):
         "step": reference.float().abs().max().item() * 2**-7,
         "lora_size": (reference.float() - without_lora.float()).abs().max().item(),
     }
+three_parts = LoraParts(a=torch.randn(96, k) * 0.02, b=torch.randn(n, 32) * 0.2,
+                        segments=((0, 64, 0), (64, 192, 32), (192, n, 64)), rank=32, scaling=0.25)
+t = nf4_kernels.lora_a_prompt(x, three_parts)
+report["lora_a"] = {"shape": list(t.shape), "dtype": str(t.dtype),
+                    "error": (t.double() - x.double() @ three_parts.a.double().T).abs().max().item()}
 print(json.dumps(report))
 """
 
@@ -93,8 +98,11 @@ def test_the_lora_a_kernels_lay_out_x_and_sum_t_for_the_tensor_core_kernel():
             assert case["splits"] == 1 and case["arrivals"] == 0, (rows, case)
 
 
-def test_the_prompt_paths_lora_b_kernel_adds_the_lora_as_peft_does():
+def test_the_prompt_paths_lora_kernels_add_the_lora_as_peft_does():
     report = _interpreted(PROMPT_CHECK)
+    lora_a = report.pop("lora_a")  # t = x @ A.T, three parts (96 columns, not a power of two), 70 rows
+    assert lora_a["shape"] == [70, 96] and lora_a["dtype"] == "torch.float32", lora_a
+    assert lora_a["error"] < 1e-5, lora_a
     for round_first, case in report.items():
         assert case["lora_size"] > 10 * case["step"], case  # a missing or misplaced LoRA would show
         assert case["max_error"] <= case["step"], (round_first, case)

@@ -92,6 +92,39 @@ def test_the_prompt_path_equals_the_reference_path(rows, name, round_first):
     assert (diff > 0).float().mean().item() < 0.01
 
 
+@pytest.mark.parametrize("rows", [20, 32, 64])
+@pytest.mark.parametrize("name", ["qkv", "down"])
+def test_short_prompts_in_16_row_pieces_equal_the_reference_path(rows, name):
+    # Prompts of 17-64 rows may take the fused kernel 16 rows at a time (where the tuner measured it
+    # faster than dequantizing); a ragged last piece included.
+    shapes = {"qkv": ([(4096, 0), (1024, 0), (1024, 0)], 4096), "down": ([(4096, 0)], 14336)}
+    parts, cols = shapes[name]
+    projection = _projection(parts, cols)
+    x = torch.randn(rows, cols, dtype=torch.bfloat16, device="cuda:0")
+    reference = projection.reference(x)
+    out = projection.pieces(x)
+    diff = (out.float() - reference.float()).abs()
+    assert diff.max().item() <= 2 * reference.float().abs().max().item() * 2**-8, diff.max()
+    assert (diff > 0).float().mean().item() < 0.05
+
+
+@pytest.mark.parametrize("rows", [17, 1500])
+@pytest.mark.parametrize("k", [4096, 14336])
+def test_the_prompt_paths_lora_a_kernel_is_pefts_float32_product(rows, k):
+    # bf16 x read as it is, float32 A as three TF32 products: float32's accuracy, no cast of x
+    from llm import nf4_kernels
+
+    projection = _projection([(4096, 0), (1024, 0), (1024, 0)] if k == 4096 else [(4096, 0)], k)
+    x = torch.randn(rows, k, dtype=torch.bfloat16, device="cuda:0")
+    t = nf4_kernels.lora_a_prompt(x, projection.lora)
+    exact = x.double() @ projection.lora.a.double().T
+    peft = torch.nn.functional.linear(x.float(), projection.lora.a)
+    ours_error = (t.double() - exact).abs().max().item()
+    peft_error = (peft.double() - exact).abs().max().item()
+    print("NF4_LORA_A_PROMPT " + json.dumps({"rows": rows, "k": k, "error": ours_error, "peft_error": peft_error}))
+    assert ours_error <= 4 * peft_error + 1e-6
+
+
 @pytest.mark.parametrize("rows", [1, 3, 4, 5, 7, 9, 16])
 @pytest.mark.parametrize("k", [4096, 14336])
 def test_the_tensor_core_paths_lora_a_kernel(rows, k):
