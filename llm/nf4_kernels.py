@@ -403,24 +403,27 @@ if _HAVE_TRITON:
 
     @triton.jit
     def _lora_a_prompt_kernel(
-        x_ptr, a_ptr, t_ptr, M, K, stride_x, RT,
+        x_ptr, a_ptr, t_ptr, M, K, stride_x, RT, K_PER_SPLIT,
         BLOCK_M: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr,
     ):
-        # t = x @ A.T for a prompt's rows, every part at once: bf16 x read as it is (exact in
-        # TF32), float32 A split in TF32 products, float32 sums - what PEFT's float32 product of
-        # x cast to float32 computes, without the cast's copy or a thin float32 GEMM.
+        # One split's partial t = x @ A.T for a prompt's rows, every part at once: bf16 x read as
+        # it is (exact in TF32), float32 A split in TF32 products, float32 sums - what PEFT's
+        # float32 product of x cast to float32 computes, without the cast's copy or a thin
+        # float32 GEMM. Split-K: a prompt chunk has too few row blocks to fill the GPU.
         offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+        split = tl.program_id(1)
         offs_r = tl.arange(0, BLOCK_R)
         offs_k = tl.arange(0, BLOCK_K)
         m_mask = offs_m < M
         r_mask = offs_r < RT
         acc = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
-        for k0 in range(0, K, BLOCK_K):
+        for k0 in range(split * K_PER_SPLIT, (split + 1) * K_PER_SPLIT, BLOCK_K):
             x = tl.load(x_ptr + offs_m[:, None].to(tl.int64) * stride_x + (k0 + offs_k)[None, :],
                         mask=m_mask[:, None], other=0.0)
             a = tl.load(a_ptr + offs_r[None, :] * K + (k0 + offs_k)[:, None], mask=r_mask[None, :], other=0.0)
             acc = tl.dot(x.to(tl.float32), a, acc, input_precision="tf32x3")
-        tl.store(t_ptr + offs_m[:, None] * RT + offs_r[None, :], acc, mask=m_mask[:, None] & r_mask[None, :])
+        tl.store(t_ptr + (split * M + offs_m[:, None]).to(tl.int64) * RT + offs_r[None, :], acc,
+                 mask=m_mask[:, None] & r_mask[None, :])
 
     @triton.jit
     def _dequant_tile(packed_ptr, absmax_ptr, code_ptr, rows, k0, offs_b, K):
@@ -823,23 +826,28 @@ def prompt_path_fits(n: int, dequant_rows: int, boundaries: Sequence[int]) -> bo
     return dequant_rows % PROMPT_TILE == 0 and all(b % PROMPT_TILE == 0 for b in boundaries)
 
 
-PROMPT_A_ROWS = 32  # rows per program of the prompt path's LoRA A kernel
+PROMPT_A_ROWS = 64  # rows per program of the prompt path's LoRA A kernel
 PROMPT_A_K = 64
+PROMPT_A_PROGRAMS = 256  # enough split-K programs to fill the GPU
 
 
 def lora_a_prompt(x: torch.Tensor, lora: LoraParts) -> torch.Tensor:
     """t = x @ A.T in float32 for a prompt's bf16 rows ([rows, sum of ranks]): every part's
-    low-rank input at once, PEFT's product, in one kernel (float32 A where K tiles evenly)."""
+    low-rank input at once, PEFT's product, as split-K partial sums added up in split order
+    (float32 A where K tiles evenly; PEFT's own call otherwise)."""
     m, k = x.shape
     rt = lora.a.shape[0]
     if lora.a.dtype != torch.float32 or x.dtype != torch.bfloat16 or k % PROMPT_A_K or x.stride(1) != 1:
         return F.linear(x.to(lora.a.dtype), lora.a)
-    t = torch.empty((m, rt), dtype=torch.float32, device=x.device)
-    _lora_a_prompt_kernel[(triton.cdiv(m, PROMPT_A_ROWS),)](
-        x, lora.a, t, m, k, x.stride(0), rt,
+    row_blocks = triton.cdiv(m, PROMPT_A_ROWS)
+    fitting = [s for s in (1, 2, 4, 8, 16, 32) if k % (s * PROMPT_A_K) == 0]
+    splits = next((s for s in fitting if row_blocks * s >= PROMPT_A_PROGRAMS), fitting[-1])
+    partial = torch.empty((splits, m, rt), dtype=torch.float32, device=x.device)
+    _lora_a_prompt_kernel[(row_blocks, splits)](
+        x, lora.a, partial, m, k, x.stride(0), rt, k // splits,
         BLOCK_M=PROMPT_A_ROWS, BLOCK_R=max(16, triton.next_power_of_2(rt)), BLOCK_K=PROMPT_A_K, num_warps=4,
     )
-    return t
+    return partial[0] if splits == 1 else partial.sum(0)
 
 
 def nf4_prompt_linear(
