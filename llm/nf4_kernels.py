@@ -986,7 +986,9 @@ def tune(projections: dict[str, list], rows_buckets: Sequence[int], replays: int
     layer (a config this GPU or Triton gets wrong is never served). Where no tensor-core config
     does, the Triton ones are timed instead."""
     started = time.perf_counter()
+    seconds_per_projection: dict[str, float] = {}  # where start-up time goes (compiles included)
     for name, group in projections.items():
+        projection_started = time.perf_counter()
         first = group[0]
         n, k = first.weight.shape
         boundaries = first.lora.boundaries
@@ -1012,7 +1014,10 @@ def tune(projections: dict[str, list], rows_buckets: Sequence[int], replays: int
                 if best is None or ms < best[0]:
                     PLAN._reference.add((rows, n, k))
             torch.cuda.empty_cache()
+        pieces_started = time.perf_counter()
         _tune_pieces(name, group, n, k, replays)
+        seconds_per_projection[name] = round(time.perf_counter() - projection_started, 1)
+        seconds_per_projection[f"{name}_pieces"] = round(time.perf_counter() - pieces_started, 1)
     summary = PLAN.summary()
     choices = [label for key, label in summary.items() if key.startswith("m")]
     tensor_core = sum(label.startswith("mma") for label in choices)
@@ -1020,4 +1025,5 @@ def tune(projections: dict[str, list], rows_buckets: Sequence[int], replays: int
     logger.info("nf4 kernels tuned in %.1f s: the tensor-core kernel serves %d of %d projection x batch-size "
                 "choices%s", seconds, tensor_core, len(choices),
                 f" (off: {nf4_mma.disabled_reason()})" if nf4_mma.disabled_reason() else "")
-    return {**summary, "ms_per_step_all_layers": dict(PLAN.timings_ms), "tune_s": seconds}
+    return {**summary, "ms_per_step_all_layers": dict(PLAN.timings_ms), "tune_s": seconds,
+            "tune_s_per_projection": seconds_per_projection}
