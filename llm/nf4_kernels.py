@@ -79,7 +79,6 @@ class NF4Config:
     kind: str = "gather"
     xperm: bool = False  # lut GEMV: x read value-major (written by the LoRA A kernel)
     prefetch_x: bool = False  # mma: each warp prefetches its next group's x into L1
-    feature_warps: int = 1  # mma: the block's warps split its block_n features this many ways
 
     @property
     def dot(self) -> bool:
@@ -88,7 +87,6 @@ class NF4Config:
     @property
     def label(self) -> str:
         suffix = ("x" if self.xperm else "") + ("p" if self.prefetch_x else "")
-        suffix += f"f{self.feature_warps}" if self.feature_warps > 1 else ""
         return f"{self.kind}_{self.block_n}x{self.block_k}w{self.num_warps}s{self.num_stages}{suffix}"
 
     def fits(self, n: int, k: int, boundaries: Sequence[int]) -> bool:
@@ -118,16 +116,12 @@ LUT_DOT_CONFIGS = (  # 2-16 rows; 64-row tiles take Hopper's warpgroup MMA (wide
 # block_n = 16 features per tile x tiles per warp, num_stages = groups of weights in registers ahead
 # of the one computed; "p": x prefetched into L1. Run 13 retired the cp.async pipeline (weights 2-3
 # groups ahead in shared memory): 10-30 % slower than these everywhere (bench/NOTES.md).
-# "f2"/"f4": the block's warps split its features 2 or 4 ways (block_n counts all of them): warps of
-# one feature slice read the same x, mostly from L1 (16 rows: x traffic had outgrown the weights').
 MMA_CONFIGS = tuple(
-    NF4Config(nf4_mma.TILE_N * tiles * split, nf4_mma.GROUP, warps, ahead, kind="mma", prefetch_x=prefetch,
-              feature_warps=split)
-    for warps, tiles, ahead, prefetch, split in (
-        (4, 1, 1, False, 1), (8, 1, 1, False, 1), (16, 1, 1, False, 1), (4, 2, 1, False, 1),
-        (8, 2, 1, False, 1), (4, 1, 1, True, 1), (8, 1, 1, True, 1), (4, 2, 1, True, 1),
-        (4, 1, 2, False, 1), (8, 1, 2, False, 1), (4, 1, 2, True, 1), (8, 1, 2, True, 1),
-        (8, 1, 1, False, 2), (8, 1, 1, False, 4), (8, 2, 1, False, 2), (16, 1, 1, False, 4),
+    NF4Config(nf4_mma.TILE_N * tiles, nf4_mma.GROUP, warps, ahead, kind="mma", prefetch_x=prefetch)
+    for warps, tiles, ahead, prefetch in (
+        (4, 1, 1, False), (8, 1, 1, False), (16, 1, 1, False), (4, 2, 1, False), (8, 2, 1, False),
+        (4, 1, 1, True), (8, 1, 1, True), (4, 2, 1, True),
+        (4, 1, 2, False), (8, 1, 2, False), (4, 1, 2, True), (8, 1, 2, True),
     )
 )
 # Only where nothing above fits (small models, e.g. the tests' tiny one).
@@ -897,8 +891,8 @@ def nf4_lora_linear(
     if config.kind == "mma":
         xq, t = mma_inputs(x, n, lora)
         return nf4_mma.nf4_mma_linear(xq, m, weight, lora, t, seg1, seg2, round_lora_first, config.num_warps,
-                                      config.block_n // (nf4_mma.TILE_N * config.feature_warps), config.prefetch_x,
-                                      config.num_stages, config.feature_warps)
+                                      config.block_n // nf4_mma.TILE_N, config.prefetch_x,
+                                      config.num_stages)
     xperm = torch.empty((k,), dtype=torch.float32, device=x.device) if config.xperm else None
     t, splits = lora_a_product(x, lora, block_m, config.dot, xperm)
     y = torch.empty((m, n), dtype=torch.bfloat16, device=x.device)

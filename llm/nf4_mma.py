@@ -18,8 +18,7 @@ block (block t): 32 contiguous bytes of each row, as bitsandbytes stored them. S
 The decode is shared by all rows, so 1 and 16 rows cost nearly the same weight work. The warps of a
 block split K and add up through shared memory; the epilogue adds the LoRA's `B` product with
 PEFT's roundings (float32 `B @ t * scaling`, rounded to bf16 and added to the bf16 base output), as
-the Triton kernels' epilogue does. Variants: 1 or 2 feature tiles per warp, the block's warps
-splitting its features 1, 2 or 4 ways (warps of one slice share x through L1), 1 or 2 groups' weights
+the Triton kernels' epilogue does. Variants: 1 or 2 feature tiles per warp, 1 or 2 groups' weights
 in registers ahead of the one computed (bytes in flight are what one row waits on), and whether each
 warp prefetches its next group's x into L1 (what batches of 9-16 rows wait on).
 The LoRA `A` kernel before it (`llm.nf4_kernels.mma_inputs`) leaves t as a few split-K partial
@@ -169,10 +168,7 @@ __device__ __forceinline__ void group_mma(const uint4 (&w)[2 * TILES][2], const 
 }
 
 // A = W (16 features x 16 inputs), B = x.T (16 inputs x 8 rows of x). Lane (g, t) holds features g
-// and g + 8 of each of TILES 16-feature tiles, and x row g (+ 8 per set). A block's WARPS warps split
-// its features FEATURE_WARPS ways and K the rest: warps of one feature slice read the same x at the
-// same time, so that all but the first find it in L1 (x is read by every block: at 16 rows, more
-// bytes than the weights).
+// and g + 8 of each of TILES 16-feature tiles, and x row g (+ 8 per set); WARPS warps split K.
 extern "C" __global__ void __launch_bounds__(WARPS * 32)
 nf4_mma_kernel(const uint4* __restrict__ words, const float* __restrict__ absmax, const uint2* __restrict__ xq,
                const float* __restrict__ t_part, const float* __restrict__ lora_b, u16* __restrict__ y,
@@ -180,24 +176,21 @@ nf4_mma_kernel(const uint4* __restrict__ words, const float* __restrict__ absmax
                int round_lora_first) {
     constexpr int SETS = ROWS / 8;  // MMAs per A operand: x rows 0-7, 8-15
     constexpr int HALVES = 2 * TILES;  // 8-feature halves of the block; half q is features 8 q + g
-    constexpr int FEATURES = 16 * TILES;  // per warp
-    constexpr int BLOCK_FEATURES = FEATURES * FEATURE_WARPS;
-    constexpr int K_WARPS = WARPS / FEATURE_WARPS;  // warps splitting K, per feature slice
+    constexpr int FEATURES = 16 * TILES;
     __shared__ float partial[WARPS][32][4 * SETS * TILES];
     __shared__ float t_sum[ROWS][RANK];
-    __shared__ float b_tile[BLOCK_FEATURES][RANK];
+    __shared__ float b_tile[FEATURES][RANK];
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
     const int g = lane >> 2, t = lane & 3;
-    const int slice = warp % FEATURE_WARPS, k_warp = warp / FEATURE_WARPS;
-    const int n0 = blockIdx.x * BLOCK_FEATURES, warp_n0 = n0 + slice * FEATURES;
+    const int n0 = blockIdx.x * FEATURES;
     const int groups = K >> 8;
     // a feature's lane data: bytes 128 * group + 32 * t of its row (two uint4), absmax block 4 * group + t
     const uint4* lane_words[HALVES];
     const float* lane_absmax[HALVES];
 #pragma unroll
     for (int q = 0; q < HALVES; ++q) {
-        lane_words[q] = words + (size_t)(warp_n0 + 8 * q + g) * (K >> 5) + 2 * t;
-        lane_absmax[q] = absmax + (size_t)(warp_n0 + 8 * q + g) * (K >> 6) + t;
+        lane_words[q] = words + (size_t)(n0 + 8 * q + g) * (K >> 5) + 2 * t;
+        lane_absmax[q] = absmax + (size_t)(n0 + 8 * q + g) * (K >> 6) + t;
     }
     // x in operand order (written by the LoRA A kernel): per (group, set of 8 rows, MMA), each
     // lane's 4 values, in lane order. Lanes of rows past M (whose outputs are never stored) read
@@ -209,7 +202,7 @@ nf4_mma_kernel(const uint4* __restrict__ words, const float* __restrict__ absmax
     // The LoRA's inputs first, so that their loads overlap the weights': this block's rows of B
     // (contiguous) and t = x @ A.T for its part, the split-K partial sums added up.
     const int part = (n0 >= seg1) + (n0 >= seg2);
-    for (int i = threadIdx.x; i < BLOCK_FEATURES * RANK; i += WARPS * 32)
+    for (int i = threadIdx.x; i < FEATURES * RANK; i += WARPS * 32)
         b_tile[i / RANK][i % RANK] = lora_b[(size_t)n0 * RANK + i];
     for (int i = threadIdx.x; i < M * RANK; i += WARPS * 32) {
         const int m = i / RANK, r = i % RANK;
@@ -250,24 +243,24 @@ nf4_mma_kernel(const uint4* __restrict__ words, const float* __restrict__ absmax
     };
 #if AHEAD == 1
     // The next group's bytes in registers while this one computes.
-    LaneGroup current = fetch(k_warp);
-    for (int group = k_warp; group < groups; group += K_WARPS) {
-        const LaneGroup next = fetch(group + K_WARPS);
-        prefetch_x(group + K_WARPS);
+    LaneGroup current = fetch(warp);
+    for (int group = warp; group < groups; group += WARPS) {
+        const LaneGroup next = fetch(group + WARPS);
+        prefetch_x(group + WARPS);
         group_mma(current.w, current.scale, x_lane, group, acc);
         current = next;
     }
 #else
     // The next two groups' bytes in registers while this one computes (twice the bytes in flight).
-    LaneGroup first = fetch(k_warp), second = fetch(k_warp + K_WARPS);
-    for (int group = k_warp; group < groups; group += 2 * K_WARPS) {
-        const LaneGroup third = fetch(group + 2 * K_WARPS);
-        prefetch_x(group + K_WARPS);
+    LaneGroup first = fetch(warp), second = fetch(warp + WARPS);
+    for (int group = warp; group < groups; group += 2 * WARPS) {
+        const LaneGroup third = fetch(group + 2 * WARPS);
+        prefetch_x(group + WARPS);
         group_mma(first.w, first.scale, x_lane, group, acc);
-        if (group + K_WARPS >= groups) break;
-        const LaneGroup fourth = fetch(group + 3 * K_WARPS);
-        prefetch_x(group + 2 * K_WARPS);
-        group_mma(second.w, second.scale, x_lane, group + K_WARPS, acc);
+        if (group + WARPS >= groups) break;
+        const LaneGroup fourth = fetch(group + 3 * WARPS);
+        prefetch_x(group + 2 * WARPS);
+        group_mma(second.w, second.scale, x_lane, group + WARPS, acc);
         first = third;
         second = fourth;
     }
@@ -280,43 +273,40 @@ nf4_mma_kernel(const uint4* __restrict__ words, const float* __restrict__ absmax
 #pragma unroll
             for (int i = 0; i < 4; ++i) partial[warp][lane][(j * SETS + set) * 4 + i] = acc[j][set][i];
     __syncthreads();
-    for (int i = threadIdx.x; i < M * BLOCK_FEATURES; i += WARPS * 32) {
-        const int m = i / BLOCK_FEATURES, block_f = i % BLOCK_FEATURES;
-        const int owner = block_f / FEATURES, f = block_f % FEATURES, j = f >> 4, ff = f & 15;
+    for (int i = threadIdx.x; i < M * FEATURES; i += WARPS * 32) {
+        const int m = i / FEATURES, f = i % FEATURES, j = f >> 4, ff = f & 15;
         // D[ff][m] of tile j (set m / 8) sits in lane (ff % 8) * 4 + (m % 8) / 2, register (ff / 8) * 2 + m % 2
         const int lane_of = (ff & 7) * 4 + ((m & 7) >> 1);
         const int reg = (j * SETS + (m >> 3)) * 4 + (ff >> 3) * 2 + (m & 1);
         float base = 0.f;
 #pragma unroll
-        for (int v = 0; v < K_WARPS; ++v) base += partial[v * FEATURE_WARPS + owner][lane_of][reg];
+        for (int v = 0; v < WARPS; ++v) base += partial[v][lane_of][reg];
         float u = 0.f;
 #pragma unroll
-        for (int r = 0; r < RANK; ++r) u += b_tile[block_f][r] * t_sum[m][r];
+        for (int r = 0; r < RANK; ++r) u += b_tile[f][r] * t_sum[m][r];
         u *= (float)scaling;
         const float rounded_base = f32(bf16(base));
         const u16 out = round_lora_first ? bf16(rounded_base + f32(bf16(u))) : bf16(rounded_base + u);
-        y[(size_t)m * ldy + n0 + block_f] = out;
+        y[(size_t)m * ldy + n0 + f] = out;
     }
 }
 """
 
 
 def source(code: Sequence[float], warps: int, rows: int, rank: int, tiles: int = 1, prefetch_x: bool = False,
-           ahead: int = 1, feature_warps: int = 1) -> str:
+           ahead: int = 1) -> str:
     """The kernel's CUDA source for one NF4 code table, warps per block, row tile (8 or 16), rank,
     16-feature tiles per warp, whether each warp prefetches its next group's x into L1, and how many
-    groups' weight bytes each warp holds in registers ahead of the one it computes (1 or 2), and how
-    many ways the block's warps split its features (the rest split K)."""
+    groups' weight bytes each warp holds in registers ahead of the one it computes (1 or 2)."""
     if len(code) != 16:
         raise ValueError("an NF4 code table has 16 entries")
-    if (warps not in WARP_CHOICES or rows not in (8, 16) or rank <= 0 or tiles not in TILE_CHOICES
-            or ahead not in (1, 2) or feature_warps not in (1, 2, 4) or warps % feature_warps):
+    if warps not in WARP_CHOICES or rows not in (8, 16) or rank <= 0 or tiles not in TILE_CHOICES or ahead not in (1, 2):
         raise ValueError(f"no nf4 MMA kernel for {warps} warps, {rows} rows, rank {rank}, {tiles} tiles, "
-                         f"{ahead} groups ahead, features split {feature_warps} ways")
+                         f"{ahead} groups ahead")
     # exact: hexadecimal literals of the float32 values
     values = ", ".join(f"{struct.unpack('<f', struct.pack('<f', float(v)))[0].hex()}f" for v in code)
     header = (f"#define WARPS {warps}\n#define ROWS {rows}\n#define RANK {rank}\n#define TILES {tiles}\n"
-              f"#define PREFETCH_X {int(prefetch_x)}\n#define AHEAD {ahead}\n#define FEATURE_WARPS {feature_warps}\n"
+              f"#define PREFETCH_X {int(prefetch_x)}\n#define AHEAD {ahead}\n"
               f"__device__ __constant__ float CODE_TABLE[16] = {{{values}}};\n#define CODE CODE_TABLE\n")
     return header + _SOURCE
 
@@ -369,12 +359,11 @@ def code_values(code: torch.Tensor) -> tuple[float, ...]:
     return _CODE_VALUES[address]
 
 
-def _kernel(code: torch.Tensor, warps: int, rows: int, rank: int, tiles: int, prefetch_x: bool, ahead: int,
-            feature_warps: int) -> Callable:
-    key = (code.device.index, code_values(code), warps, rows, rank, tiles, prefetch_x, ahead, feature_warps)
+def _kernel(code: torch.Tensor, warps: int, rows: int, rank: int, tiles: int, prefetch_x: bool, ahead: int) -> Callable:
+    key = (code.device.index, code_values(code), warps, rows, rank, tiles, prefetch_x, ahead)
     if key not in _KERNELS:
         with torch.cuda.device(code.device):
-            _KERNELS[key] = _compile(source(key[1], warps, rows, rank, tiles, prefetch_x, ahead, feature_warps))
+            _KERNELS[key] = _compile(source(key[1], warps, rows, rank, tiles, prefetch_x, ahead))
     return _KERNELS[key]
 
 
@@ -402,7 +391,6 @@ def nf4_mma_linear(
     tiles: int = 1,
     prefetch_x: bool = False,
     ahead: int = 1,
-    feature_warps: int = 1,
 ) -> torch.Tensor:
     """y = x @ dequant(W).T + scaling * B(t) with PEFT's roundings, for the m rows of x that `xq`
     holds in operand order (16 * K values, `llm.nf4_kernels._fragment_offsets`); `t` holds the
@@ -410,9 +398,9 @@ def nf4_mma_linear(
     seg2 on belong to the LoRA's second and third parts."""
     n, k = weight.shape
     rows = 8 if m <= 8 else 16
-    kernel = _kernel(weight.code, warps, rows, lora.rank, tiles, prefetch_x, ahead, feature_warps)
+    kernel = _kernel(weight.code, warps, rows, lora.rank, tiles, prefetch_x, ahead)
     y = torch.empty((m, n), dtype=torch.bfloat16, device=xq.device)
-    kernel(grid=(n // (TILE_N * tiles * feature_warps), 1, 1), block=(warps * 32, 1, 1),
+    kernel(grid=(n // (TILE_N * tiles), 1, 1), block=(warps * 32, 1, 1),
            args=[weight.packed, weight.absmax, xq, t, lora.b, y, m, k, y.stride(0), float(lora.scaling),
                  seg1, seg2, lora.a.shape[0], t.shape[0], int(round_lora_first)])
     return y

@@ -43,10 +43,10 @@ RANK = 32
 
 
 def _build(tmp_path_factory: pytest.TempPathFactory, warps: int, rows: int, tiles: int, prefetch: bool,
-           ahead: int, split: int) -> ctypes.CDLL:
-    folder = tmp_path_factory.mktemp(f"nf4_w{warps}_r{rows}_t{tiles}_p{int(prefetch)}_a{ahead}_f{split}")
+           ahead: int) -> ctypes.CDLL:
+    folder = tmp_path_factory.mktemp(f"nf4_w{warps}_r{rows}_t{tiles}_p{int(prefetch)}_a{ahead}")
     text = (f'#define NF4_EMULATE\n#include "{HEADER}"\n'
-            + nf4_mma.source(NF4_CODE, warps, rows, RANK, tiles, prefetch, ahead, split)
+            + nf4_mma.source(NF4_CODE, warps, rows, RANK, tiles, prefetch, ahead)
             + LAUNCHER)
     (folder / "kernel.cpp").write_text(text)
     built = subprocess.run(
@@ -81,8 +81,7 @@ def _projection(n: int, k: int, seed: int) -> NF4Projection:
     return NF4Projection(weight, lora)
 
 
-def _run(library: ctypes.CDLL, projection: NF4Projection, x: torch.Tensor, warps: int, tiles: int,
-         split: int) -> torch.Tensor:
+def _run(library: ctypes.CDLL, projection: NF4Projection, x: torch.Tensor, warps: int, tiles: int) -> torch.Tensor:
     m, k = x.shape
     n = projection.weight.shape[0]
     lora = projection.lora
@@ -92,33 +91,29 @@ def _run(library: ctypes.CDLL, projection: NF4Projection, x: torch.Tensor, warps
     y = torch.full((m, n), float("nan"), dtype=torch.bfloat16)
     for buffer in (projection.weight.packed, projection.weight.absmax, xq, t_part, lora.b):
         library.add_buffer(buffer.data_ptr(), buffer.numel() * buffer.element_size())
-    out_of_bounds = library.launch(n // (16 * tiles * split), warps * 32, projection.weight.packed.data_ptr(),
+    out_of_bounds = library.launch(n // (16 * tiles), warps * 32, projection.weight.packed.data_ptr(),
                    projection.weight.absmax.data_ptr(), xq.data_ptr(), t_part.data_ptr(), lora.b.data_ptr(),
                    y.data_ptr(), m, k, n, lora.scaling, *lora.part_starts(n), lora.a.shape[0], 2, 1)
     assert out_of_bounds == 0, f"{out_of_bounds} global reads outside the kernel's buffers"
     return y
 
 
-# (warps, tiles, x prefetch, groups ahead, feature split): one tile, two tiles per warp, the x
-# prefetch, two groups of weights in registers ahead, and the warps splitting the block's features
-# 2 ways (4 warps on K each) or 4 ways (2 on K, two groups ahead)
-VARIANTS = [(4, 1, False, 1, 1), (8, 2, False, 1, 1), (4, 1, True, 1, 1), (4, 2, True, 2, 1), (8, 1, False, 1, 2),
-            (8, 1, False, 2, 4)]
+# (warps, tiles, x prefetch, groups ahead): one tile, two tiles per warp, the x prefetch, and two
+# groups of weights in registers ahead
+VARIANTS = [(4, 1, False, 1), (8, 2, False, 1), (4, 1, True, 1), (4, 2, True, 2)]
 
 
-@pytest.mark.parametrize(("warps", "tiles", "prefetch", "ahead", "split"), VARIANTS)
+@pytest.mark.parametrize(("warps", "tiles", "prefetch", "ahead"), VARIANTS)
 @pytest.mark.parametrize("rows", [1, 3, 11, 16])
-def test_the_kernel_text_computes_the_reference_function(tmp_path_factory, warps, tiles, prefetch, ahead, split,
-                                                         rows):
-    library = _build(tmp_path_factory, warps, 8 if rows <= 8 else 16, tiles, prefetch, ahead, split)
+def test_the_kernel_text_computes_the_reference_function(tmp_path_factory, warps, tiles, prefetch, ahead, rows):
+    library = _build(tmp_path_factory, warps, 8 if rows <= 8 else 16, tiles, prefetch, ahead)
     # 5 groups of 256 inputs: some warps get two, some one, some none; with the prefetch, 9 or 11:
     # a warp prefetches several times, its last group none, and two groups ahead ends on either half
     # of its loop.
     k = 256 * ((9 if ahead == 1 else 11) if prefetch else 5)
-    # two LoRA parts, as gate/up: a block never straddles them
-    projection = _projection(n=max(64, 2 * 16 * tiles * split), k=k, seed=rows)
+    projection = _projection(n=64, k=k, seed=rows)
     x = torch.randn((rows, k), generator=torch.Generator().manual_seed(100 + rows)).to(torch.bfloat16)
-    out = _run(library, projection, x, warps, tiles, split)
+    out = _run(library, projection, x, warps, tiles)
     reference = projection.reference(x)
     assert not out.isnan().any()  # every output written
     assert nf4_kernels.matches_reference(out, reference), (out.float() - reference.float()).abs().max()
