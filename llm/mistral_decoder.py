@@ -341,11 +341,15 @@ class MistralDecoder:
             self.enable_compiled_kernels()
 
     def enable_compiled_kernels(self) -> None:
-        """Fuse the element-wise pieces of the decode step with Inductor (one compile, any shape)."""
-        self._norm = torch.compile(_rms_norm, dynamic=True)
-        self._add_norm = torch.compile(_add_rms_norm, dynamic=True)
-        self._rope = torch.compile(_rope_decode, dynamic=True)
-        self._silu_mul = torch.compile(_silu_mul, dynamic=True)
+        """Fuse the element-wise pieces of the decode step with Inductor (one compile, any shape).
+        Inductor computes a fused chain in float32 and drops the bf16 roundings between its ops
+        (a quarter of the outputs then differ from eager PyTorch's, which are HF's); it is told to
+        keep them, so that the fused pieces compute exactly the reference's values."""
+        options = {"emulate_precision_casts": True}
+        self._norm = torch.compile(_rms_norm, dynamic=True, options=options)
+        self._add_norm = torch.compile(_add_rms_norm, dynamic=True, options=options)
+        self._rope = torch.compile(_rope_decode, dynamic=True, options=options)
+        self._silu_mul = torch.compile(_silu_mul, dynamic=True, options=options)
 
     def disable_compiled_kernels(self) -> None:
         self._norm, self._add_norm, self._rope, self._silu_mul = (

@@ -123,6 +123,10 @@ if _HAVE_TRITON:
         tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=m_mask[:, None] & n_mask[None, :])
 
     @triton.jit
+    def _bf16(v):
+        return v.to(tl.bfloat16).to(tl.float32)
+
+    @triton.jit
     def _rotated_head(src, cos_ptr, sin_ptr, pos, d, rotate, HEAD_DIM: tl.constexpr):
         """One head's two halves in float32; q and k heads (`rotate`) get x * cos + rotate_half(x) * sin
         at `pos`, v heads pass through."""
@@ -134,8 +138,10 @@ if _HAVE_TRITON:
             c2 = tl.load(cos_ptr + pos * HEAD_DIM + HALF + d).to(tl.float32)
             s1 = tl.load(sin_ptr + pos * HEAD_DIM + d).to(tl.float32)
             s2 = tl.load(sin_ptr + pos * HEAD_DIM + HALF + d).to(tl.float32)
-            o1 = x1 * c1 - x2 * s1
-            o2 = x2 * c2 + x1 * s2
+            # Each product rounded to bf16 before the sum, as eager PyTorch and HF's
+            # apply_rotary_pos_emb compute it in bf16: the same values, not merely close ones.
+            o1 = _bf16(x1 * c1) - _bf16(x2 * s1)
+            o2 = _bf16(x2 * c2) + _bf16(x1 * s2)
         else:
             o1 = x1
             o2 = x2

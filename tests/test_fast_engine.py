@@ -228,6 +228,33 @@ def test_scheduler_prefills_queued_arrivals_together(reference_model, korean_ids
     assert 3 in calls, calls
 
 
+def test_compiled_decode_pieces_compute_eager_pytorchs_values(reference_model):
+    """Inductor fuses the decode step's norms, rotary and SiLU; left to itself it drops the bf16
+    roundings between their ops (a quarter of the outputs move by a rounding step), so the
+    decoder asks it to keep them: the fused pieces give eager PyTorch's (HF's) values exactly."""
+    from llm import mistral_decoder as md
+
+    decoder = build_merged_decoder(reference_model, max_batch=2, max_seq_len=64)
+    decoder.enable_compiled_kernels()
+    g = torch.Generator().manual_seed(5)
+    h, delta = (torch.randn(4, 256, generator=g).to(torch.bfloat16) for _ in range(2))
+    weight = (torch.rand(256, generator=g) + 0.5).to(torch.bfloat16)
+    qkv = torch.randn(4, 8 * 32, generator=g).to(torch.bfloat16)  # 4 heads and 2 + 2 KV heads of 32
+    angles = torch.arange(16, dtype=torch.float32)[:, None] * torch.rand(16, generator=g)[None, :]
+    cos, sin = torch.cat((angles, angles), -1).cos().to(torch.bfloat16), torch.cat((angles, angles), -1).sin().to(
+        torch.bfloat16)
+    positions = torch.tensor([0, 3, 9, 15])
+    gate_up = torch.randn(4, 512, generator=g).to(torch.bfloat16)
+    pairs = [
+        (decoder._norm(h, weight, 1e-5), md._rms_norm(h, weight, 1e-5)),
+        (decoder._add_norm(h, delta, weight, 1e-5)[1], md._add_rms_norm(h, delta, weight, 1e-5)[1]),
+        (decoder._silu_mul(gate_up), md._silu_mul(gate_up)),
+        (decoder._rope(qkv, cos, sin, positions, 4, 2, 32)[0], md._rope_decode(qkv, cos, sin, positions, 4, 2, 32)[0]),
+    ]
+    for fused, eager in pairs:
+        assert torch.equal(fused, eager)
+
+
 def test_chunked_prefill_rows_equal_one_pass(reference_model):
     """Prefill runs norms/projections/MLP in row chunks (memory); the function is unchanged."""
     decoder = build_merged_decoder(reference_model, max_batch=2, max_seq_len=1200, dtype=torch.float32,
