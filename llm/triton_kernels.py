@@ -124,7 +124,12 @@ if _HAVE_TRITON:
 
     @triton.jit
     def _bf16(v):
-        return v.to(tl.bfloat16).to(tl.float32)
+        # v rounded to the nearest bf16 (ties to even), kept in float32. In integer arithmetic on
+        # purpose: written as casts, the compiler turns the products and their sum into one bf16
+        # FMA (a single rounding, run 16's PTX), which is not eager's two roundings.
+        bits = v.to(tl.uint32, bitcast=True)
+        bits = (bits + 0x7FFF + ((bits >> 16) & 1)) & 0xFFFF0000
+        return bits.to(tl.float32, bitcast=True)
 
     @triton.jit
     def _rotated_head(src, cos_ptr, sin_ptr, pos, d, rotate, HEAD_DIM: tl.constexpr):
