@@ -3,9 +3,12 @@ only through Triton's interpreter, which tests/test_nf4_triton_interpreted.py us
 
 - `dequantize(packed, absmax, code)`: bf16(code[nibble] * absmax) for every value, bit for bit
   `bitsandbytes.functional.dequantize_4bit` (float32 product, one round-to-nearest-even to bf16).
-- `nf4_prompt_linear(x, weight, lora, ...)`: the same function for a prompt's rows: each chunk of
-  weight rows dequantized for cuBLAS, then one kernel adds the LoRA's `B` product with PEFT's
-  roundings and writes the chunk's columns of the output.
+- `nf4_prompt_linear(x, weight, lora, ...)`: the same function for a prompt's rows: the LoRA's `A`
+  product in one split-K kernel reading bf16 x (`lora_a_prompt`), each chunk of weight rows
+  dequantized for cuBLAS, then one kernel adds the LoRA's `B` product with PEFT's roundings and
+  writes the chunk's columns of the output. Both LoRA kernels multiply float32 on the tensor cores
+  as three TF32 products (float32's accuracy). Prompts of up to 32-64 rows may instead take the
+  decode kernel 16 rows at a time, where the tuner measured that faster (`NF4Plan.use_pieces`).
 - `nf4_lora_linear(x, weight, lora)`: y = x @ dequant(W).T + LoRA for 1..16 rows (a decode step).
   The weight bytes are streamed once: each tile is dequantized in registers (the same bf16 values)
   and multiplied with float32 accumulation - a multiply-reduce for up to 4 rows, `tl.dot` on a
