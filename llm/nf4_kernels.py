@@ -314,28 +314,6 @@ if _HAVE_TRITON:
             tl.store(t_row + 3 * RT, tl.sum(acc3, axis=1), mask=r_mask & (M > 3))
 
     @triton.jit
-    def _lora_a_dot_kernel(
-        x_ptr, a_ptr, t_ptr, M, K, RT, stride_x, K_PER_SPLIT, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr,
-    ):
-        # The same for 5..16 rows: a 16-row tile, float32 products (no TF32, as PEFT's float32 LoRA)
-        pid_r = tl.program_id(0)
-        split = tl.program_id(1)
-        offs_m = tl.arange(0, 16)
-        offs_r = pid_r * BLOCK_R + tl.arange(0, BLOCK_R)
-        offs_k = tl.arange(0, BLOCK_K)
-        m_mask = offs_m < M
-        r_mask = offs_r < RT
-        acc = tl.zeros((16, BLOCK_R), dtype=tl.float32)
-        k_start = split * K_PER_SPLIT
-        for k0 in range(k_start, k_start + K_PER_SPLIT, BLOCK_K):
-            x = tl.load(x_ptr + offs_m[:, None] * stride_x + (k0 + offs_k)[None, :], mask=m_mask[:, None], other=0.0)
-            a = tl.load(a_ptr + offs_r[:, None].to(tl.int64) * K + (k0 + offs_k)[None, :], mask=r_mask[:, None],
-                        other=0.0)
-            acc = tl.dot(x.to(tl.float32), tl.trans(a), acc, input_precision="ieee")
-        t_ptrs = t_ptr + split * M * RT + offs_m[:, None] * RT + offs_r[None, :]
-        tl.store(t_ptrs, acc, mask=m_mask[:, None] & r_mask[None, :])
-
-    @triton.jit
     def _lora_a_mma_kernel(
         x_ptr, a_ptr, part_ptr, t_ptr, arrivals_ptr, xq_ptr, M, K, RT, stride_x,
         XQ_ROWS: tl.constexpr, BLOCK_R: tl.constexpr, GROUPS_P2: tl.constexpr,
@@ -405,14 +383,14 @@ if _HAVE_TRITON:
                  _finish(base, u, ROUND_LORA_FIRST), mask=mask)
 
     @triton.jit
-    def _lora_a_prompt_kernel(
+    def _lora_a_split_kernel(
         x_ptr, a_ptr, t_ptr, M, K, stride_x, RT, K_PER_SPLIT,
         BLOCK_M: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr,
     ):
-        # One split's partial t = x @ A.T for a prompt's rows, every part at once: bf16 x read as
-        # it is (exact in TF32), float32 A split in TF32 products, float32 sums - what PEFT's
-        # float32 product of x cast to float32 computes, without the cast's copy or a thin
-        # float32 GEMM. Split-K: a prompt chunk has too few row blocks to fill the GPU.
+        # One split's partial t = x @ A.T, every part at once: bf16 x read as it is (exact in TF32),
+        # float32 A split in TF32 products, float32 sums - what PEFT's float32 product of x cast to
+        # float32 computes, without the cast's copy or a thin float32 GEMM. Split-K: a prompt chunk
+        # (let alone a decode batch) has too few row blocks to fill the GPU.
         offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
         split = tl.program_id(1)
         offs_r = tl.arange(0, BLOCK_R)
@@ -764,16 +742,16 @@ def lora_a_product(
     a_block_k = 128 if k % 128 == 0 else 64
     splits = next(s for s in (16, 8, 4, 2, 1) if s <= max_splits and k % (s * a_block_k) == 0)
     t = torch.empty((splits, m, rt), dtype=torch.float32, device=x.device)
-    a_grid = (triton.cdiv(rt, block_r), splits)
     if dot:
         if xq is not None:
             raise ValueError("x in operand order comes from the multiply-add kernel (1-4 rows) only")
-        _lora_a_dot_kernel[a_grid](x, lora.a, t, m, k, rt, x.stride(0), k // splits, BLOCK_R=block_r,
-                                   BLOCK_K=a_block_k, num_warps=4)
+        _lora_a_split(x, lora, t, splits)
     else:
-        _lora_a_fma_kernel[a_grid](x, lora.a, t, t if xperm is None else xperm, t if xq is None else xq, m, k, rt,
-                                   x.stride(0), k // splits, BLOCK_M=block_m, BLOCK_R=block_r, BLOCK_K=a_block_k,
-                                   WRITE_XPERM=xperm is not None, WRITE_XQ=xq is not None, num_warps=4)
+        _lora_a_fma_kernel[(triton.cdiv(rt, block_r), splits)](
+            x, lora.a, t, t if xperm is None else xperm, t if xq is None else xq, m, k, rt, x.stride(0), k // splits,
+            BLOCK_M=block_m, BLOCK_R=block_r, BLOCK_K=a_block_k, WRITE_XPERM=xperm is not None,
+            WRITE_XQ=xq is not None, num_warps=4,
+        )
     return t, splits
 
 
@@ -829,9 +807,19 @@ def prompt_path_fits(n: int, dequant_rows: int, boundaries: Sequence[int]) -> bo
     return dequant_rows % PROMPT_TILE == 0 and all(b % PROMPT_TILE == 0 for b in boundaries)
 
 
-PROMPT_A_ROWS = 64  # rows per program of the prompt path's LoRA A kernel
+PROMPT_A_ROWS = 64  # rows per program of the split-K LoRA A kernel (prompts, and the Triton dot kernels)
 PROMPT_A_K = 64
 PROMPT_A_PROGRAMS = 256  # enough split-K programs to fill the GPU
+
+
+def _lora_a_split(x: torch.Tensor, lora: LoraParts, partial: torch.Tensor, splits: int) -> None:
+    """partial[split] = x @ A.T over the split's share of K ([splits, rows, sum of ranks], float32)."""
+    m, k = x.shape
+    rt = lora.a.shape[0]
+    _lora_a_split_kernel[(triton.cdiv(m, PROMPT_A_ROWS), splits)](
+        x, lora.a, partial, m, k, x.stride(0), rt, k // splits,
+        BLOCK_M=PROMPT_A_ROWS, BLOCK_R=max(16, triton.next_power_of_2(rt)), BLOCK_K=PROMPT_A_K, num_warps=4,
+    )
 
 
 def lora_a_prompt(x: torch.Tensor, lora: LoraParts) -> torch.Tensor:
@@ -846,10 +834,7 @@ def lora_a_prompt(x: torch.Tensor, lora: LoraParts) -> torch.Tensor:
     fitting = [s for s in (1, 2, 4, 8, 16, 32) if k % (s * PROMPT_A_K) == 0]
     splits = next((s for s in fitting if row_blocks * s >= PROMPT_A_PROGRAMS), fitting[-1])
     partial = torch.empty((splits, m, rt), dtype=torch.float32, device=x.device)
-    _lora_a_prompt_kernel[(row_blocks, splits)](
-        x, lora.a, partial, m, k, x.stride(0), rt, k // splits,
-        BLOCK_M=PROMPT_A_ROWS, BLOCK_R=max(16, triton.next_power_of_2(rt)), BLOCK_K=PROMPT_A_K, num_warps=4,
-    )
+    _lora_a_split(x, lora, partial, splits)
     return partial[0] if splits == 1 else partial.sum(0)
 
 
@@ -987,7 +972,7 @@ def tune(projections: dict[str, list], rows_buckets: Sequence[int], replays: int
     cuBLAS - over all layers' weights inside a CUDA graph (so neither launch overhead nor the L2
     cache flatters anyone); keep the fastest of those that match the reference path on the first
     layer (a config this GPU or Triton gets wrong is never served). Where no tensor-core config
-    does, the Triton ones are timed instead."""
+    does, the Triton ones are timed instead. Then short prompts: 16-row pieces against dequantizing."""
     started = time.perf_counter()
     seconds_per_projection: dict[str, float] = {}  # where start-up time goes (compiles included)
     for name, group in projections.items():

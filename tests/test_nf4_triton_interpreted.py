@@ -76,6 +76,13 @@ three_parts = LoraParts(a=torch.randn(96, k) * 0.02, b=torch.randn(n, 32) * 0.2,
 t = nf4_kernels.lora_a_prompt(x, three_parts)
 report["lora_a"] = {"shape": list(t.shape), "dtype": str(t.dtype),
                     "error": (t.double() - x.double() @ three_parts.a.double().T).abs().max().item()}
+# the same kernel gives the Triton dot kernels (2-16 rows) their split-K partial sums
+for rows in (3, 16):
+    parts, splits = nf4_kernels.lora_a_product(x[:rows], three_parts, 16, True)
+    report[f"lora_a_dot_{rows}"] = {
+        "splits": splits, "shape": list(parts.shape),
+        "error": (parts.sum(0).double() - x[:rows].double() @ three_parts.a.double().T).abs().max().item(),
+    }
 print(json.dumps(report))
 """
 
@@ -103,6 +110,9 @@ def test_the_prompt_paths_lora_kernels_add_the_lora_as_peft_does():
     lora_a = report.pop("lora_a")  # t = x @ A.T, three parts (96 columns, not a power of two), 70 rows
     assert lora_a["shape"] == [70, 96] and lora_a["dtype"] == "torch.float32", lora_a
     assert lora_a["error"] < 1e-5, lora_a
+    for rows in (3, 16):  # the Triton dot kernels' partial sums: two splits of K
+        dot = report.pop(f"lora_a_dot_{rows}")
+        assert dot["splits"] == 2 and dot["shape"] == [2, rows, 96] and dot["error"] < 1e-5, (rows, dot)
     for round_first, case in report.items():
         assert case["lora_size"] > 10 * case["step"], case  # a missing or misplaced LoRA would show
         assert case["max_error"] <= case["step"], (round_first, case)
