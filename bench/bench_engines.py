@@ -112,6 +112,22 @@ def build_seed_model(seed: int = 0):  # noqa: ANN201
     return peft_model
 
 
+@torch.inference_mode()
+def seed_decode_logits(model, token_ids: list[int]) -> torch.Tensor:  # noqa: ANN001
+    """The seed's own teacher-forced decode: HF's forward with its KV cache, one token at a time, as
+    `generate` runs it. One row at a time takes bitsandbytes' `gemv_4bit` (bf16 products), not the
+    dequantize-and-multiply its prompt forward takes, so these logits are not the prefill's."""
+    ids = torch.tensor([token_ids], device="cuda:0")
+    out = model(input_ids=ids[:, :1], use_cache=True)
+    rows = [out.logits[0, -1].float().cpu()]
+    past = out.past_key_values
+    for position in range(1, len(token_ids)):
+        out = model(input_ids=ids[:, position:position + 1], past_key_values=past, use_cache=True)
+        past = out.past_key_values
+        rows.append(out.logits[0, -1].float().cpu())
+    return torch.stack(rows)
+
+
 def random_prompt(tokenizer, length: int, generator: torch.Generator) -> list[int]:  # noqa: ANN001
     body = torch.randint(100, 31000, (length - 1,), generator=generator).tolist()
     return [tokenizer.bos_token_id, *body]
@@ -389,7 +405,8 @@ def profile_prefill(engine, prompt: list[int], out_dir: Path | None) -> dict:  #
             "gpu_kernel_ms_total": round(sum(getattr(e, "self_device_time_total", 0) or 0 for e in events) / 1e3, 1)}
 
 
-def bench_batching_engine(name: str, build, tokenizer, args, reference_logits, korean_ids) -> dict:  # noqa: ANN001
+def bench_batching_engine(name: str, build, tokenizer, args, reference_logits, korean_ids,  # noqa: ANN001
+                          seed_decoded: torch.Tensor | None = None) -> dict:
     from llm.fidelity import kl_summary, teacher_forced_decode_logits
 
     case: dict = {"case": name}
@@ -430,7 +447,11 @@ def bench_batching_engine(name: str, build, tokenizer, args, reference_logits, k
             del prefill_logits
             decoded = teacher_forced_decode_logits(step_model, korean_ids)
             case["fidelity_decode"] = kl_summary(reference_logits, decoded)
+            if seed_decoded is not None:  # against the seed's own decode (its gemv_4bit path)
+                case["fidelity_decode_vs_seed_decode"] = kl_summary(seed_decoded, decoded)
             del decoded
+        if args.fidelity_only:
+            return case
         case["prefill_ms"] = prefill_times(step_model.graphs, tokenizer)
         case["step_profile"] = graph_step_times(engine)
         torch.cuda.empty_cache()
@@ -493,6 +514,8 @@ def main() -> None:
     parser.add_argument("--no-triton", action="store_true", help="fast mode without the Triton kernels")
     parser.add_argument("--static-kv", action="store_true", help="fast mode with run 6's static KV cache")
     parser.add_argument("--paged-kv", action="store_true", help="fast mode with the paged KV cache (the default)")
+    parser.add_argument("--fidelity-only", action="store_true",
+                        help="only the KL measurements (prefill, decode, and against the seed's own decode)")
     parser.add_argument("--kv-cache-tokens", type=int, default=None, help="fast: paged KV token budget")
     args = parser.parse_args()
     out_dir = Path(args.out) if args.out else None
@@ -536,6 +559,14 @@ def main() -> None:
     with torch.inference_mode():
         # Kept on the CPU: 47 MB on the GPU would be counted in every serving peak below.
         reference_logits = model(torch.tensor([korean_ids], device="cuda:0")).logits[0].float().cpu()
+    from llm.fidelity import kl_summary
+
+    started = time.perf_counter()
+    seed_decoded = seed_decode_logits(model, korean_ids)
+    # How far the seed's own decode is from its own prompt forward: the floor of any decode KL
+    # measured against the prompt forward's logits.
+    emit({"case": "seed-decode", "seconds": round(time.perf_counter() - started, 1),
+          "fidelity_decode": kl_summary(reference_logits, seed_decoded)}, out_dir)
 
     if "seed" in cases:
         case: dict = {"case": "seed"}
@@ -585,7 +616,7 @@ def main() -> None:
         source, model = model, None
         try:
             case = bench_batching_engine(name, lambda src=source, n=name: builders[n](src), tokenizer, args,
-                                         reference_logits, korean_ids)
+                                         reference_logits, korean_ids, seed_decoded)
         except Exception:  # noqa: BLE001
             case = {"case": name, "error": traceback.format_exc(limit=8)}
         del source
