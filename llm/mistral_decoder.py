@@ -222,6 +222,14 @@ def _rope_decode(
     return q.reshape(n, num_kv_heads, num_heads // num_kv_heads, head_dim), k, v
 
 
+def _prefill_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, group: int, scale: float) -> torch.Tensor:
+    """Causal attention over whole prompts: q [P, H, T, D], k/v [P, K, T, D] -> [P, H, T, D]."""
+    with sdpa_kernel(_PREFILL_BACKENDS):
+        return F.scaled_dot_product_attention(
+            q, k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1), is_causal=True, scale=scale
+        )
+
+
 def _silu_mul(gate_up: torch.Tensor) -> torch.Tensor:
     gate, up = gate_up.chunk(2, dim=-1)
     return F.silu(gate) * up
@@ -491,11 +499,7 @@ class MistralDecoder:
             else:
                 self.k_cache[index][blocks, :, offsets] = k.transpose(1, 2)
                 self.v_cache[index][blocks, :, offsets] = v.transpose(1, 2)
-            with sdpa_kernel(_PREFILL_BACKENDS):
-                attn = F.scaled_dot_product_attention(
-                    q, k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1),
-                    is_causal=True, scale=self.scale,
-                )
+            attn = _prefill_attention(q, k, v, group, self.scale)
             attn = attn.transpose(1, 2).reshape(1, rows * length, q_size)
             h = self._mlp(layer, h + layer.o(attn))
         return h.view(rows, length, -1)
