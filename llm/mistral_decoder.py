@@ -34,7 +34,6 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
-from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from llm import triton_kernels
 
@@ -42,9 +41,6 @@ logger = logging.getLogger(__name__)
 
 Projection = Callable[[torch.Tensor], torch.Tensor]
 
-# Prefill lengths vary per request: cuDNN's attention builds a plan per new shape (tens of ms,
-# measured as slow TTFT under staggered load), flash / memory-efficient attention do not.
-_PREFILL_BACKENDS = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
 # Prompt rows per norm/projection/MLP call in prefill (bounds the activations; see `_rowwise`).
 PREFILL_CHUNK = 512
 
@@ -223,11 +219,15 @@ def _rope_decode(
 
 
 def _prefill_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, group: int, scale: float) -> torch.Tensor:
-    """Causal attention over whole prompts: q [P, H, T, D], k/v [P, K, T, D] -> [P, H, T, D]."""
-    with sdpa_kernel(_PREFILL_BACKENDS):
-        return F.scaled_dot_product_attention(
-            q, k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1), is_causal=True, scale=scale
-        )
+    """Causal attention over whole prompts: q [P, H, T, D], k/v [P, K, T, D] -> [P, H, T, D].
+
+    Called as transformers' SDPA integration calls it for the seed's model (no mask, `is_causal`,
+    `enable_gqa`, PyTorch's own backend choice), so a prompt's attention is the seed's bit for bit.
+    Restricting the backends is not free: on an H200 with torch 2.11 PyTorch picks cuDNN, and
+    flash attention instead changed 16 % of the outputs by a rounding step and doubled the prompt
+    KL against the seed (bench/nf4_layer_diff.py). cuDNN builds a plan per new shape: the captured
+    prefill buckets build theirs at start-up."""
+    return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale, enable_gqa=group > 1)
 
 
 def _silu_mul(gate_up: torch.Tensor) -> torch.Tensor:
