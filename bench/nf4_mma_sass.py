@@ -1,0 +1,82 @@
+"""The `nf4` MMA decode kernel's main loop in SASS, offline (no GPU): instructions per MMA by opcode.
+
+Compiles `llm.nf4_mma.source` for sm_90 with nvcc, disassembles it with cuobjdump (the
+`nvidia-cuda-cuobjdump` wheel has it: `pip download --no-deps nvidia-cuda-cuobjdump`, unzip, pass
+its `bin/cuobjdump` with --cuobjdump), and counts the opcodes of the loop that holds the HMMAs, per 16 x 16 weight tile (one warp's
+decode unit: one MMA per 8 rows of x).
+The kernel is bound by the ALU pipe (Nsight, run 17: 66 % at one row), which PRMT, SHF, LOP3,
+LEA and the integer adds share at half the FP32 rate: this is the count to bring down.
+
+    python3 bench/nf4_mma_sass.py --cuobjdump /tmp/cuobj/nvidia/cu13/bin/cuobjdump 4 8 2 1 1
+    (warps, rows, tiles, prefetch_x, groups ahead: a configuration name like mma_32x256w4s1p)
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import json
+import re
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from llm import nf4_mma  # noqa: E402
+
+# bitsandbytes' NF4 code table (float32)
+NF4_CODE = [-1.0, -0.6961928009986877, -0.5250730514526367, -0.39491748809814453, -0.28444138169288635,
+            -0.18477343022823334, -0.09105003625154495, 0.0, 0.07958029955625534, 0.16093020141124725,
+            0.24611230194568634, 0.33791524171829224, 0.44070982933044434, 0.5626170039176941,
+            0.7229568362236023, 1.0]
+ALU_PIPE = {"PRMT", "SHF", "LOP3", "LEA", "IADD3", "VIADD", "ISETP", "SEL", "MOV", "F2FP"}
+_LINE = re.compile(r"/\*([0-9a-f]{4,})\*/\s+(@!?U?P\w+\s+)?([A-Z0-9_]+)[.\w]*\s*([^;]*);")
+
+
+def loop_opcodes(sass: str) -> tuple[collections.Counter, int]:
+    """Opcode counts of the innermost loop around the HMMAs, and its HMMA count."""
+    lines = [(int(m.group(1), 16), m.group(3), m.group(4)) for m in map(_LINE.search, sass.splitlines()) if m]
+    hmma = [address for address, op, _ in lines if op == "HMMA"]
+    if not hmma:
+        raise SystemExit("no HMMA in the kernel")
+    for address, op, operands in lines:
+        target = re.match(r"\s*(0x[0-9a-f]+|`?\(?\.L_x_\d+\)?)", operands)
+        if op == "BRA" and address > hmma[-1] and target and target.group(1).startswith("0x"):
+            head = int(target.group(1), 16)
+            if head <= hmma[0]:
+                body = [op for a, op, _ in lines if head <= a <= address]
+                return collections.Counter(body), sum(op == "HMMA" for op in body)
+    raise SystemExit("no loop around the HMMAs found")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("warps", type=int)
+    parser.add_argument("rows", type=int)
+    parser.add_argument("tiles", type=int)
+    parser.add_argument("prefetch_x", type=int)
+    parser.add_argument("ahead", type=int)
+    parser.add_argument("--cuobjdump", default="cuobjdump")
+    parser.add_argument("--nvcc", default="nvcc")
+    args = parser.parse_args()
+    text = nf4_mma.source(NF4_CODE, args.warps, args.rows, 32, args.tiles, bool(args.prefetch_x), args.ahead)
+    with tempfile.TemporaryDirectory() as folder:
+        cu, cubin = Path(folder) / "k.cu", Path(folder) / "k.cubin"
+        cu.write_text(text)
+        subprocess.run([args.nvcc, "-cubin", "-arch=sm_90", "-O3", "-o", str(cubin), str(cu)], check=True)
+        sass = subprocess.run([args.cuobjdump, "-sass", str(cubin)], check=True, capture_output=True, text=True).stdout
+    counts, mmas = loop_opcodes(sass)
+    tiles = mmas // (args.rows // 8)  # 16 x 16 weight tiles decoded in the loop (one MMA per 8 rows each)
+    print(json.dumps({
+        "config": {k: v for k, v in vars(args).items() if k not in ("cuobjdump", "nvcc")},
+        "loop_hmma": mmas,
+        "per_weight_tile_total": round(sum(counts.values()) / tiles, 2),
+        "per_weight_tile_alu_pipe": round(sum(n for op, n in counts.items() if op in ALU_PIPE) / tiles, 2),
+        "per_weight_tile": {op: round(n / tiles, 2) for op, n in counts.most_common()},
+    }))
+
+
+if __name__ == "__main__":
+    main()
