@@ -35,8 +35,9 @@ ALU_PIPE = {"PRMT", "SHF", "LOP3", "LEA", "IADD3", "VIADD", "ISETP", "SEL", "MOV
 _LINE = re.compile(r"/\*([0-9a-f]{4,})\*/\s+(@!?U?P\w+\s+)?([A-Z0-9_]+)[.\w]*\s*([^;]*);")
 
 
-def loop_opcodes(sass: str) -> tuple[collections.Counter, int]:
-    """Opcode counts of the innermost loop around the HMMAs, and its HMMA count."""
+def loop_opcodes(sass: str) -> tuple[collections.Counter, int, str]:
+    """Opcode counts of the loop around the HMMAs (the whole kernel where the compiler unrolled it
+    completely: K is a constant), its HMMA count, and which of the two was counted."""
     lines = [(int(m.group(1), 16), m.group(3), m.group(4)) for m in map(_LINE.search, sass.splitlines()) if m]
     hmma = [address for address, op, _ in lines if op == "HMMA"]
     if not hmma:
@@ -47,8 +48,8 @@ def loop_opcodes(sass: str) -> tuple[collections.Counter, int]:
             head = int(target.group(1), 16)
             if head <= hmma[0]:
                 body = [op for a, op, _ in lines if head <= a <= address]
-                return collections.Counter(body), sum(op == "HMMA" for op in body)
-    raise SystemExit("no loop around the HMMAs found")
+                return collections.Counter(body), sum(op == "HMMA" for op in body), "loop"
+    return collections.Counter(op for _, op, _ in lines), len(hmma), "kernel (no loop)"
 
 
 def main() -> None:
@@ -67,11 +68,12 @@ def main() -> None:
         cu.write_text(text)
         subprocess.run([args.nvcc, "-cubin", "-arch=sm_90", "-O3", "-o", str(cubin), str(cu)], check=True)
         sass = subprocess.run([args.cuobjdump, "-sass", str(cubin)], check=True, capture_output=True, text=True).stdout
-    counts, mmas = loop_opcodes(sass)
+    counts, mmas, scope = loop_opcodes(sass)
     tiles = mmas // (args.rows // 8)  # 16 x 16 weight tiles decoded in the loop (one MMA per 8 rows each)
     print(json.dumps({
         "config": {k: v for k, v in vars(args).items() if k not in ("cuobjdump", "nvcc")},
-        "loop_hmma": mmas,
+        "counted": scope,
+        "hmma": mmas,
         "per_weight_tile_total": round(sum(counts.values()) / tiles, 2),
         "per_weight_tile_alu_pipe": round(sum(n for op, n in counts.items() if op in ALU_PIPE) / tiles, 2),
         "per_weight_tile": {op: round(n / tiles, 2) for op, n in counts.most_common()},

@@ -172,7 +172,7 @@ __device__ __forceinline__ void group_mma(const uint4 (&w)[2 * TILES][2], const 
 extern "C" __global__ void __launch_bounds__(WARPS * 32)
 nf4_mma_kernel(const uint4* __restrict__ words, const float* __restrict__ absmax, const uint2* __restrict__ xq,
                const float* __restrict__ t_part, const float* __restrict__ lora_b, u16* __restrict__ y,
-               int M, int K, int ldy, double scaling, int seg1, int seg2, int RT, int t_splits,
+               int M, int K_runtime, int ldy, double scaling, int seg1, int seg2, int RT, int t_splits,
                int round_lora_first) {
     constexpr int SETS = ROWS / 8;  // MMAs per A operand: x rows 0-7, 8-15
     constexpr int HALVES = 2 * TILES;  // 8-feature halves of the block; half q is features 8 q + g
@@ -186,6 +186,7 @@ nf4_mma_kernel(const uint4* __restrict__ words, const float* __restrict__ absmax
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
     const int g = lane >> 2, t = lane & 3;
     const int n0 = blockIdx.x * FEATURES;
+    constexpr int K = KDIM;  // a compile-time constant: the lane's row offsets become immediates
     const int groups = K >> 8;
     // a feature's lane data: bytes 128 * group + 32 * t of its row (two uint4), absmax block 4 * group + t
     const uint4* lane_words[HALVES];
@@ -297,18 +298,20 @@ nf4_mma_kernel(const uint4* __restrict__ words, const float* __restrict__ absmax
 
 
 def source(code: Sequence[float], warps: int, rows: int, rank: int, tiles: int = 1, prefetch_x: bool = False,
-           ahead: int = 1) -> str:
+           ahead: int = 1, k: int = 4096) -> str:
     """The kernel's CUDA source for one NF4 code table, warps per block, row tile (8 or 16), rank,
-    16-feature tiles per warp, whether each warp prefetches its next group's x into L1, and how many
-    groups' weight bytes each warp holds in registers ahead of the one it computes (1 or 2)."""
+    16-feature tiles per warp, whether each warp prefetches its next group's x into L1, how many
+    groups' weight bytes each warp holds in registers ahead of the one it computes (1 or 2), and the
+    inputs K (a compile-time constant: 7 % fewer ALU instructions per weight, bench/nf4_mma_sass.py)."""
     if len(code) != 16:
         raise ValueError("an NF4 code table has 16 entries")
-    if warps not in WARP_CHOICES or rows not in (8, 16) or rank <= 0 or tiles not in TILE_CHOICES or ahead not in (1, 2):
+    if (warps not in WARP_CHOICES or rows not in (8, 16) or rank <= 0 or tiles not in TILE_CHOICES
+            or ahead not in (1, 2) or k <= 0 or k % GROUP):
         raise ValueError(f"no nf4 MMA kernel for {warps} warps, {rows} rows, rank {rank}, {tiles} tiles, "
-                         f"{ahead} groups ahead")
+                         f"{ahead} groups ahead, K {k}")
     # exact: hexadecimal literals of the float32 values
     values = ", ".join(f"{struct.unpack('<f', struct.pack('<f', float(v)))[0].hex()}f" for v in code)
-    header = (f"#define WARPS {warps}\n#define ROWS {rows}\n#define RANK {rank}\n#define TILES {tiles}\n"
+    header = (f"#define KDIM {k}\n#define WARPS {warps}\n#define ROWS {rows}\n#define RANK {rank}\n#define TILES {tiles}\n"
               f"#define PREFETCH_X {int(prefetch_x)}\n#define AHEAD {ahead}\n"
               f"__device__ __constant__ float CODE_TABLE[16] = {{{values}}};\n#define CODE CODE_TABLE\n")
     return header + _SOURCE
@@ -362,11 +365,12 @@ def code_values(code: torch.Tensor) -> tuple[float, ...]:
     return _CODE_VALUES[address]
 
 
-def _kernel(code: torch.Tensor, warps: int, rows: int, rank: int, tiles: int, prefetch_x: bool, ahead: int) -> Callable:
-    key = (code.device.index, code_values(code), warps, rows, rank, tiles, prefetch_x, ahead)
+def _kernel(code: torch.Tensor, warps: int, rows: int, rank: int, tiles: int, prefetch_x: bool, ahead: int,
+            k: int) -> Callable:
+    key = (code.device.index, code_values(code), warps, rows, rank, tiles, prefetch_x, ahead, k)
     if key not in _KERNELS:
         with torch.cuda.device(code.device):
-            _KERNELS[key] = _compile(source(key[1], warps, rows, rank, tiles, prefetch_x, ahead))
+            _KERNELS[key] = _compile(source(key[1], warps, rows, rank, tiles, prefetch_x, ahead, k))
     return _KERNELS[key]
 
 
@@ -401,7 +405,7 @@ def nf4_mma_linear(
     seg2 on belong to the LoRA's second and third parts."""
     n, k = weight.shape
     rows = 8 if m <= 8 else 16
-    kernel = _kernel(weight.code, warps, rows, lora.rank, tiles, prefetch_x, ahead)
+    kernel = _kernel(weight.code, warps, rows, lora.rank, tiles, prefetch_x, ahead, k)
     y = torch.empty((m, n), dtype=torch.bfloat16, device=xq.device)
     kernel(grid=(n // (TILE_N * tiles), 1, 1), block=(warps * 32, 1, 1),
            args=[weight.packed, weight.absmax, xq, t, lora.b, y, m, k, y.stride(0), float(lora.scaling),

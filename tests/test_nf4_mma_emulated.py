@@ -43,10 +43,10 @@ RANK = 32
 
 
 def _build(tmp_path_factory: pytest.TempPathFactory, warps: int, rows: int, tiles: int, prefetch: bool,
-           ahead: int) -> ctypes.CDLL:
-    folder = tmp_path_factory.mktemp(f"nf4_w{warps}_r{rows}_t{tiles}_p{int(prefetch)}_a{ahead}")
+           ahead: int, k: int) -> ctypes.CDLL:
+    folder = tmp_path_factory.mktemp(f"nf4_w{warps}_r{rows}_t{tiles}_p{int(prefetch)}_a{ahead}_k{k}")
     text = (f'#define NF4_EMULATE\n#include "{HEADER}"\n'
-            + nf4_mma.source(NF4_CODE, warps, rows, RANK, tiles, prefetch, ahead)
+            + nf4_mma.source(NF4_CODE, warps, rows, RANK, tiles, prefetch, ahead, k)
             + LAUNCHER)
     (folder / "kernel.cpp").write_text(text)
     built = subprocess.run(
@@ -106,11 +106,11 @@ VARIANTS = [(4, 1, False, 1), (8, 2, False, 1), (4, 1, True, 1), (4, 2, True, 2)
 @pytest.mark.parametrize(("warps", "tiles", "prefetch", "ahead"), VARIANTS)
 @pytest.mark.parametrize("rows", [1, 3, 11, 16])
 def test_the_kernel_text_computes_the_reference_function(tmp_path_factory, warps, tiles, prefetch, ahead, rows):
-    library = _build(tmp_path_factory, warps, 8 if rows <= 8 else 16, tiles, prefetch, ahead)
     # 5 groups of 256 inputs: some warps get two, some one, some none; with the prefetch, 9 or 11:
     # a warp prefetches several times, its last group none, and two groups ahead ends on either half
     # of its loop.
     k = 256 * ((9 if ahead == 1 else 11) if prefetch else 5)
+    library = _build(tmp_path_factory, warps, 8 if rows <= 8 else 16, tiles, prefetch, ahead, k)
     projection = _projection(n=64, k=k, seed=rows)
     x = torch.randn((rows, k), generator=torch.Generator().manual_seed(100 + rows)).to(torch.bfloat16)
     out = _run(library, projection, x, warps, tiles)
