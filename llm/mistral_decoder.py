@@ -327,17 +327,15 @@ class MistralDecoder:
             shape = (max_batch + int(scratch_row), config.num_kv_heads, max_seq_len, config.head_dim)
         self.k_cache = [torch.zeros(shape, dtype=self.dtype, device=self.device) for _ in self.layers]
         self.v_cache = [torch.zeros(shape, dtype=self.dtype, device=self.device) for _ in self.layers]
-        # Rotary tables as transformers builds them: float32 angles, cos/sin cast to the dtype, and
-        # cos/sin evaluated on the model's device as its forward does (the CPU's sin differed from
-        # the GPU's in 0.01 % of the table's bf16 values: bench/nf4_layer_diff.py).
+        # Rotary tables as transformers builds them: float32 angles, cos/sin cast to the dtype.
         inv_freq = 1.0 / (
             config.rope_theta
             ** (torch.arange(0, config.head_dim, 2, dtype=torch.int64).to(torch.float32) / config.head_dim)
         )
         angles = torch.arange(max_seq_len, dtype=torch.float32)[:, None] * inv_freq[None, :]
-        emb = torch.cat((angles, angles), dim=-1).to(self.device)
-        self.cos = emb.cos().to(self.dtype)
-        self.sin = emb.sin().to(self.dtype)
+        emb = torch.cat((angles, angles), dim=-1)
+        self.cos = emb.cos().to(self.dtype).to(self.device)
+        self.sin = emb.sin().to(self.dtype).to(self.device)
         self.scale = 1.0 / math.sqrt(config.head_dim)
 
         self._norm: Callable = _rms_norm
