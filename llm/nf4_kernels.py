@@ -82,7 +82,6 @@ class NF4Config:
     kind: str = "gather"
     xperm: bool = False  # lut GEMV: x read value-major (written by the LoRA A kernel)
     prefetch_x: bool = False  # mma: each warp prefetches its next group's x into L1
-    occupancy: bool = False  # mma: registers capped so that 20 warps fit an SM (1-8 rows)
 
     @property
     def dot(self) -> bool:
@@ -90,7 +89,7 @@ class NF4Config:
 
     @property
     def label(self) -> str:
-        suffix = ("x" if self.xperm else "") + ("p" if self.prefetch_x else "") + ("o" if self.occupancy else "")
+        suffix = ("x" if self.xperm else "") + ("p" if self.prefetch_x else "")
         return f"{self.kind}_{self.block_n}x{self.block_k}w{self.num_warps}s{self.num_stages}{suffix}"
 
     def fits(self, n: int, k: int, boundaries: Sequence[int]) -> bool:
@@ -120,16 +119,12 @@ LUT_DOT_CONFIGS = (  # 2-16 rows; 64-row tiles take Hopper's warpgroup MMA (wide
 # block_n = 16 features per tile x tiles per warp, num_stages = groups of weights in registers ahead
 # of the one computed; "p": x prefetched into L1. Run 13 retired the cp.async pipeline (weights 2-3
 # groups ahead in shared memory): 10-30 % slower than these everywhere (bench/NOTES.md).
-# "o": the two-tile kernels with registers capped at 96 for 1-8 rows (no spills; 20 warps per SM
-# instead of 16; run 17).
 MMA_CONFIGS = tuple(
-    NF4Config(nf4_mma.TILE_N * tiles, nf4_mma.GROUP, warps, ahead, kind="mma", prefetch_x=prefetch,
-              occupancy=occupancy)
-    for warps, tiles, ahead, prefetch, occupancy in (
-        (4, 1, 1, False, False), (8, 1, 1, False, False), (16, 1, 1, False, False), (4, 2, 1, False, False),
-        (8, 2, 1, False, False), (4, 1, 1, True, False), (8, 1, 1, True, False), (4, 2, 1, True, False),
-        (4, 1, 2, False, False), (8, 1, 2, False, False), (4, 1, 2, True, False), (8, 1, 2, True, False),
-        (4, 2, 1, False, True), (4, 2, 1, True, True),
+    NF4Config(nf4_mma.TILE_N * tiles, nf4_mma.GROUP, warps, ahead, kind="mma", prefetch_x=prefetch)
+    for warps, tiles, ahead, prefetch in (
+        (4, 1, 1, False), (8, 1, 1, False), (16, 1, 1, False), (4, 2, 1, False), (8, 2, 1, False),
+        (4, 1, 1, True), (8, 1, 1, True), (4, 2, 1, True),
+        (4, 1, 2, False), (8, 1, 2, False), (4, 1, 2, True), (8, 1, 2, True),
     )
 )
 # Only where nothing above fits (small models, e.g. the tests' tiny one).
@@ -885,7 +880,7 @@ def nf4_lora_linear(
         xq, t = mma_inputs(x, n, lora)
         return nf4_mma.nf4_mma_linear(xq, m, weight, lora, t, seg1, seg2, round_lora_first, config.num_warps,
                                       config.block_n // nf4_mma.TILE_N, config.prefetch_x,
-                                      config.num_stages, config.occupancy)
+                                      config.num_stages)
     xperm = torch.empty((k,), dtype=torch.float32, device=x.device) if config.xperm else None
     t, splits = lora_a_product(x, lora, block_m, config.dot, xperm)
     y = torch.empty((m, n), dtype=torch.bfloat16, device=x.device)

@@ -44,7 +44,6 @@ GROUP = 256  # inputs per lane group: 4 absmax blocks of 64, one per lane of a q
 TILE_N = 16  # output features per tile (one MMA's m); a block has 1 or 2 tiles
 WARP_CHOICES = (4, 8, 16)
 TILE_CHOICES = (1, 2)  # 2: every x load feeds twice the MMAs (x traffic halved, more registers)
-OCCUPANCY_WARPS = 20  # warps per SM an `occupancy` kernel must fit: 96 registers for 4-warp blocks
 
 _SOURCE = r"""
 typedef unsigned int u32;
@@ -170,7 +169,7 @@ __device__ __forceinline__ void group_mma(const uint4 (&w)[2 * TILES][2], const 
 
 // A = W (16 features x 16 inputs), B = x.T (16 inputs x 8 rows of x). Lane (g, t) holds features g
 // and g + 8 of each of TILES 16-feature tiles, and x row g (+ 8 per set); WARPS warps split K.
-extern "C" __global__ void __launch_bounds__(WARPS * 32, MIN_BLOCKS)
+extern "C" __global__ void __launch_bounds__(WARPS * 32)
 nf4_mma_kernel(const uint4* __restrict__ words, const float* __restrict__ absmax, const uint2* __restrict__ xq,
                const float* __restrict__ t_part, const float* __restrict__ lora_b, u16* __restrict__ y,
                int M, int K_runtime, int ldy, double scaling, int seg1, int seg2, int RT, int t_splits,
@@ -299,13 +298,11 @@ nf4_mma_kernel(const uint4* __restrict__ words, const float* __restrict__ absmax
 
 
 def source(code: Sequence[float], warps: int, rows: int, rank: int, tiles: int = 1, prefetch_x: bool = False,
-           ahead: int = 1, k: int = 4096, occupancy: bool = False) -> str:
+           ahead: int = 1, k: int = 4096) -> str:
     """The kernel's CUDA source for one NF4 code table, warps per block, row tile (8 or 16), rank,
     16-feature tiles per warp, whether each warp prefetches its next group's x into L1, how many
     groups' weight bytes each warp holds in registers ahead of the one it computes (1 or 2), and the
-    inputs K (a compile-time constant: 7 % fewer ALU instructions per weight, bench/nf4_mma_sass.py),
-    and whether the 8-row kernel must fit OCCUPANCY_WARPS warps per SM (registers capped: the
-    two-tile kernel needs 128-166 registers, which leaves 16 warps per SM; 96 without spills)."""
+    inputs K (a compile-time constant: 7 % fewer ALU instructions per weight, bench/nf4_mma_sass.py)."""
     if len(code) != 16:
         raise ValueError("an NF4 code table has 16 entries")
     if (warps not in WARP_CHOICES or rows not in (8, 16) or rank <= 0 or tiles not in TILE_CHOICES
@@ -316,7 +313,6 @@ def source(code: Sequence[float], warps: int, rows: int, rank: int, tiles: int =
     values = ", ".join(f"{struct.unpack('<f', struct.pack('<f', float(v)))[0].hex()}f" for v in code)
     header = (f"#define KDIM {k}\n#define WARPS {warps}\n#define ROWS {rows}\n#define RANK {rank}\n#define TILES {tiles}\n"
               f"#define PREFETCH_X {int(prefetch_x)}\n#define AHEAD {ahead}\n"
-              f"#define MIN_BLOCKS {max(1, OCCUPANCY_WARPS // warps) if occupancy and rows == 8 else 1}\n"
               f"__device__ __constant__ float CODE_TABLE[16] = {{{values}}};\n#define CODE CODE_TABLE\n")
     return header + _SOURCE
 
@@ -370,12 +366,11 @@ def code_values(code: torch.Tensor) -> tuple[float, ...]:
 
 
 def _kernel(code: torch.Tensor, warps: int, rows: int, rank: int, tiles: int, prefetch_x: bool, ahead: int,
-            k: int, occupancy: bool) -> Callable:
-    occupancy = occupancy and rows == 8  # the 16-row kernel would spill (it is compiled as is)
-    key = (code.device.index, code_values(code), warps, rows, rank, tiles, prefetch_x, ahead, k, occupancy)
+            k: int) -> Callable:
+    key = (code.device.index, code_values(code), warps, rows, rank, tiles, prefetch_x, ahead, k)
     if key not in _KERNELS:
         with torch.cuda.device(code.device):
-            _KERNELS[key] = _compile(source(key[1], warps, rows, rank, tiles, prefetch_x, ahead, k, occupancy))
+            _KERNELS[key] = _compile(source(key[1], warps, rows, rank, tiles, prefetch_x, ahead, k))
     return _KERNELS[key]
 
 
@@ -403,7 +398,6 @@ def nf4_mma_linear(
     tiles: int = 1,
     prefetch_x: bool = False,
     ahead: int = 1,
-    occupancy: bool = False,
 ) -> torch.Tensor:
     """y = x @ dequant(W).T + scaling * B(t) with PEFT's roundings, for the m rows of x that `xq`
     holds in operand order (16 * K values, `llm.nf4_kernels._fragment_offsets`); `t` holds the
@@ -411,7 +405,7 @@ def nf4_mma_linear(
     seg2 on belong to the LoRA's second and third parts."""
     n, k = weight.shape
     rows = 8 if m <= 8 else 16
-    kernel = _kernel(weight.code, warps, rows, lora.rank, tiles, prefetch_x, ahead, k, occupancy)
+    kernel = _kernel(weight.code, warps, rows, lora.rank, tiles, prefetch_x, ahead, k)
     y = torch.empty((m, n), dtype=torch.bfloat16, device=xq.device)
     kernel(grid=(n // (TILE_N * tiles), 1, 1), block=(warps * 32, 1, 1),
            args=[weight.packed, weight.absmax, xq, t, lora.b, y, m, k, y.stride(0), float(lora.scaling),
