@@ -45,6 +45,12 @@ def test_the_x_prefetch_is_a_switch_of_the_source():
     assert "#define PREFETCH_X 0" in nf4_mma.source(NF4_CODE, 4, 16, 32, 1)
 
 
+def test_k_is_compiled_into_the_kernel():
+    assert "#define KDIM 14336" in nf4_mma.source(NF4_CODE, 4, 8, 32, k=14336)
+    with pytest.raises(ValueError):
+        nf4_mma.source(NF4_CODE, 4, 8, 32, k=4000)  # not whole 256-input groups
+
+
 @pytest.mark.parametrize("n", [4096, 6144, 28672])
 @pytest.mark.parametrize("rows", [1, 2, 4])
 def test_lora_splits_keep_the_partial_sum_traffic_bounded(n, rows):
