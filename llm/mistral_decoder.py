@@ -226,7 +226,8 @@ def _prefill_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, group:
     Restricting the backends is not free: on an H200 with torch 2.11 PyTorch picks cuDNN, and
     flash attention instead changed 16 % of the outputs by a rounding step and doubled the prompt
     KL against the seed (bench/nf4_layer_diff.py). cuDNN builds a plan per new shape: the captured
-    prefill buckets build theirs at start-up."""
+    prefill buckets build theirs at start-up; a prompt longer than every bucket pays it once per
+    new length."""
     return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale, enable_gqa=group > 1)
 
 

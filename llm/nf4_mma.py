@@ -172,7 +172,7 @@ __device__ __forceinline__ void group_mma(const uint4 (&w)[2 * TILES][2], const 
 extern "C" __global__ void __launch_bounds__(WARPS * 32)
 nf4_mma_kernel(const uint4* __restrict__ words, const float* __restrict__ absmax, const uint2* __restrict__ xq,
                const float* __restrict__ t_part, const float* __restrict__ lora_b, u16* __restrict__ y,
-               int M, int K_runtime, int ldy, double scaling, int seg1, int seg2, int RT, int t_splits,
+               int M, int K_unused, int ldy, double scaling, int seg1, int seg2, int RT, int t_splits,
                int round_lora_first) {
     constexpr int SETS = ROWS / 8;  // MMAs per A operand: x rows 0-7, 8-15
     constexpr int HALVES = 2 * TILES;  // 8-feature halves of the block; half q is features 8 q + g
@@ -186,7 +186,9 @@ nf4_mma_kernel(const uint4* __restrict__ words, const float* __restrict__ absmax
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
     const int g = lane >> 2, t = lane & 3;
     const int n0 = blockIdx.x * FEATURES;
-    constexpr int K = KDIM;  // a compile-time constant: the lane's row offsets become immediates
+    // K is compiled in (one kernel per K; the argument K_unused keeps the launch's signature), so
+    // the lanes' row offsets become immediates
+    constexpr int K = KDIM;
     const int groups = K >> 8;
     // a feature's lane data: bytes 128 * group + 32 * t of its row (two uint4), absmax block 4 * group + t
     const uint4* lane_words[HALVES];
@@ -302,7 +304,7 @@ def source(code: Sequence[float], warps: int, rows: int, rank: int, tiles: int =
     """The kernel's CUDA source for one NF4 code table, warps per block, row tile (8 or 16), rank,
     16-feature tiles per warp, whether each warp prefetches its next group's x into L1, how many
     groups' weight bytes each warp holds in registers ahead of the one it computes (1 or 2), and the
-    inputs K (a compile-time constant: 7 % fewer ALU instructions per weight, bench/nf4_mma_sass.py)."""
+    inputs K (a compile-time constant: 5-7 % fewer ALU instructions per weight, bench/nf4_mma_sass.py)."""
     if len(code) != 16:
         raise ValueError("an NF4 code table has 16 entries")
     if (warps not in WARP_CHOICES or rows not in (8, 16) or rank <= 0 or tiles not in TILE_CHOICES
