@@ -209,6 +209,20 @@ def main() -> None:
         kl("reference_path_seed_attention_call")
     finally:
         mistral_decoder._prefill_attention = original
+    # PEFT's own LoRA products (one A and one B float32 product per projection, not stacked): with
+    # them every prompt step is the seed's own computation (q/k/v's few differing values came from
+    # the stacked A), so this is the KL of a bit-for-bit prompt path.
+    from nf4_fidelity_parts import peft_shaped_delta
+
+    stacked_delta = nf4.LoraParts.delta
+    try:
+        nf4.LoraParts.delta = peft_shaped_delta
+        peft_diffs = Differences()
+        compare_layers(decoder, model, seed, logits, peft_diffs, gemms_only=True)
+        report["reference_path_peft_lora"] = peft_diffs.report()
+        kl("reference_path_peft_lora")
+    finally:
+        nf4.LoraParts.delta = stacked_delta
     if nf4.enable_nf4_kernels(decoder):
         kernel_diffs = Differences()
         compare_layers(decoder, model, seed, logits, kernel_diffs, gemms_only=True)
