@@ -193,10 +193,14 @@ class LoraParts:
         return starts[0], starts[1]
 
     def delta(self, x: torch.Tensor) -> torch.Tensor:
-        """scaling * B(A(x)) in the adapter's dtype, [rows, N] (PEFT's `lora_B(lora_A(x)) * scaling`)."""
-        t = F.linear(x.to(self.a.dtype), self.a)
+        """scaling * B(A(x)) in the adapter's dtype, [rows, N]: PEFT's `lora_B(lora_A(x)) * scaling`,
+        one `A` and one `B` product per original projection as PEFT runs them. One stacked `A`
+        product for q/k/v rounds differently in float32 (on the H200, a few q/k/v outputs moved by a
+        bf16 step; with per-projection products a prompt equals the seed's bit for bit:
+        bench/nf4_layer_diff.py)."""
+        xf = x.to(self.a.dtype)
         parts = [
-            F.linear(t[:, col : col + self.rank], self.b[start:end]) * self.scaling
+            F.linear(F.linear(xf, self.a[col : col + self.rank]), self.b[start:end]) * self.scaling
             for start, end, col in self.segments
         ]
         return torch.cat(parts, dim=-1)

@@ -152,3 +152,26 @@ def test_the_tensor_core_paths_lora_a_kernel(rows, k):
         first = t.clone() if first is None else first
         assert torch.equal(t, first)
         assert lora.arrivals is None or int(lora.arrivals.abs().sum()) == 0
+
+
+@pytest.mark.parametrize("rows", [367, 16])
+def test_reference_lora_is_pefts_own_products_bit_for_bit(rows):
+    # PEFT runs one float32 A and one B product per projection; a stacked A product for q/k/v
+    # rounds differently on the GPU (bench/nf4_layer_diff.py: the prompt then parts from the seed's).
+    from llm.nf4 import LoraParts
+
+    g = torch.Generator(device="cuda:0").manual_seed(rows)
+    rank, cols, parts = 32, 4096, [4096, 1024, 1024]
+    a = torch.randn(rank * len(parts), cols, device="cuda:0", generator=g) * 0.02
+    b = torch.randn(sum(parts), rank, device="cuda:0", generator=g) * 0.02
+    starts = [0, 4096, 5120, 6144]
+    lora = LoraParts(a=a, b=b, segments=tuple((starts[i], starts[i + 1], i * rank) for i in range(3)), rank=rank,
+                     scaling=0.25)
+    x = (torch.randn(rows, cols, device="cuda:0", generator=g) * 0.5).to(torch.bfloat16)
+    xf = x.float()
+    pefts = torch.cat([
+        torch.nn.functional.linear(torch.nn.functional.linear(xf, a[i * rank : (i + 1) * rank]),
+                                   b[starts[i] : starts[i + 1]]) * 0.25
+        for i in range(3)
+    ], dim=-1)
+    assert torch.equal(lora.delta(x), pefts)
