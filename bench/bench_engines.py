@@ -71,6 +71,21 @@ def make_tokenizer(tokenizer_file: str | None, directory: Path):  # noqa: ANN201
     return AutoTokenizer.from_pretrained(directory)
 
 
+def reference_path_prefill_kl(decoder, token_ids: list[int], reference_logits: torch.Tensor) -> dict:  # noqa: ANN001
+    """KL of `nf4`'s prompt through its reference path (kernels off for the call, then as they were)."""
+    from llm import nf4 as nf4_mode
+    from llm.fidelity import kl_summary
+
+    projections = [p for layer in decoder.layers for p in layer.projections.values()]
+    served = [p.use_kernels for p in projections]
+    nf4_mode.disable_nf4_kernels(decoder)
+    try:
+        return kl_summary(reference_logits, decoder.prefill(0, torch.tensor(token_ids), all_logits=True))
+    finally:
+        for projection, use_kernels in zip(projections, served, strict=True):
+            projection.use_kernels = use_kernels
+
+
 def bucket_padded_prefill_logits(decoder, token_ids: list[int], length: int) -> torch.Tensor:  # noqa: ANN001
     """Every position's logits of `token_ids` prefilled into slot 0 as one row padded to `length`
     tokens, as a captured prefill bucket runs it (the graphs return only the last position's)."""
@@ -456,6 +471,9 @@ def bench_batching_engine(name: str, build, tokenizer, args, reference_logits, k
             prefill_logits = step_model.decoder.prefill(0, torch.tensor(korean_ids), all_logits=True)
             case["fidelity_prefill"] = kl_summary(reference_logits, prefill_logits)
             del prefill_logits
+            if name == "nf4":  # the reference path (no kernels): PEFT's products, the seed's function
+                case["fidelity_prefill_reference_path"] = reference_path_prefill_kl(
+                    step_model.decoder, korean_ids, reference_logits)
             bucket = step_model.graphs._prefill_bucket(1, len(korean_ids))
             if step_model.graphs.bucketed_prefill and bucket is not None:  # as serving pads it
                 padded_logits = bucket_padded_prefill_logits(step_model.decoder, korean_ids, bucket[1])
