@@ -86,17 +86,6 @@ def reference_path_prefill_kl(decoder, token_ids: list[int], reference_logits: t
             projection.use_kernels = use_kernels
 
 
-def bucket_padded_prefill_logits(decoder, token_ids: list[int], length: int) -> torch.Tensor:  # noqa: ANN001
-    """Every position's logits of `token_ids` prefilled into slot 0 as one row padded to `length`
-    tokens, as a captured prefill bucket runs it (the graphs return only the last position's)."""
-    from llm.mistral_decoder import pad_prompts
-
-    dest = decoder.prefill_destination([0], [len(token_ids)], 1).to(decoder.device)
-    ids, _ = pad_prompts([torch.tensor(token_ids)], 1, length)
-    hidden = decoder._prefill_hidden(ids.to(decoder.device), dest)
-    return decoder._logits(hidden[0, : len(token_ids)])
-
-
 def build_seed_model(seed: int = 0):  # noqa: ANN201
     """Random 7B in bf16 on the GPU -> bnb NF4 (double quant) in place -> random LoRA (PeftModel)."""
     import bitsandbytes as bnb
@@ -476,7 +465,8 @@ def bench_batching_engine(name: str, build, tokenizer, args, reference_logits, k
                     step_model.decoder, korean_ids, reference_logits)
             bucket = step_model.graphs._prefill_bucket(1, len(korean_ids))
             if step_model.graphs.bucketed_prefill and bucket is not None:  # as serving pads it
-                padded_logits = bucket_padded_prefill_logits(step_model.decoder, korean_ids, bucket[1])
+                padded_logits = step_model.decoder.prefill_many(
+                    [0], [torch.tensor(korean_ids)], all_logits=True, pad_to=bucket[1])
                 case["fidelity_prefill_padded"] = {"length": bucket[1], **kl_summary(reference_logits, padded_logits)}
                 del padded_logits
             decoded = teacher_forced_decode_logits(step_model, korean_ids)

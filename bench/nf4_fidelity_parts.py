@@ -4,9 +4,9 @@ The reference is the seed's prompt forward over the 367-token Korean text (bench
 `fidelity_prefill`). Every line is the mean KL(reference || variant):
 - the seed itself, run differently: the same text as two identical rows (each GEMM has twice the
   rows), in chunks of 128 tokens through its KV cache, and token by token (its `generate` path);
-- `nf4`'s decoder (PyTorch path, no kernels) as it is, then with one difference at a time
-  removed: the base GEMMs in the seed's shapes (one per projection, not fused and chunked), the
-  LoRA as PEFT multiplies it (one `A` and one `B` product per projection, not stacked), both;
+- `nf4`'s decoder (PyTorch path, no kernels) as it is, then with one thing changed at a time: the
+  base GEMMs in the seed's shapes (one per projection, not fused and chunked), the LoRA's `A`
+  products stacked into one (as the reference path ran them before run 17; PEFT runs one each);
 - `nf4`'s decoder with its GPU prompt kernels (what serving runs for prompts).
 
     python3 bench/nf4_fidelity_parts.py --tokenizer-file .tok/tokenizer.model.v1
@@ -38,24 +38,32 @@ def seed_shaped_base(self: nf4.NF4Projection, x: torch.Tensor) -> torch.Tensor:
     return torch.cat([F.linear(x, weight[start:end]) for start, end, _ in self.lora.segments], dim=-1)
 
 
-def peft_shaped_delta(self: nf4.LoraParts, x: torch.Tensor) -> torch.Tensor:
-    """PEFT's `lora_B(lora_A(x)) * scaling` per original projection (no stacked `A`)."""
-    xf = x.to(self.a.dtype)
+def stacked_a_delta(self: nf4.LoraParts, x: torch.Tensor) -> torch.Tensor:
+    """The LoRA with one stacked `A` product for all parts (`nf4`'s reference path before run 17;
+    PEFT, and `LoraParts.delta` now, run one per original projection)."""
+    t = F.linear(x.to(self.a.dtype), self.a)
     return torch.cat([
-        F.linear(F.linear(xf, self.a[col : col + self.rank]), self.b[start:end]) * self.scaling
+        F.linear(t[:, col : col + self.rank], self.b[start:end]) * self.scaling
         for start, end, col in self.segments
     ], dim=-1)
 
 
-@torch.inference_mode()
-def main() -> None:
+def seed_on_korean_text() -> tuple[torch.nn.Module, list[int], torch.Tensor]:
+    """The command line (--tokenizer-file), the seed's model on the GPU, the 367-token Korean text's
+    ids and them as a [1, T] GPU tensor: what both fidelity scripts start from."""
     parser = argparse.ArgumentParser()
     parser.add_argument("--tokenizer-file", default=None)
     args = parser.parse_args()
+    if not torch.cuda.is_available():
+        raise SystemExit("this needs a CUDA GPU with bitsandbytes: run it on the device machine (bench/NOTES.md)")
     tokenizer = make_tokenizer(args.tokenizer_file, Path(tempfile.mkdtemp()) / "tok")
     ids = tokenizer(KOREAN_FINANCE_TEXT).input_ids
-    model = build_seed_model()
-    tokens = torch.tensor([ids], device="cuda:0")
+    return build_seed_model(), ids, torch.tensor([ids], device="cuda:0")
+
+
+@torch.inference_mode()
+def main() -> None:
+    model, ids, tokens = seed_on_korean_text()
     reference = model(tokens).logits[0].float().cpu()
     report: dict = {"device": torch.cuda.get_device_name(0), "positions": len(ids)}
 
@@ -86,10 +94,9 @@ def main() -> None:
     try:
         nf4.NF4Projection.base = seed_shaped_base
         record("nf4_seed_shaped_base", prefill())
-        nf4.LoraParts.delta = peft_shaped_delta
-        record("nf4_seed_shaped_base_and_lora", prefill())
         nf4.NF4Projection.base = base
-        record("nf4_peft_shaped_lora", prefill())
+        nf4.LoraParts.delta = stacked_a_delta
+        record("nf4_stacked_lora_a", prefill())
     finally:
         nf4.NF4Projection.base, nf4.LoraParts.delta = base, delta
     if nf4.enable_nf4_kernels(decoder):

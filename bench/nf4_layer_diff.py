@@ -7,18 +7,17 @@ largest difference, the first layer where any differs. Steps: the norms, q/k/v, 
 and rotation, attention, o, the residual adds, gate/up, SiLU x up, down, the final norm and
 lm_head (the reference path; then the GEMM steps again through `nf4`'s GPU prompt kernels).
 Attention also runs through each SDPA backend with transformers' own arguments, to name the one
-the seed's forward used. Last, the mean KL of whole `nf4` prefills against the seed's logits with
-the prefill attention as it is and as transformers calls it.
+the seed's forward used. Last, the mean KL of whole `nf4` prefills against the seed's logits: the
+reference path, as it ran before run 17 (flash attention, one stacked LoRA `A` product), and
+through the GPU prompt kernels.
 
     python3 bench/nf4_layer_diff.py --tokenizer-file .tok/tokenizer.model.v1
 """
 
 from __future__ import annotations
 
-import argparse
 import json
 import sys
-import tempfile
 from collections import defaultdict
 from pathlib import Path
 
@@ -28,10 +27,10 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from bench_engines import build_seed_model, make_tokenizer  # noqa: E402
+from nf4_fidelity_parts import seed_on_korean_text, stacked_a_delta  # noqa: E402
 
 from llm import mistral_decoder, nf4  # noqa: E402
-from llm.fidelity import KOREAN_FINANCE_TEXT, kl_summary  # noqa: E402
+from llm.fidelity import kl_summary  # noqa: E402
 from llm.mistral_decoder import _prefill_attention, _rms_norm, _rotate_half, _silu_mul  # noqa: E402
 
 
@@ -173,13 +172,7 @@ def seed_style_attention(module, q, k, v, mask, backends):  # noqa: ANN001, ANN2
 
 @torch.inference_mode()
 def main() -> None:
-    parser = argparse.ArgumentParser()
-    parser.add_argument("--tokenizer-file", default=None)
-    args = parser.parse_args()
-    tokenizer = make_tokenizer(args.tokenizer_file, Path(tempfile.mkdtemp()) / "tok")
-    ids = tokenizer(KOREAN_FINANCE_TEXT).input_ids
-    model = build_seed_model()
-    tokens = torch.tensor([ids], device="cuda:0")
+    model, ids, tokens = seed_on_korean_text()
     seed, logits = capture_seed(model, tokens)
     masks = {str(type(seed[i].get("mask")).__name__) for i in range(len(model.base_model.model.model.layers))}
     report: dict = {"device": torch.cuda.get_device_name(0), "positions": len(ids), "seed_attention_masks": sorted(masks),
@@ -201,28 +194,16 @@ def main() -> None:
         print(name, report["kl"][name], flush=True)
 
     kl("reference_path")
-    attn_module = model.base_model.model.model.layers[0].self_attn
-    original = mistral_decoder._prefill_attention
+    # The reference path as it ran before run 17: flash attention and one stacked LoRA `A` product
+    original_attention, pefts_delta = mistral_decoder._prefill_attention, nf4.LoraParts.delta
     try:
         mistral_decoder._prefill_attention = lambda q, k, v, group, scale: seed_style_attention(
-            attn_module, q, k, v, None, None).transpose(1, 2)
-        kl("reference_path_seed_attention_call")
+            model.base_model.model.model.layers[0].self_attn, q, k, v, None, ATTENTION_VARIANTS["flash"]
+        ).transpose(1, 2)
+        nf4.LoraParts.delta = stacked_a_delta
+        kl("reference_path_before_run_17")
     finally:
-        mistral_decoder._prefill_attention = original
-    # PEFT's own LoRA products (one A and one B float32 product per projection, not stacked): with
-    # them every prompt step is the seed's own computation (q/k/v's few differing values came from
-    # the stacked A), so this is the KL of a bit-for-bit prompt path.
-    from nf4_fidelity_parts import peft_shaped_delta
-
-    stacked_delta = nf4.LoraParts.delta
-    try:
-        nf4.LoraParts.delta = peft_shaped_delta
-        peft_diffs = Differences()
-        compare_layers(decoder, model, seed, logits, peft_diffs, gemms_only=True)
-        report["reference_path_peft_lora"] = peft_diffs.report()
-        kl("reference_path_peft_lora")
-    finally:
-        nf4.LoraParts.delta = stacked_delta
+        mistral_decoder._prefill_attention, nf4.LoraParts.delta = original_attention, pefts_delta
     if nf4.enable_nf4_kernels(decoder):
         kernel_diffs = Differences()
         compare_layers(decoder, model, seed, logits, kernel_diffs, gemms_only=True)

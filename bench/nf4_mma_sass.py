@@ -26,11 +26,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from llm import nf4_mma  # noqa: E402
 
-# bitsandbytes' NF4 code table (float32)
-NF4_CODE = [-1.0, -0.6961928009986877, -0.5250730514526367, -0.39491748809814453, -0.28444138169288635,
-            -0.18477343022823334, -0.09105003625154495, 0.0, 0.07958029955625534, 0.16093020141124725,
-            0.24611230194568634, 0.33791524171829224, 0.44070982933044434, 0.5626170039176941,
-            0.7229568362236023, 1.0]
 ALU_PIPE = {"PRMT", "SHF", "LOP3", "LEA", "IADD3", "VIADD", "ISETP", "SEL", "MOV", "F2FP"}
 _LINE = re.compile(r"/\*([0-9a-f]{4,})\*/\s+(@!?U?P\w+\s+)?([A-Z0-9_]+)[.\w]*\s*([^;]*);")
 
@@ -62,12 +57,21 @@ def main() -> None:
     parser.add_argument("--cuobjdump", default="cuobjdump")
     parser.add_argument("--nvcc", default="nvcc")
     args = parser.parse_args()
-    text = nf4_mma.source(NF4_CODE, args.warps, args.rows, 32, args.tiles, bool(args.prefetch_x), args.ahead)
+    from bitsandbytes.functional import get_4bit_type
+
+    code = get_4bit_type("nf4", device="cpu").tolist()
+    text = nf4_mma.source(code, args.warps, args.rows, 32, args.tiles, bool(args.prefetch_x), args.ahead)
     with tempfile.TemporaryDirectory() as folder:
         cu, cubin = Path(folder) / "k.cu", Path(folder) / "k.cubin"
         cu.write_text(text)
-        subprocess.run([args.nvcc, "-cubin", "-arch=sm_90", "-O3", "-o", str(cubin), str(cu)], check=True)
-        sass = subprocess.run([args.cuobjdump, "-sass", str(cubin)], check=True, capture_output=True, text=True).stdout
+        try:
+            subprocess.run([args.nvcc, "-cubin", "-arch=sm_90", "-O3", "-o", str(cubin), str(cu)], check=True)
+            sass = subprocess.run([args.cuobjdump, "-sass", str(cubin)], check=True, capture_output=True,
+                                  text=True).stdout
+        except FileNotFoundError as missing:
+            raise SystemExit(f"{missing.filename} not found: pass --nvcc / --cuobjdump (see this file's docstring)") from None
+        except subprocess.CalledProcessError as failed:
+            raise SystemExit(f"{failed.cmd[0]} failed (exit {failed.returncode}): {(failed.stderr or '').strip()[:500]}") from None
     counts, mmas, scope = loop_opcodes(sass)
     tiles = mmas // (args.rows // 8)  # 16 x 16 weight tiles decoded in the loop (one MMA per 8 rows each)
     print(json.dumps({

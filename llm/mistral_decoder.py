@@ -525,17 +525,18 @@ class MistralDecoder:
 
     @torch.inference_mode()
     def prefill_many(
-        self, slots: Sequence[int], prompts: Sequence[torch.Tensor], all_logits: bool = False
+        self, slots: Sequence[int], prompts: Sequence[torch.Tensor], all_logits: bool = False, pad_to: int = 0
     ) -> torch.Tensor:
-        """Several prompts into their slots in one forward, eagerly, padded to the longest: the
-        projections run once over all prompts' tokens (one weight read instead of one per
-        prompt). Returns float32 last-position logits [n, V], or with `all_logits` those of every
-        prompt token, prompts concatenated [sum(T), V] (the fidelity checks compare every position)."""
+        """Several prompts into their slots in one forward, eagerly, padded to the longest (or to
+        `pad_to` tokens, as a prefill bucket pads them): the projections run once over all prompts'
+        tokens (one weight read instead of one per prompt). Returns float32 last-position logits
+        [n, V], or with `all_logits` those of every prompt token, prompts concatenated [sum(T), V]
+        (the fidelity checks compare every position)."""
         lengths = [int(p.shape[0]) for p in prompts]
         if len(slots) != len(prompts) or len(set(slots)) != len(slots):
             raise ValueError("one distinct slot per prompt")
         dest = self.prefill_destination(slots, lengths, len(slots)).to(self.device)
-        ids, last = pad_prompts(prompts, len(prompts), max(lengths))
+        ids, last = pad_prompts(prompts, len(prompts), max(*lengths, pad_to))
         h = self._prefill_hidden(ids.to(self.device), dest)
         if all_logits:
             return self._logits(torch.cat([h[row, :n] for row, n in enumerate(lengths)]))

@@ -203,6 +203,19 @@ def test_prefill_many_equals_one_by_one(reference_model, korean_ids, kv_cache_to
         torch.testing.assert_close(cached_kv(decoder, slot, len(prompt)), expected_kv[slot], atol=1e-5, rtol=1e-5)
 
 
+def test_prefill_padded_to_a_bucket_gives_the_prompts_own_logits(reference_model, korean_ids):
+    """`pad_to` (how the fidelity bench runs a prompt as its prefill bucket would): the prompt's
+    logits at every position are its own, and the forward really ran over the padded length."""
+    decoder = build_merged_decoder(reference_model, max_batch=1, max_seq_len=256, dtype=torch.float32)
+    prompt = torch.tensor(korean_ids[:17])
+    expected = decoder.prefill_many([0], [prompt], all_logits=True)
+    for cache in decoder.k_cache:
+        cache.zero_()
+    got = decoder.prefill_many([0], [prompt], all_logits=True, pad_to=32)
+    torch.testing.assert_close(got, expected, atol=1e-4, rtol=1e-4)
+    assert decoder.k_cache[0][0, :, 17:32].abs().sum() > 0  # the padding's K/V were computed too
+
+
 def test_scheduler_prefills_queued_arrivals_together(reference_model, korean_ids, mistral_tokenizer):
     """Requests queued while the worker is busy are prefilled in one batch and decode as they
     would alone (greedy: identical tokens)."""
