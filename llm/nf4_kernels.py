@@ -82,6 +82,7 @@ class NF4Config:
     kind: str = "gather"
     xperm: bool = False  # lut GEMV: x read value-major (written by the LoRA A kernel)
     prefetch_x: bool = False  # mma: each warp prefetches its next group's x into L1
+    fuse_a: bool = False  # mma: the LoRA A product in the same launch (`nf4_mma.nf4_mma_fused_linear`)
 
     @property
     def dot(self) -> bool:
@@ -89,7 +90,7 @@ class NF4Config:
 
     @property
     def label(self) -> str:
-        suffix = ("x" if self.xperm else "") + ("p" if self.prefetch_x else "")
+        suffix = ("x" if self.xperm else "") + ("p" if self.prefetch_x else "") + ("f" if self.fuse_a else "")
         return f"{self.kind}_{self.block_n}x{self.block_k}w{self.num_warps}s{self.num_stages}{suffix}"
 
     def fits(self, n: int, k: int, boundaries: Sequence[int]) -> bool:
@@ -119,12 +120,15 @@ LUT_DOT_CONFIGS = (  # 2-16 rows; 64-row tiles take Hopper's warpgroup MMA (wide
 # block_n = 16 features per tile x tiles per warp, num_stages = groups of weights in registers ahead
 # of the one computed; "p": x prefetched into L1. Run 13 retired the cp.async pipeline (weights 2-3
 # groups ahead in shared memory): 10-30 % slower than these everywhere (bench/NOTES.md).
+# "f": the LoRA A product fused into the same launch, for the layouts that won somewhere in run 17.
 MMA_CONFIGS = tuple(
-    NF4Config(nf4_mma.TILE_N * tiles, nf4_mma.GROUP, warps, ahead, kind="mma", prefetch_x=prefetch)
-    for warps, tiles, ahead, prefetch in (
-        (4, 1, 1, False), (8, 1, 1, False), (16, 1, 1, False), (4, 2, 1, False), (8, 2, 1, False),
-        (4, 1, 1, True), (8, 1, 1, True), (4, 2, 1, True),
-        (4, 1, 2, False), (8, 1, 2, False), (4, 1, 2, True), (8, 1, 2, True),
+    NF4Config(nf4_mma.TILE_N * tiles, nf4_mma.GROUP, warps, ahead, kind="mma", prefetch_x=prefetch, fuse_a=fuse)
+    for warps, tiles, ahead, prefetch, fuse in (
+        (4, 1, 1, False, False), (8, 1, 1, False, False), (16, 1, 1, False, False), (4, 2, 1, False, False),
+        (8, 2, 1, False, False), (4, 1, 1, True, False), (8, 1, 1, True, False), (4, 2, 1, True, False),
+        (4, 1, 2, False, False), (8, 1, 2, False, False), (4, 1, 2, True, False), (8, 1, 2, True, False),
+        (8, 1, 1, False, True), (16, 1, 1, False, True), (4, 2, 1, False, True), (4, 2, 1, True, True),
+        (4, 1, 2, False, True), (8, 1, 2, False, True),
     )
 )
 # Only where nothing above fits (small models, e.g. the tests' tiny one).
@@ -876,6 +880,9 @@ def nf4_lora_linear(
     rt = lora.a.shape[0]
     block_m = _block_m(m)
     seg1, seg2 = lora.part_starts(n)
+    if config.kind == "mma" and config.fuse_a:
+        return nf4_mma.nf4_mma_fused_linear(x, weight, lora, seg1, seg2, round_lora_first, config.num_warps,
+                                            config.block_n // nf4_mma.TILE_N, config.prefetch_x, config.num_stages)
     if config.kind == "mma":
         xq, t = mma_inputs(x, n, lora)
         return nf4_mma.nf4_mma_linear(xq, m, weight, lora, t, seg1, seg2, round_lora_first, config.num_warps,

@@ -96,6 +96,22 @@ __device__ __forceinline__ void mma(float (&d)[4], u32 a0, u32 a1, u32 a2, u32 a
 
 __device__ __forceinline__ float f32(u16 h) { return __uint_as_float(((u32)h) << 16); }
 
+#ifndef NF4_EMULATE
+template <class T>
+__device__ __forceinline__ T load_plain(const T* p) { return *p; }
+#endif
+
+// With FUSE_A this launch writes x in operand order and t itself: no read-only (non-coherent) loads
+#if FUSE_A
+#define XQ_POINTER uint2*
+#define T_POINTER float*
+#define LOAD_X(p) load_plain(p)
+#else
+#define XQ_POINTER const uint2* __restrict__
+#define T_POINTER const float* __restrict__
+#define LOAD_X(p) __ldg(p)
+#endif
+
 // One 32-bit word's half (4 values: 4h..4h+3) as two bf16x2 MMA registers, from the block's tables.
 __device__ __forceinline__ void decode_half(const u32 (&L)[4], const u32 (&H)[4], u32 sel, u32 pick, u32& first,
                                             u32& second) {
@@ -120,7 +136,105 @@ __device__ __forceinline__ void block_tables(float scale, u32 (&L)[4], u32 (&H)[
 #ifndef NF4_EMULATE
 // A hint: the 128-byte line at p into L1, where a later load will find it
 __device__ __forceinline__ void prefetch_l1(const void* p) { asm volatile("prefetch.global.L1 [%0];" ::"l"(p)); }
+
+__device__ __forceinline__ int load_acquire(const int* p) {
+    int v;
+    asm volatile("ld.acquire.gpu.global.b32 %0, [%1];" : "=r"(v) : "l"(p) : "memory");
+    return v;
+}
 #endif  // NF4_EMULATE
+
+#if FUSE_A
+// With FUSE_A, the first `la_blocks` blocks of the launch compute the LoRA's A product (and x in
+// operand order) while the others stream weights; these counters (per projection, zero between
+// launches) say how far they are.
+#define XQ_READY 0  // 256-input slices of x written in operand order
+#define T_READY 1   // rank quads of t = x @ A.T summed
+#define DEPARTED 2  // weight blocks done reading t: the last one zeroes the counters for the next launch
+#define QUAD_ARRIVALS 3  // per rank quad: slices whose partial sums are stored
+
+// Waits (the whole block) until *counter >= target. Only the lowest-numbered blocks of the launch
+// ever raise a counter, and the GPU starts blocks in order, so they are running or done. A wait
+// that cannot end (counters left behind by a failed launch) traps after about a second: an error
+// for the operator instead of a hung GPU.
+__device__ __forceinline__ void wait_until(const int* counter, int target) {
+    if (threadIdx.x == 0) {
+        long long spins = 0;
+        while (load_acquire(counter) < target) {
+            __nanosleep(100);
+            if (++spins > (1LL << 23)) __trap();
+        }
+    }
+    __syncthreads();
+}
+
+// One warp's unit of the LoRA's A product: ranks 4 quad .. 4 quad + 3 over inputs 256 slice ..
+// + 255, for every row of x (lane l: inputs 8 l .. 8 l + 7). Slice partial sums go to `partial`
+// ([slices, M, RT]); the last unit of a rank quad adds them up in slice order into t ([M, RT]).
+// Units of quad 0 first write their slice of x in operand order.
+__device__ void lora_a_unit(const u16* x, int ldx, const float* lora_a, int M, int RT, int quad, int slice,
+                            int slices, uint2* xq, float* partial, float* t, int* counters) {
+    const int lane = threadIdx.x & 31;
+    const int k0 = 256 * slice + 8 * lane;
+    if (quad == 0) {
+        // x[m][k0 .. k0 + 7] are operand-order values j = 0..3 of steps 2 (lane % 8) and + 1 of
+        // lane (m % 8, lane / 8) in set m / 8: [slice, set, step, g, t, j]
+        for (int m = 0; m < M; ++m) {
+            const uint4 v = *(const uint4*)(x + (size_t)m * ldx + k0);
+            uint2* out = xq + slice * 1024 + (m >> 3) * 512 + (2 * (lane & 7)) * 32 + (m & 7) * 4 + (lane >> 3);
+            out[0] = make_uint2(v.x, v.y);
+            out[32] = make_uint2(v.z, v.w);
+        }
+        __threadfence();
+        __syncwarp();
+        if (lane == 0) atomicAdd(&counters[XQ_READY], 1);
+    }
+    float a[4][8];
+#pragma unroll
+    for (int r = 0; r < 4; ++r) {
+        const float4* row = (const float4*)(lora_a + (size_t)(4 * quad + r) * KDIM + k0);
+        const float4 lo = __ldg(row), hi = __ldg(row + 1);
+        a[r][0] = lo.x, a[r][1] = lo.y, a[r][2] = lo.z, a[r][3] = lo.w;
+        a[r][4] = hi.x, a[r][5] = hi.y, a[r][6] = hi.z, a[r][7] = hi.w;
+    }
+    for (int m = 0; m < M; ++m) {
+        const uint4 v = *(const uint4*)(x + (size_t)m * ldx + k0);
+        const u32 words[4] = {v.x, v.y, v.z, v.w};
+        float s[4] = {0.f, 0.f, 0.f, 0.f};
+#pragma unroll
+        for (int j = 0; j < 8; ++j) {
+            const float xv = __uint_as_float(j & 1 ? words[j >> 1] & 0xFFFF0000u : words[j >> 1] << 16);
+#pragma unroll
+            for (int r = 0; r < 4; ++r) s[r] = fmaf(xv, a[r][j], s[r]);
+        }
+#pragma unroll
+        for (int offset = 16; offset > 0; offset >>= 1)
+#pragma unroll
+            for (int r = 0; r < 4; ++r) s[r] += __shfl_xor_sync(0xFFFFFFFFu, s[r], offset);
+        if (lane < 4)
+            partial[((size_t)slice * M + m) * RT + 4 * quad + lane] = lane == 0 ? s[0] : lane == 1 ? s[1] : lane == 2 ? s[2] : s[3];
+    }
+    __threadfence();
+    __syncwarp();
+    int last = 0;
+    if (lane == 0) last = atomicAdd(&counters[QUAD_ARRIVALS + quad], 1) == slices - 1;
+    if (__shfl_sync(0xFFFFFFFFu, last, 0)) {
+        __threadfence();
+        for (int i = lane; i < 4 * M; i += 32) {
+            const int m = i >> 2, column = 4 * quad + (i & 3);
+            float sum = 0.f;
+            for (int s = 0; s < slices; ++s) sum += __ldcg(&partial[((size_t)s * M + m) * RT + column]);
+            t[m * RT + column] = sum;
+        }
+        __threadfence();
+        __syncwarp();
+        if (lane == 0) {
+            counters[QUAD_ARRIVALS + quad] = 0;
+            atomicAdd(&counters[T_READY], 1);
+        }
+    }
+}
+#endif  // FUSE_A
 
 // One group's weight bytes and absmax values, as one lane holds them
 struct LaneGroup {
@@ -152,7 +266,7 @@ __device__ __forceinline__ void group_mma(const uint4 (&w)[2 * TILES][2], const 
         for (int h = 0; h < 2; ++h) {
             uint2 b[SETS];
 #pragma unroll
-            for (int set = 0; set < SETS; ++set) b[set] = __ldg(x_lane[set] + group * (2 * 16 * 32) + (2 * i + h) * 32);
+            for (int set = 0; set < SETS; ++set) b[set] = LOAD_X(x_lane[set] + group * (2 * 16 * 32) + (2 * i + h) * 32);
 #pragma unroll
             for (int j = 0; j < TILES; ++j) {
                 u32 a0, a1, a2, a3;
@@ -170,10 +284,11 @@ __device__ __forceinline__ void group_mma(const uint4 (&w)[2 * TILES][2], const 
 // A = W (16 features x 16 inputs), B = x.T (16 inputs x 8 rows of x). Lane (g, t) holds features g
 // and g + 8 of each of TILES 16-feature tiles, and x row g (+ 8 per set); WARPS warps split K.
 extern "C" __global__ void __launch_bounds__(WARPS * 32)
-nf4_mma_kernel(const uint4* __restrict__ words, const float* __restrict__ absmax, const uint2* __restrict__ xq,
-               const float* __restrict__ t_part, const float* __restrict__ lora_b, u16* __restrict__ y,
-               int M, int K_unused, int ldy, double scaling, int seg1, int seg2, int RT, int t_splits,
-               int round_lora_first) {
+nf4_mma_kernel(const uint4* __restrict__ words, const float* __restrict__ absmax, XQ_POINTER xq, T_POINTER t_part,
+               const float* __restrict__ lora_b, u16* __restrict__ y, int M, int K_unused, int ldy, double scaling,
+               int seg1, int seg2, int RT, int t_splits, int round_lora_first, const u16* __restrict__ x, int ldx,
+               const float* __restrict__ lora_a, float* __restrict__ a_partial, int* __restrict__ counters,
+               int la_blocks) {
     constexpr int SETS = ROWS / 8;  // MMAs per A operand: x rows 0-7, 8-15
     constexpr int HALVES = 2 * TILES;  // 8-feature halves of the block; half q is features 8 q + g
     constexpr int FEATURES = 16 * TILES;
@@ -185,11 +300,22 @@ nf4_mma_kernel(const uint4* __restrict__ words, const float* __restrict__ absmax
     __shared__ float b_tile[FEATURES][RANK + 1];
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
     const int g = lane >> 2, t = lane & 3;
-    const int n0 = blockIdx.x * FEATURES;
     // K is compiled in (one kernel per K; the argument K_unused keeps the launch's signature), so
     // the lanes' row offsets become immediates
     constexpr int K = KDIM;
     const int groups = K >> 8;
+#if FUSE_A
+    if ((int)blockIdx.x < la_blocks) {  // a LoRA A block: one unit per warp at a time
+        const int quads = RT >> 2, units = quads * groups;
+        for (int unit = blockIdx.x * WARPS + warp; unit < units; unit += la_blocks * WARPS)
+            lora_a_unit(x, ldx, lora_a, M, RT, unit / groups, unit % groups, groups, xq, a_partial, t_part,
+                        counters);
+        return;
+    }
+    const int n0 = (blockIdx.x - la_blocks) * FEATURES;
+#else
+    const int n0 = blockIdx.x * FEATURES;
+#endif
     // a feature's lane data: bytes 128 * group + 32 * t of its row (two uint4), absmax block 4 * group + t
     const uint4* lane_words[HALVES];
     const float* lane_absmax[HALVES];
@@ -210,13 +336,19 @@ nf4_mma_kernel(const uint4* __restrict__ words, const float* __restrict__ absmax
     const int part = (n0 >= seg1) + (n0 >= seg2);
     for (int i = threadIdx.x; i < FEATURES * RANK; i += WARPS * 32)
         b_tile[i / RANK][i % RANK] = lora_b[(size_t)n0 * RANK + i];
-    for (int i = threadIdx.x; i < M * RANK; i += WARPS * 32) {
-        const int m = i / RANK, r = i % RANK;
-        float sum = 0.f;
+    // t: the split-K partial sums added up (with FUSE_A, t whole, once the A blocks are done)
+    auto load_t = [&] {
+        for (int i = threadIdx.x; i < M * RANK; i += WARPS * 32) {
+            const int m = i / RANK, r = i % RANK;
+            float sum = 0.f;
 #pragma unroll 16
-        for (int split = 0; split < t_splits; ++split) sum += t_part[(split * M + m) * RT + part * RANK + r];
-        t_sum[m][r] = sum;
-    }
+            for (int split = 0; split < t_splits; ++split) sum += t_part[(split * M + m) * RT + part * RANK + r];
+            t_sum[m][r] = sum;
+        }
+    };
+#if !FUSE_A
+    load_t();
+#endif
 
     float acc[TILES][SETS][4];
 #pragma unroll
@@ -250,6 +382,9 @@ nf4_mma_kernel(const uint4* __restrict__ words, const float* __restrict__ absmax
 #if AHEAD == 1
     // The next group's bytes in registers while this one computes.
     LaneGroup current = fetch(warp);
+#if FUSE_A
+    wait_until(&counters[XQ_READY], groups);
+#endif
     for (int group = warp; group < groups; group += WARPS) {
         const LaneGroup next = fetch(group + WARPS);
         prefetch_x(group + WARPS);
@@ -259,6 +394,9 @@ nf4_mma_kernel(const uint4* __restrict__ words, const float* __restrict__ absmax
 #else
     // The next two groups' bytes in registers while this one computes (twice the bytes in flight).
     LaneGroup first = fetch(warp), second = fetch(warp + WARPS);
+#if FUSE_A
+    wait_until(&counters[XQ_READY], groups);
+#endif
     for (int group = warp; group < groups; group += 2 * WARPS) {
         const LaneGroup third = fetch(group + 2 * WARPS);
         prefetch_x(group + WARPS);
@@ -272,6 +410,10 @@ nf4_mma_kernel(const uint4* __restrict__ words, const float* __restrict__ absmax
     }
 #endif
 
+#if FUSE_A
+    wait_until(&counters[T_READY], RT >> 2);
+    load_t();
+#endif
 #pragma unroll
     for (int j = 0; j < TILES; ++j)
 #pragma unroll
@@ -279,6 +421,13 @@ nf4_mma_kernel(const uint4* __restrict__ words, const float* __restrict__ absmax
 #pragma unroll
             for (int i = 0; i < 4; ++i) partial[warp][lane][(j * SETS + set) * 4 + i] = acc[j][set][i];
     __syncthreads();
+#if FUSE_A
+    if (threadIdx.x == 0 && atomicAdd(&counters[DEPARTED], 1) == (int)gridDim.x - la_blocks - 1) {
+        counters[XQ_READY] = 0;
+        counters[T_READY] = 0;
+        counters[DEPARTED] = 0;
+    }
+#endif
     for (int i = threadIdx.x; i < M * FEATURES; i += WARPS * 32) {
         const int m = i / FEATURES, f = i % FEATURES, j = f >> 4, ff = f & 15;
         // D[ff][m] of tile j (set m / 8) sits in lane (ff % 8) * 4 + (m % 8) / 2, register (ff / 8) * 2 + m % 2
@@ -300,11 +449,12 @@ nf4_mma_kernel(const uint4* __restrict__ words, const float* __restrict__ absmax
 
 
 def source(code: Sequence[float], warps: int, rows: int, rank: int, tiles: int = 1, prefetch_x: bool = False,
-           ahead: int = 1, k: int = 4096) -> str:
+           ahead: int = 1, k: int = 4096, fuse_a: bool = False) -> str:
     """The kernel's CUDA source for one NF4 code table, warps per block, row tile (8 or 16), rank,
     16-feature tiles per warp, whether each warp prefetches its next group's x into L1, how many
-    groups' weight bytes each warp holds in registers ahead of the one it computes (1 or 2), and the
-    inputs K (a compile-time constant: 5-7 % fewer ALU instructions per weight, bench/nf4_mma_sass.py)."""
+    groups' weight bytes each warp holds in registers ahead of the one it computes (1 or 2), the
+    inputs K (a compile-time constant: 5-7 % fewer ALU instructions per weight, bench/nf4_mma_sass.py)
+    and whether the launch's first blocks compute the LoRA's A product themselves (`fuse_a`)."""
     if len(code) != 16:
         raise ValueError("an NF4 code table has 16 entries")
     if (warps not in WARP_CHOICES or rows not in (8, 16) or rank <= 0 or tiles not in TILE_CHOICES
@@ -314,7 +464,7 @@ def source(code: Sequence[float], warps: int, rows: int, rank: int, tiles: int =
     # exact: hexadecimal literals of the float32 values
     values = ", ".join(f"{struct.unpack('<f', struct.pack('<f', float(v)))[0].hex()}f" for v in code)
     header = (f"#define KDIM {k}\n#define WARPS {warps}\n#define ROWS {rows}\n#define RANK {rank}\n#define TILES {tiles}\n"
-              f"#define PREFETCH_X {int(prefetch_x)}\n#define AHEAD {ahead}\n"
+              f"#define PREFETCH_X {int(prefetch_x)}\n#define AHEAD {ahead}\n#define FUSE_A {int(fuse_a)}\n"
               f"__device__ __constant__ float CODE_TABLE[16] = {{{values}}};\n#define CODE CODE_TABLE\n")
     return header + _SOURCE
 
@@ -368,11 +518,11 @@ def code_values(code: torch.Tensor) -> tuple[float, ...]:
 
 
 def _kernel(code: torch.Tensor, warps: int, rows: int, rank: int, tiles: int, prefetch_x: bool, ahead: int,
-            k: int) -> Callable:
-    key = (code.device.index, code_values(code), warps, rows, rank, tiles, prefetch_x, ahead, k)
+            k: int, fuse_a: bool) -> Callable:
+    key = (code.device.index, code_values(code), warps, rows, rank, tiles, prefetch_x, ahead, k, fuse_a)
     if key not in _KERNELS:
         with torch.cuda.device(code.device):
-            _KERNELS[key] = _compile(source(key[1], warps, rows, rank, tiles, prefetch_x, ahead, k))
+            _KERNELS[key] = _compile(source(key[1], warps, rows, rank, tiles, prefetch_x, ahead, k, fuse_a))
     return _KERNELS[key]
 
 
@@ -407,9 +557,59 @@ def nf4_mma_linear(
     seg2 on belong to the LoRA's second and third parts."""
     n, k = weight.shape
     rows = 8 if m <= 8 else 16
-    kernel = _kernel(weight.code, warps, rows, lora.rank, tiles, prefetch_x, ahead, k)
+    kernel = _kernel(weight.code, warps, rows, lora.rank, tiles, prefetch_x, ahead, k, False)
     y = torch.empty((m, n), dtype=torch.bfloat16, device=xq.device)
     kernel(grid=(n // (TILE_N * tiles), 1, 1), block=(warps * 32, 1, 1),
            args=[weight.packed, weight.absmax, xq, t, lora.b, y, m, k, y.stride(0), float(lora.scaling),
-                 seg1, seg2, lora.a.shape[0], t.shape[0], int(round_lora_first)])
+                 seg1, seg2, lora.a.shape[0], t.shape[0], int(round_lora_first),
+                 xq, 0, lora.a, t, t, 0])  # the fused LoRA A's arguments, unused here
+    return y
+
+
+RANK_QUAD = 4  # ranks per LoRA A unit of the fused kernel (one warp: 256 inputs, every row)
+
+
+def fused_a_blocks(rt: int, k: int, warps: int) -> int:
+    """Blocks of a `fuse_a` launch that compute the LoRA's A product: one unit per warp."""
+    units = (rt // RANK_QUAD) * (k // GROUP)
+    return -(-units // warps)
+
+
+def nf4_mma_fused_linear(
+    x: torch.Tensor,
+    weight: NF4Matrix,
+    lora: LoraParts,
+    seg1: int,
+    seg2: int,
+    round_lora_first: bool,
+    warps: int,
+    tiles: int = 1,
+    prefetch_x: bool = False,
+    ahead: int = 1,
+) -> torch.Tensor:
+    """The same y for x ([m <= 16, K], bf16, rows contiguous) in one launch: its first blocks write
+    x in operand order and t = float32(x) @ A.T (whole, summed in a fixed order), while the others
+    start on their weights and wait for x, then for t before their epilogue. One launch instead of
+    two: the LoRA A kernel and the gap after it were 10 % of a one-row decode step and 19 % of a
+    16-row one (run 17)."""
+    m, k = x.shape
+    n = weight.shape[0]
+    rt = lora.a.shape[0]
+    if rt % RANK_QUAD:
+        raise ValueError(f"the fused kernel takes ranks in quads; these LoRA parts have {rt} in all")
+    if x.stride(1) != 1 or x.stride(0) % 8 or x.data_ptr() % 16:
+        x = x.contiguous().clone()  # 16-byte rows for the vector loads
+    rows = 8 if m <= 8 else 16
+    kernel = _kernel(weight.code, warps, rows, lora.rank, tiles, prefetch_x, ahead, k, True)
+    counters = lora.fused_counters
+    if counters is None or counters.device != x.device or counters.numel() < 3 + rt // RANK_QUAD:
+        counters = lora.fused_counters = torch.zeros(3 + rt // RANK_QUAD, dtype=torch.int32, device=x.device)
+    xq = torch.empty((16 * k,), dtype=torch.bfloat16, device=x.device)
+    t = torch.empty((m, rt), dtype=torch.float32, device=x.device)
+    partial = torch.empty((k // GROUP, m, rt), dtype=torch.float32, device=x.device)
+    y = torch.empty((m, n), dtype=torch.bfloat16, device=x.device)
+    la_blocks = fused_a_blocks(rt, k, warps)
+    kernel(grid=(la_blocks + n // (TILE_N * tiles), 1, 1), block=(warps * 32, 1, 1),
+           args=[weight.packed, weight.absmax, xq, t, lora.b, y, m, k, y.stride(0), float(lora.scaling),
+                 seg1, seg2, rt, 1, int(round_lora_first), x, x.stride(0), lora.a, partial, counters, la_blocks])
     return y

@@ -28,13 +28,14 @@ extern "C" void add_buffer(const void* begin, long bytes) {
     global_buffers.push_back({static_cast<const char*>(begin), static_cast<const char*>(begin) + bytes});
 }
 // Returns the number of out-of-bounds global reads.
-extern "C" long launch(int grid, int threads, const void* words, const float* absmax, const void* xq,
-                       const float* t_part, const float* lora_b, void* y, int M, int K, int ldy, double scaling,
-                       int seg1, int seg2, int RT, int t_splits, int round_lora_first) {
+extern "C" long launch(int grid, int threads, const void* words, const float* absmax, void* xq, float* t,
+                       const float* lora_b, void* y, int M, int K, int ldy, double scaling, int seg1, int seg2,
+                       int RT, int t_splits, int round_lora_first, const void* x, int ldx, const float* lora_a,
+                       float* a_partial, int* counters, int la_blocks) {
     out_of_bounds_reads = 0;
     launch_blocks(grid, threads, [=] {
-        nf4_mma_kernel((const uint4*)words, absmax, (const uint2*)xq, t_part, lora_b, (u16*)y, M, K, ldy, scaling,
-                       seg1, seg2, RT, t_splits, round_lora_first);
+        nf4_mma_kernel((const uint4*)words, absmax, (uint2*)xq, t, lora_b, (u16*)y, M, K, ldy, scaling, seg1, seg2,
+                       RT, t_splits, round_lora_first, (const u16*)x, ldx, lora_a, a_partial, counters, la_blocks);
     });
     return out_of_bounds_reads;
 }
@@ -43,10 +44,10 @@ RANK = 32
 
 
 def _build(tmp_path_factory: pytest.TempPathFactory, warps: int, rows: int, tiles: int, prefetch: bool,
-           ahead: int, k: int) -> ctypes.CDLL:
-    folder = tmp_path_factory.mktemp(f"nf4_w{warps}_r{rows}_t{tiles}_p{int(prefetch)}_a{ahead}_k{k}")
+           ahead: int, k: int, fuse_a: bool = False) -> ctypes.CDLL:
+    folder = tmp_path_factory.mktemp(f"nf4_w{warps}_r{rows}_t{tiles}_p{int(prefetch)}_a{ahead}_k{k}_f{int(fuse_a)}")
     text = (f'#define NF4_EMULATE\n#include "{HEADER}"\n'
-            + nf4_mma.source(NF4_CODE, warps, rows, RANK, tiles, prefetch, ahead, k)
+            + nf4_mma.source(NF4_CODE, warps, rows, RANK, tiles, prefetch, ahead, k, fuse_a)
             + LAUNCHER)
     (folder / "kernel.cpp").write_text(text)
     built = subprocess.run(
@@ -59,7 +60,8 @@ def _build(tmp_path_factory: pytest.TempPathFactory, warps: int, rows: int, tile
     library.add_buffer.argtypes = [ctypes.c_void_p, ctypes.c_long]
     library.launch.restype = ctypes.c_long
     library.launch.argtypes = [ctypes.c_int, ctypes.c_int] + [ctypes.c_void_p] * 6 + [
-        ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_double] + [ctypes.c_int] * 5
+        ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_double] + [ctypes.c_int] * 5 + [
+        ctypes.c_void_p, ctypes.c_int] + [ctypes.c_void_p] * 3 + [ctypes.c_int]
     return library
 
 
@@ -81,19 +83,34 @@ def _projection(n: int, k: int, seed: int) -> NF4Projection:
     return NF4Projection(weight, lora)
 
 
-def _run(library: ctypes.CDLL, projection: NF4Projection, x: torch.Tensor, warps: int, tiles: int) -> torch.Tensor:
+def _run(library: ctypes.CDLL, projection: NF4Projection, x: torch.Tensor, warps: int, tiles: int,
+         counters: torch.Tensor | None = None) -> torch.Tensor:
+    """The kernel's output; with `counters`, the fused kernel's (which it leaves as it found them)."""
     m, k = x.shape
     n = projection.weight.shape[0]
     lora = projection.lora
-    xq = nf4_mma.operand_order(x).contiguous()
-    cut = k // 2  # two split-K partial sums, as the LoRA A kernel leaves them
-    t_part = torch.stack([x[:, :cut].float() @ lora.a[:, :cut].T, x[:, cut:].float() @ lora.a[:, cut:].T]).contiguous()
+    rt = lora.a.shape[0]
+    fuse_a = counters is not None
+    counters = torch.zeros(1, dtype=torch.int32) if counters is None else counters
+    a_partial = torch.full((k // nf4_mma.GROUP, m, rt), float("nan"))
+    if fuse_a:  # the launch writes both; stale values must not matter
+        xq = torch.full((16 * k,), float("nan"), dtype=torch.bfloat16)
+        t = torch.full((m, rt), float("nan"))
+        splits, la_blocks = 1, nf4_mma.fused_a_blocks(rt, k, warps)
+    else:
+        xq = nf4_mma.operand_order(x).contiguous()
+        cut = k // 2  # two split-K partial sums, as the LoRA A kernel leaves them
+        t = torch.stack([x[:, :cut].float() @ lora.a[:, :cut].T,
+                         x[:, cut:].float() @ lora.a[:, cut:].T]).contiguous()
+        splits, la_blocks = 2, 0
     y = torch.full((m, n), float("nan"), dtype=torch.bfloat16)
-    for buffer in (projection.weight.packed, projection.weight.absmax, xq, t_part, lora.b):
+    for buffer in (projection.weight.packed, projection.weight.absmax, xq, t, lora.b, x, lora.a, a_partial):
         library.add_buffer(buffer.data_ptr(), buffer.numel() * buffer.element_size())
-    out_of_bounds = library.launch(n // (16 * tiles), warps * 32, projection.weight.packed.data_ptr(),
-                   projection.weight.absmax.data_ptr(), xq.data_ptr(), t_part.data_ptr(), lora.b.data_ptr(),
-                   y.data_ptr(), m, k, n, lora.scaling, *lora.part_starts(n), lora.a.shape[0], 2, 1)
+    out_of_bounds = library.launch(
+        la_blocks + n // (16 * tiles), warps * 32, projection.weight.packed.data_ptr(),
+        projection.weight.absmax.data_ptr(), xq.data_ptr(), t.data_ptr(), lora.b.data_ptr(), y.data_ptr(), m, k, n,
+        lora.scaling, *lora.part_starts(n), rt, splits, 1, x.data_ptr(), x.stride(0), lora.a.data_ptr(),
+        a_partial.data_ptr(), counters.data_ptr(), la_blocks)
     assert out_of_bounds == 0, f"{out_of_bounds} global reads outside the kernel's buffers"
     return y
 
@@ -117,3 +134,21 @@ def test_the_kernel_text_computes_the_reference_function(tmp_path_factory, warps
     reference = projection.reference(x)
     assert not out.isnan().any()  # every output written
     assert nf4_kernels.matches_reference(out, reference), (out.float() - reference.float()).abs().max()
+
+
+# (warps, tiles, x prefetch, groups ahead) of the fused configurations: more units than warps, fewer
+@pytest.mark.parametrize(("warps", "tiles", "prefetch", "ahead"), [(4, 1, False, 1), (8, 2, True, 2)])
+@pytest.mark.parametrize("rows", [1, 11])
+def test_the_fused_kernel_computes_lora_a_itself_and_leaves_its_counters_at_zero(
+        tmp_path_factory, warps, tiles, prefetch, ahead, rows):
+    k = 256 * 5
+    library = _build(tmp_path_factory, warps, 8 if rows <= 8 else 16, tiles, prefetch, ahead, k, fuse_a=True)
+    projection = _projection(n=64, k=k, seed=rows)
+    x = torch.randn((rows, k), generator=torch.Generator().manual_seed(200 + rows)).to(torch.bfloat16)
+    reference = projection.reference(x)
+    counters = torch.zeros(3 + projection.lora.a.shape[0] // nf4_mma.RANK_QUAD, dtype=torch.int32)
+    for _ in range(2):  # the second launch finds the counters as the first left them
+        out = _run(library, projection, x, warps, tiles, counters)
+        assert not out.isnan().any()
+        assert nf4_kernels.matches_reference(out, reference), (out.float() - reference.float()).abs().max()
+        assert counters.abs().sum() == 0, counters

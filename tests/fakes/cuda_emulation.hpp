@@ -9,6 +9,8 @@
 
 #include <atomic>
 #include <barrier>
+#include <cmath>
+#include <cstdlib>
 #include <cstdint>
 #include <cstring>
 #include <functional>
@@ -27,10 +29,14 @@ struct alignas(16) uint4 {
 inline uint2 make_uint2(u32 x, u32 y) { return {x, y}; }
 inline uint4 make_uint4(u32 x, u32 y, u32 z, u32 w) { return {x, y, z, w}; }
 
+struct alignas(16) float4 {
+    float x, y, z, w;
+};
+
 struct Index3 {
     unsigned x = 0, y = 0, z = 0;
 };
-inline thread_local Index3 threadIdx, blockIdx;
+inline thread_local Index3 threadIdx, blockIdx, gridDim;
 
 #define __global__
 #define __device__
@@ -60,6 +66,14 @@ template <class T>
 inline T __ldg(const T* p) {
     if (!check_read(p, sizeof(T))) return T{};
     return *p;
+}
+template <class T>
+inline T load_plain(const T* p) {
+    return __ldg(p);
+}
+template <class T>
+inline T __ldcg(const T* p) {
+    return __ldg(p);
 }
 inline float __fmul_rn(float a, float b) {
     volatile float product = a * b;  // one float32 rounding, never fused
@@ -103,12 +117,34 @@ inline void prefetch_l1(const void* p) { check_read(p, 128); }  // a hint; its l
 struct WarpExchange {
     u32 a[32][4];
     u32 b[32][2];
+    u32 shuffled[32];
     std::barrier<>* arrived;
 };
 inline thread_local WarpExchange* this_warp = nullptr;
 inline thread_local std::barrier<>* this_block = nullptr;
 
 inline void __syncthreads() { this_block->arrive_and_wait(); }
+inline void __syncwarp() { this_warp->arrived->arrive_and_wait(); }
+inline void __threadfence() { std::atomic_thread_fence(std::memory_order_seq_cst); }
+inline void __nanosleep(unsigned) { std::this_thread::yield(); }
+[[noreturn]] inline void __trap() { std::abort(); }
+inline int atomicAdd(int* p, int v) { return std::atomic_ref<int>(*p).fetch_add(v); }
+inline int load_acquire(const int* p) { return std::atomic_ref<int>(*const_cast<int*>(p)).load(std::memory_order_acquire); }
+
+// Every lane of the warp takes part, as with the full mask the kernel passes.
+inline u32 shuffle(u32 value, int source_lane) {
+    WarpExchange& w = *this_warp;
+    const int lane = threadIdx.x & 31;
+    w.shuffled[lane] = value;
+    w.arrived->arrive_and_wait();
+    const u32 out = w.shuffled[source_lane & 31];
+    w.arrived->arrive_and_wait();
+    return out;
+}
+inline float __shfl_xor_sync(unsigned, float v, int mask) {
+    return __uint_as_float(shuffle(float_bits(v), (threadIdx.x & 31) ^ mask));
+}
+inline int __shfl_sync(unsigned, int v, int source_lane) { return (int)shuffle((u32)v, source_lane); }
 
 inline float bf16_value(u32 reg, int half) { return __uint_as_float(((reg >> (16 * half)) & 0xFFFF) << 16); }
 
@@ -154,6 +190,7 @@ void launch_blocks(int grid, int threads, Kernel kernel) {
             pool.emplace_back([&, thread] {
                 threadIdx.x = thread;
                 blockIdx.x = block;
+                gridDim.x = grid;
                 this_warp = &warps[thread / 32];
                 this_block = &block_barrier;
                 kernel();

@@ -154,6 +154,31 @@ def test_the_tensor_core_paths_lora_a_kernel(rows, k):
         assert lora.arrivals is None or int(lora.arrivals.abs().sum()) == 0
 
 
+@pytest.mark.parametrize("rows", [1, 16])
+def test_the_fused_launch_repeats_its_bits_in_graphs_and_leaves_its_counters_at_zero(rows):
+    # The fused kernel's weight blocks wait on counters its LoRA A blocks raise; the last weight block
+    # zeroes them. Replayed from a CUDA graph, as serving runs it, every launch must find them at
+    # zero: otherwise a launch reads x or t too early (wrong bits) or waits forever (a trap).
+    from llm import nf4_kernels
+
+    projection = _projection([(4096, 0), (1024, 32), (1024, 64)], 4096)
+    lora = projection.lora
+    n, k = projection.weight.shape
+    x = torch.randn(rows, k, dtype=torch.bfloat16, device="cuda:0")
+    fused = [c for c in nf4_kernels.all_configs(rows, n, k, lora.boundaries) if c.fuse_a]
+    assert fused
+    for config in fused:
+        first = nf4_kernels.nf4_lora_linear(x, projection.weight, lora, True, config)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            out = nf4_kernels.nf4_lora_linear(x, projection.weight, lora, True, config)
+        for _ in range(5):
+            graph.replay()
+            torch.cuda.synchronize()
+            assert torch.equal(out, first), config
+            assert int(lora.fused_counters.abs().sum()) == 0, (config, lora.fused_counters)
+
+
 @pytest.mark.parametrize("rows", [367, 16])
 def test_reference_lora_is_pefts_own_products_bit_for_bit(rows):
     # PEFT runs one float32 A and one B product per projection; a stacked A product for q/k/v
