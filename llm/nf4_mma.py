@@ -49,6 +49,17 @@ _SOURCE = r"""
 typedef unsigned int u32;
 typedef unsigned short u16;
 
+constexpr int SETS = (ROWS + 7) / 8;  // MMAs per A operand: x rows 0-7, 8-15
+// x's uint2 (4 values) per 256-input group and per MMA step: in operand order (16 rows), or one row
+// as it is
+#if ROWS == 1
+#define X_GROUP_STRIDE 64
+#define X_STEP_STRIDE 1
+#else
+#define X_GROUP_STRIDE 1024
+#define X_STEP_STRIDE 32
+#endif
+
 // PTX helpers. NF4_EMULATE (tests/fakes/cuda_emulation.hpp) swaps in plain C++ ones, so that the
 // kernel's own text runs on a CPU in the tests.
 #ifndef NF4_EMULATE
@@ -161,8 +172,8 @@ __device__ __forceinline__ void wait_until(const int* counter, int target) {
     if (threadIdx.x == 0) {
         long long spins = 0;
         while (load_acquire(counter) < target) {
-            __nanosleep(100);
-            if (++spins > (1LL << 23)) __trap();
+            __nanosleep(32);
+            if (++spins > (1LL << 25)) __trap();
         }
     }
     __syncthreads();
@@ -176,7 +187,7 @@ __device__ void lora_a_unit(const u16* x, int ldx, const float* lora_a, int M, i
                             int slices, uint2* xq, float* partial, float* t, int* counters) {
     const int lane = threadIdx.x & 31;
     const int k0 = 256 * slice + 8 * lane;
-    if (quad == 0) {
+    if (ROWS > 1 && quad == 0) {  // (one row: the weight blocks read x as it is)
         // x[m][k0 .. k0 + 7] are operand-order values j = 0..3 of steps 2 (lane % 8) and + 1 of
         // lane (m % 8, lane / 8) in set m / 8: [slice, set, step, g, t, j]
         for (int m = 0; m < M; ++m) {
@@ -223,6 +234,7 @@ __device__ void lora_a_unit(const u16* x, int ldx, const float* lora_a, int M, i
         for (int i = lane; i < 4 * M; i += 32) {
             const int m = i >> 2, column = 4 * quad + (i & 3);
             float sum = 0.f;
+#pragma unroll 8
             for (int s = 0; s < slices; ++s) sum += __ldcg(&partial[((size_t)s * M + m) * RT + column]);
             t[m * RT + column] = sum;
         }
@@ -244,9 +256,9 @@ struct LaneGroup {
 
 // One group of 256 inputs: each half's block tables, then 16 MMA steps (x values in operand order).
 __device__ __forceinline__ void group_mma(const uint4 (&w)[2 * TILES][2], const float (&scale)[2 * TILES],
-                                          const uint2* const (&x_lane)[ROWS / 8], int group,
-                                          float (&acc)[TILES][ROWS / 8][4]) {
-    constexpr int SETS = ROWS / 8, HALVES = 2 * TILES;
+                                          const uint2* const (&x_lane)[SETS], int group,
+                                          float (&acc)[TILES][SETS][4]) {
+    constexpr int HALVES = 2 * TILES;
     u32 L[HALVES][4], H[HALVES][4];
 #pragma unroll
     for (int q = 0; q < HALVES; ++q) block_tables(scale[q], L[q], H[q]);
@@ -266,7 +278,7 @@ __device__ __forceinline__ void group_mma(const uint4 (&w)[2 * TILES][2], const 
         for (int h = 0; h < 2; ++h) {
             uint2 b[SETS];
 #pragma unroll
-            for (int set = 0; set < SETS; ++set) b[set] = LOAD_X(x_lane[set] + group * (2 * 16 * 32) + (2 * i + h) * 32);
+            for (int set = 0; set < SETS; ++set) b[set] = LOAD_X(x_lane[set] + group * X_GROUP_STRIDE + (2 * i + h) * X_STEP_STRIDE);
 #pragma unroll
             for (int j = 0; j < TILES; ++j) {
                 u32 a0, a1, a2, a3;
@@ -289,7 +301,6 @@ nf4_mma_kernel(const uint4* __restrict__ words, const float* __restrict__ absmax
                int seg1, int seg2, int RT, int t_splits, int round_lora_first, const u16* __restrict__ x, int ldx,
                const float* __restrict__ lora_a, float* __restrict__ a_partial, int* __restrict__ counters,
                int la_blocks) {
-    constexpr int SETS = ROWS / 8;  // MMAs per A operand: x rows 0-7, 8-15
     constexpr int HALVES = 2 * TILES;  // 8-feature halves of the block; half q is features 8 q + g
     constexpr int FEATURES = 16 * TILES;
     // One padding float per row keeps the epilogue's reads free of bank conflicts: a warp reads
@@ -328,8 +339,12 @@ nf4_mma_kernel(const uint4* __restrict__ words, const float* __restrict__ absmax
     // lane's 4 values, in lane order. Lanes of rows past M (whose outputs are never stored) read
     // row 0's, so that a load of few rows touches few sectors.
     const uint2* x_lane[SETS];
+#if ROWS == 1
+    x_lane[0] = (const uint2*)x + 16 * t;  // one row: x as it is (lane (g, t) reads inputs 64 t + 4 step ..)
+#else
 #pragma unroll
     for (int set = 0; set < SETS; ++set) x_lane[set] = xq + (8 * set + g < M ? set * 16 * 32 + lane : t);
+#endif
 
     // The LoRA's inputs first, so that their loads overlap the weights': this block's rows of B
     // (contiguous) and t = x @ A.T for its part, the split-K partial sums added up.
@@ -370,7 +385,9 @@ nf4_mma_kernel(const uint4* __restrict__ words, const float* __restrict__ absmax
     // A group's x, from L2 into L1 before its loads: one line per lane, only the lines that hold
     // rows below M (rows 8 set + g, lane (g, t): half h of a step's 256 bytes holds rows 8 set + 4 h .. + 3).
     auto prefetch_x = [&](int grp) {
-#if PREFETCH_X
+#if PREFETCH_X && ROWS == 1
+        if (grp < groups && lane < 4) prefetch_l1(x + grp * 256 + 64 * lane);
+#elif PREFETCH_X
         if (grp < groups) {
             const int step = lane >> 1, half = lane & 1;
 #pragma unroll
@@ -382,7 +399,7 @@ nf4_mma_kernel(const uint4* __restrict__ words, const float* __restrict__ absmax
 #if AHEAD == 1
     // The next group's bytes in registers while this one computes.
     LaneGroup current = fetch(warp);
-#if FUSE_A
+#if FUSE_A && ROWS > 1
     wait_until(&counters[XQ_READY], groups);
 #endif
     for (int group = warp; group < groups; group += WARPS) {
@@ -394,7 +411,7 @@ nf4_mma_kernel(const uint4* __restrict__ words, const float* __restrict__ absmax
 #else
     // The next two groups' bytes in registers while this one computes (twice the bytes in flight).
     LaneGroup first = fetch(warp), second = fetch(warp + WARPS);
-#if FUSE_A
+#if FUSE_A && ROWS > 1
     wait_until(&counters[XQ_READY], groups);
 #endif
     for (int group = warp; group < groups; group += 2 * WARPS) {
@@ -457,8 +474,8 @@ def source(code: Sequence[float], warps: int, rows: int, rank: int, tiles: int =
     and whether the launch's first blocks compute the LoRA's A product themselves (`fuse_a`)."""
     if len(code) != 16:
         raise ValueError("an NF4 code table has 16 entries")
-    if (warps not in WARP_CHOICES or rows not in (8, 16) or rank <= 0 or tiles not in TILE_CHOICES
-            or ahead not in (1, 2) or k <= 0 or k % GROUP):
+    if (warps not in WARP_CHOICES or rows not in (1, 8, 16) or (rows == 1 and not fuse_a) or rank <= 0
+            or tiles not in TILE_CHOICES or ahead not in (1, 2) or k <= 0 or k % GROUP):
         raise ValueError(f"no nf4 MMA kernel for {warps} warps, {rows} rows, rank {rank}, {tiles} tiles, "
                          f"{ahead} groups ahead, K {k}")
     # exact: hexadecimal literals of the float32 values
@@ -569,6 +586,12 @@ def nf4_mma_linear(
 RANK_QUAD = 4  # ranks per LoRA A unit of the fused kernel (one warp: 256 inputs, every row)
 
 
+def fused_kernel_rows(m: int) -> int:
+    """The fused kernel's row tile for m rows: one row reads x as it is (no wait for x in operand
+    order, which held back every weight block's first group), more take 8 or 16."""
+    return 1 if m == 1 else 8 if m <= 8 else 16
+
+
 def fused_a_blocks(rt: int, k: int, warps: int) -> int:
     """Blocks of a `fuse_a` launch that compute the LoRA's A product: one unit per warp."""
     units = (rt // RANK_QUAD) * (k // GROUP)
@@ -599,8 +622,7 @@ def nf4_mma_fused_linear(
         raise ValueError(f"the fused kernel takes ranks in quads; these LoRA parts have {rt} in all")
     if x.stride(1) != 1 or x.stride(0) % 8 or x.data_ptr() % 16:
         x = x.contiguous().clone()  # 16-byte rows for the vector loads
-    rows = 8 if m <= 8 else 16
-    kernel = _kernel(weight.code, warps, rows, lora.rank, tiles, prefetch_x, ahead, k, True)
+    kernel = _kernel(weight.code, warps, fused_kernel_rows(m), lora.rank, tiles, prefetch_x, ahead, k, True)
     counters = lora.fused_counters
     if counters is None or counters.device != x.device or counters.numel() < 3 + rt // RANK_QUAD:
         counters = lora.fused_counters = torch.zeros(3 + rt // RANK_QUAD, dtype=torch.int32, device=x.device)

@@ -138,11 +138,11 @@ def test_the_kernel_text_computes_the_reference_function(tmp_path_factory, warps
 
 # (warps, tiles, x prefetch, groups ahead) of the fused configurations: more units than warps, fewer
 @pytest.mark.parametrize(("warps", "tiles", "prefetch", "ahead"), [(4, 1, False, 1), (8, 2, True, 2)])
-@pytest.mark.parametrize("rows", [1, 11])
+@pytest.mark.parametrize("rows", [1, 5, 11])
 def test_the_fused_kernel_computes_lora_a_itself_and_leaves_its_counters_at_zero(
         tmp_path_factory, warps, tiles, prefetch, ahead, rows):
     k = 256 * 5
-    library = _build(tmp_path_factory, warps, 8 if rows <= 8 else 16, tiles, prefetch, ahead, k, fuse_a=True)
+    library = _build(tmp_path_factory, warps, nf4_mma.fused_kernel_rows(rows), tiles, prefetch, ahead, k, fuse_a=True)
     projection = _projection(n=64, k=k, seed=rows)
     x = torch.randn((rows, k), generator=torch.Generator().manual_seed(200 + rows)).to(torch.bfloat16)
     reference = projection.reference(x)
