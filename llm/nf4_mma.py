@@ -194,45 +194,76 @@ __device__ __forceinline__ void wait_until(const int* counter, int target) {
 // Units of quad 0 first write their slice of x in operand order.
 __device__ void lora_a_unit(const u16* x, int ldx, const float* lora_a, int M, int RT, int quad, int slice,
                             int slices, uint2* xq, float* partial, float* t, int* counters) {
+    // Rows are read a chunk at a time with their loads in flight together: one L2 round trip per
+    // chunk, not per row (16 dependent round trips made the weight blocks wait for x and for t).
+    // Few registers: the weight blocks' occupancy is set by the larger of the two roles.
+    constexpr int XQ_CHUNK = ROWS < 8 ? ROWS : 8, CHUNK = ROWS < 4 ? ROWS : 4;
     const int lane = threadIdx.x & 31;
     const int k0 = 256 * slice + 8 * lane;
+    auto load_row = [&](int m) {
+        return m < M ? *(const uint4*)(x + (size_t)m * ldx + k0) : make_uint4(0u, 0u, 0u, 0u);
+    };
     if (ROWS > 1 && quad == 0) {  // (one row: the weight blocks read x as it is)
         // x[m][k0 .. k0 + 7] are operand-order values j = 0..3 of steps 2 (lane % 8) and + 1 of
         // lane (m % 8, lane / 8) in set m / 8: [slice, set, step, g, t, j]
-        for (int m = 0; m < M; ++m) {
-            const uint4 v = *(const uint4*)(x + (size_t)m * ldx + k0);
-            uint2* out = xq + slice * 1024 + (m >> 3) * 512 + (2 * (lane & 7)) * 32 + (m & 7) * 4 + (lane >> 3);
-            out[0] = make_uint2(v.x, v.y);
-            out[32] = make_uint2(v.z, v.w);
+        for (int m0 = 0; m0 < M; m0 += XQ_CHUNK) {
+            uint4 v[XQ_CHUNK];
+#pragma unroll
+            for (int c = 0; c < XQ_CHUNK; ++c) v[c] = load_row(m0 + c);
+#pragma unroll
+            for (int c = 0; c < XQ_CHUNK; ++c) {
+                const int m = m0 + c;
+                uint2* out = xq + slice * 1024 + (m >> 3) * 512 + (2 * (lane & 7)) * 32 + (m & 7) * 4 + (lane >> 3);
+                if (m < M) out[0] = make_uint2(v[c].x, v[c].y), out[32] = make_uint2(v[c].z, v[c].w);
+            }
         }
         __threadfence();
         __syncwarp();
         if (lane == 0) atomicAdd(&counters[XQ_READY], 1);
     }
-    float a[4][8];
+    for (int m0 = 0; m0 < M; m0 += CHUNK) {
+        uint4 v[CHUNK];
 #pragma unroll
-    for (int r = 0; r < 4; ++r) {
-        const float4* row = (const float4*)(lora_a + (size_t)(4 * quad + r) * KDIM + k0);
-        const float4 lo = __ldg(row), hi = __ldg(row + 1);
-        a[r][0] = lo.x, a[r][1] = lo.y, a[r][2] = lo.z, a[r][3] = lo.w;
-        a[r][4] = hi.x, a[r][5] = hi.y, a[r][6] = hi.z, a[r][7] = hi.w;
-    }
-    for (int m = 0; m < M; ++m) {
-        const uint4 v = *(const uint4*)(x + (size_t)m * ldx + k0);
-        const u32 words[4] = {v.x, v.y, v.z, v.w};
-        float s[4] = {0.f, 0.f, 0.f, 0.f};
+        for (int c = 0; c < CHUNK; ++c) v[c] = load_row(m0 + c);
+        float s[4 * CHUNK];  // the lane's share of (row m0 + c, rank 4 quad + r) at 4 c + r
 #pragma unroll
-        for (int j = 0; j < 8; ++j) {
-            const float xv = __uint_as_float(j & 1 ? words[j >> 1] & 0xFFFF0000u : words[j >> 1] << 16);
+        for (int r = 0; r < 4; ++r) {
+            const float4* row = (const float4*)(lora_a + (size_t)(4 * quad + r) * KDIM + k0);
+            const float4 lo = __ldg(row), hi = __ldg(row + 1);
+            const float a[8] = {lo.x, lo.y, lo.z, lo.w, hi.x, hi.y, hi.z, hi.w};
 #pragma unroll
-            for (int r = 0; r < 4; ++r) s[r] = fmaf(xv, a[r][j], s[r]);
+            for (int c = 0; c < CHUNK; ++c) {
+                const u32 words[4] = {v[c].x, v[c].y, v[c].z, v[c].w};
+                float sum = 0.f;
+#pragma unroll
+                for (int j = 0; j < 8; ++j)
+                    sum = fmaf(__uint_as_float(j & 1 ? words[j >> 1] & 0xFFFF0000u : words[j >> 1] << 16), a[j], sum);
+                s[4 * c + r] = sum;
+            }
         }
+        // 4 CHUNK sums over the warp. Halving the values each lane holds at every step (the lanes
+        // with bit `offset` keep the upper half) leaves value l >> (5 - log2(4 CHUNK)) in lane l;
+        // plain butterflies finish the steps left.
+        int count = 4 * CHUNK;
 #pragma unroll
-        for (int offset = 16; offset > 0; offset >>= 1)
+        for (int offset = 16; offset > 0; offset >>= 1) {
+            if (count > 1) {
+                const bool upper = lane & offset;
+                count >>= 1;
 #pragma unroll
-            for (int r = 0; r < 4; ++r) s[r] += __shfl_xor_sync(0xFFFFFFFFu, s[r], offset);
-        if (lane < 4)
-            partial[((size_t)slice * M + m) * RT + 4 * quad + lane] = lane == 0 ? s[0] : lane == 1 ? s[1] : lane == 2 ? s[2] : s[3];
+                for (int i = 0; i < 2 * CHUNK; ++i) {
+                    if (i < count) {
+                        const float keep = upper ? s[i + count] : s[i], send = upper ? s[i] : s[i + count];
+                        s[i] = keep + __shfl_xor_sync(0xFFFFFFFFu, send, offset);
+                    }
+                }
+            } else {
+                s[0] += __shfl_xor_sync(0xFFFFFFFFu, s[0], offset);
+            }
+        }
+        constexpr int SPREAD = 32 / (4 * CHUNK);  // lanes holding each sum
+        const int index = lane / SPREAD, m = m0 + (index >> 2);
+        if (lane % SPREAD == 0 && m < M) partial[((size_t)slice * M + m) * RT + 4 * quad + (index & 3)] = s[0];
     }
     __threadfence();
     __syncwarp();
