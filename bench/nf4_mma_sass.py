@@ -8,7 +8,8 @@ The kernel is bound by the ALU pipe (Nsight, run 17: 66 % at one row), which PRM
 LEA and the integer adds share at half the FP32 rate: this is the count to bring down.
 
     python3 bench/nf4_mma_sass.py --cuobjdump /tmp/cuobj/nvidia/cu13/bin/cuobjdump 4 8 2 1 1
-    (warps, rows, tiles, prefetch_x, groups ahead: a configuration name like mma_32x256w4s1p)
+    (warps, rows, tiles, prefetch_x, groups ahead: a configuration name like mma_32x256w4s1p;
+    --fuse-a for the "f" ones, rows 1 for their one-row kernel)
 """
 
 from __future__ import annotations
@@ -54,13 +55,15 @@ def main() -> None:
     parser.add_argument("tiles", type=int)
     parser.add_argument("prefetch_x", type=int)
     parser.add_argument("ahead", type=int)
+    parser.add_argument("--fuse-a", action="store_true", help="the fused-LoRA-A kernel ('f' configurations)")
     parser.add_argument("--cuobjdump", default="cuobjdump")
     parser.add_argument("--nvcc", default="nvcc")
     args = parser.parse_args()
     from bitsandbytes.functional import get_4bit_type
 
     code = get_4bit_type("nf4", device="cpu").tolist()
-    text = nf4_mma.source(code, args.warps, args.rows, 32, args.tiles, bool(args.prefetch_x), args.ahead)
+    text = nf4_mma.source(code, args.warps, args.rows, 32, args.tiles, bool(args.prefetch_x), args.ahead,
+                          fuse_a=args.fuse_a)
     with tempfile.TemporaryDirectory() as folder:
         cu, cubin = Path(folder) / "k.cu", Path(folder) / "k.cubin"
         cu.write_text(text)
@@ -73,7 +76,7 @@ def main() -> None:
         except subprocess.CalledProcessError as failed:
             raise SystemExit(f"{failed.cmd[0]} failed (exit {failed.returncode}): {(failed.stderr or '').strip()[:500]}") from None
     counts, mmas, scope = loop_opcodes(sass)
-    tiles = mmas // (args.rows // 8)  # 16 x 16 weight tiles decoded in the loop (one MMA per 8 rows each)
+    tiles = mmas // max(1, args.rows // 8)  # 16 x 16 weight tiles decoded in the loop (one MMA per 8 rows each)
     print(json.dumps({
         "config": {k: v for k, v in vars(args).items() if k not in ("cuobjdump", "nvcc")},
         "counted": scope,

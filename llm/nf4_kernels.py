@@ -24,7 +24,8 @@ only through Triton's interpreter, which tests/test_nf4_triton_interpreted.py us
 - The "mma" configurations run `llm.nf4_mma`'s CUDA C++ kernel (the same tables and permutes, the
   decoded weights fed straight into tensor-core `mma.sync`): one kernel for 1..16 rows whose cost
   hardly grows with the rows. One LoRA `A` kernel before it (`mma_inputs`) writes x in its operand
-  order and t = x @ A.T whole (its last program per rank block adds the groups up). Run 12 served
+  order and t = x @ A.T whole (its last program per rank block adds the groups up); the "f"
+  configurations do both in the same launch (`nf4_mma.nf4_mma_fused_linear`, run 18). Run 12 served
   it for every projection and batch size but one (`o` at one row: the LUT GEMV). Where it runs,
   2-16 rows time it alone; the Triton kernels above are the fallback where it cannot (no NVRTC,
   a GPU older than sm_80, or a failed check) and the default for an untuned weight.
