@@ -179,7 +179,7 @@ __device__ __forceinline__ int load_acquire(const int* p) {
 
 // Waits (the whole block) until *counter >= target. Only the lowest-numbered blocks of the launch
 // ever raise a counter, and the GPU starts blocks in order, so they are running or done. A wait
-// that cannot end (counters left behind by a failed launch) traps after about a second: an error
+// that cannot end (counters left behind by a failed launch) traps after some seconds: an error
 // for the operator instead of a hung GPU.
 __device__ __forceinline__ void wait_until(const int* counter, int target) {
     if (threadIdx.x == 0) {
