@@ -138,7 +138,7 @@ class LoraParts:
     # The tensor-core path's LoRA `A` kernel: how many programs of each rank block have finished
     # (back to 0 after every call). Per projection, so that no two kernels ever share counters.
     arrivals: torch.Tensor | None = field(default=None, repr=False, compare=False)
-    # The fused tensor-core kernel's progress counters (llm.nf4_mma.nf4_mma_fused_linear), likewise.
+    # The fused tensor-core kernel's progress counters (llm.nf4_mma.nf4_mma_linear), likewise.
     fused_counters: torch.Tensor | None = field(default=None, repr=False, compare=False)
 
     @classmethod

@@ -25,7 +25,7 @@ only through Triton's interpreter, which tests/test_nf4_triton_interpreted.py us
   decoded weights fed straight into tensor-core `mma.sync`): one kernel for 1..16 rows whose cost
   hardly grows with the rows. One LoRA `A` kernel before it (`mma_inputs`) writes x in its operand
   order and t = x @ A.T whole (its last program per rank block adds the groups up); the "f"
-  configurations do both in the same launch (`nf4_mma.nf4_mma_fused_linear`, run 18). Run 12 served
+  configurations do both in the same launch (`nf4_mma.nf4_mma_linear` without `inputs`, run 18). Run 12 served
   it for every projection and batch size but one (`o` at one row: the LUT GEMV). Where it runs,
   2-16 rows time it alone; the Triton kernels above are the fallback where it cannot (no NVRTC,
   a GPU older than sm_80, or a failed check) and the default for an untuned weight.
@@ -83,7 +83,7 @@ class NF4Config:
     kind: str = "gather"
     xperm: bool = False  # lut GEMV: x read value-major (written by the LoRA A kernel)
     prefetch_x: bool = False  # mma: each warp prefetches its next group's x into L1
-    fuse_a: bool = False  # mma: the LoRA A product in the same launch (`nf4_mma.nf4_mma_fused_linear`)
+    fuse_a: bool = False  # mma: the LoRA A product in the same launch (`nf4_mma.nf4_mma_linear`)
 
     @property
     def dot(self) -> bool:
@@ -881,14 +881,10 @@ def nf4_lora_linear(
     rt = lora.a.shape[0]
     block_m = _block_m(m)
     seg1, seg2 = lora.part_starts(n)
-    if config.kind == "mma" and config.fuse_a:
-        return nf4_mma.nf4_mma_fused_linear(x, weight, lora, seg1, seg2, round_lora_first, config.num_warps,
-                                            config.block_n // nf4_mma.TILE_N, config.prefetch_x, config.num_stages)
     if config.kind == "mma":
-        xq, t = mma_inputs(x, n, lora)
-        return nf4_mma.nf4_mma_linear(xq, m, weight, lora, t, seg1, seg2, round_lora_first, config.num_warps,
-                                      config.block_n // nf4_mma.TILE_N, config.prefetch_x,
-                                      config.num_stages)
+        return nf4_mma.nf4_mma_linear(x, weight, lora, seg1, seg2, round_lora_first, config.num_warps,
+                                      config.block_n // nf4_mma.TILE_N, config.prefetch_x, config.num_stages,
+                                      inputs=None if config.fuse_a else mma_inputs(x, n, lora))
     xperm = torch.empty((k,), dtype=torch.float32, device=x.device) if config.xperm else None
     t, splits = lora_a_product(x, lora, block_m, config.dot, xperm)
     y = torch.empty((m, n), dtype=torch.bfloat16, device=x.device)

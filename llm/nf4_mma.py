@@ -23,10 +23,11 @@ in registers ahead of the one computed (bytes in flight are what one row waits o
 warp prefetches its next group's x into L1 (what batches of 9-16 rows wait on).
 The LoRA `A` kernel before it (`llm.nf4_kernels.mma_inputs`) leaves t as a few split-K partial
 sums (1-4 rows) or whole (5-16 rows); the prologue adds the splits up. With FUSE_A
-(`nf4_mma_fused_linear`) there is no kernel before it: the launch's first blocks compute t (and x
-in operand order, for more than one row) while the others start on their weights; those wait on
-per-projection counters for x before their loop and for t before their epilogue. One launch
-instead of two: the decode step went from 3.51 to 3.37 ms at one row, 5.01 to 4.75 ms at 16 (runs 17, 19).
+(`nf4_mma_linear` without `inputs`) there is no kernel before it: the launch's first blocks
+compute t (and x in operand order, for more than one row) while the others start on their weights;
+those wait on per-projection counters for x before their loop and for t before their epilogue. One
+launch instead of two: the decode step went from 3.51 to 3.37 ms at one row, 5.01 to 4.75 ms at 16
+(runs 17, 19).
 tests/test_nf4_mma_emulated.py runs this CUDA text on the CPU; tests/gpu runs it on a GPU.
 """
 
@@ -598,35 +599,6 @@ def operand_order(x: torch.Tensor) -> torch.Tensor:
     return padded.reshape(2, 8, k // GROUP, 4, 16, 4).permute(2, 0, 4, 1, 3, 5).reshape(-1)
 
 
-def nf4_mma_linear(
-    xq: torch.Tensor,
-    m: int,
-    weight: NF4Matrix,
-    lora: LoraParts,
-    t: torch.Tensor,
-    seg1: int,
-    seg2: int,
-    round_lora_first: bool,
-    warps: int,
-    tiles: int = 1,
-    prefetch_x: bool = False,
-    ahead: int = 1,
-) -> torch.Tensor:
-    """y = x @ dequant(W).T + scaling * B(t) with PEFT's roundings, for the m rows of x that `xq`
-    holds in operand order (16 * K values, `llm.nf4_kernels._fragment_offsets`); `t` holds the
-    split-K partial sums of x @ A.T ([splits, rows, sum of ranks], float32); rows from seg1 and from
-    seg2 on belong to the LoRA's second and third parts."""
-    n, k = weight.shape
-    rows = 8 if m <= 8 else 16
-    kernel = _kernel(weight.code, warps, rows, lora.rank, tiles, prefetch_x, ahead, k, False)
-    y = torch.empty((m, n), dtype=torch.bfloat16, device=xq.device)
-    kernel(grid=(n // (TILE_N * tiles), 1, 1), block=(warps * 32, 1, 1),
-           args=[weight.packed, weight.absmax, xq, t, lora.b, y, m, k, y.stride(0), float(lora.scaling),
-                 seg1, seg2, lora.a.shape[0], t.shape[0], int(round_lora_first),
-                 xq, 0, lora.a, t, t, 0])  # the fused LoRA A's arguments, unused here
-    return y
-
-
 RANK_QUAD = 4  # ranks per LoRA A unit of the fused kernel (one warp: 256 inputs, every row)
 
 
@@ -642,7 +614,7 @@ def fused_a_blocks(rt: int, k: int, warps: int) -> int:
     return -(-units // warps)
 
 
-def nf4_mma_fused_linear(
+def nf4_mma_linear(
     x: torch.Tensor,
     weight: NF4Matrix,
     lora: LoraParts,
@@ -653,29 +625,40 @@ def nf4_mma_fused_linear(
     tiles: int = 1,
     prefetch_x: bool = False,
     ahead: int = 1,
+    inputs: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> torch.Tensor:
-    """The same y for x ([m <= 16, K], bf16, rows contiguous) in one launch: its first blocks write
-    x in operand order and t = float32(x) @ A.T (whole, summed in a fixed order), while the others
-    start on their weights and wait for x, then for t before their epilogue. One launch instead of
-    two: the LoRA A kernel and the gap after it were 10 % of a one-row decode step and 19 % of a
-    16-row one (run 17)."""
+    """y = x @ dequant(W).T + scaling * B(A(x)) with PEFT's roundings for x ([m <= 16, K], bf16);
+    rows from seg1 and from seg2 on belong to the LoRA's second and third parts.
+    `inputs`: what the LoRA A kernel before it wrote (`llm.nf4_kernels.mma_inputs`): x in operand
+    order (16 * K values) and t = x @ A.T as split-K partial sums ([splits, rows, sum of ranks],
+    float32). Without them, one launch does it all (FUSE_A): its first blocks write x in operand
+    order and t (whole, summed in a fixed order), while the others start on their weights and wait
+    for x, then for t before their epilogue. The LoRA A kernel and the gap after it were 10 % of a
+    one-row decode step and 19 % of a 16-row one (run 17)."""
     m, k = x.shape
     n = weight.shape[0]
     rt = lora.a.shape[0]
-    if rt % RANK_QUAD:
-        raise ValueError(f"the fused kernel takes ranks in quads; these LoRA parts have {rt} in all")
-    if x.stride(1) != 1 or x.stride(0) % 8 or x.data_ptr() % 16:
-        x = x.contiguous().clone()  # 16-byte rows for the vector loads
-    kernel = _kernel(weight.code, warps, fused_kernel_rows(m), lora.rank, tiles, prefetch_x, ahead, k, True)
-    counters = lora.fused_counters
-    if counters is None or counters.device != x.device or counters.numel() < 3 + rt // RANK_QUAD:
-        counters = lora.fused_counters = torch.zeros(3 + rt // RANK_QUAD, dtype=torch.int32, device=x.device)
-    xq = torch.empty((16 * k,), dtype=torch.bfloat16, device=x.device)
-    t = torch.empty((m, rt), dtype=torch.float32, device=x.device)
-    partial = torch.empty((k // GROUP, m, rt), dtype=torch.float32, device=x.device)
     y = torch.empty((m, n), dtype=torch.bfloat16, device=x.device)
-    la_blocks = fused_a_blocks(rt, k, warps)
+    if inputs is not None:
+        xq, t = inputs
+        kernel = _kernel(weight.code, warps, 8 if m <= 8 else 16, lora.rank, tiles, prefetch_x, ahead, k, False)
+        la_blocks = 0
+        splits, fused_args = t.shape[0], [xq, 0, lora.a, t, t]  # the fused LoRA A's arguments, unused
+    else:
+        if rt % RANK_QUAD:
+            raise ValueError(f"the fused kernel takes ranks in quads; these LoRA parts have {rt} in all")
+        if x.stride(1) != 1 or x.stride(0) % 8 or x.data_ptr() % 16:
+            x = x.clone(memory_format=torch.contiguous_format)  # 16-byte rows for the vector loads
+        kernel = _kernel(weight.code, warps, fused_kernel_rows(m), lora.rank, tiles, prefetch_x, ahead, k, True)
+        counters = lora.fused_counters
+        if counters is None or counters.device != x.device or counters.numel() < 3 + rt // RANK_QUAD:
+            counters = lora.fused_counters = torch.zeros(3 + rt // RANK_QUAD, dtype=torch.int32, device=x.device)
+        xq = torch.empty((16 * k,), dtype=torch.bfloat16, device=x.device)
+        t = torch.empty((m, rt), dtype=torch.float32, device=x.device)
+        partial = torch.empty((k // GROUP, m, rt), dtype=torch.float32, device=x.device)
+        la_blocks = fused_a_blocks(rt, k, warps)
+        splits, fused_args = 1, [x, x.stride(0), lora.a, partial, counters]
     kernel(grid=(la_blocks + n // (TILE_N * tiles), 1, 1), block=(warps * 32, 1, 1),
            args=[weight.packed, weight.absmax, xq, t, lora.b, y, m, k, y.stride(0), float(lora.scaling),
-                 seg1, seg2, rt, 1, int(round_lora_first), x, x.stride(0), lora.a, partial, counters, la_blocks])
+                 seg1, seg2, rt, splits, int(round_lora_first), *fused_args, la_blocks])
     return y

@@ -128,3 +128,12 @@ def test_part_starts_tell_the_kernels_where_each_lora_part_begins():
     assert lora(14336, 14336).part_starts(28672) == (14336, 28672)  # gate/up
     assert lora(4096).part_starts(4096) == (4096, 4096)  # one part: every row is in it
     assert lora(4096, 1024, 1024).boundaries == [4096, 5120]
+
+
+def test_the_one_row_kernel_exists_only_with_the_lora_a_product_fused():
+    # One row reads x as it is, which only the fused launch passes; the separate LoRA A kernel
+    # writes x in operand order for the 8-row kernel instead.
+    assert "#define FUSE_A 1" in nf4_mma.source(NF4_CODE, 8, 1, 32, fuse_a=True)
+    with pytest.raises(ValueError):
+        nf4_mma.source(NF4_CODE, 8, 1, 32)
+    assert nf4_mma.fused_kernel_rows(1) == 1 and nf4_mma.fused_kernel_rows(5) == 8
