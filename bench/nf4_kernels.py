@@ -5,6 +5,7 @@ of the fused kernel (every config), of dequantize + cuBLAS, and of `fast`'s bf16
 bytes each reads and the achieved TB/s. Prints JSON lines.
 
     python bench/nf4_kernels.py [ROWS, e.g. 1,4,16]
+    python bench/nf4_kernels.py --prompts 367,1500   (the prompt path: TF32x3 against PEFT's LoRA products)
     python bench/nf4_kernels.py --profile PROJECTION ROWS CONFIG   (a target for Nsight Compute)
 """
 
@@ -87,6 +88,31 @@ def measure(name: str, parts: list[int], cols: int, rows_counts: Sequence[int]) 
         print(json.dumps(result), flush=True)
 
 
+def measure_prompts(name: str, parts: list[int], cols: int, rows_counts: Sequence[int]) -> None:
+    """A prompt's rows through the prompt path, with the tensor cores' TF32x3 LoRA products and with
+    PEFT's own cuBLAS float32 ones (what `nf4` serves since run 20): time per call, the scratch
+    memory each needs, and how many outputs differ from the reference path (the seed's function)."""
+    group = [projection(parts, cols, seed) for seed in range(LAYERS)]
+    for rows in rows_counts:
+        x = torch.randn(rows, cols, dtype=torch.bfloat16, device="cuda")
+        reference = group[0].reference(x)
+        result: dict = {"projection": name, "prompt_rows": rows}
+        for label, exact in (("tf32x3", False), ("pefts", True)):
+            for p in group:
+                p.exact_prompts = exact
+            torch.cuda.synchronize()
+            before = torch.cuda.memory_allocated()
+            torch.cuda.reset_peak_memory_stats()
+            out = group[0].prompt(x)
+            torch.cuda.synchronize()
+            result[f"{label}_scratch_mb"] = round((torch.cuda.max_memory_allocated() - before) / 1e6, 1)
+            result[f"{label}_differing_outputs"] = int((out.view(torch.int16) != reference.view(torch.int16)).sum())
+            del out
+            result[f"{label}_us"] = round(timed(lambda x=x: [p.prompt(x) for p in group]) / LAYERS, 1)
+        result["pefts_over_tf32x3"] = round(result["pefts_us"] / result["tf32x3_us"], 3)
+        print(json.dumps(result), flush=True)
+
+
 def profile_target(name: str, rows: int, label: str) -> None:
     """A few eager calls of one kernel configuration on one projection, for Nsight Compute:
     `ncu --kernel-name regex:nf4 --launch-skip 4 --launch-count 1 python bench/nf4_kernels.py
@@ -106,6 +132,8 @@ def profile_target(name: str, rows: int, label: str) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("rows", nargs="?", default="1,4,16", help="row counts to time, e.g. 1,4,16")
+    parser.add_argument("--prompts", action="store_true",
+                        help="time the prompt path's two LoRA product kinds instead (rows: prompt lengths)")
     parser.add_argument("--profile", nargs=3, metavar=("PROJECTION", "ROWS", "CONFIG"),
                         help=f"only run one configuration (an Nsight Compute target); projections: {', '.join(SHAPES)}")
     args = parser.parse_args()
@@ -122,7 +150,7 @@ def main() -> None:
     except ValueError:
         parser.error(f"rows must be comma-separated numbers, got {args.rows!r}")
     for name, (parts, cols) in SHAPES.items():
-        measure(name, parts, cols, rows_counts)
+        (measure_prompts if args.prompts else measure)(name, parts, cols, rows_counts)
         torch.cuda.empty_cache()
 
 

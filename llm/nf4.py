@@ -223,6 +223,9 @@ class NF4Projection:
         # Prompts dequantize the weight in row chunks: a bounded scratch instead of a bf16 copy.
         self.dequant_rows = dequant_rows
         self.use_kernels = False
+        # Prompts (more rows than a decode batch) with PEFT's own LoRA products: the seed's function
+        # bit for bit, at a TTFT cost (bench_engines.py's prefill_ms, run 20).
+        self.exact_prompts = True
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         flat = x.reshape(-1, x.shape[-1])
@@ -232,7 +235,7 @@ class NF4Projection:
             from llm import nf4_kernels
 
             out = nf4_kernels.nf4_lora_linear(flat, self.weight, self.lora, self.round_lora_first)
-        elif self._plan_prefers_pieces(flat.shape[0]):
+        elif not self.exact_prompts and self._plan_prefers_pieces(flat.shape[0]):
             out = self.pieces(flat)
         else:
             out = self.prompt(flat)
@@ -275,7 +278,8 @@ class NF4Projection:
 
         if not nf4_kernels.prompt_path_fits(self.weight.shape[0], self.dequant_rows, self.lora.boundaries):
             return self.reference(x)
-        return nf4_kernels.nf4_prompt_linear(x, self.weight, self.lora, self.round_lora_first, self.dequant_rows)
+        return nf4_kernels.nf4_prompt_linear(x, self.weight, self.lora, self.round_lora_first, self.dequant_rows,
+                                             pefts_products=self.exact_prompts)
 
     def reference(self, x: torch.Tensor) -> torch.Tensor:
         base = self.base(x)

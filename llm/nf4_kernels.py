@@ -388,6 +388,22 @@ if _HAVE_TRITON:
                  _finish(base, u, ROUND_LORA_FIRST), mask=mask)
 
     @triton.jit
+    def _lora_u_out_kernel(
+        base_ptr, u_ptr, out_ptr, M, N, stride_base, stride_u, stride_out, scaling,
+        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, ROUND_LORA_FIRST: tl.constexpr,
+    ):
+        # out = base + u * scaling with PEFT's roundings, where u is PEFT's own float32 B product
+        # (cuBLAS, the seed's bits). Launched without floating-point contraction: PEFT rounds the
+        # product before the sum.
+        offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+        offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+        mask = (offs_m < M)[:, None] & (offs_n < N)[None, :]
+        rows = offs_m[:, None].to(tl.int64)
+        u = tl.load(u_ptr + rows * stride_u + offs_n[None, :], mask=mask, other=0.0)
+        base = tl.load(base_ptr + rows * stride_base + offs_n[None, :], mask=mask, other=0.0)
+        tl.store(out_ptr + rows * stride_out + offs_n[None, :], _finish(base, u * scaling, ROUND_LORA_FIRST), mask=mask)
+
+    @triton.jit
     def _lora_a_split_kernel(
         x_ptr, a_ptr, t_ptr, M, K, stride_x, RT, K_PER_SPLIT,
         BLOCK_M: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr,
@@ -844,23 +860,49 @@ def lora_a_prompt(x: torch.Tensor, lora: LoraParts) -> torch.Tensor:
 
 
 def nf4_prompt_linear(
-    x: torch.Tensor, weight: NF4Matrix, lora: LoraParts, round_lora_first: bool, dequant_rows: int
+    x: torch.Tensor, weight: NF4Matrix, lora: LoraParts, round_lora_first: bool, dequant_rows: int,
+    pefts_products: bool = False,
 ) -> torch.Tensor:
     """y = x @ dequant(W).T + scaling * B(A(x)) with PEFT's roundings, for a prompt's many rows: each
     chunk of `dequant_rows` weight rows dequantized for cuBLAS (bounded scratch), its product and
-    the LoRA's B product summed into the output by one kernel; the A product is one kernel before."""
+    the LoRA's B product summed into the output by one kernel; the A product is one kernel before.
+    `pefts_products`: the LoRA's A and B products are PEFT's own cuBLAS float32 calls, one pair per
+    original projection (`LoraParts.delta`), so that the output is the seed's bit for bit; one kernel
+    then scales, rounds and adds them to each chunk's base product. Otherwise both run on the tensor
+    cores as three TF32 products (float32's accuracy, not cuBLAS's bits)."""
     m, k = x.shape
     n = weight.shape[0]
-    t = lora_a_prompt(x, lora)
     out = torch.empty((m, n), dtype=x.dtype, device=x.device)
     seg1, seg2 = lora.part_starts(n)
+    if pefts_products:
+        xf = x.to(lora.a.dtype)
+        t_parts = [F.linear(xf, lora.a[col : col + lora.rank]) for _, _, col in lora.segments]
+        del xf
+    else:
+        t = lora_a_prompt(x, lora)
     for col0 in range(0, n, dequant_rows):
         rows = min(dequant_rows, n - col0)
         base = F.linear(x, weight.dequantize(x.dtype, slice(col0, col0 + rows)))
-        _lora_b_out_kernel[(triton.cdiv(m, PROMPT_TILE), triton.cdiv(rows, PROMPT_TILE))](
-            base, t, lora.b, out, m, rows, col0, base.stride(0), out.stride(0), t.shape[1], lora.scaling, seg1, seg2,
-            RANK=lora.rank, BLOCK_M=PROMPT_TILE, BLOCK_N=PROMPT_TILE, ROUND_LORA_FIRST=round_lora_first, num_warps=4,
-        )
+        if not pefts_products:
+            _lora_b_out_kernel[(triton.cdiv(m, PROMPT_TILE), triton.cdiv(rows, PROMPT_TILE))](
+                base, t, lora.b, out, m, rows, col0, base.stride(0), out.stride(0), t.shape[1], lora.scaling, seg1,
+                seg2, RANK=lora.rank, BLOCK_M=PROMPT_TILE, BLOCK_N=PROMPT_TILE, ROUND_LORA_FIRST=round_lora_first,
+                num_warps=4,
+            )
+            continue
+        for (start, end, _), t_part in zip(lora.segments, t_parts, strict=True):
+            lo, hi = max(start, col0), min(end, col0 + rows)
+            if lo >= hi:
+                continue
+            # The B product for these columns only: bounded scratch. With K = rank, cuBLAS sums each
+            # output in the same order whatever the column count (tests/gpu: the same bits as PEFT's
+            # call over the whole part).
+            u = F.linear(t_part, lora.b[lo:hi])
+            _lora_u_out_kernel[(triton.cdiv(m, PROMPT_TILE), triton.cdiv(hi - lo, PROMPT_TILE))](
+                base[:, lo - col0 :], u, out[:, lo:], m, hi - lo, base.stride(0), u.stride(0), out.stride(0),
+                lora.scaling, BLOCK_M=PROMPT_TILE, BLOCK_N=PROMPT_TILE, ROUND_LORA_FIRST=round_lora_first,
+                num_warps=4, enable_fp_fusion=False,
+            )
     return out
 
 

@@ -77,19 +77,41 @@ def test_fused_kernel_equals_the_reference_path(rows, name):
 @pytest.mark.parametrize("name", ["qkv", "gate_up", "down"])
 @pytest.mark.parametrize("round_first", [True, False])
 def test_the_prompt_path_equals_the_reference_path(rows, name, round_first):
-    # Prompts: chunked dequantize + cuBLAS, the LoRA B product and PEFT's roundings in one kernel
-    # writing the output (gate/up: 7 chunks of 4,096 weight rows, two LoRA parts).
+    # Prompts with the tensor cores' LoRA products: chunked dequantize + cuBLAS, the LoRA B product
+    # and PEFT's roundings in one kernel writing the output (gate/up: 7 chunks of 4,096 weight rows,
+    # two LoRA parts).
     shapes = {"qkv": ([(4096, 0), (1024, 0), (1024, 0)], 4096), "gate_up": ([(14336, 0), (14336, 0)], 4096),
               "down": ([(4096, 0)], 14336)}
     parts, cols = shapes[name]
     projection = _projection(parts, cols, round_first=round_first)
     projection.use_kernels = True
+    projection.exact_prompts = False
     x = torch.randn(rows, cols, dtype=torch.bfloat16, device="cuda:0")
     reference = projection.reference(x)
     out = projection(x)
     diff = (out.float() - reference.float()).abs()
     assert diff.max().item() <= 2 * reference.float().abs().max().item() * 2**-8, diff.max()
     assert (diff > 0).float().mean().item() < 0.01
+
+
+@pytest.mark.parametrize("rows", [17, 367, 384, 1500])
+@pytest.mark.parametrize("name", ["qkv", "gate_up", "down"])
+@pytest.mark.parametrize("round_first", [True, False])
+def test_prompts_with_pefts_products_are_the_reference_path_bit_for_bit(rows, name, round_first):
+    # As served: PEFT's own float32 LoRA products (the B product 4,096 columns at a time) and one
+    # kernel for the scaling and roundings; the reference path is the seed's prompt function.
+    shapes = {"qkv": ([(4096, 0), (1024, 0), (1024, 0)], 4096), "gate_up": ([(14336, 0), (14336, 0)], 4096),
+              "down": ([(4096, 0)], 14336)}
+    parts, cols = shapes[name]
+    projection = _projection(parts, cols, round_first=round_first)
+    projection.use_kernels = True
+    assert projection.exact_prompts
+    x = torch.randn(rows, cols, dtype=torch.bfloat16, device="cuda:0")
+    out, reference = projection(x), projection.reference(x)
+    differing = (out.view(torch.int16) != reference.view(torch.int16)).sum().item()
+    print("NF4_EXACT_PROMPT " + json.dumps({"name": name, "rows": rows, "round_first": round_first,
+                                            "differing": differing}))
+    assert differing == 0
 
 
 @pytest.mark.parametrize("rows", [20, 32, 64])
