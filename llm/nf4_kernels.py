@@ -404,6 +404,29 @@ if _HAVE_TRITON:
         tl.store(out_ptr + rows * stride_out + offs_n[None, :], _finish(base, u * scaling, ROUND_LORA_FIRST), mask=mask)
 
     @triton.jit
+    def _lora_chain_out_kernel(
+        base_ptr, t_ptr, b_ptr, out_ptr, M, N, stride_base, stride_out, scaling,
+        RANK: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, ROUND_LORA_FIRST: tl.constexpr,
+    ):
+        # The same with the B product computed here: each output one float32 multiply-add chain over
+        # the rank in order from zero, which is how cuBLAS's float32 GEMM sums a K of 32 (tests/gpu:
+        # the same bits as PEFT's call), without its [rows, N] float32 output in memory.
+        offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+        offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+        m_mask = offs_m < M
+        n_mask = offs_n < N
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        for r in tl.static_range(RANK):
+            t_r = tl.load(t_ptr + offs_m * RANK + r, mask=m_mask, other=0.0)
+            b_r = tl.load(b_ptr + offs_n.to(tl.int64) * RANK + r, mask=n_mask, other=0.0)
+            acc = tl.fma(t_r[:, None], b_r[None, :], acc)
+        mask = m_mask[:, None] & n_mask[None, :]
+        rows = offs_m[:, None].to(tl.int64)
+        base = tl.load(base_ptr + rows * stride_base + offs_n[None, :], mask=mask, other=0.0)
+        tl.store(out_ptr + rows * stride_out + offs_n[None, :], _finish(base, acc * scaling, ROUND_LORA_FIRST),
+                 mask=mask)
+
+    @triton.jit
     def _lora_a_split_kernel(
         x_ptr, a_ptr, t_ptr, M, K, stride_x, RT, K_PER_SPLIT,
         BLOCK_M: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr,
@@ -861,15 +884,16 @@ def lora_a_prompt(x: torch.Tensor, lora: LoraParts) -> torch.Tensor:
 
 def nf4_prompt_linear(
     x: torch.Tensor, weight: NF4Matrix, lora: LoraParts, round_lora_first: bool, dequant_rows: int,
-    pefts_products: bool = False,
+    pefts_products: bool = False, b_in_kernel: bool = True,
 ) -> torch.Tensor:
     """y = x @ dequant(W).T + scaling * B(A(x)) with PEFT's roundings, for a prompt's many rows: each
     chunk of `dequant_rows` weight rows dequantized for cuBLAS (bounded scratch), its product and
     the LoRA's B product summed into the output by one kernel; the A product is one kernel before.
     `pefts_products`: the LoRA's A and B products are PEFT's own cuBLAS float32 calls, one pair per
     original projection (`LoraParts.delta`), so that the output is the seed's bit for bit; one kernel
-    then scales, rounds and adds them to each chunk's base product. Otherwise both run on the tensor
-    cores as three TF32 products (float32's accuracy, not cuBLAS's bits)."""
+    then scales, rounds and adds them to each chunk's base product (`b_in_kernel`: that kernel also
+    computes the B product, summed in cuBLAS's order). Otherwise both run on the tensor cores as three
+    TF32 products (float32's accuracy, not cuBLAS's bits)."""
     m, k = x.shape
     n = weight.shape[0]
     out = torch.empty((m, n), dtype=x.dtype, device=x.device)
@@ -894,11 +918,19 @@ def nf4_prompt_linear(
             lo, hi = max(start, col0), min(end, col0 + rows)
             if lo >= hi:
                 continue
+            grid = (triton.cdiv(m, PROMPT_TILE), triton.cdiv(hi - lo, PROMPT_TILE))
+            if b_in_kernel and t_part.dtype == torch.float32 and t_part.is_contiguous():
+                _lora_chain_out_kernel[grid](
+                    base[:, lo - col0 :], t_part, lora.b[lo:hi], out[:, lo:], m, hi - lo, base.stride(0),
+                    out.stride(0), lora.scaling, RANK=lora.rank, BLOCK_M=PROMPT_TILE, BLOCK_N=PROMPT_TILE,
+                    ROUND_LORA_FIRST=round_lora_first, num_warps=4, enable_fp_fusion=False,
+                )
+                continue
             # The B product for these columns only: bounded scratch. With K = rank, cuBLAS sums each
             # output in the same order whatever the column count (tests/gpu: the same bits as PEFT's
             # call over the whole part).
             u = F.linear(t_part, lora.b[lo:hi])
-            _lora_u_out_kernel[(triton.cdiv(m, PROMPT_TILE), triton.cdiv(hi - lo, PROMPT_TILE))](
+            _lora_u_out_kernel[grid](
                 base[:, lo - col0 :], u, out[:, lo:], m, hi - lo, base.stride(0), u.stride(0), out.stride(0),
                 lora.scaling, BLOCK_M=PROMPT_TILE, BLOCK_N=PROMPT_TILE, ROUND_LORA_FIRST=round_lora_first,
                 num_warps=4, enable_fp_fusion=False,

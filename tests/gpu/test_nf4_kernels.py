@@ -94,24 +94,30 @@ def test_the_prompt_path_equals_the_reference_path(rows, name, round_first):
     assert (diff > 0).float().mean().item() < 0.01
 
 
-@pytest.mark.parametrize("rows", [17, 367, 384, 1500])
+@pytest.mark.parametrize("rows", [17, 64, 367, 384, 1500, 2048])
 @pytest.mark.parametrize("name", ["qkv", "gate_up", "down"])
 @pytest.mark.parametrize("round_first", [True, False])
 def test_prompts_with_pefts_products_are_the_reference_path_bit_for_bit(rows, name, round_first):
-    # As served: PEFT's own float32 LoRA products (the B product 4,096 columns at a time) and one
-    # kernel for the scaling and roundings; the reference path is the seed's prompt function.
+    # As served: PEFT's own float32 LoRA A products, the B product as cuBLAS sums it and the scaling
+    # and roundings in one kernel per chunk; the reference path is the seed's prompt function. Also
+    # with cuBLAS's own B product, 4,096 columns at a time.
     shapes = {"qkv": ([(4096, 0), (1024, 0), (1024, 0)], 4096), "gate_up": ([(14336, 0), (14336, 0)], 4096),
               "down": ([(4096, 0)], 14336)}
+    from llm import nf4_kernels
+
     parts, cols = shapes[name]
     projection = _projection(parts, cols, round_first=round_first)
     projection.use_kernels = True
     assert projection.exact_prompts
     x = torch.randn(rows, cols, dtype=torch.bfloat16, device="cuda:0")
-    out, reference = projection(x), projection.reference(x)
-    differing = (out.view(torch.int16) != reference.view(torch.int16)).sum().item()
-    print("NF4_EXACT_PROMPT " + json.dumps({"name": name, "rows": rows, "round_first": round_first,
-                                            "differing": differing}))
-    assert differing == 0
+    reference = projection.reference(x)
+    served = projection(x)
+    cublas_b = nf4_kernels.nf4_prompt_linear(x, projection.weight, projection.lora, round_first,
+                                             projection.dequant_rows, pefts_products=True, b_in_kernel=False)
+    differing = {name: (out.view(torch.int16) != reference.view(torch.int16)).sum().item()
+                 for name, out in (("served", served), ("cublas_b", cublas_b))}
+    print("NF4_EXACT_PROMPT " + json.dumps({"name": name, "rows": rows, "round_first": round_first, **differing}))
+    assert differing == {"served": 0, "cublas_b": 0}
 
 
 @pytest.mark.parametrize("rows", [20, 32, 64])
