@@ -90,21 +90,18 @@ def measure(name: str, parts: list[int], cols: int, rows_counts: Sequence[int]) 
 
 def measure_prompts(name: str, parts: list[int], cols: int, rows_counts: Sequence[int]) -> None:
     """A prompt's rows through the prompt path, with the tensor cores' TF32x3 LoRA products and with
-    PEFT's own float32 ones (what `nf4` serves since run 20; the B product by cuBLAS, or in the output
-    kernel in cuBLAS's order): time per call, the scratch memory each needs, and how many outputs
-    differ from the reference path (the seed's function)."""
+    PEFT's own float32 ones (what `nf4` serves up to `EXACT_PROMPT_ROWS` since run 20): time per
+    call, the scratch memory each needs, and how many outputs differ from the reference path (the
+    seed's function)."""
     group = [projection(parts, cols, seed) for seed in range(LAYERS)]
     for rows in rows_counts:
         x = torch.randn(rows, cols, dtype=torch.bfloat16, device="cuda")
         reference = group[0].reference(x)
         result: dict = {"projection": name, "prompt_rows": rows}
-        variants = {  # label: (PEFT's products, the B product in the output kernel)
-            "tf32x3": (False, False), "pefts_cublas_b": (True, False), "pefts": (True, True),
-        }
-        for label, (pefts, b_in_kernel) in variants.items():
-            def run(p: NF4Projection, x: torch.Tensor = x, pefts: bool = pefts, b_in_kernel: bool = b_in_kernel):
+        for label, pefts in (("tf32x3", False), ("pefts", True)):
+            def run(p: NF4Projection, x: torch.Tensor = x, pefts: bool = pefts) -> torch.Tensor:
                 return nf4_kernels.nf4_prompt_linear(x, p.weight, p.lora, p.round_lora_first, p.dequant_rows,
-                                                     pefts_products=pefts, b_in_kernel=b_in_kernel)
+                                                     pefts_products=pefts)
 
             torch.cuda.synchronize()
             before = torch.cuda.memory_allocated()

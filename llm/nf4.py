@@ -43,6 +43,10 @@ logger = logging.getLogger(__name__)
 
 BLOCK_SIZE = 64  # values per absmax block (bitsandbytes' 4-bit default, and the seed's)
 MAX_KERNEL_ROWS = 16  # decode batches up to this many rows take the fused kernels
+# Prompts up to this many rows (a prefill's prompts together) take PEFT's own LoRA products: the
+# seed's function bit for bit (run 20: prompt KL 0.0). Longer ones take the tensor cores' TF32x3
+# products (KL ~0.001), which keep a 1,500-token prompt's first token within 80 ms.
+EXACT_PROMPT_ROWS = 1024
 # Every prompt chunk dequantizes every weight once (`fast`'s 512 rows: three passes for a
 # 1,500-token prompt). 768 rows take two, for ~30 MB more of prefill transients.
 NF4_PREFILL_CHUNK = 768
@@ -223,9 +227,7 @@ class NF4Projection:
         # Prompts dequantize the weight in row chunks: a bounded scratch instead of a bf16 copy.
         self.dequant_rows = dequant_rows
         self.use_kernels = False
-        # Prompts (more rows than a decode batch) with PEFT's own LoRA products: the seed's function
-        # bit for bit, at a TTFT cost (bench_engines.py's prefill_ms, run 20).
-        self.exact_prompts = True
+        self.exact_prompt_rows = EXACT_PROMPT_ROWS
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         flat = x.reshape(-1, x.shape[-1])
@@ -235,8 +237,6 @@ class NF4Projection:
             from llm import nf4_kernels
 
             out = nf4_kernels.nf4_lora_linear(flat, self.weight, self.lora, self.round_lora_first)
-        elif not self.exact_prompts and self._plan_prefers_pieces(flat.shape[0]):
-            out = self.pieces(flat)
         else:
             out = self.prompt(flat)
         return out.reshape(*x.shape[:-1], out.shape[-1])
@@ -245,22 +245,6 @@ class NF4Projection:
         from llm import nf4_kernels
 
         return nf4_kernels.PLAN.use_reference(rows, *self.weight.shape)
-
-    def _plan_prefers_pieces(self, rows: int) -> bool:
-        from llm import nf4_kernels
-
-        return nf4_kernels.PLAN.use_pieces(rows, *self.weight.shape)
-
-    def pieces(self, x: torch.Tensor) -> torch.Tensor:
-        """A short prompt's rows through the fused kernel, `MAX_KERNEL_ROWS` at a time."""
-        from llm import nf4_kernels
-
-        out = torch.empty((x.shape[0], self.weight.shape[0]), dtype=x.dtype, device=x.device)
-        for start in range(0, x.shape[0], MAX_KERNEL_ROWS):
-            out[start : start + MAX_KERNEL_ROWS] = nf4_kernels.nf4_lora_linear(
-                x[start : start + MAX_KERNEL_ROWS], self.weight, self.lora, self.round_lora_first
-            )
-        return out
 
     def base(self, x: torch.Tensor) -> torch.Tensor:
         n = self.weight.shape[0]
@@ -276,10 +260,12 @@ class NF4Projection:
         """The reference function for many rows, on the GPU kernels' prompt path where it fits."""
         from llm import nf4_kernels
 
-        if not nf4_kernels.prompt_path_fits(self.weight.shape[0], self.dequant_rows, self.lora.boundaries):
+        exact = x.shape[0] <= self.exact_prompt_rows
+        fits = nf4_kernels.prompt_path_fits(self.weight.shape[0], self.dequant_rows, self.lora.boundaries)
+        if not fits or (exact and self.lora.a.dtype != torch.float32):  # the kernels sum float32 products
             return self.reference(x)
         return nf4_kernels.nf4_prompt_linear(x, self.weight, self.lora, self.round_lora_first, self.dequant_rows,
-                                             pefts_products=self.exact_prompts)
+                                             pefts_products=exact)
 
     def reference(self, x: torch.Tensor) -> torch.Tensor:
         base = self.base(x)

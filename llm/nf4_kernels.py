@@ -7,8 +7,8 @@ only through Triton's interpreter, which tests/test_nf4_triton_interpreted.py us
   product in one split-K kernel reading bf16 x (`lora_a_prompt`), each chunk of weight rows
   dequantized for cuBLAS, then one kernel adds the LoRA's `B` product with PEFT's roundings and
   writes the chunk's columns of the output. Both LoRA kernels multiply float32 on the tensor cores
-  as three TF32 products (float32's accuracy). Prompts of up to 32-64 rows may instead take the
-  decode kernel 16 rows at a time, where the tuner measured that faster (`NF4Plan.use_pieces`).
+  as three TF32 products (float32's accuracy); or, up to `llm.nf4.EXACT_PROMPT_ROWS` rows, PEFT's own
+  float32 A products (cuBLAS) and the B product summed in cuBLAS's order: the seed's bits.
 - `nf4_lora_linear(x, weight, lora)`: y = x @ dequant(W).T + LoRA for 1..16 rows (a decode step).
   The weight bytes are streamed once: each tile is dequantized in registers (the same bf16 values)
   and multiplied with float32 accumulation - a multiply-reduce for up to 4 rows, `tl.dot` on a
@@ -388,37 +388,24 @@ if _HAVE_TRITON:
                  _finish(base, u, ROUND_LORA_FIRST), mask=mask)
 
     @triton.jit
-    def _lora_u_out_kernel(
-        base_ptr, u_ptr, out_ptr, M, N, stride_base, stride_u, stride_out, scaling,
-        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, ROUND_LORA_FIRST: tl.constexpr,
-    ):
-        # out = base + u * scaling with PEFT's roundings, where u is PEFT's own float32 B product
-        # (cuBLAS, the seed's bits). Launched without floating-point contraction: PEFT rounds the
-        # product before the sum.
-        offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
-        offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
-        mask = (offs_m < M)[:, None] & (offs_n < N)[None, :]
-        rows = offs_m[:, None].to(tl.int64)
-        u = tl.load(u_ptr + rows * stride_u + offs_n[None, :], mask=mask, other=0.0)
-        base = tl.load(base_ptr + rows * stride_base + offs_n[None, :], mask=mask, other=0.0)
-        tl.store(out_ptr + rows * stride_out + offs_n[None, :], _finish(base, u * scaling, ROUND_LORA_FIRST), mask=mask)
-
-    @triton.jit
     def _lora_chain_out_kernel(
         base_ptr, t_ptr, b_ptr, out_ptr, M, N, stride_base, stride_out, scaling,
         RANK: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, ROUND_LORA_FIRST: tl.constexpr,
     ):
-        # The same with the B product computed here: each output one float32 multiply-add chain over
-        # the rank in order from zero, which is how cuBLAS's float32 GEMM sums a K of 32 (tests/gpu:
-        # the same bits as PEFT's call), without its [rows, N] float32 output in memory.
+        # A prompt's output columns (a dequantized chunk's cuBLAS product `base`): base + PEFT's
+        # float32 B product t @ B.T * scaling with PEFT's roundings. Each output is one multiply-add
+        # chain over the rank from zero, in order: how cuBLAS's float32 GEMM sums a K of 32, so the
+        # bits are PEFT's (tests/gpu), without a [rows, N] float32 product in memory. t and B come
+        # rank-major ([RANK, M], [RANK, N]): every step's loads are contiguous. No floating-point
+        # contraction at launch: PEFT rounds the scaled product before the sum.
         offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
         offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
         m_mask = offs_m < M
         n_mask = offs_n < N
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
         for r in tl.static_range(RANK):
-            t_r = tl.load(t_ptr + offs_m * RANK + r, mask=m_mask, other=0.0)
-            b_r = tl.load(b_ptr + offs_n.to(tl.int64) * RANK + r, mask=n_mask, other=0.0)
+            t_r = tl.load(t_ptr + r * M + offs_m, mask=m_mask, other=0.0)
+            b_r = tl.load(b_ptr + r * N + offs_n, mask=n_mask, other=0.0)
             acc = tl.fma(t_r[:, None], b_r[None, :], acc)
         mask = m_mask[:, None] & n_mask[None, :]
         rows = offs_m[:, None].to(tl.int64)
@@ -736,16 +723,10 @@ class NF4Plan:
         self._choice: dict[tuple[int, int, int], NF4Config] = {}
         # Where dequantizing into cuBLAS (the prompt path) measured faster than the fused kernel.
         self._reference: set[tuple[int, int, int]] = set()
-        # Per weight shape, up to how many prompt rows the fused kernel in 16-row pieces measured
-        # faster than dequantizing (short prompts: the weight read 2-4 times beats writing it in bf16).
-        self._piece_rows: dict[tuple[int, int], int] = {}
         self.timings_ms: dict[str, float] = {}
 
     def use_reference(self, rows: int, n: int, k: int) -> bool:
         return (_block_m(rows), n, k) in self._reference
-
-    def use_pieces(self, rows: int, n: int, k: int) -> bool:
-        return rows <= self._piece_rows.get((n, k), 0)
 
     def get(self, rows: int, n: int, k: int) -> NF4Config | None:
         return self._choice.get((_block_m(rows), n, k))
@@ -754,11 +735,8 @@ class NF4Plan:
         self._choice[(_block_m(rows), n, k)] = config
 
     def summary(self) -> dict[str, str]:
-        choices = {f"m{m}_{n}x{k}": "dequant+cublas" if (m, n, k) in self._reference
-                   else c.label
-                   for (m, n, k), c in sorted(self._choice.items())}
-        pieces = {f"pieces_{n}x{k}": f"up to {rows} rows" for (n, k), rows in sorted(self._piece_rows.items())}
-        return {**choices, **pieces}
+        return {f"m{m}_{n}x{k}": "dequant+cublas" if (m, n, k) in self._reference else c.label
+                for (m, n, k), c in sorted(self._choice.items())}
 
 
 PLAN = NF4Plan()
@@ -884,26 +862,25 @@ def lora_a_prompt(x: torch.Tensor, lora: LoraParts) -> torch.Tensor:
 
 def nf4_prompt_linear(
     x: torch.Tensor, weight: NF4Matrix, lora: LoraParts, round_lora_first: bool, dequant_rows: int,
-    pefts_products: bool = False, b_in_kernel: bool = True,
+    pefts_products: bool = False,
 ) -> torch.Tensor:
     """y = x @ dequant(W).T + scaling * B(A(x)) with PEFT's roundings, for a prompt's many rows: each
     chunk of `dequant_rows` weight rows dequantized for cuBLAS (bounded scratch), its product and
-    the LoRA's B product summed into the output by one kernel; the A product is one kernel before.
-    `pefts_products`: the LoRA's A and B products are PEFT's own cuBLAS float32 calls, one pair per
-    original projection (`LoraParts.delta`), so that the output is the seed's bit for bit; one kernel
-    then scales, rounds and adds them to each chunk's base product (`b_in_kernel`: that kernel also
-    computes the B product, summed in cuBLAS's order). Otherwise both run on the tensor cores as three
-    TF32 products (float32's accuracy, not cuBLAS's bits)."""
+    the LoRA's B product summed into the output by one kernel.
+    `pefts_products`: the LoRA's A products are PEFT's own cuBLAS float32 calls, one per original
+    projection, and the output kernel sums the B product as cuBLAS does: the seed's bits (run 20).
+    Otherwise one kernel computes every part's A product and both products run on the tensor cores
+    as three TF32 products (float32's accuracy, not cuBLAS's bits; faster for long prompts)."""
     m, k = x.shape
     n = weight.shape[0]
     out = torch.empty((m, n), dtype=x.dtype, device=x.device)
-    seg1, seg2 = lora.part_starts(n)
     if pefts_products:
         xf = x.to(lora.a.dtype)
-        t_parts = [F.linear(xf, lora.a[col : col + lora.rank]) for _, _, col in lora.segments]
+        t_parts = [F.linear(xf, lora.a[col : col + lora.rank]).T.contiguous() for _, _, col in lora.segments]
         del xf
     else:
         t = lora_a_prompt(x, lora)
+        seg1, seg2 = lora.part_starts(n)
     for col0 in range(0, n, dequant_rows):
         rows = min(dequant_rows, n - col0)
         base = F.linear(x, weight.dequantize(x.dtype, slice(col0, col0 + rows)))
@@ -916,25 +893,12 @@ def nf4_prompt_linear(
             continue
         for (start, end, _), t_part in zip(lora.segments, t_parts, strict=True):
             lo, hi = max(start, col0), min(end, col0 + rows)
-            if lo >= hi:
-                continue
-            grid = (triton.cdiv(m, PROMPT_TILE), triton.cdiv(hi - lo, PROMPT_TILE))
-            if b_in_kernel and t_part.dtype == torch.float32 and t_part.is_contiguous():
-                _lora_chain_out_kernel[grid](
-                    base[:, lo - col0 :], t_part, lora.b[lo:hi], out[:, lo:], m, hi - lo, base.stride(0),
-                    out.stride(0), lora.scaling, RANK=lora.rank, BLOCK_M=PROMPT_TILE, BLOCK_N=PROMPT_TILE,
-                    ROUND_LORA_FIRST=round_lora_first, num_warps=4, enable_fp_fusion=False,
+            if lo < hi:
+                _lora_chain_out_kernel[(triton.cdiv(m, PROMPT_TILE), triton.cdiv(hi - lo, PROMPT_TILE))](
+                    base[:, lo - col0 :], t_part, lora.b[lo:hi].T.contiguous(), out[:, lo:], m, hi - lo,
+                    base.stride(0), out.stride(0), lora.scaling, RANK=lora.rank, BLOCK_M=PROMPT_TILE,
+                    BLOCK_N=PROMPT_TILE, ROUND_LORA_FIRST=round_lora_first, num_warps=4, enable_fp_fusion=False,
                 )
-                continue
-            # The B product for these columns only: bounded scratch. With K = rank, cuBLAS sums each
-            # output in the same order whatever the column count (tests/gpu: the same bits as PEFT's
-            # call over the whole part).
-            u = F.linear(t_part, lora.b[lo:hi])
-            _lora_u_out_kernel[grid](
-                base[:, lo - col0 :], u, out[:, lo:], m, hi - lo, base.stride(0), u.stride(0), out.stride(0),
-                lora.scaling, BLOCK_M=PROMPT_TILE, BLOCK_N=PROMPT_TILE, ROUND_LORA_FIRST=round_lora_first,
-                num_warps=4, enable_fp_fusion=False,
-            )
     return out
 
 
@@ -1023,34 +987,12 @@ def _fastest(name: str, group: list, rows: int, candidates: Sequence[NF4Config],
     return best
 
 
-PIECE_ROWS = (32, 64)  # the prompt row counts prefill buckets produce that 16-row pieces may serve
-
-
-def _tune_pieces(name: str, group: list, n: int, k: int, replays: int) -> None:
-    """Short prompts: the fused kernel over 16-row pieces against dequantizing, timed per row count."""
-    if PLAN.get(MAX_ROWS, n, k) is None or PLAN.use_reference(MAX_ROWS, n, k):
-        return
-    for rows in PIECE_ROWS:
-        x = torch.randn((rows, k), dtype=torch.bfloat16, device=group[0].weight.packed.device)
-        if not matches_reference(group[0].pieces(x), group[0].reference(x)):
-            logger.warning("nf4: the %d-row pieces of %s do not match the reference; not served", rows, name)
-            return
-        pieces_ms = graph_time_ms(lambda x=x: [p.pieces(x) for p in group], replays)
-        dequant_ms = graph_time_ms(lambda x=x: [p.prompt(x) for p in group], replays)
-        PLAN.timings_ms[f"{name}_m{rows}_pieces"] = round(pieces_ms, 3)
-        PLAN.timings_ms[f"{name}_m{rows}_dequant_cublas"] = round(dequant_ms, 3)
-        if pieces_ms >= dequant_ms:
-            return
-        PLAN._piece_rows[(n, k)] = rows
-        torch.cuda.empty_cache()
-
-
 def tune(projections: dict[str, list], rows_buckets: Sequence[int], replays: int = 5) -> dict[str, object]:
     """Per (projection, rows bucket), time every fitting config - and, for batched rows, dequantize +
     cuBLAS - over all layers' weights inside a CUDA graph (so neither launch overhead nor the L2
     cache flatters anyone); keep the fastest of those that match the reference path on the first
     layer (a config this GPU or Triton gets wrong is never served). Where no tensor-core config
-    does, the Triton ones are timed instead. Then short prompts: 16-row pieces against dequantizing."""
+    does, the Triton ones are timed instead."""
     started = time.perf_counter()
     seconds_per_projection: dict[str, float] = {}  # where start-up time goes (compiles included)
     for name, group in projections.items():
@@ -1080,10 +1022,7 @@ def tune(projections: dict[str, list], rows_buckets: Sequence[int], replays: int
                 if best is None or ms < best[0]:
                     PLAN._reference.add((rows, n, k))
             torch.cuda.empty_cache()
-        pieces_started = time.perf_counter()
-        _tune_pieces(name, group, n, k, replays)
         seconds_per_projection[name] = round(time.perf_counter() - projection_started, 1)
-        seconds_per_projection[f"{name}_pieces"] = round(time.perf_counter() - pieces_started, 1)
     summary = PLAN.summary()
     choices = [label for key, label in summary.items() if key.startswith("m")]
     tensor_core = sum(label.startswith("mma") for label in choices)
