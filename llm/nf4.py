@@ -43,10 +43,12 @@ logger = logging.getLogger(__name__)
 
 BLOCK_SIZE = 64  # values per absmax block (bitsandbytes' 4-bit default, and the seed's)
 MAX_KERNEL_ROWS = 16  # decode batches up to this many rows take the fused kernels
-# Prompts up to this many rows (a prefill's prompts together) take PEFT's own LoRA products: the
-# seed's function bit for bit (run 20: prompt KL 0.0). Longer ones take the tensor cores' TF32x3
-# products (KL ~0.001), which keep a 1,500-token prompt's first token within 80 ms.
-EXACT_PROMPT_ROWS = 1024
+# Prompt chunks up to this many rows (a prefill's prompts together) take PEFT's own LoRA products:
+# the seed's function bit for bit (run 20: prompt KL 0.0). Longer ones take the tensor cores' TF32x3
+# products (KL ~0.001), which keep a 1,500-token prompt's first token within 80 ms (run 20: 85 ms
+# with PEFT's products). Prompts longer than NF4_PREFILL_CHUNK are row-chunked anyway, which the
+# seed does not do.
+EXACT_PROMPT_ROWS = 512
 # Every prompt chunk dequantizes every weight once (`fast`'s 512 rows: three passes for a
 # 1,500-token prompt). 768 rows take two, for ~30 MB more of prefill transients.
 NF4_PREFILL_CHUNK = 768
