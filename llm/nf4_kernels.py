@@ -8,7 +8,7 @@ only through Triton's interpreter, which tests/test_nf4_triton_interpreted.py us
   dequantized for cuBLAS, then one kernel adds the LoRA's `B` product with PEFT's roundings and
   writes the chunk's columns of the output. Both LoRA kernels multiply float32 on the tensor cores
   as three TF32 products (float32's accuracy); or, up to `llm.nf4.EXACT_PROMPT_ROWS` rows, PEFT's own
-  float32 A products (cuBLAS) and the B product summed in cuBLAS's order: the seed's bits.
+  float32 A and B products (cuBLAS) and one kernel for the scaling and roundings: the seed's bits.
 - `nf4_lora_linear(x, weight, lora)`: y = x @ dequant(W).T + LoRA for 1..16 rows (a decode step).
   The weight bytes are streamed once: each tile is dequantized in registers (the same bf16 values)
   and multiplied with float32 accumulation - a multiply-reduce for up to 4 rows, `tl.dot` on a
@@ -388,30 +388,20 @@ if _HAVE_TRITON:
                  _finish(base, u, ROUND_LORA_FIRST), mask=mask)
 
     @triton.jit
-    def _lora_chain_out_kernel(
-        base_ptr, t_ptr, b_ptr, out_ptr, M, N, stride_base, stride_out, scaling,
-        RANK: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, ROUND_LORA_FIRST: tl.constexpr,
+    def _lora_u_out_kernel(
+        base_ptr, u_ptr, out_ptr, M, N, stride_base, stride_u, stride_out, scaling,
+        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, ROUND_LORA_FIRST: tl.constexpr,
     ):
-        # A prompt's output columns (a dequantized chunk's cuBLAS product `base`): base + PEFT's
-        # float32 B product t @ B.T * scaling with PEFT's roundings. Each output is one multiply-add
-        # chain over the rank from zero, in order: how cuBLAS's float32 GEMM sums a K of 32, so the
-        # bits are PEFT's (tests/gpu), without a [rows, N] float32 product in memory. t and B come
-        # rank-major ([RANK, M], [RANK, N]): every step's loads are contiguous. No floating-point
-        # contraction at launch: PEFT rounds the scaled product before the sum.
+        # A prompt's output columns (a dequantized chunk's cuBLAS product `base`): base + u * scaling
+        # with PEFT's roundings, where u is PEFT's own float32 B product (cuBLAS: the seed's bits).
+        # Launched without floating-point contraction: PEFT rounds the scaled product before the sum.
         offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
         offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
-        m_mask = offs_m < M
-        n_mask = offs_n < N
-        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-        for r in tl.static_range(RANK):
-            t_r = tl.load(t_ptr + r * M + offs_m, mask=m_mask, other=0.0)
-            b_r = tl.load(b_ptr + r * N + offs_n, mask=n_mask, other=0.0)
-            acc = tl.fma(t_r[:, None], b_r[None, :], acc)
-        mask = m_mask[:, None] & n_mask[None, :]
+        mask = (offs_m < M)[:, None] & (offs_n < N)[None, :]
         rows = offs_m[:, None].to(tl.int64)
+        u = tl.load(u_ptr + rows * stride_u + offs_n[None, :], mask=mask, other=0.0)
         base = tl.load(base_ptr + rows * stride_base + offs_n[None, :], mask=mask, other=0.0)
-        tl.store(out_ptr + rows * stride_out + offs_n[None, :], _finish(base, acc * scaling, ROUND_LORA_FIRST),
-                 mask=mask)
+        tl.store(out_ptr + rows * stride_out + offs_n[None, :], _finish(base, u * scaling, ROUND_LORA_FIRST), mask=mask)
 
     @triton.jit
     def _lora_a_split_kernel(
@@ -867,16 +857,17 @@ def nf4_prompt_linear(
     """y = x @ dequant(W).T + scaling * B(A(x)) with PEFT's roundings, for a prompt's many rows: each
     chunk of `dequant_rows` weight rows dequantized for cuBLAS (bounded scratch), its product and
     the LoRA's B product summed into the output by one kernel.
-    `pefts_products`: the LoRA's A products are PEFT's own cuBLAS float32 calls, one per original
-    projection, and the output kernel sums the B product as cuBLAS does: the seed's bits (run 20).
-    Otherwise one kernel computes every part's A product and both products run on the tensor cores
-    as three TF32 products (float32's accuracy, not cuBLAS's bits; faster for long prompts)."""
+    `pefts_products`: the LoRA's A and B products are PEFT's own cuBLAS float32 calls, one pair per
+    original projection (the B product for a chunk's columns at a time: with K = rank, cuBLAS gives
+    the same bits as over the whole part, tests/gpu), then one kernel scales, rounds and adds: the
+    seed's bits (run 20). Otherwise one kernel computes every part's A product and both products run
+    on the tensor cores as three TF32 products (float32's accuracy, not cuBLAS's bits; faster)."""
     m, k = x.shape
     n = weight.shape[0]
     out = torch.empty((m, n), dtype=x.dtype, device=x.device)
     if pefts_products:
         xf = x.to(lora.a.dtype)
-        t_parts = [F.linear(xf, lora.a[col : col + lora.rank]).T.contiguous() for _, _, col in lora.segments]
+        t_parts = [F.linear(xf, lora.a[col : col + lora.rank]) for _, _, col in lora.segments]
         del xf
     else:
         t = lora_a_prompt(x, lora)
@@ -894,10 +885,11 @@ def nf4_prompt_linear(
         for (start, end, _), t_part in zip(lora.segments, t_parts, strict=True):
             lo, hi = max(start, col0), min(end, col0 + rows)
             if lo < hi:
-                _lora_chain_out_kernel[(triton.cdiv(m, PROMPT_TILE), triton.cdiv(hi - lo, PROMPT_TILE))](
-                    base[:, lo - col0 :], t_part, lora.b[lo:hi].T.contiguous(), out[:, lo:], m, hi - lo,
-                    base.stride(0), out.stride(0), lora.scaling, RANK=lora.rank, BLOCK_M=PROMPT_TILE,
-                    BLOCK_N=PROMPT_TILE, ROUND_LORA_FIRST=round_lora_first, num_warps=4, enable_fp_fusion=False,
+                u = F.linear(t_part, lora.b[lo:hi])
+                _lora_u_out_kernel[(triton.cdiv(m, PROMPT_TILE), triton.cdiv(hi - lo, PROMPT_TILE))](
+                    base[:, lo - col0 :], u, out[:, lo:], m, hi - lo, base.stride(0), u.stride(0), out.stride(0),
+                    lora.scaling, BLOCK_M=PROMPT_TILE, BLOCK_N=PROMPT_TILE, ROUND_LORA_FIRST=round_lora_first,
+                    num_warps=4, enable_fp_fusion=False,
                 )
     return out
 

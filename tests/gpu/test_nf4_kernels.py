@@ -98,8 +98,8 @@ def test_the_prompt_path_equals_the_reference_path(rows, name, round_first):
 @pytest.mark.parametrize("name", ["qkv", "gate_up", "down"])
 @pytest.mark.parametrize("round_first", [True, False])
 def test_prompts_with_pefts_products_are_the_reference_path_bit_for_bit(rows, name, round_first):
-    # As served up to EXACT_PROMPT_ROWS: PEFT's own float32 LoRA A products, the B product summed as
-    # cuBLAS sums it plus the scaling and roundings in one kernel per chunk; the reference path is
+    # As served up to EXACT_PROMPT_ROWS: PEFT's own float32 LoRA products (the B product 4,096
+    # columns at a time), the scaling and roundings in one kernel per chunk; the reference path is
     # the seed's prompt function (2,048 rows: the same path forced, where serving takes TF32x3).
     shapes = {"qkv": ([(4096, 0), (1024, 0), (1024, 0)], 4096), "gate_up": ([(14336, 0), (14336, 0)], 4096),
               "down": ([(4096, 0)], 14336)}
