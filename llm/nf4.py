@@ -446,6 +446,7 @@ def build_nf4_engine(
                       for name in ("qkv", "o", "gate_up", "down")}
             info["nf4_plan"] = nf4_kernels.tune(groups, graphs.batch_buckets)
             info["nf4_kernels"] = True
+            info["nf4_exact_prompt_rows"] = EXACT_PROMPT_ROWS  # PEFT's own LoRA products up to here
         except Exception as error:  # e.g. a Triton that cannot compile for this GPU
             logger.warning("nf4 kernels unavailable, dequantizing for cuBLAS instead: %r", error)
             info["nf4_kernel_error"] = repr(error)
