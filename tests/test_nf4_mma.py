@@ -4,7 +4,9 @@ runs in tests/gpu/test_nf4_kernels.py, against the reference path, for 1..16 row
 from __future__ import annotations
 
 import re
+import shutil
 import struct
+import subprocess
 
 import pytest
 import torch
@@ -137,3 +139,37 @@ def test_the_one_row_kernel_exists_only_with_the_lora_a_product_fused():
     with pytest.raises(ValueError):
         nf4_mma.source(NF4_CODE, 8, 1, 32)
     assert nf4_mma.fused_kernel_rows(1) == 1 and nf4_mma.fused_kernel_rows(5) == 8
+
+
+def test_the_register_capped_candidate_is_timed_at_one_row_only():
+    # Held to 128 registers the fused two-tile kernel spills at 8-16 rows (ptxas), so the tuner
+    # times it for one row only; it is a candidate like any other, served only if it wins there.
+    from llm import nf4_kernels
+
+    def labels(rows: int) -> list[str]:
+        return [c.label for c in nf4_kernels._candidates(rows, 28672, 4096, [14336], mma=True)]
+
+    assert "mma_32x256w4s1fb4" in labels(1)
+    assert not any(label.endswith("b4") for label in labels(2) + labels(16))
+    assert "#define MIN_BLOCKS 4" in nf4_mma.source(NF4_CODE, 4, 1, 32, 2, fuse_a=True, min_blocks=4)
+    assert "__launch_bounds__(WARPS * 32, MIN_BLOCKS)" in nf4_mma.source(NF4_CODE, 4, 1, 32, 2, fuse_a=True)
+    with pytest.raises(ValueError):
+        nf4_mma.source(NF4_CODE, 4, 1, 32, 2, fuse_a=True, min_blocks=0)
+
+
+@pytest.mark.skipif(shutil.which("nvcc") is None, reason="needs nvcc (ptxas) to count registers")
+def test_the_capped_one_row_kernel_fits_its_registers_without_spilling(tmp_path):
+    # The point of the cap: 4 blocks of 4 warps per SM (at most 128 registers) with no local-memory
+    # spills in the main loop; uncapped, ptxas gives it 166 registers (3 blocks per SM).
+    def ptxas(min_blocks: int) -> str:
+        cu = tmp_path / f"capped{min_blocks}.cu"
+        cu.write_text(nf4_mma.source(NF4_CODE, 4, 1, 32, 2, fuse_a=True, min_blocks=min_blocks))
+        built = subprocess.run(["nvcc", "-arch=sm_90", "-cubin", "-o", str(tmp_path / "k.cubin"), "-Xptxas", "-v",
+                                str(cu)], capture_output=True, text=True, timeout=300)
+        assert built.returncode == 0, built.stderr[-2000:]
+        return built.stderr
+
+    capped, uncapped = ptxas(4), ptxas(1)
+    registers = int(re.search(r"Used (\d+) registers", capped).group(1))
+    assert registers <= 128 and "0 bytes spill stores" in capped, capped
+    assert int(re.search(r"Used (\d+) registers", uncapped).group(1)) > 128
