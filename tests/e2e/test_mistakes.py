@@ -190,9 +190,15 @@ def test_a_mistake_gets_one_clear_line(outcomes, name):
     assert seconds < case.max_seconds, f"took {seconds:.1f} s:\n{output}"
 
 
-def test_ctrl_c_leaves_with_one_line_and_status_130(tmp_path):
+@pytest.mark.parametrize("sigint_inherited_as", ["default", "ignored"])
+def test_ctrl_c_leaves_with_one_line_and_status_130(tmp_path, sigint_inherited_as):
+    # "ignored": started the way a script's background job (or some CI runner) starts it, with
+    # SIGINT ignored, which Python would otherwise keep: Ctrl-C would do nothing in the chat.
+    command = finbot_command("chat")
+    if sigint_inherited_as == "ignored":
+        command = ["sh", "-c", "trap '' INT; exec \"$@\"", "sh", *command]
     process = subprocess.Popen(
-        finbot_command("chat"), cwd=tmp_path, env=finbot_env(ENGINE="fake", DATABASE_URL=f"sqlite:///{tmp_path / 'f.db'}"),
+        command, cwd=tmp_path, env=finbot_env(ENGINE="fake", DATABASE_URL=f"sqlite:///{tmp_path / 'f.db'}"),
         stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
     )
     try:
