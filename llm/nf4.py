@@ -264,7 +264,7 @@ class NF4Projection:
 
         exact = x.shape[0] <= self.exact_prompt_rows
         fits = nf4_kernels.prompt_path_fits(self.weight.shape[0], self.dequant_rows, self.lora.boundaries)
-        if not fits or (exact and self.lora.a.dtype != torch.float32):  # the kernels sum float32 products
+        if not fits or (exact and self.lora.a.dtype != torch.float32):  # its kernel scales float32 products
             return self.reference(x)
         return nf4_kernels.nf4_prompt_linear(x, self.weight, self.lora, self.round_lora_first, self.dequant_rows,
                                              pefts_products=exact)
