@@ -6,6 +6,10 @@
 #       `nf4` and `fast` by default, same prompts, ratios printed (~4 minutes) -> $OUT/engines.log,
 #       $OUT/r.tgz (the results JSON, the chart and the profiles)
 set -uo pipefail
+if [[ "${1:-}" != tests && "${1:-}" != bench ]]; then
+    echo "usage: bash bench/engines_gpu.sh tests [PYTEST ARGS] | bench COMMIT [CASES]"
+    exit 2
+fi
 out=${OUT:-.}
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
     || { echo "cannot install the carried bitsandbytes wheel (.whl): see bench/NOTES.md, Reproduce"; exit 1; }
@@ -22,9 +26,5 @@ case "${1:-}" in
             --cases "${3:-seed-literal,nf4,fast}" --out /tmp/r > "$out/engines.log" 2>&1
         tail -n 6 "$out/engines.log"
         tar czf "$out/r.tgz" -C /tmp r
-        ;;
-    *)
-        echo "usage: bash bench/engines_gpu.sh tests [PYTEST ARGS] | bench COMMIT [CASES]"
-        exit 2
         ;;
 esac
