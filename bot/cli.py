@@ -247,17 +247,8 @@ def command_db_upgrade(settings: FinbotSettings, revision: str) -> int:
     return 0
 
 
-def _make_ctrl_c_work() -> None:
-    """Ctrl-C is how the terminal commands stop an answer and leave. A process started with SIGINT
-    ignored (a script's background job, some CI runners and IDE consoles) keeps it ignored, and
-    Python then never raises KeyboardInterrupt: put Python's own handler back."""
-    if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
-        signal.signal(signal.SIGINT, signal.default_int_handler)
-
-
 def command_ask(settings: FinbotSettings, question: str) -> int:
     """One question, answered through the Slack pipeline (shown as it is written on a terminal)."""
-    _make_ctrl_c_work()
     from bot import messages_ko
     from bot.chat import TerminalAnswerer, TerminalView, for_terminal
 
@@ -282,7 +273,6 @@ def command_ask(settings: FinbotSettings, question: str) -> int:
 
 def command_chat(settings: FinbotSettings) -> int:
     """A conversation in the terminal: one thread per session, stored like a Slack thread."""
-    _make_ctrl_c_work()
     from bot.chat import TerminalAnswerer, TerminalChat
     from storage.conversations import ConversationStore
     from storage.db import open_database
@@ -780,6 +770,12 @@ def dispatch(args: argparse.Namespace, settings: FinbotSettings) -> int:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """The `finbot` command; an ordinary mistake ends it with one line and a non-zero status."""
+    # Ctrl-C stops an answer in the terminal, and any command ends on it with one line (below). A
+    # process started with SIGINT ignored (a script's background job, some CI runners and IDE
+    # consoles) would keep it ignored and never see KeyboardInterrupt: Python's handler goes back.
+    # (`finbot run` installs its own, for a graceful stop.)
+    if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
     try:
         args = parse_args(argv)
         return run_command(args)

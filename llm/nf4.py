@@ -200,16 +200,19 @@ class LoraParts:
         starts = self.boundaries + [n, n]
         return starts[0], starts[1]
 
-    def delta(self, x: torch.Tensor) -> torch.Tensor:
-        """scaling * B(A(x)) in the adapter's dtype, [rows, N]: PEFT's `lora_B(lora_A(x)) * scaling`,
-        one `A` and one `B` product per original projection as PEFT runs them. One stacked `A`
-        product for q/k/v rounds differently in float32 (on the H200, a few q/k/v outputs moved by a
-        bf16 step; with per-projection products a prompt equals the seed's bit for bit:
-        bench/nf4_layer_diff.py)."""
+    def a_products(self, x: torch.Tensor) -> list[torch.Tensor]:
+        """PEFT's `lora_A(x)` per original projection, in the adapter's dtype ([rows, rank] each):
+        one product per part as PEFT runs them. One stacked `A` product for q/k/v rounds differently
+        in float32 (on the H200, a few q/k/v outputs moved by a bf16 step; with per-projection
+        products a prompt equals the seed's bit for bit: bench/nf4_layer_diff.py)."""
         xf = x.to(self.a.dtype)
+        return [F.linear(xf, self.a[col : col + self.rank]) for _, _, col in self.segments]
+
+    def delta(self, x: torch.Tensor) -> torch.Tensor:
+        """scaling * B(A(x)) in the adapter's dtype, [rows, N]: PEFT's `lora_B(lora_A(x)) * scaling`."""
         parts = [
-            F.linear(F.linear(xf, self.a[col : col + self.rank]), self.b[start:end]) * self.scaling
-            for start, end, col in self.segments
+            F.linear(t, self.b[start:end]) * self.scaling
+            for (start, end, _), t in zip(self.segments, self.a_products(x), strict=True)
         ]
         return torch.cat(parts, dim=-1)
 
@@ -229,7 +232,6 @@ class NF4Projection:
         # Prompts dequantize the weight in row chunks: a bounded scratch instead of a bf16 copy.
         self.dequant_rows = dequant_rows
         self.use_kernels = False
-        self.exact_prompt_rows = EXACT_PROMPT_ROWS
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         flat = x.reshape(-1, x.shape[-1])
@@ -262,12 +264,10 @@ class NF4Projection:
         """The reference function for many rows, on the GPU kernels' prompt path where it fits."""
         from llm import nf4_kernels
 
-        exact = x.shape[0] <= self.exact_prompt_rows
-        fits = nf4_kernels.prompt_path_fits(self.weight.shape[0], self.dequant_rows, self.lora.boundaries)
-        if not fits or (exact and self.lora.a.dtype != torch.float32):  # its kernel scales float32 products
+        if not nf4_kernels.prompt_path_fits(self.weight.shape[0], self.dequant_rows, self.lora.boundaries):
             return self.reference(x)
         return nf4_kernels.nf4_prompt_linear(x, self.weight, self.lora, self.round_lora_first, self.dequant_rows,
-                                             pefts_products=exact)
+                                             pefts_products=x.shape[0] <= EXACT_PROMPT_ROWS)
 
     def reference(self, x: torch.Tensor) -> torch.Tensor:
         base = self.base(x)

@@ -875,9 +875,7 @@ def nf4_prompt_linear(
     n = weight.shape[0]
     out = torch.empty((m, n), dtype=x.dtype, device=x.device)
     if pefts_products:
-        xf = x.to(lora.a.dtype)
-        t_parts = [F.linear(xf, lora.a[col : col + lora.rank]) for _, _, col in lora.segments]
-        del xf
+        t_parts = lora.a_products(x)
     else:
         t = lora_a_prompt(x, lora)
         seg1, seg2 = lora.part_starts(n)

@@ -76,7 +76,7 @@ def test_fused_kernel_equals_the_reference_path(rows, name):
 @pytest.mark.parametrize("rows", [17, 300])
 @pytest.mark.parametrize("name", ["qkv", "gate_up", "down"])
 @pytest.mark.parametrize("round_first", [True, False])
-def test_the_prompt_path_equals_the_reference_path(rows, name, round_first):
+def test_the_prompt_path_equals_the_reference_path(rows, name, round_first, monkeypatch):
     # Prompts with the tensor cores' LoRA products: chunked dequantize + cuBLAS, the LoRA B product
     # and PEFT's roundings in one kernel writing the output (gate/up: 7 chunks of 4,096 weight rows,
     # two LoRA parts).
@@ -85,7 +85,7 @@ def test_the_prompt_path_equals_the_reference_path(rows, name, round_first):
     parts, cols = shapes[name]
     projection = _projection(parts, cols, round_first=round_first)
     projection.use_kernels = True
-    projection.exact_prompt_rows = 0
+    monkeypatch.setattr("llm.nf4.EXACT_PROMPT_ROWS", 0)
     x = torch.randn(rows, cols, dtype=torch.bfloat16, device="cuda:0")
     reference = projection.reference(x)
     out = projection(x)
@@ -97,7 +97,7 @@ def test_the_prompt_path_equals_the_reference_path(rows, name, round_first):
 @pytest.mark.parametrize("rows", [17, 64, 367, 384, 1500, 2048])
 @pytest.mark.parametrize("name", ["qkv", "gate_up", "down"])
 @pytest.mark.parametrize("round_first", [True, False])
-def test_prompts_with_pefts_products_are_the_reference_path_bit_for_bit(rows, name, round_first):
+def test_prompts_with_pefts_products_are_the_reference_path_bit_for_bit(rows, name, round_first, monkeypatch):
     # As served up to EXACT_PROMPT_ROWS: PEFT's own float32 LoRA products (the B product 4,096
     # columns at a time), the scaling and roundings in one kernel per chunk; the reference path is
     # the seed's prompt function (2,048 rows: the same path forced, where serving takes TF32x3).
@@ -106,7 +106,7 @@ def test_prompts_with_pefts_products_are_the_reference_path_bit_for_bit(rows, na
     parts, cols = shapes[name]
     projection = _projection(parts, cols, round_first=round_first)
     projection.use_kernels = True
-    projection.exact_prompt_rows = 2048
+    monkeypatch.setattr("llm.nf4.EXACT_PROMPT_ROWS", 2048)
     x = torch.randn(rows, cols, dtype=torch.bfloat16, device="cuda:0")
     out, reference = projection(x), projection.reference(x)
     differing = (out.view(torch.int16) != reference.view(torch.int16)).sum().item()
