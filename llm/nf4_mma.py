@@ -647,7 +647,7 @@ def fused_a_blocks(rt: int, k: int, warps: int) -> int:
 
 # How much of the next projection's weights (its first rows: packed bytes and absmax) a decode
 # kernel asks L2 for, and about how much each of its blocks asks for at once.
-L2_PREFETCH_BYTES = 0
+L2_PREFETCH_BYTES = 16 * 2**20
 L2_PREFETCH_SLICE = 32 * 2**10
 
 
