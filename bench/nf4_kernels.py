@@ -7,7 +7,6 @@ bytes each reads and the achieved TB/s. Prints JSON lines.
     python bench/nf4_kernels.py [ROWS, e.g. 1,4,16]
     python bench/nf4_kernels.py --prompts 367,1500   (the prompt path: TF32x3 against PEFT's LoRA products)
     python bench/nf4_kernels.py --profile PROJECTION ROWS CONFIG   (a target for Nsight Compute)
-    python bench/nf4_kernels.py 1,16 --chain 0,8,16,32   (a step's projections in order, L2 prefetch caps)
 """
 
 from __future__ import annotations
@@ -23,7 +22,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
-from llm import nf4_kernels, nf4_mma  # noqa: E402
+from llm import nf4_kernels  # noqa: E402
 from llm.nf4 import LoraParts, NF4Matrix, NF4Projection  # noqa: E402
 from llm.triton_kernels import graph_time_ms  # noqa: E402
 
@@ -117,43 +116,6 @@ def measure_prompts(name: str, parts: list[int], cols: int, rows_counts: Sequenc
         print(json.dumps(result), flush=True)
 
 
-def measure_chain(rows_counts: Sequence[int], caps_mb: Sequence[int]) -> None:
-    """A decode step's projections in order (q/k/v, o, gate/up, down; LAYERS layers, as the tuner
-    picks their kernels), each kernel asking L2 for the first bytes of the next one's weight
-    (`nf4_mma.L2_PREFETCH_BYTES`): time per layer for each cap, against no prefetch (cap 0). Prints
-    the tuner's own timings too (every candidate, the one-row 128-register one included)."""
-    from llm.nf4 import NF4Layer, chain_l2_prefetch
-
-    groups = {name: [projection(parts, cols, seed) for seed in range(LAYERS)] for name, (parts, cols) in SHAPES.items()}
-    no_norm = torch.empty(0)
-    layers = [NF4Layer(no_norm, no_norm, *(groups[name][i] for name in SHAPES)) for i in range(LAYERS)]
-    chain_l2_prefetch(layers)
-    for projections in groups.values():
-        for p in projections:
-            p.use_kernels = True
-    plan = nf4_kernels.tune(groups, rows_counts)
-    print(json.dumps({"tuned": plan}), flush=True)
-    for rows in rows_counts:
-        x = torch.randn(rows, 4096, dtype=torch.bfloat16, device="cuda")
-        xi = torch.randn(rows, 14336, dtype=torch.bfloat16, device="cuda")
-
-        def step(x: torch.Tensor = x, xi: torch.Tensor = xi) -> None:
-            for layer in layers:
-                layer.qkv(x), layer.o(x), layer.gate_up(x), layer.down(xi)
-
-        result: dict = {"chain_rows": rows, "layers": LAYERS}
-        default_cap = nf4_mma.L2_PREFETCH_BYTES
-        try:
-            for cap in caps_mb:
-                nf4_mma.L2_PREFETCH_BYTES = cap * 2**20
-                result[f"cap{cap}mb_us_per_layer"] = round(timed(step) / LAYERS, 1)
-        finally:
-            nf4_mma.L2_PREFETCH_BYTES = default_cap
-        base = result[f"cap{caps_mb[0]}mb_us_per_layer"]
-        result["ratios_to_first_cap"] = {k: round(v / base, 3) for k, v in result.items() if k.endswith("_layer")}
-        print(json.dumps(result), flush=True)
-
-
 def profile_target(name: str, rows: int, label: str) -> None:
     """A few eager calls of one kernel configuration on one projection, for Nsight Compute:
     `ncu --kernel-name regex:nf4 --launch-skip 4 --launch-count 1 python bench/nf4_kernels.py
@@ -175,8 +137,6 @@ def main() -> None:
     parser.add_argument("rows", nargs="?", default="1,4,16", help="row counts to time, e.g. 1,4,16")
     parser.add_argument("--prompts", action="store_true",
                         help="time the prompt path's two LoRA product kinds instead (rows: prompt lengths)")
-    parser.add_argument("--chain", metavar="CAPS_MB",
-                        help="time a decode step's projections in order with these L2 prefetch caps, e.g. 0,8,16,32")
     parser.add_argument("--profile", nargs=3, metavar=("PROJECTION", "ROWS", "CONFIG"),
                         help=f"only run one configuration (an Nsight Compute target); projections: {', '.join(SHAPES)}")
     args = parser.parse_args()
@@ -192,13 +152,6 @@ def main() -> None:
         rows_counts = [int(r) for r in args.rows.split(",")]
     except ValueError:
         parser.error(f"rows must be comma-separated numbers, got {args.rows!r}")
-    if args.chain:
-        try:
-            caps = [int(c) for c in args.chain.split(",")]
-        except ValueError:
-            parser.error(f"--chain takes comma-separated megabytes, got {args.chain!r}")
-        measure_chain(rows_counts, caps)
-        return
     for name, (parts, cols) in SHAPES.items():
         (measure_prompts if args.prompts else measure)(name, parts, cols, rows_counts)
         torch.cuda.empty_cache()

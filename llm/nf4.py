@@ -232,9 +232,6 @@ class NF4Projection:
         # Prompts dequantize the weight in row chunks: a bounded scratch instead of a bf16 copy.
         self.dequant_rows = dequant_rows
         self.use_kernels = False
-        # The weight a decode step multiplies after this one: the decode kernel asks L2 for its first
-        # bytes (`chain_l2_prefetch`).
-        self.next_weight: NF4Matrix | None = None
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         flat = x.reshape(-1, x.shape[-1])
@@ -243,8 +240,7 @@ class NF4Projection:
         elif flat.shape[0] <= MAX_KERNEL_ROWS and not self._plan_prefers_dequantizing(flat.shape[0]):
             from llm import nf4_kernels
 
-            out = nf4_kernels.nf4_lora_linear(flat, self.weight, self.lora, self.round_lora_first,
-                                              next_weight=self.next_weight)
+            out = nf4_kernels.nf4_lora_linear(flat, self.weight, self.lora, self.round_lora_first)
         else:
             out = self.prompt(flat)
         return out.reshape(*x.shape[:-1], out.shape[-1])
@@ -379,7 +375,6 @@ def build_nf4_decoder(
         if free_source:
             lm.lm_head = nn.Identity()
         final_norm = lm.model.norm.weight.data.to(dtype)
-    chain_l2_prefetch(layers)
     if free_source:
         gc.collect()
         if torch.cuda.is_available():
@@ -407,14 +402,6 @@ def enable_nf4_kernels(decoder: MistralDecoder) -> bool:
             projection.use_kernels = nf4_kernels.supports(n, k, projection.lora.boundaries, projection.lora.rank)
             enabled = enabled or projection.use_kernels
     return enabled
-
-
-def chain_l2_prefetch(layers: Sequence[NF4Layer]) -> None:
-    """Each projection's successor in a decode step (q/k/v, o, gate/up, down, the next layer's
-    q/k/v), whose first bytes its decode kernel asks L2 for."""
-    order = [layer.projections[name] for layer in layers for name in ("qkv", "o", "gate_up", "down")]
-    for projection, successor in zip(order, order[1:] + [None], strict=True):
-        projection.next_weight = successor.weight if successor is not None else None
 
 
 def disable_nf4_kernels(decoder: MistralDecoder) -> None:

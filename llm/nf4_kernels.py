@@ -907,11 +907,8 @@ def nf4_lora_linear(
     lora: LoraParts,
     round_lora_first: bool = True,
     config: NF4Config | None = None,
-    next_weight: NF4Matrix | None = None,
 ) -> torch.Tensor:
-    """y = x @ dequant(W).T + scaling * B(A(x)) with PEFT's roundings, for 1..16 rows of x.
-    `next_weight`: the weight the decode step multiplies next; the tensor-core kernel asks L2 for
-    its first bytes (`nf4_mma.l2_prefetch_args`)."""
+    """y = x @ dequant(W).T + scaling * B(A(x)) with PEFT's roundings, for 1..16 rows of x."""
     m, k = x.shape
     n = weight.packed.shape[0]
     if not 1 <= m <= MAX_ROWS:
@@ -925,7 +922,7 @@ def nf4_lora_linear(
         return nf4_mma.nf4_mma_linear(x, weight, lora, seg1, seg2, round_lora_first, config.num_warps,
                                       config.block_n // nf4_mma.TILE_N, config.prefetch_x, config.num_stages,
                                       inputs=None if config.fuse_a else mma_inputs(x, n, lora),
-                                      min_blocks=config.min_blocks, next_weight=next_weight)
+                                      min_blocks=config.min_blocks)
     xperm = torch.empty((k,), dtype=torch.float32, device=x.device) if config.xperm else None
     t, splits = lora_a_product(x, lora, block_m, config.dot, xperm)
     y = torch.empty((m, n), dtype=torch.bfloat16, device=x.device)

@@ -162,15 +162,6 @@ __device__ __forceinline__ void block_tables(float scale, u32 (&L)[4], u32 (&H)[
 // A hint: the 128-byte line at p into L1, where a later load will find it
 __device__ __forceinline__ void prefetch_l1(const void* p) { asm volatile("prefetch.global.L1 [%0];" ::"l"(p)); }
 
-// A hint: `bytes` (a multiple of 16) from p into L2, in one instruction on Hopper
-__device__ __forceinline__ void prefetch_l2(const char* p, u32 bytes) {
-#if __CUDA_ARCH__ >= 900
-    asm volatile("cp.async.bulk.prefetch.L2.global [%0], %1;" ::"l"(p), "r"(bytes));
-#else
-    for (u32 i = 0; i < bytes; i += 128) asm volatile("prefetch.global.L2 [%0];" ::"l"(p + i));
-#endif
-}
-
 __device__ __forceinline__ int load_acquire(const int* p) {
     int v;
     asm volatile("ld.acquire.gpu.global.b32 %0, [%1];" : "=r"(v) : "l"(p) : "memory");
@@ -302,12 +293,6 @@ __device__ void lora_a_unit(const u16* x, int ldx, const float* lora_a, int M, i
 }
 #endif  // FUSE_A
 
-// Slice `slot` of `slots` equal slices (multiples of 16 bytes) of bytes [0, bytes) at base into L2
-__device__ __forceinline__ void prefetch_slice(const char* base, int bytes, int slot, int slots) {
-    const int slice = ((bytes + slots - 1) / slots + 15) / 16 * 16, begin = slot * slice;
-    if (begin < bytes) prefetch_l2(base + begin, (u32)(slice < bytes - begin ? slice : bytes - begin));
-}
-
 // One group's weight bytes and absmax values, as one lane holds them
 struct LaneGroup {
     uint4 w[2 * TILES][2];
@@ -360,8 +345,7 @@ nf4_mma_kernel(const uint4* __restrict__ words, const float* __restrict__ absmax
                const float* __restrict__ lora_b, u16* __restrict__ y, int M, int K_unused, int ldy, double scaling,
                int seg1, int seg2, int RT, int t_splits, int round_lora_first, const u16* __restrict__ x, int ldx,
                const float* __restrict__ lora_a, float* __restrict__ a_partial, int* __restrict__ counters,
-               int la_blocks, const char* __restrict__ next_words, int next_words_bytes,
-               const char* __restrict__ next_absmax, int next_absmax_bytes, int prefetch_blocks) {
+               int la_blocks) {
     constexpr int HALVES = 2 * TILES;  // 8-feature halves of the block; half q is features 8 q + g
     constexpr int FEATURES = 16 * TILES;
     // One padding float per row keeps the epilogue's reads free of bank conflicts: a warp reads
@@ -488,18 +472,6 @@ nf4_mma_kernel(const uint4* __restrict__ words, const float* __restrict__ absmax
     }
 #endif
 
-    // The last `prefetch_blocks` weight blocks, done with their own weights, ask L2 for the first
-    // bytes of the projection the step multiplies next, which DRAM would otherwise only start on once
-    // that kernel has started: in run 20 ~5 us of every projection's time did not grow with its
-    // bytes. (Here, not before the loop: there it made ptxas spill the 128-register kernel.)
-    {
-        const int weight_blocks = (int)gridDim.x - la_blocks;
-        const int slot = (int)blockIdx.x - la_blocks - (weight_blocks - prefetch_blocks);
-        if (slot >= 0 && threadIdx.x == 0) {
-            prefetch_slice(next_words, next_words_bytes, slot, prefetch_blocks);
-            prefetch_slice(next_absmax, next_absmax_bytes, slot, prefetch_blocks);
-        }
-    }
 #if FUSE_A
     wait_until(&counters[T_READY], RT >> 2);
     load_t();
@@ -645,32 +617,6 @@ def fused_a_blocks(rt: int, k: int, warps: int) -> int:
     return -(-units // warps)
 
 
-# How much of the next projection's weights (its first rows: packed bytes and absmax) a decode
-# kernel asks L2 for, and about how much each of its blocks asks for at once.
-L2_PREFETCH_BYTES = 16 * 2**20
-L2_PREFETCH_SLICE = 32 * 2**10
-
-
-def l2_prefetch_args(weight: NF4Matrix, next_weight: NF4Matrix | None, weight_blocks: int,
-                     cap: int | None = None) -> list:
-    """The kernel's last five arguments: the next weight's first rows (at most `cap` bytes, packed
-    bytes and their absmax; L2_PREFETCH_BYTES by default), and how many of this launch's last weight
-    blocks share the asking. No next weight, or a cap of 0: nothing is asked for (the pointers are
-    then this weight's own, never read)."""
-    cap = L2_PREFETCH_BYTES if cap is None else cap
-    nothing = [weight.packed, 0, weight.absmax, 0, 0]
-    if next_weight is None or cap <= 0:
-        return nothing
-    n, k = next_weight.shape
-    rows = min(n, cap // (k // 2 + next_weight.absmax.shape[1] * next_weight.absmax.element_size()))
-    words_bytes = rows * next_weight.packed.stride(0) * next_weight.packed.element_size()
-    absmax_bytes = rows * next_weight.absmax.stride(0) * next_weight.absmax.element_size()
-    if rows == 0 or words_bytes % 16 or absmax_bytes % 16:
-        return nothing
-    blocks = max(1, min(weight_blocks, -(-(words_bytes + absmax_bytes) // L2_PREFETCH_SLICE)))
-    return [next_weight.packed, words_bytes, next_weight.absmax, absmax_bytes, blocks]
-
-
 def nf4_mma_linear(
     x: torch.Tensor,
     weight: NF4Matrix,
@@ -684,7 +630,6 @@ def nf4_mma_linear(
     ahead: int = 1,
     inputs: tuple[torch.Tensor, torch.Tensor] | None = None,
     min_blocks: int = 1,
-    next_weight: NF4Matrix | None = None,
 ) -> torch.Tensor:
     """y = x @ dequant(W).T + scaling * B(A(x)) with PEFT's roundings for x ([m <= 16, K], bf16);
     rows from seg1 and from seg2 on belong to the LoRA's second and third parts.
@@ -693,9 +638,7 @@ def nf4_mma_linear(
     float32). Without them, one launch does it all (FUSE_A): its first blocks write x in operand
     order and t (whole, summed in a fixed order), while the others start on their weights and wait
     for x, then for t before their epilogue. The LoRA A kernel and the gap after it were 10 % of a
-    one-row decode step and 19 % of a 16-row one (run 17).
-    `next_weight`: the weight the decode step multiplies next, whose first bytes this launch asks L2
-    for (`l2_prefetch_args`)."""
+    one-row decode step and 19 % of a 16-row one (run 17)."""
     m, k = x.shape
     n = weight.shape[0]
     rt = lora.a.shape[0]
@@ -721,9 +664,7 @@ def nf4_mma_linear(
         partial = torch.empty((k // GROUP, m, rt), dtype=torch.float32, device=x.device)
         la_blocks = fused_a_blocks(rt, k, warps)
         splits, fused_args = 1, [x, x.stride(0), lora.a, partial, counters]
-    weight_blocks = n // (TILE_N * tiles)
-    kernel(grid=(la_blocks + weight_blocks, 1, 1), block=(warps * 32, 1, 1),
+    kernel(grid=(la_blocks + n // (TILE_N * tiles), 1, 1), block=(warps * 32, 1, 1),
            args=[weight.packed, weight.absmax, xq, t, lora.b, y, m, k, y.stride(0), float(lora.scaling),
-                 seg1, seg2, rt, splits, int(round_lora_first), *fused_args, la_blocks,
-                 *l2_prefetch_args(weight, next_weight, weight_blocks)])
+                 seg1, seg2, rt, splits, int(round_lora_first), *fused_args, la_blocks])
     return y

@@ -79,15 +79,6 @@ def test_nf4_decoder_matches_the_seeds_peft_model(reference_model, korean_ids):
     assert (without_adapter - expected).abs().max().item() > 5 * error
 
 
-def test_each_projection_knows_the_weight_the_decode_step_multiplies_next(reference_model):
-    decoder = build_nf4_decoder(reference_model, max_batch=1, max_seq_len=64)
-    order = [layer.projections[name] for layer in decoder.layers for name in ("qkv", "o", "gate_up", "down")]
-    assert len(order) == 4 * len(decoder.layers) >= 8
-    for projection, successor in zip(order, order[1:], strict=False):
-        assert projection.next_weight is successor.weight
-    assert order[-1].next_weight is None  # the lm_head after it is bf16
-
-
 def test_nf4_engine_greedy_agrees_with_the_seed_path(tiny_checkpoint, mistral_tokenizer):
     reference = build_engine("reference", str(tiny_checkpoint.base_dir), str(tiny_checkpoint.adapter_dir), "cpu")
     engine = build_engine(

@@ -27,20 +27,15 @@ LAUNCHER = r"""
 extern "C" void add_buffer(const void* begin, long bytes) {
     global_buffers.push_back({static_cast<const char*>(begin), static_cast<const char*>(begin) + bytes});
 }
-extern "C" long l2_bytes_asked() { return prefetched_l2_bytes; }
 // Returns the number of out-of-bounds global reads.
 extern "C" long launch(int grid, int threads, const void* words, const float* absmax, void* xq, float* t,
                        const float* lora_b, void* y, int M, int K, int ldy, double scaling, int seg1, int seg2,
                        int RT, int t_splits, int round_lora_first, const void* x, int ldx, const float* lora_a,
-                       float* a_partial, int* counters, int la_blocks, const void* next_words, int next_words_bytes,
-                       const void* next_absmax, int next_absmax_bytes, int prefetch_blocks) {
+                       float* a_partial, int* counters, int la_blocks) {
     out_of_bounds_reads = 0;
-    prefetched_l2_bytes = 0;
     launch_blocks(grid, threads, [=] {
         nf4_mma_kernel((const uint4*)words, absmax, (uint2*)xq, t, lora_b, (u16*)y, M, K, ldy, scaling, seg1, seg2,
-                       RT, t_splits, round_lora_first, (const u16*)x, ldx, lora_a, a_partial, counters, la_blocks,
-                       (const char*)next_words, next_words_bytes, (const char*)next_absmax, next_absmax_bytes,
-                       prefetch_blocks);
+                       RT, t_splits, round_lora_first, (const u16*)x, ldx, lora_a, a_partial, counters, la_blocks);
     });
     return out_of_bounds_reads;
 }
@@ -66,9 +61,7 @@ def _build(tmp_path_factory: pytest.TempPathFactory, warps: int, rows: int, tile
     library.launch.restype = ctypes.c_long
     library.launch.argtypes = [ctypes.c_int, ctypes.c_int] + [ctypes.c_void_p] * 6 + [
         ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_double] + [ctypes.c_int] * 5 + [
-        ctypes.c_void_p, ctypes.c_int] + [ctypes.c_void_p] * 3 + [ctypes.c_int] + [
-        ctypes.c_void_p, ctypes.c_int, ctypes.c_void_p, ctypes.c_int, ctypes.c_int]
-    library.l2_bytes_asked.restype = ctypes.c_long
+        ctypes.c_void_p, ctypes.c_int] + [ctypes.c_void_p] * 3 + [ctypes.c_int]
     return library
 
 
@@ -91,11 +84,8 @@ def _projection(n: int, k: int, seed: int) -> NF4Projection:
 
 
 def _run(library: ctypes.CDLL, projection: NF4Projection, x: torch.Tensor, warps: int, tiles: int,
-         counters: torch.Tensor | None = None, next_weight: NF4Matrix | None = None,
-         prefetch_cap: int = 0) -> torch.Tensor:
-    """The kernel's output; with `counters`, the fused kernel's (which it leaves as it found them).
-    With `next_weight`, the launch asks L2 for its first rows up to `prefetch_cap` bytes, and only
-    those rows are readable."""
+         counters: torch.Tensor | None = None) -> torch.Tensor:
+    """The kernel's output; with `counters`, the fused kernel's (which it leaves as it found them)."""
     m, k = x.shape
     n = projection.weight.shape[0]
     lora = projection.lora
@@ -116,18 +106,11 @@ def _run(library: ctypes.CDLL, projection: NF4Projection, x: torch.Tensor, warps
     y = torch.full((m, n), float("nan"), dtype=torch.bfloat16)
     for buffer in (projection.weight.packed, projection.weight.absmax, xq, t, lora.b, x, lora.a, a_partial):
         library.add_buffer(buffer.data_ptr(), buffer.numel() * buffer.element_size())
-    weight_blocks = n // (16 * tiles)
-    words, words_bytes, absmax, absmax_bytes, prefetch_blocks = nf4_mma.l2_prefetch_args(
-        projection.weight, next_weight, weight_blocks, prefetch_cap)
-    if next_weight is not None:  # its first rows only
-        library.add_buffer(words.data_ptr(), words_bytes)
-        library.add_buffer(absmax.data_ptr(), absmax_bytes)
     out_of_bounds = library.launch(
-        la_blocks + weight_blocks, warps * 32, projection.weight.packed.data_ptr(),
+        la_blocks + n // (16 * tiles), warps * 32, projection.weight.packed.data_ptr(),
         projection.weight.absmax.data_ptr(), xq.data_ptr(), t.data_ptr(), lora.b.data_ptr(), y.data_ptr(), m, k, n,
         lora.scaling, *lora.part_starts(n), rt, splits, 1, x.data_ptr(), x.stride(0), lora.a.data_ptr(),
-        a_partial.data_ptr(), counters.data_ptr(), la_blocks, words.data_ptr(), words_bytes, absmax.data_ptr(),
-        absmax_bytes, prefetch_blocks)
+        a_partial.data_ptr(), counters.data_ptr(), la_blocks)
     assert out_of_bounds == 0, f"{out_of_bounds} global reads outside the kernel's buffers"
     return y
 
@@ -169,25 +152,3 @@ def test_the_fused_kernel_computes_lora_a_itself_and_leaves_its_counters_at_zero
         assert not out.isnan().any()
         assert nf4_kernels.matches_reference(out, reference), (out.float() - reference.float()).abs().max()
         assert counters.abs().sum() == 0, counters
-
-
-@pytest.mark.parametrize("fuse_a", [False, True])
-@pytest.mark.parametrize("rows", [1, 11])
-def test_the_kernel_asks_l2_for_the_next_weights_first_rows_and_nothing_more(tmp_path_factory, monkeypatch, fuse_a,
-                                                                            rows):
-    k, warps, tiles = 256 * 5, 4, 1
-    library = _build(tmp_path_factory, warps, nf4_mma.fused_kernel_rows(rows) if fuse_a else 8 if rows <= 8 else 16,
-                     tiles, False, 1, k, fuse_a=fuse_a)
-    projection = _projection(n=64, k=k, seed=rows)
-    next_weight = _projection(n=96, k=k, seed=50 + rows).weight
-    # 37 of its 96 rows (640 packed bytes and 80 absmax bytes each), over the launch's 4 weight blocks
-    # in slices of 5,920 and 752 bytes (the last absmax slice shorter)
-    monkeypatch.setattr(nf4_mma, "L2_PREFETCH_SLICE", 4096)
-    cap = 37 * (640 + 80) + 100
-    x = torch.randn((rows, k), generator=torch.Generator().manual_seed(300 + rows)).to(torch.bfloat16)
-    counters = torch.zeros(3 + projection.lora.a.shape[0] // nf4_mma.RANK_QUAD, dtype=torch.int32) if fuse_a else None
-    out = _run(library, projection, x, warps, tiles, counters, next_weight=next_weight, prefetch_cap=cap)
-    assert library.l2_bytes_asked() == 37 * (640 + 80)
-    assert nf4_kernels.matches_reference(out, projection.reference(x))
-    _run(library, projection, x, warps, tiles, counters, next_weight=next_weight, prefetch_cap=0)
-    assert library.l2_bytes_asked() == 0

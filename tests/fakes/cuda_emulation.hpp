@@ -113,12 +113,6 @@ inline u32 and_or(u32 a, u32 b, u32 c) { return (a & b) | c; }
 inline u32 shift_right_on_fma(u32 a, int k) { return (u32)(((unsigned long long)a * (1ull << (32 - k))) >> 32); }
 inline uint4 load_streaming(const uint4* p) { return __ldg(p); }
 inline void prefetch_l1(const void* p) { check_read(p, 128); }  // a hint; its line must exist
-// A hint too: every byte asked for must exist; the test adds up how many were asked for
-inline std::atomic<long> prefetched_l2_bytes{0};
-inline void prefetch_l2(const char* p, u32 bytes) {
-    check_read(p, bytes);
-    prefetched_l2_bytes += bytes;
-}
 
 // ---- warps and blocks ---------------------------------------------------------------------------
 struct WarpExchange {
