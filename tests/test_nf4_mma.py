@@ -151,8 +151,9 @@ def test_the_register_capped_candidate_is_timed_at_one_row_only():
 
     assert "mma_32x256w4s1fb4" in labels(1)
     assert not any(label.endswith("b4") for label in labels(2) + labels(16))
-    assert "#define MIN_BLOCKS 4" in nf4_mma.source(NF4_CODE, 4, 1, 32, 2, fuse_a=True, min_blocks=4)
-    assert "__launch_bounds__(WARPS * 32, MIN_BLOCKS)" in nf4_mma.source(NF4_CODE, 4, 1, 32, 2, fuse_a=True)
+    assert "__launch_bounds__(WARPS * 32, 4)" in nf4_mma.source(NF4_CODE, 4, 1, 32, 2, fuse_a=True, min_blocks=4)
+    # no minimum at all by default: a minimum of 1 lets ptxas take 253 registers (tests below)
+    assert "__launch_bounds__(WARPS * 32)\n" in nf4_mma.source(NF4_CODE, 4, 1, 32, 2, fuse_a=True)
     with pytest.raises(ValueError):
         nf4_mma.source(NF4_CODE, 4, 1, 32, 2, fuse_a=True, min_blocks=0)
 
@@ -172,4 +173,6 @@ def test_the_capped_one_row_kernel_fits_its_registers_without_spilling(tmp_path)
     capped, uncapped = ptxas(4), ptxas(1)
     registers = int(re.search(r"Used (\d+) registers", capped).group(1))
     assert registers <= 128 and "0 bytes spill stores" in capped, capped
-    assert int(re.search(r"Used (\d+) registers", uncapped).group(1)) > 128
+    # Uncapped, ptxas's own choice (166 with nvcc 13): 3 blocks per SM. Not the 253 that an explicit
+    # minimum of 1 block per SM let it take (run 21: 20 % slower).
+    assert 128 < int(re.search(r"Used (\d+) registers", uncapped).group(1)) <= 168, uncapped
