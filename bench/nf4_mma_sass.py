@@ -9,7 +9,7 @@ LEA and the integer adds share at half the FP32 rate: this is the count to bring
 
     python3 bench/nf4_mma_sass.py --cuobjdump /tmp/cuobj/nvidia/cu13/bin/cuobjdump 4 8 2 1 1
     (warps, rows, tiles, prefetch_x, groups ahead: a configuration name like mma_32x256w4s1p;
-    --fuse-a for the "f" ones, rows 1 for their one-row kernel; --min-blocks 4 for "fb4")
+    --fuse-a for the "f" ones, rows 1 for their one-row kernel)
 """
 
 from __future__ import annotations
@@ -56,7 +56,6 @@ def main() -> None:
     parser.add_argument("prefetch_x", type=int)
     parser.add_argument("ahead", type=int)
     parser.add_argument("--fuse-a", action="store_true", help="the fused-LoRA-A kernel ('f' configurations)")
-    parser.add_argument("--min-blocks", type=int, default=1, help="blocks per SM the registers must allow ('b' ones)")
     parser.add_argument("--cuobjdump", default="cuobjdump")
     parser.add_argument("--nvcc", default="nvcc")
     args = parser.parse_args()
@@ -64,7 +63,7 @@ def main() -> None:
 
     code = get_4bit_type("nf4", device="cpu").tolist()
     text = nf4_mma.source(code, args.warps, args.rows, 32, args.tiles, bool(args.prefetch_x), args.ahead,
-                          fuse_a=args.fuse_a, min_blocks=args.min_blocks)
+                          fuse_a=args.fuse_a)
     with tempfile.TemporaryDirectory() as folder:
         cu, cubin = Path(folder) / "k.cu", Path(folder) / "k.cubin"
         cu.write_text(text)

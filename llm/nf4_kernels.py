@@ -84,7 +84,6 @@ class NF4Config:
     xperm: bool = False  # lut GEMV: x read value-major (written by the LoRA A kernel)
     prefetch_x: bool = False  # mma: each warp prefetches its next group's x into L1
     fuse_a: bool = False  # mma: the LoRA A product in the same launch (`nf4_mma.nf4_mma_linear`)
-    min_blocks: int = 1  # mma: blocks per SM the registers must allow (`__launch_bounds__`)
 
     @property
     def dot(self) -> bool:
@@ -93,7 +92,6 @@ class NF4Config:
     @property
     def label(self) -> str:
         suffix = ("x" if self.xperm else "") + ("p" if self.prefetch_x else "") + ("f" if self.fuse_a else "")
-        suffix += f"b{self.min_blocks}" if self.min_blocks > 1 else ""
         return f"{self.kind}_{self.block_n}x{self.block_k}w{self.num_warps}s{self.num_stages}{suffix}"
 
     def fits(self, n: int, k: int, boundaries: Sequence[int]) -> bool:
@@ -134,12 +132,6 @@ MMA_CONFIGS = tuple(
         (4, 1, 2, False, True), (8, 1, 2, False, True),
     )
 )
-# One row only: the fused two-tile kernel (the gate/up winner at one row) held to 128 registers, so
-# that 4 blocks of 4 warps fit an SM instead of 3 (run 20's Nsight: 0.84 eligible warps per
-# scheduler; ptxas: no spills at one row, spills at 8-16).
-ONE_ROW_MMA_CONFIGS = (
-    NF4Config(2 * nf4_mma.TILE_N, nf4_mma.GROUP, 4, 1, kind="mma", fuse_a=True, min_blocks=4),
-)
 # Only where nothing above fits (small models, e.g. the tests' tiny one).
 SMALL_CONFIGS = (NF4Config(16, 64, 4, 1, kind="gather_dot"),)
 MAX_ROWS = 16
@@ -152,8 +144,7 @@ def _candidates(rows: int, n: int, k: int, boundaries: Sequence[int], mma: bool 
     tuner's fallback when no MMA configuration compiles or matches the reference on this GPU."""
     mma = _mma_available() if mma is None else mma
     block_m = _block_m(rows)
-    one_row = ONE_ROW_MMA_CONFIGS if block_m == 1 else ()
-    mma_configs = [c for c in MMA_CONFIGS + one_row if c.fits(n, k, boundaries)] if mma else []
+    mma_configs = [c for c in MMA_CONFIGS if c.fits(n, k, boundaries)] if mma else []
     if mma_configs and block_m > 1:
         return mma_configs
     if block_m == 1:
@@ -921,8 +912,7 @@ def nf4_lora_linear(
     if config.kind == "mma":
         return nf4_mma.nf4_mma_linear(x, weight, lora, seg1, seg2, round_lora_first, config.num_warps,
                                       config.block_n // nf4_mma.TILE_N, config.prefetch_x, config.num_stages,
-                                      inputs=None if config.fuse_a else mma_inputs(x, n, lora),
-                                      min_blocks=config.min_blocks)
+                                      inputs=None if config.fuse_a else mma_inputs(x, n, lora))
     xperm = torch.empty((k,), dtype=torch.float32, device=x.device) if config.xperm else None
     t, splits = lora_a_product(x, lora, block_m, config.dot, xperm)
     y = torch.empty((m, n), dtype=torch.bfloat16, device=x.device)

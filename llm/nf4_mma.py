@@ -340,7 +340,10 @@ __device__ __forceinline__ void group_mma(const uint4 (&w)[2 * TILES][2], const 
 
 // A = W (16 features x 16 inputs), B = x.T (16 inputs x 8 rows of x). Lane (g, t) holds features g
 // and g + 8 of each of TILES 16-feature tiles, and x row g (+ 8 per set); WARPS warps split K.
-extern "C" __global__ void LAUNCH_BOUNDS
+// A maximum of threads only: a minimum of blocks per SM, even 1, lets ptxas take up to 255 registers
+// (253 for the one-row two-tile kernel instead of 166: 2 blocks of 4 warps per SM instead of 3, 20 %
+// slower in run 21), and holding that kernel to 128 registers for 4 blocks was 5 % slower (run 22).
+extern "C" __global__ void __launch_bounds__(WARPS * 32)
 nf4_mma_kernel(const uint4* __restrict__ words, const float* __restrict__ absmax, XQ_POINTER xq, T_POINTER t_part,
                const float* __restrict__ lora_b, u16* __restrict__ y, int M, int K_unused, int ldy, double scaling,
                int seg1, int seg2, int RT, int t_splits, int round_lora_first, const u16* __restrict__ x, int ldx,
@@ -511,29 +514,22 @@ nf4_mma_kernel(const uint4* __restrict__ words, const float* __restrict__ absmax
 
 
 def source(code: Sequence[float], warps: int, rows: int, rank: int, tiles: int = 1, prefetch_x: bool = False,
-           ahead: int = 1, k: int = 4096, fuse_a: bool = False, min_blocks: int = 1) -> str:
+           ahead: int = 1, k: int = 4096, fuse_a: bool = False) -> str:
     """The kernel's CUDA source for one NF4 code table, warps per block, row tile (8 or 16), rank,
     16-feature tiles per warp, whether each warp prefetches its next group's x into L1, how many
     groups' weight bytes each warp holds in registers ahead of the one it computes (1 or 2), the
     inputs K (a compile-time constant: 5-7 % fewer ALU instructions per weight, bench/nf4_mma_sass.py),
-    whether the launch's first blocks compute the LoRA's A product themselves (`fuse_a`) and how
-    many blocks per SM the compiler must leave registers for (`min_blocks`: the one-row fused
-    two-tile kernel takes 166 registers, 3 blocks of 4 warps per SM, and fits in 128 without spills)."""
+    and whether the launch's first blocks compute the LoRA's A product themselves (`fuse_a`)."""
     if len(code) != 16:
         raise ValueError("an NF4 code table has 16 entries")
     if (warps not in WARP_CHOICES or rows not in (1, 8, 16) or (rows == 1 and not fuse_a) or rank <= 0
-            or tiles not in TILE_CHOICES or ahead not in (1, 2) or k <= 0 or k % GROUP or min_blocks < 1):
+            or tiles not in TILE_CHOICES or ahead not in (1, 2) or k <= 0 or k % GROUP):
         raise ValueError(f"no nf4 MMA kernel for {warps} warps, {rows} rows, rank {rank}, {tiles} tiles, "
-                         f"{ahead} groups ahead, K {k}, {min_blocks} blocks per SM")
+                         f"{ahead} groups ahead, K {k}")
     # exact: hexadecimal literals of the float32 values
     values = ", ".join(f"{struct.unpack('<f', struct.pack('<f', float(v)))[0].hex()}f" for v in code)
-    # A minimum of 1 block per SM is not the same as none: with it, ptxas takes up to 255 registers
-    # (253 for the one-row two-tile kernel instead of 166: 2 blocks of 4 warps per SM instead of 3,
-    # 20 % slower in run 21)
-    bounds = f"WARPS * 32, {min_blocks}" if min_blocks > 1 else "WARPS * 32"
     header = (f"#define KDIM {k}\n#define WARPS {warps}\n#define ROWS {rows}\n#define RANK {rank}\n#define TILES {tiles}\n"
               f"#define PREFETCH_X {int(prefetch_x)}\n#define AHEAD {ahead}\n#define FUSE_A {int(fuse_a)}\n"
-              f"#define LAUNCH_BOUNDS __launch_bounds__({bounds})\n"
               f"__device__ __constant__ float CODE_TABLE[16] = {{{values}}};\n#define CODE CODE_TABLE\n")
     return header + _SOURCE
 
@@ -587,8 +583,8 @@ def code_values(code: torch.Tensor) -> tuple[float, ...]:
 
 
 def _kernel(code: torch.Tensor, warps: int, rows: int, rank: int, tiles: int, prefetch_x: bool, ahead: int,
-            k: int, fuse_a: bool, min_blocks: int) -> Callable:
-    key = (code.device.index, code_values(code), warps, rows, rank, tiles, prefetch_x, ahead, k, fuse_a, min_blocks)
+            k: int, fuse_a: bool) -> Callable:
+    key = (code.device.index, code_values(code), warps, rows, rank, tiles, prefetch_x, ahead, k, fuse_a)
     if key not in _KERNELS:
         with torch.cuda.device(code.device):
             _KERNELS[key] = _compile(source(*key[1:]))
@@ -633,7 +629,6 @@ def nf4_mma_linear(
     prefetch_x: bool = False,
     ahead: int = 1,
     inputs: tuple[torch.Tensor, torch.Tensor] | None = None,
-    min_blocks: int = 1,
 ) -> torch.Tensor:
     """y = x @ dequant(W).T + scaling * B(A(x)) with PEFT's roundings for x ([m <= 16, K], bf16);
     rows from seg1 and from seg2 on belong to the LoRA's second and third parts.
@@ -649,8 +644,7 @@ def nf4_mma_linear(
     y = torch.empty((m, n), dtype=torch.bfloat16, device=x.device)
     if inputs is not None:
         xq, t = inputs
-        kernel = _kernel(weight.code, warps, 8 if m <= 8 else 16, lora.rank, tiles, prefetch_x, ahead, k, False,
-                         min_blocks)
+        kernel = _kernel(weight.code, warps, 8 if m <= 8 else 16, lora.rank, tiles, prefetch_x, ahead, k, False)
         la_blocks = 0
         splits, fused_args = t.shape[0], [xq, 0, lora.a, t, t]  # the fused LoRA A's arguments, unused
     else:
@@ -658,8 +652,7 @@ def nf4_mma_linear(
             raise ValueError(f"the fused kernel takes ranks in quads; these LoRA parts have {rt} in all")
         if x.stride(1) != 1 or x.stride(0) % 8 or x.data_ptr() % 16:
             x = x.clone(memory_format=torch.contiguous_format)  # 16-byte rows for the vector loads
-        kernel = _kernel(weight.code, warps, fused_kernel_rows(m), lora.rank, tiles, prefetch_x, ahead, k, True,
-                         min_blocks)
+        kernel = _kernel(weight.code, warps, fused_kernel_rows(m), lora.rank, tiles, prefetch_x, ahead, k, True)
         counters = lora.fused_counters
         if counters is None or counters.device != x.device or counters.numel() < 3 + rt // RANK_QUAD:
             counters = lora.fused_counters = torch.zeros(3 + rt // RANK_QUAD, dtype=torch.int32, device=x.device)
