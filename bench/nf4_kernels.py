@@ -5,6 +5,7 @@ of the fused kernel (every config), of dequantize + cuBLAS, and of `fast`'s bf16
 bytes each reads and the achieved TB/s. Prints JSON lines.
 
     python bench/nf4_kernels.py [ROWS, e.g. 1,4,16]
+    python bench/nf4_kernels.py 1,16 --weight-loads   (+ each tensor-core configuration's other weight loads)
     python bench/nf4_kernels.py --prompts 367,1500   (the prompt path: TF32x3 against PEFT's LoRA products)
     python bench/nf4_kernels.py --prompts 32,288 --dequant-rows 512,1024,2048   (+ other dequantization chunks)
     python bench/nf4_kernels.py --profile PROJECTION ROWS CONFIG   (a target for Nsight Compute)
@@ -16,6 +17,7 @@ import argparse
 import json
 import sys
 from collections.abc import Sequence
+from dataclasses import replace
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -23,7 +25,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
-from llm import nf4_kernels  # noqa: E402
+from llm import nf4_kernels, nf4_mma  # noqa: E402
 from llm.nf4 import LoraParts, NF4Matrix, NF4Projection  # noqa: E402
 from llm.triton_kernels import graph_time_ms  # noqa: E402
 
@@ -56,7 +58,15 @@ def projection(parts: list[int], cols: int, seed: int) -> NF4Projection:
     return NF4Projection(NF4Matrix.concat(matrices), LoraParts(a, b, tuple(segments), 32, 0.25))
 
 
-def measure(name: str, parts: list[int], cols: int, rows_counts: Sequence[int]) -> None:
+def with_weight_load_kinds(configs: list[nf4_kernels.NF4Config]) -> list[nf4_kernels.NF4Config]:
+    """Every tensor-core configuration also with its weights loaded into L1 ("l") and by lane pairs
+    in whole sectors ("w"): run 22's Nsight found the streaming loads using half of each sector."""
+    variants = [replace(c, weight_loads=kind) for c in configs if c.kind == "mma"
+                for kind in range(1, len(nf4_mma.WEIGHT_LOAD_KINDS))]
+    return configs + variants
+
+
+def measure(name: str, parts: list[int], cols: int, rows_counts: Sequence[int], weight_loads: bool = False) -> None:
     group = [projection(parts, cols, seed) for seed in range(LAYERS)]
     dense = [torch.randn(sum(parts), cols, dtype=torch.bfloat16, device="cuda") for _ in range(LAYERS)]
     n, k = group[0].weight.shape
@@ -72,7 +82,8 @@ def measure(name: str, parts: list[int], cols: int, rows_counts: Sequence[int]) 
 
         reference = group[0].reference(x)
         wrong = []
-        for config in nf4_kernels.all_configs(rows, n, k, boundaries):
+        configs = nf4_kernels.all_configs(rows, n, k, boundaries)
+        for config in with_weight_load_kinds(configs) if weight_loads else configs:
             if not nf4_kernels.matches_reference(fused(config)[0], reference):
                 wrong.append(config.label)
             us = timed(lambda c=config: fused(c)) / LAYERS
@@ -165,6 +176,8 @@ def main() -> None:
     parser.add_argument("rows", nargs="?", default="1,4,16", help="row counts to time, e.g. 1,4,16")
     parser.add_argument("--prompts", action="store_true",
                         help="time the prompt path's two LoRA product kinds instead (rows: prompt lengths)")
+    parser.add_argument("--weight-loads", action="store_true",
+                        help="also time every tensor-core configuration with its other weight-load kinds (into L1, lane pairs)")
     parser.add_argument("--dequant-rows", metavar="ROWS",
                         help="with --prompts: also time PEFT's products with these dequantization chunks, e.g. 512,1024,2048")
     parser.add_argument("--profile", nargs=3, metavar=("PROJECTION", "ROWS", "CONFIG"),
@@ -192,7 +205,7 @@ def main() -> None:
         if args.prompts:
             measure_prompts(name, parts, cols, rows_counts, chunks)
         else:
-            measure(name, parts, cols, rows_counts)
+            measure(name, parts, cols, rows_counts, args.weight_loads)
         torch.cuda.empty_cache()
 
 

@@ -84,6 +84,7 @@ class NF4Config:
     xperm: bool = False  # lut GEMV: x read value-major (written by the LoRA A kernel)
     prefetch_x: bool = False  # mma: each warp prefetches its next group's x into L1
     fuse_a: bool = False  # mma: the LoRA A product in the same launch (`nf4_mma.nf4_mma_linear`)
+    weight_loads: int = 0  # mma: index into nf4_mma.WEIGHT_LOAD_KINDS ("l": into L1, "w": lane pairs)
 
     @property
     def dot(self) -> bool:
@@ -92,6 +93,7 @@ class NF4Config:
     @property
     def label(self) -> str:
         suffix = ("x" if self.xperm else "") + ("p" if self.prefetch_x else "") + ("f" if self.fuse_a else "")
+        suffix += ("", "l", "w")[self.weight_loads]
         return f"{self.kind}_{self.block_n}x{self.block_k}w{self.num_warps}s{self.num_stages}{suffix}"
 
     def fits(self, n: int, k: int, boundaries: Sequence[int]) -> bool:
@@ -912,7 +914,8 @@ def nf4_lora_linear(
     if config.kind == "mma":
         return nf4_mma.nf4_mma_linear(x, weight, lora, seg1, seg2, round_lora_first, config.num_warps,
                                       config.block_n // nf4_mma.TILE_N, config.prefetch_x, config.num_stages,
-                                      inputs=None if config.fuse_a else mma_inputs(x, n, lora))
+                                      inputs=None if config.fuse_a else mma_inputs(x, n, lora),
+                                      weight_loads=config.weight_loads)
     xperm = torch.empty((k,), dtype=torch.float32, device=x.device) if config.xperm else None
     t, splits = lora_a_product(x, lora, block_m, config.dot, xperm)
     y = torch.empty((m, n), dtype=torch.bfloat16, device=x.device)

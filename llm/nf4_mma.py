@@ -49,6 +49,9 @@ GROUP = 256  # inputs per lane group: 4 absmax blocks of 64, one per lane of a q
 TILE_N = 16  # output features per tile (one MMA's m); a block has 1 or 2 tiles
 WARP_CHOICES = (4, 8, 16)
 TILE_CHOICES = (1, 2)  # 2: every x load feeds twice the MMAs (x traffic halved, more registers)
+# How a lane loads its 32 weight bytes per group (`source`'s weight_loads): two 16-byte loads past L1
+# (each half-uses a 32-byte sector), the same into L1, or lane pairs loading whole sectors
+WEIGHT_LOAD_KINDS = ("stream", "l1", "pairs")
 
 _SOURCE = r"""
 typedef unsigned int u32;
@@ -103,11 +106,18 @@ __device__ __forceinline__ u32 and_or(u32 a, u32 b, u32 c) {
     return d;
 }
 
-// Weights are read once: past L1, which keeps x (read by every block) instead
+// Weights are read once: past L1, which keeps x (read by every block) instead. WEIGHT_LOADS 1: into
+// L1 after all (evict-first), where the other half of a sector a lane's first load brought may be
+// found by its second
 __device__ __forceinline__ uint4 load_streaming(const uint4* p) {
     uint4 v;
+#if WEIGHT_LOADS == 1
+    asm("ld.global.nc.L1::evict_first.v4.u32 {%0,%1,%2,%3}, [%4];"
+        : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w) : "l"(p));
+#else
     asm("ld.global.nc.L1::no_allocate.v4.u32 {%0,%1,%2,%3}, [%4];"
         : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w) : "l"(p));
+#endif
     return v;
 }
 
@@ -299,6 +309,30 @@ struct LaneGroup {
     float scale[2 * TILES];
 };
 
+#if WEIGHT_LOADS == 2
+// Whole sectors: a lane's 32 bytes (one absmax block) are one 32-byte sector, which its two 16-byte
+// loads each half-use (run 22's Nsight: 15 of 32 bytes per sector, every sector fetched from L2
+// twice). Instead lanes t and t ^ 1 load the two halves of one sector per load, the even lane's
+// sector first (w[q][0]), then the odd lane's (w[q][1]), and swap the halves they loaded for each
+// other: when the group is used, so that the swap does not wait for loads still in flight.
+__device__ __forceinline__ u32 lane_pair_swap(u32 v) { return __shfl_xor_sync(0xFFFFFFFFu, v, 1); }
+
+__device__ __forceinline__ void swap_halves(LaneGroup& group, bool odd) {
+#pragma unroll
+    for (int q = 0; q < 2 * TILES; ++q) {
+        const uint4 a = group.w[q][0], b = group.w[q][1];
+        const uint4 send = odd ? a : b;  // the even lane's sector half the odd lane needs, and back
+        const uint4 got = make_uint4(lane_pair_swap(send.x), lane_pair_swap(send.y), lane_pair_swap(send.z),
+                                     lane_pair_swap(send.w));
+        group.w[q][0] = odd ? got : a;
+        group.w[q][1] = odd ? b : got;
+    }
+}
+#define ARRANGE(group) swap_halves(group, t & 1)
+#else
+#define ARRANGE(group)
+#endif
+
 // One group of 256 inputs: each half's block tables, then 16 MMA steps (x values in operand order).
 __device__ __forceinline__ void group_mma(const uint4 (&w)[2 * TILES][2], const float (&scale)[2 * TILES],
                                           const uint2* const (&x_lane)[SETS], int group,
@@ -380,7 +414,8 @@ nf4_mma_kernel(const uint4* __restrict__ words, const float* __restrict__ absmax
     const float* lane_absmax[HALVES];
 #pragma unroll
     for (int q = 0; q < HALVES; ++q) {
-        lane_words[q] = words + (size_t)(n0 + 8 * q + g) * (K >> 5) + 2 * t;
+        // (lane pairs: uint4 (t & 1) of sector (t & 2), then of sector (t & 2) + 1)
+        lane_words[q] = words + (size_t)(n0 + 8 * q + g) * (K >> 5) + (WEIGHT_LOADS == 2 ? 2 * (t & 2) + (t & 1) : 2 * t);
         lane_absmax[q] = absmax + (size_t)(n0 + 8 * q + g) * (K >> 6) + t;
     }
     // x in operand order (written by the LoRA A kernel): per (group, set of 8 rows, MMA), each
@@ -425,7 +460,8 @@ nf4_mma_kernel(const uint4* __restrict__ words, const float* __restrict__ absmax
 #pragma unroll
         for (int q = 0; q < HALVES; ++q) {
             lane_group.w[q][0] = any ? load_streaming(lane_words[q] + 8 * grp) : make_uint4(0u, 0u, 0u, 0u);
-            lane_group.w[q][1] = any ? load_streaming(lane_words[q] + 8 * grp + 1) : make_uint4(0u, 0u, 0u, 0u);
+            lane_group.w[q][1] = any ? load_streaming(lane_words[q] + 8 * grp + (WEIGHT_LOADS == 2 ? 2 : 1))
+                                     : make_uint4(0u, 0u, 0u, 0u);
             lane_group.scale[q] = any ? __ldg(lane_absmax[q] + 4 * grp) : 0.f;
         }
         return lane_group;
@@ -453,6 +489,7 @@ nf4_mma_kernel(const uint4* __restrict__ words, const float* __restrict__ absmax
     for (int group = warp; group < groups; group += WARPS) {
         const LaneGroup next = fetch(group + WARPS);
         prefetch_x(group + WARPS);
+        ARRANGE(current);
         group_mma(current.w, current.scale, x_lane, group, acc);
         current = next;
     }
@@ -465,10 +502,12 @@ nf4_mma_kernel(const uint4* __restrict__ words, const float* __restrict__ absmax
     for (int group = warp; group < groups; group += 2 * WARPS) {
         const LaneGroup third = fetch(group + 2 * WARPS);
         prefetch_x(group + WARPS);
+        ARRANGE(first);
         group_mma(first.w, first.scale, x_lane, group, acc);
         if (group + WARPS >= groups) break;
         const LaneGroup fourth = fetch(group + 3 * WARPS);
         prefetch_x(group + 2 * WARPS);
+        ARRANGE(second);
         group_mma(second.w, second.scale, x_lane, group + WARPS, acc);
         first = third;
         second = fourth;
@@ -514,22 +553,26 @@ nf4_mma_kernel(const uint4* __restrict__ words, const float* __restrict__ absmax
 
 
 def source(code: Sequence[float], warps: int, rows: int, rank: int, tiles: int = 1, prefetch_x: bool = False,
-           ahead: int = 1, k: int = 4096, fuse_a: bool = False) -> str:
+           ahead: int = 1, k: int = 4096, fuse_a: bool = False, weight_loads: int = 0) -> str:
     """The kernel's CUDA source for one NF4 code table, warps per block, row tile (8 or 16), rank,
     16-feature tiles per warp, whether each warp prefetches its next group's x into L1, how many
     groups' weight bytes each warp holds in registers ahead of the one it computes (1 or 2), the
     inputs K (a compile-time constant: 5-7 % fewer ALU instructions per weight, bench/nf4_mma_sass.py),
-    and whether the launch's first blocks compute the LoRA's A product themselves (`fuse_a`)."""
+    whether the launch's first blocks compute the LoRA's A product themselves (`fuse_a`), and how the
+    weights are loaded (`weight_loads`, WEIGHT_LOAD_KINDS: past L1, into L1, or whole sectors by lane
+    pairs)."""
     if len(code) != 16:
         raise ValueError("an NF4 code table has 16 entries")
     if (warps not in WARP_CHOICES or rows not in (1, 8, 16) or (rows == 1 and not fuse_a) or rank <= 0
-            or tiles not in TILE_CHOICES or ahead not in (1, 2) or k <= 0 or k % GROUP):
+            or tiles not in TILE_CHOICES or ahead not in (1, 2) or k <= 0 or k % GROUP
+            or weight_loads not in range(len(WEIGHT_LOAD_KINDS))):
         raise ValueError(f"no nf4 MMA kernel for {warps} warps, {rows} rows, rank {rank}, {tiles} tiles, "
-                         f"{ahead} groups ahead, K {k}")
+                         f"{ahead} groups ahead, K {k}, weight loads {weight_loads}")
     # exact: hexadecimal literals of the float32 values
     values = ", ".join(f"{struct.unpack('<f', struct.pack('<f', float(v)))[0].hex()}f" for v in code)
     header = (f"#define KDIM {k}\n#define WARPS {warps}\n#define ROWS {rows}\n#define RANK {rank}\n#define TILES {tiles}\n"
               f"#define PREFETCH_X {int(prefetch_x)}\n#define AHEAD {ahead}\n#define FUSE_A {int(fuse_a)}\n"
+              f"#define WEIGHT_LOADS {weight_loads}\n"
               f"__device__ __constant__ float CODE_TABLE[16] = {{{values}}};\n#define CODE CODE_TABLE\n")
     return header + _SOURCE
 
@@ -583,8 +626,8 @@ def code_values(code: torch.Tensor) -> tuple[float, ...]:
 
 
 def _kernel(code: torch.Tensor, warps: int, rows: int, rank: int, tiles: int, prefetch_x: bool, ahead: int,
-            k: int, fuse_a: bool) -> Callable:
-    key = (code.device.index, code_values(code), warps, rows, rank, tiles, prefetch_x, ahead, k, fuse_a)
+            k: int, fuse_a: bool, weight_loads: int) -> Callable:
+    key = (code.device.index, code_values(code), warps, rows, rank, tiles, prefetch_x, ahead, k, fuse_a, weight_loads)
     if key not in _KERNELS:
         with torch.cuda.device(code.device):
             _KERNELS[key] = _compile(source(*key[1:]))
@@ -629,6 +672,7 @@ def nf4_mma_linear(
     prefetch_x: bool = False,
     ahead: int = 1,
     inputs: tuple[torch.Tensor, torch.Tensor] | None = None,
+    weight_loads: int = 0,
 ) -> torch.Tensor:
     """y = x @ dequant(W).T + scaling * B(A(x)) with PEFT's roundings for x ([m <= 16, K], bf16);
     rows from seg1 and from seg2 on belong to the LoRA's second and third parts.
@@ -644,7 +688,8 @@ def nf4_mma_linear(
     y = torch.empty((m, n), dtype=torch.bfloat16, device=x.device)
     if inputs is not None:
         xq, t = inputs
-        kernel = _kernel(weight.code, warps, 8 if m <= 8 else 16, lora.rank, tiles, prefetch_x, ahead, k, False)
+        kernel = _kernel(weight.code, warps, 8 if m <= 8 else 16, lora.rank, tiles, prefetch_x, ahead, k, False,
+                         weight_loads)
         la_blocks = 0
         splits, fused_args = t.shape[0], [xq, 0, lora.a, t, t]  # the fused LoRA A's arguments, unused
     else:
@@ -652,7 +697,8 @@ def nf4_mma_linear(
             raise ValueError(f"the fused kernel takes ranks in quads; these LoRA parts have {rt} in all")
         if x.stride(1) != 1 or x.stride(0) % 8 or x.data_ptr() % 16:
             x = x.clone(memory_format=torch.contiguous_format)  # 16-byte rows for the vector loads
-        kernel = _kernel(weight.code, warps, fused_kernel_rows(m), lora.rank, tiles, prefetch_x, ahead, k, True)
+        kernel = _kernel(weight.code, warps, fused_kernel_rows(m), lora.rank, tiles, prefetch_x, ahead, k, True,
+                         weight_loads)
         counters = lora.fused_counters
         if counters is None or counters.device != x.device or counters.numel() < 3 + rt // RANK_QUAD:
             counters = lora.fused_counters = torch.zeros(3 + rt // RANK_QUAD, dtype=torch.int32, device=x.device)

@@ -141,6 +141,29 @@ def test_the_one_row_kernel_exists_only_with_the_lora_a_product_fused():
     assert nf4_mma.fused_kernel_rows(1) == 1 and nf4_mma.fused_kernel_rows(5) == 8
 
 
+def test_weight_load_kinds_are_checked_and_named():
+    from llm.nf4_kernels import NF4Config
+
+    assert "#define WEIGHT_LOADS 0" in nf4_mma.source(NF4_CODE, 4, 1, 32, 2, fuse_a=True)
+    assert "#define WEIGHT_LOADS 2" in nf4_mma.source(NF4_CODE, 4, 1, 32, 2, fuse_a=True, weight_loads=2)
+    with pytest.raises(ValueError):
+        nf4_mma.source(NF4_CODE, 4, 1, 32, 2, fuse_a=True, weight_loads=3)
+    labels = [NF4Config(32, 256, 4, 1, kind="mma", fuse_a=True, weight_loads=kind).label for kind in (0, 1, 2)]
+    assert labels == ["mma_32x256w4s1f", "mma_32x256w4s1fl", "mma_32x256w4s1fw"]
+
+
+@pytest.mark.skipif(shutil.which("nvcc") is None, reason="needs nvcc (ptxas) to count registers")
+@pytest.mark.parametrize("weight_loads", [1, 2])
+def test_the_other_weight_loads_compile_for_sm90_without_spills(tmp_path, weight_loads):
+    # ptxas checks what the emulation cannot: the PTX of the cache hint and the shuffles
+    cu = tmp_path / "kernel.cu"
+    cu.write_text(nf4_mma.source(NF4_CODE, 4, 1, 32, 2, fuse_a=True, weight_loads=weight_loads))
+    built = subprocess.run(["nvcc", "-arch=sm_90", "-cubin", "-o", str(tmp_path / "k.cubin"), "-Xptxas", "-v",
+                            str(cu)], capture_output=True, text=True, timeout=300)
+    assert built.returncode == 0, built.stderr[-2000:]
+    assert "0 bytes spill stores" in built.stderr, built.stderr
+
+
 @pytest.mark.skipif(shutil.which("nvcc") is None, reason="needs nvcc (ptxas) to count registers")
 def test_the_one_row_two_tile_kernel_keeps_ptxass_own_register_count(tmp_path):
     # 166 with nvcc 13: 3 blocks of 4 warps per SM. Any minimum of blocks per SM in its launch bounds,

@@ -146,6 +146,7 @@ inline float __shfl_xor_sync(unsigned, float v, int mask) {
     return __uint_as_float(shuffle(float_bits(v), (threadIdx.x & 31) ^ mask));
 }
 inline int __shfl_sync(unsigned, int v, int source_lane) { return (int)shuffle((u32)v, source_lane); }
+inline u32 __shfl_xor_sync(unsigned, u32 v, int mask) { return shuffle(v, (threadIdx.x & 31) ^ mask); }
 
 inline float bf16_value(u32 reg, int half) { return __uint_as_float(((reg >> (16 * half)) & 0xFFFF) << 16); }
 

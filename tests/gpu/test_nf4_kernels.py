@@ -73,6 +73,31 @@ def test_fused_kernel_equals_the_reference_path(rows, name):
     print("NF4_KERNEL " + json.dumps({"name": name, "rows": rows, "max_abs_diff": worst}))
 
 
+@pytest.mark.parametrize("rows", [1, 5, 16])
+@pytest.mark.parametrize("name", ["qkv", "gate_up", "down"])
+def test_other_weight_loads_give_the_same_bits_as_streaming_loads(rows, name):
+    # Into L1, or whole sectors by lane pairs (bench/nf4_kernels.py --weight-loads times them): the
+    # same bytes reach the same lanes, so every output equals the served loads' own.
+    from dataclasses import replace
+
+    from llm import nf4_kernels
+
+    shapes = {"qkv": ([(4096, 0), (1024, 0), (1024, 0)], 4096), "gate_up": ([(14336, 0), (14336, 0)], 4096),
+              "down": ([(4096, 0)], 14336)}
+    parts, cols = shapes[name]
+    projection = _projection(parts, cols)
+    x = torch.randn(rows, cols, dtype=torch.bfloat16, device="cuda:0")
+    n, k = projection.weight.shape
+    configs = [c for c in nf4_kernels.all_configs(rows, n, k, projection.lora.boundaries) if c.kind == "mma"]
+    assert configs
+    for config in configs:
+        served = nf4_kernels.nf4_lora_linear(x, projection.weight, projection.lora, True, config)
+        for kind in (1, 2):
+            other = nf4_kernels.nf4_lora_linear(x, projection.weight, projection.lora, True,
+                                                replace(config, weight_loads=kind))
+            assert torch.equal(other, served), (config.label, kind)
+
+
 @pytest.mark.parametrize("rows", [17, 300])
 @pytest.mark.parametrize("name", ["qkv", "gate_up", "down"])
 @pytest.mark.parametrize("round_first", [True, False])
