@@ -99,6 +99,13 @@ __device__ __forceinline__ u32 shift_right_on_fma(u32 a, int k) {
     return d;
 }
 
+// odd ? x : y (odd is 0 or 1) as two multiply-adds on the FMA pipe instead of a select on the ALU pipe
+__device__ __forceinline__ u32 pick_on_fma(u32 x, u32 y, u32 odd) {
+    u32 d;
+    asm("mad.lo.u32 %0, %1, %2, %3;" : "=r"(d) : "r"(x), "r"(odd), "r"(y * (1u - odd)));
+    return d;
+}
+
 // (a & b) | c in one instruction
 __device__ __forceinline__ u32 and_or(u32 a, u32 b, u32 c) {
     u32 d;
@@ -317,15 +324,23 @@ struct LaneGroup {
 // other: when the group is used, so that the swap does not wait for loads still in flight.
 __device__ __forceinline__ u32 lane_pair_swap(u32 v) { return __shfl_xor_sync(0xFFFFFFFFu, v, 1); }
 
-__device__ __forceinline__ void swap_halves(LaneGroup& group, bool odd) {
+__device__ __forceinline__ u32 swap_word(u32 a, u32 b, u32 odd, u32& first) {
+    const u32 got = lane_pair_swap(pick_on_fma(a, b, odd));  // the half the partner needs, and back
+    first = pick_on_fma(got, a, odd);
+    return pick_on_fma(b, got, odd);
+}
+
+__device__ __forceinline__ void swap_halves(LaneGroup& group, u32 odd) {
 #pragma unroll
     for (int q = 0; q < 2 * TILES; ++q) {
         const uint4 a = group.w[q][0], b = group.w[q][1];
-        const uint4 send = odd ? a : b;  // the even lane's sector half the odd lane needs, and back
-        const uint4 got = make_uint4(lane_pair_swap(send.x), lane_pair_swap(send.y), lane_pair_swap(send.z),
-                                     lane_pair_swap(send.w));
-        group.w[q][0] = odd ? got : a;
-        group.w[q][1] = odd ? b : got;
+        uint4 first, second;
+        second.x = swap_word(a.x, b.x, odd, first.x);
+        second.y = swap_word(a.y, b.y, odd, first.y);
+        second.z = swap_word(a.z, b.z, odd, first.z);
+        second.w = swap_word(a.w, b.w, odd, first.w);
+        group.w[q][0] = first;
+        group.w[q][1] = second;
     }
 }
 #define ARRANGE(group) swap_halves(group, t & 1)

@@ -110,6 +110,7 @@ inline u16 bf16(float v) {  // round to nearest even (no NaNs here)
 }
 inline u32 bf16x2(float lo, float hi) { return (u32)bf16(lo) | ((u32)bf16(hi) << 16); }
 inline u32 and_or(u32 a, u32 b, u32 c) { return (a & b) | c; }
+inline u32 pick_on_fma(u32 x, u32 y, u32 odd) { return x * odd + y * (1u - odd); }
 inline u32 shift_right_on_fma(u32 a, int k) { return (u32)(((unsigned long long)a * (1ull << (32 - k))) >> 32); }
 inline uint4 load_streaming(const uint4* p) { return __ldg(p); }
 inline void prefetch_l1(const void* p) { check_read(p, 128); }  // a hint; its line must exist
