@@ -144,10 +144,8 @@ def measure_dequant_chunks(group: list[NF4Projection], x: torch.Tensor, choices:
     for another N."""
     first = group[0]
     n = first.weight.shape[0]
-    with torch.no_grad():
-        whole = F.linear(x, first.weight.dequantize(x.dtype))
-        delta = first.lora.delta(x)
-        seeds = whole + delta.to(whole.dtype) if first.round_lora_first else (whole.float() + delta).to(whole.dtype)
+    # the reference path with the whole weight in one chunk
+    seeds = NF4Projection(first.weight, first.lora, first.round_lora_first, dequant_rows=n).reference(x)
     for rows in choices:
         if rows > n or not nf4_kernels.prompt_path_fits(n, rows, first.lora.boundaries):
             continue
@@ -188,14 +186,9 @@ def main() -> None:
     parser.add_argument("--profile", nargs=3, metavar=("PROJECTION", "ROWS", "CONFIG"),
                         help=f"only run one configuration (an Nsight Compute target); projections: {', '.join(SHAPES)}")
     args = parser.parse_args()
-    if not torch.cuda.is_available():
-        parser.error("needs a CUDA GPU: run it through the device tool (bench/NOTES.md, Reproduce)")
-    if args.profile:
-        name, rows, label = args.profile
-        if name not in SHAPES or not rows.isdigit():
-            parser.error(f"--profile takes one of {', '.join(SHAPES)}, a row count and a configuration label")
-        profile_target(name, int(rows), label)
-        return
+    # the arguments first, so that a mistake is named before a missing GPU is
+    if args.profile and (args.profile[0] not in SHAPES or not args.profile[1].isdigit()):
+        parser.error(f"--profile takes one of {', '.join(SHAPES)}, a row count and a configuration label")
     try:
         rows_counts = [int(r) for r in args.rows.split(",")]
     except ValueError:
@@ -206,6 +199,14 @@ def main() -> None:
         parser.error(f"--dequant-rows must be comma-separated numbers, got {args.dequant_rows!r}")
     if chunks and not args.prompts:
         parser.error("--dequant-rows goes with --prompts")
+    if args.weight_loads and args.prompts:
+        parser.error("--weight-loads times the decode kernels: not with --prompts")
+    if not torch.cuda.is_available():
+        parser.error("needs a CUDA GPU: run it through the device tool (bench/NOTES.md, Reproduce)")
+    if args.profile:
+        name, rows, label = args.profile
+        profile_target(name, int(rows), label)
+        return
     for name, (parts, cols) in SHAPES.items():
         if args.prompts:
             measure_prompts(name, parts, cols, rows_counts, chunks)

@@ -34,6 +34,11 @@ def test_dequantization_is_bitsandbytes_bit_for_bit(shape):
     assert mismatches == 0
 
 
+# Mistral-7B's fused projections: (rows of each part, 0), in_features
+SHAPES = {"qkv": ([(4096, 0), (1024, 0), (1024, 0)], 4096), "gate_up": ([(14336, 0), (14336, 0)], 4096),
+          "down": ([(4096, 0)], 14336)}
+
+
 def _projection(parts: list[tuple[int, int]], cols: int, rank: int = 32, round_first: bool = True):  # noqa: ANN202
     from llm.nf4 import LoraParts, NF4Matrix, NF4Projection
 
@@ -54,9 +59,7 @@ def _projection(parts: list[tuple[int, int]], cols: int, rank: int = 32, round_f
 def test_fused_kernel_equals_the_reference_path(rows, name):
     from llm import nf4_kernels
 
-    shapes = {"qkv": ([(4096, 0), (1024, 0), (1024, 0)], 4096), "gate_up": ([(14336, 0), (14336, 0)], 4096),
-              "down": ([(4096, 0)], 14336)}
-    parts, cols = shapes[name]
+    parts, cols = SHAPES[name]
     projection = _projection(parts, cols)
     x = torch.randn(rows, cols, dtype=torch.bfloat16, device="cuda:0")
     reference = projection.reference(x)
@@ -82,9 +85,7 @@ def test_other_weight_loads_give_the_same_bits_as_streaming_loads(rows, name):
 
     from llm import nf4_kernels
 
-    shapes = {"qkv": ([(4096, 0), (1024, 0), (1024, 0)], 4096), "gate_up": ([(14336, 0), (14336, 0)], 4096),
-              "down": ([(4096, 0)], 14336)}
-    parts, cols = shapes[name]
+    parts, cols = SHAPES[name]
     projection = _projection(parts, cols)
     x = torch.randn(rows, cols, dtype=torch.bfloat16, device="cuda:0")
     n, k = projection.weight.shape
@@ -108,9 +109,7 @@ def test_the_prompt_path_equals_the_reference_path(rows, name, round_first, monk
     # Prompts with the tensor cores' LoRA products: chunked dequantize + cuBLAS, the LoRA B product
     # and PEFT's roundings in one kernel writing the output (gate/up: 7 chunks of 4,096 weight rows,
     # two LoRA parts).
-    shapes = {"qkv": ([(4096, 0), (1024, 0), (1024, 0)], 4096), "gate_up": ([(14336, 0), (14336, 0)], 4096),
-              "down": ([(4096, 0)], 14336)}
-    parts, cols = shapes[name]
+    parts, cols = SHAPES[name]
     projection = _projection(parts, cols, round_first=round_first)
     projection.use_kernels = True
     monkeypatch.setattr("llm.nf4.EXACT_PROMPT_ROWS", 0)
@@ -129,9 +128,7 @@ def test_prompts_with_pefts_products_are_the_reference_path_bit_for_bit(rows, na
     # As served up to EXACT_PROMPT_ROWS: PEFT's own float32 LoRA products (the B product 4,096
     # columns at a time), the scaling and roundings in one kernel per chunk; the reference path is
     # the seed's prompt function (2,048 rows: the same path forced, where serving takes TF32x3).
-    shapes = {"qkv": ([(4096, 0), (1024, 0), (1024, 0)], 4096), "gate_up": ([(14336, 0), (14336, 0)], 4096),
-              "down": ([(4096, 0)], 14336)}
-    parts, cols = shapes[name]
+    parts, cols = SHAPES[name]
     projection = _projection(parts, cols, round_first=round_first)
     projection.use_kernels = True
     monkeypatch.setattr("llm.nf4.EXACT_PROMPT_ROWS", 2048)
