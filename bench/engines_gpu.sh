@@ -2,9 +2,9 @@
 # The model side checked and measured on a lent GPU (device tool, carry: [".whl", ".tok"]), one
 # device call each (each within a call's 10-minute limit):
 #   bash bench/engines_gpu.sh tests [PYTEST ARGS]   tests/gpu (~6 minutes) -> $OUT/gpu-tests.txt
-#   bash bench/engines_gpu.sh kernels            what run 22 left to measure (not yet run): the weight-load
-#       kinds (`tests/gpu -k weight_loads`, `bench/nf4_kernels.py 1,16 --weight-loads`) and the exact prompt
-#       path's dequantization chunks (`--prompts 32,288 --dequant-rows 512,1024,2048`) -> $OUT/kernels*.txt
+#   bash bench/engines_gpu.sh kernels            the served layouts' variants (weights into L1, shared code
+#       pairs): their bits (`tests/gpu -k variants`) and timings (`bench/nf4_kernels.py 1,16 --variants`)
+#       -> $OUT/kernels*.txt
 #   bash bench/engines_gpu.sh bench COMMIT [CASES]  the engine benchmark: the seed's literal code path,
 #       `nf4` and `fast` by default, same prompts, ratios printed (~4 minutes) -> $OUT/engines.log,
 #       $OUT/r.tgz (the results JSON, the chart and the profiles)
@@ -24,12 +24,11 @@ case "${1:-}" in
         tail -n 3 "$out/gpu-tests.txt"
         ;;
     kernels)
-        python3 -m pytest tests/gpu/test_nf4_kernels.py -q -p no:cacheprovider -k weight_loads \
+        python3 -m pytest tests/gpu/test_nf4_kernels.py -q -p no:cacheprovider -k variants \
             > "$out/kernels-tests.txt" 2>&1
         tail -n 1 "$out/kernels-tests.txt"
-        python3 bench/nf4_kernels.py 1,16 --weight-loads > "$out/kernels-weight-loads.txt" 2>&1
-        python3 bench/nf4_kernels.py 32,288 --prompts --dequant-rows 512,1024,2048 > "$out/kernels-prompts.txt" 2>&1
-        tail -n 4 "$out/kernels-weight-loads.txt" "$out/kernels-prompts.txt" | cut -c1-600
+        python3 bench/nf4_kernels.py 1,16 --variants > "$out/kernels-variants.txt" 2>&1
+        tail -n 2 "$out/kernels-variants.txt" | cut -c1-600
         ;;
     bench)
         commit=${2:?usage: bash bench/engines_gpu.sh bench COMMIT [CASES]}

@@ -5,7 +5,7 @@ of the fused kernel (every config), of dequantize + cuBLAS, and of `fast`'s bf16
 bytes each reads and the achieved TB/s. Prints JSON lines.
 
     python bench/nf4_kernels.py [ROWS, e.g. 1,4,16]
-    python bench/nf4_kernels.py 1,16 --weight-loads   (run 22's served layouts, each weight-load kind)
+    python bench/nf4_kernels.py 1,16 --variants   (run 22's served layouts and their variants)
     python bench/nf4_kernels.py --prompts 367,1500   (the prompt path: TF32x3 against PEFT's LoRA products)
     python bench/nf4_kernels.py --prompts 32,288 --dequant-rows 512,1024,2048   (+ other dequantization chunks)
     python bench/nf4_kernels.py --profile PROJECTION ROWS CONFIG   (a target for Nsight Compute)
@@ -17,7 +17,6 @@ import argparse
 import json
 import sys
 from collections.abc import Sequence
-from dataclasses import replace
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -63,15 +62,16 @@ RUN22_SERVED = {"mma_16x256w16s1f", "mma_16x256w8s2f", "mma_16x256w8s1", "mma_32
                 "mma_16x256w4s2f", "mma_32x256w4s1pf"}
 
 
-def with_weight_load_kinds(configs: list[nf4_kernels.NF4Config]) -> list[nf4_kernels.NF4Config]:
-    """Run 22's served tensor-core layouts as they are, with their weights loaded into L1 ("l") and
-    by lane pairs in whole sectors ("w"): its Nsight found the streaming loads using half of each
-    sector. (Only those: every layout in three kinds is hundreds of compiles.)"""
+def with_variants(configs: list[nf4_kernels.NF4Config], rows: int, rank: int) -> list[nf4_kernels.NF4Config]:
+    """Run 22's served tensor-core layouts as they are and their variants (`nf4_kernels.variants`:
+    weights into L1 "l", shared code pairs "t1".."t4") where their shared memory fits. (Only those:
+    every layout's variants would be hundreds of compiles.)"""
     served = [c for c in configs if c.label in RUN22_SERVED]
-    return served + [replace(c, weight_loads=kind) for c in served for kind in range(1, len(nf4_mma.WEIGHT_LOAD_KINDS))]
+    return served + [v for c in served for v in nf4_kernels.variants(c)
+                     if nf4_mma.fits(rows, rank, v.num_warps, v.block_n // nf4_mma.TILE_N, v.fuse_a, v.shared_lookups)]
 
 
-def measure(name: str, parts: list[int], cols: int, rows_counts: Sequence[int], weight_loads: bool = False) -> None:
+def measure(name: str, parts: list[int], cols: int, rows_counts: Sequence[int], variants: bool = False) -> None:
     group = [projection(parts, cols, seed) for seed in range(LAYERS)]
     dense = [torch.randn(sum(parts), cols, dtype=torch.bfloat16, device="cuda") for _ in range(LAYERS)]
     n, k = group[0].weight.shape
@@ -88,7 +88,7 @@ def measure(name: str, parts: list[int], cols: int, rows_counts: Sequence[int], 
         reference = group[0].reference(x)
         wrong = []
         configs = nf4_kernels.all_configs(rows, n, k, boundaries)
-        for config in with_weight_load_kinds(configs) if weight_loads else configs:
+        for config in with_variants(configs, rows, group[0].lora.rank) if variants else configs:
             if not nf4_kernels.matches_reference(fused(config)[0], reference):
                 wrong.append(config.label)
             us = timed(lambda c=config: fused(c)) / LAYERS
@@ -179,8 +179,8 @@ def main() -> None:
     parser.add_argument("rows", nargs="?", default="1,4,16", help="row counts to time, e.g. 1,4,16")
     parser.add_argument("--prompts", action="store_true",
                         help="time the prompt path's two LoRA product kinds instead (rows: prompt lengths)")
-    parser.add_argument("--weight-loads", action="store_true",
-                        help="time run 22's served tensor-core layouts with each weight-load kind (past L1, into L1, lane pairs)")
+    parser.add_argument("--variants", action="store_true",
+                        help="time run 22's served tensor-core layouts and their variants (weights into L1, shared code pairs)")
     parser.add_argument("--dequant-rows", metavar="ROWS",
                         help="with --prompts: also time PEFT's products with these dequantization chunks, e.g. 512,1024,2048")
     parser.add_argument("--profile", nargs=3, metavar=("PROJECTION", "ROWS", "CONFIG"),
@@ -199,8 +199,8 @@ def main() -> None:
         parser.error(f"--dequant-rows must be comma-separated numbers, got {args.dequant_rows!r}")
     if chunks and not args.prompts:
         parser.error("--dequant-rows goes with --prompts")
-    if args.weight_loads and args.prompts:
-        parser.error("--weight-loads times the decode kernels: not with --prompts")
+    if args.variants and args.prompts:
+        parser.error("--variants times the decode kernels: not with --prompts")
     if not torch.cuda.is_available():
         parser.error("needs a CUDA GPU: run it through the device tool (bench/NOTES.md, Reproduce)")
     if args.profile:
@@ -211,7 +211,7 @@ def main() -> None:
         if args.prompts:
             measure_prompts(name, parts, cols, rows_counts, chunks)
         else:
-            measure(name, parts, cols, rows_counts, args.weight_loads)
+            measure(name, parts, cols, rows_counts, args.variants)
         torch.cuda.empty_cache()
 
 

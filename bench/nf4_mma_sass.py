@@ -9,7 +9,8 @@ LEA and the integer adds share at half the FP32 rate: this is the count to bring
 
     python3 bench/nf4_mma_sass.py --cuobjdump /tmp/cuobj/nvidia/cu13/bin/cuobjdump 4 8 2 1 1
     (warps, rows, tiles, prefetch_x, groups ahead: a configuration name like mma_32x256w4s1p;
-    --fuse-a for the "f" ones, rows 1 for their one-row kernel; --weight-loads 1 or 2 for "l" / "w")
+    --fuse-a for the "f" ones, rows 1 for their one-row kernel; --weight-loads 1 for "l";
+    --shared-lookups N for "tN")
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from llm import nf4_mma  # noqa: E402
 
 ALU_PIPE = {"PRMT", "SHF", "LOP3", "LEA", "IADD3", "VIADD", "ISETP", "SEL", "MOV", "F2FP"}
+SHARED_PIPE = {"LDS"}
 _LINE = re.compile(r"/\*([0-9a-f]{4,})\*/\s+(@!?U?P\w+\s+)?([A-Z0-9_]+)[.\w]*\s*([^;]*);")
 
 
@@ -59,13 +61,16 @@ def main() -> None:
     parser.add_argument("--cuobjdump", default="cuobjdump")
     parser.add_argument("--nvcc", default="nvcc")
     parser.add_argument("--weight-loads", type=int, default=0, choices=range(len(nf4_mma.WEIGHT_LOAD_KINDS)),
-                        help="how the weights are loaded: 0 past L1 (served), 1 into L1 ('l'), 2 lane pairs ('w')")
+                        help="how the weights are loaded: 0 past L1, 1 into L1 ('l')")
+    parser.add_argument("--shared-lookups", type=int, default=0,
+                        help="absmax blocks per lane and group decoded through the shared code pairs ('t1'..'t4')")
     args = parser.parse_args()
     from bitsandbytes.functional import get_4bit_type
 
     code = get_4bit_type("nf4", device="cpu").tolist()
     text = nf4_mma.source(code, args.warps, args.rows, 32, args.tiles, bool(args.prefetch_x), args.ahead,
-                          fuse_a=args.fuse_a, weight_loads=args.weight_loads)
+                          fuse_a=args.fuse_a, weight_loads=args.weight_loads,
+                          shared_lookups=args.shared_lookups)
     with tempfile.TemporaryDirectory() as folder:
         cu, cubin = Path(folder) / "k.cu", Path(folder) / "k.cubin"
         cu.write_text(text)

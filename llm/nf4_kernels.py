@@ -44,7 +44,7 @@ import functools
 import logging
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING
 
 import torch
@@ -84,7 +84,8 @@ class NF4Config:
     xperm: bool = False  # lut GEMV: x read value-major (written by the LoRA A kernel)
     prefetch_x: bool = False  # mma: each warp prefetches its next group's x into L1
     fuse_a: bool = False  # mma: the LoRA A product in the same launch (`nf4_mma.nf4_mma_linear`)
-    weight_loads: int = 0  # mma: index into nf4_mma.WEIGHT_LOAD_KINDS ("l": into L1, "w": lane pairs)
+    weight_loads: int = 0  # mma: index into nf4_mma.WEIGHT_LOAD_KINDS ("l": into L1)
+    shared_lookups: int = 0  # mma: a lane's absmax blocks per group decoded through shared memory ("t1".."t4")
 
     @property
     def dot(self) -> bool:
@@ -93,7 +94,7 @@ class NF4Config:
     @property
     def label(self) -> str:
         suffix = ("x" if self.xperm else "") + ("p" if self.prefetch_x else "") + ("f" if self.fuse_a else "")
-        suffix += ("", "l", "w")[self.weight_loads]
+        suffix += ("", "l")[self.weight_loads] + (f"t{self.shared_lookups}" if self.shared_lookups else "")
         return f"{self.kind}_{self.block_n}x{self.block_k}w{self.num_warps}s{self.num_stages}{suffix}"
 
     def fits(self, n: int, k: int, boundaries: Sequence[int]) -> bool:
@@ -133,7 +134,25 @@ MMA_CONFIGS = tuple(
         (8, 1, 1, False, True), (16, 1, 1, False, True), (4, 2, 1, False, True), (4, 2, 1, True, True),
         (4, 1, 2, False, True), (8, 1, 2, False, True),
     )
+) + tuple(
+    # run 22's served layouts with some absmax blocks decoded through the shared code pairs
+    NF4Config(nf4_mma.TILE_N * tiles, nf4_mma.GROUP, warps, ahead, kind="mma", prefetch_x=prefetch, fuse_a=fuse,
+              shared_lookups=lookups)
+    for warps, tiles, ahead, prefetch, fuse in (
+        (4, 2, 1, False, True), (4, 2, 1, True, True), (8, 1, 2, False, True), (16, 1, 1, False, True),
+        (8, 1, 1, False, False), (8, 1, 1, False, True), (4, 1, 2, False, True),
+    )
+    for lookups in ((2, 3) if tiles == 2 else (1, 2))
 )
+
+
+def variants(config: NF4Config) -> list[NF4Config]:
+    """A tensor-core layout's other kernels: its weights loaded into L1, and 1 .. 2 x tiles of each
+    lane's absmax blocks decoded through the shared code pairs."""
+    tiles = config.block_n // nf4_mma.TILE_N
+    return [replace(config, weight_loads=1)] + [replace(config, shared_lookups=n) for n in range(1, 2 * tiles + 1)]
+
+
 # Only where nothing above fits (small models, e.g. the tests' tiny one).
 SMALL_CONFIGS = (NF4Config(16, 64, 4, 1, kind="gather_dot"),)
 MAX_ROWS = 16
@@ -915,7 +934,7 @@ def nf4_lora_linear(
         return nf4_mma.nf4_mma_linear(x, weight, lora, seg1, seg2, round_lora_first, config.num_warps,
                                       config.block_n // nf4_mma.TILE_N, config.prefetch_x, config.num_stages,
                                       inputs=None if config.fuse_a else mma_inputs(x, n, lora),
-                                      weight_loads=config.weight_loads)
+                                      weight_loads=config.weight_loads, shared_lookups=config.shared_lookups)
     xperm = torch.empty((k,), dtype=torch.float32, device=x.device) if config.xperm else None
     t, splits = lora_a_product(x, lora, block_m, config.dot, xperm)
     y = torch.empty((m, n), dtype=torch.bfloat16, device=x.device)
@@ -961,6 +980,10 @@ def _fastest(name: str, group: list, rows: int, candidates: Sequence[NF4Config],
     first = group[0]
     best: tuple[float, NF4Config] | None = None
     for config in candidates:
+        if config.kind == "mma" and not nf4_mma.fits(rows, first.lora.rank, config.num_warps,
+                                                     config.block_n // nf4_mma.TILE_N, config.fuse_a,
+                                                     config.shared_lookups):
+            continue  # its shared memory does not fit this rank
         try:
             out = nf4_lora_linear(x, first.weight, first.lora, first.round_lora_first, config)
             if not matches_reference(out, reference):

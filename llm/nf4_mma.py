@@ -50,8 +50,9 @@ TILE_N = 16  # output features per tile (one MMA's m); a block has 1 or 2 tiles
 WARP_CHOICES = (4, 8, 16)
 TILE_CHOICES = (1, 2)  # 2: every x load feeds twice the MMAs (x traffic halved, more registers)
 # How a lane loads its 32 weight bytes per group (`source`'s weight_loads): two 16-byte loads past L1
-# (each half-uses a 32-byte sector), the same into L1, or lane pairs loading whole sectors
-WEIGHT_LOAD_KINDS = ("stream", "l1", "pairs")
+# (each half-uses a 32-byte sector) or the same into L1. (Lane pairs loading whole sectors and
+# swapping halves were 3-10 % slower in every served layout, run 23: retired.)
+WEIGHT_LOAD_KINDS = ("stream", "l1")
 
 _SOURCE = r"""
 typedef unsigned int u32;
@@ -99,10 +100,10 @@ __device__ __forceinline__ u32 shift_right_on_fma(u32 a, int k) {
     return d;
 }
 
-// odd ? x : y (odd is 0 or 1) as two multiply-adds on the FMA pipe instead of a select on the ALU pipe
-__device__ __forceinline__ u32 pick_on_fma(u32 x, u32 y, u32 odd) {
+// a << k as a multiply on the FMA pipe (as shift_right_on_fma)
+__device__ __forceinline__ u32 shift_left_on_fma(u32 a, int k) {
     u32 d;
-    asm("mad.lo.u32 %0, %1, %2, %3;" : "=r"(d) : "r"(x), "r"(odd), "r"(y * (1u - odd)));
+    asm("mul.lo.u32 %0, %1, %2;" : "=r"(d) : "r"(a), "r"(1u << k));
     return d;
 }
 
@@ -174,6 +175,41 @@ __device__ __forceinline__ void block_tables(float scale, u32 (&L)[4], u32 (&H)[
         H[i] = prmt(q[2 * i], q[2 * i + 1], 0x7531u);
     }
 }
+
+#if SHARED_LOOKUPS
+// The code table's 256 byte pairs in shared memory (32 KB), for SHARED_LOOKUPS of a lane's absmax
+// blocks per group: there a weight byte costs a shared load, two float32 products and one conversion
+// (two ALU-pipe instructions for two weights) instead of four register-table permutes, so that the
+// shared-memory pipe takes part of the ALU pipe's work (the decode is bound by the ALU pipe: run 17,
+// run 22). Entry e holds (code[e >> 4], code[e & 15]) (bitsandbytes' high nibble is the first value)
+// 16 times, copy c at byte 128 e + 8 c: lane l reads copy l % 16, so that a half-warp's 16 lanes read
+// 16 different bank pairs whatever their bytes.
+__shared__ float2 code_pairs[256 * 16];
+
+__device__ __forceinline__ void fill_code_pairs() {
+    for (int i = threadIdx.x; i < 256 * 8; i += WARPS * 32) {
+        const int e = i >> 3;
+        ((float4*)code_pairs)[i] = make_float4(CODE[e >> 4], CODE[e & 15], CODE[e >> 4], CODE[e & 15]);
+    }
+    __syncthreads();
+}
+
+// A byte's two weights as one bf16x2 MMA register: the same float32 products and rounding as block_tables
+__device__ __forceinline__ u32 decode_byte(u32 offset, float scale) {
+    const float2 pair = *(const float2*)((const char*)code_pairs + offset);
+    return bf16x2(__fmul_rn(scale, pair.x), __fmul_rn(scale, pair.y));
+}
+
+// decode_half's two registers, from the shared table: the word's bytes 2h and 2h + 1. A byte b's
+// offset, ((word >> 8 b) & 0xFF) << 7 | copy, is a shift on the FMA pipe and one LOP3.
+__device__ __forceinline__ void decode_half_shared(u32 word, int h, float scale, u32 copy, u32& first,
+                                                   u32& second) {
+    const u32 low = h ? shift_right_on_fma(word, 9) : shift_left_on_fma(word, 7);
+    const u32 high = shift_right_on_fma(word, h ? 17 : 1);
+    first = decode_byte(and_or(low, 0x7F80u, copy), scale);
+    second = decode_byte(and_or(high, 0x7F80u, copy), scale);
+}
+#endif  // SHARED_LOOKUPS
 
 #ifndef NF4_EMULATE
 // A hint: the 128-byte line at p into L1, where a later load will find it
@@ -316,58 +352,45 @@ struct LaneGroup {
     float scale[2 * TILES];
 };
 
-#if WEIGHT_LOADS == 2
-// Whole sectors: a lane's 32 bytes (one absmax block) are one 32-byte sector, which its two 16-byte
-// loads each half-use (run 22's Nsight: 15 of 32 bytes per sector, every sector fetched from L2
-// twice). Instead lanes t and t ^ 1 load the two halves of one sector per load, the even lane's
-// sector first (w[q][0]), then the odd lane's (w[q][1]), and swap the halves they loaded for each
-// other: when the group is used, so that the swap does not wait for loads still in flight.
-__device__ __forceinline__ u32 lane_pair_swap(u32 v) { return __shfl_xor_sync(0xFFFFFFFFu, v, 1); }
 
-__device__ __forceinline__ u32 swap_word(u32 a, u32 b, u32 odd, u32& first) {
-    const u32 got = lane_pair_swap(pick_on_fma(a, b, odd));  // the half the partner needs, and back
-    first = pick_on_fma(got, a, odd);
-    return pick_on_fma(b, got, odd);
-}
-
-__device__ __forceinline__ void swap_halves(LaneGroup& group, u32 odd) {
-#pragma unroll
-    for (int q = 0; q < 2 * TILES; ++q) {
-        const uint4 a = group.w[q][0], b = group.w[q][1];
-        uint4 first, second;
-        second.x = swap_word(a.x, b.x, odd, first.x);
-        second.y = swap_word(a.y, b.y, odd, first.y);
-        second.z = swap_word(a.z, b.z, odd, first.z);
-        second.w = swap_word(a.w, b.w, odd, first.w);
-        group.w[q][0] = first;
-        group.w[q][1] = second;
-    }
-}
-#define ARRANGE(group) swap_halves(group, t & 1)
-#else
-#define ARRANGE(group)
-#endif
-
-// One group of 256 inputs: each half's block tables, then 16 MMA steps (x values in operand order).
+// One group of 256 inputs: each half's block tables (the register halves'), then 16 MMA steps (x
+// values in operand order).
 __device__ __forceinline__ void group_mma(const uint4 (&w)[2 * TILES][2], const float (&scale)[2 * TILES],
                                           const uint2* const (&x_lane)[SETS], int group,
                                           float (&acc)[TILES][SETS][4]) {
     constexpr int HALVES = 2 * TILES;
+    constexpr int REGISTER_HALVES = HALVES - SHARED_LOOKUPS;  // the rest decode from the shared table
     u32 L[HALVES][4], H[HALVES][4];
 #pragma unroll
-    for (int q = 0; q < HALVES; ++q) block_tables(scale[q], L[q], H[q]);
+    for (int q = 0; q < REGISTER_HALVES; ++q) block_tables(scale[q], L[q], H[q]);
+#if SHARED_LOOKUPS
+    const u32 copy = (threadIdx.x & 15) * 8;
+#endif
 #pragma unroll
     for (int i = 0; i < 8; ++i) {
         // nibble p of a word is value p ^ 1 (bitsandbytes: high nibble first); nibble p picks
         // byte p of the entries-0..7 lookup or, by its bit 3, of the entries-8..15 one
-        u32 sel[HALVES], pick[HALVES];
+        u32 word[HALVES], sel[HALVES], pick[HALVES];
 #pragma unroll
         for (int q = 0; q < HALVES; ++q) {
             const uint4 v = w[q][i >> 2];
-            const u32 word = (i & 3) == 0 ? v.x : (i & 3) == 1 ? v.y : (i & 3) == 2 ? v.z : v.w;
-            sel[q] = word & 0x77777777u;
-            pick[q] = and_or(shift_right_on_fma(word, 1), 0x44444444u, 0x32103210u);
+            word[q] = (i & 3) == 0 ? v.x : (i & 3) == 1 ? v.y : (i & 3) == 2 ? v.z : v.w;
+            if (q < REGISTER_HALVES) {
+                sel[q] = word[q] & 0x77777777u;
+                pick[q] = and_or(shift_right_on_fma(word[q], 1), 0x44444444u, 0x32103210u);
+            }
         }
+        // half q's values 4h..4h+3 of this word as two MMA registers
+        auto decode = [&](int q, int h, u32& first, u32& second) {
+            if (q < REGISTER_HALVES) {
+                decode_half(L[q], H[q], h ? shift_right_on_fma(sel[q], 16) : sel[q],
+                            h ? shift_right_on_fma(pick[q], 16) : pick[q], first, second);
+            } else {
+#if SHARED_LOOKUPS
+                decode_half_shared(word[q], h, scale[q], copy, first, second);
+#endif
+            }
+        };
 #pragma unroll
         for (int h = 0; h < 2; ++h) {
             uint2 b[SETS];
@@ -376,10 +399,8 @@ __device__ __forceinline__ void group_mma(const uint4 (&w)[2 * TILES][2], const 
 #pragma unroll
             for (int j = 0; j < TILES; ++j) {
                 u32 a0, a1, a2, a3;
-                decode_half(L[2 * j], H[2 * j], h ? shift_right_on_fma(sel[2 * j], 16) : sel[2 * j],
-                            h ? shift_right_on_fma(pick[2 * j], 16) : pick[2 * j], a0, a2);
-                decode_half(L[2 * j + 1], H[2 * j + 1], h ? shift_right_on_fma(sel[2 * j + 1], 16) : sel[2 * j + 1],
-                            h ? shift_right_on_fma(pick[2 * j + 1], 16) : pick[2 * j + 1], a1, a3);
+                decode(2 * j, h, a0, a2);
+                decode(2 * j + 1, h, a1, a3);
 #pragma unroll
                 for (int set = 0; set < SETS; ++set) mma(acc[j][set], a0, a1, a2, a3, b[set].x, b[set].y);
             }
@@ -429,8 +450,7 @@ nf4_mma_kernel(const uint4* __restrict__ words, const float* __restrict__ absmax
     const float* lane_absmax[HALVES];
 #pragma unroll
     for (int q = 0; q < HALVES; ++q) {
-        // (lane pairs: uint4 (t & 1) of sector (t & 2), then of sector (t & 2) + 1)
-        lane_words[q] = words + (size_t)(n0 + 8 * q + g) * (K >> 5) + (WEIGHT_LOADS == 2 ? 2 * (t & 2) + (t & 1) : 2 * t);
+        lane_words[q] = words + (size_t)(n0 + 8 * q + g) * (K >> 5) + 2 * t;
         lane_absmax[q] = absmax + (size_t)(n0 + 8 * q + g) * (K >> 6) + t;
     }
     // x in operand order (written by the LoRA A kernel): per (group, set of 8 rows, MMA), each
@@ -463,6 +483,9 @@ nf4_mma_kernel(const uint4* __restrict__ words, const float* __restrict__ absmax
     load_t();
 #endif
 
+#if SHARED_LOOKUPS
+    fill_code_pairs();
+#endif
     float acc[TILES][SETS][4];
 #pragma unroll
     for (int j = 0; j < TILES; ++j)
@@ -475,8 +498,7 @@ nf4_mma_kernel(const uint4* __restrict__ words, const float* __restrict__ absmax
 #pragma unroll
         for (int q = 0; q < HALVES; ++q) {
             lane_group.w[q][0] = any ? load_streaming(lane_words[q] + 8 * grp) : make_uint4(0u, 0u, 0u, 0u);
-            lane_group.w[q][1] = any ? load_streaming(lane_words[q] + 8 * grp + (WEIGHT_LOADS == 2 ? 2 : 1))
-                                     : make_uint4(0u, 0u, 0u, 0u);
+            lane_group.w[q][1] = any ? load_streaming(lane_words[q] + 8 * grp + 1) : make_uint4(0u, 0u, 0u, 0u);
             lane_group.scale[q] = any ? __ldg(lane_absmax[q] + 4 * grp) : 0.f;
         }
         return lane_group;
@@ -504,7 +526,6 @@ nf4_mma_kernel(const uint4* __restrict__ words, const float* __restrict__ absmax
     for (int group = warp; group < groups; group += WARPS) {
         const LaneGroup next = fetch(group + WARPS);
         prefetch_x(group + WARPS);
-        ARRANGE(current);
         group_mma(current.w, current.scale, x_lane, group, acc);
         current = next;
     }
@@ -517,12 +538,10 @@ nf4_mma_kernel(const uint4* __restrict__ words, const float* __restrict__ absmax
     for (int group = warp; group < groups; group += 2 * WARPS) {
         const LaneGroup third = fetch(group + 2 * WARPS);
         prefetch_x(group + WARPS);
-        ARRANGE(first);
         group_mma(first.w, first.scale, x_lane, group, acc);
         if (group + WARPS >= groups) break;
         const LaneGroup fourth = fetch(group + 3 * WARPS);
         prefetch_x(group + 2 * WARPS);
-        ARRANGE(second);
         group_mma(second.w, second.scale, x_lane, group + WARPS, acc);
         first = third;
         second = fourth;
@@ -567,29 +586,50 @@ nf4_mma_kernel(const uint4* __restrict__ words, const float* __restrict__ absmax
 """
 
 
+CODE_PAIRS_BYTES = 256 * 16 * 8
+STATIC_SHARED_LIMIT = 48 * 1024  # a kernel's static shared memory
+
+
+def static_shared_bytes(warps: int, rows: int, rank: int, tiles: int, shared_lookups: int) -> int:
+    """The kernel's shared memory: the warps' partial sums, t, the LoRA B tile and the code pairs."""
+    sets = (rows + 7) // 8
+    return 4 * (warps * 32 * (4 * sets * tiles + 1) + rows * rank + TILE_N * tiles * (rank + 1)) + (
+        CODE_PAIRS_BYTES if shared_lookups else 0)
+
+
 def source(code: Sequence[float], warps: int, rows: int, rank: int, tiles: int = 1, prefetch_x: bool = False,
-           ahead: int = 1, k: int = 4096, fuse_a: bool = False, weight_loads: int = 0) -> str:
+           ahead: int = 1, k: int = 4096, fuse_a: bool = False, weight_loads: int = 0, shared_lookups: int = 0) -> str:
     """The kernel's CUDA source for one NF4 code table, warps per block, row tile (8 or 16), rank,
     16-feature tiles per warp, whether each warp prefetches its next group's x into L1, how many
     groups' weight bytes each warp holds in registers ahead of the one it computes (1 or 2), the
     inputs K (a compile-time constant: 5-7 % fewer ALU instructions per weight, bench/nf4_mma_sass.py),
-    whether the launch's first blocks compute the LoRA's A product themselves (`fuse_a`), and how the
-    weights are loaded (`weight_loads`, WEIGHT_LOAD_KINDS: past L1, into L1, or whole sectors by lane
-    pairs)."""
+    whether the launch's first blocks compute the LoRA's A product themselves (`fuse_a`), how the
+    weights are loaded (`weight_loads`, WEIGHT_LOAD_KINDS: past L1 or into L1), and how many of a
+    lane's 2 x tiles absmax blocks per group decode through the shared-memory code pairs instead of
+    register tables (`shared_lookups`)."""
     if len(code) != 16:
         raise ValueError("an NF4 code table has 16 entries")
     if (warps not in WARP_CHOICES or rows not in (1, 8, 16) or (rows == 1 and not fuse_a) or rank <= 0
             or tiles not in TILE_CHOICES or ahead not in (1, 2) or k <= 0 or k % GROUP
-            or weight_loads not in range(len(WEIGHT_LOAD_KINDS))):
+            or weight_loads not in range(len(WEIGHT_LOAD_KINDS)) or not 0 <= shared_lookups <= 2 * tiles
+            or static_shared_bytes(warps, rows, rank, tiles, shared_lookups) > STATIC_SHARED_LIMIT):
         raise ValueError(f"no nf4 MMA kernel for {warps} warps, {rows} rows, rank {rank}, {tiles} tiles, "
-                         f"{ahead} groups ahead, K {k}, weight loads {weight_loads}")
+                         f"{ahead} groups ahead, K {k}, weight loads {weight_loads}, "
+                         f"{shared_lookups} shared lookups")
     # exact: hexadecimal literals of the float32 values
     values = ", ".join(f"{struct.unpack('<f', struct.pack('<f', float(v)))[0].hex()}f" for v in code)
     header = (f"#define KDIM {k}\n#define WARPS {warps}\n#define ROWS {rows}\n#define RANK {rank}\n#define TILES {tiles}\n"
               f"#define PREFETCH_X {int(prefetch_x)}\n#define AHEAD {ahead}\n#define FUSE_A {int(fuse_a)}\n"
-              f"#define WEIGHT_LOADS {weight_loads}\n"
+              f"#define WEIGHT_LOADS {weight_loads}\n#define SHARED_LOOKUPS {shared_lookups}\n"
               f"__device__ __constant__ float CODE_TABLE[16] = {{{values}}};\n#define CODE CODE_TABLE\n")
     return header + _SOURCE
+
+
+def fits(m: int, rank: int, warps: int, tiles: int, fuse_a: bool, shared_lookups: int) -> bool:
+    """Whether a layout's shared memory fits its kernel for m rows of x and this rank (the code pairs
+    take 32 KB of the 48)."""
+    rows = fused_kernel_rows(m) if fuse_a else 8 if m <= 8 else 16
+    return static_shared_bytes(warps, rows, rank, tiles, shared_lookups) <= STATIC_SHARED_LIMIT
 
 
 class MmaUnavailable(RuntimeError):
@@ -641,8 +681,9 @@ def code_values(code: torch.Tensor) -> tuple[float, ...]:
 
 
 def _kernel(code: torch.Tensor, warps: int, rows: int, rank: int, tiles: int, prefetch_x: bool, ahead: int,
-            k: int, fuse_a: bool, weight_loads: int) -> Callable:
-    key = (code.device.index, code_values(code), warps, rows, rank, tiles, prefetch_x, ahead, k, fuse_a, weight_loads)
+            k: int, fuse_a: bool, weight_loads: int, shared_lookups: int) -> Callable:
+    key = (code.device.index, code_values(code), warps, rows, rank, tiles, prefetch_x, ahead, k, fuse_a, weight_loads,
+           shared_lookups)
     if key not in _KERNELS:
         with torch.cuda.device(code.device):
             _KERNELS[key] = _compile(source(*key[1:]))
@@ -688,6 +729,7 @@ def nf4_mma_linear(
     ahead: int = 1,
     inputs: tuple[torch.Tensor, torch.Tensor] | None = None,
     weight_loads: int = 0,
+    shared_lookups: int = 0,
 ) -> torch.Tensor:
     """y = x @ dequant(W).T + scaling * B(A(x)) with PEFT's roundings for x ([m <= 16, K], bf16);
     rows from seg1 and from seg2 on belong to the LoRA's second and third parts.
@@ -704,7 +746,7 @@ def nf4_mma_linear(
     if inputs is not None:
         xq, t = inputs
         kernel = _kernel(weight.code, warps, 8 if m <= 8 else 16, lora.rank, tiles, prefetch_x, ahead, k, False,
-                         weight_loads)
+                         weight_loads, shared_lookups)
         la_blocks = 0
         splits, fused_args = t.shape[0], [xq, 0, lora.a, t, t]  # the fused LoRA A's arguments, unused
     else:
@@ -713,7 +755,7 @@ def nf4_mma_linear(
         if x.stride(1) != 1 or x.stride(0) % 8 or x.data_ptr() % 16:
             x = x.clone(memory_format=torch.contiguous_format)  # 16-byte rows for the vector loads
         kernel = _kernel(weight.code, warps, fused_kernel_rows(m), lora.rank, tiles, prefetch_x, ahead, k, True,
-                         weight_loads)
+                         weight_loads, shared_lookups)
         counters = lora.fused_counters
         if counters is None or counters.device != x.device or counters.numel() < 3 + rt // RANK_QUAD:
             counters = lora.fused_counters = torch.zeros(3 + rt // RANK_QUAD, dtype=torch.int32, device=x.device)

@@ -44,11 +44,12 @@ RANK = 32
 
 
 def _build(tmp_path_factory: pytest.TempPathFactory, warps: int, rows: int, tiles: int, prefetch: bool,
-           ahead: int, k: int, fuse_a: bool = False, weight_loads: int = 0) -> ctypes.CDLL:
+           ahead: int, k: int, fuse_a: bool = False, shared_lookups: int = 0) -> ctypes.CDLL:
     folder = tmp_path_factory.mktemp(
-        f"nf4_w{warps}_r{rows}_t{tiles}_p{int(prefetch)}_a{ahead}_k{k}_f{int(fuse_a)}_l{weight_loads}")
+        f"nf4_w{warps}_r{rows}_t{tiles}_p{int(prefetch)}_a{ahead}_k{k}_f{int(fuse_a)}_s{shared_lookups}")
     text = (f'#define NF4_EMULATE\n#include "{HEADER}"\n'
-            + nf4_mma.source(NF4_CODE, warps, rows, RANK, tiles, prefetch, ahead, k, fuse_a, weight_loads)
+            + nf4_mma.source(NF4_CODE, warps, rows, RANK, tiles, prefetch, ahead, k, fuse_a,
+                             shared_lookups=shared_lookups)
             + LAUNCHER)
     (folder / "kernel.cpp").write_text(text)
     built = subprocess.run(
@@ -116,23 +117,23 @@ def _run(library: ctypes.CDLL, projection: NF4Projection, x: torch.Tensor, warps
     return y
 
 
-# (warps, tiles, x prefetch, groups ahead, weight loads): one tile, two tiles per warp, the x prefetch,
-# two groups of weights in registers ahead, and lane pairs loading whole sectors (weight loads 2;
-# "into L1" only changes a cache hint, which the emulation ignores)
-VARIANTS = [(4, 1, False, 1, 0), (8, 2, False, 1, 0), (4, 1, True, 1, 0), (4, 2, True, 2, 0), (4, 2, False, 1, 2),
-            (8, 1, True, 2, 2)]
+# (warps, tiles, x prefetch, groups ahead, shared lookups): one tile, two tiles per warp, the x prefetch,
+# two groups of weights in registers ahead, and absmax blocks decoded through the shared code pairs
+# (one of two, three of four; "weight loads into L1" only changes a cache hint, which the emulation ignores)
+VARIANTS = [(4, 1, False, 1, 0), (8, 2, False, 1, 0), (4, 1, True, 1, 0), (4, 2, True, 2, 0), (4, 2, False, 1, 3),
+            (8, 1, True, 2, 1)]
 
 
-@pytest.mark.parametrize(("warps", "tiles", "prefetch", "ahead", "weight_loads"), VARIANTS)
+@pytest.mark.parametrize(("warps", "tiles", "prefetch", "ahead", "shared_lookups"), VARIANTS)
 @pytest.mark.parametrize("rows", [1, 3, 11, 16])
 def test_the_kernel_text_computes_the_reference_function(tmp_path_factory, warps, tiles, prefetch, ahead,
-                                                         weight_loads, rows):
+                                                         shared_lookups, rows):
     # 5 groups of 256 inputs: some warps get two, some one, some none; with the prefetch, 9 or 11:
     # a warp prefetches several times, its last group none, and two groups ahead ends on either half
     # of its loop.
     k = 256 * ((9 if ahead == 1 else 11) if prefetch else 5)
     library = _build(tmp_path_factory, warps, 8 if rows <= 8 else 16, tiles, prefetch, ahead, k,
-                     weight_loads=weight_loads)
+                     shared_lookups=shared_lookups)
     projection = _projection(n=64, k=k, seed=rows)
     x = torch.randn((rows, k), generator=torch.Generator().manual_seed(100 + rows)).to(torch.bfloat16)
     out = _run(library, projection, x, warps, tiles)
@@ -141,16 +142,16 @@ def test_the_kernel_text_computes_the_reference_function(tmp_path_factory, warps
     assert nf4_kernels.matches_reference(out, reference), (out.float() - reference.float()).abs().max()
 
 
-# (warps, tiles, x prefetch, groups ahead, weight loads) of the fused configurations: more units than
-# warps, fewer, and whole-sector loads
-@pytest.mark.parametrize(("warps", "tiles", "prefetch", "ahead", "weight_loads"),
-                         [(4, 1, False, 1, 0), (8, 2, True, 2, 0), (4, 2, False, 1, 2)])
+# (warps, tiles, x prefetch, groups ahead, shared lookups) of the fused configurations: more units than
+# warps, fewer, and every absmax block decoded through the shared code pairs
+@pytest.mark.parametrize(("warps", "tiles", "prefetch", "ahead", "shared_lookups"),
+                         [(4, 1, False, 1, 0), (8, 2, True, 2, 0), (4, 2, False, 1, 4)])
 @pytest.mark.parametrize("rows", [1, 5, 11])
 def test_the_fused_kernel_computes_lora_a_itself_and_leaves_its_counters_at_zero(
-        tmp_path_factory, warps, tiles, prefetch, ahead, weight_loads, rows):
+        tmp_path_factory, warps, tiles, prefetch, ahead, shared_lookups, rows):
     k = 256 * 5
     library = _build(tmp_path_factory, warps, nf4_mma.fused_kernel_rows(rows), tiles, prefetch, ahead, k, fuse_a=True,
-                     weight_loads=weight_loads)
+                     shared_lookups=shared_lookups)
     projection = _projection(n=64, k=k, seed=rows)
     x = torch.randn((rows, k), generator=torch.Generator().manual_seed(200 + rows)).to(torch.bfloat16)
     reference = projection.reference(x)

@@ -29,9 +29,13 @@ struct alignas(16) uint4 {
 inline uint2 make_uint2(u32 x, u32 y) { return {x, y}; }
 inline uint4 make_uint4(u32 x, u32 y, u32 z, u32 w) { return {x, y, z, w}; }
 
+struct alignas(8) float2 {
+    float x, y;
+};
 struct alignas(16) float4 {
     float x, y, z, w;
 };
+inline float4 make_float4(float x, float y, float z, float w) { return {x, y, z, w}; }
 
 struct Index3 {
     unsigned x = 0, y = 0, z = 0;
@@ -110,8 +114,8 @@ inline u16 bf16(float v) {  // round to nearest even (no NaNs here)
 }
 inline u32 bf16x2(float lo, float hi) { return (u32)bf16(lo) | ((u32)bf16(hi) << 16); }
 inline u32 and_or(u32 a, u32 b, u32 c) { return (a & b) | c; }
-inline u32 pick_on_fma(u32 x, u32 y, u32 odd) { return x * odd + y * (1u - odd); }
 inline u32 shift_right_on_fma(u32 a, int k) { return (u32)(((unsigned long long)a * (1ull << (32 - k))) >> 32); }
+inline u32 shift_left_on_fma(u32 a, int k) { return a << k; }
 inline uint4 load_streaming(const uint4* p) { return __ldg(p); }
 inline void prefetch_l1(const void* p) { check_read(p, 128); }  // a hint; its line must exist
 

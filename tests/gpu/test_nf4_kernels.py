@@ -78,28 +78,29 @@ def test_fused_kernel_equals_the_reference_path(rows, name):
 
 @pytest.mark.parametrize("rows", [1, 5, 16])
 @pytest.mark.parametrize("name", ["qkv", "gate_up", "down"])
-def test_other_weight_loads_give_the_same_bits_as_streaming_loads(rows, name):
-    # Into L1, or whole sectors by lane pairs (bench/nf4_kernels.py --weight-loads times them): the
-    # same bytes reach the same lanes, so every output equals the served loads' own.
-    from dataclasses import replace
-
-    from llm import nf4_kernels
+def test_kernel_variants_give_the_served_kernels_bits(rows, name):
+    # Weights loaded into L1, or absmax blocks decoded through the shared code pairs
+    # (bench/nf4_kernels.py --variants times them): the same weights reach the same lanes and the same
+    # MMAs, so every output equals the served kernel's own.
+    from llm import nf4_kernels, nf4_mma
 
     parts, cols = SHAPES[name]
     projection = _projection(parts, cols)
     x = torch.randn(rows, cols, dtype=torch.bfloat16, device="cuda:0")
     n, k = projection.weight.shape
     # layouts that serve (run 22): fused two-tile, two groups ahead, plain, x prefetched (not all 18:
-    # each kind is one compile per layout, row tile and K)
+    # each variant is one compile per layout, row tile and K)
     layouts = {"mma_32x256w4s1f", "mma_16x256w8s2f", "mma_16x256w8s1", "mma_32x256w4s1pf"}
     configs = [c for c in nf4_kernels.all_configs(rows, n, k, projection.lora.boundaries) if c.label in layouts]
     assert configs
     for config in configs:
         served = nf4_kernels.nf4_lora_linear(x, projection.weight, projection.lora, True, config)
-        for kind in (1, 2):
-            other = nf4_kernels.nf4_lora_linear(x, projection.weight, projection.lora, True,
-                                                replace(config, weight_loads=kind))
-            assert torch.equal(other, served), (config.label, kind)
+        for variant in nf4_kernels.variants(config):
+            if not nf4_mma.fits(rows, projection.lora.rank, variant.num_warps, variant.block_n // nf4_mma.TILE_N,
+                                variant.fuse_a, variant.shared_lookups):
+                continue
+            other = nf4_kernels.nf4_lora_linear(x, projection.weight, projection.lora, True, variant)
+            assert torch.equal(other, served), variant.label
 
 
 @pytest.mark.parametrize("rows", [17, 300])
