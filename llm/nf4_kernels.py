@@ -143,6 +143,12 @@ MMA_CONFIGS = tuple(
         (8, 1, 1, False, False), (8, 1, 1, False, True), (4, 1, 2, False, True),
     )
     for lookups in ((2, 3) if tiles == 2 else (1, 2))
+) + (
+    # fewer registers with the shared code pairs: two tiles with two groups ahead, or with 8 warps
+    NF4Config(32, nf4_mma.GROUP, 4, 2, kind="mma", fuse_a=True, shared_lookups=4),
+    NF4Config(32, nf4_mma.GROUP, 4, 2, kind="mma", prefetch_x=True, fuse_a=True, shared_lookups=3),
+    NF4Config(32, nf4_mma.GROUP, 8, 1, kind="mma", fuse_a=True, shared_lookups=2),
+    NF4Config(32, nf4_mma.GROUP, 8, 1, kind="mma", fuse_a=True, shared_lookups=3),
 )
 
 
