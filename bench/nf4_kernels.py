@@ -63,9 +63,9 @@ RUN22_SERVED = {"mma_16x256w16s1f", "mma_16x256w8s2f", "mma_16x256w8s1", "mma_32
 
 
 def with_variants(configs: list[nf4_kernels.NF4Config], rows: int, rank: int) -> list[nf4_kernels.NF4Config]:
-    """Run 22's served tensor-core layouts as they are and their variants (`nf4_kernels.variants`:
-    weights into L1 "l", shared code pairs "t1".."t4") where their shared memory fits. (Only those:
-    every layout's variants would be hundreds of compiles.)"""
+    """Run 22's served tensor-core layouts as they are and with shared code pairs ("t1".."t4",
+    `nf4_kernels.variants`) where their shared memory fits. (Only those: every layout's variants
+    would be hundreds of compiles.)"""
     served = [c for c in configs if c.label in RUN22_SERVED]
     return served + [v for c in served for v in nf4_kernels.variants(c)
                      if nf4_mma.fits(rows, rank, v.num_warps, v.block_n // nf4_mma.TILE_N, v.fuse_a, v.shared_lookups)]
@@ -180,7 +180,7 @@ def main() -> None:
     parser.add_argument("--prompts", action="store_true",
                         help="time the prompt path's two LoRA product kinds instead (rows: prompt lengths)")
     parser.add_argument("--variants", action="store_true",
-                        help="time run 22's served tensor-core layouts and their variants (weights into L1, shared code pairs)")
+                        help="time run 22's served tensor-core layouts with and without shared code pairs")
     parser.add_argument("--dequant-rows", metavar="ROWS",
                         help="with --prompts: also time PEFT's products with these dequantization chunks, e.g. 512,1024,2048")
     parser.add_argument("--profile", nargs=3, metavar=("PROJECTION", "ROWS", "CONFIG"),

@@ -4,13 +4,14 @@ Compiles `llm.nf4_mma.source` for sm_90 with nvcc, disassembles it with cuobjdum
 `nvidia-cuda-cuobjdump` wheel has it: `pip download --no-deps nvidia-cuda-cuobjdump`, unzip, pass
 its `bin/cuobjdump` with --cuobjdump), and counts the opcodes of the loop that holds the HMMAs, per 16 x 16 weight tile (one warp's
 decode unit: one MMA per 8 rows of x).
-The kernel is bound by the ALU pipe (Nsight, run 17: 66 % at one row), which PRMT, SHF, LOP3,
-LEA and the integer adds share at half the FP32 rate: this is the count to bring down.
+The ALU pipe (PRMT, SHF, LOP3, LEA, the integer adds, at half the FP32 rate) was the kernel's busiest
+(Nsight, run 17: 66 % at one row), but run 23's shared code pairs took it from 21.5 to 13.3
+instructions per tile and the kernel only 3-4 % faster: all instructions per tile count (the issue
+rate: 0.46 per cycle and scheduler with 2.6 warps each, run 22's Nsight).
 
     python3 bench/nf4_mma_sass.py --cuobjdump /tmp/cuobj/nvidia/cu13/bin/cuobjdump 4 8 2 1 1
     (warps, rows, tiles, prefetch_x, groups ahead: a configuration name like mma_32x256w4s1p;
-    --fuse-a for the "f" ones, rows 1 for their one-row kernel; --weight-loads 1 for "l";
-    --shared-lookups N for "tN")
+    --fuse-a for the "f" ones, rows 1 for their one-row kernel; --shared-lookups N for "tN")
 """
 
 from __future__ import annotations
@@ -29,7 +30,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from llm import nf4_mma  # noqa: E402
 
 ALU_PIPE = {"PRMT", "SHF", "LOP3", "LEA", "IADD3", "VIADD", "ISETP", "SEL", "MOV", "F2FP"}
-SHARED_PIPE = {"LDS"}
 _LINE = re.compile(r"/\*([0-9a-f]{4,})\*/\s+(@!?U?P\w+\s+)?([A-Z0-9_]+)[.\w]*\s*([^;]*);")
 
 
@@ -60,8 +60,6 @@ def main() -> None:
     parser.add_argument("--fuse-a", action="store_true", help="the fused-LoRA-A kernel ('f' configurations)")
     parser.add_argument("--cuobjdump", default="cuobjdump")
     parser.add_argument("--nvcc", default="nvcc")
-    parser.add_argument("--weight-loads", type=int, default=0, choices=range(len(nf4_mma.WEIGHT_LOAD_KINDS)),
-                        help="how the weights are loaded: 0 past L1, 1 into L1 ('l')")
     parser.add_argument("--shared-lookups", type=int, default=0,
                         help="absmax blocks per lane and group decoded through the shared code pairs ('t1'..'t4')")
     args = parser.parse_args()
@@ -69,8 +67,7 @@ def main() -> None:
 
     code = get_4bit_type("nf4", device="cpu").tolist()
     text = nf4_mma.source(code, args.warps, args.rows, 32, args.tiles, bool(args.prefetch_x), args.ahead,
-                          fuse_a=args.fuse_a, weight_loads=args.weight_loads,
-                          shared_lookups=args.shared_lookups)
+                          fuse_a=args.fuse_a, shared_lookups=args.shared_lookups)
     with tempfile.TemporaryDirectory() as folder:
         cu, cubin = Path(folder) / "k.cu", Path(folder) / "k.cubin"
         cu.write_text(text)

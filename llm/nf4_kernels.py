@@ -84,7 +84,6 @@ class NF4Config:
     xperm: bool = False  # lut GEMV: x read value-major (written by the LoRA A kernel)
     prefetch_x: bool = False  # mma: each warp prefetches its next group's x into L1
     fuse_a: bool = False  # mma: the LoRA A product in the same launch (`nf4_mma.nf4_mma_linear`)
-    weight_loads: int = 0  # mma: index into nf4_mma.WEIGHT_LOAD_KINDS ("l": into L1)
     shared_lookups: int = 0  # mma: a lane's absmax blocks per group decoded through shared memory ("t1".."t4")
 
     @property
@@ -94,7 +93,7 @@ class NF4Config:
     @property
     def label(self) -> str:
         suffix = ("x" if self.xperm else "") + ("p" if self.prefetch_x else "") + ("f" if self.fuse_a else "")
-        suffix += ("", "l")[self.weight_loads] + (f"t{self.shared_lookups}" if self.shared_lookups else "")
+        suffix += f"t{self.shared_lookups}" if self.shared_lookups else ""
         return f"{self.kind}_{self.block_n}x{self.block_k}w{self.num_warps}s{self.num_stages}{suffix}"
 
     def fits(self, n: int, k: int, boundaries: Sequence[int]) -> bool:
@@ -122,41 +121,31 @@ LUT_DOT_CONFIGS = (  # 2-16 rows; 64-row tiles take Hopper's warpgroup MMA (wide
 )
 # 1..16 rows, where NVRTC and sm_80+ are there (llm.nf4_mma); num_warps split K inside a block,
 # block_n = 16 features per tile x tiles per warp, num_stages = groups of weights in registers ahead
-# of the one computed; "p": x prefetched into L1. Run 13 retired the cp.async pipeline (weights 2-3
-# groups ahead in shared memory): 10-30 % slower than these everywhere (bench/NOTES.md).
-# "f": the LoRA A product fused into the same launch, for the layouts that won somewhere in run 17.
+# of the one computed; "p": x prefetched into L1; "f": the LoRA A product fused into the same launch;
+# "tN": N of each lane's absmax blocks per group decoded through the shared code pairs. Run 13 retired
+# the cp.async pipeline (10-30 % slower everywhere). These are the layouts within 2 % of the fastest
+# for some projection and rows bucket in runs 22-23 (bench/NOTES.md, run 23): each is one NVRTC compile
+# per row tile and K at start-up.
 MMA_CONFIGS = tuple(
-    NF4Config(nf4_mma.TILE_N * tiles, nf4_mma.GROUP, warps, ahead, kind="mma", prefetch_x=prefetch, fuse_a=fuse)
-    for warps, tiles, ahead, prefetch, fuse in (
-        (4, 1, 1, False, False), (8, 1, 1, False, False), (16, 1, 1, False, False), (4, 2, 1, False, False),
-        (8, 2, 1, False, False), (4, 1, 1, True, False), (8, 1, 1, True, False), (4, 2, 1, True, False),
-        (4, 1, 2, False, False), (8, 1, 2, False, False), (4, 1, 2, True, False), (8, 1, 2, True, False),
-        (8, 1, 1, False, True), (16, 1, 1, False, True), (4, 2, 1, False, True), (4, 2, 1, True, True),
-        (4, 1, 2, False, True), (8, 1, 2, False, True),
-    )
-) + tuple(
-    # run 22's served layouts with some absmax blocks decoded through the shared code pairs
     NF4Config(nf4_mma.TILE_N * tiles, nf4_mma.GROUP, warps, ahead, kind="mma", prefetch_x=prefetch, fuse_a=fuse,
               shared_lookups=lookups)
-    for warps, tiles, ahead, prefetch, fuse in (
-        (4, 2, 1, False, True), (4, 2, 1, True, True), (8, 1, 2, False, True), (16, 1, 1, False, True),
-        (8, 1, 1, False, False), (8, 1, 1, False, True), (4, 1, 2, False, True),
+    for warps, tiles, ahead, prefetch, fuse, lookups in (
+        (4, 1, 1, False, False, 0), (8, 1, 1, False, False, 0), (4, 2, 1, False, False, 0),
+        (4, 2, 1, True, False, 0), (4, 1, 2, True, False, 0),
+        (8, 1, 1, False, True, 0), (16, 1, 1, False, True, 0), (4, 2, 1, False, True, 0), (4, 2, 1, True, True, 0),
+        (4, 1, 2, False, True, 0), (8, 1, 2, False, True, 0),
+        (8, 1, 1, False, True, 1), (8, 1, 1, False, True, 2), (16, 1, 1, False, True, 1),
+        (4, 2, 1, False, True, 2), (4, 2, 1, False, True, 3), (4, 2, 1, True, True, 2), (4, 2, 1, True, True, 3),
+        (4, 1, 2, False, True, 2), (8, 1, 2, False, True, 1), (8, 2, 1, False, True, 3),
     )
-    for lookups in ((2, 3) if tiles == 2 else (1, 2))
-) + (
-    # fewer registers with the shared code pairs: two tiles with two groups ahead, or with 8 warps
-    NF4Config(32, nf4_mma.GROUP, 4, 2, kind="mma", fuse_a=True, shared_lookups=4),
-    NF4Config(32, nf4_mma.GROUP, 4, 2, kind="mma", prefetch_x=True, fuse_a=True, shared_lookups=3),
-    NF4Config(32, nf4_mma.GROUP, 8, 1, kind="mma", fuse_a=True, shared_lookups=2),
-    NF4Config(32, nf4_mma.GROUP, 8, 1, kind="mma", fuse_a=True, shared_lookups=3),
 )
 
 
 def variants(config: NF4Config) -> list[NF4Config]:
-    """A tensor-core layout's other kernels: its weights loaded into L1, and 1 .. 2 x tiles of each
-    lane's absmax blocks decoded through the shared code pairs."""
+    """A tensor-core layout with 1 .. 2 x tiles of each lane's absmax blocks decoded through the
+    shared code pairs (those it does not have)."""
     tiles = config.block_n // nf4_mma.TILE_N
-    return [replace(config, weight_loads=1)] + [replace(config, shared_lookups=n) for n in range(1, 2 * tiles + 1)]
+    return [replace(config, shared_lookups=n) for n in range(1, 2 * tiles + 1) if n != config.shared_lookups]
 
 
 # Only where nothing above fits (small models, e.g. the tests' tiny one).
@@ -940,7 +929,7 @@ def nf4_lora_linear(
         return nf4_mma.nf4_mma_linear(x, weight, lora, seg1, seg2, round_lora_first, config.num_warps,
                                       config.block_n // nf4_mma.TILE_N, config.prefetch_x, config.num_stages,
                                       inputs=None if config.fuse_a else mma_inputs(x, n, lora),
-                                      weight_loads=config.weight_loads, shared_lookups=config.shared_lookups)
+                                      shared_lookups=config.shared_lookups)
     xperm = torch.empty((k,), dtype=torch.float32, device=x.device) if config.xperm else None
     t, splits = lora_a_product(x, lora, block_m, config.dot, xperm)
     y = torch.empty((m, n), dtype=torch.bfloat16, device=x.device)

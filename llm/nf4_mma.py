@@ -49,10 +49,6 @@ GROUP = 256  # inputs per lane group: 4 absmax blocks of 64, one per lane of a q
 TILE_N = 16  # output features per tile (one MMA's m); a block has 1 or 2 tiles
 WARP_CHOICES = (4, 8, 16)
 TILE_CHOICES = (1, 2)  # 2: every x load feeds twice the MMAs (x traffic halved, more registers)
-# How a lane loads its 32 weight bytes per group (`source`'s weight_loads): two 16-byte loads past L1
-# (each half-uses a 32-byte sector) or the same into L1. (Lane pairs loading whole sectors and
-# swapping halves were 3-10 % slower in every served layout, run 23: retired.)
-WEIGHT_LOAD_KINDS = ("stream", "l1")
 
 _SOURCE = r"""
 typedef unsigned int u32;
@@ -114,18 +110,13 @@ __device__ __forceinline__ u32 and_or(u32 a, u32 b, u32 c) {
     return d;
 }
 
-// Weights are read once: past L1, which keeps x (read by every block) instead. WEIGHT_LOADS 1: into
-// L1 after all (evict-first), where the other half of a sector a lane's first load brought may be
-// found by its second
+// Weights are read once: past L1, which keeps x (read by every block) instead. (Run 23 measured the
+// alternatives to these half-sector loads: into L1, 0-3 % faster in some layouts and slower in
+// others; lane pairs loading whole sectors and swapping halves, 3-10 % slower everywhere.)
 __device__ __forceinline__ uint4 load_streaming(const uint4* p) {
     uint4 v;
-#if WEIGHT_LOADS == 1
-    asm("ld.global.nc.L1::evict_first.v4.u32 {%0,%1,%2,%3}, [%4];"
-        : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w) : "l"(p));
-#else
     asm("ld.global.nc.L1::no_allocate.v4.u32 {%0,%1,%2,%3}, [%4];"
         : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w) : "l"(p));
-#endif
     return v;
 }
 
@@ -598,29 +589,27 @@ def static_shared_bytes(warps: int, rows: int, rank: int, tiles: int, shared_loo
 
 
 def source(code: Sequence[float], warps: int, rows: int, rank: int, tiles: int = 1, prefetch_x: bool = False,
-           ahead: int = 1, k: int = 4096, fuse_a: bool = False, weight_loads: int = 0, shared_lookups: int = 0) -> str:
+           ahead: int = 1, k: int = 4096, fuse_a: bool = False, shared_lookups: int = 0) -> str:
     """The kernel's CUDA source for one NF4 code table, warps per block, row tile (8 or 16), rank,
     16-feature tiles per warp, whether each warp prefetches its next group's x into L1, how many
     groups' weight bytes each warp holds in registers ahead of the one it computes (1 or 2), the
     inputs K (a compile-time constant: 5-7 % fewer ALU instructions per weight, bench/nf4_mma_sass.py),
-    whether the launch's first blocks compute the LoRA's A product themselves (`fuse_a`), how the
-    weights are loaded (`weight_loads`, WEIGHT_LOAD_KINDS: past L1 or into L1), and how many of a
-    lane's 2 x tiles absmax blocks per group decode through the shared-memory code pairs instead of
-    register tables (`shared_lookups`)."""
+    whether the launch's first blocks compute the LoRA's A product themselves (`fuse_a`), and how
+    many of a lane's 2 x tiles absmax blocks per group decode through the shared-memory code pairs
+    instead of register tables (`shared_lookups`)."""
     if len(code) != 16:
         raise ValueError("an NF4 code table has 16 entries")
     if (warps not in WARP_CHOICES or rows not in (1, 8, 16) or (rows == 1 and not fuse_a) or rank <= 0
             or tiles not in TILE_CHOICES or ahead not in (1, 2) or k <= 0 or k % GROUP
-            or weight_loads not in range(len(WEIGHT_LOAD_KINDS)) or not 0 <= shared_lookups <= 2 * tiles
+            or not 0 <= shared_lookups <= 2 * tiles
             or static_shared_bytes(warps, rows, rank, tiles, shared_lookups) > STATIC_SHARED_LIMIT):
         raise ValueError(f"no nf4 MMA kernel for {warps} warps, {rows} rows, rank {rank}, {tiles} tiles, "
-                         f"{ahead} groups ahead, K {k}, weight loads {weight_loads}, "
-                         f"{shared_lookups} shared lookups")
+                         f"{ahead} groups ahead, K {k}, {shared_lookups} shared lookups")
     # exact: hexadecimal literals of the float32 values
     values = ", ".join(f"{struct.unpack('<f', struct.pack('<f', float(v)))[0].hex()}f" for v in code)
     header = (f"#define KDIM {k}\n#define WARPS {warps}\n#define ROWS {rows}\n#define RANK {rank}\n#define TILES {tiles}\n"
               f"#define PREFETCH_X {int(prefetch_x)}\n#define AHEAD {ahead}\n#define FUSE_A {int(fuse_a)}\n"
-              f"#define WEIGHT_LOADS {weight_loads}\n#define SHARED_LOOKUPS {shared_lookups}\n"
+              f"#define SHARED_LOOKUPS {shared_lookups}\n"
               f"__device__ __constant__ float CODE_TABLE[16] = {{{values}}};\n#define CODE CODE_TABLE\n")
     return header + _SOURCE
 
@@ -681,9 +670,8 @@ def code_values(code: torch.Tensor) -> tuple[float, ...]:
 
 
 def _kernel(code: torch.Tensor, warps: int, rows: int, rank: int, tiles: int, prefetch_x: bool, ahead: int,
-            k: int, fuse_a: bool, weight_loads: int, shared_lookups: int) -> Callable:
-    key = (code.device.index, code_values(code), warps, rows, rank, tiles, prefetch_x, ahead, k, fuse_a, weight_loads,
-           shared_lookups)
+            k: int, fuse_a: bool, shared_lookups: int) -> Callable:
+    key = (code.device.index, code_values(code), warps, rows, rank, tiles, prefetch_x, ahead, k, fuse_a, shared_lookups)
     if key not in _KERNELS:
         with torch.cuda.device(code.device):
             _KERNELS[key] = _compile(source(*key[1:]))
@@ -728,7 +716,6 @@ def nf4_mma_linear(
     prefetch_x: bool = False,
     ahead: int = 1,
     inputs: tuple[torch.Tensor, torch.Tensor] | None = None,
-    weight_loads: int = 0,
     shared_lookups: int = 0,
 ) -> torch.Tensor:
     """y = x @ dequant(W).T + scaling * B(A(x)) with PEFT's roundings for x ([m <= 16, K], bf16);
@@ -746,7 +733,7 @@ def nf4_mma_linear(
     if inputs is not None:
         xq, t = inputs
         kernel = _kernel(weight.code, warps, 8 if m <= 8 else 16, lora.rank, tiles, prefetch_x, ahead, k, False,
-                         weight_loads, shared_lookups)
+                         shared_lookups)
         la_blocks = 0
         splits, fused_args = t.shape[0], [xq, 0, lora.a, t, t]  # the fused LoRA A's arguments, unused
     else:
@@ -755,7 +742,7 @@ def nf4_mma_linear(
         if x.stride(1) != 1 or x.stride(0) % 8 or x.data_ptr() % 16:
             x = x.clone(memory_format=torch.contiguous_format)  # 16-byte rows for the vector loads
         kernel = _kernel(weight.code, warps, fused_kernel_rows(m), lora.rank, tiles, prefetch_x, ahead, k, True,
-                         weight_loads, shared_lookups)
+                         shared_lookups)
         counters = lora.fused_counters
         if counters is None or counters.device != x.device or counters.numel() < 3 + rt // RANK_QUAD:
             counters = lora.fused_counters = torch.zeros(3 + rt // RANK_QUAD, dtype=torch.int32, device=x.device)

@@ -79,9 +79,9 @@ def test_fused_kernel_equals_the_reference_path(rows, name):
 @pytest.mark.parametrize("rows", [1, 5, 16])
 @pytest.mark.parametrize("name", ["qkv", "gate_up", "down"])
 def test_kernel_variants_give_the_served_kernels_bits(rows, name):
-    # Weights loaded into L1, or absmax blocks decoded through the shared code pairs
-    # (bench/nf4_kernels.py --variants times them): the same weights reach the same lanes and the same
-    # MMAs, so every output equals the served kernel's own.
+    # Absmax blocks decoded through the shared code pairs instead of register tables
+    # (bench/nf4_kernels.py --variants times them): the same products and roundings reach the same
+    # MMAs, so every output equals the register tables' own.
     from llm import nf4_kernels, nf4_mma
 
     parts, cols = SHAPES[name]
