@@ -11,7 +11,9 @@ block (block t): 32 contiguous bytes of each row, as bitsandbytes stored them. S
 - loads its 2 x 32 bytes and 2 absmax values (no repacking at load time),
 - builds each block's 16 possible weights once, `cvt.rn.bf16x2(code[i] * absmax)` (the float32
   product and single rounding of `dequantize_4bit`, so the weights are bit for bit bitsandbytes'),
-  as a low-byte and a high-byte table (`llm.nf4_kernels.lut_asm` does the same in Triton),
+  as a low-byte and a high-byte table (`llm.nf4_kernels.lut_asm` does the same in Triton); or, for
+  `shared_lookups` of its blocks, multiplies each byte's two code values from a shared table by the
+  absmax instead (the same products and rounding),
 - turns each 32-bit word (8 nibbles) into two MMAs' A registers with 8 `prmt` byte permutes,
 - reads the matching x values with one coalesced load per MMA: the LoRA `A` kernel, which reads x
   anyway, also writes it in this operand order (`operand_order`).
@@ -171,8 +173,8 @@ __device__ __forceinline__ void block_tables(float scale, u32 (&L)[4], u32 (&H)[
 // The code table's 256 byte pairs in shared memory (32 KB), for SHARED_LOOKUPS of a lane's absmax
 // blocks per group: there a weight byte costs a shared load, two float32 products and one conversion
 // (two ALU-pipe instructions for two weights) instead of four register-table permutes, so that the
-// shared-memory pipe takes part of the ALU pipe's work (the decode is bound by the ALU pipe: run 17,
-// run 22). Entry e holds (code[e >> 4], code[e & 15]) (bitsandbytes' high nibble is the first value)
+// shared-memory pipe takes part of the ALU pipe's work (the busiest pipe in runs 17 and 22; run 23:
+// 2-9 % faster in the two-tile layouts, slower in most one-tile ones at one row). Entry e holds (code[e >> 4], code[e & 15]) (bitsandbytes' high nibble is the first value)
 // 16 times, copy c at byte 128 e + 8 c: lane l reads copy l % 16, so that a half-warp's 16 lanes read
 // 16 different bank pairs whatever their bytes.
 __shared__ float2 code_pairs[256 * 16];
@@ -342,7 +344,6 @@ struct LaneGroup {
     uint4 w[2 * TILES][2];
     float scale[2 * TILES];
 };
-
 
 // One group of 256 inputs: each half's block tables (the register halves'), then 16 MMA steps (x
 // values in operand order).
