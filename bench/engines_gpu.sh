@@ -2,8 +2,8 @@
 # The model side checked and measured on a lent GPU (device tool, carry: [".whl", ".tok"]), one
 # device call each (each within a call's 10-minute limit):
 #   bash bench/engines_gpu.sh tests [PYTEST ARGS]   tests/gpu (~6 minutes) -> $OUT/gpu-tests.txt
-#   bash bench/engines_gpu.sh kernels            the served layouts' variants (weights into L1, shared code
-#       pairs): their bits (`tests/gpu -k variants`) and timings (`bench/nf4_kernels.py 1,16 --variants`)
+#   bash bench/engines_gpu.sh kernels            run 22's served layouts with shared code pairs: their bits
+#       (`tests/gpu -k variants`) and timings (`bench/nf4_kernels.py 1,16 --variants`)
 #       -> $OUT/kernels*.txt
 #   bash bench/engines_gpu.sh bench COMMIT [CASES]  the engine benchmark: the seed's literal code path,
 #       `nf4` and `fast` by default, same prompts, ratios printed (~4 minutes) -> $OUT/engines.log,

@@ -24,7 +24,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
-from llm import nf4_kernels, nf4_mma  # noqa: E402
+from llm import nf4_kernels  # noqa: E402
 from llm.nf4 import LoraParts, NF4Matrix, NF4Projection  # noqa: E402
 from llm.triton_kernels import graph_time_ms  # noqa: E402
 
@@ -67,8 +67,7 @@ def with_variants(configs: list[nf4_kernels.NF4Config], rows: int, rank: int) ->
     `nf4_kernels.variants`) where their shared memory fits. (Only those: every layout's variants
     would be hundreds of compiles.)"""
     served = [c for c in configs if c.label in RUN22_SERVED]
-    return served + [v for c in served for v in nf4_kernels.variants(c)
-                     if nf4_mma.fits(rows, rank, v.num_warps, v.block_n // nf4_mma.TILE_N, v.fuse_a, v.shared_lookups)]
+    return served + [v for c in served for v in nf4_kernels.variants(c, rows, rank)]
 
 
 def measure(name: str, parts: list[int], cols: int, rows_counts: Sequence[int], variants: bool = False) -> None:

@@ -66,8 +66,11 @@ def main() -> None:
     from bitsandbytes.functional import get_4bit_type
 
     code = get_4bit_type("nf4", device="cpu").tolist()
-    text = nf4_mma.source(code, args.warps, args.rows, 32, args.tiles, bool(args.prefetch_x), args.ahead,
-                          fuse_a=args.fuse_a, shared_lookups=args.shared_lookups)
+    try:
+        text = nf4_mma.source(code, args.warps, args.rows, 32, args.tiles, bool(args.prefetch_x), args.ahead,
+                              fuse_a=args.fuse_a, shared_lookups=args.shared_lookups)
+    except ValueError as error:  # a layout the kernel does not have: one line, not a traceback
+        parser.error(str(error))
     with tempfile.TemporaryDirectory() as folder:
         cu, cubin = Path(folder) / "k.cu", Path(folder) / "k.cubin"
         cu.write_text(text)

@@ -96,6 +96,12 @@ class NF4Config:
         suffix += f"t{self.shared_lookups}" if self.shared_lookups else ""
         return f"{self.kind}_{self.block_n}x{self.block_k}w{self.num_warps}s{self.num_stages}{suffix}"
 
+    def fits_kernel(self, rows: int, rank: int) -> bool:
+        """Whether its kernel exists for `rows` rows of x and this LoRA rank: a tensor-core kernel's
+        shared memory must fit (the shared code pairs take 32 KB of the 48)."""
+        return self.kind != "mma" or nf4_mma.fits(rows, rank, self.num_warps, self.block_n // nf4_mma.TILE_N,
+                                                  self.fuse_a, self.shared_lookups)
+
     def fits(self, n: int, k: int, boundaries: Sequence[int]) -> bool:
         return k % self.block_k == 0 and n % self.block_n == 0 and all(b % self.block_n == 0 for b in boundaries)
 
@@ -141,11 +147,12 @@ MMA_CONFIGS = tuple(
 )
 
 
-def variants(config: NF4Config) -> list[NF4Config]:
+def variants(config: NF4Config, rows: int, rank: int) -> list[NF4Config]:
     """A tensor-core layout with 1 .. 2 x tiles of each lane's absmax blocks decoded through the
-    shared code pairs (those it does not have)."""
+    shared code pairs (those it does not have), where their shared memory fits."""
     tiles = config.block_n // nf4_mma.TILE_N
-    return [replace(config, shared_lookups=n) for n in range(1, 2 * tiles + 1) if n != config.shared_lookups]
+    others = (replace(config, shared_lookups=n) for n in range(1, 2 * tiles + 1) if n != config.shared_lookups)
+    return [v for v in others if v.fits_kernel(rows, rank)]
 
 
 # Only where nothing above fits (small models, e.g. the tests' tiny one).
@@ -975,9 +982,7 @@ def _fastest(name: str, group: list, rows: int, candidates: Sequence[NF4Config],
     first = group[0]
     best: tuple[float, NF4Config] | None = None
     for config in candidates:
-        if config.kind == "mma" and not nf4_mma.fits(rows, first.lora.rank, config.num_warps,
-                                                     config.block_n // nf4_mma.TILE_N, config.fuse_a,
-                                                     config.shared_lookups):
+        if not config.fits_kernel(rows, first.lora.rank):
             continue  # its shared memory does not fit this rank
         try:
             out = nf4_lora_linear(x, first.weight, first.lora, first.round_lora_first, config)

@@ -160,6 +160,15 @@ def test_the_shared_code_pairs_only_where_the_shared_memory_fits():
         nf4_mma.source(NF4_CODE, 16, 16, 32, 1, fuse_a=True, shared_lookups=1)
 
 
+def test_the_tuner_and_the_variants_skip_layouts_whose_shared_memory_does_not_fit():
+    from llm.nf4_kernels import NF4Config, variants
+
+    sixteen_warps = NF4Config(16, 256, 16, 1, kind="mma", fuse_a=True)
+    assert [v.label for v in variants(sixteen_warps, 1, 32)] == ["mma_16x256w16s1ft1", "mma_16x256w16s1ft2"]
+    assert variants(sixteen_warps, 16, 32) == [] and sixteen_warps.fits_kernel(16, 32)
+    assert NF4Config(16, 64, 4, 1, kind="gather_dot").fits_kernel(16, 4096)  # no shared table there
+
+
 @pytest.mark.skipif(shutil.which("nvcc") is None, reason="needs nvcc (ptxas) to count registers")
 def test_the_shared_lookups_compile_for_sm90_without_spills_in_fewer_registers(tmp_path):
     # ptxas checks what the emulation cannot: the shared table's size and its loads' registers

@@ -119,7 +119,7 @@ def _run(library: ctypes.CDLL, projection: NF4Projection, x: torch.Tensor, warps
 
 # (warps, tiles, x prefetch, groups ahead, shared lookups): one tile, two tiles per warp, the x prefetch,
 # two groups of weights in registers ahead, and absmax blocks decoded through the shared code pairs
-# (one of two, three of four; "weight loads into L1" only changes a cache hint, which the emulation ignores)
+# (one of two, three of four)
 VARIANTS = [(4, 1, False, 1, 0), (8, 2, False, 1, 0), (4, 1, True, 1, 0), (4, 2, True, 2, 0), (4, 2, False, 1, 3),
             (8, 1, True, 2, 1)]
 
