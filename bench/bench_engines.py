@@ -41,6 +41,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch  # noqa: E402
 
+from llm import programmatic_launch  # noqa: E402
 from llm.engine import SamplingParams  # noqa: E402
 
 SAMPLING = SamplingParams(temperature=0.9, top_p=0.8, top_k=50, max_new_tokens=256)
@@ -251,6 +252,8 @@ def graph_step_times(engine) -> dict:  # noqa: ANN001
             _clear_profile_tables(decoder, n)
         out[f"b{n}_kv{kv}_ms" + ("_aliased_blocks" if aliased else "")] = step_ms
     out.update(matmul_floor(decoder))
+    if programmatic_launch.enabled(decoder.device):
+        out.update(serial_step_times(decoder, graphs))
     plan, fused = decoder.gemm_plan, decoder.fused_rope_kv
     if (plan is not None or fused) and not decoder.paged:  # run 6's same-run cuBLAS baseline
         # Before/after in the same process: the same step with cuBLAS + PyTorch rope/KV writes.
@@ -270,6 +273,32 @@ def graph_step_times(engine) -> dict:  # noqa: ANN001
         finally:
             decoder.fused_rope_kv = fused
             decoder.set_gemm_plan(plan)
+    return out
+
+
+def serial_step_times(decoder, graphs) -> dict:  # noqa: ANN001
+    """The same steps captured with plain launches (`programmatic_launch.serial_launches`): each of
+    the decode step's own kernels waits for the one before it to finish before it starts. Same
+    process, same weights: the before / after of programmatic dependent launch. (Inductor's fused
+    pieces were compiled with it and keep it.)"""
+    from llm.mistral_decoder import DecodeGraphs
+
+    out = {}
+    with programmatic_launch.serial_launches():
+        out["serial_b1_matmuls_only_ms"] = matmul_floor(decoder).get("b1_matmuls_only_ms")
+        base = DecodeGraphs(decoder, batch_buckets=[1, graphs.max_batch], kv_buckets=[256, graphs.max_seq_len])
+        base.capture()
+    try:
+        for n, kv in [(1, 256), (16, 256)]:
+            if n > base.max_batch or kv > base.max_seq_len:
+                continue
+            _profile_tables(decoder, n, kv)
+            try:
+                out[f"serial_b{n}_kv{kv}_ms"] = _time_decode_ms(base, [1] * n, [kv - 1] * n)
+            finally:
+                _clear_profile_tables(decoder, n)
+    finally:
+        base._graphs.clear()  # not base.close(): that would free the shared decoder
     return out
 
 

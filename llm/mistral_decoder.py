@@ -35,7 +35,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from llm import triton_kernels
+from llm import programmatic_launch, triton_kernels
 
 logger = logging.getLogger(__name__)
 
@@ -354,7 +354,10 @@ class MistralDecoder:
         Inductor computes a fused chain in float32 and drops the bf16 roundings between its ops
         (a quarter of the outputs then differ from eager PyTorch's, which are HF's); it is told to
         keep them, so that the fused pieces compute exactly the reference's values."""
-        options = {"emulate_precision_casts": True}
+        options: dict = {"emulate_precision_casts": True}
+        if programmatic_launch.enabled(self.device) and hasattr(torch._inductor.config.triton, "enable_pdl"):
+            # scheduled while the kernel before finishes, as the decode step's own kernels are
+            options["triton.enable_pdl"] = True
         self._norm = torch.compile(_rms_norm, dynamic=True, options=options)
         self._add_norm = torch.compile(_add_rms_norm, dynamic=True, options=options)
         self._rope = torch.compile(_rope_decode, dynamic=True, options=options)

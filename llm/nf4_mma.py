@@ -42,6 +42,8 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from llm import programmatic_launch
+
 if TYPE_CHECKING:
     from llm.nf4 import LoraParts, NF4Matrix
 
@@ -212,6 +214,23 @@ __device__ __forceinline__ int load_acquire(const int* p) {
     int v;
     asm volatile("ld.acquire.gpu.global.b32 %0, [%1];" : "=r"(v) : "l"(p) : "memory");
     return v;
+}
+
+// Programmatic dependent launch (sm_90+; launched with the attribute by `llm.programmatic_launch`):
+// this launch may start while the kernel before it finishes, so that its weight loads overlap that
+// kernel's tail. Everything the kernels before it write (x, t, the counters' users) is read only
+// after previous_kernels_done(); without the attribute it returns at once.
+__device__ __forceinline__ void previous_kernels_done() {
+#if __CUDA_ARCH__ >= 900
+    asm volatile("griddepcontrol.wait;" ::: "memory");
+#endif
+}
+
+// The next kernel may be scheduled now: it waits for this one's results itself.
+__device__ __forceinline__ void next_kernel_may_start() {
+#if __CUDA_ARCH__ >= 900
+    asm volatile("griddepcontrol.launch_dependents;");
+#endif
 }
 #endif  // NF4_EMULATE
 
@@ -425,8 +444,10 @@ nf4_mma_kernel(const uint4* __restrict__ words, const float* __restrict__ absmax
     // the lanes' row offsets become immediates
     constexpr int K = KDIM;
     const int groups = K >> 8;
+    next_kernel_may_start();
 #if FUSE_A
     if ((int)blockIdx.x < la_blocks) {  // a LoRA A block: one unit per warp at a time
+        previous_kernels_done();  // x
         const int quads = RT >> 2, units = quads * groups;
         for (int unit = blockIdx.x * WARPS + warp; unit < units; unit += la_blocks * WARPS)
             lora_a_unit(x, ldx, lora_a, M, RT, unit / groups, unit % groups, groups, xq, a_partial, t_part,
@@ -471,10 +492,6 @@ nf4_mma_kernel(const uint4* __restrict__ words, const float* __restrict__ absmax
             t_sum[m][r] = sum;
         }
     };
-#if !FUSE_A
-    load_t();
-#endif
-
 #if SHARED_LOOKUPS
     fill_code_pairs();
 #endif
@@ -509,12 +526,20 @@ nf4_mma_kernel(const uint4* __restrict__ words, const float* __restrict__ absmax
         }
 #endif
     };
+    // The weights are the launch's own: their first loads go out before the kernels before it are
+    // done; x and t (theirs) are read after.
+    auto inputs_ready = [&] {
+        previous_kernels_done();
+#if !FUSE_A
+        load_t();
+#elif ROWS > 1
+        wait_until(&counters[XQ_READY], groups);
+#endif
+    };
 #if AHEAD == 1
     // The next group's bytes in registers while this one computes.
     LaneGroup current = fetch(warp);
-#if FUSE_A && ROWS > 1
-    wait_until(&counters[XQ_READY], groups);
-#endif
+    inputs_ready();
     for (int group = warp; group < groups; group += WARPS) {
         const LaneGroup next = fetch(group + WARPS);
         prefetch_x(group + WARPS);
@@ -524,9 +549,7 @@ nf4_mma_kernel(const uint4* __restrict__ words, const float* __restrict__ absmax
 #else
     // The next two groups' bytes in registers while this one computes (twice the bytes in flight).
     LaneGroup first = fetch(warp), second = fetch(warp + WARPS);
-#if FUSE_A && ROWS > 1
-    wait_until(&counters[XQ_READY], groups);
-#endif
+    inputs_ready();
     for (int group = warp; group < groups; group += 2 * WARPS) {
         const LaneGroup third = fetch(group + 2 * WARPS);
         prefetch_x(group + WARPS);
@@ -752,7 +775,8 @@ def nf4_mma_linear(
         partial = torch.empty((k // GROUP, m, rt), dtype=torch.float32, device=x.device)
         la_blocks = fused_a_blocks(rt, k, warps)
         splits, fused_args = 1, [x, x.stride(0), lora.a, partial, counters]
-    kernel(grid=(la_blocks + n // (TILE_N * tiles), 1, 1), block=(warps * 32, 1, 1),
-           args=[weight.packed, weight.absmax, xq, t, lora.b, y, m, k, y.stride(0), float(lora.scaling),
-                 seg1, seg2, rt, splits, int(round_lora_first), *fused_args, la_blocks])
+    programmatic_launch.launch(
+        kernel, (la_blocks + n // (TILE_N * tiles), 1, 1), (warps * 32, 1, 1),
+        [weight.packed, weight.absmax, xq, t, lora.b, y, m, k, y.stride(0), float(lora.scaling),
+         seg1, seg2, rt, splits, int(round_lora_first), *fused_args, la_blocks], x.device)
     return y

@@ -30,6 +30,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from llm import programmatic_launch
+
 logger = logging.getLogger(__name__)
 
 try:  # Triton ships with CUDA builds of PyTorch only.
@@ -309,15 +311,45 @@ class GemmPlan:
 # contiguous block_size x head_dim tile). `table` [n, max_blocks] int32 maps a row's logical block
 # i (tokens i*block_size ...) to a pool block; block 0 is a scratch block that idle rows point at.
 
+def _triton_launches_programmatically() -> bool:
+    """This Triton can launch a kernel with the programmatic dependent launch attribute."""
+    try:
+        from triton.backends.nvidia.compiler import CUDAOptions
+        from triton.language.extra.cuda import gdc_wait  # noqa: F401
+    except Exception:  # noqa: BLE001 - an older or CPU-only Triton: plain launches
+        return False
+    return "launch_pdl" in getattr(CUDAOptions, "__dataclass_fields__", {})
+
+
+_TRITON_PDL = _HAVE_TRITON and _triton_launches_programmatically()
+
+
+def programmatic_options(device: torch.device) -> dict:
+    """A decode-step Triton kernel's launch options: with `llm.programmatic_launch` on here, it is
+    scheduled while the kernel before it finishes and waits for it first thing (`GDC`)."""
+    on = _TRITON_PDL and programmatic_launch.enabled(device)
+    return {"GDC": True, "launch_pdl": True} if on else {"GDC": False}
+
+
 if _HAVE_TRITON:
+
+    @triton.jit
+    def _after_previous_kernels(GDC: tl.constexpr):
+        # First thing in a kernel launched programmatically: the kernels before it are done and
+        # their writes visible; the next kernel may be scheduled (it waits for this one itself).
+        if GDC:
+            tl.extra.cuda.gdc_wait()
+            tl.extra.cuda.gdc_launch_dependents()
 
     @triton.jit
     def _rope_kv_paged_kernel(
         qkv_ptr, cos_ptr, sin_ptr, pos_ptr, table_ptr, q_ptr, k_pool_ptr, v_pool_ptr,
         stride_qkv, stride_tab, stride_pb, stride_ph, stride_pt,
         NUM_HEADS: tl.constexpr, NUM_KV: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_SIZE: tl.constexpr,
+        GDC: tl.constexpr,
     ):
         # As _rope_kv_kernel; only the K/V destination goes through the block table.
+        _after_previous_kernels(GDC)
         row = tl.program_id(0)
         head = tl.program_id(1)
         HALF: tl.constexpr = HEAD_DIM // 2
@@ -341,11 +373,12 @@ if _HAVE_TRITON:
         q_ptr, k_pool_ptr, v_pool_ptr, table_ptr, pos_ptr, acc_ptr, ml_ptr, scale,
         stride_tab, stride_pb, stride_ph, stride_pt,
         NUM_KV: tl.constexpr, GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, HEAD_DIM: tl.constexpr,
-        BLOCK_SIZE: tl.constexpr, PAGES_PER_SPLIT: tl.constexpr, SPLITS: tl.constexpr,
+        BLOCK_SIZE: tl.constexpr, PAGES_PER_SPLIT: tl.constexpr, SPLITS: tl.constexpr, GDC: tl.constexpr,
     ):
         # grid (rows, kv heads, splits). One program: the GROUP query heads of one KV head against
         # pages [split * PAGES_PER_SPLIT, ...) of the row, stopping at the row's real length
         # (position + 1). Online softmax in float32; partial (acc, max, sum) per split.
+        _after_previous_kernels(GDC)
         row = tl.program_id(0)
         kvh = tl.program_id(1)
         split = tl.program_id(2)
@@ -390,9 +423,10 @@ if _HAVE_TRITON:
     def _paged_reduce_kernel(
         acc_ptr, ml_ptr, pos_ptr, out_ptr,
         NUM_KV: tl.constexpr, GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_SIZE: tl.constexpr,
-        PAGES_PER_SPLIT: tl.constexpr, SPLITS: tl.constexpr, SPLITS_PAD: tl.constexpr,
+        PAGES_PER_SPLIT: tl.constexpr, SPLITS: tl.constexpr, SPLITS_PAD: tl.constexpr, GDC: tl.constexpr,
     ):
         # grid (rows, kv heads * GROUP): combine the splits that hold tokens (log-sum-exp weights).
+        _after_previous_kernels(GDC)
         row = tl.program_id(0)
         head = tl.program_id(1)
         kvh = head // GROUP
@@ -434,7 +468,7 @@ def rope_kv_write_paged(
         qkv, cos, sin, positions, table, q, k_pool, v_pool,
         qkv.stride(0), table.stride(0), k_pool.stride(0), k_pool.stride(1), k_pool.stride(2),
         NUM_HEADS=num_heads, NUM_KV=num_kv_heads, HEAD_DIM=head_dim, BLOCK_SIZE=k_pool.shape[2],
-        num_warps=1,
+        num_warps=1, **programmatic_options(qkv.device),
     )
     return q
 
@@ -478,10 +512,12 @@ def paged_decode_attention(
         table.stride(0), k_pool.stride(0), k_pool.stride(1), k_pool.stride(2),
         NUM_KV=num_kv, GROUP=group, GROUP_PAD=max(16, triton.next_power_of_2(group)), HEAD_DIM=head_dim,
         BLOCK_SIZE=block_size, PAGES_PER_SPLIT=split_pages, SPLITS=splits, num_warps=4, num_stages=2,
+        **programmatic_options(q.device),
     )
     _paged_reduce_kernel[(n, num_heads)](
         acc, ml, positions, out,
         NUM_KV=num_kv, GROUP=group, HEAD_DIM=head_dim, BLOCK_SIZE=block_size,
         PAGES_PER_SPLIT=split_pages, SPLITS=splits, SPLITS_PAD=triton.next_power_of_2(splits), num_warps=1,
+        **programmatic_options(q.device),
     )
     return out

@@ -136,6 +136,9 @@ inline void __nanosleep(unsigned) { std::this_thread::yield(); }
 [[noreturn]] inline void __trap() { std::abort(); }
 inline int atomicAdd(int* p, int v) { return std::atomic_ref<int>(*p).fetch_add(v); }
 inline int load_acquire(const int* p) { return std::atomic_ref<int>(*const_cast<int*>(p)).load(std::memory_order_acquire); }
+// One block at a time: the kernels before this one are done, the next one starts after it.
+inline void previous_kernels_done() {}
+inline void next_kernel_may_start() {}
 
 // Every lane of the warp takes part, as with the full mask the kernel passes.
 inline u32 shuffle(u32 value, int source_lane) {

@@ -1,0 +1,45 @@
+"""llm/programmatic_launch.py on the CPU: the switch and the launch arguments (the launches
+themselves run in tests/gpu/test_programmatic_launch.py)."""
+
+from __future__ import annotations
+
+import ctypes
+
+import pytest
+import torch
+
+from llm import programmatic_launch
+
+
+def test_off_where_the_gpu_cannot_do_it():
+    assert not programmatic_launch.enabled("cpu")
+
+
+def test_serial_launches_turns_it_off_inside_and_back_on_after():
+    assert programmatic_launch._enabled
+    with programmatic_launch.serial_launches():
+        assert not programmatic_launch._enabled
+    assert programmatic_launch._enabled
+    with pytest.raises(RuntimeError), programmatic_launch.serial_launches():
+        raise RuntimeError("a failed capture")
+    assert programmatic_launch._enabled
+
+
+def test_arguments_are_passed_as_the_kernel_declares_them():
+    tensor = torch.zeros(4)
+    pointers, values = programmatic_launch._kernel_arguments([tensor, 7, 0.25, True])
+    assert len(pointers) == 4
+    assert ctypes.c_void_p.from_address(pointers[0]).value == tensor.data_ptr()
+    assert ctypes.c_int.from_address(pointers[1]).value == 7  # int parameters are 32-bit
+    assert ctypes.c_double.from_address(pointers[2]).value == 0.25  # `double scaling`
+    assert ctypes.c_int.from_address(pointers[3]).value == 1
+    with pytest.raises(TypeError):
+        programmatic_launch._kernel_arguments(["a string"])
+
+
+def test_the_launch_structures_have_cudas_layout():
+    assert ctypes.sizeof(programmatic_launch._LaunchAttribute) == 72
+    assert programmatic_launch._LaunchAttribute.value.offset == 8
+    assert programmatic_launch._LaunchConfig.stream.offset == 32
+    assert programmatic_launch._LaunchConfig.attributes.offset == 40
+    assert ctypes.sizeof(programmatic_launch._LaunchConfig) == 56
