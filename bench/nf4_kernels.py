@@ -86,7 +86,7 @@ def measure(name: str, parts: list[int], cols: int, rows_counts: Sequence[int], 
 
         reference = group[0].reference(x)
         wrong = []
-        configs = nf4_kernels.all_configs(rows, n, k, boundaries)
+        configs = nf4_kernels.all_configs(rows, n, k, boundaries, group[0].lora.rank)
         for config in with_variants(configs, rows, group[0].lora.rank) if variants else configs:
             if not nf4_kernels.matches_reference(fused(config)[0], reference):
                 wrong.append(config.label)
@@ -164,7 +164,7 @@ def profile_target(name: str, rows: int, label: str) -> None:
     parts, cols = SHAPES[name]
     target = projection(parts, cols, seed=0)
     n, k = target.weight.shape
-    configs = {c.label: c for c in nf4_kernels.all_configs(rows, n, k, target.lora.boundaries)}
+    configs = {c.label: c for c in nf4_kernels.all_configs(rows, n, k, target.lora.boundaries, target.lora.rank)}
     if label not in configs:
         raise SystemExit(f"no configuration {label!r} for {name} at {rows} rows; there are: {', '.join(configs)}")
     x = torch.randn(rows, cols, dtype=torch.bfloat16, device="cuda")

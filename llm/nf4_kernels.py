@@ -181,10 +181,11 @@ def _candidates(rows: int, n: int, k: int, boundaries: Sequence[int], mma: bool 
     return fitting or [c for c in SMALL_CONFIGS if c.fits(n, k, boundaries)]
 
 
-def all_configs(rows: int, n: int, k: int, boundaries: Sequence[int]) -> list[NF4Config]:
-    """Every configuration that can run this weight at this row count: the served candidates and the
-    Triton fallbacks (the GPU tests and the kernel bench check and time them all)."""
-    return list(dict.fromkeys(_candidates(rows, n, k, boundaries) + _candidates(rows, n, k, boundaries, mma=False)))
+def all_configs(rows: int, n: int, k: int, boundaries: Sequence[int], rank: int) -> list[NF4Config]:
+    """Every configuration that can run this weight and LoRA rank at this row count: the served
+    candidates and the Triton fallbacks (the GPU tests and the kernel bench check and time them all)."""
+    both = _candidates(rows, n, k, boundaries) + _candidates(rows, n, k, boundaries, mma=False)
+    return [c for c in dict.fromkeys(both) if c.fits_kernel(rows, rank)]
 
 
 def _mma_available() -> bool:

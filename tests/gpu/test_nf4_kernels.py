@@ -66,7 +66,7 @@ def test_fused_kernel_equals_the_reference_path(rows, name):
     n, k = projection.weight.shape
     worst = 0.0
     # the served candidates and the Triton fallbacks (served where the tensor-core kernel cannot run)
-    for config in nf4_kernels.all_configs(rows, n, k, projection.lora.boundaries):
+    for config in nf4_kernels.all_configs(rows, n, k, projection.lora.boundaries, projection.lora.rank):
         fused = nf4_kernels.nf4_lora_linear(x, projection.weight, projection.lora, True, config)
         diff = (fused.float() - reference.float()).abs()
         # Only the float32 summation order differs: a bf16 rounding step at most, rarely.
@@ -91,7 +91,7 @@ def test_kernel_variants_give_the_served_kernels_bits(rows, name):
     # layouts that serve (run 22): fused two-tile, two groups ahead, plain, x prefetched (not all 18:
     # each variant is one compile per layout, row tile and K)
     layouts = {"mma_32x256w4s1f", "mma_16x256w8s2f", "mma_16x256w8s1", "mma_32x256w4s1pf"}
-    configs = [c for c in nf4_kernels.all_configs(rows, n, k, projection.lora.boundaries) if c.label in layouts]
+    configs = [c for c in nf4_kernels.all_configs(rows, n, k, projection.lora.boundaries, projection.lora.rank) if c.label in layouts]
     assert configs
     for config in configs:
         served = nf4_kernels.nf4_lora_linear(x, projection.weight, projection.lora, True, config)
@@ -195,7 +195,7 @@ def test_the_fused_launch_repeats_its_bits_in_graphs_and_leaves_its_counters_at_
     lora = projection.lora
     n, k = projection.weight.shape
     x = torch.randn(rows, k, dtype=torch.bfloat16, device="cuda:0")
-    fused = [c for c in nf4_kernels.all_configs(rows, n, k, lora.boundaries) if c.fuse_a]
+    fused = [c for c in nf4_kernels.all_configs(rows, n, k, lora.boundaries, lora.rank) if c.fuse_a]
     assert fused
     for config in fused:
         first = nf4_kernels.nf4_lora_linear(x, projection.weight, lora, True, config)

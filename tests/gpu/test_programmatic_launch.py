@@ -59,7 +59,8 @@ def test_the_nf4_kernels_wait_for_the_kernel_before_them(rows, name):
     projection = _projection(parts, cols)
     x = torch.randn(rows, cols, dtype=torch.bfloat16, device="cuda:0")
     n, k = projection.weight.shape
-    configs = [c for c in nf4_kernels.all_configs(rows, n, k, projection.lora.boundaries) if c.kind == "mma" and c.fits_kernel(rows, projection.lora.rank)]
+    configs = [c for c in nf4_kernels.all_configs(rows, n, k, projection.lora.boundaries, projection.lora.rank)
+               if c.kind == "mma"]
     assert configs
     for config in configs:
         with programmatic_launch.serial_launches():
