@@ -6,6 +6,7 @@ bytes each reads and the achieved TB/s. Prints JSON lines.
 
     python bench/nf4_kernels.py [ROWS, e.g. 1,4,16]
     python bench/nf4_kernels.py 1,16 --variants   (run 22's served layouts and their variants)
+    python bench/nf4_kernels.py 1,16 --k-splits --projections o,down   (run 24's served layouts, K split across blocks)
     python bench/nf4_kernels.py --prompts 367,1500   (the prompt path: TF32x3 against PEFT's LoRA products)
     python bench/nf4_kernels.py --prompts 32,288 --dequant-rows 512,1024,2048   (+ other dequantization chunks)
     python bench/nf4_kernels.py --profile PROJECTION ROWS CONFIG   (a target for Nsight Compute)
@@ -70,7 +71,22 @@ def with_variants(configs: list[nf4_kernels.NF4Config], rows: int, rank: int) ->
     return served + [v for c in served for v in nf4_kernels.variants(c, rows, rank)]
 
 
-def measure(name: str, parts: list[int], cols: int, rows_counts: Sequence[int], variants: bool = False) -> None:
+# The tensor-core layouts the tuner served in run 24 (1 to 16 rows)
+RUN24_SERVED = {"mma_16x256w16s1f", "mma_32x256w8s1ft3", "mma_32x256w4s1pft2", "mma_16x256w8s1ft2", "mma_16x256w8s2f",
+                "mma_16x256w4s2ft2", "mma_32x256w4s1pft3"}
+
+
+def with_k_splits(configs: list[nf4_kernels.NF4Config], n: int, k: int, boundaries: Sequence[int], rows: int,
+                  rank: int) -> list[nf4_kernels.NF4Config]:
+    """Run 24's served tensor-core layouts as they are and with K split across blocks
+    (`nf4_kernels.k_split_variants`)."""
+    served = [c for c in configs if c.label in RUN24_SERVED]
+    found = served + [v for c in served for v in nf4_kernels.k_split_variants(c, n, k, boundaries, rows, rank)]
+    return list({c.label: c for c in found}.values())
+
+
+def measure(name: str, parts: list[int], cols: int, rows_counts: Sequence[int], variants: bool = False,
+            k_splits: bool = False) -> None:
     group = [projection(parts, cols, seed) for seed in range(LAYERS)]
     dense = [torch.randn(sum(parts), cols, dtype=torch.bfloat16, device="cuda") for _ in range(LAYERS)]
     n, k = group[0].weight.shape
@@ -86,8 +102,13 @@ def measure(name: str, parts: list[int], cols: int, rows_counts: Sequence[int], 
 
         reference = group[0].reference(x)
         wrong = []
-        configs = nf4_kernels.all_configs(rows, n, k, boundaries, group[0].lora.rank)
-        for config in with_variants(configs, rows, group[0].lora.rank) if variants else configs:
+        rank = group[0].lora.rank
+        configs = nf4_kernels.all_configs(rows, n, k, boundaries, rank)
+        if variants:
+            configs = with_variants(configs, rows, rank)
+        elif k_splits:
+            configs = with_k_splits(configs, n, k, boundaries, rows, rank)
+        for config in configs:
             if not nf4_kernels.matches_reference(fused(config)[0], reference):
                 wrong.append(config.label)
             us = timed(lambda c=config: fused(c)) / LAYERS
@@ -180,6 +201,10 @@ def main() -> None:
                         help="time the prompt path's two LoRA product kinds instead (rows: prompt lengths)")
     parser.add_argument("--variants", action="store_true",
                         help="time run 22's served tensor-core layouts with and without shared code pairs")
+    parser.add_argument("--k-splits", action="store_true",
+                        help="time run 24's served tensor-core layouts with K split across 2-8 blocks per feature tile")
+    parser.add_argument("--projections", default=",".join(SHAPES),
+                        help=f"which projections to time, e.g. o,down (of {', '.join(SHAPES)})")
     parser.add_argument("--dequant-rows", metavar="ROWS",
                         help="with --prompts: also time PEFT's products with these dequantization chunks, e.g. 512,1024,2048")
     parser.add_argument("--profile", nargs=3, metavar=("PROJECTION", "ROWS", "CONFIG"),
@@ -198,19 +223,25 @@ def main() -> None:
         parser.error(f"--dequant-rows must be comma-separated numbers, got {args.dequant_rows!r}")
     if chunks and not args.prompts:
         parser.error("--dequant-rows goes with --prompts")
-    if args.variants and args.prompts:
-        parser.error("--variants times the decode kernels: not with --prompts")
+    if (args.variants or args.k_splits) and args.prompts:
+        parser.error("--variants and --k-splits time the decode kernels: not with --prompts")
+    if args.variants and args.k_splits:
+        parser.error("--variants or --k-splits, one at a time")
+    names = args.projections.split(",")
+    if not names or any(name not in SHAPES for name in names):
+        parser.error(f"--projections takes some of {', '.join(SHAPES)}, got {args.projections!r}")
     if not torch.cuda.is_available():
         parser.error("needs a CUDA GPU: run it through the device tool (bench/NOTES.md, Reproduce)")
     if args.profile:
         name, rows, label = args.profile
         profile_target(name, int(rows), label)
         return
-    for name, (parts, cols) in SHAPES.items():
+    for name in names:
+        parts, cols = SHAPES[name]
         if args.prompts:
             measure_prompts(name, parts, cols, rows_counts, chunks)
         else:
-            measure(name, parts, cols, rows_counts, args.variants)
+            measure(name, parts, cols, rows_counts, args.variants, args.k_splits)
         torch.cuda.empty_cache()
 
 

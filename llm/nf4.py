@@ -146,6 +146,8 @@ class LoraParts:
     arrivals: torch.Tensor | None = field(default=None, repr=False, compare=False)
     # The fused tensor-core kernel's progress counters (llm.nf4_mma.nf4_mma_linear), likewise.
     fused_counters: torch.Tensor | None = field(default=None, repr=False, compare=False)
+    # Its blocks of each feature tile that are done, when several split K (`k_splits`), likewise.
+    tile_arrivals: torch.Tensor | None = field(default=None, repr=False, compare=False)
 
     @classmethod
     def from_peft(cls, modules: Sequence[nn.Module]) -> LoraParts | None:

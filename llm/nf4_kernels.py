@@ -85,6 +85,7 @@ class NF4Config:
     prefetch_x: bool = False  # mma: each warp prefetches its next group's x into L1
     fuse_a: bool = False  # mma: the LoRA A product in the same launch (`nf4_mma.nf4_mma_linear`)
     shared_lookups: int = 0  # mma: a lane's absmax blocks per group decoded through shared memory ("t1".."t4")
+    k_splits: int = 1  # mma: blocks per feature tile, each over a part of K ("k2".."k8")
 
     @property
     def dot(self) -> bool:
@@ -94,6 +95,7 @@ class NF4Config:
     def label(self) -> str:
         suffix = ("x" if self.xperm else "") + ("p" if self.prefetch_x else "") + ("f" if self.fuse_a else "")
         suffix += f"t{self.shared_lookups}" if self.shared_lookups else ""
+        suffix += f"k{self.k_splits}" if self.k_splits > 1 else ""
         return f"{self.kind}_{self.block_n}x{self.block_k}w{self.num_warps}s{self.num_stages}{suffix}"
 
     def fits_kernel(self, rows: int, rank: int) -> bool:
@@ -103,7 +105,8 @@ class NF4Config:
                                                   self.fuse_a, self.shared_lookups)
 
     def fits(self, n: int, k: int, boundaries: Sequence[int]) -> bool:
-        return k % self.block_k == 0 and n % self.block_n == 0 and all(b % self.block_n == 0 for b in boundaries)
+        return (k % self.block_k == 0 and (k // self.block_k) % self.k_splits == 0 and n % self.block_n == 0
+                and all(b % self.block_n == 0 for b in boundaries))
 
 
 # Few on purpose: each is a Triton compile at start-up. Run 11 (bench/NOTES.md) timed more; these
@@ -153,6 +156,23 @@ def variants(config: NF4Config, rows: int, rank: int) -> list[NF4Config]:
     tiles = config.block_n // nf4_mma.TILE_N
     others = (replace(config, shared_lookups=n) for n in range(1, 2 * tiles + 1) if n != config.shared_lookups)
     return [v for v in others if v.fits_kernel(rows, rank)]
+
+
+def k_split_variants(config: NF4Config, n: int, k: int, boundaries: Sequence[int], rows: int,
+                     rank: int) -> list[NF4Config]:
+    """A tensor-core layout with K split across 2-8 blocks per feature tile and 4-16 warps per block,
+    where every warp has a group of its own (and at most 64 warps share a tile): more, smaller blocks
+    for the narrow projections. Their float32 sums add up in another order than the layout's own, so
+    their bits may differ from it by a rounding; the reference path bounds both."""
+    groups = k // config.block_k
+    found = []
+    for k_splits in nf4_mma.K_SPLIT_CHOICES[1:]:
+        for warps in nf4_mma.WARP_CHOICES:
+            variant = replace(config, num_warps=warps, k_splits=k_splits)
+            if (config.kind == "mma" and groups % k_splits == 0 and warps <= groups // k_splits
+                    and warps * k_splits <= 64 and variant.fits(n, k, boundaries) and variant.fits_kernel(rows, rank)):
+                found.append(variant)
+    return found
 
 
 # Only where nothing above fits (small models, e.g. the tests' tiny one).
@@ -937,7 +957,7 @@ def nf4_lora_linear(
         return nf4_mma.nf4_mma_linear(x, weight, lora, seg1, seg2, round_lora_first, config.num_warps,
                                       config.block_n // nf4_mma.TILE_N, config.prefetch_x, config.num_stages,
                                       inputs=None if config.fuse_a else mma_inputs(x, n, lora),
-                                      shared_lookups=config.shared_lookups)
+                                      shared_lookups=config.shared_lookups, k_splits=config.k_splits)
     xperm = torch.empty((k,), dtype=torch.float32, device=x.device) if config.xperm else None
     t, splits = lora_a_product(x, lora, block_m, config.dot, xperm)
     y = torch.empty((m, n), dtype=torch.bfloat16, device=x.device)

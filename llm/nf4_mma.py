@@ -53,6 +53,7 @@ GROUP = 256  # inputs per lane group: 4 absmax blocks of 64, one per lane of a q
 TILE_N = 16  # output features per tile (one MMA's m); a block has 1 or 2 tiles
 WARP_CHOICES = (4, 8, 16)
 TILE_CHOICES = (1, 2)  # 2: every x load feeds twice the MMAs (x traffic halved, more registers)
+K_SPLIT_CHOICES = (1, 2, 4, 7, 8)  # blocks per feature tile, each over 1 / k_splits of K (7: K = 14,336)
 
 _SOURCE = r"""
 typedef unsigned int u32;
@@ -429,7 +430,7 @@ nf4_mma_kernel(const uint4* __restrict__ words, const float* __restrict__ absmax
                const float* __restrict__ lora_b, u16* __restrict__ y, int M, int K_unused, int ldy, double scaling,
                int seg1, int seg2, int RT, int t_splits, int round_lora_first, const u16* __restrict__ x, int ldx,
                const float* __restrict__ lora_a, float* __restrict__ a_partial, int* __restrict__ counters,
-               int la_blocks) {
+               int la_blocks, float* __restrict__ split_sums, int* __restrict__ tile_arrivals) {
     constexpr int HALVES = 2 * TILES;  // 8-feature halves of the block; half q is features 8 q + g
     constexpr int FEATURES = 16 * TILES;
     // One padding float per row keeps the epilogue's reads free of bank conflicts: a warp reads
@@ -454,10 +455,16 @@ nf4_mma_kernel(const uint4* __restrict__ words, const float* __restrict__ absmax
                         counters);
         return;
     }
-    const int n0 = (blockIdx.x - la_blocks) * FEATURES;
+    const int weight_block = blockIdx.x - la_blocks;
 #else
-    const int n0 = blockIdx.x * FEATURES;
+    const int weight_block = blockIdx.x;
 #endif
+    // KSPLIT blocks share a feature tile, each over its own range of groups: narrow projections (o,
+    // down: 4,096 features) then have enough blocks to fill the GPU.
+    const int tile = weight_block / KSPLIT, split = weight_block % KSPLIT;
+    const int n0 = tile * FEATURES;
+    constexpr int SPLIT_GROUPS = (KDIM >> 8) / KSPLIT;
+    const int first_group = split * SPLIT_GROUPS, end_group = first_group + SPLIT_GROUPS;
     // a feature's lane data: bytes 128 * group + 32 * t of its row (two uint4), absmax block 4 * group + t
     const uint4* lane_words[HALVES];
     const float* lane_absmax[HALVES];
@@ -503,7 +510,7 @@ nf4_mma_kernel(const uint4* __restrict__ words, const float* __restrict__ absmax
     // A group's bytes for this lane (zeros past the last group)
     auto fetch = [&](int grp) {
         LaneGroup lane_group;
-        const bool any = grp < groups;
+        const bool any = grp < end_group;
 #pragma unroll
         for (int q = 0; q < HALVES; ++q) {
             lane_group.w[q][0] = any ? load_streaming(lane_words[q] + 8 * grp) : make_uint4(0u, 0u, 0u, 0u);
@@ -516,9 +523,9 @@ nf4_mma_kernel(const uint4* __restrict__ words, const float* __restrict__ absmax
     // rows below M (rows 8 set + g, lane (g, t): half h of a step's 256 bytes holds rows 8 set + 4 h .. + 3).
     auto prefetch_x = [&](int grp) {
 #if PREFETCH_X && ROWS == 1
-        if (grp < groups && lane < 4) prefetch_l1(x + grp * 256 + 64 * lane);
+        if (grp < end_group && lane < 4) prefetch_l1(x + grp * 256 + 64 * lane);
 #elif PREFETCH_X
-        if (grp < groups) {
+        if (grp < end_group) {
             const int step = lane >> 1, half = lane & 1;
 #pragma unroll
             for (int set = 0; set < SETS; ++set)
@@ -538,9 +545,9 @@ nf4_mma_kernel(const uint4* __restrict__ words, const float* __restrict__ absmax
     };
 #if AHEAD == 1
     // The next group's bytes in registers while this one computes.
-    LaneGroup current = fetch(warp);
+    LaneGroup current = fetch(first_group + warp);
     inputs_ready();
-    for (int group = warp; group < groups; group += WARPS) {
+    for (int group = first_group + warp; group < end_group; group += WARPS) {
         const LaneGroup next = fetch(group + WARPS);
         prefetch_x(group + WARPS);
         group_mma(current.w, current.scale, x_lane, group, acc);
@@ -548,13 +555,13 @@ nf4_mma_kernel(const uint4* __restrict__ words, const float* __restrict__ absmax
     }
 #else
     // The next two groups' bytes in registers while this one computes (twice the bytes in flight).
-    LaneGroup first = fetch(warp), second = fetch(warp + WARPS);
+    LaneGroup first = fetch(first_group + warp), second = fetch(first_group + warp + WARPS);
     inputs_ready();
-    for (int group = warp; group < groups; group += 2 * WARPS) {
+    for (int group = first_group + warp; group < end_group; group += 2 * WARPS) {
         const LaneGroup third = fetch(group + 2 * WARPS);
         prefetch_x(group + WARPS);
         group_mma(first.w, first.scale, x_lane, group, acc);
-        if (group + WARPS >= groups) break;
+        if (group + WARPS >= end_group) break;
         const LaneGroup fourth = fetch(group + 3 * WARPS);
         prefetch_x(group + 2 * WARPS);
         group_mma(second.w, second.scale, x_lane, group + WARPS, acc);
@@ -581,14 +588,43 @@ nf4_mma_kernel(const uint4* __restrict__ words, const float* __restrict__ absmax
         counters[DEPARTED] = 0;
     }
 #endif
-    for (int i = threadIdx.x; i < M * FEATURES; i += WARPS * 32) {
-        const int m = i / FEATURES, f = i % FEATURES, j = f >> 4, ff = f & 15;
+    // The block's sum over its warps for (row m, feature f)
+    auto block_sum = [&](int m, int f) {
+        const int j = f >> 4, ff = f & 15;
         // D[ff][m] of tile j (set m / 8) sits in lane (ff % 8) * 4 + (m % 8) / 2, register (ff / 8) * 2 + m % 2
         const int lane_of = (ff & 7) * 4 + ((m & 7) >> 1);
         const int reg = (j * SETS + (m >> 3)) * 4 + (ff >> 3) * 2 + (m & 1);
+        float sum = 0.f;
+#pragma unroll
+        for (int v = 0; v < WARPS; ++v) sum += partial[v][lane_of][reg];
+        return sum;
+    };
+#if KSPLIT > 1
+    // Each block of the tile stores its sums ([KSPLIT, M, N] float32); the last one to arrive adds
+    // them up in split order (the same bits whichever block that is) and finishes the tile.
+    const int n_total = ((int)gridDim.x - la_blocks) / KSPLIT * FEATURES;
+    for (int i = threadIdx.x; i < M * FEATURES; i += WARPS * 32) {
+        const int m = i / FEATURES, f = i % FEATURES;
+        split_sums[((size_t)split * M + m) * n_total + n0 + f] = block_sum(m, f);
+    }
+    __threadfence();
+    __syncthreads();
+    __shared__ int last_of_tile;
+    if (threadIdx.x == 0) last_of_tile = atomicAdd(&tile_arrivals[tile], 1) == KSPLIT - 1;
+    __syncthreads();
+    if (!last_of_tile) return;
+    __threadfence();
+    if (threadIdx.x == 0) tile_arrivals[tile] = 0;  // as the next launch must find it
+#endif
+    for (int i = threadIdx.x; i < M * FEATURES; i += WARPS * 32) {
+        const int m = i / FEATURES, f = i % FEATURES;
+#if KSPLIT > 1
         float base = 0.f;
 #pragma unroll
-        for (int v = 0; v < WARPS; ++v) base += partial[v][lane_of][reg];
+        for (int s = 0; s < KSPLIT; ++s) base += __ldcg(&split_sums[((size_t)s * M + m) * n_total + n0 + f]);
+#else
+        const float base = block_sum(m, f);
+#endif
         float u = 0.f;
 #pragma unroll
         for (int r = 0; r < RANK; ++r) u += b_tile[f][r] * t_sum[m][r];
@@ -613,27 +649,28 @@ def static_shared_bytes(warps: int, rows: int, rank: int, tiles: int, shared_loo
 
 
 def source(code: Sequence[float], warps: int, rows: int, rank: int, tiles: int = 1, prefetch_x: bool = False,
-           ahead: int = 1, k: int = 4096, fuse_a: bool = False, shared_lookups: int = 0) -> str:
+           ahead: int = 1, k: int = 4096, fuse_a: bool = False, shared_lookups: int = 0, k_splits: int = 1) -> str:
     """The kernel's CUDA source for one NF4 code table, warps per block, row tile (8 or 16), rank,
     16-feature tiles per warp, whether each warp prefetches its next group's x into L1, how many
     groups' weight bytes each warp holds in registers ahead of the one it computes (1 or 2), the
     inputs K (a compile-time constant: 5-7 % fewer ALU instructions per weight, bench/nf4_mma_sass.py),
     whether the launch's first blocks compute the LoRA's A product themselves (`fuse_a`), and how
     many of a lane's 2 x tiles absmax blocks per group decode through the shared-memory code pairs
-    instead of register tables (`shared_lookups`)."""
+    instead of register tables (`shared_lookups`), and how many blocks split each feature tile's K
+    (`k_splits`: the last of them adds their float32 sums up in a fixed order)."""
     if len(code) != 16:
         raise ValueError("an NF4 code table has 16 entries")
     if (warps not in WARP_CHOICES or rows not in (1, 8, 16) or (rows == 1 and not fuse_a) or rank <= 0
             or tiles not in TILE_CHOICES or ahead not in (1, 2) or k <= 0 or k % GROUP
-            or not 0 <= shared_lookups <= 2 * tiles
+            or not 0 <= shared_lookups <= 2 * tiles or k_splits not in K_SPLIT_CHOICES or (k // GROUP) % k_splits
             or static_shared_bytes(warps, rows, rank, tiles, shared_lookups) > STATIC_SHARED_LIMIT):
         raise ValueError(f"no nf4 MMA kernel for {warps} warps, {rows} rows, rank {rank}, {tiles} tiles, "
-                         f"{ahead} groups ahead, K {k}, {shared_lookups} shared lookups")
+                         f"{ahead} groups ahead, K {k}, {shared_lookups} shared lookups, {k_splits} K splits")
     # exact: hexadecimal literals of the float32 values
     values = ", ".join(f"{struct.unpack('<f', struct.pack('<f', float(v)))[0].hex()}f" for v in code)
     header = (f"#define KDIM {k}\n#define WARPS {warps}\n#define ROWS {rows}\n#define RANK {rank}\n#define TILES {tiles}\n"
               f"#define PREFETCH_X {int(prefetch_x)}\n#define AHEAD {ahead}\n#define FUSE_A {int(fuse_a)}\n"
-              f"#define SHARED_LOOKUPS {shared_lookups}\n"
+              f"#define SHARED_LOOKUPS {shared_lookups}\n#define KSPLIT {k_splits}\n"
               f"__device__ __constant__ float CODE_TABLE[16] = {{{values}}};\n#define CODE CODE_TABLE\n")
     return header + _SOURCE
 
@@ -694,8 +731,9 @@ def code_values(code: torch.Tensor) -> tuple[float, ...]:
 
 
 def _kernel(code: torch.Tensor, warps: int, rows: int, rank: int, tiles: int, prefetch_x: bool, ahead: int,
-            k: int, fuse_a: bool, shared_lookups: int) -> Callable:
-    key = (code.device.index, code_values(code), warps, rows, rank, tiles, prefetch_x, ahead, k, fuse_a, shared_lookups)
+            k: int, fuse_a: bool, shared_lookups: int, k_splits: int) -> Callable:
+    key = (code.device.index, code_values(code), warps, rows, rank, tiles, prefetch_x, ahead, k, fuse_a, shared_lookups,
+           k_splits)
     if key not in _KERNELS:
         with torch.cuda.device(code.device):
             _KERNELS[key] = _compile(source(*key[1:]))
@@ -741,6 +779,7 @@ def nf4_mma_linear(
     ahead: int = 1,
     inputs: tuple[torch.Tensor, torch.Tensor] | None = None,
     shared_lookups: int = 0,
+    k_splits: int = 1,
 ) -> torch.Tensor:
     """y = x @ dequant(W).T + scaling * B(A(x)) with PEFT's roundings for x ([m <= 16, K], bf16);
     rows from seg1 and from seg2 on belong to the LoRA's second and third parts.
@@ -757,7 +796,7 @@ def nf4_mma_linear(
     if inputs is not None:
         xq, t = inputs
         kernel = _kernel(weight.code, warps, 8 if m <= 8 else 16, lora.rank, tiles, prefetch_x, ahead, k, False,
-                         shared_lookups)
+                         shared_lookups, k_splits)
         la_blocks = 0
         splits, fused_args = t.shape[0], [xq, 0, lora.a, t, t]  # the fused LoRA A's arguments, unused
     else:
@@ -766,7 +805,7 @@ def nf4_mma_linear(
         if x.stride(1) != 1 or x.stride(0) % 8 or x.data_ptr() % 16:
             x = x.clone(memory_format=torch.contiguous_format)  # 16-byte rows for the vector loads
         kernel = _kernel(weight.code, warps, fused_kernel_rows(m), lora.rank, tiles, prefetch_x, ahead, k, True,
-                         shared_lookups)
+                         shared_lookups, k_splits)
         counters = lora.fused_counters
         if counters is None or counters.device != x.device or counters.numel() < 3 + rt // RANK_QUAD:
             counters = lora.fused_counters = torch.zeros(3 + rt // RANK_QUAD, dtype=torch.int32, device=x.device)
@@ -775,8 +814,15 @@ def nf4_mma_linear(
         partial = torch.empty((k // GROUP, m, rt), dtype=torch.float32, device=x.device)
         la_blocks = fused_a_blocks(rt, k, warps)
         splits, fused_args = 1, [x, x.stride(0), lora.a, partial, counters]
+    if k_splits > 1:
+        split_sums = torch.empty((k_splits, m, n), dtype=torch.float32, device=x.device)
+        arrivals = lora.tile_arrivals
+        if arrivals is None or arrivals.device != x.device or arrivals.numel() < n // TILE_N:
+            arrivals = lora.tile_arrivals = torch.zeros(n // TILE_N, dtype=torch.int32, device=x.device)
+    else:
+        split_sums, arrivals = t, t  # unused
     programmatic_launch.launch(
-        kernel, (la_blocks + n // (TILE_N * tiles), 1, 1), (warps * 32, 1, 1),
+        kernel, (la_blocks + n // (TILE_N * tiles) * k_splits, 1, 1), (warps * 32, 1, 1),
         [weight.packed, weight.absmax, xq, t, lora.b, y, m, k, y.stride(0), float(lora.scaling),
-         seg1, seg2, rt, splits, int(round_lora_first), *fused_args, la_blocks], x.device)
+         seg1, seg2, rt, splits, int(round_lora_first), *fused_args, la_blocks, split_sums, arrivals], x.device)
     return y

@@ -31,11 +31,12 @@ extern "C" void add_buffer(const void* begin, long bytes) {
 extern "C" long launch(int grid, int threads, const void* words, const float* absmax, void* xq, float* t,
                        const float* lora_b, void* y, int M, int K, int ldy, double scaling, int seg1, int seg2,
                        int RT, int t_splits, int round_lora_first, const void* x, int ldx, const float* lora_a,
-                       float* a_partial, int* counters, int la_blocks) {
+                       float* a_partial, int* counters, int la_blocks, float* split_sums, int* tile_arrivals) {
     out_of_bounds_reads = 0;
     launch_blocks(grid, threads, [=] {
         nf4_mma_kernel((const uint4*)words, absmax, (uint2*)xq, t, lora_b, (u16*)y, M, K, ldy, scaling, seg1, seg2,
-                       RT, t_splits, round_lora_first, (const u16*)x, ldx, lora_a, a_partial, counters, la_blocks);
+                       RT, t_splits, round_lora_first, (const u16*)x, ldx, lora_a, a_partial, counters, la_blocks,
+                       split_sums, tile_arrivals);
     });
     return out_of_bounds_reads;
 }
@@ -44,12 +45,12 @@ RANK = 32
 
 
 def _build(tmp_path_factory: pytest.TempPathFactory, warps: int, rows: int, tiles: int, prefetch: bool,
-           ahead: int, k: int, fuse_a: bool = False, shared_lookups: int = 0) -> ctypes.CDLL:
+           ahead: int, k: int, fuse_a: bool = False, shared_lookups: int = 0, k_splits: int = 1) -> ctypes.CDLL:
     folder = tmp_path_factory.mktemp(
-        f"nf4_w{warps}_r{rows}_t{tiles}_p{int(prefetch)}_a{ahead}_k{k}_f{int(fuse_a)}_s{shared_lookups}")
+        f"nf4_w{warps}_r{rows}_t{tiles}_p{int(prefetch)}_a{ahead}_k{k}_f{int(fuse_a)}_s{shared_lookups}_ks{k_splits}")
     text = (f'#define NF4_EMULATE\n#include "{HEADER}"\n'
             + nf4_mma.source(NF4_CODE, warps, rows, RANK, tiles, prefetch, ahead, k, fuse_a,
-                             shared_lookups=shared_lookups)
+                             shared_lookups=shared_lookups, k_splits=k_splits)
             + LAUNCHER)
     (folder / "kernel.cpp").write_text(text)
     built = subprocess.run(
@@ -63,7 +64,7 @@ def _build(tmp_path_factory: pytest.TempPathFactory, warps: int, rows: int, tile
     library.launch.restype = ctypes.c_long
     library.launch.argtypes = [ctypes.c_int, ctypes.c_int] + [ctypes.c_void_p] * 6 + [
         ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_double] + [ctypes.c_int] * 5 + [
-        ctypes.c_void_p, ctypes.c_int] + [ctypes.c_void_p] * 3 + [ctypes.c_int]
+        ctypes.c_void_p, ctypes.c_int] + [ctypes.c_void_p] * 3 + [ctypes.c_int] + [ctypes.c_void_p] * 2
     return library
 
 
@@ -86,8 +87,9 @@ def _projection(n: int, k: int, seed: int) -> NF4Projection:
 
 
 def _run(library: ctypes.CDLL, projection: NF4Projection, x: torch.Tensor, warps: int, tiles: int,
-         counters: torch.Tensor | None = None) -> torch.Tensor:
-    """The kernel's output; with `counters`, the fused kernel's (which it leaves as it found them)."""
+         counters: torch.Tensor | None = None, k_splits: int = 1, arrivals: torch.Tensor | None = None) -> torch.Tensor:
+    """The kernel's output; with `counters`, the fused kernel's, and with `k_splits`, the tile arrivals
+    (both left as the kernel found them)."""
     m, k = x.shape
     n = projection.weight.shape[0]
     lora = projection.lora
@@ -106,13 +108,15 @@ def _run(library: ctypes.CDLL, projection: NF4Projection, x: torch.Tensor, warps
                          x[:, cut:].float() @ lora.a[:, cut:].T]).contiguous()
         splits, la_blocks = 2, 0
     y = torch.full((m, n), float("nan"), dtype=torch.bfloat16)
-    for buffer in (projection.weight.packed, projection.weight.absmax, xq, t, lora.b, x, lora.a, a_partial):
+    split_sums = torch.full((k_splits, m, n), float("nan"))  # the launch writes them before it reads them
+    arrivals = torch.zeros(n // 16, dtype=torch.int32) if arrivals is None else arrivals
+    for buffer in (projection.weight.packed, projection.weight.absmax, xq, t, lora.b, x, lora.a, a_partial, split_sums):
         library.add_buffer(buffer.data_ptr(), buffer.numel() * buffer.element_size())
     out_of_bounds = library.launch(
-        la_blocks + n // (16 * tiles), warps * 32, projection.weight.packed.data_ptr(),
+        la_blocks + n // (16 * tiles) * k_splits, warps * 32, projection.weight.packed.data_ptr(),
         projection.weight.absmax.data_ptr(), xq.data_ptr(), t.data_ptr(), lora.b.data_ptr(), y.data_ptr(), m, k, n,
         lora.scaling, *lora.part_starts(n), rt, splits, 1, x.data_ptr(), x.stride(0), lora.a.data_ptr(),
-        a_partial.data_ptr(), counters.data_ptr(), la_blocks)
+        a_partial.data_ptr(), counters.data_ptr(), la_blocks, split_sums.data_ptr(), arrivals.data_ptr())
     assert out_of_bounds == 0, f"{out_of_bounds} global reads outside the kernel's buffers"
     return y
 
@@ -161,3 +165,34 @@ def test_the_fused_kernel_computes_lora_a_itself_and_leaves_its_counters_at_zero
         assert not out.isnan().any()
         assert nf4_kernels.matches_reference(out, reference), (out.float() - reference.float()).abs().max()
         assert counters.abs().sum() == 0, counters
+
+
+# (warps, tiles, groups ahead, fused, k_splits): K split across two, four and eight blocks of a tile,
+# with and without the fused LoRA A blocks; 8 groups of 256 inputs, so that with 4 or 8 splits some
+# warps have no group of their own
+@pytest.mark.parametrize(("warps", "tiles", "ahead", "fuse_a", "k_splits"),
+                         [(4, 1, 1, False, 2), (4, 2, 2, True, 4), (8, 1, 1, True, 2), (4, 1, 2, True, 8)])
+@pytest.mark.parametrize("rows", [1, 5, 16])
+def test_blocks_splitting_k_add_up_to_the_reference_function_and_leave_their_counters_at_zero(
+        tmp_path_factory, warps, tiles, ahead, fuse_a, k_splits, rows):
+    k = 256 * 8
+    kernel_rows = nf4_mma.fused_kernel_rows(rows) if fuse_a else 8 if rows <= 8 else 16
+    if kernel_rows == 1 and not fuse_a:
+        kernel_rows = 8
+    library = _build(tmp_path_factory, warps, kernel_rows, tiles, False, ahead, k, fuse_a=fuse_a,
+                     k_splits=k_splits)
+    projection = _projection(n=64, k=k, seed=rows)
+    x = torch.randn((rows, k), generator=torch.Generator().manual_seed(300 + rows)).to(torch.bfloat16)
+    reference = projection.reference(x)
+    counters = torch.zeros(3 + projection.lora.a.shape[0] // nf4_mma.RANK_QUAD, dtype=torch.int32) if fuse_a else None
+    arrivals = torch.zeros(64 // 16, dtype=torch.int32)
+    outputs = []
+    for _ in range(2):  # the second launch finds the counters as the first left them
+        out = _run(library, projection, x, warps, tiles, counters, k_splits, arrivals)
+        assert not out.isnan().any()  # every tile finished by one of its blocks
+        assert nf4_kernels.matches_reference(out, reference), (out.float() - reference.float()).abs().max()
+        assert arrivals.abs().sum() == 0, arrivals
+        if counters is not None:
+            assert counters.abs().sum() == 0, counters
+        outputs.append(out)
+    assert torch.equal(outputs[0], outputs[1])

@@ -209,6 +209,37 @@ def test_the_fused_launch_repeats_its_bits_in_graphs_and_leaves_its_counters_at_
             assert int(lora.fused_counters.abs().sum()) == 0, (config, lora.fused_counters)
 
 
+@pytest.mark.parametrize("rows", [1, 5, 16])
+@pytest.mark.parametrize("name", ["qkv", "down"])
+def test_blocks_splitting_k_match_the_reference_and_repeat_their_bits_in_graphs(rows, name):
+    # K split across the blocks of a feature tile: the last block to arrive adds the others' float32
+    # sums in a fixed order, so a replay repeats the bits, and it leaves the tile counters at zero.
+    from llm import nf4_kernels
+
+    parts, cols = SHAPES[name]
+    projection = _projection(parts, cols)
+    lora = projection.lora
+    x = torch.randn(rows, cols, dtype=torch.bfloat16, device="cuda:0")
+    reference = projection.reference(x)
+    n, k = projection.weight.shape
+    bases = [nf4_kernels.NF4Config(16, 256, 8, 1, kind="mma", fuse_a=True),
+             nf4_kernels.NF4Config(32, 256, 4, 1, kind="mma", prefetch_x=True, fuse_a=True, shared_lookups=2),
+             nf4_kernels.NF4Config(16, 256, 8, 2, kind="mma")]
+    variants = [v for base in bases for v in nf4_kernels.k_split_variants(base, n, k, lora.boundaries, rows, lora.rank)]
+    assert len(variants) >= 6
+    for config in variants:
+        first = nf4_kernels.nf4_lora_linear(x, projection.weight, lora, True, config)
+        assert nf4_kernels.matches_reference(first, reference), config.label
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            out = nf4_kernels.nf4_lora_linear(x, projection.weight, lora, True, config)
+        for _ in range(3):
+            graph.replay()
+            torch.cuda.synchronize()
+            assert torch.equal(out, first), config.label
+            assert int(lora.tile_arrivals.abs().sum()) == 0, config.label
+
+
 @pytest.mark.parametrize("rows", [367, 16])
 def test_reference_lora_is_pefts_own_products_bit_for_bit(rows):
     # PEFT runs one float32 A and one B product per projection; a stacked A product for q/k/v
