@@ -131,7 +131,8 @@ LUT_DOT_CONFIGS = (  # 2-16 rows; 64-row tiles take Hopper's warpgroup MMA (wide
 # 1..16 rows, where NVRTC and sm_80+ are there (llm.nf4_mma); num_warps split K inside a block,
 # block_n = 16 features per tile x tiles per warp, num_stages = groups of weights in registers ahead
 # of the one computed; "p": x prefetched into L1; "f": the LoRA A product fused into the same launch;
-# "tN": N of each lane's absmax blocks per group decoded through the shared code pairs. Run 13 retired
+# "tN": N of each lane's absmax blocks per group decoded through the shared code pairs; "kN": K split
+# across N blocks per feature tile (`k_split_variants`). Run 13 retired
 # the cp.async pipeline (10-30 % slower everywhere). These are the layouts within 2 % of the fastest
 # for some projection and rows bucket in runs 22-23 (bench/NOTES.md, run 23): each is one NVRTC compile
 # per row tile and K at start-up.
@@ -147,6 +148,10 @@ MMA_CONFIGS = tuple(
         (4, 2, 1, False, True, 2), (4, 2, 1, False, True, 3), (4, 2, 1, True, True, 2), (4, 2, 1, True, True, 3),
         (4, 1, 2, False, True, 2), (8, 1, 2, False, True, 1), (8, 2, 1, False, True, 3),
     )
+) + (
+    # K split across two blocks per feature tile: `down` at one row 23.4 against the served 24.3 us a
+    # layer (run 24, `bench/nf4_kernels.py 1 --k-splits`); no K split won `o` (8.5 us unsplit, 10.7 split)
+    NF4Config(32, nf4_mma.GROUP, 8, 1, kind="mma", prefetch_x=True, fuse_a=True, shared_lookups=2, k_splits=2),
 )
 
 
