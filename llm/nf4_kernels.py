@@ -174,8 +174,8 @@ def k_split_variants(config: NF4Config, n: int, k: int, boundaries: Sequence[int
     for k_splits in nf4_mma.K_SPLIT_CHOICES[1:]:
         for warps in nf4_mma.WARP_CHOICES:
             variant = replace(config, num_warps=warps, k_splits=k_splits)
-            if (config.kind == "mma" and groups % k_splits == 0 and warps <= groups // k_splits
-                    and warps * k_splits <= 64 and variant.fits(n, k, boundaries) and variant.fits_kernel(rows, rank)):
+            if (config.kind == "mma" and warps <= groups // k_splits and warps * k_splits <= 64
+                    and variant.fits(n, k, boundaries) and variant.fits_kernel(rows, rank)):
                 found.append(variant)
     return found
 

@@ -43,3 +43,38 @@ def test_the_launch_structures_have_cudas_layout():
     assert programmatic_launch._LaunchConfig.stream.offset == 32
     assert programmatic_launch._LaunchConfig.attributes.offset == 40
     assert ctypes.sizeof(programmatic_launch._LaunchConfig) == 56
+
+
+def test_a_refused_attribute_falls_back_to_plain_launches_with_one_warning(monkeypatch, caplog):
+    # A driver that refuses cuLaunchKernelEx's attribute: the kernel still runs (plainly), the
+    # operator reads one WARNING line, and later launches do not try again.
+    class Kernel:
+        func = ctypes.c_void_p(1)
+        launches: list = []
+
+        def __call__(self, grid, block, args):  # noqa: ANN001
+            self.launches.append((grid, block, args))
+
+    class Driver:
+        calls = 0
+
+        def cuLaunchKernelEx(self, *_):  # noqa: N802, ANN002 - the CUDA driver's name
+            Driver.calls += 1
+            return 1  # CUDA_ERROR_INVALID_VALUE
+
+    class Stream:
+        cuda_stream = 0
+
+    monkeypatch.setattr(programmatic_launch, "supported", lambda device: True)
+    monkeypatch.setattr(programmatic_launch, "_driver", Driver)
+    monkeypatch.setattr(torch.cuda, "current_stream", lambda device=None: Stream())
+    monkeypatch.setattr(programmatic_launch, "_broken", None)
+    kernel = Kernel()
+    with caplog.at_level("WARNING"):
+        for _ in range(3):
+            programmatic_launch.launch(kernel, (2, 1, 1), (128, 1, 1), [torch.zeros(1), 3], torch.device("cuda"))
+    assert len(kernel.launches) == 3 and kernel.launches[0][0] == (2, 1, 1)
+    assert Driver.calls == 1
+    warnings = [r for r in caplog.records if r.levelname == "WARNING"]
+    assert len(warnings) == 1 and "plain launches" in warnings[0].getMessage()
+    assert not programmatic_launch.enabled("cuda")
