@@ -26,6 +26,7 @@ from typing import TYPE_CHECKING
 import torch
 from torch import nn
 
+from llm import programmatic_launch
 from llm.batching import BatchingEngine, DecoderStepModel
 from llm.mistral_decoder import (
     DecodeGraphs,
@@ -223,6 +224,8 @@ def _warm_up(graphs: DecodeGraphs, compile_kernels: bool, triton: bool = False) 
     graphs.decode([1], [3])
     decoder.kv_release(0)
     info["warm_up_s"] = round(time.monotonic() - started, 2)
+    # decode kernels scheduled while the one before finishes (Hopper and newer)
+    info["programmatic_launch"] = programmatic_launch.enabled(decoder.device)
     info["buckets"] = {"batch": graphs.batch_buckets, "kv_len": graphs.kv_buckets}
     info["prefill_graphs"] = graphs.prefill_graph_count
     if graphs.bucketed_prefill:

@@ -157,6 +157,7 @@ def test_build_engine_wires_the_new_modes_and_knobs(tiny_checkpoint, mode):
         assert engine.scheduler.model.max_batch == 3 and engine.scheduler.model.max_seq_len == 128
         assert engine.scheduler.max_queue == 5
         assert engine.info["cuda_graphs"] is False  # no CUDA here: eager steps, same scheduler
+        assert engine.info["programmatic_launch"] is False
         assert engine.info["kv_paged"] is (mode == "fast")
         if mode == "fast":
             assert engine.info["kv_block_size"] == 16 and engine.info["kv_cache_tokens"] == 208  # whole blocks
