@@ -5,12 +5,15 @@
 #   bash bench/engines_gpu.sh kernels            run 22's served layouts with shared code pairs: their bits
 #       (`tests/gpu -k variants`) and timings (`bench/nf4_kernels.py 1,16 --variants`)
 #       -> $OUT/kernels*.txt
+#   bash bench/engines_gpu.sh splits             K split across blocks and programmatic launch: their GPU
+#       tests, and run 24's served layouts with K splits timed (q/k/v, o, down; 1 and 16 rows)
+#       -> $OUT/splits*.txt
 #   bash bench/engines_gpu.sh bench COMMIT [CASES]  the engine benchmark: the seed's literal code path,
 #       `nf4` and `fast` by default, same prompts, ratios printed (~4 minutes) -> $OUT/engines.log,
 #       $OUT/r.tgz (the results JSON, the chart and the profiles)
 set -uo pipefail
-if [[ "${1:-}" != tests && "${1:-}" != bench && "${1:-}" != kernels ]]; then
-    echo "usage: bash bench/engines_gpu.sh tests [PYTEST ARGS] | kernels | bench COMMIT [CASES]"
+if [[ "${1:-}" != tests && "${1:-}" != bench && "${1:-}" != kernels && "${1:-}" != splits ]]; then
+    echo "usage: bash bench/engines_gpu.sh tests [PYTEST ARGS] | kernels | splits | bench COMMIT [CASES]"
     exit 2
 fi
 out=${OUT:-.}
@@ -29,6 +32,12 @@ case "${1:-}" in
         tail -n 1 "$out/kernels-tests.txt"
         python3 bench/nf4_kernels.py 1,16 --variants > "$out/kernels-variants.txt" 2>&1
         tail -n 2 "$out/kernels-variants.txt" | cut -c1-600
+        ;;
+    splits)
+        python3 -m pytest tests/gpu -q -p no:cacheprovider -k "splitting or programmatic" > "$out/splits-tests.txt" 2>&1
+        tail -n 1 "$out/splits-tests.txt"
+        python3 bench/nf4_kernels.py 1,16 --k-splits --projections qkv,o,down > "$out/splits-kernels.txt" 2>&1
+        tail -n 3 "$out/splits-kernels.txt" | cut -c1-600
         ;;
     bench)
         commit=${2:?usage: bash bench/engines_gpu.sh bench COMMIT [CASES]}
