@@ -51,7 +51,7 @@ import torch
 import torch.nn.functional as F
 
 from llm import nf4_mma
-from llm.triton_kernels import graph_time_ms
+from llm.triton_kernels import after_previous_kernels, graph_time_ms, programmatic_options
 
 if TYPE_CHECKING:
     from llm.nf4 import LoraParts, NF4Matrix
@@ -152,6 +152,11 @@ MMA_CONFIGS = tuple(
     # K split across two blocks per feature tile: `down` at one row 23.4 against the served 24.3 us a
     # layer (run 24, `bench/nf4_kernels.py 1 --k-splits`); no K split won `o` (8.5 us unsplit, 10.7 split)
     NF4Config(32, nf4_mma.GROUP, 8, 1, kind="mma", prefetch_x=True, fuse_a=True, shared_lookups=2, k_splits=2),
+    # The LoRA A product in its own kernel before it, 16 warps: pruned after run 23 (`o` at one row 11.2
+    # us a layer against 9.6 fused), timed again because the A kernels now launch programmatically
+    # and the tensor-core kernel's first weight loads overlap them (with 8 warps, run 24: 11.3 us with
+    # the A kernel against 13.9 fused). Not yet measured.
+    NF4Config(16, nf4_mma.GROUP, 16, 1, kind="mma"),
 )
 
 
@@ -320,12 +325,13 @@ if _HAVE_TRITON:
     def _lora_a_fma_kernel(
         x_ptr, a_ptr, t_ptr, xperm_ptr, xq_ptr, M, K, RT, stride_x, K_PER_SPLIT,
         BLOCK_M: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr, WRITE_XPERM: tl.constexpr,
-        WRITE_XQ: tl.constexpr,
+        WRITE_XQ: tl.constexpr, GDC: tl.constexpr,
     ):
         # t[split, m, r] = sum over this split's K range of float32(x[m, k]) * a[r, k], for M <= 4.
         # WRITE_XPERM (one row): also float32(x) value-major for the LUT GEMV, xperm[(k % 32) * (K / 32)
         # + k / 32]: its threads, one per 32-value slice, then read each value index coalesced.
         # WRITE_XQ: also x in the tensor-core kernel's operand order (_fragment_offsets).
+        after_previous_kernels(GDC)
         pid_r = tl.program_id(0)
         split = tl.program_id(1)
         offs_r = pid_r * BLOCK_R + tl.arange(0, BLOCK_R)
@@ -370,7 +376,7 @@ if _HAVE_TRITON:
     @triton.jit
     def _lora_a_mma_kernel(
         x_ptr, a_ptr, part_ptr, t_ptr, arrivals_ptr, xq_ptr, M, K, RT, stride_x,
-        XQ_ROWS: tl.constexpr, BLOCK_R: tl.constexpr, GROUPS_P2: tl.constexpr,
+        XQ_ROWS: tl.constexpr, BLOCK_R: tl.constexpr, GROUPS_P2: tl.constexpr, GDC: tl.constexpr,
     ):
         # The tensor-core kernel's inputs besides the weights, one 256-input group per program:
         # - t = float32(x) @ A.T, whole: each program stores its group's partial sums, and the last
@@ -378,6 +384,7 @@ if _HAVE_TRITON:
         #   program is last) and resets its arrival count for the next call;
         # - x in operand order (nf4_mma.operand_order): the [XQ_ROWS, 256] tile, rows 8 set + g and
         #   inputs 64 t + 4 step + j, is the contiguous [set, step, g, t, j] run at 4096 * group.
+        after_previous_kernels(GDC)
         pid_r = tl.program_id(0)
         group = tl.program_id(1)
         groups = tl.num_programs(1)
@@ -811,7 +818,7 @@ def lora_a_product(
         _lora_a_fma_kernel[(triton.cdiv(rt, block_r), splits)](
             x, lora.a, t, t if xperm is None else xperm, t if xq is None else xq, m, k, rt, x.stride(0), k // splits,
             BLOCK_M=block_m, BLOCK_R=block_r, BLOCK_K=a_block_k, WRITE_XPERM=xperm is not None,
-            WRITE_XQ=xq is not None, num_warps=4,
+            WRITE_XQ=xq is not None, num_warps=4, **programmatic_options(x.device),
         )
     return t, splits
 
@@ -856,6 +863,7 @@ def mma_inputs(x: torch.Tensor, n: int, lora: LoraParts) -> tuple[torch.Tensor, 
     _lora_a_mma_kernel[(r_blocks, groups)](
         x, lora.a, part, t, lora.arrivals, xq, m, k, rt, x.stride(0),
         XQ_ROWS=8 if m <= 8 else 16, BLOCK_R=MMA_LORA_BLOCK_R, GROUPS_P2=triton.next_power_of_2(groups), num_warps=4,
+        **programmatic_options(x.device),
     )
     return xq, t
 

@@ -334,7 +334,7 @@ def programmatic_options(device: torch.device) -> dict:
 if _HAVE_TRITON:
 
     @triton.jit
-    def _after_previous_kernels(GDC: tl.constexpr):
+    def after_previous_kernels(GDC: tl.constexpr):  # noqa: ANN201 - a Triton function
         # First thing in a kernel launched programmatically: the kernels before it are done and
         # their writes visible; the next kernel may be scheduled (it waits for this one itself).
         if GDC:
@@ -349,7 +349,7 @@ if _HAVE_TRITON:
         GDC: tl.constexpr,
     ):
         # As _rope_kv_kernel; only the K/V destination goes through the block table.
-        _after_previous_kernels(GDC)
+        after_previous_kernels(GDC)
         row = tl.program_id(0)
         head = tl.program_id(1)
         HALF: tl.constexpr = HEAD_DIM // 2
@@ -378,7 +378,7 @@ if _HAVE_TRITON:
         # grid (rows, kv heads, splits). One program: the GROUP query heads of one KV head against
         # pages [split * PAGES_PER_SPLIT, ...) of the row, stopping at the row's real length
         # (position + 1). Online softmax in float32; partial (acc, max, sum) per split.
-        _after_previous_kernels(GDC)
+        after_previous_kernels(GDC)
         row = tl.program_id(0)
         kvh = tl.program_id(1)
         split = tl.program_id(2)
@@ -426,7 +426,7 @@ if _HAVE_TRITON:
         PAGES_PER_SPLIT: tl.constexpr, SPLITS: tl.constexpr, SPLITS_PAD: tl.constexpr, GDC: tl.constexpr,
     ):
         # grid (rows, kv heads * GROUP): combine the splits that hold tokens (log-sum-exp weights).
-        _after_previous_kernels(GDC)
+        after_previous_kernels(GDC)
         row = tl.program_id(0)
         head = tl.program_id(1)
         kvh = head // GROUP
