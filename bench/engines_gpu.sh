@@ -2,7 +2,7 @@
 # The model side checked and measured on a lent GPU (device tool, carry: [".whl", ".tok"]), one
 # device call each (each within a call's 10-minute limit):
 #   bash bench/engines_gpu.sh tests [PYTEST ARGS]   tests/gpu (~6 minutes) -> $OUT/gpu-tests.txt
-#   bash bench/engines_gpu.sh kernels            run 22's served layouts with shared code pairs: their bits
+#   bash bench/engines_gpu.sh kernels            run 24's served layouts with other shared code pairs: their bits
 #       (`tests/gpu -k variants`) and timings (`bench/nf4_kernels.py 1,16 --variants`)
 #       -> $OUT/kernels*.txt
 #   bash bench/engines_gpu.sh splits             K split across blocks and programmatic launch: their GPU

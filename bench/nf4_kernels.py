@@ -5,7 +5,7 @@ of the fused kernel (every config), of dequantize + cuBLAS, and of `fast`'s bf16
 bytes each reads and the achieved TB/s. Prints JSON lines.
 
     python bench/nf4_kernels.py [ROWS, e.g. 1,4,16]
-    python bench/nf4_kernels.py 1,16 --variants   (run 22's served layouts and their variants)
+    python bench/nf4_kernels.py 1,16 --variants   (run 24's served layouts with other shared code pairs)
     python bench/nf4_kernels.py 1,16 --k-splits --projections o,down   (run 24's served layouts, K split across blocks)
     python bench/nf4_kernels.py --prompts 367,1500   (the prompt path: TF32x3 against PEFT's LoRA products)
     python bench/nf4_kernels.py --prompts 32,288 --dequant-rows 512,1024,2048   (+ other dequantization chunks)
@@ -17,7 +17,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -58,30 +58,18 @@ def projection(parts: list[int], cols: int, seed: int) -> NF4Projection:
     return NF4Projection(NF4Matrix.concat(matrices), LoraParts(a, b, tuple(segments), 32, 0.25))
 
 
-# The tensor-core layouts the tuner served somewhere in run 22 (1 and 16 rows)
-RUN22_SERVED = {"mma_16x256w16s1f", "mma_16x256w8s2f", "mma_16x256w8s1", "mma_32x256w4s1f", "mma_16x256w8s1f",
-                "mma_16x256w4s2f", "mma_32x256w4s1pf"}
-
-
-def with_variants(configs: list[nf4_kernels.NF4Config], rows: int, rank: int) -> list[nf4_kernels.NF4Config]:
-    """Run 22's served tensor-core layouts as they are and with shared code pairs ("t1".."t4",
-    `nf4_kernels.variants`) where their shared memory fits. (Only those: every layout's variants
-    would be hundreds of compiles.)"""
-    served = [c for c in configs if c.label in RUN22_SERVED]
-    return served + [v for c in served for v in nf4_kernels.variants(c, rows, rank)]
-
-
 # The tensor-core layouts the tuner served in run 24 (1 to 16 rows)
 RUN24_SERVED = {"mma_16x256w16s1f", "mma_32x256w8s1ft3", "mma_32x256w4s1pft2", "mma_16x256w8s1ft2", "mma_16x256w8s2f",
                 "mma_16x256w4s2ft2", "mma_32x256w4s1pft3"}
 
 
-def with_k_splits(configs: list[nf4_kernels.NF4Config], n: int, k: int, boundaries: Sequence[int], rows: int,
-                  rank: int) -> list[nf4_kernels.NF4Config]:
-    """Run 24's served tensor-core layouts as they are and with K split across blocks
-    (`nf4_kernels.k_split_variants`)."""
+def served_and_variants(configs: list[nf4_kernels.NF4Config],
+                        variants_of: Callable[[nf4_kernels.NF4Config], list[nf4_kernels.NF4Config]],
+                        ) -> list[nf4_kernels.NF4Config]:
+    """Run 24's served tensor-core layouts as they are and their variants (only those: every
+    layout's variants would be hundreds of compiles)."""
     served = [c for c in configs if c.label in RUN24_SERVED]
-    found = served + [v for c in served for v in nf4_kernels.k_split_variants(c, n, k, boundaries, rows, rank)]
+    found = served + [v for c in served for v in variants_of(c)]
     return list({c.label: c for c in found}.values())
 
 
@@ -91,7 +79,7 @@ def measure(name: str, parts: list[int], cols: int, rows_counts: Sequence[int], 
     dense = [torch.randn(sum(parts), cols, dtype=torch.bfloat16, device="cuda") for _ in range(LAYERS)]
     n, k = group[0].weight.shape
     nf4_bytes = group[0].weight.nbytes + group[0].lora.nbytes
-    boundaries = group[0].lora.boundaries
+    boundaries, rank = group[0].lora.boundaries, group[0].lora.rank
     for rows in rows_counts:
         x = torch.randn(rows, cols, dtype=torch.bfloat16, device="cuda")
         result: dict = {"projection": name, "rows": rows, "nf4_mb": round(nf4_bytes / 1e6, 1),
@@ -102,12 +90,12 @@ def measure(name: str, parts: list[int], cols: int, rows_counts: Sequence[int], 
 
         reference = group[0].reference(x)
         wrong = []
-        rank = group[0].lora.rank
         configs = nf4_kernels.all_configs(rows, n, k, boundaries, rank)
-        if variants:
-            configs = with_variants(configs, rows, rank)
+        if variants:  # shared code pairs for other numbers of absmax blocks
+            configs = served_and_variants(configs, lambda c, rows=rows: nf4_kernels.variants(c, rows, rank))
         elif k_splits:
-            configs = with_k_splits(configs, n, k, boundaries, rows, rank)
+            configs = served_and_variants(
+                configs, lambda c, rows=rows: nf4_kernels.k_split_variants(c, n, k, boundaries, rows, rank))
         for config in configs:
             if not nf4_kernels.matches_reference(fused(config)[0], reference):
                 wrong.append(config.label)
@@ -200,7 +188,7 @@ def main() -> None:
     parser.add_argument("--prompts", action="store_true",
                         help="time the prompt path's two LoRA product kinds instead (rows: prompt lengths)")
     parser.add_argument("--variants", action="store_true",
-                        help="time run 22's served tensor-core layouts with and without shared code pairs")
+                        help="time run 24's served tensor-core layouts with other numbers of shared code pairs")
     parser.add_argument("--k-splits", action="store_true",
                         help="time run 24's served tensor-core layouts with K split across 2-8 blocks per feature tile")
     parser.add_argument("--projections", default=",".join(SHAPES),

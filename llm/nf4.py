@@ -141,13 +141,19 @@ class LoraParts:
     segments: tuple[tuple[int, int, int], ...]
     rank: int
     scaling: float
-    # The tensor-core path's LoRA `A` kernel: how many programs of each rank block have finished
-    # (back to 0 after every call). Per projection, so that no two kernels ever share counters.
-    arrivals: torch.Tensor | None = field(default=None, repr=False, compare=False)
-    # The fused tensor-core kernel's progress counters (llm.nf4_mma.nf4_mma_linear), likewise.
-    fused_counters: torch.Tensor | None = field(default=None, repr=False, compare=False)
-    # Its blocks of each feature tile that are done, when several split K (`k_splits`), likewise.
-    tile_arrivals: torch.Tensor | None = field(default=None, repr=False, compare=False)
+    # The kernels' progress counters by name (`counters`): the tensor-core path's LoRA `A` kernel's
+    # finished programs per rank block ("arrivals"), the fused kernel's ("fused"), the blocks of each
+    # feature tile done when several split K ("tiles"). Per projection, so that no two kernels ever
+    # share counters; every launch leaves them at zero.
+    _counters: dict[str, torch.Tensor] = field(default_factory=dict, init=False, repr=False, compare=False)
+
+    def counters(self, name: str, size: int, device: torch.device) -> torch.Tensor:
+        """The zeroed int32 counters `name` (at least `size`) on `device`, made on first use: outside
+        a CUDA graph capture, since the tuner and the warm-up call every kernel before any capture."""
+        found = self._counters.get(name)
+        if found is None or found.device != device or found.numel() < size:
+            found = self._counters[name] = torch.zeros(size, dtype=torch.int32, device=device)
+        return found
 
     @classmethod
     def from_peft(cls, modules: Sequence[nn.Module]) -> LoraParts | None:

@@ -174,15 +174,13 @@ def k_split_variants(config: NF4Config, n: int, k: int, boundaries: Sequence[int
     where every warp has a group of its own (and at most 64 warps share a tile): more, smaller blocks
     for the narrow projections. Their float32 sums add up in another order than the layout's own, so
     their bits may differ from it by a rounding; the reference path bounds both."""
+    if config.kind != "mma":
+        return []
     groups = k // config.block_k
-    found = []
-    for k_splits in nf4_mma.K_SPLIT_CHOICES[1:]:
-        for warps in nf4_mma.WARP_CHOICES:
-            variant = replace(config, num_warps=warps, k_splits=k_splits)
-            if (config.kind == "mma" and warps <= groups // k_splits and warps * k_splits <= 64
-                    and variant.fits(n, k, boundaries) and variant.fits_kernel(rows, rank)):
-                found.append(variant)
-    return found
+    variants = (replace(config, num_warps=warps, k_splits=k_splits)
+                for k_splits in nf4_mma.K_SPLIT_CHOICES[1:] for warps in nf4_mma.WARP_CHOICES
+                if warps <= groups // k_splits and warps * k_splits <= 64)
+    return [v for v in variants if v.fits(n, k, boundaries) and v.fits_kernel(rows, rank)]
 
 
 # Only where nothing above fits (small models, e.g. the tests' tiny one).
@@ -856,12 +854,11 @@ def mma_inputs(x: torch.Tensor, n: int, lora: LoraParts) -> tuple[torch.Tensor, 
         return xq, t
     groups = k // nf4_mma.GROUP
     r_blocks = triton.cdiv(rt, MMA_LORA_BLOCK_R)
-    if lora.arrivals is None or lora.arrivals.device != x.device or lora.arrivals.numel() < r_blocks:
-        lora.arrivals = torch.zeros(r_blocks, dtype=torch.int32, device=x.device)
+    arrivals = lora.counters("arrivals", r_blocks, x.device)
     part = torch.empty((groups, m, rt), dtype=torch.float32, device=x.device)
     t = torch.empty((1, m, rt), dtype=torch.float32, device=x.device)
     _lora_a_mma_kernel[(r_blocks, groups)](
-        x, lora.a, part, t, lora.arrivals, xq, m, k, rt, x.stride(0),
+        x, lora.a, part, t, arrivals, xq, m, k, rt, x.stride(0),
         XQ_ROWS=8 if m <= 8 else 16, BLOCK_R=MMA_LORA_BLOCK_R, GROUPS_P2=triton.next_power_of_2(groups), num_warps=4,
         **programmatic_options(x.device),
     )

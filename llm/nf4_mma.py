@@ -645,9 +645,10 @@ STATIC_SHARED_LIMIT = 48 * 1024  # a kernel's static shared memory
 
 
 def static_shared_bytes(warps: int, rows: int, rank: int, tiles: int, shared_lookups: int) -> int:
-    """The kernel's shared memory: the warps' partial sums, t, the LoRA B tile and the code pairs."""
+    """The kernel's shared memory: the warps' partial sums, t, the LoRA B tile, the K split's
+    last-block flag (counted whether or not K is split) and the code pairs."""
     sets = (rows + 7) // 8
-    return 4 * (warps * 32 * (4 * sets * tiles + 1) + rows * rank + TILE_N * tiles * (rank + 1)) + (
+    return 4 * (warps * 32 * (4 * sets * tiles + 1) + rows * rank + TILE_N * tiles * (rank + 1) + 1) + (
         CODE_PAIRS_BYTES if shared_lookups else 0)
 
 
@@ -809,9 +810,7 @@ def nf4_mma_linear(
             x = x.clone(memory_format=torch.contiguous_format)  # 16-byte rows for the vector loads
         kernel = _kernel(weight.code, warps, fused_kernel_rows(m), lora.rank, tiles, prefetch_x, ahead, k, True,
                          shared_lookups, k_splits)
-        counters = lora.fused_counters
-        if counters is None or counters.device != x.device or counters.numel() < 3 + rt // RANK_QUAD:
-            counters = lora.fused_counters = torch.zeros(3 + rt // RANK_QUAD, dtype=torch.int32, device=x.device)
+        counters = lora.counters("fused", 3 + rt // RANK_QUAD, x.device)
         xq = torch.empty((16 * k,), dtype=torch.bfloat16, device=x.device)
         t = torch.empty((m, rt), dtype=torch.float32, device=x.device)
         partial = torch.empty((k // GROUP, m, rt), dtype=torch.float32, device=x.device)
@@ -819,9 +818,7 @@ def nf4_mma_linear(
         splits, fused_args = 1, [x, x.stride(0), lora.a, partial, counters]
     if k_splits > 1:
         split_sums = torch.empty((k_splits, m, n), dtype=torch.float32, device=x.device)
-        arrivals = lora.tile_arrivals
-        if arrivals is None or arrivals.device != x.device or arrivals.numel() < n // TILE_N:
-            arrivals = lora.tile_arrivals = torch.zeros(n // TILE_N, dtype=torch.int32, device=x.device)
+        arrivals = lora.counters("tiles", n // TILE_N, x.device)
     else:
         split_sums, arrivals = t, t  # unused
     programmatic_launch.launch(

@@ -194,3 +194,31 @@ def test_the_one_row_two_tile_kernel_keeps_ptxass_own_register_count(tmp_path):
     assert built.returncode == 0, built.stderr[-2000:]
     assert 128 < int(re.search(r"Used (\d+) registers", built.stderr).group(1)) <= 168, built.stderr
     assert "0 bytes spill stores" in built.stderr
+
+
+def test_k_splits_are_checked_named_and_varied():
+    from llm.nf4_kernels import NF4Config, k_split_variants
+
+    assert "#define KSPLIT 7" in nf4_mma.source(NF4_CODE, 8, 1, 32, 1, fuse_a=True, k=14336, k_splits=7)
+    with pytest.raises(ValueError):  # 16 groups of 256 inputs do not split in 7
+        nf4_mma.source(NF4_CODE, 8, 1, 32, 1, fuse_a=True, k=4096, k_splits=7)
+    served = NF4Config(16, 256, 16, 1, kind="mma", fuse_a=True)
+    assert served.label == "mma_16x256w16s1f"
+    # o (16 groups): every warp of every split has a group of its own
+    assert [v.label for v in k_split_variants(served, 4096, 4096, [], 1, 32)] == [
+        "mma_16x256w4s1fk2", "mma_16x256w8s1fk2", "mma_16x256w4s1fk4"]
+    assert "mma_16x256w8s1fk7" in [v.label for v in k_split_variants(served, 4096, 14336, [], 1, 32)]
+    assert k_split_variants(NF4Config(16, 64, 4, 1, kind="gather_dot"), 4096, 4096, [], 1, 32) == []
+
+
+@pytest.mark.skipif(shutil.which("nvcc") is None, reason="needs nvcc (ptxas) to count shared memory")
+def test_the_counted_shared_memory_is_ptxass_for_a_k_split_kernel(tmp_path):
+    # The fit check (`fits`, the tuner's filter) must count all of it: here with the code pairs
+    # and the K split's last-block flag, 4 warps x 2 tiles x 8 rows
+    cu = tmp_path / "kernel.cu"
+    cu.write_text(nf4_mma.source(NF4_CODE, 4, 8, 32, 2, k=4096, shared_lookups=2, k_splits=4))
+    built = subprocess.run(["nvcc", "-arch=sm_90", "-cubin", "-o", str(tmp_path / "k.cubin"), "-Xptxas", "-v",
+                            str(cu)], capture_output=True, text=True, timeout=300)
+    assert built.returncode == 0, built.stderr[-2000:]
+    smem = int(re.search(r"(\d+) bytes smem", built.stderr).group(1))
+    assert smem == nf4_mma.static_shared_bytes(4, 8, 32, 2, 2), built.stderr

@@ -54,19 +54,44 @@ def _projection(parts: list[tuple[int, int]], cols: int, rank: int = 32, round_f
     return NF4Projection(NF4Matrix.concat(matrices), lora, round_lora_first=round_first)
 
 
+def projection_and_input(name: str, rows: int):  # noqa: ANN201
+    """One of SHAPES' projections (random weights, a random LoRA) and `rows` rows of x for it."""
+    parts, cols = SHAPES[name]
+    return _projection(parts, cols), torch.randn(rows, cols, dtype=torch.bfloat16, device="cuda:0")
+
+
+def layouts(projection, rows: int) -> list:  # noqa: ANN001
+    """Every configuration that runs this projection at `rows` rows (`nf4_kernels.all_configs`)."""
+    from llm import nf4_kernels
+
+    n, k = projection.weight.shape
+    return nf4_kernels.all_configs(rows, n, k, projection.lora.boundaries, projection.lora.rank)
+
+
+def assert_replays_repeat(run, first: torch.Tensor, lora, counters: str, label: str, replays: int = 3) -> None:  # noqa: ANN001
+    """`run` captured in a CUDA graph, as serving runs it: every replay gives `first`'s bits and
+    leaves the kernel's `counters` at zero (otherwise a launch reads too early or waits forever)."""
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = run()
+    for _ in range(replays):
+        graph.replay()
+        torch.cuda.synchronize()
+        assert torch.equal(out, first), label
+        left = lora.counters(counters, 0, out.device)
+        assert int(left.abs().sum()) == 0, (label, left)
+
+
 @pytest.mark.parametrize("rows", [1, 2, 3, 4, 7, 16])
 @pytest.mark.parametrize("name", ["qkv", "gate_up", "down"])
 def test_fused_kernel_equals_the_reference_path(rows, name):
     from llm import nf4_kernels
 
-    parts, cols = SHAPES[name]
-    projection = _projection(parts, cols)
-    x = torch.randn(rows, cols, dtype=torch.bfloat16, device="cuda:0")
+    projection, x = projection_and_input(name, rows)
     reference = projection.reference(x)
-    n, k = projection.weight.shape
     worst = 0.0
     # the served candidates and the Triton fallbacks (served where the tensor-core kernel cannot run)
-    for config in nf4_kernels.all_configs(rows, n, k, projection.lora.boundaries, projection.lora.rank):
+    for config in layouts(projection, rows):
         fused = nf4_kernels.nf4_lora_linear(x, projection.weight, projection.lora, True, config)
         diff = (fused.float() - reference.float()).abs()
         # Only the float32 summation order differs: a bf16 rounding step at most, rarely.
@@ -84,14 +109,11 @@ def test_kernel_variants_give_the_served_kernels_bits(rows, name):
     # MMAs, so every output equals the register tables' own.
     from llm import nf4_kernels
 
-    parts, cols = SHAPES[name]
-    projection = _projection(parts, cols)
-    x = torch.randn(rows, cols, dtype=torch.bfloat16, device="cuda:0")
-    n, k = projection.weight.shape
+    projection, x = projection_and_input(name, rows)
     # layouts that serve (run 22): fused two-tile, two groups ahead, plain, x prefetched (not all 18:
     # each variant is one compile per layout, row tile and K)
-    layouts = {"mma_32x256w4s1f", "mma_16x256w8s2f", "mma_16x256w8s1", "mma_32x256w4s1pf"}
-    configs = [c for c in nf4_kernels.all_configs(rows, n, k, projection.lora.boundaries, projection.lora.rank) if c.label in layouts]
+    served = {"mma_32x256w4s1f", "mma_16x256w8s2f", "mma_16x256w8s1", "mma_32x256w4s1pf"}
+    configs = [c for c in layouts(projection, rows) if c.label in served]
     assert configs
     for config in configs:
         served = nf4_kernels.nf4_lora_linear(x, projection.weight, projection.lora, True, config)
@@ -181,7 +203,7 @@ def test_the_tensor_core_paths_lora_a_kernel(rows, k):
         assert (t.sum(0).double() - expected_t).abs().max().item() < 1e-5
         first = t.clone() if first is None else first
         assert torch.equal(t, first)
-        assert lora.arrivals is None or int(lora.arrivals.abs().sum()) == 0
+        assert int(lora.counters("arrivals", 0, x.device).abs().sum()) == 0
 
 
 @pytest.mark.parametrize("rows", [1, 16])
@@ -193,20 +215,14 @@ def test_the_fused_launch_repeats_its_bits_in_graphs_and_leaves_its_counters_at_
 
     projection = _projection([(4096, 0), (1024, 32), (1024, 64)], 4096)
     lora = projection.lora
-    n, k = projection.weight.shape
-    x = torch.randn(rows, k, dtype=torch.bfloat16, device="cuda:0")
-    fused = [c for c in nf4_kernels.all_configs(rows, n, k, lora.boundaries, lora.rank) if c.fuse_a]
+    x = torch.randn(rows, projection.weight.shape[1], dtype=torch.bfloat16, device="cuda:0")
+    fused = [c for c in layouts(projection, rows) if c.fuse_a]
     assert fused
     for config in fused:
-        first = nf4_kernels.nf4_lora_linear(x, projection.weight, lora, True, config)
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            out = nf4_kernels.nf4_lora_linear(x, projection.weight, lora, True, config)
-        for _ in range(5):
-            graph.replay()
-            torch.cuda.synchronize()
-            assert torch.equal(out, first), config
-            assert int(lora.fused_counters.abs().sum()) == 0, (config, lora.fused_counters)
+        def run(config=config):  # noqa: ANN001, ANN202
+            return nf4_kernels.nf4_lora_linear(x, projection.weight, lora, True, config)
+
+        assert_replays_repeat(run, run(), lora, "fused", config.label, replays=5)
 
 
 @pytest.mark.parametrize("rows", [1, 5, 16])
@@ -216,10 +232,8 @@ def test_blocks_splitting_k_match_the_reference_and_repeat_their_bits_in_graphs(
     # sums in a fixed order, so a replay repeats the bits, and it leaves the tile counters at zero.
     from llm import nf4_kernels
 
-    parts, cols = SHAPES[name]
-    projection = _projection(parts, cols)
+    projection, x = projection_and_input(name, rows)
     lora = projection.lora
-    x = torch.randn(rows, cols, dtype=torch.bfloat16, device="cuda:0")
     reference = projection.reference(x)
     n, k = projection.weight.shape
     bases = [nf4_kernels.NF4Config(16, 256, 8, 1, kind="mma", fuse_a=True),
@@ -228,16 +242,12 @@ def test_blocks_splitting_k_match_the_reference_and_repeat_their_bits_in_graphs(
     variants = [v for base in bases for v in nf4_kernels.k_split_variants(base, n, k, lora.boundaries, rows, lora.rank)]
     assert len(variants) >= 6
     for config in variants:
-        first = nf4_kernels.nf4_lora_linear(x, projection.weight, lora, True, config)
+        def run(config=config):  # noqa: ANN001, ANN202
+            return nf4_kernels.nf4_lora_linear(x, projection.weight, lora, True, config)
+
+        first = run()
         assert nf4_kernels.matches_reference(first, reference), config.label
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            out = nf4_kernels.nf4_lora_linear(x, projection.weight, lora, True, config)
-        for _ in range(3):
-            graph.replay()
-            torch.cuda.synchronize()
-            assert torch.equal(out, first), config.label
-            assert int(lora.tile_arrivals.abs().sum()) == 0, config.label
+        assert_replays_repeat(run, first, lora, "tiles", config.label)
 
 
 @pytest.mark.parametrize("rows", [367, 16])

@@ -10,7 +10,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from tests.gpu.test_nf4_kernels import SHAPES, _projection
+from tests.gpu.test_nf4_kernels import layouts, projection_and_input
 
 pytestmark = pytest.mark.gpu
 
@@ -55,12 +55,8 @@ def test_programmatic_launch_is_on_here():
 def test_the_nf4_kernels_wait_for_the_kernel_before_them(rows, name):
     from llm import nf4_kernels
 
-    parts, cols = SHAPES[name]
-    projection = _projection(parts, cols)
-    x = torch.randn(rows, cols, dtype=torch.bfloat16, device="cuda:0")
-    n, k = projection.weight.shape
-    configs = [c for c in nf4_kernels.all_configs(rows, n, k, projection.lora.boundaries, projection.lora.rank)
-               if c.kind == "mma"]
+    projection, x = projection_and_input(name, rows)
+    configs = [c for c in layouts(projection, rows) if c.kind == "mma"]
     assert configs
     for config in configs:
         with programmatic_launch.serial_launches():
