@@ -7,6 +7,7 @@ bytes each reads and the achieved TB/s. Prints JSON lines.
     python bench/nf4_kernels.py [ROWS, e.g. 1,4,16]
     python bench/nf4_kernels.py 1,16 --variants   (run 24's served layouts with other shared code pairs)
     python bench/nf4_kernels.py 1,16 --k-splits --projections o,down   (run 24's served layouts, K split across blocks)
+    python bench/nf4_kernels.py 1,16 --served   (only the layouts served in runs 24 and 25)
     python bench/nf4_kernels.py --prompts 367,1500   (the prompt path: TF32x3 against PEFT's LoRA products)
     python bench/nf4_kernels.py --prompts 32,288 --dequant-rows 512,1024,2048   (+ other dequantization chunks)
     python bench/nf4_kernels.py --profile PROJECTION ROWS CONFIG   (a target for Nsight Compute)
@@ -58,9 +59,10 @@ def projection(parts: list[int], cols: int, seed: int) -> NF4Projection:
     return NF4Projection(NF4Matrix.concat(matrices), LoraParts(a, b, tuple(segments), 32, 0.25))
 
 
-# The tensor-core layouts the tuner served in run 24 (1 to 16 rows)
+# The tensor-core layouts the tuner served in runs 24 and 25 (1 to 16 rows)
 RUN24_SERVED = {"mma_16x256w16s1f", "mma_32x256w8s1ft3", "mma_32x256w4s1pft2", "mma_16x256w8s1ft2", "mma_16x256w8s2f",
-                "mma_16x256w4s2ft2", "mma_32x256w4s1pft3"}
+                "mma_16x256w4s2ft2", "mma_32x256w4s1pft3", "mma_32x256w4s1pf", "mma_32x256w8s1pft2k2",
+                "mma_16x256w16s1", "mma_32x256w4s1ft2"}
 
 
 def served_and_variants(configs: list[nf4_kernels.NF4Config],
@@ -74,7 +76,7 @@ def served_and_variants(configs: list[nf4_kernels.NF4Config],
 
 
 def measure(name: str, parts: list[int], cols: int, rows_counts: Sequence[int], variants: bool = False,
-            k_splits: bool = False) -> None:
+            k_splits: bool = False, served: bool = False) -> None:
     group = [projection(parts, cols, seed) for seed in range(LAYERS)]
     dense = [torch.randn(sum(parts), cols, dtype=torch.bfloat16, device="cuda") for _ in range(LAYERS)]
     n, k = group[0].weight.shape
@@ -96,6 +98,8 @@ def measure(name: str, parts: list[int], cols: int, rows_counts: Sequence[int], 
         elif k_splits:
             configs = served_and_variants(
                 configs, lambda c, rows=rows: nf4_kernels.k_split_variants(c, n, k, boundaries, rows, rank))
+        elif served:
+            configs = served_and_variants(configs, lambda c: [])
         for config in configs:
             if not nf4_kernels.matches_reference(fused(config)[0], reference):
                 wrong.append(config.label)
@@ -191,6 +195,8 @@ def main() -> None:
                         help="time run 24's served tensor-core layouts with other numbers of shared code pairs")
     parser.add_argument("--k-splits", action="store_true",
                         help="time run 24's served tensor-core layouts with K split across 2-8 blocks per feature tile")
+    parser.add_argument("--served", action="store_true",
+                        help="time only the tensor-core layouts served in runs 24 and 25")
     parser.add_argument("--projections", default=",".join(SHAPES),
                         help=f"which projections to time, e.g. o,down (of {', '.join(SHAPES)})")
     parser.add_argument("--dequant-rows", metavar="ROWS",
@@ -211,10 +217,10 @@ def main() -> None:
         parser.error(f"--dequant-rows must be comma-separated numbers, got {args.dequant_rows!r}")
     if chunks and not args.prompts:
         parser.error("--dequant-rows goes with --prompts")
-    if (args.variants or args.k_splits) and args.prompts:
-        parser.error("--variants and --k-splits time the decode kernels: not with --prompts")
-    if args.variants and args.k_splits:
-        parser.error("--variants or --k-splits, one at a time")
+    if (args.variants or args.k_splits or args.served) and args.prompts:
+        parser.error("--variants, --k-splits and --served time the decode kernels: not with --prompts")
+    if args.variants + args.k_splits + args.served > 1:
+        parser.error("--variants, --k-splits or --served, one at a time")
     names = args.projections.split(",")
     if not names or any(name not in SHAPES for name in names):
         parser.error(f"--projections takes some of {', '.join(SHAPES)}, got {args.projections!r}")
@@ -229,7 +235,7 @@ def main() -> None:
         if args.prompts:
             measure_prompts(name, parts, cols, rows_counts, chunks)
         else:
-            measure(name, parts, cols, rows_counts, args.variants, args.k_splits)
+            measure(name, parts, cols, rows_counts, args.variants, args.k_splits, args.served)
         torch.cuda.empty_cache()
 
 

@@ -245,7 +245,9 @@ __device__ __forceinline__ void next_kernel_may_start() {
 #define XQ_READY 0  // 256-input slices of x written in operand order
 #define T_READY 1   // rank quads of t = x @ A.T summed
 #define DEPARTED 2  // weight blocks done reading t: the last one zeroes the counters for the next launch
-#define QUAD_ARRIVALS 3  // per rank quad: slices whose partial sums are stored
+#define QUAD_ARRIVALS 3  // per (rank quad, row chunk): slices whose partial sums are stored
+#define A_ROWS (ROWS < 8 ? ROWS : 8)  // rows of x per LoRA A unit
+#define A_ROW_CHUNKS (ROWS / A_ROWS)
 
 // Waits (the whole block) until *counter >= target. Only the lowest-numbered blocks of the launch
 // ever raise a counter, and the GPU starts blocks in order, so they are running or done. A wait
@@ -263,99 +265,102 @@ __device__ __forceinline__ void wait_until(const int* counter, int target) {
 }
 
 // One warp's unit of the LoRA's A product: ranks 4 quad .. 4 quad + 3 over inputs 256 slice ..
-// + 255, for every row of x (lane l: inputs 8 l .. 8 l + 7). Slice partial sums go to `partial`
-// ([slices, M, RT]); the last unit of a rank quad adds them up in slice order into t ([M, RT]).
-// Units of quad 0 first write their slice of x in operand order.
-__device__ void lora_a_unit(const u16* x, int ldx, const float* lora_a, int M, int RT, int quad, int slice,
-                            int slices, uint2* xq, float* partial, float* t, int* counters) {
-    // Rows are read a chunk at a time with their loads in flight together: one L2 round trip per
-    // chunk, not per row (16 dependent round trips made the weight blocks wait for x and for t).
-    // Few registers: the weight blocks' occupancy is set by the larger of the two roles.
-    constexpr int XQ_CHUNK = ROWS < 8 ? ROWS : 8, CHUNK = ROWS < 4 ? ROWS : 4;
+// + 255, for rows A_ROWS chunk .. + A_ROWS - 1 of x (lane l: inputs 8 l .. 8 l + 7). Slice partial
+// sums go to `partial` ([slices, M, RT]); the last unit of a (rank quad, row chunk) adds them up in
+// slice order into t ([M, RT]). Units of quad 0 first write their rows' slice of x in operand order.
+// A unit's rows are loaded at once, with its A rows: one L2 round trip per unit. Per-unit row chunks
+// (not every row in one unit) keep the chain before the weight blocks' epilogue short at 16 rows:
+// each of a unit's row passes, and each batch of the final sum's loads, was one more round trip.
+__device__ void lora_a_unit(const u16* x, int ldx, const float* lora_a, int M, int RT, int quad, int chunk,
+                            int slice, uint2* xq, float* partial, float* t, int* counters) {
+    constexpr int SLICES = KDIM >> 8;
     const int lane = threadIdx.x & 31;
-    const int k0 = 256 * slice + 8 * lane;
-    auto load_row = [&](int m) {
-        return m < M ? *(const uint4*)(x + (size_t)m * ldx + k0) : make_uint4(0u, 0u, 0u, 0u);
-    };
+    const int k0 = 256 * slice + 8 * lane, m0 = A_ROWS * chunk;
+    uint4 v[A_ROWS];
+#pragma unroll
+    for (int c = 0; c < A_ROWS; ++c)
+        v[c] = m0 + c < M ? *(const uint4*)(x + (size_t)(m0 + c) * ldx + k0) : make_uint4(0u, 0u, 0u, 0u);
+    float4 a_rows[4][2];
+#pragma unroll
+    for (int r = 0; r < 4; ++r) {
+        const float4* row = (const float4*)(lora_a + (size_t)(4 * quad + r) * KDIM + k0);
+        a_rows[r][0] = __ldg(row);
+        a_rows[r][1] = __ldg(row + 1);
+    }
     if (ROWS > 1 && quad == 0) {  // (one row: the weight blocks read x as it is)
         // x[m][k0 .. k0 + 7] are operand-order values j = 0..3 of steps 2 (lane % 8) and + 1 of
         // lane (m % 8, lane / 8) in set m / 8: [slice, set, step, g, t, j]
-        for (int m0 = 0; m0 < M; m0 += XQ_CHUNK) {
-            uint4 v[XQ_CHUNK];
 #pragma unroll
-            for (int c = 0; c < XQ_CHUNK; ++c) v[c] = load_row(m0 + c);
-#pragma unroll
-            for (int c = 0; c < XQ_CHUNK; ++c) {
-                const int m = m0 + c;
-                uint2* out = xq + slice * 1024 + (m >> 3) * 512 + (2 * (lane & 7)) * 32 + (m & 7) * 4 + (lane >> 3);
-                if (m < M) out[0] = make_uint2(v[c].x, v[c].y), out[32] = make_uint2(v[c].z, v[c].w);
-            }
+        for (int c = 0; c < A_ROWS; ++c) {
+            const int m = m0 + c;
+            uint2* out = xq + slice * 1024 + (m >> 3) * 512 + (2 * (lane & 7)) * 32 + (m & 7) * 4 + (lane >> 3);
+            if (m < M) out[0] = make_uint2(v[c].x, v[c].y), out[32] = make_uint2(v[c].z, v[c].w);
         }
         __threadfence();
         __syncwarp();
         if (lane == 0) atomicAdd(&counters[XQ_READY], 1);
     }
-    for (int m0 = 0; m0 < M; m0 += CHUNK) {
-        uint4 v[CHUNK];
+    float s[4 * A_ROWS];  // the lane's share of (row m0 + c, rank 4 quad + r) at 4 c + r
 #pragma unroll
-        for (int c = 0; c < CHUNK; ++c) v[c] = load_row(m0 + c);
-        float s[4 * CHUNK];  // the lane's share of (row m0 + c, rank 4 quad + r) at 4 c + r
+    for (int r = 0; r < 4; ++r) {
+        const float a[8] = {a_rows[r][0].x, a_rows[r][0].y, a_rows[r][0].z, a_rows[r][0].w,
+                            a_rows[r][1].x, a_rows[r][1].y, a_rows[r][1].z, a_rows[r][1].w};
 #pragma unroll
-        for (int r = 0; r < 4; ++r) {
-            const float4* row = (const float4*)(lora_a + (size_t)(4 * quad + r) * KDIM + k0);
-            const float4 lo = __ldg(row), hi = __ldg(row + 1);
-            const float a[8] = {lo.x, lo.y, lo.z, lo.w, hi.x, hi.y, hi.z, hi.w};
+        for (int c = 0; c < A_ROWS; ++c) {
+            const u32 words[4] = {v[c].x, v[c].y, v[c].z, v[c].w};
+            float sum = 0.f;
 #pragma unroll
-            for (int c = 0; c < CHUNK; ++c) {
-                const u32 words[4] = {v[c].x, v[c].y, v[c].z, v[c].w};
-                float sum = 0.f;
-#pragma unroll
-                for (int j = 0; j < 8; ++j)
-                    sum = fmaf(__uint_as_float(j & 1 ? words[j >> 1] & 0xFFFF0000u : words[j >> 1] << 16), a[j], sum);
-                s[4 * c + r] = sum;
-            }
+            for (int j = 0; j < 8; ++j)
+                sum = fmaf(__uint_as_float(j & 1 ? words[j >> 1] & 0xFFFF0000u : words[j >> 1] << 16), a[j], sum);
+            s[4 * c + r] = sum;
         }
-        // 4 CHUNK sums over the warp. Halving the values each lane holds at every step (the lanes
-        // with bit `offset` keep the upper half) leaves value l >> (5 - log2(4 CHUNK)) in lane l;
-        // plain butterflies finish the steps left.
-        int count = 4 * CHUNK;
-#pragma unroll
-        for (int offset = 16; offset > 0; offset >>= 1) {
-            if (count > 1) {
-                const bool upper = lane & offset;
-                count >>= 1;
-#pragma unroll
-                for (int i = 0; i < 2 * CHUNK; ++i) {
-                    if (i < count) {
-                        const float keep = upper ? s[i + count] : s[i], send = upper ? s[i] : s[i + count];
-                        s[i] = keep + __shfl_xor_sync(0xFFFFFFFFu, send, offset);
-                    }
-                }
-            } else {
-                s[0] += __shfl_xor_sync(0xFFFFFFFFu, s[0], offset);
-            }
-        }
-        constexpr int SPREAD = 32 / (4 * CHUNK);  // lanes holding each sum
-        const int index = lane / SPREAD, m = m0 + (index >> 2);
-        if (lane % SPREAD == 0 && m < M) partial[((size_t)slice * M + m) * RT + 4 * quad + (index & 3)] = s[0];
     }
+    // 4 A_ROWS sums over the warp. Halving the values each lane holds at every step (the lanes with
+    // bit `offset` keep the upper half) leaves value l >> (5 - log2(4 A_ROWS)) in lane l; plain
+    // butterflies finish the steps left. (Either way each sum is the same butterfly tree over lanes.)
+    int count = 4 * A_ROWS;
+#pragma unroll
+    for (int offset = 16; offset > 0; offset >>= 1) {
+        if (count > 1) {
+            const bool upper = lane & offset;
+            count >>= 1;
+#pragma unroll
+            for (int i = 0; i < 2 * A_ROWS; ++i) {
+                if (i < count) {
+                    const float keep = upper ? s[i + count] : s[i], send = upper ? s[i] : s[i + count];
+                    s[i] = keep + __shfl_xor_sync(0xFFFFFFFFu, send, offset);
+                }
+            }
+        } else {
+            s[0] += __shfl_xor_sync(0xFFFFFFFFu, s[0], offset);
+        }
+    }
+    constexpr int SPREAD = 32 / (4 * A_ROWS);  // lanes holding each sum
+    const int index = lane / SPREAD;
+    if (lane % SPREAD == 0 && m0 + (index >> 2) < M)
+        partial[((size_t)slice * M + m0 + (index >> 2)) * RT + 4 * quad + (index & 3)] = s[0];
     __threadfence();
     __syncwarp();
+    int* arrivals = &counters[QUAD_ARRIVALS + quad * A_ROW_CHUNKS + chunk];
     int last = 0;
-    if (lane == 0) last = atomicAdd(&counters[QUAD_ARRIVALS + quad], 1) == slices - 1;
+    if (lane == 0) last = atomicAdd(arrivals, 1) == SLICES - 1;
     if (__shfl_sync(0xFFFFFFFFu, last, 0)) {
         __threadfence();
-        for (int i = lane; i < 4 * M; i += 32) {
-            const int m = i >> 2, column = 4 * quad + (i & 3);
+        // every slice's load in flight at once, then the sum in slice order (the same bits as any order of arrival)
+        const int m = m0 + (lane >> 2), column = 4 * quad + (lane & 3);
+        if (lane < 4 * A_ROWS && m < M) {
+            float p[SLICES];
+#pragma unroll
+            for (int s = 0; s < SLICES; ++s) p[s] = __ldcg(&partial[((size_t)s * M + m) * RT + column]);
             float sum = 0.f;
-#pragma unroll 8
-            for (int s = 0; s < slices; ++s) sum += __ldcg(&partial[((size_t)s * M + m) * RT + column]);
+#pragma unroll
+            for (int s = 0; s < SLICES; ++s) sum += p[s];
             t[m * RT + column] = sum;
         }
         __threadfence();
         __syncwarp();
         if (lane == 0) {
-            counters[QUAD_ARRIVALS + quad] = 0;
+            *arrivals = 0;
             atomicAdd(&counters[T_READY], 1);
         }
     }
@@ -452,10 +457,11 @@ nf4_mma_kernel(const uint4* __restrict__ words, const float* __restrict__ absmax
 #if FUSE_A
     if ((int)blockIdx.x < la_blocks) {  // a LoRA A block: one unit per warp at a time
         previous_kernels_done();  // x
-        const int quads = RT >> 2, units = quads * groups;
+        // quad 0's units first (x in operand order for the weight blocks), then by row chunk and slice
+        const int quads = RT >> 2, units = quads * A_ROW_CHUNKS * groups;
         for (int unit = blockIdx.x * WARPS + warp; unit < units; unit += la_blocks * WARPS)
-            lora_a_unit(x, ldx, lora_a, M, RT, unit / groups, unit % groups, groups, xq, a_partial, t_part,
-                        counters);
+            lora_a_unit(x, ldx, lora_a, M, RT, unit / (A_ROW_CHUNKS * groups), unit / groups % A_ROW_CHUNKS,
+                        unit % groups, xq, a_partial, t_part, counters);
         return;
     }
     const int weight_block = blockIdx.x - la_blocks;
@@ -543,7 +549,7 @@ nf4_mma_kernel(const uint4* __restrict__ words, const float* __restrict__ absmax
 #if !FUSE_A
         load_t();
 #elif ROWS > 1
-        wait_until(&counters[XQ_READY], groups);
+        wait_until(&counters[XQ_READY], groups * A_ROW_CHUNKS);
 #endif
     };
 #if AHEAD == 1
@@ -574,7 +580,7 @@ nf4_mma_kernel(const uint4* __restrict__ words, const float* __restrict__ absmax
 #endif
 
 #if FUSE_A
-    wait_until(&counters[T_READY], RT >> 2);
+    wait_until(&counters[T_READY], (RT >> 2) * A_ROW_CHUNKS);
     load_t();
 #endif
 #pragma unroll
@@ -764,10 +770,23 @@ def fused_kernel_rows(m: int) -> int:
     return 1 if m == 1 else 8 if m <= 8 else 16
 
 
-def fused_a_blocks(rt: int, k: int, warps: int) -> int:
-    """Blocks of a `fuse_a` launch that compute the LoRA's A product: one unit per warp."""
-    units = (rt // RANK_QUAD) * (k // GROUP)
+def _a_row_chunks(rows: int) -> int:
+    """Row chunks of the fused kernel's LoRA A units (A_ROW_CHUNKS): 8 rows per unit at most."""
+    return max(1, rows // 8)
+
+
+def fused_a_blocks(rt: int, k: int, warps: int, rows: int) -> int:
+    """Blocks of a `fuse_a` launch (row tile `rows`) that compute the LoRA's A product: one unit
+    (a rank quad, 256 inputs, up to 8 rows) per warp."""
+    units = (rt // RANK_QUAD) * _a_row_chunks(rows) * (k // GROUP)
     return -(-units // warps)
+
+
+def fused_counter_count(rt: int) -> int:
+    """The fused kernel's counters for `rt` ranks in all: x ready, t ready, departed, and the
+    arrivals of each (rank quad, row chunk), sized for the largest row tile so that one tensor
+    serves every row tile of a projection."""
+    return 3 + rt // RANK_QUAD * _a_row_chunks(16)
 
 
 def nf4_mma_linear(
@@ -808,13 +827,14 @@ def nf4_mma_linear(
             raise ValueError(f"the fused kernel takes ranks in quads; these LoRA parts have {rt} in all")
         if x.stride(1) != 1 or x.stride(0) % 8 or x.data_ptr() % 16:
             x = x.clone(memory_format=torch.contiguous_format)  # 16-byte rows for the vector loads
-        kernel = _kernel(weight.code, warps, fused_kernel_rows(m), lora.rank, tiles, prefetch_x, ahead, k, True,
-                         shared_lookups, k_splits)
-        counters = lora.counters("fused", 3 + rt // RANK_QUAD, x.device)
+        rows = fused_kernel_rows(m)
+        kernel = _kernel(weight.code, warps, rows, lora.rank, tiles, prefetch_x, ahead, k, True, shared_lookups,
+                         k_splits)
+        counters = lora.counters("fused", fused_counter_count(rt), x.device)
         xq = torch.empty((16 * k,), dtype=torch.bfloat16, device=x.device)
         t = torch.empty((m, rt), dtype=torch.float32, device=x.device)
         partial = torch.empty((k // GROUP, m, rt), dtype=torch.float32, device=x.device)
-        la_blocks = fused_a_blocks(rt, k, warps)
+        la_blocks = fused_a_blocks(rt, k, warps, rows)
         splits, fused_args = 1, [x, x.stride(0), lora.a, partial, counters]
     if k_splits > 1:
         split_sums = torch.empty((k_splits, m, n), dtype=torch.float32, device=x.device)

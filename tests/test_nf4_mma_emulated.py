@@ -100,7 +100,7 @@ def _run(library: ctypes.CDLL, projection: NF4Projection, x: torch.Tensor, warps
     if fuse_a:  # the launch writes both; stale values must not matter
         xq = torch.full((16 * k,), float("nan"), dtype=torch.bfloat16)
         t = torch.full((m, rt), float("nan"))
-        splits, la_blocks = 1, nf4_mma.fused_a_blocks(rt, k, warps)
+        splits, la_blocks = 1, nf4_mma.fused_a_blocks(rt, k, warps, nf4_mma.fused_kernel_rows(m))
     else:
         xq = nf4_mma.operand_order(x).contiguous()
         cut = k // 2  # two split-K partial sums, as the LoRA A kernel leaves them
@@ -159,7 +159,7 @@ def test_the_fused_kernel_computes_lora_a_itself_and_leaves_its_counters_at_zero
     projection = _projection(n=64, k=k, seed=rows)
     x = torch.randn((rows, k), generator=torch.Generator().manual_seed(200 + rows)).to(torch.bfloat16)
     reference = projection.reference(x)
-    counters = torch.zeros(3 + projection.lora.a.shape[0] // nf4_mma.RANK_QUAD, dtype=torch.int32)
+    counters = torch.zeros(nf4_mma.fused_counter_count(projection.lora.a.shape[0]), dtype=torch.int32)
     for _ in range(2):  # the second launch finds the counters as the first left them
         out = _run(library, projection, x, warps, tiles, counters)
         assert not out.isnan().any()
@@ -184,7 +184,7 @@ def test_blocks_splitting_k_add_up_to_the_reference_function_and_leave_their_cou
     projection = _projection(n=64, k=k, seed=rows)
     x = torch.randn((rows, k), generator=torch.Generator().manual_seed(300 + rows)).to(torch.bfloat16)
     reference = projection.reference(x)
-    counters = torch.zeros(3 + projection.lora.a.shape[0] // nf4_mma.RANK_QUAD, dtype=torch.int32) if fuse_a else None
+    counters = torch.zeros(nf4_mma.fused_counter_count(projection.lora.a.shape[0]), dtype=torch.int32) if fuse_a else None
     arrivals = torch.zeros(64 // 16, dtype=torch.int32)
     outputs = []
     for _ in range(2):  # the second launch finds the counters as the first left them
