@@ -60,17 +60,17 @@ def projection(parts: list[int], cols: int, seed: int) -> NF4Projection:
 
 
 # The tensor-core layouts the tuner served in runs 24 and 25 (1 to 16 rows)
-RUN24_SERVED = {"mma_16x256w16s1f", "mma_32x256w8s1ft3", "mma_32x256w4s1pft2", "mma_16x256w8s1ft2", "mma_16x256w8s2f",
-                "mma_16x256w4s2ft2", "mma_32x256w4s1pft3", "mma_32x256w4s1pf", "mma_32x256w8s1pft2k2",
-                "mma_16x256w16s1", "mma_32x256w4s1ft2"}
+SERVED_LAYOUTS = {"mma_16x256w16s1f", "mma_32x256w8s1ft3", "mma_32x256w4s1pft2", "mma_16x256w8s1ft2", "mma_16x256w8s2f",
+                  "mma_16x256w4s2ft2", "mma_32x256w4s1pft3", "mma_32x256w4s1pf", "mma_32x256w8s1pft2k2",
+                  "mma_16x256w16s1", "mma_32x256w4s1ft2", "mma_16x256w8s1f", "mma_16x256w8s1ft1", "mma_16x256w4s2f"}
 
 
 def served_and_variants(configs: list[nf4_kernels.NF4Config],
                         variants_of: Callable[[nf4_kernels.NF4Config], list[nf4_kernels.NF4Config]],
                         ) -> list[nf4_kernels.NF4Config]:
-    """Run 24's served tensor-core layouts as they are and their variants (only those: every
-    layout's variants would be hundreds of compiles)."""
-    served = [c for c in configs if c.label in RUN24_SERVED]
+    """The served tensor-core layouts (runs 24 and 25) as they are and their variants (only those:
+    every layout's variants would be hundreds of compiles)."""
+    served = [c for c in configs if c.label in SERVED_LAYOUTS]
     found = served + [v for c in served for v in variants_of(c)]
     return list({c.label: c for c in found}.values())
 

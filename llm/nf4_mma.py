@@ -242,8 +242,8 @@ __device__ __forceinline__ void next_kernel_may_start() {
 // With FUSE_A, the first `la_blocks` blocks of the launch compute the LoRA's A product (and x in
 // operand order) while the others stream weights; these counters (per projection, zero between
 // launches) say how far they are.
-#define XQ_READY 0  // 256-input slices of x written in operand order
-#define T_READY 1   // rank quads of t = x @ A.T summed
+#define XQ_READY 0  // (256-input slice, row chunk) pieces of x written in operand order
+#define T_READY 1   // (rank quad, row chunk) pieces of t = x @ A.T summed
 #define DEPARTED 2  // weight blocks done reading t: the last one zeroes the counters for the next launch
 #define QUAD_ARRIVALS 3  // per (rank quad, row chunk): slices whose partial sums are stored
 #define A_ROWS (ROWS < 8 ? ROWS : 8)  // rows of x per LoRA A unit
@@ -352,7 +352,7 @@ __device__ void lora_a_unit(const u16* x, int ldx, const float* lora_a, int M, i
             float sum = 0.f;
 #if ROWS > 1
             // every slice's load in flight at once: at 16 rows this chain is what the weight blocks'
-            // epilogue waits for (run 25: with it, the 16-row kernels 5-19 % faster)
+            // epilogue waits for (run 25: with the units' rework, the 16-row kernels 5-19 % faster)
             float p[SLICES];
 #pragma unroll
             for (int s = 0; s < SLICES; ++s) p[s] = __ldcg(&partial[((size_t)s * M + m) * RT + column]);
@@ -360,7 +360,7 @@ __device__ void lora_a_unit(const u16* x, int ldx, const float* lora_a, int M, i
             for (int s = 0; s < SLICES; ++s) sum += p[s];
 #else
             // not at one row: there ptxas then schedules the weight loop of the shared-table layouts
-            // otherwise, and they ran 5-30 % slower (run 25, calls 4 and 5)
+            // otherwise, and they ran 5-30 % slower (run 25, calls 3 and 4)
 #pragma unroll 8
             for (int s = 0; s < SLICES; ++s) sum += __ldcg(&partial[((size_t)s * M + m) * RT + column]);
 #endif
