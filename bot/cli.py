@@ -202,9 +202,12 @@ def load_engine_or_explain(  # noqa: ANN201 - GenerationEngine
     except RuntimeError as error:
         if "out of memory" not in str(error).lower():
             raise
+        from bot.doctor import gpu_memory_advice, gpu_memory_need
+
+        advice = gpu_memory_advice(gpu_memory_need(settings.engine, settings.engine_paged_kv))
         raise FinbotError(
             f"not enough GPU memory to load the model ({_model_description(settings)}): {first_line(error)}; "
-            "free the GPU, or try ENGINE=low-memory (see finbot doctor)"
+            f"{advice} (see finbot doctor)"
         ) from None
 
 

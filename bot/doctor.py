@@ -39,8 +39,9 @@ MANIFEST_BOT_SCOPES = (
 )
 MANIFEST_PATH = Path(__file__).resolve().parents[1] / "slack-app-manifest.yaml"
 
-# GPU memory each engine needs for Mistral-7B, in GB (README's measurements on an H100).
-GPU_MEMORY_GB = {"fast": 16.0, "fast-static": 19.2, "low-memory": 5.4, "nf4": 6.0, "reference": 6.0}
+# GPU memory each engine needs for Mistral-7B, in GB (peaks measured on an H100 and, for nf4, an
+# H200 in bench/NOTES.md run 25).
+GPU_MEMORY_GB = {"fast": 16.0, "fast-static": 19.2, "low-memory": 5.4, "nf4": 6.4, "reference": 6.0}
 GPU_ENGINES = ("fast", "low-memory", "nf4")
 NO_GPU_FIX = (
     "ENGINE=fake (try finbot without a model) or ENGINE=openai with a vLLM server on a GPU machine "
@@ -271,6 +272,26 @@ def _membership_from_history(client: WebClient, channel: str, name: str, setting
     return Check(name, True, f"{setting}: finbot can read it (a member)")
 
 
+def gpu_memory_need(engine: str, paged_kv: bool) -> str:
+    """The `GPU_MEMORY_GB` key of an engine setting as it runs on a GPU (`auto` serves `fast` there)."""
+    choice = "fast" if engine == "auto" else engine
+    return "fast-static" if choice == "fast" and not paged_kv else choice
+
+
+def gpu_memory_advice(need: str) -> str:
+    """What to do when the GPU cannot hold what `need` (a `gpu_memory_need` key) needs."""
+    if need == "fast":
+        return f"free the GPU, or ENGINE=nf4 (about {GPU_MEMORY_GB['nf4']:.1f} GB), or a smaller ENGINE_KV_CACHE_TOKENS"
+    if need == "fast-static":
+        return (f"free the GPU, or ENGINE_PAGED_KV=true (about {GPU_MEMORY_GB['fast']:.1f} GB), "
+                f"or ENGINE=nf4 (about {GPU_MEMORY_GB['nf4']:.1f} GB)")
+    if need == "nf4":
+        return "free the GPU, or a smaller ENGINE_KV_CACHE_TOKENS"
+    if need == "low-memory":
+        return f"free the GPU, or a smaller ENGINE_MAX_BATCH, or ENGINE=nf4 (about {GPU_MEMORY_GB['nf4']:.1f} GB)"
+    return "free the GPU"
+
+
 def check_gpu(settings: FinbotSettings) -> list[Check]:
     if settings.engine in ("fake", "openai"):
         return [Check("GPU", None, f"not needed for ENGINE={settings.engine}")]
@@ -302,15 +323,14 @@ def check_gpu(settings: FinbotSettings) -> list[Check]:
     except Exception as error:  # noqa: BLE001 - an import that fails in any way is the finding
         rows.append(Check("bitsandbytes", False, f"cannot import: {first_line(error)}", "pip install -U bitsandbytes"))
     free, total = torch.cuda.mem_get_info(index)
-    key = "fast-static" if choice == "fast" and not settings.engine_paged_kv else choice
+    key = gpu_memory_need(choice, settings.engine_paged_kv)
     needed = GPU_MEMORY_GB.get(key, 16.0)
     free_gb, total_gb = free / 1e9, total / 1e9
     found = f"ENGINE={settings.engine} ({choice}) needs about {needed:.1f} GB; {free_gb:.1f} of {total_gb:.1f} GB free"
     if free_gb >= needed:
         rows.append(Check("GPU memory", True, found))
     else:
-        rows.append(Check("GPU memory", False, found,
-                          "free the GPU, or ENGINE=low-memory (5.4 GB) / a smaller ENGINE_KV_CACHE_TOKENS"))
+        rows.append(Check("GPU memory", False, found, gpu_memory_advice(key)))
     return rows
 
 

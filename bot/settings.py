@@ -49,16 +49,17 @@ class FinbotSettings(BaseSettings):
     # Older turns of a thread are dropped, oldest first, to keep the prompt within this budget.
     # Prompt plus answer must fit ENGINE_MAX_SEQ_LEN (checked at start-up).
     max_prompt_tokens: int = Field(1792, ge=64)
-    # fast / low-memory engines: requests decoded together (0 = the mode's default: 16 fast,
-    # 2 low-memory), tokens per request (sizes the KV cache: 128 KiB per token slot for Mistral-7B),
+    # fast / nf4 / low-memory engines: requests decoded together (0 = the mode's default: 16 fast and
+    # nf4, 2 low-memory), tokens per request (sizes the KV cache: 128 KiB per token slot for Mistral-7B),
     # requests waiting for a slot before users are told to retry, CUDA graphs and kernel fusion.
     engine_max_batch: int = Field(0, ge=0)
     engine_max_seq_len: int = Field(2048, ge=128)
     engine_max_queue: int = Field(32, ge=1)
     engine_cuda_graphs: bool = True
     engine_compile_kernels: bool = True
-    # fast only: a block-allocated KV cache shared by all requests instead of a static one per slot
+    # fast: a block-allocated KV cache shared by all requests instead of a static one per slot
     # (peak 15.9 GB instead of 19.2 GB on Mistral-7B); ENGINE_KV_CACHE_TOKENS sizes it (0 = 9,728).
+    # nf4 always pages its KV cache, sized the same way.
     engine_paged_kv: bool = True
     engine_kv_cache_tokens: int = Field(0, ge=0)
     # Questions answered at the same time; the engine batches or serialises them.

@@ -111,15 +111,15 @@ def build_engine(
 ) -> GenerationEngine:
     """Load the model for `choice` and return a ready engine (warm-up/graph capture included).
 
-    Knobs for `fast` and `low-memory` (ignored by `reference` and `fake`):
-    - `max_batch`: concurrent requests in the running batch (default 16 fast, 2 low-memory);
+    Knobs for `fast`, `nf4` and `low-memory` (ignored by `reference` and `fake`):
+    - `max_batch`: concurrent requests in the running batch (default 16 fast and nf4, 2 low-memory);
       with `max_seq_len` it sizes the KV cache: 128 KiB per token slot for Mistral-7B in bf16,
       16 x 2048 = 4.3 GB.
     - `max_seq_len`: prompt + answer tokens per request (prompts longer than this fail).
     - `max_queue`: requests waiting for a slot before `EngineBusyError`.
     - `cuda_graphs`: capture decode steps in CUDA graphs at start-up.
     - `compile_kernels`: fuse element-wise decode pieces with torch.compile (falls back if it fails).
-    - `paged_kv` (fast only, default on): a block-allocated KV cache shared by all requests,
+    - `paged_kv` (fast only, default on; nf4 always pages): a block-allocated KV cache shared by all requests,
       sized by `kv_cache_tokens` (default 9,728 tokens = 1.3 GB: fast's peak 15.9 GB instead of
       19.2) in blocks of `kv_block_size` tokens; requests wait (or the youngest is preempted and
       later resumed) when it is full. Off: the static max_batch x max_seq_len cache (4.3 GB).

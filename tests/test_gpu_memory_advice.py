@@ -1,0 +1,49 @@
+"""What an operator is told when the GPU cannot hold the model: one line that names a mode that fits
+(`nf4`, the seed's own 4-bit weights), never the retired `low-memory` one."""
+
+from __future__ import annotations
+
+import pytest
+
+from bot import cli
+from bot.doctor import GPU_MEMORY_GB, gpu_memory_advice, gpu_memory_need
+from bot.errors import FinbotError
+from bot.settings import FinbotSettings
+
+
+@pytest.mark.parametrize(
+    ("engine", "paged_kv", "need"),
+    [("auto", True, "fast"), ("fast", True, "fast"), ("fast", False, "fast-static"), ("auto", False, "fast-static"),
+     ("nf4", True, "nf4"), ("nf4", False, "nf4"), ("low-memory", True, "low-memory")],
+)
+def test_each_engine_setting_needs_its_measured_memory(engine, paged_kv, need):
+    assert gpu_memory_need(engine, paged_kv) == need
+    assert need in GPU_MEMORY_GB
+
+
+def test_the_advice_names_a_mode_that_fits_and_never_the_retired_one():
+    for need in GPU_MEMORY_GB:
+        assert "low-memory" not in gpu_memory_advice(need)
+        assert gpu_memory_advice(need).startswith("free the GPU")
+    assert "ENGINE=nf4 (about 6.4 GB)" in gpu_memory_advice("fast")
+    assert "ENGINE_PAGED_KV=true" in gpu_memory_advice("fast-static")
+    assert "ENGINE=nf4" not in gpu_memory_advice("nf4")  # already the smallest mode
+    assert "ENGINE_KV_CACHE_TOKENS" in gpu_memory_advice("nf4")
+
+
+@pytest.mark.parametrize(("engine", "names_nf4"), [("fast", True), ("nf4", False)])
+def test_running_out_of_gpu_memory_at_load_is_one_line_with_that_advice(monkeypatch, engine, names_nf4):
+    # A GPU running out of memory cannot happen on this machine: the loader raises what torch raises then.
+    def out_of_memory(settings: FinbotSettings) -> None:
+        raise RuntimeError("CUDA out of memory. Tried to allocate 224.00 MiB (GPU 0; 15.57 GiB total)\nmore")
+
+    monkeypatch.setattr(cli, "build_engine_from", out_of_memory)
+    monkeypatch.setenv("ENGINE", engine)
+    with pytest.raises(FinbotError) as raised:
+        cli.load_engine_or_explain(FinbotSettings(_env_file=None), checked=f"ENGINE={engine}")
+    message = str(raised.value)
+    assert "\n" not in message and message.startswith("not enough GPU memory to load the model")
+    assert "CUDA out of memory. Tried to allocate 224.00 MiB" in message
+    advice = message.rsplit("; ", 1)[1]  # after what was loaded and torch's own first line
+    assert ("ENGINE=nf4" in advice) is names_nf4
+    assert "low-memory" not in advice and advice.endswith("(see finbot doctor)")
