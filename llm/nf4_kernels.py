@@ -1041,13 +1041,17 @@ def tune(projections: dict[str, list], rows_buckets: Sequence[int], replays: int
     layer (a config this GPU or Triton gets wrong is never served). Where no tensor-core config
     does, the Triton ones are timed instead."""
     started = time.perf_counter()
+    buckets = sorted({_block_m(r) for r in rows_buckets})
+    # the operator's line for the silent minute or two that follows (run 25: 34-107 s on an H200)
+    logger.info("nf4: timing the kernel layouts for %d projections x %d batch sizes to serve the fastest "
+                "(a minute or two: each layout is compiled first)", len(projections), len(buckets))
     seconds_per_projection: dict[str, float] = {}  # where start-up time goes (compiles included)
     for name, group in projections.items():
         projection_started = time.perf_counter()
         first = group[0]
         n, k = first.weight.shape
         boundaries = first.lora.boundaries
-        for rows in sorted({_block_m(r) for r in rows_buckets}):
+        for rows in buckets:
             candidates = _candidates(rows, n, k, boundaries)
             if not candidates:
                 continue
