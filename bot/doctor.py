@@ -323,6 +323,10 @@ def check_gpu(settings: FinbotSettings) -> list[Check]:
     except Exception as error:  # noqa: BLE001 - an import that fails in any way is the finding
         rows.append(Check("bitsandbytes", False, f"cannot import: {first_line(error)}", "pip install -U bitsandbytes"))
     free, total = torch.cuda.mem_get_info(index)
+    if settings.engine == "auto":  # as the loader resolves it: nf4 where fast cannot fit
+        from llm.loading import resolve_engine_choice
+
+        choice = resolve_engine_choice("auto", f"cuda:{index}", total / 1e9)
     key = gpu_memory_need(choice, settings.engine_paged_kv)
     needed = GPU_MEMORY_GB.get(key, 16.0)
     free_gb, total_gb = free / 1e9, total / 1e9

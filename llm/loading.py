@@ -24,16 +24,35 @@ def resolve_device(device: str) -> str:
     return "cuda:0" if torch.cuda.is_available() else "cpu"
 
 
-def resolve_engine_choice(choice: EngineChoice, device: str) -> EngineChoice:
-    """`auto` is `fast` on a CUDA device and `reference` elsewhere.
+# Total GPU memory (GB) from which `auto` serves `fast`: its peak is 16.0 GB of tensors (16.6 GB
+# reserved) plus the CUDA context. A 16 GiB card (~17 GB) cannot hold it; `nf4` (6.4 GB) fits there.
+AUTO_FAST_MIN_GPU_GB = 18.0
+
+
+def resolve_engine_choice(choice: EngineChoice, device: str, gpu_total_gb: float | None = None) -> EngineChoice:
+    """`auto` is `fast` on a CUDA device with room for it, `nf4` on a smaller one, and `reference`
+    elsewhere.
 
     `fast` needs CUDA for what makes it fast (bf16 weights, CUDA graphs); on the CPU it would only
-    be a slower copy of the reference, so the CPU keeps the seed's exact path. `device` is the
-    resolved device string ("cuda:0", "cpu", ...), so this is testable without a GPU.
+    be a slower copy of the reference, so the CPU keeps the seed's exact path. On a GPU under
+    `AUTO_FAST_MIN_GPU_GB` (`gpu_total_gb`: its total memory) `fast` cannot load, while `nf4`, the
+    seed's own 4-bit weights, needs 6.4 GB. `device` is the resolved device string ("cuda:0",
+    "cpu", ...), so this is testable without a GPU.
     """
     if choice != "auto":
         return choice
-    return "fast" if device.startswith("cuda") else "reference"
+    if not device.startswith("cuda"):
+        return "reference"
+    return "nf4" if gpu_total_gb is not None and gpu_total_gb < AUTO_FAST_MIN_GPU_GB else "fast"
+
+
+def gpu_total_gb(device: str) -> float | None:
+    """The total memory of a CUDA `device` in GB (None for any other device)."""
+    if not device.startswith("cuda"):
+        return None
+    import torch
+
+    return torch.cuda.get_device_properties(torch.device(device)).total_memory / 1e9
 
 
 def load_tokenizer(base_model: str) -> PreTrainedTokenizerBase:
@@ -133,7 +152,12 @@ def build_engine(
     if choice == "fake" and device == "auto":
         device = "cpu"  # no model on any device: not even torch needs importing
     device = resolve_device(device)
-    choice = resolve_engine_choice(choice, device)
+    requested = choice
+    total_gb = gpu_total_gb(device) if choice == "auto" else None
+    choice = resolve_engine_choice(choice, device, total_gb)
+    if requested == "auto" and choice == "nf4":
+        logger.info("ENGINE=auto: this GPU has %.1f GB in all, too little for fast (about 16 GB); serving nf4 "
+                    "(the seed's own 4-bit weights, about 6.4 GB)", total_gb)
     if choice == "low-memory":
         logger.warning(
             "ENGINE=low-memory is retired in favour of ENGINE=nf4 (the same 4-bit weights: faster, 16 answers "

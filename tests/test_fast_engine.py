@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from llm.fast import build_merged_decoder, build_module_decoder
-from llm.loading import load_reference_model, resolve_engine_choice
+from llm.loading import gpu_total_gb, load_reference_model, resolve_engine_choice
 from llm.mistral_decoder import DecodeGraphs
 
 KOREAN = "한국은행은 기준금리를 연 3.50%로 동결했습니다. 코스피는 외국인 매수에 힘입어 상승 마감했다."
@@ -19,6 +19,18 @@ def test_auto_is_fast_on_cuda_and_reference_on_cpu():
     for explicit in ("reference", "fast", "low-memory", "fake"):
         assert resolve_engine_choice(explicit, "cuda:0") == explicit
         assert resolve_engine_choice(explicit, "cpu") == explicit
+
+
+def test_auto_serves_nf4_on_a_gpu_too_small_for_fast():
+    # total memory as torch reports it: a 16 GiB card cannot hold fast's 16 GB peak beside the CUDA
+    # context; a 24 GB and an 80 GB one can
+    assert resolve_engine_choice("auto", "cuda:0", 17.1) == "nf4"
+    assert resolve_engine_choice("auto", "cuda:0", 12.0) == "nf4"
+    assert resolve_engine_choice("auto", "cuda:1", 25.3) == "fast"
+    assert resolve_engine_choice("auto", "cuda:0", 85.0) == "fast"
+    assert resolve_engine_choice("auto", "cpu", 12.0) == "reference"
+    assert resolve_engine_choice("fast", "cuda:0", 12.0) == "fast"  # asked for by name: as asked
+    assert gpu_total_gb("cpu") is None
 
 
 @pytest.fixture(scope="module")
