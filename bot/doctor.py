@@ -273,7 +273,7 @@ def _membership_from_history(client: WebClient, channel: str, name: str, setting
 
 
 def gpu_memory_need(engine: str, paged_kv: bool) -> str:
-    """The `GPU_MEMORY_GB` key of an engine setting as it runs on a GPU (`auto` serves `fast` there)."""
+    """The `GPU_MEMORY_GB` key of an engine as it runs on a GPU (an unresolved `auto` counts as `fast`)."""
     choice = "fast" if engine == "auto" else engine
     return "fast-static" if choice == "fast" and not paged_kv else choice
 

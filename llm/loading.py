@@ -29,13 +29,13 @@ def resolve_device(device: str) -> str:
 AUTO_FAST_MIN_GPU_GB = 18.0
 
 
-def resolve_engine_choice(choice: EngineChoice, device: str, gpu_total_gb: float | None = None) -> EngineChoice:
+def resolve_engine_choice(choice: EngineChoice, device: str, total_memory_gb: float | None = None) -> EngineChoice:
     """`auto` is `fast` on a CUDA device with room for it, `nf4` on a smaller one, and `reference`
     elsewhere.
 
     `fast` needs CUDA for what makes it fast (bf16 weights, CUDA graphs); on the CPU it would only
     be a slower copy of the reference, so the CPU keeps the seed's exact path. On a GPU under
-    `AUTO_FAST_MIN_GPU_GB` (`gpu_total_gb`: its total memory) `fast` cannot load, while `nf4`, the
+    `AUTO_FAST_MIN_GPU_GB` (`total_memory_gb`: its total memory) `fast` cannot load, while `nf4`, the
     seed's own 4-bit weights, needs 6.4 GB. `device` is the resolved device string ("cuda:0",
     "cpu", ...), so this is testable without a GPU.
     """
@@ -43,7 +43,7 @@ def resolve_engine_choice(choice: EngineChoice, device: str, gpu_total_gb: float
         return choice
     if not device.startswith("cuda"):
         return "reference"
-    return "nf4" if gpu_total_gb is not None and gpu_total_gb < AUTO_FAST_MIN_GPU_GB else "fast"
+    return "nf4" if total_memory_gb is not None and total_memory_gb < AUTO_FAST_MIN_GPU_GB else "fast"
 
 
 def gpu_total_gb(device: str) -> float | None:
