@@ -75,8 +75,9 @@ def served_and_variants(configs: list[nf4_kernels.NF4Config],
     return list({c.label: c for c in found}.values())
 
 
-def measure(name: str, parts: list[int], cols: int, rows_counts: Sequence[int], variants: bool = False,
-            k_splits: bool = False, served: bool = False) -> None:
+def measure(name: str, parts: list[int], cols: int, rows_counts: Sequence[int], only: str | None = None) -> None:
+    """Time `name`'s layouts at each row count: all of them, or `only` the served ones ("served"),
+    with their shared-code-pair variants ("variants") or with their K splits ("k-splits")."""
     group = [projection(parts, cols, seed) for seed in range(LAYERS)]
     dense = [torch.randn(sum(parts), cols, dtype=torch.bfloat16, device="cuda") for _ in range(LAYERS)]
     n, k = group[0].weight.shape
@@ -93,12 +94,12 @@ def measure(name: str, parts: list[int], cols: int, rows_counts: Sequence[int], 
         reference = group[0].reference(x)
         wrong = []
         configs = nf4_kernels.all_configs(rows, n, k, boundaries, rank)
-        if variants:  # shared code pairs for other numbers of absmax blocks
+        if only == "variants":  # shared code pairs for other numbers of absmax blocks
             configs = served_and_variants(configs, lambda c, rows=rows: nf4_kernels.variants(c, rows, rank))
-        elif k_splits:
+        elif only == "k-splits":
             configs = served_and_variants(
                 configs, lambda c, rows=rows: nf4_kernels.k_split_variants(c, n, k, boundaries, rows, rank))
-        elif served:
+        elif only == "served":
             configs = served_and_variants(configs, lambda c: [])
         for config in configs:
             if not nf4_kernels.matches_reference(fused(config)[0], reference):
@@ -217,9 +218,11 @@ def main() -> None:
         parser.error(f"--dequant-rows must be comma-separated numbers, got {args.dequant_rows!r}")
     if chunks and not args.prompts:
         parser.error("--dequant-rows goes with --prompts")
-    if (args.variants or args.k_splits or args.served) and args.prompts:
+    chosen = [flag for flag, on in (("variants", args.variants), ("k-splits", args.k_splits),
+                                    ("served", args.served)) if on]
+    if chosen and args.prompts:
         parser.error("--variants, --k-splits and --served time the decode kernels: not with --prompts")
-    if args.variants + args.k_splits + args.served > 1:
+    if len(chosen) > 1:
         parser.error("--variants, --k-splits or --served, one at a time")
     names = args.projections.split(",")
     if not names or any(name not in SHAPES for name in names):
@@ -235,7 +238,7 @@ def main() -> None:
         if args.prompts:
             measure_prompts(name, parts, cols, rows_counts, chunks)
         else:
-            measure(name, parts, cols, rows_counts, args.variants, args.k_splits, args.served)
+            measure(name, parts, cols, rows_counts, chosen[0] if chosen else None)
         torch.cuda.empty_cache()
 
 

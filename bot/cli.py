@@ -203,14 +203,10 @@ def load_engine_or_explain(  # noqa: ANN201 - GenerationEngine
         if "out of memory" not in str(error).lower():
             raise
         from bot.doctor import gpu_memory_advice, gpu_memory_need
+        from llm.loading import resolve_device, resolve_engine
 
-        engine = settings.engine
-        if engine == "auto":  # what auto served: nf4 on a GPU too small for fast
-            from llm.loading import gpu_total_gb, resolve_device, resolve_engine_choice
-
-            device = resolve_device(settings.device)
-            engine = resolve_engine_choice("auto", device, gpu_total_gb(device))
-        advice = gpu_memory_advice(gpu_memory_need(engine, settings.engine_paged_kv))
+        served = resolve_engine(settings.engine, resolve_device(settings.device))  # auto: nf4 on a small GPU
+        advice = gpu_memory_advice(gpu_memory_need(served, settings.engine_paged_kv))
         raise FinbotError(
             f"not enough GPU memory to load the model ({_model_description(settings)}): {first_line(error)}; "
             f"{advice} (see finbot doctor)"

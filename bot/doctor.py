@@ -273,9 +273,8 @@ def _membership_from_history(client: WebClient, channel: str, name: str, setting
 
 
 def gpu_memory_need(engine: str, paged_kv: bool) -> str:
-    """The `GPU_MEMORY_GB` key of an engine as it runs on a GPU (an unresolved `auto` counts as `fast`)."""
-    choice = "fast" if engine == "auto" else engine
-    return "fast-static" if choice == "fast" and not paged_kv else choice
+    """The `GPU_MEMORY_GB` key of a mode (as `auto` resolved) with this KV-cache setting."""
+    return "fast-static" if engine == "fast" and not paged_kv else engine
 
 
 def gpu_memory_advice(need: str) -> str:
@@ -299,12 +298,9 @@ def check_gpu(settings: FinbotSettings) -> list[Check]:
         import torch
     cuda = torch.cuda.is_available()
     build = f"torch {torch.__version__}" + ("" if torch.version.cuda else ", a CPU-only build")
-    choice = settings.engine
     device = settings.device
-    if choice == "auto":
-        choice = "fast" if cuda and device != "cpu" else "reference"
     if not cuda or device == "cpu":
-        if choice in GPU_ENGINES or device.startswith("cuda"):
+        if settings.engine in GPU_ENGINES or device.startswith("cuda"):
             what = f"ENGINE={settings.engine}" + (f" (DEVICE={device})" if device != "auto" else "")
             return [Check("GPU", False, f"{what} needs a CUDA GPU; none visible ({build})", NO_GPU_FIX)]
         return [Check("GPU", True, f"no GPU: ENGINE={settings.engine} runs the reference engine on the CPU "
@@ -323,10 +319,9 @@ def check_gpu(settings: FinbotSettings) -> list[Check]:
     except Exception as error:  # noqa: BLE001 - an import that fails in any way is the finding
         rows.append(Check("bitsandbytes", False, f"cannot import: {first_line(error)}", "pip install -U bitsandbytes"))
     free, total = torch.cuda.mem_get_info(index)
-    if settings.engine == "auto":  # as the loader resolves it: nf4 where fast cannot fit
-        from llm.loading import resolve_engine_choice
+    from llm.loading import resolve_engine
 
-        choice = resolve_engine_choice("auto", f"cuda:{index}", total / 1e9)
+    choice = resolve_engine(settings.engine, f"cuda:{index}")  # as the loader resolves it (auto: by memory)
     key = gpu_memory_need(choice, settings.engine_paged_kv)
     needed = GPU_MEMORY_GB.get(key, 16.0)
     free_gb, total_gb = free / 1e9, total / 1e9

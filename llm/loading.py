@@ -55,6 +55,11 @@ def gpu_total_gb(device: str) -> float | None:
     return torch.cuda.get_device_properties(torch.device(device)).total_memory / 1e9
 
 
+def resolve_engine(choice: EngineChoice, device: str) -> EngineChoice:
+    """The mode `choice` serves on the resolved `device` (`auto`: by that GPU's memory)."""
+    return resolve_engine_choice(choice, device, gpu_total_gb(device) if choice == "auto" else None)
+
+
 def load_tokenizer(base_model: str) -> PreTrainedTokenizerBase:
     from transformers import AutoTokenizer
 
@@ -152,12 +157,10 @@ def build_engine(
     if choice == "fake" and device == "auto":
         device = "cpu"  # no model on any device: not even torch needs importing
     device = resolve_device(device)
-    requested = choice
-    total_gb = gpu_total_gb(device) if choice == "auto" else None
-    choice = resolve_engine_choice(choice, device, total_gb)
+    requested, choice = choice, resolve_engine(choice, device)
     if requested == "auto" and choice == "nf4":
         logger.info("ENGINE=auto: this GPU has %.1f GB in all, too little for fast (about 16 GB); serving nf4 "
-                    "(the seed's own 4-bit weights, about 6.4 GB)", total_gb)
+                    "(the seed's own 4-bit weights, about 6.4 GB)", gpu_total_gb(device))
     if choice == "low-memory":
         logger.warning(
             "ENGINE=low-memory is retired in favour of ENGINE=nf4 (the same 4-bit weights: faster, 16 answers "

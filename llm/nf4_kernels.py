@@ -155,7 +155,7 @@ MMA_CONFIGS = tuple(
     # The LoRA A product in its own kernel before it, 16 warps: pruned after run 23 (`o` at one row 11.2
     # us a layer against 9.6 fused), timed again because the A kernels now launch programmatically
     # and the tensor-core kernel's first weight loads overlap them (with 8 warps, run 24: 11.3 us with
-    # the A kernel against 13.9 fused). Not yet measured.
+    # the A kernel against 13.9 fused). Run 25's tuner served it for `o` and q/k/v at 2 rows.
     NF4Config(16, nf4_mma.GROUP, 16, 1, kind="mma"),
 )
 

@@ -246,7 +246,7 @@ __device__ __forceinline__ void next_kernel_may_start() {
 #define T_READY 1   // (rank quad, row chunk) pieces of t = x @ A.T summed
 #define DEPARTED 2  // weight blocks done reading t: the last one zeroes the counters for the next launch
 #define QUAD_ARRIVALS 3  // per (rank quad, row chunk): slices whose partial sums are stored
-#define A_ROWS (ROWS < 8 ? ROWS : 8)  // rows of x per LoRA A unit
+// A_ROWS (rows of x per LoRA A unit) comes from `lora_a_unit_rows`, which the launch's block count uses too
 #define A_ROW_CHUNKS (ROWS / A_ROWS)
 
 // Waits (the whole block) until *counter >= target. Only the lowest-numbered blocks of the launch
@@ -689,7 +689,7 @@ def source(code: Sequence[float], warps: int, rows: int, rank: int, tiles: int =
     values = ", ".join(f"{struct.unpack('<f', struct.pack('<f', float(v)))[0].hex()}f" for v in code)
     header = (f"#define KDIM {k}\n#define WARPS {warps}\n#define ROWS {rows}\n#define RANK {rank}\n#define TILES {tiles}\n"
               f"#define PREFETCH_X {int(prefetch_x)}\n#define AHEAD {ahead}\n#define FUSE_A {int(fuse_a)}\n"
-              f"#define SHARED_LOOKUPS {shared_lookups}\n#define KSPLIT {k_splits}\n"
+              f"#define SHARED_LOOKUPS {shared_lookups}\n#define KSPLIT {k_splits}\n#define A_ROWS {lora_a_unit_rows(rows)}\n"
               f"__device__ __constant__ float CODE_TABLE[16] = {{{values}}};\n#define CODE CODE_TABLE\n")
     return header + _SOURCE
 
@@ -779,9 +779,15 @@ def fused_kernel_rows(m: int) -> int:
     return 1 if m == 1 else 8 if m <= 8 else 16
 
 
+def lora_a_unit_rows(rows: int) -> int:
+    """Rows of x per LoRA A unit of the fused kernel with row tile `rows` (its A_ROWS): 8 at most
+    (run 25: units of 8 rows beat units of 4 and of all 16 at 16 rows)."""
+    return min(rows, 8)
+
+
 def _a_row_chunks(rows: int) -> int:
-    """Row chunks of the fused kernel's LoRA A units (A_ROW_CHUNKS): 8 rows per unit at most."""
-    return max(1, rows // 8)
+    """LoRA A units per (rank quad, 256 inputs) of the fused kernel (its A_ROW_CHUNKS)."""
+    return rows // lora_a_unit_rows(rows)
 
 
 def fused_a_blocks(rt: int, k: int, warps: int, rows: int) -> int:

@@ -14,6 +14,7 @@ with and without it in one process (`serial_launches`).
 from __future__ import annotations
 
 import ctypes
+import functools
 import logging
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
@@ -81,8 +82,10 @@ def _kernel_arguments(args: Sequence[Any]) -> tuple[ctypes.Array, list]:
     return pointers, values
 
 
+@functools.cache
 def _driver() -> ctypes.CDLL:
-    """The CUDA driver library, as PyTorch's own NVRTC kernel launcher loads it."""
+    """The CUDA driver library, as PyTorch's own NVRTC kernel launcher loads it (once: PyTorch's
+    loader opens it anew on every call)."""
     loader = getattr(torch.cuda._utils, "_get_gpu_runtime_library", None)
     return loader() if loader is not None else ctypes.CDLL("libcuda.so.1")
 

@@ -13,8 +13,8 @@ from bot.settings import FinbotSettings
 
 @pytest.mark.parametrize(
     ("engine", "paged_kv", "need"),
-    [("auto", True, "fast"), ("fast", True, "fast"), ("fast", False, "fast-static"), ("auto", False, "fast-static"),
-     ("nf4", True, "nf4"), ("nf4", False, "nf4"), ("low-memory", True, "low-memory")],
+    [("fast", True, "fast"), ("fast", False, "fast-static"), ("nf4", True, "nf4"), ("nf4", False, "nf4"),
+     ("low-memory", True, "low-memory"), ("reference", True, "reference")],
 )
 def test_each_engine_setting_needs_its_measured_memory(engine, paged_kv, need):
     assert gpu_memory_need(engine, paged_kv) == need
@@ -47,3 +47,23 @@ def test_running_out_of_gpu_memory_at_load_is_one_line_with_that_advice(monkeypa
     advice = message.rsplit("; ", 1)[1]  # after what was loaded and torch's own first line
     assert ("ENGINE=nf4" in advice) is names_nf4
     assert "low-memory" not in advice and advice.endswith("(see finbot doctor)")
+
+
+@pytest.mark.parametrize(("engine", "ok", "served"), [("auto", True, "nf4"), ("fast", False, "fast"), ("nf4", True, "nf4")])
+def test_doctor_checks_the_memory_of_what_will_be_served_on_a_16_gib_card(monkeypatch, engine, ok, served):
+    # No GPU here: torch's view of one 16 GiB card with 15 GB free, as the doctor asks for it.
+    import types
+
+    import torch
+
+    from bot import doctor
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda index: "a 16 GiB GPU")
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda index: (15.0e9, 17.1e9))
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda device: types.SimpleNamespace(total_memory=17.1e9))
+    monkeypatch.setenv("ENGINE", engine)
+    memory = {c.name: c for c in doctor.check_gpu(FinbotSettings(_env_file=None))}["GPU memory"]
+    assert memory.ok is ok and f"ENGINE={engine} ({served})" in memory.found
+    assert ("ENGINE=nf4" in memory.fix) is (not ok)
