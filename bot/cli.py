@@ -130,6 +130,10 @@ def check_engine_device(settings: FinbotSettings) -> None:
         build = f"torch {torch.__version__}" + ("" if torch.version.cuda else ", a CPU-only build")
         what = f"ENGINE={settings.engine}" + (f" with DEVICE={settings.device}" if settings.device != "auto" else "")
         raise FinbotError(f"{what} needs a CUDA GPU, and none is visible ({build}); {NO_GPU_FIX}", EXIT_USAGE)
+    index = int(settings.device.split(":")[1]) if settings.device.startswith("cuda:") else 0
+    if index >= torch.cuda.device_count():
+        raise FinbotError(f"DEVICE={settings.device}, but only {torch.cuda.device_count()} GPU(s) are visible; "
+                          "DEVICE=auto or cuda:0", EXIT_USAGE)
 
 
 def prepare_model_files(settings: FinbotSettings, *, tokenizer_only: bool = False) -> str:

@@ -67,3 +67,18 @@ def test_doctor_checks_the_memory_of_what_will_be_served_on_a_16_gib_card(monkey
     memory = {c.name: c for c in doctor.check_gpu(FinbotSettings(_env_file=None))}["GPU memory"]
     assert memory.ok is ok and f"ENGINE={engine} ({served})" in memory.found
     assert ("ENGINE=nf4" in memory.fix) is (not ok)
+
+
+def test_a_gpu_index_past_the_visible_ones_is_one_line_before_anything_loads(monkeypatch):
+    # ENGINE=auto asks that GPU for its memory first: a DEVICE past the visible GPUs must be named,
+    # not end in torch's assertion. No GPU here: torch's view of a one-GPU machine.
+    import torch
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    monkeypatch.setenv("DEVICE", "cuda:3")
+    with pytest.raises(FinbotError) as raised:
+        cli.check_engine_device(FinbotSettings(_env_file=None))
+    assert str(raised.value) == "DEVICE=cuda:3, but only 1 GPU(s) are visible; DEVICE=auto or cuda:0"
+    monkeypatch.setenv("DEVICE", "cuda:0")
+    cli.check_engine_device(FinbotSettings(_env_file=None))  # the one that is there
