@@ -41,8 +41,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch  # noqa: E402
 
-from llm import programmatic_launch  # noqa: E402
 from llm.engine import SamplingParams  # noqa: E402
+from llm.serving import programmatic_launch  # noqa: E402
 
 SAMPLING = SamplingParams(temperature=0.9, top_p=0.8, top_k=50, max_new_tokens=256)
 RESULTS: list[dict] = []
@@ -74,8 +74,8 @@ def make_tokenizer(tokenizer_file: str | None, directory: Path):  # noqa: ANN201
 
 def reference_path_prefill_kl(decoder, token_ids: list[int], reference_logits: torch.Tensor) -> dict:  # noqa: ANN001
     """KL of `nf4`'s prompt through its reference path (kernels off for the call, then as they were)."""
-    from llm import nf4 as nf4_mode
     from llm.fidelity import kl_summary
+    from llm.serving import nf4 as nf4_mode
 
     projections = [p for layer in decoder.layers for p in layer.projections.values()]
     served = [p.use_kernels for p in projections]
@@ -257,7 +257,7 @@ def graph_step_times(engine) -> dict:  # noqa: ANN001
     plan, fused = decoder.gemm_plan, decoder.fused_rope_kv
     if (plan is not None or fused) and not decoder.paged:  # run 6's same-run cuBLAS baseline
         # Before/after in the same process: the same step with cuBLAS + PyTorch rope/KV writes.
-        from llm.mistral_decoder import DecodeGraphs
+        from llm.serving.mistral_decoder import DecodeGraphs
 
         decoder.disable_triton()
         try:
@@ -281,7 +281,7 @@ def serial_step_times(decoder, graphs) -> dict:  # noqa: ANN001
     the decode step's own kernels waits for the one before it to finish before it starts. Same
     process, same weights: the before / after of programmatic dependent launch. (Inductor's fused
     pieces were compiled with it and keep it.)"""
-    from llm.mistral_decoder import DecodeGraphs
+    from llm.serving.mistral_decoder import DecodeGraphs
 
     out = {}
     with programmatic_launch.serial_launches():
@@ -363,8 +363,8 @@ def matmul_floor(decoder) -> dict:  # noqa: ANN001
     """Profile: only the weight matmuls of one batch-1 step (all layers + lm_head) in a CUDA graph.
     Its time over the step's time is what the non-matmul kernels cost; bytes/time is the achieved
     weight bandwidth."""
-    from llm.mistral_decoder import DenseLayer
-    from llm.nf4 import NF4Layer
+    from llm.serving.mistral_decoder import DenseLayer
+    from llm.serving.nf4 import NF4Layer
 
     if not isinstance(decoder.layers[0], DenseLayer | NF4Layer) or decoder.device.type != "cuda":
         return {}
@@ -480,7 +480,7 @@ def bench_batching_engine(name: str, build, tokenizer, args, reference_logits, k
         "allocated_after_startup_gb": gb(torch.cuda.memory_allocated()),
     }
     if name == "nf4":  # every kernel configuration the start-up tuner timed, not only the winners
-        from llm import nf4_kernels
+        from llm.serving import nf4_kernels
 
         case["nf4_candidates_ms_per_step"] = dict(nf4_kernels.CANDIDATE_MS)
     try:
@@ -653,12 +653,12 @@ def main() -> None:
 
     no_compile = args.no_compile
     builders = {
-        "nf4": lambda m: __import__("llm.nf4", fromlist=["build_nf4_engine"]).build_nf4_engine(
+        "nf4": lambda m: __import__("llm.serving.nf4", fromlist=["build_nf4_engine"]).build_nf4_engine(
             m, tokenizer, max_batch=16, max_seq_len=2048, compile_kernels=not no_compile, free_source=True,
             triton_kernels=not args.no_triton, kv_cache_tokens=args.kv_cache_tokens),
-        "low-memory": lambda m: __import__("llm.fast", fromlist=["build_low_memory_engine"]).build_low_memory_engine(
+        "low-memory": lambda m: __import__("llm.serving.fast", fromlist=["build_low_memory_engine"]).build_low_memory_engine(
             m, tokenizer, max_batch=2, max_seq_len=2048, compile_kernels=not no_compile),
-        "fast": lambda m: __import__("llm.fast", fromlist=["build_fast_engine"]).build_fast_engine(
+        "fast": lambda m: __import__("llm.serving.fast", fromlist=["build_fast_engine"]).build_fast_engine(
             m, tokenizer, max_batch=16, max_seq_len=2048, compile_kernels=not no_compile, free_source=True,
             triton_kernels=not args.no_triton, paged_kv=not args.static_kv, kv_cache_tokens=args.kv_cache_tokens),
     }

@@ -28,8 +28,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from bench_engines import build_seed_model, make_tokenizer, seed_decode_logits  # noqa: E402
 
-from llm import nf4  # noqa: E402
 from llm.fidelity import KOREAN_FINANCE_TEXT, kl_summary  # noqa: E402
+from llm.serving import nf4  # noqa: E402
 
 
 def seed_shaped_base(self: nf4.NF4Projection, x: torch.Tensor) -> torch.Tensor:

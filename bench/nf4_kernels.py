@@ -26,9 +26,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
-from llm import nf4_kernels  # noqa: E402
-from llm.nf4 import LoraParts, NF4Matrix, NF4Projection  # noqa: E402
-from llm.triton_kernels import graph_time_ms  # noqa: E402
+from llm.serving import nf4_kernels  # noqa: E402
+from llm.serving.nf4 import LoraParts, NF4Matrix, NF4Projection  # noqa: E402
+from llm.serving.triton_kernels import graph_time_ms  # noqa: E402
 
 SHAPES = {"qkv": ([4096, 1024, 1024], 4096), "o": ([4096], 4096), "gate_up": ([14336, 14336], 4096),
           "down": ([4096], 14336)}

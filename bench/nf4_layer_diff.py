@@ -29,9 +29,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from nf4_fidelity_parts import seed_on_korean_text, stacked_a_delta  # noqa: E402
 
-from llm import mistral_decoder, nf4  # noqa: E402
 from llm.fidelity import kl_summary  # noqa: E402
-from llm.mistral_decoder import _prefill_attention, _rms_norm, _rotate_half, _silu_mul  # noqa: E402
+from llm.serving import mistral_decoder, nf4  # noqa: E402
+from llm.serving.mistral_decoder import _prefill_attention, _rms_norm, _rotate_half, _silu_mul  # noqa: E402
 
 
 class Differences:

@@ -1,6 +1,6 @@
 """The `nf4` MMA decode kernel's main loop in SASS, offline (no GPU): instructions per MMA by opcode.
 
-Compiles `llm.nf4_mma.source` for sm_90 with nvcc, disassembles it with cuobjdump (the
+Compiles `llm.serving.nf4_mma.source` for sm_90 with nvcc, disassembles it with cuobjdump (the
 `nvidia-cuda-cuobjdump` wheel has it: `pip download --no-deps nvidia-cuda-cuobjdump`, unzip, pass
 its `bin/cuobjdump` with --cuobjdump), and counts the opcodes of the loop that holds the HMMAs, per 16 x 16 weight tile (one warp's
 decode unit: one MMA per 8 rows of x).
@@ -27,7 +27,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from llm import nf4_mma  # noqa: E402
+from llm.serving import nf4_mma  # noqa: E402
 
 ALU_PIPE = {"PRMT", "SHF", "LOP3", "LEA", "IADD3", "VIADD", "ISETP", "SEL", "MOV", "F2FP"}
 _LINE = re.compile(r"/\*([0-9a-f]{4,})\*/\s+(@!?U?P\w+\s+)?([A-Z0-9_]+)[.\w]*\s*([^;]*);")

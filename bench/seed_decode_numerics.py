@@ -48,7 +48,7 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--rows-of-x", type=int, default=8, help="independent x rows tried per projection")
     args = parser.parse_args()
-    from llm.nf4 import NF4Matrix
+    from llm.serving.nf4 import NF4Matrix
 
     generator = torch.Generator().manual_seed(0)
     report: dict = {"device": torch.cuda.get_device_name(0)}

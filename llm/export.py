@@ -7,7 +7,7 @@ included since the adapter targets it; embeddings and norms are copied in bf16. 
 function the seed's model computes, as a plain `MistralForCausalLM` in bf16 safetensors with the
 base's tokenizer files beside it.
 
-The per-layer merge is `llm.fast.merged_weight` (shared with the fast GPU engine), so the served
+The per-layer merge is `llm.serving.fast.merged_weight` (shared with the fast GPU engine), so the served
 and exported weights are the same numbers.
 """
 
@@ -36,7 +36,7 @@ def merged_state_dict(model: nn.Module, dtype: torch.dtype | None = None) -> dic
     from peft.tuners.lora import LoraLayer
     from torch import nn
 
-    from llm.fast import _causal_lm, base_weight, merged_weight
+    from llm.serving.fast import _causal_lm, base_weight, merged_weight
 
     dtype = dtype or torch.bfloat16
     causal_lm = _causal_lm(model)
@@ -68,7 +68,7 @@ def plain_config(model: nn.Module, dtype: torch.dtype | None = None):  # noqa: A
     """The model's config without its quantization settings, in `dtype`."""
     import torch
 
-    from llm.fast import _causal_lm
+    from llm.serving.fast import _causal_lm
 
     config = copy.deepcopy(_causal_lm(model).config)
     if hasattr(config, "quantization_config"):

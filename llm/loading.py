@@ -177,8 +177,8 @@ def build_engine(
     elif choice == "reference":
         engine = HFGenerateEngine(load_reference_model(base_model, adapter, device), tokenizer)
     elif choice in ("fast", "low-memory", "nf4"):
-        from llm.fast import build_fast_engine, build_low_memory_engine
-        from llm.nf4 import build_nf4_engine
+        from llm.serving.fast import build_fast_engine, build_low_memory_engine
+        from llm.serving.nf4 import build_nf4_engine
 
         model = load_reference_model(base_model, adapter, device)
         kwargs: dict = {}

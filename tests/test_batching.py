@@ -8,12 +8,12 @@ import time
 import pytest
 import torch
 
-from llm.batching import BatchingEngine, DecoderStepModel, sample_next
 from llm.engine import SamplingParams
 from llm.errors import EngineBusyError, GenerationError
-from llm.fast import build_merged_decoder
 from llm.loading import load_reference_model, load_tokenizer
-from llm.mistral_decoder import DecodeGraphs
+from llm.serving.batching import BatchingEngine, DecoderStepModel, sample_next
+from llm.serving.fast import build_merged_decoder
+from llm.serving.mistral_decoder import DecodeGraphs
 
 GREEDY = SamplingParams(greedy=True, max_new_tokens=24)
 

@@ -5,9 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from llm.fast import build_merged_decoder, build_module_decoder
 from llm.loading import gpu_total_gb, load_reference_model, resolve_engine_choice
-from llm.mistral_decoder import DecodeGraphs
+from llm.serving.fast import build_merged_decoder, build_module_decoder
+from llm.serving.mistral_decoder import DecodeGraphs
 
 KOREAN = "한국은행은 기준금리를 연 3.50%로 동결했습니다. 코스피는 외국인 매수에 힘입어 상승 마감했다."
 
@@ -71,7 +71,7 @@ def test_merged_model_matches_peft_over_4bit_base(reference_model, korean_ids):
 
 
 def test_merged_lm_head_includes_adapter(reference_model):
-    from llm.fast import merged_weight
+    from llm.serving.fast import merged_weight
 
     head = reference_model.base_model.model.lm_head  # PEFT's LoRA layer (eval: no dropout)
     merged = merged_weight(head, torch.float32)
@@ -155,9 +155,9 @@ def test_decode_rejects_positions_beyond_cache(reference_model):
 
 @pytest.mark.parametrize("mode", ["fast", "fast-static", "low-memory"])
 def test_build_engine_wires_the_new_modes_and_knobs(tiny_checkpoint, mode):
-    from llm.batching import BatchingEngine
     from llm.engine import SamplingParams
     from llm.loading import build_engine
+    from llm.serving.batching import BatchingEngine
 
     knobs = {"paged_kv": mode == "fast", "kv_cache_tokens": 200, "kv_block_size": 16} if mode != "low-memory" else {}
     engine = build_engine(
@@ -232,8 +232,8 @@ def test_prefill_padded_to_a_bucket_gives_the_prompts_own_logits(reference_model
 def test_scheduler_prefills_queued_arrivals_together(reference_model, korean_ids, mistral_tokenizer):
     """Requests queued while the worker is busy are prefilled in one batch and decode as they
     would alone (greedy: identical tokens)."""
-    from llm.batching import BatchingEngine, DecoderStepModel
     from llm.engine import SamplingParams
+    from llm.serving.batching import BatchingEngine, DecoderStepModel
 
     decoder = build_merged_decoder(reference_model, max_batch=4, max_seq_len=256, dtype=torch.float32)
     model = DecoderStepModel(DecodeGraphs(decoder, use_graphs=False))
@@ -258,7 +258,7 @@ def test_compiled_decode_pieces_compute_eager_pytorchs_values(reference_model):
     """Inductor fuses the decode step's norms, rotary and SiLU; left to itself it drops the bf16
     roundings between their ops (a quarter of the outputs move by a rounding step), so the
     decoder asks it to keep them: the fused pieces give eager PyTorch's (HF's) values exactly."""
-    from llm import mistral_decoder as md
+    from llm.serving import mistral_decoder as md
 
     decoder = build_merged_decoder(reference_model, max_batch=2, max_seq_len=64)
     decoder.enable_compiled_kernels()
@@ -339,8 +339,8 @@ def test_batching_engine_reports_why_each_answer_stopped(reference_model, mistra
     answer may end mid-sentence."""
     import threading
 
-    from llm.batching import BatchingEngine, DecoderStepModel
     from llm.engine import SamplingParams
+    from llm.serving.batching import BatchingEngine, DecoderStepModel
 
     decoder = build_merged_decoder(reference_model, max_batch=2, max_seq_len=64, dtype=torch.float32)
     engine = BatchingEngine(DecoderStepModel(DecodeGraphs(decoder, use_graphs=False)), mistral_tokenizer, name="t")

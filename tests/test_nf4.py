@@ -10,10 +10,10 @@ import pytest
 import torch
 
 from llm.engine import SamplingParams
-from llm.fast import base_weight
 from llm.fidelity import KOREAN_FINANCE_TEXT
 from llm.loading import build_engine, load_reference_model
-from llm.nf4 import LoraParts, NF4Matrix, NF4Projection, build_nf4_decoder
+from llm.serving.fast import base_weight
+from llm.serving.nf4 import LoraParts, NF4Matrix, NF4Projection, build_nf4_decoder
 
 
 @pytest.fixture(scope="module")

@@ -9,7 +9,7 @@ import struct
 import numpy as np
 import pytest
 
-from llm.nf4_kernels import LUT_CONSTRAINTS, LUT_WORDS, lut_asm
+from llm.serving.nf4_kernels import LUT_CONSTRAINTS, LUT_WORDS, lut_asm
 
 NF4 = [-1.0, -0.6961928009986877, -0.5250730514526367, -0.39491748809814453, -0.28444138169288635,
        -0.18477343022823334, -0.09105003625154495, 0.0, 0.07958029955625534, 0.16093020141124725,

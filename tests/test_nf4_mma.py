@@ -1,4 +1,4 @@
-"""`llm.nf4_mma` on the CPU: the generated CUDA source and the kernel's sizing rules (the kernel itself
+"""`llm.serving.nf4_mma` on the CPU: the generated CUDA source and the kernel's sizing rules (the kernel itself
 runs in tests/gpu/test_nf4_kernels.py, against the reference path, for 1..16 rows)."""
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ import subprocess
 import pytest
 import torch
 
-from llm import nf4_mma
+from llm.serving import nf4_mma
 
 NF4_CODE = [-1.0, -0.6961928009986877, -0.5250730514526367, -0.39491748809814453, -0.28444138169288635,
             -0.18477343022823334, -0.09105003625154495, 0.0, 0.07958029955625534, 0.16093020141124725,
@@ -56,7 +56,7 @@ def test_k_is_compiled_into_the_kernel():
 @pytest.mark.parametrize("n", [4096, 6144, 28672])
 @pytest.mark.parametrize("rows", [1, 2, 4])
 def test_lora_splits_keep_the_partial_sum_traffic_bounded(n, rows):
-    from llm import nf4_kernels
+    from llm.serving import nf4_kernels
 
     cap = nf4_kernels.lora_splits_cap(rows, n, rank=32)
     per_split = (n // nf4_mma.TILE_N) * rows * 32 * 4
@@ -76,7 +76,7 @@ SHAPES = [(6144, 4096, [4096, 5120]), (4096, 4096, []), (28672, 4096, [14336]), 
 
 @pytest.mark.parametrize(("n", "k", "boundaries"), SHAPES)
 def test_batches_take_the_tensor_core_kernel_alone_and_one_row_keeps_the_lut_gemv(n, k, boundaries):
-    from llm import nf4_kernels
+    from llm.serving import nf4_kernels
 
     for rows in (2, 3, 4, 7, 16):
         assert {c.kind for c in nf4_kernels._candidates(rows, n, k, boundaries, mma=True)} == {"mma"}
@@ -87,7 +87,7 @@ def test_batches_take_the_tensor_core_kernel_alone_and_one_row_keeps_the_lut_gem
 @pytest.mark.parametrize(("n", "k", "boundaries"), SHAPES)
 def test_fallbacks_and_defaults_are_triton_kernels(n, k, boundaries):
     # where NVRTC or sm_80 is missing, or the tuner did not see a weight: never the unchecked CUDA kernel
-    from llm import nf4_kernels
+    from llm.serving import nf4_kernels
 
     for rows in (1, 2, 4, 16):
         assert all(c.kind != "mma" for c in nf4_kernels._candidates(rows, n, k, boundaries, mma=False))
@@ -105,7 +105,7 @@ def test_a_failed_compile_turns_the_kernel_off_with_one_warning(monkeypatch, cap
     monkeypatch.setattr(nf4_mma, "_DISABLED", None)
     monkeypatch.setattr(torch.cuda, "_compile_kernel", refuse, raising=False)
     source = nf4_mma.source(NF4_CODE, 4, 8, 32)
-    with caplog.at_level("WARNING", logger="llm.nf4_mma"):
+    with caplog.at_level("WARNING", logger="llm.serving.nf4_mma"):
         for _ in range(3):
             with pytest.raises(nf4_mma.MmaUnavailable):
                 nf4_mma._compile(source)
@@ -117,7 +117,7 @@ def test_a_failed_compile_turns_the_kernel_off_with_one_warning(monkeypatch, cap
 
 
 def test_part_starts_tell_the_kernels_where_each_lora_part_begins():
-    from llm.nf4 import LoraParts
+    from llm.serving.nf4 import LoraParts
 
     def lora(*sizes: int) -> LoraParts:
         segments, row = [], 0
@@ -142,7 +142,7 @@ def test_the_one_row_kernel_exists_only_with_the_lora_a_product_fused():
 
 
 def test_shared_lookups_are_checked_and_named():
-    from llm.nf4_kernels import NF4Config
+    from llm.serving.nf4_kernels import NF4Config
 
     assert "#define SHARED_LOOKUPS 0" in nf4_mma.source(NF4_CODE, 4, 1, 32, 2, fuse_a=True)
     assert "#define SHARED_LOOKUPS 3" in nf4_mma.source(NF4_CODE, 4, 1, 32, 2, fuse_a=True, shared_lookups=3)
@@ -161,7 +161,7 @@ def test_the_shared_code_pairs_only_where_the_shared_memory_fits():
 
 
 def test_the_tuner_and_the_variants_skip_layouts_whose_shared_memory_does_not_fit():
-    from llm.nf4_kernels import NF4Config, variants
+    from llm.serving.nf4_kernels import NF4Config, variants
 
     sixteen_warps = NF4Config(16, 256, 16, 1, kind="mma", fuse_a=True)
     assert [v.label for v in variants(sixteen_warps, 1, 32)] == ["mma_16x256w16s1ft1", "mma_16x256w16s1ft2"]
@@ -197,7 +197,7 @@ def test_the_one_row_two_tile_kernel_keeps_ptxass_own_register_count(tmp_path):
 
 
 def test_k_splits_are_checked_named_and_varied():
-    from llm.nf4_kernels import NF4Config, k_split_variants
+    from llm.serving.nf4_kernels import NF4Config, k_split_variants
 
     assert "#define KSPLIT 7" in nf4_mma.source(NF4_CODE, 8, 1, 32, 1, fuse_a=True, k=14336, k_splits=7)
     with pytest.raises(ValueError):  # 16 groups of 256 inputs do not split in 7
@@ -222,3 +222,53 @@ def test_the_counted_shared_memory_is_ptxass_for_a_k_split_kernel(tmp_path):
     assert built.returncode == 0, built.stderr[-2000:]
     smem = int(re.search(r"(\d+) bytes smem", built.stderr).group(1))
     assert smem == nf4_mma.static_shared_bytes(4, 8, 32, 2, 2), built.stderr
+
+
+@pytest.mark.parametrize(("n", "k", "boundaries"), [(6144, 4096, [4096, 5120]), (4096, 14336, [])])
+def test_the_tuner_compiles_every_kernel_ahead_on_several_threads_and_launches_reuse_them(monkeypatch, n, k,
+                                                                                          boundaries):
+    # NVRTC and the launch cannot run here: the compile is a stand-in that takes a while and records
+    # its thread; the launches go through the real argument path up to the driver call.
+    import contextlib
+    import threading
+    import time
+
+    from llm.serving import nf4_kernels, programmatic_launch
+    from llm.serving.nf4 import LoraParts, NF4Matrix, NF4Projection
+
+    compiles: list[tuple[str, str]] = []
+
+    def slow_compile(source_text: str, name: str) -> object:
+        time.sleep(0.02)
+        compiles.append((threading.current_thread().name, source_text))
+        return object()
+
+    launched: list[object] = []
+    monkeypatch.setattr(nf4_mma, "_DISABLED", None)
+    monkeypatch.setattr(nf4_mma, "_KERNELS", {})
+    monkeypatch.setattr(torch.cuda, "_compile_kernel", slow_compile, raising=False)
+    monkeypatch.setattr(torch.cuda, "device", lambda device: contextlib.nullcontext())
+    monkeypatch.setattr(nf4_kernels, "_mma_available", lambda: True)
+    monkeypatch.setattr(programmatic_launch, "launch", lambda kernel, *args: launched.append(kernel))
+    monkeypatch.setattr(nf4_kernels, "mma_inputs", lambda x, n, lora: (
+        torch.zeros(16 * x.shape[1], dtype=torch.bfloat16), torch.zeros(1, x.shape[0], lora.a.shape[0])))
+    starts = [0, *boundaries]
+    segments = tuple((start, end, 32 * i) for i, (start, end) in enumerate(zip(starts, [*boundaries, n], strict=True)))
+    weight = NF4Matrix(packed=torch.zeros((n, k // 2), dtype=torch.uint8), absmax=torch.ones((n, k // 64)),
+                       code=torch.tensor(NF4_CODE))
+    lora = LoraParts(a=torch.zeros((32 * len(segments), k)), b=torch.zeros((n, 32)), segments=segments, rank=32,
+                     scaling=0.25)
+    buckets = [1, 2, 4, 8, 16]
+
+    compiled = nf4_kernels.precompile_candidates({"p": [NF4Projection(weight, lora)]}, buckets, threads=4)
+
+    assert compiled == len(compiles) > 4
+    assert len({source for _, source in compiles}) == compiled  # each kernel once
+    assert len({thread for thread, _ in compiles}) > 1 and all(t.startswith("nf4-nvrtc") for t, _ in compiles)
+    for rows in buckets:
+        x = torch.zeros((rows, k), dtype=torch.bfloat16)
+        for config in nf4_kernels._candidates(rows, n, k, boundaries):
+            if config.kind == "mma" and config.fits_kernel(rows, 32):
+                nf4_kernels.nf4_lora_linear(x, weight, lora, True, config)
+    assert launched and set(map(id, launched)) <= set(map(id, nf4_mma._KERNELS.values()))
+    assert len(compiles) == compiled  # no launch compiled anything again

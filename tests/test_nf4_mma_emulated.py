@@ -13,8 +13,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from llm import nf4_kernels, nf4_mma
-from llm.nf4 import LoraParts, NF4Matrix, NF4Projection
+from llm.serving import nf4_kernels, nf4_mma
+from llm.serving.nf4 import LoraParts, NF4Matrix, NF4Projection
 
 pytestmark = pytest.mark.skipif(shutil.which("g++") is None, reason="needs g++ to build the emulated kernel")
 

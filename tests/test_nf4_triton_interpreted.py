@@ -22,8 +22,8 @@ ROOT = Path(__file__).resolve().parents[1]
 
 LORA_A_CHECK = """
 import json, torch
-from llm import nf4_kernels, nf4_mma
-from llm.nf4 import LoraParts
+from llm.serving import nf4_kernels, nf4_mma
+from llm.serving.nf4 import LoraParts
 
 torch.manual_seed(0)
 k, rt = 768, 96  # 3 groups of 256 inputs (not a power of two), three LoRA parts of rank 32
@@ -48,8 +48,8 @@ print(json.dumps(report))
 
 PROMPT_CHECK = """
 import json, torch
-from llm import nf4_kernels
-from llm.nf4 import LoraParts, NF4Matrix, NF4Projection
+from llm.serving import nf4_kernels
+from llm.serving.nf4 import LoraParts, NF4Matrix, NF4Projection
 
 torch.manual_seed(1)
 code = torch.linspace(-1, 1, 16)

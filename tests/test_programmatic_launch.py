@@ -1,4 +1,4 @@
-"""llm/programmatic_launch.py on the CPU: the switch and the launch arguments (the launches
+"""llm/serving/programmatic_launch.py on the CPU: the switch and the launch arguments (the launches
 themselves run in tests/gpu/test_programmatic_launch.py)."""
 
 from __future__ import annotations
@@ -8,7 +8,7 @@ import ctypes
 import pytest
 import torch
 
-from llm import programmatic_launch
+from llm.serving import programmatic_launch
 
 
 def test_off_where_the_gpu_cannot_do_it():

@@ -6,8 +6,8 @@ import threading
 
 import torch
 
-from llm.batching import BatchingEngine
 from llm.engine import SamplingParams
+from llm.serving.batching import BatchingEngine
 
 ANSWER = "기준금리 동결로 원·달러 환율은 1,380원대에서 안정될 전망입니다. 😊 투자에 유의하세요!"
 

@@ -1,4 +1,4 @@
-// Just enough CUDA to run llm/nf4_mma.py's kernel text on a CPU (tests/test_nf4_mma_emulated.py).
+// Just enough CUDA to run llm/serving/nf4_mma.py's kernel text on a CPU (tests/test_nf4_mma_emulated.py).
 //
 // One std::thread per CUDA thread, one block at a time (so `__shared__` can be `static`), a barrier
 // per warp for `mma.sync` (each lane publishes its fragments, then computes its own accumulators

@@ -29,8 +29,8 @@ KL_BOUND = {"fast": 0.01, "fast-static": 0.01, "low-memory": 0.01, "nf4": 0.001}
 
 @pytest.mark.parametrize("mode", ["fast", "fast-static", "low-memory", "nf4"])
 def test_tiny_kl_and_greedy_agreement(tiny_reference, mode):
-    from llm.fast import build_fast_engine, build_low_memory_engine
-    from llm.nf4 import build_nf4_engine
+    from llm.serving.fast import build_fast_engine, build_low_memory_engine
+    from llm.serving.nf4 import build_nf4_engine
 
     model, tokenizer = tiny_reference
     ids = tokenizer(KOREAN_FINANCE_TEXT).input_ids
@@ -81,7 +81,7 @@ def test_tiny_kl_and_greedy_agreement(tiny_reference, mode):
 def test_prefill_graphs_equal_eager_prefill(tiny_reference, paged):
     """The captured prefill buckets give the logits and KV cache of the eager exact-length
     prefill, for one prompt and for several prompts grouped into one bucket."""
-    from llm.fast import build_fast_engine
+    from llm.serving.fast import build_fast_engine
 
     model, tokenizer = tiny_reference
     ids = tokenizer(KOREAN_FINANCE_TEXT).input_ids

@@ -23,7 +23,7 @@ def _quantized(rows: int, cols: int, seed: int):  # noqa: ANN202
 def test_dequantization_is_bitsandbytes_bit_for_bit(shape):
     import bitsandbytes.functional as bnbf
 
-    from llm.nf4 import NF4Matrix
+    from llm.serving.nf4 import NF4Matrix
 
     param = _quantized(*shape, seed=shape[0])
     theirs = bnbf.dequantize_4bit(param.data, param.quant_state)
@@ -40,7 +40,7 @@ SHAPES = {"qkv": ([(4096, 0), (1024, 0), (1024, 0)], 4096), "gate_up": ([(14336,
 
 
 def _projection(parts: list[tuple[int, int]], cols: int, rank: int = 32, round_first: bool = True):  # noqa: ANN202
-    from llm.nf4 import LoraParts, NF4Matrix, NF4Projection
+    from llm.serving.nf4 import LoraParts, NF4Matrix, NF4Projection
 
     matrices = [NF4Matrix.from_bnb(_quantized(rows, cols, seed=i)) for i, (rows, _) in enumerate(parts)]
     g = torch.Generator(device="cuda:0").manual_seed(7)
@@ -62,7 +62,7 @@ def projection_and_input(name: str, rows: int):  # noqa: ANN201
 
 def layouts(projection, rows: int) -> list:  # noqa: ANN001
     """Every configuration that runs this projection at `rows` rows (`nf4_kernels.all_configs`)."""
-    from llm import nf4_kernels
+    from llm.serving import nf4_kernels
 
     n, k = projection.weight.shape
     return nf4_kernels.all_configs(rows, n, k, projection.lora.boundaries, projection.lora.rank)
@@ -85,7 +85,7 @@ def assert_replays_repeat(run, first: torch.Tensor, lora, counters: str, label: 
 @pytest.mark.parametrize("rows", [1, 2, 3, 4, 7, 16])
 @pytest.mark.parametrize("name", ["qkv", "gate_up", "down"])
 def test_fused_kernel_equals_the_reference_path(rows, name):
-    from llm import nf4_kernels
+    from llm.serving import nf4_kernels
 
     projection, x = projection_and_input(name, rows)
     reference = projection.reference(x)
@@ -107,7 +107,7 @@ def test_kernel_variants_give_the_served_kernels_bits(rows, name):
     # Absmax blocks decoded through the shared code pairs instead of register tables
     # (bench/nf4_kernels.py --variants times them): the same products and roundings reach the same
     # MMAs, so every output equals the register tables' own.
-    from llm import nf4_kernels
+    from llm.serving import nf4_kernels
 
     projection, x = projection_and_input(name, rows)
     # layouts that serve (run 22): fused two-tile, two groups ahead, plain, x prefetched (not all 18:
@@ -132,7 +132,7 @@ def test_the_prompt_path_equals_the_reference_path(rows, name, round_first, monk
     parts, cols = SHAPES[name]
     projection = _projection(parts, cols, round_first=round_first)
     projection.use_kernels = True
-    monkeypatch.setattr("llm.nf4.EXACT_PROMPT_ROWS", 0)
+    monkeypatch.setattr("llm.serving.nf4.EXACT_PROMPT_ROWS", 0)
     x = torch.randn(rows, cols, dtype=torch.bfloat16, device="cuda:0")
     reference = projection.reference(x)
     out = projection(x)
@@ -151,7 +151,7 @@ def test_prompts_with_pefts_products_are_the_reference_path_bit_for_bit(rows, na
     parts, cols = SHAPES[name]
     projection = _projection(parts, cols, round_first=round_first)
     projection.use_kernels = True
-    monkeypatch.setattr("llm.nf4.EXACT_PROMPT_ROWS", 2048)
+    monkeypatch.setattr("llm.serving.nf4.EXACT_PROMPT_ROWS", 2048)
     x = torch.randn(rows, cols, dtype=torch.bfloat16, device="cuda:0")
     out, reference = projection(x), projection.reference(x)
     differing = (out.view(torch.int16) != reference.view(torch.int16)).sum().item()
@@ -164,7 +164,7 @@ def test_prompts_with_pefts_products_are_the_reference_path_bit_for_bit(rows, na
 @pytest.mark.parametrize("k", [4096, 14336])
 def test_the_prompt_paths_lora_a_kernel_is_pefts_float32_product(rows, k):
     # bf16 x read as it is, float32 A as three TF32 products: float32's accuracy, no cast of x
-    from llm import nf4_kernels
+    from llm.serving import nf4_kernels
 
     projection = _projection([(4096, 0), (1024, 0), (1024, 0)] if k == 4096 else [(4096, 0)], k)
     x = torch.randn(rows, k, dtype=torch.bfloat16, device="cuda:0")
@@ -180,11 +180,11 @@ def test_the_prompt_paths_lora_a_kernel_is_pefts_float32_product(rows, k):
 @pytest.mark.parametrize("rows", [1, 3, 4, 5, 7, 9, 16])
 @pytest.mark.parametrize("k", [4096, 14336])
 def test_the_tensor_core_paths_lora_a_kernel(rows, k):
-    # One kernel gives the CUDA kernel its inputs: x in llm.nf4_mma.operand_order (the layout the
+    # One kernel gives the CUDA kernel its inputs: x in llm.serving.nf4_mma.operand_order (the layout the
     # CUDA kernel was checked against on the CPU, tests/test_nf4_mma_emulated.py) and t = x @ A.T,
     # as split-K partial sums (1-4 rows) or whole, added up by whichever program finishes last
     # (5-16 rows): the same bits on every call, and its arrival counters back at zero after each.
-    from llm import nf4_kernels, nf4_mma
+    from llm.serving import nf4_kernels, nf4_mma
 
     projection = _projection([(1024, 0), (1024, 32), (1024, 64)], k)
     lora = projection.lora
@@ -211,7 +211,7 @@ def test_the_fused_launch_repeats_its_bits_in_graphs_and_leaves_its_counters_at_
     # The fused kernel's weight blocks wait on counters its LoRA A blocks raise; the last weight block
     # zeroes them. Replayed from a CUDA graph, as serving runs it, every launch must find them at
     # zero: otherwise a launch reads x or t too early (wrong bits) or waits forever (a trap).
-    from llm import nf4_kernels
+    from llm.serving import nf4_kernels
 
     projection = _projection([(4096, 0), (1024, 32), (1024, 64)], 4096)
     lora = projection.lora
@@ -230,7 +230,7 @@ def test_the_fused_launch_repeats_its_bits_in_graphs_and_leaves_its_counters_at_
 def test_blocks_splitting_k_match_the_reference_and_repeat_their_bits_in_graphs(rows, name):
     # K split across the blocks of a feature tile: the last block to arrive adds the others' float32
     # sums in a fixed order, so a replay repeats the bits, and it leaves the tile counters at zero.
-    from llm import nf4_kernels
+    from llm.serving import nf4_kernels
 
     projection, x = projection_and_input(name, rows)
     lora = projection.lora
@@ -254,7 +254,7 @@ def test_blocks_splitting_k_match_the_reference_and_repeat_their_bits_in_graphs(
 def test_reference_lora_is_pefts_own_products_bit_for_bit(rows):
     # PEFT runs one float32 A and one B product per projection; a stacked A product for q/k/v
     # rounds differently on the GPU (bench/nf4_layer_diff.py: the prompt then parts from the seed's).
-    from llm.nf4 import LoraParts
+    from llm.serving.nf4 import LoraParts
 
     g = torch.Generator(device="cuda:0").manual_seed(rows)
     rank, cols, parts = 32, 4096, [4096, 1024, 1024]

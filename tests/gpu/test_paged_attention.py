@@ -10,8 +10,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from llm import triton_kernels as tk
-from llm.mistral_decoder import _rope_decode
+from llm.serving import triton_kernels as tk
+from llm.serving.mistral_decoder import _rope_decode
 
 pytestmark = pytest.mark.gpu
 

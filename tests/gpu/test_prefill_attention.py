@@ -1,4 +1,4 @@
-"""Prompt attention as the seed computes it: `llm.mistral_decoder._prefill_attention` against the
+"""Prompt attention as the seed computes it: `llm.serving.mistral_decoder._prefill_attention` against the
 call transformers' SDPA integration makes for the seed's Mistral (GPU only, device tool)."""
 
 from __future__ import annotations
@@ -8,7 +8,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from llm.mistral_decoder import _prefill_attention
+from llm.serving.mistral_decoder import _prefill_attention
 
 pytestmark = pytest.mark.gpu
 

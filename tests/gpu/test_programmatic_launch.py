@@ -20,7 +20,7 @@ tl = triton.language
 if not torch.cuda.is_available() or torch.cuda.get_device_capability() < (9, 0):
     pytest.skip("programmatic dependent launch needs compute capability 9.0+", allow_module_level=True)
 
-from llm import programmatic_launch, triton_kernels  # noqa: E402
+from llm.serving import programmatic_launch, triton_kernels  # noqa: E402
 
 SLOW_NS = 200_000
 
@@ -53,7 +53,7 @@ def test_programmatic_launch_is_on_here():
 @pytest.mark.parametrize("rows", [1, 16])
 @pytest.mark.parametrize("name", ["qkv", "gate_up", "down"])
 def test_the_nf4_kernels_wait_for_the_kernel_before_them(rows, name):
-    from llm import nf4_kernels
+    from llm.serving import nf4_kernels
 
     projection, x = projection_and_input(name, rows)
     configs = [c for c in layouts(projection, rows) if c.kind == "mma"]

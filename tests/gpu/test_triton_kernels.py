@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from llm import triton_kernels as tk
-from llm.mistral_decoder import _rope_decode
+from llm.serving import triton_kernels as tk
+from llm.serving.mistral_decoder import _rope_decode
 
 pytestmark = pytest.mark.gpu
 

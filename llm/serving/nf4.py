@@ -15,7 +15,7 @@ served function is the one the adapter was trained on, not a merge rounded to bf
 Two paths compute the same thing:
 - reference (CPU, and prompts on CUDA): dequantize (the Triton kernel on CUDA, PyTorch elsewhere)
   and multiply with `F.linear`, the LoRA with `F.linear` in float32;
-- decode on CUDA (up to 16 rows): `llm.nf4_kernels` reads the packed bytes directly (a GEMV that
+- decode on CUDA (up to 16 rows): `llm.serving.nf4_kernels` reads the packed bytes directly (a GEMV that
   dequantizes in registers) and adds the LoRA's `B` product in its epilogue, after one small kernel
   for the `A` product shared by the projections that take the same input (q/k/v, gate/up).
 """
@@ -36,8 +36,8 @@ from torch import nn
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
 
-    from llm.batching import BatchingEngine
-    from llm.mistral_decoder import MistralDecoder
+    from llm.serving.batching import BatchingEngine
+    from llm.serving.mistral_decoder import MistralDecoder
 
 logger = logging.getLogger(__name__)
 
@@ -118,7 +118,7 @@ class NF4Matrix:
         packed = self.packed if rows is None else self.packed[rows]
         absmax = self.absmax if rows is None else self.absmax[rows]
         if packed.is_cuda:
-            from llm import nf4_kernels
+            from llm.serving import nf4_kernels
 
             if nf4_kernels.available(packed.device):
                 return nf4_kernels.dequantize(packed, absmax, self.code, dtype)
@@ -246,7 +246,7 @@ class NF4Projection:
         if not self.use_kernels:
             out = self.reference(flat)
         elif flat.shape[0] <= MAX_KERNEL_ROWS and not self._plan_prefers_dequantizing(flat.shape[0]):
-            from llm import nf4_kernels
+            from llm.serving import nf4_kernels
 
             out = nf4_kernels.nf4_lora_linear(flat, self.weight, self.lora, self.round_lora_first)
         else:
@@ -254,7 +254,7 @@ class NF4Projection:
         return out.reshape(*x.shape[:-1], out.shape[-1])
 
     def _plan_prefers_dequantizing(self, rows: int) -> bool:
-        from llm import nf4_kernels
+        from llm.serving import nf4_kernels
 
         return nf4_kernels.PLAN.use_reference(rows, *self.weight.shape)
 
@@ -270,7 +270,7 @@ class NF4Projection:
 
     def prompt(self, x: torch.Tensor) -> torch.Tensor:
         """The reference function for many rows, on the GPU kernels' prompt path where it fits."""
-        from llm import nf4_kernels
+        from llm.serving import nf4_kernels
 
         if not nf4_kernels.prompt_path_fits(self.weight.shape[0], self.dequant_rows, self.lora.boundaries):
             return self.reference(x)
@@ -350,8 +350,8 @@ def build_nf4_decoder(
     """A `MistralDecoder` over the seed's NF4 weights and unmerged LoRA (see the module docstring).
 
     `free_source` empties the source model's projections as it goes (unusable afterwards)."""
-    from llm.fast import _ATTN, _MLP, _causal_lm, _free
-    from llm.mistral_decoder import DecoderConfig, MistralDecoder
+    from llm.serving.fast import _ATTN, _MLP, _causal_lm, _free
+    from llm.serving.mistral_decoder import DecoderConfig, MistralDecoder
 
     lm = _causal_lm(model)
     config = DecoderConfig.from_hf(lm.config)
@@ -396,7 +396,7 @@ def build_nf4_decoder(
 
 def enable_nf4_kernels(decoder: MistralDecoder) -> bool:
     """Route decode-sized projections to the fused Triton kernels (CUDA + Triton, float32 adapter)."""
-    from llm import nf4_kernels
+    from llm.serving import nf4_kernels
 
     if not nf4_kernels.available(decoder.device):
         return False
@@ -436,9 +436,9 @@ def build_nf4_engine(
     batching), decode projections through the fused NF4 kernels (CUDA)."""
     import time
 
-    from llm import nf4_kernels
-    from llm.batching import BatchingEngine, DecoderStepModel
-    from llm.fast import FAST_KV_CACHE_TOKENS, _warm_up, serving_graphs
+    from llm.serving import nf4_kernels
+    from llm.serving.batching import BatchingEngine, DecoderStepModel
+    from llm.serving.fast import FAST_KV_CACHE_TOKENS, _warm_up, serving_graphs
 
     started = time.monotonic()
     # The same pool as `fast`: the bench's 16 staggered requests run without preemption.

@@ -30,7 +30,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from llm import programmatic_launch
+from llm.serving import programmatic_launch
 
 logger = logging.getLogger(__name__)
 
@@ -226,7 +226,7 @@ def rope_kv_write(
 
 def graph_time_ms(fn: Callable[[], object], replays: int = 10) -> float:
     """Median time of one replay of a CUDA graph of `fn` (launch gaps excluded, as in decode; the tuners
-    here and in `llm.nf4_kernels`, and the kernel benches, time with it)."""
+    here and in `llm.serving.nf4_kernels`, and the kernel benches, time with it)."""
     fn()  # compile / pick algorithms outside the capture
     torch.cuda.synchronize()
     graph = torch.cuda.CUDAGraph()
@@ -325,7 +325,7 @@ _TRITON_PDL = _HAVE_TRITON and _triton_launches_programmatically()
 
 
 def programmatic_options(device: torch.device) -> dict:
-    """A decode-step Triton kernel's launch options: with `llm.programmatic_launch` on here, it is
+    """A decode-step Triton kernel's launch options: with `llm.serving.programmatic_launch` on here, it is
     scheduled while the kernel before it finishes and waits for it first thing (`GDC`)."""
     on = _TRITON_PDL and programmatic_launch.enabled(device)
     return {"GDC": True, "launch_pdl": True} if on else {"GDC": False}

@@ -11,7 +11,7 @@ block (block t): 32 contiguous bytes of each row, as bitsandbytes stored them. S
 - loads its 2 x 32 bytes and 2 absmax values (no repacking at load time),
 - builds each block's 16 possible weights once, `cvt.rn.bf16x2(code[i] * absmax)` (the float32
   product and single rounding of `dequantize_4bit`, so the weights are bit for bit bitsandbytes'),
-  as a low-byte and a high-byte table (`llm.nf4_kernels.lut_asm` does the same in Triton); or, for
+  as a low-byte and a high-byte table (`llm.serving.nf4_kernels.lut_asm` does the same in Triton); or, for
   `shared_lookups` of its blocks, multiplies each byte's two code values from a shared table by the
   absmax instead (the same products and rounding),
 - turns each 32-bit word (8 nibbles) into two MMAs' A registers with 8 `prmt` byte permutes,
@@ -24,9 +24,9 @@ the Triton kernels' epilogue does. Variants: 1 or 2 feature tiles per warp, 1 or
 in registers ahead of the one computed (bytes in flight are what one row waits on), whether each
 warp prefetches its next group's x into L1 (what batches of 9-16 rows wait on), and K split across
 2-8 blocks per feature tile (the last to finish adds their sums in a fixed order).
-On Hopper it is launched with programmatic dependent launch (`llm.programmatic_launch`): its first
+On Hopper it is launched with programmatic dependent launch (`llm.serving.programmatic_launch`): its first
 weight loads go out while the kernel before it finishes.
-The LoRA `A` kernel before it (`llm.nf4_kernels.mma_inputs`) leaves t as a few split-K partial
+The LoRA `A` kernel before it (`llm.serving.nf4_kernels.mma_inputs`) leaves t as a few split-K partial
 sums (1-4 rows) or whole (5-16 rows); the prologue adds the splits up. With FUSE_A
 (`nf4_mma_linear` without `inputs`) there is no kernel before it: the launch's first blocks
 compute t (and x in operand order, for more than one row) while the others start on their weights;
@@ -41,14 +41,15 @@ from __future__ import annotations
 import logging
 import struct
 from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from typing import TYPE_CHECKING
 
 import torch
 
-from llm import programmatic_launch
+from llm.serving import programmatic_launch
 
 if TYPE_CHECKING:
-    from llm.nf4 import LoraParts, NF4Matrix
+    from llm.serving.nf4 import LoraParts, NF4Matrix
 
 logger = logging.getLogger(__name__)
 
@@ -220,7 +221,7 @@ __device__ __forceinline__ int load_acquire(const int* p) {
     return v;
 }
 
-// Programmatic dependent launch (sm_90+; launched with the attribute by `llm.programmatic_launch`):
+// Programmatic dependent launch (sm_90+; launched with the attribute by `llm.serving.programmatic_launch`):
 // this launch may start while the kernel before it finishes, so that its weight loads overlap that
 // kernel's tail. Everything the kernels before it write (x, t, the counters' users) is read only
 // after previous_kernels_done(); without the attribute it returns at once.
@@ -697,8 +698,7 @@ def source(code: Sequence[float], warps: int, rows: int, rank: int, tiles: int =
 def fits(m: int, rank: int, warps: int, tiles: int, fuse_a: bool, shared_lookups: int) -> bool:
     """Whether a layout's shared memory fits its kernel for m rows of x and this rank (the code pairs
     take 32 KB of the 48)."""
-    rows = fused_kernel_rows(m) if fuse_a else 8 if m <= 8 else 16
-    return static_shared_bytes(warps, rows, rank, tiles, shared_lookups) <= STATIC_SHARED_LIMIT
+    return static_shared_bytes(warps, kernel_rows(m, fuse_a), rank, tiles, shared_lookups) <= STATIC_SHARED_LIMIT
 
 
 class MmaUnavailable(RuntimeError):
@@ -749,20 +749,62 @@ def code_values(code: torch.Tensor) -> tuple[float, ...]:
     return _CODE_VALUES[address]
 
 
+def _kernel_key(code: torch.Tensor, warps: int, rows: int, rank: int, tiles: int, prefetch_x: bool, ahead: int,
+                k: int, fuse_a: bool, shared_lookups: int, k_splits: int) -> tuple:
+    """What makes one compiled kernel: the device, then `source`'s arguments."""
+    return (code.device.index, code_values(code), warps, rows, rank, tiles, prefetch_x, ahead, k, fuse_a, shared_lookups,
+            k_splits)
+
+
 def _kernel(code: torch.Tensor, warps: int, rows: int, rank: int, tiles: int, prefetch_x: bool, ahead: int,
             k: int, fuse_a: bool, shared_lookups: int, k_splits: int) -> Callable:
-    key = (code.device.index, code_values(code), warps, rows, rank, tiles, prefetch_x, ahead, k, fuse_a, shared_lookups,
-           k_splits)
+    key = _kernel_key(code, warps, rows, rank, tiles, prefetch_x, ahead, k, fuse_a, shared_lookups, k_splits)
     if key not in _KERNELS:
         with torch.cuda.device(code.device):
             _KERNELS[key] = _compile(source(*key[1:]))
     return _KERNELS[key]
 
 
+def kernel_rows(m: int, fuse_a: bool) -> int:
+    """The row tile (ROWS) of the kernel that serves m rows."""
+    return fused_kernel_rows(m) if fuse_a else 8 if m <= 8 else 16
+
+
+def precompile(code: torch.Tensor, m: int, k: int, rank: int, layouts: Sequence[tuple], threads: int) -> int:
+    """Compile, on `threads` threads, the kernels that `nf4_mma_linear` will need for m rows with each
+    of `layouts` ((warps, tiles, prefetch_x, ahead, fuse_a, shared_lookups, k_splits) tuples); returns
+    how many it compiled. NVRTC's compile and the driver's module load release the GIL (ctypes), so
+    the start-up's dozens of compiles (0.5-3 s each) overlap instead of queueing (run 25: 82 s of
+    tuning on a fresh machine). A compile that fails here is left to the first launch, which
+    compiles it again and reports the failure as it always has."""
+    keys = {_kernel_key(code, warps, kernel_rows(m, fuse_a), rank, tiles, prefetch_x, ahead, k, fuse_a, shared_lookups,
+                        k_splits)
+            for warps, tiles, prefetch_x, ahead, fuse_a, shared_lookups, k_splits in layouts}
+    missing = [key for key in keys if key not in _KERNELS]
+    if _DISABLED is not None or not missing:
+        return 0
+    device = code.device
+
+    def compile_one(key: tuple) -> tuple[tuple, Callable | None]:
+        try:
+            with torch.cuda.device(device):
+                return key, _compile(source(*key[1:]))
+        except Exception:  # noqa: BLE001 - compiled again (and reported) at its first launch
+            return key, None
+
+    compiled = 0
+    with ThreadPoolExecutor(max_workers=max(1, threads), thread_name_prefix="nf4-nvrtc") as pool:
+        for key, kernel in pool.map(compile_one, missing):
+            if kernel is not None:
+                _KERNELS[key] = kernel
+                compiled += 1
+    return compiled
+
+
 def operand_order(x: torch.Tensor) -> torch.Tensor:
     """x ([rows <= 16, K]) as the kernel reads it, 16 * K values (rows past x's zero): per group of
     256 inputs, set of 8 rows and MMA step, each lane's 4 values in lane order. The LoRA `A` kernel
-    writes the same (`llm.nf4_kernels._fragment_offsets`); this is its reference."""
+    writes the same (`llm.serving.nf4_kernels._fragment_offsets`); this is its reference."""
     rows, k = x.shape
     padded = x.new_zeros((16, k))
     padded[:rows] = x
@@ -821,7 +863,7 @@ def nf4_mma_linear(
 ) -> torch.Tensor:
     """y = x @ dequant(W).T + scaling * B(A(x)) with PEFT's roundings for x ([m <= 16, K], bf16);
     rows from seg1 and from seg2 on belong to the LoRA's second and third parts.
-    `inputs`: what the LoRA A kernel before it wrote (`llm.nf4_kernels.mma_inputs`): x in operand
+    `inputs`: what the LoRA A kernel before it wrote (`llm.serving.nf4_kernels.mma_inputs`): x in operand
     order (16 * K values) and t = x @ A.T as split-K partial sums ([splits, rows, sum of ranks],
     float32). Without them, one launch does it all (FUSE_A): its first blocks write x in operand
     order and t (whole, summed in a fixed order), while the others start on their weights and wait
@@ -833,7 +875,7 @@ def nf4_mma_linear(
     y = torch.empty((m, n), dtype=torch.bfloat16, device=x.device)
     if inputs is not None:
         xq, t = inputs
-        kernel = _kernel(weight.code, warps, 8 if m <= 8 else 16, lora.rank, tiles, prefetch_x, ahead, k, False,
+        kernel = _kernel(weight.code, warps, kernel_rows(m, False), lora.rank, tiles, prefetch_x, ahead, k, False,
                          shared_lookups, k_splits)
         la_blocks = 0
         splits, fused_args = t.shape[0], [xq, 0, lora.a, t, t]  # the fused LoRA A's arguments, unused
@@ -842,7 +884,7 @@ def nf4_mma_linear(
             raise ValueError(f"the fused kernel takes ranks in quads; these LoRA parts have {rt} in all")
         if x.stride(1) != 1 or x.stride(0) % 8 or x.data_ptr() % 16:
             x = x.clone(memory_format=torch.contiguous_format)  # 16-byte rows for the vector loads
-        rows = fused_kernel_rows(m)
+        rows = kernel_rows(m, True)
         kernel = _kernel(weight.code, warps, rows, lora.rank, tiles, prefetch_x, ahead, k, True, shared_lookups,
                          k_splits)
         counters = lora.counters("fused", fused_counter_count(rt), x.device)

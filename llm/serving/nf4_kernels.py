@@ -7,7 +7,7 @@ only through Triton's interpreter, which tests/test_nf4_triton_interpreted.py us
   product in one split-K kernel reading bf16 x (`lora_a_prompt`), each chunk of weight rows
   dequantized for cuBLAS, then one kernel adds the LoRA's `B` product with PEFT's roundings and
   writes the chunk's columns of the output. Both LoRA kernels multiply float32 on the tensor cores
-  as three TF32 products (float32's accuracy); or, up to `llm.nf4.EXACT_PROMPT_ROWS` rows, PEFT's own
+  as three TF32 products (float32's accuracy); or, up to `llm.serving.nf4.EXACT_PROMPT_ROWS` rows, PEFT's own
   float32 A and B products (cuBLAS) and one kernel for the scaling and roundings: the seed's bits.
 - `nf4_lora_linear(x, weight, lora)`: y = x @ dequant(W).T + LoRA for 1..16 rows (a decode step).
   The weight bytes are streamed once: each tile is dequantized in registers (the same bf16 values)
@@ -21,7 +21,7 @@ only through Triton's interpreter, which tests/test_nf4_triton_interpreted.py us
   nibbles at a time with `prmt` byte permutes (PTX, `lut_asm`): ~8 instructions per weight, table
   and multiply-add included (SASS), where the code-table gather kernels take ~21. They serve one
   row (a GEMV), 2-16 rows (a 64-row warpgroup-MMA tile) and prompt-time dequantization.
-- The "mma" configurations run `llm.nf4_mma`'s CUDA C++ kernel (the same tables and permutes, the
+- The "mma" configurations run `llm.serving.nf4_mma`'s CUDA C++ kernel (the same tables and permutes, the
   decoded weights fed straight into tensor-core `mma.sync`): one kernel for 1..16 rows whose cost
   hardly grows with the rows. One LoRA `A` kernel before it (`mma_inputs`) writes x in its operand
   order and t = x @ A.T whole (its last program per rank block adds the groups up); the "f"
@@ -32,7 +32,7 @@ only through Triton's interpreter, which tests/test_nf4_triton_interpreted.py us
 - `NF4Plan`: per (projection, batch bucket), the fastest kernel configuration, timed at start-up
   over all layers' weights among those that match the reference path.
 
-On the CPU Triton is absent: `available()` is False and `llm.nf4` keeps its PyTorch path.
+On the CPU Triton is absent: `available()` is False and `llm.serving.nf4` keeps its PyTorch path.
 """
 
 # Triton kernel arguments are pointers / ints typed by Triton itself, not Python annotations.
@@ -42,6 +42,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import os
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
@@ -50,11 +51,11 @@ from typing import TYPE_CHECKING
 import torch
 import torch.nn.functional as F
 
-from llm import nf4_mma
-from llm.triton_kernels import after_previous_kernels, graph_time_ms, programmatic_options
+from llm.serving import nf4_mma
+from llm.serving.triton_kernels import after_previous_kernels, graph_time_ms, programmatic_options
 
 if TYPE_CHECKING:
-    from llm.nf4 import LoraParts, NF4Matrix
+    from llm.serving.nf4 import LoraParts, NF4Matrix
 
 logger = logging.getLogger(__name__)
 
@@ -79,7 +80,7 @@ class NF4Config:
     num_stages: int
     # "gather": the code table read per value; "lut": prmt register lookups. "_dot": a 16-row
     # tl.dot tile (any 1..16 rows), else multiply-adds on the CUDA cores (1..4 rows). "mma": the
-    # CUDA C++ tensor-core kernel of `llm.nf4_mma` (any 1..16 rows; block_k is its lane group).
+    # CUDA C++ tensor-core kernel of `llm.serving.nf4_mma` (any 1..16 rows; block_k is its lane group).
     kind: str = "gather"
     xperm: bool = False  # lut GEMV: x read value-major (written by the LoRA A kernel)
     prefetch_x: bool = False  # mma: each warp prefetches its next group's x into L1
@@ -128,7 +129,7 @@ LUT_DOT_CONFIGS = (  # 2-16 rows; 64-row tiles take Hopper's warpgroup MMA (wide
     NF4Config(64, 256, 4, 2, kind="lut_dot"),
     NF4Config(64, 128, 4, 2, kind="lut_dot"),
 )
-# 1..16 rows, where NVRTC and sm_80+ are there (llm.nf4_mma); num_warps split K inside a block,
+# 1..16 rows, where NVRTC and sm_80+ are there (llm.serving.nf4_mma); num_warps split K inside a block,
 # block_n = 16 features per tile x tiles per warp, num_stages = groups of weights in registers ahead
 # of the one computed; "p": x prefetched into L1; "f": the LoRA A product fused into the same launch;
 # "tN": N of each lane's absmax blocks per group decoded through the shared code pairs; "kN": K split
@@ -314,7 +315,7 @@ if _HAVE_TRITON:
 
     @triton.jit
     def _fragment_offsets(m, k):
-        """Where x[m, k] goes in the tensor-core kernel's x buffer (`llm.nf4_mma`): each warp-wide
+        """Where x[m, k] goes in the tensor-core kernel's x buffer (`llm.serving.nf4_mma`): each warp-wide
         load there is 256 contiguous bytes, the 4 values of every lane's MMA operand in lane order."""
         lane = (m % 8) * 4 + (k % 256) // 64
         return (((k // 256) * 2 + m // 8) * 16 + (k % 64) // 4) * 128 + lane * 4 + k % 4
@@ -1034,18 +1035,52 @@ def _fastest(name: str, group: list, rows: int, candidates: Sequence[NF4Config],
     return best
 
 
-def tune(projections: dict[str, list], rows_buckets: Sequence[int], replays: int = 5) -> dict[str, object]:
+def mma_layout(config: NF4Config) -> tuple:
+    """A tensor-core configuration as `nf4_mma.precompile` takes it (what `nf4_lora_linear` passes on)."""
+    return (config.num_warps, config.block_n // nf4_mma.TILE_N, config.prefetch_x, config.num_stages, config.fuse_a,
+            config.shared_lookups, config.k_splits)
+
+
+def precompile_candidates(projections: dict[str, list], buckets: Sequence[int], threads: int) -> int:
+    """Compile every tensor-core kernel the tuner is about to time, on `threads` threads at once;
+    returns how many were compiled."""
+    if threads <= 1 or not projections or not _mma_available():
+        return 0
+    compiled = 0
+    for group in projections.values():
+        first = group[0]
+        n, k = first.weight.shape
+        for rows in buckets:
+            layouts = [mma_layout(c) for c in _candidates(rows, n, k, first.lora.boundaries)
+                       if c.kind == "mma" and c.fits_kernel(rows, first.lora.rank)]
+            compiled += nf4_mma.precompile(first.weight.code, rows, k, first.lora.rank, layouts, threads)
+    return compiled
+
+
+def default_compile_threads() -> int:
+    """NVRTC compiles at once during the tuning: the cores there are, up to 8 (each takes a few
+    hundred MB of host memory)."""
+    return max(1, min(8, os.cpu_count() or 1))
+
+
+def tune(projections: dict[str, list], rows_buckets: Sequence[int], replays: int = 5,
+         compile_threads: int | None = None) -> dict[str, object]:
     """Per (projection, rows bucket), time every fitting config - and, for batched rows, dequantize +
     cuBLAS - over all layers' weights inside a CUDA graph (so neither launch overhead nor the L2
     cache flatters anyone); keep the fastest of those that match the reference path on the first
     layer (a config this GPU or Triton gets wrong is never served). Where no tensor-core config
-    does, the Triton ones are timed instead."""
+    does, the Triton ones are timed instead. The tensor-core kernels are compiled first, on
+    `compile_threads` threads (`default_compile_threads()` if None; 1: each at its first launch)."""
+    compile_threads = default_compile_threads() if compile_threads is None else compile_threads
     started = time.perf_counter()
     buckets = sorted({_block_m(r) for r in rows_buckets})
     # the operator's line for the silent minute or two that follows (run 25: 34-107 s on an H200)
     logger.info("nf4: timing the kernel layouts for %d projections x %d batch sizes to serve the fastest "
-                "(a minute or two: each layout is compiled first)", len(projections), len(buckets))
-    seconds_per_projection: dict[str, float] = {}  # where start-up time goes (compiles included)
+                "(up to a minute or two: each layout is compiled first, %d at a time)", len(projections), len(buckets),
+                compile_threads)
+    compiled = precompile_candidates(projections, buckets, compile_threads)
+    compile_s = round(time.perf_counter() - started, 1)
+    seconds_per_projection: dict[str, float] = {}  # where the rest of the start-up time goes
     for name, group in projections.items():
         projection_started = time.perf_counter()
         first = group[0]
@@ -1078,8 +1113,10 @@ def tune(projections: dict[str, list], rows_buckets: Sequence[int], replays: int
     choices = [label for key, label in summary.items() if key.startswith("m")]
     tensor_core = sum(label.startswith("mma") for label in choices)
     seconds = round(time.perf_counter() - started, 1)
-    logger.info("nf4 kernels tuned in %.1f s: the tensor-core kernel serves %d of %d projection x batch-size "
-                "choices%s", seconds, tensor_core, len(choices),
+    logger.info("nf4 kernels tuned in %.1f s (%.1f s compiling %d kernels on %d threads first): the tensor-core "
+                "kernel serves %d of %d projection x batch-size choices%s", seconds, compile_s, compiled,
+                compile_threads, tensor_core, len(choices),
                 f" (off: {nf4_mma.disabled_reason()})" if nf4_mma.disabled_reason() else "")
     return {**summary, "ms_per_step_all_layers": dict(PLAN.timings_ms), "tune_s": seconds,
+            "compile_threads": compile_threads, "precompiled_kernels": compiled, "precompile_s": compile_s,
             "tune_s_per_projection": seconds_per_projection}

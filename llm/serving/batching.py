@@ -76,7 +76,7 @@ class StepModel(Protocol):
 class DecoderStepModel:
     """`StepModel` over `MistralDecoder` + `DecodeGraphs` (graphs on CUDA, eager elsewhere)."""
 
-    def __init__(self, graphs) -> None:  # noqa: ANN001 - llm.mistral_decoder.DecodeGraphs
+    def __init__(self, graphs) -> None:  # noqa: ANN001 - llm.serving.mistral_decoder.DecodeGraphs
         self.graphs = graphs
         self.decoder = graphs.decoder
         self.device = graphs.decoder.device

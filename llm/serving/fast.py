@@ -26,9 +26,9 @@ from typing import TYPE_CHECKING
 import torch
 from torch import nn
 
-from llm import programmatic_launch
-from llm.batching import BatchingEngine, DecoderStepModel
-from llm.mistral_decoder import (
+from llm.serving import programmatic_launch
+from llm.serving.batching import BatchingEngine, DecoderStepModel
+from llm.serving.mistral_decoder import (
     DecodeGraphs,
     DecoderConfig,
     DenseHead,

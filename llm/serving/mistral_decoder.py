@@ -35,7 +35,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from llm import programmatic_launch, triton_kernels
+from llm.serving import programmatic_launch, triton_kernels
 
 logger = logging.getLogger(__name__)
 
