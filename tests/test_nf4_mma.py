@@ -224,51 +224,92 @@ def test_the_counted_shared_memory_is_ptxass_for_a_k_split_kernel(tmp_path):
     assert smem == nf4_mma.static_shared_bytes(4, 8, 32, 2, 2), built.stderr
 
 
-@pytest.mark.parametrize(("n", "k", "boundaries"), [(6144, 4096, [4096, 5120]), (4096, 14336, [])])
-def test_the_tuner_compiles_every_kernel_ahead_on_several_threads_and_launches_reuse_them(monkeypatch, n, k,
-                                                                                          boundaries):
-    # NVRTC and the launch cannot run here: the compile is a stand-in that takes a while and records
-    # its thread; the launches go through the real argument path up to the driver call.
-    import contextlib
-    import threading
-    import time
-
-    from llm.serving import nf4_kernels, programmatic_launch
+def _projection_on_cpu(n: int, k: int, boundaries: list[int]):  # noqa: ANN202
     from llm.serving.nf4 import LoraParts, NF4Matrix, NF4Projection
 
-    compiles: list[tuple[str, str]] = []
-
-    def slow_compile(source_text: str, name: str) -> object:
-        time.sleep(0.02)
-        compiles.append((threading.current_thread().name, source_text))
-        return object()
-
-    launched: list[object] = []
-    monkeypatch.setattr(nf4_mma, "_DISABLED", None)
-    monkeypatch.setattr(nf4_mma, "_KERNELS", {})
-    monkeypatch.setattr(torch.cuda, "_compile_kernel", slow_compile, raising=False)
-    monkeypatch.setattr(torch.cuda, "device", lambda device: contextlib.nullcontext())
-    monkeypatch.setattr(nf4_kernels, "_mma_available", lambda: True)
-    monkeypatch.setattr(programmatic_launch, "launch", lambda kernel, *args: launched.append(kernel))
-    monkeypatch.setattr(nf4_kernels, "mma_inputs", lambda x, n, lora: (
-        torch.zeros(16 * x.shape[1], dtype=torch.bfloat16), torch.zeros(1, x.shape[0], lora.a.shape[0])))
     starts = [0, *boundaries]
     segments = tuple((start, end, 32 * i) for i, (start, end) in enumerate(zip(starts, [*boundaries, n], strict=True)))
     weight = NF4Matrix(packed=torch.zeros((n, k // 2), dtype=torch.uint8), absmax=torch.ones((n, k // 64)),
                        code=torch.tensor(NF4_CODE))
     lora = LoraParts(a=torch.zeros((32 * len(segments), k)), b=torch.zeros((n, 32)), segments=segments, rank=32,
                      scaling=0.25)
+    return NF4Projection(weight, lora)
+
+
+@pytest.fixture
+def fake_nvrtc(monkeypatch):  # noqa: ANN201
+    """NVRTC, the driver and the launch cannot run here: stand-ins that record what they were asked.
+    The ahead-of-time compile takes a while and records its thread."""
+    import contextlib
+    import threading
+    import time
+
+    from llm.serving import nf4_kernels, programmatic_launch
+
+    calls: dict[str, list] = {"ahead": [], "at_launch": [], "launched": []}
+
+    def compile_ahead(source_text: str, name: str, capability: str) -> tuple[bytes, str]:
+        time.sleep(0.02)
+        calls["ahead"].append((threading.current_thread().name, source_text, capability))
+        return source_text.encode(), name
+
+    def compile_at_launch(source_text: str, name: str) -> object:
+        calls["at_launch"].append(source_text)
+        return object()
+
+    monkeypatch.setattr(nf4_mma, "_DISABLED", None)
+    monkeypatch.setattr(nf4_mma, "_KERNELS", {})
+    monkeypatch.setattr(nf4_mma, "_nvrtc_steps", lambda: (compile_ahead, lambda binary, names: {names[0]: object()}))
+    monkeypatch.setattr(torch.cuda, "_compile_kernel", compile_at_launch, raising=False)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (9, 0))
+    monkeypatch.setattr(torch.cuda, "device", lambda device: contextlib.nullcontext())
+    monkeypatch.setattr(nf4_kernels, "_mma_available", lambda: True)
+    monkeypatch.setattr(programmatic_launch, "launch", lambda kernel, *args: calls["launched"].append(kernel))
+    monkeypatch.setattr(nf4_kernels, "mma_inputs", lambda x, n, lora: (
+        torch.zeros(16 * x.shape[1], dtype=torch.bfloat16), torch.zeros(1, x.shape[0], lora.a.shape[0])))
+    return calls
+
+
+@pytest.mark.parametrize(("n", "k", "boundaries"), [(6144, 4096, [4096, 5120]), (4096, 14336, [])])
+def test_the_tuner_compiles_every_kernel_ahead_on_several_threads_and_launches_reuse_them(fake_nvrtc, n, k,
+                                                                                          boundaries):
+    from llm.serving import nf4_kernels
+
+    projection = _projection_on_cpu(n, k, boundaries)
     buckets = [1, 2, 4, 8, 16]
 
-    compiled = nf4_kernels.precompile_candidates({"p": [NF4Projection(weight, lora)]}, buckets, threads=4)
+    compiled = nf4_kernels.precompile_candidates({"p": [projection]}, buckets, threads=4)
 
-    assert compiled == len(compiles) > 4
-    assert len({source for _, source in compiles}) == compiled  # each kernel once
-    assert len({thread for thread, _ in compiles}) > 1 and all(t.startswith("nf4-nvrtc") for t, _ in compiles)
+    ahead = fake_nvrtc["ahead"]
+    assert compiled == len(ahead) > 4
+    assert len({source for _, source, _ in ahead}) == compiled  # each kernel once
+    assert {capability for _, _, capability in ahead} == {"90"}
+    assert len({thread for thread, _, _ in ahead}) > 1 and all(t.startswith("nf4-nvrtc") for t, _, _ in ahead)
     for rows in buckets:
         x = torch.zeros((rows, k), dtype=torch.bfloat16)
         for config in nf4_kernels._candidates(rows, n, k, boundaries):
             if config.kind == "mma" and config.fits_kernel(rows, 32):
-                nf4_kernels.nf4_lora_linear(x, weight, lora, True, config)
-    assert launched and set(map(id, launched)) <= set(map(id, nf4_mma._KERNELS.values()))
-    assert len(compiles) == compiled  # no launch compiled anything again
+                nf4_kernels.nf4_lora_linear(x, projection.weight, projection.lora, True, config)
+    assert fake_nvrtc["launched"] and set(map(id, fake_nvrtc["launched"])) <= set(map(id, nf4_mma._KERNELS.values()))
+    assert fake_nvrtc["at_launch"] == []  # no launch compiled anything again
+
+
+def test_a_kernel_that_fails_ahead_is_compiled_at_its_launch_and_the_kernel_stays_on(fake_nvrtc, monkeypatch, caplog):
+    # On the H200 a first version's threads could not load their modules, and that turned the
+    # tensor-core kernel off for the whole process: Triton served instead.
+    from llm.serving import nf4_kernels
+
+    def refuse(source_text: str, name: str, capability: str) -> tuple[bytes, str]:
+        raise RuntimeError("CUDA error: invalid device context\nmore")
+
+    monkeypatch.setattr(nf4_mma, "_nvrtc_steps", lambda: (refuse, None))
+    projection = _projection_on_cpu(4096, 4096, [])
+    with caplog.at_level("INFO", logger="llm.serving.nf4_mma"):
+        assert nf4_kernels.precompile_candidates({"o": [projection]}, [1, 16], threads=4) == 0
+    assert nf4_mma.disabled_reason() is None  # still on
+    lines = [r.getMessage() for r in caplog.records]
+    assert len(lines) == 1 and "compiles at its first launch instead" in lines[0] and "invalid device context" in lines[0]
+    config = next(c for c in nf4_kernels._candidates(16, 4096, 4096, []) if c.kind == "mma")
+    nf4_kernels.nf4_lora_linear(torch.zeros((16, 4096), dtype=torch.bfloat16), projection.weight, projection.lora,
+                                True, config)
+    assert len(fake_nvrtc["at_launch"]) == 1 and len(fake_nvrtc["launched"]) == 1

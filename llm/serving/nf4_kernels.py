@@ -1046,15 +1046,15 @@ def precompile_candidates(projections: dict[str, list], buckets: Sequence[int], 
     returns how many were compiled."""
     if threads <= 1 or not projections or not _mma_available():
         return 0
-    compiled = 0
+    requests = []
     for group in projections.values():
         first = group[0]
         n, k = first.weight.shape
         for rows in buckets:
-            layouts = [mma_layout(c) for c in _candidates(rows, n, k, first.lora.boundaries)
-                       if c.kind == "mma" and c.fits_kernel(rows, first.lora.rank)]
-            compiled += nf4_mma.precompile(first.weight.code, rows, k, first.lora.rank, layouts, threads)
-    return compiled
+            requests += [(first.weight.code, rows, k, first.lora.rank, mma_layout(c))
+                         for c in _candidates(rows, n, k, first.lora.boundaries)
+                         if c.kind == "mma" and c.fits_kernel(rows, first.lora.rank)]
+    return nf4_mma.precompile(requests, threads)
 
 
 def default_compile_threads() -> int:

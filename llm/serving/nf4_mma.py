@@ -770,34 +770,57 @@ def kernel_rows(m: int, fuse_a: bool) -> int:
     return fused_kernel_rows(m) if fuse_a else 8 if m <= 8 else 16
 
 
-def precompile(code: torch.Tensor, m: int, k: int, rank: int, layouts: Sequence[tuple], threads: int) -> int:
-    """Compile, on `threads` threads, the kernels that `nf4_mma_linear` will need for m rows with each
-    of `layouts` ((warps, tiles, prefetch_x, ahead, fuse_a, shared_lookups, k_splits) tuples); returns
-    how many it compiled. NVRTC's compile and the driver's module load release the GIL (ctypes), so
-    the start-up's dozens of compiles (0.5-3 s each) overlap instead of queueing (run 25: 82 s of
-    tuning on a fresh machine). A compile that fails here is left to the first launch, which
-    compiles it again and reports the failure as it always has."""
-    keys = {_kernel_key(code, warps, kernel_rows(m, fuse_a), rank, tiles, prefetch_x, ahead, k, fuse_a, shared_lookups,
-                        k_splits)
-            for warps, tiles, prefetch_x, ahead, fuse_a, shared_lookups, k_splits in layouts}
-    missing = [key for key in keys if key not in _KERNELS]
-    if _DISABLED is not None or not missing:
+def _nvrtc_steps() -> tuple[Callable, Callable] | None:
+    """PyTorch's two halves of `torch.cuda._compile_kernel`: the NVRTC compile (host only, no CUDA
+    context needed) and the module load (needs the device's context: the main thread's)."""
+    try:
+        from torch.cuda._utils import _cuda_load_module, _nvrtc_compile
+    except ImportError:
+        return None
+    return _nvrtc_compile, _cuda_load_module
+
+
+def precompile(requests: Sequence[tuple], threads: int) -> int:
+    """Compile, on `threads` threads, the kernels that `nf4_mma_linear` will need: one per request
+    (code tensor, m rows, k, rank, layout), a layout being (warps, tiles, prefetch_x, ahead, fuse_a,
+    shared_lookups, k_splits). Returns how many it compiled. NVRTC's compile releases the GIL
+    (ctypes), so the start-up's dozens of compiles (0.5-3 s each) overlap instead of queueing (run 25:
+    82 s of tuning on a fresh machine); the modules are then loaded here, in the thread that holds
+    the device's context. A kernel that fails here is left to its first launch, which compiles it
+    again and reports a failure as always; one INFO line says how many."""
+    steps = _nvrtc_steps()
+    devices = {}
+    for code, m, k, rank, (warps, tiles, prefetch_x, ahead, fuse_a, shared_lookups, k_splits) in requests:
+        key = _kernel_key(code, warps, kernel_rows(m, fuse_a), rank, tiles, prefetch_x, ahead, k, fuse_a,
+                          shared_lookups, k_splits)
+        devices.setdefault(key, code.device)
+    missing = [key for key in devices if key not in _KERNELS]
+    if steps is None or _DISABLED is not None or not missing:
         return 0
-    device = code.device
+    nvrtc_compile, load_module = steps
+    capabilities = {device: "{}{}".format(*torch.cuda.get_device_capability(device)) for device in set(devices.values())}
 
-    def compile_one(key: tuple) -> tuple[tuple, Callable | None]:
+    def compile_one(key: tuple) -> tuple[bytes, str] | Exception:
         try:
-            with torch.cuda.device(device):
-                return key, _compile(source(*key[1:]))
-        except Exception:  # noqa: BLE001 - compiled again (and reported) at its first launch
-            return key, None
+            return nvrtc_compile(source(*key[1:]), "nf4_mma_kernel", capabilities[devices[key]])
+        except Exception as error:  # noqa: BLE001 - compiled again (and reported) at its first launch
+            return error
 
-    compiled = 0
+    compiled, failures = 0, []
     with ThreadPoolExecutor(max_workers=max(1, threads), thread_name_prefix="nf4-nvrtc") as pool:
-        for key, kernel in pool.map(compile_one, missing):
-            if kernel is not None:
-                _KERNELS[key] = kernel
+        for key, binary in zip(missing, pool.map(compile_one, missing), strict=True):
+            try:
+                if isinstance(binary, Exception):
+                    raise binary
+                with torch.cuda.device(devices[key]):
+                    _KERNELS[key] = load_module(binary[0], [binary[1]])[binary[1]]
                 compiled += 1
+            except Exception as error:  # noqa: BLE001 - as above
+                failures.append(error)
+    if failures:
+        first = (str(failures[0]).strip().splitlines() or [type(failures[0]).__name__])[0][:200]
+        logger.info("nf4: %d of %d kernels did not compile ahead (%s); each compiles at its first launch instead",
+                    len(failures), len(missing), first)
     return compiled
 
 
