@@ -248,9 +248,9 @@ def fake_nvrtc(monkeypatch):  # noqa: ANN201
 
     calls: dict[str, list] = {"ahead": [], "at_launch": [], "launched": []}
 
-    def compile_ahead(source_text: str, name: str, capability: str) -> tuple[bytes, str]:
+    def compile_ahead(source_text: str, name: str, compute_capability: str) -> tuple[bytes, str]:
         time.sleep(0.02)
-        calls["ahead"].append((threading.current_thread().name, source_text, capability))
+        calls["ahead"].append((threading.current_thread().name, source_text, compute_capability))
         return source_text.encode(), name
 
     def compile_at_launch(source_text: str, name: str) -> object:
@@ -299,7 +299,7 @@ def test_a_kernel_that_fails_ahead_is_compiled_at_its_launch_and_the_kernel_stay
     # tensor-core kernel off for the whole process: Triton served instead.
     from llm.serving import nf4_kernels
 
-    def refuse(source_text: str, name: str, capability: str) -> tuple[bytes, str]:
+    def refuse(source_text: str, name: str, compute_capability: str) -> tuple[bytes, str]:
         raise RuntimeError("CUDA error: invalid device context\nmore")
 
     monkeypatch.setattr(nf4_mma, "_nvrtc_steps", lambda: (refuse, None))

@@ -802,7 +802,7 @@ def precompile(requests: Sequence[tuple], threads: int) -> int:
 
     def compile_one(key: tuple) -> tuple[bytes, str] | Exception:
         try:
-            return nvrtc_compile(source(*key[1:]), "nf4_mma_kernel", capabilities[devices[key]])
+            return nvrtc_compile(source(*key[1:]), "nf4_mma_kernel", compute_capability=capabilities[devices[key]])
         except Exception as error:  # noqa: BLE001 - compiled again (and reported) at its first launch
             return error
 
