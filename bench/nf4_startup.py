@@ -44,7 +44,10 @@ def run_tuner(threads: int) -> dict:
     seconds = time.perf_counter() - started
     chosen = {key: value for key, value in plan.items() if key.startswith("m")}
     return {"compile_threads": threads, "tune_s": round(seconds, 1), "precompile_s": plan.get("precompile_s"),
-            "precompiled_kernels": plan.get("precompiled_kernels"), "plan": chosen}
+            "precompiled_kernels": plan.get("precompiled_kernels"),
+            # a compile failure turns to the Triton kernels: this count says so at a glance
+            "tensor_core_choices": f"{sum(label.startswith('mma') for label in chosen.values())} of {len(chosen)}",
+            "plan": chosen}
 
 
 def main() -> None:
