@@ -789,7 +789,7 @@ def precompile(requests: Sequence[tuple], threads: int) -> int:
     the device's context. A kernel that fails here is left to its first launch, which compiles it
     again and reports a failure as always; one INFO line says how many."""
     steps = _nvrtc_steps()
-    devices = {}
+    devices: dict[tuple, torch.device] = {}
     for code, m, k, rank, (warps, tiles, prefetch_x, ahead, fuse_a, shared_lookups, k_splits) in requests:
         key = _kernel_key(code, warps, kernel_rows(m, fuse_a), rank, tiles, prefetch_x, ahead, k, fuse_a,
                           shared_lookups, k_splits)
