@@ -35,9 +35,6 @@ def run_tuner(threads: int) -> dict:
     from llm.serving import nf4_kernels
 
     groups = {name: [projection(parts, cols, seed) for seed in range(LAYERS)] for name, (parts, cols) in SHAPES.items()}
-    for group in groups.values():
-        for p in group:
-            p.use_kernels = True
     torch.cuda.synchronize()
     started = time.perf_counter()
     plan = nf4_kernels.tune(groups, [1, 2, 4, 8, 16], compile_threads=threads)
@@ -62,6 +59,10 @@ def main() -> None:
         choices = [int(t) for t in args.threads.split(",")]
     except ValueError:
         parser.error(f"--threads must be comma-separated numbers, got {args.threads!r}")
+    import torch
+
+    if not torch.cuda.is_available():
+        parser.error("needs a CUDA GPU: run it through the device tool (bench/NOTES.md, Reproduce)")
     results = []
     for threads in choices:
         env = {**os.environ, "CUDA_CACHE_DISABLE": "1"}

@@ -965,10 +965,10 @@ def nf4_lora_linear(
     block_m = _block_m(m)
     seg1, seg2 = lora.part_starts(n)
     if config.kind == "mma":
-        return nf4_mma.nf4_mma_linear(x, weight, lora, seg1, seg2, round_lora_first, config.num_warps,
-                                      config.block_n // nf4_mma.TILE_N, config.prefetch_x, config.num_stages,
-                                      inputs=None if config.fuse_a else mma_inputs(x, n, lora),
-                                      shared_lookups=config.shared_lookups, k_splits=config.k_splits)
+        warps, tiles, prefetch_x, ahead, fuse_a, shared_lookups, k_splits = mma_layout(config)
+        return nf4_mma.nf4_mma_linear(x, weight, lora, seg1, seg2, round_lora_first, warps, tiles, prefetch_x, ahead,
+                                      inputs=None if fuse_a else mma_inputs(x, n, lora),
+                                      shared_lookups=shared_lookups, k_splits=k_splits)
     xperm = torch.empty((k,), dtype=torch.float32, device=x.device) if config.xperm else None
     t, splits = lora_a_product(x, lora, block_m, config.dot, xperm)
     y = torch.empty((m, n), dtype=torch.bfloat16, device=x.device)
@@ -1035,8 +1035,9 @@ def _fastest(name: str, group: list, rows: int, candidates: Sequence[NF4Config],
     return best
 
 
-def mma_layout(config: NF4Config) -> tuple:
-    """A tensor-core configuration as `nf4_mma.precompile` takes it (what `nf4_lora_linear` passes on)."""
+def mma_layout(config: NF4Config) -> tuple[int, int, bool, int, bool, int, int]:
+    """A tensor-core configuration as the kernel takes it: (warps, tiles, prefetch_x, ahead, fuse_a,
+    shared_lookups, k_splits), for `nf4_mma.nf4_mma_linear` and `nf4_mma.precompile` alike."""
     return (config.num_warps, config.block_n // nf4_mma.TILE_N, config.prefetch_x, config.num_stages, config.fuse_a,
             config.shared_lookups, config.k_splits)
 
