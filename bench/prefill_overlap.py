@@ -1,0 +1,150 @@
+"""Can a prompt's prefill run beside the decode steps instead of between them? (GPU, device tool)
+
+The experiment before any scheduler change. With 16 staggered answers the prompts stall every
+running answer: `nf4`'s exact prompt (weights dequantized for cuBLAS) is ALU-light and memory-bound,
+its 16-row decode step is ALU-bound at ~1.8 TB/s, so the two might share the card. For each mode it
+builds the engine (start-up timed: on a fresh machine that is the first start's figure), gives 16
+rows a 512-token cache, then times, with graph replays only:
+
+- `decode_ms`: one 16-row decode step alone;
+- `prefill_ms`: one prompt of L tokens alone (its captured bucket);
+- together: P prompts on a second stream while K decode steps run on the first, K x decode_ms about
+  P x prefill_ms; `overlap_gain` = (K x decode_ms + P x prefill_ms) / wall, 1.0 = no overlap;
+  `decode_ms_beside` = mean decode step while the prompts run. Once with equal stream priorities,
+  once with the decode stream at high priority.
+
+The prompt graphs share the decode graphs' memory pool, so the concurrent results are garbage;
+only times are read. Prints one JSON line per mode.
+
+    python bench/prefill_overlap.py --tokenizer-file .tok/tokenizer.model.v1 [--cases nf4,fast]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import torch  # noqa: E402
+from bench_engines import (  # noqa: E402
+    _profile_tables,
+    build_seed_model,
+    free_gpu,
+    make_tokenizer,
+    random_prompt,
+    sync,
+)
+
+ROWS, KV = 16, 512
+
+
+def build(name: str, model, tokenizer):  # noqa: ANN001, ANN201
+    if name == "nf4":
+        from llm.serving.nf4 import build_nf4_engine
+
+        return build_nf4_engine(model, tokenizer, max_batch=16, max_seq_len=2048, free_source=True)
+    from llm.serving.fast import build_fast_engine
+
+    return build_fast_engine(model, tokenizer, max_batch=16, max_seq_len=2048, free_source=True)
+
+
+def measure(name: str, tokenizer) -> dict:  # noqa: ANN001
+    model = build_seed_model()
+    sync()
+    started = time.perf_counter()
+    engine = build(name, model, tokenizer)
+    sync()
+    result: dict = {"case": name, "engine_build_s": round(time.perf_counter() - started, 1)}
+    result["info"] = {k: v for k, v in engine.info.items() if isinstance(v, int | float | str | bool)}
+    plan = engine.info.get("nf4_plan") or {}
+    result["tune"] = {k: v for k, v in plan.items() if not k.startswith("m")}
+    del model
+    graphs = engine.scheduler.model.graphs
+    decoder = graphs.decoder
+    generator = torch.Generator().manual_seed(3)
+    with torch.inference_mode():
+        _profile_tables(decoder, ROWS, KV)
+        tokens, positions = [1] * ROWS, [KV - 1] * ROWS
+        graphs._prefill_dest.copy_(decoder.prefill_destination([], [], graphs.max_batch))  # all scratch
+
+        def decode() -> None:
+            graphs.decode(tokens, positions)
+
+        def timed(run, repeats: int) -> float:  # noqa: ANN001
+            run()
+            sync()
+            start = time.perf_counter()
+            for _ in range(repeats):
+                run()
+            sync()
+            return (time.perf_counter() - start) / repeats * 1000
+
+        decode_ms = timed(decode, 30)
+        result["decode_ms"] = round(decode_ms, 3)
+        for length in (32, 288):
+            bucket = graphs._prefill_bucket(1, length)
+            ids, _, _ = graphs._prefill_buffers(*bucket)
+            ids.copy_(torch.tensor(random_prompt(tokenizer, bucket[1], generator)).view_as(ids))
+            graph, _ = graphs._prefill_graphs[bucket]
+            prefill_ms = timed(graph.replay, 10)
+            prompts = 6
+            steps = max(1, round(prompts * prefill_ms / decode_ms))
+            entry = {"bucket": list(bucket), "prefill_ms": round(prefill_ms, 3), "prompts": prompts, "steps": steps}
+            for label, priority in (("equal", 0), ("decode_high", -1)):
+                decode_stream = torch.cuda.Stream(priority=priority)
+                prompt_stream = torch.cuda.Stream(priority=0)
+                decode_stream.wait_stream(torch.cuda.current_stream())
+                prompt_stream.wait_stream(torch.cuda.current_stream())
+                sync()
+                marks = [torch.cuda.Event(enable_timing=True) for _ in range(steps + 1)]
+                start = time.perf_counter()
+                with torch.cuda.stream(prompt_stream):
+                    for _ in range(prompts):
+                        graph.replay()
+                with torch.cuda.stream(decode_stream):
+                    marks[0].record()
+                    for index in range(steps):
+                        decode()
+                        marks[index + 1].record()
+                sync()
+                wall_ms = (time.perf_counter() - start) * 1000
+                step_times = [marks[i].elapsed_time(marks[i + 1]) for i in range(steps)]
+                serial = steps * decode_ms + prompts * prefill_ms
+                entry[label] = {
+                    "wall_ms": round(wall_ms, 2), "serial_ms": round(serial, 2),
+                    "overlap_gain": round(serial / wall_ms, 3),
+                    "decode_ms_beside": round(sum(step_times) / steps, 3),
+                    "decode_ms_max": round(max(step_times), 3),
+                }
+            result[f"t{length}"] = entry
+    engine.close()
+    return result
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--tokenizer-file")
+    parser.add_argument("--cases", default="nf4,fast")
+    args = parser.parse_args()
+    if not torch.cuda.is_available():
+        sys.exit("prefill_overlap.py measures a GPU: run it on the device (bench/NOTES.md, Reproduce)")
+    tokenizer = make_tokenizer(args.tokenizer_file, Path(tempfile.mkdtemp()) / "tok")
+    for name in args.cases.split(","):
+        try:
+            print("RESULT " + json.dumps(measure(name, tokenizer)), flush=True)
+        except Exception as error:  # noqa: BLE001 - one mode's failure leaves the other measured
+            import traceback
+
+            print("RESULT " + json.dumps({"case": name, "error": repr(error),
+                                          "trace": traceback.format_exc(limit=6)}), flush=True)
+        free_gpu()
+
+
+if __name__ == "__main__":
+    main()
