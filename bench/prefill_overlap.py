@@ -14,7 +14,9 @@ rows a 512-token cache, then times, with graph replays only:
   once with the decode stream at high priority.
 
 The prompt graphs share the decode graphs' memory pool, so the concurrent results are garbage;
-only times are read. Prints one JSON line per mode.
+only times are read. Prints one JSON line per mode. Run 27's `fast` case never printed (the call's
+10 minutes ran out after `nf4`'s line): a case that runs past `--case-timeout` now ends the run with
+every thread's stack on stderr instead.
 
     python bench/prefill_overlap.py --tokenizer-file .tok/tokenizer.model.v1 [--cases nf4,fast]
 """
@@ -22,6 +24,7 @@ only times are read. Prints one JSON line per mode.
 from __future__ import annotations
 
 import argparse
+import faulthandler
 import json
 import sys
 import tempfile
@@ -131,11 +134,13 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--tokenizer-file")
     parser.add_argument("--cases", default="nf4,fast")
+    parser.add_argument("--case-timeout", type=float, default=240.0, help="seconds per mode before the stacks are dumped")
     args = parser.parse_args()
     if not torch.cuda.is_available():
         sys.exit("prefill_overlap.py measures a GPU: run it on the device (bench/NOTES.md, Reproduce)")
     tokenizer = make_tokenizer(args.tokenizer_file, Path(tempfile.mkdtemp()) / "tok")
     for name in args.cases.split(","):
+        faulthandler.dump_traceback_later(args.case_timeout, exit=True)
         try:
             print("RESULT " + json.dumps(measure(name, tokenizer)), flush=True)
         except Exception as error:  # noqa: BLE001 - one mode's failure leaves the other measured
@@ -143,6 +148,7 @@ def main() -> None:
 
             print("RESULT " + json.dumps({"case": name, "error": repr(error),
                                           "trace": traceback.format_exc(limit=6)}), flush=True)
+        faulthandler.cancel_dump_traceback_later()
         free_gpu()
 
 
