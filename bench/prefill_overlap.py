@@ -14,9 +14,10 @@ rows a 512-token cache, then times, with graph replays only:
   once with the decode stream at high priority.
 
 The prompt graphs share the decode graphs' memory pool, so the concurrent results are garbage;
-only times are read. Prints one JSON line per mode. Run 27's `fast` case never printed (the call's
-10 minutes ran out after `nf4`'s line): a case that runs past `--case-timeout` now ends the run with
-every thread's stack on stderr instead.
+only times are read. Prints one JSON line per mode. In run 27 `fast`'s case hung on the GPU (some
+kernel of its graphs waits on its own other blocks, which the other stream kept off the SMs) and
+took the call's 10 minutes: a case that runs past `--case-timeout` now ends the run with every
+thread's stack on stderr.
 
     python bench/prefill_overlap.py --tokenizer-file .tok/tokenizer.model.v1 [--cases nf4,fast]
 """
