@@ -224,16 +224,21 @@ def ttft(engine, prompt: list[int], repeats: int = 3) -> float:  # noqa: ANN001
     return round(statistics.median(values) * 1000, 1)
 
 
-def _time_decode_ms(graphs, tokens: list[int], positions: list[int], warmup: int = 3, repeats: int = 20) -> float:  # noqa: ANN001
-    """Milliseconds per graph-replayed decode step: the mean of `repeats` replays after a warm-up."""
+def mean_ms(run, repeats: int, warmup: int = 1) -> float:  # noqa: ANN001
+    """Milliseconds per call of `run` (GPU work included): the mean of `repeats` calls after a warm-up."""
     for _ in range(warmup):
-        graphs.decode(tokens, positions)
+        run()
     sync()
     start = time.perf_counter()
     for _ in range(repeats):
-        graphs.decode(tokens, positions)
+        run()
     sync()
     return round((time.perf_counter() - start) / repeats * 1000, 3)
+
+
+def _time_decode_ms(graphs, tokens: list[int], positions: list[int], warmup: int = 3, repeats: int = 20) -> float:  # noqa: ANN001
+    """Milliseconds per graph-replayed decode step: the mean of `repeats` replays after a warm-up."""
+    return mean_ms(lambda: graphs.decode(tokens, positions), repeats, warmup)
 
 
 def graph_step_times(engine) -> dict:  # noqa: ANN001
@@ -651,24 +656,15 @@ def main() -> None:
             case["error"] = traceback.format_exc(limit=5)
         emit(case, out_dir)
 
-    no_compile = args.no_compile
-    builders = {
-        "nf4": lambda m: __import__("llm.serving.nf4", fromlist=["build_nf4_engine"]).build_nf4_engine(
-            m, tokenizer, max_batch=16, max_seq_len=2048, compile_kernels=not no_compile, free_source=True,
-            triton_kernels=not args.no_triton, kv_cache_tokens=args.kv_cache_tokens),
-        "low-memory": lambda m: __import__("llm.serving.fast", fromlist=["build_low_memory_engine"]).build_low_memory_engine(
-            m, tokenizer, max_batch=2, max_seq_len=2048, compile_kernels=not no_compile),
-        "fast": lambda m: __import__("llm.serving.fast", fromlist=["build_fast_engine"]).build_fast_engine(
-            m, tokenizer, max_batch=16, max_seq_len=2048, compile_kernels=not no_compile, free_source=True,
-            triton_kernels=not args.no_triton, paged_kv=not args.static_kv, kv_cache_tokens=args.kv_cache_tokens),
-    }
-    for name in [c for c in cases if c in builders]:
+    options = dict(compile_kernels=not args.no_compile, triton_kernels=not args.no_triton,
+                   paged_kv=not args.static_kv, kv_cache_tokens=args.kv_cache_tokens)
+    for name in [c for c in cases if c in ENGINE_MODES]:
         if model is None:  # the previous mode consumed it: the same random model again (same seed)
             free_gpu()
             model = build_seed_model()
         source, model = model, None
         try:
-            case = bench_batching_engine(name, lambda src=source, n=name: builders[n](src), tokenizer, args,
+            case = bench_batching_engine(name, lambda src=source, n=name: build_engine(n, src, tokenizer, **options), tokenizer, args,
                                          reference_logits, korean_ids, seed_decoded)
         except Exception:  # noqa: BLE001
             case = {"case": name, "error": traceback.format_exc(limit=8)}
@@ -687,6 +683,29 @@ def main() -> None:
     print_table()
     if out_dir:
         write_chart(out_dir / "engines.png")
+
+
+ENGINE_MODES = ("nf4", "low-memory", "fast")
+
+
+def build_engine(name: str, model, tokenizer, compile_kernels: bool = True, triton_kernels: bool = True,  # noqa: ANN001, ANN201
+                 paged_kv: bool = True, kv_cache_tokens: int | None = None):
+    """One of finbot's modes (`ENGINE_MODES`) from the seed's model (consumed), as the bench serves it:
+    16 slots of 2,048 tokens (`low-memory`: 2)."""
+    if name == "nf4":
+        from llm.serving.nf4 import build_nf4_engine
+
+        return build_nf4_engine(model, tokenizer, max_batch=16, max_seq_len=2048, compile_kernels=compile_kernels,
+                                free_source=True, triton_kernels=triton_kernels, kv_cache_tokens=kv_cache_tokens)
+    from llm.serving.fast import build_fast_engine, build_low_memory_engine
+
+    if name == "low-memory":
+        return build_low_memory_engine(model, tokenizer, max_batch=2, max_seq_len=2048, compile_kernels=compile_kernels)
+    if name != "fast":
+        raise ValueError(f"no engine mode {name!r}: one of {', '.join(ENGINE_MODES)}")
+    return build_fast_engine(model, tokenizer, max_batch=16, max_seq_len=2048, compile_kernels=compile_kernels,
+                             free_source=True, triton_kernels=triton_kernels, paged_kv=paged_kv,
+                             kv_cache_tokens=kv_cache_tokens)
 
 
 def free_gpu() -> None:

@@ -38,9 +38,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import torch  # noqa: E402
 from bench_engines import (  # noqa: E402
     _profile_tables,
+    _time_decode_ms,
+    build_engine,
     build_seed_model,
     free_gpu,
     make_tokenizer,
+    mean_ms,
     random_prompt,
     sync,
 )
@@ -48,21 +51,11 @@ from bench_engines import (  # noqa: E402
 ROWS, KV = 16, 512
 
 
-def build(name: str, model, tokenizer):  # noqa: ANN001, ANN201
-    if name == "nf4":
-        from llm.serving.nf4 import build_nf4_engine
-
-        return build_nf4_engine(model, tokenizer, max_batch=16, max_seq_len=2048, free_source=True)
-    from llm.serving.fast import build_fast_engine
-
-    return build_fast_engine(model, tokenizer, max_batch=16, max_seq_len=2048, free_source=True)
-
-
 def measure(name: str, tokenizer) -> dict:  # noqa: ANN001
     model = build_seed_model()
     sync()
     started = time.perf_counter()
-    engine = build(name, model, tokenizer)
+    engine = build_engine(name, model, tokenizer)
     sync()
     result: dict = {"case": name, "engine_build_s": round(time.perf_counter() - started, 1)}
     result["info"] = {k: v for k, v in engine.info.items() if isinstance(v, int | float | str | bool)}
@@ -76,30 +69,16 @@ def measure(name: str, tokenizer) -> dict:  # noqa: ANN001
         _profile_tables(decoder, ROWS, KV)
         tokens, positions = [1] * ROWS, [KV - 1] * ROWS
         graphs._prefill_dest.copy_(decoder.prefill_destination([], [], graphs.max_batch))  # all scratch
-
-        def decode() -> None:
-            graphs.decode(tokens, positions)
-
-        def timed(run, repeats: int) -> float:  # noqa: ANN001
-            run()
-            sync()
-            start = time.perf_counter()
-            for _ in range(repeats):
-                run()
-            sync()
-            return (time.perf_counter() - start) / repeats * 1000
-
-        decode_ms = timed(decode, 30)
-        result["decode_ms"] = round(decode_ms, 3)
+        decode_ms = result["decode_ms"] = _time_decode_ms(graphs, tokens, positions, warmup=1, repeats=30)
         for length in (32, 288):
             bucket = graphs._prefill_bucket(1, length)
             ids, _, _ = graphs._prefill_buffers(*bucket)
             ids.copy_(torch.tensor(random_prompt(tokenizer, bucket[1], generator)).view_as(ids))
             graph, _ = graphs._prefill_graphs[bucket]
-            prefill_ms = timed(graph.replay, 10)
+            prefill_ms = mean_ms(graph.replay, 10)
             prompts = 6
             steps = max(1, round(prompts * prefill_ms / decode_ms))
-            entry = {"bucket": list(bucket), "prefill_ms": round(prefill_ms, 3), "prompts": prompts, "steps": steps}
+            entry = {"bucket": list(bucket), "prefill_ms": prefill_ms, "prompts": prompts, "steps": steps}
             for label, priority in (("equal", 0), ("decode_high", -1)):
                 decode_stream = torch.cuda.Stream(priority=priority)
                 prompt_stream = torch.cuda.Stream(priority=0)
@@ -114,7 +93,7 @@ def measure(name: str, tokenizer) -> dict:  # noqa: ANN001
                 with torch.cuda.stream(decode_stream):
                     marks[0].record()
                     for index in range(steps):
-                        decode()
+                        graphs.decode(tokens, positions)
                         marks[index + 1].record()
                 sync()
                 wall_ms = (time.perf_counter() - start) * 1000
