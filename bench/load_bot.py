@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import signal
 import statistics
 import sys
@@ -79,6 +80,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, default=None)
     parser.add_argument("--runs", type=int, default=3, help="repeat the whole load (fresh bot each time)")
     parser.add_argument("--idle-seconds", type=float, default=3.0, help="idle CPU baseline before the load")
+    parser.add_argument("--bot-log", type=Path, default=None, metavar="PATH",
+                        help="keep the last run's `finbot run` log (it is written to a temporary folder)")
     parser.add_argument("--py-spy", type=Path, default=None, metavar="OUT",
                         help="also sample the bot with `py-spy record --gil` during the load (collapsed stacks to OUT)")
     args = parser.parse_args(argv)
@@ -109,7 +112,7 @@ def main(argv: list[str] | None = None) -> int:
             "start-up excluded. 'net_of_idle' subtracts the idle CPU rate (measured over idle_seconds with no "
             "traffic before the load) times the load's duration. p50/mean are over runs."
         ),
-        "per_run": [{k: r[k] for k in ("answered", "lost", "duplicated", "event_to_first_visible", "event_to_first_text",
+        "per_run": [{k: r[k] for k in ("start_to_connected_s", "answered", "lost", "duplicated", "event_to_first_visible", "event_to_first_text",
                                         "event_to_final", "bot_cpu_s_total", "bot_cpu_ms_per_question",
                                         "bot_idle_cpu_ms_per_s", "load_s", "exit_code")} for r in runs],
     }
@@ -142,9 +145,11 @@ def run_once(args: argparse.Namespace) -> dict[str, Any]:
         # The fake engine's reply quotes the question, so an answer is found by its marker; a real
         # model's is not: then the thread's k-th bot message is the answer to its k-th question.
         by_marker = settings["ENGINE"] == "fake"
+        launched = time.monotonic()
         process = start_finbot("run", cwd=root, log_path=log, **settings)
         try:
             fake.wait_connected(timeout=args.connect_timeout)
+            start_to_connected_s = time.monotonic() - launched
             time.sleep(1.0)  # let start-up work settle before the CPU baseline
             bot = psutil.Process(process.pid)
             idle_before, idle_started = bot.cpu_times(), time.monotonic()
@@ -220,6 +225,9 @@ def run_once(args: argparse.Namespace) -> dict[str, Any]:
         finally:
             process.send_signal(signal.SIGTERM)
             exit_code = process.wait(timeout=60)
+            if args.bot_log:
+                args.bot_log.parent.mkdir(parents=True, exist_ok=True)
+                shutil.copyfile(log, args.bot_log)
 
         # Per question: which bot message answers it, and when it became visible / got text / was final.
         by_ts: dict[str, list[float]] = {}
@@ -284,6 +292,8 @@ def run_once(args: argparse.Namespace) -> dict[str, Any]:
             "fake_engine": {"tokens_per_second": args.tokens_per_second, "answer_s": round(answer_seconds, 2),
                             "workers": args.workers} if by_marker else None,
             "workers": args.workers,
+            # a real engine loads, tunes and captures its graphs before the bot connects
+            "start_to_connected_s": round(start_to_connected_s, 1),
             "answers_matched_by": "question marker" if by_marker else "order in thread",
             "answered": answered,
             "lost": lost,
