@@ -166,12 +166,17 @@ def single_stream(engine, prompt: list[int], tokens: int) -> dict:  # noqa: ANN0
     }
 
 
-def staggered(engine, tokenizer, n: int, tokens: int, gap_s: float, seed: int = 1) -> dict:  # noqa: ANN001
+def staggered_prompts(tokenizer, n: int, seed: int = 1) -> list[list[int]]:  # noqa: ANN001
+    """The staggered load's prompts: n random prompts of 64-511 tokens."""
     generator = torch.Generator().manual_seed(seed)
-    prompts = [
+    return [
         random_prompt(tokenizer, int(torch.randint(64, 512, (1,), generator=generator)), generator)
         for _ in range(n)
     ]
+
+
+def staggered(engine, tokenizer, n: int, tokens: int, gap_s: float, seed: int = 1) -> dict:  # noqa: ANN001
+    prompts = staggered_prompts(tokenizer, n, seed)
     latencies: list[float] = [0.0] * n
     counts = [0] * n
     ttfts = [0.0] * n

@@ -25,8 +25,11 @@ import statistics
 import sys
 from dataclasses import dataclass
 from pathlib import Path
+from types import SimpleNamespace
 
 import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 LENGTH_BUCKETS = [32, 64, 128, 256, 384, 512, 768, 1024, 1536, 2048]
 ROW_BUCKETS = [1, 2, 4, 8, 16]
@@ -65,9 +68,10 @@ class Costs:
 
 
 def staggered_lengths(n: int = 16, seed: int = 1) -> list[int]:
-    """The prompt lengths of `bench_engines.staggered` (the same generator calls)."""
-    generator = torch.Generator().manual_seed(seed)
-    return [int(torch.randint(64, 512, (1,), generator=generator)) for _ in range(n)]
+    """The prompt lengths of `bench_engines.staggered`'s load (its own prompt maker)."""
+    from bench_engines import staggered_prompts
+
+    return [len(prompt) for prompt in staggered_prompts(SimpleNamespace(bos_token_id=1), n, seed)]
 
 
 def simulate(costs: Costs, lengths: list[int], gap_ms: float = 20.0, tokens: int = 256,
