@@ -271,7 +271,7 @@ def graph_step_times(engine) -> dict:  # noqa: ANN001
 
         decoder.disable_triton()
         try:
-            out["cublas_" + "b1_matmuls_only_ms"] = matmul_floor(decoder).get("b1_matmuls_only_ms")
+            out["cublas_b1_matmuls_only_ms"] = matmuls_only_ms(decoder, 1)
             base = DecodeGraphs(decoder, batch_buckets=[1, graphs.max_batch],
                                 kv_buckets=[256, 512, 1024, graphs.max_seq_len])
             base.capture()
@@ -295,7 +295,7 @@ def serial_step_times(decoder, graphs) -> dict:  # noqa: ANN001
 
     out = {}
     with programmatic_launch.serial_launches():
-        out["serial_b1_matmuls_only_ms"] = matmul_floor(decoder).get("b1_matmuls_only_ms")
+        out["serial_b1_matmuls_only_ms"] = matmuls_only_ms(decoder, 1)
         base = DecodeGraphs(decoder, batch_buckets=[1, graphs.max_batch], kv_buckets=[256, graphs.max_seq_len])
         base.capture()
     try:
@@ -369,18 +369,17 @@ def _clear_profile_tables(decoder, n: int) -> None:  # noqa: ANN001
             decoder.kv.table[row].zero_()
 
 
-def matmul_floor(decoder) -> dict:  # noqa: ANN001
-    """Profile: only the weight matmuls of one batch-1 step (all layers + lm_head) in a CUDA graph.
-    Its time over the step's time is what the non-matmul kernels cost; bytes/time is the achieved
-    weight bandwidth."""
+def matmuls_only_ms(decoder, rows: int) -> float | None:  # noqa: ANN001
+    """Milliseconds of only the weight matmuls of one `rows`-row decode step (all layers + lm_head),
+    replayed in a CUDA graph; None where the layers are not the serving ones or there is no GPU."""
     from llm.serving.mistral_decoder import DenseLayer
     from llm.serving.nf4 import NF4Layer
 
     if not isinstance(decoder.layers[0], DenseLayer | NF4Layer) or decoder.device.type != "cuda":
-        return {}
+        return None
     layers = decoder.layers
-    x = torch.randn(1, decoder.config.hidden_size, dtype=decoder.dtype, device=decoder.device)
-    xi = torch.randn(1, decoder.config.intermediate_size, dtype=decoder.dtype, device=decoder.device)
+    x = torch.randn(rows, decoder.config.hidden_size, dtype=decoder.dtype, device=decoder.device)
+    xi = torch.randn(rows, decoder.config.intermediate_size, dtype=decoder.dtype, device=decoder.device)
 
     def run() -> torch.Tensor:
         acc = x
@@ -389,6 +388,26 @@ def matmul_floor(decoder) -> dict:  # noqa: ANN001
             acc = layer.down(xi)
         return decoder.lm_head(acc)
 
+    with torch.inference_mode():
+        run()
+        sync()
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            run()
+        return mean_ms(graph.replay, repeats=20, warmup=3)
+
+
+def matmul_floor(decoder) -> dict:  # noqa: ANN001
+    """Profile: only the weight matmuls of a 1-row and a 16-row decode step. The 1-row time over the
+    step's time is what the non-matmul kernels cost; bytes/time is the achieved weight bandwidth."""
+    from llm.serving.nf4 import NF4Layer
+
+    seconds_1 = matmuls_only_ms(decoder, 1)
+    if seconds_1 is None:
+        return {}
+    seconds = seconds_1 / 1000
+    rows_16 = min(16, decoder.max_batch)
+    layers = decoder.layers
     if isinstance(layers[0], NF4Layer):
         weight_bytes = sum(layer.nbytes for layer in layers) + decoder.lm_head.lora.nbytes
     else:
@@ -398,20 +417,6 @@ def matmul_floor(decoder) -> dict:  # noqa: ANN001
         )
     # the lm_head's bf16 weight (the embedding is gathered, not streamed)
     weight_bytes += decoder.embed.numel() * decoder.embed.element_size()
-    with torch.inference_mode():
-        run()
-        sync()
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            run()
-        for _ in range(3):
-            graph.replay()
-        sync()
-        start = time.perf_counter()
-        for _ in range(20):
-            graph.replay()
-        sync()
-    seconds = (time.perf_counter() - start) / 20
     copy_src = torch.empty(2 * 1024**3, dtype=torch.uint8, device="cuda")
     copy_dst = torch.empty_like(copy_src)
     copy_dst.copy_(copy_src)
@@ -424,6 +429,7 @@ def matmul_floor(decoder) -> dict:  # noqa: ANN001
     del copy_src, copy_dst
     return {
         "b1_matmuls_only_ms": round(seconds * 1000, 3),
+        f"b{rows_16}_matmuls_only_ms": round(matmuls_only_ms(decoder, rows_16), 3),
         "weight_gb_per_token": round(weight_bytes / 1e9, 2),
         "matmul_achieved_tb_s": round(weight_bytes / seconds / 1e12, 2),
         "copy_tb_s": round(copy_tb_s, 2),
