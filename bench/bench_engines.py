@@ -451,6 +451,38 @@ def profile_steps(engine, prompt: list[int], out_dir: Path | None) -> dict:  # n
     return {"profiled_tokens": 32, "gpu_kernel_ms_total": round(cuda_total, 1)}
 
 
+def profile_decode_rows(engine, rows: int, out_dir: Path | None) -> dict:  # noqa: ANN001
+    """torch.profiler over 20 replays of one `rows`-row decode step (KV 256), captured with plain
+    launches so that each kernel's time is its own (with programmatic launch a kernel's time also
+    covers its wait for the one before it). Writes profile_step<rows>_<name>.txt."""
+    from torch.profiler import ProfilerActivity, profile
+
+    from llm.serving.mistral_decoder import DecodeGraphs
+
+    graphs = engine.scheduler.model.graphs
+    decoder = graphs.decoder
+    with programmatic_launch.serial_launches():
+        base = DecodeGraphs(decoder, batch_buckets=[1, graphs.max_batch], kv_buckets=[256, graphs.max_seq_len])
+        base.capture()
+    _profile_tables(decoder, rows, 256)
+    try:
+        step = lambda: base.decode([1] * rows, [255] * rows)  # noqa: E731
+        mean_ms(step, repeats=5, warmup=3)
+        with profile(activities=[ProfilerActivity.CUDA]) as prof:
+            for _ in range(20):
+                step()
+            sync()
+    finally:
+        _clear_profile_tables(decoder, rows)
+        base._graphs.clear()  # not base.close(): that would free the shared decoder
+    events = prof.key_averages()
+    if out_dir is not None:
+        table = events.table(sort_by="cuda_time_total", row_limit=40)
+        (out_dir / f"profile_step{rows}_{engine.name}.txt").write_text(table)
+    kernel_ms = sum(getattr(e, "self_device_time_total", 0) or 0 for e in events) / 1e3
+    return {"rows": rows, "profiled_steps": 20, "gpu_kernel_ms_per_step": round(kernel_ms / 20, 3)}
+
+
 def profile_prefill(engine, prompt: list[int], out_dir: Path | None) -> dict:  # noqa: ANN001
     """torch.profiler over one long prompt's prefill and first token: where the TTFT goes."""
     from torch.profiler import ProfilerActivity, profile
@@ -535,6 +567,11 @@ def bench_batching_engine(name: str, build, tokenizer, args, reference_logits, k
             case["profile"] = profile_steps(engine, short, args.out_dir)
         except Exception as error:  # noqa: BLE001
             case["profile"] = {"error": repr(error)}
+        if args.profile_rows and programmatic_launch.enabled(step_model.decoder.device):
+            try:
+                case["step_rows_profile"] = profile_decode_rows(engine, args.profile_rows, args.out_dir)
+            except Exception as error:  # noqa: BLE001
+                case["step_rows_profile"] = {"error": repr(error)}
         long_prompt = random_prompt(tokenizer, 1500, generator)
         case["ttft_1500_ms"] = ttft(engine, long_prompt)
         if name in ("fast", "nf4"):
@@ -583,6 +620,8 @@ def main() -> None:
     parser.add_argument("--no-triton", action="store_true", help="fast mode without the Triton kernels")
     parser.add_argument("--static-kv", action="store_true", help="fast mode with run 6's static KV cache")
     parser.add_argument("--paged-kv", action="store_true", help="fast mode with the paged KV cache (the default)")
+    parser.add_argument("--profile-rows", type=int, default=0, metavar="ROWS",
+                        help="fast/nf4: also profile one ROWS-row decode step kernel by kernel (plain launches)")
     parser.add_argument("--fidelity-only", action="store_true",
                         help="only the KL measurements (prefill, decode, and against the seed's own decode)")
     parser.add_argument("--kv-cache-tokens", type=int, default=None, help="fast: paged KV token budget")
