@@ -13,8 +13,10 @@ the served split's output.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -22,6 +24,25 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import torch  # noqa: E402
 
 HEADS, KV_HEADS, HEAD_DIM, BLOCK, MAX_SEQ, LAYERS = 32, 8, 128, 32, 2048, 32
+
+
+def graph_us_per_call(run: Callable[[], torch.Tensor]) -> float:
+    """Microseconds per call of `run`, as LAYERS calls in a CUDA graph (a decode step's layers)."""
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for _ in range(LAYERS):
+            run()
+    for _ in range(3):
+        graph.replay()
+    torch.cuda.synchronize()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(20):
+        graph.replay()
+    end.record()
+    torch.cuda.synchronize()
+    return start.elapsed_time(end) * 1000 / 20 / LAYERS
 
 
 def numbers(text: str) -> list[int]:
@@ -37,7 +58,7 @@ def main(argv: list[str] | None = None) -> int:
     if not torch.cuda.is_available():
         print("paged_attention_splits.py needs a CUDA GPU", file=sys.stderr)
         return 2
-    from llm.serving.triton_kernels import pages_per_split, paged_decode_attention
+    from llm.serving.triton_kernels import paged_decode_attention, pages_per_split
 
     torch.manual_seed(0)
     device = torch.device("cuda")
@@ -53,25 +74,10 @@ def main(argv: list[str] | None = None) -> int:
             positions = torch.full((rows,), kv - 1, dtype=torch.long, device=device)
             reference = paged_decode_attention(q, k_pool, v_pool, table, positions, HEAD_DIM**-0.5, HEADS, served)
             for split in numbers(args.splits):
-                def run(split: int = split, positions: torch.Tensor = positions) -> torch.Tensor:
-                    return paged_decode_attention(q, k_pool, v_pool, table, positions, HEAD_DIM**-0.5, HEADS, split)
-
+                run = functools.partial(paged_decode_attention, q, k_pool, v_pool, table, positions, HEAD_DIM**-0.5,
+                                        HEADS, split)
                 out = run()
-                torch.cuda.synchronize()
-                graph = torch.cuda.CUDAGraph()
-                with torch.cuda.graph(graph):
-                    for _ in range(LAYERS):
-                        run()
-                for _ in range(3):
-                    graph.replay()
-                torch.cuda.synchronize()
-                start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-                start.record()
-                for _ in range(20):
-                    graph.replay()
-                end.record()
-                torch.cuda.synchronize()
-                us_per_layer = start.elapsed_time(end) * 1000 / 20 / LAYERS
+                us_per_layer = graph_us_per_call(run)
                 kv_bytes = 2 * rows * kv * KV_HEADS * HEAD_DIM * 2
                 print(json.dumps({
                     "rows": rows, "kv": kv, "pages_per_split": split, "served": split == served,
@@ -79,7 +85,6 @@ def main(argv: list[str] | None = None) -> int:
                     "kv_tb_s": round(kv_bytes / (us_per_layer * 1e-6) / 1e12, 2),
                     "max_abs_diff_vs_served": float((out.float() - reference.float()).abs().max()),
                 }), flush=True)
-                del graph
     return 0
 
 
