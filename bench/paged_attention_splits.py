@@ -1,8 +1,8 @@
 """Paged decode attention: microseconds per layer by pages per split (GPU only; prints JSON lines).
 
 Run 28 measured the 16-row decode step's paged attention at 13.9 us a layer (KV 256), ~30 % of the
-bandwidth its KV needs, with `pages_per_split` giving every (row, KV head) one program that walks
-its 8 pages one after another. This times `paged_decode_attention` over the Mistral-7B shape (32 query
+bandwidth its KV needs, with every (row, KV head) one program that walked its 8 pages one after
+another (2 pages per program since). This times `paged_decode_attention` over the Mistral-7B shape (32 query
 heads, 8 KV heads, head dim 128, blocks of 32 tokens, a 2,048-token table) for each split size, as
 32 calls (one per layer) replayed in a CUDA graph, and reports each split's largest difference from
 the served split's output.
@@ -58,7 +58,7 @@ def main(argv: list[str] | None = None) -> int:
     if not torch.cuda.is_available():
         print("paged_attention_splits.py needs a CUDA GPU", file=sys.stderr)
         return 2
-    from llm.serving.triton_kernels import paged_decode_attention, pages_per_split
+    from llm.serving.triton_kernels import PAGES_PER_SPLIT, paged_decode_attention
 
     torch.manual_seed(0)
     device = torch.device("cuda")
@@ -69,7 +69,7 @@ def main(argv: list[str] | None = None) -> int:
         v_pool = torch.randn_like(k_pool)
         table = (1 + torch.arange(rows * max_blocks, dtype=torch.int32, device=device)).reshape(rows, max_blocks)
         q = torch.randn(rows, HEADS * HEAD_DIM, dtype=torch.bfloat16, device=device)
-        served = pages_per_split(rows, KV_HEADS)
+        served = PAGES_PER_SPLIT
         for kv in numbers(args.kv):
             positions = torch.full((rows,), kv - 1, dtype=torch.long, device=device)
             reference = paged_decode_attention(q, k_pool, v_pool, table, positions, HEAD_DIM**-0.5, HEADS, served)

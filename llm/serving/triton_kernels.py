@@ -473,15 +473,12 @@ def rope_kv_write_paged(
     return q
 
 
-def pages_per_split(batch: int, num_kv_heads: int) -> int:
-    """Flash-decoding split size: small batches need several programs per (row, head) to fill
-    the 132 SMs; at batch 16 x 8 heads, long splits keep the partials (and the reduce) small."""
-    programs = batch * num_kv_heads
-    if programs <= 16:
-        return 2
-    if programs <= 64:
-        return 4
-    return 8
+# Flash-decoding split size: KV pages per program, at every batch size. Each program walks its pages
+# one after another, so long splits leave the card waiting on loads. On an H200 (run 28,
+# bench/paged_attention_splits.py), 16 rows x 8 KV heads took 9.4 us a layer at a 256-token KV with 2
+# pages against 13.3 with 8 (the split used until then), 11.2 against 15.7 at 512; 8 rows 6.0 against
+# 9.5 us with 4; one row was within 0.5 us of its best at 2.
+PAGES_PER_SPLIT = 2
 
 
 def paged_decode_attention(
@@ -501,7 +498,7 @@ def paged_decode_attention(
     _, num_kv, block_size, head_dim = k_pool.shape
     group = num_heads // num_kv
     max_blocks = table.shape[1]
-    split_pages = split_pages or pages_per_split(n, num_kv)
+    split_pages = split_pages or PAGES_PER_SPLIT
     splits = triton.cdiv(max_blocks, split_pages)
     acc = torch.empty((n, num_kv, splits, group, head_dim), dtype=torch.float32, device=q.device)
     ml = torch.empty((n, num_kv, splits, group, 2), dtype=torch.float32, device=q.device)
