@@ -26,6 +26,7 @@ One JSON object per case on stdout (and in --out), a table last.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime as dt
 import functools
 import json
@@ -36,6 +37,7 @@ import tempfile
 import threading
 import time
 import traceback
+from collections.abc import Iterator
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -247,6 +249,18 @@ def _time_decode_ms(graphs, tokens: list[int], positions: list[int], warmup: int
     return mean_ms(lambda: graphs.decode(tokens, positions), repeats, warmup)
 
 
+def graph_ms(run, repeats: int = 20, warmup: int = 3) -> float:  # noqa: ANN001
+    """Milliseconds per replay of `run` captured in a CUDA graph (one eager call first, so that
+    lazily made buffers and compiled kernels exist before the capture)."""
+    with torch.inference_mode():
+        run()
+        sync()
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            run()
+        return mean_ms(graph.replay, repeats, warmup)
+
+
 def graph_step_times(engine) -> dict:  # noqa: ANN001
     """Profile: pure decode step time (graph replay + logits to float) at a few buckets."""
     graphs = engine.scheduler.model.graphs
@@ -287,19 +301,29 @@ def graph_step_times(engine) -> dict:  # noqa: ANN001
     return out
 
 
-def serial_step_times(decoder, graphs) -> dict:  # noqa: ANN001
-    """The same steps captured with plain launches (`programmatic_launch.serial_launches`): each of
-    the decode step's own kernels waits for the one before it to finish before it starts. Same
-    process, same weights: the before / after of programmatic dependent launch. (Inductor's fused
-    pieces were compiled with it and keep it.)"""
+@contextlib.contextmanager
+def serial_launch_graphs(decoder, graphs) -> Iterator:  # noqa: ANN001
+    """Decode graphs (1 row and `max_batch` rows) captured with plain launches
+    (`programmatic_launch.serial_launches`): each of the step's own kernels waits for the one before
+    it to finish before it starts. Released on exit, the shared decoder kept."""
     from llm.serving.mistral_decoder import DecodeGraphs
 
-    out = {}
     with programmatic_launch.serial_launches():
-        out["serial_b1_matmuls_only_ms"] = matmuls_only_ms(decoder, 1)
         base = DecodeGraphs(decoder, batch_buckets=[1, graphs.max_batch], kv_buckets=[256, graphs.max_seq_len])
         base.capture()
     try:
+        yield base
+    finally:
+        base._graphs.clear()  # not base.close(): that would free the shared decoder
+
+
+def serial_step_times(decoder, graphs) -> dict:  # noqa: ANN001
+    """The same steps with plain launches (`serial_launch_graphs`). Same process, same weights: the
+    before / after of programmatic dependent launch. (Inductor's fused pieces were compiled with it
+    and keep it.)"""
+    with programmatic_launch.serial_launches():
+        out = {"serial_b1_matmuls_only_ms": matmuls_only_ms(decoder, 1)}
+    with serial_launch_graphs(decoder, graphs) as base:
         for n, kv in [(1, 256), (16, 256)]:
             if n > base.max_batch or kv > base.max_seq_len:
                 continue
@@ -308,8 +332,6 @@ def serial_step_times(decoder, graphs) -> dict:  # noqa: ANN001
                 out[f"serial_b{n}_kv{kv}_ms"] = _time_decode_ms(base, [1] * n, [kv - 1] * n)
             finally:
                 _clear_profile_tables(decoder, n)
-    finally:
-        base._graphs.clear()  # not base.close(): that would free the shared decoder
     return out
 
 
@@ -389,13 +411,7 @@ def matmuls_only_ms(decoder, rows: int) -> float | None:  # noqa: ANN001
             acc = layer.down(xi)
         return decoder.lm_head(acc)
 
-    with torch.inference_mode():
-        run()
-        sync()
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            run()
-        return mean_ms(graph.replay, repeats=20, warmup=3)
+    return graph_ms(run)
 
 
 def matmul_floor(decoder) -> dict:  # noqa: ANN001
@@ -403,10 +419,9 @@ def matmul_floor(decoder) -> dict:  # noqa: ANN001
     step's time is what the non-matmul kernels cost; bytes/time is the achieved weight bandwidth."""
     from llm.serving.nf4 import NF4Layer
 
-    seconds_1 = matmuls_only_ms(decoder, 1)
-    if seconds_1 is None:
+    one_row_ms = matmuls_only_ms(decoder, 1)
+    if one_row_ms is None:
         return {}
-    seconds = seconds_1 / 1000
     rows_16 = min(16, decoder.max_batch)
     layers = decoder.layers
     if isinstance(layers[0], NF4Layer):
@@ -429,10 +444,10 @@ def matmul_floor(decoder) -> dict:  # noqa: ANN001
     copy_tb_s = 2 * copy_src.numel() * 5 / (time.perf_counter() - start) / 1e12
     del copy_src, copy_dst
     return {
-        "b1_matmuls_only_ms": round(seconds * 1000, 3),
-        f"b{rows_16}_matmuls_only_ms": round(matmuls_only_ms(decoder, rows_16), 3),
+        "b1_matmuls_only_ms": one_row_ms,
+        f"b{rows_16}_matmuls_only_ms": matmuls_only_ms(decoder, rows_16),
         "weight_gb_per_token": round(weight_bytes / 1e9, 2),
-        "matmul_achieved_tb_s": round(weight_bytes / seconds / 1e12, 2),
+        "matmul_achieved_tb_s": round(weight_bytes / (one_row_ms / 1000) / 1e12, 2),
         "copy_tb_s": round(copy_tb_s, 2),
         "bandwidth_floor_ms": round(weight_bytes / (copy_tb_s * 1e12) * 1000, 3),
     }
@@ -458,24 +473,19 @@ def profile_decode_rows(engine, rows: int, out_dir: Path | None) -> dict:  # noq
     covers its wait for the one before it). Writes profile_step<rows>_<name>.txt."""
     from torch.profiler import ProfilerActivity, profile
 
-    from llm.serving.mistral_decoder import DecodeGraphs
-
     graphs = engine.scheduler.model.graphs
     decoder = graphs.decoder
-    with programmatic_launch.serial_launches():
-        base = DecodeGraphs(decoder, batch_buckets=[1, graphs.max_batch], kv_buckets=[256, graphs.max_seq_len])
-        base.capture()
-    _profile_tables(decoder, rows, 256)
-    try:
-        step = functools.partial(base.decode, [1] * rows, [255] * rows)
-        mean_ms(step, repeats=5, warmup=3)
-        with profile(activities=[ProfilerActivity.CUDA]) as prof:
-            for _ in range(20):
-                step()
-            sync()
-    finally:
-        _clear_profile_tables(decoder, rows)
-        base._graphs.clear()  # not base.close(): that would free the shared decoder
+    with serial_launch_graphs(decoder, graphs) as base:
+        _profile_tables(decoder, rows, 256)
+        try:
+            step = functools.partial(base.decode, [1] * rows, [255] * rows)
+            mean_ms(step, repeats=5, warmup=3)
+            with profile(activities=[ProfilerActivity.CUDA]) as prof:
+                for _ in range(20):
+                    step()
+                sync()
+        finally:
+            _clear_profile_tables(decoder, rows)
     events = prof.key_averages()
     if out_dir is not None:
         table = events.table(sort_by="cuda_time_total", row_limit=40)

@@ -16,33 +16,15 @@ import argparse
 import functools
 import json
 import sys
-from collections.abc import Callable
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import torch  # noqa: E402
+from bench_engines import graph_ms  # noqa: E402
 
 HEADS, KV_HEADS, HEAD_DIM, BLOCK, MAX_SEQ, LAYERS = 32, 8, 128, 32, 2048, 32
-
-
-def graph_us_per_call(run: Callable[[], torch.Tensor]) -> float:
-    """Microseconds per call of `run`, as LAYERS calls in a CUDA graph (a decode step's layers)."""
-    torch.cuda.synchronize()
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        for _ in range(LAYERS):
-            run()
-    for _ in range(3):
-        graph.replay()
-    torch.cuda.synchronize()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    start.record()
-    for _ in range(20):
-        graph.replay()
-    end.record()
-    torch.cuda.synchronize()
-    return start.elapsed_time(end) * 1000 / 20 / LAYERS
 
 
 def numbers(text: str) -> list[int]:
@@ -77,7 +59,7 @@ def main(argv: list[str] | None = None) -> int:
                 run = functools.partial(paged_decode_attention, q, k_pool, v_pool, table, positions, HEAD_DIM**-0.5,
                                         HEADS, split)
                 out = run()
-                us_per_layer = graph_us_per_call(run)
+                us_per_layer = graph_ms(lambda run=run: [run() for _ in range(LAYERS)]) * 1000 / LAYERS
                 kv_bytes = 2 * rows * kv * KV_HEADS * HEAD_DIM * 2
                 print(json.dumps({
                     "rows": rows, "kv": kv, "pages_per_split": split, "served": split == served,
