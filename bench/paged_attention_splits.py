@@ -28,14 +28,21 @@ HEADS, KV_HEADS, HEAD_DIM, BLOCK, MAX_SEQ, LAYERS = 32, 8, 128, 32, 2048, 32
 
 
 def numbers(text: str) -> list[int]:
-    return [int(part) for part in text.split(",") if part]
+    """A comma-separated list of positive whole numbers (an argparse type: a bad one is one line)."""
+    try:
+        values = [int(part) for part in text.split(",") if part]
+    except ValueError:
+        values = []
+    if not values or min(values) < 1:
+        raise argparse.ArgumentTypeError(f"expected comma-separated positive numbers, got {text!r}")
+    return values
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--rows", default="1,16")
-    parser.add_argument("--kv", default="256,512,1024")
-    parser.add_argument("--splits", default="1,2,4,8,16")
+    parser.add_argument("--rows", type=numbers, default="1,16")
+    parser.add_argument("--kv", type=numbers, default="256,512,1024")
+    parser.add_argument("--splits", type=numbers, default="1,2,4,8,16")
     args = parser.parse_args(argv)
     if not torch.cuda.is_available():
         print("paged_attention_splits.py needs a CUDA GPU", file=sys.stderr)
@@ -45,17 +52,17 @@ def main(argv: list[str] | None = None) -> int:
     torch.manual_seed(0)
     device = torch.device("cuda")
     max_blocks = MAX_SEQ // BLOCK
-    for rows in numbers(args.rows):
+    for rows in args.rows:
         blocks = 1 + rows * max_blocks  # block 0: the scratch block
         k_pool = torch.randn(blocks, KV_HEADS, BLOCK, HEAD_DIM, dtype=torch.bfloat16, device=device)
         v_pool = torch.randn_like(k_pool)
         table = (1 + torch.arange(rows * max_blocks, dtype=torch.int32, device=device)).reshape(rows, max_blocks)
         q = torch.randn(rows, HEADS * HEAD_DIM, dtype=torch.bfloat16, device=device)
         served = PAGES_PER_SPLIT
-        for kv in numbers(args.kv):
+        for kv in args.kv:
             positions = torch.full((rows,), kv - 1, dtype=torch.long, device=device)
             reference = paged_decode_attention(q, k_pool, v_pool, table, positions, HEAD_DIM**-0.5, HEADS, served)
-            for split in numbers(args.splits):
+            for split in args.splits:
                 run = functools.partial(paged_decode_attention, q, k_pool, v_pool, table, positions, HEAD_DIM**-0.5,
                                         HEADS, split)
                 out = run()
