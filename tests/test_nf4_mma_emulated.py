@@ -45,14 +45,12 @@ RANK = 32
 
 
 def _build(tmp_path_factory: pytest.TempPathFactory, warps: int, rows: int, tiles: int, prefetch: bool,
-           ahead: int, k: int, fuse_a: bool = False, shared_lookups: int = 0, k_splits: int = 1,
-           split_n: bool = False) -> ctypes.CDLL:
+           ahead: int, k: int, fuse_a: bool = False, shared_lookups: int = 0, k_splits: int = 1) -> ctypes.CDLL:
     folder = tmp_path_factory.mktemp(
-        f"nf4_w{warps}_r{rows}_t{tiles}_p{int(prefetch)}_a{ahead}_k{k}_f{int(fuse_a)}_s{shared_lookups}_ks{k_splits}"
-        f"_n{int(split_n)}")
+        f"nf4_w{warps}_r{rows}_t{tiles}_p{int(prefetch)}_a{ahead}_k{k}_f{int(fuse_a)}_s{shared_lookups}_ks{k_splits}")
     text = (f'#define NF4_EMULATE\n#include "{HEADER}"\n'
             + nf4_mma.source(NF4_CODE, warps, rows, RANK, tiles, prefetch, ahead, k, fuse_a,
-                             shared_lookups=shared_lookups, k_splits=k_splits, split_n=split_n)
+                             shared_lookups=shared_lookups, k_splits=k_splits)
             + LAUNCHER)
     (folder / "kernel.cpp").write_text(text)
     built = subprocess.run(
@@ -89,8 +87,7 @@ def _projection(n: int, k: int, seed: int) -> NF4Projection:
 
 
 def _run(library: ctypes.CDLL, projection: NF4Projection, x: torch.Tensor, warps: int, tiles: int,
-         counters: torch.Tensor | None = None, k_splits: int = 1, arrivals: torch.Tensor | None = None,
-         split_n: bool = False) -> torch.Tensor:
+         counters: torch.Tensor | None = None, k_splits: int = 1, arrivals: torch.Tensor | None = None) -> torch.Tensor:
     """The kernel's output; with `counters`, the fused kernel's, and with `k_splits`, the tile arrivals
     (both left as the kernel found them)."""
     m, k = x.shape
@@ -116,7 +113,7 @@ def _run(library: ctypes.CDLL, projection: NF4Projection, x: torch.Tensor, warps
     for buffer in (projection.weight.packed, projection.weight.absmax, xq, t, lora.b, x, lora.a, a_partial, split_sums):
         library.add_buffer(buffer.data_ptr(), buffer.numel() * buffer.element_size())
     out_of_bounds = library.launch(
-        la_blocks + n // nf4_mma.block_features(warps, tiles, split_n) * k_splits, warps * 32, projection.weight.packed.data_ptr(),
+        la_blocks + n // (16 * tiles) * k_splits, warps * 32, projection.weight.packed.data_ptr(),
         projection.weight.absmax.data_ptr(), xq.data_ptr(), t.data_ptr(), lora.b.data_ptr(), y.data_ptr(), m, k, n,
         lora.scaling, *lora.part_starts(n), rt, splits, 1, x.data_ptr(), x.stride(0), lora.a.data_ptr(),
         a_partial.data_ptr(), counters.data_ptr(), la_blocks, split_sums.data_ptr(), arrivals.data_ptr())
@@ -199,29 +196,3 @@ def test_blocks_splitting_k_add_up_to_the_reference_function_and_leave_their_cou
             assert counters.abs().sum() == 0, counters
         outputs.append(out)
     assert torch.equal(outputs[0], outputs[1])
-
-
-# (warps, tiles, groups ahead, x prefetch, fused, k_splits) with the warps splitting the block's
-# features: one tile and two per warp, 8 warps, K split across blocks, with and without the fused
-# LoRA A blocks; two blocks of features per K range, 8 groups of 256 inputs
-@pytest.mark.parametrize(("warps", "tiles", "ahead", "prefetch", "fuse_a", "k_splits"),
-                         [(4, 1, 1, False, True, 1), (4, 2, 2, True, True, 2), (8, 1, 1, True, False, 4),
-                          (4, 1, 2, False, False, 1)])
-@pytest.mark.parametrize("rows", [1, 5, 16])
-def test_warps_splitting_the_features_compute_the_reference_function(tmp_path_factory, warps, tiles, ahead, prefetch,
-                                                                     fuse_a, k_splits, rows):
-    k = 256 * 8
-    kernel_rows = nf4_mma.fused_kernel_rows(rows) if fuse_a else 8 if rows <= 8 else 16
-    library = _build(tmp_path_factory, warps, kernel_rows, tiles, prefetch, ahead, k, fuse_a=fuse_a,
-                     k_splits=k_splits, split_n=True)
-    n = 2 * nf4_mma.block_features(warps, tiles, True)
-    projection = _projection(n=n, k=k, seed=rows)
-    x = torch.randn((rows, k), generator=torch.Generator().manual_seed(400 + rows)).to(torch.bfloat16)
-    reference = projection.reference(x)
-    counters = torch.zeros(nf4_mma.fused_counter_count(projection.lora.a.shape[0]), dtype=torch.int32) if fuse_a else None
-    arrivals = torch.zeros(n // 16, dtype=torch.int32)
-    for _ in range(2):  # the second launch finds the counters as the first left them
-        out = _run(library, projection, x, warps, tiles, counters, k_splits, arrivals, split_n=True)
-        assert not out.isnan().any()  # every output written
-        assert nf4_kernels.matches_reference(out, reference), (out.float() - reference.float()).abs().max()
-        assert arrivals.abs().sum() == 0, arrivals

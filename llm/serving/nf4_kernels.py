@@ -87,7 +87,6 @@ class NF4Config:
     fuse_a: bool = False  # mma: the LoRA A product in the same launch (`nf4_mma.nf4_mma_linear`)
     shared_lookups: int = 0  # mma: a lane's absmax blocks per group decoded through shared memory ("t1".."t4")
     k_splits: int = 1  # mma: blocks per feature tile, each over a part of K ("k2".."k8")
-    split_n: bool = False  # mma: a block's warps split its features (block_n), not its K ("n")
 
     @property
     def dot(self) -> bool:
@@ -98,19 +97,13 @@ class NF4Config:
         suffix = ("x" if self.xperm else "") + ("p" if self.prefetch_x else "") + ("f" if self.fuse_a else "")
         suffix += f"t{self.shared_lookups}" if self.shared_lookups else ""
         suffix += f"k{self.k_splits}" if self.k_splits > 1 else ""
-        suffix += "n" if self.split_n else ""
         return f"{self.kind}_{self.block_n}x{self.block_k}w{self.num_warps}s{self.num_stages}{suffix}"
 
     def fits_kernel(self, rows: int, rank: int) -> bool:
         """Whether its kernel exists for `rows` rows of x and this LoRA rank: a tensor-core kernel's
         shared memory must fit (the shared code pairs take 32 KB of the 48)."""
-        return self.kind != "mma" or nf4_mma.fits(rows, rank, self.num_warps, self.warp_tiles, self.fuse_a,
-                                                  self.shared_lookups, self.split_n)
-
-    @property
-    def warp_tiles(self) -> int:
-        """mma: each warp's 16-feature tiles."""
-        return self.block_n // (nf4_mma.TILE_N * (self.num_warps if self.split_n else 1))
+        return self.kind != "mma" or nf4_mma.fits(rows, rank, self.num_warps, self.block_n // nf4_mma.TILE_N,
+                                                  self.fuse_a, self.shared_lookups)
 
     def fits(self, n: int, k: int, boundaries: Sequence[int]) -> bool:
         return (k % self.block_k == 0 and (k // self.block_k) % self.k_splits == 0 and n % self.block_n == 0
@@ -171,7 +164,7 @@ MMA_CONFIGS = tuple(
 def variants(config: NF4Config, rows: int, rank: int) -> list[NF4Config]:
     """A tensor-core layout with 1 .. 2 x tiles of each lane's absmax blocks decoded through the
     shared code pairs (those it does not have), where their shared memory fits."""
-    tiles = config.warp_tiles
+    tiles = config.block_n // nf4_mma.TILE_N
     others = (replace(config, shared_lookups=n) for n in range(1, 2 * tiles + 1) if n != config.shared_lookups)
     return [v for v in others if v.fits_kernel(rows, rank)]
 
@@ -189,27 +182,6 @@ def k_split_variants(config: NF4Config, n: int, k: int, boundaries: Sequence[int
                 for k_splits in nf4_mma.K_SPLIT_CHOICES[1:] for warps in nf4_mma.WARP_CHOICES
                 if warps <= groups // k_splits and warps * k_splits <= 64)
     return [v for v in variants if v.fits(n, k, boundaries) and v.fits_kernel(rows, rank)]
-
-
-def split_n_variants(n: int, k: int, boundaries: Sequence[int], rows: int, rank: int) -> list[NF4Config]:
-    """Fused tensor-core layouts whose warps split the block's features instead of its K (`split_n`),
-    with K split across enough blocks to give the GPU's SMs about one to eight blocks each: at 16
-    rows a group's x is four times its weight bytes, and every feature tile read it from L2."""
-    found = []
-    for warps in (4, 8):
-        for tiles in nf4_mma.TILE_CHOICES:
-            for k_splits in nf4_mma.K_SPLIT_CHOICES:
-                for ahead in (1, 2):
-                    for prefetch in (False, True):
-                        config = NF4Config(nf4_mma.block_features(warps, tiles, True), nf4_mma.GROUP, warps, ahead,
-                                           kind="mma", prefetch_x=prefetch, fuse_a=True, k_splits=k_splits,
-                                           split_n=True)
-                        if not config.fits(n, k, boundaries) or not config.fits_kernel(rows, rank):
-                            continue
-                        blocks = n // config.block_n * k_splits
-                        if 128 <= blocks <= 1056 and k // nf4_mma.GROUP // k_splits >= 2:
-                            found.append(config)
-    return found
 
 
 # Only where nothing above fits (small models, e.g. the tests' tiny one).
@@ -993,10 +965,10 @@ def nf4_lora_linear(
     block_m = _block_m(m)
     seg1, seg2 = lora.part_starts(n)
     if config.kind == "mma":
-        warps, tiles, prefetch_x, ahead, fuse_a, shared_lookups, k_splits, split_n = mma_layout(config)
+        warps, tiles, prefetch_x, ahead, fuse_a, shared_lookups, k_splits = mma_layout(config)
         return nf4_mma.nf4_mma_linear(x, weight, lora, seg1, seg2, round_lora_first, warps, tiles, prefetch_x, ahead,
                                       inputs=None if fuse_a else mma_inputs(x, n, lora),
-                                      shared_lookups=shared_lookups, k_splits=k_splits, split_n=split_n)
+                                      shared_lookups=shared_lookups, k_splits=k_splits)
     xperm = torch.empty((k,), dtype=torch.float32, device=x.device) if config.xperm else None
     t, splits = lora_a_product(x, lora, block_m, config.dot, xperm)
     y = torch.empty((m, n), dtype=torch.bfloat16, device=x.device)
@@ -1063,11 +1035,11 @@ def _fastest(name: str, group: list, rows: int, candidates: Sequence[NF4Config],
     return best
 
 
-def mma_layout(config: NF4Config) -> tuple[int, int, bool, int, bool, int, int, bool]:
+def mma_layout(config: NF4Config) -> tuple[int, int, bool, int, bool, int, int]:
     """A tensor-core configuration as the kernel takes it: (warps, tiles, prefetch_x, ahead, fuse_a,
-    shared_lookups, k_splits, split_n), for `nf4_mma.nf4_mma_linear` and `nf4_mma.precompile` alike."""
-    return (config.num_warps, config.warp_tiles, config.prefetch_x, config.num_stages, config.fuse_a,
-            config.shared_lookups, config.k_splits, config.split_n)
+    shared_lookups, k_splits), for `nf4_mma.nf4_mma_linear` and `nf4_mma.precompile` alike."""
+    return (config.num_warps, config.block_n // nf4_mma.TILE_N, config.prefetch_x, config.num_stages, config.fuse_a,
+            config.shared_lookups, config.k_splits)
 
 
 def precompile_candidates(projections: dict[str, list], buckets: Sequence[int], threads: int) -> int:

@@ -449,13 +449,8 @@ nf4_mma_kernel(const uint4* __restrict__ words, const float* __restrict__ absmax
                int seg1, int seg2, int RT, int t_splits, int round_lora_first, const u16* __restrict__ x, int ldx,
                const float* __restrict__ lora_a, float* __restrict__ a_partial, int* __restrict__ counters,
                int la_blocks, float* __restrict__ split_sums, int* __restrict__ tile_arrivals) {
-    constexpr int HALVES = 2 * TILES;  // 8-feature halves of a warp's tiles; half q is features 8 q + g
-    constexpr int WARP_FEATURES = 16 * TILES;
-    // SPLIT_N: the warps take their own features over the same groups, instead of their own groups
-    // of the same features, so that a group's x (16 rows: four times its weight bytes) comes from L2
-    // once per block and from L1 for the other warps
-    constexpr int FEATURES = WARP_FEATURES * (SPLIT_N ? WARPS : 1);
-    constexpr int GROUP_STRIDE = SPLIT_N ? 1 : WARPS;  // between a warp's groups
+    constexpr int HALVES = 2 * TILES;  // 8-feature halves of the block; half q is features 8 q + g
+    constexpr int FEATURES = 16 * TILES;
     // One padding float per row keeps the epilogue's reads free of bank conflicts: a warp reads
     // one x row's 32 features, i.e. a column of b_tile and of partial (unpadded, 32-way and 8-way
     // conflicts: Nsight counted 83 % of the shared loads' wavefronts as conflicts at 16 rows).
@@ -489,15 +484,13 @@ nf4_mma_kernel(const uint4* __restrict__ words, const float* __restrict__ absmax
     const int n0 = tile * FEATURES;
     constexpr int SPLIT_GROUPS = (KDIM >> 8) / KSPLIT;
     const int first_group = split * SPLIT_GROUPS, end_group = first_group + SPLIT_GROUPS;
-    const int warp_group = first_group + (SPLIT_N ? 0 : warp);  // the warp's first group
-    const int warp_n0 = n0 + (SPLIT_N ? warp * WARP_FEATURES : 0);
     // a feature's lane data: bytes 128 * group + 32 * t of its row (two uint4), absmax block 4 * group + t
     const uint4* lane_words[HALVES];
     const float* lane_absmax[HALVES];
 #pragma unroll
     for (int q = 0; q < HALVES; ++q) {
-        lane_words[q] = words + (size_t)(warp_n0 + 8 * q + g) * (K >> 5) + 2 * t;
-        lane_absmax[q] = absmax + (size_t)(warp_n0 + 8 * q + g) * (K >> 6) + t;
+        lane_words[q] = words + (size_t)(n0 + 8 * q + g) * (K >> 5) + 2 * t;
+        lane_absmax[q] = absmax + (size_t)(n0 + 8 * q + g) * (K >> 6) + t;
     }
     // x in operand order (written by the LoRA A kernel): per (group, set of 8 rows, MMA), each
     // lane's 4 values, in lane order. Lanes of rows past M (whose outputs are never stored) read
@@ -548,7 +541,6 @@ nf4_mma_kernel(const uint4* __restrict__ words, const float* __restrict__ absmax
     // A group's x, from L2 into L1 before its loads: one line per lane, only the lines that hold
     // rows below M (rows 8 set + g, lane (g, t): half h of a step's 256 bytes holds rows 8 set + 4 h .. + 3).
     auto prefetch_x = [&](int grp) {
-        if (SPLIT_N && warp > 0) return;  // the block's warps read the same x
 #if PREFETCH_X && ROWS == 1
         if (grp < end_group && lane < 4) prefetch_l1(x + grp * 256 + 64 * lane);
 #elif PREFETCH_X
@@ -572,26 +564,26 @@ nf4_mma_kernel(const uint4* __restrict__ words, const float* __restrict__ absmax
     };
 #if AHEAD == 1
     // The next group's bytes in registers while this one computes.
-    LaneGroup current = fetch(warp_group);
+    LaneGroup current = fetch(first_group + warp);
     inputs_ready();
-    for (int group = warp_group; group < end_group; group += GROUP_STRIDE) {
-        const LaneGroup next = fetch(group + GROUP_STRIDE);
-        prefetch_x(group + GROUP_STRIDE);
+    for (int group = first_group + warp; group < end_group; group += WARPS) {
+        const LaneGroup next = fetch(group + WARPS);
+        prefetch_x(group + WARPS);
         group_mma(current.w, current.scale, x_lane, group, acc);
         current = next;
     }
 #else
     // The next two groups' bytes in registers while this one computes (twice the bytes in flight).
-    LaneGroup first = fetch(warp_group), second = fetch(warp_group + GROUP_STRIDE);
+    LaneGroup first = fetch(first_group + warp), second = fetch(first_group + warp + WARPS);
     inputs_ready();
-    for (int group = warp_group; group < end_group; group += 2 * GROUP_STRIDE) {
-        const LaneGroup third = fetch(group + 2 * GROUP_STRIDE);
-        prefetch_x(group + GROUP_STRIDE);
+    for (int group = first_group + warp; group < end_group; group += 2 * WARPS) {
+        const LaneGroup third = fetch(group + 2 * WARPS);
+        prefetch_x(group + WARPS);
         group_mma(first.w, first.scale, x_lane, group, acc);
-        if (group + GROUP_STRIDE >= end_group) break;
-        const LaneGroup fourth = fetch(group + 3 * GROUP_STRIDE);
-        prefetch_x(group + 2 * GROUP_STRIDE);
-        group_mma(second.w, second.scale, x_lane, group + GROUP_STRIDE, acc);
+        if (group + WARPS >= end_group) break;
+        const LaneGroup fourth = fetch(group + 3 * WARPS);
+        prefetch_x(group + 2 * WARPS);
+        group_mma(second.w, second.scale, x_lane, group + WARPS, acc);
         first = third;
         second = fourth;
     }
@@ -615,20 +607,16 @@ nf4_mma_kernel(const uint4* __restrict__ words, const float* __restrict__ absmax
         counters[DEPARTED] = 0;
     }
 #endif
-    // The block's sum over its warps for (row m, feature f); with SPLIT_N, its one warp's
+    // The block's sum over its warps for (row m, feature f)
     auto block_sum = [&](int m, int f) {
-        const int j = (f % WARP_FEATURES) >> 4, ff = f & 15;
+        const int j = f >> 4, ff = f & 15;
         // D[ff][m] of tile j (set m / 8) sits in lane (ff % 8) * 4 + (m % 8) / 2, register (ff / 8) * 2 + m % 2
         const int lane_of = (ff & 7) * 4 + ((m & 7) >> 1);
         const int reg = (j * SETS + (m >> 3)) * 4 + (ff >> 3) * 2 + (m & 1);
-#if SPLIT_N
-        return partial[f / WARP_FEATURES][lane_of][reg];
-#else
         float sum = 0.f;
 #pragma unroll
         for (int v = 0; v < WARPS; ++v) sum += partial[v][lane_of][reg];
         return sum;
-#endif
     };
 #if KSPLIT > 1
     // Each block of the tile stores its sums ([KSPLIT, M, N] float32); the last one to arrive adds
@@ -672,24 +660,16 @@ CODE_PAIRS_BYTES = 256 * 16 * 8
 STATIC_SHARED_LIMIT = 48 * 1024  # a kernel's static shared memory
 
 
-def block_features(warps: int, tiles: int, split_n: bool) -> int:
-    """Output features per block: each warp's tiles, times the warps where they split the features."""
-    return TILE_N * tiles * (warps if split_n else 1)
-
-
-def static_shared_bytes(warps: int, rows: int, rank: int, tiles: int, shared_lookups: int,
-                        split_n: bool = False) -> int:
+def static_shared_bytes(warps: int, rows: int, rank: int, tiles: int, shared_lookups: int) -> int:
     """The kernel's shared memory: the warps' partial sums, t, the LoRA B tile, the K split's
     last-block flag (counted whether or not K is split) and the code pairs."""
     sets = (rows + 7) // 8
-    b_tile = block_features(warps, tiles, split_n) * (rank + 1)
-    return 4 * (warps * 32 * (4 * sets * tiles + 1) + rows * rank + b_tile + 1) + (
+    return 4 * (warps * 32 * (4 * sets * tiles + 1) + rows * rank + TILE_N * tiles * (rank + 1) + 1) + (
         CODE_PAIRS_BYTES if shared_lookups else 0)
 
 
 def source(code: Sequence[float], warps: int, rows: int, rank: int, tiles: int = 1, prefetch_x: bool = False,
-           ahead: int = 1, k: int = 4096, fuse_a: bool = False, shared_lookups: int = 0, k_splits: int = 1,
-           split_n: bool = False) -> str:
+           ahead: int = 1, k: int = 4096, fuse_a: bool = False, shared_lookups: int = 0, k_splits: int = 1) -> str:
     """The kernel's CUDA source for one NF4 code table, warps per block, row tile (8 or 16), rank,
     16-feature tiles per warp, whether each warp prefetches its next group's x into L1, how many
     groups' weight bytes each warp holds in registers ahead of the one it computes (1 or 2), the
@@ -697,31 +677,28 @@ def source(code: Sequence[float], warps: int, rows: int, rank: int, tiles: int =
     whether the launch's first blocks compute the LoRA's A product themselves (`fuse_a`), and how
     many of a lane's 2 x tiles absmax blocks per group decode through the shared-memory code pairs
     instead of register tables (`shared_lookups`), and how many blocks split each feature tile's K
-    (`k_splits`: the last of them adds their float32 sums up in a fixed order), and whether the warps
-    of a block split its features instead of its K (`split_n`: x read from L2 once per block)."""
+    (`k_splits`: the last of them adds their float32 sums up in a fixed order)."""
     if len(code) != 16:
         raise ValueError("an NF4 code table has 16 entries")
     if (warps not in WARP_CHOICES or rows not in (1, 8, 16) or (rows == 1 and not fuse_a) or rank <= 0
             or tiles not in TILE_CHOICES or ahead not in (1, 2) or k <= 0 or k % GROUP
             or not 0 <= shared_lookups <= 2 * tiles or k_splits not in K_SPLIT_CHOICES or (k // GROUP) % k_splits
-            or static_shared_bytes(warps, rows, rank, tiles, shared_lookups, split_n) > STATIC_SHARED_LIMIT):
+            or static_shared_bytes(warps, rows, rank, tiles, shared_lookups) > STATIC_SHARED_LIMIT):
         raise ValueError(f"no nf4 MMA kernel for {warps} warps, {rows} rows, rank {rank}, {tiles} tiles, "
-                         f"{ahead} groups ahead, K {k}, {shared_lookups} shared lookups, {k_splits} K splits, "
-                         f"split_n {split_n}")
+                         f"{ahead} groups ahead, K {k}, {shared_lookups} shared lookups, {k_splits} K splits")
     # exact: hexadecimal literals of the float32 values
     values = ", ".join(f"{struct.unpack('<f', struct.pack('<f', float(v)))[0].hex()}f" for v in code)
     header = (f"#define KDIM {k}\n#define WARPS {warps}\n#define ROWS {rows}\n#define RANK {rank}\n#define TILES {tiles}\n"
               f"#define PREFETCH_X {int(prefetch_x)}\n#define AHEAD {ahead}\n#define FUSE_A {int(fuse_a)}\n"
-              f"#define SHARED_LOOKUPS {shared_lookups}\n#define KSPLIT {k_splits}\n#define SPLIT_N {int(split_n)}\n#define A_ROWS {lora_a_unit_rows(rows)}\n"
+              f"#define SHARED_LOOKUPS {shared_lookups}\n#define KSPLIT {k_splits}\n#define A_ROWS {lora_a_unit_rows(rows)}\n"
               f"__device__ __constant__ float CODE_TABLE[16] = {{{values}}};\n#define CODE CODE_TABLE\n")
     return header + _SOURCE
 
 
-def fits(m: int, rank: int, warps: int, tiles: int, fuse_a: bool, shared_lookups: int, split_n: bool = False) -> bool:
+def fits(m: int, rank: int, warps: int, tiles: int, fuse_a: bool, shared_lookups: int) -> bool:
     """Whether a layout's shared memory fits its kernel for m rows of x and this rank (the code pairs
     take 32 KB of the 48)."""
-    return static_shared_bytes(warps, kernel_rows(m, fuse_a), rank, tiles, shared_lookups,
-                               split_n) <= STATIC_SHARED_LIMIT
+    return static_shared_bytes(warps, kernel_rows(m, fuse_a), rank, tiles, shared_lookups) <= STATIC_SHARED_LIMIT
 
 
 class MmaUnavailable(RuntimeError):
@@ -773,15 +750,15 @@ def code_values(code: torch.Tensor) -> tuple[float, ...]:
 
 
 def _kernel_key(code: torch.Tensor, warps: int, rows: int, rank: int, tiles: int, prefetch_x: bool, ahead: int,
-                k: int, fuse_a: bool, shared_lookups: int, k_splits: int, split_n: bool) -> tuple:
+                k: int, fuse_a: bool, shared_lookups: int, k_splits: int) -> tuple:
     """What makes one compiled kernel: the device, then `source`'s arguments."""
     return (code.device.index, code_values(code), warps, rows, rank, tiles, prefetch_x, ahead, k, fuse_a, shared_lookups,
-            k_splits, split_n)
+            k_splits)
 
 
 def _kernel(code: torch.Tensor, warps: int, rows: int, rank: int, tiles: int, prefetch_x: bool, ahead: int,
-            k: int, fuse_a: bool, shared_lookups: int, k_splits: int, split_n: bool) -> Callable:
-    key = _kernel_key(code, warps, rows, rank, tiles, prefetch_x, ahead, k, fuse_a, shared_lookups, k_splits, split_n)
+            k: int, fuse_a: bool, shared_lookups: int, k_splits: int) -> Callable:
+    key = _kernel_key(code, warps, rows, rank, tiles, prefetch_x, ahead, k, fuse_a, shared_lookups, k_splits)
     if key not in _KERNELS:
         with torch.cuda.device(code.device):
             _KERNELS[key] = _compile(source(*key[1:]))
@@ -806,16 +783,16 @@ def _nvrtc_steps() -> tuple[Callable, Callable] | None:
 def precompile(requests: Sequence[tuple], threads: int) -> int:
     """Compile, on `threads` threads, the kernels that `nf4_mma_linear` will need: one per request
     (code tensor, m rows, k, rank, layout), a layout being (warps, tiles, prefetch_x, ahead, fuse_a,
-    shared_lookups, k_splits, split_n). Returns how many it compiled. NVRTC's compile releases the GIL
+    shared_lookups, k_splits). Returns how many it compiled. NVRTC's compile releases the GIL
     (ctypes), so the start-up's dozens of compiles (0.5-3 s each) overlap instead of queueing (run 25:
     82 s of tuning on a fresh machine); the modules are then loaded here, in the thread that holds
     the device's context. A kernel that fails here is left to its first launch, which compiles it
     again and reports a failure as always; one INFO line says how many."""
     steps = _nvrtc_steps()
     devices: dict[tuple, torch.device] = {}
-    for code, m, k, rank, (warps, tiles, prefetch_x, ahead, fuse_a, shared_lookups, k_splits, split_n) in requests:
+    for code, m, k, rank, (warps, tiles, prefetch_x, ahead, fuse_a, shared_lookups, k_splits) in requests:
         key = _kernel_key(code, warps, kernel_rows(m, fuse_a), rank, tiles, prefetch_x, ahead, k, fuse_a,
-                          shared_lookups, k_splits, split_n)
+                          shared_lookups, k_splits)
         devices.setdefault(key, code.device)
     missing = [key for key in devices if key not in _KERNELS]
     if steps is None or _DISABLED is not None or not missing:
@@ -906,7 +883,6 @@ def nf4_mma_linear(
     inputs: tuple[torch.Tensor, torch.Tensor] | None = None,
     shared_lookups: int = 0,
     k_splits: int = 1,
-    split_n: bool = False,
 ) -> torch.Tensor:
     """y = x @ dequant(W).T + scaling * B(A(x)) with PEFT's roundings for x ([m <= 16, K], bf16);
     rows from seg1 and from seg2 on belong to the LoRA's second and third parts.
@@ -923,7 +899,7 @@ def nf4_mma_linear(
     if inputs is not None:
         xq, t = inputs
         kernel = _kernel(weight.code, warps, kernel_rows(m, False), lora.rank, tiles, prefetch_x, ahead, k, False,
-                         shared_lookups, k_splits, split_n)
+                         shared_lookups, k_splits)
         la_blocks = 0
         splits, fused_args = t.shape[0], [xq, 0, lora.a, t, t]  # the fused LoRA A's arguments, unused
     else:
@@ -933,7 +909,7 @@ def nf4_mma_linear(
             x = x.clone(memory_format=torch.contiguous_format)  # 16-byte rows for the vector loads
         rows = kernel_rows(m, True)
         kernel = _kernel(weight.code, warps, rows, lora.rank, tiles, prefetch_x, ahead, k, True, shared_lookups,
-                         k_splits, split_n)
+                         k_splits)
         counters = lora.counters("fused", fused_counter_count(rt), x.device)
         xq = torch.empty((16 * k,), dtype=torch.bfloat16, device=x.device)
         t = torch.empty((m, rt), dtype=torch.float32, device=x.device)
@@ -946,7 +922,7 @@ def nf4_mma_linear(
     else:
         split_sums, arrivals = t, t  # unused
     programmatic_launch.launch(
-        kernel, (la_blocks + n // block_features(warps, tiles, split_n) * k_splits, 1, 1), (warps * 32, 1, 1),
+        kernel, (la_blocks + n // (TILE_N * tiles) * k_splits, 1, 1), (warps * 32, 1, 1),
         [weight.packed, weight.absmax, xq, t, lora.b, y, m, k, y.stride(0), float(lora.scaling),
          seg1, seg2, rt, splits, int(round_lora_first), *fused_args, la_blocks, split_sums, arrivals], x.device)
     return y

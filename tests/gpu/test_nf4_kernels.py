@@ -250,28 +250,6 @@ def test_blocks_splitting_k_match_the_reference_and_repeat_their_bits_in_graphs(
         assert_replays_repeat(run, first, lora, "tiles", config.label)
 
 
-@pytest.mark.parametrize("rows", [1, 5, 16])
-@pytest.mark.parametrize("name", ["qkv", "down"])
-def test_warps_splitting_the_features_match_the_reference_and_repeat_their_bits_in_graphs(rows, name):
-    # The warps of a block take their own features over the same groups (x shared through L1), with
-    # K split across blocks or not: the reference's function, and the same bits at every replay.
-    from llm.serving import nf4_kernels
-
-    projection, x = projection_and_input(name, rows)
-    lora = projection.lora
-    reference = projection.reference(x)
-    n, k = projection.weight.shape
-    variants = nf4_kernels.split_n_variants(n, k, lora.boundaries, rows, lora.rank)
-    assert len(variants) >= 8
-    for config in variants:
-        def run(config=config):  # noqa: ANN001, ANN202
-            return nf4_kernels.nf4_lora_linear(x, projection.weight, lora, True, config)
-
-        first = run()
-        assert nf4_kernels.matches_reference(first, reference), config.label
-        assert_replays_repeat(run, first, lora, "fused", config.label)
-
-
 @pytest.mark.parametrize("rows", [367, 16])
 def test_reference_lora_is_pefts_own_products_bit_for_bit(rows):
     # PEFT runs one float32 A and one B product per projection; a stacked A product for q/k/v
