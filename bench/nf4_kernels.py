@@ -8,7 +8,6 @@ bytes each reads and the achieved TB/s. Prints JSON lines.
     python bench/nf4_kernels.py 1,16 --variants   (run 24's served layouts with other shared code pairs)
     python bench/nf4_kernels.py 1,16 --k-splits --projections o,down   (run 24's served layouts, K split across blocks)
     python bench/nf4_kernels.py 1,16 --served   (only the layouts served in runs 24 and 25)
-    python bench/nf4_kernels.py 8,16 --raw-x   (the served layouts, and the fused ones reading x as it is)
     python bench/nf4_kernels.py --prompts 367,1500   (the prompt path: TF32x3 against PEFT's LoRA products)
     python bench/nf4_kernels.py --prompts 32,288 --dequant-rows 512,1024,2048   (+ other dequantization chunks)
     python bench/nf4_kernels.py --profile PROJECTION ROWS CONFIG   (a target for Nsight Compute)
@@ -27,7 +26,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
-from llm.serving import nf4_kernels, nf4_mma  # noqa: E402
+from llm.serving import nf4_kernels  # noqa: E402
 from llm.serving.nf4 import LoraParts, NF4Matrix, NF4Projection  # noqa: E402
 from llm.serving.triton_kernels import graph_time_ms  # noqa: E402
 
@@ -78,8 +77,7 @@ def served_and_variants(configs: list[nf4_kernels.NF4Config],
 
 def measure(name: str, parts: list[int], cols: int, rows_counts: Sequence[int], only: str | None = None) -> None:
     """Time `name`'s layouts at each row count: all of them, or `only` the served ones ("served"),
-    with their shared-code-pair variants ("variants"), with their K splits ("k-splits") or with
-    their fused ones reading x as it is ("raw-x")."""
+    with their shared-code-pair variants ("variants") or with their K splits ("k-splits")."""
     group = [projection(parts, cols, seed) for seed in range(LAYERS)]
     dense = [torch.randn(sum(parts), cols, dtype=torch.bfloat16, device="cuda") for _ in range(LAYERS)]
     n, k = group[0].weight.shape
@@ -103,10 +101,6 @@ def measure(name: str, parts: list[int], cols: int, rows_counts: Sequence[int], 
                 configs, lambda c, rows=rows: nf4_kernels.k_split_variants(c, n, k, boundaries, rows, rank))
         elif only == "served":
             configs = served_and_variants(configs, lambda c: [])
-        elif only == "raw-x":
-            configs = served_and_variants(configs, nf4_kernels.raw_x_variants)
-            nf4_mma.precompile([(group[0].weight.code, rows, k, rank, nf4_kernels.mma_layout(c))
-                                for c in configs if c.kind == "mma"], threads=16)
         for config in configs:
             if not nf4_kernels.matches_reference(fused(config)[0], reference):
                 wrong.append(config.label)
@@ -202,8 +196,6 @@ def main() -> None:
                         help="time run 24's served tensor-core layouts with other numbers of shared code pairs")
     parser.add_argument("--k-splits", action="store_true",
                         help="time run 24's served tensor-core layouts with K split across 2-8 blocks per feature tile")
-    parser.add_argument("--raw-x", action="store_true",
-                        help="time the served tensor-core layouts and their fused ones reading x as it is")
     parser.add_argument("--served", action="store_true",
                         help="time only the tensor-core layouts served in runs 24 and 25")
     parser.add_argument("--projections", default=",".join(SHAPES),
@@ -227,11 +219,11 @@ def main() -> None:
     if chunks and not args.prompts:
         parser.error("--dequant-rows goes with --prompts")
     chosen = [flag for flag, on in (("variants", args.variants), ("k-splits", args.k_splits),
-                                    ("served", args.served), ("raw-x", args.raw_x)) if on]
+                                    ("served", args.served)) if on]
     if chosen and args.prompts:
-        parser.error("--variants, --k-splits, --raw-x and --served time the decode kernels: not with --prompts")
+        parser.error("--variants, --k-splits and --served time the decode kernels: not with --prompts")
     if len(chosen) > 1:
-        parser.error("--variants, --k-splits, --raw-x or --served, one at a time")
+        parser.error("--variants, --k-splits or --served, one at a time")
     names = args.projections.split(",")
     if not names or any(name not in SHAPES for name in names):
         parser.error(f"--projections takes some of {', '.join(SHAPES)}, got {args.projections!r}")

@@ -45,14 +45,12 @@ RANK = 32
 
 
 def _build(tmp_path_factory: pytest.TempPathFactory, warps: int, rows: int, tiles: int, prefetch: bool,
-           ahead: int, k: int, fuse_a: bool = False, shared_lookups: int = 0, k_splits: int = 1,
-           raw_x: bool = False) -> ctypes.CDLL:
+           ahead: int, k: int, fuse_a: bool = False, shared_lookups: int = 0, k_splits: int = 1) -> ctypes.CDLL:
     folder = tmp_path_factory.mktemp(
-        f"nf4_w{warps}_r{rows}_t{tiles}_p{int(prefetch)}_a{ahead}_k{k}_f{int(fuse_a)}_s{shared_lookups}_ks{k_splits}"
-        f"_x{int(raw_x)}")
+        f"nf4_w{warps}_r{rows}_t{tiles}_p{int(prefetch)}_a{ahead}_k{k}_f{int(fuse_a)}_s{shared_lookups}_ks{k_splits}")
     text = (f'#define NF4_EMULATE\n#include "{HEADER}"\n'
             + nf4_mma.source(NF4_CODE, warps, rows, RANK, tiles, prefetch, ahead, k, fuse_a,
-                             shared_lookups=shared_lookups, k_splits=k_splits, raw_x=raw_x)
+                             shared_lookups=shared_lookups, k_splits=k_splits)
             + LAUNCHER)
     (folder / "kernel.cpp").write_text(text)
     built = subprocess.run(
@@ -113,9 +111,7 @@ def _run(library: ctypes.CDLL, projection: NF4Projection, x: torch.Tensor, warps
     split_sums = torch.full((k_splits, m, n), float("nan"))  # the launch writes them before it reads them
     arrivals = torch.zeros(n // 16, dtype=torch.int32) if arrivals is None else arrivals
     for buffer in (projection.weight.packed, projection.weight.absmax, xq, t, lora.b, x, lora.a, a_partial, split_sums):
-        # the bytes from its first element to its last (a row-strided x spans more than its values)
-        span = sum((size - 1) * stride for size, stride in zip(buffer.shape, buffer.stride(), strict=True)) + 1
-        library.add_buffer(buffer.data_ptr(), span * buffer.element_size())
+        library.add_buffer(buffer.data_ptr(), buffer.numel() * buffer.element_size())
     out_of_bounds = library.launch(
         la_blocks + n // (16 * tiles) * k_splits, warps * 32, projection.weight.packed.data_ptr(),
         projection.weight.absmax.data_ptr(), xq.data_ptr(), t.data_ptr(), lora.b.data_ptr(), y.data_ptr(), m, k, n,
@@ -200,29 +196,3 @@ def test_blocks_splitting_k_add_up_to_the_reference_function_and_leave_their_cou
             assert counters.abs().sum() == 0, counters
         outputs.append(out)
     assert torch.equal(outputs[0], outputs[1])
-
-
-# (warps, tiles, x prefetch, groups ahead, shared lookups, k_splits) of fused layouts whose weight
-# blocks read each row of x as it is: one and two tiles, the x prefetch (its addresses checked),
-# two groups ahead, shared code pairs, K split across blocks
-@pytest.mark.parametrize(("warps", "tiles", "prefetch", "ahead", "shared_lookups", "k_splits"),
-                         [(4, 1, False, 1, 0, 1), (8, 2, True, 2, 0, 1), (4, 2, True, 1, 3, 2), (8, 1, False, 2, 1, 4)])
-@pytest.mark.parametrize("rows", [2, 5, 9, 16])
-def test_weight_blocks_reading_x_as_it_is_compute_the_reference_function(tmp_path_factory, warps, tiles, prefetch,
-                                                                         ahead, shared_lookups, k_splits, rows):
-    k = 256 * 8
-    library = _build(tmp_path_factory, warps, nf4_mma.fused_kernel_rows(rows), tiles, prefetch, ahead, k, fuse_a=True,
-                     shared_lookups=shared_lookups, k_splits=k_splits, raw_x=True)
-    projection = _projection(n=64, k=k, seed=rows)
-    # x with a row stride larger than its width, as a slice of a wider buffer
-    wide = torch.randn((rows, k + 64), generator=torch.Generator().manual_seed(500 + rows)).to(torch.bfloat16)
-    x = wide[:, :k]
-    reference = projection.reference(x)
-    counters = torch.zeros(nf4_mma.fused_counter_count(projection.lora.a.shape[0]), dtype=torch.int32)
-    arrivals = torch.zeros(64 // 16, dtype=torch.int32)
-    for _ in range(2):  # the second launch finds the counters as the first left them
-        out = _run(library, projection, x, warps, tiles, counters, k_splits, arrivals)
-        assert not out.isnan().any()  # every output written
-        assert nf4_kernels.matches_reference(out, reference), (out.float() - reference.float()).abs().max()
-        assert counters.abs().sum() == 0, counters
-        assert arrivals.abs().sum() == 0, arrivals

@@ -87,7 +87,6 @@ class NF4Config:
     fuse_a: bool = False  # mma: the LoRA A product in the same launch (`nf4_mma.nf4_mma_linear`)
     shared_lookups: int = 0  # mma: a lane's absmax blocks per group decoded through shared memory ("t1".."t4")
     k_splits: int = 1  # mma: blocks per feature tile, each over a part of K ("k2".."k8")
-    raw_x: bool = False  # mma, fused: x read as it is, not waited for in operand order ("r")
 
     @property
     def dot(self) -> bool:
@@ -98,7 +97,6 @@ class NF4Config:
         suffix = ("x" if self.xperm else "") + ("p" if self.prefetch_x else "") + ("f" if self.fuse_a else "")
         suffix += f"t{self.shared_lookups}" if self.shared_lookups else ""
         suffix += f"k{self.k_splits}" if self.k_splits > 1 else ""
-        suffix += "r" if self.raw_x else ""
         return f"{self.kind}_{self.block_n}x{self.block_k}w{self.num_warps}s{self.num_stages}{suffix}"
 
     def fits_kernel(self, rows: int, rank: int) -> bool:
@@ -184,12 +182,6 @@ def k_split_variants(config: NF4Config, n: int, k: int, boundaries: Sequence[int
                 for k_splits in nf4_mma.K_SPLIT_CHOICES[1:] for warps in nf4_mma.WARP_CHOICES
                 if warps <= groups // k_splits and warps * k_splits <= 64)
     return [v for v in variants if v.fits(n, k, boundaries) and v.fits_kernel(rows, rank)]
-
-
-def raw_x_variants(config: NF4Config) -> list[NF4Config]:
-    """A fused tensor-core layout whose weight blocks read each row of x as it is (`raw_x`): at 2-16
-    rows none of them then waits for the A blocks to write x in operand order before its first group."""
-    return [replace(config, raw_x=True)] if config.kind == "mma" and config.fuse_a and not config.raw_x else []
 
 
 # Only where nothing above fits (small models, e.g. the tests' tiny one).
@@ -973,10 +965,10 @@ def nf4_lora_linear(
     block_m = _block_m(m)
     seg1, seg2 = lora.part_starts(n)
     if config.kind == "mma":
-        warps, tiles, prefetch_x, ahead, fuse_a, shared_lookups, k_splits, raw_x = mma_layout(config)
+        warps, tiles, prefetch_x, ahead, fuse_a, shared_lookups, k_splits = mma_layout(config)
         return nf4_mma.nf4_mma_linear(x, weight, lora, seg1, seg2, round_lora_first, warps, tiles, prefetch_x, ahead,
                                       inputs=None if fuse_a else mma_inputs(x, n, lora),
-                                      shared_lookups=shared_lookups, k_splits=k_splits, raw_x=raw_x)
+                                      shared_lookups=shared_lookups, k_splits=k_splits)
     xperm = torch.empty((k,), dtype=torch.float32, device=x.device) if config.xperm else None
     t, splits = lora_a_product(x, lora, block_m, config.dot, xperm)
     y = torch.empty((m, n), dtype=torch.bfloat16, device=x.device)
@@ -1043,11 +1035,11 @@ def _fastest(name: str, group: list, rows: int, candidates: Sequence[NF4Config],
     return best
 
 
-def mma_layout(config: NF4Config) -> tuple[int, int, bool, int, bool, int, int, bool]:
+def mma_layout(config: NF4Config) -> tuple[int, int, bool, int, bool, int, int]:
     """A tensor-core configuration as the kernel takes it: (warps, tiles, prefetch_x, ahead, fuse_a,
-    shared_lookups, k_splits, raw_x), for `nf4_mma.nf4_mma_linear` and `nf4_mma.precompile` alike."""
+    shared_lookups, k_splits), for `nf4_mma.nf4_mma_linear` and `nf4_mma.precompile` alike."""
     return (config.num_warps, config.block_n // nf4_mma.TILE_N, config.prefetch_x, config.num_stages, config.fuse_a,
-            config.shared_lookups, config.k_splits, config.raw_x)
+            config.shared_lookups, config.k_splits)
 
 
 def precompile_candidates(projections: dict[str, list], buckets: Sequence[int], threads: int) -> int:

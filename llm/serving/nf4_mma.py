@@ -64,9 +64,9 @@ typedef unsigned int u32;
 typedef unsigned short u16;
 
 constexpr int SETS = (ROWS + 7) / 8;  // MMAs per A operand: x rows 0-7, 8-15
-// x's uint2 (4 values) per 256-input group and per MMA step: in operand order (16 rows), or each
-// lane's row as it is (one row, or RAW_X)
-#if ROWS == 1 || RAW_X
+// x's uint2 (4 values) per 256-input group and per MMA step: in operand order (16 rows), or one row
+// as it is
+#if ROWS == 1
 #define X_GROUP_STRIDE 64
 #define X_STEP_STRIDE 1
 #else
@@ -288,7 +288,7 @@ __device__ void lora_a_unit(const u16* x, int ldx, const float* lora_a, int M, i
         a_rows[r][0] = __ldg(row);
         a_rows[r][1] = __ldg(row + 1);
     }
-    if (ROWS > 1 && !RAW_X && quad == 0) {  // (one row or RAW_X: the weight blocks read x as it is)
+    if (ROWS > 1 && quad == 0) {  // (one row: the weight blocks read x as it is)
         // x[m][k0 .. k0 + 7] are operand-order values j = 0..3 of steps 2 (lane % 8) and + 1 of
         // lane (m % 8, lane / 8) in set m / 8: [slice, set, step, g, t, j]
 #pragma unroll
@@ -498,12 +498,6 @@ nf4_mma_kernel(const uint4* __restrict__ words, const float* __restrict__ absmax
     const uint2* x_lane[SETS];
 #if ROWS == 1
     x_lane[0] = (const uint2*)x + 16 * t;  // one row: x as it is (lane (g, t) reads inputs 64 t + 4 step ..)
-#elif RAW_X
-    // each lane its own row of x as it is (rows past M read row 0), so that no weight block waits
-    // for the A blocks to write x in operand order
-#pragma unroll
-    for (int set = 0; set < SETS; ++set)
-        x_lane[set] = (const uint2*)(x + (size_t)(8 * set + g < M ? 8 * set + g : 0) * ldx) + 16 * t;
 #else
 #pragma unroll
     for (int set = 0; set < SETS; ++set) x_lane[set] = xq + (8 * set + g < M ? set * 16 * 32 + lane : t);
@@ -549,13 +543,6 @@ nf4_mma_kernel(const uint4* __restrict__ words, const float* __restrict__ absmax
     auto prefetch_x = [&](int grp) {
 #if PREFETCH_X && ROWS == 1
         if (grp < end_group && lane < 4) prefetch_l1(x + grp * 256 + 64 * lane);
-#elif PREFETCH_X && RAW_X
-        // the line each lane reads its row's values from: inputs 64 t .. 64 t + 63 of the group
-        if (grp < end_group) {
-#pragma unroll
-            for (int set = 0; set < SETS; ++set)
-                if (8 * set + g < M) prefetch_l1(x + (size_t)(8 * set + g) * ldx + grp * 256 + 64 * t);
-        }
 #elif PREFETCH_X
         if (grp < end_group) {
             const int step = lane >> 1, half = lane & 1;
@@ -571,7 +558,7 @@ nf4_mma_kernel(const uint4* __restrict__ words, const float* __restrict__ absmax
         previous_kernels_done();
 #if !FUSE_A
         load_t();
-#elif ROWS > 1 && !RAW_X
+#elif ROWS > 1
         wait_until(&counters[XQ_READY], groups * A_ROW_CHUNKS);
 #endif
     };
@@ -682,8 +669,7 @@ def static_shared_bytes(warps: int, rows: int, rank: int, tiles: int, shared_loo
 
 
 def source(code: Sequence[float], warps: int, rows: int, rank: int, tiles: int = 1, prefetch_x: bool = False,
-           ahead: int = 1, k: int = 4096, fuse_a: bool = False, shared_lookups: int = 0, k_splits: int = 1,
-           raw_x: bool = False) -> str:
+           ahead: int = 1, k: int = 4096, fuse_a: bool = False, shared_lookups: int = 0, k_splits: int = 1) -> str:
     """The kernel's CUDA source for one NF4 code table, warps per block, row tile (8 or 16), rank,
     16-feature tiles per warp, whether each warp prefetches its next group's x into L1, how many
     groups' weight bytes each warp holds in registers ahead of the one it computes (1 or 2), the
@@ -691,24 +677,20 @@ def source(code: Sequence[float], warps: int, rows: int, rank: int, tiles: int =
     whether the launch's first blocks compute the LoRA's A product themselves (`fuse_a`), and how
     many of a lane's 2 x tiles absmax blocks per group decode through the shared-memory code pairs
     instead of register tables (`shared_lookups`), and how many blocks split each feature tile's K
-    (`k_splits`: the last of them adds their float32 sums up in a fixed order), and whether a fused
-    launch's weight blocks read each row of x as it is (`raw_x`) instead of waiting for the A blocks
-    to write x in operand order."""
+    (`k_splits`: the last of them adds their float32 sums up in a fixed order)."""
     if len(code) != 16:
         raise ValueError("an NF4 code table has 16 entries")
     if (warps not in WARP_CHOICES or rows not in (1, 8, 16) or (rows == 1 and not fuse_a) or rank <= 0
             or tiles not in TILE_CHOICES or ahead not in (1, 2) or k <= 0 or k % GROUP
             or not 0 <= shared_lookups <= 2 * tiles or k_splits not in K_SPLIT_CHOICES or (k // GROUP) % k_splits
-            or (raw_x and not fuse_a)
             or static_shared_bytes(warps, rows, rank, tiles, shared_lookups) > STATIC_SHARED_LIMIT):
         raise ValueError(f"no nf4 MMA kernel for {warps} warps, {rows} rows, rank {rank}, {tiles} tiles, "
-                         f"{ahead} groups ahead, K {k}, {shared_lookups} shared lookups, {k_splits} K splits, "
-                         f"fuse_a {fuse_a}, raw_x {raw_x}")
+                         f"{ahead} groups ahead, K {k}, {shared_lookups} shared lookups, {k_splits} K splits")
     # exact: hexadecimal literals of the float32 values
     values = ", ".join(f"{struct.unpack('<f', struct.pack('<f', float(v)))[0].hex()}f" for v in code)
     header = (f"#define KDIM {k}\n#define WARPS {warps}\n#define ROWS {rows}\n#define RANK {rank}\n#define TILES {tiles}\n"
               f"#define PREFETCH_X {int(prefetch_x)}\n#define AHEAD {ahead}\n#define FUSE_A {int(fuse_a)}\n"
-              f"#define SHARED_LOOKUPS {shared_lookups}\n#define KSPLIT {k_splits}\n#define RAW_X {int(raw_x)}\n#define A_ROWS {lora_a_unit_rows(rows)}\n"
+              f"#define SHARED_LOOKUPS {shared_lookups}\n#define KSPLIT {k_splits}\n#define A_ROWS {lora_a_unit_rows(rows)}\n"
               f"__device__ __constant__ float CODE_TABLE[16] = {{{values}}};\n#define CODE CODE_TABLE\n")
     return header + _SOURCE
 
@@ -768,15 +750,15 @@ def code_values(code: torch.Tensor) -> tuple[float, ...]:
 
 
 def _kernel_key(code: torch.Tensor, warps: int, rows: int, rank: int, tiles: int, prefetch_x: bool, ahead: int,
-                k: int, fuse_a: bool, shared_lookups: int, k_splits: int, raw_x: bool) -> tuple:
+                k: int, fuse_a: bool, shared_lookups: int, k_splits: int) -> tuple:
     """What makes one compiled kernel: the device, then `source`'s arguments."""
     return (code.device.index, code_values(code), warps, rows, rank, tiles, prefetch_x, ahead, k, fuse_a, shared_lookups,
-            k_splits, raw_x)
+            k_splits)
 
 
 def _kernel(code: torch.Tensor, warps: int, rows: int, rank: int, tiles: int, prefetch_x: bool, ahead: int,
-            k: int, fuse_a: bool, shared_lookups: int, k_splits: int, raw_x: bool) -> Callable:
-    key = _kernel_key(code, warps, rows, rank, tiles, prefetch_x, ahead, k, fuse_a, shared_lookups, k_splits, raw_x)
+            k: int, fuse_a: bool, shared_lookups: int, k_splits: int) -> Callable:
+    key = _kernel_key(code, warps, rows, rank, tiles, prefetch_x, ahead, k, fuse_a, shared_lookups, k_splits)
     if key not in _KERNELS:
         with torch.cuda.device(code.device):
             _KERNELS[key] = _compile(source(*key[1:]))
@@ -801,16 +783,16 @@ def _nvrtc_steps() -> tuple[Callable, Callable] | None:
 def precompile(requests: Sequence[tuple], threads: int) -> int:
     """Compile, on `threads` threads, the kernels that `nf4_mma_linear` will need: one per request
     (code tensor, m rows, k, rank, layout), a layout being (warps, tiles, prefetch_x, ahead, fuse_a,
-    shared_lookups, k_splits, raw_x). Returns how many it compiled. NVRTC's compile releases the GIL
+    shared_lookups, k_splits). Returns how many it compiled. NVRTC's compile releases the GIL
     (ctypes), so the start-up's dozens of compiles (0.5-3 s each) overlap instead of queueing (run 25:
     82 s of tuning on a fresh machine); the modules are then loaded here, in the thread that holds
     the device's context. A kernel that fails here is left to its first launch, which compiles it
     again and reports a failure as always; one INFO line says how many."""
     steps = _nvrtc_steps()
     devices: dict[tuple, torch.device] = {}
-    for code, m, k, rank, (warps, tiles, prefetch_x, ahead, fuse_a, shared_lookups, k_splits, raw_x) in requests:
+    for code, m, k, rank, (warps, tiles, prefetch_x, ahead, fuse_a, shared_lookups, k_splits) in requests:
         key = _kernel_key(code, warps, kernel_rows(m, fuse_a), rank, tiles, prefetch_x, ahead, k, fuse_a,
-                          shared_lookups, k_splits, raw_x)
+                          shared_lookups, k_splits)
         devices.setdefault(key, code.device)
     missing = [key for key in devices if key not in _KERNELS]
     if steps is None or _DISABLED is not None or not missing:
@@ -901,7 +883,6 @@ def nf4_mma_linear(
     inputs: tuple[torch.Tensor, torch.Tensor] | None = None,
     shared_lookups: int = 0,
     k_splits: int = 1,
-    raw_x: bool = False,
 ) -> torch.Tensor:
     """y = x @ dequant(W).T + scaling * B(A(x)) with PEFT's roundings for x ([m <= 16, K], bf16);
     rows from seg1 and from seg2 on belong to the LoRA's second and third parts.
@@ -918,7 +899,7 @@ def nf4_mma_linear(
     if inputs is not None:
         xq, t = inputs
         kernel = _kernel(weight.code, warps, kernel_rows(m, False), lora.rank, tiles, prefetch_x, ahead, k, False,
-                         shared_lookups, k_splits, False)
+                         shared_lookups, k_splits)
         la_blocks = 0
         splits, fused_args = t.shape[0], [xq, 0, lora.a, t, t]  # the fused LoRA A's arguments, unused
     else:
@@ -928,7 +909,7 @@ def nf4_mma_linear(
             x = x.clone(memory_format=torch.contiguous_format)  # 16-byte rows for the vector loads
         rows = kernel_rows(m, True)
         kernel = _kernel(weight.code, warps, rows, lora.rank, tiles, prefetch_x, ahead, k, True, shared_lookups,
-                         k_splits, raw_x)
+                         k_splits)
         counters = lora.counters("fused", fused_counter_count(rt), x.device)
         xq = torch.empty((16 * k,), dtype=torch.bfloat16, device=x.device)
         t = torch.empty((m, rt), dtype=torch.float32, device=x.device)

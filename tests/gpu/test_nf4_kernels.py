@@ -250,27 +250,6 @@ def test_blocks_splitting_k_match_the_reference_and_repeat_their_bits_in_graphs(
         assert_replays_repeat(run, first, lora, "tiles", config.label)
 
 
-@pytest.mark.parametrize("rows", [2, 5, 16])
-@pytest.mark.parametrize("name", ["qkv", "gate_up", "down"])
-def test_weight_blocks_reading_x_as_it_is_match_the_reference_and_repeat_their_bits_in_graphs(rows, name):
-    # Fused layouts whose weight blocks read each row of x as it is instead of waiting for x in
-    # operand order: the reference's function, the same bits at every replay, counters at zero.
-    from llm.serving import nf4_kernels
-
-    projection, x = projection_and_input(name, rows)
-    lora = projection.lora
-    reference = projection.reference(x)
-    configs = [v for c in layouts(projection, rows) for v in nf4_kernels.raw_x_variants(c)]
-    assert len(configs) >= 10
-    for config in configs:
-        def run(config=config):  # noqa: ANN001, ANN202
-            return nf4_kernels.nf4_lora_linear(x, projection.weight, lora, True, config)
-
-        first = run()
-        assert nf4_kernels.matches_reference(first, reference), config.label
-        assert_replays_repeat(run, first, lora, "fused", config.label)
-
-
 @pytest.mark.parametrize("rows", [367, 16])
 def test_reference_lora_is_pefts_own_products_bit_for_bit(rows):
     # PEFT runs one float32 A and one B product per projection; a stacked A product for q/k/v
