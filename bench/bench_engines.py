@@ -249,18 +249,6 @@ def _time_decode_ms(graphs, tokens: list[int], positions: list[int], warmup: int
     return mean_ms(lambda: graphs.decode(tokens, positions), repeats, warmup)
 
 
-def graph_ms(run, repeats: int = 20, warmup: int = 3) -> float:  # noqa: ANN001
-    """Milliseconds per replay of `run` captured in a CUDA graph (one eager call first, so that
-    lazily made buffers and compiled kernels exist before the capture)."""
-    with torch.inference_mode():
-        run()
-        sync()
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            run()
-        return mean_ms(graph.replay, repeats, warmup)
-
-
 def graph_step_times(engine) -> dict:  # noqa: ANN001
     """Profile: pure decode step time (graph replay + logits to float) at a few buckets."""
     graphs = engine.scheduler.model.graphs
@@ -411,7 +399,10 @@ def matmuls_only_ms(decoder, rows: int) -> float | None:  # noqa: ANN001
             acc = layer.down(xi)
         return decoder.lm_head(acc)
 
-    return graph_ms(run)
+    from llm.serving.triton_kernels import graph_time_ms
+
+    with torch.inference_mode():
+        return round(graph_time_ms(run, replays=20), 3)
 
 
 def matmul_floor(decoder) -> dict:  # noqa: ANN001

@@ -19,10 +19,8 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import torch  # noqa: E402
-from bench_engines import graph_ms  # noqa: E402
 
 HEADS, KV_HEADS, HEAD_DIM, BLOCK, MAX_SEQ, LAYERS = 32, 8, 128, 32, 2048, 32
 
@@ -47,7 +45,7 @@ def main(argv: list[str] | None = None) -> int:
     if not torch.cuda.is_available():
         print("paged_attention_splits.py needs a CUDA GPU", file=sys.stderr)
         return 2
-    from llm.serving.triton_kernels import PAGES_PER_SPLIT, paged_decode_attention
+    from llm.serving.triton_kernels import PAGES_PER_SPLIT, graph_time_ms, paged_decode_attention
 
     torch.manual_seed(0)
     device = torch.device("cuda")
@@ -66,7 +64,7 @@ def main(argv: list[str] | None = None) -> int:
                 run = functools.partial(paged_decode_attention, q, k_pool, v_pool, table, positions, HEAD_DIM**-0.5,
                                         HEADS, split)
                 out = run()
-                us_per_layer = graph_ms(lambda run=run: [run() for _ in range(LAYERS)]) * 1000 / LAYERS
+                us_per_layer = graph_time_ms(lambda run=run: [run() for _ in range(LAYERS)], 20) * 1000 / LAYERS
                 kv_bytes = 2 * rows * kv * KV_HEADS * HEAD_DIM * 2
                 print(json.dumps({
                     "rows": rows, "kv": kv, "pages_per_split": split, "served": split == served,
