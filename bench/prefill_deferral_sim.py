@@ -6,7 +6,8 @@ prompts in one call might save that. This replays `bench_engines.py`'s staggered
 scheduler, with each mode's measured decode steps and prompt times from a results file:
 
 - a prefill call costs `fixed + per_token x rows x length`, over the padded (rows, length) bucket, as
-  serving pads it; the two constants are fitted to the file's `prefill_ms` (least squares);
+  serving pads it (the buckets and token budget the file's engine reported); the two constants are
+  fitted to the file's `prefill_ms` (least squares);
 - a decode step costs the file's 1-row or 16-row step, interpolated in log2 of the rows bucket.
 
 Policies: today's (prefill whatever is waiting at each step boundary), and "defer": while others are
@@ -31,11 +32,6 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-LENGTH_BUCKETS = [32, 64, 128, 256, 384, 512, 768, 1024, 1536, 2048]
-ROW_BUCKETS = [1, 2, 4, 8, 16]
-TOKEN_BUDGET = 2048
-
-
 def bucket(buckets: list[int], value: int) -> int:
     return next(size for size in buckets if size >= value)
 
@@ -46,14 +42,19 @@ class Costs:
     step_16_ms: float
     prefill_fixed_ms: float
     prefill_per_token_ms: float
+    row_buckets: list[int]
+    length_buckets: list[int]
+    token_budget: int
 
     def step_ms(self, rows: int) -> float:
-        fraction = math.log2(bucket(ROW_BUCKETS, rows)) / 4
+        fraction = math.log2(bucket(self.row_buckets, rows)) / math.log2(self.row_buckets[-1])
         return self.step_1_ms + fraction * (self.step_16_ms - self.step_1_ms)
 
+    def padded_tokens(self, lengths: list[int]) -> int:
+        return bucket(self.row_buckets, len(lengths)) * bucket(self.length_buckets, max(lengths))
+
     def prefill_ms(self, lengths: list[int]) -> float:
-        tokens = bucket(ROW_BUCKETS, len(lengths)) * bucket(LENGTH_BUCKETS, max(lengths))
-        return self.prefill_fixed_ms + self.prefill_per_token_ms * tokens
+        return self.prefill_fixed_ms + self.prefill_per_token_ms * self.padded_tokens(lengths)
 
     @classmethod
     def from_case(cls, case: dict) -> Costs:
@@ -63,8 +64,9 @@ class Costs:
         times = torch.tensor([float(ms) for _, ms in points])
         design = torch.stack([torch.ones_like(tokens), tokens], dim=1)
         fixed, per_token = torch.linalg.lstsq(design, times.unsqueeze(1)).solution.flatten().tolist()
-        steps = case["step_profile"]
-        return cls(steps["b1_kv256_ms"], steps["b16_kv256_ms"], fixed, per_token)
+        steps, buckets = case["step_profile"], case["engine_info"]["prefill_buckets"]
+        return cls(steps["b1_kv256_ms"], steps["b16_kv256_ms"], fixed, per_token, buckets["rows"], buckets["length"],
+                   buckets["token_budget"])
 
 
 def staggered_lengths(n: int = 16, seed: int = 1) -> list[int]:
@@ -90,8 +92,7 @@ def simulate(costs: Costs, lengths: list[int], gap_ms: float = 20.0, tokens: int
         if waiting and (not generated or len(waiting) >= min_batch or arrived == n
                         or now - arrivals[waiting[0]] >= defer_ms):
             batch = [waiting.pop(0)]
-            while waiting and bucket(ROW_BUCKETS, len(batch) + 1) * bucket(
-                    LENGTH_BUCKETS, max(lengths[i] for i in [*batch, waiting[0]])) <= TOKEN_BUDGET:
+            while waiting and costs.padded_tokens([lengths[i] for i in [*batch, waiting[0]]]) <= costs.token_budget:
                 batch.append(waiting.pop(0))
             now += costs.prefill_ms([lengths[i] for i in batch])
             for i in batch:
@@ -120,14 +121,18 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("results", type=Path, help="a bench_engines.py results file with fast and nf4")
     args = parser.parse_args(argv)
     try:
-        cases = {c.get("case"): c for c in json.loads(args.results.read_text())["cases"]}
-    except (OSError, ValueError, KeyError) as error:
+        cases = {c.get("case"): c for c in json.loads(args.results.read_text()).get("cases", [])}
+    except (OSError, ValueError, AttributeError) as error:
         print(f"cannot read {args.results}: {error}", file=sys.stderr)
         return 2
+    modes = [mode for mode in ("nf4", "fast") if "prefill_ms" in cases.get(mode, {})
+             and "prefill_buckets" in cases[mode].get("engine_info", {})]
+    if not modes:
+        print(f"{args.results} has no nf4 or fast case with prefill times: not a bench_engines.py results file?",
+              file=sys.stderr)
+        return 2
     lengths = staggered_lengths()
-    for mode in ("nf4", "fast"):
-        if "prefill_ms" not in cases.get(mode, {}):
-            continue
+    for mode in modes:
         costs = Costs.from_case(cases[mode])
         policies = [("today", 0.0, 1)] + [("defer", d, m) for d in (10.0, 20.0, 40.0) for m in (2, 4)]
         for policy, defer_ms, min_batch in policies:
