@@ -108,6 +108,7 @@ def build_engine_from(settings: FinbotSettings):  # noqa: ANN201 - llm.engine.Ge
         compile_kernels=settings.engine_compile_kernels,
         paged_kv=settings.engine_paged_kv,
         kv_cache_tokens=settings.engine_kv_cache_tokens or None,
+        nf4_tuning_cache=settings.tuning_cache_path(),
         openai_config=settings.openai_engine_config() if settings.engine == "openai" else None,
     )
 

@@ -9,6 +9,8 @@ from typing import TYPE_CHECKING
 from llm.engine import EngineChoice, FakeEngine, GenerationEngine, HFGenerateEngine
 
 if TYPE_CHECKING:
+    from pathlib import Path
+
     from transformers import PreTrainedTokenizerBase
 
     from llm.openai_engine import OpenAIEngineConfig
@@ -132,6 +134,7 @@ def build_engine(
     paged_kv: bool = True,
     kv_cache_tokens: int | None = None,
     kv_block_size: int = 32,
+    nf4_tuning_cache: Path | None = None,
 ) -> GenerationEngine:
     """Load the model for `choice` and return a ready engine (warm-up/graph capture included).
 
@@ -147,6 +150,8 @@ def build_engine(
       sized by `kv_cache_tokens` (default 9,728 tokens = 1.3 GB: fast's peak 15.9 GB instead of
       19.2) in blocks of `kv_block_size` tokens; requests wait (or the youngest is preempted and
       later resumed) when it is full. Off: the static max_batch x max_seq_len cache (4.3 GB).
+    - `nf4_tuning_cache` (nf4 only): a JSON file that keeps the kernel tuner's choice, so that the next
+      start on the same GPU and version checks it instead of timing every layout (None: tune every start).
 
     `fake_fail_on` (fake only, for fault tests) makes chosen questions fail like a GPU does, see
     `llm.fault_injection`.
@@ -185,7 +190,8 @@ def build_engine(
         if choice == "fast":
             kwargs = {"paged_kv": paged_kv, "kv_cache_tokens": kv_cache_tokens, "kv_block_size": kv_block_size}
         elif choice == "nf4":
-            kwargs = {"kv_cache_tokens": kv_cache_tokens, "kv_block_size": kv_block_size}
+            kwargs = {"kv_cache_tokens": kv_cache_tokens, "kv_block_size": kv_block_size,
+                      "tuning_cache": nf4_tuning_cache}
         build = {"fast": build_fast_engine, "low-memory": build_low_memory_engine, "nf4": build_nf4_engine}[choice]
         engine = build(
             model,

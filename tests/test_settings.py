@@ -68,3 +68,20 @@ def test_every_setting_is_documented_in_env_example_with_its_default(monkeypatch
         if name.startswith("slack_") and name.endswith(("token", "secret")) or name == "openai_api_key":
             continue
         assert getattr(from_example, name) == getattr(defaults, name), name
+
+
+def test_the_tuning_cache_is_a_file_in_the_users_cache_by_default_and_empty_turns_it_off(monkeypatch, tmp_path):
+    from pathlib import Path
+
+    monkeypatch.delenv("ENGINE_TUNING_CACHE", raising=False)
+    assert FinbotSettings(_env_file=None).tuning_cache_path() == Path.home() / ".cache/finbot/nf4-tuning.json"
+    monkeypatch.setenv("ENGINE_TUNING_CACHE", "")
+    assert FinbotSettings(_env_file=None).tuning_cache_path() is None
+    monkeypatch.setenv("ENGINE_TUNING_CACHE", str(tmp_path / "plans.json"))
+    assert FinbotSettings(_env_file=None).tuning_cache_path() == tmp_path / "plans.json"
+
+
+def test_a_directory_as_the_tuning_cache_is_rejected_with_what_to_give_instead(monkeypatch, tmp_path):
+    monkeypatch.setenv("ENGINE_TUNING_CACHE", str(tmp_path))
+    with pytest.raises(ValidationError, match="is a directory: give a file path"):
+        FinbotSettings(_env_file=None)

@@ -34,6 +34,8 @@ import torch.nn.functional as F
 from torch import nn
 
 if TYPE_CHECKING:
+    from pathlib import Path
+
     from transformers import PreTrainedTokenizerBase
 
     from llm.serving.batching import BatchingEngine
@@ -430,10 +432,12 @@ def build_nf4_engine(
     triton_kernels: bool = True,
     kv_cache_tokens: int | None = None,
     kv_block_size: int = 32,
+    tuning_cache: Path | None = None,
 ) -> BatchingEngine:
     """`nf4` mode from the seed's model (consumed when `free_source`): its NF4 weights and unmerged
     LoRA under `fast`'s decoder (paged KV cache, graph-captured decode and prefill, continuous
-    batching), decode projections through the fused NF4 kernels (CUDA)."""
+    batching), decode projections through the fused NF4 kernels (CUDA). `tuning_cache`: a JSON file
+    where the kernel tuner keeps its choice for the next start (`llm.serving.tuning_cache`)."""
     import time
 
     from llm.serving import nf4_kernels
@@ -452,7 +456,7 @@ def build_nf4_engine(
         try:
             groups = {name: [layer.projections[name] for layer in decoder.layers]
                       for name in ("qkv", "o", "gate_up", "down")}
-            info["nf4_plan"] = nf4_kernels.tune(groups, graphs.batch_buckets)
+            info["nf4_plan"] = nf4_kernels.tune(groups, graphs.batch_buckets, cache=tuning_cache)
             info["nf4_kernels"] = True
             info["nf4_exact_prompt_rows"] = EXACT_PROMPT_ROWS  # PEFT's own LoRA products up to here
         except Exception as error:  # e.g. a Triton that cannot compile for this GPU

@@ -46,12 +46,13 @@ import os
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
 
-from llm.serving import nf4_mma
+from llm.serving import nf4_mma, tuning_cache
 from llm.serving.triton_kernels import after_previous_kernels, graph_time_ms, programmatic_options
 
 if TYPE_CHECKING:
@@ -1064,24 +1065,121 @@ def default_compile_threads() -> int:
     return max(1, min(8, os.cpu_count() or 1))
 
 
+def tuning_facts(projections: dict[str, list], buckets: Sequence[int]) -> dict[str, object]:
+    """What the tuner's choice depends on: the GPU, the software, the kernels' source, the weight
+    shapes and the batch buckets (`llm.serving.tuning_cache.plan_key` digests them)."""
+    from llm.serving import programmatic_launch, triton_kernels
+
+    device = next(iter(projections.values()))[0].weight.packed.device
+    sources = [Path(module.__file__) for module in (nf4_mma, programmatic_launch, triton_kernels)] + [Path(__file__)]
+    return {
+        "gpu": torch.cuda.get_device_name(device),
+        "capability": list(torch.cuda.get_device_capability(device)),
+        "torch": torch.__version__,
+        "cuda": torch.version.cuda,
+        "triton": triton.__version__ if _HAVE_TRITON else None,
+        "tensor_core_kernel": _mma_available(),
+        "kernels": tuning_cache.source_digest(sources),
+        "buckets": list(buckets),
+        "projections": {name: {"shape": list(group[0].weight.shape), "boundaries": list(group[0].lora.boundaries),
+                               "rank": group[0].lora.rank, "round_lora_first": group[0].round_lora_first,
+                               "layers": len(group)}
+                        for name, group in projections.items()},
+    }
+
+
+def _serve_stored_plan(projections: dict[str, list], buckets: Sequence[int], stored: dict,
+                       compile_threads: int) -> tuple[str | None, int]:
+    """Serve a plan an earlier start timed, once each layout it names compiles here and matches the
+    reference path on the first layer (as the tuner checks its own). Returns (None when it serves,
+    else why not: then nothing of it is served; the kernels compiled ahead)."""
+    choices = stored.get("choices")
+    if not isinstance(choices, dict):
+        return "it holds no choices", 0
+    chosen: list[tuple[str, list, int, NF4Config | None, bool]] = []
+    for name, group in projections.items():
+        first = group[0]
+        n, k = first.weight.shape
+        boundaries, rank = first.lora.boundaries, first.lora.rank
+        for rows in buckets:
+            if not _candidates(rows, n, k, boundaries):
+                continue
+            entry = choices.get(name, {}).get(str(rows)) if isinstance(choices.get(name), dict) else None
+            if not isinstance(entry, dict):
+                return f"it has no layout for {name} at {rows} rows", 0
+            label, config = entry.get("config"), None
+            if label is not None:
+                config = next((c for c in all_configs(rows, n, k, boundaries, rank) if c.label == label), None)
+                if config is None:
+                    return f"its layout {label} for {name} at {rows} rows is not one this version serves", 0
+            chosen.append((name, group, rows, config, bool(entry.get("dequant_cublas"))))
+    requests = [(group[0].weight.code, rows, group[0].weight.shape[1], group[0].lora.rank, mma_layout(config))
+                for _, group, rows, config, _ in chosen if config is not None and config.kind == "mma"]
+    compiled = nf4_mma.precompile(requests, compile_threads) if requests and compile_threads > 1 else 0
+    for name, group, rows, config, _ in chosen:
+        if config is None:
+            continue
+        first = group[0]
+        x = torch.randn((rows, first.weight.shape[1]), dtype=torch.bfloat16, device=first.weight.packed.device)
+        try:
+            out = nf4_lora_linear(x, first.weight, first.lora, first.round_lora_first, config)
+        except Exception as error:  # noqa: BLE001 - a layout that cannot run here any more
+            return f"its layout {config.label} for {name} at {rows} rows fails here ({type(error).__name__})", compiled
+        if not matches_reference(out, first.reference(x)):
+            return f"its layout {config.label} for {name} at {rows} rows no longer matches the reference path", compiled
+    for _, group, rows, config, dequant_cublas in chosen:
+        n, k = group[0].weight.shape
+        if config is not None:
+            PLAN.set(rows, n, k, config)
+        if dequant_cublas:
+            PLAN._reference.add((rows, n, k))
+    timings = stored.get("timings_ms")
+    PLAN.timings_ms.update(timings if isinstance(timings, dict) else {})
+    return None, compiled
+
+
 def tune(projections: dict[str, list], rows_buckets: Sequence[int], replays: int = 5,
-         compile_threads: int | None = None) -> dict[str, object]:
+         compile_threads: int | None = None, cache: Path | None = None) -> dict[str, object]:
     """Per (projection, rows bucket), time every fitting config - and, for batched rows, dequantize +
     cuBLAS - over all layers' weights inside a CUDA graph (so neither launch overhead nor the L2
     cache flatters anyone); keep the fastest of those that match the reference path on the first
     layer (a config this GPU or Triton gets wrong is never served). Where no tensor-core config
     does, the Triton ones are timed instead. The tensor-core kernels are compiled first, on
-    `compile_threads` threads (`default_compile_threads()` if None; 1: each at its first launch)."""
+    `compile_threads` threads (`default_compile_threads()` if None; 1: each at its first launch).
+
+    With `cache` (a JSON file, `llm.serving.tuning_cache`), a plan an earlier start stored for the
+    same GPU, software, kernel source and shapes is served instead, after the same reference check
+    of each layout it names (seconds instead of the whole tuning); a fresh tuning is stored there."""
     compile_threads = default_compile_threads() if compile_threads is None else compile_threads
     started = time.perf_counter()
     buckets = sorted({_block_m(r) for r in rows_buckets})
+    key = tuning_cache.plan_key(tuning_facts(projections, buckets)) if cache is not None else None
+    cache_state = "off"
+    if cache is not None and key is not None:
+        cache_state = "miss"
+        stored = tuning_cache.load_plan(cache, key)
+        if stored is not None:
+            why_not, compiled = _serve_stored_plan(projections, buckets, stored, compile_threads)
+            if why_not is None:
+                seconds = round(time.perf_counter() - started, 1)
+                logger.info("nf4 kernels: serving the layouts timed at %s for this GPU and kernel version (from %s, "
+                            "each checked against the reference path in %.1f s); delete the file to time them again",
+                            stored.get("saved_at", "an earlier start"), cache, seconds)
+                return {**PLAN.summary(), "ms_per_step_all_layers": dict(PLAN.timings_ms), "tune_s": seconds,
+                        "tuning_cache": "hit", "tuned_at": stored.get("saved_at"),
+                        "precompiled_kernels": compiled,
+                        "compile_threads": compile_threads}
+            cache_state = "stale"
+            logger.warning("nf4 tuning cache %s: the stored plan is not served (%s); timing the kernels again",
+                           cache, why_not)
     # the operator's line for the silent minute or two that follows (run 25: 34-107 s on an H200)
     logger.info("nf4: timing the kernel layouts for %d projections x %d batch sizes to serve the fastest "
-                "(up to a minute or two: each layout is compiled first, %d at a time)", len(projections), len(buckets),
-                compile_threads)
+                "(up to a minute or two: each layout is compiled first, %d at a time)%s", len(projections),
+                len(buckets), compile_threads, f"; the choice is saved to {cache} for the next start" if cache else "")
     compiled = precompile_candidates(projections, buckets, compile_threads)
     compile_s = round(time.perf_counter() - started, 1)
     seconds_per_projection: dict[str, float] = {}  # where the rest of the start-up time goes
+    choices: dict[str, dict[str, dict]] = {}  # what the cache keeps: per projection and rows bucket
     for name, group in projections.items():
         projection_started = time.perf_counter()
         first = group[0]
@@ -1108,16 +1206,21 @@ def tune(projections: dict[str, list], rows_buckets: Sequence[int], replays: int
                 PLAN.timings_ms[f"{name}_m{rows}_dequant_cublas"] = round(ms, 3)
                 if best is None or ms < best[0]:
                     PLAN._reference.add((rows, n, k))
+            choices.setdefault(name, {})[str(rows)] = {"config": best[1].label if best is not None else None,
+                                                      "dequant_cublas": PLAN.use_reference(rows, n, k)}
             torch.cuda.empty_cache()
         seconds_per_projection[name] = round(time.perf_counter() - projection_started, 1)
     summary = PLAN.summary()
-    choices = [label for key, label in summary.items() if key.startswith("m")]
-    tensor_core = sum(label.startswith("mma") for label in choices)
+    choices_made = [label for key, label in summary.items() if key.startswith("m")]
+    tensor_core = sum(label.startswith("mma") for label in choices_made)
     seconds = round(time.perf_counter() - started, 1)
     logger.info("nf4 kernels tuned in %.1f s (%.1f s compiling %d kernels on %d threads first): the tensor-core "
                 "kernel serves %d of %d projection x batch-size choices%s", seconds, compile_s, compiled,
-                compile_threads, tensor_core, len(choices),
+                compile_threads, tensor_core, len(choices_made),
                 f" (off: {nf4_mma.disabled_reason()})" if nf4_mma.disabled_reason() else "")
+    if cache is not None and key is not None:
+        tuning_cache.store_plan(cache, key, {"choices": choices, "timings_ms": dict(PLAN.timings_ms),
+                                             "tune_s": seconds})
     return {**summary, "ms_per_step_all_layers": dict(PLAN.timings_ms), "tune_s": seconds,
             "compile_threads": compile_threads, "precompiled_kernels": compiled, "precompile_s": compile_s,
-            "tune_s_per_projection": seconds_per_projection}
+            "tune_s_per_projection": seconds_per_projection, "tuning_cache": cache_state}
