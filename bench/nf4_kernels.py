@@ -8,6 +8,7 @@ bytes each reads and the achieved TB/s. Prints JSON lines.
     python bench/nf4_kernels.py 1,16 --variants   (run 24's served layouts with other shared code pairs)
     python bench/nf4_kernels.py 1,16 --k-splits --projections o,down   (run 24's served layouts, K split across blocks)
     python bench/nf4_kernels.py 1,16 --served   (only the layouts served in runs 24 and 25)
+    python bench/nf4_kernels.py 1 --xtab   (the one-row x-table kernel beside the served layouts)
     python bench/nf4_kernels.py --prompts 367,1500   (the prompt path: TF32x3 against PEFT's LoRA products)
     python bench/nf4_kernels.py --prompts 32,288 --dequant-rows 512,1024,2048   (+ other dequantization chunks)
     python bench/nf4_kernels.py --profile PROJECTION ROWS CONFIG   (a target for Nsight Compute)
@@ -101,6 +102,8 @@ def measure(name: str, parts: list[int], cols: int, rows_counts: Sequence[int], 
                 configs, lambda c, rows=rows: nf4_kernels.k_split_variants(c, n, k, boundaries, rows, rank))
         elif only == "served":
             configs = served_and_variants(configs, lambda c: [])
+        elif only == "xtab":
+            configs = [c for c in configs if c.kind == "xtab"] + served_and_variants(configs, lambda c: [])
         for config in configs:
             if not nf4_kernels.matches_reference(fused(config)[0], reference):
                 wrong.append(config.label)
@@ -198,6 +201,8 @@ def main() -> None:
                         help="time run 24's served tensor-core layouts with K split across 2-8 blocks per feature tile")
     parser.add_argument("--served", action="store_true",
                         help="time only the tensor-core layouts served in runs 24 and 25")
+    parser.add_argument("--xtab", action="store_true",
+                        help="time the one-row x-table kernel beside the tensor-core layouts served in runs 24 and 25")
     parser.add_argument("--projections", default=",".join(SHAPES),
                         help=f"which projections to time, e.g. o,down (of {', '.join(SHAPES)})")
     parser.add_argument("--dequant-rows", metavar="ROWS",
@@ -219,11 +224,11 @@ def main() -> None:
     if chunks and not args.prompts:
         parser.error("--dequant-rows goes with --prompts")
     chosen = [flag for flag, on in (("variants", args.variants), ("k-splits", args.k_splits),
-                                    ("served", args.served)) if on]
+                                    ("served", args.served), ("xtab", args.xtab)) if on]
     if chosen and args.prompts:
-        parser.error("--variants, --k-splits and --served time the decode kernels: not with --prompts")
+        parser.error("--variants, --k-splits, --served and --xtab time the decode kernels: not with --prompts")
     if len(chosen) > 1:
-        parser.error("--variants, --k-splits or --served, one at a time")
+        parser.error("--variants, --k-splits, --served or --xtab, one at a time")
     names = args.projections.split(",")
     if not names or any(name not in SHAPES for name in names):
         parser.error(f"--projections takes some of {', '.join(SHAPES)}, got {args.projections!r}")

@@ -52,7 +52,7 @@ from typing import TYPE_CHECKING
 import torch
 import torch.nn.functional as F
 
-from llm.serving import nf4_mma, tuning_cache
+from llm.serving import nf4_mma, nf4_xtab, tuning_cache
 from llm.serving.triton_kernels import after_previous_kernels, graph_time_ms, programmatic_options
 
 if TYPE_CHECKING:
@@ -82,6 +82,7 @@ class NF4Config:
     # "gather": the code table read per value; "lut": prmt register lookups. "_dot": a 16-row
     # tl.dot tile (any 1..16 rows), else multiply-adds on the CUDA cores (1..4 rows). "mma": the
     # CUDA C++ tensor-core kernel of `llm.serving.nf4_mma` (any 1..16 rows; block_k is its lane group).
+    # "xtab": the one-row kernel of `llm.serving.nf4_xtab` (tables of x; block_k is its K slice).
     kind: str = "gather"
     xperm: bool = False  # lut GEMV: x read value-major (written by the LoRA A kernel)
     prefetch_x: bool = False  # mma: each warp prefetches its next group's x into L1
@@ -103,6 +104,8 @@ class NF4Config:
     def fits_kernel(self, rows: int, rank: int) -> bool:
         """Whether its kernel exists for `rows` rows of x and this LoRA rank: a tensor-core kernel's
         shared memory must fit (the shared code pairs take 32 KB of the 48)."""
+        if self.kind == "xtab":
+            return rows == 1 and rank % 4 == 0
         return self.kind != "mma" or nf4_mma.fits(rows, rank, self.num_warps, self.block_n // nf4_mma.TILE_N,
                                                   self.fuse_a, self.shared_lookups)
 
@@ -185,6 +188,20 @@ def k_split_variants(config: NF4Config, n: int, k: int, boundaries: Sequence[int
     return [v for v in variants if v.fits(n, k, boundaries) and v.fits_kernel(rows, rank)]
 
 
+# 1 row, where NVRTC and 128 KB of shared memory per block are there (llm.serving.nf4_xtab): num_warps
+# per block; block_n is the warp's 32-row group, block_k the 256-input slice.
+XTAB_CONFIGS = tuple(NF4Config(nf4_xtab.ROW_GROUP, nf4_xtab.SLICE, warps, 1, kind="xtab")
+                     for warps in nf4_xtab.WARP_CHOICES)
+
+
+def _xtab_configs(n: int, k: int, boundaries: Sequence[int]) -> list[NF4Config]:
+    if not nf4_xtab.available("cuda"):
+        return []
+    if nf4_xtab.chunks_for(n, k, nf4_xtab.sm_count(torch.device("cuda"))) is None:
+        return []
+    return [c for c in XTAB_CONFIGS if c.fits(n, k, boundaries) and len(boundaries) < nf4_xtab.MAX_PARTS]
+
+
 # Only where nothing above fits (small models, e.g. the tests' tiny one).
 SMALL_CONFIGS = (NF4Config(16, 64, 4, 1, kind="gather_dot"),)
 MAX_ROWS = 16
@@ -201,7 +218,7 @@ def _candidates(rows: int, n: int, k: int, boundaries: Sequence[int], mma: bool 
     if mma_configs and block_m > 1:
         return mma_configs
     if block_m == 1:
-        configs = LUT_GEMV_CONFIGS
+        configs = LUT_GEMV_CONFIGS + tuple(_xtab_configs(n, k, boundaries) if mma else ())
     elif block_m == MAX_ROWS:
         configs = LUT_DOT_CONFIGS
     else:
@@ -965,6 +982,10 @@ def nf4_lora_linear(
     rt = lora.a.shape[0]
     block_m = _block_m(m)
     seg1, seg2 = lora.part_starts(n)
+    if config.kind == "xtab":
+        t, _ = lora_a_product(x, lora, 1, False)
+        return nf4_xtab.nf4_xtab_linear(x, weight, lora, t, seg1, seg2, round_lora_first, config.num_warps,
+                                        nf4_mma.code_values(weight.code))
     if config.kind == "mma":
         warps, tiles, prefetch_x, ahead, fuse_a, shared_lookups, k_splits = mma_layout(config)
         return nf4_mma.nf4_mma_linear(x, weight, lora, seg1, seg2, round_lora_first, warps, tiles, prefetch_x, ahead,
@@ -1025,7 +1046,7 @@ def _fastest(name: str, group: list, rows: int, candidates: Sequence[NF4Config],
             ms = graph_time_ms(lambda c=config: [
                 nf4_lora_linear(x, p.weight, p.lora, p.round_lora_first, c) for p in group
             ], replays)
-        except nf4_mma.MmaUnavailable:
+        except (nf4_mma.MmaUnavailable, nf4_xtab.XtabUnavailable):
             continue  # logged once, where the compile failed
         except Exception as error:  # noqa: BLE001 - a config that cannot compile here
             logger.warning("nf4 config %s failed for %s: %r", config.label, name, error)
@@ -1071,7 +1092,8 @@ def tuning_facts(projections: dict[str, list], buckets: Sequence[int]) -> dict[s
     from llm.serving import programmatic_launch, triton_kernels
 
     device = next(iter(projections.values()))[0].weight.packed.device
-    sources = [Path(module.__file__) for module in (nf4_mma, programmatic_launch, triton_kernels)] + [Path(__file__)]
+    sources = [Path(module.__file__) for module in (nf4_mma, nf4_xtab, programmatic_launch, triton_kernels)]
+    sources.append(Path(__file__))
     return {
         "gpu": torch.cuda.get_device_name(device),
         "capability": list(torch.cuda.get_device_capability(device)),

@@ -90,20 +90,27 @@ def _driver() -> ctypes.CDLL:
     return loader() if loader is not None else ctypes.CDLL("libcuda.so.1")
 
 
+def _plain_launch(kernel: Any, grid: tuple[int, int, int], block: tuple[int, int, int], args: Sequence[Any],
+                  shared_bytes: int) -> None:
+    extra = {"shared_mem": shared_bytes} if shared_bytes else {}
+    kernel(grid=grid, block=block, args=list(args), **extra)
+
+
 def launch(kernel: Any, grid: tuple[int, int, int], block: tuple[int, int, int], args: Sequence[Any],
-           device: torch.device) -> None:
+           device: torch.device, shared_bytes: int = 0) -> None:
     """Launch a kernel compiled by `torch.cuda._compile_kernel` on the current stream, with the
     programmatic attribute where `enabled`. The kernel must call `griddepcontrol.wait` before it
     reads an earlier kernel's results. If the driver refuses the attribute, one WARNING line and
-    plain launches from then on."""
+    plain launches from then on. `shared_bytes`: dynamic shared memory per block (past 48 KB, the
+    kernel's `set_shared_memory_config` first)."""
     global _broken
     if not enabled(device) or not hasattr(kernel, "func"):
-        kernel(grid=grid, block=block, args=list(args))
+        _plain_launch(kernel, grid, block, args, shared_bytes)
         return
     pointers, keep_alive = _kernel_arguments(args)
     attribute = _LaunchAttribute(id=_CU_LAUNCH_ATTRIBUTE_PROGRAMMATIC_STREAM_SERIALIZATION)
     ctypes.memmove(ctypes.addressof(attribute) + _LaunchAttribute.value.offset, ctypes.byref(ctypes.c_int(1)), 4)
-    config = _LaunchConfig(*grid, *block, 0, ctypes.c_void_p(torch.cuda.current_stream(device).cuda_stream),
+    config = _LaunchConfig(*grid, *block, shared_bytes, ctypes.c_void_p(torch.cuda.current_stream(device).cuda_stream),
                            ctypes.pointer(attribute), 1)
     result = _driver().cuLaunchKernelEx(ctypes.byref(config), kernel.func, pointers, None)
     del keep_alive
@@ -111,4 +118,4 @@ def launch(kernel: Any, grid: tuple[int, int, int], block: tuple[int, int, int],
         _broken = f"cuLaunchKernelEx returned CUDA error {result}"
         logger.warning("decode kernels: programmatic dependent launch refused here (%s); plain launches serve",
                        _broken)
-        kernel(grid=grid, block=block, args=list(args))
+        _plain_launch(kernel, grid, block, args, shared_bytes)

@@ -94,9 +94,10 @@ def test_fused_kernel_equals_the_reference_path(rows, name):
     for config in layouts(projection, rows):
         fused = nf4_kernels.nf4_lora_linear(x, projection.weight, projection.lora, True, config)
         diff = (fused.float() - reference.float()).abs()
-        # Only the float32 summation order differs: a bf16 rounding step at most, rarely.
+        # Only the float32 summation order differs: a bf16 rounding step at most, rarely. (The x-table
+        # kernel multiplies the unrounded NF4 weights: tests/gpu/test_nf4_xtab.py bounds it otherwise.)
         assert diff.max().item() <= 2 * reference.float().abs().max().item() * 2**-8, (config, diff.max())
-        assert (diff > 0).float().mean().item() < 0.05, config
+        assert config.kind == "xtab" or (diff > 0).float().mean().item() < 0.05, config
         worst = max(worst, diff.max().item())
     print("NF4_KERNEL " + json.dumps({"name": name, "rows": rows, "max_abs_diff": worst}))
 

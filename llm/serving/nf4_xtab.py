@@ -1,0 +1,334 @@
+"""The one-row `nf4` decode kernel that never decodes a weight: tables of x instead ("xtab").
+
+Every other decode kernel turns each 4-bit code into a bf16 weight (a table lookup, a product with
+the absmax, a rounding) before it multiplies: ~3.75 instructions per weight, which bounds them well
+below the memory's speed (run 23: 1.65 TB/s). One row of x allows the opposite: a byte of the
+packed weights holds two codes for two inputs, so for every pair of inputs (2p, 2p + 1) and every
+byte value b the block tabulates once
+
+    T_p[b] = x[2p] * code[b >> 4] + x[2p + 1] * code[b & 15]        (float32; bitsandbytes' high
+                                                                     nibble is the first value)
+
+and a row's product over its 64-value absmax block is absmax * sum of T_p[byte] over its 32 bytes:
+one shared-memory load and one add per two weights. The weights are bitsandbytes' bytes and
+float32 absmax as stored; the products are exact float32 ones of the same code values (no bf16
+weight rounding at all: the function is the real-valued NF4 weight times x, summed in float32).
+
+Layout, per block: one 256-input slice of K (128 pairs) for a chunk of rows. Lane L of every warp
+reads the word of bytes 4L..4L+3 of each row, so it only ever looks up pairs 4L..4L+3; their four
+256-entry tables sit in shared-memory bank L (128 KB per block), and 32 lanes' random bytes never
+meet in a bank. A lane sums its 8 inputs of 32 rows (one 128-byte line of weights per row), and one
+reduce-scatter over the warp's shuffles gives each lane one row's slice sum. The slices' sums meet
+in global memory: the blocks of a row chunk wait for each other (all blocks are resident: one per
+SM, grid <= SMs), then each finishes 1 / slices of the chunk's rows in a fixed slice order (the
+same bits every launch) and adds the LoRA's `B` product with PEFT's roundings, from t = x @ A.T that
+the LoRA `A` kernel before it left as split-K partial sums.
+
+tests/test_nf4_xtab_emulated.py runs this CUDA text on the CPU (tests/fakes/cuda_emulation.hpp, both
+phases as separate launches); tests/gpu runs it on a GPU.
+"""
+
+from __future__ import annotations
+
+import logging
+import struct
+from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING
+
+import torch
+
+from llm.serving import programmatic_launch
+
+if TYPE_CHECKING:
+    from llm.serving.nf4 import LoraParts, NF4Matrix
+
+logger = logging.getLogger(__name__)
+
+SLICE = 256  # inputs per block: 32 lanes x one 32-bit word (8 inputs) of each row
+ROW_GROUP = 32  # rows a warp sums at a time (one per lane after the reduce-scatter)
+TABLE_BYTES = 4 * 256 * 32 * 4  # 4 pairs per lane, 256 byte values, 32 lanes, float32
+WARP_CHOICES = (8, 16)
+MAX_PARTS = 3  # LoRA parts of a fused projection (q/k/v)
+
+_SOURCE = r"""
+typedef unsigned int u32;
+typedef unsigned short u16;
+
+constexpr int K = KDIM;
+constexpr int SLICES = K / 256;
+constexpr int ROW_WORDS = K / 8;   // 32-bit words of packed bytes per row
+constexpr int ROW_BLOCKS = K / 64;  // absmax values per row
+constexpr int TABLE_WORDS = 4 * 256 * 32;
+
+#ifndef NF4_EMULATE
+__device__ __forceinline__ u32 shift_right_on_fma(u32 a, int k) {
+    u32 d;
+    asm("mul.hi.u32 %0, %1, %2;" : "=r"(d) : "r"(a), "r"(1u << (32 - k)));
+    return d;
+}
+__device__ __forceinline__ u32 shift_left_on_fma(u32 a, int k) {
+    u32 d;
+    asm("mul.lo.u32 %0, %1, %2;" : "=r"(d) : "r"(a), "r"(1u << k));
+    return d;
+}
+__device__ __forceinline__ u32 and_or(u32 a, u32 b, u32 c) {
+    u32 d;
+    asm("lop3.b32 %0, %1, %2, %3, 0xEA;" : "=r"(d) : "r"(a), "r"(b), "r"(c));
+    return d;
+}
+__device__ __forceinline__ u16 bf16(float v) {
+    u16 d;
+    asm("cvt.rn.bf16.f32 %0, %1;" : "=h"(d) : "f"(v));
+    return d;
+}
+// Weights are read once: past L1
+__device__ __forceinline__ u32 load_word(const u32* p) {
+    u32 v;
+    asm("ld.global.nc.L1::no_allocate.u32 %0, [%1];" : "=r"(v) : "l"(p));
+    return v;
+}
+__device__ __forceinline__ int load_acquire(const int* p) {
+    int v;
+    asm volatile("ld.acquire.gpu.global.b32 %0, [%1];" : "=r"(v) : "l"(p) : "memory");
+    return v;
+}
+__device__ __forceinline__ void previous_kernels_done() {
+#if __CUDA_ARCH__ >= 900
+    asm volatile("griddepcontrol.wait;" ::: "memory");
+#endif
+}
+__device__ __forceinline__ void next_kernel_may_start() {
+#if __CUDA_ARCH__ >= 900
+    asm volatile("griddepcontrol.launch_dependents;");
+#endif
+}
+#else
+inline u32 load_word(const u32* p) { return __ldg(p); }
+#endif
+
+__device__ __forceinline__ float f32(u16 h) { return __uint_as_float(((u32)h) << 16); }
+
+// Pair table q's entry for byte q of `word`, for this lane (its bank)
+#define LOOKUP(q, shifted) \
+    (*(const float*)((const char*)table + (q) * 32768 + and_or((shifted), 0x7F80u, lane4)))
+
+// phases: 1 = this slice's sums for the chunk's rows, 2 = finish 1 / SLICES of the chunk's rows; a
+// GPU launch runs both (3), waiting for the chunk's other slices in between.
+extern "C" __global__ void __launch_bounds__(WARPS * 32, 1)
+nf4_xtab_kernel(const u32* __restrict__ words, const float* __restrict__ absmax, const u16* __restrict__ x,
+                const float* __restrict__ t_part, const float* __restrict__ lora_b, u16* __restrict__ y,
+                float* __restrict__ partial, int* __restrict__ counters, int N, int seg1, int seg2, int RT,
+                int t_splits, double scaling, int round_lora_first, int phases) {
+#ifdef NF4_EMULATE
+    static float table[TABLE_WORDS];
+#else
+    extern __shared__ float table[];  // pair q of lane L, byte b: word (q * 256 + b) * 32 + L
+#endif
+    __shared__ float t_sum[3][RANK];
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+    const u32 lane4 = (u32)lane * 4u;
+    const int slice = blockIdx.x % SLICES, chunk = blockIdx.x / SLICES;
+    const int chunk_rows = N / CHUNKS;  // a multiple of 32
+    const int row0 = chunk * chunk_rows;
+    const int groups = chunk_rows / 32;
+
+    if (phases & 1) {
+        const u32* lane_words = words + (size_t)row0 * ROW_WORDS + slice * 32 + lane;
+        const float* lane_absmax = absmax + (size_t)row0 * ROW_BLOCKS + slice * 4 + (lane >> 3);
+        u32 w[32];
+        float scale[32];
+        auto fetch = [&](int group) {
+            if (group >= groups) return;
+#pragma unroll
+            for (int j = 0; j < 32; ++j) {
+                w[j] = load_word(lane_words + (size_t)(group * 32 + j) * ROW_WORDS);
+                scale[j] = __ldg(lane_absmax + (size_t)(group * 32 + j) * ROW_BLOCKS);
+            }
+        };
+        fetch(warp);  // the weights do not depend on the kernel before this one
+        previous_kernels_done();  // x
+        {
+            // This lane's pairs 4 lane + q: inputs 8 lane + 2q (high nibble) and + 1 (low nibble)
+            const uint4 xs = *(const uint4*)(x + slice * 256 + 8 * lane);
+            const u32 xw[4] = {xs.x, xs.y, xs.z, xs.w};
+            float high[4], low[4];
+#pragma unroll
+            for (int q = 0; q < 4; ++q) {
+                high[q] = f32((u16)(xw[q] & 0xFFFFu));
+                low[q] = f32((u16)(xw[q] >> 16));
+            }
+            for (int word = warp; word < 1024; word += WARPS) {
+                const int q = word >> 8, b = word & 255;
+                table[word * 32 + lane] = high[q] * CODE[b >> 4] + low[q] * CODE[b & 15];
+            }
+        }
+        __syncthreads();
+        for (int group = warp; group < groups; group += WARPS) {
+            float v[32];
+#pragma unroll
+            for (int j = 0; j < 32; ++j) {
+                const u32 word = w[j];
+                const float pair01 = LOOKUP(0, shift_left_on_fma(word, 7)) + LOOKUP(1, shift_right_on_fma(word, 1));
+                const float pair23 = LOOKUP(2, shift_right_on_fma(word, 9)) + LOOKUP(3, shift_right_on_fma(word, 17));
+                v[j] = (pair01 + pair23) * scale[j];
+            }
+            fetch(group + WARPS);
+            // reduce-scatter: afterwards v[0] of lane L is row L's sum over the warp's lanes
+#pragma unroll
+            for (int width = 16; width >= 1; width >>= 1) {
+                const bool upper = (lane & width) != 0;
+#pragma unroll
+                for (int i = 0; i < width; ++i) {
+                    const float send = upper ? v[i] : v[i + width];
+                    const float keep = upper ? v[i + width] : v[i];
+                    v[i] = keep + __shfl_xor_sync(0xFFFFFFFFu, send, width);
+                }
+            }
+            partial[(size_t)slice * N + row0 + group * 32 + lane] = v[0];
+        }
+    }
+    if (phases & 2) {
+#ifndef NF4_EMULATE
+        if (phases & 1) {  // every slice of this chunk has stored its sums
+            __threadfence();
+            __syncthreads();
+            if (threadIdx.x == 0) {
+                atomicAdd(&counters[chunk], 1);
+                while (load_acquire(&counters[chunk]) < SLICES) __nanosleep(64);
+            }
+            __syncthreads();
+        }
+#endif
+        // Only now: a kernel started early could otherwise hold the SM a block of this grid still waits for
+        next_kernel_may_start();
+        previous_kernels_done();  // t
+        for (int i = threadIdx.x; i < RT; i += WARPS * 32) {
+            float sum = 0.f;
+            for (int split = 0; split < t_splits; ++split) sum += t_part[split * RT + i];
+            t_sum[i / RANK][i % RANK] = sum;
+        }
+        __syncthreads();
+        const int share = (chunk_rows + SLICES - 1) / SLICES;
+        for (int i = threadIdx.x; i < share; i += WARPS * 32) {
+            const int r = slice * share + i;
+            if (r >= chunk_rows) break;
+            const int row = row0 + r;
+            float base = 0.f;
+            for (int s = 0; s < SLICES; ++s) base += __ldcg(&partial[(size_t)s * N + row]);
+            const int part = (row >= seg1) + (row >= seg2);
+            const float4* b = (const float4*)(lora_b + (size_t)row * RANK);
+            float u = 0.f;
+#pragma unroll
+            for (int r4 = 0; r4 < RANK / 4; ++r4) {
+                const float4 bb = __ldg(b + r4);
+                u += bb.x * t_sum[part][4 * r4];
+                u += bb.y * t_sum[part][4 * r4 + 1];
+                u += bb.z * t_sum[part][4 * r4 + 2];
+                u += bb.w * t_sum[part][4 * r4 + 3];
+            }
+            u *= (float)scaling;
+            const float rounded_base = f32(bf16(base));
+            y[row] = round_lora_first ? bf16(rounded_base + f32(bf16(u))) : bf16(rounded_base + u);
+        }
+#ifndef NF4_EMULATE
+        if (phases & 1) {  // the last block of the chunk to leave zeroes its counters for the next launch
+            __syncthreads();
+            if (threadIdx.x == 0 && atomicAdd(&counters[CHUNKS + chunk], 1) == SLICES - 1) {
+                counters[chunk] = 0;
+                counters[CHUNKS + chunk] = 0;
+            }
+        }
+#endif
+    }
+}
+"""
+
+
+def source(code: Sequence[float], k: int, warps: int, rank: int, chunks: int) -> str:
+    """The kernel's CUDA text for one NF4 code table, K, warps per block, LoRA rank and row chunks."""
+    if len(code) != 16:
+        raise ValueError("an NF4 code table has 16 entries")
+    if k <= 0 or k % SLICE or warps not in WARP_CHOICES or rank <= 0 or rank % 4 or chunks <= 0:
+        raise ValueError(f"no nf4 xtab kernel for K {k}, {warps} warps, rank {rank}, {chunks} chunks")
+    values = ", ".join(f"{struct.unpack('<f', struct.pack('<f', float(v)))[0].hex()}f" for v in code)
+    header = (f"#define KDIM {k}\n#define WARPS {warps}\n#define RANK {rank}\n#define CHUNKS {chunks}\n"
+              f"__device__ __constant__ float CODE_TABLE[16] = {{{values}}};\n#define CODE CODE_TABLE\n")
+    return header + _SOURCE
+
+
+def chunks_for(n: int, k: int, sms: int) -> int | None:
+    """Row chunks per slice: the most that keep every block resident at once (slices x chunks <= SMs,
+    one block per SM) with whole 32-row groups per chunk; None where none does."""
+    slices = k // SLICE
+    if k % SLICE or n % ROW_GROUP or slices > sms:
+        return None
+    groups = n // ROW_GROUP
+    return max((c for c in range(1, sms // slices + 1) if groups % c == 0), default=None)
+
+
+def fits(n: int, k: int, rank: int, parts: int, sms: int) -> bool:
+    return rank % 4 == 0 and parts <= MAX_PARTS and chunks_for(n, k, sms) is not None
+
+
+class XtabUnavailable(RuntimeError):
+    """The kernel cannot be compiled or configured here: already logged once."""
+
+
+_DISABLED: str | None = None
+_KERNELS: dict[tuple, Callable] = {}
+
+
+def available(device: torch.device | str) -> bool:
+    """NVRTC through PyTorch, 128 KB of shared memory per block, and no compile has failed."""
+    device = torch.device(device)
+    if device.type != "cuda" or not torch.cuda.is_available() or not hasattr(torch.cuda, "_compile_kernel"):
+        return False
+    optin = getattr(torch.cuda.get_device_properties(device), "shared_memory_per_block_optin", 0)
+    return _DISABLED is None and optin >= TABLE_BYTES + 1024
+
+
+def sm_count(device: torch.device) -> int:
+    return torch.cuda.get_device_properties(device).multi_processor_count
+
+
+def _kernel(code: tuple[float, ...], device: torch.device, k: int, warps: int, rank: int, chunks: int) -> Callable:
+    global _DISABLED
+    key = (device.index, code, k, warps, rank, chunks)
+    if key not in _KERNELS:
+        if _DISABLED is not None:
+            raise XtabUnavailable(_DISABLED)
+        try:
+            with torch.cuda.device(device):
+                kernel = torch.cuda._compile_kernel(source(code, k, warps, rank, chunks), "nf4_xtab_kernel")
+                kernel.set_shared_memory_config(TABLE_BYTES)
+        except Exception as error:  # noqa: BLE001 - NVRTC missing or refusing: any failure means "not here"
+            _DISABLED = (str(error).strip().splitlines() or [type(error).__name__])[0][:300]
+            logger.warning("nf4: the x-table kernel cannot be compiled here (%s); the other kernels serve", _DISABLED)
+            raise XtabUnavailable(_DISABLED) from error
+        _KERNELS[key] = kernel
+    return _KERNELS[key]
+
+
+def nf4_xtab_linear(x: torch.Tensor, weight: NF4Matrix, lora: LoraParts, t: torch.Tensor, seg1: int, seg2: int,
+                    round_lora_first: bool, warps: int, code: tuple[float, ...]) -> torch.Tensor:
+    """y = x @ W.T + scaling * B(t) with PEFT's roundings, for one row of x ([1, K], bf16); t: the
+    LoRA `A` kernel's split-K partial sums of x @ A.T ([splits, 1, sum of ranks], float32)."""
+    m, k = x.shape
+    if m != 1:
+        raise ValueError(f"the x-table kernel takes one row, got {m}")
+    n = weight.packed.shape[0]
+    chunks = chunks_for(n, k, sm_count(x.device))
+    if chunks is None:
+        raise ValueError(f"no x-table layout for a {n} x {k} weight on this GPU")
+    if x.stride(1) != 1 or x.data_ptr() % 16:
+        x = x.clone(memory_format=torch.contiguous_format)
+    kernel = _kernel(code, x.device, k, warps, lora.rank, chunks)
+    slices = k // SLICE
+    y = torch.empty((1, n), dtype=torch.bfloat16, device=x.device)
+    partial = torch.empty((slices, n), dtype=torch.float32, device=x.device)
+    counters = lora.counters("xtab", 2 * chunks, x.device)
+    programmatic_launch.launch(
+        kernel, (slices * chunks, 1, 1), (warps * 32, 1, 1),
+        [weight.packed, weight.absmax, x, t, lora.b, y, partial, counters, n, seg1, seg2, lora.a.shape[0],
+         t.shape[0], float(lora.scaling), int(round_lora_first), 3], x.device, shared_bytes=TABLE_BYTES)
+    return y

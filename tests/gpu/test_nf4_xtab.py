@@ -1,0 +1,60 @@
+"""The one-row x-table kernel (llm/serving/nf4_xtab.py) on the GPU: both phases in one launch, the
+row chunks' blocks waiting for each other, against the exact NF4 function and the reference path,
+replayed from CUDA graphs as serving runs it (device tool; skipped without CUDA)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from tests.gpu.test_nf4_kernels import assert_replays_repeat, layouts, projection_and_input
+
+pytestmark = pytest.mark.gpu
+
+
+def _exact(projection, x: torch.Tensor) -> torch.Tensor:  # noqa: ANN001
+    """x @ (code * absmax).T + the LoRA, in float64: the NF4 weights before any rounding."""
+    weight = projection.weight
+    n, k = weight.shape
+    nibbles = torch.stack((weight.packed >> 4, weight.packed & 0xF), dim=-1).reshape(n, k).long()
+    values = (weight.code.double()[nibbles].reshape(n, -1, 64) * weight.absmax.double().unsqueeze(-1)).reshape(n, k)
+    return x.double() @ values.T + projection.lora.delta(x).double()
+
+
+@pytest.mark.parametrize("name", ["qkv", "gate_up", "down"])
+def test_the_x_table_kernel_is_as_close_to_the_exact_function_as_the_reference_path(name):
+    from llm.serving import nf4_kernels
+
+    projection, x = projection_and_input(name, 1)
+    configs = [c for c in layouts(projection, 1) if c.kind == "xtab"]
+    assert configs, "no x-table layout here"
+    reference = projection.reference(x)
+    exact = _exact(projection, x)
+    reference_error = (reference.double() - exact).abs().mean().item()
+    for config in configs:
+        out = nf4_kernels.nf4_lora_linear(x, projection.weight, projection.lora, True, config)
+        assert not out.isnan().any()
+        assert nf4_kernels.matches_reference(out, reference), config.label
+        error = (out.double() - exact).abs().mean().item()
+        print("NF4_XTAB " + json.dumps({"name": name, "config": config.label, "mean_abs_error": error,
+                                        "reference_path_mean_abs_error": reference_error}))
+        # no bf16 weight rounding: closer to the exact function than the path that rounds them
+        assert error <= reference_error, (config.label, error, reference_error)
+
+
+@pytest.mark.parametrize("name", ["qkv", "down"])
+def test_the_x_table_kernel_repeats_its_bits_in_graphs_and_leaves_its_counters_at_zero(name):
+    # The blocks of a row chunk wait for each other's slice sums on counters the last to leave zeroes:
+    # a replay that found them raised would read sums too early (other bits) or never wait.
+    from llm.serving import nf4_kernels
+
+    projection, x = projection_and_input(name, 1)
+    for config in [c for c in layouts(projection, 1) if c.kind == "xtab"]:
+        def run(config=config):  # noqa: ANN001, ANN202
+            return nf4_kernels.nf4_lora_linear(x, projection.weight, projection.lora, True, config)
+
+        first = run()
+        assert torch.equal(run(), first), config.label
+        assert_replays_repeat(run, first, projection.lora, "xtab", config.label, replays=5)

@@ -1,0 +1,136 @@
+"""The x-table kernel's own CUDA text, run on the CPU (tests/fakes/cuda_emulation.hpp: one std::thread
+per CUDA thread, one block at a time, so its two phases run as two launches) against the reference
+path: the pair tables in their banks, the lanes' bytes, the warp's reduce-scatter, the slices' sums
+added per chunk and the LoRA epilogue. The real kernel, both phases in one launch, runs in
+tests/gpu/test_nf4_kernels.py on a GPU."""
+
+from __future__ import annotations
+
+import ctypes
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+import torch
+
+from llm.serving import nf4_kernels, nf4_xtab
+from llm.serving.nf4 import LoraParts, NF4Matrix, NF4Projection
+
+pytestmark = pytest.mark.skipif(shutil.which("g++") is None, reason="needs g++ to build the emulated kernel")
+
+NF4_CODE = [-1.0, -0.6961928009986877, -0.5250730514526367, -0.39491748809814453, -0.28444138169288635,
+            -0.18477343022823334, -0.09105003625154495, 0.0, 0.07958029955625534, 0.16093020141124725,
+            0.24611230194568634, 0.33791524171829224, 0.44070982933044434, 0.5626170039176941,
+            0.7229568362236023, 1.0]
+HEADER = Path(__file__).parent / "fakes" / "cuda_emulation.hpp"
+LAUNCHER = r"""
+extern "C" void add_buffer(const void* begin, long bytes) {
+    global_buffers.push_back({static_cast<const char*>(begin), static_cast<const char*>(begin) + bytes});
+}
+// Returns the number of out-of-bounds global reads.
+extern "C" long launch(int grid, int threads, const void* words, const float* absmax, const void* x, const float* t,
+                       const float* lora_b, void* y, float* partial, int* counters, int N, int seg1, int seg2, int RT,
+                       int t_splits, double scaling, int round_lora_first, int phases) {
+    out_of_bounds_reads = 0;
+    launch_blocks(grid, threads, [=] {
+        nf4_xtab_kernel((const u32*)words, absmax, (const u16*)x, t, lora_b, (u16*)y, partial, counters, N, seg1, seg2,
+                        RT, t_splits, scaling, round_lora_first, phases);
+    });
+    return out_of_bounds_reads;
+}
+"""
+RANK = 8
+
+
+def _build(tmp_path_factory: pytest.TempPathFactory, k: int, warps: int, chunks: int) -> ctypes.CDLL:
+    folder = tmp_path_factory.mktemp(f"xtab_k{k}_w{warps}_c{chunks}")
+    text = (f'#define NF4_EMULATE\n#include "{HEADER}"\n' + nf4_xtab.source(NF4_CODE, k, warps, RANK, chunks)
+            + LAUNCHER)
+    (folder / "kernel.cpp").write_text(text)
+    built = subprocess.run(
+        ["g++", "-O1", "-std=c++20", "-shared", "-fPIC", "-pthread", "-ffp-contract=off", "-Wno-unknown-pragmas",
+         "-o", str(folder / "kernel.so"), str(folder / "kernel.cpp")],
+        capture_output=True, text=True,
+    )
+    assert built.returncode == 0, built.stderr[-3000:]
+    library = ctypes.CDLL(str(folder / "kernel.so"))
+    library.add_buffer.argtypes = [ctypes.c_void_p, ctypes.c_long]
+    library.launch.restype = ctypes.c_long
+    library.launch.argtypes = [ctypes.c_int, ctypes.c_int] + [ctypes.c_void_p] * 8 + [ctypes.c_int] * 5 + [
+        ctypes.c_double, ctypes.c_int, ctypes.c_int]
+    return library
+
+
+def _projection(parts: list[int], k: int, seed: int) -> NF4Projection:
+    """A fused projection of len(parts) LoRA parts (q/k/v: three), random bytes and absmax."""
+    g = torch.Generator().manual_seed(seed)
+    n = sum(parts)
+    weight = NF4Matrix(
+        packed=torch.randint(0, 256, (n, k // 2), dtype=torch.uint8, generator=g),
+        absmax=torch.rand((n, k // 64), generator=g) * 0.05 + 0.005,
+        code=torch.tensor(NF4_CODE, dtype=torch.float32),
+    )
+    segments, row = [], 0
+    for i, rows in enumerate(parts):
+        segments.append((row, row + rows, RANK * i))
+        row += rows
+    lora = LoraParts(a=torch.randn((RANK * len(parts), k), generator=g) * 0.02,
+                     b=torch.randn((n, RANK), generator=g) * 0.02, segments=tuple(segments), rank=RANK, scaling=0.25)
+    return NF4Projection(weight, lora)
+
+
+def _run(library: ctypes.CDLL, projection: NF4Projection, x: torch.Tensor, warps: int, chunks: int) -> torch.Tensor:
+    k = x.shape[1]
+    n = projection.weight.shape[0]
+    lora = projection.lora
+    rt = lora.a.shape[0]
+    cut = k // 2  # two split-K partial sums, as the LoRA A kernel leaves them
+    t = torch.stack([x[:, :cut].float() @ lora.a[:, :cut].T, x[:, cut:].float() @ lora.a[:, cut:].T]).contiguous()
+    y = torch.full((1, n), float("nan"), dtype=torch.bfloat16)
+    partial = torch.full((k // nf4_xtab.SLICE, n), float("nan"))  # written before it is read
+    counters = torch.zeros(2 * chunks, dtype=torch.int32)
+    for buffer in (projection.weight.packed, projection.weight.absmax, x, t, lora.b, partial):
+        library.add_buffer(buffer.data_ptr(), buffer.numel() * buffer.element_size())
+    grid = k // nf4_xtab.SLICE * chunks
+    for phase in (1, 2):
+        out_of_bounds = library.launch(
+            grid, warps * 32, projection.weight.packed.data_ptr(), projection.weight.absmax.data_ptr(), x.data_ptr(),
+            t.data_ptr(), lora.b.data_ptr(), y.data_ptr(), partial.data_ptr(), counters.data_ptr(), n,
+            *lora.part_starts(n), rt, 2, lora.scaling, int(projection.round_lora_first), phase)
+        assert out_of_bounds == 0, f"{out_of_bounds} global reads outside the kernel's buffers"
+    return y
+
+
+# (parts, K, warps, chunks): q/k/v-like parts over 2 slices in one chunk, 3 slices (a chunk's rows do not
+# split evenly over its slices) in 3 chunks with more row groups than warps, and gate/up-like parts
+@pytest.mark.parametrize(("parts", "k", "warps", "chunks"),
+                         [([64, 32, 32], 512, 8, 1), ([96, 96, 96], 768, 8, 3), ([160, 160], 256, 8, 2)])
+def test_the_kernel_text_computes_the_reference_function(tmp_path_factory, parts, k, warps, chunks):
+    library = _build(tmp_path_factory, k, warps, chunks)
+    projection = _projection(parts, k, seed=k)
+    x = torch.randn((1, k), generator=torch.Generator().manual_seed(k + 1)).to(torch.bfloat16)
+    out = _run(library, projection, x, warps, chunks)
+    reference = projection.reference(x)
+    assert not out.isnan().any()  # every output written
+    assert nf4_kernels.matches_reference(out, reference), (out.float() - reference.float()).abs().max()
+
+
+def test_the_plain_linear_rounding_is_kept(tmp_path_factory):
+    """The lm_head-style projection (round_lora_first off): the float32 sum rounded once."""
+    library = _build(tmp_path_factory, 256, 8, 1)
+    projection = _projection([64], 256, seed=7)
+    projection.round_lora_first = False
+    x = torch.randn((1, 256), generator=torch.Generator().manual_seed(8)).to(torch.bfloat16)
+    out = _run(library, projection, x, 8, 1)
+    assert nf4_kernels.matches_reference(out, projection.reference(x))
+
+
+def test_row_chunks_keep_every_block_resident_and_whole_row_groups():
+    assert nf4_xtab.chunks_for(6144, 4096, 132) == 8  # q/k/v: 16 slices x 8 chunks = 128 blocks
+    assert nf4_xtab.chunks_for(28672, 4096, 132) == 8
+    assert nf4_xtab.chunks_for(4096, 14336, 132) == 2  # down: 56 slices x 2
+    assert nf4_xtab.chunks_for(96, 768, 132) == 3
+    assert nf4_xtab.chunks_for(100, 4096, 132) is None  # rows not in 32-row groups
+    assert nf4_xtab.chunks_for(4096, 4000, 132) is None  # K not in 256-input slices
+    assert nf4_xtab.chunks_for(4096, 256 * 200, 132) is None  # more slices than SMs: blocks would wait forever
