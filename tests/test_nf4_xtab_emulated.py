@@ -103,9 +103,11 @@ def _run(library: ctypes.CDLL, projection: NF4Projection, x: torch.Tensor, warps
 
 
 # (parts, K, warps, chunks): q/k/v-like parts over 2 slices in one chunk, 3 slices (a chunk's rows do not
-# split evenly over its slices) in 3 chunks with more row groups than warps, and gate/up-like parts
+# split evenly over its slices) in 3 chunks, and gate/up-like parts; the last with 20 row groups for 8 warps,
+# so that a warp's next group streams in while it computes one, two or none
 @pytest.mark.parametrize(("parts", "k", "warps", "chunks"),
-                         [([64, 32, 32], 512, 8, 1), ([96, 96, 96], 768, 8, 3), ([160, 160], 256, 8, 2)])
+                         [([64, 32, 32], 512, 8, 1), ([96, 96, 96], 768, 8, 3), ([160, 160], 256, 8, 2),
+                          ([320, 320], 256, 8, 1)])
 def test_the_kernel_text_computes_the_reference_function(tmp_path_factory, parts, k, warps, chunks):
     library = _build(tmp_path_factory, k, warps, chunks)
     projection = _projection(parts, k, seed=k)

@@ -17,8 +17,10 @@ weight rounding at all: the function is the real-valued NF4 weight times x, summ
 Layout, per block: one 256-input slice of K (128 pairs) for a chunk of rows. Lane L of every warp
 reads the word of bytes 4L..4L+3 of each row, so it only ever looks up pairs 4L..4L+3; their four
 256-entry tables sit in shared-memory bank L (128 KB per block), and 32 lanes' random bytes never
-meet in a bank. A lane sums its 8 inputs of 32 rows (one 128-byte line of weights per row), and one
-reduce-scatter over the warp's shuffles gives each lane one row's slice sum. The slices' sums meet
+meet in a bank. A lane sums its 8 inputs of 32 rows (one 128-byte line of weights per row; the next
+32 rows' words load while it does), and a reduce-scatter over the warp's shuffles gives each lane
+one row's slice sum: first over the 8 lanes of an absmax block (then 4 rows per lane, each scaled
+once), then over the 4 blocks. The slices' sums meet
 in global memory: the blocks of a row chunk wait for each other (all blocks are resident: one per
 SM, grid <= SMs), then each finishes 1 / slices of the chunk's rows in a fixed slice order (the
 same bits every launch) and adds the LoRA's `B` product with PEFT's roundings, from t = x @ A.T that
@@ -134,18 +136,15 @@ nf4_xtab_kernel(const u32* __restrict__ words, const float* __restrict__ absmax,
 
     if (phases & 1) {
         const u32* lane_words = words + (size_t)row0 * ROW_WORDS + slice * 32 + lane;
-        const float* lane_absmax = absmax + (size_t)row0 * ROW_BLOCKS + slice * 4 + (lane >> 3);
+        // Lane (hi2, lo3): the 64-value absmax block hi2 of this slice; after the first half of the
+        // reduce-scatter it holds rows 4 lo3 .. 4 lo3 + 3 of the group, summed over its block's 8 lanes
+        const int hi2 = lane >> 3, lo3 = lane & 7;
+        const float* lane_absmax = absmax + (size_t)(row0 + 4 * lo3) * ROW_BLOCKS + slice * 4 + hi2;
         u32 w[32];
-        float scale[32];
-        auto fetch = [&](int group) {
-            if (group >= groups) return;
+        if (warp < groups) {  // the weights do not depend on the kernel before this one
 #pragma unroll
-            for (int j = 0; j < 32; ++j) {
-                w[j] = load_word(lane_words + (size_t)(group * 32 + j) * ROW_WORDS);
-                scale[j] = __ldg(lane_absmax + (size_t)(group * 32 + j) * ROW_BLOCKS);
-            }
-        };
-        fetch(warp);  // the weights do not depend on the kernel before this one
+            for (int j = 0; j < 32; ++j) w[j] = load_word(lane_words + (size_t)(warp * 32 + j) * ROW_WORDS);
+        }
         previous_kernels_done();  // x
         {
             // This lane's pairs 4 lane + q: inputs 8 lane + 2q (high nibble) and + 1 (low nibble)
@@ -163,28 +162,40 @@ nf4_xtab_kernel(const u32* __restrict__ words, const float* __restrict__ absmax,
             }
         }
         __syncthreads();
+        // One step of the reduce-scatter: of `len` values, the lanes with `mask` set keep the upper half
+        auto halve = [&](float (&v)[32], int len, int mask) {
+            const bool upper = (lane & mask) != 0;
+#pragma unroll
+            for (int i = 0; i < len / 2; ++i) {
+                const float send = upper ? v[i] : v[i + len / 2];
+                const float keep = upper ? v[i + len / 2] : v[i];
+                v[i] = keep + __shfl_xor_sync(0xFFFFFFFFu, send, mask);
+            }
+        };
         for (int group = warp; group < groups; group += WARPS) {
+            const int next = group + WARPS;
+            float scale[4];
+#pragma unroll
+            for (int i = 0; i < 4; ++i) scale[i] = __ldg(lane_absmax + (size_t)(group * 32 + i) * ROW_BLOCKS);
             float v[32];
 #pragma unroll
             for (int j = 0; j < 32; ++j) {
                 const u32 word = w[j];
                 const float pair01 = LOOKUP(0, shift_left_on_fma(word, 7)) + LOOKUP(1, shift_right_on_fma(word, 1));
                 const float pair23 = LOOKUP(2, shift_right_on_fma(word, 9)) + LOOKUP(3, shift_right_on_fma(word, 17));
-                v[j] = (pair01 + pair23) * scale[j];
+                v[j] = pair01 + pair23;
+                // the next group's row j streams in while this group computes
+                if (next < groups) w[j] = load_word(lane_words + (size_t)(next * 32 + j) * ROW_WORDS);
             }
-            fetch(group + WARPS);
-            // reduce-scatter: afterwards v[0] of lane L is row L's sum over the warp's lanes
+            halve(v, 32, 4);
+            halve(v, 16, 2);
+            halve(v, 8, 1);  // rows 4 lo3 + i, i < 4, summed over the block's 8 lanes
 #pragma unroll
-            for (int width = 16; width >= 1; width >>= 1) {
-                const bool upper = (lane & width) != 0;
-#pragma unroll
-                for (int i = 0; i < width; ++i) {
-                    const float send = upper ? v[i] : v[i + width];
-                    const float keep = upper ? v[i + width] : v[i];
-                    v[i] = keep + __shfl_xor_sync(0xFFFFFFFFu, send, width);
-                }
-            }
-            partial[(size_t)slice * N + row0 + group * 32 + lane] = v[0];
+            for (int i = 0; i < 4; ++i) v[i] *= scale[i];
+            halve(v, 4, 8);
+            halve(v, 2, 16);  // row 4 lo3 + 2 (lane bit 3) + (lane bit 4), over all 32 lanes
+            const int row = group * 32 + 4 * lo3 + 2 * ((lane >> 3) & 1) + ((lane >> 4) & 1);
+            partial[(size_t)slice * N + row0 + row] = v[0];
         }
     }
     if (phases & 2) {
