@@ -43,9 +43,11 @@ extern "C" long launch(int grid, int threads, const void* words, const float* ab
 RANK = 8
 
 
-def _build(tmp_path_factory: pytest.TempPathFactory, k: int, warps: int, chunks: int) -> ctypes.CDLL:
-    folder = tmp_path_factory.mktemp(f"xtab_k{k}_w{warps}_c{chunks}")
-    text = (f'#define NF4_EMULATE\n#include "{HEADER}"\n' + nf4_xtab.source(NF4_CODE, k, warps, RANK, chunks)
+def _build(tmp_path_factory: pytest.TempPathFactory, k: int, warps: int, chunks: int,
+           slice_major: bool = False) -> ctypes.CDLL:
+    folder = tmp_path_factory.mktemp(f"xtab_k{k}_w{warps}_c{chunks}_s{int(slice_major)}")
+    text = (f'#define NF4_EMULATE\n#include "{HEADER}"\n'
+            + nf4_xtab.source(NF4_CODE, k, warps, RANK, chunks, slice_major)
             + LAUNCHER)
     (folder / "kernel.cpp").write_text(text)
     built = subprocess.run(
@@ -80,7 +82,8 @@ def _projection(parts: list[int], k: int, seed: int) -> NF4Projection:
     return NF4Projection(weight, lora)
 
 
-def _run(library: ctypes.CDLL, projection: NF4Projection, x: torch.Tensor, warps: int, chunks: int) -> torch.Tensor:
+def _run(library: ctypes.CDLL, projection: NF4Projection, x: torch.Tensor, warps: int, chunks: int,
+         slice_major: bool = False) -> torch.Tensor:
     k = x.shape[1]
     n = projection.weight.shape[0]
     lora = projection.lora
@@ -90,12 +93,14 @@ def _run(library: ctypes.CDLL, projection: NF4Projection, x: torch.Tensor, warps
     y = torch.full((1, n), float("nan"), dtype=torch.bfloat16)
     partial = torch.full((k // nf4_xtab.SLICE, n), float("nan"))  # written before it is read
     counters = torch.zeros(2 * chunks, dtype=torch.int32)
-    for buffer in (projection.weight.packed, projection.weight.absmax, x, t, lora.b, partial):
+    packed, absmax = nf4_xtab.slice_major(projection.weight) if slice_major else (projection.weight.packed,
+                                                                                  projection.weight.absmax)
+    for buffer in (packed, absmax, x, t, lora.b, partial):
         library.add_buffer(buffer.data_ptr(), buffer.numel() * buffer.element_size())
     grid = k // nf4_xtab.SLICE * chunks
     for phase in (1, 2):
         out_of_bounds = library.launch(
-            grid, warps * 32, projection.weight.packed.data_ptr(), projection.weight.absmax.data_ptr(), x.data_ptr(),
+            grid, warps * 32, packed.data_ptr(), absmax.data_ptr(), x.data_ptr(),
             t.data_ptr(), lora.b.data_ptr(), y.data_ptr(), partial.data_ptr(), counters.data_ptr(), n,
             *lora.part_starts(n), rt, 2, lora.scaling, int(projection.round_lora_first), phase)
         assert out_of_bounds == 0, f"{out_of_bounds} global reads outside the kernel's buffers"
@@ -116,6 +121,17 @@ def test_the_kernel_text_computes_the_reference_function(tmp_path_factory, parts
     reference = projection.reference(x)
     assert not out.isnan().any()  # every output written
     assert nf4_kernels.matches_reference(out, reference), (out.float() - reference.float()).abs().max()
+
+
+def test_the_slice_major_copy_gives_the_same_bits(tmp_path_factory):
+    """The weights repacked slice by slice (`nf4_xtab.slice_major`): the same function, the same bits."""
+    k, parts = 768, [96, 96, 96]
+    projection = _projection(parts, k, seed=3)
+    x = torch.randn((1, k), generator=torch.Generator().manual_seed(4)).to(torch.bfloat16)
+    row_major = _run(_build(tmp_path_factory, k, 8, 3), projection, x, 8, 3)
+    repacked = _run(_build(tmp_path_factory, k, 8, 3, slice_major=True), projection, x, 8, 3, slice_major=True)
+    assert torch.equal(repacked, row_major)
+    assert nf4_kernels.matches_reference(repacked, projection.reference(x))
 
 
 def test_the_plain_linear_rounding_is_kept(tmp_path_factory):

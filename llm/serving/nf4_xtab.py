@@ -135,15 +135,27 @@ nf4_xtab_kernel(const u32* __restrict__ words, const float* __restrict__ absmax,
     const int groups = chunk_rows / 32;
 
     if (phases & 1) {
+#if SLICE_MAJOR
+        // bytes and absmax repacked slice by slice ([slices][N][128 bytes], [slices][N][4]): a block's
+        // rows are one contiguous stretch of memory
+        constexpr int WORD_STRIDE = 32, ABSMAX_STRIDE = 4;
+        const u32* lane_words = words + ((size_t)slice * N + row0) * 32 + lane;
+#else
+        constexpr int WORD_STRIDE = ROW_WORDS, ABSMAX_STRIDE = ROW_BLOCKS;
         const u32* lane_words = words + (size_t)row0 * ROW_WORDS + slice * 32 + lane;
+#endif
         // Lane (hi2, lo3): the 64-value absmax block hi2 of this slice; after the first half of the
         // reduce-scatter it holds rows 4 lo3 .. 4 lo3 + 3 of the group, summed over its block's 8 lanes
         const int hi2 = lane >> 3, lo3 = lane & 7;
+#if SLICE_MAJOR
+        const float* lane_absmax = absmax + ((size_t)slice * N + row0 + 4 * lo3) * 4 + hi2;
+#else
         const float* lane_absmax = absmax + (size_t)(row0 + 4 * lo3) * ROW_BLOCKS + slice * 4 + hi2;
+#endif
         u32 w[32];
         if (warp < groups) {  // the weights do not depend on the kernel before this one
 #pragma unroll
-            for (int j = 0; j < 32; ++j) w[j] = load_word(lane_words + (size_t)(warp * 32 + j) * ROW_WORDS);
+            for (int j = 0; j < 32; ++j) w[j] = load_word(lane_words + (size_t)(warp * 32 + j) * WORD_STRIDE);
         }
         previous_kernels_done();  // x
         {
@@ -176,7 +188,7 @@ nf4_xtab_kernel(const u32* __restrict__ words, const float* __restrict__ absmax,
             const int next = group + WARPS;
             float scale[4];
 #pragma unroll
-            for (int i = 0; i < 4; ++i) scale[i] = __ldg(lane_absmax + (size_t)(group * 32 + i) * ROW_BLOCKS);
+            for (int i = 0; i < 4; ++i) scale[i] = __ldg(lane_absmax + (size_t)(group * 32 + i) * ABSMAX_STRIDE);
             float v[32];
 #pragma unroll
             for (int j = 0; j < 32; ++j) {
@@ -185,7 +197,7 @@ nf4_xtab_kernel(const u32* __restrict__ words, const float* __restrict__ absmax,
                 const float pair23 = LOOKUP(2, shift_right_on_fma(word, 9)) + LOOKUP(3, shift_right_on_fma(word, 17));
                 v[j] = pair01 + pair23;
                 // the next group's row j streams in while this group computes
-                if (next < groups) w[j] = load_word(lane_words + (size_t)(next * 32 + j) * ROW_WORDS);
+                if (next < groups) w[j] = load_word(lane_words + (size_t)(next * 32 + j) * WORD_STRIDE);
             }
             halve(v, 32, 4);
             halve(v, 16, 2);
@@ -255,14 +267,16 @@ nf4_xtab_kernel(const u32* __restrict__ words, const float* __restrict__ absmax,
 """
 
 
-def source(code: Sequence[float], k: int, warps: int, rank: int, chunks: int) -> str:
-    """The kernel's CUDA text for one NF4 code table, K, warps per block, LoRA rank and row chunks."""
+def source(code: Sequence[float], k: int, warps: int, rank: int, chunks: int, slice_major: bool = False) -> str:
+    """The kernel's CUDA text for one NF4 code table, K, warps per block, LoRA rank and row chunks;
+    `slice_major`: the weights as `slice_major` repacks them."""
     if len(code) != 16:
         raise ValueError("an NF4 code table has 16 entries")
     if k <= 0 or k % SLICE or warps not in WARP_CHOICES or rank <= 0 or rank % 4 or chunks <= 0:
         raise ValueError(f"no nf4 xtab kernel for K {k}, {warps} warps, rank {rank}, {chunks} chunks")
     values = ", ".join(f"{struct.unpack('<f', struct.pack('<f', float(v)))[0].hex()}f" for v in code)
     header = (f"#define KDIM {k}\n#define WARPS {warps}\n#define RANK {rank}\n#define CHUNKS {chunks}\n"
+              f"#define SLICE_MAJOR {int(slice_major)}\n"
               f"__device__ __constant__ float CODE_TABLE[16] = {{{values}}};\n#define CODE CODE_TABLE\n")
     return header + _SOURCE
 
@@ -302,15 +316,17 @@ def sm_count(device: torch.device) -> int:
     return torch.cuda.get_device_properties(device).multi_processor_count
 
 
-def _kernel(code: tuple[float, ...], device: torch.device, k: int, warps: int, rank: int, chunks: int) -> Callable:
+def _kernel(code: tuple[float, ...], device: torch.device, k: int, warps: int, rank: int, chunks: int,
+            slice_major: bool) -> Callable:
     global _DISABLED
-    key = (device.index, code, k, warps, rank, chunks)
+    key = (device.index, code, k, warps, rank, chunks, slice_major)
     if key not in _KERNELS:
         if _DISABLED is not None:
             raise XtabUnavailable(_DISABLED)
         try:
             with torch.cuda.device(device):
-                kernel = torch.cuda._compile_kernel(source(code, k, warps, rank, chunks), "nf4_xtab_kernel")
+                kernel = torch.cuda._compile_kernel(source(code, k, warps, rank, chunks, slice_major),
+                                                    "nf4_xtab_kernel")
                 kernel.set_shared_memory_config(TABLE_BYTES)
         except Exception as error:  # noqa: BLE001 - NVRTC missing or refusing: any failure means "not here"
             _DISABLED = (str(error).strip().splitlines() or [type(error).__name__])[0][:300]
@@ -320,10 +336,21 @@ def _kernel(code: tuple[float, ...], device: torch.device, k: int, warps: int, r
     return _KERNELS[key]
 
 
+def slice_major(weight: NF4Matrix) -> tuple[torch.Tensor, torch.Tensor]:
+    """The same bytes and absmax, 256-input slice by slice: [slices, N, 128] and [slices, N, 4]."""
+    n, k = weight.shape
+    slices = k // SLICE
+    packed = weight.packed.view(n, slices, SLICE // 2).transpose(0, 1).contiguous()
+    absmax = weight.absmax.view(n, slices, SLICE // 64).transpose(0, 1).contiguous()
+    return packed, absmax
+
+
 def nf4_xtab_linear(x: torch.Tensor, weight: NF4Matrix, lora: LoraParts, t: torch.Tensor, seg1: int, seg2: int,
-                    round_lora_first: bool, warps: int, code: tuple[float, ...]) -> torch.Tensor:
+                    round_lora_first: bool, warps: int, code: tuple[float, ...],
+                    repacked: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
     """y = x @ W.T + scaling * B(t) with PEFT's roundings, for one row of x ([1, K], bf16); t: the
-    LoRA `A` kernel's split-K partial sums of x @ A.T ([splits, 1, sum of ranks], float32)."""
+    LoRA `A` kernel's split-K partial sums of x @ A.T ([splits, 1, sum of ranks], float32).
+    `repacked`: the weight as `slice_major` returns it, read instead of `weight`'s own layout."""
     m, k = x.shape
     if m != 1:
         raise ValueError(f"the x-table kernel takes one row, got {m}")
@@ -333,13 +360,14 @@ def nf4_xtab_linear(x: torch.Tensor, weight: NF4Matrix, lora: LoraParts, t: torc
         raise ValueError(f"no x-table layout for a {n} x {k} weight on this GPU")
     if x.stride(1) != 1 or x.data_ptr() % 16:
         x = x.clone(memory_format=torch.contiguous_format)
-    kernel = _kernel(code, x.device, k, warps, lora.rank, chunks)
+    kernel = _kernel(code, x.device, k, warps, lora.rank, chunks, repacked is not None)
+    packed, absmax = repacked if repacked is not None else (weight.packed, weight.absmax)
     slices = k // SLICE
     y = torch.empty((1, n), dtype=torch.bfloat16, device=x.device)
     partial = torch.empty((slices, n), dtype=torch.float32, device=x.device)
     counters = lora.counters("xtab", 2 * chunks, x.device)
     programmatic_launch.launch(
         kernel, (slices * chunks, 1, 1), (warps * 32, 1, 1),
-        [weight.packed, weight.absmax, x, t, lora.b, y, partial, counters, n, seg1, seg2, lora.a.shape[0],
+        [packed, absmax, x, t, lora.b, y, partial, counters, n, seg1, seg2, lora.a.shape[0],
          t.shape[0], float(lora.scaling), int(round_lora_first), 3], x.device, shared_bytes=TABLE_BYTES)
     return y
