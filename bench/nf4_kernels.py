@@ -109,8 +109,6 @@ def measure(name: str, parts: list[int], cols: int, rows_counts: Sequence[int], 
                 wrong.append(config.label)
             us = timed(lambda c=config: fused(c)) / LAYERS
             result[f"fused_{config.label}_us"] = round(us, 1)
-        if only == "xtab" and rows == 1 and nf4_kernels.XTAB_CONFIGS[0].fits(n, k, boundaries):
-            measure_slice_major(group, x, reference, result)
         result["configs_disagreeing_with_reference"] = wrong
         # the LoRA A kernel as the tensor-core configurations run it (it also writes x in their order)
         result["lora_a_only_us"] = round(timed(lambda x=x: [nf4_kernels.mma_inputs(x, n, p.lora)
@@ -121,26 +119,6 @@ def measure(name: str, parts: list[int], cols: int, rows_counts: Sequence[int], 
         result["best_fused_tb_s"] = round(nf4_bytes / (best * 1e-6) / 1e12, 2)
         result["bf16_tb_s"] = round(n * k * 2 / (result["bf16_cublas_us"] * 1e-6) / 1e12, 2)
         print(json.dumps(result), flush=True)
-
-
-def measure_slice_major(group: list[NF4Projection], x: torch.Tensor, reference: torch.Tensor, result: dict) -> None:
-    """The x-table kernel over a slice-major copy of the weights (`nf4_xtab.slice_major`): each block's
-    bytes one contiguous stretch instead of a 128-byte column of every row."""
-    from llm.serving import nf4_mma, nf4_xtab
-
-    repacked = [nf4_xtab.slice_major(p.weight) for p in group]
-
-    def run(warps: int) -> list:
-        outs = []
-        for p, copy in zip(group, repacked, strict=True):
-            t, _ = nf4_kernels.lora_a_product(x, p.lora, 1, False)
-            outs.append(nf4_xtab.nf4_xtab_linear(x, p.weight, p.lora, t, *p.lora.part_starts(p.weight.shape[0]), True,
-                                                 warps, nf4_mma.code_values(p.weight.code), copy))
-        return outs
-
-    for warps in nf4_xtab.WARP_CHOICES:
-        result[f"slice_major_xtab_w{warps}_matches"] = nf4_kernels.matches_reference(run(warps)[0], reference)
-        result[f"slice_major_xtab_w{warps}_us"] = round(timed(lambda w=warps: run(w)) / LAYERS, 1)
 
 
 def measure_prompts(name: str, parts: list[int], cols: int, rows_counts: Sequence[int],

@@ -29,13 +29,14 @@ extern "C" void add_buffer(const void* begin, long bytes) {
     global_buffers.push_back({static_cast<const char*>(begin), static_cast<const char*>(begin) + bytes});
 }
 // Returns the number of out-of-bounds global reads.
-extern "C" long launch(int grid, int threads, const void* words, const float* absmax, const void* x, const float* t,
-                       const float* lora_b, void* y, float* partial, int* counters, int N, int seg1, int seg2, int RT,
-                       int t_splits, double scaling, int round_lora_first, int phases) {
+extern "C" long launch(int grid, int threads, const void* words, const float* absmax, const void* x,
+                       const float* lora_a, const float* lora_b, void* y, float* partial, float* t_partial,
+                       int* counters, int N, int seg1, int seg2, int RT, double scaling, int round_lora_first,
+                       int phases) {
     out_of_bounds_reads = 0;
     launch_blocks(grid, threads, [=] {
-        nf4_xtab_kernel((const u32*)words, absmax, (const u16*)x, t, lora_b, (u16*)y, partial, counters, N, seg1, seg2,
-                        RT, t_splits, scaling, round_lora_first, phases);
+        nf4_xtab_kernel((const u32*)words, absmax, (const u16*)x, lora_a, lora_b, (u16*)y, partial, t_partial, counters,
+                        N, seg1, seg2, RT, scaling, round_lora_first, phases);
     });
     return out_of_bounds_reads;
 }
@@ -43,11 +44,9 @@ extern "C" long launch(int grid, int threads, const void* words, const float* ab
 RANK = 8
 
 
-def _build(tmp_path_factory: pytest.TempPathFactory, k: int, warps: int, chunks: int,
-           slice_major: bool = False) -> ctypes.CDLL:
-    folder = tmp_path_factory.mktemp(f"xtab_k{k}_w{warps}_c{chunks}_s{int(slice_major)}")
-    text = (f'#define NF4_EMULATE\n#include "{HEADER}"\n'
-            + nf4_xtab.source(NF4_CODE, k, warps, RANK, chunks, slice_major)
+def _build(tmp_path_factory: pytest.TempPathFactory, k: int, warps: int, chunks: int) -> ctypes.CDLL:
+    folder = tmp_path_factory.mktemp(f"xtab_k{k}_w{warps}_c{chunks}")
+    text = (f'#define NF4_EMULATE\n#include "{HEADER}"\n' + nf4_xtab.source(NF4_CODE, k, warps, RANK, chunks)
             + LAUNCHER)
     (folder / "kernel.cpp").write_text(text)
     built = subprocess.run(
@@ -59,7 +58,7 @@ def _build(tmp_path_factory: pytest.TempPathFactory, k: int, warps: int, chunks:
     library = ctypes.CDLL(str(folder / "kernel.so"))
     library.add_buffer.argtypes = [ctypes.c_void_p, ctypes.c_long]
     library.launch.restype = ctypes.c_long
-    library.launch.argtypes = [ctypes.c_int, ctypes.c_int] + [ctypes.c_void_p] * 8 + [ctypes.c_int] * 5 + [
+    library.launch.argtypes = [ctypes.c_int, ctypes.c_int] + [ctypes.c_void_p] * 9 + [ctypes.c_int] * 4 + [
         ctypes.c_double, ctypes.c_int, ctypes.c_int]
     return library
 
@@ -82,37 +81,34 @@ def _projection(parts: list[int], k: int, seed: int) -> NF4Projection:
     return NF4Projection(weight, lora)
 
 
-def _run(library: ctypes.CDLL, projection: NF4Projection, x: torch.Tensor, warps: int, chunks: int,
-         slice_major: bool = False) -> torch.Tensor:
+def _run(library: ctypes.CDLL, projection: NF4Projection, x: torch.Tensor, warps: int, chunks: int) -> torch.Tensor:
     k = x.shape[1]
     n = projection.weight.shape[0]
     lora = projection.lora
-    rt = lora.a.shape[0]
-    cut = k // 2  # two split-K partial sums, as the LoRA A kernel leaves them
-    t = torch.stack([x[:, :cut].float() @ lora.a[:, :cut].T, x[:, cut:].float() @ lora.a[:, cut:].T]).contiguous()
+    slices = k // nf4_xtab.SLICE
     y = torch.full((1, n), float("nan"), dtype=torch.bfloat16)
-    partial = torch.full((k // nf4_xtab.SLICE, n), float("nan"))  # written before it is read
-    counters = torch.zeros(2 * chunks, dtype=torch.int32)
-    packed, absmax = nf4_xtab.slice_major(projection.weight) if slice_major else (projection.weight.packed,
-                                                                                  projection.weight.absmax)
-    for buffer in (packed, absmax, x, t, lora.b, partial):
+    partial = torch.full((slices, n), float("nan"))  # written before they are read
+    t_partial = torch.full((slices, lora.a.shape[0]), float("nan"))
+    counters = torch.zeros(2, dtype=torch.int32)
+    for buffer in (projection.weight.packed, projection.weight.absmax, x, lora.a, lora.b, partial, t_partial):
         library.add_buffer(buffer.data_ptr(), buffer.numel() * buffer.element_size())
-    grid = k // nf4_xtab.SLICE * chunks
     for phase in (1, 2):
         out_of_bounds = library.launch(
-            grid, warps * 32, packed.data_ptr(), absmax.data_ptr(), x.data_ptr(),
-            t.data_ptr(), lora.b.data_ptr(), y.data_ptr(), partial.data_ptr(), counters.data_ptr(), n,
-            *lora.part_starts(n), rt, 2, lora.scaling, int(projection.round_lora_first), phase)
+            slices * chunks, warps * 32, projection.weight.packed.data_ptr(), projection.weight.absmax.data_ptr(),
+            x.data_ptr(), lora.a.data_ptr(), lora.b.data_ptr(), y.data_ptr(), partial.data_ptr(),
+            t_partial.data_ptr(), counters.data_ptr(), n, *lora.part_starts(n), lora.a.shape[0], lora.scaling,
+            int(projection.round_lora_first), phase)
         assert out_of_bounds == 0, f"{out_of_bounds} global reads outside the kernel's buffers"
     return y
 
 
 # (parts, K, warps, chunks): q/k/v-like parts over 2 slices in one chunk, 3 slices (a chunk's rows do not
-# split evenly over its slices) in 3 chunks, and gate/up-like parts; the last with 20 row groups for 8 warps,
-# so that a warp's next group streams in while it computes one, two or none
+# split evenly over its slices) in 3 chunks, and gate/up-like parts; one with 20 row groups for 8 warps,
+# so that a warp's next group streams in while it computes one, two or none; 16 warps (another table
+# fill); 5 chunks for 16 LoRA ranks (the A product's ranks spread unevenly over the chunks' blocks)
 @pytest.mark.parametrize(("parts", "k", "warps", "chunks"),
                          [([64, 32, 32], 512, 8, 1), ([96, 96, 96], 768, 8, 3), ([160, 160], 256, 8, 2),
-                          ([320, 320], 256, 8, 1)])
+                          ([320, 320], 256, 8, 1), ([96, 32, 32], 512, 16, 1), ([80, 80], 512, 8, 5)])
 def test_the_kernel_text_computes_the_reference_function(tmp_path_factory, parts, k, warps, chunks):
     library = _build(tmp_path_factory, k, warps, chunks)
     projection = _projection(parts, k, seed=k)
@@ -121,17 +117,6 @@ def test_the_kernel_text_computes_the_reference_function(tmp_path_factory, parts
     reference = projection.reference(x)
     assert not out.isnan().any()  # every output written
     assert nf4_kernels.matches_reference(out, reference), (out.float() - reference.float()).abs().max()
-
-
-def test_the_slice_major_copy_gives_the_same_bits(tmp_path_factory):
-    """The weights repacked slice by slice (`nf4_xtab.slice_major`): the same function, the same bits."""
-    k, parts = 768, [96, 96, 96]
-    projection = _projection(parts, k, seed=3)
-    x = torch.randn((1, k), generator=torch.Generator().manual_seed(4)).to(torch.bfloat16)
-    row_major = _run(_build(tmp_path_factory, k, 8, 3), projection, x, 8, 3)
-    repacked = _run(_build(tmp_path_factory, k, 8, 3, slice_major=True), projection, x, 8, 3, slice_major=True)
-    assert torch.equal(repacked, row_major)
-    assert nf4_kernels.matches_reference(repacked, projection.reference(x))
 
 
 def test_the_plain_linear_rounding_is_kept(tmp_path_factory):

@@ -983,8 +983,7 @@ def nf4_lora_linear(
     block_m = _block_m(m)
     seg1, seg2 = lora.part_starts(n)
     if config.kind == "xtab":
-        t, _ = lora_a_product(x, lora, 1, False)
-        return nf4_xtab.nf4_xtab_linear(x, weight, lora, t, seg1, seg2, round_lora_first, config.num_warps,
+        return nf4_xtab.nf4_xtab_linear(x, weight, lora, seg1, seg2, round_lora_first, config.num_warps,
                                         nf4_mma.code_values(weight.code))
     if config.kind == "mma":
         warps, tiles, prefetch_x, ahead, fuse_a, shared_lookups, k_splits = mma_layout(config)

@@ -20,11 +20,11 @@ reads the word of bytes 4L..4L+3 of each row, so it only ever looks up pairs 4L.
 meet in a bank. A lane sums its 8 inputs of 32 rows (one 128-byte line of weights per row; the next
 32 rows' words load while it does), and a reduce-scatter over the warp's shuffles gives each lane
 one row's slice sum: first over the 8 lanes of an absmax block (then 4 rows per lane, each scaled
-once), then over the 4 blocks. The slices' sums meet
-in global memory: the blocks of a row chunk wait for each other (all blocks are resident: one per
-SM, grid <= SMs), then each finishes 1 / slices of the chunk's rows in a fixed slice order (the
-same bits every launch) and adds the LoRA's `B` product with PEFT's roundings, from t = x @ A.T that
-the LoRA `A` kernel before it left as split-K partial sums.
+once), then over the 4 blocks. The blocks also compute the LoRA's A product over their slice (a
+share of the ranks each), so one launch does the whole projection. The slices' sums meet in global
+memory: every block waits for all the others (all are resident: one per SM, grid <= SMs), then
+finishes 1 / slices of its chunk's rows, adding the slices' sums in a fixed order (the same bits
+every launch) and the LoRA's `B` product with PEFT's roundings.
 
 tests/test_nf4_xtab_emulated.py runs this CUDA text on the CPU (tests/fakes/cuda_emulation.hpp, both
 phases as separate launches); tests/gpu runs it on a GPU.
@@ -114,13 +114,15 @@ __device__ __forceinline__ float f32(u16 h) { return __uint_as_float(((u32)h) <<
 #define LOOKUP(q, shifted) \
     (*(const float*)((const char*)table + (q) * 32768 + and_or((shifted), 0x7F80u, lane4)))
 
-// phases: 1 = this slice's sums for the chunk's rows, 2 = finish 1 / SLICES of the chunk's rows; a
-// GPU launch runs both (3), waiting for the chunk's other slices in between.
+// counters: [0] blocks whose sums are stored, [1] blocks done; the last one zeroes both.
+// phases: 1 = this block's slice sums (and its share of the LoRA's A product over the slice), 2 =
+// finish 1 / SLICES of the chunk's rows; a GPU launch runs both (3), every block of the grid waiting
+// for all the others in between (all are resident: one per SM, grid <= SMs).
 extern "C" __global__ void __launch_bounds__(WARPS * 32, 1)
 nf4_xtab_kernel(const u32* __restrict__ words, const float* __restrict__ absmax, const u16* __restrict__ x,
-                const float* __restrict__ t_part, const float* __restrict__ lora_b, u16* __restrict__ y,
-                float* __restrict__ partial, int* __restrict__ counters, int N, int seg1, int seg2, int RT,
-                int t_splits, double scaling, int round_lora_first, int phases) {
+                const float* __restrict__ lora_a, const float* __restrict__ lora_b, u16* __restrict__ y,
+                float* __restrict__ partial, float* __restrict__ t_partial, int* __restrict__ counters, int N,
+                int seg1, int seg2, int RT, double scaling, int round_lora_first, int phases) {
 #ifdef NF4_EMULATE
     static float table[TABLE_WORDS];
 #else
@@ -135,27 +137,15 @@ nf4_xtab_kernel(const u32* __restrict__ words, const float* __restrict__ absmax,
     const int groups = chunk_rows / 32;
 
     if (phases & 1) {
-#if SLICE_MAJOR
-        // bytes and absmax repacked slice by slice ([slices][N][128 bytes], [slices][N][4]): a block's
-        // rows are one contiguous stretch of memory
-        constexpr int WORD_STRIDE = 32, ABSMAX_STRIDE = 4;
-        const u32* lane_words = words + ((size_t)slice * N + row0) * 32 + lane;
-#else
-        constexpr int WORD_STRIDE = ROW_WORDS, ABSMAX_STRIDE = ROW_BLOCKS;
         const u32* lane_words = words + (size_t)row0 * ROW_WORDS + slice * 32 + lane;
-#endif
         // Lane (hi2, lo3): the 64-value absmax block hi2 of this slice; after the first half of the
         // reduce-scatter it holds rows 4 lo3 .. 4 lo3 + 3 of the group, summed over its block's 8 lanes
         const int hi2 = lane >> 3, lo3 = lane & 7;
-#if SLICE_MAJOR
-        const float* lane_absmax = absmax + ((size_t)slice * N + row0 + 4 * lo3) * 4 + hi2;
-#else
         const float* lane_absmax = absmax + (size_t)(row0 + 4 * lo3) * ROW_BLOCKS + slice * 4 + hi2;
-#endif
         u32 w[32];
         if (warp < groups) {  // the weights do not depend on the kernel before this one
 #pragma unroll
-            for (int j = 0; j < 32; ++j) w[j] = load_word(lane_words + (size_t)(warp * 32 + j) * WORD_STRIDE);
+            for (int j = 0; j < 32; ++j) w[j] = load_word(lane_words + (size_t)(warp * 32 + j) * ROW_WORDS);
         }
         previous_kernels_done();  // x
         {
@@ -168,9 +158,29 @@ nf4_xtab_kernel(const u32* __restrict__ words, const float* __restrict__ absmax,
                 high[q] = f32((u16)(xw[q] & 0xFFFFu));
                 low[q] = f32((u16)(xw[q] >> 16));
             }
-            for (int word = warp; word < 1024; word += WARPS) {
-                const int q = word >> 8, b = word & 255;
-                table[word * 32 + lane] = high[q] * CODE[b >> 4] + low[q] * CODE[b & 15];
+            // Entry i of this thread: word warp + WARPS i, i.e. pair table (WARPS i) / 256, high code
+            // ((WARPS i) % 256) / 16 (both known at compile time) and low code warp + (WARPS i) % 16
+            float low_term[4][16 / WARPS];
+#pragma unroll
+            for (int q = 0; q < 4; ++q)
+#pragma unroll
+                for (int j = 0; j < 16 / WARPS; ++j) low_term[q][j] = low[q] * CODE[warp + WARPS * j];
+#pragma unroll
+            for (int i = 0; i < 1024 / WARPS; ++i) {
+                const int q = (WARPS * i) >> 8;
+                table[(warp + WARPS * i) * 32 + lane] =
+                    high[q] * CODE[((WARPS * i) & 255) >> 4] + low_term[q][((WARPS * i) & 15) / WARPS];
+            }
+            // The LoRA's A product over this slice, ranks chunk, chunk + CHUNKS, ...: a warp per rank,
+            // 8 inputs per lane
+            for (int r = chunk + CHUNKS * warp; r < RT; r += CHUNKS * WARPS) {
+                const float4* a = (const float4*)(lora_a + (size_t)r * K + slice * 256 + 8 * lane);
+                const float4 a0 = __ldg(a), a1 = __ldg(a + 1);
+                float dot = a0.x * high[0] + a0.y * low[0] + a0.z * high[1] + a0.w * low[1] + a1.x * high[2]
+                            + a1.y * low[2] + a1.z * high[3] + a1.w * low[3];
+#pragma unroll
+                for (int mask = 16; mask >= 1; mask >>= 1) dot += __shfl_xor_sync(0xFFFFFFFFu, dot, mask);
+                if (lane == 0) t_partial[slice * RT + r] = dot;
             }
         }
         __syncthreads();
@@ -188,7 +198,7 @@ nf4_xtab_kernel(const u32* __restrict__ words, const float* __restrict__ absmax,
             const int next = group + WARPS;
             float scale[4];
 #pragma unroll
-            for (int i = 0; i < 4; ++i) scale[i] = __ldg(lane_absmax + (size_t)(group * 32 + i) * ABSMAX_STRIDE);
+            for (int i = 0; i < 4; ++i) scale[i] = __ldg(lane_absmax + (size_t)(group * 32 + i) * ROW_BLOCKS);
             float v[32];
 #pragma unroll
             for (int j = 0; j < 32; ++j) {
@@ -197,7 +207,7 @@ nf4_xtab_kernel(const u32* __restrict__ words, const float* __restrict__ absmax,
                 const float pair23 = LOOKUP(2, shift_right_on_fma(word, 9)) + LOOKUP(3, shift_right_on_fma(word, 17));
                 v[j] = pair01 + pair23;
                 // the next group's row j streams in while this group computes
-                if (next < groups) w[j] = load_word(lane_words + (size_t)(next * 32 + j) * WORD_STRIDE);
+                if (next < groups) w[j] = load_word(lane_words + (size_t)(next * 32 + j) * ROW_WORDS);
             }
             halve(v, 32, 4);
             halve(v, 16, 2);
@@ -211,54 +221,68 @@ nf4_xtab_kernel(const u32* __restrict__ words, const float* __restrict__ absmax,
         }
     }
     if (phases & 2) {
+        // This thread's row of the chunk, if any, and its B row: loaded while the other blocks finish
+        const int share = (chunk_rows + SLICES - 1) / SLICES;
+        const int r = slice * share + (int)threadIdx.x;
+        const bool mine = (int)threadIdx.x < share && r < chunk_rows;
+        const int row = row0 + (mine ? r : 0);
+        float4 b[RANK / 4];
+#pragma unroll
+        for (int r4 = 0; r4 < RANK / 4; ++r4)
+            b[r4] = mine ? __ldg((const float4*)(lora_b + (size_t)row * RANK) + r4) : make_float4(0.f, 0.f, 0.f, 0.f);
 #ifndef NF4_EMULATE
-        if (phases & 1) {  // every slice of this chunk has stored its sums
+        if (phases & 1) {  // every block has stored its sums
             __threadfence();
             __syncthreads();
             if (threadIdx.x == 0) {
-                atomicAdd(&counters[chunk], 1);
-                while (load_acquire(&counters[chunk]) < SLICES) __nanosleep(64);
+                atomicAdd(&counters[0], 1);
+                while (load_acquire(&counters[0]) < (int)gridDim.x) __nanosleep(32);
             }
             __syncthreads();
         }
 #endif
         // Only now: a kernel started early could otherwise hold the SM a block of this grid still waits for
         next_kernel_may_start();
-        previous_kernels_done();  // t
         for (int i = threadIdx.x; i < RT; i += WARPS * 32) {
             float sum = 0.f;
-            for (int split = 0; split < t_splits; ++split) sum += t_part[split * RT + i];
+#pragma unroll
+            for (int s = 0; s < SLICES; ++s) sum += __ldcg(&t_partial[s * RT + i]);
             t_sum[i / RANK][i % RANK] = sum;
         }
-        __syncthreads();
-        const int share = (chunk_rows + SLICES - 1) / SLICES;
-        for (int i = threadIdx.x; i < share; i += WARPS * 32) {
-            const int r = slice * share + i;
-            if (r >= chunk_rows) break;
-            const int row = row0 + r;
-            float base = 0.f;
+        // (A chunk's share beyond one row per thread, in the small test shapes: further rows in turn.)
+        float base = 0.f;
+        if (mine) {
+#pragma unroll
             for (int s = 0; s < SLICES; ++s) base += __ldcg(&partial[(size_t)s * N + row]);
-            const int part = (row >= seg1) + (row >= seg2);
-            const float4* b = (const float4*)(lora_b + (size_t)row * RANK);
+        }
+        __syncthreads();
+        for (int i = threadIdx.x; i < share && slice * share + i < chunk_rows; i += WARPS * 32) {
+            const int at = row0 + slice * share + i;
+            if (i != (int)threadIdx.x) {
+                base = 0.f;
+                for (int s = 0; s < SLICES; ++s) base += __ldcg(&partial[(size_t)s * N + at]);
+#pragma unroll
+                for (int r4 = 0; r4 < RANK / 4; ++r4) b[r4] = __ldg((const float4*)(lora_b + (size_t)at * RANK) + r4);
+            }
+            const int part = (at >= seg1) + (at >= seg2);
             float u = 0.f;
 #pragma unroll
             for (int r4 = 0; r4 < RANK / 4; ++r4) {
-                const float4 bb = __ldg(b + r4);
-                u += bb.x * t_sum[part][4 * r4];
-                u += bb.y * t_sum[part][4 * r4 + 1];
-                u += bb.z * t_sum[part][4 * r4 + 2];
-                u += bb.w * t_sum[part][4 * r4 + 3];
+                u += b[r4].x * t_sum[part][4 * r4];
+                u += b[r4].y * t_sum[part][4 * r4 + 1];
+                u += b[r4].z * t_sum[part][4 * r4 + 2];
+                u += b[r4].w * t_sum[part][4 * r4 + 3];
             }
             u *= (float)scaling;
             const float rounded_base = f32(bf16(base));
-            y[row] = round_lora_first ? bf16(rounded_base + f32(bf16(u))) : bf16(rounded_base + u);
+            y[at] = round_lora_first ? bf16(rounded_base + f32(bf16(u))) : bf16(rounded_base + u);
         }
 #ifndef NF4_EMULATE
-        if (phases & 1) {  // the last block of the chunk to leave zeroes its counters for the next launch
+        if (phases & 1) {  // the last block to leave zeroes the counters for the next launch
             __syncthreads();
-            if (threadIdx.x == 0 && atomicAdd(&counters[CHUNKS + chunk], 1) == SLICES - 1) {
-                counters[chunk] = 0;
-                counters[CHUNKS + chunk] = 0;
+            if (threadIdx.x == 0 && atomicAdd(&counters[1], 1) == (int)gridDim.x - 1) {
+                counters[0] = 0;
+                counters[1] = 0;
             }
         }
 #endif
@@ -267,16 +291,14 @@ nf4_xtab_kernel(const u32* __restrict__ words, const float* __restrict__ absmax,
 """
 
 
-def source(code: Sequence[float], k: int, warps: int, rank: int, chunks: int, slice_major: bool = False) -> str:
-    """The kernel's CUDA text for one NF4 code table, K, warps per block, LoRA rank and row chunks;
-    `slice_major`: the weights as `slice_major` repacks them."""
+def source(code: Sequence[float], k: int, warps: int, rank: int, chunks: int) -> str:
+    """The kernel's CUDA text for one NF4 code table, K, warps per block, LoRA rank and row chunks."""
     if len(code) != 16:
         raise ValueError("an NF4 code table has 16 entries")
     if k <= 0 or k % SLICE or warps not in WARP_CHOICES or rank <= 0 or rank % 4 or chunks <= 0:
         raise ValueError(f"no nf4 xtab kernel for K {k}, {warps} warps, rank {rank}, {chunks} chunks")
     values = ", ".join(f"{struct.unpack('<f', struct.pack('<f', float(v)))[0].hex()}f" for v in code)
     header = (f"#define KDIM {k}\n#define WARPS {warps}\n#define RANK {rank}\n#define CHUNKS {chunks}\n"
-              f"#define SLICE_MAJOR {int(slice_major)}\n"
               f"__device__ __constant__ float CODE_TABLE[16] = {{{values}}};\n#define CODE CODE_TABLE\n")
     return header + _SOURCE
 
@@ -316,17 +338,15 @@ def sm_count(device: torch.device) -> int:
     return torch.cuda.get_device_properties(device).multi_processor_count
 
 
-def _kernel(code: tuple[float, ...], device: torch.device, k: int, warps: int, rank: int, chunks: int,
-            slice_major: bool) -> Callable:
+def _kernel(code: tuple[float, ...], device: torch.device, k: int, warps: int, rank: int, chunks: int) -> Callable:
     global _DISABLED
-    key = (device.index, code, k, warps, rank, chunks, slice_major)
+    key = (device.index, code, k, warps, rank, chunks)
     if key not in _KERNELS:
         if _DISABLED is not None:
             raise XtabUnavailable(_DISABLED)
         try:
             with torch.cuda.device(device):
-                kernel = torch.cuda._compile_kernel(source(code, k, warps, rank, chunks, slice_major),
-                                                    "nf4_xtab_kernel")
+                kernel = torch.cuda._compile_kernel(source(code, k, warps, rank, chunks), "nf4_xtab_kernel")
                 kernel.set_shared_memory_config(TABLE_BYTES)
         except Exception as error:  # noqa: BLE001 - NVRTC missing or refusing: any failure means "not here"
             _DISABLED = (str(error).strip().splitlines() or [type(error).__name__])[0][:300]
@@ -336,21 +356,10 @@ def _kernel(code: tuple[float, ...], device: torch.device, k: int, warps: int, r
     return _KERNELS[key]
 
 
-def slice_major(weight: NF4Matrix) -> tuple[torch.Tensor, torch.Tensor]:
-    """The same bytes and absmax, 256-input slice by slice: [slices, N, 128] and [slices, N, 4]."""
-    n, k = weight.shape
-    slices = k // SLICE
-    packed = weight.packed.view(n, slices, SLICE // 2).transpose(0, 1).contiguous()
-    absmax = weight.absmax.view(n, slices, SLICE // 64).transpose(0, 1).contiguous()
-    return packed, absmax
-
-
-def nf4_xtab_linear(x: torch.Tensor, weight: NF4Matrix, lora: LoraParts, t: torch.Tensor, seg1: int, seg2: int,
-                    round_lora_first: bool, warps: int, code: tuple[float, ...],
-                    repacked: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
-    """y = x @ W.T + scaling * B(t) with PEFT's roundings, for one row of x ([1, K], bf16); t: the
-    LoRA `A` kernel's split-K partial sums of x @ A.T ([splits, 1, sum of ranks], float32).
-    `repacked`: the weight as `slice_major` returns it, read instead of `weight`'s own layout."""
+def nf4_xtab_linear(x: torch.Tensor, weight: NF4Matrix, lora: LoraParts, seg1: int, seg2: int,
+                    round_lora_first: bool, warps: int, code: tuple[float, ...]) -> torch.Tensor:
+    """y = x @ W.T + scaling * B(A(x)) with PEFT's roundings, for one row of x ([1, K], bf16), in one
+    launch (the LoRA's A product included)."""
     m, k = x.shape
     if m != 1:
         raise ValueError(f"the x-table kernel takes one row, got {m}")
@@ -360,14 +369,15 @@ def nf4_xtab_linear(x: torch.Tensor, weight: NF4Matrix, lora: LoraParts, t: torc
         raise ValueError(f"no x-table layout for a {n} x {k} weight on this GPU")
     if x.stride(1) != 1 or x.data_ptr() % 16:
         x = x.clone(memory_format=torch.contiguous_format)
-    kernel = _kernel(code, x.device, k, warps, lora.rank, chunks, repacked is not None)
-    packed, absmax = repacked if repacked is not None else (weight.packed, weight.absmax)
+    kernel = _kernel(code, x.device, k, warps, lora.rank, chunks)
     slices = k // SLICE
+    rt = lora.a.shape[0]
     y = torch.empty((1, n), dtype=torch.bfloat16, device=x.device)
     partial = torch.empty((slices, n), dtype=torch.float32, device=x.device)
-    counters = lora.counters("xtab", 2 * chunks, x.device)
+    t_partial = torch.empty((slices, rt), dtype=torch.float32, device=x.device)
+    counters = lora.counters("xtab", 2, x.device)
     programmatic_launch.launch(
         kernel, (slices * chunks, 1, 1), (warps * 32, 1, 1),
-        [packed, absmax, x, t, lora.b, y, partial, counters, n, seg1, seg2, lora.a.shape[0],
-         t.shape[0], float(lora.scaling), int(round_lora_first), 3], x.device, shared_bytes=TABLE_BYTES)
+        [weight.packed, weight.absmax, x, lora.a, lora.b, y, partial, t_partial, counters, n, seg1, seg2, rt,
+         float(lora.scaling), int(round_lora_first), 3], x.device, shared_bytes=TABLE_BYTES)
     return y
