@@ -236,7 +236,12 @@ nf4_xtab_kernel(const u32* __restrict__ words, const float* __restrict__ absmax,
             __syncthreads();
             if (threadIdx.x == 0) {
                 atomicAdd(&counters[0], 1);
-                while (load_acquire(&counters[0]) < (int)gridDim.x) __nanosleep(32);
+                // a block that never arrives (the grid not resident after all) is an error, not a hang
+                long long spins = 0;
+                while (load_acquire(&counters[0]) < (int)gridDim.x) {
+                    __nanosleep(32);
+                    if (++spins > (1LL << 25)) __trap();
+                }
             }
             __syncthreads();
         }
