@@ -1068,15 +1068,19 @@ def precompile_candidates(projections: dict[str, list], buckets: Sequence[int], 
     returns how many were compiled."""
     if threads <= 1 or not projections or not _mma_available():
         return 0
-    requests = []
+    requests, xtab_requests = [], []
     for group in projections.values():
         first = group[0]
         n, k = first.weight.shape
+        device = first.weight.packed.device
         for rows in buckets:
+            candidates = _candidates(rows, n, k, first.lora.boundaries)
             requests += [(first.weight.code, rows, k, first.lora.rank, mma_layout(c))
-                         for c in _candidates(rows, n, k, first.lora.boundaries)
-                         if c.kind == "mma" and c.fits_kernel(rows, first.lora.rank)]
-    return nf4_mma.precompile(requests, threads)
+                         for c in candidates if c.kind == "mma" and c.fits_kernel(rows, first.lora.rank)]
+            xtab_requests += [(nf4_mma.code_values(first.weight.code), device, k, c.num_warps, first.lora.rank,
+                               nf4_xtab.chunks_for(n, k, nf4_xtab.sm_count(device)))
+                              for c in candidates if c.kind == "xtab" and c.fits_kernel(rows, first.lora.rank)]
+    return nf4_mma.precompile(requests, threads) + nf4_xtab.precompile(xtab_requests, threads)
 
 
 def default_compile_threads() -> int:
@@ -1137,6 +1141,12 @@ def _serve_stored_plan(projections: dict[str, list], buckets: Sequence[int], sto
     requests = [(group[0].weight.code, rows, group[0].weight.shape[1], group[0].lora.rank, mma_layout(config))
                 for _, group, rows, config, _ in chosen if config is not None and config.kind == "mma"]
     compiled = nf4_mma.precompile(requests, compile_threads) if requests and compile_threads > 1 else 0
+    xtab_requests = [(nf4_mma.code_values(group[0].weight.code), group[0].weight.packed.device, group[0].weight.shape[1],
+                      config.num_warps, group[0].lora.rank,
+                      nf4_xtab.chunks_for(*group[0].weight.shape, nf4_xtab.sm_count(group[0].weight.packed.device)))
+                     for _, group, _, config, _ in chosen if config is not None and config.kind == "xtab"]
+    if xtab_requests and compile_threads > 1:
+        compiled += nf4_xtab.precompile(xtab_requests, compile_threads)
     for name, group, rows, config, _ in chosen:
         if config is None:
             continue

@@ -35,6 +35,7 @@ from __future__ import annotations
 import logging
 import struct
 from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from typing import TYPE_CHECKING
 
 import torch
@@ -341,6 +342,44 @@ def available(device: torch.device | str) -> bool:
 
 def sm_count(device: torch.device) -> int:
     return torch.cuda.get_device_properties(device).multi_processor_count
+
+
+def precompile(requests: Sequence[tuple[tuple[float, ...], torch.device, int, int, int, int]], threads: int) -> int:
+    """Compile the kernels of `requests` ((code, device, k, warps, rank, chunks), as `_kernel` takes
+    them) on `threads` threads at once, as `llm.serving.nf4_mma.precompile` does for its own; returns
+    how many. A kernel that fails here compiles (and reports) at its first launch instead."""
+    from llm.serving.nf4_mma import _nvrtc_steps
+
+    steps = _nvrtc_steps()
+    missing = list(dict.fromkeys(r for r in requests if (r[1].index, *r[:1], *r[2:]) not in _KERNELS))
+    if steps is None or _DISABLED is not None or not missing:
+        return 0
+    nvrtc_compile, load_module = steps
+
+    def compile_one(request: tuple) -> tuple[bytes, str] | Exception:
+        code, device, k, warps, rank, chunks = request
+        capability = "{}{}".format(*torch.cuda.get_device_capability(device))
+        try:
+            return nvrtc_compile(source(code, k, warps, rank, chunks), "nf4_xtab_kernel",
+                                 compute_capability=capability)
+        except Exception as error:  # noqa: BLE001 - compiled again (and reported) at its first launch
+            return error
+
+    compiled = 0
+    with ThreadPoolExecutor(max_workers=max(1, threads), thread_name_prefix="nf4-xtab-nvrtc") as pool:
+        for request, binary in zip(missing, pool.map(compile_one, missing), strict=True):
+            code, device, k, warps, rank, chunks = request
+            if isinstance(binary, Exception):
+                continue
+            try:
+                with torch.cuda.device(device):
+                    kernel = load_module(binary[0], [binary[1]])[binary[1]]
+                    kernel.set_shared_memory_config(TABLE_BYTES)
+            except Exception:  # noqa: BLE001 - as above
+                continue
+            _KERNELS[(device.index, code, k, warps, rank, chunks)] = kernel
+            compiled += 1
+    return compiled
 
 
 def _kernel(code: tuple[float, ...], device: torch.device, k: int, warps: int, rank: int, chunks: int) -> Callable:
