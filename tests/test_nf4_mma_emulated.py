@@ -7,26 +7,17 @@ from __future__ import annotations
 
 import ctypes
 import shutil
-import subprocess
-from pathlib import Path
 
 import pytest
 import torch
 
 from llm.serving import nf4_kernels, nf4_mma
 from llm.serving.nf4 import LoraParts, NF4Matrix, NF4Projection
+from tests.fakes.cuda_emulation import NF4_CODE, build_emulated
 
 pytestmark = pytest.mark.skipif(shutil.which("g++") is None, reason="needs g++ to build the emulated kernel")
 
-NF4_CODE = [-1.0, -0.6961928009986877, -0.5250730514526367, -0.39491748809814453, -0.28444138169288635,
-            -0.18477343022823334, -0.09105003625154495, 0.0, 0.07958029955625534, 0.16093020141124725,
-            0.24611230194568634, 0.33791524171829224, 0.44070982933044434, 0.5626170039176941,
-            0.7229568362236023, 1.0]
-HEADER = Path(__file__).parent / "fakes" / "cuda_emulation.hpp"
 LAUNCHER = r"""
-extern "C" void add_buffer(const void* begin, long bytes) {
-    global_buffers.push_back({static_cast<const char*>(begin), static_cast<const char*>(begin) + bytes});
-}
 // Returns the number of out-of-bounds global reads.
 extern "C" long launch(int grid, int threads, const void* words, const float* absmax, void* xq, float* t,
                        const float* lora_b, void* y, int M, int K, int ldy, double scaling, int seg1, int seg2,
@@ -48,19 +39,9 @@ def _build(tmp_path_factory: pytest.TempPathFactory, warps: int, rows: int, tile
            ahead: int, k: int, fuse_a: bool = False, shared_lookups: int = 0, k_splits: int = 1) -> ctypes.CDLL:
     folder = tmp_path_factory.mktemp(
         f"nf4_w{warps}_r{rows}_t{tiles}_p{int(prefetch)}_a{ahead}_k{k}_f{int(fuse_a)}_s{shared_lookups}_ks{k_splits}")
-    text = (f'#define NF4_EMULATE\n#include "{HEADER}"\n'
-            + nf4_mma.source(NF4_CODE, warps, rows, RANK, tiles, prefetch, ahead, k, fuse_a,
-                             shared_lookups=shared_lookups, k_splits=k_splits)
-            + LAUNCHER)
-    (folder / "kernel.cpp").write_text(text)
-    built = subprocess.run(
-        ["g++", "-O1", "-std=c++20", "-shared", "-fPIC", "-pthread", "-ffp-contract=off", "-Wno-unknown-pragmas",
-         "-o", str(folder / "kernel.so"), str(folder / "kernel.cpp")],
-        capture_output=True, text=True,
-    )
-    assert built.returncode == 0, built.stderr[-3000:]
-    library = ctypes.CDLL(str(folder / "kernel.so"))
-    library.add_buffer.argtypes = [ctypes.c_void_p, ctypes.c_long]
+    kernel_source = nf4_mma.source(NF4_CODE, warps, rows, RANK, tiles, prefetch, ahead, k, fuse_a,
+                                   shared_lookups=shared_lookups, k_splits=k_splits)
+    library = build_emulated(folder, kernel_source, LAUNCHER)
     library.launch.restype = ctypes.c_long
     library.launch.argtypes = [ctypes.c_int, ctypes.c_int] + [ctypes.c_void_p] * 6 + [
         ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_double] + [ctypes.c_int] * 5 + [

@@ -56,7 +56,7 @@ from llm.serving import nf4_mma, nf4_xtab, tuning_cache
 from llm.serving.triton_kernels import after_previous_kernels, graph_time_ms, programmatic_options
 
 if TYPE_CHECKING:
-    from llm.serving.nf4 import LoraParts, NF4Matrix
+    from llm.serving.nf4 import LoraParts, NF4Matrix, NF4Projection
 
 logger = logging.getLogger(__name__)
 
@@ -1063,6 +1063,14 @@ def mma_layout(config: NF4Config) -> tuple[int, int, bool, int, bool, int, int]:
             config.shared_lookups, config.k_splits)
 
 
+def _xtab_request(projection: NF4Projection, config: NF4Config) -> tuple:
+    """An x-table configuration as `nf4_xtab.precompile` takes it for this projection."""
+    device = projection.weight.packed.device
+    n, k = projection.weight.shape
+    return (nf4_mma.code_values(projection.weight.code), device, k, config.num_warps, projection.lora.rank,
+            nf4_xtab.chunks_for(n, k, nf4_xtab.sm_count(device)))
+
+
 def precompile_candidates(projections: dict[str, list], buckets: Sequence[int], threads: int) -> int:
     """Compile every tensor-core kernel the tuner is about to time, on `threads` threads at once;
     returns how many were compiled."""
@@ -1072,14 +1080,12 @@ def precompile_candidates(projections: dict[str, list], buckets: Sequence[int], 
     for group in projections.values():
         first = group[0]
         n, k = first.weight.shape
-        device = first.weight.packed.device
         for rows in buckets:
             candidates = _candidates(rows, n, k, first.lora.boundaries)
             requests += [(first.weight.code, rows, k, first.lora.rank, mma_layout(c))
                          for c in candidates if c.kind == "mma" and c.fits_kernel(rows, first.lora.rank)]
-            xtab_requests += [(nf4_mma.code_values(first.weight.code), device, k, c.num_warps, first.lora.rank,
-                               nf4_xtab.chunks_for(n, k, nf4_xtab.sm_count(device)))
-                              for c in candidates if c.kind == "xtab" and c.fits_kernel(rows, first.lora.rank)]
+            xtab_requests += [_xtab_request(first, c) for c in candidates
+                              if c.kind == "xtab" and c.fits_kernel(rows, first.lora.rank)]
     return nf4_mma.precompile(requests, threads) + nf4_xtab.precompile(xtab_requests, threads)
 
 
@@ -1141,9 +1147,7 @@ def _serve_stored_plan(projections: dict[str, list], buckets: Sequence[int], sto
     requests = [(group[0].weight.code, rows, group[0].weight.shape[1], group[0].lora.rank, mma_layout(config))
                 for _, group, rows, config, _ in chosen if config is not None and config.kind == "mma"]
     compiled = nf4_mma.precompile(requests, compile_threads) if requests and compile_threads > 1 else 0
-    xtab_requests = [(nf4_mma.code_values(group[0].weight.code), group[0].weight.packed.device, group[0].weight.shape[1],
-                      config.num_warps, group[0].lora.rank,
-                      nf4_xtab.chunks_for(*group[0].weight.shape, nf4_xtab.sm_count(group[0].weight.packed.device)))
+    xtab_requests = [_xtab_request(group[0], config)
                      for _, group, _, config, _ in chosen if config is not None and config.kind == "xtab"]
     if xtab_requests and compile_threads > 1:
         compiled += nf4_xtab.precompile(xtab_requests, compile_threads)

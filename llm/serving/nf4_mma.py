@@ -59,37 +59,13 @@ WARP_CHOICES = (4, 8, 16)
 TILE_CHOICES = (1, 2)  # 2: every x load feeds twice the MMAs (x traffic halved, more registers)
 K_SPLIT_CHOICES = (1, 2, 4, 7, 8)  # blocks per feature tile, each over 1 / k_splits of K (7: K = 14,336)
 
-_SOURCE = r"""
+DEVICE_HELPERS = r"""
 typedef unsigned int u32;
 typedef unsigned short u16;
 
-constexpr int SETS = (ROWS + 7) / 8;  // MMAs per A operand: x rows 0-7, 8-15
-// x's uint2 (4 values) per 256-input group and per MMA step: in operand order (16 rows), or one row
-// as it is
-#if ROWS == 1
-#define X_GROUP_STRIDE 64
-#define X_STEP_STRIDE 1
-#else
-#define X_GROUP_STRIDE 1024
-#define X_STEP_STRIDE 32
-#endif
-
-// PTX helpers. NF4_EMULATE (tests/fakes/cuda_emulation.hpp) swaps in plain C++ ones, so that the
-// kernel's own text runs on a CPU in the tests.
+// PTX helpers of the decode kernels' CUDA texts (this module's and llm.serving.nf4_xtab's). NF4_EMULATE
+// (tests/fakes/cuda_emulation.hpp) swaps in plain C++ ones, so that the kernels' own text runs on a CPU.
 #ifndef NF4_EMULATE
-__device__ __forceinline__ u32 prmt(u32 a, u32 b, u32 s) {
-    u32 d;
-    asm("prmt.b32 %0, %1, %2, %3;" : "=r"(d) : "r"(a), "r"(b), "r"(s));
-    return d;
-}
-
-// entry `lo` in the low half, as cvt.rn.bf16x2.f32 d, hi, lo puts it
-__device__ __forceinline__ u32 bf16x2(float lo, float hi) {
-    u32 d;
-    asm("cvt.rn.bf16x2.f32 %0, %1, %2;" : "=r"(d) : "f"(hi), "f"(lo));
-    return d;
-}
-
 __device__ __forceinline__ u16 bf16(float v) {
     u16 d;
     asm("cvt.rn.bf16.f32 %0, %1;" : "=h"(d) : "f"(v));
@@ -119,6 +95,61 @@ __device__ __forceinline__ u32 and_or(u32 a, u32 b, u32 c) {
     return d;
 }
 
+__device__ __forceinline__ int load_acquire(const int* p) {
+    int v;
+    asm volatile("ld.acquire.gpu.global.b32 %0, [%1];" : "=r"(v) : "l"(p) : "memory");
+    return v;
+}
+
+// Programmatic dependent launch (sm_90+; launched with the attribute by `llm.serving.programmatic_launch`):
+// this launch may start while the kernel before it finishes, so that its weight loads overlap that
+// kernel's tail. Everything the kernels before it write (x, t, the counters' users) is read only
+// after previous_kernels_done(); without the attribute it returns at once.
+__device__ __forceinline__ void previous_kernels_done() {
+#if __CUDA_ARCH__ >= 900
+    asm volatile("griddepcontrol.wait;" ::: "memory");
+#endif
+}
+
+// The next kernel may be scheduled now: it waits for this one's results itself.
+__device__ __forceinline__ void next_kernel_may_start() {
+#if __CUDA_ARCH__ >= 900
+    asm volatile("griddepcontrol.launch_dependents;");
+#endif
+}
+#endif  // NF4_EMULATE
+
+__device__ __forceinline__ float f32(u16 h) { return __uint_as_float(((u32)h) << 16); }
+"""
+
+_SOURCE = r"""
+constexpr int SETS = (ROWS + 7) / 8;  // MMAs per A operand: x rows 0-7, 8-15
+// x's uint2 (4 values) per 256-input group and per MMA step: in operand order (16 rows), or one row
+// as it is
+#if ROWS == 1
+#define X_GROUP_STRIDE 64
+#define X_STEP_STRIDE 1
+#else
+#define X_GROUP_STRIDE 1024
+#define X_STEP_STRIDE 32
+#endif
+
+// PTX helpers. NF4_EMULATE (tests/fakes/cuda_emulation.hpp) swaps in plain C++ ones, so that the
+// kernel's own text runs on a CPU in the tests.
+#ifndef NF4_EMULATE
+__device__ __forceinline__ u32 prmt(u32 a, u32 b, u32 s) {
+    u32 d;
+    asm("prmt.b32 %0, %1, %2, %3;" : "=r"(d) : "r"(a), "r"(b), "r"(s));
+    return d;
+}
+
+// entry `lo` in the low half, as cvt.rn.bf16x2.f32 d, hi, lo puts it
+__device__ __forceinline__ u32 bf16x2(float lo, float hi) {
+    u32 d;
+    asm("cvt.rn.bf16x2.f32 %0, %1, %2;" : "=r"(d) : "f"(hi), "f"(lo));
+    return d;
+}
+
 // Weights are read once: past L1, which keeps x (read by every block) instead. (Run 23 measured the
 // alternatives to these half-sector loads: into L1, 0-3 % faster in some layouts and slower in
 // others; lane pairs loading whole sectors and swapping halves, 3-10 % slower everywhere.)
@@ -136,8 +167,6 @@ __device__ __forceinline__ void mma(float (&d)[4], u32 a0, u32 a1, u32 a2, u32 a
         : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
 }
 #endif  // NF4_EMULATE
-
-__device__ __forceinline__ float f32(u16 h) { return __uint_as_float(((u32)h) << 16); }
 
 #ifndef NF4_EMULATE
 template <class T>
@@ -215,28 +244,6 @@ __device__ __forceinline__ void decode_half_shared(u32 word, int h, float scale,
 // A hint: the 128-byte line at p into L1, where a later load will find it
 __device__ __forceinline__ void prefetch_l1(const void* p) { asm volatile("prefetch.global.L1 [%0];" ::"l"(p)); }
 
-__device__ __forceinline__ int load_acquire(const int* p) {
-    int v;
-    asm volatile("ld.acquire.gpu.global.b32 %0, [%1];" : "=r"(v) : "l"(p) : "memory");
-    return v;
-}
-
-// Programmatic dependent launch (sm_90+; launched with the attribute by `llm.serving.programmatic_launch`):
-// this launch may start while the kernel before it finishes, so that its weight loads overlap that
-// kernel's tail. Everything the kernels before it write (x, t, the counters' users) is read only
-// after previous_kernels_done(); without the attribute it returns at once.
-__device__ __forceinline__ void previous_kernels_done() {
-#if __CUDA_ARCH__ >= 900
-    asm volatile("griddepcontrol.wait;" ::: "memory");
-#endif
-}
-
-// The next kernel may be scheduled now: it waits for this one's results itself.
-__device__ __forceinline__ void next_kernel_may_start() {
-#if __CUDA_ARCH__ >= 900
-    asm volatile("griddepcontrol.launch_dependents;");
-#endif
-}
 #endif  // NF4_EMULATE
 
 #if FUSE_A
@@ -692,7 +699,7 @@ def source(code: Sequence[float], warps: int, rows: int, rank: int, tiles: int =
               f"#define PREFETCH_X {int(prefetch_x)}\n#define AHEAD {ahead}\n#define FUSE_A {int(fuse_a)}\n"
               f"#define SHARED_LOOKUPS {shared_lookups}\n#define KSPLIT {k_splits}\n#define A_ROWS {lora_a_unit_rows(rows)}\n"
               f"__device__ __constant__ float CODE_TABLE[16] = {{{values}}};\n#define CODE CODE_TABLE\n")
-    return header + _SOURCE
+    return header + DEVICE_HELPERS + _SOURCE
 
 
 def fits(m: int, rank: int, warps: int, tiles: int, fuse_a: bool, shared_lookups: int) -> bool:

@@ -41,6 +41,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from llm.serving import programmatic_launch
+from llm.serving.nf4_mma import DEVICE_HELPERS
 
 if TYPE_CHECKING:
     from llm.serving.nf4 import LoraParts, NF4Matrix
@@ -54,62 +55,22 @@ WARP_CHOICES = (8, 16)
 MAX_PARTS = 3  # LoRA parts of a fused projection (q/k/v)
 
 _SOURCE = r"""
-typedef unsigned int u32;
-typedef unsigned short u16;
-
 constexpr int K = KDIM;
 constexpr int SLICES = K / 256;
 constexpr int ROW_WORDS = K / 8;   // 32-bit words of packed bytes per row
 constexpr int ROW_BLOCKS = K / 64;  // absmax values per row
 constexpr int TABLE_WORDS = 4 * 256 * 32;
 
-#ifndef NF4_EMULATE
-__device__ __forceinline__ u32 shift_right_on_fma(u32 a, int k) {
-    u32 d;
-    asm("mul.hi.u32 %0, %1, %2;" : "=r"(d) : "r"(a), "r"(1u << (32 - k)));
-    return d;
-}
-__device__ __forceinline__ u32 shift_left_on_fma(u32 a, int k) {
-    u32 d;
-    asm("mul.lo.u32 %0, %1, %2;" : "=r"(d) : "r"(a), "r"(1u << k));
-    return d;
-}
-__device__ __forceinline__ u32 and_or(u32 a, u32 b, u32 c) {
-    u32 d;
-    asm("lop3.b32 %0, %1, %2, %3, 0xEA;" : "=r"(d) : "r"(a), "r"(b), "r"(c));
-    return d;
-}
-__device__ __forceinline__ u16 bf16(float v) {
-    u16 d;
-    asm("cvt.rn.bf16.f32 %0, %1;" : "=h"(d) : "f"(v));
-    return d;
-}
 // Weights are read once: past L1
+#ifndef NF4_EMULATE
 __device__ __forceinline__ u32 load_word(const u32* p) {
     u32 v;
     asm("ld.global.nc.L1::no_allocate.u32 %0, [%1];" : "=r"(v) : "l"(p));
     return v;
 }
-__device__ __forceinline__ int load_acquire(const int* p) {
-    int v;
-    asm volatile("ld.acquire.gpu.global.b32 %0, [%1];" : "=r"(v) : "l"(p) : "memory");
-    return v;
-}
-__device__ __forceinline__ void previous_kernels_done() {
-#if __CUDA_ARCH__ >= 900
-    asm volatile("griddepcontrol.wait;" ::: "memory");
-#endif
-}
-__device__ __forceinline__ void next_kernel_may_start() {
-#if __CUDA_ARCH__ >= 900
-    asm volatile("griddepcontrol.launch_dependents;");
-#endif
-}
 #else
 inline u32 load_word(const u32* p) { return __ldg(p); }
 #endif
-
-__device__ __forceinline__ float f32(u16 h) { return __uint_as_float(((u32)h) << 16); }
 
 // Pair table q's entry for byte q of `word`, for this lane (its bank)
 #define LOOKUP(q, shifted) \
@@ -306,7 +267,7 @@ def source(code: Sequence[float], k: int, warps: int, rank: int, chunks: int) ->
     values = ", ".join(f"{struct.unpack('<f', struct.pack('<f', float(v)))[0].hex()}f" for v in code)
     header = (f"#define KDIM {k}\n#define WARPS {warps}\n#define RANK {rank}\n#define CHUNKS {chunks}\n"
               f"__device__ __constant__ float CODE_TABLE[16] = {{{values}}};\n#define CODE CODE_TABLE\n")
-    return header + _SOURCE
+    return header + DEVICE_HELPERS + _SOURCE
 
 
 def chunks_for(n: int, k: int, sms: int) -> int | None:
@@ -317,10 +278,6 @@ def chunks_for(n: int, k: int, sms: int) -> int | None:
         return None
     groups = n // ROW_GROUP
     return max((c for c in range(1, sms // slices + 1) if groups % c == 0), default=None)
-
-
-def fits(n: int, k: int, rank: int, parts: int, sms: int) -> bool:
-    return rank % 4 == 0 and parts <= MAX_PARTS and chunks_for(n, k, sms) is not None
 
 
 class XtabUnavailable(RuntimeError):
