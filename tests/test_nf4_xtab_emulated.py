@@ -13,6 +13,7 @@ import pytest
 import torch
 
 from llm.serving import nf4_kernels, nf4_xtab
+from llm.serving.mistral_decoder import _add_rms_norm, _silu_mul
 from llm.serving.nf4 import LoraParts, NF4Matrix, NF4Projection
 from tests.fakes.cuda_emulation import NF4_CODE, build_emulated
 
@@ -23,11 +24,12 @@ LAUNCHER = r"""
 extern "C" long launch(int grid, int threads, const void* words, const float* absmax, const void* x,
                        const float* lora_a, const float* lora_b, void* y, float* partial, float* t_partial,
                        int* counters, int N, int seg1, int seg2, int RT, double scaling, int round_lora_first,
-                       int phases) {
+                       int phases, const void* residual, const void* norm_weight, void* residual_out, double eps) {
     out_of_bounds_reads = 0;
     launch_blocks(grid, threads, [=] {
         nf4_xtab_kernel((const u32*)words, absmax, (const u16*)x, lora_a, lora_b, (u16*)y, partial, t_partial, counters,
-                        N, seg1, seg2, RT, scaling, round_lora_first, phases);
+                        N, seg1, seg2, RT, scaling, round_lora_first, phases, (const u16*)residual,
+                        (const u16*)norm_weight, (u16*)residual_out, eps);
     });
     return out_of_bounds_reads;
 }
@@ -35,13 +37,15 @@ extern "C" long launch(int grid, int threads, const void* words, const float* ab
 RANK = 8
 
 
-def _build(tmp_path_factory: pytest.TempPathFactory, k: int, warps: int, chunks: int) -> ctypes.CDLL:
-    folder = tmp_path_factory.mktemp(f"xtab_k{k}_w{warps}_c{chunks}")
-    kernel_source = (nf4_xtab.source(NF4_CODE, k, warps, RANK, chunks))
+def _build(tmp_path_factory: pytest.TempPathFactory, k: int, warps: int, chunks: int,
+           prep: int = nf4_xtab.PLAIN) -> ctypes.CDLL:
+    folder = tmp_path_factory.mktemp(f"xtab_k{k}_w{warps}_c{chunks}_p{prep}")
+    kernel_source = nf4_xtab.source(NF4_CODE, k, warps, RANK, chunks, prep)
     library = build_emulated(folder, kernel_source, LAUNCHER)
     library.launch.restype = ctypes.c_long
     library.launch.argtypes = [ctypes.c_int, ctypes.c_int] + [ctypes.c_void_p] * 9 + [ctypes.c_int] * 4 + [
-        ctypes.c_double, ctypes.c_int, ctypes.c_int]
+        ctypes.c_double, ctypes.c_int, ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p,
+        ctypes.c_double]
     return library
 
 
@@ -63,23 +67,27 @@ def _projection(parts: list[int], k: int, seed: int) -> NF4Projection:
     return NF4Projection(weight, lora)
 
 
-def _run(library: ctypes.CDLL, projection: NF4Projection, x: torch.Tensor, warps: int, chunks: int) -> torch.Tensor:
-    k = x.shape[1]
-    n = projection.weight.shape[0]
+def _run(library: ctypes.CDLL, projection: NF4Projection, x: torch.Tensor, warps: int, chunks: int,
+         residual: torch.Tensor | None = None, norm_weight: torch.Tensor | None = None,
+         residual_out: torch.Tensor | None = None, eps: float = 0.0) -> torch.Tensor:
+    n, k = projection.weight.shape
     lora = projection.lora
     slices = k // nf4_xtab.SLICE
     y = torch.full((1, n), float("nan"), dtype=torch.bfloat16)
     partial = torch.full((slices, n), float("nan"))  # written before they are read
     t_partial = torch.full((slices, lora.a.shape[0]), float("nan"))
     counters = torch.zeros(2, dtype=torch.int32)
-    for buffer in (projection.weight.packed, projection.weight.absmax, x, lora.a, lora.b, partial, t_partial):
+    extra = [t for t in (residual, norm_weight) if t is not None]
+    for buffer in (projection.weight.packed, projection.weight.absmax, x, lora.a, lora.b, partial, t_partial, *extra):
         library.add_buffer(buffer.data_ptr(), buffer.numel() * buffer.element_size())
+    pointers = [(t if t is not None else x).data_ptr() for t in (residual, norm_weight)]
+    pointers.append((residual_out if residual_out is not None else y).data_ptr())
     for phase in (1, 2):
         out_of_bounds = library.launch(
             slices * chunks, warps * 32, projection.weight.packed.data_ptr(), projection.weight.absmax.data_ptr(),
             x.data_ptr(), lora.a.data_ptr(), lora.b.data_ptr(), y.data_ptr(), partial.data_ptr(),
             t_partial.data_ptr(), counters.data_ptr(), n, *lora.part_starts(n), lora.a.shape[0], lora.scaling,
-            int(projection.round_lora_first), phase)
+            int(projection.round_lora_first), phase, *pointers, eps)
         assert out_of_bounds == 0, f"{out_of_bounds} global reads outside the kernel's buffers"
     return y
 
@@ -119,3 +127,39 @@ def test_row_chunks_keep_every_block_resident_and_whole_row_groups():
     assert nf4_xtab.chunks_for(100, 4096, 132) is None  # rows not in 32-row groups
     assert nf4_xtab.chunks_for(4096, 4000, 132) is None  # K not in 256-input slices
     assert nf4_xtab.chunks_for(4096, 256 * 200, 132) is None  # more slices than SMs: blocks would wait forever
+
+
+def test_down_takes_silu_of_gate_times_up_inside_the_launch(tmp_path_factory):
+    """SILU_MUL: the input is gate/up's output row [gate | up]; the kernel computes the MLP's
+    `silu(gate) * up` itself, rounded as eager PyTorch rounds each op."""
+    k = 512
+    library = _build(tmp_path_factory, k, 8, 2, nf4_xtab.SILU_MUL)
+    projection = _projection([128], k, seed=11)
+    gate_up = (torch.randn((1, 2 * k), generator=torch.Generator().manual_seed(12)) * 3).to(torch.bfloat16)
+    out = _run(library, projection, gate_up, 8, 2)
+    reference = projection.reference(_silu_mul(gate_up))
+    assert not out.isnan().any()
+    assert nf4_kernels.matches_reference(out, reference), (out.float() - reference.float()).abs().max()
+    # and not the function of the gate half alone (what a kernel ignoring the prep would compute)
+    assert not nf4_kernels.matches_reference(out, projection.reference(gate_up[:, :k]))
+
+
+@pytest.mark.parametrize("warps", [8, 16])
+def test_qkv_adds_the_residual_and_normalizes_inside_the_launch(tmp_path_factory, warps):
+    """ADD_NORM: the input is the last projection's output; the kernel adds it to the residual stream,
+    writes the stream's new value once (chunk 0) and normalizes it over all of K as MistralRMSNorm does."""
+    k, chunks, eps = 768, 3, 1e-5
+    library = _build(tmp_path_factory, k, warps, chunks, nf4_xtab.ADD_NORM)
+    projection = _projection([96, 96, 96], k, seed=13)
+    g = torch.Generator().manual_seed(14)
+    residual = (torch.randn((1, k), generator=g) * 4).to(torch.bfloat16)
+    delta = torch.randn((1, k), generator=g).to(torch.bfloat16)
+    norm_weight = (1 + 0.1 * torch.randn((k,), generator=g)).to(torch.bfloat16)
+    residual_out = torch.full((1, k), float("nan"), dtype=torch.bfloat16)
+    out = _run(library, projection, delta, warps, chunks, residual, norm_weight, residual_out, eps)
+    expected_h, normed = _add_rms_norm(residual, delta, norm_weight, eps)
+    assert torch.equal(residual_out, expected_h)  # the stream's next value, every element once
+    reference = projection.reference(normed)
+    assert not out.isnan().any()
+    assert nf4_kernels.matches_reference(out, reference), (out.float() - reference.float()).abs().max()
+    assert not nf4_kernels.matches_reference(out, projection.reference(delta))

@@ -608,12 +608,12 @@ class MistralDecoder:
                 ~visible, float("-inf")
             )
         h = F.embedding(tokens, self.embed)
-        x = self._norm(h, self.layers[0].input_norm, eps)
+        qkv = self.layers[0].qkv(self._norm(h, self.layers[0].input_norm, eps))
         for index, layer in enumerate(self.layers):
             k_pool, v_pool = self.k_cache[index], self.v_cache[index]
             if triton_attn:
                 q = triton_kernels.rope_kv_write_paged(
-                    layer.qkv(x), self.cos, self.sin, positions, table, k_pool, v_pool,
+                    qkv, self.cos, self.sin, positions, table, k_pool, v_pool,
                     cfg.num_heads, cfg.num_kv_heads, cfg.head_dim,
                 )
                 attn = triton_kernels.paged_decode_attention(
@@ -621,7 +621,7 @@ class MistralDecoder:
                 )
             else:
                 q, k, v = self._rope(
-                    layer.qkv(x), self.cos, self.sin, positions, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+                    qkv, self.cos, self.sin, positions, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
                 )
                 k_pool[page_of, :, offset] = k
                 v_pool[page_of, :, offset] = v
@@ -629,10 +629,30 @@ class MistralDecoder:
                 keys = k_pool[gather].transpose(1, 2).reshape(n, cfg.num_kv_heads, -1, cfg.head_dim)[:, :, :kv_len]
                 values = v_pool[gather].transpose(1, 2).reshape(n, cfg.num_kv_heads, -1, cfg.head_dim)[:, :, :kv_len]
                 attn = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, scale=self.scale)
-            h, x = self._add_norm(h, layer.o(attn.reshape(n, -1)), layer.post_norm, eps)
-            next_norm = self.layers[index + 1].input_norm if index + 1 < len(self.layers) else self.final_norm
-            h, x = self._add_norm(h, layer.down(self._silu_mul(layer.gate_up(x))), next_norm, eps)
+            h, gate_up = self._add_norm_then(layer, "gate_up", h, layer.o(attn.reshape(n, -1)), eps)
+            mlp = self._down_of(layer, gate_up)
+            if index + 1 < len(self.layers):
+                h, qkv = self._add_norm_then(self.layers[index + 1], "qkv", h, mlp, eps)
+        _, x = self._add_norm(h, mlp, self.final_norm, eps)
         return self.lm_head(x)
+
+    def _add_norm_then(self, layer: Layer, name: str, h: torch.Tensor, delta: torch.Tensor,
+                       eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+        """(h + delta, layer.<name>(its RMSNorm)), name "qkv" (input_norm) or "gate_up" (post_norm):
+        in the projection's own launch where the layer offers that (`nf4`'s one-row kernel), else as
+        separate steps."""
+        fused = getattr(layer, f"{name}_after_add_norm", None)
+        result = fused(h, delta, eps) if fused is not None else None
+        if result is not None:
+            return result
+        h, x = self._add_norm(h, delta, layer.input_norm if name == "qkv" else layer.post_norm, eps)
+        return h, getattr(layer, name)(x)
+
+    def _down_of(self, layer: Layer, gate_up: torch.Tensor) -> torch.Tensor:
+        """layer.down(silu(gate) * up): in one launch where the layer offers that, else as two steps."""
+        fused = getattr(layer, "down_after_silu_mul", None)
+        result = fused(gate_up) if fused is not None else None
+        return result if result is not None else layer.down(self._silu_mul(gate_up))
 
     def close(self) -> None:
         self.k_cache.clear()

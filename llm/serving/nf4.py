@@ -255,6 +255,26 @@ class NF4Projection:
             out = self.prompt(flat)
         return out.reshape(*x.shape[:-1], out.shape[-1])
 
+    def after_silu_mul(self, gate_up: torch.Tensor) -> torch.Tensor | None:
+        """This projection of `silu(gate) * up` (gate_up = [gate | up], one row) in one launch with the
+        element-wise step; None where the kernels do not serve it so (then: `_silu_mul` first)."""
+        if not self.use_kernels:
+            return None
+        from llm.serving import nf4_kernels
+
+        return nf4_kernels.nf4_after_silu_mul(gate_up, self.weight, self.lora, self.round_lora_first)
+
+    def after_add_norm(self, residual: torch.Tensor, delta: torch.Tensor, norm_weight: torch.Tensor,
+                       eps: float) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """(residual + delta, this projection of its RMSNorm), one row, in one launch; None where the
+        kernels do not serve it so."""
+        if not self.use_kernels:
+            return None
+        from llm.serving import nf4_kernels
+
+        return nf4_kernels.nf4_after_add_norm(residual, delta, norm_weight, eps, self.weight, self.lora,
+                                              self.round_lora_first)
+
     def _plan_prefers_dequantizing(self, rows: int) -> bool:
         from llm.serving import nf4_kernels
 
@@ -326,6 +346,19 @@ class NF4Layer:
 
     def down(self, x: torch.Tensor) -> torch.Tensor:
         return self.projections["down"](x)
+
+    # The decode step's element-wise pieces inside the next projection's launch, where the kernels
+    # serve that (one row): `MistralDecoder` falls back to the separate pieces on None.
+    def qkv_after_add_norm(self, h: torch.Tensor, delta: torch.Tensor,
+                           eps: float) -> tuple[torch.Tensor, torch.Tensor] | None:
+        return self.projections["qkv"].after_add_norm(h, delta, self.input_norm, eps)
+
+    def gate_up_after_add_norm(self, h: torch.Tensor, delta: torch.Tensor,
+                               eps: float) -> tuple[torch.Tensor, torch.Tensor] | None:
+        return self.projections["gate_up"].after_add_norm(h, delta, self.post_norm, eps)
+
+    def down_after_silu_mul(self, gate_up: torch.Tensor) -> torch.Tensor | None:
+        return self.projections["down"].after_silu_mul(gate_up)
 
     @property
     def nbytes(self) -> int:

@@ -1021,6 +1021,38 @@ def nf4_lora_linear(
     return y
 
 
+def _one_row_xtab(rows: int, weight: NF4Matrix) -> NF4Config | None:
+    """The x-table layout where the plan serves it for one row of this weight, else None."""
+    if rows != 1:
+        return None
+    config = PLAN.get(1, *weight.shape)
+    return config if config is not None and config.kind == "xtab" else None
+
+
+def nf4_after_silu_mul(gate_up: torch.Tensor, weight: NF4Matrix, lora: LoraParts,
+                       round_lora_first: bool = True) -> torch.Tensor | None:
+    """`nf4_lora_linear` of `silu(gate) * up` for gate_up = [gate | up], the element-wise step inside
+    the one-row x-table launch; None where the plan does not serve that kernel here."""
+    config = _one_row_xtab(gate_up.shape[0], weight)
+    if config is None:
+        return None
+    return nf4_xtab.nf4_xtab_after_silu_mul(gate_up, weight, lora, *lora.part_starts(weight.shape[0]),
+                                            round_lora_first, config.num_warps, nf4_mma.code_values(weight.code))
+
+
+def nf4_after_add_norm(residual: torch.Tensor, delta: torch.Tensor, norm_weight: torch.Tensor, eps: float,
+                       weight: NF4Matrix, lora: LoraParts,
+                       round_lora_first: bool = True) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """(residual + delta, `nf4_lora_linear` of its MistralRMSNorm), the add and the norm inside the
+    one-row x-table launch; None where the plan does not serve that kernel here."""
+    config = _one_row_xtab(residual.shape[0], weight)
+    if config is None:
+        return None
+    return nf4_xtab.nf4_xtab_after_add_norm(residual, delta, norm_weight, eps, weight, lora,
+                                            *lora.part_starts(weight.shape[0]), round_lora_first,
+                                            config.num_warps, nf4_mma.code_values(weight.code))
+
+
 def matches_reference(out: torch.Tensor, reference: torch.Tensor) -> bool:
     """Within one bf16 rounding step of the reference path's largest output: only the float32
     summation order differs (tests/gpu asserts the same bound)."""
@@ -1063,12 +1095,20 @@ def mma_layout(config: NF4Config) -> tuple[int, int, bool, int, bool, int, int]:
             config.shared_lookups, config.k_splits)
 
 
-def _xtab_request(projection: NF4Projection, config: NF4Config) -> tuple:
-    """An x-table configuration as `nf4_xtab.precompile` takes it for this projection."""
+# The input preparations each projection's x-table kernel is launched with (`nf4.NF4Layer`'s steps
+# that fold the element-wise pieces before it into its launch); PLAIN is also what the tuner times.
+XTAB_PREPS = {"qkv": (nf4_xtab.PLAIN, nf4_xtab.ADD_NORM), "gate_up": (nf4_xtab.PLAIN, nf4_xtab.ADD_NORM),
+              "down": (nf4_xtab.PLAIN, nf4_xtab.SILU_MUL)}
+
+
+def _xtab_requests(name: str, projection: NF4Projection, config: NF4Config) -> list[tuple]:
+    """An x-table configuration as `nf4_xtab.precompile` takes it for this projection, one request
+    per input preparation it serves with."""
     device = projection.weight.packed.device
     n, k = projection.weight.shape
-    return (nf4_mma.code_values(projection.weight.code), device, k, config.num_warps, projection.lora.rank,
+    head = (nf4_mma.code_values(projection.weight.code), device, k, config.num_warps, projection.lora.rank,
             nf4_xtab.chunks_for(n, k, nf4_xtab.sm_count(device)))
+    return [(*head, prep) for prep in XTAB_PREPS.get(name, (nf4_xtab.PLAIN,))]
 
 
 def precompile_candidates(projections: dict[str, list], buckets: Sequence[int], threads: int) -> int:
@@ -1077,15 +1117,16 @@ def precompile_candidates(projections: dict[str, list], buckets: Sequence[int], 
     if threads <= 1 or not projections or not _mma_available():
         return 0
     requests, xtab_requests = [], []
-    for group in projections.values():
+    for name, group in projections.items():
         first = group[0]
         n, k = first.weight.shape
         for rows in buckets:
             candidates = _candidates(rows, n, k, first.lora.boundaries)
             requests += [(first.weight.code, rows, k, first.lora.rank, mma_layout(c))
                          for c in candidates if c.kind == "mma" and c.fits_kernel(rows, first.lora.rank)]
-            xtab_requests += [_xtab_request(first, c) for c in candidates
-                              if c.kind == "xtab" and c.fits_kernel(rows, first.lora.rank)]
+            xtab_requests += [request for c in candidates
+                              if c.kind == "xtab" and c.fits_kernel(rows, first.lora.rank)
+                              for request in _xtab_requests(name, first, c)]
     return nf4_mma.precompile(requests, threads) + nf4_xtab.precompile(xtab_requests, threads)
 
 
@@ -1147,8 +1188,8 @@ def _serve_stored_plan(projections: dict[str, list], buckets: Sequence[int], sto
     requests = [(group[0].weight.code, rows, group[0].weight.shape[1], group[0].lora.rank, mma_layout(config))
                 for _, group, rows, config, _ in chosen if config is not None and config.kind == "mma"]
     compiled = nf4_mma.precompile(requests, compile_threads) if requests and compile_threads > 1 else 0
-    xtab_requests = [_xtab_request(group[0], config)
-                     for _, group, _, config, _ in chosen if config is not None and config.kind == "xtab"]
+    xtab_requests = [request for name, group, _, config, _ in chosen if config is not None and config.kind == "xtab"
+                     for request in _xtab_requests(name, group[0], config)]
     if xtab_requests and compile_threads > 1:
         compiled += nf4_xtab.precompile(xtab_requests, compile_threads)
     for name, group, rows, config, _ in chosen:

@@ -53,6 +53,9 @@ ROW_GROUP = 32  # rows a warp sums at a time (one per lane after the reduce-scat
 TABLE_BYTES = 4 * 256 * 32 * 4  # 4 pairs per lane, 256 byte values, 32 lanes, float32
 WARP_CHOICES = (8, 16)
 MAX_PARTS = 3  # LoRA parts of a fused projection (q/k/v)
+# What the kernel does to its input before tabulating it (XPREP in the CUDA text, `prepare_x`)
+PLAIN, SILU_MUL, ADD_NORM = 0, 1, 2
+PREPS = (PLAIN, SILU_MUL, ADD_NORM)
 
 _SOURCE = r"""
 constexpr int K = KDIM;
@@ -76,6 +79,80 @@ inline u32 load_word(const u32* p) { return __ldg(p); }
 #define LOOKUP(q, shifted) \
     (*(const float*)((const char*)table + (q) * 32768 + and_or((shifted), 0x7F80u, lane4)))
 
+#ifndef NF4_EMULATE
+__device__ __forceinline__ uint4 load_x8(const u16* p) { return *(const uint4*)p; }
+#define reciprocal_sqrt rsqrtf
+#else
+inline uint4 load_x8(const u16* p) { return __ldg((const uint4*)p); }
+inline float reciprocal_sqrt(float v) { return 1.0f / std::sqrt(v); }
+#endif
+
+// The bf16 pair (lo, hi) of a word, each op rounded to bf16 as PyTorch's eager ops round it
+__device__ __forceinline__ u32 pack(u16 lo, u16 hi) { return (u32)lo | ((u32)hi << 16); }
+__device__ __forceinline__ u16 bf16_add(u16 a, u16 b) { return bf16(f32(a) + f32(b)); }
+__device__ __forceinline__ u16 bf16_mul(u16 a, u16 b) { return bf16(f32(a) * f32(b)); }
+// F.silu's CUDA kernel: x / (1 + exp(-x)) in float32, IEEE division, accurate expf
+__device__ __forceinline__ u16 silu_mul(u16 gate, u16 up) {
+    const float g = f32(gate);
+    return bf16_mul(bf16(g / (1.0f + expf(-g))), up);
+}
+
+// This lane's 8 inputs of the slice, as 4 bf16 pairs: by XPREP,
+// 0: x as it is;
+// 1: `silu(gate) * up` of the gate/up projection's output x = [gate | up] (the MLP's down input);
+// 2: `norm_weight * rms_norm(residual + x)` (MistralRMSNorm: statistics in float32 over all K, then
+//    each op rounded to bf16), the residual stream's new value written to residual_out by chunk 0.
+//    Every block sums the squares in the same order, so every slice scales by the same bits.
+__device__ __forceinline__ void prepare_x(u32 (&xw)[4], const u16* x, const u16* residual, const u16* norm_weight,
+                                          u16* residual_out, float eps, int slice, int lane, int warp, int chunk) {
+    const int at = slice * 256 + 8 * lane;
+#if XPREP == 0
+    const uint4 xs = load_x8(x + at);
+    xw[0] = xs.x; xw[1] = xs.y; xw[2] = xs.z; xw[3] = xs.w;
+#elif XPREP == 1
+    const uint4 gs = load_x8(x + at), us = load_x8(x + K + at);
+    const u32 g[4] = {gs.x, gs.y, gs.z, gs.w}, u[4] = {us.x, us.y, us.z, us.w};
+#pragma unroll
+    for (int q = 0; q < 4; ++q)
+        xw[q] = pack(silu_mul((u16)(g[q] & 0xFFFFu), (u16)(u[q] & 0xFFFFu)),
+                     silu_mul((u16)(g[q] >> 16), (u16)(u[q] >> 16)));
+#else
+    __shared__ float warp_squares[WARPS];
+    float squares = 0.f;
+    for (int i = 8 * (int)threadIdx.x; i < K; i += 8 * WARPS * 32) {
+        const uint4 hs = load_x8(residual + i), ds = load_x8(x + i);
+        const u32 h[4] = {hs.x, hs.y, hs.z, hs.w}, d[4] = {ds.x, ds.y, ds.z, ds.w};
+#pragma unroll
+        for (int q = 0; q < 4; ++q) {
+            const float lo = f32(bf16_add((u16)(h[q] & 0xFFFFu), (u16)(d[q] & 0xFFFFu)));
+            const float hi = f32(bf16_add((u16)(h[q] >> 16), (u16)(d[q] >> 16)));
+            squares += lo * lo;
+            squares += hi * hi;
+        }
+    }
+#pragma unroll
+    for (int mask = 16; mask >= 1; mask >>= 1) squares += __shfl_xor_sync(0xFFFFFFFFu, squares, mask);
+    if (lane == 0) warp_squares[warp] = squares;
+    __syncthreads();
+    float total = 0.f;
+#pragma unroll
+    for (int w = 0; w < WARPS; ++w) total += warp_squares[w];
+    const float inverse = reciprocal_sqrt(total / (float)K + eps);
+    const uint4 hs = load_x8(residual + at), ds = load_x8(x + at), ws = load_x8(norm_weight + at);
+    const u32 h[4] = {hs.x, hs.y, hs.z, hs.w}, d[4] = {ds.x, ds.y, ds.z, ds.w}, w[4] = {ws.x, ws.y, ws.z, ws.w};
+    u32 sums[4];
+#pragma unroll
+    for (int q = 0; q < 4; ++q) {
+        const u16 lo = bf16_add((u16)(h[q] & 0xFFFFu), (u16)(d[q] & 0xFFFFu));
+        const u16 hi = bf16_add((u16)(h[q] >> 16), (u16)(d[q] >> 16));
+        sums[q] = pack(lo, hi);
+        xw[q] = pack(bf16_mul((u16)(w[q] & 0xFFFFu), bf16(f32(lo) * inverse)),
+                     bf16_mul((u16)(w[q] >> 16), bf16(f32(hi) * inverse)));
+    }
+    if (chunk == 0 && warp == 0) *(uint4*)(residual_out + at) = make_uint4(sums[0], sums[1], sums[2], sums[3]);
+#endif
+}
+
 // counters: [0] blocks whose sums are stored, [1] blocks done; the last one zeroes both.
 // phases: 1 = this block's slice sums (and its share of the LoRA's A product over the slice), 2 =
 // finish 1 / SLICES of the chunk's rows; a GPU launch runs both (3), every block of the grid waiting
@@ -84,7 +161,9 @@ extern "C" __global__ void __launch_bounds__(WARPS * 32, 1)
 nf4_xtab_kernel(const u32* __restrict__ words, const float* __restrict__ absmax, const u16* __restrict__ x,
                 const float* __restrict__ lora_a, const float* __restrict__ lora_b, u16* __restrict__ y,
                 float* __restrict__ partial, float* __restrict__ t_partial, int* __restrict__ counters, int N,
-                int seg1, int seg2, int RT, double scaling, int round_lora_first, int phases) {
+                int seg1, int seg2, int RT, double scaling, int round_lora_first, int phases,
+                const u16* __restrict__ residual, const u16* __restrict__ norm_weight, u16* __restrict__ residual_out,
+                double eps) {
 #ifdef NF4_EMULATE
     static float table[TABLE_WORDS];
 #else
@@ -112,8 +191,8 @@ nf4_xtab_kernel(const u32* __restrict__ words, const float* __restrict__ absmax,
         previous_kernels_done();  // x
         {
             // This lane's pairs 4 lane + q: inputs 8 lane + 2q (high nibble) and + 1 (low nibble)
-            const uint4 xs = *(const uint4*)(x + slice * 256 + 8 * lane);
-            const u32 xw[4] = {xs.x, xs.y, xs.z, xs.w};
+            u32 xw[4];
+            prepare_x(xw, x, residual, norm_weight, residual_out, (float)eps, slice, lane, warp, chunk);
             float high[4], low[4];
 #pragma unroll
             for (int q = 0; q < 4; ++q) {
@@ -258,14 +337,17 @@ nf4_xtab_kernel(const u32* __restrict__ words, const float* __restrict__ absmax,
 """
 
 
-def source(code: Sequence[float], k: int, warps: int, rank: int, chunks: int) -> str:
-    """The kernel's CUDA text for one NF4 code table, K, warps per block, LoRA rank and row chunks."""
+def source(code: Sequence[float], k: int, warps: int, rank: int, chunks: int, prep: int = PLAIN) -> str:
+    """The kernel's CUDA text for one NF4 code table, K, warps per block, LoRA rank, row chunks and
+    input preparation (PLAIN, SILU_MUL or ADD_NORM)."""
     if len(code) != 16:
         raise ValueError("an NF4 code table has 16 entries")
-    if k <= 0 or k % SLICE or warps not in WARP_CHOICES or rank <= 0 or rank % 4 or chunks <= 0:
-        raise ValueError(f"no nf4 xtab kernel for K {k}, {warps} warps, rank {rank}, {chunks} chunks")
+    if (k <= 0 or k % SLICE or warps not in WARP_CHOICES or rank <= 0 or rank % 4 or chunks <= 0
+            or prep not in PREPS):
+        raise ValueError(f"no nf4 xtab kernel for K {k}, {warps} warps, rank {rank}, {chunks} chunks, prep {prep}")
     values = ", ".join(f"{struct.unpack('<f', struct.pack('<f', float(v)))[0].hex()}f" for v in code)
     header = (f"#define KDIM {k}\n#define WARPS {warps}\n#define RANK {rank}\n#define CHUNKS {chunks}\n"
+              f"#define XPREP {prep}\n"
               f"__device__ __constant__ float CODE_TABLE[16] = {{{values}}};\n#define CODE CODE_TABLE\n")
     return header + DEVICE_HELPERS + _SOURCE
 
@@ -301,8 +383,9 @@ def sm_count(device: torch.device) -> int:
     return torch.cuda.get_device_properties(device).multi_processor_count
 
 
-def precompile(requests: Sequence[tuple[tuple[float, ...], torch.device, int, int, int, int]], threads: int) -> int:
-    """Compile the kernels of `requests` ((code, device, k, warps, rank, chunks), as `_kernel` takes
+def precompile(requests: Sequence[tuple[tuple[float, ...], torch.device, int, int, int, int, int]],
+               threads: int) -> int:
+    """Compile the kernels of `requests` ((code, device, k, warps, rank, chunks, prep), as `_kernel` takes
     them) on `threads` threads at once, as `llm.serving.nf4_mma.precompile` does for its own; returns
     how many. A kernel that fails here compiles (and reports) at its first launch instead."""
     from llm.serving.nf4_mma import _nvrtc_steps
@@ -314,10 +397,10 @@ def precompile(requests: Sequence[tuple[tuple[float, ...], torch.device, int, in
     nvrtc_compile, load_module = steps
 
     def compile_one(request: tuple) -> tuple[bytes, str] | Exception:
-        code, device, k, warps, rank, chunks = request
+        code, device, k, warps, rank, chunks, prep = request
         capability = "{}{}".format(*torch.cuda.get_device_capability(device))
         try:
-            return nvrtc_compile(source(code, k, warps, rank, chunks), "nf4_xtab_kernel",
+            return nvrtc_compile(source(code, k, warps, rank, chunks, prep), "nf4_xtab_kernel",
                                  compute_capability=capability)
         except Exception as error:  # noqa: BLE001 - compiled again (and reported) at its first launch
             return error
@@ -325,7 +408,7 @@ def precompile(requests: Sequence[tuple[tuple[float, ...], torch.device, int, in
     compiled = 0
     with ThreadPoolExecutor(max_workers=max(1, threads), thread_name_prefix="nf4-xtab-nvrtc") as pool:
         for request, binary in zip(missing, pool.map(compile_one, missing), strict=True):
-            code, device, k, warps, rank, chunks = request
+            code, device, k, warps, rank, chunks, prep = request
             if isinstance(binary, Exception):
                 continue
             try:
@@ -334,20 +417,21 @@ def precompile(requests: Sequence[tuple[tuple[float, ...], torch.device, int, in
                     kernel.set_shared_memory_config(TABLE_BYTES)
             except Exception:  # noqa: BLE001 - as above
                 continue
-            _KERNELS[(device.index, code, k, warps, rank, chunks)] = kernel
+            _KERNELS[(device.index, code, k, warps, rank, chunks, prep)] = kernel
             compiled += 1
     return compiled
 
 
-def _kernel(code: tuple[float, ...], device: torch.device, k: int, warps: int, rank: int, chunks: int) -> Callable:
+def _kernel(code: tuple[float, ...], device: torch.device, k: int, warps: int, rank: int, chunks: int,
+            prep: int) -> Callable:
     global _DISABLED
-    key = (device.index, code, k, warps, rank, chunks)
+    key = (device.index, code, k, warps, rank, chunks, prep)
     if key not in _KERNELS:
         if _DISABLED is not None:
             raise XtabUnavailable(_DISABLED)
         try:
             with torch.cuda.device(device):
-                kernel = torch.cuda._compile_kernel(source(code, k, warps, rank, chunks), "nf4_xtab_kernel")
+                kernel = torch.cuda._compile_kernel(source(code, k, warps, rank, chunks, prep), "nf4_xtab_kernel")
                 kernel.set_shared_memory_config(TABLE_BYTES)
         except Exception as error:  # noqa: BLE001 - NVRTC missing or refusing: any failure means "not here"
             _DISABLED = (str(error).strip().splitlines() or [type(error).__name__])[0][:300]
@@ -361,16 +445,51 @@ def nf4_xtab_linear(x: torch.Tensor, weight: NF4Matrix, lora: LoraParts, seg1: i
                     round_lora_first: bool, warps: int, code: tuple[float, ...]) -> torch.Tensor:
     """y = x @ W.T + scaling * B(A(x)) with PEFT's roundings, for one row of x ([1, K], bf16), in one
     launch (the LoRA's A product included)."""
-    m, k = x.shape
-    if m != 1:
-        raise ValueError(f"the x-table kernel takes one row, got {m}")
-    n = weight.packed.shape[0]
+    if x.shape[0] != 1:
+        raise ValueError(f"the x-table kernel takes one row, got {x.shape[0]}")
+    return _launch(PLAIN, x, weight, lora, seg1, seg2, round_lora_first, warps, code)
+
+
+def nf4_xtab_after_silu_mul(gate_up: torch.Tensor, weight: NF4Matrix, lora: LoraParts, seg1: int, seg2: int,
+                            round_lora_first: bool, warps: int, code: tuple[float, ...]) -> torch.Tensor:
+    """As `nf4_xtab_linear` of `silu(gate) * up` (each op rounded to bf16, as eager PyTorch does) for
+    one row of gate_up = [gate | up] ([1, 2K]), the element-wise step done inside the launch."""
+    if gate_up.shape[0] != 1 or gate_up.shape[1] != 2 * weight.shape[1]:
+        raise ValueError(f"the x-table kernel takes one [1, 2K] gate/up row, got {list(gate_up.shape)}")
+    return _launch(SILU_MUL, gate_up, weight, lora, seg1, seg2, round_lora_first, warps, code)
+
+
+def nf4_xtab_after_add_norm(residual: torch.Tensor, delta: torch.Tensor, norm_weight: torch.Tensor, eps: float,
+                            weight: NF4Matrix, lora: LoraParts, seg1: int, seg2: int, round_lora_first: bool,
+                            warps: int, code: tuple[float, ...]) -> tuple[torch.Tensor, torch.Tensor]:
+    """(h, y): h = residual + delta (the residual stream's next value) and y as `nf4_xtab_linear` of
+    MistralRMSNorm(h) with `norm_weight`, for one row, the add and the norm done inside the launch."""
+    if residual.shape != delta.shape or residual.shape[0] != 1 or norm_weight.shape != (residual.shape[1],):
+        raise ValueError(f"no add-and-norm for residual {list(residual.shape)}, delta {list(delta.shape)}, "
+                         f"norm weight {list(norm_weight.shape)}")
+    h = torch.empty_like(residual)
+    y = _launch(ADD_NORM, delta, weight, lora, seg1, seg2, round_lora_first, warps, code,
+                residual=_aligned(residual), norm_weight=_aligned(norm_weight), residual_out=h, eps=eps)
+    return h, y
+
+
+def _aligned(x: torch.Tensor) -> torch.Tensor:
+    """Contiguous and 16-byte aligned: the kernel reads 8 bf16 values at a time."""
+    if not x.is_contiguous() or x.data_ptr() % 16:
+        return x.clone(memory_format=torch.contiguous_format)
+    return x
+
+
+def _launch(prep: int, x: torch.Tensor, weight: NF4Matrix, lora: LoraParts, seg1: int, seg2: int,
+            round_lora_first: bool, warps: int, code: tuple[float, ...], residual: torch.Tensor | None = None,
+            norm_weight: torch.Tensor | None = None, residual_out: torch.Tensor | None = None,
+            eps: float = 0.0) -> torch.Tensor:
+    n, k = weight.shape
     chunks = chunks_for(n, k, sm_count(x.device))
     if chunks is None:
         raise ValueError(f"no x-table layout for a {n} x {k} weight on this GPU")
-    if x.stride(1) != 1 or x.data_ptr() % 16:
-        x = x.clone(memory_format=torch.contiguous_format)
-    kernel = _kernel(code, x.device, k, warps, lora.rank, chunks)
+    x = _aligned(x)
+    kernel = _kernel(code, x.device, k, warps, lora.rank, chunks, prep)
     slices = k // SLICE
     rt = lora.a.shape[0]
     y = torch.empty((1, n), dtype=torch.bfloat16, device=x.device)
@@ -380,5 +499,7 @@ def nf4_xtab_linear(x: torch.Tensor, weight: NF4Matrix, lora: LoraParts, seg1: i
     programmatic_launch.launch(
         kernel, (slices * chunks, 1, 1), (warps * 32, 1, 1),
         [weight.packed, weight.absmax, x, lora.a, lora.b, y, partial, t_partial, counters, n, seg1, seg2, rt,
-         float(lora.scaling), int(round_lora_first), 3], x.device, shared_bytes=TABLE_BYTES)
+         float(lora.scaling), int(round_lora_first), 3, x if residual is None else residual,
+         x if norm_weight is None else norm_weight, y if residual_out is None else residual_out, float(eps)],
+        x.device, shared_bytes=TABLE_BYTES)
     return y

@@ -58,3 +58,66 @@ def test_the_x_table_kernel_repeats_its_bits_in_graphs_and_leaves_its_counters_a
         first = run()
         assert torch.equal(run(), first), config.label
         assert_replays_repeat(run, first, projection.lora, "xtab", config.label, replays=5)
+
+
+def _xtab_configs(projection) -> list:  # noqa: ANN001
+    configs = [c for c in layouts(projection, 1) if c.kind == "xtab"]
+    assert configs, "no x-table layout here"
+    return configs
+
+
+def test_down_after_silu_mul_in_one_launch_equals_the_two_steps_bit_for_bit():
+    """The MLP's `silu(gate) * up` inside down's launch: the same bits as eager PyTorch's two ops
+    (accurate expf, IEEE division, each op rounded to bf16) followed by the plain kernel."""
+    from llm.serving import nf4_mma, nf4_xtab
+    from llm.serving.mistral_decoder import _silu_mul
+
+    projection, _ = projection_and_input("down", 1)
+    n, k = projection.weight.shape
+    gate_up = torch.randn((1, 2 * k), dtype=torch.bfloat16, device="cuda:0") * 3
+    code = nf4_mma.code_values(projection.weight.code)
+    seg1, seg2 = projection.lora.part_starts(n)
+    for config in _xtab_configs(projection):
+        two_steps = nf4_xtab.nf4_xtab_linear(_silu_mul(gate_up), projection.weight, projection.lora, seg1, seg2, True,
+                                             config.num_warps, code)
+
+        def run(config=config):  # noqa: ANN001, ANN202
+            return nf4_xtab.nf4_xtab_after_silu_mul(gate_up, projection.weight, projection.lora, seg1, seg2, True,
+                                                    config.num_warps, code)
+
+        assert torch.equal(run(), two_steps), config.label
+        assert_replays_repeat(run, two_steps, projection.lora, "xtab", config.label)
+
+
+@pytest.mark.parametrize("name", ["qkv", "gate_up"])
+def test_add_and_norm_in_one_launch_give_the_residual_bit_for_bit_and_the_normed_product(name):
+    """The residual add and MistralRMSNorm inside the projection's launch: the residual stream's next
+    value exactly, the product as the two steps give it (the squares summed in another order may move
+    a normed input by one rounding step)."""
+    from llm.serving import nf4_kernels, nf4_mma, nf4_xtab
+    from llm.serving.mistral_decoder import _add_rms_norm
+
+    projection, _ = projection_and_input(name, 1)
+    n, k = projection.weight.shape
+    residual = torch.randn((1, k), dtype=torch.bfloat16, device="cuda:0") * 4
+    delta = torch.randn((1, k), dtype=torch.bfloat16, device="cuda:0")
+    norm_weight = (1 + 0.1 * torch.randn((k,), device="cuda:0")).to(torch.bfloat16)
+    expected_h, normed = _add_rms_norm(residual, delta, norm_weight, 1e-5)
+    code = nf4_mma.code_values(projection.weight.code)
+    seg1, seg2 = projection.lora.part_starts(n)
+    for config in _xtab_configs(projection):
+        two_steps = nf4_xtab.nf4_xtab_linear(normed, projection.weight, projection.lora, seg1, seg2, True,
+                                             config.num_warps, code)
+        h, y = nf4_xtab.nf4_xtab_after_add_norm(residual, delta, norm_weight, 1e-5, projection.weight,
+                                                 projection.lora, seg1, seg2, True, config.num_warps, code)
+        assert torch.equal(h, expected_h), config.label
+        assert nf4_kernels.matches_reference(y, two_steps), config.label
+        same = (y == two_steps).float().mean().item()
+        print("NF4_XTAB_ADD_NORM " + json.dumps({"name": name, "config": config.label, "bits_equal": same}))
+        assert same > 0.9, (config.label, same)
+
+        def run(config=config):  # noqa: ANN001, ANN202
+            return nf4_xtab.nf4_xtab_after_add_norm(residual, delta, norm_weight, 1e-5, projection.weight,
+                                                     projection.lora, seg1, seg2, True, config.num_warps, code)[1]
+
+        assert_replays_repeat(run, y, projection.lora, "xtab", config.label)
