@@ -80,7 +80,16 @@ inline u32 load_word(const u32* p) { return __ldg(p); }
     (*(const float*)((const char*)table + (q) * 32768 + and_or((shifted), 0x7F80u, lane4)))
 
 #ifndef NF4_EMULATE
-__device__ __forceinline__ uint4 load_x8(const u16* p) { return *(const uint4*)p; }
+// 8 values an earlier kernel wrote, read from L2 and never before previous_kernels_done(): a plain
+// load from a `const __restrict__` pointer may be hoisted above that wait (the pointer promises
+// the data never changes), and once the kernel before lets this one start early (the x-table kernels
+// chained, run 32) it then reads the values of the step before.
+__device__ __forceinline__ uint4 load_x8(const u16* p) {
+    uint4 v;
+    asm volatile("ld.global.cg.v4.u32 {%0, %1, %2, %3}, [%4];"
+                 : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w) : "l"(p) : "memory");
+    return v;
+}
 #define reciprocal_sqrt rsqrtf
 #else
 inline uint4 load_x8(const u16* p) { return __ldg((const uint4*)p); }
@@ -158,11 +167,11 @@ __device__ __forceinline__ void prepare_x(u32 (&xw)[4], const u16* x, const u16*
 // finish 1 / SLICES of the chunk's rows; a GPU launch runs both (3), every block of the grid waiting
 // for all the others in between (all are resident: one per SM, grid <= SMs).
 extern "C" __global__ void __launch_bounds__(WARPS * 32, 1)
-nf4_xtab_kernel(const u32* __restrict__ words, const float* __restrict__ absmax, const u16* __restrict__ x,
+nf4_xtab_kernel(const u32* __restrict__ words, const float* __restrict__ absmax, const u16* x,
                 const float* __restrict__ lora_a, const float* __restrict__ lora_b, u16* __restrict__ y,
                 float* __restrict__ partial, float* __restrict__ t_partial, int* __restrict__ counters, int N,
                 int seg1, int seg2, int RT, double scaling, int round_lora_first, int phases,
-                const u16* __restrict__ residual, const u16* __restrict__ norm_weight, u16* __restrict__ residual_out,
+                const u16* residual, const u16* __restrict__ norm_weight, u16* __restrict__ residual_out,
                 double eps) {
 #ifdef NF4_EMULATE
     static float table[TABLE_WORDS];

@@ -121,3 +121,35 @@ def test_add_and_norm_in_one_launch_give_the_residual_bit_for_bit_and_the_normed
                                                      projection.lora, seg1, seg2, True, config.num_warps, code)[1]
 
         assert_replays_repeat(run, y, projection.lora, "xtab", config.label)
+
+
+def test_a_chained_launch_reads_this_steps_output_of_the_launch_before_it_in_graph_replays():
+    """gate/up's x-table launch lets down's start early (down's weights stream in meanwhile): down must
+    still read this step's gate/up output, never the one of the replay before (run 32: a load hoisted
+    above the wait did, and the decode step's logits turned to NaN)."""
+    from llm.serving import nf4_mma, nf4_xtab
+
+    gate_up, x = projection_and_input("gate_up", 1)
+    down, _ = projection_and_input("down", 1)
+    code = nf4_mma.code_values(gate_up.weight.code)
+    gate_up_warps = _xtab_configs(gate_up)[0].num_warps
+    down_warps = _xtab_configs(down)[0].num_warps
+
+    def step(x: torch.Tensor) -> torch.Tensor:
+        first = nf4_xtab.nf4_xtab_linear(x, gate_up.weight, gate_up.lora,
+                                         *gate_up.lora.part_starts(gate_up.weight.shape[0]), True, gate_up_warps, code)
+        return nf4_xtab.nf4_xtab_after_silu_mul(first, down.weight, down.lora,
+                                                *down.lora.part_starts(down.weight.shape[0]), True, down_warps, code)
+
+    static_x = x.clone()
+    step(static_x)
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = step(static_x)
+    for replay in range(6):
+        new_x = torch.randn_like(x)
+        static_x.copy_(new_x)
+        graph.replay()
+        torch.cuda.synchronize()
+        assert torch.equal(out, step(new_x)), replay
