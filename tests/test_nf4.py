@@ -100,3 +100,55 @@ def test_nf4_engine_greedy_agrees_with_the_seed_path(tiny_checkpoint, mistral_to
     finally:
         engine.close()
         reference.close()
+
+
+def test_the_decode_step_folds_its_element_wise_pieces_into_the_layers_launches_without_changing_the_answer(
+    reference_model, korean_ids, monkeypatch
+):
+    """Where a layer offers them (`nf4`'s one-row x-table kernel on a GPU), the decode step hands the
+    residual add + RMSNorm to the next q/k/v or gate/up launch and `silu(gate) * up` to down's: the
+    logits stay bit for bit the separate steps'. Here the offered steps compute what the kernel must
+    (its own test checks the kernel against them), so this pins which norm and residual each layer
+    passes (which layer the decoder asks: the greedy test above)."""
+    from llm.serving import nf4
+    from llm.serving.mistral_decoder import _add_rms_norm, _silu_mul
+
+    decoder = build_nf4_decoder(reference_model, max_batch=1, max_seq_len=64, kv_cache_tokens=64, kv_block_size=16)
+    assert decoder.paged
+    generator = torch.Generator().manual_seed(0)
+    for layer in decoder.layers:  # the tiny model's norms are all ones: a swapped one would go unseen
+        width = layer.input_norm.shape
+        layer.input_norm, layer.post_norm = (
+            (1 + 0.5 * torch.randn(width, generator=generator)).to(layer.input_norm.dtype) for _ in range(2)
+        )
+    prompt, following = korean_ids[:8], korean_ids[8:20]
+
+    def decode() -> torch.Tensor:
+        assert decoder.kv_reserve(0, 32)
+        decoder.block_table[:1].copy_(decoder.kv.table[:1])  # as `DecodeGraphs.decode` does per step
+        decoder.prefill(0, torch.tensor(prompt))
+        logits = [decoder.decode_step(torch.tensor([token]), torch.tensor([len(prompt) + i]), 32)
+                  for i, token in enumerate(following)]
+        decoder.kv_release(0)
+        return torch.cat(logits)
+
+    calls = {"add_norm": 0, "silu_mul": 0}
+
+    def after_add_norm(self, residual, delta, norm_weight, eps):  # noqa: ANN001, ANN202
+        calls["add_norm"] += 1
+        h, x = _add_rms_norm(residual, delta, norm_weight, eps)
+        return h, self(x)
+
+    def after_silu_mul(self, gate_up):  # noqa: ANN001, ANN202
+        calls["silu_mul"] += 1
+        return self(_silu_mul(gate_up))
+
+    with torch.no_grad():
+        separate = decode()
+        monkeypatch.setattr(nf4.NF4Projection, "after_add_norm", after_add_norm)
+        monkeypatch.setattr(nf4.NF4Projection, "after_silu_mul", after_silu_mul)
+        folded = decode()
+    layers = len(decoder.layers)
+    # per step: gate/up in every layer, q/k/v in every layer but the first (its input is the embedding)
+    assert calls == {"add_norm": len(following) * (2 * layers - 1), "silu_mul": len(following) * layers}
+    assert torch.equal(folded, separate)
