@@ -566,26 +566,28 @@ class MistralDecoder:
             ~visible, float("-inf")
         )
         h = F.embedding(tokens, self.embed)  # [n, H]
-        x = self._norm(h, self.layers[0].input_norm, eps)
+        qkv = self.layers[0].qkv(self._norm(h, self.layers[0].input_norm, eps))
         for index, layer in enumerate(self.layers):
             k_cache, v_cache = self.k_cache[index], self.v_cache[index]
             if self.fused_rope_kv:  # one launch instead of rope + two index_put kernels
                 q = triton_kernels.rope_kv_write(
-                    layer.qkv(x), self.cos, self.sin, positions, k_cache, v_cache,
+                    qkv, self.cos, self.sin, positions, k_cache, v_cache,
                     cfg.num_heads, cfg.num_kv_heads, cfg.head_dim,
                 ).view(n, cfg.num_kv_heads, cfg.num_heads // cfg.num_kv_heads, cfg.head_dim)
             else:
                 q, k, v = self._rope(
-                    layer.qkv(x), self.cos, self.sin, positions, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+                    qkv, self.cos, self.sin, positions, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
                 )
                 k_cache[rows, :, positions] = k
                 v_cache[rows, :, positions] = v
             attn = F.scaled_dot_product_attention(
                 q, k_cache[:n, :, :kv_len], v_cache[:n, :, :kv_len], attn_mask=mask, scale=self.scale
             )  # [n, K, G, D]: the G query heads of a KV group attend as G "query positions"
-            h, x = self._add_norm(h, layer.o(attn.reshape(n, -1)), layer.post_norm, eps)
-            next_norm = self.layers[index + 1].input_norm if index + 1 < len(self.layers) else self.final_norm
-            h, x = self._add_norm(h, layer.down(self._silu_mul(layer.gate_up(x))), next_norm, eps)
+            h, gate_up = self._add_norm_then(layer, "gate_up", h, layer.o(attn.reshape(n, -1)), eps)
+            mlp = self._down_of(layer, gate_up)
+            if index + 1 < len(self.layers):
+                h, qkv = self._add_norm_then(self.layers[index + 1], "qkv", h, mlp, eps)
+        _, x = self._add_norm(h, mlp, self.final_norm, eps)
         return self.lm_head(x)
 
     def _decode_step_paged(self, tokens: torch.Tensor, positions: torch.Tensor, kv_len: int) -> torch.Tensor:
