@@ -108,8 +108,8 @@ def test_the_decode_step_folds_its_element_wise_pieces_into_the_layers_launches_
     """Where a layer offers them (`nf4`'s one-row x-table kernel on a GPU), the decode step hands the
     residual add + RMSNorm to the next q/k/v or gate/up launch and `silu(gate) * up` to down's: the
     logits stay bit for bit the separate steps'. Here the offered steps compute what the kernel must
-    (its own test checks the kernel against them), so this pins which norm and residual each layer
-    passes (which layer the decoder asks: the greedy test above)."""
+    (its own test checks the kernel against them), so this pins the residual and norm the folded
+    path is handed (which layer the decoder asks: the greedy test above)."""
     from llm.serving import nf4
     from llm.serving.mistral_decoder import _add_rms_norm, _silu_mul
 

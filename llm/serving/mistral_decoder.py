@@ -643,11 +643,12 @@ class MistralDecoder:
         """(h + delta, layer.<name>(its RMSNorm)), name "qkv" (input_norm) or "gate_up" (post_norm):
         in the projection's own launch where the layer offers that (`nf4`'s one-row kernel), else as
         separate steps."""
-        fused = getattr(layer, f"{name}_after_add_norm", None)
-        result = fused(h, delta, eps) if fused is not None else None
+        norm = layer.input_norm if name == "qkv" else layer.post_norm
+        fused = getattr(layer, "after_add_norm", None)
+        result = fused(name, h, delta, norm, eps) if fused is not None else None
         if result is not None:
             return result
-        h, x = self._add_norm(h, delta, layer.input_norm if name == "qkv" else layer.post_norm, eps)
+        h, x = self._add_norm(h, delta, norm, eps)
         return h, getattr(layer, name)(x)
 
     def _down_of(self, layer: Layer, gate_up: torch.Tensor) -> torch.Tensor:

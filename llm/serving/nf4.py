@@ -349,13 +349,9 @@ class NF4Layer:
 
     # The decode step's element-wise pieces inside the next projection's launch, where the kernels
     # serve that (one row): `MistralDecoder` falls back to the separate pieces on None.
-    def qkv_after_add_norm(self, h: torch.Tensor, delta: torch.Tensor,
-                           eps: float) -> tuple[torch.Tensor, torch.Tensor] | None:
-        return self.projections["qkv"].after_add_norm(h, delta, self.input_norm, eps)
-
-    def gate_up_after_add_norm(self, h: torch.Tensor, delta: torch.Tensor,
-                               eps: float) -> tuple[torch.Tensor, torch.Tensor] | None:
-        return self.projections["gate_up"].after_add_norm(h, delta, self.post_norm, eps)
+    def after_add_norm(self, name: str, h: torch.Tensor, delta: torch.Tensor, norm_weight: torch.Tensor,
+                       eps: float) -> tuple[torch.Tensor, torch.Tensor] | None:
+        return self.projections[name].after_add_norm(h, delta, norm_weight, eps)
 
     def down_after_silu_mul(self, gate_up: torch.Tensor) -> torch.Tensor | None:
         return self.projections["down"].after_silu_mul(gate_up)
