@@ -173,16 +173,19 @@ template <class T>
 __device__ __forceinline__ T load_plain(const T* p) { return *p; }
 #endif
 
-// With FUSE_A this launch writes x in operand order and t itself: no read-only (non-coherent) loads
+// x, its operand-order copy and t are written by the kernels before this launch (or, with FUSE_A, by
+// its own A blocks) and read only after previous_kernels_done(): plain pointers and loads, never
+// `const __restrict__` or __ldg, which let the compiler read them through the non-coherent path and
+// hoist those loads above the wait (run 32: an x-table kernel did, and read the previous step's x
+// once the kernel before it let it start early).
 #if FUSE_A
 #define XQ_POINTER uint2*
 #define T_POINTER float*
-#define LOAD_X(p) load_plain(p)
 #else
-#define XQ_POINTER const uint2* __restrict__
-#define T_POINTER const float* __restrict__
-#define LOAD_X(p) __ldg(p)
+#define XQ_POINTER const uint2*
+#define T_POINTER const float*
 #endif
+#define LOAD_X(p) load_plain(p)
 
 // One 32-bit word's half (4 values: 4h..4h+3) as two bf16x2 MMA registers, from the block's tables.
 __device__ __forceinline__ void decode_half(const u32 (&L)[4], const u32 (&H)[4], u32 sel, u32 pick, u32& first,
@@ -453,7 +456,7 @@ __device__ __forceinline__ void group_mma(const uint4 (&w)[2 * TILES][2], const 
 extern "C" __global__ void __launch_bounds__(WARPS * 32)
 nf4_mma_kernel(const uint4* __restrict__ words, const float* __restrict__ absmax, XQ_POINTER xq, T_POINTER t_part,
                const float* __restrict__ lora_b, u16* __restrict__ y, int M, int K_unused, int ldy, double scaling,
-               int seg1, int seg2, int RT, int t_splits, int round_lora_first, const u16* __restrict__ x, int ldx,
+               int seg1, int seg2, int RT, int t_splits, int round_lora_first, const u16* x, int ldx,
                const float* __restrict__ lora_a, float* __restrict__ a_partial, int* __restrict__ counters,
                int la_blocks, float* __restrict__ split_sums, int* __restrict__ tile_arrivals) {
     constexpr int HALVES = 2 * TILES;  // 8-feature halves of the block; half q is features 8 q + g

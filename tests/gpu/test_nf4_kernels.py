@@ -39,11 +39,12 @@ SHAPES = {"qkv": ([(4096, 0), (1024, 0), (1024, 0)], 4096), "gate_up": ([(14336,
           "down": ([(4096, 0)], 14336)}
 
 
-def _projection(parts: list[tuple[int, int]], cols: int, rank: int = 32, round_first: bool = True):  # noqa: ANN202
+def _projection(parts: list[tuple[int, int]], cols: int, rank: int = 32, round_first: bool = True,
+                seed: int = 0):  # noqa: ANN202
     from llm.serving.nf4 import LoraParts, NF4Matrix, NF4Projection
 
-    matrices = [NF4Matrix.from_bnb(_quantized(rows, cols, seed=i)) for i, (rows, _) in enumerate(parts)]
-    g = torch.Generator(device="cuda:0").manual_seed(7)
+    matrices = [NF4Matrix.from_bnb(_quantized(rows, cols, seed=seed + i)) for i, (rows, _) in enumerate(parts)]
+    g = torch.Generator(device="cuda:0").manual_seed(7 + seed)
     a = torch.randn(rank * len(parts), cols, device="cuda:0", generator=g) * 0.02
     b = torch.randn(sum(r for r, _ in parts), rank, device="cuda:0", generator=g) * 0.02
     segments, row = [], 0
@@ -224,6 +225,45 @@ def test_the_fused_launch_repeats_its_bits_in_graphs_and_leaves_its_counters_at_
             return nf4_kernels.nf4_lora_linear(x, projection.weight, lora, True, config)
 
         assert_replays_repeat(run, run(), lora, "fused", config.label, replays=5)
+
+
+# Served 4096 x 4096 layouts (run 32's plan: o at 1 row, q/k/v and o at 2, o at 16) and a t-split one
+_CHAINED_LAYOUTS = {1: {"mma_16x256w16s1f", "mma_16x256w8s2f"}, 2: {"mma_16x256w16s1", "mma_16x256w8s1ft2"},
+                    16: {"mma_16x256w8s2f", "mma_16x256w8s1", "mma_32x256w4s1pft2"}}
+
+
+@pytest.mark.parametrize("rows", sorted(_CHAINED_LAYOUTS))
+def test_a_chained_launch_reads_this_steps_output_of_the_launch_before_it_in_graph_replays(rows):
+    """A tensor-core launch lets the next one start early (its weights stream in meanwhile); the next
+    must still read this replay's output, never the replay before's (run 32: an x-table kernel's load
+    of x from a `const __restrict__` pointer was hoisted above its wait, and graph replays gave NaN).
+    New inputs every replay, against the same two launches run one after the other."""
+    from llm.serving import nf4_kernels, programmatic_launch
+
+    first = _projection([(4096, 0)], 4096, seed=0)
+    second = _projection([(4096, 0)], 4096, seed=1)
+    configs = [c for c in layouts(second, rows) if c.label in _CHAINED_LAYOUTS[rows]]
+    assert len(configs) == len(_CHAINED_LAYOUTS[rows]), [c.label for c in configs]
+    x = torch.randn(rows, 4096, dtype=torch.bfloat16, device="cuda:0")
+    for config in configs:
+        def step(x: torch.Tensor, config=config) -> torch.Tensor:  # noqa: ANN001
+            y = nf4_kernels.nf4_lora_linear(x, first.weight, first.lora, True, config)
+            return nf4_kernels.nf4_lora_linear(y, second.weight, second.lora, True, config)
+
+        static_x = x.clone()
+        step(static_x)
+        torch.cuda.synchronize()
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            out = step(static_x)
+        for replay in range(6):
+            new_x = torch.randn_like(x)
+            with programmatic_launch.serial_launches():
+                expected = step(new_x)
+            static_x.copy_(new_x)
+            graph.replay()
+            torch.cuda.synchronize()
+            assert torch.equal(out, expected), (config.label, replay)
 
 
 @pytest.mark.parametrize("rows", [1, 5, 16])
