@@ -445,6 +445,111 @@ if _HAVE_TRITON:
         out = tl.sum(acc * w[:, None], 0) / tl.sum(total * w, 0)
         tl.store(out_ptr + (row * NUM_KV * GROUP + head) * HEAD_DIM + d, out.to(out_ptr.dtype.element_ty))
 
+    @triton.jit
+    def _rope_paged_attn_kernel(
+        qkv_ptr, cos_ptr, sin_ptr, pos_ptr, table_ptr, k_pool_ptr, v_pool_ptr, acc_ptr, ml_ptr, count_ptr,
+        out_ptr, scale, stride_qkv, stride_tab, stride_pb, stride_ph, stride_pt,
+        NUM_HEADS: tl.constexpr, NUM_KV: tl.constexpr, GROUP: tl.constexpr, GROUP_PAD: tl.constexpr,
+        HEAD_DIM: tl.constexpr, BLOCK_SIZE: tl.constexpr, PAGES_PER_SPLIT: tl.constexpr, SPLITS: tl.constexpr,
+        SPLITS_PAD: tl.constexpr, GDC: tl.constexpr,
+    ):
+        # grid (rows, kv heads, splits): _rope_kv_paged_kernel + _paged_attn_kernel + _paged_reduce_kernel
+        # for one KV head and its GROUP query heads. The split holding the new token writes its k/v
+        # before reading its pages; the last split of a (row, KV head) to finish combines the partials.
+        after_previous_kernels(GDC)
+        row = tl.program_id(0)
+        kvh = tl.program_id(1)
+        split = tl.program_id(2)
+        pos = tl.load(pos_ptr + row)
+        length = pos.to(tl.int32) + 1
+        n_pages = tl.cdiv(length, BLOCK_SIZE)
+        first = split * PAGES_PER_SPLIT
+        if first >= n_pages:
+            return  # not counted: `active` below counts only splits that hold tokens
+        last = tl.minimum(first + PAGES_PER_SPLIT, n_pages)
+        HALF: tl.constexpr = HEAD_DIM // 2
+        src = qkv_ptr + row * stride_qkv
+        if last == n_pages:  # the split that holds position pos
+            # New k and v into the pool slot: the rope kernel's own code, hence its bits.
+            h = tl.arange(0, HALF)
+            new_block = tl.load(table_ptr + row * stride_tab + pos // BLOCK_SIZE).to(tl.int64)
+            slot = new_block * stride_pb + kvh * stride_ph + (pos % BLOCK_SIZE) * stride_pt
+            k1, k2 = _rotated_head(src + (NUM_HEADS + kvh) * HEAD_DIM, cos_ptr, sin_ptr, pos, h, True, HEAD_DIM)
+            v1, v2 = _rotated_head(src + (NUM_HEADS + NUM_KV + kvh) * HEAD_DIM, cos_ptr, sin_ptr, pos, h, False,
+                                   HEAD_DIM)
+            tl.store(k_pool_ptr + slot + h, k1.to(k_pool_ptr.dtype.element_ty))
+            tl.store(k_pool_ptr + slot + HALF + h, k2.to(k_pool_ptr.dtype.element_ty))
+            tl.store(v_pool_ptr + slot + h, v1.to(v_pool_ptr.dtype.element_ty))
+            tl.store(v_pool_ptr + slot + HALF + h, v2.to(v_pool_ptr.dtype.element_ty))
+            # Threads read below the slot that other threads of this program just wrote.
+            tl.debug_barrier()
+        # q of the GROUP heads as one [GROUP_PAD, D] tile (tl.dot needs >= 16 rows): _rotated_head's
+        # float ops per element, each column d paired with its rotate_half partner d +- HALF.
+        g = tl.arange(0, GROUP_PAD)
+        d = tl.arange(0, HEAD_DIM)
+        g_mask = g < GROUP
+        first_half = d < HALF
+        partner = tl.where(first_half, d + HALF, d - HALF)
+        q_rows = src + (kvh * GROUP + g[:, None]) * HEAD_DIM
+        x = tl.load(q_rows + d[None, :], mask=g_mask[:, None], other=0.0).to(tl.float32)
+        x_partner = tl.load(q_rows + partner[None, :], mask=g_mask[:, None], other=0.0).to(tl.float32)
+        c = tl.load(cos_ptr + pos * HEAD_DIM + d).to(tl.float32)
+        sn = tl.load(sin_ptr + pos * HEAD_DIM + d).to(tl.float32)
+        xc = _bf16(x * c[None, :])
+        xs = _bf16(x_partner * sn[None, :])
+        q = tl.where(first_half[None, :], xc - xs, xc + xs).to(k_pool_ptr.dtype.element_ty)
+        # This split's partial: _paged_attn_kernel's loop.
+        t = tl.arange(0, BLOCK_SIZE)
+        m = tl.full([GROUP_PAD], float("-inf"), tl.float32)
+        s_sum = tl.zeros([GROUP_PAD], tl.float32)
+        acc = tl.zeros([GROUP_PAD, HEAD_DIM], tl.float32)
+        tile = t[:, None] * stride_pt + d[None, :]
+        for page in range(first, last):
+            block = tl.load(table_ptr + row * stride_tab + page).to(tl.int64)
+            base = block * stride_pb + kvh * stride_ph
+            valid = (page * BLOCK_SIZE + t) < length
+            # Past the row's length: stale data (maybe NaN), never loaded (see _paged_attn_kernel).
+            k = tl.load(k_pool_ptr + base + tile, mask=valid[:, None], other=0.0)
+            v = tl.load(v_pool_ptr + base + tile, mask=valid[:, None], other=0.0)
+            s = tl.dot(q, tl.trans(k)) * scale  # [GROUP_PAD, BLOCK_SIZE] float32
+            s = tl.where(valid[None, :], s, float("-inf"))
+            m_new = tl.maximum(m, tl.max(s, 1))  # finite: every visited page holds >= 1 token
+            alpha = tl.exp(m - m_new)
+            p = tl.exp(s - m_new[:, None])
+            s_sum = s_sum * alpha + tl.sum(p, 1)
+            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+            m = m_new
+        head_base = (row * NUM_KV + kvh) * SPLITS
+        base_out = (head_base + split) * GROUP
+        tl.store(acc_ptr + (base_out + g[:, None]) * HEAD_DIM + d[None, :], acc, mask=g_mask[:, None])
+        tl.store(ml_ptr + (base_out + g) * 2, m, mask=g_mask)
+        tl.store(ml_ptr + (base_out + g) * 2 + 1, s_sum, mask=g_mask)
+        # Count this split in. The barrier puts every thread's partial stores before the atomic, whose
+        # release (one thread's) then publishes them; the last one's acquire makes all visible to it.
+        tl.debug_barrier()
+        # min(): a position past the table cannot leave a counter that never returns to 0.
+        active = tl.minimum(tl.cdiv(n_pages, PAGES_PER_SPLIT), SPLITS)
+        count = count_ptr + row * NUM_KV + kvh
+        done = tl.atomic_add(count, 1, sem="acq_rel", scope="gpu")
+        if done == active - 1:
+            tl.store(count, 0)  # zero again for the next launch (and CUDA-graph replay)
+            tl.debug_barrier()  # every thread's loads below after the acquire
+            # _paged_reduce_kernel's float ops, one query head at a time. The partials, written on other
+            # SMs, are read from L2 (.cg), not this SM's L1 (the acquire orders it; .cg costs nothing).
+            sp = tl.arange(0, SPLITS_PAD)
+            sp_mask = sp < active
+            for gi in tl.static_range(GROUP):
+                idx = (head_base + sp) * GROUP + gi
+                mi = tl.load(ml_ptr + idx * 2, mask=sp_mask, other=float("-inf"), cache_modifier=".cg")
+                total = tl.load(ml_ptr + idx * 2 + 1, mask=sp_mask, other=0.0, cache_modifier=".cg")
+                m_max = tl.max(mi, 0)
+                w = tl.where(sp_mask, tl.exp(mi - m_max), 0.0)
+                part = tl.load(acc_ptr + idx[:, None] * HEAD_DIM + d[None, :], mask=sp_mask[:, None], other=0.0,
+                               cache_modifier=".cg")
+                out = tl.sum(part * w[:, None], 0) / tl.sum(total * w, 0)
+                tl.store(out_ptr + (row * NUM_HEADS + kvh * GROUP + gi) * HEAD_DIM + d,
+                         out.to(out_ptr.dtype.element_ty))
+
 
 def rope_kv_write_paged(
     qkv: torch.Tensor,
@@ -516,5 +621,70 @@ def paged_decode_attention(
         NUM_KV=num_kv, GROUP=group, HEAD_DIM=head_dim, BLOCK_SIZE=block_size,
         PAGES_PER_SPLIT=split_pages, SPLITS=splits, SPLITS_PAD=triton.next_power_of_2(splits), num_warps=1,
         **programmatic_options(q.device),
+    )
+    return out
+
+
+# Per (device, KV heads): int32 [rows capacity, KV heads] counters of rope_paged_attention's finished
+# splits, zero between launches (the last split resets its own). Every tensor ever made stays here:
+# a CUDA graph captured with one keeps its address after a larger one replaces it.
+_SPLIT_COUNTERS: dict[tuple[torch.device, int], list[torch.Tensor]] = {}
+_MIN_COUNTER_ROWS = 256  # 8 KiB at 8 KV heads: no growth (hence no capture error) in decode
+
+
+def split_counters(device: torch.device, rows: int, num_kv_heads: int) -> torch.Tensor:
+    """The zeroed counters for `rows` rows on `device`, grown outside a CUDA graph capture only (a
+    capture would record the zero fill and allocate from the graph's pool): call it once with the
+    largest batch before capturing."""
+    device = torch.device(device)
+    made = _SPLIT_COUNTERS.get((device, num_kv_heads), [])
+    if made and made[-1].shape[0] >= rows:
+        return made[-1]
+    if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+        raise RuntimeError(
+            f"rope_paged_attention needs split counters for {rows} rows during a CUDA graph capture; "
+            f"call triton_kernels.split_counters({device!r}, {rows}, {num_kv_heads}) before capturing")
+    capacity = max(_MIN_COUNTER_ROWS, triton.next_power_of_2(rows))
+    counters = torch.zeros((capacity, num_kv_heads), dtype=torch.int32, device=device)
+    _SPLIT_COUNTERS.setdefault((device, num_kv_heads), []).append(counters)
+    return counters
+
+
+def rope_paged_attention(
+    qkv: torch.Tensor,
+    cos: torch.Tensor,
+    sin: torch.Tensor,
+    positions: torch.Tensor,
+    table: torch.Tensor,
+    k_pool: torch.Tensor,
+    v_pool: torch.Tensor,
+    scale: float,
+    num_heads: int,
+    num_kv_heads: int,
+    head_dim: int,
+    kv_len: int,
+) -> torch.Tensor:
+    """`rope_kv_write_paged` + `paged_decode_attention` in one launch of the same grid (rows, KV heads,
+    splits of PAGES_PER_SPLIT pages): the pool gets the same k/v bits and the result [n, H*D] is the
+    same split attention, combined by the last split of each (row, KV head) to finish. `kv_len`, the
+    bucket's bound on pos + 1, is only checked against the table: each row reads its own length."""
+    n = qkv.shape[0]
+    block_size = k_pool.shape[2]
+    assert qkv.stride(1) == 1 and cos.is_contiguous() and sin.is_contiguous()
+    assert k_pool.stride() == v_pool.stride() and k_pool.stride(3) == 1 and table.stride(1) == 1
+    assert k_pool.dtype == v_pool.dtype == qkv.dtype and k_pool.shape[1] == num_kv_heads
+    assert kv_len <= table.shape[1] * block_size
+    group = num_heads // num_kv_heads
+    splits = triton.cdiv(table.shape[1], PAGES_PER_SPLIT)
+    acc = torch.empty((n, num_kv_heads, splits, group, head_dim), dtype=torch.float32, device=qkv.device)
+    ml = torch.empty((n, num_kv_heads, splits, group, 2), dtype=torch.float32, device=qkv.device)
+    counters = split_counters(qkv.device, n, num_kv_heads)
+    out = torch.empty((n, num_heads * head_dim), dtype=qkv.dtype, device=qkv.device)
+    _rope_paged_attn_kernel[(n, num_kv_heads, splits)](
+        qkv, cos, sin, positions, table, k_pool, v_pool, acc, ml, counters, out, scale,
+        qkv.stride(0), table.stride(0), k_pool.stride(0), k_pool.stride(1), k_pool.stride(2),
+        NUM_HEADS=num_heads, NUM_KV=num_kv_heads, GROUP=group, GROUP_PAD=max(16, triton.next_power_of_2(group)),
+        HEAD_DIM=head_dim, BLOCK_SIZE=block_size, PAGES_PER_SPLIT=PAGES_PER_SPLIT, SPLITS=splits,
+        SPLITS_PAD=triton.next_power_of_2(splits), num_warps=4, num_stages=2, **programmatic_options(qkv.device),
     )
     return out

@@ -148,3 +148,101 @@ def test_report_paged_attention_time_against_static_sdpa():
         report[f"paged_b1_kv{kv}_us"] = round(1000 * tk.graph_time_ms(
             lambda k=k_pool, v=v_pool, t=table, p=positions: tk.paged_decode_attention(q1, k, v, t, p, dim**-0.5, heads)), 1)
     print("PAGED_ATTENTION_TIMES " + json.dumps(report))
+
+
+def _fused_vs_served_steps(rows, device, capture, kvs=(256, 256, 1024, 1024), layers=2):
+    """Mistral-7B's shape, `layers` layers a step: `rope_paged_attention` against `rope_kv_write_paged` +
+    `paged_decode_attention` on copies of the same pools, each run through `capture(fn)` (a CUDA graph
+    on the GPU) and replayed once per KV bucket in `kvs`, with new inputs copied in each time: row 0 at
+    the bucket's last position on even steps, 7 before it (mid-block: stale slots after it) on odd ones."""
+    heads, kv_heads, dim, block, max_seq = 32, 8, 128, 32, 2048
+    max_blocks, scale, bf16 = max_seq // block, dim**-0.5, torch.bfloat16
+    num_blocks = 1 + rows * max_blocks
+    gen = torch.Generator(device=device).manual_seed(rows)
+    angles = torch.arange(max_seq, dtype=torch.float32)[:, None] * (
+        10000.0 ** (-torch.arange(0, dim, 2, dtype=torch.float32) / dim))[None, :]
+    emb = torch.cat((angles, angles), dim=-1)
+    cos, sin = emb.cos().to(bf16).to(device), emb.sin().to(bf16).to(device)
+    qkv = torch.empty(layers, rows, (heads + 2 * kv_heads) * dim, dtype=bf16, device=device)
+    positions = torch.zeros(rows, dtype=torch.long, device=device)
+    table = torch.zeros(rows, max_blocks, dtype=torch.int32, device=device)
+    pools = {name: torch.empty(layers, num_blocks, kv_heads, block, dim, dtype=bf16, device=device)
+             for name in ("k", "v", "served_k", "served_v")}
+
+    def new_inputs(kv, step):
+        qkv.copy_(torch.randn(qkv.shape, generator=gen, device=device))
+        pos = torch.randint(kv // 2, kv, (rows,), generator=gen, device=device)
+        pos[0] = kv - 1 - 7 * (step % 2)
+        positions.copy_(pos)
+        table.copy_((1 + torch.randperm(rows * max_blocks, generator=gen, device=device)).view(rows, max_blocks))
+        # The new token's slot, every slot after it and the scratch block 0: NaN (stale data).
+        stale_row, stale_t = (torch.arange(max_blocks * block, device=device)[None, :] >= pos[:, None]).nonzero(
+            as_tuple=True)
+        stale_block = table[stale_row, stale_t // block].long()
+        for name in ("k", "v"):
+            values = torch.randn(pools[name].shape, generator=gen, device=device).to(bf16)
+            values[:, stale_block, :, stale_t % block] = float("nan")
+            values[:, 0] = float("nan")
+            pools[name].copy_(values)
+            pools[f"served_{name}"].copy_(values)
+
+    def served():
+        return torch.stack([tk.paged_decode_attention(
+            tk.rope_kv_write_paged(qkv[i], cos, sin, positions, table, pools["served_k"][i], pools["served_v"][i],
+                                   heads, kv_heads, dim),
+            pools["served_k"][i], pools["served_v"][i], table, positions, scale, heads) for i in range(layers)])
+
+    def fused():
+        return torch.stack([tk.rope_paged_attention(qkv[i], cos, sin, positions, table, pools["k"][i], pools["v"][i],
+                                                    scale, heads, kv_heads, dim, max_seq) for i in range(layers)])
+
+    new_inputs(kvs[0], 0)
+    runs = [capture(served), capture(fused)]  # each runs its fn once outside the capture first
+    counters = tk.split_counters(device, rows, kv_heads)
+    steps = []
+    for step, kv in enumerate(kvs):
+        new_inputs(kv, step)
+        served_out, fused_out = (run() for run in runs)
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        steps.append({
+            "kv": kv, "row0_length": int(positions[0]) + 1,
+            "pool_equal": all(torch.equal(pools[n].view(torch.int16), pools[f"served_{n}"].view(torch.int16))
+                              for n in ("k", "v")),
+            "finite": bool(fused_out.isfinite().all()),
+            "served_finite": bool(served_out.isfinite().all()),
+            # elements further apart than one bf16 step (2**-7 of the value), and bit for bit
+            "beyond_a_bf16_step": int(((fused_out.float() - served_out.float()).abs()
+                                       > served_out.float().abs() * 2**-7 + 1e-6).sum()),
+            "bit_equal": torch.equal(fused_out.view(torch.int16), served_out.view(torch.int16)),
+            "differing": int((fused_out.view(torch.int16) != served_out.view(torch.int16)).sum()),
+            "counters_zero": not bool(counters.any()),
+        })
+    return steps
+
+
+def _graph(fn):
+    """fn's result tensor, refreshed by each call of the returned replay function (a CUDA graph)."""
+    fn()  # compile; the split counters exist before the capture
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = fn()
+
+    def replay():
+        graph.replay()
+        return out
+
+    return replay
+
+
+@pytest.mark.parametrize("rows", [1, 16])
+def test_rope_paged_attention_is_the_served_pair_in_graph_replays(rows):
+    """What tests/test_rope_paged_attention_interpreted.py cannot check (its programs run one at a
+    time): the barriers, the acq_rel counting between concurrent splits, the counters back at zero for
+    the next replay and the next layer (programmatic launches overlap them)."""
+    steps = _fused_vs_served_steps(rows, torch.device("cuda"), _graph)
+    print(f"ROPE_PAGED_ATTENTION_REPLAYS rows={rows} " + json.dumps(steps))
+    for step in steps:
+        assert step["served_finite"] and step["pool_equal"] and step["counters_zero"], step
+        assert step["finite"] and step["beyond_a_bf16_step"] == 0, step
