@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from llm.serving import nf4_kernels, nf4_mma
-from llm.serving.mistral_decoder import _add_rms_norm, _silu_mul
+from llm.serving.mistral_decoder import _silu_mul
 from llm.serving.nf4 import LoraParts, NF4Matrix, NF4Projection
 from tests.fakes.cuda_emulation import NF4_CODE, build_emulated
 
@@ -23,15 +23,12 @@ LAUNCHER = r"""
 extern "C" long launch(int grid, int threads, const void* words, const float* absmax, void* xq, float* t,
                        const float* lora_b, void* y, int M, int K, int ldy, double scaling, int seg1, int seg2,
                        int RT, int t_splits, int round_lora_first, const void* x, int ldx, const float* lora_a,
-                       float* a_partial, int* counters, int la_blocks, float* split_sums, int* tile_arrivals,
-                       const void* residual, const void* norm_weight, void* residual_out, float* row_scale,
-                       double eps) {
+                       float* a_partial, int* counters, int la_blocks, float* split_sums, int* tile_arrivals) {
     out_of_bounds_reads = 0;
     launch_blocks(grid, threads, [=] {
         nf4_mma_kernel((const uint4*)words, absmax, (uint2*)xq, t, lora_b, (u16*)y, M, K, ldy, scaling, seg1, seg2,
                        RT, t_splits, round_lora_first, (const u16*)x, ldx, lora_a, a_partial, counters, la_blocks,
-                       split_sums, tile_arrivals, (const u16*)residual, (const u16*)norm_weight, (u16*)residual_out,
-                       row_scale, eps);
+                       split_sums, tile_arrivals);
     });
     return out_of_bounds_reads;
 }
@@ -41,18 +38,17 @@ RANK = 32
 
 def _build(tmp_path_factory: pytest.TempPathFactory, warps: int, rows: int, tiles: int, prefetch: bool,
            ahead: int, k: int, fuse_a: bool = False, shared_lookups: int = 0, k_splits: int = 1,
-           prep: int = nf4_mma.PLAIN) -> ctypes.CDLL:
+           silu_input: bool = False) -> ctypes.CDLL:
     folder = tmp_path_factory.mktemp(
         f"nf4_w{warps}_r{rows}_t{tiles}_p{int(prefetch)}_a{ahead}_k{k}_f{int(fuse_a)}_s{shared_lookups}_ks{k_splits}"
-        f"_x{prep}")
+        f"_silu{int(silu_input)}")
     kernel_source = nf4_mma.source(NF4_CODE, warps, rows, RANK, tiles, prefetch, ahead, k, fuse_a,
-                                   shared_lookups=shared_lookups, k_splits=k_splits, prep=prep)
+                                   shared_lookups=shared_lookups, k_splits=k_splits, silu_input=silu_input)
     library = build_emulated(folder, kernel_source, LAUNCHER)
     library.launch.restype = ctypes.c_long
     library.launch.argtypes = [ctypes.c_int, ctypes.c_int] + [ctypes.c_void_p] * 6 + [
         ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_double] + [ctypes.c_int] * 5 + [
-        ctypes.c_void_p, ctypes.c_int] + [ctypes.c_void_p] * 3 + [ctypes.c_int] + [ctypes.c_void_p] * 6 + [
-        ctypes.c_double]
+        ctypes.c_void_p, ctypes.c_int] + [ctypes.c_void_p] * 3 + [ctypes.c_int] + [ctypes.c_void_p] * 2
     return library
 
 
@@ -76,12 +72,11 @@ def _projection(n: int, k: int, seed: int) -> NF4Projection:
 
 def _run(library: ctypes.CDLL, projection: NF4Projection, x: torch.Tensor, warps: int, tiles: int,
          counters: torch.Tensor | None = None, k_splits: int = 1, arrivals: torch.Tensor | None = None,
-         prep: int = nf4_mma.PLAIN, add_norm: tuple | None = None) -> torch.Tensor:
+         silu_input: bool = False) -> torch.Tensor:
     """The kernel's output; with `counters`, the fused kernel's, and with `k_splits`, the tile arrivals
-    (both left as the kernel found them); with SILU_MUL, x is [gate | up]; with ADD_NORM, `add_norm` is
-    (residual, norm_weight, eps, residual_out)."""
+    (both left as the kernel found them); with `silu_input`, x is [gate | up]."""
     m, k = x.shape
-    k //= 2 if prep == nf4_mma.SILU_MUL else 1
+    k //= 2 if silu_input else 1
     n = projection.weight.shape[0]
     lora = projection.lora
     rt = lora.a.shape[0]
@@ -101,17 +96,13 @@ def _run(library: ctypes.CDLL, projection: NF4Projection, x: torch.Tensor, warps
     y = torch.full((m, n), float("nan"), dtype=torch.bfloat16)
     split_sums = torch.full((k_splits, m, n), float("nan"))  # the launch writes them before it reads them
     arrivals = torch.zeros(n // 16, dtype=torch.int32) if arrivals is None else arrivals
-    row_scale = torch.full((m,), float("nan"))
-    residual, norm_weight, eps, residual_out = add_norm or (y, y, 0.0, y)
-    for buffer in (projection.weight.packed, projection.weight.absmax, xq, t, lora.b, x, lora.a, a_partial, split_sums,
-                   residual, norm_weight, row_scale):
+    for buffer in (projection.weight.packed, projection.weight.absmax, xq, t, lora.b, x, lora.a, a_partial, split_sums):
         library.add_buffer(buffer.data_ptr(), buffer.numel() * buffer.element_size())
     out_of_bounds = library.launch(
         la_blocks + n // (16 * tiles) * k_splits, warps * 32, projection.weight.packed.data_ptr(),
         projection.weight.absmax.data_ptr(), xq.data_ptr(), t.data_ptr(), lora.b.data_ptr(), y.data_ptr(), m, k, n,
         lora.scaling, *lora.part_starts(n), rt, splits, 1, x.data_ptr(), x.stride(0), lora.a.data_ptr(),
-        a_partial.data_ptr(), counters.data_ptr(), la_blocks, split_sums.data_ptr(), arrivals.data_ptr(),
-        residual.data_ptr(), norm_weight.data_ptr(), residual_out.data_ptr(), row_scale.data_ptr(), eps)
+        a_partial.data_ptr(), counters.data_ptr(), la_blocks, split_sums.data_ptr(), arrivals.data_ptr())
     assert out_of_bounds == 0, f"{out_of_bounds} global reads outside the kernel's buffers"
     return y
 
@@ -170,11 +161,11 @@ def test_the_fused_kernel_takes_silu_of_gate_times_up_as_its_input(tmp_path_fact
     and for the weight blocks' operand-order copy."""
     k = 256 * 4
     library = _build(tmp_path_factory, warps, nf4_mma.fused_kernel_rows(rows), tiles, False, 1, k, fuse_a=True,
-                     k_splits=k_splits, prep=nf4_mma.SILU_MUL)
+                     k_splits=k_splits, silu_input=True)
     projection = _projection(n=64, k=k, seed=rows)
     gate_up = (torch.randn((rows, 2 * k), generator=torch.Generator().manual_seed(400 + rows)) * 3).to(torch.bfloat16)
     counters = torch.zeros(nf4_mma.fused_counter_count(projection.lora.a.shape[0]), dtype=torch.int32)
-    out = _run(library, projection, gate_up, warps, tiles, counters, k_splits, prep=nf4_mma.SILU_MUL)
+    out = _run(library, projection, gate_up, warps, tiles, counters, k_splits, silu_input=True)
     reference = projection.reference(_silu_mul(gate_up))
     assert not out.isnan().any()
     assert nf4_kernels.matches_reference(out, reference), (out.float() - reference.float()).abs().max()
@@ -183,40 +174,11 @@ def test_the_fused_kernel_takes_silu_of_gate_times_up_as_its_input(tmp_path_fact
     assert not nf4_kernels.matches_reference(out, projection.reference(gate_up[:, :k]))
 
 
-@pytest.mark.parametrize(("warps", "tiles", "k_splits"), [(4, 1, 1), (8, 2, 2)])
-@pytest.mark.parametrize("rows", [3, 11])
-def test_the_fused_kernel_adds_the_residual_and_normalizes_its_input(tmp_path_factory, warps, tiles, k_splits, rows):
-    """ADD_NORM: x is the last projection's output; the launch writes the residual stream's next value
-    (residual + x) once and multiplies MistralRMSNorm of it, each row scaled over all of K."""
-    k, eps = 256 * 4, 1e-5
-    library = _build(tmp_path_factory, warps, nf4_mma.fused_kernel_rows(rows), tiles, False, 1, k, fuse_a=True,
-                     k_splits=k_splits, prep=nf4_mma.ADD_NORM)
-    projection = _projection(n=64, k=k, seed=rows)
-    g = torch.Generator().manual_seed(500 + rows)
-    residual = (torch.randn((rows, k), generator=g) * 4).to(torch.bfloat16)
-    delta = torch.randn((rows, k), generator=g).to(torch.bfloat16)
-    norm_weight = (1 + 0.1 * torch.randn((k,), generator=g)).to(torch.bfloat16)
-    residual_out = torch.full((rows, k), float("nan"), dtype=torch.bfloat16)
-    counters = torch.zeros(nf4_mma.fused_counter_count(projection.lora.a.shape[0]), dtype=torch.int32)
-    for _ in range(2):  # the second launch finds the counters as the first left them
-        out = _run(library, projection, delta, warps, tiles, counters, k_splits, prep=nf4_mma.ADD_NORM,
-                   add_norm=(residual, norm_weight, eps, residual_out))
-        expected_h, normed = _add_rms_norm(residual, delta, norm_weight, eps)
-        assert torch.equal(residual_out, expected_h)
-        reference = projection.reference(normed)
-        assert not out.isnan().any()
-        assert nf4_kernels.matches_reference(out, reference), (out.float() - reference.float()).abs().max()
-        assert counters.abs().sum() == 0, counters
-    # and not the function of the un-normalized sum (what a kernel skipping the norm computes)
-    assert not nf4_kernels.matches_reference(out, projection.reference(expected_h))
-
-
-def test_an_input_preparation_needs_the_fused_a_blocks_and_more_than_one_row():
-    for prep in (nf4_mma.SILU_MUL, nf4_mma.ADD_NORM):
-        with pytest.raises(ValueError, match="input preparation"):
-            nf4_mma.source(NF4_CODE, 4, 1, RANK, fuse_a=True, prep=prep)
-        with pytest.raises(ValueError, match="input preparation"):
-            nf4_mma.source(NF4_CODE, 4, 16, RANK, fuse_a=False, prep=prep)
+def test_silu_input_needs_the_fused_a_blocks_and_more_than_one_row():
+    with pytest.raises(ValueError, match="silu input"):
+        nf4_mma.source(NF4_CODE, 4, 1, RANK, fuse_a=True, silu_input=True)
+    with pytest.raises(ValueError, match="silu input"):
+        nf4_mma.source(NF4_CODE, 4, 16, RANK, fuse_a=False, silu_input=True)
 
 
 # (warps, tiles, groups ahead, fused, k_splits): K split across two, four and eight blocks of a tile,

@@ -641,7 +641,7 @@ class MistralDecoder:
     def _add_norm_then(self, layer: Layer, name: str, h: torch.Tensor, delta: torch.Tensor,
                        eps: float) -> tuple[torch.Tensor, torch.Tensor]:
         """(h + delta, layer.<name>(its RMSNorm)), name "qkv" (input_norm) or "gate_up" (post_norm):
-        in the projection's own launch where the layer offers that (`nf4`'s kernels), else as
+        in the projection's own launch where the layer offers that (`nf4`'s one-row kernel), else as
         separate steps."""
         norm = layer.input_norm if name == "qkv" else layer.post_norm
         fused = getattr(layer, "after_add_norm", None)

@@ -266,7 +266,7 @@ class NF4Projection:
 
     def after_add_norm(self, residual: torch.Tensor, delta: torch.Tensor, norm_weight: torch.Tensor,
                        eps: float) -> tuple[torch.Tensor, torch.Tensor] | None:
-        """(residual + delta, this projection of its RMSNorm), 1-16 rows, in one launch; None where the
+        """(residual + delta, this projection of its RMSNorm), one row, in one launch; None where the
         kernels do not serve it so."""
         if not self.use_kernels:
             return None
@@ -348,7 +348,7 @@ class NF4Layer:
         return self.projections["down"](x)
 
     # The decode step's element-wise pieces inside the next projection's launch, where the kernels
-    # serve that (1-16 rows): `MistralDecoder` falls back to the separate pieces on None.
+    # serve that (one row): `MistralDecoder` falls back to the separate pieces on None.
     def after_add_norm(self, name: str, h: torch.Tensor, delta: torch.Tensor, norm_weight: torch.Tensor,
                        eps: float) -> tuple[torch.Tensor, torch.Tensor] | None:
         return self.projections[name].after_add_norm(h, delta, norm_weight, eps)

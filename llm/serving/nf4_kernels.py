@@ -1054,30 +1054,20 @@ def nf4_after_silu_mul(gate_up: torch.Tensor, weight: NF4Matrix, lora: LoraParts
         return None
     warps, tiles, prefetch_x, ahead, _, shared_lookups, k_splits = mma_layout(config)
     return nf4_mma.nf4_mma_linear(gate_up, weight, lora, seg1, seg2, round_lora_first, warps, tiles, prefetch_x,
-                                  ahead, shared_lookups=shared_lookups, k_splits=k_splits, prep=nf4_mma.SILU_MUL)
+                                  ahead, shared_lookups=shared_lookups, k_splits=k_splits, silu_input=True)
 
 
 def nf4_after_add_norm(residual: torch.Tensor, delta: torch.Tensor, norm_weight: torch.Tensor, eps: float,
                        weight: NF4Matrix, lora: LoraParts,
                        round_lora_first: bool = True) -> tuple[torch.Tensor, torch.Tensor] | None:
     """(residual + delta, `nf4_lora_linear` of its MistralRMSNorm), the add and the norm inside the
-    launch: the one-row x-table kernel's, or at 2-16 rows the tensor-core kernel's fused A blocks'; None
-    where the plan serves neither here."""
-    rows = residual.shape[0]
-    seg1, seg2 = lora.part_starts(weight.shape[0])
-    config = _one_row_xtab(rows, weight)
-    if config is not None:
-        return nf4_xtab.nf4_xtab_after_add_norm(residual, delta, norm_weight, eps, weight, lora, seg1, seg2,
-                                                round_lora_first, config.num_warps, nf4_mma.code_values(weight.code))
-    config = _fused_mma(rows, weight)
+    one-row x-table launch; None where the plan does not serve that kernel here."""
+    config = _one_row_xtab(residual.shape[0], weight)
     if config is None:
         return None
-    warps, tiles, prefetch_x, ahead, _, shared_lookups, k_splits = mma_layout(config)
-    h = torch.empty_like(residual, memory_format=torch.contiguous_format)
-    y = nf4_mma.nf4_mma_linear(delta, weight, lora, seg1, seg2, round_lora_first, warps, tiles, prefetch_x, ahead,
-                               shared_lookups=shared_lookups, k_splits=k_splits, prep=nf4_mma.ADD_NORM,
-                               add_norm=(residual.contiguous(), norm_weight.contiguous(), eps, h))
-    return h, y
+    return nf4_xtab.nf4_xtab_after_add_norm(residual, delta, norm_weight, eps, weight, lora,
+                                            *lora.part_starts(weight.shape[0]), round_lora_first,
+                                            config.num_warps, nf4_mma.code_values(weight.code))
 
 
 def matches_reference(out: torch.Tensor, reference: torch.Tensor) -> bool:
@@ -1138,15 +1128,15 @@ def _xtab_requests(name: str, projection: NF4Projection, config: NF4Config) -> l
     return [(*head, prep) for prep in XTAB_PREPS.get(name, (nf4_xtab.PLAIN,))]
 
 
-# The input preparation each projection's fused tensor-core launch serves with at 2-16 rows
-# (`nf4_after_silu_mul`, `nf4_after_add_norm`): compiled ahead for the served layouts once the plan is set.
-MMA_PREPS = {"qkv": nf4_mma.ADD_NORM, "gate_up": nf4_mma.ADD_NORM, "down": nf4_mma.SILU_MUL}
+# The projections whose tensor-core launches at 2-16 rows also serve with their input prepared inside
+# (`nf4_after_silu_mul`): compiled ahead for the served layouts once the plan is set.
+MMA_SILU_INPUT = ("down",)
 
 
-def _mma_prep_requests(projections: dict[str, list], buckets: Sequence[int]) -> list[tuple]:
-    """`nf4_mma.precompile` requests for the served fused layouts' kernels with their input preparation."""
+def _mma_silu_requests(projections: dict[str, list], buckets: Sequence[int]) -> list[tuple]:
+    """`nf4_mma.precompile` requests for the served fused layouts' `silu_input` kernels."""
     requests = []
-    for name, prep in MMA_PREPS.items():
+    for name in MMA_SILU_INPUT:
         group = projections.get(name)
         if not group:
             continue
@@ -1155,7 +1145,7 @@ def _mma_prep_requests(projections: dict[str, list], buckets: Sequence[int]) -> 
             config = _fused_mma(rows, first.weight)
             if config is not None:
                 requests.append((first.weight.code, rows, first.weight.shape[1], first.lora.rank, mma_layout(config),
-                                 prep))
+                                 True))
     return requests
 
 
@@ -1260,7 +1250,7 @@ def _serve_stored_plan(projections: dict[str, list], buckets: Sequence[int], sto
     timings = stored.get("timings_ms")
     PLAN.timings_ms.update(timings if isinstance(timings, dict) else {})
     if compile_threads > 1:
-        compiled += nf4_mma.precompile(_mma_prep_requests(projections, buckets), compile_threads)
+        compiled += nf4_mma.precompile(_mma_silu_requests(projections, buckets), compile_threads)
     return None, compiled
 
 
@@ -1337,7 +1327,7 @@ def tune(projections: dict[str, list], rows_buckets: Sequence[int], replays: int
             torch.cuda.empty_cache()
         seconds_per_projection[name] = round(time.perf_counter() - projection_started, 1)
     if compile_threads > 1:
-        compiled += nf4_mma.precompile(_mma_prep_requests(projections, buckets), compile_threads)
+        compiled += nf4_mma.precompile(_mma_silu_requests(projections, buckets), compile_threads)
     summary = PLAN.summary()
     choices_made = [label for key, label in summary.items() if key.startswith("m")]
     tensor_core = sum(label.startswith("mma") for label in choices_made)

@@ -59,12 +59,6 @@ WARP_CHOICES = (4, 8, 16)
 TILE_CHOICES = (1, 2)  # 2: every x load feeds twice the MMAs (x traffic halved, more registers)
 K_SPLIT_CHOICES = (1, 2, 4, 7, 8)  # blocks per feature tile, each over 1 / k_splits of K (7: K = 14,336)
 
-# What a fused launch does to its input before its A product (XPREP in the CUDA texts; `prepare_x` in
-# llm.serving.nf4_xtab's): nothing; `silu(gate) * up` of gate/up's output (the MLP's down input); the
-# residual add and MistralRMSNorm of the last projection's output (q/k/v's and gate/up's input).
-PLAIN, SILU_MUL, ADD_NORM = 0, 1, 2
-PREPS = (PLAIN, SILU_MUL, ADD_NORM)
-
 DEVICE_HELPERS = r"""
 typedef unsigned int u32;
 typedef unsigned short u16;
@@ -135,41 +129,6 @@ __device__ __forceinline__ u16 bf16_mul(u16 a, u16 b) { return bf16(f32(a) * f32
 __device__ __forceinline__ u16 silu_mul(u16 gate, u16 up) {
     const float g = f32(gate);
     return bf16_mul(bf16(g / (1.0f + expf(-g))), up);
-}
-
-#ifndef NF4_EMULATE
-#define reciprocal_sqrt rsqrtf
-#else
-inline float reciprocal_sqrt(float v) { return 1.0f / std::sqrt(v); }
-#endif
-
-// Adds to `squares` those of 8 values of residual + delta (each sum rounded to bf16), in a fixed order
-__device__ __forceinline__ void add_squares8(uint4 hs, uint4 ds, float& squares) {
-    const u32 h[4] = {hs.x, hs.y, hs.z, hs.w}, d[4] = {ds.x, ds.y, ds.z, ds.w};
-#pragma unroll
-    for (int q = 0; q < 4; ++q) {
-        const float lo = f32(bf16_add((u16)(h[q] & 0xFFFFu), (u16)(d[q] & 0xFFFFu)));
-        const float hi = f32(bf16_add((u16)(h[q] >> 16), (u16)(d[q] >> 16)));
-        squares += lo * lo;
-        squares += hi * hi;
-    }
-}
-
-// 8 values of the residual stream's next value (`sums` = residual + delta) and of MistralRMSNorm's
-// output (`normed` = norm_weight * (sums * inverse)), each op rounded to bf16 as the eager ops round it
-__device__ __forceinline__ void add_norm8(uint4 hs, uint4 ds, uint4 ws, float inverse, uint4& sums, uint4& normed) {
-    const u32 h[4] = {hs.x, hs.y, hs.z, hs.w}, d[4] = {ds.x, ds.y, ds.z, ds.w}, w[4] = {ws.x, ws.y, ws.z, ws.w};
-    u32 s[4], n[4];
-#pragma unroll
-    for (int q = 0; q < 4; ++q) {
-        const u16 lo = bf16_add((u16)(h[q] & 0xFFFFu), (u16)(d[q] & 0xFFFFu));
-        const u16 hi = bf16_add((u16)(h[q] >> 16), (u16)(d[q] >> 16));
-        s[q] = pack(lo, hi);
-        n[q] = pack(bf16_mul((u16)(w[q] & 0xFFFFu), bf16(f32(lo) * inverse)),
-                    bf16_mul((u16)(w[q] >> 16), bf16(f32(hi) * inverse)));
-    }
-    sums = make_uint4(s[0], s[1], s[2], s[3]);
-    normed = make_uint4(n[0], n[1], n[2], n[3]);
 }
 
 // `silu(gate) * up` of 8 inputs (the MLP's down input from gate/up's output), as eager PyTorch rounds it
@@ -318,8 +277,7 @@ __device__ __forceinline__ void prefetch_l1(const void* p) { asm volatile("prefe
 #define XQ_READY 0  // (256-input slice, row chunk) pieces of x written in operand order
 #define T_READY 1   // (rank quad, row chunk) pieces of t = x @ A.T summed
 #define DEPARTED 2  // weight blocks done reading t: the last one zeroes the counters for the next launch
-#define NORM_READY 3  // (XPREP 2) rows whose RMSNorm scale is stored
-#define QUAD_ARRIVALS 4  // per (rank quad, row chunk): slices whose partial sums are stored
+#define QUAD_ARRIVALS 3  // per (rank quad, row chunk): slices whose partial sums are stored
 // A_ROWS (rows of x per LoRA A unit) comes from `lora_a_unit_rows`, which the launch's block count uses too
 #define A_ROW_CHUNKS (ROWS / A_ROWS)
 
@@ -338,39 +296,6 @@ __device__ __forceinline__ void wait_until(const int* counter, int target) {
     __syncthreads();
 }
 
-// wait_until for one warp (the A blocks' warps work on their own units)
-__device__ __forceinline__ void warp_wait_until(const int* counter, int target) {
-    if ((threadIdx.x & 31) == 0) {
-        long long spins = 0;
-        while (load_acquire(counter) < target) {
-            __nanosleep(32);
-            if (++spins > (1LL << 25)) __trap();
-        }
-    }
-    __syncwarp();
-}
-
-#if XPREP == 2
-// MistralRMSNorm's scale 1 / sqrt(mean((residual + delta)^2) + eps) of row m, by one warp over all of K
-// (a fixed order: every launch the same bits), for every unit's slice of the row
-__device__ void row_norm_scale(const u16* residual, const u16* delta, int ldx, int m, float eps, float* row_scale,
-                               int* counters) {
-    const int lane = threadIdx.x & 31;
-    float squares = 0.f;
-#pragma unroll 4
-    for (int k = 8 * lane; k < KDIM; k += 256)
-        add_squares8(*(const uint4*)(residual + (size_t)m * KDIM + k), *(const uint4*)(delta + (size_t)m * ldx + k),
-                     squares);
-#pragma unroll
-    for (int mask = 16; mask >= 1; mask >>= 1) squares += __shfl_xor_sync(0xFFFFFFFFu, squares, mask);
-    if (lane == 0) {
-        row_scale[m] = reciprocal_sqrt(squares / (float)KDIM + eps);
-        __threadfence();
-        atomicAdd(&counters[NORM_READY], 1);
-    }
-}
-#endif
-
 // One warp's unit of the LoRA's A product: ranks 4 quad .. 4 quad + 3 over inputs 256 slice ..
 // + 255, for rows A_ROWS chunk .. + A_ROWS - 1 of x (lane l: inputs 8 l .. 8 l + 7). Slice partial
 // sums go to `partial` ([slices, M, RT]); the last unit of a (rank quad, row chunk) adds them up in
@@ -379,40 +304,20 @@ __device__ void row_norm_scale(const u16* residual, const u16* delta, int ldx, i
 // (not every row in one unit) keep the chain before the weight blocks' epilogue short at 16 rows:
 // each of a unit's row passes, and each batch of the final sum's loads, was one more round trip.
 __device__ void lora_a_unit(const u16* x, int ldx, const float* lora_a, int M, int RT, int quad, int chunk,
-                            int slice, uint2* xq, float* partial, float* t, int* counters, const u16* residual,
-                            const u16* norm_weight, u16* residual_out, const float* row_scale) {
+                            int slice, uint2* xq, float* partial, float* t, int* counters) {
     constexpr int SLICES = KDIM >> 8;
     const int lane = threadIdx.x & 31;
     const int k0 = 256 * slice + 8 * lane, m0 = A_ROWS * chunk;
     uint4 v[A_ROWS];
-#if XPREP == 2  // x is the last projection's output: the input is the RMSNorm of residual + x
-    uint4 h[A_ROWS];
-#pragma unroll
-    for (int c = 0; c < A_ROWS; ++c) {
-        v[c] = m0 + c < M ? *(const uint4*)(x + (size_t)(m0 + c) * ldx + k0) : make_uint4(0u, 0u, 0u, 0u);
-        h[c] = m0 + c < M ? *(const uint4*)(residual + (size_t)(m0 + c) * KDIM + k0) : make_uint4(0u, 0u, 0u, 0u);
-    }
-    const uint4 w = *(const uint4*)(norm_weight + k0);
-    warp_wait_until(&counters[NORM_READY], M);
-#pragma unroll
-    for (int c = 0; c < A_ROWS; ++c) {
-        if (m0 + c < M) {
-            uint4 sums;
-            add_norm8(h[c], v[c], w, __ldcg(row_scale + m0 + c), sums, v[c]);
-            if (quad == 0) *(uint4*)(residual_out + (size_t)(m0 + c) * KDIM + k0) = sums;
-        }
-    }
-#else
 #pragma unroll
     for (int c = 0; c < A_ROWS; ++c) {
         const u16* row = x + (size_t)(m0 + c) * ldx + k0;
-#if XPREP == 1  // x = [gate | up], gate/up's output: the input is silu(gate) * up
+#if SILU_INPUT  // x = [gate | up], gate/up's output: the input is silu(gate) * up
         v[c] = m0 + c < M ? silu_mul8(*(const uint4*)row, *(const uint4*)(row + KDIM)) : make_uint4(0u, 0u, 0u, 0u);
 #else
         v[c] = m0 + c < M ? *(const uint4*)row : make_uint4(0u, 0u, 0u, 0u);
 #endif
     }
-#endif
     float4 a_rows[4][2];
 #pragma unroll
     for (int r = 0; r < 4; ++r) {
@@ -580,8 +485,7 @@ nf4_mma_kernel(const uint4* __restrict__ words, const float* __restrict__ absmax
                const float* __restrict__ lora_b, u16* __restrict__ y, int M, int K_unused, int ldy, double scaling,
                int seg1, int seg2, int RT, int t_splits, int round_lora_first, const u16* x, int ldx,
                const float* __restrict__ lora_a, float* __restrict__ a_partial, int* __restrict__ counters,
-               int la_blocks, float* __restrict__ split_sums, int* __restrict__ tile_arrivals, const u16* residual,
-               const u16* __restrict__ norm_weight, u16* residual_out, float* row_scale, double eps) {
+               int la_blocks, float* __restrict__ split_sums, int* __restrict__ tile_arrivals) {
     constexpr int HALVES = 2 * TILES;  // 8-feature halves of the block; half q is features 8 q + g
     constexpr int FEATURES = 16 * TILES;
     // One padding float per row keeps the epilogue's reads free of bank conflicts: a warp reads
@@ -600,17 +504,11 @@ nf4_mma_kernel(const uint4* __restrict__ words, const float* __restrict__ absmax
 #if FUSE_A
     if ((int)blockIdx.x < la_blocks) {  // a LoRA A block: one unit per warp at a time
         previous_kernels_done();  // x
-#if XPREP == 2
-        // the rows' norm scales first, by the first block's warps: the other blocks start after it
-        if (blockIdx.x == 0)
-            for (int m = warp; m < M; m += WARPS) row_norm_scale(residual, x, ldx, m, (float)eps, row_scale, counters);
-#endif
         // quad 0's units first (x in operand order for the weight blocks), then by row chunk and slice
         const int quads = RT >> 2, units = quads * A_ROW_CHUNKS * groups;
         for (int unit = blockIdx.x * WARPS + warp; unit < units; unit += la_blocks * WARPS)
             lora_a_unit(x, ldx, lora_a, M, RT, unit / (A_ROW_CHUNKS * groups), unit / groups % A_ROW_CHUNKS,
-                        unit % groups, xq, a_partial, t_part, counters, residual, norm_weight, residual_out,
-                        row_scale);
+                        unit % groups, xq, a_partial, t_part, counters);
         return;
     }
     const int weight_block = blockIdx.x - la_blocks;
@@ -744,7 +642,6 @@ nf4_mma_kernel(const uint4* __restrict__ words, const float* __restrict__ absmax
         counters[XQ_READY] = 0;
         counters[T_READY] = 0;
         counters[DEPARTED] = 0;
-        counters[NORM_READY] = 0;
     }
 #endif
     // The block's sum over its warps for (row m, feature f)
@@ -810,7 +707,7 @@ def static_shared_bytes(warps: int, rows: int, rank: int, tiles: int, shared_loo
 
 def source(code: Sequence[float], warps: int, rows: int, rank: int, tiles: int = 1, prefetch_x: bool = False,
            ahead: int = 1, k: int = 4096, fuse_a: bool = False, shared_lookups: int = 0, k_splits: int = 1,
-           prep: int = PLAIN) -> str:
+           silu_input: bool = False) -> str:
     """The kernel's CUDA source for one NF4 code table, warps per block, row tile (8 or 16), rank,
     16-feature tiles per warp, whether each warp prefetches its next group's x into L1, how many
     groups' weight bytes each warp holds in registers ahead of the one it computes (1 or 2), the
@@ -818,26 +715,26 @@ def source(code: Sequence[float], warps: int, rows: int, rank: int, tiles: int =
     whether the launch's first blocks compute the LoRA's A product themselves (`fuse_a`), and how
     many of a lane's 2 x tiles absmax blocks per group decode through the shared-memory code pairs
     instead of register tables (`shared_lookups`), and how many blocks split each feature tile's K
-    (`k_splits`: the last of them adds their float32 sums up in a fixed order), and what the launch does to
-    its input first (`prep`, PLAIN, SILU_MUL or ADD_NORM: the fused A blocks do it as they read x, so only
-    with `fuse_a` and a row tile of 8 or 16, whose weight blocks read x in the operand order those blocks
-    write)."""
+    (`k_splits`: the last of them adds their float32 sums up in a fixed order), and whether x is gate/up's
+    output [gate | up] of which the launch multiplies `silu(gate) * up` (`silu_input`: the fused A blocks
+    compute it as they read x, so only with `fuse_a` and a row tile of 8 or 16, whose weight blocks read
+    x in the operand order those blocks write)."""
     if len(code) != 16:
         raise ValueError("an NF4 code table has 16 entries")
     if (warps not in WARP_CHOICES or rows not in (1, 8, 16) or (rows == 1 and not fuse_a) or rank <= 0
             or tiles not in TILE_CHOICES or ahead not in (1, 2) or k <= 0 or k % GROUP
             or not 0 <= shared_lookups <= 2 * tiles or k_splits not in K_SPLIT_CHOICES or (k // GROUP) % k_splits
             or static_shared_bytes(warps, rows, rank, tiles, shared_lookups) > STATIC_SHARED_LIMIT
-            or prep not in PREPS or (prep != PLAIN and (not fuse_a or rows == 1))):
+            or (silu_input and (not fuse_a or rows == 1))):
         raise ValueError(f"no nf4 MMA kernel for {warps} warps, {rows} rows, rank {rank}, {tiles} tiles, "
                          f"{ahead} groups ahead, K {k}, {shared_lookups} shared lookups, {k_splits} K splits"
-                         f", input preparation {prep}")
+                         f"{', silu input' if silu_input else ''}")
     # exact: hexadecimal literals of the float32 values
     values = ", ".join(f"{struct.unpack('<f', struct.pack('<f', float(v)))[0].hex()}f" for v in code)
     header = (f"#define KDIM {k}\n#define WARPS {warps}\n#define ROWS {rows}\n#define RANK {rank}\n#define TILES {tiles}\n"
               f"#define PREFETCH_X {int(prefetch_x)}\n#define AHEAD {ahead}\n#define FUSE_A {int(fuse_a)}\n"
               f"#define SHARED_LOOKUPS {shared_lookups}\n#define KSPLIT {k_splits}\n#define A_ROWS {lora_a_unit_rows(rows)}\n"
-              f"#define XPREP {prep}\n"
+              f"#define SILU_INPUT {int(silu_input)}\n"
               f"__device__ __constant__ float CODE_TABLE[16] = {{{values}}};\n#define CODE CODE_TABLE\n")
     return header + DEVICE_HELPERS + _SOURCE
 
@@ -897,15 +794,16 @@ def code_values(code: torch.Tensor) -> tuple[float, ...]:
 
 
 def _kernel_key(code: torch.Tensor, warps: int, rows: int, rank: int, tiles: int, prefetch_x: bool, ahead: int,
-                k: int, fuse_a: bool, shared_lookups: int, k_splits: int, prep: int = PLAIN) -> tuple:
+                k: int, fuse_a: bool, shared_lookups: int, k_splits: int, silu_input: bool = False) -> tuple:
     """What makes one compiled kernel: the device, then `source`'s arguments."""
     return (code.device.index, code_values(code), warps, rows, rank, tiles, prefetch_x, ahead, k, fuse_a, shared_lookups,
-            k_splits, prep)
+            k_splits, silu_input)
 
 
 def _kernel(code: torch.Tensor, warps: int, rows: int, rank: int, tiles: int, prefetch_x: bool, ahead: int,
-            k: int, fuse_a: bool, shared_lookups: int, k_splits: int, prep: int = PLAIN) -> Callable:
-    key = _kernel_key(code, warps, rows, rank, tiles, prefetch_x, ahead, k, fuse_a, shared_lookups, k_splits, prep)
+            k: int, fuse_a: bool, shared_lookups: int, k_splits: int, silu_input: bool = False) -> Callable:
+    key = _kernel_key(code, warps, rows, rank, tiles, prefetch_x, ahead, k, fuse_a, shared_lookups, k_splits,
+                      silu_input)
     if key not in _KERNELS:
         with torch.cuda.device(code.device):
             _KERNELS[key] = _compile(source(*key[1:]))
@@ -929,7 +827,7 @@ def _nvrtc_steps() -> tuple[Callable, Callable] | None:
 
 def precompile(requests: Sequence[tuple], threads: int) -> int:
     """Compile, on `threads` threads, the kernels that `nf4_mma_linear` will need: one per request
-    (code tensor, m rows, k, rank, layout[, prep]), a layout being (warps, tiles, prefetch_x, ahead, fuse_a,
+    (code tensor, m rows, k, rank, layout[, silu_input]), a layout being (warps, tiles, prefetch_x, ahead, fuse_a,
     shared_lookups, k_splits). Returns how many it compiled. NVRTC's compile releases the GIL
     (ctypes), so the start-up's dozens of compiles (0.5-3 s each) overlap instead of queueing (run 25:
     82 s of tuning on a fresh machine); the modules are then loaded here, in the thread that holds
@@ -937,9 +835,9 @@ def precompile(requests: Sequence[tuple], threads: int) -> int:
     again and reports a failure as always; one INFO line says how many."""
     steps = _nvrtc_steps()
     devices: dict[tuple, torch.device] = {}
-    for code, m, k, rank, (warps, tiles, prefetch_x, ahead, fuse_a, shared_lookups, k_splits), *prep in requests:
+    for code, m, k, rank, (warps, tiles, prefetch_x, ahead, fuse_a, shared_lookups, k_splits), *silu in requests:
         key = _kernel_key(code, warps, kernel_rows(m, fuse_a), rank, tiles, prefetch_x, ahead, k, fuse_a,
-                          shared_lookups, k_splits, prep[0] if prep else PLAIN)
+                          shared_lookups, k_splits, bool(silu and silu[0]))
         devices.setdefault(key, code.device)
     missing = [key for key in devices if key not in _KERNELS]
     if steps is None or _DISABLED is not None or not missing:
@@ -1010,10 +908,10 @@ def fused_a_blocks(rt: int, k: int, warps: int, rows: int) -> int:
 
 
 def fused_counter_count(rt: int) -> int:
-    """The fused kernel's counters for `rt` ranks in all: x ready, t ready, departed, norm scales
-    ready, and the arrivals of each (rank quad, row chunk), sized for the largest row tile so that one
-    tensor serves every row tile of a projection."""
-    return 4 + rt // RANK_QUAD * _a_row_chunks(16)
+    """The fused kernel's counters for `rt` ranks in all: x ready, t ready, departed, and the
+    arrivals of each (rank quad, row chunk), sized for the largest row tile so that one tensor
+    serves every row tile of a projection."""
+    return 3 + rt // RANK_QUAD * _a_row_chunks(16)
 
 
 def nf4_mma_linear(
@@ -1030,8 +928,7 @@ def nf4_mma_linear(
     inputs: tuple[torch.Tensor, torch.Tensor] | None = None,
     shared_lookups: int = 0,
     k_splits: int = 1,
-    prep: int = PLAIN,
-    add_norm: tuple[torch.Tensor, torch.Tensor, float, torch.Tensor] | None = None,
+    silu_input: bool = False,
 ) -> torch.Tensor:
     """y = x @ dequant(W).T + scaling * B(A(x)) with PEFT's roundings for x ([m <= 16, K], bf16);
     rows from seg1 and from seg2 on belong to the LoRA's second and third parts.
@@ -1041,17 +938,12 @@ def nf4_mma_linear(
     order and t (whole, summed in a fixed order), while the others start on their weights and wait
     for x, then for t before their epilogue. The LoRA A kernel and the gap after it were 10 % of a
     one-row decode step and 19 % of a 16-row one (run 17).
-    `prep` (2-16 rows, no `inputs`): the fused A blocks prepare the input as they read x, so that the
-    decode step's element-wise pieces before this projection cost no launch of their own. SILU_MUL: x is
-    gate/up's output [gate | up] ([m, 2K]) and the input `silu(gate) * up`. ADD_NORM: x is the last
-    projection's output, `add_norm` = (residual, norm_weight, eps, residual_out) ([m, K] bf16, [K] bf16,
-    float, [m, K] bf16 written with residual + x), and the input MistralRMSNorm(residual + x)."""
+    `silu_input`: x is gate/up's output [gate | up] ([m, 2K]) and the input is `silu(gate) * up`, computed
+    by the fused A blocks (2-16 rows, no `inputs`): the MLP's element-wise step without a launch of its own."""
     m, k = x.shape
-    if prep != PLAIN and (inputs is not None or m == 1):
-        raise ValueError("an input preparation inside the launch needs the fused LoRA A blocks and 2-16 rows")
-    if (prep == ADD_NORM) != (add_norm is not None):
-        raise ValueError("ADD_NORM takes (residual, norm_weight, eps, residual_out), and only it")
-    if prep == SILU_MUL:
+    if silu_input:
+        if inputs is not None or m == 1:
+            raise ValueError("silu(gate) * up inside the launch needs the fused LoRA A blocks and 2-16 rows")
         k //= 2
     n = weight.shape[0]
     rt = lora.a.shape[0]
@@ -1069,7 +961,7 @@ def nf4_mma_linear(
             x = x.clone(memory_format=torch.contiguous_format)  # 16-byte rows for the vector loads
         rows = kernel_rows(m, True)
         kernel = _kernel(weight.code, warps, rows, lora.rank, tiles, prefetch_x, ahead, k, True, shared_lookups,
-                         k_splits, prep)
+                         k_splits, silu_input)
         counters = lora.counters("fused", fused_counter_count(rt), x.device)
         xq = torch.empty((16 * k,), dtype=torch.bfloat16, device=x.device)
         t = torch.empty((m, rt), dtype=torch.float32, device=x.device)
@@ -1081,19 +973,8 @@ def nf4_mma_linear(
         arrivals = lora.counters("tiles", n // TILE_N, x.device)
     else:
         split_sums, arrivals = t, t  # unused
-    if add_norm is not None:
-        residual, norm_weight, eps, residual_out = add_norm
-        for name, tensor, shape in (("residual", residual, (m, k)), ("norm_weight", norm_weight, (k,)),
-                                    ("residual_out", residual_out, (m, k))):
-            if tuple(tensor.shape) != shape or not tensor.is_contiguous() or tensor.dtype != torch.bfloat16:
-                raise ValueError(f"ADD_NORM's {name} must be a contiguous bf16 tensor of shape {shape}")
-        row_scale = torch.empty((m,), dtype=torch.float32, device=x.device)
-        norm_args = [residual, norm_weight, residual_out, row_scale, float(eps)]
-    else:
-        norm_args = [y, y, y, t, 0.0]  # unused
     programmatic_launch.launch(
         kernel, (la_blocks + n // (TILE_N * tiles) * k_splits, 1, 1), (warps * 32, 1, 1),
         [weight.packed, weight.absmax, xq, t, lora.b, y, m, k, y.stride(0), float(lora.scaling),
-         seg1, seg2, rt, splits, int(round_lora_first), *fused_args, la_blocks, split_sums, arrivals, *norm_args],
-        x.device)
+         seg1, seg2, rt, splits, int(round_lora_first), *fused_args, la_blocks, split_sums, arrivals], x.device)
     return y

@@ -47,7 +47,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from llm.serving import programmatic_launch
-from llm.serving.nf4_mma import ADD_NORM, DEVICE_HELPERS, PLAIN, PREPS, SILU_MUL  # noqa: F401 - nf4_xtab.<prep> too
+from llm.serving.nf4_mma import DEVICE_HELPERS
 
 if TYPE_CHECKING:
     from llm.serving.nf4 import LoraParts, NF4Matrix
@@ -59,8 +59,9 @@ ROW_GROUP = 32  # rows a warp sums at a time (one per lane after the reduce-scat
 TABLE_BYTES = 4 * 256 * 32 * 4  # 4 pairs per lane, 256 byte values, 32 lanes, float32
 WARP_CHOICES = (8, 16)
 MAX_PARTS = 3  # LoRA parts of a fused projection (q/k/v)
-# What the kernel does to its input before tabulating it (XPREP in the CUDA text, `prepare_x`): PLAIN,
-# SILU_MUL or ADD_NORM, as for the tensor-core kernel's fused A blocks (imported from llm.serving.nf4_mma)
+# What the kernel does to its input before tabulating it (XPREP in the CUDA text, `prepare_x`)
+PLAIN, SILU_MUL, ADD_NORM = 0, 1, 2
+PREPS = (PLAIN, SILU_MUL, ADD_NORM)
 
 _SOURCE = r"""
 constexpr int K = KDIM;
@@ -95,8 +96,10 @@ __device__ __forceinline__ uint4 load_x8(const u16* p) {
                  : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w) : "l"(p) : "memory");
     return v;
 }
+#define reciprocal_sqrt rsqrtf
 #else
 inline uint4 load_x8(const u16* p) { return __ldg((const uint4*)p); }
+inline float reciprocal_sqrt(float v) { return 1.0f / std::sqrt(v); }
 #endif
 
 // This lane's 8 inputs of the slice, as 4 bf16 pairs: by XPREP,
@@ -117,8 +120,17 @@ __device__ __forceinline__ void prepare_x(u32 (&xw)[4], const u16* x, const u16*
 #else
     __shared__ float warp_squares[WARPS];
     float squares = 0.f;
-    for (int i = 8 * (int)threadIdx.x; i < K; i += 8 * WARPS * 32)
-        add_squares8(load_x8(residual + i), load_x8(x + i), squares);
+    for (int i = 8 * (int)threadIdx.x; i < K; i += 8 * WARPS * 32) {
+        const uint4 hs = load_x8(residual + i), ds = load_x8(x + i);
+        const u32 h[4] = {hs.x, hs.y, hs.z, hs.w}, d[4] = {ds.x, ds.y, ds.z, ds.w};
+#pragma unroll
+        for (int q = 0; q < 4; ++q) {
+            const float lo = f32(bf16_add((u16)(h[q] & 0xFFFFu), (u16)(d[q] & 0xFFFFu)));
+            const float hi = f32(bf16_add((u16)(h[q] >> 16), (u16)(d[q] >> 16)));
+            squares += lo * lo;
+            squares += hi * hi;
+        }
+    }
 #pragma unroll
     for (int mask = 16; mask >= 1; mask >>= 1) squares += __shfl_xor_sync(0xFFFFFFFFu, squares, mask);
     if (lane == 0) warp_squares[warp] = squares;
@@ -127,10 +139,18 @@ __device__ __forceinline__ void prepare_x(u32 (&xw)[4], const u16* x, const u16*
 #pragma unroll
     for (int w = 0; w < WARPS; ++w) total += warp_squares[w];
     const float inverse = reciprocal_sqrt(total / (float)K + eps);
-    uint4 sums, normed;
-    add_norm8(load_x8(residual + at), load_x8(x + at), load_x8(norm_weight + at), inverse, sums, normed);
-    xw[0] = normed.x; xw[1] = normed.y; xw[2] = normed.z; xw[3] = normed.w;
-    if (chunk == 0 && warp == 0) *(uint4*)(residual_out + at) = sums;
+    const uint4 hs = load_x8(residual + at), ds = load_x8(x + at), ws = load_x8(norm_weight + at);
+    const u32 h[4] = {hs.x, hs.y, hs.z, hs.w}, d[4] = {ds.x, ds.y, ds.z, ds.w}, w[4] = {ws.x, ws.y, ws.z, ws.w};
+    u32 sums[4];
+#pragma unroll
+    for (int q = 0; q < 4; ++q) {
+        const u16 lo = bf16_add((u16)(h[q] & 0xFFFFu), (u16)(d[q] & 0xFFFFu));
+        const u16 hi = bf16_add((u16)(h[q] >> 16), (u16)(d[q] >> 16));
+        sums[q] = pack(lo, hi);
+        xw[q] = pack(bf16_mul((u16)(w[q] & 0xFFFFu), bf16(f32(lo) * inverse)),
+                     bf16_mul((u16)(w[q] >> 16), bf16(f32(hi) * inverse)));
+    }
+    if (chunk == 0 && warp == 0) *(uint4*)(residual_out + at) = make_uint4(sums[0], sums[1], sums[2], sums[3]);
 #endif
 }
 

@@ -242,45 +242,9 @@ def test_down_after_silu_mul_in_the_fused_launch_equals_the_two_steps_bit_for_bi
     for config in configs:
         warps, tiles, prefetch_x, ahead, _, shared_lookups, k_splits = nf4_kernels.mma_layout(config)
         outputs = [nf4_mma.nf4_mma_linear(x, down.weight, down.lora, seg1, seg2, True, warps, tiles, prefetch_x, ahead,
-                                          shared_lookups=shared_lookups, k_splits=k_splits, prep=prep)
-                   for x, prep in ((gate_up, nf4_mma.SILU_MUL), (_silu_mul(gate_up), nf4_mma.PLAIN))]
+                                          shared_lookups=shared_lookups, k_splits=k_splits, silu_input=silu_input)
+                   for x, silu_input in ((gate_up, True), (_silu_mul(gate_up), False))]
         assert torch.equal(*outputs), config.label
-
-
-@pytest.mark.parametrize("rows", [2, 5, 16])
-@pytest.mark.parametrize("name", ["qkv", "gate_up"])
-def test_add_and_norm_in_the_fused_launch_give_the_residual_bit_for_bit_and_the_normed_product(rows, name):
-    """At 2-16 rows the fused LoRA A blocks add the last projection's output to the residual stream and
-    normalize it (one warp per row sums the squares, another order than PyTorch's: the norm may differ
-    by a rounding step, the product within the reference path's bound), and write the stream's next value."""
-    from llm.serving import nf4_kernels, nf4_mma
-    from llm.serving.mistral_decoder import _add_rms_norm
-
-    projection, delta = projection_and_input(name, rows)
-    residual = torch.randn_like(delta) * 4
-    norm_weight = 1 + 0.1 * torch.randn(delta.shape[1], dtype=torch.bfloat16, device="cuda:0")
-    expected_h, normed = _add_rms_norm(residual, delta, norm_weight, 1e-5)
-    reference = projection.reference(normed)
-    seg1, seg2 = projection.lora.part_starts(projection.weight.shape[0])
-    configs = [c for c in layouts(projection, rows) if c.kind == "mma" and c.fuse_a][:4]
-    assert configs
-    for config in configs:
-        warps, tiles, prefetch_x, ahead, _, shared_lookups, k_splits = nf4_kernels.mma_layout(config)
-
-        def run(config=config, layout=(warps, tiles, prefetch_x, ahead, shared_lookups, k_splits)):  # noqa: ANN001, ANN202
-            warps, tiles, prefetch_x, ahead, shared_lookups, k_splits = layout
-            h = torch.full_like(residual, float("nan"))
-            y = nf4_mma.nf4_mma_linear(delta, projection.weight, projection.lora, seg1, seg2, True, warps, tiles,
-                                       prefetch_x, ahead, shared_lookups=shared_lookups, k_splits=k_splits,
-                                       prep=nf4_mma.ADD_NORM, add_norm=(residual, norm_weight, 1e-5, h))
-            return h, y
-
-        h, y = run()
-        assert torch.equal(h, expected_h), config.label
-        assert nf4_kernels.matches_reference(y, reference), (config.label, (y.float() - reference.float()).abs().max())
-        assert not nf4_kernels.matches_reference(y, projection.reference(expected_h)), config.label
-        # replayed from a graph, as serving runs it: the same bits, the counters left at zero
-        assert_replays_repeat(lambda run=run: run()[1], y, projection.lora, "fused", config.label)
 
 
 # Served 4096 x 4096 layouts (run 32's plan: o at 1 row, q/k/v and o at 2, o at 16) and a t-split one
