@@ -12,7 +12,6 @@ import pytest
 import torch
 
 from llm.serving import nf4_kernels, nf4_mma
-from llm.serving.mistral_decoder import _silu_mul
 from llm.serving.nf4 import LoraParts, NF4Matrix, NF4Projection
 from tests.fakes.cuda_emulation import NF4_CODE, build_emulated
 
@@ -37,13 +36,11 @@ RANK = 32
 
 
 def _build(tmp_path_factory: pytest.TempPathFactory, warps: int, rows: int, tiles: int, prefetch: bool,
-           ahead: int, k: int, fuse_a: bool = False, shared_lookups: int = 0, k_splits: int = 1,
-           silu_input: bool = False) -> ctypes.CDLL:
+           ahead: int, k: int, fuse_a: bool = False, shared_lookups: int = 0, k_splits: int = 1) -> ctypes.CDLL:
     folder = tmp_path_factory.mktemp(
-        f"nf4_w{warps}_r{rows}_t{tiles}_p{int(prefetch)}_a{ahead}_k{k}_f{int(fuse_a)}_s{shared_lookups}_ks{k_splits}"
-        f"_silu{int(silu_input)}")
+        f"nf4_w{warps}_r{rows}_t{tiles}_p{int(prefetch)}_a{ahead}_k{k}_f{int(fuse_a)}_s{shared_lookups}_ks{k_splits}")
     kernel_source = nf4_mma.source(NF4_CODE, warps, rows, RANK, tiles, prefetch, ahead, k, fuse_a,
-                                   shared_lookups=shared_lookups, k_splits=k_splits, silu_input=silu_input)
+                                   shared_lookups=shared_lookups, k_splits=k_splits)
     library = build_emulated(folder, kernel_source, LAUNCHER)
     library.launch.restype = ctypes.c_long
     library.launch.argtypes = [ctypes.c_int, ctypes.c_int] + [ctypes.c_void_p] * 6 + [
@@ -71,12 +68,10 @@ def _projection(n: int, k: int, seed: int) -> NF4Projection:
 
 
 def _run(library: ctypes.CDLL, projection: NF4Projection, x: torch.Tensor, warps: int, tiles: int,
-         counters: torch.Tensor | None = None, k_splits: int = 1, arrivals: torch.Tensor | None = None,
-         silu_input: bool = False) -> torch.Tensor:
+         counters: torch.Tensor | None = None, k_splits: int = 1, arrivals: torch.Tensor | None = None) -> torch.Tensor:
     """The kernel's output; with `counters`, the fused kernel's, and with `k_splits`, the tile arrivals
-    (both left as the kernel found them); with `silu_input`, x is [gate | up]."""
+    (both left as the kernel found them)."""
     m, k = x.shape
-    k //= 2 if silu_input else 1
     n = projection.weight.shape[0]
     lora = projection.lora
     rt = lora.a.shape[0]
@@ -151,34 +146,6 @@ def test_the_fused_kernel_computes_lora_a_itself_and_leaves_its_counters_at_zero
         assert not out.isnan().any()
         assert nf4_kernels.matches_reference(out, reference), (out.float() - reference.float()).abs().max()
         assert counters.abs().sum() == 0, counters
-
-
-@pytest.mark.parametrize(("warps", "tiles", "k_splits"), [(4, 1, 1), (8, 2, 2)])
-@pytest.mark.parametrize("rows", [3, 11])
-def test_the_fused_kernel_takes_silu_of_gate_times_up_as_its_input(tmp_path_factory, warps, tiles, k_splits, rows):
-    """SILU_INPUT: x is gate/up's output [gate | up]; the fused A blocks compute the MLP's
-    `silu(gate) * up` as they read it (each op rounded as eager PyTorch rounds it), for their A product
-    and for the weight blocks' operand-order copy."""
-    k = 256 * 4
-    library = _build(tmp_path_factory, warps, nf4_mma.fused_kernel_rows(rows), tiles, False, 1, k, fuse_a=True,
-                     k_splits=k_splits, silu_input=True)
-    projection = _projection(n=64, k=k, seed=rows)
-    gate_up = (torch.randn((rows, 2 * k), generator=torch.Generator().manual_seed(400 + rows)) * 3).to(torch.bfloat16)
-    counters = torch.zeros(nf4_mma.fused_counter_count(projection.lora.a.shape[0]), dtype=torch.int32)
-    out = _run(library, projection, gate_up, warps, tiles, counters, k_splits, silu_input=True)
-    reference = projection.reference(_silu_mul(gate_up))
-    assert not out.isnan().any()
-    assert nf4_kernels.matches_reference(out, reference), (out.float() - reference.float()).abs().max()
-    assert counters.abs().sum() == 0, counters
-    # and not the function of the gate half alone (what a kernel ignoring its input's preparation computes)
-    assert not nf4_kernels.matches_reference(out, projection.reference(gate_up[:, :k]))
-
-
-def test_silu_input_needs_the_fused_a_blocks_and_more_than_one_row():
-    with pytest.raises(ValueError, match="silu input"):
-        nf4_mma.source(NF4_CODE, 4, 1, RANK, fuse_a=True, silu_input=True)
-    with pytest.raises(ValueError, match="silu input"):
-        nf4_mma.source(NF4_CODE, 4, 16, RANK, fuse_a=False, silu_input=True)
 
 
 # (warps, tiles, groups ahead, fused, k_splits): K split across two, four and eight blocks of a tile,

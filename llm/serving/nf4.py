@@ -256,7 +256,7 @@ class NF4Projection:
         return out.reshape(*x.shape[:-1], out.shape[-1])
 
     def after_silu_mul(self, gate_up: torch.Tensor) -> torch.Tensor | None:
-        """This projection of `silu(gate) * up` (gate_up = [gate | up], 1-16 rows) in one launch with the
+        """This projection of `silu(gate) * up` (gate_up = [gate | up], one row) in one launch with the
         element-wise step; None where the kernels do not serve it so (then: `_silu_mul` first)."""
         if not self.use_kernels:
             return None

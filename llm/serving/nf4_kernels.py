@@ -1029,32 +1029,15 @@ def _one_row_xtab(rows: int, weight: NF4Matrix) -> NF4Config | None:
     return config if config is not None and config.kind == "xtab" else None
 
 
-def _fused_mma(rows: int, weight: NF4Matrix) -> NF4Config | None:
-    """The tensor-core layout with the fused LoRA A blocks where the plan serves one for 2-16 rows of
-    this weight, else None."""
-    if not 2 <= rows <= MAX_ROWS or PLAN.use_reference(rows, *weight.shape):
-        return None
-    config = PLAN.get(rows, *weight.shape)
-    return config if config is not None and config.kind == "mma" and config.fuse_a else None
-
-
 def nf4_after_silu_mul(gate_up: torch.Tensor, weight: NF4Matrix, lora: LoraParts,
                        round_lora_first: bool = True) -> torch.Tensor | None:
     """`nf4_lora_linear` of `silu(gate) * up` for gate_up = [gate | up], the element-wise step inside
-    the launch: the one-row x-table kernel's, or at 2-16 rows the tensor-core kernel's fused A blocks';
-    None where the plan serves neither here."""
-    rows = gate_up.shape[0]
-    seg1, seg2 = lora.part_starts(weight.shape[0])
-    config = _one_row_xtab(rows, weight)
-    if config is not None:
-        return nf4_xtab.nf4_xtab_after_silu_mul(gate_up, weight, lora, seg1, seg2, round_lora_first,
-                                                config.num_warps, nf4_mma.code_values(weight.code))
-    config = _fused_mma(rows, weight)
+    the one-row x-table launch; None where the plan does not serve that kernel here."""
+    config = _one_row_xtab(gate_up.shape[0], weight)
     if config is None:
         return None
-    warps, tiles, prefetch_x, ahead, _, shared_lookups, k_splits = mma_layout(config)
-    return nf4_mma.nf4_mma_linear(gate_up, weight, lora, seg1, seg2, round_lora_first, warps, tiles, prefetch_x,
-                                  ahead, shared_lookups=shared_lookups, k_splits=k_splits, silu_input=True)
+    return nf4_xtab.nf4_xtab_after_silu_mul(gate_up, weight, lora, *lora.part_starts(weight.shape[0]),
+                                            round_lora_first, config.num_warps, nf4_mma.code_values(weight.code))
 
 
 def nf4_after_add_norm(residual: torch.Tensor, delta: torch.Tensor, norm_weight: torch.Tensor, eps: float,
@@ -1126,27 +1109,6 @@ def _xtab_requests(name: str, projection: NF4Projection, config: NF4Config) -> l
     head = (nf4_mma.code_values(projection.weight.code), device, k, config.num_warps, projection.lora.rank,
             nf4_xtab.chunks_for(n, k, nf4_xtab.sm_count(device)))
     return [(*head, prep) for prep in XTAB_PREPS.get(name, (nf4_xtab.PLAIN,))]
-
-
-# The projections whose tensor-core launches at 2-16 rows also serve with their input prepared inside
-# (`nf4_after_silu_mul`): compiled ahead for the served layouts once the plan is set.
-MMA_SILU_INPUT = ("down",)
-
-
-def _mma_silu_requests(projections: dict[str, list], buckets: Sequence[int]) -> list[tuple]:
-    """`nf4_mma.precompile` requests for the served fused layouts' `silu_input` kernels."""
-    requests = []
-    for name in MMA_SILU_INPUT:
-        group = projections.get(name)
-        if not group:
-            continue
-        first = group[0]
-        for rows in buckets:
-            config = _fused_mma(rows, first.weight)
-            if config is not None:
-                requests.append((first.weight.code, rows, first.weight.shape[1], first.lora.rank, mma_layout(config),
-                                 True))
-    return requests
 
 
 def precompile_candidates(projections: dict[str, list], buckets: Sequence[int], threads: int) -> int:
@@ -1249,8 +1211,6 @@ def _serve_stored_plan(projections: dict[str, list], buckets: Sequence[int], sto
             PLAN._reference.add((rows, n, k))
     timings = stored.get("timings_ms")
     PLAN.timings_ms.update(timings if isinstance(timings, dict) else {})
-    if compile_threads > 1:
-        compiled += nf4_mma.precompile(_mma_silu_requests(projections, buckets), compile_threads)
     return None, compiled
 
 
@@ -1326,8 +1286,6 @@ def tune(projections: dict[str, list], rows_buckets: Sequence[int], replays: int
                                                       "dequant_cublas": PLAN.use_reference(rows, n, k)}
             torch.cuda.empty_cache()
         seconds_per_projection[name] = round(time.perf_counter() - projection_started, 1)
-    if compile_threads > 1:
-        compiled += nf4_mma.precompile(_mma_silu_requests(projections, buckets), compile_threads)
     summary = PLAN.summary()
     choices_made = [label for key, label in summary.items() if key.startswith("m")]
     tensor_core = sum(label.startswith("mma") for label in choices_made)

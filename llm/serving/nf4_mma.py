@@ -120,27 +120,6 @@ __device__ __forceinline__ void next_kernel_may_start() {
 #endif  // NF4_EMULATE
 
 __device__ __forceinline__ float f32(u16 h) { return __uint_as_float(((u32)h) << 16); }
-
-// The bf16 pair (lo, hi) of a word, each op rounded to bf16 as PyTorch's eager ops round it
-__device__ __forceinline__ u32 pack(u16 lo, u16 hi) { return (u32)lo | ((u32)hi << 16); }
-__device__ __forceinline__ u16 bf16_add(u16 a, u16 b) { return bf16(f32(a) + f32(b)); }
-__device__ __forceinline__ u16 bf16_mul(u16 a, u16 b) { return bf16(f32(a) * f32(b)); }
-// F.silu's CUDA kernel: x / (1 + exp(-x)) in float32, IEEE division, accurate expf
-__device__ __forceinline__ u16 silu_mul(u16 gate, u16 up) {
-    const float g = f32(gate);
-    return bf16_mul(bf16(g / (1.0f + expf(-g))), up);
-}
-
-// `silu(gate) * up` of 8 inputs (the MLP's down input from gate/up's output), as eager PyTorch rounds it
-__device__ __forceinline__ uint4 silu_mul8(uint4 gs, uint4 us) {
-    const u32 g[4] = {gs.x, gs.y, gs.z, gs.w}, u[4] = {us.x, us.y, us.z, us.w};
-    u32 out[4];
-#pragma unroll
-    for (int q = 0; q < 4; ++q)
-        out[q] = pack(silu_mul((u16)(g[q] & 0xFFFFu), (u16)(u[q] & 0xFFFFu)),
-                      silu_mul((u16)(g[q] >> 16), (u16)(u[q] >> 16)));
-    return make_uint4(out[0], out[1], out[2], out[3]);
-}
 """
 
 _SOURCE = r"""
@@ -310,14 +289,8 @@ __device__ void lora_a_unit(const u16* x, int ldx, const float* lora_a, int M, i
     const int k0 = 256 * slice + 8 * lane, m0 = A_ROWS * chunk;
     uint4 v[A_ROWS];
 #pragma unroll
-    for (int c = 0; c < A_ROWS; ++c) {
-        const u16* row = x + (size_t)(m0 + c) * ldx + k0;
-#if SILU_INPUT  // x = [gate | up], gate/up's output: the input is silu(gate) * up
-        v[c] = m0 + c < M ? silu_mul8(*(const uint4*)row, *(const uint4*)(row + KDIM)) : make_uint4(0u, 0u, 0u, 0u);
-#else
-        v[c] = m0 + c < M ? *(const uint4*)row : make_uint4(0u, 0u, 0u, 0u);
-#endif
-    }
+    for (int c = 0; c < A_ROWS; ++c)
+        v[c] = m0 + c < M ? *(const uint4*)(x + (size_t)(m0 + c) * ldx + k0) : make_uint4(0u, 0u, 0u, 0u);
     float4 a_rows[4][2];
 #pragma unroll
     for (int r = 0; r < 4; ++r) {
@@ -706,8 +679,7 @@ def static_shared_bytes(warps: int, rows: int, rank: int, tiles: int, shared_loo
 
 
 def source(code: Sequence[float], warps: int, rows: int, rank: int, tiles: int = 1, prefetch_x: bool = False,
-           ahead: int = 1, k: int = 4096, fuse_a: bool = False, shared_lookups: int = 0, k_splits: int = 1,
-           silu_input: bool = False) -> str:
+           ahead: int = 1, k: int = 4096, fuse_a: bool = False, shared_lookups: int = 0, k_splits: int = 1) -> str:
     """The kernel's CUDA source for one NF4 code table, warps per block, row tile (8 or 16), rank,
     16-feature tiles per warp, whether each warp prefetches its next group's x into L1, how many
     groups' weight bytes each warp holds in registers ahead of the one it computes (1 or 2), the
@@ -715,26 +687,20 @@ def source(code: Sequence[float], warps: int, rows: int, rank: int, tiles: int =
     whether the launch's first blocks compute the LoRA's A product themselves (`fuse_a`), and how
     many of a lane's 2 x tiles absmax blocks per group decode through the shared-memory code pairs
     instead of register tables (`shared_lookups`), and how many blocks split each feature tile's K
-    (`k_splits`: the last of them adds their float32 sums up in a fixed order), and whether x is gate/up's
-    output [gate | up] of which the launch multiplies `silu(gate) * up` (`silu_input`: the fused A blocks
-    compute it as they read x, so only with `fuse_a` and a row tile of 8 or 16, whose weight blocks read
-    x in the operand order those blocks write)."""
+    (`k_splits`: the last of them adds their float32 sums up in a fixed order)."""
     if len(code) != 16:
         raise ValueError("an NF4 code table has 16 entries")
     if (warps not in WARP_CHOICES or rows not in (1, 8, 16) or (rows == 1 and not fuse_a) or rank <= 0
             or tiles not in TILE_CHOICES or ahead not in (1, 2) or k <= 0 or k % GROUP
             or not 0 <= shared_lookups <= 2 * tiles or k_splits not in K_SPLIT_CHOICES or (k // GROUP) % k_splits
-            or static_shared_bytes(warps, rows, rank, tiles, shared_lookups) > STATIC_SHARED_LIMIT
-            or (silu_input and (not fuse_a or rows == 1))):
+            or static_shared_bytes(warps, rows, rank, tiles, shared_lookups) > STATIC_SHARED_LIMIT):
         raise ValueError(f"no nf4 MMA kernel for {warps} warps, {rows} rows, rank {rank}, {tiles} tiles, "
-                         f"{ahead} groups ahead, K {k}, {shared_lookups} shared lookups, {k_splits} K splits"
-                         f"{', silu input' if silu_input else ''}")
+                         f"{ahead} groups ahead, K {k}, {shared_lookups} shared lookups, {k_splits} K splits")
     # exact: hexadecimal literals of the float32 values
     values = ", ".join(f"{struct.unpack('<f', struct.pack('<f', float(v)))[0].hex()}f" for v in code)
     header = (f"#define KDIM {k}\n#define WARPS {warps}\n#define ROWS {rows}\n#define RANK {rank}\n#define TILES {tiles}\n"
               f"#define PREFETCH_X {int(prefetch_x)}\n#define AHEAD {ahead}\n#define FUSE_A {int(fuse_a)}\n"
               f"#define SHARED_LOOKUPS {shared_lookups}\n#define KSPLIT {k_splits}\n#define A_ROWS {lora_a_unit_rows(rows)}\n"
-              f"#define SILU_INPUT {int(silu_input)}\n"
               f"__device__ __constant__ float CODE_TABLE[16] = {{{values}}};\n#define CODE CODE_TABLE\n")
     return header + DEVICE_HELPERS + _SOURCE
 
@@ -794,16 +760,15 @@ def code_values(code: torch.Tensor) -> tuple[float, ...]:
 
 
 def _kernel_key(code: torch.Tensor, warps: int, rows: int, rank: int, tiles: int, prefetch_x: bool, ahead: int,
-                k: int, fuse_a: bool, shared_lookups: int, k_splits: int, silu_input: bool = False) -> tuple:
+                k: int, fuse_a: bool, shared_lookups: int, k_splits: int) -> tuple:
     """What makes one compiled kernel: the device, then `source`'s arguments."""
     return (code.device.index, code_values(code), warps, rows, rank, tiles, prefetch_x, ahead, k, fuse_a, shared_lookups,
-            k_splits, silu_input)
+            k_splits)
 
 
 def _kernel(code: torch.Tensor, warps: int, rows: int, rank: int, tiles: int, prefetch_x: bool, ahead: int,
-            k: int, fuse_a: bool, shared_lookups: int, k_splits: int, silu_input: bool = False) -> Callable:
-    key = _kernel_key(code, warps, rows, rank, tiles, prefetch_x, ahead, k, fuse_a, shared_lookups, k_splits,
-                      silu_input)
+            k: int, fuse_a: bool, shared_lookups: int, k_splits: int) -> Callable:
+    key = _kernel_key(code, warps, rows, rank, tiles, prefetch_x, ahead, k, fuse_a, shared_lookups, k_splits)
     if key not in _KERNELS:
         with torch.cuda.device(code.device):
             _KERNELS[key] = _compile(source(*key[1:]))
@@ -827,7 +792,7 @@ def _nvrtc_steps() -> tuple[Callable, Callable] | None:
 
 def precompile(requests: Sequence[tuple], threads: int) -> int:
     """Compile, on `threads` threads, the kernels that `nf4_mma_linear` will need: one per request
-    (code tensor, m rows, k, rank, layout[, silu_input]), a layout being (warps, tiles, prefetch_x, ahead, fuse_a,
+    (code tensor, m rows, k, rank, layout), a layout being (warps, tiles, prefetch_x, ahead, fuse_a,
     shared_lookups, k_splits). Returns how many it compiled. NVRTC's compile releases the GIL
     (ctypes), so the start-up's dozens of compiles (0.5-3 s each) overlap instead of queueing (run 25:
     82 s of tuning on a fresh machine); the modules are then loaded here, in the thread that holds
@@ -835,9 +800,9 @@ def precompile(requests: Sequence[tuple], threads: int) -> int:
     again and reports a failure as always; one INFO line says how many."""
     steps = _nvrtc_steps()
     devices: dict[tuple, torch.device] = {}
-    for code, m, k, rank, (warps, tiles, prefetch_x, ahead, fuse_a, shared_lookups, k_splits), *silu in requests:
+    for code, m, k, rank, (warps, tiles, prefetch_x, ahead, fuse_a, shared_lookups, k_splits) in requests:
         key = _kernel_key(code, warps, kernel_rows(m, fuse_a), rank, tiles, prefetch_x, ahead, k, fuse_a,
-                          shared_lookups, k_splits, bool(silu and silu[0]))
+                          shared_lookups, k_splits)
         devices.setdefault(key, code.device)
     missing = [key for key in devices if key not in _KERNELS]
     if steps is None or _DISABLED is not None or not missing:
@@ -928,7 +893,6 @@ def nf4_mma_linear(
     inputs: tuple[torch.Tensor, torch.Tensor] | None = None,
     shared_lookups: int = 0,
     k_splits: int = 1,
-    silu_input: bool = False,
 ) -> torch.Tensor:
     """y = x @ dequant(W).T + scaling * B(A(x)) with PEFT's roundings for x ([m <= 16, K], bf16);
     rows from seg1 and from seg2 on belong to the LoRA's second and third parts.
@@ -937,14 +901,8 @@ def nf4_mma_linear(
     float32). Without them, one launch does it all (FUSE_A): its first blocks write x in operand
     order and t (whole, summed in a fixed order), while the others start on their weights and wait
     for x, then for t before their epilogue. The LoRA A kernel and the gap after it were 10 % of a
-    one-row decode step and 19 % of a 16-row one (run 17).
-    `silu_input`: x is gate/up's output [gate | up] ([m, 2K]) and the input is `silu(gate) * up`, computed
-    by the fused A blocks (2-16 rows, no `inputs`): the MLP's element-wise step without a launch of its own."""
+    one-row decode step and 19 % of a 16-row one (run 17)."""
     m, k = x.shape
-    if silu_input:
-        if inputs is not None or m == 1:
-            raise ValueError("silu(gate) * up inside the launch needs the fused LoRA A blocks and 2-16 rows")
-        k //= 2
     n = weight.shape[0]
     rt = lora.a.shape[0]
     y = torch.empty((m, n), dtype=torch.bfloat16, device=x.device)
@@ -961,7 +919,7 @@ def nf4_mma_linear(
             x = x.clone(memory_format=torch.contiguous_format)  # 16-byte rows for the vector loads
         rows = kernel_rows(m, True)
         kernel = _kernel(weight.code, warps, rows, lora.rank, tiles, prefetch_x, ahead, k, True, shared_lookups,
-                         k_splits, silu_input)
+                         k_splits)
         counters = lora.counters("fused", fused_counter_count(rt), x.device)
         xq = torch.empty((16 * k,), dtype=torch.bfloat16, device=x.device)
         t = torch.empty((m, rt), dtype=torch.float32, device=x.device)

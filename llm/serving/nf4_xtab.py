@@ -102,6 +102,16 @@ inline uint4 load_x8(const u16* p) { return __ldg((const uint4*)p); }
 inline float reciprocal_sqrt(float v) { return 1.0f / std::sqrt(v); }
 #endif
 
+// The bf16 pair (lo, hi) of a word, each op rounded to bf16 as PyTorch's eager ops round it
+__device__ __forceinline__ u32 pack(u16 lo, u16 hi) { return (u32)lo | ((u32)hi << 16); }
+__device__ __forceinline__ u16 bf16_add(u16 a, u16 b) { return bf16(f32(a) + f32(b)); }
+__device__ __forceinline__ u16 bf16_mul(u16 a, u16 b) { return bf16(f32(a) * f32(b)); }
+// F.silu's CUDA kernel: x / (1 + exp(-x)) in float32, IEEE division, accurate expf
+__device__ __forceinline__ u16 silu_mul(u16 gate, u16 up) {
+    const float g = f32(gate);
+    return bf16_mul(bf16(g / (1.0f + expf(-g))), up);
+}
+
 // This lane's 8 inputs of the slice, as 4 bf16 pairs: by XPREP,
 // 0: x as it is;
 // 1: `silu(gate) * up` of the gate/up projection's output x = [gate | up] (the MLP's down input);
@@ -115,8 +125,12 @@ __device__ __forceinline__ void prepare_x(u32 (&xw)[4], const u16* x, const u16*
     const uint4 xs = load_x8(x + at);
     xw[0] = xs.x; xw[1] = xs.y; xw[2] = xs.z; xw[3] = xs.w;
 #elif XPREP == 1
-    const uint4 xs = silu_mul8(load_x8(x + at), load_x8(x + K + at));
-    xw[0] = xs.x; xw[1] = xs.y; xw[2] = xs.z; xw[3] = xs.w;
+    const uint4 gs = load_x8(x + at), us = load_x8(x + K + at);
+    const u32 g[4] = {gs.x, gs.y, gs.z, gs.w}, u[4] = {us.x, us.y, us.z, us.w};
+#pragma unroll
+    for (int q = 0; q < 4; ++q)
+        xw[q] = pack(silu_mul((u16)(g[q] & 0xFFFFu), (u16)(u[q] & 0xFFFFu)),
+                     silu_mul((u16)(g[q] >> 16), (u16)(u[q] >> 16)));
 #else
     __shared__ float warp_squares[WARPS];
     float squares = 0.f;

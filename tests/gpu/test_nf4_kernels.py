@@ -227,26 +227,6 @@ def test_the_fused_launch_repeats_its_bits_in_graphs_and_leaves_its_counters_at_
         assert_replays_repeat(run, run(), lora, "fused", config.label, replays=5)
 
 
-@pytest.mark.parametrize("rows", [2, 5, 16])
-def test_down_after_silu_mul_in_the_fused_launch_equals_the_two_steps_bit_for_bit(rows):
-    """At 2-16 rows the fused LoRA A blocks compute `silu(gate) * up` as they read gate/up's output: the
-    same bits as eager PyTorch's step, so the same output as the launch on its result."""
-    from llm.serving import nf4_kernels, nf4_mma
-    from llm.serving.mistral_decoder import _silu_mul
-
-    down, _ = projection_and_input("down", rows)
-    gate_up = torch.randn(rows, 2 * 14336, dtype=torch.bfloat16, device="cuda:0") * 3
-    seg1, seg2 = down.lora.part_starts(down.weight.shape[0])
-    configs = [c for c in layouts(down, rows) if c.kind == "mma" and c.fuse_a][:4]
-    assert configs
-    for config in configs:
-        warps, tiles, prefetch_x, ahead, _, shared_lookups, k_splits = nf4_kernels.mma_layout(config)
-        outputs = [nf4_mma.nf4_mma_linear(x, down.weight, down.lora, seg1, seg2, True, warps, tiles, prefetch_x, ahead,
-                                          shared_lookups=shared_lookups, k_splits=k_splits, silu_input=silu_input)
-                   for x, silu_input in ((gate_up, True), (_silu_mul(gate_up), False))]
-        assert torch.equal(*outputs), config.label
-
-
 # Served 4096 x 4096 layouts (run 32's plan: o at 1 row, q/k/v and o at 2, o at 16) and a t-split one
 _CHAINED_LAYOUTS = {1: {"mma_16x256w16s1f", "mma_16x256w8s2f"}, 2: {"mma_16x256w16s1", "mma_16x256w8s1ft2"},
                     16: {"mma_16x256w8s2f", "mma_16x256w8s1", "mma_32x256w4s1pft2"}}
