@@ -185,7 +185,6 @@ __device__ __forceinline__ T load_plain(const T* p) { return *p; }
 #define XQ_POINTER const uint2*
 #define T_POINTER const float*
 #endif
-#define LOAD_X(p) load_plain(p)
 
 // One 32-bit word's half (4 values: 4h..4h+3) as two bf16x2 MMA registers, from the block's tables.
 __device__ __forceinline__ void decode_half(const u32 (&L)[4], const u32 (&H)[4], u32 sel, u32 pick, u32& first,
@@ -435,7 +434,7 @@ __device__ __forceinline__ void group_mma(const uint4 (&w)[2 * TILES][2], const 
         for (int h = 0; h < 2; ++h) {
             uint2 b[SETS];
 #pragma unroll
-            for (int set = 0; set < SETS; ++set) b[set] = LOAD_X(x_lane[set] + group * X_GROUP_STRIDE + (2 * i + h) * X_STEP_STRIDE);
+            for (int set = 0; set < SETS; ++set) b[set] = load_plain(x_lane[set] + group * X_GROUP_STRIDE + (2 * i + h) * X_STEP_STRIDE);
 #pragma unroll
             for (int j = 0; j < TILES; ++j) {
                 u32 a0, a1, a2, a3;

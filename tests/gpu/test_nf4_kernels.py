@@ -69,6 +69,29 @@ def layouts(projection, rows: int) -> list:  # noqa: ANN001
     return nf4_kernels.all_configs(rows, n, k, projection.lora.boundaries, projection.lora.rank)
 
 
+def assert_replays_follow_new_inputs(step, x: torch.Tensor, label: str, replays: int = 6) -> None:  # noqa: ANN001
+    """`step(x)` captured in a CUDA graph, replayed with new values in x each time: every replay equals the
+    same launches run one after the other (`serial_launches`) on those values. A launch that the one
+    before it lets start early must still read this replay's values, never the replay before's (run 32:
+    a load hoisted above the wait did, and the decode step's logits turned to NaN)."""
+    from llm.serving import programmatic_launch
+
+    static_x = x.clone()
+    step(static_x)
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = step(static_x)
+    for replay in range(replays):
+        new_x = torch.randn_like(x)
+        with programmatic_launch.serial_launches():
+            expected = step(new_x)
+        static_x.copy_(new_x)
+        graph.replay()
+        torch.cuda.synchronize()
+        assert torch.equal(out, expected), (label, replay)
+
+
 def assert_replays_repeat(run, first: torch.Tensor, lora, counters: str, label: str, replays: int = 3) -> None:  # noqa: ANN001
     """`run` captured in a CUDA graph, as serving runs it: every replay gives `first`'s bits and
     leaves the kernel's `counters` at zero (otherwise a launch reads too early or waits forever)."""
@@ -234,11 +257,9 @@ _CHAINED_LAYOUTS = {1: {"mma_16x256w16s1f", "mma_16x256w8s2f"}, 2: {"mma_16x256w
 
 @pytest.mark.parametrize("rows", sorted(_CHAINED_LAYOUTS))
 def test_a_chained_launch_reads_this_steps_output_of_the_launch_before_it_in_graph_replays(rows):
-    """A tensor-core launch lets the next one start early (its weights stream in meanwhile); the next
-    must still read this replay's output, never the replay before's (run 32: an x-table kernel's load
-    of x from a `const __restrict__` pointer was hoisted above its wait, and graph replays gave NaN).
-    New inputs every replay, against the same two launches run one after the other."""
-    from llm.serving import nf4_kernels, programmatic_launch
+    """Two tensor-core launches in a row, as in a decode step: the second starts early and must read the
+    first's output of this replay (`assert_replays_follow_new_inputs`)."""
+    from llm.serving import nf4_kernels
 
     first = _projection([(4096, 0)], 4096, seed=0)
     second = _projection([(4096, 0)], 4096, seed=1)
@@ -250,20 +271,7 @@ def test_a_chained_launch_reads_this_steps_output_of_the_launch_before_it_in_gra
             y = nf4_kernels.nf4_lora_linear(x, first.weight, first.lora, True, config)
             return nf4_kernels.nf4_lora_linear(y, second.weight, second.lora, True, config)
 
-        static_x = x.clone()
-        step(static_x)
-        torch.cuda.synchronize()
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            out = step(static_x)
-        for replay in range(6):
-            new_x = torch.randn_like(x)
-            with programmatic_launch.serial_launches():
-                expected = step(new_x)
-            static_x.copy_(new_x)
-            graph.replay()
-            torch.cuda.synchronize()
-            assert torch.equal(out, expected), (config.label, replay)
+        assert_replays_follow_new_inputs(step, x, config.label)
 
 
 @pytest.mark.parametrize("rows", [1, 5, 16])
