@@ -15,6 +15,7 @@ from typing import Any
 from slack_bolt import Ack, App
 from slack_sdk import WebClient
 from slack_sdk.errors import SlackApiError
+from sqlalchemy.exc import SQLAlchemyError
 
 from bot import messages_ko
 from bot.home import (
@@ -128,6 +129,12 @@ def register(app: App, home: HomeService) -> None:
         if errors := home.pin_errors(day_text, term):
             ack(response_action="errors", errors=errors)
             return
+        # Saved before the ack: the modal closes only once the pin is stored, so a reload always shows it.
+        try:
+            home.pin(actor, date.fromisoformat(str(day_text)), str(term))
+        except SQLAlchemyError as error:
+            logger.warning("Home tab pin by %s could not be saved: %s", actor.user_id, error)
+            ack(response_action="errors", errors={PIN_TERM_BLOCK: messages_ko.HOME_PIN_ERROR_SAVE})
+            return
         ack()
-        home.pin(actor, date.fromisoformat(str(day_text)), str(term))
         home.publish(client, actor)
