@@ -118,7 +118,8 @@ __device__ __forceinline__ u16 silu_mul(u16 gate, u16 up) {
 // 2: `norm_weight * rms_norm(residual + x)` (MistralRMSNorm: statistics in float32 over all K, then
 //    each op rounded to bf16), the residual stream's new value written to residual_out by chunk 0.
 //    Every block sums the squares in the same order, so every slice scales by the same bits.
-__device__ __forceinline__ void prepare_x(u32 (&xw)[4], const u16* x, const u16* residual, const u16* norm_weight,
+//    `norm_weight8` is this lane's 8 norm weights, loaded before the wait (they are weights).
+__device__ __forceinline__ void prepare_x(u32 (&xw)[4], const u16* x, const u16* residual, uint4 norm_weight8,
                                           u16* residual_out, float eps, int slice, int lane, int warp, int chunk) {
     const int at = slice * 256 + 8 * lane;
 #if XPREP == 0
@@ -133,6 +134,8 @@ __device__ __forceinline__ void prepare_x(u32 (&xw)[4], const u16* x, const u16*
                      silu_mul((u16)(g[q] >> 16), (u16)(u[q] >> 16)));
 #else
     __shared__ float warp_squares[WARPS];
+    // This lane's own inputs first, so that their L2 round trip overlaps the sum of squares' one
+    const uint4 hs = load_x8(residual + at), ds = load_x8(x + at);
     float squares = 0.f;
     for (int i = 8 * (int)threadIdx.x; i < K; i += 8 * WARPS * 32) {
         const uint4 hs = load_x8(residual + i), ds = load_x8(x + i);
@@ -153,7 +156,7 @@ __device__ __forceinline__ void prepare_x(u32 (&xw)[4], const u16* x, const u16*
 #pragma unroll
     for (int w = 0; w < WARPS; ++w) total += warp_squares[w];
     const float inverse = reciprocal_sqrt(total / (float)K + eps);
-    const uint4 hs = load_x8(residual + at), ds = load_x8(x + at), ws = load_x8(norm_weight + at);
+    const uint4 ws = norm_weight8;
     const u32 h[4] = {hs.x, hs.y, hs.z, hs.w}, d[4] = {ds.x, ds.y, ds.z, ds.w}, w[4] = {ws.x, ws.y, ws.z, ws.w};
     u32 sums[4];
 #pragma unroll
@@ -198,16 +201,33 @@ nf4_xtab_kernel(const u32* __restrict__ words, const float* __restrict__ absmax,
         // reduce-scatter it holds rows 4 lo3 .. 4 lo3 + 3 of the group, summed over its block's 8 lanes
         const int hi2 = lane >> 3, lo3 = lane & 7;
         const float* lane_absmax = absmax + (size_t)(row0 + 4 * lo3) * ROW_BLOCKS + slice * 4 + hi2;
+        // Everything that does not depend on the kernel before this one is loaded before waiting for
+        // it: the first row group's weights and absmax, the first LoRA A rank and the norm weights.
         u32 w[32];
-        if (warp < groups) {  // the weights do not depend on the kernel before this one
+        float scale[4] = {0.f, 0.f, 0.f, 0.f};
+        if (warp < groups) {
 #pragma unroll
             for (int j = 0; j < 32; ++j) w[j] = load_word(lane_words + (size_t)(warp * 32 + j) * ROW_WORDS);
+#pragma unroll
+            for (int i = 0; i < 4; ++i) scale[i] = __ldg(lane_absmax + (size_t)(warp * 32 + i) * ROW_BLOCKS);
         }
+        const int first_rank = chunk + CHUNKS * warp;  // this warp's LoRA A ranks: first_rank + CHUNKS WARPS i
+        float4 first_a0 = make_float4(0.f, 0.f, 0.f, 0.f), first_a1 = first_a0;
+        if (first_rank < RT) {
+            const float4* a = (const float4*)(lora_a + (size_t)first_rank * K + slice * 256 + 8 * lane);
+            first_a0 = __ldg(a);
+            first_a1 = __ldg(a + 1);
+        }
+#if XPREP == 2
+        const uint4 norm_weight8 = __ldg((const uint4*)(norm_weight + slice * 256 + 8 * lane));
+#else
+        const uint4 norm_weight8 = make_uint4(0u, 0u, 0u, 0u);
+#endif
         previous_kernels_done();  // x
         {
             // This lane's pairs 4 lane + q: inputs 8 lane + 2q (high nibble) and + 1 (low nibble)
             u32 xw[4];
-            prepare_x(xw, x, residual, norm_weight, residual_out, (float)eps, slice, lane, warp, chunk);
+            prepare_x(xw, x, residual, norm_weight8, residual_out, (float)eps, slice, lane, warp, chunk);
             float high[4], low[4];
 #pragma unroll
             for (int q = 0; q < 4; ++q) {
@@ -229,9 +249,10 @@ nf4_xtab_kernel(const u32* __restrict__ words, const float* __restrict__ absmax,
             }
             // The LoRA's A product over this slice, ranks chunk, chunk + CHUNKS, ...: a warp per rank,
             // 8 inputs per lane
-            for (int r = chunk + CHUNKS * warp; r < RT; r += CHUNKS * WARPS) {
+            for (int r = first_rank; r < RT; r += CHUNKS * WARPS) {
                 const float4* a = (const float4*)(lora_a + (size_t)r * K + slice * 256 + 8 * lane);
-                const float4 a0 = __ldg(a), a1 = __ldg(a + 1);
+                const float4 a0 = r == first_rank ? first_a0 : __ldg(a);
+                const float4 a1 = r == first_rank ? first_a1 : __ldg(a + 1);
                 float dot = a0.x * high[0] + a0.y * low[0] + a0.z * high[1] + a0.w * low[1] + a1.x * high[2]
                             + a1.y * low[2] + a1.z * high[3] + a1.w * low[3];
 #pragma unroll
@@ -252,9 +273,11 @@ nf4_xtab_kernel(const u32* __restrict__ words, const float* __restrict__ absmax,
         };
         for (int group = warp; group < groups; group += WARPS) {
             const int next = group + WARPS;
-            float scale[4];
+            float next_scale[4];
+            if (next < groups) {
 #pragma unroll
-            for (int i = 0; i < 4; ++i) scale[i] = __ldg(lane_absmax + (size_t)(group * 32 + i) * ROW_BLOCKS);
+                for (int i = 0; i < 4; ++i) next_scale[i] = __ldg(lane_absmax + (size_t)(next * 32 + i) * ROW_BLOCKS);
+            }
             float v[32];
 #pragma unroll
             for (int j = 0; j < 32; ++j) {
@@ -274,6 +297,10 @@ nf4_xtab_kernel(const u32* __restrict__ words, const float* __restrict__ absmax,
             halve(v, 2, 16);  // row 4 lo3 + 2 (lane bit 3) + (lane bit 4), over all 32 lanes
             const int row = group * 32 + 4 * lo3 + 2 * ((lane >> 3) & 1) + ((lane >> 4) & 1);
             partial[(size_t)slice * N + row0 + row] = v[0];
+            if (next < groups) {
+#pragma unroll
+                for (int i = 0; i < 4; ++i) scale[i] = next_scale[i];
+            }
         }
     }
     if (phases & 2) {
