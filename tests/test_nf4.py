@@ -6,6 +6,8 @@ are checked against, on the tiny model loaded exactly as the seed loads the real
 
 from __future__ import annotations
 
+from types import SimpleNamespace
+
 import pytest
 import torch
 
@@ -13,7 +15,7 @@ from llm.engine import SamplingParams
 from llm.fidelity import KOREAN_FINANCE_TEXT
 from llm.loading import build_engine, load_reference_model
 from llm.serving.fast import base_weight
-from llm.serving.nf4 import LoraParts, NF4Matrix, NF4Projection, build_nf4_decoder
+from llm.serving.nf4 import CompactAbsmax, LoraParts, NF4Matrix, NF4Projection, build_nf4_decoder
 
 
 @pytest.fixture(scope="module")
@@ -36,6 +38,36 @@ def test_dequantized_values_are_bitsandbytes_own_bit_for_bit(reference_model):
         ours = NF4Matrix.from_bnb(base.weight).dequantize(torch.bfloat16)
         theirs = base_weight(base).to(torch.bfloat16)
         assert ours.dtype == theirs.dtype and torch.equal(ours.view(torch.int16), theirs.view(torch.int16))
+
+
+def _double_quantized(rows: int, k: int, seed: int) -> SimpleNamespace:
+    """A weight as bitsandbytes' Params4bit holds it (packed bytes and a nested quant state)."""
+    import bitsandbytes.functional as bnbf
+
+    weight = torch.randn((rows, k), generator=torch.Generator().manual_seed(seed)).to(torch.bfloat16) * (1 + seed)
+    packed, state = bnbf.quantize_4bit(weight, blocksize=64, compress_statistics=True, quant_type="nf4")
+    return SimpleNamespace(data=packed, quant_state=state)
+
+
+def test_the_one_byte_absmax_decodes_to_the_same_float32_values_fused_or_not():
+    """Double-quantized weights keep bitsandbytes' one-byte absmax too (what the one-row kernel reads):
+    decoded, the very float32 values bitsandbytes computes, also after q/k/v are concatenated."""
+    singles = [NF4Matrix.from_bnb(_double_quantized(rows, 512, seed)) for seed, rows in enumerate((256, 64, 64))]
+    for matrix in singles:
+        assert matrix.compact is not None and matrix.compact.codes.dtype == torch.uint8
+        assert torch.equal(matrix.compact.decode(), matrix.absmax)
+    fused = NF4Matrix.concat(singles)
+    assert fused.compact is not None and torch.equal(fused.compact.decode(), fused.absmax)
+    # Each part has its own second-level values and offset: one part's in another's place decode wrong.
+    nested = fused.compact.nested.clone()
+    nested[:, 1] = nested[0, 1]
+    assert not torch.equal(CompactAbsmax(fused.compact.codes, nested, fused.compact.table).decode(), fused.absmax)
+
+
+def test_weights_whose_absmax_is_not_in_whole_second_level_blocks_keep_only_float32(reference_model):
+    q_proj = _layer(reference_model).self_attn.q_proj.get_base_layer()
+    assert q_proj.weight.quant_state.nested and q_proj.weight.quant_state.absmax.numel() % 256
+    assert NF4Matrix.from_bnb(q_proj.weight).compact is None
 
 
 def test_a_projection_is_the_peft_module_computed_with_peft_roundings(reference_model):

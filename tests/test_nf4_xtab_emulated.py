@@ -8,26 +8,28 @@ from __future__ import annotations
 
 import ctypes
 import shutil
+from dataclasses import replace
 
 import pytest
 import torch
 
 from llm.serving import nf4_kernels, nf4_xtab
 from llm.serving.mistral_decoder import _add_rms_norm, _silu_mul
-from llm.serving.nf4 import LoraParts, NF4Matrix, NF4Projection
+from llm.serving.nf4 import NESTED_BLOCK, CompactAbsmax, LoraParts, NF4Matrix, NF4Projection
 from tests.fakes.cuda_emulation import NF4_CODE, build_emulated
 
 pytestmark = pytest.mark.skipif(shutil.which("g++") is None, reason="needs g++ to build the emulated kernel")
 
 LAUNCHER = r"""
 // Returns the number of out-of-bounds global reads.
-extern "C" long launch(int grid, int threads, const void* words, const float* absmax, const void* x,
+extern "C" long launch(int grid, int threads, const void* words, const void* absmax, const float2* nested,
+                       const float* absmax_table, const void* x,
                        const float* lora_a, const float* lora_b, void* y, float* partial, float* t_partial,
                        int* counters, int N, int seg1, int seg2, int RT, double scaling, int round_lora_first,
                        int phases, const void* residual, const void* norm_weight, void* residual_out, double eps) {
     out_of_bounds_reads = 0;
     launch_blocks(grid, threads, [=] {
-        nf4_xtab_kernel((const u32*)words, absmax, (const u16*)x, lora_a, lora_b, (u16*)y, partial, t_partial, counters,
+        nf4_xtab_kernel((const u32*)words, absmax, nested, absmax_table, (const u16*)x, lora_a, lora_b, (u16*)y, partial, t_partial, counters,
                         N, seg1, seg2, RT, scaling, round_lora_first, phases, (const u16*)residual,
                         (const u16*)norm_weight, (u16*)residual_out, eps);
     });
@@ -38,25 +40,39 @@ RANK = 8
 
 
 def _build(tmp_path_factory: pytest.TempPathFactory, k: int, warps: int, chunks: int,
-           prep: int = nf4_xtab.PLAIN) -> ctypes.CDLL:
-    folder = tmp_path_factory.mktemp(f"xtab_k{k}_w{warps}_c{chunks}_p{prep}")
-    kernel_source = nf4_xtab.source(NF4_CODE, k, warps, RANK, chunks, prep)
+           prep: int = nf4_xtab.PLAIN, compact: bool = False) -> ctypes.CDLL:
+    folder = tmp_path_factory.mktemp(f"xtab_k{k}_w{warps}_c{chunks}_p{prep}_a{int(compact)}")
+    kernel_source = nf4_xtab.source(NF4_CODE, k, warps, RANK, chunks, prep, compact)
     library = build_emulated(folder, kernel_source, LAUNCHER)
     library.launch.restype = ctypes.c_long
-    library.launch.argtypes = [ctypes.c_int, ctypes.c_int] + [ctypes.c_void_p] * 9 + [ctypes.c_int] * 4 + [
+    library.launch.argtypes = [ctypes.c_int, ctypes.c_int] + [ctypes.c_void_p] * 11 + [ctypes.c_int] * 4 + [
         ctypes.c_double, ctypes.c_int, ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p,
         ctypes.c_double]
     return library
 
 
-def _projection(parts: list[int], k: int, seed: int) -> NF4Projection:
-    """A fused projection of len(parts) LoRA parts (q/k/v: three), random bytes and absmax."""
+def _projection(parts: list[int], k: int, seed: int, compact: bool = False) -> NF4Projection:
+    """A fused projection of len(parts) LoRA parts (q/k/v: three), random bytes and absmax: float32,
+    or (`compact`) one byte each with second-level values and offsets per 256, as bitsandbytes' double
+    quantization stores them (each part its own)."""
     g = torch.Generator().manual_seed(seed)
     n = sum(parts)
+    absmax = torch.rand((n, k // 64), generator=g) * 0.05 + 0.005
+    compact_absmax = None
+    if compact:
+        blocks = n * k // 64 // NESTED_BLOCK
+        compact_absmax = CompactAbsmax(
+            codes=torch.randint(0, 256, (n, k // 64), dtype=torch.uint8, generator=g),
+            nested=torch.stack((torch.rand(blocks, generator=g) * 0.05 + 0.01,
+                                torch.rand(blocks, generator=g) * 0.01 + 0.02), dim=1),
+            table=torch.linspace(-1, 1, 256) ** 3,
+        )
+        absmax = compact_absmax.decode()
     weight = NF4Matrix(
         packed=torch.randint(0, 256, (n, k // 2), dtype=torch.uint8, generator=g),
-        absmax=torch.rand((n, k // 64), generator=g) * 0.05 + 0.005,
+        absmax=absmax,
         code=torch.tensor(NF4_CODE, dtype=torch.float32),
+        compact=compact_absmax,
     )
     segments, row = [], 0
     for i, rows in enumerate(parts):
@@ -77,14 +93,17 @@ def _run(library: ctypes.CDLL, projection: NF4Projection, x: torch.Tensor, warps
     partial = torch.full((slices, n), float("nan"))  # written before they are read
     t_partial = torch.full((slices, lora.a.shape[0]), float("nan"))
     counters = torch.zeros(2, dtype=torch.int32)
+    compact = projection.weight.compact
+    absmax_parts = ((compact.codes, compact.nested, compact.table) if compact is not None
+                    else (projection.weight.absmax,) * 3)
     extra = [t for t in (residual, norm_weight) if t is not None]
-    for buffer in (projection.weight.packed, projection.weight.absmax, x, lora.a, lora.b, partial, t_partial, *extra):
+    for buffer in (projection.weight.packed, *absmax_parts, x, lora.a, lora.b, partial, t_partial, *extra):
         library.add_buffer(buffer.data_ptr(), buffer.numel() * buffer.element_size())
     pointers = [(t if t is not None else x).data_ptr() for t in (residual, norm_weight)]
     pointers.append((residual_out if residual_out is not None else y).data_ptr())
     for phase in (1, 2):
         out_of_bounds = library.launch(
-            slices * chunks, warps * 32, projection.weight.packed.data_ptr(), projection.weight.absmax.data_ptr(),
+            slices * chunks, warps * 32, projection.weight.packed.data_ptr(), *(t.data_ptr() for t in absmax_parts),
             x.data_ptr(), lora.a.data_ptr(), lora.b.data_ptr(), y.data_ptr(), partial.data_ptr(),
             t_partial.data_ptr(), counters.data_ptr(), n, *lora.part_starts(n), lora.a.shape[0], lora.scaling,
             int(projection.round_lora_first), phase, *pointers, eps)
@@ -163,3 +182,17 @@ def test_qkv_adds_the_residual_and_normalizes_inside_the_launch(tmp_path_factory
     assert not out.isnan().any()
     assert nf4_kernels.matches_reference(out, reference), (out.float() - reference.float()).abs().max()
     assert not nf4_kernels.matches_reference(out, projection.reference(delta))
+
+
+@pytest.mark.parametrize(("parts", "k", "warps", "chunks"), [([256, 64, 64], 512, 8, 2), ([160, 160], 256, 16, 1)])
+def test_the_one_byte_absmax_gives_the_float32_absmax_results_bit_for_bit(tmp_path_factory, parts, k, warps, chunks):
+    """COMPACT_ABSMAX: bitsandbytes' one-byte absmax, decoded in the kernel, multiplies exactly as the
+    float32 values it stands for (the same output bits), each part with its own second-level values."""
+    projection = _projection(parts, k, seed=21, compact=True)
+    x = torch.randn((1, k), generator=torch.Generator().manual_seed(22)).to(torch.bfloat16)
+    out = _run(_build(tmp_path_factory, k, warps, chunks, compact=True), projection, x, warps, chunks)
+    as_float32 = NF4Projection(replace(projection.weight, compact=None), projection.lora)
+    expected = _run(_build(tmp_path_factory, k, warps, chunks), as_float32, x, warps, chunks)
+    assert not out.isnan().any()
+    assert torch.equal(out, expected)
+    assert nf4_kernels.matches_reference(out, projection.reference(x))

@@ -56,6 +56,51 @@ EXACT_PROMPT_ROWS = 512
 NF4_PREFILL_CHUNK = 768
 
 
+NESTED_BLOCK = 256  # absmax values per second-level absmax (bitsandbytes' double quantization)
+
+
+@dataclass
+class CompactAbsmax:
+    """The absmax values as bitsandbytes' double quantization stores them: one byte each (a quarter of
+    float32's memory traffic), decoded as `dequantize_blockwise` + offset decodes them, bit for bit:
+    `(table[code] * nested[i // 256, 0]) + nested[i // 256, 1]`, two float32 roundings, for the i-th
+    absmax value in row-major order."""
+
+    codes: torch.Tensor  # uint8 [N, K // 64]
+    nested: torch.Tensor  # float32 [N * K // 64 // 256, 2]: second-level absmax, offset
+    table: torch.Tensor  # float32 [256]: the 8-bit code's values
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in (self.codes, self.nested, self.table))
+
+    def decode(self) -> torch.Tensor:
+        """The float32 absmax [N, K // 64] these bytes stand for."""
+        blocks = torch.arange(self.codes.numel(), device=self.codes.device) // NESTED_BLOCK
+        scaled = self.table[self.codes.reshape(-1).long()] * self.nested[blocks, 0]
+        return (scaled + self.nested[blocks, 1]).reshape(self.codes.shape)
+
+    @classmethod
+    def of(cls, quant_state: object, absmax: torch.Tensor) -> CompactAbsmax | None:
+        """From a nested bitsandbytes quant state whose float32 absmax (`absmax`, [N, K // 64]) was
+        decoded from it; None where its layout is not the one the kernels read (second-level blocks
+        of 256 absmax values, whole ones) or its bytes do not decode to `absmax` exactly."""
+        state2 = getattr(quant_state, "state2", None)
+        if (not getattr(quant_state, "nested", False) or state2 is None or state2.blocksize != NESTED_BLOCK
+                or absmax.numel() % NESTED_BLOCK or quant_state.absmax.dtype != torch.uint8):
+            return None
+        nested_absmax = state2.absmax.float().reshape(-1)
+        if nested_absmax.numel() != absmax.numel() // NESTED_BLOCK:
+            return None
+        offset = torch.as_tensor(quant_state.offset, dtype=torch.float32, device=absmax.device).reshape(())
+        compact = cls(
+            codes=quant_state.absmax.reshape(absmax.shape).contiguous(),
+            nested=torch.stack((nested_absmax, offset.expand_as(nested_absmax)), dim=1).contiguous(),
+            table=state2.code.float().to(absmax.device).contiguous(),
+        )
+        return compact if torch.equal(compact.decode(), absmax) else None
+
+
 @dataclass
 class NF4Matrix:
     """A [out_features, in_features] weight as bitsandbytes packed it."""
@@ -63,6 +108,9 @@ class NF4Matrix:
     packed: torch.Tensor  # uint8 [N, K // 2]: element 2j in the high nibble, 2j + 1 in the low one
     absmax: torch.Tensor  # float32 [N, K // 64]
     code: torch.Tensor  # float32 [16]: the NF4 values
+    # The same absmax in bitsandbytes' one-byte form, where the weight came double-quantized: the
+    # one-row x-table kernel reads it (llm.serving.nf4_xtab)
+    compact: CompactAbsmax | None = None
 
     @property
     def shape(self) -> tuple[int, int]:
@@ -70,7 +118,8 @@ class NF4Matrix:
 
     @property
     def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in (self.packed, self.absmax, self.code))
+        compact = self.compact.nbytes if self.compact is not None else 0
+        return compact + sum(t.numel() * t.element_size() for t in (self.packed, self.absmax, self.code))
 
     @classmethod
     def from_bnb(cls, weight: nn.Parameter) -> NF4Matrix:
@@ -96,11 +145,12 @@ class NF4Matrix:
             # The same three steps as bitsandbytes.functional.dequantize_4bit.
             absmax = bnbf.dequantize_blockwise(quant_state.absmax, quant_state.state2)
             absmax += quant_state.offset
-        absmax = absmax.float()
+        absmax = absmax.float().reshape(rows, cols // BLOCK_SIZE).contiguous()
         return cls(
             packed=data.reshape(rows, cols // 2).contiguous(),
-            absmax=absmax.reshape(rows, cols // BLOCK_SIZE).contiguous(),
+            absmax=absmax,
             code=quant_state.code.float().to(data.device).contiguous(),
+            compact=CompactAbsmax.of(quant_state, absmax),
         )
 
     @staticmethod
@@ -109,10 +159,18 @@ class NF4Matrix:
         code = parts[0].code
         if any(not torch.equal(p.code, code) for p in parts[1:]):
             raise ValueError("fused projections use different NF4 code tables")
+        compacts = [p.compact for p in parts]
+        compact = None
+        # Each part's absmax count is a whole number of second-level blocks, so the concatenation's
+        # i-th value still has its second-level block at i // 256.
+        if all(c is not None for c in compacts) and all(torch.equal(c.table, compacts[0].table) for c in compacts):
+            compact = CompactAbsmax(codes=torch.cat([c.codes for c in compacts]),
+                                    nested=torch.cat([c.nested for c in compacts]), table=compacts[0].table)
         return NF4Matrix(
             packed=torch.cat([p.packed for p in parts]),
             absmax=torch.cat([p.absmax for p in parts]),
             code=code,
+            compact=compact,
         )
 
     def dequantize(self, dtype: torch.dtype = torch.bfloat16, rows: slice | None = None) -> torch.Tensor:

@@ -1108,7 +1108,8 @@ def _xtab_requests(name: str, projection: NF4Projection, config: NF4Config) -> l
     n, k = projection.weight.shape
     head = (nf4_mma.code_values(projection.weight.code), device, k, config.num_warps, projection.lora.rank,
             nf4_xtab.chunks_for(n, k, nf4_xtab.sm_count(device)))
-    return [(*head, prep) for prep in XTAB_PREPS.get(name, (nf4_xtab.PLAIN,))]
+    compact = projection.weight.compact is not None
+    return [(*head, prep, compact) for prep in XTAB_PREPS.get(name, (nf4_xtab.PLAIN,))]
 
 
 def precompile_candidates(projections: dict[str, list], buckets: Sequence[int], threads: int) -> int:

@@ -81,6 +81,31 @@ __device__ __forceinline__ u32 load_word(const u32* p) {
 inline u32 load_word(const u32* p) { return __ldg(p); }
 #endif
 
+// A row's absmax of one 64-value block, in two steps: the raw load (issued early) and its value (where
+// it is needed), so that a dependent load never stalls the warp. COMPACT_ABSMAX: bitsandbytes' one-byte
+// double quantization (llm.serving.nf4.CompactAbsmax), a quarter of float32's bytes, decoded as
+// bitsandbytes decodes it: (table[code] * second-level absmax) + offset, each op rounded to float32.
+#if COMPACT_ABSMAX
+struct RawAbsmax {
+    u32 code;
+    float2 nested;
+};
+__device__ __forceinline__ RawAbsmax load_absmax(const void* absmax, const float2* nested, size_t at) {
+    return {(u32)__ldg((const unsigned char*)absmax + at), __ldg(nested + (at >> 8))};
+}
+__device__ __forceinline__ float absmax_value(RawAbsmax raw, const float* table) {
+    return __fadd_rn(__fmul_rn(__ldg(table + raw.code), raw.nested.x), raw.nested.y);
+}
+#else
+struct RawAbsmax {
+    float value;
+};
+__device__ __forceinline__ RawAbsmax load_absmax(const void* absmax, const float2*, size_t at) {
+    return {__ldg((const float*)absmax + at)};
+}
+__device__ __forceinline__ float absmax_value(RawAbsmax raw, const float*) { return raw.value; }
+#endif
+
 // Pair table q's entry for byte q of `word`, for this lane (its bank)
 #define LOOKUP(q, shifted) \
     (*(const float*)((const char*)table + (q) * 32768 + and_or((shifted), 0x7F80u, lane4)))
@@ -176,7 +201,8 @@ __device__ __forceinline__ void prepare_x(u32 (&xw)[4], const u16* x, const u16*
 // finish 1 / SLICES of the chunk's rows; a GPU launch runs both (3), every block of the grid waiting
 // for all the others in between (all are resident: one per SM, grid <= SMs).
 extern "C" __global__ void __launch_bounds__(WARPS * 32, 1)
-nf4_xtab_kernel(const u32* __restrict__ words, const float* __restrict__ absmax, const u16* x,
+nf4_xtab_kernel(const u32* __restrict__ words, const void* __restrict__ absmax, const float2* __restrict__ nested,
+                const float* __restrict__ absmax_table, const u16* x,
                 const float* __restrict__ lora_a, const float* __restrict__ lora_b, u16* __restrict__ y,
                 float* __restrict__ partial, float* __restrict__ t_partial, int* __restrict__ counters, int N,
                 int seg1, int seg2, int RT, double scaling, int round_lora_first, int phases,
@@ -200,16 +226,17 @@ nf4_xtab_kernel(const u32* __restrict__ words, const float* __restrict__ absmax,
         // Lane (hi2, lo3): the 64-value absmax block hi2 of this slice; after the first half of the
         // reduce-scatter it holds rows 4 lo3 .. 4 lo3 + 3 of the group, summed over its block's 8 lanes
         const int hi2 = lane >> 3, lo3 = lane & 7;
-        const float* lane_absmax = absmax + (size_t)(row0 + 4 * lo3) * ROW_BLOCKS + slice * 4 + hi2;
+        const size_t lane_absmax = (size_t)(row0 + 4 * lo3) * ROW_BLOCKS + slice * 4 + hi2;  // its index
         // Everything that does not depend on the kernel before this one is loaded before waiting for
         // it: the first row group's weights and absmax, the first LoRA A rank and the norm weights.
         u32 w[32];
-        float scale[4] = {0.f, 0.f, 0.f, 0.f};
+        RawAbsmax scale[4] = {};
         if (warp < groups) {
 #pragma unroll
             for (int j = 0; j < 32; ++j) w[j] = load_word(lane_words + (size_t)(warp * 32 + j) * ROW_WORDS);
 #pragma unroll
-            for (int i = 0; i < 4; ++i) scale[i] = __ldg(lane_absmax + (size_t)(warp * 32 + i) * ROW_BLOCKS);
+            for (int i = 0; i < 4; ++i)
+                scale[i] = load_absmax(absmax, nested, lane_absmax + (size_t)(warp * 32 + i) * ROW_BLOCKS);
         }
         const int first_rank = chunk + CHUNKS * warp;  // this warp's LoRA A ranks: first_rank + CHUNKS WARPS i
         float4 first_a0 = make_float4(0.f, 0.f, 0.f, 0.f), first_a1 = first_a0;
@@ -273,10 +300,11 @@ nf4_xtab_kernel(const u32* __restrict__ words, const float* __restrict__ absmax,
         };
         for (int group = warp; group < groups; group += WARPS) {
             const int next = group + WARPS;
-            float next_scale[4];
+            RawAbsmax next_scale[4];
             if (next < groups) {
 #pragma unroll
-                for (int i = 0; i < 4; ++i) next_scale[i] = __ldg(lane_absmax + (size_t)(next * 32 + i) * ROW_BLOCKS);
+                for (int i = 0; i < 4; ++i)
+                    next_scale[i] = load_absmax(absmax, nested, lane_absmax + (size_t)(next * 32 + i) * ROW_BLOCKS);
             }
             float v[32];
 #pragma unroll
@@ -292,7 +320,7 @@ nf4_xtab_kernel(const u32* __restrict__ words, const float* __restrict__ absmax,
             halve(v, 16, 2);
             halve(v, 8, 1);  // rows 4 lo3 + i, i < 4, summed over the block's 8 lanes
 #pragma unroll
-            for (int i = 0; i < 4; ++i) v[i] *= scale[i];
+            for (int i = 0; i < 4; ++i) v[i] *= absmax_value(scale[i], absmax_table);
             halve(v, 4, 8);
             halve(v, 2, 16);  // row 4 lo3 + 2 (lane bit 3) + (lane bit 4), over all 32 lanes
             const int row = group * 32 + 4 * lo3 + 2 * ((lane >> 3) & 1) + ((lane >> 4) & 1);
@@ -379,9 +407,10 @@ nf4_xtab_kernel(const u32* __restrict__ words, const float* __restrict__ absmax,
 """
 
 
-def source(code: Sequence[float], k: int, warps: int, rank: int, chunks: int, prep: int = PLAIN) -> str:
-    """The kernel's CUDA text for one NF4 code table, K, warps per block, LoRA rank, row chunks and
-    input preparation (PLAIN, SILU_MUL or ADD_NORM)."""
+def source(code: Sequence[float], k: int, warps: int, rank: int, chunks: int, prep: int = PLAIN,
+           compact: bool = False) -> str:
+    """The kernel's CUDA text for one NF4 code table, K, warps per block, LoRA rank, row chunks, input
+    preparation (PLAIN, SILU_MUL or ADD_NORM) and absmax form (one byte each where `compact`, else float32)."""
     if len(code) != 16:
         raise ValueError("an NF4 code table has 16 entries")
     if (k <= 0 or k % SLICE or warps not in WARP_CHOICES or rank <= 0 or rank % 4 or chunks <= 0
@@ -389,7 +418,7 @@ def source(code: Sequence[float], k: int, warps: int, rank: int, chunks: int, pr
         raise ValueError(f"no nf4 xtab kernel for K {k}, {warps} warps, rank {rank}, {chunks} chunks, prep {prep}")
     values = ", ".join(f"{struct.unpack('<f', struct.pack('<f', float(v)))[0].hex()}f" for v in code)
     header = (f"#define KDIM {k}\n#define WARPS {warps}\n#define RANK {rank}\n#define CHUNKS {chunks}\n"
-              f"#define XPREP {prep}\n"
+              f"#define XPREP {prep}\n#define COMPACT_ABSMAX {int(compact)}\n"
               f"__device__ __constant__ float CODE_TABLE[16] = {{{values}}};\n#define CODE CODE_TABLE\n")
     return header + DEVICE_HELPERS + _SOURCE
 
@@ -425,9 +454,9 @@ def sm_count(device: torch.device) -> int:
     return torch.cuda.get_device_properties(device).multi_processor_count
 
 
-def precompile(requests: Sequence[tuple[tuple[float, ...], torch.device, int, int, int, int, int]],
+def precompile(requests: Sequence[tuple[tuple[float, ...], torch.device, int, int, int, int, int, bool]],
                threads: int) -> int:
-    """Compile the kernels of `requests` ((code, device, k, warps, rank, chunks, prep), as `_kernel` takes
+    """Compile the kernels of `requests` ((code, device, k, warps, rank, chunks, prep, compact), as `_kernel` takes
     them) on `threads` threads at once, as `llm.serving.nf4_mma.precompile` does for its own; returns
     how many. A kernel that fails here compiles (and reports) at its first launch instead."""
     from llm.serving.nf4_mma import _nvrtc_steps
@@ -439,10 +468,10 @@ def precompile(requests: Sequence[tuple[tuple[float, ...], torch.device, int, in
     nvrtc_compile, load_module = steps
 
     def compile_one(request: tuple) -> tuple[bytes, str] | Exception:
-        code, device, k, warps, rank, chunks, prep = request
+        code, device, k, warps, rank, chunks, prep, compact = request
         capability = "{}{}".format(*torch.cuda.get_device_capability(device))
         try:
-            return nvrtc_compile(source(code, k, warps, rank, chunks, prep), "nf4_xtab_kernel",
+            return nvrtc_compile(source(code, k, warps, rank, chunks, prep, compact), "nf4_xtab_kernel",
                                  compute_capability=capability)
         except Exception as error:  # noqa: BLE001 - compiled again (and reported) at its first launch
             return error
@@ -450,7 +479,7 @@ def precompile(requests: Sequence[tuple[tuple[float, ...], torch.device, int, in
     compiled = 0
     with ThreadPoolExecutor(max_workers=max(1, threads), thread_name_prefix="nf4-xtab-nvrtc") as pool:
         for request, binary in zip(missing, pool.map(compile_one, missing), strict=True):
-            code, device, k, warps, rank, chunks, prep = request
+            code, device, k, warps, rank, chunks, prep, compact = request
             if isinstance(binary, Exception):
                 continue
             try:
@@ -459,21 +488,21 @@ def precompile(requests: Sequence[tuple[tuple[float, ...], torch.device, int, in
                     kernel.set_shared_memory_config(TABLE_BYTES)
             except Exception:  # noqa: BLE001 - as above
                 continue
-            _KERNELS[(device.index, code, k, warps, rank, chunks, prep)] = kernel
+            _KERNELS[(device.index, code, k, warps, rank, chunks, prep, compact)] = kernel
             compiled += 1
     return compiled
 
 
 def _kernel(code: tuple[float, ...], device: torch.device, k: int, warps: int, rank: int, chunks: int,
-            prep: int) -> Callable:
+            prep: int, compact: bool) -> Callable:
     global _DISABLED
-    key = (device.index, code, k, warps, rank, chunks, prep)
+    key = (device.index, code, k, warps, rank, chunks, prep, compact)
     if key not in _KERNELS:
         if _DISABLED is not None:
             raise XtabUnavailable(_DISABLED)
         try:
             with torch.cuda.device(device):
-                kernel = torch.cuda._compile_kernel(source(code, k, warps, rank, chunks, prep), "nf4_xtab_kernel")
+                kernel = torch.cuda._compile_kernel(source(code, k, warps, rank, chunks, prep, compact), "nf4_xtab_kernel")
                 kernel.set_shared_memory_config(TABLE_BYTES)
         except Exception as error:  # noqa: BLE001 - NVRTC missing or refusing: any failure means "not here"
             _DISABLED = (str(error).strip().splitlines() or [type(error).__name__])[0][:300]
@@ -531,7 +560,8 @@ def _launch(prep: int, x: torch.Tensor, weight: NF4Matrix, lora: LoraParts, seg1
     if chunks is None:
         raise ValueError(f"no x-table layout for a {n} x {k} weight on this GPU")
     x = _aligned(x)
-    kernel = _kernel(code, x.device, k, warps, lora.rank, chunks, prep)
+    compact = weight.compact
+    kernel = _kernel(code, x.device, k, warps, lora.rank, chunks, prep, compact is not None)
     slices = k // SLICE
     rt = lora.a.shape[0]
     y = torch.empty((1, n), dtype=torch.bfloat16, device=x.device)
@@ -540,7 +570,8 @@ def _launch(prep: int, x: torch.Tensor, weight: NF4Matrix, lora: LoraParts, seg1
     counters = lora.counters("xtab", 2, x.device)
     programmatic_launch.launch(
         kernel, (slices * chunks, 1, 1), (warps * 32, 1, 1),
-        [weight.packed, weight.absmax, x, lora.a, lora.b, y, partial, t_partial, counters, n, seg1, seg2, rt,
+        [weight.packed, *((compact.codes, compact.nested, compact.table) if compact is not None
+                          else (weight.absmax, weight.absmax, weight.absmax)), x, lora.a, lora.b, y, partial, t_partial, counters, n, seg1, seg2, rt,
          float(lora.scaling), int(round_lora_first), 3, x if residual is None else residual,
          x if norm_weight is None else norm_weight, y if residual_out is None else residual_out, float(eps)],
         x.device, shared_bytes=TABLE_BYTES)

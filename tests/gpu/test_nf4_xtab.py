@@ -49,6 +49,24 @@ def test_the_x_table_kernel_is_as_close_to_the_exact_function_as_the_reference_p
         assert error <= reference_error, (config.label, error, reference_error)
 
 
+@pytest.mark.parametrize("name", ["qkv", "gate_up", "down"])
+def test_the_one_byte_absmax_gives_the_float32_absmax_results_bit_for_bit(name):
+    """bitsandbytes' double-quantized absmax, one byte each as it stores them and decoded in the kernel,
+    gives the same output bits as the float32 values decoded at load time (a quarter of their bytes)."""
+    from dataclasses import replace
+
+    from llm.serving import nf4_kernels
+    from llm.serving.nf4 import NF4Projection
+
+    projection, x = projection_and_input(name, 1)
+    assert projection.weight.compact is not None  # bitsandbytes' CUDA decode is the one the kernel repeats
+    as_float32 = NF4Projection(replace(projection.weight, compact=None), projection.lora)
+    for config in _xtab_configs(projection):
+        out = nf4_kernels.nf4_lora_linear(x, projection.weight, projection.lora, True, config)
+        expected = nf4_kernels.nf4_lora_linear(x, as_float32.weight, as_float32.lora, True, config)
+        assert torch.equal(out, expected), config.label
+
+
 @pytest.mark.parametrize("name", ["qkv", "down"])
 def test_the_x_table_kernel_repeats_its_bits_in_graphs_and_leaves_its_counters_at_zero(name):
     # The blocks of a row chunk wait for each other's slice sums on counters the last to leave zeroes:
