@@ -399,7 +399,7 @@ def command_run(settings: FinbotSettings) -> int:
         monitoring.serving(settings, finbot, engine, slack_connected=handler.client.is_connected)
         logger.info("finbot is ready (Socket Mode, engine %s)", engine.name)
         stop.wait()
-        handler.close()
+        close_socket_mode(handler, SOCKET_MODE_DRAIN_S)
     else:
         server = make_http_server(finbot.app, settings.http_host, settings.http_port)
         http_thread = threading.Thread(target=server.serve_forever, daemon=True, name="finbot-http")
@@ -416,6 +416,41 @@ def command_run(settings: FinbotSettings) -> int:
     logger.info("finbot stopped")
     # Stopped with Ctrl-C: the status a shell expects of an interrupted command.
     return EXIT_INTERRUPTED if received[:1] == [signal.SIGINT] else 0
+
+
+# On SIGTERM, how long the events already taken off the Socket Mode connection get to be acknowledged
+# (a listener acks within Slack's 3 s; answering happens elsewhere) before it closes anyway.
+SOCKET_MODE_DRAIN_S = 5.0
+
+
+def close_socket_mode(handler, drain_s: float) -> None:  # noqa: ANN001 - slack_bolt SocketModeHandler
+    """Close the Socket Mode connection only after the events already taken in are acknowledged over it.
+
+    Closed at once, a listener still running (a slash command just answered, a mention being saved)
+    fails to send its ack: Slack shows the user a timeout for a command and the operator's log gets
+    slack_bolt's traceback. So: take no new envelopes off the connection (Slack sends the ones it
+    has no ack for again, to this instance after a restart or to another one), let the running
+    listeners finish, then close."""
+    client = handler.client
+    client.closed = True  # the message processor's loop ends after its current 1 s wait
+    processor = getattr(client, "message_processor", None)
+    if processor is not None:
+        processor.shutdown()
+    left = client.message_queue.qsize() if hasattr(client, "message_queue") else 0
+    workers = getattr(client, "message_workers", None)
+    if workers is not None:
+        drained = threading.Event()
+
+        def drain() -> None:
+            workers.shutdown(wait=True)
+            drained.set()
+
+        threading.Thread(target=drain, name="finbot-socket-drain", daemon=True).start()
+        if not drained.wait(drain_s):
+            logger.warning("Socket Mode: events still being acknowledged after %.0f s; closing anyway", drain_s)
+    if left:
+        logger.info("Socket Mode: %d event(s) received but not taken in; Slack sends them again", left)
+    handler.close()
 
 
 def make_http_server(app, host: str, port: int):  # noqa: ANN001, ANN201 - slack_bolt.App -> WSGIServer

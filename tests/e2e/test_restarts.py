@@ -205,3 +205,25 @@ def test_term_of_day_owner_killed_between_claim_and_post_is_posted_once_by_the_n
         posts = [m for m in fake.messages(channel="C1") if m.get("thread_ts") is None]
         assert len(posts) == 1
         assert claim_status() == [("posted", posts[0]["ts"])]
+
+
+def test_sigterm_right_after_commands_still_acknowledges_every_command_it_took_in(tmp_path: Path, tiny_checkpoint):
+    """A slash command whose listener is running when SIGTERM arrives still gets its ack (Slack shows
+    the user a timeout otherwise); the connection closes after that, and the log has no traceback."""
+    with FakeSlack() as fake:
+        settings = finbot_settings(fake, f"sqlite:///{tmp_path / 'finbot.db'}", tiny_checkpoint,
+                                   SLASH_COMMAND="/용어")
+        log = tmp_path / "finbot.log"
+        process = start_finbot("run", cwd=tmp_path, log_path=log, **settings)
+        try:
+            fake.wait_connected(timeout=60)
+            envelopes = [fake.send_slash_command({"command": "/용어", "text": "도움말", "channel_id": "C7"})
+                         for _ in range(8)]
+            # SIGTERM as soon as the first answer is out: its listener is about to ack, others run.
+            fake.wait_for(lambda: fake.responses or None, timeout=30, description="a /용어 response")
+        finally:
+            stop(process, log)
+        answered = {r["response_url_id"] for r in fake.responses}
+        assert answered, "no command answered"
+        assert all(fake.acked(envelope) for envelope in envelopes if envelope in answered), [
+            (envelope, fake.acked(envelope)) for envelope in envelopes]
