@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from llm.serving import nf4_kernels, nf4_xtab
-from llm.serving.mistral_decoder import _add_rms_norm, _silu_mul
+from llm.serving.mistral_decoder import _add_rms_norm, _rope_decode, _silu_mul
 from llm.serving.nf4 import NESTED_BLOCK, CompactAbsmax, LoraParts, NF4Matrix, NF4Projection
 from tests.fakes.cuda_emulation import NF4_CODE, build_emulated
 
@@ -26,12 +26,15 @@ extern "C" long launch(int grid, int threads, const void* words, const void* abs
                        const float* absmax_table, const void* x,
                        const float* lora_a, const float* lora_b, void* y, float* partial, float* t_partial,
                        int* counters, int N, int seg1, int seg2, int RT, double scaling, int round_lora_first,
-                       int phases, const void* residual, const void* norm_weight, void* residual_out, double eps) {
+                       int phases, const void* residual, const void* norm_weight, void* residual_out, double eps,
+                       const void* rope_cos, const void* rope_sin, const long long* positions, const int* kv_table,
+                       void* q_out, void* k_pool, void* v_pool, int stride_pb, int stride_ph, int stride_pt) {
     out_of_bounds_reads = 0;
     launch_blocks(grid, threads, [=] {
         nf4_xtab_kernel((const u32*)words, absmax, nested, absmax_table, (const u16*)x, lora_a, lora_b, (u16*)y, partial, t_partial, counters,
                         N, seg1, seg2, RT, scaling, round_lora_first, phases, (const u16*)residual,
-                        (const u16*)norm_weight, (u16*)residual_out, eps);
+                        (const u16*)norm_weight, (u16*)residual_out, eps, (const u16*)rope_cos, (const u16*)rope_sin,
+                        positions, kv_table, (u16*)q_out, (u16*)k_pool, (u16*)v_pool, stride_pb, stride_ph, stride_pt);
     });
     return out_of_bounds_reads;
 }
@@ -40,14 +43,14 @@ RANK = 8
 
 
 def _build(tmp_path_factory: pytest.TempPathFactory, k: int, warps: int, chunks: int,
-           prep: int = nf4_xtab.PLAIN, compact: bool = False) -> ctypes.CDLL:
-    folder = tmp_path_factory.mktemp(f"xtab_k{k}_w{warps}_c{chunks}_p{prep}_a{int(compact)}")
-    kernel_source = nf4_xtab.source(NF4_CODE, k, warps, RANK, chunks, prep, compact)
+           prep: int = nf4_xtab.PLAIN, compact: bool = False, rope: nf4_xtab.RopeShape | None = None) -> ctypes.CDLL:
+    folder = tmp_path_factory.mktemp(f"xtab_k{k}_w{warps}_c{chunks}_p{prep}_a{int(compact)}_r{int(rope is not None)}")
+    kernel_source = nf4_xtab.source(NF4_CODE, k, warps, RANK, chunks, prep, compact, rope)
     library = build_emulated(folder, kernel_source, LAUNCHER)
     library.launch.restype = ctypes.c_long
     library.launch.argtypes = [ctypes.c_int, ctypes.c_int] + [ctypes.c_void_p] * 11 + [ctypes.c_int] * 4 + [
         ctypes.c_double, ctypes.c_int, ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p,
-        ctypes.c_double]
+        ctypes.c_double] + [ctypes.c_void_p] * 7 + [ctypes.c_int] * 3
     return library
 
 
@@ -85,7 +88,9 @@ def _projection(parts: list[int], k: int, seed: int, compact: bool = False) -> N
 
 def _run(library: ctypes.CDLL, projection: NF4Projection, x: torch.Tensor, warps: int, chunks: int,
          residual: torch.Tensor | None = None, norm_weight: torch.Tensor | None = None,
-         residual_out: torch.Tensor | None = None, eps: float = 0.0) -> torch.Tensor:
+         residual_out: torch.Tensor | None = None, eps: float = 0.0, rope: nf4_xtab.RopeWrite | None = None,
+         ) -> torch.Tensor:
+    """y (or, with `rope`, q rotated; k and v then in the pool)."""
     n, k = projection.weight.shape
     lora = projection.lora
     slices = k // nf4_xtab.SLICE
@@ -97,6 +102,13 @@ def _run(library: ctypes.CDLL, projection: NF4Projection, x: torch.Tensor, warps
     absmax_parts = ((compact.codes, compact.nested, compact.table) if compact is not None
                     else (projection.weight.absmax,) * 3)
     extra = [t for t in (residual, norm_weight) if t is not None]
+    if rope is not None:
+        extra += [rope.cos, rope.sin, rope.positions, rope.table]
+        y = torch.full((1, rope.shape.num_heads * rope.shape.head_dim), float("nan"), dtype=torch.bfloat16)
+        rope_args = [rope.cos.data_ptr(), rope.sin.data_ptr(), rope.positions.data_ptr(), rope.table.data_ptr(),
+                     y.data_ptr(), rope.k_pool.data_ptr(), rope.v_pool.data_ptr(), *rope.k_pool.stride()[:3]]
+    else:
+        rope_args = [x.data_ptr()] * 4 + [y.data_ptr()] * 3 + [0, 0, 0]
     for buffer in (projection.weight.packed, *absmax_parts, x, lora.a, lora.b, partial, t_partial, *extra):
         library.add_buffer(buffer.data_ptr(), buffer.numel() * buffer.element_size())
     pointers = [(t if t is not None else x).data_ptr() for t in (residual, norm_weight)]
@@ -106,7 +118,7 @@ def _run(library: ctypes.CDLL, projection: NF4Projection, x: torch.Tensor, warps
             slices * chunks, warps * 32, projection.weight.packed.data_ptr(), *(t.data_ptr() for t in absmax_parts),
             x.data_ptr(), lora.a.data_ptr(), lora.b.data_ptr(), y.data_ptr(), partial.data_ptr(),
             t_partial.data_ptr(), counters.data_ptr(), n, *lora.part_starts(n), lora.a.shape[0], lora.scaling,
-            int(projection.round_lora_first), phase, *pointers, eps)
+            int(projection.round_lora_first), phase, *pointers, eps, *rope_args)
         assert out_of_bounds == 0, f"{out_of_bounds} global reads outside the kernel's buffers"
     return y
 
@@ -196,3 +208,50 @@ def test_the_one_byte_absmax_gives_the_float32_absmax_results_bit_for_bit(tmp_pa
     assert not out.isnan().any()
     assert torch.equal(out, expected)
     assert nf4_kernels.matches_reference(out, projection.reference(x))
+
+
+@pytest.mark.parametrize(("prep", "warps"), [(nf4_xtab.PLAIN, 8), (nf4_xtab.ADD_NORM, 16)])
+def test_qkv_rotates_q_and_k_and_writes_the_kv_slot_inside_the_launch(tmp_path_factory, prep, warps):
+    """The rope epilogue (q/k/v at one row): each block finishes whole heads, q comes back rotated, k
+    rotated and v go to the row's slot of the paged pool: the bits `_rope_decode` gives for the plain
+    launch's output, and no other pool value touched."""
+    shape = nf4_xtab.RopeShape(num_heads=4, num_kv_heads=2, head_dim=64, kv_block=4)
+    k, chunks = 512, 4  # 2 slices; 4 chunks of 128 rows: two heads a chunk, one a block
+    projection = _projection([256, 128, 128], k, seed=31)
+    g = torch.Generator().manual_seed(32)
+    x = torch.randn((1, k), generator=g).to(torch.bfloat16)
+    angles = torch.rand((16, 32), generator=g) * 6
+    cos = torch.cat((angles.cos(), angles.cos()), dim=1).to(torch.bfloat16)
+    sin = torch.cat((angles.sin(), angles.sin()), dim=1).to(torch.bfloat16)
+    positions = torch.tensor([9])  # page 2, offset 1
+    table = torch.tensor([[3, 5, 1, 0]], dtype=torch.int32)  # page 2 is pool block 1
+    pools = [torch.full((6, 2, 4, 64), float("nan"), dtype=torch.bfloat16) for _ in range(2)]
+    rope = nf4_xtab.RopeWrite(shape, cos, sin, positions, table, *pools)
+    extra: dict = {}
+    if prep == nf4_xtab.ADD_NORM:
+        extra = dict(residual=(torch.randn((1, k), generator=g) * 4).to(torch.bfloat16),
+                     norm_weight=(1 + 0.1 * torch.randn((k,), generator=g)).to(torch.bfloat16), eps=1e-5)
+        extra["residual_out"] = torch.empty((1, k), dtype=torch.bfloat16)
+    q = _run(_build(tmp_path_factory, k, warps, chunks, prep, rope=shape), projection, x, warps, chunks,
+             rope=rope, **extra)
+    if "residual_out" in extra:
+        extra["residual_out"] = torch.empty((1, k), dtype=torch.bfloat16)
+    y = _run(_build(tmp_path_factory, k, warps, chunks, prep), projection, x, warps, chunks, **extra)
+    expected_q, expected_k, expected_v = _rope_decode(y, cos, sin, positions, 4, 2, 64)
+    assert torch.equal(q, expected_q.reshape(1, -1))
+    assert not torch.equal(q, y[:, :256])  # rotated, not merely copied
+    k_pool, v_pool = pools
+    assert torch.equal(k_pool[1, :, 1], expected_k[0]) and torch.equal(v_pool[1, :, 1], expected_v[0])
+    k_pool[1, :, 1] = float("nan")
+    v_pool[1, :, 1] = float("nan")
+    assert k_pool.isnan().all() and v_pool.isnan().all()  # nothing else written
+
+
+def test_the_rope_epilogue_needs_whole_heads_per_block():
+    shape = nf4_xtab.RopeShape(num_heads=32, num_kv_heads=8, head_dim=128, kv_block=32)
+    assert nf4_xtab.rope_fits(6144, 4096, 8, 8, shape)  # Mistral-7B on 132 SMs: 6 heads a chunk, 16 blocks
+    assert nf4_xtab.rope_fits(6144, 4096, 8, 3, shape)  # 16 heads a chunk: one for each of its 16 blocks
+    assert not nf4_xtab.rope_fits(6144, 4096, 8, 2, shape)  # 24 heads a chunk: more than its 16 blocks
+    assert not nf4_xtab.rope_fits(6144, 4096, 8, 5, shape)  # chunks not in whole rows
+    assert not nf4_xtab.rope_fits(6144, 4096, 8, 64, shape)  # 96 rows a chunk: not whole heads
+    assert not nf4_xtab.rope_fits(4096, 4096, 8, 8, shape)  # not q/k/v's rows

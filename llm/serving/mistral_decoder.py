@@ -610,14 +610,17 @@ class MistralDecoder:
                 ~visible, float("-inf")
             )
         h = F.embedding(tokens, self.embed)
-        qkv = self.layers[0].qkv(self._norm(h, self.layers[0].input_norm, eps))
+        # q rotated with k and v in the pool already, where the layer's q/k/v launch does the rope
+        # kernel's work (`nf4`, one row); else q/k/v as they come out of the projection.
+        q, qkv = self._qkv_of_first_layer(h, positions, table, triton_attn)
         for index, layer in enumerate(self.layers):
             k_pool, v_pool = self.k_cache[index], self.v_cache[index]
             if triton_attn:
-                q = triton_kernels.rope_kv_write_paged(
-                    qkv, self.cos, self.sin, positions, table, k_pool, v_pool,
-                    cfg.num_heads, cfg.num_kv_heads, cfg.head_dim,
-                )
+                if q is None:
+                    q = triton_kernels.rope_kv_write_paged(
+                        qkv, self.cos, self.sin, positions, table, k_pool, v_pool,
+                        cfg.num_heads, cfg.num_kv_heads, cfg.head_dim,
+                    )
                 attn = triton_kernels.paged_decode_attention(
                     q, k_pool, v_pool, table, positions, self.scale, cfg.num_heads
                 )
@@ -634,9 +637,41 @@ class MistralDecoder:
             h, gate_up = self._add_norm_then(layer, "gate_up", h, layer.o(attn.reshape(n, -1)), eps)
             mlp = self._down_of(layer, gate_up)
             if index + 1 < len(self.layers):
-                h, qkv = self._add_norm_then(self.layers[index + 1], "qkv", h, mlp, eps)
+                h, q, qkv = self._add_norm_then_qkv(index + 1, h, mlp, positions, table, triton_attn)
         _, x = self._add_norm(h, mlp, self.final_norm, eps)
         return self.lm_head(x)
+
+    def _rope_write(self, index: int, positions: torch.Tensor, table: torch.Tensor):  # noqa: ANN202 - RopeWrite
+        from llm.serving.nf4_xtab import RopeShape, RopeWrite
+
+        cfg = self.config
+        shape = RopeShape(cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, self.kv.block_size)
+        return RopeWrite(shape, self.cos, self.sin, positions, table, self.k_cache[index], self.v_cache[index])
+
+    def _qkv_of_first_layer(self, h: torch.Tensor, positions: torch.Tensor, table: torch.Tensor,
+                            triton_attn: bool) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """(q, None) where layer 0's q/k/v launch rotates q and k and writes k and v itself (`nf4`, one
+        row), else (None, qkv)."""
+        layer = self.layers[0]
+        x = self._norm(h, layer.input_norm, self.config.rms_norm_eps)
+        fused = getattr(layer, "qkv_rope", None)
+        if triton_attn and fused is not None and (q := fused(x, self._rope_write(0, positions, table))) is not None:
+            return q, None
+        return None, layer.qkv(x)
+
+    def _add_norm_then_qkv(self, index: int, h: torch.Tensor, delta: torch.Tensor, positions: torch.Tensor,
+                           table: torch.Tensor, triton_attn: bool,
+                           ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+        """(h + delta, q, None) where layer `index`'s q/k/v launch also does the add, the norm, the
+        rotation and the KV write; else (h + delta, None, qkv) as `_add_norm_then` gives it."""
+        layer = self.layers[index]
+        fused = getattr(layer, "after_add_norm_rope", None)
+        if triton_attn and fused is not None:
+            result = fused(h, delta, self.config.rms_norm_eps, self._rope_write(index, positions, table))
+            if result is not None:
+                return result[0], result[1], None
+        h, qkv = self._add_norm_then(layer, "qkv", h, delta, self.config.rms_norm_eps)
+        return h, None, qkv
 
     def _add_norm_then(self, layer: Layer, name: str, h: torch.Tensor, delta: torch.Tensor,
                        eps: float) -> tuple[torch.Tensor, torch.Tensor]:

@@ -40,6 +40,7 @@ if TYPE_CHECKING:
 
     from llm.serving.batching import BatchingEngine
     from llm.serving.mistral_decoder import MistralDecoder
+    from llm.serving.nf4_xtab import RopeWrite
 
 logger = logging.getLogger(__name__)
 
@@ -323,15 +324,24 @@ class NF4Projection:
         return nf4_kernels.nf4_after_silu_mul(gate_up, self.weight, self.lora, self.round_lora_first)
 
     def after_add_norm(self, residual: torch.Tensor, delta: torch.Tensor, norm_weight: torch.Tensor,
-                       eps: float) -> tuple[torch.Tensor, torch.Tensor] | None:
-        """(residual + delta, this projection of its RMSNorm), one row, in one launch; None where the
-        kernels do not serve it so."""
+                       eps: float, rope: RopeWrite | None = None) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """(residual + delta, this projection of its RMSNorm), one row, in one launch (with `rope`: q/k/v
+        rotated and written, q returned); None where the kernels do not serve it so."""
         if not self.use_kernels:
             return None
         from llm.serving import nf4_kernels
 
         return nf4_kernels.nf4_after_add_norm(residual, delta, norm_weight, eps, self.weight, self.lora,
-                                              self.round_lora_first)
+                                              self.round_lora_first, rope)
+
+    def with_rope(self, x: torch.Tensor, rope: RopeWrite) -> torch.Tensor | None:
+        """q/k/v of one row with `rope`'s rotation and KV write in the same launch (returns q); None where
+        the kernels do not serve it so."""
+        if not self.use_kernels:
+            return None
+        from llm.serving import nf4_kernels
+
+        return nf4_kernels.nf4_rope_linear(x, self.weight, self.lora, self.round_lora_first, rope)
 
     def _plan_prefers_dequantizing(self, rows: int) -> bool:
         from llm.serving import nf4_kernels
@@ -413,6 +423,14 @@ class NF4Layer:
 
     def down_after_silu_mul(self, gate_up: torch.Tensor) -> torch.Tensor | None:
         return self.projections["down"].after_silu_mul(gate_up)
+
+    # q/k/v's rotation and KV write (the rope kernel's work) in q/k/v's own launch, one row.
+    def qkv_rope(self, x: torch.Tensor, rope: RopeWrite) -> torch.Tensor | None:
+        return self.projections["qkv"].with_rope(x, rope)
+
+    def after_add_norm_rope(self, h: torch.Tensor, delta: torch.Tensor, eps: float,
+                            rope: RopeWrite) -> tuple[torch.Tensor, torch.Tensor] | None:
+        return self.projections["qkv"].after_add_norm(h, delta, self.input_norm, eps, rope)
 
     @property
     def nbytes(self) -> int:

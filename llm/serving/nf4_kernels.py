@@ -1041,16 +1041,29 @@ def nf4_after_silu_mul(gate_up: torch.Tensor, weight: NF4Matrix, lora: LoraParts
 
 
 def nf4_after_add_norm(residual: torch.Tensor, delta: torch.Tensor, norm_weight: torch.Tensor, eps: float,
-                       weight: NF4Matrix, lora: LoraParts,
-                       round_lora_first: bool = True) -> tuple[torch.Tensor, torch.Tensor] | None:
+                       weight: NF4Matrix, lora: LoraParts, round_lora_first: bool = True,
+                       rope: nf4_xtab.RopeWrite | None = None) -> tuple[torch.Tensor, torch.Tensor] | None:
     """(residual + delta, `nf4_lora_linear` of its MistralRMSNorm), the add and the norm inside the
-    one-row x-table launch; None where the plan does not serve that kernel here."""
+    one-row x-table launch, with `rope`'s rotation and KV write too where given (then: q); None where
+    the plan does not serve that kernel here (or not with `rope`)."""
     config = _one_row_xtab(residual.shape[0], weight)
-    if config is None:
+    if config is None or (rope is not None and not nf4_xtab.rope_serves(weight, config.num_warps, residual.device,
+                                                                         rope.shape)):
         return None
     return nf4_xtab.nf4_xtab_after_add_norm(residual, delta, norm_weight, eps, weight, lora,
                                             *lora.part_starts(weight.shape[0]), round_lora_first,
-                                            config.num_warps, nf4_mma.code_values(weight.code))
+                                            config.num_warps, nf4_mma.code_values(weight.code), rope=rope)
+
+
+def nf4_rope_linear(x: torch.Tensor, weight: NF4Matrix, lora: LoraParts, round_lora_first: bool,
+                    rope: nf4_xtab.RopeWrite) -> torch.Tensor | None:
+    """q/k/v's `nf4_lora_linear` with `rope`'s rotation and KV write inside the one-row x-table launch
+    (returns q); None where the plan does not serve that kernel here."""
+    config = _one_row_xtab(x.shape[0], weight)
+    if config is None or not nf4_xtab.rope_serves(weight, config.num_warps, x.device, rope.shape):
+        return None
+    return nf4_xtab.nf4_xtab_linear(x, weight, lora, *lora.part_starts(weight.shape[0]), round_lora_first,
+                                    config.num_warps, nf4_mma.code_values(weight.code), rope=rope)
 
 
 def matches_reference(out: torch.Tensor, reference: torch.Tensor) -> bool:
@@ -1109,7 +1122,7 @@ def _xtab_requests(name: str, projection: NF4Projection, config: NF4Config) -> l
     head = (nf4_mma.code_values(projection.weight.code), device, k, config.num_warps, projection.lora.rank,
             nf4_xtab.chunks_for(n, k, nf4_xtab.sm_count(device)))
     compact = projection.weight.compact is not None
-    return [(*head, prep, compact) for prep in XTAB_PREPS.get(name, (nf4_xtab.PLAIN,))]
+    return [(*head, prep, compact, None) for prep in XTAB_PREPS.get(name, (nf4_xtab.PLAIN,))]
 
 
 def precompile_candidates(projections: dict[str, list], buckets: Sequence[int], threads: int) -> int:

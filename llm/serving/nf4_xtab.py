@@ -32,6 +32,14 @@ and gate/up (every block sums the whole row's squares in the same order, so all 
 bits; chunk 0 writes the residual stream's next value), `silu(gate) * up` before down. Each op rounds to
 bf16 as eager PyTorch's does (run 32: the one-row step 2.69 -> 2.46 ms).
 
+Two more things the launch may do (run 34, not yet timed on a GPU): read the absmax in bitsandbytes'
+one-byte double-quantized form (COMPACT_ABSMAX, `llm.serving.nf4.CompactAbsmax`: a quarter of the
+float32 absmax bytes, which are ~11 % of a projection's), and, for q/k/v (XROPE, `RopeWrite`), finish
+whole heads per block and do the rope kernel's work in its epilogue: q rotated, k rotated and v
+written to the row's slot of the paged KV pool (one launch a layer less). Loads that do not depend on
+the kernel before (the first row group's weights and absmax, the first LoRA A rank, the norm weights)
+are issued before waiting for it.
+
 tests/test_nf4_xtab_emulated.py runs this CUDA text on the CPU (tests/fakes/cuda_emulation.hpp, both
 phases as separate launches); tests/gpu runs it on a GPU.
 """
@@ -42,6 +50,7 @@ import logging
 import struct
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import torch
@@ -196,6 +205,32 @@ __device__ __forceinline__ void prepare_x(u32 (&xw)[4], const u16* x, const u16*
 #endif
 }
 
+#if XROPE
+// The rope kernel's work for one value of a finished q/k/v head (`triton_kernels.rope_kv_write_paged`,
+// the same bits): q and k heads rotated at the row's position (each product rounded to bf16, then
+// their sum), v as it is; q to q_out, k and v into the paged pool at the position's slot.
+__device__ __forceinline__ void rotate_and_store(const u16* values, int head, int d, const u16* rope_cos,
+                                                 const u16* rope_sin, const long long* positions, const int* kv_table,
+                                                 u16* q_out, u16* k_pool, u16* v_pool, int stride_pb,
+                                                 int stride_ph, int stride_pt) {
+    const long long pos = *positions;
+    u16 out = values[d];
+    if (head < NUM_HEADS + NUM_KV) {
+        const float own = f32(bf16(f32(values[d]) * f32(__ldg(rope_cos + pos * HEAD_DIM + d))));
+        const float partner = f32(bf16(f32(values[d ^ (HEAD_DIM / 2)]) * f32(__ldg(rope_sin + pos * HEAD_DIM + d))));
+        out = bf16(d < HEAD_DIM / 2 ? own - partner : own + partner);
+    }
+    if (head < NUM_HEADS) {
+        q_out[head * HEAD_DIM + d] = out;
+        return;
+    }
+    const long long block = kv_table[pos / KV_BLOCK];
+    const long long slot = block * stride_pb + (pos % KV_BLOCK) * stride_pt + d;
+    if (head < NUM_HEADS + NUM_KV) k_pool[slot + (long long)(head - NUM_HEADS) * stride_ph] = out;
+    else v_pool[slot + (long long)(head - NUM_HEADS - NUM_KV) * stride_ph] = out;
+}
+#endif
+
 // counters: [0] blocks whose sums are stored, [1] blocks done; the last one zeroes both.
 // phases: 1 = this block's slice sums (and its share of the LoRA's A product over the slice), 2 =
 // finish 1 / SLICES of the chunk's rows; a GPU launch runs both (3), every block of the grid waiting
@@ -207,13 +242,18 @@ nf4_xtab_kernel(const u32* __restrict__ words, const void* __restrict__ absmax, 
                 float* __restrict__ partial, float* __restrict__ t_partial, int* __restrict__ counters, int N,
                 int seg1, int seg2, int RT, double scaling, int round_lora_first, int phases,
                 const u16* residual, const u16* __restrict__ norm_weight, u16* __restrict__ residual_out,
-                double eps) {
+                double eps, const u16* __restrict__ rope_cos, const u16* __restrict__ rope_sin,
+                const long long* positions, const int* kv_table, u16* __restrict__ q_out, u16* __restrict__ k_pool,
+                u16* __restrict__ v_pool, int stride_pb, int stride_ph, int stride_pt) {
 #ifdef NF4_EMULATE
     static float table[TABLE_WORDS];
 #else
     extern __shared__ float table[];  // pair q of lane L, byte b: word (q * 256 + b) * 32 + L
 #endif
     __shared__ float t_sum[3][RANK];
+#if XROPE
+    __shared__ u16 head_values[HEAD_DIM];  // the head this block finishes, before its rotation
+#endif
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
     const u32 lane4 = (u32)lane * 4u;
     const int slice = blockIdx.x % SLICES, chunk = blockIdx.x / SLICES;
@@ -332,9 +372,17 @@ nf4_xtab_kernel(const u32* __restrict__ words, const void* __restrict__ absmax, 
         }
     }
     if (phases & 2) {
-        // This thread's row of the chunk, if any, and its B row: loaded while the other blocks finish
+        // This thread's row of the chunk, if any, and its B row: loaded while the other blocks finish.
+#if XROPE
+        // Whole heads: block `slice` finishes the chunk's head `slice`, so that the rotation's partner
+        // values (d +- HEAD_DIM / 2) are its own
+        const int share = slice < chunk_rows / HEAD_DIM ? HEAD_DIM : 0;
+        const int first_row = slice * HEAD_DIM;
+#else
         const int share = (chunk_rows + SLICES - 1) / SLICES;
-        const int r = slice * share + (int)threadIdx.x;
+        const int first_row = slice * share;
+#endif
+        const int r = first_row + (int)threadIdx.x;
         const bool mine = (int)threadIdx.x < share && r < chunk_rows;
         const int row = row0 + (mine ? r : 0);
         float4 b[RANK / 4];
@@ -372,8 +420,8 @@ nf4_xtab_kernel(const u32* __restrict__ words, const void* __restrict__ absmax, 
             for (int s = 0; s < SLICES; ++s) base += __ldcg(&partial[(size_t)s * N + row]);
         }
         __syncthreads();
-        for (int i = threadIdx.x; i < share && slice * share + i < chunk_rows; i += WARPS * 32) {
-            const int at = row0 + slice * share + i;
+        for (int i = threadIdx.x; i < share && first_row + i < chunk_rows; i += WARPS * 32) {
+            const int at = row0 + first_row + i;
             if (i != (int)threadIdx.x) {
                 base = 0.f;
                 for (int s = 0; s < SLICES; ++s) base += __ldcg(&partial[(size_t)s * N + at]);
@@ -391,8 +439,19 @@ nf4_xtab_kernel(const u32* __restrict__ words, const void* __restrict__ absmax, 
             }
             u *= (float)scaling;
             const float rounded_base = f32(bf16(base));
-            y[at] = round_lora_first ? bf16(rounded_base + f32(bf16(u))) : bf16(rounded_base + u);
+            const u16 value = round_lora_first ? bf16(rounded_base + f32(bf16(u))) : bf16(rounded_base + u);
+#if XROPE
+            head_values[i] = value;
+#else
+            y[at] = value;
+#endif
         }
+#if XROPE
+        __syncthreads();
+        if (share > 0 && (int)threadIdx.x < HEAD_DIM)
+            rotate_and_store(head_values, (row0 + first_row) / HEAD_DIM, (int)threadIdx.x, rope_cos, rope_sin,
+                             positions, kv_table, q_out, k_pool, v_pool, stride_pb, stride_ph, stride_pt);
+#endif
 #ifndef NF4_EMULATE
         if (phases & 1) {  // the last block to leave zeroes the counters for the next launch
             __syncthreads();
@@ -408,9 +467,10 @@ nf4_xtab_kernel(const u32* __restrict__ words, const void* __restrict__ absmax, 
 
 
 def source(code: Sequence[float], k: int, warps: int, rank: int, chunks: int, prep: int = PLAIN,
-           compact: bool = False) -> str:
+           compact: bool = False, rope: RopeShape | None = None) -> str:
     """The kernel's CUDA text for one NF4 code table, K, warps per block, LoRA rank, row chunks, input
-    preparation (PLAIN, SILU_MUL or ADD_NORM) and absmax form (one byte each where `compact`, else float32)."""
+    preparation (PLAIN, SILU_MUL or ADD_NORM), absmax form (one byte each where `compact`, else float32)
+    and, for q/k/v, the rotation and KV write of `rope` in its epilogue."""
     if len(code) != 16:
         raise ValueError("an NF4 code table has 16 entries")
     if (k <= 0 or k % SLICE or warps not in WARP_CHOICES or rank <= 0 or rank % 4 or chunks <= 0
@@ -418,9 +478,60 @@ def source(code: Sequence[float], k: int, warps: int, rank: int, chunks: int, pr
         raise ValueError(f"no nf4 xtab kernel for K {k}, {warps} warps, rank {rank}, {chunks} chunks, prep {prep}")
     values = ", ".join(f"{struct.unpack('<f', struct.pack('<f', float(v)))[0].hex()}f" for v in code)
     header = (f"#define KDIM {k}\n#define WARPS {warps}\n#define RANK {rank}\n#define CHUNKS {chunks}\n"
-              f"#define XPREP {prep}\n#define COMPACT_ABSMAX {int(compact)}\n"
-              f"__device__ __constant__ float CODE_TABLE[16] = {{{values}}};\n#define CODE CODE_TABLE\n")
+              f"#define XPREP {prep}\n#define COMPACT_ABSMAX {int(compact)}\n#define XROPE {int(rope is not None)}\n")
+    if rope is not None:
+        if not rope_fits(rope.rows, k, warps, chunks, rope):
+            raise ValueError(f"no rope epilogue for {rope} at K {k}, {warps} warps, {chunks} chunks")
+        header += (f"#define NUM_HEADS {rope.num_heads}\n#define NUM_KV {rope.num_kv_heads}\n"
+                   f"#define HEAD_DIM {rope.head_dim}\n#define KV_BLOCK {rope.kv_block}\n")
+    header += f"__device__ __constant__ float CODE_TABLE[16] = {{{values}}};\n#define CODE CODE_TABLE\n"
     return header + DEVICE_HELPERS + _SOURCE
+
+
+@dataclass(frozen=True)
+class RopeShape:
+    """The attention geometry a q/k/v launch rotates and writes for (its compile-time constants)."""
+
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    kv_block: int  # positions per page of the paged KV pool
+
+    @property
+    def rows(self) -> int:
+        """q/k/v's output features."""
+        return (self.num_heads + 2 * self.num_kv_heads) * self.head_dim
+
+
+@dataclass(frozen=True)
+class RopeWrite:
+    """Where a q/k/v launch with the rope epilogue puts its output, as `triton_kernels.rope_kv_write_paged`
+    does for one row: q rotated (returned), k rotated and v into the paged pool at the row's position."""
+
+    shape: RopeShape
+    cos: torch.Tensor  # [positions, head_dim], bf16
+    sin: torch.Tensor
+    positions: torch.Tensor  # int64 [1]
+    table: torch.Tensor  # int32 [1, pages]: the row's pool block of each page
+    k_pool: torch.Tensor  # [blocks, kv heads, kv_block, head_dim]
+    v_pool: torch.Tensor
+
+
+def rope_fits(n: int, k: int, warps: int, chunks: int, rope: RopeShape) -> bool:
+    """The epilogue finishes whole heads, one per block of a row chunk, one value per thread: so every
+    chunk holds whole heads, no more than its blocks (K's slices), and a head fits a block's threads."""
+    slices = k // SLICE
+    if n != rope.rows or rope.head_dim % 2 or chunks <= 0 or n % chunks:
+        return False
+    chunk_rows = n // chunks
+    return chunk_rows % rope.head_dim == 0 and chunk_rows // rope.head_dim <= slices and rope.head_dim <= warps * 32
+
+
+def rope_serves(weight: NF4Matrix, warps: int, device: torch.device, rope: RopeShape) -> bool:
+    """The rope epilogue can finish this q/k/v weight's launch on `device` (`rope_fits`)."""
+    n, k = weight.shape
+    chunks = chunks_for(n, k, sm_count(device))
+    return chunks is not None and rope_fits(n, k, warps, chunks, rope)
 
 
 def chunks_for(n: int, k: int, sms: int) -> int | None:
@@ -454,9 +565,9 @@ def sm_count(device: torch.device) -> int:
     return torch.cuda.get_device_properties(device).multi_processor_count
 
 
-def precompile(requests: Sequence[tuple[tuple[float, ...], torch.device, int, int, int, int, int, bool]],
-               threads: int) -> int:
-    """Compile the kernels of `requests` ((code, device, k, warps, rank, chunks, prep, compact), as `_kernel` takes
+def precompile(requests: Sequence[tuple[tuple[float, ...], torch.device, int, int, int, int, int, bool,
+                                        RopeShape | None]], threads: int) -> int:
+    """Compile the kernels of `requests` ((code, device, k, warps, rank, chunks, prep, compact, rope), as `_kernel` takes
     them) on `threads` threads at once, as `llm.serving.nf4_mma.precompile` does for its own; returns
     how many. A kernel that fails here compiles (and reports) at its first launch instead."""
     from llm.serving.nf4_mma import _nvrtc_steps
@@ -468,10 +579,10 @@ def precompile(requests: Sequence[tuple[tuple[float, ...], torch.device, int, in
     nvrtc_compile, load_module = steps
 
     def compile_one(request: tuple) -> tuple[bytes, str] | Exception:
-        code, device, k, warps, rank, chunks, prep, compact = request
+        code, device, k, warps, rank, chunks, prep, compact, rope = request
         capability = "{}{}".format(*torch.cuda.get_device_capability(device))
         try:
-            return nvrtc_compile(source(code, k, warps, rank, chunks, prep, compact), "nf4_xtab_kernel",
+            return nvrtc_compile(source(code, k, warps, rank, chunks, prep, compact, rope), "nf4_xtab_kernel",
                                  compute_capability=capability)
         except Exception as error:  # noqa: BLE001 - compiled again (and reported) at its first launch
             return error
@@ -479,7 +590,7 @@ def precompile(requests: Sequence[tuple[tuple[float, ...], torch.device, int, in
     compiled = 0
     with ThreadPoolExecutor(max_workers=max(1, threads), thread_name_prefix="nf4-xtab-nvrtc") as pool:
         for request, binary in zip(missing, pool.map(compile_one, missing), strict=True):
-            code, device, k, warps, rank, chunks, prep, compact = request
+            code, device, k, warps, rank, chunks, prep, compact, rope = request
             if isinstance(binary, Exception):
                 continue
             try:
@@ -488,21 +599,21 @@ def precompile(requests: Sequence[tuple[tuple[float, ...], torch.device, int, in
                     kernel.set_shared_memory_config(TABLE_BYTES)
             except Exception:  # noqa: BLE001 - as above
                 continue
-            _KERNELS[(device.index, code, k, warps, rank, chunks, prep, compact)] = kernel
+            _KERNELS[(device.index, code, k, warps, rank, chunks, prep, compact, rope)] = kernel
             compiled += 1
     return compiled
 
 
 def _kernel(code: tuple[float, ...], device: torch.device, k: int, warps: int, rank: int, chunks: int,
-            prep: int, compact: bool) -> Callable:
+            prep: int, compact: bool, rope: RopeShape | None = None) -> Callable:
     global _DISABLED
-    key = (device.index, code, k, warps, rank, chunks, prep, compact)
+    key = (device.index, code, k, warps, rank, chunks, prep, compact, rope)
     if key not in _KERNELS:
         if _DISABLED is not None:
             raise XtabUnavailable(_DISABLED)
         try:
             with torch.cuda.device(device):
-                kernel = torch.cuda._compile_kernel(source(code, k, warps, rank, chunks, prep, compact), "nf4_xtab_kernel")
+                kernel = torch.cuda._compile_kernel(source(code, k, warps, rank, chunks, prep, compact, rope), "nf4_xtab_kernel")
                 kernel.set_shared_memory_config(TABLE_BYTES)
         except Exception as error:  # noqa: BLE001 - NVRTC missing or refusing: any failure means "not here"
             _DISABLED = (str(error).strip().splitlines() or [type(error).__name__])[0][:300]
@@ -513,12 +624,14 @@ def _kernel(code: tuple[float, ...], device: torch.device, k: int, warps: int, r
 
 
 def nf4_xtab_linear(x: torch.Tensor, weight: NF4Matrix, lora: LoraParts, seg1: int, seg2: int,
-                    round_lora_first: bool, warps: int, code: tuple[float, ...]) -> torch.Tensor:
+                    round_lora_first: bool, warps: int, code: tuple[float, ...],
+                    rope: RopeWrite | None = None) -> torch.Tensor:
     """y = x @ W.T + scaling * B(A(x)) with PEFT's roundings, for one row of x ([1, K], bf16), in one
-    launch (the LoRA's A product included)."""
+    launch (the LoRA's A product included). With `rope` (q/k/v): y's q rotated [1, heads x head_dim]
+    instead, k rotated and v written into the pool (`RopeWrite`)."""
     if x.shape[0] != 1:
         raise ValueError(f"the x-table kernel takes one row, got {x.shape[0]}")
-    return _launch(PLAIN, x, weight, lora, seg1, seg2, round_lora_first, warps, code)
+    return _launch(PLAIN, x, weight, lora, seg1, seg2, round_lora_first, warps, code, rope=rope)
 
 
 def nf4_xtab_after_silu_mul(gate_up: torch.Tensor, weight: NF4Matrix, lora: LoraParts, seg1: int, seg2: int,
@@ -532,15 +645,17 @@ def nf4_xtab_after_silu_mul(gate_up: torch.Tensor, weight: NF4Matrix, lora: Lora
 
 def nf4_xtab_after_add_norm(residual: torch.Tensor, delta: torch.Tensor, norm_weight: torch.Tensor, eps: float,
                             weight: NF4Matrix, lora: LoraParts, seg1: int, seg2: int, round_lora_first: bool,
-                            warps: int, code: tuple[float, ...]) -> tuple[torch.Tensor, torch.Tensor]:
+                            warps: int, code: tuple[float, ...],
+                            rope: RopeWrite | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """(h, y): h = residual + delta (the residual stream's next value) and y as `nf4_xtab_linear` of
-    MistralRMSNorm(h) with `norm_weight`, for one row, the add and the norm done inside the launch."""
+    MistralRMSNorm(h) with `norm_weight` (and `rope`), for one row, the add and the norm done inside the
+    launch."""
     if residual.shape != delta.shape or residual.shape[0] != 1 or norm_weight.shape != (residual.shape[1],):
         raise ValueError(f"no add-and-norm for residual {list(residual.shape)}, delta {list(delta.shape)}, "
                          f"norm weight {list(norm_weight.shape)}")
     h = torch.empty_like(residual)
     y = _launch(ADD_NORM, delta, weight, lora, seg1, seg2, round_lora_first, warps, code,
-                residual=_aligned(residual), norm_weight=_aligned(norm_weight), residual_out=h, eps=eps)
+                residual=_aligned(residual), norm_weight=_aligned(norm_weight), residual_out=h, eps=eps, rope=rope)
     return h, y
 
 
@@ -554,25 +669,39 @@ def _aligned(x: torch.Tensor) -> torch.Tensor:
 def _launch(prep: int, x: torch.Tensor, weight: NF4Matrix, lora: LoraParts, seg1: int, seg2: int,
             round_lora_first: bool, warps: int, code: tuple[float, ...], residual: torch.Tensor | None = None,
             norm_weight: torch.Tensor | None = None, residual_out: torch.Tensor | None = None,
-            eps: float = 0.0) -> torch.Tensor:
+            eps: float = 0.0, rope: RopeWrite | None = None) -> torch.Tensor:
     n, k = weight.shape
     chunks = chunks_for(n, k, sm_count(x.device))
     if chunks is None:
         raise ValueError(f"no x-table layout for a {n} x {k} weight on this GPU")
+    if rope is not None and not rope_fits(n, k, warps, chunks, rope.shape):
+        raise ValueError(f"no rope epilogue for {rope.shape} with a {n} x {k} weight, {warps} warps, {chunks} chunks")
     x = _aligned(x)
     compact = weight.compact
-    kernel = _kernel(code, x.device, k, warps, lora.rank, chunks, prep, compact is not None)
+    kernel = _kernel(code, x.device, k, warps, lora.rank, chunks, prep, compact is not None,
+                     rope.shape if rope is not None else None)
     slices = k // SLICE
     rt = lora.a.shape[0]
     y = torch.empty((1, n), dtype=torch.bfloat16, device=x.device)
     partial = torch.empty((slices, n), dtype=torch.float32, device=x.device)
     t_partial = torch.empty((slices, rt), dtype=torch.float32, device=x.device)
     counters = lora.counters("xtab", 2, x.device)
+    absmax = (compact.codes, compact.nested, compact.table) if compact is not None else (weight.absmax,) * 3
+    if rope is not None:
+        shape = rope.shape
+        y = torch.empty((1, shape.num_heads * shape.head_dim), dtype=torch.bfloat16, device=x.device)
+        pool = rope.k_pool
+        if pool.stride() != rope.v_pool.stride() or pool.stride(3) != 1 or pool.shape[1:] != (
+                shape.num_kv_heads, shape.kv_block, shape.head_dim):
+            raise ValueError(f"the KV pool {list(pool.shape)} is not laid out for {shape}")
+        rope_args = [rope.cos, rope.sin, rope.positions, rope.table, y, pool, rope.v_pool, *pool.stride()[:3]]
+    else:
+        rope_args = [x, x, x, x, y, y, y, 0, 0, 0]
     programmatic_launch.launch(
         kernel, (slices * chunks, 1, 1), (warps * 32, 1, 1),
-        [weight.packed, *((compact.codes, compact.nested, compact.table) if compact is not None
-                          else (weight.absmax, weight.absmax, weight.absmax)), x, lora.a, lora.b, y, partial, t_partial, counters, n, seg1, seg2, rt,
+        [weight.packed, *absmax, x, lora.a, lora.b, y, partial, t_partial, counters, n, seg1, seg2, rt,
          float(lora.scaling), int(round_lora_first), 3, x if residual is None else residual,
-         x if norm_weight is None else norm_weight, y if residual_out is None else residual_out, float(eps)],
+         x if norm_weight is None else norm_weight, y if residual_out is None else residual_out, float(eps),
+         *rope_args],
         x.device, shared_bytes=TABLE_BYTES)
     return y

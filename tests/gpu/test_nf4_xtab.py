@@ -165,3 +165,44 @@ def test_a_chained_launch_reads_this_steps_output_of_the_launch_before_it_in_gra
                                                 *down.lora.part_starts(down.weight.shape[0]), True, down_warps, code)
 
     assert_replays_follow_new_inputs(step, x, "gate_up -> down")
+
+
+@pytest.mark.parametrize("add_norm", [False, True])
+def test_the_rope_epilogue_writes_what_the_rope_kernel_writes_for_the_plain_launchs_output(add_norm):
+    """q/k/v's launch with the rope kernel's work in its epilogue (`RopeWrite`): q, and the pool's k and v
+    at the row's slot, the same bits as `triton_kernels.rope_kv_write_paged` on the launch's plain
+    output; the rest of the pool untouched; the same again from graph replays."""
+    from llm.serving import nf4_mma, nf4_xtab, triton_kernels
+
+    projection, x = projection_and_input("qkv", 1)
+    n, k = projection.weight.shape
+    code = nf4_mma.code_values(projection.weight.code)
+    seg1, seg2 = projection.lora.part_starts(n)
+    shape = nf4_xtab.RopeShape(num_heads=32, num_kv_heads=8, head_dim=128, kv_block=32)
+    angles = torch.rand((4096, 64), device="cuda:0") * 6
+    cos = torch.cat((angles.cos(), angles.cos()), dim=1).to(torch.bfloat16)
+    sin = torch.cat((angles.sin(), angles.sin()), dim=1).to(torch.bfloat16)
+    positions = torch.tensor([1000], device="cuda:0")  # page 31, offset 8
+    table = torch.randperm(64, device="cuda:0").to(torch.int32)[None, :] + 1
+    residual = torch.randn((1, k), dtype=torch.bfloat16, device="cuda:0") * 4
+    norm_weight = (1 + 0.1 * torch.randn((k,), device="cuda:0")).to(torch.bfloat16)
+
+    def launch(warps: int, rope: nf4_xtab.RopeWrite | None) -> torch.Tensor:
+        if add_norm:
+            return nf4_xtab.nf4_xtab_after_add_norm(residual, x, norm_weight, 1e-5, projection.weight,
+                                                     projection.lora, seg1, seg2, True, warps, code, rope=rope)[1]
+        return nf4_xtab.nf4_xtab_linear(x, projection.weight, projection.lora, seg1, seg2, True, warps, code,
+                                        rope=rope)
+
+    for config in _xtab_configs(projection):
+        assert nf4_xtab.rope_serves(projection.weight, config.num_warps, x.device, shape), config.label
+        expected_pools = [torch.randn((66, 8, 32, 128), device="cuda:0").to(torch.bfloat16) for _ in range(2)]
+        pools = [p.clone() for p in expected_pools]
+        expected_q = triton_kernels.rope_kv_write_paged(launch(config.num_warps, None), cos, sin, positions, table,
+                                                        *expected_pools, 32, 8, 128)
+        rope = nf4_xtab.RopeWrite(shape, cos, sin, positions, table, *pools)
+        q = launch(config.num_warps, rope)
+        assert torch.equal(q, expected_q), config.label
+        assert torch.equal(pools[0], expected_pools[0]) and torch.equal(pools[1], expected_pools[1]), config.label
+        assert_replays_repeat(lambda config=config, rope=rope: launch(config.num_warps, rope), expected_q,
+                              projection.lora, "xtab", config.label)
