@@ -398,7 +398,7 @@ def command_run(settings: FinbotSettings) -> int:
         scheduler.start()
         monitoring.serving(settings, finbot, engine, slack_connected=handler.client.is_connected)
         logger.info("finbot is ready (Socket Mode, engine %s)", engine.name)
-        stop.wait()
+        wait_for_stop(stop)
         close_socket_mode(handler, SOCKET_MODE_DRAIN_S)
     else:
         server = make_http_server(finbot.app, settings.http_host, settings.http_port)
@@ -407,7 +407,7 @@ def command_run(settings: FinbotSettings) -> int:
         scheduler.start()
         monitoring.serving(settings, finbot, engine, slack_connected=http_thread.is_alive)
         logger.info("finbot is ready (HTTP mode on %s:%d, engine %s)", settings.http_host, settings.http_port, engine.name)
-        stop.wait()
+        wait_for_stop(stop)
         server.shutdown()  # no new requests; questions already taken are finished below
     scheduler.shutdown(wait=True)
     shut_down(finbot.answers, recovery, settings.shutdown_deadline_s)
@@ -416,6 +416,14 @@ def command_run(settings: FinbotSettings) -> int:
     logger.info("finbot stopped")
     # Stopped with Ctrl-C: the status a shell expects of an interrupted command.
     return EXIT_INTERRUPTED if received[:1] == [signal.SIGINT] else 0
+
+
+def wait_for_stop(stop: threading.Event) -> None:
+    """Until a stop is requested. In short waits: the kernel may hand SIGTERM to any of the process's
+    threads, and Python runs its handler only once the main thread wakes up, which a wait without a
+    timeout never does (seen in tests: a SIGTERM ignored until SIGKILL)."""
+    while not stop.wait(timeout=0.25):
+        pass
 
 
 # On SIGTERM, how long the events already taken off the Socket Mode connection get to be acknowledged
