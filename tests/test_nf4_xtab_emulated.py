@@ -28,13 +28,15 @@ extern "C" long launch(int grid, int threads, const void* words, const void* abs
                        int* counters, int N, int seg1, int seg2, int RT, double scaling, int round_lora_first,
                        int phases, const void* residual, const void* norm_weight, void* residual_out, double eps,
                        const void* rope_cos, const void* rope_sin, const long long* positions, const int* kv_table,
-                       void* q_out, void* k_pool, void* v_pool, int stride_pb, int stride_ph, int stride_pt) {
+                       void* q_out, void* k_pool, void* v_pool, int stride_pb, int stride_ph, int stride_pt,
+                       const float* attn_acc, const float* attn_ml) {
     out_of_bounds_reads = 0;
     launch_blocks(grid, threads, [=] {
         nf4_xtab_kernel((const u32*)words, absmax, nested, absmax_table, (const u16*)x, lora_a, lora_b, (u16*)y, partial, t_partial, counters,
                         N, seg1, seg2, RT, scaling, round_lora_first, phases, (const u16*)residual,
                         (const u16*)norm_weight, (u16*)residual_out, eps, (const u16*)rope_cos, (const u16*)rope_sin,
-                        positions, kv_table, (u16*)q_out, (u16*)k_pool, (u16*)v_pool, stride_pb, stride_ph, stride_pt);
+                        positions, kv_table, (u16*)q_out, (u16*)k_pool, (u16*)v_pool, stride_pb, stride_ph, stride_pt,
+                        attn_acc, attn_ml);
     });
     return out_of_bounds_reads;
 }
@@ -43,14 +45,15 @@ RANK = 8
 
 
 def _build(tmp_path_factory: pytest.TempPathFactory, k: int, warps: int, chunks: int,
-           prep: int = nf4_xtab.PLAIN, compact: bool = False, rope: nf4_xtab.RopeShape | None = None) -> ctypes.CDLL:
+           prep: int = nf4_xtab.PLAIN, compact: bool = False, rope: nf4_xtab.RopeShape | None = None,
+           attention: nf4_xtab.AttentionShape | None = None) -> ctypes.CDLL:
     folder = tmp_path_factory.mktemp(f"xtab_k{k}_w{warps}_c{chunks}_p{prep}_a{int(compact)}_r{int(rope is not None)}")
-    kernel_source = nf4_xtab.source(NF4_CODE, k, warps, RANK, chunks, prep, compact, rope)
+    kernel_source = nf4_xtab.source(NF4_CODE, k, warps, RANK, chunks, prep, compact, rope, attention)
     library = build_emulated(folder, kernel_source, LAUNCHER)
     library.launch.restype = ctypes.c_long
     library.launch.argtypes = [ctypes.c_int, ctypes.c_int] + [ctypes.c_void_p] * 11 + [ctypes.c_int] * 4 + [
         ctypes.c_double, ctypes.c_int, ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p,
-        ctypes.c_double] + [ctypes.c_void_p] * 7 + [ctypes.c_int] * 3
+        ctypes.c_double] + [ctypes.c_void_p] * 7 + [ctypes.c_int] * 3 + [ctypes.c_void_p] * 2
     return library
 
 
@@ -89,7 +92,7 @@ def _projection(parts: list[int], k: int, seed: int, compact: bool = False) -> N
 def _run(library: ctypes.CDLL, projection: NF4Projection, x: torch.Tensor, warps: int, chunks: int,
          residual: torch.Tensor | None = None, norm_weight: torch.Tensor | None = None,
          residual_out: torch.Tensor | None = None, eps: float = 0.0, rope: nf4_xtab.RopeWrite | None = None,
-         ) -> torch.Tensor:
+         attention: nf4_xtab.AttentionPartials | None = None) -> torch.Tensor:
     """y (or, with `rope`, q rotated; k and v then in the pool)."""
     n, k = projection.weight.shape
     lora = projection.lora
@@ -108,7 +111,11 @@ def _run(library: ctypes.CDLL, projection: NF4Projection, x: torch.Tensor, warps
         rope_args = [rope.cos.data_ptr(), rope.sin.data_ptr(), rope.positions.data_ptr(), rope.table.data_ptr(),
                      y.data_ptr(), rope.k_pool.data_ptr(), rope.v_pool.data_ptr(), *rope.k_pool.stride()[:3]]
     else:
-        rope_args = [x.data_ptr()] * 4 + [y.data_ptr()] * 3 + [0, 0, 0]
+        positions = attention.positions if attention is not None else x
+        rope_args = [x.data_ptr()] * 2 + [positions.data_ptr(), x.data_ptr()] + [y.data_ptr()] * 3 + [0, 0, 0]
+    attention_args = [t.data_ptr() for t in ((attention.acc, attention.ml) if attention is not None else (x, x))]
+    if attention is not None:
+        extra += [attention.acc, attention.ml, attention.positions]
     for buffer in (projection.weight.packed, *absmax_parts, x, lora.a, lora.b, partial, t_partial, *extra):
         library.add_buffer(buffer.data_ptr(), buffer.numel() * buffer.element_size())
     pointers = [(t if t is not None else x).data_ptr() for t in (residual, norm_weight)]
@@ -118,7 +125,7 @@ def _run(library: ctypes.CDLL, projection: NF4Projection, x: torch.Tensor, warps
             slices * chunks, warps * 32, projection.weight.packed.data_ptr(), *(t.data_ptr() for t in absmax_parts),
             x.data_ptr(), lora.a.data_ptr(), lora.b.data_ptr(), y.data_ptr(), partial.data_ptr(),
             t_partial.data_ptr(), counters.data_ptr(), n, *lora.part_starts(n), lora.a.shape[0], lora.scaling,
-            int(projection.round_lora_first), phase, *pointers, eps, *rope_args)
+            int(projection.round_lora_first), phase, *pointers, eps, *rope_args, *attention_args)
         assert out_of_bounds == 0, f"{out_of_bounds} global reads outside the kernel's buffers"
     return y
 
@@ -255,3 +262,30 @@ def test_the_rope_epilogue_needs_whole_heads_per_block():
     assert not nf4_xtab.rope_fits(6144, 4096, 8, 5, shape)  # chunks not in whole rows
     assert not nf4_xtab.rope_fits(6144, 4096, 8, 64, shape)  # 96 rows a chunk: not whole heads
     assert not nf4_xtab.rope_fits(4096, 4096, 8, 8, shape)  # not q/k/v's rows
+
+
+def test_o_combines_the_attention_splits_inside_the_launch(tmp_path_factory):
+    """ATTN_COMBINE: o's input is the split attention's partials of the row; the launch combines the
+    splits that hold tokens as `paged_decode_reduce` does (log-sum-exp weights, float32, one rounding
+    to bf16) and never reads the others (NaN there)."""
+    shape = nf4_xtab.AttentionShape(kv_heads=2, group=2, splits=5, head_dim=128, kv_block=4, pages_per_split=2)
+    k = 2 * 2 * 128
+    projection = _projection([128], k, seed=41)
+    g = torch.Generator().manual_seed(42)
+    positions = torch.tensor([20])  # 21 tokens: 6 pages, 3 of the 5 splits
+    acc = torch.randn((1, 2, 5, 2, 128), generator=g) * 3
+    ml = torch.stack((torch.randn((1, 2, 5, 2), generator=g) * 4, torch.rand((1, 2, 5, 2), generator=g) * 9 + 1), -1)
+    acc[:, :, 3:] = float("nan")
+    ml[:, :, 3:] = float("nan")
+    top = ml[..., :3, :, 0].amax(dim=2, keepdim=True)
+    weights = torch.exp(ml[..., :3, :, 0] - top)
+    combined = (acc[:, :, :3] * weights[..., None]).sum(2) / (ml[..., :3, :, 1] * weights).sum(2)[..., None]
+    attention_out = combined.reshape(1, k).to(torch.bfloat16)  # [1, KV, group, D]: head kvh * group + g
+    partials = nf4_xtab.AttentionPartials(shape, acc, ml, positions)
+    library = _build(tmp_path_factory, k, 8, 2, nf4_xtab.ATTN_COMBINE, attention=shape)
+    out = _run(library, projection, acc.reshape(1, -1), 8, 2, attention=partials)
+    reference = projection.reference(attention_out)
+    assert not out.isnan().any()
+    assert nf4_kernels.matches_reference(out, reference), (out.float() - reference.float()).abs().max()
+    plain = _run(_build(tmp_path_factory, k, 8, 2), projection, attention_out, 8, 2)
+    assert (out == plain).float().mean().item() > 0.9  # the same input but for a rounding step here and there

@@ -621,9 +621,7 @@ class MistralDecoder:
                         qkv, self.cos, self.sin, positions, table, k_pool, v_pool,
                         cfg.num_heads, cfg.num_kv_heads, cfg.head_dim,
                     )
-                attn = triton_kernels.paged_decode_attention(
-                    q, k_pool, v_pool, table, positions, self.scale, cfg.num_heads
-                )
+                attention_out = self._o_of_attention(layer, q, k_pool, v_pool, table, positions)
             else:
                 q, k, v = self._rope(
                     qkv, self.cos, self.sin, positions, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
@@ -634,12 +632,33 @@ class MistralDecoder:
                 keys = k_pool[gather].transpose(1, 2).reshape(n, cfg.num_kv_heads, -1, cfg.head_dim)[:, :, :kv_len]
                 values = v_pool[gather].transpose(1, 2).reshape(n, cfg.num_kv_heads, -1, cfg.head_dim)[:, :, :kv_len]
                 attn = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, scale=self.scale)
-            h, gate_up = self._add_norm_then(layer, "gate_up", h, layer.o(attn.reshape(n, -1)), eps)
+                attention_out = layer.o(attn.reshape(n, -1))
+            h, gate_up = self._add_norm_then(layer, "gate_up", h, attention_out, eps)
             mlp = self._down_of(layer, gate_up)
             if index + 1 < len(self.layers):
                 h, q, qkv = self._add_norm_then_qkv(index + 1, h, mlp, positions, table, triton_attn)
         _, x = self._add_norm(h, mlp, self.final_norm, eps)
         return self.lm_head(x)
+
+    def _o_of_attention(self, layer: Layer, q: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Tensor,
+                        table: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        """layer.o of the paged attention's output: where the layer's o launch combines the attention's
+        splits itself (`nf4`, one row), without the reduce kernel."""
+        cfg = self.config
+        fused = getattr(layer, "o_after_attention", None) if q.shape[0] == 1 else None
+        if fused is None:
+            attn = triton_kernels.paged_decode_attention(q, k_pool, v_pool, table, positions, self.scale, cfg.num_heads)
+            return layer.o(attn)
+        from llm.serving.nf4_xtab import AttentionPartials, AttentionShape
+
+        acc, ml = triton_kernels.paged_decode_partials(q, k_pool, v_pool, table, positions, self.scale, cfg.num_heads)
+        _, kv_heads, splits, group, head_dim = acc.shape
+        shape = AttentionShape(kv_heads, group, splits, head_dim, self.kv.block_size, triton_kernels.PAGES_PER_SPLIT)
+        out = fused(AttentionPartials(shape, acc, ml, positions))
+        if out is None:
+            out = layer.o(triton_kernels.paged_decode_reduce(acc, ml, positions, self.kv.block_size,
+                                                             dtype=self.dtype))
+        return out
 
     def _rope_write(self, index: int, positions: torch.Tensor, table: torch.Tensor):  # noqa: ANN202 - RopeWrite
         from llm.serving.nf4_xtab import RopeShape, RopeWrite

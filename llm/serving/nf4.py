@@ -40,7 +40,7 @@ if TYPE_CHECKING:
 
     from llm.serving.batching import BatchingEngine
     from llm.serving.mistral_decoder import MistralDecoder
-    from llm.serving.nf4_xtab import RopeWrite
+    from llm.serving.nf4_xtab import AttentionPartials, RopeWrite
 
 logger = logging.getLogger(__name__)
 
@@ -334,6 +334,15 @@ class NF4Projection:
         return nf4_kernels.nf4_after_add_norm(residual, delta, norm_weight, eps, self.weight, self.lora,
                                               self.round_lora_first, rope)
 
+    def after_attention(self, partials: AttentionPartials) -> torch.Tensor | None:
+        """This projection (o) of the attention output `partials` combine to, one row, the combine in the
+        same launch; None where the kernels do not serve it so."""
+        if not self.use_kernels:
+            return None
+        from llm.serving import nf4_kernels
+
+        return nf4_kernels.nf4_after_attention(partials, self.weight, self.lora, self.round_lora_first)
+
     def with_rope(self, x: torch.Tensor, rope: RopeWrite) -> torch.Tensor | None:
         """q/k/v of one row with `rope`'s rotation and KV write in the same launch (returns q); None where
         the kernels do not serve it so."""
@@ -427,6 +436,10 @@ class NF4Layer:
     # q/k/v's rotation and KV write (the rope kernel's work) in q/k/v's own launch, one row.
     def qkv_rope(self, x: torch.Tensor, rope: RopeWrite) -> torch.Tensor | None:
         return self.projections["qkv"].with_rope(x, rope)
+
+    # The split attention's combine (the reduce kernel's work) in o's own launch, one row.
+    def o_after_attention(self, partials: AttentionPartials) -> torch.Tensor | None:
+        return self.projections["o"].after_attention(partials)
 
     def after_add_norm_rope(self, h: torch.Tensor, delta: torch.Tensor, eps: float,
                             rope: RopeWrite) -> tuple[torch.Tensor, torch.Tensor] | None:

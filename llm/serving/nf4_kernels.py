@@ -1055,6 +1055,23 @@ def nf4_after_add_norm(residual: torch.Tensor, delta: torch.Tensor, norm_weight:
                                             config.num_warps, nf4_mma.code_values(weight.code), rope=rope)
 
 
+def nf4_after_attention(partials: nf4_xtab.AttentionPartials, weight: NF4Matrix, lora: LoraParts,
+                        round_lora_first: bool = True) -> torch.Tensor | None:
+    """o's `nf4_lora_linear` of the attention output its split partials combine to, the combine inside
+    the one-row x-table launch (one launch a layer less than the reduce kernel + o); None where no
+    x-table layout serves this weight here. Served whichever one-row kernel the plan timed fastest
+    for o alone: the two are within ~0.3 us of each other (run 31), the launch it saves ~2-4 us."""
+    config = _one_row_xtab(1, weight)
+    if config is None:
+        n, k = weight.shape
+        candidates = _xtab_configs(n, k, lora.boundaries)
+        config = max(candidates, key=lambda c: c.num_warps, default=None)
+    if config is None:
+        return None
+    return nf4_xtab.nf4_xtab_after_attention(partials, weight, lora, *lora.part_starts(weight.shape[0]),
+                                             round_lora_first, config.num_warps, nf4_mma.code_values(weight.code))
+
+
 def nf4_rope_linear(x: torch.Tensor, weight: NF4Matrix, lora: LoraParts, round_lora_first: bool,
                     rope: nf4_xtab.RopeWrite) -> torch.Tensor | None:
     """q/k/v's `nf4_lora_linear` with `rope`'s rotation and KV write inside the one-row x-table launch
@@ -1122,7 +1139,7 @@ def _xtab_requests(name: str, projection: NF4Projection, config: NF4Config) -> l
     head = (nf4_mma.code_values(projection.weight.code), device, k, config.num_warps, projection.lora.rank,
             nf4_xtab.chunks_for(n, k, nf4_xtab.sm_count(device)))
     compact = projection.weight.compact is not None
-    return [(*head, prep, compact, None) for prep in XTAB_PREPS.get(name, (nf4_xtab.PLAIN,))]
+    return [(*head, prep, compact, None, None) for prep in XTAB_PREPS.get(name, (nf4_xtab.PLAIN,))]
 
 
 def precompile_candidates(projections: dict[str, list], buckets: Sequence[int], threads: int) -> int:

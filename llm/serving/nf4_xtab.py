@@ -69,8 +69,8 @@ TABLE_BYTES = 4 * 256 * 32 * 4  # 4 pairs per lane, 256 byte values, 32 lanes, f
 WARP_CHOICES = (8, 16)
 MAX_PARTS = 3  # LoRA parts of a fused projection (q/k/v)
 # What the kernel does to its input before tabulating it (XPREP in the CUDA text, `prepare_x`)
-PLAIN, SILU_MUL, ADD_NORM = 0, 1, 2
-PREPS = (PLAIN, SILU_MUL, ADD_NORM)
+PLAIN, SILU_MUL, ADD_NORM, ATTN_COMBINE = 0, 1, 2, 3
+PREPS = (PLAIN, SILU_MUL, ADD_NORM, ATTN_COMBINE)
 
 _SOURCE = r"""
 constexpr int K = KDIM;
@@ -131,8 +131,22 @@ __device__ __forceinline__ uint4 load_x8(const u16* p) {
     return v;
 }
 #define reciprocal_sqrt rsqrtf
+// As load_x8, for the attention's float32 partials
+__device__ __forceinline__ float load_f32(const float* p) {
+    float v;
+    asm volatile("ld.global.cg.f32 %0, [%1];" : "=f"(v) : "l"(p) : "memory");
+    return v;
+}
+__device__ __forceinline__ float4 load_f32x4(const float* p) {
+    float4 v;
+    asm volatile("ld.global.cg.v4.f32 {%0, %1, %2, %3}, [%4];"
+                 : "=f"(v.x), "=f"(v.y), "=f"(v.z), "=f"(v.w) : "l"(p) : "memory");
+    return v;
+}
 #else
 inline uint4 load_x8(const u16* p) { return __ldg((const uint4*)p); }
+inline float load_f32(const float* p) { return __ldg(p); }
+inline float4 load_f32x4(const float* p) { return __ldg((const float4*)p); }
 inline float reciprocal_sqrt(float v) { return 1.0f / std::sqrt(v); }
 #endif
 
@@ -152,13 +166,37 @@ __device__ __forceinline__ u16 silu_mul(u16 gate, u16 up) {
 // 2: `norm_weight * rms_norm(residual + x)` (MistralRMSNorm: statistics in float32 over all K, then
 //    each op rounded to bf16), the residual stream's new value written to residual_out by chunk 0.
 //    Every block sums the squares in the same order, so every slice scales by the same bits.
-//    `norm_weight8` is this lane's 8 norm weights, loaded before the wait (they are weights).
+//    `norm_weight8` is this lane's 8 norm weights, loaded before the wait (they are weights);
+// 3: the split attention's output of the row (o's input), combined here from the splits' partials
+//    (`triton_kernels.paged_decode_partials`: acc [KV, SPLITS, GROUP, HEAD_DIM], (max, sum) per split)
+//    as `paged_decode_reduce` combines them: log-sum-exp weights over the splits that hold tokens, in
+//    float32, each value rounded to bf16 once.
 __device__ __forceinline__ void prepare_x(u32 (&xw)[4], const u16* x, const u16* residual, uint4 norm_weight8,
-                                          u16* residual_out, float eps, int slice, int lane, int warp, int chunk) {
+                                          u16* residual_out, float eps, int slice, int lane, int warp, int chunk,
+                                          const float* attn_acc, const float* attn_ml, const long long* positions) {
     const int at = slice * 256 + 8 * lane;
 #if XPREP == 0
     const uint4 xs = load_x8(x + at);
     xw[0] = xs.x; xw[1] = xs.y; xw[2] = xs.z; xw[3] = xs.w;
+#elif XPREP == 3
+    const int head = at / HEAD_DIM, d0 = at % HEAD_DIM;
+    const long long length = *positions + 1;
+    const int active = (int)(((length + KV_BLOCK - 1) / KV_BLOCK + PAGES_PER_SPLIT - 1) / PAGES_PER_SPLIT);
+    const int first = (head / GROUP) * SPLITS * GROUP + head % GROUP;  // (KV head, split 0, group member)
+    float top = -__uint_as_float(0x7F800000u);
+    for (int s = 0; s < active; ++s) top = fmaxf(top, load_f32(attn_ml + 2 * (first + s * GROUP)));
+    float total = 0.f, sums[8] = {0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f};
+    for (int s = 0; s < active; ++s) {
+        const int i = first + s * GROUP;
+        const float weight = expf(load_f32(attn_ml + 2 * i) - top);
+        total += load_f32(attn_ml + 2 * i + 1) * weight;
+        const float4 a = load_f32x4(attn_acc + (size_t)i * HEAD_DIM + d0);
+        const float4 b = load_f32x4(attn_acc + (size_t)i * HEAD_DIM + d0 + 4);
+        sums[0] += a.x * weight; sums[1] += a.y * weight; sums[2] += a.z * weight; sums[3] += a.w * weight;
+        sums[4] += b.x * weight; sums[5] += b.y * weight; sums[6] += b.z * weight; sums[7] += b.w * weight;
+    }
+#pragma unroll
+    for (int q = 0; q < 4; ++q) xw[q] = pack(bf16(sums[2 * q] / total), bf16(sums[2 * q + 1] / total));
 #elif XPREP == 1
     const uint4 gs = load_x8(x + at), us = load_x8(x + K + at);
     const u32 g[4] = {gs.x, gs.y, gs.z, gs.w}, u[4] = {us.x, us.y, us.z, us.w};
@@ -244,7 +282,8 @@ nf4_xtab_kernel(const u32* __restrict__ words, const void* __restrict__ absmax, 
                 const u16* residual, const u16* __restrict__ norm_weight, u16* __restrict__ residual_out,
                 double eps, const u16* __restrict__ rope_cos, const u16* __restrict__ rope_sin,
                 const long long* positions, const int* kv_table, u16* __restrict__ q_out, u16* __restrict__ k_pool,
-                u16* __restrict__ v_pool, int stride_pb, int stride_ph, int stride_pt) {
+                u16* __restrict__ v_pool, int stride_pb, int stride_ph, int stride_pt, const float* attn_acc,
+                const float* attn_ml) {
 #ifdef NF4_EMULATE
     static float table[TABLE_WORDS];
 #else
@@ -294,7 +333,8 @@ nf4_xtab_kernel(const u32* __restrict__ words, const void* __restrict__ absmax, 
         {
             // This lane's pairs 4 lane + q: inputs 8 lane + 2q (high nibble) and + 1 (low nibble)
             u32 xw[4];
-            prepare_x(xw, x, residual, norm_weight8, residual_out, (float)eps, slice, lane, warp, chunk);
+            prepare_x(xw, x, residual, norm_weight8, residual_out, (float)eps, slice, lane, warp, chunk, attn_acc,
+                      attn_ml, positions);
             float high[4], low[4];
 #pragma unroll
             for (int q = 0; q < 4; ++q) {
@@ -467,10 +507,11 @@ nf4_xtab_kernel(const u32* __restrict__ words, const void* __restrict__ absmax, 
 
 
 def source(code: Sequence[float], k: int, warps: int, rank: int, chunks: int, prep: int = PLAIN,
-           compact: bool = False, rope: RopeShape | None = None) -> str:
+           compact: bool = False, rope: RopeShape | None = None, attention: AttentionShape | None = None) -> str:
     """The kernel's CUDA text for one NF4 code table, K, warps per block, LoRA rank, row chunks, input
-    preparation (PLAIN, SILU_MUL or ADD_NORM), absmax form (one byte each where `compact`, else float32)
-    and, for q/k/v, the rotation and KV write of `rope` in its epilogue."""
+    preparation (PLAIN, SILU_MUL, ADD_NORM, or ATTN_COMBINE of `attention`'s partials), absmax form (one
+    byte each where `compact`, else float32) and, for q/k/v, the rotation and KV write of `rope` in its
+    epilogue."""
     if len(code) != 16:
         raise ValueError("an NF4 code table has 16 entries")
     if (k <= 0 or k % SLICE or warps not in WARP_CHOICES or rank <= 0 or rank % 4 or chunks <= 0
@@ -484,6 +525,14 @@ def source(code: Sequence[float], k: int, warps: int, rank: int, chunks: int, pr
             raise ValueError(f"no rope epilogue for {rope} at K {k}, {warps} warps, {chunks} chunks")
         header += (f"#define NUM_HEADS {rope.num_heads}\n#define NUM_KV {rope.num_kv_heads}\n"
                    f"#define HEAD_DIM {rope.head_dim}\n#define KV_BLOCK {rope.kv_block}\n")
+    if (prep == ATTN_COMBINE) != (attention is not None) or (attention is not None and rope is not None):
+        raise ValueError("the attention's partials are the input of an ATTN_COMBINE kernel only, never with rope")
+    if attention is not None:
+        if attention.head_dim * attention.group * attention.kv_heads != k or attention.head_dim % 8:
+            raise ValueError(f"no attention combine for {attention} at K {k}")
+        header += (f"#define GROUP {attention.group}\n#define SPLITS {attention.splits}\n"
+                   f"#define HEAD_DIM {attention.head_dim}\n#define KV_BLOCK {attention.kv_block}\n"
+                   f"#define PAGES_PER_SPLIT {attention.pages_per_split}\n")
     header += f"__device__ __constant__ float CODE_TABLE[16] = {{{values}}};\n#define CODE CODE_TABLE\n"
     return header + DEVICE_HELPERS + _SOURCE
 
@@ -515,6 +564,29 @@ class RopeWrite:
     table: torch.Tensor  # int32 [1, pages]: the row's pool block of each page
     k_pool: torch.Tensor  # [blocks, kv heads, kv_block, head_dim]
     v_pool: torch.Tensor
+
+
+@dataclass(frozen=True)
+class AttentionShape:
+    """How `triton_kernels.paged_decode_partials` laid out its partials (an o launch's compile-time
+    constants when it combines them itself)."""
+
+    kv_heads: int
+    group: int  # query heads per KV head
+    splits: int  # partials per (row, KV head)
+    head_dim: int
+    kv_block: int  # positions per page
+    pages_per_split: int
+
+
+@dataclass(frozen=True)
+class AttentionPartials:
+    """One row's split attention, not yet combined: o's input for an ATTN_COMBINE launch."""
+
+    shape: AttentionShape
+    acc: torch.Tensor  # float32 [1, KV heads, splits, group, head_dim]
+    ml: torch.Tensor  # float32 [1, KV heads, splits, group, 2]: running max, sum
+    positions: torch.Tensor  # int64 [1]
 
 
 def rope_fits(n: int, k: int, warps: int, chunks: int, rope: RopeShape) -> bool:
@@ -566,8 +638,9 @@ def sm_count(device: torch.device) -> int:
 
 
 def precompile(requests: Sequence[tuple[tuple[float, ...], torch.device, int, int, int, int, int, bool,
-                                        RopeShape | None]], threads: int) -> int:
-    """Compile the kernels of `requests` ((code, device, k, warps, rank, chunks, prep, compact, rope), as `_kernel` takes
+                                        RopeShape | None, AttentionShape | None]], threads: int) -> int:
+    """Compile the kernels of `requests` ((code, device, k, warps, rank, chunks, prep, compact, rope,
+    attention), as `_kernel` takes
     them) on `threads` threads at once, as `llm.serving.nf4_mma.precompile` does for its own; returns
     how many. A kernel that fails here compiles (and reports) at its first launch instead."""
     from llm.serving.nf4_mma import _nvrtc_steps
@@ -579,10 +652,11 @@ def precompile(requests: Sequence[tuple[tuple[float, ...], torch.device, int, in
     nvrtc_compile, load_module = steps
 
     def compile_one(request: tuple) -> tuple[bytes, str] | Exception:
-        code, device, k, warps, rank, chunks, prep, compact, rope = request
+        code, device, k, warps, rank, chunks, prep, compact, rope, attention = request
         capability = "{}{}".format(*torch.cuda.get_device_capability(device))
         try:
-            return nvrtc_compile(source(code, k, warps, rank, chunks, prep, compact, rope), "nf4_xtab_kernel",
+            return nvrtc_compile(source(code, k, warps, rank, chunks, prep, compact, rope, attention),
+                                 "nf4_xtab_kernel",
                                  compute_capability=capability)
         except Exception as error:  # noqa: BLE001 - compiled again (and reported) at its first launch
             return error
@@ -590,7 +664,7 @@ def precompile(requests: Sequence[tuple[tuple[float, ...], torch.device, int, in
     compiled = 0
     with ThreadPoolExecutor(max_workers=max(1, threads), thread_name_prefix="nf4-xtab-nvrtc") as pool:
         for request, binary in zip(missing, pool.map(compile_one, missing), strict=True):
-            code, device, k, warps, rank, chunks, prep, compact, rope = request
+            code, device, k, warps, rank, chunks, prep, compact, rope, attention = request
             if isinstance(binary, Exception):
                 continue
             try:
@@ -599,21 +673,23 @@ def precompile(requests: Sequence[tuple[tuple[float, ...], torch.device, int, in
                     kernel.set_shared_memory_config(TABLE_BYTES)
             except Exception:  # noqa: BLE001 - as above
                 continue
-            _KERNELS[(device.index, code, k, warps, rank, chunks, prep, compact, rope)] = kernel
+            _KERNELS[(device.index, code, k, warps, rank, chunks, prep, compact, rope, attention)] = kernel
             compiled += 1
     return compiled
 
 
 def _kernel(code: tuple[float, ...], device: torch.device, k: int, warps: int, rank: int, chunks: int,
-            prep: int, compact: bool, rope: RopeShape | None = None) -> Callable:
+            prep: int, compact: bool, rope: RopeShape | None = None,
+            attention: AttentionShape | None = None) -> Callable:
     global _DISABLED
-    key = (device.index, code, k, warps, rank, chunks, prep, compact, rope)
+    key = (device.index, code, k, warps, rank, chunks, prep, compact, rope, attention)
     if key not in _KERNELS:
         if _DISABLED is not None:
             raise XtabUnavailable(_DISABLED)
         try:
             with torch.cuda.device(device):
-                kernel = torch.cuda._compile_kernel(source(code, k, warps, rank, chunks, prep, compact, rope), "nf4_xtab_kernel")
+                kernel = torch.cuda._compile_kernel(source(code, k, warps, rank, chunks, prep, compact, rope, attention),
+                                                     "nf4_xtab_kernel")
                 kernel.set_shared_memory_config(TABLE_BYTES)
         except Exception as error:  # noqa: BLE001 - NVRTC missing or refusing: any failure means "not here"
             _DISABLED = (str(error).strip().splitlines() or [type(error).__name__])[0][:300]
@@ -659,6 +735,18 @@ def nf4_xtab_after_add_norm(residual: torch.Tensor, delta: torch.Tensor, norm_we
     return h, y
 
 
+def nf4_xtab_after_attention(partials: AttentionPartials, weight: NF4Matrix, lora: LoraParts, seg1: int,
+                             seg2: int, round_lora_first: bool, warps: int, code: tuple[float, ...]) -> torch.Tensor:
+    """As `nf4_xtab_linear` of the attention output the split partials combine to (o's input, one row),
+    the combine (`triton_kernels.paged_decode_reduce`'s work) done inside the launch."""
+    shape = partials.shape
+    expected = (1, shape.kv_heads, shape.splits, shape.group, shape.head_dim)
+    if tuple(partials.acc.shape) != expected or tuple(partials.ml.shape) != (*expected[:4], 2):
+        raise ValueError(f"no attention partials {list(partials.acc.shape)} / {list(partials.ml.shape)} for {shape}")
+    return _launch(ATTN_COMBINE, partials.acc, weight, lora, seg1, seg2, round_lora_first, warps, code,
+                   attention=partials)
+
+
 def _aligned(x: torch.Tensor) -> torch.Tensor:
     """Contiguous and 16-byte aligned: the kernel reads 8 bf16 values at a time."""
     if not x.is_contiguous() or x.data_ptr() % 16:
@@ -669,7 +757,8 @@ def _aligned(x: torch.Tensor) -> torch.Tensor:
 def _launch(prep: int, x: torch.Tensor, weight: NF4Matrix, lora: LoraParts, seg1: int, seg2: int,
             round_lora_first: bool, warps: int, code: tuple[float, ...], residual: torch.Tensor | None = None,
             norm_weight: torch.Tensor | None = None, residual_out: torch.Tensor | None = None,
-            eps: float = 0.0, rope: RopeWrite | None = None) -> torch.Tensor:
+            eps: float = 0.0, rope: RopeWrite | None = None,
+            attention: AttentionPartials | None = None) -> torch.Tensor:
     n, k = weight.shape
     chunks = chunks_for(n, k, sm_count(x.device))
     if chunks is None:
@@ -679,7 +768,7 @@ def _launch(prep: int, x: torch.Tensor, weight: NF4Matrix, lora: LoraParts, seg1
     x = _aligned(x)
     compact = weight.compact
     kernel = _kernel(code, x.device, k, warps, lora.rank, chunks, prep, compact is not None,
-                     rope.shape if rope is not None else None)
+                     rope.shape if rope is not None else None, attention.shape if attention is not None else None)
     slices = k // SLICE
     rt = lora.a.shape[0]
     y = torch.empty((1, n), dtype=torch.bfloat16, device=x.device)
@@ -696,12 +785,14 @@ def _launch(prep: int, x: torch.Tensor, weight: NF4Matrix, lora: LoraParts, seg1
             raise ValueError(f"the KV pool {list(pool.shape)} is not laid out for {shape}")
         rope_args = [rope.cos, rope.sin, rope.positions, rope.table, y, pool, rope.v_pool, *pool.stride()[:3]]
     else:
-        rope_args = [x, x, x, x, y, y, y, 0, 0, 0]
+        positions = attention.positions if attention is not None else x
+        rope_args = [x, x, positions, x, y, y, y, 0, 0, 0]
+    attention_args = [attention.acc, attention.ml] if attention is not None else [x, x]
     programmatic_launch.launch(
         kernel, (slices * chunks, 1, 1), (warps * 32, 1, 1),
         [weight.packed, *absmax, x, lora.a, lora.b, y, partial, t_partial, counters, n, seg1, seg2, rt,
          float(lora.scaling), int(round_lora_first), 3, x if residual is None else residual,
          x if norm_weight is None else norm_weight, y if residual_out is None else residual_out, float(eps),
-         *rope_args],
+         *rope_args, *attention_args],
         x.device, shared_bytes=TABLE_BYTES)
     return y

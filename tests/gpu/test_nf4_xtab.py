@@ -206,3 +206,40 @@ def test_the_rope_epilogue_writes_what_the_rope_kernel_writes_for_the_plain_laun
         assert torch.equal(pools[0], expected_pools[0]) and torch.equal(pools[1], expected_pools[1]), config.label
         assert_replays_repeat(lambda config=config, rope=rope: launch(config.num_warps, rope), expected_q,
                               projection.lora, "xtab", config.label)
+
+
+def test_o_combining_the_attention_splits_in_its_launch_gives_o_of_the_reduce_kernels_output():
+    """o's launch with the split attention's combine inside (ATTN_COMBINE): the reduce kernel's output
+    through the plain launch, but for a rounding step of the combined input here and there (float32 sums
+    in another order), from real partials of a paged pool; the same bits again from graph replays."""
+    from llm.serving import nf4_kernels, nf4_mma, nf4_xtab, triton_kernels
+    from tests.gpu.test_nf4_kernels import _projection
+
+    projection = _projection([(4096, 0)], 4096)
+    n, k = projection.weight.shape
+    code = nf4_mma.code_values(projection.weight.code)
+    seg1, seg2 = projection.lora.part_starts(n)
+    k_pool, v_pool = (torch.randn((130, 8, 32, 128), device="cuda:0").to(torch.bfloat16) for _ in range(2))
+    table = (torch.randperm(128, device="cuda:0") + 1).to(torch.int32)[None, :]
+    q = torch.randn((1, 4096), dtype=torch.bfloat16, device="cuda:0")
+    for position in (5, 700, 4095):
+        positions = torch.tensor([position], device="cuda:0")
+        acc, ml = triton_kernels.paged_decode_partials(q, k_pool, v_pool, table, positions, 128**-0.5, 32)
+        shape = nf4_xtab.AttentionShape(8, 4, acc.shape[2], 128, 32, triton_kernels.PAGES_PER_SPLIT)
+        partials = nf4_xtab.AttentionPartials(shape, acc, ml, positions)
+        attention_out = triton_kernels.paged_decode_reduce(acc, ml, positions, 32)
+        for config in _xtab_configs(projection):
+            two_steps = nf4_xtab.nf4_xtab_linear(attention_out, projection.weight, projection.lora, seg1, seg2, True,
+                                                 config.num_warps, code)
+
+            def run(config=config, partials=partials):  # noqa: ANN001, ANN202
+                return nf4_xtab.nf4_xtab_after_attention(partials, projection.weight, projection.lora, seg1, seg2,
+                                                         True, config.num_warps, code)
+
+            out = run()
+            assert nf4_kernels.matches_reference(out, two_steps), (position, config.label)
+            same = (out == two_steps).float().mean().item()
+            print("NF4_XTAB_ATTN_COMBINE " + json.dumps({"position": position, "config": config.label,
+                                                         "bits_equal": same}))
+            assert same > 0.9, (position, config.label, same)
+            assert_replays_repeat(run, out, projection.lora, "xtab", config.label)
