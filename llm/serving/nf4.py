@@ -532,6 +532,29 @@ def enable_nf4_kernels(decoder: MistralDecoder) -> bool:
     return enabled
 
 
+def _precompile_one_row_folds(decoder: MistralDecoder) -> int:
+    """The one-row decode step's fold kernels (`nf4_kernels.precompile_one_row_folds`) for this decoder's
+    attention geometry, compiled ahead of the warm-up; 0 where there is no paged KV cache."""
+    from llm.serving import nf4_kernels, triton_kernels
+    from llm.serving.nf4_xtab import AttentionShape, RopeShape
+
+    kv = decoder.kv
+    if kv is None or not decoder.layers:
+        return 0
+    cfg = decoder.config
+    group = cfg.num_heads // cfg.num_kv_heads
+    splits = -(-kv.max_blocks // triton_kernels.PAGES_PER_SPLIT)
+    first = decoder.layers[0].projections
+    try:
+        return nf4_kernels.precompile_one_row_folds(
+            first["qkv"], first["o"], RopeShape(cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, kv.block_size),
+            AttentionShape(cfg.num_kv_heads, group, splits, cfg.head_dim, kv.block_size,
+                           triton_kernels.PAGES_PER_SPLIT))
+    except (RuntimeError, ValueError) as error:  # ahead of time only: the warm-up compiles what is missing
+        logger.warning("nf4: compiling the one-row fold kernels ahead failed (%s); they compile at first use", error)
+        return 0
+
+
 def disable_nf4_kernels(decoder: MistralDecoder) -> None:
     for layer in decoder.layers:
         for projection in layer.projections.values():
@@ -576,6 +599,7 @@ def build_nf4_engine(
                       for name in ("qkv", "o", "gate_up", "down")}
             info["nf4_plan"] = nf4_kernels.tune(groups, graphs.batch_buckets, cache=tuning_cache)
             info["nf4_kernels"] = True
+            info["nf4_folds_compiled_ahead"] = _precompile_one_row_folds(decoder)
             info["nf4_exact_prompt_rows"] = EXACT_PROMPT_ROWS  # PEFT's own LoRA products up to here
         except Exception as error:  # e.g. a Triton that cannot compile for this GPU
             logger.warning("nf4 kernels unavailable, dequantizing for cuBLAS instead: %r", error)

@@ -1072,6 +1072,32 @@ def nf4_after_attention(partials: nf4_xtab.AttentionPartials, weight: NF4Matrix,
                                              round_lora_first, config.num_warps, nf4_mma.code_values(weight.code))
 
 
+def precompile_one_row_folds(qkv: NF4Projection, o: NF4Projection, rope: nf4_xtab.RopeShape,
+                              attention: nf4_xtab.AttentionShape, threads: int | None = None) -> int:
+    """Compile ahead, on `threads` threads, the one-row kernels the decode step's folds launch (q/k/v
+    with the rope epilogue, plain for the first layer and after the add+norm for the others; o combining
+    the attention's splits), as the plan serves them; returns how many. Those not compiled here compile
+    at their first launch (the warm-up)."""
+    device = qkv.weight.packed.device
+    requests = []
+    for projection, preps, rope_shape, attention_shape in ((qkv, (nf4_xtab.PLAIN, nf4_xtab.ADD_NORM), rope, None),
+                                                            (o, (nf4_xtab.ATTN_COMBINE,), None, attention)):
+        n, k = projection.weight.shape
+        config = _one_row_xtab(1, projection.weight)
+        if config is None and projection is o:
+            config = max(_xtab_configs(n, k, projection.lora.boundaries), key=lambda c: c.num_warps, default=None)
+        chunks = nf4_xtab.chunks_for(n, k, nf4_xtab.sm_count(device)) if config is not None else None
+        if chunks is None or (rope_shape is not None and not nf4_xtab.rope_fits(n, k, config.num_warps, chunks,
+                                                                                  rope_shape)):
+            continue
+        head = (nf4_mma.code_values(projection.weight.code), device, k, config.num_warps, projection.lora.rank,
+                chunks)
+        requests += [(*head, prep, projection.weight.compact is not None, rope_shape, attention_shape)
+                     for prep in preps]
+    threads = default_compile_threads() if threads is None else threads
+    return nf4_xtab.precompile(requests, threads) if requests and threads > 1 else 0
+
+
 def nf4_rope_linear(x: torch.Tensor, weight: NF4Matrix, lora: LoraParts, round_lora_first: bool,
                     rope: nf4_xtab.RopeWrite) -> torch.Tensor | None:
     """q/k/v's `nf4_lora_linear` with `rope`'s rotation and KV write inside the one-row x-table launch
