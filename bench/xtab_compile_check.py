@@ -1,0 +1,112 @@
+"""Every one-row x-table kernel the `nf4` decode step launches, compiled for sm_90 offline (no GPU).
+
+For Mistral-7B's shapes and the served variants (plain, silu x up, add+norm, each with the float32 and the
+one-byte absmax; q/k/v with the rope epilogue; o combining the attention), at 8 and 16 warps: NVRTC
+(`compute_90` PTX) then `ptxas -arch=sm_90 -v`. Prints one JSON line per kernel: registers, spill bytes,
+and whether every load of what an earlier kernel wrote (`ld.global.cg`) comes after `griddepcontrol.wait`
+in the PTX (run 32's race was such a load moved above it). Exits 1 on a failed compile, a spill or a
+load before the wait.
+
+Needs NVRTC and ptxas from pip (no CUDA install):
+    pip install --target /tmp/nv nvidia-cuda-nvrtc-cu12 nvidia-cuda-nvcc-cu12
+    python bench/xtab_compile_check.py --nvrtc /tmp/nv/nvidia/cuda_nvrtc/lib/libnvrtc.so.12 \
+        --ptxas /tmp/nv/nvidia/cuda_nvcc/bin/ptxas
+"""
+
+from __future__ import annotations
+
+import argparse
+import ctypes
+import json
+import re
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from llm.serving import nf4_xtab  # noqa: E402
+
+NF4_CODE = (-1.0, -0.6961928009986877, -0.5250730514526367, -0.39491748809814453, -0.28444138169288635,
+            -0.18477343022823334, -0.09105003625154495, 0.0, 0.07958029955625534, 0.16093020141124725,
+            0.24611230194568634, 0.33791524171829224, 0.44070982933044434, 0.5626170039176941,
+            0.7229568362236023, 1.0)
+ROPE = nf4_xtab.RopeShape(num_heads=32, num_kv_heads=8, head_dim=128, kv_block=32)
+# 2,048 positions in pages of 32, two pages a split (the bench's decoder)
+ATTENTION = nf4_xtab.AttentionShape(kv_heads=8, group=4, splits=32, head_dim=128, kv_block=32, pages_per_split=2)
+# (name, K, row chunks on 132 SMs, preparation, rope, attention)
+KERNELS = (
+    ("qkv", 4096, 8, nf4_xtab.PLAIN, None, None),
+    ("qkv_add_norm", 4096, 8, nf4_xtab.ADD_NORM, None, None),
+    ("qkv_rope", 4096, 8, nf4_xtab.PLAIN, ROPE, None),
+    ("qkv_add_norm_rope", 4096, 8, nf4_xtab.ADD_NORM, ROPE, None),
+    ("o_combine", 4096, 8, nf4_xtab.ATTN_COMBINE, None, ATTENTION),
+    ("gate_up_add_norm", 4096, 8, nf4_xtab.ADD_NORM, None, None),
+    ("down_silu_mul", 14336, 2, nf4_xtab.SILU_MUL, None, None),
+)
+
+
+def ptx_of(nvrtc: ctypes.CDLL, source: str) -> tuple[str | None, str]:
+    """(PTX, NVRTC's log): PTX None where the compile failed."""
+    program = ctypes.c_void_p()
+    if nvrtc.nvrtcCreateProgram(ctypes.byref(program), source.encode(), b"xtab.cu", 0, None, None):
+        return None, "nvrtcCreateProgram failed"
+    options = [b"--gpu-architecture=compute_90", b"-default-device", b"--std=c++17"]
+    result = nvrtc.nvrtcCompileProgram(program, len(options), (ctypes.c_char_p * len(options))(*options))
+    size = ctypes.c_size_t()
+    nvrtc.nvrtcGetProgramLogSize(program, ctypes.byref(size))
+    log = ctypes.create_string_buffer(size.value)
+    nvrtc.nvrtcGetProgramLog(program, log)
+    if result:
+        return None, log.value.decode(errors="replace")
+    nvrtc.nvrtcGetPTXSize(program, ctypes.byref(size))
+    ptx = ctypes.create_string_buffer(size.value)
+    nvrtc.nvrtcGetPTX(program, ptx)
+    return ptx.value.decode(), log.value.decode(errors="replace")
+
+
+def loads_after_wait(ptx: str) -> bool:
+    """Every `ld.global.cg` (x, the residual, the attention's partials: what the kernel before wrote)
+    comes after the first `griddepcontrol.wait`."""
+    wait = ptx.find("griddepcontrol.wait")
+    first_cg = ptx.find("ld.global.cg")
+    return wait >= 0 and (first_cg < 0 or first_cg > wait)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--nvrtc", required=True, help="libnvrtc.so (from the nvidia-cuda-nvrtc wheel)")
+    parser.add_argument("--ptxas", required=True, help="ptxas (from the nvidia-cuda-nvcc wheel)")
+    args = parser.parse_args()
+    nvrtc = ctypes.CDLL(args.nvrtc)
+    failures = 0
+    with tempfile.TemporaryDirectory() as folder:
+        for name, k, chunks, prep, rope, attention in KERNELS:
+            for warps in nf4_xtab.WARP_CHOICES:
+                for compact in (False, True):
+                    label = f"{name}_w{warps}{'_one_byte_absmax' if compact else ''}"
+                    source = nf4_xtab.source(NF4_CODE, k, warps, 32, chunks, prep, compact, rope, attention)
+                    ptx, log = ptx_of(nvrtc, source)
+                    result: dict = {"kernel": label}
+                    if ptx is None:
+                        result["error"] = log[:2000]
+                    else:
+                        path = Path(folder) / f"{label}.ptx"
+                        path.write_text(ptx)
+                        out = subprocess.run([args.ptxas, "-arch=sm_90", "-v", str(path), "-o", str(path) + ".cubin"],
+                                             capture_output=True, text=True, check=False)
+                        registers = re.search(r"Used (\d+) registers", out.stderr)
+                        spills = [int(v) for v in re.findall(r"(\d+) bytes spill", out.stderr)]
+                        result.update(registers=int(registers.group(1)) if registers else None,
+                                      spill_bytes=sum(spills), loads_after_wait=loads_after_wait(ptx))
+                        if out.returncode:
+                            result["error"] = out.stderr[-2000:]
+                    failures += bool(result.get("error") or result.get("spill_bytes") or
+                                     not result.get("loads_after_wait", True))
+                    print(json.dumps(result), flush=True)
+    return 1 if failures else 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
