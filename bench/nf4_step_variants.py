@@ -86,7 +86,7 @@ def main() -> None:
     for label, off in VARIANTS.items():
         result: dict = {"variant": label}
         with switched_off(decoder, off), torch.inference_mode():
-            base = DecodeGraphs(decoder, batch_buckets=[1], kv_buckets=[graphs.max_seq_len])
+            base = DecodeGraphs(decoder, batch_buckets=[1, decoder.max_batch], kv_buckets=[graphs.max_seq_len])
             base.capture()
             try:
                 for kv in (256, 2048):

@@ -73,7 +73,7 @@ def test_the_one_row_folds_give_the_separate_kernels_next_token_logits(mistral_t
         logits = {}
         for label in ("folds", "separate"):
             with _folds_off(decoder) if label == "separate" else nullcontext():
-                graphs = DecodeGraphs(decoder, batch_buckets=[1], kv_buckets=[512])
+                graphs = DecodeGraphs(decoder, batch_buckets=[1, decoder.max_batch], kv_buckets=[512])
                 graphs.capture()
                 try:
                     decoder.kv_release(0)
