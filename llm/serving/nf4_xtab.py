@@ -32,13 +32,14 @@ and gate/up (every block sums the whole row's squares in the same order, so all 
 bits; chunk 0 writes the residual stream's next value), `silu(gate) * up` before down. Each op rounds to
 bf16 as eager PyTorch's does (run 32: the one-row step 2.69 -> 2.46 ms).
 
-Two more things the launch may do (run 34, not yet timed on a GPU): read the absmax in bitsandbytes'
-one-byte double-quantized form (COMPACT_ABSMAX, `llm.serving.nf4.CompactAbsmax`: a quarter of the
-float32 absmax bytes, which are ~11 % of a projection's), and, for q/k/v (XROPE, `RopeWrite`), finish
-whole heads per block and do the rope kernel's work in its epilogue: q rotated, k rotated and v
-written to the row's slot of the paged KV pool (one launch a layer less). Loads that do not depend on
-the kernel before (the first row group's weights and absmax, the first LoRA A rank, the norm weights)
-are issued before waiting for it.
+Since run 34 (not yet timed on a GPU) the launch may also: read the absmax in bitsandbytes' one-byte
+double-quantized form (COMPACT_ABSMAX, `llm.serving.nf4.CompactAbsmax`: a quarter of the float32 absmax
+bytes, which are ~11 % of a projection's); for q/k/v (XROPE, `RopeWrite`), finish whole heads per block
+and do the rope kernel's work in its epilogue (q rotated, k rotated and v written to the row's slot of
+the paged KV pool); for o (ATTN_COMBINE, `AttentionPartials`), take the split attention's partials and
+combine them itself as its input preparation (the reduce kernel's work). Each saves a launch a layer.
+Loads that do not depend on the kernel before (the first row group's weights and absmax, the first
+LoRA A rank, the norm weights) are issued before waiting for it.
 
 tests/test_nf4_xtab_emulated.py runs this CUDA text on the CPU (tests/fakes/cuda_emulation.hpp, both
 phases as separate launches); tests/gpu runs it on a GPU.
