@@ -436,9 +436,10 @@ def close_socket_mode(handler, drain_s: float) -> None:  # noqa: ANN001 - slack_
 
     Closed at once, a listener still running (a slash command just answered, a mention being saved)
     fails to send its ack: Slack shows the user a timeout for a command and the operator's log gets
-    slack_bolt's traceback. So: take no new envelopes off the connection (Slack sends the ones it
-    has no ack for again, to this instance after a restart or to another one), let the running
-    listeners finish, then close."""
+    slack_bolt's traceback. So: take no new envelopes off the connection, let the running listeners
+    finish, then close. Events Slack has no ack for it sends again (to this instance after a restart or
+    to another one); a command or a click received just before SIGTERM but not yet handed to a
+    listener times out for its user, as it would with any stop."""
     client = handler.client
     client.closed = True  # the message processor's loop ends after its current 1 s wait
     processor = getattr(client, "message_processor", None)
@@ -457,7 +458,8 @@ def close_socket_mode(handler, drain_s: float) -> None:  # noqa: ANN001 - slack_
         if not drained.wait(drain_s):
             logger.warning("Socket Mode: events still being acknowledged after %.0f s; closing anyway", drain_s)
     if left:
-        logger.info("Socket Mode: %d event(s) received but not taken in; Slack sends them again", left)
+        logger.warning("Socket Mode: %d envelope(s) received but not taken in before closing: Slack retries the "
+                       "events among them; commands or clicks among them time out for their users", left)
     handler.close()
 
 
