@@ -184,3 +184,43 @@ def test_the_decode_step_folds_its_element_wise_pieces_into_the_layers_launches_
     # per step: gate/up in every layer, q/k/v in every layer but the first (its input is the embedding)
     assert calls == {"add_norm": len(following) * (2 * layers - 1), "silu_mul": len(following) * layers}
     assert torch.equal(folded, separate)
+
+
+def test_a_one_row_fold_that_disagrees_with_the_separate_steps_is_switched_off_at_start_up(reference_model, caplog):
+    """`verify_one_row_folds`: a fold whose output matches q/k/v + rope stays; one that does not is
+    switched off in every layer with one WARNING line (the separate kernels then serve)."""
+    import logging
+
+    from llm.serving.mistral_decoder import _add_rms_norm, _rope_decode
+    from llm.serving.nf4 import verify_one_row_folds
+
+    decoder = build_nf4_decoder(reference_model, max_batch=1, max_seq_len=128, kv_cache_tokens=256)
+    cfg = decoder.config
+
+    def rope_fold_done_right(x, rope):  # noqa: ANN001, ANN202 - what the kernel's epilogue computes
+        q, k, v = _rope_decode(decoder.layers[0].qkv(x), rope.cos, rope.sin, rope.positions, cfg.num_heads,
+                               cfg.num_kv_heads, cfg.head_dim)
+        position = int(rope.positions[0])
+        block, offset = int(rope.table[0, position // rope.shape.kv_block]), position % rope.shape.kv_block
+        rope.k_pool[block, :, offset], rope.v_pool[block, :, offset] = k[0], v[0]
+        return q.reshape(1, -1)
+
+    def after_add_norm_done_right(h, delta, eps, rope):  # noqa: ANN001, ANN202
+        h_next, normed = _add_rms_norm(h, delta, decoder.layers[0].input_norm, eps)
+        return h_next, rope_fold_done_right(normed, rope)
+
+    for layer in decoder.layers:
+        layer.qkv_rope, layer.after_add_norm_rope = rope_fold_done_right, after_add_norm_done_right
+    assert verify_one_row_folds(decoder) == []
+    assert all(layer.qkv_rope is rope_fold_done_right for layer in decoder.layers)
+
+    def rope_fold_off_by_a_head(x, rope):  # noqa: ANN001, ANN202
+        return rope_fold_done_right(x, rope).roll(cfg.head_dim, dims=1)
+
+    for layer in decoder.layers:
+        layer.qkv_rope = rope_fold_off_by_a_head
+    with caplog.at_level(logging.WARNING, logger="llm.serving.nf4"):
+        assert verify_one_row_folds(decoder) == ["rope"]
+    assert all(layer.qkv_rope is None and layer.after_add_norm_rope is None for layer in decoder.layers)
+    [warning] = [r for r in caplog.records if r.levelno == logging.WARNING]
+    assert "rope fold is switched off" in warning.getMessage() and "qkv_rope differs" in warning.getMessage()

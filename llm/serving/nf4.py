@@ -532,6 +532,91 @@ def enable_nf4_kernels(decoder: MistralDecoder) -> bool:
     return enabled
 
 
+ONE_ROW_FOLDS = {"rope": ("qkv_rope", "after_add_norm_rope"), "combine": ("o_after_attention",)}
+
+
+def verify_one_row_folds(decoder: MistralDecoder) -> list[str]:
+    """Each one-row fold of the decode step (q/k/v doing the rope kernel's work, o combining the split
+    attention) against the separate steps on layer 0, once at start-up: a fold that disagrees, or that
+    cannot be checked, is switched off in every layer (one WARNING line) and the separate kernels serve.
+    Returns the folds switched off."""
+    from llm.serving.mistral_decoder import _add_rms_norm, _rope_decode
+
+    kv = decoder.kv
+    layer = decoder.layers[0] if decoder.layers else None
+    if kv is None or layer is None:
+        return []
+    cfg = decoder.config
+    device, dtype = decoder.device, decoder.dtype
+    generator = torch.Generator(device=device).manual_seed(0)
+    # A position on the second page, every page the scratch block: the check writes nothing a row owns.
+    offset = 3
+    positions = torch.tensor([kv.block_size + offset], device=device)
+    table = torch.zeros((1, kv.max_blocks), dtype=torch.int32, device=device)
+    failed: dict[str, str] = {}
+
+    def close(out: torch.Tensor | None, expected: torch.Tensor) -> bool:
+        tolerance = 2 * expected.float().abs().max().item() * 2**-8
+        return out is not None and bool((out.float() - expected.float()).abs().max().item() <= tolerance)
+
+    def check_rope() -> str | None:
+        x = torch.randn((1, cfg.hidden_size), generator=generator, device=device).to(dtype)
+        h = torch.randn((1, cfg.hidden_size), generator=generator, device=device).to(dtype)
+        h_next, normed = _add_rms_norm(h, x, layer.input_norm, cfg.rms_norm_eps)
+        for name, run, source in (
+            ("qkv_rope", lambda rope: layer.qkv_rope(x, rope), x),
+            ("after_add_norm_rope", lambda rope: _second(layer.after_add_norm_rope(h, x, cfg.rms_norm_eps, rope)), normed),
+        ):
+            q_ref, k_ref, v_ref = _rope_decode(layer.qkv(source), decoder.cos, decoder.sin, positions,
+                                               cfg.num_heads, cfg.num_kv_heads, cfg.head_dim)
+            q = run(decoder._rope_write(0, positions, table))
+            if q is None:
+                return None  # not served here (no one-row x-table kernel): nothing to check
+            k = decoder.k_cache[0][0, :, offset]
+            v = decoder.v_cache[0][0, :, offset]
+            if not (close(q, q_ref.reshape(1, -1)) and close(k, k_ref[0]) and close(v, v_ref[0])):
+                return f"{name} differs from q/k/v + rope"
+        return None
+
+    def check_combine() -> str | None:
+        from llm.serving import triton_kernels
+        from llm.serving.nf4_xtab import AttentionPartials, AttentionShape
+
+        if not triton_kernels.available(device):
+            return None
+        q = torch.randn((1, cfg.num_heads * cfg.head_dim), generator=generator, device=device).to(dtype)
+        acc, ml = triton_kernels.paged_decode_partials(q, decoder.k_cache[0], decoder.v_cache[0], table, positions,
+                                                       decoder.scale, cfg.num_heads)
+        _, kv_heads, splits, group, head_dim = acc.shape
+        shape = AttentionShape(kv_heads, group, splits, head_dim, kv.block_size, triton_kernels.PAGES_PER_SPLIT)
+        out = layer.o_after_attention(AttentionPartials(shape, acc, ml, positions))
+        if out is None:
+            return None
+        expected = layer.o(triton_kernels.paged_decode_reduce(acc, ml, positions, kv.block_size, dtype=dtype))
+        return None if close(out, expected) else "o_after_attention differs from reduce + o"
+
+    for fold, check in (("rope", check_rope), ("combine", check_combine)):
+        if not all(callable(getattr(layer, name, None)) for name in ONE_ROW_FOLDS[fold]):
+            continue
+        try:
+            with torch.inference_mode():
+                why = check()
+        except (RuntimeError, ValueError) as error:
+            why = f"the check failed: {str(error).splitlines()[0][:200] if str(error) else type(error).__name__}"
+        if why is not None:
+            failed[fold] = why
+    for fold, why in failed.items():
+        logger.warning("nf4: the one-row %s fold is switched off, the separate kernels serve: %s", fold, why)
+        for each in decoder.layers:
+            for name in ONE_ROW_FOLDS[fold]:
+                setattr(each, name, None)
+    return sorted(failed)
+
+
+def _second(pair: tuple[torch.Tensor, torch.Tensor] | None) -> torch.Tensor | None:
+    return None if pair is None else pair[1]
+
+
 def _precompile_one_row_folds(decoder: MistralDecoder) -> int:
     """The one-row decode step's fold kernels (`nf4_kernels.precompile_one_row_folds`) for this decoder's
     attention geometry, compiled ahead of the warm-up; 0 where there is no paged KV cache."""
@@ -600,6 +685,7 @@ def build_nf4_engine(
             info["nf4_plan"] = nf4_kernels.tune(groups, graphs.batch_buckets, cache=tuning_cache)
             info["nf4_kernels"] = True
             info["nf4_folds_compiled_ahead"] = _precompile_one_row_folds(decoder)
+            info["nf4_folds_switched_off"] = verify_one_row_folds(decoder)
             info["nf4_exact_prompt_rows"] = EXACT_PROMPT_ROWS  # PEFT's own LoRA products up to here
         except Exception as error:  # e.g. a Triton that cannot compile for this GPU
             logger.warning("nf4 kernels unavailable, dequantizing for cuBLAS instead: %r", error)
