@@ -28,10 +28,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from llm.serving import nf4_xtab  # noqa: E402
 
-NF4_CODE = (-1.0, -0.6961928009986877, -0.5250730514526367, -0.39491748809814453, -0.28444138169288635,
-            -0.18477343022823334, -0.09105003625154495, 0.0, 0.07958029955625534, 0.16093020141124725,
-            0.24611230194568634, 0.33791524171829224, 0.44070982933044434, 0.5626170039176941,
-            0.7229568362236023, 1.0)
 ROPE = nf4_xtab.RopeShape(num_heads=32, num_kv_heads=8, head_dim=128, kv_block=32)
 # 2,048 positions in pages of 32, two pages a split (the bench's decoder)
 ATTENTION = nf4_xtab.AttentionShape(kv_heads=8, group=4, splits=32, head_dim=128, kv_block=32, pages_per_split=2)
@@ -79,14 +75,22 @@ def main() -> int:
     parser.add_argument("--nvrtc", required=True, help="libnvrtc.so (from the nvidia-cuda-nvrtc wheel)")
     parser.add_argument("--ptxas", required=True, help="ptxas (from the nvidia-cuda-nvcc wheel)")
     args = parser.parse_args()
-    nvrtc = ctypes.CDLL(args.nvrtc)
+    from bitsandbytes.functional import get_4bit_type
+
+    code = get_4bit_type("nf4", device="cpu").tolist()
+    try:
+        nvrtc = ctypes.CDLL(args.nvrtc)
+    except OSError as error:
+        parser.error(f"--nvrtc {args.nvrtc}: cannot load it ({error})")
+    if not Path(args.ptxas).is_file():
+        parser.error(f"--ptxas {args.ptxas}: no such file")
     failures = 0
     with tempfile.TemporaryDirectory() as folder:
         for name, k, chunks, prep, rope, attention in KERNELS:
             for warps in nf4_xtab.WARP_CHOICES:
                 for compact in (False, True):
                     label = f"{name}_w{warps}{'_one_byte_absmax' if compact else ''}"
-                    source = nf4_xtab.source(NF4_CODE, k, warps, 32, chunks, prep, compact, rope, attention)
+                    source = nf4_xtab.source(code, k, warps, 32, chunks, prep, compact, rope, attention)
                     ptx, log = ptx_of(nvrtc, source)
                     result: dict = {"kernel": label}
                     if ptx is None:

@@ -262,6 +262,8 @@ def test_the_rope_epilogue_needs_whole_heads_per_block():
     assert not nf4_xtab.rope_fits(6144, 4096, 8, 5, shape)  # chunks not in whole rows
     assert not nf4_xtab.rope_fits(6144, 4096, 8, 64, shape)  # 96 rows a chunk: not whole heads
     assert not nf4_xtab.rope_fits(4096, 4096, 8, 8, shape)  # not q/k/v's rows
+    with pytest.raises(ValueError, match="no rope epilogue"):  # never a kernel text that splits heads
+        nf4_xtab.source(NF4_CODE, 4096, 8, RANK, 64, nf4_xtab.PLAIN, rope=shape)
 
 
 def test_o_combines_the_attention_splits_inside_the_launch(tmp_path_factory):

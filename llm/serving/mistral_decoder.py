@@ -649,23 +649,38 @@ class MistralDecoder:
         if fused is None:
             attn = triton_kernels.paged_decode_attention(q, k_pool, v_pool, table, positions, self.scale, cfg.num_heads)
             return layer.o(attn)
-        from llm.serving.nf4_xtab import AttentionPartials, AttentionShape
+        from llm.serving.nf4_xtab import AttentionPartials
 
         acc, ml = triton_kernels.paged_decode_partials(q, k_pool, v_pool, table, positions, self.scale, cfg.num_heads)
-        _, kv_heads, splits, group, head_dim = acc.shape
-        shape = AttentionShape(kv_heads, group, splits, head_dim, self.kv.block_size, triton_kernels.PAGES_PER_SPLIT)
-        out = fused(AttentionPartials(shape, acc, ml, positions))
+        out = fused(AttentionPartials(self.attention_shape(), acc, ml, positions))
         if out is None:
             out = layer.o(triton_kernels.paged_decode_reduce(acc, ml, positions, self.kv.block_size,
                                                              dtype=self.dtype))
         return out
 
-    def _rope_write(self, index: int, positions: torch.Tensor, table: torch.Tensor):  # noqa: ANN202 - RopeWrite
-        from llm.serving.nf4_xtab import RopeShape, RopeWrite
+    def rope_shape(self):  # noqa: ANN201 - nf4_xtab.RopeShape
+        """The attention geometry a q/k/v launch that rotates and writes the KV itself compiles for."""
+        from llm.serving.nf4_xtab import RopeShape
 
         cfg = self.config
-        shape = RopeShape(cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, self.kv.block_size)
-        return RopeWrite(shape, self.cos, self.sin, positions, table, self.k_cache[index], self.v_cache[index])
+        return RopeShape(cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, self.kv.block_size)
+
+    def attention_shape(self):  # noqa: ANN201 - nf4_xtab.AttentionShape
+        """How `triton_kernels.paged_decode_partials` lays out this decoder's partials (one split per
+        PAGES_PER_SPLIT pages of the block table)."""
+        from llm.serving.nf4_xtab import AttentionShape
+
+        cfg = self.config
+        splits = -(-self.kv.max_blocks // triton_kernels.PAGES_PER_SPLIT)
+        return AttentionShape(cfg.num_kv_heads, cfg.num_heads // cfg.num_kv_heads, splits, cfg.head_dim,
+                              self.kv.block_size, triton_kernels.PAGES_PER_SPLIT)
+
+    def rope_write(self, index: int, positions: torch.Tensor, table: torch.Tensor):  # noqa: ANN201 - RopeWrite
+        """Layer `index`'s KV pool and the rotary tables, for a q/k/v launch that does the rope kernel's work."""
+        from llm.serving.nf4_xtab import RopeWrite
+
+        return RopeWrite(self.rope_shape(), self.cos, self.sin, positions, table, self.k_cache[index],
+                         self.v_cache[index])
 
     def _qkv_of_first_layer(self, h: torch.Tensor, positions: torch.Tensor, table: torch.Tensor,
                             triton_attn: bool) -> tuple[torch.Tensor | None, torch.Tensor | None]:
@@ -674,7 +689,7 @@ class MistralDecoder:
         layer = self.layers[0]
         x = self._norm(h, layer.input_norm, self.config.rms_norm_eps)
         fused = getattr(layer, "qkv_rope", None)
-        if triton_attn and fused is not None and (q := fused(x, self._rope_write(0, positions, table))) is not None:
+        if triton_attn and fused is not None and (q := fused(x, self.rope_write(0, positions, table))) is not None:
             return q, None
         return None, layer.qkv(x)
 
@@ -686,7 +701,7 @@ class MistralDecoder:
         layer = self.layers[index]
         fused = getattr(layer, "after_add_norm_rope", None)
         if triton_attn and fused is not None:
-            result = fused(h, delta, self.config.rms_norm_eps, self._rope_write(index, positions, table))
+            result = fused(h, delta, self.config.rms_norm_eps, self.rope_write(index, positions, table))
             if result is not None:
                 return result[0], result[1], None
         h, qkv = self._add_norm_then(layer, "qkv", h, delta, self.config.rms_norm_eps)

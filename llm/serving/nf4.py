@@ -88,10 +88,10 @@ class CompactAbsmax:
         of 256 absmax values, whole ones) or its bytes do not decode to `absmax` exactly."""
         state2 = getattr(quant_state, "state2", None)
         if (not getattr(quant_state, "nested", False) or state2 is None or state2.blocksize != NESTED_BLOCK
-                or absmax.numel() % NESTED_BLOCK or quant_state.absmax.dtype != torch.uint8):
+                or quant_state.absmax.dtype != torch.uint8):
             return None
         nested_absmax = state2.absmax.float().reshape(-1)
-        if nested_absmax.numel() != absmax.numel() // NESTED_BLOCK:
+        if nested_absmax.numel() * NESTED_BLOCK != absmax.numel():  # a last block partly filled
             return None
         offset = torch.as_tensor(quant_state.offset, dtype=torch.float32, device=absmax.device).reshape(())
         compact = cls(
@@ -541,6 +541,7 @@ def verify_one_row_folds(decoder: MistralDecoder) -> list[str]:
     cannot be checked, is switched off in every layer (one WARNING line) and the separate kernels serve.
     Returns the folds switched off."""
     from llm.serving.mistral_decoder import _add_rms_norm, _rope_decode
+    from llm.serving.nf4_kernels import matches_reference
 
     kv = decoder.kv
     layer = decoder.layers[0] if decoder.layers else None
@@ -556,8 +557,7 @@ def verify_one_row_folds(decoder: MistralDecoder) -> list[str]:
     failed: dict[str, str] = {}
 
     def close(out: torch.Tensor | None, expected: torch.Tensor) -> bool:
-        tolerance = 2 * expected.float().abs().max().item() * 2**-8
-        return out is not None and bool((out.float() - expected.float()).abs().max().item() <= tolerance)
+        return out is not None and matches_reference(out, expected)
 
     def check_rope() -> str | None:
         x = torch.randn((1, cfg.hidden_size), generator=generator, device=device).to(dtype)
@@ -569,7 +569,7 @@ def verify_one_row_folds(decoder: MistralDecoder) -> list[str]:
         ):
             q_ref, k_ref, v_ref = _rope_decode(layer.qkv(source), decoder.cos, decoder.sin, positions,
                                                cfg.num_heads, cfg.num_kv_heads, cfg.head_dim)
-            q = run(decoder._rope_write(0, positions, table))
+            q = run(decoder.rope_write(0, positions, table))
             if q is None:
                 return None  # not served here (no one-row x-table kernel): nothing to check
             k = decoder.k_cache[0][0, :, offset]
@@ -580,16 +580,14 @@ def verify_one_row_folds(decoder: MistralDecoder) -> list[str]:
 
     def check_combine() -> str | None:
         from llm.serving import triton_kernels
-        from llm.serving.nf4_xtab import AttentionPartials, AttentionShape
+        from llm.serving.nf4_xtab import AttentionPartials
 
         if not triton_kernels.available(device):
             return None
         q = torch.randn((1, cfg.num_heads * cfg.head_dim), generator=generator, device=device).to(dtype)
         acc, ml = triton_kernels.paged_decode_partials(q, decoder.k_cache[0], decoder.v_cache[0], table, positions,
                                                        decoder.scale, cfg.num_heads)
-        _, kv_heads, splits, group, head_dim = acc.shape
-        shape = AttentionShape(kv_heads, group, splits, head_dim, kv.block_size, triton_kernels.PAGES_PER_SPLIT)
-        out = layer.o_after_attention(AttentionPartials(shape, acc, ml, positions))
+        out = layer.o_after_attention(AttentionPartials(decoder.attention_shape(), acc, ml, positions))
         if out is None:
             return None
         expected = layer.o(triton_kernels.paged_decode_reduce(acc, ml, positions, kv.block_size, dtype=dtype))
@@ -620,21 +618,14 @@ def _second(pair: tuple[torch.Tensor, torch.Tensor] | None) -> torch.Tensor | No
 def _precompile_one_row_folds(decoder: MistralDecoder) -> int:
     """The one-row decode step's fold kernels (`nf4_kernels.precompile_one_row_folds`) for this decoder's
     attention geometry, compiled ahead of the warm-up; 0 where there is no paged KV cache."""
-    from llm.serving import nf4_kernels, triton_kernels
-    from llm.serving.nf4_xtab import AttentionShape, RopeShape
+    from llm.serving import nf4_kernels
 
-    kv = decoder.kv
-    if kv is None or not decoder.layers:
+    if decoder.kv is None or not decoder.layers:
         return 0
-    cfg = decoder.config
-    group = cfg.num_heads // cfg.num_kv_heads
-    splits = -(-kv.max_blocks // triton_kernels.PAGES_PER_SPLIT)
     first = decoder.layers[0].projections
     try:
-        return nf4_kernels.precompile_one_row_folds(
-            first["qkv"], first["o"], RopeShape(cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, kv.block_size),
-            AttentionShape(cfg.num_kv_heads, group, splits, cfg.head_dim, kv.block_size,
-                           triton_kernels.PAGES_PER_SPLIT))
+        return nf4_kernels.precompile_one_row_folds(first["qkv"], first["o"], decoder.rope_shape(),
+                                                    decoder.attention_shape())
     except (RuntimeError, ValueError) as error:  # ahead of time only: the warm-up compiles what is missing
         logger.warning("nf4: compiling the one-row fold kernels ahead failed (%s); they compile at first use", error)
         return 0

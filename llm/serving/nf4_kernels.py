@@ -1061,15 +1061,21 @@ def nf4_after_attention(partials: nf4_xtab.AttentionPartials, weight: NF4Matrix,
     the one-row x-table launch (one launch a layer less than the reduce kernel + o); None where no
     x-table layout serves this weight here. Served whichever one-row kernel the plan timed fastest
     for o alone: the two are within ~0.3 us of each other (run 31), the launch it saves ~2-4 us."""
-    config = _one_row_xtab(1, weight)
-    if config is None:
-        n, k = weight.shape
-        candidates = _xtab_configs(n, k, lora.boundaries)
-        config = max(candidates, key=lambda c: c.num_warps, default=None)
+    config = _o_combine_config(weight, lora)
     if config is None:
         return None
     return nf4_xtab.nf4_xtab_after_attention(partials, weight, lora, *lora.part_starts(weight.shape[0]),
                                              round_lora_first, config.num_warps, nf4_mma.code_values(weight.code))
+
+
+def _o_combine_config(weight: NF4Matrix, lora: LoraParts) -> NF4Config | None:
+    """The x-table layout o's combining launch runs with: the plan's one-row layout where it is one,
+    else the most warps of those that fit; None where none does."""
+    config = _one_row_xtab(1, weight)
+    if config is None:
+        n, k = weight.shape
+        config = max(_xtab_configs(n, k, lora.boundaries), key=lambda c: c.num_warps, default=None)
+    return config
 
 
 def precompile_one_row_folds(qkv: NF4Projection, o: NF4Projection, rope: nf4_xtab.RopeShape,
@@ -1080,18 +1086,15 @@ def precompile_one_row_folds(qkv: NF4Projection, o: NF4Projection, rope: nf4_xta
     at their first launch (the warm-up)."""
     device = qkv.weight.packed.device
     requests = []
-    for projection, preps, rope_shape, attention_shape in ((qkv, (nf4_xtab.PLAIN, nf4_xtab.ADD_NORM), rope, None),
-                                                            (o, (nf4_xtab.ATTN_COMBINE,), None, attention)):
-        n, k = projection.weight.shape
-        config = _one_row_xtab(1, projection.weight)
-        if config is None and projection is o:
-            config = max(_xtab_configs(n, k, projection.lora.boundaries), key=lambda c: c.num_warps, default=None)
-        chunks = nf4_xtab.chunks_for(n, k, nf4_xtab.sm_count(device)) if config is not None else None
-        if chunks is None or (rope_shape is not None and not nf4_xtab.rope_fits(n, k, config.num_warps, chunks,
-                                                                                  rope_shape)):
+    for projection, config, preps, rope_shape, attention_shape in (
+            (qkv, _one_row_xtab(1, qkv.weight), (nf4_xtab.PLAIN, nf4_xtab.ADD_NORM), rope, None),
+            (o, _o_combine_config(o.weight, o.lora), (nf4_xtab.ATTN_COMBINE,), None, attention)):
+        if config is None or (rope_shape is not None and not nf4_xtab.rope_serves(projection.weight, config.num_warps,
+                                                                                   device, rope_shape)):
             continue
+        n, k = projection.weight.shape
         head = (nf4_mma.code_values(projection.weight.code), device, k, config.num_warps, projection.lora.rank,
-                chunks)
+                nf4_xtab.chunks_for(n, k, nf4_xtab.sm_count(device)))
         requests += [(*head, prep, projection.weight.compact is not None, rope_shape, attention_shape)
                      for prep in preps]
     threads = default_compile_threads() if threads is None else threads

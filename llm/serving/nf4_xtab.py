@@ -687,10 +687,12 @@ def _kernel(code: tuple[float, ...], device: torch.device, k: int, warps: int, r
     if key not in _KERNELS:
         if _DISABLED is not None:
             raise XtabUnavailable(_DISABLED)
+        # Outside the try: a layout this kernel does not have is the caller's ValueError, not a reason to
+        # take the x-table kernels out of service.
+        text = source(code, k, warps, rank, chunks, prep, compact, rope, attention)
         try:
             with torch.cuda.device(device):
-                kernel = torch.cuda._compile_kernel(source(code, k, warps, rank, chunks, prep, compact, rope, attention),
-                                                     "nf4_xtab_kernel")
+                kernel = torch.cuda._compile_kernel(text, "nf4_xtab_kernel")
                 kernel.set_shared_memory_config(TABLE_BYTES)
         except Exception as error:  # noqa: BLE001 - NVRTC missing or refusing: any failure means "not here"
             _DISABLED = (str(error).strip().splitlines() or [type(error).__name__])[0][:300]
@@ -764,22 +766,21 @@ def _launch(prep: int, x: torch.Tensor, weight: NF4Matrix, lora: LoraParts, seg1
     chunks = chunks_for(n, k, sm_count(x.device))
     if chunks is None:
         raise ValueError(f"no x-table layout for a {n} x {k} weight on this GPU")
-    if rope is not None and not rope_fits(n, k, warps, chunks, rope.shape):
-        raise ValueError(f"no rope epilogue for {rope.shape} with a {n} x {k} weight, {warps} warps, {chunks} chunks")
     x = _aligned(x)
     compact = weight.compact
     kernel = _kernel(code, x.device, k, warps, lora.rank, chunks, prep, compact is not None,
                      rope.shape if rope is not None else None, attention.shape if attention is not None else None)
     slices = k // SLICE
     rt = lora.a.shape[0]
-    y = torch.empty((1, n), dtype=torch.bfloat16, device=x.device)
+    # With rope, q is the output: the rest goes to the KV pool
+    outputs = rope.shape.num_heads * rope.shape.head_dim if rope is not None else n
+    y = torch.empty((1, outputs), dtype=torch.bfloat16, device=x.device)
     partial = torch.empty((slices, n), dtype=torch.float32, device=x.device)
     t_partial = torch.empty((slices, rt), dtype=torch.float32, device=x.device)
     counters = lora.counters("xtab", 2, x.device)
     absmax = (compact.codes, compact.nested, compact.table) if compact is not None else (weight.absmax,) * 3
     if rope is not None:
         shape = rope.shape
-        y = torch.empty((1, shape.num_heads * shape.head_dim), dtype=torch.bfloat16, device=x.device)
         pool = rope.k_pool
         if pool.stride() != rope.v_pool.stride() or pool.stride(3) != 1 or pool.shape[1:] != (
                 shape.num_kv_heads, shape.kv_block, shape.head_dim):

@@ -221,3 +221,16 @@ def test_an_admin_sees_the_week_and_controls_act_at_once_and_forged_actions_are_
     assert not (submit(coming, "환율") or {}).get("errors")
     assert home_bot.rows("select post_date, term from term_pins") == [(coming.isoformat(), "환율")]
     fake.wait_for(lambda: coming.isoformat() in _text(fake.home_view(ADMIN)), timeout=15)
+
+    # The database refusing the write (here: its table renamed away): the modal stays open with one Korean
+    # line, the operator's log gets one WARNING line, no traceback (running_finbot checks on the way out).
+    with sqlite3.connect(home_bot.database) as connection:
+        connection.execute("alter table term_pins rename to term_pins_away")
+    try:
+        failed = submit(coming + timedelta(days=1), "금리")
+    finally:
+        with sqlite3.connect(home_bot.database) as connection:
+            connection.execute("alter table term_pins_away rename to term_pins")
+    assert failed["response_action"] == "errors"
+    assert failed["errors"] == {"pin_term": messages_ko.HOME_PIN_ERROR_SAVE}
+    assert "Home tab pin by" in home_bot.log.read_text() and "could not be saved" in home_bot.log.read_text()
