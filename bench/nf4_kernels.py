@@ -8,8 +8,7 @@ bytes each reads and the achieved TB/s. Prints JSON lines.
     python bench/nf4_kernels.py 1,16 --variants   (run 24's served layouts with other shared code pairs)
     python bench/nf4_kernels.py 1,16 --k-splits --projections o,down   (run 24's served layouts, K split across blocks)
     python bench/nf4_kernels.py 1,16 --served   (only the layouts served in runs 24 and 25)
-    python bench/nf4_kernels.py 1 --xtab   (the one-row x-table kernel beside the served layouts; with the
-                                            one-byte absmax and, as `float32_absmax_*`, the float32 one)
+    python bench/nf4_kernels.py 1 --xtab   (the one-row x-table kernel beside the served layouts)
     python bench/nf4_kernels.py --prompts 367,1500   (the prompt path: TF32x3 against PEFT's LoRA products)
     python bench/nf4_kernels.py --prompts 32,288 --dequant-rows 512,1024,2048   (+ other dequantization chunks)
     python bench/nf4_kernels.py --profile PROJECTION ROWS CONFIG   (a target for Nsight Compute)
@@ -21,7 +20,6 @@ import argparse
 import json
 import sys
 from collections.abc import Callable, Sequence
-from dataclasses import replace
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -111,13 +109,6 @@ def measure(name: str, parts: list[int], cols: int, rows_counts: Sequence[int], 
                 wrong.append(config.label)
             us = timed(lambda c=config: fused(c)) / LAYERS
             result[f"fused_{config.label}_us"] = round(us, 1)
-            if only == "xtab" and config.kind == "xtab" and group[0].weight.compact is not None:
-                # the same kernel reading the float32 absmax (run 33's form) instead of the one-byte one
-                as_float32 = [replace(p.weight, compact=None) for p in group]
-                us = timed(lambda c=config, x=x, weights=as_float32: [
-                    nf4_kernels.nf4_lora_linear(x, w, p.lora, True, c) for w, p in zip(weights, group, strict=True)
-                ]) / LAYERS
-                result[f"float32_absmax_{config.label}_us"] = round(us, 1)
         result["configs_disagreeing_with_reference"] = wrong
         # the LoRA A kernel as the tensor-core configurations run it (it also writes x in their order)
         result["lora_a_only_us"] = round(timed(lambda x=x: [nf4_kernels.mma_inputs(x, n, p.lora)

@@ -1,7 +1,6 @@
 """Every one-row x-table kernel the `nf4` decode step launches, compiled for sm_90 offline (no GPU).
 
-For Mistral-7B's shapes and the served variants (plain, silu x up, add+norm, each with the float32 and the
-one-byte absmax; q/k/v with the rope epilogue; o combining the attention), at 8 and 16 warps: NVRTC
+For Mistral-7B's shapes and the served variants (plain, silu x up, add+norm), at 8 and 16 warps: NVRTC
 (`compute_90` PTX) then `ptxas -arch=sm_90 -v`. Prints one JSON line per kernel: registers, spill bytes,
 and whether every load of what an earlier kernel wrote (`ld.global.cg`) comes after `griddepcontrol.wait`
 in the PTX (run 32's race was such a load moved above it). Exits 1 on a failed compile, a spill or a
@@ -28,18 +27,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from llm.serving import nf4_xtab  # noqa: E402
 
-ROPE = nf4_xtab.RopeShape(num_heads=32, num_kv_heads=8, head_dim=128, kv_block=32)
-# 2,048 positions in pages of 32, two pages a split (the bench's decoder)
-ATTENTION = nf4_xtab.AttentionShape(kv_heads=8, group=4, splits=32, head_dim=128, kv_block=32, pages_per_split=2)
-# (name, K, row chunks on 132 SMs, preparation, rope, attention)
+# (name, K, row chunks on 132 SMs, preparation)
 KERNELS = (
-    ("qkv", 4096, 8, nf4_xtab.PLAIN, None, None),
-    ("qkv_add_norm", 4096, 8, nf4_xtab.ADD_NORM, None, None),
-    ("qkv_rope", 4096, 8, nf4_xtab.PLAIN, ROPE, None),
-    ("qkv_add_norm_rope", 4096, 8, nf4_xtab.ADD_NORM, ROPE, None),
-    ("o_combine", 4096, 8, nf4_xtab.ATTN_COMBINE, None, ATTENTION),
-    ("gate_up_add_norm", 4096, 8, nf4_xtab.ADD_NORM, None, None),
-    ("down_silu_mul", 14336, 2, nf4_xtab.SILU_MUL, None, None),
+    ("qkv", 4096, 8, nf4_xtab.PLAIN),
+    ("qkv_add_norm", 4096, 8, nf4_xtab.ADD_NORM),
+    ("o", 4096, 8, nf4_xtab.PLAIN),
+    ("gate_up_add_norm", 4096, 8, nf4_xtab.ADD_NORM),
+    ("down_silu_mul", 14336, 2, nf4_xtab.SILU_MUL),
 )
 
 
@@ -63,7 +57,7 @@ def ptx_of(nvrtc: ctypes.CDLL, source: str) -> tuple[str | None, str]:
 
 
 def loads_after_wait(ptx: str) -> bool:
-    """Every `ld.global.cg` (x, the residual, the attention's partials: what the kernel before wrote)
+    """Every `ld.global.cg` (x, the residual: what the kernel before wrote)
     comes after the first `griddepcontrol.wait`."""
     wait = ptx.find("griddepcontrol.wait")
     first_cg = ptx.find("ld.global.cg")
@@ -86,29 +80,28 @@ def main() -> int:
         parser.error(f"--ptxas {args.ptxas}: no such file")
     failures = 0
     with tempfile.TemporaryDirectory() as folder:
-        for name, k, chunks, prep, rope, attention in KERNELS:
+        for name, k, chunks, prep in KERNELS:
             for warps in nf4_xtab.WARP_CHOICES:
-                for compact in (False, True):
-                    label = f"{name}_w{warps}{'_one_byte_absmax' if compact else ''}"
-                    source = nf4_xtab.source(code, k, warps, 32, chunks, prep, compact, rope, attention)
-                    ptx, log = ptx_of(nvrtc, source)
-                    result: dict = {"kernel": label}
-                    if ptx is None:
-                        result["error"] = log[:2000]
-                    else:
-                        path = Path(folder) / f"{label}.ptx"
-                        path.write_text(ptx)
-                        out = subprocess.run([args.ptxas, "-arch=sm_90", "-v", str(path), "-o", str(path) + ".cubin"],
-                                             capture_output=True, text=True, check=False)
-                        registers = re.search(r"Used (\d+) registers", out.stderr)
-                        spills = [int(v) for v in re.findall(r"(\d+) bytes spill", out.stderr)]
-                        result.update(registers=int(registers.group(1)) if registers else None,
-                                      spill_bytes=sum(spills), loads_after_wait=loads_after_wait(ptx))
-                        if out.returncode:
-                            result["error"] = out.stderr[-2000:]
-                    failures += bool(result.get("error") or result.get("spill_bytes") or
-                                     not result.get("loads_after_wait", True))
-                    print(json.dumps(result), flush=True)
+                label = f"{name}_w{warps}"
+                source = nf4_xtab.source(code, k, warps, 32, chunks, prep)
+                ptx, log = ptx_of(nvrtc, source)
+                result: dict = {"kernel": label}
+                if ptx is None:
+                    result["error"] = log[:2000]
+                else:
+                    path = Path(folder) / f"{label}.ptx"
+                    path.write_text(ptx)
+                    out = subprocess.run([args.ptxas, "-arch=sm_90", "-v", str(path), "-o", str(path) + ".cubin"],
+                                         capture_output=True, text=True, check=False)
+                    registers = re.search(r"Used (\d+) registers", out.stderr)
+                    spills = [int(v) for v in re.findall(r"(\d+) bytes spill", out.stderr)]
+                    result.update(registers=int(registers.group(1)) if registers else None,
+                                  spill_bytes=sum(spills), loads_after_wait=loads_after_wait(ptx))
+                    if out.returncode:
+                        result["error"] = out.stderr[-2000:]
+                failures += bool(result.get("error") or result.get("spill_bytes") or
+                                 not result.get("loads_after_wait", True))
+                print(json.dumps(result), flush=True)
     return 1 if failures else 0
 
 

@@ -6,8 +6,6 @@ are checked against, on the tiny model loaded exactly as the seed loads the real
 
 from __future__ import annotations
 
-from types import SimpleNamespace
-
 import pytest
 import torch
 
@@ -15,7 +13,7 @@ from llm.engine import SamplingParams
 from llm.fidelity import KOREAN_FINANCE_TEXT
 from llm.loading import build_engine, load_reference_model
 from llm.serving.fast import base_weight
-from llm.serving.nf4 import CompactAbsmax, LoraParts, NF4Matrix, NF4Projection, build_nf4_decoder
+from llm.serving.nf4 import LoraParts, NF4Matrix, NF4Projection, build_nf4_decoder
 
 
 @pytest.fixture(scope="module")
@@ -38,36 +36,6 @@ def test_dequantized_values_are_bitsandbytes_own_bit_for_bit(reference_model):
         ours = NF4Matrix.from_bnb(base.weight).dequantize(torch.bfloat16)
         theirs = base_weight(base).to(torch.bfloat16)
         assert ours.dtype == theirs.dtype and torch.equal(ours.view(torch.int16), theirs.view(torch.int16))
-
-
-def _double_quantized(rows: int, k: int, seed: int) -> SimpleNamespace:
-    """A weight as bitsandbytes' Params4bit holds it (packed bytes and a nested quant state)."""
-    import bitsandbytes.functional as bnbf
-
-    weight = torch.randn((rows, k), generator=torch.Generator().manual_seed(seed)).to(torch.bfloat16) * (1 + seed)
-    packed, state = bnbf.quantize_4bit(weight, blocksize=64, compress_statistics=True, quant_type="nf4")
-    return SimpleNamespace(data=packed, quant_state=state)
-
-
-def test_the_one_byte_absmax_decodes_to_the_same_float32_values_fused_or_not():
-    """Double-quantized weights keep bitsandbytes' one-byte absmax too (what the one-row kernel reads):
-    decoded, the very float32 values bitsandbytes computes, also after q/k/v are concatenated."""
-    singles = [NF4Matrix.from_bnb(_double_quantized(rows, 512, seed)) for seed, rows in enumerate((256, 64, 64))]
-    for matrix in singles:
-        assert matrix.compact is not None and matrix.compact.codes.dtype == torch.uint8
-        assert torch.equal(matrix.compact.decode(), matrix.absmax)
-    fused = NF4Matrix.concat(singles)
-    assert fused.compact is not None and torch.equal(fused.compact.decode(), fused.absmax)
-    # Each part has its own second-level values and offset: one part's in another's place decode wrong.
-    nested = fused.compact.nested.clone()
-    nested[:, 1] = nested[0, 1]
-    assert not torch.equal(CompactAbsmax(fused.compact.codes, nested, fused.compact.table).decode(), fused.absmax)
-
-
-def test_weights_whose_absmax_is_not_in_whole_second_level_blocks_keep_only_float32(reference_model):
-    q_proj = _layer(reference_model).self_attn.q_proj.get_base_layer()
-    assert q_proj.weight.quant_state.nested and q_proj.weight.quant_state.absmax.numel() % 256
-    assert NF4Matrix.from_bnb(q_proj.weight).compact is None
 
 
 def test_a_projection_is_the_peft_module_computed_with_peft_roundings(reference_model):
@@ -184,43 +152,3 @@ def test_the_decode_step_folds_its_element_wise_pieces_into_the_layers_launches_
     # per step: gate/up in every layer, q/k/v in every layer but the first (its input is the embedding)
     assert calls == {"add_norm": len(following) * (2 * layers - 1), "silu_mul": len(following) * layers}
     assert torch.equal(folded, separate)
-
-
-def test_a_one_row_fold_that_disagrees_with_the_separate_steps_is_switched_off_at_start_up(reference_model, caplog):
-    """`verify_one_row_folds`: a fold whose output matches q/k/v + rope stays; one that does not is
-    switched off in every layer with one WARNING line (the separate kernels then serve)."""
-    import logging
-
-    from llm.serving.mistral_decoder import _add_rms_norm, _rope_decode
-    from llm.serving.nf4 import verify_one_row_folds
-
-    decoder = build_nf4_decoder(reference_model, max_batch=1, max_seq_len=128, kv_cache_tokens=256)
-    cfg = decoder.config
-
-    def rope_fold_done_right(x, rope):  # noqa: ANN001, ANN202 - what the kernel's epilogue computes
-        q, k, v = _rope_decode(decoder.layers[0].qkv(x), rope.cos, rope.sin, rope.positions, cfg.num_heads,
-                               cfg.num_kv_heads, cfg.head_dim)
-        position = int(rope.positions[0])
-        block, offset = int(rope.table[0, position // rope.shape.kv_block]), position % rope.shape.kv_block
-        rope.k_pool[block, :, offset], rope.v_pool[block, :, offset] = k[0], v[0]
-        return q.reshape(1, -1)
-
-    def after_add_norm_done_right(h, delta, eps, rope):  # noqa: ANN001, ANN202
-        h_next, normed = _add_rms_norm(h, delta, decoder.layers[0].input_norm, eps)
-        return h_next, rope_fold_done_right(normed, rope)
-
-    for layer in decoder.layers:
-        layer.qkv_rope, layer.after_add_norm_rope = rope_fold_done_right, after_add_norm_done_right
-    assert verify_one_row_folds(decoder) == []
-    assert all(layer.qkv_rope is rope_fold_done_right for layer in decoder.layers)
-
-    def rope_fold_off_by_a_head(x, rope):  # noqa: ANN001, ANN202
-        return rope_fold_done_right(x, rope).roll(cfg.head_dim, dims=1)
-
-    for layer in decoder.layers:
-        layer.qkv_rope = rope_fold_off_by_a_head
-    with caplog.at_level(logging.WARNING, logger="llm.serving.nf4"):
-        assert verify_one_row_folds(decoder) == ["rope"]
-    assert all(layer.qkv_rope is None and layer.after_add_norm_rope is None for layer in decoder.layers)
-    [warning] = [r for r in caplog.records if r.levelno == logging.WARNING]
-    assert "rope fold is switched off" in warning.getMessage() and "qkv_rope differs" in warning.getMessage()

@@ -610,18 +610,17 @@ class MistralDecoder:
                 ~visible, float("-inf")
             )
         h = F.embedding(tokens, self.embed)
-        # q rotated with k and v in the pool already, where the layer's q/k/v launch does the rope
-        # kernel's work (`nf4`, one row); else q/k/v as they come out of the projection.
-        q, qkv = self._qkv_of_first_layer(h, positions, table, triton_attn)
+        qkv = self.layers[0].qkv(self._norm(h, self.layers[0].input_norm, eps))
         for index, layer in enumerate(self.layers):
             k_pool, v_pool = self.k_cache[index], self.v_cache[index]
             if triton_attn:
-                if q is None:
-                    q = triton_kernels.rope_kv_write_paged(
-                        qkv, self.cos, self.sin, positions, table, k_pool, v_pool,
-                        cfg.num_heads, cfg.num_kv_heads, cfg.head_dim,
-                    )
-                attention_out = self._o_of_attention(layer, q, k_pool, v_pool, table, positions)
+                q = triton_kernels.rope_kv_write_paged(
+                    qkv, self.cos, self.sin, positions, table, k_pool, v_pool,
+                    cfg.num_heads, cfg.num_kv_heads, cfg.head_dim,
+                )
+                attn = triton_kernels.paged_decode_attention(
+                    q, k_pool, v_pool, table, positions, self.scale, cfg.num_heads
+                )
             else:
                 q, k, v = self._rope(
                     qkv, self.cos, self.sin, positions, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
@@ -632,80 +631,12 @@ class MistralDecoder:
                 keys = k_pool[gather].transpose(1, 2).reshape(n, cfg.num_kv_heads, -1, cfg.head_dim)[:, :, :kv_len]
                 values = v_pool[gather].transpose(1, 2).reshape(n, cfg.num_kv_heads, -1, cfg.head_dim)[:, :, :kv_len]
                 attn = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, scale=self.scale)
-                attention_out = layer.o(attn.reshape(n, -1))
-            h, gate_up = self._add_norm_then(layer, "gate_up", h, attention_out, eps)
+            h, gate_up = self._add_norm_then(layer, "gate_up", h, layer.o(attn.reshape(n, -1)), eps)
             mlp = self._down_of(layer, gate_up)
             if index + 1 < len(self.layers):
-                h, q, qkv = self._add_norm_then_qkv(index + 1, h, mlp, positions, table, triton_attn)
+                h, qkv = self._add_norm_then(self.layers[index + 1], "qkv", h, mlp, eps)
         _, x = self._add_norm(h, mlp, self.final_norm, eps)
         return self.lm_head(x)
-
-    def _o_of_attention(self, layer: Layer, q: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Tensor,
-                        table: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-        """layer.o of the paged attention's output: where the layer's o launch combines the attention's
-        splits itself (`nf4`, one row), without the reduce kernel."""
-        cfg = self.config
-        fused = getattr(layer, "o_after_attention", None) if q.shape[0] == 1 else None
-        if fused is None:
-            attn = triton_kernels.paged_decode_attention(q, k_pool, v_pool, table, positions, self.scale, cfg.num_heads)
-            return layer.o(attn)
-        from llm.serving.nf4_xtab import AttentionPartials
-
-        acc, ml = triton_kernels.paged_decode_partials(q, k_pool, v_pool, table, positions, self.scale, cfg.num_heads)
-        out = fused(AttentionPartials(self.attention_shape(), acc, ml, positions))
-        if out is None:
-            out = layer.o(triton_kernels.paged_decode_reduce(acc, ml, positions, self.kv.block_size,
-                                                             dtype=self.dtype))
-        return out
-
-    def rope_shape(self):  # noqa: ANN201 - nf4_xtab.RopeShape
-        """The attention geometry a q/k/v launch that rotates and writes the KV itself compiles for."""
-        from llm.serving.nf4_xtab import RopeShape
-
-        cfg = self.config
-        return RopeShape(cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, self.kv.block_size)
-
-    def attention_shape(self):  # noqa: ANN201 - nf4_xtab.AttentionShape
-        """How `triton_kernels.paged_decode_partials` lays out this decoder's partials (one split per
-        PAGES_PER_SPLIT pages of the block table)."""
-        from llm.serving.nf4_xtab import AttentionShape
-
-        cfg = self.config
-        splits = -(-self.kv.max_blocks // triton_kernels.PAGES_PER_SPLIT)
-        return AttentionShape(cfg.num_kv_heads, cfg.num_heads // cfg.num_kv_heads, splits, cfg.head_dim,
-                              self.kv.block_size, triton_kernels.PAGES_PER_SPLIT)
-
-    def rope_write(self, index: int, positions: torch.Tensor, table: torch.Tensor):  # noqa: ANN201 - RopeWrite
-        """Layer `index`'s KV pool and the rotary tables, for a q/k/v launch that does the rope kernel's work."""
-        from llm.serving.nf4_xtab import RopeWrite
-
-        return RopeWrite(self.rope_shape(), self.cos, self.sin, positions, table, self.k_cache[index],
-                         self.v_cache[index])
-
-    def _qkv_of_first_layer(self, h: torch.Tensor, positions: torch.Tensor, table: torch.Tensor,
-                            triton_attn: bool) -> tuple[torch.Tensor | None, torch.Tensor | None]:
-        """(q, None) where layer 0's q/k/v launch rotates q and k and writes k and v itself (`nf4`, one
-        row), else (None, qkv)."""
-        layer = self.layers[0]
-        x = self._norm(h, layer.input_norm, self.config.rms_norm_eps)
-        fused = getattr(layer, "qkv_rope", None)
-        if triton_attn and fused is not None and (q := fused(x, self.rope_write(0, positions, table))) is not None:
-            return q, None
-        return None, layer.qkv(x)
-
-    def _add_norm_then_qkv(self, index: int, h: torch.Tensor, delta: torch.Tensor, positions: torch.Tensor,
-                           table: torch.Tensor, triton_attn: bool,
-                           ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
-        """(h + delta, q, None) where layer `index`'s q/k/v launch also does the add, the norm, the
-        rotation and the KV write; else (h + delta, None, qkv) as `_add_norm_then` gives it."""
-        layer = self.layers[index]
-        fused = getattr(layer, "after_add_norm_rope", None)
-        if triton_attn and fused is not None:
-            result = fused(h, delta, self.config.rms_norm_eps, self.rope_write(index, positions, table))
-            if result is not None:
-                return result[0], result[1], None
-        h, qkv = self._add_norm_then(layer, "qkv", h, delta, self.config.rms_norm_eps)
-        return h, None, qkv
 
     def _add_norm_then(self, layer: Layer, name: str, h: torch.Tensor, delta: torch.Tensor,
                        eps: float) -> tuple[torch.Tensor, torch.Tensor]:

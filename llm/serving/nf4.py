@@ -40,7 +40,6 @@ if TYPE_CHECKING:
 
     from llm.serving.batching import BatchingEngine
     from llm.serving.mistral_decoder import MistralDecoder
-    from llm.serving.nf4_xtab import AttentionPartials, RopeWrite
 
 logger = logging.getLogger(__name__)
 
@@ -57,51 +56,6 @@ EXACT_PROMPT_ROWS = 512
 NF4_PREFILL_CHUNK = 768
 
 
-NESTED_BLOCK = 256  # absmax values per second-level absmax (bitsandbytes' double quantization)
-
-
-@dataclass
-class CompactAbsmax:
-    """The absmax values as bitsandbytes' double quantization stores them: one byte each (a quarter of
-    float32's memory traffic), decoded as `dequantize_blockwise` + offset decodes them, bit for bit:
-    `(table[code] * nested[i // 256, 0]) + nested[i // 256, 1]`, two float32 roundings, for the i-th
-    absmax value in row-major order."""
-
-    codes: torch.Tensor  # uint8 [N, K // 64]
-    nested: torch.Tensor  # float32 [N * K // 64 // 256, 2]: second-level absmax, offset
-    table: torch.Tensor  # float32 [256]: the 8-bit code's values
-
-    @property
-    def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in (self.codes, self.nested, self.table))
-
-    def decode(self) -> torch.Tensor:
-        """The float32 absmax [N, K // 64] these bytes stand for."""
-        blocks = torch.arange(self.codes.numel(), device=self.codes.device) // NESTED_BLOCK
-        scaled = self.table[self.codes.reshape(-1).long()] * self.nested[blocks, 0]
-        return (scaled + self.nested[blocks, 1]).reshape(self.codes.shape)
-
-    @classmethod
-    def of(cls, quant_state: object, absmax: torch.Tensor) -> CompactAbsmax | None:
-        """From a nested bitsandbytes quant state whose float32 absmax (`absmax`, [N, K // 64]) was
-        decoded from it; None where its layout is not the one the kernels read (second-level blocks
-        of 256 absmax values, whole ones) or its bytes do not decode to `absmax` exactly."""
-        state2 = getattr(quant_state, "state2", None)
-        if (not getattr(quant_state, "nested", False) or state2 is None or state2.blocksize != NESTED_BLOCK
-                or quant_state.absmax.dtype != torch.uint8):
-            return None
-        nested_absmax = state2.absmax.float().reshape(-1)
-        if nested_absmax.numel() * NESTED_BLOCK != absmax.numel():  # a last block partly filled
-            return None
-        offset = torch.as_tensor(quant_state.offset, dtype=torch.float32, device=absmax.device).reshape(())
-        compact = cls(
-            codes=quant_state.absmax.reshape(absmax.shape).contiguous(),
-            nested=torch.stack((nested_absmax, offset.expand_as(nested_absmax)), dim=1).contiguous(),
-            table=state2.code.float().to(absmax.device).contiguous(),
-        )
-        return compact if torch.equal(compact.decode(), absmax) else None
-
-
 @dataclass
 class NF4Matrix:
     """A [out_features, in_features] weight as bitsandbytes packed it."""
@@ -109,9 +63,6 @@ class NF4Matrix:
     packed: torch.Tensor  # uint8 [N, K // 2]: element 2j in the high nibble, 2j + 1 in the low one
     absmax: torch.Tensor  # float32 [N, K // 64]
     code: torch.Tensor  # float32 [16]: the NF4 values
-    # The same absmax in bitsandbytes' one-byte form, where the weight came double-quantized: the
-    # one-row x-table kernel reads it (llm.serving.nf4_xtab)
-    compact: CompactAbsmax | None = None
 
     @property
     def shape(self) -> tuple[int, int]:
@@ -119,8 +70,7 @@ class NF4Matrix:
 
     @property
     def nbytes(self) -> int:
-        compact = self.compact.nbytes if self.compact is not None else 0
-        return compact + sum(t.numel() * t.element_size() for t in (self.packed, self.absmax, self.code))
+        return sum(t.numel() * t.element_size() for t in (self.packed, self.absmax, self.code))
 
     @classmethod
     def from_bnb(cls, weight: nn.Parameter) -> NF4Matrix:
@@ -146,12 +96,11 @@ class NF4Matrix:
             # The same three steps as bitsandbytes.functional.dequantize_4bit.
             absmax = bnbf.dequantize_blockwise(quant_state.absmax, quant_state.state2)
             absmax += quant_state.offset
-        absmax = absmax.float().reshape(rows, cols // BLOCK_SIZE).contiguous()
+        absmax = absmax.float()
         return cls(
             packed=data.reshape(rows, cols // 2).contiguous(),
-            absmax=absmax,
+            absmax=absmax.reshape(rows, cols // BLOCK_SIZE).contiguous(),
             code=quant_state.code.float().to(data.device).contiguous(),
-            compact=CompactAbsmax.of(quant_state, absmax),
         )
 
     @staticmethod
@@ -160,18 +109,10 @@ class NF4Matrix:
         code = parts[0].code
         if any(not torch.equal(p.code, code) for p in parts[1:]):
             raise ValueError("fused projections use different NF4 code tables")
-        compacts = [p.compact for p in parts]
-        compact = None
-        # Each part's absmax count is a whole number of second-level blocks, so the concatenation's
-        # i-th value still has its second-level block at i // 256.
-        if all(c is not None for c in compacts) and all(torch.equal(c.table, compacts[0].table) for c in compacts):
-            compact = CompactAbsmax(codes=torch.cat([c.codes for c in compacts]),
-                                    nested=torch.cat([c.nested for c in compacts]), table=compacts[0].table)
         return NF4Matrix(
             packed=torch.cat([p.packed for p in parts]),
             absmax=torch.cat([p.absmax for p in parts]),
             code=code,
-            compact=compact,
         )
 
     def dequantize(self, dtype: torch.dtype = torch.bfloat16, rows: slice | None = None) -> torch.Tensor:
@@ -324,33 +265,15 @@ class NF4Projection:
         return nf4_kernels.nf4_after_silu_mul(gate_up, self.weight, self.lora, self.round_lora_first)
 
     def after_add_norm(self, residual: torch.Tensor, delta: torch.Tensor, norm_weight: torch.Tensor,
-                       eps: float, rope: RopeWrite | None = None) -> tuple[torch.Tensor, torch.Tensor] | None:
-        """(residual + delta, this projection of its RMSNorm), one row, in one launch (with `rope`: q/k/v
-        rotated and written, q returned); None where the kernels do not serve it so."""
+                       eps: float) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """(residual + delta, this projection of its RMSNorm), one row, in one launch; None where the
+        kernels do not serve it so."""
         if not self.use_kernels:
             return None
         from llm.serving import nf4_kernels
 
         return nf4_kernels.nf4_after_add_norm(residual, delta, norm_weight, eps, self.weight, self.lora,
-                                              self.round_lora_first, rope)
-
-    def after_attention(self, partials: AttentionPartials) -> torch.Tensor | None:
-        """This projection (o) of the attention output `partials` combine to, one row, the combine in the
-        same launch; None where the kernels do not serve it so."""
-        if not self.use_kernels:
-            return None
-        from llm.serving import nf4_kernels
-
-        return nf4_kernels.nf4_after_attention(partials, self.weight, self.lora, self.round_lora_first)
-
-    def with_rope(self, x: torch.Tensor, rope: RopeWrite) -> torch.Tensor | None:
-        """q/k/v of one row with `rope`'s rotation and KV write in the same launch (returns q); None where
-        the kernels do not serve it so."""
-        if not self.use_kernels:
-            return None
-        from llm.serving import nf4_kernels
-
-        return nf4_kernels.nf4_rope_linear(x, self.weight, self.lora, self.round_lora_first, rope)
+                                              self.round_lora_first)
 
     def _plan_prefers_dequantizing(self, rows: int) -> bool:
         from llm.serving import nf4_kernels
@@ -432,18 +355,6 @@ class NF4Layer:
 
     def down_after_silu_mul(self, gate_up: torch.Tensor) -> torch.Tensor | None:
         return self.projections["down"].after_silu_mul(gate_up)
-
-    # q/k/v's rotation and KV write (the rope kernel's work) in q/k/v's own launch, one row.
-    def qkv_rope(self, x: torch.Tensor, rope: RopeWrite) -> torch.Tensor | None:
-        return self.projections["qkv"].with_rope(x, rope)
-
-    # The split attention's combine (the reduce kernel's work) in o's own launch, one row.
-    def o_after_attention(self, partials: AttentionPartials) -> torch.Tensor | None:
-        return self.projections["o"].after_attention(partials)
-
-    def after_add_norm_rope(self, h: torch.Tensor, delta: torch.Tensor, eps: float,
-                            rope: RopeWrite) -> tuple[torch.Tensor, torch.Tensor] | None:
-        return self.projections["qkv"].after_add_norm(h, delta, self.input_norm, eps, rope)
 
     @property
     def nbytes(self) -> int:
@@ -532,105 +443,6 @@ def enable_nf4_kernels(decoder: MistralDecoder) -> bool:
     return enabled
 
 
-ONE_ROW_FOLDS = {"rope": ("qkv_rope", "after_add_norm_rope"), "combine": ("o_after_attention",)}
-
-
-def verify_one_row_folds(decoder: MistralDecoder) -> list[str]:
-    """Each one-row fold of the decode step (q/k/v doing the rope kernel's work, o combining the split
-    attention) against the separate steps on layer 0, once at start-up: a fold that disagrees, or that
-    cannot be checked, is switched off in every layer (one WARNING line) and the separate kernels serve.
-    Returns the folds switched off."""
-    from llm.serving.mistral_decoder import _add_rms_norm, _rope_decode
-    from llm.serving.nf4_kernels import matches_reference
-
-    kv = decoder.kv
-    layer = decoder.layers[0] if decoder.layers else None
-    if kv is None or layer is None:
-        return []
-    cfg = decoder.config
-    device, dtype = decoder.device, decoder.dtype
-    generator = torch.Generator(device=device).manual_seed(0)
-    # A position on the second page, every page the scratch block: the check writes nothing a row owns.
-    offset = 3
-    positions = torch.tensor([kv.block_size + offset], device=device)
-    table = torch.zeros((1, kv.max_blocks), dtype=torch.int32, device=device)
-    failed: dict[str, str] = {}
-
-    def close(out: torch.Tensor | None, expected: torch.Tensor) -> bool:
-        return out is not None and matches_reference(out, expected)
-
-    def check_rope() -> str | None:
-        x = torch.randn((1, cfg.hidden_size), generator=generator, device=device).to(dtype)
-        h = torch.randn((1, cfg.hidden_size), generator=generator, device=device).to(dtype)
-        h_next, normed = _add_rms_norm(h, x, layer.input_norm, cfg.rms_norm_eps)
-        for name, run, source in (
-            ("qkv_rope", lambda rope: layer.qkv_rope(x, rope), x),
-            ("after_add_norm_rope", lambda rope: _second(layer.after_add_norm_rope(h, x, cfg.rms_norm_eps, rope)), normed),
-        ):
-            q_ref, k_ref, v_ref = _rope_decode(layer.qkv(source), decoder.cos, decoder.sin, positions,
-                                               cfg.num_heads, cfg.num_kv_heads, cfg.head_dim)
-            q = run(decoder.rope_write(0, positions, table))
-            if q is None:
-                return None  # not served here (no one-row x-table kernel): nothing to check
-            k = decoder.k_cache[0][0, :, offset]
-            v = decoder.v_cache[0][0, :, offset]
-            if not (close(q, q_ref.reshape(1, -1)) and close(k, k_ref[0]) and close(v, v_ref[0])):
-                return f"{name} differs from q/k/v + rope"
-        return None
-
-    def check_combine() -> str | None:
-        from llm.serving import triton_kernels
-        from llm.serving.nf4_xtab import AttentionPartials
-
-        if not triton_kernels.available(device):
-            return None
-        q = torch.randn((1, cfg.num_heads * cfg.head_dim), generator=generator, device=device).to(dtype)
-        acc, ml = triton_kernels.paged_decode_partials(q, decoder.k_cache[0], decoder.v_cache[0], table, positions,
-                                                       decoder.scale, cfg.num_heads)
-        out = layer.o_after_attention(AttentionPartials(decoder.attention_shape(), acc, ml, positions))
-        if out is None:
-            return None
-        expected = layer.o(triton_kernels.paged_decode_reduce(acc, ml, positions, kv.block_size, dtype=dtype))
-        return None if close(out, expected) else "o_after_attention differs from reduce + o"
-
-    for fold, check in (("rope", check_rope), ("combine", check_combine)):
-        if not all(callable(getattr(layer, name, None)) for name in ONE_ROW_FOLDS[fold]):
-            continue
-        try:
-            with torch.inference_mode():
-                why = check()
-        except (RuntimeError, ValueError) as error:
-            why = f"the check failed: {str(error).splitlines()[0][:200] if str(error) else type(error).__name__}"
-        if why is not None:
-            failed[fold] = why
-    for fold, why in failed.items():
-        logger.warning("nf4: the one-row %s fold is switched off, the separate kernels serve: %s", fold, why)
-        for each in decoder.layers:
-            for name in ONE_ROW_FOLDS[fold]:
-                setattr(each, name, None)
-    return sorted(failed)
-
-
-def _second(pair: tuple[torch.Tensor, torch.Tensor] | None) -> torch.Tensor | None:
-    return None if pair is None else pair[1]
-
-
-def _precompile_one_row_folds(decoder: MistralDecoder) -> int:
-    """The one-row decode step's fold kernels (`nf4_kernels.precompile_one_row_folds`) for this decoder's
-    attention geometry, compiled ahead of the warm-up; 0 where there is no paged KV cache."""
-    from llm.serving import nf4_kernels
-
-    if decoder.kv is None or not decoder.layers:
-        return 0
-    first = decoder.layers[0].projections
-    try:
-        return nf4_kernels.precompile_one_row_folds(first["qkv"], first["o"], decoder.rope_shape(),
-                                                    decoder.attention_shape())
-    except (RuntimeError, ValueError) as error:  # ahead of time only: the warm-up compiles what is missing
-        logger.warning("nf4: compiling the one-row fold kernels ahead failed (%s); they compile at first use", error)
-        return 0
-
-
 def disable_nf4_kernels(decoder: MistralDecoder) -> None:
     for layer in decoder.layers:
         for projection in layer.projections.values():
@@ -675,8 +487,6 @@ def build_nf4_engine(
                       for name in ("qkv", "o", "gate_up", "down")}
             info["nf4_plan"] = nf4_kernels.tune(groups, graphs.batch_buckets, cache=tuning_cache)
             info["nf4_kernels"] = True
-            info["nf4_folds_compiled_ahead"] = _precompile_one_row_folds(decoder)
-            info["nf4_folds_switched_off"] = verify_one_row_folds(decoder)
             info["nf4_exact_prompt_rows"] = EXACT_PROMPT_ROWS  # PEFT's own LoRA products up to here
         except Exception as error:  # e.g. a Triton that cannot compile for this GPU
             logger.warning("nf4 kernels unavailable, dequantizing for cuBLAS instead: %r", error)

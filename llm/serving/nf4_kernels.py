@@ -1041,75 +1041,16 @@ def nf4_after_silu_mul(gate_up: torch.Tensor, weight: NF4Matrix, lora: LoraParts
 
 
 def nf4_after_add_norm(residual: torch.Tensor, delta: torch.Tensor, norm_weight: torch.Tensor, eps: float,
-                       weight: NF4Matrix, lora: LoraParts, round_lora_first: bool = True,
-                       rope: nf4_xtab.RopeWrite | None = None) -> tuple[torch.Tensor, torch.Tensor] | None:
+                       weight: NF4Matrix, lora: LoraParts,
+                       round_lora_first: bool = True) -> tuple[torch.Tensor, torch.Tensor] | None:
     """(residual + delta, `nf4_lora_linear` of its MistralRMSNorm), the add and the norm inside the
-    one-row x-table launch, with `rope`'s rotation and KV write too where given (then: q); None where
-    the plan does not serve that kernel here (or not with `rope`)."""
+    one-row x-table launch; None where the plan does not serve that kernel here."""
     config = _one_row_xtab(residual.shape[0], weight)
-    if config is None or (rope is not None and not nf4_xtab.rope_serves(weight, config.num_warps, residual.device,
-                                                                         rope.shape)):
+    if config is None:
         return None
     return nf4_xtab.nf4_xtab_after_add_norm(residual, delta, norm_weight, eps, weight, lora,
                                             *lora.part_starts(weight.shape[0]), round_lora_first,
-                                            config.num_warps, nf4_mma.code_values(weight.code), rope=rope)
-
-
-def nf4_after_attention(partials: nf4_xtab.AttentionPartials, weight: NF4Matrix, lora: LoraParts,
-                        round_lora_first: bool = True) -> torch.Tensor | None:
-    """o's `nf4_lora_linear` of the attention output its split partials combine to, the combine inside
-    the one-row x-table launch (one launch a layer less than the reduce kernel + o); None where no
-    x-table layout serves this weight here. Served whichever one-row kernel the plan timed fastest
-    for o alone: the two are within ~0.3 us of each other (run 31), the launch it saves ~2-4 us."""
-    config = _o_combine_config(weight, lora)
-    if config is None:
-        return None
-    return nf4_xtab.nf4_xtab_after_attention(partials, weight, lora, *lora.part_starts(weight.shape[0]),
-                                             round_lora_first, config.num_warps, nf4_mma.code_values(weight.code))
-
-
-def _o_combine_config(weight: NF4Matrix, lora: LoraParts) -> NF4Config | None:
-    """The x-table layout o's combining launch runs with: the plan's one-row layout where it is one,
-    else the most warps of those that fit; None where none does."""
-    config = _one_row_xtab(1, weight)
-    if config is None:
-        n, k = weight.shape
-        config = max(_xtab_configs(n, k, lora.boundaries), key=lambda c: c.num_warps, default=None)
-    return config
-
-
-def precompile_one_row_folds(qkv: NF4Projection, o: NF4Projection, rope: nf4_xtab.RopeShape,
-                              attention: nf4_xtab.AttentionShape, threads: int | None = None) -> int:
-    """Compile ahead, on `threads` threads, the one-row kernels the decode step's folds launch (q/k/v
-    with the rope epilogue, plain for the first layer and after the add+norm for the others; o combining
-    the attention's splits), as the plan serves them; returns how many. Those not compiled here compile
-    at their first launch (the warm-up)."""
-    device = qkv.weight.packed.device
-    requests = []
-    for projection, config, preps, rope_shape, attention_shape in (
-            (qkv, _one_row_xtab(1, qkv.weight), (nf4_xtab.PLAIN, nf4_xtab.ADD_NORM), rope, None),
-            (o, _o_combine_config(o.weight, o.lora), (nf4_xtab.ATTN_COMBINE,), None, attention)):
-        if config is None or (rope_shape is not None and not nf4_xtab.rope_serves(projection.weight, config.num_warps,
-                                                                                   device, rope_shape)):
-            continue
-        n, k = projection.weight.shape
-        head = (nf4_mma.code_values(projection.weight.code), device, k, config.num_warps, projection.lora.rank,
-                nf4_xtab.chunks_for(n, k, nf4_xtab.sm_count(device)))
-        requests += [(*head, prep, projection.weight.compact is not None, rope_shape, attention_shape)
-                     for prep in preps]
-    threads = default_compile_threads() if threads is None else threads
-    return nf4_xtab.precompile(requests, threads) if requests and threads > 1 else 0
-
-
-def nf4_rope_linear(x: torch.Tensor, weight: NF4Matrix, lora: LoraParts, round_lora_first: bool,
-                    rope: nf4_xtab.RopeWrite) -> torch.Tensor | None:
-    """q/k/v's `nf4_lora_linear` with `rope`'s rotation and KV write inside the one-row x-table launch
-    (returns q); None where the plan does not serve that kernel here."""
-    config = _one_row_xtab(x.shape[0], weight)
-    if config is None or not nf4_xtab.rope_serves(weight, config.num_warps, x.device, rope.shape):
-        return None
-    return nf4_xtab.nf4_xtab_linear(x, weight, lora, *lora.part_starts(weight.shape[0]), round_lora_first,
-                                    config.num_warps, nf4_mma.code_values(weight.code), rope=rope)
+                                            config.num_warps, nf4_mma.code_values(weight.code))
 
 
 def matches_reference(out: torch.Tensor, reference: torch.Tensor) -> bool:
@@ -1167,8 +1108,7 @@ def _xtab_requests(name: str, projection: NF4Projection, config: NF4Config) -> l
     n, k = projection.weight.shape
     head = (nf4_mma.code_values(projection.weight.code), device, k, config.num_warps, projection.lora.rank,
             nf4_xtab.chunks_for(n, k, nf4_xtab.sm_count(device)))
-    compact = projection.weight.compact is not None
-    return [(*head, prep, compact, None, None) for prep in XTAB_PREPS.get(name, (nf4_xtab.PLAIN,))]
+    return [(*head, prep) for prep in XTAB_PREPS.get(name, (nf4_xtab.PLAIN,))]
 
 
 def precompile_candidates(projections: dict[str, list], buckets: Sequence[int], threads: int) -> int:

@@ -32,15 +32,6 @@ and gate/up (every block sums the whole row's squares in the same order, so all 
 bits; chunk 0 writes the residual stream's next value), `silu(gate) * up` before down. Each op rounds to
 bf16 as eager PyTorch's does (run 32: the one-row step 2.69 -> 2.46 ms).
 
-Since run 34 (not yet timed on a GPU) the launch may also: read the absmax in bitsandbytes' one-byte
-double-quantized form (COMPACT_ABSMAX, `llm.serving.nf4.CompactAbsmax`: a quarter of the float32 absmax
-bytes, which are ~11 % of a projection's); for q/k/v (XROPE, `RopeWrite`), finish whole heads per block
-and do the rope kernel's work in its epilogue (q rotated, k rotated and v written to the row's slot of
-the paged KV pool); for o (ATTN_COMBINE, `AttentionPartials`), take the split attention's partials and
-combine them itself as its input preparation (the reduce kernel's work). Each saves a launch a layer.
-Loads that do not depend on the kernel before (the first row group's weights and absmax, the first
-LoRA A rank, the norm weights) are issued before waiting for it.
-
 tests/test_nf4_xtab_emulated.py runs this CUDA text on the CPU (tests/fakes/cuda_emulation.hpp, both
 phases as separate launches); tests/gpu runs it on a GPU.
 """
@@ -51,7 +42,6 @@ import logging
 import struct
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import torch
@@ -70,8 +60,8 @@ TABLE_BYTES = 4 * 256 * 32 * 4  # 4 pairs per lane, 256 byte values, 32 lanes, f
 WARP_CHOICES = (8, 16)
 MAX_PARTS = 3  # LoRA parts of a fused projection (q/k/v)
 # What the kernel does to its input before tabulating it (XPREP in the CUDA text, `prepare_x`)
-PLAIN, SILU_MUL, ADD_NORM, ATTN_COMBINE = 0, 1, 2, 3
-PREPS = (PLAIN, SILU_MUL, ADD_NORM, ATTN_COMBINE)
+PLAIN, SILU_MUL, ADD_NORM = 0, 1, 2
+PREPS = (PLAIN, SILU_MUL, ADD_NORM)
 
 _SOURCE = r"""
 constexpr int K = KDIM;
@@ -91,31 +81,6 @@ __device__ __forceinline__ u32 load_word(const u32* p) {
 inline u32 load_word(const u32* p) { return __ldg(p); }
 #endif
 
-// A row's absmax of one 64-value block, in two steps: the raw load (issued early) and its value (where
-// it is needed), so that a dependent load never stalls the warp. COMPACT_ABSMAX: bitsandbytes' one-byte
-// double quantization (llm.serving.nf4.CompactAbsmax), a quarter of float32's bytes, decoded as
-// bitsandbytes decodes it: (table[code] * second-level absmax) + offset, each op rounded to float32.
-#if COMPACT_ABSMAX
-struct RawAbsmax {
-    u32 code;
-    float2 nested;
-};
-__device__ __forceinline__ RawAbsmax load_absmax(const void* absmax, const float2* nested, size_t at) {
-    return {(u32)__ldg((const unsigned char*)absmax + at), __ldg(nested + (at >> 8))};
-}
-__device__ __forceinline__ float absmax_value(RawAbsmax raw, const float* table) {
-    return __fadd_rn(__fmul_rn(__ldg(table + raw.code), raw.nested.x), raw.nested.y);
-}
-#else
-struct RawAbsmax {
-    float value;
-};
-__device__ __forceinline__ RawAbsmax load_absmax(const void* absmax, const float2*, size_t at) {
-    return {__ldg((const float*)absmax + at)};
-}
-__device__ __forceinline__ float absmax_value(RawAbsmax raw, const float*) { return raw.value; }
-#endif
-
 // Pair table q's entry for byte q of `word`, for this lane (its bank)
 #define LOOKUP(q, shifted) \
     (*(const float*)((const char*)table + (q) * 32768 + and_or((shifted), 0x7F80u, lane4)))
@@ -132,22 +97,8 @@ __device__ __forceinline__ uint4 load_x8(const u16* p) {
     return v;
 }
 #define reciprocal_sqrt rsqrtf
-// As load_x8, for the attention's float32 partials
-__device__ __forceinline__ float load_f32(const float* p) {
-    float v;
-    asm volatile("ld.global.cg.f32 %0, [%1];" : "=f"(v) : "l"(p) : "memory");
-    return v;
-}
-__device__ __forceinline__ float4 load_f32x4(const float* p) {
-    float4 v;
-    asm volatile("ld.global.cg.v4.f32 {%0, %1, %2, %3}, [%4];"
-                 : "=f"(v.x), "=f"(v.y), "=f"(v.z), "=f"(v.w) : "l"(p) : "memory");
-    return v;
-}
 #else
 inline uint4 load_x8(const u16* p) { return __ldg((const uint4*)p); }
-inline float load_f32(const float* p) { return __ldg(p); }
-inline float4 load_f32x4(const float* p) { return __ldg((const float4*)p); }
 inline float reciprocal_sqrt(float v) { return 1.0f / std::sqrt(v); }
 #endif
 
@@ -167,37 +118,13 @@ __device__ __forceinline__ u16 silu_mul(u16 gate, u16 up) {
 // 2: `norm_weight * rms_norm(residual + x)` (MistralRMSNorm: statistics in float32 over all K, then
 //    each op rounded to bf16), the residual stream's new value written to residual_out by chunk 0.
 //    Every block sums the squares in the same order, so every slice scales by the same bits.
-//    `norm_weight8` is this lane's 8 norm weights, loaded before the wait (they are weights);
-// 3: the split attention's output of the row (o's input), combined here from the splits' partials
-//    (`triton_kernels.paged_decode_partials`: acc [KV, SPLITS, GROUP, HEAD_DIM], (max, sum) per split)
-//    as `paged_decode_reduce` combines them: log-sum-exp weights over the splits that hold tokens, in
-//    float32, each value rounded to bf16 once.
+//    `norm_weight8` is this lane's 8 norm weights, loaded before the wait (they are weights).
 __device__ __forceinline__ void prepare_x(u32 (&xw)[4], const u16* x, const u16* residual, uint4 norm_weight8,
-                                          u16* residual_out, float eps, int slice, int lane, int warp, int chunk,
-                                          const float* attn_acc, const float* attn_ml, const long long* positions) {
+                                          u16* residual_out, float eps, int slice, int lane, int warp, int chunk) {
     const int at = slice * 256 + 8 * lane;
 #if XPREP == 0
     const uint4 xs = load_x8(x + at);
     xw[0] = xs.x; xw[1] = xs.y; xw[2] = xs.z; xw[3] = xs.w;
-#elif XPREP == 3
-    const int head = at / HEAD_DIM, d0 = at % HEAD_DIM;
-    const long long length = *positions + 1;
-    const int active = (int)(((length + KV_BLOCK - 1) / KV_BLOCK + PAGES_PER_SPLIT - 1) / PAGES_PER_SPLIT);
-    const int first = (head / GROUP) * SPLITS * GROUP + head % GROUP;  // (KV head, split 0, group member)
-    float top = -__uint_as_float(0x7F800000u);
-    for (int s = 0; s < active; ++s) top = fmaxf(top, load_f32(attn_ml + 2 * (first + s * GROUP)));
-    float total = 0.f, sums[8] = {0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f};
-    for (int s = 0; s < active; ++s) {
-        const int i = first + s * GROUP;
-        const float weight = expf(load_f32(attn_ml + 2 * i) - top);
-        total += load_f32(attn_ml + 2 * i + 1) * weight;
-        const float4 a = load_f32x4(attn_acc + (size_t)i * HEAD_DIM + d0);
-        const float4 b = load_f32x4(attn_acc + (size_t)i * HEAD_DIM + d0 + 4);
-        sums[0] += a.x * weight; sums[1] += a.y * weight; sums[2] += a.z * weight; sums[3] += a.w * weight;
-        sums[4] += b.x * weight; sums[5] += b.y * weight; sums[6] += b.z * weight; sums[7] += b.w * weight;
-    }
-#pragma unroll
-    for (int q = 0; q < 4; ++q) xw[q] = pack(bf16(sums[2 * q] / total), bf16(sums[2 * q + 1] / total));
 #elif XPREP == 1
     const uint4 gs = load_x8(x + at), us = load_x8(x + K + at);
     const u32 g[4] = {gs.x, gs.y, gs.z, gs.w}, u[4] = {us.x, us.y, us.z, us.w};
@@ -244,56 +171,23 @@ __device__ __forceinline__ void prepare_x(u32 (&xw)[4], const u16* x, const u16*
 #endif
 }
 
-#if XROPE
-// The rope kernel's work for one value of a finished q/k/v head (`triton_kernels.rope_kv_write_paged`,
-// the same bits): q and k heads rotated at the row's position (each product rounded to bf16, then
-// their sum), v as it is; q to q_out, k and v into the paged pool at the position's slot.
-__device__ __forceinline__ void rotate_and_store(const u16* values, int head, int d, const u16* rope_cos,
-                                                 const u16* rope_sin, const long long* positions, const int* kv_table,
-                                                 u16* q_out, u16* k_pool, u16* v_pool, int stride_pb,
-                                                 int stride_ph, int stride_pt) {
-    const long long pos = *positions;
-    u16 out = values[d];
-    if (head < NUM_HEADS + NUM_KV) {
-        const float own = f32(bf16(f32(values[d]) * f32(__ldg(rope_cos + pos * HEAD_DIM + d))));
-        const float partner = f32(bf16(f32(values[d ^ (HEAD_DIM / 2)]) * f32(__ldg(rope_sin + pos * HEAD_DIM + d))));
-        out = bf16(d < HEAD_DIM / 2 ? own - partner : own + partner);
-    }
-    if (head < NUM_HEADS) {
-        q_out[head * HEAD_DIM + d] = out;
-        return;
-    }
-    const long long block = kv_table[pos / KV_BLOCK];
-    const long long slot = block * stride_pb + (pos % KV_BLOCK) * stride_pt + d;
-    if (head < NUM_HEADS + NUM_KV) k_pool[slot + (long long)(head - NUM_HEADS) * stride_ph] = out;
-    else v_pool[slot + (long long)(head - NUM_HEADS - NUM_KV) * stride_ph] = out;
-}
-#endif
-
 // counters: [0] blocks whose sums are stored, [1] blocks done; the last one zeroes both.
 // phases: 1 = this block's slice sums (and its share of the LoRA's A product over the slice), 2 =
 // finish 1 / SLICES of the chunk's rows; a GPU launch runs both (3), every block of the grid waiting
 // for all the others in between (all are resident: one per SM, grid <= SMs).
 extern "C" __global__ void __launch_bounds__(WARPS * 32, 1)
-nf4_xtab_kernel(const u32* __restrict__ words, const void* __restrict__ absmax, const float2* __restrict__ nested,
-                const float* __restrict__ absmax_table, const u16* x,
+nf4_xtab_kernel(const u32* __restrict__ words, const float* __restrict__ absmax, const u16* x,
                 const float* __restrict__ lora_a, const float* __restrict__ lora_b, u16* __restrict__ y,
                 float* __restrict__ partial, float* __restrict__ t_partial, int* __restrict__ counters, int N,
                 int seg1, int seg2, int RT, double scaling, int round_lora_first, int phases,
                 const u16* residual, const u16* __restrict__ norm_weight, u16* __restrict__ residual_out,
-                double eps, const u16* __restrict__ rope_cos, const u16* __restrict__ rope_sin,
-                const long long* positions, const int* kv_table, u16* __restrict__ q_out, u16* __restrict__ k_pool,
-                u16* __restrict__ v_pool, int stride_pb, int stride_ph, int stride_pt, const float* attn_acc,
-                const float* attn_ml) {
+                double eps) {
 #ifdef NF4_EMULATE
     static float table[TABLE_WORDS];
 #else
     extern __shared__ float table[];  // pair q of lane L, byte b: word (q * 256 + b) * 32 + L
 #endif
     __shared__ float t_sum[3][RANK];
-#if XROPE
-    __shared__ u16 head_values[HEAD_DIM];  // the head this block finishes, before its rotation
-#endif
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
     const u32 lane4 = (u32)lane * 4u;
     const int slice = blockIdx.x % SLICES, chunk = blockIdx.x / SLICES;
@@ -306,17 +200,16 @@ nf4_xtab_kernel(const u32* __restrict__ words, const void* __restrict__ absmax, 
         // Lane (hi2, lo3): the 64-value absmax block hi2 of this slice; after the first half of the
         // reduce-scatter it holds rows 4 lo3 .. 4 lo3 + 3 of the group, summed over its block's 8 lanes
         const int hi2 = lane >> 3, lo3 = lane & 7;
-        const size_t lane_absmax = (size_t)(row0 + 4 * lo3) * ROW_BLOCKS + slice * 4 + hi2;  // its index
+        const float* lane_absmax = absmax + (size_t)(row0 + 4 * lo3) * ROW_BLOCKS + slice * 4 + hi2;
         // Everything that does not depend on the kernel before this one is loaded before waiting for
         // it: the first row group's weights and absmax, the first LoRA A rank and the norm weights.
         u32 w[32];
-        RawAbsmax scale[4] = {};
+        float scale[4] = {0.f, 0.f, 0.f, 0.f};
         if (warp < groups) {
 #pragma unroll
             for (int j = 0; j < 32; ++j) w[j] = load_word(lane_words + (size_t)(warp * 32 + j) * ROW_WORDS);
 #pragma unroll
-            for (int i = 0; i < 4; ++i)
-                scale[i] = load_absmax(absmax, nested, lane_absmax + (size_t)(warp * 32 + i) * ROW_BLOCKS);
+            for (int i = 0; i < 4; ++i) scale[i] = __ldg(lane_absmax + (size_t)(warp * 32 + i) * ROW_BLOCKS);
         }
         const int first_rank = chunk + CHUNKS * warp;  // this warp's LoRA A ranks: first_rank + CHUNKS WARPS i
         float4 first_a0 = make_float4(0.f, 0.f, 0.f, 0.f), first_a1 = first_a0;
@@ -334,8 +227,7 @@ nf4_xtab_kernel(const u32* __restrict__ words, const void* __restrict__ absmax, 
         {
             // This lane's pairs 4 lane + q: inputs 8 lane + 2q (high nibble) and + 1 (low nibble)
             u32 xw[4];
-            prepare_x(xw, x, residual, norm_weight8, residual_out, (float)eps, slice, lane, warp, chunk, attn_acc,
-                      attn_ml, positions);
+            prepare_x(xw, x, residual, norm_weight8, residual_out, (float)eps, slice, lane, warp, chunk);
             float high[4], low[4];
 #pragma unroll
             for (int q = 0; q < 4; ++q) {
@@ -381,11 +273,10 @@ nf4_xtab_kernel(const u32* __restrict__ words, const void* __restrict__ absmax, 
         };
         for (int group = warp; group < groups; group += WARPS) {
             const int next = group + WARPS;
-            RawAbsmax next_scale[4];
+            float next_scale[4];
             if (next < groups) {
 #pragma unroll
-                for (int i = 0; i < 4; ++i)
-                    next_scale[i] = load_absmax(absmax, nested, lane_absmax + (size_t)(next * 32 + i) * ROW_BLOCKS);
+                for (int i = 0; i < 4; ++i) next_scale[i] = __ldg(lane_absmax + (size_t)(next * 32 + i) * ROW_BLOCKS);
             }
             float v[32];
 #pragma unroll
@@ -401,7 +292,7 @@ nf4_xtab_kernel(const u32* __restrict__ words, const void* __restrict__ absmax, 
             halve(v, 16, 2);
             halve(v, 8, 1);  // rows 4 lo3 + i, i < 4, summed over the block's 8 lanes
 #pragma unroll
-            for (int i = 0; i < 4; ++i) v[i] *= absmax_value(scale[i], absmax_table);
+            for (int i = 0; i < 4; ++i) v[i] *= scale[i];
             halve(v, 4, 8);
             halve(v, 2, 16);  // row 4 lo3 + 2 (lane bit 3) + (lane bit 4), over all 32 lanes
             const int row = group * 32 + 4 * lo3 + 2 * ((lane >> 3) & 1) + ((lane >> 4) & 1);
@@ -413,17 +304,9 @@ nf4_xtab_kernel(const u32* __restrict__ words, const void* __restrict__ absmax, 
         }
     }
     if (phases & 2) {
-        // This thread's row of the chunk, if any, and its B row: loaded while the other blocks finish.
-#if XROPE
-        // Whole heads: block `slice` finishes the chunk's head `slice`, so that the rotation's partner
-        // values (d +- HEAD_DIM / 2) are its own
-        const int share = slice < chunk_rows / HEAD_DIM ? HEAD_DIM : 0;
-        const int first_row = slice * HEAD_DIM;
-#else
+        // This thread's row of the chunk, if any, and its B row: loaded while the other blocks finish
         const int share = (chunk_rows + SLICES - 1) / SLICES;
-        const int first_row = slice * share;
-#endif
-        const int r = first_row + (int)threadIdx.x;
+        const int r = slice * share + (int)threadIdx.x;
         const bool mine = (int)threadIdx.x < share && r < chunk_rows;
         const int row = row0 + (mine ? r : 0);
         float4 b[RANK / 4];
@@ -461,8 +344,8 @@ nf4_xtab_kernel(const u32* __restrict__ words, const void* __restrict__ absmax, 
             for (int s = 0; s < SLICES; ++s) base += __ldcg(&partial[(size_t)s * N + row]);
         }
         __syncthreads();
-        for (int i = threadIdx.x; i < share && first_row + i < chunk_rows; i += WARPS * 32) {
-            const int at = row0 + first_row + i;
+        for (int i = threadIdx.x; i < share && slice * share + i < chunk_rows; i += WARPS * 32) {
+            const int at = row0 + slice * share + i;
             if (i != (int)threadIdx.x) {
                 base = 0.f;
                 for (int s = 0; s < SLICES; ++s) base += __ldcg(&partial[(size_t)s * N + at]);
@@ -480,19 +363,8 @@ nf4_xtab_kernel(const u32* __restrict__ words, const void* __restrict__ absmax, 
             }
             u *= (float)scaling;
             const float rounded_base = f32(bf16(base));
-            const u16 value = round_lora_first ? bf16(rounded_base + f32(bf16(u))) : bf16(rounded_base + u);
-#if XROPE
-            head_values[i] = value;
-#else
-            y[at] = value;
-#endif
+            y[at] = round_lora_first ? bf16(rounded_base + f32(bf16(u))) : bf16(rounded_base + u);
         }
-#if XROPE
-        __syncthreads();
-        if (share > 0 && (int)threadIdx.x < HEAD_DIM)
-            rotate_and_store(head_values, (row0 + first_row) / HEAD_DIM, (int)threadIdx.x, rope_cos, rope_sin,
-                             positions, kv_table, q_out, k_pool, v_pool, stride_pb, stride_ph, stride_pt);
-#endif
 #ifndef NF4_EMULATE
         if (phases & 1) {  // the last block to leave zeroes the counters for the next launch
             __syncthreads();
@@ -507,12 +379,9 @@ nf4_xtab_kernel(const u32* __restrict__ words, const void* __restrict__ absmax, 
 """
 
 
-def source(code: Sequence[float], k: int, warps: int, rank: int, chunks: int, prep: int = PLAIN,
-           compact: bool = False, rope: RopeShape | None = None, attention: AttentionShape | None = None) -> str:
-    """The kernel's CUDA text for one NF4 code table, K, warps per block, LoRA rank, row chunks, input
-    preparation (PLAIN, SILU_MUL, ADD_NORM, or ATTN_COMBINE of `attention`'s partials), absmax form (one
-    byte each where `compact`, else float32) and, for q/k/v, the rotation and KV write of `rope` in its
-    epilogue."""
+def source(code: Sequence[float], k: int, warps: int, rank: int, chunks: int, prep: int = PLAIN) -> str:
+    """The kernel's CUDA text for one NF4 code table, K, warps per block, LoRA rank, row chunks and
+    input preparation (PLAIN, SILU_MUL or ADD_NORM)."""
     if len(code) != 16:
         raise ValueError("an NF4 code table has 16 entries")
     if (k <= 0 or k % SLICE or warps not in WARP_CHOICES or rank <= 0 or rank % 4 or chunks <= 0
@@ -520,91 +389,9 @@ def source(code: Sequence[float], k: int, warps: int, rank: int, chunks: int, pr
         raise ValueError(f"no nf4 xtab kernel for K {k}, {warps} warps, rank {rank}, {chunks} chunks, prep {prep}")
     values = ", ".join(f"{struct.unpack('<f', struct.pack('<f', float(v)))[0].hex()}f" for v in code)
     header = (f"#define KDIM {k}\n#define WARPS {warps}\n#define RANK {rank}\n#define CHUNKS {chunks}\n"
-              f"#define XPREP {prep}\n#define COMPACT_ABSMAX {int(compact)}\n#define XROPE {int(rope is not None)}\n")
-    if rope is not None:
-        if not rope_fits(rope.rows, k, warps, chunks, rope):
-            raise ValueError(f"no rope epilogue for {rope} at K {k}, {warps} warps, {chunks} chunks")
-        header += (f"#define NUM_HEADS {rope.num_heads}\n#define NUM_KV {rope.num_kv_heads}\n"
-                   f"#define HEAD_DIM {rope.head_dim}\n#define KV_BLOCK {rope.kv_block}\n")
-    if (prep == ATTN_COMBINE) != (attention is not None) or (attention is not None and rope is not None):
-        raise ValueError("the attention's partials are the input of an ATTN_COMBINE kernel only, never with rope")
-    if attention is not None:
-        if attention.head_dim * attention.group * attention.kv_heads != k or attention.head_dim % 8:
-            raise ValueError(f"no attention combine for {attention} at K {k}")
-        header += (f"#define GROUP {attention.group}\n#define SPLITS {attention.splits}\n"
-                   f"#define HEAD_DIM {attention.head_dim}\n#define KV_BLOCK {attention.kv_block}\n"
-                   f"#define PAGES_PER_SPLIT {attention.pages_per_split}\n")
-    header += f"__device__ __constant__ float CODE_TABLE[16] = {{{values}}};\n#define CODE CODE_TABLE\n"
+              f"#define XPREP {prep}\n"
+              f"__device__ __constant__ float CODE_TABLE[16] = {{{values}}};\n#define CODE CODE_TABLE\n")
     return header + DEVICE_HELPERS + _SOURCE
-
-
-@dataclass(frozen=True)
-class RopeShape:
-    """The attention geometry a q/k/v launch rotates and writes for (its compile-time constants)."""
-
-    num_heads: int
-    num_kv_heads: int
-    head_dim: int
-    kv_block: int  # positions per page of the paged KV pool
-
-    @property
-    def rows(self) -> int:
-        """q/k/v's output features."""
-        return (self.num_heads + 2 * self.num_kv_heads) * self.head_dim
-
-
-@dataclass(frozen=True)
-class RopeWrite:
-    """Where a q/k/v launch with the rope epilogue puts its output, as `triton_kernels.rope_kv_write_paged`
-    does for one row: q rotated (returned), k rotated and v into the paged pool at the row's position."""
-
-    shape: RopeShape
-    cos: torch.Tensor  # [positions, head_dim], bf16
-    sin: torch.Tensor
-    positions: torch.Tensor  # int64 [1]
-    table: torch.Tensor  # int32 [1, pages]: the row's pool block of each page
-    k_pool: torch.Tensor  # [blocks, kv heads, kv_block, head_dim]
-    v_pool: torch.Tensor
-
-
-@dataclass(frozen=True)
-class AttentionShape:
-    """How `triton_kernels.paged_decode_partials` laid out its partials (an o launch's compile-time
-    constants when it combines them itself)."""
-
-    kv_heads: int
-    group: int  # query heads per KV head
-    splits: int  # partials per (row, KV head)
-    head_dim: int
-    kv_block: int  # positions per page
-    pages_per_split: int
-
-
-@dataclass(frozen=True)
-class AttentionPartials:
-    """One row's split attention, not yet combined: o's input for an ATTN_COMBINE launch."""
-
-    shape: AttentionShape
-    acc: torch.Tensor  # float32 [1, KV heads, splits, group, head_dim]
-    ml: torch.Tensor  # float32 [1, KV heads, splits, group, 2]: running max, sum
-    positions: torch.Tensor  # int64 [1]
-
-
-def rope_fits(n: int, k: int, warps: int, chunks: int, rope: RopeShape) -> bool:
-    """The epilogue finishes whole heads, one per block of a row chunk, one value per thread: so every
-    chunk holds whole heads, no more than its blocks (K's slices), and a head fits a block's threads."""
-    slices = k // SLICE
-    if n != rope.rows or rope.head_dim % 2 or chunks <= 0 or n % chunks:
-        return False
-    chunk_rows = n // chunks
-    return chunk_rows % rope.head_dim == 0 and chunk_rows // rope.head_dim <= slices and rope.head_dim <= warps * 32
-
-
-def rope_serves(weight: NF4Matrix, warps: int, device: torch.device, rope: RopeShape) -> bool:
-    """The rope epilogue can finish this q/k/v weight's launch on `device` (`rope_fits`)."""
-    n, k = weight.shape
-    chunks = chunks_for(n, k, sm_count(device))
-    return chunks is not None and rope_fits(n, k, warps, chunks, rope)
 
 
 def chunks_for(n: int, k: int, sms: int) -> int | None:
@@ -638,10 +425,9 @@ def sm_count(device: torch.device) -> int:
     return torch.cuda.get_device_properties(device).multi_processor_count
 
 
-def precompile(requests: Sequence[tuple[tuple[float, ...], torch.device, int, int, int, int, int, bool,
-                                        RopeShape | None, AttentionShape | None]], threads: int) -> int:
-    """Compile the kernels of `requests` ((code, device, k, warps, rank, chunks, prep, compact, rope,
-    attention), as `_kernel` takes
+def precompile(requests: Sequence[tuple[tuple[float, ...], torch.device, int, int, int, int, int]],
+               threads: int) -> int:
+    """Compile the kernels of `requests` ((code, device, k, warps, rank, chunks, prep), as `_kernel` takes
     them) on `threads` threads at once, as `llm.serving.nf4_mma.precompile` does for its own; returns
     how many. A kernel that fails here compiles (and reports) at its first launch instead."""
     from llm.serving.nf4_mma import _nvrtc_steps
@@ -653,11 +439,10 @@ def precompile(requests: Sequence[tuple[tuple[float, ...], torch.device, int, in
     nvrtc_compile, load_module = steps
 
     def compile_one(request: tuple) -> tuple[bytes, str] | Exception:
-        code, device, k, warps, rank, chunks, prep, compact, rope, attention = request
+        code, device, k, warps, rank, chunks, prep = request
         capability = "{}{}".format(*torch.cuda.get_device_capability(device))
         try:
-            return nvrtc_compile(source(code, k, warps, rank, chunks, prep, compact, rope, attention),
-                                 "nf4_xtab_kernel",
+            return nvrtc_compile(source(code, k, warps, rank, chunks, prep), "nf4_xtab_kernel",
                                  compute_capability=capability)
         except Exception as error:  # noqa: BLE001 - compiled again (and reported) at its first launch
             return error
@@ -665,7 +450,7 @@ def precompile(requests: Sequence[tuple[tuple[float, ...], torch.device, int, in
     compiled = 0
     with ThreadPoolExecutor(max_workers=max(1, threads), thread_name_prefix="nf4-xtab-nvrtc") as pool:
         for request, binary in zip(missing, pool.map(compile_one, missing), strict=True):
-            code, device, k, warps, rank, chunks, prep, compact, rope, attention = request
+            code, device, k, warps, rank, chunks, prep = request
             if isinstance(binary, Exception):
                 continue
             try:
@@ -674,25 +459,21 @@ def precompile(requests: Sequence[tuple[tuple[float, ...], torch.device, int, in
                     kernel.set_shared_memory_config(TABLE_BYTES)
             except Exception:  # noqa: BLE001 - as above
                 continue
-            _KERNELS[(device.index, code, k, warps, rank, chunks, prep, compact, rope, attention)] = kernel
+            _KERNELS[(device.index, code, k, warps, rank, chunks, prep)] = kernel
             compiled += 1
     return compiled
 
 
 def _kernel(code: tuple[float, ...], device: torch.device, k: int, warps: int, rank: int, chunks: int,
-            prep: int, compact: bool, rope: RopeShape | None = None,
-            attention: AttentionShape | None = None) -> Callable:
+            prep: int) -> Callable:
     global _DISABLED
-    key = (device.index, code, k, warps, rank, chunks, prep, compact, rope, attention)
+    key = (device.index, code, k, warps, rank, chunks, prep)
     if key not in _KERNELS:
         if _DISABLED is not None:
             raise XtabUnavailable(_DISABLED)
-        # Outside the try: a layout this kernel does not have is the caller's ValueError, not a reason to
-        # take the x-table kernels out of service.
-        text = source(code, k, warps, rank, chunks, prep, compact, rope, attention)
         try:
             with torch.cuda.device(device):
-                kernel = torch.cuda._compile_kernel(text, "nf4_xtab_kernel")
+                kernel = torch.cuda._compile_kernel(source(code, k, warps, rank, chunks, prep), "nf4_xtab_kernel")
                 kernel.set_shared_memory_config(TABLE_BYTES)
         except Exception as error:  # noqa: BLE001 - NVRTC missing or refusing: any failure means "not here"
             _DISABLED = (str(error).strip().splitlines() or [type(error).__name__])[0][:300]
@@ -703,14 +484,12 @@ def _kernel(code: tuple[float, ...], device: torch.device, k: int, warps: int, r
 
 
 def nf4_xtab_linear(x: torch.Tensor, weight: NF4Matrix, lora: LoraParts, seg1: int, seg2: int,
-                    round_lora_first: bool, warps: int, code: tuple[float, ...],
-                    rope: RopeWrite | None = None) -> torch.Tensor:
+                    round_lora_first: bool, warps: int, code: tuple[float, ...]) -> torch.Tensor:
     """y = x @ W.T + scaling * B(A(x)) with PEFT's roundings, for one row of x ([1, K], bf16), in one
-    launch (the LoRA's A product included). With `rope` (q/k/v): y's q rotated [1, heads x head_dim]
-    instead, k rotated and v written into the pool (`RopeWrite`)."""
+    launch (the LoRA's A product included)."""
     if x.shape[0] != 1:
         raise ValueError(f"the x-table kernel takes one row, got {x.shape[0]}")
-    return _launch(PLAIN, x, weight, lora, seg1, seg2, round_lora_first, warps, code, rope=rope)
+    return _launch(PLAIN, x, weight, lora, seg1, seg2, round_lora_first, warps, code)
 
 
 def nf4_xtab_after_silu_mul(gate_up: torch.Tensor, weight: NF4Matrix, lora: LoraParts, seg1: int, seg2: int,
@@ -724,30 +503,16 @@ def nf4_xtab_after_silu_mul(gate_up: torch.Tensor, weight: NF4Matrix, lora: Lora
 
 def nf4_xtab_after_add_norm(residual: torch.Tensor, delta: torch.Tensor, norm_weight: torch.Tensor, eps: float,
                             weight: NF4Matrix, lora: LoraParts, seg1: int, seg2: int, round_lora_first: bool,
-                            warps: int, code: tuple[float, ...],
-                            rope: RopeWrite | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                            warps: int, code: tuple[float, ...]) -> tuple[torch.Tensor, torch.Tensor]:
     """(h, y): h = residual + delta (the residual stream's next value) and y as `nf4_xtab_linear` of
-    MistralRMSNorm(h) with `norm_weight` (and `rope`), for one row, the add and the norm done inside the
-    launch."""
+    MistralRMSNorm(h) with `norm_weight`, for one row, the add and the norm done inside the launch."""
     if residual.shape != delta.shape or residual.shape[0] != 1 or norm_weight.shape != (residual.shape[1],):
         raise ValueError(f"no add-and-norm for residual {list(residual.shape)}, delta {list(delta.shape)}, "
                          f"norm weight {list(norm_weight.shape)}")
     h = torch.empty_like(residual)
     y = _launch(ADD_NORM, delta, weight, lora, seg1, seg2, round_lora_first, warps, code,
-                residual=_aligned(residual), norm_weight=_aligned(norm_weight), residual_out=h, eps=eps, rope=rope)
+                residual=_aligned(residual), norm_weight=_aligned(norm_weight), residual_out=h, eps=eps)
     return h, y
-
-
-def nf4_xtab_after_attention(partials: AttentionPartials, weight: NF4Matrix, lora: LoraParts, seg1: int,
-                             seg2: int, round_lora_first: bool, warps: int, code: tuple[float, ...]) -> torch.Tensor:
-    """As `nf4_xtab_linear` of the attention output the split partials combine to (o's input, one row),
-    the combine (`triton_kernels.paged_decode_reduce`'s work) done inside the launch."""
-    shape = partials.shape
-    expected = (1, shape.kv_heads, shape.splits, shape.group, shape.head_dim)
-    if tuple(partials.acc.shape) != expected or tuple(partials.ml.shape) != (*expected[:4], 2):
-        raise ValueError(f"no attention partials {list(partials.acc.shape)} / {list(partials.ml.shape)} for {shape}")
-    return _launch(ATTN_COMBINE, partials.acc, weight, lora, seg1, seg2, round_lora_first, warps, code,
-                   attention=partials)
 
 
 def _aligned(x: torch.Tensor) -> torch.Tensor:
@@ -760,41 +525,23 @@ def _aligned(x: torch.Tensor) -> torch.Tensor:
 def _launch(prep: int, x: torch.Tensor, weight: NF4Matrix, lora: LoraParts, seg1: int, seg2: int,
             round_lora_first: bool, warps: int, code: tuple[float, ...], residual: torch.Tensor | None = None,
             norm_weight: torch.Tensor | None = None, residual_out: torch.Tensor | None = None,
-            eps: float = 0.0, rope: RopeWrite | None = None,
-            attention: AttentionPartials | None = None) -> torch.Tensor:
+            eps: float = 0.0) -> torch.Tensor:
     n, k = weight.shape
     chunks = chunks_for(n, k, sm_count(x.device))
     if chunks is None:
         raise ValueError(f"no x-table layout for a {n} x {k} weight on this GPU")
     x = _aligned(x)
-    compact = weight.compact
-    kernel = _kernel(code, x.device, k, warps, lora.rank, chunks, prep, compact is not None,
-                     rope.shape if rope is not None else None, attention.shape if attention is not None else None)
+    kernel = _kernel(code, x.device, k, warps, lora.rank, chunks, prep)
     slices = k // SLICE
     rt = lora.a.shape[0]
-    # With rope, q is the output: the rest goes to the KV pool
-    outputs = rope.shape.num_heads * rope.shape.head_dim if rope is not None else n
-    y = torch.empty((1, outputs), dtype=torch.bfloat16, device=x.device)
+    y = torch.empty((1, n), dtype=torch.bfloat16, device=x.device)
     partial = torch.empty((slices, n), dtype=torch.float32, device=x.device)
     t_partial = torch.empty((slices, rt), dtype=torch.float32, device=x.device)
     counters = lora.counters("xtab", 2, x.device)
-    absmax = (compact.codes, compact.nested, compact.table) if compact is not None else (weight.absmax,) * 3
-    if rope is not None:
-        shape = rope.shape
-        pool = rope.k_pool
-        if pool.stride() != rope.v_pool.stride() or pool.stride(3) != 1 or pool.shape[1:] != (
-                shape.num_kv_heads, shape.kv_block, shape.head_dim):
-            raise ValueError(f"the KV pool {list(pool.shape)} is not laid out for {shape}")
-        rope_args = [rope.cos, rope.sin, rope.positions, rope.table, y, pool, rope.v_pool, *pool.stride()[:3]]
-    else:
-        positions = attention.positions if attention is not None else x
-        rope_args = [x, x, positions, x, y, y, y, 0, 0, 0]
-    attention_args = [attention.acc, attention.ml] if attention is not None else [x, x]
     programmatic_launch.launch(
         kernel, (slices * chunks, 1, 1), (warps * 32, 1, 1),
-        [weight.packed, *absmax, x, lora.a, lora.b, y, partial, t_partial, counters, n, seg1, seg2, rt,
+        [weight.packed, weight.absmax, x, lora.a, lora.b, y, partial, t_partial, counters, n, seg1, seg2, rt,
          float(lora.scaling), int(round_lora_first), 3, x if residual is None else residual,
-         x if norm_weight is None else norm_weight, y if residual_out is None else residual_out, float(eps),
-         *rope_args, *attention_args],
+         x if norm_weight is None else norm_weight, y if residual_out is None else residual_out, float(eps)],
         x.device, shared_bytes=TABLE_BYTES)
     return y

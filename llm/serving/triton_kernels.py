@@ -494,23 +494,6 @@ def paged_decode_attention(
     """One decode token per row against its paged KV: q [n, H*D] (GQA: H = K * group), pool
     [blocks, K, block_size, D], table [n, max_blocks] int32, positions [n] (the row attends to
     positions 0..pos). Reads only the row's own pages; float32 softmax. Returns [n, H*D]."""
-    acc, ml = paged_decode_partials(q, k_pool, v_pool, table, positions, scale, num_heads, split_pages)
-    return paged_decode_reduce(acc, ml, positions, k_pool.shape[2], split_pages or PAGES_PER_SPLIT, q.dtype)
-
-
-def paged_decode_partials(
-    q: torch.Tensor,
-    k_pool: torch.Tensor,
-    v_pool: torch.Tensor,
-    table: torch.Tensor,
-    positions: torch.Tensor,
-    scale: float,
-    num_heads: int,
-    split_pages: int | None = None,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """`paged_decode_attention`'s first launch: each split's partial, (acc [n, K, splits, group, D],
-    ml [n, K, splits, group, 2] = running max, sum), float32, for `paged_decode_reduce` (or a kernel
-    that combines them itself) to combine."""
     n = q.shape[0]
     _, num_kv, block_size, head_dim = k_pool.shape
     group = num_heads // num_kv
@@ -519,6 +502,7 @@ def paged_decode_partials(
     splits = triton.cdiv(max_blocks, split_pages)
     acc = torch.empty((n, num_kv, splits, group, head_dim), dtype=torch.float32, device=q.device)
     ml = torch.empty((n, num_kv, splits, group, 2), dtype=torch.float32, device=q.device)
+    out = torch.empty((n, num_heads * head_dim), dtype=q.dtype, device=q.device)
     assert q.is_contiguous() and k_pool.stride() == v_pool.stride() and k_pool.stride(3) == 1
     _paged_attn_kernel[(n, num_kv, splits)](
         q, k_pool, v_pool, table, positions, acc, ml, scale,
@@ -527,20 +511,10 @@ def paged_decode_partials(
         BLOCK_SIZE=block_size, PAGES_PER_SPLIT=split_pages, SPLITS=splits, num_warps=4, num_stages=2,
         **programmatic_options(q.device),
     )
-    return acc, ml
-
-
-def paged_decode_reduce(acc: torch.Tensor, ml: torch.Tensor, positions: torch.Tensor, block_size: int,
-                        split_pages: int = PAGES_PER_SPLIT, dtype: torch.dtype = torch.bfloat16) -> torch.Tensor:
-    """`paged_decode_attention`'s second launch: the splits that hold tokens combined (log-sum-exp
-    weights), [n, H*D] in `dtype`."""
-    n, num_kv, splits, group, head_dim = acc.shape
-    num_heads = num_kv * group
-    out = torch.empty((n, num_heads * head_dim), dtype=dtype, device=acc.device)
     _paged_reduce_kernel[(n, num_heads)](
         acc, ml, positions, out,
         NUM_KV=num_kv, GROUP=group, HEAD_DIM=head_dim, BLOCK_SIZE=block_size,
         PAGES_PER_SPLIT=split_pages, SPLITS=splits, SPLITS_PAD=triton.next_power_of_2(splits), num_warps=1,
-        **programmatic_options(acc.device),
+        **programmatic_options(q.device),
     )
     return out

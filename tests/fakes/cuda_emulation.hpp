@@ -83,10 +83,6 @@ inline float __fmul_rn(float a, float b) {
     volatile float product = a * b;  // one float32 rounding, never fused
     return product;
 }
-inline float __fadd_rn(float a, float b) {
-    volatile float sum = a + b;  // one float32 rounding, never fused
-    return sum;
-}
 inline float __uint_as_float(u32 u) {
     float f;
     std::memcpy(&f, &u, 4);
