@@ -3,8 +3,8 @@
 Builds each mode on the random 7B as `bench_engines.py` does, then for each prompt length runs one prompt's
 prefill as serving runs it (`prefill_many` through the captured bucket) under torch.profiler, three times.
 Writes one kernel table per mode and length (`prefill_profile_<mode>_t<length>.txt` in --out) and prints
-one JSON line per mode and length: wall ms per prefill (median of 3, synchronised), GPU kernel ms per
-prefill, and the ten kernels that took the most.
+one JSON line per mode and length: wall ms per prefill (`bench_engines.mean_ms`: the mean of 3 after a
+warm-up, synchronised), GPU kernel ms per prefill, and the ten kernels that took the most.
 
     python bench/prefill_profile.py --tokenizer-file .tok/tokenizer.model.v1 [--modes nf4,fast]
         [--lengths 32,288] [--out DIR]
@@ -15,7 +15,6 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -34,14 +33,7 @@ def profile_lengths(engine, tokenizer, lengths: list[int], out_dir: Path) -> Non
     with torch.inference_mode():
         for length in lengths:
             ids = torch.tensor(bench_engines.random_prompt(tokenizer, length, generator))
-            graphs.prefill_many([0], [ids])  # warm
-            walls = []
-            for _ in range(REPEATS):
-                bench_engines.sync()
-                start = time.perf_counter()
-                graphs.prefill_many([0], [ids])
-                bench_engines.sync()
-                walls.append((time.perf_counter() - start) * 1000)
+            wall_ms = bench_engines.mean_ms(lambda ids=ids: graphs.prefill_many([0], [ids]), REPEATS)
             with profile(activities=[ProfilerActivity.CUDA]) as prof:
                 for _ in range(REPEATS):
                     graphs.prefill_many([0], [ids])
@@ -53,7 +45,7 @@ def profile_lengths(engine, tokenizer, lengths: list[int], out_dir: Path) -> Non
                              reverse=True)
             print(json.dumps({
                 "mode": engine.name, "prompt_tokens": length,
-                "wall_ms": round(sorted(walls)[REPEATS // 2], 2),
+                "wall_ms": wall_ms,
                 "gpu_kernel_ms": round(sum(k[0] for k in kernels) / 1e3 / REPEATS, 2),
                 "top_kernels_ms": [{"kernel": name[:70], "ms": round(us / 1e3 / REPEATS, 3),
                                     "launches": count // REPEATS} for us, name, count in kernels[:10]],
@@ -68,11 +60,19 @@ def main() -> None:
     parser.add_argument("--lengths", default="32,288")
     parser.add_argument("--out", default=".")
     args = parser.parse_args()
+    modes = args.modes.split(",")
+    if unknown := [m for m in modes if m not in bench_engines.ENGINE_MODES]:
+        parser.error(f"--modes {args.modes}: {', '.join(unknown)} is not one of {', '.join(bench_engines.ENGINE_MODES)}")
+    try:
+        lengths = [int(n) for n in args.lengths.split(",")]
+    except ValueError:
+        parser.error(f"--lengths {args.lengths}: prompt lengths in tokens, e.g. 32,288")
+    if not all(0 < n <= 2048 for n in lengths):
+        parser.error(f"--lengths {args.lengths}: each between 1 and 2,048 (the bench engines' longest prompt)")
     out_dir = Path(args.out)
     out_dir.mkdir(parents=True, exist_ok=True)
     tokenizer = bench_engines.make_tokenizer(args.tokenizer_file, Path("/tmp/prefill_profile_tok"))
-    lengths = [int(n) for n in args.lengths.split(",")]
-    for mode in args.modes.split(","):
+    for mode in modes:
         engine = bench_engines.build_engine(mode, bench_engines.build_seed_model(), tokenizer)
         try:
             profile_lengths(engine, tokenizer, lengths, out_dir)
