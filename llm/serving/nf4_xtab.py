@@ -62,6 +62,8 @@ MAX_PARTS = 3  # LoRA parts of a fused projection (q/k/v)
 # What the kernel does to its input before tabulating it (XPREP in the CUDA text, `prepare_x`)
 PLAIN, SILU_MUL, ADD_NORM = 0, 1, 2
 PREPS = (PLAIN, SILU_MUL, ADD_NORM)
+# bench/xtab_timeline.py's stamps per block (int64): six points x (ns, cycles), the SM last
+TIMELINE_SLOTS = 16
 
 _SOURCE = r"""
 constexpr int K = KDIM;
@@ -171,6 +173,29 @@ __device__ __forceinline__ void prepare_x(u32 (&xw)[4], const u16* x, const u16*
 #endif
 }
 
+// bench/xtab_timeline.py's build (NF4_TIMELINE): thread 0 of every block stores the global nanosecond
+// timer and its SM's cycle counter at six points of the launch (STAMP(0..5)) and its SM, so that the
+// bench can say where a launch's time goes: waiting, preparing, the weights, the barrier, finishing.
+#if defined(NF4_TIMELINE) && !defined(NF4_EMULATE)
+#define TIMELINE_PARAM , unsigned long long* __restrict__ timeline
+__device__ __forceinline__ void stamp(unsigned long long* timeline, int point) {
+    if (threadIdx.x != 0) return;
+    unsigned long long ns, cycles;
+    unsigned sm;
+    asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(ns));
+    asm volatile("mov.u64 %0, %%clock64;" : "=l"(cycles));
+    asm volatile("mov.u32 %0, %%smid;" : "=r"(sm));
+    unsigned long long* mine = timeline + (size_t)blockIdx.x * TIMELINE_SLOTS;
+    mine[2 * point] = ns;
+    mine[2 * point + 1] = cycles;
+    mine[TIMELINE_SLOTS - 1] = sm;
+}
+#define STAMP(point) stamp(timeline, point)
+#else
+#define TIMELINE_PARAM
+#define STAMP(point)
+#endif
+
 // counters: [0] blocks whose sums are stored, [1] blocks done; the last one zeroes both.
 // phases: 1 = this block's slice sums (and its share of the LoRA's A product over the slice), 2 =
 // finish 1 / SLICES of the chunk's rows; a GPU launch runs both (3), every block of the grid waiting
@@ -181,7 +206,8 @@ nf4_xtab_kernel(const u32* __restrict__ words, const float* __restrict__ absmax,
                 float* __restrict__ partial, float* __restrict__ t_partial, int* __restrict__ counters, int N,
                 int seg1, int seg2, int RT, double scaling, int round_lora_first, int phases,
                 const u16* residual, const u16* __restrict__ norm_weight, u16* __restrict__ residual_out,
-                double eps) {
+                double eps TIMELINE_PARAM) {
+    STAMP(0);
 #ifdef NF4_EMULATE
     static float table[TABLE_WORDS];
 #else
@@ -224,6 +250,7 @@ nf4_xtab_kernel(const u32* __restrict__ words, const float* __restrict__ absmax,
         const uint4 norm_weight8 = make_uint4(0u, 0u, 0u, 0u);
 #endif
         previous_kernels_done();  // x
+        STAMP(1);
         {
             // This lane's pairs 4 lane + q: inputs 8 lane + 2q (high nibble) and + 1 (low nibble)
             u32 xw[4];
@@ -261,6 +288,7 @@ nf4_xtab_kernel(const u32* __restrict__ words, const float* __restrict__ absmax,
             }
         }
         __syncthreads();
+        STAMP(2);
         // One step of the reduce-scatter: of `len` values, the lanes with `mask` set keep the upper half
         auto halve = [&](float (&v)[32], int len, int mask) {
             const bool upper = (lane & mask) != 0;
@@ -317,6 +345,7 @@ nf4_xtab_kernel(const u32* __restrict__ words, const float* __restrict__ absmax,
         if (phases & 1) {  // every block has stored its sums
             __threadfence();
             __syncthreads();
+            STAMP(3);
             if (threadIdx.x == 0) {
                 atomicAdd(&counters[0], 1);
                 // a block that never arrives (the grid not resident after all) is an error, not a hang
@@ -327,6 +356,7 @@ nf4_xtab_kernel(const u32* __restrict__ words, const float* __restrict__ absmax,
                 }
             }
             __syncthreads();
+            STAMP(4);
         }
 #endif
         // Only now: a kernel started early could otherwise hold the SM a block of this grid still waits for
@@ -372,6 +402,7 @@ nf4_xtab_kernel(const u32* __restrict__ words, const float* __restrict__ absmax,
                 counters[0] = 0;
                 counters[1] = 0;
             }
+            STAMP(5);
         }
 #endif
     }
@@ -379,9 +410,11 @@ nf4_xtab_kernel(const u32* __restrict__ words, const float* __restrict__ absmax,
 """
 
 
-def source(code: Sequence[float], k: int, warps: int, rank: int, chunks: int, prep: int = PLAIN) -> str:
+def source(code: Sequence[float], k: int, warps: int, rank: int, chunks: int, prep: int = PLAIN,
+           timeline: bool = False) -> str:
     """The kernel's CUDA text for one NF4 code table, K, warps per block, LoRA rank, row chunks and
-    input preparation (PLAIN, SILU_MUL or ADD_NORM)."""
+    input preparation (PLAIN, SILU_MUL or ADD_NORM); `timeline`: with the bench's phase stamps (one
+    more kernel argument)."""
     if len(code) != 16:
         raise ValueError("an NF4 code table has 16 entries")
     if (k <= 0 or k % SLICE or warps not in WARP_CHOICES or rank <= 0 or rank % 4 or chunks <= 0
@@ -390,7 +423,8 @@ def source(code: Sequence[float], k: int, warps: int, rank: int, chunks: int, pr
     values = ", ".join(f"{struct.unpack('<f', struct.pack('<f', float(v)))[0].hex()}f" for v in code)
     header = (f"#define KDIM {k}\n#define WARPS {warps}\n#define RANK {rank}\n#define CHUNKS {chunks}\n"
               f"#define XPREP {prep}\n"
-              f"__device__ __constant__ float CODE_TABLE[16] = {{{values}}};\n#define CODE CODE_TABLE\n")
+              + (f"#define NF4_TIMELINE 1\n#define TIMELINE_SLOTS {TIMELINE_SLOTS}\n" if timeline else "")
+              + f"__device__ __constant__ float CODE_TABLE[16] = {{{values}}};\n#define CODE CODE_TABLE\n")
     return header + DEVICE_HELPERS + _SOURCE
 
 
@@ -465,15 +499,16 @@ def precompile(requests: Sequence[tuple[tuple[float, ...], torch.device, int, in
 
 
 def _kernel(code: tuple[float, ...], device: torch.device, k: int, warps: int, rank: int, chunks: int,
-            prep: int) -> Callable:
+            prep: int, timeline: bool = False) -> Callable:
     global _DISABLED
-    key = (device.index, code, k, warps, rank, chunks, prep)
+    key = (device.index, code, k, warps, rank, chunks, prep) + (("timeline",) if timeline else ())
     if key not in _KERNELS:
         if _DISABLED is not None:
             raise XtabUnavailable(_DISABLED)
         try:
             with torch.cuda.device(device):
-                kernel = torch.cuda._compile_kernel(source(code, k, warps, rank, chunks, prep), "nf4_xtab_kernel")
+                kernel = torch.cuda._compile_kernel(source(code, k, warps, rank, chunks, prep, timeline),
+                                                    "nf4_xtab_kernel")
                 kernel.set_shared_memory_config(TABLE_BYTES)
         except Exception as error:  # noqa: BLE001 - NVRTC missing or refusing: any failure means "not here"
             _DISABLED = (str(error).strip().splitlines() or [type(error).__name__])[0][:300]
@@ -484,26 +519,30 @@ def _kernel(code: tuple[float, ...], device: torch.device, k: int, warps: int, r
 
 
 def nf4_xtab_linear(x: torch.Tensor, weight: NF4Matrix, lora: LoraParts, seg1: int, seg2: int,
-                    round_lora_first: bool, warps: int, code: tuple[float, ...]) -> torch.Tensor:
+                    round_lora_first: bool, warps: int, code: tuple[float, ...],
+                    timeline: torch.Tensor | None = None) -> torch.Tensor:
     """y = x @ W.T + scaling * B(A(x)) with PEFT's roundings, for one row of x ([1, K], bf16), in one
-    launch (the LoRA's A product included)."""
+    launch (the LoRA's A product included). `timeline` (the bench's): int64 [blocks, TIMELINE_SLOTS]
+    that the launch stamps (`source`'s timeline build)."""
     if x.shape[0] != 1:
         raise ValueError(f"the x-table kernel takes one row, got {x.shape[0]}")
-    return _launch(PLAIN, x, weight, lora, seg1, seg2, round_lora_first, warps, code)
+    return _launch(PLAIN, x, weight, lora, seg1, seg2, round_lora_first, warps, code, timeline=timeline)
 
 
 def nf4_xtab_after_silu_mul(gate_up: torch.Tensor, weight: NF4Matrix, lora: LoraParts, seg1: int, seg2: int,
-                            round_lora_first: bool, warps: int, code: tuple[float, ...]) -> torch.Tensor:
+                            round_lora_first: bool, warps: int, code: tuple[float, ...],
+                            timeline: torch.Tensor | None = None) -> torch.Tensor:
     """As `nf4_xtab_linear` of `silu(gate) * up` (each op rounded to bf16, as eager PyTorch does) for
     one row of gate_up = [gate | up] ([1, 2K]), the element-wise step done inside the launch."""
     if gate_up.shape[0] != 1 or gate_up.shape[1] != 2 * weight.shape[1]:
         raise ValueError(f"the x-table kernel takes one [1, 2K] gate/up row, got {list(gate_up.shape)}")
-    return _launch(SILU_MUL, gate_up, weight, lora, seg1, seg2, round_lora_first, warps, code)
+    return _launch(SILU_MUL, gate_up, weight, lora, seg1, seg2, round_lora_first, warps, code, timeline=timeline)
 
 
 def nf4_xtab_after_add_norm(residual: torch.Tensor, delta: torch.Tensor, norm_weight: torch.Tensor, eps: float,
                             weight: NF4Matrix, lora: LoraParts, seg1: int, seg2: int, round_lora_first: bool,
-                            warps: int, code: tuple[float, ...]) -> tuple[torch.Tensor, torch.Tensor]:
+                            warps: int, code: tuple[float, ...],
+                            timeline: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """(h, y): h = residual + delta (the residual stream's next value) and y as `nf4_xtab_linear` of
     MistralRMSNorm(h) with `norm_weight`, for one row, the add and the norm done inside the launch."""
     if residual.shape != delta.shape or residual.shape[0] != 1 or norm_weight.shape != (residual.shape[1],):
@@ -511,7 +550,8 @@ def nf4_xtab_after_add_norm(residual: torch.Tensor, delta: torch.Tensor, norm_we
                          f"norm weight {list(norm_weight.shape)}")
     h = torch.empty_like(residual)
     y = _launch(ADD_NORM, delta, weight, lora, seg1, seg2, round_lora_first, warps, code,
-                residual=_aligned(residual), norm_weight=_aligned(norm_weight), residual_out=h, eps=eps)
+                residual=_aligned(residual), norm_weight=_aligned(norm_weight), residual_out=h, eps=eps,
+                timeline=timeline)
     return h, y
 
 
@@ -525,13 +565,13 @@ def _aligned(x: torch.Tensor) -> torch.Tensor:
 def _launch(prep: int, x: torch.Tensor, weight: NF4Matrix, lora: LoraParts, seg1: int, seg2: int,
             round_lora_first: bool, warps: int, code: tuple[float, ...], residual: torch.Tensor | None = None,
             norm_weight: torch.Tensor | None = None, residual_out: torch.Tensor | None = None,
-            eps: float = 0.0) -> torch.Tensor:
+            eps: float = 0.0, timeline: torch.Tensor | None = None) -> torch.Tensor:
     n, k = weight.shape
     chunks = chunks_for(n, k, sm_count(x.device))
     if chunks is None:
         raise ValueError(f"no x-table layout for a {n} x {k} weight on this GPU")
     x = _aligned(x)
-    kernel = _kernel(code, x.device, k, warps, lora.rank, chunks, prep)
+    kernel = _kernel(code, x.device, k, warps, lora.rank, chunks, prep, timeline is not None)
     slices = k // SLICE
     rt = lora.a.shape[0]
     y = torch.empty((1, n), dtype=torch.bfloat16, device=x.device)
@@ -542,6 +582,7 @@ def _launch(prep: int, x: torch.Tensor, weight: NF4Matrix, lora: LoraParts, seg1
         kernel, (slices * chunks, 1, 1), (warps * 32, 1, 1),
         [weight.packed, weight.absmax, x, lora.a, lora.b, y, partial, t_partial, counters, n, seg1, seg2, rt,
          float(lora.scaling), int(round_lora_first), 3, x if residual is None else residual,
-         x if norm_weight is None else norm_weight, y if residual_out is None else residual_out, float(eps)],
+         x if norm_weight is None else norm_weight, y if residual_out is None else residual_out, float(eps),
+         *(() if timeline is None else (timeline,))],
         x.device, shared_bytes=TABLE_BYTES)
     return y

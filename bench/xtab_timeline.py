@@ -1,0 +1,204 @@
+"""Where the one-row x-table launches spend their time, block by block (GPU, device tool).
+
+Chains one Mistral-7B layer's three x-table launches as the one-row decode step runs them (q/k/v
+after the residual add and RMSNorm, gate/up after the same, down after `silu(gate) * up`) over
+`--layers` random 7B-shaped layers, in a CUDA graph with programmatic launch. The same chain built
+with stamps (`nf4_xtab.source(..., timeline=True)`) records, for every block of every launch, the
+global timer and its SM's cycle counter at six points:
+
+    0 entry · 1 the kernel before is done (x readable) · 2 x prepared, tabulated, LoRA A summed ·
+    3 every warp's weight sums stored · 4 the grid-wide barrier passed · 5 the block's rows finished
+
+Prints one JSON line per projection (microseconds; medians over layers and replays of each launch's
+median and slowest block) and one for the chain: its graph time with and without the stamps, and
+how long an SM sits between one launch's block leaving and the next launch's block arriving.
+
+    python3 bench/xtab_timeline.py [--layers 4] [--replays 20] [--warps 16]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import torch  # noqa: E402
+
+from llm.serving import nf4_mma, nf4_xtab  # noqa: E402
+from llm.serving.nf4 import NF4Projection  # noqa: E402
+from llm.serving.triton_kernels import graph_time_ms  # noqa: E402
+
+POINTS = ("entry", "x_ready", "tabulated", "sums_stored", "barrier_passed", "done")
+PHASES = ("wait", "prepare_and_tabulate", "weights", "barrier", "finish")
+HIDDEN, INTERMEDIATE, KV = 4096, 14336, 1024
+BANDWIDTH_BYTES_PER_US = 4.2e6  # the H200's measured copy rate, for the bytes-only time
+
+
+def bytes_read(projection: NF4Projection) -> int:
+    weight, lora = projection.weight, projection.lora
+    return (weight.packed.numel() * weight.packed.element_size() + weight.absmax.numel() * 4
+            + lora.a.numel() * 4 + lora.b.numel() * 4)
+
+
+class Chain:
+    """`layers` x (q/k/v, gate/up, down) x-table launches, each with its own stamp buffer."""
+
+    def __init__(self, layers: int, warps: int) -> None:
+        from nf4_kernels import projection  # bench/nf4_kernels.py: random NF4 + LoRA of the seed's shape
+
+        self.warps = warps
+        self.layers = [
+            {"qkv": projection([HIDDEN, KV, KV], HIDDEN, 100 + layer),
+             "gate_up": projection([INTERMEDIATE, INTERMEDIATE], HIDDEN, 200 + layer),
+             "down": projection([HIDDEN], INTERMEDIATE, 300 + layer)}
+            for layer in range(layers)]
+        device = torch.device("cuda")
+        self.sms = nf4_xtab.sm_count(device)
+        self.code = nf4_mma.code_values(self.layers[0]["qkv"].weight.code)
+        torch.manual_seed(0)
+        self.residual = torch.randn(1, HIDDEN, dtype=torch.bfloat16, device=device)
+        self.delta = torch.randn(1, HIDDEN, dtype=torch.bfloat16, device=device) * 0.1
+        self.norm = torch.ones(HIDDEN, dtype=torch.bfloat16, device=device)
+        self.stamps = [
+            {name: torch.zeros(self.blocks(p), nf4_xtab.TIMELINE_SLOTS, dtype=torch.int64, device=device)
+             for name, p in layer.items()}
+            for layer in self.layers]
+
+    def blocks(self, projection: NF4Projection) -> int:
+        n, k = projection.weight.shape
+        return k // nf4_xtab.SLICE * nf4_xtab.chunks_for(n, k, self.sms)
+
+    def run(self, stamped: bool) -> None:
+        residual, delta = self.residual, self.delta
+        for layer, stamps in zip(self.layers, self.stamps, strict=True):
+            qkv, gate_up, down = layer["qkv"], layer["gate_up"], layer["down"]
+            residual, q = nf4_xtab.nf4_xtab_after_add_norm(
+                residual, delta, self.norm, 1e-5, qkv.weight, qkv.lora, *qkv.lora.part_starts(qkv.weight.shape[0]),
+                True, self.warps, self.code, timeline=stamps["qkv"] if stamped else None)
+            # attention and o are not in the chain: q's first 4096 values stand in for o's output
+            residual, gu = nf4_xtab.nf4_xtab_after_add_norm(
+                residual, q[:, :HIDDEN], self.norm, 1e-5, gate_up.weight, gate_up.lora,
+                *gate_up.lora.part_starts(gate_up.weight.shape[0]), True, self.warps, self.code,
+                timeline=stamps["gate_up"] if stamped else None)
+            delta = nf4_xtab.nf4_xtab_after_silu_mul(
+                gu, down.weight, down.lora, *down.lora.part_starts(down.weight.shape[0]), True, self.warps,
+                self.code, timeline=stamps["down"] if stamped else None)
+
+
+def captured(function: Callable[[], None]) -> torch.cuda.CUDAGraph:
+    function()
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        function()
+    return graph
+
+
+def launch_records(chain: Chain) -> list[tuple[str, torch.Tensor]]:
+    """(projection, stamps [blocks, slots] on the CPU) of every launch, in launch order."""
+    return [(name, stamps[name].cpu()) for stamps in chain.stamps for name in ("qkv", "gate_up", "down")]
+
+
+def cycles_per_ns(records: list[tuple[str, torch.Tensor]]) -> float:
+    """The SMs' clock: per SM, its first entry to its last finish in this replay, cycles over ns."""
+    first: dict[int, tuple[int, int]] = {}
+    last: dict[int, tuple[int, int]] = {}
+    for _, stamps in records:
+        for block in stamps.tolist():
+            sm = block[-1]
+            entry, finish = (block[0], block[1]), (block[10], block[11])
+            if sm not in first or entry[0] < first[sm][0]:
+                first[sm] = entry
+            if sm not in last or finish[0] > last[sm][0]:
+                last[sm] = finish
+    ratios = [(last[sm][1] - first[sm][1]) / (last[sm][0] - first[sm][0])
+              for sm in first if last[sm][0] > first[sm][0]]
+    return statistics.median(ratios)
+
+
+def summarize_replay(records: list[tuple[str, torch.Tensor]]) -> list[dict]:
+    """Per launch: each phase's median and slowest block (us, from the SM's cycles), the launch's span
+    and its start against the launch before (us, global timer), and the same-SM gaps before it."""
+    clock = cycles_per_ns(records)
+    out = []
+    previous: torch.Tensor | None = None
+    for name, stamps in records:
+        ns = stamps[:, 0:12:2].double()
+        cycles = stamps[:, 1:12:2].double()
+        phase_us = (cycles[:, 1:] - cycles[:, :-1]) / clock / 1000
+        row = {"projection": name, "blocks": stamps.shape[0],
+               "span_us": (ns[:, 5].max() - ns[:, 0].min()).item() / 1000}
+        for i, phase in enumerate(PHASES):
+            row[f"{phase}_median_us"] = phase_us[:, i].median().item()
+            row[f"{phase}_max_us"] = phase_us[:, i].max().item()
+        row["sums_stored_spread_us"] = (ns[:, 3].max() - ns[:, 3].min()).item() / 1000
+        if previous is not None:
+            previous_ns = previous[:, 0:12:2].double()
+            previous_end = previous_ns[:, 5].max()
+            row["first_entry_after_previous_end_us"] = (ns[:, 0].min() - previous_end).item() / 1000
+            row["median_entry_after_previous_end_us"] = (ns[:, 0].median() - previous_end).item() / 1000
+            row["median_x_ready_after_previous_end_us"] = (ns[:, 1].median() - previous_end).item() / 1000
+            ends = {int(block[-1]): block[11] for block in previous.tolist()}
+            gaps = [(block[1] - ends[int(block[-1])]) / clock / 1000 for block in stamps.tolist()
+                    if int(block[-1]) in ends]
+            if gaps:
+                row["same_sm_gap_median_us"] = statistics.median(gaps)
+                row["same_sm_gap_max_us"] = max(gaps)
+        out.append(row)
+        previous = stamps
+    return out
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--layers", type=int, default=4, help="random layers chained (default 4: past the L2)")
+    parser.add_argument("--replays", type=int, default=20, help="stamped replays summarized (default 20)")
+    parser.add_argument("--warps", type=int, choices=nf4_xtab.WARP_CHOICES, default=16,
+                        help="warps per block (the served layout: 16)")
+    args = parser.parse_args()
+    if not torch.cuda.is_available() or not nf4_xtab.available("cuda"):
+        sys.exit("xtab_timeline: needs a CUDA GPU where the x-table kernel compiles (run it on the device)")
+    if args.layers < 1 or args.replays < 1:
+        sys.exit("xtab_timeline: --layers and --replays must be at least 1")
+
+    chain = Chain(args.layers, args.warps)
+    plain_ms = graph_time_ms(lambda: chain.run(False), 20)
+    stamped_ms = graph_time_ms(lambda: chain.run(True), 20)
+    graph = captured(lambda: chain.run(True))
+    for _ in range(3):
+        graph.replay()
+    rows: list[list[dict]] = []
+    for _ in range(args.replays):
+        graph.replay()
+        torch.cuda.synchronize()
+        rows.append(summarize_replay(launch_records(chain)))
+    clock_ghz = cycles_per_ns(launch_records(chain))
+
+    per_launch = list(zip(*rows, strict=True))  # launch index -> its row in every replay
+    for name in ("qkv", "gate_up", "down"):
+        launches = [replays for replays in per_launch if replays[0]["projection"] == name]
+        keys = [k for k in launches[-1][0] if k not in ("projection", "blocks")]
+        summary = {"projection": name, "blocks": launches[0][0]["blocks"], "warps": args.warps,
+                   "bytes_only_us": round(bytes_read(chain.layers[0][name]) / BANDWIDTH_BYTES_PER_US, 2)}
+        for key in keys:
+            values = [row[key] for replays in launches for row in replays if key in row]
+            if values:
+                summary[key] = round(statistics.median(values), 2)
+        print(json.dumps(summary), flush=True)
+    launches_per_replay = 3 * args.layers
+    print(json.dumps({
+        "chain": f"{args.layers} layers x (qkv, gate_up, down)", "device": torch.cuda.get_device_name(),
+        "sm_clock_ghz": round(clock_ghz, 3), "graph_ms_plain": round(plain_ms, 4),
+        "graph_ms_stamped": round(stamped_ms, 4),
+        "us_per_launch_plain": round(plain_ms * 1000 / launches_per_replay, 2),
+        "replays": args.replays}), flush=True)
+
+
+if __name__ == "__main__":
+    main()
