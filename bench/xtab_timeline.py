@@ -4,10 +4,11 @@ Chains one Mistral-7B layer's three x-table launches as the one-row decode step 
 after the residual add and RMSNorm, gate/up after the same, down after `silu(gate) * up`) over
 `--layers` random 7B-shaped layers, in a CUDA graph with programmatic launch. The same chain built
 with stamps (`nf4_xtab.source(..., timeline=True)`) records, for every block of every launch, the
-global timer and its SM's cycle counter at six points:
+global timer and its SM's cycle counter at nine points (warp 0's view where no barrier precedes):
 
-    0 entry · 1 the kernel before is done (x readable) · 2 x prepared, tabulated, LoRA A summed ·
-    3 every warp's weight sums stored · 4 the grid-wide barrier passed · 5 the block's rows finished
+    0 entry · 1 the kernel before is done (x readable) · 2 x prepared (the add and norm, or silu x up) ·
+    3 its table entries written · 4 its LoRA A rank summed · 5 the block's table complete ·
+    6 every warp's weight sums stored · 7 the grid-wide barrier passed · 8 the block's rows finished
 
 Prints one JSON line per projection (microseconds; medians over layers and replays of each launch's
 median and slowest block) and one for the chain: its graph time with and without the stamps, and
@@ -34,8 +35,12 @@ from llm.serving import nf4_mma, nf4_xtab  # noqa: E402
 from llm.serving.nf4 import NF4Projection  # noqa: E402
 from llm.serving.triton_kernels import graph_time_ms  # noqa: E402
 
-POINTS = ("entry", "x_ready", "tabulated", "sums_stored", "barrier_passed", "done")
-PHASES = ("wait", "prepare_and_tabulate", "weights", "barrier", "finish")
+POINTS = ("entry", "x_ready", "x_prepared", "table_written", "lora_a_summed", "tabulated", "sums_stored",
+          "barrier_passed", "done")
+PHASES = ("wait", "prepare_x", "table", "lora_a", "table_sync", "weights", "barrier", "finish")
+NS = slice(0, 2 * len(POINTS), 2)  # a block's stamps: (ns, cycles) per point, its SM in the last slot
+CYCLES = slice(1, 2 * len(POINTS), 2)
+DONE, SUMS_STORED = POINTS.index("done"), POINTS.index("sums_stored")
 HIDDEN, INTERMEDIATE, KV = 4096, 14336, 1024
 BANDWIDTH_BYTES_PER_US = 4.2e6  # the H200's measured copy rate, for the bytes-only time
 
@@ -112,7 +117,7 @@ def cycles_per_ns(records: list[tuple[str, torch.Tensor]]) -> float:
     for _, stamps in records:
         for block in stamps.tolist():
             sm = block[-1]
-            entry, finish = (block[0], block[1]), (block[10], block[11])
+            entry, finish = (block[0], block[1]), (block[2 * DONE], block[2 * DONE + 1])
             if sm not in first or entry[0] < first[sm][0]:
                 first[sm] = entry
             if sm not in last or finish[0] > last[sm][0]:
@@ -129,22 +134,21 @@ def summarize_replay(records: list[tuple[str, torch.Tensor]]) -> list[dict]:
     out = []
     previous: torch.Tensor | None = None
     for name, stamps in records:
-        ns = stamps[:, 0:12:2].double()
-        cycles = stamps[:, 1:12:2].double()
+        ns = stamps[:, NS].double()
+        cycles = stamps[:, CYCLES].double()
         phase_us = (cycles[:, 1:] - cycles[:, :-1]) / clock / 1000
         row = {"projection": name, "blocks": stamps.shape[0],
-               "span_us": (ns[:, 5].max() - ns[:, 0].min()).item() / 1000}
+               "span_us": (ns[:, DONE].max() - ns[:, 0].min()).item() / 1000}
         for i, phase in enumerate(PHASES):
             row[f"{phase}_median_us"] = phase_us[:, i].median().item()
             row[f"{phase}_max_us"] = phase_us[:, i].max().item()
-        row["sums_stored_spread_us"] = (ns[:, 3].max() - ns[:, 3].min()).item() / 1000
+        row["sums_stored_spread_us"] = (ns[:, SUMS_STORED].max() - ns[:, SUMS_STORED].min()).item() / 1000
         if previous is not None:
-            previous_ns = previous[:, 0:12:2].double()
-            previous_end = previous_ns[:, 5].max()
+            previous_end = previous[:, NS].double()[:, DONE].max()
             row["first_entry_after_previous_end_us"] = (ns[:, 0].min() - previous_end).item() / 1000
             row["median_entry_after_previous_end_us"] = (ns[:, 0].median() - previous_end).item() / 1000
             row["median_x_ready_after_previous_end_us"] = (ns[:, 1].median() - previous_end).item() / 1000
-            ends = {int(block[-1]): block[11] for block in previous.tolist()}
+            ends = {int(block[-1]): block[2 * DONE + 1] for block in previous.tolist()}
             gaps = [(block[1] - ends[int(block[-1])]) / clock / 1000 for block in stamps.tolist()
                     if int(block[-1]) in ends]
             if gaps:

@@ -62,8 +62,8 @@ MAX_PARTS = 3  # LoRA parts of a fused projection (q/k/v)
 # What the kernel does to its input before tabulating it (XPREP in the CUDA text, `prepare_x`)
 PLAIN, SILU_MUL, ADD_NORM = 0, 1, 2
 PREPS = (PLAIN, SILU_MUL, ADD_NORM)
-# bench/xtab_timeline.py's stamps per block (int64): six points x (ns, cycles), the SM last
-TIMELINE_SLOTS = 16
+# bench/xtab_timeline.py's stamps per block (int64): nine points x (ns, cycles), the SM last
+TIMELINE_SLOTS = 24
 
 _SOURCE = r"""
 constexpr int K = KDIM;
@@ -174,26 +174,35 @@ __device__ __forceinline__ void prepare_x(u32 (&xw)[4], const u16* x, const u16*
 }
 
 // bench/xtab_timeline.py's build (NF4_TIMELINE): thread 0 of every block stores the global nanosecond
-// timer and its SM's cycle counter at six points of the launch (STAMP(0..5)) and its SM, so that the
-// bench can say where a launch's time goes: waiting, preparing, the weights, the barrier, finishing.
+// timer and its SM's cycle counter at nine points of the launch (STAMP(0..8)) and its SM, so that the
+// bench can say where a launch's time goes: waiting, preparing x, tabulating, the LoRA A product, the
+// weights, the barrier, finishing. A warp issues in order, so a point after an instruction that uses a
+// loaded value (STAMP_AFTER's shared store) is stamped once that value has arrived.
 #if defined(NF4_TIMELINE) && !defined(NF4_EMULATE)
 #define TIMELINE_PARAM , unsigned long long* __restrict__ timeline
 __device__ __forceinline__ void stamp(unsigned long long* timeline, int point) {
     if (threadIdx.x != 0) return;
     unsigned long long ns, cycles;
     unsigned sm;
-    asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(ns));
-    asm volatile("mov.u64 %0, %%clock64;" : "=l"(cycles));
+    asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(ns) : : "memory");
+    asm volatile("mov.u64 %0, %%clock64;" : "=l"(cycles) : : "memory");
     asm volatile("mov.u32 %0, %%smid;" : "=r"(sm));
     unsigned long long* mine = timeline + (size_t)blockIdx.x * TIMELINE_SLOTS;
     mine[2 * point] = ns;
     mine[2 * point + 1] = cycles;
     mine[TIMELINE_SLOTS - 1] = sm;
 }
+__device__ __forceinline__ void stamp_after(unsigned long long* timeline, int point, u32 value) {
+    __shared__ volatile u32 sink;
+    if (threadIdx.x == 0) sink = value;
+    stamp(timeline, point);
+}
 #define STAMP(point) stamp(timeline, point)
+#define STAMP_AFTER(point, value) stamp_after(timeline, point, value)
 #else
 #define TIMELINE_PARAM
 #define STAMP(point)
+#define STAMP_AFTER(point, value)
 #endif
 
 // counters: [0] blocks whose sums are stored, [1] blocks done; the last one zeroes both.
@@ -255,6 +264,7 @@ nf4_xtab_kernel(const u32* __restrict__ words, const float* __restrict__ absmax,
             // This lane's pairs 4 lane + q: inputs 8 lane + 2q (high nibble) and + 1 (low nibble)
             u32 xw[4];
             prepare_x(xw, x, residual, norm_weight8, residual_out, (float)eps, slice, lane, warp, chunk);
+            STAMP_AFTER(2, xw[0] ^ xw[3]);
             float high[4], low[4];
 #pragma unroll
             for (int q = 0; q < 4; ++q) {
@@ -274,6 +284,7 @@ nf4_xtab_kernel(const u32* __restrict__ words, const float* __restrict__ absmax,
                 table[(warp + WARPS * i) * 32 + lane] =
                     high[q] * CODE[((WARPS * i) & 255) >> 4] + low_term[q][((WARPS * i) & 15) / WARPS];
             }
+            STAMP(3);
             // The LoRA's A product over this slice, ranks chunk, chunk + CHUNKS, ...: a warp per rank,
             // 8 inputs per lane
             for (int r = first_rank; r < RT; r += CHUNKS * WARPS) {
@@ -286,9 +297,10 @@ nf4_xtab_kernel(const u32* __restrict__ words, const float* __restrict__ absmax,
                 for (int mask = 16; mask >= 1; mask >>= 1) dot += __shfl_xor_sync(0xFFFFFFFFu, dot, mask);
                 if (lane == 0) t_partial[slice * RT + r] = dot;
             }
+            STAMP(4);
         }
         __syncthreads();
-        STAMP(2);
+        STAMP(5);
         // One step of the reduce-scatter: of `len` values, the lanes with `mask` set keep the upper half
         auto halve = [&](float (&v)[32], int len, int mask) {
             const bool upper = (lane & mask) != 0;
@@ -345,7 +357,7 @@ nf4_xtab_kernel(const u32* __restrict__ words, const float* __restrict__ absmax,
         if (phases & 1) {  // every block has stored its sums
             __threadfence();
             __syncthreads();
-            STAMP(3);
+            STAMP(6);
             if (threadIdx.x == 0) {
                 atomicAdd(&counters[0], 1);
                 // a block that never arrives (the grid not resident after all) is an error, not a hang
@@ -356,7 +368,7 @@ nf4_xtab_kernel(const u32* __restrict__ words, const float* __restrict__ absmax,
                 }
             }
             __syncthreads();
-            STAMP(4);
+            STAMP(7);
         }
 #endif
         // Only now: a kernel started early could otherwise hold the SM a block of this grid still waits for
@@ -402,7 +414,7 @@ nf4_xtab_kernel(const u32* __restrict__ words, const float* __restrict__ absmax,
                 counters[0] = 0;
                 counters[1] = 0;
             }
-            STAMP(5);
+            STAMP(8);
         }
 #endif
     }
