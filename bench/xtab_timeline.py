@@ -10,11 +10,12 @@ global timer and its SM's cycle counter at nine points (warp 0's view where no b
     3 its table entries written · 4 its LoRA A rank summed · 5 the block's table complete ·
     6 every warp's weight sums stored · 7 the grid-wide barrier passed · 8 the block's rows finished
 
-Prints one JSON line per projection (microseconds; medians over layers and replays of each launch's
-median and slowest block) and one for the chain: its graph time with and without the stamps, and
-how long an SM sits between one launch's block leaving and the next launch's block arriving.
+Prints, for each layout (warps per block x row groups of weights in flight per warp), one JSON line
+per projection (microseconds; medians over layers and replays of each launch's median and slowest
+block, and how long an SM sits between one launch's block leaving and the next one's arriving) and
+one for the chain: its graph time with and without the stamps.
 
-    python3 bench/xtab_timeline.py [--layers 4] [--replays 20] [--warps 16]
+    python3 bench/xtab_timeline.py [--layers 4] [--replays 20] [--layouts 16x1,8x1,8x2]
 """
 
 from __future__ import annotations
@@ -54,10 +55,10 @@ def bytes_read(projection: NF4Projection) -> int:
 class Chain:
     """`layers` x (q/k/v, gate/up, down) x-table launches, each with its own stamp buffer."""
 
-    def __init__(self, layers: int, warps: int) -> None:
+    def __init__(self, layers: int) -> None:
         from nf4_kernels import projection  # bench/nf4_kernels.py: random NF4 + LoRA of the seed's shape
 
-        self.warps = warps
+        self.warps, self.ahead = 16, 1
         self.layers = [
             {"qkv": projection([HIDDEN, KV, KV], HIDDEN, 100 + layer),
              "gate_up": projection([INTERMEDIATE, INTERMEDIATE], HIDDEN, 200 + layer),
@@ -79,21 +80,23 @@ class Chain:
         n, k = projection.weight.shape
         return k // nf4_xtab.SLICE * nf4_xtab.chunks_for(n, k, self.sms)
 
-    def run(self, stamped: bool) -> None:
+    def run(self, stamped: bool) -> torch.Tensor:
+        """The chain's last output (down's, of the last layer)."""
         residual, delta = self.residual, self.delta
         for layer, stamps in zip(self.layers, self.stamps, strict=True):
             qkv, gate_up, down = layer["qkv"], layer["gate_up"], layer["down"]
             residual, q = nf4_xtab.nf4_xtab_after_add_norm(
                 residual, delta, self.norm, 1e-5, qkv.weight, qkv.lora, *qkv.lora.part_starts(qkv.weight.shape[0]),
-                True, self.warps, self.code, timeline=stamps["qkv"] if stamped else None)
+                True, self.warps, self.code, timeline=stamps["qkv"] if stamped else None, ahead=self.ahead)
             # attention and o are not in the chain: q's first 4096 values stand in for o's output
             residual, gu = nf4_xtab.nf4_xtab_after_add_norm(
                 residual, q[:, :HIDDEN], self.norm, 1e-5, gate_up.weight, gate_up.lora,
                 *gate_up.lora.part_starts(gate_up.weight.shape[0]), True, self.warps, self.code,
-                timeline=stamps["gate_up"] if stamped else None)
+                timeline=stamps["gate_up"] if stamped else None, ahead=self.ahead)
             delta = nf4_xtab.nf4_xtab_after_silu_mul(
                 gu, down.weight, down.lora, *down.lora.part_starts(down.weight.shape[0]), True, self.warps,
-                self.code, timeline=stamps["down"] if stamped else None)
+                self.code, timeline=stamps["down"] if stamped else None, ahead=self.ahead)
+        return delta
 
 
 def captured(function: Callable[[], None]) -> torch.cuda.CUDAGraph:
@@ -159,49 +162,74 @@ def summarize_replay(records: list[tuple[str, torch.Tensor]]) -> list[dict]:
     return out
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--layers", type=int, default=4, help="random layers chained (default 4: past the L2)")
-    parser.add_argument("--replays", type=int, default=20, help="stamped replays summarized (default 20)")
-    parser.add_argument("--warps", type=int, choices=nf4_xtab.WARP_CHOICES, default=16,
-                        help="warps per block (the served layout: 16)")
-    args = parser.parse_args()
-    if not torch.cuda.is_available() or not nf4_xtab.available("cuda"):
-        sys.exit("xtab_timeline: needs a CUDA GPU where the x-table kernel compiles (run it on the device)")
-    if args.layers < 1 or args.replays < 1:
-        sys.exit("xtab_timeline: --layers and --replays must be at least 1")
-
-    chain = Chain(args.layers, args.warps)
+def measure_layout(chain: Chain, warps: int, ahead: int, replays: int, outputs: dict[int, torch.Tensor]) -> None:
+    """Print the layout's lines; `outputs`: the chain's output per warp count, from the first layout
+    measured with it (another `ahead` must give the same bits: the same sums in the same order)."""
+    chain.warps, chain.ahead = warps, ahead
+    output = chain.run(False).clone()
+    same_bits = bool(torch.equal(output, outputs.setdefault(warps, output)))
     plain_ms = graph_time_ms(lambda: chain.run(False), 20)
     stamped_ms = graph_time_ms(lambda: chain.run(True), 20)
     graph = captured(lambda: chain.run(True))
     for _ in range(3):
         graph.replay()
     rows: list[list[dict]] = []
-    for _ in range(args.replays):
+    for _ in range(replays):
         graph.replay()
         torch.cuda.synchronize()
         rows.append(summarize_replay(launch_records(chain)))
     clock_ghz = cycles_per_ns(launch_records(chain))
+    del graph
 
     per_launch = list(zip(*rows, strict=True))  # launch index -> its row in every replay
     for name in ("qkv", "gate_up", "down"):
         launches = [replays for replays in per_launch if replays[0]["projection"] == name]
         keys = [k for k in launches[-1][0] if k not in ("projection", "blocks")]
-        summary = {"projection": name, "blocks": launches[0][0]["blocks"], "warps": args.warps,
+        summary = {"projection": name, "blocks": launches[0][0]["blocks"], "warps": warps, "ahead": ahead,
                    "bytes_only_us": round(bytes_read(chain.layers[0][name]) / BANDWIDTH_BYTES_PER_US, 2)}
         for key in keys:
             values = [row[key] for replays in launches for row in replays if key in row]
             if values:
                 summary[key] = round(statistics.median(values), 2)
         print(json.dumps(summary), flush=True)
-    launches_per_replay = 3 * args.layers
+    launches_per_replay = 3 * len(chain.layers)
     print(json.dumps({
-        "chain": f"{args.layers} layers x (qkv, gate_up, down)", "device": torch.cuda.get_device_name(),
-        "sm_clock_ghz": round(clock_ghz, 3), "graph_ms_plain": round(plain_ms, 4),
-        "graph_ms_stamped": round(stamped_ms, 4),
-        "us_per_launch_plain": round(plain_ms * 1000 / launches_per_replay, 2),
-        "replays": args.replays}), flush=True)
+        "chain": f"{len(chain.layers)} layers x (qkv, gate_up, down)", "warps": warps, "ahead": ahead,
+        "device": torch.cuda.get_device_name(), "sm_clock_ghz": round(clock_ghz, 3),
+        "graph_ms_plain": round(plain_ms, 4), "graph_ms_stamped": round(stamped_ms, 4),
+        "us_per_launch_plain": round(plain_ms * 1000 / launches_per_replay, 2), "replays": replays,
+        "same_bits_as_first_layout_with_these_warps": same_bits}), flush=True)
+
+
+def layouts(text: str) -> list[tuple[int, int]]:
+    found = []
+    for item in text.split(","):
+        warps, _, ahead = item.strip().partition("x")
+        if not (warps.isdigit() and ahead.isdigit()) or int(warps) not in nf4_xtab.WARP_CHOICES \
+                or int(ahead) not in nf4_xtab.AHEAD_CHOICES:
+            sys.exit(f"xtab_timeline: bad layout {item!r} in --layouts: WARPSxAHEAD, warps one of "
+                     f"{nf4_xtab.WARP_CHOICES}, ahead one of {nf4_xtab.AHEAD_CHOICES}")
+        found.append((int(warps), int(ahead)))
+    return found
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--layers", type=int, default=4, help="random layers chained (default 4: past the L2)")
+    parser.add_argument("--replays", type=int, default=20, help="stamped replays summarized (default 20)")
+    parser.add_argument("--layouts", default="16x1",
+                        help="WARPSxAHEAD, comma-separated: warps per block x row groups in flight (served: 16x1)")
+    args = parser.parse_args()
+    chosen = layouts(args.layouts)
+    if not torch.cuda.is_available() or not nf4_xtab.available("cuda"):
+        sys.exit("xtab_timeline: needs a CUDA GPU where the x-table kernel compiles (run it on the device)")
+    if args.layers < 1 or args.replays < 1:
+        sys.exit("xtab_timeline: --layers and --replays must be at least 1")
+
+    chain = Chain(args.layers)
+    outputs: dict[int, torch.Tensor] = {}
+    for warps, ahead in chosen:
+        measure_layout(chain, warps, ahead, args.replays, outputs)
 
 
 if __name__ == "__main__":

@@ -38,9 +38,9 @@ RANK = 8
 
 
 def _build(tmp_path_factory: pytest.TempPathFactory, k: int, warps: int, chunks: int,
-           prep: int = nf4_xtab.PLAIN) -> ctypes.CDLL:
-    folder = tmp_path_factory.mktemp(f"xtab_k{k}_w{warps}_c{chunks}_p{prep}")
-    kernel_source = nf4_xtab.source(NF4_CODE, k, warps, RANK, chunks, prep)
+           prep: int = nf4_xtab.PLAIN, ahead: int = 1) -> ctypes.CDLL:
+    folder = tmp_path_factory.mktemp(f"xtab_k{k}_w{warps}_c{chunks}_p{prep}_a{ahead}")
+    kernel_source = nf4_xtab.source(NF4_CODE, k, warps, RANK, chunks, prep, ahead=ahead)
     library = build_emulated(folder, kernel_source, LAUNCHER)
     library.launch.restype = ctypes.c_long
     library.launch.argtypes = [ctypes.c_int, ctypes.c_int] + [ctypes.c_void_p] * 9 + [ctypes.c_int] * 4 + [
@@ -107,6 +107,18 @@ def test_the_kernel_text_computes_the_reference_function(tmp_path_factory, parts
     reference = projection.reference(x)
     assert not out.isnan().any()  # every output written
     assert nf4_kernels.matches_reference(out, reference), (out.float() - reference.float()).abs().max()
+
+
+# Two groups' loads in flight per warp: 20 row groups on 8 warps (a warp with three groups, the last
+# one's pair partner missing) and 4 groups (warps with one group, none to refill)
+@pytest.mark.parametrize(("parts", "k", "chunks"), [([320, 320], 256, 1), ([64, 32, 32], 512, 1)])
+def test_two_groups_ahead_computes_the_same_function(tmp_path_factory, parts, k, chunks):
+    library = _build(tmp_path_factory, k, 8, chunks, ahead=2)
+    projection = _projection(parts, k, seed=k + 5)
+    x = torch.randn((1, k), generator=torch.Generator().manual_seed(k + 6)).to(torch.bfloat16)
+    out = _run(library, projection, x, 8, chunks)
+    assert not out.isnan().any()
+    assert nf4_kernels.matches_reference(out, projection.reference(x)), (out.float() - projection.reference(x).float()).abs().max()
 
 
 def test_the_plain_linear_rounding_is_kept(tmp_path_factory):

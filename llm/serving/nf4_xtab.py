@@ -58,6 +58,7 @@ SLICE = 256  # inputs per block: 32 lanes x one 32-bit word (8 inputs) of each r
 ROW_GROUP = 32  # rows a warp sums at a time (one per lane after the reduce-scatter)
 TABLE_BYTES = 4 * 256 * 32 * 4  # 4 pairs per lane, 256 byte values, 32 lanes, float32
 WARP_CHOICES = (8, 16)
+AHEAD_CHOICES = (1, 2)  # row groups a warp's weight loads run ahead of its lookups
 MAX_PARTS = 3  # LoRA parts of a fused projection (q/k/v)
 # What the kernel does to its input before tabulating it (XPREP in the CUDA text, `prepare_x`)
 PLAIN, SILU_MUL, ADD_NORM = 0, 1, 2
@@ -238,7 +239,12 @@ nf4_xtab_kernel(const u32* __restrict__ words, const float* __restrict__ absmax,
         const float* lane_absmax = absmax + (size_t)(row0 + 4 * lo3) * ROW_BLOCKS + slice * 4 + hi2;
         // Everything that does not depend on the kernel before this one is loaded before waiting for
         // it: the first row group's weights and absmax, the first LoRA A rank and the norm weights.
+        // AHEAD 2 (8 warps: 255 registers): the warp's next group's words too, so that its loads stay
+        // two groups ahead of the lookups
         u32 w[32];
+#if AHEAD == 2
+        u32 w_next[32];
+#endif
         float scale[4] = {0.f, 0.f, 0.f, 0.f};
         if (warp < groups) {
 #pragma unroll
@@ -246,6 +252,13 @@ nf4_xtab_kernel(const u32* __restrict__ words, const float* __restrict__ absmax,
 #pragma unroll
             for (int i = 0; i < 4; ++i) scale[i] = __ldg(lane_absmax + (size_t)(warp * 32 + i) * ROW_BLOCKS);
         }
+#if AHEAD == 2
+        if (warp + WARPS < groups) {
+#pragma unroll
+            for (int j = 0; j < 32; ++j)
+                w_next[j] = load_word(lane_words + (size_t)((warp + WARPS) * 32 + j) * ROW_WORDS);
+        }
+#endif
         const int first_rank = chunk + CHUNKS * warp;  // this warp's LoRA A ranks: first_rank + CHUNKS WARPS i
         float4 first_a0 = make_float4(0.f, 0.f, 0.f, 0.f), first_a1 = first_a0;
         if (first_rank < RT) {
@@ -311,7 +324,8 @@ nf4_xtab_kernel(const u32* __restrict__ words, const float* __restrict__ absmax,
                 v[i] = keep + __shfl_xor_sync(0xFFFFFFFFu, send, mask);
             }
         };
-        for (int group = warp; group < groups; group += WARPS) {
+        // One row group from `words`, which then load group `refill` (if any) while it computes
+        auto sum_group = [&](u32 (&words)[32], int group, int refill) {
             const int next = group + WARPS;
             float next_scale[4];
             if (next < groups) {
@@ -321,12 +335,12 @@ nf4_xtab_kernel(const u32* __restrict__ words, const float* __restrict__ absmax,
             float v[32];
 #pragma unroll
             for (int j = 0; j < 32; ++j) {
-                const u32 word = w[j];
+                const u32 word = words[j];
                 const float pair01 = LOOKUP(0, shift_left_on_fma(word, 7)) + LOOKUP(1, shift_right_on_fma(word, 1));
                 const float pair23 = LOOKUP(2, shift_right_on_fma(word, 9)) + LOOKUP(3, shift_right_on_fma(word, 17));
                 v[j] = pair01 + pair23;
-                // the next group's row j streams in while this group computes
-                if (next < groups) w[j] = load_word(lane_words + (size_t)(next * 32 + j) * ROW_WORDS);
+                // a later group's row j streams in while this group computes
+                if (refill < groups) words[j] = load_word(lane_words + (size_t)(refill * 32 + j) * ROW_WORDS);
             }
             halve(v, 32, 4);
             halve(v, 16, 2);
@@ -341,7 +355,15 @@ nf4_xtab_kernel(const u32* __restrict__ words, const float* __restrict__ absmax,
 #pragma unroll
                 for (int i = 0; i < 4; ++i) scale[i] = next_scale[i];
             }
+        };
+#if AHEAD == 2
+        for (int group = warp; group < groups; group += 2 * WARPS) {
+            sum_group(w, group, group + 2 * WARPS);
+            if (group + WARPS < groups) sum_group(w_next, group + WARPS, group + 3 * WARPS);
         }
+#else
+        for (int group = warp; group < groups; group += WARPS) sum_group(w, group, group + WARPS);
+#endif
     }
     if (phases & 2) {
         // This thread's row of the chunk, if any, and its B row: loaded while the other blocks finish
@@ -423,18 +445,19 @@ nf4_xtab_kernel(const u32* __restrict__ words, const float* __restrict__ absmax,
 
 
 def source(code: Sequence[float], k: int, warps: int, rank: int, chunks: int, prep: int = PLAIN,
-           timeline: bool = False) -> str:
-    """The kernel's CUDA text for one NF4 code table, K, warps per block, LoRA rank, row chunks and
-    input preparation (PLAIN, SILU_MUL or ADD_NORM); `timeline`: with the bench's phase stamps (one
-    more kernel argument)."""
+           timeline: bool = False, ahead: int = 1) -> str:
+    """The kernel's CUDA text for one NF4 code table, K, warps per block, LoRA rank, row chunks,
+    input preparation (PLAIN, SILU_MUL or ADD_NORM) and row groups of weights in flight per warp
+    (`ahead`); `timeline`: with the bench's phase stamps (one more kernel argument)."""
     if len(code) != 16:
         raise ValueError("an NF4 code table has 16 entries")
     if (k <= 0 or k % SLICE or warps not in WARP_CHOICES or rank <= 0 or rank % 4 or chunks <= 0
-            or prep not in PREPS):
-        raise ValueError(f"no nf4 xtab kernel for K {k}, {warps} warps, rank {rank}, {chunks} chunks, prep {prep}")
+            or prep not in PREPS or ahead not in AHEAD_CHOICES):
+        raise ValueError(f"no nf4 xtab kernel for K {k}, {warps} warps, rank {rank}, {chunks} chunks, prep {prep}, "
+                         f"{ahead} groups ahead")
     values = ", ".join(f"{struct.unpack('<f', struct.pack('<f', float(v)))[0].hex()}f" for v in code)
     header = (f"#define KDIM {k}\n#define WARPS {warps}\n#define RANK {rank}\n#define CHUNKS {chunks}\n"
-              f"#define XPREP {prep}\n"
+              f"#define XPREP {prep}\n#define AHEAD {ahead}\n"
               + (f"#define NF4_TIMELINE 1\n#define TIMELINE_SLOTS {TIMELINE_SLOTS}\n" if timeline else "")
               + f"__device__ __constant__ float CODE_TABLE[16] = {{{values}}};\n#define CODE CODE_TABLE\n")
     return header + DEVICE_HELPERS + _SOURCE
@@ -511,15 +534,16 @@ def precompile(requests: Sequence[tuple[tuple[float, ...], torch.device, int, in
 
 
 def _kernel(code: tuple[float, ...], device: torch.device, k: int, warps: int, rank: int, chunks: int,
-            prep: int, timeline: bool = False) -> Callable:
+            prep: int, timeline: bool = False, ahead: int = 1) -> Callable:
     global _DISABLED
-    key = (device.index, code, k, warps, rank, chunks, prep) + (("timeline",) if timeline else ())
+    key = (device.index, code, k, warps, rank, chunks, prep) + (("timeline",) if timeline else ()) + (
+        ("ahead", ahead) if ahead != 1 else ())
     if key not in _KERNELS:
         if _DISABLED is not None:
             raise XtabUnavailable(_DISABLED)
         try:
             with torch.cuda.device(device):
-                kernel = torch.cuda._compile_kernel(source(code, k, warps, rank, chunks, prep, timeline),
+                kernel = torch.cuda._compile_kernel(source(code, k, warps, rank, chunks, prep, timeline, ahead),
                                                     "nf4_xtab_kernel")
                 kernel.set_shared_memory_config(TABLE_BYTES)
         except Exception as error:  # noqa: BLE001 - NVRTC missing or refusing: any failure means "not here"
@@ -532,29 +556,32 @@ def _kernel(code: tuple[float, ...], device: torch.device, k: int, warps: int, r
 
 def nf4_xtab_linear(x: torch.Tensor, weight: NF4Matrix, lora: LoraParts, seg1: int, seg2: int,
                     round_lora_first: bool, warps: int, code: tuple[float, ...],
-                    timeline: torch.Tensor | None = None) -> torch.Tensor:
+                    timeline: torch.Tensor | None = None, ahead: int = 1) -> torch.Tensor:
     """y = x @ W.T + scaling * B(A(x)) with PEFT's roundings, for one row of x ([1, K], bf16), in one
     launch (the LoRA's A product included). `timeline` (the bench's): int64 [blocks, TIMELINE_SLOTS]
     that the launch stamps (`source`'s timeline build)."""
     if x.shape[0] != 1:
         raise ValueError(f"the x-table kernel takes one row, got {x.shape[0]}")
-    return _launch(PLAIN, x, weight, lora, seg1, seg2, round_lora_first, warps, code, timeline=timeline)
+    return _launch(PLAIN, x, weight, lora, seg1, seg2, round_lora_first, warps, code, timeline=timeline,
+                   ahead=ahead)
 
 
 def nf4_xtab_after_silu_mul(gate_up: torch.Tensor, weight: NF4Matrix, lora: LoraParts, seg1: int, seg2: int,
                             round_lora_first: bool, warps: int, code: tuple[float, ...],
-                            timeline: torch.Tensor | None = None) -> torch.Tensor:
+                            timeline: torch.Tensor | None = None, ahead: int = 1) -> torch.Tensor:
     """As `nf4_xtab_linear` of `silu(gate) * up` (each op rounded to bf16, as eager PyTorch does) for
     one row of gate_up = [gate | up] ([1, 2K]), the element-wise step done inside the launch."""
     if gate_up.shape[0] != 1 or gate_up.shape[1] != 2 * weight.shape[1]:
         raise ValueError(f"the x-table kernel takes one [1, 2K] gate/up row, got {list(gate_up.shape)}")
-    return _launch(SILU_MUL, gate_up, weight, lora, seg1, seg2, round_lora_first, warps, code, timeline=timeline)
+    return _launch(SILU_MUL, gate_up, weight, lora, seg1, seg2, round_lora_first, warps, code, timeline=timeline,
+                   ahead=ahead)
 
 
 def nf4_xtab_after_add_norm(residual: torch.Tensor, delta: torch.Tensor, norm_weight: torch.Tensor, eps: float,
                             weight: NF4Matrix, lora: LoraParts, seg1: int, seg2: int, round_lora_first: bool,
                             warps: int, code: tuple[float, ...],
-                            timeline: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                            timeline: torch.Tensor | None = None,
+                            ahead: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
     """(h, y): h = residual + delta (the residual stream's next value) and y as `nf4_xtab_linear` of
     MistralRMSNorm(h) with `norm_weight`, for one row, the add and the norm done inside the launch."""
     if residual.shape != delta.shape or residual.shape[0] != 1 or norm_weight.shape != (residual.shape[1],):
@@ -563,7 +590,7 @@ def nf4_xtab_after_add_norm(residual: torch.Tensor, delta: torch.Tensor, norm_we
     h = torch.empty_like(residual)
     y = _launch(ADD_NORM, delta, weight, lora, seg1, seg2, round_lora_first, warps, code,
                 residual=_aligned(residual), norm_weight=_aligned(norm_weight), residual_out=h, eps=eps,
-                timeline=timeline)
+                timeline=timeline, ahead=ahead)
     return h, y
 
 
@@ -577,13 +604,13 @@ def _aligned(x: torch.Tensor) -> torch.Tensor:
 def _launch(prep: int, x: torch.Tensor, weight: NF4Matrix, lora: LoraParts, seg1: int, seg2: int,
             round_lora_first: bool, warps: int, code: tuple[float, ...], residual: torch.Tensor | None = None,
             norm_weight: torch.Tensor | None = None, residual_out: torch.Tensor | None = None,
-            eps: float = 0.0, timeline: torch.Tensor | None = None) -> torch.Tensor:
+            eps: float = 0.0, timeline: torch.Tensor | None = None, ahead: int = 1) -> torch.Tensor:
     n, k = weight.shape
     chunks = chunks_for(n, k, sm_count(x.device))
     if chunks is None:
         raise ValueError(f"no x-table layout for a {n} x {k} weight on this GPU")
     x = _aligned(x)
-    kernel = _kernel(code, x.device, k, warps, lora.rank, chunks, prep, timeline is not None)
+    kernel = _kernel(code, x.device, k, warps, lora.rank, chunks, prep, timeline is not None, ahead)
     slices = k // SLICE
     rt = lora.a.shape[0]
     y = torch.empty((1, n), dtype=torch.bfloat16, device=x.device)
