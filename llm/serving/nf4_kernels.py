@@ -189,7 +189,8 @@ def k_split_variants(config: NF4Config, n: int, k: int, boundaries: Sequence[int
 
 
 # 1 row, where NVRTC and 128 KB of shared memory per block are there (llm.serving.nf4_xtab): num_warps
-# per block; block_n is the warp's 32-row group, block_k the 256-input slice.
+# per block, num_stages the row groups of weights each warp has in flight (`ahead`); block_n is the
+# warp's 32-row group, block_k the 256-input slice.
 XTAB_CONFIGS = tuple(NF4Config(nf4_xtab.ROW_GROUP, nf4_xtab.SLICE, warps, 1, kind="xtab")
                      for warps in nf4_xtab.WARP_CHOICES)
 
@@ -984,7 +985,7 @@ def nf4_lora_linear(
     seg1, seg2 = lora.part_starts(n)
     if config.kind == "xtab":
         return nf4_xtab.nf4_xtab_linear(x, weight, lora, seg1, seg2, round_lora_first, config.num_warps,
-                                        nf4_mma.code_values(weight.code))
+                                        nf4_mma.code_values(weight.code), ahead=config.num_stages)
     if config.kind == "mma":
         warps, tiles, prefetch_x, ahead, fuse_a, shared_lookups, k_splits = mma_layout(config)
         return nf4_mma.nf4_mma_linear(x, weight, lora, seg1, seg2, round_lora_first, warps, tiles, prefetch_x, ahead,
@@ -1037,7 +1038,8 @@ def nf4_after_silu_mul(gate_up: torch.Tensor, weight: NF4Matrix, lora: LoraParts
     if config is None:
         return None
     return nf4_xtab.nf4_xtab_after_silu_mul(gate_up, weight, lora, *lora.part_starts(weight.shape[0]),
-                                            round_lora_first, config.num_warps, nf4_mma.code_values(weight.code))
+                                            round_lora_first, config.num_warps, nf4_mma.code_values(weight.code),
+                                            ahead=config.num_stages)
 
 
 def nf4_after_add_norm(residual: torch.Tensor, delta: torch.Tensor, norm_weight: torch.Tensor, eps: float,
@@ -1050,7 +1052,8 @@ def nf4_after_add_norm(residual: torch.Tensor, delta: torch.Tensor, norm_weight:
         return None
     return nf4_xtab.nf4_xtab_after_add_norm(residual, delta, norm_weight, eps, weight, lora,
                                             *lora.part_starts(weight.shape[0]), round_lora_first,
-                                            config.num_warps, nf4_mma.code_values(weight.code))
+                                            config.num_warps, nf4_mma.code_values(weight.code),
+                                            ahead=config.num_stages)
 
 
 def matches_reference(out: torch.Tensor, reference: torch.Tensor) -> bool:
@@ -1108,7 +1111,7 @@ def _xtab_requests(name: str, projection: NF4Projection, config: NF4Config) -> l
     n, k = projection.weight.shape
     head = (nf4_mma.code_values(projection.weight.code), device, k, config.num_warps, projection.lora.rank,
             nf4_xtab.chunks_for(n, k, nf4_xtab.sm_count(device)))
-    return [(*head, prep) for prep in XTAB_PREPS.get(name, (nf4_xtab.PLAIN,))]
+    return [(*head, prep, config.num_stages) for prep in XTAB_PREPS.get(name, (nf4_xtab.PLAIN,))]
 
 
 def precompile_candidates(projections: dict[str, list], buckets: Sequence[int], threads: int) -> int:

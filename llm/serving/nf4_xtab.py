@@ -494,24 +494,29 @@ def sm_count(device: torch.device) -> int:
     return torch.cuda.get_device_properties(device).multi_processor_count
 
 
-def precompile(requests: Sequence[tuple[tuple[float, ...], torch.device, int, int, int, int, int]],
+def _key(code: tuple[float, ...], device: torch.device, k: int, warps: int, rank: int, chunks: int, prep: int,
+         ahead: int, timeline: bool = False) -> tuple:
+    return (device.index, code, k, warps, rank, chunks, prep, ahead) + (("timeline",) if timeline else ())
+
+
+def precompile(requests: Sequence[tuple[tuple[float, ...], torch.device, int, int, int, int, int, int]],
                threads: int) -> int:
-    """Compile the kernels of `requests` ((code, device, k, warps, rank, chunks, prep), as `_kernel` takes
-    them) on `threads` threads at once, as `llm.serving.nf4_mma.precompile` does for its own; returns
-    how many. A kernel that fails here compiles (and reports) at its first launch instead."""
+    """Compile the kernels of `requests` ((code, device, k, warps, rank, chunks, prep, ahead), as `_kernel`
+    takes them) on `threads` threads at once, as `llm.serving.nf4_mma.precompile` does for its own;
+    returns how many. A kernel that fails here compiles (and reports) at its first launch instead."""
     from llm.serving.nf4_mma import _nvrtc_steps
 
     steps = _nvrtc_steps()
-    missing = list(dict.fromkeys(r for r in requests if (r[1].index, *r[:1], *r[2:]) not in _KERNELS))
+    missing = list(dict.fromkeys(r for r in requests if _key(*r) not in _KERNELS))
     if steps is None or _DISABLED is not None or not missing:
         return 0
     nvrtc_compile, load_module = steps
 
     def compile_one(request: tuple) -> tuple[bytes, str] | Exception:
-        code, device, k, warps, rank, chunks, prep = request
+        code, device, k, warps, rank, chunks, prep, ahead = request
         capability = "{}{}".format(*torch.cuda.get_device_capability(device))
         try:
-            return nvrtc_compile(source(code, k, warps, rank, chunks, prep), "nf4_xtab_kernel",
+            return nvrtc_compile(source(code, k, warps, rank, chunks, prep, ahead=ahead), "nf4_xtab_kernel",
                                  compute_capability=capability)
         except Exception as error:  # noqa: BLE001 - compiled again (and reported) at its first launch
             return error
@@ -519,7 +524,7 @@ def precompile(requests: Sequence[tuple[tuple[float, ...], torch.device, int, in
     compiled = 0
     with ThreadPoolExecutor(max_workers=max(1, threads), thread_name_prefix="nf4-xtab-nvrtc") as pool:
         for request, binary in zip(missing, pool.map(compile_one, missing), strict=True):
-            code, device, k, warps, rank, chunks, prep = request
+            device = request[1]
             if isinstance(binary, Exception):
                 continue
             try:
@@ -528,7 +533,7 @@ def precompile(requests: Sequence[tuple[tuple[float, ...], torch.device, int, in
                     kernel.set_shared_memory_config(TABLE_BYTES)
             except Exception:  # noqa: BLE001 - as above
                 continue
-            _KERNELS[(device.index, code, k, warps, rank, chunks, prep)] = kernel
+            _KERNELS[_key(*request)] = kernel
             compiled += 1
     return compiled
 
@@ -536,8 +541,7 @@ def precompile(requests: Sequence[tuple[tuple[float, ...], torch.device, int, in
 def _kernel(code: tuple[float, ...], device: torch.device, k: int, warps: int, rank: int, chunks: int,
             prep: int, timeline: bool = False, ahead: int = 1) -> Callable:
     global _DISABLED
-    key = (device.index, code, k, warps, rank, chunks, prep) + (("timeline",) if timeline else ()) + (
-        ("ahead", ahead) if ahead != 1 else ())
+    key = _key(code, device, k, warps, rank, chunks, prep, ahead, timeline)
     if key not in _KERNELS:
         if _DISABLED is not None:
             raise XtabUnavailable(_DISABLED)
