@@ -1,6 +1,7 @@
 """Every one-row x-table kernel the `nf4` decode step launches, compiled for sm_90 offline (no GPU).
 
-For Mistral-7B's shapes and the served variants (plain, silu x up, add+norm), at 8 and 16 warps: NVRTC
+For Mistral-7B's shapes and the served variants (plain, silu x up, add+norm), at 8 and 16 warps, and the
+run-36 layouts with more weights in flight (`LAYOUTS`: two groups ahead, groups staged in shared memory): NVRTC
 (`compute_90` PTX) then `ptxas -arch=sm_90 -v`. Prints one JSON line per kernel: registers, spill bytes,
 and whether every load of what an earlier kernel wrote (`ld.global.cg`) comes after `griddepcontrol.wait`
 in the PTX (run 32's race was such a load moved above it). Exits 1 on a failed compile, a spill or a
@@ -35,6 +36,8 @@ KERNELS = (
     ("gate_up_add_norm", 4096, 8, nf4_xtab.ADD_NORM),
     ("down_silu_mul", 14336, 2, nf4_xtab.SILU_MUL),
 )
+# (warps, row groups ahead, row groups staged in shared memory): the tuner's two, then run 36's, untimed
+LAYOUTS = ((8, 1, 0), (16, 1, 0), (16, 1, 1), (8, 2, 0), (8, 2, 1), (8, 1, 3), (8, 2, 3))
 
 
 def ptx_of(nvrtc: ctypes.CDLL, source: str) -> tuple[str | None, str]:
@@ -81,9 +84,9 @@ def main() -> int:
     failures = 0
     with tempfile.TemporaryDirectory() as folder:
         for name, k, chunks, prep in KERNELS:
-            for warps in nf4_xtab.WARP_CHOICES:
-                label = f"{name}_w{warps}"
-                source = nf4_xtab.source(code, k, warps, 32, chunks, prep)
+            for warps, ahead, staged in LAYOUTS:
+                label = f"{name}_w{warps}" + (f"a{ahead}" if ahead > 1 else "") + (f"g{staged}" if staged else "")
+                source = nf4_xtab.source(code, k, warps, 32, chunks, prep, ahead=ahead, staged=staged)
                 ptx, log = ptx_of(nvrtc, source)
                 result: dict = {"kernel": label}
                 if ptx is None:

@@ -38,9 +38,9 @@ RANK = 8
 
 
 def _build(tmp_path_factory: pytest.TempPathFactory, k: int, warps: int, chunks: int,
-           prep: int = nf4_xtab.PLAIN, ahead: int = 1) -> ctypes.CDLL:
-    folder = tmp_path_factory.mktemp(f"xtab_k{k}_w{warps}_c{chunks}_p{prep}_a{ahead}")
-    kernel_source = nf4_xtab.source(NF4_CODE, k, warps, RANK, chunks, prep, ahead=ahead)
+           prep: int = nf4_xtab.PLAIN, ahead: int = 1, staged: int = 0) -> ctypes.CDLL:
+    folder = tmp_path_factory.mktemp(f"xtab_k{k}_w{warps}_c{chunks}_p{prep}_a{ahead}_g{staged}")
+    kernel_source = nf4_xtab.source(NF4_CODE, k, warps, RANK, chunks, prep, ahead=ahead, staged=staged)
     library = build_emulated(folder, kernel_source, LAUNCHER)
     library.launch.restype = ctypes.c_long
     library.launch.argtypes = [ctypes.c_int, ctypes.c_int] + [ctypes.c_void_p] * 9 + [ctypes.c_int] * 4 + [
@@ -109,16 +109,23 @@ def test_the_kernel_text_computes_the_reference_function(tmp_path_factory, parts
     assert nf4_kernels.matches_reference(out, reference), (out.float() - reference.float()).abs().max()
 
 
-# Two groups' loads in flight per warp: 20 row groups on 8 warps (a warp with three groups, the last
-# one's pair partner missing) and 4 groups (warps with one group, none to refill)
-@pytest.mark.parametrize(("parts", "k", "chunks"), [([320, 320], 256, 1), ([64, 32, 32], 512, 1)])
-def test_two_groups_ahead_computes_the_same_function(tmp_path_factory, parts, k, chunks):
-    library = _build(tmp_path_factory, k, 8, chunks, ahead=2)
+# More weights in flight (parts, K, warps, chunks, groups ahead, groups staged in shared memory):
+# two groups ahead with 20 row groups on 8 warps (a warp with three groups, the last one's partner
+# missing) and with 4 (warps with one group, none to refill); one group staged, then registers (20
+# groups on 8 warps) or nothing more (4 groups on 16 warps); two and three staged, with two ahead after them
+@pytest.mark.parametrize(("parts", "k", "warps", "chunks", "ahead", "staged"),
+                         [([320, 320], 256, 8, 1, 2, 0), ([64, 32, 32], 512, 8, 1, 2, 0),
+                          ([320, 320], 256, 8, 1, 1, 1), ([64, 32, 32], 512, 16, 1, 1, 1),
+                          ([320, 320], 256, 8, 1, 2, 2), ([160, 160], 512, 8, 2, 1, 3)])
+def test_more_weights_in_flight_compute_the_same_function(tmp_path_factory, parts, k, warps, chunks, ahead, staged):
+    plain = _build(tmp_path_factory, k, warps, chunks)
+    library = _build(tmp_path_factory, k, warps, chunks, ahead=ahead, staged=staged)
     projection = _projection(parts, k, seed=k + 5)
     x = torch.randn((1, k), generator=torch.Generator().manual_seed(k + 6)).to(torch.bfloat16)
-    out = _run(library, projection, x, 8, chunks)
+    out = _run(library, projection, x, warps, chunks)
     assert not out.isnan().any()
     assert nf4_kernels.matches_reference(out, projection.reference(x)), (out.float() - projection.reference(x).float()).abs().max()
+    assert torch.equal(out, _run(plain, projection, x, warps, chunks))  # the same sums in the same order
 
 
 def test_the_plain_linear_rounding_is_kept(tmp_path_factory):

@@ -89,6 +89,7 @@ class NF4Config:
     fuse_a: bool = False  # mma: the LoRA A product in the same launch (`nf4_mma.nf4_mma_linear`)
     shared_lookups: int = 0  # mma: a lane's absmax blocks per group decoded through shared memory ("t1".."t4")
     k_splits: int = 1  # mma: blocks per feature tile, each over a part of K ("k2".."k8")
+    staged_groups: int = 0  # xtab: each warp's first row groups copied into shared memory before the wait ("g1".."g3")
 
     @property
     def dot(self) -> bool:
@@ -99,6 +100,7 @@ class NF4Config:
         suffix = ("x" if self.xperm else "") + ("p" if self.prefetch_x else "") + ("f" if self.fuse_a else "")
         suffix += f"t{self.shared_lookups}" if self.shared_lookups else ""
         suffix += f"k{self.k_splits}" if self.k_splits > 1 else ""
+        suffix += f"g{self.staged_groups}" if self.staged_groups else ""
         return f"{self.kind}_{self.block_n}x{self.block_k}w{self.num_warps}s{self.num_stages}{suffix}"
 
     def fits_kernel(self, rows: int, rank: int) -> bool:
@@ -200,7 +202,8 @@ def _xtab_configs(n: int, k: int, boundaries: Sequence[int]) -> list[NF4Config]:
         return []
     if nf4_xtab.chunks_for(n, k, nf4_xtab.sm_count(torch.device("cuda"))) is None:
         return []
-    return [c for c in XTAB_CONFIGS if c.fits(n, k, boundaries) and len(boundaries) < nf4_xtab.MAX_PARTS]
+    return [c for c in XTAB_CONFIGS if c.fits(n, k, boundaries) and len(boundaries) < nf4_xtab.MAX_PARTS
+            and nf4_xtab.fits("cuda", c.num_warps, c.staged_groups)]
 
 
 # Only where nothing above fits (small models, e.g. the tests' tiny one).
@@ -985,7 +988,8 @@ def nf4_lora_linear(
     seg1, seg2 = lora.part_starts(n)
     if config.kind == "xtab":
         return nf4_xtab.nf4_xtab_linear(x, weight, lora, seg1, seg2, round_lora_first, config.num_warps,
-                                        nf4_mma.code_values(weight.code), ahead=config.num_stages)
+                                        nf4_mma.code_values(weight.code), ahead=config.num_stages,
+                                        staged=config.staged_groups)
     if config.kind == "mma":
         warps, tiles, prefetch_x, ahead, fuse_a, shared_lookups, k_splits = mma_layout(config)
         return nf4_mma.nf4_mma_linear(x, weight, lora, seg1, seg2, round_lora_first, warps, tiles, prefetch_x, ahead,
@@ -1039,7 +1043,7 @@ def nf4_after_silu_mul(gate_up: torch.Tensor, weight: NF4Matrix, lora: LoraParts
         return None
     return nf4_xtab.nf4_xtab_after_silu_mul(gate_up, weight, lora, *lora.part_starts(weight.shape[0]),
                                             round_lora_first, config.num_warps, nf4_mma.code_values(weight.code),
-                                            ahead=config.num_stages)
+                                            ahead=config.num_stages, staged=config.staged_groups)
 
 
 def nf4_after_add_norm(residual: torch.Tensor, delta: torch.Tensor, norm_weight: torch.Tensor, eps: float,
@@ -1053,7 +1057,7 @@ def nf4_after_add_norm(residual: torch.Tensor, delta: torch.Tensor, norm_weight:
     return nf4_xtab.nf4_xtab_after_add_norm(residual, delta, norm_weight, eps, weight, lora,
                                             *lora.part_starts(weight.shape[0]), round_lora_first,
                                             config.num_warps, nf4_mma.code_values(weight.code),
-                                            ahead=config.num_stages)
+                                            ahead=config.num_stages, staged=config.staged_groups)
 
 
 def matches_reference(out: torch.Tensor, reference: torch.Tensor) -> bool:
@@ -1111,7 +1115,7 @@ def _xtab_requests(name: str, projection: NF4Projection, config: NF4Config) -> l
     n, k = projection.weight.shape
     head = (nf4_mma.code_values(projection.weight.code), device, k, config.num_warps, projection.lora.rank,
             nf4_xtab.chunks_for(n, k, nf4_xtab.sm_count(device)))
-    return [(*head, prep, config.num_stages) for prep in XTAB_PREPS.get(name, (nf4_xtab.PLAIN,))]
+    return [(*head, prep, config.num_stages, config.staged_groups) for prep in XTAB_PREPS.get(name, (nf4_xtab.PLAIN,))]
 
 
 def precompile_candidates(projections: dict[str, list], buckets: Sequence[int], threads: int) -> int:

@@ -59,6 +59,10 @@ ROW_GROUP = 32  # rows a warp sums at a time (one per lane after the reduce-scat
 TABLE_BYTES = 4 * 256 * 32 * 4  # 4 pairs per lane, 256 byte values, 32 lanes, float32
 WARP_CHOICES = (8, 16)
 AHEAD_CHOICES = (1, 2)  # row groups a warp's weight loads run ahead of its lookups
+STAGED_CHOICES = (0, 1, 2, 3)  # row groups per warp copied into shared memory before the wait
+GROUP_BYTES = ROW_GROUP * SLICE // 2  # one warp's row group of packed weights (4 KB)
+SHARED_OPTIN_LIMIT = 227 * 1024  # Hopper's dynamic shared memory per block, opted in
+STATIC_SHARED_BYTES = 1024  # t_sum, the norm's warp sums, the timeline's sink: below this
 MAX_PARTS = 3  # LoRA parts of a fused projection (q/k/v)
 # What the kernel does to its input before tabulating it (XPREP in the CUDA text, `prepare_x`)
 PLAIN, SILU_MUL, ADD_NORM = 0, 1, 2
@@ -72,6 +76,9 @@ constexpr int SLICES = K / 256;
 constexpr int ROW_WORDS = K / 8;   // 32-bit words of packed bytes per row
 constexpr int ROW_BLOCKS = K / 64;  // absmax values per row
 constexpr int TABLE_WORDS = 4 * 256 * 32;
+// STAGED: each warp's first STAGED row groups (32 rows x 128 bytes each) copied into shared memory past
+// the table before the wait, so that more of the weights stream in while x is awaited and tabulated
+constexpr int STAGE_WORDS = STAGED * WARPS * 1024;
 
 // Weights are read once: past L1
 #ifndef NF4_EMULATE
@@ -80,9 +87,31 @@ __device__ __forceinline__ u32 load_word(const u32* p) {
     asm("ld.global.nc.L1::no_allocate.u32 %0, [%1];" : "=r"(v) : "l"(p));
     return v;
 }
+// 16 bytes into shared memory without holding registers (cp.async, L2 only); copies_wait(): this
+// thread's copies have landed (a block barrier after it shows them to the other threads)
+__device__ __forceinline__ void copy16_async(u32* shared, const u32* global) {
+    const unsigned at = (unsigned)__cvta_generic_to_shared(shared);
+    asm volatile("cp.async.cg.shared.global [%0], [%1], 16;" ::"r"(at), "l"(global) : "memory");
+}
+__device__ __forceinline__ void copies_commit() { asm volatile("cp.async.commit_group;" ::: "memory"); }
+__device__ __forceinline__ void copies_wait() { asm volatile("cp.async.wait_all;" ::: "memory"); }
 #else
 inline u32 load_word(const u32* p) { return __ldg(p); }
+inline void copy16_async(u32* shared, const u32* global) {
+    for (int i = 0; i < 4; ++i) shared[i] = __ldg(global + i);
+}
+inline void copies_commit() {}
+inline void copies_wait() {}
 #endif
+
+// A row group's words as the main loop reads them: from registers (refilled with a later group's words
+// as they are used) or from the shared-memory stage (row j's word of this lane at j * 32)
+struct StagedWords {
+    const u32* at;
+    __device__ __forceinline__ u32 operator[](int j) const { return at[j * 32]; }
+};
+__device__ __forceinline__ void refill(u32 (&words)[32], int j, const u32* p) { words[j] = load_word(p); }
+__device__ __forceinline__ void refill(const StagedWords&, int, const u32*) {}
 
 // Pair table q's entry for byte q of `word`, for this lane (its bank)
 #define LOOKUP(q, shifted) \
@@ -219,9 +248,9 @@ nf4_xtab_kernel(const u32* __restrict__ words, const float* __restrict__ absmax,
                 double eps TIMELINE_PARAM) {
     STAMP(0);
 #ifdef NF4_EMULATE
-    static float table[TABLE_WORDS];
+    static float table[TABLE_WORDS + STAGE_WORDS];
 #else
-    extern __shared__ float table[];  // pair q of lane L, byte b: word (q * 256 + b) * 32 + L
+    extern __shared__ float table[];  // pair q of lane L, byte b: word (q * 256 + b) * 32 + L; then the stage
 #endif
     __shared__ float t_sum[3][RANK];
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
@@ -238,25 +267,49 @@ nf4_xtab_kernel(const u32* __restrict__ words, const float* __restrict__ absmax,
         const int hi2 = lane >> 3, lo3 = lane & 7;
         const float* lane_absmax = absmax + (size_t)(row0 + 4 * lo3) * ROW_BLOCKS + slice * 4 + hi2;
         // Everything that does not depend on the kernel before this one is loaded before waiting for
-        // it: the first row group's weights and absmax, the first LoRA A rank and the norm weights.
-        // AHEAD 2 (8 warps: 255 registers): the warp's next group's words too, so that its loads stay
-        // two groups ahead of the lookups
+        // it: the first row groups' weights (STAGED of them into shared memory, then one, or with
+        // AHEAD 2 two, into registers), the first absmax, the first LoRA A rank and the norm weights.
+        // (AHEAD 2 keeps a warp's loads two groups ahead of its lookups: 8 warps' 255 registers.)
+#if STAGED > 0
+        u32* const stage = (u32*)(table + TABLE_WORDS) + warp * (STAGED * 1024);
+        {
+            // 256 16-byte pieces per group, 8 per lane: piece lane + 32 i is bytes 16 (lane & 7).. of row
+            // (lane >> 3) + 4 i
+            const u32* warp_words = words + (size_t)row0 * ROW_WORDS + slice * 32;
+#pragma unroll
+            for (int s = 0; s < STAGED; ++s) {
+                const int group = warp + s * WARPS;
+                if (group < groups) {
+#pragma unroll
+                    for (int i = 0; i < 8; ++i) {
+                        const int row = (lane >> 3) + 4 * i, part = lane & 7;
+                        copy16_async(stage + s * 1024 + row * 32 + part * 4,
+                                     warp_words + (size_t)(group * 32 + row) * ROW_WORDS + part * 4);
+                    }
+                }
+            }
+            copies_commit();
+        }
+#endif
+        const int first_held = warp + STAGED * WARPS;  // the warp's first row group held in registers
         u32 w[32];
 #if AHEAD == 2
         u32 w_next[32];
 #endif
         float scale[4] = {0.f, 0.f, 0.f, 0.f};
-        if (warp < groups) {
+        if (first_held < groups) {
 #pragma unroll
-            for (int j = 0; j < 32; ++j) w[j] = load_word(lane_words + (size_t)(warp * 32 + j) * ROW_WORDS);
+            for (int j = 0; j < 32; ++j) w[j] = load_word(lane_words + (size_t)(first_held * 32 + j) * ROW_WORDS);
+        }
+        if (warp < groups) {
 #pragma unroll
             for (int i = 0; i < 4; ++i) scale[i] = __ldg(lane_absmax + (size_t)(warp * 32 + i) * ROW_BLOCKS);
         }
 #if AHEAD == 2
-        if (warp + WARPS < groups) {
+        if (first_held + WARPS < groups) {
 #pragma unroll
             for (int j = 0; j < 32; ++j)
-                w_next[j] = load_word(lane_words + (size_t)((warp + WARPS) * 32 + j) * ROW_WORDS);
+                w_next[j] = load_word(lane_words + (size_t)((first_held + WARPS) * 32 + j) * ROW_WORDS);
         }
 #endif
         const int first_rank = chunk + CHUNKS * warp;  // this warp's LoRA A ranks: first_rank + CHUNKS WARPS i
@@ -312,6 +365,9 @@ nf4_xtab_kernel(const u32* __restrict__ words, const float* __restrict__ absmax,
             }
             STAMP(4);
         }
+#if STAGED > 0
+        copies_wait();  // the stage, shown to every warp by the barrier below
+#endif
         __syncthreads();
         STAMP(5);
         // One step of the reduce-scatter: of `len` values, the lanes with `mask` set keep the upper half
@@ -324,8 +380,9 @@ nf4_xtab_kernel(const u32* __restrict__ words, const float* __restrict__ absmax,
                 v[i] = keep + __shfl_xor_sync(0xFFFFFFFFu, send, mask);
             }
         };
-        // One row group from `words`, which then load group `refill` (if any) while it computes
-        auto sum_group = [&](u32 (&words)[32], int group, int refill) {
+        // One row group from `source` (registers, which then load group `refill_group` if there is one,
+        // while it computes; or the stage)
+        auto sum_group = [&](auto& source, int group, int refill_group) {
             const int next = group + WARPS;
             float next_scale[4];
             if (next < groups) {
@@ -335,12 +392,12 @@ nf4_xtab_kernel(const u32* __restrict__ words, const float* __restrict__ absmax,
             float v[32];
 #pragma unroll
             for (int j = 0; j < 32; ++j) {
-                const u32 word = words[j];
+                const u32 word = source[j];
                 const float pair01 = LOOKUP(0, shift_left_on_fma(word, 7)) + LOOKUP(1, shift_right_on_fma(word, 1));
                 const float pair23 = LOOKUP(2, shift_right_on_fma(word, 9)) + LOOKUP(3, shift_right_on_fma(word, 17));
                 v[j] = pair01 + pair23;
                 // a later group's row j streams in while this group computes
-                if (refill < groups) words[j] = load_word(lane_words + (size_t)(refill * 32 + j) * ROW_WORDS);
+                if (refill_group < groups) refill(source, j, lane_words + (size_t)(refill_group * 32 + j) * ROW_WORDS);
             }
             halve(v, 32, 4);
             halve(v, 16, 2);
@@ -356,13 +413,23 @@ nf4_xtab_kernel(const u32* __restrict__ words, const float* __restrict__ absmax,
                 for (int i = 0; i < 4; ++i) scale[i] = next_scale[i];
             }
         };
+#if STAGED > 0
+#pragma unroll
+        for (int s = 0; s < STAGED; ++s) {
+            const int group = warp + s * WARPS;
+            if (group < groups) {
+                StagedWords staged{stage + s * 1024 + lane};
+                sum_group(staged, group, groups);
+            }
+        }
+#endif
 #if AHEAD == 2
-        for (int group = warp; group < groups; group += 2 * WARPS) {
+        for (int group = first_held; group < groups; group += 2 * WARPS) {
             sum_group(w, group, group + 2 * WARPS);
             if (group + WARPS < groups) sum_group(w_next, group + WARPS, group + 3 * WARPS);
         }
 #else
-        for (int group = warp; group < groups; group += WARPS) sum_group(w, group, group + WARPS);
+        for (int group = first_held; group < groups; group += WARPS) sum_group(w, group, group + WARPS);
 #endif
     }
     if (phases & 2) {
@@ -444,20 +511,27 @@ nf4_xtab_kernel(const u32* __restrict__ words, const float* __restrict__ absmax,
 """
 
 
+def shared_bytes(warps: int, staged: int) -> int:
+    """Dynamic shared memory per block: the table and the stage."""
+    return TABLE_BYTES + staged * warps * GROUP_BYTES
+
+
 def source(code: Sequence[float], k: int, warps: int, rank: int, chunks: int, prep: int = PLAIN,
-           timeline: bool = False, ahead: int = 1) -> str:
+           timeline: bool = False, ahead: int = 1, staged: int = 0) -> str:
     """The kernel's CUDA text for one NF4 code table, K, warps per block, LoRA rank, row chunks,
-    input preparation (PLAIN, SILU_MUL or ADD_NORM) and row groups of weights in flight per warp
-    (`ahead`); `timeline`: with the bench's phase stamps (one more kernel argument)."""
+    input preparation (PLAIN, SILU_MUL or ADD_NORM), row groups of weights in flight per warp
+    (`ahead`) and copied into shared memory before the wait (`staged`); `timeline`: with the bench's
+    phase stamps (one more kernel argument)."""
     if len(code) != 16:
         raise ValueError("an NF4 code table has 16 entries")
     if (k <= 0 or k % SLICE or warps not in WARP_CHOICES or rank <= 0 or rank % 4 or chunks <= 0
-            or prep not in PREPS or ahead not in AHEAD_CHOICES):
+            or prep not in PREPS or ahead not in AHEAD_CHOICES or staged not in STAGED_CHOICES
+            or shared_bytes(warps, staged) + STATIC_SHARED_BYTES > SHARED_OPTIN_LIMIT):
         raise ValueError(f"no nf4 xtab kernel for K {k}, {warps} warps, rank {rank}, {chunks} chunks, prep {prep}, "
-                         f"{ahead} groups ahead")
+                         f"{ahead} groups ahead, {staged} staged")
     values = ", ".join(f"{struct.unpack('<f', struct.pack('<f', float(v)))[0].hex()}f" for v in code)
     header = (f"#define KDIM {k}\n#define WARPS {warps}\n#define RANK {rank}\n#define CHUNKS {chunks}\n"
-              f"#define XPREP {prep}\n#define AHEAD {ahead}\n"
+              f"#define XPREP {prep}\n#define AHEAD {ahead}\n#define STAGED {staged}\n"
               + (f"#define NF4_TIMELINE 1\n#define TIMELINE_SLOTS {TIMELINE_SLOTS}\n" if timeline else "")
               + f"__device__ __constant__ float CODE_TABLE[16] = {{{values}}};\n#define CODE CODE_TABLE\n")
     return header + DEVICE_HELPERS + _SOURCE
@@ -486,8 +560,13 @@ def available(device: torch.device | str) -> bool:
     device = torch.device(device)
     if device.type != "cuda" or not torch.cuda.is_available() or not hasattr(torch.cuda, "_compile_kernel"):
         return False
-    optin = getattr(torch.cuda.get_device_properties(device), "shared_memory_per_block_optin", 0)
-    return _DISABLED is None and optin >= TABLE_BYTES + 1024
+    return _DISABLED is None and fits(device, 16, 0)
+
+
+def fits(device: torch.device | str, warps: int, staged: int) -> bool:
+    """This layout's shared memory fits a block on `device`."""
+    optin = getattr(torch.cuda.get_device_properties(torch.device(device)), "shared_memory_per_block_optin", 0)
+    return optin >= shared_bytes(warps, staged) + STATIC_SHARED_BYTES
 
 
 def sm_count(device: torch.device) -> int:
@@ -495,13 +574,13 @@ def sm_count(device: torch.device) -> int:
 
 
 def _key(code: tuple[float, ...], device: torch.device, k: int, warps: int, rank: int, chunks: int, prep: int,
-         ahead: int, timeline: bool = False) -> tuple:
-    return (device.index, code, k, warps, rank, chunks, prep, ahead) + (("timeline",) if timeline else ())
+         ahead: int, staged: int, timeline: bool = False) -> tuple:
+    return (device.index, code, k, warps, rank, chunks, prep, ahead, staged) + (("timeline",) if timeline else ())
 
 
-def precompile(requests: Sequence[tuple[tuple[float, ...], torch.device, int, int, int, int, int, int]],
+def precompile(requests: Sequence[tuple[tuple[float, ...], torch.device, int, int, int, int, int, int, int]],
                threads: int) -> int:
-    """Compile the kernels of `requests` ((code, device, k, warps, rank, chunks, prep, ahead), as `_kernel`
+    """Compile the kernels of `requests` ((code, device, k, warps, rank, chunks, prep, ahead, staged), as `_kernel`
     takes them) on `threads` threads at once, as `llm.serving.nf4_mma.precompile` does for its own;
     returns how many. A kernel that fails here compiles (and reports) at its first launch instead."""
     from llm.serving.nf4_mma import _nvrtc_steps
@@ -513,10 +592,10 @@ def precompile(requests: Sequence[tuple[tuple[float, ...], torch.device, int, in
     nvrtc_compile, load_module = steps
 
     def compile_one(request: tuple) -> tuple[bytes, str] | Exception:
-        code, device, k, warps, rank, chunks, prep, ahead = request
+        code, device, k, warps, rank, chunks, prep, ahead, staged = request
         capability = "{}{}".format(*torch.cuda.get_device_capability(device))
         try:
-            return nvrtc_compile(source(code, k, warps, rank, chunks, prep, ahead=ahead), "nf4_xtab_kernel",
+            return nvrtc_compile(source(code, k, warps, rank, chunks, prep, ahead=ahead, staged=staged), "nf4_xtab_kernel",
                                  compute_capability=capability)
         except Exception as error:  # noqa: BLE001 - compiled again (and reported) at its first launch
             return error
@@ -524,13 +603,13 @@ def precompile(requests: Sequence[tuple[tuple[float, ...], torch.device, int, in
     compiled = 0
     with ThreadPoolExecutor(max_workers=max(1, threads), thread_name_prefix="nf4-xtab-nvrtc") as pool:
         for request, binary in zip(missing, pool.map(compile_one, missing), strict=True):
-            device = request[1]
+            device, warps, staged = request[1], request[3], request[8]
             if isinstance(binary, Exception):
                 continue
             try:
                 with torch.cuda.device(device):
                     kernel = load_module(binary[0], [binary[1]])[binary[1]]
-                    kernel.set_shared_memory_config(TABLE_BYTES)
+                    kernel.set_shared_memory_config(shared_bytes(warps, staged))
             except Exception:  # noqa: BLE001 - as above
                 continue
             _KERNELS[_key(*request)] = kernel
@@ -539,17 +618,17 @@ def precompile(requests: Sequence[tuple[tuple[float, ...], torch.device, int, in
 
 
 def _kernel(code: tuple[float, ...], device: torch.device, k: int, warps: int, rank: int, chunks: int,
-            prep: int, timeline: bool = False, ahead: int = 1) -> Callable:
+            prep: int, timeline: bool = False, ahead: int = 1, staged: int = 0) -> Callable:
     global _DISABLED
-    key = _key(code, device, k, warps, rank, chunks, prep, ahead, timeline)
+    key = _key(code, device, k, warps, rank, chunks, prep, ahead, staged, timeline)
     if key not in _KERNELS:
         if _DISABLED is not None:
             raise XtabUnavailable(_DISABLED)
         try:
             with torch.cuda.device(device):
-                kernel = torch.cuda._compile_kernel(source(code, k, warps, rank, chunks, prep, timeline, ahead),
-                                                    "nf4_xtab_kernel")
-                kernel.set_shared_memory_config(TABLE_BYTES)
+                kernel = torch.cuda._compile_kernel(
+                    source(code, k, warps, rank, chunks, prep, timeline, ahead, staged), "nf4_xtab_kernel")
+                kernel.set_shared_memory_config(shared_bytes(warps, staged))
         except Exception as error:  # noqa: BLE001 - NVRTC missing or refusing: any failure means "not here"
             _DISABLED = (str(error).strip().splitlines() or [type(error).__name__])[0][:300]
             logger.warning("nf4: the x-table kernel cannot be compiled here (%s); the other kernels serve", _DISABLED)
@@ -560,32 +639,33 @@ def _kernel(code: tuple[float, ...], device: torch.device, k: int, warps: int, r
 
 def nf4_xtab_linear(x: torch.Tensor, weight: NF4Matrix, lora: LoraParts, seg1: int, seg2: int,
                     round_lora_first: bool, warps: int, code: tuple[float, ...],
-                    timeline: torch.Tensor | None = None, ahead: int = 1) -> torch.Tensor:
+                    timeline: torch.Tensor | None = None, ahead: int = 1, staged: int = 0) -> torch.Tensor:
     """y = x @ W.T + scaling * B(A(x)) with PEFT's roundings, for one row of x ([1, K], bf16), in one
     launch (the LoRA's A product included). `timeline` (the bench's): int64 [blocks, TIMELINE_SLOTS]
     that the launch stamps (`source`'s timeline build)."""
     if x.shape[0] != 1:
         raise ValueError(f"the x-table kernel takes one row, got {x.shape[0]}")
     return _launch(PLAIN, x, weight, lora, seg1, seg2, round_lora_first, warps, code, timeline=timeline,
-                   ahead=ahead)
+                   ahead=ahead, staged=staged)
 
 
 def nf4_xtab_after_silu_mul(gate_up: torch.Tensor, weight: NF4Matrix, lora: LoraParts, seg1: int, seg2: int,
                             round_lora_first: bool, warps: int, code: tuple[float, ...],
-                            timeline: torch.Tensor | None = None, ahead: int = 1) -> torch.Tensor:
+                            timeline: torch.Tensor | None = None, ahead: int = 1,
+                            staged: int = 0) -> torch.Tensor:
     """As `nf4_xtab_linear` of `silu(gate) * up` (each op rounded to bf16, as eager PyTorch does) for
     one row of gate_up = [gate | up] ([1, 2K]), the element-wise step done inside the launch."""
     if gate_up.shape[0] != 1 or gate_up.shape[1] != 2 * weight.shape[1]:
         raise ValueError(f"the x-table kernel takes one [1, 2K] gate/up row, got {list(gate_up.shape)}")
     return _launch(SILU_MUL, gate_up, weight, lora, seg1, seg2, round_lora_first, warps, code, timeline=timeline,
-                   ahead=ahead)
+                   ahead=ahead, staged=staged)
 
 
 def nf4_xtab_after_add_norm(residual: torch.Tensor, delta: torch.Tensor, norm_weight: torch.Tensor, eps: float,
                             weight: NF4Matrix, lora: LoraParts, seg1: int, seg2: int, round_lora_first: bool,
                             warps: int, code: tuple[float, ...],
-                            timeline: torch.Tensor | None = None,
-                            ahead: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
+                            timeline: torch.Tensor | None = None, ahead: int = 1,
+                            staged: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
     """(h, y): h = residual + delta (the residual stream's next value) and y as `nf4_xtab_linear` of
     MistralRMSNorm(h) with `norm_weight`, for one row, the add and the norm done inside the launch."""
     if residual.shape != delta.shape or residual.shape[0] != 1 or norm_weight.shape != (residual.shape[1],):
@@ -594,7 +674,7 @@ def nf4_xtab_after_add_norm(residual: torch.Tensor, delta: torch.Tensor, norm_we
     h = torch.empty_like(residual)
     y = _launch(ADD_NORM, delta, weight, lora, seg1, seg2, round_lora_first, warps, code,
                 residual=_aligned(residual), norm_weight=_aligned(norm_weight), residual_out=h, eps=eps,
-                timeline=timeline, ahead=ahead)
+                timeline=timeline, ahead=ahead, staged=staged)
     return h, y
 
 
@@ -608,13 +688,15 @@ def _aligned(x: torch.Tensor) -> torch.Tensor:
 def _launch(prep: int, x: torch.Tensor, weight: NF4Matrix, lora: LoraParts, seg1: int, seg2: int,
             round_lora_first: bool, warps: int, code: tuple[float, ...], residual: torch.Tensor | None = None,
             norm_weight: torch.Tensor | None = None, residual_out: torch.Tensor | None = None,
-            eps: float = 0.0, timeline: torch.Tensor | None = None, ahead: int = 1) -> torch.Tensor:
+            eps: float = 0.0, timeline: torch.Tensor | None = None, ahead: int = 1, staged: int = 0) -> torch.Tensor:
     n, k = weight.shape
     chunks = chunks_for(n, k, sm_count(x.device))
     if chunks is None:
         raise ValueError(f"no x-table layout for a {n} x {k} weight on this GPU")
     x = _aligned(x)
-    kernel = _kernel(code, x.device, k, warps, lora.rank, chunks, prep, timeline is not None, ahead)
+    if staged and weight.packed.data_ptr() % 16:
+        raise ValueError("the staged x-table kernel copies 16-byte pieces: the packed weights must be 16-byte aligned")
+    kernel = _kernel(code, x.device, k, warps, lora.rank, chunks, prep, timeline is not None, ahead, staged)
     slices = k // SLICE
     rt = lora.a.shape[0]
     y = torch.empty((1, n), dtype=torch.bfloat16, device=x.device)
@@ -627,5 +709,5 @@ def _launch(prep: int, x: torch.Tensor, weight: NF4Matrix, lora: LoraParts, seg1
          float(lora.scaling), int(round_lora_first), 3, x if residual is None else residual,
          x if norm_weight is None else norm_weight, y if residual_out is None else residual_out, float(eps),
          *(() if timeline is None else (timeline,))],
-        x.device, shared_bytes=TABLE_BYTES)
+        x.device, shared_bytes=shared_bytes(warps, staged))
     return y
