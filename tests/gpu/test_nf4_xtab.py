@@ -147,3 +147,51 @@ def test_a_chained_launch_reads_this_steps_output_of_the_launch_before_it_in_gra
                                                 *down.lora.part_starts(down.weight.shape[0]), True, down_warps, code)
 
     assert_replays_follow_new_inputs(step, x, "gate_up -> down")
+
+
+# Run 36's layouts with more weights in flight (warps, groups ahead, groups staged in shared memory):
+# not served yet, measured by bench/xtab_timeline.py
+RUN36_LAYOUTS = [(16, 1, 1), (8, 2, 0), (8, 2, 1), (8, 1, 3), (8, 2, 3)]
+
+
+@pytest.mark.parametrize(("warps", "ahead", "staged"), RUN36_LAYOUTS)
+@pytest.mark.parametrize("name", ["qkv", "gate_up", "down"])
+def test_more_weights_in_flight_give_the_plain_layouts_bits_in_graph_replays(name, warps, ahead, staged):
+    """The same sums in the same order as the plain layout with as many warps, however the weights
+    arrive (two groups ahead in registers, or copied into shared memory before the wait)."""
+    from llm.serving import nf4_mma, nf4_xtab
+
+    projection, x = projection_and_input(name, 1)
+    if not nf4_xtab.fits(x.device, warps, staged):
+        pytest.skip(f"{nf4_xtab.shared_bytes(warps, staged)} bytes of shared memory do not fit a block here")
+    code = nf4_mma.code_values(projection.weight.code)
+    seg1, seg2 = projection.lora.part_starts(projection.weight.shape[0])
+    plain = nf4_xtab.nf4_xtab_linear(x, projection.weight, projection.lora, seg1, seg2, True, warps, code)
+
+    def run() -> torch.Tensor:
+        return nf4_xtab.nf4_xtab_linear(x, projection.weight, projection.lora, seg1, seg2, True, warps, code,
+                                        ahead=ahead, staged=staged)
+
+    label = f"{name} w{warps}a{ahead}g{staged}"
+    assert torch.equal(run(), plain), label
+    assert_replays_repeat(run, plain, projection.lora, "xtab", label, replays=5)
+
+
+@pytest.mark.parametrize(("warps", "ahead", "staged"), [(16, 1, 1), (8, 2, 3)])
+def test_a_staged_launch_reads_this_steps_output_of_the_launch_before_it_in_graph_replays(warps, ahead, staged):
+    """A staged launch copies its first weights before the wait: it must still read this step's x."""
+    from llm.serving import nf4_mma, nf4_xtab
+
+    gate_up, x = projection_and_input("gate_up", 1)
+    down, _ = projection_and_input("down", 1)
+    code = nf4_mma.code_values(gate_up.weight.code)
+
+    def step(x: torch.Tensor) -> torch.Tensor:
+        first = nf4_xtab.nf4_xtab_linear(x, gate_up.weight, gate_up.lora,
+                                         *gate_up.lora.part_starts(gate_up.weight.shape[0]), True, warps, code,
+                                         ahead=ahead, staged=staged)
+        return nf4_xtab.nf4_xtab_after_silu_mul(first, down.weight, down.lora,
+                                                *down.lora.part_starts(down.weight.shape[0]), True, warps, code,
+                                                ahead=ahead, staged=staged)
+
+    assert_replays_follow_new_inputs(step, x, f"gate_up -> down w{warps}a{ahead}g{staged}")
