@@ -8,12 +8,15 @@
 #   bash bench/engines_gpu.sh splits             K split across blocks and programmatic launch: their GPU
 #       tests, and run 24's served layouts with K splits timed (q/k/v, o, down; 1 and 16 rows)
 #       -> $OUT/splits*.txt
+#   bash bench/engines_gpu.sh timeline [LAYOUTS]  the x-table kernels' GPU tests, then where each layout's
+#       launches spend their time (`bench/xtab_timeline.py`, run 36's layouts by default; ~3 minutes)
+#       -> $OUT/gpu-tests.txt, $OUT/timeline.jsonl
 #   bash bench/engines_gpu.sh bench COMMIT [CASES]  the engine benchmark: the seed's literal code path,
 #       `nf4` and `fast` by default, same prompts, ratios printed (~4 minutes) -> $OUT/engines.log,
 #       $OUT/r.tgz (the results JSON, the chart and the profiles)
 set -uo pipefail
-if [[ "${1:-}" != tests && "${1:-}" != bench && "${1:-}" != kernels && "${1:-}" != splits ]]; then
-    echo "usage: bash bench/engines_gpu.sh tests [PYTEST ARGS] | kernels | splits | bench COMMIT [CASES]"
+if [[ "${1:-}" != tests && "${1:-}" != bench && "${1:-}" != kernels && "${1:-}" != splits && "${1:-}" != timeline ]]; then
+    echo "usage: bash bench/engines_gpu.sh tests [PYTEST ARGS] | kernels | splits | timeline [LAYOUTS] | bench COMMIT [CASES]"
     exit 2
 fi
 out=${OUT:-.}
@@ -38,6 +41,13 @@ case "${1:-}" in
         tail -n 1 "$out/splits-tests.txt"
         python3 bench/nf4_kernels.py 1,16 --k-splits --projections qkv,o,down > "$out/splits-kernels.txt" 2>&1
         tail -n 3 "$out/splits-kernels.txt" | cut -c1-600
+        ;;
+    timeline)
+        python3 -m pytest tests/gpu -q -p no:cacheprovider -k xtab > "$out/gpu-tests.txt" 2>&1
+        tail -n 3 "$out/gpu-tests.txt"
+        python3 bench/xtab_timeline.py --layouts "${2:-16x1,16x1g1,8x1,8x2,8x2g1,8x1g3,8x2g3}" \
+            > "$out/timeline.jsonl" 2>&1
+        cut -c1-400 "$out/timeline.jsonl"
         ;;
     bench)
         commit=${2:?usage: bash bench/engines_gpu.sh bench COMMIT [CASES]}
