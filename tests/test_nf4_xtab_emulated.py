@@ -182,3 +182,13 @@ def test_qkv_adds_the_residual_and_normalizes_inside_the_launch(tmp_path_factory
     assert not out.isnan().any()
     assert nf4_kernels.matches_reference(out, reference), (out.float() - reference.float()).abs().max()
     assert not nf4_kernels.matches_reference(out, projection.reference(delta))
+
+
+def test_a_stage_that_does_not_fit_beside_the_table_is_refused():
+    """Hopper gives a block 227 KB of shared memory: the 128 KB table plus 16 warps x one 4 KB group, or
+    8 warps x three; more cannot launch, so no such kernel text is made."""
+    assert nf4_xtab.shared_bytes(16, 1) == 192 * 1024
+    assert nf4_xtab.shared_bytes(8, 3) == 224 * 1024
+    nf4_xtab.source(NF4_CODE, 4096, 8, RANK, 8, staged=3)
+    with pytest.raises(ValueError, match="2 staged"):
+        nf4_xtab.source(NF4_CODE, 4096, 16, RANK, 8, staged=2)
