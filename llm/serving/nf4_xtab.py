@@ -32,6 +32,12 @@ and gate/up (every block sums the whole row's squares in the same order, so all 
 bits; chunk 0 writes the residual stream's next value), `silu(gate) * up` before down. Each op rounds to
 bf16 as eager PyTorch's does (run 32: the one-row step 2.69 -> 2.46 ms).
 
+How many weights are on the way is a layout choice (run 36, not yet timed nor served): AHEAD 2 keeps a warp's
+loads two row groups ahead of its lookups (8 warps' registers), STAGED g copies each warp's first g row
+groups into the shared memory past the table before the wait (`cp.async`), so that more of the weights stream
+in while x is awaited and tabulated. Both sum the same values in the same order as the plain layout.
+A timeline build (`timeline`) stamps each block's phases for bench/xtab_timeline.py.
+
 tests/test_nf4_xtab_emulated.py runs this CUDA text on the CPU (tests/fakes/cuda_emulation.hpp, both
 phases as separate launches); tests/gpu runs it on a GPU.
 """
