@@ -45,7 +45,9 @@ def ptx_of(nvrtc: ctypes.CDLL, source: str) -> tuple[str | None, str]:
     program = ctypes.c_void_p()
     if nvrtc.nvrtcCreateProgram(ctypes.byref(program), source.encode(), b"xtab.cu", 0, None, None):
         return None, "nvrtcCreateProgram failed"
-    options = [b"--gpu-architecture=compute_90", b"-default-device", b"--std=c++17"]
+    # As `torch.cuda._compile_kernel` compiles it (no -default-device: run 36's generic lambda compiled
+    # here with it and would have failed there, as host code)
+    options = [b"--gpu-architecture=compute_90"]
     result = nvrtc.nvrtcCompileProgram(program, len(options), (ctypes.c_char_p * len(options))(*options))
     size = ctypes.c_size_t()
     nvrtc.nvrtcGetProgramLogSize(program, ctypes.byref(size))

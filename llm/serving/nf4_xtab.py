@@ -110,15 +110,6 @@ inline void copies_commit() {}
 inline void copies_wait() {}
 #endif
 
-// A row group's words as the main loop reads them: from registers (refilled with a later group's words
-// as they are used) or from the shared-memory stage (row j's word of this lane at j * 32)
-struct StagedWords {
-    const u32* at;
-    __device__ __forceinline__ u32 operator[](int j) const { return at[j * 32]; }
-};
-__device__ __forceinline__ void refill(u32 (&words)[32], int j, const u32* p) { words[j] = load_word(p); }
-__device__ __forceinline__ void refill(const StagedWords&, int, const u32*) {}
-
 // Pair table q's entry for byte q of `word`, for this lane (its bank)
 #define LOOKUP(q, shifted) \
     (*(const float*)((const char*)table + (q) * 32768 + and_or((shifted), 0x7F80u, lane4)))
@@ -386,9 +377,10 @@ nf4_xtab_kernel(const u32* __restrict__ words, const float* __restrict__ absmax,
                 v[i] = keep + __shfl_xor_sync(0xFFFFFFFFu, send, mask);
             }
         };
-        // One row group from `source` (registers, which then load group `refill_group` if there is one,
-        // while it computes; or the stage)
-        auto sum_group = [&](auto& source, int group, int refill_group) {
+        // One row group: from the registers `words`, which then load group `refill_group` if there is one
+        // while it computes, or (`from_stage`, a literal at each call) from the stage, where this lane's
+        // word of row j is staged[j * 32]. (A plain lambda: NVRTC compiles a generic one as host code.)
+        auto sum_group = [&](u32 (&words)[32], const u32* staged, bool from_stage, int group, int refill_group) {
             const int next = group + WARPS;
             float next_scale[4];
             if (next < groups) {
@@ -398,12 +390,13 @@ nf4_xtab_kernel(const u32* __restrict__ words, const float* __restrict__ absmax,
             float v[32];
 #pragma unroll
             for (int j = 0; j < 32; ++j) {
-                const u32 word = source[j];
+                const u32 word = from_stage ? staged[j * 32] : words[j];
                 const float pair01 = LOOKUP(0, shift_left_on_fma(word, 7)) + LOOKUP(1, shift_right_on_fma(word, 1));
                 const float pair23 = LOOKUP(2, shift_right_on_fma(word, 9)) + LOOKUP(3, shift_right_on_fma(word, 17));
                 v[j] = pair01 + pair23;
                 // a later group's row j streams in while this group computes
-                if (refill_group < groups) refill(source, j, lane_words + (size_t)(refill_group * 32 + j) * ROW_WORDS);
+                if (!from_stage && refill_group < groups)
+                    words[j] = load_word(lane_words + (size_t)(refill_group * 32 + j) * ROW_WORDS);
             }
             halve(v, 32, 4);
             halve(v, 16, 2);
@@ -423,19 +416,16 @@ nf4_xtab_kernel(const u32* __restrict__ words, const float* __restrict__ absmax,
 #pragma unroll
         for (int s = 0; s < STAGED; ++s) {
             const int group = warp + s * WARPS;
-            if (group < groups) {
-                StagedWords staged{stage + s * 1024 + lane};
-                sum_group(staged, group, groups);
-            }
+            if (group < groups) sum_group(w, stage + s * 1024 + lane, true, group, groups);
         }
 #endif
 #if AHEAD == 2
         for (int group = first_held; group < groups; group += 2 * WARPS) {
-            sum_group(w, group, group + 2 * WARPS);
-            if (group + WARPS < groups) sum_group(w_next, group + WARPS, group + 3 * WARPS);
+            sum_group(w, nullptr, false, group, group + 2 * WARPS);
+            if (group + WARPS < groups) sum_group(w_next, nullptr, false, group + WARPS, group + 3 * WARPS);
         }
 #else
-        for (int group = first_held; group < groups; group += WARPS) sum_group(w, group, group + WARPS);
+        for (int group = first_held; group < groups; group += WARPS) sum_group(w, nullptr, false, group, group + WARPS);
 #endif
     }
     if (phases & 2) {
