@@ -45,8 +45,7 @@ case "${1:-}" in
     timeline)
         python3 -m pytest tests/gpu -q -p no:cacheprovider -k xtab > "$out/gpu-tests.txt" 2>&1
         tail -n 3 "$out/gpu-tests.txt"
-        python3 bench/xtab_timeline.py --layouts "${2:-16x1,16x1g1,8x1,8x2,8x2g1,8x1g3,8x2g3}" \
-            > "$out/timeline.jsonl" 2>&1
+        python3 bench/xtab_timeline.py ${2:+--layouts "$2"} > "$out/timeline.jsonl" 2>&1
         cut -c1-400 "$out/timeline.jsonl"
         ;;
     bench)

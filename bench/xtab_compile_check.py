@@ -36,8 +36,8 @@ KERNELS = (
     ("gate_up_add_norm", 4096, 8, nf4_xtab.ADD_NORM),
     ("down_silu_mul", 14336, 2, nf4_xtab.SILU_MUL),
 )
-# (warps, row groups ahead, row groups staged in shared memory): the tuner's two, then run 36's, untimed
-LAYOUTS = ((8, 1, 0), (16, 1, 0), (16, 1, 1), (8, 2, 0), (8, 2, 1), (8, 1, 3), (8, 2, 3))
+# (warps, row groups ahead, row groups staged in shared memory): the tuner's, then run 36's, untimed
+LAYOUTS = tuple((warps, 1, 0) for warps in nf4_xtab.WARP_CHOICES) + nf4_xtab.CANDIDATE_LAYOUTS
 
 
 def ptx_of(nvrtc: ctypes.CDLL, source: str) -> tuple[str | None, str]:
@@ -87,7 +87,7 @@ def main() -> int:
     with tempfile.TemporaryDirectory() as folder:
         for name, k, chunks, prep in KERNELS:
             for warps, ahead, staged in LAYOUTS:
-                label = f"{name}_w{warps}" + (f"a{ahead}" if ahead > 1 else "") + (f"g{staged}" if staged else "")
+                label = f"{name}_{nf4_xtab.layout_label(warps, ahead, staged)}"
                 source = nf4_xtab.source(code, k, warps, 32, chunks, prep, ahead=ahead, staged=staged)
                 ptx, log = ptx_of(nvrtc, source)
                 result: dict = {"kernel": label}

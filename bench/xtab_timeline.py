@@ -17,6 +17,7 @@ block, and how long an SM sits between one launch's block leaving and the next o
 one for the chain: its graph time with and without the stamps.
 
     python3 bench/xtab_timeline.py [--layers 4] [--replays 20] [--layouts 16x1,16x1g1,8x1,8x2,8x2g3]
+    (by default: the tuner's 16x1 and 8x1, then `nf4_xtab.CANDIDATE_LAYOUTS`)
 """
 
 from __future__ import annotations
@@ -44,6 +45,9 @@ PHASES = ("wait", "prepare_x", "table", "lora_a", "table_sync", "weights", "barr
 NS = slice(0, 2 * len(POINTS), 2)  # a block's stamps: (ns, cycles) per point, its SM in the last slot
 CYCLES = slice(1, 2 * len(POINTS), 2)
 DONE, SUMS_STORED = POINTS.index("done"), POINTS.index("sums_stored")
+assert len(POINTS) == nf4_xtab.TIMELINE_POINTS, "the kernel's STAMP points and these names differ"
+DEFAULT_LAYOUTS = ",".join(nf4_xtab.layout_label(*layout)
+                           for layout in ((16, 1, 0), (8, 1, 0), *nf4_xtab.CANDIDATE_LAYOUTS))
 HIDDEN, INTERMEDIATE, KV = 4096, 14336, 1024
 BANDWIDTH_BYTES_PER_US = 4.2e6  # the H200's measured copy rate, for the bytes-only time
 
@@ -228,9 +232,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--layers", type=int, default=4, help="random layers chained (default 4: past the L2)")
     parser.add_argument("--replays", type=int, default=20, help="stamped replays summarized (default 20)")
-    parser.add_argument("--layouts", default="16x1",
+    parser.add_argument("--layouts", default=DEFAULT_LAYOUTS,
                         help="WARPSxAHEAD[gSTAGED], comma-separated: warps per block x row groups in flight, row "
-                             "groups staged in shared memory (served: 16x1)")
+                             f"groups staged in shared memory (served: 16x1; default {DEFAULT_LAYOUTS})")
     args = parser.parse_args()
     chosen = layouts(args.layouts)
     if not torch.cuda.is_available() or not nf4_xtab.available("cuda"):

@@ -73,8 +73,12 @@ MAX_PARTS = 3  # LoRA parts of a fused projection (q/k/v)
 # What the kernel does to its input before tabulating it (XPREP in the CUDA text, `prepare_x`)
 PLAIN, SILU_MUL, ADD_NORM = 0, 1, 2
 PREPS = (PLAIN, SILU_MUL, ADD_NORM)
-# bench/xtab_timeline.py's stamps per block (int64): nine points x (ns, cycles), the SM last
-TIMELINE_SLOTS = 24
+# Run 36's layouts (warps, row groups ahead, row groups staged), not yet timed nor served: the GPU tests,
+# bench/xtab_compile_check.py and bench/xtab_timeline.py take them from here
+CANDIDATE_LAYOUTS = ((16, 1, 1), (8, 2, 0), (8, 2, 1), (8, 1, 3), (8, 2, 3))
+# bench/xtab_timeline.py's stamps per block (int64): (ns, cycles) at each point, the SM last
+TIMELINE_POINTS = 9
+TIMELINE_SLOTS = 2 * TIMELINE_POINTS + 1
 
 _SOURCE = r"""
 constexpr int K = KDIM;
@@ -505,6 +509,11 @@ nf4_xtab_kernel(const u32* __restrict__ words, const float* __restrict__ absmax,
     }
 }
 """
+
+
+def layout_label(warps: int, ahead: int, staged: int) -> str:
+    """"16x1", "8x2g3": warps x groups ahead, then the groups staged (if any)."""
+    return f"{warps}x{ahead}" + (f"g{staged}" if staged else "")
 
 
 def shared_bytes(warps: int, staged: int) -> int:

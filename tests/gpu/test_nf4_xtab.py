@@ -9,6 +9,7 @@ import json
 import pytest
 import torch
 
+from llm.serving import nf4_xtab
 from tests.gpu.test_nf4_kernels import (
     assert_replays_follow_new_inputs,
     assert_replays_repeat,
@@ -149,12 +150,8 @@ def test_a_chained_launch_reads_this_steps_output_of_the_launch_before_it_in_gra
     assert_replays_follow_new_inputs(step, x, "gate_up -> down")
 
 
-# Run 36's layouts with more weights in flight (warps, groups ahead, groups staged in shared memory):
-# not served yet, measured by bench/xtab_timeline.py
-RUN36_LAYOUTS = [(16, 1, 1), (8, 2, 0), (8, 2, 1), (8, 1, 3), (8, 2, 3)]
-
-
-@pytest.mark.parametrize(("warps", "ahead", "staged"), RUN36_LAYOUTS)
+# Run 36's layouts with more weights in flight (warps, groups ahead, groups staged in shared memory)
+@pytest.mark.parametrize(("warps", "ahead", "staged"), nf4_xtab.CANDIDATE_LAYOUTS)
 @pytest.mark.parametrize("name", ["qkv", "gate_up", "down"])
 def test_more_weights_in_flight_give_the_plain_layouts_bits_in_graph_replays(name, warps, ahead, staged):
     """The same sums in the same order as the plain layout with as many warps, however the weights
