@@ -152,8 +152,8 @@ def question_answered(
     *, first_text_s: float | None, answer_s: float | None, tokens: int, generation_s: float | None
 ) -> None:
     """One answered question. Durations are None for a question without an arrival time (one taken
-    over from another instance: its wait is not this process's to measure)."""
-    QUESTIONS.labels("answered", "").inc()
+    over from another instance: its wait is not this process's to measure). The count moves last:
+    whoever sees it moved sees the durations too."""
     if first_text_s is not None:
         FIRST_TEXT_SECONDS.observe(max(first_text_s, 0.0))
     if answer_s is not None:
@@ -161,6 +161,7 @@ def question_answered(
     GENERATED_TOKENS.inc(tokens)
     if generation_s is not None and generation_s > 0 and tokens > 1:
         TOKENS_PER_SECOND.observe((tokens - 1) / generation_s)
+    QUESTIONS.labels("answered", "").inc()
 
 
 # ---------------------------------------------------------------------------------------- Slack

@@ -227,10 +227,15 @@ def test_counters_and_histograms_move_with_answers_refusals_and_failures(monitor
     before = monitored.scrape()
 
     answer = _ask(bot, "COPS1", "UOPS1", "금리가 뭐야?")
-    after = monitored.scrape()
-    assert value(after, "finbot_questions_total", outcome="answered", reason="") == (
-        value(before, "finbot_questions_total", outcome="answered", reason="") + 1
-    )
+    # The metrics are recorded just after the final message is posted, so a scrape can come first.
+    answered_before = value(before, "finbot_questions_total", outcome="answered", reason="")
+
+    def answer_counted() -> dict | None:
+        samples = monitored.scrape()
+        return samples if value(samples, "finbot_questions_total", outcome="answered", reason="") > answered_before else None
+
+    after = bot.fake.wait_for(answer_counted, timeout=15, interval=0.05, description="the answer counted")
+    assert value(after, "finbot_questions_total", outcome="answered", reason="") == answered_before + 1
     for histogram in ("finbot_first_text_seconds", "finbot_answer_seconds", "finbot_answer_tokens_per_second"):
         assert value(after, f"{histogram}_count") == value(before, f"{histogram}_count") + 1, histogram
     first_text = value(after, "finbot_first_text_seconds_sum") - value(before, "finbot_first_text_seconds_sum")
