@@ -283,7 +283,13 @@ def test_counters_and_histograms_move_with_answers_refusals_and_failures(monitor
     assert value(running, "finbot_questions_in_progress", state="answering") == 1
     bot.wait_final("COPS5", slow["ts"], done=lambda m: m.get("text") == messages_ko.GENERATION_TIMED_OUT)
 
-    final = monitored.scrape()
+
+    def settled() -> dict | None:
+        # The engine lets go of the stopped request just after the apology is posted.
+        samples = monitored.scrape()
+        return samples if value(samples, "finbot_engine_running_requests") == 0 else None
+
+    final = bot.fake.wait_for(settled, timeout=15, interval=0.05, description="the stopped request released")
     for outcome, reason, delta in [
         ("answered", "", 3),
         ("refused", "rate_limit", 1),
