@@ -9,7 +9,7 @@
 #       tests, and run 24's served layouts with K splits timed (q/k/v, o, down; 1 and 16 rows)
 #       -> $OUT/splits*.txt
 #   bash bench/engines_gpu.sh timeline [LAYOUTS]  the x-table kernels' GPU tests, then where each layout's
-#       launches spend their time (`bench/xtab_timeline.py`, run 36's layouts by default; ~3 minutes)
+#       launches spend their time (`bench/xtab_timeline.py`, runs 36-37's layouts by default; ~4 minutes)
 #       -> $OUT/gpu-tests.txt, $OUT/timeline.jsonl
 #   bash bench/engines_gpu.sh bench COMMIT [CASES]  the engine benchmark: the seed's literal code path,
 #       `nf4` and `fast` by default, same prompts, ratios printed (~4 minutes) -> $OUT/engines.log,

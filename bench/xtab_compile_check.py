@@ -1,11 +1,13 @@
 """Every one-row x-table kernel the `nf4` decode step launches, compiled for sm_90 offline (no GPU).
 
 For Mistral-7B's shapes and the served variants (plain, silu x up, add+norm), at 8 and 16 warps, and the
-run-36 layouts with more weights in flight (`LAYOUTS`: two groups ahead, groups staged in shared memory): NVRTC
+runs 36-37's layouts with more weights in flight (`nf4_xtab.CANDIDATE_LAYOUTS`: two groups ahead, groups staged
+in shared memory, groups prefetched into L2): NVRTC
 (`compute_90` PTX) then `ptxas -arch=sm_90 -v`. Prints one JSON line per kernel: registers, spill bytes,
 and whether every load of what an earlier kernel wrote (`ld.global.cg`) comes after `griddepcontrol.wait`
-in the PTX (run 32's race was such a load moved above it). Exits 1 on a failed compile, a spill or a
-load before the wait.
+in the PTX (run 32's race was such a load moved above it), and for the prefetching layouts whether their L2
+prefetches come before it. Exits 1 on a failed compile, a spill, a load of x before the wait or a prefetch
+after it.
 
 Needs NVRTC and ptxas from pip (no CUDA install):
     pip install --target /tmp/nv nvidia-cuda-nvrtc-cu12 nvidia-cuda-nvcc-cu12
@@ -36,8 +38,8 @@ KERNELS = (
     ("gate_up_add_norm", 4096, 8, nf4_xtab.ADD_NORM),
     ("down_silu_mul", 14336, 2, nf4_xtab.SILU_MUL),
 )
-# (warps, row groups ahead, row groups staged in shared memory): the tuner's, then run 36's, untimed
-LAYOUTS = tuple((warps, 1, 0) for warps in nf4_xtab.WARP_CHOICES) + nf4_xtab.CANDIDATE_LAYOUTS
+# The tuner's, then runs 36-37's, untimed
+LAYOUTS = nf4_xtab.SERVED_LAYOUTS + nf4_xtab.CANDIDATE_LAYOUTS
 
 
 def ptx_of(nvrtc: ctypes.CDLL, source: str) -> tuple[str | None, str]:
@@ -69,6 +71,12 @@ def loads_after_wait(ptx: str) -> bool:
     return wait >= 0 and (first_cg < 0 or first_cg > wait)
 
 
+def prefetches_before_wait(ptx: str) -> bool:
+    """The L2 prefetches (two per lane: weights and absmax) are issued before `griddepcontrol.wait`."""
+    prefetch = ptx.find("cp.async.bulk.prefetch.L2")
+    return 0 <= prefetch < ptx.find("griddepcontrol.wait") and ptx.count("cp.async.bulk.prefetch.L2") == 2
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--nvrtc", required=True, help="libnvrtc.so (from the nvidia-cuda-nvrtc wheel)")
@@ -86,9 +94,9 @@ def main() -> int:
     failures = 0
     with tempfile.TemporaryDirectory() as folder:
         for name, k, chunks, prep in KERNELS:
-            for warps, ahead, staged in LAYOUTS:
-                label = f"{name}_{nf4_xtab.layout_label(warps, ahead, staged)}"
-                source = nf4_xtab.source(code, k, warps, 32, chunks, prep, ahead=ahead, staged=staged)
+            for layout in LAYOUTS:
+                label = f"{name}_{layout.label}"
+                source = nf4_xtab.source(code, k, 32, chunks, prep, layout)
                 ptx, log = ptx_of(nvrtc, source)
                 result: dict = {"kernel": label}
                 if ptx is None:
@@ -102,10 +110,13 @@ def main() -> int:
                     spills = [int(v) for v in re.findall(r"(\d+) bytes spill", out.stderr)]
                     result.update(registers=int(registers.group(1)) if registers else None,
                                   spill_bytes=sum(spills), loads_after_wait=loads_after_wait(ptx))
+                    if layout.prefetched:
+                        result["prefetches_before_wait"] = prefetches_before_wait(ptx)
                     if out.returncode:
                         result["error"] = out.stderr[-2000:]
                 failures += bool(result.get("error") or result.get("spill_bytes") or
-                                 not result.get("loads_after_wait", True))
+                                 not result.get("loads_after_wait", True) or
+                                 not result.get("prefetches_before_wait", True))
                 print(json.dumps(result), flush=True)
     return 1 if failures else 0
 

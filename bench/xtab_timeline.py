@@ -10,13 +10,14 @@ global timer and its SM's cycle counter at nine points (warp 0's view where no b
     3 its table entries written · 4 its LoRA A rank summed · 5 the block's table complete ·
     6 every warp's weight sums stored · 7 the grid-wide barrier passed · 8 the block's rows finished
 
-Prints, for each layout (warps per block x row groups of weights in flight per warp, and row groups per
-warp copied into shared memory before the wait: `16x1`, `8x2`, `16x1g1`), one JSON line
+Prints, for each layout (`nf4_xtab.XtabLayout`: warps per block x row groups of weights in flight per
+warp, then row groups per warp copied into shared memory and prefetched into L2 before the wait: `16x1`,
+`8x2`, `16x1g1`, `16x1l2`), one JSON line
 per projection (microseconds; medians over layers and replays of each launch's median and slowest
 block, and how long an SM sits between one launch's block leaving and the next one's arriving) and
 one for the chain: its graph time with and without the stamps.
 
-    python3 bench/xtab_timeline.py [--layers 4] [--replays 20] [--layouts 16x1,16x1g1,8x1,8x2,8x2g3]
+    python3 bench/xtab_timeline.py [--layers 4] [--replays 20] [--layouts 16x1,16x1g1,16x1l2,8x1,8x2g3]
     (by default: the tuner's 16x1 and 8x1, then `nf4_xtab.CANDIDATE_LAYOUTS`)
 """
 
@@ -24,7 +25,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import re
 import statistics
 import sys
 from collections.abc import Callable
@@ -46,8 +46,7 @@ NS = slice(0, 2 * len(POINTS), 2)  # a block's stamps: (ns, cycles) per point, i
 CYCLES = slice(1, 2 * len(POINTS), 2)
 DONE, SUMS_STORED = POINTS.index("done"), POINTS.index("sums_stored")
 assert len(POINTS) == nf4_xtab.TIMELINE_POINTS, "the kernel's STAMP points and these names differ"
-DEFAULT_LAYOUTS = ",".join(nf4_xtab.layout_label(*layout)
-                           for layout in ((16, 1, 0), (8, 1, 0), *nf4_xtab.CANDIDATE_LAYOUTS))
+DEFAULT_LAYOUTS = ",".join(layout.label for layout in (*nf4_xtab.SERVED_LAYOUTS[::-1], *nf4_xtab.CANDIDATE_LAYOUTS))
 HIDDEN, INTERMEDIATE, KV = 4096, 14336, 1024
 BANDWIDTH_BYTES_PER_US = 4.2e6  # the H200's measured copy rate, for the bytes-only time
 
@@ -64,7 +63,7 @@ class Chain:
     def __init__(self, layers: int) -> None:
         from nf4_kernels import projection  # bench/nf4_kernels.py: random NF4 + LoRA of the seed's shape
 
-        self.warps, self.ahead, self.staged = 16, 1, 0
+        self.layout = nf4_xtab.XtabLayout()
         self.layers = [
             {"qkv": projection([HIDDEN, KV, KV], HIDDEN, 100 + layer),
              "gate_up": projection([INTERMEDIATE, INTERMEDIATE], HIDDEN, 200 + layer),
@@ -93,18 +92,15 @@ class Chain:
             qkv, gate_up, down = layer["qkv"], layer["gate_up"], layer["down"]
             residual, q = nf4_xtab.nf4_xtab_after_add_norm(
                 residual, delta, self.norm, 1e-5, qkv.weight, qkv.lora, *qkv.lora.part_starts(qkv.weight.shape[0]),
-                True, self.warps, self.code, timeline=stamps["qkv"] if stamped else None, ahead=self.ahead,
-                staged=self.staged)
+                True, self.layout, self.code, timeline=stamps["qkv"] if stamped else None)
             # attention and o are not in the chain: q's first 4096 values stand in for o's output
             residual, gu = nf4_xtab.nf4_xtab_after_add_norm(
                 residual, q[:, :HIDDEN], self.norm, 1e-5, gate_up.weight, gate_up.lora,
-                *gate_up.lora.part_starts(gate_up.weight.shape[0]), True, self.warps, self.code,
-                timeline=stamps["gate_up"] if stamped else None, ahead=self.ahead,
-                staged=self.staged)
+                *gate_up.lora.part_starts(gate_up.weight.shape[0]), True, self.layout, self.code,
+                timeline=stamps["gate_up"] if stamped else None)
             delta = nf4_xtab.nf4_xtab_after_silu_mul(
-                gu, down.weight, down.lora, *down.lora.part_starts(down.weight.shape[0]), True, self.warps,
-                self.code, timeline=stamps["down"] if stamped else None, ahead=self.ahead,
-                staged=self.staged)
+                gu, down.weight, down.lora, *down.lora.part_starts(down.weight.shape[0]), True, self.layout,
+                self.code, timeline=stamps["down"] if stamped else None)
         return delta
 
 
@@ -171,13 +167,14 @@ def summarize_replay(records: list[tuple[str, torch.Tensor]]) -> list[dict]:
     return out
 
 
-def measure_layout(chain: Chain, layout: tuple[int, int, int], replays: int, outputs: dict[int, torch.Tensor]) -> None:
+def measure_layout(chain: Chain, layout: nf4_xtab.XtabLayout, replays: int, outputs: dict[int, torch.Tensor]) -> None:
     """Print the layout's lines; `outputs`: the chain's output per warp count, from the first layout
     measured with it (other groups in flight must give the same bits: the same sums in the same order)."""
-    warps, ahead, staged = layout
-    chain.warps, chain.ahead, chain.staged = warps, ahead, staged
+    chain.layout = layout
     output = chain.run(False).clone()
-    same_bits = bool(torch.equal(output, outputs.setdefault(warps, output)))
+    same_bits = bool(torch.equal(output, outputs.setdefault(layout.warps, output)))
+    described = {"layout": layout.label, "warps": layout.warps, "ahead": layout.ahead, "staged": layout.staged,
+                 "prefetched": layout.prefetched}
     plain_ms = graph_time_ms(lambda: chain.run(False), 20)
     stamped_ms = graph_time_ms(lambda: chain.run(True), 20)
     graph = captured(lambda: chain.run(True))
@@ -195,8 +192,7 @@ def measure_layout(chain: Chain, layout: tuple[int, int, int], replays: int, out
     for name in ("qkv", "gate_up", "down"):
         launches = [replays for replays in per_launch if replays[0]["projection"] == name]
         keys = [k for k in launches[-1][0] if k not in ("projection", "blocks")]
-        summary = {"projection": name, "blocks": launches[0][0]["blocks"], "warps": warps, "ahead": ahead,
-                   "staged": staged,
+        summary = {"projection": name, "blocks": launches[0][0]["blocks"], **described,
                    "bytes_only_us": round(bytes_read(chain.layers[0][name]) / BANDWIDTH_BYTES_PER_US, 2)}
         for key in keys:
             values = [row[key] for replays in launches for row in replays if key in row]
@@ -205,27 +201,19 @@ def measure_layout(chain: Chain, layout: tuple[int, int, int], replays: int, out
         print(json.dumps(summary), flush=True)
     launches_per_replay = 3 * len(chain.layers)
     print(json.dumps({
-        "chain": f"{len(chain.layers)} layers x (qkv, gate_up, down)", "warps": warps, "ahead": ahead,
-        "staged": staged,
+        "chain": f"{len(chain.layers)} layers x (qkv, gate_up, down)", **described,
         "device": torch.cuda.get_device_name(), "sm_clock_ghz": round(clock_ghz, 3),
         "graph_ms_plain": round(plain_ms, 4), "graph_ms_stamped": round(stamped_ms, 4),
         "us_per_launch_plain": round(plain_ms * 1000 / launches_per_replay, 2), "replays": replays,
         "same_bits_as_first_layout_with_these_warps": same_bits}), flush=True)
 
 
-def layouts(text: str) -> list[tuple[int, int, int]]:
-    """(warps, ahead, staged) of each WARPSxAHEAD[gSTAGED] in `text`; exits with one line on a bad one."""
-    found = []
-    for item in text.split(","):
-        match = re.fullmatch(r"(\d+)x(\d+)(?:g(\d+))?", item.strip())
-        layout = (int(match[1]), int(match[2]), int(match[3] or 0)) if match else None
-        if layout is None or layout[0] not in nf4_xtab.WARP_CHOICES or layout[1] not in nf4_xtab.AHEAD_CHOICES \
-                or layout[2] not in nf4_xtab.STAGED_CHOICES:
-            sys.exit(f"xtab_timeline: bad layout {item!r} in --layouts: WARPSxAHEAD[gSTAGED], warps one of "
-                     f"{nf4_xtab.WARP_CHOICES}, ahead one of {nf4_xtab.AHEAD_CHOICES}, staged one of "
-                     f"{nf4_xtab.STAGED_CHOICES}")
-        found.append(layout)
-    return found
+def layouts(text: str) -> list[nf4_xtab.XtabLayout]:
+    """The layouts `text` names, comma-separated; exits with one line on a bad one."""
+    try:
+        return [nf4_xtab.XtabLayout.parse(item) for item in text.split(",")]
+    except ValueError as error:
+        sys.exit(f"xtab_timeline: bad --layouts: {error}")
 
 
 def main() -> None:
@@ -233,8 +221,9 @@ def main() -> None:
     parser.add_argument("--layers", type=int, default=4, help="random layers chained (default 4: past the L2)")
     parser.add_argument("--replays", type=int, default=20, help="stamped replays summarized (default 20)")
     parser.add_argument("--layouts", default=DEFAULT_LAYOUTS,
-                        help="WARPSxAHEAD[gSTAGED], comma-separated: warps per block x row groups in flight, row "
-                             f"groups staged in shared memory (served: 16x1; default {DEFAULT_LAYOUTS})")
+                        help="WARPSxAHEAD[gSTAGED][lPREFETCHED], comma-separated: warps per block x row groups in "
+                             "flight, row groups staged in shared memory and prefetched into L2 "
+                             f"(served: 16x1; default {DEFAULT_LAYOUTS})")
     args = parser.parse_args()
     chosen = layouts(args.layouts)
     if not torch.cuda.is_available() or not nf4_xtab.available("cuda"):
@@ -245,8 +234,8 @@ def main() -> None:
     chain = Chain(args.layers)
     outputs: dict[int, torch.Tensor] = {}
     for layout in chosen:
-        if not nf4_xtab.fits("cuda", layout[0], layout[2]):
-            print(json.dumps({"layout": layout, "skipped": "its shared memory does not fit a block here"}), flush=True)
+        if not nf4_xtab.fits("cuda", layout):
+            print(json.dumps({"layout": layout.label, "skipped": "its shared memory does not fit a block here"}), flush=True)
             continue
         measure_layout(chain, layout, args.replays, outputs)
 

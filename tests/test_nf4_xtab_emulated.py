@@ -15,7 +15,8 @@ import torch
 from llm.serving import nf4_kernels, nf4_xtab
 from llm.serving.mistral_decoder import _add_rms_norm, _silu_mul
 from llm.serving.nf4 import LoraParts, NF4Matrix, NF4Projection
-from tests.fakes.cuda_emulation import NF4_CODE, build_emulated
+from llm.serving.nf4_xtab import XtabLayout
+from tests.fakes.cuda_emulation import NF4_CODE, build_emulated, taken_prefetches
 
 pytestmark = pytest.mark.skipif(shutil.which("g++") is None, reason="needs g++ to build the emulated kernel")
 
@@ -37,10 +38,10 @@ extern "C" long launch(int grid, int threads, const void* words, const float* ab
 RANK = 8
 
 
-def _build(tmp_path_factory: pytest.TempPathFactory, k: int, warps: int, chunks: int,
-           prep: int = nf4_xtab.PLAIN, ahead: int = 1, staged: int = 0) -> ctypes.CDLL:
-    folder = tmp_path_factory.mktemp(f"xtab_k{k}_w{warps}_c{chunks}_p{prep}_a{ahead}_g{staged}")
-    kernel_source = nf4_xtab.source(NF4_CODE, k, warps, RANK, chunks, prep, ahead=ahead, staged=staged)
+def _build(tmp_path_factory: pytest.TempPathFactory, k: int, layout: XtabLayout, chunks: int,
+           prep: int = nf4_xtab.PLAIN) -> ctypes.CDLL:
+    folder = tmp_path_factory.mktemp(f"xtab_k{k}_{layout.label}_c{chunks}_p{prep}")
+    kernel_source = nf4_xtab.source(NF4_CODE, k, RANK, chunks, prep, layout)
     library = build_emulated(folder, kernel_source, LAUNCHER)
     library.launch.restype = ctypes.c_long
     library.launch.argtypes = [ctypes.c_int, ctypes.c_int] + [ctypes.c_void_p] * 9 + [ctypes.c_int] * 4 + [
@@ -100,7 +101,7 @@ def _run(library: ctypes.CDLL, projection: NF4Projection, x: torch.Tensor, warps
                          [([64, 32, 32], 512, 8, 1), ([96, 96, 96], 768, 8, 3), ([160, 160], 256, 8, 2),
                           ([320, 320], 256, 8, 1), ([96, 32, 32], 512, 16, 1), ([80, 80], 512, 8, 5)])
 def test_the_kernel_text_computes_the_reference_function(tmp_path_factory, parts, k, warps, chunks):
-    library = _build(tmp_path_factory, k, warps, chunks)
+    library = _build(tmp_path_factory, k, XtabLayout(warps), chunks)
     projection = _projection(parts, k, seed=k)
     x = torch.randn((1, k), generator=torch.Generator().manual_seed(k + 1)).to(torch.bfloat16)
     out = _run(library, projection, x, warps, chunks)
@@ -109,28 +110,76 @@ def test_the_kernel_text_computes_the_reference_function(tmp_path_factory, parts
     assert nf4_kernels.matches_reference(out, reference), (out.float() - reference.float()).abs().max()
 
 
-# More weights in flight (parts, K, warps, chunks, groups ahead, groups staged in shared memory):
-# two groups ahead with 20 row groups on 8 warps (a warp with three groups, the last one's partner
-# missing) and with 4 (warps with one group, none to refill); one group staged, then registers (20
-# groups on 8 warps) or nothing more (4 groups on 16 warps); two and three staged, with two ahead after them
-@pytest.mark.parametrize(("parts", "k", "warps", "chunks", "ahead", "staged"),
-                         [([320, 320], 256, 8, 1, 2, 0), ([64, 32, 32], 512, 8, 1, 2, 0),
-                          ([320, 320], 256, 8, 1, 1, 1), ([64, 32, 32], 512, 16, 1, 1, 1),
-                          ([320, 320], 256, 8, 1, 2, 2), ([160, 160], 512, 8, 2, 1, 3)])
-def test_more_weights_in_flight_compute_the_same_function(tmp_path_factory, parts, k, warps, chunks, ahead, staged):
-    plain = _build(tmp_path_factory, k, warps, chunks)
-    library = _build(tmp_path_factory, k, warps, chunks, ahead=ahead, staged=staged)
+# More weights in flight (parts, K, chunks, layout): two groups ahead with 20 row groups on 8 warps (a
+# warp with three groups, the last one's partner missing) and with 4 (warps with one group, none to
+# refill); one group staged, then registers (20 groups on 8 warps) or nothing more (4 groups on 16 warps);
+# two and three staged, with two ahead after them; groups prefetched into L2 (below)
+@pytest.mark.parametrize(("parts", "k", "chunks", "layout"),
+                         [([320, 320], 256, 1, XtabLayout(8, 2)), ([64, 32, 32], 512, 1, XtabLayout(8, 2)),
+                          ([320, 320], 256, 1, XtabLayout(8, 1, 1)), ([64, 32, 32], 512, 1, XtabLayout(16, 1, 1)),
+                          ([320, 320], 256, 1, XtabLayout(8, 2, 2)), ([160, 160], 512, 2, XtabLayout(8, 1, 3)),
+                          ([320, 320], 256, 1, XtabLayout(8, 1, 0, 2)), ([320, 320], 512, 2, XtabLayout(8, 2, 1, 1))],
+                         ids=lambda v: v.label if isinstance(v, XtabLayout) else None)
+def test_more_weights_in_flight_compute_the_same_function(tmp_path_factory, parts, k, chunks, layout):
+    plain = _build(tmp_path_factory, k, XtabLayout(layout.warps), chunks)
+    library = _build(tmp_path_factory, k, layout, chunks)
     projection = _projection(parts, k, seed=k + 5)
     x = torch.randn((1, k), generator=torch.Generator().manual_seed(k + 6)).to(torch.bfloat16)
-    out = _run(library, projection, x, warps, chunks)
+    out = _run(library, projection, x, layout.warps, chunks)
     assert not out.isnan().any()
     assert nf4_kernels.matches_reference(out, projection.reference(x)), (out.float() - projection.reference(x).float()).abs().max()
-    assert torch.equal(out, _run(plain, projection, x, warps, chunks))  # the same sums in the same order
+    assert torch.equal(out, _run(plain, projection, x, layout.warps, chunks))  # the same sums in the same order
+
+
+def _span(buffer: torch.Tensor) -> tuple[int, int]:
+    return buffer.data_ptr(), buffer.data_ptr() + buffer.numel() * buffer.element_size()
+
+
+def _rows_covered(ranges: list[tuple[int, int]], buffer: torch.Tensor) -> tuple[set[int], int]:
+    """(the rows of `buffer` whose every byte the prefetches asked for, its bytes asked for more than once)."""
+    start, end = _span(buffer)
+    asked = torch.zeros(end - start, dtype=torch.int32)
+    for first, last in ranges:
+        if first < end and last > start:
+            asked[max(first, start) - start:min(last, end) - start] += 1
+    whole = asked.view(buffer.shape[0], -1).bool().all(dim=1)
+    return set(whole.nonzero().flatten().tolist()), int((asked - 1).clamp(min=0).sum())
+
+
+# (parts, K, chunks, layout, rows of each chunk prefetched): the first groups are loaded into registers
+# (and the stage) before the wait, so the prefetch starts after them: one group per warp on 8 warps is
+# 256 rows; with a stage of one and two ahead, 768. A prefetch past the chunk's end stops at it.
+@pytest.mark.parametrize(("parts", "k", "chunks", "layout", "rows"),
+                         [([320, 320], 256, 1, XtabLayout(8, 1, 0, 2), range(256, 640)),
+                          ([512, 512], 512, 1, XtabLayout(8, 1, 0, 1), range(256, 512)),
+                          ([640, 640], 512, 2, XtabLayout(8, 2, 1, 1), range(768, 640)),
+                          ([1024, 1024], 256, 1, XtabLayout(8, 2, 1, 1), range(768, 1024)),
+                          ([768, 768], 512, 2, XtabLayout(16, 1, 0, 1), range(512, 768))],
+                         ids=lambda v: v.label if isinstance(v, XtabLayout) else None)
+def test_the_next_row_groups_are_prefetched_into_l2_once_each(tmp_path_factory, parts, k, chunks, layout, rows):
+    """Each chunk's next rows after those loaded before the wait, weights and absmax, every byte asked
+    for by exactly one lane of the chunk's blocks and nothing else (the GPU would fault on a prefetch
+    outside the weights)."""
+    library = _build(tmp_path_factory, k, layout, chunks)
+    projection = _projection(parts, k, seed=k + 7)
+    x = torch.randn((1, k), generator=torch.Generator().manual_seed(k + 8)).to(torch.bfloat16)
+    taken_prefetches(library)
+    _run(library, projection, x, layout.warps, chunks)
+    ranges = taken_prefetches(library)
+    chunk_rows = sum(parts) // chunks
+    expected = {chunk * chunk_rows + row for chunk in range(chunks) for row in rows}
+    buffers = (projection.weight.packed, projection.weight.absmax)
+    for buffer in buffers:
+        assert _rows_covered(ranges, buffer) == (expected, 0)
+    # every piece inside the weights or the absmax, no empty ones, nothing beyond those rows
+    assert all(any(start <= first < last <= end for start, end in map(_span, buffers)) for first, last in ranges)
+    row_bytes = sum(b[0].numel() * b.element_size() for b in buffers)
+    assert sum(last - first for first, last in ranges) == len(expected) * row_bytes
 
 
 def test_the_plain_linear_rounding_is_kept(tmp_path_factory):
     """The lm_head-style projection (round_lora_first off): the float32 sum rounded once."""
-    library = _build(tmp_path_factory, 256, 8, 1)
+    library = _build(tmp_path_factory, 256, XtabLayout(8), 1)
     projection = _projection([64], 256, seed=7)
     projection.round_lora_first = False
     x = torch.randn((1, 256), generator=torch.Generator().manual_seed(8)).to(torch.bfloat16)
@@ -152,7 +201,7 @@ def test_down_takes_silu_of_gate_times_up_inside_the_launch(tmp_path_factory):
     """SILU_MUL: the input is gate/up's output row [gate | up]; the kernel computes the MLP's
     `silu(gate) * up` itself, rounded as eager PyTorch rounds each op."""
     k = 512
-    library = _build(tmp_path_factory, k, 8, 2, nf4_xtab.SILU_MUL)
+    library = _build(tmp_path_factory, k, XtabLayout(8), 2, nf4_xtab.SILU_MUL)
     projection = _projection([128], k, seed=11)
     gate_up = (torch.randn((1, 2 * k), generator=torch.Generator().manual_seed(12)) * 3).to(torch.bfloat16)
     out = _run(library, projection, gate_up, 8, 2)
@@ -168,7 +217,7 @@ def test_qkv_adds_the_residual_and_normalizes_inside_the_launch(tmp_path_factory
     """ADD_NORM: the input is the last projection's output; the kernel adds it to the residual stream,
     writes the stream's new value once (chunk 0) and normalizes it over all of K as MistralRMSNorm does."""
     k, chunks, eps = 768, 3, 1e-5
-    library = _build(tmp_path_factory, k, warps, chunks, nf4_xtab.ADD_NORM)
+    library = _build(tmp_path_factory, k, XtabLayout(warps), chunks, nf4_xtab.ADD_NORM)
     projection = _projection([96, 96, 96], k, seed=13)
     g = torch.Generator().manual_seed(14)
     residual = (torch.randn((1, k), generator=g) * 4).to(torch.bfloat16)
@@ -187,8 +236,19 @@ def test_qkv_adds_the_residual_and_normalizes_inside_the_launch(tmp_path_factory
 def test_a_stage_that_does_not_fit_beside_the_table_is_refused():
     """Hopper gives a block 227 KB of shared memory: the 128 KB table plus 16 warps x one 4 KB group, or
     8 warps x three; more cannot launch, so no such kernel text is made."""
-    assert nf4_xtab.shared_bytes(16, 1) == 192 * 1024
-    assert nf4_xtab.shared_bytes(8, 3) == 224 * 1024
-    nf4_xtab.source(NF4_CODE, 4096, 8, RANK, 8, staged=3)
-    with pytest.raises(ValueError, match="2 staged"):
-        nf4_xtab.source(NF4_CODE, 4096, 16, RANK, 8, staged=2)
+    assert XtabLayout(16, 1, 1).shared_bytes == 192 * 1024
+    assert XtabLayout(8, 1, 3).shared_bytes == 224 * 1024
+    nf4_xtab.source(NF4_CODE, 4096, RANK, 8, layout=XtabLayout(8, 1, 3))
+    with pytest.raises(ValueError, match="staged=2"):
+        nf4_xtab.source(NF4_CODE, 4096, RANK, 8, layout=XtabLayout(16, 1, 2))
+    with pytest.raises(ValueError, match="within 232448 bytes"):
+        XtabLayout.parse("16x1g2")
+
+
+def test_layouts_are_named_by_their_labels():
+    for layout in (*nf4_xtab.SERVED_LAYOUTS, *nf4_xtab.CANDIDATE_LAYOUTS):
+        assert XtabLayout.parse(layout.label) == layout
+    assert XtabLayout.parse("16x1l2") == XtabLayout(16, 1, 0, 2)
+    for bad in ("16", "16x3", "12x1", "16x1l3", "8x1g4", "16x1 l2"):
+        with pytest.raises(ValueError):
+            XtabLayout.parse(bad)

@@ -90,6 +90,7 @@ class NF4Config:
     shared_lookups: int = 0  # mma: a lane's absmax blocks per group decoded through shared memory ("t1".."t4")
     k_splits: int = 1  # mma: blocks per feature tile, each over a part of K ("k2".."k8")
     staged_groups: int = 0  # xtab: each warp's first row groups copied into shared memory before the wait ("g1".."g3")
+    prefetched_groups: int = 0  # xtab: row groups per warp brought into L2 before the wait ("l1".."l4")
 
     @property
     def dot(self) -> bool:
@@ -101,7 +102,13 @@ class NF4Config:
         suffix += f"t{self.shared_lookups}" if self.shared_lookups else ""
         suffix += f"k{self.k_splits}" if self.k_splits > 1 else ""
         suffix += f"g{self.staged_groups}" if self.staged_groups else ""
+        suffix += f"l{self.prefetched_groups}" if self.prefetched_groups else ""
         return f"{self.kind}_{self.block_n}x{self.block_k}w{self.num_warps}s{self.num_stages}{suffix}"
+
+    @property
+    def xtab_layout(self) -> nf4_xtab.XtabLayout:
+        """An x-table configuration's layout (num_stages is its row groups ahead)."""
+        return nf4_xtab.XtabLayout(self.num_warps, self.num_stages, self.staged_groups, self.prefetched_groups)
 
     def fits_kernel(self, rows: int, rank: int) -> bool:
         """Whether its kernel exists for `rows` rows of x and this LoRA rank: a tensor-core kernel's
@@ -193,8 +200,9 @@ def k_split_variants(config: NF4Config, n: int, k: int, boundaries: Sequence[int
 # 1 row, where NVRTC and 128 KB of shared memory per block are there (llm.serving.nf4_xtab): num_warps
 # per block, num_stages the row groups of weights each warp has in flight (`ahead`); block_n is the
 # warp's 32-row group, block_k the 256-input slice.
-XTAB_CONFIGS = tuple(NF4Config(nf4_xtab.ROW_GROUP, nf4_xtab.SLICE, warps, 1, kind="xtab")
-                     for warps in nf4_xtab.WARP_CHOICES)
+XTAB_CONFIGS = tuple(NF4Config(nf4_xtab.ROW_GROUP, nf4_xtab.SLICE, layout.warps, layout.ahead, kind="xtab",
+                               staged_groups=layout.staged, prefetched_groups=layout.prefetched)
+                     for layout in nf4_xtab.SERVED_LAYOUTS)
 
 
 def _xtab_configs(n: int, k: int, boundaries: Sequence[int]) -> list[NF4Config]:
@@ -203,7 +211,7 @@ def _xtab_configs(n: int, k: int, boundaries: Sequence[int]) -> list[NF4Config]:
     if nf4_xtab.chunks_for(n, k, nf4_xtab.sm_count(torch.device("cuda"))) is None:
         return []
     return [c for c in XTAB_CONFIGS if c.fits(n, k, boundaries) and len(boundaries) < nf4_xtab.MAX_PARTS
-            and nf4_xtab.fits("cuda", c.num_warps, c.staged_groups)]
+            and nf4_xtab.fits("cuda", c.xtab_layout)]
 
 
 # Only where nothing above fits (small models, e.g. the tests' tiny one).
@@ -987,9 +995,8 @@ def nf4_lora_linear(
     block_m = _block_m(m)
     seg1, seg2 = lora.part_starts(n)
     if config.kind == "xtab":
-        return nf4_xtab.nf4_xtab_linear(x, weight, lora, seg1, seg2, round_lora_first, config.num_warps,
-                                        nf4_mma.code_values(weight.code), ahead=config.num_stages,
-                                        staged=config.staged_groups)
+        return nf4_xtab.nf4_xtab_linear(x, weight, lora, seg1, seg2, round_lora_first, config.xtab_layout,
+                                        nf4_mma.code_values(weight.code))
     if config.kind == "mma":
         warps, tiles, prefetch_x, ahead, fuse_a, shared_lookups, k_splits = mma_layout(config)
         return nf4_mma.nf4_mma_linear(x, weight, lora, seg1, seg2, round_lora_first, warps, tiles, prefetch_x, ahead,
@@ -1042,8 +1049,7 @@ def nf4_after_silu_mul(gate_up: torch.Tensor, weight: NF4Matrix, lora: LoraParts
     if config is None:
         return None
     return nf4_xtab.nf4_xtab_after_silu_mul(gate_up, weight, lora, *lora.part_starts(weight.shape[0]),
-                                            round_lora_first, config.num_warps, nf4_mma.code_values(weight.code),
-                                            ahead=config.num_stages, staged=config.staged_groups)
+                                            round_lora_first, config.xtab_layout, nf4_mma.code_values(weight.code))
 
 
 def nf4_after_add_norm(residual: torch.Tensor, delta: torch.Tensor, norm_weight: torch.Tensor, eps: float,
@@ -1056,8 +1062,7 @@ def nf4_after_add_norm(residual: torch.Tensor, delta: torch.Tensor, norm_weight:
         return None
     return nf4_xtab.nf4_xtab_after_add_norm(residual, delta, norm_weight, eps, weight, lora,
                                             *lora.part_starts(weight.shape[0]), round_lora_first,
-                                            config.num_warps, nf4_mma.code_values(weight.code),
-                                            ahead=config.num_stages, staged=config.staged_groups)
+                                            config.xtab_layout, nf4_mma.code_values(weight.code))
 
 
 def matches_reference(out: torch.Tensor, reference: torch.Tensor) -> bool:
@@ -1113,9 +1118,9 @@ def _xtab_requests(name: str, projection: NF4Projection, config: NF4Config) -> l
     per input preparation it serves with."""
     device = projection.weight.packed.device
     n, k = projection.weight.shape
-    head = (nf4_mma.code_values(projection.weight.code), device, k, config.num_warps, projection.lora.rank,
+    head = (nf4_mma.code_values(projection.weight.code), device, k, projection.lora.rank,
             nf4_xtab.chunks_for(n, k, nf4_xtab.sm_count(device)))
-    return [(*head, prep, config.num_stages, config.staged_groups) for prep in XTAB_PREPS.get(name, (nf4_xtab.PLAIN,))]
+    return [(*head, prep, config.xtab_layout) for prep in XTAB_PREPS.get(name, (nf4_xtab.PLAIN,))]
 
 
 def precompile_candidates(projections: dict[str, list], buckets: Sequence[int], threads: int) -> int:

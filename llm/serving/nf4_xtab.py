@@ -32,10 +32,13 @@ and gate/up (every block sums the whole row's squares in the same order, so all 
 bits; chunk 0 writes the residual stream's next value), `silu(gate) * up` before down. Each op rounds to
 bf16 as eager PyTorch's does (run 32: the one-row step 2.69 -> 2.46 ms).
 
-How many weights are on the way is a layout choice (run 36, not yet timed nor served): AHEAD 2 keeps a warp's
-loads two row groups ahead of its lookups (8 warps' registers), STAGED g copies each warp's first g row
-groups into the shared memory past the table before the wait (`cp.async`), so that more of the weights stream
-in while x is awaited and tabulated. Both sum the same values in the same order as the plain layout.
+How many weights are on the way is a layout choice (`XtabLayout`; runs 36-37, not yet timed nor served):
+AHEAD 2 keeps a warp's loads two row groups ahead of its lookups (8 warps' registers), STAGED g copies each
+warp's first g row groups into the shared memory past the table before the wait (`cp.async`), PREFETCHED p
+asks for the next p row groups per warp to be brought into L2 before the wait (one bulk prefetch per lane of
+the first warp: no registers, no shared memory), so that more of the weights stream in while x is awaited and
+tabulated (run 36: the memory is mostly idle for those ~5 us of each launch). All sum the same values in the
+same order as the plain layout.
 A timeline build (`timeline`) stamps each block's phases for bench/xtab_timeline.py.
 
 tests/test_nf4_xtab_emulated.py runs this CUDA text on the CPU (tests/fakes/cuda_emulation.hpp, both
@@ -45,9 +48,11 @@ phases as separate launches); tests/gpu runs it on a GPU.
 from __future__ import annotations
 
 import logging
+import re
 import struct
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import torch
@@ -66,6 +71,7 @@ TABLE_BYTES = 4 * 256 * 32 * 4  # 4 pairs per lane, 256 byte values, 32 lanes, f
 WARP_CHOICES = (8, 16)
 AHEAD_CHOICES = (1, 2)  # row groups a warp's weight loads run ahead of its lookups
 STAGED_CHOICES = (0, 1, 2, 3)  # row groups per warp copied into shared memory before the wait
+PREFETCHED_CHOICES = (0, 1, 2, 4)  # row groups per warp brought into L2 before the wait
 GROUP_BYTES = ROW_GROUP * SLICE // 2  # one warp's row group of packed weights (4 KB)
 SHARED_OPTIN_LIMIT = 227 * 1024  # Hopper's dynamic shared memory per block, opted in
 STATIC_SHARED_BYTES = 1024  # t_sum, the norm's warp sums, the timeline's sink: below this
@@ -73,9 +79,58 @@ MAX_PARTS = 3  # LoRA parts of a fused projection (q/k/v)
 # What the kernel does to its input before tabulating it (XPREP in the CUDA text, `prepare_x`)
 PLAIN, SILU_MUL, ADD_NORM = 0, 1, 2
 PREPS = (PLAIN, SILU_MUL, ADD_NORM)
-# Run 36's layouts (warps, row groups ahead, row groups staged), not yet timed nor served: the GPU tests,
-# bench/xtab_compile_check.py and bench/xtab_timeline.py take them from here
-CANDIDATE_LAYOUTS = ((16, 1, 1), (8, 2, 0), (8, 2, 1), (8, 1, 3), (8, 2, 3))
+
+
+@dataclass(frozen=True)
+class XtabLayout:
+    """How a launch keeps weights on the way: warps per block, row groups a warp's loads run ahead of its
+    lookups (`ahead`), row groups per warp copied into shared memory before the wait (`staged`) and brought
+    into L2 before it (`prefetched`)."""
+
+    warps: int = 16
+    ahead: int = 1
+    staged: int = 0
+    prefetched: int = 0
+
+    @property
+    def label(self) -> str:
+        """"16x1", "8x2g3", "16x1l2": warps x groups ahead, then the groups staged and prefetched (if any)."""
+        return (f"{self.warps}x{self.ahead}" + (f"g{self.staged}" if self.staged else "")
+                + (f"l{self.prefetched}" if self.prefetched else ""))
+
+    @property
+    def shared_bytes(self) -> int:
+        """Dynamic shared memory per block: the table and the stage."""
+        return TABLE_BYTES + self.staged * self.warps * GROUP_BYTES
+
+    @property
+    def valid(self) -> bool:
+        return (self.warps in WARP_CHOICES and self.ahead in AHEAD_CHOICES and self.staged in STAGED_CHOICES
+                and self.prefetched in PREFETCHED_CHOICES
+                and self.shared_bytes + STATIC_SHARED_BYTES <= SHARED_OPTIN_LIMIT)
+
+    @classmethod
+    def parse(cls, label: str) -> XtabLayout:
+        """The layout a `label` names ("16x1", "8x2g3", "16x1l2"); ValueError for anything else."""
+        match = re.fullmatch(r"(\d+)x(\d+)(?:g(\d+))?(?:l(\d+))?", label.strip())
+        if match is None:
+            raise ValueError(f"{label!r} is not a layout (WARPSxAHEAD[gSTAGED][lPREFETCHED], e.g. 16x1 or 8x2g3)")
+        warps, ahead, staged, prefetched = (int(v) if v else 0 for v in match.groups())
+        layout = cls(warps, ahead, staged, prefetched)
+        if not layout.valid:
+            raise ValueError(f"no layout {label!r}: warps one of {WARP_CHOICES}, ahead one of {AHEAD_CHOICES}, "
+                             f"staged one of {STAGED_CHOICES}, prefetched one of {PREFETCHED_CHOICES}, and the "
+                             f"table and the stage within {SHARED_OPTIN_LIMIT} bytes of shared memory")
+        return layout
+
+
+SERVED_LAYOUTS = tuple(XtabLayout(warps) for warps in WARP_CHOICES)  # what the tuner times
+# Runs 36 and 37's layouts, not yet timed nor served: the GPU tests, bench/xtab_compile_check.py and
+# bench/xtab_timeline.py take them from here
+CANDIDATE_LAYOUTS = (
+    XtabLayout(16, 1, 1), XtabLayout(8, 2, 0), XtabLayout(8, 2, 1), XtabLayout(8, 1, 3), XtabLayout(8, 2, 3),
+    XtabLayout(16, 1, 0, 1), XtabLayout(16, 1, 0, 2), XtabLayout(16, 1, 0, 4), XtabLayout(8, 2, 0, 2),
+)
 # bench/xtab_timeline.py's stamps per block (int64): (ns, cycles) at each point, the SM last
 TIMELINE_POINTS = 9
 TIMELINE_SLOTS = 2 * TIMELINE_POINTS + 1
@@ -105,6 +160,11 @@ __device__ __forceinline__ void copy16_async(u32* shared, const u32* global) {
 }
 __device__ __forceinline__ void copies_commit() { asm volatile("cp.async.commit_group;" ::: "memory"); }
 __device__ __forceinline__ void copies_wait() { asm volatile("cp.async.wait_all;" ::: "memory"); }
+// `bytes` (a multiple of 16, from a 16-byte aligned address) brought into L2 by the copy engine: a hint
+// that holds no register and no shared memory
+__device__ __forceinline__ void prefetch_l2(const void* global, u32 bytes) {
+    asm volatile("cp.async.bulk.prefetch.L2.global [%0], %1;" ::"l"(global), "r"(bytes) : "memory");
+}
 #else
 inline u32 load_word(const u32* p) { return __ldg(p); }
 inline void copy16_async(u32* shared, const u32* global) {
@@ -112,6 +172,7 @@ inline void copy16_async(u32* shared, const u32* global) {
 }
 inline void copies_commit() {}
 inline void copies_wait() {}
+inline void prefetch_l2(const void* global, u32 bytes) { note_prefetch(global, bytes); }
 #endif
 
 // Pair table q's entry for byte q of `word`, for this lane (its bank)
@@ -290,6 +351,22 @@ nf4_xtab_kernel(const u32* __restrict__ words, const float* __restrict__ absmax,
                 }
             }
             copies_commit();
+        }
+#endif
+#if PREFETCHED > 0
+        // The PREFETCHED row groups per warp after those loaded here, on their way into L2 while x is awaited
+        // and tabulated. They are whole rows of the chunk, contiguous in memory; each of the chunk's SLICES
+        // blocks asks for its 1 / SLICES of them (128 bytes of weights and 16 of absmax a row), in 32 pieces.
+        if (warp == 0) {
+            const int first = min(32 * WARPS * (STAGED + AHEAD), chunk_rows);
+            const int last = min(32 * WARPS * (STAGED + AHEAD + PREFETCHED), chunk_rows);
+            const u32 word_piece = (u32)(last - first) * 4u, scale_piece = (u32)(last - first) / 2u;
+            if (last > first) {
+                const char* rows_words = (const char*)(words + (size_t)(row0 + first) * ROW_WORDS);
+                const char* rows_scales = (const char*)(absmax + (size_t)(row0 + first) * ROW_BLOCKS);
+                prefetch_l2(rows_words + (size_t)(slice * 32 + lane) * word_piece, word_piece);
+                prefetch_l2(rows_scales + (size_t)(slice * 32 + lane) * scale_piece, scale_piece);
+            }
         }
 #endif
         const int first_held = warp + STAGED * WARPS;  // the warp's first row group held in registers
@@ -511,32 +588,19 @@ nf4_xtab_kernel(const u32* __restrict__ words, const float* __restrict__ absmax,
 """
 
 
-def layout_label(warps: int, ahead: int, staged: int) -> str:
-    """"16x1", "8x2g3": warps x groups ahead, then the groups staged (if any)."""
-    return f"{warps}x{ahead}" + (f"g{staged}" if staged else "")
-
-
-def shared_bytes(warps: int, staged: int) -> int:
-    """Dynamic shared memory per block: the table and the stage."""
-    return TABLE_BYTES + staged * warps * GROUP_BYTES
-
-
-def source(code: Sequence[float], k: int, warps: int, rank: int, chunks: int, prep: int = PLAIN,
-           timeline: bool = False, ahead: int = 1, staged: int = 0) -> str:
-    """The kernel's CUDA text for one NF4 code table, K, warps per block, LoRA rank, row chunks,
-    input preparation (PLAIN, SILU_MUL or ADD_NORM), row groups of weights in flight per warp
-    (`ahead`) and copied into shared memory before the wait (`staged`); `timeline`: with the bench's
-    phase stamps (one more kernel argument)."""
+def source(code: Sequence[float], k: int, rank: int, chunks: int, prep: int = PLAIN,
+           layout: XtabLayout = XtabLayout(), timeline: bool = False) -> str:
+    """The kernel's CUDA text for one NF4 code table, K, LoRA rank, row chunks, input preparation
+    (PLAIN, SILU_MUL or ADD_NORM) and layout; `timeline`: with the bench's phase stamps (one more
+    kernel argument)."""
     if len(code) != 16:
         raise ValueError("an NF4 code table has 16 entries")
-    if (k <= 0 or k % SLICE or warps not in WARP_CHOICES or rank <= 0 or rank % 4 or chunks <= 0
-            or prep not in PREPS or ahead not in AHEAD_CHOICES or staged not in STAGED_CHOICES
-            or shared_bytes(warps, staged) + STATIC_SHARED_BYTES > SHARED_OPTIN_LIMIT):
-        raise ValueError(f"no nf4 xtab kernel for K {k}, {warps} warps, rank {rank}, {chunks} chunks, prep {prep}, "
-                         f"{ahead} groups ahead, {staged} staged")
+    if k <= 0 or k % SLICE or rank <= 0 or rank % 4 or chunks <= 0 or prep not in PREPS or not layout.valid:
+        raise ValueError(f"no nf4 xtab kernel for K {k}, rank {rank}, {chunks} chunks, prep {prep}, layout {layout}")
     values = ", ".join(f"{struct.unpack('<f', struct.pack('<f', float(v)))[0].hex()}f" for v in code)
-    header = (f"#define KDIM {k}\n#define WARPS {warps}\n#define RANK {rank}\n#define CHUNKS {chunks}\n"
-              f"#define XPREP {prep}\n#define AHEAD {ahead}\n#define STAGED {staged}\n"
+    header = (f"#define KDIM {k}\n#define WARPS {layout.warps}\n#define RANK {rank}\n#define CHUNKS {chunks}\n"
+              f"#define XPREP {prep}\n#define AHEAD {layout.ahead}\n#define STAGED {layout.staged}\n"
+              f"#define PREFETCHED {layout.prefetched}\n"
               + (f"#define NF4_TIMELINE 1\n#define TIMELINE_SLOTS {TIMELINE_SLOTS}\n" if timeline else "")
               + f"__device__ __constant__ float CODE_TABLE[16] = {{{values}}};\n#define CODE CODE_TABLE\n")
     return header + DEVICE_HELPERS + _SOURCE
@@ -565,27 +629,27 @@ def available(device: torch.device | str) -> bool:
     device = torch.device(device)
     if device.type != "cuda" or not torch.cuda.is_available() or not hasattr(torch.cuda, "_compile_kernel"):
         return False
-    return _DISABLED is None and fits(device, 16, 0)
+    return _DISABLED is None and fits(device, XtabLayout())
 
 
-def fits(device: torch.device | str, warps: int, staged: int) -> bool:
+def fits(device: torch.device | str, layout: XtabLayout) -> bool:
     """This layout's shared memory fits a block on `device`."""
     optin = getattr(torch.cuda.get_device_properties(torch.device(device)), "shared_memory_per_block_optin", 0)
-    return optin >= shared_bytes(warps, staged) + STATIC_SHARED_BYTES
+    return optin >= layout.shared_bytes + STATIC_SHARED_BYTES
 
 
 def sm_count(device: torch.device) -> int:
     return torch.cuda.get_device_properties(device).multi_processor_count
 
 
-def _key(code: tuple[float, ...], device: torch.device, k: int, warps: int, rank: int, chunks: int, prep: int,
-         ahead: int, staged: int, timeline: bool = False) -> tuple:
-    return (device.index, code, k, warps, rank, chunks, prep, ahead, staged) + (("timeline",) if timeline else ())
+def _key(code: tuple[float, ...], device: torch.device, k: int, rank: int, chunks: int, prep: int,
+         layout: XtabLayout, timeline: bool = False) -> tuple:
+    return (device.index, code, k, rank, chunks, prep, layout) + (("timeline",) if timeline else ())
 
 
-def precompile(requests: Sequence[tuple[tuple[float, ...], torch.device, int, int, int, int, int, int, int]],
+def precompile(requests: Sequence[tuple[tuple[float, ...], torch.device, int, int, int, int, XtabLayout]],
                threads: int) -> int:
-    """Compile the kernels of `requests` ((code, device, k, warps, rank, chunks, prep, ahead, staged), as `_kernel`
+    """Compile the kernels of `requests` ((code, device, k, rank, chunks, prep, layout), as `_kernel`
     takes them) on `threads` threads at once, as `llm.serving.nf4_mma.precompile` does for its own;
     returns how many. A kernel that fails here compiles (and reports) at its first launch instead."""
     from llm.serving.nf4_mma import _nvrtc_steps
@@ -597,10 +661,10 @@ def precompile(requests: Sequence[tuple[tuple[float, ...], torch.device, int, in
     nvrtc_compile, load_module = steps
 
     def compile_one(request: tuple) -> tuple[bytes, str] | Exception:
-        code, device, k, warps, rank, chunks, prep, ahead, staged = request
+        code, device, k, rank, chunks, prep, layout = request
         capability = "{}{}".format(*torch.cuda.get_device_capability(device))
         try:
-            return nvrtc_compile(source(code, k, warps, rank, chunks, prep, ahead=ahead, staged=staged), "nf4_xtab_kernel",
+            return nvrtc_compile(source(code, k, rank, chunks, prep, layout), "nf4_xtab_kernel",
                                  compute_capability=capability)
         except Exception as error:  # noqa: BLE001 - compiled again (and reported) at its first launch
             return error
@@ -608,13 +672,13 @@ def precompile(requests: Sequence[tuple[tuple[float, ...], torch.device, int, in
     compiled = 0
     with ThreadPoolExecutor(max_workers=max(1, threads), thread_name_prefix="nf4-xtab-nvrtc") as pool:
         for request, binary in zip(missing, pool.map(compile_one, missing), strict=True):
-            device, warps, staged = request[1], request[3], request[8]
+            device, layout = request[1], request[6]
             if isinstance(binary, Exception):
                 continue
             try:
                 with torch.cuda.device(device):
                     kernel = load_module(binary[0], [binary[1]])[binary[1]]
-                    kernel.set_shared_memory_config(shared_bytes(warps, staged))
+                    kernel.set_shared_memory_config(layout.shared_bytes)
             except Exception:  # noqa: BLE001 - as above
                 continue
             _KERNELS[_key(*request)] = kernel
@@ -622,18 +686,18 @@ def precompile(requests: Sequence[tuple[tuple[float, ...], torch.device, int, in
     return compiled
 
 
-def _kernel(code: tuple[float, ...], device: torch.device, k: int, warps: int, rank: int, chunks: int,
-            prep: int, timeline: bool = False, ahead: int = 1, staged: int = 0) -> Callable:
+def _kernel(code: tuple[float, ...], device: torch.device, k: int, rank: int, chunks: int, prep: int,
+            layout: XtabLayout, timeline: bool = False) -> Callable:
     global _DISABLED
-    key = _key(code, device, k, warps, rank, chunks, prep, ahead, staged, timeline)
+    key = _key(code, device, k, rank, chunks, prep, layout, timeline)
     if key not in _KERNELS:
         if _DISABLED is not None:
             raise XtabUnavailable(_DISABLED)
         try:
             with torch.cuda.device(device):
-                kernel = torch.cuda._compile_kernel(
-                    source(code, k, warps, rank, chunks, prep, timeline, ahead, staged), "nf4_xtab_kernel")
-                kernel.set_shared_memory_config(shared_bytes(warps, staged))
+                kernel = torch.cuda._compile_kernel(source(code, k, rank, chunks, prep, layout, timeline),
+                                                    "nf4_xtab_kernel")
+                kernel.set_shared_memory_config(layout.shared_bytes)
         except Exception as error:  # noqa: BLE001 - NVRTC missing or refusing: any failure means "not here"
             _DISABLED = (str(error).strip().splitlines() or [type(error).__name__])[0][:300]
             logger.warning("nf4: the x-table kernel cannot be compiled here (%s); the other kernels serve", _DISABLED)
@@ -643,43 +707,39 @@ def _kernel(code: tuple[float, ...], device: torch.device, k: int, warps: int, r
 
 
 def nf4_xtab_linear(x: torch.Tensor, weight: NF4Matrix, lora: LoraParts, seg1: int, seg2: int,
-                    round_lora_first: bool, warps: int, code: tuple[float, ...],
-                    timeline: torch.Tensor | None = None, ahead: int = 1, staged: int = 0) -> torch.Tensor:
+                    round_lora_first: bool, layout: XtabLayout, code: tuple[float, ...],
+                    timeline: torch.Tensor | None = None) -> torch.Tensor:
     """y = x @ W.T + scaling * B(A(x)) with PEFT's roundings, for one row of x ([1, K], bf16), in one
     launch (the LoRA's A product included). `timeline` (the bench's): int64 [blocks, TIMELINE_SLOTS]
     that the launch stamps (`source`'s timeline build)."""
     if x.shape[0] != 1:
         raise ValueError(f"the x-table kernel takes one row, got {x.shape[0]}")
-    return _launch(PLAIN, x, weight, lora, seg1, seg2, round_lora_first, warps, code, timeline=timeline,
-                   ahead=ahead, staged=staged)
+    return _launch(PLAIN, x, weight, lora, seg1, seg2, round_lora_first, layout, code, timeline=timeline)
 
 
 def nf4_xtab_after_silu_mul(gate_up: torch.Tensor, weight: NF4Matrix, lora: LoraParts, seg1: int, seg2: int,
-                            round_lora_first: bool, warps: int, code: tuple[float, ...],
-                            timeline: torch.Tensor | None = None, ahead: int = 1,
-                            staged: int = 0) -> torch.Tensor:
+                            round_lora_first: bool, layout: XtabLayout, code: tuple[float, ...],
+                            timeline: torch.Tensor | None = None) -> torch.Tensor:
     """As `nf4_xtab_linear` of `silu(gate) * up` (each op rounded to bf16, as eager PyTorch does) for
     one row of gate_up = [gate | up] ([1, 2K]), the element-wise step done inside the launch."""
     if gate_up.shape[0] != 1 or gate_up.shape[1] != 2 * weight.shape[1]:
         raise ValueError(f"the x-table kernel takes one [1, 2K] gate/up row, got {list(gate_up.shape)}")
-    return _launch(SILU_MUL, gate_up, weight, lora, seg1, seg2, round_lora_first, warps, code, timeline=timeline,
-                   ahead=ahead, staged=staged)
+    return _launch(SILU_MUL, gate_up, weight, lora, seg1, seg2, round_lora_first, layout, code, timeline=timeline)
 
 
 def nf4_xtab_after_add_norm(residual: torch.Tensor, delta: torch.Tensor, norm_weight: torch.Tensor, eps: float,
                             weight: NF4Matrix, lora: LoraParts, seg1: int, seg2: int, round_lora_first: bool,
-                            warps: int, code: tuple[float, ...],
-                            timeline: torch.Tensor | None = None, ahead: int = 1,
-                            staged: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+                            layout: XtabLayout, code: tuple[float, ...],
+                            timeline: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """(h, y): h = residual + delta (the residual stream's next value) and y as `nf4_xtab_linear` of
     MistralRMSNorm(h) with `norm_weight`, for one row, the add and the norm done inside the launch."""
     if residual.shape != delta.shape or residual.shape[0] != 1 or norm_weight.shape != (residual.shape[1],):
         raise ValueError(f"no add-and-norm for residual {list(residual.shape)}, delta {list(delta.shape)}, "
                          f"norm weight {list(norm_weight.shape)}")
     h = torch.empty_like(residual)
-    y = _launch(ADD_NORM, delta, weight, lora, seg1, seg2, round_lora_first, warps, code,
+    y = _launch(ADD_NORM, delta, weight, lora, seg1, seg2, round_lora_first, layout, code,
                 residual=_aligned(residual), norm_weight=_aligned(norm_weight), residual_out=h, eps=eps,
-                timeline=timeline, ahead=ahead, staged=staged)
+                timeline=timeline)
     return h, y
 
 
@@ -691,17 +751,18 @@ def _aligned(x: torch.Tensor) -> torch.Tensor:
 
 
 def _launch(prep: int, x: torch.Tensor, weight: NF4Matrix, lora: LoraParts, seg1: int, seg2: int,
-            round_lora_first: bool, warps: int, code: tuple[float, ...], residual: torch.Tensor | None = None,
+            round_lora_first: bool, layout: XtabLayout, code: tuple[float, ...], residual: torch.Tensor | None = None,
             norm_weight: torch.Tensor | None = None, residual_out: torch.Tensor | None = None,
-            eps: float = 0.0, timeline: torch.Tensor | None = None, ahead: int = 1, staged: int = 0) -> torch.Tensor:
+            eps: float = 0.0, timeline: torch.Tensor | None = None) -> torch.Tensor:
     n, k = weight.shape
     chunks = chunks_for(n, k, sm_count(x.device))
     if chunks is None:
         raise ValueError(f"no x-table layout for a {n} x {k} weight on this GPU")
     x = _aligned(x)
-    if staged and weight.packed.data_ptr() % 16:
-        raise ValueError("the staged x-table kernel copies 16-byte pieces: the packed weights must be 16-byte aligned")
-    kernel = _kernel(code, x.device, k, warps, lora.rank, chunks, prep, timeline is not None, ahead, staged)
+    if (layout.staged or layout.prefetched) and (weight.packed.data_ptr() % 16 or weight.absmax.data_ptr() % 16):
+        raise ValueError(f"the x-table layout {layout.label} copies 16-byte pieces: the packed weights and the "
+                         "absmax must be 16-byte aligned")
+    kernel = _kernel(code, x.device, k, lora.rank, chunks, prep, layout, timeline is not None)
     slices = k // SLICE
     rt = lora.a.shape[0]
     y = torch.empty((1, n), dtype=torch.bfloat16, device=x.device)
@@ -709,10 +770,10 @@ def _launch(prep: int, x: torch.Tensor, weight: NF4Matrix, lora: LoraParts, seg1
     t_partial = torch.empty((slices, rt), dtype=torch.float32, device=x.device)
     counters = lora.counters("xtab", 2, x.device)
     programmatic_launch.launch(
-        kernel, (slices * chunks, 1, 1), (warps * 32, 1, 1),
+        kernel, (slices * chunks, 1, 1), (layout.warps * 32, 1, 1),
         [weight.packed, weight.absmax, x, lora.a, lora.b, y, partial, t_partial, counters, n, seg1, seg2, rt,
          float(lora.scaling), int(round_lora_first), 3, x if residual is None else residual,
          x if norm_weight is None else norm_weight, y if residual_out is None else residual_out, float(eps),
          *(() if timeline is None else (timeline,))],
-        x.device, shared_bytes=shared_bytes(warps, staged))
+        x.device, shared_bytes=layout.shared_bytes)
     return y

@@ -85,11 +85,11 @@ def test_down_after_silu_mul_in_one_launch_equals_the_two_steps_bit_for_bit():
     seg1, seg2 = projection.lora.part_starts(n)
     for config in _xtab_configs(projection):
         two_steps = nf4_xtab.nf4_xtab_linear(_silu_mul(gate_up), projection.weight, projection.lora, seg1, seg2, True,
-                                             config.num_warps, code)
+                                             config.xtab_layout, code)
 
         def run(config=config):  # noqa: ANN001, ANN202
             return nf4_xtab.nf4_xtab_after_silu_mul(gate_up, projection.weight, projection.lora, seg1, seg2, True,
-                                                    config.num_warps, code)
+                                                    config.xtab_layout, code)
 
         assert torch.equal(run(), two_steps), config.label
         assert_replays_repeat(run, two_steps, projection.lora, "xtab", config.label)
@@ -113,9 +113,9 @@ def test_add_and_norm_in_one_launch_give_the_residual_bit_for_bit_and_the_normed
     seg1, seg2 = projection.lora.part_starts(n)
     for config in _xtab_configs(projection):
         two_steps = nf4_xtab.nf4_xtab_linear(normed, projection.weight, projection.lora, seg1, seg2, True,
-                                             config.num_warps, code)
+                                             config.xtab_layout, code)
         h, y = nf4_xtab.nf4_xtab_after_add_norm(residual, delta, norm_weight, 1e-5, projection.weight,
-                                                 projection.lora, seg1, seg2, True, config.num_warps, code)
+                                                 projection.lora, seg1, seg2, True, config.xtab_layout, code)
         assert torch.equal(h, expected_h), config.label
         assert nf4_kernels.matches_reference(y, two_steps), config.label
         same = (y == two_steps).float().mean().item()
@@ -124,7 +124,7 @@ def test_add_and_norm_in_one_launch_give_the_residual_bit_for_bit_and_the_normed
 
         def run(config=config):  # noqa: ANN001, ANN202
             return nf4_xtab.nf4_xtab_after_add_norm(residual, delta, norm_weight, 1e-5, projection.weight,
-                                                     projection.lora, seg1, seg2, True, config.num_warps, code)[1]
+                                                     projection.lora, seg1, seg2, True, config.xtab_layout, code)[1]
 
         assert_replays_repeat(run, y, projection.lora, "xtab", config.label)
 
@@ -138,46 +138,49 @@ def test_a_chained_launch_reads_this_steps_output_of_the_launch_before_it_in_gra
     gate_up, x = projection_and_input("gate_up", 1)
     down, _ = projection_and_input("down", 1)
     code = nf4_mma.code_values(gate_up.weight.code)
-    gate_up_warps = _xtab_configs(gate_up)[0].num_warps
-    down_warps = _xtab_configs(down)[0].num_warps
+    gate_up_layout = _xtab_configs(gate_up)[0].xtab_layout
+    down_layout = _xtab_configs(down)[0].xtab_layout
 
     def step(x: torch.Tensor) -> torch.Tensor:
         first = nf4_xtab.nf4_xtab_linear(x, gate_up.weight, gate_up.lora,
-                                         *gate_up.lora.part_starts(gate_up.weight.shape[0]), True, gate_up_warps, code)
+                                         *gate_up.lora.part_starts(gate_up.weight.shape[0]), True, gate_up_layout,
+                                         code)
         return nf4_xtab.nf4_xtab_after_silu_mul(first, down.weight, down.lora,
-                                                *down.lora.part_starts(down.weight.shape[0]), True, down_warps, code)
+                                                *down.lora.part_starts(down.weight.shape[0]), True, down_layout, code)
 
     assert_replays_follow_new_inputs(step, x, "gate_up -> down")
 
 
-# Run 36's layouts with more weights in flight (warps, groups ahead, groups staged in shared memory)
-@pytest.mark.parametrize(("warps", "ahead", "staged"), nf4_xtab.CANDIDATE_LAYOUTS)
+# Runs 36-37's layouts with more weights in flight (groups ahead, staged in shared memory, prefetched into L2)
+@pytest.mark.parametrize("layout", nf4_xtab.CANDIDATE_LAYOUTS, ids=lambda layout: layout.label)
 @pytest.mark.parametrize("name", ["qkv", "gate_up", "down"])
-def test_more_weights_in_flight_give_the_plain_layouts_bits_in_graph_replays(name, warps, ahead, staged):
+def test_more_weights_in_flight_give_the_plain_layouts_bits_in_graph_replays(name, layout):
     """The same sums in the same order as the plain layout with as many warps, however the weights
-    arrive (two groups ahead in registers, or copied into shared memory before the wait)."""
-    from llm.serving import nf4_mma, nf4_xtab
+    arrive (two groups ahead in registers, copied into shared memory or prefetched into L2 before the wait)."""
+    from llm.serving import nf4_mma
 
     projection, x = projection_and_input(name, 1)
-    if not nf4_xtab.fits(x.device, warps, staged):
-        pytest.skip(f"{nf4_xtab.shared_bytes(warps, staged)} bytes of shared memory do not fit a block here")
+    if not nf4_xtab.fits(x.device, layout):
+        pytest.skip(f"{layout.shared_bytes} bytes of shared memory do not fit a block here")
     code = nf4_mma.code_values(projection.weight.code)
     seg1, seg2 = projection.lora.part_starts(projection.weight.shape[0])
-    plain = nf4_xtab.nf4_xtab_linear(x, projection.weight, projection.lora, seg1, seg2, True, warps, code)
+    plain = nf4_xtab.nf4_xtab_linear(x, projection.weight, projection.lora, seg1, seg2, True,
+                                     nf4_xtab.XtabLayout(layout.warps), code)
 
     def run() -> torch.Tensor:
-        return nf4_xtab.nf4_xtab_linear(x, projection.weight, projection.lora, seg1, seg2, True, warps, code,
-                                        ahead=ahead, staged=staged)
+        return nf4_xtab.nf4_xtab_linear(x, projection.weight, projection.lora, seg1, seg2, True, layout, code)
 
-    label = f"{name} w{warps}a{ahead}g{staged}"
+    label = f"{name} {layout.label}"
     assert torch.equal(run(), plain), label
     assert_replays_repeat(run, plain, projection.lora, "xtab", label, replays=5)
 
 
-@pytest.mark.parametrize(("warps", "ahead", "staged"), [(16, 1, 1), (8, 2, 3)])
-def test_a_staged_launch_reads_this_steps_output_of_the_launch_before_it_in_graph_replays(warps, ahead, staged):
-    """A staged launch copies its first weights before the wait: it must still read this step's x."""
-    from llm.serving import nf4_mma, nf4_xtab
+@pytest.mark.parametrize("layout", [nf4_xtab.XtabLayout(16, 1, 1), nf4_xtab.XtabLayout(8, 2, 3),
+                                    nf4_xtab.XtabLayout(16, 1, 0, 4)], ids=lambda layout: layout.label)
+def test_a_launch_with_weights_on_the_way_reads_this_steps_output_of_the_launch_before_it_in_graph_replays(layout):
+    """A staged or prefetching launch asks for its first weights before the wait: it must still read this
+    step's x."""
+    from llm.serving import nf4_mma
 
     gate_up, x = projection_and_input("gate_up", 1)
     down, _ = projection_and_input("down", 1)
@@ -185,10 +188,8 @@ def test_a_staged_launch_reads_this_steps_output_of_the_launch_before_it_in_grap
 
     def step(x: torch.Tensor) -> torch.Tensor:
         first = nf4_xtab.nf4_xtab_linear(x, gate_up.weight, gate_up.lora,
-                                         *gate_up.lora.part_starts(gate_up.weight.shape[0]), True, warps, code,
-                                         ahead=ahead, staged=staged)
+                                         *gate_up.lora.part_starts(gate_up.weight.shape[0]), True, layout, code)
         return nf4_xtab.nf4_xtab_after_silu_mul(first, down.weight, down.lora,
-                                                *down.lora.part_starts(down.weight.shape[0]), True, warps, code,
-                                                ahead=ahead, staged=staged)
+                                                *down.lora.part_starts(down.weight.shape[0]), True, layout, code)
 
-    assert_replays_follow_new_inputs(step, x, f"gate_up -> down w{warps}a{ahead}g{staged}")
+    assert_replays_follow_new_inputs(step, x, f"gate_up -> down {layout.label}")
