@@ -5,9 +5,9 @@ runs 36-37's layouts with more weights in flight (`nf4_xtab.CANDIDATE_LAYOUTS`: 
 in shared memory, groups prefetched into L2): NVRTC
 (`compute_90` PTX) then `ptxas -arch=sm_90 -v`. Prints one JSON line per kernel: registers, spill bytes,
 and whether every load of what an earlier kernel wrote (`ld.global.cg`) comes after `griddepcontrol.wait`
-in the PTX (run 32's race was such a load moved above it), and for the prefetching layouts whether their L2
-prefetches come before it. Exits 1 on a failed compile, a spill, a load of x before the wait or a prefetch
-after it.
+in the PTX (run 32's race was such a load moved above it), and its L2 prefetches (a prefetching layout's own
+two before the wait, and in a `+next` build the next launch's two after it). Exits 1 on a failed compile, a spill, a load of x
+before the wait or prefetches out of place.
 
 Needs NVRTC and ptxas from pip (no CUDA install):
     pip install --target /tmp/nv nvidia-cuda-nvrtc-cu12 nvidia-cuda-nvcc-cu12
@@ -38,8 +38,9 @@ KERNELS = (
     ("gate_up_add_norm", 4096, 8, nf4_xtab.ADD_NORM),
     ("down_silu_mul", 14336, 2, nf4_xtab.SILU_MUL),
 )
-# The tuner's, then runs 36-37's, untimed
-LAYOUTS = nf4_xtab.SERVED_LAYOUTS + nf4_xtab.CANDIDATE_LAYOUTS
+# (layout, whether it prefetches the next launch's weights): the tuner's, then runs 36-37's, untimed
+LAYOUTS = tuple((layout, False) for layout in nf4_xtab.SERVED_LAYOUTS + nf4_xtab.CANDIDATE_LAYOUTS) + tuple(
+    (nf4_xtab.XtabLayout(16, 1, 0, prefetched), True) for prefetched in (0, 2, 4))
 
 
 def ptx_of(nvrtc: ctypes.CDLL, source: str) -> tuple[str | None, str]:
@@ -71,10 +72,10 @@ def loads_after_wait(ptx: str) -> bool:
     return wait >= 0 and (first_cg < 0 or first_cg > wait)
 
 
-def prefetches_before_wait(ptx: str) -> bool:
-    """The L2 prefetches (two per lane: weights and absmax) are issued before `griddepcontrol.wait`."""
-    prefetch = ptx.find("cp.async.bulk.prefetch.L2")
-    return 0 <= prefetch < ptx.find("griddepcontrol.wait") and ptx.count("cp.async.bulk.prefetch.L2") == 2
+def prefetches_before_wait(ptx: str) -> int:
+    """How many L2 prefetches come before `griddepcontrol.wait` (a prefetching layout's own two: weights and
+    absmax; the next launch's two come after it, at the barrier)."""
+    return ptx[:ptx.find("griddepcontrol.wait")].count("cp.async.bulk.prefetch.L2")
 
 
 def main() -> int:
@@ -94,9 +95,9 @@ def main() -> int:
     failures = 0
     with tempfile.TemporaryDirectory() as folder:
         for name, k, chunks, prep in KERNELS:
-            for layout in LAYOUTS:
-                label = f"{name}_{layout.label}"
-                source = nf4_xtab.source(code, k, 32, chunks, prep, layout)
+            for layout, prefetch_next in LAYOUTS:
+                label = f"{name}_{layout.label}" + ("+next" if prefetch_next else "")
+                source = nf4_xtab.source(code, k, 32, chunks, prep, layout, prefetch_next=prefetch_next)
                 ptx, log = ptx_of(nvrtc, source)
                 result: dict = {"kernel": label}
                 if ptx is None:
@@ -110,13 +111,16 @@ def main() -> int:
                     spills = [int(v) for v in re.findall(r"(\d+) bytes spill", out.stderr)]
                     result.update(registers=int(registers.group(1)) if registers else None,
                                   spill_bytes=sum(spills), loads_after_wait=loads_after_wait(ptx))
-                    if layout.prefetched:
-                        result["prefetches_before_wait"] = prefetches_before_wait(ptx)
+                    result["prefetches_before_wait"] = prefetches_before_wait(ptx)
+                    result["prefetches"] = ptx.count("cp.async.bulk.prefetch.L2")
                     if out.returncode:
                         result["error"] = out.stderr[-2000:]
+                own_prefetches = 2 if layout.prefetched else 0
+                all_prefetches = own_prefetches + (2 if prefetch_next else 0)
                 failures += bool(result.get("error") or result.get("spill_bytes") or
                                  not result.get("loads_after_wait", True) or
-                                 not result.get("prefetches_before_wait", True))
+                                 result.get("prefetches_before_wait", own_prefetches) != own_prefetches or
+                                 result.get("prefetches", all_prefetches) != all_prefetches)
                 print(json.dumps(result), flush=True)
     return 1 if failures else 0
 

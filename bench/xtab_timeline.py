@@ -12,13 +12,14 @@ global timer and its SM's cycle counter at nine points (warp 0's view where no b
 
 Prints, for each layout (`nf4_xtab.XtabLayout`: warps per block x row groups of weights in flight per
 warp, then row groups per warp copied into shared memory and prefetched into L2 before the wait: `16x1`,
-`8x2`, `16x1g1`, `16x1l2`), one JSON line
+`8x2`, `16x1g1`, `16x1l2`; with `+next`, every launch also asks the next one's first weights into L2 while
+it finishes: `nf4_xtab.NextWeights`), one JSON line
 per projection (microseconds; medians over layers and replays of each launch's median and slowest
 block, and how long an SM sits between one launch's block leaving and the next one's arriving) and
 one for the chain: its graph time with and without the stamps.
 
-    python3 bench/xtab_timeline.py [--layers 4] [--replays 20] [--layouts 16x1,16x1g1,16x1l2,8x1,8x2g3]
-    (by default: the tuner's 16x1 and 8x1, then `nf4_xtab.CANDIDATE_LAYOUTS`)
+    python3 bench/xtab_timeline.py [--layers 4] [--replays 20] [--layouts 16x1,16x1l2,16x1l2+next,8x2g3]
+    (by default: the tuner's 16x1 and 8x1, then `nf4_xtab.CANDIDATE_LAYOUTS`, then 16x1, 16x1l2 and 16x1l4 +next)
 """
 
 from __future__ import annotations
@@ -46,7 +47,9 @@ NS = slice(0, 2 * len(POINTS), 2)  # a block's stamps: (ns, cycles) per point, i
 CYCLES = slice(1, 2 * len(POINTS), 2)
 DONE, SUMS_STORED = POINTS.index("done"), POINTS.index("sums_stored")
 assert len(POINTS) == nf4_xtab.TIMELINE_POINTS, "the kernel's STAMP points and these names differ"
-DEFAULT_LAYOUTS = ",".join(layout.label for layout in (*nf4_xtab.SERVED_LAYOUTS[::-1], *nf4_xtab.CANDIDATE_LAYOUTS))
+NEXT = "+next"
+DEFAULT_LAYOUTS = ",".join([layout.label for layout in (*nf4_xtab.SERVED_LAYOUTS[::-1], *nf4_xtab.CANDIDATE_LAYOUTS)]
+                           + [f"16x1{NEXT}", f"16x1l2{NEXT}", f"16x1l4{NEXT}"])
 HIDDEN, INTERMEDIATE, KV = 4096, 14336, 1024
 BANDWIDTH_BYTES_PER_US = 4.2e6  # the H200's measured copy rate, for the bytes-only time
 
@@ -64,6 +67,7 @@ class Chain:
         from nf4_kernels import projection  # bench/nf4_kernels.py: random NF4 + LoRA of the seed's shape
 
         self.layout = nf4_xtab.XtabLayout()
+        self.prefetch_next = False
         self.layers = [
             {"qkv": projection([HIDDEN, KV, KV], HIDDEN, 100 + layer),
              "gate_up": projection([INTERMEDIATE, INTERMEDIATE], HIDDEN, 200 + layer),
@@ -85,22 +89,33 @@ class Chain:
         n, k = projection.weight.shape
         return k // nf4_xtab.SLICE * nf4_xtab.chunks_for(n, k, self.sms)
 
+    def next_weights(self, index: int, name: str) -> nf4_xtab.NextWeights | None:
+        """With `prefetch_next`: what the launch after layer `index`'s `name` holds before its wait (after the
+        last down, the first layer's q/k/v: the chain repeats)."""
+        if not self.prefetch_next:
+            return None
+        order = ("qkv", "gate_up", "down")
+        at = order.index(name) + 1
+        following = self.layers[(index + at // 3) % len(self.layers)][order[at % 3]]
+        return nf4_xtab.NextWeights.held_by(following.weight, self.layout, self.sms)
+
     def run(self, stamped: bool) -> torch.Tensor:
         """The chain's last output (down's, of the last layer)."""
         residual, delta = self.residual, self.delta
-        for layer, stamps in zip(self.layers, self.stamps, strict=True):
+        for index, (layer, stamps) in enumerate(zip(self.layers, self.stamps, strict=True)):
             qkv, gate_up, down = layer["qkv"], layer["gate_up"], layer["down"]
             residual, q = nf4_xtab.nf4_xtab_after_add_norm(
                 residual, delta, self.norm, 1e-5, qkv.weight, qkv.lora, *qkv.lora.part_starts(qkv.weight.shape[0]),
-                True, self.layout, self.code, timeline=stamps["qkv"] if stamped else None)
+                True, self.layout, self.code, timeline=stamps["qkv"] if stamped else None,
+                next_weights=self.next_weights(index, "qkv"))
             # attention and o are not in the chain: q's first 4096 values stand in for o's output
             residual, gu = nf4_xtab.nf4_xtab_after_add_norm(
                 residual, q[:, :HIDDEN], self.norm, 1e-5, gate_up.weight, gate_up.lora,
                 *gate_up.lora.part_starts(gate_up.weight.shape[0]), True, self.layout, self.code,
-                timeline=stamps["gate_up"] if stamped else None)
+                timeline=stamps["gate_up"] if stamped else None, next_weights=self.next_weights(index, "gate_up"))
             delta = nf4_xtab.nf4_xtab_after_silu_mul(
                 gu, down.weight, down.lora, *down.lora.part_starts(down.weight.shape[0]), True, self.layout,
-                self.code, timeline=stamps["down"] if stamped else None)
+                self.code, timeline=stamps["down"] if stamped else None, next_weights=self.next_weights(index, "down"))
         return delta
 
 
@@ -167,14 +182,16 @@ def summarize_replay(records: list[tuple[str, torch.Tensor]]) -> list[dict]:
     return out
 
 
-def measure_layout(chain: Chain, layout: nf4_xtab.XtabLayout, replays: int, outputs: dict[int, torch.Tensor]) -> None:
+def measure_layout(chain: Chain, layout: nf4_xtab.XtabLayout, prefetch_next: bool, replays: int,
+                   outputs: dict[int, torch.Tensor]) -> None:
     """Print the layout's lines; `outputs`: the chain's output per warp count, from the first layout
     measured with it (other groups in flight must give the same bits: the same sums in the same order)."""
-    chain.layout = layout
+    chain.layout, chain.prefetch_next = layout, prefetch_next
     output = chain.run(False).clone()
     same_bits = bool(torch.equal(output, outputs.setdefault(layout.warps, output)))
-    described = {"layout": layout.label, "warps": layout.warps, "ahead": layout.ahead, "staged": layout.staged,
-                 "prefetched": layout.prefetched}
+    described = {"layout": layout.label + (NEXT if prefetch_next else ""), "warps": layout.warps,
+                 "ahead": layout.ahead, "staged": layout.staged, "prefetched": layout.prefetched,
+                 "prefetch_next": prefetch_next}
     plain_ms = graph_time_ms(lambda: chain.run(False), 20)
     stamped_ms = graph_time_ms(lambda: chain.run(True), 20)
     graph = captured(lambda: chain.run(True))
@@ -208,10 +225,12 @@ def measure_layout(chain: Chain, layout: nf4_xtab.XtabLayout, replays: int, outp
         "same_bits_as_first_layout_with_these_warps": same_bits}), flush=True)
 
 
-def layouts(text: str) -> list[nf4_xtab.XtabLayout]:
-    """The layouts `text` names, comma-separated; exits with one line on a bad one."""
+def layouts(text: str) -> list[tuple[nf4_xtab.XtabLayout, bool]]:
+    """(layout, whether it prefetches the next launch's weights) of each comma-separated item in `text`;
+    exits with one line on a bad one."""
     try:
-        return [nf4_xtab.XtabLayout.parse(item) for item in text.split(",")]
+        return [(nf4_xtab.XtabLayout.parse(item.strip().removesuffix(NEXT)), item.strip().endswith(NEXT))
+                for item in text.split(",")]
     except ValueError as error:
         sys.exit(f"xtab_timeline: bad --layouts: {error}")
 
@@ -221,8 +240,9 @@ def main() -> None:
     parser.add_argument("--layers", type=int, default=4, help="random layers chained (default 4: past the L2)")
     parser.add_argument("--replays", type=int, default=20, help="stamped replays summarized (default 20)")
     parser.add_argument("--layouts", default=DEFAULT_LAYOUTS,
-                        help="WARPSxAHEAD[gSTAGED][lPREFETCHED], comma-separated: warps per block x row groups in "
-                             "flight, row groups staged in shared memory and prefetched into L2 "
+                        help="WARPSxAHEAD[gSTAGED][lPREFETCHED][+next], comma-separated: warps per block x row groups "
+                             "in flight, row groups staged in shared memory and prefetched into L2, and whether each "
+                             "launch prefetches the next one's first weights "
                              f"(served: 16x1; default {DEFAULT_LAYOUTS})")
     args = parser.parse_args()
     chosen = layouts(args.layouts)
@@ -233,11 +253,11 @@ def main() -> None:
 
     chain = Chain(args.layers)
     outputs: dict[int, torch.Tensor] = {}
-    for layout in chosen:
+    for layout, prefetch_next in chosen:
         if not nf4_xtab.fits("cuda", layout):
             print(json.dumps({"layout": layout.label, "skipped": "its shared memory does not fit a block here"}), flush=True)
             continue
-        measure_layout(chain, layout, args.replays, outputs)
+        measure_layout(chain, layout, prefetch_next, args.replays, outputs)
 
 
 if __name__ == "__main__":

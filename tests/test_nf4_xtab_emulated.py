@@ -15,7 +15,7 @@ import torch
 from llm.serving import nf4_kernels, nf4_xtab
 from llm.serving.mistral_decoder import _add_rms_norm, _silu_mul
 from llm.serving.nf4 import LoraParts, NF4Matrix, NF4Projection
-from llm.serving.nf4_xtab import XtabLayout
+from llm.serving.nf4_xtab import NextWeights, XtabLayout
 from tests.fakes.cuda_emulation import NF4_CODE, build_emulated, taken_prefetches
 
 pytestmark = pytest.mark.skipif(shutil.which("g++") is None, reason="needs g++ to build the emulated kernel")
@@ -25,12 +25,15 @@ LAUNCHER = r"""
 extern "C" long launch(int grid, int threads, const void* words, const float* absmax, const void* x,
                        const float* lora_a, const float* lora_b, void* y, float* partial, float* t_partial,
                        int* counters, int N, int seg1, int seg2, int RT, double scaling, int round_lora_first,
-                       int phases, const void* residual, const void* norm_weight, void* residual_out, double eps) {
+                       int phases, const void* residual, const void* norm_weight, void* residual_out, double eps,
+                       const void* next_words, const void* next_absmax, int next_regions, int next_region_rows,
+                       int next_chunk_rows, int next_row_bytes) {
     out_of_bounds_reads = 0;
     launch_blocks(grid, threads, [=] {
         nf4_xtab_kernel((const u32*)words, absmax, (const u16*)x, lora_a, lora_b, (u16*)y, partial, t_partial, counters,
                         N, seg1, seg2, RT, scaling, round_lora_first, phases, (const u16*)residual,
-                        (const u16*)norm_weight, (u16*)residual_out, eps);
+                        (const u16*)norm_weight, (u16*)residual_out, eps, (const char*)next_words,
+                        (const char*)next_absmax, next_regions, next_region_rows, next_chunk_rows, next_row_bytes);
     });
     return out_of_bounds_reads;
 }
@@ -39,14 +42,14 @@ RANK = 8
 
 
 def _build(tmp_path_factory: pytest.TempPathFactory, k: int, layout: XtabLayout, chunks: int,
-           prep: int = nf4_xtab.PLAIN) -> ctypes.CDLL:
-    folder = tmp_path_factory.mktemp(f"xtab_k{k}_{layout.label}_c{chunks}_p{prep}")
-    kernel_source = nf4_xtab.source(NF4_CODE, k, RANK, chunks, prep, layout)
+           prep: int = nf4_xtab.PLAIN, prefetch_next: bool = False) -> ctypes.CDLL:
+    folder = tmp_path_factory.mktemp(f"xtab_k{k}_{layout.label}_c{chunks}_p{prep}_n{int(prefetch_next)}")
+    kernel_source = nf4_xtab.source(NF4_CODE, k, RANK, chunks, prep, layout, prefetch_next=prefetch_next)
     library = build_emulated(folder, kernel_source, LAUNCHER)
     library.launch.restype = ctypes.c_long
     library.launch.argtypes = [ctypes.c_int, ctypes.c_int] + [ctypes.c_void_p] * 9 + [ctypes.c_int] * 4 + [
         ctypes.c_double, ctypes.c_int, ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p,
-        ctypes.c_double]
+        ctypes.c_double, ctypes.c_void_p, ctypes.c_void_p] + [ctypes.c_int] * 4
     return library
 
 
@@ -70,7 +73,8 @@ def _projection(parts: list[int], k: int, seed: int) -> NF4Projection:
 
 def _run(library: ctypes.CDLL, projection: NF4Projection, x: torch.Tensor, warps: int, chunks: int,
          residual: torch.Tensor | None = None, norm_weight: torch.Tensor | None = None,
-         residual_out: torch.Tensor | None = None, eps: float = 0.0) -> torch.Tensor:
+         residual_out: torch.Tensor | None = None, eps: float = 0.0,
+         next_weights: NextWeights | None = None) -> torch.Tensor:
     n, k = projection.weight.shape
     lora = projection.lora
     slices = k // nf4_xtab.SLICE
@@ -79,6 +83,10 @@ def _run(library: ctypes.CDLL, projection: NF4Projection, x: torch.Tensor, warps
     t_partial = torch.full((slices, lora.a.shape[0]), float("nan"))
     counters = torch.zeros(2, dtype=torch.int32)
     extra = [t for t in (residual, norm_weight) if t is not None]
+    if next_weights is not None:
+        extra += [next_weights.weight.packed, next_weights.weight.absmax]
+    next_arguments = [0, 0, 0, 0, 0, 0] if next_weights is None else [
+        a.data_ptr() if isinstance(a, torch.Tensor) else a for a in next_weights.arguments()]
     for buffer in (projection.weight.packed, projection.weight.absmax, x, lora.a, lora.b, partial, t_partial, *extra):
         library.add_buffer(buffer.data_ptr(), buffer.numel() * buffer.element_size())
     pointers = [(t if t is not None else x).data_ptr() for t in (residual, norm_weight)]
@@ -88,7 +96,7 @@ def _run(library: ctypes.CDLL, projection: NF4Projection, x: torch.Tensor, warps
             slices * chunks, warps * 32, projection.weight.packed.data_ptr(), projection.weight.absmax.data_ptr(),
             x.data_ptr(), lora.a.data_ptr(), lora.b.data_ptr(), y.data_ptr(), partial.data_ptr(),
             t_partial.data_ptr(), counters.data_ptr(), n, *lora.part_starts(n), lora.a.shape[0], lora.scaling,
-            int(projection.round_lora_first), phase, *pointers, eps)
+            int(projection.round_lora_first), phase, *pointers, eps, *next_arguments)
         assert out_of_bounds == 0, f"{out_of_bounds} global reads outside the kernel's buffers"
     return y
 
@@ -175,6 +183,41 @@ def test_the_next_row_groups_are_prefetched_into_l2_once_each(tmp_path_factory, 
     assert all(any(start <= first < last <= end for start, end in map(_span, buffers)) for first, last in ranges)
     row_bytes = sum(b[0].numel() * b.element_size() for b in buffers)
     assert sum(last - first for first, last in ranges) == len(expected) * row_bytes
+
+
+# (the next weight's parts and K, what to prefetch of it: regions, rows each): the rows the next launch
+# holds before its wait (two chunks, 256 rows each), a whole matrix (o after q/k/v), and a grid of fewer
+# lanes than 16-byte units in a region (uneven pieces)
+@pytest.mark.parametrize(("parts", "k", "regions", "region_rows"),
+                         [([512, 512], 512, 2, 256), ([256], 256, 1, 256), ([96, 96, 96], 768, 3, 64)])
+def test_a_launch_prefetches_the_next_launchs_first_rows_while_it_finishes(tmp_path_factory, parts, k, regions,
+                                                                           region_rows):
+    library = _build(tmp_path_factory, 512, XtabLayout(8), 1, prefetch_next=True)
+    projection = _projection([64, 32, 32], 512, seed=21)
+    following = _projection(parts, k, seed=22).weight
+    x = torch.randn((1, 512), generator=torch.Generator().manual_seed(23)).to(torch.bfloat16)
+    taken_prefetches(library)
+    out = _run(library, projection, x, 8, 1, next_weights=NextWeights(following, regions, region_rows))
+    ranges = taken_prefetches(library)
+    assert nf4_kernels.matches_reference(out, projection.reference(x))
+    n = following.shape[0]
+    expected = {region * (n // regions) + row for region in range(regions) for row in range(region_rows)}
+    buffers = (following.packed, following.absmax)
+    for buffer in buffers:
+        assert _rows_covered(ranges, buffer) == (expected, 0)
+    row_bytes = sum(b[0].numel() * b.element_size() for b in buffers)
+    assert sum(last - first for first, last in ranges) == len(expected) * row_bytes  # nothing else
+
+
+def test_what_the_next_launch_holds_before_its_wait_is_what_is_prefetched_for_it():
+    weight = _projection([14336, 14336], 4096, seed=1).weight
+    assert NextWeights.held_by(weight, XtabLayout(16), 132) == NextWeights(weight, 8, 512)
+    assert NextWeights.held_by(weight, XtabLayout(16, 1, 0, 2), 132) == NextWeights(weight, 8, 1536)
+    assert NextWeights.held_by(weight, XtabLayout(8, 2, 3, 4), 132) == NextWeights(weight, 8, 2304)
+    qkv = _projection([4096, 1024, 1024], 4096, seed=2).weight
+    assert NextWeights.held_by(qkv, XtabLayout(16, 1, 0, 4), 132) == NextWeights(qkv, 8, 768)  # the whole chunk
+    with pytest.raises(ValueError, match="cannot prefetch"):
+        NextWeights(qkv, 5, 10).arguments()  # 6,144 rows do not split in 5
 
 
 def test_the_plain_linear_rounding_is_kept(tmp_path_factory):

@@ -307,7 +307,8 @@ nf4_xtab_kernel(const u32* __restrict__ words, const float* __restrict__ absmax,
                 float* __restrict__ partial, float* __restrict__ t_partial, int* __restrict__ counters, int N,
                 int seg1, int seg2, int RT, double scaling, int round_lora_first, int phases,
                 const u16* residual, const u16* __restrict__ norm_weight, u16* __restrict__ residual_out,
-                double eps TIMELINE_PARAM) {
+                double eps, const char* next_words, const char* next_absmax, int next_regions,
+                int next_region_rows, int next_chunk_rows, int next_row_bytes TIMELINE_PARAM) {
     STAMP(0);
 #ifdef NF4_EMULATE
     static float table[TABLE_WORDS + STAGE_WORDS];
@@ -510,6 +511,26 @@ nf4_xtab_kernel(const u32* __restrict__ words, const float* __restrict__ absmax,
 #endif
     }
     if (phases & 2) {
+        // The next launch's first weights (`next_regions` regions of `next_region_rows` rows, `next_chunk_rows`
+        // apart; each row's absmax is 1 / 8 of its bytes) asked into L2 while this grid's blocks wait for each
+        // other and finish, when the memory would idle: one piece per lane of each block's first warp, in
+        // 16-byte units. (A build of its own, PREFETCH_NEXT: the kernels that do not leave their code as it was.)
+#if PREFETCH_NEXT
+        if (next_regions > 0 && warp == 0) {
+            const int parts = (int)gridDim.x * 32 / next_regions, me = (int)blockIdx.x * 32 + lane;
+            if (me < parts * next_regions) {
+                const int region = me % next_regions, part = me / next_regions;
+                const size_t first_row = (size_t)region * next_chunk_rows;
+                const size_t word_units = (size_t)next_region_rows * next_row_bytes / 16;
+                const size_t scale_units = (size_t)next_region_rows * (next_row_bytes / 8) / 16;
+                const size_t w0 = word_units * part / parts, w1 = word_units * (part + 1) / parts;
+                const size_t s0 = scale_units * part / parts, s1 = scale_units * (part + 1) / parts;
+                if (w1 > w0) prefetch_l2(next_words + first_row * next_row_bytes + 16 * w0, (u32)(16 * (w1 - w0)));
+                if (s1 > s0)
+                    prefetch_l2(next_absmax + first_row * (next_row_bytes / 8) + 16 * s0, (u32)(16 * (s1 - s0)));
+            }
+        }
+#endif
         // This thread's row of the chunk, if any, and its B row: loaded while the other blocks finish
         const int share = (chunk_rows + SLICES - 1) / SLICES;
         const int r = slice * share + (int)threadIdx.x;
@@ -589,10 +610,10 @@ nf4_xtab_kernel(const u32* __restrict__ words, const float* __restrict__ absmax,
 
 
 def source(code: Sequence[float], k: int, rank: int, chunks: int, prep: int = PLAIN,
-           layout: XtabLayout = XtabLayout(), timeline: bool = False) -> str:
+           layout: XtabLayout = XtabLayout(), timeline: bool = False, prefetch_next: bool = False) -> str:
     """The kernel's CUDA text for one NF4 code table, K, LoRA rank, row chunks, input preparation
     (PLAIN, SILU_MUL or ADD_NORM) and layout; `timeline`: with the bench's phase stamps (one more
-    kernel argument)."""
+    kernel argument); `prefetch_next`: asking its next_* weights into L2 (`NextWeights`)."""
     if len(code) != 16:
         raise ValueError("an NF4 code table has 16 entries")
     if k <= 0 or k % SLICE or rank <= 0 or rank % 4 or chunks <= 0 or prep not in PREPS or not layout.valid:
@@ -600,10 +621,46 @@ def source(code: Sequence[float], k: int, rank: int, chunks: int, prep: int = PL
     values = ", ".join(f"{struct.unpack('<f', struct.pack('<f', float(v)))[0].hex()}f" for v in code)
     header = (f"#define KDIM {k}\n#define WARPS {layout.warps}\n#define RANK {rank}\n#define CHUNKS {chunks}\n"
               f"#define XPREP {prep}\n#define AHEAD {layout.ahead}\n#define STAGED {layout.staged}\n"
-              f"#define PREFETCHED {layout.prefetched}\n"
+              f"#define PREFETCHED {layout.prefetched}\n#define PREFETCH_NEXT {int(prefetch_next)}\n"
               + (f"#define NF4_TIMELINE 1\n#define TIMELINE_SLOTS {TIMELINE_SLOTS}\n" if timeline else "")
               + f"__device__ __constant__ float CODE_TABLE[16] = {{{values}}};\n#define CODE CODE_TABLE\n")
     return header + DEVICE_HELPERS + _SOURCE
+
+
+@dataclass(frozen=True)
+class NextWeights:
+    """What a launch asks into L2 for the launch after it, while its blocks wait for each other and finish
+    (the memory would idle then): `regions` stretches of `region_rows` rows of `weight` and their absmax,
+    the first rows of each of its `regions` equal parts."""
+
+    weight: NF4Matrix
+    regions: int
+    region_rows: int
+
+    @classmethod
+    def held_by(cls, weight: NF4Matrix, layout: XtabLayout, sms: int) -> NextWeights:
+        """The rows an x-table launch of `weight` with `layout` loads before its own wait (its chunks' first
+        row groups: in registers, staged, and prefetched into L2)."""
+        n, k = weight.shape
+        chunks = chunks_for(n, k, sms)
+        if chunks is None:
+            raise ValueError(f"no x-table layout for a {n} x {k} weight on {sms} SMs")
+        groups = layout.ahead + layout.staged + layout.prefetched
+        return cls(weight, chunks, min(ROW_GROUP * layout.warps * groups, n // chunks))
+
+    @classmethod
+    def whole(cls, weight: NF4Matrix) -> NextWeights:
+        return cls(weight, 1, weight.shape[0])
+
+    def arguments(self) -> list:
+        """The kernel's next_* arguments."""
+        n, k = self.weight.shape
+        if (self.regions <= 0 or n % self.regions or not 0 < self.region_rows <= n // self.regions or k % SLICE
+                or self.weight.packed.data_ptr() % 16 or self.weight.absmax.data_ptr() % 16):
+            raise ValueError(f"cannot prefetch {self.regions} x {self.region_rows} rows of a {n} x {k} weight "
+                             "(16-byte aligned bytes and absmax, whole rows in equal parts)")
+        return [self.weight.packed, self.weight.absmax, self.regions, self.region_rows, n // self.regions, k // 2]
+
 
 
 def chunks_for(n: int, k: int, sms: int) -> int | None:
@@ -643,8 +700,9 @@ def sm_count(device: torch.device) -> int:
 
 
 def _key(code: tuple[float, ...], device: torch.device, k: int, rank: int, chunks: int, prep: int,
-         layout: XtabLayout, timeline: bool = False) -> tuple:
-    return (device.index, code, k, rank, chunks, prep, layout) + (("timeline",) if timeline else ())
+         layout: XtabLayout, timeline: bool = False, prefetch_next: bool = False) -> tuple:
+    return ((device.index, code, k, rank, chunks, prep, layout) + (("timeline",) if timeline else ())
+            + (("prefetch_next",) if prefetch_next else ()))
 
 
 def precompile(requests: Sequence[tuple[tuple[float, ...], torch.device, int, int, int, int, XtabLayout]],
@@ -687,15 +745,15 @@ def precompile(requests: Sequence[tuple[tuple[float, ...], torch.device, int, in
 
 
 def _kernel(code: tuple[float, ...], device: torch.device, k: int, rank: int, chunks: int, prep: int,
-            layout: XtabLayout, timeline: bool = False) -> Callable:
+            layout: XtabLayout, timeline: bool = False, prefetch_next: bool = False) -> Callable:
     global _DISABLED
-    key = _key(code, device, k, rank, chunks, prep, layout, timeline)
+    key = _key(code, device, k, rank, chunks, prep, layout, timeline, prefetch_next)
     if key not in _KERNELS:
         if _DISABLED is not None:
             raise XtabUnavailable(_DISABLED)
         try:
             with torch.cuda.device(device):
-                kernel = torch.cuda._compile_kernel(source(code, k, rank, chunks, prep, layout, timeline),
+                kernel = torch.cuda._compile_kernel(source(code, k, rank, chunks, prep, layout, timeline, prefetch_next),
                                                     "nf4_xtab_kernel")
                 kernel.set_shared_memory_config(layout.shared_bytes)
         except Exception as error:  # noqa: BLE001 - NVRTC missing or refusing: any failure means "not here"
@@ -708,29 +766,32 @@ def _kernel(code: tuple[float, ...], device: torch.device, k: int, rank: int, ch
 
 def nf4_xtab_linear(x: torch.Tensor, weight: NF4Matrix, lora: LoraParts, seg1: int, seg2: int,
                     round_lora_first: bool, layout: XtabLayout, code: tuple[float, ...],
-                    timeline: torch.Tensor | None = None) -> torch.Tensor:
+                    timeline: torch.Tensor | None = None, next_weights: NextWeights | None = None) -> torch.Tensor:
     """y = x @ W.T + scaling * B(A(x)) with PEFT's roundings, for one row of x ([1, K], bf16), in one
     launch (the LoRA's A product included). `timeline` (the bench's): int64 [blocks, TIMELINE_SLOTS]
-    that the launch stamps (`source`'s timeline build)."""
+    that the launch stamps (`source`'s timeline build); `next_weights`: asked into L2 for the next launch."""
     if x.shape[0] != 1:
         raise ValueError(f"the x-table kernel takes one row, got {x.shape[0]}")
-    return _launch(PLAIN, x, weight, lora, seg1, seg2, round_lora_first, layout, code, timeline=timeline)
+    return _launch(PLAIN, x, weight, lora, seg1, seg2, round_lora_first, layout, code, timeline=timeline,
+                   next_weights=next_weights)
 
 
 def nf4_xtab_after_silu_mul(gate_up: torch.Tensor, weight: NF4Matrix, lora: LoraParts, seg1: int, seg2: int,
                             round_lora_first: bool, layout: XtabLayout, code: tuple[float, ...],
-                            timeline: torch.Tensor | None = None) -> torch.Tensor:
+                            timeline: torch.Tensor | None = None,
+                            next_weights: NextWeights | None = None) -> torch.Tensor:
     """As `nf4_xtab_linear` of `silu(gate) * up` (each op rounded to bf16, as eager PyTorch does) for
     one row of gate_up = [gate | up] ([1, 2K]), the element-wise step done inside the launch."""
     if gate_up.shape[0] != 1 or gate_up.shape[1] != 2 * weight.shape[1]:
         raise ValueError(f"the x-table kernel takes one [1, 2K] gate/up row, got {list(gate_up.shape)}")
-    return _launch(SILU_MUL, gate_up, weight, lora, seg1, seg2, round_lora_first, layout, code, timeline=timeline)
+    return _launch(SILU_MUL, gate_up, weight, lora, seg1, seg2, round_lora_first, layout, code, timeline=timeline,
+                   next_weights=next_weights)
 
 
 def nf4_xtab_after_add_norm(residual: torch.Tensor, delta: torch.Tensor, norm_weight: torch.Tensor, eps: float,
                             weight: NF4Matrix, lora: LoraParts, seg1: int, seg2: int, round_lora_first: bool,
-                            layout: XtabLayout, code: tuple[float, ...],
-                            timeline: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                            layout: XtabLayout, code: tuple[float, ...], timeline: torch.Tensor | None = None,
+                            next_weights: NextWeights | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """(h, y): h = residual + delta (the residual stream's next value) and y as `nf4_xtab_linear` of
     MistralRMSNorm(h) with `norm_weight`, for one row, the add and the norm done inside the launch."""
     if residual.shape != delta.shape or residual.shape[0] != 1 or norm_weight.shape != (residual.shape[1],):
@@ -739,7 +800,7 @@ def nf4_xtab_after_add_norm(residual: torch.Tensor, delta: torch.Tensor, norm_we
     h = torch.empty_like(residual)
     y = _launch(ADD_NORM, delta, weight, lora, seg1, seg2, round_lora_first, layout, code,
                 residual=_aligned(residual), norm_weight=_aligned(norm_weight), residual_out=h, eps=eps,
-                timeline=timeline)
+                timeline=timeline, next_weights=next_weights)
     return h, y
 
 
@@ -753,7 +814,8 @@ def _aligned(x: torch.Tensor) -> torch.Tensor:
 def _launch(prep: int, x: torch.Tensor, weight: NF4Matrix, lora: LoraParts, seg1: int, seg2: int,
             round_lora_first: bool, layout: XtabLayout, code: tuple[float, ...], residual: torch.Tensor | None = None,
             norm_weight: torch.Tensor | None = None, residual_out: torch.Tensor | None = None,
-            eps: float = 0.0, timeline: torch.Tensor | None = None) -> torch.Tensor:
+            eps: float = 0.0, timeline: torch.Tensor | None = None,
+            next_weights: NextWeights | None = None) -> torch.Tensor:
     n, k = weight.shape
     chunks = chunks_for(n, k, sm_count(x.device))
     if chunks is None:
@@ -762,7 +824,7 @@ def _launch(prep: int, x: torch.Tensor, weight: NF4Matrix, lora: LoraParts, seg1
     if (layout.staged or layout.prefetched) and (weight.packed.data_ptr() % 16 or weight.absmax.data_ptr() % 16):
         raise ValueError(f"the x-table layout {layout.label} copies 16-byte pieces: the packed weights and the "
                          "absmax must be 16-byte aligned")
-    kernel = _kernel(code, x.device, k, lora.rank, chunks, prep, layout, timeline is not None)
+    kernel = _kernel(code, x.device, k, lora.rank, chunks, prep, layout, timeline is not None, next_weights is not None)
     slices = k // SLICE
     rt = lora.a.shape[0]
     y = torch.empty((1, n), dtype=torch.bfloat16, device=x.device)
@@ -774,6 +836,8 @@ def _launch(prep: int, x: torch.Tensor, weight: NF4Matrix, lora: LoraParts, seg1
         [weight.packed, weight.absmax, x, lora.a, lora.b, y, partial, t_partial, counters, n, seg1, seg2, rt,
          float(lora.scaling), int(round_lora_first), 3, x if residual is None else residual,
          x if norm_weight is None else norm_weight, y if residual_out is None else residual_out, float(eps),
+         # (pointer arguments stay tensors even when unused: an int would be passed as 4 bytes, not 8)
+         *([weight.packed, weight.absmax, 0, 0, 0, 0] if next_weights is None else next_weights.arguments()),
          *(() if timeline is None else (timeline,))],
         x.device, shared_bytes=layout.shared_bytes)
     return y

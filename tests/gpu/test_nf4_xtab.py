@@ -193,3 +193,30 @@ def test_a_launch_with_weights_on_the_way_reads_this_steps_output_of_the_launch_
                                                 *down.lora.part_starts(down.weight.shape[0]), True, layout, code)
 
     assert_replays_follow_new_inputs(step, x, f"gate_up -> down {layout.label}")
+
+
+@pytest.mark.parametrize("layout", [nf4_xtab.XtabLayout(16), nf4_xtab.XtabLayout(16, 1, 0, 2)],
+                         ids=lambda layout: layout.label)
+def test_launches_that_prefetch_the_next_ones_weights_give_the_same_bits_in_graph_replays(layout):
+    """gate/up asks down's first rows into L2 while it finishes, down asks for the whole of gate/up's
+    weights (more than a launch's pieces: uneven ones); a prefetch is a hint, so the bits are the plain
+    chain's, replay after replay, and it must read this step's x."""
+    from llm.serving import nf4_mma
+
+    gate_up, x = projection_and_input("gate_up", 1)
+    down, _ = projection_and_input("down", 1)
+    code = nf4_mma.code_values(gate_up.weight.code)
+    sms = nf4_xtab.sm_count(x.device)
+    ahead_of_down = nf4_xtab.NextWeights.held_by(down.weight, layout, sms)
+    ahead_of_gate_up = nf4_xtab.NextWeights.whole(gate_up.weight)
+
+    def step(x: torch.Tensor, prefetching: bool = True) -> torch.Tensor:
+        first = nf4_xtab.nf4_xtab_linear(x, gate_up.weight, gate_up.lora,
+                                         *gate_up.lora.part_starts(gate_up.weight.shape[0]), True, layout, code,
+                                         next_weights=ahead_of_down if prefetching else None)
+        return nf4_xtab.nf4_xtab_after_silu_mul(first, down.weight, down.lora,
+                                                *down.lora.part_starts(down.weight.shape[0]), True, layout, code,
+                                                next_weights=ahead_of_gate_up if prefetching else None)
+
+    assert torch.equal(step(x), step(x, prefetching=False)), layout.label
+    assert_replays_follow_new_inputs(step, x, f"gate_up -> down, prefetching the next weights, {layout.label}")
