@@ -11,12 +11,13 @@
 #   bash bench/engines_gpu.sh timeline [LAYOUTS]  the x-table kernels' GPU tests, then where each layout's
 #       launches spend their time (`bench/xtab_timeline.py`, runs 36-37's layouts by default; ~4 minutes)
 #       -> $OUT/gpu-tests.txt, $OUT/timeline.jsonl
-#   bash bench/engines_gpu.sh bench COMMIT [CASES]  the engine benchmark: the seed's literal code path,
-#       `nf4` and `fast` by default, same prompts, ratios printed (~4 minutes) -> $OUT/engines.log,
+#   bash bench/engines_gpu.sh bench COMMIT [CASES [BENCH OPTIONS]]  the engine benchmark: the seed's literal
+#       code path, `nf4` and `fast` by default, same prompts, ratios printed (~4 minutes; options such as
+#       --xtab-layouts 16x1,8x1,16x1l2 --nf4-prefetch-next go to bench_engines.py) -> $OUT/engines.log,
 #       $OUT/r.tgz (the results JSON, the chart and the profiles)
 set -uo pipefail
 if [[ "${1:-}" != tests && "${1:-}" != bench && "${1:-}" != kernels && "${1:-}" != splits && "${1:-}" != timeline ]]; then
-    echo "usage: bash bench/engines_gpu.sh tests [PYTEST ARGS] | kernels | splits | timeline [LAYOUTS] | bench COMMIT [CASES]"
+    echo "usage: bash bench/engines_gpu.sh tests [PYTEST ARGS] | kernels | splits | timeline [LAYOUTS] | bench COMMIT [CASES [OPTIONS]]"
     exit 2
 fi
 out=${OUT:-.}
@@ -49,9 +50,9 @@ case "${1:-}" in
         cut -c1-400 "$out/timeline.jsonl"
         ;;
     bench)
-        commit=${2:?usage: bash bench/engines_gpu.sh bench COMMIT [CASES]}
+        commit=${2:?usage: bash bench/engines_gpu.sh bench COMMIT [CASES [OPTIONS]]}
         python3 bench/bench_engines.py --commit "$commit" --tokenizer-file .tok/tokenizer.model.v1 \
-            --cases "${3:-seed-literal,nf4,fast}" --out /tmp/r > "$out/engines.log" 2>&1
+            --cases "${3:-seed-literal,nf4,fast}" --out /tmp/r "${@:4}" > "$out/engines.log" 2>&1
         tail -n 6 "$out/engines.log"
         tar czf "$out/r.tgz" -C /tmp r
         ;;

@@ -152,3 +152,29 @@ def test_the_decode_step_folds_its_element_wise_pieces_into_the_layers_launches_
     # per step: gate/up in every layer, q/k/v in every layer but the first (its input is the embedding)
     assert calls == {"add_norm": len(following) * (2 * layers - 1), "silu_mul": len(following) * layers}
     assert torch.equal(folded, separate)
+
+
+def test_each_projection_asks_for_the_weights_the_decode_step_reads_after_it(reference_model):
+    """With `prefetch_next`, a one-row x-table launch asks the next projection's first weights into L2 as it
+    finishes: q/k/v -> o -> gate/up -> down -> the next layer's q/k/v, and nothing after the last down (the
+    lm_head is not NF4). Without it, nothing is asked for."""
+    from llm.serving import nf4_kernels
+    from llm.serving.nf4 import link_following
+    from llm.serving.nf4_xtab import NextWeights
+
+    decoder = build_nf4_decoder(reference_model, max_batch=1, max_seq_len=64)
+    layers = decoder.layers
+    assert len(layers) >= 2
+    assert all(p.following is None for layer in layers for p in layer.projections.values())
+    link_following(layers)
+    for index, layer in enumerate(layers):
+        p = layer.projections
+        assert p["qkv"].following is p["o"].weight
+        assert p["o"].following is p["gate_up"].weight
+        assert p["gate_up"].following is p["down"].weight
+        expected = layers[index + 1].projections["qkv"].weight if index + 1 < len(layers) else None
+        assert p["down"].following is expected
+    # no x-table layout serves o here (no plan, no GPU): a small following weight is asked for whole
+    o = layers[0].projections["o"].weight
+    assert nf4_kernels._next_weights(o) == NextWeights.whole(o)
+    assert nf4_kernels._next_weights(None) is None

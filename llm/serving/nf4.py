@@ -242,6 +242,9 @@ class NF4Projection:
         # Prompts dequantize the weight in row chunks: a bounded scratch instead of a bf16 copy.
         self.dequant_rows = dequant_rows
         self.use_kernels = False
+        # The weights the decode step reads after this projection's, which its one-row x-table launch asks
+        # into L2 as it finishes (`link_following`); None: it asks for nothing
+        self.following: NF4Matrix | None = None
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         flat = x.reshape(-1, x.shape[-1])
@@ -250,7 +253,8 @@ class NF4Projection:
         elif flat.shape[0] <= MAX_KERNEL_ROWS and not self._plan_prefers_dequantizing(flat.shape[0]):
             from llm.serving import nf4_kernels
 
-            out = nf4_kernels.nf4_lora_linear(flat, self.weight, self.lora, self.round_lora_first)
+            out = nf4_kernels.nf4_lora_linear(flat, self.weight, self.lora, self.round_lora_first,
+                                              following=self.following)
         else:
             out = self.prompt(flat)
         return out.reshape(*x.shape[:-1], out.shape[-1])
@@ -262,7 +266,8 @@ class NF4Projection:
             return None
         from llm.serving import nf4_kernels
 
-        return nf4_kernels.nf4_after_silu_mul(gate_up, self.weight, self.lora, self.round_lora_first)
+        return nf4_kernels.nf4_after_silu_mul(gate_up, self.weight, self.lora, self.round_lora_first,
+                                              following=self.following)
 
     def after_add_norm(self, residual: torch.Tensor, delta: torch.Tensor, norm_weight: torch.Tensor,
                        eps: float) -> tuple[torch.Tensor, torch.Tensor] | None:
@@ -273,7 +278,7 @@ class NF4Projection:
         from llm.serving import nf4_kernels
 
         return nf4_kernels.nf4_after_add_norm(residual, delta, norm_weight, eps, self.weight, self.lora,
-                                              self.round_lora_first)
+                                              self.round_lora_first, following=self.following)
 
     def _plan_prefers_dequantizing(self, rows: int) -> bool:
         from llm.serving import nf4_kernels
@@ -359,6 +364,14 @@ class NF4Layer:
     @property
     def nbytes(self) -> int:
         return sum(p.weight.nbytes + p.lora.nbytes for p in self.projections.values())
+
+
+def link_following(layers: Sequence[NF4Layer]) -> None:
+    """Each projection's `following`: the weights the decode step reads next (q/k/v -> o -> gate/up -> down ->
+    the next layer's q/k/v; the last down's are the lm_head's, not NF4: none)."""
+    order = [layer.projections[name] for layer in layers for name in ("qkv", "o", "gate_up", "down")]
+    for projection, following in zip(order, [*order[1:], None], strict=True):
+        projection.following = following.weight if following is not None else None
 
 
 def _nf4_projection(modules: Sequence[nn.Module]) -> NF4Projection:
@@ -462,11 +475,14 @@ def build_nf4_engine(
     kv_cache_tokens: int | None = None,
     kv_block_size: int = 32,
     tuning_cache: Path | None = None,
+    prefetch_next: bool = False,
 ) -> BatchingEngine:
     """`nf4` mode from the seed's model (consumed when `free_source`): its NF4 weights and unmerged
     LoRA under `fast`'s decoder (paged KV cache, graph-captured decode and prefill, continuous
     batching), decode projections through the fused NF4 kernels (CUDA). `tuning_cache`: a JSON file
-    where the kernel tuner keeps its choice for the next start (`llm.serving.tuning_cache`)."""
+    where the kernel tuner keeps its choice for the next start (`llm.serving.tuning_cache`).
+    `prefetch_next` (run 37, not yet timed): each one-row x-table launch asks the next projection's first
+    weights into L2 as it finishes (`link_following`)."""
     import time
 
     from llm.serving import nf4_kernels
@@ -479,8 +495,10 @@ def build_nf4_engine(
     decoder = build_nf4_decoder(
         model, max_batch, max_seq_len, free_source=free_source, kv_cache_tokens=tokens, kv_block_size=kv_block_size
     )
+    if prefetch_next:
+        link_following(decoder.layers)
     graphs = serving_graphs(decoder, max_seq_len, cuda_graphs)
-    info: dict = {"nf4_kernels": False}
+    info: dict = {"nf4_kernels": False, "nf4_prefetch_next": prefetch_next}
     if triton_kernels and enable_nf4_kernels(decoder):
         try:
             groups = {name: [layer.projections[name] for layer in decoder.layers]

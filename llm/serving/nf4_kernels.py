@@ -200,9 +200,36 @@ def k_split_variants(config: NF4Config, n: int, k: int, boundaries: Sequence[int
 # 1 row, where NVRTC and 128 KB of shared memory per block are there (llm.serving.nf4_xtab): num_warps
 # per block, num_stages the row groups of weights each warp has in flight (`ahead`); block_n is the
 # warp's 32-row group, block_k the 256-input slice.
-XTAB_CONFIGS = tuple(NF4Config(nf4_xtab.ROW_GROUP, nf4_xtab.SLICE, layout.warps, layout.ahead, kind="xtab",
-                               staged_groups=layout.staged, prefetched_groups=layout.prefetched)
-                     for layout in nf4_xtab.SERVED_LAYOUTS)
+def _xtab_config(layout: nf4_xtab.XtabLayout) -> NF4Config:
+    return NF4Config(nf4_xtab.ROW_GROUP, nf4_xtab.SLICE, layout.warps, layout.ahead, kind="xtab",
+                     staged_groups=layout.staged, prefetched_groups=layout.prefetched)
+
+
+XTAB_CONFIGS = tuple(_xtab_config(layout) for layout in nf4_xtab.SERVED_LAYOUTS)
+
+
+def time_xtab_layouts(layouts: Sequence[nf4_xtab.XtabLayout]) -> None:
+    """The x-table layouts the tuner times from now on, instead of `nf4_xtab.SERVED_LAYOUTS` (the bench's
+    `--xtab-layouts`, to serve untimed candidates end to end; a tuning cache's key does not tell them apart)."""
+    global XTAB_CONFIGS
+    XTAB_CONFIGS = tuple(_xtab_config(layout) for layout in layouts)
+
+
+# What an x-table launch asks into L2 for a following projection that no x-table launch serves (o, on the
+# tensor-core kernel): all of it, up to this size
+WHOLE_NEXT_WEIGHTS_BYTES = 16 << 20
+
+
+def _next_weights(following: NF4Matrix | None) -> nf4_xtab.NextWeights | None:
+    """What a one-row x-table launch asks into L2 for the projection after it (`NF4Projection.following`):
+    the rows its own x-table launch loads before its wait, or the whole of a small one served otherwise."""
+    if following is None:
+        return None
+    config = PLAN.get(1, *following.shape)
+    if config is not None and config.kind == "xtab":
+        return nf4_xtab.NextWeights.held_by(following, config.xtab_layout,
+                                            nf4_xtab.sm_count(following.packed.device))
+    return nf4_xtab.NextWeights.whole(following) if following.nbytes <= WHOLE_NEXT_WEIGHTS_BYTES else None
 
 
 def _xtab_configs(n: int, k: int, boundaries: Sequence[int]) -> list[NF4Config]:
@@ -983,8 +1010,10 @@ def nf4_lora_linear(
     lora: LoraParts,
     round_lora_first: bool = True,
     config: NF4Config | None = None,
+    following: NF4Matrix | None = None,
 ) -> torch.Tensor:
-    """y = x @ dequant(W).T + scaling * B(A(x)) with PEFT's roundings, for 1..16 rows of x."""
+    """y = x @ dequant(W).T + scaling * B(A(x)) with PEFT's roundings, for 1..16 rows of x. `following`: the
+    weights the decode step reads next, which a one-row x-table launch asks into L2 as it finishes."""
     m, k = x.shape
     n = weight.packed.shape[0]
     if not 1 <= m <= MAX_ROWS:
@@ -996,7 +1025,7 @@ def nf4_lora_linear(
     seg1, seg2 = lora.part_starts(n)
     if config.kind == "xtab":
         return nf4_xtab.nf4_xtab_linear(x, weight, lora, seg1, seg2, round_lora_first, config.xtab_layout,
-                                        nf4_mma.code_values(weight.code))
+                                        nf4_mma.code_values(weight.code), next_weights=_next_weights(following))
     if config.kind == "mma":
         warps, tiles, prefetch_x, ahead, fuse_a, shared_lookups, k_splits = mma_layout(config)
         return nf4_mma.nf4_mma_linear(x, weight, lora, seg1, seg2, round_lora_first, warps, tiles, prefetch_x, ahead,
@@ -1042,19 +1071,20 @@ def _one_row_xtab(rows: int, weight: NF4Matrix) -> NF4Config | None:
 
 
 def nf4_after_silu_mul(gate_up: torch.Tensor, weight: NF4Matrix, lora: LoraParts,
-                       round_lora_first: bool = True) -> torch.Tensor | None:
+                       round_lora_first: bool = True, following: NF4Matrix | None = None) -> torch.Tensor | None:
     """`nf4_lora_linear` of `silu(gate) * up` for gate_up = [gate | up], the element-wise step inside
     the one-row x-table launch; None where the plan does not serve that kernel here."""
     config = _one_row_xtab(gate_up.shape[0], weight)
     if config is None:
         return None
     return nf4_xtab.nf4_xtab_after_silu_mul(gate_up, weight, lora, *lora.part_starts(weight.shape[0]),
-                                            round_lora_first, config.xtab_layout, nf4_mma.code_values(weight.code))
+                                            round_lora_first, config.xtab_layout, nf4_mma.code_values(weight.code),
+                                            next_weights=_next_weights(following))
 
 
 def nf4_after_add_norm(residual: torch.Tensor, delta: torch.Tensor, norm_weight: torch.Tensor, eps: float,
-                       weight: NF4Matrix, lora: LoraParts,
-                       round_lora_first: bool = True) -> tuple[torch.Tensor, torch.Tensor] | None:
+                       weight: NF4Matrix, lora: LoraParts, round_lora_first: bool = True,
+                       following: NF4Matrix | None = None) -> tuple[torch.Tensor, torch.Tensor] | None:
     """(residual + delta, `nf4_lora_linear` of its MistralRMSNorm), the add and the norm inside the
     one-row x-table launch; None where the plan does not serve that kernel here."""
     config = _one_row_xtab(residual.shape[0], weight)
@@ -1062,7 +1092,8 @@ def nf4_after_add_norm(residual: torch.Tensor, delta: torch.Tensor, norm_weight:
         return None
     return nf4_xtab.nf4_xtab_after_add_norm(residual, delta, norm_weight, eps, weight, lora,
                                             *lora.part_starts(weight.shape[0]), round_lora_first,
-                                            config.xtab_layout, nf4_mma.code_values(weight.code))
+                                            config.xtab_layout, nf4_mma.code_values(weight.code),
+                                            next_weights=_next_weights(following))
 
 
 def matches_reference(out: torch.Tensor, reference: torch.Tensor) -> bool:
