@@ -8,8 +8,8 @@
 #   bash bench/engines_gpu.sh splits             K split across blocks and programmatic launch: their GPU
 #       tests, and run 24's served layouts with K splits timed (q/k/v, o, down; 1 and 16 rows)
 #       -> $OUT/splits*.txt
-#   bash bench/engines_gpu.sh timeline [LAYOUTS]  the x-table kernels' GPU tests, then where each layout's
-#       launches spend their time (`bench/xtab_timeline.py`, runs 36-37's layouts by default; ~4 minutes)
+#   bash bench/engines_gpu.sh timeline [LAYOUTS]  where each layout's launches spend their time
+#       (`bench/xtab_timeline.py`, runs 36-37's layouts by default), then the x-table kernels' GPU tests (~5 minutes)
 #       -> $OUT/gpu-tests.txt, $OUT/timeline.jsonl
 #   bash bench/engines_gpu.sh bench COMMIT [CASES [BENCH OPTIONS]]  the engine benchmark: the seed's literal
 #       code path, `nf4` and `fast` by default, same prompts, ratios printed (~4 minutes; options such as
@@ -44,10 +44,11 @@ case "${1:-}" in
         tail -n 3 "$out/splits-kernels.txt" | cut -c1-600
         ;;
     timeline)
-        python3 -m pytest tests/gpu -q -p no:cacheprovider -k xtab > "$out/gpu-tests.txt" 2>&1
-        tail -n 3 "$out/gpu-tests.txt"
+        # The timeline first: its figures come back even if the tests then run past the call's limit
         python3 bench/xtab_timeline.py ${2:+--layouts "$2"} > "$out/timeline.jsonl" 2>&1
         cut -c1-400 "$out/timeline.jsonl"
+        python3 -m pytest tests/gpu -q -p no:cacheprovider -k xtab > "$out/gpu-tests.txt" 2>&1
+        tail -n 3 "$out/gpu-tests.txt"
         ;;
     bench)
         commit=${2:?usage: bash bench/engines_gpu.sh bench COMMIT [CASES [OPTIONS]]}

@@ -19,7 +19,8 @@ block, and how long an SM sits between one launch's block leaving and the next o
 one for the chain: its graph time with and without the stamps.
 
     python3 bench/xtab_timeline.py [--layers 4] [--replays 20] [--layouts 16x1,16x1l2,16x1l2+next,8x2g3]
-    (by default: the tuner's 16x1 and 8x1, then `nf4_xtab.CANDIDATE_LAYOUTS`, then 16x1, 16x1l2 and 16x1l4 +next)
+    (by default: the served 16x1, run 37's L2 prefetches with and without +next, 8x1, then the other
+    `nf4_xtab.CANDIDATE_LAYOUTS`)
 """
 
 from __future__ import annotations
@@ -48,8 +49,11 @@ CYCLES = slice(1, 2 * len(POINTS), 2)
 DONE, SUMS_STORED = POINTS.index("done"), POINTS.index("sums_stored")
 assert len(POINTS) == nf4_xtab.TIMELINE_POINTS, "the kernel's STAMP points and these names differ"
 NEXT = "+next"
-DEFAULT_LAYOUTS = ",".join([layout.label for layout in (*nf4_xtab.SERVED_LAYOUTS[::-1], *nf4_xtab.CANDIDATE_LAYOUTS)]
-                           + [f"16x1{NEXT}", f"16x1l2{NEXT}", f"16x1l4{NEXT}"])
+# The served 16x1 first (the baseline), then run 37's L2 prefetches (the likeliest to fault, so that a fault
+# loses the fewest figures... and the likeliest to win), then the rest
+DEFAULT_LAYOUTS = ",".join(["16x1", f"16x1{NEXT}", "16x1l2", f"16x1l2{NEXT}", "16x1l4", f"16x1l4{NEXT}", "8x1"]
+                           + [layout.label for layout in nf4_xtab.CANDIDATE_LAYOUTS
+                              if layout.label not in ("16x1l2", "16x1l4")])
 HIDDEN, INTERMEDIATE, KV = 4096, 14336, 1024
 BANDWIDTH_BYTES_PER_US = 4.2e6  # the H200's measured copy rate, for the bytes-only time
 

@@ -128,8 +128,8 @@ SERVED_LAYOUTS = tuple(XtabLayout(warps) for warps in WARP_CHOICES)  # what the 
 # Runs 36 and 37's layouts, not yet timed nor served: the GPU tests, bench/xtab_compile_check.py and
 # bench/xtab_timeline.py take them from here
 CANDIDATE_LAYOUTS = (
-    XtabLayout(16, 1, 1), XtabLayout(8, 2, 0), XtabLayout(8, 2, 1), XtabLayout(8, 1, 3), XtabLayout(8, 2, 3),
     XtabLayout(16, 1, 0, 1), XtabLayout(16, 1, 0, 2), XtabLayout(16, 1, 0, 4), XtabLayout(8, 2, 0, 2),
+    XtabLayout(16, 1, 1), XtabLayout(8, 2, 0), XtabLayout(8, 2, 1), XtabLayout(8, 1, 3), XtabLayout(8, 2, 3),
 )
 # bench/xtab_timeline.py's stamps per block (int64): (ns, cycles) at each point, the SM last
 TIMELINE_POINTS = 9
