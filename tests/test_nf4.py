@@ -154,11 +154,11 @@ def test_the_decode_step_folds_its_element_wise_pieces_into_the_layers_launches_
     assert torch.equal(folded, separate)
 
 
-def test_each_projection_asks_for_the_weights_the_decode_step_reads_after_it(reference_model):
+def test_each_projection_asks_for_the_weights_the_decode_step_reads_after_it(reference_model, monkeypatch):
     """With `prefetch_next`, a one-row x-table launch asks the next projection's first weights into L2 as it
     finishes: q/k/v -> o -> gate/up -> down -> the next layer's q/k/v, and nothing after the last down (the
     lm_head is not NF4). Without it, nothing is asked for."""
-    from llm.serving import nf4_kernels
+    from llm.serving import nf4_kernels, nf4_xtab
     from llm.serving.nf4 import link_following
     from llm.serving.nf4_xtab import NextWeights
 
@@ -174,7 +174,10 @@ def test_each_projection_asks_for_the_weights_the_decode_step_reads_after_it(ref
         assert p["gate_up"].following is p["down"].weight
         expected = layers[index + 1].projections["qkv"].weight if index + 1 < len(layers) else None
         assert p["down"].following is expected
-    # no x-table layout serves o here (no plan, no GPU): a small following weight is asked for whole
+    # only where the prefetch instruction exists (Hopper and later; never on a CPU)
     o = layers[0].projections["o"].weight
+    assert nf4_kernels._next_weights(o) is None
+    # no x-table layout serves o here (no plan): a small following weight is asked for whole
+    monkeypatch.setattr(nf4_xtab, "prefetches_l2", lambda device: True)
     assert nf4_kernels._next_weights(o) == NextWeights.whole(o)
     assert nf4_kernels._next_weights(None) is None

@@ -223,7 +223,7 @@ WHOLE_NEXT_WEIGHTS_BYTES = 16 << 20
 def _next_weights(following: NF4Matrix | None) -> nf4_xtab.NextWeights | None:
     """What a one-row x-table launch asks into L2 for the projection after it (`NF4Projection.following`):
     the rows its own x-table launch loads before its wait, or the whole of a small one served otherwise."""
-    if following is None:
+    if following is None or not nf4_xtab.prefetches_l2(following.packed.device):
         return None
     config = PLAN.get(1, *following.shape)
     if config is not None and config.kind == "xtab":

@@ -690,9 +690,18 @@ def available(device: torch.device | str) -> bool:
 
 
 def fits(device: torch.device | str, layout: XtabLayout) -> bool:
-    """This layout's shared memory fits a block on `device`."""
-    optin = getattr(torch.cuda.get_device_properties(torch.device(device)), "shared_memory_per_block_optin", 0)
-    return optin >= layout.shared_bytes + STATIC_SHARED_BYTES
+    """This layout's shared memory fits a block on `device`, and its L2 prefetches (if any) exist there."""
+    properties = torch.cuda.get_device_properties(torch.device(device))
+    if layout.prefetched and not prefetches_l2(device):
+        return False
+    return getattr(properties, "shared_memory_per_block_optin", 0) >= layout.shared_bytes + STATIC_SHARED_BYTES
+
+
+def prefetches_l2(device: torch.device | str) -> bool:
+    """`cp.async.bulk.prefetch.L2` (the `prefetched` layouts, `NextWeights`) is Hopper's (sm_90) and later: a
+    kernel with it compiles nowhere else (and one failed compile turns every x-table kernel off)."""
+    device = torch.device(device)
+    return device.type == "cuda" and torch.cuda.get_device_capability(device) >= (9, 0)
 
 
 def sm_count(device: torch.device) -> int:
