@@ -12,14 +12,14 @@ global timer and its SM's cycle counter at nine points (warp 0's view where no b
 
 Prints, for each layout (`nf4_xtab.XtabLayout`: warps per block x row groups of weights in flight per
 warp, then row groups per warp copied into shared memory and prefetched into L2 before the wait: `16x1`,
-`8x2`, `16x1g1`, `16x1l2`; with `+next`, every launch also asks the next one's first weights into L2 while
+`8x2`, `16x1g1`, `16x1l2`, `16x1l2r` (rolling); with `+next`, every launch also asks the next one's first weights into L2 while
 it finishes: `nf4_xtab.NextWeights`), one JSON line
 per projection (microseconds; medians over layers and replays of each launch's median and slowest
 block, and how long an SM sits between one launch's block leaving and the next one's arriving) and
 one for the chain: its graph time with and without the stamps.
 
     python3 bench/xtab_timeline.py [--layers 4] [--replays 20] [--layouts 16x1,16x1l2,16x1l2+next,8x2g3]
-    (by default: the served 16x1, run 37's L2 prefetches with and without +next, 8x1, then the other
+    (by default: the served 16x1, run 37's L2 prefetches (up front, rolling, +next), 8x1, then the other
     `nf4_xtab.CANDIDATE_LAYOUTS`)
 """
 
@@ -51,9 +51,10 @@ assert len(POINTS) == nf4_xtab.TIMELINE_POINTS, "the kernel's STAMP points and t
 NEXT = "+next"
 # The served 16x1 first (the baseline), then run 37's L2 prefetches (the likeliest to fault, so that a fault
 # loses the fewest figures... and the likeliest to win), then the rest
-DEFAULT_LAYOUTS = ",".join(["16x1", f"16x1{NEXT}", "16x1l2", f"16x1l2{NEXT}", "16x1l4", f"16x1l4{NEXT}", "8x1"]
-                           + [layout.label for layout in nf4_xtab.CANDIDATE_LAYOUTS
-                              if layout.label not in ("16x1l2", "16x1l4")])
+FIRST_LAYOUTS = ["16x1", f"16x1{NEXT}", "16x1l2", "16x1l2r", f"16x1l2{NEXT}", f"16x1l2r{NEXT}", "16x1l4", "16x1l4r",
+                 f"16x1l4r{NEXT}", "8x1"]
+DEFAULT_LAYOUTS = ",".join(FIRST_LAYOUTS + [layout.label for layout in nf4_xtab.CANDIDATE_LAYOUTS
+                                            if layout.label not in FIRST_LAYOUTS])
 HIDDEN, INTERMEDIATE, KV = 4096, 14336, 1024
 BANDWIDTH_BYTES_PER_US = 4.2e6  # the H200's measured copy rate, for the bytes-only time
 
@@ -244,7 +245,7 @@ def main() -> None:
     parser.add_argument("--layers", type=int, default=4, help="random layers chained (default 4: past the L2)")
     parser.add_argument("--replays", type=int, default=20, help="stamped replays summarized (default 20)")
     parser.add_argument("--layouts", default=DEFAULT_LAYOUTS,
-                        help="WARPSxAHEAD[gSTAGED][lPREFETCHED][+next], comma-separated: warps per block x row groups "
+                        help="WARPSxAHEAD[gSTAGED][lPREFETCHED][r][+next], comma-separated: warps per block x row groups "
                              "in flight, row groups staged in shared memory and prefetched into L2, and whether each "
                              "launch prefetches the next one's first weights "
                              f"(served: 16x1; default {DEFAULT_LAYOUTS})")

@@ -156,13 +156,18 @@ def _rows_covered(ranges: list[tuple[int, int]], buffer: torch.Tensor) -> tuple[
 
 # (parts, K, chunks, layout, rows of each chunk prefetched): the first groups are loaded into registers
 # (and the stage) before the wait, so the prefetch starts after them: one group per warp on 8 warps is
-# 256 rows; with a stage of one and two ahead, 768. A prefetch past the chunk's end stops at it.
+# 256 rows; with a stage of one and two ahead, 768. A prefetch past the chunk's end stops at it. A
+# rolling one asks for the rest of the chunk as the warps go.
 @pytest.mark.parametrize(("parts", "k", "chunks", "layout", "rows"),
                          [([320, 320], 256, 1, XtabLayout(8, 1, 0, 2), range(256, 640)),
                           ([512, 512], 512, 1, XtabLayout(8, 1, 0, 1), range(256, 512)),
                           ([640, 640], 512, 2, XtabLayout(8, 2, 1, 1), range(768, 640)),
                           ([1024, 1024], 256, 1, XtabLayout(8, 2, 1, 1), range(768, 1024)),
-                          ([768, 768], 512, 2, XtabLayout(16, 1, 0, 1), range(512, 768))],
+                          ([768, 768], 512, 2, XtabLayout(16, 1, 0, 1), range(512, 768)),
+                          # rolling: the rest of each chunk too, as the groups start (here 20 and 16 groups)
+                          ([320, 320], 256, 1, XtabLayout(8, 1, 0, 1, True), range(256, 640)),
+                          ([1024, 1024], 256, 2, XtabLayout(8, 2, 1, 1, True), range(768, 1024)),
+                          ([1536, 1536], 256, 1, XtabLayout(8, 2, 1, 1, True), range(768, 3072))],
                          ids=lambda v: v.label if isinstance(v, XtabLayout) else None)
 def test_the_next_row_groups_are_prefetched_into_l2_once_each(tmp_path_factory, parts, k, chunks, layout, rows):
     """Each chunk's next rows after those loaded before the wait, weights and absmax, every byte asked
@@ -292,6 +297,7 @@ def test_layouts_are_named_by_their_labels():
     for layout in (*nf4_xtab.SERVED_LAYOUTS, *nf4_xtab.CANDIDATE_LAYOUTS):
         assert XtabLayout.parse(layout.label) == layout
     assert XtabLayout.parse("16x1l2") == XtabLayout(16, 1, 0, 2)
-    for bad in ("16", "16x3", "12x1", "16x1l3", "8x1g4", "16x1 l2"):
+    assert XtabLayout.parse("8x2g1l1r") == XtabLayout(8, 2, 1, 1, rolling=True)
+    for bad in ("16", "16x3", "12x1", "16x1l3", "8x1g4", "16x1 l2", "16x1r", "16x1rl2"):
         with pytest.raises(ValueError):
             XtabLayout.parse(bad)

@@ -91,6 +91,7 @@ class NF4Config:
     k_splits: int = 1  # mma: blocks per feature tile, each over a part of K ("k2".."k8")
     staged_groups: int = 0  # xtab: each warp's first row groups copied into shared memory before the wait ("g1".."g3")
     prefetched_groups: int = 0  # xtab: row groups per warp brought into L2 before the wait ("l1".."l4")
+    rolling_prefetch: bool = False  # xtab: and as many kept on their way into L2 to the end ("r")
 
     @property
     def dot(self) -> bool:
@@ -103,12 +104,14 @@ class NF4Config:
         suffix += f"k{self.k_splits}" if self.k_splits > 1 else ""
         suffix += f"g{self.staged_groups}" if self.staged_groups else ""
         suffix += f"l{self.prefetched_groups}" if self.prefetched_groups else ""
+        suffix += "r" if self.rolling_prefetch else ""
         return f"{self.kind}_{self.block_n}x{self.block_k}w{self.num_warps}s{self.num_stages}{suffix}"
 
     @property
     def xtab_layout(self) -> nf4_xtab.XtabLayout:
         """An x-table configuration's layout (num_stages is its row groups ahead)."""
-        return nf4_xtab.XtabLayout(self.num_warps, self.num_stages, self.staged_groups, self.prefetched_groups)
+        return nf4_xtab.XtabLayout(self.num_warps, self.num_stages, self.staged_groups, self.prefetched_groups,
+                                   self.rolling_prefetch)
 
     def fits_kernel(self, rows: int, rank: int) -> bool:
         """Whether its kernel exists for `rows` rows of x and this LoRA rank: a tensor-core kernel's
@@ -202,7 +205,7 @@ def k_split_variants(config: NF4Config, n: int, k: int, boundaries: Sequence[int
 # warp's 32-row group, block_k the 256-input slice.
 def _xtab_config(layout: nf4_xtab.XtabLayout) -> NF4Config:
     return NF4Config(nf4_xtab.ROW_GROUP, nf4_xtab.SLICE, layout.warps, layout.ahead, kind="xtab",
-                     staged_groups=layout.staged, prefetched_groups=layout.prefetched)
+                     staged_groups=layout.staged, prefetched_groups=layout.prefetched, rolling_prefetch=layout.rolling)
 
 
 XTAB_CONFIGS = tuple(_xtab_config(layout) for layout in nf4_xtab.SERVED_LAYOUTS)

@@ -37,7 +37,8 @@ AHEAD 2 keeps a warp's loads two row groups ahead of its lookups (8 warps' regis
 warp's first g row groups into the shared memory past the table before the wait (`cp.async`), PREFETCHED p
 asks for the next p row groups per warp to be brought into L2 before the wait (one bulk prefetch per lane of
 the first warp: no registers, no shared memory), so that more of the weights stream in while x is awaited and
-tabulated (run 36: the memory is mostly idle for those ~5 us of each launch). All sum the same values in the
+tabulated (run 36: the memory is mostly idle for those ~5 us of each launch); ROLLING then keeps p groups per
+warp on their way into L2 to the end (a 128-byte prefetch per lane as each group starts). All sum the same values in the
 same order as the plain layout.
 A timeline build (`timeline`) stamps each block's phases for bench/xtab_timeline.py.
 
@@ -85,18 +86,21 @@ PREPS = (PLAIN, SILU_MUL, ADD_NORM)
 class XtabLayout:
     """How a launch keeps weights on the way: warps per block, row groups a warp's loads run ahead of its
     lookups (`ahead`), row groups per warp copied into shared memory before the wait (`staged`) and brought
-    into L2 before it (`prefetched`)."""
+    into L2 before it (`prefetched`); `rolling`: as each of its row groups starts, a warp also asks the one
+    `prefetched` groups past the last loaded into L2, so that as many stay on the way to the end."""
 
     warps: int = 16
     ahead: int = 1
     staged: int = 0
     prefetched: int = 0
+    rolling: bool = False
 
     @property
     def label(self) -> str:
-        """"16x1", "8x2g3", "16x1l2": warps x groups ahead, then the groups staged and prefetched (if any)."""
+        """"16x1", "8x2g3", "16x1l2", "16x1l2r": warps x groups ahead, then the groups staged and prefetched (if
+        any), and "r" for rolling."""
         return (f"{self.warps}x{self.ahead}" + (f"g{self.staged}" if self.staged else "")
-                + (f"l{self.prefetched}" if self.prefetched else ""))
+                + (f"l{self.prefetched}" if self.prefetched else "") + ("r" if self.rolling else ""))
 
     @property
     def shared_bytes(self) -> int:
@@ -106,21 +110,22 @@ class XtabLayout:
     @property
     def valid(self) -> bool:
         return (self.warps in WARP_CHOICES and self.ahead in AHEAD_CHOICES and self.staged in STAGED_CHOICES
-                and self.prefetched in PREFETCHED_CHOICES
+                and self.prefetched in PREFETCHED_CHOICES and (self.prefetched > 0 or not self.rolling)
                 and self.shared_bytes + STATIC_SHARED_BYTES <= SHARED_OPTIN_LIMIT)
 
     @classmethod
     def parse(cls, label: str) -> XtabLayout:
-        """The layout a `label` names ("16x1", "8x2g3", "16x1l2"); ValueError for anything else."""
-        match = re.fullmatch(r"(\d+)x(\d+)(?:g(\d+))?(?:l(\d+))?", label.strip())
+        """The layout a `label` names ("16x1", "8x2g3", "16x1l2r"); ValueError for anything else."""
+        match = re.fullmatch(r"(\d+)x(\d+)(?:g(\d+))?(?:l(\d+))?(r?)", label.strip())
         if match is None:
-            raise ValueError(f"{label!r} is not a layout (WARPSxAHEAD[gSTAGED][lPREFETCHED], e.g. 16x1 or 8x2g3)")
-        warps, ahead, staged, prefetched = (int(v) if v else 0 for v in match.groups())
-        layout = cls(warps, ahead, staged, prefetched)
+            raise ValueError(f"{label!r} is not a layout (WARPSxAHEAD[gSTAGED][lPREFETCHED][r], e.g. 16x1 or 8x2g3)")
+        warps, ahead, staged, prefetched = (int(v) if v else 0 for v in match.groups()[:4])
+        layout = cls(warps, ahead, staged, prefetched, rolling=match[5] == "r")
         if not layout.valid:
             raise ValueError(f"no layout {label!r}: warps one of {WARP_CHOICES}, ahead one of {AHEAD_CHOICES}, "
-                             f"staged one of {STAGED_CHOICES}, prefetched one of {PREFETCHED_CHOICES}, and the "
-                             f"table and the stage within {SHARED_OPTIN_LIMIT} bytes of shared memory")
+                             f"staged one of {STAGED_CHOICES}, prefetched one of {PREFETCHED_CHOICES} (at least 1 "
+                             f"when rolling), and the table and the stage within {SHARED_OPTIN_LIMIT} bytes of "
+                             "shared memory")
         return layout
 
 
@@ -128,7 +133,8 @@ SERVED_LAYOUTS = tuple(XtabLayout(warps) for warps in WARP_CHOICES)  # what the 
 # Runs 36 and 37's layouts, not yet timed nor served: the GPU tests, bench/xtab_compile_check.py and
 # bench/xtab_timeline.py take them from here
 CANDIDATE_LAYOUTS = (
-    XtabLayout(16, 1, 0, 1), XtabLayout(16, 1, 0, 2), XtabLayout(16, 1, 0, 4), XtabLayout(8, 2, 0, 2),
+    XtabLayout(16, 1, 0, 1), XtabLayout(16, 1, 0, 2), XtabLayout(16, 1, 0, 4), XtabLayout(16, 1, 0, 1, True),
+    XtabLayout(16, 1, 0, 2, True), XtabLayout(16, 1, 0, 4, True), XtabLayout(8, 2, 0, 2), XtabLayout(8, 2, 0, 2, True),
     XtabLayout(16, 1, 1), XtabLayout(8, 2, 0), XtabLayout(8, 2, 1), XtabLayout(8, 1, 3), XtabLayout(8, 2, 3),
 )
 # bench/xtab_timeline.py's stamps per block (int64): (ns, cycles) at each point, the SM last
@@ -459,11 +465,26 @@ nf4_xtab_kernel(const u32* __restrict__ words, const float* __restrict__ absmax,
                 v[i] = keep + __shfl_xor_sync(0xFFFFFFFFu, send, mask);
             }
         };
+#if ROLLING
+        // (`words` is a register array inside sum_group)
+        const u32* const slice_words = words + (size_t)row0 * ROW_WORDS + slice * 32;
+        const float* const slice_absmax = absmax + (size_t)row0 * ROW_BLOCKS + slice * 4;
+#endif
         // One row group: from the registers `words`, which then load group `refill_group` if there is one
         // while it computes, or (`from_stage`, a literal at each call) from the stage, where this lane's
         // word of row j is staged[j * 32]. (A plain lambda: NVRTC compiles a generic one as host code.)
         auto sum_group = [&](u32 (&words)[32], const u32* staged, bool from_stage, int group, int refill_group) {
             const int next = group + WARPS;
+#if ROLLING
+            // the warp's group (STAGED + AHEAD + PREFETCHED) past this one into L2: lane j its row j's 128 bytes
+            // and 4 absmax (the groups before it are loaded, staged or asked for already)
+            const int rolled = group + (STAGED + AHEAD + PREFETCHED) * WARPS;
+            if (rolled < groups) {
+                const size_t row = (size_t)rolled * 32 + lane;  // of the chunk
+                prefetch_l2(slice_words + row * ROW_WORDS, 128u);
+                prefetch_l2(slice_absmax + row * ROW_BLOCKS, 16u);
+            }
+#endif
             float next_scale[4];
             if (next < groups) {
 #pragma unroll
@@ -621,7 +642,8 @@ def source(code: Sequence[float], k: int, rank: int, chunks: int, prep: int = PL
     values = ", ".join(f"{struct.unpack('<f', struct.pack('<f', float(v)))[0].hex()}f" for v in code)
     header = (f"#define KDIM {k}\n#define WARPS {layout.warps}\n#define RANK {rank}\n#define CHUNKS {chunks}\n"
               f"#define XPREP {prep}\n#define AHEAD {layout.ahead}\n#define STAGED {layout.staged}\n"
-              f"#define PREFETCHED {layout.prefetched}\n#define PREFETCH_NEXT {int(prefetch_next)}\n"
+              f"#define PREFETCHED {layout.prefetched}\n#define ROLLING {int(layout.rolling)}\n"
+              f"#define PREFETCH_NEXT {int(prefetch_next)}\n"
               + (f"#define NF4_TIMELINE 1\n#define TIMELINE_SLOTS {TIMELINE_SLOTS}\n" if timeline else "")
               + f"__device__ __constant__ float CODE_TABLE[16] = {{{values}}};\n#define CODE CODE_TABLE\n")
     return header + DEVICE_HELPERS + _SOURCE
