@@ -38,8 +38,9 @@ warp's first g row groups into the shared memory past the table before the wait 
 asks for the next p row groups per warp to be brought into L2 before the wait (one bulk prefetch per lane of
 the first warp: no registers, no shared memory), so that more of the weights stream in while x is awaited and
 tabulated (run 36: the memory is mostly idle for those ~5 us of each launch); ROLLING then keeps p groups per
-warp on their way into L2 to the end (a 128-byte prefetch per lane as each group starts). All sum the same values in the
-same order as the plain layout.
+warp on their way into L2 to the end (a 128-byte prefetch per lane as each group starts). A launch may also
+ask the next launch's first weights into L2 while its blocks wait for each other (`NextWeights`). All sum the
+same values in the same order as the plain layout.
 A timeline build (`timeline`) stamps each block's phases for bench/xtab_timeline.py.
 
 tests/test_nf4_xtab_emulated.py runs this CUDA text on the CPU (tests/fakes/cuda_emulation.hpp, both
@@ -682,7 +683,6 @@ class NextWeights:
             raise ValueError(f"cannot prefetch {self.regions} x {self.region_rows} rows of a {n} x {k} weight "
                              "(16-byte aligned bytes and absmax, whole rows in equal parts)")
         return [self.weight.packed, self.weight.absmax, self.regions, self.region_rows, n // self.regions, k // 2]
-
 
 
 def chunks_for(n: int, k: int, sms: int) -> int | None:
