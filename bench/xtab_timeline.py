@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import sys
 from collections.abc import Callable
@@ -90,9 +91,11 @@ class Chain:
              for name, p in layer.items()}
             for layer in self.layers]
 
+    def chunks(self, projection: NF4Projection) -> int:
+        return nf4_xtab.chunks_for(*projection.weight.shape, self.sms)
+
     def blocks(self, projection: NF4Projection) -> int:
-        n, k = projection.weight.shape
-        return k // nf4_xtab.SLICE * nf4_xtab.chunks_for(n, k, self.sms)
+        return projection.weight.shape[1] // nf4_xtab.SLICE * self.chunks(projection)
 
     def next_weights(self, index: int, name: str) -> nf4_xtab.NextWeights | None:
         """With `prefetch_next`: what the launch after layer `index`'s `name` holds before its wait (after the
@@ -257,6 +260,16 @@ def main() -> None:
         sys.exit("xtab_timeline: --layers and --replays must be at least 1")
 
     chain = Chain(args.layers)
+    # every kernel the layouts launch, plain and stamped, compiled on all cores first (one at a time: minutes)
+    device = torch.device("cuda")
+    requests = [(chain.code, device, projection.weight.shape[1], projection.lora.rank, chain.chunks(projection),
+                 prep, layout, stamped, prefetch_next)
+                for layout, prefetch_next in chosen if nf4_xtab.fits(device, layout)
+                for projection, prep in ((chain.layers[0]["qkv"], nf4_xtab.ADD_NORM),
+                                         (chain.layers[0]["gate_up"], nf4_xtab.ADD_NORM),
+                                         (chain.layers[0]["down"], nf4_xtab.SILU_MUL))
+                for stamped in (False, True)]
+    nf4_xtab.precompile(requests, threads=os.cpu_count() or 1)
     outputs: dict[int, torch.Tensor] = {}
     for layout, prefetch_next in chosen:
         if not nf4_xtab.fits("cuda", layout):

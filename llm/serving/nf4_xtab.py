@@ -736,11 +736,11 @@ def _key(code: tuple[float, ...], device: torch.device, k: int, rank: int, chunk
             + (("prefetch_next",) if prefetch_next else ()))
 
 
-def precompile(requests: Sequence[tuple[tuple[float, ...], torch.device, int, int, int, int, XtabLayout]],
-               threads: int) -> int:
-    """Compile the kernels of `requests` ((code, device, k, rank, chunks, prep, layout), as `_kernel`
-    takes them) on `threads` threads at once, as `llm.serving.nf4_mma.precompile` does for its own;
-    returns how many. A kernel that fails here compiles (and reports) at its first launch instead."""
+def precompile(requests: Sequence[tuple], threads: int) -> int:
+    """Compile the kernels of `requests` ((code, device, k, rank, chunks, prep, layout[, timeline[,
+    prefetch_next]]), as `_kernel` takes them) on `threads` threads at once, as `llm.serving.nf4_mma.precompile`
+    does for its own; returns how many. A kernel that fails here compiles (and reports) at its first launch
+    instead."""
     from llm.serving.nf4_mma import _nvrtc_steps
 
     steps = _nvrtc_steps()
@@ -750,10 +750,10 @@ def precompile(requests: Sequence[tuple[tuple[float, ...], torch.device, int, in
     nvrtc_compile, load_module = steps
 
     def compile_one(request: tuple) -> tuple[bytes, str] | Exception:
-        code, device, k, rank, chunks, prep, layout = request
+        code, device, k, rank, chunks, prep, layout, *builds = request
         capability = "{}{}".format(*torch.cuda.get_device_capability(device))
         try:
-            return nvrtc_compile(source(code, k, rank, chunks, prep, layout), "nf4_xtab_kernel",
+            return nvrtc_compile(source(code, k, rank, chunks, prep, layout, *builds), "nf4_xtab_kernel",
                                  compute_capability=capability)
         except Exception as error:  # noqa: BLE001 - compiled again (and reported) at its first launch
             return error
