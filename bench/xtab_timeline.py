@@ -30,7 +30,6 @@ import json
 import os
 import statistics
 import sys
-from collections.abc import Callable
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -40,7 +39,7 @@ import torch  # noqa: E402
 
 from llm.serving import nf4_mma, nf4_xtab  # noqa: E402
 from llm.serving.nf4 import NF4Projection  # noqa: E402
-from llm.serving.triton_kernels import graph_time_ms  # noqa: E402
+from llm.serving.triton_kernels import captured_graph, graph_time_ms  # noqa: E402
 
 POINTS = ("entry", "x_ready", "x_prepared", "table_written", "lora_a_summed", "tabulated", "sums_stored",
           "barrier_passed", "done")
@@ -127,15 +126,6 @@ class Chain:
         return delta
 
 
-def captured(function: Callable[[], None]) -> torch.cuda.CUDAGraph:
-    function()
-    torch.cuda.synchronize()
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        function()
-    return graph
-
-
 def launch_records(chain: Chain) -> list[tuple[str, torch.Tensor]]:
     """(projection, stamps [blocks, slots] on the CPU) of every launch, in launch order."""
     return [(name, stamps[name].cpu()) for stamps in chain.stamps for name in ("qkv", "gate_up", "down")]
@@ -202,7 +192,7 @@ def measure_layout(chain: Chain, layout: nf4_xtab.XtabLayout, prefetch_next: boo
                  "prefetch_next": prefetch_next}
     plain_ms = graph_time_ms(lambda: chain.run(False), 20)
     stamped_ms = graph_time_ms(lambda: chain.run(True), 20)
-    graph = captured(lambda: chain.run(True))
+    graph = captured_graph(lambda: chain.run(True))
     for _ in range(3):
         graph.replay()
     rows: list[list[dict]] = []

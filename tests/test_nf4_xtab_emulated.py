@@ -298,6 +298,20 @@ def test_layouts_are_named_by_their_labels():
         assert XtabLayout.parse(layout.label) == layout
     assert XtabLayout.parse("16x1l2") == XtabLayout(16, 1, 0, 2)
     assert XtabLayout.parse("8x2g1l1r") == XtabLayout(8, 2, 1, 1, rolling=True)
+    # the tuner's configuration of a layout: named after it, and giving it back
+    config = nf4_kernels._xtab_config(XtabLayout.parse("8x2g1l1r"))
+    assert config.label == "xtab_32x256w8s2g1l1r" and config.xtab_layout == XtabLayout(8, 2, 1, 1, rolling=True)
+    assert [c.label for c in nf4_kernels.XTAB_CONFIGS] == ["xtab_32x256w8s1", "xtab_32x256w16s1"]  # served, as before
     for bad in ("16", "16x3", "12x1", "16x1l3", "8x1g4", "16x1 l2", "16x1r", "16x1rl2"):
         with pytest.raises(ValueError):
             XtabLayout.parse(bad)
+
+
+def test_a_prefetching_layout_where_the_instruction_is_missing_is_the_callers_error():
+    """L2 prefetches need sm_90: asking for them elsewhere is refused in one line, before any compile, and
+    the x-table kernels stay available (a failed compile would turn them all off)."""
+    for layout, prefetch_next in ((XtabLayout(8, 1, 0, 1), False), (XtabLayout(8), True)):
+        with pytest.raises(ValueError, match="needs sm_90"):
+            nf4_xtab._kernel(tuple(NF4_CODE), torch.device("cpu"), 256, RANK, 1, nf4_xtab.PLAIN, layout,
+                             prefetch_next=prefetch_next)
+    assert nf4_xtab._DISABLED is None

@@ -89,9 +89,9 @@ class NF4Config:
     fuse_a: bool = False  # mma: the LoRA A product in the same launch (`nf4_mma.nf4_mma_linear`)
     shared_lookups: int = 0  # mma: a lane's absmax blocks per group decoded through shared memory ("t1".."t4")
     k_splits: int = 1  # mma: blocks per feature tile, each over a part of K ("k2".."k8")
-    staged_groups: int = 0  # xtab: each warp's first row groups copied into shared memory before the wait ("g1".."g3")
-    prefetched_groups: int = 0  # xtab: row groups per warp brought into L2 before the wait ("l1".."l4")
-    rolling_prefetch: bool = False  # xtab: and as many kept on their way into L2 to the end ("r")
+    # xtab: the launch's layout (its warps and row groups ahead are num_warps and num_stages; the rest is the
+    # label's suffix, e.g. "g1", "l2r")
+    layout: nf4_xtab.XtabLayout | None = None
 
     @property
     def dot(self) -> bool:
@@ -102,16 +102,15 @@ class NF4Config:
         suffix = ("x" if self.xperm else "") + ("p" if self.prefetch_x else "") + ("f" if self.fuse_a else "")
         suffix += f"t{self.shared_lookups}" if self.shared_lookups else ""
         suffix += f"k{self.k_splits}" if self.k_splits > 1 else ""
-        suffix += f"g{self.staged_groups}" if self.staged_groups else ""
-        suffix += f"l{self.prefetched_groups}" if self.prefetched_groups else ""
-        suffix += "r" if self.rolling_prefetch else ""
+        suffix += self.layout.extras if self.layout is not None else ""
         return f"{self.kind}_{self.block_n}x{self.block_k}w{self.num_warps}s{self.num_stages}{suffix}"
 
     @property
     def xtab_layout(self) -> nf4_xtab.XtabLayout:
-        """An x-table configuration's layout (num_stages is its row groups ahead)."""
-        return nf4_xtab.XtabLayout(self.num_warps, self.num_stages, self.staged_groups, self.prefetched_groups,
-                                   self.rolling_prefetch)
+        """An x-table configuration's layout."""
+        if self.layout is None:
+            raise ValueError(f"{self.label} is not an x-table configuration")
+        return self.layout
 
     def fits_kernel(self, rows: int, rank: int) -> bool:
         """Whether its kernel exists for `rows` rows of x and this LoRA rank: a tensor-core kernel's
@@ -204,8 +203,7 @@ def k_split_variants(config: NF4Config, n: int, k: int, boundaries: Sequence[int
 # per block, num_stages the row groups of weights each warp has in flight (`ahead`); block_n is the
 # warp's 32-row group, block_k the 256-input slice.
 def _xtab_config(layout: nf4_xtab.XtabLayout) -> NF4Config:
-    return NF4Config(nf4_xtab.ROW_GROUP, nf4_xtab.SLICE, layout.warps, layout.ahead, kind="xtab",
-                     staged_groups=layout.staged, prefetched_groups=layout.prefetched, rolling_prefetch=layout.rolling)
+    return NF4Config(nf4_xtab.ROW_GROUP, nf4_xtab.SLICE, layout.warps, layout.ahead, kind="xtab", layout=layout)
 
 
 XTAB_CONFIGS = tuple(_xtab_config(layout) for layout in nf4_xtab.SERVED_LAYOUTS)

@@ -98,10 +98,14 @@ class XtabLayout:
 
     @property
     def label(self) -> str:
-        """"16x1", "8x2g3", "16x1l2", "16x1l2r": warps x groups ahead, then the groups staged and prefetched (if
-        any), and "r" for rolling."""
-        return (f"{self.warps}x{self.ahead}" + (f"g{self.staged}" if self.staged else "")
-                + (f"l{self.prefetched}" if self.prefetched else "") + ("r" if self.rolling else ""))
+        """"16x1", "8x2g3", "16x1l2", "16x1l2r": warps x groups ahead, then `extras`."""
+        return f"{self.warps}x{self.ahead}{self.extras}"
+
+    @property
+    def extras(self) -> str:
+        """The groups staged and prefetched (if any), and "r" for rolling: "", "g3", "l2r"."""
+        return ((f"g{self.staged}" if self.staged else "") + (f"l{self.prefetched}" if self.prefetched else "")
+                + ("r" if self.rolling else ""))
 
     @property
     def shared_bytes(self) -> int:
@@ -331,11 +335,17 @@ nf4_xtab_kernel(const u32* __restrict__ words, const float* __restrict__ absmax,
     const int groups = chunk_rows / 32;
 
     if (phases & 1) {
-        const u32* lane_words = words + (size_t)row0 * ROW_WORDS + slice * 32 + lane;
+        // This block's 128-byte column of the chunk's rows (row r at slice_words + r * ROW_WORDS), and its 4
+        // absmax a row, for the stage and the rolling prefetch (inside sum_group, `words` is a register
+        // array); lane L reads word L of it. (lane_words and lane_absmax keep their own arithmetic: written
+        // from these, the served kernels' machine code changes.)
+        const u32* const slice_words = words + (size_t)row0 * ROW_WORDS + slice * 32;
+        const float* const slice_absmax = absmax + (size_t)row0 * ROW_BLOCKS + slice * 4;
+        const u32* const lane_words = words + (size_t)row0 * ROW_WORDS + slice * 32 + lane;
         // Lane (hi2, lo3): the 64-value absmax block hi2 of this slice; after the first half of the
         // reduce-scatter it holds rows 4 lo3 .. 4 lo3 + 3 of the group, summed over its block's 8 lanes
         const int hi2 = lane >> 3, lo3 = lane & 7;
-        const float* lane_absmax = absmax + (size_t)(row0 + 4 * lo3) * ROW_BLOCKS + slice * 4 + hi2;
+        const float* const lane_absmax = absmax + (size_t)(row0 + 4 * lo3) * ROW_BLOCKS + slice * 4 + hi2;
         // Everything that does not depend on the kernel before this one is loaded before waiting for
         // it: the first row groups' weights (STAGED of them into shared memory, then one, or with
         // AHEAD 2 two, into registers), the first absmax, the first LoRA A rank and the norm weights.
@@ -345,7 +355,6 @@ nf4_xtab_kernel(const u32* __restrict__ words, const float* __restrict__ absmax,
         {
             // 256 16-byte pieces per group, 8 per lane: piece lane + 32 i is bytes 16 (lane & 7).. of row
             // (lane >> 3) + 4 i
-            const u32* warp_words = words + (size_t)row0 * ROW_WORDS + slice * 32;
 #pragma unroll
             for (int s = 0; s < STAGED; ++s) {
                 const int group = warp + s * WARPS;
@@ -354,7 +363,7 @@ nf4_xtab_kernel(const u32* __restrict__ words, const float* __restrict__ absmax,
                     for (int i = 0; i < 8; ++i) {
                         const int row = (lane >> 3) + 4 * i, part = lane & 7;
                         copy16_async(stage + s * 1024 + row * 32 + part * 4,
-                                     warp_words + (size_t)(group * 32 + row) * ROW_WORDS + part * 4);
+                                     slice_words + (size_t)(group * 32 + row) * ROW_WORDS + part * 4);
                     }
                 }
             }
@@ -466,11 +475,6 @@ nf4_xtab_kernel(const u32* __restrict__ words, const float* __restrict__ absmax,
                 v[i] = keep + __shfl_xor_sync(0xFFFFFFFFu, send, mask);
             }
         };
-#if ROLLING
-        // (`words` is a register array inside sum_group)
-        const u32* const slice_words = words + (size_t)row0 * ROW_WORDS + slice * 32;
-        const float* const slice_absmax = absmax + (size_t)row0 * ROW_BLOCKS + slice * 4;
-#endif
         // One row group: from the registers `words`, which then load group `refill_group` if there is one
         // while it computes, or (`from_stage`, a literal at each call) from the stage, where this lane's
         // word of row j is staged[j * 32]. (A plain lambda: NVRTC compiles a generic one as host code.)
@@ -782,6 +786,10 @@ def _kernel(code: tuple[float, ...], device: torch.device, k: int, rank: int, ch
     if key not in _KERNELS:
         if _DISABLED is not None:
             raise XtabUnavailable(_DISABLED)
+        if (layout.prefetched or prefetch_next) and not prefetches_l2(device):
+            # the caller's mistake, not a reason to turn the family off (as a failed compile would)
+            raise ValueError(f"the x-table layout {layout.label}{' with NextWeights' if prefetch_next else ''} "
+                             "prefetches into L2, which needs sm_90 or later")
         try:
             with torch.cuda.device(device):
                 kernel = torch.cuda._compile_kernel(source(code, k, rank, chunks, prep, layout, timeline, prefetch_next),

@@ -224,14 +224,20 @@ def rope_kv_write(
     return q
 
 
-def graph_time_ms(fn: Callable[[], object], replays: int = 10) -> float:
-    """Median time of one replay of a CUDA graph of `fn` (launch gaps excluded, as in decode; the tuners
-    here and in `llm.serving.nf4_kernels`, and the kernel benches, time with it)."""
-    fn()  # compile / pick algorithms outside the capture
+def captured_graph(fn: Callable[[], object]) -> torch.cuda.CUDAGraph:
+    """A CUDA graph of `fn`, run once eagerly first (compiles and algorithm choices outside the capture)."""
+    fn()
     torch.cuda.synchronize()
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
         fn()
+    return graph
+
+
+def graph_time_ms(fn: Callable[[], object], replays: int = 10) -> float:
+    """Median time of one replay of a CUDA graph of `fn` (launch gaps excluded, as in decode; the tuners
+    here and in `llm.serving.nf4_kernels`, and the kernel benches, time with it)."""
+    graph = captured_graph(fn)
     for _ in range(2):
         graph.replay()
     times = []
