@@ -632,7 +632,14 @@ def main() -> None:
                              "default: the served ones)")
     parser.add_argument("--nf4-prefetch-next", action="store_true",
                         help="nf4: each one-row x-table launch asks the next projection's first weights into L2")
+    parser.add_argument("--nf4-serial-prompt-lora", action="store_true",
+                        help="nf4: a prompt's LoRA products one after the other with its base product (before run 38), "
+                             "not beside it on a second stream")
     args = parser.parse_args()
+    if args.nf4_serial_prompt_lora:
+        from llm.serving import nf4_kernels
+
+        nf4_kernels.PROMPT_LORA_BESIDE = False
     if args.xtab_layouts:
         from llm.serving import nf4_kernels, nf4_xtab
 
@@ -650,6 +657,7 @@ def main() -> None:
         "case": "meta", "commit": args.commit, "device": device_name,
         "date": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"), "torch": torch.__version__,
         "xtab_layouts": args.xtab_layouts or "served", "nf4_prefetch_next": args.nf4_prefetch_next,
+        "nf4_prompt_lora_beside": not args.nf4_serial_prompt_lora,
     }
     try:
         import bitsandbytes

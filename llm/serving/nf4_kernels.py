@@ -963,9 +963,52 @@ def lora_a_prompt(x: torch.Tensor, lora: LoraParts) -> torch.Tensor:
     return partial[0] if splits == 1 else partial.sum(0)
 
 
+# The exact prompt path's LoRA products run on a second stream beside the base product's dequantize + cuBLAS
+# chunks (run 38, not yet timed): they are small cuBLAS float32 GEMMs that leave most SMs idle, and ran
+# one after the other with the chunks (~10 ms of a 288-token prefill's 30 in run 35's profile).
+PROMPT_LORA_BESIDE = True
+_SIDE_STREAMS: dict[int, torch.cuda.Stream] = {}
+
+
+def side_stream(device: torch.device) -> torch.cuda.Stream:
+    """The second stream on `device` that prompts run their LoRA products on (one per device, made on first
+    use: in the warm-up prefill, before any graph capture)."""
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    stream = _SIDE_STREAMS.get(index)
+    if stream is None:
+        stream = _SIDE_STREAMS[index] = torch.cuda.Stream(device=index)
+    return stream
+
+
+def _weight_chunks(n: int, dequant_rows: int) -> list[tuple[int, int]]:
+    """(first weight row, rows) of each chunk the prompt path dequantizes at a time."""
+    return [(col0, min(dequant_rows, n - col0)) for col0 in range(0, n, dequant_rows)]
+
+
+def _chunk_parts(lora: LoraParts, col0: int, rows: int) -> list[tuple[int, int, int]]:
+    """(part, first row, end row) of every LoRA part the chunk of weight rows [col0, col0 + rows) overlaps."""
+    found = []
+    for part, (start, end, _) in enumerate(lora.segments):
+        lo, hi = max(start, col0), min(end, col0 + rows)
+        if lo < hi:
+            found.append((part, lo, hi))
+    return found
+
+
+def _add_lora_u(base: torch.Tensor, u: torch.Tensor, out: torch.Tensor, col0: int, lo: int, hi: int,
+                lora: LoraParts, round_lora_first: bool) -> None:
+    """out[:, lo:hi] = base's columns plus scaling * u with PEFT's roundings (u = t_part @ B[lo:hi].T)."""
+    m = base.shape[0]
+    _lora_u_out_kernel[(triton.cdiv(m, PROMPT_TILE), triton.cdiv(hi - lo, PROMPT_TILE))](
+        base[:, lo - col0 :], u, out[:, lo:], m, hi - lo, base.stride(0), u.stride(0), out.stride(0),
+        lora.scaling, BLOCK_M=PROMPT_TILE, BLOCK_N=PROMPT_TILE, ROUND_LORA_FIRST=round_lora_first,
+        num_warps=4, enable_fp_fusion=False,
+    )
+
+
 def nf4_prompt_linear(
     x: torch.Tensor, weight: NF4Matrix, lora: LoraParts, round_lora_first: bool, dequant_rows: int,
-    pefts_products: bool = False,
+    pefts_products: bool = False, beside: bool | None = None,
 ) -> torch.Tensor:
     """y = x @ dequant(W).T + scaling * B(A(x)) with PEFT's roundings, for a prompt's many rows: each
     chunk of `dequant_rows` weight rows dequantized for cuBLAS (bounded scratch), its product and
@@ -973,18 +1016,23 @@ def nf4_prompt_linear(
     `pefts_products`: the LoRA's A and B products are PEFT's own cuBLAS float32 calls, one pair per
     original projection (the B product for a chunk's columns at a time: with K = rank, cuBLAS gives
     the same bits as over the whole part, tests/gpu), then one kernel scales, rounds and adds: the
-    seed's bits (run 20). Otherwise one kernel computes every part's A product and both products run
-    on the tensor cores as three TF32 products (float32's accuracy, not cuBLAS's bits; faster)."""
+    seed's bits (run 20). With `beside` (default `PROMPT_LORA_BESIDE`) those products run on a second
+    stream while the chunks are dequantized and multiplied: the same calls, so the same bits.
+    Otherwise one kernel computes every part's A product and both products run on the tensor cores
+    as three TF32 products (float32's accuracy, not cuBLAS's bits; faster)."""
     m, k = x.shape
     n = weight.shape[0]
     out = torch.empty((m, n), dtype=x.dtype, device=x.device)
+    chunks = _weight_chunks(n, dequant_rows)
     if pefts_products:
+        if (PROMPT_LORA_BESIDE if beside is None else beside) and x.is_cuda:  # streams: CUDA's
+            _prompt_with_pefts_products_beside(x, weight, lora, round_lora_first, chunks, out)
+            return out
         t_parts = lora.a_products(x)
     else:
         t = lora_a_prompt(x, lora)
         seg1, seg2 = lora.part_starts(n)
-    for col0 in range(0, n, dequant_rows):
-        rows = min(dequant_rows, n - col0)
+    for col0, rows in chunks:
         base = F.linear(x, weight.dequantize(x.dtype, slice(col0, col0 + rows)))
         if not pefts_products:
             _lora_b_out_kernel[(triton.cdiv(m, PROMPT_TILE), triton.cdiv(rows, PROMPT_TILE))](
@@ -993,16 +1041,45 @@ def nf4_prompt_linear(
                 num_warps=4,
             )
             continue
-        for (start, end, _), t_part in zip(lora.segments, t_parts, strict=True):
-            lo, hi = max(start, col0), min(end, col0 + rows)
-            if lo < hi:
-                u = F.linear(t_part, lora.b[lo:hi])
-                _lora_u_out_kernel[(triton.cdiv(m, PROMPT_TILE), triton.cdiv(hi - lo, PROMPT_TILE))](
-                    base[:, lo - col0 :], u, out[:, lo:], m, hi - lo, base.stride(0), u.stride(0), out.stride(0),
-                    lora.scaling, BLOCK_M=PROMPT_TILE, BLOCK_N=PROMPT_TILE, ROUND_LORA_FIRST=round_lora_first,
-                    num_warps=4, enable_fp_fusion=False,
-                )
+        for part, lo, hi in _chunk_parts(lora, col0, rows):
+            _add_lora_u(base, F.linear(t_parts[part], lora.b[lo:hi]), out, col0, lo, hi, lora, round_lora_first)
     return out
+
+
+def _prompt_with_pefts_products_beside(
+    x: torch.Tensor, weight: NF4Matrix, lora: LoraParts, round_lora_first: bool, chunks: list[tuple[int, int]],
+    out: torch.Tensor,
+) -> None:
+    """`nf4_prompt_linear` with PEFT's products on `side_stream`: x's float32 copy, the A products and each
+    chunk's B products there, in that order, an event after each chunk's; the main stream dequantizes and
+    multiplies the chunks meanwhile and waits for a chunk's event only before adding its LoRA. Every buffer
+    the side stream writes is allocated here, on the main stream, before it starts, and the main stream
+    waits for the side's last event before it returns: so the caching allocator never hands such a block
+    to other work early, and a graph capture sees the side stream joined (`torch.mm(..., out=)` is the same
+    cuBLAS call as `F.linear`'s)."""
+    m, k = x.shape
+    main = torch.cuda.current_stream(x.device)
+    side = side_stream(x.device)
+    xf = x if x.dtype == lora.a.dtype else torch.empty((m, k), dtype=lora.a.dtype, device=x.device)
+    t_parts = [torch.empty((m, lora.rank), dtype=lora.a.dtype, device=x.device) for _ in lora.segments]
+    us = [[(part, lo, hi, torch.empty((m, hi - lo), dtype=lora.b.dtype, device=x.device))
+           for part, lo, hi in _chunk_parts(lora, col0, rows)] for col0, rows in chunks]
+    ready = []
+    side.wait_stream(main)  # x is written
+    with torch.cuda.stream(side):
+        if xf is not x:
+            xf.copy_(x)
+        for t_part, (_, _, col) in zip(t_parts, lora.segments, strict=True):
+            torch.mm(xf, lora.a[col : col + lora.rank].t(), out=t_part)
+        for chunk_us in us:
+            for part, lo, hi, u in chunk_us:
+                torch.mm(t_parts[part], lora.b[lo:hi].t(), out=u)
+            ready.append(side.record_event())
+    for (col0, rows), chunk_us, event in zip(chunks, us, ready, strict=True):
+        base = F.linear(x, weight.dequantize(x.dtype, slice(col0, col0 + rows)))
+        main.wait_event(event)
+        for _, lo, hi, u in chunk_us:
+            _add_lora_u(base, u, out, col0, lo, hi, lora, round_lora_first)
 
 
 def nf4_lora_linear(

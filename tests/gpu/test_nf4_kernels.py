@@ -169,20 +169,56 @@ def test_the_prompt_path_equals_the_reference_path(rows, name, round_first, monk
 @pytest.mark.parametrize("rows", [17, 64, 367, 384, 1500, 2048])
 @pytest.mark.parametrize("name", ["qkv", "gate_up", "down"])
 @pytest.mark.parametrize("round_first", [True, False])
-def test_prompts_with_pefts_products_are_the_reference_path_bit_for_bit(rows, name, round_first, monkeypatch):
+@pytest.mark.parametrize("beside", [True, False])
+def test_prompts_with_pefts_products_are_the_reference_path_bit_for_bit(rows, name, round_first, beside, monkeypatch):
     # As served up to EXACT_PROMPT_ROWS: PEFT's own float32 LoRA products (the B product 4,096
     # columns at a time), the scaling and roundings in one kernel per chunk; the reference path is
     # the seed's prompt function (2,048 rows: the same path forced, where serving takes TF32x3).
+    # `beside`: those products on the second stream (`torch.mm(..., out=)`), as served since run 38.
     parts, cols = SHAPES[name]
     projection = _projection(parts, cols, round_first=round_first)
     projection.use_kernels = True
     monkeypatch.setattr("llm.serving.nf4.EXACT_PROMPT_ROWS", 2048)
+    monkeypatch.setattr("llm.serving.nf4_kernels.PROMPT_LORA_BESIDE", beside)
     x = torch.randn(rows, cols, dtype=torch.bfloat16, device="cuda:0")
     out, reference = projection(x), projection.reference(x)
     differing = (out.view(torch.int16) != reference.view(torch.int16)).sum().item()
     print("NF4_EXACT_PROMPT " + json.dumps({"name": name, "rows": rows, "round_first": round_first,
-                                            "differing": differing}))
+                                            "beside": beside, "differing": differing}))
     assert differing == 0
+
+
+@pytest.mark.parametrize("name", ["qkv", "gate_up"])
+def test_prompt_lora_products_beside_wait_for_their_input_and_are_waited_for(name):
+    # Run 38: a prompt's LoRA products run on a second stream. That stream must wait for x (here
+    # written 25 ms late by the main stream, NaN before), and the main stream must wait for the
+    # products before adding them (here the second stream starts 25 ms late; its buffers may still
+    # hold the products of the call before, for other rows).
+    from llm.serving import nf4_kernels
+
+    projection, x = projection_and_input(name, 288)
+    projection.use_kernels = True
+    side = nf4_kernels.side_stream(x.device)
+    late_x = torch.full_like(x, float("nan"))
+    torch.cuda._sleep(50_000_000)
+    late_x.copy_(x)
+    late_input = projection(late_x)
+    other = torch.randn_like(x)
+    with torch.cuda.stream(side):
+        torch.cuda._sleep(50_000_000)
+    late_side = projection(other)
+    torch.cuda.synchronize()
+    assert torch.equal(late_input, projection.reference(x))
+    assert torch.equal(late_side, projection.reference(other))
+
+
+@pytest.mark.parametrize("name", ["qkv", "gate_up", "down"])
+def test_prompt_lora_products_beside_follow_new_inputs_in_graph_replays(name):
+    # As the prefill graphs run them: the second stream forked and joined inside the capture, every
+    # replay the same bits as the same call made eagerly on its new input.
+    projection, x = projection_and_input(name, 288)
+    projection.use_kernels = True
+    assert_replays_follow_new_inputs(projection, x, name, replays=4)
 
 
 @pytest.mark.parametrize("rows", [17, 1500])
