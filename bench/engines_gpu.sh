@@ -11,13 +11,17 @@
 #   bash bench/engines_gpu.sh timeline [LAYOUTS]  where each layout's launches spend their time
 #       (`bench/xtab_timeline.py`, runs 36-37's layouts by default), then the x-table kernels' GPU tests (~5 minutes)
 #       -> $OUT/gpu-tests.txt, $OUT/timeline.jsonl
+#   bash bench/engines_gpu.sh prompts            the prompt path's GPU tests (`-k prompt`: the LoRA products beside
+#       the base product keep the seed's bits, wait both ways, replay in graphs), then its timings at 32 and 288
+#       rows, serial against beside (`bench/nf4_kernels.py --prompts 32,288`; ~3 minutes) -> $OUT/prompts*.txt
 #   bash bench/engines_gpu.sh bench COMMIT [CASES [BENCH OPTIONS]]  the engine benchmark: the seed's literal
 #       code path, `nf4` and `fast` by default, same prompts, ratios printed (~4 minutes; options such as
 #       --xtab-layouts 16x1,8x1,16x1l2 --nf4-prefetch-next go to bench_engines.py) -> $OUT/engines.log,
 #       $OUT/r.tgz (the results JSON, the chart and the profiles)
 set -uo pipefail
-if [[ "${1:-}" != tests && "${1:-}" != bench && "${1:-}" != kernels && "${1:-}" != splits && "${1:-}" != timeline ]]; then
-    echo "usage: bash bench/engines_gpu.sh tests [PYTEST ARGS] | kernels | splits | timeline [LAYOUTS] | bench COMMIT [CASES [OPTIONS]]"
+if [[ "${1:-}" != tests && "${1:-}" != bench && "${1:-}" != kernels && "${1:-}" != splits && "${1:-}" != timeline
+      && "${1:-}" != prompts ]]; then
+    echo "usage: bash bench/engines_gpu.sh tests [PYTEST ARGS] | kernels | splits | timeline [LAYOUTS] | prompts | bench COMMIT [CASES [OPTIONS]]"
     exit 2
 fi
 out=${OUT:-.}
@@ -49,6 +53,12 @@ case "${1:-}" in
         cut -c1-400 "$out/timeline.jsonl"
         python3 -m pytest tests/gpu -q -p no:cacheprovider -k xtab > "$out/gpu-tests.txt" 2>&1
         tail -n 3 "$out/gpu-tests.txt"
+        ;;
+    prompts)
+        python3 -m pytest tests/gpu/test_nf4_kernels.py -q -p no:cacheprovider -k prompt > "$out/prompts-tests.txt" 2>&1
+        tail -n 3 "$out/prompts-tests.txt"
+        python3 bench/nf4_kernels.py --prompts 32,288 > "$out/prompts-timings.jsonl" 2>&1
+        cut -c1-600 "$out/prompts-timings.jsonl"
         ;;
     bench)
         commit=${2:?usage: bash bench/engines_gpu.sh bench COMMIT [CASES [OPTIONS]]}
