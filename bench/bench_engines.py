@@ -635,11 +635,18 @@ def main() -> None:
     parser.add_argument("--nf4-serial-prompt-lora", action="store_true",
                         help="nf4: a prompt's LoRA products one after the other with its base product (before run 38), "
                              "not beside it on a second stream")
+    parser.add_argument("--nf4-dequant-ahead", action="store_true",
+                        help="nf4: with a prompt's LoRA products beside its base product, also dequantize the next "
+                             "weight chunk on a third stream while cuBLAS multiplies this one")
     args = parser.parse_args()
-    if args.nf4_serial_prompt_lora:
+    if args.nf4_serial_prompt_lora and args.nf4_dequant_ahead:
+        parser.error("--nf4-dequant-ahead goes with the LoRA products beside the base product: "
+                     "not with --nf4-serial-prompt-lora")
+    if args.nf4_serial_prompt_lora or args.nf4_dequant_ahead:
         from llm.serving import nf4_kernels
 
-        nf4_kernels.PROMPT_LORA_BESIDE = False
+        nf4_kernels.PROMPT_LORA_BESIDE = not args.nf4_serial_prompt_lora
+        nf4_kernels.PROMPT_DEQUANT_AHEAD = args.nf4_dequant_ahead
     if args.xtab_layouts:
         from llm.serving import nf4_kernels, nf4_xtab
 
@@ -657,7 +664,7 @@ def main() -> None:
         "case": "meta", "commit": args.commit, "device": device_name,
         "date": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"), "torch": torch.__version__,
         "xtab_layouts": args.xtab_layouts or "served", "nf4_prefetch_next": args.nf4_prefetch_next,
-        "nf4_prompt_lora_beside": not args.nf4_serial_prompt_lora,
+        "nf4_prompt_lora_beside": not args.nf4_serial_prompt_lora, "nf4_dequant_ahead": args.nf4_dequant_ahead,
     }
     try:
         import bitsandbytes

@@ -125,18 +125,20 @@ def measure_prompts(name: str, parts: list[int], cols: int, rows_counts: Sequenc
                     dequant_rows_choices: Sequence[int] = ()) -> None:
     """A prompt's rows through the prompt path, with the tensor cores' TF32x3 LoRA products and with
     PEFT's own float32 ones (what `nf4` serves up to `EXACT_PROMPT_ROWS` since run 20), those one after
-    the other with the base product's chunks and beside them on a second stream (run 38): time per
-    call, the scratch memory each needs, and how many outputs differ from the reference path (the
-    seed's function)."""
+    the other with the base product's chunks, beside them on a second stream, and beside them with the next
+    chunk dequantized on a third (run 38): time per call, the scratch memory each needs, and how many
+    outputs differ from the reference path (the seed's function)."""
     group = [projection(parts, cols, seed) for seed in range(LAYERS)]
     for rows in rows_counts:
         x = torch.randn(rows, cols, dtype=torch.bfloat16, device="cuda")
         reference = group[0].reference(x)
         result: dict = {"projection": name, "prompt_rows": rows}
-        for label, pefts, beside in (("tf32x3", False, False), ("pefts", True, False), ("pefts_beside", True, True)):
-            def run(p: NF4Projection, x: torch.Tensor = x, pefts: bool = pefts, beside: bool = beside) -> torch.Tensor:
+        for label, pefts, beside, ahead in (("tf32x3", False, False, False), ("pefts", True, False, False),
+                                            ("pefts_beside", True, True, False), ("pefts_ahead", True, True, True)):
+            def run(p: NF4Projection, x: torch.Tensor = x, pefts: bool = pefts, beside: bool = beside,
+                    ahead: bool = ahead) -> torch.Tensor:
                 return nf4_kernels.nf4_prompt_linear(x, p.weight, p.lora, p.round_lora_first, p.dequant_rows,
-                                                     pefts_products=pefts, beside=beside)
+                                                     pefts_products=pefts, beside=beside, dequant_ahead=ahead)
 
             torch.cuda.synchronize()
             before = torch.cuda.memory_allocated()
@@ -149,6 +151,7 @@ def measure_prompts(name: str, parts: list[int], cols: int, rows_counts: Sequenc
             result[f"{label}_us"] = round(timed(lambda run=run: [run(p) for p in group]) / LAYERS, 1)
         result["pefts_over_tf32x3"] = round(result["pefts_us"] / result["tf32x3_us"], 3)
         result["pefts_beside_over_pefts"] = round(result["pefts_beside_us"] / result["pefts_us"], 3)
+        result["pefts_ahead_over_pefts"] = round(result["pefts_ahead_us"] / result["pefts_us"], 3)
         if dequant_rows_choices:
             measure_dequant_chunks(group, x, dequant_rows_choices, result)
         print(json.dumps(result), flush=True)

@@ -115,19 +115,21 @@ class NF4Matrix:
             code=code,
         )
 
-    def dequantize(self, dtype: torch.dtype = torch.bfloat16, rows: slice | None = None) -> torch.Tensor:
-        """bf16(code[nibble] * absmax) for every value (all rows, or `rows`)."""
+    def dequantize(self, dtype: torch.dtype = torch.bfloat16, rows: slice | None = None,
+                   out: torch.Tensor | None = None) -> torch.Tensor:
+        """bf16(code[nibble] * absmax) for every value (all rows, or `rows`), into `out` if given (contiguous)."""
         packed = self.packed if rows is None else self.packed[rows]
         absmax = self.absmax if rows is None else self.absmax[rows]
         if packed.is_cuda:
             from llm.serving import nf4_kernels
 
             if nf4_kernels.available(packed.device):
-                return nf4_kernels.dequantize(packed, absmax, self.code, dtype)
+                return nf4_kernels.dequantize(packed, absmax, self.code, dtype, out=out)
         n, half = packed.shape
         nibbles = torch.stack((packed >> 4, packed & 0xF), dim=-1).reshape(n, half * 2).long()
         values = self.code[nibbles].reshape(n, -1, BLOCK_SIZE) * absmax.unsqueeze(-1)
-        return values.reshape(n, half * 2).to(dtype)
+        values = values.reshape(n, half * 2).to(dtype)
+        return values if out is None else out.copy_(values)
 
 
 @dataclass
@@ -507,6 +509,7 @@ def build_nf4_engine(
             info["nf4_kernels"] = True
             info["nf4_exact_prompt_rows"] = EXACT_PROMPT_ROWS  # PEFT's own LoRA products up to here
             info["nf4_prompt_lora_beside"] = nf4_kernels.PROMPT_LORA_BESIDE  # on a second stream (run 38)
+            info["nf4_dequant_ahead"] = nf4_kernels.PROMPT_DEQUANT_AHEAD  # the next chunk on a third
         except Exception as error:  # e.g. a Triton that cannot compile for this GPU
             logger.warning("nf4 kernels unavailable, dequantizing for cuBLAS instead: %r", error)
             info["nf4_kernel_error"] = repr(error)

@@ -802,10 +802,13 @@ if _HAVE_TRITON:
 
 
 def dequantize(
-    packed: torch.Tensor, absmax: torch.Tensor, code: torch.Tensor, dtype: torch.dtype = torch.bfloat16
+    packed: torch.Tensor, absmax: torch.Tensor, code: torch.Tensor, dtype: torch.dtype = torch.bfloat16,
+    out: torch.Tensor | None = None,
 ) -> torch.Tensor:
+    """bf16(code[nibble] * absmax) for every value, into `out` ([N, K], contiguous) or a new tensor."""
     n, half = packed.shape
-    out = torch.empty((n, half * 2), dtype=dtype, device=packed.device)
+    if out is None:
+        out = torch.empty((n, half * 2), dtype=dtype, device=packed.device)
     if dtype == torch.bfloat16 and n % LUT_DEQUANT_ROWS == 0 and (half * 2) % LUT_DEQUANT_COLS == 0:
         k = half * 2
         _lut_dequant_kernel[(n // LUT_DEQUANT_ROWS, k // LUT_DEQUANT_COLS)](
@@ -967,16 +970,21 @@ def lora_a_prompt(x: torch.Tensor, lora: LoraParts) -> torch.Tensor:
 # chunks (run 38, not yet timed): they are small cuBLAS float32 GEMMs that leave most SMs idle, and ran
 # one after the other with the chunks (~10 ms of a 288-token prefill's 30 in run 35's profile).
 PROMPT_LORA_BESIDE = True
-_SIDE_STREAMS: dict[int, torch.cuda.Stream] = {}
+# With the products beside, a third stream may also dequantize the next chunk of weight rows while cuBLAS
+# multiplies this one (two chunk buffers; only projections of several chunks: q/k/v and gate/up). Off until
+# timed (run 38: bench/nf4_kernels.py --prompts times it as "pefts_ahead").
+PROMPT_DEQUANT_AHEAD = False
+_STREAMS: dict[tuple[int, str], torch.cuda.Stream] = {}
 
 
-def side_stream(device: torch.device) -> torch.cuda.Stream:
-    """The second stream on `device` that prompts run their LoRA products on (one per device, made on first
-    use: in the warm-up prefill, before any graph capture)."""
+def side_stream(device: torch.device, role: str = "lora") -> torch.cuda.Stream:
+    """The stream on `device` that prompts run their LoRA products ("lora") or their next chunk's
+    dequantization ("dequant") on: one per device and role, made on first use (in the warm-up prefill,
+    before any graph capture)."""
     index = device.index if device.index is not None else torch.cuda.current_device()
-    stream = _SIDE_STREAMS.get(index)
+    stream = _STREAMS.get((index, role))
     if stream is None:
-        stream = _SIDE_STREAMS[index] = torch.cuda.Stream(device=index)
+        stream = _STREAMS[(index, role)] = torch.cuda.Stream(device=index)
     return stream
 
 
@@ -1008,7 +1016,7 @@ def _add_lora_u(base: torch.Tensor, u: torch.Tensor, out: torch.Tensor, col0: in
 
 def nf4_prompt_linear(
     x: torch.Tensor, weight: NF4Matrix, lora: LoraParts, round_lora_first: bool, dequant_rows: int,
-    pefts_products: bool = False, beside: bool | None = None,
+    pefts_products: bool = False, beside: bool | None = None, dequant_ahead: bool | None = None,
 ) -> torch.Tensor:
     """y = x @ dequant(W).T + scaling * B(A(x)) with PEFT's roundings, for a prompt's many rows: each
     chunk of `dequant_rows` weight rows dequantized for cuBLAS (bounded scratch), its product and
@@ -1017,7 +1025,9 @@ def nf4_prompt_linear(
     original projection (the B product for a chunk's columns at a time: with K = rank, cuBLAS gives
     the same bits as over the whole part, tests/gpu), then one kernel scales, rounds and adds: the
     seed's bits (run 20). With `beside` (default `PROMPT_LORA_BESIDE`) those products run on a second
-    stream while the chunks are dequantized and multiplied: the same calls, so the same bits.
+    stream while the chunks are dequantized and multiplied: the same calls, so the same bits; with
+    `dequant_ahead` as well (default `PROMPT_DEQUANT_AHEAD`), a third stream dequantizes the next chunk while
+    cuBLAS multiplies this one.
     Otherwise one kernel computes every part's A product and both products run on the tensor cores
     as three TF32 products (float32's accuracy, not cuBLAS's bits; faster)."""
     m, k = x.shape
@@ -1026,7 +1036,8 @@ def nf4_prompt_linear(
     chunks = _weight_chunks(n, dequant_rows)
     if pefts_products:
         if (PROMPT_LORA_BESIDE if beside is None else beside) and x.is_cuda:  # streams: CUDA's
-            _prompt_with_pefts_products_beside(x, weight, lora, round_lora_first, chunks, out)
+            ahead = PROMPT_DEQUANT_AHEAD if dequant_ahead is None else dequant_ahead
+            _prompt_with_pefts_products_beside(x, weight, lora, round_lora_first, chunks, out, ahead)
             return out
         t_parts = lora.a_products(x)
     else:
@@ -1048,15 +1059,17 @@ def nf4_prompt_linear(
 
 def _prompt_with_pefts_products_beside(
     x: torch.Tensor, weight: NF4Matrix, lora: LoraParts, round_lora_first: bool, chunks: list[tuple[int, int]],
-    out: torch.Tensor,
+    out: torch.Tensor, dequant_ahead: bool = False,
 ) -> None:
     """`nf4_prompt_linear` with PEFT's products on `side_stream`: x's float32 copy, the A products and each
     chunk's B products there, in that order, an event after each chunk's; the main stream dequantizes and
-    multiplies the chunks meanwhile and waits for a chunk's event only before adding its LoRA. Every buffer
-    the side stream writes is allocated here, on the main stream, before it starts, and the main stream
-    waits for the side's last event before it returns: so the caching allocator never hands such a block
-    to other work early, and a graph capture sees the side stream joined (`torch.mm(..., out=)` is the same
-    cuBLAS call as `F.linear`'s)."""
+    multiplies the chunks meanwhile and waits for a chunk's event only before adding its LoRA.
+    `dequant_ahead` (several chunks): the "dequant" stream fills two chunk buffers in turn, each once the
+    main stream's product has read what it held.
+    Every buffer another stream writes is allocated here, on the main stream, before that stream starts,
+    and the main stream waits for that stream's last event before it returns: so the caching allocator
+    never hands such a block to other work early, and a graph capture sees every stream joined
+    (`torch.mm(..., out=)` is the same cuBLAS call as `F.linear`'s)."""
     m, k = x.shape
     main = torch.cuda.current_stream(x.device)
     side = side_stream(x.device)
@@ -1075,11 +1088,49 @@ def _prompt_with_pefts_products_beside(
             for part, lo, hi, u in chunk_us:
                 torch.mm(t_parts[part], lora.b[lo:hi].t(), out=u)
             ready.append(side.record_event())
-    for (col0, rows), chunk_us, event in zip(chunks, us, ready, strict=True):
-        base = F.linear(x, weight.dequantize(x.dtype, slice(col0, col0 + rows)))
+    ahead = _DequantAhead(weight, chunks, x) if dequant_ahead and len(chunks) > 1 else None
+    for c, ((col0, rows), chunk_us, event) in enumerate(zip(chunks, us, ready, strict=True)):
+        if ahead is None:
+            base = F.linear(x, weight.dequantize(x.dtype, slice(col0, col0 + rows)))
+        else:
+            base = F.linear(x, ahead.take(c))
+            ahead.release(c)
         main.wait_event(event)
         for _, lo, hi, u in chunk_us:
             _add_lora_u(base, u, out, col0, lo, hi, lora, round_lora_first)
+
+
+class _DequantAhead:
+    """The prompt path's weight chunks dequantized on the "dequant" stream into two buffers in turn: chunk c
+    into buffer c % 2 once the main stream's product of chunk c - 2 has read it (`release`); `take(c)`
+    makes the main stream wait until chunk c is there."""
+
+    def __init__(self, weight: NF4Matrix, chunks: list[tuple[int, int]], x: torch.Tensor) -> None:
+        self.weight, self.chunks = weight, chunks
+        self.main = torch.cuda.current_stream(x.device)
+        self.stream = side_stream(x.device, "dequant")
+        widest = max(rows for _, rows in chunks)
+        self.buffers = [torch.empty((widest, weight.shape[1]), dtype=x.dtype, device=x.device) for _ in range(2)]
+        self.filled: dict[int, torch.cuda.Event] = {}
+        self.stream.wait_stream(self.main)  # the buffers' blocks may have served earlier work of the main stream
+        for c in range(min(2, len(chunks))):
+            self._fill(c)
+
+    def _fill(self, c: int) -> None:
+        col0, rows = self.chunks[c]
+        with torch.cuda.stream(self.stream):
+            self.weight.dequantize(self.buffers[c % 2].dtype, slice(col0, col0 + rows), out=self.buffers[c % 2][:rows])
+            self.filled[c] = self.stream.record_event()
+
+    def take(self, c: int) -> torch.Tensor:
+        self.main.wait_event(self.filled.pop(c))
+        return self.buffers[c % 2][: self.chunks[c][1]]
+
+    def release(self, c: int) -> None:
+        """The main stream has enqueued its last read of chunk c's buffer: chunk c + 2 may go there."""
+        if c + 2 < len(self.chunks):
+            self.stream.wait_event(self.main.record_event())
+            self._fill(c + 2)
 
 
 def nf4_lora_linear(

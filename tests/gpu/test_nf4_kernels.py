@@ -169,53 +169,62 @@ def test_the_prompt_path_equals_the_reference_path(rows, name, round_first, monk
 @pytest.mark.parametrize("rows", [17, 64, 367, 384, 1500, 2048])
 @pytest.mark.parametrize("name", ["qkv", "gate_up", "down"])
 @pytest.mark.parametrize("round_first", [True, False])
-@pytest.mark.parametrize("beside", [True, False])
-def test_prompts_with_pefts_products_are_the_reference_path_bit_for_bit(rows, name, round_first, beside, monkeypatch):
+@pytest.mark.parametrize("streams", ["serial", "beside", "ahead"])
+def test_prompts_with_pefts_products_are_the_reference_path_bit_for_bit(rows, name, round_first, streams, monkeypatch):
     # As served up to EXACT_PROMPT_ROWS: PEFT's own float32 LoRA products (the B product 4,096
     # columns at a time), the scaling and roundings in one kernel per chunk; the reference path is
     # the seed's prompt function (2,048 rows: the same path forced, where serving takes TF32x3).
-    # `beside`: those products on the second stream (`torch.mm(..., out=)`), as served since run 38.
+    # Run 38's streams: "beside", those products on a second stream (`torch.mm(..., out=)`); "ahead",
+    # the next weight chunk dequantized on a third one as well.
     parts, cols = SHAPES[name]
     projection = _projection(parts, cols, round_first=round_first)
     projection.use_kernels = True
     monkeypatch.setattr("llm.serving.nf4.EXACT_PROMPT_ROWS", 2048)
-    monkeypatch.setattr("llm.serving.nf4_kernels.PROMPT_LORA_BESIDE", beside)
+    monkeypatch.setattr("llm.serving.nf4_kernels.PROMPT_LORA_BESIDE", streams != "serial")
+    monkeypatch.setattr("llm.serving.nf4_kernels.PROMPT_DEQUANT_AHEAD", streams == "ahead")
     x = torch.randn(rows, cols, dtype=torch.bfloat16, device="cuda:0")
     out, reference = projection(x), projection.reference(x)
     differing = (out.view(torch.int16) != reference.view(torch.int16)).sum().item()
     print("NF4_EXACT_PROMPT " + json.dumps({"name": name, "rows": rows, "round_first": round_first,
-                                            "beside": beside, "differing": differing}))
+                                            "streams": streams, "differing": differing}))
     assert differing == 0
 
 
 @pytest.mark.parametrize("name", ["qkv", "gate_up"])
-def test_prompt_lora_products_beside_wait_for_their_input_and_are_waited_for(name):
-    # Run 38: a prompt's LoRA products run on a second stream. That stream must wait for x (here
-    # written 25 ms late by the main stream, NaN before), and the main stream must wait for the
-    # products before adding them (here the second stream starts 25 ms late; its buffers may still
-    # hold the products of the call before, for other rows).
+@pytest.mark.parametrize("ahead", [False, True])
+def test_the_prompt_streams_wait_for_their_input_and_are_waited_for(name, ahead, monkeypatch):
+    # Run 38: a prompt's LoRA products run on a second stream (and with `ahead` its weight chunks are
+    # dequantized on a third). Those must wait for x (here written 25 ms late by the main stream, NaN
+    # before), and the main stream must wait for them (here they start 25 ms late, and their buffers
+    # may still hold another projection's weights and products from the call before).
     from llm.serving import nf4_kernels
 
+    monkeypatch.setattr("llm.serving.nf4_kernels.PROMPT_DEQUANT_AHEAD", ahead)
+    parts, cols = SHAPES[name]
     projection, x = projection_and_input(name, 288)
-    projection.use_kernels = True
-    side = nf4_kernels.side_stream(x.device)
+    other_projection = _projection(parts, cols, seed=5)
+    projection.use_kernels = other_projection.use_kernels = True
     late_x = torch.full_like(x, float("nan"))
     torch.cuda._sleep(50_000_000)
     late_x.copy_(x)
     late_input = projection(late_x)
-    other = torch.randn_like(x)
-    with torch.cuda.stream(side):
-        torch.cuda._sleep(50_000_000)
-    late_side = projection(other)
+    other_x = torch.randn_like(x)
+    other_projection(other_x)
+    for role in ("lora", "dequant"):
+        with torch.cuda.stream(nf4_kernels.side_stream(x.device, role)):
+            torch.cuda._sleep(50_000_000)
+    late_streams = projection(other_x)
     torch.cuda.synchronize()
     assert torch.equal(late_input, projection.reference(x))
-    assert torch.equal(late_side, projection.reference(other))
+    assert torch.equal(late_streams, projection.reference(other_x))
 
 
 @pytest.mark.parametrize("name", ["qkv", "gate_up", "down"])
-def test_prompt_lora_products_beside_follow_new_inputs_in_graph_replays(name):
-    # As the prefill graphs run them: the second stream forked and joined inside the capture, every
+@pytest.mark.parametrize("ahead", [False, True])
+def test_the_prompt_streams_follow_new_inputs_in_graph_replays(name, ahead, monkeypatch):
+    # As the prefill graphs run them: the other streams forked and joined inside the capture, every
     # replay the same bits as the same call made eagerly on its new input.
+    monkeypatch.setattr("llm.serving.nf4_kernels.PROMPT_DEQUANT_AHEAD", ahead)
     projection, x = projection_and_input(name, 288)
     projection.use_kernels = True
     assert_replays_follow_new_inputs(projection, x, name, replays=4)
