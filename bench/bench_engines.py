@@ -632,21 +632,17 @@ def main() -> None:
                              "default: the served ones)")
     parser.add_argument("--nf4-prefetch-next", action="store_true",
                         help="nf4: each one-row x-table launch asks the next projection's first weights into L2")
-    parser.add_argument("--nf4-serial-prompt-lora", action="store_true",
-                        help="nf4: a prompt's LoRA products one after the other with its base product (before run 38), "
-                             "not beside it on a second stream")
-    parser.add_argument("--nf4-dequant-ahead", action="store_true",
-                        help="nf4: with a prompt's LoRA products beside its base product, also dequantize the next "
-                             "weight chunk on a third stream while cuBLAS multiplies this one")
+    parser.add_argument("--nf4-prompt-streams", default=None, metavar="STREAMS",
+                        help="nf4: how the exact prompt path uses streams: serial (the default), beside (the LoRA "
+                             "products on a second stream) or ahead (also the next weight chunk dequantized on a third)")
     args = parser.parse_args()
-    if args.nf4_serial_prompt_lora and args.nf4_dequant_ahead:
-        parser.error("--nf4-dequant-ahead goes with the LoRA products beside the base product: "
-                     "not with --nf4-serial-prompt-lora")
-    if args.nf4_serial_prompt_lora or args.nf4_dequant_ahead:
+    if args.nf4_prompt_streams:
         from llm.serving import nf4_kernels
 
-        nf4_kernels.PROMPT_LORA_BESIDE = not args.nf4_serial_prompt_lora
-        nf4_kernels.PROMPT_DEQUANT_AHEAD = args.nf4_dequant_ahead
+        if args.nf4_prompt_streams not in nf4_kernels.PROMPT_STREAM_CHOICES:
+            parser.error(f"--nf4-prompt-streams: one of {', '.join(nf4_kernels.PROMPT_STREAM_CHOICES)}, "
+                         f"got {args.nf4_prompt_streams!r}")
+        nf4_kernels.PROMPT_STREAMS = args.nf4_prompt_streams
     if args.xtab_layouts:
         from llm.serving import nf4_kernels, nf4_xtab
 
@@ -664,7 +660,7 @@ def main() -> None:
         "case": "meta", "commit": args.commit, "device": device_name,
         "date": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"), "torch": torch.__version__,
         "xtab_layouts": args.xtab_layouts or "served", "nf4_prefetch_next": args.nf4_prefetch_next,
-        "nf4_prompt_lora_beside": not args.nf4_serial_prompt_lora, "nf4_dequant_ahead": args.nf4_dequant_ahead,
+        "nf4_prompt_streams": args.nf4_prompt_streams or "served",
     }
     try:
         import bitsandbytes

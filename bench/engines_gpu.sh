@@ -16,7 +16,8 @@
 #       rows, serial against beside (`bench/nf4_kernels.py --prompts 32,288`; ~3 minutes) -> $OUT/prompts*.txt
 #   bash bench/engines_gpu.sh bench COMMIT [CASES [BENCH OPTIONS]]  the engine benchmark: the seed's literal
 #       code path, `nf4` and `fast` by default, same prompts, ratios printed (~4 minutes; options such as
-#       --xtab-layouts 16x1,8x1,16x1l2 --nf4-prefetch-next go to bench_engines.py) -> $OUT/engines.log,
+#       --xtab-layouts 16x1,8x1,16x1l2 --nf4-prefetch-next --nf4-prompt-streams beside go to bench_engines.py)
+#       -> $OUT/engines.log,
 #       $OUT/r.tgz (the results JSON, the chart and the profiles)
 set -uo pipefail
 if [[ "${1:-}" != tests && "${1:-}" != bench && "${1:-}" != kernels && "${1:-}" != splits && "${1:-}" != timeline

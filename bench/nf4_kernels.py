@@ -9,7 +9,7 @@ bytes each reads and the achieved TB/s. Prints JSON lines.
     python bench/nf4_kernels.py 1,16 --k-splits --projections o,down   (run 24's served layouts, K split across blocks)
     python bench/nf4_kernels.py 1,16 --served   (only the layouts served in runs 24 and 25)
     python bench/nf4_kernels.py 1 --xtab   (the one-row x-table kernel beside the served layouts)
-    python bench/nf4_kernels.py --prompts 367,1500   (the prompt path: TF32x3 against PEFT's LoRA products, serial and beside)
+    python bench/nf4_kernels.py --prompts 367,1500   (the prompt path: TF32x3 against PEFT's LoRA products, on one, two or three streams)
     python bench/nf4_kernels.py --prompts 32,288 --dequant-rows 512,1024,2048   (+ other dequantization chunks)
     python bench/nf4_kernels.py --profile PROJECTION ROWS CONFIG   (a target for Nsight Compute)
 """
@@ -133,12 +133,11 @@ def measure_prompts(name: str, parts: list[int], cols: int, rows_counts: Sequenc
         x = torch.randn(rows, cols, dtype=torch.bfloat16, device="cuda")
         reference = group[0].reference(x)
         result: dict = {"projection": name, "prompt_rows": rows}
-        for label, pefts, beside, ahead in (("tf32x3", False, False, False), ("pefts", True, False, False),
-                                            ("pefts_beside", True, True, False), ("pefts_ahead", True, True, True)):
-            def run(p: NF4Projection, x: torch.Tensor = x, pefts: bool = pefts, beside: bool = beside,
-                    ahead: bool = ahead) -> torch.Tensor:
+        for label, pefts, streams in (("tf32x3", False, "serial"), ("pefts", True, "serial"),
+                                      ("pefts_beside", True, "beside"), ("pefts_ahead", True, "ahead")):
+            def run(p: NF4Projection, x: torch.Tensor = x, pefts: bool = pefts, streams: str = streams) -> torch.Tensor:
                 return nf4_kernels.nf4_prompt_linear(x, p.weight, p.lora, p.round_lora_first, p.dequant_rows,
-                                                     pefts_products=pefts, beside=beside, dequant_ahead=ahead)
+                                                     pefts_products=pefts, streams=streams)
 
             torch.cuda.synchronize()
             before = torch.cuda.memory_allocated()

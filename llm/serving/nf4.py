@@ -508,8 +508,7 @@ def build_nf4_engine(
             info["nf4_plan"] = nf4_kernels.tune(groups, graphs.batch_buckets, cache=tuning_cache)
             info["nf4_kernels"] = True
             info["nf4_exact_prompt_rows"] = EXACT_PROMPT_ROWS  # PEFT's own LoRA products up to here
-            info["nf4_prompt_lora_beside"] = nf4_kernels.PROMPT_LORA_BESIDE  # on a second stream (run 38)
-            info["nf4_dequant_ahead"] = nf4_kernels.PROMPT_DEQUANT_AHEAD  # the next chunk on a third
+            info["nf4_prompt_streams"] = nf4_kernels.PROMPT_STREAMS  # run 38
         except Exception as error:  # e.g. a Triton that cannot compile for this GPU
             logger.warning("nf4 kernels unavailable, dequantizing for cuBLAS instead: %r", error)
             info["nf4_kernel_error"] = repr(error)

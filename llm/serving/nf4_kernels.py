@@ -8,7 +8,9 @@ only through Triton's interpreter, which tests/test_nf4_triton_interpreted.py us
   dequantized for cuBLAS, then one kernel adds the LoRA's `B` product with PEFT's roundings and
   writes the chunk's columns of the output. Both LoRA kernels multiply float32 on the tensor cores
   as three TF32 products (float32's accuracy); or, up to `llm.serving.nf4.EXACT_PROMPT_ROWS` rows, PEFT's own
-  float32 A and B products (cuBLAS) and one kernel for the scaling and roundings: the seed's bits.
+  float32 A and B products (cuBLAS) and one kernel for the scaling and roundings: the seed's bits. Those
+  products may run on a second stream beside the chunks' dequantization and cuBLAS products (run 38; also
+  the next chunk's dequantization on a third: `PROMPT_STREAMS`).
 - `nf4_lora_linear(x, weight, lora)`: y = x @ dequant(W).T + LoRA for 1..16 rows (a decode step).
   The weight bytes are streamed once: each tile is dequantized in registers (the same bf16 values)
   and multiplied with float32 accumulation - a multiply-reduce for up to 4 rows, `tl.dot` on a
@@ -966,14 +968,14 @@ def lora_a_prompt(x: torch.Tensor, lora: LoraParts) -> torch.Tensor:
     return partial[0] if splits == 1 else partial.sum(0)
 
 
-# The exact prompt path's LoRA products run on a second stream beside the base product's dequantize + cuBLAS
-# chunks (run 38, not yet timed): they are small cuBLAS float32 GEMMs that leave most SMs idle, and ran
-# one after the other with the chunks (~10 ms of a 288-token prefill's 30 in run 35's profile).
-PROMPT_LORA_BESIDE = True
-# With the products beside, a third stream may also dequantize the next chunk of weight rows while cuBLAS
-# multiplies this one (two chunk buffers; only projections of several chunks: q/k/v and gate/up). Off until
-# timed (run 38: bench/nf4_kernels.py --prompts times it as "pefts_ahead").
-PROMPT_DEQUANT_AHEAD = False
+# How the exact prompt path spreads its work over streams (run 38, not yet timed, so "serial" until then):
+# "serial", all on the caller's stream, one after the other; "beside", PEFT's LoRA products (small cuBLAS
+# float32 GEMMs that leave most SMs idle: ~10 ms of a 288-token prefill's 30 in run 35's profile, one after
+# the other with the rest) on a second stream while the weight chunks are dequantized and multiplied;
+# "ahead", as "beside", and a third stream dequantizes the next chunk of weight rows while cuBLAS multiplies
+# this one (two chunk buffers; only projections of several chunks: q/k/v and gate/up).
+PROMPT_STREAM_CHOICES = ("serial", "beside", "ahead")
+PROMPT_STREAMS = "serial"
 _STREAMS: dict[tuple[int, str], torch.cuda.Stream] = {}
 
 
@@ -1016,7 +1018,7 @@ def _add_lora_u(base: torch.Tensor, u: torch.Tensor, out: torch.Tensor, col0: in
 
 def nf4_prompt_linear(
     x: torch.Tensor, weight: NF4Matrix, lora: LoraParts, round_lora_first: bool, dequant_rows: int,
-    pefts_products: bool = False, beside: bool | None = None, dequant_ahead: bool | None = None,
+    pefts_products: bool = False, streams: str | None = None,
 ) -> torch.Tensor:
     """y = x @ dequant(W).T + scaling * B(A(x)) with PEFT's roundings, for a prompt's many rows: each
     chunk of `dequant_rows` weight rows dequantized for cuBLAS (bounded scratch), its product and
@@ -1024,10 +1026,9 @@ def nf4_prompt_linear(
     `pefts_products`: the LoRA's A and B products are PEFT's own cuBLAS float32 calls, one pair per
     original projection (the B product for a chunk's columns at a time: with K = rank, cuBLAS gives
     the same bits as over the whole part, tests/gpu), then one kernel scales, rounds and adds: the
-    seed's bits (run 20). With `beside` (default `PROMPT_LORA_BESIDE`) those products run on a second
-    stream while the chunks are dequantized and multiplied: the same calls, so the same bits; with
-    `dequant_ahead` as well (default `PROMPT_DEQUANT_AHEAD`), a third stream dequantizes the next chunk while
-    cuBLAS multiplies this one.
+    seed's bits (run 20). `streams` (default `PROMPT_STREAMS`, see there): "beside" runs those products on
+    a second stream while the chunks are dequantized and multiplied (the same calls, so the same bits);
+    "ahead" also dequantizes the next chunk on a third while cuBLAS multiplies this one.
     Otherwise one kernel computes every part's A product and both products run on the tensor cores
     as three TF32 products (float32's accuracy, not cuBLAS's bits; faster)."""
     m, k = x.shape
@@ -1035,9 +1036,11 @@ def nf4_prompt_linear(
     out = torch.empty((m, n), dtype=x.dtype, device=x.device)
     chunks = _weight_chunks(n, dequant_rows)
     if pefts_products:
-        if (PROMPT_LORA_BESIDE if beside is None else beside) and x.is_cuda:  # streams: CUDA's
-            ahead = PROMPT_DEQUANT_AHEAD if dequant_ahead is None else dequant_ahead
-            _prompt_with_pefts_products_beside(x, weight, lora, round_lora_first, chunks, out, ahead)
+        streams = streams or PROMPT_STREAMS
+        if streams not in PROMPT_STREAM_CHOICES:
+            raise ValueError(f"prompt streams {streams!r}: one of {', '.join(PROMPT_STREAM_CHOICES)}")
+        if streams != "serial" and x.is_cuda:
+            _prompt_with_pefts_products_beside(x, weight, lora, round_lora_first, chunks, out, streams == "ahead")
             return out
         t_parts = lora.a_products(x)
     else:

@@ -180,8 +180,7 @@ def test_prompts_with_pefts_products_are_the_reference_path_bit_for_bit(rows, na
     projection = _projection(parts, cols, round_first=round_first)
     projection.use_kernels = True
     monkeypatch.setattr("llm.serving.nf4.EXACT_PROMPT_ROWS", 2048)
-    monkeypatch.setattr("llm.serving.nf4_kernels.PROMPT_LORA_BESIDE", streams != "serial")
-    monkeypatch.setattr("llm.serving.nf4_kernels.PROMPT_DEQUANT_AHEAD", streams == "ahead")
+    monkeypatch.setattr("llm.serving.nf4_kernels.PROMPT_STREAMS", streams)
     x = torch.randn(rows, cols, dtype=torch.bfloat16, device="cuda:0")
     out, reference = projection(x), projection.reference(x)
     differing = (out.view(torch.int16) != reference.view(torch.int16)).sum().item()
@@ -191,15 +190,15 @@ def test_prompts_with_pefts_products_are_the_reference_path_bit_for_bit(rows, na
 
 
 @pytest.mark.parametrize("name", ["qkv", "gate_up"])
-@pytest.mark.parametrize("ahead", [False, True])
-def test_the_prompt_streams_wait_for_their_input_and_are_waited_for(name, ahead, monkeypatch):
-    # Run 38: a prompt's LoRA products run on a second stream (and with `ahead` its weight chunks are
+@pytest.mark.parametrize("streams", ["beside", "ahead"])
+def test_the_prompt_streams_wait_for_their_input_and_are_waited_for(name, streams, monkeypatch):
+    # Run 38: a prompt's LoRA products run on a second stream (and with "ahead" its weight chunks are
     # dequantized on a third). Those must wait for x (here written 25 ms late by the main stream, NaN
     # before), and the main stream must wait for them (here they start 25 ms late, and their buffers
     # may still hold another projection's weights and products from the call before).
     from llm.serving import nf4_kernels
 
-    monkeypatch.setattr("llm.serving.nf4_kernels.PROMPT_DEQUANT_AHEAD", ahead)
+    monkeypatch.setattr("llm.serving.nf4_kernels.PROMPT_STREAMS", streams)
     parts, cols = SHAPES[name]
     projection, x = projection_and_input(name, 288)
     other_projection = _projection(parts, cols, seed=5)
@@ -220,11 +219,11 @@ def test_the_prompt_streams_wait_for_their_input_and_are_waited_for(name, ahead,
 
 
 @pytest.mark.parametrize("name", ["qkv", "gate_up", "down"])
-@pytest.mark.parametrize("ahead", [False, True])
-def test_the_prompt_streams_follow_new_inputs_in_graph_replays(name, ahead, monkeypatch):
+@pytest.mark.parametrize("streams", ["beside", "ahead"])
+def test_the_prompt_streams_follow_new_inputs_in_graph_replays(name, streams, monkeypatch):
     # As the prefill graphs run them: the other streams forked and joined inside the capture, every
     # replay the same bits as the same call made eagerly on its new input.
-    monkeypatch.setattr("llm.serving.nf4_kernels.PROMPT_DEQUANT_AHEAD", ahead)
+    monkeypatch.setattr("llm.serving.nf4_kernels.PROMPT_STREAMS", streams)
     projection, x = projection_and_input(name, 288)
     projection.use_kernels = True
     assert_replays_follow_new_inputs(projection, x, name, replays=4)
