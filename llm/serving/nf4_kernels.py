@@ -970,7 +970,7 @@ def lora_a_prompt(x: torch.Tensor, lora: LoraParts) -> torch.Tensor:
 
 # How the exact prompt path spreads its work over streams (run 38, not yet timed, so "serial" until then):
 # "serial", all on the caller's stream, one after the other; "beside", PEFT's LoRA products (small cuBLAS
-# float32 GEMMs that leave most SMs idle: ~10 ms of a 288-token prefill's 30 in run 35's profile, one after
+# float32 GEMMs that leave most SMs idle: ~7 ms of a 288-token prefill's 28 in run 35's profile, one after
 # the other with the rest) on a second stream while the weight chunks are dequantized and multiplied;
 # "ahead", as "beside", and a third stream dequantizes the next chunk of weight rows while cuBLAS multiplies
 # this one (two chunk buffers; only projections of several chunks: q/k/v and gate/up).
