@@ -884,11 +884,14 @@ class FakeSlack:
         handler = getattr(self, "_api_" + method.replace(".", "_"), None)
         if handler is None:
             return self._reply(call, {"ok": False, "error": "unknown_method"})
-        try:
-            result = handler(params)
-        except _ApiError as e:
-            result = {"ok": False, "error": e.error}
-        return self._reply(call, result)
+        # A handler's change of state and its call in `calls` become visible together: a test that sees a
+        # stopped stream's final message also finds the chat.stopStream call that made it.
+        with self._lock:
+            try:
+                result = handler(params)
+            except _ApiError as e:
+                result = {"ok": False, "error": e.error}
+            return self._reply(call, result)
 
     def _server_error(self, call: ApiCall, outage: _Outage) -> web.Response:
         error = "service_unavailable" if outage.status == 503 else "internal_error"
