@@ -13,14 +13,15 @@ global timer and its SM's cycle counter at nine points (warp 0's view where no b
 Prints, for each layout (`nf4_xtab.XtabLayout`: warps per block x row groups of weights in flight per
 warp, then row groups per warp copied into shared memory and prefetched into L2 before the wait: `16x1`,
 `8x2`, `16x1g1`, `16x1l2`, `16x1l2r` (rolling); with `+next`, every launch also asks the next one's first weights into L2 while
-it finishes: `nf4_xtab.NextWeights`), one JSON line
+it finishes: `nf4_xtab.NextWeights`; with `+linked`, down waits for gate/up's flag and the next q/k/v for
+down's instead of for the grid before: run 38's `XtabLink`), one JSON line
 per projection (microseconds; medians over layers and replays of each launch's median and slowest
 block, and how long an SM sits between one launch's block leaving and the next one's arriving) and
 one for the chain: its graph time with and without the stamps.
 
-    python3 bench/xtab_timeline.py [--layers 4] [--replays 20] [--layouts 16x1,16x1l2,16x1l2+next,8x2g3]
-    (by default: the served 16x1, run 37's L2 prefetches (up front, rolling, +next), 8x1, then the other
-    `nf4_xtab.CANDIDATE_LAYOUTS`)
+    python3 bench/xtab_timeline.py [--layers 4] [--replays 20] [--layouts 16x1,16x1+linked,16x1l2+next,8x2g3]
+    (by default: the served 16x1, run 38's flags (+linked), run 37's L2 prefetches (up front, rolling, +next),
+    8x1, then the other `nf4_xtab.CANDIDATE_LAYOUTS`)
 """
 
 from __future__ import annotations
@@ -48,11 +49,11 @@ NS = slice(0, 2 * len(POINTS), 2)  # a block's stamps: (ns, cycles) per point, i
 CYCLES = slice(1, 2 * len(POINTS), 2)
 DONE, SUMS_STORED = POINTS.index("done"), POINTS.index("sums_stored")
 assert len(POINTS) == nf4_xtab.TIMELINE_POINTS, "the kernel's STAMP points and these names differ"
-NEXT = "+next"
-# The served 16x1 first (the baseline), then run 37's L2 prefetches (the likeliest to fault, so that a fault
-# loses the fewest figures... and the likeliest to win), then the rest
-FIRST_LAYOUTS = ["16x1", f"16x1{NEXT}", "16x1l2", "16x1l2r", f"16x1l2{NEXT}", f"16x1l2r{NEXT}", "16x1l4", "16x1l4r",
-                 f"16x1l4r{NEXT}", "8x1"]
+NEXT, LINKED = "+next", "+linked"
+# The served 16x1 first (the baseline), then run 38's flags and run 37's L2 prefetches (the likeliest to fault,
+# so that a fault loses the fewest figures... and the likeliest to win), then the rest
+FIRST_LAYOUTS = ["16x1", f"16x1{LINKED}", f"16x1{NEXT}", "16x1l2", "16x1l2r", f"16x1l2{NEXT}", f"16x1l2r{NEXT}",
+                 f"16x1l2r{LINKED}", "16x1l4", "16x1l4r", f"16x1l4r{NEXT}", "8x1", f"8x1{LINKED}"]
 DEFAULT_LAYOUTS = ",".join(FIRST_LAYOUTS + [layout.label for layout in nf4_xtab.CANDIDATE_LAYOUTS
                                             if layout.label not in FIRST_LAYOUTS])
 HIDDEN, INTERMEDIATE, KV = 4096, 14336, 1024
@@ -73,6 +74,7 @@ class Chain:
 
         self.layout = nf4_xtab.XtabLayout()
         self.prefetch_next = False
+        self.linked = False
         self.layers = [
             {"qkv": projection([HIDDEN, KV, KV], HIDDEN, 100 + layer),
              "gate_up": projection([INTERMEDIATE, INTERMEDIATE], HIDDEN, 200 + layer),
@@ -89,6 +91,12 @@ class Chain:
             {name: torch.zeros(self.blocks(p), nf4_xtab.TIMELINE_SLOTS, dtype=torch.int64, device=device)
              for name, p in layer.items()}
             for layer in self.layers]
+        # run 38's flags, per layer: gate/up's (down waits for it) and down's (the next q/k/v waits for it)
+        self.flags = [[torch.zeros(1, dtype=torch.int32, device=device) for _ in range(2)] for _ in self.layers]
+
+    def flag(self, index: int, which: int) -> torch.Tensor | None:
+        """With `linked`: layer `index`'s gate/up flag (0) or down flag (1); None past the last layer."""
+        return self.flags[index][which] if self.linked and 0 <= index < len(self.layers) else None
 
     def chunks(self, projection: NF4Projection) -> int:
         return nf4_xtab.chunks_for(*projection.weight.shape, self.sms)
@@ -114,15 +122,17 @@ class Chain:
             residual, q = nf4_xtab.nf4_xtab_after_add_norm(
                 residual, delta, self.norm, 1e-5, qkv.weight, qkv.lora, *qkv.lora.part_starts(qkv.weight.shape[0]),
                 True, self.layout, self.code, timeline=stamps["qkv"] if stamped else None,
-                next_weights=self.next_weights(index, "qkv"))
+                next_weights=self.next_weights(index, "qkv"), awaited=self.flag(index - 1, 1))
             # attention and o are not in the chain: q's first 4096 values stand in for o's output
             residual, gu = nf4_xtab.nf4_xtab_after_add_norm(
                 residual, q[:, :HIDDEN], self.norm, 1e-5, gate_up.weight, gate_up.lora,
                 *gate_up.lora.part_starts(gate_up.weight.shape[0]), True, self.layout, self.code,
-                timeline=stamps["gate_up"] if stamped else None, next_weights=self.next_weights(index, "gate_up"))
+                timeline=stamps["gate_up"] if stamped else None, next_weights=self.next_weights(index, "gate_up"),
+                released=self.flag(index, 0))
             delta = nf4_xtab.nf4_xtab_after_silu_mul(
                 gu, down.weight, down.lora, *down.lora.part_starts(down.weight.shape[0]), True, self.layout,
-                self.code, timeline=stamps["down"] if stamped else None, next_weights=self.next_weights(index, "down"))
+                self.code, timeline=stamps["down"] if stamped else None, next_weights=self.next_weights(index, "down"),
+                awaited=self.flag(index, 0), released=self.flag(index, 1) if index + 1 < len(self.layers) else None)
         return delta
 
 
@@ -180,16 +190,16 @@ def summarize_replay(records: list[tuple[str, torch.Tensor]]) -> list[dict]:
     return out
 
 
-def measure_layout(chain: Chain, layout: nf4_xtab.XtabLayout, prefetch_next: bool, replays: int,
+def measure_layout(chain: Chain, layout: nf4_xtab.XtabLayout, prefetch_next: bool, linked: bool, replays: int,
                    outputs: dict[int, torch.Tensor]) -> None:
     """Print the layout's lines; `outputs`: the chain's output per warp count, from the first layout
     measured with it (other groups in flight must give the same bits: the same sums in the same order)."""
-    chain.layout, chain.prefetch_next = layout, prefetch_next
+    chain.layout, chain.prefetch_next, chain.linked = layout, prefetch_next, linked
     output = chain.run(False).clone()
     same_bits = bool(torch.equal(output, outputs.setdefault(layout.warps, output)))
-    described = {"layout": layout.label + (NEXT if prefetch_next else ""), "warps": layout.warps,
-                 "ahead": layout.ahead, "staged": layout.staged, "prefetched": layout.prefetched,
-                 "prefetch_next": prefetch_next}
+    described = {"layout": layout.label + (NEXT if prefetch_next else "") + (LINKED if linked else ""),
+                 "warps": layout.warps, "ahead": layout.ahead, "staged": layout.staged,
+                 "prefetched": layout.prefetched, "prefetch_next": prefetch_next, "linked": linked}
     plain_ms = graph_time_ms(lambda: chain.run(False), 20)
     stamped_ms = graph_time_ms(lambda: chain.run(True), 20)
     graph = captured_graph(lambda: chain.run(True))
@@ -223,14 +233,20 @@ def measure_layout(chain: Chain, layout: nf4_xtab.XtabLayout, prefetch_next: boo
         "same_bits_as_first_layout_with_these_warps": same_bits}), flush=True)
 
 
-def layouts(text: str) -> list[tuple[nf4_xtab.XtabLayout, bool]]:
-    """(layout, whether it prefetches the next launch's weights) of each comma-separated item in `text`;
-    exits with one line on a bad one."""
+def layouts(text: str) -> list[tuple[nf4_xtab.XtabLayout, bool, bool]]:
+    """(layout, whether it prefetches the next launch's weights, whether the launches are linked by flags) of
+    each comma-separated item in `text` (a layout, then "+next" and / or "+linked"); exits with one line on a
+    bad one."""
+    chosen = []
     try:
-        return [(nf4_xtab.XtabLayout.parse(item.strip().removesuffix(NEXT)), item.strip().endswith(NEXT))
-                for item in text.split(",")]
+        for item in text.split(","):
+            label, *suffixes = item.strip().split("+")
+            if any(f"+{suffix}" not in (NEXT, LINKED) for suffix in suffixes):
+                raise ValueError(f"{item.strip()!r}: after the layout, only {NEXT} and {LINKED}")
+            chosen.append((nf4_xtab.XtabLayout.parse(label), NEXT in item, LINKED in item))
     except ValueError as error:
         sys.exit(f"xtab_timeline: bad --layouts: {error}")
+    return chosen
 
 
 def main() -> None:
@@ -238,9 +254,10 @@ def main() -> None:
     parser.add_argument("--layers", type=int, default=4, help="random layers chained (default 4: past the L2)")
     parser.add_argument("--replays", type=int, default=20, help="stamped replays summarized (default 20)")
     parser.add_argument("--layouts", default=DEFAULT_LAYOUTS,
-                        help="WARPSxAHEAD[gSTAGED][lPREFETCHED][r][+next], comma-separated: warps per block x row groups "
-                             "in flight, row groups staged in shared memory and prefetched into L2, and whether each "
-                             "launch prefetches the next one's first weights "
+                        help="WARPSxAHEAD[gSTAGED][lPREFETCHED][r][+next][+linked], comma-separated: warps per block x "
+                             "row groups in flight, row groups staged in shared memory and prefetched into L2, whether "
+                             "each launch prefetches the next one's first weights, and whether down and q/k/v wait "
+                             "for flags "
                              f"(served: 16x1; default {DEFAULT_LAYOUTS})")
     args = parser.parse_args()
     chosen = layouts(args.layouts)
@@ -252,20 +269,24 @@ def main() -> None:
     chain = Chain(args.layers)
     # every kernel the layouts launch, plain and stamped, compiled on all cores first (one at a time: minutes)
     device = torch.device("cuda")
+    # (the flags each launch of a linked chain has: q/k/v awaits but the first, gate/up raises, down both but the last)
+    link_builds = {"qkv": (0, nf4_xtab.AWAITS), "gate_up": (nf4_xtab.RELEASES,),
+                   "down": (nf4_xtab.AWAITS | nf4_xtab.RELEASES, nf4_xtab.AWAITS)}
     requests = [(chain.code, device, projection.weight.shape[1], projection.lora.rank, chain.chunks(projection),
-                 prep, layout, stamped, prefetch_next)
-                for layout, prefetch_next in chosen if nf4_xtab.fits(device, layout)
-                for projection, prep in ((chain.layers[0]["qkv"], nf4_xtab.ADD_NORM),
-                                         (chain.layers[0]["gate_up"], nf4_xtab.ADD_NORM),
-                                         (chain.layers[0]["down"], nf4_xtab.SILU_MUL))
+                 prep, layout, stamped, prefetch_next, links)
+                for layout, prefetch_next, linked in chosen if nf4_xtab.fits(device, layout)
+                for name, projection, prep in (("qkv", chain.layers[0]["qkv"], nf4_xtab.ADD_NORM),
+                                               ("gate_up", chain.layers[0]["gate_up"], nf4_xtab.ADD_NORM),
+                                               ("down", chain.layers[0]["down"], nf4_xtab.SILU_MUL))
+                for links in (link_builds[name] if linked else (0,))
                 for stamped in (False, True)]
     nf4_xtab.precompile(requests, threads=os.cpu_count() or 1)
     outputs: dict[int, torch.Tensor] = {}
-    for layout, prefetch_next in chosen:
+    for layout, prefetch_next, linked in chosen:
         if not nf4_xtab.fits("cuda", layout):
             print(json.dumps({"layout": layout.label, "skipped": "its shared memory does not fit a block here"}), flush=True)
             continue
-        measure_layout(chain, layout, prefetch_next, args.replays, outputs)
+        measure_layout(chain, layout, prefetch_next, linked, args.replays, outputs)
 
 
 if __name__ == "__main__":

@@ -181,3 +181,41 @@ def test_each_projection_asks_for_the_weights_the_decode_step_reads_after_it(ref
     monkeypatch.setattr(nf4_xtab, "prefetches_l2", lambda device: True)
     assert nf4_kernels._next_weights(o) == NextWeights.whole(o)
     assert nf4_kernels._next_weights(None) is None
+
+
+def test_down_and_the_next_qkv_wait_for_a_flag_only_where_both_launches_are_one_row_x_table_ones(
+    reference_model, monkeypatch
+):
+    """With `linked_waits` (run 38), down waits for the flag its gate/up's launch raises, and each q/k/v after
+    the first layer's for the down before it; the first q/k/v waits for none and the last down raises none.
+    A link counts only where the plan serves both launches by the one-row x-table kernel: otherwise one
+    would raise a flag that nobody lowers (a later step would read too early), or wait for one that nobody
+    raises."""
+    from llm.serving import nf4_kernels
+    from llm.serving.nf4 import link_waits
+
+    decoder = build_nf4_decoder(reference_model, max_batch=1, max_seq_len=64)
+    layers = decoder.layers
+    assert len(layers) >= 2
+    link_waits(layers)
+    for index, layer in enumerate(layers):
+        p = layer.projections
+        assert p["down"].awaits is p["gate_up"].raises is not None
+        assert (p["down"].awaits.producer, p["down"].awaits.consumer) == (p["gate_up"].weight, p["down"].weight)
+        if index + 1 < len(layers):
+            after = layers[index + 1].projections["qkv"]
+            assert after.awaits is p["down"].raises is not None
+            assert (after.awaits.producer, after.awaits.consumer) == (p["down"].weight, after.weight)
+        else:
+            assert p["down"].raises is None
+        assert p["gate_up"].awaits is p["qkv"].raises is p["o"].awaits is p["o"].raises is None
+    assert layers[0].projections["qkv"].awaits is None
+    link = layers[0].projections["down"].awaits
+    assert link.active_flag() is None  # no plan here: no x-table launches
+    x_table = nf4_kernels.XTAB_CONFIGS[0]
+    served = {id(link.producer)}
+    monkeypatch.setattr(nf4_kernels, "_one_row_xtab", lambda rows, weight: x_table if id(weight) in served else None)
+    assert link.active_flag() is None  # gate/up's launch is, down's is not
+    served.add(id(link.consumer))
+    assert link.active_flag() is link.flag
+    assert link.flag.dtype == torch.int32 and link.flag.tolist() == [0]

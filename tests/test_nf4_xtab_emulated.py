@@ -33,7 +33,8 @@ extern "C" long launch(int grid, int threads, const void* words, const float* ab
         nf4_xtab_kernel((const u32*)words, absmax, (const u16*)x, lora_a, lora_b, (u16*)y, partial, t_partial, counters,
                         N, seg1, seg2, RT, scaling, round_lora_first, phases, (const u16*)residual,
                         (const u16*)norm_weight, (u16*)residual_out, eps, (const char*)next_words,
-                        (const char*)next_absmax, next_regions, next_region_rows, next_chunk_rows, next_row_bytes);
+                        (const char*)next_absmax, next_regions, next_region_rows, next_chunk_rows, next_row_bytes,
+                        counters, counters);
     });
     return out_of_bounds_reads;
 }

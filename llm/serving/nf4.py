@@ -40,6 +40,7 @@ if TYPE_CHECKING:
 
     from llm.serving.batching import BatchingEngine
     from llm.serving.mistral_decoder import MistralDecoder
+    from llm.serving.nf4_kernels import XtabLink
 
 logger = logging.getLogger(__name__)
 
@@ -247,6 +248,10 @@ class NF4Projection:
         # The weights the decode step reads after this projection's, which its one-row x-table launch asks
         # into L2 as it finishes (`link_following`); None: it asks for nothing
         self.following: NF4Matrix | None = None
+        # Run 38's flags (`link_waits`): the one-row x-table launch before this one's that it waits for by a
+        # flag, and the one after it that waits for this one's
+        self.awaits: XtabLink | None = None
+        self.raises: XtabLink | None = None
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         flat = x.reshape(-1, x.shape[-1])
@@ -269,7 +274,7 @@ class NF4Projection:
         from llm.serving import nf4_kernels
 
         return nf4_kernels.nf4_after_silu_mul(gate_up, self.weight, self.lora, self.round_lora_first,
-                                              following=self.following)
+                                              following=self.following, awaits=self.awaits, raises=self.raises)
 
     def after_add_norm(self, residual: torch.Tensor, delta: torch.Tensor, norm_weight: torch.Tensor,
                        eps: float) -> tuple[torch.Tensor, torch.Tensor] | None:
@@ -280,7 +285,8 @@ class NF4Projection:
         from llm.serving import nf4_kernels
 
         return nf4_kernels.nf4_after_add_norm(residual, delta, norm_weight, eps, self.weight, self.lora,
-                                              self.round_lora_first, following=self.following)
+                                              self.round_lora_first, following=self.following, awaits=self.awaits,
+                                              raises=self.raises)
 
     def _plan_prefers_dequantizing(self, rows: int) -> bool:
         from llm.serving import nf4_kernels
@@ -374,6 +380,20 @@ def link_following(layers: Sequence[NF4Layer]) -> None:
     order = [layer.projections[name] for layer in layers for name in ("qkv", "o", "gate_up", "down")]
     for projection, following in zip(order, [*order[1:], None], strict=True):
         projection.following = following.weight if following is not None else None
+
+
+def link_waits(layers: Sequence[NF4Layer]) -> None:
+    """Run 38's flags between one-row x-table launches that follow each other in the decode step: each
+    layer's down waits for its gate/up's flag, and each q/k/v after the first layer's for the down before
+    it (both launches then prepare their own input: `after_silu_mul`, `after_add_norm`)."""
+    from llm.serving.nf4_kernels import XtabLink
+
+    pairs = [(layer.projections["gate_up"], layer.projections["down"]) for layer in layers]
+    pairs += [(before.projections["down"], after.projections["qkv"])
+              for before, after in zip(layers[:-1], layers[1:], strict=True)]
+    for producer, consumer in pairs:
+        flag = torch.zeros(1, dtype=torch.int32, device=producer.weight.packed.device)
+        producer.raises = consumer.awaits = XtabLink(producer.weight, consumer.weight, flag)
 
 
 def _nf4_projection(modules: Sequence[nn.Module]) -> NF4Projection:
@@ -478,13 +498,15 @@ def build_nf4_engine(
     kv_block_size: int = 32,
     tuning_cache: Path | None = None,
     prefetch_next: bool = False,
+    linked_waits: bool = False,
 ) -> BatchingEngine:
     """`nf4` mode from the seed's model (consumed when `free_source`): its NF4 weights and unmerged
     LoRA under `fast`'s decoder (paged KV cache, graph-captured decode and prefill, continuous
     batching), decode projections through the fused NF4 kernels (CUDA). `tuning_cache`: a JSON file
     where the kernel tuner keeps its choice for the next start (`llm.serving.tuning_cache`).
     `prefetch_next` (run 37, not yet timed): each one-row x-table launch asks the next projection's first
-    weights into L2 as it finishes (`link_following`)."""
+    weights into L2 as it finishes (`link_following`). `linked_waits` (run 38, not yet timed): down and q/k/v
+    wait for the one-row x-table launch before them by a flag it raises, not for its whole grid (`link_waits`)."""
     import time
 
     from llm.serving import nf4_kernels
@@ -499,8 +521,10 @@ def build_nf4_engine(
     )
     if prefetch_next:
         link_following(decoder.layers)
+    if linked_waits:
+        link_waits(decoder.layers)
     graphs = serving_graphs(decoder, max_seq_len, cuda_graphs)
-    info: dict = {"nf4_kernels": False, "nf4_prefetch_next": prefetch_next}
+    info: dict = {"nf4_kernels": False, "nf4_prefetch_next": prefetch_next, "nf4_linked_waits": linked_waits}
     if triton_kernels and enable_nf4_kernels(decoder):
         try:
             groups = {name: [layer.projections[name] for layer in decoder.layers]

@@ -1202,30 +1202,56 @@ def _one_row_xtab(rows: int, weight: NF4Matrix) -> NF4Config | None:
     return config if config is not None and config.kind == "xtab" else None
 
 
+@dataclass(eq=False)
+class XtabLink:
+    """Two one-row x-table launches in a row in the decode step (gate/up -> down, down -> the next layer's
+    q/k/v), the second waiting for a flag the first raises as its last block finishes instead of for the
+    first's whole grid to complete (run 38, not yet timed: `build_nf4_engine(linked_waits=True)`). Active only
+    where the plan serves both at one row by the x-table kernel: otherwise the first would raise a flag that
+    nobody lowers, or the second wait for one that nobody raises (bounded, but slow)."""
+
+    producer: NF4Matrix
+    consumer: NF4Matrix
+    flag: torch.Tensor  # int32 [1]: zero between the two launches' steps
+
+    def active_flag(self) -> torch.Tensor | None:
+        return self.flag if _one_row_xtab(1, self.producer) and _one_row_xtab(1, self.consumer) else None
+
+
+def _flag(link: XtabLink | None) -> torch.Tensor | None:
+    return link.active_flag() if link is not None else None
+
+
 def nf4_after_silu_mul(gate_up: torch.Tensor, weight: NF4Matrix, lora: LoraParts,
-                       round_lora_first: bool = True, following: NF4Matrix | None = None) -> torch.Tensor | None:
+                       round_lora_first: bool = True, following: NF4Matrix | None = None,
+                       awaits: XtabLink | None = None, raises: XtabLink | None = None) -> torch.Tensor | None:
     """`nf4_lora_linear` of `silu(gate) * up` for gate_up = [gate | up], the element-wise step inside
-    the one-row x-table launch; None where the plan does not serve that kernel here."""
+    the one-row x-table launch; None where the plan does not serve that kernel here. `awaits`, `raises`:
+    the `XtabLink`s to the launch before and after."""
     config = _one_row_xtab(gate_up.shape[0], weight)
     if config is None:
         return None
     return nf4_xtab.nf4_xtab_after_silu_mul(gate_up, weight, lora, *lora.part_starts(weight.shape[0]),
                                             round_lora_first, config.xtab_layout, nf4_mma.code_values(weight.code),
-                                            next_weights=_next_weights(following))
+                                            next_weights=_next_weights(following), awaited=_flag(awaits),
+                                            released=_flag(raises))
 
 
 def nf4_after_add_norm(residual: torch.Tensor, delta: torch.Tensor, norm_weight: torch.Tensor, eps: float,
                        weight: NF4Matrix, lora: LoraParts, round_lora_first: bool = True,
-                       following: NF4Matrix | None = None) -> tuple[torch.Tensor, torch.Tensor] | None:
+                       following: NF4Matrix | None = None, awaits: XtabLink | None = None,
+                       raises: XtabLink | None = None) -> tuple[torch.Tensor, torch.Tensor] | None:
     """(residual + delta, `nf4_lora_linear` of its MistralRMSNorm), the add and the norm inside the
-    one-row x-table launch; None where the plan does not serve that kernel here."""
+    one-row x-table launch; None where the plan does not serve that kernel here. `awaits`, `raises`: as
+    `nf4_after_silu_mul`'s."""
     config = _one_row_xtab(residual.shape[0], weight)
     if config is None:
         return None
     return nf4_xtab.nf4_xtab_after_add_norm(residual, delta, norm_weight, eps, weight, lora,
                                             *lora.part_starts(weight.shape[0]), round_lora_first,
                                             config.xtab_layout, nf4_mma.code_values(weight.code),
-                                            next_weights=_next_weights(following))
+                                            next_weights=_next_weights(following), awaited=_flag(awaits),
+                                            released=_flag(raises))
 
 
 def matches_reference(out: torch.Tensor, reference: torch.Tensor) -> bool:

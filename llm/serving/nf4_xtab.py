@@ -81,6 +81,9 @@ MAX_PARTS = 3  # LoRA parts of a fused projection (q/k/v)
 # What the kernel does to its input before tabulating it (XPREP in the CUDA text, `prepare_x`)
 PLAIN, SILU_MUL, ADD_NORM = 0, 1, 2
 PREPS = (PLAIN, SILU_MUL, ADD_NORM)
+# A launch's flags (`XtabLink`, run 38): it waits for the launch before's instead of that whole grid, and
+# raises its own for the launch after
+AWAITS, RELEASES = 1, 2
 
 
 @dataclass(frozen=True)
@@ -276,6 +279,37 @@ __device__ __forceinline__ void prepare_x(u32 (&xw)[4], const u16* x, const u16*
 #endif
 }
 
+// LINKS (run 38, not yet timed): a launch that the next x-table launch reads waits for (RELEASES) raises
+// `released` once its last block has written its output; a launch that AWAITS one spins on that flag
+// (`awaited`) instead of waiting for the whole grid before to complete, which run 36 measured at 1.5-2.1 us
+// after its last block ended. All of the launch before's blocks are resident by then (it lets this one
+// start only past its grid barrier), so the spin cannot hold an SM that one of them needs. Bounded: past
+// ~3 ms it waits for the grid before as usual (always right, only later). The launch that awaits a flag
+// lowers it again as it ends (every one of its blocks has seen it by then), ready for the next step.
+#if AWAITS && !defined(NF4_EMULATE)
+__device__ __forceinline__ void await_kernel_before(const int* awaited) {
+    __shared__ int raised;
+    if (threadIdx.x == 0) {
+        int seen = load_acquire(awaited);
+        for (long long spins = 0; !seen && spins < (1LL << 16); ++spins) {
+            __nanosleep(32);
+            seen = load_acquire(awaited);
+        }
+        __threadfence();
+        raised = seen;
+    }
+    __syncthreads();
+    if (!raised) previous_kernels_done();
+}
+#else
+#define await_kernel_before(awaited) previous_kernels_done()
+#endif
+#if RELEASES && !defined(NF4_EMULATE)
+__device__ __forceinline__ void store_release(int* p, int v) {
+    asm volatile("st.release.gpu.global.b32 [%0], %1;" ::"l"(p), "r"(v) : "memory");
+}
+#endif
+
 // bench/xtab_timeline.py's build (NF4_TIMELINE): thread 0 of every block stores the global nanosecond
 // timer and its SM's cycle counter at nine points of the launch (STAMP(0..8)) and its SM, so that the
 // bench can say where a launch's time goes: waiting, preparing x, tabulating, the LoRA A product, the
@@ -319,7 +353,8 @@ nf4_xtab_kernel(const u32* __restrict__ words, const float* __restrict__ absmax,
                 int seg1, int seg2, int RT, double scaling, int round_lora_first, int phases,
                 const u16* residual, const u16* __restrict__ norm_weight, u16* __restrict__ residual_out,
                 double eps, const char* next_words, const char* next_absmax, int next_regions,
-                int next_region_rows, int next_chunk_rows, int next_row_bytes TIMELINE_PARAM) {
+                int next_region_rows, int next_chunk_rows, int next_row_bytes, int* awaited,
+                int* released TIMELINE_PARAM) {
     STAMP(0);
 #ifdef NF4_EMULATE
     static float table[TABLE_WORDS + STAGE_WORDS];
@@ -419,7 +454,7 @@ nf4_xtab_kernel(const u32* __restrict__ words, const float* __restrict__ absmax,
 #else
         const uint4 norm_weight8 = make_uint4(0u, 0u, 0u, 0u);
 #endif
-        previous_kernels_done();  // x
+        await_kernel_before(awaited);  // x
         STAMP(1);
         {
             // This lane's pairs 4 lane + q: inputs 8 lane + 2q (high nibble) and + 1 (low nibble)
@@ -623,9 +658,19 @@ nf4_xtab_kernel(const u32* __restrict__ words, const float* __restrict__ absmax,
 #ifndef NF4_EMULATE
         if (phases & 1) {  // the last block to leave zeroes the counters for the next launch
             __syncthreads();
+#if RELEASES
+            if (threadIdx.x == 0) __threadfence();  // this block's rows, before the count the flag follows
+#endif
             if (threadIdx.x == 0 && atomicAdd(&counters[1], 1) == (int)gridDim.x - 1) {
                 counters[0] = 0;
                 counters[1] = 0;
+#if AWAITS
+                *awaited = 0;  // every block of this grid has seen it: down for the next step
+#endif
+#if RELEASES
+                __threadfence();
+                store_release(released, 1);  // every block's rows are written: the next launch may read them
+#endif
             }
             STAMP(8);
         }
@@ -636,19 +681,23 @@ nf4_xtab_kernel(const u32* __restrict__ words, const float* __restrict__ absmax,
 
 
 def source(code: Sequence[float], k: int, rank: int, chunks: int, prep: int = PLAIN,
-           layout: XtabLayout = XtabLayout(), timeline: bool = False, prefetch_next: bool = False) -> str:
+           layout: XtabLayout = XtabLayout(), timeline: bool = False, prefetch_next: bool = False,
+           links: int = 0) -> str:
     """The kernel's CUDA text for one NF4 code table, K, LoRA rank, row chunks, input preparation
     (PLAIN, SILU_MUL or ADD_NORM) and layout; `timeline`: with the bench's phase stamps (one more
-    kernel argument); `prefetch_next`: asking its next_* weights into L2 (`NextWeights`)."""
+    kernel argument); `prefetch_next`: asking its next_* weights into L2 (`NextWeights`); `links`: AWAITS
+    and / or RELEASES, the flags it waits for and raises (`XtabLink`)."""
     if len(code) != 16:
         raise ValueError("an NF4 code table has 16 entries")
-    if k <= 0 or k % SLICE or rank <= 0 or rank % 4 or chunks <= 0 or prep not in PREPS or not layout.valid:
+    if (k <= 0 or k % SLICE or rank <= 0 or rank % 4 or chunks <= 0 or prep not in PREPS or not layout.valid
+            or links & ~(AWAITS | RELEASES)):
         raise ValueError(f"no nf4 xtab kernel for K {k}, rank {rank}, {chunks} chunks, prep {prep}, layout {layout}")
     values = ", ".join(f"{struct.unpack('<f', struct.pack('<f', float(v)))[0].hex()}f" for v in code)
     header = (f"#define KDIM {k}\n#define WARPS {layout.warps}\n#define RANK {rank}\n#define CHUNKS {chunks}\n"
               f"#define XPREP {prep}\n#define AHEAD {layout.ahead}\n#define STAGED {layout.staged}\n"
               f"#define PREFETCHED {layout.prefetched}\n#define ROLLING {int(layout.rolling)}\n"
-              f"#define PREFETCH_NEXT {int(prefetch_next)}\n"
+              f"#define PREFETCH_NEXT {int(prefetch_next)}\n#define AWAITS {int(bool(links & AWAITS))}\n"
+              f"#define RELEASES {int(bool(links & RELEASES))}\n"
               + (f"#define NF4_TIMELINE 1\n#define TIMELINE_SLOTS {TIMELINE_SLOTS}\n" if timeline else "")
               + f"__device__ __constant__ float CODE_TABLE[16] = {{{values}}};\n#define CODE CODE_TABLE\n")
     return header + DEVICE_HELPERS + _SOURCE
@@ -735,14 +784,14 @@ def sm_count(device: torch.device) -> int:
 
 
 def _key(code: tuple[float, ...], device: torch.device, k: int, rank: int, chunks: int, prep: int,
-         layout: XtabLayout, timeline: bool = False, prefetch_next: bool = False) -> tuple:
+         layout: XtabLayout, timeline: bool = False, prefetch_next: bool = False, links: int = 0) -> tuple:
     return ((device.index, code, k, rank, chunks, prep, layout) + (("timeline",) if timeline else ())
-            + (("prefetch_next",) if prefetch_next else ()))
+            + (("prefetch_next",) if prefetch_next else ()) + ((("links", links),) if links else ()))
 
 
 def precompile(requests: Sequence[tuple], threads: int) -> int:
     """Compile the kernels of `requests` ((code, device, k, rank, chunks, prep, layout[, timeline[,
-    prefetch_next]]), as `_kernel` takes them) on `threads` threads at once, as `llm.serving.nf4_mma.precompile`
+    prefetch_next[, links]]]), as `_kernel` takes them) on `threads` threads at once, as `llm.serving.nf4_mma.precompile`
     does for its own; returns how many. A kernel that fails here compiles (and reports) at its first launch
     instead."""
     from llm.serving.nf4_mma import _nvrtc_steps
@@ -780,9 +829,9 @@ def precompile(requests: Sequence[tuple], threads: int) -> int:
 
 
 def _kernel(code: tuple[float, ...], device: torch.device, k: int, rank: int, chunks: int, prep: int,
-            layout: XtabLayout, timeline: bool = False, prefetch_next: bool = False) -> Callable:
+            layout: XtabLayout, timeline: bool = False, prefetch_next: bool = False, links: int = 0) -> Callable:
     global _DISABLED
-    key = _key(code, device, k, rank, chunks, prep, layout, timeline, prefetch_next)
+    key = _key(code, device, k, rank, chunks, prep, layout, timeline, prefetch_next, links)
     if key not in _KERNELS:
         if _DISABLED is not None:
             raise XtabUnavailable(_DISABLED)
@@ -792,8 +841,8 @@ def _kernel(code: tuple[float, ...], device: torch.device, k: int, rank: int, ch
                              "prefetches into L2, which needs sm_90 or later")
         try:
             with torch.cuda.device(device):
-                kernel = torch.cuda._compile_kernel(source(code, k, rank, chunks, prep, layout, timeline, prefetch_next),
-                                                    "nf4_xtab_kernel")
+                kernel = torch.cuda._compile_kernel(
+                    source(code, k, rank, chunks, prep, layout, timeline, prefetch_next, links), "nf4_xtab_kernel")
                 kernel.set_shared_memory_config(layout.shared_bytes)
         except Exception as error:  # noqa: BLE001 - NVRTC missing or refusing: any failure means "not here"
             _DISABLED = (str(error).strip().splitlines() or [type(error).__name__])[0][:300]
@@ -817,29 +866,33 @@ def nf4_xtab_linear(x: torch.Tensor, weight: NF4Matrix, lora: LoraParts, seg1: i
 
 def nf4_xtab_after_silu_mul(gate_up: torch.Tensor, weight: NF4Matrix, lora: LoraParts, seg1: int, seg2: int,
                             round_lora_first: bool, layout: XtabLayout, code: tuple[float, ...],
-                            timeline: torch.Tensor | None = None,
-                            next_weights: NextWeights | None = None) -> torch.Tensor:
+                            timeline: torch.Tensor | None = None, next_weights: NextWeights | None = None,
+                            awaited: torch.Tensor | None = None,
+                            released: torch.Tensor | None = None) -> torch.Tensor:
     """As `nf4_xtab_linear` of `silu(gate) * up` (each op rounded to bf16, as eager PyTorch does) for
-    one row of gate_up = [gate | up] ([1, 2K]), the element-wise step done inside the launch."""
+    one row of gate_up = [gate | up] ([1, 2K]), the element-wise step done inside the launch. `awaited`,
+    `released`: the flags of `XtabLink`s it waits for and raises."""
     if gate_up.shape[0] != 1 or gate_up.shape[1] != 2 * weight.shape[1]:
         raise ValueError(f"the x-table kernel takes one [1, 2K] gate/up row, got {list(gate_up.shape)}")
     return _launch(SILU_MUL, gate_up, weight, lora, seg1, seg2, round_lora_first, layout, code, timeline=timeline,
-                   next_weights=next_weights)
+                   next_weights=next_weights, awaited=awaited, released=released)
 
 
 def nf4_xtab_after_add_norm(residual: torch.Tensor, delta: torch.Tensor, norm_weight: torch.Tensor, eps: float,
                             weight: NF4Matrix, lora: LoraParts, seg1: int, seg2: int, round_lora_first: bool,
                             layout: XtabLayout, code: tuple[float, ...], timeline: torch.Tensor | None = None,
-                            next_weights: NextWeights | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                            next_weights: NextWeights | None = None, awaited: torch.Tensor | None = None,
+                            released: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """(h, y): h = residual + delta (the residual stream's next value) and y as `nf4_xtab_linear` of
-    MistralRMSNorm(h) with `norm_weight`, for one row, the add and the norm done inside the launch."""
+    MistralRMSNorm(h) with `norm_weight`, for one row, the add and the norm done inside the launch.
+    `awaited`, `released`: as `nf4_xtab_after_silu_mul`'s."""
     if residual.shape != delta.shape or residual.shape[0] != 1 or norm_weight.shape != (residual.shape[1],):
         raise ValueError(f"no add-and-norm for residual {list(residual.shape)}, delta {list(delta.shape)}, "
                          f"norm weight {list(norm_weight.shape)}")
     h = torch.empty_like(residual)
     y = _launch(ADD_NORM, delta, weight, lora, seg1, seg2, round_lora_first, layout, code,
                 residual=_aligned(residual), norm_weight=_aligned(norm_weight), residual_out=h, eps=eps,
-                timeline=timeline, next_weights=next_weights)
+                timeline=timeline, next_weights=next_weights, awaited=awaited, released=released)
     return h, y
 
 
@@ -853,8 +906,8 @@ def _aligned(x: torch.Tensor) -> torch.Tensor:
 def _launch(prep: int, x: torch.Tensor, weight: NF4Matrix, lora: LoraParts, seg1: int, seg2: int,
             round_lora_first: bool, layout: XtabLayout, code: tuple[float, ...], residual: torch.Tensor | None = None,
             norm_weight: torch.Tensor | None = None, residual_out: torch.Tensor | None = None,
-            eps: float = 0.0, timeline: torch.Tensor | None = None,
-            next_weights: NextWeights | None = None) -> torch.Tensor:
+            eps: float = 0.0, timeline: torch.Tensor | None = None, next_weights: NextWeights | None = None,
+            awaited: torch.Tensor | None = None, released: torch.Tensor | None = None) -> torch.Tensor:
     n, k = weight.shape
     chunks = chunks_for(n, k, sm_count(x.device))
     if chunks is None:
@@ -863,7 +916,9 @@ def _launch(prep: int, x: torch.Tensor, weight: NF4Matrix, lora: LoraParts, seg1
     if (layout.staged or layout.prefetched) and (weight.packed.data_ptr() % 16 or weight.absmax.data_ptr() % 16):
         raise ValueError(f"the x-table layout {layout.label} copies 16-byte pieces: the packed weights and the "
                          "absmax must be 16-byte aligned")
-    kernel = _kernel(code, x.device, k, lora.rank, chunks, prep, layout, timeline is not None, next_weights is not None)
+    links = (AWAITS if awaited is not None else 0) | (RELEASES if released is not None else 0)
+    kernel = _kernel(code, x.device, k, lora.rank, chunks, prep, layout, timeline is not None, next_weights is not None,
+                     links)
     slices = k // SLICE
     rt = lora.a.shape[0]
     y = torch.empty((1, n), dtype=torch.bfloat16, device=x.device)
@@ -877,6 +932,7 @@ def _launch(prep: int, x: torch.Tensor, weight: NF4Matrix, lora: LoraParts, seg1
          x if norm_weight is None else norm_weight, y if residual_out is None else residual_out, float(eps),
          # (pointer arguments stay tensors even when unused: an int would be passed as 4 bytes, not 8)
          *([weight.packed, weight.absmax, 0, 0, 0, 0] if next_weights is None else next_weights.arguments()),
+         counters if awaited is None else awaited, counters if released is None else released,
          *(() if timeline is None else (timeline,))],
         x.device, shared_bytes=layout.shared_bytes)
     return y

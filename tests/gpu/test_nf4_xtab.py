@@ -226,3 +226,54 @@ def test_launches_that_prefetch_the_next_ones_weights_give_the_same_bits_in_grap
 
     assert torch.equal(step(x), step(x, prefetching=False)), layout.label
     assert_replays_follow_new_inputs(step, x, f"gate_up -> down, prefetching the next weights, {layout.label}")
+
+
+@pytest.mark.parametrize("layout", [nf4_xtab.XtabLayout(16), nf4_xtab.XtabLayout(8)], ids=lambda layout: layout.label)
+def test_launches_linked_by_flags_read_this_steps_output_and_lower_the_flags_again(layout):
+    """Run 38: down waits for the flag gate/up raises as its last block finishes, and the next layer's q/k/v
+    for down's, instead of for the whole grid before. The plain chain's bits, and in graph replays on new
+    inputs every launch reads this step's output of the one before; each flag is down again after a step."""
+    from llm.serving import nf4_mma
+
+    gate_up, delta = projection_and_input("gate_up", 1)
+    down, _ = projection_and_input("down", 1)
+    qkv, _ = projection_and_input("qkv", 1)
+    code = nf4_mma.code_values(gate_up.weight.code)
+    residual = torch.randn(1, 4096, dtype=torch.bfloat16, device="cuda:0")
+    norm = torch.rand(4096, device="cuda:0").to(torch.bfloat16) + 0.5
+    flags = [torch.zeros(1, dtype=torch.int32, device="cuda:0") for _ in range(2)]
+
+    def step(delta: torch.Tensor, linked: bool = True) -> torch.Tensor:
+        h, gu = nf4_xtab.nf4_xtab_after_add_norm(
+            residual, delta, norm, 1e-5, gate_up.weight, gate_up.lora,
+            *gate_up.lora.part_starts(gate_up.weight.shape[0]), True, layout, code,
+            released=flags[0] if linked else None)
+        mlp = nf4_xtab.nf4_xtab_after_silu_mul(
+            gu, down.weight, down.lora, *down.lora.part_starts(down.weight.shape[0]), True, layout, code,
+            awaited=flags[0] if linked else None, released=flags[1] if linked else None)
+        h, q = nf4_xtab.nf4_xtab_after_add_norm(
+            h, mlp, norm, 1e-5, qkv.weight, qkv.lora, *qkv.lora.part_starts(qkv.weight.shape[0]), True, layout,
+            code, awaited=flags[1] if linked else None)
+        return torch.cat((h, q), dim=1)
+
+    assert torch.equal(step(delta), step(delta, linked=False)), layout.label
+    assert_replays_follow_new_inputs(step, delta, f"gate_up -> down -> qkv linked by flags, {layout.label}")
+    torch.cuda.synchronize()
+    assert [int(flag) for flag in flags] == [0, 0], layout.label
+
+
+def test_a_launch_waiting_for_a_flag_nobody_raises_waits_for_the_grid_before_instead():
+    """The spin on the flag is bounded (~3 ms): a flag that never comes costs time, never a hang or wrong bits."""
+    from llm.serving import nf4_mma
+
+    down, _ = projection_and_input("down", 1)
+    gate_up_out = torch.randn(1, 2 * down.weight.shape[1], dtype=torch.bfloat16, device="cuda:0")
+    code = nf4_mma.code_values(down.weight.code)
+    seg1, seg2 = down.lora.part_starts(down.weight.shape[0])
+    layout = nf4_xtab.XtabLayout(16)
+    plain = nf4_xtab.nf4_xtab_after_silu_mul(gate_up_out, down.weight, down.lora, seg1, seg2, True, layout, code)
+    never_raised = torch.zeros(1, dtype=torch.int32, device="cuda:0")
+    waited = nf4_xtab.nf4_xtab_after_silu_mul(gate_up_out, down.weight, down.lora, seg1, seg2, True, layout, code,
+                                              awaited=never_raised)
+    assert torch.equal(waited, plain)
+    assert int(never_raised) == 0
