@@ -41,6 +41,9 @@ tabulated (run 36: the memory is mostly idle for those ~5 us of each launch); RO
 warp on their way into L2 to the end (a 128-byte prefetch per lane as each group starts). A launch may also
 ask the next launch's first weights into L2 while its blocks wait for each other (`NextWeights`). All sum the
 same values in the same order as the plain layout.
+Launches that follow each other in the decode step may be linked by flags (`links`, run 38, not yet timed): the
+launch after waits for the flag the launch before raises as its last block finishes, instead of for that whole
+grid to complete (run 36: x was readable only 1.5-2.1 us after the launch before ended).
 A timeline build (`timeline`) stamps each block's phases for bench/xtab_timeline.py.
 
 tests/test_nf4_xtab_emulated.py runs this CUDA text on the CPU (tests/fakes/cuda_emulation.hpp, both
