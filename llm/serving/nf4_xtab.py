@@ -287,14 +287,15 @@ __device__ __forceinline__ void prepare_x(u32 (&xw)[4], const u16* x, const u16*
 // (`awaited`) instead of waiting for the whole grid before to complete, which run 36 measured at 1.5-2.1 us
 // after its last block ended. All of the launch before's blocks are resident by then (it lets this one
 // start only past its grid barrier), so the spin cannot hold an SM that one of them needs. Bounded: past
-// ~3 ms it waits for the grid before as usual (always right, only later). The launch that awaits a flag
-// lowers it again as it ends (every one of its blocks has seen it by then), ready for the next step.
+// ~2 ms (4,096 polls, each an L2 round trip) it waits for the grid before as usual (always right, only
+// later). The launch that awaits a flag lowers it again as it ends (every one of its blocks has seen it by
+// then), ready for the next step.
 #if AWAITS && !defined(NF4_EMULATE)
 __device__ __forceinline__ void await_kernel_before(const int* awaited) {
     __shared__ int raised;
     if (threadIdx.x == 0) {
         int seen = load_acquire(awaited);
-        for (long long spins = 0; !seen && spins < (1LL << 16); ++spins) {
+        for (int spins = 0; !seen && spins < 4096; ++spins) {
             __nanosleep(32);
             seen = load_acquire(awaited);
         }

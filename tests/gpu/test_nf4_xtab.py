@@ -263,7 +263,7 @@ def test_launches_linked_by_flags_read_this_steps_output_and_lower_the_flags_aga
 
 
 def test_a_launch_waiting_for_a_flag_nobody_raises_waits_for_the_grid_before_instead():
-    """The spin on the flag is bounded (~3 ms): a flag that never comes costs time, never a hang or wrong bits."""
+    """The spin on the flag is bounded (~2 ms): a flag that never comes costs time, never a hang or wrong bits."""
     from llm.serving import nf4_mma
 
     down, _ = projection_and_input("down", 1)
