@@ -219,3 +219,14 @@ def test_down_and_the_next_qkv_wait_for_a_flag_only_where_both_launches_are_one_
     served.add(id(link.consumer))
     assert link.active_flag() is link.flag
     assert link.flag.dtype == torch.int32 and link.flag.tolist() == [0]
+    # Where every one-row launch is an x-table one, the builds compiled before the warm-up are the flags each
+    # launch has: gate/up raises, down awaits and raises (the last down only awaits), q/k/v past the first awaits.
+    served.update(id(p.weight) for layer in layers for p in layer.projections.values())
+    compiled: list[tuple] = []
+    monkeypatch.setattr(nf4_kernels.nf4_xtab, "sm_count", lambda device: 132)
+    monkeypatch.setattr(nf4_kernels.nf4_xtab, "precompile", lambda requests, threads: compiled.extend(requests) or 0)
+    nf4_kernels.precompile_links([(name, p) for layer in layers for name, p in layer.projections.items()], 2)
+    xtab = nf4_kernels.nf4_xtab
+    builds = {(request[5], request[-1]) for request in compiled}
+    assert builds == {(xtab.ADD_NORM, xtab.RELEASES), (xtab.SILU_MUL, xtab.AWAITS | xtab.RELEASES),
+                      (xtab.SILU_MUL, xtab.AWAITS), (xtab.ADD_NORM, xtab.AWAITS)}, builds

@@ -531,6 +531,10 @@ def build_nf4_engine(
                       for name in ("qkv", "o", "gate_up", "down")}
             info["nf4_plan"] = nf4_kernels.tune(groups, graphs.batch_buckets, cache=tuning_cache)
             info["nf4_kernels"] = True
+            if linked_waits:
+                info["nf4_linked_builds"] = nf4_kernels.precompile_links(
+                    [(name, projection) for layer in decoder.layers for name, projection in layer.projections.items()],
+                    nf4_kernels.default_compile_threads())
             info["nf4_exact_prompt_rows"] = EXACT_PROMPT_ROWS  # PEFT's own LoRA products up to here
             info["nf4_prompt_streams"] = nf4_kernels.PROMPT_STREAMS  # run 38
         except Exception as error:  # e.g. a Triton that cannot compile for this GPU

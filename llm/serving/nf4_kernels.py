@@ -1331,6 +1331,23 @@ def precompile_candidates(projections: dict[str, list], buckets: Sequence[int], 
     return nf4_mma.precompile(requests, threads) + nf4_xtab.precompile(xtab_requests, threads)
 
 
+def precompile_links(named: Sequence[tuple[str, NF4Projection]], threads: int) -> int:
+    """The x-table builds with run 38's flags that the decode step will launch (`XtabLink`s the plan makes
+    active), compiled at once before the warm-up rather than one at a time at their first launch."""
+    requests = []
+    for name, projection in named:
+        config = _one_row_xtab(1, projection.weight)
+        links = ((nf4_xtab.AWAITS if _flag(projection.awaits) is not None else 0)
+                 | (nf4_xtab.RELEASES if _flag(projection.raises) is not None else 0))
+        if config is None or not links:
+            continue
+        prep = nf4_xtab.SILU_MUL if name == "down" else nf4_xtab.ADD_NORM
+        head = _xtab_requests(name, projection, config)[0][:5]
+        requests.append((*head, prep, config.xtab_layout, False, _next_weights(projection.following) is not None,
+                         links))
+    return nf4_xtab.precompile(list(dict.fromkeys(requests)), threads)
+
+
 def default_compile_threads() -> int:
     """NVRTC compiles at once during the tuning: the cores there are, up to 8 (each takes a few
     hundred MB of host memory)."""
