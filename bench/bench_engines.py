@@ -45,7 +45,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import torch  # noqa: E402
 
 from llm.engine import SamplingParams  # noqa: E402
-from llm.serving import programmatic_launch  # noqa: E402
+from llm.serving import nf4_kernels, nf4_xtab, programmatic_launch  # noqa: E402
 
 SAMPLING = SamplingParams(temperature=0.9, top_p=0.8, top_k=50, max_new_tokens=256)
 RESULTS: list[dict] = []
@@ -530,8 +530,6 @@ def bench_batching_engine(name: str, build, tokenizer, args, reference_logits, k
         "allocated_after_startup_gb": gb(torch.cuda.memory_allocated()),
     }
     if name == "nf4":  # every kernel configuration the start-up tuner timed, not only the winners
-        from llm.serving import nf4_kernels
-
         case["nf4_candidates_ms_per_step"] = dict(nf4_kernels.CANDIDATE_MS)
     try:
         step_model = engine.scheduler.model
@@ -635,20 +633,13 @@ def main() -> None:
     parser.add_argument("--nf4-linked-waits", action="store_true",
                         help="nf4: down and q/k/v wait for the one-row x-table launch before them by a flag it raises, "
                              "not for its whole grid (run 38)")
-    parser.add_argument("--nf4-prompt-streams", default=None, metavar="STREAMS",
+    parser.add_argument("--nf4-prompt-streams", default=None, choices=nf4_kernels.PROMPT_STREAM_CHOICES,
                         help="nf4: how the exact prompt path uses streams: serial (the default), beside (the LoRA "
                              "products on a second stream) or ahead (also the next weight chunk dequantized on a third)")
     args = parser.parse_args()
     if args.nf4_prompt_streams:
-        from llm.serving import nf4_kernels
-
-        if args.nf4_prompt_streams not in nf4_kernels.PROMPT_STREAM_CHOICES:
-            parser.error(f"--nf4-prompt-streams: one of {', '.join(nf4_kernels.PROMPT_STREAM_CHOICES)}, "
-                         f"got {args.nf4_prompt_streams!r}")
         nf4_kernels.PROMPT_STREAMS = args.nf4_prompt_streams
     if args.xtab_layouts:
-        from llm.serving import nf4_kernels, nf4_xtab
-
         try:
             nf4_kernels.time_xtab_layouts([nf4_xtab.XtabLayout.parse(item) for item in args.xtab_layouts.split(",")])
         except ValueError as error:
@@ -664,7 +655,7 @@ def main() -> None:
         "date": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"), "torch": torch.__version__,
         "xtab_layouts": args.xtab_layouts or "served", "nf4_prefetch_next": args.nf4_prefetch_next,
         "nf4_linked_waits": args.nf4_linked_waits,
-        "nf4_prompt_streams": args.nf4_prompt_streams or "served",
+        "nf4_prompt_streams": nf4_kernels.PROMPT_STREAMS,
     }
     try:
         import bitsandbytes

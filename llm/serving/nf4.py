@@ -374,26 +374,35 @@ class NF4Layer:
         return sum(p.weight.nbytes + p.lora.nbytes for p in self.projections.values())
 
 
+def decode_order(layers: Sequence[NF4Layer]) -> list[tuple[str, NF4Projection]]:
+    """(name, projection) in the order the decode step launches them: q/k/v, o, gate/up, down, layer by layer."""
+    return [(name, layer.projections[name]) for layer in layers for name in ("qkv", "o", "gate_up", "down")]
+
+
 def link_following(layers: Sequence[NF4Layer]) -> None:
     """Each projection's `following`: the weights the decode step reads next (q/k/v -> o -> gate/up -> down ->
     the next layer's q/k/v; the last down's are the lm_head's, not NF4: none)."""
-    order = [layer.projections[name] for layer in layers for name in ("qkv", "o", "gate_up", "down")]
+    order = [projection for _, projection in decode_order(layers)]
     for projection, following in zip(order, [*order[1:], None], strict=True):
         projection.following = following.weight if following is not None else None
 
 
+# Launches that follow each other in the decode step and each prepare their own input (`after_silu_mul`,
+# `after_add_norm`): the pairs run 38's flags may link
+LINKABLE = {("gate_up", "down"), ("down", "qkv")}
+
+
 def link_waits(layers: Sequence[NF4Layer]) -> None:
-    """Run 38's flags between one-row x-table launches that follow each other in the decode step: each
-    layer's down waits for its gate/up's flag, and each q/k/v after the first layer's for the down before
-    it (both launches then prepare their own input: `after_silu_mul`, `after_add_norm`)."""
+    """Run 38's flags between one-row x-table launches that follow each other in the decode step (`LINKABLE`):
+    each layer's down waits for its gate/up's flag, and each q/k/v after the first layer's for the down
+    before it."""
     from llm.serving.nf4_kernels import XtabLink
 
-    pairs = [(layer.projections["gate_up"], layer.projections["down"]) for layer in layers]
-    pairs += [(before.projections["down"], after.projections["qkv"])
-              for before, after in zip(layers[:-1], layers[1:], strict=True)]
-    for producer, consumer in pairs:
-        flag = torch.zeros(1, dtype=torch.int32, device=producer.weight.packed.device)
-        producer.raises = consumer.awaits = XtabLink(producer.weight, consumer.weight, flag)
+    order = decode_order(layers)
+    for (name, producer), (next_name, consumer) in zip(order[:-1], order[1:], strict=True):
+        if (name, next_name) in LINKABLE:
+            flag = torch.zeros(1, dtype=torch.int32, device=producer.weight.packed.device)
+            producer.raises = consumer.awaits = XtabLink(producer.weight, consumer.weight, flag)
 
 
 def _nf4_projection(modules: Sequence[nn.Module]) -> NF4Projection:
@@ -532,9 +541,8 @@ def build_nf4_engine(
             info["nf4_plan"] = nf4_kernels.tune(groups, graphs.batch_buckets, cache=tuning_cache)
             info["nf4_kernels"] = True
             if linked_waits:
-                info["nf4_linked_builds"] = nf4_kernels.precompile_links(
-                    [(name, projection) for layer in decoder.layers for name, projection in layer.projections.items()],
-                    nf4_kernels.default_compile_threads())
+                info["nf4_linked_builds"] = nf4_kernels.precompile_links(decode_order(decoder.layers),
+                                                                         nf4_kernels.default_compile_threads())
             info["nf4_exact_prompt_rows"] = EXACT_PROMPT_ROWS  # PEFT's own LoRA products up to here
             info["nf4_prompt_streams"] = nf4_kernels.PROMPT_STREAMS  # run 38
         except Exception as error:  # e.g. a Triton that cannot compile for this GPU

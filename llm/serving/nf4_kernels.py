@@ -1302,13 +1302,18 @@ XTAB_PREPS = {"qkv": (nf4_xtab.PLAIN, nf4_xtab.ADD_NORM), "gate_up": (nf4_xtab.P
               "down": (nf4_xtab.PLAIN, nf4_xtab.SILU_MUL)}
 
 
+def _xtab_kernel_head(projection: NF4Projection) -> tuple:
+    """(code, device, K, rank, chunks): how `nf4_xtab.precompile`'s requests for this projection begin."""
+    device = projection.weight.packed.device
+    n, k = projection.weight.shape
+    return (nf4_mma.code_values(projection.weight.code), device, k, projection.lora.rank,
+            nf4_xtab.chunks_for(n, k, nf4_xtab.sm_count(device)))
+
+
 def _xtab_requests(name: str, projection: NF4Projection, config: NF4Config) -> list[tuple]:
     """An x-table configuration as `nf4_xtab.precompile` takes it for this projection, one request
     per input preparation it serves with."""
-    device = projection.weight.packed.device
-    n, k = projection.weight.shape
-    head = (nf4_mma.code_values(projection.weight.code), device, k, projection.lora.rank,
-            nf4_xtab.chunks_for(n, k, nf4_xtab.sm_count(device)))
+    head = _xtab_kernel_head(projection)
     return [(*head, prep, config.xtab_layout) for prep in XTAB_PREPS.get(name, (nf4_xtab.PLAIN,))]
 
 
@@ -1341,10 +1346,9 @@ def precompile_links(named: Sequence[tuple[str, NF4Projection]], threads: int) -
                  | (nf4_xtab.RELEASES if _flag(projection.raises) is not None else 0))
         if config is None or not links:
             continue
-        prep = nf4_xtab.SILU_MUL if name == "down" else nf4_xtab.ADD_NORM
-        head = _xtab_requests(name, projection, config)[0][:5]
-        requests.append((*head, prep, config.xtab_layout, False, _next_weights(projection.following) is not None,
-                         links))
+        folded = XTAB_PREPS[name][-1]  # a linked launch prepares its own input
+        requests.append((*_xtab_kernel_head(projection), folded, config.xtab_layout, False,
+                         _next_weights(projection.following) is not None, links))
     return nf4_xtab.precompile(list(dict.fromkeys(requests)), threads)
 
 
