@@ -633,12 +633,7 @@ def main() -> None:
     parser.add_argument("--nf4-linked-waits", action="store_true",
                         help="nf4: down and q/k/v wait for the one-row x-table launch before them by a flag it raises, "
                              "not for its whole grid (run 38)")
-    parser.add_argument("--nf4-prompt-streams", default=None, choices=nf4_kernels.PROMPT_STREAM_CHOICES,
-                        help="nf4: how the exact prompt path uses streams: serial (the default), beside (the LoRA "
-                             "products on a second stream) or ahead (also the next weight chunk dequantized on a third)")
     args = parser.parse_args()
-    if args.nf4_prompt_streams:
-        nf4_kernels.PROMPT_STREAMS = args.nf4_prompt_streams
     if args.xtab_layouts:
         try:
             nf4_kernels.time_xtab_layouts([nf4_xtab.XtabLayout.parse(item) for item in args.xtab_layouts.split(",")])
@@ -655,7 +650,6 @@ def main() -> None:
         "date": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"), "torch": torch.__version__,
         "xtab_layouts": args.xtab_layouts or "served", "nf4_prefetch_next": args.nf4_prefetch_next,
         "nf4_linked_waits": args.nf4_linked_waits,
-        "nf4_prompt_streams": nf4_kernels.PROMPT_STREAMS,
     }
     try:
         import bitsandbytes

@@ -9,7 +9,7 @@ bytes each reads and the achieved TB/s. Prints JSON lines.
     python bench/nf4_kernels.py 1,16 --k-splits --projections o,down   (run 24's served layouts, K split across blocks)
     python bench/nf4_kernels.py 1,16 --served   (only the layouts served in runs 24 and 25)
     python bench/nf4_kernels.py 1 --xtab   (the one-row x-table kernel beside the served layouts)
-    python bench/nf4_kernels.py --prompts 367,1500   (the prompt path: TF32x3 against PEFT's LoRA products, on one, two or three streams)
+    python bench/nf4_kernels.py --prompts 367,1500   (the prompt path: TF32x3 against PEFT's LoRA products)
     python bench/nf4_kernels.py --prompts 32,288 --dequant-rows 512,1024,2048   (+ other dequantization chunks)
     python bench/nf4_kernels.py --profile PROJECTION ROWS CONFIG   (a target for Nsight Compute)
 """
@@ -124,20 +124,17 @@ def measure(name: str, parts: list[int], cols: int, rows_counts: Sequence[int], 
 def measure_prompts(name: str, parts: list[int], cols: int, rows_counts: Sequence[int],
                     dequant_rows_choices: Sequence[int] = ()) -> None:
     """A prompt's rows through the prompt path, with the tensor cores' TF32x3 LoRA products and with
-    PEFT's own float32 ones (what `nf4` serves up to `EXACT_PROMPT_ROWS` since run 20), those one after
-    the other with the base product's chunks, beside them on a second stream, and beside them with the next
-    chunk dequantized on a third (run 38): time per call, the scratch memory each needs, and how many
-    outputs differ from the reference path (the seed's function)."""
+    PEFT's own float32 ones (what `nf4` serves up to `EXACT_PROMPT_ROWS` since run 20): time per call, the
+    scratch memory each needs, and how many outputs differ from the reference path (the seed's function)."""
     group = [projection(parts, cols, seed) for seed in range(LAYERS)]
     for rows in rows_counts:
         x = torch.randn(rows, cols, dtype=torch.bfloat16, device="cuda")
         reference = group[0].reference(x)
         result: dict = {"projection": name, "prompt_rows": rows}
-        for label, pefts, streams in (("tf32x3", False, "serial"), ("pefts", True, "serial"),
-                                      ("pefts_beside", True, "beside"), ("pefts_ahead", True, "ahead")):
-            def run(p: NF4Projection, x: torch.Tensor = x, pefts: bool = pefts, streams: str = streams) -> torch.Tensor:
+        for label, pefts in (("tf32x3", False), ("pefts", True)):
+            def run(p: NF4Projection, x: torch.Tensor = x, pefts: bool = pefts) -> torch.Tensor:
                 return nf4_kernels.nf4_prompt_linear(x, p.weight, p.lora, p.round_lora_first, p.dequant_rows,
-                                                     pefts_products=pefts, streams=streams)
+                                                     pefts_products=pefts)
 
             torch.cuda.synchronize()
             before = torch.cuda.memory_allocated()
@@ -149,8 +146,6 @@ def measure_prompts(name: str, parts: list[int], cols: int, rows_counts: Sequenc
             del out
             result[f"{label}_us"] = round(timed(lambda run=run: [run(p) for p in group]) / LAYERS, 1)
         result["pefts_over_tf32x3"] = round(result["pefts_us"] / result["tf32x3_us"], 3)
-        result["pefts_beside_over_pefts"] = round(result["pefts_beside_us"] / result["pefts_us"], 3)
-        result["pefts_ahead_over_pefts"] = round(result["pefts_ahead_us"] / result["pefts_us"], 3)
         if dequant_rows_choices:
             measure_dequant_chunks(group, x, dequant_rows_choices, result)
         print(json.dumps(result), flush=True)

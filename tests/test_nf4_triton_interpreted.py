@@ -71,39 +71,6 @@ for round_first, pefts_products in ((True, False), (False, False), (True, True),
         "step": reference.float().abs().max().item() * 2**-7,
         "lora_size": (reference.float() - without_lora.float()).abs().max().item(),
     }
-# Run 38's streams, with stand-ins (no CUDA here): the code runs, gives the serial path's values, and every
-# event another stream records is waited for by the main stream (so a capture sees those streams joined).
-import contextlib
-log = []
-class Stream:
-    def __init__(self, name):
-        self.name = name
-    def wait_stream(self, other):
-        log.append(("wait_stream", self.name, other.name))
-    def record_event(self):
-        log.append(("record", self.name, len(log)))
-        return log[-1]
-    def wait_event(self, event):
-        log.append(("wait_event", self.name, event))
-streams = {"main": Stream("main")}
-nf4_kernels.side_stream = lambda device, role="lora": streams.setdefault(role, Stream(role))
-torch.cuda.current_stream = lambda device=None: streams["main"]
-torch.cuda.stream = lambda stream: contextlib.nullcontext()
-for round_first in (True, False):
-    serial = nf4_kernels.nf4_prompt_linear(x, weight, lora, round_first, 128, pefts_products=True)
-    for ahead in (False, True):
-        log.clear()
-        out = torch.empty_like(serial)
-        nf4_kernels._prompt_with_pefts_products_beside(x, weight, lora, round_first,
-                                                       nf4_kernels._weight_chunks(n, 128), out, ahead)
-        recorded = [entry for entry in log if entry[0] == "record"]
-        waited = [entry[2] for entry in log if entry[0] == "wait_event" and entry[1] == "main"]
-        report[f"streams round_first={round_first}, ahead={ahead}"] = {
-            "equal": bool(torch.equal(out, serial)),
-            "recorded": {name: sum(1 for e in recorded if e[1] == name) for name in ("lora", "dequant", "main")},
-            "unjoined": [e for e in recorded if e[1] != "main" and e not in waited],
-            "forked_first": [e for e in log if e[0] == "wait_stream"],
-        }
 three_parts = LoraParts(a=torch.randn(96, k) * 0.02, b=torch.randn(n, 32) * 0.2,
                         segments=((0, 64, 0), (64, 192, 32), (192, n, 64)), rank=32, scaling=0.25)
 t = nf4_kernels.lora_a_prompt(x, three_parts)
@@ -146,15 +113,6 @@ def test_the_prompt_paths_lora_kernels_add_the_lora_as_peft_does():
     for rows in (3, 16):  # the Triton dot kernels' partial sums: two splits of K
         dot = report.pop(f"lora_a_dot_{rows}")
         assert dot["splits"] == 2 and dot["shape"] == [2, rows, 96] and dot["error"] < 1e-5, (rows, dot)
-    streams = {variant: report.pop(variant) for variant in list(report) if variant.startswith("streams")}
-    assert len(streams) == 4, streams
-    for variant, case in streams.items():  # 3 chunks of 128 weight rows, two LoRA parts
-        assert case["equal"], (variant, case)
-        assert case["unjoined"] == [], (variant, case)
-        ahead = variant.endswith("ahead=True")
-        assert case["recorded"]["lora"] == 3 and case["recorded"]["dequant"] == (3 if ahead else 0), (variant, case)
-        assert case["forked_first"] == [["wait_stream", "lora", "main"]] + (
-            [["wait_stream", "dequant", "main"]] if ahead else []), (variant, case)
     assert len(report) == 4, report  # both roundings, with the tensor cores' products and with PEFT's
     for variant, case in report.items():
         assert case["lora_size"] > 10 * case["step"], case  # a missing or misplaced LoRA would show

@@ -116,21 +116,19 @@ class NF4Matrix:
             code=code,
         )
 
-    def dequantize(self, dtype: torch.dtype = torch.bfloat16, rows: slice | None = None,
-                   out: torch.Tensor | None = None) -> torch.Tensor:
-        """bf16(code[nibble] * absmax) for every value (all rows, or `rows`), into `out` if given (contiguous)."""
+    def dequantize(self, dtype: torch.dtype = torch.bfloat16, rows: slice | None = None) -> torch.Tensor:
+        """bf16(code[nibble] * absmax) for every value (all rows, or `rows`)."""
         packed = self.packed if rows is None else self.packed[rows]
         absmax = self.absmax if rows is None else self.absmax[rows]
         if packed.is_cuda:
             from llm.serving import nf4_kernels
 
             if nf4_kernels.available(packed.device):
-                return nf4_kernels.dequantize(packed, absmax, self.code, dtype, out=out)
+                return nf4_kernels.dequantize(packed, absmax, self.code, dtype)
         n, half = packed.shape
         nibbles = torch.stack((packed >> 4, packed & 0xF), dim=-1).reshape(n, half * 2).long()
         values = self.code[nibbles].reshape(n, -1, BLOCK_SIZE) * absmax.unsqueeze(-1)
-        values = values.reshape(n, half * 2).to(dtype)
-        return values if out is None else out.copy_(values)
+        return values.reshape(n, half * 2).to(dtype)
 
 
 @dataclass
@@ -544,7 +542,6 @@ def build_nf4_engine(
                 info["nf4_linked_builds"] = nf4_kernels.precompile_links(decode_order(decoder.layers),
                                                                          nf4_kernels.default_compile_threads())
             info["nf4_exact_prompt_rows"] = EXACT_PROMPT_ROWS  # PEFT's own LoRA products up to here
-            info["nf4_prompt_streams"] = nf4_kernels.PROMPT_STREAMS  # run 38
         except Exception as error:  # e.g. a Triton that cannot compile for this GPU
             logger.warning("nf4 kernels unavailable, dequantizing for cuBLAS instead: %r", error)
             info["nf4_kernel_error"] = repr(error)

@@ -8,9 +8,7 @@ only through Triton's interpreter, which tests/test_nf4_triton_interpreted.py us
   dequantized for cuBLAS, then one kernel adds the LoRA's `B` product with PEFT's roundings and
   writes the chunk's columns of the output. Both LoRA kernels multiply float32 on the tensor cores
   as three TF32 products (float32's accuracy); or, up to `llm.serving.nf4.EXACT_PROMPT_ROWS` rows, PEFT's own
-  float32 A and B products (cuBLAS) and one kernel for the scaling and roundings: the seed's bits. Those
-  products may run on a second stream beside the chunks' dequantization and cuBLAS products (run 38; also
-  the next chunk's dequantization on a third: `PROMPT_STREAMS`).
+  float32 A and B products (cuBLAS) and one kernel for the scaling and roundings: the seed's bits.
 - `nf4_lora_linear(x, weight, lora)`: y = x @ dequant(W).T + LoRA for 1..16 rows (a decode step).
   The weight bytes are streamed once: each tile is dequantized in registers (the same bf16 values)
   and multiplied with float32 accumulation - a multiply-reduce for up to 4 rows, `tl.dot` on a
@@ -805,12 +803,10 @@ if _HAVE_TRITON:
 
 def dequantize(
     packed: torch.Tensor, absmax: torch.Tensor, code: torch.Tensor, dtype: torch.dtype = torch.bfloat16,
-    out: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """bf16(code[nibble] * absmax) for every value, into `out` ([N, K], contiguous) or a new tensor."""
+    """bf16(code[nibble] * absmax) for every value."""
     n, half = packed.shape
-    if out is None:
-        out = torch.empty((n, half * 2), dtype=dtype, device=packed.device)
+    out = torch.empty((n, half * 2), dtype=dtype, device=packed.device)
     if dtype == torch.bfloat16 and n % LUT_DEQUANT_ROWS == 0 and (half * 2) % LUT_DEQUANT_COLS == 0:
         k = half * 2
         _lut_dequant_kernel[(n // LUT_DEQUANT_ROWS, k // LUT_DEQUANT_COLS)](
@@ -968,28 +964,6 @@ def lora_a_prompt(x: torch.Tensor, lora: LoraParts) -> torch.Tensor:
     return partial[0] if splits == 1 else partial.sum(0)
 
 
-# How the exact prompt path spreads its work over streams (run 38, not yet timed, so "serial" until then):
-# "serial", all on the caller's stream, one after the other; "beside", PEFT's LoRA products (small cuBLAS
-# float32 GEMMs that leave most SMs idle: ~7 ms of a 288-token prefill's 28 in run 35's profile, one after
-# the other with the rest) on a second stream while the weight chunks are dequantized and multiplied;
-# "ahead", as "beside", and a third stream dequantizes the next chunk of weight rows while cuBLAS multiplies
-# this one (two chunk buffers; only projections of several chunks: q/k/v and gate/up).
-PROMPT_STREAM_CHOICES = ("serial", "beside", "ahead")
-PROMPT_STREAMS = "serial"
-_STREAMS: dict[tuple[int, str], torch.cuda.Stream] = {}
-
-
-def side_stream(device: torch.device, role: str = "lora") -> torch.cuda.Stream:
-    """The stream on `device` that prompts run their LoRA products ("lora") or their next chunk's
-    dequantization ("dequant") on: one per device and role, made on first use (in the warm-up prefill,
-    before any graph capture)."""
-    index = device.index if device.index is not None else torch.cuda.current_device()
-    stream = _STREAMS.get((index, role))
-    if stream is None:
-        stream = _STREAMS[(index, role)] = torch.cuda.Stream(device=index)
-    return stream
-
-
 def _weight_chunks(n: int, dequant_rows: int) -> list[tuple[int, int]]:
     """(first weight row, rows) of each chunk the prompt path dequantizes at a time."""
     return [(col0, min(dequant_rows, n - col0)) for col0 in range(0, n, dequant_rows)]
@@ -1018,7 +992,7 @@ def _add_lora_u(base: torch.Tensor, u: torch.Tensor, out: torch.Tensor, col0: in
 
 def nf4_prompt_linear(
     x: torch.Tensor, weight: NF4Matrix, lora: LoraParts, round_lora_first: bool, dequant_rows: int,
-    pefts_products: bool = False, streams: str | None = None,
+    pefts_products: bool = False,
 ) -> torch.Tensor:
     """y = x @ dequant(W).T + scaling * B(A(x)) with PEFT's roundings, for a prompt's many rows: each
     chunk of `dequant_rows` weight rows dequantized for cuBLAS (bounded scratch), its product and
@@ -1026,9 +1000,7 @@ def nf4_prompt_linear(
     `pefts_products`: the LoRA's A and B products are PEFT's own cuBLAS float32 calls, one pair per
     original projection (the B product for a chunk's columns at a time: with K = rank, cuBLAS gives
     the same bits as over the whole part, tests/gpu), then one kernel scales, rounds and adds: the
-    seed's bits (run 20). `streams` (default `PROMPT_STREAMS`, see there): "beside" runs those products on
-    a second stream while the chunks are dequantized and multiplied (the same calls, so the same bits);
-    "ahead" also dequantizes the next chunk on a third while cuBLAS multiplies this one.
+    seed's bits (run 20; run 39 measured those products on a second stream slower, not faster).
     Otherwise one kernel computes every part's A product and both products run on the tensor cores
     as three TF32 products (float32's accuracy, not cuBLAS's bits; faster)."""
     m, k = x.shape
@@ -1036,12 +1008,6 @@ def nf4_prompt_linear(
     out = torch.empty((m, n), dtype=x.dtype, device=x.device)
     chunks = _weight_chunks(n, dequant_rows)
     if pefts_products:
-        streams = streams or PROMPT_STREAMS
-        if streams not in PROMPT_STREAM_CHOICES:
-            raise ValueError(f"prompt streams {streams!r}: one of {', '.join(PROMPT_STREAM_CHOICES)}")
-        if streams != "serial" and x.is_cuda:
-            _prompt_with_pefts_products_beside(x, weight, lora, round_lora_first, chunks, out, streams == "ahead")
-            return out
         t_parts = lora.a_products(x)
     else:
         t = lora_a_prompt(x, lora)
@@ -1058,82 +1024,6 @@ def nf4_prompt_linear(
         for part, lo, hi in _chunk_parts(lora, col0, rows):
             _add_lora_u(base, F.linear(t_parts[part], lora.b[lo:hi]), out, col0, lo, hi, lora, round_lora_first)
     return out
-
-
-def _prompt_with_pefts_products_beside(
-    x: torch.Tensor, weight: NF4Matrix, lora: LoraParts, round_lora_first: bool, chunks: list[tuple[int, int]],
-    out: torch.Tensor, dequant_ahead: bool = False,
-) -> None:
-    """`nf4_prompt_linear` with PEFT's products on `side_stream`: x's float32 copy, the A products and each
-    chunk's B products there, in that order, an event after each chunk's; the main stream dequantizes and
-    multiplies the chunks meanwhile and waits for a chunk's event only before adding its LoRA.
-    `dequant_ahead` (several chunks): the "dequant" stream fills two chunk buffers in turn, each once the
-    main stream's product has read what it held.
-    Every buffer another stream writes is allocated here, on the main stream, before that stream starts,
-    and the main stream waits for that stream's last event before it returns: so the caching allocator
-    never hands such a block to other work early, and a graph capture sees every stream joined
-    (`torch.mm(..., out=)` is the same cuBLAS call as `F.linear`'s)."""
-    m, k = x.shape
-    main = torch.cuda.current_stream(x.device)
-    side = side_stream(x.device)
-    xf = x if x.dtype == lora.a.dtype else torch.empty((m, k), dtype=lora.a.dtype, device=x.device)
-    t_parts = [torch.empty((m, lora.rank), dtype=lora.a.dtype, device=x.device) for _ in lora.segments]
-    us = [[(part, lo, hi, torch.empty((m, hi - lo), dtype=lora.b.dtype, device=x.device))
-           for part, lo, hi in _chunk_parts(lora, col0, rows)] for col0, rows in chunks]
-    ready = []
-    side.wait_stream(main)  # x is written
-    with torch.cuda.stream(side):
-        if xf is not x:
-            xf.copy_(x)
-        for t_part, (_, _, col) in zip(t_parts, lora.segments, strict=True):
-            torch.mm(xf, lora.a[col : col + lora.rank].t(), out=t_part)
-        for chunk_us in us:
-            for part, lo, hi, u in chunk_us:
-                torch.mm(t_parts[part], lora.b[lo:hi].t(), out=u)
-            ready.append(side.record_event())
-    ahead = _DequantAhead(weight, chunks, x) if dequant_ahead and len(chunks) > 1 else None
-    for c, ((col0, rows), chunk_us, event) in enumerate(zip(chunks, us, ready, strict=True)):
-        if ahead is None:
-            base = F.linear(x, weight.dequantize(x.dtype, slice(col0, col0 + rows)))
-        else:
-            base = F.linear(x, ahead.take(c))
-            ahead.release(c)
-        main.wait_event(event)
-        for _, lo, hi, u in chunk_us:
-            _add_lora_u(base, u, out, col0, lo, hi, lora, round_lora_first)
-
-
-class _DequantAhead:
-    """The prompt path's weight chunks dequantized on the "dequant" stream into two buffers in turn: chunk c
-    into buffer c % 2 once the main stream's product of chunk c - 2 has read it (`release`); `take(c)`
-    makes the main stream wait until chunk c is there."""
-
-    def __init__(self, weight: NF4Matrix, chunks: list[tuple[int, int]], x: torch.Tensor) -> None:
-        self.weight, self.chunks = weight, chunks
-        self.main = torch.cuda.current_stream(x.device)
-        self.stream = side_stream(x.device, "dequant")
-        widest = max(rows for _, rows in chunks)
-        self.buffers = [torch.empty((widest, weight.shape[1]), dtype=x.dtype, device=x.device) for _ in range(2)]
-        self.filled: dict[int, torch.cuda.Event] = {}
-        self.stream.wait_stream(self.main)  # the buffers' blocks may have served earlier work of the main stream
-        for c in range(min(2, len(chunks))):
-            self._fill(c)
-
-    def _fill(self, c: int) -> None:
-        col0, rows = self.chunks[c]
-        with torch.cuda.stream(self.stream):
-            self.weight.dequantize(self.buffers[c % 2].dtype, slice(col0, col0 + rows), out=self.buffers[c % 2][:rows])
-            self.filled[c] = self.stream.record_event()
-
-    def take(self, c: int) -> torch.Tensor:
-        self.main.wait_event(self.filled.pop(c))
-        return self.buffers[c % 2][: self.chunks[c][1]]
-
-    def release(self, c: int) -> None:
-        """The main stream has enqueued its last read of chunk c's buffer: chunk c + 2 may go there."""
-        if c + 2 < len(self.chunks):
-            self.stream.wait_event(self.main.record_event())
-            self._fill(c + 2)
 
 
 def nf4_lora_linear(

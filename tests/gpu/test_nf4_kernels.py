@@ -169,61 +169,25 @@ def test_the_prompt_path_equals_the_reference_path(rows, name, round_first, monk
 @pytest.mark.parametrize("rows", [17, 64, 367, 384, 1500, 2048])
 @pytest.mark.parametrize("name", ["qkv", "gate_up", "down"])
 @pytest.mark.parametrize("round_first", [True, False])
-@pytest.mark.parametrize("streams", ["serial", "beside", "ahead"])
-def test_prompts_with_pefts_products_are_the_reference_path_bit_for_bit(rows, name, round_first, streams, monkeypatch):
+def test_prompts_with_pefts_products_are_the_reference_path_bit_for_bit(rows, name, round_first, monkeypatch):
     # As served up to EXACT_PROMPT_ROWS: PEFT's own float32 LoRA products (the B product 4,096
     # columns at a time), the scaling and roundings in one kernel per chunk; the reference path is
     # the seed's prompt function (2,048 rows: the same path forced, where serving takes TF32x3).
-    # Run 38's streams: "beside", those products on a second stream (`torch.mm(..., out=)`); "ahead",
-    # the next weight chunk dequantized on a third one as well.
     parts, cols = SHAPES[name]
     projection = _projection(parts, cols, round_first=round_first)
     projection.use_kernels = True
     monkeypatch.setattr("llm.serving.nf4.EXACT_PROMPT_ROWS", 2048)
-    monkeypatch.setattr("llm.serving.nf4_kernels.PROMPT_STREAMS", streams)
     x = torch.randn(rows, cols, dtype=torch.bfloat16, device="cuda:0")
     out, reference = projection(x), projection.reference(x)
     differing = (out.view(torch.int16) != reference.view(torch.int16)).sum().item()
     print("NF4_EXACT_PROMPT " + json.dumps({"name": name, "rows": rows, "round_first": round_first,
-                                            "streams": streams, "differing": differing}))
+                                            "differing": differing}))
     assert differing == 0
 
 
-@pytest.mark.parametrize("name", ["qkv", "gate_up"])
-@pytest.mark.parametrize("streams", ["beside", "ahead"])
-def test_the_prompt_streams_wait_for_their_input_and_are_waited_for(name, streams, monkeypatch):
-    # Run 38: a prompt's LoRA products run on a second stream (and with "ahead" its weight chunks are
-    # dequantized on a third). Those must wait for x (here written 25 ms late by the main stream, NaN
-    # before), and the main stream must wait for them (here they start 25 ms late, and their buffers
-    # may still hold another projection's weights and products from the call before).
-    from llm.serving import nf4_kernels
-
-    monkeypatch.setattr("llm.serving.nf4_kernels.PROMPT_STREAMS", streams)
-    parts, cols = SHAPES[name]
-    projection, x = projection_and_input(name, 288)
-    other_projection = _projection(parts, cols, seed=5)
-    projection.use_kernels = other_projection.use_kernels = True
-    late_x = torch.full_like(x, float("nan"))
-    torch.cuda._sleep(50_000_000)
-    late_x.copy_(x)
-    late_input = projection(late_x)
-    other_x = torch.randn_like(x)
-    other_projection(other_x)
-    for role in ("lora", "dequant"):
-        with torch.cuda.stream(nf4_kernels.side_stream(x.device, role)):
-            torch.cuda._sleep(50_000_000)
-    late_streams = projection(other_x)
-    torch.cuda.synchronize()
-    assert torch.equal(late_input, projection.reference(x))
-    assert torch.equal(late_streams, projection.reference(other_x))
-
-
 @pytest.mark.parametrize("name", ["qkv", "gate_up", "down"])
-@pytest.mark.parametrize("streams", ["beside", "ahead"])
-def test_the_prompt_streams_follow_new_inputs_in_graph_replays(name, streams, monkeypatch):
-    # As the prefill graphs run them: the other streams forked and joined inside the capture, every
-    # replay the same bits as the same call made eagerly on its new input.
-    monkeypatch.setattr("llm.serving.nf4_kernels.PROMPT_STREAMS", streams)
+def test_the_exact_prompt_path_follows_new_inputs_in_graph_replays(name):
+    # As the prefill graphs run it: every replay the same bits as the same call made eagerly on its new input.
     projection, x = projection_and_input(name, 288)
     projection.use_kernels = True
     assert_replays_follow_new_inputs(projection, x, name, replays=4)
