@@ -626,13 +626,8 @@ def main() -> None:
                         help="only the KL measurements (prefill, decode, and against the seed's own decode)")
     parser.add_argument("--kv-cache-tokens", type=int, default=None, help="fast: paged KV token budget")
     parser.add_argument("--xtab-layouts", default=None, metavar="LAYOUTS",
-                        help="nf4: the one-row x-table layouts the tuner times, comma-separated (e.g. 16x1,8x1,16x1l2; "
+                        help="nf4: the one-row x-table layouts the tuner times, comma-separated (e.g. 16x1,8x1,8x2; "
                              "default: the served ones)")
-    parser.add_argument("--nf4-prefetch-next", action="store_true",
-                        help="nf4: each one-row x-table launch asks the next projection's first weights into L2")
-    parser.add_argument("--nf4-linked-waits", action="store_true",
-                        help="nf4: down and q/k/v wait for the one-row x-table launch before them by a flag it raises, "
-                             "not for its whole grid (run 38)")
     args = parser.parse_args()
     if args.xtab_layouts:
         try:
@@ -648,8 +643,7 @@ def main() -> None:
     meta = {
         "case": "meta", "commit": args.commit, "device": device_name,
         "date": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"), "torch": torch.__version__,
-        "xtab_layouts": args.xtab_layouts or "served", "nf4_prefetch_next": args.nf4_prefetch_next,
-        "nf4_linked_waits": args.nf4_linked_waits,
+        "xtab_layouts": args.xtab_layouts or "served",
     }
     try:
         import bitsandbytes
@@ -722,8 +716,7 @@ def main() -> None:
         emit(case, out_dir)
 
     options = dict(compile_kernels=not args.no_compile, triton_kernels=not args.no_triton,
-                   paged_kv=not args.static_kv, kv_cache_tokens=args.kv_cache_tokens,
-                   nf4_prefetch_next=args.nf4_prefetch_next, nf4_linked_waits=args.nf4_linked_waits)
+                   paged_kv=not args.static_kv, kv_cache_tokens=args.kv_cache_tokens)
     for name in [c for c in cases if c in ENGINE_MODES]:
         if model is None:  # the previous mode consumed it: the same random model again (same seed)
             free_gpu()
@@ -755,16 +748,14 @@ ENGINE_MODES = ("nf4", "low-memory", "fast")
 
 
 def build_engine(name: str, model, tokenizer, compile_kernels: bool = True, triton_kernels: bool = True,  # noqa: ANN001, ANN201
-                 paged_kv: bool = True, kv_cache_tokens: int | None = None, nf4_prefetch_next: bool = False,
-                 nf4_linked_waits: bool = False):
+                 paged_kv: bool = True, kv_cache_tokens: int | None = None):
     """One of finbot's modes (`ENGINE_MODES`) from the seed's model (consumed), as the bench serves it:
     16 slots of 2,048 tokens (`low-memory`: 2)."""
     if name == "nf4":
         from llm.serving.nf4 import build_nf4_engine
 
         return build_nf4_engine(model, tokenizer, max_batch=16, max_seq_len=2048, compile_kernels=compile_kernels,
-                                free_source=True, triton_kernels=triton_kernels, kv_cache_tokens=kv_cache_tokens,
-                                prefetch_next=nf4_prefetch_next, linked_waits=nf4_linked_waits)
+                                free_source=True, triton_kernels=triton_kernels, kv_cache_tokens=kv_cache_tokens)
     from llm.serving.fast import build_fast_engine, build_low_memory_engine
 
     if name == "low-memory":

@@ -9,15 +9,14 @@
 #       tests, and run 24's served layouts with K splits timed (q/k/v, o, down; 1 and 16 rows)
 #       -> $OUT/splits*.txt
 #   bash bench/engines_gpu.sh timeline [LAYOUTS]  where each layout's launches spend their time
-#       (`bench/xtab_timeline.py`, runs 36-38's layouts and links by default), then the x-table kernels' GPU tests (~5 minutes)
+#       (`bench/xtab_timeline.py`, the served layouts by default), then the x-table kernels' GPU tests (~5 minutes)
 #       -> $OUT/gpu-tests.txt, $OUT/timeline.jsonl
-#   bash bench/engines_gpu.sh prompts            the prompt path's GPU tests (`-k prompt`: with its work on other
-#       streams it keeps the seed's bits, waits both ways, replays in graphs), then its timings at 32 and 288
-#       rows on one, two and three streams (`bench/nf4_kernels.py --prompts 32,288`; ~3 minutes) -> $OUT/prompts*
+#   bash bench/engines_gpu.sh prompts            the prompt path's GPU tests (`-k prompt`: the seed's bits, graph
+#       replays), then its timings at 32 and 288 rows (`bench/nf4_kernels.py --prompts 32,288`; ~3 minutes)
+#       -> $OUT/prompts*
 #   bash bench/engines_gpu.sh bench COMMIT [CASES [BENCH OPTIONS]]  the engine benchmark: the seed's literal
 #       code path, `nf4` and `fast` by default, same prompts, ratios printed (~4 minutes; options such as
-#       --xtab-layouts 16x1,8x1,16x1l2 --nf4-prefetch-next --nf4-linked-waits --nf4-prompt-streams beside go to
-#       bench_engines.py)
+#       --xtab-layouts 16x1,8x1 go to bench_engines.py)
 #       -> $OUT/engines.log, $OUT/r.tgz (the results JSON, the chart and the profiles)
 set -uo pipefail
 if [[ "${1:-}" != tests && "${1:-}" != bench && "${1:-}" != kernels && "${1:-}" != splits && "${1:-}" != timeline

@@ -11,17 +11,14 @@ global timer and its SM's cycle counter at nine points (warp 0's view where no b
     6 every warp's weight sums stored · 7 the grid-wide barrier passed · 8 the block's rows finished
 
 Prints, for each layout (`nf4_xtab.XtabLayout`: warps per block x row groups of weights in flight per
-warp, then row groups per warp copied into shared memory and prefetched into L2 before the wait: `16x1`,
-`8x2`, `16x1g1`, `16x1l2`, `16x1l2r` (rolling); with `+next`, every launch also asks the next one's first weights into L2 while
-it finishes: `nf4_xtab.NextWeights`; with `+linked`, down waits for gate/up's flag and the next q/k/v for
-down's instead of for the grid before: run 38's `XtabLink`), one JSON line
-per projection (microseconds; medians over layers and replays of each launch's median and slowest
-block, and how long an SM sits between one launch's block leaving and the next one's arriving) and
-one for the chain: its graph time with and without the stamps.
+warp: `16x1`, `8x1`, `8x2`), one JSON line per projection (microseconds; medians over layers and replays of
+each launch's median and slowest block, and how long an SM sits between one launch's block leaving and the
+next one's arriving) and one for the chain: its graph time with and without the stamps. (Runs 36-38's
+staged, L2-prefetching and flag-linked variants were timed here in run 39, slower, and retired: see
+bench/NOTES.md.)
 
-    python3 bench/xtab_timeline.py [--layers 4] [--replays 20] [--layouts 16x1,16x1+linked,16x1l2+next,8x2g3]
-    (by default: the served 16x1, run 38's flags (+linked), run 37's L2 prefetches (up front, rolling, +next),
-    8x1, then the other `nf4_xtab.CANDIDATE_LAYOUTS`)
+    python3 bench/xtab_timeline.py [--layers 4] [--replays 20] [--layouts 16x1,8x2]
+    (by default: the layouts the tuner times, `nf4_xtab.SERVED_LAYOUTS`)
 """
 
 from __future__ import annotations
@@ -49,13 +46,7 @@ NS = slice(0, 2 * len(POINTS), 2)  # a block's stamps: (ns, cycles) per point, i
 CYCLES = slice(1, 2 * len(POINTS), 2)
 DONE, SUMS_STORED = POINTS.index("done"), POINTS.index("sums_stored")
 assert len(POINTS) == nf4_xtab.TIMELINE_POINTS, "the kernel's STAMP points and these names differ"
-NEXT, LINKED = "+next", "+linked"
-# The served 16x1 first (the baseline), then run 38's flags and run 37's L2 prefetches (the likeliest to fault,
-# so that a fault loses the fewest figures... and the likeliest to win), then the rest
-FIRST_LAYOUTS = ["16x1", f"16x1{LINKED}", f"16x1{NEXT}", "16x1l2", "16x1l2r", f"16x1l2{NEXT}", f"16x1l2r{NEXT}",
-                 f"16x1l2r{LINKED}", "16x1l4", "16x1l4r", f"16x1l4r{NEXT}", "8x1", f"8x1{LINKED}"]
-DEFAULT_LAYOUTS = ",".join(FIRST_LAYOUTS + [layout.label for layout in nf4_xtab.CANDIDATE_LAYOUTS
-                                            if layout.label not in FIRST_LAYOUTS])
+DEFAULT_LAYOUTS = ",".join(layout.label for layout in nf4_xtab.SERVED_LAYOUTS)
 HIDDEN, INTERMEDIATE, KV = 4096, 14336, 1024
 BANDWIDTH_BYTES_PER_US = 4.2e6  # the H200's measured copy rate, for the bytes-only time
 
@@ -73,8 +64,6 @@ class Chain:
         from nf4_kernels import projection  # bench/nf4_kernels.py: random NF4 + LoRA of the seed's shape
 
         self.layout = nf4_xtab.XtabLayout()
-        self.prefetch_next = False
-        self.linked = False
         self.layers = [
             {"qkv": projection([HIDDEN, KV, KV], HIDDEN, 100 + layer),
              "gate_up": projection([INTERMEDIATE, INTERMEDIATE], HIDDEN, 200 + layer),
@@ -91,12 +80,6 @@ class Chain:
             {name: torch.zeros(self.blocks(p), nf4_xtab.TIMELINE_SLOTS, dtype=torch.int64, device=device)
              for name, p in layer.items()}
             for layer in self.layers]
-        # run 38's flags, per layer: gate/up's (down waits for it) and down's (the next q/k/v waits for it)
-        self.flags = [[torch.zeros(1, dtype=torch.int32, device=device) for _ in range(2)] for _ in self.layers]
-
-    def flag(self, index: int, which: int) -> torch.Tensor | None:
-        """With `linked`: layer `index`'s gate/up flag (0) or down flag (1); None past the last layer."""
-        return self.flags[index][which] if self.linked and 0 <= index < len(self.layers) else None
 
     def chunks(self, projection: NF4Projection) -> int:
         return nf4_xtab.chunks_for(*projection.weight.shape, self.sms)
@@ -104,35 +87,22 @@ class Chain:
     def blocks(self, projection: NF4Projection) -> int:
         return projection.weight.shape[1] // nf4_xtab.SLICE * self.chunks(projection)
 
-    def next_weights(self, index: int, name: str) -> nf4_xtab.NextWeights | None:
-        """With `prefetch_next`: what the launch after layer `index`'s `name` holds before its wait (after the
-        last down, the first layer's q/k/v: the chain repeats)."""
-        if not self.prefetch_next:
-            return None
-        order = ("qkv", "gate_up", "down")
-        at = order.index(name) + 1
-        following = self.layers[(index + at // 3) % len(self.layers)][order[at % 3]]
-        return nf4_xtab.NextWeights.held_by(following.weight, self.layout, self.sms)
-
     def run(self, stamped: bool) -> torch.Tensor:
         """The chain's last output (down's, of the last layer)."""
         residual, delta = self.residual, self.delta
-        for index, (layer, stamps) in enumerate(zip(self.layers, self.stamps, strict=True)):
+        for layer, stamps in zip(self.layers, self.stamps, strict=True):
             qkv, gate_up, down = layer["qkv"], layer["gate_up"], layer["down"]
             residual, q = nf4_xtab.nf4_xtab_after_add_norm(
                 residual, delta, self.norm, 1e-5, qkv.weight, qkv.lora, *qkv.lora.part_starts(qkv.weight.shape[0]),
-                True, self.layout, self.code, timeline=stamps["qkv"] if stamped else None,
-                next_weights=self.next_weights(index, "qkv"), awaited=self.flag(index - 1, 1))
+                True, self.layout, self.code, timeline=stamps["qkv"] if stamped else None)
             # attention and o are not in the chain: q's first 4096 values stand in for o's output
             residual, gu = nf4_xtab.nf4_xtab_after_add_norm(
                 residual, q[:, :HIDDEN], self.norm, 1e-5, gate_up.weight, gate_up.lora,
                 *gate_up.lora.part_starts(gate_up.weight.shape[0]), True, self.layout, self.code,
-                timeline=stamps["gate_up"] if stamped else None, next_weights=self.next_weights(index, "gate_up"),
-                released=self.flag(index, 0))
+                timeline=stamps["gate_up"] if stamped else None)
             delta = nf4_xtab.nf4_xtab_after_silu_mul(
                 gu, down.weight, down.lora, *down.lora.part_starts(down.weight.shape[0]), True, self.layout,
-                self.code, timeline=stamps["down"] if stamped else None, next_weights=self.next_weights(index, "down"),
-                awaited=self.flag(index, 0), released=self.flag(index, 1) if index + 1 < len(self.layers) else None)
+                self.code, timeline=stamps["down"] if stamped else None)
         return delta
 
 
@@ -190,16 +160,13 @@ def summarize_replay(records: list[tuple[str, torch.Tensor]]) -> list[dict]:
     return out
 
 
-def measure_layout(chain: Chain, layout: nf4_xtab.XtabLayout, prefetch_next: bool, linked: bool, replays: int,
-                   outputs: dict[int, torch.Tensor]) -> None:
+def measure_layout(chain: Chain, layout: nf4_xtab.XtabLayout, replays: int, outputs: dict[int, torch.Tensor]) -> None:
     """Print the layout's lines; `outputs`: the chain's output per warp count, from the first layout
     measured with it (other groups in flight must give the same bits: the same sums in the same order)."""
-    chain.layout, chain.prefetch_next, chain.linked = layout, prefetch_next, linked
+    chain.layout = layout
     output = chain.run(False).clone()
     same_bits = bool(torch.equal(output, outputs.setdefault(layout.warps, output)))
-    described = {"layout": layout.label + (NEXT if prefetch_next else "") + (LINKED if linked else ""),
-                 "warps": layout.warps, "ahead": layout.ahead, "staged": layout.staged,
-                 "prefetched": layout.prefetched, "prefetch_next": prefetch_next, "linked": linked}
+    described = {"layout": layout.label, "warps": layout.warps, "ahead": layout.ahead}
     plain_ms = graph_time_ms(lambda: chain.run(False), 20)
     stamped_ms = graph_time_ms(lambda: chain.run(True), 20)
     graph = captured_graph(lambda: chain.run(True))
@@ -233,20 +200,12 @@ def measure_layout(chain: Chain, layout: nf4_xtab.XtabLayout, prefetch_next: boo
         "same_bits_as_first_layout_with_these_warps": same_bits}), flush=True)
 
 
-def layouts(text: str) -> list[tuple[nf4_xtab.XtabLayout, bool, bool]]:
-    """(layout, whether it prefetches the next launch's weights, whether the launches are linked by flags) of
-    each comma-separated item in `text` (a layout, then "+next" and / or "+linked"); exits with one line on a
-    bad one."""
-    chosen = []
+def layouts(text: str) -> list[nf4_xtab.XtabLayout]:
+    """The layouts comma-separated in `text`; exits with one line on a bad one."""
     try:
-        for item in text.split(","):
-            label, *suffixes = item.strip().split("+")
-            if any(f"+{suffix}" not in (NEXT, LINKED) for suffix in suffixes):
-                raise ValueError(f"{item.strip()!r}: after the layout, only {NEXT} and {LINKED}")
-            chosen.append((nf4_xtab.XtabLayout.parse(label), NEXT in item, LINKED in item))
+        return [nf4_xtab.XtabLayout.parse(label) for label in text.split(",")]
     except ValueError as error:
         sys.exit(f"xtab_timeline: bad --layouts: {error}")
-    return chosen
 
 
 def main() -> None:
@@ -254,11 +213,8 @@ def main() -> None:
     parser.add_argument("--layers", type=int, default=4, help="random layers chained (default 4: past the L2)")
     parser.add_argument("--replays", type=int, default=20, help="stamped replays summarized (default 20)")
     parser.add_argument("--layouts", default=DEFAULT_LAYOUTS,
-                        help="WARPSxAHEAD[gSTAGED][lPREFETCHED][r][+next][+linked], comma-separated: warps per block x "
-                             "row groups in flight, row groups staged in shared memory and prefetched into L2, whether "
-                             "each launch prefetches the next one's first weights, and whether down and q/k/v wait "
-                             "for flags "
-                             f"(served: 16x1; default {DEFAULT_LAYOUTS})")
+                        help="WARPSxAHEAD, comma-separated: warps per block x row groups in flight "
+                             f"(default: the served {DEFAULT_LAYOUTS})")
     args = parser.parse_args()
     chosen = layouts(args.layouts)
     if not torch.cuda.is_available() or not nf4_xtab.available("cuda"):
@@ -269,24 +225,17 @@ def main() -> None:
     chain = Chain(args.layers)
     # every kernel the layouts launch, plain and stamped, compiled on all cores first (one at a time: minutes)
     device = torch.device("cuda")
-    # (the flags each launch of a linked chain has: q/k/v awaits but the first, gate/up raises, down both but the last)
-    link_builds = {"qkv": (0, nf4_xtab.AWAITS), "gate_up": (nf4_xtab.RELEASES,),
-                   "down": (nf4_xtab.AWAITS | nf4_xtab.RELEASES, nf4_xtab.AWAITS)}
     requests = [(chain.code, device, projection.weight.shape[1], projection.lora.rank, chain.chunks(projection),
-                 prep, layout, stamped, prefetch_next, links)
-                for layout, prefetch_next, linked in chosen if nf4_xtab.fits(device, layout)
-                for name, projection, prep in (("qkv", chain.layers[0]["qkv"], nf4_xtab.ADD_NORM),
-                                               ("gate_up", chain.layers[0]["gate_up"], nf4_xtab.ADD_NORM),
-                                               ("down", chain.layers[0]["down"], nf4_xtab.SILU_MUL))
-                for links in (link_builds[name] if linked else (0,))
+                 prep, layout, stamped)
+                for layout in chosen
+                for projection, prep in ((chain.layers[0]["qkv"], nf4_xtab.ADD_NORM),
+                                         (chain.layers[0]["gate_up"], nf4_xtab.ADD_NORM),
+                                         (chain.layers[0]["down"], nf4_xtab.SILU_MUL))
                 for stamped in (False, True)]
     nf4_xtab.precompile(requests, threads=os.cpu_count() or 1)
     outputs: dict[int, torch.Tensor] = {}
-    for layout, prefetch_next, linked in chosen:
-        if not nf4_xtab.fits("cuda", layout):
-            print(json.dumps({"layout": layout.label, "skipped": "its shared memory does not fit a block here"}), flush=True)
-            continue
-        measure_layout(chain, layout, prefetch_next, linked, args.replays, outputs)
+    for layout in chosen:
+        measure_layout(chain, layout, args.replays, outputs)
 
 
 if __name__ == "__main__":

@@ -40,7 +40,6 @@ if TYPE_CHECKING:
 
     from llm.serving.batching import BatchingEngine
     from llm.serving.mistral_decoder import MistralDecoder
-    from llm.serving.nf4_kernels import XtabLink
 
 logger = logging.getLogger(__name__)
 
@@ -243,13 +242,6 @@ class NF4Projection:
         # Prompts dequantize the weight in row chunks: a bounded scratch instead of a bf16 copy.
         self.dequant_rows = dequant_rows
         self.use_kernels = False
-        # The weights the decode step reads after this projection's, which its one-row x-table launch asks
-        # into L2 as it finishes (`link_following`); None: it asks for nothing
-        self.following: NF4Matrix | None = None
-        # Run 38's flags (`link_waits`): the one-row x-table launch before this one's that it waits for by a
-        # flag, and the one after it that waits for this one's
-        self.awaits: XtabLink | None = None
-        self.raises: XtabLink | None = None
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         flat = x.reshape(-1, x.shape[-1])
@@ -258,8 +250,7 @@ class NF4Projection:
         elif flat.shape[0] <= MAX_KERNEL_ROWS and not self._plan_prefers_dequantizing(flat.shape[0]):
             from llm.serving import nf4_kernels
 
-            out = nf4_kernels.nf4_lora_linear(flat, self.weight, self.lora, self.round_lora_first,
-                                              following=self.following)
+            out = nf4_kernels.nf4_lora_linear(flat, self.weight, self.lora, self.round_lora_first)
         else:
             out = self.prompt(flat)
         return out.reshape(*x.shape[:-1], out.shape[-1])
@@ -271,8 +262,7 @@ class NF4Projection:
             return None
         from llm.serving import nf4_kernels
 
-        return nf4_kernels.nf4_after_silu_mul(gate_up, self.weight, self.lora, self.round_lora_first,
-                                              following=self.following, awaits=self.awaits, raises=self.raises)
+        return nf4_kernels.nf4_after_silu_mul(gate_up, self.weight, self.lora, self.round_lora_first)
 
     def after_add_norm(self, residual: torch.Tensor, delta: torch.Tensor, norm_weight: torch.Tensor,
                        eps: float) -> tuple[torch.Tensor, torch.Tensor] | None:
@@ -283,8 +273,7 @@ class NF4Projection:
         from llm.serving import nf4_kernels
 
         return nf4_kernels.nf4_after_add_norm(residual, delta, norm_weight, eps, self.weight, self.lora,
-                                              self.round_lora_first, following=self.following, awaits=self.awaits,
-                                              raises=self.raises)
+                                              self.round_lora_first)
 
     def _plan_prefers_dequantizing(self, rows: int) -> bool:
         from llm.serving import nf4_kernels
@@ -370,37 +359,6 @@ class NF4Layer:
     @property
     def nbytes(self) -> int:
         return sum(p.weight.nbytes + p.lora.nbytes for p in self.projections.values())
-
-
-def decode_order(layers: Sequence[NF4Layer]) -> list[tuple[str, NF4Projection]]:
-    """(name, projection) in the order the decode step launches them: q/k/v, o, gate/up, down, layer by layer."""
-    return [(name, layer.projections[name]) for layer in layers for name in ("qkv", "o", "gate_up", "down")]
-
-
-def link_following(layers: Sequence[NF4Layer]) -> None:
-    """Each projection's `following`: the weights the decode step reads next (q/k/v -> o -> gate/up -> down ->
-    the next layer's q/k/v; the last down's are the lm_head's, not NF4: none)."""
-    order = [projection for _, projection in decode_order(layers)]
-    for projection, following in zip(order, [*order[1:], None], strict=True):
-        projection.following = following.weight if following is not None else None
-
-
-# Launches that follow each other in the decode step and each prepare their own input (`after_silu_mul`,
-# `after_add_norm`): the pairs run 38's flags may link
-LINKABLE = {("gate_up", "down"), ("down", "qkv")}
-
-
-def link_waits(layers: Sequence[NF4Layer]) -> None:
-    """Run 38's flags between one-row x-table launches that follow each other in the decode step (`LINKABLE`):
-    each layer's down waits for its gate/up's flag, and each q/k/v after the first layer's for the down
-    before it."""
-    from llm.serving.nf4_kernels import XtabLink
-
-    order = decode_order(layers)
-    for (name, producer), (next_name, consumer) in zip(order[:-1], order[1:], strict=True):
-        if (name, next_name) in LINKABLE:
-            flag = torch.zeros(1, dtype=torch.int32, device=producer.weight.packed.device)
-            producer.raises = consumer.awaits = XtabLink(producer.weight, consumer.weight, flag)
 
 
 def _nf4_projection(modules: Sequence[nn.Module]) -> NF4Projection:
@@ -504,16 +462,11 @@ def build_nf4_engine(
     kv_cache_tokens: int | None = None,
     kv_block_size: int = 32,
     tuning_cache: Path | None = None,
-    prefetch_next: bool = False,
-    linked_waits: bool = False,
 ) -> BatchingEngine:
     """`nf4` mode from the seed's model (consumed when `free_source`): its NF4 weights and unmerged
     LoRA under `fast`'s decoder (paged KV cache, graph-captured decode and prefill, continuous
     batching), decode projections through the fused NF4 kernels (CUDA). `tuning_cache`: a JSON file
-    where the kernel tuner keeps its choice for the next start (`llm.serving.tuning_cache`).
-    `prefetch_next` (run 37, not yet timed): each one-row x-table launch asks the next projection's first
-    weights into L2 as it finishes (`link_following`). `linked_waits` (run 38, not yet timed): down and q/k/v
-    wait for the one-row x-table launch before them by a flag it raises, not for its whole grid (`link_waits`)."""
+    where the kernel tuner keeps its choice for the next start (`llm.serving.tuning_cache`)."""
     import time
 
     from llm.serving import nf4_kernels
@@ -526,21 +479,14 @@ def build_nf4_engine(
     decoder = build_nf4_decoder(
         model, max_batch, max_seq_len, free_source=free_source, kv_cache_tokens=tokens, kv_block_size=kv_block_size
     )
-    if prefetch_next:
-        link_following(decoder.layers)
-    if linked_waits:
-        link_waits(decoder.layers)
     graphs = serving_graphs(decoder, max_seq_len, cuda_graphs)
-    info: dict = {"nf4_kernels": False, "nf4_prefetch_next": prefetch_next, "nf4_linked_waits": linked_waits}
+    info: dict = {"nf4_kernels": False}
     if triton_kernels and enable_nf4_kernels(decoder):
         try:
             groups = {name: [layer.projections[name] for layer in decoder.layers]
                       for name in ("qkv", "o", "gate_up", "down")}
             info["nf4_plan"] = nf4_kernels.tune(groups, graphs.batch_buckets, cache=tuning_cache)
             info["nf4_kernels"] = True
-            if linked_waits:
-                info["nf4_linked_builds"] = nf4_kernels.precompile_links(decode_order(decoder.layers),
-                                                                         nf4_kernels.default_compile_threads())
             info["nf4_exact_prompt_rows"] = EXACT_PROMPT_ROWS  # PEFT's own LoRA products up to here
         except Exception as error:  # e.g. a Triton that cannot compile for this GPU
             logger.warning("nf4 kernels unavailable, dequantizing for cuBLAS instead: %r", error)

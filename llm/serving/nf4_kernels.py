@@ -89,8 +89,7 @@ class NF4Config:
     fuse_a: bool = False  # mma: the LoRA A product in the same launch (`nf4_mma.nf4_mma_linear`)
     shared_lookups: int = 0  # mma: a lane's absmax blocks per group decoded through shared memory ("t1".."t4")
     k_splits: int = 1  # mma: blocks per feature tile, each over a part of K ("k2".."k8")
-    # xtab: the launch's layout (its warps and row groups ahead are num_warps and num_stages; the rest is the
-    # label's suffix, e.g. "g1", "l2r")
+    # xtab: the launch's layout (its warps and row groups ahead, also num_warps and num_stages)
     layout: nf4_xtab.XtabLayout | None = None
 
     @property
@@ -102,7 +101,6 @@ class NF4Config:
         suffix = ("x" if self.xperm else "") + ("p" if self.prefetch_x else "") + ("f" if self.fuse_a else "")
         suffix += f"t{self.shared_lookups}" if self.shared_lookups else ""
         suffix += f"k{self.k_splits}" if self.k_splits > 1 else ""
-        suffix += self.layout.extras if self.layout is not None else ""
         return f"{self.kind}_{self.block_n}x{self.block_k}w{self.num_warps}s{self.num_stages}{suffix}"
 
     @property
@@ -216,30 +214,12 @@ def time_xtab_layouts(layouts: Sequence[nf4_xtab.XtabLayout]) -> None:
     XTAB_CONFIGS = tuple(_xtab_config(layout) for layout in layouts)
 
 
-# What an x-table launch asks into L2 for a following projection that no x-table launch serves (o, on the
-# tensor-core kernel): all of it, up to this size
-WHOLE_NEXT_WEIGHTS_BYTES = 16 << 20
-
-
-def _next_weights(following: NF4Matrix | None) -> nf4_xtab.NextWeights | None:
-    """What a one-row x-table launch asks into L2 for the projection after it (`NF4Projection.following`):
-    the rows its own x-table launch loads before its wait, or the whole of a small one served otherwise."""
-    if following is None or not nf4_xtab.prefetches_l2(following.packed.device):
-        return None
-    config = PLAN.get(1, *following.shape)
-    if config is not None and config.kind == "xtab":
-        return nf4_xtab.NextWeights.held_by(following, config.xtab_layout,
-                                            nf4_xtab.sm_count(following.packed.device))
-    return nf4_xtab.NextWeights.whole(following) if following.nbytes <= WHOLE_NEXT_WEIGHTS_BYTES else None
-
-
 def _xtab_configs(n: int, k: int, boundaries: Sequence[int]) -> list[NF4Config]:
     if not nf4_xtab.available("cuda"):
         return []
     if nf4_xtab.chunks_for(n, k, nf4_xtab.sm_count(torch.device("cuda"))) is None:
         return []
-    return [c for c in XTAB_CONFIGS if c.fits(n, k, boundaries) and len(boundaries) < nf4_xtab.MAX_PARTS
-            and nf4_xtab.fits("cuda", c.xtab_layout)]
+    return [c for c in XTAB_CONFIGS if c.fits(n, k, boundaries) and len(boundaries) < nf4_xtab.MAX_PARTS]
 
 
 # Only where nothing above fits (small models, e.g. the tests' tiny one).
@@ -1032,10 +1012,8 @@ def nf4_lora_linear(
     lora: LoraParts,
     round_lora_first: bool = True,
     config: NF4Config | None = None,
-    following: NF4Matrix | None = None,
 ) -> torch.Tensor:
-    """y = x @ dequant(W).T + scaling * B(A(x)) with PEFT's roundings, for 1..16 rows of x. `following`: the
-    weights the decode step reads next, which a one-row x-table launch asks into L2 as it finishes."""
+    """y = x @ dequant(W).T + scaling * B(A(x)) with PEFT's roundings, for 1..16 rows of x."""
     m, k = x.shape
     n = weight.packed.shape[0]
     if not 1 <= m <= MAX_ROWS:
@@ -1047,7 +1025,7 @@ def nf4_lora_linear(
     seg1, seg2 = lora.part_starts(n)
     if config.kind == "xtab":
         return nf4_xtab.nf4_xtab_linear(x, weight, lora, seg1, seg2, round_lora_first, config.xtab_layout,
-                                        nf4_mma.code_values(weight.code), next_weights=_next_weights(following))
+                                        nf4_mma.code_values(weight.code))
     if config.kind == "mma":
         warps, tiles, prefetch_x, ahead, fuse_a, shared_lookups, k_splits = mma_layout(config)
         return nf4_mma.nf4_mma_linear(x, weight, lora, seg1, seg2, round_lora_first, warps, tiles, prefetch_x, ahead,
@@ -1092,56 +1070,28 @@ def _one_row_xtab(rows: int, weight: NF4Matrix) -> NF4Config | None:
     return config if config is not None and config.kind == "xtab" else None
 
 
-@dataclass(eq=False)
-class XtabLink:
-    """Two one-row x-table launches in a row in the decode step (gate/up -> down, down -> the next layer's
-    q/k/v), the second waiting for a flag the first raises as its last block finishes instead of for the
-    first's whole grid to complete (run 38, not yet timed: `build_nf4_engine(linked_waits=True)`). Active only
-    where the plan serves both at one row by the x-table kernel: otherwise the first would raise a flag that
-    nobody lowers, or the second wait for one that nobody raises (bounded, but slow)."""
-
-    producer: NF4Matrix
-    consumer: NF4Matrix
-    flag: torch.Tensor  # int32 [1]: zero between the two launches' steps
-
-    def active_flag(self) -> torch.Tensor | None:
-        return self.flag if _one_row_xtab(1, self.producer) and _one_row_xtab(1, self.consumer) else None
-
-
-def _flag(link: XtabLink | None) -> torch.Tensor | None:
-    return link.active_flag() if link is not None else None
-
-
 def nf4_after_silu_mul(gate_up: torch.Tensor, weight: NF4Matrix, lora: LoraParts,
-                       round_lora_first: bool = True, following: NF4Matrix | None = None,
-                       awaits: XtabLink | None = None, raises: XtabLink | None = None) -> torch.Tensor | None:
+                       round_lora_first: bool = True) -> torch.Tensor | None:
     """`nf4_lora_linear` of `silu(gate) * up` for gate_up = [gate | up], the element-wise step inside
-    the one-row x-table launch; None where the plan does not serve that kernel here. `awaits`, `raises`:
-    the `XtabLink`s to the launch before and after."""
+    the one-row x-table launch; None where the plan does not serve that kernel here."""
     config = _one_row_xtab(gate_up.shape[0], weight)
     if config is None:
         return None
     return nf4_xtab.nf4_xtab_after_silu_mul(gate_up, weight, lora, *lora.part_starts(weight.shape[0]),
-                                            round_lora_first, config.xtab_layout, nf4_mma.code_values(weight.code),
-                                            next_weights=_next_weights(following), awaited=_flag(awaits),
-                                            released=_flag(raises))
+                                            round_lora_first, config.xtab_layout, nf4_mma.code_values(weight.code))
 
 
 def nf4_after_add_norm(residual: torch.Tensor, delta: torch.Tensor, norm_weight: torch.Tensor, eps: float,
-                       weight: NF4Matrix, lora: LoraParts, round_lora_first: bool = True,
-                       following: NF4Matrix | None = None, awaits: XtabLink | None = None,
-                       raises: XtabLink | None = None) -> tuple[torch.Tensor, torch.Tensor] | None:
+                       weight: NF4Matrix, lora: LoraParts,
+                       round_lora_first: bool = True) -> tuple[torch.Tensor, torch.Tensor] | None:
     """(residual + delta, `nf4_lora_linear` of its MistralRMSNorm), the add and the norm inside the
-    one-row x-table launch; None where the plan does not serve that kernel here. `awaits`, `raises`: as
-    `nf4_after_silu_mul`'s."""
+    one-row x-table launch; None where the plan does not serve that kernel here."""
     config = _one_row_xtab(residual.shape[0], weight)
     if config is None:
         return None
     return nf4_xtab.nf4_xtab_after_add_norm(residual, delta, norm_weight, eps, weight, lora,
                                             *lora.part_starts(weight.shape[0]), round_lora_first,
-                                            config.xtab_layout, nf4_mma.code_values(weight.code),
-                                            next_weights=_next_weights(following), awaited=_flag(awaits),
-                                            released=_flag(raises))
+                                            config.xtab_layout, nf4_mma.code_values(weight.code))
 
 
 def matches_reference(out: torch.Tensor, reference: torch.Tensor) -> bool:
@@ -1192,18 +1142,13 @@ XTAB_PREPS = {"qkv": (nf4_xtab.PLAIN, nf4_xtab.ADD_NORM), "gate_up": (nf4_xtab.P
               "down": (nf4_xtab.PLAIN, nf4_xtab.SILU_MUL)}
 
 
-def _xtab_kernel_head(projection: NF4Projection) -> tuple:
-    """(code, device, K, rank, chunks): how `nf4_xtab.precompile`'s requests for this projection begin."""
-    device = projection.weight.packed.device
-    n, k = projection.weight.shape
-    return (nf4_mma.code_values(projection.weight.code), device, k, projection.lora.rank,
-            nf4_xtab.chunks_for(n, k, nf4_xtab.sm_count(device)))
-
-
 def _xtab_requests(name: str, projection: NF4Projection, config: NF4Config) -> list[tuple]:
     """An x-table configuration as `nf4_xtab.precompile` takes it for this projection, one request
     per input preparation it serves with."""
-    head = _xtab_kernel_head(projection)
+    device = projection.weight.packed.device
+    n, k = projection.weight.shape
+    head = (nf4_mma.code_values(projection.weight.code), device, k, projection.lora.rank,
+            nf4_xtab.chunks_for(n, k, nf4_xtab.sm_count(device)))
     return [(*head, prep, config.xtab_layout) for prep in XTAB_PREPS.get(name, (nf4_xtab.PLAIN,))]
 
 
@@ -1224,22 +1169,6 @@ def precompile_candidates(projections: dict[str, list], buckets: Sequence[int], 
                               if c.kind == "xtab" and c.fits_kernel(rows, first.lora.rank)
                               for request in _xtab_requests(name, first, c)]
     return nf4_mma.precompile(requests, threads) + nf4_xtab.precompile(xtab_requests, threads)
-
-
-def precompile_links(named: Sequence[tuple[str, NF4Projection]], threads: int) -> int:
-    """The x-table builds with run 38's flags that the decode step will launch (`XtabLink`s the plan makes
-    active), compiled at once before the warm-up rather than one at a time at their first launch."""
-    requests = []
-    for name, projection in named:
-        config = _one_row_xtab(1, projection.weight)
-        links = ((nf4_xtab.AWAITS if _flag(projection.awaits) is not None else 0)
-                 | (nf4_xtab.RELEASES if _flag(projection.raises) is not None else 0))
-        if config is None or not links:
-            continue
-        folded = XTAB_PREPS[name][-1]  # a linked launch prepares its own input
-        requests.append((*_xtab_kernel_head(projection), folded, config.xtab_layout, False,
-                         _next_weights(projection.following) is not None, links))
-    return nf4_xtab.precompile(list(dict.fromkeys(requests)), threads)
 
 
 def default_compile_threads() -> int:

@@ -32,18 +32,10 @@ and gate/up (every block sums the whole row's squares in the same order, so all 
 bits; chunk 0 writes the residual stream's next value), `silu(gate) * up` before down. Each op rounds to
 bf16 as eager PyTorch's does (run 32: the one-row step 2.69 -> 2.46 ms).
 
-How many weights are on the way is a layout choice (`XtabLayout`; runs 36-37, not yet timed nor served):
-AHEAD 2 keeps a warp's loads two row groups ahead of its lookups (8 warps' registers), STAGED g copies each
-warp's first g row groups into the shared memory past the table before the wait (`cp.async`), PREFETCHED p
-asks for the next p row groups per warp to be brought into L2 before the wait (one bulk prefetch per lane of
-the first warp: no registers, no shared memory), so that more of the weights stream in while x is awaited and
-tabulated (run 36: the memory is mostly idle for those ~5 us of each launch); ROLLING then keeps p groups per
-warp on their way into L2 to the end (a 128-byte prefetch per lane as each group starts). A launch may also
-ask the next launch's first weights into L2 while its blocks wait for each other (`NextWeights`). All sum the
-same values in the same order as the plain layout.
-Launches that follow each other in the decode step may be linked by flags (`links`, run 38, not yet timed): the
-launch after waits for the flag the launch before raises as its last block finishes, instead of for that whole
-grid to complete (run 36: x was readable only 1.5-2.1 us after the launch before ended).
+How many weights are on the way is a layout choice (`XtabLayout`): AHEAD 2 keeps a warp's loads two row
+groups ahead of its lookups (8 warps' registers). Runs 36-38 also built and run 39 timed weights staged in
+shared memory or asked into L2 before the wait, the next launch's weights asked into L2, and launches linked
+by flags instead of grid waits: each slower than the plain layouts, and retired (bench/NOTES.md, run 39).
 A timeline build (`timeline`) stamps each block's phases for bench/xtab_timeline.py.
 
 tests/test_nf4_xtab_emulated.py runs this CUDA text on the CPU (tests/fakes/cuda_emulation.hpp, both
@@ -75,79 +67,43 @@ ROW_GROUP = 32  # rows a warp sums at a time (one per lane after the reduce-scat
 TABLE_BYTES = 4 * 256 * 32 * 4  # 4 pairs per lane, 256 byte values, 32 lanes, float32
 WARP_CHOICES = (8, 16)
 AHEAD_CHOICES = (1, 2)  # row groups a warp's weight loads run ahead of its lookups
-STAGED_CHOICES = (0, 1, 2, 3)  # row groups per warp copied into shared memory before the wait
-PREFETCHED_CHOICES = (0, 1, 2, 4)  # row groups per warp brought into L2 before the wait
-GROUP_BYTES = ROW_GROUP * SLICE // 2  # one warp's row group of packed weights (4 KB)
-SHARED_OPTIN_LIMIT = 227 * 1024  # Hopper's dynamic shared memory per block, opted in
 STATIC_SHARED_BYTES = 1024  # t_sum, the norm's warp sums, the timeline's sink: below this
 MAX_PARTS = 3  # LoRA parts of a fused projection (q/k/v)
 # What the kernel does to its input before tabulating it (XPREP in the CUDA text, `prepare_x`)
 PLAIN, SILU_MUL, ADD_NORM = 0, 1, 2
 PREPS = (PLAIN, SILU_MUL, ADD_NORM)
-# A launch's flags (`XtabLink`, run 38): it waits for the launch before's instead of that whole grid, and
-# raises its own for the launch after
-AWAITS, RELEASES = 1, 2
 
 
 @dataclass(frozen=True)
 class XtabLayout:
-    """How a launch keeps weights on the way: warps per block, row groups a warp's loads run ahead of its
-    lookups (`ahead`), row groups per warp copied into shared memory before the wait (`staged`) and brought
-    into L2 before it (`prefetched`); `rolling`: as each of its row groups starts, a warp also asks the one
-    `prefetched` groups past the last loaded into L2, so that as many stay on the way to the end."""
+    """How a launch keeps weights on the way: warps per block, and row groups a warp's loads run ahead of
+    its lookups (`ahead`)."""
 
     warps: int = 16
     ahead: int = 1
-    staged: int = 0
-    prefetched: int = 0
-    rolling: bool = False
 
     @property
     def label(self) -> str:
-        """"16x1", "8x2g3", "16x1l2", "16x1l2r": warps x groups ahead, then `extras`."""
-        return f"{self.warps}x{self.ahead}{self.extras}"
-
-    @property
-    def extras(self) -> str:
-        """The groups staged and prefetched (if any), and "r" for rolling: "", "g3", "l2r"."""
-        return ((f"g{self.staged}" if self.staged else "") + (f"l{self.prefetched}" if self.prefetched else "")
-                + ("r" if self.rolling else ""))
-
-    @property
-    def shared_bytes(self) -> int:
-        """Dynamic shared memory per block: the table and the stage."""
-        return TABLE_BYTES + self.staged * self.warps * GROUP_BYTES
+        """"16x1", "8x2": warps x groups ahead."""
+        return f"{self.warps}x{self.ahead}"
 
     @property
     def valid(self) -> bool:
-        return (self.warps in WARP_CHOICES and self.ahead in AHEAD_CHOICES and self.staged in STAGED_CHOICES
-                and self.prefetched in PREFETCHED_CHOICES and (self.prefetched > 0 or not self.rolling)
-                and self.shared_bytes + STATIC_SHARED_BYTES <= SHARED_OPTIN_LIMIT)
+        return self.warps in WARP_CHOICES and self.ahead in AHEAD_CHOICES
 
     @classmethod
     def parse(cls, label: str) -> XtabLayout:
-        """The layout a `label` names ("16x1", "8x2g3", "16x1l2r"); ValueError for anything else."""
-        match = re.fullmatch(r"(\d+)x(\d+)(?:g(\d+))?(?:l(\d+))?(r?)", label.strip())
-        if match is None:
-            raise ValueError(f"{label!r} is not a layout (WARPSxAHEAD[gSTAGED][lPREFETCHED][r], e.g. 16x1 or 8x2g3)")
-        warps, ahead, staged, prefetched = (int(v) if v else 0 for v in match.groups()[:4])
-        layout = cls(warps, ahead, staged, prefetched, rolling=match[5] == "r")
-        if not layout.valid:
-            raise ValueError(f"no layout {label!r}: warps one of {WARP_CHOICES}, ahead one of {AHEAD_CHOICES}, "
-                             f"staged one of {STAGED_CHOICES}, prefetched one of {PREFETCHED_CHOICES} (at least 1 "
-                             f"when rolling), and the table and the stage within {SHARED_OPTIN_LIMIT} bytes of "
-                             "shared memory")
+        """The layout a `label` names ("16x1", "8x2"); ValueError for anything else."""
+        match = re.fullmatch(r"(\d+)x(\d+)", label.strip())
+        layout = cls(int(match[1]), int(match[2])) if match else None
+        if layout is None or not layout.valid:
+            raise ValueError(f"no layout {label!r}: WARPSxAHEAD, warps one of {WARP_CHOICES}, ahead one of "
+                             f"{AHEAD_CHOICES} (e.g. 16x1 or 8x2)")
         return layout
 
 
-SERVED_LAYOUTS = tuple(XtabLayout(warps) for warps in WARP_CHOICES)  # what the tuner times
-# Runs 36 and 37's layouts, not yet timed nor served: the GPU tests, bench/xtab_compile_check.py and
-# bench/xtab_timeline.py take them from here
-CANDIDATE_LAYOUTS = (
-    XtabLayout(16, 1, 0, 1), XtabLayout(16, 1, 0, 2), XtabLayout(16, 1, 0, 4), XtabLayout(16, 1, 0, 1, True),
-    XtabLayout(16, 1, 0, 2, True), XtabLayout(16, 1, 0, 4, True), XtabLayout(8, 2, 0, 2), XtabLayout(8, 2, 0, 2, True),
-    XtabLayout(16, 1, 1), XtabLayout(8, 2, 0), XtabLayout(8, 2, 1), XtabLayout(8, 1, 3), XtabLayout(8, 2, 3),
-)
+# What the tuner times (run 39: 8x2 a little ahead of 16x1 for gate/up in the timeline, so timed too)
+SERVED_LAYOUTS = (XtabLayout(8), XtabLayout(16), XtabLayout(8, 2))
 # bench/xtab_timeline.py's stamps per block (int64): (ns, cycles) at each point, the SM last
 TIMELINE_POINTS = 9
 TIMELINE_SLOTS = 2 * TIMELINE_POINTS + 1
@@ -158,9 +114,6 @@ constexpr int SLICES = K / 256;
 constexpr int ROW_WORDS = K / 8;   // 32-bit words of packed bytes per row
 constexpr int ROW_BLOCKS = K / 64;  // absmax values per row
 constexpr int TABLE_WORDS = 4 * 256 * 32;
-// STAGED: each warp's first STAGED row groups (32 rows x 128 bytes each) copied into shared memory past
-// the table before the wait, so that more of the weights stream in while x is awaited and tabulated
-constexpr int STAGE_WORDS = STAGED * WARPS * 1024;
 
 // Weights are read once: past L1
 #ifndef NF4_EMULATE
@@ -169,27 +122,8 @@ __device__ __forceinline__ u32 load_word(const u32* p) {
     asm("ld.global.nc.L1::no_allocate.u32 %0, [%1];" : "=r"(v) : "l"(p));
     return v;
 }
-// 16 bytes into shared memory without holding registers (cp.async, L2 only); copies_wait(): this
-// thread's copies have landed (a block barrier after it shows them to the other threads)
-__device__ __forceinline__ void copy16_async(u32* shared, const u32* global) {
-    const unsigned at = (unsigned)__cvta_generic_to_shared(shared);
-    asm volatile("cp.async.cg.shared.global [%0], [%1], 16;" ::"r"(at), "l"(global) : "memory");
-}
-__device__ __forceinline__ void copies_commit() { asm volatile("cp.async.commit_group;" ::: "memory"); }
-__device__ __forceinline__ void copies_wait() { asm volatile("cp.async.wait_all;" ::: "memory"); }
-// `bytes` (a multiple of 16, from a 16-byte aligned address) brought into L2 by the copy engine: a hint
-// that holds no register and no shared memory
-__device__ __forceinline__ void prefetch_l2(const void* global, u32 bytes) {
-    asm volatile("cp.async.bulk.prefetch.L2.global [%0], %1;" ::"l"(global), "r"(bytes) : "memory");
-}
 #else
 inline u32 load_word(const u32* p) { return __ldg(p); }
-inline void copy16_async(u32* shared, const u32* global) {
-    for (int i = 0; i < 4; ++i) shared[i] = __ldg(global + i);
-}
-inline void copies_commit() {}
-inline void copies_wait() {}
-inline void prefetch_l2(const void* global, u32 bytes) { note_prefetch(global, bytes); }
 #endif
 
 // Pair table q's entry for byte q of `word`, for this lane (its bank)
@@ -282,38 +216,6 @@ __device__ __forceinline__ void prepare_x(u32 (&xw)[4], const u16* x, const u16*
 #endif
 }
 
-// LINKS (run 38, not yet timed): a launch that the next x-table launch reads waits for (RELEASES) raises
-// `released` once its last block has written its output; a launch that AWAITS one spins on that flag
-// (`awaited`) instead of waiting for the whole grid before to complete, which run 36 measured at 1.5-2.1 us
-// after its last block ended. All of the launch before's blocks are resident by then (it lets this one
-// start only past its grid barrier), so the spin cannot hold an SM that one of them needs. Bounded: past
-// ~2 ms (4,096 polls, each an L2 round trip) it waits for the grid before as usual (always right, only
-// later). The launch that awaits a flag lowers it again as it ends (every one of its blocks has seen it by
-// then), ready for the next step.
-#if AWAITS && !defined(NF4_EMULATE)
-__device__ __forceinline__ void await_kernel_before(const int* awaited) {
-    __shared__ int raised;
-    if (threadIdx.x == 0) {
-        int seen = load_acquire(awaited);
-        for (int spins = 0; !seen && spins < 4096; ++spins) {
-            __nanosleep(32);
-            seen = load_acquire(awaited);
-        }
-        __threadfence();
-        raised = seen;
-    }
-    __syncthreads();
-    if (!raised) previous_kernels_done();
-}
-#else
-#define await_kernel_before(awaited) previous_kernels_done()
-#endif
-#if RELEASES && !defined(NF4_EMULATE)
-__device__ __forceinline__ void store_release(int* p, int v) {
-    asm volatile("st.release.gpu.global.b32 [%0], %1;" ::"l"(p), "r"(v) : "memory");
-}
-#endif
-
 // bench/xtab_timeline.py's build (NF4_TIMELINE): thread 0 of every block stores the global nanosecond
 // timer and its SM's cycle counter at nine points of the launch (STAMP(0..8)) and its SM, so that the
 // bench can say where a launch's time goes: waiting, preparing x, tabulating, the LoRA A product, the
@@ -356,14 +258,12 @@ nf4_xtab_kernel(const u32* __restrict__ words, const float* __restrict__ absmax,
                 float* __restrict__ partial, float* __restrict__ t_partial, int* __restrict__ counters, int N,
                 int seg1, int seg2, int RT, double scaling, int round_lora_first, int phases,
                 const u16* residual, const u16* __restrict__ norm_weight, u16* __restrict__ residual_out,
-                double eps, const char* next_words, const char* next_absmax, int next_regions,
-                int next_region_rows, int next_chunk_rows, int next_row_bytes, int* awaited,
-                int* released TIMELINE_PARAM) {
+                double eps TIMELINE_PARAM) {
     STAMP(0);
 #ifdef NF4_EMULATE
-    static float table[TABLE_WORDS + STAGE_WORDS];
+    static float table[TABLE_WORDS];
 #else
-    extern __shared__ float table[];  // pair q of lane L, byte b: word (q * 256 + b) * 32 + L; then the stage
+    extern __shared__ float table[];  // pair q of lane L, byte b: word (q * 256 + b) * 32 + L
 #endif
     __shared__ float t_sum[3][RANK];
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
@@ -374,76 +274,31 @@ nf4_xtab_kernel(const u32* __restrict__ words, const float* __restrict__ absmax,
     const int groups = chunk_rows / 32;
 
     if (phases & 1) {
-        // This block's 128-byte column of the chunk's rows (row r at slice_words + r * ROW_WORDS), and its 4
-        // absmax a row, for the stage and the rolling prefetch (inside sum_group, `words` is a register
-        // array); lane L reads word L of it. (lane_words and lane_absmax keep their own arithmetic: written
-        // from these, the served kernels' machine code changes.)
-        const u32* const slice_words = words + (size_t)row0 * ROW_WORDS + slice * 32;
-        const float* const slice_absmax = absmax + (size_t)row0 * ROW_BLOCKS + slice * 4;
-        const u32* const lane_words = words + (size_t)row0 * ROW_WORDS + slice * 32 + lane;
+        const u32* lane_words = words + (size_t)row0 * ROW_WORDS + slice * 32 + lane;
         // Lane (hi2, lo3): the 64-value absmax block hi2 of this slice; after the first half of the
         // reduce-scatter it holds rows 4 lo3 .. 4 lo3 + 3 of the group, summed over its block's 8 lanes
         const int hi2 = lane >> 3, lo3 = lane & 7;
-        const float* const lane_absmax = absmax + (size_t)(row0 + 4 * lo3) * ROW_BLOCKS + slice * 4 + hi2;
+        const float* lane_absmax = absmax + (size_t)(row0 + 4 * lo3) * ROW_BLOCKS + slice * 4 + hi2;
         // Everything that does not depend on the kernel before this one is loaded before waiting for
-        // it: the first row groups' weights (STAGED of them into shared memory, then one, or with
-        // AHEAD 2 two, into registers), the first absmax, the first LoRA A rank and the norm weights.
-        // (AHEAD 2 keeps a warp's loads two groups ahead of its lookups: 8 warps' 255 registers.)
-#if STAGED > 0
-        u32* const stage = (u32*)(table + TABLE_WORDS) + warp * (STAGED * 1024);
-        {
-            // 256 16-byte pieces per group, 8 per lane: piece lane + 32 i is bytes 16 (lane & 7).. of row
-            // (lane >> 3) + 4 i
-#pragma unroll
-            for (int s = 0; s < STAGED; ++s) {
-                const int group = warp + s * WARPS;
-                if (group < groups) {
-#pragma unroll
-                    for (int i = 0; i < 8; ++i) {
-                        const int row = (lane >> 3) + 4 * i, part = lane & 7;
-                        copy16_async(stage + s * 1024 + row * 32 + part * 4,
-                                     slice_words + (size_t)(group * 32 + row) * ROW_WORDS + part * 4);
-                    }
-                }
-            }
-            copies_commit();
-        }
-#endif
-#if PREFETCHED > 0
-        // The PREFETCHED row groups per warp after those loaded here, on their way into L2 while x is awaited
-        // and tabulated. They are whole rows of the chunk, contiguous in memory; each of the chunk's SLICES
-        // blocks asks for its 1 / SLICES of them (128 bytes of weights and 16 of absmax a row), in 32 pieces.
-        if (warp == 0) {
-            const int first = min(32 * WARPS * (STAGED + AHEAD), chunk_rows);
-            const int last = min(32 * WARPS * (STAGED + AHEAD + PREFETCHED), chunk_rows);
-            const u32 word_piece = (u32)(last - first) * 4u, scale_piece = (u32)(last - first) / 2u;
-            if (last > first) {
-                const char* rows_words = (const char*)(words + (size_t)(row0 + first) * ROW_WORDS);
-                const char* rows_scales = (const char*)(absmax + (size_t)(row0 + first) * ROW_BLOCKS);
-                prefetch_l2(rows_words + (size_t)(slice * 32 + lane) * word_piece, word_piece);
-                prefetch_l2(rows_scales + (size_t)(slice * 32 + lane) * scale_piece, scale_piece);
-            }
-        }
-#endif
-        const int first_held = warp + STAGED * WARPS;  // the warp's first row group held in registers
+        // it: the first row group's weights and absmax, the first LoRA A rank and the norm weights.
+        // AHEAD 2 (8 warps: 255 registers): the warp's next group's words too, so that its loads stay
+        // two groups ahead of the lookups
         u32 w[32];
 #if AHEAD == 2
         u32 w_next[32];
 #endif
         float scale[4] = {0.f, 0.f, 0.f, 0.f};
-        if (first_held < groups) {
-#pragma unroll
-            for (int j = 0; j < 32; ++j) w[j] = load_word(lane_words + (size_t)(first_held * 32 + j) * ROW_WORDS);
-        }
         if (warp < groups) {
+#pragma unroll
+            for (int j = 0; j < 32; ++j) w[j] = load_word(lane_words + (size_t)(warp * 32 + j) * ROW_WORDS);
 #pragma unroll
             for (int i = 0; i < 4; ++i) scale[i] = __ldg(lane_absmax + (size_t)(warp * 32 + i) * ROW_BLOCKS);
         }
 #if AHEAD == 2
-        if (first_held + WARPS < groups) {
+        if (warp + WARPS < groups) {
 #pragma unroll
             for (int j = 0; j < 32; ++j)
-                w_next[j] = load_word(lane_words + (size_t)((first_held + WARPS) * 32 + j) * ROW_WORDS);
+                w_next[j] = load_word(lane_words + (size_t)((warp + WARPS) * 32 + j) * ROW_WORDS);
         }
 #endif
         const int first_rank = chunk + CHUNKS * warp;  // this warp's LoRA A ranks: first_rank + CHUNKS WARPS i
@@ -458,7 +313,7 @@ nf4_xtab_kernel(const u32* __restrict__ words, const float* __restrict__ absmax,
 #else
         const uint4 norm_weight8 = make_uint4(0u, 0u, 0u, 0u);
 #endif
-        await_kernel_before(awaited);  // x
+        previous_kernels_done();  // x
         STAMP(1);
         {
             // This lane's pairs 4 lane + q: inputs 8 lane + 2q (high nibble) and + 1 (low nibble)
@@ -499,9 +354,6 @@ nf4_xtab_kernel(const u32* __restrict__ words, const float* __restrict__ absmax,
             }
             STAMP(4);
         }
-#if STAGED > 0
-        copies_wait();  // the stage, shown to every warp by the barrier below
-#endif
         __syncthreads();
         STAMP(5);
         // One step of the reduce-scatter: of `len` values, the lanes with `mask` set keep the upper half
@@ -514,21 +366,9 @@ nf4_xtab_kernel(const u32* __restrict__ words, const float* __restrict__ absmax,
                 v[i] = keep + __shfl_xor_sync(0xFFFFFFFFu, send, mask);
             }
         };
-        // One row group: from the registers `words`, which then load group `refill_group` if there is one
-        // while it computes, or (`from_stage`, a literal at each call) from the stage, where this lane's
-        // word of row j is staged[j * 32]. (A plain lambda: NVRTC compiles a generic one as host code.)
-        auto sum_group = [&](u32 (&words)[32], const u32* staged, bool from_stage, int group, int refill_group) {
+        // One row group from `words`, which then load group `refill` (if any) while it computes
+        auto sum_group = [&](u32 (&words)[32], int group, int refill) {
             const int next = group + WARPS;
-#if ROLLING
-            // the warp's group (STAGED + AHEAD + PREFETCHED) past this one into L2: lane j its row j's 128 bytes
-            // and 4 absmax (the groups before it are loaded, staged or asked for already)
-            const int rolled = group + (STAGED + AHEAD + PREFETCHED) * WARPS;
-            if (rolled < groups) {
-                const size_t row = (size_t)rolled * 32 + lane;  // of the chunk
-                prefetch_l2(slice_words + row * ROW_WORDS, 128u);
-                prefetch_l2(slice_absmax + row * ROW_BLOCKS, 16u);
-            }
-#endif
             float next_scale[4];
             if (next < groups) {
 #pragma unroll
@@ -537,13 +377,12 @@ nf4_xtab_kernel(const u32* __restrict__ words, const float* __restrict__ absmax,
             float v[32];
 #pragma unroll
             for (int j = 0; j < 32; ++j) {
-                const u32 word = from_stage ? staged[j * 32] : words[j];
+                const u32 word = words[j];
                 const float pair01 = LOOKUP(0, shift_left_on_fma(word, 7)) + LOOKUP(1, shift_right_on_fma(word, 1));
                 const float pair23 = LOOKUP(2, shift_right_on_fma(word, 9)) + LOOKUP(3, shift_right_on_fma(word, 17));
                 v[j] = pair01 + pair23;
                 // a later group's row j streams in while this group computes
-                if (!from_stage && refill_group < groups)
-                    words[j] = load_word(lane_words + (size_t)(refill_group * 32 + j) * ROW_WORDS);
+                if (refill < groups) words[j] = load_word(lane_words + (size_t)(refill * 32 + j) * ROW_WORDS);
             }
             halve(v, 32, 4);
             halve(v, 16, 2);
@@ -559,43 +398,16 @@ nf4_xtab_kernel(const u32* __restrict__ words, const float* __restrict__ absmax,
                 for (int i = 0; i < 4; ++i) scale[i] = next_scale[i];
             }
         };
-#if STAGED > 0
-#pragma unroll
-        for (int s = 0; s < STAGED; ++s) {
-            const int group = warp + s * WARPS;
-            if (group < groups) sum_group(w, stage + s * 1024 + lane, true, group, groups);
-        }
-#endif
 #if AHEAD == 2
-        for (int group = first_held; group < groups; group += 2 * WARPS) {
-            sum_group(w, nullptr, false, group, group + 2 * WARPS);
-            if (group + WARPS < groups) sum_group(w_next, nullptr, false, group + WARPS, group + 3 * WARPS);
+        for (int group = warp; group < groups; group += 2 * WARPS) {
+            sum_group(w, group, group + 2 * WARPS);
+            if (group + WARPS < groups) sum_group(w_next, group + WARPS, group + 3 * WARPS);
         }
 #else
-        for (int group = first_held; group < groups; group += WARPS) sum_group(w, nullptr, false, group, group + WARPS);
+        for (int group = warp; group < groups; group += WARPS) sum_group(w, group, group + WARPS);
 #endif
     }
     if (phases & 2) {
-        // The next launch's first weights (`next_regions` regions of `next_region_rows` rows, `next_chunk_rows`
-        // apart; each row's absmax is 1 / 8 of its bytes) asked into L2 while this grid's blocks wait for each
-        // other and finish, when the memory would idle: one piece per lane of each block's first warp, in
-        // 16-byte units. (A build of its own, PREFETCH_NEXT: the kernels that do not leave their code as it was.)
-#if PREFETCH_NEXT
-        if (next_regions > 0 && warp == 0) {
-            const int parts = (int)gridDim.x * 32 / next_regions, me = (int)blockIdx.x * 32 + lane;
-            if (me < parts * next_regions) {
-                const int region = me % next_regions, part = me / next_regions;
-                const size_t first_row = (size_t)region * next_chunk_rows;
-                const size_t word_units = (size_t)next_region_rows * next_row_bytes / 16;
-                const size_t scale_units = (size_t)next_region_rows * (next_row_bytes / 8) / 16;
-                const size_t w0 = word_units * part / parts, w1 = word_units * (part + 1) / parts;
-                const size_t s0 = scale_units * part / parts, s1 = scale_units * (part + 1) / parts;
-                if (w1 > w0) prefetch_l2(next_words + first_row * next_row_bytes + 16 * w0, (u32)(16 * (w1 - w0)));
-                if (s1 > s0)
-                    prefetch_l2(next_absmax + first_row * (next_row_bytes / 8) + 16 * s0, (u32)(16 * (s1 - s0)));
-            }
-        }
-#endif
         // This thread's row of the chunk, if any, and its B row: loaded while the other blocks finish
         const int share = (chunk_rows + SLICES - 1) / SLICES;
         const int r = slice * share + (int)threadIdx.x;
@@ -662,19 +474,9 @@ nf4_xtab_kernel(const u32* __restrict__ words, const float* __restrict__ absmax,
 #ifndef NF4_EMULATE
         if (phases & 1) {  // the last block to leave zeroes the counters for the next launch
             __syncthreads();
-#if RELEASES
-            if (threadIdx.x == 0) __threadfence();  // this block's rows, before the count the flag follows
-#endif
             if (threadIdx.x == 0 && atomicAdd(&counters[1], 1) == (int)gridDim.x - 1) {
                 counters[0] = 0;
                 counters[1] = 0;
-#if AWAITS
-                *awaited = 0;  // every block of this grid has seen it: down for the next step
-#endif
-#if RELEASES
-                __threadfence();
-                store_release(released, 1);  // every block's rows are written: the next launch may read them
-#endif
             }
             STAMP(8);
         }
@@ -685,61 +487,20 @@ nf4_xtab_kernel(const u32* __restrict__ words, const float* __restrict__ absmax,
 
 
 def source(code: Sequence[float], k: int, rank: int, chunks: int, prep: int = PLAIN,
-           layout: XtabLayout = XtabLayout(), timeline: bool = False, prefetch_next: bool = False,
-           links: int = 0) -> str:
+           layout: XtabLayout = XtabLayout(), timeline: bool = False) -> str:
     """The kernel's CUDA text for one NF4 code table, K, LoRA rank, row chunks, input preparation
     (PLAIN, SILU_MUL or ADD_NORM) and layout; `timeline`: with the bench's phase stamps (one more
-    kernel argument); `prefetch_next`: asking its next_* weights into L2 (`NextWeights`); `links`: AWAITS
-    and / or RELEASES, the flags it waits for and raises (`XtabLink`)."""
+    kernel argument)."""
     if len(code) != 16:
         raise ValueError("an NF4 code table has 16 entries")
-    if (k <= 0 or k % SLICE or rank <= 0 or rank % 4 or chunks <= 0 or prep not in PREPS or not layout.valid
-            or links & ~(AWAITS | RELEASES)):
+    if k <= 0 or k % SLICE or rank <= 0 or rank % 4 or chunks <= 0 or prep not in PREPS or not layout.valid:
         raise ValueError(f"no nf4 xtab kernel for K {k}, rank {rank}, {chunks} chunks, prep {prep}, layout {layout}")
     values = ", ".join(f"{struct.unpack('<f', struct.pack('<f', float(v)))[0].hex()}f" for v in code)
     header = (f"#define KDIM {k}\n#define WARPS {layout.warps}\n#define RANK {rank}\n#define CHUNKS {chunks}\n"
-              f"#define XPREP {prep}\n#define AHEAD {layout.ahead}\n#define STAGED {layout.staged}\n"
-              f"#define PREFETCHED {layout.prefetched}\n#define ROLLING {int(layout.rolling)}\n"
-              f"#define PREFETCH_NEXT {int(prefetch_next)}\n#define AWAITS {int(bool(links & AWAITS))}\n"
-              f"#define RELEASES {int(bool(links & RELEASES))}\n"
+              f"#define XPREP {prep}\n#define AHEAD {layout.ahead}\n"
               + (f"#define NF4_TIMELINE 1\n#define TIMELINE_SLOTS {TIMELINE_SLOTS}\n" if timeline else "")
               + f"__device__ __constant__ float CODE_TABLE[16] = {{{values}}};\n#define CODE CODE_TABLE\n")
     return header + DEVICE_HELPERS + _SOURCE
-
-
-@dataclass(frozen=True)
-class NextWeights:
-    """What a launch asks into L2 for the launch after it, while its blocks wait for each other and finish
-    (the memory would idle then): `regions` stretches of `region_rows` rows of `weight` and their absmax,
-    the first rows of each of its `regions` equal parts."""
-
-    weight: NF4Matrix
-    regions: int
-    region_rows: int
-
-    @classmethod
-    def held_by(cls, weight: NF4Matrix, layout: XtabLayout, sms: int) -> NextWeights:
-        """The rows an x-table launch of `weight` with `layout` loads before its own wait (its chunks' first
-        row groups: in registers, staged, and prefetched into L2)."""
-        n, k = weight.shape
-        chunks = chunks_for(n, k, sms)
-        if chunks is None:
-            raise ValueError(f"no x-table layout for a {n} x {k} weight on {sms} SMs")
-        groups = layout.ahead + layout.staged + layout.prefetched
-        return cls(weight, chunks, min(ROW_GROUP * layout.warps * groups, n // chunks))
-
-    @classmethod
-    def whole(cls, weight: NF4Matrix) -> NextWeights:
-        return cls(weight, 1, weight.shape[0])
-
-    def arguments(self) -> list:
-        """The kernel's next_* arguments."""
-        n, k = self.weight.shape
-        if (self.regions <= 0 or n % self.regions or not 0 < self.region_rows <= n // self.regions or k % SLICE
-                or self.weight.packed.data_ptr() % 16 or self.weight.absmax.data_ptr() % 16):
-            raise ValueError(f"cannot prefetch {self.regions} x {self.region_rows} rows of a {n} x {k} weight "
-                             "(16-byte aligned bytes and absmax, whole rows in equal parts)")
-        return [self.weight.packed, self.weight.absmax, self.regions, self.region_rows, n // self.regions, k // 2]
 
 
 def chunks_for(n: int, k: int, sms: int) -> int | None:
@@ -765,22 +526,8 @@ def available(device: torch.device | str) -> bool:
     device = torch.device(device)
     if device.type != "cuda" or not torch.cuda.is_available() or not hasattr(torch.cuda, "_compile_kernel"):
         return False
-    return _DISABLED is None and fits(device, XtabLayout())
-
-
-def fits(device: torch.device | str, layout: XtabLayout) -> bool:
-    """This layout's shared memory fits a block on `device`, and its L2 prefetches (if any) exist there."""
-    properties = torch.cuda.get_device_properties(torch.device(device))
-    if layout.prefetched and not prefetches_l2(device):
-        return False
-    return getattr(properties, "shared_memory_per_block_optin", 0) >= layout.shared_bytes + STATIC_SHARED_BYTES
-
-
-def prefetches_l2(device: torch.device | str) -> bool:
-    """`cp.async.bulk.prefetch.L2` (the `prefetched` layouts, `NextWeights`) is Hopper's (sm_90) and later: a
-    kernel with it compiles nowhere else (and one failed compile turns every x-table kernel off)."""
-    device = torch.device(device)
-    return device.type == "cuda" and torch.cuda.get_device_capability(device) >= (9, 0)
+    optin = getattr(torch.cuda.get_device_properties(device), "shared_memory_per_block_optin", 0)
+    return _DISABLED is None and optin >= TABLE_BYTES + STATIC_SHARED_BYTES
 
 
 def sm_count(device: torch.device) -> int:
@@ -788,15 +535,14 @@ def sm_count(device: torch.device) -> int:
 
 
 def _key(code: tuple[float, ...], device: torch.device, k: int, rank: int, chunks: int, prep: int,
-         layout: XtabLayout, timeline: bool = False, prefetch_next: bool = False, links: int = 0) -> tuple:
-    return ((device.index, code, k, rank, chunks, prep, layout) + (("timeline",) if timeline else ())
-            + (("prefetch_next",) if prefetch_next else ()) + ((("links", links),) if links else ()))
+         layout: XtabLayout, timeline: bool = False) -> tuple:
+    return (device.index, code, k, rank, chunks, prep, layout) + (("timeline",) if timeline else ())
 
 
 def precompile(requests: Sequence[tuple], threads: int) -> int:
-    """Compile the kernels of `requests` ((code, device, k, rank, chunks, prep, layout[, timeline[,
-    prefetch_next[, links]]]), as `_kernel` takes them) on `threads` threads at once, as `llm.serving.nf4_mma.precompile`
-    does for its own; returns how many. A kernel that fails here compiles (and reports) at its first launch
+    """Compile the kernels of `requests` ((code, device, k, rank, chunks, prep, layout[, timeline]), as
+    `_kernel` takes them) on `threads` threads at once, as `llm.serving.nf4_mma.precompile` does for its own;
+    returns how many. A kernel that fails here compiles (and reports) at its first launch
     instead."""
     from llm.serving.nf4_mma import _nvrtc_steps
 
@@ -818,13 +564,13 @@ def precompile(requests: Sequence[tuple], threads: int) -> int:
     compiled = 0
     with ThreadPoolExecutor(max_workers=max(1, threads), thread_name_prefix="nf4-xtab-nvrtc") as pool:
         for request, binary in zip(missing, pool.map(compile_one, missing), strict=True):
-            device, layout = request[1], request[6]
+            device = request[1]
             if isinstance(binary, Exception):
                 continue
             try:
                 with torch.cuda.device(device):
                     kernel = load_module(binary[0], [binary[1]])[binary[1]]
-                    kernel.set_shared_memory_config(layout.shared_bytes)
+                    kernel.set_shared_memory_config(TABLE_BYTES)
             except Exception:  # noqa: BLE001 - as above
                 continue
             _KERNELS[_key(*request)] = kernel
@@ -833,21 +579,17 @@ def precompile(requests: Sequence[tuple], threads: int) -> int:
 
 
 def _kernel(code: tuple[float, ...], device: torch.device, k: int, rank: int, chunks: int, prep: int,
-            layout: XtabLayout, timeline: bool = False, prefetch_next: bool = False, links: int = 0) -> Callable:
+            layout: XtabLayout, timeline: bool = False) -> Callable:
     global _DISABLED
-    key = _key(code, device, k, rank, chunks, prep, layout, timeline, prefetch_next, links)
+    key = _key(code, device, k, rank, chunks, prep, layout, timeline)
     if key not in _KERNELS:
         if _DISABLED is not None:
             raise XtabUnavailable(_DISABLED)
-        if (layout.prefetched or prefetch_next) and not prefetches_l2(device):
-            # the caller's mistake, not a reason to turn the family off (as a failed compile would)
-            raise ValueError(f"the x-table layout {layout.label}{' with NextWeights' if prefetch_next else ''} "
-                             "prefetches into L2, which needs sm_90 or later")
         try:
             with torch.cuda.device(device):
-                kernel = torch.cuda._compile_kernel(
-                    source(code, k, rank, chunks, prep, layout, timeline, prefetch_next, links), "nf4_xtab_kernel")
-                kernel.set_shared_memory_config(layout.shared_bytes)
+                kernel = torch.cuda._compile_kernel(source(code, k, rank, chunks, prep, layout, timeline),
+                                                    "nf4_xtab_kernel")
+                kernel.set_shared_memory_config(TABLE_BYTES)
         except Exception as error:  # noqa: BLE001 - NVRTC missing or refusing: any failure means "not here"
             _DISABLED = (str(error).strip().splitlines() or [type(error).__name__])[0][:300]
             logger.warning("nf4: the x-table kernel cannot be compiled here (%s); the other kernels serve", _DISABLED)
@@ -858,45 +600,38 @@ def _kernel(code: tuple[float, ...], device: torch.device, k: int, rank: int, ch
 
 def nf4_xtab_linear(x: torch.Tensor, weight: NF4Matrix, lora: LoraParts, seg1: int, seg2: int,
                     round_lora_first: bool, layout: XtabLayout, code: tuple[float, ...],
-                    timeline: torch.Tensor | None = None, next_weights: NextWeights | None = None) -> torch.Tensor:
+                    timeline: torch.Tensor | None = None) -> torch.Tensor:
     """y = x @ W.T + scaling * B(A(x)) with PEFT's roundings, for one row of x ([1, K], bf16), in one
     launch (the LoRA's A product included). `timeline` (the bench's): int64 [blocks, TIMELINE_SLOTS]
-    that the launch stamps (`source`'s timeline build); `next_weights`: asked into L2 for the next launch."""
+    that the launch stamps (`source`'s timeline build)."""
     if x.shape[0] != 1:
         raise ValueError(f"the x-table kernel takes one row, got {x.shape[0]}")
-    return _launch(PLAIN, x, weight, lora, seg1, seg2, round_lora_first, layout, code, timeline=timeline,
-                   next_weights=next_weights)
+    return _launch(PLAIN, x, weight, lora, seg1, seg2, round_lora_first, layout, code, timeline=timeline)
 
 
 def nf4_xtab_after_silu_mul(gate_up: torch.Tensor, weight: NF4Matrix, lora: LoraParts, seg1: int, seg2: int,
                             round_lora_first: bool, layout: XtabLayout, code: tuple[float, ...],
-                            timeline: torch.Tensor | None = None, next_weights: NextWeights | None = None,
-                            awaited: torch.Tensor | None = None,
-                            released: torch.Tensor | None = None) -> torch.Tensor:
+                            timeline: torch.Tensor | None = None) -> torch.Tensor:
     """As `nf4_xtab_linear` of `silu(gate) * up` (each op rounded to bf16, as eager PyTorch does) for
-    one row of gate_up = [gate | up] ([1, 2K]), the element-wise step done inside the launch. `awaited`,
-    `released`: the flags of `XtabLink`s it waits for and raises."""
+    one row of gate_up = [gate | up] ([1, 2K]), the element-wise step done inside the launch."""
     if gate_up.shape[0] != 1 or gate_up.shape[1] != 2 * weight.shape[1]:
         raise ValueError(f"the x-table kernel takes one [1, 2K] gate/up row, got {list(gate_up.shape)}")
-    return _launch(SILU_MUL, gate_up, weight, lora, seg1, seg2, round_lora_first, layout, code, timeline=timeline,
-                   next_weights=next_weights, awaited=awaited, released=released)
+    return _launch(SILU_MUL, gate_up, weight, lora, seg1, seg2, round_lora_first, layout, code, timeline=timeline)
 
 
 def nf4_xtab_after_add_norm(residual: torch.Tensor, delta: torch.Tensor, norm_weight: torch.Tensor, eps: float,
                             weight: NF4Matrix, lora: LoraParts, seg1: int, seg2: int, round_lora_first: bool,
-                            layout: XtabLayout, code: tuple[float, ...], timeline: torch.Tensor | None = None,
-                            next_weights: NextWeights | None = None, awaited: torch.Tensor | None = None,
-                            released: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                            layout: XtabLayout, code: tuple[float, ...],
+                            timeline: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """(h, y): h = residual + delta (the residual stream's next value) and y as `nf4_xtab_linear` of
-    MistralRMSNorm(h) with `norm_weight`, for one row, the add and the norm done inside the launch.
-    `awaited`, `released`: as `nf4_xtab_after_silu_mul`'s."""
+    MistralRMSNorm(h) with `norm_weight`, for one row, the add and the norm done inside the launch."""
     if residual.shape != delta.shape or residual.shape[0] != 1 or norm_weight.shape != (residual.shape[1],):
         raise ValueError(f"no add-and-norm for residual {list(residual.shape)}, delta {list(delta.shape)}, "
                          f"norm weight {list(norm_weight.shape)}")
     h = torch.empty_like(residual)
     y = _launch(ADD_NORM, delta, weight, lora, seg1, seg2, round_lora_first, layout, code,
                 residual=_aligned(residual), norm_weight=_aligned(norm_weight), residual_out=h, eps=eps,
-                timeline=timeline, next_weights=next_weights, awaited=awaited, released=released)
+                timeline=timeline)
     return h, y
 
 
@@ -910,19 +645,13 @@ def _aligned(x: torch.Tensor) -> torch.Tensor:
 def _launch(prep: int, x: torch.Tensor, weight: NF4Matrix, lora: LoraParts, seg1: int, seg2: int,
             round_lora_first: bool, layout: XtabLayout, code: tuple[float, ...], residual: torch.Tensor | None = None,
             norm_weight: torch.Tensor | None = None, residual_out: torch.Tensor | None = None,
-            eps: float = 0.0, timeline: torch.Tensor | None = None, next_weights: NextWeights | None = None,
-            awaited: torch.Tensor | None = None, released: torch.Tensor | None = None) -> torch.Tensor:
+            eps: float = 0.0, timeline: torch.Tensor | None = None) -> torch.Tensor:
     n, k = weight.shape
     chunks = chunks_for(n, k, sm_count(x.device))
     if chunks is None:
         raise ValueError(f"no x-table layout for a {n} x {k} weight on this GPU")
     x = _aligned(x)
-    if (layout.staged or layout.prefetched) and (weight.packed.data_ptr() % 16 or weight.absmax.data_ptr() % 16):
-        raise ValueError(f"the x-table layout {layout.label} copies 16-byte pieces: the packed weights and the "
-                         "absmax must be 16-byte aligned")
-    links = (AWAITS if awaited is not None else 0) | (RELEASES if released is not None else 0)
-    kernel = _kernel(code, x.device, k, lora.rank, chunks, prep, layout, timeline is not None, next_weights is not None,
-                     links)
+    kernel = _kernel(code, x.device, k, lora.rank, chunks, prep, layout, timeline is not None)
     slices = k // SLICE
     rt = lora.a.shape[0]
     y = torch.empty((1, n), dtype=torch.bfloat16, device=x.device)
@@ -934,9 +663,6 @@ def _launch(prep: int, x: torch.Tensor, weight: NF4Matrix, lora: LoraParts, seg1
         [weight.packed, weight.absmax, x, lora.a, lora.b, y, partial, t_partial, counters, n, seg1, seg2, rt,
          float(lora.scaling), int(round_lora_first), 3, x if residual is None else residual,
          x if norm_weight is None else norm_weight, y if residual_out is None else residual_out, float(eps),
-         # (pointer arguments stay tensors even when unused: an int would be passed as 4 bytes, not 8)
-         *([weight.packed, weight.absmax, 0, 0, 0, 0] if next_weights is None else next_weights.arguments()),
-         counters if awaited is None else awaited, counters if released is None else released,
          *(() if timeline is None else (timeline,))],
-        x.device, shared_bytes=layout.shared_bytes)
+        x.device, shared_bytes=TABLE_BYTES)
     return y

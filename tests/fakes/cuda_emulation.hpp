@@ -3,7 +3,7 @@
 // One std::thread per CUDA thread, one block at a time (so `__shared__` can be `static`), a barrier
 // per warp for `mma.sync` (each lane publishes its fragments, then computes its own accumulators
 // from everyone's, as the PTX ISA lays the m16n8k16 operands out) and one per block for
-// `__syncthreads`. Prefetches only check their address; L2 prefetches are also recorded for the tests. The PTX helpers are replaced by C++ ones with
+// `__syncthreads`. Prefetches only check their address. The PTX helpers are replaced by C++ ones with
 // the same arithmetic (prmt's byte selection and sign mode, round-to-nearest-even to bf16).
 #pragma once
 
@@ -13,16 +13,12 @@
 #include <cstdlib>
 #include <cstdint>
 #include <cstring>
-#include <algorithm>
 #include <functional>
-#include <mutex>
 #include <thread>
 #include <vector>
 
 typedef unsigned int u32;
 typedef unsigned short u16;
-using std::max;
-using std::min;
 
 struct uint2 {
     u32 x, y;
@@ -68,15 +64,6 @@ inline bool check_read(const void* p, std::size_t bytes) {
         if (at >= b.begin && at + bytes <= b.end) return true;
     ++out_of_bounds_reads;
     return false;
-}
-
-// An L2 prefetch (cp.async.bulk.prefetch.L2): checked like a read and recorded (`prefetch_coverage`).
-inline std::mutex prefetches_lock;
-inline std::vector<Buffer> prefetches;
-inline void note_prefetch(const void* p, std::size_t bytes) {
-    check_read(p, bytes);
-    const std::lock_guard<std::mutex> hold(prefetches_lock);
-    prefetches.push_back({static_cast<const char*>(p), static_cast<const char*>(p) + bytes});
 }
 
 template <class T>

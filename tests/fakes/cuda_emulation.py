@@ -17,25 +17,12 @@ ADD_BUFFER = r"""
 extern "C" void add_buffer(const void* begin, long bytes) {
     global_buffers.push_back({static_cast<const char*>(begin), static_cast<const char*>(begin) + bytes});
 }
-// The L2 prefetches since the last call, as (first byte, end) address pairs in `out` (room for `capacity`
-// pairs); returns how many there were.
-extern "C" long take_prefetches(unsigned long long* out, long capacity) {
-    const std::lock_guard<std::mutex> hold(prefetches_lock);
-    const long count = (long)prefetches.size();
-    for (long i = 0; i < std::min(count, capacity); ++i) {
-        out[2 * i] = reinterpret_cast<unsigned long long>(prefetches[i].begin);
-        out[2 * i + 1] = reinterpret_cast<unsigned long long>(prefetches[i].end);
-    }
-    prefetches.clear();
-    return count;
-}
 """
 
 
 def build_emulated(folder: Path, kernel_source: str, launcher: str) -> ctypes.CDLL:
     """`kernel_source` (a kernel module's `source(...)`) with the emulation header and `launcher`
-    (extern "C" functions that run it), compiled with g++; `add_buffer` and `take_prefetches` are
-    already declared (`taken_prefetches` reads the latter)."""
+    (extern "C" functions that run it), compiled with g++; `add_buffer` is already declared."""
     text = f'#define NF4_EMULATE\n#include "{HEADER}"\n' + kernel_source + ADD_BUFFER + launcher
     (folder / "kernel.cpp").write_text(text)
     built = subprocess.run(
@@ -46,14 +33,4 @@ def build_emulated(folder: Path, kernel_source: str, launcher: str) -> ctypes.CD
     assert built.returncode == 0, built.stderr[-3000:]
     library = ctypes.CDLL(str(folder / "kernel.so"))
     library.add_buffer.argtypes = [ctypes.c_void_p, ctypes.c_long]
-    library.take_prefetches.restype = ctypes.c_long
-    library.take_prefetches.argtypes = [ctypes.POINTER(ctypes.c_ulonglong), ctypes.c_long]
     return library
-
-
-def taken_prefetches(library: ctypes.CDLL, capacity: int = 1 << 16) -> list[tuple[int, int]]:
-    """The L2 prefetches the emulated kernel asked for since the last call: (first byte, end) addresses."""
-    pairs = (ctypes.c_ulonglong * (2 * capacity))()
-    count = library.take_prefetches(pairs, capacity)
-    assert count <= capacity, f"{count} prefetches, more than {capacity}"
-    return [(pairs[2 * i], pairs[2 * i + 1]) for i in range(count)]
