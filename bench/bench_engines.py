@@ -45,7 +45,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import torch  # noqa: E402
 
 from llm.engine import SamplingParams  # noqa: E402
-from llm.serving import nf4_kernels, nf4_xtab, programmatic_launch  # noqa: E402
+from llm.serving import programmatic_launch  # noqa: E402
 
 SAMPLING = SamplingParams(temperature=0.9, top_p=0.8, top_k=50, max_new_tokens=256)
 RESULTS: list[dict] = []
@@ -530,6 +530,8 @@ def bench_batching_engine(name: str, build, tokenizer, args, reference_logits, k
         "allocated_after_startup_gb": gb(torch.cuda.memory_allocated()),
     }
     if name == "nf4":  # every kernel configuration the start-up tuner timed, not only the winners
+        from llm.serving import nf4_kernels
+
         case["nf4_candidates_ms_per_step"] = dict(nf4_kernels.CANDIDATE_MS)
     try:
         step_model = engine.scheduler.model
@@ -630,6 +632,8 @@ def main() -> None:
                              "default: the served ones)")
     args = parser.parse_args()
     if args.xtab_layouts:
+        from llm.serving import nf4_kernels, nf4_xtab
+
         try:
             nf4_kernels.time_xtab_layouts([nf4_xtab.XtabLayout.parse(item) for item in args.xtab_layouts.split(",")])
         except ValueError as error:

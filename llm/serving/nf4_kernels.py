@@ -89,8 +89,6 @@ class NF4Config:
     fuse_a: bool = False  # mma: the LoRA A product in the same launch (`nf4_mma.nf4_mma_linear`)
     shared_lookups: int = 0  # mma: a lane's absmax blocks per group decoded through shared memory ("t1".."t4")
     k_splits: int = 1  # mma: blocks per feature tile, each over a part of K ("k2".."k8")
-    # xtab: the launch's layout (its warps and row groups ahead, also num_warps and num_stages)
-    layout: nf4_xtab.XtabLayout | None = None
 
     @property
     def dot(self) -> bool:
@@ -105,10 +103,10 @@ class NF4Config:
 
     @property
     def xtab_layout(self) -> nf4_xtab.XtabLayout:
-        """An x-table configuration's layout."""
-        if self.layout is None:
+        """An x-table configuration's layout: its warps and row groups ahead (num_warps, num_stages)."""
+        if self.kind != "xtab":
             raise ValueError(f"{self.label} is not an x-table configuration")
-        return self.layout
+        return nf4_xtab.XtabLayout(self.num_warps, self.num_stages)
 
     def fits_kernel(self, rows: int, rank: int) -> bool:
         """Whether its kernel exists for `rows` rows of x and this LoRA rank: a tensor-core kernel's
@@ -201,7 +199,7 @@ def k_split_variants(config: NF4Config, n: int, k: int, boundaries: Sequence[int
 # per block, num_stages the row groups of weights each warp has in flight (`ahead`); block_n is the
 # warp's 32-row group, block_k the 256-input slice.
 def _xtab_config(layout: nf4_xtab.XtabLayout) -> NF4Config:
-    return NF4Config(nf4_xtab.ROW_GROUP, nf4_xtab.SLICE, layout.warps, layout.ahead, kind="xtab", layout=layout)
+    return NF4Config(nf4_xtab.ROW_GROUP, nf4_xtab.SLICE, layout.warps, layout.ahead, kind="xtab")
 
 
 XTAB_CONFIGS = tuple(_xtab_config(layout) for layout in nf4_xtab.SERVED_LAYOUTS)
@@ -782,9 +780,8 @@ if _HAVE_TRITON:
 
 
 def dequantize(
-    packed: torch.Tensor, absmax: torch.Tensor, code: torch.Tensor, dtype: torch.dtype = torch.bfloat16,
+    packed: torch.Tensor, absmax: torch.Tensor, code: torch.Tensor, dtype: torch.dtype = torch.bfloat16
 ) -> torch.Tensor:
-    """bf16(code[nibble] * absmax) for every value."""
     n, half = packed.shape
     out = torch.empty((n, half * 2), dtype=dtype, device=packed.device)
     if dtype == torch.bfloat16 and n % LUT_DEQUANT_ROWS == 0 and (half * 2) % LUT_DEQUANT_COLS == 0:
@@ -944,32 +941,6 @@ def lora_a_prompt(x: torch.Tensor, lora: LoraParts) -> torch.Tensor:
     return partial[0] if splits == 1 else partial.sum(0)
 
 
-def _weight_chunks(n: int, dequant_rows: int) -> list[tuple[int, int]]:
-    """(first weight row, rows) of each chunk the prompt path dequantizes at a time."""
-    return [(col0, min(dequant_rows, n - col0)) for col0 in range(0, n, dequant_rows)]
-
-
-def _chunk_parts(lora: LoraParts, col0: int, rows: int) -> list[tuple[int, int, int]]:
-    """(part, first row, end row) of every LoRA part the chunk of weight rows [col0, col0 + rows) overlaps."""
-    found = []
-    for part, (start, end, _) in enumerate(lora.segments):
-        lo, hi = max(start, col0), min(end, col0 + rows)
-        if lo < hi:
-            found.append((part, lo, hi))
-    return found
-
-
-def _add_lora_u(base: torch.Tensor, u: torch.Tensor, out: torch.Tensor, col0: int, lo: int, hi: int,
-                lora: LoraParts, round_lora_first: bool) -> None:
-    """out[:, lo:hi] = base's columns plus scaling * u with PEFT's roundings (u = t_part @ B[lo:hi].T)."""
-    m = base.shape[0]
-    _lora_u_out_kernel[(triton.cdiv(m, PROMPT_TILE), triton.cdiv(hi - lo, PROMPT_TILE))](
-        base[:, lo - col0 :], u, out[:, lo:], m, hi - lo, base.stride(0), u.stride(0), out.stride(0),
-        lora.scaling, BLOCK_M=PROMPT_TILE, BLOCK_N=PROMPT_TILE, ROUND_LORA_FIRST=round_lora_first,
-        num_warps=4, enable_fp_fusion=False,
-    )
-
-
 def nf4_prompt_linear(
     x: torch.Tensor, weight: NF4Matrix, lora: LoraParts, round_lora_first: bool, dequant_rows: int,
     pefts_products: bool = False,
@@ -980,19 +951,18 @@ def nf4_prompt_linear(
     `pefts_products`: the LoRA's A and B products are PEFT's own cuBLAS float32 calls, one pair per
     original projection (the B product for a chunk's columns at a time: with K = rank, cuBLAS gives
     the same bits as over the whole part, tests/gpu), then one kernel scales, rounds and adds: the
-    seed's bits (run 20; run 39 measured those products on a second stream slower, not faster).
-    Otherwise one kernel computes every part's A product and both products run on the tensor cores
-    as three TF32 products (float32's accuracy, not cuBLAS's bits; faster)."""
+    seed's bits (run 20). Otherwise one kernel computes every part's A product and both products run
+    on the tensor cores as three TF32 products (float32's accuracy, not cuBLAS's bits; faster)."""
     m, k = x.shape
     n = weight.shape[0]
     out = torch.empty((m, n), dtype=x.dtype, device=x.device)
-    chunks = _weight_chunks(n, dequant_rows)
     if pefts_products:
         t_parts = lora.a_products(x)
     else:
         t = lora_a_prompt(x, lora)
         seg1, seg2 = lora.part_starts(n)
-    for col0, rows in chunks:
+    for col0 in range(0, n, dequant_rows):
+        rows = min(dequant_rows, n - col0)
         base = F.linear(x, weight.dequantize(x.dtype, slice(col0, col0 + rows)))
         if not pefts_products:
             _lora_b_out_kernel[(triton.cdiv(m, PROMPT_TILE), triton.cdiv(rows, PROMPT_TILE))](
@@ -1001,8 +971,15 @@ def nf4_prompt_linear(
                 num_warps=4,
             )
             continue
-        for part, lo, hi in _chunk_parts(lora, col0, rows):
-            _add_lora_u(base, F.linear(t_parts[part], lora.b[lo:hi]), out, col0, lo, hi, lora, round_lora_first)
+        for (start, end, _), t_part in zip(lora.segments, t_parts, strict=True):
+            lo, hi = max(start, col0), min(end, col0 + rows)
+            if lo < hi:
+                u = F.linear(t_part, lora.b[lo:hi])
+                _lora_u_out_kernel[(triton.cdiv(m, PROMPT_TILE), triton.cdiv(hi - lo, PROMPT_TILE))](
+                    base[:, lo - col0 :], u, out[:, lo:], m, hi - lo, base.stride(0), u.stride(0), out.stride(0),
+                    lora.scaling, BLOCK_M=PROMPT_TILE, BLOCK_N=PROMPT_TILE, ROUND_LORA_FIRST=round_lora_first,
+                    num_warps=4, enable_fp_fusion=False,
+                )
     return out
 
 

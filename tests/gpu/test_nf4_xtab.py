@@ -129,26 +129,24 @@ def test_add_and_norm_in_one_launch_give_the_residual_bit_for_bit_and_the_normed
         assert_replays_repeat(run, y, projection.lora, "xtab", config.label)
 
 
-def test_a_chained_launch_reads_this_steps_output_of_the_launch_before_it_in_graph_replays():
-    """gate/up's x-table launch lets down's start early (down's weights stream in meanwhile): down must
-    still read this step's gate/up output, never the one of the replay before (run 32: a load hoisted
-    above the wait did, and the decode step's logits turned to NaN)."""
-    from llm.serving import nf4_mma, nf4_xtab
+@pytest.mark.parametrize("layout", nf4_xtab.SERVED_LAYOUTS, ids=lambda layout: layout.label)
+def test_a_chained_launch_reads_this_steps_output_of_the_launch_before_it_in_graph_replays(layout):
+    """gate/up's x-table launch lets down's start early (down's weights stream in meanwhile, two groups of
+    them with 8x2): down must still read this step's gate/up output, never the one of the replay before
+    (run 32: a load hoisted above the wait did, and the decode step's logits turned to NaN)."""
+    from llm.serving import nf4_mma
 
     gate_up, x = projection_and_input("gate_up", 1)
     down, _ = projection_and_input("down", 1)
     code = nf4_mma.code_values(gate_up.weight.code)
-    gate_up_layout = _xtab_configs(gate_up)[0].xtab_layout
-    down_layout = _xtab_configs(down)[0].xtab_layout
 
     def step(x: torch.Tensor) -> torch.Tensor:
         first = nf4_xtab.nf4_xtab_linear(x, gate_up.weight, gate_up.lora,
-                                         *gate_up.lora.part_starts(gate_up.weight.shape[0]), True, gate_up_layout,
-                                         code)
+                                         *gate_up.lora.part_starts(gate_up.weight.shape[0]), True, layout, code)
         return nf4_xtab.nf4_xtab_after_silu_mul(first, down.weight, down.lora,
-                                                *down.lora.part_starts(down.weight.shape[0]), True, down_layout, code)
+                                                *down.lora.part_starts(down.weight.shape[0]), True, layout, code)
 
-    assert_replays_follow_new_inputs(step, x, "gate_up -> down")
+    assert_replays_follow_new_inputs(step, x, f"gate_up -> down {layout.label}")
 
 
 # Two row groups ahead (8x2, served since run 39): its loads run further ahead of its lookups
@@ -170,21 +168,3 @@ def test_two_groups_ahead_give_the_plain_layouts_bits_in_graph_replays(name):
     label = f"{name} {layout.label}"
     assert torch.equal(run(), plain), label
     assert_replays_repeat(run, plain, projection.lora, "xtab", label, replays=5)
-
-
-def test_two_groups_ahead_read_this_steps_output_of_the_launch_before_in_graph_replays():
-    """Its first weights load before the wait for the launch before: it must still read this step's x."""
-    from llm.serving import nf4_mma
-
-    gate_up, x = projection_and_input("gate_up", 1)
-    down, _ = projection_and_input("down", 1)
-    layout = nf4_xtab.XtabLayout(8, 2)
-    code = nf4_mma.code_values(gate_up.weight.code)
-
-    def step(x: torch.Tensor) -> torch.Tensor:
-        first = nf4_xtab.nf4_xtab_linear(x, gate_up.weight, gate_up.lora,
-                                         *gate_up.lora.part_starts(gate_up.weight.shape[0]), True, layout, code)
-        return nf4_xtab.nf4_xtab_after_silu_mul(first, down.weight, down.lora,
-                                                *down.lora.part_starts(down.weight.shape[0]), True, layout, code)
-
-    assert_replays_follow_new_inputs(step, x, f"gate_up -> down {layout.label}")
