@@ -244,6 +244,44 @@ def mean_ms(run, repeats: int, warmup: int = 1) -> float:  # noqa: ANN001
     return round((time.perf_counter() - start) / repeats * 1000, 3)
 
 
+@contextlib.contextmanager
+def pytorch_sampler() -> Iterator:
+    """`sample_tokens` on PyTorch's kernels instead of the two Triton launches (a before/after)."""
+    from llm.serving import triton_sampling
+
+    serves = triton_sampling.serves
+    triton_sampling.serves = lambda *_: False
+    try:
+        yield
+    finally:
+        triton_sampling.serves = serves
+
+
+def sampler_gpu_us(vocab: int, calls: int = 200) -> dict:
+    """GPU microseconds of one `sample_tokens` call (the seed's settings) at 1 and 16 rows, Triton and
+    PyTorch: the calls are queued behind a sleeping kernel, so the host's launch time is not counted."""
+    from llm.serving.batching import sample_tokens
+
+    out = {}
+    for rows in (1, 16):
+        logits = torch.randn(rows, vocab, device="cuda") * 3
+        params, generators = [SamplingParams()] * rows, [None] * rows
+        for label, context in (("triton", contextlib.nullcontext), ("pytorch", pytorch_sampler)):
+            with context():
+                for _ in range(3):
+                    sample_tokens(logits, params, generators)
+                sync()
+                start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                torch.cuda._sleep(200_000_000)  # ~0.1 s: the host queues every call meanwhile
+                start.record()
+                for _ in range(calls):
+                    sample_tokens(logits, params, generators)
+                end.record()
+                sync()
+            out[f"{label}_rows{rows}"] = round(start.elapsed_time(end) * 1000 / calls, 1)
+    return out
+
+
 def _time_decode_ms(graphs, tokens: list[int], positions: list[int], warmup: int = 3, repeats: int = 20) -> float:  # noqa: ANN001
     """Milliseconds per graph-replayed decode step: the mean of `repeats` replays after a warm-up."""
     return mean_ms(lambda: graphs.decode(tokens, positions), repeats, warmup)
@@ -565,6 +603,10 @@ def bench_batching_engine(name: str, build, tokenizer, args, reference_logits, k
         case["single"] = single_stream(
             engine, short, args.single_tokens if name in ("fast", "nf4") else args.low_tokens
         )
+        if name in ("fast", "nf4"):  # the same stream with PyTorch's sampling kernels, same call
+            with pytorch_sampler():
+                case["single_pytorch_sampler"] = single_stream(engine, short, args.single_tokens)
+            case["sampler_gpu_us"] = sampler_gpu_us(step_model.decoder.config.vocab_size)
         try:
             case["profile"] = profile_steps(engine, short, args.out_dir)
         except Exception as error:  # noqa: BLE001

@@ -45,6 +45,7 @@ import torch
 
 from llm.engine import FinishReason, Generation, GenerationEngine, SamplingParams, text_deltas
 from llm.errors import EngineBusyError, GenerationError
+from llm.serving import triton_sampling
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
@@ -125,12 +126,23 @@ def _to_host(tokens: torch.Tensor) -> list[int]:
     return tokens.tolist()
 
 
+@dataclass(frozen=True)
+class _RowSettings:
+    """Per-row sampling settings on the device (float32 unless said)."""
+
+    temperature: torch.Tensor
+    top_p: torch.Tensor
+    top_k: torch.Tensor  # the vocabulary size where top-k is off
+    top_k_int: torch.Tensor  # int32, 1 for greedy rows (their pick is rank 0)
+    greedy: torch.Tensor  # bool
+    k_max: int  # the largest top_k of any row
+    sampled_top_k: int  # the largest top_k of the sampled rows, 0 if all are greedy
+
+
 _PARAM_CACHE: dict = {}
 
 
-def _param_tensors(
-    params: tuple[SamplingParams, ...], vocab: int, device: torch.device
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, int]:
+def _param_tensors(params: tuple[SamplingParams, ...], vocab: int, device: torch.device) -> _RowSettings:
     """Per-row sampling settings on the device, cached per batch composition (no per-step copies)."""
     key = (params, vocab, str(device))
     cached = _PARAM_CACHE.get(key)
@@ -142,13 +154,17 @@ def _param_tensors(
     ks = [min(p.top_k, vocab) if p.top_k > 0 else vocab for p in params]
     host = torch.tensor(
         [[1.0 if p.greedy else p.temperature for p in params], [p.top_p for p in params], ks,
-         [float(p.greedy) for p in params]],
+         [float(p.greedy) for p in params], [1.0 if p.greedy else k for p, k in zip(params, ks, strict=True)]],
         dtype=torch.float32,
     )
     if torch.device(device).type == "cuda":
         host = host.pin_memory()
     host = host.to(device, non_blocking=True)
-    cached = (host[0], host[1], host[2], host[3].bool(), max(ks))
+    cached = _RowSettings(
+        temperature=host[0], top_p=host[1], top_k=host[2], top_k_int=host[4].to(torch.int32),
+        greedy=host[3].bool(), k_max=max(ks),
+        sampled_top_k=max((k for p, k in zip(params, ks, strict=True) if not p.greedy), default=0),
+    )
     if len(_PARAM_CACHE) > 256:
         _PARAM_CACHE.clear()
     _PARAM_CACHE[key] = cached
@@ -169,13 +185,15 @@ def sample_tokens(
 
     Same semantics as HF generate's warpers in their order: temperature, then top-k, then top-p
     (keep the smallest set of most likely tokens whose mass reaches top_p, at least one); greedy
-    rows take the argmax. Uniforms come from the row's own generator when it has a seed.
+    rows take the argmax. Uniforms come from the row's own generator when it has a seed. On a GPU,
+    rows with top_k 1-64 are drawn by two Triton launches (`triton_sampling`) instead of ~25
+    PyTorch kernels.
     """
     n, vocab = logits.shape
     device = logits.device
     if all(p.greedy for p in params):
         return logits.argmax(dim=-1)
-    temperature, top_p, top_k, greedy, k_max = _param_tensors(tuple(params), vocab, device)
+    settings = _param_tensors(tuple(params), vocab, device)
     if any(g is not None for g in generators):
         host = torch.empty(n, dtype=torch.float32, pin_memory=torch.device(device).type == "cuda")
         for row, generator in enumerate(generators):
@@ -183,19 +201,23 @@ def sample_tokens(
         u = host.to(device, non_blocking=True)
     else:
         u = torch.rand(n, device=device)
-
-    values, indices = torch.topk(logits / temperature[:, None], k_max, dim=-1)  # sorted, descending
+    if triton_sampling.serves(device, vocab, settings.sampled_top_k):
+        return triton_sampling.draw(
+            logits, settings.temperature, settings.top_p, settings.top_k_int, settings.greedy, u
+        )
+    k_max = settings.k_max
+    values, indices = torch.topk(logits / settings.temperature[:, None], k_max, dim=-1)  # sorted, descending
     rank = torch.arange(k_max, device=device)[None, :]
-    values = values.masked_fill(rank >= top_k[:, None], float("-inf"))
+    values = values.masked_fill(rank >= settings.top_k[:, None], float("-inf"))
     probs = torch.softmax(values, dim=-1)
     mass_before = torch.cumsum(probs, dim=-1) - probs
-    keep = (mass_before < top_p[:, None]) | (rank == 0)
+    keep = (mass_before < settings.top_p[:, None]) | (rank == 0)
     probs = probs * keep
     cdf = torch.cumsum(probs, dim=-1)
     target = (u * cdf[:, -1]).unsqueeze(1)
     choice = torch.searchsorted(cdf, target, right=True).clamp_(max=k_max - 1)
     sampled = indices.gather(1, choice).squeeze(1)
-    return torch.where(greedy, logits.argmax(dim=-1), sampled)
+    return torch.where(settings.greedy, logits.argmax(dim=-1), sampled)
 
 
 # --- requests and scheduler ---------------------------------------------------------------------
