@@ -249,12 +249,11 @@ def pytorch_sampler() -> Iterator:
     """`sample_tokens` on PyTorch's kernels instead of the two Triton launches (a before/after)."""
     from llm.serving import triton_sampling
 
-    serves = triton_sampling.serves
-    triton_sampling.serves = lambda *_: False
+    triton_sampling.switch_off("bench: PyTorch's sampler")
     try:
         yield
     finally:
-        triton_sampling.serves = serves
+        triton_sampling.switch_off(None)
 
 
 def sampler_gpu_us(vocab: int, calls: int = 200) -> dict:

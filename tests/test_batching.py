@@ -433,3 +433,47 @@ def test_sampler_matches_hf_warpers_distribution():
     assert set(counts.nonzero().flatten().tolist()) <= set(expected.nonzero().flatten().tolist())
     empirical = counts / counts.sum()
     assert (empirical - expected).abs().sum() < 0.08
+
+
+@pytest.fixture
+def _triton_sampler_on_the_cpu(monkeypatch):
+    """`triton_sampling` as if it served here; its `draw` is what each test sets."""
+    from llm.serving import triton_sampling
+
+    monkeypatch.setattr(triton_sampling, "serves", lambda *_: triton_sampling._switched_off is None)
+    yield triton_sampling
+    triton_sampling.switch_off(None)
+
+
+def test_a_failing_triton_sampler_costs_no_answer_and_stays_off(_triton_sampler_on_the_cpu, monkeypatch, caplog):
+    calls = []
+
+    def broken(*_):
+        calls.append(1)
+        raise RuntimeError("PassManager::run failed")  # as a Triton that cannot compile the kernel says
+
+    monkeypatch.setattr(_triton_sampler_on_the_cpu, "draw", broken)
+    torch.manual_seed(0)
+    logits = torch.randn(3, 1000)
+    for _ in range(3):
+        tokens = sample_next(logits, [SamplingParams(top_k=5)] * 3, [None] * 3)
+        assert all(token in logits[row].topk(5).indices.tolist() for row, token in enumerate(tokens))
+    assert len(calls) == 1  # switched off after the first failure
+    assert caplog.text.count("Triton sampling failed, PyTorch's sampler from now on") == 1
+
+
+def test_the_start_up_check_switches_a_wrong_triton_sampler_off(_triton_sampler_on_the_cpu, monkeypatch, caplog):
+    from llm.serving import batching
+
+    def right(logits, temperature, top_p, top_k, greedy, u):  # PyTorch's draw from the same arguments
+        settings = batching._RowSettings(temperature, top_p, top_k.float(), top_k, greedy, int(top_k.max()), 0)
+        return batching._pytorch_draw(logits, settings, u)
+
+    monkeypatch.setattr(_triton_sampler_on_the_cpu, "draw", right)
+    assert batching.check_triton_sampling(torch.device("cpu"), 1000) == {
+        "triton_sampling": True, "triton_sampling_agreement": 1.0}
+    monkeypatch.setattr(_triton_sampler_on_the_cpu, "draw", lambda logits, *_: logits.argmin(-1))
+    info = batching.check_triton_sampling(torch.device("cpu"), 1000)
+    assert info["triton_sampling"] is False and "of 256 rows" in info["triton_sampling_error"]
+    assert "Triton sampling switched off, PyTorch's sampler instead" in caplog.text
+    assert _triton_sampler_on_the_cpu._switched_off is not None

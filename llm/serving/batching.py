@@ -202,12 +202,22 @@ def sample_tokens(
     else:
         u = torch.rand(n, device=device)
     if triton_sampling.serves(device, vocab, settings.sampled_top_k):
-        return triton_sampling.draw(
-            logits, settings.temperature, settings.top_p, settings.top_k_int, settings.greedy, u
-        )
+        try:
+            return _triton_draw(logits, settings, u)
+        except Exception as error:  # e.g. a Triton that cannot compile the kernels: nobody's answer fails
+            logger.warning("Triton sampling failed, PyTorch's sampler from now on: %r", error)
+            triton_sampling.switch_off(repr(error))
+    return _pytorch_draw(logits, settings, u)
+
+
+def _triton_draw(logits: torch.Tensor, settings: _RowSettings, u: torch.Tensor) -> torch.Tensor:
+    return triton_sampling.draw(logits, settings.temperature, settings.top_p, settings.top_k_int, settings.greedy, u)
+
+
+def _pytorch_draw(logits: torch.Tensor, settings: _RowSettings, u: torch.Tensor) -> torch.Tensor:
     k_max = settings.k_max
     values, indices = torch.topk(logits / settings.temperature[:, None], k_max, dim=-1)  # sorted, descending
-    rank = torch.arange(k_max, device=device)[None, :]
+    rank = torch.arange(k_max, device=logits.device)[None, :]
     values = values.masked_fill(rank >= settings.top_k[:, None], float("-inf"))
     probs = torch.softmax(values, dim=-1)
     mass_before = torch.cumsum(probs, dim=-1) - probs
@@ -218,6 +228,38 @@ def sample_tokens(
     choice = torch.searchsorted(cdf, target, right=True).clamp_(max=k_max - 1)
     sampled = indices.gather(1, choice).squeeze(1)
     return torch.where(settings.greedy, logits.argmax(dim=-1), sampled)
+
+
+# Start-up check: rows the Triton sampler must draw as PyTorch's does (the rest may differ by a
+# rounding step at the top_p edge or at the uniform).
+_CHECK_ROWS = 256
+_CHECK_AGREEMENT = 0.97
+
+
+def check_triton_sampling(device: torch.device, vocab: int) -> dict:
+    """At start-up, where `triton_sampling` serves: it draws random rows (the seed's settings, greedy
+    and top_k=1 rows among them) against PyTorch's sampler with the same uniforms. A failure or a
+    disagreement switches it off for this process (one WARNING); sampling goes on in PyTorch."""
+    if not triton_sampling.serves(device, vocab, triton_sampling.CANDIDATES):
+        return {"triton_sampling": False}
+    generator = torch.Generator(device=device).manual_seed(0)
+    logits = torch.randn(_CHECK_ROWS, vocab, device=device, generator=generator) * 3
+    u = torch.rand(_CHECK_ROWS, device=device, generator=generator)
+    kinds = (SamplingParams(), SamplingParams(greedy=True), SamplingParams(top_k=1))
+    params = tuple(kinds[row % 8 // 6 + row % 8 // 7] for row in range(_CHECK_ROWS))  # 6 sampled, 1, 1
+    settings = _param_tensors(params, vocab, device)
+    try:
+        same = (_triton_draw(logits, settings, u) == _pytorch_draw(logits, settings, u)).float().mean().item()
+    except Exception as error:  # noqa: BLE001 - whatever it is, PyTorch's sampler serves
+        logger.warning("Triton sampling unavailable, PyTorch's sampler instead: %r", error)
+        triton_sampling.switch_off(repr(error))
+        return {"triton_sampling": False, "triton_sampling_error": repr(error)}
+    if same < _CHECK_AGREEMENT:
+        reason = f"drew PyTorch's tokens for {same:.1%} of {_CHECK_ROWS} rows (at least {_CHECK_AGREEMENT:.0%} expected)"
+        logger.warning("Triton sampling switched off, PyTorch's sampler instead: it %s", reason)
+        triton_sampling.switch_off(reason)
+        return {"triton_sampling": False, "triton_sampling_error": reason}
+    return {"triton_sampling": True, "triton_sampling_agreement": round(same, 4)}
 
 
 # --- requests and scheduler ---------------------------------------------------------------------

@@ -27,7 +27,7 @@ import torch
 from torch import nn
 
 from llm.serving import programmatic_launch
-from llm.serving.batching import BatchingEngine, DecoderStepModel
+from llm.serving.batching import BatchingEngine, DecoderStepModel, check_triton_sampling
 from llm.serving.mistral_decoder import (
     DecodeGraphs,
     DecoderConfig,
@@ -223,6 +223,7 @@ def _warm_up(graphs: DecodeGraphs, compile_kernels: bool, triton: bool = False) 
     graphs.prefill_many([0], [torch.tensor([1, 2, 3])])
     graphs.decode([1], [3])
     decoder.kv_release(0)
+    info.update(check_triton_sampling(decoder.device, decoder.config.vocab_size))
     info["warm_up_s"] = round(time.monotonic() - started, 2)
     # decode kernels scheduled while the one before finishes (Hopper and newer)
     info["programmatic_launch"] = programmatic_launch.enabled(decoder.device)

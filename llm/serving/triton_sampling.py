@@ -42,11 +42,21 @@ CANDIDATES = 64
 MAX_CHUNKS = 256
 
 
+# Why this path is off in this process (a failed start-up check or launch), or None.
+_switched_off: str | None = None
+
+
+def switch_off(reason: str | None) -> None:
+    """PyTorch's sampler from now on, for `reason`; None serves this path again."""
+    global _switched_off
+    _switched_off = reason
+
+
 def serves(device: torch.device, vocab: int, top_k: int) -> bool:
-    """Whether this path can draw on `device` for a vocabulary of `vocab` with `top_k` (the
-    largest of the sampled rows; 0 when every row is greedy)."""
+    """Whether this path draws on `device` for a vocabulary of `vocab` with `top_k` (the largest
+    of the sampled rows; 0 when every row is greedy)."""
     return (
-        _HAVE_TRITON and torch.device(device).type == "cuda"
+        _HAVE_TRITON and _switched_off is None and torch.device(device).type == "cuda"
         and 0 <= top_k <= CANDIDATES and _chunks(vocab) <= MAX_CHUNKS
     )
 

@@ -22,17 +22,8 @@ def _needs_triton():
 def _both(logits: torch.Tensor, params: list[SamplingParams], seed: int) -> tuple[torch.Tensor, torch.Tensor]:
     """(Triton's tokens, PyTorch's tokens) for the same uniforms."""
     settings = batching._param_tensors(tuple(params), logits.shape[1], logits.device)
-    torch.manual_seed(seed)
-    u = torch.rand(logits.shape[0], device=logits.device)
-    fused = triton_sampling.draw(logits, settings.temperature, settings.top_p, settings.top_k_int, settings.greedy, u)
-    serves = triton_sampling.serves
-    triton_sampling.serves = lambda *_: False
-    try:
-        torch.manual_seed(seed)
-        eager = batching.sample_tokens(logits, params, [None] * len(params))
-    finally:
-        triton_sampling.serves = serves
-    return fused, eager
+    u = torch.rand(logits.shape[0], device=logits.device, generator=torch.Generator("cuda").manual_seed(seed))
+    return batching._triton_draw(logits, settings, u), batching._pytorch_draw(logits, settings, u)
 
 
 @pytest.mark.parametrize("rows", [1, 3, 16])
@@ -66,6 +57,18 @@ def test_equal_maxima_and_the_last_partial_chunk_pick_as_argmax_does():
     params = [SamplingParams(greedy=True), SamplingParams(top_k=1), SamplingParams(greedy=True), SamplingParams(top_k=1)]
     fused, _ = _both(logits, params, seed=0)
     assert fused.tolist() == logits.argmax(-1).tolist() == [VOCAB - 1, 12, 0, 31744]
+
+
+def test_the_start_up_check_passes_and_switches_a_broken_sampler_off(monkeypatch, caplog):
+    assert batching.check_triton_sampling(torch.device("cuda"), VOCAB)["triton_sampling"] is True
+    monkeypatch.setattr(triton_sampling, "draw", lambda logits, *_: logits.argmin(-1))  # wrong tokens
+    try:
+        info = batching.check_triton_sampling(torch.device("cuda"), VOCAB)
+        assert info["triton_sampling"] is False and "rows" in info["triton_sampling_error"]
+        assert not triton_sampling.serves(torch.device("cuda"), VOCAB, 50)
+        assert "Triton sampling switched off" in caplog.text
+    finally:
+        triton_sampling.switch_off(None)
 
 
 def test_sample_tokens_on_the_gpu_keeps_hfs_distribution():
