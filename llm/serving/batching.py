@@ -245,8 +245,8 @@ def check_triton_sampling(device: torch.device, vocab: int) -> dict:
     generator = torch.Generator(device=device).manual_seed(0)
     logits = torch.randn(_CHECK_ROWS, vocab, device=device, generator=generator) * 3
     u = torch.rand(_CHECK_ROWS, device=device, generator=generator)
-    kinds = (SamplingParams(), SamplingParams(greedy=True), SamplingParams(top_k=1))
-    params = tuple(kinds[row % 8 // 6 + row % 8 // 7] for row in range(_CHECK_ROWS))  # 6 sampled, 1, 1
+    kinds = [SamplingParams()] * 6 + [SamplingParams(greedy=True), SamplingParams(top_k=1)]
+    params = tuple(kinds[row % len(kinds)] for row in range(_CHECK_ROWS))
     settings = _param_tensors(params, vocab, device)
     try:
         same = (_triton_draw(logits, settings, u) == _pytorch_draw(logits, settings, u)).float().mean().item()
