@@ -244,29 +244,19 @@ def mean_ms(run, repeats: int, warmup: int = 1) -> float:  # noqa: ANN001
     return round((time.perf_counter() - start) / repeats * 1000, 3)
 
 
-@contextlib.contextmanager
-def pytorch_sampler() -> Iterator:
-    """`sample_tokens` on PyTorch's kernels instead of the two Triton launches (a before/after)."""
-    from llm.serving import triton_sampling
-
-    triton_sampling.switch_off("bench: PyTorch's sampler")
-    try:
-        yield
-    finally:
-        triton_sampling.switch_off(None)
-
-
 def sampler_gpu_us(vocab: int, calls: int = 200) -> dict:
     """GPU microseconds of one `sample_tokens` call (the seed's settings) at 1 and 16 rows, Triton and
     PyTorch: the calls are queued behind a sleeping kernel, so the host's launch time is not counted."""
+    from llm.serving import triton_sampling
     from llm.serving.batching import sample_tokens
 
-    out = {}
+    out: dict = {"triton_serves": triton_sampling.serves(torch.device("cuda"), vocab, 50)}
     for rows in (1, 16):
         logits = torch.randn(rows, vocab, device="cuda") * 3
         params, generators = [SamplingParams()] * rows, [None] * rows
-        for label, context in (("triton", contextlib.nullcontext), ("pytorch", pytorch_sampler)):
-            with context():
+        for label, context in (("triton", contextlib.nullcontext()),
+                               ("pytorch", triton_sampling.pytorch_sampling("bench: PyTorch's sampler timed"))):
+            with context:
                 for _ in range(3):
                     sample_tokens(logits, params, generators)
                 sync()
@@ -603,7 +593,9 @@ def bench_batching_engine(name: str, build, tokenizer, args, reference_logits, k
             engine, short, args.single_tokens if name in ("fast", "nf4") else args.low_tokens
         )
         if name in ("fast", "nf4"):  # the same stream with PyTorch's sampling kernels, same call
-            with pytorch_sampler():
+            from llm.serving import triton_sampling
+
+            with triton_sampling.pytorch_sampling("bench: the same stream with PyTorch's sampler"):
                 case["single_pytorch_sampler"] = single_stream(engine, short, args.single_tokens)
             case["sampler_gpu_us"] = sampler_gpu_us(step_model.decoder.config.vocab_size)
         try:

@@ -477,3 +477,18 @@ def test_the_start_up_check_switches_a_wrong_triton_sampler_off(_triton_sampler_
     assert info["triton_sampling"] is False and "of 256 rows" in info["triton_sampling_error"]
     assert "Triton sampling switched off, PyTorch's sampler instead" in caplog.text
     assert _triton_sampler_on_the_cpu._switched_off is not None
+
+
+def test_a_before_after_with_pytorchs_sampler_leaves_the_triton_paths_state_as_it_was():
+    from llm.serving import triton_sampling
+
+    with triton_sampling.pytorch_sampling("bench"):
+        assert triton_sampling._switched_off == "bench"
+    assert triton_sampling._switched_off is None
+    triton_sampling.switch_off("the start-up check failed")
+    try:
+        with triton_sampling.pytorch_sampling("bench"):
+            pass
+        assert triton_sampling._switched_off == "the start-up check failed"  # not switched back on
+    finally:
+        triton_sampling.switch_off(None)

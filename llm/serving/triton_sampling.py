@@ -25,6 +25,9 @@ way: the distribution is the same.
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
+
 import torch
 
 try:  # Triton ships with CUDA builds of PyTorch only.
@@ -50,6 +53,19 @@ def switch_off(reason: str | None) -> None:
     """PyTorch's sampler from now on, for `reason`; None serves this path again."""
     global _switched_off
     _switched_off = reason
+
+
+@contextlib.contextmanager
+def pytorch_sampling(reason: str) -> Iterator[None]:
+    """PyTorch's sampler inside the block (a before/after in one process); after it, this path's state
+    as it was before (a start-up check that switched it off stays in force)."""
+    global _switched_off
+    before = _switched_off
+    _switched_off = before or reason
+    try:
+        yield
+    finally:
+        _switched_off = before
 
 
 def serves(device: torch.device, vocab: int, top_k: int) -> bool:
