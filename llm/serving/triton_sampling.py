@@ -94,12 +94,13 @@ def draw(
     chunk: int = CHUNK,
     candidates: int = CANDIDATES,
 ) -> torch.Tensor:
-    """One token id (int64) per row of float32 `logits` [n, V]. Per row: `temperature` and `top_p`
+    """One token id (int64) per row of `logits` [n, V] (float32). Per row: `temperature` and `top_p`
     (float32), `top_k` (int32, 1..`candidates` for sampled rows), `greedy` (bool) and `u` (a
     uniform in [0, 1), float32). `chunk` and `candidates` (powers of two) are smaller only where
     Triton's interpreter runs this on the CPU."""
     n, vocab = logits.shape
-    assert logits.stride(1) == 1 and logits.dtype == torch.float32
+    if logits.dtype != torch.float32 or logits.stride(1) != 1:  # as PyTorch's sampler: float32 arithmetic
+        logits = logits.float().contiguous()
     chunks = _chunks(vocab, chunk)
     keys = torch.empty((n, chunks * candidates), dtype=torch.int64, device=logits.device)
     tokens = torch.empty(n, dtype=torch.int64, device=logits.device)
