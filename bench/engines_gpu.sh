@@ -18,10 +18,13 @@
 #       code path, `nf4` and `fast` by default, same prompts, ratios printed (~4 minutes; options such as
 #       --xtab-layouts 16x1,8x1 go to bench_engines.py)
 #       -> $OUT/engines.log, $OUT/r.tgz (the results JSON, the chart and the profiles)
+#   bash bench/engines_gpu.sh tests-then-bench COMMIT CASES [PYTEST ARGS]  `tests` with PYTEST ARGS (e.g. -k to
+#       pick the tests of what changed), then, only if they pass, `bench COMMIT CASES`: a session's usual call
+#       -> $OUT/gpu-tests.txt, $OUT/engines.log, $OUT/r.tgz
 set -uo pipefail
 if [[ "${1:-}" != tests && "${1:-}" != bench && "${1:-}" != kernels && "${1:-}" != splits && "${1:-}" != timeline
-      && "${1:-}" != prompts ]]; then
-    echo "usage: bash bench/engines_gpu.sh tests [PYTEST ARGS] | kernels | splits | timeline [LAYOUTS] | prompts | bench COMMIT [CASES [OPTIONS]]"
+      && "${1:-}" != prompts && "${1:-}" != tests-then-bench ]]; then
+    echo "usage: bash bench/engines_gpu.sh tests [PYTEST ARGS] | kernels | splits | timeline [LAYOUTS] | prompts | bench COMMIT [CASES [OPTIONS]] | tests-then-bench COMMIT CASES [PYTEST ARGS]"
     exit 2
 fi
 out=${OUT:-.}
@@ -59,6 +62,22 @@ case "${1:-}" in
         tail -n 3 "$out/prompts-tests.txt"
         python3 bench/nf4_kernels.py --prompts 32,288 > "$out/prompts-timings.jsonl" 2>&1
         cut -c1-600 "$out/prompts-timings.jsonl"
+        ;;
+    tests-then-bench)
+        commit=${2:?usage: bash bench/engines_gpu.sh tests-then-bench COMMIT CASES [PYTEST ARGS]}
+        cases=${3:?usage: bash bench/engines_gpu.sh tests-then-bench COMMIT CASES [PYTEST ARGS]}
+        shift 3
+        python3 -m pytest tests/gpu -q -p no:cacheprovider "$@" > "$out/gpu-tests.txt" 2>&1
+        status=$?
+        tail -n 3 "$out/gpu-tests.txt"
+        if [[ $status != 0 ]]; then
+            echo "tests failed (exit $status): no bench; see gpu-tests.txt"
+            exit $status
+        fi
+        python3 bench/bench_engines.py --commit "$commit" --tokenizer-file .tok/tokenizer.model.v1 \
+            --cases "$cases" --out /tmp/r > "$out/engines.log" 2>&1
+        tail -n 6 "$out/engines.log"
+        tar czf "$out/r.tgz" -C /tmp r
         ;;
     bench)
         commit=${2:?usage: bash bench/engines_gpu.sh bench COMMIT [CASES [OPTIONS]]}
