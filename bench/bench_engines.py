@@ -294,6 +294,7 @@ def graph_step_times(engine) -> dict:  # noqa: ANN001
     out.update(matmul_floor(decoder))
     if programmatic_launch.enabled(decoder.device):
         out.update(serial_step_times(decoder, graphs))
+    out["whatif"] = step_whatifs(decoder, graphs)
     plan, fused = decoder.gemm_plan, decoder.fused_rope_kv
     if (plan is not None or fused) and not decoder.paged:  # run 6's same-run cuBLAS baseline
         # Before/after in the same process: the same step with cuBLAS + PyTorch rope/KV writes.
@@ -347,6 +348,58 @@ def serial_step_times(decoder, graphs) -> dict:  # noqa: ANN001
                 out[f"serial_b{n}_kv{kv}_ms"] = _time_decode_ms(base, [1] * n, [kv - 1] * n)
             finally:
                 _clear_profile_tables(decoder, n)
+    return out
+
+
+# What one decode step would take without a piece (its output replaced by its input): an upper bound
+# on what fusing that piece away could save, with the step's launch order and overlaps as served.
+STEP_WHATIFS = ("served", "no_rope_kv_write", "no_attention", "no_rope_kv_write_no_attention", "no_o")
+
+
+@contextlib.contextmanager
+def _step_without(decoder, name: str) -> Iterator:  # noqa: ANN001
+    from llm.serving import triton_kernels
+
+    q_size = decoder.config.num_heads * decoder.config.head_dim
+    patches = []
+    if "no_rope_kv_write" in name:  # q unrotated, the new k/v not written (a copy only at >1 row)
+        patches.append((triton_kernels, "rope_kv_write_paged", lambda qkv, *_, **__: qkv[:, :q_size].contiguous()))
+    if "no_attention" in name:  # attention and its reduce: the output is q
+        patches.append((triton_kernels, "paged_decode_attention", lambda q, *_, **__: q))
+    if name == "no_o":
+        patches.append((type(decoder.layers[0]), "o", lambda _layer, x: x))
+    saved = [(owner, attribute, getattr(owner, attribute)) for owner, attribute, _ in patches]
+    for owner, attribute, replacement in patches:
+        setattr(owner, attribute, replacement)
+    try:
+        yield
+    finally:
+        for owner, attribute, original in saved:
+            setattr(owner, attribute, original)
+
+
+def step_whatifs(decoder, graphs) -> dict:  # noqa: ANN001
+    """Profile: the 1- and 16-row steps at a 256-token KV, captured afresh without each piece of
+    `STEP_WHATIFS` (same process, same weights; "served" captured the same way), ms."""
+    from llm.serving.mistral_decoder import DecodeGraphs
+
+    out: dict = {}
+    if not (decoder.paged and decoder.reads_real_lengths and graphs.use_graphs):
+        return out  # the paged Triton attention in CUDA graphs: the serving configuration
+    rows = sorted({1, graphs.max_batch})
+    for name in STEP_WHATIFS:
+        with _step_without(decoder, name):
+            variant = DecodeGraphs(decoder, batch_buckets=rows, kv_buckets=[256, graphs.max_seq_len])
+            variant.capture()
+        try:
+            for n in rows:
+                _profile_tables(decoder, n, 256)
+                try:
+                    out[f"{name}_b{n}_kv256_ms"] = _time_decode_ms(variant, [1] * n, [255] * n)
+                finally:
+                    _clear_profile_tables(decoder, n)
+        finally:
+            variant._graphs.clear()  # not close(): that would free the shared decoder
     return out
 
 
