@@ -352,16 +352,20 @@ def serial_step_times(decoder, graphs) -> dict:  # noqa: ANN001
 
 
 # What one decode step would take without a piece (its output replaced by its input): an upper bound
-# on what fusing that piece away could save, with the step's launch order and overlaps as served.
-STEP_WHATIFS = ("served", "no_rope_kv_write", "no_attention", "no_rope_kv_write_no_attention", "no_o")
+# on what fusing that piece away could save, with the step's launch order and overlaps as served. And
+# with the rope + KV write inside the attention launch (run 40's `paged_rope_attention`, not served).
+STEP_WHATIFS = ("served", "no_rope_kv_write", "no_attention", "no_rope_kv_write_no_attention", "no_o",
+                "rope_in_attention")
 
 
 @contextlib.contextmanager
-def _step_without(decoder, name: str) -> Iterator:  # noqa: ANN001
+def _step_variant(decoder, name: str) -> Iterator:  # noqa: ANN001
     from llm.serving import triton_kernels
 
     q_size = decoder.config.num_heads * decoder.config.head_dim
     patches = []
+    if name == "rope_in_attention":
+        patches.append((decoder, "rope_in_attention", True))
     if "no_rope_kv_write" in name:  # q unrotated, the new k/v not written (a copy only at >1 row)
         patches.append((triton_kernels, "rope_kv_write_paged", lambda qkv, *_, **__: qkv[:, :q_size].contiguous()))
     if "no_attention" in name:  # attention and its reduce: the output is q
@@ -379,8 +383,8 @@ def _step_without(decoder, name: str) -> Iterator:  # noqa: ANN001
 
 
 def step_whatifs(decoder, graphs) -> dict:  # noqa: ANN001
-    """Profile: the 1- and 16-row steps at a 256-token KV, captured afresh without each piece of
-    `STEP_WHATIFS` (same process, same weights; "served" captured the same way), ms."""
+    """Profile: the 1- and 16-row steps at a 256-token KV, captured afresh for each of `STEP_WHATIFS`
+    (same process, same weights; "served" captured the same way), ms."""
     from llm.serving.mistral_decoder import DecodeGraphs
 
     out: dict = {}
@@ -388,7 +392,7 @@ def step_whatifs(decoder, graphs) -> dict:  # noqa: ANN001
         return out  # the paged Triton attention in CUDA graphs: the serving configuration
     rows = sorted({1, graphs.max_batch})
     for name in STEP_WHATIFS:
-        with _step_without(decoder, name):
+        with _step_variant(decoder, name):
             variant = DecodeGraphs(decoder, batch_buckets=rows, kv_buckets=[256, graphs.max_seq_len])
             variant.capture()
         try:

@@ -375,6 +375,47 @@ if _HAVE_TRITON:
         tl.store(dst + HALF + d, o2.to(q_ptr.dtype.element_ty))
 
     @triton.jit
+    def _attend_pages(q, k_pool_ptr, v_pool_ptr, table_ptr, row, kvh, first, last, length, scale,
+                      stride_tab, stride_pb, stride_ph, stride_pt,
+                      GROUP_PAD: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_SIZE: tl.constexpr):
+        """q's GROUP_PAD rows (bf16 [GROUP_PAD, D]) against pages [first, last) of the row, stopping at
+        its real length: online softmax in float32, (acc, max, sum)."""
+        d = tl.arange(0, HEAD_DIM)
+        t = tl.arange(0, BLOCK_SIZE)
+        m = tl.full([GROUP_PAD], float("-inf"), tl.float32)
+        s_sum = tl.zeros([GROUP_PAD], tl.float32)
+        acc = tl.zeros([GROUP_PAD, HEAD_DIM], tl.float32)
+        tile = t[:, None] * stride_pt + d[None, :]
+        for page in range(first, last):
+            block = tl.load(table_ptr + row * stride_tab + page).to(tl.int64)
+            base = block * stride_pb + kvh * stride_ph
+            valid = (page * BLOCK_SIZE + t) < length
+            # Positions past the row's length in its last block hold stale data: never load them
+            # (0 * a stale NaN in P @ V would poison the row).
+            k = tl.load(k_pool_ptr + base + tile, mask=valid[:, None], other=0.0)
+            v = tl.load(v_pool_ptr + base + tile, mask=valid[:, None], other=0.0)
+            s = tl.dot(q, tl.trans(k)) * scale  # [GROUP_PAD, BLOCK_SIZE] float32
+            s = tl.where(valid[None, :], s, float("-inf"))
+            m_new = tl.maximum(m, tl.max(s, 1))  # finite: every visited page holds >= 1 token
+            alpha = tl.exp(m - m_new)
+            p = tl.exp(s - m_new[:, None])
+            s_sum = s_sum * alpha + tl.sum(p, 1)
+            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+            m = m_new
+        return acc, m, s_sum
+
+    @triton.jit
+    def _store_split(acc_ptr, ml_ptr, acc, m, s_sum, row, kvh, split, NUM_KV: tl.constexpr, GROUP: tl.constexpr,
+                     GROUP_PAD: tl.constexpr, HEAD_DIM: tl.constexpr, SPLITS: tl.constexpr):
+        g = tl.arange(0, GROUP_PAD)
+        d = tl.arange(0, HEAD_DIM)
+        g_mask = g < GROUP
+        base_out = ((row * NUM_KV + kvh) * SPLITS + split) * GROUP
+        tl.store(acc_ptr + (base_out + g[:, None]) * HEAD_DIM + d[None, :], acc, mask=g_mask[:, None])
+        tl.store(ml_ptr + (base_out + g) * 2, m, mask=g_mask)
+        tl.store(ml_ptr + (base_out + g) * 2 + 1, s_sum, mask=g_mask)
+
+    @triton.jit
     def _paged_attn_kernel(
         q_ptr, k_pool_ptr, v_pool_ptr, table_ptr, pos_ptr, acc_ptr, ml_ptr, scale,
         stride_tab, stride_pb, stride_ph, stride_pt,
@@ -396,34 +437,63 @@ if _HAVE_TRITON:
         last = tl.minimum(first + PAGES_PER_SPLIT, n_pages)
         g = tl.arange(0, GROUP_PAD)
         d = tl.arange(0, HEAD_DIM)
-        t = tl.arange(0, BLOCK_SIZE)
-        g_mask = g < GROUP
         q_rows = q_ptr + (row * NUM_KV * GROUP + kvh * GROUP + g[:, None]) * HEAD_DIM + d[None, :]
-        q = tl.load(q_rows, mask=g_mask[:, None], other=0.0)  # [GROUP_PAD, D]: tl.dot needs >= 16 rows
-        m = tl.full([GROUP_PAD], float("-inf"), tl.float32)
-        s_sum = tl.zeros([GROUP_PAD], tl.float32)
-        acc = tl.zeros([GROUP_PAD, HEAD_DIM], tl.float32)
-        tile = t[:, None] * stride_pt + d[None, :]
-        for page in range(first, last):
-            block = tl.load(table_ptr + row * stride_tab + page).to(tl.int64)
-            base = block * stride_pb + kvh * stride_ph
-            valid = (page * BLOCK_SIZE + t) < length
-            # Positions past the row's length in its last block hold stale data: never load them
-            # (0 * a stale NaN in P @ V would poison the row).
-            k = tl.load(k_pool_ptr + base + tile, mask=valid[:, None], other=0.0)
-            v = tl.load(v_pool_ptr + base + tile, mask=valid[:, None], other=0.0)
-            s = tl.dot(q, tl.trans(k)) * scale  # [GROUP_PAD, BLOCK_SIZE] float32
-            s = tl.where(valid[None, :], s, float("-inf"))
-            m_new = tl.maximum(m, tl.max(s, 1))  # finite: every visited page holds >= 1 token
-            alpha = tl.exp(m - m_new)
-            p = tl.exp(s - m_new[:, None])
-            s_sum = s_sum * alpha + tl.sum(p, 1)
-            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
-            m = m_new
-        base_out = ((row * NUM_KV + kvh) * SPLITS + split) * GROUP
-        tl.store(acc_ptr + (base_out + g[:, None]) * HEAD_DIM + d[None, :], acc, mask=g_mask[:, None])
-        tl.store(ml_ptr + (base_out + g) * 2, m, mask=g_mask)
-        tl.store(ml_ptr + (base_out + g) * 2 + 1, s_sum, mask=g_mask)
+        q = tl.load(q_rows, mask=(g < GROUP)[:, None], other=0.0)  # [GROUP_PAD, D]: tl.dot needs >= 16 rows
+        acc, m, s_sum = _attend_pages(q, k_pool_ptr, v_pool_ptr, table_ptr, row, kvh, first, last, length, scale,
+                                      stride_tab, stride_pb, stride_ph, stride_pt, GROUP_PAD, HEAD_DIM, BLOCK_SIZE)
+        _store_split(acc_ptr, ml_ptr, acc, m, s_sum, row, kvh, split, NUM_KV, GROUP, GROUP_PAD, HEAD_DIM, SPLITS)
+
+    @triton.jit
+    def _paged_rope_attn_kernel(
+        qkv_ptr, cos_ptr, sin_ptr, k_pool_ptr, v_pool_ptr, table_ptr, pos_ptr, acc_ptr, ml_ptr, scale,
+        stride_qkv, stride_tab, stride_pb, stride_ph, stride_pt,
+        NUM_HEADS: tl.constexpr, NUM_KV: tl.constexpr, GROUP: tl.constexpr, GROUP_PAD: tl.constexpr,
+        HEAD_DIM: tl.constexpr, BLOCK_SIZE: tl.constexpr, PAGES_PER_SPLIT: tl.constexpr, SPLITS: tl.constexpr,
+        GDC: tl.constexpr,
+    ):
+        # _paged_attn_kernel reading q/k/v's output itself, with _rope_kv_paged_kernel's arithmetic:
+        # it rotates its GROUP q heads, and the split that holds the row's new position first
+        # rotates that position's k and writes k and v to the pool (the same bits as the rope kernel).
+        after_previous_kernels(GDC)
+        row = tl.program_id(0)
+        kvh = tl.program_id(1)
+        split = tl.program_id(2)
+        pos = tl.load(pos_ptr + row)
+        length = pos.to(tl.int32) + 1
+        n_pages = tl.cdiv(length, BLOCK_SIZE)
+        first = split * PAGES_PER_SPLIT
+        if first >= n_pages:
+            return
+        last = tl.minimum(first + PAGES_PER_SPLIT, n_pages)
+        HALF: tl.constexpr = HEAD_DIM // 2
+        h = tl.arange(0, HALF)
+        src = qkv_ptr + row * stride_qkv
+        if last == n_pages:  # the new position is in this split's last page
+            k1, k2 = _rotated_head(src + (NUM_HEADS + kvh) * HEAD_DIM, cos_ptr, sin_ptr, pos, h, True, HEAD_DIM)
+            v1, v2 = _rotated_head(src + (NUM_HEADS + NUM_KV + kvh) * HEAD_DIM, cos_ptr, sin_ptr, pos, h, False,
+                                   HEAD_DIM)
+            block = tl.load(table_ptr + row * stride_tab + pos // BLOCK_SIZE).to(tl.int64)
+            slot = block * stride_pb + kvh * stride_ph + (pos % BLOCK_SIZE) * stride_pt
+            tl.store(k_pool_ptr + slot + h, k1.to(k_pool_ptr.dtype.element_ty))
+            tl.store(k_pool_ptr + slot + HALF + h, k2.to(k_pool_ptr.dtype.element_ty))
+            tl.store(v_pool_ptr + slot + h, v1.to(v_pool_ptr.dtype.element_ty))
+            tl.store(v_pool_ptr + slot + HALF + h, v2.to(v_pool_ptr.dtype.element_ty))
+            tl.debug_barrier()  # the block's threads read them back below
+        g = tl.arange(0, GROUP_PAD)
+        g_mask = (g < GROUP)[:, None]
+        q_src = src + (kvh * GROUP + g[:, None]) * HEAD_DIM + h[None, :]
+        x1 = tl.load(q_src, mask=g_mask, other=0.0).to(tl.float32)
+        x2 = tl.load(q_src + HALF, mask=g_mask, other=0.0).to(tl.float32)
+        c1 = tl.load(cos_ptr + pos * HEAD_DIM + h).to(tl.float32)[None, :]
+        c2 = tl.load(cos_ptr + pos * HEAD_DIM + HALF + h).to(tl.float32)[None, :]
+        s1 = tl.load(sin_ptr + pos * HEAD_DIM + h).to(tl.float32)[None, :]
+        s2 = tl.load(sin_ptr + pos * HEAD_DIM + HALF + h).to(tl.float32)[None, :]
+        q1 = (_bf16(x1 * c1) - _bf16(x2 * s1)).to(qkv_ptr.dtype.element_ty)  # as _rotated_head, then stored
+        q2 = (_bf16(x2 * c2) + _bf16(x1 * s2)).to(qkv_ptr.dtype.element_ty)
+        q = tl.reshape(tl.permute(tl.join(q1, q2), (0, 2, 1)), (GROUP_PAD, HEAD_DIM))  # the halves side by side
+        acc, m, s_sum = _attend_pages(q, k_pool_ptr, v_pool_ptr, table_ptr, row, kvh, first, last, length, scale,
+                                      stride_tab, stride_pb, stride_ph, stride_pt, GROUP_PAD, HEAD_DIM, BLOCK_SIZE)
+        _store_split(acc_ptr, ml_ptr, acc, m, s_sum, row, kvh, split, NUM_KV, GROUP, GROUP_PAD, HEAD_DIM, SPLITS)
 
     @triton.jit
     def _paged_reduce_kernel(
@@ -500,27 +570,97 @@ def paged_decode_attention(
     """One decode token per row against its paged KV: q [n, H*D] (GQA: H = K * group), pool
     [blocks, K, block_size, D], table [n, max_blocks] int32, positions [n] (the row attends to
     positions 0..pos). Reads only the row's own pages; float32 softmax. Returns [n, H*D]."""
-    n = q.shape[0]
-    _, num_kv, block_size, head_dim = k_pool.shape
-    group = num_heads // num_kv
-    max_blocks = table.shape[1]
-    split_pages = split_pages or PAGES_PER_SPLIT
-    splits = triton.cdiv(max_blocks, split_pages)
-    acc = torch.empty((n, num_kv, splits, group, head_dim), dtype=torch.float32, device=q.device)
-    ml = torch.empty((n, num_kv, splits, group, 2), dtype=torch.float32, device=q.device)
-    out = torch.empty((n, num_heads * head_dim), dtype=q.dtype, device=q.device)
-    assert q.is_contiguous() and k_pool.stride() == v_pool.stride() and k_pool.stride(3) == 1
-    _paged_attn_kernel[(n, num_kv, splits)](
+    assert q.is_contiguous() and k_pool.stride() == v_pool.stride()
+    geometry = _SplitGeometry.of(q.shape[0], k_pool, table, num_heads, split_pages)
+    acc, ml = geometry.buffers(q.device)
+    _paged_attn_kernel[geometry.grid](
         q, k_pool, v_pool, table, positions, acc, ml, scale,
         table.stride(0), k_pool.stride(0), k_pool.stride(1), k_pool.stride(2),
-        NUM_KV=num_kv, GROUP=group, GROUP_PAD=max(16, triton.next_power_of_2(group)), HEAD_DIM=head_dim,
-        BLOCK_SIZE=block_size, PAGES_PER_SPLIT=split_pages, SPLITS=splits, num_warps=4, num_stages=2,
-        **programmatic_options(q.device),
+        NUM_KV=geometry.num_kv, GROUP=geometry.group, GROUP_PAD=geometry.group_pad, HEAD_DIM=geometry.head_dim,
+        BLOCK_SIZE=geometry.block_size, PAGES_PER_SPLIT=geometry.split_pages, SPLITS=geometry.splits,
+        num_warps=4, num_stages=2, **programmatic_options(q.device),
     )
-    _paged_reduce_kernel[(n, num_heads)](
-        acc, ml, positions, out,
-        NUM_KV=num_kv, GROUP=group, HEAD_DIM=head_dim, BLOCK_SIZE=block_size,
-        PAGES_PER_SPLIT=split_pages, SPLITS=splits, SPLITS_PAD=triton.next_power_of_2(splits), num_warps=1,
-        **programmatic_options(q.device),
+    return geometry.reduce(acc, ml, positions, q.dtype)
+
+
+def paged_rope_attention(
+    qkv: torch.Tensor,
+    cos: torch.Tensor,
+    sin: torch.Tensor,
+    positions: torch.Tensor,
+    table: torch.Tensor,
+    k_pool: torch.Tensor,
+    v_pool: torch.Tensor,
+    scale: float,
+    num_heads: int,
+    num_kv_heads: int,
+    head_dim: int,
+    split_pages: int | None = None,
+) -> torch.Tensor:
+    """`rope_kv_write_paged` then `paged_decode_attention`, in two launches instead of three: the
+    attention programs rotate their q heads themselves, and the one whose pages hold a row's new
+    position writes its rotated k and its v to the pool before reading them. The same pool, the same
+    output bits. Not served yet (`MistralDecoder.rope_in_attention`): bench_engines times it."""
+    assert qkv.stride(1) == 1 and cos.is_contiguous() and sin.is_contiguous() and table.stride(1) == 1
+    assert k_pool.stride() == v_pool.stride()
+    geometry = _SplitGeometry.of(qkv.shape[0], k_pool, table, num_heads, split_pages)
+    assert geometry.num_kv == num_kv_heads and geometry.head_dim == head_dim
+    acc, ml = geometry.buffers(qkv.device)
+    _paged_rope_attn_kernel[geometry.grid](
+        qkv, cos, sin, k_pool, v_pool, table, positions, acc, ml, scale,
+        qkv.stride(0), table.stride(0), k_pool.stride(0), k_pool.stride(1), k_pool.stride(2),
+        NUM_HEADS=num_heads, NUM_KV=num_kv_heads, GROUP=geometry.group, GROUP_PAD=geometry.group_pad,
+        HEAD_DIM=head_dim, BLOCK_SIZE=geometry.block_size, PAGES_PER_SPLIT=geometry.split_pages,
+        SPLITS=geometry.splits, num_warps=4, num_stages=2, **programmatic_options(qkv.device),
     )
-    return out
+    return geometry.reduce(acc, ml, positions, qkv.dtype)
+
+
+@dataclass(frozen=True)
+class _SplitGeometry:
+    """How a paged decode attention splits each row's pages across programs."""
+
+    rows: int
+    num_heads: int
+    num_kv: int
+    block_size: int
+    head_dim: int
+    split_pages: int
+    splits: int
+
+    @classmethod
+    def of(cls, rows: int, k_pool: torch.Tensor, table: torch.Tensor, num_heads: int,
+           split_pages: int | None) -> _SplitGeometry:
+        _, num_kv, block_size, head_dim = k_pool.shape
+        assert k_pool.stride(3) == 1
+        split_pages = split_pages or PAGES_PER_SPLIT
+        return cls(rows, num_heads, num_kv, block_size, head_dim, split_pages, triton.cdiv(table.shape[1], split_pages))
+
+    @property
+    def group(self) -> int:
+        return self.num_heads // self.num_kv
+
+    @property
+    def group_pad(self) -> int:
+        return max(16, triton.next_power_of_2(self.group))  # tl.dot needs >= 16 rows
+
+    @property
+    def grid(self) -> tuple[int, int, int]:
+        return (self.rows, self.num_kv, self.splits)
+
+    def buffers(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        """Each split's partial (acc, (max, sum)), float32."""
+        shape = (self.rows, self.num_kv, self.splits, self.group)
+        return (torch.empty((*shape, self.head_dim), dtype=torch.float32, device=device),
+                torch.empty((*shape, 2), dtype=torch.float32, device=device))
+
+    def reduce(self, acc: torch.Tensor, ml: torch.Tensor, positions: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        """The splits that hold tokens, combined per head: [rows, H*D]."""
+        out = torch.empty((self.rows, self.num_heads * self.head_dim), dtype=dtype, device=acc.device)
+        _paged_reduce_kernel[(self.rows, self.num_heads)](
+            acc, ml, positions, out,
+            NUM_KV=self.num_kv, GROUP=self.group, HEAD_DIM=self.head_dim, BLOCK_SIZE=self.block_size,
+            PAGES_PER_SPLIT=self.split_pages, SPLITS=self.splits, SPLITS_PAD=triton.next_power_of_2(self.splits),
+            num_warps=1, **programmatic_options(acc.device),
+        )
+        return out
