@@ -1,0 +1,68 @@
+"""Compile Triton kernels for an H100/H200 (sm_90) on a machine without a GPU, with the installed
+Triton's own compiler and ptxas: a kernel that cannot compile (an unsupported op, a shape or layout
+Triton rejects) shows here before a device call is spent on it. Prints JSON, one line per kernel, and
+exits 1 if any failed.
+
+    python bench/triton_compile_check.py
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import triton  # noqa: E402
+from triton.backends.compiler import GPUTarget  # noqa: E402
+from triton.compiler import ASTSource  # noqa: E402
+
+from llm.serving import triton_kernels, triton_sampling  # noqa: E402
+
+TARGET = GPUTarget("cuda", 90, 32)
+
+_ATTENTION = {"k_pool_ptr": "*bf16", "v_pool_ptr": "*bf16", "table_ptr": "*i32", "pos_ptr": "*i64",
+              "acc_ptr": "*fp32", "ml_ptr": "*fp32", "scale": "fp32", "stride_tab": "i32", "stride_pb": "i32",
+              "stride_ph": "i32", "stride_pt": "i32"}
+_ATTENTION_SHAPE = {"NUM_KV": 8, "GROUP": 4, "GROUP_PAD": 16, "HEAD_DIM": 128, "BLOCK_SIZE": 32,
+                    "PAGES_PER_SPLIT": 2, "SPLITS": 32, "GDC": True}
+
+# (kernel, argument types, constexpr values, launch options): the served 7B shapes
+KERNELS = [
+    (triton_sampling._chunk_candidates_kernel,
+     {"logits_ptr": "*fp32", "keys_ptr": "*i64", "row_stride": "i32", "vocab": "i32"},
+     {"CHUNK": triton_sampling.CHUNK, "CANDIDATES": triton_sampling.CANDIDATES}, {"num_warps": 4}),
+    (triton_sampling._draw_kernel,
+     {"keys_ptr": "*i64", "temperature_ptr": "*fp32", "top_p_ptr": "*fp32", "top_k_ptr": "*i32", "greedy_ptr": "*i1",
+      "u_ptr": "*fp32", "out_ptr": "*i64", "vocab": "i32"},
+     {"TOTAL": triton_sampling._chunks(32000) * triton_sampling.CANDIDATES}, {"num_warps": 4}),
+    (triton_kernels._paged_attn_kernel, {"q_ptr": "*bf16", **_ATTENTION}, _ATTENTION_SHAPE,
+     {"num_warps": 4, "num_stages": 2}),
+    (triton_kernels._paged_rope_attn_kernel,
+     {"qkv_ptr": "*bf16", "cos_ptr": "*bf16", "sin_ptr": "*bf16", **_ATTENTION, "stride_qkv": "i32"},
+     {"NUM_HEADS": 32, **_ATTENTION_SHAPE}, {"num_warps": 4, "num_stages": 2}),
+]
+
+
+def main() -> int:
+    failed = 0
+    for kernel, arguments, constants, options in KERNELS:
+        name = kernel.fn.__name__
+        signature = {name: arguments.get(name, "constexpr") for name in kernel.arg_names}
+        started = time.perf_counter()
+        try:
+            compiled = triton.compile(ASTSource(fn=kernel, signature=signature, constexprs=constants),
+                                      target=TARGET, options=options)
+            report = {"kernel": name, "ok": True, "shared_bytes": compiled.metadata.shared}
+        except Exception as error:  # noqa: BLE001 - reported, the exit status says it
+            failed += 1
+            report = {"kernel": name, "ok": False, "error": str(error).splitlines()[0][:300]}
+        report["seconds"] = round(time.perf_counter() - started, 1)
+        print(json.dumps(report), flush=True)
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
