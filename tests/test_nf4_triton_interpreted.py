@@ -7,18 +7,9 @@ hence one subprocess per check."""
 
 from __future__ import annotations
 
-import importlib.util
-import json
-import os
-import subprocess
-import sys
-from pathlib import Path
+from tests.triton_interpreter import needs_triton, run_interpreted
 
-import pytest
-
-pytestmark = pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="needs Triton's interpreter")
-
-ROOT = Path(__file__).resolve().parents[1]
+pytestmark = needs_triton
 
 LORA_A_CHECK = """
 import json, torch
@@ -87,16 +78,9 @@ print(json.dumps(report))
 """
 
 
-def _interpreted(script: str) -> dict:
-    env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": str(ROOT)}
-    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, cwd=ROOT,
-                            timeout=600)
-    assert result.returncode == 0, result.stderr[-3000:]
-    return json.loads(result.stdout.strip().splitlines()[-1])
-
 
 def test_the_lora_a_kernels_lay_out_x_and_sum_t_for_the_tensor_core_kernel():
-    report = _interpreted(LORA_A_CHECK)
+    report = run_interpreted(LORA_A_CHECK)
     for rows, case in report.items():
         assert case["xq_equal"], rows
         assert case["t_error"] < 1e-5, (rows, case)
@@ -106,7 +90,7 @@ def test_the_lora_a_kernels_lay_out_x_and_sum_t_for_the_tensor_core_kernel():
 
 
 def test_the_prompt_paths_lora_kernels_add_the_lora_as_peft_does():
-    report = _interpreted(PROMPT_CHECK)
+    report = run_interpreted(PROMPT_CHECK)
     lora_a = report.pop("lora_a")  # t = x @ A.T, three parts (96 columns, not a power of two), 70 rows
     assert lora_a["shape"] == [70, 96] and lora_a["dtype"] == "torch.float32", lora_a
     assert lora_a["error"] < 1e-5, lora_a

@@ -9,18 +9,9 @@ programs one after another, so it cannot show which program writes the new posit
 
 from __future__ import annotations
 
-import importlib.util
-import json
-import os
-import subprocess
-import sys
-from pathlib import Path
+from tests.triton_interpreter import needs_triton, run_interpreted
 
-import pytest
-
-pytestmark = pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="needs Triton's interpreter")
-
-ROOT = Path(__file__).resolve().parents[1]
+pytestmark = needs_triton
 
 CHECK = """
 import json, torch
@@ -89,16 +80,9 @@ print(json.dumps({
 """
 
 
-def _interpreted(script: str) -> dict:
-    env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": str(ROOT)}
-    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, cwd=ROOT,
-                            timeout=600)
-    assert result.returncode == 0, result.stderr[-3000:]
-    return json.loads(result.stdout.strip().splitlines()[-1])
-
 
 def test_rope_inside_the_paged_attention_launch_gives_the_served_pairs_pool_and_bits():
-    report = _interpreted(CHECK)
+    report = run_interpreted(CHECK)
     assert report["written"] == 4 * 2, report  # each row's new position, each KV head
     assert report["pool_equal"] and report["out_equal"], report
 
@@ -106,5 +90,5 @@ def test_rope_inside_the_paged_attention_launch_gives_the_served_pairs_pool_and_
 def test_the_decoder_with_rope_inside_the_attention_launch_gives_the_served_steps_logits():
     """`MistralDecoder.rope_in_attention` routes a paged decode step (the tiny model, two layers)
     through the fused launch: the same logits and KV pool, bit for bit."""
-    report = _interpreted(DECODER_CHECK)
+    report = run_interpreted(DECODER_CHECK)
     assert report == {"fused_launches": 2, "logits_equal": True, "pools_equal": True}, report

@@ -6,18 +6,9 @@ GPU's rounding: tests/gpu/test_triton_sampling.py."""
 
 from __future__ import annotations
 
-import importlib.util
-import json
-import os
-import subprocess
-import sys
-from pathlib import Path
+from tests.triton_interpreter import needs_triton, run_interpreted
 
-import pytest
-
-pytestmark = pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="needs Triton's interpreter")
-
-ROOT = Path(__file__).resolve().parents[1]
+pytestmark = needs_triton
 
 CHECK = """
 import json, torch
@@ -47,11 +38,7 @@ print(json.dumps({"got": got.tolist(), "expected": expected.tolist(), "argmax": 
 
 
 def test_the_triton_sampler_draws_pytorchs_tokens_and_argmaxs_picks():
-    env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": str(ROOT)}
-    result = subprocess.run([sys.executable, "-c", CHECK], capture_output=True, text=True, env=env, cwd=ROOT,
-                            timeout=600)
-    assert result.returncode == 0, result.stderr[-3000:]
-    report = json.loads(result.stdout.strip().splitlines()[-1])
+    report = run_interpreted(CHECK)
     assert report["got"][24:] == report["argmax"] and report["argmax"][:2] == [299, 10], report
     assert all(distinct > 1 for distinct in report["distinct"]), report  # the uniforms reach past rank 0
     assert report["got"] == report["expected"], report

@@ -405,8 +405,26 @@ if _HAVE_TRITON:
         return acc, m, s_sum
 
     @triton.jit
-    def _store_split(acc_ptr, ml_ptr, acc, m, s_sum, row, kvh, split, NUM_KV: tl.constexpr, GROUP: tl.constexpr,
-                     GROUP_PAD: tl.constexpr, HEAD_DIM: tl.constexpr, SPLITS: tl.constexpr):
+    def _program_pages(pos_ptr, BLOCK_SIZE: tl.constexpr, PAGES_PER_SPLIT: tl.constexpr):
+        """A split program's (row, KV head, split), its row's new position and length (position + 1), and
+        its pages [first, last) of the row (empty past the row's length)."""
+        row = tl.program_id(0)
+        kvh = tl.program_id(1)
+        split = tl.program_id(2)
+        pos = tl.load(pos_ptr + row)
+        length = pos.to(tl.int32) + 1
+        first = split * PAGES_PER_SPLIT
+        last = tl.minimum(first + PAGES_PER_SPLIT, tl.cdiv(length, BLOCK_SIZE))
+        return row, kvh, split, pos, length, first, last
+
+    @triton.jit
+    def _attend_and_store(q, k_pool_ptr, v_pool_ptr, table_ptr, acc_ptr, ml_ptr, row, kvh, split, first, last, length,
+                          scale, stride_tab, stride_pb, stride_ph, stride_pt, NUM_KV: tl.constexpr, GROUP: tl.constexpr,
+                          GROUP_PAD: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_SIZE: tl.constexpr,
+                          SPLITS: tl.constexpr):
+        """`_attend_pages`, then the split's partial (acc, max, sum) stored for the reduce kernel."""
+        acc, m, s_sum = _attend_pages(q, k_pool_ptr, v_pool_ptr, table_ptr, row, kvh, first, last, length, scale,
+                                      stride_tab, stride_pb, stride_ph, stride_pt, GROUP_PAD, HEAD_DIM, BLOCK_SIZE)
         g = tl.arange(0, GROUP_PAD)
         d = tl.arange(0, HEAD_DIM)
         g_mask = g < GROUP
@@ -426,22 +444,16 @@ if _HAVE_TRITON:
         # pages [split * PAGES_PER_SPLIT, ...) of the row, stopping at the row's real length
         # (position + 1). Online softmax in float32; partial (acc, max, sum) per split.
         after_previous_kernels(GDC)
-        row = tl.program_id(0)
-        kvh = tl.program_id(1)
-        split = tl.program_id(2)
-        length = tl.load(pos_ptr + row).to(tl.int32) + 1
-        n_pages = tl.cdiv(length, BLOCK_SIZE)
-        first = split * PAGES_PER_SPLIT
-        if first >= n_pages:
+        row, kvh, split, _, length, first, last = _program_pages(pos_ptr, BLOCK_SIZE, PAGES_PER_SPLIT)
+        if first >= last:
             return  # the reduce kernel only reads splits that hold tokens
-        last = tl.minimum(first + PAGES_PER_SPLIT, n_pages)
         g = tl.arange(0, GROUP_PAD)
         d = tl.arange(0, HEAD_DIM)
         q_rows = q_ptr + (row * NUM_KV * GROUP + kvh * GROUP + g[:, None]) * HEAD_DIM + d[None, :]
         q = tl.load(q_rows, mask=(g < GROUP)[:, None], other=0.0)  # [GROUP_PAD, D]: tl.dot needs >= 16 rows
-        acc, m, s_sum = _attend_pages(q, k_pool_ptr, v_pool_ptr, table_ptr, row, kvh, first, last, length, scale,
-                                      stride_tab, stride_pb, stride_ph, stride_pt, GROUP_PAD, HEAD_DIM, BLOCK_SIZE)
-        _store_split(acc_ptr, ml_ptr, acc, m, s_sum, row, kvh, split, NUM_KV, GROUP, GROUP_PAD, HEAD_DIM, SPLITS)
+        _attend_and_store(q, k_pool_ptr, v_pool_ptr, table_ptr, acc_ptr, ml_ptr, row, kvh, split, first, last, length,
+                          scale, stride_tab, stride_pb, stride_ph, stride_pt, NUM_KV, GROUP, GROUP_PAD, HEAD_DIM,
+                          BLOCK_SIZE, SPLITS)
 
     @triton.jit
     def _paged_rope_attn_kernel(
@@ -455,20 +467,13 @@ if _HAVE_TRITON:
         # it rotates its GROUP q heads, and the split that holds the row's new position first
         # rotates that position's k and writes k and v to the pool (the same bits as the rope kernel).
         after_previous_kernels(GDC)
-        row = tl.program_id(0)
-        kvh = tl.program_id(1)
-        split = tl.program_id(2)
-        pos = tl.load(pos_ptr + row)
-        length = pos.to(tl.int32) + 1
-        n_pages = tl.cdiv(length, BLOCK_SIZE)
-        first = split * PAGES_PER_SPLIT
-        if first >= n_pages:
+        row, kvh, split, pos, length, first, last = _program_pages(pos_ptr, BLOCK_SIZE, PAGES_PER_SPLIT)
+        if first >= last:
             return
-        last = tl.minimum(first + PAGES_PER_SPLIT, n_pages)
         HALF: tl.constexpr = HEAD_DIM // 2
         h = tl.arange(0, HALF)
         src = qkv_ptr + row * stride_qkv
-        if last == n_pages:  # the new position is in this split's last page
+        if last * BLOCK_SIZE >= length:  # the new position is in this split's last page
             k1, k2 = _rotated_head(src + (NUM_HEADS + kvh) * HEAD_DIM, cos_ptr, sin_ptr, pos, h, True, HEAD_DIM)
             v1, v2 = _rotated_head(src + (NUM_HEADS + NUM_KV + kvh) * HEAD_DIM, cos_ptr, sin_ptr, pos, h, False,
                                    HEAD_DIM)
@@ -491,9 +496,9 @@ if _HAVE_TRITON:
         q1 = (_bf16(x1 * c1) - _bf16(x2 * s1)).to(qkv_ptr.dtype.element_ty)  # as _rotated_head, then stored
         q2 = (_bf16(x2 * c2) + _bf16(x1 * s2)).to(qkv_ptr.dtype.element_ty)
         q = tl.reshape(tl.permute(tl.join(q1, q2), (0, 2, 1)), (GROUP_PAD, HEAD_DIM))  # the halves side by side
-        acc, m, s_sum = _attend_pages(q, k_pool_ptr, v_pool_ptr, table_ptr, row, kvh, first, last, length, scale,
-                                      stride_tab, stride_pb, stride_ph, stride_pt, GROUP_PAD, HEAD_DIM, BLOCK_SIZE)
-        _store_split(acc_ptr, ml_ptr, acc, m, s_sum, row, kvh, split, NUM_KV, GROUP, GROUP_PAD, HEAD_DIM, SPLITS)
+        _attend_and_store(q, k_pool_ptr, v_pool_ptr, table_ptr, acc_ptr, ml_ptr, row, kvh, split, first, last, length,
+                          scale, stride_tab, stride_pb, stride_ph, stride_pt, NUM_KV, GROUP, GROUP_PAD, HEAD_DIM,
+                          BLOCK_SIZE, SPLITS)
 
     @triton.jit
     def _paged_reduce_kernel(
