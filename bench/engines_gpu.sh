@@ -31,6 +31,13 @@ out=${OUT:-.}
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
     || { echo "cannot install the carried bitsandbytes wheel (.whl): see bench/NOTES.md, Reproduce"; exit 1; }
 export PYTHONPATH="/tmp/site:$PWD" PYTHONUNBUFFERED=1 FINBOT_TOKENIZER_FILE="$PWD/.tok/tokenizer.model.v1"
+# bench COMMIT CASES [OPTIONS]: bench_engines.py -> $out/engines.log, $out/r.tgz
+bench() {
+    python3 bench/bench_engines.py --commit "$1" --tokenizer-file .tok/tokenizer.model.v1 --cases "$2" --out /tmp/r \
+        "${@:3}" > "$out/engines.log" 2>&1
+    tail -n 6 "$out/engines.log"
+    tar czf "$out/r.tgz" -C /tmp r
+}
 case "${1:-}" in
     tests)
         shift
@@ -74,16 +81,9 @@ case "${1:-}" in
             echo "tests failed (exit $status): no bench; see gpu-tests.txt"
             exit $status
         fi
-        python3 bench/bench_engines.py --commit "$commit" --tokenizer-file .tok/tokenizer.model.v1 \
-            --cases "$cases" --out /tmp/r > "$out/engines.log" 2>&1
-        tail -n 6 "$out/engines.log"
-        tar czf "$out/r.tgz" -C /tmp r
+        bench "$commit" "$cases"
         ;;
     bench)
-        commit=${2:?usage: bash bench/engines_gpu.sh bench COMMIT [CASES [OPTIONS]]}
-        python3 bench/bench_engines.py --commit "$commit" --tokenizer-file .tok/tokenizer.model.v1 \
-            --cases "${3:-seed-literal,nf4,fast}" --out /tmp/r "${@:4}" > "$out/engines.log" 2>&1
-        tail -n 6 "$out/engines.log"
-        tar czf "$out/r.tgz" -C /tmp r
+        bench "${2:?usage: bash bench/engines_gpu.sh bench COMMIT [CASES [OPTIONS]]}" "${3:-seed-literal,nf4,fast}" "${@:4}"
         ;;
 esac

@@ -35,7 +35,7 @@ KERNELS = [
      {"logits_ptr": "*fp32", "keys_ptr": "*i64", "row_stride": "i32", "vocab": "i32"},
      {"CHUNK": triton_sampling.CHUNK, "CANDIDATES": triton_sampling.CANDIDATES}, {"num_warps": 4}),
     (triton_sampling._draw_kernel,
-     {"keys_ptr": "*i64", "temperature_ptr": "*fp32", "top_p_ptr": "*fp32", "top_k_ptr": "*i32", "greedy_ptr": "*i1",
+     {"keys_ptr": "*i64", "temperature_ptr": "*fp32", "top_p_ptr": "*fp32", "top_k_ptr": "*fp32", "greedy_ptr": "*i1",
       "u_ptr": "*fp32", "out_ptr": "*i64", "vocab": "i32"},
      {"TOTAL": triton_sampling._chunks(32000) * triton_sampling.CANDIDATES}, {"num_warps": 4}),
     (triton_kernels._paged_attn_kernel, {"q_ptr": "*bf16", **_ATTENTION}, _ATTENTION_SHAPE,

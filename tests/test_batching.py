@@ -459,14 +459,14 @@ def test_a_failing_triton_sampler_costs_no_answer_and_stays_off(_triton_sampler_
         tokens = sample_next(logits, [SamplingParams(top_k=5)] * 3, [None] * 3)
         assert all(token in logits[row].topk(5).indices.tolist() for row, token in enumerate(tokens))
     assert len(calls) == 1  # switched off after the first failure
-    assert caplog.text.count("Triton sampling failed, PyTorch's sampler from now on") == 1
+    assert caplog.text.count("Triton sampling switched off, PyTorch's sampler from now on: a draw failed") == 1
 
 
 def test_the_start_up_check_switches_a_wrong_triton_sampler_off(_triton_sampler_on_the_cpu, monkeypatch, caplog):
     from llm.serving import batching
 
     def right(logits, temperature, top_p, top_k, greedy, u):  # PyTorch's draw from the same arguments
-        settings = batching._RowSettings(temperature, top_p, top_k.float(), top_k, greedy, int(top_k.max()), 0)
+        settings = batching._RowSettings(temperature, top_p, top_k, greedy, int(top_k.max()), 0)
         return batching._pytorch_draw(logits, settings, u)
 
     monkeypatch.setattr(_triton_sampler_on_the_cpu, "draw", right)
@@ -475,7 +475,7 @@ def test_the_start_up_check_switches_a_wrong_triton_sampler_off(_triton_sampler_
     monkeypatch.setattr(_triton_sampler_on_the_cpu, "draw", lambda logits, *_: logits.argmin(-1))
     info = batching.check_triton_sampling(torch.device("cpu"), 1000)
     assert info["triton_sampling"] is False and "of 256 rows" in info["triton_sampling_error"]
-    assert "Triton sampling switched off, PyTorch's sampler instead" in caplog.text
+    assert caplog.text.count("Triton sampling switched off, PyTorch's sampler from now on: the start-up check") == 1
     assert _triton_sampler_on_the_cpu._switched_off is not None
 
 

@@ -30,7 +30,7 @@ logits[25, 10] = logits[25, 200] = logits[25].max() + 1  # equal maxima: the low
 torch.rand = lambda n, device=None: u.to(device)  # PyTorch's sampler draws these uniforms too
 expected = batching.sample_tokens(logits, params, [None] * rows)  # PyTorch's kernels on the CPU
 settings = batching._param_tensors(tuple(params), vocab, torch.device("cpu"))
-got = triton_sampling.draw(logits, settings.temperature, settings.top_p, settings.top_k_int, settings.greedy, u,
+got = triton_sampling.draw(logits, settings.temperature, settings.top_p, settings.top_k, settings.greedy, u,
                            chunk=64, candidates=16)
 print(json.dumps({"got": got.tolist(), "expected": expected.tolist(), "argmax": logits[24:].argmax(-1).tolist(),
                   "distinct": [len(set(got[i:i + 8].tolist())) for i in (0, 8, 16)]}))

@@ -133,7 +133,6 @@ class _RowSettings:
     temperature: torch.Tensor
     top_p: torch.Tensor
     top_k: torch.Tensor  # the vocabulary size where top-k is off
-    top_k_int: torch.Tensor  # int32, 1 for greedy rows (their pick is rank 0)
     greedy: torch.Tensor  # bool
     k_max: int  # the largest top_k of any row
     sampled_top_k: int  # the largest top_k of the sampled rows, 0 if all are greedy
@@ -154,15 +153,14 @@ def _param_tensors(params: tuple[SamplingParams, ...], vocab: int, device: torch
     ks = [min(p.top_k, vocab) if p.top_k > 0 else vocab for p in params]
     host = torch.tensor(
         [[1.0 if p.greedy else p.temperature for p in params], [p.top_p for p in params], ks,
-         [float(p.greedy) for p in params], [1.0 if p.greedy else k for p, k in zip(params, ks, strict=True)]],
+         [float(p.greedy) for p in params]],
         dtype=torch.float32,
     )
     if torch.device(device).type == "cuda":
         host = host.pin_memory()
     host = host.to(device, non_blocking=True)
     cached = _RowSettings(
-        temperature=host[0], top_p=host[1], top_k=host[2], top_k_int=host[4].to(torch.int32),
-        greedy=host[3].bool(), k_max=max(ks),
+        temperature=host[0], top_p=host[1], top_k=host[2], greedy=host[3].bool(), k_max=max(ks),
         sampled_top_k=max((k for p, k in zip(params, ks, strict=True) if not p.greedy), default=0),
     )
     if len(_PARAM_CACHE) > 256:
@@ -205,13 +203,12 @@ def sample_tokens(
         try:
             return _triton_draw(logits, settings, u)
         except Exception as error:  # e.g. a Triton that cannot compile the kernels: nobody's answer fails
-            logger.warning("Triton sampling failed, PyTorch's sampler from now on: %r", error)
-            triton_sampling.switch_off(repr(error))
+            triton_sampling.switch_off(f"a draw failed: {error!r}")
     return _pytorch_draw(logits, settings, u)
 
 
 def _triton_draw(logits: torch.Tensor, settings: _RowSettings, u: torch.Tensor) -> torch.Tensor:
-    return triton_sampling.draw(logits, settings.temperature, settings.top_p, settings.top_k_int, settings.greedy, u)
+    return triton_sampling.draw(logits, settings.temperature, settings.top_p, settings.top_k, settings.greedy, u)
 
 
 def _pytorch_draw(logits: torch.Tensor, settings: _RowSettings, u: torch.Tensor) -> torch.Tensor:
@@ -251,15 +248,14 @@ def check_triton_sampling(device: torch.device, vocab: int) -> dict:
     try:
         same = (_triton_draw(logits, settings, u) == _pytorch_draw(logits, settings, u)).float().mean().item()
     except Exception as error:  # noqa: BLE001 - whatever it is, PyTorch's sampler serves
-        logger.warning("Triton sampling unavailable, PyTorch's sampler instead: %r", error)
-        triton_sampling.switch_off(repr(error))
-        return {"triton_sampling": False, "triton_sampling_error": repr(error)}
-    if same < _CHECK_AGREEMENT:
-        reason = f"drew PyTorch's tokens for {same:.1%} of {_CHECK_ROWS} rows (at least {_CHECK_AGREEMENT:.0%} expected)"
-        logger.warning("Triton sampling switched off, PyTorch's sampler instead: it %s", reason)
-        triton_sampling.switch_off(reason)
-        return {"triton_sampling": False, "triton_sampling_error": reason}
-    return {"triton_sampling": True, "triton_sampling_agreement": round(same, 4)}
+        reason = f"the start-up check failed: {error!r}"
+    else:
+        if same >= _CHECK_AGREEMENT:
+            return {"triton_sampling": True, "triton_sampling_agreement": round(same, 4)}
+        reason = (f"the start-up check drew PyTorch's tokens for {same:.1%} of {_CHECK_ROWS} rows "
+                  f"(at least {_CHECK_AGREEMENT:.0%} expected)")
+    triton_sampling.switch_off(reason)
+    return {"triton_sampling": False, "triton_sampling_error": reason}
 
 
 # --- requests and scheduler ---------------------------------------------------------------------

@@ -782,6 +782,7 @@ if _HAVE_TRITON:
 def dequantize(
     packed: torch.Tensor, absmax: torch.Tensor, code: torch.Tensor, dtype: torch.dtype = torch.bfloat16
 ) -> torch.Tensor:
+    """bf16(code[nibble] * absmax) for every value."""
     n, half = packed.shape
     out = torch.empty((n, half * 2), dtype=dtype, device=packed.device)
     if dtype == torch.bfloat16 and n % LUT_DEQUANT_ROWS == 0 and (half * 2) % LUT_DEQUANT_COLS == 0:

@@ -26,6 +26,7 @@ way: the distribution is the same.
 from __future__ import annotations
 
 import contextlib
+import logging
 from collections.abc import Iterator
 
 import torch
@@ -37,6 +38,8 @@ try:  # Triton ships with CUDA builds of PyTorch only.
     _HAVE_TRITON = True
 except Exception:  # noqa: BLE001 - any import failure means "no Triton path"
     _HAVE_TRITON = False
+
+logger = logging.getLogger(__name__)
 
 CHUNK = 1024
 # The most top_k this path serves (the seed's card samples with 50).
@@ -50,8 +53,10 @@ _switched_off: str | None = None
 
 
 def switch_off(reason: str | None) -> None:
-    """PyTorch's sampler from now on, for `reason`; None serves this path again."""
+    """PyTorch's sampler from now on, for `reason` (one WARNING line); None serves this path again."""
     global _switched_off
+    if reason is not None and _switched_off is None:
+        logger.warning("Triton sampling switched off, PyTorch's sampler from now on: %s", reason)
     _switched_off = reason
 
 
@@ -94,9 +99,9 @@ def draw(
     chunk: int = CHUNK,
     candidates: int = CANDIDATES,
 ) -> torch.Tensor:
-    """One token id (int64) per row of `logits` [n, V] (float32). Per row: `temperature` and `top_p`
-    (float32), `top_k` (int32, 1..`candidates` for sampled rows), `greedy` (bool) and `u` (a
-    uniform in [0, 1), float32). `chunk` and `candidates` (powers of two) are smaller only where
+    """One token id (int64) per row of `logits` [n, V] (float32). Per row: `temperature`, `top_p` and
+    `top_k` (float32; top_k 1..`candidates` for sampled rows, anything for greedy ones), `greedy`
+    (bool) and `u` (a uniform in [0, 1), float32). `chunk` and `candidates` (powers of two) are smaller only where
     Triton's interpreter runs this on the CPU."""
     n, vocab = logits.shape
     if logits.dtype != torch.float32 or logits.stride(1) != 1:  # as PyTorch's sampler: float32 arithmetic
@@ -145,7 +150,7 @@ if _HAVE_TRITON:
         ranked = tl.sort(tl.load(keys_ptr + row * TOTAL + rank), descending=True)
         logit = _ordered((ranked >> 32).to(tl.int32)).to(tl.float32, bitcast=True)
         token = vocab - 1 - (ranked & 0xFFFFFFFF).to(tl.int32)
-        in_top_k = rank < tl.load(top_k_ptr + row)
+        in_top_k = rank < tl.load(top_k_ptr + row).to(tl.int32)
         scaled = tl.where(in_top_k, logit / tl.load(temperature_ptr + row), float("-inf"))
         weight = tl.where(in_top_k, tl.exp(scaled - tl.max(scaled, 0)), 0.0)
         probs = weight / tl.sum(weight, 0)

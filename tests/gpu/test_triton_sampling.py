@@ -62,12 +62,13 @@ def test_equal_maxima_and_the_last_partial_chunk_pick_as_argmax_does():
 def test_the_start_up_check_passes_and_switches_a_broken_sampler_off(monkeypatch, caplog):
     assert batching.check_triton_sampling(torch.device("cuda"), VOCAB)["triton_sampling"] is True
     monkeypatch.setattr(triton_sampling, "draw", lambda logits, *_: logits.argmin(-1))  # wrong tokens
-    with triton_sampling.pytorch_sampling("restored after the test"):
-        triton_sampling.switch_off(None)
+    try:
         info = batching.check_triton_sampling(torch.device("cuda"), VOCAB)
         assert info["triton_sampling"] is False and "rows" in info["triton_sampling_error"]
         assert not triton_sampling.serves(torch.device("cuda"), VOCAB, 50)
         assert "Triton sampling switched off" in caplog.text
+    finally:
+        triton_sampling.switch_off(None)  # on before the test (the fixture's skip says so)
 
 
 def test_sample_tokens_on_the_gpu_keeps_hfs_distribution():
