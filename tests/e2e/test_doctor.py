@@ -195,8 +195,9 @@ def hub() -> Iterator[str]:
 
 def test_models_to_download_show_their_size_and_the_free_disk(tmp_path, slack, hub):
     _FakeHub.sizes = {
-        "org/base": [("config.json", 700), ("model-00001-of-00002.safetensors", 9_900_000_000),
-                     ("model-00002-of-00002.safetensors", 4_600_000_000), ("pytorch_model.bin", 14_500_000_000)],
+        # Megabytes, not a real 7B's gigabytes: a CI machine with less than 16 GB free must still pass.
+        "org/base": [("config.json", 700), ("model-00001-of-00002.safetensors", 9_900_000),
+                     ("model-00002-of-00002.safetensors", 4_600_000), ("pytorch_model.bin", 14_500_000)],
         "org/huge-lora": [("adapter_config.json", 800), ("adapter_model.safetensors", 10**16)],
     }
     settings = {**slack_settings(slack), "ENGINE": "reference", "BASE_MODEL": "org/base", "ADAPTER": "org/huge-lora",
@@ -204,7 +205,7 @@ def test_models_to_download_show_their_size_and_the_free_disk(tmp_path, slack, h
     table = rows(doctor(tmp_path, **settings))
     mark, found, _ = table["model BASE_MODEL"]
     # The safetensors shards, not the .bin copy that transformers would not download.
-    assert mark == "✔" and found.startswith(f"org/base: to download from {hub}, 14.5 GB; ") and " free in " in found
+    assert mark == "✔" and found.startswith(f"org/base: to download from {hub}, 14.5 MB; ") and " free in " in found
     mark, found, fix = table["adapter ADAPTER"]
     assert mark == "✘" and "10000.0 TB" in found and "free disk space" in fix
     assert table["GPU"][0] == "✔" and "runs the reference engine on the CPU" in table["GPU"][1]
