@@ -37,7 +37,7 @@ import tempfile
 import threading
 import time
 import traceback
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -244,6 +244,15 @@ def mean_ms(run, repeats: int, warmup: int = 1) -> float:  # noqa: ANN001
     return round((time.perf_counter() - start) / repeats * 1000, 3)
 
 
+def guarded(measure: Callable[[], dict]) -> dict:
+    """`measure()`, or {"error": ...} where it raised: a measurement that has not run on a GPU yet must not cost
+    the case its other figures."""
+    try:
+        return measure()
+    except Exception as error:  # noqa: BLE001
+        return {"error": repr(error)}
+
+
 def sampler_gpu_us(vocab: int, calls: int = 200) -> dict:
     """GPU microseconds of one `sample_tokens` call (the seed's settings) at 1 and 16 rows, Triton and
     PyTorch: the calls are queued behind a sleeping kernel, so the host's launch time is not counted."""
@@ -294,7 +303,6 @@ def graph_step_times(engine) -> dict:  # noqa: ANN001
     out.update(matmul_floor(decoder))
     if programmatic_launch.enabled(decoder.device):
         out.update(serial_step_times(decoder, graphs))
-    out["whatif"] = step_whatifs(decoder, graphs)
     plan, fused = decoder.gemm_plan, decoder.fused_rope_kv
     if (plan is not None or fused) and not decoder.paged:  # run 6's same-run cuBLAS baseline
         # Before/after in the same process: the same step with cuBLAS + PyTorch rope/KV writes.
@@ -391,19 +399,26 @@ def step_whatifs(decoder, graphs) -> dict:  # noqa: ANN001
     if not (decoder.paged and decoder.reads_real_lengths and graphs.use_graphs):
         return out  # the paged Triton attention in CUDA graphs: the serving configuration
     rows = sorted({1, graphs.max_batch})
-    for name in STEP_WHATIFS:
+
+    def timed(name: str) -> dict:
         with _step_variant(decoder, name):
             variant = DecodeGraphs(decoder, batch_buckets=rows, kv_buckets=[256, graphs.max_seq_len])
             variant.capture()
+        times = {}
         try:
             for n in rows:
                 _profile_tables(decoder, n, 256)
                 try:
-                    out[f"{name}_b{n}_kv256_ms"] = _time_decode_ms(variant, [1] * n, [255] * n)
+                    times[f"{name}_b{n}_kv256_ms"] = _time_decode_ms(variant, [1] * n, [255] * n)
                 finally:
                     _clear_profile_tables(decoder, n)
         finally:
             variant._graphs.clear()  # not close(): that would free the shared decoder
+        return times
+
+    for name in STEP_WHATIFS:  # one variant that fails (never run on a GPU before) leaves the others
+        found = guarded(lambda name=name: timed(name))
+        out.update({f"{name}_error": found["error"]} if "error" in found else found)
     return out
 
 
@@ -652,9 +667,11 @@ def bench_batching_engine(name: str, build, tokenizer, args, reference_logits, k
         if name in ("fast", "nf4"):  # the same stream with PyTorch's sampling kernels, same call
             from llm.serving import triton_sampling
 
-            with triton_sampling.pytorch_sampling("bench: the same stream with PyTorch's sampler"):
-                case["single_pytorch_sampler"] = single_stream(engine, short, args.single_tokens)
-            case["sampler_gpu_us"] = sampler_gpu_us(step_model.decoder.config.vocab_size)
+            def pytorch_sampler_stream() -> dict:
+                with triton_sampling.pytorch_sampling("bench: the same stream with PyTorch's sampler"):
+                    return single_stream(engine, short, args.single_tokens)
+
+            case["single_pytorch_sampler"] = guarded(pytorch_sampler_stream)
         try:
             case["profile"] = profile_steps(engine, short, args.out_dir)
         except Exception as error:  # noqa: BLE001
@@ -691,6 +708,10 @@ def bench_batching_engine(name: str, build, tokenizer, args, reference_logits, k
         )
         case["serving_peak_reserved_gb"] = gb(torch.cuda.max_memory_reserved())
         case["resident_gb"] = gb(torch.cuda.memory_allocated())
+        if name in ("fast", "nf4"):
+            # Last, after the serving figures and the peaks: new code whose failure must not cost them.
+            case["sampler_gpu_us"] = guarded(lambda: sampler_gpu_us(step_model.decoder.config.vocab_size))
+            case["step_profile"]["whatif"] = guarded(lambda: step_whatifs(step_model.decoder, step_model.graphs))
     finally:
         engine.close()
         torch.cuda.empty_cache()
