@@ -3,7 +3,8 @@ Triton's own compiler and ptxas: a kernel that cannot compile (an unsupported op
 Triton rejects) shows here before a device call is spent on it. The pointers and the integers that are
 multiples of 16 in the 7B shape carry Triton's divisibility hint, as its launcher adds at run time, so the
 PTX's global loads are as wide as on the GPU (a hint-less compile loads bf16 tiles 2 bytes at a time).
-Prints JSON, one line per kernel with its global load, store and async copy instructions counted, and exits 1 if any
+Prints JSON, one line per kernel with its machine instructions and its global load, store and async copy
+instructions counted, and exits 1 if any
 failed.
 
     python bench/triton_compile_check.py
@@ -13,7 +14,9 @@ from __future__ import annotations
 
 import json
 import re
+import subprocess
 import sys
+import tempfile
 import time
 from collections import Counter
 from pathlib import Path
@@ -41,17 +44,32 @@ _ATTENTION_SHAPE = {"NUM_KV": 8, "GROUP": 4, "GROUP_PAD": 16, "HEAD_DIM": 128, "
 KERNELS = [
     (triton_sampling._chunk_candidates_kernel,
      {"logits_ptr": "*fp32", "keys_ptr": "*i64", "row_stride": "i32", "vocab": "i32"},
-     {"CHUNK": triton_sampling.CHUNK, "CANDIDATES": triton_sampling.CANDIDATES}, {"num_warps": 4}),
+     {"CHUNK": triton_sampling.CHUNK, "CANDIDATES": triton_sampling.CANDIDATES, "TOPK": triton_sampling.HAS_TOPK},
+     {"num_warps": 4}),
     (triton_sampling._draw_kernel,
      {"keys_ptr": "*i64", "temperature_ptr": "*fp32", "top_p_ptr": "*fp32", "top_k_ptr": "*fp32", "greedy_ptr": "*i1",
       "u_ptr": "*fp32", "out_ptr": "*i64", "vocab": "i32"},
-     {"TOTAL": triton_sampling._chunks(32000) * triton_sampling.CANDIDATES}, {"num_warps": 4}),
+     {"TOTAL": triton_sampling._chunks(32000) * triton_sampling.CANDIDATES, "CANDIDATES": triton_sampling.CANDIDATES,
+      "TOPK": triton_sampling.HAS_TOPK}, {"num_warps": 4}),
     (triton_kernels._paged_attn_kernel, {"q_ptr": "*bf16", **_ATTENTION}, _ATTENTION_SHAPE,
      {"num_warps": 4, "num_stages": 2}),
     (triton_kernels._paged_rope_attn_kernel,
      {"qkv_ptr": "*bf16", "cos_ptr": "*bf16", "sin_ptr": "*bf16", **_ATTENTION, "stride_qkv": "i32"},
      {"NUM_HEADS": 32, **_ATTENTION_SHAPE}, {"num_warps": 4, "num_stages": 2}),
 ]
+
+
+def sass_instructions(cubin: bytes) -> int | None:
+    """The kernel's machine instructions (`nvdisasm`, shipped with Triton); for straight-line code such as
+    the sorts, what each thread issues. None where nvdisasm is missing."""
+    nvdisasm = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "nvdisasm"
+    if not nvdisasm.exists():
+        return None
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as file:
+        file.write(cubin)
+        file.flush()
+        listing = subprocess.run([str(nvdisasm), "-c", file.name], capture_output=True, text=True).stdout
+    return len(re.findall(r"^\s+/\*[0-9a-f]{4,}\*/\s", listing, flags=re.MULTILINE))
 
 
 def main() -> int:
@@ -67,6 +85,7 @@ def main() -> int:
                                       target=TARGET, options=options)
             accesses = Counter(re.findall(r"\b((?:ld|st)\.global[\w.]*|cp\.async\.\w+\.shared\.global[\w.]*)", compiled.asm["ptx"]))
             report = {"kernel": name, "ok": True, "shared_bytes": compiled.metadata.shared,
+                      "sass_instructions": sass_instructions(compiled.asm["cubin"]),
                       "global_accesses": dict(sorted(accesses.items()))}
         except Exception as error:  # noqa: BLE001 - reported, the exit status says it
             failed += 1

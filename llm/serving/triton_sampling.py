@@ -10,8 +10,8 @@ as before), computed on the few candidates that can matter:
 1. `_chunk_candidates_kernel`, a program per (row, 1,024 logits): its chunk's `CANDIDATES` largest
    logits, as keys that sort by value and then by the lower token id (so rank 0 is `argmax`'s
    pick, the first of equal maxima).
-2. `_draw_kernel`, a program per row: sorts the row's candidates (the row's top `CANDIDATES` are
-   among them, since each chunk kept its own), keeps the row's top_k, divides by the temperature,
+2. `_draw_kernel`, a program per row: the best `CANDIDATES` of the row's candidates, sorted (the
+   row's top `CANDIDATES` are among them, since each chunk kept its own), keeps the row's top_k, divides by the temperature,
    softmax, keeps the smallest prefix whose mass reaches top_p (at least one), and takes the first
    rank whose cumulative mass exceeds `u` times the kept mass. Greedy rows take rank 0.
 Rows whose top_k is 0 (off) or above `CANDIDATES` are not for this path: the caller keeps
@@ -46,6 +46,12 @@ CHUNK = 1024
 CANDIDATES = 64
 # Rows' candidates sorted in one program at most: a vocabulary up to 256 chunks (262,144 tokens).
 MAX_CHUNKS = 256
+# Triton's bitonic top-k (`tl.topk`, Triton >= 3.4) sorts only what the best CANDIDATES need: the
+# later merge steps work on halves, quarters... of the keys, and everything after the selection on
+# CANDIDATES keys instead of all of them (machine instructions, sm_90, `bench/triton_compile_check.py`:
+# 3,712 -> 2,712 a chunk's program, 10,448 -> 5,344 a row's). The same keys in the same order as the
+# full sort's first CANDIDATES, since no two keys are equal. Older Triton: the full sort.
+HAS_TOPK = _HAVE_TRITON and hasattr(tl, "topk")
 
 
 # Why this path is off in this process (a failed start-up check or launch), or None.
@@ -110,11 +116,12 @@ def draw(
     keys = torch.empty((n, chunks * candidates), dtype=torch.int64, device=logits.device)
     tokens = torch.empty(n, dtype=torch.int64, device=logits.device)
     _chunk_candidates_kernel[(n, chunks)](
-        logits, keys, logits.stride(0), vocab, CHUNK=chunk, CANDIDATES=candidates, num_warps=4,
+        logits, keys, logits.stride(0), vocab, CHUNK=chunk, CANDIDATES=candidates, TOPK=HAS_TOPK, num_warps=4,
     )
     _draw_kernel[(n,)](
         keys, temperature, top_p, top_k, greedy, u, tokens, vocab,
-        TOTAL=chunks * candidates, num_warps=8 if chunks * candidates >= 4096 else 4,
+        TOTAL=chunks * candidates, CANDIDATES=candidates, TOPK=HAS_TOPK,
+        num_warps=8 if chunks * candidates >= 4096 else 4,
     )
     return tokens
 
@@ -128,8 +135,17 @@ if _HAVE_TRITON:
         return bits ^ ((bits >> 31) & 0x7FFFFFFF)
 
     @triton.jit
+    def _best(keys, CANDIDATES: tl.constexpr, TOPK: tl.constexpr):
+        """The CANDIDATES largest of `keys`, largest first, and their ranks; with the full sort, all
+        keys sorted and their ranks (the caller uses the first CANDIDATES)."""
+        if TOPK:
+            return tl.topk(keys, CANDIDATES), tl.arange(0, CANDIDATES)
+        else:
+            return tl.sort(keys, descending=True), tl.arange(0, keys.shape[0])
+
+    @triton.jit
     def _chunk_candidates_kernel(logits_ptr, keys_ptr, row_stride, vocab, CHUNK: tl.constexpr,
-                                 CANDIDATES: tl.constexpr):
+                                 CANDIDATES: tl.constexpr, TOPK: tl.constexpr):
         row = tl.program_id(0)
         chunk = tl.program_id(1)
         token = chunk * CHUNK + tl.arange(0, CHUNK)
@@ -138,16 +154,14 @@ if _HAVE_TRITON:
         high = _ordered(x.to(tl.int32, bitcast=True)).to(tl.int64) << 32
         # The lower token id sorts higher among equal logits: argmax's tie rule.
         low = tl.where(real, vocab - 1 - token, 0).to(tl.int64)
-        ranked = tl.sort(high | low, descending=True)
-        rank = tl.arange(0, CHUNK)
+        ranked, rank = _best(high | low, CANDIDATES, TOPK)
         tl.store(keys_ptr + (row * tl.num_programs(1) + chunk) * CANDIDATES + rank, ranked, mask=rank < CANDIDATES)
 
     @triton.jit
     def _draw_kernel(keys_ptr, temperature_ptr, top_p_ptr, top_k_ptr, greedy_ptr, u_ptr, out_ptr, vocab,
-                     TOTAL: tl.constexpr):
+                     TOTAL: tl.constexpr, CANDIDATES: tl.constexpr, TOPK: tl.constexpr):
         row = tl.program_id(0)
-        rank = tl.arange(0, TOTAL)
-        ranked = tl.sort(tl.load(keys_ptr + row * TOTAL + rank), descending=True)
+        ranked, rank = _best(tl.load(keys_ptr + row * TOTAL + tl.arange(0, TOTAL)), CANDIDATES, TOPK)
         logit = _ordered((ranked >> 32).to(tl.int32)).to(tl.float32, bitcast=True)
         token = vocab - 1 - (ranked & 0xFFFFFFFF).to(tl.int32)
         in_top_k = rank < tl.load(top_k_ptr + row).to(tl.int32)
