@@ -48,10 +48,14 @@ CANDIDATES = 64
 MAX_CHUNKS = 256
 # Triton's bitonic top-k (`tl.topk`, Triton >= 3.4) sorts only what the best CANDIDATES need: the
 # later merge steps work on halves, quarters... of the keys, and everything after the selection on
-# CANDIDATES keys instead of all of them (machine instructions, sm_90, `bench/triton_compile_check.py`:
-# 3,712 -> 2,712 a chunk's program, 10,448 -> 5,344 a row's). The same keys in the same order as the
+# CANDIDATES keys instead of all of them (machine instructions a thread at 4 warps, sm_90,
+# `bench/triton_compile_check.py`: 3,712 -> 2,712 a chunk's program, 10,448 -> 5,344 a row's). The same keys in the same order as the
 # full sort's first CANDIDATES, since no two keys are equal. Older Triton: the full sort.
 HAS_TOPK = _HAVE_TRITON and hasattr(tl, "topk")
+# Warps a program: each launch is one program per SM or fewer, so its time is the per-thread chain of
+# compare-exchanges, which halves with twice the warps (1,024 keys: 2,712 -> 1,552 instructions a
+# thread; a row's 2,048: 5,344 -> 3,264). Both launches together still fit one wave at 16 rows.
+WARPS = 8
 
 
 # Why this path is off in this process (a failed start-up check or launch), or None.
@@ -116,12 +120,11 @@ def draw(
     keys = torch.empty((n, chunks * candidates), dtype=torch.int64, device=logits.device)
     tokens = torch.empty(n, dtype=torch.int64, device=logits.device)
     _chunk_candidates_kernel[(n, chunks)](
-        logits, keys, logits.stride(0), vocab, CHUNK=chunk, CANDIDATES=candidates, TOPK=HAS_TOPK, num_warps=4,
+        logits, keys, logits.stride(0), vocab, CHUNK=chunk, CANDIDATES=candidates, TOPK=HAS_TOPK, num_warps=WARPS,
     )
     _draw_kernel[(n,)](
         keys, temperature, top_p, top_k, greedy, u, tokens, vocab,
-        TOTAL=chunks * candidates, CANDIDATES=candidates, TOPK=HAS_TOPK,
-        num_warps=8 if chunks * candidates >= 4096 else 4,
+        TOTAL=chunks * candidates, CANDIDATES=candidates, TOPK=HAS_TOPK, num_warps=WARPS,
     )
     return tokens
 
