@@ -49,8 +49,9 @@ MAX_CHUNKS = 256
 # Triton's bitonic top-k (`tl.topk`, Triton >= 3.4) sorts only what the best CANDIDATES need: the
 # later merge steps work on halves, quarters... of the keys, and everything after the selection on
 # CANDIDATES keys instead of all of them (machine instructions a thread at 4 warps, sm_90,
-# `bench/triton_compile_check.py`: 3,712 -> 2,712 a chunk's program, 10,448 -> 5,344 a row's). The same keys in the same order as the
-# full sort's first CANDIDATES, since no two keys are equal. Older Triton: the full sort.
+# `bench/triton_compile_check.py`: 3,712 -> 2,712 a chunk's program, 10,448 -> 5,344 a row's). The
+# same keys in the same order as the full sort's first CANDIDATES, since no two keys are equal.
+# Older Triton: the full sort.
 HAS_TOPK = _HAVE_TRITON and hasattr(tl, "topk")
 # Warps a program: each launch is one program per SM or fewer, so its time is the per-thread chain of
 # compare-exchanges, which halves with twice the warps (1,024 keys: 2,712 -> 1,552 instructions a
