@@ -53,10 +53,12 @@ MAX_CHUNKS = 256
 # same keys in the same order as the full sort's first CANDIDATES, since no two keys are equal.
 # Older Triton: the full sort.
 HAS_TOPK = _HAVE_TRITON and hasattr(tl, "topk")
-# Warps a program: each launch is one program per SM or fewer, so its time is the per-thread chain of
-# compare-exchanges, which halves with twice the warps (1,024 keys: 2,712 -> 1,552 instructions a
-# thread; a row's 2,048: 5,344 -> 3,264). Both launches together still fit one wave at 16 rows.
-WARPS = 8
+# Warps a program: each launch has one program per SM or fewer, so its time is the per-thread chain of
+# compare-exchanges, which shrinks with more warps (instructions a thread at 4 / 8 / 16 warps: a
+# chunk's 1,024 keys 2,712 / 1,552 / 1,000, a row's 2,048 keys 5,344 / 3,264 / 2,032). The chunks
+# take 8, so that 16 rows' 512 programs leave room on the SMs; a row's draw, 16 programs at most, 16.
+CHUNK_WARPS = 8
+DRAW_WARPS = 16
 
 
 # Why this path is off in this process (a failed start-up check or launch), or None.
@@ -121,11 +123,12 @@ def draw(
     keys = torch.empty((n, chunks * candidates), dtype=torch.int64, device=logits.device)
     tokens = torch.empty(n, dtype=torch.int64, device=logits.device)
     _chunk_candidates_kernel[(n, chunks)](
-        logits, keys, logits.stride(0), vocab, CHUNK=chunk, CANDIDATES=candidates, TOPK=HAS_TOPK, num_warps=WARPS,
+        logits, keys, logits.stride(0), vocab, CHUNK=chunk, CANDIDATES=candidates, TOPK=HAS_TOPK,
+        num_warps=CHUNK_WARPS,
     )
     _draw_kernel[(n,)](
         keys, temperature, top_p, top_k, greedy, u, tokens, vocab,
-        TOTAL=chunks * candidates, CANDIDATES=candidates, TOPK=HAS_TOPK, num_warps=WARPS,
+        TOTAL=chunks * candidates, CANDIDATES=candidates, TOPK=HAS_TOPK, num_warps=DRAW_WARPS,
     )
     return tokens
 
