@@ -4,8 +4,7 @@ Triton rejects) shows here before a device call is spent on it. The pointers and
 multiples of 16 in the 7B shape carry Triton's divisibility hint, as its launcher adds at run time, so the
 PTX's global loads are as wide as on the GPU (a hint-less compile loads bf16 tiles 2 bytes at a time).
 Prints JSON, one line per kernel with its machine instructions and its global load, store and async copy
-instructions counted, and exits 1 if any
-failed.
+instructions counted, and exits 1 if any failed.
 
     python bench/triton_compile_check.py
 """
@@ -83,7 +82,8 @@ def main() -> int:
         try:
             compiled = triton.compile(ASTSource(fn=kernel, signature=signature, constexprs=constants, attrs=hinted),
                                       target=TARGET, options=options)
-            accesses = Counter(re.findall(r"\b((?:ld|st)\.global[\w.]*|cp\.async\.\w+\.shared\.global[\w.]*)", compiled.asm["ptx"]))
+            accesses = Counter(re.findall(r"\b((?:ld|st)\.global[\w.]*|cp\.async\.\w+\.shared\.global[\w.]*)",
+                                          compiled.asm["ptx"]))
             report = {"kernel": name, "ok": True, "shared_bytes": compiled.metadata.shared,
                       "sass_instructions": sass_instructions(compiled.asm["cubin"]),
                       "global_accesses": dict(sorted(accesses.items()))}
