@@ -12,8 +12,9 @@ as before), computed on the few candidates that can matter:
    pick, the first of equal maxima).
 2. `_draw_kernel`, a program per row: the best `CANDIDATES` of the row's candidates, sorted (the
    row's top `CANDIDATES` are among them, since each chunk kept its own), keeps the row's top_k,
-   divides by the temperature, softmax, keeps the smallest prefix whose mass reaches top_p (at least one), and takes the first
-   rank whose cumulative mass exceeds `u` times the kept mass. Greedy rows take rank 0.
+   divides by the temperature, softmax, keeps the smallest prefix whose mass reaches top_p (at
+   least one), and takes the first rank whose cumulative mass exceeds `u` times the kept mass.
+   Greedy rows take rank 0.
 Rows whose top_k is 0 (off) or above `CANDIDATES` are not for this path: the caller keeps
 PyTorch's. Float rounding differs from PyTorch's kernels (another summation order, `exp`), so a
 token whose cumulative mass sits within a rounding step of the top_p edge or of `u` may go the other
