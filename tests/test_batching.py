@@ -469,14 +469,36 @@ def test_the_start_up_check_switches_a_wrong_triton_sampler_off(_triton_sampler_
         settings = batching._RowSettings(temperature, top_p, top_k, greedy, int(top_k.max()), 0)
         return batching._pytorch_draw(logits, settings, u)
 
+    monkeypatch.setattr(_triton_sampler_on_the_cpu, "HAS_TOPK", True)
     monkeypatch.setattr(_triton_sampler_on_the_cpu, "draw", right)
     assert batching.check_triton_sampling(torch.device("cpu"), 1000) == {
-        "triton_sampling": True, "triton_sampling_agreement": 1.0}
+        "triton_sampling": True, "triton_sampling_agreement": 1.0, "triton_sampling_topk": True}
     monkeypatch.setattr(_triton_sampler_on_the_cpu, "draw", lambda logits, *_: logits.argmin(-1))
     info = batching.check_triton_sampling(torch.device("cpu"), 1000)
     assert info["triton_sampling"] is False and "of 256 rows" in info["triton_sampling_error"]
+    assert caplog.text.count("its bitonic top-k failed") == 1  # the full sort was checked too, and failed too
     assert caplog.text.count("Triton sampling switched off, PyTorch's sampler from now on: the start-up check") == 1
     assert _triton_sampler_on_the_cpu._switched_off is not None
+
+
+def test_a_triton_whose_top_k_fails_samples_with_the_full_sort(_triton_sampler_on_the_cpu, monkeypatch, caplog):
+    """A Triton whose `tl.topk` cannot compile the sampler's keys: the start-up check falls back to the
+    full sort, which draws PyTorch's tokens, and the Triton path stays on."""
+    from llm.serving import batching
+
+    def right_without_top_k(logits, temperature, top_p, top_k, greedy, u):
+        if _triton_sampler_on_the_cpu.HAS_TOPK:
+            raise RuntimeError("tt.topk: unsupported element type")
+        settings = batching._RowSettings(temperature, top_p, top_k, greedy, int(top_k.max()), 0)
+        return batching._pytorch_draw(logits, settings, u)
+
+    monkeypatch.setattr(_triton_sampler_on_the_cpu, "HAS_TOPK", True)
+    monkeypatch.setattr(_triton_sampler_on_the_cpu, "draw", right_without_top_k)
+    info = batching.check_triton_sampling(torch.device("cpu"), 1000)
+    assert info == {"triton_sampling": True, "triton_sampling_agreement": 1.0, "triton_sampling_topk": False}
+    assert caplog.text.count("its bitonic top-k failed") == 1 and "switched off" not in caplog.text
+    tokens = sample_next(torch.randn(3, 1000), [SamplingParams(top_k=5)] * 3, [None] * 3)
+    assert len(tokens) == 3 and _triton_sampler_on_the_cpu._switched_off is None
 
 
 def test_a_before_after_with_pytorchs_sampler_leaves_the_triton_paths_state_as_it_was():

@@ -235,8 +235,10 @@ _CHECK_AGREEMENT = 0.97
 
 def check_triton_sampling(device: torch.device, vocab: int) -> dict:
     """At start-up, where `triton_sampling` serves: it draws random rows (the seed's settings, greedy
-    and top_k=1 rows among them) against PyTorch's sampler with the same uniforms. A failure or a
-    disagreement switches it off for this process (one WARNING); sampling goes on in PyTorch."""
+    and top_k=1 rows among them) against PyTorch's sampler with the same uniforms. Where Triton's
+    bitonic top-k fails that (a Triton whose `tl.topk` cannot compile these keys), the full sort is
+    checked instead (one WARNING). A failure or a disagreement of both switches the path off for this
+    process (one WARNING); sampling goes on in PyTorch."""
     if not triton_sampling.serves(device, vocab, triton_sampling.CANDIDATES):
         return {"triton_sampling": False}
     generator = torch.Generator(device=device).manual_seed(0)
@@ -245,17 +247,30 @@ def check_triton_sampling(device: torch.device, vocab: int) -> dict:
     kinds = [SamplingParams()] * 6 + [SamplingParams(greedy=True), SamplingParams(top_k=1)]
     params = tuple(kinds[row % len(kinds)] for row in range(_CHECK_ROWS))
     settings = _param_tensors(params, vocab, device)
+    while True:
+        same, reason = _agreement(logits, settings, u)
+        if reason is None:
+            return {"triton_sampling": True, "triton_sampling_agreement": round(same, 4),
+                    "triton_sampling_topk": triton_sampling.HAS_TOPK}
+        if not triton_sampling.HAS_TOPK:
+            break
+        logger.warning("Triton sampling: its bitonic top-k failed (%s); checking the full sort instead", reason)
+        triton_sampling.HAS_TOPK = False
+    triton_sampling.switch_off(reason)
+    return {"triton_sampling": False, "triton_sampling_error": reason}
+
+
+def _agreement(logits: torch.Tensor, settings: _RowSettings, u: torch.Tensor) -> tuple[float, str | None]:
+    """The share of rows the Triton path draws as PyTorch's sampler does, and why it fails the start-up
+    check (None where it passes)."""
     try:
         same = (_triton_draw(logits, settings, u) == _pytorch_draw(logits, settings, u)).float().mean().item()
     except Exception as error:  # noqa: BLE001 - whatever it is, PyTorch's sampler serves
-        reason = f"the start-up check failed: {error!r}"
-    else:
-        if same >= _CHECK_AGREEMENT:
-            return {"triton_sampling": True, "triton_sampling_agreement": round(same, 4)}
-        reason = (f"the start-up check drew PyTorch's tokens for {same:.1%} of {_CHECK_ROWS} rows "
+        return 0.0, f"the start-up check failed: {error!r}"
+    if same >= _CHECK_AGREEMENT:
+        return same, None
+    return same, (f"the start-up check drew PyTorch's tokens for {same:.1%} of {logits.shape[0]} rows "
                   f"(at least {_CHECK_AGREEMENT:.0%} expected)")
-    triton_sampling.switch_off(reason)
-    return {"triton_sampling": False, "triton_sampling_error": reason}
 
 
 # --- requests and scheduler ---------------------------------------------------------------------
