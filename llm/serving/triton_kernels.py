@@ -134,12 +134,17 @@ if _HAVE_TRITON:
         return bits.to(tl.float32, bitcast=True)
 
     @triton.jit
-    def _rotated_head(src, cos_ptr, sin_ptr, pos, d, rotate, HEAD_DIM: tl.constexpr):
+    def _rotated_head(src, cos_ptr, sin_ptr, pos, d, rotate, HEAD_DIM: tl.constexpr, mask=None):
         """One head's two halves in float32; q and k heads (`rotate`) get x * cos + rotate_half(x) * sin
-        at `pos`, v heads pass through."""
+        at `pos`, v heads pass through. `src` may be a column of heads ([heads, 1], `mask` the real ones):
+        then each half is [heads, HEAD_DIM // 2]."""
         HALF: tl.constexpr = HEAD_DIM // 2
-        x1 = tl.load(src + d).to(tl.float32)
-        x2 = tl.load(src + HALF + d).to(tl.float32)
+        if mask is None:
+            x1 = tl.load(src + d).to(tl.float32)
+            x2 = tl.load(src + HALF + d).to(tl.float32)
+        else:
+            x1 = tl.load(src + d, mask=mask, other=0.0).to(tl.float32)
+            x2 = tl.load(src + HALF + d, mask=mask, other=0.0).to(tl.float32)
         if rotate:
             c1 = tl.load(cos_ptr + pos * HEAD_DIM + d).to(tl.float32)
             c2 = tl.load(cos_ptr + pos * HEAD_DIM + HALF + d).to(tl.float32)
@@ -484,17 +489,11 @@ if _HAVE_TRITON:
             tl.store(v_pool_ptr + slot + h, v1.to(v_pool_ptr.dtype.element_ty))
             tl.store(v_pool_ptr + slot + HALF + h, v2.to(v_pool_ptr.dtype.element_ty))
             tl.debug_barrier()  # the block's threads read them back below
-        g = tl.arange(0, GROUP_PAD)
-        g_mask = (g < GROUP)[:, None]
-        q_src = src + (kvh * GROUP + g[:, None]) * HEAD_DIM + h[None, :]
-        x1 = tl.load(q_src, mask=g_mask, other=0.0).to(tl.float32)
-        x2 = tl.load(q_src + HALF, mask=g_mask, other=0.0).to(tl.float32)
-        c1 = tl.load(cos_ptr + pos * HEAD_DIM + h).to(tl.float32)[None, :]
-        c2 = tl.load(cos_ptr + pos * HEAD_DIM + HALF + h).to(tl.float32)[None, :]
-        s1 = tl.load(sin_ptr + pos * HEAD_DIM + h).to(tl.float32)[None, :]
-        s2 = tl.load(sin_ptr + pos * HEAD_DIM + HALF + h).to(tl.float32)[None, :]
-        q1 = (_bf16(x1 * c1) - _bf16(x2 * s1)).to(qkv_ptr.dtype.element_ty)  # as _rotated_head, then stored
-        q2 = (_bf16(x2 * c2) + _bf16(x1 * s2)).to(qkv_ptr.dtype.element_ty)
+        g = tl.arange(0, GROUP_PAD)[:, None]  # this KV head's q heads, padded for tl.dot
+        q1, q2 = _rotated_head(src + (kvh * GROUP + g) * HEAD_DIM, cos_ptr, sin_ptr, pos, h, True, HEAD_DIM,
+                               g < GROUP)
+        q1 = q1.to(qkv_ptr.dtype.element_ty)  # rounded as the rope kernel stores q
+        q2 = q2.to(qkv_ptr.dtype.element_ty)
         q = tl.reshape(tl.permute(tl.join(q1, q2), (0, 2, 1)), (GROUP_PAD, HEAD_DIM))  # the halves side by side
         _attend_and_store(q, k_pool_ptr, v_pool_ptr, table_ptr, acc_ptr, ml_ptr, row, kvh, split, first, last, length,
                           scale, stride_tab, stride_pb, stride_ph, stride_pt, NUM_KV, GROUP, GROUP_PAD, HEAD_DIM,
@@ -588,20 +587,9 @@ def paged_decode_attention(
     return geometry.reduce(acc, ml, positions, q.dtype)
 
 
-def paged_rope_attention(
-    qkv: torch.Tensor,
-    cos: torch.Tensor,
-    sin: torch.Tensor,
-    positions: torch.Tensor,
-    table: torch.Tensor,
-    k_pool: torch.Tensor,
-    v_pool: torch.Tensor,
-    scale: float,
-    num_heads: int,
-    num_kv_heads: int,
-    head_dim: int,
-    split_pages: int | None = None,
-) -> torch.Tensor:
+def paged_rope_attention(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, positions: torch.Tensor,
+                         table: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Tensor, scale: float, num_heads: int,
+                         num_kv_heads: int, head_dim: int, split_pages: int | None = None) -> torch.Tensor:
     """`rope_kv_write_paged` then `paged_decode_attention`, in two launches instead of three: the
     attention programs rotate their q heads themselves, and the one whose pages hold a row's new
     position writes its rotated k and its v to the pool before reading them. The same pool, the same
