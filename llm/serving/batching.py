@@ -247,15 +247,13 @@ def check_triton_sampling(device: torch.device, vocab: int) -> dict:
     kinds = [SamplingParams()] * 6 + [SamplingParams(greedy=True), SamplingParams(top_k=1)]
     params = tuple(kinds[row % len(kinds)] for row in range(_CHECK_ROWS))
     settings = _param_tensors(params, vocab, device)
-    while True:
+    same, reason = _agreement(logits, settings, u)
+    if reason is not None and triton_sampling.HAS_TOPK:
+        triton_sampling.sort_fully(reason)
         same, reason = _agreement(logits, settings, u)
-        if reason is None:
-            return {"triton_sampling": True, "triton_sampling_agreement": round(same, 4),
-                    "triton_sampling_topk": triton_sampling.HAS_TOPK}
-        if not triton_sampling.HAS_TOPK:
-            break
-        logger.warning("Triton sampling: its bitonic top-k failed (%s); checking the full sort instead", reason)
-        triton_sampling.HAS_TOPK = False
+    if reason is None:
+        return {"triton_sampling": True, "triton_sampling_agreement": round(same, 4),
+                "triton_sampling_topk": triton_sampling.HAS_TOPK}
     triton_sampling.switch_off(reason)
     return {"triton_sampling": False, "triton_sampling_error": reason}
 

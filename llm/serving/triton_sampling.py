@@ -74,6 +74,13 @@ def switch_off(reason: str | None) -> None:
     _switched_off = reason
 
 
+def sort_fully(reason: str) -> None:
+    """The full sort from now on instead of Triton's bitonic top-k, for `reason` (one WARNING line)."""
+    global HAS_TOPK
+    logger.warning("Triton sampling: its bitonic top-k failed (%s); the full sort instead", reason)
+    HAS_TOPK = False
+
+
 @contextlib.contextmanager
 def pytorch_sampling(reason: str) -> Iterator[None]:
     """PyTorch's sampler inside the block (a before/after in one process); after it, this path's state
