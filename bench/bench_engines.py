@@ -245,8 +245,8 @@ def mean_ms(run, repeats: int, warmup: int = 1) -> float:  # noqa: ANN001
 
 
 def guarded(measure: Callable[[], dict]) -> dict:
-    """`measure()`, or {"error": ...} where it raised: a measurement that has not run on a GPU yet must not cost
-    the case its other figures."""
+    """`measure()`, or {"error": ...} where it raised: a profile, or a measurement that has not run on a GPU
+    yet, must not cost the case its other figures."""
     try:
         return measure()
     except Exception as error:  # noqa: BLE001
@@ -672,22 +672,13 @@ def bench_batching_engine(name: str, build, tokenizer, args, reference_logits, k
                     return single_stream(engine, short, args.single_tokens)
 
             case["single_pytorch_sampler"] = guarded(pytorch_sampler_stream)
-        try:
-            case["profile"] = profile_steps(engine, short, args.out_dir)
-        except Exception as error:  # noqa: BLE001
-            case["profile"] = {"error": repr(error)}
+        case["profile"] = guarded(lambda: profile_steps(engine, short, args.out_dir))
         if args.profile_rows and programmatic_launch.enabled(step_model.decoder.device):
-            try:
-                case["step_rows_profile"] = profile_decode_rows(engine, args.profile_rows, args.out_dir)
-            except Exception as error:  # noqa: BLE001
-                case["step_rows_profile"] = {"error": repr(error)}
+            case["step_rows_profile"] = guarded(lambda: profile_decode_rows(engine, args.profile_rows, args.out_dir))
         long_prompt = random_prompt(tokenizer, 1500, generator)
         case["ttft_1500_ms"] = ttft(engine, long_prompt)
         if name in ("fast", "nf4"):
-            try:
-                case["prefill_profile"] = profile_prefill(engine, long_prompt, args.out_dir)
-            except Exception as error:  # noqa: BLE001
-                case["prefill_profile"] = {"error": repr(error)}
+            case["prefill_profile"] = guarded(lambda: profile_prefill(engine, long_prompt, args.out_dir))
         if name in ("fast", "nf4"):
             serving_peak = torch.cuda.max_memory_allocated()
             torch.cuda.reset_peak_memory_stats()  # peak while serving the 16 staggered requests
