@@ -95,8 +95,10 @@ def test_sample_tokens_on_the_gpu_keeps_hfs_distribution():
     expected = torch.softmax(scores, dim=-1)[0]
     counts = torch.zeros(VOCAB)
     batch = logits.expand(16, -1).contiguous().cuda()
-    for _ in range(1000):
+    for _ in range(4000):
         for token in batching.sample_next(batch, [SamplingParams()] * 16, [None] * 16):
             counts[token] += 1
     assert set(counts.nonzero().flatten().tolist()) <= set(expected.nonzero().flatten().tolist())
+    # 64,000 draws from these 29 tokens: sampling noise alone gives a total distance of 0.016 on average,
+    # 0.021 at the 99th percentile (16,000 draws, run 42's first version: 0.032 on average)
     assert ((counts / counts.sum()) - expected).abs().sum() < 0.03
