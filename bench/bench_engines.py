@@ -360,10 +360,8 @@ def serial_step_times(decoder, graphs) -> dict:  # noqa: ANN001
 
 
 # What one decode step would take without a piece (its output replaced by its input): an upper bound
-# on what fusing that piece away could save, with the step's launch order and overlaps as served. And
-# with the rope + KV write inside the attention launch (run 40's `paged_rope_attention`, not served).
-STEP_WHATIFS = ("served", "no_rope_kv_write", "no_attention", "no_rope_kv_write_no_attention", "no_o",
-                "rope_in_attention")
+# on what fusing that piece away could save, with the step's launch order and overlaps as served.
+STEP_WHATIFS = ("served", "no_rope_kv_write", "no_attention", "no_rope_kv_write_no_attention", "no_o")
 
 
 @contextlib.contextmanager
@@ -372,8 +370,6 @@ def _step_variant(decoder, name: str) -> Iterator:  # noqa: ANN001
 
     q_size = decoder.config.num_heads * decoder.config.head_dim
     patches = []
-    if name == "rope_in_attention":
-        patches.append((decoder, "rope_in_attention", True))
     if "no_rope_kv_write" in name:  # q unrotated, the new k/v not written (a copy only at >1 row)
         patches.append((triton_kernels, "rope_kv_write_paged", lambda qkv, *_, **__: qkv[:, :q_size].contiguous()))
     if "no_attention" in name:  # attention and its reduce: the output is q

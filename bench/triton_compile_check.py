@@ -31,7 +31,7 @@ from llm.serving import triton_kernels, triton_sampling  # noqa: E402
 TARGET = GPUTarget("cuda", 90, 32)
 # Integer arguments that are multiples of 16 when the 7B is served (pool strides, head dims, the vocabulary);
 # the block table's row stride depends on the longest sequence, so it gets no hint.
-_MULTIPLES_OF_16 = {"stride_pb", "stride_ph", "stride_pt", "row_stride", "vocab", "stride_qkv"}
+_MULTIPLES_OF_16 = {"stride_pb", "stride_ph", "stride_pt", "row_stride", "vocab"}
 
 _ATTENTION = {"k_pool_ptr": "*bf16", "v_pool_ptr": "*bf16", "table_ptr": "*i32", "pos_ptr": "*i64",
               "acc_ptr": "*fp32", "ml_ptr": "*fp32", "scale": "fp32", "stride_tab": "i32", "stride_pb": "i32",
@@ -52,9 +52,6 @@ KERNELS = [
       "TOPK": triton_sampling.HAS_TOPK}, {"num_warps": triton_sampling.DRAW_WARPS}),
     (triton_kernels._paged_attn_kernel, {"q_ptr": "*bf16", **_ATTENTION}, _ATTENTION_SHAPE,
      {"num_warps": 4, "num_stages": 2}),
-    (triton_kernels._paged_rope_attn_kernel,
-     {"qkv_ptr": "*bf16", "cos_ptr": "*bf16", "sin_ptr": "*bf16", **_ATTENTION, "stride_qkv": "i32"},
-     {"NUM_HEADS": 32, **_ATTENTION_SHAPE}, {"num_warps": 4, "num_stages": 2}),
 ]
 
 

@@ -345,9 +345,6 @@ class MistralDecoder:
         self._silu_mul: Callable = _silu_mul
         # Triton decode kernels (CUDA only, `enable_triton`): fused rotary + KV-cache write.
         self.fused_rope_kv = False
-        # Paged decode: rope + KV write inside the attention launch (`triton_kernels.paged_rope_attention`);
-        # built in run 40 without a GPU, not served until bench_engines' what-ifs time it
-        self.rope_in_attention = False
         self.gemm_plan: triton_kernels.GemmPlan | None = None
         if compile_kernels:
             self.enable_compiled_kernels()
@@ -616,12 +613,7 @@ class MistralDecoder:
         qkv = self.layers[0].qkv(self._norm(h, self.layers[0].input_norm, eps))
         for index, layer in enumerate(self.layers):
             k_pool, v_pool = self.k_cache[index], self.v_cache[index]
-            if triton_attn and self.rope_in_attention:
-                attn = triton_kernels.paged_rope_attention(
-                    qkv, self.cos, self.sin, positions, table, k_pool, v_pool, self.scale,
-                    cfg.num_heads, cfg.num_kv_heads, cfg.head_dim,
-                )
-            elif triton_attn:
+            if triton_attn:
                 q = triton_kernels.rope_kv_write_paged(
                     qkv, self.cos, self.sin, positions, table, k_pool, v_pool,
                     cfg.num_heads, cfg.num_kv_heads, cfg.head_dim,

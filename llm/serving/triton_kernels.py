@@ -134,17 +134,12 @@ if _HAVE_TRITON:
         return bits.to(tl.float32, bitcast=True)
 
     @triton.jit
-    def _rotated_head(src, cos_ptr, sin_ptr, pos, d, rotate, HEAD_DIM: tl.constexpr, mask=None):
+    def _rotated_head(src, cos_ptr, sin_ptr, pos, d, rotate, HEAD_DIM: tl.constexpr):
         """One head's two halves in float32; q and k heads (`rotate`) get x * cos + rotate_half(x) * sin
-        at `pos`, v heads pass through. `src` may be a column of heads ([heads, 1], `mask` the real ones):
-        then each half is [heads, HEAD_DIM // 2]."""
+        at `pos`, v heads pass through."""
         HALF: tl.constexpr = HEAD_DIM // 2
-        if mask is None:
-            x1 = tl.load(src + d).to(tl.float32)
-            x2 = tl.load(src + HALF + d).to(tl.float32)
-        else:
-            x1 = tl.load(src + d, mask=mask, other=0.0).to(tl.float32)
-            x2 = tl.load(src + HALF + d, mask=mask, other=0.0).to(tl.float32)
+        x1 = tl.load(src + d).to(tl.float32)
+        x2 = tl.load(src + HALF + d).to(tl.float32)
         if rotate:
             c1 = tl.load(cos_ptr + pos * HEAD_DIM + d).to(tl.float32)
             c2 = tl.load(cos_ptr + pos * HEAD_DIM + HALF + d).to(tl.float32)
@@ -461,45 +456,6 @@ if _HAVE_TRITON:
                           BLOCK_SIZE, SPLITS)
 
     @triton.jit
-    def _paged_rope_attn_kernel(
-        qkv_ptr, cos_ptr, sin_ptr, k_pool_ptr, v_pool_ptr, table_ptr, pos_ptr, acc_ptr, ml_ptr, scale,
-        stride_qkv, stride_tab, stride_pb, stride_ph, stride_pt,
-        NUM_HEADS: tl.constexpr, NUM_KV: tl.constexpr, GROUP: tl.constexpr, GROUP_PAD: tl.constexpr,
-        HEAD_DIM: tl.constexpr, BLOCK_SIZE: tl.constexpr, PAGES_PER_SPLIT: tl.constexpr, SPLITS: tl.constexpr,
-        GDC: tl.constexpr,
-    ):
-        # _paged_attn_kernel reading q/k/v's output itself, with _rope_kv_paged_kernel's arithmetic:
-        # it rotates its GROUP q heads, and the split that holds the row's new position first
-        # rotates that position's k and writes k and v to the pool (the same bits as the rope kernel).
-        after_previous_kernels(GDC)
-        row, kvh, split, pos, length, first, last = _program_pages(pos_ptr, BLOCK_SIZE, PAGES_PER_SPLIT)
-        if first >= last:
-            return
-        HALF: tl.constexpr = HEAD_DIM // 2
-        h = tl.arange(0, HALF)
-        src = qkv_ptr + row * stride_qkv
-        if last * BLOCK_SIZE >= length:  # the new position is in this split's last page
-            k1, k2 = _rotated_head(src + (NUM_HEADS + kvh) * HEAD_DIM, cos_ptr, sin_ptr, pos, h, True, HEAD_DIM)
-            v1, v2 = _rotated_head(src + (NUM_HEADS + NUM_KV + kvh) * HEAD_DIM, cos_ptr, sin_ptr, pos, h, False,
-                                   HEAD_DIM)
-            block = tl.load(table_ptr + row * stride_tab + pos // BLOCK_SIZE).to(tl.int64)
-            slot = block * stride_pb + kvh * stride_ph + (pos % BLOCK_SIZE) * stride_pt
-            tl.store(k_pool_ptr + slot + h, k1.to(k_pool_ptr.dtype.element_ty))
-            tl.store(k_pool_ptr + slot + HALF + h, k2.to(k_pool_ptr.dtype.element_ty))
-            tl.store(v_pool_ptr + slot + h, v1.to(v_pool_ptr.dtype.element_ty))
-            tl.store(v_pool_ptr + slot + HALF + h, v2.to(v_pool_ptr.dtype.element_ty))
-            tl.debug_barrier()  # the block's threads read them back below
-        g = tl.arange(0, GROUP_PAD)[:, None]  # this KV head's q heads, padded for tl.dot
-        q1, q2 = _rotated_head(src + (kvh * GROUP + g) * HEAD_DIM, cos_ptr, sin_ptr, pos, h, True, HEAD_DIM,
-                               g < GROUP)
-        q1 = q1.to(qkv_ptr.dtype.element_ty)  # rounded as the rope kernel stores q
-        q2 = q2.to(qkv_ptr.dtype.element_ty)
-        q = tl.reshape(tl.permute(tl.join(q1, q2), (0, 2, 1)), (GROUP_PAD, HEAD_DIM))  # the halves side by side
-        _attend_and_store(q, k_pool_ptr, v_pool_ptr, table_ptr, acc_ptr, ml_ptr, row, kvh, split, first, last, length,
-                          scale, stride_tab, stride_pb, stride_ph, stride_pt, NUM_KV, GROUP, GROUP_PAD, HEAD_DIM,
-                          BLOCK_SIZE, SPLITS)
-
-    @triton.jit
     def _paged_reduce_kernel(
         acc_ptr, ml_ptr, pos_ptr, out_ptr,
         NUM_KV: tl.constexpr, GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_SIZE: tl.constexpr,
@@ -585,28 +541,6 @@ def paged_decode_attention(
         num_warps=4, num_stages=2, **programmatic_options(q.device),
     )
     return geometry.reduce(acc, ml, positions, q.dtype)
-
-
-def paged_rope_attention(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, positions: torch.Tensor,
-                         table: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Tensor, scale: float, num_heads: int,
-                         num_kv_heads: int, head_dim: int, split_pages: int | None = None) -> torch.Tensor:
-    """`rope_kv_write_paged` then `paged_decode_attention`, in two launches instead of three: the
-    attention programs rotate their q heads themselves, and the one whose pages hold a row's new
-    position writes its rotated k and its v to the pool before reading them. The same pool, the same
-    output bits. Not served yet (`MistralDecoder.rope_in_attention`): bench_engines times it."""
-    assert qkv.stride(1) == 1 and cos.is_contiguous() and sin.is_contiguous() and table.stride(1) == 1
-    assert k_pool.stride() == v_pool.stride()
-    geometry = _SplitGeometry.of(qkv.shape[0], k_pool, table, num_heads, split_pages)
-    assert geometry.num_kv == num_kv_heads and geometry.head_dim == head_dim
-    acc, ml = geometry.buffers(qkv.device)
-    _paged_rope_attn_kernel[geometry.grid](
-        qkv, cos, sin, k_pool, v_pool, table, positions, acc, ml, scale,
-        qkv.stride(0), table.stride(0), k_pool.stride(0), k_pool.stride(1), k_pool.stride(2),
-        NUM_HEADS=num_heads, NUM_KV=num_kv_heads, GROUP=geometry.group, GROUP_PAD=geometry.group_pad,
-        HEAD_DIM=head_dim, BLOCK_SIZE=geometry.block_size, PAGES_PER_SPLIT=geometry.split_pages,
-        SPLITS=geometry.splits, num_warps=4, num_stages=2, **programmatic_options(qkv.device),
-    )
-    return geometry.reduce(acc, ml, positions, qkv.dtype)
 
 
 @dataclass(frozen=True)
