@@ -1,0 +1,58 @@
+"""How long each batch size's first draw waits after start-up, with and without the start-up check's draw of
+every batch size (run 42: Triton compiles its sampling kernels again for each alignment of their arguments,
+which follows the batch size). Each way runs in a fresh process with an empty Triton cache, as a fresh
+machine starts. Prints one JSON line per way; GPU only (device tool, no weights needed):
+
+    python bench/sampler_first_use.py
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+MAX_ROWS = 16
+VOCAB = 32000
+
+_ONE_WAY = """
+import json, sys, time, torch
+from llm.engine import SamplingParams
+from llm.serving import batching
+
+max_rows = int(sys.argv[1])
+device = torch.device("cuda")
+torch.zeros(1, device=device)  # the CUDA context, outside the timings
+started = time.perf_counter()
+info = batching.check_triton_sampling(device, {vocab}, max_rows)
+check_s = time.perf_counter() - started
+first_draw_ms = {{}}
+for rows in range(1, {max_rows} + 1):
+    logits = torch.randn(rows, {vocab}, device=device)
+    torch.cuda.synchronize()
+    started = time.perf_counter()
+    batching.sample_next(logits, [SamplingParams()] * rows, [None] * rows)
+    first_draw_ms[rows] = round((time.perf_counter() - started) * 1000, 2)
+print(json.dumps({{"check_max_rows": max_rows, "check_s": round(check_s, 2), "info": info,
+                  "first_draw_ms": first_draw_ms, "worst_first_draw_ms": max(first_draw_ms.values())}}))
+"""
+
+
+def main() -> int:
+    code = _ONE_WAY.format(vocab=VOCAB, max_rows=MAX_ROWS)
+    for max_rows in (1, MAX_ROWS):  # run 42's check (one batch size), then the check as served now
+        with tempfile.TemporaryDirectory() as cache:
+            result = subprocess.run([sys.executable, "-c", code, str(max_rows)], capture_output=True, text=True,
+                                    cwd=ROOT, env={**os.environ, "TRITON_CACHE_DIR": cache}, timeout=300)
+        lines = [line for line in result.stdout.splitlines() if line.startswith("{")]
+        print(lines[-1] if lines else json.dumps({"check_max_rows": max_rows, "error": result.stderr[-1500:]}),
+              flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
