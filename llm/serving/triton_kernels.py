@@ -375,13 +375,31 @@ if _HAVE_TRITON:
         tl.store(dst + HALF + d, o2.to(q_ptr.dtype.element_ty))
 
     @triton.jit
-    def _attend_pages(q, k_pool_ptr, v_pool_ptr, table_ptr, row, kvh, first, last, length, scale,
-                      stride_tab, stride_pb, stride_ph, stride_pt,
-                      GROUP_PAD: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_SIZE: tl.constexpr):
-        """q's GROUP_PAD rows (bf16 [GROUP_PAD, D]) against pages [first, last) of the row, stopping at
-        its real length: online softmax in float32, (acc, max, sum)."""
+    def _paged_attn_kernel(
+        q_ptr, k_pool_ptr, v_pool_ptr, table_ptr, pos_ptr, acc_ptr, ml_ptr, scale,
+        stride_tab, stride_pb, stride_ph, stride_pt,
+        NUM_KV: tl.constexpr, GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, HEAD_DIM: tl.constexpr,
+        BLOCK_SIZE: tl.constexpr, PAGES_PER_SPLIT: tl.constexpr, SPLITS: tl.constexpr, GDC: tl.constexpr,
+    ):
+        # grid (rows, kv heads, splits). One program: the GROUP query heads of one KV head against
+        # pages [split * PAGES_PER_SPLIT, ...) of the row, stopping at the row's real length
+        # (position + 1). Online softmax in float32; partial (acc, max, sum) per split.
+        after_previous_kernels(GDC)
+        row = tl.program_id(0)
+        kvh = tl.program_id(1)
+        split = tl.program_id(2)
+        length = tl.load(pos_ptr + row).to(tl.int32) + 1
+        n_pages = tl.cdiv(length, BLOCK_SIZE)
+        first = split * PAGES_PER_SPLIT
+        if first >= n_pages:
+            return  # the reduce kernel only reads splits that hold tokens
+        last = tl.minimum(first + PAGES_PER_SPLIT, n_pages)
+        g = tl.arange(0, GROUP_PAD)
         d = tl.arange(0, HEAD_DIM)
         t = tl.arange(0, BLOCK_SIZE)
+        g_mask = g < GROUP
+        q_rows = q_ptr + (row * NUM_KV * GROUP + kvh * GROUP + g[:, None]) * HEAD_DIM + d[None, :]
+        q = tl.load(q_rows, mask=g_mask[:, None], other=0.0)  # [GROUP_PAD, D]: tl.dot needs >= 16 rows
         m = tl.full([GROUP_PAD], float("-inf"), tl.float32)
         s_sum = tl.zeros([GROUP_PAD], tl.float32)
         acc = tl.zeros([GROUP_PAD, HEAD_DIM], tl.float32)
@@ -402,58 +420,10 @@ if _HAVE_TRITON:
             s_sum = s_sum * alpha + tl.sum(p, 1)
             acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
             m = m_new
-        return acc, m, s_sum
-
-    @triton.jit
-    def _program_pages(pos_ptr, BLOCK_SIZE: tl.constexpr, PAGES_PER_SPLIT: tl.constexpr):
-        """A split program's (row, KV head, split), its row's new position and length (position + 1), and
-        its pages [first, last) of the row (empty past the row's length)."""
-        row = tl.program_id(0)
-        kvh = tl.program_id(1)
-        split = tl.program_id(2)
-        pos = tl.load(pos_ptr + row)
-        length = pos.to(tl.int32) + 1
-        first = split * PAGES_PER_SPLIT
-        last = tl.minimum(first + PAGES_PER_SPLIT, tl.cdiv(length, BLOCK_SIZE))
-        return row, kvh, split, pos, length, first, last
-
-    @triton.jit
-    def _attend_and_store(q, k_pool_ptr, v_pool_ptr, table_ptr, acc_ptr, ml_ptr, row, kvh, split, first, last, length,
-                          scale, stride_tab, stride_pb, stride_ph, stride_pt, NUM_KV: tl.constexpr, GROUP: tl.constexpr,
-                          GROUP_PAD: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_SIZE: tl.constexpr,
-                          SPLITS: tl.constexpr):
-        """`_attend_pages`, then the split's partial (acc, max, sum) stored for the reduce kernel."""
-        acc, m, s_sum = _attend_pages(q, k_pool_ptr, v_pool_ptr, table_ptr, row, kvh, first, last, length, scale,
-                                      stride_tab, stride_pb, stride_ph, stride_pt, GROUP_PAD, HEAD_DIM, BLOCK_SIZE)
-        g = tl.arange(0, GROUP_PAD)
-        d = tl.arange(0, HEAD_DIM)
-        g_mask = g < GROUP
         base_out = ((row * NUM_KV + kvh) * SPLITS + split) * GROUP
         tl.store(acc_ptr + (base_out + g[:, None]) * HEAD_DIM + d[None, :], acc, mask=g_mask[:, None])
         tl.store(ml_ptr + (base_out + g) * 2, m, mask=g_mask)
         tl.store(ml_ptr + (base_out + g) * 2 + 1, s_sum, mask=g_mask)
-
-    @triton.jit
-    def _paged_attn_kernel(
-        q_ptr, k_pool_ptr, v_pool_ptr, table_ptr, pos_ptr, acc_ptr, ml_ptr, scale,
-        stride_tab, stride_pb, stride_ph, stride_pt,
-        NUM_KV: tl.constexpr, GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, HEAD_DIM: tl.constexpr,
-        BLOCK_SIZE: tl.constexpr, PAGES_PER_SPLIT: tl.constexpr, SPLITS: tl.constexpr, GDC: tl.constexpr,
-    ):
-        # grid (rows, kv heads, splits). One program: the GROUP query heads of one KV head against
-        # pages [split * PAGES_PER_SPLIT, ...) of the row, stopping at the row's real length
-        # (position + 1). Online softmax in float32; partial (acc, max, sum) per split.
-        after_previous_kernels(GDC)
-        row, kvh, split, _, length, first, last = _program_pages(pos_ptr, BLOCK_SIZE, PAGES_PER_SPLIT)
-        if first >= last:
-            return  # the reduce kernel only reads splits that hold tokens
-        g = tl.arange(0, GROUP_PAD)
-        d = tl.arange(0, HEAD_DIM)
-        q_rows = q_ptr + (row * NUM_KV * GROUP + kvh * GROUP + g[:, None]) * HEAD_DIM + d[None, :]
-        q = tl.load(q_rows, mask=(g < GROUP)[:, None], other=0.0)  # [GROUP_PAD, D]: tl.dot needs >= 16 rows
-        _attend_and_store(q, k_pool_ptr, v_pool_ptr, table_ptr, acc_ptr, ml_ptr, row, kvh, split, first, last, length,
-                          scale, stride_tab, stride_pb, stride_ph, stride_pt, NUM_KV, GROUP, GROUP_PAD, HEAD_DIM,
-                          BLOCK_SIZE, SPLITS)
 
     @triton.jit
     def _paged_reduce_kernel(
@@ -530,64 +500,27 @@ def paged_decode_attention(
     """One decode token per row against its paged KV: q [n, H*D] (GQA: H = K * group), pool
     [blocks, K, block_size, D], table [n, max_blocks] int32, positions [n] (the row attends to
     positions 0..pos). Reads only the row's own pages; float32 softmax. Returns [n, H*D]."""
-    assert q.is_contiguous() and k_pool.stride() == v_pool.stride()
-    geometry = _SplitGeometry.of(q.shape[0], k_pool, table, num_heads, split_pages)
-    acc, ml = geometry.buffers(q.device)
-    _paged_attn_kernel[geometry.grid](
+    n = q.shape[0]
+    _, num_kv, block_size, head_dim = k_pool.shape
+    group = num_heads // num_kv
+    max_blocks = table.shape[1]
+    split_pages = split_pages or PAGES_PER_SPLIT
+    splits = triton.cdiv(max_blocks, split_pages)
+    acc = torch.empty((n, num_kv, splits, group, head_dim), dtype=torch.float32, device=q.device)
+    ml = torch.empty((n, num_kv, splits, group, 2), dtype=torch.float32, device=q.device)
+    out = torch.empty((n, num_heads * head_dim), dtype=q.dtype, device=q.device)
+    assert q.is_contiguous() and k_pool.stride() == v_pool.stride() and k_pool.stride(3) == 1
+    _paged_attn_kernel[(n, num_kv, splits)](
         q, k_pool, v_pool, table, positions, acc, ml, scale,
         table.stride(0), k_pool.stride(0), k_pool.stride(1), k_pool.stride(2),
-        NUM_KV=geometry.num_kv, GROUP=geometry.group, GROUP_PAD=geometry.group_pad, HEAD_DIM=geometry.head_dim,
-        BLOCK_SIZE=geometry.block_size, PAGES_PER_SPLIT=geometry.split_pages, SPLITS=geometry.splits,
-        num_warps=4, num_stages=2, **programmatic_options(q.device),
+        NUM_KV=num_kv, GROUP=group, GROUP_PAD=max(16, triton.next_power_of_2(group)), HEAD_DIM=head_dim,
+        BLOCK_SIZE=block_size, PAGES_PER_SPLIT=split_pages, SPLITS=splits, num_warps=4, num_stages=2,
+        **programmatic_options(q.device),
     )
-    return geometry.reduce(acc, ml, positions, q.dtype)
-
-
-@dataclass(frozen=True)
-class _SplitGeometry:
-    """How a paged decode attention splits each row's pages across programs."""
-
-    rows: int
-    num_heads: int
-    num_kv: int
-    block_size: int
-    head_dim: int
-    split_pages: int
-    splits: int
-
-    @classmethod
-    def of(cls, rows: int, k_pool: torch.Tensor, table: torch.Tensor, num_heads: int,
-           split_pages: int | None) -> _SplitGeometry:
-        _, num_kv, block_size, head_dim = k_pool.shape
-        assert k_pool.stride(3) == 1
-        split_pages = split_pages or PAGES_PER_SPLIT
-        return cls(rows, num_heads, num_kv, block_size, head_dim, split_pages, triton.cdiv(table.shape[1], split_pages))
-
-    @property
-    def group(self) -> int:
-        return self.num_heads // self.num_kv
-
-    @property
-    def group_pad(self) -> int:
-        return max(16, triton.next_power_of_2(self.group))  # tl.dot needs >= 16 rows
-
-    @property
-    def grid(self) -> tuple[int, int, int]:
-        return (self.rows, self.num_kv, self.splits)
-
-    def buffers(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-        """Each split's partial (acc, (max, sum)), float32."""
-        shape = (self.rows, self.num_kv, self.splits, self.group)
-        return (torch.empty((*shape, self.head_dim), dtype=torch.float32, device=device),
-                torch.empty((*shape, 2), dtype=torch.float32, device=device))
-
-    def reduce(self, acc: torch.Tensor, ml: torch.Tensor, positions: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-        """The splits that hold tokens, combined per head: [rows, H*D]."""
-        out = torch.empty((self.rows, self.num_heads * self.head_dim), dtype=dtype, device=acc.device)
-        _paged_reduce_kernel[(self.rows, self.num_heads)](
-            acc, ml, positions, out,
-            NUM_KV=self.num_kv, GROUP=self.group, HEAD_DIM=self.head_dim, BLOCK_SIZE=self.block_size,
-            PAGES_PER_SPLIT=self.split_pages, SPLITS=self.splits, SPLITS_PAD=triton.next_power_of_2(self.splits),
-            num_warps=1, **programmatic_options(acc.device),
-        )
-        return out
+    _paged_reduce_kernel[(n, num_heads)](
+        acc, ml, positions, out,
+        NUM_KV=num_kv, GROUP=group, HEAD_DIM=head_dim, BLOCK_SIZE=block_size,
+        PAGES_PER_SPLIT=split_pages, SPLITS=splits, SPLITS_PAD=triton.next_power_of_2(splits), num_warps=1,
+        **programmatic_options(q.device),
+    )
+    return out
