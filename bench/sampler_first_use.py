@@ -1,7 +1,9 @@
-"""How long each batch size's first draw waits after start-up, with and without the start-up check's draw of
-every batch size (run 42: Triton compiles its sampling kernels again for each alignment of their arguments,
-which follows the batch size). Each way runs in a fresh process with an empty Triton cache, as a fresh
-machine starts. Prints one JSON line per way; GPU only (device tool, no weights needed):
+"""How long each batch size's first draw waits after start-up (run 42: the first batches of 2-15 rows each
+waited ~2 s for a Triton compile, since the per-row settings' alignment followed the batch size). Two ways:
+the start-up check drawing one batch size only, which shows whether the settings' padding in
+`batching._param_tensors` alone leaves one compile for all sizes, and the check as served (every batch
+size). Each runs in a fresh process with an empty Triton cache, as a fresh machine starts. Prints one JSON
+line per way; GPU only (device tool, no weights needed):
 
     python bench/sampler_first_use.py
 """
@@ -44,7 +46,7 @@ print(json.dumps({{"check_max_rows": max_rows, "check_s": round(check_s, 2), "in
 
 def main() -> int:
     code = _ONE_WAY.format(vocab=VOCAB, max_rows=MAX_ROWS)
-    for max_rows in (1, MAX_ROWS):  # run 42's check (one batch size), then the check as served now
+    for max_rows in (1, MAX_ROWS):  # the padding alone, then the check as served
         with tempfile.TemporaryDirectory() as cache:
             result = subprocess.run([sys.executable, "-c", code, str(max_rows)], capture_output=True, text=True,
                                     cwd=ROOT, env={**os.environ, "TRITON_CACHE_DIR": cache}, timeout=300)

@@ -481,10 +481,24 @@ def test_the_start_up_check_switches_a_wrong_triton_sampler_off(_triton_sampler_
     assert _triton_sampler_on_the_cpu._switched_off is not None
 
 
+def test_the_sampling_settings_start_16_bytes_aligned_at_every_batch_size():
+    """Triton compiles a kernel again for every alignment of its pointers it meets: the per-row settings
+    must not change alignment with the batch size (run 42: unpadded, they had 3 alignments)."""
+    from llm.serving import batching
+
+    for rows in range(1, 17):
+        params = tuple(SamplingParams(temperature=0.5 + row / 10, top_k=row + 1) for row in range(rows))
+        settings = batching._param_tensors(params, 1000, torch.device("cpu"))
+        for values in (settings.temperature, settings.top_p, settings.top_k, settings.greedy):
+            assert values.data_ptr() % 16 == 0 and values.shape == (rows,), rows
+        assert settings.temperature.tolist() == pytest.approx([p.temperature for p in params])
+        assert settings.top_k.tolist() == [p.top_k for p in params]
+
+
 def test_the_start_up_check_draws_every_batch_size_serving_will_draw(_triton_sampler_on_the_cpu, monkeypatch, caplog):
-    """Triton compiles again for every alignment of the per-row settings it meets (they follow the batch
-    size): the check draws each batch of 1..max_rows once, so no answer waits for a compile (run 42:
-    2.7 s over 16 staggered answers). A draw that fails for one batch size switches the path off."""
+    """The check draws each batch of 1..max_rows once, so that every size has run before the first answer
+    (run 42: 2.7 s of compiles over the first 16 staggered answers). A draw that fails for one batch size
+    switches the path off."""
     from llm.serving import batching
 
     drawn_rows = []

@@ -151,14 +151,19 @@ def _param_tensors(params: tuple[SamplingParams, ...], vocab: int, device: torch
         if not p.greedy and not (p.temperature > 0 and 0 < p.top_p <= 1 and p.top_k >= 0):
             raise ValueError(f"invalid sampling params {p}")
     ks = [min(p.top_k, vocab) if p.top_k > 0 else vocab for p in params]
-    host = torch.tensor(
+    n = len(params)
+    # Each setting's row starts on a 16-byte boundary whatever the batch size: Triton compiles a kernel
+    # again for every alignment of its pointers it meets, and unpadded rows would have 3 (run 42: the
+    # first batches of 2-15 rows each waited ~2 s for a compile).
+    host = torch.zeros((4, -(-n // 4) * 4), dtype=torch.float32)
+    host[:, :n] = torch.tensor(
         [[1.0 if p.greedy else p.temperature for p in params], [p.top_p for p in params], ks,
          [float(p.greedy) for p in params]],
         dtype=torch.float32,
     )
     if torch.device(device).type == "cuda":
         host = host.pin_memory()
-    host = host.to(device, non_blocking=True)
+    host = host.to(device, non_blocking=True)[:, :n]
     cached = _RowSettings(
         temperature=host[0], top_p=host[1], top_k=host[2], greedy=host[3].bool(), k_max=max(ks),
         sampled_top_k=max((k for p, k in zip(params, ks, strict=True) if not p.greedy), default=0),
@@ -240,10 +245,10 @@ def check_triton_sampling(device: torch.device, vocab: int, max_rows: int = 1) -
     checked instead (one WARNING). A failure or a disagreement of both switches the path off for this
     process (one WARNING); sampling goes on in PyTorch.
 
-    Once it passes, it draws once for every batch of 1..`max_rows` rows, as serving does: Triton
-    compiles a kernel again for each alignment of its arguments it has not seen (the per-row settings
-    are slices of one tensor, so their alignment follows the batch size), ~2 s at a time. Run 42
-    (H100): without this, the first 16 staggered answers waited 2.7 s for those compiles."""
+    Once it passes, it draws once for every batch of 1..`max_rows` rows, as serving does, so that
+    every batch size has run on this GPU before the first answer: whatever Triton specializes a kernel
+    on (`_param_tensors` keeps the settings' alignment the same for all sizes) is compiled by then, and
+    a size that cannot launch switches the path off here rather than in somebody's answer."""
     if not triton_sampling.serves(device, vocab, triton_sampling.CANDIDATES):
         return {"triton_sampling": False}
     generator = torch.Generator(device=device).manual_seed(0)
@@ -257,7 +262,7 @@ def check_triton_sampling(device: torch.device, vocab: int, max_rows: int = 1) -
         triton_sampling.sort_fully(reason)
         same, reason = _agreement(logits, settings, u)
     if reason is None:
-        reason = _compile_every_batch(device, vocab, max_rows, generator)
+        reason = _draw_every_batch_size(device, vocab, max_rows, generator)
     if reason is None:
         return {"triton_sampling": True, "triton_sampling_agreement": round(same, 4),
                 "triton_sampling_topk": triton_sampling.HAS_TOPK}
@@ -265,7 +270,7 @@ def check_triton_sampling(device: torch.device, vocab: int, max_rows: int = 1) -
     return {"triton_sampling": False, "triton_sampling_error": reason}
 
 
-def _compile_every_batch(device: torch.device, vocab: int, max_rows: int, generator: torch.Generator) -> str | None:
+def _draw_every_batch_size(device: torch.device, vocab: int, max_rows: int, generator: torch.Generator) -> str | None:
     """Draws once for each batch of 1..`max_rows` rows of the seed's settings through `sample_tokens`'
     own arguments; why that failed, or None."""
     try:
