@@ -15,36 +15,13 @@ from collections import Counter
 from pathlib import Path
 
 import torch
-import triton
-import triton.language as tl
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from llm.serving import programmatic_launch, triton_kernels  # noqa: E402
+from tests.gpu.slow_writer import written_slowly  # noqa: E402
 
 HEADS, KV_HEADS, HEAD_DIM, BLOCK_SIZE = 32, 8, 128, 16
-
-
-SLOW_NS = 200_000
-
-
-@triton.jit
-def _slow_copy_kernel(src_ptr, dst_ptr, n, DELAY_NS: tl.constexpr, BLOCK: tl.constexpr):  # noqa: ANN001
-    # tests/gpu/test_programmatic_launch.py's writer: lets the next kernel start, then writes after DELAY_NS
-    tl.extra.cuda.gdc_wait()
-    tl.extra.cuda.gdc_launch_dependents()
-    start = tl.extra.cuda.globaltimer()
-    while tl.extra.cuda.globaltimer() - start < DELAY_NS:
-        pass
-    offsets = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
-    tl.store(dst_ptr + offsets, tl.load(src_ptr + offsets, mask=offsets < n), mask=offsets < n)
-
-
-def _written_slowly(source: torch.Tensor) -> torch.Tensor:
-    destination = torch.zeros_like(source)
-    _slow_copy_kernel[(triton.cdiv(source.numel(), 1024),)](source, destination, source.numel(), DELAY_NS=SLOW_NS,
-                                                             BLOCK=1024, launch_pdl=True)
-    return destination
 
 
 def main() -> int:
@@ -78,7 +55,7 @@ def main() -> int:
     for way in ("programmatic", "plain after the writer", "after a synchronize"):
         mismatches: Counter[str] = Counter()
         for _ in range(repeats):
-            source = _written_slowly(qkv)
+            source = written_slowly(qkv)
             if way == "after a synchronize":
                 torch.cuda.synchronize()
             if way == "programmatic":
