@@ -61,7 +61,15 @@ def test_the_rotary_kernel_waits_for_the_projection_before_it():
 
     with programmatic_launch.serial_launches():
         expected = rotate(late=False)
-    served = rotate(late=True)
-    torch.cuda.synchronize()
-    for ours, theirs in zip(served, expected, strict=True):
-        assert torch.equal(ours, theirs)
+    for attempt in range(20):  # a race may show in some launches only (run 43 saw one failure in seven full runs)
+        served = rotate(late=True)
+        torch.cuda.synchronize()
+        for name, ours, theirs in zip(("q", "k pool", "v pool"), served, expected, strict=True):
+            assert torch.equal(ours, theirs), _difference(attempt, name, ours, theirs)
+
+
+def _difference(attempt: int, name: str, ours: torch.Tensor, theirs: torch.Tensor) -> str:
+    """Which rows differ, and how many of their values are zeros (what a read before the writer finished gives)."""
+    rows = [r for r in range(ours.shape[0]) if not torch.equal(ours[r], theirs[r])]
+    zeros = [f"{(ours[r] == 0).float().mean().item():.2f}" for r in rows]
+    return f"launch {attempt}: {name} rows {rows} differ; share of zeros in them {zeros}"
