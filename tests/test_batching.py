@@ -495,35 +495,6 @@ def test_the_sampling_settings_start_16_bytes_aligned_at_every_batch_size():
         assert settings.top_k.tolist() == [p.top_k for p in params]
 
 
-def test_the_start_up_check_draws_every_batch_size_serving_will_draw(_triton_sampler_on_the_cpu, monkeypatch, caplog):
-    """The check draws each batch of 1..max_rows once, so that every size has run before the first answer
-    (run 42: 2.7 s of compiles over the first 16 staggered answers). A draw that fails for one batch size
-    switches the path off."""
-    from llm.serving import batching
-
-    drawn_rows = []
-
-    def right(logits, temperature, top_p, top_k, greedy, u):
-        drawn_rows.append(logits.shape[0])
-        settings = batching._RowSettings(temperature, top_p, top_k, greedy, int(top_k.max()), 0)
-        return batching._pytorch_draw(logits, settings, u)
-
-    monkeypatch.setattr(_triton_sampler_on_the_cpu, "draw", right)
-    info = batching.check_triton_sampling(torch.device("cpu"), 1000, max_rows=16)
-    assert info["triton_sampling"] is True
-    assert sorted(set(drawn_rows)) == [*range(1, 17), 256]  # the check's 256 rows, then every batch size
-
-    def fails_at_three_rows(logits, *rest):
-        if logits.shape[0] == 3:
-            raise RuntimeError("out of resource: shared memory")
-        return right(logits, *rest)
-
-    monkeypatch.setattr(_triton_sampler_on_the_cpu, "draw", fails_at_three_rows)
-    info = batching.check_triton_sampling(torch.device("cpu"), 1000, max_rows=16)
-    assert info["triton_sampling"] is False and "every batch size" in info["triton_sampling_error"]
-    assert caplog.text.count("Triton sampling switched off") == 1
-
-
 def test_a_triton_whose_top_k_fails_samples_with_the_full_sort(_triton_sampler_on_the_cpu, monkeypatch, caplog):
     """A Triton whose `tl.topk` cannot compile the sampler's keys: the start-up check falls back to the
     full sort, which draws PyTorch's tokens, and the Triton path stays on."""

@@ -238,17 +238,12 @@ _CHECK_ROWS = 256
 _CHECK_AGREEMENT = 0.97
 
 
-def check_triton_sampling(device: torch.device, vocab: int, max_rows: int = 1) -> dict:
+def check_triton_sampling(device: torch.device, vocab: int) -> dict:
     """At start-up, where `triton_sampling` serves: it draws random rows (the seed's settings, greedy
     and top_k=1 rows among them) against PyTorch's sampler with the same uniforms. Where Triton's
     bitonic top-k fails that (a Triton whose `tl.topk` cannot compile these keys), the full sort is
     checked instead (one WARNING). A failure or a disagreement of both switches the path off for this
-    process (one WARNING); sampling goes on in PyTorch.
-
-    Once it passes, it draws once for every batch of 1..`max_rows` rows, as serving does, so that
-    every batch size has run on this GPU before the first answer: whatever Triton specializes a kernel
-    on (`_param_tensors` keeps the settings' alignment the same for all sizes) is compiled by then, and
-    a size that cannot launch switches the path off here rather than in somebody's answer."""
+    process (one WARNING); sampling goes on in PyTorch."""
     if not triton_sampling.serves(device, vocab, triton_sampling.CANDIDATES):
         return {"triton_sampling": False}
     generator = torch.Generator(device=device).manual_seed(0)
@@ -262,27 +257,10 @@ def check_triton_sampling(device: torch.device, vocab: int, max_rows: int = 1) -
         triton_sampling.sort_fully(reason)
         same, reason = _agreement(logits, settings, u)
     if reason is None:
-        reason = _draw_every_batch_size(device, vocab, max_rows, generator)
-    if reason is None:
         return {"triton_sampling": True, "triton_sampling_agreement": round(same, 4),
                 "triton_sampling_topk": triton_sampling.HAS_TOPK}
     triton_sampling.switch_off(reason)
     return {"triton_sampling": False, "triton_sampling_error": reason}
-
-
-def _draw_every_batch_size(device: torch.device, vocab: int, max_rows: int, generator: torch.Generator) -> str | None:
-    """Draws once for each batch of 1..`max_rows` rows of the seed's settings through `sample_tokens`'
-    own arguments; why that failed, or None."""
-    try:
-        for rows in range(1, max_rows + 1):
-            settings = _param_tensors((SamplingParams(),) * rows, vocab, device)
-            logits = torch.randn(rows, vocab, device=device, generator=generator)
-            _triton_draw(logits, settings, torch.rand(rows, device=device, generator=generator))
-        if torch.device(device).type == "cuda":
-            torch.cuda.synchronize(device)  # a launch error shows here, not in somebody's answer
-    except Exception as error:  # noqa: BLE001 - whatever it is, PyTorch's sampler serves
-        return f"the start-up draw of every batch size failed: {error!r}"
-    return None
 
 
 def _agreement(logits: torch.Tensor, settings: _RowSettings, u: torch.Tensor) -> tuple[float, str | None]:
