@@ -361,15 +361,20 @@ def serial_step_times(decoder, graphs) -> dict:  # noqa: ANN001
 
 # What one decode step would take without a piece (its output replaced by its input): an upper bound
 # on what fusing that piece away could save, with the step's launch order and overlaps as served.
-STEP_WHATIFS = ("served", "no_rope_kv_write", "no_attention", "no_rope_kv_write_no_attention", "no_o")
+# "xq_in_launch": `nf4`'s 2-16-row fused launches copy x into operand order themselves (runs 19-43), not the
+# element-wise step before them (`nf4_kernels.XQ_FROM_PRODUCER`); for other modes the served step again.
+STEP_WHATIFS = ("served", "no_rope_kv_write", "no_attention", "no_rope_kv_write_no_attention", "no_o",
+                "xq_in_launch")
 
 
 @contextlib.contextmanager
 def _step_variant(decoder, name: str) -> Iterator:  # noqa: ANN001
-    from llm.serving import triton_kernels
+    from llm.serving import nf4_kernels, triton_kernels
 
     q_size = decoder.config.num_heads * decoder.config.head_dim
     patches = []
+    if name == "xq_in_launch":
+        patches.append((nf4_kernels, "XQ_FROM_PRODUCER", False))
     if "no_rope_kv_write" in name:  # q unrotated, the new k/v not written (a copy only at >1 row)
         patches.append((triton_kernels, "rope_kv_write_paged", lambda qkv, *_, **__: qkv[:, :q_size].contiguous()))
     if "no_attention" in name:  # attention and its reduce: the output is q
