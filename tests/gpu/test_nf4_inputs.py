@@ -64,7 +64,7 @@ def test_a_fused_launch_after_them_gives_its_own_copys_bits_in_graph_replays(row
     # The fused launch that reads x in operand order from the step before it starts its weight loop
     # right after that step is done: it must read this replay's copy, and compute what the launch
     # that copies x itself computes, bit for bit (the same t, the same x values).
-    from llm.serving import nf4_inputs, nf4_kernels
+    from llm.serving import nf4_inputs, nf4_kernels, nf4_mma
 
     projection, _ = projection_and_input(name, rows)
     k = projection.weight.shape[1]
@@ -72,7 +72,13 @@ def test_a_fused_launch_after_them_gives_its_own_copys_bits_in_graph_replays(row
     norm_weight = (torch.rand(k, device="cuda:0") + 0.5).to(torch.bfloat16)
     fused = [c for c in layouts(projection, rows) if c.kind == "mma" and c.fuse_a]
     assert fused
-    for config in fused:
+    # a spread of the 14-17 fused layouts (tiles, x prefetch, groups ahead, shared lookups, the last one's
+    # K split), compiled at once: each is two NVRTC compiles of 1-3 s
+    picked = list(dict.fromkeys(fused[::4] + fused[-1:]))
+    code, rank = projection.weight.code, lora.rank
+    nf4_mma.precompile([(code, rows, k, rank, nf4_kernels.mma_layout(c), given) for c in picked
+                        for given in (True, False)], threads=8)
+    for config in picked:
         def step(inputs: torch.Tensor, given: bool = True, config=config) -> torch.Tensor:  # noqa: ANN001
             if name == "down":
                 x, xq = nf4_inputs.silu_mul_operand_order(inputs)
