@@ -23,5 +23,5 @@ def test_the_kernels_compile_for_an_h200():
                             text=True, cwd=ROOT, timeout=600)
     reports = [json.loads(line) for line in result.stdout.splitlines() if line.startswith("{")]
     assert {r["kernel"] for r in reports} >= {"_chunk_candidates_kernel", "_draw_kernel", "_paged_attn_kernel",
-                                             "_add_norm_kernel", "_silu_mul_kernel"}
+                                             "_add_norm_kernel", "_silu_mul_kernel", "_paged_reduce_kernel"}
     assert result.returncode == 0 and all(r["ok"] for r in reports), (reports, result.stderr[-2000:])

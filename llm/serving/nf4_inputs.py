@@ -24,7 +24,12 @@ import os
 
 import torch
 
-from llm.serving.triton_kernels import _HAVE_TRITON, after_previous_kernels, programmatic_options
+from llm.serving.triton_kernels import (
+    _HAVE_TRITON,
+    after_previous_kernels,
+    operand_order_offsets,
+    programmatic_options,
+)
 
 # The interpreter runs these kernels on the CPU with numpy: no libdevice there (numpy's exp is accurate)
 _LIBDEVICE = os.environ.get("TRITON_INTERPRET", "0") != "1"
@@ -33,13 +38,6 @@ if _HAVE_TRITON:
     import triton
     import triton.language as tl
     from triton.language.extra import libdevice
-
-    @triton.jit
-    def _operand_offsets(row, k):  # noqa: ANN202 - a Triton function
-        # input k of x row `row` -> [group, set, step, g, t, j] (nf4_mma.operand_order): k = 256 group
-        # + 64 t + 4 step + j, row = 8 set + g
-        group, t, step, j = k >> 8, (k >> 6) & 3, (k >> 2) & 15, k & 3
-        return ((((group * 2 + (row >> 3)) * 16 + step) * 8 + (row & 7)) * 4 + t) * 4 + j
 
     @triton.jit
     def _add_norm_kernel(h_ptr, delta_ptr, weight_ptr, h_out_ptr, x_ptr, xq_ptr, eps, ld_h, ld_delta,
@@ -57,7 +55,7 @@ if _HAVE_TRITON:
         normed = (xf * scale).to(tl.bfloat16).to(tl.float32)
         x = (tl.load(weight_ptr + k).to(tl.float32) * normed).to(tl.bfloat16)
         tl.store(x_ptr + row * K + k, x)
-        tl.store(xq_ptr + _operand_offsets(row, k), x)
+        tl.store(xq_ptr + operand_order_offsets(row, k), x)
 
     @triton.jit
     def _silu_mul_kernel(gate_up_ptr, x_ptr, xq_ptr, ld_gate_up, INTER: tl.constexpr, BLOCK: tl.constexpr,
@@ -71,7 +69,7 @@ if _HAVE_TRITON:
         silu = tl.math.div_rn(gate, 1.0 + exp).to(tl.bfloat16).to(tl.float32)
         x = (silu * up).to(tl.bfloat16)
         tl.store(x_ptr + row * INTER + k, x)
-        tl.store(xq_ptr + _operand_offsets(row, k), x)
+        tl.store(xq_ptr + operand_order_offsets(row, k), x)
 
 
 def _check(x: torch.Tensor, k: int) -> None:

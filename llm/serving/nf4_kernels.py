@@ -1049,8 +1049,10 @@ def _one_row_xtab(rows: int, weight: NF4Matrix) -> NF4Config | None:
 
 
 # The element-wise step before a fused 2-16-row tensor-core launch writes x in its operand order too
-# (`llm.serving.nf4_inputs`); off: the launch's A blocks copy it (what runs 19-43 served)
+# (`llm.serving.nf4_inputs`), and so does the attention before o; off: the launch's A blocks copy it
+# (what runs 19-43 served)
 XQ_FROM_PRODUCER = True
+XQ_FROM_ATTENTION = True
 
 
 def _fused_mma_layout(rows: int, weight: NF4Matrix, lora: LoraParts) -> tuple | None:
@@ -1066,9 +1068,9 @@ def _fused_mma_layout(rows: int, weight: NF4Matrix, lora: LoraParts) -> tuple | 
     return layout if layout[4] else None  # (warps, tiles, prefetch_x, ahead, fuse_a, ...)
 
 
-# The projections whose input an element-wise step produces at 2-16 rows (decoder order: the add and norm
-# before q/k/v and gate/up, silu(gate) * up before down); o's input is the attention's output
-XQ_PRODUCED = ("qkv", "gate_up", "down")
+# The projections whose input the kernel before them writes in operand order at 2-16 rows (the add and
+# norm before q/k/v and gate/up, the attention before o, silu(gate) * up before down)
+XQ_PRODUCED = ("qkv", "o", "gate_up", "down")
 
 
 def precompile_xq_given(projections: dict[str, list], buckets: Sequence[int], threads: int) -> int:
@@ -1085,6 +1087,20 @@ def precompile_xq_given(projections: dict[str, list], buckets: Sequence[int], th
             if layout is not None:
                 requests.append((first.weight.code, rows, first.weight.shape[1], first.lora.rank, layout, True))
     return nf4_mma.precompile(requests, threads) if requests and threads > 1 else 0
+
+
+def takes_operand_order(rows: int, weight: NF4Matrix, lora: LoraParts) -> bool:
+    """o's launch for `rows` rows reads x in operand order from the attention before it."""
+    return XQ_FROM_ATTENTION and _fused_mma_layout(rows, weight, lora) is not None
+
+
+def nf4_in_operand_order(x: torch.Tensor, xq: torch.Tensor, weight: NF4Matrix, lora: LoraParts,
+                         round_lora_first: bool = True) -> torch.Tensor:
+    """`nf4_lora_linear` of x given x in operand order too (where `takes_operand_order`)."""
+    layout = _fused_mma_layout(x.shape[0], weight, lora)
+    if layout is None:
+        raise ValueError(f"no fused tensor-core launch serves {x.shape[0]} rows of this projection")
+    return _mma_with_xq(x, xq, weight, lora, round_lora_first, layout)
 
 
 def _mma_with_xq(x: torch.Tensor, xq: torch.Tensor, weight: NF4Matrix, lora: LoraParts, round_lora_first: bool,
