@@ -361,34 +361,21 @@ def serial_step_times(decoder, graphs) -> dict:  # noqa: ANN001
 
 # What one decode step would take without a piece (its output replaced by its input): an upper bound
 # on what fusing that piece away could save, with the step's launch order and overlaps as served.
-# "xq_in_launch": `nf4`'s 2-16-row fused launches copy x into operand order themselves (runs 19-43), not the
-# kernel before them (`nf4_kernels.XQ_FROM_PRODUCER`, `XQ_FROM_ATTENTION`); "xq_in_o_launch": o's alone;
-# for other modes the served step again.
-STEP_WHATIFS = ("served", "no_rope_kv_write", "no_attention", "no_rope_kv_write_no_attention", "no_o",
-                "xq_in_launch", "xq_in_o_launch")
+STEP_WHATIFS = ("served", "no_rope_kv_write", "no_attention", "no_rope_kv_write_no_attention", "no_o")
 
 
 @contextlib.contextmanager
 def _step_variant(decoder, name: str) -> Iterator:  # noqa: ANN001
-    from llm.serving import nf4_kernels, triton_kernels
+    from llm.serving import triton_kernels
 
     q_size = decoder.config.num_heads * decoder.config.head_dim
     patches = []
-    if name == "xq_in_launch":
-        patches.append((nf4_kernels, "XQ_FROM_PRODUCER", False))
-    if name in ("xq_in_launch", "xq_in_o_launch"):
-        patches.append((nf4_kernels, "XQ_FROM_ATTENTION", False))
     if "no_rope_kv_write" in name:  # q unrotated, the new k/v not written (a copy only at >1 row)
         patches.append((triton_kernels, "rope_kv_write_paged", lambda qkv, *_, **__: qkv[:, :q_size].contiguous()))
     if "no_attention" in name:  # attention and its reduce: the output is q
         patches.append((triton_kernels, "paged_decode_attention", lambda q, *_, **__: q))
-        # (the copy in operand order left unwritten: timing only)
-        patches.append((triton_kernels, "paged_decode_attention_in_operand_order",
-                        lambda q, *_, **__: (q, torch.empty(16 * q.shape[1], dtype=q.dtype, device=q.device))))
     if name == "no_o":
         patches.append((type(decoder.layers[0]), "o", lambda _layer, x: x))
-        if hasattr(type(decoder.layers[0]), "o_takes_operand_order"):
-            patches.append((type(decoder.layers[0]), "o_takes_operand_order", lambda _layer, rows: False))
     saved = [(owner, attribute, getattr(owner, attribute)) for owner, attribute, _ in patches]
     for owner, attribute, replacement in patches:
         setattr(owner, attribute, replacement)

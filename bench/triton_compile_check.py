@@ -26,12 +26,12 @@ import triton  # noqa: E402
 from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.compiler import ASTSource  # noqa: E402
 
-from llm.serving import nf4_inputs, triton_kernels, triton_sampling  # noqa: E402
+from llm.serving import triton_kernels, triton_sampling  # noqa: E402
 
 TARGET = GPUTarget("cuda", 90, 32)
 # Integer arguments that are multiples of 16 when the 7B is served (pool strides, head dims, the vocabulary);
 # the block table's row stride depends on the longest sequence, so it gets no hint.
-_MULTIPLES_OF_16 = {"stride_pb", "stride_ph", "stride_pt", "row_stride", "vocab", "ld_h", "ld_delta", "ld_gate_up"}
+_MULTIPLES_OF_16 = {"stride_pb", "stride_ph", "stride_pt", "row_stride", "vocab"}
 
 _ATTENTION = {"k_pool_ptr": "*bf16", "v_pool_ptr": "*bf16", "table_ptr": "*i32", "pos_ptr": "*i64",
               "acc_ptr": "*fp32", "ml_ptr": "*fp32", "scale": "fp32", "stride_tab": "i32", "stride_pb": "i32",
@@ -52,17 +52,6 @@ KERNELS = [
       "TOPK": triton_sampling.HAS_TOPK}, {"num_warps": triton_sampling.DRAW_WARPS}),
     (triton_kernels._paged_attn_kernel, {"q_ptr": "*bf16", **_ATTENTION}, _ATTENTION_SHAPE,
      {"num_warps": 4, "num_stages": 2}),
-    (triton_kernels._paged_reduce_kernel,
-     {"acc_ptr": "*fp32", "ml_ptr": "*fp32", "pos_ptr": "*i64", "out_ptr": "*bf16", "xq_ptr": "*bf16"},
-     {"NUM_KV": 8, "GROUP": 4, "HEAD_DIM": 128, "BLOCK_SIZE": 32, "PAGES_PER_SPLIT": 2, "SPLITS": 32,
-      "SPLITS_PAD": 32, "WRITE_XQ": True, "GDC": True}, {"num_warps": 1, "launch_pdl": True}),
-    (nf4_inputs._add_norm_kernel,
-     {"h_ptr": "*bf16", "delta_ptr": "*bf16", "weight_ptr": "*bf16", "h_out_ptr": "*bf16", "x_ptr": "*bf16",
-      "xq_ptr": "*bf16", "eps": "fp32", "ld_h": "i32", "ld_delta": "i32"},
-     {"K": 4096, "LIBDEVICE": True, "GDC": True}, {"num_warps": 8, "launch_pdl": True}),
-    (nf4_inputs._silu_mul_kernel,
-     {"gate_up_ptr": "*bf16", "x_ptr": "*bf16", "xq_ptr": "*bf16", "ld_gate_up": "i32"},
-     {"INTER": 14336, "BLOCK": 1024, "LIBDEVICE": True, "GDC": True}, {"num_warps": 4, "launch_pdl": True}),
 ]
 
 

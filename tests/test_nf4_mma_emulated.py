@@ -36,13 +36,11 @@ RANK = 32
 
 
 def _build(tmp_path_factory: pytest.TempPathFactory, warps: int, rows: int, tiles: int, prefetch: bool,
-           ahead: int, k: int, fuse_a: bool = False, shared_lookups: int = 0, k_splits: int = 1,
-           xq_given: bool = False) -> ctypes.CDLL:
+           ahead: int, k: int, fuse_a: bool = False, shared_lookups: int = 0, k_splits: int = 1) -> ctypes.CDLL:
     folder = tmp_path_factory.mktemp(
-        f"nf4_w{warps}_r{rows}_t{tiles}_p{int(prefetch)}_a{ahead}_k{k}_f{int(fuse_a)}_s{shared_lookups}_ks{k_splits}"
-        f"_x{int(xq_given)}")
+        f"nf4_w{warps}_r{rows}_t{tiles}_p{int(prefetch)}_a{ahead}_k{k}_f{int(fuse_a)}_s{shared_lookups}_ks{k_splits}")
     kernel_source = nf4_mma.source(NF4_CODE, warps, rows, RANK, tiles, prefetch, ahead, k, fuse_a,
-                                   shared_lookups=shared_lookups, k_splits=k_splits, xq_given=xq_given)
+                                   shared_lookups=shared_lookups, k_splits=k_splits)
     library = build_emulated(folder, kernel_source, LAUNCHER)
     library.launch.restype = ctypes.c_long
     library.launch.argtypes = [ctypes.c_int, ctypes.c_int] + [ctypes.c_void_p] * 6 + [
@@ -70,11 +68,9 @@ def _projection(n: int, k: int, seed: int) -> NF4Projection:
 
 
 def _run(library: ctypes.CDLL, projection: NF4Projection, x: torch.Tensor, warps: int, tiles: int,
-         counters: torch.Tensor | None = None, k_splits: int = 1, arrivals: torch.Tensor | None = None,
-         xq: torch.Tensor | None = None) -> torch.Tensor:
+         counters: torch.Tensor | None = None, k_splits: int = 1, arrivals: torch.Tensor | None = None) -> torch.Tensor:
     """The kernel's output; with `counters`, the fused kernel's, and with `k_splits`, the tile arrivals
-    (both left as the kernel found them); `xq`: the fused kernel's x in operand order, as the kernel
-    before it wrote it."""
+    (both left as the kernel found them)."""
     m, k = x.shape
     n = projection.weight.shape[0]
     lora = projection.lora
@@ -82,8 +78,8 @@ def _run(library: ctypes.CDLL, projection: NF4Projection, x: torch.Tensor, warps
     fuse_a = counters is not None
     counters = torch.zeros(1, dtype=torch.int32) if counters is None else counters
     a_partial = torch.full((k // nf4_mma.GROUP, m, rt), float("nan"))
-    if fuse_a:  # the launch writes both (xq unless given); stale values must not matter
-        xq = torch.full((16 * k,), float("nan"), dtype=torch.bfloat16) if xq is None else xq
+    if fuse_a:  # the launch writes both; stale values must not matter
+        xq = torch.full((16 * k,), float("nan"), dtype=torch.bfloat16)
         t = torch.full((m, rt), float("nan"))
         splits, la_blocks = 1, nf4_mma.fused_a_blocks(rt, k, warps, nf4_mma.fused_kernel_rows(m))
     else:
@@ -150,35 +146,6 @@ def test_the_fused_kernel_computes_lora_a_itself_and_leaves_its_counters_at_zero
         assert not out.isnan().any()
         assert nf4_kernels.matches_reference(out, reference), (out.float() - reference.float()).abs().max()
         assert counters.abs().sum() == 0, counters
-
-
-@pytest.mark.parametrize(("warps", "tiles", "prefetch", "ahead"), [(4, 1, False, 1), (8, 2, True, 2)])
-@pytest.mark.parametrize("rows", [5, 16])
-def test_the_fused_kernel_reads_x_in_operand_order_as_the_kernel_before_it_wrote_it(
-        tmp_path_factory, warps, tiles, prefetch, ahead, rows):
-    # rows past x's are NaN in the given copy: the weight blocks never read them
-    k = 256 * 5
-    library = _build(tmp_path_factory, warps, nf4_mma.fused_kernel_rows(rows), tiles, prefetch, ahead, k, fuse_a=True,
-                     xq_given=True)
-    projection = _projection(n=64, k=k, seed=rows)
-    x = torch.randn((rows, k), generator=torch.Generator().manual_seed(400 + rows)).to(torch.bfloat16)
-    reference = projection.reference(x)
-    row_of_value = nf4_mma.operand_order(torch.arange(16)[:, None].expand(16, k).float())
-    given = torch.where(row_of_value < rows, nf4_mma.operand_order(x), float("nan")).to(torch.bfloat16)
-    counters = torch.zeros(nf4_mma.fused_counter_count(projection.lora.a.shape[0]), dtype=torch.int32)
-    for _ in range(2):  # the second launch finds the counters as the first left them
-        xq = given.clone()
-        out = _run(library, projection, x, warps, tiles, counters, xq=xq)
-        assert not out.isnan().any()
-        assert nf4_kernels.matches_reference(out, reference), (out.float() - reference.float()).abs().max()
-        assert counters.abs().sum() == 0, counters
-
-
-def test_x_in_operand_order_given_is_a_fused_launchs_of_more_than_one_row():
-    with pytest.raises(ValueError, match="operand order given"):
-        nf4_mma.source(NF4_CODE, 4, 16, RANK, fuse_a=False, xq_given=True)
-    with pytest.raises(ValueError, match="operand order given"):
-        nf4_mma.source(NF4_CODE, 4, 1, RANK, fuse_a=True, xq_given=True)
 
 
 # (warps, tiles, groups ahead, fused, k_splits): K split across two, four and eight blocks of a tile,

@@ -1,5 +1,4 @@
-"""The Triton kernels of `bench/triton_compile_check.py` (the sampler's, the served attention kernel and
-`nf4`'s element-wise steps that write x in operand order)
+"""The Triton kernels of `bench/triton_compile_check.py` (the sampler's and the served attention kernel)
 compile for sm_90 with the installed Triton's compiler and ptxas, no GPU needed: an op or layout Triton
 rejects fails here, not in a device call."""
 
@@ -22,6 +21,5 @@ def test_the_kernels_compile_for_an_h200():
     result = subprocess.run([sys.executable, str(ROOT / "bench" / "triton_compile_check.py")], capture_output=True,
                             text=True, cwd=ROOT, timeout=600)
     reports = [json.loads(line) for line in result.stdout.splitlines() if line.startswith("{")]
-    assert {r["kernel"] for r in reports} >= {"_chunk_candidates_kernel", "_draw_kernel", "_paged_attn_kernel",
-                                             "_add_norm_kernel", "_silu_mul_kernel", "_paged_reduce_kernel"}
+    assert {r["kernel"] for r in reports} >= {"_chunk_candidates_kernel", "_draw_kernel", "_paged_attn_kernel"}
     assert result.returncode == 0 and all(r["ok"] for r in reports), (reports, result.stderr[-2000:])

@@ -618,7 +618,9 @@ class MistralDecoder:
                     qkv, self.cos, self.sin, positions, table, k_pool, v_pool,
                     cfg.num_heads, cfg.num_kv_heads, cfg.head_dim,
                 )
-                o = self._o_of_attention(layer, q, k_pool, v_pool, table, positions)
+                attn = triton_kernels.paged_decode_attention(
+                    q, k_pool, v_pool, table, positions, self.scale, cfg.num_heads
+                )
             else:
                 q, k, v = self._rope(
                     qkv, self.cos, self.sin, positions, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
@@ -629,27 +631,12 @@ class MistralDecoder:
                 keys = k_pool[gather].transpose(1, 2).reshape(n, cfg.num_kv_heads, -1, cfg.head_dim)[:, :, :kv_len]
                 values = v_pool[gather].transpose(1, 2).reshape(n, cfg.num_kv_heads, -1, cfg.head_dim)[:, :, :kv_len]
                 attn = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, scale=self.scale)
-                o = layer.o(attn.reshape(n, -1))
-            h, gate_up = self._add_norm_then(layer, "gate_up", h, o, eps)
+            h, gate_up = self._add_norm_then(layer, "gate_up", h, layer.o(attn.reshape(n, -1)), eps)
             mlp = self._down_of(layer, gate_up)
             if index + 1 < len(self.layers):
                 h, qkv = self._add_norm_then(self.layers[index + 1], "qkv", h, mlp, eps)
         _, x = self._add_norm(h, mlp, self.final_norm, eps)
         return self.lm_head(x)
-
-    def _o_of_attention(self, layer: Layer, q: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Tensor,
-                        table: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-        """layer.o of the paged attention's output; where o's launch reads its input in the tensor-core
-        kernel's operand order from the kernel before it (`nf4`, 2-16 rows), the attention writes it so too."""
-        heads = self.config.num_heads
-        takes = getattr(layer, "o_takes_operand_order", None)
-        if takes is not None and takes(q.shape[0]):
-            attn, xq = triton_kernels.paged_decode_attention_in_operand_order(
-                q, k_pool, v_pool, table, positions, self.scale, heads
-            )
-            return layer.o_in_operand_order(attn, xq)
-        attn = triton_kernels.paged_decode_attention(q, k_pool, v_pool, table, positions, self.scale, heads)
-        return layer.o(attn.reshape(q.shape[0], -1))
 
     def _add_norm_then(self, layer: Layer, name: str, h: torch.Tensor, delta: torch.Tensor,
                        eps: float) -> tuple[torch.Tensor, torch.Tensor]:

@@ -275,21 +275,6 @@ class NF4Projection:
         return nf4_kernels.nf4_after_add_norm(residual, delta, norm_weight, eps, self.weight, self.lora,
                                               self.round_lora_first)
 
-    def takes_operand_order(self, rows: int) -> bool:
-        """Whether this projection's launch for `rows` rows reads x in the tensor-core kernel's operand
-        order from the kernel before it (`in_operand_order`)."""
-        if not self.use_kernels:
-            return False
-        from llm.serving import nf4_kernels
-
-        return nf4_kernels.takes_operand_order(rows, self.weight, self.lora)
-
-    def in_operand_order(self, x: torch.Tensor, xq: torch.Tensor) -> torch.Tensor:
-        """This projection of x ([rows, K]) given x in operand order too (`takes_operand_order`)."""
-        from llm.serving import nf4_kernels
-
-        return nf4_kernels.nf4_in_operand_order(x, xq, self.weight, self.lora, self.round_lora_first)
-
     def _plan_prefers_dequantizing(self, rows: int) -> bool:
         from llm.serving import nf4_kernels
 
@@ -370,14 +355,6 @@ class NF4Layer:
 
     def down_after_silu_mul(self, gate_up: torch.Tensor) -> torch.Tensor | None:
         return self.projections["down"].after_silu_mul(gate_up)
-
-    # o's input as the attention writes it: `MistralDecoder` asks for it in the tensor-core kernel's
-    # operand order too where o's launch reads it so (2-16 rows), and calls `o_in_operand_order` then.
-    def o_takes_operand_order(self, rows: int) -> bool:
-        return self.projections["o"].takes_operand_order(rows)
-
-    def o_in_operand_order(self, x: torch.Tensor, xq: torch.Tensor) -> torch.Tensor:
-        return self.projections["o"].in_operand_order(x, xq)
 
     @property
     def nbytes(self) -> int:

@@ -52,7 +52,7 @@ from typing import TYPE_CHECKING
 import torch
 import torch.nn.functional as F
 
-from llm.serving import nf4_inputs, nf4_mma, nf4_xtab, tuning_cache
+from llm.serving import nf4_mma, nf4_xtab, tuning_cache
 from llm.serving.triton_kernels import after_previous_kernels, graph_time_ms, programmatic_options
 
 if TYPE_CHECKING:
@@ -1048,77 +1048,10 @@ def _one_row_xtab(rows: int, weight: NF4Matrix) -> NF4Config | None:
     return config if config is not None and config.kind == "xtab" else None
 
 
-# The element-wise step before a fused 2-16-row tensor-core launch writes x in its operand order too
-# (`llm.serving.nf4_inputs`), and so does the attention before o; off: the launch's A blocks copy it
-# (what runs 19-43 served)
-XQ_FROM_PRODUCER = True
-XQ_FROM_ATTENTION = True
-
-
-def _fused_mma_layout(rows: int, weight: NF4Matrix, lora: LoraParts) -> tuple | None:
-    """The served tensor-core layout for 2-16 rows where its launch computes the LoRA's A product itself
-    (then the kernel before it may write x in operand order), else None."""
-    n, k = weight.shape
-    if not XQ_FROM_PRODUCER or not 2 <= rows <= MAX_ROWS or PLAN.use_reference(rows, n, k):
-        return None
-    config = PLAN.get(rows, n, k) or default_config(rows, n, k, lora.boundaries)
-    if config.kind != "mma":
-        return None
-    layout = mma_layout(config)
-    return layout if layout[4] else None  # (warps, tiles, prefetch_x, ahead, fuse_a, ...)
-
-
-# The projections whose input the kernel before them writes in operand order at 2-16 rows (the add and
-# norm before q/k/v and gate/up, the attention before o, silu(gate) * up before down)
-XQ_PRODUCED = ("qkv", "o", "gate_up", "down")
-
-
-def precompile_xq_given(projections: dict[str, list], buckets: Sequence[int], threads: int) -> int:
-    """Compile, once the plan is set, the served fused launches' twins that read x in operand order
-    from the kernel before them (otherwise each compiles at its first decode step of that batch size,
-    inside the graph capture); returns how many were compiled."""
-    requests = []
-    for name in XQ_PRODUCED:
-        first = projections.get(name, [None])[0]
-        if first is None:
-            continue
-        for rows in buckets:
-            layout = _fused_mma_layout(rows, first.weight, first.lora)
-            if layout is not None:
-                requests.append((first.weight.code, rows, first.weight.shape[1], first.lora.rank, layout, True))
-    return nf4_mma.precompile(requests, threads) if requests and threads > 1 else 0
-
-
-def takes_operand_order(rows: int, weight: NF4Matrix, lora: LoraParts) -> bool:
-    """o's launch for `rows` rows reads x in operand order from the attention before it."""
-    return XQ_FROM_ATTENTION and _fused_mma_layout(rows, weight, lora) is not None
-
-
-def nf4_in_operand_order(x: torch.Tensor, xq: torch.Tensor, weight: NF4Matrix, lora: LoraParts,
-                         round_lora_first: bool = True) -> torch.Tensor:
-    """`nf4_lora_linear` of x given x in operand order too (where `takes_operand_order`)."""
-    layout = _fused_mma_layout(x.shape[0], weight, lora)
-    if layout is None:
-        raise ValueError(f"no fused tensor-core launch serves {x.shape[0]} rows of this projection")
-    return _mma_with_xq(x, xq, weight, lora, round_lora_first, layout)
-
-
-def _mma_with_xq(x: torch.Tensor, xq: torch.Tensor, weight: NF4Matrix, lora: LoraParts, round_lora_first: bool,
-                 layout: tuple) -> torch.Tensor:
-    warps, tiles, prefetch_x, ahead, _, shared_lookups, k_splits = layout
-    return nf4_mma.nf4_mma_linear(x, weight, lora, *lora.part_starts(weight.shape[0]), round_lora_first, warps, tiles,
-                                  prefetch_x, ahead, shared_lookups=shared_lookups, k_splits=k_splits, xq=xq)
-
-
 def nf4_after_silu_mul(gate_up: torch.Tensor, weight: NF4Matrix, lora: LoraParts,
                        round_lora_first: bool = True) -> torch.Tensor | None:
-    """`nf4_lora_linear` of `silu(gate) * up` for gate_up = [gate | up]: one row, the element-wise step
-    inside the x-table launch; 2-16 rows, that step writing x in the fused tensor-core launch's operand
-    order too. None where the plan serves neither here."""
-    layout = _fused_mma_layout(gate_up.shape[0], weight, lora)
-    if layout is not None:
-        x, xq = nf4_inputs.silu_mul_operand_order(gate_up)
-        return _mma_with_xq(x, xq, weight, lora, round_lora_first, layout)
+    """`nf4_lora_linear` of `silu(gate) * up` for gate_up = [gate | up], the element-wise step inside
+    the one-row x-table launch; None where the plan does not serve that kernel here."""
     config = _one_row_xtab(gate_up.shape[0], weight)
     if config is None:
         return None
@@ -1129,13 +1062,8 @@ def nf4_after_silu_mul(gate_up: torch.Tensor, weight: NF4Matrix, lora: LoraParts
 def nf4_after_add_norm(residual: torch.Tensor, delta: torch.Tensor, norm_weight: torch.Tensor, eps: float,
                        weight: NF4Matrix, lora: LoraParts,
                        round_lora_first: bool = True) -> tuple[torch.Tensor, torch.Tensor] | None:
-    """(residual + delta, `nf4_lora_linear` of its MistralRMSNorm): one row, the add and the norm inside
-    the x-table launch; 2-16 rows, the add and the norm writing x in the fused tensor-core launch's
-    operand order too. None where the plan serves neither here."""
-    layout = _fused_mma_layout(residual.shape[0], weight, lora)
-    if layout is not None:
-        h, x, xq = nf4_inputs.add_norm_operand_order(residual, delta, norm_weight, eps)
-        return h, _mma_with_xq(x, xq, weight, lora, round_lora_first, layout)
+    """(residual + delta, `nf4_lora_linear` of its MistralRMSNorm), the add and the norm inside the
+    one-row x-table launch; None where the plan does not serve that kernel here."""
     config = _one_row_xtab(residual.shape[0], weight)
     if config is None:
         return None
@@ -1328,7 +1256,6 @@ def tune(projections: dict[str, list], rows_buckets: Sequence[int], replays: int
         if stored is not None:
             why_not, compiled = _serve_stored_plan(projections, buckets, stored, compile_threads)
             if why_not is None:
-                compiled += precompile_xq_given(projections, buckets, compile_threads)
                 seconds = round(time.perf_counter() - started, 1)
                 logger.info("nf4 kernels: serving the layouts timed at %s for this GPU and kernel version (from %s, "
                             "each checked against the reference path in %.1f s); delete the file to time them again",
@@ -1378,7 +1305,6 @@ def tune(projections: dict[str, list], rows_buckets: Sequence[int], replays: int
                                                       "dequant_cublas": PLAN.use_reference(rows, n, k)}
             torch.cuda.empty_cache()
         seconds_per_projection[name] = round(time.perf_counter() - projection_started, 1)
-    compiled += precompile_xq_given(projections, buckets, compile_threads)
     summary = PLAN.summary()
     choices_made = [label for key, label in summary.items() if key.startswith("m")]
     tensor_core = sum(label.startswith("mma") for label in choices_made)

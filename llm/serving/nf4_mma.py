@@ -297,7 +297,7 @@ __device__ void lora_a_unit(const u16* x, int ldx, const float* lora_a, int M, i
         a_rows[r][0] = __ldg(row);
         a_rows[r][1] = __ldg(row + 1);
     }
-    if (ROWS > 1 && !XQ_GIVEN && quad == 0) {  // (one row: the weight blocks read x as it is)
+    if (ROWS > 1 && quad == 0) {  // (one row: the weight blocks read x as it is)
         // x[m][k0 .. k0 + 7] are operand-order values j = 0..3 of steps 2 (lane % 8) and + 1 of
         // lane (m % 8, lane / 8) in set m / 8: [slice, set, step, g, t, j]
 #pragma unroll
@@ -567,7 +567,7 @@ nf4_mma_kernel(const uint4* __restrict__ words, const float* __restrict__ absmax
         previous_kernels_done();
 #if !FUSE_A
         load_t();
-#elif ROWS > 1 && !XQ_GIVEN
+#elif ROWS > 1
         wait_until(&counters[XQ_READY], groups * A_ROW_CHUNKS);
 #endif
     };
@@ -678,8 +678,7 @@ def static_shared_bytes(warps: int, rows: int, rank: int, tiles: int, shared_loo
 
 
 def source(code: Sequence[float], warps: int, rows: int, rank: int, tiles: int = 1, prefetch_x: bool = False,
-           ahead: int = 1, k: int = 4096, fuse_a: bool = False, shared_lookups: int = 0, k_splits: int = 1,
-           xq_given: bool = False) -> str:
+           ahead: int = 1, k: int = 4096, fuse_a: bool = False, shared_lookups: int = 0, k_splits: int = 1) -> str:
     """The kernel's CUDA source for one NF4 code table, warps per block, row tile (8 or 16), rank,
     16-feature tiles per warp, whether each warp prefetches its next group's x into L1, how many
     groups' weight bytes each warp holds in registers ahead of the one it computes (1 or 2), the
@@ -687,25 +686,20 @@ def source(code: Sequence[float], warps: int, rows: int, rank: int, tiles: int =
     whether the launch's first blocks compute the LoRA's A product themselves (`fuse_a`), and how
     many of a lane's 2 x tiles absmax blocks per group decode through the shared-memory code pairs
     instead of register tables (`shared_lookups`), and how many blocks split each feature tile's K
-    (`k_splits`: the last of them adds their float32 sums up in a fixed order), and, for a fused
-    launch of 8 or 16 rows, whether the kernel before it wrote x in operand order (`xq_given`: the
-    weight blocks start their loop without waiting for the A blocks' copy)."""
+    (`k_splits`: the last of them adds their float32 sums up in a fixed order)."""
     if len(code) != 16:
         raise ValueError("an NF4 code table has 16 entries")
     if (warps not in WARP_CHOICES or rows not in (1, 8, 16) or (rows == 1 and not fuse_a) or rank <= 0
             or tiles not in TILE_CHOICES or ahead not in (1, 2) or k <= 0 or k % GROUP
             or not 0 <= shared_lookups <= 2 * tiles or k_splits not in K_SPLIT_CHOICES or (k // GROUP) % k_splits
-            or static_shared_bytes(warps, rows, rank, tiles, shared_lookups) > STATIC_SHARED_LIMIT
-            or (xq_given and (not fuse_a or rows == 1))):
+            or static_shared_bytes(warps, rows, rank, tiles, shared_lookups) > STATIC_SHARED_LIMIT):
         raise ValueError(f"no nf4 MMA kernel for {warps} warps, {rows} rows, rank {rank}, {tiles} tiles, "
-                         f"{ahead} groups ahead, K {k}, {shared_lookups} shared lookups, {k_splits} K splits"
-                         f"{', x in operand order given' if xq_given else ''}")
+                         f"{ahead} groups ahead, K {k}, {shared_lookups} shared lookups, {k_splits} K splits")
     # exact: hexadecimal literals of the float32 values
     values = ", ".join(f"{struct.unpack('<f', struct.pack('<f', float(v)))[0].hex()}f" for v in code)
     header = (f"#define KDIM {k}\n#define WARPS {warps}\n#define ROWS {rows}\n#define RANK {rank}\n#define TILES {tiles}\n"
               f"#define PREFETCH_X {int(prefetch_x)}\n#define AHEAD {ahead}\n#define FUSE_A {int(fuse_a)}\n"
               f"#define SHARED_LOOKUPS {shared_lookups}\n#define KSPLIT {k_splits}\n#define A_ROWS {lora_a_unit_rows(rows)}\n"
-              f"#define XQ_GIVEN {int(xq_given)}\n"
               f"__device__ __constant__ float CODE_TABLE[16] = {{{values}}};\n#define CODE CODE_TABLE\n")
     return header + DEVICE_HELPERS + _SOURCE
 
@@ -765,16 +759,15 @@ def code_values(code: torch.Tensor) -> tuple[float, ...]:
 
 
 def _kernel_key(code: torch.Tensor, warps: int, rows: int, rank: int, tiles: int, prefetch_x: bool, ahead: int,
-                k: int, fuse_a: bool, shared_lookups: int, k_splits: int, xq_given: bool = False) -> tuple:
+                k: int, fuse_a: bool, shared_lookups: int, k_splits: int) -> tuple:
     """What makes one compiled kernel: the device, then `source`'s arguments."""
     return (code.device.index, code_values(code), warps, rows, rank, tiles, prefetch_x, ahead, k, fuse_a, shared_lookups,
-            k_splits, xq_given)
+            k_splits)
 
 
 def _kernel(code: torch.Tensor, warps: int, rows: int, rank: int, tiles: int, prefetch_x: bool, ahead: int,
-            k: int, fuse_a: bool, shared_lookups: int, k_splits: int, xq_given: bool = False) -> Callable:
-    key = _kernel_key(code, warps, rows, rank, tiles, prefetch_x, ahead, k, fuse_a, shared_lookups, k_splits,
-                      xq_given)
+            k: int, fuse_a: bool, shared_lookups: int, k_splits: int) -> Callable:
+    key = _kernel_key(code, warps, rows, rank, tiles, prefetch_x, ahead, k, fuse_a, shared_lookups, k_splits)
     if key not in _KERNELS:
         with torch.cuda.device(code.device):
             _KERNELS[key] = _compile(source(*key[1:]))
@@ -798,7 +791,7 @@ def _nvrtc_steps() -> tuple[Callable, Callable] | None:
 
 def precompile(requests: Sequence[tuple], threads: int) -> int:
     """Compile, on `threads` threads, the kernels that `nf4_mma_linear` will need: one per request
-    (code tensor, m rows, k, rank, layout[, xq_given]), a layout being (warps, tiles, prefetch_x, ahead, fuse_a,
+    (code tensor, m rows, k, rank, layout), a layout being (warps, tiles, prefetch_x, ahead, fuse_a,
     shared_lookups, k_splits). Returns how many it compiled. NVRTC's compile releases the GIL
     (ctypes), so the start-up's dozens of compiles (0.5-3 s each) overlap instead of queueing (run 25:
     82 s of tuning on a fresh machine); the modules are then loaded here, in the thread that holds
@@ -806,9 +799,9 @@ def precompile(requests: Sequence[tuple], threads: int) -> int:
     again and reports a failure as always; one INFO line says how many."""
     steps = _nvrtc_steps()
     devices: dict[tuple, torch.device] = {}
-    for code, m, k, rank, (warps, tiles, prefetch_x, ahead, fuse_a, shared_lookups, k_splits), *given in requests:
+    for code, m, k, rank, (warps, tiles, prefetch_x, ahead, fuse_a, shared_lookups, k_splits) in requests:
         key = _kernel_key(code, warps, kernel_rows(m, fuse_a), rank, tiles, prefetch_x, ahead, k, fuse_a,
-                          shared_lookups, k_splits, bool(given and given[0]))
+                          shared_lookups, k_splits)
         devices.setdefault(key, code.device)
     missing = [key for key in devices if key not in _KERNELS]
     if steps is None or _DISABLED is not None or not missing:
@@ -899,7 +892,6 @@ def nf4_mma_linear(
     inputs: tuple[torch.Tensor, torch.Tensor] | None = None,
     shared_lookups: int = 0,
     k_splits: int = 1,
-    xq: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """y = x @ dequant(W).T + scaling * B(A(x)) with PEFT's roundings for x ([m <= 16, K], bf16);
     rows from seg1 and from seg2 on belong to the LoRA's second and third parts.
@@ -908,17 +900,12 @@ def nf4_mma_linear(
     float32). Without them, one launch does it all (FUSE_A): its first blocks write x in operand
     order and t (whole, summed in a fixed order), while the others start on their weights and wait
     for x, then for t before their epilogue. The LoRA A kernel and the gap after it were 10 % of a
-    one-row decode step and 19 % of a 16-row one (run 17).
-    `xq` (fused, 2-16 rows): x in operand order, written by the kernel before this launch
-    (`llm.serving.nf4_inputs`, the element-wise step that produced x): the weight blocks then start
-    their loop at once instead of waiting for the A blocks' copy."""
+    one-row decode step and 19 % of a 16-row one (run 17)."""
     m, k = x.shape
     n = weight.shape[0]
     rt = lora.a.shape[0]
     y = torch.empty((m, n), dtype=torch.bfloat16, device=x.device)
     if inputs is not None:
-        if xq is not None:
-            raise ValueError("x in operand order comes either with the LoRA A kernel's inputs or alone, not both")
         xq, t = inputs
         kernel = _kernel(weight.code, warps, kernel_rows(m, False), lora.rank, tiles, prefetch_x, ahead, k, False,
                          shared_lookups, k_splits)
@@ -930,12 +917,10 @@ def nf4_mma_linear(
         if x.stride(1) != 1 or x.stride(0) % 8 or x.data_ptr() % 16:
             x = x.clone(memory_format=torch.contiguous_format)  # 16-byte rows for the vector loads
         rows = kernel_rows(m, True)
-        xq_given = xq is not None and rows > 1  # (one row reads x as it is)
         kernel = _kernel(weight.code, warps, rows, lora.rank, tiles, prefetch_x, ahead, k, True, shared_lookups,
-                         k_splits, xq_given)
+                         k_splits)
         counters = lora.counters("fused", fused_counter_count(rt), x.device)
-        if not xq_given:
-            xq = torch.empty((16 * k,), dtype=torch.bfloat16, device=x.device)
+        xq = torch.empty((16 * k,), dtype=torch.bfloat16, device=x.device)
         t = torch.empty((m, rt), dtype=torch.float32, device=x.device)
         partial = torch.empty((k // GROUP, m, rt), dtype=torch.float32, device=x.device)
         la_blocks = fused_a_blocks(rt, k, warps, rows)

@@ -426,22 +426,12 @@ if _HAVE_TRITON:
         tl.store(ml_ptr + (base_out + g) * 2 + 1, s_sum, mask=g_mask)
 
     @triton.jit
-    def operand_order_offsets(row, k):  # noqa: ANN201 - a Triton function
-        # Where input k of x row `row` (1-16 rows) goes in `nf4`'s tensor-core operand order
-        # (llm.serving.nf4_mma.operand_order): [group, set, step, g, t, j] for k = 256 group + 64 t
-        # + 4 step + j and row = 8 set + g
-        group, t, step, j = k >> 8, (k >> 6) & 3, (k >> 2) & 15, k & 3
-        return ((((group * 2 + (row >> 3)) * 16 + step) * 8 + (row & 7)) * 4 + t) * 4 + j
-
-    @triton.jit
     def _paged_reduce_kernel(
-        acc_ptr, ml_ptr, pos_ptr, out_ptr, xq_ptr,
+        acc_ptr, ml_ptr, pos_ptr, out_ptr,
         NUM_KV: tl.constexpr, GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_SIZE: tl.constexpr,
-        PAGES_PER_SPLIT: tl.constexpr, SPLITS: tl.constexpr, SPLITS_PAD: tl.constexpr, WRITE_XQ: tl.constexpr,
-        GDC: tl.constexpr,
+        PAGES_PER_SPLIT: tl.constexpr, SPLITS: tl.constexpr, SPLITS_PAD: tl.constexpr, GDC: tl.constexpr,
     ):
-        # grid (rows, kv heads * GROUP): combine the splits that hold tokens (log-sum-exp weights);
-        # with WRITE_XQ, the output also in `nf4`'s operand order (the o projection's input).
+        # grid (rows, kv heads * GROUP): combine the splits that hold tokens (log-sum-exp weights).
         after_previous_kernels(GDC)
         row = tl.program_id(0)
         head = tl.program_id(1)
@@ -458,10 +448,8 @@ if _HAVE_TRITON:
         m_max = tl.max(m, 0)
         w = tl.where(s_mask, tl.exp(m - m_max), 0.0)
         acc = tl.load(acc_ptr + idx[:, None] * HEAD_DIM + d[None, :], mask=s_mask[:, None], other=0.0)
-        out = (tl.sum(acc * w[:, None], 0) / tl.sum(total * w, 0)).to(out_ptr.dtype.element_ty)
-        tl.store(out_ptr + (row * NUM_KV * GROUP + head) * HEAD_DIM + d, out)
-        if WRITE_XQ:
-            tl.store(xq_ptr + operand_order_offsets(row, head * HEAD_DIM + d), out)
+        out = tl.sum(acc * w[:, None], 0) / tl.sum(total * w, 0)
+        tl.store(out_ptr + (row * NUM_KV * GROUP + head) * HEAD_DIM + d, out.to(out_ptr.dtype.element_ty))
 
 
 def rope_kv_write_paged(
@@ -512,31 +500,6 @@ def paged_decode_attention(
     """One decode token per row against its paged KV: q [n, H*D] (GQA: H = K * group), pool
     [blocks, K, block_size, D], table [n, max_blocks] int32, positions [n] (the row attends to
     positions 0..pos). Reads only the row's own pages; float32 softmax. Returns [n, H*D]."""
-    return _paged_decode_attention(q, k_pool, v_pool, table, positions, scale, num_heads, split_pages, None)
-
-
-def paged_decode_attention_in_operand_order(
-    q: torch.Tensor,
-    k_pool: torch.Tensor,
-    v_pool: torch.Tensor,
-    table: torch.Tensor,
-    positions: torch.Tensor,
-    scale: float,
-    num_heads: int,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """`paged_decode_attention` (1-16 rows), its output also in `nf4`'s tensor-core operand order
-    (16 * H*D values, rows past n unwritten): the o projection's input, for a launch that then need not
-    copy it itself (`llm.serving.nf4_mma.nf4_mma_linear`'s `xq`)."""
-    if not 1 <= q.shape[0] <= 16 or q.shape[1] % 256:
-        raise ValueError(f"the operand order takes 1-16 rows of a multiple of 256 values, got {tuple(q.shape)}")
-    xq = torch.empty((16 * q.shape[1],), dtype=q.dtype, device=q.device)
-    out = _paged_decode_attention(q, k_pool, v_pool, table, positions, scale, num_heads, None, xq)
-    return out, xq
-
-
-def _paged_decode_attention(q: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Tensor, table: torch.Tensor,
-                            positions: torch.Tensor, scale: float, num_heads: int, split_pages: int | None,
-                            xq: torch.Tensor | None) -> torch.Tensor:
     n = q.shape[0]
     _, num_kv, block_size, head_dim = k_pool.shape
     group = num_heads // num_kv
@@ -555,9 +518,9 @@ def _paged_decode_attention(q: torch.Tensor, k_pool: torch.Tensor, v_pool: torch
         **programmatic_options(q.device),
     )
     _paged_reduce_kernel[(n, num_heads)](
-        acc, ml, positions, out, out if xq is None else xq,
+        acc, ml, positions, out,
         NUM_KV=num_kv, GROUP=group, HEAD_DIM=head_dim, BLOCK_SIZE=block_size,
-        PAGES_PER_SPLIT=split_pages, SPLITS=splits, SPLITS_PAD=triton.next_power_of_2(splits),
-        WRITE_XQ=xq is not None, num_warps=1, **programmatic_options(q.device),
+        PAGES_PER_SPLIT=split_pages, SPLITS=splits, SPLITS_PAD=triton.next_power_of_2(splits), num_warps=1,
+        **programmatic_options(q.device),
     )
     return out

@@ -148,22 +148,3 @@ def test_report_paged_attention_time_against_static_sdpa():
         report[f"paged_b1_kv{kv}_us"] = round(1000 * tk.graph_time_ms(
             lambda k=k_pool, v=v_pool, t=table, p=positions: tk.paged_decode_attention(q1, k, v, t, p, dim**-0.5, heads)), 1)
     print("PAGED_ATTENTION_TIMES " + json.dumps(report))
-
-
-@pytest.mark.parametrize("lengths", [[31, 300], [513, 64, 1, 2000, 257, 256, 255, 1024, 7, 999, 1500, 33, 640, 128,
-                                              2047, 300]])
-def test_the_attention_writes_its_output_in_nf4s_operand_order_too(lengths):
-    # o's launch at 2-16 rows reads this copy instead of making its own (llm.serving.nf4_kernels.XQ_FROM_ATTENTION)
-    from llm.serving import nf4_mma
-
-    heads, kv_heads, dim = 32, 8, 128
-    k_pool, v_pool, table = _random_paged(lengths, kv_heads, dim, 32, seed=len(lengths))
-    n = len(lengths)
-    q = torch.randn(n, heads * dim, device="cuda").to(torch.bfloat16)
-    positions = torch.tensor(lengths, device="cuda") - 1
-    plain = tk.paged_decode_attention(q, k_pool, v_pool, table, positions, dim**-0.5, heads)
-    out, xq = tk.paged_decode_attention_in_operand_order(q, k_pool, v_pool, table, positions, dim**-0.5, heads)
-    assert torch.equal(out, plain)
-    row_of_value = nf4_mma.operand_order(torch.arange(16, device="cuda")[:, None].expand(16, heads * dim).float())
-    real = row_of_value < n  # the kernel reads only real rows' values
-    assert torch.equal(xq[real], nf4_mma.operand_order(out)[real])
