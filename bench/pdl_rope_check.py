@@ -31,6 +31,7 @@ def main() -> int:
     positions = torch.tensor([5, 40], device="cuda")
     table = torch.arange(1, 9, dtype=torch.int32, device="cuda").view(2, 4)
     angles = torch.outer(torch.arange(64, device="cuda").float(), torch.rand(HEAD_DIM // 2, device="cuda"))
+    angles = torch.cat((angles, angles), dim=-1)  # [position, HEAD_DIM], as the decoder's tables
     cos, sin = angles.cos().contiguous(), angles.sin().contiguous()
 
     def rotate(source: torch.Tensor, where: torch.Tensor = positions) -> torch.Tensor:

@@ -213,6 +213,7 @@ def rope_kv_write(
     """Rotary on q/k of `qkv` [n, (H+2K)*D]; k, v stored in the caches' rows 0..n-1 at
     `positions`; returns rotated q [n, H*D]. Rotary in float32, rounded once to the dtype."""
     n = qkv.shape[0]
+    _check_rotary_tables(cos, sin, head_dim)
     assert qkv.stride(1) == 1 and cos.is_contiguous() and sin.is_contiguous()
     assert k_cache.stride() == v_cache.stride() and k_cache.stride(3) == 1
     q = torch.empty((n, num_heads * head_dim), dtype=qkv.dtype, device=qkv.device)
@@ -452,6 +453,14 @@ if _HAVE_TRITON:
         tl.store(out_ptr + (row * NUM_KV * GROUP + head) * HEAD_DIM + d, out.to(out_ptr.dtype.element_ty))
 
 
+def _check_rotary_tables(cos: torch.Tensor, sin: torch.Tensor, head_dim: int) -> None:
+    """The rotary kernels read row `position` of cos and sin as head_dim values: a narrower table would
+    be read past its end, silently (run 44: a test's half-width tables did, for positions past half)."""
+    if cos.dim() != 2 or cos.shape[1] != head_dim or sin.shape != cos.shape:
+        raise ValueError(f"the rotary tables must be [positions, {head_dim}] each, got cos {tuple(cos.shape)} and "
+                         f"sin {tuple(sin.shape)}")
+
+
 def rope_kv_write_paged(
     qkv: torch.Tensor,
     cos: torch.Tensor,
@@ -467,6 +476,7 @@ def rope_kv_write_paged(
     """`rope_kv_write` for a paged pool [blocks, K, block_size, D]: row i's k/v go to block
     table[i, pos // block_size], offset pos % block_size. Returns rotated q [n, H*D]."""
     n = qkv.shape[0]
+    _check_rotary_tables(cos, sin, head_dim)
     assert qkv.stride(1) == 1 and cos.is_contiguous() and sin.is_contiguous()
     assert k_pool.stride() == v_pool.stride() and k_pool.stride(3) == 1 and table.stride(1) == 1
     q = torch.empty((n, num_heads * head_dim), dtype=qkv.dtype, device=qkv.device)
