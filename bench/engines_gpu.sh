@@ -1,7 +1,10 @@
 #!/usr/bin/env bash
 # The model side checked and measured on a lent GPU (device tool, carry: [".whl", ".tok"]), one
 # device call each (each within a call's 10-minute limit):
-#   bash bench/engines_gpu.sh tests [PYTEST ARGS]   tests/gpu (~6 minutes) -> $OUT/gpu-tests.txt
+#   bash bench/engines_gpu.sh tests [PYTEST ARGS]   tests/gpu, or only the test files named in PYTEST ARGS (all:
+#       ~7 minutes on a fresh H200; more than a call's 10 on a fresh H100 (run 44): there, two calls,
+#       `tests tests/gpu/test_nf4_kernels.py` and `tests --ignore=tests/gpu/test_nf4_kernels.py`), its 20 slowest
+#       tests listed -> $OUT/gpu-tests.txt
 #   bash bench/engines_gpu.sh kernels            run 24's served layouts with other shared code pairs: their bits
 #       (`tests/gpu -k variants`) and timings (`bench/nf4_kernels.py 1,16 --variants`)
 #       -> $OUT/kernels*.txt
@@ -38,10 +41,18 @@ bench() {
     tail -n 6 "$out/engines.log"
     tar czf "$out/r.tgz" -C /tmp r
 }
+# gpu_tests [PYTEST ARGS]: tests/gpu, or only the test files named -> $out/gpu-tests.txt. (With tests/gpu in
+# front of named files as well, pytest runs all of it in file order: run 44's calls 1 and 3 ran other files
+# first and never reached the ones named.)
+gpu_tests() {
+    local where=tests/gpu arg
+    for arg in "$@"; do [[ "$arg" == tests/* ]] && where=""; done
+    python3 -m pytest ${where} -q -p no:cacheprovider --durations=20 "$@" > "$out/gpu-tests.txt" 2>&1
+}
 case "${1:-}" in
     tests)
         shift
-        python3 -m pytest tests/gpu -q -p no:cacheprovider "$@" > "$out/gpu-tests.txt" 2>&1
+        gpu_tests "$@"
         tail -n 3 "$out/gpu-tests.txt"
         ;;
     kernels)
@@ -74,7 +85,7 @@ case "${1:-}" in
         commit=${2:?usage: bash bench/engines_gpu.sh tests-then-bench COMMIT CASES [PYTEST ARGS]}
         cases=${3:?usage: bash bench/engines_gpu.sh tests-then-bench COMMIT CASES [PYTEST ARGS]}
         shift 3
-        python3 -m pytest tests/gpu -q -p no:cacheprovider "$@" > "$out/gpu-tests.txt" 2>&1
+        gpu_tests "$@"
         status=$?
         tail -n 3 "$out/gpu-tests.txt"
         if [[ $status != 0 ]]; then
