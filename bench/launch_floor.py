@@ -15,6 +15,7 @@ is inside the kernels. Prints one JSON line per case. GPU only:
 
 from __future__ import annotations
 
+import argparse
 import json
 import sys
 from pathlib import Path
@@ -43,7 +44,12 @@ GRIDS = [(1, 32), (132, 128), (416, 128), (1024, 128), (1808, 256)]
 
 
 def main() -> int:
-    launches = int(sys.argv[1]) if len(sys.argv) > 1 else 288
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("launches", nargs="?", type=int, default=288, help="kernels in the chain (default 288)")
+    launches = parser.parse_args().launches
+    if not torch.cuda.is_available():
+        print("launch_floor.py needs a CUDA GPU", file=sys.stderr)
+        return 2
     device = torch.device("cuda")
     kernel = torch.cuda._compile_kernel(SOURCE, "empty_step")
     marks = torch.zeros(max(blocks for blocks, _ in GRIDS), dtype=torch.int32, device=device)

@@ -9,6 +9,7 @@ race in the rotary kernel from one in the test's writer. Prints JSON. GPU only:
 
 from __future__ import annotations
 
+import argparse
 import json
 import sys
 from collections import Counter
@@ -25,7 +26,12 @@ HEADS, KV_HEADS, HEAD_DIM, BLOCK_SIZE = 32, 8, 128, 16
 
 
 def main() -> int:
-    repeats = int(sys.argv[1]) if len(sys.argv) > 1 else 200
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("repeats", nargs="?", type=int, default=200, help="repeats of each way (default 200)")
+    repeats = parser.parse_args().repeats
+    if not torch.cuda.is_available():
+        print("pdl_rope_check.py needs a CUDA GPU", file=sys.stderr)
+        return 2
     torch.manual_seed(0)
     qkv = torch.randn(2, (HEADS + 2 * KV_HEADS) * HEAD_DIM, dtype=torch.bfloat16, device="cuda")
     positions = torch.tensor([5, 40], device="cuda")
