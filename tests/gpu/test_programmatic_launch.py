@@ -1,7 +1,9 @@
 """Programmatic dependent launch on the GPU (Hopper and newer): a decode kernel scheduled while the
 kernel before it still runs must read that kernel's results, not what its buffers held before.
 
-The kernel before is a slow writer (`tests.gpu.slow_writer`)."""
+The kernel before is a slow writer that lets the next kernel be scheduled at once
+(`griddepcontrol.launch_dependents`) and writes its output only after ~0.2 ms: a kernel that read
+its input before `griddepcontrol.wait` would see the old contents (zeros)."""
 
 from __future__ import annotations
 
@@ -12,13 +14,35 @@ from tests.gpu.test_nf4_kernels import layouts, projection_and_input
 
 pytestmark = pytest.mark.gpu
 
-pytest.importorskip("triton")
+triton = pytest.importorskip("triton")
+tl = triton.language
 
 if not torch.cuda.is_available() or torch.cuda.get_device_capability() < (9, 0):
     pytest.skip("programmatic dependent launch needs compute capability 9.0+", allow_module_level=True)
 
 from llm.serving import programmatic_launch, triton_kernels  # noqa: E402
-from tests.gpu.slow_writer import written_slowly  # noqa: E402
+
+SLOW_NS = 200_000
+
+
+@triton.jit
+def _slow_copy_kernel(src_ptr, dst_ptr, n, DELAY_NS: tl.constexpr, BLOCK: tl.constexpr):
+    tl.extra.cuda.gdc_wait()
+    tl.extra.cuda.gdc_launch_dependents()  # the next kernel may be scheduled before dst is written
+    start = tl.extra.cuda.globaltimer()
+    while tl.extra.cuda.globaltimer() - start < DELAY_NS:
+        pass
+    offsets = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    tl.store(dst_ptr + offsets, tl.load(src_ptr + offsets, mask=offsets < n), mask=offsets < n)
+
+
+def _written_slowly(source: torch.Tensor) -> torch.Tensor:
+    """A zeroed copy of `source` that a slow kernel fills, launched programmatically."""
+    destination = torch.zeros_like(source)
+    block = 1024
+    _slow_copy_kernel[(triton.cdiv(source.numel(), block),)](
+        source, destination, source.numel(), DELAY_NS=SLOW_NS, BLOCK=block, launch_pdl=True)
+    return destination
 
 
 def test_programmatic_launch_is_on_here():
@@ -37,7 +61,7 @@ def test_the_nf4_kernels_wait_for_the_kernel_before_them(rows, name):
     for config in configs:
         with programmatic_launch.serial_launches():
             expected = nf4_kernels.nf4_lora_linear(x, projection.weight, projection.lora, True, config)
-        late_x = written_slowly(x)
+        late_x = _written_slowly(x)
         served = nf4_kernels.nf4_lora_linear(late_x, projection.weight, projection.lora, True, config)
         torch.cuda.synchronize()
         assert torch.equal(served.view(torch.int16), expected.view(torch.int16)), config.label
@@ -57,22 +81,14 @@ def test_the_rotary_kernel_waits_for_the_projection_before_it():
     def rotate(late: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         k_pool = torch.zeros(9, kv_heads, block_size, head_dim, dtype=torch.bfloat16, device="cuda:0")
         v_pool = torch.zeros_like(k_pool)
-        source = written_slowly(qkv) if late else qkv  # the kernel right before the rotary one
+        source = _written_slowly(qkv) if late else qkv  # the kernel right before the rotary one
         q = triton_kernels.rope_kv_write_paged(source, cos, sin, positions, table, k_pool, v_pool, heads, kv_heads,
                                                head_dim)
         return q, k_pool, v_pool
 
     with programmatic_launch.serial_launches():
         expected = rotate(late=False)
-    for attempt in range(20):  # a race may show in some launches only (run 43 saw one failure in seven full runs)
-        served = rotate(late=True)
-        torch.cuda.synchronize()
-        for name, ours, theirs in zip(("q", "k pool", "v pool"), served, expected, strict=True):
-            assert torch.equal(ours, theirs), _difference(attempt, name, ours, theirs)
-
-
-def _difference(attempt: int, name: str, ours: torch.Tensor, theirs: torch.Tensor) -> str:
-    """Which rows differ, and how many of their values are zeros (what a read before the writer finished gives)."""
-    rows = [r for r in range(ours.shape[0]) if not torch.equal(ours[r], theirs[r])]
-    zeros = [f"{(ours[r] == 0).float().mean().item():.2f}" for r in rows]
-    return f"launch {attempt}: {name} rows {rows} differ; share of zeros in them {zeros}"
+    served = rotate(late=True)
+    torch.cuda.synchronize()
+    for ours, theirs in zip(served, expected, strict=True):
+        assert torch.equal(ours, theirs)
