@@ -361,20 +361,15 @@ def serial_step_times(decoder, graphs) -> dict:  # noqa: ANN001
 
 # What one decode step would take without a piece (its output replaced by its input): an upper bound
 # on what fusing that piece away could save, with the step's launch order and overlaps as served.
-# "no_t_wait" (last: it leaves the fused launches' counters behind, zeroed after it): `nf4`'s fused
-# tensor-core launches start their epilogue without waiting for their LoRA A blocks' t (wrong sums, timing
-# only, `nf4_mma.WHATIF_SKIP_T_WAIT`); for other modes the served step again.
-STEP_WHATIFS = ("served", "no_rope_kv_write", "no_attention", "no_rope_kv_write_no_attention", "no_o", "no_t_wait")
+STEP_WHATIFS = ("served", "no_rope_kv_write", "no_attention", "no_rope_kv_write_no_attention", "no_o")
 
 
 @contextlib.contextmanager
 def _step_variant(decoder, name: str) -> Iterator:  # noqa: ANN001
-    from llm.serving import nf4_mma, triton_kernels
+    from llm.serving import triton_kernels
 
     q_size = decoder.config.num_heads * decoder.config.head_dim
     patches = []
-    if name == "no_t_wait":
-        patches.append((nf4_mma, "WHATIF_SKIP_T_WAIT", True))
     if "no_rope_kv_write" in name:  # q unrotated, the new k/v not written (a copy only at >1 row)
         patches.append((triton_kernels, "rope_kv_write_paged", lambda qkv, *_, **__: qkv[:, :q_size].contiguous()))
     if "no_attention" in name:  # attention and its reduce: the output is q
@@ -420,11 +415,6 @@ def step_whatifs(decoder, graphs) -> dict:  # noqa: ANN001
     for name in STEP_WHATIFS:  # one variant that fails (never run on a GPU before) leaves the others
         found = guarded(lambda name=name: timed(name))
         out.update({f"{name}_error": found["error"]} if "error" in found else found)
-    torch.cuda.synchronize()
-    for layer in decoder.layers:  # "no_t_wait" leaves counters behind: no later launch may find them so
-        for projection in getattr(layer, "projections", {}).values():
-            for counters in projection.lora._counters.values():
-                counters.zero_()
     return out
 
 

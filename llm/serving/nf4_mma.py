@@ -599,9 +599,7 @@ nf4_mma_kernel(const uint4* __restrict__ words, const float* __restrict__ absmax
 #endif
 
 #if FUSE_A
-#if !WHATIF_SKIP_T_WAIT
     wait_until(&counters[T_READY], (RT >> 2) * A_ROW_CHUNKS);
-#endif
     load_t();
 #endif
 #pragma unroll
@@ -680,8 +678,7 @@ def static_shared_bytes(warps: int, rows: int, rank: int, tiles: int, shared_loo
 
 
 def source(code: Sequence[float], warps: int, rows: int, rank: int, tiles: int = 1, prefetch_x: bool = False,
-           ahead: int = 1, k: int = 4096, fuse_a: bool = False, shared_lookups: int = 0, k_splits: int = 1,
-           skip_t_wait: bool = False) -> str:
+           ahead: int = 1, k: int = 4096, fuse_a: bool = False, shared_lookups: int = 0, k_splits: int = 1) -> str:
     """The kernel's CUDA source for one NF4 code table, warps per block, row tile (8 or 16), rank,
     16-feature tiles per warp, whether each warp prefetches its next group's x into L1, how many
     groups' weight bytes each warp holds in registers ahead of the one it computes (1 or 2), the
@@ -689,8 +686,7 @@ def source(code: Sequence[float], warps: int, rows: int, rank: int, tiles: int =
     whether the launch's first blocks compute the LoRA's A product themselves (`fuse_a`), and how
     many of a lane's 2 x tiles absmax blocks per group decode through the shared-memory code pairs
     instead of register tables (`shared_lookups`), and how many blocks split each feature tile's K
-    (`k_splits`: the last of them adds their float32 sums up in a fixed order). `skip_t_wait`: timing
-    only (`WHATIF_SKIP_T_WAIT`), never served."""
+    (`k_splits`: the last of them adds their float32 sums up in a fixed order)."""
     if len(code) != 16:
         raise ValueError("an NF4 code table has 16 entries")
     if (warps not in WARP_CHOICES or rows not in (1, 8, 16) or (rows == 1 and not fuse_a) or rank <= 0
@@ -704,7 +700,6 @@ def source(code: Sequence[float], warps: int, rows: int, rank: int, tiles: int =
     header = (f"#define KDIM {k}\n#define WARPS {warps}\n#define ROWS {rows}\n#define RANK {rank}\n#define TILES {tiles}\n"
               f"#define PREFETCH_X {int(prefetch_x)}\n#define AHEAD {ahead}\n#define FUSE_A {int(fuse_a)}\n"
               f"#define SHARED_LOOKUPS {shared_lookups}\n#define KSPLIT {k_splits}\n#define A_ROWS {lora_a_unit_rows(rows)}\n"
-              f"#define WHATIF_SKIP_T_WAIT {int(skip_t_wait)}\n"
               f"__device__ __constant__ float CODE_TABLE[16] = {{{values}}};\n#define CODE CODE_TABLE\n")
     return header + DEVICE_HELPERS + _SOURCE
 
@@ -764,16 +759,15 @@ def code_values(code: torch.Tensor) -> tuple[float, ...]:
 
 
 def _kernel_key(code: torch.Tensor, warps: int, rows: int, rank: int, tiles: int, prefetch_x: bool, ahead: int,
-                k: int, fuse_a: bool, shared_lookups: int, k_splits: int, skip_t_wait: bool = False) -> tuple:
+                k: int, fuse_a: bool, shared_lookups: int, k_splits: int) -> tuple:
     """What makes one compiled kernel: the device, then `source`'s arguments."""
     return (code.device.index, code_values(code), warps, rows, rank, tiles, prefetch_x, ahead, k, fuse_a, shared_lookups,
-            k_splits, skip_t_wait)
+            k_splits)
 
 
 def _kernel(code: torch.Tensor, warps: int, rows: int, rank: int, tiles: int, prefetch_x: bool, ahead: int,
-            k: int, fuse_a: bool, shared_lookups: int, k_splits: int, skip_t_wait: bool = False) -> Callable:
-    key = _kernel_key(code, warps, rows, rank, tiles, prefetch_x, ahead, k, fuse_a, shared_lookups, k_splits,
-                      skip_t_wait)
+            k: int, fuse_a: bool, shared_lookups: int, k_splits: int) -> Callable:
+    key = _kernel_key(code, warps, rows, rank, tiles, prefetch_x, ahead, k, fuse_a, shared_lookups, k_splits)
     if key not in _KERNELS:
         with torch.cuda.device(code.device):
             _KERNELS[key] = _compile(source(*key[1:]))
@@ -850,11 +844,6 @@ def operand_order(x: torch.Tensor) -> torch.Tensor:
     return padded.reshape(2, 8, k // GROUP, 4, 16, 4).permute(2, 0, 4, 1, 3, 5).reshape(-1)
 
 
-# Timing only (the bench's step what-if "no_t_wait"): fused launches start their epilogue without waiting
-# for their A blocks' t, so their LoRA sums are wrong and the counters are left behind (the what-if zeroes
-# them after). It bounds what the t chain costs the step; never served.
-WHATIF_SKIP_T_WAIT = False
-
 RANK_QUAD = 4  # ranks per LoRA A unit of the fused kernel (one warp: 256 inputs, every row)
 
 
@@ -929,7 +918,7 @@ def nf4_mma_linear(
             x = x.clone(memory_format=torch.contiguous_format)  # 16-byte rows for the vector loads
         rows = kernel_rows(m, True)
         kernel = _kernel(weight.code, warps, rows, lora.rank, tiles, prefetch_x, ahead, k, True, shared_lookups,
-                         k_splits, WHATIF_SKIP_T_WAIT)
+                         k_splits)
         counters = lora.counters("fused", fused_counter_count(rt), x.device)
         xq = torch.empty((16 * k,), dtype=torch.bfloat16, device=x.device)
         t = torch.empty((m, rt), dtype=torch.float32, device=x.device)
