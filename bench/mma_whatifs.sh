@@ -2,9 +2,11 @@
 # The 16-row tensor-core launches as served and with one piece of their inner loop taken out
 # (bench/mma_whatifs.py says why), each what-if in its own copy of llm/ with the kernel's CUDA text
 # edited; one device call (no carry needed), ~3 minutes:
-#   bash bench/mma_whatifs.sh [ROWS, e.g. 16,8]   -> JSON lines, also in $OUT/mma-whatifs.jsonl
+#   [WHATIFS="served no_mma"] bash bench/mma_whatifs.sh [ROWS, e.g. 16,8 [BLOCKS PER SM, e.g. 0,1,2]]
+#       -> JSON lines, also in $OUT/mma-whatifs.jsonl
 set -uo pipefail
 rows=${1:-16}
+blocks=${2:-0}
 out=${OUT:-.}
 root=$PWD
 kernel=llm/serving/nf4_mma.py
@@ -13,10 +15,15 @@ declare -A edits=(
     [served]=''
     [x_two_groups]='s/load_plain(x_lane\[set\] + group \* X_GROUP_STRIDE + /load_plain(x_lane[set] + (group \& 1) * X_GROUP_STRIDE + /'
     [no_decode]='/const u32 lo = prmt(prmt(L\[0\], L\[1\], sel)/,/second = prmt(lo, hi, 0x6273u);/c\    first = L[0] ^ L[1] ^ L[2] ^ L[3] ^ sel; second = H[0] ^ H[1] ^ H[2] ^ H[3] ^ pick;'
+    [weights_two_groups]='s/lane_words\[q\] + 8 \* grp/lane_words[q] + 8 * (grp \& 1)/g'
+    [no_mma]='/asm("mma.sync.aligned.m16n8k16/,/: "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));/c\    d[0] += __uint_as_float(a0 ^ b0); d[1] += __uint_as_float(a1 ^ b1); d[2] += __uint_as_float(a2); d[3] += __uint_as_float(a3);'
+    [half_k]='s/group < end_group; group += /group < first_group + (end_group - first_group) \/ 2; group += /; s/if (group + WARPS >= end_group) break;/if (group + WARPS >= first_group + (end_group - first_group) \/ 2) break;/'
+    [quarter_k]='s/group < end_group; group += /group < first_group + (end_group - first_group) \/ 4; group += /; s/if (group + WARPS >= end_group) break;/if (group + WARPS >= first_group + (end_group - first_group) \/ 4) break;/'
+    [no_lora_b]='s/for (int r = 0; r < RANK; ++r) u += b_tile\[f\]\[r\] \* t_sum\[m\]\[r\];/u = t_sum[m][f \& (RANK - 1)];/'
     [no_tables]='s/q\[i\] = bf16x2(__fmul_rn(scale, CODE\[2 \* i\]), __fmul_rn(scale, CODE\[2 \* i + 1\]));/q[i] = __float_as_uint(scale) + i;/'
 )
 status=0
-for name in served x_two_groups no_decode no_tables; do
+for name in ${WHATIFS:-served x_two_groups no_decode no_tables weights_two_groups no_mma}; do
     copy=/tmp/mma-whatif-$name
     rm -rf "$copy" && mkdir -p "$copy" && cp -r "$root/llm" "$root/bench" "$copy/"
     if [[ -n "${edits[$name]}" ]]; then
@@ -27,7 +34,7 @@ for name in served x_two_groups no_decode no_tables; do
             continue
         fi
     fi
-    (cd "$copy" && PYTHONPATH="$copy" python3 bench/mma_whatifs.py --label "$name" --rows "$rows") 2>&1 \
-        | tee -a "$out/mma-whatifs.jsonl" | grep -v '^$' | tail -n 8 || status=1
+    (cd "$copy" && PYTHONPATH="$copy" python3 bench/mma_whatifs.py --label "$name" --rows "$rows" --blocks-per-sm "$blocks") 2>&1 \
+        | tee -a "$out/mma-whatifs.jsonl" | grep -v '^$' | tail -n 40 || status=1
 done
 exit $status
