@@ -20,6 +20,8 @@ script once per edited copy of the repository):
 - `half_k`, `quarter_k`: each warp's loop over its groups stops half or a quarter of the way (the
   rest of the launch as served): how much of the time the loop is, and how much the launch's fixed costs;
 - `no_lora_b`: the epilogue's LoRA `B` product left out (t read once per output instead);
+- `no_a`: the fused launch's LoRA `A` blocks return at once and nothing waits for x in operand order
+  or for t (the A product's work, its blocks' time on the SMs and both waits gone);
 - `no_tables`: the per-block tables are the absmax's bits plus a constant instead of 16 products
   and 8 conversions per 64 weights.
 
@@ -38,7 +40,6 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from dataclasses import replace  # noqa: E402
 
 import torch  # noqa: E402
 
@@ -84,15 +85,11 @@ def main() -> None:
     parser.add_argument("--label", required=True, help="what this copy of the kernel is (served, x_two_groups, ...)")
     parser.add_argument("--rows", default="16", help="row counts, e.g. 16,8")
     parser.add_argument("--projections", default=",".join(PROJECTIONS), help=f"some of {', '.join(PROJECTIONS)}")
-    parser.add_argument("--blocks-per-sm", default="0",
-                        help="the layouts also with at most this many weight blocks per SM, each taking tiles in turn, "
-                             "e.g. 0,1,2 (0: one block per tile, as served before run 45)")
     args = parser.parse_args()
     try:
         rows_counts = [int(r) for r in args.rows.split(",")]
-        blocks_choices = [int(b) for b in args.blocks_per_sm.split(",")]
     except ValueError:
-        parser.error(f"--rows and --blocks-per-sm take comma-separated numbers, got {args.rows!r}, {args.blocks_per_sm!r}")
+        parser.error(f"--rows must be comma-separated numbers, got {args.rows!r}")
     names = args.projections.split(",")
     if any(name not in PROJECTIONS for name in names):
         parser.error(f"--projections takes some of {', '.join(PROJECTIONS)}, got {args.projections!r}")
@@ -111,22 +108,17 @@ def main() -> None:
                                   "error": f"no layout {label} at {rows} rows"}), flush=True)
                 continue
             x = torch.randn(rows, k, dtype=torch.bfloat16, device="cuda")
-            reference = nf4_kernels.nf4_lora_linear(x, weight, lora, True, configs[label])
-            for blocks in blocks_choices:
-                config = replace(configs[label], blocks_per_sm=blocks)
 
-                def run(config: nf4_kernels.NF4Config = config, x: torch.Tensor = x, layers: list = group) -> list:
-                    return [nf4_kernels.nf4_lora_linear(x, w, lo, True, config) for w, lo in layers]
+            def run(config: nf4_kernels.NF4Config = configs[label], x: torch.Tensor = x, layers: list = group) -> list:
+                return [nf4_kernels.nf4_lora_linear(x, w, lo, True, config) for w, lo in layers]
 
-                same_bits = torch.equal(run()[0], reference)
-                torch.cuda.synchronize()
-                us = graph_time_ms(run, 20) * 1000 / LAYERS
-                weight_bytes = weight.nbytes + lora.nbytes
-                print(json.dumps({"what_if": args.label, "projection": name, "rows": rows, "layout": config.label,
-                                  "us_per_layer": round(us, 2), "same_bits_as_one_block_per_tile": same_bits,
-                                  "weight_bytes_us": round(weight_bytes / (bandwidth * 1e12) * 1e6, 2),
-                                  "copy_tb_s": round(bandwidth, 2), "device": torch.cuda.get_device_name()}),
-                      flush=True)
+            us = graph_time_ms(run, 20) * 1000 / LAYERS
+            weight_bytes = weight.nbytes + lora.nbytes
+            print(json.dumps({"what_if": args.label, "projection": name, "rows": rows, "layout": label,
+                              "us_per_layer": round(us, 2),
+                              "weight_bytes_us": round(weight_bytes / (bandwidth * 1e12) * 1e6, 2),
+                              "copy_tb_s": round(bandwidth, 2), "device": torch.cuda.get_device_name()}),
+                  flush=True)
         group.clear()
         torch.cuda.empty_cache()
 

@@ -2,11 +2,10 @@
 # The 16-row tensor-core launches as served and with one piece of their inner loop taken out
 # (bench/mma_whatifs.py says why), each what-if in its own copy of llm/ with the kernel's CUDA text
 # edited; one device call (no carry needed), ~3 minutes:
-#   [WHATIFS="served no_mma"] bash bench/mma_whatifs.sh [ROWS, e.g. 16,8 [BLOCKS PER SM, e.g. 0,1,2]]
-#       -> JSON lines, also in $OUT/mma-whatifs.jsonl
+#   [WHATIFS="served no_mma"] bash bench/mma_whatifs.sh [ROWS, e.g. 16,8]   -> JSON lines, also in
+#       $OUT/mma-whatifs.jsonl (the what-ifs: every one below by default)
 set -uo pipefail
 rows=${1:-16}
-blocks=${2:-0}
 out=${OUT:-.}
 root=$PWD
 kernel=llm/serving/nf4_mma.py
@@ -20,10 +19,11 @@ declare -A edits=(
     [half_k]='s/group < end_group; group += /group < first_group + (end_group - first_group) \/ 2; group += /; s/if (group + WARPS >= end_group) break;/if (group + WARPS >= first_group + (end_group - first_group) \/ 2) break;/'
     [quarter_k]='s/group < end_group; group += /group < first_group + (end_group - first_group) \/ 4; group += /; s/if (group + WARPS >= end_group) break;/if (group + WARPS >= first_group + (end_group - first_group) \/ 4) break;/'
     [no_lora_b]='s/for (int r = 0; r < RANK; ++r) u += b_tile\[f\]\[r\] \* t_sum\[m\]\[r\];/u = t_sum[m][f \& (RANK - 1)];/'
+    [no_a]='s|if ((int)blockIdx.x < la_blocks) {  // a LoRA A block: one unit per warp at a time|if ((int)blockIdx.x < la_blocks) { return;|; s|wait_until(&counters\[XQ_READY\], groups \* A_ROW_CHUNKS);|(void)0;|; s|wait_until(&counters\[T_READY\], (RT >> 2) \* A_ROW_CHUNKS);|(void)0;|'
     [no_tables]='s/q\[i\] = bf16x2(__fmul_rn(scale, CODE\[2 \* i\]), __fmul_rn(scale, CODE\[2 \* i + 1\]));/q[i] = __float_as_uint(scale) + i;/'
 )
 status=0
-for name in ${WHATIFS:-served x_two_groups no_decode no_tables weights_two_groups no_mma}; do
+for name in ${WHATIFS:-served x_two_groups no_decode no_tables weights_two_groups no_mma half_k quarter_k no_lora_b no_a}; do
     copy=/tmp/mma-whatif-$name
     rm -rf "$copy" && mkdir -p "$copy" && cp -r "$root/llm" "$root/bench" "$copy/"
     if [[ -n "${edits[$name]}" ]]; then
@@ -34,7 +34,7 @@ for name in ${WHATIFS:-served x_two_groups no_decode no_tables weights_two_group
             continue
         fi
     fi
-    (cd "$copy" && PYTHONPATH="$copy" python3 bench/mma_whatifs.py --label "$name" --rows "$rows" --blocks-per-sm "$blocks") 2>&1 \
+    (cd "$copy" && PYTHONPATH="$copy" python3 bench/mma_whatifs.py --label "$name" --rows "$rows") 2>&1 \
         | tee -a "$out/mma-whatifs.jsonl" | grep -v '^$' | tail -n 40 || status=1
 done
 exit $status

@@ -20,12 +20,12 @@ pytestmark = pytest.mark.skipif(shutil.which("g++") is None, reason="needs g++ t
 LAUNCHER = r"""
 // Returns the number of out-of-bounds global reads.
 extern "C" long launch(int grid, int threads, const void* words, const float* absmax, void* xq, float* t,
-                       const float* lora_b, void* y, int M, int work_items, int ldy, double scaling, int seg1, int seg2,
+                       const float* lora_b, void* y, int M, int K, int ldy, double scaling, int seg1, int seg2,
                        int RT, int t_splits, int round_lora_first, const void* x, int ldx, const float* lora_a,
                        float* a_partial, int* counters, int la_blocks, float* split_sums, int* tile_arrivals) {
     out_of_bounds_reads = 0;
     launch_blocks(grid, threads, [=] {
-        nf4_mma_kernel((const uint4*)words, absmax, (uint2*)xq, t, lora_b, (u16*)y, M, work_items, ldy, scaling, seg1, seg2,
+        nf4_mma_kernel((const uint4*)words, absmax, (uint2*)xq, t, lora_b, (u16*)y, M, K, ldy, scaling, seg1, seg2,
                        RT, t_splits, round_lora_first, (const u16*)x, ldx, lora_a, a_partial, counters, la_blocks,
                        split_sums, tile_arrivals);
     });
@@ -68,11 +68,9 @@ def _projection(n: int, k: int, seed: int) -> NF4Projection:
 
 
 def _run(library: ctypes.CDLL, projection: NF4Projection, x: torch.Tensor, warps: int, tiles: int,
-         counters: torch.Tensor | None = None, k_splits: int = 1, arrivals: torch.Tensor | None = None,
-         weight_blocks: int | None = None) -> torch.Tensor:
+         counters: torch.Tensor | None = None, k_splits: int = 1, arrivals: torch.Tensor | None = None) -> torch.Tensor:
     """The kernel's output; with `counters`, the fused kernel's, and with `k_splits`, the tile arrivals
-    (both left as the kernel found them). `weight_blocks`: fewer blocks than work items, each taking
-    several (as `nf4_mma_linear` launches with `blocks_per_sm`)."""
+    (both left as the kernel found them)."""
     m, k = x.shape
     n = projection.weight.shape[0]
     lora = projection.lora
@@ -95,10 +93,9 @@ def _run(library: ctypes.CDLL, projection: NF4Projection, x: torch.Tensor, warps
     arrivals = torch.zeros(n // 16, dtype=torch.int32) if arrivals is None else arrivals
     for buffer in (projection.weight.packed, projection.weight.absmax, xq, t, lora.b, x, lora.a, a_partial, split_sums):
         library.add_buffer(buffer.data_ptr(), buffer.numel() * buffer.element_size())
-    items = n // (16 * tiles) * k_splits
     out_of_bounds = library.launch(
-        la_blocks + (weight_blocks or items), warps * 32, projection.weight.packed.data_ptr(),
-        projection.weight.absmax.data_ptr(), xq.data_ptr(), t.data_ptr(), lora.b.data_ptr(), y.data_ptr(), m, items, n,
+        la_blocks + n // (16 * tiles) * k_splits, warps * 32, projection.weight.packed.data_ptr(),
+        projection.weight.absmax.data_ptr(), xq.data_ptr(), t.data_ptr(), lora.b.data_ptr(), y.data_ptr(), m, k, n,
         lora.scaling, *lora.part_starts(n), rt, splits, 1, x.data_ptr(), x.stride(0), lora.a.data_ptr(),
         a_partial.data_ptr(), counters.data_ptr(), la_blocks, split_sums.data_ptr(), arrivals.data_ptr())
     assert out_of_bounds == 0, f"{out_of_bounds} global reads outside the kernel's buffers"
@@ -180,28 +177,3 @@ def test_blocks_splitting_k_add_up_to_the_reference_function_and_leave_their_cou
             assert counters.abs().sum() == 0, counters
         outputs.append(out)
     assert torch.equal(outputs[0], outputs[1])
-
-
-# (warps, tiles, groups ahead, fused, k_splits, weight blocks): fewer weight blocks than work items (64
-# features: 4 tiles, 2 of two; times the K splits), so that blocks take two or three in turn, uneven ones
-# included; with the fused LoRA A blocks, their counters must still be left at zero
-@pytest.mark.parametrize(("warps", "tiles", "ahead", "fuse_a", "k_splits", "weight_blocks"),
-                         [(4, 1, 1, False, 1, 2), (4, 1, 2, True, 1, 3), (8, 2, 1, True, 1, 1), (4, 1, 1, True, 2, 3)])
-@pytest.mark.parametrize("rows", [1, 16])
-def test_blocks_taking_several_tiles_in_turn_compute_the_reference_function(
-        tmp_path_factory, warps, tiles, ahead, fuse_a, k_splits, weight_blocks, rows):
-    k = 256 * 4
-    kernel_rows = nf4_mma.fused_kernel_rows(rows) if fuse_a else 8 if rows <= 8 else 16
-    library = _build(tmp_path_factory, warps, kernel_rows, tiles, False, ahead, k, fuse_a=fuse_a, k_splits=k_splits)
-    projection = _projection(n=64, k=k, seed=rows)
-    x = torch.randn((rows, k), generator=torch.Generator().manual_seed(400 + rows)).to(torch.bfloat16)
-    reference = projection.reference(x)
-    counters = torch.zeros(nf4_mma.fused_counter_count(projection.lora.a.shape[0]), dtype=torch.int32) if fuse_a else None
-    arrivals = torch.zeros(64 // 16, dtype=torch.int32)
-    for _ in range(2):  # the second launch finds the counters as the first left them
-        out = _run(library, projection, x, warps, tiles, counters, k_splits, arrivals, weight_blocks)
-        assert not out.isnan().any()  # every tile's outputs written
-        assert nf4_kernels.matches_reference(out, reference), (out.float() - reference.float()).abs().max()
-        assert arrivals.abs().sum() == 0, arrivals
-        if counters is not None:
-            assert counters.abs().sum() == 0, counters

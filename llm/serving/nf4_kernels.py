@@ -89,7 +89,6 @@ class NF4Config:
     fuse_a: bool = False  # mma: the LoRA A product in the same launch (`nf4_mma.nf4_mma_linear`)
     shared_lookups: int = 0  # mma: a lane's absmax blocks per group decoded through shared memory ("t1".."t4")
     k_splits: int = 1  # mma: blocks per feature tile, each over a part of K ("k2".."k8")
-    blocks_per_sm: int = 0  # mma: at most this many weight blocks per SM, each taking tiles in turn ("g1".."g4")
 
     @property
     def dot(self) -> bool:
@@ -100,7 +99,6 @@ class NF4Config:
         suffix = ("x" if self.xperm else "") + ("p" if self.prefetch_x else "") + ("f" if self.fuse_a else "")
         suffix += f"t{self.shared_lookups}" if self.shared_lookups else ""
         suffix += f"k{self.k_splits}" if self.k_splits > 1 else ""
-        suffix += f"g{self.blocks_per_sm}" if self.blocks_per_sm else ""
         return f"{self.kind}_{self.block_n}x{self.block_k}w{self.num_warps}s{self.num_stages}{suffix}"
 
     @property
@@ -1010,8 +1008,7 @@ def nf4_lora_linear(
         warps, tiles, prefetch_x, ahead, fuse_a, shared_lookups, k_splits = mma_layout(config)
         return nf4_mma.nf4_mma_linear(x, weight, lora, seg1, seg2, round_lora_first, warps, tiles, prefetch_x, ahead,
                                       inputs=None if fuse_a else mma_inputs(x, n, lora),
-                                      shared_lookups=shared_lookups, k_splits=k_splits,
-                                      blocks_per_sm=config.blocks_per_sm)
+                                      shared_lookups=shared_lookups, k_splits=k_splits)
     xperm = torch.empty((k,), dtype=torch.float32, device=x.device) if config.xperm else None
     t, splits = lora_a_product(x, lora, block_m, config.dot, xperm)
     y = torch.empty((m, n), dtype=torch.bfloat16, device=x.device)

@@ -454,7 +454,7 @@ __device__ __forceinline__ void group_mma(const uint4 (&w)[2 * TILES][2], const 
 // slower in run 21), and holding that kernel to 128 registers for 4 blocks was 5 % slower (run 22).
 extern "C" __global__ void __launch_bounds__(WARPS * 32)
 nf4_mma_kernel(const uint4* __restrict__ words, const float* __restrict__ absmax, XQ_POINTER xq, T_POINTER t_part,
-               const float* __restrict__ lora_b, u16* __restrict__ y, int M, int work_items, int ldy, double scaling,
+               const float* __restrict__ lora_b, u16* __restrict__ y, int M, int K_unused, int ldy, double scaling,
                int seg1, int seg2, int RT, int t_splits, int round_lora_first, const u16* x, int ldx,
                const float* __restrict__ lora_a, float* __restrict__ a_partial, int* __restrict__ counters,
                int la_blocks, float* __restrict__ split_sums, int* __restrict__ tile_arrivals) {
@@ -468,7 +468,8 @@ nf4_mma_kernel(const uint4* __restrict__ words, const float* __restrict__ absmax
     __shared__ float b_tile[FEATURES][RANK + 1];
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
     const int g = lane >> 2, t = lane & 3;
-    // K is compiled in (one kernel per K), so the lanes' row offsets become immediates
+    // K is compiled in (one kernel per K; the argument K_unused keeps the launch's signature), so
+    // the lanes' row offsets become immediates
     constexpr int K = KDIM;
     const int groups = K >> 8;
     next_kernel_may_start();
@@ -486,21 +487,9 @@ nf4_mma_kernel(const uint4* __restrict__ words, const float* __restrict__ absmax
 #else
     const int weight_block = blockIdx.x;
 #endif
-#if SHARED_LOOKUPS
-    fill_code_pairs();
-#endif
-    // A work item is a feature tile (or, with KSPLIT, its share of K). A grid with fewer weight blocks
-    // than items (`nf4_mma_linear`'s blocks_per_sm) keeps each block for several, one after another:
-    // its launch-time costs (the waits for the kernel before it and for x) are paid once, and no
-    // second wave of blocks waits for the first to finish (run 45: at 16 rows a launch spent 8-16 µs
-    // outside its weight loop, whatever its loop did).
-    const int weight_blocks = (int)gridDim.x - la_blocks;
-    for (int item = weight_block; item < work_items; item += weight_blocks) {
-    const bool first_item = item == weight_block;
-    if (!first_item) __syncthreads();  // the item before is done with b_tile, t_sum and partial
     // KSPLIT blocks share a feature tile, each over its own range of groups: more, smaller blocks for
     // the narrow projections (run 24: `down` at one row 4 % faster with 2, `o` slower with any).
-    const int tile = item / KSPLIT, split = item % KSPLIT;
+    const int tile = weight_block / KSPLIT, split = weight_block % KSPLIT;
     const int n0 = tile * FEATURES;
     constexpr int SPLIT_GROUPS = (KDIM >> 8) / KSPLIT;
     const int first_group = split * SPLIT_GROUPS, end_group = first_group + SPLIT_GROUPS;
@@ -538,6 +527,9 @@ nf4_mma_kernel(const uint4* __restrict__ words, const float* __restrict__ absmax
             t_sum[m][r] = sum;
         }
     };
+#if SHARED_LOOKUPS
+    fill_code_pairs();
+#endif
     float acc[TILES][SETS][4];
 #pragma unroll
     for (int j = 0; j < TILES; ++j)
@@ -572,11 +564,11 @@ nf4_mma_kernel(const uint4* __restrict__ words, const float* __restrict__ absmax
     // The weights are the launch's own: their first loads go out before the kernels before it are
     // done; x and t (theirs) are read after.
     auto inputs_ready = [&] {
-        if (first_item) previous_kernels_done();
+        previous_kernels_done();
 #if !FUSE_A
         load_t();
 #elif ROWS > 1
-        if (first_item) wait_until(&counters[XQ_READY], groups * A_ROW_CHUNKS);
+        wait_until(&counters[XQ_READY], groups * A_ROW_CHUNKS);
 #endif
     };
 #if AHEAD == 1
@@ -617,6 +609,13 @@ nf4_mma_kernel(const uint4* __restrict__ words, const float* __restrict__ absmax
 #pragma unroll
             for (int i = 0; i < 4; ++i) partial[warp][lane][(j * SETS + set) * 4 + i] = acc[j][set][i];
     __syncthreads();
+#if FUSE_A
+    if (threadIdx.x == 0 && atomicAdd(&counters[DEPARTED], 1) == (int)gridDim.x - la_blocks - 1) {
+        counters[XQ_READY] = 0;
+        counters[T_READY] = 0;
+        counters[DEPARTED] = 0;
+    }
+#endif
     // The block's sum over its warps for (row m, feature f)
     auto block_sum = [&](int m, int f) {
         const int j = f >> 4, ff = f & 15;
@@ -631,7 +630,7 @@ nf4_mma_kernel(const uint4* __restrict__ words, const float* __restrict__ absmax
 #if KSPLIT > 1
     // Each block of the tile stores its sums ([KSPLIT, M, N] float32); the last one to arrive adds
     // them up in split order (the same bits whichever block that is) and finishes the tile.
-    const int n_total = work_items / KSPLIT * FEATURES;
+    const int n_total = ((int)gridDim.x - la_blocks) / KSPLIT * FEATURES;
     for (int i = threadIdx.x; i < M * FEATURES; i += WARPS * 32) {
         const int m = i / FEATURES, f = i % FEATURES;
         split_sums[((size_t)split * M + m) * n_total + n0 + f] = block_sum(m, f);
@@ -641,7 +640,7 @@ nf4_mma_kernel(const uint4* __restrict__ words, const float* __restrict__ absmax
     __shared__ int last_of_tile;
     if (threadIdx.x == 0) last_of_tile = atomicAdd(&tile_arrivals[tile], 1) == KSPLIT - 1;
     __syncthreads();
-    if (!last_of_tile) continue;
+    if (!last_of_tile) return;
     __threadfence();
     if (threadIdx.x == 0) tile_arrivals[tile] = 0;  // as the next launch must find it
 #endif
@@ -662,16 +661,6 @@ nf4_mma_kernel(const uint4* __restrict__ words, const float* __restrict__ absmax
         const u16 out = round_lora_first ? bf16(rounded_base + f32(bf16(u))) : bf16(rounded_base + u);
         y[(size_t)m * ldy + n0 + f] = out;
     }
-    }  // items
-#if FUSE_A
-    // after the block's last read of x in operand order and of t: the last block out zeroes the
-    // counters for the next launch
-    if (threadIdx.x == 0 && atomicAdd(&counters[DEPARTED], 1) == weight_blocks - 1) {
-        counters[XQ_READY] = 0;
-        counters[T_READY] = 0;
-        counters[DEPARTED] = 0;
-    }
-#endif
 }
 """
 
@@ -783,10 +772,6 @@ def _kernel(code: torch.Tensor, warps: int, rows: int, rank: int, tiles: int, pr
         with torch.cuda.device(code.device):
             _KERNELS[key] = _compile(source(*key[1:]))
     return _KERNELS[key]
-
-
-def sm_count(device: torch.device) -> int:
-    return torch.cuda.get_device_properties(device).multi_processor_count
 
 
 def kernel_rows(m: int, fuse_a: bool) -> int:
@@ -907,7 +892,6 @@ def nf4_mma_linear(
     inputs: tuple[torch.Tensor, torch.Tensor] | None = None,
     shared_lookups: int = 0,
     k_splits: int = 1,
-    blocks_per_sm: int = 0,
 ) -> torch.Tensor:
     """y = x @ dequant(W).T + scaling * B(A(x)) with PEFT's roundings for x ([m <= 16, K], bf16);
     rows from seg1 and from seg2 on belong to the LoRA's second and third parts.
@@ -916,9 +900,7 @@ def nf4_mma_linear(
     float32). Without them, one launch does it all (FUSE_A): its first blocks write x in operand
     order and t (whole, summed in a fixed order), while the others start on their weights and wait
     for x, then for t before their epilogue. The LoRA A kernel and the gap after it were 10 % of a
-    one-row decode step and 19 % of a 16-row one (run 17).
-    `blocks_per_sm`: at most this many weight blocks per SM, each taking several feature tiles in turn
-    (0: one block per tile, or per tile and K split)."""
+    one-row decode step and 19 % of a 16-row one (run 17)."""
     m, k = x.shape
     n = weight.shape[0]
     rt = lora.a.shape[0]
@@ -948,10 +930,8 @@ def nf4_mma_linear(
         arrivals = lora.counters("tiles", n // TILE_N, x.device)
     else:
         split_sums, arrivals = t, t  # unused
-    items = n // (TILE_N * tiles) * k_splits
-    weight_blocks = min(items, blocks_per_sm * sm_count(x.device)) if blocks_per_sm else items
     programmatic_launch.launch(
-        kernel, (la_blocks + weight_blocks, 1, 1), (warps * 32, 1, 1),
-        [weight.packed, weight.absmax, xq, t, lora.b, y, m, items, y.stride(0), float(lora.scaling),
+        kernel, (la_blocks + n // (TILE_N * tiles) * k_splits, 1, 1), (warps * 32, 1, 1),
+        [weight.packed, weight.absmax, xq, t, lora.b, y, m, k, y.stride(0), float(lora.scaling),
          seg1, seg2, rt, splits, int(round_lora_first), *fused_args, la_blocks, split_sums, arrivals], x.device)
     return y

@@ -55,7 +55,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from llm.serving import programmatic_launch
-from llm.serving.nf4_mma import DEVICE_HELPERS, sm_count
+from llm.serving.nf4_mma import DEVICE_HELPERS
 
 if TYPE_CHECKING:
     from llm.serving.nf4 import LoraParts, NF4Matrix
@@ -528,6 +528,10 @@ def available(device: torch.device | str) -> bool:
         return False
     optin = getattr(torch.cuda.get_device_properties(device), "shared_memory_per_block_optin", 0)
     return _DISABLED is None and optin >= TABLE_BYTES + STATIC_SHARED_BYTES
+
+
+def sm_count(device: torch.device) -> int:
+    return torch.cuda.get_device_properties(device).multi_processor_count
 
 
 def _key(code: tuple[float, ...], device: torch.device, k: int, rank: int, chunks: int, prep: int,
