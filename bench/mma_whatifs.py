@@ -22,6 +22,8 @@ script once per edited copy of the repository):
 - `no_lora_b`: the epilogue's LoRA `B` product left out (t read once per output instead);
 - `no_a`: the fused launch's LoRA `A` blocks return at once and nothing waits for x in operand order
   or for t (the A product's work, its blocks' time on the SMs and both waits gone);
+- `b_tile_first`: the LoRA `B` rows loaded into shared memory before the first weights are asked
+  for, as before run 45 (a real alternative, not a what-if: its outputs are right);
 - `no_tables`: the per-block tables are the absmax's bits plus a constant instead of 16 products
   and 8 conversions per 64 weights.
 

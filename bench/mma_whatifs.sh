@@ -20,6 +20,7 @@ declare -A edits=(
     [quarter_k]='s/group < end_group; group += /group < first_group + (end_group - first_group) \/ 4; group += /; s/if (group + WARPS >= end_group) break;/if (group + WARPS >= first_group + (end_group - first_group) \/ 4) break;/'
     [no_lora_b]='s/for (int r = 0; r < RANK; ++r) u += b_tile\[f\]\[r\] \* t_sum\[m\]\[r\];/u = t_sum[m][f \& (RANK - 1)];/'
     [no_a]='s|if ((int)blockIdx.x < la_blocks) {  // a LoRA A block: one unit per warp at a time|if ((int)blockIdx.x < la_blocks) { return;|; s|wait_until(&counters\[XQ_READY\], groups \* A_ROW_CHUNKS);|(void)0;|; s|wait_until(&counters\[T_READY\], (RT >> 2) \* A_ROW_CHUNKS);|(void)0;|'
+    [b_tile_first]='/^    load_b_tile();$/d; s/^    LaneGroup current = fetch(first_group + warp);$/    load_b_tile();\n&/; s/^    LaneGroup first = fetch(first_group + warp), second = fetch(first_group + warp + WARPS);$/    load_b_tile();\n&/'
     [no_tables]='s/q\[i\] = bf16x2(__fmul_rn(scale, CODE\[2 \* i\]), __fmul_rn(scale, CODE\[2 \* i + 1\]));/q[i] = __float_as_uint(scale) + i;/'
 )
 status=0

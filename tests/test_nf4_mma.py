@@ -7,6 +7,7 @@ import re
 import shutil
 import struct
 import subprocess
+from pathlib import Path
 
 import pytest
 import torch
@@ -194,6 +195,45 @@ def test_the_one_row_two_tile_kernel_keeps_ptxass_own_register_count(tmp_path):
     assert built.returncode == 0, built.stderr[-2000:]
     assert 128 < int(re.search(r"Used (\d+) registers", built.stderr).group(1)) <= 168, built.stderr
     assert "0 bytes spill stores" in built.stderr
+
+
+def _cuobjdump() -> str | None:
+    """cuobjdump on PATH, or the one Triton ships with its NVIDIA backend."""
+    found = shutil.which("cuobjdump")
+    if found:
+        return found
+    try:
+        import triton
+    except ImportError:
+        return None
+    bundled = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump"
+    return str(bundled) if bundled.exists() else None
+
+
+# (warps, rows, tiles, ahead, k, fused, shared lookups): the layouts the H200's tuner served at 16 rows in
+# run 43 (q/k/v, o, gate/up, down), o's at one row, and one without the fused LoRA A blocks
+SERVED_SHAPES = [(4, 16, 1, 2, 4096, True, 0), (8, 16, 1, 2, 4096, True, 0), (4, 16, 2, 1, 4096, True, 2),
+                 (8, 16, 1, 1, 14336, True, 0), (16, 1, 1, 1, 4096, True, 0), (8, 16, 1, 1, 4096, False, 0)]
+
+
+@pytest.mark.skipif(shutil.which("nvcc") is None or _cuobjdump() is None, reason="needs nvcc and cuobjdump")
+@pytest.mark.parametrize(("warps", "rows", "tiles", "ahead", "k", "fuse_a", "shared_lookups"), SERVED_SHAPES)
+def test_the_first_weights_are_asked_for_before_the_wait_for_the_kernel_before(
+        tmp_path, warps, rows, tiles, ahead, k, fuse_a, shared_lookups):
+    # Programmatic launch lets a launch start while the kernel before it finishes; its weights are its
+    # own, so their loads should be on their way by then. Before run 45, ptxas placed them after that
+    # wait (griddepcontrol.wait, ACQBULK in SASS) and after the LoRA B rows' round trip in these layouts.
+    cu, cubin = tmp_path / "kernel.cu", tmp_path / "k.cubin"
+    cu.write_text(nf4_mma.source(NF4_CODE, warps, rows, 32, tiles, False, ahead, k, fuse_a,
+                                 shared_lookups=shared_lookups))
+    built = subprocess.run(["nvcc", "-arch=sm_90", "-cubin", "-o", str(cubin), str(cu)], capture_output=True,
+                           text=True, timeout=300)
+    assert built.returncode == 0, built.stderr[-2000:]
+    sass = subprocess.run([_cuobjdump(), "-sass", str(cubin)], capture_output=True, text=True, timeout=120,
+                          check=True).stdout.splitlines()
+    first_weights = next(i for i, line in enumerate(sass) if "LDG.E.NA.128" in line)
+    wait = next(i for i, line in enumerate(sass) if "ACQBULK" in line)
+    assert first_weights < wait
 
 
 def test_k_splits_are_checked_named_and_varied():

@@ -512,11 +512,14 @@ nf4_mma_kernel(const uint4* __restrict__ words, const float* __restrict__ absmax
     for (int set = 0; set < SETS; ++set) x_lane[set] = xq + (8 * set + g < M ? set * 16 * 32 + lane : t);
 #endif
 
-    // The LoRA's inputs first, so that their loads overlap the weights': this block's rows of B
-    // (contiguous) and t = x @ A.T for its part, the split-K partial sums added up.
+    // The LoRA's inputs: this block's rows of B (contiguous) into shared memory, called once the first
+    // weights are on their way (each store waits for its load: issued before the weights' loads, the
+    // two round trips would come one after the other), and t = x @ A.T for its part.
     const int part = (n0 >= seg1) + (n0 >= seg2);
-    for (int i = threadIdx.x; i < FEATURES * RANK; i += WARPS * 32)
-        b_tile[i / RANK][i % RANK] = lora_b[(size_t)n0 * RANK + i];
+    auto load_b_tile = [&] {
+        for (int i = threadIdx.x; i < FEATURES * RANK; i += WARPS * 32)
+            b_tile[i / RANK][i % RANK] = lora_b[(size_t)n0 * RANK + i];
+    };
     // t: the split-K partial sums added up (with FUSE_A, t whole, once the A blocks are done)
     auto load_t = [&] {
         for (int i = threadIdx.x; i < M * RANK; i += WARPS * 32) {
@@ -574,6 +577,7 @@ nf4_mma_kernel(const uint4* __restrict__ words, const float* __restrict__ absmax
 #if AHEAD == 1
     // The next group's bytes in registers while this one computes.
     LaneGroup current = fetch(first_group + warp);
+    load_b_tile();
     inputs_ready();
     for (int group = first_group + warp; group < end_group; group += WARPS) {
         const LaneGroup next = fetch(group + WARPS);
@@ -584,6 +588,7 @@ nf4_mma_kernel(const uint4* __restrict__ words, const float* __restrict__ absmax
 #else
     // The next two groups' bytes in registers while this one computes (twice the bytes in flight).
     LaneGroup first = fetch(first_group + warp), second = fetch(first_group + warp + WARPS);
+    load_b_tile();
     inputs_ready();
     for (int group = first_group + warp; group < end_group; group += 2 * WARPS) {
         const LaneGroup third = fetch(group + 2 * WARPS);
