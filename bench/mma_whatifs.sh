@@ -24,7 +24,7 @@ declare -A edits=(
     [no_tables]='s/q\[i\] = bf16x2(__fmul_rn(scale, CODE\[2 \* i\]), __fmul_rn(scale, CODE\[2 \* i + 1\]));/q[i] = __float_as_uint(scale) + i;/'
 )
 status=0
-for name in ${WHATIFS:-served x_two_groups no_decode no_tables weights_two_groups no_mma half_k quarter_k no_lora_b no_a}; do
+for name in ${WHATIFS:-served x_two_groups no_decode no_tables weights_two_groups no_mma half_k quarter_k no_lora_b no_a b_tile_first}; do
     copy=/tmp/mma-whatif-$name
     rm -rf "$copy" && mkdir -p "$copy" && cp -r "$root/llm" "$root/bench" "$copy/"
     if [[ -n "${edits[$name]}" ]]; then

@@ -236,6 +236,23 @@ def test_the_first_weights_are_asked_for_before_the_wait_for_the_kernel_before(
     assert first_weights < wait
 
 
+@pytest.mark.skipif(shutil.which("nvcc") is None, reason="needs nvcc")
+@pytest.mark.parametrize(("rows", "fuse_a"), [(16, True), (1, True), (8, False)])
+def test_the_timeline_build_compiles_and_stamps_every_point(tmp_path, rows, fuse_a):
+    # bench/mma_timeline.py's build (no GPU here to run it): it compiles for sm_90, takes the stamps'
+    # buffer as one more argument, and stamps points 0-7; the served build has none of it
+    text = nf4_mma.source(NF4_CODE, 4, rows, 32, 1, False, 1, 4096, fuse_a, timeline=True)
+    assert "#define NF4_TIMELINE 1" in text and "NF4_TIMELINE 1" not in nf4_mma.source(NF4_CODE, 4, rows, 32, 1,
+                                                                                           False, 1, 4096, fuse_a)
+    stamped = {int(p) for p in re.findall(r"STAMP(?:_AFTER)?\((\d+)", text.split("nf4_mma_kernel(")[-1])}
+    assert stamped == set(range(nf4_mma.TIMELINE_POINTS))
+    cu = tmp_path / "kernel.cu"
+    cu.write_text(text)
+    built = subprocess.run(["nvcc", "-arch=sm_90", "-cubin", "-o", str(tmp_path / "k.cubin"), str(cu)],
+                           capture_output=True, text=True, timeout=300)
+    assert built.returncode == 0, built.stderr[-2000:]
+
+
 def test_k_splits_are_checked_named_and_varied():
     from llm.serving.nf4_kernels import NF4Config, k_split_variants
 

@@ -120,6 +120,38 @@ __device__ __forceinline__ void next_kernel_may_start() {
 #endif  // NF4_EMULATE
 
 __device__ __forceinline__ float f32(u16 h) { return __uint_as_float(((u32)h) << 16); }
+
+// The timeline builds (NF4_TIMELINE; bench/xtab_timeline.py, bench/mma_timeline.py): thread 0 of every
+// block stores the global nanosecond timer and its SM's cycle counter at the kernel's points
+// (STAMP(point)) and its SM, so that a bench can say where a launch's time goes. A warp issues in order,
+// so a point after an instruction that uses a loaded value (STAMP_AFTER's shared store) is stamped once
+// that value has arrived.
+#if defined(NF4_TIMELINE) && !defined(NF4_EMULATE)
+#define TIMELINE_PARAM , unsigned long long* __restrict__ timeline
+__device__ __forceinline__ void stamp(unsigned long long* timeline, int point) {
+    if (threadIdx.x != 0) return;
+    unsigned long long ns, cycles;
+    unsigned sm;
+    asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(ns) : : "memory");
+    asm volatile("mov.u64 %0, %%clock64;" : "=l"(cycles) : : "memory");
+    asm volatile("mov.u32 %0, %%smid;" : "=r"(sm));
+    unsigned long long* mine = timeline + (size_t)blockIdx.x * TIMELINE_SLOTS;
+    mine[2 * point] = ns;
+    mine[2 * point + 1] = cycles;
+    mine[TIMELINE_SLOTS - 1] = sm;
+}
+__device__ __forceinline__ void stamp_after(unsigned long long* timeline, int point, u32 value) {
+    __shared__ volatile u32 sink;
+    if (threadIdx.x == 0) sink = value;
+    stamp(timeline, point);
+}
+#define STAMP(point) stamp(timeline, point)
+#define STAMP_AFTER(point, value) stamp_after(timeline, point, value)
+#else
+#define TIMELINE_PARAM
+#define STAMP(point)
+#define STAMP_AFTER(point, value)
+#endif
 """
 
 _SOURCE = r"""
@@ -457,7 +489,7 @@ nf4_mma_kernel(const uint4* __restrict__ words, const float* __restrict__ absmax
                const float* __restrict__ lora_b, u16* __restrict__ y, int M, int K_unused, int ldy, double scaling,
                int seg1, int seg2, int RT, int t_splits, int round_lora_first, const u16* x, int ldx,
                const float* __restrict__ lora_a, float* __restrict__ a_partial, int* __restrict__ counters,
-               int la_blocks, float* __restrict__ split_sums, int* __restrict__ tile_arrivals) {
+               int la_blocks, float* __restrict__ split_sums, int* __restrict__ tile_arrivals TIMELINE_PARAM) {
     constexpr int HALVES = 2 * TILES;  // 8-feature halves of the block; half q is features 8 q + g
     constexpr int FEATURES = 16 * TILES;
     // One padding float per row keeps the epilogue's reads free of bank conflicts: a warp reads
@@ -473,14 +505,17 @@ nf4_mma_kernel(const uint4* __restrict__ words, const float* __restrict__ absmax
     constexpr int K = KDIM;
     const int groups = K >> 8;
     next_kernel_may_start();
+    STAMP(0);
 #if FUSE_A
     if ((int)blockIdx.x < la_blocks) {  // a LoRA A block: one unit per warp at a time
         previous_kernels_done();  // x
+        STAMP(1);
         // quad 0's units first (x in operand order for the weight blocks), then by row chunk and slice
         const int quads = RT >> 2, units = quads * A_ROW_CHUNKS * groups;
         for (int unit = blockIdx.x * WARPS + warp; unit < units; unit += la_blocks * WARPS)
             lora_a_unit(x, ldx, lora_a, M, RT, unit / (A_ROW_CHUNKS * groups), unit / groups % A_ROW_CHUNKS,
                         unit % groups, xq, a_partial, t_part, counters);
+        STAMP(7);
         return;
     }
     const int weight_block = blockIdx.x - la_blocks;
@@ -568,11 +603,13 @@ nf4_mma_kernel(const uint4* __restrict__ words, const float* __restrict__ absmax
     // done; x and t (theirs) are read after.
     auto inputs_ready = [&] {
         previous_kernels_done();
+        STAMP(1);
 #if !FUSE_A
         load_t();
 #elif ROWS > 1
         wait_until(&counters[XQ_READY], groups * A_ROW_CHUNKS);
 #endif
+        STAMP(2);
     };
 #if AHEAD == 1
     // The next group's bytes in registers while this one computes.
@@ -603,10 +640,12 @@ nf4_mma_kernel(const uint4* __restrict__ words, const float* __restrict__ absmax
     }
 #endif
 
+    STAMP_AFTER(3, __float_as_uint(acc[0][0][0]));  // warp 0's last MMA done
 #if FUSE_A
     wait_until(&counters[T_READY], (RT >> 2) * A_ROW_CHUNKS);
     load_t();
 #endif
+    STAMP(4);
 #pragma unroll
     for (int j = 0; j < TILES; ++j)
 #pragma unroll
@@ -614,6 +653,7 @@ nf4_mma_kernel(const uint4* __restrict__ words, const float* __restrict__ absmax
 #pragma unroll
             for (int i = 0; i < 4; ++i) partial[warp][lane][(j * SETS + set) * 4 + i] = acc[j][set][i];
     __syncthreads();
+    STAMP(5);
 #if FUSE_A
     if (threadIdx.x == 0 && atomicAdd(&counters[DEPARTED], 1) == (int)gridDim.x - la_blocks - 1) {
         counters[XQ_READY] = 0;
@@ -645,7 +685,10 @@ nf4_mma_kernel(const uint4* __restrict__ words, const float* __restrict__ absmax
     __shared__ int last_of_tile;
     if (threadIdx.x == 0) last_of_tile = atomicAdd(&tile_arrivals[tile], 1) == KSPLIT - 1;
     __syncthreads();
-    if (!last_of_tile) return;
+    if (!last_of_tile) {
+        STAMP(6);
+        return;
+    }
     __threadfence();
     if (threadIdx.x == 0) tile_arrivals[tile] = 0;  // as the next launch must find it
 #endif
@@ -666,9 +709,17 @@ nf4_mma_kernel(const uint4* __restrict__ words, const float* __restrict__ absmax
         const u16 out = round_lora_first ? bf16(rounded_base + f32(bf16(u))) : bf16(rounded_base + u);
         y[(size_t)m * ldy + n0 + f] = out;
     }
+    STAMP(6);
 }
 """
 
+
+# bench/mma_timeline.py's stamps per block (int64): (ns, cycles) at each point, the SM last. Weight blocks:
+# 0 entry · 1 the kernel before is done · 2 x in operand order ready (unfused: t loaded) · 3 warp 0's
+# weight loop done · 4 t ready · 5 every warp's sums in shared memory · 6 the block's outputs stored.
+# LoRA A blocks: 0, 1 and 7 their units done.
+TIMELINE_POINTS = 8
+TIMELINE_SLOTS = 2 * TIMELINE_POINTS + 1
 
 CODE_PAIRS_BYTES = 256 * 16 * 8
 STATIC_SHARED_LIMIT = 48 * 1024  # a kernel's static shared memory
@@ -683,7 +734,8 @@ def static_shared_bytes(warps: int, rows: int, rank: int, tiles: int, shared_loo
 
 
 def source(code: Sequence[float], warps: int, rows: int, rank: int, tiles: int = 1, prefetch_x: bool = False,
-           ahead: int = 1, k: int = 4096, fuse_a: bool = False, shared_lookups: int = 0, k_splits: int = 1) -> str:
+           ahead: int = 1, k: int = 4096, fuse_a: bool = False, shared_lookups: int = 0, k_splits: int = 1,
+           timeline: bool = False) -> str:
     """The kernel's CUDA source for one NF4 code table, warps per block, row tile (8 or 16), rank,
     16-feature tiles per warp, whether each warp prefetches its next group's x into L1, how many
     groups' weight bytes each warp holds in registers ahead of the one it computes (1 or 2), the
@@ -691,7 +743,8 @@ def source(code: Sequence[float], warps: int, rows: int, rank: int, tiles: int =
     whether the launch's first blocks compute the LoRA's A product themselves (`fuse_a`), and how
     many of a lane's 2 x tiles absmax blocks per group decode through the shared-memory code pairs
     instead of register tables (`shared_lookups`), and how many blocks split each feature tile's K
-    (`k_splits`: the last of them adds their float32 sums up in a fixed order)."""
+    (`k_splits`: the last of them adds their float32 sums up in a fixed order). `timeline`: the build
+    with bench/mma_timeline.py's stamps (one more kernel argument, TIMELINE_POINTS per block)."""
     if len(code) != 16:
         raise ValueError("an NF4 code table has 16 entries")
     if (warps not in WARP_CHOICES or rows not in (1, 8, 16) or (rows == 1 and not fuse_a) or rank <= 0
@@ -705,7 +758,8 @@ def source(code: Sequence[float], warps: int, rows: int, rank: int, tiles: int =
     header = (f"#define KDIM {k}\n#define WARPS {warps}\n#define ROWS {rows}\n#define RANK {rank}\n#define TILES {tiles}\n"
               f"#define PREFETCH_X {int(prefetch_x)}\n#define AHEAD {ahead}\n#define FUSE_A {int(fuse_a)}\n"
               f"#define SHARED_LOOKUPS {shared_lookups}\n#define KSPLIT {k_splits}\n#define A_ROWS {lora_a_unit_rows(rows)}\n"
-              f"__device__ __constant__ float CODE_TABLE[16] = {{{values}}};\n#define CODE CODE_TABLE\n")
+              f"__device__ __constant__ float CODE_TABLE[16] = {{{values}}};\n#define CODE CODE_TABLE\n"
+              + (f"#define NF4_TIMELINE 1\n#define TIMELINE_SLOTS {TIMELINE_SLOTS}\n" if timeline else ""))
     return header + DEVICE_HELPERS + _SOURCE
 
 
@@ -764,15 +818,16 @@ def code_values(code: torch.Tensor) -> tuple[float, ...]:
 
 
 def _kernel_key(code: torch.Tensor, warps: int, rows: int, rank: int, tiles: int, prefetch_x: bool, ahead: int,
-                k: int, fuse_a: bool, shared_lookups: int, k_splits: int) -> tuple:
+                k: int, fuse_a: bool, shared_lookups: int, k_splits: int, timeline: bool = False) -> tuple:
     """What makes one compiled kernel: the device, then `source`'s arguments."""
     return (code.device.index, code_values(code), warps, rows, rank, tiles, prefetch_x, ahead, k, fuse_a, shared_lookups,
-            k_splits)
+            k_splits, timeline)
 
 
 def _kernel(code: torch.Tensor, warps: int, rows: int, rank: int, tiles: int, prefetch_x: bool, ahead: int,
-            k: int, fuse_a: bool, shared_lookups: int, k_splits: int) -> Callable:
-    key = _kernel_key(code, warps, rows, rank, tiles, prefetch_x, ahead, k, fuse_a, shared_lookups, k_splits)
+            k: int, fuse_a: bool, shared_lookups: int, k_splits: int, timeline: bool = False) -> Callable:
+    key = _kernel_key(code, warps, rows, rank, tiles, prefetch_x, ahead, k, fuse_a, shared_lookups, k_splits,
+                      timeline)
     if key not in _KERNELS:
         with torch.cuda.device(code.device):
             _KERNELS[key] = _compile(source(*key[1:]))
@@ -876,6 +931,13 @@ def fused_a_blocks(rt: int, k: int, warps: int, rows: int) -> int:
     return -(-units // warps)
 
 
+def launch_blocks(m: int, n: int, k: int, rt: int, warps: int, tiles: int, fuse_a: bool, k_splits: int) -> int:
+    """How many blocks `nf4_mma_linear` launches for m rows of an [n, k] weight (rt LoRA ranks in all):
+    its fused LoRA A blocks, then one per feature tile and K split."""
+    la_blocks = fused_a_blocks(rt, k, warps, kernel_rows(m, True)) if fuse_a else 0
+    return la_blocks + n // (TILE_N * tiles) * k_splits
+
+
 def fused_counter_count(rt: int) -> int:
     """The fused kernel's counters for `rt` ranks in all: x ready, t ready, departed, and the
     arrivals of each (rank quad, row chunk), sized for the largest row tile so that one tensor
@@ -897,6 +959,7 @@ def nf4_mma_linear(
     inputs: tuple[torch.Tensor, torch.Tensor] | None = None,
     shared_lookups: int = 0,
     k_splits: int = 1,
+    timeline: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """y = x @ dequant(W).T + scaling * B(A(x)) with PEFT's roundings for x ([m <= 16, K], bf16);
     rows from seg1 and from seg2 on belong to the LoRA's second and third parts.
@@ -905,7 +968,9 @@ def nf4_mma_linear(
     float32). Without them, one launch does it all (FUSE_A): its first blocks write x in operand
     order and t (whole, summed in a fixed order), while the others start on their weights and wait
     for x, then for t before their epilogue. The LoRA A kernel and the gap after it were 10 % of a
-    one-row decode step and 19 % of a 16-row one (run 17)."""
+    one-row decode step and 19 % of a 16-row one (run 17).
+    `timeline` (bench/mma_timeline.py's): int64 [blocks, TIMELINE_SLOTS] that the launch stamps (`source`'s
+    timeline build)."""
     m, k = x.shape
     n = weight.shape[0]
     rt = lora.a.shape[0]
@@ -913,7 +978,7 @@ def nf4_mma_linear(
     if inputs is not None:
         xq, t = inputs
         kernel = _kernel(weight.code, warps, kernel_rows(m, False), lora.rank, tiles, prefetch_x, ahead, k, False,
-                         shared_lookups, k_splits)
+                         shared_lookups, k_splits, timeline is not None)
         la_blocks = 0
         splits, fused_args = t.shape[0], [xq, 0, lora.a, t, t]  # the fused LoRA A's arguments, unused
     else:
@@ -923,7 +988,7 @@ def nf4_mma_linear(
             x = x.clone(memory_format=torch.contiguous_format)  # 16-byte rows for the vector loads
         rows = kernel_rows(m, True)
         kernel = _kernel(weight.code, warps, rows, lora.rank, tiles, prefetch_x, ahead, k, True, shared_lookups,
-                         k_splits)
+                         k_splits, timeline is not None)
         counters = lora.counters("fused", fused_counter_count(rt), x.device)
         xq = torch.empty((16 * k,), dtype=torch.bfloat16, device=x.device)
         t = torch.empty((m, rt), dtype=torch.float32, device=x.device)
@@ -936,7 +1001,8 @@ def nf4_mma_linear(
     else:
         split_sums, arrivals = t, t  # unused
     programmatic_launch.launch(
-        kernel, (la_blocks + n // (TILE_N * tiles) * k_splits, 1, 1), (warps * 32, 1, 1),
+        kernel, (launch_blocks(m, n, k, rt, warps, tiles, inputs is None, k_splits), 1, 1), (warps * 32, 1, 1),
         [weight.packed, weight.absmax, xq, t, lora.b, y, m, k, y.stride(0), float(lora.scaling),
-         seg1, seg2, rt, splits, int(round_lora_first), *fused_args, la_blocks, split_sums, arrivals], x.device)
+         seg1, seg2, rt, splits, int(round_lora_first), *fused_args, la_blocks, split_sums, arrivals,
+         *(() if timeline is None else (timeline,))], x.device)
     return y

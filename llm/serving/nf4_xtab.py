@@ -105,6 +105,7 @@ class XtabLayout:
 # What the tuner times (run 39: 8x2 a little ahead of 16x1 for gate/up in the timeline, so timed too)
 SERVED_LAYOUTS = (XtabLayout(8), XtabLayout(16), XtabLayout(8, 2))
 # bench/xtab_timeline.py's stamps per block (int64): (ns, cycles) at each point, the SM last
+# (`nf4_mma.DEVICE_HELPERS`' STAMP)
 TIMELINE_POINTS = 9
 TIMELINE_SLOTS = 2 * TIMELINE_POINTS + 1
 
@@ -216,37 +217,6 @@ __device__ __forceinline__ void prepare_x(u32 (&xw)[4], const u16* x, const u16*
 #endif
 }
 
-// bench/xtab_timeline.py's build (NF4_TIMELINE): thread 0 of every block stores the global nanosecond
-// timer and its SM's cycle counter at nine points of the launch (STAMP(0..8)) and its SM, so that the
-// bench can say where a launch's time goes: waiting, preparing x, tabulating, the LoRA A product, the
-// weights, the barrier, finishing. A warp issues in order, so a point after an instruction that uses a
-// loaded value (STAMP_AFTER's shared store) is stamped once that value has arrived.
-#if defined(NF4_TIMELINE) && !defined(NF4_EMULATE)
-#define TIMELINE_PARAM , unsigned long long* __restrict__ timeline
-__device__ __forceinline__ void stamp(unsigned long long* timeline, int point) {
-    if (threadIdx.x != 0) return;
-    unsigned long long ns, cycles;
-    unsigned sm;
-    asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(ns) : : "memory");
-    asm volatile("mov.u64 %0, %%clock64;" : "=l"(cycles) : : "memory");
-    asm volatile("mov.u32 %0, %%smid;" : "=r"(sm));
-    unsigned long long* mine = timeline + (size_t)blockIdx.x * TIMELINE_SLOTS;
-    mine[2 * point] = ns;
-    mine[2 * point + 1] = cycles;
-    mine[TIMELINE_SLOTS - 1] = sm;
-}
-__device__ __forceinline__ void stamp_after(unsigned long long* timeline, int point, u32 value) {
-    __shared__ volatile u32 sink;
-    if (threadIdx.x == 0) sink = value;
-    stamp(timeline, point);
-}
-#define STAMP(point) stamp(timeline, point)
-#define STAMP_AFTER(point, value) stamp_after(timeline, point, value)
-#else
-#define TIMELINE_PARAM
-#define STAMP(point)
-#define STAMP_AFTER(point, value)
-#endif
 
 // counters: [0] blocks whose sums are stored, [1] blocks done; the last one zeroes both.
 // phases: 1 = this block's slice sums (and its share of the LoRA's A product over the slice), 2 =
