@@ -30,7 +30,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import torch  # noqa: E402
-from mma_whatifs import LAYERS, PROJECTIONS, random_projection  # noqa: E402
+from mma_whatifs import LAYERS, PROJECTIONS, add_shape_arguments, random_projection, shapes  # noqa: E402
 
 from llm.serving import nf4_kernels, nf4_mma  # noqa: E402
 from llm.serving.triton_kernels import captured_graph, graph_time_ms  # noqa: E402
@@ -106,17 +106,10 @@ def measure(name: str, rows: int, replays: int) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--rows", default="16,1", help="row counts, e.g. 16,1")
+    add_shape_arguments(parser, "16,1")
     parser.add_argument("--replays", type=int, default=10)
-    parser.add_argument("--projections", default=",".join(PROJECTIONS), help=f"some of {', '.join(PROJECTIONS)}")
     args = parser.parse_args()
-    try:
-        rows_counts = [int(r) for r in args.rows.split(",")]
-    except ValueError:
-        parser.error(f"--rows must be comma-separated numbers, got {args.rows!r}")
-    names = args.projections.split(",")
-    if any(name not in PROJECTIONS for name in names):
-        parser.error(f"--projections takes some of {', '.join(PROJECTIONS)}, got {args.projections!r}")
+    rows_counts, names = shapes(parser, args)
     if args.replays < 1:
         parser.error("--replays must be at least 1")
     if not torch.cuda.is_available():

@@ -82,12 +82,14 @@ def copy_tb_s() -> float:
     return 2 * source.numel() / (ms * 1e-3) / 1e12
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--label", required=True, help="what this copy of the kernel is (served, x_two_groups, ...)")
-    parser.add_argument("--rows", default="16", help="row counts, e.g. 16,8")
+def add_shape_arguments(parser: argparse.ArgumentParser, rows: str) -> None:
+    """--rows and --projections (this script's and bench/mma_timeline.py's)."""
+    parser.add_argument("--rows", default=rows, help=f"row counts, e.g. {rows}")
     parser.add_argument("--projections", default=",".join(PROJECTIONS), help=f"some of {', '.join(PROJECTIONS)}")
-    args = parser.parse_args()
+
+
+def shapes(parser: argparse.ArgumentParser, args: argparse.Namespace) -> tuple[list[int], list[str]]:
+    """The row counts and projections asked for; a mistake is one line and exit 2."""
     try:
         rows_counts = [int(r) for r in args.rows.split(",")]
     except ValueError:
@@ -95,6 +97,15 @@ def main() -> None:
     names = args.projections.split(",")
     if any(name not in PROJECTIONS for name in names):
         parser.error(f"--projections takes some of {', '.join(PROJECTIONS)}, got {args.projections!r}")
+    return rows_counts, names
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--label", required=True, help="what this copy of the kernel is (served, x_two_groups, ...)")
+    add_shape_arguments(parser, "16")
+    args = parser.parse_args()
+    rows_counts, names = shapes(parser, args)
     if not torch.cuda.is_available():
         parser.error("needs a CUDA GPU: run it through the device tool (bench/NOTES.md, Reproduce)")
     bandwidth = copy_tb_s()
