@@ -47,6 +47,8 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("launches", nargs="?", type=int, default=288, help="kernels in the chain (default 288)")
     launches = parser.parse_args().launches
+    if launches < 1:
+        parser.error(f"the chain needs at least one launch, got {launches}")
     if not torch.cuda.is_available():
         print("launch_floor.py needs a CUDA GPU", file=sys.stderr)
         return 2

@@ -67,8 +67,8 @@ def measure(name: str, rows: int, replays: int) -> dict:
         return {"projection": name, "rows": rows, "error": f"no layout {label} at {rows} rows"}
     warps, tiles, prefetch_x, ahead, fuse_a, shared_lookups, k_splits = nf4_kernels.mma_layout(configs[label])
     rt = lora.a.shape[0]
-    blocks = nf4_mma.launch_blocks(rows, n, k, rt, warps, tiles, fuse_a, k_splits)
-    la_blocks = blocks - n // (nf4_mma.TILE_N * tiles) * k_splits
+    la_blocks, weight_blocks = nf4_mma.launch_blocks(rows, n, k, rt, warps, tiles, fuse_a, k_splits)
+    blocks = la_blocks + weight_blocks
     stamps = [torch.zeros((blocks, nf4_mma.TIMELINE_SLOTS), dtype=torch.int64, device="cuda") for _ in group]
     x = torch.randn(rows, k, dtype=torch.bfloat16, device="cuda")
     seg1, seg2 = lora.part_starts(n)

@@ -81,20 +81,22 @@ def _run(library: ctypes.CDLL, projection: NF4Projection, x: torch.Tensor, warps
     if fuse_a:  # the launch writes both; stale values must not matter
         xq = torch.full((16 * k,), float("nan"), dtype=torch.bfloat16)
         t = torch.full((m, rt), float("nan"))
-        splits, la_blocks = 1, nf4_mma.fused_a_blocks(rt, k, warps, nf4_mma.fused_kernel_rows(m))
+        splits = 1
     else:
         xq = nf4_mma.operand_order(x).contiguous()
         cut = k // 2  # two split-K partial sums, as the LoRA A kernel leaves them
         t = torch.stack([x[:, :cut].float() @ lora.a[:, :cut].T,
                          x[:, cut:].float() @ lora.a[:, cut:].T]).contiguous()
-        splits, la_blocks = 2, 0
+        splits = 2
+    # the grid as `nf4_mma_linear` launches it
+    la_blocks, weight_blocks = nf4_mma.launch_blocks(m, n, k, rt, warps, tiles, fuse_a, k_splits)
     y = torch.full((m, n), float("nan"), dtype=torch.bfloat16)
     split_sums = torch.full((k_splits, m, n), float("nan"))  # the launch writes them before it reads them
     arrivals = torch.zeros(n // 16, dtype=torch.int32) if arrivals is None else arrivals
     for buffer in (projection.weight.packed, projection.weight.absmax, xq, t, lora.b, x, lora.a, a_partial, split_sums):
         library.add_buffer(buffer.data_ptr(), buffer.numel() * buffer.element_size())
     out_of_bounds = library.launch(
-        la_blocks + n // (16 * tiles) * k_splits, warps * 32, projection.weight.packed.data_ptr(),
+        la_blocks + weight_blocks, warps * 32, projection.weight.packed.data_ptr(),
         projection.weight.absmax.data_ptr(), xq.data_ptr(), t.data_ptr(), lora.b.data_ptr(), y.data_ptr(), m, k, n,
         lora.scaling, *lora.part_starts(n), rt, splits, 1, x.data_ptr(), x.stride(0), lora.a.data_ptr(),
         a_partial.data_ptr(), counters.data_ptr(), la_blocks, split_sums.data_ptr(), arrivals.data_ptr())

@@ -931,11 +931,12 @@ def fused_a_blocks(rt: int, k: int, warps: int, rows: int) -> int:
     return -(-units // warps)
 
 
-def launch_blocks(m: int, n: int, k: int, rt: int, warps: int, tiles: int, fuse_a: bool, k_splits: int) -> int:
-    """How many blocks `nf4_mma_linear` launches for m rows of an [n, k] weight (rt LoRA ranks in all):
-    its fused LoRA A blocks, then one per feature tile and K split."""
+def launch_blocks(m: int, n: int, k: int, rt: int, warps: int, tiles: int, fuse_a: bool,
+                  k_splits: int) -> tuple[int, int]:
+    """The blocks `nf4_mma_linear` launches for m rows of an [n, k] weight (rt LoRA ranks in all): its
+    fused LoRA A blocks (first in the grid), and its weight blocks, one per feature tile and K split."""
     la_blocks = fused_a_blocks(rt, k, warps, kernel_rows(m, True)) if fuse_a else 0
-    return la_blocks + n // (TILE_N * tiles) * k_splits
+    return la_blocks, n // (TILE_N * tiles) * k_splits
 
 
 def fused_counter_count(rt: int) -> int:
@@ -979,7 +980,6 @@ def nf4_mma_linear(
         xq, t = inputs
         kernel = _kernel(weight.code, warps, kernel_rows(m, False), lora.rank, tiles, prefetch_x, ahead, k, False,
                          shared_lookups, k_splits, timeline is not None)
-        la_blocks = 0
         splits, fused_args = t.shape[0], [xq, 0, lora.a, t, t]  # the fused LoRA A's arguments, unused
     else:
         if rt % RANK_QUAD:
@@ -993,15 +993,15 @@ def nf4_mma_linear(
         xq = torch.empty((16 * k,), dtype=torch.bfloat16, device=x.device)
         t = torch.empty((m, rt), dtype=torch.float32, device=x.device)
         partial = torch.empty((k // GROUP, m, rt), dtype=torch.float32, device=x.device)
-        la_blocks = fused_a_blocks(rt, k, warps, rows)
         splits, fused_args = 1, [x, x.stride(0), lora.a, partial, counters]
     if k_splits > 1:
         split_sums = torch.empty((k_splits, m, n), dtype=torch.float32, device=x.device)
         arrivals = lora.counters("tiles", n // TILE_N, x.device)
     else:
         split_sums, arrivals = t, t  # unused
+    la_blocks, weight_blocks = launch_blocks(m, n, k, rt, warps, tiles, inputs is None, k_splits)
     programmatic_launch.launch(
-        kernel, (launch_blocks(m, n, k, rt, warps, tiles, inputs is None, k_splits), 1, 1), (warps * 32, 1, 1),
+        kernel, (la_blocks + weight_blocks, 1, 1), (warps * 32, 1, 1),
         [weight.packed, weight.absmax, xq, t, lora.b, y, m, k, y.stride(0), float(lora.scaling),
          seg1, seg2, rt, splits, int(round_lora_first), *fused_args, la_blocks, split_sums, arrivals,
          *(() if timeline is None else (timeline,))], x.device)

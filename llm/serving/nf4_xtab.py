@@ -217,7 +217,6 @@ __device__ __forceinline__ void prepare_x(u32 (&xw)[4], const u16* x, const u16*
 #endif
 }
 
-
 // counters: [0] blocks whose sums are stored, [1] blocks done; the last one zeroes both.
 // phases: 1 = this block's slice sums (and its share of the LoRA's A product over the slice), 2 =
 // finish 1 / SLICES of the chunk's rows; a GPU launch runs both (3), every block of the grid waiting
