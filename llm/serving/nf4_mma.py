@@ -246,8 +246,10 @@ __device__ __forceinline__ void block_tables(float scale, u32 (&L)[4], u32 (&H)[
 // shared-memory pipe takes part of the ALU pipe's work (the busiest pipe in runs 17 and 22; run 23:
 // 2-9 % faster in the two-tile layouts, slower in most one-tile ones at one row). Entry e holds (code[e >> 4], code[e & 15]) (bitsandbytes' high nibble is the first value)
 // 16 times, copy c at byte 128 e + 8 c: lane l reads copy l % 16, so that a half-warp's 16 lanes read
-// 16 different bank pairs whatever their bytes.
-__shared__ float2 code_pairs[256 * 16];
+// 16 different bank pairs whatever their bytes. fill_code_pairs stores two entries at a time (16 bytes):
+// float2's own alignment (8) held only while no other shared variable came before it (the timeline
+// build's `sink` moved it and the launch failed with a misaligned address).
+__shared__ __align__(16) float2 code_pairs[256 * 16];
 
 __device__ __forceinline__ void fill_code_pairs() {
     for (int i = threadIdx.x; i < 256 * 8; i += WARPS * 32) {
