@@ -253,6 +253,22 @@ def test_the_timeline_build_compiles_and_stamps_every_point(tmp_path, rows, fuse
     assert built.returncode == 0, built.stderr[-2000:]
 
 
+@pytest.mark.skipif(shutil.which("nvcc") is None, reason="needs nvcc")
+@pytest.mark.parametrize("timeline", [False, True])
+def test_the_shared_code_pairs_are_declared_as_wide_as_they_are_stored(tmp_path, timeline):
+    # fill_code_pairs stores 16 bytes at a time; with only float2's 8 declared, the timeline build's one
+    # more shared variable moved the table off 16 and gate/up's launch failed with a misaligned address
+    cu, ptx = tmp_path / "kernel.cu", tmp_path / "kernel.ptx"
+    cu.write_text(nf4_mma.source(NF4_CODE, 4, 16, 32, 2, False, 1, 4096, True, shared_lookups=2, timeline=timeline))
+    built = subprocess.run(["nvcc", "-arch=sm_90", "-ptx", "-o", str(ptx), str(cu)], capture_output=True, text=True,
+                           timeout=300)
+    assert built.returncode == 0, built.stderr[-2000:]
+    text = ptx.read_text()
+    assert "st.shared.v4.f32" in text
+    assert re.search(r"\.shared \.align (16|32|64|128) \.b8 code_pairs\[", text), [
+        line for line in text.splitlines() if "code_pairs[" in line]
+
+
 def test_k_splits_are_checked_named_and_varied():
     from llm.serving.nf4_kernels import NF4Config, k_split_variants
 
