@@ -24,6 +24,15 @@ script once per edited copy of the repository):
   or for t (the A product's work, its blocks' time on the SMs and both waits gone);
 - `b_tile_first`: the LoRA `B` rows loaded into shared memory before the first weights are asked
   for, as before run 45 (a real alternative, not a what-if: its outputs are right);
+- `a_blocks_8` .. `a_blocks_64`: at most that many fused LoRA `A` blocks, each warp taking several units in
+  turn (outputs right; run 46: all slower), so that more weight blocks fit in the first wave;
+- `trigger_after_loop`, `trigger_after_t`: the next launch released after the weight loop or after t instead
+  of at the start (outputs right; run 46: slower);
+- `no_x_wait`, `no_t_wait`: the weight blocks skip their wait for x in operand order, or for t (run 46: no
+  gain at 16 rows);
+- `more_blocks_per_sm`: launch bounds asking for 16 warps per SM, so that ptxas holds a 4-warp layout to 128
+  registers (q/k/v's: 134 registers, 3 blocks per SM, 396 slots for its 768 blocks; 4 per SM with no spills
+  in a local sm_90 build; not yet timed);
 - `no_tables`: the per-block tables are the absmax's bits plus a constant instead of 16 products
   and 8 conversions per 64 weights.
 
