@@ -19,7 +19,8 @@
 #       -> $OUT/prompts*
 #   bash bench/engines_gpu.sh bench COMMIT [CASES [BENCH OPTIONS]]  the engine benchmark: the seed's literal
 #       code path, `nf4` and `fast` by default, same prompts, ratios printed (~4 minutes; options such as
-#       --xtab-layouts 16x1,8x1 go to bench_engines.py)
+#       --xtab-layouts 16x1,8x1 go to bench_engines.py; COMMIT: the measured commit's hash, typed into the
+#       call, which the results file records)
 #       -> $OUT/engines.log, $OUT/r.tgz (the results JSON, the chart and the profiles)
 #   bash bench/engines_gpu.sh tests-then-bench COMMIT CASES [PYTEST ARGS]  `tests` with PYTEST ARGS (e.g. -k to
 #       pick the tests of what changed), then, only if they pass, `bench COMMIT CASES`: a session's usual call
@@ -31,6 +32,12 @@ if [[ "${1:-}" != tests && "${1:-}" != bench && "${1:-}" != kernels && "${1:-}" 
     exit 2
 fi
 out=${OUT:-.}
+# The device's copy of the tree has no git history: a name such as HEAD would be all the results file says
+# of what was measured (runs 45-46). Checked first, before a tests-then-bench call spends minutes on tests.
+if [[ ( "$1" == bench || "$1" == tests-then-bench ) && ! "${2:-}" =~ ^[0-9a-f]{7,40}$ ]]; then
+    echo "COMMIT must be the measured commit's hash (git rev-parse --short HEAD here, typed into the call), got '${2:-}'"
+    exit 2
+fi
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
     || { echo "cannot install the carried bitsandbytes wheel (.whl): see bench/NOTES.md, Reproduce"; exit 1; }
 export PYTHONPATH="/tmp/site:$PWD" PYTHONUNBUFFERED=1 FINBOT_TOKENIZER_FILE="$PWD/.tok/tokenizer.model.v1"
