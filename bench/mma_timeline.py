@@ -13,7 +13,8 @@ another in a CUDA graph with programmatic launch, as the tuner times them, built
 Prints one JSON line per projection and row count (µs; medians over the middle launches of the chain and
 over replays): the launch's span (first block in to last block out), the gap to the next launch's first
 block, when the weight blocks enter (first, median, last) and how long their phases take (median block),
-when the A blocks finish, and the graph time per launch with and without the stamps.
+when the A blocks finish, and the graph time per launch with and without the stamps; and the served
+(unstamped) kernel's registers and blocks per SM, with how many blocks the card runs at once.
 
     PYTHONPATH=$PWD python3 bench/mma_timeline.py [--rows 16,1] [--replays 10]
 """
@@ -92,7 +93,11 @@ def measure(name: str, rows: int, replays: int) -> dict:
             before["gap_to_next_launch"] = (after["first_entry_ns"] - before["last_exit_ns"]) / 1e3
         per_launch += summaries[1:-1]  # the middle launches: one before and one after each, as in a step
     keys = [key for key in per_launch[0] if not key.endswith("_ns")]
+    registers, per_sm = nf4_mma.occupancy(weight.code, warps, nf4_mma.kernel_rows(rows, fuse_a), lora.rank, tiles,
+                                          prefetch_x, ahead, k, fuse_a, shared_lookups, k_splits)
+    slots = per_sm * torch.cuda.get_device_properties(x.device).multi_processor_count
     result: dict = {"projection": name, "rows": rows, "layout": label, "blocks": blocks, "la_blocks": la_blocks,
+                    "registers": registers, "blocks_per_sm": per_sm, "blocks_at_once": slots,
                     "graph_us_per_launch": round(plain_us, 2), "graph_us_per_launch_stamped": round(stamped_us, 2)}
     for key in keys:
         values = [summary[key] for summary in per_launch if key in summary]

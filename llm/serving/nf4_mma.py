@@ -836,6 +836,14 @@ def _kernel(code: torch.Tensor, warps: int, rows: int, rank: int, tiles: int, pr
     return _KERNELS[key]
 
 
+def occupancy(code: torch.Tensor, warps: int, rows: int, rank: int, tiles: int, prefetch_x: bool, ahead: int,
+              k: int, fuse_a: bool, shared_lookups: int, k_splits: int) -> tuple[int, int]:
+    """(registers per thread, blocks per SM) of the kernel `source` builds from these arguments (compiled
+    if it was not yet): run 46 found every 16-row launch holding more blocks than the card runs at once."""
+    kernel = _kernel(code, warps, rows, rank, tiles, prefetch_x, ahead, k, fuse_a, shared_lookups, k_splits)
+    return programmatic_launch.occupancy(kernel, warps * 32)
+
+
 def kernel_rows(m: int, fuse_a: bool) -> int:
     """The row tile (ROWS) of the kernel that serves m rows."""
     return fused_kernel_rows(m) if fuse_a else 8 if m <= 8 else 16

@@ -90,6 +90,23 @@ def _driver() -> ctypes.CDLL:
     return loader() if loader is not None else ctypes.CDLL("libcuda.so.1")
 
 
+_CU_FUNC_ATTRIBUTE_NUM_REGS = 4  # CUfunction_attribute (cuda.h)
+
+
+def occupancy(kernel: Any, threads: int, shared_bytes: int = 0) -> tuple[int, int]:
+    """(registers per thread, blocks per SM) of a kernel compiled by `torch.cuda._compile_kernel`, at
+    `threads` per block and `shared_bytes` of dynamic shared memory: how many of a launch's blocks the
+    card holds at once (bench/mma_timeline.py)."""
+    registers, blocks = ctypes.c_int(0), ctypes.c_int(0)
+    driver = _driver()
+    for result in (driver.cuFuncGetAttribute(ctypes.byref(registers), _CU_FUNC_ATTRIBUTE_NUM_REGS, kernel.func),
+                   driver.cuOccupancyMaxActiveBlocksPerMultiprocessor(ctypes.byref(blocks), kernel.func, threads,
+                                                                      ctypes.c_size_t(shared_bytes))):
+        if result != 0:
+            raise RuntimeError(f"the CUDA driver could not say a kernel's occupancy (error {result})")
+    return registers.value, blocks.value
+
+
 def _plain_launch(kernel: Any, grid: tuple[int, int, int], block: tuple[int, int, int], args: Sequence[Any],
                   shared_bytes: int) -> None:
     extra = {"shared_mem": shared_bytes} if shared_bytes else {}

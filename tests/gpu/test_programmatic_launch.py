@@ -92,3 +92,21 @@ def test_the_rotary_kernel_waits_for_the_projection_before_it():
     torch.cuda.synchronize()
     for ours, theirs in zip(served, expected, strict=True):
         assert torch.equal(ours, theirs)
+
+
+
+@pytest.mark.parametrize(("warps", "tiles", "ahead", "shared_lookups"), [(4, 1, 2, 0), (4, 2, 1, 2), (8, 1, 2, 0)])
+def test_the_occupancy_the_timeline_reports_follows_registers_and_shared_memory(warps, tiles, ahead, shared_lookups):
+    # bench/mma_timeline.py's blocks per SM (run 46: q/k/v's 16-row layout, 134 registers, 3 of 4 warps;
+    # gate/up's, 4 for its shared memory), against Hopper's limits: 64K registers in 256-register warp
+    # allocations, 228 KB of shared memory with 1 KB reserved a block, 64 warps, 32 blocks
+    from llm.serving import nf4_mma
+
+    projection, _ = projection_and_input("qkv", 16)
+    registers, per_sm = nf4_mma.occupancy(projection.weight.code, warps, 16, 32, tiles, False, ahead, 4096, True,
+                                          shared_lookups, 1)
+    assert 32 <= registers <= 255
+    by_registers = 65536 // (-(-registers * 32 // 256) * 256 * warps)
+    shared = nf4_mma.static_shared_bytes(warps, 16, 32, tiles, shared_lookups)
+    by_shared = (228 * 1024) // (shared + 1024)
+    assert per_sm == min(by_registers, by_shared, 64 // warps, 32), (registers, shared)
