@@ -78,3 +78,31 @@ def test_a_refused_attribute_falls_back_to_plain_launches_with_one_warning(monke
     warnings = [r for r in caplog.records if r.levelname == "WARNING"]
     assert len(warnings) == 1 and "plain launches" in warnings[0].getMessage()
     assert not programmatic_launch.enabled("cuda")
+
+
+def test_occupancy_asks_the_driver_for_registers_and_blocks_and_says_when_it_cannot(monkeypatch):
+    # The driver cannot run here: a stand-in that answers as cuda.h declares the two calls (an int
+    # written through the first pointer), then one that fails the second
+    class Kernel:
+        func = ctypes.c_void_p(1)
+
+    class Driver:
+        asked: list = []
+        occupancy_result = 0
+
+        def cuFuncGetAttribute(self, value, attribute, func):  # noqa: N802, ANN001 - the CUDA driver's name
+            Driver.asked.append(("attribute", attribute))
+            ctypes.cast(value, ctypes.POINTER(ctypes.c_int)).contents.value = 134
+            return 0
+
+        def cuOccupancyMaxActiveBlocksPerMultiprocessor(self, blocks, func, threads, shared):  # noqa: N802, ANN001
+            Driver.asked.append(("occupancy", threads, shared.value))
+            ctypes.cast(blocks, ctypes.POINTER(ctypes.c_int)).contents.value = 3
+            return Driver.occupancy_result
+
+    monkeypatch.setattr(programmatic_launch, "_driver", Driver)
+    assert programmatic_launch.occupancy(Kernel(), 128, 4096) == (134, 3)
+    assert Driver.asked == [("attribute", 4), ("occupancy", 128, 4096)]  # 4: CU_FUNC_ATTRIBUTE_NUM_REGS
+    Driver.occupancy_result = 1
+    with pytest.raises(RuntimeError, match="occupancy"):
+        programmatic_launch.occupancy(Kernel(), 128)
