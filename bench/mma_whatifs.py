@@ -25,7 +25,7 @@ script once per edited copy of the repository):
 - `b_tile_first`: the LoRA `B` rows loaded into shared memory before the first weights are asked
   for, as before run 45 (a real alternative, not a what-if: its outputs are right);
 - `a_blocks_8` .. `a_blocks_64`: at most that many fused LoRA `A` blocks, each warp taking several units in
-  turn (outputs right; run 46: all slower), so that more weight blocks fit in the first wave;
+  turn (outputs right; run 46: 8, 16 and 32 all slower), so that more weight blocks fit in the first wave;
 - `trigger_after_loop`, `trigger_after_t`: the next launch released after the weight loop or after t instead
   of at the start (outputs right; run 46: slower);
 - `no_x_wait`, `no_t_wait`: the weight blocks skip their wait for x in operand order, or for t (run 46: no
