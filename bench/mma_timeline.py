@@ -93,8 +93,8 @@ def measure(name: str, rows: int, replays: int) -> dict:
             before["gap_to_next_launch"] = (after["first_entry_ns"] - before["last_exit_ns"]) / 1e3
         per_launch += summaries[1:-1]  # the middle launches: one before and one after each, as in a step
     keys = [key for key in per_launch[0] if not key.endswith("_ns")]
-    registers, per_sm = nf4_mma.occupancy(weight.code, warps, nf4_mma.kernel_rows(rows, fuse_a), lora.rank, tiles,
-                                          prefetch_x, ahead, k, fuse_a, shared_lookups, k_splits)
+    registers, per_sm = nf4_mma.occupancy(weight.code, rows, warps, lora.rank, tiles, prefetch_x, ahead, k, fuse_a,
+                                          shared_lookups, k_splits)
     slots = per_sm * torch.cuda.get_device_properties(x.device).multi_processor_count
     result: dict = {"projection": name, "rows": rows, "layout": label, "blocks": blocks, "la_blocks": la_blocks,
                     "registers": registers, "blocks_per_sm": per_sm, "blocks_at_once": slots,

@@ -77,11 +77,7 @@ def random_projection(parts: list[int], k: int, seed: int) -> tuple[NF4Matrix, L
     weight = NF4Matrix(packed=packed, absmax=absmax, code=torch.tensor(NF4_CODE, device="cuda"))
     a = torch.randn(32 * len(parts), k, device="cuda", generator=generator) * 0.02
     b = torch.randn(n, 32, device="cuda", generator=generator) * 0.02
-    segments, row = [], 0
-    for i, rows in enumerate(parts):
-        segments.append((row, row + rows, 32 * i))
-        row += rows
-    return weight, LoraParts(a, b, tuple(segments), 32, 0.25)
+    return weight, LoraParts.stacked(a, b, parts, 32, 0.25)
 
 
 def copy_tb_s() -> float:

@@ -53,11 +53,7 @@ def projection(parts: list[int], cols: int, seed: int) -> NF4Projection:
         matrices.append(NF4Matrix.from_bnb(param.to("cuda")))
     a = torch.randn(32 * len(parts), cols, device="cuda") * 0.02
     b = torch.randn(sum(parts), 32, device="cuda") * 0.02
-    segments, row = [], 0
-    for i, rows in enumerate(parts):
-        segments.append((row, row + rows, 32 * i))
-        row += rows
-    return NF4Projection(NF4Matrix.concat(matrices), LoraParts(a, b, tuple(segments), 32, 0.25))
+    return NF4Projection(NF4Matrix.concat(matrices), LoraParts.stacked(a, b, parts, 32, 0.25))
 
 
 # The tensor-core layouts the tuner served in runs 24 and 25 (1 to 16 rows)

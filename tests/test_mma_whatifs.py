@@ -28,16 +28,14 @@ print(nf4_mma.launch_blocks(16, 4096, 4096, 32, 8, 1, True, 1)[0])
 """
 
 
-def edit_all(tmp_path: Path, names: str | None = None) -> subprocess.CompletedProcess:
-    env = {**os.environ, "OUT": str(tmp_path), "EDIT_ONLY": str(tmp_path)}
-    if names is not None:
-        env["WHATIFS"] = names
-        del env["EDIT_ONLY"]
-    return subprocess.run(["bash", str(SCRIPT)], cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+def run_script(tmp_path: Path, script: Path = SCRIPT, **env: str) -> subprocess.CompletedProcess:
+    """bench/mma_whatifs.sh (or a copy) with OUT in tmp_path and `env` added."""
+    return subprocess.run(["bash", str(script)], cwd=ROOT, env={**os.environ, "OUT": str(tmp_path), **env},
+                          capture_output=True, text=True, timeout=120)
 
 
 def test_every_what_if_edit_still_changes_the_kernel_and_its_text_compiles(tmp_path):
-    done = edit_all(tmp_path)
+    done = run_script(tmp_path, EDIT_ONLY=str(tmp_path))
     assert done.returncode == 0, done.stdout + done.stderr
     copies = sorted(tmp_path.glob("mma-whatif-*"))
     assert len(copies) >= 20 and (tmp_path / "mma-whatif-served").is_dir()
@@ -61,7 +59,7 @@ def test_every_what_if_edit_still_changes_the_kernel_and_its_text_compiles(tmp_p
 
 
 def test_an_unknown_what_if_is_named_with_the_known_ones(tmp_path):
-    done = edit_all(tmp_path, "served_typo")
+    done = run_script(tmp_path, WHATIFS="served_typo")  # refused before anything would run
     assert done.returncode == 1
     line = json.loads(done.stdout.strip().splitlines()[-1])
     assert line["what_if"] == "served_typo" and "no_mma" in line["error"]
@@ -72,7 +70,6 @@ def test_an_edit_that_no_longer_matches_is_refused(tmp_path):
     script = tmp_path / "mma_whatifs.sh"
     script.write_text(SCRIPT.read_text().replace('[no_mma]=\'/asm("mma.sync.aligned.m16n8k16/',
                                                  '[no_mma]=\'/asm("mma.sync.aligned.m16n8k32/'))
-    env = {**os.environ, "OUT": str(tmp_path), "EDIT_ONLY": str(tmp_path)}
-    done = subprocess.run(["bash", str(script)], cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+    done = run_script(tmp_path, script, EDIT_ONLY=str(tmp_path))
     assert done.returncode == 1
     assert '"what_if": "no_mma", "error": "the edit did not change' in done.stdout

@@ -121,11 +121,7 @@ def test_part_starts_tell_the_kernels_where_each_lora_part_begins():
     from llm.serving.nf4 import LoraParts
 
     def lora(*sizes: int) -> LoraParts:
-        segments, row = [], 0
-        for i, size in enumerate(sizes):
-            segments.append((row, row + size, 32 * i))
-            row += size
-        return LoraParts(torch.zeros(1), torch.zeros(1), tuple(segments), 32, 0.25)
+        return LoraParts.stacked(torch.zeros(1), torch.zeros(1), sizes, 32, 0.25)
 
     assert lora(4096, 1024, 1024).part_starts(6144) == (4096, 5120)  # q/k/v
     assert lora(14336, 14336).part_starts(28672) == (14336, 28672)  # gate/up

@@ -59,12 +59,8 @@ def _projection(parts: list[int], k: int, seed: int) -> NF4Projection:
         absmax=torch.rand((n, k // 64), generator=g) * 0.05 + 0.005,
         code=torch.tensor(NF4_CODE, dtype=torch.float32),
     )
-    segments, row = [], 0
-    for i, rows in enumerate(parts):
-        segments.append((row, row + rows, RANK * i))
-        row += rows
-    lora = LoraParts(a=torch.randn((RANK * len(parts), k), generator=g) * 0.02,
-                     b=torch.randn((n, RANK), generator=g) * 0.02, segments=tuple(segments), rank=RANK, scaling=0.25)
+    lora = LoraParts.stacked(torch.randn((RANK * len(parts), k), generator=g) * 0.02,
+                             torch.randn((n, RANK), generator=g) * 0.02, parts, RANK, 0.25)
     return NF4Projection(weight, lora)
 
 

@@ -158,13 +158,23 @@ class LoraParts:
         return found
 
     @classmethod
+    def stacked(cls, a: torch.Tensor, b: torch.Tensor, part_rows: Sequence[int], rank: int,
+                scaling: float) -> LoraParts:
+        """The LoRA of a fused projection whose parts have `part_rows` output rows each, their `A` rows
+        (rank each) and `B` rows stacked in that order."""
+        segments, row = [], 0
+        for i, rows in enumerate(part_rows):
+            segments.append((row, row + rows, rank * i))
+            row += rows
+        return cls(a=a, b=b, segments=tuple(segments), rank=rank, scaling=scaling)
+
+    @classmethod
     def from_peft(cls, modules: Sequence[nn.Module]) -> LoraParts | None:
         """From PEFT LoRA layers (one active adapter); None when none of them has an adapter."""
         from peft.tuners.lora import LoraLayer
 
-        a_parts, b_parts, segments = [], [], []
+        a_parts, b_parts, part_rows = [], [], []
         rank = scaling = None
-        row = column = 0
         for module in modules:
             out_features = module.get_base_layer().out_features if isinstance(module, LoraLayer) else module.out_features
             adapters = [a for a in module.active_adapters if a in module.lora_A] if isinstance(module, LoraLayer) else []
@@ -186,14 +196,10 @@ class LoraParts:
                 raise ValueError("fused projections have adapters of different rank or scaling")
             a_parts.append(a)
             b_parts.append(b)
-            segments.append((row, row + out_features, column))
-            row += out_features
-            column += rank
+            part_rows.append(out_features)
         assert rank is not None and scaling is not None
-        return cls(
-            a=torch.cat(a_parts).contiguous(), b=torch.cat(b_parts).contiguous(),
-            segments=tuple(segments), rank=rank, scaling=scaling,
-        )
+        return cls.stacked(torch.cat(a_parts).contiguous(), torch.cat(b_parts).contiguous(), part_rows, rank,
+                           scaling)
 
     @property
     def nbytes(self) -> int:

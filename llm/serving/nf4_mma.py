@@ -836,11 +836,13 @@ def _kernel(code: torch.Tensor, warps: int, rows: int, rank: int, tiles: int, pr
     return _KERNELS[key]
 
 
-def occupancy(code: torch.Tensor, warps: int, rows: int, rank: int, tiles: int, prefetch_x: bool, ahead: int,
+def occupancy(code: torch.Tensor, m: int, warps: int, rank: int, tiles: int, prefetch_x: bool, ahead: int,
               k: int, fuse_a: bool, shared_lookups: int, k_splits: int) -> tuple[int, int]:
-    """(registers per thread, blocks per SM) of the kernel `source` builds from these arguments (compiled
-    if it was not yet): run 46 found every 16-row launch holding more blocks than the card runs at once."""
-    kernel = _kernel(code, warps, rows, rank, tiles, prefetch_x, ahead, k, fuse_a, shared_lookups, k_splits)
+    """(registers per thread, blocks per SM) of the kernel `nf4_mma_linear` launches for m rows with this
+    layout (compiled if it was not yet): run 46 found every 16-row launch holding more blocks than the card
+    runs at once."""
+    kernel = _kernel(code, warps, kernel_rows(m, fuse_a), rank, tiles, prefetch_x, ahead, k, fuse_a, shared_lookups,
+                     k_splits)
     return programmatic_launch.occupancy(kernel, warps * 32)
 
 

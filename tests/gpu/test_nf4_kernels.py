@@ -47,11 +47,7 @@ def _projection(parts: list[tuple[int, int]], cols: int, rank: int = 32, round_f
     g = torch.Generator(device="cuda:0").manual_seed(7 + seed)
     a = torch.randn(rank * len(parts), cols, device="cuda:0", generator=g) * 0.02
     b = torch.randn(sum(r for r, _ in parts), rank, device="cuda:0", generator=g) * 0.02
-    segments, row = [], 0
-    for i, (rows, _) in enumerate(parts):
-        segments.append((row, row + rows, i * rank))
-        row += rows
-    lora = LoraParts(a=a, b=b, segments=tuple(segments), rank=rank, scaling=0.25)
+    lora = LoraParts.stacked(a, b, [rows for rows, _ in parts], rank, 0.25)
     return NF4Projection(NF4Matrix.concat(matrices), lora, round_lora_first=round_first)
 
 

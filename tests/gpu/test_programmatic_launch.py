@@ -94,7 +94,6 @@ def test_the_rotary_kernel_waits_for_the_projection_before_it():
         assert torch.equal(ours, theirs)
 
 
-
 @pytest.mark.parametrize(("warps", "tiles", "ahead", "shared_lookups"), [(4, 1, 2, 0), (4, 2, 1, 2), (8, 1, 2, 0)])
 def test_the_occupancy_the_timeline_reports_follows_registers_and_shared_memory(warps, tiles, ahead, shared_lookups):
     # bench/mma_timeline.py's blocks per SM (run 46: q/k/v's 16-row layout, 134 registers, 3 of 4 warps;
@@ -103,7 +102,7 @@ def test_the_occupancy_the_timeline_reports_follows_registers_and_shared_memory(
     from llm.serving import nf4_mma
 
     projection, _ = projection_and_input("qkv", 16)
-    registers, per_sm = nf4_mma.occupancy(projection.weight.code, warps, 16, 32, tiles, False, ahead, 4096, True,
+    registers, per_sm = nf4_mma.occupancy(projection.weight.code, 16, warps, 32, tiles, False, ahead, 4096, True,
                                           shared_lookups, 1)
     assert 32 <= registers <= 255
     by_registers = 65536 // (-(-registers * 32 // 256) * 256 * warps)
