@@ -89,7 +89,6 @@ class NF4Config:
     fuse_a: bool = False  # mma: the LoRA A product in the same launch (`nf4_mma.nf4_mma_linear`)
     shared_lookups: int = 0  # mma: a lane's absmax blocks per group decoded through shared memory ("t1".."t4")
     k_splits: int = 1  # mma: blocks per feature tile, each over a part of K ("k2".."k8")
-    claimed: bool = False  # xtab: row groups claimed from the slice's counter ("c", `nf4_xtab.XtabLayout`)
 
     @property
     def dot(self) -> bool:
@@ -100,16 +99,14 @@ class NF4Config:
         suffix = ("x" if self.xperm else "") + ("p" if self.prefetch_x else "") + ("f" if self.fuse_a else "")
         suffix += f"t{self.shared_lookups}" if self.shared_lookups else ""
         suffix += f"k{self.k_splits}" if self.k_splits > 1 else ""
-        suffix += "c" if self.claimed else ""
         return f"{self.kind}_{self.block_n}x{self.block_k}w{self.num_warps}s{self.num_stages}{suffix}"
 
     @property
     def xtab_layout(self) -> nf4_xtab.XtabLayout:
-        """An x-table configuration's layout: its warps, row groups ahead (num_warps, num_stages) and
-        whether its groups are claimed."""
+        """An x-table configuration's layout: its warps and row groups ahead (num_warps, num_stages)."""
         if self.kind != "xtab":
             raise ValueError(f"{self.label} is not an x-table configuration")
-        return nf4_xtab.XtabLayout(self.num_warps, self.num_stages, self.claimed)
+        return nf4_xtab.XtabLayout(self.num_warps, self.num_stages)
 
     def fits_kernel(self, rows: int, rank: int) -> bool:
         """Whether its kernel exists for `rows` rows of x and this LoRA rank: a tensor-core kernel's
@@ -202,8 +199,7 @@ def k_split_variants(config: NF4Config, n: int, k: int, boundaries: Sequence[int
 # per block, num_stages the row groups of weights each warp has in flight (`ahead`); block_n is the
 # warp's 32-row group, block_k the 256-input slice.
 def _xtab_config(layout: nf4_xtab.XtabLayout) -> NF4Config:
-    return NF4Config(nf4_xtab.ROW_GROUP, nf4_xtab.SLICE, layout.warps, layout.ahead, kind="xtab",
-                     claimed=layout.claimed)
+    return NF4Config(nf4_xtab.ROW_GROUP, nf4_xtab.SLICE, layout.warps, layout.ahead, kind="xtab")
 
 
 XTAB_CONFIGS = tuple(_xtab_config(layout) for layout in nf4_xtab.SERVED_LAYOUTS)

@@ -69,9 +69,6 @@ WARP_CHOICES = (8, 16)
 AHEAD_CHOICES = (1, 2)  # row groups a warp's weight loads run ahead of its lookups
 STATIC_SHARED_BYTES = 1024  # t_sum, the norm's warp sums, the timeline's sink: below this
 MAX_PARTS = 3  # LoRA parts of a fused projection (q/k/v)
-# A launch's int32 counters: blocks arrived at and gone from the grid barrier, then one per slice for the
-# claimed layouts (`XtabLayout.claimed`), more than any GPU has SMs (`chunks_for`: slices <= SMs)
-COUNTERS = 256
 # What the kernel does to its input before tabulating it (XPREP in the CUDA text, `prepare_x`)
 PLAIN, SILU_MUL, ADD_NORM = 0, 1, 2
 PREPS = (PLAIN, SILU_MUL, ADD_NORM)
@@ -80,38 +77,33 @@ PREPS = (PLAIN, SILU_MUL, ADD_NORM)
 @dataclass(frozen=True)
 class XtabLayout:
     """How a launch keeps weights on the way: warps per block, and row groups a warp's loads run ahead of
-    its lookups (`ahead`); `claimed`: a warp's groups after its first are claimed one at a time from its
-    slice's counter (shared by the slice's blocks of every chunk) instead of being its chunk's every
-    WARPS-th, so that a slice's blocks finish together however late each one started (one group ahead only)."""
+    its lookups (`ahead`)."""
 
     warps: int = 16
     ahead: int = 1
-    claimed: bool = False
 
     @property
     def label(self) -> str:
-        """"16x1", "8x2", "16x1c": warps x groups ahead, "c" when claimed."""
-        return f"{self.warps}x{self.ahead}" + ("c" if self.claimed else "")
+        """"16x1", "8x2": warps x groups ahead."""
+        return f"{self.warps}x{self.ahead}"
 
     @property
     def valid(self) -> bool:
-        return self.warps in WARP_CHOICES and self.ahead in AHEAD_CHOICES and not (self.claimed and self.ahead != 1)
+        return self.warps in WARP_CHOICES and self.ahead in AHEAD_CHOICES
 
     @classmethod
     def parse(cls, label: str) -> XtabLayout:
-        """The layout a `label` names ("16x1", "8x2", "16x1c"); ValueError for anything else."""
-        match = re.fullmatch(r"(\d+)x(\d+)(c?)", label.strip())
-        layout = cls(int(match[1]), int(match[2]), bool(match[3])) if match else None
+        """The layout a `label` names ("16x1", "8x2"); ValueError for anything else."""
+        match = re.fullmatch(r"(\d+)x(\d+)", label.strip())
+        layout = cls(int(match[1]), int(match[2])) if match else None
         if layout is None or not layout.valid:
-            raise ValueError(f"no layout {label!r}: WARPSxAHEAD[c], warps one of {WARP_CHOICES}, ahead one of "
-                             f"{AHEAD_CHOICES}, c (claimed groups) with ahead 1 only (e.g. 16x1, 8x2 or 16x1c)")
+            raise ValueError(f"no layout {label!r}: WARPSxAHEAD, warps one of {WARP_CHOICES}, ahead one of "
+                             f"{AHEAD_CHOICES} (e.g. 16x1 or 8x2)")
         return layout
 
 
-# What the tuner times (run 39: 8x2 a little ahead of 16x1 for gate/up in the timeline, so timed too; run 47:
-# the claimed layouts, built to shorten the grid barrier's wait for a slice's last block)
-SERVED_LAYOUTS = (XtabLayout(8), XtabLayout(16), XtabLayout(8, 2), XtabLayout(8, claimed=True),
-                  XtabLayout(16, claimed=True))
+# What the tuner times (run 39: 8x2 a little ahead of 16x1 for gate/up in the timeline, so timed too)
+SERVED_LAYOUTS = (XtabLayout(8), XtabLayout(16), XtabLayout(8, 2))
 # bench/xtab_timeline.py's stamps per block (int64): (ns, cycles) at each point, the SM last
 # (`nf4_mma.DEVICE_HELPERS`' STAMP)
 TIMELINE_POINTS = 9
@@ -292,10 +284,6 @@ nf4_xtab_kernel(const u32* __restrict__ words, const float* __restrict__ absmax,
 #endif
         previous_kernels_done();  // x
         STAMP(1);
-#if CLAIMED
-        // The warp's second group, claimed now: the answer comes back while x is tabulated
-        const int first_claim = warp < groups && lane == 0 ? atomicAdd(&counters[2 + slice], 1) : 0;
-#endif
         {
             // This lane's pairs 4 lane + q: inputs 8 lane + 2q (high nibble) and + 1 (low nibble)
             u32 xw[4];
@@ -379,57 +367,7 @@ nf4_xtab_kernel(const u32* __restrict__ words, const float* __restrict__ absmax,
                 for (int i = 0; i < 4; ++i) scale[i] = next_scale[i];
             }
         };
-#if CLAIMED
-        // Each warp's first group is its chunk's group `warp` (loaded before the wait); the slice's other
-        // groups, every chunk's groups WARPS.. in turn, go to whichever warp of the slice's blocks claims
-        // them next. A group's rows are summed the same way whichever warp takes them: the same bits.
-        const int claimable = groups > WARPS ? CHUNKS * (groups - WARPS) : 0;
-        auto claimed_group = [&](int claim) { return claim < claimable ? (claim % CHUNKS) * groups + WARPS + claim / CHUNKS : -1; };
-        const u32* slice_words = words + slice * 32 + lane;
-        const float* slice_absmax = absmax + (size_t)(4 * lo3) * ROW_BLOCKS + slice * 4 + hi2;
-        // Group `group` of the whole weight from `w`, which then load group `refill` (none if < 0)
-        auto sum_claimed = [&](int group, int refill) {
-            float next_scale[4];
-            if (refill >= 0) {
-#pragma unroll
-                for (int i = 0; i < 4; ++i) next_scale[i] = __ldg(slice_absmax + (size_t)(refill * 32 + i) * ROW_BLOCKS);
-            }
-            float v[32];
-#pragma unroll
-            for (int j = 0; j < 32; ++j) {
-                const u32 word = w[j];
-                const float pair01 = LOOKUP(0, shift_left_on_fma(word, 7)) + LOOKUP(1, shift_right_on_fma(word, 1));
-                const float pair23 = LOOKUP(2, shift_right_on_fma(word, 9)) + LOOKUP(3, shift_right_on_fma(word, 17));
-                v[j] = pair01 + pair23;
-                if (refill >= 0) w[j] = load_word(slice_words + (size_t)(refill * 32 + j) * ROW_WORDS);
-            }
-            halve(v, 32, 4);
-            halve(v, 16, 2);
-            halve(v, 8, 1);
-#pragma unroll
-            for (int i = 0; i < 4; ++i) v[i] *= scale[i];
-            halve(v, 4, 8);
-            halve(v, 2, 16);
-            const int row = group * 32 + 4 * lo3 + 2 * ((lane >> 3) & 1) + ((lane >> 4) & 1);
-            partial[(size_t)slice * N + row] = v[0];
-            if (refill >= 0) {
-#pragma unroll
-                for (int i = 0; i < 4; ++i) scale[i] = next_scale[i];
-            }
-        };
-        if (warp < groups) {
-            int group = chunk * groups + warp;
-            int refill = claimed_group(__shfl_sync(0xFFFFFFFFu, first_claim, 0));
-            for (;;) {
-                // the claim after this one, on its way while this group is summed
-                const int claim = refill >= 0 && lane == 0 ? atomicAdd(&counters[2 + slice], 1) : 0;
-                sum_claimed(group, refill);
-                if (refill < 0) break;
-                group = refill;
-                refill = claimed_group(__shfl_sync(0xFFFFFFFFu, claim, 0));
-            }
-        }
-#elif AHEAD == 2
+#if AHEAD == 2
         for (int group = warp; group < groups; group += 2 * WARPS) {
             sum_group(w, group, group + 2 * WARPS);
             if (group + WARPS < groups) sum_group(w_next, group + WARPS, group + 3 * WARPS);
@@ -468,11 +406,6 @@ nf4_xtab_kernel(const u32* __restrict__ words, const float* __restrict__ absmax,
 #endif
         // Only now: a kernel started early could otherwise hold the SM a block of this grid still waits for
         next_kernel_may_start();
-#if CLAIMED
-        // Every claim of this launch is made (all blocks are past their sums): the slice's counter is
-        // zeroed for the next launch
-        if (chunk == 0 && threadIdx.x == 0) counters[2 + slice] = 0;
-#endif
         for (int i = threadIdx.x; i < RT; i += WARPS * 32) {
             float sum = 0.f;
 #pragma unroll
@@ -533,7 +466,7 @@ def source(code: Sequence[float], k: int, rank: int, chunks: int, prep: int = PL
         raise ValueError(f"no nf4 xtab kernel for K {k}, rank {rank}, {chunks} chunks, prep {prep}, layout {layout}")
     values = ", ".join(f"{struct.unpack('<f', struct.pack('<f', float(v)))[0].hex()}f" for v in code)
     header = (f"#define KDIM {k}\n#define WARPS {layout.warps}\n#define RANK {rank}\n#define CHUNKS {chunks}\n"
-              f"#define XPREP {prep}\n#define AHEAD {layout.ahead}\n#define CLAIMED {int(layout.claimed)}\n"
+              f"#define XPREP {prep}\n#define AHEAD {layout.ahead}\n"
               + (f"#define NF4_TIMELINE 1\n#define TIMELINE_SLOTS {TIMELINE_SLOTS}\n" if timeline else "")
               + f"__device__ __constant__ float CODE_TABLE[16] = {{{values}}};\n#define CODE CODE_TABLE\n")
     return header + DEVICE_HELPERS + _SOURCE
@@ -543,7 +476,7 @@ def chunks_for(n: int, k: int, sms: int) -> int | None:
     """Row chunks per slice: the most that keep every block resident at once (slices x chunks <= SMs,
     one block per SM) with whole 32-row groups per chunk; None where none does."""
     slices = k // SLICE
-    if k % SLICE or n % ROW_GROUP or slices > min(sms, COUNTERS - 2):
+    if k % SLICE or n % ROW_GROUP or slices > sms:
         return None
     groups = n // ROW_GROUP
     return max((c for c in range(1, sms // slices + 1) if groups % c == 0), default=None)
@@ -693,7 +626,7 @@ def _launch(prep: int, x: torch.Tensor, weight: NF4Matrix, lora: LoraParts, seg1
     y = torch.empty((1, n), dtype=torch.bfloat16, device=x.device)
     partial = torch.empty((slices, n), dtype=torch.float32, device=x.device)
     t_partial = torch.empty((slices, rt), dtype=torch.float32, device=x.device)
-    counters = lora.counters("xtab", COUNTERS, x.device)
+    counters = lora.counters("xtab", 2, x.device)
     programmatic_launch.launch(
         kernel, (slices * chunks, 1, 1), (layout.warps * 32, 1, 1),
         [weight.packed, weight.absmax, x, lora.a, lora.b, y, partial, t_partial, counters, n, seg1, seg2, rt,

@@ -168,26 +168,3 @@ def test_two_groups_ahead_give_the_plain_layouts_bits_in_graph_replays(name):
     label = f"{name} {layout.label}"
     assert torch.equal(run(), plain), label
     assert_replays_repeat(run, plain, projection.lora, "xtab", label, replays=5)
-
-
-# Claimed groups (run 47): a slice's groups after each warp's first go to whichever warp claims them
-@pytest.mark.parametrize("warps", [8, 16])
-@pytest.mark.parametrize("name", ["qkv", "gate_up", "down"])
-def test_claimed_groups_give_the_plain_layouts_bits_in_graph_replays(name, warps):
-    """The same sums in the same order as the plain layout with as many warps, whichever block sums a
-    group, and the slices' counters back at zero after every replay."""
-    from llm.serving import nf4_mma
-
-    projection, x = projection_and_input(name, 1)
-    layout = nf4_xtab.XtabLayout(warps, claimed=True)
-    code = nf4_mma.code_values(projection.weight.code)
-    seg1, seg2 = projection.lora.part_starts(projection.weight.shape[0])
-    plain = nf4_xtab.nf4_xtab_linear(x, projection.weight, projection.lora, seg1, seg2, True,
-                                     nf4_xtab.XtabLayout(warps), code)
-
-    def run() -> torch.Tensor:
-        return nf4_xtab.nf4_xtab_linear(x, projection.weight, projection.lora, seg1, seg2, True, layout, code)
-
-    label = f"{name} {layout.label}"
-    assert torch.equal(run(), plain), label
-    assert_replays_repeat(run, plain, projection.lora, "xtab", label, replays=5)
