@@ -31,8 +31,8 @@ script once per edited copy of the repository):
 - `no_x_wait`, `no_t_wait`: the weight blocks skip their wait for x in operand order, or for t (run 46: no
   gain at 16 rows);
 - `more_blocks_per_sm`: launch bounds asking for 16 warps per SM, so that ptxas holds a 4-warp layout to 128
-  registers (q/k/v's: 134 registers, 3 blocks per SM, 396 slots for its 768 blocks; 4 per SM with no spills
-  in a local sm_90 build; not yet timed);
+  registers (q/k/v's: 134 registers, 3 blocks per SM, 396 slots for its 768 blocks; 4 per SM with no spills;
+  run 47: q/k/v at 16 rows 12 % slower, the rest unchanged);
 - `no_tables`: the per-block tables are the absmax's bits plus a constant instead of 16 products
   and 8 conversions per 64 weights.
 
