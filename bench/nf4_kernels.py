@@ -10,7 +10,6 @@ bytes each reads and the achieved TB/s. Prints JSON lines.
     python bench/nf4_kernels.py 1,16 --served   (only the layouts served in runs 24 and 25)
     python bench/nf4_kernels.py 1 --xtab   (the one-row x-table kernel beside the served layouts)
     python bench/nf4_kernels.py --prompts 367,1500   (the prompt path: TF32x3 against PEFT's LoRA products)
-    python bench/nf4_kernels.py --prompts 32,288 --dequant-rows 512,1024,2048   (+ other dequantization chunks)
     python bench/nf4_kernels.py --profile PROJECTION ROWS CONFIG   (a target for Nsight Compute)
 """
 
@@ -117,8 +116,7 @@ def measure(name: str, parts: list[int], cols: int, rows_counts: Sequence[int], 
         print(json.dumps(result), flush=True)
 
 
-def measure_prompts(name: str, parts: list[int], cols: int, rows_counts: Sequence[int],
-                    dequant_rows_choices: Sequence[int] = ()) -> None:
+def measure_prompts(name: str, parts: list[int], cols: int, rows_counts: Sequence[int]) -> None:
     """A prompt's rows through the prompt path, with the tensor cores' TF32x3 LoRA products and with
     PEFT's own float32 ones (what `nf4` serves up to `EXACT_PROMPT_ROWS` since run 20): time per call, the
     scratch memory each needs, and how many outputs differ from the reference path (the seed's function)."""
@@ -129,8 +127,7 @@ def measure_prompts(name: str, parts: list[int], cols: int, rows_counts: Sequenc
         result: dict = {"projection": name, "prompt_rows": rows}
         for label, pefts in (("tf32x3", False), ("pefts", True)):
             def run(p: NF4Projection, x: torch.Tensor = x, pefts: bool = pefts) -> torch.Tensor:
-                return nf4_kernels.nf4_prompt_linear(x, p.weight, p.lora, p.round_lora_first, p.dequant_rows,
-                                                     pefts_products=pefts)
+                return nf4_kernels.nf4_prompt_linear(x, p.weight, p.lora, p.round_lora_first, pefts_products=pefts)
 
             torch.cuda.synchronize()
             before = torch.cuda.memory_allocated()
@@ -142,31 +139,7 @@ def measure_prompts(name: str, parts: list[int], cols: int, rows_counts: Sequenc
             del out
             result[f"{label}_us"] = round(timed(lambda run=run: [run(p) for p in group]) / LAYERS, 1)
         result["pefts_over_tf32x3"] = round(result["pefts_us"] / result["tf32x3_us"], 3)
-        if dequant_rows_choices:
-            measure_dequant_chunks(group, x, dequant_rows_choices, result)
         print(json.dumps(result), flush=True)
-
-
-def measure_dequant_chunks(group: list[NF4Projection], x: torch.Tensor, choices: Sequence[int], result: dict) -> None:
-    """The exact prompt path with other dequantization chunks: a chunk of a few MB may stay in L2
-    between the dequantize kernel's write and cuBLAS's read (4,096 rows of K = 4,096 are 34 MB, of
-    K = 14,336 117 MB). Time per call, and outputs that differ from the seed's own order of work
-    (the whole weight dequantized, one cuBLAS product, PEFT's LoRA): cuBLAS may pick another kernel
-    for another N."""
-    first = group[0]
-    n = first.weight.shape[0]
-    # the reference path with the whole weight in one chunk
-    seeds = NF4Projection(first.weight, first.lora, first.round_lora_first, dequant_rows=n).reference(x)
-    for rows in choices:
-        if rows > n or not nf4_kernels.prompt_path_fits(n, rows, first.lora.boundaries):
-            continue
-
-        def run(p: NF4Projection, rows: int = rows) -> torch.Tensor:
-            return nf4_kernels.nf4_prompt_linear(x, p.weight, p.lora, p.round_lora_first, rows, pefts_products=True)
-
-        out = run(first)
-        result[f"pefts_chunk{rows}_differing_from_seed"] = int((out.view(torch.int16) != seeds.view(torch.int16)).sum())
-        result[f"pefts_chunk{rows}_us"] = round(timed(lambda run=run: [run(p) for p in group]) / LAYERS, 1)
 
 
 def profile_target(name: str, rows: int, label: str) -> None:
@@ -200,8 +173,6 @@ def main() -> None:
                         help="time the one-row x-table kernel beside the tensor-core layouts served in runs 24 and 25")
     parser.add_argument("--projections", default=",".join(SHAPES),
                         help=f"which projections to time, e.g. o,down (of {', '.join(SHAPES)})")
-    parser.add_argument("--dequant-rows", metavar="ROWS",
-                        help="with --prompts: also time PEFT's products with these dequantization chunks, e.g. 512,1024,2048")
     parser.add_argument("--profile", nargs=3, metavar=("PROJECTION", "ROWS", "CONFIG"),
                         help=f"only run one configuration (an Nsight Compute target); projections: {', '.join(SHAPES)}")
     args = parser.parse_args()
@@ -212,12 +183,6 @@ def main() -> None:
         rows_counts = [int(r) for r in args.rows.split(",")]
     except ValueError:
         parser.error(f"rows must be comma-separated numbers, got {args.rows!r}")
-    try:
-        chunks = [int(r) for r in args.dequant_rows.split(",")] if args.dequant_rows else []
-    except ValueError:
-        parser.error(f"--dequant-rows must be comma-separated numbers, got {args.dequant_rows!r}")
-    if chunks and not args.prompts:
-        parser.error("--dequant-rows goes with --prompts")
     chosen = [flag for flag, on in (("variants", args.variants), ("k-splits", args.k_splits),
                                     ("served", args.served), ("xtab", args.xtab)) if on]
     if chosen and args.prompts:
@@ -236,7 +201,7 @@ def main() -> None:
     for name in names:
         parts, cols = SHAPES[name]
         if args.prompts:
-            measure_prompts(name, parts, cols, rows_counts, chunks)
+            measure_prompts(name, parts, cols, rows_counts)
         else:
             measure(name, parts, cols, rows_counts, chosen[0] if chosen else None)
         torch.cuda.empty_cache()

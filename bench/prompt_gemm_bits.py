@@ -9,7 +9,7 @@ instruction over k in the same order, unless cuBLAS splits K. This script asks, 
 outputs of a plain Triton GEMM (acc = tl.dot(x, w.T, acc) over K tiles, float32 accumulator, bf16
 out) differ from its bits, for a few tile shapes. One JSON line per shape and tile:
 
-    python3 bench/prompt_gemm_bits.py [--rows 32,64,128,384,512] [--quick]
+    python3 bench/prompt_gemm_bits.py [--rows 32,64,128,384,512] [--quick] [--splits]
 """
 
 from __future__ import annotations
@@ -31,6 +31,8 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rows", default="32,64,128,384,512")
     parser.add_argument("--quick", action="store_true", help="the first two tiles only")
+    parser.add_argument("--splits", action="store_true",
+                        help="where cuBLAS splits K: which split (2-16 parts) and order of adding them gives its bits")
     args = parser.parse_args()
     if not torch.cuda.is_available():
         print(json.dumps({"error": "needs a GPU"}))
@@ -53,6 +55,31 @@ def main() -> int:
             acc = tl.dot(x, tl.trans(w), acc)
         tl.store(y_ptr + rm[:, None] * N + rn[None, :], acc.to(tl.bfloat16), mask=(rm[:, None] < M) & (rn[None, :] < N))
 
+    @triton.jit
+    def gemm_split(x_ptr, w_ptr, p_ptr, M, N, K, K_PER_SPLIT, BLOCK_M: tl.constexpr,  # noqa: ANN001
+                   BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+        # float32 partial products over K range split * K_PER_SPLIT ..., one per program_id(2)
+        pid_m = tl.program_id(0)
+        pid_n = tl.program_id(1)
+        split = tl.program_id(2)
+        rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+        rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        rk = tl.arange(0, BLOCK_K)
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        for k0 in range(split * K_PER_SPLIT, tl.minimum(split * K_PER_SPLIT + K_PER_SPLIT, K), BLOCK_K):
+            x = tl.load(x_ptr + rm[:, None] * K + (k0 + rk)[None, :], mask=rm[:, None] < M, other=0.0)
+            w = tl.load(w_ptr + rn[:, None] * K + (k0 + rk)[None, :], mask=rn[:, None] < N, other=0.0)
+            acc = tl.dot(x, tl.trans(w), acc)
+        tl.store(p_ptr + split * M * N + rm[:, None] * N + rn[None, :], acc, mask=(rm[:, None] < M) & (rn[None, :] < N))
+
+    def split_k(x: torch.Tensor, w: torch.Tensor, splits: int, k_per_split: int) -> torch.Tensor:
+        rows, k = x.shape
+        n = w.shape[0]
+        partials = torch.empty((splits, rows, n), dtype=torch.float32, device=x.device)
+        gemm_split[(triton.cdiv(rows, 64), triton.cdiv(n, 64), splits)](
+            x, w, partials, rows, n, k, k_per_split, BLOCK_M=64, BLOCK_N=64, BLOCK_K=64, num_warps=4, num_stages=3)
+        return partials
+
     device = torch.device("cuda")
     g = torch.Generator(device=device).manual_seed(0)
     tiles = TILES[:2] if args.quick else TILES
@@ -64,6 +91,28 @@ def main() -> int:
                 reference = torch.nn.functional.linear(x, w)
                 torch.cuda.synchronize()
             kernels = sorted({e.name for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA})
+            if args.splits and any("splitK" in name for name in kernels):
+                # which split of K, and which order of adding the partials, gives cuBLAS's bits
+                for splits in range(2, 17):
+                    for k_per_split in sorted({-(-k // splits) // 64 * 64 + 64 * extra for extra in (0, 1)}
+                                              | ({k // splits} if k % (splits * 64) == 0 else set())):
+                        if k_per_split <= 0 or (splits - 1) * k_per_split >= k:
+                            continue
+                        partials = split_k(x, w, splits, k_per_split)
+                        in_order = partials[0].clone()
+                        for s in range(1, splits):
+                            in_order += partials[s]
+                        reverse = partials[-1].clone()
+                        for s in range(splits - 2, -1, -1):
+                            reverse += partials[s]
+                        for order, total in (("in_order", in_order), ("reverse", reverse),
+                                             ("torch_sum", partials.sum(0))):
+                            differ = (total.to(torch.bfloat16) != reference).sum().item()
+                            if differ * 20 < reference.numel():
+                                print(json.dumps({"rows": rows, "projection": name, "n": n, "k": k, "splits": splits,
+                                                  "k_per_split": k_per_split, "order": order, "differ": differ,
+                                                  "outputs": reference.numel()}), flush=True)
+                continue
             for block_m, block_n, block_k, warps, stages in tiles:
                 y = torch.empty_like(reference)
                 grid = (triton.cdiv(rows, block_m), triton.cdiv(n, block_n))

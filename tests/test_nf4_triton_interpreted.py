@@ -52,8 +52,8 @@ lora = LoraParts(a=torch.randn(64, k) * 0.02, b=torch.randn(n, 32) * 0.2, segmen
 x = torch.randn(70, k).to(torch.bfloat16)
 report = {}
 for round_first, pefts_products in ((True, False), (False, False), (True, True), (False, True)):
-    projection = NF4Projection(weight, lora, round_lora_first=round_first, dequant_rows=128)  # 3 chunks
-    out = nf4_kernels.nf4_prompt_linear(x, weight, lora, round_first, 128, pefts_products=pefts_products)
+    projection = NF4Projection(weight, lora, round_lora_first=round_first)
+    out = nf4_kernels.nf4_prompt_linear(x, weight, lora, round_first, pefts_products=pefts_products)
     reference = projection.reference(x)
     without_lora = projection.base(x)
     report[f"round_first={round_first}, pefts_products={pefts_products}"] = {
@@ -101,3 +101,51 @@ def test_the_prompt_paths_lora_kernels_add_the_lora_as_peft_does():
     for variant, case in report.items():
         assert case["lora_size"] > 10 * case["step"], case  # a missing or misplaced LoRA would show
         assert case["max_error"] <= case["step"], (variant, case)
+
+
+PROMPT_BASE_CHECK = """
+import json, torch
+import torch.nn.functional as F
+from llm.serving import nf4_kernels
+from llm.serving.nf4 import NF4Matrix
+
+torch.manual_seed(2)
+code = torch.linspace(-1, 1, 16)
+n, k = 128, 448  # 7 steps of 64: splits of 3 x 192 (the last one 64) and 2 x 256
+weight = NF4Matrix(packed=torch.randint(0, 256, (n, k // 2), dtype=torch.uint8),
+                   absmax=torch.rand((n, k // 64)) * 0.05 + 0.005, code=code)
+reference = None
+report = {}
+for rows in (5, 40, 70):
+    x = torch.randn(rows, k).to(torch.bfloat16)
+    reference = F.linear(x.float(), weight.dequantize(torch.bfloat16).float())
+    for splits, per in ((1, k), (3, 192), (2, 256)):
+        out = torch.full((rows, n + 64), float("nan"), dtype=torch.bfloat16)
+        nf4_kernels.prompt_base(x, weight, splits, per, out=out[:, 32:32 + n])
+        report[f"{rows}:{splits}"] = {
+            "error": (out[:, 32:32 + n].float() - reference).abs().max().item(),
+            "scale": reference.abs().max().item(),
+            "outside_untouched": bool(out[:, :32].isnan().all() and out[:, 32 + n:].isnan().all()),
+        }
+print(json.dumps(report))
+"""
+
+
+def test_the_fused_prompt_base_computes_the_dequantized_product_in_any_split():
+    """`prompt_base`: each weight tile dequantized in registers, K split as cuBLAS splits it, the parts added
+    in order, written into a column slice of a wider output (the fused projection's parts)."""
+    report = run_interpreted(PROMPT_BASE_CHECK)
+    for case, found in report.items():
+        assert found["error"] <= 0.02 * found["scale"], (case, found)  # bf16 rounding of the output only
+        assert found["outside_untouched"], case
+
+
+def test_the_base_split_candidates_include_the_splits_cublas_was_seen_to_use():
+    from llm.serving import nf4_kernels
+
+    assert nf4_kernels.base_split_candidates(4096)[0] == (1, 4096)
+    for k, split in ((4096, (2, 2048)), (4096, (3, 1408)), (14336, (4, 3584)), (14336, (3, 4800)),
+                     (14336, (2, 7168))):
+        assert split in nf4_kernels.base_split_candidates(k)
+    assert all((s - 1) * per < k and per % 64 == 0 for k in (4096, 14336)
+               for s, per in nf4_kernels.base_split_candidates(k))

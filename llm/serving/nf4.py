@@ -239,14 +239,10 @@ class NF4Projection:
     `round_lora_first`: PEFT's bnb 4-bit layer rounds the LoRA output to bf16 before adding it;
     its plain Linear layer (the lm_head) adds in float32 and rounds the sum once."""
 
-    def __init__(
-        self, weight: NF4Matrix, lora: LoraParts, round_lora_first: bool = True, dequant_rows: int = 4096
-    ) -> None:
+    def __init__(self, weight: NF4Matrix, lora: LoraParts, round_lora_first: bool = True) -> None:
         self.weight = weight
         self.lora = lora
         self.round_lora_first = round_lora_first
-        # Prompts dequantize the weight in row chunks: a bounded scratch instead of a bf16 copy.
-        self.dequant_rows = dequant_rows
         self.use_kernels = False
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
@@ -287,12 +283,11 @@ class NF4Projection:
         return nf4_kernels.PLAN.use_reference(rows, *self.weight.shape)
 
     def base(self, x: torch.Tensor) -> torch.Tensor:
-        n = self.weight.shape[0]
-        if n <= self.dequant_rows:
-            return F.linear(x, self.weight.dequantize(x.dtype))
+        """x @ dequant(W).T as the seed's modules compute it for many rows (bitsandbytes' dequantize +
+        F.linear): one original projection (LoRA part) at a time, its whole weight dequantized (cuBLAS
+        picks its kernel and K split by N: a part's rows split otherwise would change its bits)."""
         return torch.cat(
-            [F.linear(x, self.weight.dequantize(x.dtype, slice(r, min(r + self.dequant_rows, n))))
-             for r in range(0, n, self.dequant_rows)],
+            [F.linear(x, self.weight.dequantize(x.dtype, slice(start, end))) for start, end, _ in self.lora.segments],
             dim=-1,
         )
 
@@ -300,9 +295,9 @@ class NF4Projection:
         """The reference function for many rows, on the GPU kernels' prompt path where it fits."""
         from llm.serving import nf4_kernels
 
-        if not nf4_kernels.prompt_path_fits(self.weight.shape[0], self.dequant_rows, self.lora.boundaries):
+        if not nf4_kernels.prompt_path_fits(self.lora.boundaries):
             return self.reference(x)
-        return nf4_kernels.nf4_prompt_linear(x, self.weight, self.lora, self.round_lora_first, self.dequant_rows,
+        return nf4_kernels.nf4_prompt_linear(x, self.weight, self.lora, self.round_lora_first,
                                              pefts_products=x.shape[0] <= EXACT_PROMPT_ROWS)
 
     def reference(self, x: torch.Tensor) -> torch.Tensor:
@@ -494,6 +489,8 @@ def build_nf4_engine(
             info["nf4_plan"] = nf4_kernels.tune(groups, graphs.batch_buckets, cache=tuning_cache)
             info["nf4_kernels"] = True
             info["nf4_exact_prompt_rows"] = EXACT_PROMPT_ROWS  # PEFT's own LoRA products up to here
+            prompt_rows = [rows * min(length, decoder.prefill_chunk) for rows, length in graphs.prefill_shapes()]
+            info["nf4_prompt_bases"] = nf4_kernels.plan_prompt_bases(groups, prompt_rows)
         except Exception as error:  # e.g. a Triton that cannot compile for this GPU
             logger.warning("nf4 kernels unavailable, dequantizing for cuBLAS instead: %r", error)
             info["nf4_kernel_error"] = repr(error)

@@ -635,6 +635,51 @@ if _HAVE_TRITON:
         _dot_out(acc.to(tl.bfloat16), n0, offs_n, rows, offs_m, m_mask, M, t_ptr, RT, b_ptr, y_ptr, stride_y,
                  scaling, SEG1, SEG2, T_SPLITS, RANK, ROUND_LORA_FIRST)
 
+    @triton.jit
+    def _nf4_prompt_base_kernel(
+        x_ptr, packed_ptr, absmax_ptr, code_ptr, out_ptr, M, N, K, stride_x, stride_out, k_per_split,
+        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_OUT: tl.constexpr,
+        DOT_IN_FLOAT32: tl.constexpr,
+    ):
+        # A prompt's base product x @ dequant(W).T with cuBLAS's bits (`prompt_base`): each weight tile
+        # dequantized in registers (bitsandbytes' values) and multiplied on the tensor cores over K in
+        # order, as cuBLAS's own kernels do; program_id(2) takes one of cuBLAS's K splits, whose float32
+        # partial products a second kernel adds in order (SPLIT_OUT), else the bf16 product is stored.
+        HALF: tl.constexpr = BLOCK_K // 2
+        offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+        offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+        split = tl.program_id(2)
+        offs_b = tl.arange(0, HALF)
+        offs_k = tl.arange(0, BLOCK_K)
+        m_mask = offs_m < M
+        rows = offs_n.to(tl.int64)
+        x_rows = x_ptr + offs_m[:, None].to(tl.int64) * stride_x
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        k_start = split * k_per_split
+        for k0 in range(k_start, tl.minimum(k_start + k_per_split, K), BLOCK_K):
+            w_hi, w_lo = _dequant_tile(packed_ptr, absmax_ptr, code_ptr, rows, k0, offs_b, K)
+            w = tl.reshape(tl.join(w_hi, w_lo), (BLOCK_N, BLOCK_K))
+            x = tl.load(x_rows + (k0 + offs_k)[None, :], mask=m_mask[:, None], other=0.0)
+            if DOT_IN_FLOAT32:  # Triton's interpreter (numpy) multiplies no bf16 tiles
+                acc = tl.dot(x.to(tl.float32), tl.trans(w.to(tl.float32)), acc, input_precision="ieee")
+            else:
+                acc = tl.dot(x, tl.trans(w), acc)
+        if SPLIT_OUT:
+            at = (split * M + offs_m[:, None]).to(tl.int64) * N + offs_n[None, :]
+            tl.store(out_ptr + at, acc, mask=m_mask[:, None])
+        else:
+            at = offs_m[:, None].to(tl.int64) * stride_out + offs_n[None, :]
+            tl.store(out_ptr + at, acc.to(tl.bfloat16), mask=m_mask[:, None])
+
+    @triton.jit
+    def _split_sum_kernel(partial_ptr, out_ptr, M, N, splits, stride_out, BLOCK: tl.constexpr):
+        # out = bf16(partial[0] + partial[1] + ...), added in order as cuBLAS's split-K reduction adds them
+        offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+        mask = offs < M * N
+        total = tl.load(partial_ptr + offs, mask=mask, other=0.0)
+        for split in range(1, splits):
+            total += tl.load(partial_ptr + split * M * N + offs, mask=mask, other=0.0)
+        tl.store(out_ptr + (offs // N).to(tl.int64) * stride_out + offs % N, total.to(tl.bfloat16), mask=mask)
 
     @triton.jit
     def _lut_decode(word, scale, ASM: tl.constexpr, CONSTRAINTS: tl.constexpr):
@@ -906,9 +951,9 @@ def mma_inputs(x: torch.Tensor, n: int, lora: LoraParts) -> tuple[torch.Tensor, 
 PROMPT_TILE = 64  # rows and output columns per program of the prompt path's LoRA B kernel
 
 
-def prompt_path_fits(n: int, dequant_rows: int, boundaries: Sequence[int]) -> bool:
-    """The prompt path's tiles never straddle a dequantized chunk or a LoRA part."""
-    return dequant_rows % PROMPT_TILE == 0 and all(b % PROMPT_TILE == 0 for b in boundaries)
+def prompt_path_fits(boundaries: Sequence[int]) -> bool:
+    """The prompt path's tiles never straddle two LoRA parts (original projections)."""
+    return all(b % PROMPT_TILE == 0 for b in boundaries)
 
 
 PROMPT_A_ROWS = 64  # rows per program of the split-K LoRA A kernel (prompts, and the Triton dot kernels)
@@ -942,18 +987,153 @@ def lora_a_prompt(x: torch.Tensor, lora: LoraParts) -> torch.Tensor:
     return partial[0] if splits == 1 else partial.sum(0)
 
 
+# Prompts of up to this many rows may take the fused prompt base kernel (`prompt_base`), where the plan
+# found cuBLAS's bits and measured it faster than dequantizing for cuBLAS.
+FUSED_PROMPT_MAX_ROWS = 512
+PROMPT_BASE_N = 64  # output columns per program of the fused prompt base kernel
+PROMPT_BASE_K = 64  # K per step: an absmax block; cuBLAS's K splits are multiples of it (run 47)
+MAX_BASE_SPLITS = 16
+# (rows, n, k, device index) -> (splits, K per split) where the fused kernel gives cuBLAS's bits and is
+# faster; None where it does not (dequantize for cuBLAS)
+_PROMPT_BASES: dict[tuple[int, int, int, int | None], tuple[int, int] | None] = {}
+PROMPT_BASE_REPORT: dict[str, dict] = {}
+
+
+def _prompt_base_tiles(m: int) -> tuple[int, int]:
+    """(BLOCK_M, warps): one row tile for short prompts (each weight tile dequantized once)."""
+    if m <= 32:
+        return 32, 4
+    if m <= 64:
+        return 64, 4
+    return 128, 8
+
+
+def base_split_candidates(k: int) -> list[tuple[int, int]]:
+    """(splits, K per split) that cuBLAS's split-K kernels may use for K: none first, then 2..16 parts of
+    ceil(K / parts) rounded up to whole 64-value steps, or one step more (run 47: 3 x 1,408 of 4,096,
+    3 x 4,800 and 4 x 3,584 of 14,336)."""
+    found = [(1, k)]
+    for splits in range(2, MAX_BASE_SPLITS + 1):
+        for extra in (0, 1):
+            share = -(-k // splits)  # ceil(k / splits)
+            per = (-(-share // PROMPT_BASE_K) + extra) * PROMPT_BASE_K
+            if (splits - 1) * per < k and (splits, per) not in found:
+                found.append((splits, per))
+    return found
+
+
+def _part(weight: NF4Matrix, start: int, end: int) -> NF4Matrix:
+    from llm.serving.nf4 import NF4Matrix
+
+    return NF4Matrix(packed=weight.packed[start:end], absmax=weight.absmax[start:end], code=weight.code)
+
+
+def prompt_base(x: torch.Tensor, weight: NF4Matrix, splits: int, k_per_split: int,
+                out: torch.Tensor | None = None) -> torch.Tensor:
+    """x @ dequant(W).T in bf16 for a prompt's rows, each weight tile dequantized in registers, K in
+    `splits` parts of `k_per_split` added in order: with the split cuBLAS picks for this shape, its bits
+    (`plan_prompt_base`). `out`: a [rows, N] view (row stride free) to write into."""
+    m, k = x.shape
+    n = weight.shape[0]
+    out = torch.empty((m, n), dtype=torch.bfloat16, device=x.device) if out is None else out
+    block_m, warps = _prompt_base_tiles(m)
+    grid = (triton.cdiv(m, block_m), n // PROMPT_BASE_N, splits)
+    common = dict(BLOCK_M=block_m, BLOCK_N=PROMPT_BASE_N, BLOCK_K=PROMPT_BASE_K, num_warps=warps, num_stages=3,
+                  DOT_IN_FLOAT32=os.environ.get("TRITON_INTERPRET") == "1")
+    if splits == 1:
+        _nf4_prompt_base_kernel[grid](x, weight.packed, weight.absmax, weight.code, out, m, n, k, x.stride(0),
+                                      out.stride(0), k, SPLIT_OUT=False, **common)
+        return out
+    partial = torch.empty((splits, m, n), dtype=torch.float32, device=x.device)
+    _nf4_prompt_base_kernel[grid](x, weight.packed, weight.absmax, weight.code, partial, m, n, k, x.stride(0),
+                                  n, k_per_split, SPLIT_OUT=True, **common)
+    _split_sum_kernel[(triton.cdiv(m * n, 1024),)](partial, out, m, n, splits, out.stride(0), BLOCK=1024,
+                                                   num_warps=4)
+    return out
+
+
+def plan_prompt_base(m: int, weight: NF4Matrix) -> tuple[int, int] | None:
+    """The fused prompt base's K split for `m` rows of this weight (an original projection's rows), or
+    None: found once per shape by running cuBLAS (F.linear over the dequantized weight, as the seed)
+    and the fused kernel with every candidate split on random rows and keeping the one with the same
+    bits, if it is also faster. Never during a CUDA graph capture (there: None, unplanned)."""
+    n, k = weight.shape
+    device = weight.packed.device
+    key = (m, n, k, device.index)
+    if key in _PROMPT_BASES:
+        return _PROMPT_BASES[key]
+    if (not available(device) or m > FUSED_PROMPT_MAX_ROWS or n % PROMPT_BASE_N or k % PROMPT_BASE_K
+            or torch.cuda.is_current_stream_capturing()):
+        return None
+    generator = torch.Generator(device=device).manual_seed(m * 31 + n)
+    x = torch.randn((m, k), generator=generator, device=device).to(torch.bfloat16)
+    dense = weight.dequantize(torch.bfloat16)
+    reference = F.linear(x, dense)
+    chosen, report = None, {"rows": m, "n": n, "k": k}
+    try:
+        for splits, per in base_split_candidates(k):
+            if torch.equal(prompt_base(x, weight, splits, per), reference):
+                chosen = (splits, per)
+                break
+        if chosen is None:
+            report["cublas_bits"] = False
+        else:
+            fused_ms = graph_time_ms(lambda: prompt_base(x, weight, *chosen))
+            cublas_ms = graph_time_ms(lambda: F.linear(x, weight.dequantize(torch.bfloat16)))
+            report.update(cublas_bits=True, splits=chosen[0], k_per_split=chosen[1], fused_ms=round(fused_ms, 4),
+                          dequantize_cublas_ms=round(cublas_ms, 4))
+            if fused_ms >= cublas_ms:
+                chosen = None
+    except Exception as error:  # noqa: BLE001 - e.g. Triton refusing the kernel here: dequantize for cuBLAS
+        chosen = None
+        report["error"] = repr(error)[:300]
+    report["fused"] = chosen is not None
+    del dense
+    PROMPT_BASE_REPORT[f"m{m}_{n}x{k}"] = report
+    logger.info("nf4 prompt base %s: %s", f"m{m}_{n}x{k}", report)
+    _PROMPT_BASES[key] = chosen
+    return chosen
+
+
+def plan_prompt_bases(groups: dict[str, list[NF4Projection]], rows: Sequence[int]) -> dict[str, dict]:
+    """Plan the fused prompt base (`plan_prompt_base`) for every prompt row count in `rows` (the prefill
+    buckets' rows per call) and every original projection of the first layer's groups, before any
+    CUDA graph capture; returns the plans' report (by "m{rows}_{n}x{k}")."""
+    for m in sorted({r for r in rows if r <= FUSED_PROMPT_MAX_ROWS}):
+        for projections in groups.values():
+            first = projections[0]
+            for start, end, _ in first.lora.segments:
+                plan_prompt_base(m, _part(first.weight, start, end))
+    return dict(PROMPT_BASE_REPORT)
+
+
+def _fused_prompt_base(x: torch.Tensor, weight: NF4Matrix, lora: LoraParts) -> torch.Tensor | None:
+    """The whole projection's base product through the fused kernel, each original projection (LoRA
+    part) with its own split; None unless every part has a plan."""
+    plans = []
+    for start, end, _ in lora.segments:
+        plan = plan_prompt_base(x.shape[0], _part(weight, start, end))
+        if plan is None:
+            return None
+        plans.append((start, end, plan))
+    out = torch.empty((x.shape[0], weight.shape[0]), dtype=torch.bfloat16, device=x.device)
+    for start, end, (splits, per) in plans:
+        prompt_base(x, _part(weight, start, end), splits, per, out=out[:, start:end])
+    return out
+
+
 def nf4_prompt_linear(
-    x: torch.Tensor, weight: NF4Matrix, lora: LoraParts, round_lora_first: bool, dequant_rows: int,
-    pefts_products: bool = False,
+    x: torch.Tensor, weight: NF4Matrix, lora: LoraParts, round_lora_first: bool, pefts_products: bool = False,
 ) -> torch.Tensor:
-    """y = x @ dequant(W).T + scaling * B(A(x)) with PEFT's roundings, for a prompt's many rows: each
-    chunk of `dequant_rows` weight rows dequantized for cuBLAS (bounded scratch), its product and
-    the LoRA's B product summed into the output by one kernel.
+    """y = x @ dequant(W).T + scaling * B(A(x)) with PEFT's roundings, for a prompt's many rows, one
+    original projection (LoRA part) at a time as the seed's modules multiply: its base product (the
+    fused kernel where `plan_prompt_base` found cuBLAS's bits and a faster kernel, else its whole weight
+    dequantized for cuBLAS: cuBLAS's kernel and K split depend on N, so a part's rows are never split)
+    and the LoRA's B product summed into the output by one kernel.
     `pefts_products`: the LoRA's A and B products are PEFT's own cuBLAS float32 calls, one pair per
-    original projection (the B product for a chunk's columns at a time: with K = rank, cuBLAS gives
-    the same bits as over the whole part, tests/gpu), then one kernel scales, rounds and adds: the
-    seed's bits (run 20). Otherwise one kernel computes every part's A product and both products run
-    on the tensor cores as three TF32 products (float32's accuracy, not cuBLAS's bits; faster)."""
+    original projection, then one kernel scales, rounds and adds: the seed's bits (run 20). Otherwise
+    one kernel computes every part's A product and both products run on the tensor cores as three
+    TF32 products (float32's accuracy, not cuBLAS's bits; faster)."""
     m, k = x.shape
     n = weight.shape[0]
     out = torch.empty((m, n), dtype=x.dtype, device=x.device)
@@ -962,25 +1142,23 @@ def nf4_prompt_linear(
     else:
         t = lora_a_prompt(x, lora)
         seg1, seg2 = lora.part_starts(n)
-    for col0 in range(0, n, dequant_rows):
-        rows = min(dequant_rows, n - col0)
-        base = F.linear(x, weight.dequantize(x.dtype, slice(col0, col0 + rows)))
+    fused = _fused_prompt_base(x, weight, lora) if m <= FUSED_PROMPT_MAX_ROWS else None
+    for index, (start, end, _) in enumerate(lora.segments):
+        cols = end - start
+        base = fused[:, start:end] if fused is not None else F.linear(x, weight.dequantize(x.dtype, slice(start, end)))
         if not pefts_products:
-            _lora_b_out_kernel[(triton.cdiv(m, PROMPT_TILE), triton.cdiv(rows, PROMPT_TILE))](
-                base, t, lora.b, out, m, rows, col0, base.stride(0), out.stride(0), t.shape[1], lora.scaling, seg1,
+            _lora_b_out_kernel[(triton.cdiv(m, PROMPT_TILE), triton.cdiv(cols, PROMPT_TILE))](
+                base, t, lora.b, out, m, cols, start, base.stride(0), out.stride(0), t.shape[1], lora.scaling, seg1,
                 seg2, RANK=lora.rank, BLOCK_M=PROMPT_TILE, BLOCK_N=PROMPT_TILE, ROUND_LORA_FIRST=round_lora_first,
                 num_warps=4,
             )
             continue
-        for (start, end, _), t_part in zip(lora.segments, t_parts, strict=True):
-            lo, hi = max(start, col0), min(end, col0 + rows)
-            if lo < hi:
-                u = F.linear(t_part, lora.b[lo:hi])
-                _lora_u_out_kernel[(triton.cdiv(m, PROMPT_TILE), triton.cdiv(hi - lo, PROMPT_TILE))](
-                    base[:, lo - col0 :], u, out[:, lo:], m, hi - lo, base.stride(0), u.stride(0), out.stride(0),
-                    lora.scaling, BLOCK_M=PROMPT_TILE, BLOCK_N=PROMPT_TILE, ROUND_LORA_FIRST=round_lora_first,
-                    num_warps=4, enable_fp_fusion=False,
-                )
+        u = F.linear(t_parts[index], lora.b[start:end])
+        _lora_u_out_kernel[(triton.cdiv(m, PROMPT_TILE), triton.cdiv(cols, PROMPT_TILE))](
+            base, u, out[:, start:], m, cols, base.stride(0), u.stride(0), out.stride(0),
+            lora.scaling, BLOCK_M=PROMPT_TILE, BLOCK_N=PROMPT_TILE, ROUND_LORA_FIRST=round_lora_first,
+            num_warps=4, enable_fp_fusion=False,
+        )
     return out
 
 
