@@ -119,10 +119,10 @@ report = {}
 for rows in (5, 40, 70):
     x = torch.randn(rows, k).to(torch.bfloat16)
     reference = F.linear(x.float(), weight.dequantize(torch.bfloat16).float())
-    for splits, per in ((1, k), (3, 192), (2, 256)):
+    for (splits, per), layout in zip(((1, k), (3, 192), (2, 256)) * 2, (nf4_kernels.PROMPT_BASE_LAYOUTS * 3)[:6]):
         out = torch.full((rows, n + 64), float("nan"), dtype=torch.bfloat16)
-        nf4_kernels.prompt_base(x, weight, splits, per, out=out[:, 32:32 + n])
-        report[f"{rows}:{splits}"] = {
+        nf4_kernels.prompt_base(x, weight, splits, per, out=out[:, 32:32 + n], layout=layout)
+        report[f"{rows}:{splits}:{layout}"] = {
             "error": (out[:, 32:32 + n].float() - reference).abs().max().item(),
             "scale": reference.abs().max().item(),
             "outside_untouched": bool(out[:, :32].isnan().all() and out[:, 32 + n:].isnan().all()),

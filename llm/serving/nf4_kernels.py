@@ -639,37 +639,52 @@ if _HAVE_TRITON:
     def _nf4_prompt_base_kernel(
         x_ptr, packed_ptr, absmax_ptr, code_ptr, out_ptr, M, N, K, stride_x, stride_out, k_per_split,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_OUT: tl.constexpr,
-        DOT_IN_FLOAT32: tl.constexpr,
+        SWAP: tl.constexpr, DOT_IN_FLOAT32: tl.constexpr,
     ):
         # A prompt's base product x @ dequant(W).T with cuBLAS's bits (`prompt_base`): each weight tile
-        # dequantized in registers (bitsandbytes' values) and multiplied on the tensor cores over K in
-        # order, as cuBLAS's own kernels do; program_id(2) takes one of cuBLAS's K splits, whose float32
-        # partial products a second kernel adds in order (SPLIT_OUT), else the bf16 product is stored.
-        HALF: tl.constexpr = BLOCK_K // 2
+        # dequantized in registers (bitsandbytes' values: bf16(code[nibble] * absmax), the even input in
+        # the high nibble) and multiplied on the tensor cores over K in order, as cuBLAS's kernels do.
+        # SWAP: W is the product's first operand (W @ x.T, the tile [BLOCK_N, BLOCK_M]), as cuBLAS lays
+        # out short prompts. program_id(2) takes one of cuBLAS's K splits, whose float32 partial products
+        # a second kernel adds in order (SPLIT_OUT); else the bf16 product is stored.
         offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
         offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
         split = tl.program_id(2)
-        offs_b = tl.arange(0, HALF)
         offs_k = tl.arange(0, BLOCK_K)
         m_mask = offs_m < M
         rows = offs_n.to(tl.int64)
-        x_rows = x_ptr + offs_m[:, None].to(tl.int64) * stride_x
-        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        if SWAP:
+            acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
+        else:
+            acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
         k_start = split * k_per_split
         for k0 in range(k_start, tl.minimum(k_start + k_per_split, K), BLOCK_K):
-            w_hi, w_lo = _dequant_tile(packed_ptr, absmax_ptr, code_ptr, rows, k0, offs_b, K)
-            w = tl.reshape(tl.join(w_hi, w_lo), (BLOCK_N, BLOCK_K))
-            x = tl.load(x_rows + (k0 + offs_k)[None, :], mask=m_mask[:, None], other=0.0)
-            if DOT_IN_FLOAT32:  # Triton's interpreter (numpy) multiplies no bf16 tiles
-                acc = tl.dot(x.to(tl.float32), tl.trans(w.to(tl.float32)), acc, input_precision="ieee")
+            kk = k0 + offs_k
+            byte = tl.load(packed_ptr + rows[:, None] * (K // 2) + (kk // 2)[None, :]).to(tl.int32)
+            nibble = tl.where((kk % 2 == 0)[None, :], byte >> 4, byte & 15)
+            scale = tl.load(absmax_ptr + rows[:, None] * (K // 64) + (kk // 64)[None, :])
+            w = (tl.load(code_ptr + nibble) * scale).to(tl.bfloat16)  # [BLOCK_N, BLOCK_K]
+            if SWAP:
+                xt = tl.load(x_ptr + offs_m[None, :].to(tl.int64) * stride_x + kk[:, None], mask=m_mask[None, :],
+                             other=0.0)
+                if DOT_IN_FLOAT32:  # Triton's interpreter (numpy) multiplies no bf16 tiles
+                    acc = tl.dot(w.to(tl.float32), xt.to(tl.float32), acc, input_precision="ieee")
+                else:
+                    acc = tl.dot(w, xt, acc)
             else:
-                acc = tl.dot(x, tl.trans(w), acc)
+                x = tl.load(x_ptr + offs_m[:, None].to(tl.int64) * stride_x + kk[None, :], mask=m_mask[:, None],
+                            other=0.0)
+                if DOT_IN_FLOAT32:
+                    acc = tl.dot(x.to(tl.float32), tl.trans(w.to(tl.float32)), acc, input_precision="ieee")
+                else:
+                    acc = tl.dot(x, tl.trans(w), acc)
+        product = tl.trans(acc) if SWAP else acc
         if SPLIT_OUT:
             at = (split * M + offs_m[:, None]).to(tl.int64) * N + offs_n[None, :]
-            tl.store(out_ptr + at, acc, mask=m_mask[:, None])
+            tl.store(out_ptr + at, product, mask=m_mask[:, None])
         else:
             at = offs_m[:, None].to(tl.int64) * stride_out + offs_n[None, :]
-            tl.store(out_ptr + at, acc.to(tl.bfloat16), mask=m_mask[:, None])
+            tl.store(out_ptr + at, product.to(tl.bfloat16), mask=m_mask[:, None])
 
     @triton.jit
     def _split_sum_kernel(partial_ptr, out_ptr, M, N, splits, stride_out, BLOCK: tl.constexpr):
@@ -993,19 +1008,33 @@ FUSED_PROMPT_MAX_ROWS = 512
 PROMPT_BASE_N = 64  # output columns per program of the fused prompt base kernel
 PROMPT_BASE_K = 64  # K per step: an absmax block; cuBLAS's K splits are multiples of it (run 47)
 MAX_BASE_SPLITS = 16
-# (rows, n, k, device index) -> (splits, K per split) where the fused kernel gives cuBLAS's bits and is
-# faster; None where it does not (dequantize for cuBLAS)
-_PROMPT_BASES: dict[tuple[int, int, int, int | None], tuple[int, int] | None] = {}
+# Layouts of the fused prompt base the plan tries in turn: (W first, the fewest rows per tile). W first is
+# how cuBLAS lays out short prompts and puts the register tile where the tensor cores' instruction takes
+# it; run 47: x first with 32-row tiles (mma.sync) did not give cuBLAS's bits, and x first with 64 rows
+# and the joined W tile from registers did not compile (Triton 3.6).
+PROMPT_BASE_LAYOUTS = ((True, 0), (False, 64))
+
+
+@dataclass(frozen=True)
+class PromptBasePlan:
+    """How the fused prompt base gives cuBLAS's bits for one shape: cuBLAS's K split and the layout."""
+
+    splits: int
+    k_per_split: int
+    layout: tuple[bool, int]  # one of PROMPT_BASE_LAYOUTS
+
+
+# (rows, n, k, device index) -> the plan that gives cuBLAS's bits (None: none found), and the one served
+# (None also where dequantizing for cuBLAS measured faster)
+PROMPT_BASE_FOUND: dict[tuple[int, int, int, int | None], PromptBasePlan | None] = {}
+_PROMPT_BASES: dict[tuple[int, int, int, int | None], PromptBasePlan | None] = {}
 PROMPT_BASE_REPORT: dict[str, dict] = {}
 
 
-def _prompt_base_tiles(m: int) -> tuple[int, int]:
+def _prompt_base_tiles(m: int, swap: bool, min_rows: int) -> tuple[int, int]:
     """(BLOCK_M, warps): one row tile for short prompts (each weight tile dequantized once)."""
-    if m <= 32:
-        return 32, 4
-    if m <= 64:
-        return 64, 4
-    return 128, 8
+    rows = max(min_rows, 32 if m <= 32 else 64 if m <= 64 else 128)
+    return rows, 8 if rows >= 128 and not swap else 4
 
 
 def base_split_candidates(k: int) -> list[tuple[int, int]]:
@@ -1029,17 +1058,18 @@ def _part(weight: NF4Matrix, start: int, end: int) -> NF4Matrix:
 
 
 def prompt_base(x: torch.Tensor, weight: NF4Matrix, splits: int, k_per_split: int,
-                out: torch.Tensor | None = None) -> torch.Tensor:
+                out: torch.Tensor | None = None, layout: tuple[bool, int] = PROMPT_BASE_LAYOUTS[0]) -> torch.Tensor:
     """x @ dequant(W).T in bf16 for a prompt's rows, each weight tile dequantized in registers, K in
     `splits` parts of `k_per_split` added in order: with the split cuBLAS picks for this shape, its bits
     (`plan_prompt_base`). `out`: a [rows, N] view (row stride free) to write into."""
     m, k = x.shape
     n = weight.shape[0]
     out = torch.empty((m, n), dtype=torch.bfloat16, device=x.device) if out is None else out
-    block_m, warps = _prompt_base_tiles(m)
+    swap, min_rows = layout
+    block_m, warps = _prompt_base_tiles(m, swap, min_rows)
     grid = (triton.cdiv(m, block_m), n // PROMPT_BASE_N, splits)
     common = dict(BLOCK_M=block_m, BLOCK_N=PROMPT_BASE_N, BLOCK_K=PROMPT_BASE_K, num_warps=warps, num_stages=3,
-                  DOT_IN_FLOAT32=os.environ.get("TRITON_INTERPRET") == "1")
+                  SWAP=swap, DOT_IN_FLOAT32=os.environ.get("TRITON_INTERPRET") == "1")
     if splits == 1:
         _nf4_prompt_base_kernel[grid](x, weight.packed, weight.absmax, weight.code, out, m, n, k, x.stride(0),
                                       out.stride(0), k, SPLIT_OUT=False, **common)
@@ -1052,11 +1082,11 @@ def prompt_base(x: torch.Tensor, weight: NF4Matrix, splits: int, k_per_split: in
     return out
 
 
-def plan_prompt_base(m: int, weight: NF4Matrix) -> tuple[int, int] | None:
-    """The fused prompt base's K split for `m` rows of this weight (an original projection's rows), or
-    None: found once per shape by running cuBLAS (F.linear over the dequantized weight, as the seed)
-    and the fused kernel with every candidate split on random rows and keeping the one with the same
-    bits, if it is also faster. Never during a CUDA graph capture (there: None, unplanned)."""
+def plan_prompt_base(m: int, weight: NF4Matrix) -> PromptBasePlan | None:
+    """The fused prompt base's plan for `m` rows of this weight (an original projection's rows), or None:
+    found once per shape by running cuBLAS (F.linear over the dequantized weight, as the seed) and the
+    fused kernel in each layout with every candidate K split on random rows, keeping the first with the
+    same bits, if it is also faster. Never during a CUDA graph capture (there: None, unplanned)."""
     n, k = weight.shape
     device = weight.packed.device
     key = (m, n, k, device.index)
@@ -1067,32 +1097,34 @@ def plan_prompt_base(m: int, weight: NF4Matrix) -> tuple[int, int] | None:
         return None
     generator = torch.Generator(device=device).manual_seed(m * 31 + n)
     x = torch.randn((m, k), generator=generator, device=device).to(torch.bfloat16)
-    dense = weight.dequantize(torch.bfloat16)
-    reference = F.linear(x, dense)
-    chosen, report = None, {"rows": m, "n": n, "k": k}
-    try:
-        for splits, per in base_split_candidates(k):
-            if torch.equal(prompt_base(x, weight, splits, per), reference):
-                chosen = (splits, per)
-                break
-        if chosen is None:
-            report["cublas_bits"] = False
-        else:
-            fused_ms = graph_time_ms(lambda: prompt_base(x, weight, *chosen))
-            cublas_ms = graph_time_ms(lambda: F.linear(x, weight.dequantize(torch.bfloat16)))
-            report.update(cublas_bits=True, splits=chosen[0], k_per_split=chosen[1], fused_ms=round(fused_ms, 4),
-                          dequantize_cublas_ms=round(cublas_ms, 4))
-            if fused_ms >= cublas_ms:
-                chosen = None
-    except Exception as error:  # noqa: BLE001 - e.g. Triton refusing the kernel here: dequantize for cuBLAS
-        chosen = None
-        report["error"] = repr(error)[:300]
-    report["fused"] = chosen is not None
-    del dense
+    reference = F.linear(x, weight.dequantize(torch.bfloat16))
+    found, report = None, {"rows": m, "n": n, "k": k}
+    for layout in PROMPT_BASE_LAYOUTS:
+        label = ("w_first" if layout[0] else "x_first") + (f"_{layout[1]}" if layout[1] else "")
+        try:
+            for splits, per in base_split_candidates(k):
+                if torch.equal(prompt_base(x, weight, splits, per, layout=layout), reference):
+                    found = PromptBasePlan(splits, per, layout)
+                    break
+        except Exception as error:  # noqa: BLE001 - e.g. Triton refusing this layout here: the next one
+            report.setdefault("errors", {})[label] = repr(error)[:200]
+        if found is not None:
+            report.update(layout=label, splits=found.splits, k_per_split=found.k_per_split)
+            break
+    report["cublas_bits"] = found is not None
+    served = found
+    if found is not None:
+        fused_ms = graph_time_ms(lambda: prompt_base(x, weight, found.splits, found.k_per_split, layout=found.layout))
+        cublas_ms = graph_time_ms(lambda: F.linear(x, weight.dequantize(torch.bfloat16)))
+        report.update(fused_ms=round(fused_ms, 4), dequantize_cublas_ms=round(cublas_ms, 4))
+        if fused_ms >= cublas_ms:
+            served = None
+    report["fused"] = served is not None
     PROMPT_BASE_REPORT[f"m{m}_{n}x{k}"] = report
     logger.info("nf4 prompt base %s: %s", f"m{m}_{n}x{k}", report)
-    _PROMPT_BASES[key] = chosen
-    return chosen
+    PROMPT_BASE_FOUND[key] = found
+    _PROMPT_BASES[key] = served
+    return served
 
 
 def plan_prompt_bases(groups: dict[str, list[NF4Projection]], rows: Sequence[int]) -> dict[str, dict]:
@@ -1117,8 +1149,9 @@ def _fused_prompt_base(x: torch.Tensor, weight: NF4Matrix, lora: LoraParts) -> t
             return None
         plans.append((start, end, plan))
     out = torch.empty((x.shape[0], weight.shape[0]), dtype=torch.bfloat16, device=x.device)
-    for start, end, (splits, per) in plans:
-        prompt_base(x, _part(weight, start, end), splits, per, out=out[:, start:end])
+    for start, end, plan in plans:
+        prompt_base(x, _part(weight, start, end), plan.splits, plan.k_per_split, out=out[:, start:end],
+                    layout=plan.layout)
     return out
 
 

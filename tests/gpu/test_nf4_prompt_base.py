@@ -32,8 +32,9 @@ def test_a_split_with_cublas_bits_is_found_for_every_prompt_shape(rows, shape):
     print("NF4_PROMPT_BASE " + json.dumps(report))
     assert report.get("cublas_bits"), report
     # other rows of x (and the real weights' values, not the planning's): the same bits again
+    plan = nf4_kernels.PROMPT_BASE_FOUND[(rows, n, k, 0)]
     x = torch.randn(rows, k, dtype=torch.bfloat16, device="cuda:0") * 3
-    fused = nf4_kernels.prompt_base(x, weight, report["splits"], report["k_per_split"])
+    fused = nf4_kernels.prompt_base(x, weight, plan.splits, plan.k_per_split, layout=plan.layout)
     assert torch.equal(fused, F.linear(x, weight.dequantize(torch.bfloat16)))
 
 
@@ -50,10 +51,9 @@ def test_prompts_through_the_fused_base_are_the_reference_path_bit_for_bit_in_gr
     k = projection.weight.shape[1]
     for start, end, _ in projection.lora.segments:
         nf4_kernels.plan_prompt_base(rows, nf4_kernels._part(projection.weight, start, end))
-        report = nf4_kernels.PROMPT_BASE_REPORT[f"m{rows}_{end - start}x{k}"]
-        assert report.get("cublas_bits"), report
-        monkeypatch.setitem(nf4_kernels._PROMPT_BASES, (rows, end - start, k, 0),
-                            (report["splits"], report["k_per_split"]))
+        key = (rows, end - start, k, 0)
+        assert nf4_kernels.PROMPT_BASE_FOUND[key] is not None, nf4_kernels.PROMPT_BASE_REPORT
+        monkeypatch.setitem(nf4_kernels._PROMPT_BASES, key, nf4_kernels.PROMPT_BASE_FOUND[key])
     assert nf4_kernels._fused_prompt_base(x, projection.weight, projection.lora) is not None
     out, reference = projection(x), projection.reference(x)
     assert torch.equal(out, reference), (out.float() - reference.float()).abs().max()
