@@ -490,7 +490,9 @@ def build_nf4_engine(
             info["nf4_kernels"] = True
             info["nf4_exact_prompt_rows"] = EXACT_PROMPT_ROWS  # PEFT's own LoRA products up to here
             prompt_rows = [rows * min(length, decoder.prefill_chunk) for rows, length in graphs.prefill_shapes()]
-            info["nf4_prompt_bases"] = nf4_kernels.plan_prompt_bases(groups, prompt_rows)
+            bases = nf4_kernels.plan_prompt_bases(groups, prompt_rows)
+            if bases:
+                info["nf4_prompt_bases"] = bases
         except Exception as error:  # e.g. a Triton that cannot compile for this GPU
             logger.warning("nf4 kernels unavailable, dequantizing for cuBLAS instead: %r", error)
             info["nf4_kernel_error"] = repr(error)

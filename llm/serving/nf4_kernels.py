@@ -1005,6 +1005,11 @@ def lora_a_prompt(x: torch.Tensor, lora: LoraParts) -> torch.Tensor:
 # Prompts of up to this many rows may take the fused prompt base kernel (`prompt_base`), where the plan
 # found cuBLAS's bits and measured it faster than dequantizing for cuBLAS.
 FUSED_PROMPT_MAX_ROWS = 512
+# Off: run 47 (H100) found cuBLAS's bits for every prompt shape of the 7B (6 row counts x 4 projections)
+# but this kernel 7-20 x slower than dequantize + cuBLAS (its per-value code gathers, one program per 64
+# outputs); planning it at start-up would only add its compiles. The next step is its decode (the
+# decode kernels' register lookups) and more programs per projection.
+SERVE_FUSED_PROMPT_BASE = False
 PROMPT_BASE_N = 64  # output columns per program of the fused prompt base kernel
 PROMPT_BASE_K = 64  # K per step: an absmax block; cuBLAS's K splits are multiples of it (run 47)
 MAX_BASE_SPLITS = 16
@@ -1130,7 +1135,10 @@ def plan_prompt_base(m: int, weight: NF4Matrix) -> PromptBasePlan | None:
 def plan_prompt_bases(groups: dict[str, list[NF4Projection]], rows: Sequence[int]) -> dict[str, dict]:
     """Plan the fused prompt base (`plan_prompt_base`) for every prompt row count in `rows` (the prefill
     buckets' rows per call) and every original projection of the first layer's groups, before any
-    CUDA graph capture; returns the plans' report (by "m{rows}_{n}x{k}")."""
+    CUDA graph capture; returns the plans' report (by "m{rows}_{n}x{k}"). Nothing while the fused base
+    is not served (`SERVE_FUSED_PROMPT_BASE`)."""
+    if not SERVE_FUSED_PROMPT_BASE:
+        return {}
     for m in sorted({r for r in rows if r <= FUSED_PROMPT_MAX_ROWS}):
         for projections in groups.values():
             first = projections[0]
@@ -1141,7 +1149,9 @@ def plan_prompt_bases(groups: dict[str, list[NF4Projection]], rows: Sequence[int
 
 def _fused_prompt_base(x: torch.Tensor, weight: NF4Matrix, lora: LoraParts) -> torch.Tensor | None:
     """The whole projection's base product through the fused kernel, each original projection (LoRA
-    part) with its own split; None unless every part has a plan."""
+    part) with its own split; None unless it is served and every part has a plan."""
+    if not SERVE_FUSED_PROMPT_BASE:
+        return None
     plans = []
     for start, end, _ in lora.segments:
         plan = plan_prompt_base(x.shape[0], _part(weight, start, end))

@@ -48,6 +48,7 @@ def test_prompts_through_the_fused_base_are_the_reference_path_bit_for_bit_in_gr
 
     projection, x = projection_and_input(name, rows)
     projection.use_kernels = True
+    monkeypatch.setattr(nf4_kernels, "SERVE_FUSED_PROMPT_BASE", True)
     k = projection.weight.shape[1]
     for start, end, _ in projection.lora.segments:
         nf4_kernels.plan_prompt_base(rows, nf4_kernels._part(projection.weight, start, end))
