@@ -26,12 +26,13 @@ import triton  # noqa: E402
 from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.compiler import ASTSource  # noqa: E402
 
-from llm.serving import triton_kernels, triton_sampling  # noqa: E402
+from llm.serving import nf4_kernels, triton_kernels, triton_sampling  # noqa: E402
 
 TARGET = GPUTarget("cuda", 90, 32)
 # Integer arguments that are multiples of 16 when the 7B is served (pool strides, head dims, the vocabulary);
 # the block table's row stride depends on the longest sequence, so it gets no hint.
-_MULTIPLES_OF_16 = {"stride_pb", "stride_ph", "stride_pt", "row_stride", "vocab"}
+_MULTIPLES_OF_16 = {"stride_pb", "stride_ph", "stride_pt", "row_stride", "vocab", "N", "K", "stride_x", "stride_out",
+                    "k_per_split"}
 
 _ATTENTION = {"k_pool_ptr": "*bf16", "v_pool_ptr": "*bf16", "table_ptr": "*i32", "pos_ptr": "*i64",
               "acc_ptr": "*fp32", "ml_ptr": "*fp32", "scale": "fp32", "stride_tab": "i32", "stride_pb": "i32",
@@ -39,6 +40,8 @@ _ATTENTION = {"k_pool_ptr": "*bf16", "v_pool_ptr": "*bf16", "table_ptr": "*i32",
 _ATTENTION_SHAPE = {"NUM_KV": 8, "GROUP": 4, "GROUP_PAD": 16, "HEAD_DIM": 128, "BLOCK_SIZE": 32,
                     "PAGES_PER_SPLIT": 2, "SPLITS": 32, "GDC": True}
 
+_PROMPT_BASE = {"x_ptr": "*bf16", "packed_ptr": "*u8", "absmax_ptr": "*fp32", "code_ptr": "*fp32", "M": "i32",
+                "N": "i32", "K": "i32", "stride_x": "i32", "stride_out": "i32", "k_per_split": "i32"}
 # (kernel, argument types, constexpr values, launch options): the served 7B shapes
 KERNELS = [
     (triton_sampling._chunk_candidates_kernel,
@@ -52,6 +55,11 @@ KERNELS = [
       "TOPK": triton_sampling.HAS_TOPK}, {"num_warps": triton_sampling.DRAW_WARPS}),
     (triton_kernels._paged_attn_kernel, {"q_ptr": "*bf16", **_ATTENTION}, _ATTENTION_SHAPE,
      {"num_warps": 4, "num_stages": 2}),
+    # the fused prompt base (not served yet): W first, a 32-row prompt, its bf16 product and split partials
+    *((nf4_kernels._nf4_prompt_base_kernel, _PROMPT_BASE | {"out_ptr": "*fp32" if split else "*bf16"},
+       {"BLOCK_M": 32, "BLOCK_N": nf4_kernels.PROMPT_BASE_N, "BLOCK_K": nf4_kernels.PROMPT_BASE_K,
+        "SPLIT_OUT": split, "SWAP": True, "DOT_IN_FLOAT32": False}, {"num_warps": 4, "num_stages": 3})
+      for split in (False, True)),
 ]
 
 
@@ -82,6 +90,7 @@ def main() -> int:
             accesses = Counter(re.findall(r"\b((?:ld|st)\.global[\w.]*|cp\.async\.\w+\.shared\.global[\w.]*)",
                                           compiled.asm["ptx"]))
             report = {"kernel": name, "ok": True, "shared_bytes": compiled.metadata.shared,
+                      "wgmma": compiled.asm["ptx"].count("wgmma.mma_async"),
                       "sass_instructions": sass_instructions(compiled.asm["cubin"]),
                       "global_accesses": dict(sorted(accesses.items()))}
         except Exception as error:  # noqa: BLE001 - reported, the exit status says it

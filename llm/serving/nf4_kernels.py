@@ -657,13 +657,25 @@ if _HAVE_TRITON:
             acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
         else:
             acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        tl.static_assert(BLOCK_K == 64)  # one absmax block per row and step
         k_start = split * k_per_split
-        for k0 in range(k_start, tl.minimum(k_start + k_per_split, K), BLOCK_K):
+        k_end = tl.minimum(k_start + k_per_split, K)
+        # Each step's bytes and absmax are asked for one step ahead: the decode below depends on them, so
+        # Triton's pipelining (for loads feeding tl.dot only) would leave every step waiting on memory
+        byte_at = packed_ptr + rows[:, None] * (K // 2) + ((k_start + offs_k) // 2)[None, :]
+        scale_at = absmax_ptr + rows * (K // 64) + k_start // 64
+        next_byte = tl.load(byte_at)
+        next_scale = tl.load(scale_at)
+        for k0 in range(k_start, k_end, BLOCK_K):
             kk = k0 + offs_k
-            byte = tl.load(packed_ptr + rows[:, None] * (K // 2) + (kk // 2)[None, :]).to(tl.int32)
+            byte = next_byte.to(tl.int32)
+            scale = next_scale
+            ahead = k0 + BLOCK_K - k_start
+            more = k0 + BLOCK_K < k_end
+            next_byte = tl.load(byte_at + ahead // 2, mask=(offs_k >= 0)[None, :] & more, other=0)
+            next_scale = tl.load(scale_at + ahead // 64, mask=(offs_n >= 0) & more, other=0.0)
             nibble = tl.where((kk % 2 == 0)[None, :], byte >> 4, byte & 15)
-            scale = tl.load(absmax_ptr + rows[:, None] * (K // 64) + (kk // 64)[None, :])
-            w = (tl.load(code_ptr + nibble) * scale).to(tl.bfloat16)  # [BLOCK_N, BLOCK_K]
+            w = (tl.load(code_ptr + nibble) * scale[:, None]).to(tl.bfloat16)  # [BLOCK_N, BLOCK_K]
             if SWAP:
                 xt = tl.load(x_ptr + offs_m[None, :].to(tl.int64) * stride_x + kk[:, None], mask=m_mask[None, :],
                              other=0.0)
