@@ -41,24 +41,10 @@ def main() -> int:
     import triton.language as tl
 
     @triton.jit
-    def gemm(x_ptr, w_ptr, y_ptr, M, N, K, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,  # noqa: ANN001
-             BLOCK_K: tl.constexpr):
-        pid_m = tl.program_id(0)
-        pid_n = tl.program_id(1)
-        rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-        rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-        rk = tl.arange(0, BLOCK_K)
-        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-        for k0 in range(0, K, BLOCK_K):
-            x = tl.load(x_ptr + rm[:, None] * K + (k0 + rk)[None, :], mask=rm[:, None] < M, other=0.0)
-            w = tl.load(w_ptr + rn[:, None] * K + (k0 + rk)[None, :], mask=rn[:, None] < N, other=0.0)
-            acc = tl.dot(x, tl.trans(w), acc)
-        tl.store(y_ptr + rm[:, None] * N + rn[None, :], acc.to(tl.bfloat16), mask=(rm[:, None] < M) & (rn[None, :] < N))
-
-    @triton.jit
-    def gemm_split(x_ptr, w_ptr, p_ptr, M, N, K, K_PER_SPLIT, BLOCK_M: tl.constexpr,  # noqa: ANN001
-                   BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
-        # float32 partial products over K range split * K_PER_SPLIT ..., one per program_id(2)
+    def gemm(x_ptr, w_ptr, out_ptr, M, N, K, K_PER_SPLIT, BLOCK_M: tl.constexpr,  # noqa: ANN001
+             BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_OUT: tl.constexpr):
+        # x @ w.T over K range program_id(2) * K_PER_SPLIT ...: float32 partial products (SPLIT_OUT), or
+        # with one split, the bf16 product
         pid_m = tl.program_id(0)
         pid_n = tl.program_id(1)
         split = tl.program_id(2)
@@ -70,14 +56,19 @@ def main() -> int:
             x = tl.load(x_ptr + rm[:, None] * K + (k0 + rk)[None, :], mask=rm[:, None] < M, other=0.0)
             w = tl.load(w_ptr + rn[:, None] * K + (k0 + rk)[None, :], mask=rn[:, None] < N, other=0.0)
             acc = tl.dot(x, tl.trans(w), acc)
-        tl.store(p_ptr + split * M * N + rm[:, None] * N + rn[None, :], acc, mask=(rm[:, None] < M) & (rn[None, :] < N))
+        mask = (rm[:, None] < M) & (rn[None, :] < N)
+        if SPLIT_OUT:
+            tl.store(out_ptr + split * M * N + rm[:, None] * N + rn[None, :], acc, mask=mask)
+        else:
+            tl.store(out_ptr + rm[:, None] * N + rn[None, :], acc.to(tl.bfloat16), mask=mask)
 
     def split_k(x: torch.Tensor, w: torch.Tensor, splits: int, k_per_split: int) -> torch.Tensor:
         rows, k = x.shape
         n = w.shape[0]
         partials = torch.empty((splits, rows, n), dtype=torch.float32, device=x.device)
-        gemm_split[(triton.cdiv(rows, 64), triton.cdiv(n, 64), splits)](
-            x, w, partials, rows, n, k, k_per_split, BLOCK_M=64, BLOCK_N=64, BLOCK_K=64, num_warps=4, num_stages=3)
+        gemm[(triton.cdiv(rows, 64), triton.cdiv(n, 64), splits)](
+            x, w, partials, rows, n, k, k_per_split, BLOCK_M=64, BLOCK_N=64, BLOCK_K=64, SPLIT_OUT=True, num_warps=4,
+            num_stages=3)
         return partials
 
     device = torch.device("cuda")
@@ -115,8 +106,8 @@ def main() -> int:
                 continue
             for block_m, block_n, block_k, warps, stages in tiles:
                 y = torch.empty_like(reference)
-                grid = (triton.cdiv(rows, block_m), triton.cdiv(n, block_n))
-                gemm[grid](x, w, y, rows, n, k, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k,
+                grid = (triton.cdiv(rows, block_m), triton.cdiv(n, block_n), 1)
+                gemm[grid](x, w, y, rows, n, k, k, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, SPLIT_OUT=False,
                            num_warps=warps, num_stages=stages)
                 torch.cuda.synchronize()
                 differ = (y != reference).sum().item()
