@@ -34,6 +34,10 @@ def main() -> int:
     parser.add_argument("--splits", action="store_true",
                         help="where cuBLAS splits K: which split (2-16 parts) and order of adding them gives its bits")
     args = parser.parse_args()
+    try:
+        row_counts = [int(r) for r in args.rows.split(",")]
+    except ValueError:
+        parser.error(f"--rows takes comma-separated row counts, e.g. 32,384; got {args.rows!r}")
     if not torch.cuda.is_available():
         print(json.dumps({"error": "needs a GPU"}))
         return 2
@@ -74,7 +78,7 @@ def main() -> int:
     device = torch.device("cuda")
     g = torch.Generator(device=device).manual_seed(0)
     tiles = TILES[:2] if args.quick else TILES
-    for rows in (int(r) for r in args.rows.split(",")):
+    for rows in row_counts:
         for name, (n, k) in SHAPES.items():
             x = (torch.randn((rows, k), generator=g, device=device) * 0.5).to(torch.bfloat16)
             w = (torch.randn((n, k), generator=g, device=device) * 0.02).to(torch.bfloat16)

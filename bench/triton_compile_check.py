@@ -55,10 +55,10 @@ KERNELS = [
       "TOPK": triton_sampling.HAS_TOPK}, {"num_warps": triton_sampling.DRAW_WARPS}),
     (triton_kernels._paged_attn_kernel, {"q_ptr": "*bf16", **_ATTENTION}, _ATTENTION_SHAPE,
      {"num_warps": 4, "num_stages": 2}),
-    # the fused prompt base (not served yet): W first, a 32-row prompt, its bf16 product and split partials
+    # the fused prompt base (not served yet): a 32-row prompt, its bf16 product and split partials
     *((nf4_kernels._nf4_prompt_base_kernel, _PROMPT_BASE | {"out_ptr": "*fp32" if split else "*bf16"},
        {"BLOCK_M": 32, "BLOCK_N": nf4_kernels.PROMPT_BASE_N, "BLOCK_K": nf4_kernels.PROMPT_BASE_K,
-        "SPLIT_OUT": split, "SWAP": True, "DOT_IN_FLOAT32": False}, {"num_warps": 4, "num_stages": 3})
+        "SPLIT_OUT": split, "DOT_IN_FLOAT32": False}, {"num_warps": 4, "num_stages": 3})
       for split in (False, True)),
 ]
 

@@ -114,16 +114,19 @@ code = torch.linspace(-1, 1, 16)
 n, k = 128, 448  # 7 steps of 64: splits of 3 x 192 (the last one 64) and 2 x 256
 weight = NF4Matrix(packed=torch.randint(0, 256, (n, k // 2), dtype=torch.uint8),
                    absmax=torch.rand((n, k // 64)) * 0.05 + 0.005, code=code)
-reference = None
+# The interpreter rounds float32 to bf16 by truncation (the weights, then the output): so does the reference
+w = (weight.dequantize(torch.float32).view(torch.int32) & -65536).view(torch.float32)
 report = {}
 for rows in (5, 40, 70):
     x = torch.randn(rows, k).to(torch.bfloat16)
-    reference = F.linear(x.float(), weight.dequantize(torch.bfloat16).float())
-    for (splits, per), layout in zip(((1, k), (3, 192), (2, 256)) * 2, (nf4_kernels.PROMPT_BASE_LAYOUTS * 3)[:6]):
+    reference = F.linear(x.double(), w.double()).float()
+    for splits, per in ((1, k), (3, 192), (2, 256)):
         out = torch.full((rows, n + 64), float("nan"), dtype=torch.bfloat16)
-        nf4_kernels.prompt_base(x, weight, splits, per, out=out[:, 32:32 + n], layout=layout)
-        report[f"{rows}:{splits}:{layout}"] = {
-            "error": (out[:, 32:32 + n].float() - reference).abs().max().item(),
+        nf4_kernels.prompt_base(x, weight, splits, per, out=out[:, 32:32 + n])
+        error = (out[:, 32:32 + n].float() - reference).abs()
+        report[f"{rows}:{splits}"] = {
+            # beyond the truncation of each output to bf16 (under 2^-7 of it)
+            "excess": (error - reference.abs() * 2**-7).max().item(),
             "scale": reference.abs().max().item(),
             "outside_untouched": bool(out[:, :32].isnan().all() and out[:, 32 + n:].isnan().all()),
         }
@@ -136,7 +139,7 @@ def test_the_fused_prompt_base_computes_the_dequantized_product_in_any_split():
     in order, written into a column slice of a wider output (the fused projection's parts)."""
     report = run_interpreted(PROMPT_BASE_CHECK)
     for case, found in report.items():
-        assert found["error"] <= 0.02 * found["scale"], (case, found)  # bf16 rounding of the output only
+        assert found["excess"] <= 1e-5 * found["scale"], (case, found)
         assert found["outside_untouched"], case
 
 

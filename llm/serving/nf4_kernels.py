@@ -639,25 +639,23 @@ if _HAVE_TRITON:
     def _nf4_prompt_base_kernel(
         x_ptr, packed_ptr, absmax_ptr, code_ptr, out_ptr, M, N, K, stride_x, stride_out, k_per_split,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_OUT: tl.constexpr,
-        SWAP: tl.constexpr, DOT_IN_FLOAT32: tl.constexpr,
+        DOT_IN_FLOAT32: tl.constexpr,
     ):
         # A prompt's base product x @ dequant(W).T with cuBLAS's bits (`prompt_base`): each weight tile
         # dequantized in registers (bitsandbytes' values: bf16(code[nibble] * absmax), the even input in
-        # the high nibble) and multiplied on the tensor cores over K in order, as cuBLAS's kernels do.
-        # SWAP: W is the product's first operand (W @ x.T, the tile [BLOCK_N, BLOCK_M]), as cuBLAS lays
-        # out short prompts. program_id(2) takes one of cuBLAS's K splits, whose float32 partial products
-        # a second kernel adds in order (SPLIT_OUT); else the bf16 product is stored.
+        # the high nibble) and multiplied on the tensor cores over K in order, as cuBLAS's kernels do, W as
+        # the first operand (W @ x.T, a [BLOCK_N, BLOCK_M] tile) as cuBLAS lays out short prompts (run 47: x
+        # first either did not compile or did not give its bits). program_id(2) takes one of cuBLAS's K
+        # splits, whose float32 partial products a second kernel adds in order (SPLIT_OUT); else the bf16
+        # product is stored.
+        tl.static_assert(BLOCK_K == 64)  # one absmax block per row and step
         offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
         offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
         split = tl.program_id(2)
         offs_k = tl.arange(0, BLOCK_K)
         m_mask = offs_m < M
         rows = offs_n.to(tl.int64)
-        if SWAP:
-            acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
-        else:
-            acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-        tl.static_assert(BLOCK_K == 64)  # one absmax block per row and step
+        acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
         k_start = split * k_per_split
         k_end = tl.minimum(k_start + k_per_split, K)
         # Each step's bytes and absmax are asked for one step ahead: the decode below depends on them, so
@@ -676,21 +674,12 @@ if _HAVE_TRITON:
             next_scale = tl.load(scale_at + ahead // 64, mask=(offs_n >= 0) & more, other=0.0)
             nibble = tl.where((kk % 2 == 0)[None, :], byte >> 4, byte & 15)
             w = (tl.load(code_ptr + nibble) * scale[:, None]).to(tl.bfloat16)  # [BLOCK_N, BLOCK_K]
-            if SWAP:
-                xt = tl.load(x_ptr + offs_m[None, :].to(tl.int64) * stride_x + kk[:, None], mask=m_mask[None, :],
-                             other=0.0)
-                if DOT_IN_FLOAT32:  # Triton's interpreter (numpy) multiplies no bf16 tiles
-                    acc = tl.dot(w.to(tl.float32), xt.to(tl.float32), acc, input_precision="ieee")
-                else:
-                    acc = tl.dot(w, xt, acc)
+            xt = tl.load(x_ptr + offs_m[None, :].to(tl.int64) * stride_x + kk[:, None], mask=m_mask[None, :], other=0.0)
+            if DOT_IN_FLOAT32:  # Triton's interpreter (numpy) multiplies no bf16 tiles
+                acc = tl.dot(w.to(tl.float32), xt.to(tl.float32), acc, input_precision="ieee")
             else:
-                x = tl.load(x_ptr + offs_m[:, None].to(tl.int64) * stride_x + kk[None, :], mask=m_mask[:, None],
-                            other=0.0)
-                if DOT_IN_FLOAT32:
-                    acc = tl.dot(x.to(tl.float32), tl.trans(w.to(tl.float32)), acc, input_precision="ieee")
-                else:
-                    acc = tl.dot(x, tl.trans(w), acc)
-        product = tl.trans(acc) if SWAP else acc
+                acc = tl.dot(w, xt, acc)
+        product = tl.trans(acc)
         if SPLIT_OUT:
             at = (split * M + offs_m[:, None]).to(tl.int64) * N + offs_n[None, :]
             tl.store(out_ptr + at, product, mask=m_mask[:, None])
@@ -1025,33 +1014,26 @@ SERVE_FUSED_PROMPT_BASE = False
 PROMPT_BASE_N = 64  # output columns per program of the fused prompt base kernel
 PROMPT_BASE_K = 64  # K per step: an absmax block; cuBLAS's K splits are multiples of it (run 47)
 MAX_BASE_SPLITS = 16
-# Layouts of the fused prompt base the plan tries in turn: (W first, the fewest rows per tile). W first is
-# how cuBLAS lays out short prompts and puts the register tile where the tensor cores' instruction takes
-# it; run 47: x first with 32-row tiles (mma.sync) did not give cuBLAS's bits, and x first with 64 rows
-# and the joined W tile from registers did not compile (Triton 3.6).
-PROMPT_BASE_LAYOUTS = ((True, 0), (False, 64))
 
 
 @dataclass(frozen=True)
 class PromptBasePlan:
-    """How the fused prompt base gives cuBLAS's bits for one shape: cuBLAS's K split and the layout."""
+    """The K split with which the fused prompt base gives cuBLAS's bits for one shape, and whether it
+    measured faster than dequantizing for cuBLAS (only then is it served)."""
 
     splits: int
     k_per_split: int
-    layout: tuple[bool, int]  # one of PROMPT_BASE_LAYOUTS
+    faster: bool
 
 
-# (rows, n, k, device index) -> the plan that gives cuBLAS's bits (None: none found), and the one served
-# (None also where dequantizing for cuBLAS measured faster)
-PROMPT_BASE_FOUND: dict[tuple[int, int, int, int | None], PromptBasePlan | None] = {}
-_PROMPT_BASES: dict[tuple[int, int, int, int | None], PromptBasePlan | None] = {}
+# (rows, n, k, device index) -> the shape's plan; None where no split gave cuBLAS's bits
+PROMPT_BASE_PLANS: dict[tuple[int, int, int, int | None], PromptBasePlan | None] = {}
 PROMPT_BASE_REPORT: dict[str, dict] = {}
 
 
-def _prompt_base_tiles(m: int, swap: bool, min_rows: int) -> tuple[int, int]:
-    """(BLOCK_M, warps): one row tile for short prompts (each weight tile dequantized once)."""
-    rows = max(min_rows, 32 if m <= 32 else 64 if m <= 64 else 128)
-    return rows, 8 if rows >= 128 and not swap else 4
+def _prompt_base_rows(m: int) -> int:
+    """BLOCK_M: one row tile for a short prompt (each weight tile dequantized once)."""
+    return 32 if m <= 32 else 64 if m <= 64 else 128
 
 
 def base_split_candidates(k: int) -> list[tuple[int, int]]:
@@ -1060,9 +1042,9 @@ def base_split_candidates(k: int) -> list[tuple[int, int]]:
     3 x 4,800 and 4 x 3,584 of 14,336)."""
     found = [(1, k)]
     for splits in range(2, MAX_BASE_SPLITS + 1):
+        steps = -(-k // (splits * PROMPT_BASE_K))  # ceil(ceil(k / splits) / 64) = ceil(k / (64 splits))
         for extra in (0, 1):
-            share = -(-k // splits)  # ceil(k / splits)
-            per = (-(-share // PROMPT_BASE_K) + extra) * PROMPT_BASE_K
+            per = (steps + extra) * PROMPT_BASE_K
             if (splits - 1) * per < k and (splits, per) not in found:
                 found.append((splits, per))
     return found
@@ -1075,18 +1057,17 @@ def _part(weight: NF4Matrix, start: int, end: int) -> NF4Matrix:
 
 
 def prompt_base(x: torch.Tensor, weight: NF4Matrix, splits: int, k_per_split: int,
-                out: torch.Tensor | None = None, layout: tuple[bool, int] = PROMPT_BASE_LAYOUTS[0]) -> torch.Tensor:
+                out: torch.Tensor | None = None) -> torch.Tensor:
     """x @ dequant(W).T in bf16 for a prompt's rows, each weight tile dequantized in registers, K in
     `splits` parts of `k_per_split` added in order: with the split cuBLAS picks for this shape, its bits
     (`plan_prompt_base`). `out`: a [rows, N] view (row stride free) to write into."""
     m, k = x.shape
     n = weight.shape[0]
     out = torch.empty((m, n), dtype=torch.bfloat16, device=x.device) if out is None else out
-    swap, min_rows = layout
-    block_m, warps = _prompt_base_tiles(m, swap, min_rows)
+    block_m = _prompt_base_rows(m)
     grid = (triton.cdiv(m, block_m), n // PROMPT_BASE_N, splits)
-    common = dict(BLOCK_M=block_m, BLOCK_N=PROMPT_BASE_N, BLOCK_K=PROMPT_BASE_K, num_warps=warps, num_stages=3,
-                  SWAP=swap, DOT_IN_FLOAT32=os.environ.get("TRITON_INTERPRET") == "1")
+    common = dict(BLOCK_M=block_m, BLOCK_N=PROMPT_BASE_N, BLOCK_K=PROMPT_BASE_K, num_warps=4, num_stages=3,
+                  DOT_IN_FLOAT32=os.environ.get("TRITON_INTERPRET") == "1")
     if splits == 1:
         _nf4_prompt_base_kernel[grid](x, weight.packed, weight.absmax, weight.code, out, m, n, k, x.stride(0),
                                       out.stride(0), k, SPLIT_OUT=False, **common)
@@ -1102,46 +1083,37 @@ def prompt_base(x: torch.Tensor, weight: NF4Matrix, splits: int, k_per_split: in
 def plan_prompt_base(m: int, weight: NF4Matrix) -> PromptBasePlan | None:
     """The fused prompt base's plan for `m` rows of this weight (an original projection's rows), or None:
     found once per shape by running cuBLAS (F.linear over the dequantized weight, as the seed) and the
-    fused kernel in each layout with every candidate K split on random rows, keeping the first with the
-    same bits, if it is also faster. Never during a CUDA graph capture (there: None, unplanned)."""
+    fused kernel with every candidate K split on random rows, keeping the first with the same bits, and
+    timing both. Never during a CUDA graph capture (there: None, unplanned)."""
     n, k = weight.shape
     device = weight.packed.device
     key = (m, n, k, device.index)
-    if key in _PROMPT_BASES:
-        return _PROMPT_BASES[key]
+    if key in PROMPT_BASE_PLANS:
+        return PROMPT_BASE_PLANS[key]
     if (not available(device) or m > FUSED_PROMPT_MAX_ROWS or n % PROMPT_BASE_N or k % PROMPT_BASE_K
             or torch.cuda.is_current_stream_capturing()):
         return None
     generator = torch.Generator(device=device).manual_seed(m * 31 + n)
     x = torch.randn((m, k), generator=generator, device=device).to(torch.bfloat16)
     reference = F.linear(x, weight.dequantize(torch.bfloat16))
-    found, report = None, {"rows": m, "n": n, "k": k}
-    for layout in PROMPT_BASE_LAYOUTS:
-        label = ("w_first" if layout[0] else "x_first") + (f"_{layout[1]}" if layout[1] else "")
-        try:
-            for splits, per in base_split_candidates(k):
-                if torch.equal(prompt_base(x, weight, splits, per, layout=layout), reference):
-                    found = PromptBasePlan(splits, per, layout)
-                    break
-        except Exception as error:  # noqa: BLE001 - e.g. Triton refusing this layout here: the next one
-            report.setdefault("errors", {})[label] = repr(error)[:200]
-        if found is not None:
-            report.update(layout=label, splits=found.splits, k_per_split=found.k_per_split)
-            break
-    report["cublas_bits"] = found is not None
-    served = found
-    if found is not None:
-        fused_ms = graph_time_ms(lambda: prompt_base(x, weight, found.splits, found.k_per_split, layout=found.layout))
+    split, report = None, {"rows": m, "n": n, "k": k}
+    try:
+        split = next((s for s in base_split_candidates(k) if torch.equal(prompt_base(x, weight, *s), reference)), None)
+    except Exception as error:  # noqa: BLE001 - e.g. Triton refusing the kernel here: dequantize for cuBLAS
+        report["error"] = repr(error)[:200]
+    plan = None
+    if split is not None:
+        fused_ms = graph_time_ms(lambda: prompt_base(x, weight, *split))
         cublas_ms = graph_time_ms(lambda: F.linear(x, weight.dequantize(torch.bfloat16)))
-        report.update(fused_ms=round(fused_ms, 4), dequantize_cublas_ms=round(cublas_ms, 4))
-        if fused_ms >= cublas_ms:
-            served = None
-    report["fused"] = served is not None
+        plan = PromptBasePlan(*split, faster=fused_ms < cublas_ms)
+        report.update(splits=split[0], k_per_split=split[1], fused_ms=round(fused_ms, 4),
+                      dequantize_cublas_ms=round(cublas_ms, 4))
+    report["cublas_bits"] = plan is not None
+    report["fused"] = plan is not None and plan.faster
     PROMPT_BASE_REPORT[f"m{m}_{n}x{k}"] = report
     logger.info("nf4 prompt base %s: %s", f"m{m}_{n}x{k}", report)
-    PROMPT_BASE_FOUND[key] = found
-    _PROMPT_BASES[key] = served
-    return served
+    PROMPT_BASE_PLANS[key] = plan
+    return plan
 
 
 def plan_prompt_bases(groups: dict[str, list[NF4Projection]], rows: Sequence[int]) -> dict[str, dict]:
@@ -1161,19 +1133,19 @@ def plan_prompt_bases(groups: dict[str, list[NF4Projection]], rows: Sequence[int
 
 def _fused_prompt_base(x: torch.Tensor, weight: NF4Matrix, lora: LoraParts) -> torch.Tensor | None:
     """The whole projection's base product through the fused kernel, each original projection (LoRA
-    part) with its own split; None unless it is served and every part has a plan."""
+    part) with its own split; None unless it is served and every part's plan is faster."""
     if not SERVE_FUSED_PROMPT_BASE:
         return None
-    plans = []
+    parts = []
     for start, end, _ in lora.segments:
-        plan = plan_prompt_base(x.shape[0], _part(weight, start, end))
-        if plan is None:
+        part = _part(weight, start, end)
+        plan = plan_prompt_base(x.shape[0], part)
+        if plan is None or not plan.faster:
             return None
-        plans.append((start, end, plan))
+        parts.append((start, end, part, plan))
     out = torch.empty((x.shape[0], weight.shape[0]), dtype=torch.bfloat16, device=x.device)
-    for start, end, plan in plans:
-        prompt_base(x, _part(weight, start, end), plan.splits, plan.k_per_split, out=out[:, start:end],
-                    layout=plan.layout)
+    for start, end, part, plan in parts:
+        prompt_base(x, part, plan.splits, plan.k_per_split, out=out[:, start:end])
     return out
 
 
@@ -1197,7 +1169,7 @@ def nf4_prompt_linear(
     else:
         t = lora_a_prompt(x, lora)
         seg1, seg2 = lora.part_starts(n)
-    fused = _fused_prompt_base(x, weight, lora) if m <= FUSED_PROMPT_MAX_ROWS else None
+    fused = _fused_prompt_base(x, weight, lora)
     for index, (start, end, _) in enumerate(lora.segments):
         cols = end - start
         base = fused[:, start:end] if fused is not None else F.linear(x, weight.dequantize(x.dtype, slice(start, end)))

@@ -5,6 +5,7 @@ F.linear (the seed's, for the rows where bitsandbytes takes that path) without t
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import pytest
@@ -32,9 +33,9 @@ def test_a_split_with_cublas_bits_is_found_for_every_prompt_shape(rows, shape):
     print("NF4_PROMPT_BASE " + json.dumps(report))
     assert report.get("cublas_bits"), report
     # other rows of x (and the real weights' values, not the planning's): the same bits again
-    plan = nf4_kernels.PROMPT_BASE_FOUND[(rows, n, k, 0)]
+    plan = nf4_kernels.PROMPT_BASE_PLANS[(rows, n, k, 0)]
     x = torch.randn(rows, k, dtype=torch.bfloat16, device="cuda:0") * 3
-    fused = nf4_kernels.prompt_base(x, weight, plan.splits, plan.k_per_split, layout=plan.layout)
+    fused = nf4_kernels.prompt_base(x, weight, plan.splits, plan.k_per_split)
     assert torch.equal(fused, F.linear(x, weight.dequantize(torch.bfloat16)))
 
 
@@ -53,8 +54,9 @@ def test_prompts_through_the_fused_base_are_the_reference_path_bit_for_bit_in_gr
     for start, end, _ in projection.lora.segments:
         nf4_kernels.plan_prompt_base(rows, nf4_kernels._part(projection.weight, start, end))
         key = (rows, end - start, k, 0)
-        assert nf4_kernels.PROMPT_BASE_FOUND[key] is not None, nf4_kernels.PROMPT_BASE_REPORT
-        monkeypatch.setitem(nf4_kernels._PROMPT_BASES, key, nf4_kernels.PROMPT_BASE_FOUND[key])
+        plan = nf4_kernels.PROMPT_BASE_PLANS[key]
+        assert plan is not None, nf4_kernels.PROMPT_BASE_REPORT
+        monkeypatch.setitem(nf4_kernels.PROMPT_BASE_PLANS, key, dataclasses.replace(plan, faster=True))
     assert nf4_kernels._fused_prompt_base(x, projection.weight, projection.lora) is not None
     out, reference = projection(x), projection.reference(x)
     assert torch.equal(out, reference), (out.float() - reference.float()).abs().max()
