@@ -55,13 +55,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import torch  # noqa: E402
 
 from llm.serving import nf4_kernels  # noqa: E402
-from llm.serving.nf4 import BLOCK_SIZE, LoraParts, NF4Matrix  # noqa: E402
+from llm.serving.nf4 import BLOCK_SIZE, NF4_CODE, LoraParts, NF4Matrix  # noqa: E402
 from llm.serving.triton_kernels import graph_time_ms  # noqa: E402
 
-NF4_CODE = [-1.0, -0.6961928009986877, -0.5250730514526367, -0.39491748809814453, -0.28444138169288635,
-            -0.18477343022823334, -0.09105003625154495, 0.0, 0.07958029955625534, 0.16093020141124725,
-            0.24611230194568634, 0.33791524171829224, 0.44070982933044434, 0.5626170039176941,
-            0.7229568362236023, 1.0]
 # projection: (output parts, K, the layout the H200's tuner served at 16 rows in run 43)
 PROJECTIONS = {"qkv": ([4096, 1024, 1024], 4096, "mma_16x256w4s2f"), "o": ([4096], 4096, "mma_16x256w8s2f"),
                "gate_up": ([14336, 14336], 4096, "mma_32x256w4s1ft2"), "down": ([4096], 14336, "mma_16x256w8s1f")}

@@ -27,6 +27,7 @@ from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.compiler import ASTSource  # noqa: E402
 
 from llm.serving import nf4_kernels, triton_kernels, triton_sampling  # noqa: E402
+from llm.serving.nf4 import NF4_CODE  # noqa: E402
 
 TARGET = GPUTarget("cuda", 90, 32)
 # Integer arguments that are multiples of 16 when the 7B is served (pool strides, head dims, the vocabulary);
@@ -40,7 +41,7 @@ _ATTENTION = {"k_pool_ptr": "*bf16", "v_pool_ptr": "*bf16", "table_ptr": "*i32",
 _ATTENTION_SHAPE = {"NUM_KV": 8, "GROUP": 4, "GROUP_PAD": 16, "HEAD_DIM": 128, "BLOCK_SIZE": 32,
                     "PAGES_PER_SPLIT": 2, "SPLITS": 32, "GDC": True}
 
-_PROMPT_BASE = {"x_ptr": "*bf16", "packed_ptr": "*u8", "absmax_ptr": "*fp32", "code_ptr": "*fp32", "M": "i32",
+_PROMPT_BASE = {"x_ptr": "*bf16", "words_ptr": "*i32", "absmax_ptr": "*fp32", "code_ptr": "*fp32", "M": "i32",
                 "N": "i32", "K": "i32", "stride_x": "i32", "stride_out": "i32", "k_per_split": "i32"}
 # (kernel, argument types, constexpr values, launch options): the served 7B shapes
 KERNELS = [
@@ -58,7 +59,8 @@ KERNELS = [
     # the fused prompt base (not served yet): a 32-row prompt, its bf16 product and split partials
     *((nf4_kernels._nf4_prompt_base_kernel, _PROMPT_BASE | {"out_ptr": "*fp32" if split else "*bf16"},
        {"BLOCK_M": 32, "BLOCK_N": nf4_kernels.PROMPT_BASE_N, "BLOCK_K": nf4_kernels.PROMPT_BASE_K,
-        "SPLIT_OUT": split, "DOT_IN_FLOAT32": False}, {"num_warps": 4, "num_stages": 3})
+        "SPLIT_OUT": split, "ASM": nf4_kernels.lut_asm(NF4_CODE), "CONSTRAINTS": nf4_kernels.LUT_CONSTRAINTS,
+        "INTERPRETED": False}, {"num_warps": 4, "num_stages": 3})
       for split in (False, True)),
 ]
 

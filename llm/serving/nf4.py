@@ -44,6 +44,12 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 BLOCK_SIZE = 64  # values per absmax block (bitsandbytes' 4-bit default, and the seed's)
+# bitsandbytes' NF4 code table (its float32 values, as `QuantState.code` holds them): for kernels compiled
+# or emulated without a model (the offline checks); served kernels take each weight's own table
+NF4_CODE = (-1.0, -0.6961928009986877, -0.5250730514526367, -0.39491748809814453, -0.28444138169288635,
+            -0.18477343022823334, -0.09105003625154495, 0.0, 0.07958029955625534, 0.16093020141124725,
+            0.24611230194568634, 0.33791524171829224, 0.44070982933044434, 0.5626170039176941,
+            0.7229568362236023, 1.0)
 MAX_KERNEL_ROWS = 16  # decode batches up to this many rows take the fused kernels
 # Prompt chunks up to this many rows (a prefill's prompts together) take PEFT's own LoRA products:
 # the seed's function bit for bit (run 20: prompt KL 0.0). Longer ones take the tensor cores' TF32x3

@@ -637,45 +637,48 @@ if _HAVE_TRITON:
 
     @triton.jit
     def _nf4_prompt_base_kernel(
-        x_ptr, packed_ptr, absmax_ptr, code_ptr, out_ptr, M, N, K, stride_x, stride_out, k_per_split,
+        x_ptr, words_ptr, absmax_ptr, code_ptr, out_ptr, M, N, K, stride_x, stride_out, k_per_split,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_OUT: tl.constexpr,
-        DOT_IN_FLOAT32: tl.constexpr,
+        ASM: tl.constexpr, CONSTRAINTS: tl.constexpr, INTERPRETED: tl.constexpr,
     ):
         # A prompt's base product x @ dequant(W).T with cuBLAS's bits (`prompt_base`): each weight tile
-        # dequantized in registers (bitsandbytes' values: bf16(code[nibble] * absmax), the even input in
-        # the high nibble) and multiplied on the tensor cores over K in order, as cuBLAS's kernels do, W as
-        # the first operand (W @ x.T, a [BLOCK_N, BLOCK_M] tile) as cuBLAS lays out short prompts (run 47: x
-        # first either did not compile or did not give its bits). program_id(2) takes one of cuBLAS's K
-        # splits, whose float32 partial products a second kernel adds in order (SPLIT_OUT); else the bf16
-        # product is stored.
-        tl.static_assert(BLOCK_K == 64)  # one absmax block per row and step
+        # decoded in registers by the decode kernels' table lookups (`lut_asm`: bitsandbytes' values,
+        # bf16(code[nibble] * absmax), from 32-bit words, no per-value loads) and multiplied on the tensor
+        # cores over K in order, as cuBLAS's kernels do, W as the first operand (W @ x.T, a [BLOCK_N,
+        # BLOCK_M] tile) as cuBLAS lays out short prompts (run 47: x first did not give its bits).
+        # program_id(2) takes one of cuBLAS's K splits, whose float32 partial products a second kernel adds
+        # in order (SPLIT_OUT); else the bf16 product is stored.
+        tl.static_assert(BLOCK_K == 64)  # one absmax block per row and step: two 32-value slices
         offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
         offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
         split = tl.program_id(2)
         offs_k = tl.arange(0, BLOCK_K)
+        offs_h = tl.arange(0, BLOCK_K // 32)
         m_mask = offs_m < M
         rows = offs_n.to(tl.int64)
         acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
         k_start = split * k_per_split
         k_end = tl.minimum(k_start + k_per_split, K)
-        # Each step's bytes and absmax are asked for one step ahead: the decode below depends on them, so
+        # Each step's words and absmax are asked for one step ahead: the decode depends on them, so
         # Triton's pipelining (for loads feeding tl.dot only) would leave every step waiting on memory
-        byte_at = packed_ptr + rows[:, None] * (K // 2) + ((k_start + offs_k) // 2)[None, :]
-        scale_at = absmax_ptr + rows * (K // 64) + k_start // 64
-        next_byte = tl.load(byte_at)
-        next_scale = tl.load(scale_at)
+        word_at, scale_at = _slice_pointers(words_ptr, absmax_ptr, rows, k_start, offs_h, K // 8, K // 64)
+        w0, w1, w2, w3 = tl.load(word_at), tl.load(word_at + 1), tl.load(word_at + 2), tl.load(word_at + 3)
+        scale = tl.load(scale_at)
         for k0 in range(k_start, k_end, BLOCK_K):
-            kk = k0 + offs_k
-            byte = next_byte.to(tl.int32)
-            scale = next_scale
+            words = (w0, w1, w2, w3)
+            step_scale = scale
             ahead = k0 + BLOCK_K - k_start
-            more = k0 + BLOCK_K < k_end
-            next_byte = tl.load(byte_at + ahead // 2, mask=(offs_k >= 0)[None, :] & more, other=0)
-            next_scale = tl.load(scale_at + ahead // 64, mask=(offs_n >= 0) & more, other=0.0)
-            nibble = tl.where((kk % 2 == 0)[None, :], byte >> 4, byte & 15)
-            w = (tl.load(code_ptr + nibble) * scale[:, None]).to(tl.bfloat16)  # [BLOCK_N, BLOCK_K]
+            more = (offs_h >= 0)[None, :] & (k0 + BLOCK_K < k_end)
+            w0 = tl.load(word_at + ahead // 8, mask=more, other=0)
+            w1 = tl.load(word_at + ahead // 8 + 1, mask=more, other=0)
+            w2 = tl.load(word_at + ahead // 8 + 2, mask=more, other=0)
+            w3 = tl.load(word_at + ahead // 8 + 3, mask=more, other=0)
+            scale = tl.load(scale_at + ahead // 64, mask=more, other=0.0)
+            w = _lut_tile(_decode_words(words, step_scale, code_ptr, ASM, CONSTRAINTS, INTERPRETED), BLOCK_N,
+                          BLOCK_K)
+            kk = k0 + offs_k
             xt = tl.load(x_ptr + offs_m[None, :].to(tl.int64) * stride_x + kk[:, None], mask=m_mask[None, :], other=0.0)
-            if DOT_IN_FLOAT32:  # Triton's interpreter (numpy) multiplies no bf16 tiles
+            if INTERPRETED:  # Triton's interpreter (numpy) multiplies no bf16 tiles
                 acc = tl.dot(w.to(tl.float32), xt.to(tl.float32), acc, input_precision="ieee")
             else:
                 acc = tl.dot(w, xt, acc)
@@ -702,16 +705,41 @@ if _HAVE_TRITON:
         """Pointers to the first word of 32-value slices (and to their absmax) -> 32 tensors of the
         same shape: value i of word j at j * 8 + i (float32 bit patterns of the bf16 weights). Each
         slice is one thread's: its table is built once."""
-        return tl.inline_asm_elementwise(
-            ASM, CONSTRAINTS,
-            [tl.load(word), tl.load(word + 1), tl.load(word + 2), tl.load(word + 3),
-             tl.load(scale).to(tl.uint32, bitcast=True)],
-            dtype=(tl.uint32, tl.uint32, tl.uint32, tl.uint32, tl.uint32, tl.uint32, tl.uint32, tl.uint32,
-                   tl.uint32, tl.uint32, tl.uint32, tl.uint32, tl.uint32, tl.uint32, tl.uint32, tl.uint32,
-                   tl.uint32, tl.uint32, tl.uint32, tl.uint32, tl.uint32, tl.uint32, tl.uint32, tl.uint32,
-                   tl.uint32, tl.uint32, tl.uint32, tl.uint32, tl.uint32, tl.uint32, tl.uint32, tl.uint32),
-            is_pure=True, pack=1,
-        )
+        return _decode_words((tl.load(word), tl.load(word + 1), tl.load(word + 2), tl.load(word + 3)),
+                             tl.load(scale), None, ASM, CONSTRAINTS, False)
+
+    @triton.jit
+    def _decode_words(words, scale, code_ptr, ASM: tl.constexpr, CONSTRAINTS: tl.constexpr,
+                      INTERPRETED: tl.constexpr):
+        """`_lut_decode` of loaded words (a tuple of 4 tensors) and their absmax. INTERPRETED: the same
+        values from the code table in memory, for Triton's interpreter, which runs no PTX."""
+        if INTERPRETED:
+            values = (
+                _emulated_value(words[0], 0, scale, code_ptr), _emulated_value(words[0], 1, scale, code_ptr), _emulated_value(words[0], 2, scale, code_ptr), _emulated_value(words[0], 3, scale, code_ptr),
+                _emulated_value(words[0], 4, scale, code_ptr), _emulated_value(words[0], 5, scale, code_ptr), _emulated_value(words[0], 6, scale, code_ptr), _emulated_value(words[0], 7, scale, code_ptr),
+                _emulated_value(words[1], 0, scale, code_ptr), _emulated_value(words[1], 1, scale, code_ptr), _emulated_value(words[1], 2, scale, code_ptr), _emulated_value(words[1], 3, scale, code_ptr),
+                _emulated_value(words[1], 4, scale, code_ptr), _emulated_value(words[1], 5, scale, code_ptr), _emulated_value(words[1], 6, scale, code_ptr), _emulated_value(words[1], 7, scale, code_ptr),
+                _emulated_value(words[2], 0, scale, code_ptr), _emulated_value(words[2], 1, scale, code_ptr), _emulated_value(words[2], 2, scale, code_ptr), _emulated_value(words[2], 3, scale, code_ptr),
+                _emulated_value(words[2], 4, scale, code_ptr), _emulated_value(words[2], 5, scale, code_ptr), _emulated_value(words[2], 6, scale, code_ptr), _emulated_value(words[2], 7, scale, code_ptr),
+                _emulated_value(words[3], 0, scale, code_ptr), _emulated_value(words[3], 1, scale, code_ptr), _emulated_value(words[3], 2, scale, code_ptr), _emulated_value(words[3], 3, scale, code_ptr),
+                _emulated_value(words[3], 4, scale, code_ptr), _emulated_value(words[3], 5, scale, code_ptr), _emulated_value(words[3], 6, scale, code_ptr), _emulated_value(words[3], 7, scale, code_ptr),
+            )
+        else:
+            values = tl.inline_asm_elementwise(
+                ASM, CONSTRAINTS, [words[0], words[1], words[2], words[3], scale.to(tl.uint32, bitcast=True)],
+                dtype=(tl.uint32, tl.uint32, tl.uint32, tl.uint32, tl.uint32, tl.uint32, tl.uint32, tl.uint32,
+                       tl.uint32, tl.uint32, tl.uint32, tl.uint32, tl.uint32, tl.uint32, tl.uint32, tl.uint32,
+                       tl.uint32, tl.uint32, tl.uint32, tl.uint32, tl.uint32, tl.uint32, tl.uint32, tl.uint32,
+                       tl.uint32, tl.uint32, tl.uint32, tl.uint32, tl.uint32, tl.uint32, tl.uint32, tl.uint32),
+                is_pure=True, pack=1,
+            )
+        return values
+
+    @triton.jit
+    def _emulated_value(word, i: tl.constexpr, scale, code_ptr):
+        # value i of a word sits in nibble i ^ 1 (bitsandbytes: value 2j in the high nibble of byte j)
+        nibble = (word >> (4 * (i ^ 1))) & 15
+        return (tl.load(code_ptr + nibble) * scale).to(tl.bfloat16).to(tl.float32).to(tl.uint32, bitcast=True)
 
     @triton.jit
     def _slice_pointers(words_ptr, absmax_ptr, rows, k0, offs_h, row_words, row_blocks):
@@ -1007,9 +1035,10 @@ def lora_a_prompt(x: torch.Tensor, lora: LoraParts) -> torch.Tensor:
 # found cuBLAS's bits and measured it faster than dequantizing for cuBLAS.
 FUSED_PROMPT_MAX_ROWS = 512
 # Off: run 47 (H100) found cuBLAS's bits for every prompt shape of the 7B (6 row counts x 4 projections)
-# but this kernel 7-20 x slower than dequantize + cuBLAS (its per-value code gathers, one program per 64
-# outputs); planning it at start-up would only add its compiles. The next step is its decode (the
-# decode kernels' register lookups) and more programs per projection.
+# but that kernel 7-20 x slower than dequantize + cuBLAS (per-value byte loads and code gathers); planning
+# it at start-up would only add its compiles. Its decode is now the decode kernels' register lookups on
+# 32-bit words (a quarter of the instructions offline, run 48), not yet timed: turn this on where
+# tests/gpu/test_nf4_prompt_base.py prints it faster.
 SERVE_FUSED_PROMPT_BASE = False
 PROMPT_BASE_N = 64  # output columns per program of the fused prompt base kernel
 PROMPT_BASE_K = 64  # K per step: an absmax block; cuBLAS's K splits are multiples of it (run 47)
@@ -1066,14 +1095,17 @@ def prompt_base(x: torch.Tensor, weight: NF4Matrix, splits: int, k_per_split: in
     out = torch.empty((m, n), dtype=torch.bfloat16, device=x.device) if out is None else out
     block_m = _prompt_base_rows(m)
     grid = (triton.cdiv(m, block_m), n // PROMPT_BASE_N, splits)
+    interpreted = os.environ.get("TRITON_INTERPRET") == "1"
     common = dict(BLOCK_M=block_m, BLOCK_N=PROMPT_BASE_N, BLOCK_K=PROMPT_BASE_K, num_warps=4, num_stages=3,
-                  DOT_IN_FLOAT32=os.environ.get("TRITON_INTERPRET") == "1")
+                  ASM="" if interpreted else _lut_asm_for(weight.code), CONSTRAINTS=LUT_CONSTRAINTS,
+                  INTERPRETED=interpreted)
+    words = weight.packed.view(torch.int32)
     if splits == 1:
-        _nf4_prompt_base_kernel[grid](x, weight.packed, weight.absmax, weight.code, out, m, n, k, x.stride(0),
+        _nf4_prompt_base_kernel[grid](x, words, weight.absmax, weight.code, out, m, n, k, x.stride(0),
                                       out.stride(0), k, SPLIT_OUT=False, **common)
         return out
     partial = torch.empty((splits, m, n), dtype=torch.float32, device=x.device)
-    _nf4_prompt_base_kernel[grid](x, weight.packed, weight.absmax, weight.code, partial, m, n, k, x.stride(0),
+    _nf4_prompt_base_kernel[grid](x, words, weight.absmax, weight.code, partial, m, n, k, x.stride(0),
                                   n, k_per_split, SPLIT_OUT=True, **common)
     _split_sum_kernel[(triton.cdiv(m * n, 1024),)](partial, out, m, n, splits, out.stride(0), BLOCK=1024,
                                                    num_warps=4)
