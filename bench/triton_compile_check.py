@@ -56,12 +56,14 @@ KERNELS = [
       "TOPK": triton_sampling.HAS_TOPK}, {"num_warps": triton_sampling.DRAW_WARPS}),
     (triton_kernels._paged_attn_kernel, {"q_ptr": "*bf16", **_ATTENTION}, _ATTENTION_SHAPE,
      {"num_warps": 4, "num_stages": 2}),
-    # the fused prompt base (not served yet): a 32-row prompt, its bf16 product and split partials
+    # the fused prompt base (not served yet): a 32-row prompt, its bf16 product and split partials, with 4
+    # warps (32-value slices) and 8 (16-value slices)
     *((nf4_kernels._nf4_prompt_base_kernel, _PROMPT_BASE | {"out_ptr": "*fp32" if split else "*bf16"},
        {"BLOCK_M": 32, "BLOCK_N": nf4_kernels.PROMPT_BASE_N, "BLOCK_K": nf4_kernels.PROMPT_BASE_K,
-        "SPLIT_OUT": split, "ASM": nf4_kernels.lut_asm(NF4_CODE), "CONSTRAINTS": nf4_kernels.LUT_CONSTRAINTS,
-        "INTERPRETED": False}, {"num_warps": 4, "num_stages": 3})
-      for split in (False, True)),
+        "SLICE": 8 * words, "SPLIT_OUT": split, "ASM": nf4_kernels.lut_asm(NF4_CODE, words),
+        "CONSTRAINTS": nf4_kernels.LUT_CONSTRAINTS if words == 4 else nf4_kernels.LUT_CONSTRAINTS_2,
+        "INTERPRETED": False}, {"num_warps": warps, "num_stages": 3})
+      for warps, words in ((4, 4), (8, 2)) for split in (False, True)),
 ]
 
 
@@ -91,7 +93,7 @@ def main() -> int:
                                       target=TARGET, options=options)
             accesses = Counter(re.findall(r"\b((?:ld|st)\.global[\w.]*|cp\.async\.\w+\.shared\.global[\w.]*)",
                                           compiled.asm["ptx"]))
-            report = {"kernel": name, "ok": True, "shared_bytes": compiled.metadata.shared,
+            report = {"kernel": name, "ok": True, "num_warps": options["num_warps"], "shared_bytes": compiled.metadata.shared,
                       "wgmma": compiled.asm["ptx"].count("wgmma.mma_async"),
                       "sass_instructions": sass_instructions(compiled.asm["cubin"]),
                       "global_accesses": dict(sorted(accesses.items()))}

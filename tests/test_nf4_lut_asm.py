@@ -9,7 +9,7 @@ import struct
 import numpy as np
 import pytest
 
-from llm.serving.nf4_kernels import LUT_CONSTRAINTS, LUT_WORDS, lut_asm
+from llm.serving.nf4_kernels import LUT_CONSTRAINTS, LUT_CONSTRAINTS_2, LUT_WORDS, lut_asm
 
 NF4 = [-1.0, -0.6961928009986877, -0.5250730514526367, -0.39491748809814453, -0.28444138169288635,
        -0.18477343022823334, -0.09105003625154495, 0.0, 0.07958029955625534, 0.16093020141124725,
@@ -93,18 +93,20 @@ def bitsandbytes_values(packed: np.ndarray, absmax: np.float32) -> list[int]:
 
 
 @pytest.mark.parametrize("seed", range(4))
-def test_decoded_values_are_bitsandbytes_bit_for_bit(seed):
+@pytest.mark.parametrize("count, constraints", [(LUT_WORDS, LUT_CONSTRAINTS), (2, LUT_CONSTRAINTS_2)])
+def test_decoded_values_are_bitsandbytes_bit_for_bit(seed, count, constraints):
+    """The decode kernels' 32-value slices, and the fused prompt base's 16-value ones (8 warps)."""
     rng = np.random.default_rng(seed)
-    program = lut_asm(NF4)
-    outputs, inputs = 8 * LUT_WORDS, LUT_WORDS + 1
-    assert LUT_CONSTRAINTS.count("=r") == outputs and LUT_CONSTRAINTS.count(",") + 1 == outputs + inputs
+    program = lut_asm(NF4, count)
+    outputs, inputs = 8 * count, count + 1
+    assert constraints.count("=r") == outputs and constraints.count(",") + 1 == outputs + inputs
     for _ in range(50):
         # Every nibble value appears; the absmax spans tiny (subnormal products) to large blocks.
-        packed = rng.integers(0, 256, 4 * LUT_WORDS, dtype=np.uint8)
+        packed = rng.integers(0, 256, 4 * count, dtype=np.uint8)
         absmax = np.float32(10.0 ** rng.uniform(-40, 2))
         words = packed.view("<u4")
         registers = run_ptx(program, {f"${outputs + j}": int(w) for j, w in enumerate(words)}
-                            | {f"${outputs + LUT_WORDS}": _bits(absmax)})
+                            | {f"${outputs + count}": _bits(absmax)})
         ours = [registers[f"${v}"] for v in range(outputs)]
         assert ours == bitsandbytes_values(packed, absmax)
 

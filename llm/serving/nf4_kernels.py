@@ -269,11 +269,11 @@ def _block_m(rows: int) -> int:
 LUT_WORDS = 4  # 32-bit words per asm call (32 values, half a block): one absmax, its table built once
 
 
-def lut_asm(code: Sequence[float]) -> str:
-    """PTX decoding LUT_WORDS words of packed NF4 (8 values each) that share one absmax.
+def lut_asm(code: Sequence[float], words: int = LUT_WORDS) -> str:
+    """PTX decoding `words` words of packed NF4 (8 values each) that share one absmax.
 
-    Operands: outputs $0..$31 (value i of word j at j * 8 + i: the float32 bit pattern of its bf16
-    weight), then the words $32..$35, then the absmax's bit pattern $36.
+    Operands (4 words): outputs $0..$31 (value i of word j at j * 8 + i: the float32 bit pattern of its
+    bf16 weight), then the words $32..$35, then the absmax's bit pattern $36.
     First the 16 weights this block can hold, `cvt.rn.bf16x2(code[i] * absmax)` (float32 product,
     one round-to-nearest-even: bitsandbytes' own arithmetic), as a low-byte table L0..L3 and a
     high-byte table H0..H3 (byte e of the pair (L0, L1) is entry e's low byte, (L2, L3) entries 8-15).
@@ -287,7 +287,7 @@ def lut_asm(code: Sequence[float]) -> str:
     if len(code) != 16:
         raise ValueError("an NF4 code table has 16 entries")
     hexes = [f"0f{struct.unpack('<I', struct.pack('<f', float(v)))[0]:08X}" for v in code]
-    scale = 8 * LUT_WORDS + LUT_WORDS
+    scale = 8 * words + words
     lines = [
         "{",
         ".reg .f32 sf, p<16>;",
@@ -298,10 +298,10 @@ def lut_asm(code: Sequence[float]) -> str:
     lines += [f"cvt.rn.bf16x2.f32 q{i}, p{2 * i + 1}, p{2 * i};" for i in range(8)]  # entry 2i in the low half
     for t in range(4):
         lines += [f"prmt.b32 L{t}, q{2 * t}, q{2 * t + 1}, 0x6420;", f"prmt.b32 H{t}, q{2 * t}, q{2 * t + 1}, 0x7531;"]
-    for word in range(LUT_WORDS):
+    for word in range(words):
         lines += [
-            f"and.b32 sel, ${8 * LUT_WORDS + word}, 0x77777777;",
-            f"shr.b32 hs, ${8 * LUT_WORDS + word}, 1;",
+            f"and.b32 sel, ${8 * words + word}, 0x77777777;",
+            f"shr.b32 hs, ${8 * words + word}, 1;",
             "and.b32 hs, hs, 0x44444444;",
             "or.b32 hs, hs, 0x32103210;",  # nibble p selects byte p of the low or (bit 3) the high lookup
         ]
@@ -325,15 +325,16 @@ def lut_asm(code: Sequence[float]) -> str:
 
 LUT_DEQUANT_ROWS, LUT_DEQUANT_COLS = 16, 256
 LUT_CONSTRAINTS = ",".join(["=r"] * (8 * LUT_WORDS) + ["r"] * (LUT_WORDS + 1))
+LUT_CONSTRAINTS_2 = ",".join(["=r"] * 16 + ["r"] * 3)  # `lut_asm(code, 2)`: 16-value slices
 
 
-def _lut_asm_for(code: torch.Tensor) -> str:
-    return _lut_asm_of(nf4_mma.code_values(code))
+def _lut_asm_for(code: torch.Tensor, words: int = LUT_WORDS) -> str:
+    return _lut_asm_of(nf4_mma.code_values(code), words)
 
 
 @functools.cache
-def _lut_asm_of(values: tuple[float, ...]) -> str:  # one per distinct table, not per layer's copy
-    return lut_asm(values)
+def _lut_asm_of(values: tuple[float, ...], words: int) -> str:  # one per distinct table, not per layer's copy
+    return lut_asm(values, words)
 
 
 if _HAVE_TRITON:
@@ -638,44 +639,44 @@ if _HAVE_TRITON:
     @triton.jit
     def _nf4_prompt_base_kernel(
         x_ptr, words_ptr, absmax_ptr, code_ptr, out_ptr, M, N, K, stride_x, stride_out, k_per_split,
-        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_OUT: tl.constexpr,
-        ASM: tl.constexpr, CONSTRAINTS: tl.constexpr, INTERPRETED: tl.constexpr,
+        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SLICE: tl.constexpr,
+        SPLIT_OUT: tl.constexpr, ASM: tl.constexpr, CONSTRAINTS: tl.constexpr, INTERPRETED: tl.constexpr,
     ):
         # A prompt's base product x @ dequant(W).T with cuBLAS's bits (`prompt_base`): each weight tile
         # decoded in registers by the decode kernels' table lookups (`lut_asm`: bitsandbytes' values,
-        # bf16(code[nibble] * absmax), from 32-bit words, no per-value loads) and multiplied on the tensor
-        # cores over K in order, as cuBLAS's kernels do, W as the first operand (W @ x.T, a [BLOCK_N,
-        # BLOCK_M] tile) as cuBLAS lays out short prompts (run 47: x first did not give its bits).
-        # program_id(2) takes one of cuBLAS's K splits, whose float32 partial products a second kernel adds
-        # in order (SPLIT_OUT); else the bf16 product is stored.
-        tl.static_assert(BLOCK_K == 64)  # one absmax block per row and step: two 32-value slices
+        # bf16(code[nibble] * absmax), from 32-bit words, no per-value loads), one SLICE of a row's values
+        # per thread, and multiplied on the tensor cores over K in order, as cuBLAS's kernels do, W as the
+        # first operand (W @ x.T, a [BLOCK_N, BLOCK_M] tile) as cuBLAS lays out short prompts (run 47: x
+        # first did not give its bits). program_id(2) takes one of cuBLAS's K splits, whose float32 partial
+        # products a second kernel adds in order (SPLIT_OUT); else the bf16 product is stored.
+        tl.static_assert(BLOCK_K == 64)  # one absmax block per row and step
+        WORDS: tl.constexpr = SLICE // 8
         offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
         offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
         split = tl.program_id(2)
         offs_k = tl.arange(0, BLOCK_K)
-        offs_h = tl.arange(0, BLOCK_K // 32)
+        offs_h = tl.arange(0, BLOCK_K // SLICE)
         m_mask = offs_m < M
         rows = offs_n.to(tl.int64)
         acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
         k_start = split * k_per_split
         k_end = tl.minimum(k_start + k_per_split, K)
+        word_at = words_ptr + rows[:, None] * (K // 8) + (k_start // 8 + offs_h * WORDS)[None, :]
+        scale_at = absmax_ptr + rows[:, None] * (K // 64) + (k_start // 64)
         # Each step's words and absmax are asked for one step ahead: the decode depends on them, so
         # Triton's pipelining (for loads feeding tl.dot only) would leave every step waiting on memory
-        word_at, scale_at = _slice_pointers(words_ptr, absmax_ptr, rows, k_start, offs_h, K // 8, K // 64)
-        w0, w1, w2, w3 = tl.load(word_at), tl.load(word_at + 1), tl.load(word_at + 2), tl.load(word_at + 3)
-        scale = tl.load(scale_at)
+        everywhere = (offs_h >= 0)[None, :]
+        words = _load_words(word_at, everywhere, WORDS)
+        scale = tl.load(scale_at + 0 * offs_h[None, :])
         for k0 in range(k_start, k_end, BLOCK_K):
-            words = (w0, w1, w2, w3)
+            step_words = words
             step_scale = scale
             ahead = k0 + BLOCK_K - k_start
-            more = (offs_h >= 0)[None, :] & (k0 + BLOCK_K < k_end)
-            w0 = tl.load(word_at + ahead // 8, mask=more, other=0)
-            w1 = tl.load(word_at + ahead // 8 + 1, mask=more, other=0)
-            w2 = tl.load(word_at + ahead // 8 + 2, mask=more, other=0)
-            w3 = tl.load(word_at + ahead // 8 + 3, mask=more, other=0)
-            scale = tl.load(scale_at + ahead // 64, mask=more, other=0.0)
-            w = _lut_tile(_decode_words(words, step_scale, code_ptr, ASM, CONSTRAINTS, INTERPRETED), BLOCK_N,
-                          BLOCK_K)
+            more = everywhere & (k0 + BLOCK_K < k_end)
+            words = _load_words(word_at + ahead // 8, more, WORDS)
+            scale = tl.load(scale_at + ahead // 64 + 0 * offs_h[None, :], mask=more, other=0.0)
+            values = _decode_words(step_words, step_scale, code_ptr, ASM, CONSTRAINTS, INTERPRETED, WORDS)
+            w = _lut_tile(values, BLOCK_N, BLOCK_K) if SLICE == 32 else _lut_tile16(values, BLOCK_N, BLOCK_K)
             kk = k0 + offs_k
             xt = tl.load(x_ptr + offs_m[None, :].to(tl.int64) * stride_x + kk[:, None], mask=m_mask[None, :], other=0.0)
             if INTERPRETED:  # Triton's interpreter (numpy) multiplies no bf16 tiles
@@ -689,6 +690,16 @@ if _HAVE_TRITON:
         else:
             at = offs_m[:, None].to(tl.int64) * stride_out + offs_n[None, :]
             tl.store(out_ptr + at, product.to(tl.bfloat16), mask=m_mask[:, None])
+
+    @triton.jit
+    def _load_words(at, mask, WORDS: tl.constexpr):
+        """A slice's WORDS consecutive 32-bit words (8 values each) from `at`, as a tuple."""
+        if WORDS == 4:
+            words = (tl.load(at, mask=mask, other=0), tl.load(at + 1, mask=mask, other=0),
+                     tl.load(at + 2, mask=mask, other=0), tl.load(at + 3, mask=mask, other=0))
+        else:
+            words = (tl.load(at, mask=mask, other=0), tl.load(at + 1, mask=mask, other=0))
+        return words
 
     @triton.jit
     def _split_sum_kernel(partial_ptr, out_ptr, M, N, splits, stride_out, BLOCK: tl.constexpr):
@@ -710,21 +721,21 @@ if _HAVE_TRITON:
 
     @triton.jit
     def _decode_words(words, scale, code_ptr, ASM: tl.constexpr, CONSTRAINTS: tl.constexpr,
-                      INTERPRETED: tl.constexpr):
-        """`_lut_decode` of loaded words (a tuple of 4 tensors) and their absmax. INTERPRETED: the same
-        values from the code table in memory, for Triton's interpreter, which runs no PTX."""
+                      INTERPRETED: tl.constexpr, WORDS: tl.constexpr = 4):
+        """`_lut_decode` of loaded words (a tuple of WORDS tensors: 4, or 2 for `lut_asm(code, 2)`) and
+        their absmax: 8 * WORDS tensors. INTERPRETED: the same values from the code table in memory, for
+        Triton's interpreter, which runs no PTX."""
         if INTERPRETED:
-            values = (
-                _emulated_value(words[0], 0, scale, code_ptr), _emulated_value(words[0], 1, scale, code_ptr), _emulated_value(words[0], 2, scale, code_ptr), _emulated_value(words[0], 3, scale, code_ptr),
-                _emulated_value(words[0], 4, scale, code_ptr), _emulated_value(words[0], 5, scale, code_ptr), _emulated_value(words[0], 6, scale, code_ptr), _emulated_value(words[0], 7, scale, code_ptr),
-                _emulated_value(words[1], 0, scale, code_ptr), _emulated_value(words[1], 1, scale, code_ptr), _emulated_value(words[1], 2, scale, code_ptr), _emulated_value(words[1], 3, scale, code_ptr),
-                _emulated_value(words[1], 4, scale, code_ptr), _emulated_value(words[1], 5, scale, code_ptr), _emulated_value(words[1], 6, scale, code_ptr), _emulated_value(words[1], 7, scale, code_ptr),
-                _emulated_value(words[2], 0, scale, code_ptr), _emulated_value(words[2], 1, scale, code_ptr), _emulated_value(words[2], 2, scale, code_ptr), _emulated_value(words[2], 3, scale, code_ptr),
-                _emulated_value(words[2], 4, scale, code_ptr), _emulated_value(words[2], 5, scale, code_ptr), _emulated_value(words[2], 6, scale, code_ptr), _emulated_value(words[2], 7, scale, code_ptr),
-                _emulated_value(words[3], 0, scale, code_ptr), _emulated_value(words[3], 1, scale, code_ptr), _emulated_value(words[3], 2, scale, code_ptr), _emulated_value(words[3], 3, scale, code_ptr),
-                _emulated_value(words[3], 4, scale, code_ptr), _emulated_value(words[3], 5, scale, code_ptr), _emulated_value(words[3], 6, scale, code_ptr), _emulated_value(words[3], 7, scale, code_ptr),
-            )
-        else:
+            a = _emulated_word(words[0], scale, code_ptr)
+            b = _emulated_word(words[1], scale, code_ptr)
+            if WORDS == 4:
+                c = _emulated_word(words[2], scale, code_ptr)
+                d = _emulated_word(words[3], scale, code_ptr)
+                values = (a[0], a[1], a[2], a[3], a[4], a[5], a[6], a[7], b[0], b[1], b[2], b[3], b[4], b[5], b[6], b[7],
+                          c[0], c[1], c[2], c[3], c[4], c[5], c[6], c[7], d[0], d[1], d[2], d[3], d[4], d[5], d[6], d[7])
+            else:
+                values = (a[0], a[1], a[2], a[3], a[4], a[5], a[6], a[7], b[0], b[1], b[2], b[3], b[4], b[5], b[6], b[7])
+        elif WORDS == 4:
             values = tl.inline_asm_elementwise(
                 ASM, CONSTRAINTS, [words[0], words[1], words[2], words[3], scale.to(tl.uint32, bitcast=True)],
                 dtype=(tl.uint32, tl.uint32, tl.uint32, tl.uint32, tl.uint32, tl.uint32, tl.uint32, tl.uint32,
@@ -733,7 +744,21 @@ if _HAVE_TRITON:
                        tl.uint32, tl.uint32, tl.uint32, tl.uint32, tl.uint32, tl.uint32, tl.uint32, tl.uint32),
                 is_pure=True, pack=1,
             )
+        else:
+            values = tl.inline_asm_elementwise(
+                ASM, CONSTRAINTS, [words[0], words[1], scale.to(tl.uint32, bitcast=True)],
+                dtype=(tl.uint32, tl.uint32, tl.uint32, tl.uint32, tl.uint32, tl.uint32, tl.uint32, tl.uint32,
+                       tl.uint32, tl.uint32, tl.uint32, tl.uint32, tl.uint32, tl.uint32, tl.uint32, tl.uint32),
+                is_pure=True, pack=1,
+            )
         return values
+
+    @triton.jit
+    def _emulated_word(word, scale, code_ptr):
+        return (_emulated_value(word, 0, scale, code_ptr), _emulated_value(word, 1, scale, code_ptr),
+                _emulated_value(word, 2, scale, code_ptr), _emulated_value(word, 3, scale, code_ptr),
+                _emulated_value(word, 4, scale, code_ptr), _emulated_value(word, 5, scale, code_ptr),
+                _emulated_value(word, 6, scale, code_ptr), _emulated_value(word, 7, scale, code_ptr))
 
     @triton.jit
     def _emulated_value(word, i: tl.constexpr, scale, code_ptr):
@@ -792,6 +817,23 @@ if _HAVE_TRITON:
         r0, r1, r2, r3 = tl.join(q0, q4), tl.join(q1, q5), tl.join(q2, q6), tl.join(q3, q7)
         s0, s1 = tl.join(r0, r2), tl.join(r1, r3)
         return tl.reshape(tl.join(s0, s1), (BLOCK_N, BLOCK_K))
+
+    @triton.jit
+    def _lut_tile16(values, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+        """`_lut_tile` for 16-value slices (`lut_asm(code, 2)`): value v of slice h at column 16h + v."""
+        p0, p1, p2, p3, p4, p5, p6, p7 = (
+            tl.join(_bf16(values[0]), _bf16(values[8])),
+            tl.join(_bf16(values[1]), _bf16(values[9])),
+            tl.join(_bf16(values[2]), _bf16(values[10])),
+            tl.join(_bf16(values[3]), _bf16(values[11])),
+            tl.join(_bf16(values[4]), _bf16(values[12])),
+            tl.join(_bf16(values[5]), _bf16(values[13])),
+            tl.join(_bf16(values[6]), _bf16(values[14])),
+            tl.join(_bf16(values[7]), _bf16(values[15])),
+        )
+        q0, q1, q2, q3 = tl.join(p0, p4), tl.join(p1, p5), tl.join(p2, p6), tl.join(p3, p7)
+        r0, r1 = tl.join(q0, q2), tl.join(q1, q3)
+        return tl.reshape(tl.join(r0, r1), (BLOCK_N, BLOCK_K))
 
     @triton.jit
     def _lut_dequant_kernel(words_ptr, absmax_ptr, out_ptr, K, row_words, row_blocks, ASM: tl.constexpr,
@@ -1042,16 +1084,21 @@ FUSED_PROMPT_MAX_ROWS = 512
 SERVE_FUSED_PROMPT_BASE = False
 PROMPT_BASE_N = 64  # output columns per program of the fused prompt base kernel
 PROMPT_BASE_K = 64  # K per step: an absmax block; cuBLAS's K splits are multiples of it (run 47)
+# Warps per program the planner tries: 4 decode a row's 64 values a step in two 32-value slices per row, 8 in
+# four 16-value slices (each table built for half as many values, twice the threads per weight tile: prompts
+# of few rows have few programs, N / 64 per K split)
+PROMPT_BASE_WARPS = (4, 8)
 MAX_BASE_SPLITS = 16
 
 
 @dataclass(frozen=True)
 class PromptBasePlan:
-    """The K split with which the fused prompt base gives cuBLAS's bits for one shape, and whether it
-    measured faster than dequantizing for cuBLAS (only then is it served)."""
+    """The K split with which the fused prompt base gives cuBLAS's bits for one shape, its fastest warps
+    per program, and whether it measured faster than dequantizing for cuBLAS (only then is it served)."""
 
     splits: int
     k_per_split: int
+    warps: int
     faster: bool
 
 
@@ -1085,20 +1132,24 @@ def _part(weight: NF4Matrix, start: int, end: int) -> NF4Matrix:
     return NF4Matrix(packed=weight.packed[start:end], absmax=weight.absmax[start:end], code=weight.code)
 
 
-def prompt_base(x: torch.Tensor, weight: NF4Matrix, splits: int, k_per_split: int,
+def prompt_base(x: torch.Tensor, weight: NF4Matrix, splits: int, k_per_split: int, warps: int = 4,
                 out: torch.Tensor | None = None) -> torch.Tensor:
     """x @ dequant(W).T in bf16 for a prompt's rows, each weight tile dequantized in registers, K in
     `splits` parts of `k_per_split` added in order: with the split cuBLAS picks for this shape, its bits
-    (`plan_prompt_base`). `out`: a [rows, N] view (row stride free) to write into."""
+    (`plan_prompt_base`). `warps`: one of PROMPT_BASE_WARPS. `out`: a [rows, N] view (row stride free)
+    to write into."""
+    if warps not in PROMPT_BASE_WARPS:
+        raise ValueError(f"the fused prompt base runs {PROMPT_BASE_WARPS} warps per program, not {warps}")
     m, k = x.shape
     n = weight.shape[0]
     out = torch.empty((m, n), dtype=torch.bfloat16, device=x.device) if out is None else out
     block_m = _prompt_base_rows(m)
     grid = (triton.cdiv(m, block_m), n // PROMPT_BASE_N, splits)
     interpreted = os.environ.get("TRITON_INTERPRET") == "1"
-    common = dict(BLOCK_M=block_m, BLOCK_N=PROMPT_BASE_N, BLOCK_K=PROMPT_BASE_K, num_warps=4, num_stages=3,
-                  ASM="" if interpreted else _lut_asm_for(weight.code), CONSTRAINTS=LUT_CONSTRAINTS,
-                  INTERPRETED=interpreted)
+    slice_words = 4 if warps == 4 else 2  # one slice per thread: BLOCK_N rows x 64 values = 32 warps slices
+    common = dict(BLOCK_M=block_m, BLOCK_N=PROMPT_BASE_N, BLOCK_K=PROMPT_BASE_K, SLICE=8 * slice_words,
+                  num_warps=warps, num_stages=3, ASM="" if interpreted else _lut_asm_for(weight.code, slice_words),
+                  CONSTRAINTS=LUT_CONSTRAINTS if slice_words == 4 else LUT_CONSTRAINTS_2, INTERPRETED=interpreted)
     words = weight.packed.view(torch.int32)
     if splits == 1:
         _nf4_prompt_base_kernel[grid](x, words, weight.absmax, weight.code, out, m, n, k, x.stride(0),
@@ -1115,8 +1166,9 @@ def prompt_base(x: torch.Tensor, weight: NF4Matrix, splits: int, k_per_split: in
 def plan_prompt_base(m: int, weight: NF4Matrix) -> PromptBasePlan | None:
     """The fused prompt base's plan for `m` rows of this weight (an original projection's rows), or None:
     found once per shape by running cuBLAS (F.linear over the dequantized weight, as the seed) and the
-    fused kernel with every candidate K split on random rows, keeping the first with the same bits, and
-    timing both. Never during a CUDA graph capture (there: None, unplanned)."""
+    fused kernel with every candidate K split on random rows, keeping the first with the same bits, then
+    timing cuBLAS and every warps per program that gives those bits too. Never during a CUDA graph
+    capture (there: None, unplanned)."""
     n, k = weight.shape
     device = weight.packed.device
     key = (m, n, k, device.index)
@@ -1135,10 +1187,18 @@ def plan_prompt_base(m: int, weight: NF4Matrix) -> PromptBasePlan | None:
         report["error"] = repr(error)[:200]
     plan = None
     if split is not None:
-        fused_ms = graph_time_ms(lambda: prompt_base(x, weight, *split))
+        fused_ms = {}
+        for warps in PROMPT_BASE_WARPS:
+            try:
+                if warps == PROMPT_BASE_WARPS[0] or torch.equal(prompt_base(x, weight, *split, warps), reference):
+                    fused_ms[warps] = graph_time_ms(lambda w=warps: prompt_base(x, weight, *split, w))
+            except Exception as error:  # noqa: BLE001 - another layout Triton refuses here: the others stay
+                report[f"error_w{warps}"] = repr(error)[:200]
+        warps = min(fused_ms, key=fused_ms.get)
         cublas_ms = graph_time_ms(lambda: F.linear(x, weight.dequantize(torch.bfloat16)))
-        plan = PromptBasePlan(*split, faster=fused_ms < cublas_ms)
-        report.update(splits=split[0], k_per_split=split[1], fused_ms=round(fused_ms, 4),
+        plan = PromptBasePlan(*split, warps=warps, faster=fused_ms[warps] < cublas_ms)
+        report.update(splits=split[0], k_per_split=split[1], warps=warps,
+                      fused_ms={str(w): round(ms, 4) for w, ms in fused_ms.items()},
                       dequantize_cublas_ms=round(cublas_ms, 4))
     report["cublas_bits"] = plan is not None
     report["fused"] = plan is not None and plan.faster
@@ -1177,7 +1237,7 @@ def _fused_prompt_base(x: torch.Tensor, weight: NF4Matrix, lora: LoraParts) -> t
         parts.append((start, end, part, plan))
     out = torch.empty((x.shape[0], weight.shape[0]), dtype=torch.bfloat16, device=x.device)
     for start, end, part, plan in parts:
-        prompt_base(x, part, plan.splits, plan.k_per_split, out=out[:, start:end])
+        prompt_base(x, part, plan.splits, plan.k_per_split, plan.warps, out=out[:, start:end])
     return out
 
 

@@ -35,7 +35,7 @@ def test_a_split_with_cublas_bits_is_found_for_every_prompt_shape(rows, shape):
     # other rows of x (and the real weights' values, not the planning's): the same bits again
     plan = nf4_kernels.PROMPT_BASE_PLANS[(rows, n, k, 0)]
     x = torch.randn(rows, k, dtype=torch.bfloat16, device="cuda:0") * 3
-    fused = nf4_kernels.prompt_base(x, weight, plan.splits, plan.k_per_split)
+    fused = nf4_kernels.prompt_base(x, weight, plan.splits, plan.k_per_split, plan.warps)
     assert torch.equal(fused, F.linear(x, weight.dequantize(torch.bfloat16)))
 
 
