@@ -812,11 +812,9 @@ if _HAVE_TRITON:
             tl.join(_bf16(values[14]), _bf16(values[30])),
             tl.join(_bf16(values[15]), _bf16(values[31])),
         )
-        q0, q1, q2, q3 = tl.join(p0, p8), tl.join(p1, p9), tl.join(p2, p10), tl.join(p3, p11)
-        q4, q5, q6, q7 = tl.join(p4, p12), tl.join(p5, p13), tl.join(p6, p14), tl.join(p7, p15)
-        r0, r1, r2, r3 = tl.join(q0, q4), tl.join(q1, q5), tl.join(q2, q6), tl.join(q3, q7)
-        s0, s1 = tl.join(r0, r2), tl.join(r1, r3)
-        return tl.reshape(tl.join(s0, s1), (BLOCK_N, BLOCK_K))
+        return tl.reshape(_join_eight(tl.join(p0, p8), tl.join(p1, p9), tl.join(p2, p10), tl.join(p3, p11),
+                                      tl.join(p4, p12), tl.join(p5, p13), tl.join(p6, p14), tl.join(p7, p15)),
+                          (BLOCK_N, BLOCK_K))
 
     @triton.jit
     def _lut_tile16(values, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
@@ -831,9 +829,15 @@ if _HAVE_TRITON:
             tl.join(_bf16(values[6]), _bf16(values[14])),
             tl.join(_bf16(values[7]), _bf16(values[15])),
         )
+        return tl.reshape(_join_eight(p0, p1, p2, p3, p4, p5, p6, p7), (BLOCK_N, BLOCK_K))
+
+    @triton.jit
+    def _join_eight(p0, p1, p2, p3, p4, p5, p6, p7):
+        """Tensor i (bits b2 b1 b0 of its slice index) as the last axes (b2, b1, b0): joined from the
+        highest bit down, as `tl.join` appends its axis as the fastest one."""
         q0, q1, q2, q3 = tl.join(p0, p4), tl.join(p1, p5), tl.join(p2, p6), tl.join(p3, p7)
         r0, r1 = tl.join(q0, q2), tl.join(q1, q3)
-        return tl.reshape(tl.join(r0, r1), (BLOCK_N, BLOCK_K))
+        return tl.join(r0, r1)
 
     @triton.jit
     def _lut_dequant_kernel(words_ptr, absmax_ptr, out_ptr, K, row_words, row_blocks, ASM: tl.constexpr,
