@@ -1150,7 +1150,7 @@ def prompt_base(x: torch.Tensor, weight: NF4Matrix, splits: int, k_per_split: in
     block_m = _prompt_base_rows(m)
     grid = (triton.cdiv(m, block_m), n // PROMPT_BASE_N, splits)
     interpreted = os.environ.get("TRITON_INTERPRET") == "1"
-    slice_words = 4 if warps == 4 else 2  # one slice per thread: BLOCK_N rows x 64 values = 32 warps slices
+    slice_words = 4 if warps == 4 else 2  # one slice per thread: 64 rows x 64 values a step = 32 x warps slices
     common = dict(BLOCK_M=block_m, BLOCK_N=PROMPT_BASE_N, BLOCK_K=PROMPT_BASE_K, SLICE=8 * slice_words,
                   num_warps=warps, num_stages=3, ASM="" if interpreted else _lut_asm_for(weight.code, slice_words),
                   CONSTRAINTS=LUT_CONSTRAINTS if slice_words == 4 else LUT_CONSTRAINTS_2, INTERPRETED=interpreted)
