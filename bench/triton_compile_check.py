@@ -57,13 +57,12 @@ KERNELS = [
     (triton_kernels._paged_attn_kernel, {"q_ptr": "*bf16", **_ATTENTION}, _ATTENTION_SHAPE,
      {"num_warps": 4, "num_stages": 2}),
     # the fused prompt base (not served yet): a 32-row prompt, its bf16 product and split partials, with 4
-    # warps (32-value slices) and 8 (16-value slices)
+    # warps (32-value slices), 8 (16-value slices) and 16 (8-value slices)
     *((nf4_kernels._nf4_prompt_base_kernel, _PROMPT_BASE | {"out_ptr": "*fp32" if split else "*bf16"},
        {"BLOCK_M": 32, "BLOCK_N": nf4_kernels.PROMPT_BASE_N, "BLOCK_K": nf4_kernels.PROMPT_BASE_K,
         "SLICE": 8 * words, "SPLIT_OUT": split, "ASM": nf4_kernels.lut_asm(NF4_CODE, words),
-        "CONSTRAINTS": nf4_kernels.LUT_CONSTRAINTS if words == 4 else nf4_kernels.LUT_CONSTRAINTS_2,
-        "INTERPRETED": False}, {"num_warps": warps, "num_stages": 3})
-      for warps, words in ((4, 4), (8, 2)) for split in (False, True)),
+        "CONSTRAINTS": nf4_kernels.lut_constraints(words), "INTERPRETED": False}, {"num_warps": warps, "num_stages": 3})
+      for warps in nf4_kernels.PROMPT_BASE_WARPS for words in (16 // warps,) for split in (False, True)),
 ]
 
 

@@ -9,7 +9,7 @@ import struct
 import numpy as np
 import pytest
 
-from llm.serving.nf4_kernels import LUT_CONSTRAINTS, LUT_CONSTRAINTS_2, LUT_WORDS, lut_asm
+from llm.serving.nf4_kernels import LUT_CONSTRAINTS, LUT_WORDS, lut_asm, lut_constraints
 
 NF4 = [-1.0, -0.6961928009986877, -0.5250730514526367, -0.39491748809814453, -0.28444138169288635,
        -0.18477343022823334, -0.09105003625154495, 0.0, 0.07958029955625534, 0.16093020141124725,
@@ -93,9 +93,10 @@ def bitsandbytes_values(packed: np.ndarray, absmax: np.float32) -> list[int]:
 
 
 @pytest.mark.parametrize("seed", range(4))
-@pytest.mark.parametrize("count, constraints", [(LUT_WORDS, LUT_CONSTRAINTS), (2, LUT_CONSTRAINTS_2)])
+@pytest.mark.parametrize("count, constraints", [(LUT_WORDS, LUT_CONSTRAINTS), (2, lut_constraints(2)),
+                                               (1, lut_constraints(1))])
 def test_decoded_values_are_bitsandbytes_bit_for_bit(seed, count, constraints):
-    """The decode kernels' 32-value slices, and the fused prompt base's 16-value ones (8 warps)."""
+    """The decode kernels' 32-value slices, and the fused prompt base's 16- and 8-value ones (8, 16 warps)."""
     rng = np.random.default_rng(seed)
     program = lut_asm(NF4, count)
     outputs, inputs = 8 * count, count + 1

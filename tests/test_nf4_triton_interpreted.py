@@ -120,7 +120,7 @@ report = {}
 for rows in (5, 40, 70):
     x = torch.randn(rows, k).to(torch.bfloat16)
     reference = F.linear(x.double(), w.double()).float()
-    for (splits, per), warps in zip(((1, k), (3, 192), (2, 256), (1, k), (3, 192)), (4, 4, 4, 8, 8)):
+    for (splits, per), warps in zip(((1, k), (3, 192), (2, 256), (1, k), (3, 192), (2, 256)), (4, 4, 4, 8, 8, 16)):
         out = torch.full((rows, n + 64), float("nan"), dtype=torch.bfloat16)
         nf4_kernels.prompt_base(x, weight, splits, per, warps, out=out[:, 32:32 + n])
         error = (out[:, 32:32 + n].float() - reference).abs()

@@ -324,8 +324,14 @@ def lut_asm(code: Sequence[float], words: int = LUT_WORDS) -> str:
 
 
 LUT_DEQUANT_ROWS, LUT_DEQUANT_COLS = 16, 256
-LUT_CONSTRAINTS = ",".join(["=r"] * (8 * LUT_WORDS) + ["r"] * (LUT_WORDS + 1))
-LUT_CONSTRAINTS_2 = ",".join(["=r"] * 16 + ["r"] * 3)  # `lut_asm(code, 2)`: 16-value slices
+
+
+def lut_constraints(words: int = LUT_WORDS) -> str:
+    """`lut_asm(code, words)`'s operand constraints: 8 values out per word, the words and the absmax in."""
+    return ",".join(["=r"] * (8 * words) + ["r"] * (words + 1))
+
+
+LUT_CONSTRAINTS = lut_constraints()
 
 
 def _lut_asm_for(code: torch.Tensor, words: int = LUT_WORDS) -> str:
@@ -676,7 +682,14 @@ if _HAVE_TRITON:
             words = _load_words(word_at + ahead // 8, more, WORDS)
             scale = tl.load(scale_at + ahead // 64 + 0 * offs_h[None, :], mask=more, other=0.0)
             values = _decode_words(step_words, step_scale, code_ptr, ASM, CONSTRAINTS, INTERPRETED, WORDS)
-            w = _lut_tile(values, BLOCK_N, BLOCK_K) if SLICE == 32 else _lut_tile16(values, BLOCK_N, BLOCK_K)
+            if SLICE == 32:
+                w = _lut_tile(values, BLOCK_N, BLOCK_K)
+            elif SLICE == 16:
+                w = _lut_tile16(values, BLOCK_N, BLOCK_K)
+            else:
+                w = tl.reshape(_join_eight(_bf16(values[0]), _bf16(values[1]), _bf16(values[2]), _bf16(values[3]),
+                                           _bf16(values[4]), _bf16(values[5]), _bf16(values[6]), _bf16(values[7])),
+                               (BLOCK_N, BLOCK_K))
             kk = k0 + offs_k
             xt = tl.load(x_ptr + offs_m[None, :].to(tl.int64) * stride_x + kk[:, None], mask=m_mask[None, :], other=0.0)
             if INTERPRETED:  # Triton's interpreter (numpy) multiplies no bf16 tiles
@@ -697,8 +710,10 @@ if _HAVE_TRITON:
         if WORDS == 4:
             words = (tl.load(at, mask=mask, other=0), tl.load(at + 1, mask=mask, other=0),
                      tl.load(at + 2, mask=mask, other=0), tl.load(at + 3, mask=mask, other=0))
-        else:
+        elif WORDS == 2:
             words = (tl.load(at, mask=mask, other=0), tl.load(at + 1, mask=mask, other=0))
+        else:
+            words = (tl.load(at, mask=mask, other=0),)
         return words
 
     @triton.jit
@@ -722,19 +737,22 @@ if _HAVE_TRITON:
     @triton.jit
     def _decode_words(words, scale, code_ptr, ASM: tl.constexpr, CONSTRAINTS: tl.constexpr,
                       INTERPRETED: tl.constexpr, WORDS: tl.constexpr = 4):
-        """`_lut_decode` of loaded words (a tuple of WORDS tensors: 4, or 2 for `lut_asm(code, 2)`) and
-        their absmax: 8 * WORDS tensors. INTERPRETED: the same values from the code table in memory, for
-        Triton's interpreter, which runs no PTX."""
+        """`_lut_decode` of loaded words (a tuple of WORDS tensors: 4, 2 or 1, as `lut_asm(code, WORDS)`
+        takes them) and their absmax: 8 * WORDS tensors. INTERPRETED: the same values from the code table in
+        memory, for Triton's interpreter, which runs no PTX."""
         if INTERPRETED:
             a = _emulated_word(words[0], scale, code_ptr)
-            b = _emulated_word(words[1], scale, code_ptr)
             if WORDS == 4:
+                b = _emulated_word(words[1], scale, code_ptr)
                 c = _emulated_word(words[2], scale, code_ptr)
                 d = _emulated_word(words[3], scale, code_ptr)
                 values = (a[0], a[1], a[2], a[3], a[4], a[5], a[6], a[7], b[0], b[1], b[2], b[3], b[4], b[5], b[6], b[7],
                           c[0], c[1], c[2], c[3], c[4], c[5], c[6], c[7], d[0], d[1], d[2], d[3], d[4], d[5], d[6], d[7])
-            else:
+            elif WORDS == 2:
+                b = _emulated_word(words[1], scale, code_ptr)
                 values = (a[0], a[1], a[2], a[3], a[4], a[5], a[6], a[7], b[0], b[1], b[2], b[3], b[4], b[5], b[6], b[7])
+            else:
+                values = a
         elif WORDS == 4:
             values = tl.inline_asm_elementwise(
                 ASM, CONSTRAINTS, [words[0], words[1], words[2], words[3], scale.to(tl.uint32, bitcast=True)],
@@ -744,11 +762,17 @@ if _HAVE_TRITON:
                        tl.uint32, tl.uint32, tl.uint32, tl.uint32, tl.uint32, tl.uint32, tl.uint32, tl.uint32),
                 is_pure=True, pack=1,
             )
-        else:
+        elif WORDS == 2:
             values = tl.inline_asm_elementwise(
                 ASM, CONSTRAINTS, [words[0], words[1], scale.to(tl.uint32, bitcast=True)],
                 dtype=(tl.uint32, tl.uint32, tl.uint32, tl.uint32, tl.uint32, tl.uint32, tl.uint32, tl.uint32,
                        tl.uint32, tl.uint32, tl.uint32, tl.uint32, tl.uint32, tl.uint32, tl.uint32, tl.uint32),
+                is_pure=True, pack=1,
+            )
+        else:
+            values = tl.inline_asm_elementwise(
+                ASM, CONSTRAINTS, [words[0], scale.to(tl.uint32, bitcast=True)],
+                dtype=(tl.uint32, tl.uint32, tl.uint32, tl.uint32, tl.uint32, tl.uint32, tl.uint32, tl.uint32),
                 is_pure=True, pack=1,
             )
         return values
@@ -1088,10 +1112,10 @@ FUSED_PROMPT_MAX_ROWS = 512
 SERVE_FUSED_PROMPT_BASE = False
 PROMPT_BASE_N = 64  # output columns per program of the fused prompt base kernel
 PROMPT_BASE_K = 64  # K per step: an absmax block; cuBLAS's K splits are multiples of it (run 47)
-# Warps per program the planner tries: 4 decode a row's 64 values a step in two 32-value slices per row, 8 in
-# four 16-value slices (each table built for half as many values, twice the threads per weight tile: prompts
-# of few rows have few programs, N / 64 per K split)
-PROMPT_BASE_WARPS = (4, 8)
+# Warps per program the planner tries: 4 decode a row's 64 values a step in two 32-value slices, 8 in four
+# 16-value slices, 16 in eight 8-value ones (each thread's table built for fewer values, more threads per
+# weight tile: prompts of few rows have few programs, N / 64 per K split, 64 for q on 132 SMs)
+PROMPT_BASE_WARPS = (4, 8, 16)
 MAX_BASE_SPLITS = 16
 
 
@@ -1150,10 +1174,10 @@ def prompt_base(x: torch.Tensor, weight: NF4Matrix, splits: int, k_per_split: in
     block_m = _prompt_base_rows(m)
     grid = (triton.cdiv(m, block_m), n // PROMPT_BASE_N, splits)
     interpreted = os.environ.get("TRITON_INTERPRET") == "1"
-    slice_words = 4 if warps == 4 else 2  # one slice per thread: 64 rows x 64 values a step = 32 x warps slices
+    slice_words = 16 // warps  # one slice per thread: 64 rows x 64 values a step = 32 x warps slices of 8 words
     common = dict(BLOCK_M=block_m, BLOCK_N=PROMPT_BASE_N, BLOCK_K=PROMPT_BASE_K, SLICE=8 * slice_words,
                   num_warps=warps, num_stages=3, ASM="" if interpreted else _lut_asm_for(weight.code, slice_words),
-                  CONSTRAINTS=LUT_CONSTRAINTS if slice_words == 4 else LUT_CONSTRAINTS_2, INTERPRETED=interpreted)
+                  CONSTRAINTS=lut_constraints(slice_words), INTERPRETED=interpreted)
     words = weight.packed.view(torch.int32)
     if splits == 1:
         _nf4_prompt_base_kernel[grid](x, words, weight.absmax, weight.code, out, m, n, k, x.stride(0),
