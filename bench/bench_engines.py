@@ -728,7 +728,14 @@ def main() -> None:
     parser.add_argument("--xtab-layouts", default=None, metavar="LAYOUTS",
                         help="nf4: the one-row x-table layouts the tuner times, comma-separated (e.g. 16x1,8x1,8x2; "
                              "default: the served ones)")
+    parser.add_argument("--fused-prompt-base", action="store_true",
+                        help="nf4: serve the fused prompt base wherever its start-up plan finds cuBLAS's bits and a "
+                             "faster kernel (the plans go to the case's engine_info)")
     args = parser.parse_args()
+    if args.fused_prompt_base:
+        from llm.serving import nf4_kernels
+
+        nf4_kernels.SERVE_FUSED_PROMPT_BASE = True
     if args.xtab_layouts:
         from llm.serving import nf4_kernels, nf4_xtab
 
@@ -745,7 +752,7 @@ def main() -> None:
     meta = {
         "case": "meta", "commit": args.commit, "device": device_name,
         "date": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"), "torch": torch.__version__,
-        "xtab_layouts": args.xtab_layouts or "served",
+        "xtab_layouts": args.xtab_layouts or "served", "fused_prompt_base": args.fused_prompt_base,
     }
     try:
         import bitsandbytes

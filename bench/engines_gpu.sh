@@ -22,19 +22,24 @@
 #       --xtab-layouts 16x1,8x1 go to bench_engines.py; COMMIT: the measured commit's hash, typed into the
 #       call, which the results file records)
 #       -> $OUT/engines.log, $OUT/r.tgz (the results JSON, the chart and the profiles)
+#   bash bench/engines_gpu.sh prompt-base COMMIT  the fused prompt base: its GPU tests (cuBLAS's bits in the 24 prompt
+#       shapes; per shape its plan, each layout's time against dequantize + cuBLAS: the NF4_PROMPT_BASE lines), then,
+#       only if they pass, the engine benchmark (seed-literal,nf4,fast) with it served where it plans faster
+#       (`--fused-prompt-base`; ~7 minutes)
+#       -> $OUT/gpu-tests.txt, $OUT/engines.log, $OUT/r.tgz
 #   bash bench/engines_gpu.sh tests-then-bench COMMIT CASES [PYTEST ARGS]  `tests` with PYTEST ARGS (e.g. -k to
 #       pick the tests of what changed), then, only if they pass, `bench COMMIT CASES`: a session's usual call
 #       -> $OUT/gpu-tests.txt, $OUT/engines.log, $OUT/r.tgz
 set -uo pipefail
 if [[ "${1:-}" != tests && "${1:-}" != bench && "${1:-}" != kernels && "${1:-}" != splits && "${1:-}" != timeline
-      && "${1:-}" != prompts && "${1:-}" != tests-then-bench ]]; then
-    echo "usage: bash bench/engines_gpu.sh tests [PYTEST ARGS] | kernels | splits | timeline [LAYOUTS] | prompts | bench COMMIT [CASES [OPTIONS]] | tests-then-bench COMMIT CASES [PYTEST ARGS]"
+      && "${1:-}" != prompts && "${1:-}" != tests-then-bench && "${1:-}" != prompt-base ]]; then
+    echo "usage: bash bench/engines_gpu.sh tests [PYTEST ARGS] | kernels | splits | timeline [LAYOUTS] | prompts | bench COMMIT [CASES [OPTIONS]] | tests-then-bench COMMIT CASES [PYTEST ARGS] | prompt-base COMMIT"
     exit 2
 fi
 out=${OUT:-.}
 # The device's copy of the tree has no git history: a name such as HEAD would be all the results file says
 # of what was measured (runs 45-46). Checked first, before a tests-then-bench call spends minutes on tests.
-if [[ ( "$1" == bench || "$1" == tests-then-bench ) && ! "${2:-}" =~ ^[0-9a-f]{7,40}$ ]]; then
+if [[ ( "$1" == bench || "$1" == tests-then-bench || "$1" == prompt-base ) && ! "${2:-}" =~ ^[0-9a-f]{7,40}$ ]]; then
     echo "COMMIT must be the measured commit's hash (git rev-parse --short HEAD here, typed into the call), got '${2:-}'"
     exit 2
 fi
@@ -100,6 +105,17 @@ case "${1:-}" in
             exit $status
         fi
         bench "$commit" "$cases"
+        ;;
+    prompt-base)
+        gpu_tests tests/gpu/test_nf4_prompt_base.py -s
+        status=$?
+        grep -o 'NF4_PROMPT_BASE .*' "$out/gpu-tests.txt" | cut -c17-400
+        tail -n 3 "$out/gpu-tests.txt"
+        if [[ $status != 0 ]]; then
+            echo "tests failed (exit $status): no bench; see gpu-tests.txt"
+            exit $status
+        fi
+        bench "$2" seed-literal,nf4,fast --fused-prompt-base
         ;;
     bench)
         bench "${2:?usage: bash bench/engines_gpu.sh bench COMMIT [CASES [OPTIONS]]}" "${3:-seed-literal,nf4,fast}" "${@:4}"
