@@ -1215,13 +1215,17 @@ def plan_prompt_base(m: int, weight: NF4Matrix) -> PromptBasePlan | None:
         report["error"] = repr(error)[:200]
     plan = None
     if split is not None:
-        fused_ms = {}
+        fused_ms, other_bits = {}, []
         for warps in PROMPT_BASE_WARPS:
             try:
                 if warps == PROMPT_BASE_WARPS[0] or torch.equal(prompt_base(x, weight, *split, warps), reference):
                     fused_ms[warps] = graph_time_ms(lambda w=warps: prompt_base(x, weight, *split, w))
+                else:
+                    other_bits.append(warps)
             except Exception as error:  # noqa: BLE001 - another layout Triton refuses here: the others stay
                 report[f"error_w{warps}"] = repr(error)[:200]
+        if other_bits:
+            report["warps_without_cublas_bits"] = other_bits
         warps = min(fused_ms, key=fused_ms.get)
         cublas_ms = graph_time_ms(lambda: F.linear(x, weight.dequantize(torch.bfloat16)))
         plan = PromptBasePlan(*split, warps=warps, faster=fused_ms[warps] < cublas_ms)
