@@ -17,8 +17,13 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from pathlib import Path
 
-import torch
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import torch  # noqa: E402
+
+from llm.serving.nf4_kernels import base_split_candidates  # noqa: E402
 
 SHAPES = {"q_o": (4096, 4096), "k_v": (1024, 4096), "gate_up": (14336, 4096), "down": (4096, 14336),
           "qkv_chunk": (2048, 4096)}
@@ -87,26 +92,22 @@ def main() -> int:
                 torch.cuda.synchronize()
             kernels = sorted({e.name for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA})
             if args.splits and any("splitK" in name for name in kernels):
-                # which split of K, and which order of adding the partials, gives cuBLAS's bits
-                for splits in range(2, 17):
-                    for k_per_split in sorted({-(-k // splits) // 64 * 64 + 64 * extra for extra in (0, 1)}
-                                              | ({k // splits} if k % (splits * 64) == 0 else set())):
-                        if k_per_split <= 0 or (splits - 1) * k_per_split >= k:
-                            continue
-                        partials = split_k(x, w, splits, k_per_split)
-                        in_order = partials[0].clone()
-                        for s in range(1, splits):
-                            in_order += partials[s]
-                        reverse = partials[-1].clone()
-                        for s in range(splits - 2, -1, -1):
-                            reverse += partials[s]
-                        for order, total in (("in_order", in_order), ("reverse", reverse),
-                                             ("torch_sum", partials.sum(0))):
-                            differ = (total.to(torch.bfloat16) != reference).sum().item()
-                            if differ * 20 < reference.numel():
-                                print(json.dumps({"rows": rows, "projection": name, "n": n, "k": k, "splits": splits,
-                                                  "k_per_split": k_per_split, "order": order, "differ": differ,
-                                                  "outputs": reference.numel()}), flush=True)
+                # which split of K (the fused prompt base's candidates), and which order of adding the
+                # partials, gives cuBLAS's bits
+                for splits, k_per_split in base_split_candidates(k)[1:]:
+                    partials = split_k(x, w, splits, k_per_split)
+                    in_order = partials[0].clone()
+                    for s in range(1, splits):
+                        in_order += partials[s]
+                    reverse = partials[-1].clone()
+                    for s in range(splits - 2, -1, -1):
+                        reverse += partials[s]
+                    for order, total in (("in_order", in_order), ("reverse", reverse), ("torch_sum", partials.sum(0))):
+                        differ = (total.to(torch.bfloat16) != reference).sum().item()
+                        if differ * 20 < reference.numel():
+                            print(json.dumps({"rows": rows, "projection": name, "n": n, "k": k, "splits": splits,
+                                              "k_per_split": k_per_split, "order": order, "differ": differ,
+                                              "outputs": reference.numel()}), flush=True)
                 continue
             for block_m, block_n, block_k, warps, stages in tiles:
                 y = torch.empty_like(reference)

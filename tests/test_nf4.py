@@ -13,7 +13,7 @@ from llm.engine import SamplingParams
 from llm.fidelity import KOREAN_FINANCE_TEXT
 from llm.loading import build_engine, load_reference_model
 from llm.serving.fast import base_weight
-from llm.serving.nf4 import LoraParts, NF4Matrix, NF4Projection, build_nf4_decoder
+from llm.serving.nf4 import NF4_CODE, LoraParts, NF4Matrix, NF4Projection, build_nf4_decoder
 
 
 @pytest.fixture(scope="module")
@@ -152,3 +152,10 @@ def test_the_decode_step_folds_its_element_wise_pieces_into_the_layers_launches_
     # per step: gate/up in every layer, q/k/v in every layer but the first (its input is the embedding)
     assert calls == {"add_norm": len(following) * (2 * layers - 1), "silu_mul": len(following) * layers}
     assert torch.equal(folded, separate)
+
+
+def test_the_offline_nf4_table_is_bitsandbytes_own():
+    """`NF4_CODE` stands in for a model's table where none is loaded (offline compiles, emulated kernels)."""
+    import bitsandbytes.functional as bnbf
+
+    assert bnbf.get_4bit_type("nf4", device="cpu").tolist() == list(NF4_CODE)

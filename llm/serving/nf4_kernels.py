@@ -687,9 +687,7 @@ if _HAVE_TRITON:
             elif SLICE == 16:
                 w = _lut_tile16(values, BLOCK_N, BLOCK_K)
             else:
-                w = tl.reshape(_join_eight(_bf16(values[0]), _bf16(values[1]), _bf16(values[2]), _bf16(values[3]),
-                                           _bf16(values[4]), _bf16(values[5]), _bf16(values[6]), _bf16(values[7])),
-                               (BLOCK_N, BLOCK_K))
+                w = _lut_tile8(values, BLOCK_N, BLOCK_K)
             kk = k0 + offs_k
             xt = tl.load(x_ptr + offs_m[None, :].to(tl.int64) * stride_x + kk[:, None], mask=m_mask[None, :], other=0.0)
             if INTERPRETED:  # Triton's interpreter (numpy) multiplies no bf16 tiles
@@ -854,6 +852,13 @@ if _HAVE_TRITON:
             tl.join(_bf16(values[7]), _bf16(values[15])),
         )
         return tl.reshape(_join_eight(p0, p1, p2, p3, p4, p5, p6, p7), (BLOCK_N, BLOCK_K))
+
+    @triton.jit
+    def _lut_tile8(values, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+        """`_lut_tile` for 8-value slices (`lut_asm(code, 1)`): value v of slice h at column 8h + v."""
+        return tl.reshape(_join_eight(_bf16(values[0]), _bf16(values[1]), _bf16(values[2]), _bf16(values[3]),
+                                      _bf16(values[4]), _bf16(values[5]), _bf16(values[6]), _bf16(values[7])),
+                          (BLOCK_N, BLOCK_K))
 
     @triton.jit
     def _join_eight(p0, p1, p2, p3, p4, p5, p6, p7):
@@ -1160,7 +1165,7 @@ def _part(weight: NF4Matrix, start: int, end: int) -> NF4Matrix:
     return NF4Matrix(packed=weight.packed[start:end], absmax=weight.absmax[start:end], code=weight.code)
 
 
-def prompt_base(x: torch.Tensor, weight: NF4Matrix, splits: int, k_per_split: int, warps: int = 4,
+def prompt_base(x: torch.Tensor, weight: NF4Matrix, splits: int, k_per_split: int, warps: int = PROMPT_BASE_WARPS[0],
                 out: torch.Tensor | None = None) -> torch.Tensor:
     """x @ dequant(W).T in bf16 for a prompt's rows, each weight tile dequantized in registers, K in
     `splits` parts of `k_per_split` added in order: with the split cuBLAS picks for this shape, its bits
@@ -1173,7 +1178,8 @@ def prompt_base(x: torch.Tensor, weight: NF4Matrix, splits: int, k_per_split: in
     out = torch.empty((m, n), dtype=torch.bfloat16, device=x.device) if out is None else out
     block_m = _prompt_base_rows(m)
     grid = (triton.cdiv(m, block_m), n // PROMPT_BASE_N, splits)
-    interpreted = os.environ.get("TRITON_INTERPRET") == "1"
+    # Triton's interpreter (TRITON_INTERPRET=1 at import) builds no JITFunction: there the decode is emulated
+    interpreted = not isinstance(_nf4_prompt_base_kernel, triton.runtime.JITFunction)
     slice_words = 16 // warps  # one slice per thread: 64 rows x 64 values a step = 32 x warps slices of 8 words
     common = dict(BLOCK_M=block_m, BLOCK_N=PROMPT_BASE_N, BLOCK_K=PROMPT_BASE_K, SLICE=8 * slice_words,
                   num_warps=warps, num_stages=3, ASM="" if interpreted else _lut_asm_for(weight.code, slice_words),
